@@ -1,0 +1,448 @@
+"""Binds talking to each other over loopback and Unix sockets.
+
+vsock is only ever bound and listened on here: a connect() on AF_VSOCK would leave this machine.
+The Unix and TCP stream binds run the same framing and connection code as vsock stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import random
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from wgvsock.conn.bind import Bind, TransportUnavailable, make_bind
+from wgvsock.conn.dgram import DatagramBind
+from wgvsock.conn.endpoint import Endpoint, format_endpoint
+from wgvsock.conn.framing import encode_frame
+from wgvsock.conn.stream import StreamBind
+
+TIMEOUT = 3.0
+# Fast redials so reconnect tests take milliseconds, not the production half second.
+FAST = {"backoff_min": 0.01, "backoff_max": 0.05}
+
+
+def msg(i: int, size: int = 48) -> bytes:
+    head = f"msg-{i:06d}-".encode()
+    return head + b"." * (size - len(head))
+
+
+class Inbox:
+    """A receive callback that queues what arrives."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[tuple[bytes, Endpoint]] = queue.Queue()
+
+    def __call__(self, data: bytes, ep: Endpoint) -> None:
+        self.q.put((data, ep))
+
+    def get(self, timeout: float = TIMEOUT) -> tuple[bytes, Endpoint]:
+        return self.q.get(timeout=timeout)
+
+    def empty_for(self, seconds: float) -> bool:
+        try:
+            self.q.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        return False
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    # Only for bind state that has no event to wait on (status counters).
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+def bind_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("wgvsock-")]
+
+
+@pytest.fixture
+def unix_dir() -> Iterator[str]:
+    # Short on purpose: sun_path holds 107 bytes and pytest's tmp_path can be longer.
+    d = tempfile.mkdtemp(prefix="wgvc-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def binds() -> Iterator[list[Bind]]:
+    made: list[Bind] = []
+    yield made
+    for b in made:
+        b.close()
+    assert bind_threads() == []
+
+
+def opened(binds: list[Bind], b: Bind, port: int = 0) -> tuple[Bind, Inbox, int]:
+    inbox = Inbox()
+    binds.append(b)
+    return b, inbox, b.open(port, inbox)
+
+
+# -- message both ways -----------------------------------------------------------------------
+
+
+def exchange(a: Bind, a_in: Inbox, b: Bind, b_in: Inbox, b_ep: Endpoint) -> Endpoint:
+    """a sends to b, b replies to whatever endpoint the message came from; returns that."""
+    a.send(msg(1), b_ep)
+    data, from_a = b_in.get()
+    assert data == msg(1)
+    b.send(msg(2), from_a)
+    data, from_b = a_in.get()
+    assert data == msg(2)
+    assert from_b == b_ep
+    return from_a
+
+
+@pytest.mark.parametrize(("network", "host"), [("tcp", "127.0.0.1"), ("tcp", "[::1]"),
+                                               ("tcp4", "127.0.0.1"), ("tcp6", "[::1]")])
+def test_tcp_pair(binds: list[Bind], network: str, host: str) -> None:
+    a, a_in, _ = opened(binds, StreamBind(network))
+    b, b_in, b_port = opened(binds, StreamBind(network))
+    b_ep = a.parse_endpoint(f"{host}:{b_port}")
+    # Nothing is dialled before there is something to send.
+    assert a.status()["dialers"] == [] and b.status()["accepted"] == 0
+    from_a = exchange(a, a_in, b, b_in, b_ep)
+    # The reply rode the inbound connection: the endpoint names it and b dialled nothing.
+    assert from_a.conn_id > 0
+    assert from_a.host == host.strip("[]")  # dual stack reports IPv4 peers as IPv4
+    assert b.status()["dialers"] == []
+    assert [c["direction"] for c in b.status()["connections"]] == ["in"]
+    assert [c["direction"] for c in a.status()["connections"]] == ["out"]
+    # Many messages, both ways, in order.
+    for i in range(100):
+        a.send(msg(i, 32 + i * 13), b_ep)
+        b.send(msg(i, 40 + i), from_a)
+    assert [b_in.get()[0] for _ in range(100)] == [msg(i, 32 + i * 13) for i in range(100)]
+    assert [a_in.get()[0] for _ in range(100)] == [msg(i, 40 + i) for i in range(100)]
+
+
+def test_unix_stream_pair(binds: list[Bind], unix_dir: str) -> None:
+    a, a_in, a_port = opened(binds, StreamBind("unix", unix_dir=unix_dir))
+    b, b_in, b_port = opened(binds, StreamBind("unix", unix_dir=unix_dir), 4242)
+    assert b_port == 4242
+    assert 0 < a_port <= 65535
+    path = os.path.join(unix_dir, "4242.sock")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    b_ep = a.parse_endpoint("127.0.0.1:4242")
+    assert b_ep == Endpoint("unix", path, 4242)
+    from_a = exchange(a, a_in, b, b_in, b_ep)
+    assert from_a.kind == "unix" and from_a.conn_id > 0 and from_a.host == ""
+    assert format_endpoint(from_a) is None
+    b.close()
+    assert not os.path.exists(path)
+
+
+def test_unix_dgram_pair(binds: list[Bind], unix_dir: str) -> None:
+    a, a_in, a_port = opened(binds, DatagramBind("unix", unix_dir=unix_dir))
+    b, b_in, b_port = opened(binds, DatagramBind("unix", unix_dir=unix_dir))
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    assert b_ep.host == os.path.join(unix_dir, f"{b_port}.dgram")
+    from_a = exchange(a, a_in, b, b_in, b_ep)
+    # The sender's own port-socket: wg can show it and parse it back.
+    assert from_a == Endpoint("unix", os.path.join(unix_dir, f"{a_port}.dgram"), a_port)
+    assert format_endpoint(from_a) == f"127.0.0.1:{a_port}"
+    a.close()
+    b.close()
+    assert os.listdir(unix_dir) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+def test_udp_pair(binds: list[Bind], host: str) -> None:
+    a, a_in, a_port = opened(binds, DatagramBind("udp"))
+    b, b_in, b_port = opened(binds, DatagramBind("udp"))
+    from_a = exchange(a, a_in, b, b_in, a.parse_endpoint(f"{host}:{b_port}"))
+    assert from_a == Endpoint("inet", host.strip("[]"), a_port)
+    assert b.status()["send_errors"] == 0
+
+
+def test_dgram_send_to_nobody_does_not_raise(binds: list[Bind], unix_dir: str) -> None:
+    a, _a_in, _ = opened(binds, DatagramBind("unix", unix_dir=unix_dir))
+    a.send(msg(1), a.parse_endpoint("127.0.0.1:9"))  # no such socket file
+    a.send(msg(1), Endpoint("unix", "", 0))  # an unnamed sender cannot be answered
+    a.send(msg(1), Endpoint("inet", "127.0.0.1", 9))  # wrong kind for this bind
+    st = a.status()
+    assert st["send_errors"] == 1 and st["unroutable"] == 2
+
+
+# -- reconnecting ----------------------------------------------------------------------------
+
+
+def outbound_conn_sock(b: StreamBind) -> socket.socket:
+    [conn] = [c for c in b._conns.values() if c.outbound]
+    return conn.sock
+
+
+def inbound_conn_sock(b: StreamBind) -> socket.socket:
+    [conn] = [c for c in b._conns.values() if not c.outbound]
+    return conn.sock
+
+
+@pytest.mark.parametrize("network", ["tcp", "unix"])
+def test_cut_on_dialling_side_redials_and_delivers(
+    binds: list[Bind], unix_dir: str, network: str
+) -> None:
+    a, a_in, _ = opened(binds, StreamBind(network, unix_dir=unix_dir, **FAST))
+    b, b_in, b_port = opened(binds, StreamBind(network, unix_dir=unix_dir, **FAST))
+    assert isinstance(a, StreamBind) and isinstance(b, StreamBind)
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    exchange(a, a_in, b, b_in, b_ep)
+    outbound_conn_sock(a).shutdown(socket.SHUT_RDWR)  # the connection dies under a
+    for i in range(10, 15):
+        a.send(msg(i), b_ep)
+    got = [b_in.get() for _ in range(5)]
+    assert [d for d, _ in got] == [msg(i) for i in range(10, 15)]
+    assert got[0][1].conn_id != 0
+    wait_until(lambda: b.status()["accepted"] == 2)
+    [dialer] = a.status()["dialers"]
+    assert dialer["reconnects"] == 1 and dialer["dropped"] == 0
+    # And b's replies use the new inbound connection.
+    b.send(msg(99), got[-1][1])
+    assert a_in.get() == (msg(99), b_ep)
+
+
+def test_cut_on_accepting_side_dialler_redials(binds: list[Bind]) -> None:
+    a, a_in, _ = opened(binds, StreamBind("tcp4", **FAST))
+    b, b_in, b_port = opened(binds, StreamBind("tcp4", **FAST))
+    assert isinstance(a, StreamBind) and isinstance(b, StreamBind)
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    old = exchange(a, a_in, b, b_in, b_ep)
+    inbound_conn_sock(b).shutdown(socket.SHUT_RDWR)
+    # The dialling side brings the connection back at once, with nothing to send.
+    wait_until(lambda: b.status()["accepted"] == 2)
+    wait_until(lambda: a.status()["dialers"][0]["state"] == "connected")
+    a.send(msg(7), b_ep)
+    data, new = b_in.get()
+    assert data == msg(7) and new != old
+    b.send(msg(8), old)  # that connection is gone: dropped, no dial, no exception
+    b.send(msg(9), new)
+    assert a_in.get() == (msg(9), b_ep)
+    assert b.status()["dropped_no_connection"] == 1
+    assert b.status()["dialers"] == []
+
+
+def test_queue_while_unreachable_keeps_the_newest(binds: list[Bind], unix_dir: str) -> None:
+    a, _a_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir, **FAST))
+    b_ep = a.parse_endpoint("127.0.0.1:4343")
+    for i in range(20):
+        a.send(msg(i), b_ep)  # nobody listens yet: connects fail, messages queue
+    wait_until(lambda: a.status()["dialers"][0]["failures"] >= 1)
+    [dialer] = a.status()["dialers"]
+    assert dialer["pending"] == 16 and dialer["dropped"] == 4
+    _b, b_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir), 4343)
+    assert [b_in.get()[0] for _ in range(16)] == [msg(i) for i in range(4, 20)]
+    assert b_in.empty_for(0.05)
+
+
+# -- hostile input ---------------------------------------------------------------------------
+
+
+def _hostile_random() -> bytes:
+    # Enough bytes that whatever length the first header claims, its payload completes.
+    return random.Random(1234).randbytes(70000)
+
+
+def _hostile_bad_crc() -> bytes:
+    frame = bytearray(encode_frame(msg(1)))
+    frame[3] ^= 0x40
+    return bytes(frame)
+
+
+def _hostile_too_short() -> bytes:
+    return struct.pack("<HI", 5, 0) + b"\0" * 5
+
+
+def _hostile_too_long() -> bytes:
+    return struct.pack("<HI", 60000, 0) + b"\0" * 100  # over this bind's max_frame
+
+
+@pytest.mark.parametrize(
+    "garbage", [_hostile_random, _hostile_bad_crc, _hostile_too_short, _hostile_too_long]
+)
+def test_hostile_stream_closes_only_that_connection(
+    binds: list[Bind], garbage: Callable[[], bytes]
+) -> None:
+    b, b_in, b_port = opened(binds, StreamBind("tcp4", max_frame=2048))
+    a, a_in, _ = opened(binds, StreamBind("tcp4"))
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    from_a = exchange(a, a_in, b, b_in, b_ep)
+    with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as raw:
+        with contextlib.suppress(ConnectionError):
+            raw.sendall(garbage())
+        # b hangs up on the hostile connection (FIN, or RST if bytes were left unread).
+        try:
+            leftover = raw.recv(1)
+        except ConnectionResetError:
+            leftover = b""
+        assert leftover == b""
+    wait_until(lambda: b.status()["framing_errors"] == 1)
+    assert b_in.empty_for(0.01)
+    # The good connection is untouched, both ways.
+    a.send(msg(5), b_ep)
+    assert b_in.get() == (msg(5), from_a)
+    b.send(msg(6), from_a)
+    assert a_in.get() == (msg(6), b_ep)
+    assert b.status()["accepted"] == 2 and len(b.status()["connections"]) == 1
+
+
+# -- a peer that stops reading ---------------------------------------------------------------
+
+
+def test_peer_not_reading_does_not_block_sender(binds: list[Bind], unix_dir: str) -> None:
+    path = os.path.join(unix_dir, "4444.sock")
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deaf.bind(path)
+    deaf.listen(64)  # accepts (via the backlog) and never reads a byte
+    try:
+        a, _a_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir, send_timeout=0.2,
+                                               **FAST))
+        assert isinstance(a, StreamBind)
+        ep = a.parse_endpoint("127.0.0.1:4444")
+        big = b"\xab" * 60000
+        start = time.monotonic()
+        worst = 0.0
+        for _ in range(40):
+            t0 = time.monotonic()
+            a.send(big, ep)
+            worst = max(worst, time.monotonic() - t0)
+        assert worst < 1.0
+        assert time.monotonic() - start < 5.0
+        wait_until(lambda: a.status()["send_failures"] >= 1)
+        t0 = time.monotonic()
+        a.close()  # even with the dialler stuck on a full socket
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        deaf.close()
+
+
+# -- vsock: bind and listen only, never connect ----------------------------------------------
+
+
+def test_vsock_stream_listens_on_kernel_chosen_port(binds: list[Bind]) -> None:
+    b = StreamBind("vsock")
+    try:
+        port = b.open(0, Inbox())
+    except TransportUnavailable as exc:
+        pytest.skip(f"AF_VSOCK unavailable here: {exc}")
+    binds.append(b)
+    assert 0 < port < 0xFFFFFFFF
+    listener = b._listener
+    assert listener is not None
+    assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    assert listener.getsockname()[1] == port
+    st = b.status()
+    assert st["open"] and st["port"] == port and st["connections"] == [] and st["dialers"] == []
+    b.close()
+    assert not b.is_open and listener.fileno() == -1
+
+
+def test_vsock_dgram_is_refused_clearly_or_binds(binds: list[Bind]) -> None:
+    b = DatagramBind("vsock")
+    try:
+        port = b.open(0, Inbox())
+    except TransportUnavailable as exc:
+        assert "vsock datagram" in str(exc)
+        assert not b.is_open
+        return
+    binds.append(b)  # this kernel offers vsock datagrams: bound, nothing sent
+    assert port > 0
+
+
+# -- plumbing --------------------------------------------------------------------------------
+
+
+def test_make_bind() -> None:
+    cases = {
+        ("vsock", False): (StreamBind, "vsock"),
+        ("vsock", True): (DatagramBind, "vsock"),
+        ("unix", False): (StreamBind, "unix"),
+        ("unix", True): (DatagramBind, "unix"),
+        ("tcp", False): (StreamBind, "tcp"),
+        ("tcp4", False): (StreamBind, "tcp4"),
+        ("tcp6", False): (StreamBind, "tcp6"),
+        ("udp", False): (DatagramBind, "udp"),
+        ("udp", True): (DatagramBind, "udp"),
+    }
+    for (network, dgram), (cls, net) in cases.items():
+        b = make_bind(network, dgram, unix_dir="/tmp/x")
+        assert type(b) is cls and b.network == net and b.stream == (cls is StreamBind)
+    for network in ("tcp", "tcp4", "tcp6"):
+        with pytest.raises(ValueError, match="stream transport"):
+            make_bind(network, True)
+    with pytest.raises(ValueError, match="unknown network"):
+        make_bind("sctp", False)
+    with pytest.raises(ValueError):
+        StreamBind("udp")
+    with pytest.raises(ValueError):
+        DatagramBind("tcp")
+
+
+def test_unix_stale_socket_is_replaced_live_one_is_not(binds: list[Bind], unix_dir: str) -> None:
+    path = os.path.join(unix_dir, "4545.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # a crashed daemon leaves its socket file behind
+    _b, _, port = opened(binds, StreamBind("unix", unix_dir=unix_dir), 4545)
+    assert port == 4545
+    with pytest.raises(OSError, match="in use"):
+        StreamBind("unix", unix_dir=unix_dir).open(4545, Inbox())
+
+
+def test_open_twice_and_reopen(binds: list[Bind]) -> None:
+    b, _inbox, _ = opened(binds, StreamBind("tcp4"))
+    with pytest.raises(RuntimeError):
+        b.open(0, Inbox())
+    b.close()
+    b.close()  # idempotent
+    inbox = Inbox()
+    port = b.open(0, inbox)  # a device rebinds on listen-port changes
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    a.send(msg(3), a.parse_endpoint(f"127.0.0.1:{port}"))
+    assert inbox.get()[0] == msg(3)
+
+
+def test_send_never_raises(binds: list[Bind], unix_dir: str) -> None:
+    a, _a_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir, **FAST))
+    a.send(b"short", a.parse_endpoint("127.0.0.1:9"))  # unframeable: dropped
+    a.send(msg(1), Endpoint("inet", "127.0.0.1", 9))  # wrong kind
+    a.send(msg(1), Endpoint("unix", "", 0, conn_id=99))  # inbound connection long gone
+    assert a.status()["dialers"] == []
+    closed = StreamBind("tcp4")
+    closed.send(msg(1), Endpoint("inet", "127.0.0.1", 9))  # never opened
+    assert closed.status()["dialers"] == []
+
+
+def test_receive_callback_errors_do_not_kill_the_connection(binds: list[Bind]) -> None:
+    inbox = Inbox()
+    calls = 0
+
+    def flaky(data: bytes, ep: Endpoint) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("device bug")
+        inbox(data, ep)
+
+    b = StreamBind("tcp4")
+    binds.append(b)
+    port = b.open(0, flaky)
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    ep = a.parse_endpoint(f"127.0.0.1:{port}")
+    a.send(msg(1), ep)
+    a.send(msg(2), ep)
+    assert inbox.get()[0] == msg(2)

@@ -1,0 +1,232 @@
+"""Endpoint parsing, the UAPI form `wg` must be able to read back, and the display form."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from wgvsock.conn.endpoint import (
+    Endpoint,
+    default_unix_dir,
+    display_endpoint,
+    format_endpoint,
+    parse_endpoint,
+    unix_endpoint_from_path,
+)
+
+UDIR = "/run/wgv-test"
+
+
+# -- vsock -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "cid", "port"),
+    [
+        ("vsock://16:5000", 16, 5000),
+        ("vsock://3:1", 3, 1),
+        ("0.0.0.16:5000", 16, 5000),
+        ("1.2.3.4:5000", 0x01020304, 5000),
+        ("host(2):5000", 2, 5000),
+        ("local(1):5000", 1, 5000),
+        ("hypervisor(0):5000", 0, 5000),
+        ("vm(16):5000", 16, 5000),
+        ("vm(4294967294):7", 4294967294, 7),
+        ("16:5000", 16, 5000),
+        ("vsock://16:4294967294", 16, 4294967294),
+        ("  vsock://16:5000\n", 16, 5000),
+    ],
+)
+def test_parse_vsock(text: str, cid: int, port: int) -> None:
+    assert parse_endpoint(text, "vsock") == Endpoint("vsock", cid, port)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "vsock://x:1",
+        "vsock://16",
+        "vsock://16:",
+        "vsock://-1:5",
+        "vsock://4294967296:5",
+        "vsock://16:4294967296",
+        "vsock://16:4294967295",  # VMADDR_PORT_ANY
+        "255.255.255.255:5000",  # VMADDR_CID_ANY
+        "vsock://16:0",
+        "vm(2):5000",
+        "vm(x):5000",
+        "vm(16:5000",
+        "host(3):5000",
+        "[::1]:5000",
+        "::1:5000",
+        "foo:5000",
+        "16",
+        "16:abc",
+        "16:+5",
+        "1.2.3:5000",
+        "0.0.0.016:5000",
+        "1.2.3.4:5000:6",
+    ],
+)
+def test_parse_vsock_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"endpoint|CID|port"):
+        parse_endpoint(text, "vsock")
+
+
+def test_vsock_format_is_ipv4_cid_and_round_trips() -> None:
+    for text in ("vsock://16:5000", "vm(3):1", "vsock://16909060:65535", "host(2):22"):
+        ep = parse_endpoint(text, "vsock")
+        out = format_endpoint(ep)
+        assert out is not None
+        assert parse_endpoint(out, "vsock") == ep
+        # What `wg` will do with it: getaddrinfo must accept it as a numeric IPv4 address.
+        host, port = out.rsplit(":", 1)
+        assert socket.getaddrinfo(host, port, socket.AF_INET, 0, 0, socket.AI_NUMERICHOST)
+    assert format_endpoint(Endpoint("vsock", 16, 5000)) == "0.0.0.16:5000"
+    assert format_endpoint(Endpoint("vsock", 0x01020304, 9)) == "1.2.3.4:9"
+
+
+def test_vsock_format_omits_32_bit_ports() -> None:
+    assert format_endpoint(Endpoint("vsock", 16, 65536)) is None
+    assert format_endpoint(Endpoint("vsock", 16, 789932700, conn_id=3)) is None
+
+
+def test_vsock_display() -> None:
+    assert display_endpoint(parse_endpoint("0.0.0.16:5000", "vsock")) == "vsock://16:5000"
+    assert display_endpoint(Endpoint("vsock", 3, 70000, 2)) == "vsock://3:70000"
+
+
+# -- tcp / udp -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "network", "host", "port"),
+    [
+        ("1.2.3.4:51820", "udp", "1.2.3.4", 51820),
+        ("1.2.3.4:51820", "tcp", "1.2.3.4", 51820),
+        ("1.2.3.4:1", "tcp4", "1.2.3.4", 1),
+        ("[::1]:5", "tcp", "::1", 5),
+        ("[::1]:5", "tcp6", "::1", 5),
+        ("[2001:DB8:0:0::1]:65535", "udp", "2001:db8::1", 65535),
+        ("[::ffff:1.2.3.4]:5", "udp", "1.2.3.4", 5),
+        ("[::ffff:1.2.3.4]:5", "tcp4", "1.2.3.4", 5),
+        ("localhost:80", "tcp4", "127.0.0.1", 80),
+    ],
+)
+def test_parse_inet(text: str, network: str, host: str, port: int) -> None:
+    assert parse_endpoint(text, network) == Endpoint("inet", host, port)
+
+
+@pytest.mark.parametrize(
+    ("text", "network"),
+    [
+        ("1.2.3.4", "udp"),
+        ("1.2.3.4:", "udp"),
+        (":5", "udp"),
+        ("1.2.3.4:0", "udp"),
+        ("1.2.3.4:65536", "tcp"),
+        ("1.2.3.4:-1", "tcp"),
+        ("::1:5", "tcp"),
+        ("[::1]5", "tcp"),
+        ("[::1:5", "tcp"),
+        ("[zz]:5", "tcp"),
+        ("[1.2.3.4]:5", "tcp"),
+        ("[::1]:5", "tcp4"),
+        ("1.2.3.4:5", "tcp6"),
+        ("1.2.3.4:5", "sctp"),
+        ("vsock://16:5000", "tcp"),
+    ],
+)
+def test_parse_inet_rejects(text: str, network: str) -> None:
+    with pytest.raises(ValueError):
+        parse_endpoint(text, network)
+
+
+def test_unresolvable_host_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_args: object, **_kw: object) -> None:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    with pytest.raises(ValueError, match="cannot resolve 'peer.example'"):
+        parse_endpoint("peer.example:51820", "udp")
+
+
+def test_inet_format_round_trips() -> None:
+    for text, network in (("1.2.3.4:5", "udp"), ("[fe80::1]:51820", "tcp"), ("[::1]:9", "tcp6")):
+        ep = parse_endpoint(text, network)
+        out = format_endpoint(ep)
+        assert out == text
+        assert parse_endpoint(out, network) == ep
+        assert display_endpoint(ep) == text
+    assert format_endpoint(Endpoint("inet", "127.0.0.1", 40000, conn_id=7)) == "127.0.0.1:40000"
+
+
+# -- unix ------------------------------------------------------------------------------------
+
+
+def test_parse_unix_port_forms() -> None:
+    ep = parse_endpoint("127.0.0.1:5000", "unix", UDIR)
+    assert ep == Endpoint("unix", f"{UDIR}/5000.sock", 5000)
+    assert parse_endpoint("127.0.0.1:5000", "unix", UDIR, dgram=True) == Endpoint(
+        "unix", f"{UDIR}/5000.dgram", 5000
+    )
+    # The host part is ignored: whatever `wg` sends back, the port picks the socket.
+    assert parse_endpoint("0.0.0.16:5000", "unix", UDIR) == ep
+    assert parse_endpoint("[::1]:5000", "unix", UDIR) == ep
+    assert parse_endpoint("anything:5000", "unix", UDIR) == ep
+    assert format_endpoint(ep) == "127.0.0.1:5000"
+    assert parse_endpoint("127.0.0.1:5000", "unix", UDIR + "/") == ep
+
+
+def test_parse_unix_path_forms() -> None:
+    ep = parse_endpoint("unix:/tmp/some/peer.sock", "unix", UDIR)
+    assert ep == Endpoint("unix", "/tmp/some/peer.sock", 0)
+    assert format_endpoint(ep) is None
+    assert display_endpoint(ep) == "unix:/tmp/some/peer.sock"
+    # A path that is a port-socket of unix_dir is that port, so `wg show` can print it.
+    assert parse_endpoint(f"unix:{UDIR}/5000.sock", "unix", UDIR) == Endpoint(
+        "unix", f"{UDIR}/5000.sock", 5000
+    )
+    assert parse_endpoint(f"unix:{UDIR}/5000.sock", "unix", UDIR, dgram=True).port == 0
+    assert parse_endpoint(f"unix:{UDIR}/05000.sock", "unix", UDIR).port == 0
+    assert parse_endpoint(f"unix:{UDIR}/../x/5000.sock", "unix", UDIR).port == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["unix:", "unix:relative.sock", "unix:/a\0b", "127.0.0.1:0", "127.0.0.1:70000", "5000",
+     "unix:/" + "a" * 120],
+)
+def test_parse_unix_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_endpoint(text, "unix", UDIR)
+
+
+def test_unix_dir_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WGVSOCK_UNIX_DIR", "/srv/wgv")
+    assert default_unix_dir() == "/srv/wgv"
+    assert parse_endpoint("1.1.1.1:7", "unix").host == "/srv/wgv/7.sock"
+    monkeypatch.delenv("WGVSOCK_UNIX_DIR")
+    assert default_unix_dir() == "/var/run/wgvsock"
+
+
+def test_unnamed_unix_endpoint() -> None:
+    ep = Endpoint("unix", "", 0, conn_id=4)
+    assert format_endpoint(ep) is None
+    assert display_endpoint(ep) == "unix:<inbound #4>"
+    assert unix_endpoint_from_path("", UDIR) == Endpoint("unix", "", 0)
+    assert unix_endpoint_from_path(f"{UDIR}/7.dgram", UDIR, dgram=True).port == 7
+
+
+def test_unknown_network() -> None:
+    with pytest.raises(ValueError, match="unknown network"):
+        parse_endpoint("1.2.3.4:5", "quic")
+
+
+def test_endpoint_is_hashable_and_conn_id_distinguishes() -> None:
+    a = Endpoint("inet", "127.0.0.1", 5)
+    assert {a: 1}[Endpoint("inet", "127.0.0.1", 5)] == 1
+    assert a != Endpoint("inet", "127.0.0.1", 5, conn_id=1)

@@ -1,0 +1,217 @@
+"""A small lab of network namespaces, veth cables and WireGuard daemons for the root tests.
+
+Everything a test makes is registered with the `Lab` and torn down by `Lab.close()` (the
+`lab` fixture calls it even when the test fails): processes in each namespace are killed,
+namespaces deleted, temporary directories removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+from wgvsock.uapi import uapi_get
+
+VENV_BIN = Path(sys.executable).parent
+DAEMON = str(VENV_BIN / "wireguard-go-vsock")
+RUN_DIR = "/var/run/wireguard"
+_serial = itertools.count()
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout, **kw)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+    """Polls `predicate` until it returns something truthy; the value is returned."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+class Keys:
+    def __init__(self) -> None:
+        self.private = generate_private_key()
+        self.public = public_key(self.private)
+        self.private_b64 = key_to_base64(self.private)
+        self.public_b64 = key_to_base64(self.public)
+        self.private_hex = self.private.hex()
+        self.public_hex = self.public.hex()
+
+
+class Namespace:
+    def __init__(self, lab: Lab, name: str) -> None:
+        self.lab = lab
+        self.name = name
+
+    def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
+        return run("ip", "netns", "exec", self.name, *cmd, **kw)
+
+    def popen(self, *cmd: str, **kw) -> subprocess.Popen:
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        p = subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)
+        self.lab.procs.append(p)
+        return p
+
+    def ip(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return run("ip", "-n", self.name, *args, **kw)
+
+    def wg(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.run("wg", *args, **kw)
+
+    def pids(self) -> list[int]:
+        out = run("ip", "netns", "pids", self.name, check=False).stdout
+        return [int(p) for p in out.split()]
+
+
+class Lab:
+    def __init__(self) -> None:
+        self.tag = f"{os.getpid() % 10000}x{next(_serial)}"
+        self.namespaces: list[Namespace] = []
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="wgvsock-lab-"))
+        os.chmod(self.tmp, 0o700)
+        self.unix_dir = self.tmp / "unix"
+        self._ifnames: list[str] = []
+        self._count = itertools.count()
+
+    # -- building ------------------------------------------------------------------------
+
+    def netns(self, label: str) -> Namespace:
+        name = f"wgv{self.tag}{label}"
+        run("ip", "netns", "add", name)
+        ns = Namespace(self, name)
+        self.namespaces.append(ns)
+        ns.ip("link", "set", "lo", "up")
+        return ns
+
+    def veth(self, a: Namespace, a_addr: str, b: Namespace, b_addr: str) -> tuple[str, str]:
+        n = next(self._count)
+        ia, ib = f"va{n}", f"vb{n}"
+        run("ip", "link", "add", ia, "netns", a.name, "type", "veth", "peer", "name", ib,
+            "netns", b.name)
+        for ns, ifname, addr in ((a, ia, a_addr), (b, ib, b_addr)):
+            ns.ip("addr", "add", addr, "dev", ifname)
+            ns.ip("link", "set", ifname, "up")
+        return ia, ib
+
+    def ifname(self, label: str) -> str:
+        """A unique interface name: every daemon's UAPI socket shares /var/run/wireguard."""
+        name = f"wg{self.tag}{label}"[:15]
+        self._ifnames.append(name)
+        return name
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["WGVSOCK_UNIX_DIR"] = str(self.unix_dir)
+        env.setdefault("LOG_LEVEL", "verbose")
+        env.update(extra)
+        return env
+
+    def start_daemon(
+        self, ns: Namespace, ifname: str, network: str, *args: str, log: str | None = None, **env
+    ) -> subprocess.CompletedProcess:
+        """Starts our daemon the way users do (it backgrounds itself once ready)."""
+        log_path = self.tmp / f"{ifname}.log"
+        res = ns.run(
+            DAEMON, "-n", network, *args, ifname,
+            env=self.env(WGVSOCK_LOG_FILE=str(log_path), **env), check=False,
+        )
+        if res.returncode != 0:
+            raise AssertionError(f"daemon {ifname} failed to start: {res.stderr}")
+        return res
+
+    def log(self, ifname: str) -> str:
+        p = self.tmp / f"{ifname}.log"
+        return p.read_text() if p.exists() else ""
+
+    def start_wireguard_go(self, ns: Namespace, ifname: str) -> None:
+        env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
+        res = ns.run("wireguard-go", ifname, env=env, check=False)
+        if res.returncode != 0:
+            raise AssertionError(f"wireguard-go {ifname} failed: {res.stderr}")
+
+    # -- reading ------------------------------------------------------------------------
+
+    @staticmethod
+    def uapi(ifname: str) -> dict:
+        return uapi_get(f"{RUN_DIR}/{ifname}.sock")
+
+    def wait_handshake(self, ns: Namespace, ifname: str, timeout: float = 10.0) -> int:
+        def done() -> int:
+            out = ns.wg("show", ifname, "latest-handshakes", check=False).stdout.split()
+            return int(out[1]) if len(out) >= 2 and out[1] != "0" else 0
+
+        return wait_for(done, timeout, f"a handshake on {ifname}")
+
+    # -- teardown -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        for ns in self.namespaces:
+            for pid in ns.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(5)
+        for ns in self.namespaces:
+            run("ip", "netns", "del", ns.name, check=False)
+        for name in self._ifnames:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{RUN_DIR}/{name}.sock")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def connect_pair(
+    lab: Lab,
+    a: Namespace, ia: str, a_ep: str,
+    b: Namespace, ib: str, b_ep: str | None,
+    *, a_port: int | None = None, b_port: int | None = None,
+    a_tun: str = "10.99.0.1", b_tun: str = "10.99.0.2", keepalive: int = 0,
+) -> tuple[Keys, Keys]:
+    """Configures two interfaces as each other's peer with wg(8), addresses them, sets them up.
+    `a_ep` is the endpoint a dials for b; b_ep may be None (b learns a's endpoint by roaming)."""
+    ka, kb = Keys(), Keys()
+    for ns, ifname, keys, port, other, ep, peer_tun in (
+        (a, ia, ka, a_port, kb, a_ep, b_tun),
+        (b, ib, kb, b_port, ka, b_ep, a_tun),
+    ):
+        keyfile = lab.tmp / f"{ifname}.key"
+        keyfile.write_text(keys.private_b64 + "\n")
+        os.chmod(keyfile, 0o600)
+        cmd = ["set", ifname, "private-key", str(keyfile)]
+        if port is not None:
+            cmd += ["listen-port", str(port)]
+        cmd += ["peer", other.public_b64, "allowed-ips", f"{peer_tun}/32"]
+        if ep is not None:
+            cmd += ["endpoint", ep]
+        if keepalive:
+            cmd += ["persistent-keepalive", str(keepalive)]
+        ns.wg(*cmd)
+    for ns, ifname, addr in ((a, ia, a_tun), (b, ib, b_tun)):
+        ns.ip("addr", "add", f"{addr}/24", "dev", ifname)
+        ns.ip("link", "set", ifname, "up")
+    return ka, kb
+
+
+def ping(ns: Namespace, addr: str, count: int = 3, **kw) -> subprocess.CompletedProcess:
+    return ns.run("ping", "-c", str(count), "-i", "0.2", "-W", "3", addr, **kw)

@@ -1,0 +1,243 @@
+"""TUN device: created inside a throwaway network namespace, exercised with ping and ip(8)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import json
+import os
+import select
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+
+from wgvsock import tun as tun_mod
+from wgvsock.tun import Tun, TunError
+
+T = TypeVar("T")
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+_CLONE_NEWNET = 0x40000000
+_counter = itertools.count()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=10)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"wgvt{os.getpid()}n{next(_counter)}"
+    _ip("netns", "add", name)
+    try:
+        yield name
+    finally:
+        _ip("netns", "del", name, check=False)
+
+
+def in_netns(ns: str, fn: Callable[[], T]) -> T:
+    """Run fn in a helper thread that has joined namespace `ns` (setns is per thread, and
+    Python 3.11 has no os.setns). Sockets and TUN devices it creates live in `ns`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, f"setns: {os.strerror(e)}")
+            finally:
+                os.close(fd)
+            out.append(fn())
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]
+
+
+@pytest.fixture
+def tun_in_ns(netns: str) -> Iterator[tuple[str, Tun]]:
+    dev = in_netns(netns, lambda: Tun.create("wgtun0"))
+    try:
+        yield netns, dev
+    finally:
+        dev.close()  # before the namespace goes away
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _echo_reply(request: bytes) -> bytes:
+    ihl = (request[0] & 0x0F) * 4
+    ip = bytearray(request[:ihl])
+    icmp = bytearray(request[ihl:])
+    ip[12:16], ip[16:20] = request[16:20], request[12:16]
+    ip[10:12] = b"\0\0"
+    ip[10:12] = _checksum(bytes(ip)).to_bytes(2, "big")
+    icmp[0] = 0  # echo reply
+    icmp[2:4] = b"\0\0"
+    icmp[2:4] = _checksum(bytes(icmp)).to_bytes(2, "big")
+    return bytes(ip + icmp)
+
+
+def _is_echo_request_to(pkt: bytes, dst: str) -> bool:
+    return (
+        len(pkt) >= 28
+        and pkt[0] >> 4 == 4
+        and pkt[9] == 1  # ICMP
+        and socket.inet_ntoa(pkt[16:20]) == dst
+        and pkt[(pkt[0] & 0x0F) * 4] == 8
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Without root
+
+
+def test_bad_names() -> None:
+    for name in ("", "x" * 16, "a/b", "a b", ".", "..", "a\0b"):
+        with pytest.raises(ValueError):
+            Tun.create(name)
+
+
+def test_missing_device_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tun_mod, "_TUN_PATH", "/nonexistent/net/tun")
+    with pytest.raises(TunError, match="does not exist") as info:
+        Tun.create("wgtun0")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_permission_denied(monkeypatch: pytest.MonkeyPatch) -> None:
+    def deny(*args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tun_mod.os, "open", deny)
+    with pytest.raises(TunError, match="permission denied") as info:
+        Tun.create("wgtun0")
+    assert info.value.errno == errno.EACCES
+
+
+# ---------------------------------------------------------------------------------------------
+# In a network namespace (root)
+
+
+@pytest.mark.root
+@needs_root
+def test_ping_through_tun(tun_in_ns: tuple[str, Tun]) -> None:
+    ns, dev = tun_in_ns
+    assert dev.name == "wgtun0"
+    dev.set_mtu(1420)
+    dev.set_up()
+    assert dev.is_up()
+    _ip("-n", ns, "addr", "add", "10.99.0.1/24", "dev", dev.name)
+    ping = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "3", "-n", "10.99.0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 5
+        request = None
+        while request is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([dev], [], [], 0.5)
+            if ready:
+                pkt = dev.read()
+                # Other traffic (IPv6 router solicitations, MLD) may come first.
+                if _is_echo_request_to(pkt, "10.99.0.2"):
+                    request = pkt
+        assert request is not None, "no ICMP echo request came out of the TUN"
+        assert socket.inet_ntoa(request[12:16]) == "10.99.0.1"
+        # Answer it through the TUN: ping succeeding proves write() delivers whole packets.
+        dev.write(_echo_reply(request))
+        out, _ = ping.communicate(timeout=5)
+        assert ping.returncode == 0, out
+        assert "1 received" in out
+    finally:
+        if ping.poll() is None:
+            ping.kill()
+            ping.wait()
+
+
+@pytest.mark.root
+@needs_root
+def test_mtu_index_and_removal(tun_in_ns: tuple[str, Tun]) -> None:
+    ns, dev = tun_in_ns
+    dev.set_mtu(1420)
+    assert dev.mtu() == 1420
+    # Changes made by others are seen, even though this (main) thread is in another namespace.
+    _ip("-n", ns, "link", "set", "dev", dev.name, "mtu", "1300")
+    assert dev.mtu() == 1300
+    [link] = json.loads(_ip("-n", ns, "-j", "link", "show", "dev", dev.name).stdout)
+    assert dev.ifindex() == link["ifindex"]
+    assert link["mtu"] == 1300
+    assert dev.exists()
+    assert not dev.is_up()
+    dev.set_up()
+    dev.set_up()  # idempotent
+    assert (
+        "UP" in json.loads(_ip("-n", ns, "-j", "link", "show", "dev", dev.name).stdout)[0]["flags"]
+    )
+    _ip("-n", ns, "link", "del", dev.name)
+    assert not dev.exists()
+    # A new interface of the same name is not ours.
+    other = in_netns(ns, lambda: Tun.create("wgtun0"))
+    try:
+        assert other.exists()
+        assert not dev.exists()
+    finally:
+        other.close()
+    dev.close()
+    dev.close()
+    assert dev.closed
+    assert not dev.exists()
+
+
+@pytest.mark.root
+@needs_root
+def test_interface_goes_away_with_close(tun_in_ns: tuple[str, Tun]) -> None:
+    ns, dev = tun_in_ns
+    assert _ip("-n", ns, "link", "show", "dev", "wgtun0", check=False).returncode == 0
+    dev.close()
+    # A non-persistent TUN disappears when its last fd is closed.
+    assert _ip("-n", ns, "link", "show", "dev", "wgtun0", check=False).returncode != 0
+
+
+@pytest.mark.root
+@needs_root
+def test_create_errors_in_netns(netns: str) -> None:
+    # "lo" exists and is not a TUN device.
+    with pytest.raises(TunError, match="another type"):
+        in_netns(netns, lambda: Tun.create("lo"))
+    # A pattern name is expanded by the kernel; the chosen name is reported.
+    dev = in_netns(netns, lambda: Tun.create("wgp%d"))
+    try:
+        assert dev.name == "wgp0"
+        assert "wgp0" in repr(dev)
+    finally:
+        dev.close()

@@ -1,0 +1,62 @@
+"""`wgvsock`: one command for every role. Subcommands other issues deliver say so plainly."""
+
+from __future__ import annotations
+
+import sys
+
+from . import __version__
+
+USAGE = """usage: wgvsock COMMAND [ARGS...]
+
+commands:
+  daemon [-f] [-d] [-n NET] IFNAME   run a WireGuard interface (same as wireguard-go-vsock)
+  genkey                             print a new private key (base64)
+  pubkey                             read a private key on stdin, print its public key
+  parent ...                         EC2 host role            (not yet implemented)
+  enclave ...                        enclave entrypoint role  (not yet implemented)
+  status ...                         live dashboard           (not yet implemented)
+  attest ...                         attestation tools        (not yet implemented)
+  version                            print the version
+"""
+
+_PLANNED = {"parent", "enclave", "status", "attest", "profile"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    cmd, rest = args[0], args[1:]
+    if cmd == "daemon":
+        from .daemon import main as daemon_main
+
+        return daemon_main(rest, prog="wgvsock daemon")
+    if cmd == "genkey":
+        from .core.crypto import generate_private_key, key_to_base64
+
+        print(key_to_base64(generate_private_key()))
+        return 0
+    if cmd == "pubkey":
+        from .core.crypto import KeyFormatError, key_from_base64, key_to_base64, public_key
+
+        try:
+            key = key_from_base64(sys.stdin.read())
+        except KeyFormatError as e:
+            print(f"wgvsock pubkey: invalid private key on stdin: {e}", file=sys.stderr)
+            return 1
+        print(key_to_base64(public_key(key)))
+        return 0
+    if cmd in ("version", "--version"):
+        print(f"wgvsock {__version__}")
+        return 0
+    if cmd in _PLANNED:
+        print(f"wgvsock {cmd}: not yet implemented in this version (see README: Status)",
+              file=sys.stderr)
+        return 3
+    print(f"wgvsock: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

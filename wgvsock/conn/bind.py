@@ -1,0 +1,314 @@
+"""The transport interface ("bind", as in wireguard-go's conn.Bind) and plumbing the binds share.
+
+Concurrency model: every socket or connection has one reader thread doing blocking I/O and
+handing each whole WireGuard message to the receive callback; sends run on the caller's thread.
+Nothing here logs or allocates per packet beyond the message itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import random
+import socket
+import stat
+import struct
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from .endpoint import (
+    INET_NETWORKS,
+    NETWORKS,
+    Endpoint,
+    default_unix_dir,
+    format_endpoint,
+    parse_endpoint,
+    unix_port_path,
+)
+
+__all__ = [
+    "Bind",
+    "Receiver",
+    "SocketBind",
+    "TransportUnavailable",
+    "make_bind",
+]
+
+log = logging.getLogger("wgvsock.conn")
+
+Receiver = Callable[[bytes, Endpoint], None]
+
+# errnos by which a kernel or hypervisor says "no such transport here".
+_UNAVAILABLE_ERRNOS = frozenset(
+    {
+        errno.ENODEV,
+        errno.EOPNOTSUPP,
+        errno.EAFNOSUPPORT,
+        errno.ESOCKTNOSUPPORT,
+        errno.EPROTONOSUPPORT,
+    }
+)
+
+# Dynamic range, as for IP, when open(0) has to invent a Unix port number.
+_UNIX_PORT_RANGE = (49152, 65535)
+
+
+class TransportUnavailable(OSError):
+    """This kernel or hypervisor does not offer the requested socket type."""
+
+
+class Bind(ABC):
+    network: str
+    stream: bool
+
+    @abstractmethod
+    def open(self, port: int, receive: Receiver) -> int:
+        """Bind and listen (port 0 = any), start the reader threads, return the actual port."""
+
+    @abstractmethod
+    def send(self, data: bytes, ep: Endpoint) -> None:
+        """Send one WireGuard message. Never raises for network trouble: queues or drops."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop threads, close sockets, remove socket files this bind created."""
+
+    @abstractmethod
+    def parse_endpoint(self, text: str) -> Endpoint: ...
+
+    @abstractmethod
+    def format_endpoint(self, ep: Endpoint) -> str | None: ...
+
+    @abstractmethod
+    def status(self) -> dict[str, Any]: ...
+
+    def __enter__(self) -> Bind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RateLimitedLog:
+    """Logs at most one line per interval; for errors that can repeat on every packet."""
+
+    __slots__ = ("_interval", "_last", "_suppressed")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def __call__(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, self._suppressed)
+        self._last = now
+        self._suppressed = 0
+        log.log(level, msg, *args)
+
+
+def unavailable(exc: OSError, what: str) -> OSError:
+    """Turn "no such transport" errnos into one clear TransportUnavailable."""
+    if exc.errno in _UNAVAILABLE_ERRNOS:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return TransportUnavailable(
+            exc.errno,
+            f"{what} is not available on this kernel/hypervisor ({name}: {exc.strerror})",
+        )
+    return exc
+
+
+def set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    # SO_SNDTIMEO bounds send() only, so the reader thread can keep a plain blocking recv().
+    whole = int(seconds)
+    sock.setsockopt(
+        socket.SOL_SOCKET,
+        socket.SO_SNDTIMEO,
+        struct.pack("ll", whole, int((seconds - whole) * 1_000_000)),
+    )
+
+
+def inet_family(network: str) -> tuple[socket.AddressFamily, str, bool | None]:
+    """(family, wildcard address, IPV6_V6ONLY value or None) for a tcp*/udp network."""
+    if network == "tcp4":
+        return socket.AF_INET, "0.0.0.0", None  # noqa: S104 - listening on all is the point
+    if network == "tcp6":
+        return socket.AF_INET6, "::", True
+    if socket.has_ipv6:
+        return socket.AF_INET6, "::", False
+    return socket.AF_INET, "0.0.0.0", None  # noqa: S104
+
+
+def new_inet_socket(network: str, kind: socket.SocketKind) -> tuple[socket.socket, str]:
+    """A socket for a tcp*/udp listener, dual-stack where asked; IPv4 only if IPv6 is absent."""
+    family, wildcard, v6only = inet_family(network)
+    try:
+        sock = socket.socket(family, kind)
+    except OSError as exc:
+        if family != socket.AF_INET6 or v6only or exc.errno != errno.EAFNOSUPPORT:
+            raise
+        sock, wildcard, v6only = socket.socket(socket.AF_INET, kind), "0.0.0.0", None  # noqa: S104
+    if v6only is not None:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
+    return sock, wildcard
+
+
+class SocketBind(Bind):
+    """Shared plumbing: open/close bookkeeping, Unix socket files, endpoint parsing."""
+
+    stream: bool
+
+    def __init__(self, network: str, *, unix_dir: str | None = None) -> None:
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}")
+        self.network = network
+        self.unix_dir = os.path.abspath(unix_dir or default_unix_dir())
+        self.port = 0
+        self._receive: Receiver | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._closed.set()  # not open yet
+        self._threads: list[threading.Thread] = []
+        self._unix_path: str | None = None
+        self._unix_ident: tuple[int, int] | None = None
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def parse_endpoint(self, text: str) -> Endpoint:
+        return parse_endpoint(text, self.network, self.unix_dir, dgram=not self.stream)
+
+    def format_endpoint(self, ep: Endpoint) -> str | None:
+        return format_endpoint(ep)
+
+    def endpoint_kind(self) -> str:
+        if self.network in INET_NETWORKS:
+            return "inet"
+        return self.network
+
+    # -- lifecycle helpers -------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closed.is_set()
+
+    def _begin_open(self, receive: Receiver) -> None:
+        with self._lock:
+            if not self._closed.is_set():
+                raise RuntimeError(f"{type(self).__name__}({self.network}) is already open")
+            self._receive = receive
+            self._threads = []
+            self._closed.clear()
+
+    def _start_thread(self, target: Callable[..., None], name: str, *args: object) -> None:
+        t = threading.Thread(target=target, name=name, args=args, daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    def _join_threads(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        me = threading.current_thread()
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            if t is me:  # close() called from a receive callback
+                continue
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("%s: thread %s did not stop", self.network, t.name)
+
+    # -- Unix socket files -------------------------------------------------------------------
+
+    def _bind_unix(self, sock: socket.socket, port: int, dgram: bool) -> int:
+        """Bind ``sock`` to <unix_dir>/<port>.sock|.dgram; port 0 picks a free number."""
+        if not os.path.isdir(self.unix_dir):
+            # The directory is the access control: only its owner may reach the sockets.
+            os.makedirs(self.unix_dir, mode=0o700, exist_ok=True)
+        if port:
+            path = unix_port_path(self.unix_dir, port, dgram)
+            self._claim_unix_path(sock, path)
+        else:
+            for _ in range(100):
+                port = random.randint(*_UNIX_PORT_RANGE)  # noqa: S311 - not a secret
+                path = unix_port_path(self.unix_dir, port, dgram)
+                if os.path.lexists(path):
+                    continue
+                try:
+                    sock.bind(path)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+            else:
+                raise OSError(errno.EADDRINUSE, f"no free port socket in {self.unix_dir}")
+        os.chmod(path, 0o600)
+        st = os.stat(path)
+        self._unix_path, self._unix_ident = path, (st.st_dev, st.st_ino)
+        return port
+
+    @staticmethod
+    def _claim_unix_path(sock: socket.socket, path: str) -> None:
+        try:
+            sock.bind(path)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        # Left over by a process that died? Only a socket nobody answers on may be replaced.
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, sock.type)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock.bind(path)
+            return
+        finally:
+            probe.close()
+        raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+
+    def _remove_unix_path(self) -> None:
+        path, ident = self._unix_path, self._unix_ident
+        self._unix_path = self._unix_ident = None
+        if path is None:
+            return
+        try:
+            st = os.lstat(path)
+            # Someone else may have bound a new socket there since; leave theirs alone.
+            if (st.st_dev, st.st_ino) == ident:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def make_bind(network: str, dgram: bool, unix_dir: str | None = None) -> Bind:
+    """The bind for ``-n NETWORK`` and ``-d``: dgram applies to vsock and unix."""
+    # Imported here: stream and dgram build on this module.
+    from .dgram import DatagramBind
+    from .stream import StreamBind
+
+    if network in ("vsock", "unix"):
+        if dgram:
+            return DatagramBind(network, unix_dir=unix_dir)
+        return StreamBind(network, unix_dir=unix_dir)
+    if network in ("tcp", "tcp4", "tcp6"):
+        if dgram:
+            raise ValueError(f"network {network} is a stream transport; datagram mode is for "
+                             "vsock and unix (use network udp for UDP)")
+        return StreamBind(network, unix_dir=unix_dir)
+    if network == "udp":
+        return DatagramBind(network, unix_dir=unix_dir)
+    raise ValueError(f"unknown network {network!r} (expected vsock, tcp, tcp4, tcp6, udp or unix)")

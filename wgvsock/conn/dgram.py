@@ -1,0 +1,217 @@
+"""Datagram transports: UDP (dual stack), Unix datagram, vsock datagram.
+
+One socket, one reader thread. A datagram is a whole WireGuard message, so there is no framing.
+Sends never block: a full socket buffer (or a Unix peer's full queue) drops the message, as a
+UDP network would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from typing import Any
+
+from .bind import (
+    RateLimitedLog,
+    Receiver,
+    SocketBind,
+    log,
+    new_inet_socket,
+    unavailable,
+)
+from .endpoint import (
+    VMADDR_CID_ANY,
+    VMADDR_PORT_ANY,
+    Endpoint,
+    display_endpoint,
+    unix_endpoint_from_path,
+)
+from .framing import MAX_PAYLOAD
+
+__all__ = ["DGRAM_NETWORKS", "DatagramBind"]
+
+DGRAM_NETWORKS = frozenset({"vsock", "udp", "unix"})
+
+# wireguard-go asks for 7 MiB too; the kernel caps it at rmem_max/wmem_max.
+SOCKET_BUFFER = 7 << 20
+# Address caches are per peer, not per packet; the cap only guards against address floods.
+_CACHE_MAX = 4096
+
+
+class DatagramBind(SocketBind):
+    stream = False
+
+    def __init__(self, network: str, *, unix_dir: str | None = None) -> None:
+        if network not in DGRAM_NETWORKS:
+            raise ValueError(f"network {network!r} has no datagram transport")
+        super().__init__(network, unix_dir=unix_dir)
+        self._kind = self.endpoint_kind()
+        self._sock: socket.socket | None = None
+        self._family = socket.AF_UNSPEC
+        self._ep_cache: dict[Any, Endpoint] = {}
+        self._addr_cache: dict[Endpoint, Any] = {}
+        self._send_errors = 0
+        self._unroutable = 0
+        self._err_log = RateLimitedLog()
+
+    def open(self, port: int, receive: Receiver) -> int:
+        limit = VMADDR_PORT_ANY - 1 if self.network == "vsock" else 0xFFFF
+        if not 0 <= port <= limit:
+            raise ValueError(f"port {port} out of range 0-{limit} for {self.network}")
+        self._begin_open(receive)
+        try:
+            sock, self.port = self._make_socket(port)
+        except BaseException:
+            self._closed.set()
+            raise
+        self._sock = sock
+        self._family = sock.family
+        self._start_thread(self._read_loop, f"wgvsock-{self.network}-dgram-read", sock)
+        log.info("%s: datagram socket on port %d%s", self.network, self.port,
+                 f" ({self._unix_path})" if self._unix_path else "")
+        return self.port
+
+    def _make_socket(self, port: int) -> tuple[socket.socket, int]:
+        if self.network == "vsock":
+            # Nitro refuses vsock SOCK_DGRAM (EOPNOTSUPP); other hypervisors say ENODEV.
+            what = "vsock datagram (AF_VSOCK SOCK_DGRAM; use the stream transport)"
+            try:
+                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_DGRAM)
+            except OSError as exc:
+                raise unavailable(exc, what) from exc
+            try:
+                sock.bind((VMADDR_CID_ANY, port or VMADDR_PORT_ANY))
+                port = sock.getsockname()[1]
+            except OSError as exc:
+                sock.close()
+                raise unavailable(exc, what) from exc
+        elif self.network == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                port = self._bind_unix(sock, port, dgram=True)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock, wildcard = new_inet_socket(self.network, socket.SOCK_DGRAM)
+            try:
+                sock.bind((wildcard, port))
+                port = sock.getsockname()[1]
+            except BaseException:
+                sock.close()
+                raise
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        return sock, port
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            # Wakes the blocked recvfrom() (on unconnected sockets too, despite ENOTCONN).
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._join_threads()
+        if sock is not None:
+            sock.close()
+        self._remove_unix_path()
+        self._ep_cache.clear()
+        self._addr_cache.clear()
+        log.info("%s: closed", self.network)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _sockaddr(self, ep: Endpoint) -> Any:
+        """The address sendto() wants for ``ep``, or None if this socket cannot reach it."""
+        if ep.kind != self._kind:
+            return None
+        if ep.kind == "vsock":
+            return (int(ep.host), ep.port)
+        if ep.kind == "unix":
+            return ep.host or None  # an unbound sender cannot be answered
+        host = str(ep.host)
+        if self._family == socket.AF_INET6:
+            if ":" not in host:
+                host = "::ffff:" + host  # IPv4 peer through the dual-stack socket
+        elif ":" in host:
+            return None
+        return (host, ep.port)
+
+    def send(self, data: bytes, ep: Endpoint) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        addr = self._addr_cache.get(ep)
+        if addr is None:
+            addr = self._sockaddr(ep)
+            if addr is None:
+                self._unroutable += 1
+                self._err_log(logging.WARNING, "%s: cannot send to %s", self.network,
+                              display_endpoint(ep))
+                return
+            if len(self._addr_cache) >= _CACHE_MAX:
+                self._addr_cache.clear()
+            self._addr_cache[ep] = addr
+        try:
+            sock.sendto(data, socket.MSG_DONTWAIT, addr)
+        except OSError as exc:
+            self._send_errors += 1
+            self._err_log(logging.INFO, "%s: send to %s failed: %s", self.network,
+                          display_endpoint(ep), exc)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _endpoint_for(self, addr: Any) -> Endpoint:
+        if self._kind == "inet":
+            host = addr[0]
+            if host.startswith("::ffff:") and "." in host:
+                host = host[7:]
+            return Endpoint("inet", host, addr[1])
+        if self._kind == "vsock":
+            return Endpoint("vsock", addr[0], addr[1])
+        return unix_endpoint_from_path(addr if isinstance(addr, str) else "", self.unix_dir,
+                                       dgram=True)
+
+    def _read_loop(self, sock: socket.socket) -> None:
+        receive, closed, cache = self._receive, self._closed, self._ep_cache
+        assert receive is not None
+        while True:
+            try:
+                data, addr = sock.recvfrom(MAX_PAYLOAD)
+            except OSError as exc:
+                if closed.is_set() or exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    break
+                self._err_log(logging.WARNING, "%s: receive failed: %s", self.network, exc)
+                continue
+            if closed.is_set():
+                break
+            if not data:
+                continue
+            ep = cache.get(addr)
+            if ep is None:
+                ep = self._endpoint_for(addr)
+                if len(cache) >= _CACHE_MAX:
+                    cache.clear()
+                cache[addr] = ep
+            try:
+                receive(data, ep)
+            except Exception:
+                self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
+                log.debug("receive callback failure", exc_info=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "stream": False,
+            "open": self.is_open,
+            "port": self.port,
+            "path": self._unix_path,
+            "send_errors": self._send_errors,
+            "unroutable": self._unroutable,
+        }

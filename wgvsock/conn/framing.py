@@ -1,0 +1,112 @@
+"""Stream framing of wireguard-go-vsock (>= 0.2.4): one frame per WireGuard message.
+
+    u16 LE  payload length
+    u32 LE  CRC-32 (IEEE, as zlib.crc32) of the payload
+    bytes   payload
+
+There is no hello and no version byte, so the first bytes on a connection are already a frame.
+
+Limits: a payload shorter than MIN_PAYLOAD (32 bytes, a keepalive, the smallest WireGuard
+message) cannot be a WireGuard message, and a length of 0 would let a peer spin us with empty
+frames. MAX_PAYLOAD is the u16 cap, which is also wireguard-go's MaxMessageSize (65535), so a
+Go peer can never send more. A decoder may be given a lower maximum; it then refuses a large
+length as soon as the header arrives instead of buffering up to 64 KiB per connection.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import TypeAlias
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_PAYLOAD",
+    "MIN_PAYLOAD",
+    "FrameDecoder",
+    "FramingError",
+    "encode_frame",
+]
+
+_HEADER = struct.Struct("<HI")
+HEADER_SIZE = _HEADER.size  # 6
+MIN_PAYLOAD = 32
+MAX_PAYLOAD = 0xFFFF
+
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+
+
+class FramingError(ValueError):
+    """The byte stream is not a sequence of valid frames; the connection must be dropped."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode_frame(payload: BytesLike) -> bytes:
+    """One frame for ``payload``. Refuses what our own decoder would refuse."""
+    n = len(payload)
+    if n < MIN_PAYLOAD or n > MAX_PAYLOAD:
+        raise ValueError(f"payload of {n} bytes cannot be framed ({MIN_PAYLOAD}-{MAX_PAYLOAD})")
+    return _HEADER.pack(n, zlib.crc32(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it whatever recv() returned, get whole payloads back.
+
+    ``feed`` never keeps a reference to ``data`` (the caller may reuse its receive buffer);
+    a partial frame is copied into an internal bytearray. Each payload is copied exactly once,
+    into the bytes object handed out. After a FramingError the decoder stays failed.
+    """
+
+    __slots__ = ("_buf", "_error", "_max", "_min")
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD, min_payload: int = MIN_PAYLOAD) -> None:
+        if not 1 <= min_payload <= max_payload <= MAX_PAYLOAD:
+            raise ValueError("need 1 <= min_payload <= max_payload <= 65535")
+        self._buf = bytearray()
+        self._min = min_payload
+        self._max = max_payload
+        self._error: FramingError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held back for the next feed."""
+        return len(self._buf)
+
+    def feed(self, data: BytesLike) -> list[bytes]:
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        # Parse straight out of the caller's buffer unless a partial frame is pending.
+        src: BytesLike
+        if buf:
+            buf += data
+            src = buf
+        else:
+            src = data
+        frames: list[bytes] = []
+        pos = 0
+        with memoryview(src) as mv:
+            total = len(mv)
+            while total - pos >= HEADER_SIZE:
+                length, crc = _HEADER.unpack_from(mv, pos)
+                if length < self._min or length > self._max:
+                    # Checked before the payload arrives: no waiting on a bogus 64 KiB length.
+                    self._error = FramingError(f"impossible frame length {length}")
+                    raise self._error
+                end = pos + HEADER_SIZE + length
+                if end > total:
+                    break
+                with mv[pos + HEADER_SIZE : end] as payload:
+                    if zlib.crc32(payload) != crc:
+                        self._error = FramingError("bad CRC")
+                        raise self._error
+                    frames.append(payload.tobytes())
+                pos = end
+            if src is not buf and pos < total:
+                buf += mv[pos:]
+        if src is buf and pos:
+            del buf[:pos]
+        return frames

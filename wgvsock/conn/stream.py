@@ -1,0 +1,547 @@
+"""Stream transports (vsock, TCP, Unix stream) with wireguard-go-vsock framing.
+
+Connections: any number of inbound connections are accepted; each gets an endpoint with a
+``conn_id`` so replies go back over it, and it is never dialled. Sending to an endpoint with no
+connection queues the message (at most ``max_pending``, oldest dropped) and starts one dialler
+thread for it; nothing is dialled before there is something to send.
+
+Redial policy: the dialling side owns the connection. When a connection it dialled drops, it
+redials at once (a peer behind an inbound connection cannot call back, so waiting for the next
+outgoing message could leave it mute), then with jittered exponential backoff from
+``backoff_min`` to ``backoff_max`` while connects fail. A connection that dies within
+STABLE_AFTER seconds without delivering a frame counts as a failure, so a peer that accepts and
+hangs up at once cannot make us spin. A dialler whose endpoint has had nothing to send for
+``redial_idle`` seconds since its connection dropped gives up; the next send starts a new one.
+
+A send that cannot complete within ``send_timeout`` (the peer stopped reading) closes that
+connection; a partly written frame would corrupt the stream anyway.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import random
+import select
+import socket
+import threading
+import time
+from typing import Any
+
+from .bind import (
+    RateLimitedLog,
+    Receiver,
+    SocketBind,
+    log,
+    new_inet_socket,
+    set_send_timeout,
+    unavailable,
+)
+from .endpoint import VMADDR_CID_ANY, VMADDR_PORT_ANY, Endpoint, display_endpoint
+from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame
+
+__all__ = ["STREAM_NETWORKS", "StreamBind"]
+
+STREAM_NETWORKS = frozenset({"vsock", "tcp", "tcp4", "tcp6", "unix"})
+
+# One recv() can carry many frames when the peer is busy; 256 KiB keeps syscalls few.
+RECV_SIZE = 256 * 1024
+STABLE_AFTER = 1.0
+
+
+class _Conn:
+    """One established stream connection; its reader thread owns the socket's lifetime."""
+
+    __slots__ = (
+        "closed",
+        "done",
+        "ep",
+        "got_frame",
+        "outbound",
+        "reason",
+        "send_lock",
+        "since",
+        "sock",
+    )
+
+    def __init__(self, sock: socket.socket, ep: Endpoint, outbound: bool) -> None:
+        self.sock = sock
+        self.ep = ep
+        self.outbound = outbound
+        self.send_lock = threading.Lock()
+        self.closed = False
+        self.done = threading.Event()
+        self.since = time.monotonic()
+        self.got_frame = False
+        self.reason = ""
+
+    def send(self, frame: bytes) -> bool:
+        with self.send_lock:
+            if self.closed:
+                return False
+            try:
+                self.sock.sendall(frame)
+                return True
+            except OSError as exc:
+                timed_out = isinstance(exc, TimeoutError | BlockingIOError)
+                self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
+                return False
+
+    def shutdown(self, reason: str) -> None:
+        """Wake the reader and any sender; the reader then closes the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Dialer:
+    __slots__ = (
+        "active_at",
+        "conn",
+        "dropped",
+        "ep",
+        "failures",
+        "last_error",
+        "pending",
+        "reconnects",
+        "sock",
+        "state",
+    )
+
+    def __init__(self, ep: Endpoint, max_pending: int) -> None:
+        self.ep = ep
+        self.pending: collections.deque[bytes] = collections.deque(maxlen=max_pending)
+        self.dropped = 0
+        self.reconnects = 0
+        self.failures = 0
+        self.last_error = ""
+        self.state = "connecting"
+        self.active_at = time.monotonic()
+        self.sock: socket.socket | None = None  # while connecting
+        self.conn: _Conn | None = None  # from connect until the connection is gone
+
+
+class StreamBind(SocketBind):
+    stream = True
+
+    def __init__(
+        self,
+        network: str,
+        *,
+        unix_dir: str | None = None,
+        send_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        max_pending: int = 16,
+        redial_idle: float = 300.0,
+        max_frame: int = MAX_PAYLOAD,
+    ) -> None:
+        if network not in STREAM_NETWORKS:
+            raise ValueError(f"network {network!r} has no stream transport")
+        super().__init__(network, unix_dir=unix_dir)
+        self.send_timeout = send_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.max_pending = max_pending
+        self.redial_idle = redial_idle
+        self.max_frame = max_frame
+        self._kind = self.endpoint_kind()
+        self._listener: socket.socket | None = None
+        self._wake_r = self._wake_w = -1
+        self._conns: dict[Endpoint, _Conn] = {}
+        self._dialers: dict[Endpoint, _Dialer] = {}
+        self._conn_ids = 0
+        self._accepted = 0
+        self._framing_errors = 0
+        self._send_failures = 0
+        self._dropped_no_conn = 0
+        self._misc_log = RateLimitedLog()
+
+    # -- open / close ------------------------------------------------------------------------
+
+    def open(self, port: int, receive: Receiver) -> int:
+        limit = VMADDR_PORT_ANY - 1 if self.network == "vsock" else 0xFFFF
+        if not 0 <= port <= limit:
+            raise ValueError(f"port {port} out of range 0-{limit} for {self.network}")
+        self._begin_open(receive)
+        try:
+            listener, self.port = self._listen(port)
+        except BaseException:
+            self._closed.set()
+            raise
+        self._listener = listener
+        self._wake_r, self._wake_w = os.pipe()
+        self._start_thread(self._accept_loop, f"wgvsock-{self.network}-accept", listener)
+        log.info("%s: listening on port %d%s", self.network, self.port,
+                 f" ({self._unix_path})" if self._unix_path else "")
+        return self.port
+
+    def _listen(self, port: int) -> tuple[socket.socket, int]:
+        if self.network == "vsock":
+            try:
+                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            except OSError as exc:
+                raise unavailable(exc, "vsock (AF_VSOCK stream)") from exc
+            try:
+                sock.bind((VMADDR_CID_ANY, port or VMADDR_PORT_ANY))
+                sock.listen(socket.SOMAXCONN)
+                port = sock.getsockname()[1]
+            except OSError as exc:
+                sock.close()
+                raise unavailable(exc, "vsock (AF_VSOCK stream)") from exc
+        elif self.network == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                port = self._bind_unix(sock, port, dgram=False)
+                sock.listen(socket.SOMAXCONN)
+            except BaseException:
+                sock.close()
+                self._remove_unix_path()
+                raise
+        else:
+            sock, wildcard = new_inet_socket(self.network, socket.SOCK_STREAM)
+            try:
+                # A restarted daemon must get its port back despite TIME_WAIT leftovers.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((wildcard, port))
+                sock.listen(socket.SOMAXCONN)
+                port = sock.getsockname()[1]
+            except BaseException:
+                sock.close()
+                raise
+        sock.setblocking(False)
+        return sock, port
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            conns = list(self._conns.values())
+            dialers = list(self._dialers.values())
+            listener, self._listener = self._listener, None
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        for conn in conns:
+            conn.shutdown("bind closed")
+        for d in dialers:
+            s, c = d.sock, d.conn
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            if c is not None:  # may still be draining the queue, not yet in _conns
+                c.shutdown("bind closed")
+        self._join_threads()
+        if listener is not None:
+            listener.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self._remove_unix_path()
+        with self._lock:
+            self._conns.clear()
+            self._dialers.clear()
+        log.info("%s: closed", self.network)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, data: bytes, ep: Endpoint) -> None:
+        try:
+            frame = encode_frame(data)
+        except ValueError as exc:
+            self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
+            return
+        conn = self._conns.get(ep)
+        if conn is not None and conn.send(frame):
+            return
+        self._send_slow(frame, ep)
+
+    def _send_slow(self, frame: bytes, ep: Endpoint) -> None:
+        if self._closed.is_set():
+            return
+        if ep.conn_id:
+            # An inbound connection that is gone: only its dialler can bring it back.
+            self._dropped_no_conn += 1
+            return
+        if ep.kind != self._kind:
+            self._misc_log(logging.WARNING, "%s: cannot send to %s endpoint %s", self.network,
+                           ep.kind, display_endpoint(ep))
+            return
+        start = None
+        with self._lock:
+            if self._closed.is_set():
+                return
+            conn = self._conns.get(ep)
+            if conn is None or conn.closed:
+                conn = None
+                d = self._dialers.get(ep)
+                if d is None:
+                    d = self._dialers[ep] = start = _Dialer(ep, self.max_pending)
+                if len(d.pending) == d.pending.maxlen:
+                    d.dropped += 1
+                d.pending.append(frame)
+                d.active_at = time.monotonic()
+        if start is not None:
+            self._start_thread(self._dial_loop, f"wgvsock-{self.network}-dial-"
+                               f"{display_endpoint(ep)}", start)
+        elif conn is not None:
+            conn.send(frame)  # registered while we looked; one try, no requeue
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _configure(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        if self._kind == "inet":
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_send_timeout(sock, self.send_timeout)
+
+    def _inbound_endpoint(self, addr: Any) -> Endpoint:
+        self._conn_ids += 1
+        if self._kind == "inet":
+            host = addr[0]
+            if host.startswith("::ffff:") and "." in host:
+                host = host[7:]
+            return Endpoint("inet", host, addr[1], self._conn_ids)
+        if self._kind == "vsock":
+            return Endpoint("vsock", addr[0], addr[1], self._conn_ids)
+        return Endpoint("unix", addr if isinstance(addr, str) else "", 0, self._conn_ids)
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        # poll() with a wake pipe: shutdown() does not wake accept() on an AF_VSOCK listener.
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._closed.is_set():
+            poller.poll()
+            if self._closed.is_set():
+                break
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                # EMFILE and friends: say so, and do not spin on a listener that stays readable.
+                self._misc_log(logging.WARNING, "%s: accept failed: %s", self.network, exc)
+                self._closed.wait(0.1)
+                continue
+            try:
+                self._configure(sock)
+            except OSError:
+                sock.close()
+                continue
+            with self._lock:
+                if self._closed.is_set():
+                    sock.close()
+                    break
+                conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False)
+                self._conns[conn.ep] = conn
+                self._accepted += 1
+            log.info("%s: inbound connection %s", self.network, display_endpoint(conn.ep))
+            self._start_reader(conn)
+
+    def _start_reader(self, conn: _Conn) -> None:
+        self._start_thread(self._read_loop, f"wgvsock-{self.network}-read-"
+                           f"{display_endpoint(conn.ep)}", conn)
+
+    def _read_loop(self, conn: _Conn) -> None:
+        sock, ep, receive = conn.sock, conn.ep, self._receive
+        assert receive is not None
+        decoder = FrameDecoder(self.max_frame)
+        buf = bytearray(RECV_SIZE)
+        view = memoryview(buf)
+        reason = "closed by peer"
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except OSError as exc:
+                    reason = f"receive: {exc}"
+                    break
+                if n == 0:
+                    break
+                try:
+                    frames = decoder.feed(view[:n])
+                except FramingError as exc:
+                    reason = f"framing error: {exc.reason}"
+                    self._framing_errors += 1
+                    break
+                if frames:
+                    conn.got_frame = True
+                    for frame in frames:
+                        try:
+                            receive(frame, ep)
+                        except Exception:
+                            self._misc_log(logging.ERROR, "%s: receive callback failed",
+                                           self.network)
+                            log.debug("receive callback failure", exc_info=True)
+        finally:
+            view.release()
+            self._conn_gone(conn, reason)
+
+    def _conn_gone(self, conn: _Conn, reason: str) -> None:
+        conn.shutdown(reason)
+        with self._lock:
+            if self._conns.get(conn.ep) is conn:
+                del self._conns[conn.ep]
+        with conn.send_lock:  # no sender may be inside sendall() when the fd number is freed
+            conn.sock.close()
+        if conn.reason.startswith("send"):
+            self._send_failures += 1
+        if not self._closed.is_set():
+            level = logging.WARNING if conn.reason.startswith("framing") else logging.INFO
+            log.log(level, "%s: %s connection %s closed: %s", self.network,
+                    "outbound" if conn.outbound else "inbound", display_endpoint(conn.ep),
+                    conn.reason)
+        conn.done.set()
+
+    # -- dialling ----------------------------------------------------------------------------
+
+    def _backoff(self, failures: int) -> float:
+        step = min(self.backoff_max, self.backoff_min * 2.0 ** min(failures - 1, 30))
+        # Jitter keeps two sides (or many peers) from redialling in lockstep.
+        return max(self.backoff_min, random.uniform(step / 2, step))  # noqa: S311
+
+    def _dial(self, d: _Dialer) -> socket.socket:
+        ep = d.ep
+        addr: Any
+        if ep.kind == "vsock":
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            addr = (int(ep.host), ep.port)
+        elif ep.kind == "inet":
+            host = str(ep.host)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+            addr = (host, ep.port)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            addr = str(ep.host)
+        d.sock = sock
+        try:
+            sock.settimeout(self.connect_timeout)
+            sock.connect(addr)
+            self._configure(sock)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            d.sock = None
+        return sock
+
+    def _dial_loop(self, d: _Dialer) -> None:
+        name = display_endpoint(d.ep)
+        try:
+            while not self._closed.is_set():
+                if d.failures:
+                    d.state = "backoff"
+                    if self._closed.wait(self._backoff(d.failures)):
+                        break
+                with self._lock:
+                    if self._closed.is_set():
+                        break
+                    # Messages older than redial_idle are stale; nobody is waiting on them.
+                    if time.monotonic() - d.active_at > self.redial_idle:
+                        del self._dialers[d.ep]
+                        d.state = "idle"
+                        log.info("%s: nothing to send to %s; stopped redialling", self.network,
+                                 name)
+                        return
+                d.state = "connecting"
+                try:
+                    sock = self._dial(d)
+                except OSError as exc:
+                    if self._closed.is_set():
+                        break
+                    d.failures += 1
+                    d.last_error = str(exc)
+                    level = logging.INFO if d.failures == 1 else logging.DEBUG
+                    log.log(level, "%s: cannot connect to %s: %s (attempt %d)", self.network,
+                            name, exc, d.failures)
+                    continue
+                conn = d.conn = _Conn(sock, d.ep, outbound=True)
+                self._start_reader(conn)  # replies may arrive while the queue drains
+                if self._flush_and_register(d, conn):
+                    d.state = "connected"
+                    log.info("%s: connected to %s", self.network, name)
+                conn.done.wait()
+                d.conn = None
+                if self._closed.is_set():
+                    break
+                d.reconnects += 1
+                d.active_at = time.monotonic()
+                d.last_error = conn.reason
+                stable = conn.got_frame or time.monotonic() - conn.since >= STABLE_AFTER
+                d.failures = 0 if stable else d.failures + 1
+                d.state = "reconnecting"
+        finally:
+            with self._lock:
+                if self._dialers.get(d.ep) is d and self._closed.is_set():
+                    del self._dialers[d.ep]
+
+    def _flush_and_register(self, d: _Dialer, conn: _Conn) -> bool:
+        """Send what queued up while dialling, then publish the connection for direct sends."""
+        while True:
+            with self._lock:
+                if self._closed.is_set() or conn.closed:
+                    conn.shutdown(conn.reason or "bind closed")
+                    return False
+                if not d.pending:
+                    self._conns[d.ep] = conn
+                    return True
+                batch = list(d.pending)
+                d.pending.clear()
+            for i, frame in enumerate(batch):
+                if not conn.send(frame):
+                    with self._lock:
+                        # Keep the unsent ones for the next connection, newest winning.
+                        rest = batch[i:] + list(d.pending)
+                        d.pending.clear()
+                        d.pending.extend(rest)
+                    return False
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            conns = [
+                {
+                    "endpoint": display_endpoint(c.ep),
+                    "direction": "out" if c.outbound else "in",
+                    "age": round(now - c.since, 3),
+                }
+                for c in self._conns.values()
+            ]
+            dialers = [
+                {
+                    "endpoint": display_endpoint(d.ep),
+                    "state": d.state,
+                    "reconnects": d.reconnects,
+                    "failures": d.failures,
+                    "pending": len(d.pending),
+                    "dropped": d.dropped,
+                    "last_error": d.last_error,
+                }
+                for d in self._dialers.values()
+            ]
+        return {
+            "network": self.network,
+            "stream": True,
+            "open": self.is_open,
+            "port": self.port,
+            "path": self._unix_path,
+            "connections": conns,
+            "dialers": dialers,
+            "accepted": self._accepted,
+            "framing_errors": self._framing_errors,
+            "send_failures": self._send_failures,
+            "dropped_no_connection": self._dropped_no_conn,
+        }
+

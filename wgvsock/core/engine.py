@@ -1,0 +1,518 @@
+"""The sans-I/O WireGuard engine: every peer of one interface, with no sockets and no clock.
+
+The device feeds it packets from the TUN (`encapsulate`), messages from the network
+(`decapsulate`) and the passage of time (`update_timers`), always with `now` (monotonic
+seconds). Each call returns a list of actions, tuples whose first item says what to do:
+
+    (SEND, endpoint, message)   write `message` to the transport at `endpoint`
+    (TUNNEL, peer, packet)      write the inner IP `packet` to the TUN device
+    (DROP, peer_or_None, reason) nothing to do; `reason` says why, for logs and tests
+
+Nothing here raises on hostile input: every malformed, truncated, replayed or unauthenticated
+message becomes a DROP with a reason. This is the shape of boringtun's `Tunn`, widened to the
+whole interface because the index table and the responder's static key are shared by all peers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+
+from . import noise
+from .allowedips import AllowedIPs
+from .cookie import CookieChecker
+from .crypto import dh, public_key, tai64n
+from .keypair import Keypair
+from .messages import (
+    COOKIE_REPLY_SIZE,
+    HANDSHAKE_INITIATION_RATE,
+    INITIATION_SIZE,
+    KEEPALIVE_TIMEOUT,
+    MAX_TIMER_HANDSHAKES,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_TIMEOUT,
+    RESPONSE_SIZE,
+    TRANSPORT_MIN_SIZE,
+    TYPE_COOKIE_REPLY,
+    TYPE_INITIATION,
+    TYPE_RESPONSE,
+    TYPE_TRANSPORT,
+    ZERO_KEY_MATERIAL_AFTER,
+    padding_size,
+)
+from .peer import HS_INITIATION_CREATED, Peer
+from .ratelimit import SourceRateLimiter
+from .timers import (
+    NEW_HANDSHAKE,
+    PERSISTENT_KEEPALIVE,
+    RETRANSMIT_HANDSHAKE,
+    SEND_KEEPALIVE,
+    ZERO_KEY_MATERIAL,
+    random_jitter,
+)
+
+SEND = 0
+TUNNEL = 1
+DROP = 2
+
+Action = tuple[int, Any, Any]
+
+_HEADER = struct.Struct("<IIQ")
+_INDEX_PAIR = struct.Struct("<II")
+_NONCE_PREFIX = b"\x00\x00\x00\x00"
+_KEEPALIVE_RECEIVE_LIMIT = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+
+
+def _drop(reason: str, peer: Peer | None = None) -> list[Action]:
+    return [(DROP, peer, reason)]
+
+
+def inner_length(packet: bytes) -> int:
+    """Length the IP header claims, or -1 when it is not a plausible IPv4/IPv6 packet."""
+    n = len(packet)
+    version = packet[0] >> 4
+    if version == 4 and n >= 20:
+        length = (packet[2] << 8) | packet[3]
+    elif version == 6 and n >= 40:
+        length = 40 + ((packet[4] << 8) | packet[5])
+    else:
+        return -1
+    return length if length <= n else -1
+
+
+class Engine:
+    def __init__(
+        self,
+        private_key: bytes | None = None,
+        *,
+        mtu: int = 1420,
+        rng: Callable[[int], bytes] = os.urandom,
+        rand: Callable[[], float] | None = None,
+        wall_offset: float = 0.0,
+    ) -> None:
+        self.mtu = mtu
+        # TAI64N timestamps are wall-clock time: now + wall_offset. The device sets the offset
+        # once, so later wall-clock jumps cannot make our timestamps go backwards.
+        self.wall_offset = wall_offset
+        self._rng = rng
+        self._jitter = random_jitter(rand or random.SystemRandom().random)
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        # receiver index -> (peer, keypair), keypair None while it names a pending handshake
+        self._index: dict[int, tuple[Peer, Keypair | None]] = {}
+        self._source_limiter = SourceRateLimiter()
+        self.private_key: bytes | None = None
+        self.public_key: bytes | None = None
+        self._cookie_checker: CookieChecker | None = None
+        self._responder_initial: tuple[bytes, bytes] = (b"", b"")
+        self.set_private_key(private_key)
+
+    # -- configuration -------------------------------------------------------------------
+
+    def set_private_key(self, private_key: bytes | None) -> None:
+        if private_key == self.private_key:
+            return
+        self.private_key = private_key
+        for peer in self.peers.values():
+            self._forget_sessions(peer)
+        if private_key is None:
+            self.public_key = None
+            self._cookie_checker = None
+            return
+        self.public_key = public_key(private_key)
+        self._cookie_checker = CookieChecker(self.public_key, self._rng)
+        self._responder_initial = noise.initial_state(noise.IDENTIFIER, self.public_key)
+        for peer in self.peers.values():
+            peer.static_static = dh(private_key, peer.public_key)
+
+    def add_peer(self, public_key: bytes) -> Peer:
+        if len(public_key) != 32:
+            raise ValueError("a peer's public key is 32 bytes")
+        peer = self.peers.get(public_key)
+        if peer is None:
+            peer = Peer(public_key, self._jitter)
+            if self.private_key is not None:
+                peer.static_static = dh(self.private_key, public_key)
+            self.peers[public_key] = peer
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        self._forget_sessions(peer)
+        peer.timers.stop_all()
+        peer.staged.clear()
+        self.allowed_ips.remove_by_peer(peer)
+
+    def _forget_sessions(self, peer: Peer) -> None:
+        self._unindex(peer.keypairs.clear())
+        if peer.handshake.local_index:
+            self._index.pop(peer.handshake.local_index, None)
+        peer.handshake.clear()
+
+    def _unindex(self, keypairs: list[Keypair]) -> None:
+        for kp in keypairs:
+            self._index.pop(kp.local_index, None)
+
+    def _new_index(self, peer: Peer) -> int:
+        while True:
+            index = int.from_bytes(self._rng(4), "little")
+            if index and index not in self._index:
+                self._index[index] = (peer, None)
+                return index
+
+    def _new_ephemeral(self) -> bytes:
+        k = bytearray(self._rng(32))
+        k[0] &= 248
+        k[31] = (k[31] & 127) | 64
+        return bytes(k)
+
+    # -- outgoing ------------------------------------------------------------------------
+
+    def encapsulate(self, packet: bytes, now: float) -> list[Action]:
+        """A packet read from the TUN device: route it by allowed IPs and seal it."""
+        peer = self.allowed_ips.lookup_packet_dst(packet)
+        if peer is None:
+            return _drop("no peer has an allowed IP for the destination")
+        return self.send_data(peer, packet, now)
+
+    def send_data(self, peer: Peer, packet: bytes, now: float) -> list[Action]:
+        kp = peer.keypairs.current
+        if kp is None or now - kp.created >= REJECT_AFTER_TIME or (
+            kp.send_nonce >= REJECT_AFTER_MESSAGES
+        ):
+            peer.staged.append(packet)
+            return self._initiate(peer, now, retry=False)
+        out = [self._seal(peer, kp, packet, now)]
+        if kp.is_initiator and (
+            kp.send_nonce > REKEY_AFTER_MESSAGES or now - kp.created > REKEY_AFTER_TIME
+        ):
+            out += self._initiate(peer, now, retry=False)
+        return out
+
+    def send_keepalive(self, peer: Peer, now: float) -> list[Action]:
+        if peer.staged:
+            return self._send_staged(peer, now)
+        return self.send_data(peer, b"", now)
+
+    def initiate_handshake(self, peer: Peer, now: float) -> list[Action]:
+        return self._initiate(peer, now, retry=False)
+
+    def _seal(self, peer: Peer, kp: Keypair, packet: bytes, now: float) -> Action:
+        counter = kp.send_nonce
+        kp.send_nonce = counter + 1
+        pad = padding_size(len(packet), self.mtu)
+        if pad:
+            packet += bytes(pad)
+        msg = _HEADER.pack(4, kp.remote_index, counter) + kp.send.encrypt(
+            _NONCE_PREFIX + counter.to_bytes(8, "little"), packet, None
+        )
+        peer.tx_bytes += len(msg)
+        timers = peer.timers
+        if packet:
+            timers.data_sent(now)
+        timers.any_authenticated_packet_sent()
+        timers.any_authenticated_packet_traversal(now)
+        if peer.endpoint is None:
+            return (DROP, peer, "peer has no endpoint")
+        return (SEND, peer.endpoint, msg)
+
+    def _send_staged(self, peer: Peer, now: float) -> list[Action]:
+        out: list[Action] = []
+        while peer.staged:
+            kp = peer.keypairs.current
+            if kp is None or now - kp.created >= REJECT_AFTER_TIME:
+                return out + self._initiate(peer, now, retry=False)
+            out.append(self._seal(peer, kp, peer.staged.popleft(), now))
+        return out
+
+    def _initiate(self, peer: Peer, now: float, *, retry: bool) -> list[Action]:
+        if not retry:
+            peer.timers.handshake_attempts = 0
+        hs = peer.handshake
+        if hs.last_sent is not None and now - hs.last_sent < REKEY_TIMEOUT:
+            return []
+        if self.private_key is None or peer.static_static is None:
+            return _drop("no private key (or the peer's key is invalid)", peer)
+        hs.last_sent = now
+        msg = self._create_initiation(peer, now)
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent()
+        timers.handshake_initiated(now)
+        if peer.endpoint is None:
+            return _drop("peer has no endpoint", peer)
+        peer.tx_bytes += len(msg)
+        return [(SEND, peer.endpoint, msg)]
+
+    def _create_initiation(self, peer: Peer, now: float) -> bytes:
+        assert self.private_key is not None
+        hs = peer.handshake
+        if hs.local_index:
+            self._index.pop(hs.local_index, None)
+        e_priv = self._new_ephemeral()
+        ck, h = noise.initial_state(noise.IDENTIFIER, peer.public_key)
+        ck, h, e_pub, enc_static, enc_ts = noise.initiator_write(
+            ck, h, e_priv, self.private_key, peer.public_key, tai64n(now + self.wall_offset)
+        )
+        index = self._new_index(peer)
+        msg = bytearray(TYPE_INITIATION)
+        msg += index.to_bytes(4, "little") + e_pub + enc_static + enc_ts + bytes(32)
+        peer.cookies.add_macs(msg, now)
+        hs.state = HS_INITIATION_CREATED
+        hs.chain_key, hs.hash, hs.ephemeral_private = ck, h, e_priv
+        hs.local_index = index
+        return bytes(msg)
+
+    # -- incoming ------------------------------------------------------------------------
+
+    def decapsulate(
+        self, data: bytes, src: Any, now: float, *, src_key: bytes = b"", under_load: bool = False
+    ) -> list[Action]:
+        """A message from the network. `src` is the transport's endpoint it came from;
+        `src_key` the bytes that identify that source for cookies and rate limits."""
+        kind = data[:4]
+        if kind == TYPE_TRANSPORT:
+            return self._on_transport(data, src, now)
+        if kind == TYPE_INITIATION:
+            return self._on_initiation(data, src, src_key, now, under_load)
+        if kind == TYPE_RESPONSE:
+            return self._on_response(data, src, src_key, now, under_load)
+        if kind == TYPE_COOKIE_REPLY:
+            return self._on_cookie_reply(data, now)
+        return _drop("unknown message type")
+
+    def _on_transport(self, data: bytes, src: Any, now: float) -> list[Action]:
+        if len(data) < TRANSPORT_MIN_SIZE:
+            return _drop("transport message too short")
+        _, receiver, counter = _HEADER.unpack_from(data)
+        entry = self._index.get(receiver)
+        if entry is None or entry[1] is None:
+            return _drop("transport message for an unknown receiver index")
+        peer, kp = entry
+        if now - kp.created >= REJECT_AFTER_TIME or counter >= REJECT_AFTER_MESSAGES:
+            return _drop("keypair expired", peer)
+        try:
+            packet = kp.receive.decrypt(_NONCE_PREFIX + data[8:16], data[16:], None)
+        except InvalidTag:
+            return _drop("transport message failed authentication", peer)
+        if not kp.replay.check(counter, REJECT_AFTER_MESSAGES):
+            return _drop("replayed transport message", peer)
+
+        out: list[Action] = []
+        keypairs = peer.keypairs
+        timers = peer.timers
+        if keypairs.next is kp:
+            self._unindex(keypairs.confirm(kp) or [])
+            timers.handshake_complete()
+            peer.last_handshake = now
+            out += self._send_staged(peer, now)
+        current = keypairs.current
+        if (
+            current is not None
+            and current.is_initiator
+            and now - current.created > _KEEPALIVE_RECEIVE_LIMIT
+            and not timers.sent_last_minute_handshake
+        ):
+            timers.sent_last_minute_handshake = True
+            out += self._initiate(peer, now, retry=False)
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received()
+        peer.endpoint = src
+        peer.rx_bytes += len(data)
+        if not packet:
+            return out  # keepalive
+        timers.data_received(now)
+        length = inner_length(packet)
+        if length < 0:
+            out.append((DROP, peer, "inner packet is not IPv4 or IPv6"))
+            return out
+        if length != len(packet):
+            packet = packet[:length]
+        if self.allowed_ips.lookup_packet_src(packet) is not peer:
+            out.append((DROP, peer, "inner source address not allowed for this peer"))
+            return out
+        out.append((TUNNEL, peer, packet))
+        return out
+
+    def _check_macs(
+        self, data: bytes, src: Any, src_key: bytes, now: float, under_load: bool
+    ) -> list[Action] | None:
+        """None when the message may be processed; else the actions (a drop or a cookie)."""
+        checker = self._cookie_checker
+        if checker is None:
+            return _drop("no private key")
+        if not checker.check_mac1(data):
+            return _drop("handshake message with an invalid mac1")
+        if under_load:
+            if not checker.check_mac2(data, src_key, now):
+                sender = int.from_bytes(data[4:8], "little")
+                return [(SEND, src, checker.create_reply(data, sender, src_key, now))]
+            if not self._source_limiter.allow(src_key, now):
+                return _drop("handshake rate limit for this source")
+        return None
+
+    def _on_initiation(
+        self, data: bytes, src: Any, src_key: bytes, now: float, under_load: bool
+    ) -> list[Action]:
+        if len(data) != INITIATION_SIZE:
+            return _drop("initiation has the wrong size")
+        refused = self._check_macs(data, src, src_key, now, under_load)
+        if refused is not None:
+            return refused
+        assert self.private_key is not None
+        ck, h = self._responder_initial
+        e_pub = data[8:40]
+
+        def static_static(remote: bytes) -> bytes | None:
+            known = self.peers.get(remote)
+            return known.static_static if known is not None else None
+
+        try:
+            ck, h, remote, timestamp = noise.responder_read(
+                ck, h, self.private_key, e_pub, data[40:88], data[88:116], static_static
+            )
+        except noise.HandshakeError as e:
+            return _drop(f"initiation did not decrypt: {e}")
+        peer = self.peers.get(remote)
+        if peer is None:
+            return _drop("initiation from an unknown peer")
+        hs = peer.handshake
+        if timestamp <= hs.last_timestamp:
+            return _drop("initiation replayed (timestamp did not increase)", peer)
+        if (
+            hs.last_initiation_consumption is not None
+            and now - hs.last_initiation_consumption <= HANDSHAKE_INITIATION_RATE
+        ):
+            return _drop("initiation flood (more than one per 20 ms)", peer)
+        hs.last_timestamp = timestamp
+        hs.last_initiation_consumption = now
+        if hs.local_index:
+            self._index.pop(hs.local_index, None)
+        sender = int.from_bytes(data[4:8], "little")
+
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received()
+        peer.endpoint = src
+        peer.rx_bytes += len(data)
+
+        e_priv = self._new_ephemeral()
+        ck, h, e_resp, enc_empty = noise.responder_write(
+            ck, h, e_priv, e_pub, remote, peer.preshared_key, b""
+        )
+        index = self._new_index(peer)
+        msg = bytearray(TYPE_RESPONSE)
+        msg += _INDEX_PAIR.pack(index, sender) + e_resp + enc_empty + bytes(32)
+        peer.cookies.add_macs(msg, now)
+        recv_key, send_key = noise.split(ck)
+        kp = Keypair(
+            send_key, recv_key, is_initiator=False, local_index=index, remote_index=sender,
+            created=now,
+        )
+        self._index[index] = (peer, kp)
+        self._unindex(peer.keypairs.install(kp))
+        hs.clear()
+        timers.session_derived(now)
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent()
+        peer.tx_bytes += len(msg)
+        return [(SEND, src, bytes(msg))]
+
+    def _on_response(
+        self, data: bytes, src: Any, src_key: bytes, now: float, under_load: bool
+    ) -> list[Action]:
+        if len(data) != RESPONSE_SIZE:
+            return _drop("response has the wrong size")
+        refused = self._check_macs(data, src, src_key, now, under_load)
+        if refused is not None:
+            return refused
+        assert self.private_key is not None
+        sender, receiver = _INDEX_PAIR.unpack_from(data, 4)
+        entry = self._index.get(receiver)
+        if entry is None or entry[1] is not None:
+            return _drop("response for an unknown receiver index")
+        peer = entry[0]
+        hs = peer.handshake
+        if hs.state != HS_INITIATION_CREATED or hs.local_index != receiver:
+            return _drop("response without a pending initiation", peer)
+        try:
+            ck, _h, _ = noise.initiator_read(
+                hs.chain_key, hs.hash, hs.ephemeral_private, self.private_key,
+                data[12:44], peer.preshared_key, data[44:60],
+            )
+        except noise.HandshakeError as e:
+            return _drop(f"response did not decrypt: {e}", peer)
+        send_key, recv_key = noise.split(ck)
+        kp = Keypair(
+            send_key, recv_key, is_initiator=True, local_index=receiver, remote_index=sender,
+            created=now,
+        )
+        self._index[receiver] = (peer, kp)
+        self._unindex(peer.keypairs.install(kp))
+        hs.clear()
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received()
+        peer.endpoint = src
+        peer.rx_bytes += len(data)
+        timers.session_derived(now)
+        timers.handshake_complete()
+        peer.last_handshake = now
+        # The responder holds our keys as "next" until it sees data: confirm them at once.
+        return self.send_keepalive(peer, now)
+
+    def _on_cookie_reply(self, data: bytes, now: float) -> list[Action]:
+        if len(data) != COOKIE_REPLY_SIZE:
+            return _drop("cookie reply has the wrong size")
+        entry = self._index.get(int.from_bytes(data[4:8], "little"))
+        if entry is None:
+            return _drop("cookie reply for an unknown receiver index")
+        peer = entry[0]
+        if not peer.cookies.consume_reply(data, now):
+            return _drop("cookie reply did not decrypt", peer)
+        return _drop("cookie stored; the handshake will be retried with mac2", peer)
+
+    # -- time ----------------------------------------------------------------------------
+
+    def update_timers(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for peer in list(self.peers.values()):
+            timers = peer.timers
+            for name in timers.expired(now):
+                if name == RETRANSMIT_HANDSHAKE:
+                    if timers.handshake_attempts > MAX_TIMER_HANDSHAKES:
+                        # Give up: stop trying until new traffic asks for a session again.
+                        timers.deadlines[SEND_KEEPALIVE] = None
+                        peer.staged.clear()
+                        if not timers.pending(ZERO_KEY_MATERIAL):
+                            timers.deadlines[ZERO_KEY_MATERIAL] = now + ZERO_KEY_MATERIAL_AFTER
+                        out.append((DROP, peer, "handshake gave up after 90 s of retries"))
+                    else:
+                        timers.handshake_attempts += 1
+                        out += self._initiate(peer, now, retry=True)
+                elif name == SEND_KEEPALIVE:
+                    out += self.send_keepalive(peer, now)
+                    if timers.need_another_keepalive:
+                        timers.need_another_keepalive = False
+                        timers.rearm_keepalive(now)
+                elif name == NEW_HANDSHAKE:
+                    out += self._initiate(peer, now, retry=False)
+                elif name == ZERO_KEY_MATERIAL:
+                    self._forget_sessions(peer)
+                elif name == PERSISTENT_KEEPALIVE and timers.persistent_keepalive_interval:
+                    out += self.send_keepalive(peer, now)
+        return out
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for p in self.peers.values() if (d := p.timers.next_deadline()) is not None]
+        return min(deadlines) if deadlines else None

@@ -1,0 +1,168 @@
+"""`wireguard-go-vsock` / `wgvsock daemon`: the userspace WireGuard interface daemon.
+
+Same command line as the Go program it replaces:
+
+    wireguard-go-vsock [-f|--foreground] [-d|--dgram] [-n|--network NET] INTERFACE-NAME
+
+Without -f the daemon starts in a child process and this process exits 0 only once the child
+reports the interface and UAPI socket ready (or non-zero with the child's reason). The child
+is a fresh interpreter rather than a fork() of this one, because forking a process that may
+already run threads is unsafe in Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from . import __version__
+
+NETWORKS = ("vsock", "tcp", "tcp4", "tcp6", "udp", "unix")
+ENV_NETWORK = "WGVSOCK_NETWORK"
+ENV_DGRAM = "WGVSOCK_DGRAM"
+ENV_LOG_FILE = "WGVSOCK_LOG_FILE"
+ENV_RUN_DIR = "WGVSOCK_RUN_DIR"
+_ENV_READY_FD = "WGVSOCK_READY_FD"
+_READY = b"ready\n"
+
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "verbose": logging.INFO,
+    "error": logging.ERROR,
+    "silent": logging.CRITICAL + 10,
+}
+
+log = logging.getLogger("wgvsock")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Userspace WireGuard over vsock, TCP, UDP or Unix sockets.",
+        epilog=(
+            f"Environment: {ENV_NETWORK} (default network, for wg-quick), {ENV_DGRAM}=1, "
+            "LOG_LEVEL=debug|verbose|error|silent, "
+            f"{ENV_LOG_FILE} (where a background daemon logs), "
+            "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock)."
+        ),
+    )
+    p.add_argument("-f", "--foreground", action="store_true", help="do not fork to the background")
+    p.add_argument("-d", "--dgram", action="store_true", help="datagram sockets (vsock, unix)")
+    p.add_argument("-n", "--network", choices=NETWORKS, help="transport (default vsock)")
+    p.add_argument("--version", action="version", version=f"wgvsock {__version__}")
+    p.add_argument("interface", help="interface name, e.g. wg0")
+    return p
+
+
+def setup_logging(level_name: str | None, ifname: str) -> None:
+    name = (level_name or "error").lower()
+    level = LOG_LEVELS.get(name)
+    if level is None:
+        print(f"warning: LOG_LEVEL={level_name!r} is not one of {', '.join(LOG_LEVELS)}; "
+              "using error", file=sys.stderr)
+        level = logging.ERROR
+    logging.basicConfig(
+        level=level,
+        format=f"%(levelname)s: ({ifname}) %(asctime)s %(message)s",
+        datefmt="%Y/%m/%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes", "on")
+
+
+def main(argv: list[str] | None = None, prog: str = "wireguard-go-vsock") -> int:
+    args = _parser(prog).parse_args(argv)
+    network = args.network or os.environ.get(ENV_NETWORK) or "vsock"
+    if network not in NETWORKS:
+        print(f"{prog}: {ENV_NETWORK}={network!r} is not one of {', '.join(NETWORKS)}",
+              file=sys.stderr)
+        return 2
+    dgram = args.dgram or _truthy(os.environ.get(ENV_DGRAM))
+    ready_fd = os.environ.pop(_ENV_READY_FD, None)
+    if not args.foreground and ready_fd is None:
+        return _spawn_background(argv if argv is not None else sys.argv[1:], prog)
+    setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
+    return run_foreground(args.interface, network, dgram, int(ready_fd) if ready_fd else None)
+
+
+def _spawn_background(argv: list[str], prog: str) -> int:
+    r, w = os.pipe()
+    env = dict(os.environ, **{_ENV_READY_FD: str(w)})
+    log_file = os.environ.get(ENV_LOG_FILE)
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "wgvsock.daemon", "--foreground", *argv],
+            env=env,
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    finally:
+        os.close(w)
+        if log_file:
+            out.close()  # type: ignore[union-attr]
+    with os.fdopen(r, "rb") as pipe:
+        report = pipe.read()
+    if report == _READY:
+        return 0
+    reason = report.decode(errors="replace").strip() or "the daemon exited during start-up"
+    print(f"{prog}: {reason}", file=sys.stderr)
+    return 1
+
+
+def _report(ready_fd: int | None, message: bytes) -> None:
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, message)
+    finally:
+        os.close(ready_fd)
+
+
+def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None) -> int:
+    from .conn.bind import make_bind
+    from .device import Device
+    from .uapi import DEFAULT_RUN_DIR
+
+    try:
+        bind = make_bind(network, dgram)
+        device = Device(ifname, bind, run_dir=os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR)
+        device.start()
+    except (OSError, ValueError) as e:
+        reason = f"failed to start interface {ifname} ({network}{', dgram' if dgram else ''}): {e}"
+        log.error("%s", reason)
+        if ready_fd is None:
+            print(reason, file=sys.stderr)
+        _report(ready_fd, reason.encode() + b"\n")
+        return 1
+
+    def on_signal(signum: int, _frame: object) -> None:
+        device.stop(f"received {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    _report(ready_fd, _READY)
+    if ready_fd is not None:
+        # Detached now: nobody reads our stdio unless a log file was given.
+        os.environ.pop(_ENV_READY_FD, None)
+    try:
+        while not device.wait(1.0):
+            pass
+    finally:
+        device.close()
+    log.info("%s: stopped (%s)", ifname, device.stop_reason)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The device: joins the protocol core, a TUN interface, a transport and the UAPI socket.
+
+Threads, chosen so each blocking call has one owner:
+- the TUN reader (packets from the kernel -> `Engine.encapsulate` -> transport);
+- the transport's own reader threads (messages -> `Engine.decapsulate` -> TUN or transport);
+- the timer thread (`Engine.update_timers`), which also notices MTU changes and the interface
+  being deleted;
+- the UAPI server's threads (`uapi_get` / `uapi_set`).
+The engine is not thread-safe, so every call into it holds `_lock`; the resulting actions are
+carried out after the lock is released, so a slow socket never stalls the other direction.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from .conn.bind import Bind
+from .conn.endpoint import Endpoint, display_endpoint
+from .core.engine import DROP, SEND, TUNNEL, Action, Engine
+from .core.ratelimit import LoadTracker
+from .tun import Tun
+from .uapi import (
+    DEFAULT_RUN_DIR,
+    DeviceConfig,
+    DeviceStatus,
+    PeerStatus,
+    UAPIError,
+    UAPIServer,
+)
+
+log = logging.getLogger("wgvsock.device")
+
+DEFAULT_MTU = 1420
+_TIMER_TICK = 0.05
+_WATCH_EVERY = 0.5
+# Handshake messages seen within one window count as the "queue" wireguard-go measures: it
+# processes handshakes from a 1024-deep queue and is under load at 1/8 of that.
+_LOAD_WINDOW = 0.1
+_LOAD_CAPACITY = 1024
+
+
+def _src_key(ep: Endpoint) -> bytes:
+    return f"{ep.kind}|{ep.host}|{ep.port}|{ep.conn_id}".encode()
+
+
+class Device:
+    def __init__(
+        self,
+        ifname: str,
+        bind: Bind,
+        *,
+        mtu: int = DEFAULT_MTU,
+        run_dir: str = DEFAULT_RUN_DIR,
+    ) -> None:
+        self.ifname = ifname
+        self.bind = bind
+        self.run_dir = run_dir
+        self._initial_mtu = mtu
+        self._wall_offset = time.time() - time.monotonic()
+        self.engine = Engine(mtu=mtu, wall_offset=self._wall_offset)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.stop_reason = ""
+        self.port = 0
+        self.fwmark = 0
+        self.tun: Tun | None = None
+        self.uapi: UAPIServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._load = LoadTracker()
+        self._hs_window_start = 0.0
+        self._hs_window_count = 0
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Creates the interface, binds the transport and serves UAPI. Raises on failure,
+        leaving nothing behind."""
+        try:
+            self.tun = Tun.create(self.ifname)
+            self.ifname = self.tun.name
+            self.tun.set_mtu(self._initial_mtu)
+            self.engine.mtu = self._initial_mtu
+            self.port = self.bind.open(0, self._on_receive)
+            self.uapi = UAPIServer(self.ifname, self, self.run_dir)
+            self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
+        except BaseException:
+            self.close()
+            raise
+        for target, name in ((self._tun_loop, "tun"), (self._timer_loop, "timers")):
+            t = threading.Thread(target=target, name=f"{self.ifname}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info(
+            "interface %s up: network %s, port %d, mtu %d",
+            self.ifname, self.bind.network, self.port, self._initial_mtu,
+        )
+
+    def stop(self, reason: str) -> None:
+        if not self._stopped.is_set():
+            self.stop_reason = reason
+            log.info("%s: shutting down: %s", self.ifname, reason)
+            self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def close(self) -> None:
+        """Removes the UAPI socket, closes the transport and deletes the interface."""
+        self._stopped.set()
+        if self.uapi is not None:
+            self.uapi.close()
+        self.bind.close()
+        if self.tun is not None:
+            # The TUN is not persistent: closing its last fd deletes the interface, which also
+            # wakes the reader thread blocked in read().
+            self.tun.close()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(2.0)
+
+    # -- data paths ----------------------------------------------------------------------
+
+    def _perform(self, actions: Iterable[Action]) -> None:
+        for kind, target, data in actions:
+            if kind == SEND:
+                self.bind.send(data, target)
+            elif kind == TUNNEL:
+                try:
+                    self.tun.write(data)  # type: ignore[union-attr]
+                except OSError as e:
+                    if self._debug:
+                        log.debug("%s: TUN write failed: %s", self.ifname, e)
+            elif kind == DROP and self._debug:
+                log.debug("%s: dropped: %s (%s)", self.ifname, data, target)
+
+    def _tun_loop(self) -> None:
+        tun = self.tun
+        assert tun is not None
+        lock, engine, monotonic = self._lock, self.engine, time.monotonic
+        while not self._stopped.is_set():
+            try:
+                packet = tun.read()
+            except OSError as e:
+                if self._stopped.is_set():
+                    return
+                if e.errno in (errno.EBADFD, errno.EBADF, errno.EIO, errno.ENODEV):
+                    self.stop(f"interface {self.ifname} was removed")
+                    return
+                log.warning("%s: TUN read failed: %s", self.ifname, e)
+                continue
+            if not packet:
+                continue
+            with lock:
+                actions = engine.encapsulate(packet, monotonic())
+            self._perform(actions)
+
+    def _on_receive(self, data: bytes, src: Endpoint) -> None:
+        now = time.monotonic()
+        if data[:1] in (b"\x01", b"\x02"):
+            with self._lock:
+                under_load = self._note_handshake(now)
+                actions = self.engine.decapsulate(
+                    data, src, now, src_key=_src_key(src), under_load=under_load
+                )
+        else:
+            with self._lock:
+                actions = self.engine.decapsulate(data, src, now)
+        self._perform(actions)
+
+    def _note_handshake(self, now: float) -> bool:
+        if now - self._hs_window_start > _LOAD_WINDOW:
+            self._hs_window_start, self._hs_window_count = now, 0
+        self._hs_window_count += 1
+        self._load.note_queue(self._hs_window_count, _LOAD_CAPACITY, now)
+        return self._load.under_load(now)
+
+    def _timer_loop(self) -> None:
+        tun = self.tun
+        assert tun is not None
+        next_watch = 0.0
+        while not self._stopped.wait(_TIMER_TICK):
+            now = time.monotonic()
+            with self._lock:
+                actions = self.engine.update_timers(now)
+            self._perform(actions)
+            if now >= next_watch:
+                next_watch = now + _WATCH_EVERY
+                self._watch(tun)
+
+    def _watch(self, tun: Tun) -> None:
+        try:
+            if not tun.exists():
+                self.stop(f"interface {self.ifname} was removed")
+                return
+            mtu = tun.mtu()
+        except OSError:
+            self.stop(f"interface {self.ifname} was removed")
+            return
+        if mtu != self.engine.mtu:
+            log.info("%s: MTU changed to %d", self.ifname, mtu)
+            with self._lock:
+                self.engine.mtu = mtu
+
+    # -- UAPI ----------------------------------------------------------------------------
+
+    def uapi_get(self) -> DeviceStatus:
+        fmt = self.bind.format_endpoint
+        with self._lock:
+            engine = self.engine
+            peers = []
+            for peer in engine.peers.values():
+                sec = nsec = 0
+                if peer.last_handshake is not None:
+                    wall = peer.last_handshake + self._wall_offset
+                    sec = int(wall)
+                    nsec = int((wall - sec) * 1e9)
+                extra: dict[str, str] = {}
+                endpoint = None
+                if peer.endpoint is not None:
+                    endpoint = fmt(peer.endpoint)
+                    extra["wgvsock_endpoint"] = display_endpoint(peer.endpoint)
+                peers.append(
+                    PeerStatus(
+                        public_key=peer.public_key,
+                        preshared_key=peer.preshared_key,
+                        endpoint=endpoint,
+                        last_handshake_time_sec=sec,
+                        last_handshake_time_nsec=nsec,
+                        rx_bytes=peer.rx_bytes,
+                        tx_bytes=peer.tx_bytes,
+                        persistent_keepalive_interval=peer.persistent_keepalive,
+                        allowed_ips=[str(n) for n in engine.allowed_ips.entries_for(peer)],
+                        extra=extra,
+                    )
+                )
+            return DeviceStatus(
+                private_key=engine.private_key,
+                listen_port=self.port,
+                fwmark=self.fwmark,
+                peers=peers,
+                extra={"wgvsock_network": self.bind.network, "wgvsock_port": str(self.port)},
+            )
+
+    def uapi_set(self, cfg: DeviceConfig) -> None:
+        # Validate everything that can fail before changing anything, so a bad request
+        # leaves the device as it was.
+        endpoints: dict[int, Endpoint] = {}
+        for i, pc in enumerate(cfg.peers):
+            if pc.endpoint is not None:
+                try:
+                    endpoints[i] = self.bind.parse_endpoint(pc.endpoint)
+                except ValueError as e:
+                    raise UAPIError(errno.EINVAL, f"invalid endpoint {pc.endpoint!r}: {e}") from e
+        if cfg.listen_port is not None and cfg.listen_port != self.port:
+            self._rebind(cfg.listen_port)
+        now = time.monotonic()
+        keepalives: list[Any] = []
+        with self._lock:
+            engine = self.engine
+            if cfg.private_key is not None:
+                engine.set_private_key(cfg.private_key if any(cfg.private_key) else None)
+                if engine.public_key is not None:
+                    # wireguard-go ignores a peer whose key is our own; drop it likewise.
+                    engine.remove_peer(engine.public_key)
+            if cfg.fwmark is not None:
+                self.fwmark = cfg.fwmark
+            if cfg.replace_peers:
+                for key in list(engine.peers):
+                    engine.remove_peer(key)
+            for i, pc in enumerate(cfg.peers):
+                if pc.public_key == engine.public_key:
+                    continue
+                if pc.remove:
+                    engine.remove_peer(pc.public_key)
+                    continue
+                peer = engine.peers.get(pc.public_key)
+                if peer is None:
+                    if pc.update_only:
+                        continue
+                    peer = engine.add_peer(pc.public_key)
+                if pc.preshared_key is not None:
+                    peer.preshared_key = pc.preshared_key
+                if i in endpoints:
+                    peer.endpoint = endpoints[i]
+                if pc.persistent_keepalive is not None:
+                    was = peer.timers.persistent_keepalive_interval
+                    peer.timers.persistent_keepalive_interval = pc.persistent_keepalive
+                    if pc.persistent_keepalive and not was:
+                        keepalives.append(peer)
+                if pc.replace_allowed_ips:
+                    engine.allowed_ips.remove_by_peer(peer)
+                for net, add in pc.allowed_ips:
+                    if add:
+                        engine.allowed_ips.insert(net, peer)
+                    else:
+                        engine.allowed_ips.remove(net, peer)
+            actions: list[Action] = []
+            if keepalives and self._is_up():
+                for peer in keepalives:
+                    actions += engine.send_keepalive(peer, now)
+        self._perform(actions)
+
+    def _is_up(self) -> bool:
+        try:
+            return self.tun is not None and self.tun.is_up()
+        except OSError:
+            return False
+
+    def _rebind(self, port: int) -> None:
+        old = self.port
+        self.bind.close()
+        try:
+            self.port = self.bind.open(port, self._on_receive)
+        except OSError as e:
+            self.port = self.bind.open(old, self._on_receive)
+            code = errno.EADDRINUSE if e.errno == errno.EADDRINUSE else errno.EIO
+            raise UAPIError(code, f"cannot listen on port {port}: {e.strerror or e}") from e
+        except ValueError as e:
+            self.port = self.bind.open(old, self._on_receive)
+            raise UAPIError(errno.EINVAL, f"cannot listen on port {port}: {e}") from e
+        log.info("%s: listening on port %d", self.ifname, self.port)

@@ -1,0 +1,805 @@
+"""WireGuard cross-platform configuration protocol (UAPI): parser, formatter, client, server.
+
+Protocol: https://www.wireguard.com/xplatform/ . Behaviour follows wireguard-go, because the
+stock `wg(8)` tool is the client that matters:
+
+* errno values on the wire are negative: -EINVAL for any bad key or value (unknown keys, keys in
+  the wrong section and protocol_version other than 1 included), -EPROTO for a line without
+  ``=``, -EIO for device or I/O failures, -EADDRINUSE when the listen port is taken.
+* An unknown operation gets no transaction: the connection is closed (wireguard-go closes
+  without a word; we first write ``errno=-EPROTO`` so that a reading client learns why - `wg`
+  reports EPROTO either way).
+* A set request is validated completely before the handler sees it, so a bad line does not
+  leave a half-applied configuration (wireguard-go applies line by line).
+
+What `wg` accepts in a get reply (wireguard-tools ipc-uapi.h) constrains the formatter: it
+ignores unknown keys (so read-only extras are safe), but one unparsable endpoint, a listen_port
+or persistent_keepalive_interval above 65535, or a negative errno makes the whole `wg show` fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import ipaddress
+import logging
+import os
+import re
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "ERR_INVALID",
+    "ERR_IO",
+    "ERR_PORT_IN_USE",
+    "ERR_PROTOCOL",
+    "ERR_UNKNOWN",
+    "DeviceConfig",
+    "DeviceStatus",
+    "IPNetwork",
+    "PeerConfig",
+    "PeerStatus",
+    "SocketInUseError",
+    "UAPIError",
+    "UAPIHandler",
+    "UAPIServer",
+    "format_get",
+    "format_set",
+    "parse_get",
+    "parse_set",
+    "socket_path",
+    "uapi_get",
+    "uapi_set",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = "/var/run/wireguard"
+
+ERR_IO = -_errno.EIO  # -5
+ERR_PROTOCOL = -_errno.EPROTO  # -71
+ERR_INVALID = -_errno.EINVAL  # -22
+ERR_PORT_IN_USE = -_errno.EADDRINUSE  # -98
+ERR_UNKNOWN = -55  # wireguard-go's catch-all for errors that carry no code
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_KEY_LEN = 32
+_ZERO_KEY = bytes(_KEY_LEN)
+_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
+# Go's strconv.ParseUint(base 10) takes digits only: no sign, spaces or underscores.
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+_EXTRA_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+_U16 = 0xFFFF
+_U32 = 0xFFFF_FFFF
+
+_DEVICE_KEYS = ("private_key", "listen_port", "fwmark")
+_PEER_KEYS = (
+    "public_key",
+    "preshared_key",
+    "protocol_version",
+    "endpoint",
+    "last_handshake_time_sec",
+    "last_handshake_time_nsec",
+    "tx_bytes",
+    "rx_bytes",
+    "persistent_keepalive_interval",
+    "allowed_ip",
+)
+_PEER_INT_KEYS = frozenset(
+    (
+        "last_handshake_time_sec",
+        "last_handshake_time_nsec",
+        "tx_bytes",
+        "rx_bytes",
+        "persistent_keepalive_interval",
+    )
+)
+
+
+class UAPIError(Exception):
+    """A UAPI failure carrying the errno that goes on the wire.
+
+    `.errno` is always negative, as wireguard-go writes it (``errno=-22``); a positive code
+    given to the constructor is negated, so ``UAPIError(errno.EINVAL, ...)`` also works.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = -abs(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(-self.errno, "?")
+        return f"{self.message} (errno {self.errno}, {name})"
+
+
+class SocketInUseError(OSError):
+    """Another live process already serves the UAPI socket of this interface."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Set side
+
+
+@dataclass
+class PeerConfig:
+    public_key: bytes
+    remove: bool = False
+    update_only: bool = False
+    # None: unchanged. 32 zero bytes: clear the preshared key.
+    preshared_key: bytes | None = None
+    # Raw text; only the device's transport knows which endpoint forms are valid.
+    endpoint: str | None = None
+    persistent_keepalive: int | None = None
+    replace_allowed_ips: bool = False
+    # In order of appearance; add=False means remove this exact prefix (``allowed_ip=-P``).
+    allowed_ips: list[tuple[IPNetwork, bool]] = field(default_factory=list)
+
+
+@dataclass
+class DeviceConfig:
+    # None: unchanged. 32 zero bytes: remove the private key.
+    private_key: bytes | None = None
+    # The full u32 range is accepted so the vsock transport can use 32-bit ports; the device
+    # refuses what its transport cannot bind.
+    listen_port: int | None = None
+    fwmark: int | None = None
+    replace_peers: bool = False
+    peers: list[PeerConfig] = field(default_factory=list)
+
+
+def _parse_key(key: str, value: str) -> bytes:
+    if not _HEX_KEY.fullmatch(value):
+        raise UAPIError(ERR_INVALID, f"invalid {key} {value!r}: expected 64 hex digits")
+    return bytes.fromhex(value)
+
+
+def _parse_uint(key: str, value: str, limit: int) -> int:
+    if not _DECIMAL.fullmatch(value) or int(value) > limit:
+        raise UAPIError(ERR_INVALID, f"invalid {key} {value!r}: expected an integer 0..{limit}")
+    return int(value)
+
+
+def _parse_true(key: str, value: str) -> bool:
+    # wireguard-go accepts only "true"; "false" is an error, not a no-op.
+    if value != "true":
+        raise UAPIError(ERR_INVALID, f"invalid {key} {value!r}: the only valid value is 'true'")
+    return True
+
+
+def _parse_prefix(value: str) -> IPNetwork:
+    """Parse ADDR/BITS as Go's netip.ParsePrefix does (host bits allowed, then masked)."""
+    addr_text, slash, bits_text = value.partition("/")
+    if not slash or not bits_text.isascii() or not bits_text.isdigit() or len(bits_text) > 3:
+        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {value!r}: expected ADDRESS/BITS")
+    try:
+        if "%" in addr_text:  # Python takes IPv6 zones; a prefix cannot have one
+            raise ValueError(addr_text)
+        addr = ipaddress.ip_address(addr_text)
+    except ValueError:
+        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {value!r}: bad address") from None
+    bits = int(bits_text)
+    if bits > addr.max_prefixlen:
+        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {value!r}: prefix length too long")
+    return ipaddress.ip_network((addr, bits), strict=False)
+
+
+def _split_line(line: str) -> tuple[str, str]:
+    key, eq, value = line.partition("=")
+    if not eq:
+        raise UAPIError(ERR_PROTOCOL, f"failed to parse line {line!r}: no '='")
+    return key, value
+
+
+def _request_lines(text: str) -> list[str]:
+    lines = text.split("\n")
+    # A request may be given with or without its operation line and terminating blank line.
+    if lines and lines[0].rstrip("\r") == "set=1":
+        lines = lines[1:]
+    while lines and lines[-1].rstrip("\r") == "":
+        lines.pop()
+    out = []
+    for raw in lines:
+        line = raw.removesuffix("\r")  # as Go's bufio.ScanLines does
+        if line == "":
+            raise UAPIError(ERR_PROTOCOL, "blank line inside a set request")
+        out.append(line)
+    return out
+
+
+def parse_set(text: str) -> DeviceConfig:
+    """Validate a set request body (the lines after ``set=1``) into a DeviceConfig.
+
+    Raises UAPIError with the errno wireguard-go would reply for the first bad line.
+    """
+    cfg = DeviceConfig()
+    peer: PeerConfig | None = None
+    for line in _request_lines(text):
+        key, value = _split_line(line)
+        if key == "public_key":
+            peer = PeerConfig(public_key=_parse_key(key, value))
+            cfg.peers.append(peer)
+        elif peer is None:
+            if key == "private_key":
+                cfg.private_key = _parse_key(key, value)
+            elif key == "listen_port":
+                cfg.listen_port = _parse_uint(key, value, _U32)
+            elif key == "fwmark":
+                cfg.fwmark = _parse_uint(key, value, _U32)
+            elif key == "replace_peers":
+                cfg.replace_peers = _parse_true(key, value)
+            else:
+                raise UAPIError(ERR_INVALID, f"invalid UAPI device key {key!r} (value {value!r})")
+        elif key == "remove":
+            peer.remove = _parse_true(key, value)
+        elif key == "update_only":
+            peer.update_only = _parse_true(key, value)
+        elif key == "preshared_key":
+            peer.preshared_key = _parse_key(key, value)
+        elif key == "endpoint":
+            if not value:
+                raise UAPIError(ERR_INVALID, "invalid endpoint '': empty")
+            peer.endpoint = value
+        elif key == "persistent_keepalive_interval":
+            peer.persistent_keepalive = _parse_uint(key, value, _U16)
+        elif key == "replace_allowed_ips":
+            peer.replace_allowed_ips = _parse_true(key, value)
+        elif key == "allowed_ip":
+            add = not value.startswith("-")
+            peer.allowed_ips.append((_parse_prefix(value if add else value[1:]), add))
+        elif key == "protocol_version":
+            if value != "1":
+                raise UAPIError(ERR_INVALID, f"invalid protocol_version {value!r}: only 1 exists")
+        else:
+            raise UAPIError(ERR_INVALID, f"invalid UAPI peer key {key!r} (value {value!r})")
+    return cfg
+
+
+def format_set(cfg: DeviceConfig) -> str:
+    """The body of a set request (without ``set=1`` and the blank line) for `cfg`."""
+    lines: list[str] = []
+    if cfg.private_key is not None:
+        lines.append(f"private_key={cfg.private_key.hex()}")
+    if cfg.listen_port is not None:
+        lines.append(f"listen_port={cfg.listen_port}")
+    if cfg.fwmark is not None:
+        lines.append(f"fwmark={cfg.fwmark}")
+    if cfg.replace_peers:
+        lines.append("replace_peers=true")
+    for p in cfg.peers:
+        lines.append(f"public_key={p.public_key.hex()}")
+        if p.remove:
+            lines.append("remove=true")
+        if p.update_only:
+            lines.append("update_only=true")
+        if p.preshared_key is not None:
+            lines.append(f"preshared_key={p.preshared_key.hex()}")
+        if p.endpoint is not None:
+            _check_value("endpoint", p.endpoint)
+            lines.append(f"endpoint={p.endpoint}")
+        if p.persistent_keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={p.persistent_keepalive}")
+        if p.replace_allowed_ips:
+            lines.append("replace_allowed_ips=true")
+        for net, add in p.allowed_ips:
+            lines.append(f"allowed_ip={'' if add else '-'}{net}")
+    return "".join(line + "\n" for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Get side
+
+
+@dataclass
+class PeerStatus:
+    public_key: bytes
+    preshared_key: bytes | None = None
+    # Already formatted for `wg`; None leaves the line out (wg fails on endpoints it can't parse).
+    endpoint: str | None = None
+    last_handshake_time_sec: int = 0
+    last_handshake_time_nsec: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    persistent_keepalive_interval: int = 0
+    allowed_ips: list[str] = field(default_factory=list)
+    # Read-only wgvsock keys (lower-case identifiers); `wg` ignores them.
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DeviceStatus:
+    private_key: bytes | None = None
+    # Ports above 65535 (vsock) are left out of the reply, since `wg` rejects the whole
+    # reply for them; the device can report such a port in `extra`.
+    listen_port: int = 0
+    fwmark: int = 0
+    peers: list[PeerStatus] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _check_value(key: str, value: str) -> None:
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise ValueError(f"UAPI value for {key!r} must be a single line: {value!r}")
+
+
+def _extra_lines(extra: dict[str, str], reserved: tuple[str, ...]) -> list[str]:
+    lines = []
+    for k, v in extra.items():
+        if not _EXTRA_KEY.fullmatch(k) or k in reserved or k in ("errno", "public_key"):
+            raise ValueError(f"invalid extra UAPI key {k!r}")
+        _check_value(k, v)
+        lines.append(f"{k}={v}")
+    return lines
+
+
+def format_get(status: DeviceStatus) -> str:
+    """The complete reply to ``get=1``, in wireguard-go's key order, ending ``errno=0``."""
+    lines: list[str] = []
+    if status.private_key is not None and status.private_key != _ZERO_KEY:
+        lines.append(f"private_key={status.private_key.hex()}")
+    if 0 < status.listen_port <= _U16:
+        lines.append(f"listen_port={status.listen_port}")
+    if status.fwmark:
+        lines.append(f"fwmark={status.fwmark}")
+    lines += _extra_lines(status.extra, _DEVICE_KEYS)
+    for p in status.peers:
+        lines.append(f"public_key={p.public_key.hex()}")
+        lines.append(f"preshared_key={(p.preshared_key or _ZERO_KEY).hex()}")
+        lines.append("protocol_version=1")
+        if p.endpoint is not None:
+            _check_value("endpoint", p.endpoint)
+            lines.append(f"endpoint={p.endpoint}")
+        lines.append(f"last_handshake_time_sec={p.last_handshake_time_sec}")
+        lines.append(f"last_handshake_time_nsec={p.last_handshake_time_nsec}")
+        lines.append(f"tx_bytes={p.tx_bytes}")
+        lines.append(f"rx_bytes={p.rx_bytes}")
+        lines.append(f"persistent_keepalive_interval={p.persistent_keepalive_interval}")
+        for ip in p.allowed_ips:
+            _check_value("allowed_ip", str(ip))
+            lines.append(f"allowed_ip={ip}")
+        lines += _extra_lines(p.extra, _PEER_KEYS)
+    lines.append("errno=0")
+    return "".join(line + "\n" for line in lines) + "\n"
+
+
+def _int(key: str, value: str) -> int:
+    if not re.fullmatch(r"-?[0-9]{1,20}", value):
+        raise UAPIError(ERR_PROTOCOL, f"bad {key} in get reply: {value!r}")
+    return int(value)
+
+
+def parse_get(text: str) -> dict[str, Any]:
+    """Parse a get reply into the shape of DeviceStatus as a dict.
+
+    ``{"private_key": bytes|None, "listen_port": int, "fwmark": int, "peers": [...],
+    "extra": {...}}``, each peer with the PeerStatus fields (zero preshared key -> None).
+    Unknown keys go to the device's or the current peer's ``extra``. Raises UAPIError if
+    the reply carries a nonzero errno or is malformed.
+    """
+    dev: dict[str, Any] = {
+        "private_key": None,
+        "listen_port": 0,
+        "fwmark": 0,
+        "peers": [],
+        "extra": {},
+    }
+    peer: dict[str, Any] | None = None
+    err: int | None = None
+    for line in text.split("\n"):
+        if line == "":
+            if err is not None:
+                break
+            continue
+        key, value = _split_line(line)
+        if key == "errno":
+            err = _int(key, value)
+        elif key == "public_key":
+            peer = {
+                "public_key": _parse_key(key, value),
+                "preshared_key": None,
+                "endpoint": None,
+                "last_handshake_time_sec": 0,
+                "last_handshake_time_nsec": 0,
+                "rx_bytes": 0,
+                "tx_bytes": 0,
+                "persistent_keepalive_interval": 0,
+                "allowed_ips": [],
+                "extra": {},
+            }
+            dev["peers"].append(peer)
+        elif peer is None:
+            if key == "private_key":
+                dev["private_key"] = _parse_key(key, value)
+            elif key in ("listen_port", "fwmark"):
+                dev[key] = _int(key, value)
+            else:
+                dev["extra"][key] = value
+        elif key == "preshared_key":
+            psk = _parse_key(key, value)
+            peer[key] = None if psk == _ZERO_KEY else psk
+        elif key == "endpoint":
+            peer[key] = value
+        elif key == "protocol_version":
+            pass
+        elif key == "allowed_ip":
+            peer["allowed_ips"].append(value)
+        elif key in _PEER_INT_KEYS:
+            peer[key] = _int(key, value)
+        else:
+            peer["extra"][key] = value
+    if err is None:
+        raise UAPIError(ERR_PROTOCOL, "get reply has no errno line")
+    if err != 0:
+        raise UAPIError(err, "get failed")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------
+# Client
+
+
+def socket_path(ifname: str, run_dir: str = DEFAULT_RUN_DIR) -> str:
+    return os.path.join(run_dir, f"{ifname}.sock")
+
+
+def _transact(path: str, request: bytes, timeout: float, limit: int = 64 << 20) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(request)
+        buf = bytearray()
+        # Every reply ends with "errno=N\n\n"; stop there rather than waiting for EOF,
+        # because the server keeps the connection open for more transactions.
+        while not (buf.endswith(b"\n\n") and re.search(rb"(?:^|\n)errno=-?[0-9]+\n\n\Z", buf)):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > limit:
+                raise UAPIError(ERR_PROTOCOL, "UAPI reply too large")
+    return buf.decode("utf-8", "replace")
+
+
+def uapi_get(path: str, timeout: float = 2.0) -> dict[str, Any]:
+    """Ask the daemon at `path` for its state; see parse_get for the result's shape."""
+    return parse_get(_transact(path, b"get=1\n\n", timeout))
+
+
+def uapi_set(path: str, text: str, timeout: float = 2.0) -> int:
+    """Send a set request body (as format_set makes it) and return the reply's errno (0 = ok)."""
+    body = "".join(line + "\n" for line in _request_lines(text))
+    reply = _transact(path, f"set=1\n{body}\n".encode(), timeout)
+    m = re.search(r"(?:^|\n)errno=(-?[0-9]+)\n", reply)
+    if not m:
+        raise UAPIError(ERR_PROTOCOL, f"malformed set reply {reply!r}")
+    return int(m.group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+class UAPIHandler(Protocol):
+    def uapi_get(self) -> DeviceStatus: ...
+
+    def uapi_set(self, cfg: DeviceConfig) -> None: ...
+
+
+class _RequestTooLarge(Exception):
+    pass
+
+
+class _LineReader:
+    """Reads '\\n'-terminated lines from a socket with a per-line and per-request byte cap."""
+
+    def __init__(self, sock: socket.socket, max_line: int) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+        self._max_line = max_line
+        self.budget = 0  # bytes the current request may still use
+
+    def readline(self) -> str | None:
+        """The next line without its terminator, or None at EOF (a partial last line is
+        returned as a line, like Go's bufio.Scanner)."""
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                raw = bytes(self._buf[:nl])
+                del self._buf[: nl + 1]
+                self._charge(nl + 1)
+                return raw.removesuffix(b"\r").decode("utf-8", "replace")
+            if len(self._buf) > self._max_line:
+                raise _RequestTooLarge(f"line longer than {self._max_line} bytes")
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                if not self._buf:
+                    return None
+                raw = bytes(self._buf)
+                self._buf.clear()
+                self._charge(len(raw))
+                return raw.removesuffix(b"\r").decode("utf-8", "replace")
+            self._buf += chunk
+
+    def _charge(self, n: int) -> None:
+        if n > self._max_line + 1:
+            raise _RequestTooLarge(f"line longer than {self._max_line} bytes")
+        self.budget -= n
+        if self.budget < 0:
+            raise _RequestTooLarge("request too large")
+
+
+class UAPIServer:
+    """Serves the UAPI socket ``<run_dir>/<ifname>.sock`` for one interface.
+
+    An accept thread plus one thread per client; handler calls are serialised by one lock
+    (as wireguard-go's ipcMutex does), so the handler need not guard against concurrent UAPI
+    transactions. The server starts serving when constructed.
+    """
+
+    def __init__(
+        self,
+        ifname: str,
+        handler: UAPIHandler,
+        run_dir: str = DEFAULT_RUN_DIR,
+        *,
+        max_request: int = 1 << 20,
+        max_line: int = 4096,
+        idle_timeout: float = 30.0,
+        max_clients: int = 32,
+    ) -> None:
+        if not ifname or "/" in ifname or "\0" in ifname or ifname in (".", ".."):
+            raise ValueError(f"invalid interface name {ifname!r}")
+        self.ifname = ifname
+        self.path = socket_path(ifname, run_dir)
+        if len(os.fsencode(self.path)) >= 108:
+            raise ValueError(f"UAPI socket path too long for AF_UNIX: {self.path}")
+        self._handler = handler
+        self._max_request = max_request
+        self._max_line = max_line
+        self._idle_timeout = idle_timeout
+        self._max_clients = max_clients
+        self._handler_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._clients: set[socket.socket] = set()
+        self._closed = False
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+        self._sock = self._bind(run_dir)
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+        self._sock.listen(16)
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"uapi-{ifname}", daemon=True
+        )
+        self._accept_thread.start()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _bind(self, run_dir: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # umask is process-wide, but this keeps the socket from ever existing with wider
+        # permissions than 0600 (chmod after bind would leave a window).
+        old_umask = os.umask(0o077)
+        try:
+            os.makedirs(run_dir, mode=0o700, exist_ok=True)
+            os.umask(0o177)
+            try:
+                sock.bind(self.path)
+            except OSError as e:
+                if e.errno != _errno.EADDRINUSE:
+                    raise
+                self._remove_stale()
+                sock.bind(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        return sock
+
+    def _remove_stale(self) -> None:
+        """Remove a socket file left by a dead daemon; refuse if someone still answers."""
+        st = os.lstat(self.path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(
+                _errno.EEXIST, "exists and is not a socket; not removing it", self.path
+            )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                pass
+            else:
+                raise SocketInUseError(
+                    _errno.EADDRINUSE,
+                    f"another daemon already serves interface {self.ifname!r}",
+                    self.path,
+                )
+        log.info("removing stale UAPI socket %s", self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # -- serving --------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                log.exception("UAPI accept failed on %s", self.path)
+                self._stop.wait(0.1)
+                continue
+            with self._state_lock:
+                if self._closed or len(self._clients) >= self._max_clients:
+                    conn.close()
+                    if not self._closed:
+                        log.warning("UAPI %s: too many clients, refusing one", self.ifname)
+                    continue
+                self._clients.add(conn)
+            threading.Thread(
+                target=self._serve_client, args=(conn,), name=f"uapi-{self.ifname}-c", daemon=True
+            ).start()
+
+    def _serve_client(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(self._idle_timeout)
+            reader = _LineReader(conn, self._max_line)
+            while not self._stop.is_set():
+                reader.budget = self._max_request
+                try:
+                    if not self._transaction(conn, reader):
+                        return
+                except _RequestTooLarge as e:
+                    # There is no way to find the next request in what follows; answer as
+                    # wireguard-go does for an oversized line (-EIO) and hang up.
+                    log.warning("UAPI %s: %s", self.ifname, e)
+                    self._reply(conn, ERR_IO)
+                    return
+        except (TimeoutError, ConnectionError, BrokenPipeError):
+            pass
+        except OSError as e:
+            if not self._stop.is_set():
+                log.debug("UAPI %s client error: %s", self.ifname, e)
+        except Exception:
+            log.exception("UAPI %s: unexpected error serving a client", self.ifname)
+        finally:
+            with self._state_lock:
+                self._clients.discard(conn)
+            conn.close()
+
+    def _transaction(self, conn: socket.socket, reader: _LineReader) -> bool:
+        """Serve one transaction; False when the connection should be closed."""
+        op = reader.readline()
+        if op is None:
+            return False
+        if op == "get=1":
+            if reader.readline() != "":
+                self._reply(conn, ERR_INVALID)
+                return False
+            try:
+                with self._handler_lock:
+                    text = format_get(self._handler.uapi_get())
+            except UAPIError as e:
+                log.warning("UAPI %s get: %s", self.ifname, e)
+                self._reply(conn, e.errno)
+            except Exception:
+                log.exception("UAPI %s get failed", self.ifname)
+                self._reply(conn, ERR_IO)
+            else:
+                conn.sendall(text.encode())
+            return True
+        if op == "set=1":
+            lines: list[str] = []
+            eof = False
+            while True:
+                line = reader.readline()
+                if line is None:
+                    eof = True  # wireguard-go applies what it got when the stream ends
+                    break
+                if line == "":
+                    break
+                lines.append(line)
+            self._reply(conn, self._apply(lines))
+            return not eof
+        log.warning("UAPI %s: invalid operation %r", self.ifname, op[:64])
+        self._reply(conn, ERR_PROTOCOL)
+        return False
+
+    def _apply(self, lines: list[str]) -> int:
+        try:
+            cfg = parse_set("".join(line + "\n" for line in lines))
+            with self._handler_lock:
+                self._handler.uapi_set(cfg)
+        except UAPIError as e:
+            log.warning("UAPI %s set: %s", self.ifname, e)
+            return e.errno
+        except Exception:
+            log.exception("UAPI %s set failed", self.ifname)
+            return ERR_IO
+        return 0
+
+    @staticmethod
+    def _reply(conn: socket.socket, code: int) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(f"errno={code}\n\n".encode())
+
+    # -- socket file watching ---------------------------------------------------------------
+
+    def on_socket_removed(self, callback: Callable[[], None], interval: float = 0.5) -> None:
+        """Call `callback` once (from a watcher thread) when the socket file is deleted or
+        replaced by another file, which is how wireguard-go is told to shut down."""
+        if self._watcher is not None:
+            raise RuntimeError("a socket watcher is already installed")
+
+        def watch() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    st = os.stat(self.path)
+                    same = (st.st_dev, st.st_ino) == self._identity
+                except FileNotFoundError:
+                    same = False
+                except OSError:
+                    continue
+                if not same:
+                    if self._stop.is_set():
+                        return
+                    log.info("UAPI socket %s was removed", self.path)
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("UAPI socket-removed callback failed")
+                    return
+
+        self._watcher = threading.Thread(
+            target=watch, name=f"uapi-{self.ifname}-watch", daemon=True
+        )
+        self._watcher.start()
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop serving, disconnect clients and remove the socket file if it is still ours."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            clients = list(self._clients)
+        self._stop.set()
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        # shutdown() wakes the thread blocked in accept()/recv(); close() alone does not.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        for c in clients:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        if threading.current_thread() is not self._accept_thread:
+            self._accept_thread.join(2.0)
+        self._sock.close()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(2.0)
+
+    def __enter__(self) -> UAPIServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
