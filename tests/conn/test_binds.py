@@ -123,7 +123,8 @@ def test_tcp_pair(binds: list[Bind], network: str, host: str) -> None:
     assert from_a.host == host.strip("[]")  # dual stack reports IPv4 peers as IPv4
     assert b.status()["dialers"] == []
     assert [c["direction"] for c in b.status()["connections"]] == ["in"]
-    assert [c["direction"] for c in a.status()["connections"]] == ["out"]
+    # a publishes its connection once the queue drained; the reply may come first.
+    wait_until(lambda: [c["direction"] for c in a.status()["connections"]] == ["out"])
     # Many messages, both ways, in order.
     for i in range(100):
         a.send(msg(i, 32 + i * 13), b_ep)
@@ -183,13 +184,10 @@ def test_dgram_send_to_nobody_does_not_raise(binds: list[Bind], unix_dir: str) -
 # -- reconnecting ----------------------------------------------------------------------------
 
 
-def outbound_conn_sock(b: StreamBind) -> socket.socket:
-    [conn] = [c for c in b._conns.values() if c.outbound]
-    return conn.sock
-
-
-def inbound_conn_sock(b: StreamBind) -> socket.socket:
-    [conn] = [c for c in b._conns.values() if not c.outbound]
+def conn_sock(b: StreamBind, outbound: bool) -> socket.socket:
+    # A dialled connection is published after its queue drained, maybe after the reply came.
+    wait_until(lambda: any(c.outbound == outbound for c in list(b._conns.values())))
+    [conn] = [c for c in list(b._conns.values()) if c.outbound == outbound]
     return conn.sock
 
 
@@ -202,7 +200,7 @@ def test_cut_on_dialling_side_redials_and_delivers(
     assert isinstance(a, StreamBind) and isinstance(b, StreamBind)
     b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
     exchange(a, a_in, b, b_in, b_ep)
-    outbound_conn_sock(a).shutdown(socket.SHUT_RDWR)  # the connection dies under a
+    conn_sock(a, outbound=True).shutdown(socket.SHUT_RDWR)  # the connection dies under a
     for i in range(10, 15):
         a.send(msg(i), b_ep)
     got = [b_in.get() for _ in range(5)]
@@ -222,7 +220,7 @@ def test_cut_on_accepting_side_dialler_redials(binds: list[Bind]) -> None:
     assert isinstance(a, StreamBind) and isinstance(b, StreamBind)
     b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
     old = exchange(a, a_in, b, b_in, b_ep)
-    inbound_conn_sock(b).shutdown(socket.SHUT_RDWR)
+    conn_sock(b, outbound=False).shutdown(socket.SHUT_RDWR)
     # The dialling side brings the connection back at once, with nothing to send.
     wait_until(lambda: b.status()["accepted"] == 2)
     wait_until(lambda: a.status()["dialers"][0]["state"] == "connected")

@@ -150,7 +150,7 @@ def test_unresolvable_host_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> 
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", fail)
-    with pytest.raises(ValueError, match="cannot resolve 'peer.example'"):
+    with pytest.raises(ValueError, match=r"cannot resolve 'peer\.example'"):
         parse_endpoint("peer.example:51820", "udp")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 import zlib
@@ -74,7 +75,7 @@ def test_decode_any_split(sizes: list[int], cuts: list[int]) -> None:
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     dec = FrameDecoder()
     out: list[bytes] = []
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         out += dec.feed(memoryview(stream)[a:b])
     assert out == msgs
 

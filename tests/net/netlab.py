@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -32,8 +33,15 @@ def run(*cmd: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout, **kw)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
-    """Polls `predicate` until it returns something truthy; the value is returned."""
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    what: str = "condition",
+    *,
+    max_delay: float = 0.2,
+):
+    """Polls `predicate` until it returns something truthy; the value is returned. The delay
+    between polls doubles from 10 ms up to `max_delay`."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
@@ -43,7 +51,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.2)
+        delay = min(delay * 2, max_delay)
 
 
 class Keys:
@@ -143,11 +151,22 @@ class Lab:
         p = self.tmp / f"{ifname}.log"
         return p.read_text() if p.exists() else ""
 
-    def start_wireguard_go(self, ns: Namespace, ifname: str) -> None:
-        env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
-        res = ns.run("wireguard-go", ifname, env=env, check=False)
+    def start_wireguard_go(self, ns: Namespace, ifname: str, log_level: str = "verbose") -> None:
+        """Starts Debian's wireguard-go, which backgrounds itself. Its log goes to a file that
+        `log(ifname)` reads, never to a pipe: with LOG_LEVEL set, the background child keeps
+        the parent's stdout and stderr, so capturing them would wait for the child to exit."""
+        env = dict(
+            os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", LOG_LEVEL=log_level
+        )
+        log_path = self.tmp / f"{ifname}.log"
+        with open(log_path, "ab") as out:
+            res = subprocess.run(
+                ["ip", "netns", "exec", ns.name, "wireguard-go", ifname],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=30,
+                check=False,
+            )
         if res.returncode != 0:
-            raise AssertionError(f"wireguard-go {ifname} failed: {res.stderr}")
+            raise AssertionError(f"wireguard-go {ifname} failed: {self.log(ifname)}")
 
     # -- reading ------------------------------------------------------------------------
 
@@ -213,5 +232,22 @@ def connect_pair(
     return ka, kb
 
 
-def ping(ns: Namespace, addr: str, count: int = 3, **kw) -> subprocess.CompletedProcess:
-    return ns.run("ping", "-c", str(count), "-i", "0.2", "-W", "3", addr, **kw)
+def ping(
+    ns: Namespace, addr: str, count: int = 3, *, size: int | None = None, **kw
+) -> subprocess.CompletedProcess:
+    """`count` pings 0.2 s apart; fails (CalledProcessError) unless every reply came back.
+    `size` is ping's -s, the ICMP payload length."""
+    extra = ["-s", str(size)] if size is not None else []
+    return ns.run("ping", "-c", str(count), "-i", "0.2", "-W", "3", *extra, addr, **kw)
+
+
+def iperf3(
+    server: Namespace, client: Namespace, addr: str, *args: str, timeout: float = 120
+) -> dict:
+    """One iperf3 run: a one-shot server bound to `addr` in `server`, the client in `client`
+    with `args` (e.g. "-n", "20M", "-R"). Returns the client's JSON report."""
+    server.popen("iperf3", "-s", "-1", "-B", addr)
+    wait_for(lambda: f"{addr}:5201" in server.run("ss", "-ltnH", check=False).stdout, 10,
+             "iperf3 -s")
+    res = client.run("iperf3", "-c", addr, "-J", *args, timeout=timeout)
+    return json.loads(res.stdout)

@@ -34,6 +34,7 @@ def test_two_daemons_ping_and_iperf(lab: Lab, network: str) -> None:
     ping(a, "10.99.0.2")
     ping(b, "10.99.0.1")
     result = _iperf(lab, a, b, "10.99.0.2", "-n", "20M")
-    # TCP through the tunnel: all 20 MiB were acknowledged by the far end.
+    # iperf3 stops counting at the receiver when the sender writes its last byte, so the
+    # sender's total is the one to check; TCP guarantees the rest arrived.
     assert result["end"]["sum_sent"]["bytes"] >= 20 * 1024 * 1024
     assert result["end"]["sum_received"]["bits_per_second"] > 1e6

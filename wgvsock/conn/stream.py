@@ -456,7 +456,7 @@ class StreamBind(SocketBind):
                 d.state = "connecting"
                 try:
                     sock = self._dial(d)
-                except OSError as exc:
+                except (OSError, ValueError, TypeError) as exc:  # unreachable or unusable
                     if self._closed.is_set():
                         break
                     d.failures += 1
@@ -482,7 +482,8 @@ class StreamBind(SocketBind):
                 d.state = "reconnecting"
         finally:
             with self._lock:
-                if self._dialers.get(d.ep) is d and self._closed.is_set():
+                # Gone for whatever reason: the next send must start a fresh dialler.
+                if self._dialers.get(d.ep) is d:
                     del self._dialers[d.ep]
 
     def _flush_and_register(self, d: _Dialer, conn: _Conn) -> bool:

@@ -216,7 +216,6 @@ class Engine:
         msg = _HEADER.pack(4, kp.remote_index, counter) + kp.send.encrypt(
             _NONCE_PREFIX + counter.to_bytes(8, "little"), packet, None
         )
-        peer.tx_bytes += len(msg)
         timers = peer.timers
         if packet:
             timers.data_sent(now)
@@ -224,6 +223,7 @@ class Engine:
         timers.any_authenticated_packet_traversal(now)
         if peer.endpoint is None:
             return (DROP, peer, "peer has no endpoint")
+        peer.tx_bytes += len(msg)
         return (SEND, peer.endpoint, msg)
 
     def _send_staged(self, peer: Peer, now: float) -> list[Action]:

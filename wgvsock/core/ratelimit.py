@@ -120,8 +120,11 @@ class SourceRateLimiter:
             self._entries[key] = [_MAX_TOKENS - _PACKET_COST, now_ns]
             return True
 
-        tokens = entry[0] + max(0, now_ns - entry[1])
-        entry[1] = now_ns
+        tokens = entry[0]
+        if now_ns > entry[1]:
+            # Never move `last` backwards: a clock step back must not mint tokens later.
+            tokens += now_ns - entry[1]
+            entry[1] = now_ns
         if tokens > _MAX_TOKENS:
             tokens = _MAX_TOKENS
         if tokens > _PACKET_COST:
