@@ -85,21 +85,30 @@ def main(argv: list[str] | None = None, prog: str = "wireguard-go-vsock") -> int
               file=sys.stderr)
         return 2
     dgram = args.dgram or _truthy(os.environ.get(ENV_DGRAM))
-    ready_fd = os.environ.pop(_ENV_READY_FD, None)
+    ready_fd = take_ready_fd()
     if not args.foreground and ready_fd is None:
-        return _spawn_background(argv if argv is not None else sys.argv[1:], prog)
+        rest = argv if argv is not None else sys.argv[1:]
+        return spawn_background(["-m", "wgvsock.daemon", "--foreground", *rest], prog)
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
-    return run_foreground(args.interface, network, dgram, int(ready_fd) if ready_fd else None)
+    return run_foreground(args.interface, network, dgram, ready_fd)
 
 
-def _spawn_background(argv: list[str], prog: str) -> int:
+def take_ready_fd() -> int | None:
+    """The pipe a launching process waits on, when we are its background child."""
+    value = os.environ.pop(_ENV_READY_FD, None)
+    return int(value) if value else None
+
+
+def spawn_background(python_args: list[str], prog: str) -> int:
+    """Starts `python python_args...` detached and waits until it calls `report_ready` (exit
+    0) or fails or dies (exit 1, printing its reason)."""
     r, w = os.pipe()
     env = dict(os.environ, **{_ENV_READY_FD: str(w)})
     log_file = os.environ.get(ENV_LOG_FILE)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     try:
         subprocess.Popen(
-            [sys.executable, "-m", "wgvsock.daemon", "--foreground", *argv],
+            [sys.executable, *python_args],
             env=env,
             pass_fds=(w,),
             stdin=subprocess.DEVNULL,
@@ -120,11 +129,12 @@ def _spawn_background(argv: list[str], prog: str) -> int:
     return 1
 
 
-def _report(ready_fd: int | None, message: bytes) -> None:
+def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
+    """Tells the launching process we are ready, or why we failed."""
     if ready_fd is None:
         return
     try:
-        os.write(ready_fd, message)
+        os.write(ready_fd, _READY if failure is None else failure.encode() + b"\n")
     finally:
         os.close(ready_fd)
 
@@ -140,10 +150,12 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         device.start()
     except (OSError, ValueError) as e:
         reason = f"failed to start interface {ifname} ({network}{', dgram' if dgram else ''}): {e}"
-        log.error("%s", reason)
         if ready_fd is None:
+            # In the foreground logging goes to stderr too: say it once, at any LOG_LEVEL.
             print(reason, file=sys.stderr)
-        _report(ready_fd, reason.encode() + b"\n")
+        else:
+            log.error("%s", reason)
+            report_ready(ready_fd, reason)
         return 1
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -151,10 +163,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    _report(ready_fd, _READY)
-    if ready_fd is not None:
-        # Detached now: nobody reads our stdio unless a log file was given.
-        os.environ.pop(_ENV_READY_FD, None)
+    report_ready(ready_fd)
     try:
         while not device.wait(1.0):
             pass

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import select
 import threading
 import time
 from collections.abc import Iterable
@@ -71,10 +73,14 @@ class Device:
         self.tun: Tun | None = None
         self.uapi: UAPIServer | None = None
         self._threads: list[threading.Thread] = []
+        # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
+        self._wake_r = self._wake_w = -1
         self._load = LoadTracker()
         self._hs_window_start = 0.0
         self._hs_window_count = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
+        # Read-only keys the roles add to `get` (profile, role, attestation); `wg` ignores them.
+        self.extra_status: dict[str, str] = {}
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -89,6 +95,7 @@ class Device:
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         except BaseException:
             self.close()
             raise
@@ -113,16 +120,22 @@ class Device:
     def close(self) -> None:
         """Removes the UAPI socket, closes the transport and deletes the interface."""
         self._stopped.set()
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
         if self.uapi is not None:
             self.uapi.close()
         self.bind.close()
-        if self.tun is not None:
-            # The TUN is not persistent: closing its last fd deletes the interface, which also
-            # wakes the reader thread blocked in read().
-            self.tun.close()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(2.0)
+        if self.tun is not None:
+            # The TUN is not persistent: closing its last fd deletes the interface. Closed only
+            # after the reader has returned, so its fd number cannot be reused under it.
+            self.tun.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     # -- data paths ----------------------------------------------------------------------
 
@@ -143,7 +156,16 @@ class Device:
         tun = self.tun
         assert tun is not None
         lock, engine, monotonic = self._lock, self.engine, time.monotonic
+        # poll() before each read, with the wake pipe: a read() blocked on the TUN fd would
+        # not return when the device is closed, and shutdown would hang until the join timed out.
+        poller = select.poll()
+        poller.register(tun.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        wake_fd = self._wake_r
         while not self._stopped.is_set():
+            ready = poller.poll()
+            if self._stopped.is_set() or any(fd == wake_fd for fd, _ in ready):
+                return
             try:
                 packet = tun.read()
             except OSError as e:
@@ -244,7 +266,11 @@ class Device:
                 listen_port=self.port,
                 fwmark=self.fwmark,
                 peers=peers,
-                extra={"wgvsock_network": self.bind.network, "wgvsock_port": str(self.port)},
+                extra={
+                    "wgvsock_network": self.bind.network,
+                    "wgvsock_port": str(self.port),
+                    **self.extra_status,
+                },
             )
 
     def uapi_set(self, cfg: DeviceConfig) -> None:
@@ -305,6 +331,20 @@ class Device:
                 for peer in keepalives:
                     actions += engine.send_keepalive(peer, now)
         self._perform(actions)
+
+    def connect_peer(self, public_key: bytes, endpoint: Endpoint) -> None:
+        """Points a configured peer at `endpoint` and starts a handshake with it now."""
+        with self._lock:
+            peer = self.engine.peers[public_key]
+            peer.endpoint = endpoint
+            actions = self.engine.initiate_handshake(peer, time.monotonic())
+        self._perform(actions)
+
+    def last_handshake(self, public_key: bytes) -> float | None:
+        """Monotonic time of the peer's last completed handshake, or None."""
+        with self._lock:
+            peer = self.engine.peers.get(public_key)
+            return peer.last_handshake if peer is not None else None
 
     def _is_up(self) -> bool:
         try:

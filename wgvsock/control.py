@@ -1,0 +1,330 @@
+"""The control channel: how an enclave and its parent exchange WireGuard keys.
+
+One stream connection (vsock, or the Unix/TCP stand-in) from the enclave to the parent's
+control port. Every message is a frame: a u32 big-endian length, then a UTF-8 JSON object of
+at most MAX_MESSAGE bytes with `"v": 1` and a `"type"`:
+
+    parent  -> enclave  {"v":1, "type":"challenge", "nonce": B64(32 random bytes), "profile": NAME}
+    enclave -> parent   {"v":1, "type":"register", "nonce": <the challenge's>,
+                         "public_key": B64(32), "attestation": B64(COSE_Sign1) | null}
+    parent  -> enclave  {"v":1, "type":"welcome", "public_key": B64(32), "wg_port": N,
+                         "attested": bool}
+                     or {"v":1, "type":"refused", "reason": TEXT}
+
+The whole exchange must finish within EXCHANGE_TIMEOUT seconds. After a welcome the connection
+stays open and both sides send {"v":1,"type":"ping"} every PING_INTERVAL seconds; a side that
+hears nothing for 3 intervals, or sees the connection close, knows the other restarted: the
+enclave then registers again (with the same key) and the parent keeps the peer until a new
+enclave replaces it. The nonce is fresh per connection and single-use, so a recorded register
+message (or attestation document) cannot be replayed on another connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("wgvsock.control")
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 64 * 1024
+EXCHANGE_TIMEOUT = 10.0
+PING_INTERVAL = 10.0
+NONCE_LEN = 32
+_LEN = struct.Struct(">I")
+
+
+class ControlError(Exception):
+    """The other side broke the protocol, went silent, or refused us."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The parent's decision on a registering enclave."""
+
+    accepted: bool
+    attested: bool = False
+    reason: str = ""
+    detail: dict | None = None
+
+
+@dataclass(frozen=True)
+class Welcome:
+    parent_public_key: bytes
+    wg_port: int
+    attested: bool
+
+
+def encode(message: dict) -> bytes:
+    body = json.dumps({"v": PROTOCOL_VERSION, **message}, separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ControlError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    return _LEN.pack(len(body)) + body
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ControlError("timed out waiting for the other side")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(n - len(buf))
+        except TimeoutError:
+            raise ControlError("timed out waiting for the other side") from None
+        except OSError as e:
+            raise ControlError(f"connection failed: {e}") from None
+        if not chunk:
+            what = "connection closed" if not buf else "connection closed mid-message"
+            raise ControlError(what)
+        buf += chunk
+    return bytes(buf)
+
+
+def read_message(sock: socket.socket, deadline: float) -> dict:
+    (length,) = _LEN.unpack(_recv_exact(sock, 4, deadline))
+    if length == 0 or length > MAX_MESSAGE:
+        raise ControlError(f"message length {length} outside 1..{MAX_MESSAGE}")
+    body = _recv_exact(sock, length, deadline)
+    try:
+        msg = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ControlError("message is not JSON") from None
+    if not isinstance(msg, dict):
+        raise ControlError("message is not a JSON object")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ControlError(f"unsupported protocol version {msg.get('v')!r} (this side speaks 1)")
+    if not isinstance(msg.get("type"), str):
+        raise ControlError("message has no type")
+    return msg
+
+
+def _b64(msg: dict, key: str, length: int | None = None, optional: bool = False) -> bytes | None:
+    value = msg.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ControlError(f"{msg['type']}: {key} missing or not a string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ControlError(f"{msg['type']}: {key} is not valid base64") from None
+    if length is not None and len(raw) != length:
+        raise ControlError(f"{msg['type']}: {key} must be {length} bytes, not {len(raw)}")
+    return raw
+
+
+def _text(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    sock.settimeout(EXCHANGE_TIMEOUT)
+    sock.sendall(encode(message))
+
+
+# -- parent side ---------------------------------------------------------------------------
+
+Verifier = Callable[[bytes, bytes | None, bytes], Verdict]
+Installer = Callable[[bytes, Verdict], None]
+
+
+class ControlServer:
+    """Accepts enclaves on `listener`; each connection gets its own thread.
+
+    `verify(public_key, attestation_or_None, nonce)` decides; on acceptance `install(public_key,
+    verdict)` replaces the profile's enclave peer before the welcome is sent, so the enclave's
+    first handshake finds its key installed.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        *,
+        profile: str,
+        public_key: bytes,
+        wg_port: int,
+        verify: Verifier,
+        install: Installer,
+        rng: Callable[[int], bytes] = os.urandom,
+        timeout: float = EXCHANGE_TIMEOUT,
+        max_clients: int = 16,
+    ) -> None:
+        self._listener = listener
+        self._profile = profile
+        self.public_key = public_key
+        self.wg_port = wg_port
+        self._verify = verify
+        self._install = install
+        self._rng = rng
+        self._timeout = timeout
+        self._max_clients = max_clients
+        self._clients: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._used_nonces: set[bytes] = set()
+        self._current: socket.socket | None = None
+        self.registrations = 0
+        self.last_verdict: Verdict | None = None
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            clients = list(self._clients)
+        for c in clients:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        self._thread.join(2.0)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                self._stop.wait(0.1)
+                continue
+            with self._lock:
+                if len(self._clients) >= self._max_clients:
+                    conn.close()
+                    log.warning("control: too many connections, refusing one")
+                    continue
+                self._clients.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self._exchange(conn):
+                self._hold(conn)
+        except ControlError as e:
+            log.warning("control: %s", e)
+        except OSError as e:
+            log.info("control: connection error: %s", e)
+        finally:
+            with self._lock:
+                self._clients.discard(conn)
+                if self._current is conn:
+                    self._current = None
+            conn.close()
+
+    def _exchange(self, conn: socket.socket) -> bool:
+        deadline = time.monotonic() + self._timeout
+        nonce = self._rng(NONCE_LEN)
+        _send(conn, {"type": "challenge", "nonce": _text(nonce), "profile": self._profile})
+        msg = read_message(conn, deadline)
+        if msg["type"] != "register":
+            raise ControlError(f"expected register, got {msg['type']!r}")
+        echoed = _b64(msg, "nonce", NONCE_LEN)
+        public_key = _b64(msg, "public_key", 32)
+        attestation = _b64(msg, "attestation", optional=True)
+        assert public_key is not None
+        with self._lock:
+            fresh = echoed == nonce and nonce not in self._used_nonces
+            self._used_nonces.add(nonce)
+        if not fresh:
+            verdict = Verdict(False, reason="nonce does not match this connection's challenge")
+        else:
+            try:
+                verdict = self._verify(public_key, attestation, nonce)
+            except Exception as e:  # a verifier bug must not take the listener down
+                log.exception("control: verifier failed")
+                verdict = Verdict(False, reason=f"verifier error: {e}")
+        self.last_verdict = verdict
+        if not verdict.accepted:
+            log.warning("control: refused an enclave: %s", verdict.reason)
+            _send(conn, {"type": "refused", "reason": verdict.reason})
+            return False
+        self._install(public_key, verdict)
+        self.registrations += 1
+        with self._lock:
+            previous, self._current = self._current, conn
+        if previous is not None:
+            # The enclave was replaced (restart): its old control connection has no meaning.
+            with contextlib.suppress(OSError):
+                previous.shutdown(socket.SHUT_RDWR)
+        _send(conn, {"type": "welcome", "public_key": _text(self.public_key),
+                     "wg_port": self.wg_port, "attested": verdict.attested})
+        log.info("control: enclave registered (attested: %s)", verdict.attested)
+        return True
+
+    def _hold(self, conn: socket.socket) -> None:
+        hold_connection(conn, self._stop)
+
+
+def hold_connection(conn: socket.socket, stop: threading.Event) -> str:
+    """Pings every PING_INTERVAL and reads the other side's pings until the connection dies
+    or goes silent for 3 intervals. Returns why it ended."""
+    next_ping = 0.0
+    silence = 3 * PING_INTERVAL
+    last_heard = time.monotonic()
+    while not stop.is_set():
+        now = time.monotonic()
+        if now >= next_ping:
+            try:
+                _send(conn, {"type": "ping"})
+            except OSError as e:
+                return f"send failed: {e}"
+            next_ping = now + PING_INTERVAL
+        try:
+            read_message(conn, min(next_ping, last_heard + silence))
+            last_heard = time.monotonic()
+        except ControlError as e:
+            if "timed out" in str(e) and time.monotonic() < last_heard + silence:
+                continue
+            return str(e)
+    return "stopped"
+
+
+# -- enclave side --------------------------------------------------------------------------
+
+Attester = Callable[[bytes, bytes], bytes | None]
+
+
+def register(
+    conn: socket.socket, public_key: bytes, attest: Attester | None = None,
+    timeout: float = EXCHANGE_TIMEOUT,
+) -> Welcome:
+    """Runs the enclave's half of the exchange on a connected socket."""
+    deadline = time.monotonic() + timeout
+    msg = read_message(conn, deadline)
+    if msg["type"] != "challenge":
+        raise ControlError(f"expected challenge, got {msg['type']!r}")
+    nonce = _b64(msg, "nonce", NONCE_LEN)
+    assert nonce is not None
+    document = attest(nonce, public_key) if attest is not None else None
+    _send(conn, {
+        "type": "register",
+        "nonce": _text(nonce),
+        "public_key": _text(public_key),
+        "attestation": _text(document) if document else None,
+    })
+    msg = read_message(conn, deadline)
+    if msg["type"] == "refused":
+        raise ControlError(f"parent refused this enclave: {msg.get('reason', '?')}")
+    if msg["type"] != "welcome":
+        raise ControlError(f"expected welcome, got {msg['type']!r}")
+    parent_key = _b64(msg, "public_key", 32)
+    port = msg.get("wg_port")
+    if not isinstance(port, int) or not 0 < port < 2**32:
+        raise ControlError("welcome: wg_port missing or out of range")
+    assert parent_key is not None
+    return Welcome(parent_key, port, bool(msg.get("attested")))

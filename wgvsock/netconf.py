@@ -1,0 +1,103 @@
+"""Interface configuration through netlink (pyroute2): links, addresses, routes, resolv.conf.
+
+Every function works in the caller's network namespace; the roles run inside the namespace
+they configure (on Nitro there is only one).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_EEXIST = 17
+
+
+class NetconfError(OSError):
+    pass
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NetconfError(f"interface {ifname} does not exist")
+    return found[0]
+
+
+def link_up(ifname: str, mtu: int | None = None) -> None:
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        if mtu is not None:
+            ipr.link("set", index=idx, mtu=mtu)
+        ipr.link("set", index=idx, state="up")
+
+
+def add_addresses(ifname: str, addresses: Iterable[IPInterface]) -> None:
+    """Adds each address; one that is already there is fine (so `up` can be repeated)."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        for addr in addresses:
+            try:
+                ipr.addr(
+                    "add", index=idx, address=str(addr.ip), prefixlen=addr.network.prefixlen
+                )
+            except NetlinkError as e:
+                if e.code != _EEXIST:
+                    raise NetconfError(f"adding {addr} to {ifname}: {e}") from e
+
+
+def add_routes(ifname: str, networks: Iterable[IPNetwork], *, replace: bool = True) -> None:
+    """Routes `networks` through `ifname`. A default route replaces any existing one, since
+    in an enclave the tunnel is the only way out."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        for net in networks:
+            family = 10 if net.version == 6 else 2
+            try:
+                ipr.route(
+                    "replace" if replace else "add",
+                    dst=str(net.network_address), dst_len=net.prefixlen, oif=idx, family=family,
+                )
+            except NetlinkError as e:
+                raise NetconfError(f"adding route {net} via {ifname}: {e}") from e
+
+
+def interface_exists(ifname: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def delete_interface(ifname: str) -> bool:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return False
+        ipr.link("del", index=found[0])
+        return True
+
+
+def default_route_interface() -> str | None:
+    """The interface of the IPv4 default route, for egress NAT when the profile names none."""
+    with IPRoute() as ipr:
+        for route in ipr.get_routes(family=2):
+            if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
+                links = ipr.get_links(route.get_attr("RTA_OIF"))
+                if links:
+                    return links[0].get_attr("IFLA_IFNAME")
+    return None
+
+
+def write_resolv_conf(nameservers: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address],
+                      path: str = "/etc/resolv.conf") -> None:
+    """Writes in place rather than by rename: under `ip netns exec` the file is a bind mount
+    of /etc/netns/NAME/resolv.conf, and a rename over a mount point fails."""
+    text = "# written by wgvsock enclave up\n" + "".join(f"nameserver {ns}\n" for ns in nameservers)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

@@ -1,0 +1,1 @@
+"""The parent and enclave roles: what `wgvsock parent up` and `wgvsock enclave up` do."""

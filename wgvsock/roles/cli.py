@@ -1,0 +1,132 @@
+"""Command lines of the roles: `wgvsock parent up|down|doctor` and `wgvsock enclave up`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _load(path: str):
+    from ..profile import ProfileError, load_profile
+
+    try:
+        return load_profile(path)
+    except ProfileError as e:
+        print(f"invalid profile:\n{e}", file=sys.stderr)
+        return None
+
+
+def _logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    name = os.environ.get("LOG_LEVEL", "").lower()
+    if name == "debug":
+        level = logging.DEBUG
+    elif name == "verbose":
+        level = logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def parent_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="wgvsock parent", description="the EC2 host's side")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="bring the tunnel, NAT, ingress and control listener up")
+    up.add_argument("--profile", required=True)
+    up.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    up.add_argument("-v", "--verbose", action="store_true")
+    down = sub.add_parser("down", help="remove everything `up` made")
+    down.add_argument("--profile", required=True)
+    doctor = sub.add_parser("doctor", help="check this host is ready")
+    doctor.add_argument("--profile", required=True)
+    args = ap.parse_args(argv)
+    profile = _load(args.profile)
+    if profile is None:
+        return 1
+    from . import parent
+
+    if args.cmd == "down":
+        try:
+            done = parent.down(profile)
+        except parent.RoleError as e:
+            print(f"wgvsock parent down: {e}", file=sys.stderr)
+            return 1
+        print("\n".join(done) if done else f"{profile.name}: nothing to remove")
+        return 0
+    if args.cmd == "doctor":
+        return doctor(profile)
+    from ..daemon import spawn_background, take_ready_fd
+    from ..profile import check_host, local_networks
+
+    ready_fd = take_ready_fd()
+    if ready_fd is None:
+        # Checks that need no privileges come first, so a bad profile or host changes nothing.
+        problems = check_host(profile, local_networks())
+        if problems:
+            print("refusing to start:\n" + "\n".join(str(p) for p in problems), file=sys.stderr)
+            return 1
+        pid = parent.already_up(profile)
+        if pid is not None:
+            print(f"{profile.name} is already up (pid {pid})")
+            return 0
+        if not args.foreground:
+            extra = ["-v"] if args.verbose else []
+            return spawn_background(
+                ["-m", "wgvsock.cli", "parent", "up", "--profile", args.profile, "-f", *extra],
+                "wgvsock parent up",
+            )
+    _logging(args.verbose)
+    return parent.run_up(profile, ready_fd)
+
+
+def doctor(profile) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..profile import check_host, local_networks
+    from .parent import Check, local_checks
+
+    checks = local_checks(profile)
+    problems = check_host(profile, local_networks())
+    checks.append(Check("profile", not problems,
+                        "valid, no overlap with this host's networks" if not problems
+                        else "; ".join(str(p) for p in problems)))
+    try:
+        from ..aws import doctor_checks
+
+        checks += [Check(c.name, c.ok, c.detail) for c in doctor_checks()]
+    except ImportError:
+        checks.append(Check("AWS", None, "AWS checks are not available in this version"))
+    table = Table(title=f"wgvsock parent doctor — {profile.name}")
+    table.add_column("check")
+    table.add_column("state")
+    table.add_column("detail", overflow="fold")
+    marks = {True: "[green]ready[/]", False: "[red]NOT READY[/]", None: "[dim]n/a[/]"}
+    for c in checks:
+        table.add_row(c.name, marks[c.ok], c.detail)
+    Console().print(table)
+    return 1 if any(c.ok is False for c in checks) else 0
+
+
+def enclave_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="wgvsock enclave",
+        description="the enclave's entrypoint: bring the tunnel up, then run CMD",
+        usage="wgvsock enclave up --profile FILE [--timeout S] [-- CMD [ARGS...]]",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--profile", required=True)
+    up.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds to wait for the parent (default 60)")
+    up.add_argument("-v", "--verbose", action="store_true")
+    up.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    profile = _load(args.profile)
+    if profile is None:
+        return 1
+    _logging(args.verbose)
+    from .enclave import run_up
+
+    return run_up(profile, command, timeout=args.timeout)

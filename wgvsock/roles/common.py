@@ -1,0 +1,110 @@
+"""What both roles derive from a profile: sockets, endpoints, the device's first config."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from ..conn.endpoint import VMADDR_CID_ANY, Endpoint
+from ..device import Device
+from ..uapi import DEFAULT_RUN_DIR, DeviceConfig, PeerConfig
+
+ENV_RUN_DIR = "WGVSOCK_RUN_DIR"
+ENV_STATE_DIR = "WGVSOCK_STATE_DIR"
+DEFAULT_STATE_DIR = "/run/wgvsock"
+
+
+def run_dir() -> str:
+    return os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR
+
+
+def state_dir() -> str:
+    return os.environ.get(ENV_STATE_DIR) or DEFAULT_STATE_DIR
+
+
+def unix_socket_path(directory: str, port: int) -> str:
+    """The Unix stand-in names sockets by port, as the unix transport does."""
+    return os.path.join(directory, f"{port}.sock")
+
+
+def parent_wg_endpoint(transport, port: int) -> Endpoint:
+    """Where the enclave sends WireGuard messages for the parent."""
+    if transport.kind == "vsock":
+        return Endpoint("vsock", transport.parent_cid, port)
+    if transport.kind == "unix":
+        return Endpoint("unix", unix_socket_path(transport.path, port), port)
+    return Endpoint("inet", str(transport.host), port)
+
+
+def control_listener(transport) -> socket.socket:
+    """The parent's control socket. Its Unix form lives beside the WireGuard socket."""
+    port = transport.control_port
+    if transport.kind == "vsock":
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((VMADDR_CID_ANY, port))
+    elif transport.kind == "unix":
+        os.makedirs(transport.path, mode=0o700, exist_ok=True)
+        path = unix_socket_path(transport.path, port)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # only a dead parent leaves one: `up` refuses while one runs
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))  # noqa: S104 - the enclave reaches us on transport.host
+    sock.listen(8)
+    return sock
+
+
+def dial_control(transport, timeout: float = 5.0) -> socket.socket:
+    """The enclave's connection to the parent's control port (on Nitro: vsock to CID 3)."""
+    port = transport.control_port
+    if transport.kind == "vsock":
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        address: object = (transport.parent_cid, port)
+    elif transport.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = unix_socket_path(transport.path, port)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        address = (str(transport.host), port)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def configure(device: Device, **kw) -> None:
+    """Applies a UAPI-style configuration in-process, through the same code `wg set` uses."""
+    peers = kw.pop("peers", [])
+    device.uapi_set(DeviceConfig(peers=[PeerConfig(**p) for p in peers], **kw))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, stop: Callable[[], bool]) -> bool:
+    """Polls an in-process condition; used where no event exists to wait on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if stop() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True

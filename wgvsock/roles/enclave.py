@@ -1,0 +1,206 @@
+"""`wgvsock enclave up --profile FILE [-- CMD ARGS...]`: the enclave image's entrypoint.
+
+Inside an enclave nothing configures networking: loopback is down and vsock to the parent is
+the only channel. This brings up `lo`, makes a key that never touches disk, creates the tunnel
+interface, registers the key with the parent over the control channel, waits for the first
+handshake and then runs CMD as a child, passing signals on and exiting with its status.
+A control connection that drops (the parent restarted) is redialled and the exchange repeated
+with the same key, without disturbing CMD.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+
+from .. import netconf
+from ..conn.bind import make_bind
+from ..control import ControlError, Welcome, hold_connection, register
+from ..core.crypto import generate_private_key, public_key
+from ..device import Device
+from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
+
+log = logging.getLogger("wgvsock.enclave")
+
+HANDSHAKE_TIMEOUT = 60.0
+PERSISTENT_KEEPALIVE = 25
+_BACKOFF_MIN, _BACKOFF_MAX = 0.2, 5.0
+
+
+class EnclaveError(Exception):
+    pass
+
+
+def attester():
+    """The NSM-backed attestation function, where this enclave has /dev/nsm."""
+    try:
+        from ..attestation import nsm_attester
+    except ImportError:
+        return None
+    return nsm_attester()
+
+
+class Enclave:
+    def __init__(self, profile, *, resolv_conf: str = "/etc/resolv.conf") -> None:
+        self.profile = profile
+        self.resolv_conf = resolv_conf
+        self.key = generate_private_key()
+        self.public_key = public_key(self.key)
+        self.device: Device | None = None
+        self.stop = threading.Event()
+        self.registered = threading.Event()
+        self.parent_key: bytes | None = None
+        self.registrations = 0
+        self._unix_dir: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        p = self.profile
+        netconf.link_up("lo")
+        t = p.transport
+        if t.kind == "unix":
+            # Our own listener is never dialled (the parent answers over our connection), but
+            # the transport wants a directory; keep it out of the parent's.
+            self._unix_dir = tempfile.mkdtemp(prefix="wgvsock-enclave-")
+        try:
+            bind = make_bind(t.kind, False, unix_dir=self._unix_dir)
+            self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir())
+            self.device.start()
+            self.device.extra_status = {"wgvsock_profile": p.name, "wgvsock_role": "enclave"}
+            configure(self.device, private_key=self.key)
+            netconf.add_addresses(p.interface, p.enclave.addresses)
+            netconf.link_up(p.interface, p.mtu)
+            netconf.add_routes(p.interface, self._routes())
+            if p.enclave.dns:
+                netconf.write_resolv_conf(p.enclave.dns, self.resolv_conf)
+        except BaseException:
+            self.close()
+            raise
+        self._thread = threading.Thread(target=self._control_loop, name="control", daemon=True)
+        self._thread.start()
+
+    def _routes(self) -> list:
+        p = self.profile
+        routes = list(p.enclave.routes)
+        for a in p.parent.addresses:
+            if not any(a.ip in r for r in routes):
+                routes.append(a.network)
+        return routes
+
+    def _allowed_ips(self) -> list:
+        return [(r, True) for r in self._routes()]
+
+    def _apply(self, welcome: Welcome) -> None:
+        assert self.device is not None
+        t = self.profile.transport
+        configure(self.device, replace_peers=True, peers=[{
+            "public_key": welcome.parent_public_key,
+            "endpoint": None,
+            "persistent_keepalive": PERSISTENT_KEEPALIVE,
+            "replace_allowed_ips": True,
+            "allowed_ips": self._allowed_ips(),
+        }])
+        # The endpoint is given as an object: its Unix form is a path outside our unix_dir,
+        # which the transport's text parser would not accept.
+        self.device.connect_peer(welcome.parent_public_key, parent_wg_endpoint(t, welcome.wg_port))
+        self.parent_key = welcome.parent_public_key
+
+    def _control_loop(self) -> None:
+        delay = _BACKOFF_MIN
+        t = self.profile.transport
+        attest = attester()
+        while not self.stop.is_set():
+            try:
+                conn = dial_control(t)
+            except OSError as e:
+                log.info("control: parent not answering (%s); retrying in %.1f s", e, delay)
+                self.stop.wait(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
+                delay = min(delay * 2, _BACKOFF_MAX)
+                continue
+            try:
+                welcome = register(conn, self.public_key, attest)
+                self._apply(welcome)
+                self.registrations += 1
+                self.registered.set()
+                delay = _BACKOFF_MIN
+                log.info("control: registered with the parent (attested: %s)", welcome.attested)
+                reason = hold_connection(conn, self.stop)
+                log.warning("control: connection to the parent ended (%s); registering again",
+                            reason)
+            except (ControlError, OSError) as e:
+                log.warning("control: %s", e)
+                self.stop.wait(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+            finally:
+                conn.close()
+
+    def wait_connected(self, timeout: float) -> None:
+        """Blocks until the first handshake with the parent; EnclaveError on timeout."""
+        if not wait_until(self.registered.is_set, timeout, self.stop.is_set):
+            raise EnclaveError(f"no answer from the parent's control port within {timeout:.0f} s "
+                               "(is `wgvsock parent up` running with the same profile?)")
+
+        def handshaken() -> bool:
+            assert self.device is not None and self.parent_key is not None
+            return self.device.last_handshake(self.parent_key) is not None
+
+        if not wait_until(handshaken, timeout, self.stop.is_set):
+            raise EnclaveError(f"registered, but no WireGuard handshake with the parent within "
+                               f"{timeout:.0f} s (check the transport and port in the profile)")
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+        if self._unix_dir:
+            shutil.rmtree(self._unix_dir, ignore_errors=True)
+
+
+def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -> int:
+    enclave = Enclave(profile)
+    child: subprocess.Popen | None = None
+    signalled: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signalled.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+        else:
+            enclave.stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        enclave.start()
+        enclave.wait_connected(timeout)
+        if enclave.stop.is_set():
+            return 128 + (signalled[0] if signalled else signal.SIGTERM)
+        log.info("tunnel up")
+        print(f"wgvsock enclave: tunnel to the parent is up on {profile.interface}", flush=True)
+        if not command:
+            enclave.stop.wait()
+            return 0
+        try:
+            child = subprocess.Popen(command)
+        except OSError as e:
+            raise EnclaveError(f"cannot run {command[0]}: {e.strerror}") from e
+        while True:
+            try:
+                code = child.wait()
+                break
+            except InterruptedError:
+                continue
+        return code if code >= 0 else 128 - code
+    except (EnclaveError, OSError, ValueError) as e:
+        print(f"wgvsock enclave up: {e}", flush=True)
+        return 1
+    finally:
+        enclave.close()
