@@ -12,14 +12,15 @@ commands:
   daemon [-f] [-d] [-n NET] IFNAME   run a WireGuard interface (same as wireguard-go-vsock)
   genkey                             print a new private key (base64)
   pubkey                             read a private key on stdin, print its public key
-  parent ...                         EC2 host role            (not yet implemented)
-  enclave ...                        enclave entrypoint role  (not yet implemented)
+  parent up|down|doctor --profile F  the EC2 host's side of a profile
+  enclave up --profile F [-- CMD]    the enclave image's entrypoint
   status ...                         live dashboard           (not yet implemented)
   attest ...                         attestation tools        (not yet implemented)
+  profile check FILE [--host]        validate a profile and print it resolved
   version                            print the version
 """
 
-_PLANNED = {"parent", "enclave", "status", "attest", "profile"}
+_PLANNED = {"status", "attest"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +48,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(key_to_base64(public_key(key)))
         return 0
+    if cmd == "parent":
+        from .roles.cli import parent_main
+
+        return parent_main(rest)
+    if cmd == "enclave":
+        from .roles.cli import enclave_main
+
+        return enclave_main(rest)
     if cmd in ("version", "--version"):
         print(f"wgvsock {__version__}")
         return 0
+    if cmd == "profile":
+        if rest[:1] == ["check"]:
+            from .profile import main_check
+
+            return main_check(rest[1:])
+        print("usage: wgvsock profile check FILE [--host]",
+              file=sys.stdout if rest[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if rest[:1] in (["-h"], ["--help"]) else 2
     if cmd in _PLANNED:
         print(f"wgvsock {cmd}: not yet implemented in this version (see README: Status)",
               file=sys.stderr)

@@ -1,0 +1,531 @@
+"""The parent's nftables table: rendering, nft's own check, and real traffic in namespaces.
+
+The traffic test builds enclave -- parent -- internet from three namespaces; a veth named like
+a tunnel (`wgt0`) stands in for the WireGuard interface, which the firewall only knows by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from wgvsock import firewall
+from wgvsock.firewall import FirewallError, FirewallSpec, Ingress, Rule
+
+from .netlab import Lab, Namespace, run
+
+pytestmark = [pytest.mark.root]
+
+PY = sys.executable
+
+# A server that answers every connection (or datagram) with "<label> <peer address>" and then
+# closes, so a client learns both who answered and whom that server saw.
+SERVER = r"""
+import selectors, socket, sys
+label, binds = sys.argv[1], sys.argv[2:]
+sel = selectors.DefaultSelector()
+for b in binds:
+    proto, rest = b.split(":", 1)
+    host, port = rest.rsplit(":", 1)
+    host = host.strip("[]")
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, int(port)))
+    if proto == "tcp":
+        s.listen(16)
+    sel.register(s, selectors.EVENT_READ, proto)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        s = key.fileobj
+        if key.data == "tcp":
+            c, peer = s.accept()
+            with c:
+                c.sendall(f"{label} {peer[0]}\n".encode())
+        else:
+            _, peer = s.recvfrom(2048)
+            s.sendto(f"{label} {peer[0]}\n".encode(), peer)
+"""
+
+# Exit 0 with the answer on stdout; 3 when nothing came back in time; 4 when refused.
+CLIENT = r"""
+import socket, sys
+proto, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+s.settimeout(timeout)
+try:
+    if proto == "tcp":
+        s.connect((host, port))
+        data = b""
+        while chunk := s.recv(2048):
+            data += chunk
+    else:
+        s.sendto(b"?", (host, port))
+        data = s.recv(2048)
+except (TimeoutError, socket.timeout):
+    sys.exit(3)
+except ConnectionRefusedError:
+    sys.exit(4)
+print(data.decode().strip())
+"""
+
+TIMEOUT = 1.5  # for probes that must fail: a dropped SYN only ever times out
+
+
+def probe(ns: Namespace, proto: str, host: str, port: int) -> tuple[int, str]:
+    res = ns.run(PY, "-c", CLIENT, proto, host, str(port), str(TIMEOUT), check=False,
+                 timeout=TIMEOUT + 20)
+    return res.returncode, res.stdout.strip()
+
+
+def start_server(ns: Namespace, label: str, *binds: str) -> subprocess.Popen:
+    p = ns.popen(PY, "-c", SERVER, label, *binds, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], 10)
+    line = p.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        raise AssertionError(f"server {label} in {ns.name} did not start ({p.poll()=})")
+    return p
+
+
+def n(text: str):
+    return ip_network(text)
+
+
+def a(text: str):
+    return ip_address(text)
+
+
+def typical() -> FirewallSpec:
+    return FirewallSpec(
+        name="pay-ments",
+        tunnel_interface="wg0",
+        enclave_addresses=[a("10.77.0.2")],
+        egress_nat=True,
+        egress_interface=None,
+        allow=[Rule(n("0.0.0.0/0"))],
+        deny=[Rule(n("169.254.169.254/32"))],
+        ingress=[Ingress(8443, 443, "tcp")],
+    )
+
+
+def dual_stack() -> FirewallSpec:
+    return FirewallSpec(
+        name="dual",
+        tunnel_interface="wg7",
+        enclave_addresses=[a("10.77.0.2"), a("fd77::2"), a("fd77::3")],
+        egress_nat=True,
+        egress_interface="ens5",
+        allow=[
+            Rule(n("2001:db8::/32"), (443, 443), "tcp"),
+            Rule(n("10.0.0.0/8"), (8000, 8099), None),
+            Rule(n("192.0.2.0/24"), None, "udp"),
+            Rule(n("::/0"), (53, 53), "udp"),
+        ],
+        deny=[Rule(n("10.9.0.0/16"), (8080, 8080), "tcp"), Rule(n("fd00::/8"))],
+        ingress=[Ingress(8443, 443, "tcp"), Ingress(5353, 53, "udp")],
+    )
+
+
+def v6_only_no_nat() -> FirewallSpec:
+    return FirewallSpec(
+        name="v6only",
+        tunnel_interface="wg1",
+        enclave_addresses=["fd77::2/64"],
+        egress_nat=False,
+        allow=[],
+        deny=[],
+        ingress=[],
+    )
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def test_render_typical() -> None:
+    text = firewall.render_ruleset(typical())
+    # One table, replaced in one transaction.
+    assert text.count("table inet wgvsock_pay_ments {\n") == 1
+    assert "table inet wgvsock_pay_ments {}\ndelete table inet wgvsock_pay_ments\n" in text
+    for stmt in [
+        "elements = { 10.77.0.2 }",
+        "type filter hook forward priority filter - 1; policy accept;",
+        "type filter hook input priority filter - 1; policy accept;",
+        'iifname "wg0" jump from_enclave',
+        'oifname "wg0" jump to_enclave',
+        'iifname "wg0" jump enclave_to_parent',
+        'ip daddr 169.254.169.254/32 counter name "egress_denied" counter drop '
+        'comment "deny 169.254.169.254/32"',
+        'meta nfproto ipv4 counter name "egress_allowed" counter accept comment "allow 0.0.0.0/0"',
+        'counter name "egress_blocked" drop',
+        'ct status dnat tcp dport 443 counter name "ingress_accepted" accept',
+        'counter name "ingress_blocked" drop',
+        'iifname != "wg0" meta nfproto ipv4 fib daddr type local tcp dport 8443 '
+        "dnat ip to 10.77.0.2:443",
+        "meta nfproto ipv4 fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8443 "
+        "dnat ip to 10.77.0.2:443",
+        'oifname != "wg0" ip saddr @enclave_v4 masquerade',
+    ]:
+        assert stmt in text, stmt
+    # Deny is evaluated before allow.
+    assert text.index("egress_denied\" counter drop") < text.index("egress_allowed\" counter")
+    # No IPv6 enclave address: nothing is DNATed to IPv6 and the v6 set is empty.
+    assert "dnat ip6" not in text
+    assert "set enclave_v6 {\n\t\ttype ipv6_addr\n\t}" in text
+    for counter in firewall.COUNTERS:
+        assert f"counter {counter} {{" in text
+
+
+def test_render_ipv6_ports_ranges_and_egress_interface() -> None:
+    text = firewall.render_ruleset(dual_stack())
+    for stmt in [
+        "elements = { fd77::2, fd77::3 }",
+        'ip6 daddr 2001:db8::/32 tcp dport 443 counter name "egress_allowed"',
+        "ip daddr 10.0.0.0/8 meta l4proto { tcp, udp } th dport 8000-8099",
+        'comment "allow 10.0.0.0/8 tcp+udp 8000-8099"',
+        "ip daddr 192.0.2.0/24 meta l4proto udp counter",
+        "meta nfproto ipv6 udp dport 53 counter",
+        'ip daddr 10.9.0.0/16 tcp dport 8080 counter name "egress_denied" counter drop',
+        'ip6 daddr fd00::/8 counter name "egress_denied"',
+        # Ingress goes to the first address of each family.
+        "dnat ip6 to [fd77::2]:443",
+        "dnat ip to 10.77.0.2:53",
+        "ip6 daddr != ::1 udp dport 5353 dnat ip6 to [fd77::2]:53",
+        'ct status dnat udp dport 53 counter name "ingress_accepted" accept',
+        'oifname "ens5" ip saddr @enclave_v4 masquerade',
+        'oifname "ens5" ip6 saddr @enclave_v6 masquerade',
+    ]:
+        assert stmt in text, stmt
+    assert "[fd77::3]" not in text
+
+
+def test_render_without_nat_or_ingress_has_no_nat_chains() -> None:
+    text = firewall.render_ruleset(v6_only_no_nat())
+    assert "elements = { fd77::2 }" in text
+    assert "type nat" not in text
+    assert "masquerade" not in text
+    # With nothing allowed, the policy chain is empty and everything new is dropped.
+    assert "chain egress_policy {\n\t}" in text
+
+
+def test_profile_like_objects_are_accepted_structurally() -> None:
+    class ProfileRule:  # what the profile module might hand over
+        def __init__(self, network, ports, protocol):
+            self.network, self.ports, self.protocol = network, ports, protocol
+
+    spec = typical()
+    spec.allow = [ProfileRule("198.51.100.0/24", 80, "tcp")]
+    text = firewall.render_ruleset(spec)
+    assert 'ip daddr 198.51.100.0/24 tcp dport 80 counter name "egress_allowed"' in text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "Bad_Name"}, "profile name"),
+        ({"name": "-x"}, "profile name"),
+        ({"tunnel_interface": 'wg0" accept'}, "interface name"),
+        ({"tunnel_interface": "a-very-long-interface"}, "interface name"),
+        ({"egress_interface": "wg0"}, "is the tunnel interface"),
+        ({"enclave_addresses": []}, "no enclave address"),
+        ({"enclave_addresses": ["nope"]}, "not an IP address"),
+        ({"allow": [Rule(n("0.0.0.0/0"), (0, 10), "tcp")]}, "not a port number"),
+        ({"allow": [Rule(n("0.0.0.0/0"), (90, 80), "tcp")]}, "range is empty"),
+        ({"deny": [Rule(n("0.0.0.0/0"), None, "icmp")]}, "use tcp or udp"),  # type: ignore[arg-type]
+        ({"deny": [Rule("10.0.0.1/8")]}, "host bits"),  # type: ignore[arg-type]
+        ({"ingress": [Ingress(70000, 1)]}, "not a port number"),
+        ({"ingress": [Ingress(80, 8080), Ingress(80, 8081)]}, "forwarded twice"),
+    ],
+)
+def test_render_refuses_bad_specs(change: dict, message: str) -> None:
+    spec = typical()
+    for key, value in change.items():
+        setattr(spec, key, value)
+    with pytest.raises(ValueError, match=message):
+        firewall.render_ruleset(spec)
+
+
+# -- nft: check mode, apply, remove -----------------------------------------------------------
+
+
+@pytest.fixture
+def scratch(lab: Lab) -> Namespace:
+    return lab.netns("fw")
+
+
+@pytest.mark.parametrize("make", [typical, dual_stack, v6_only_no_nat])
+def test_nft_check_mode_accepts_rendered_scripts(scratch: Namespace, make) -> None:
+    spec = make()
+    res = scratch.run("nft", "-c", "-f", "-", input=firewall.render_ruleset(spec), check=False)
+    assert res.returncode == 0, res.stderr
+    firewall.check(spec, netns=scratch.name)
+    assert not firewall.exists(spec.name, netns=scratch.name)  # check mode changed nothing
+
+
+def test_apply_replace_remove(scratch: Namespace) -> None:
+    ns = scratch.name
+    spec = typical()
+    assert not firewall.exists(spec.name, netns=ns)
+    firewall.remove(spec.name, netns=ns)  # absent: no error
+    firewall.apply(spec, netns=ns)
+    assert firewall.exists(spec.name, netns=ns)
+    # Applying again replaces the table rather than adding a second one or failing.
+    spec.ingress = [Ingress(9000, 90, "udp")]
+    firewall.apply(spec, netns=ns)
+    listing = scratch.run("nft", "list", "ruleset").stdout
+    assert listing.count("table inet wgvsock_pay_ments") == 1
+    assert "udp dport 9000" in listing and "tcp dport 8443" not in listing
+    counters = firewall.read_counters(spec.name, netns=ns)
+    assert set(firewall.COUNTERS) <= set(counters)
+    assert counters["deny 169.254.169.254/32"] == (0, 0)
+    # A table of someone else's stays untouched.
+    scratch.run("nft", "add", "table", "inet", "other")
+    firewall.remove(spec.name, netns=ns)
+    firewall.remove(spec.name, netns=ns)
+    assert not firewall.exists(spec.name, netns=ns)
+    assert "table inet other" in scratch.run("nft", "list", "tables").stdout
+    with pytest.raises(FirewallError):
+        firewall.read_counters(spec.name, netns=ns)
+
+
+def test_apply_reports_nft_errors(scratch: Namespace) -> None:
+    spec = typical()
+    spec.egress_interface = "x" * 15
+    firewall.apply(spec, netns=scratch.name)  # an absent interface is fine for nft
+    with pytest.raises(FirewallError, match="nft"):
+        firewall._load("table inet wgvsock_x { chain c { bogus } }", scratch.name)
+
+
+def test_conflicting_forward_chains(scratch: Namespace) -> None:
+    firewall.apply(typical(), netns=scratch.name)
+    assert firewall.conflicting_forward_chains(netns=scratch.name) == []
+    # What Docker's `iptables -P FORWARD DROP` looks like under iptables-nft.
+    scratch.run("nft", "-f", "-", input=(
+        "table ip filter {\n chain FORWARD {\n"
+        "  type filter hook forward priority filter; policy drop;\n }\n}\n"
+    ))
+    assert firewall.conflicting_forward_chains(netns=scratch.name) == ["ip filter FORWARD"]
+
+
+def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:
+    other = lab.netns("fw2")
+    run("ip", "link", "add", "up0", "netns", scratch.name, "type", "veth", "peer", "name",
+        "x0", "netns", other.name)
+    sysctl = ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding", "net/ipv6/conf/up0/accept_ra"]
+
+    def values() -> list[str]:
+        return scratch.run("sysctl", "-n", *sysctl).stdout.split()
+
+    assert values() == ["0", "0", "1"]
+    prev = firewall.enable_forwarding(scratch.name, ipv6=True)
+    assert values() == ["1", "1", "2"]
+    assert prev == {"net/ipv6/conf/up0/accept_ra": "1", "net/ipv4/ip_forward": "0",
+                    "net/ipv6/conf/all/forwarding": "0"}
+    assert firewall.enable_forwarding(scratch.name, ipv6=True) == {}  # already on: nothing
+    firewall.restore_forwarding(prev, scratch.name)
+    assert values() == ["0", "0", "1"]
+    prev4 = firewall.enable_forwarding(scratch.name)
+    assert prev4 == {"net/ipv4/ip_forward": "0"}
+    assert values() == ["1", "0", "1"]
+    firewall.restore_forwarding(prev4, scratch.name)
+    assert values() == ["0", "0", "1"]
+
+
+# The netns=None paths (what `parent up` uses on the host), run from a process placed inside a
+# test namespace so that the machine's own settings are never touched.
+_HOST_PATHS = r"""
+import json
+from ipaddress import ip_address
+from wgvsock import firewall
+spec = firewall.FirewallSpec("host", "wg0", [ip_address("10.77.0.2")])
+firewall.apply(spec)
+was = firewall.exists("host")
+prev = firewall.enable_forwarding(ipv6=True)
+now = open("/proc/sys/net/ipv4/ip_forward").read().strip()
+firewall.restore_forwarding(prev)
+firewall.remove("host")
+print(json.dumps([was, prev, now, open("/proc/sys/net/ipv4/ip_forward").read().strip(),
+                  firewall.exists("host")]))
+"""
+
+
+def test_host_paths_without_netns(scratch: Namespace) -> None:
+    out = scratch.run(PY, "-c", _HOST_PATHS).stdout
+    was, prev, now, after, still = json.loads(out)
+    assert was is True and still is False
+    assert prev == {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"}
+    assert (now, after) == ("1", "0")
+
+
+# -- real traffic -----------------------------------------------------------------------------
+
+TUN = "wgt0"
+ENCLAVE4, PARENT_TUN4 = "10.77.0.2", "10.77.0.1"
+ENCLAVE6, PARENT_TUN6 = "fd77::2", "fd77::1"
+PARENT_UP4, INTERNET4, DENIED4 = "198.51.100.1", "198.51.100.2", "198.51.100.3"
+PARENT_UP6, INTERNET6 = "2001:db8:1::1", "2001:db8:1::2"
+
+
+def traffic_spec() -> FirewallSpec:
+    return FirewallSpec(
+        name="lab",
+        tunnel_interface=TUN,
+        enclave_addresses=[a(ENCLAVE4), a(ENCLAVE6)],
+        egress_nat=True,
+        egress_interface=None,
+        allow=[
+            Rule(n("198.51.100.0/24"), (80, 90), "tcp"),
+            Rule(n(f"{INTERNET4}/32"), (53, 53), "udp"),
+            Rule(n("2001:db8:1::/64"), (80, 80), "tcp"),
+        ],
+        deny=[Rule(n(f"{DENIED4}/32")), Rule(n(f"{INTERNET4}/32"), (88, 88), "tcp")],
+        ingress=[Ingress(8443, 443, "tcp"), Ingress(5353, 53, "udp")],
+    )
+
+
+@contextlib.contextmanager
+def counted(ns: Namespace, *names: str) -> Iterator[dict[str, int]]:
+    """Yields a dict that afterwards holds how many packets each named counter gained."""
+    before = firewall.read_counters("lab", netns=ns.name)
+    gained: dict[str, int] = {}
+    yield gained
+    after = firewall.read_counters("lab", netns=ns.name)
+    gained.update({k: after[k].packets - before[k].packets for k in names})
+
+
+@pytest.fixture
+def world(lab: Lab) -> Iterator[tuple[Namespace, Namespace, Namespace]]:
+    enclave, parent, internet = lab.netns("enc"), lab.netns("par"), lab.netns("net")
+    run("ip", "link", "add", TUN, "netns", parent.name, "type", "veth", "peer", "name", "eth0",
+        "netns", enclave.name)
+    run("ip", "link", "add", "up0", "netns", parent.name, "type", "veth", "peer", "name", "eth0",
+        "netns", internet.name)
+    for ns, ifname, addrs in (
+        (enclave, "eth0", [f"{ENCLAVE4}/30", f"{ENCLAVE6}/64"]),
+        (parent, TUN, [f"{PARENT_TUN4}/30", f"{PARENT_TUN6}/64"]),
+        (parent, "up0", [f"{PARENT_UP4}/24", f"{PARENT_UP6}/64"]),
+        (internet, "eth0", [f"{INTERNET4}/24", f"{DENIED4}/24", f"{INTERNET6}/64"]),
+    ):
+        for addr in addrs:
+            # nodad: usable at once, no waiting for duplicate address detection.
+            ns.ip("addr", "add", addr, "dev", ifname, *(["nodad"] if ":" in addr else []))
+        ns.ip("link", "set", ifname, "up")
+    enclave.ip("route", "add", "default", "via", PARENT_TUN4)
+    enclave.ip("-6", "route", "add", "default", "via", PARENT_TUN6)
+    # The internet has no route back to the enclave's prefix: replies reach it only through
+    # the parent's masquerade (one probe adds the route deliberately).
+    prev = firewall.enable_forwarding(parent.name, ipv6=True)
+    try:
+        yield enclave, parent, internet
+    finally:
+        with contextlib.suppress(Exception):
+            firewall.remove("lab", netns=parent.name)
+        with contextlib.suppress(Exception):
+            firewall.restore_forwarding(prev, parent.name)
+
+
+@pytest.mark.slow
+def test_real_traffic_through_the_parent(world) -> None:
+    enclave, parent, internet = world
+    start_server(internet, "internet", f"tcp:{INTERNET4}:80", f"tcp:{INTERNET4}:88",
+                 f"tcp:{INTERNET4}:8080", f"tcp:{DENIED4}:80", f"udp:{INTERNET4}:53",
+                 f"udp:{INTERNET4}:54", f"tcp:[{INTERNET6}]:80")
+    start_server(enclave, "enclave", "tcp:0.0.0.0:443", "udp:0.0.0.0:53")
+    start_server(parent, "parent", "tcp:0.0.0.0:80", "tcp:0.0.0.0:2222")
+    spec = traffic_spec()
+    firewall.apply(spec, netns=parent.name)
+    assert firewall.conflicting_forward_chains(parent.name) == []
+
+    # Allowed egress works, and the internet sees the parent, not the enclave (masquerade).
+    assert probe(enclave, "tcp", INTERNET4, 80) == (0, f"internet {PARENT_UP4}")
+    assert probe(enclave, "udp", INTERNET4, 53) == (0, f"internet {PARENT_UP4}")
+    assert probe(enclave, "tcp", INTERNET6, 80) == (0, f"internet {PARENT_UP6}")
+
+    # Deny wins over allow: the address entirely, and one port inside an allowed range.
+    with counted(parent, "egress_denied") as gained:
+        assert probe(enclave, "tcp", DENIED4, 80)[0] == 3
+        assert probe(enclave, "tcp", INTERNET4, 88)[0] == 3
+    assert gained["egress_denied"] >= 2
+    # Not in any allow rule: dropped (the servers are listening, so this is the firewall).
+    with counted(parent, "egress_blocked") as gained:
+        assert probe(enclave, "tcp", INTERNET4, 8080)[0] == 3
+        assert probe(enclave, "udp", INTERNET4, 54)[0] == 3
+    assert gained["egress_blocked"] >= 2
+
+    # The parent itself is a destination like any other: allowed port on an allowed address
+    # answers (no masquerade on local delivery), the rest is blocked; ping always works.
+    assert probe(enclave, "tcp", PARENT_UP4, 80) == (0, f"parent {ENCLAVE4}")
+    with counted(parent, "local_blocked") as gained:
+        assert probe(enclave, "tcp", PARENT_TUN4, 2222)[0] == 3
+    assert gained["local_blocked"] >= 1
+    enclave.run("ping", "-c", "1", "-W", "2", PARENT_TUN4)
+
+    # Ingress: the internet reaches the enclave's servers through the parent's ports, and the
+    # enclave sees the real client.
+    with counted(parent, "ingress_accepted") as gained:
+        assert probe(internet, "tcp", PARENT_UP4, 8443) == (0, f"enclave {INTERNET4}")
+        assert probe(internet, "udp", PARENT_UP4, 5353) == (0, f"enclave {INTERNET4}")
+    assert gained["ingress_accepted"] >= 2
+    # From the parent host itself, to its own address (output-hook DNAT); loopback is not
+    # forwarded and is refused at once.
+    assert probe(parent, "tcp", PARENT_UP4, 8443) == (0, f"enclave {PARENT_UP4}")
+    assert probe(parent, "tcp", "127.0.0.1", 8443)[0] == 4
+    # Routed straight at the enclave, not through an ingress port: dropped.
+    internet.ip("route", "add", "10.77.0.0/30", "via", PARENT_UP4)
+    with counted(parent, "ingress_blocked") as gained:
+        assert probe(internet, "tcp", ENCLAVE4, 443)[0] == 3
+    assert gained["ingress_blocked"] >= 1
+    internet.ip("route", "del", "10.77.0.0/30")
+
+    counters = firewall.read_counters("lab", netns=parent.name)
+    assert counters["deny 198.51.100.3/32"].packets >= 1
+    assert counters["allow 198.51.100.0/24 tcp 80-90"].packets >= 2
+    assert counters["spoofed"].packets == 0
+
+    # Replacing the table changes the policy at once: 8080 allowed, ingress gone.
+    spec.allow = [*spec.allow, Rule(n(f"{INTERNET4}/32"), (8080, 8080), "tcp")]
+    spec.ingress = []
+    firewall.apply(spec, netns=parent.name)
+    assert probe(enclave, "tcp", INTERNET4, 8080) == (0, f"internet {PARENT_UP4}")
+    assert probe(internet, "tcp", PARENT_UP4, 8443)[0] == 4  # nothing listens there now
+
+    firewall.remove("lab", netns=parent.name)
+    assert not firewall.exists("lab", netns=parent.name)
+    assert "wgvsock" not in parent.run("nft", "list", "tables").stdout
+    # Without our table nothing is masqueraded, so the internet's reply cannot get back.
+    assert probe(enclave, "tcp", INTERNET4, 80)[0] == 3
+
+
+def test_spoofed_source_from_the_tunnel_is_dropped(world) -> None:
+    enclave, parent, internet = world
+    start_server(internet, "internet", f"tcp:{INTERNET4}:80")
+    firewall.apply(traffic_spec(), netns=parent.name)
+    # A second address in the enclave that the profile does not know.
+    enclave.ip("addr", "add", "10.77.0.6/32", "dev", "eth0")
+    res = enclave.run(PY, "-c", _BOUND_CLIENT, "10.77.0.6", INTERNET4, "80", check=False,
+                      timeout=20)
+    assert res.returncode == 3
+    assert firewall.read_counters("lab", netns=parent.name)["spoofed"].packets >= 1
+    assert probe(enclave, "tcp", INTERNET4, 80) == (0, f"internet {PARENT_UP4}")
+
+
+_BOUND_CLIENT = r"""
+import socket, sys
+s = socket.socket()
+s.settimeout(1.5)
+s.bind((sys.argv[1], 0))
+try:
+    s.connect((sys.argv[2], int(sys.argv[3])))
+except (TimeoutError, socket.timeout):
+    sys.exit(3)
+"""
+

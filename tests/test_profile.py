@@ -1,0 +1,676 @@
+"""Profiles: defaults, every kind of refusal (with file, line, key and reason), round trips."""
+
+from __future__ import annotations
+
+import builtins
+import ipaddress
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from wgvsock import cli
+from wgvsock.profile import (
+    Attestation,
+    EnclaveLaunch,
+    Ingress,
+    Problem,
+    Profile,
+    ProfileError,
+    Rule,
+    Transport,
+    check_host,
+    dump_profile,
+    load_profile,
+    local_networks,
+    main_check,
+    parse_profile,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = [ROOT / "parent" / "profile.example.yaml", ROOT / "enclave" / "profile.example.yaml"]
+UNIX_PROFILE = ROOT / "tests" / "data" / "profile-unix.yaml"
+PCR = "ab" * 48
+FILE = "t.yaml"
+
+net = ipaddress.ip_network
+iface = ipaddress.ip_interface
+ip = ipaddress.ip_address
+
+
+def y(text: str) -> str:
+    return textwrap.dedent(text).lstrip("\n")
+
+
+def line_with(text: str, needle: str) -> int:
+    """The 1-based line of TEXT holding NEEDLE, so expected lines follow the YAML as written."""
+    lines = [i for i, line in enumerate(text.splitlines(), 1) if needle in line]
+    assert len(lines) == 1, f"needle {needle!r} must occur once"
+    return lines[0]
+
+
+def problems(text: str) -> list[Problem]:
+    with pytest.raises(ProfileError) as info:
+        parse_profile(text, FILE)
+    err = info.value
+    assert str(err) == "\n".join(str(p) for p in err.problems)
+    return err.problems
+
+
+def refused(text: str, key: str, reason: str, needle: str | None = None) -> Problem:
+    """Assert TEXT is refused with exactly one problem about KEY, on NEEDLE's line."""
+    found = problems(text)
+    assert len(found) == 1, "\n".join(map(str, found))
+    p = found[0]
+    assert p.file == FILE
+    assert p.key == key
+    assert reason in p.reason, str(p)
+    if needle is not None:
+        assert p.line == line_with(text, needle), str(p)
+    assert str(p).startswith(f"{FILE}:{p.line}: {key}: ")
+    assert " — " in str(p)  # every refusal says how to fix it
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults
+
+
+def test_defaults_of_a_minimal_profile():
+    p = parse_profile("name: payments\n", FILE)
+    assert (p.version, p.name, p.interface, p.mtu, p.path) == (1, "payments", "wg0", 1420, FILE)
+    assert p.transport == Transport("vsock", 51820, 51821, 3, "/run/wgvsock/payments", None)
+    assert p.parent.addresses == [iface("10.77.0.1/30")]
+    assert p.parent.private_key == "/etc/wgvsock/payments.key"
+    assert p.parent.egress.nat is True
+    assert p.parent.egress.interface is None
+    assert p.parent.egress.allow == [Rule(net("0.0.0.0/0"))]
+    assert p.parent.egress.deny == [Rule(net("169.254.169.254/32"))]
+    assert p.parent.ingress == []
+    assert p.parent.enclave is None
+    assert p.enclave.addresses == [iface("10.77.0.2/30")]
+    assert p.enclave.dns == [ip("169.254.169.253")]
+    assert p.enclave.routes == [net("0.0.0.0/0")]
+    assert p.attestation == Attestation(False, {}, 300)
+
+
+def test_control_port_defaults_to_port_plus_one():
+    p = parse_profile("name: a\ntransport: {port: 6000}\n")
+    assert (p.transport.port, p.transport.control_port) == (6000, 6001)
+    p = parse_profile("name: a\ntransport: {port: 6000, control_port: 7000}\n")
+    assert p.transport.control_port == 7000
+
+
+def test_empty_values_mean_defaults():
+    p = parse_profile("name: a\ninterface:\ntransport:\nparent:\n  egress:\nattestation:\n")
+    assert p == parse_profile("name: a\n")
+
+
+def test_one_side_address_derives_the_other():
+    p = parse_profile("name: a\nparent: {address: 10.9.0.1/30}\n")
+    assert p.enclave.addresses == [iface("10.9.0.2/30")]
+    p = parse_profile("name: a\nenclave: {address: 10.9.0.1/30}\n")
+    assert p.parent.addresses == [iface("10.9.0.2/30")]
+
+
+def test_ipv6_defaults_follow_the_enclave_addresses():
+    text = y("""
+        name: a
+        parent: {address: [10.77.0.1/30, "fd77::1/126"]}
+        enclave: {address: [10.77.0.2/30, "fd77::2/126"]}
+    """)
+    p = parse_profile(text)
+    assert p.enclave.routes == [net("0.0.0.0/0"), net("::/0")]
+    assert p.parent.egress.allow == [Rule(net("0.0.0.0/0")), Rule(net("::/0"))]
+    # The metadata service has an IPv6 address too on Nitro instances.
+    assert p.parent.egress.deny == [Rule(net("169.254.169.254/32")), Rule(net("fd00:ec2::254/128"))]
+    assert p.enclave.dns == [ip("169.254.169.253")]
+
+
+def test_ipv6_only_profile():
+    p = parse_profile('name: a\nparent: {address: "fd77::1/126"}\n')
+    assert p.enclave.addresses == [iface("fd77::2/126")]
+    assert p.enclave.routes == [net("::/0")]
+    assert p.enclave.dns == [ip("fd00:ec2::253")]
+
+
+@pytest.mark.parametrize(("allow", "deny"), [
+    ("[169.254.169.254/32]", []),
+    ("[0.0.0.0/0, 169.254.169.254/32:80/tcp]", []),
+    ("[169.254.0.0/16]", []),
+    # A catch-all says nothing about the metadata service: it stays denied.
+    ("[0.0.0.0/0]", ["169.254.169.254/32"]),
+    ("[128.0.0.0/1]", ["169.254.169.254/32"]),
+    ("[10.0.0.0/8]", ["169.254.169.254/32"]),
+])
+def test_metadata_service_denied_unless_allowed_explicitly(allow, deny):
+    p = parse_profile(f"name: a\nparent: {{egress: {{allow: {allow}}}}}\n")
+    assert [str(r) for r in p.parent.egress.deny] == deny
+
+
+def test_explicit_deny_is_kept_even_when_allow_names_the_metadata_service():
+    text = "name: a\nparent: {egress: {allow: [169.254.169.254/32], deny: [169.254.169.254/32]}}\n"
+    assert [str(r) for r in parse_profile(text).parent.egress.deny] == ["169.254.169.254/32"]
+    text = "name: a\nparent: {egress: {deny: []}}\n"
+    assert parse_profile(text).parent.egress.deny == []
+
+
+def test_full_profile():
+    text = y(f"""
+        version: 1
+        name: full-1
+        interface: wgp0
+        mtu: 1380
+        transport: {{kind: tcp, port: 5000, control_port: 5001, host: 192.0.2.1}}
+        parent:
+          address: 10.9.0.1/29
+          private_key: ssm:/wgvsock/full
+          egress:
+            nat: false
+            interface: eth0
+            allow: [10.0.0.0/8:443/tcp, "[2001:db8::/32]:53/udp"]
+            deny: [10.0.0.5/32]
+          ingress:
+            - {{listen: 8443, to: 443}}
+            - {{listen: 8443, protocol: udp}}
+          enclave: {{eif: /opt/app.eif, cpu_count: 4, memory_mib: 2048, cid: 16}}
+        enclave:
+          address: 10.9.0.6/29
+          dns: [10.9.0.1]
+          routes: [10.0.0.0/8]
+        attestation:
+          require: true
+          pcrs: {{0: {PCR.upper()}, PCR8: "0x{PCR}"}}
+          max_age: 60
+    """)
+    p = parse_profile(text, "full.yaml")
+    assert p.transport == Transport("tcp", 5000, 5001, 3, "/run/wgvsock/full-1", "192.0.2.1")
+    assert p.parent.private_key == "ssm:/wgvsock/full"
+    assert p.parent.egress.nat is False and p.parent.egress.interface == "eth0"
+    assert [str(r) for r in p.parent.egress.allow] == ["10.0.0.0/8:443/tcp",
+                                                       "[2001:db8::/32]:53/udp"]
+    assert p.parent.ingress == [Ingress(8443, 443, "tcp"), Ingress(8443, 8443, "udp")]
+    assert p.parent.enclave == EnclaveLaunch("/opt/app.eif", 4, 2048, 16, False)
+    assert p.enclave.dns == [ip("10.9.0.1")]  # reachable through the tunnel subnet itself
+    assert p.attestation == Attestation(True, {0: PCR, 8: PCR}, 60)
+    assert p.line_of("parent.egress.allow[1]") == line_with(text, "allow:")
+    assert p.line_of("attestation.pcrs.0") == line_with(text, "pcrs:")
+
+
+def test_pcr_of_only_digits_stays_text():
+    # YAML 1.1 would read an all-digit value as an integer and drop its leading zeros.
+    value = "0" * 95 + "7"
+    p = parse_profile(f"name: a\nattestation: {{pcrs: {{2: {value}}}}}\n")
+    assert p.attestation.pcrs == {2: value}
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples and round trips
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.parent.name)
+def test_example_profiles_load(path):
+    p = load_profile(path)
+    assert p.path == str(path)
+    assert p.name == "payments"
+    assert p.transport.kind == "vsock"
+    assert p.parent.ingress == [Ingress(8443, 443, "tcp")]
+
+
+def test_examples_are_the_same_file():
+    assert EXAMPLES[0].read_bytes() == EXAMPLES[1].read_bytes()
+
+
+def test_unix_profile_for_end_to_end_tests():
+    p = load_profile(UNIX_PROFILE)
+    assert p.transport.kind == "unix"
+    assert p.transport.path.startswith("/")
+
+
+ROUND_TRIP = [
+    "name: a\n",
+    'name: a\nparent: {address: [10.1.2.1/24, "fd00:1::1/64"]}\n'
+    'enclave: {address: [10.1.2.9/24, "fd00:1::9/64"]}\n',
+    "name: a\nparent: {egress: {allow: [169.254.169.254/32:80/tcp]}}\n",
+    f"name: a\nattestation: {{require: true, pcrs: {{4: {'0' * 96}, 0: {PCR}}}}}\n",
+    "name: a\nparent: {enclave: {eif: /x.eif, debug: true}, "
+    "ingress: [{listen: 1, to: 2, protocol: udp}]}\n",
+    "name: a\ntransport: {kind: tcp, host: '2001:db8::1', port: 1}\n",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_dump_parse_round_trip(text):
+    p = parse_profile(text, "rt.yaml")
+    dumped = dump_profile(p)
+    again = parse_profile(dumped, "rt.yaml")
+    assert again == p
+    assert dump_profile(again) == dumped
+
+
+@pytest.mark.parametrize("path", [*EXAMPLES, UNIX_PROFILE], ids=str)
+def test_dump_round_trip_of_files(path):
+    p = load_profile(path)
+    assert parse_profile(dump_profile(p), str(path)) == p
+
+
+def test_dump_fills_every_default():
+    dumped = dump_profile(parse_profile("name: a\n"))
+    for key in ("version:", "interface:", "mtu:", "kind:", "port:", "control_port:",
+                "parent_cid:", "path:", "host:", "address:", "private_key:", "nat:", "allow:",
+                "deny:", "ingress:", "dns:", "routes:", "require:", "pcrs:", "max_age:"):
+        assert key in dumped
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+@pytest.mark.parametrize(("text", "network", "ports", "protocol", "canonical"), [
+    ("10.0.0.0/8", "10.0.0.0/8", None, None, None),
+    ("10.0.0.0/8:443", "10.0.0.0/8", (443, 443), None, None),
+    ("10.0.0.0/8:1000-2000/udp", "10.0.0.0/8", (1000, 2000), "udp", None),
+    ("10.0.0.0/8/tcp", "10.0.0.0/8", None, "tcp", None),
+    ("192.0.2.7", "192.0.2.7/32", None, None, "192.0.2.7/32"),
+    ("[10.0.0.0/8]:22/TCP", "10.0.0.0/8", (22, 22), "tcp", "10.0.0.0/8:22/tcp"),
+    ("2001:db8::/32", "2001:db8::/32", None, None, None),
+    ("::/0", "::/0", None, None, None),
+    ("[2001:db8::/32]:443/tcp", "2001:db8::/32", (443, 443), "tcp", None),
+    ("[2001:db8::/32]:1-65535", "2001:db8::/32", (1, 65535), None, None),
+    ("2001:db8::/32/udp", "2001:db8::/32", None, "udp", None),
+    ("[2001:db8::/32]", "2001:db8::/32", None, None, "2001:db8::/32"),
+])
+def test_rule_parse_and_str(text, network, ports, protocol, canonical):
+    r = Rule.parse(text)
+    assert r == Rule(net(network), ports, protocol)
+    assert str(r) == (canonical or text)
+    assert Rule.parse(str(r)) == r
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("10.0.0.1/8", "host bits set"),
+    ("10.0.0.0/8:0", "out of range"),
+    ("10.0.0.0/8:65536", "out of range"),
+    ("10.0.0.0/8:2000-1000", "backwards"),
+    ("10.0.0.0/8:http", "bad port"),
+    ("10.0.0.0/8/icmp", "not tcp or udp"),
+    ("2001:db8::/32:443", "needs brackets"),
+    ("[2001:db8::/32:443", "without ']'"),
+    ("[2001:db8::/32]443", "after ']'"),
+    ("example.com", "not an IP network"),
+])
+def test_rule_parse_refuses(text, reason):
+    with pytest.raises(ValueError, match=reason):
+        Rule.parse(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: every one names file, line, key and reason
+
+
+def test_unknown_key_suggests_the_closest():
+    text = "name: a\ninterfce: wg1\n"
+    p = refused(text, "interfce", "unknown key 'interfce'", "interfce")
+    assert "did you mean 'interface'" in p.hint
+    text = y("""
+        name: a
+        parent:
+          egress:
+            alow: [10.0.0.0/8]
+    """)
+    p = refused(text, "parent.egress.alow", "unknown key", "alow")
+    assert "'allow'" in p.hint
+    p = refused("name: a\nzzzzzz: 1\n", "zzzzzz", "unknown key")
+    assert "known keys here" in p.hint
+
+
+BAD = [
+    # (yaml, key, reason, needle naming the line)
+    ("interface: wg0\n", "name", "missing", None),
+    ("name: Payments\n", "name", "not a valid name", "name:"),
+    ("name: -a\n", "name", "not a valid name", "name:"),
+    (f"name: {'a' * 32}\n", "name", "not a valid name", "name:"),
+    ("name: [a]\n", "name", "expected a string, got a list", "name:"),
+    ("name: a\nversion: 2\n", "version", "not supported", "version:"),
+    ("name: a\nversion: '1'\n", "version", "expected an integer, got a string", "version:"),
+    ("name: a\nmtu: big\n", "mtu", "expected an integer", "mtu:"),
+    ("name: a\nmtu: 575\n", "mtu", "out of range", "mtu:"),
+    ("name: a\nmtu: 65536\n", "mtu", "out of range", "mtu:"),
+    ("name: a\nmtu: 1279\nparent: {address: 'fd77::1/126'}\n", "mtu", "IPv6 minimum", "mtu:"),
+    ("name: a\ninterface: wireguard-payments\n", "interface", "longer than 15", "interface:"),
+    ("name: a\ninterface: 'wg 0'\n", "interface", "not a valid interface name", "interface:"),
+    ("name: a\ninterface: wg/0\n", "interface", "not a valid interface name", "interface:"),
+    ("name: a\ntransport: [vsock]\n", "transport", "expected a mapping, got a list",
+     "transport:"),
+    ("name: a\ntransport:\n  kind: udp\n", "transport.kind", "not one of", "kind:"),
+    ("name: a\ntransport:\n  port: 4294967295\n", "transport.port", "out of range", " port:"),
+    ("name: a\ntransport:\n  port: 0\n", "transport.port", "out of range", " port:"),
+    ("name: a\ntransport:\n  kind: unix\n  port: 65536\n", "transport.port", "out of range",
+     " port:"),
+    ("name: a\ntransport:\n  kind: tcp\n  host: 192.0.2.1\n  port: 70000\n", "transport.port",
+     "out of range", " port:"),
+    ("name: a\ntransport:\n  port: 7\n  control_port: 7\n", "transport.control_port",
+     "control_port equals port", "control_port:"),
+    ("name: a\ntransport:\n  kind: tcp\n  host: 192.0.2.1\n  port: 65535\n",
+     "transport.control_port", "default control_port", " port:"),
+    ("name: a\ntransport:\n  kind: tcp\n", "transport.host", "required when transport.kind is tcp",
+     "transport:"),
+    ("name: a\ntransport:\n  kind: tcp\n  host: parent.local\n", "transport.host",
+     "not an IP address", "host:"),
+    ("name: a\ntransport:\n  path: run/x\n", "transport.path", "not an absolute path", "path:"),
+    ("name: a\ntransport:\n  parent_cid: 4294967295\n", "transport.parent_cid", "out of range",
+     "parent_cid:"),
+    ("name: a\nparent:\n  address: 10.77.0.300/30\n", "parent.address", "not an address",
+     "address:"),
+    ("name: a\nparent:\n  address: 10.77.0.1\n", "parent.address", "no prefix length",
+     "address:"),
+    ("name: a\nparent:\n  address: 10.77.0.1/32\n", "parent.address", "no room", "address:"),
+    ("name: a\nparent:\n  address: 10.77.0.0/30\n", "parent.address", "network address",
+     "address:"),
+    ("name: a\nparent:\n  address: {ip: 10.77.0.1/30}\n", "parent.address",
+     "expected a list, got a mapping", "address:"),
+    ("name: a\nparent:\n  address: []\n", "parent.address", "no address given", "address:"),
+    ("name: a\nparent:\n  address:\n    - 10.77.0.1/30\n    - 10.78.0.1/30\n",
+     "parent.address[1]", "second IPv4", "10.78"),
+    ("name: a\nparent: {address: 10.77.0.1/30}\nenclave:\n  address: 10.77.1.2/30\n",
+     "enclave.address", "outside the tunnel subnet 10.77.0.0/30", "10.77.1.2"),
+    ("name: a\nparent: {address: 10.77.0.1/30}\nenclave:\n  address: 10.77.0.1/30\n",
+     "enclave.address", "the parent's own address", "  address: 10.77.0.1/30"),
+    ("name: a\nparent: {address: 10.77.0.1/30}\nenclave:\n  address: 10.77.0.2/24\n",
+     "enclave.address", "prefix /24 differs", "/24"),
+    ("name: a\nparent: {address: 10.77.0.1/30}\nenclave:\n  address: [10.77.0.2/30, "
+     "'fd77::2/126']\n", "enclave.address", "parent.address has none", "fd77"),
+    ("name: a\nparent:\n  private_key: keys/a.key\n", "parent.private_key",
+     "not an absolute path", "private_key:"),
+    ("name: a\nparent:\n  private_key: 'ssm:'\n", "parent.private_key", "names no parameter",
+     "private_key:"),
+    ("name: a\nparent:\n  egress:\n    nat: 'yes'\n", "parent.egress.nat",
+     "expected true or false", "nat:"),
+    ("name: a\nparent:\n  egress:\n    interface: a-very-long-name0\n",
+     "parent.egress.interface", "longer than 15", "interface:"),
+    ("name: a\nparent:\n  egress:\n    allow:\n      - 10.0.0.0/8\n      - 10.0.0.0/8:99999\n",
+     "parent.egress.allow[1]", "out of range", "99999"),
+    ("name: a\nparent:\n  egress:\n    deny: [10.0.0.1/8]\n", "parent.egress.deny[0]",
+     "host bits set", "deny:"),
+    ("name: a\nparent:\n  egress:\n    allow: [[2001:db8::/32]]\n", "parent.egress.allow[0]",
+     "expected a string, got a list", "allow:"),
+    ("name: a\nparent:\n  ingress:\n    - {listen: 0}\n", "parent.ingress[0].listen",
+     "out of range", "listen"),
+    ("name: a\nparent:\n  ingress:\n    - {listen: 80, to: 65536}\n", "parent.ingress[0].to",
+     "out of range", "listen"),
+    ("name: a\nparent:\n  ingress:\n    - {listen: 80, protocol: sctp}\n",
+     "parent.ingress[0].protocol", "not one of tcp, udp", "sctp"),
+    ("name: a\nparent:\n  ingress:\n    - {listen: 80}\n    - {listen: 81}\n    - listen: 80\n",
+     "parent.ingress[2].listen", "already used by parent.ingress[0]", "- listen: 80"),
+    ("name: a\nparent:\n  ingress:\n    - {to: 80}\n", "parent.ingress[0].listen", "missing",
+     "to: 80"),
+    ("name: a\nparent:\n  ingress:\n    - 8443:443\n", "parent.ingress[0]",
+     "expected a mapping", "8443"),
+    ("name: a\ntransport: {kind: tcp, host: 192.0.2.1}\nparent:\n  ingress:\n"
+     "    - {listen: 51821}\n", "parent.ingress[0].listen", "transport's own port", "51821"),
+    ("name: a\nparent:\n  enclave:\n    eif: /opt/app.img\n", "parent.enclave.eif",
+     "does not end in .eif", "eif:"),
+    ("name: a\nparent:\n  enclave:\n    eif: app.eif\n", "parent.enclave.eif",
+     "not an absolute path", "eif:"),
+    ("name: a\nparent:\n  enclave:\n    cpu_count: 2\n", "parent.enclave.eif", "missing",
+     "enclave:"),
+    ("name: a\nparent:\n  enclave:\n    eif: /a.eif\n    cid: 3\n", "parent.enclave.cid",
+     "out of range", "cid:"),
+    ("name: a\nparent:\n  enclave:\n    eif: /a.eif\n    memory_mib: 10\n",
+     "parent.enclave.memory_mib", "out of range", "memory_mib:"),
+    ("name: a\nenclave:\n  dns: [one.one.one.one]\n", "enclave.dns[0]", "not an IP address",
+     "dns:"),
+    ("name: a\nenclave:\n  dns: 9.9.9.9\n  routes: [10.0.0.0/8]\n", "enclave.dns",
+     "not reachable", "dns:"),
+    ("name: a\nenclave:\n  routes:\n    - 10.0.0.1/8\n", "enclave.routes[0]", "host bits",
+     "10.0.0.1/8"),
+    ("name: a\nenclave:\n  routes:\n    - '::/0'\n", "enclave.routes[0]", "no IPv6 address",
+     "::/0"),
+    ("name: a\nattestation:\n  require: 1\n", "attestation.require", "expected true or false",
+     "require:"),
+    ("name: a\nattestation:\n  max_age: 0\n", "attestation.max_age", "out of range",
+     "max_age:"),
+    ("name: a\nattestation:\n  pcrs: [1]\n", "attestation.pcrs", "expected a mapping",
+     "pcrs:"),
+    (f"name: a\nattestation:\n  pcrs:\n    32: {PCR}\n", "attestation.pcrs.32",
+     "not a PCR index", "32:"),
+    (f"name: a\nattestation:\n  pcrs:\n    -1: {PCR}\n", "attestation.pcrs.-1",
+     "not a PCR index", "-1:"),
+    ("name: a\nattestation:\n  pcrs:\n    0: abcd\n", "attestation.pcrs.0", "4 hex digits",
+     "0: abcd"),
+    (f"name: a\nattestation:\n  pcrs:\n    0: {'zz' * 48}\n", "attestation.pcrs.0",
+     "not hexadecimal", "0: zz"),
+    (f"name: a\nparent:\n  enclave: {{eif: /a.eif, debug: true}}\nattestation:\n"
+     f"  pcrs:\n    0: {PCR}\n", "attestation.pcrs", "debug mode", "pcrs:"),
+    ("name: a\nmtu: 1400\nmtu: 1300\n", "mtu", "given twice (first on line 2)", "1300"),
+    ("name: a\nmtu:\nmtu: 1300\n", "mtu", "given twice (first on line 2)", "1300"),
+    ("name: a\nmtu: !!float 1400\n", "mtu", "expected an integer, got a number", "mtu:"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "reason", "needle"), BAD,
+                         ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
+def test_bad_profile_is_refused(text, key, reason, needle):
+    refused(text, key, reason, needle)
+
+
+@pytest.mark.parametrize(("text", "line", "reason"), [
+    ("name: a\nparent:\n  address: [10.0.0.1/30\n", 4, "not valid YAML"),
+    ("name: a\nparent:\n\taddress: x\n", 3, "not valid YAML"),
+    ("name: a\nallow:\n  - [2001:db8::/32]:443/tcp\n", 3, "not valid YAML"),
+    ("name: a\n---\nname: b\n", 2, "not valid YAML"),
+])
+def test_malformed_yaml(text, line, reason):
+    [p] = problems(text)
+    assert (p.file, p.line) == (FILE, line)
+    assert reason in p.reason and p.hint
+
+
+def test_unquoted_ipv6_hint():
+    [p] = problems("name: a\nenclave:\n  routes: [::/0]\n")
+    assert p.line == 3 and '"::/0"' in p.hint
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("", "empty"),
+    ("# only a comment\n", "empty"),
+    ("- name: a\n", "expected a mapping, got a list"),
+    ("just text\n", "expected a mapping, got a string"),
+])
+def test_not_a_profile(text, reason):
+    [p] = problems(text)
+    assert p.file == FILE and p.line == 1 and reason in p.reason
+
+
+def test_all_problems_are_reported_at_once():
+    text = y("""
+        name: Bad
+        mtu: 10
+        transport:
+          kind: vsock
+          port: 0
+        parent:
+          adress: 10.0.0.1/30
+          ingress:
+            - {listen: 70000}
+        attestation:
+          pcrs: {99: ab}
+    """)
+    found = problems(text)
+    assert [(p.line, p.key) for p in found] == [
+        (line_with(text, "name:"), "name"),
+        (line_with(text, "mtu:"), "mtu"),
+        (line_with(text, " port:"), "transport.port"),
+        (line_with(text, "adress:"), "parent.adress"),
+        (line_with(text, "listen"), "parent.ingress[0].listen"),
+        (line_with(text, "99"), "attestation.pcrs.99"),
+    ]
+
+
+def test_problem_format():
+    p = Problem("f.yaml", 7, "parent.egress.allow[2]", "bad", "fix it")
+    assert str(p) == "f.yaml:7: parent.egress.allow[2]: bad — fix it"
+    assert str(Problem("f.yaml", 0, "", "no such file", "check")) == "f.yaml: no such file — check"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(ProfileError, match="no such file") as info:
+        load_profile(tmp_path / "nope.yaml")
+    assert info.value.problems[0].file == str(tmp_path / "nope.yaml")
+
+
+def test_load_directory(tmp_path):
+    with pytest.raises(ProfileError, match="is a directory"):
+        load_profile(tmp_path)
+
+
+def test_load_permission_denied(tmp_path, monkeypatch):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: a\n")
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    # Root reads any file, so chmod 000 proves nothing in CI: fake the refusal instead.
+    monkeypatch.setattr(builtins, "open", deny)
+    with pytest.raises(ProfileError, match="permission denied"):
+        load_profile(path)
+
+
+def test_load_not_utf8(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"name: a\n# caf\xe9\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert info.value.problems[0].line == 2
+    assert "UTF-8" in info.value.problems[0].reason
+
+
+def test_load_reports_the_path(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: a\nmtu: 1\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"{path}:2: mtu: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Host checks
+
+
+def test_check_host_overlap():
+    text = "name: a\nparent:\n  address: 10.77.0.1/30\n"
+    p = parse_profile(text, FILE)
+    found = check_host(p, [net("192.168.0.0/16"), net("10.0.0.0/8"), net("fd00::/64")])
+    assert len(found) == 1
+    [problem] = found
+    assert (problem.file, problem.line, problem.key) == (FILE, 3, "parent.address")
+    assert "overlaps 10.0.0.0/8" in problem.reason
+    assert "e.g. 172.30.0.0/30" in problem.hint  # the first free subnet outside 10/8
+
+
+def test_check_host_clean_and_ipv6():
+    p = parse_profile('name: a\nparent: {address: [10.77.0.1/30, "fd77::1/126"]}\n', FILE)
+    assert check_host(p, [net("192.0.2.0/24"), net("fd00::/64")]) == []
+    found = check_host(p, [net("fd77::/16")])
+    assert [x.key for x in found] == ["parent.address[1]"]
+    assert found[0].line == 2
+
+
+def test_check_host_with_defaulted_address_points_at_the_file():
+    p = parse_profile("name: a\n", FILE)
+    [problem] = check_host(p, [net("10.77.0.0/24")])
+    assert problem.line == 1 and problem.key == "parent.address"
+    assert "10.77.1.0/30" in problem.hint
+
+
+def test_local_networks_reads_this_namespace():
+    nets = local_networks()
+    assert all(isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) for n in nets)
+    assert not any(n.version == 4 and n.subnet_of(net("127.0.0.0/8")) for n in nets)
+    assert net("::1/128") not in nets
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def test_main_check_prints_the_resolved_profile(capsys):
+    assert main_check([str(EXAMPLES[0])]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert parse_profile(out, str(EXAMPLES[0])) == load_profile(EXAMPLES[0])
+
+
+def test_main_check_bad_profile(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: a\nmtu: 1\nfoo: 2\n")
+    assert main_check([str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"{path}:2: mtu: 1 is out of range — use 576..65535",
+        f"{path}:3: foo: unknown key 'foo' — known keys here: version, name, interface, mtu, "
+        "transport, parent, enclave, attestation",
+    ]
+
+
+def test_main_check_missing_file(tmp_path, capsys):
+    assert main_check([str(tmp_path / "none.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err and "Traceback" not in err
+
+
+def test_main_check_host(monkeypatch, capsys):
+    import wgvsock.profile as profile_module
+
+    seen = []
+
+    def fake(exclude_interface=None):
+        seen.append(exclude_interface)
+        return [net("10.77.0.0/16")]
+
+    monkeypatch.setattr(profile_module, "local_networks", fake)
+    assert main_check([str(EXAMPLES[0]), "--host"]) == 1
+    assert seen == ["wg0"]  # the profile's own interface is not a clash
+    assert "overlaps 10.77.0.0/16" in capsys.readouterr().err
+    monkeypatch.setattr(profile_module, "local_networks", lambda exclude_interface=None: [])
+    assert main_check([str(EXAMPLES[0]), "--host"]) == 0
+
+
+def test_main_check_host_netlink_failure(monkeypatch, capsys):
+    import wgvsock.profile as profile_module
+
+    def broken(exclude_interface=None):
+        raise OSError("netlink unavailable")
+
+    monkeypatch.setattr(profile_module, "local_networks", broken)
+    assert main_check([str(EXAMPLES[0]), "--host"]) == 1
+    assert "cannot list this host's networks" in capsys.readouterr().err
+
+
+def test_main_check_usage(capsys):
+    assert main_check([]) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_cli_profile_check(capsys):
+    assert cli.main(["profile", "check", str(UNIX_PROFILE)]) == 0
+    assert "kind: unix" in capsys.readouterr().out
+    assert cli.main(["profile"]) == 2
+    assert "profile check FILE" in capsys.readouterr().err
+    assert "profile" not in cli._PLANNED
+
+
+def test_profile_type_is_frozen():
+    p = parse_profile("name: a\n")
+    assert isinstance(p, Profile)
+    with pytest.raises(AttributeError):
+        p.name = "b"  # type: ignore[misc]

@@ -1,0 +1,609 @@
+"""The parent's nftables: egress NAT and policy for the enclave, ingress port forwarding.
+
+One profile owns exactly one table, ``table inet wgvsock_<name>``, so that ``parent up`` can
+replace it atomically and ``parent down`` can remove it without touching anyone else's rules.
+:func:`render_ruleset` is pure (spec in, nft script out); :func:`apply`, :func:`remove` and
+:func:`exists` run ``nft``, optionally inside a network namespace (the tests' way).
+
+Why the chains look the way they do
+-----------------------------------
+* Filter chains hook at ``priority filter - 1`` with ``policy accept``. In nftables every base
+  chain on a hook sees the packet and a *drop* anywhere is final, while an *accept* only ends the
+  chain that issued it. So our drops hold whatever else is loaded, and running just before the
+  usual priority-0 chains (Debian's empty ``inet filter``, iptables-nft's ``ip filter`` that
+  Docker fills) means our counters see every enclave packet first. ``policy accept`` and the
+  ``iifname``/``oifname`` guards keep our table out of the way of all other host traffic.
+* The flip side: our accept cannot override someone else's drop. Docker sets the iptables
+  FORWARD policy to DROP, which drops the enclave's forwarded traffic no matter what we accept;
+  such a host needs ``iptables -I DOCKER-USER -i wg0 -j ACCEPT`` and ``-o wg0`` likewise (our
+  chain has applied the profile's policy by then). :func:`conflicting_forward_chains` finds such
+  chains so ``parent doctor`` can say so.
+* From the tunnel, the source must be one of the enclave's addresses (WireGuard's allowed-IPs
+  already ensure it; this is a second line). Then established/related flows pass, deny rules
+  drop, allow rules accept, and anything else is dropped: deny wins over allow.
+* The parent's own addresses are destinations like any other: a connection from the enclave
+  to the parent (input hook) goes through the same deny/allow lists, so the parent's services
+  are reachable from the enclave only where the profile allows them. Only what the tunnel
+  itself needs passes regardless: ICMP echo to the parent, IPv6 neighbour discovery (hop limit
+  255) and MLD, and replies to connections the parent opened.
+* Towards the enclave, only replies and the profile's ingress ports (after our DNAT) pass.
+* NAT chains use the standard priorities (``dstnat``, ``srcnat``, -100 for output). Among NAT
+  chains the first one to bind a connection wins, and Docker's NAT rules only match its own
+  published ports and container subnets, so the order between us and Docker does not matter.
+* Ingress DNAT matches ``fib daddr type local``: only connections to the parent's own
+  addresses are forwarded, never traffic the parent routes for others on the same port. The
+  output hook does the same for connections the parent makes to itself, except to loopback
+  (127.0.0.0/8, ::1): a packet from 127.0.0.1 cannot leave through the tunnel, so such a
+  connection is refused at once rather than hanging.
+* With several enclave addresses of one family, ingress goes to the first one.
+* Replacing the table leaves existing conntrack entries alone: an established flow that a new
+  deny rule covers lives until it ends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+__all__ = [
+    "COUNTERS",
+    "Counter",
+    "FirewallError",
+    "FirewallSpec",
+    "Ingress",
+    "IngressLike",
+    "Rule",
+    "RuleLike",
+    "apply",
+    "check",
+    "conflicting_forward_chains",
+    "enable_forwarding",
+    "exists",
+    "read_counters",
+    "remove",
+    "render_ruleset",
+    "restore_forwarding",
+    "table_name",
+]
+
+L4 = Literal["tcp", "udp"]
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+#: Named counters in every table, for tests and the status dashboard (see :func:`read_counters`).
+COUNTERS: tuple[str, ...] = (
+    "spoofed",            # from the tunnel with a source that is not an enclave address
+    "egress_denied",      # new flows from the enclave that matched a deny rule
+    "egress_allowed",     # new flows from the enclave that matched an allow rule
+    "egress_blocked",     # new forwarded flows from the enclave that matched no allow rule
+    "local_blocked",      # new flows from the enclave to the parent itself that matched none
+    "ingress_accepted",   # new flows into the enclave through an ingress port
+    "ingress_blocked",    # anything else routed towards the enclave
+)
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+# Linux refuses '/', ':' and whitespace in interface names; we also keep out anything that
+# would need escaping inside an nft string (quotes, backslashes) or that nft treats as a
+# wildcard ('*').
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.@+-]{1,15}")
+
+
+class FirewallError(RuntimeError):
+    """nft is missing or refused a script; the message carries nft's own explanation."""
+
+
+class RuleLike(Protocol):
+    """What the renderer reads from an allow/deny rule (the profile's rules fit as they are)."""
+
+    @property
+    def network(self) -> IPNetwork | str: ...
+    @property
+    def ports(self) -> tuple[int, int] | int | None: ...
+    @property
+    def protocol(self) -> str | None: ...
+
+
+class IngressLike(Protocol):
+    @property
+    def listen(self) -> int: ...
+    @property
+    def to(self) -> int: ...
+    @property
+    def protocol(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Destination `network`, optionally only `ports` (lo, hi inclusive) and/or one `protocol`.
+    Ports without a protocol mean both TCP and UDP."""
+
+    network: IPNetwork
+    ports: tuple[int, int] | None = None
+    protocol: L4 | None = None
+
+
+@dataclass(frozen=True)
+class Ingress:
+    """Connections to the parent's port `listen` are forwarded to the enclave's port `to`."""
+
+    listen: int
+    to: int
+    protocol: L4 = "tcp"
+
+
+@dataclass
+class FirewallSpec:
+    name: str
+    tunnel_interface: str
+    enclave_addresses: Sequence[IPAddress | str]
+    egress_nat: bool = True
+    #: None: masquerade out of any interface other than the tunnel.
+    egress_interface: str | None = None
+    allow: Sequence[RuleLike] = field(default_factory=list)
+    deny: Sequence[RuleLike] = field(default_factory=list)
+    ingress: Sequence[IngressLike] = field(default_factory=list)
+
+
+class Counter(NamedTuple):
+    packets: int
+    bytes: int
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    network: IPNetwork
+    ports: tuple[int, int] | None
+    protocol: L4 | None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    tunnel: str
+    v4: tuple[IPv4Address, ...]
+    v6: tuple[IPv6Address, ...]
+    egress_nat: bool
+    egress_interface: str | None
+    allow: tuple[_Rule, ...]
+    deny: tuple[_Rule, ...]
+    ingress: tuple[Ingress, ...]
+
+
+def table_name(name: str) -> str:
+    """The nft table of profile `name` (nft identifiers cannot contain '-')."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"profile name {name!r}: use 1-64 of a-z, 0-9 and '-', not leading '-'")
+    return "wgvsock_" + name.replace("-", "_")
+
+
+def _ifname(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _IFNAME_RE.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{what} {value!r} is not a valid interface name")
+    return value
+
+
+def _address(value: object) -> IPAddress:
+    # Profiles may hold the enclave's address with its prefix (an ip_interface): use the host.
+    if isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
+        return value.ip
+    if isinstance(value, IPv4Address | IPv6Address):
+        return value
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_interface(value).ip
+        except ValueError:
+            pass
+    raise ValueError(f"enclave address {value!r} is not an IP address")
+
+
+def _port(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"{what} {value!r} is not a port number (1-65535)")
+    return value
+
+
+def _protocol(value: object, what: str, *, optional: bool) -> L4 | None:
+    if value is None and optional:
+        return None
+    if value == "tcp":
+        return "tcp"
+    if value == "udp":
+        return "udp"
+    raise ValueError(f"{what} protocol {value!r}: use tcp or udp")
+
+
+def _rule(rule: RuleLike, what: str) -> _Rule:
+    net = rule.network
+    try:
+        network = net if isinstance(net, IPv4Network | IPv6Network) else ipaddress.ip_network(net)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} network {net!r}: {exc}") from None
+    ports = rule.ports
+    span: tuple[int, int] | None
+    if ports is None:
+        span = None
+    elif isinstance(ports, int):
+        span = (_port(ports, f"{what} port"),) * 2
+    else:
+        try:
+            lo, hi = ports
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} ports {ports!r}: use (lo, hi)") from None
+        span = (_port(lo, f"{what} port"), _port(hi, f"{what} port"))
+        if lo > hi:
+            raise ValueError(f"{what} ports {lo}-{hi}: the range is empty")
+    return _Rule(network, span, _protocol(rule.protocol, what, optional=True))
+
+
+def _validated(spec: FirewallSpec) -> _Spec:
+    table_name(spec.name)
+    tunnel = _ifname(spec.tunnel_interface, "tunnel interface")
+    egress = spec.egress_interface
+    if egress is not None:
+        _ifname(egress, "egress interface")
+        if egress == tunnel:
+            raise ValueError(f"egress interface {egress!r} is the tunnel interface")
+    addrs = [_address(a) for a in spec.enclave_addresses]
+    if not addrs:
+        raise ValueError("no enclave address: nothing to allow or forward")
+    ingress: list[Ingress] = []
+    seen: set[tuple[str, int]] = set()
+    for i, ing in enumerate(spec.ingress):
+        what = f"ingress[{i}]"
+        proto = _protocol(ing.protocol, what, optional=False)
+        assert proto is not None
+        item = Ingress(_port(ing.listen, f"{what} listen"), _port(ing.to, f"{what} to"), proto)
+        if (proto, item.listen) in seen:
+            raise ValueError(f"{what}: {proto} port {item.listen} is forwarded twice")
+        seen.add((proto, item.listen))
+        ingress.append(item)
+    return _Spec(
+        name=spec.name,
+        tunnel=tunnel,
+        v4=tuple(dict.fromkeys(a for a in addrs if isinstance(a, IPv4Address))),
+        v6=tuple(dict.fromkeys(a for a in addrs if isinstance(a, IPv6Address))),
+        egress_nat=bool(spec.egress_nat),
+        egress_interface=egress,
+        allow=tuple(_rule(r, f"allow[{i}]") for i, r in enumerate(spec.allow)),
+        deny=tuple(_rule(r, f"deny[{i}]") for i, r in enumerate(spec.deny)),
+        ingress=tuple(ingress),
+    )
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def _ports(span: tuple[int, int]) -> str:
+    lo, hi = span
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _describe(verb: str, r: _Rule) -> str:
+    # Also the rule's nft comment, which read_counters() reports its counter under.
+    text = f"{verb} {r.network}"
+    if r.protocol or r.ports:
+        text += " " + (r.protocol or "tcp+udp")
+    if r.ports:
+        text += " " + _ports(r.ports)
+    return text
+
+
+def _match(r: _Rule) -> str:
+    v4 = r.network.version == 4
+    if r.network.prefixlen == 0:
+        parts = [f"meta nfproto {'ipv4' if v4 else 'ipv6'}"]
+    else:
+        parts = [f"{'ip' if v4 else 'ip6'} daddr {r.network}"]
+    if r.protocol and r.ports:
+        parts.append(f"{r.protocol} dport {_ports(r.ports)}")
+    elif r.protocol:
+        parts.append(f"meta l4proto {r.protocol}")
+    elif r.ports:
+        parts.append(f"meta l4proto {{ tcp, udp }} th dport {_ports(r.ports)}")
+    return " ".join(parts)
+
+
+def _q(text: str) -> str:
+    # Everything quoted here was validated to need no escaping.
+    return f'"{text}"'
+
+
+def _set(name: str, kind: str, elements: Sequence[IPAddress]) -> list[str]:
+    lines = [f"\tset {name} {{", f"\t\ttype {kind}"]
+    if elements:
+        lines.append(f"\t\telements = {{ {', '.join(map(str, elements))} }}")
+    return [*lines, "\t}"]
+
+
+def _chain(name: str, body: Sequence[str], hook: str | None = None) -> list[str]:
+    head = [f"\t\t{hook}"] if hook else []
+    return ["", f"\tchain {name} {{", *head, *(f"\t\t{line}" for line in body), "\t}"]
+
+
+def render_ruleset(spec: FirewallSpec) -> str:
+    """The nft script that replaces profile `spec.name`'s table in one transaction.
+
+    Raises ValueError for a spec that cannot be rendered safely (bad name, interface, port,
+    protocol; no enclave address; one ingress port forwarded twice)."""
+    s = _validated(spec)
+    table = table_name(s.name)
+    tun = _q(s.tunnel)
+    out = [
+        f"# wgvsock profile {s.name}: generated by wgvsock, rewritten by `parent up`",
+        # Creating the table first makes the delete valid when it did not exist; all three
+        # statements are one transaction, so there is no moment without the old or new rules.
+        f"table inet {table} {{}}",
+        f"delete table inet {table}",
+        f"table inet {table} {{",
+        *_set("enclave_v4", "ipv4_addr", s.v4),
+        *_set("enclave_v6", "ipv6_addr", s.v6),
+    ]
+    for counter in COUNTERS:
+        out += [f"\tcounter {counter} {{", "\t}"]
+
+    policy = [
+        f"{_match(r)} counter name {_q('egress_denied')} counter drop "
+        f"comment {_q(_describe('deny', r))}"
+        for r in s.deny
+    ] + [
+        f"{_match(r)} counter name {_q('egress_allowed')} counter accept "
+        f"comment {_q(_describe('allow', r))}"
+        for r in s.allow
+    ]
+    out += _chain("egress_policy", policy)
+    out += _chain("check_source", [
+        f"ip saddr != @enclave_v4 counter name {_q('spoofed')} drop",
+        f"ip6 saddr != @enclave_v6 counter name {_q('spoofed')} drop",
+    ])
+    out += _chain("from_enclave", [
+        "jump check_source",
+        "ct state established,related accept",
+        "jump egress_policy",
+        f"counter name {_q('egress_blocked')} drop",
+    ])
+    out += _chain("enclave_to_parent", [
+        # Link-scoped and sent from link-local or unspecified sources, so before the source
+        # check. A WireGuard interface sends none of these; other tunnel stand-ins do.
+        "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }"
+        " ip6 hoplimit 255 accept",
+        "ip6 saddr { ::, fe80::/10 } icmpv6 type { mld-listener-report, mld2-listener-report }"
+        " accept",
+        "jump check_source",
+        "ct state established,related accept",
+        "icmp type echo-request accept",
+        "icmpv6 type echo-request accept",
+        "jump egress_policy",
+        f"counter name {_q('local_blocked')} drop",
+    ])
+    to_enclave = ["ct state established,related accept"]
+    # After prerouting DNAT the destination port is already `to`.
+    for to, proto in dict.fromkeys((i.to, i.protocol) for i in s.ingress):
+        to_enclave.append(
+            f"ct status dnat {proto} dport {to} counter name {_q('ingress_accepted')} accept"
+        )
+    to_enclave.append(f"counter name {_q('ingress_blocked')} drop")
+    out += _chain("to_enclave", to_enclave)
+    out += _chain(
+        "forward",
+        [f"iifname {tun} jump from_enclave", f"oifname {tun} jump to_enclave"],
+        "type filter hook forward priority filter - 1; policy accept;",
+    )
+    out += _chain(
+        "input",
+        [f"iifname {tun} jump enclave_to_parent"],
+        "type filter hook input priority filter - 1; policy accept;",
+    )
+
+    if s.ingress:
+        pre: list[str] = []
+        local: list[str] = []
+        targets = [
+            (fam, nfproto, addrs[0], loopback)
+            for fam, nfproto, addrs, loopback in (
+                ("ip", "ipv4", s.v4, "127.0.0.0/8"),
+                ("ip6", "ipv6", s.v6, "::1"),
+            )
+            if addrs
+        ]
+        for ing in s.ingress:
+            comment = f"comment {_q(f'ingress {ing.protocol} {ing.listen} -> {ing.to}')}"
+            for fam, nfproto, addr, loopback in targets:
+                dest = f"{addr}:{ing.to}" if fam == "ip" else f"[{addr}]:{ing.to}"
+                action = f"{ing.protocol} dport {ing.listen} dnat {fam} to {dest} {comment}"
+                pre.append(
+                    f"iifname != {tun} meta nfproto {nfproto} fib daddr type local {action}"
+                )
+                local.append(
+                    f"meta nfproto {nfproto} fib daddr type local {fam} daddr != {loopback} "
+                    f"{action}"
+                )
+        out += _chain("prerouting", pre, "type nat hook prerouting priority dstnat; policy accept;")
+        out += _chain("output", local, "type nat hook output priority -100; policy accept;")
+
+    if s.egress_nat:
+        oif = f"oifname {_q(s.egress_interface)}" if s.egress_interface else f"oifname != {tun}"
+        out += _chain(
+            "postrouting",
+            [f"{oif} ip saddr @enclave_v4 masquerade", f"{oif} ip6 saddr @enclave_v6 masquerade"],
+            "type nat hook postrouting priority srcnat; policy accept;",
+        )
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# -- running nft ----------------------------------------------------------------------------
+
+
+def _nft(
+    args: Sequence[str], netns: str | None, script: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    if shutil.which("nft") is None:
+        raise FirewallError("nft not found: install nftables")
+    cmd = ["nft", *args]
+    if netns is not None:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    try:
+        return subprocess.run(
+            cmd, input=script, capture_output=True, text=True, timeout=30, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise FirewallError(f"`{' '.join(cmd)}` did not finish within 30 s") from None
+
+
+def _load(script: str, netns: str | None, *, dry_run: bool = False) -> None:
+    res = _nft(["-c", "-f", "-"] if dry_run else ["-f", "-"], netns, script)
+    if res.returncode != 0:
+        detail = (res.stderr or res.stdout).strip()
+        raise FirewallError(f"nft refused the ruleset: {detail}")
+
+
+def check(spec: FirewallSpec, netns: str | None = None) -> None:
+    """Has the kernel validate the rendered script (``nft -c``) without changing anything."""
+    _load(render_ruleset(spec), netns, dry_run=True)
+
+
+def apply(spec: FirewallSpec, netns: str | None = None) -> None:
+    """Installs or atomically replaces profile `spec.name`'s table."""
+    _load(render_ruleset(spec), netns)
+
+
+def remove(name: str, netns: str | None = None) -> None:
+    """Deletes profile `name`'s table; nothing happens when it is not there."""
+    table = table_name(name)
+    _load(f"table inet {table} {{}}\ndelete table inet {table}\n", netns)
+
+
+def _json(args: Sequence[str], netns: str | None) -> list[dict]:
+    res = _nft(["-j", *args], netns)
+    if res.returncode != 0:
+        raise FirewallError(f"nft {' '.join(args)}: {(res.stderr or res.stdout).strip()}")
+    return json.loads(res.stdout).get("nftables", [])
+
+
+def exists(name: str, netns: str | None = None) -> bool:
+    table = table_name(name)
+    return any(
+        item.get("table", {}).get("family") == "inet" and item["table"].get("name") == table
+        for item in _json(["list", "tables"], netns)
+    )
+
+
+def read_counters(name: str, netns: str | None = None) -> dict[str, Counter]:
+    """The named counters (:data:`COUNTERS`) and each allow/deny rule's own counter, under
+    its comment (e.g. ``"deny 169.254.169.254/32"``). Raises FirewallError without a table."""
+    table = table_name(name)
+    counters: dict[str, Counter] = {}
+    for item in _json(["list", "table", "inet", table], netns):
+        if "counter" in item:
+            c = item["counter"]
+            counters[c["name"]] = Counter(c["packets"], c["bytes"])
+        elif "rule" in item and "comment" in item["rule"]:
+            for expr in item["rule"].get("expr", []):
+                c = expr.get("counter")
+                if isinstance(c, dict):  # anonymous; a named one is referenced by its name
+                    old = counters.get(item["rule"]["comment"], Counter(0, 0))
+                    counters[item["rule"]["comment"]] = Counter(
+                        old.packets + c["packets"], old.bytes + c["bytes"]
+                    )
+    return counters
+
+
+def conflicting_forward_chains(netns: str | None = None) -> list[str]:
+    """Other tables' forward chains whose policy is drop ("family table chain"): they drop
+    the enclave's forwarded traffic whatever our table accepts (see the module notes)."""
+    return [
+        f"{c['family']} {c['table']} {c['name']}"
+        for item in _json(["list", "chains"], netns)
+        if (c := item.get("chain"))
+        and c.get("hook") == "forward"
+        and c.get("policy") == "drop"
+        and not c.get("table", "").startswith("wgvsock_")
+    ]
+
+
+# -- forwarding sysctls ---------------------------------------------------------------------
+
+_IPV4_FORWARD = "net/ipv4/ip_forward"
+_IPV6_FORWARD = "net/ipv6/conf/all/forwarding"
+
+
+def _run(cmd: Sequence[str]) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if res.returncode != 0:
+        raise FirewallError(f"`{' '.join(cmd)}` failed: {(res.stderr or res.stdout).strip()}")
+    return res.stdout
+
+
+def _sysctl_read(keys: Sequence[str], netns: str | None) -> list[str]:
+    if not keys:
+        return []
+    if netns is None:
+        return [_proc_sys(k).read_text().strip() for k in keys]
+    # /proc/sys/net shows the namespace of whoever opens it, hence sysctl run inside; the
+    # slash form of the keys keeps dots in interface names (eth0.100) literal.
+    values = _run(["ip", "netns", "exec", netns, "sysctl", "-n", *keys]).splitlines()
+    if len(values) != len(keys):
+        raise FirewallError(f"sysctl returned {len(values)} values for {len(keys)} keys")
+    return values
+
+
+def _sysctl_write(key: str, value: str, netns: str | None) -> None:
+    if netns is None:
+        _proc_sys(key).write_text(value + "\n")
+    else:
+        _run(["ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}"])
+
+
+def _proc_sys(key: str) -> Path:
+    if ".." in key.split("/"):
+        raise ValueError(f"bad sysctl key {key!r}")
+    return Path("/proc/sys") / key
+
+
+def _ipv6_interfaces(netns: str | None) -> list[str]:
+    if netns is None:
+        names = [p.name for p in _proc_sys("net/ipv6/conf").iterdir()]
+    else:
+        names = _run(["ip", "netns", "exec", netns, "ls", "/proc/sys/net/ipv6/conf"]).split()
+    return sorted(n for n in names if n not in ("all", "default", "lo"))
+
+
+def enable_forwarding(netns: str | None = None, *, ipv6: bool = False) -> dict[str, str]:
+    """Turns on IPv4 (and with `ipv6`, IPv6) forwarding; returns the values it replaced, in
+    the order it changed them, for :func:`restore_forwarding`.
+
+    With IPv6 forwarding on, the kernel ignores router advertisements on interfaces whose
+    accept_ra is 1 — on EC2 that would make the host lose its IPv6 default route — so those
+    interfaces are moved to accept_ra=2 (accept even when forwarding) first."""
+    prev: dict[str, str] = {}
+    if ipv6:
+        ra_keys = [f"net/ipv6/conf/{n}/accept_ra" for n in _ipv6_interfaces(netns)]
+        for key, value in zip(ra_keys, _sysctl_read(ra_keys, netns), strict=True):
+            if value == "1":
+                _sysctl_write(key, "2", netns)
+                prev[key] = value
+    keys = [_IPV4_FORWARD, *([_IPV6_FORWARD] if ipv6 else [])]
+    for key, value in zip(keys, _sysctl_read(keys, netns), strict=True):
+        if value != "1":
+            _sysctl_write(key, "1", netns)
+            prev[key] = value
+    return prev
+
+
+def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> None:
+    """Puts back what :func:`enable_forwarding` changed (forwarding off before accept_ra)."""
+    for key, value in reversed(list(prev.items())):
+        if not key.startswith("net/"):
+            raise ValueError(f"not a forwarding sysctl: {key!r}")
+        _sysctl_write(key, value, netns)

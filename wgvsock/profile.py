@@ -1,0 +1,1227 @@
+"""YAML profiles: one file describes a parent-and-enclave pair (issue 4).
+
+The same file is installed on the parent and baked into the enclave image, so both sides resolve
+the same defaults from it. Validation here is pure — parse_profile() never looks at the host — so
+every role can refuse a bad profile before it changes anything, and tests need no root. What does
+depend on the host (the tunnel subnet clashing with the host's own networks) is check_host(), fed
+by local_networks().
+
+Errors read `FILE:LINE: KEY: reason — how to fix`. Line numbers come from the YAML node marks,
+which is why the document is composed into nodes and walked by hand instead of safe_load()ed:
+a plain dict has lost every line number by the time we could complain about a value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+from typing import Any, Literal, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+IPAddress = IPv4Address | IPv6Address
+IPInterface = IPv4Interface | IPv6Interface
+IPNetwork = IPv4Network | IPv6Network
+Kind = Literal["vsock", "unix", "tcp"]
+Protocol = Literal["tcp", "udp"]
+_T = TypeVar("_T")
+
+VERSION = 1
+KINDS: tuple[str, ...] = ("vsock", "unix", "tcp")
+PROTOCOLS: tuple[str, ...] = ("tcp", "udp")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
+# Linux accepts almost any byte in an interface name; we accept what ip(8), nft and systemd
+# unit names all handle without quoting.
+IFNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+IFNAMSIZ = 16
+VSOCK_PORT_MAX = 2**32 - 2  # 2^32-1 is VMADDR_PORT_ANY, which cannot be a listening port
+VSOCK_CID_MAX = 2**32 - 2  # 2^32-1 is VMADDR_CID_ANY
+ENCLAVE_CID_MIN = 4  # 0..3 are hypervisor, local, host and (on Nitro) the parent
+TCP_PORT_MAX = 65535
+# sun_path holds 107 bytes; the sockets inside the directory need room for their own names.
+UNIX_DIR_MAX = 80
+PCR_HEX_LEN = 96  # SHA-384: 48 bytes
+PCR_MAX_INDEX = 31
+MAX_PROFILE_BYTES = 1 << 20
+
+DEFAULT_INTERFACE = "wg0"
+DEFAULT_MTU = 1420
+DEFAULT_PORT = 51820
+DEFAULT_PARENT_CID = 3
+DEFAULT_PARENT_V4 = IPv4Interface("10.77.0.1/30")
+DEFAULT_ENCLAVE_V4 = IPv4Interface("10.77.0.2/30")
+DEFAULT_CPU_COUNT = 2
+# An enclave needs roughly 4x its EIF in memory; a slim Python image is a few hundred MiB.
+DEFAULT_MEMORY_MIB = 1024
+DEFAULT_MAX_AGE = 300
+
+# Route 53 Resolver and the instance metadata service, as reached from a Nitro instance.
+AWS_DNS_V4 = IPv4Address("169.254.169.253")
+AWS_DNS_V6 = IPv6Address("fd00:ec2::253")
+IMDS_V4 = IPv4Address("169.254.169.254")
+IMDS_V6 = IPv6Address("fd00:ec2::254")
+# An allow rule lifts the default IMDS deny only if it is aimed at these ranges: a catch-all
+# such as 0.0.0.0/0 (or 128.0.0.0/1) is about "the internet" and says nothing about IMDS.
+_IMDS_SCOPES: tuple[tuple[IPAddress, IPNetwork], ...] = (
+    (IMDS_V4, IPv4Network("169.254.0.0/16")),
+    (IMDS_V6, IPv6Network("fd00:ec2::/32")),
+)
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+_TYPE_NAMES = {
+    "tag:yaml.org,2002:null": "nothing (null)",
+    "tag:yaml.org,2002:bool": "true/false",
+    "tag:yaml.org,2002:int": "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:str": "a string",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a profile. line 0 means "no line" (e.g. the file cannot be read)."""
+
+    file: str
+    line: int
+    key: str
+    reason: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" {self.key}:" if self.key else ""
+        hint = f" — {self.hint}" if self.hint else ""
+        return f"{where}:{key} {self.reason}{hint}"
+
+
+class ProfileError(ValueError):
+    """A profile was refused. str() lists every problem, one per line."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class _Invalid(ValueError):
+    """A value that does not parse, with the reason and the fix kept apart for Problem."""
+
+    def __init__(self, reason: str, hint: str = ""):
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"{reason} — {hint}" if hint else reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolved profile
+
+
+def _parse_ports(text: str, whole: str) -> tuple[int, int]:
+    lo_text, sep, hi_text = text.partition("-")
+    if not lo_text.isdigit() or (sep and not hi_text.isdigit()):
+        raise _Invalid(f"bad port {text!r} in {whole!r}",
+                       "write a port as 443 or a range as 8000-8999")
+    lo = int(lo_text)
+    hi = int(hi_text) if sep else lo
+    for p in (lo, hi):
+        if not 1 <= p <= TCP_PORT_MAX:
+            raise _Invalid(f"port {p} in {whole!r} is out of range", "use 1..65535")
+    if lo > hi:
+        raise _Invalid(f"port range {text!r} in {whole!r} runs backwards",
+                       f"write it as {hi}-{lo}")
+    return lo, hi
+
+
+def _parse_network(text: str, whole: str | None = None) -> IPNetwork:
+    whole = text if whole is None else whole
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        if "has host bits set" in str(e):
+            fixed = ipaddress.ip_network(text, strict=False)
+            raise _Invalid(f"{text!r} has host bits set", f"did you mean {fixed}?") from None
+        if text.count(":") > 1 and re.search(r"/\d+:", text):
+            raise _Invalid(f"{whole!r}: an IPv6 network with a port needs brackets",
+                           "write it as [2001:db8::/32]:443 (quoted in YAML)") from None
+        raise _Invalid(f"{text!r} is not an IP network",
+                       "write a CIDR such as 10.0.0.0/8 or 2001:db8::/32") from None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An egress allow/deny entry: a network, optionally a port range and a protocol.
+
+    Written as "CIDR", "CIDR:port" or "CIDR:lo-hi", each optionally followed by "/tcp" or
+    "/udp". IPv6 with a port needs brackets ("[2001:db8::/32]:443/tcp") because the colons are
+    otherwise ambiguous; without a port a bare "2001:db8::/32" is fine.
+    """
+
+    network: IPNetwork
+    ports: tuple[int, int] | None = None
+    protocol: Protocol | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        whole = text
+        s = text.strip()
+        protocol: Protocol | None = None
+        m = re.search(r"/([A-Za-z]+)$", s)
+        if m:
+            name = m.group(1).lower()
+            if name == "tcp":
+                protocol = "tcp"
+            elif name == "udp":
+                protocol = "udp"
+            else:
+                raise _Invalid(f"protocol {m.group(1)!r} in {whole!r} is not tcp or udp",
+                               "end the rule with /tcp or /udp, or with neither for both")
+            s = s[: m.start()]
+        ports: tuple[int, int] | None = None
+        if s.startswith("["):
+            end = s.find("]")
+            if end < 0:
+                raise _Invalid(f"{whole!r} has '[' without ']'",
+                               "write it as [2001:db8::/32]:443")
+            net_text, rest = s[1:end], s[end + 1:]
+            if rest:
+                if not rest.startswith(":") or len(rest) == 1:
+                    raise _Invalid(f"{whole!r} has something other than :PORT after ']'",
+                                   "write it as [2001:db8::/32]:443")
+                ports = _parse_ports(rest[1:], whole)
+        elif s.count(":") == 1:
+            # Exactly one colon can only be IPv4 with a port: IPv6 always has at least two.
+            net_text, _, port_text = s.partition(":")
+            ports = _parse_ports(port_text, whole)
+        else:
+            net_text = s
+        return cls(_parse_network(net_text, whole), ports, protocol)
+
+    def __str__(self) -> str:
+        text = str(self.network)
+        if self.ports is not None:
+            lo, hi = self.ports
+            port = str(lo) if lo == hi else f"{lo}-{hi}"
+            text = f"[{text}]:{port}" if self.network.version == 6 else f"{text}:{port}"
+        if self.protocol is not None:
+            text += "/" + self.protocol
+        return text
+
+
+@dataclass(frozen=True)
+class Transport:
+    kind: Kind = "vsock"
+    port: int = DEFAULT_PORT
+    control_port: int = DEFAULT_PORT + 1
+    parent_cid: int = DEFAULT_PARENT_CID
+    path: str = ""
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class Egress:
+    nat: bool
+    interface: str | None
+    allow: list[Rule]
+    deny: list[Rule]
+
+
+@dataclass(frozen=True)
+class Ingress:
+    listen: int
+    to: int
+    protocol: Protocol = "tcp"
+
+
+@dataclass(frozen=True)
+class EnclaveLaunch:
+    eif: str
+    cpu_count: int = DEFAULT_CPU_COUNT
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cid: int | None = None
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class ParentSide:
+    addresses: list[IPInterface]
+    private_key: str
+    egress: Egress
+    ingress: list[Ingress]
+    enclave: EnclaveLaunch | None
+
+
+@dataclass(frozen=True)
+class EnclaveSide:
+    addresses: list[IPInterface]
+    dns: list[IPAddress]
+    routes: list[IPNetwork]
+
+
+@dataclass(frozen=True)
+class Attestation:
+    require: bool = False
+    pcrs: dict[int, str] = field(default_factory=dict)
+    max_age: int = DEFAULT_MAX_AGE
+
+
+@dataclass(frozen=True)
+class Profile:
+    version: int
+    name: str
+    interface: str
+    mtu: int
+    transport: Transport
+    parent: ParentSide
+    enclave: EnclaveSide
+    attestation: Attestation
+    path: str
+    # Dotted key -> line, so later checks (check_host, the roles) can point into the file too.
+    # Not part of equality: the same profile written differently is still the same profile.
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, key: str) -> int:
+        return _line_of(self.lines, key)
+
+
+def _line_of(lines: Mapping[str, int], key: str) -> int:
+    """The line of KEY, or of its nearest ancestor that the file spelled out."""
+    while key:
+        if key in lines:
+            return lines[key]
+        key = re.sub(r"(\[\d+\]|\.?[^.\[]+)$", "", key)
+    return lines.get("", 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+_TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "enclave",
+             "attestation")
+_TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
+_PARENT_KEYS = ("address", "private_key", "egress", "ingress", "enclave")
+_EGRESS_KEYS = ("nat", "interface", "allow", "deny")
+_INGRESS_KEYS = ("listen", "to", "protocol")
+_LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
+_ENCLAVE_KEYS = ("address", "dns", "routes")
+_ATTEST_KEYS = ("require", "pcrs", "max_age")
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _is_null(node: Node | None) -> bool:
+    return node is None or (isinstance(node, ScalarNode) and node.tag == _NULL_TAG)
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return _TYPE_NAMES.get(node.tag, f"a value tagged {node.tag}")
+
+
+def _construct(node: ScalarNode) -> Any:
+    # A fresh constructor per scalar: it caches by node, and we only ever want one value out.
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+
+
+class _Parser:
+    """Walks the composed YAML, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.problems: list[Problem] = []
+        self.lines: dict[str, int] = {}
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def problem(self, line: int, key: str, reason: str, hint: str = "") -> None:
+        self.problems.append(Problem(self.file, line, key, reason, hint))
+
+    def at(self, key: str) -> int:
+        return _line_of(self.lines, key)
+
+    def ok(self, *keys: str) -> bool:
+        """True when nothing at or below KEYS was refused, so cross-checks on them make sense."""
+        for p in self.problems:
+            for k in keys:
+                if p.key == k or p.key.startswith((k + ".", k + "[")):
+                    return False
+        return True
+
+    # -- structure ------------------------------------------------------------------------------
+
+    def mapping(self, node: Node | None, key: str, known: Sequence[str]) -> dict[str, Node]:
+        """KEY's entries by name, null values dropped (an empty `key:` means "use the default")."""
+        if _is_null(node):
+            return {}
+        assert node is not None
+        if not isinstance(node, MappingNode):
+            leaf = key.rsplit(".", 1)[-1] or "the file"
+            self.problem(_line(node), key, f"expected a mapping, got {_describe(node)}",
+                         f"write {leaf} as indented `key: value` lines ({', '.join(known)})")
+            return {}
+        out: dict[str, Node] = {}
+        seen: set[str] = set()
+        for knode, vnode in node.value:
+            dotted_parent = f"{key}." if key else ""
+            if not isinstance(knode, ScalarNode):
+                self.problem(_line(knode), key or "(top level)",
+                             f"a key must be a name, got {_describe(knode)}",
+                             f"use one of: {', '.join(known)}")
+                continue
+            # The raw text, not the resolved value: `on:` or `no:` are bools to YAML 1.1 but
+            # names to whoever wrote them.
+            name = knode.value
+            dotted = dotted_parent + name
+            if name == "<<":
+                self.problem(_line(knode), dotted, "YAML merge keys are not supported",
+                             "write the keys out in full")
+                continue
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = (f"did you mean '{close[0]}'?" if close
+                        else f"known keys here: {', '.join(known)}")
+                self.problem(_line(knode), dotted, f"unknown key '{name}'", hint)
+                continue
+            if name in seen:
+                # PyYAML silently keeps the last one; a profile that says two things is a mistake.
+                self.problem(_line(knode), dotted,
+                             f"given twice (first on line {self.lines[dotted]})",
+                             "keep only one of them")
+                continue
+            seen.add(name)
+            self.lines[dotted] = _line(knode)
+            if not _is_null(vnode):
+                out[name] = vnode
+        return out
+
+    def items(self, node: Node | None, key: str, example: str) -> list[tuple[str, Node]] | None:
+        """A list as (KEY[i], node) pairs; a single scalar stands for a list of one."""
+        if _is_null(node):
+            return None
+        assert node is not None
+        if isinstance(node, ScalarNode):
+            return [(key, node)]
+        if not isinstance(node, SequenceNode):
+            self.problem(_line(node), key, f"expected a list, got {_describe(node)}",
+                         f"write it as [{example}]")
+            return None
+        out = []
+        for i, item in enumerate(node.value):
+            k = f"{key}[{i}]"
+            self.lines[k] = _line(item)
+            out.append((k, item))
+        return out
+
+    # -- scalars --------------------------------------------------------------------------------
+
+    def text(self, node: Node, key: str, example: str) -> str | None:
+        if not isinstance(node, ScalarNode) or _is_null(node):
+            hint = f"write it as a string, e.g. {example}"
+            if isinstance(node, SequenceNode) and example.startswith(("[", '"[')):
+                hint = f"a value starting with '[' must be quoted in YAML, e.g. {example}"
+            self.problem(_line(node), key, f"expected a string, got {_describe(node)}", hint)
+            return None
+        # The raw scalar, not the resolved one: a PCR of all digits or "1e5" stays text.
+        return node.value
+
+    def integer(self, node: Node, key: str, lo: int, hi: int, what: str = "") -> int | None:
+        value = self._scalar(node, key)
+        if value is _FAIL:
+            return None
+        if type(value) is not int:
+            self.problem(_line(node), key, f"expected an integer, got {_describe(node)}",
+                         f"write a number in {lo}..{hi} without quotes")
+            return None
+        if not lo <= value <= hi:
+            self.problem(_line(node), key, f"{value} is out of range{what}", f"use {lo}..{hi}")
+            return None
+        return value
+
+    def boolean(self, node: Node, key: str) -> bool | None:
+        value = self._scalar(node, key)
+        if value is _FAIL:
+            return None
+        if type(value) is not bool:
+            self.problem(_line(node), key, f"expected true or false, got {_describe(node)}",
+                         "write true or false without quotes")
+            return None
+        return value
+
+    def _scalar(self, node: Node, key: str) -> Any:
+        if not isinstance(node, ScalarNode):
+            self.problem(_line(node), key, f"expected a single value, got {_describe(node)}",
+                         "write a plain value after the colon")
+            return _FAIL
+        try:
+            return _construct(node)
+        except (yaml.YAMLError, ValueError) as e:
+            self.problem(_line(node), key, f"cannot read the value: {e}".splitlines()[0],
+                         "drop the explicit tag or fix the value")
+            return _FAIL
+
+    def choice(self, node: Node, key: str, choices: Sequence[str]) -> str | None:
+        value = self.text(node, key, choices[0])
+        if value is None:
+            return None
+        if value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(choices)}"
+            self.problem(_line(node), key, f"'{value}' is not one of {', '.join(choices)}", hint)
+            return None
+        return value
+
+    def parsed(self, node: Node, key: str, example: str,
+               parse: Callable[[str], _T]) -> _T | None:
+        """Run PARSE on the string at NODE, turning its ValueError into a Problem."""
+        text = self.text(node, key, example)
+        if text is None:
+            return None
+        try:
+            return parse(text)
+        except _Invalid as e:
+            self.problem(_line(node), key, e.reason, e.hint)
+        except ValueError:
+            self.problem(_line(node), key, f"{text!r} does not parse", f"write it like {example}")
+        return None
+
+    def interface(self, node: Node, key: str) -> str | None:
+        name = self.text(node, key, DEFAULT_INTERFACE)
+        if name is None:
+            return None
+        if len(name) >= IFNAMSIZ:
+            self.problem(_line(node), key,
+                         f"interface name '{name}' is longer than {IFNAMSIZ - 1} characters",
+                         "Linux limits interface names to 15 characters; shorten it")
+        elif not IFNAME_RE.fullmatch(name) or name in (".", ".."):
+            self.problem(_line(node), key, f"'{name}' is not a valid interface name",
+                         "use letters, digits, '_', '.' and '-', e.g. wg0")
+        elif name == "lo":
+            self.problem(_line(node), key, "'lo' is the loopback interface",
+                         "choose another name, e.g. wg0")
+        else:
+            return name
+        return None
+
+
+_FAIL = object()
+
+
+def _address(text: str) -> IPInterface:
+    if "/" not in text:
+        raise _Invalid(f"{text!r} has no prefix length",
+                       "give the tunnel subnet too, e.g. 10.77.0.1/30")
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        raise _Invalid(f"{text!r} is not an address with a prefix",
+                       "write it like 10.77.0.1/30 or fd77::1/126") from None
+
+
+def _ip(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise _Invalid(f"{text!r} is not an IP address",
+                       "write it like 169.254.169.253 or fd00:ec2::253") from None
+
+
+def _private_key(text: str) -> str:
+    for scheme in ("ssm:", "secretsmanager:"):
+        if text.startswith(scheme):
+            if len(text) == len(scheme):
+                raise _Invalid(f"'{text}' names no parameter",
+                               f"write it as {scheme}NAME")
+            return text
+    if not text.startswith("/"):
+        raise _Invalid(f"'{text}' is not an absolute path, ssm:NAME or secretsmanager:NAME",
+                       "systemd starts the parent in /, so write the full path, "
+                       "e.g. /etc/wgvsock/NAME.key")
+    return text
+
+
+def _pcr_value(text: str) -> str:
+    value = text.strip().lower()
+    value = value.removeprefix("0x")
+    if not re.fullmatch(r"[0-9a-f]*", value):
+        raise _Invalid("PCR value is not hexadecimal",
+                       f"write the {PCR_HEX_LEN} hex digits nitro-cli prints for it")
+    if len(value) != PCR_HEX_LEN:
+        raise _Invalid(f"PCR value has {len(value)} hex digits, not {PCR_HEX_LEN} (SHA-384)",
+                       "copy the full value from `nitro-cli describe-eif`")
+    return value
+
+
+def _other_host(iface: IPInterface) -> IPInterface | None:
+    """The first usable address of IFACE's subnet other than IFACE's own."""
+    for host in iface.network.hosts():
+        if host != iface.ip:
+            return ipaddress.ip_interface(f"{host}/{iface.network.prefixlen}")
+    return None
+
+
+def _usable_hosts_note(iface: IPInterface) -> str:
+    other = _other_host(iface)
+    return f"e.g. {other}" if other else f"widen {iface.network}"
+
+
+class _Builder(_Parser):
+    """The profile's schema: what each key means, its default and how it relates to the rest."""
+
+    def build(self, root: Node, path: str) -> Profile | None:
+        self.lines[""] = _line(root)
+        top = self.mapping(root, "", _TOP_KEYS)
+        if not isinstance(root, MappingNode):
+            return None
+
+        version = VERSION
+        if "version" in top:
+            v = self.integer(top["version"], "version", 0, 2**31)
+            if v is not None and v != VERSION:
+                self.problem(_line(top["version"]), "version", f"version {v} is not supported",
+                             f"this wgvsock reads version {VERSION}; write version: {VERSION}")
+        name = "profile"
+        if "name" not in top:
+            self.problem(self.at("name"), "name", "missing",
+                         "add e.g. `name: payments`; it names the nftables table, "
+                         "state files and systemd instance")
+        else:
+            text = self.text(top["name"], "name", "payments")
+            if text is not None:
+                if NAME_RE.fullmatch(text):
+                    name = text
+                else:
+                    self.problem(_line(top["name"]), "name", f"'{text}' is not a valid name",
+                                 "use 1-31 of a-z, 0-9 and '-', starting with a letter or "
+                                 "digit (it names an nftables table and files)")
+
+        interface = DEFAULT_INTERFACE
+        if "interface" in top:
+            interface = self.interface(top["interface"], "interface") or DEFAULT_INTERFACE
+
+        transport = self.transport(top.get("transport"), name)
+        parent_map = self.mapping(top.get("parent"), "parent", _PARENT_KEYS)
+        enclave_map = self.mapping(top.get("enclave"), "enclave", _ENCLAVE_KEYS)
+        parent_addrs, enclave_addrs = self.addresses(parent_map, enclave_map)
+        parent = self.parent(parent_map, name, enclave_addrs, transport)
+        enclave = self.enclave(enclave_map, enclave_addrs)
+        attestation = self.attestation(top.get("attestation"), parent.enclave)
+
+        mtu = DEFAULT_MTU
+        if "mtu" in top:
+            m = self.integer(top["mtu"], "mtu", 576, 65535)
+            if m is not None:
+                mtu = m
+        if any(a.version == 6 for a in [*parent_addrs, *enclave_addrs]) and mtu < 1280:
+            self.problem(self.at("mtu"), "mtu", f"{mtu} is below 1280, the IPv6 minimum",
+                         "use at least 1280, or drop the IPv6 addresses")
+
+        if self.problems:
+            return None
+        return Profile(version, name, interface, mtu, transport,
+                       ParentSide(parent_addrs, parent.private_key, parent.egress,
+                                  parent.ingress, parent.enclave),
+                       enclave, attestation, path, dict(self.lines))
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def transport(self, node: Node | None, name: str) -> Transport:
+        m = self.mapping(node, "transport", _TRANSPORT_KEYS)
+        kind: Kind = "vsock"
+        if "kind" in m:
+            k = self.choice(m["kind"], "transport.kind", KINDS)
+            if k is not None:
+                kind = k  # type: ignore[assignment]
+        hi = VSOCK_PORT_MAX if kind == "vsock" else TCP_PORT_MAX
+        what = " for a vsock port" if kind == "vsock" else f" for a {kind} port"
+        port = DEFAULT_PORT
+        if "port" in m:
+            port = self.integer(m["port"], "transport.port", 1, hi, what) or DEFAULT_PORT
+        control = port + 1
+        if "control_port" in m:
+            c = self.integer(m["control_port"], "transport.control_port", 1, hi, what)
+            control = c if c is not None else control
+            if c is not None and c == port:
+                self.problem(_line(m["control_port"]), "transport.control_port",
+                             f"control_port equals port ({port})",
+                             "use a different port, e.g. port + 1 (the default)")
+        elif control > hi and self.ok("transport.port"):
+            self.problem(self.at("transport.port"), "transport.control_port",
+                         f"the default control_port (port + 1 = {control}) is out of range",
+                         "set transport.control_port explicitly, or lower transport.port")
+        cid = DEFAULT_PARENT_CID
+        if "parent_cid" in m:
+            c = self.integer(m["parent_cid"], "transport.parent_cid", 1, VSOCK_CID_MAX)
+            cid = c if c is not None else cid
+        path = f"/run/wgvsock/{name}"
+        if "path" in m:
+            p = self.text(m["path"], "transport.path", path)
+            if p is not None:
+                if not p.startswith("/"):
+                    self.problem(_line(m["path"]), "transport.path",
+                                 f"'{p}' is not an absolute path",
+                                 f"write the full directory, e.g. /run/wgvsock/{name}")
+                elif len(p.encode()) > UNIX_DIR_MAX:
+                    self.problem(_line(m["path"]), "transport.path",
+                                 f"path is longer than {UNIX_DIR_MAX} bytes",
+                                 "Unix socket names are limited to 107 bytes; use a shorter "
+                                 "directory such as /run/wgvsock/NAME")
+                else:
+                    path = p.rstrip("/") or "/"
+        host: str | None = None
+        if "host" in m:
+            h = self.parsed(m["host"], "transport.host", "192.0.2.1", _ip)
+            host = str(h) if h is not None else None
+        if kind == "tcp" and host is None and self.ok("transport.host"):
+            self.problem(self.at("transport.host") if "host" in m else self.at("transport"),
+                         "transport.host", "required when transport.kind is tcp",
+                         "give the parent's IP address as the enclave sees it, "
+                         "e.g. host: 192.0.2.1 (the enclave has no DNS before the tunnel)")
+        return Transport(kind, port, control, cid, path, host)
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    def address_list(self, m: Mapping[str, Node], key: str
+                     ) -> list[tuple[str, IPInterface]] | None:
+        """KEY's addresses, each with the key it was written under (for error lines)."""
+        items = self.items(m.get("address"), key, "10.77.0.1/30")
+        if items is None:
+            return None
+        if not items:
+            self.problem(self.at(key), key, "no address given",
+                         "give at least one, e.g. 10.77.0.1/30")
+            return None
+        out: list[tuple[str, IPInterface]] = []
+        seen: dict[int, str] = {}
+        for k, node in items:
+            a = self.parsed(node, k, "10.77.0.1/30", _address)
+            if a is None:
+                continue
+            if a.version in seen:
+                self.problem(_line(node), k, f"a second IPv{a.version} address "
+                             f"(the first is {seen[a.version]})",
+                             "the tunnel is point to point: give one IPv4 and/or one IPv6")
+                continue
+            seen[a.version] = k
+            limit = 31 if a.version == 4 else 127
+            if a.network.prefixlen > limit:
+                self.problem(_line(node), k,
+                             f"prefix /{a.network.prefixlen} leaves no room for the other side",
+                             f"use /{limit} or wider, e.g. /30 for IPv4 or /126 for IPv6")
+                continue
+            if a.version == 4 and a.network.prefixlen <= 30 and a.ip in (
+                    a.network.network_address, a.network.broadcast_address):
+                which = "network" if a.ip == a.network.network_address else "broadcast"
+                self.problem(_line(node), k, f"{a.ip} is the {which} address of {a.network}",
+                             f"use a host address, {_usable_hosts_note(a)}")
+                continue
+            out.append((k, a))
+        return out
+
+    def addresses(self, parent: Mapping[str, Node], enclave: Mapping[str, Node]
+                  ) -> tuple[list[IPInterface], list[IPInterface]]:
+        pk = self.address_list(parent, "parent.address")
+        ek = self.address_list(enclave, "enclave.address")
+        p = None if pk is None else [a for _, a in pk]
+        e = None if ek is None else [a for _, a in ek]
+        if not self.ok("parent.address", "enclave.address"):
+            return p or [], e or []
+        # One side may be left out: it then takes the next address of the other side's subnet,
+        # which is what makes "parent.address: 10.9.0.1/30" alone a complete profile.
+        if p is None and e is None:
+            return [DEFAULT_PARENT_V4], [DEFAULT_ENCLAVE_V4]
+        if p is None:
+            assert e is not None
+            return [x for x in map(_other_host, e) if x is not None], e
+        if e is None:
+            return p, [x for x in map(_other_host, p) if x is not None]
+        assert pk is not None and ek is not None
+        for v in (4, 6):
+            pv = [a for a in p if a.version == v]
+            ev = [(k, a) for k, a in ek if a.version == v]
+            if pv and not ev:
+                self.problem(self.at("enclave.address"), "enclave.address",
+                             f"parent.address has an IPv{v} address but the enclave has none",
+                             f"add {_other_host(pv[0])} to enclave.address")
+            if ev and not pv:
+                self.problem(self.at("enclave.address"), "enclave.address",
+                             f"the enclave has an IPv{v} address but parent.address has none",
+                             f"add {_other_host(ev[0][1])} to parent.address")
+            if not (pv and ev):
+                continue
+            pa, (key, ea) = pv[0], ev[0]
+            line = self.at(key)
+            if ea.network.prefixlen != pa.network.prefixlen:
+                self.problem(line, key, f"prefix /{ea.network.prefixlen} differs from "
+                             f"parent.address's /{pa.network.prefixlen}",
+                             f"both ends share one subnet: use {ea.ip}/{pa.network.prefixlen}")
+            elif ea.ip not in pa.network:
+                self.problem(line, key,
+                             f"{ea.ip} is outside the tunnel subnet {pa.network} of "
+                             "parent.address",
+                             f"pick an address in {pa.network}, {_usable_hosts_note(pa)}")
+            elif ea.ip == pa.ip:
+                self.problem(line, key, f"{ea.ip} is the parent's own address",
+                             f"pick another address in {pa.network}, {_usable_hosts_note(pa)}")
+        return p, e
+
+    # -- parent ----------------------------------------------------------------------------------
+
+    def parent(self, m: Mapping[str, Node], name: str, enclave_addrs: list[IPInterface],
+               transport: Transport) -> _ParentParts:
+        private_key = f"/etc/wgvsock/{name}.key"
+        if "private_key" in m:
+            k = self.parsed(m["private_key"], "parent.private_key", private_key, _private_key)
+            private_key = k if k is not None else private_key
+        egress = self.egress(m.get("egress"), enclave_addrs)
+        ingress = self.ingress(m.get("ingress"), transport)
+        launch = self.launch(m.get("enclave"))
+        return _ParentParts(private_key, egress, ingress, launch)
+
+    def rules(self, m: Mapping[str, Node], key: str) -> list[Rule] | None:
+        items = self.items(m.get(key.rsplit(".", 1)[-1]), key, "10.0.0.0/8:443/tcp")
+        if items is None:
+            return None
+        out = []
+        for k, node in items:
+            r = self.parsed(node, k, '"[2001:db8::/32]:443/tcp"', Rule.parse)
+            if r is not None:
+                out.append(r)
+        return out
+
+    def egress(self, node: Node | None, enclave_addrs: list[IPInterface]) -> Egress:
+        m = self.mapping(node, "parent.egress", _EGRESS_KEYS)
+        nat = True
+        if "nat" in m:
+            b = self.boolean(m["nat"], "parent.egress.nat")
+            nat = b if b is not None else nat
+        interface = None
+        if "interface" in m:
+            interface = self.interface(m["interface"], "parent.egress.interface")
+        versions = {a.version for a in enclave_addrs} or {4}
+        allow = self.rules(m, "parent.egress.allow")
+        if allow is None:
+            allow = [Rule(ipaddress.ip_network("0.0.0.0/0" if v == 4 else "::/0"))
+                     for v in sorted(versions)]
+        deny = self.rules(m, "parent.egress.deny")
+        if deny is None:
+            # The metadata service hands out the instance role's credentials: an enclave must
+            # not reach it unless the profile names it in allow.
+            deny = []
+            for imds, scope in _IMDS_SCOPES:
+                if imds.version not in versions:
+                    continue
+                if any(r.network.version == imds.version and imds in r.network
+                       and r.network.subnet_of(scope) for r in allow):  # type: ignore[arg-type]
+                    continue
+                deny.append(Rule(ipaddress.ip_network(imds)))
+        return Egress(nat, interface, allow, deny)
+
+    def ingress(self, node: Node | None, transport: Transport) -> list[Ingress]:
+        items = self.items(node, "parent.ingress", "{listen: 8443, to: 443, protocol: tcp}")
+        out: list[Ingress] = []
+        seen: dict[tuple[int, str], str] = {}
+        for k, item in items or []:
+            if isinstance(item, ScalarNode):
+                self.problem(_line(item), k, f"expected a mapping, got {_describe(item)}",
+                             "write it as {listen: 8443, to: 443, protocol: tcp}")
+                continue
+            m = self.mapping(item, k, _INGRESS_KEYS)
+            if not isinstance(item, MappingNode):
+                continue
+            if "listen" not in m:
+                self.problem(_line(item), f"{k}.listen", "missing",
+                             "give the parent port to forward, e.g. listen: 8443")
+                continue
+            listen = self.integer(m["listen"], f"{k}.listen", 1, TCP_PORT_MAX)
+            to = listen
+            if "to" in m:
+                to = self.integer(m["to"], f"{k}.to", 1, TCP_PORT_MAX)
+            protocol: str | None = "tcp"
+            if "protocol" in m:
+                protocol = self.choice(m["protocol"], f"{k}.protocol", PROTOCOLS)
+            if listen is None or to is None or protocol is None:
+                continue
+            if (listen, protocol) in seen:
+                self.problem(_line(m["listen"]), f"{k}.listen",
+                             f"listen port {listen}/{protocol} is already used by "
+                             f"{seen[listen, protocol]}", "use each listen port once")
+                continue
+            if (transport.kind == "tcp" and protocol == "tcp"
+                    and listen in (transport.port, transport.control_port)):
+                self.problem(_line(m["listen"]), f"{k}.listen",
+                             f"listen port {listen}/tcp is the transport's own port",
+                             "choose another listen port")
+                continue
+            seen[listen, protocol] = k
+            out.append(Ingress(listen, to, protocol))  # type: ignore[arg-type]
+        return out
+
+    def launch(self, node: Node | None) -> EnclaveLaunch | None:
+        if _is_null(node):
+            return None
+        key = "parent.enclave"
+        m = self.mapping(node, key, _LAUNCH_KEYS)
+        if not isinstance(node, MappingNode):
+            return None
+        eif = ""
+        if "eif" not in m:
+            self.problem(self.at(key), f"{key}.eif", "missing",
+                         "give the enclave image, e.g. eif: /opt/wgvsock/app.eif")
+        else:
+            e = self.text(m["eif"], f"{key}.eif", "/opt/wgvsock/app.eif")
+            if e is not None:
+                if not e.endswith(".eif"):
+                    self.problem(_line(m["eif"]), f"{key}.eif",
+                                 f"'{e}' does not end in .eif",
+                                 "name the file nitro-cli build-enclave wrote, e.g. app.eif")
+                elif not e.startswith("/"):
+                    self.problem(_line(m["eif"]), f"{key}.eif", f"'{e}' is not an absolute path",
+                                 "systemd starts the parent in /, so write the full path")
+                else:
+                    eif = e
+        cpus = DEFAULT_CPU_COUNT
+        if "cpu_count" in m:
+            cpus = self.integer(m["cpu_count"], f"{key}.cpu_count", 1, 1024) or cpus
+        memory = DEFAULT_MEMORY_MIB
+        if "memory_mib" in m:
+            memory = self.integer(m["memory_mib"], f"{key}.memory_mib", 64, 2**31) or memory
+        cid = None
+        if "cid" in m:
+            cid = self.integer(m["cid"], f"{key}.cid", ENCLAVE_CID_MIN, VSOCK_CID_MAX,
+                               " (enclave CIDs start at 4)")
+        debug = False
+        if "debug" in m:
+            debug = bool(self.boolean(m["debug"], f"{key}.debug"))
+        return EnclaveLaunch(eif, cpus, memory, cid, debug)
+
+    # -- enclave ---------------------------------------------------------------------------------
+
+    def enclave(self, m: Mapping[str, Node], addrs: list[IPInterface]) -> EnclaveSide:
+        versions = {a.version for a in addrs}
+        dns: list[IPAddress] = []
+        dns_keys: list[str] = []
+        items = self.items(m.get("dns"), "enclave.dns", "169.254.169.253")
+        if items is None:
+            dns = [AWS_DNS_V4 if 4 in versions or not versions else AWS_DNS_V6]
+            dns_keys = ["enclave.dns"]
+        else:
+            for k, node in items:
+                d = self.parsed(node, k, "169.254.169.253", _ip)
+                if d is not None:
+                    dns.append(d)
+                    dns_keys.append(k)
+        routes: list[IPNetwork] = []
+        items = self.items(m.get("routes"), "enclave.routes", "0.0.0.0/0")
+        if items is None:
+            routes = [ipaddress.ip_network("0.0.0.0/0" if v == 4 else "::/0")
+                      for v in sorted(versions or {4})]
+        else:
+            for k, node in items:
+                r = self.parsed(node, k, "0.0.0.0/0", _parse_network)
+                if r is None:
+                    continue
+                if versions and r.version not in versions:
+                    self.problem(_line(node), k, f"an IPv{r.version} route, but the enclave "
+                                 f"has no IPv{r.version} address",
+                                 f"add an IPv{r.version} address to both sides, or drop it")
+                    continue
+                routes.append(r)
+        if self.ok("enclave.routes"):
+            # resolv.conf is useless if the enclave has no route to the resolver.
+            reachable = [*routes, *(a.network for a in addrs)]
+            for k, d in zip(dns_keys, dns, strict=True):
+                if not any(d.version == n.version and d in n for n in reachable):
+                    self.problem(self.at(k), k,
+                                 f"{d} is not reachable: no enclave route covers it",
+                                 "add a route for it to enclave.routes")
+        return EnclaveSide(addrs, dns, routes)
+
+    # -- attestation -----------------------------------------------------------------------------
+
+    def attestation(self, node: Node | None, launch: EnclaveLaunch | None) -> Attestation:
+        m = self.mapping(node, "attestation", _ATTEST_KEYS)
+        require = False
+        if "require" in m:
+            require = bool(self.boolean(m["require"], "attestation.require"))
+        max_age = DEFAULT_MAX_AGE
+        if "max_age" in m:
+            max_age = self.integer(m["max_age"], "attestation.max_age", 1, 2**31) or max_age
+        pcrs: dict[int, str] = {}
+        pnode = m.get("pcrs")
+        if pnode is not None and not isinstance(pnode, MappingNode):
+            self.problem(_line(pnode), "attestation.pcrs",
+                         f"expected a mapping, got {_describe(pnode)}",
+                         "write index: hex lines, e.g. `0: 3f5a...` under pcrs:")
+        elif pnode is not None:
+            assert isinstance(pnode, MappingNode)
+            for knode, vnode in pnode.value:
+                raw = knode.value if isinstance(knode, ScalarNode) else ""
+                key = f"attestation.pcrs.{raw}" if raw else "attestation.pcrs"
+                index = raw.removeprefix("PCR").removeprefix("pcr")
+                if not index.isdigit() or not 0 <= int(index) <= PCR_MAX_INDEX:
+                    self.problem(_line(knode), key, f"'{raw}' is not a PCR index",
+                                 f"use 0..{PCR_MAX_INDEX} (nitro-cli prints PCR0, PCR1, "
+                                 "PCR2, PCR8)")
+                    continue
+                i = int(index)
+                if i in pcrs:
+                    self.problem(_line(knode), key, f"PCR{i} given twice",
+                                 "keep only one value")
+                    continue
+                self.lines[key] = _line(knode)
+                value = self.parsed(vnode, key, "96 hex digits", _pcr_value)
+                if value is not None:
+                    pcrs[i] = value
+            pcrs = dict(sorted(pcrs.items()))
+        if launch is not None and launch.debug and any(set(v) != {"0"} for v in pcrs.values()):
+            self.problem(self.at("attestation.pcrs"), "attestation.pcrs",
+                         "an enclave in debug mode reports all-zero PCRs, so these never match",
+                         "set parent.enclave.debug: false, or drop the PCRs while debugging")
+        return Attestation(require, pcrs, max_age)
+
+
+@dataclass(frozen=True)
+class _ParentParts:
+    private_key: str
+    egress: Egress
+    ingress: list[Ingress]
+    enclave: EnclaveLaunch | None
+
+
+def _yaml_problem(file: str, e: yaml.YAMLError) -> Problem:
+    problem_mark = getattr(e, "problem_mark", None)
+    context_mark = getattr(e, "context_mark", None)
+    mark = problem_mark or context_mark
+    line = mark.line + 1 if mark is not None else 0
+    reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    if context and problem_mark is not None and context_mark is not None:
+        reason = f"{reason} ({context} on line {context_mark.line + 1})"
+    hint = "fix the YAML syntax"
+    if "'\\t'" in reason:
+        hint = "indent with spaces, not tabs"
+    elif any(s in reason for s in ("':'", "'['", "<scalar>", "flow node")):
+        hint = ("quote values that start with '[' or ':' or contain ': ', "
+                'e.g. "::/0" or "[2001:db8::/32]:443/tcp"')
+    return Problem(file, line, "", f"not valid YAML: {reason}", hint)
+
+
+def parse_profile(text: str, path: str = "<string>") -> Profile:
+    """Parse and validate a profile, filling in every default. Raises ProfileError."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ProfileError([_yaml_problem(path, e)]) from None
+    if root is None:
+        raise ProfileError([Problem(path, 1, "", "the profile is empty",
+                                    "start from parent/profile.example.yaml")])
+    builder = _Builder(path)
+    profile = builder.build(root, path)
+    if profile is None:
+        assert builder.problems
+        raise ProfileError(sorted(builder.problems, key=lambda p: p.line))
+    return profile
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read and parse the profile at PATH. Every failure, I/O included, is a ProfileError."""
+    name = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROFILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ProfileError([Problem(name, 0, "", "no such file",
+                                    "check the path (see parent/profile.example.yaml)")]) from None
+    except PermissionError:
+        raise ProfileError([Problem(name, 0, "", "permission denied",
+                                    "run as a user that can read it, or fix its mode")]) from None
+    except IsADirectoryError:
+        raise ProfileError([Problem(name, 0, "", "is a directory",
+                                    "give the profile's YAML file")]) from None
+    except OSError as e:
+        raise ProfileError([Problem(name, 0, "", f"cannot read: {e.strerror or e}",
+                                    "check the path")]) from None
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ProfileError([Problem(name, 0, "", "larger than 1 MiB",
+                                    "a profile is a few dozen lines; is this the right file?")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ProfileError([Problem(name, line, "", "not UTF-8 text",
+                                    "save the profile as UTF-8")]) from None
+    return parse_profile(text, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host checks
+
+
+def _free_subnet(prefixlen: int, version: int, taken: Iterable[IPNetwork]) -> IPNetwork | None:
+    pools = (["10.77.0.0/16", "10.99.0.0/16", "172.30.0.0/16", "192.168.77.0/24"] if version == 4
+             else ["fd77:7767:7673::/48"])
+    taken = list(taken)
+    for pool_text in pools:
+        pool = ipaddress.ip_network(pool_text)
+        if prefixlen < pool.prefixlen:
+            continue
+        for i, net in enumerate(pool.subnets(new_prefix=prefixlen)):
+            if i >= 4096:
+                break
+            if not any(net.version == t.version and net.overlaps(t) for t in taken):  # type: ignore[arg-type]
+                return net
+    return None
+
+
+def check_host(profile: Profile, host_networks: Iterable[IPNetwork]) -> list[Problem]:
+    """Problems with PROFILE on a host whose own networks are HOST_NETWORKS.
+
+    A tunnel subnet that overlaps a network the parent already has would make the kernel route
+    the enclave's traffic (or the host's) the wrong way, so it is refused before anything is set.
+    """
+    host_networks = list(host_networks)
+    problems = []
+    addrs = profile.parent.addresses
+    for i, iface in enumerate(addrs):
+        tunnel = iface.network
+        key = "parent.address" if len(addrs) == 1 else f"parent.address[{i}]"
+        for net in host_networks:
+            if net.version != tunnel.version or not tunnel.overlaps(net):  # type: ignore[arg-type]
+                continue
+            free = _free_subnet(tunnel.prefixlen, tunnel.version, host_networks)
+            hint = (f"pick a subnet this host does not use, e.g. {free}" if free
+                    else "pick a subnet this host does not use")
+            hint += " (and move enclave.address with it)"
+            problems.append(Problem(profile.path, profile.line_of(key), key,
+                                    f"tunnel subnet {tunnel} overlaps {net}, "
+                                    "a network of this host", hint))
+    return problems
+
+
+def local_networks(exclude_interface: str | None = None) -> list[IPNetwork]:
+    """The networks of this namespace's addresses, minus loopback and EXCLUDE_INTERFACE.
+
+    The profile's own interface is left out so that `check --host` on a running parent does not
+    find its own tunnel. IPv6 link-local networks are left out too: every interface has
+    fe80::/64 and they are scoped to their link, so they clash with nothing.
+    """
+    from pyroute2 import IPRoute
+
+    iff_loopback = 0x8
+    nets: list[IPNetwork] = []
+    with IPRoute() as ipr:
+        skip = {link["index"] for link in ipr.get_links()
+                if link["flags"] & iff_loopback
+                or link.get("IFLA_IFNAME") in ("lo", exclude_interface)}
+        for msg in ipr.get_addr():
+            if msg["index"] in skip:
+                continue
+            # IFA_ADDRESS is the prefix side on point-to-point links, which is what routes use.
+            addr = msg.get("IFA_ADDRESS") or msg.get("IFA_LOCAL")
+            if not addr:
+                continue
+            net = ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}").network
+            if net.version == 6 and net.is_link_local:
+                continue
+            if net not in nets:
+                nets.append(net)
+    return nets
+
+
+# ---------------------------------------------------------------------------------------------
+# Dumping and the CLI
+
+
+def _to_data(profile: Profile) -> dict[str, Any]:
+    t, p, e, a = profile.transport, profile.parent, profile.enclave, profile.attestation
+    launch = None
+    if p.enclave is not None:
+        launch = {"eif": p.enclave.eif, "cpu_count": p.enclave.cpu_count,
+                  "memory_mib": p.enclave.memory_mib, "cid": p.enclave.cid,
+                  "debug": p.enclave.debug}
+    return {
+        "version": profile.version,
+        "name": profile.name,
+        "interface": profile.interface,
+        "mtu": profile.mtu,
+        "transport": {"kind": t.kind, "port": t.port, "control_port": t.control_port,
+                      "parent_cid": t.parent_cid, "path": t.path, "host": t.host},
+        "parent": {
+            "address": [str(x) for x in p.addresses],
+            "private_key": p.private_key,
+            "egress": {"nat": p.egress.nat, "interface": p.egress.interface,
+                       "allow": [str(r) for r in p.egress.allow],
+                       "deny": [str(r) for r in p.egress.deny]},
+            "ingress": [{"listen": i.listen, "to": i.to, "protocol": i.protocol}
+                        for i in p.ingress],
+            "enclave": launch,
+        },
+        "enclave": {"address": [str(x) for x in e.addresses], "dns": [str(x) for x in e.dns],
+                    "routes": [str(x) for x in e.routes]},
+        "attestation": {"require": a.require, "pcrs": dict(a.pcrs), "max_age": a.max_age},
+    }
+
+
+def dump_profile(profile: Profile) -> str:
+    """PROFILE as YAML with every default spelled out; parse_profile() reads it back equal."""
+    body = yaml.safe_dump(_to_data(profile), sort_keys=False, default_flow_style=False,
+                          allow_unicode=True, width=100)
+    return f"# {profile.path}, resolved: every default filled in\n{body}"
+
+
+def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
+    """`wgvsock profile check FILE [--host]`: 0 and the resolved profile, or 1 and problems."""
+    ap = argparse.ArgumentParser(
+        prog=prog, description="Validate a profile and print it with every default filled in.")
+    ap.add_argument("file", help="the profile (YAML)")
+    ap.add_argument("--host", action="store_true",
+                    help="also check the tunnel subnet against this host's own networks")
+    try:
+        args = ap.parse_args(list(argv))
+    except SystemExit as e:  # argparse has already printed usage; keep our int contract
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        profile = load_profile(args.file)
+    except ProfileError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return 1
+    if args.host:
+        try:
+            networks = local_networks(profile.interface)
+        except Exception as e:  # netlink failures come in many types; none deserves a traceback
+            print(f"{prog}: cannot list this host's networks: {e}", file=sys.stderr)
+            return 1
+        problems = check_host(profile, networks)
+        if problems:
+            for p in problems:
+                print(p, file=sys.stderr)
+            return 1
+    try:
+        sys.stdout.write(dump_profile(profile))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    return 0
