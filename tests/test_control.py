@@ -66,7 +66,7 @@ def expect_closed(s: socket.socket, timeout: float = 3.0) -> None:
 
 
 def test_register_round_trip(server):
-    path, srv, rec = server
+    path, _srv, rec = server
     with dial(path) as s:
         welcome = register(s, b"E" * 32, attest=lambda nonce, key: b"doc:" + nonce)
     assert welcome.parent_public_key == b"P" * 32 and welcome.wg_port == 51820
@@ -77,7 +77,7 @@ def test_register_round_trip(server):
 
 
 def test_refusal_is_reported_and_nothing_installed(server):
-    path, srv, rec = server
+    path, _srv, rec = server
     rec.accept = False
     with dial(path) as s, pytest.raises(ControlError, match="refused"):
         register(s, b"E" * 32)
@@ -85,7 +85,7 @@ def test_refusal_is_reported_and_nothing_installed(server):
 
 
 def test_replayed_nonce_is_refused(server):
-    path, srv, rec = server
+    path, _srv, rec = server
     with dial(path) as s:
         first = read_message(s, time.monotonic() + 2)
     old_nonce = first["nonce"]
@@ -113,7 +113,7 @@ def test_replayed_nonce_is_refused(server):
     ],
 )
 def test_hostile_clients_are_cut_off_and_server_keeps_serving(server, payload, why):
-    path, srv, rec = server
+    path, _srv, rec = server
     with dial(path) as s:
         read_message(s, time.monotonic() + 2)
         s.sendall(payload)
@@ -126,7 +126,7 @@ def test_hostile_clients_are_cut_off_and_server_keeps_serving(server, payload, w
 
 
 def test_slow_client_times_out_without_blocking_others(server):
-    path, srv, rec = server
+    path, _srv, _rec = server
     slow = dial(path)
     try:
         with dial(path) as s:
@@ -140,7 +140,7 @@ def test_slow_client_times_out_without_blocking_others(server):
 
 
 def test_new_enclave_replaces_the_previous_connection(server):
-    path, srv, rec = server
+    path, _srv, rec = server
     first = dial(path)
     try:
         register(first, b"A" * 32)

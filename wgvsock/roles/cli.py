@@ -60,15 +60,15 @@ def parent_main(argv: list[str]) -> int:
 
     ready_fd = take_ready_fd()
     if ready_fd is None:
-        # Checks that need no privileges come first, so a bad profile or host changes nothing.
-        problems = check_host(profile, local_networks())
-        if problems:
-            print("refusing to start:\n" + "\n".join(str(p) for p in problems), file=sys.stderr)
-            return 1
         pid = parent.already_up(profile)
         if pid is not None:
             print(f"{profile.name} is already up (pid {pid})")
             return 0
+        # Checked before anything is made, so a clash with the host changes nothing.
+        problems = check_host(profile, local_networks(exclude_interface=profile.interface))
+        if problems:
+            print("refusing to start:\n" + "\n".join(str(p) for p in problems), file=sys.stderr)
+            return 1
         if not args.foreground:
             extra = ["-v"] if args.verbose else []
             return spawn_background(
@@ -87,7 +87,7 @@ def doctor(profile) -> int:
     from .parent import Check, local_checks
 
     checks = local_checks(profile)
-    problems = check_host(profile, local_networks())
+    problems = check_host(profile, local_networks(exclude_interface=profile.interface))
     checks.append(Check("profile", not problems,
                         "valid, no overlap with this host's networks" if not problems
                         else "; ".join(str(p) for p in problems)))

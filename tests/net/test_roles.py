@@ -1,0 +1,241 @@
+"""End to end: `wgvsock parent up` and `wgvsock enclave up` from one profile, three namespaces.
+
+    enclave (lo + wg0 only, like a real enclave)
+       │  Unix-socket stand-in for vsock (shared directory)
+    parent  ── veth ──  internet (HTTP servers on 198.51.100.2 and .3)
+
+The enclave runs an HTTP server as its CMD; the internet reaches it through the parent's
+ingress port, and the enclave reaches the internet through the parent's NAT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from wgvsock import firewall
+
+from .netlab import Lab, Namespace, wait_for
+
+pytestmark = [pytest.mark.root]
+
+WGVSOCK = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "wgvsock")
+if not os.path.exists(WGVSOCK):
+    WGVSOCK = shutil.which("wgvsock") or "wgvsock"
+
+PROFILE = """\
+version: 1
+name: {name}
+interface: wg0
+transport:
+  kind: unix
+  port: 51820
+  path: {sock}
+parent:
+  address: 10.77.0.1/30
+  private_key: {key}
+  egress:
+    allow: [0.0.0.0/0]
+    deny: [169.254.169.254/32, 198.51.100.3/32]
+  ingress:
+    - {{listen: 8443, to: 8080, protocol: tcp}}
+enclave:
+  address: 10.77.0.2/30
+  dns: [198.51.100.53]
+"""
+
+# How long a restarted side may take to bring the tunnel back (control backoff is at most 5 s,
+# the stream transport redials at once, a handshake takes milliseconds).
+RECOVERY_BOUND = 20.0
+
+
+class World:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.name = f"e2e{lab.tag.replace('x', '')}"[:20]
+        self.enclave = lab.netns("e")
+        self.parent = lab.netns("p")
+        self.internet = lab.netns("i")
+        lab.veth(self.parent, "198.51.100.1/24", self.internet, "198.51.100.2/24")
+        self.internet.ip("addr", "add", "198.51.100.3/24", "dev", "vb0")
+        self.parent.ip("route", "add", "default", "via", "198.51.100.2")
+        www = lab.tmp / "www"
+        www.mkdir()
+        (www / "index.html").write_text("hello from the internet\n")
+        for addr in ("198.51.100.2", "198.51.100.3"):
+            self.internet.popen("python3", "-m", "http.server", "-d", str(www), "-b", addr, "80")
+        self.app = lab.tmp / "app"
+        self.app.mkdir()
+        (self.app / "index.html").write_text("hello from the enclave\n")
+        self.profile = lab.tmp / "profile.yaml"
+        self.profile.write_text(PROFILE.format(
+            name=self.name, sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
+        self.env = {
+            **os.environ,
+            "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+            "LOG_LEVEL": "verbose",
+        }
+        # `ip netns exec` bind-mounts this over /etc/resolv.conf: the enclave writes it, not
+        # the machine's own.
+        self.resolv = Path("/etc/netns") / self.enclave.name / "resolv.conf"
+        self.resolv.parent.mkdir(parents=True, exist_ok=True)
+        self.resolv.write_text("# placeholder\n")
+        self.enclave_proc: subprocess.Popen | None = None
+        for addr in ("198.51.100.2", "198.51.100.3"):
+            wait_for(lambda a=addr: self.internet.run(
+                "curl", "-s", "--max-time", "1", f"http://{a}/", check=False).returncode == 0,
+                10, f"the internet's server on {addr}")
+
+    def env_for(self, side: str) -> dict[str, str]:
+        run_dir = self.lab.tmp / f"run-{side}"
+        return {**self.env, "WGVSOCK_RUN_DIR": str(run_dir)}
+
+    def parent_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        res = self.parent.run(WGVSOCK, "parent", *args, "--profile", str(self.profile),
+                              env=self.env_for("parent"), check=False, timeout=60)
+        if check:
+            assert res.returncode == 0, f"parent {' '.join(args)}: {res.stderr}"
+        return res
+
+    def start_enclave(self) -> subprocess.Popen:
+        log = open(self.lab.tmp / "enclave.log", "ab")  # noqa: SIM115 - closed by the process
+        proc = self.enclave.popen(
+            WGVSOCK, "enclave", "up", "--profile", str(self.profile), "--timeout", "30", "--",
+            "python3", "-m", "http.server", "-d", str(self.app), "8080",
+            env=self.env_for("enclave"), stdout=log, stderr=log,
+        )
+        log.close()
+        self.enclave_proc = proc
+        return proc
+
+    def curl(self, ns: Namespace, url: str, timeout: float = 2) -> str | None:
+        res = ns.run("curl", "-s", "--max-time", str(timeout), url, check=False)
+        return res.stdout if res.returncode == 0 else None
+
+    def egress_works(self) -> bool:
+        return self.curl(self.enclave, "http://198.51.100.2/") == "hello from the internet\n"
+
+    def ingress_works(self) -> bool:
+        out = self.curl(self.internet, "http://198.51.100.1:8443/")
+        return out == "hello from the enclave\n"
+
+    def close(self) -> None:
+        if self.enclave_proc is not None and self.enclave_proc.poll() is None:
+            self.enclave_proc.terminate()
+            try:
+                self.enclave_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.enclave_proc.kill()
+        self.parent_cmd("down", check=False)
+        self.resolv.unlink(missing_ok=True)
+        self.resolv.parent.rmdir()
+
+
+@pytest.fixture
+def world(lab: Lab):
+    w = World(lab)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_enclave_reaches_internet_and_internet_reaches_enclave(world: World) -> None:
+    res = world.parent_cmd("up")
+    assert res.returncode == 0, res.stderr
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the enclave to fetch a page through the parent's NAT")
+    wait_for(world.ingress_works, 10, "the internet to reach the enclave through ingress 8443")
+    # the enclave wrote its own resolv.conf from the profile
+    assert "nameserver 198.51.100.53" in world.resolv.read_text()
+    # the internet server saw the parent's address: masquerade
+    counters = firewall.read_counters(world.name, netns=world.parent.name)
+    assert counters["egress_allowed"].packets > 0
+    assert counters["ingress_accepted"].packets > 0
+    # the deny list holds while allowed destinations work
+    assert world.curl(world.enclave, "http://198.51.100.3/", timeout=1.5) is None
+    assert firewall.read_counters(world.name, netns=world.parent.name)["egress_denied"].packets
+    assert world.egress_works()
+    # the enclave has only lo and the tunnel, like a real one
+    links = world.enclave.ip("-o", "link", "show").stdout
+    assert sorted(line.split(":")[1].strip() for line in links.splitlines()) == ["lo", "wg0"]
+    # `parent up` again is harmless
+    again = world.parent_cmd("up")
+    assert again.returncode == 0 and "already up" in again.stdout
+
+
+def test_restarts_of_either_side_recover(world: World) -> None:
+    assert world.parent_cmd("up").returncode == 0
+    first = world.start_enclave()
+    wait_for(world.egress_works, 30, "the first enclave's tunnel")
+
+    # The enclave restarts with a new key: SIGTERM reaches its CMD, and it exits with its code.
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(15) in (0, 128 + signal.SIGTERM, -signal.SIGTERM)
+    world.start_enclave()
+    wait_for(world.egress_works, RECOVERY_BOUND, "egress after the enclave restarted")
+    wait_for(world.ingress_works, RECOVERY_BOUND, "ingress after the enclave restarted")
+
+    # The parent restarts: the enclave notices, registers again, and its CMD keeps running.
+    app = world.enclave_proc
+    assert world.parent_cmd("down").returncode == 0
+    assert world.parent_cmd("up").returncode == 0
+    wait_for(world.egress_works, RECOVERY_BOUND, "egress after the parent restarted")
+    wait_for(world.ingress_works, RECOVERY_BOUND, "ingress after the parent restarted")
+    assert app is not None and app.poll() is None
+
+
+def test_parent_down_leaves_nothing(world: World) -> None:
+    assert world.parent_cmd("up").returncode == 0
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the tunnel")
+    res = world.parent_cmd("down")
+    assert res.returncode == 0 and "stopped pid" in res.stdout
+    assert "wg0" not in world.parent.ip("-o", "link", "show").stdout
+    assert not firewall.exists(world.name, netns=world.parent.name)
+    assert list((world.lab.tmp / "sock").glob("*")) == []
+    assert list((world.lab.tmp / "run-parent").glob("*")) == []
+    assert list((world.lab.tmp / "state").glob("*")) == []
+    assert world.parent.pids() == [] or all(
+        "wgvsock" not in Path(f"/proc/{p}/cmdline").read_text() for p in world.parent.pids()
+        if Path(f"/proc/{p}/cmdline").exists()
+    )
+    # and down again has nothing to do
+    assert "nothing to remove" in world.parent_cmd("down").stdout
+
+
+BAD_PROFILES = {
+    "unknown key": ("transport:\n  kind: unix\n  prot: 5\n", "transport.prot"),
+    "port out of range": ("transport:\n  kind: unix\n  port: 70000\n", "transport.port"),
+    "address outside subnet": (
+        "parent:\n  address: 10.77.0.1/30\nenclave:\n  address: 10.78.0.2/30\n",
+        "enclave.address",
+    ),
+    "wrong type": ("mtu: big\n", "mtu"),
+    "overlaps the parent's network": (
+        "parent:\n  address: 198.51.100.129/30\nenclave:\n  address: 198.51.100.130/30\n",
+        "overlap",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_PROFILES))
+def test_bad_profiles_are_refused_and_the_host_is_unchanged(world: World, kind: str) -> None:
+    body, needle = BAD_PROFILES[kind]
+    bad = world.lab.tmp / "bad.yaml"
+    bad.write_text(f"version: 1\nname: {world.name}\n{body}")
+    before_links = world.parent.ip("-o", "link", "show").stdout
+    before_rules = world.parent.run("nft", "list", "ruleset").stdout
+    res = world.parent.run(WGVSOCK, "parent", "up", "--profile", str(bad),
+                           env=world.env_for("parent"), check=False)
+    assert res.returncode != 0
+    assert str(bad) in res.stderr and needle in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert world.parent.ip("-o", "link", "show").stdout == before_links
+    assert world.parent.run("nft", "list", "ruleset").stdout == before_rules
+    assert not (world.lab.tmp / "state").exists()

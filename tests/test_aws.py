@@ -1,0 +1,607 @@
+"""wgvsock.aws against moto in server mode (a real HTTP endpoint on 127.0.0.1) and a local IMDSv2.
+
+Nothing here may reach a real AWS endpoint or the real metadata service: the module fixture
+clears every AWS_* variable and proxy setting, sets dummy credentials, points AWS_ENDPOINT_URL
+at moto and AWS_EC2_METADATA_SERVICE_ENDPOINT at a closed loopback port, and sets
+AWS_EC2_METADATA_DISABLED=true so botocore never probes IMDS for credentials or a region.
+
+What moto 5 offers, and where the tests fill in:
+* IAM enforcement works in server mode: POST /moto-api/reset-auth with "0" makes moto check
+  every request against the caller's IAM policies. It answers SSM and Secrets Manager denials
+  with an XML body (real AWS sends JSON), which wgvsock.aws normalises; the denied-permission
+  tests below go through that real path.
+* moto's SSM never involves KMS, so the kms:Decrypt denial is built with botocore's Stubber from
+  the error shape AWS documents (AccessDeniedException naming kms:Decrypt).
+* moto's IMDS answers /latest/api/token (to any method, without checking the TTL header) and
+  /latest/meta-data/*, but not /latest/dynamic/instance-identity/document, so a strict IMDSv2
+  stand-in lives here.
+* moto accepts EnclaveOptions in run_instances but neither stores nor returns it; the tests set
+  the attribute on moto's in-process instance model so describe_instances serialises it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (test extra)")
+
+from botocore.stub import Stubber  # noqa: E402 - after the importorskip guards
+
+from wgvsock import aws  # noqa: E402
+from wgvsock.core.crypto import generate_private_key, key_to_base64  # noqa: E402
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's default account
+PARAM = "/wgvsock/test/parent-key"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Moto:
+    url: str
+    key: bytes
+    # One session for most tests: a fresh boto3.Session re-reads the service models for every
+    # client (up to 0.6 s for EC2), which alone would blow the time budget of this file.
+    session: boto3.Session
+    keys: dict[str, bytes] = field(default_factory=dict)
+
+    def set_auth(self, enforce: bool) -> None:
+        # text/plain: with urllib's default form content type, werkzeug would consume the body
+        # as form data and moto would see an empty count.
+        req = urllib.request.Request(  # noqa: S310 - loopback moto server
+            self.url + "/moto-api/reset-auth",
+            data=b"0" if enforce else b"inf",
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req) as r:
+            r.read()
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Moto]:
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.startswith("AWS_") or name.lower() in (
+                "http_proxy",
+                "https_proxy",
+                "all_proxy",
+                "no_proxy",
+            ):
+                mp.delenv(name)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", REGION)
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        # One attempt: the unreachable-endpoint test would otherwise sit through retry backoff.
+        mp.setenv("AWS_MAX_ATTEMPTS", "1")
+        # moto loads thousands of AMIs into a new EC2 backend unless told not to (seconds).
+        mp.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        mp.setenv("AWS_ENDPOINT_URL", url)
+        m = Moto(url=url, key=generate_private_key(), session=boto3.Session(region_name=REGION))
+        try:
+            key = m.key
+            ssm = m.session.client("ssm")
+            ssm.put_parameter(Name=PARAM, Value=key_to_base64(key), Type="SecureString")
+            sm = m.session.client("secretsmanager")
+            for name in ("wgvsock/plain", "wgvsock/json"):
+                m.keys[name] = generate_private_key()
+            sm.create_secret(
+                Name="wgvsock/plain", SecretString=key_to_base64(m.keys["wgvsock/plain"])
+            )
+            sm.create_secret(
+                Name="wgvsock/json",
+                SecretString=json.dumps(
+                    {"private_key": key_to_base64(m.keys["wgvsock/json"]), "note": "parent"}
+                ),
+            )
+            yield m
+        finally:
+            m.set_auth(False)
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def restricted(moto: Moto) -> boto3.Session:
+    """A session for an IAM user allowed only ec2:DescribeInstanceTypes."""
+    iam = moto.session.client("iam")
+    iam.create_user(UserName="wgvsock-restricted")
+    iam.put_user_policy(
+        UserName="wgvsock-restricted",
+        PolicyName="only-instance-types",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Action": ["ec2:DescribeInstanceTypes"], "Resource": "*"}
+                ],
+            }
+        ),
+    )
+    ak = iam.create_access_key(UserName="wgvsock-restricted")["AccessKey"]
+    return boto3.Session(
+        aws_access_key_id=ak["AccessKeyId"],
+        aws_secret_access_key=ak["SecretAccessKey"],
+        region_name=REGION,
+    )
+
+
+@pytest.fixture
+def enforce_iam(moto: Moto) -> Iterator[None]:
+    moto.set_auth(True)
+    try:
+        yield
+    finally:
+        moto.set_auth(False)
+
+
+def _instance(moto: Moto, instance_type: str, enclave: bool | None) -> str:
+    """Run an instance in moto; ``enclave=None`` leaves EnclaveOptions unreported."""
+    ec2 = moto.session.client("ec2")
+    kwargs: dict[str, Any] = {}
+    if enclave is not None:
+        kwargs["EnclaveOptions"] = {"Enabled": enclave}
+    resp = ec2.run_instances(
+        ImageId="ami-12345678", MinCount=1, MaxCount=1, InstanceType=instance_type, **kwargs
+    )
+    iid = str(resp["Instances"][0]["InstanceId"])
+    if enclave is not None:
+        shown = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+        if "EnclaveOptions" not in shown:
+            # moto ignores EnclaveOptions; the server runs in this process, so set it on the
+            # model and let moto's serializer put it into the real describe_instances answer.
+            from moto.backends import get_backend
+
+            inst = get_backend("ec2")[ACCOUNT][REGION].get_instance(iid)
+            inst.enclave_options = {"Enabled": enclave}
+    return iid
+
+
+# ---------------------------------------------------------------------------------------------
+# IMDSv2 stand-in
+
+
+class FakeImds:
+    """IMDSv2 as documented: PUT /latest/api/token with a TTL header 1..21600 returns a token;
+    every GET must carry it in X-aws-ec2-metadata-token, otherwise 401."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+        self.tokens: set[str] = set()
+        # Headers kept as received (HTTPMessage): lookups are case-insensitive, as in HTTP.
+        self.requests: list[tuple[str, str, Message]] = []
+        self.refuse_tokens = False
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, body: str = "") -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self) -> None:
+                fake.requests.append(("PUT", self.path, self.headers))
+                if self.path != aws.TOKEN_PATH:
+                    return self._send(404)
+                if fake.refuse_tokens:
+                    return self._send(403)
+                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
+                if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+                    return self._send(400)
+                token = secrets.token_urlsafe(24)
+                fake.tokens.add(token)
+                return self._send(200, token)
+
+            def do_GET(self) -> None:
+                fake.requests.append(("GET", self.path, self.headers))
+                if self.headers.get("X-aws-ec2-metadata-token") not in fake.tokens:
+                    return self._send(401)
+                if self.path == aws.IDENTITY_PATH:
+                    return self._send(200, json.dumps(fake.document))
+                return self._send(404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _document(instance_id: str, instance_type: str = "m5.xlarge") -> dict[str, Any]:
+    return {
+        "accountId": ACCOUNT,
+        "architecture": "x86_64",
+        "availabilityZone": f"{REGION}a",
+        "imageId": "ami-12345678",
+        "instanceId": instance_id,
+        "instanceType": instance_type,
+        "pendingTime": "2026-01-01T00:00:00Z",
+        "privateIp": "10.0.0.5",
+        "region": REGION,
+        "version": "2017-09-30",
+    }
+
+
+@pytest.fixture
+def imds() -> Iterator[FakeImds]:
+    fake = FakeImds(_document("i-0123456789abcdef0"))
+    try:
+        yield fake
+    finally:
+        fake.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# load_private_key
+
+
+def test_ssm_securestring_default_session(moto: Moto) -> None:
+    # No session argument: credentials, region and endpoint all come from the environment.
+    assert aws.load_private_key(f"ssm:{PARAM}") == moto.key
+
+
+def test_ssm_by_arn(moto: Moto) -> None:
+    arn = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{PARAM}"
+    assert aws.load_private_key(f"ssm:{arn}", session=moto.session) == moto.key
+
+
+def test_secret_plain_and_json(moto: Moto) -> None:
+    for name, key in moto.keys.items():
+        assert aws.load_private_key(f"secretsmanager:{name}", session=moto.session) == key
+
+
+def test_ssm_not_found(moto: Moto) -> None:
+    with pytest.raises(aws.AWSError, match=r"SSM parameter '/wgvsock/missing' not found"):
+        aws.load_private_key("ssm:/wgvsock/missing", session=moto.session)
+
+
+def test_secret_not_found(moto: Moto) -> None:
+    with pytest.raises(aws.AWSError, match=r"secret 'wgvsock/missing' not found in region"):
+        aws.load_private_key("secretsmanager:wgvsock/missing", session=moto.session)
+
+
+@pytest.mark.parametrize("spec", ["ssm", "ssm:", "vault:x", "/etc/key"])
+def test_bad_spec(spec: str) -> None:
+    with pytest.raises(aws.AWSError, match=r"ssm:NAME or secretsmanager:NAME|empty name"):
+        aws.load_private_key(spec)
+
+
+def test_is_aws_key_spec() -> None:
+    assert aws.is_aws_key_spec("ssm:/x") and aws.is_aws_key_spec("secretsmanager:x")
+    assert not aws.is_aws_key_spec("/etc/wgvsock/payments.key")
+
+
+def _assert_secret_absent(err: BaseException, secret: str) -> None:
+    """The value must appear neither in the message nor anywhere down the exception chain."""
+    seen: BaseException | None = err
+    while seen is not None:
+        assert secret not in str(seen) and secret not in repr(seen)
+        assert secret not in repr(getattr(seen, "args", ()))
+        seen = seen.__cause__ or seen.__context__
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "c2hvcnQtYnV0LXNlY3JldC12YWx1ZQ==",  # valid base64, 24 bytes
+        "not base64 at all, but secret: hunter2-hunter2",
+        '{"private_key": "c2hvcnQtYnV0LXNlY3JldC12YWx1ZQ=="}',
+        '{"privateKey": "c2hvcnQtYnV0LXNlY3JldC12YWx1ZQ=="}',
+        '{"private_key": "c2hvcnQtYnV0LXNlY3JldC12YWx1ZQ==", ',  # broken JSON
+    ],
+)
+def test_bad_secret_value_never_echoed(
+    moto: Moto, value: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"wgvsock/bad-{secrets.token_hex(4)}"
+    moto.session.client("secretsmanager").create_secret(Name=name, SecretString=value)
+    caplog.set_level(logging.DEBUG, logger="wgvsock")
+    with pytest.raises(aws.AWSError) as info:
+        aws.load_private_key(f"secretsmanager:{name}", session=moto.session)
+    assert name in str(info.value)
+    for secret in ("c2hvcnQtYnV0LXNlY3JldC12YWx1ZQ", "hunter2"):
+        _assert_secret_absent(info.value, secret)
+        assert secret not in caplog.text
+
+
+def test_plain_string_parameter_warns_without_key(
+    moto: Moto, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = generate_private_key()
+    moto.session.client("ssm").put_parameter(
+        Name="/wgvsock/test/plain", Value=key_to_base64(key), Type="String"
+    )
+    caplog.set_level(logging.DEBUG, logger="wgvsock")
+    assert aws.load_private_key("ssm:/wgvsock/test/plain", session=moto.session) == key
+    assert "not SecureString" in caplog.text
+    assert key_to_base64(key) not in caplog.text
+
+
+def test_botocore_debug_log_never_has_key(moto: Moto, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # everything, botocore's wire dumps included
+    for spec, key in [
+        (f"ssm:{PARAM}", moto.key),
+        *((f"secretsmanager:{n}", k) for n, k in moto.keys.items()),
+    ]:
+        assert aws.load_private_key(spec, session=moto.session) == key
+        assert key_to_base64(key) not in caplog.text
+    # The filter is what kept it out: botocore did log at DEBUG during the calls.
+    assert any(r.name.startswith("botocore") for r in caplog.records)
+    # ...and it only acts during a key fetch.
+    caplog.clear()
+    moto.session.client("ssm").get_parameter(Name=PARAM, WithDecryption=True)
+    assert key_to_base64(moto.key) in caplog.text
+
+
+def test_no_credentials(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(aws.AWSError, match="no AWS credentials found"):
+        aws.load_private_key(f"ssm:{PARAM}")
+
+
+def test_no_region(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(aws.AWSError, match="no AWS region configured"):
+        aws.load_private_key("secretsmanager:wgvsock/plain")
+
+
+def test_endpoint_unreachable(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    t0 = time.monotonic()
+    with pytest.raises(aws.AWSError, match=r"cannot reach the ssm endpoint") as info:
+        aws.load_private_key(f"ssm:{PARAM}")
+    assert dead in str(info.value)
+    assert time.monotonic() - t0 < 5
+
+
+# ---------------------------------------------------------------------------------------------
+# IAM enforcement in moto: denials name the missing permission
+
+
+@pytest.mark.usefixtures("enforce_iam")
+def test_ssm_denied_names_permission(restricted: boto3.Session) -> None:
+    with pytest.raises(aws.AWSError) as info:
+        aws.load_private_key(f"ssm:{PARAM}", session=restricted)
+    msg = str(info.value)
+    assert f"ssm:GetParameter on arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/wgvsock/test/" in msg
+    assert "<" not in msg  # moto's XML body was normalised
+
+
+@pytest.mark.usefixtures("enforce_iam")
+def test_secret_denied_names_permission(restricted: boto3.Session) -> None:
+    with pytest.raises(aws.AWSError) as info:
+        aws.load_private_key("secretsmanager:wgvsock/plain", session=restricted)
+    assert (
+        f"secretsmanager:GetSecretValue on arn:aws:secretsmanager:{REGION}:{ACCOUNT}:"
+        "secret:wgvsock/plain-??????" in str(info.value)
+    )
+
+
+@pytest.mark.usefixtures("enforce_iam")
+def test_rejected_credentials(moto: Moto) -> None:
+    # Under enforcement the dummy "testing" key belongs to no IAM user.
+    with pytest.raises(aws.AWSError, match=r"rejected the credentials \(InvalidClientTokenId\)"):
+        aws.load_private_key(f"ssm:{PARAM}", session=moto.session)
+
+
+@pytest.mark.usefixtures("enforce_iam")
+def test_describe_instances_denied(restricted: boto3.Session) -> None:
+    check = aws.check_enclave_support("i-0123456789abcdef0", REGION, session=restricted)
+    assert check.ok is False
+    assert "ec2:DescribeInstances" in check.detail
+
+
+class _StubSession:
+    """Hands out one stubbed client: moto's SSM never calls KMS, so a kms:Decrypt denial can only
+    be produced from the error shape AWS documents for it."""
+
+    region_name = REGION
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def client(self, *args: object, **kwargs: object) -> Any:
+        return self._client
+
+
+def test_kms_decrypt_denied_names_permission(moto: Moto) -> None:
+    kms_key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    client = moto.session.client("ssm")
+    with Stubber(client) as stub:
+        stub.add_client_error(
+            "get_parameter",
+            service_error_code="AccessDeniedException",
+            service_message=(
+                f"User: arn:aws:sts::{ACCOUNT}:assumed-role/parent/i-0abc is not authorized to "
+                f"perform: kms:Decrypt on resource: {kms_key} because no identity-based policy "
+                "allows the kms:Decrypt action (Service: AWSKMS; Status Code: 400; Error Code: "
+                "AccessDeniedException)"
+            ),
+            http_status_code=400,
+        )
+        with pytest.raises(aws.AWSError) as info:
+            aws.load_private_key(f"ssm:{PARAM}", session=_StubSession(client))  # type: ignore[arg-type]
+    assert f"kms:Decrypt on {kms_key}" in str(info.value)
+    assert "ssm:GetParameter" not in str(info.value)
+
+
+def test_secret_kms_denied(moto: Moto) -> None:
+    client = moto.session.client("secretsmanager")
+    with Stubber(client) as stub:
+        stub.add_client_error(
+            "get_secret_value",
+            service_error_code="AccessDeniedException",
+            service_message="Access to KMS is not allowed",
+            http_status_code=400,
+        )
+        with pytest.raises(aws.AWSError, match="kms:Decrypt on the KMS key that encrypts it"):
+            aws.load_private_key("secretsmanager:x", session=_StubSession(client))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# IMDSv2
+
+
+def test_imds_identity(imds: FakeImds) -> None:
+    ident = aws.Imds(imds.url).identity()
+    assert ident.instance_id == "i-0123456789abcdef0"
+    assert (ident.region, ident.instance_type, ident.account_id) == (REGION, "m5.xlarge", ACCOUNT)
+    (put, get) = imds.requests
+    assert put[:2] == ("PUT", aws.TOKEN_PATH)
+    assert get[:2] == ("GET", aws.IDENTITY_PATH)
+    assert put[2]["X-aws-ec2-metadata-token-ttl-seconds"] == "300"
+    assert get[2]["X-aws-ec2-metadata-token"] in imds.tokens
+
+
+def test_imds_endpoint_from_env(imds: FakeImds, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url + "/")
+    assert aws.Imds().identity().region == REGION
+
+
+def test_imds_default_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the attribute: no request is made.
+    monkeypatch.delenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", raising=False)
+    assert aws.Imds().endpoint == "http://169.254.169.254"
+
+
+def test_imds_refreshes_expired_token(imds: FakeImds) -> None:
+    client = aws.Imds(imds.url)
+    client.identity()
+    imds.tokens.clear()  # every token expires
+    assert client.identity().instance_id == "i-0123456789abcdef0"
+    assert [r[0] for r in imds.requests] == ["PUT", "GET", "GET", "PUT", "GET"]
+
+
+def test_imds_disabled(imds: FakeImds) -> None:
+    imds.refuse_tokens = True
+    with pytest.raises(aws.AWSError, match="IMDS is disabled") as info:
+        aws.Imds(imds.url).identity()
+    assert not isinstance(info.value, aws.ImdsUnavailable)
+
+
+def test_imds_connection_refused() -> None:
+    with pytest.raises(aws.ImdsUnavailable, match=r"not on EC2 \(no instance metadata service"):
+        aws.Imds(f"http://127.0.0.1:{_closed_port()}").identity()
+
+
+def test_imds_timeout() -> None:
+    # A listener that never answers: what a dropped hop-limited PUT looks like from a container.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(aws.ImdsUnavailable, match="not on EC2"):
+            aws.Imds(f"http://127.0.0.1:{port}", timeout=0.3).identity()
+        assert time.monotonic() - t0 < 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Enclave support and doctor
+
+
+def test_enclave_support_enabled_and_disabled(moto: Moto) -> None:
+    on = aws.check_enclave_support(_instance(moto, "m5.xlarge", True), REGION, session=moto.session)
+    assert on.ok is True
+    off = aws.check_enclave_support(
+        _instance(moto, "m5.xlarge", False), REGION, session=moto.session
+    )
+    assert off.ok is False
+    assert "--enclave-options Enabled=true" in off.detail
+    assert "at launch" in off.detail
+
+
+def test_enclave_support_unreported_and_missing(moto: Moto) -> None:
+    assert (
+        aws.check_enclave_support(
+            _instance(moto, "m5.xlarge", None), REGION, session=moto.session
+        ).ok
+        is None
+    )
+    missing = aws.check_enclave_support("i-0123456789abcdef0", REGION, session=moto.session)
+    assert missing.ok is False and "not found" in missing.detail
+
+
+def test_instance_type(moto: Moto) -> None:
+    assert aws.check_instance_type("m5.xlarge", REGION, session=moto.session).ok is True
+    t3 = aws.check_instance_type("t3.micro", REGION, session=moto.session)
+    assert t3.ok is False and "does not support Nitro Enclaves" in t3.detail
+
+
+def test_doctor_on_ec2(moto: Moto, imds: FakeImds) -> None:
+    imds.document = _document(_instance(moto, "m5.xlarge", True))
+    checks = {c.name: c for c in aws.doctor_checks(aws.Imds(imds.url), session=moto.session)}
+    assert [c.ok for c in checks.values()] == [True, True, True, True], checks
+    assert checks["AWS credentials"].detail.startswith("arn:aws:")
+
+
+def test_doctor_enclaves_off(moto: Moto, imds: FakeImds) -> None:
+    imds.document = _document(_instance(moto, "t3.micro", False), "t3.micro")
+    checks = {c.name: c for c in aws.doctor_checks(aws.Imds(imds.url), session=moto.session)}
+    assert checks["Enclave support"].ok is False
+    assert "--enclave-options Enabled=true" in checks["Enclave support"].detail
+    assert checks["Instance type"].ok is False
+
+
+@pytest.mark.usefixtures("enforce_iam")
+def test_doctor_denied(restricted: boto3.Session, imds: FakeImds) -> None:
+    checks = {c.name: c for c in aws.doctor_checks(aws.Imds(imds.url), session=restricted)}
+    assert checks["EC2 instance"].ok is True
+    assert checks["AWS credentials"].ok is True  # sts:GetCallerIdentity needs no permission
+    assert checks["Enclave support"].ok is False
+    assert "ec2:DescribeInstances" in checks["Enclave support"].detail
+    assert checks["Instance type"].ok is True  # the one action the policy allows
+
+
+def test_doctor_no_credentials(moto: Moto, imds: FakeImds, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    checks = aws.doctor_checks(aws.Imds(imds.url))
+    assert [c.ok for c in checks] == [True, False, None]
+    assert "no AWS credentials" in checks[1].detail
+
+
+def test_doctor_off_ec2() -> None:
+    checks = aws.doctor_checks(aws.Imds(f"http://127.0.0.1:{_closed_port()}", timeout=0.3))
+    assert len(checks) == 1
+    assert checks[0].ok is None
+    assert "not on EC2 (no instance metadata service" in checks[0].detail
