@@ -1,0 +1,219 @@
+"""How the daemon starts and stops, as a process: background start-up handshake, failures with a
+reason, the three ways to stop it (ip link del, rm of the UAPI socket, SIGTERM), `-f`, and MTU
+changes made with `ip link` while it runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .daemonctl import link_exists, only_pid, process_gone, sock_path
+from .netlab import DAEMON, Lab, Namespace, connect_pair, ping, wait_for
+
+pytestmark = [pytest.mark.root]
+
+# The daemon notices a deleted interface or socket file within 0.5 s; allow for a busy machine.
+STOP_WITHIN = 5.0
+
+
+def _unix_files(lab: Lab) -> list[str]:
+    return sorted(os.listdir(lab.unix_dir)) if lab.unix_dir.exists() else []
+
+
+def _start(lab: Lab, label: str = "a") -> tuple[Namespace, str, int]:
+    ns = lab.netns(label)
+    ifname = lab.ifname(label)
+    lab.start_daemon(ns, ifname, "unix")
+    # Background start-up reports ready only once the UAPI socket serves: it is there at once.
+    assert os.path.exists(sock_path(ifname))
+    assert f"interface: {ifname}" in ns.wg("show", ifname).stdout
+    assert link_exists(ns, ifname)
+    return ns, ifname, only_pid(ns)
+
+
+def _assert_all_gone(lab: Lab, ns: Namespace, ifname: str, pid: int, reason: str) -> None:
+    wait_for(lambda: process_gone(pid), STOP_WITHIN, f"the daemon to exit after {reason}")
+    assert not os.path.exists(sock_path(ifname))
+    assert not link_exists(ns, ifname)
+    assert _unix_files(lab) == []
+    assert all(process_gone(p) for p in ns.pids())
+    assert f"shutting down: {reason}" in lab.log(ifname)
+    assert f"{ifname}: stopped ({reason})" in lab.log(ifname)
+
+
+@pytest.mark.parametrize("how", ["ip-link-del", "rm-socket", "sigterm", "sigint"])
+def test_stop(lab: Lab, how: str) -> None:
+    ns, ifname, pid = _start(lab)
+    # Its transport socket file in WGVSOCK_UNIX_DIR must go too.
+    port = int(lab.uapi(ifname)["extra"]["wgvsock_port"])
+    assert _unix_files(lab) == [f"{port}.sock"]
+    t0 = time.monotonic()
+    if how == "ip-link-del":
+        ns.ip("link", "del", ifname)
+        reason = f"interface {ifname} was removed"
+    elif how == "rm-socket":
+        os.unlink(sock_path(ifname))
+        reason = "UAPI socket was removed"
+    else:
+        sig = signal.SIGTERM if how == "sigterm" else signal.SIGINT
+        os.kill(pid, sig)
+        reason = f"received {sig.name}"
+    _assert_all_gone(lab, ns, ifname, pid, reason)
+    elapsed = time.monotonic() - t0
+    # Polling notices within 0.5 s; a signal at once. Shutdown itself must not hang on the
+    # TUN reader (it used to wait out a 2 s join on a read() that close() does not wake).
+    assert elapsed < (1.5 if how.startswith("sig") else 1.8), elapsed
+
+
+def test_socket_replaced_by_other_file_stops(lab: Lab) -> None:
+    ns, ifname, pid = _start(lab)
+    path = sock_path(ifname)
+    os.unlink(path)
+    with open(path, "w") as f:  # somebody else's file now: it must not be deleted
+        f.write("not ours\n")
+    try:
+        wait_for(lambda: process_gone(pid), STOP_WITHIN, "the daemon to exit")
+        assert not link_exists(ns, ifname)
+        with open(path) as f:
+            assert f.read() == "not ours\n"
+    finally:
+        os.unlink(path)
+
+
+def test_foreground_stays_and_stops_on_sigterm(lab: Lab) -> None:
+    ns = lab.netns("f")
+    ifname = lab.ifname("f")
+    err = lab.tmp / "fg.err"
+    with open(err, "wb") as out:
+        proc = ns.popen(DAEMON, "-f", "-n", "unix", ifname, env=lab.env(), stdout=out,
+                        stderr=out)
+    wait_for(lambda: os.path.exists(sock_path(ifname)) or proc.poll() is not None, 15,
+             "the UAPI socket")
+    assert proc.poll() is None, err.read_text()
+    # `ip netns exec` execs the daemon: the process we started is the daemon itself.
+    assert ns.pids() == [proc.pid]
+    assert f"interface: {ifname}" in ns.wg("show", ifname).stdout
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(STOP_WITHIN) == 0
+    assert not os.path.exists(sock_path(ifname))
+    assert not link_exists(ns, ifname)
+    assert _unix_files(lab) == []
+    # In the foreground the log goes to stderr.
+    assert "shutting down: received SIGTERM" in err.read_text()
+
+
+def _start_fails(lab: Lab, ns: Namespace, ifname: str, *args: str) -> str:
+    res = ns.run(DAEMON, *args, "-n", "unix", ifname, env=lab.env(), check=False, timeout=20)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("wireguard-go-vsock: failed to start interface"), lines[0]
+    return lines[0]
+
+
+def test_start_failures_report_a_reason(lab: Lab) -> None:
+    ns = lab.netns("x")
+    # 16 bytes: one more than IFNAMSIZ allows.
+    line = _start_fails(lab, ns, "wgvsocktoolong16")
+    assert "1-15 bytes" in line
+    assert not os.path.exists(sock_path("wgvsocktoolong16"))
+
+    # A name taken by an interface that is not a TUN (a bridge: this kernel has no dummy).
+    other = lab.ifname("br")
+    ns.ip("link", "add", other, "type", "bridge")
+    line = _start_fails(lab, ns, other)
+    assert "another type" in line
+    assert link_exists(ns, other)  # still there, untouched
+    assert not os.path.exists(sock_path(other))
+    wait_for(lambda: all(process_gone(p) for p in ns.pids()), 5, "failed daemons to exit")
+    assert _unix_files(lab) == []
+
+
+def test_second_daemon_on_the_same_name(lab: Lab) -> None:
+    ns, ifname, pid = _start(lab)
+    files = _unix_files(lab)
+    # Same namespace: the TUN is attached to the first daemon.
+    line = _start_fails(lab, ns, ifname)
+    assert "busy" in line
+    # Another namespace: the TUN could be made there, but the UAPI socket is served.
+    ns2 = lab.netns("b")
+    line = _start_fails(lab, ns2, ifname)
+    assert "another daemon already serves" in line
+    wait_for(lambda: all(process_gone(p) for p in ns2.pids()), 5, "the failed daemon to exit")
+    assert not link_exists(ns2, ifname)
+    # The first one is untouched: same process, socket, interface and transport socket.
+    assert only_pid(ns) == pid and not process_gone(pid)
+    assert os.path.exists(sock_path(ifname))
+    assert f"interface: {ifname}" in ns.wg("show", ifname).stdout
+    assert _unix_files(lab) == files
+
+
+def test_stale_socket_from_a_killed_daemon_is_replaced(lab: Lab) -> None:
+    ns, ifname, pid = _start(lab)
+    os.kill(pid, signal.SIGKILL)  # no clean-up: the socket file stays behind
+    wait_for(lambda: process_gone(pid), 5, "the killed daemon to go")
+    wait_for(lambda: not link_exists(ns, ifname), 5, "the interface to go with its last fd")
+    assert os.path.exists(sock_path(ifname))
+    lab.start_daemon(ns, ifname, "unix")
+    assert f"interface: {ifname}" in ns.wg("show", ifname).stdout
+
+
+def test_mtu_change_is_respected(lab: Lab) -> None:
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    lab.start_daemon(a, ia, "unix")
+    lab.start_daemon(b, ib, "unix")
+    connect_pair(lab, a, ia, "127.0.0.1:7302", b, ib, None, a_port=7301, b_port=7302)
+    ping(a, "10.99.0.2", count=1)  # handshake done, session up
+
+    a.ip("link", "set", ia, "mtu", "1300")
+    wait_for(lambda: f"{ia}: MTU changed to 1300" in lab.log(ia), 5, "the daemon to see MTU")
+
+    def counters() -> tuple[int, int]:
+        p = lab.uapi(ia)["peers"][0]
+        return p["tx_bytes"], p["rx_bytes"]
+
+    tx0, rx0 = counters()
+    # 1272 bytes of ICMP payload + 28 of headers = a 1300-byte packet, exactly the MTU.
+    a.run("ping", "-c", "1", "-W", "3", "-M", "do", "-s", "1272", "10.99.0.2")
+    tx1, rx1 = counters()
+    # Padding goes up to a multiple of 16 but never past the MTU: the 1300-byte request is
+    # sent as 16 (header) + 1300 + 16 (tag) = 1332 bytes, not rounded up to 1312 + 32.
+    assert tx1 - tx0 == 1332
+    # b's MTU is still 1420, so its 1300-byte reply is padded to 1312: 1344 bytes.
+    assert rx1 - rx0 == 1344
+    # One byte more does not fit the interface any more.
+    res = a.run("ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1273", "10.99.0.2",
+                check=False)
+    assert res.returncode != 0
+    assert counters()[0] == tx1  # refused by the kernel, never reached the daemon
+    # Raising it again is seen too, and bigger packets flow.
+    a.ip("link", "set", ia, "mtu", "1400")
+    wait_for(lambda: f"{ia}: MTU changed to 1400" in lab.log(ia), 5, "the daemon to see MTU")
+    a.run("ping", "-c", "1", "-W", "3", "-M", "do", "-s", "1372", "10.99.0.2")
+    assert counters()[0] - tx1 == 16 + 1400 + 16
+
+
+def test_background_start_reports_only_when_ready(lab: Lab) -> None:
+    ns = lab.netns("r")
+    ifname = lab.ifname("r")
+    env = lab.env()
+    env.pop("WGVSOCK_LOG_FILE", None)
+    # The launcher's exit status is the readiness report; it returns with stdio closed so a
+    # caller capturing its output (as wg-quick does) is not held up by the daemon.
+    t0 = time.monotonic()
+    res = subprocess.run(["ip", "netns", "exec", ns.name, DAEMON, "-n", "unix", ifname],
+                         env=env, capture_output=True, text=True, timeout=20, check=False)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - t0 < 10
+    assert os.path.exists(sock_path(ifname))
+    assert res.stdout == "" and res.stderr == ""
+    pid = only_pid(ns)
+    # The daemon is detached: its own session, not a child of anything we run.
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    assert int(fields[3]) == pid  # session id: start_new_session
