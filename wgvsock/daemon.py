@@ -26,6 +26,7 @@ ENV_NETWORK = "WGVSOCK_NETWORK"
 ENV_DGRAM = "WGVSOCK_DGRAM"
 ENV_LOG_FILE = "WGVSOCK_LOG_FILE"
 ENV_RUN_DIR = "WGVSOCK_RUN_DIR"
+ENV_OFFLOAD = "WGVSOCK_OFFLOAD"
 _ENV_READY_FD = "WGVSOCK_READY_FD"
 _READY = b"ready\n"
 
@@ -47,7 +48,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             f"Environment: {ENV_NETWORK} (default network, for wg-quick), {ENV_DGRAM}=1, "
             "LOG_LEVEL=debug|verbose|error|silent, "
             f"{ENV_LOG_FILE} (where a background daemon logs), "
-            "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock)."
+            "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock), "
+            f"{ENV_OFFLOAD}=0 (no TCP segmentation offload on stream transports)."
         ),
     )
     p.add_argument("-f", "--foreground", action="store_true", help="do not fork to the background")
@@ -146,7 +148,10 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
 
     try:
         bind = make_bind(network, dgram)
-        device = Device(ifname, bind, run_dir=os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR)
+        device = Device(
+            ifname, bind, run_dir=os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR,
+            offload=os.environ.get(ENV_OFFLOAD, "1") != "0",
+        )
         device.start()
     except (OSError, ValueError) as e:
         reason = f"failed to start interface {ifname} ({network}{', dgram' if dgram else ''}): {e}"

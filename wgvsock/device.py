@@ -25,7 +25,7 @@ from .conn.bind import Bind
 from .conn.endpoint import Endpoint, display_endpoint
 from .core.engine import DROP, SEND, TUNNEL, Action, Engine
 from .core.ratelimit import LoadTracker
-from .tun import Tun
+from .tun import GSO_MAX_SIZE, Tun
 from .uapi import (
     DEFAULT_RUN_DIR,
     DeviceConfig,
@@ -50,6 +50,33 @@ def _src_key(ep: Endpoint) -> bytes:
     return f"{ep.kind}|{ep.host}|{ep.port}|{ep.conn_id}".encode()
 
 
+_NO_LINK = {"wgvsock_conn": "none"}
+# A dialler's own states, reduced to what an operator acts on: "backoff" means connects keep
+# failing, which is worth telling apart from a dial in progress.
+_DIALER_CONN = {
+    "connecting": "dialing",
+    "reconnecting": "dialing",
+    "backoff": "backoff",
+    "connected": "connected",
+}
+
+
+def _link_states(status: dict[str, Any]) -> dict[str, dict[str, str]] | None:
+    """Per displayed endpoint, the read-only `wgvsock_conn` / `wgvsock_reconnects` UAPI keys
+    for the status dashboard; None for datagram transports, which have no connections."""
+    if "connections" not in status:
+        return None
+    links: dict[str, dict[str, str]] = {}
+    for d in status.get("dialers", ()):
+        links[d["endpoint"]] = {
+            "wgvsock_conn": _DIALER_CONN.get(d["state"], "none"),
+            "wgvsock_reconnects": str(d["reconnects"]),
+        }
+    for c in status["connections"]:
+        links.setdefault(c["endpoint"], {})["wgvsock_conn"] = "connected"
+    return links
+
+
 class Device:
     def __init__(
         self,
@@ -58,10 +85,12 @@ class Device:
         *,
         mtu: int = DEFAULT_MTU,
         run_dir: str = DEFAULT_RUN_DIR,
+        offload: bool = True,
     ) -> None:
         self.ifname = ifname
         self.bind = bind
         self.run_dir = run_dir
+        self.offload = offload
         self._initial_mtu = mtu
         self._wall_offset = time.time() - time.monotonic()
         self.engine = Engine(mtu=mtu, wall_offset=self._wall_offset)
@@ -88,7 +117,7 @@ class Device:
         """Creates the interface, binds the transport and serves UAPI. Raises on failure,
         leaving nothing behind."""
         try:
-            self.tun = Tun.create(self.ifname)
+            self.tun = self._create_tun()
             self.ifname = self.tun.name
             self.tun.set_mtu(self._initial_mtu)
             self.engine.mtu = self._initial_mtu
@@ -107,6 +136,22 @@ class Device:
             "interface %s up: network %s, port %d, mtu %d",
             self.ifname, self.bind.network, self.port, self._initial_mtu,
         )
+
+    def _create_tun(self) -> Tun:
+        # Segmentation offload pays only where a message may be as large as 64 KiB: on stream
+        # transports. Over UDP an inner packet must fit the path MTU, so we stay at the MTU.
+        if not (self.bind.stream and self.offload):
+            return Tun.create(self.ifname)
+        tun = Tun.create(self.ifname, offload=True)
+        try:
+            from .netconf import set_gso_max_size
+
+            set_gso_max_size(tun.name, GSO_MAX_SIZE)
+        except Exception as e:  # pyroute2 raises its own types; any failure means "no offload"
+            log.warning("%s: cannot limit GSO size (%s); segmentation offload off", tun.name, e)
+            tun.close()
+            return Tun.create(self.ifname)
+        return tun
 
     def stop(self, reason: str) -> None:
         if not self._stopped.is_set():
@@ -156,18 +201,22 @@ class Device:
         tun = self.tun
         assert tun is not None
         lock, engine, monotonic = self._lock, self.engine, time.monotonic
-        # poll() before each read, with the wake pipe: a read() blocked on the TUN fd would
-        # not return when the device is closed, and shutdown would hang until the join timed out.
+        # Non-blocking reads, with poll() on the TUN and the wake pipe only when it is empty:
+        # a read() blocked on the TUN fd would not return when the device is closed, and under
+        # load the common path stays one system call per packet.
+        tun.set_blocking(False)
         poller = select.poll()
         poller.register(tun.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         wake_fd = self._wake_r
         while not self._stopped.is_set():
-            ready = poller.poll()
-            if self._stopped.is_set() or any(fd == wake_fd for fd, _ in ready):
-                return
             try:
                 packet = tun.read()
+            except BlockingIOError:
+                ready = poller.poll()
+                if self._stopped.is_set() or any(fd == wake_fd for fd, _ in ready):
+                    return
+                continue
             except OSError as e:
                 if self._stopped.is_set():
                     return
@@ -233,6 +282,8 @@ class Device:
 
     def uapi_get(self) -> DeviceStatus:
         fmt = self.bind.format_endpoint
+        # Taken before the engine lock so the two locks are never held together.
+        links = _link_states(self.bind.status())
         with self._lock:
             engine = self.engine
             peers = []
@@ -246,7 +297,10 @@ class Device:
                 endpoint = None
                 if peer.endpoint is not None:
                     endpoint = fmt(peer.endpoint)
-                    extra["wgvsock_endpoint"] = display_endpoint(peer.endpoint)
+                    shown = display_endpoint(peer.endpoint)
+                    extra["wgvsock_endpoint"] = shown
+                    if links is not None:
+                        extra.update(links.get(shown, _NO_LINK))
                 peers.append(
                     PeerStatus(
                         public_key=peer.public_key,
