@@ -1,0 +1,798 @@
+"""Attestation: the verifier against documents signed by a test CA, the packaged AWS root, the
+NSM client against a fake device, and `wgvsock attest`."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import json
+import os
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import cbor2
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from tests.attest_fixtures import (
+    DEBUG_PCRS,
+    MODULE_ID,
+    TEST_PCRS,
+    FakeNSM,
+    TestCA,
+    make_document,
+    make_test_ca,
+    resign,
+    sign1,
+)
+from wgvsock import cli
+from wgvsock.attestation import (
+    NSM,
+    AttestationError,
+    Document,
+    NSMError,
+    aws_root,
+    decode_document,
+    nsm,
+    nsm_attester,
+    trusted_root,
+    verify_document,
+    verify_enclave,
+)
+from wgvsock.attestation import cli as attest_cli
+from wgvsock.attestation.verify import AWS_ROOT_SHA256, CODES, MAX_DOCUMENT, fingerprint
+from wgvsock.control import ControlError, Verdict
+from wgvsock.profile import Attestation, parse_profile
+
+NONCE = bytes(range(32))
+WG_KEY = hashlib.sha256(b"enclave wireguard key").digest()
+SHARED_ROOT = Path(__file__).resolve().parents[2] / "shared" / "certs" / \
+    "aws-nitro-enclaves-root-g1.pem"
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestCA:
+    return make_test_ca()
+
+
+@pytest.fixture(scope="module")
+def other_ca() -> TestCA:
+    return make_test_ca(name="other")
+
+
+@pytest.fixture(scope="module")
+def good(ca: TestCA) -> bytes:
+    return make_document(ca, nonce=NONCE, public_key=WG_KEY, user_data=b"hello")
+
+
+def refused(data: bytes, code: str, root, **expect) -> AttestationError:
+    """verify_document must refuse with exactly this code, and nothing but AttestationError."""
+    with pytest.raises(AttestationError) as info:
+        verify_document(data, root=root, **expect)
+    assert info.value.code == code, info.value.reason
+    assert info.value.code in CODES
+    assert str(info.value) == info.value.reason
+    return info.value
+
+
+def with_payload(document: bytes, change) -> bytes:
+    """The document with its payload changed but the original signature kept (a forgery)."""
+    protected, unprotected, payload, signature = cbor2.loads(document)
+    p = cbor2.loads(payload)
+    change(p)
+    return cbor2.dumps([protected, unprotected, cbor2.dumps(p), signature])
+
+
+# -- valid documents -------------------------------------------------------------------------
+
+
+def test_valid_untagged_document(ca, good):
+    doc = verify_document(good, root=ca.root_cert, nonce=NONCE, public_key=WG_KEY,
+                          pcrs={i: v.hex() for i, v in TEST_PCRS.items() if i < 3},
+                          max_age=300)
+    assert isinstance(doc, Document)
+    assert doc.module_id == MODULE_ID
+    assert doc.digest == "SHA384"
+    assert doc.pcrs == TEST_PCRS
+    assert doc.nonce == NONCE and doc.public_key == WG_KEY and doc.user_data == b"hello"
+    assert abs(doc.time - datetime.now(UTC)) < timedelta(minutes=1)
+    assert not doc.debug_mode
+    json.dumps(doc.to_json())  # all of it serialisable
+
+
+def test_valid_tagged_document_and_root_as_pem(ca):
+    tagged = make_document(ca, tagged=True)
+    assert tagged[0] == 0xD2  # CBOR tag 18
+    doc = verify_document(tagged, root=ca.root_pem)
+    assert doc.nonce is None and doc.public_key is None and doc.user_data is None
+
+
+def test_optional_fields_may_be_left_out(ca):
+    doc = verify_document(make_document(ca, drop=("public_key", "user_data", "nonce")),
+                          root=ca.root_cert)
+    assert doc.nonce is None
+
+
+def test_pcr_expectations_accept_bytes_and_uppercase_hex(ca, good):
+    verify_document(good, root=ca.root_cert, pcrs={0: TEST_PCRS[0], 1: TEST_PCRS[1].hex().upper()})
+
+
+def test_decode_without_verifying(ca, other_ca):
+    doc = decode_document(make_document(other_ca, nonce=b"x"))
+    assert doc.nonce == b"x"
+
+
+# -- refused documents: signature, root, chain, validity -------------------------------------
+
+
+def test_bad_signature(ca, good):
+    protected, unprotected, payload, signature = cbor2.loads(good)
+    flipped = bytes([signature[0] ^ 1]) + signature[1:]
+    e = refused(cbor2.dumps([protected, unprotected, payload, flipped]), "bad-signature",
+                ca.root_cert)
+    assert "does not verify" in e.reason
+    assert e.document is not None and e.document.module_id == MODULE_ID
+
+
+def test_signed_by_a_key_other_than_the_leaf(ca, other_ca):
+    refused(make_document(ca, sign_key=other_ca.leaf_key), "bad-signature", ca.root_cert)
+
+
+def test_signature_of_the_wrong_length(ca, good):
+    protected, unprotected, payload, signature = cbor2.loads(good)
+    e = refused(cbor2.dumps([protected, unprotected, payload, signature[:64]]), "bad-signature",
+                ca.root_cert)
+    assert "64 bytes" in e.reason
+
+
+def test_wrong_root(ca, other_ca, good):
+    e = refused(good, "untrusted-root", other_ca.root_cert)
+    assert fingerprint(ca.root_cert) in e.reason and fingerprint(other_ca.root_cert) in e.reason
+
+
+def test_test_documents_are_not_trusted_by_the_aws_root(good):
+    refused(good, "untrusted-root", None)
+
+
+def test_pinned_root_with_an_intermediate_it_did_not_sign(ca, other_ca):
+    # The bundle starts with the pinned root but continues with another CA's intermediate.
+    cabundle = [ca.cabundle[0], other_ca.cabundle[1]]
+    doc = make_document(other_ca, overrides={"cabundle": cabundle})
+    e = refused(doc, "bad-chain", ca.root_cert)
+    assert "intermediate" in e.reason
+
+
+def test_leaf_not_issued_by_the_bundle(ca, other_ca):
+    doc = make_document(other_ca, overrides={"cabundle": ca.cabundle})
+    refused(doc, "bad-chain", ca.root_cert)
+
+
+def test_leaf_used_as_a_ca(ca):
+    # A chain that tries to pass the leaf off as an intermediate issuing another leaf.
+    from tests.attest_fixtures import _cert, _key
+
+    key = _key()
+    now = datetime.now(UTC)
+    fake_leaf = _cert("child of leaf", key, "test enclave leaf", ca.leaf_key, ca=False,
+                      path_length=None, not_before=now - timedelta(hours=1),
+                      not_after=now + timedelta(hours=1))
+    doc = make_document(ca, sign_key=key, overrides={
+        "certificate": fake_leaf.public_bytes(serialization.Encoding.DER),
+        "cabundle": [*ca.cabundle, ca.leaf_der]})
+    e = refused(doc, "bad-chain", ca.root_cert)
+    assert "not a CA" in e.reason
+
+
+def test_expired_leaf(ca):
+    past = datetime.now(UTC) - timedelta(days=2)
+    old = make_test_ca(now=past)
+    # Reuse the root and intermediate of `old` but a leaf that expired before the timestamp.
+    doc = make_document(old, timestamp_ms=int(time.time() * 1000))
+    e = refused(doc, "certificate-expired", old.root_cert)
+    assert "the signing certificate" in e.reason and "expired at" in e.reason
+
+
+def test_leaf_not_yet_valid():
+    soon = datetime.now(UTC) + timedelta(hours=2)
+    early = make_test_ca(leaf_not_before=soon)
+    e = refused(make_document(early), "certificate-not-yet-valid", early.root_cert)
+    assert "valid only from" in e.reason
+
+
+def test_validity_at_a_given_time(ca, good):
+    later = datetime.now(UTC) + timedelta(hours=5)
+    refused(good, "certificate-expired", ca.root_cert, at=later)
+    verify_document(good, root=ca.root_cert, at=time.time())
+
+
+def test_unusable_certificate(ca):
+    e = refused(make_document(ca, overrides={"certificate": b"\x30\x03\x02\x01\x01"}),
+                "bad-certificate", ca.root_cert)
+    assert "signing certificate" in e.reason
+    refused(make_document(ca, overrides={"cabundle": [ca.cabundle[0], b"junk"]}),
+            "bad-certificate", ca.root_cert)
+
+
+# -- refused documents: tampering and expectations -------------------------------------------
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda p: p.update(module_id="i-0000000000000000-enc0000000000000000"),
+                 id="module_id"),
+    pytest.param(lambda p: p["pcrs"].update({0: bytes(48)}), id="pcr"),
+    pytest.param(lambda p: p.update(nonce=b"\x00" * 32), id="nonce"),
+    pytest.param(lambda p: p.update(public_key=b"\x01" * 32), id="public_key"),
+    pytest.param(lambda p: p.update(timestamp=p["timestamp"] + 1), id="timestamp"),
+])
+def test_tampered_payload(ca, good, change):
+    refused(with_payload(good, change), "bad-signature", ca.root_cert)
+
+
+def test_pcr_mismatch(ca, good):
+    e = refused(good, "pcr-mismatch", ca.root_cert, pcrs={1: "ab" * 48})
+    assert e.reason.startswith("PCR1 is ")
+    e = refused(good, "pcr-mismatch", ca.root_cert, pcrs={20: "ab" * 48})
+    assert "PCR20 is not in the document" in e.reason
+
+
+def test_debug_mode_enclave_refused_when_pcrs_are_pinned(ca):
+    doc = make_document(ca, pcrs=DEBUG_PCRS)
+    refused(doc, "debug-enclave", ca.root_cert, pcrs={0: "00" * 48})
+    assert verify_document(doc, root=ca.root_cert).debug_mode  # no pins: genuine, just debug
+
+
+def test_nonce_mismatch(ca, good):
+    e = refused(good, "nonce-mismatch", ca.root_cert, nonce=b"\x07" * 32)
+    assert "replayed" in e.reason
+    e = refused(make_document(ca), "nonce-mismatch", ca.root_cert, nonce=NONCE)
+    assert "no nonce" in e.reason
+
+
+def test_public_key_mismatch(ca, good):
+    e = refused(good, "public-key-mismatch", ca.root_cert, public_key=b"\x02" * 32)
+    assert base64.b64encode(WG_KEY).decode() in e.reason
+    refused(make_document(ca), "public-key-mismatch", ca.root_cert, public_key=WG_KEY)
+
+
+def test_too_old_and_from_the_future(ca):
+    now = time.time()
+    doc = make_document(ca, timestamp_ms=int((now - 600) * 1000))
+    e = refused(doc, "too-old", ca.root_cert, max_age=300, now=now)
+    assert "600 s old" in e.reason
+    verify_document(doc, root=ca.root_cert, max_age=900, now=now)
+    future = make_document(ca, timestamp_ms=int((now + 1200) * 1000))
+    refused(future, "from-the-future", ca.root_cert, max_age=300, now=now)
+
+
+# -- refused documents: structure ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["module_id", "digest", "timestamp", "pcrs", "certificate",
+                                  "cabundle"])
+def test_missing_field(ca, name):
+    e = refused(make_document(ca, drop=(name,)), "missing-field", ca.root_cert)
+    assert name in e.reason
+
+
+@pytest.mark.parametrize("name", ["module_id", "certificate"])
+def test_null_mandatory_field(ca, name):
+    refused(make_document(ca, overrides={name: None}), "missing-field", ca.root_cert)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"module_id": ""},
+    {"module_id": 7},
+    {"digest": "SHA256"},
+    {"timestamp": 0},
+    {"timestamp": "yesterday"},
+    {"timestamp": True},
+    {"timestamp": 2**70},
+    {"pcrs": {}},
+    {"pcrs": [b"\x00" * 48]},
+    {"pcrs": {32: b"\x00" * 48}},
+    {"pcrs": {"0": b"\x00" * 48}},
+    {"pcrs": {0: b"\x00" * 20}},
+    {"pcrs": {0: "00" * 48}},
+    {"cabundle": []},
+    {"cabundle": "root"},
+    {"cabundle": [b""]},
+    {"certificate": "pem text"},
+    {"certificate": b"\x00" * 2000},
+    {"nonce": "text"},
+    {"public_key": b""},
+    {"user_data": b"\x00" * 2000},
+], ids=repr)
+def test_invalid_field(ca, overrides):
+    refused(make_document(ca, overrides=overrides), "invalid-field", ca.root_cert)
+
+
+def test_algorithm_must_be_es384(ca):
+    e = refused(make_document(ca, alg=-7), "unsupported-algorithm", ca.root_cert)
+    assert "-7" in e.reason
+    _, _, payload, signature = cbor2.loads(make_document(ca))
+    refused(cbor2.dumps([b"", {}, payload, signature]), "unsupported-algorithm", ca.root_cert)
+    refused(cbor2.dumps([cbor2.dumps({1: -35.0}), {}, payload, signature]),
+            "unsupported-algorithm", ca.root_cert)
+
+
+def test_oversized_document(ca):
+    big = make_document(ca, user_data=b"\x00" * 1000) + b"\x00" * MAX_DOCUMENT
+    e = refused(big, "too-large", ca.root_cert)
+    assert str(MAX_DOCUMENT) in e.reason
+    refused(b"\x84" + b"\xff" * (64 * 1024), "too-large", ca.root_cert)
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\xff",
+    b"not cbor at all",
+    b"\x84\x40\xa0",                                   # truncated array
+    b"\x5a\xff\xff\xff\xff",                           # length beyond the data
+    b"\x81" * 5000,                                    # deep nesting
+    cbor2.dumps([b"", {}, b""]),                       # three items
+    cbor2.dumps({"a": 1}),                             # a map
+    cbor2.dumps(cbor2.CBORTag(17, [b"", {}, b"", b""])),  # COSE_Mac0's tag
+    cbor2.dumps([cbor2.dumps({1: -35}), [], b"", b""]),   # unprotected not a map
+    cbor2.dumps([cbor2.dumps({1: -35}), {}, "payload", b""]),
+    cbor2.dumps([b"\xff", {}, b"", b""]),              # protected not CBOR
+    cbor2.dumps([cbor2.dumps([1]), {}, b"", b""]),     # protected not a map
+    cbor2.dumps([cbor2.dumps({1: -35}), {}, b"\xff\x00", b""]),  # payload not CBOR
+    cbor2.dumps([cbor2.dumps({1: -35}), {}, cbor2.dumps([1, 2]), b""]),  # payload a list
+], ids=lambda d: d[:12].hex() or "empty")
+def test_malformed_cbor(ca, data):
+    refused(data, "malformed", ca.root_cert)
+
+
+def test_trailing_bytes_after_the_document(ca, good):
+    e = refused(good + b"\x00", "malformed", ca.root_cert)
+    assert "after" in e.reason
+
+
+def test_not_bytes_at_all(ca):
+    refused("a string", "malformed", ca.root_cert)  # type: ignore[arg-type]
+
+
+def test_random_corruption_never_raises_anything_else(ca, good):
+    rng = random.Random(7)
+    for _ in range(1500):
+        data = bytearray(good)
+        choice = rng.random()
+        if choice < 0.4:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif choice < 0.7:
+            data = data[:rng.randrange(len(data))]
+        else:
+            i = rng.randrange(len(data))
+            data[i:i] = rng.randbytes(rng.randint(1, 16))
+        try:
+            verify_document(bytes(data), root=ca.root_cert)
+        except AttestationError as e:
+            assert e.code in CODES
+
+
+def test_resigned_documents_reach_the_expectation_checks(ca, good):
+    # A document signed by the genuine leaf after the nonce changed: only the nonce is wrong.
+    doc = resign(ca, good, lambda p: p.update(nonce=b"\x09" * 32))
+    refused(doc, "nonce-mismatch", ca.root_cert, nonce=NONCE)
+
+
+# -- the packaged AWS root -------------------------------------------------------------------
+
+
+def test_packaged_aws_root_fingerprint():
+    root = aws_root()
+    der = root.public_bytes(serialization.Encoding.DER)
+    assert hashlib.sha256(der).hexdigest() == AWS_ROOT_SHA256
+    assert fingerprint(root) == ("64:1A:03:21:A3:E2:44:EF:E4:56:46:31:95:D6:06:31:"
+                                 "7E:D7:CD:CC:3C:17:56:E0:98:93:F3:C6:8F:79:BB:5B")
+    assert root.subject.rfc4514_string() == "CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US"
+
+
+@pytest.mark.skipif(not SHARED_ROOT.exists(), reason="no ../shared/certs checkout")
+def test_packaged_root_is_the_shared_copy():
+    packaged = Path(nsm.__file__).with_name("aws-nitro-enclaves-root-g1.pem")
+    assert packaged.read_bytes() == SHARED_ROOT.read_bytes()
+
+
+def test_trusted_root_env_override(ca, tmp_path, monkeypatch):
+    monkeypatch.delenv("WGVSOCK_ATTESTATION_ROOT", raising=False)
+    assert trusted_root() == aws_root()
+    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(ca.write_root(tmp_path)))
+    assert trusted_root() == ca.root_cert
+    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(tmp_path / "missing.pem"))
+    with pytest.raises(AttestationError) as info:
+        trusted_root()
+    assert info.value.code == "bad-root"
+
+
+# -- verify_enclave: the parent's verdict ----------------------------------------------------
+
+
+PINS = {i: TEST_PCRS[i].hex() for i in (0, 1, 2)}
+
+
+@pytest.fixture
+def test_root(ca, tmp_path, monkeypatch):
+    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(ca.write_root(tmp_path)))
+
+
+def test_verify_enclave_accepts(ca, good, test_root):
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE,
+                       policy=Attestation(True, PINS, 300))
+    assert v == Verdict(True, attested=True, reason="", detail=v.detail)
+    assert v.detail is not None
+    assert v.detail["module_id"] == MODULE_ID and v.detail["digest"] == "SHA384"
+    assert v.detail["pcrs"]["0"] == PINS[0]
+    assert isinstance(v.detail["timestamp"], int)
+
+
+@pytest.mark.parametrize(("doc_args", "policy", "nonce", "key", "code"), [
+    ({}, Attestation(True, {0: "ab" * 48}, 300), NONCE, WG_KEY, "pcr-mismatch"),
+    ({"pcrs": DEBUG_PCRS}, Attestation(True, PINS, 300), NONCE, WG_KEY, "debug-enclave"),
+    ({}, Attestation(True, PINS, 300), b"\x05" * 32, WG_KEY, "nonce-mismatch"),
+    ({}, Attestation(True, PINS, 300), NONCE, b"\x06" * 32, "public-key-mismatch"),
+    ({"timestamp_ms": int((time.time() - 900) * 1000)}, Attestation(True, {}, 300), NONCE,
+     WG_KEY, "too-old"),
+    ({}, Attestation(False, {0: "ab" * 48}, 300), NONCE, WG_KEY, "pcr-mismatch"),
+], ids=["pcr", "debug", "nonce", "key", "old", "not-required-but-presented"])
+def test_verify_enclave_refuses(ca, test_root, doc_args, policy, nonce, key, code):
+    doc = make_document(ca, nonce=NONCE, public_key=WG_KEY, **doc_args)
+    v = verify_enclave(doc, public_key=key, nonce=nonce, policy=policy)
+    assert not v.accepted and not v.attested
+    assert v.detail == {"code": code}
+    assert v.reason.startswith("attestation refused: ")
+
+
+def test_verify_enclave_with_the_default_root_refuses_test_documents(good, monkeypatch):
+    monkeypatch.delenv("WGVSOCK_ATTESTATION_ROOT", raising=False)
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=Attestation(True, {}, 300))
+    assert not v.accepted and v.detail == {"code": "untrusted-root"}
+
+
+def test_verify_enclave_never_raises(ca, test_root, tmp_path, monkeypatch):
+    for data in (b"", b"\xff" * 10, b"\x00" * (MAX_DOCUMENT + 1)):
+        v = verify_enclave(data, public_key=WG_KEY, nonce=NONCE, policy=Attestation(True))
+        assert not v.accepted
+    bad_policy = Attestation(True, {0: "zz" * 48}, 300)
+    good = make_document(ca, nonce=NONCE, public_key=WG_KEY)
+    assert not verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=bad_policy).accepted
+    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(tmp_path / "missing.pem"))
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=Attestation(True))
+    assert not v.accepted and v.detail == {"code": "bad-root"}
+
+
+def test_parent_make_verifier_uses_verify_enclave(ca, test_root):
+    from types import SimpleNamespace
+
+    from wgvsock.roles.parent import make_verifier
+
+    verify = make_verifier(SimpleNamespace(attestation=Attestation(True, PINS, 300)))
+    assert verify(WG_KEY, make_document(ca, nonce=NONCE, public_key=WG_KEY), NONCE).attested
+    assert not verify(WG_KEY, None, NONCE).accepted
+
+
+# -- the NSM client --------------------------------------------------------------------------
+
+
+def test_ioctl_number_and_struct():
+    assert nsm.NSM_RAW.size == 32  # two struct nsm_iovec {u64 addr; u64 len}
+    assert nsm.NSM_IOCTL_RAW == 0xC0200A00  # _IOWR(0x0A, 0, struct nsm_raw)
+
+
+@pytest.fixture
+def fake(ca) -> FakeNSM:
+    return FakeNSM(ca)
+
+
+@pytest.fixture
+def device(fake, tmp_path) -> str:
+    return str(fake.device(tmp_path))
+
+
+def test_nsm_attestation(ca, fake, device):
+    with NSM(device, ioctl=fake.ioctl) as module:
+        document = module.attestation(nonce=NONCE, public_key=WG_KEY, user_data=b"u")
+    assert fake.requests == [{"Attestation": {"user_data": b"u", "nonce": NONCE,
+                                              "public_key": WG_KEY}}]
+    assert fake.ioctl_numbers == [0xC0200A00]
+    doc = verify_document(document, root=ca.root_cert, nonce=NONCE, public_key=WG_KEY,
+                          pcrs={0: TEST_PCRS[0]}, max_age=60)
+    assert doc.user_data == b"u"
+
+
+def test_nsm_attestation_sends_null_for_absent_fields(fake, device):
+    NSM(device, ioctl=fake.ioctl).attestation()
+    assert fake.requests == [{"Attestation": {"user_data": None, "nonce": None,
+                                              "public_key": None}}]
+
+
+def test_nsm_describe(fake, device):
+    d = NSM(device, ioctl=fake.ioctl).describe_nsm()
+    assert fake.requests == ["DescribeNSM"]  # a bare text string, as serde writes unit variants
+    assert d.version == (1, 0, 0) and d.module_id == MODULE_ID and d.max_pcrs == 32
+    assert d.digest == "SHA384" and d.locked_pcrs == tuple(range(16))
+
+
+def test_nsm_get_random(fake, device):
+    module = NSM(device, ioctl=fake.ioctl)
+    random_bytes = module.get_random()
+    module.close()
+    assert fake.requests == ["GetRandom"]
+    assert isinstance(random_bytes, bytes) and len(random_bytes) == 32
+
+
+@pytest.mark.parametrize(("request_name", "call"), [
+    ("Attestation", lambda m: m.attestation(nonce=NONCE)),
+    ("DescribeNSM", lambda m: m.describe_nsm()),
+    ("GetRandom", lambda m: m.get_random()),
+])
+def test_nsm_error_answers(fake, device, request_name, call):
+    fake.errors[request_name] = "InvalidArgument"
+    with pytest.raises(NSMError) as info:
+        call(NSM(device, ioctl=fake.ioctl))
+    assert info.value.code == "InvalidArgument"
+    assert f"refused {request_name}: InvalidArgument (an argument was invalid)" in str(info.value)
+
+
+def test_nsm_unknown_error_code(fake, device):
+    fake.errors["GetRandom"] = "SomethingNew"
+    with pytest.raises(NSMError, match=r"SomethingNew \(unknown error code"):
+        NSM(device, ioctl=fake.ioctl).get_random()
+
+
+@pytest.mark.parametrize(("answer", "match"), [
+    (b"\xff\xff", "malformed CBOR"),
+    (cbor2.dumps({"GetRandom": {"random": b"x"}}), "answered DescribeNSM with 'GetRandom'"),
+    (cbor2.dumps("LockPCR"), "not DescribeNSM"),
+    (cbor2.dumps({"DescribeNSM": {"module_id": "m"}}), "incomplete"),
+])
+def test_nsm_bad_answers(fake, device, answer, match):
+    fake.raw_answer = answer
+    with pytest.raises(NSMError, match=match):
+        NSM(device, ioctl=fake.ioctl).describe_nsm()
+
+
+def test_nsm_attestation_answer_without_document(fake, device):
+    fake.raw_answer = cbor2.dumps({"Attestation": {"document": None}})
+    with pytest.raises(NSMError, match="no document"):
+        NSM(device, ioctl=fake.ioctl).attestation()
+
+
+def test_nsm_ioctl_failures(fake, device):
+    fake.fail_errno = errno.EMSGSIZE
+    with pytest.raises(NSMError) as info:
+        NSM(device, ioctl=fake.ioctl).get_random()
+    assert info.value.code == "InputTooLarge"
+    fake.fail_errno = errno.EIO
+    with pytest.raises(NSMError, match="ioctl failed"):
+        NSM(device, ioctl=fake.ioctl).get_random()
+
+
+def test_nsm_request_too_large_is_not_sent(fake, device):
+    with pytest.raises(NSMError) as info:
+        NSM(device, ioctl=fake.ioctl).attestation(user_data=b"\x00" * 5000)
+    assert info.value.code == "InputTooLarge" and fake.requests == []
+
+
+def test_nsm_real_ioctl_on_a_file_that_is_not_the_device(tmp_path):
+    # The unpatched path: the kernel refuses the ioctl on a regular file (ENOTTY).
+    path = tmp_path / "not-nsm"
+    path.touch()
+    with pytest.raises(NSMError, match="ioctl failed"):
+        NSM(str(path)).get_random()
+
+
+def test_nsm_device_absent(tmp_path, monkeypatch):
+    missing = str(tmp_path / "nsm")
+    with pytest.raises(NSMError, match=f"no NSM device at {missing}"):
+        NSM(missing).describe_nsm()
+    assert nsm_attester(missing) is None
+    monkeypatch.setenv("WGVSOCK_NSM_DEVICE", missing)
+    assert nsm_attester() is None
+    assert NSM().path == missing
+
+
+def test_nsm_attester(ca, fake, device):
+    attest = nsm_attester(device, ioctl=fake.ioctl)
+    assert attest is not None
+    document = attest(NONCE, WG_KEY)
+    verify_document(document, root=ca.root_cert, nonce=NONCE, public_key=WG_KEY)
+    fake.errors["Attestation"] = "InternalError"
+    with pytest.raises(ControlError, match=r"attestation failed: .*InternalError"):
+        attest(NONCE, WG_KEY)
+
+
+def test_nsm_attester_from_env_with_patched_ioctl(ca, fake, device, monkeypatch, tmp_path):
+    # How an end-to-end test wires it: the enclave role calls nsm_attester() with no arguments.
+    monkeypatch.setattr(nsm, "system_ioctl", fake.ioctl)
+    monkeypatch.setenv("WGVSOCK_NSM_DEVICE", device)
+    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(ca.write_root(tmp_path)))
+    from wgvsock.roles.enclave import attester
+
+    attest = attester()
+    assert attest is not None
+    v = verify_enclave(attest(NONCE, WG_KEY), public_key=WG_KEY, nonce=NONCE,
+                       policy=Attestation(True, PINS, 300))
+    assert v.accepted and v.attested
+
+
+# -- `wgvsock attest` ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(ca, good, tmp_path) -> dict[str, str]:
+    good_path = tmp_path / "good.cose"
+    good_path.write_bytes(good)
+    bad_path = tmp_path / "bad.cose"
+    bad_path.write_bytes(with_payload(good, lambda p: p.update(nonce=b"\x00" * 32)))
+    b64_path = tmp_path / "good.b64"
+    b64_path.write_text(base64.b64encode(good).decode() + "\n")
+    return {"good": str(good_path), "bad": str(bad_path), "b64": str(b64_path),
+            "root": str(ca.write_root(tmp_path))}
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(["attest", *argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def test_cli_verify_good(files, capsys):
+    code, out, err = run(["verify", files["good"], "--root", files["root"],
+                          "--pcr", f"0={TEST_PCRS[0].hex()}", "--pcr", f"PCR2={TEST_PCRS[2].hex()}",
+                          "--nonce", NONCE.hex(), "--public-key",
+                          base64.b64encode(WG_KEY).decode(), "--max-age", "300"], capsys)
+    assert code == 0, err
+    assert f"module:      {MODULE_ID}" in out
+    assert "digest:      SHA384" in out
+    assert f"PCR0:        {TEST_PCRS[0].hex()}" in out
+    assert f"public key:  {base64.b64encode(WG_KEY).decode()} (32 bytes)" in out
+    assert f"nonce:       {NONCE.hex()}" in out
+    assert "user data:   aGVsbG8= (5 bytes)" in out
+    assert "verified:" in out and "PCR0, PCR2, nonce, public key" in out
+    assert err == ""
+
+
+def test_cli_verify_base64_input(files, capsys):
+    code, _, err = run(["verify", files["b64"], "--root", files["root"]], capsys)
+    assert code == 0, err
+
+
+def test_cli_verify_bad(files, capsys):
+    code, out, err = run(["verify", files["bad"], "--root", files["root"]], capsys)
+    assert code == 1
+    assert err.startswith("wgvsock attest verify: REFUSED (bad-signature): ")
+    assert f"module:      {MODULE_ID}" in out  # what was presented is still shown
+
+
+def test_cli_verify_expectation_failures(files, capsys):
+    code, _, err = run(["verify", files["good"], "--root", files["root"],
+                        "--pcr", f"1={'ab' * 48}"], capsys)
+    assert code == 1 and "REFUSED (pcr-mismatch): PCR1 is" in err
+    code, _, err = run(["verify", files["good"], "--root", files["root"],
+                        "--nonce", "00" * 32], capsys)
+    assert code == 1 and "(nonce-mismatch)" in err
+
+
+def test_cli_verify_default_root_is_aws(files, capsys, monkeypatch):
+    monkeypatch.delenv("WGVSOCK_ATTESTATION_ROOT", raising=False)
+    code, _, err = run(["verify", files["good"]], capsys)
+    assert code == 1 and "(untrusted-root)" in err and "aws.nitro-enclaves" in err
+
+
+def test_cli_verify_at(files, capsys):
+    later = (datetime.now(UTC) + timedelta(hours=6)).isoformat()
+    code, _, err = run(["verify", files["good"], "--root", files["root"], "--at", later], capsys)
+    assert code == 1 and "(certificate-expired)" in err
+    code, _, err = run(["verify", files["good"], "--root", files["root"],
+                        "--at", str(int(time.time()))], capsys)
+    assert code == 0, err
+
+
+def test_cli_verify_json(files, capsys):
+    code, out, _ = run(["verify", files["good"], "--root", files["root"], "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["ok"] is True
+    assert data["document"]["module_id"] == MODULE_ID
+    assert data["document"]["nonce"] == NONCE.hex()
+    assert data["document"]["pcrs"]["0"] == TEST_PCRS[0].hex()
+    assert [c["role"] for c in data["document"]["certificates"]] == \
+        ["leaf", "cabundle[0]", "cabundle[1]"]
+    code, out, _ = run(["verify", files["bad"], "--root", files["root"], "--json"], capsys)
+    data = json.loads(out)
+    assert code == 1 and data["ok"] is False and data["code"] == "bad-signature"
+    assert data["reason"] and data["document"]["module_id"] == MODULE_ID
+
+
+def test_cli_verify_garbage_and_usage_errors(files, tmp_path, capsys):
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(300))
+    code, out, err = run(["verify", str(junk), "--root", files["root"], "--json"], capsys)
+    assert code == 1 and json.loads(out)["document"] is None
+    for argv in (["verify", str(tmp_path / "missing")],
+                 ["verify", files["good"], "--pcr", "0=abc"],
+                 ["verify", files["good"], "--pcr", "x=" + "00" * 48],
+                 ["verify", files["good"], "--nonce", "xyz"],
+                 ["verify", files["good"], "--public-key", "!!"],
+                 ["verify", files["good"], "--at", "next tuesday"],
+                 ["verify", files["good"], "--root", str(junk)],
+                 ["verify"], ["frobnicate"], []):
+        code, _, err = run(argv, capsys)
+        assert code == 2, argv
+        assert err
+
+
+_MEASUREMENTS = json.dumps({"Measurements": {
+    "HashAlgorithm": "Sha384 { ... }",
+    "PCR0": TEST_PCRS[0].hex(), "PCR1": TEST_PCRS[1].hex(), "PCR2": TEST_PCRS[2].hex()}},
+    indent=2)
+BUILD_OUTPUT = f"""Start building the Enclave Image...
+Using the locally available Docker image...
+Enclave Image successfully created.
+{_MEASUREMENTS}
+"""
+
+
+def test_cli_pcrs_from_build_output(tmp_path, capsys):
+    path = tmp_path / "build.txt"
+    path.write_text(BUILD_OUTPUT)
+    code, out, err = run(["pcrs", str(path)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[:3] == ["attestation:", "  require: true", "  pcrs:"]
+    profile = parse_profile("name: a\n" + out)
+    assert profile.attestation == Attestation(True, PINS, 300)
+
+
+def test_cli_pcrs_from_describe_eif_json_argument(capsys):
+    described = {"EifVersion": 4, "Measurements": {
+        "HashAlgorithm": "Sha384 { ... }", "PCR0": TEST_PCRS[0].hex().upper(),
+        "PCR1": TEST_PCRS[1].hex(), "PCR2": TEST_PCRS[2].hex(), "PCR8": TEST_PCRS[3].hex()},
+        "IsSigned": True}
+    code, out, _ = run(["pcrs", json.dumps(described)], capsys)
+    assert code == 0
+    assert parse_profile("name: a\n" + out).attestation.pcrs == {**PINS, 8: TEST_PCRS[3].hex()}
+
+
+def test_attest_verify_then_pcrs_round_trip(ca, files, tmp_path, capsys):
+    # The PCRs `attest pcrs` prints are exactly what `attest verify --pcr` then accepts.
+    path = tmp_path / "build.txt"
+    path.write_text(BUILD_OUTPUT)
+    _, out, _ = run(["pcrs", str(path)], capsys)
+    pins = parse_profile("name: a\n" + out).attestation.pcrs
+    argv = ["verify", files["good"], "--root", files["root"]]
+    for i, v in pins.items():
+        argv += ["--pcr", f"{i}={v}"]
+    assert run(argv, capsys)[0] == 0
+
+
+def test_cli_pcrs_errors(tmp_path, capsys):
+    eif = tmp_path / "image.eif"
+    eif.write_bytes(b".eif\x00\x04" + os.urandom(64))
+    code, _, err = run(["pcrs", str(eif)], capsys)
+    assert code == 2 and "nitro-cli describe-eif" in err
+    sha256 = BUILD_OUTPUT.replace("Sha384", "Sha256")
+    code, _, err = run(["pcrs", sha256], capsys)
+    assert code == 2 and "SHA-384" in err
+    code, _, err = run(["pcrs", '{"Measurements": {}}'], capsys)
+    assert code == 2 and "no Measurements" in err
+    code, _, err = run(["pcrs", '{"Measurements": {"PCR0": "abc"}}'], capsys)
+    assert code == 2 and "PCR0" in err
+    code, _, err = run(["pcrs", str(tmp_path / "missing.json")], capsys)
+    assert code == 2
+
+
+def test_attest_main_is_usable_directly(files, capsys):
+    assert attest_cli.main(["verify", files["good"], "--root", files["root"]]) == 0
+    capsys.readouterr()
+
+
+def test_sign1_helper_matches_the_verifier(ca):
+    # The fixture's signer and the verifier agree on the Sig_structure (guards both).
+    protected = cbor2.dumps({1: -35})
+    payload = cbor2.dumps({"x": 1})
+    assert len(sign1(protected, payload, ca.leaf_key)) == 96
