@@ -108,6 +108,37 @@ class TestCA:
         path.write_bytes(self.root_pem)
         return path
 
+    _PARTS = ("root", "intermediate", "leaf")
+
+    def save(self, directory: Path) -> Path:
+        """Writes the CA to `directory` (keys unencrypted, 0600: test keys only), so another
+        process can load it; the root's PEM goes to test-root.pem as write_root does."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for part in self._PARTS:
+            key: ec.EllipticCurvePrivateKey = getattr(self, f"{part}_key")
+            cert: x509.Certificate = getattr(self, f"{part}_cert")
+            key_path = directory / f"{part}.key"
+            key_path.touch(mode=0o600)
+            key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+            (directory / f"{part}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return self.write_root(directory)
+
+    @classmethod
+    def load(cls, directory: Path) -> TestCA:
+        """The CA that save() wrote to `directory`."""
+        directory = Path(directory)
+        parts: list[Any] = []
+        for part in cls._PARTS:
+            key = serialization.load_pem_private_key((directory / f"{part}.key").read_bytes(),
+                                                     password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{directory / part}.key is not an EC key")
+            parts += [key, x509.load_pem_x509_certificate((directory / f"{part}.pem").read_bytes())]
+        return cls(*parts)
+
 
 def make_test_ca(*, now: datetime | None = None, leaf_hours: float = 3.0,
                  leaf_not_before: datetime | None = None,

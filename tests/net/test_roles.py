@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,12 @@ RECOVERY_BOUND = 20.0
 
 
 class World:
-    def __init__(self, lab: Lab) -> None:
+    """The three namespaces, the internet's servers and a profile. `profile_extra` is appended
+    to PROFILE (e.g. an `attestation:` section); `parent_env` is added to the parent's
+    environment only."""
+
+    def __init__(self, lab: Lab, *, profile_extra: str = "",
+                 parent_env: Mapping[str, str] | None = None) -> None:
         self.lab = lab
         self.name = f"e2e{lab.tag.replace('x', '')}"[:20]
         self.enclave = lab.netns("e")
@@ -74,7 +80,8 @@ class World:
         (self.app / "index.html").write_text("hello from the enclave\n")
         self.profile = lab.tmp / "profile.yaml"
         self.profile.write_text(PROFILE.format(
-            name=self.name, sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
+            name=self.name, sock=lab.tmp / "sock", key=lab.tmp / "parent.key") + profile_extra)
+        self.parent_env = dict(parent_env or {})
         self.env = {
             **os.environ,
             "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
@@ -93,7 +100,12 @@ class World:
 
     def env_for(self, side: str) -> dict[str, str]:
         run_dir = self.lab.tmp / f"run-{side}"
-        return {**self.env, "WGVSOCK_RUN_DIR": str(run_dir)}
+        extra = self.parent_env if side == "parent" else {}
+        return {**self.env, **extra, "WGVSOCK_RUN_DIR": str(run_dir)}
+
+    def parent_uapi(self) -> Path:
+        """The parent's UAPI socket (its run directory, interface wg0)."""
+        return self.lab.tmp / "run-parent" / "wg0.sock"
 
     def parent_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         res = self.parent.run(WGVSOCK, "parent", *args, "--profile", str(self.profile),
@@ -102,10 +114,14 @@ class World:
             assert res.returncode == 0, f"parent {' '.join(args)}: {res.stderr}"
         return res
 
-    def start_enclave(self) -> subprocess.Popen:
-        log = open(self.lab.tmp / "enclave.log", "ab")  # noqa: SIM115 - closed by the process
+    def start_enclave(self, *, launcher: Sequence[str] = (WGVSOCK, "enclave", "up"),
+                      timeout: float = 30, log_name: str = "enclave.log") -> subprocess.Popen:
+        """`wgvsock enclave up` serving self.app on 8080 as its CMD; `launcher` is what runs
+        in place of `wgvsock enclave up` (given the same arguments), its output goes to
+        `log_name` in the lab's directory."""
+        log = open(self.lab.tmp / log_name, "ab")  # noqa: SIM115 - closed by the process
         proc = self.enclave.popen(
-            WGVSOCK, "enclave", "up", "--profile", str(self.profile), "--timeout", "30", "--",
+            *launcher, "--profile", str(self.profile), "--timeout", f"{timeout:g}", "--",
             "python3", "-m", "http.server", "-d", str(self.app), "8080",
             env=self.env_for("enclave"), stdout=log, stderr=log,
         )

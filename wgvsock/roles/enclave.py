@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 
@@ -56,6 +57,10 @@ class Enclave:
         self.registered = threading.Event()
         self.parent_key: bytes | None = None
         self.registrations = 0
+        # Why the last exchange with the parent failed once it answered (a refusal, "parent
+        # refused this enclave: REASON", or a broken exchange), for wait_connected's error.
+        # None until then, and again after each registration.
+        self.last_failure: str | None = None
         self._unix_dir: str | None = None
         self._thread: threading.Thread | None = None
 
@@ -126,6 +131,7 @@ class Enclave:
                 welcome = register(conn, self.public_key, attest)
                 self._apply(welcome)
                 self.registrations += 1
+                self.last_failure = None
                 self.registered.set()
                 delay = _BACKOFF_MIN
                 log.info("control: registered with the parent (attested: %s)", welcome.attested)
@@ -133,6 +139,8 @@ class Enclave:
                 log.warning("control: connection to the parent ended (%s); registering again",
                             reason)
             except (ControlError, OSError) as e:
+                # A refusal is retried too: the parent's profile may be fixed meanwhile.
+                self.last_failure = str(e)
                 log.warning("control: %s", e)
                 self.stop.wait(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -142,6 +150,9 @@ class Enclave:
     def wait_connected(self, timeout: float) -> None:
         """Blocks until the first handshake with the parent; EnclaveError on timeout."""
         if not wait_until(self.registered.is_set, timeout, self.stop.is_set):
+            if self.last_failure is not None:
+                raise EnclaveError(f"could not register with the parent within {timeout:.0f} s:"
+                                   f" {self.last_failure}")
             raise EnclaveError(f"no answer from the parent's control port within {timeout:.0f} s "
                                "(is `wgvsock parent up` running with the same profile?)")
 
@@ -200,7 +211,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
                 continue
         return code if code >= 0 else 128 - code
     except (EnclaveError, OSError, ValueError) as e:
-        print(f"wgvsock enclave up: {e}", flush=True)
+        print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         enclave.close()

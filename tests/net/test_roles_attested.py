@@ -1,0 +1,113 @@
+"""End to end with attestation required: the roles of test_roles.py, the enclave side answering
+from a fake NSM (tests/net/fake_nsm_enclave.py) that signs with a test CA, and the parent
+trusting that CA's root through WGVSOCK_ATTESTATION_ROOT.
+
+A correct document is accepted (the tunnel works, the parent reports the enclave attested); a
+wrong PCR, a replayed nonce and a key mismatch are each refused with their own reason, no peer
+is installed on the parent, and `enclave up` gives up at its --timeout naming the refusal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.attest_fixtures import TEST_PCRS, make_test_ca
+from wgvsock.core.crypto import key_to_base64
+from wgvsock.uapi import uapi_get
+
+from .fake_nsm_enclave import OTHER_IMAGE_PCR0
+from .netlab import Lab, wait_for
+from .test_roles import World
+
+pytestmark = [pytest.mark.root]
+
+LAUNCHER = Path(__file__).with_name("fake_nsm_enclave.py")
+PINNED = (0, 1, 2)
+ATTESTATION = "attestation:\n  require: true\n  pcrs:\n" + "".join(
+    f"    {i}: {TEST_PCRS[i].hex()}\n" for i in PINNED)
+# The refused enclaves' --timeout: long enough for several refused attempts (backoff 0.2 s,
+# doubling), short enough to keep the test brief.
+REFUSED_TIMEOUT = 8
+
+
+@pytest.fixture
+def ca_dir(lab: Lab) -> Path:
+    directory = lab.tmp / "ca"
+    make_test_ca().save(directory)
+    return directory
+
+
+@pytest.fixture
+def world(lab: Lab, ca_dir: Path):
+    w = World(lab, profile_extra=ATTESTATION,
+              parent_env={"WGVSOCK_ATTESTATION_ROOT": str(ca_dir / "test-root.pem")})
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def launcher(ca_dir: Path, mode: str) -> list[str]:
+    return [sys.executable, str(LAUNCHER), "--ca-dir", str(ca_dir), "--mode", mode, "--"]
+
+
+def last_key(ca_dir: Path) -> str:
+    """The WireGuard key the last enclave asked the fake NSM to attest."""
+    return (ca_dir / "keys").read_text().split()[-1]
+
+
+def test_correct_document_is_accepted(world: World, ca_dir: Path) -> None:
+    assert world.parent_cmd("up").returncode == 0
+    world.start_enclave(launcher=launcher(ca_dir, "good"))
+    wait_for(world.egress_works, 30, "the attested enclave to fetch a page through the NAT")
+    wait_for(world.ingress_works, 10, "the internet to reach the attested enclave")
+    status = uapi_get(str(world.parent_uapi()))
+    assert [key_to_base64(p["public_key"]) for p in status["peers"]] == [last_key(ca_dir)]
+    assert status["extra"].get("wgvsock_attested") == "true", status["extra"]
+    log = (world.lab.tmp / "enclave.log").read_text()
+    assert "registered with the parent (attested: True)" in log, log
+    assert "refused" not in log, log
+
+
+REFUSALS = {
+    # mode: what the parent's reason must say. replay-nonce replays a nonce that wrong-pcr's
+    # run recorded (one this parent issued to an earlier connection), so it comes after it.
+    "wrong-pcr": f"PCR0 is {OTHER_IMAGE_PCR0.hex()[:16]}..., expected {TEST_PCRS[0].hex()[:16]}",
+    "replay-nonce": "the document's nonce is not the one expected (a replayed document?)",
+    "key-mismatch": "the document binds public key ",
+}
+
+
+def test_wrong_pcr_replayed_nonce_and_key_mismatch_are_refused(world: World,
+                                                               ca_dir: Path) -> None:
+    assert world.parent_cmd("up").returncode == 0
+    for mode, reason in REFUSALS.items():
+        log_name = f"enclave-{mode}.log"
+        started = time.monotonic()
+        proc = world.start_enclave(launcher=launcher(ca_dir, mode), timeout=REFUSED_TIMEOUT,
+                                   log_name=log_name)
+        code = proc.wait(REFUSED_TIMEOUT + 10)
+        took = time.monotonic() - started
+        log = (world.lab.tmp / log_name).read_text()
+        assert code != 0, f"{mode}: enclave up exited 0\n{log}"
+        assert took < REFUSED_TIMEOUT + 5, f"{mode}: enclave up took {took:.1f} s\n{log}"
+        refusal = f"parent refused this enclave: attestation refused: {reason}"
+        assert refusal in log, f"{mode}: {log}"
+        # The final error names the refusal, not a silent parent.
+        assert (f"wgvsock enclave up: could not register with the parent within "
+                f"{REFUSED_TIMEOUT} s: {refusal}") in log, f"{mode}: {log}"
+        assert "no answer from the parent" not in log and "Traceback" not in log, log
+        if mode == "key-mismatch":
+            assert f", not {last_key(ca_dir)}" in log, log
+        # Nothing was installed: the parent has no peer at all.
+        status = uapi_get(str(world.parent_uapi()))
+        assert status["peers"] == [], f"{mode}: {status['peers']}"
+        assert status["extra"].get("wgvsock_attested") != "true"
+    # The same parent still takes a correct document afterwards.
+    world.start_enclave(launcher=launcher(ca_dir, "good"))
+    wait_for(world.egress_works, 30, "a correct enclave after the refused ones")
+    assert uapi_get(str(world.parent_uapi()))["extra"].get("wgvsock_attested") == "true"
