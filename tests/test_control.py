@@ -162,3 +162,29 @@ def test_new_enclave_replaces_the_previous_connection(server):
 def test_encode_refuses_oversized_messages():
     with pytest.raises(ControlError):
         encode({"type": "register", "attestation": "x" * (control.MAX_MESSAGE + 1)})
+
+
+def test_held_connection_stays_in_step_when_a_message_arrives_in_pieces(monkeypatch):
+    """A ping whose body arrives after the holder's next deadline must still be read whole;
+    reading it in two halves used to leave the stream out of step (a length of '{"v"')."""
+    monkeypatch.setattr(control, "PING_INTERVAL", 0.1)
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+    result: list[str] = []
+    holder = threading.Thread(target=lambda: result.append(control.hold_connection(ours, stop)))
+    holder.start()
+    try:
+        ping = encode({"type": "ping"})
+        for _ in range(3):
+            theirs.sendall(ping[:4])
+            time.sleep(0.25)  # the slow sender is the scenario: past the holder's deadline
+            theirs.sendall(ping[4:])
+        theirs.sendall(ping)
+        holder.join(0.3)
+        assert holder.is_alive(), result  # still in step: no "message length ..." error
+    finally:
+        stop.set()
+        holder.join(3.0)
+        ours.close()
+        theirs.close()
+    assert result == ["stopped"]

@@ -666,7 +666,6 @@ def test_cli_profile_check(capsys):
     assert "kind: unix" in capsys.readouterr().out
     assert cli.main(["profile"]) == 2
     assert "profile check FILE" in capsys.readouterr().err
-    assert "profile" not in cli._PLANNED
 
 
 def test_profile_type_is_frozen():

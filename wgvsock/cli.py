@@ -1,4 +1,4 @@
-"""`wgvsock`: one command for every role. Subcommands other issues deliver say so plainly."""
+"""`wgvsock`: one command for every role."""
 
 from __future__ import annotations
 
@@ -14,14 +14,11 @@ commands:
   pubkey                             read a private key on stdin, print its public key
   parent up|down|doctor --profile F  the EC2 host's side of a profile
   enclave up --profile F [-- CMD]    the enclave image's entrypoint
-  status ...                         live dashboard           (not yet implemented)
-  attest ...                         attestation tools        (not yet implemented)
+  status [IFNAME...] [--once|--json] live dashboard of handshakes and transfer
+  attest verify|pcrs ...             check attestation documents, pin PCRs
   profile check FILE [--host]        validate a profile and print it resolved
   version                            print the version
 """
-
-_PLANNED = {"status", "attest"}
-
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
@@ -56,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         from .roles.cli import enclave_main
 
         return enclave_main(rest)
+    if cmd == "status":
+        from .status import main as status_main
+
+        return status_main(rest)
+    if cmd == "attest":
+        from .attestation.cli import main as attest_main
+
+        return attest_main(rest)
     if cmd in ("version", "--version"):
         print(f"wgvsock {__version__}")
         return 0
@@ -67,10 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: wgvsock profile check FILE [--host]",
               file=sys.stdout if rest[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if rest[:1] in (["-h"], ["--help"]) else 2
-    if cmd in _PLANNED:
-        print(f"wgvsock {cmd}: not yet implemented in this version (see README: Status)",
-              file=sys.stderr)
-        return 3
     print(f"wgvsock: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")
     return 2
 

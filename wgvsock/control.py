@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -272,7 +273,12 @@ class ControlServer:
 
 def hold_connection(conn: socket.socket, stop: threading.Event) -> str:
     """Pings every PING_INTERVAL and reads the other side's pings until the connection dies
-    or goes silent for 3 intervals. Returns why it ended."""
+    or goes silent for 3 intervals. Returns why it ended.
+
+    It waits for readability first and only then reads a whole message with a fresh deadline:
+    a deadline that expired between a message's length and its body would leave the stream
+    out of step.
+    """
     next_ping = 0.0
     silence = 3 * PING_INTERVAL
     last_heard = time.monotonic()
@@ -284,13 +290,21 @@ def hold_connection(conn: socket.socket, stop: threading.Event) -> str:
             except OSError as e:
                 return f"send failed: {e}"
             next_ping = now + PING_INTERVAL
+        if now >= last_heard + silence:
+            return f"no message for {silence:.0f} s"
+        # Wake at least once a second so `stop` is noticed promptly.
+        wait = min(next_ping, last_heard + silence, now + 1.0) - now
         try:
-            read_message(conn, min(next_ping, last_heard + silence))
-            last_heard = time.monotonic()
+            readable, _, _ = select.select([conn], [], [], max(0.0, wait))
+        except (OSError, ValueError) as e:
+            return f"connection failed: {e}"
+        if not readable:
+            continue
+        try:
+            read_message(conn, time.monotonic() + EXCHANGE_TIMEOUT)
         except ControlError as e:
-            if "timed out" in str(e) and time.monotonic() < last_heard + silence:
-                continue
             return str(e)
+        last_heard = time.monotonic()
     return "stopped"
 
 

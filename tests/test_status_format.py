@@ -1,0 +1,433 @@
+"""`wgvsock status` without root: formatting, rendering on rich's recording console, and the
+collector against UAPI sockets served from a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from wgvsock import status as st
+from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+from wgvsock.device import _link_states
+from wgvsock.uapi import DeviceConfig, DeviceStatus, PeerStatus, UAPIServer
+
+NOW = 1_700_000_000.0
+
+
+def _console(width: int = 80) -> Console:
+    # force_terminal so styles are emitted and can be checked; record to export what was shown.
+    return Console(record=True, width=width, force_terminal=True, color_system="standard",
+                   legacy_windows=False)
+
+
+def _show(snap: st.Snapshot, width: int = 80, footer: str | None = None) -> tuple[str, str]:
+    """(plain text, text with ANSI styles) of the dashboard at `width` columns."""
+    console = _console(width)
+    console.print(st.Dashboard(snap, (lambda s: footer) if footer else None))
+    styled = console.export_text(clear=False, styles=True)
+    return console.export_text(), styled
+
+
+# -- pure formatting ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1, "1 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (10 * 1024 - 1, "10.0 KiB"),  # rounds up into the next decimal place, still 3 digits
+        (123 * 1024, "123 KiB"),
+        (1023.4 * 1024, "1023 KiB"),
+        (1023.6 * 1024, "1.00 MiB"),  # carried, not "1024 KiB"
+        (5 * 1024**2 + 300 * 1024, "5.29 MiB"),
+        (3 * 1024**3, "3.00 GiB"),
+        (2 * 1024**4, "2.00 TiB"),
+    ],
+)
+def test_human_bytes(n: float, text: str) -> None:
+    assert st.human_bytes(n) == text
+    assert len(text) <= 8  # the column is 8 wide
+
+
+def test_human_bytes_never_wider_than_its_column() -> None:
+    for exp in range(0, 50):
+        for mant in (1.0, 1.4999, 9.995, 9.9999, 99.95, 99.999, 999.5, 1023.49, 1023.5):
+            assert len(st.human_bytes(mant * 2**exp)) <= 8, mant * 2**exp
+
+
+@pytest.mark.parametrize(
+    ("rate", "text"),
+    [(None, "-"), (0, "0 B/s"), (-3.0, "0 B/s"), (512.7, "512 B/s"),
+     (1.2 * 1024**2, "1.20 MiB/s"), (250 * 1024, "250 KiB/s")],
+)
+def test_human_rate(rate: float | None, text: str) -> None:
+    assert st.human_rate(rate) == text
+
+
+@pytest.mark.parametrize(
+    ("age", "text"),
+    [
+        (None, "never"),
+        (0, "0 s ago"),
+        (-4.0, "0 s ago"),  # clock skew: never "-4 s ago"
+        (12.7, "12 s ago"),
+        (59.99, "59 s ago"),
+        (60, "1 min ago"),
+        (3 * 60 + 59, "3 min ago"),
+        (3599, "59 min ago"),
+        (3600, "1 h ago"),
+        (86399, "23 h ago"),
+        (86400 * 3 + 5, "3 d ago"),
+    ],
+)
+def test_human_age(age: float | None, text: str) -> None:
+    assert st.human_age(age) == text
+
+
+@pytest.mark.parametrize(
+    ("age", "state"),
+    [(None, "never"), (0, "fresh"), (119.9, "fresh"), (120, "rekey"), (150, "rekey"),
+     (180, "rekey"), (180.5, "stale"), (10_000, "stale")],
+)
+def test_health(age: float | None, state: str) -> None:
+    assert st.health(age) == state
+
+
+def test_readable_endpoint() -> None:
+    # Our daemon's own readable form always wins.
+    assert st.readable_endpoint("127.0.0.1:7002", {"wgvsock_endpoint": "unix:/x/7002.sock"},
+                                "unix") == "unix:/x/7002.sock"
+    # The IPv4-CID form becomes vsock://CID:PORT only where the interface is known to be vsock.
+    assert st.readable_endpoint("0.0.0.16:5000", {}, "vsock") == "vsock://16:5000"
+    assert st.readable_endpoint("1.2.3.4:5000", {}, "vsock") == f"vsock://{0x01020304}:5000"
+    assert st.readable_endpoint("0.0.0.16:5000", {}, None) == "0.0.0.16:5000"
+    assert st.readable_endpoint("0.0.0.16:5000", {}, "udp") == "0.0.0.16:5000"
+    assert st.readable_endpoint("[fd00::1]:51820", {}, "vsock") == "[fd00::1]:51820"
+    assert st.readable_endpoint(None, {}, "vsock") is None
+
+
+def test_link_states_for_the_uapi() -> None:
+    """The per-peer keys the device adds: connected wins over a dialler's own state."""
+    links = _link_states({
+        "connections": [{"endpoint": "unix:/r/1.sock", "direction": "out", "age": 3.0},
+                        {"endpoint": "unix:<inbound #4>", "direction": "in", "age": 1.0}],
+        "dialers": [
+            {"endpoint": "unix:/r/1.sock", "state": "connected", "reconnects": 2},
+            {"endpoint": "vsock://16:5000", "state": "backoff", "reconnects": 5},
+            {"endpoint": "vsock://17:5000", "state": "connecting", "reconnects": 0},
+        ],
+    })
+    assert links == {
+        "unix:/r/1.sock": {"wgvsock_conn": "connected", "wgvsock_reconnects": "2"},
+        "unix:<inbound #4>": {"wgvsock_conn": "connected"},
+        "vsock://16:5000": {"wgvsock_conn": "backoff", "wgvsock_reconnects": "5"},
+        "vsock://17:5000": {"wgvsock_conn": "dialing", "wgvsock_reconnects": "0"},
+    }
+    assert _link_states({"network": "udp", "stream": False}) is None
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _peer(key: str, age: float | None, **kw: object) -> st.PeerView:
+    p = st.PeerView(public_key=key, handshake_age=age, health=st.health(age),
+                    latest_handshake=int(NOW - age) if age is not None else 0)
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
+def _snapshot() -> st.Snapshot:
+    parent = st.InterfaceView(
+        name="wg0", socket="/run/wg0.sock",
+        public_key="PARENTKEYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", listen_port=5000,
+        network="vsock", role="parent", profile="demo", attested=True,
+        peers=[
+            _peer("FRESHKEYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", 12.0, label="enclave", cid=16,
+                  attested=True, endpoint="vsock://16:5000", rx_bytes=5 * 1024**2,
+                  tx_bytes=1234, rx_rate=1.2 * 1024**2, tx_rate=0.0, persistent_keepalive=25,
+                  allowed_ips=["10.0.0.2/32", "fd00::2/128"], connection="connected",
+                  reconnects=2),
+            _peer("REKEYKEYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", 150.0,
+                  endpoint="unix:/var/run/wgvsock/a/very/long/directory/name/7002.sock",
+                  connection="backoff"),
+            _peer("STALEKEYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", 3 * 60 + 5.0,
+                  endpoint="192.168.1.1:51820", allowed_ips=[f"10.1.{i}.0/24" for i in range(12)]),
+            _peer("NEVERKEYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", None),
+        ],
+    )
+    broken = st.InterfaceView(
+        name="wg9", socket="/run/wg9.sock",
+        error="connection refused on /run/wg9.sock: stale socket, no daemon is serving it",
+    )
+    return st.Snapshot(time=NOW, run_dir="/run", interfaces=[parent, broken])
+
+
+def test_dashboard_rows_units_and_labels() -> None:
+    plain, _ = _show(_snapshot())
+    lines = plain.splitlines()
+    assert lines[0].startswith("wgvsock status · 2 interfaces · 4 peers · rx 5.00 MiB")
+    assert "1 unreadable" in plain
+    head = next(line for line in lines if line.startswith("wg0"))
+    for part in ("parent (profile demo)", "key PARENTKE…", "port 5000", "network vsock",
+                 "4 peers"):
+        assert part in head
+    row = next(line for line in lines if "FRESHKEY" in line)
+    assert re.search(r"vsock://16:5000 +12 s ago +5\.00 MiB +1\.21 KiB +1\.20 MiB/s +0 B/s$", row)
+    after = lines[lines.index(row) + 1 :]
+    details = " ".join(x.strip() for x in after[: next(
+        n for n, x in enumerate(after) if not x.startswith(" " * 12))])
+    for part in ("enclave CID 16", "attested ✓", "connected, 2 reconnects", "keepalive 25 s",
+                 "allowed 10.0.0.2/32, fd00::2/128"):
+        assert part in details
+    # A long endpoint keeps its distinctive tail.
+    assert re.search(r"…[a-z/]*7002\.sock", plain)
+    assert "2 min ago" in plain and "3 min ago" in plain and "never" in plain
+    assert "backoff" in plain
+    # Rates are "-" until a second sample exists.
+    never = next(line for line in lines if "NEVERKEY" in line)
+    assert never.split()[-2:] == ["-", "-"]
+
+
+@pytest.mark.parametrize(("age_text", "colour"), [
+    ("12 s ago", "32"),  # fresh: green
+    ("2 min ago", "33"),  # due for rekey: yellow
+    ("3 min ago", "31"),  # stale: red
+    ("never", "2"),  # never: dim
+])
+def test_handshake_colour_by_health(age_text: str, colour: str) -> None:
+    _, styled = _show(_snapshot())
+    assert re.search(rf"\x1b\[{colour}m *{age_text}", styled), styled
+
+
+@pytest.mark.parametrize("width", [80, 100, 60, 50])
+def test_fits_the_width(width: int) -> None:
+    plain, _ = _show(_snapshot(), width, footer="at 12:00:00 · every 1 s · q quits")
+    for line in plain.splitlines():
+        assert len(line) <= width, line
+    # Every peer keeps its row; in narrow terminals the rates move to the detail line.
+    for key in ("FRESHKEY", "REKEYKEY", "STALEKEY", "NEVERKEY"):
+        assert key in plain
+    if width < st.WIDE_MIN:
+        assert "rx/s 1.20 MiB/s" in plain
+    else:
+        assert re.search(r"rx/s +tx/s$", plain.splitlines()[plain.splitlines().index(
+            next(x for x in plain.splitlines() if x.startswith("wg0"))) + 1])
+
+
+def test_unreadable_interface_line() -> None:
+    plain, styled = _show(_snapshot())
+    line = next(x for x in plain.splitlines() if "wg9" in x)
+    assert line.startswith("✗ wg9  connection refused")
+    assert "stale socket" in plain
+    assert "\x1b[31m" in styled  # said in red
+
+
+def test_empty_state_says_what_to_do(tmp_path: Path) -> None:
+    snap = st.Collector(run_dir=str(tmp_path)).sample()
+    plain = " ".join(_show(snap)[0].split())
+    assert f"no WireGuard interfaces under {tmp_path}" in plain
+    assert "wgvsock parent up --profile FILE" in plain
+    assert "wireguard-go-vsock wg0" in plain
+    snap = st.Collector(run_dir=str(tmp_path / "missing")).sample()
+    assert "(the directory does not exist)" in " ".join(_show(snap)[0].split())
+
+
+def test_view_is_cropped_to_the_screen_height() -> None:
+    console = _console(80)
+    console.height = 8
+    opts = console.options.update(height=8)
+    lines = list(console.render_lines(st.Dashboard(_snapshot()), opts))
+    text = [("".join(seg.text for seg in line)).rstrip() for line in lines]
+    assert len(text) == 8
+    assert text[-1].startswith("… ") and "more lines" in text[-1]
+
+
+# -- collection from real UAPI sockets ------------------------------------------------------
+
+
+class _Fake:
+    """A UAPI handler with a fixed state that fails the test on any `set`."""
+
+    def __init__(self, status: DeviceStatus) -> None:
+        self.status = status
+        self.sets = 0
+
+    def uapi_get(self) -> DeviceStatus:
+        return self.status
+
+    def uapi_set(self, cfg: DeviceConfig) -> None:
+        self.sets += 1
+        raise AssertionError("status must never send set")
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "run"
+    d.mkdir()
+    yield d
+
+
+def _serve(run_dir: Path, name: str, status: DeviceStatus) -> tuple[UAPIServer, _Fake]:
+    fake = _Fake(status)
+    return UAPIServer(name, fake, str(run_dir)), fake
+
+
+def _stale_socket(run_dir: Path, name: str) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(run_dir / f"{name}.sock"))
+    s.close()  # never listened: connecting is refused, as for a daemon that died
+
+
+def test_collector_reads_servers_and_reports_the_stale_one(run_dir: Path) -> None:
+    priv = generate_private_key()
+    peer_key = public_key(generate_private_key())
+    status = DeviceStatus(
+        private_key=priv, listen_port=0,
+        peers=[PeerStatus(public_key=peer_key, endpoint="0.0.0.16:5000",
+                          last_handshake_time_sec=int(NOW) - 30, rx_bytes=100, tx_bytes=200,
+                          persistent_keepalive_interval=25, allowed_ips=["10.0.0.2/32"])],
+        extra={"wgvsock_network": "vsock", "wgvsock_port": "3000000000",
+               "wgvsock_role": "parent", "wgvsock_profile": "demo",
+               "wgvsock_attested": "false"},
+    )
+    server, fake = _serve(run_dir, "wga", status)
+    _stale_socket(run_dir, "wgb")
+    clock = iter([10.0, 10.0, 12.0, 12.0])
+    try:
+        col = st.Collector(run_dir=str(run_dir), clock=lambda: next(clock), wall=lambda: NOW)
+        first = col.sample()
+        assert [i.name for i in first.interfaces] == ["wga", "wgb"]
+        a, b = first.interfaces
+        assert b.error is not None and "connection refused" in b.error
+        assert a.error is None
+        assert a.public_key == key_to_base64(public_key(priv))
+        assert a.listen_port == 3_000_000_000  # the vsock port that listen_port cannot carry
+        p = a.peers[0]
+        assert (p.endpoint, p.endpoint_uapi, p.cid) == ("vsock://16:5000", "0.0.0.16:5000", 16)
+        assert (p.label, p.attested, p.health) == ("enclave", False, "fresh")
+        assert p.handshake_age == pytest.approx(30.0)
+        assert p.rx_rate is None
+        status.peers[0].rx_bytes += 1000
+        status.peers[0].tx_bytes += 4096
+        second = col.sample()
+        p = second.interfaces[0].peers[0]
+        assert (p.rx_rate, p.tx_rate) == (500.0, 2048.0)
+        assert second.totals()["rx_rate"] == 500.0
+        plain, _ = _show(second)
+        assert "not attested" in plain and "enclave CID 16" in plain
+        assert "port 3000000000" in plain
+        assert "500 B/s" in plain and "2.00 KiB/s" in plain
+        assert fake.sets == 0
+    finally:
+        server.close()
+
+
+def test_counters_going_down_give_no_rate() -> None:
+    state = {"rx": 5000}
+
+    def fetch(path: str, timeout: float) -> dict:
+        return {"private_key": None, "listen_port": 1, "fwmark": 0, "extra": {}, "peers": [{
+            "public_key": bytes(32), "endpoint": None, "last_handshake_time_sec": 0,
+            "last_handshake_time_nsec": 0, "rx_bytes": state["rx"], "tx_bytes": 0,
+            "persistent_keepalive_interval": 0, "allowed_ips": [], "preshared_key": None,
+            "extra": {}}]}
+
+    ticks = iter([1.0, 2.0])
+    col = st.Collector(["wg0"], "/nonexistent", fetch=fetch, clock=lambda: next(ticks))
+    col.sample()
+    state["rx"] = 10  # the daemon restarted
+    assert col.sample().interfaces[0].peers[0].rx_rate is None
+
+
+@pytest.mark.parametrize(("exc", "words"), [
+    (PermissionError(13, "Permission denied"), "permission denied"),
+    (ConnectionRefusedError(111, "Connection refused"), "stale socket"),
+    (FileNotFoundError(2, "No such file"), "no such interface"),
+    (TimeoutError("timed out"), "no answer"),
+])
+def test_unreadable_reasons(exc: OSError, words: str) -> None:
+    def fetch(path: str, timeout: float) -> dict:
+        raise exc
+
+    snap = st.Collector(["wg0"], "/r", fetch=fetch).sample()
+    assert words in (snap.interfaces[0].error or "")
+    assert words in _show(snap)[0]
+
+
+def test_only_get_is_ever_sent(run_dir: Path) -> None:
+    """A raw server records every request byte: status must send `get=1` and nothing else."""
+    path = run_dir / "wgr.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    received: list[bytes] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while not data.endswith(b"\n\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                received.append(data)
+                conn.sendall(b"listen_port=51820\nerrno=0\n\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    col = st.Collector(run_dir=str(run_dir))
+    col.sample()
+    col.sample()
+    t.join(5)
+    listener.close()
+    assert received == [b"get=1\n\n", b"get=1\n\n"]
+
+
+def test_main_once_json_and_text(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = DeviceStatus(private_key=generate_private_key(), listen_port=51820, peers=[
+        PeerStatus(public_key=public_key(generate_private_key()), endpoint="192.0.2.1:51820",
+                   last_handshake_time_sec=0, rx_bytes=7, tx_bytes=9,
+                   allowed_ips=["10.9.0.0/24"])])
+    server, _ = _serve(run_dir, "wgm", status)
+    try:
+        assert st.main(["--once", "--json", "--run-dir", str(run_dir)]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        iface = doc["interfaces"][0]
+        assert (iface["name"], iface["listen_port"], iface["network"]) == ("wgm", 51820, None)
+        peer = iface["peers"][0]
+        assert (peer["endpoint"], peer["rx_bytes"], peer["tx_bytes"]) == ("192.0.2.1:51820", 7, 9)
+        assert (peer["latest_handshake"], peer["health"]) == (0, "never")
+        assert "private_key" not in json.dumps(doc)
+        # Plain text when stdout is not a terminal: no escape sequences at all.
+        assert st.main(["--once", "--run-dir", str(run_dir)]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out
+        assert "wgm" in out and "192.0.2.1:51820" in out and "never" in out
+        assert "network unknown" in out
+        _stale_socket(run_dir, "wgz")
+        assert st.main(["--once", "--run-dir", str(run_dir)]) == 1
+        assert "✗ wgz" in capsys.readouterr().out
+        assert st.main(["--once", "--run-dir", str(run_dir), "../x"]) == 2
+    finally:
+        server.close()
+
+
+def test_env_run_dir_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(st.ENV_RUN_DIR, str(tmp_path))
+    assert st.Collector().run_dir == str(tmp_path)
+    assert os.fspath(tmp_path) in _show(st.Collector().sample())[0]

@@ -1,0 +1,859 @@
+"""`wgvsock status`: a live dashboard of WireGuard interfaces, read from their UAPI sockets.
+
+It speaks only the cross-platform UAPI (``get=1``), so it shows any userspace WireGuard: our
+daemon, Debian's wireguard-go, wireguard-go-vsock. It never sends ``set``: read access to the
+sockets is all it needs. Our daemon adds read-only keys that `wg` ignores and this reads:
+``wgvsock_network`` / ``wgvsock_port`` (a vsock port may not fit in ``listen_port``),
+``wgvsock_profile`` / ``wgvsock_role`` / ``wgvsock_attested`` (set by the roles), and per peer
+``wgvsock_endpoint`` (a readable endpoint), ``wgvsock_conn`` and ``wgvsock_reconnects`` (the
+stream transport's connection to that peer).
+
+The layout is built line by line for the console's current width on every refresh (rather than
+with a rich Table) so that each peer gets one aligned row of numbers plus a wrapped detail line,
+which is what fits an 80-column terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import ipaddress
+import json
+import os
+import re
+import select
+import signal
+import sys
+import termios
+import time
+import tty
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from types import FrameType
+from typing import Any, TextIO
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.text import Text
+
+from .core.crypto import key_to_base64, public_key
+from .core.messages import REJECT_AFTER_TIME, REKEY_AFTER_TIME
+from .uapi import DEFAULT_RUN_DIR, UAPIError, socket_path, uapi_get
+
+__all__ = [
+    "HEALTH_STYLES",
+    "Collector",
+    "Dashboard",
+    "InterfaceView",
+    "PeerView",
+    "Snapshot",
+    "health",
+    "human_age",
+    "human_bytes",
+    "human_rate",
+    "main",
+    "readable_endpoint",
+    "render_lines",
+]
+
+ENV_RUN_DIR = "WGVSOCK_RUN_DIR"  # the daemon's variable, so both agree on where sockets live
+DEFAULT_INTERVAL = 1.0
+FETCH_TIMEOUT = 2.0
+
+# Health follows the protocol's own clocks: a session is rekeyed after REKEY_AFTER_TIME and its
+# keys are useless after REJECT_AFTER_TIME, so a handshake older than that means no live session.
+HEALTH_STYLES = {"fresh": "green", "rekey": "yellow", "stale": "red", "never": "dim"}
+CONN_STYLES = {"connected": "green", "dialing": "yellow", "backoff": "red", "none": "dim"}
+
+EMPTY_HINT = (
+    "start one with `wgvsock parent up --profile FILE` or `wireguard-go-vsock wg0`, "
+    "or name an interface: `wgvsock status wg0`"
+)
+
+_IPV4_ENDPOINT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,10})")
+_VSOCK_ENDPOINT = re.compile(r"vsock://(\d{1,10}):(\d{1,10})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_bytes(n: float) -> str:
+    """Binary units with three significant digits, at most 8 characters: ``1.23 MiB``."""
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    unit = 0
+    # 1023.7 KiB would print as "1024 KiB"; carry it into the next unit instead.
+    while value >= 1023.5 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    # Decide the decimals on the rounded value, so 9.999 becomes "10.0", not "10.00".
+    if round(value, 2) < 10:
+        num = f"{value:.2f}"
+    elif round(value, 1) < 100:
+        num = f"{value:.1f}"
+    else:
+        num = f"{value:.0f}"
+    return f"{num} {_UNITS[unit]}"
+
+
+def human_rate(bytes_per_second: float | None) -> str:
+    """Bytes (not bits) per second, as the byte totals beside it; ``-`` until two samples."""
+    if bytes_per_second is None:
+        return "-"
+    return human_bytes(max(0.0, bytes_per_second)) + "/s"
+
+
+def human_age(seconds: float | None) -> str:
+    """``12 s ago``, ``3 min ago``, ``5 h ago``, ``2 d ago``; ``never`` for no handshake."""
+    if seconds is None:
+        return "never"
+    # A handshake "in the future" is clock skew between the daemon's and our reading.
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s ago"
+    if s < 3600:
+        return f"{s // 60} min ago"
+    if s < 86400:
+        return f"{s // 3600} h ago"
+    return f"{s // 86400} d ago"
+
+
+def health(age: float | None) -> str:
+    """``fresh`` (< 120 s), ``rekey`` (due for rekey, 120-180 s), ``stale`` (> 180 s), ``never``."""
+    if age is None:
+        return "never"
+    if age < REKEY_AFTER_TIME:
+        return "fresh"
+    if age <= REJECT_AFTER_TIME:
+        return "rekey"
+    return "stale"
+
+
+def short_key(b64: str | None) -> str:
+    return "(no key)" if not b64 else b64[:8] + "…"
+
+
+def readable_endpoint(raw: str | None, extra: dict[str, str], network: str | None) -> str | None:
+    """The endpoint as a person reads it.
+
+    Our daemon says it in ``wgvsock_endpoint``. Other daemons print vsock endpoints in the
+    IPv4-CID form `wg` can parse (``0.0.0.16:5000``); that form is turned back into
+    ``vsock://16:5000`` only when the interface is known to be vsock, because for UDP it is a
+    real (if odd) IPv4 address.
+    """
+    if extra.get("wgvsock_endpoint"):
+        return extra["wgvsock_endpoint"]
+    if raw and network == "vsock":
+        m = _IPV4_ENDPOINT.fullmatch(raw)
+        if m:
+            with contextlib.suppress(ValueError):
+                return f"vsock://{int(ipaddress.IPv4Address(m.group(1)))}:{m.group(2)}"
+    return raw
+
+
+def _endpoint_cid(endpoint: str | None) -> int | None:
+    m = _VSOCK_ENDPOINT.fullmatch(endpoint or "")
+    return int(m.group(1)) if m else None
+
+
+def _truncate_left(text: str, width: int) -> str:
+    # Endpoints differ at their end (port, socket file name), so keep the tail.
+    if width <= 0:
+        return ""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1) :] if width > 1 else "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class PeerView:
+    public_key: str
+    label: str | None = None  # "parent" / "enclave" when a wgvsock role says so
+    endpoint: str | None = None  # readable
+    endpoint_uapi: str | None = None  # as the UAPI (and so `wg`) gives it
+    cid: int | None = None
+    latest_handshake: int = 0  # Unix seconds, 0 = never, as `wg show dump` prints it
+    latest_handshake_nsec: int = 0
+    handshake_age: float | None = None
+    health: str = "never"
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_rate: float | None = None  # bytes per second since the previous sample
+    tx_rate: float | None = None
+    persistent_keepalive: int = 0
+    allowed_ips: list[str] = field(default_factory=list)
+    preshared_key: bool = False
+    connection: str | None = None  # wgvsock_conn
+    reconnects: int | None = None  # wgvsock_reconnects
+    attested: bool | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class InterfaceView:
+    name: str
+    socket: str
+    error: str | None = None
+    public_key: str | None = None
+    listen_port: int = 0
+    fwmark: int = 0
+    network: str | None = None
+    profile: str | None = None
+    role: str | None = None
+    attested: bool | None = None
+    peers: list[PeerView] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    time: float  # Unix time the sample was taken
+    run_dir: str
+    interfaces: list[InterfaceView] = field(default_factory=list)
+    listing_error: str | None = None
+    named: bool = False  # interfaces were named on the command line, not discovered
+
+    @property
+    def readable(self) -> list[InterfaceView]:
+        return [i for i in self.interfaces if i.error is None]
+
+    def totals(self) -> dict[str, Any]:
+        peers = [p for i in self.readable for p in i.peers]
+        rx_rates = [p.rx_rate for p in peers if p.rx_rate is not None]
+        tx_rates = [p.tx_rate for p in peers if p.tx_rate is not None]
+        return {
+            "interfaces": len(self.interfaces),
+            "unreadable": len(self.interfaces) - len(self.readable),
+            "peers": len(peers),
+            "rx_bytes": sum(p.rx_bytes for p in peers),
+            "tx_bytes": sum(p.tx_bytes for p in peers),
+            "rx_rate": sum(rx_rates) if rx_rates else None,
+            "tx_rate": sum(tx_rates) if tx_rates else None,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "run_dir": self.run_dir,
+            "listing_error": self.listing_error,
+            "totals": self.totals(),
+            "interfaces": [asdict(i) for i in self.interfaces],
+        }
+
+
+def _describe_error(exc: BaseException, path: str) -> str:
+    """One line an operator can act on."""
+    if isinstance(exc, FileNotFoundError):
+        return f"no such interface: {path} does not exist"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {path} (run as root, or as the socket's owner)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"stale socket: connection refused on {path} (no daemon is serving it)"
+    if isinstance(exc, TimeoutError):
+        return f"no answer: {path} did not reply within {FETCH_TIMEOUT:g} s (daemon hung?)"
+    if isinstance(exc, UAPIError):
+        return f"UAPI error: {path}: {exc}"
+    if isinstance(exc, OSError):
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
+        return f"cannot read {path}: {reason}"
+    return f"cannot read {path}: {exc}"
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _bool_or_none(value: str | None) -> bool | None:
+    return {"true": True, "false": False}.get(value or "")
+
+
+def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> InterfaceView:
+    """Turn a parsed `get` reply (see uapi.parse_get) into what the dashboard shows."""
+    extra: dict[str, str] = dev.get("extra", {})
+    network = extra.get("wgvsock_network")
+    role = extra.get("wgvsock_role")
+    attested = _bool_or_none(extra.get("wgvsock_attested"))
+    priv = dev.get("private_key")
+    port = _int_or_none(extra.get("wgvsock_port"))
+    iface = InterfaceView(
+        name=name,
+        socket=path,
+        public_key=key_to_base64(public_key(priv)) if priv else None,
+        listen_port=port if port is not None else dev.get("listen_port", 0),
+        fwmark=dev.get("fwmark", 0),
+        network=network,
+        profile=extra.get("wgvsock_profile"),
+        role=role,
+        attested=attested,
+        extra=dict(extra),
+    )
+    # A role's interface has one peer: the other side of the parent/enclave pair.
+    other = {"parent": "enclave", "enclave": "parent"}.get(role or "")
+    for p in dev.get("peers", []):
+        pextra: dict[str, str] = p.get("extra", {})
+        sec, nsec = p.get("last_handshake_time_sec", 0), p.get("last_handshake_time_nsec", 0)
+        age = now - (sec + nsec / 1e9) if sec else None
+        endpoint = readable_endpoint(p.get("endpoint"), pextra, network)
+        label = pextra.get("wgvsock_role") or other
+        iface.peers.append(
+            PeerView(
+                public_key=key_to_base64(p["public_key"]),
+                label=label,
+                endpoint=endpoint,
+                endpoint_uapi=p.get("endpoint"),
+                cid=_endpoint_cid(endpoint),
+                latest_handshake=sec,
+                latest_handshake_nsec=nsec,
+                handshake_age=age,
+                health=health(age),
+                rx_bytes=p.get("rx_bytes", 0),
+                tx_bytes=p.get("tx_bytes", 0),
+                persistent_keepalive=p.get("persistent_keepalive_interval", 0),
+                allowed_ips=list(p.get("allowed_ips", [])),
+                preshared_key=p.get("preshared_key") is not None,
+                connection=pextra.get("wgvsock_conn"),
+                reconnects=_int_or_none(pextra.get("wgvsock_reconnects")),
+                # The parent's verdict is about its one peer, the enclave.
+                attested=_bool_or_none(pextra.get("wgvsock_attested"))
+                if "wgvsock_attested" in pextra
+                else (attested if label == "enclave" else None),
+                extra=dict(pextra),
+            )
+        )
+    return iface
+
+
+# ---------------------------------------------------------------------------------------------
+# Collection
+
+
+def default_run_dir() -> str:
+    return os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR
+
+
+def discover(run_dir: str) -> tuple[list[str], str | None]:
+    """Interface names with a socket in run_dir, and why the listing failed if it did."""
+    try:
+        entries = os.listdir(run_dir)
+    except FileNotFoundError:
+        return [], None
+    except PermissionError:
+        return [], (f"cannot list {run_dir}: permission denied "
+                    "(run as root, or name the interfaces to read)")
+    except OSError as e:
+        return [], f"cannot list {run_dir}: {e.strerror or e}"
+    return sorted(e[: -len(".sock")] for e in entries if e.endswith(".sock") and len(e) > 5), None
+
+
+Fetch = Callable[[str, float], dict[str, Any]]
+
+
+class Collector:
+    """Takes snapshots and keeps the previous counters, from which it computes rates."""
+
+    def __init__(
+        self,
+        names: list[str] | None = None,
+        run_dir: str | None = None,
+        *,
+        fetch: Fetch = uapi_get,
+        timeout: float = FETCH_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.names = list(names or [])
+        self.run_dir = run_dir or default_run_dir()
+        self._fetch = fetch
+        self._timeout = timeout
+        self._clock = clock
+        self._wall = wall
+        # (socket path, peer public key) -> (monotonic time, rx, tx) of the previous sample
+        self._prev: dict[tuple[str, str], tuple[float, int, int]] = {}
+
+    def _read(self, name: str) -> tuple[str, str, dict[str, Any] | BaseException, float]:
+        path = socket_path(name, self.run_dir)
+        try:
+            dev: dict[str, Any] | BaseException = self._fetch(path, self._timeout)
+        except (OSError, UAPIError, ValueError) as e:
+            dev = e
+        return name, path, dev, self._clock()
+
+    def sample(self) -> Snapshot:
+        if self.names:
+            names, listing_error = self.names, None
+        else:
+            names, listing_error = discover(self.run_dir)
+        # In parallel, so one hung daemon delays a refresh by at most the timeout, not N times.
+        if len(names) > 1:
+            with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+                results = list(pool.map(self._read, names))
+        else:
+            results = [self._read(n) for n in names]
+        snap = Snapshot(time=self._wall(), run_dir=self.run_dir, listing_error=listing_error,
+                        named=bool(self.names))
+        seen: dict[tuple[str, str], tuple[float, int, int]] = {}
+        for name, path, dev, taken in results:
+            if isinstance(dev, BaseException):
+                snap.interfaces.append(
+                    InterfaceView(name=name, socket=path, error=_describe_error(dev, path))
+                )
+                continue
+            iface = interface_view(name, path, dev, snap.time)
+            for p in iface.peers:
+                key = (path, p.public_key)
+                prev = self._prev.get(key)
+                if prev is not None and taken > prev[0]:
+                    dt = taken - prev[0]
+                    # Counters that went down mean the daemon or peer was recreated.
+                    if p.rx_bytes >= prev[1] and p.tx_bytes >= prev[2]:
+                        p.rx_rate = (p.rx_bytes - prev[1]) / dt
+                        p.tx_rate = (p.tx_bytes - prev[2]) / dt
+                seen[key] = (taken, p.rx_bytes, p.tx_bytes)
+            snap.interfaces.append(iface)
+        self._prev = seen
+        return snap
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+# Fixed widths of the numeric columns; the endpoint column takes what is left.
+_W_KEY, _W_AGE, _W_BYTES, _W_RATE = 9, 10, 8, 10
+_INDENT = 2
+_DETAIL_INDENT = _INDENT + _W_KEY + 1  # details sit under the endpoint column
+_MIN_ENDPOINT, _MAX_ENDPOINT = 8, 40
+_NARROW_FIXED = _INDENT + _W_KEY + _W_AGE + 2 * _W_BYTES + 4  # 4 single-space gaps
+_WIDE_FIXED = _NARROW_FIXED + 2 * _W_RATE + 2
+# Below this width the rate columns move into the detail line rather than being cropped.
+WIDE_MIN = _WIDE_FIXED + _MIN_ENDPOINT
+
+
+def _cell(text: str | Text, width: int, justify: str = "left", style: str = "") -> Text:
+    t = text.copy() if isinstance(text, Text) else Text(text, style=style)
+    t.truncate(width, overflow="ellipsis")
+    t.align(justify, width)  # type: ignore[arg-type]
+    return t
+
+
+def _row(cells: list[tuple[str | Text, int, str]], style: str = "") -> Text:
+    line = Text(" " * _INDENT)
+    for i, (content, width, justify) in enumerate(cells):
+        if i:
+            line.append(" ")
+        line.append_text(_cell(content, width, justify, style))
+    return line
+
+
+def _wrapped(console: Console, text: Text, width: int, indent: int) -> list[Text]:
+    """`text` wrapped at spaces to `width`, every line indented by `indent`."""
+    out = []
+    for line in text.wrap(console, max(10, width - indent), overflow="fold"):
+        line.rstrip()
+        out.append(Text(" " * indent) + line)
+    return out
+
+
+def _flow(
+    console: Console, parts: list[Text], width: int, indent: int = 0, sep: str = " · "
+) -> list[Text]:
+    """Lay `parts` out left to right, breaking lines only between parts (so ``0 B/s`` is never
+    split from its unit); a part wider than a whole line is wrapped at its spaces."""
+    def alone(t: Text) -> Text:
+        # A part's own style must not become the base style of the parts after it.
+        out = Text()
+        out.append_text(t)
+        return out
+
+    room = max(10, width - indent)
+    lines: list[Text] = []
+    cur = Text()
+    for part in parts:
+        cand = cur.copy()
+        if cur.plain:
+            cand.append(sep, style="dim")
+        cand.append_text(part)
+        if cand.cell_len <= room:
+            cur = cand
+            continue
+        if cur.plain:
+            lines.append(cur)
+        if part.cell_len <= room:
+            cur = alone(part)
+        else:
+            pieces = [alone(x) for x in part.wrap(console, room, overflow="fold")]
+            lines.extend(pieces[:-1])
+            cur = pieces[-1]
+    if cur.plain:
+        lines.append(cur)
+    for line in lines:
+        line.rstrip()
+    return [Text(" " * indent) + line for line in lines]
+
+
+def _header_lines(snap: Snapshot, console: Console, width: int, footer: str | None) -> list[Text]:
+    t = snap.totals()
+    parts = [
+        Text("wgvsock status", style="bold"),
+        Text(f"{t['interfaces']} interface{'s' if t['interfaces'] != 1 else ''}"),
+        Text(f"{t['peers']} peer{'s' if t['peers'] != 1 else ''}"),
+    ]
+    for way in ("rx", "tx"):
+        total = Text(f"{way} {human_bytes(t[way + '_bytes'])}")
+        if t[way + "_rate"] is not None:
+            total.append(f" ({human_rate(t[way + '_rate'])})")
+        parts.append(total)
+    if t["unreadable"]:
+        parts.append(Text(f"{t['unreadable']} unreadable", style="bold red"))
+    lines = _flow(console, parts, width)
+    if footer:
+        lines += _flow(console, [Text(f, style="dim") for f in footer.split(" · ")], width)
+    return lines
+
+
+def _empty_lines(snap: Snapshot, console: Console, width: int) -> list[Text]:
+    if snap.listing_error:
+        return _wrapped(console, Text(snap.listing_error, style="bold red"), width, 0)
+    missing = "" if os.path.isdir(snap.run_dir) else " (the directory does not exist)"
+    return [
+        *_wrapped(console, Text(f"no WireGuard interfaces under {snap.run_dir}{missing}",
+                                style="bold yellow"), width, 0),
+        *_wrapped(console, Text(EMPTY_HINT), width, 2),
+    ]
+
+
+def _interface_lines(iface: InterfaceView, console: Console, width: int) -> list[Text]:
+    if iface.error is not None:
+        line = Text.assemble(("✗ ", "bold red"), (iface.name, "bold"), "  ", (iface.error, "red"))
+        return _wrapped(console, line, width, 0)
+    parts = [Text(iface.name, style="bold cyan")]
+    if iface.role:
+        role = Text(iface.role, style="bold magenta")
+        if iface.profile:
+            role.append(f" (profile {iface.profile})", style="magenta")
+        parts.append(role)
+    elif iface.profile:
+        parts.append(Text(f"profile {iface.profile}", style="magenta"))
+    parts.append(Text(f"key {short_key(iface.public_key)}"))
+    parts.append(Text(f"port {iface.listen_port}" if iface.listen_port else "port -"))
+    parts.append(Text(f"network {iface.network}" if iface.network else "network unknown",
+                      style="" if iface.network else "dim"))
+    if iface.fwmark:
+        parts.append(Text(f"fwmark {iface.fwmark:#x}"))
+    n = len(iface.peers)
+    parts.append(Text(f"{n} peer{'s' if n != 1 else ''}", style="dim"))
+    lines = _flow(console, parts, width, sep="  ")
+    if not iface.peers:
+        lines.append(Text(" " * _INDENT + "no peers configured", style="dim"))
+        return lines
+
+    wide = width >= WIDE_MIN
+    ep_width = max(_MIN_ENDPOINT, min(_MAX_ENDPOINT,
+                                      width - (_WIDE_FIXED if wide else _NARROW_FIXED)))
+
+    def row(key: str | Text, ep: str | Text, age: str | Text, rx: str, tx: str,
+            rx_rate: str, tx_rate: str, style: str = "") -> Text:
+        cells: list[tuple[str | Text, int, str]] = [
+            (key, _W_KEY, "left"), (ep, ep_width, "left"), (age, _W_AGE, "right"),
+            (rx, _W_BYTES, "right"), (tx, _W_BYTES, "right"),
+        ]
+        if wide:
+            cells += [(rx_rate, _W_RATE, "right"), (tx_rate, _W_RATE, "right")]
+        return _row(cells, style)
+
+    lines.append(row("peer", "endpoint", "handshake", "rx", "tx", "rx/s", "tx/s", style="dim"))
+    for p in iface.peers:
+        endpoint = _truncate_left(p.endpoint, ep_width) if p.endpoint else "(none)"
+        lines.append(
+            row(
+                short_key(p.public_key),
+                Text(endpoint, style="" if p.endpoint else "dim"),
+                Text(human_age(p.handshake_age), style=HEALTH_STYLES[p.health]),
+                human_bytes(p.rx_bytes),
+                human_bytes(p.tx_bytes),
+                human_rate(p.rx_rate),
+                human_rate(p.tx_rate),
+            )
+        )
+        lines += _flow(console, _details(p, rates=not wide), width, _DETAIL_INDENT)
+    return lines
+
+
+def _details(p: PeerView, rates: bool = False) -> list[Text]:
+    parts: list[Text] = []
+    if rates:
+        parts.append(Text(f"rx/s {human_rate(p.rx_rate)}  tx/s {human_rate(p.tx_rate)}"))
+    if p.label:
+        label = Text(p.label, style="bold magenta")
+        if p.cid is not None:
+            label.append(f" CID {p.cid}", style="magenta")
+        parts.append(label)
+    if p.attested is True:
+        parts.append(Text("attested ✓", style="green"))
+    elif p.attested is False:
+        parts.append(Text("not attested", style="bold yellow"))
+    if p.connection:
+        conn = Text(p.connection, style=CONN_STYLES.get(p.connection, ""))
+        if p.reconnects:
+            conn.append(f", {p.reconnects} reconnect{'s' if p.reconnects != 1 else ''}",
+                        style="yellow")
+        parts.append(conn)
+    ka = p.persistent_keepalive
+    parts.append(Text(f"keepalive {ka} s" if ka else "keepalive off", style="dim"))
+    parts.append(Text("allowed " + (", ".join(p.allowed_ips) if p.allowed_ips else "(none)")))
+    return parts
+
+
+def render_lines(
+    snap: Snapshot, console: Console, width: int, footer: str | None = None
+) -> list[Text]:
+    """The whole view as physical lines of at most `width` cells."""
+    lines = _header_lines(snap, console, width, footer)
+    if not snap.interfaces:
+        lines.append(Text(""))
+        lines += _empty_lines(snap, console, width)
+        return lines
+    if snap.listing_error:
+        lines += _wrapped(console, Text(snap.listing_error, style="red"), width, 0)
+    for iface in snap.interfaces:
+        lines.append(Text(""))
+        lines += _interface_lines(iface, console, width)
+    return lines
+
+
+class Dashboard:
+    """A rich renderable of the latest snapshot; it lays itself out anew for the width and
+    height it is given, which is how the live view follows terminal resizes."""
+
+    def __init__(self, snapshot: Snapshot, footer: Callable[[Snapshot], str] | None = None):
+        self.snapshot = snapshot
+        self._footer = footer
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        footer = self._footer(self.snapshot) if self._footer else None
+        lines = render_lines(self.snapshot, console, width, footer)
+        height = options.height
+        if height is not None and len(lines) > height:
+            hidden = len(lines) - height + 1
+            lines = [*lines[: height - 1],
+                     Text(f"… {hidden} more lines: enlarge the window", style="dim")]
+        # Every line is already laid out for `width`; rich must crop, never re-wrap.
+        for line in lines:
+            line.truncate(width, overflow="crop")
+            line.no_wrap = True
+            yield line
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+class _Keys:
+    """Single key presses from a terminal on stdin (cbreak mode) plus a wake-up pipe that the
+    SIGWINCH handler writes to, so that a resize redraws at once rather than at the next tick.
+    Ctrl-C still raises KeyboardInterrupt: cbreak leaves ISIG on."""
+
+    def __init__(self, stdin: TextIO) -> None:
+        self._fd: int | None = None
+        self._saved: list[Any] | None = None
+        try:
+            if stdin.isatty():
+                self._fd = stdin.fileno()
+        except (OSError, ValueError):
+            self._fd = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old_winch: Any = None
+
+    def __enter__(self) -> _Keys:
+        if self._fd is not None:
+            try:
+                self._saved = termios.tcgetattr(self._fd)
+                tty.setcbreak(self._fd, termios.TCSANOW)
+            except termios.error:
+                self._fd = None
+        self._old_winch = signal.signal(signal.SIGWINCH, self._on_winch)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGWINCH, self._old_winch or signal.SIG_DFL)
+        if self._fd is not None and self._saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _on_winch(self, signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"w")
+
+    def wait(self, timeout: float) -> str | None:
+        """A key pressed within `timeout`, "resize" on SIGWINCH, or None."""
+        fds = [self._wake_r] + ([self._fd] if self._fd is not None else [])
+        ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
+        if self._wake_r in ready:
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 64)
+            return "resize"
+        if self._fd is not None and self._fd in ready:
+            data = os.read(self._fd, 32)
+            if not data:  # the terminal went away
+                return "q"
+            return data.decode("utf-8", "replace")
+        return None
+
+
+def _footer(snap: Snapshot, interval: float | None) -> str:
+    at = f"at {time.strftime('%H:%M:%S', time.localtime(snap.time))}"
+    return at if interval is None else f"{at} · every {interval:g} s · rates in bytes/s"
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _print_json(snap: Snapshot, out: TextIO, pretty: bool) -> None:
+    out.write(json.dumps(snap.to_json(), indent=2 if pretty else None, sort_keys=False) + "\n")
+    out.flush()
+
+
+def _ticks(interval: float, keys: _Keys) -> Iterator[bool]:
+    """Yields True when it is time to sample, False when only a redraw is wanted (resize);
+    returns when `q` is pressed."""
+    next_at = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now >= next_at:
+            next_at = max(next_at + interval, now)
+            yield True
+            continue
+        key = keys.wait(next_at - now)
+        if key == "resize":
+            yield False
+        elif key is not None and key[:1] in ("q", "Q"):
+            return
+
+
+def live(
+    names: list[str] | None = None,
+    *,
+    interval: float = DEFAULT_INTERVAL,
+    run_dir: str | None = None,
+    console: Console | None = None,
+    stdin: TextIO | None = None,
+    duration: float | None = None,
+) -> int:
+    """The full-screen live view until `q`, Ctrl-C, SIGTERM or `duration` seconds. Usable from
+    other code (the demo) as well as from `main`."""
+    if console is None:
+        # COLUMNS/LINES, when set (tmux exports them to panes it starts detached), would pin the
+        # size; the live view must follow the terminal itself.
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        console = Console(_environ=env)
+    collector = Collector(names, run_dir)
+
+    dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · q quits")
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with _Keys(stdin or sys.stdin) as keys, Live(
+            dash, console=console, screen=True, auto_refresh=False,
+            redirect_stdout=False, redirect_stderr=False,
+        ) as view:
+            first = True
+            end = None if duration is None else time.monotonic() + duration
+            for sample in _ticks(interval, keys):
+                if end is not None and time.monotonic() >= end:
+                    break
+                if sample and not first:
+                    dash.snapshot = collector.sample()
+                first = False
+                view.refresh()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    return 0
+
+
+def _stream(collector: Collector, interval: float, as_json: bool, console: Console) -> int:
+    """Not a terminal and not --once: one snapshot per interval, for logs and pipelines."""
+    try:
+        with _Keys(sys.stdin) as keys:
+            for sample in _ticks(interval, keys):
+                if not sample:
+                    continue
+                snap = collector.sample()
+                if as_json:
+                    _print_json(snap, sys.stdout, pretty=False)
+                else:
+                    console.print(Dashboard(snap, lambda s: _footer(s, interval)))
+                    console.print()
+                    console.file.flush()
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wgvsock status",
+        description="Live view of WireGuard interfaces read from their UAPI sockets (read-only: "
+        "only `get` is ever sent). Works with wgvsock, wireguard-go and wireguard-go-vsock.",
+        epilog="Exit status with --once: 0 when every interface was read, 1 when one could not "
+        "be. Rates are in bytes per second between two samples.",
+    )
+    p.add_argument("ifnames", nargs="*", metavar="IFNAME",
+                   help="interfaces to show (default: every socket in the run directory)")
+    p.add_argument("--interval", type=_positive_float, default=DEFAULT_INTERVAL, metavar="S",
+                   help="seconds between refreshes (default: %(default)s)")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (with --once: one document; else one line per interval)")
+    p.add_argument("--run-dir", metavar="DIR", default=None,
+                   help=f"where the UAPI sockets are (default: ${ENV_RUN_DIR} or "
+                   f"{DEFAULT_RUN_DIR})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    for name in args.ifnames:
+        if not name or "/" in name or name in (".", ".."):
+            print(f"wgvsock status: invalid interface name {name!r}", file=sys.stderr)
+            return 2
+    collector = Collector(args.ifnames, args.run_dir)
+    console = Console()
+    if args.once:
+        snap = collector.sample()
+        if args.json:
+            _print_json(snap, sys.stdout, pretty=True)
+        else:
+            console.print(Dashboard(snap, lambda s: _footer(s, None)))
+        return 1 if any(i.error for i in snap.interfaces) else 0
+    if args.json or not console.is_terminal:
+        return _stream(collector, args.interval, args.json, console)
+    return live(args.ifnames, interval=args.interval, run_dir=args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
