@@ -69,6 +69,10 @@ def local_checks(profile) -> list[Check]:
                                 "vsock_loopback/vhost_vsock or install aws-nitro-enclaves-cli"))
     else:
         checks.append(Check("vsock", None, f"transport is {profile.transport.kind}"))
+    if profile.parent.enclave is not None:
+        from ..nitro import launch_checks
+
+        checks += [Check(*c) for c in launch_checks(profile.parent.enclave)]
     return checks
 
 
@@ -137,6 +141,7 @@ class State:
     profile: str
     forwarding: dict = field(default_factory=dict)
     sockets: list[str] = field(default_factory=list)
+    enclave: dict = field(default_factory=dict)  # the enclave `up` started: id, cid, name
 
     @staticmethod
     def path_for(name: str) -> Path:
@@ -173,6 +178,8 @@ class Parent:
         self._table = False
         self._sockets: list[str] = []
         self.enclave_key: bytes | None = None
+        self.supervisor = None  # nitro.EnclaveSupervisor when the profile starts the enclave
+        self._state: State | None = None
         self.verdict: Verdict | None = None
 
     def spec(self) -> firewall.FirewallSpec:
@@ -220,8 +227,10 @@ class Parent:
                 verify=make_verifier(p), install=self._install_enclave,
             )
             self.control.start()
-            State(p.name, os.getpid(), p.interface, p.path, self._forwarding,
-                  self._sockets).save()
+            self._state = State(p.name, os.getpid(), p.interface, p.path, self._forwarding,
+                                self._sockets)
+            self._state.save()
+            self._start_enclave()
         except BaseException:
             self.close()
             raise
@@ -255,8 +264,27 @@ class Parent:
             "wgvsock_attested": "true" if verdict.attested else "false",
         }
 
+    def _start_enclave(self) -> None:
+        """With `parent.enclave` in the profile, start the enclave and keep it running."""
+        if self.profile.parent.enclave is None:
+            return
+        from ..nitro import EnclaveSupervisor, NitroCli, enclave_name
+
+        def started(info) -> None:
+            if self._state is not None and not self.stopped.is_set():
+                self._state.enclave = {"id": info.enclave_id, "cid": info.cid,
+                                       "name": info.name}
+                self._state.save()
+
+        self.supervisor = EnclaveSupervisor(NitroCli(), self.profile.parent.enclave,
+                                            enclave_name(self.profile.name), started, log)
+        self.supervisor.start()
+
     def close(self) -> None:
         self.stopped.set()
+        if self.supervisor is not None:
+            self.supervisor.stop()  # terminates the enclave it started
+            self.supervisor = None
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -326,6 +354,15 @@ def down(profile) -> list[str]:
         else:
             done.append(f"stopped pid {state.pid}")
     # Whatever a crashed `up` may have left behind:
+    if profile.parent.enclave is not None:
+        from ..nitro import NitroCli, NitroError, enclave_name, terminate_leftovers
+
+        known = [state.enclave["id"]] if state is not None and state.enclave.get("id") else []
+        try:
+            done += terminate_leftovers(NitroCli(), enclave_name(profile.name), known)
+        except NitroError as e:
+            if known or shutil.which("nitro-cli"):  # silent when there is nothing to look for
+                done.append(f"could not check for a leftover enclave: {e}")
     if firewall.exists(profile.name):
         firewall.remove(profile.name)
         done.append(f"removed nftables table for {profile.name}")

@@ -1,0 +1,490 @@
+"""The nitro-cli wrapper and the enclave supervisor, against tests/fakes/nitro-cli (no root)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from wgvsock import nitro
+from wgvsock.nitro import (
+    EnclaveInfo,
+    EnclaveSupervisor,
+    NitroCli,
+    NitroError,
+    enclave_name,
+    is_named,
+    launch_checks,
+    parse_error,
+    terminate_leftovers,
+)
+from wgvsock.profile import EnclaveLaunch, parse_profile
+
+FAKES = Path(__file__).resolve().parent / "fakes"
+FAKE = str(FAKES / "nitro-cli")
+
+E26 = """\
+Start allocating memory...
+[ E26 ] Insufficient memory requested. User provided `memory` is 512 MB, but based on the EIF \
+file size, the minimum memory should be 2148 MB
+
+For more details, please visit https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html#E26
+
+If you open a support ticket, please provide the error log found at \
+"/var/log/nitro_enclaves/err2021-06-18T21:46:43.249503129+00:00.log"
+Failed connections: 1
+[ E39 ] Enclave process connection failure. Such error appears when the enclave manager fails \
+to connect to at least one enclave process for retrieving the description information.
+
+For more details, please visit https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html#E39
+
+If you open a support ticket, please provide the error log found at \
+"/var/log/nitro_enclaves/err2021-06-18T21:46:43.249656960+00:00.log"
+"""
+
+RUN_OUTPUT = """\
+Start allocating memory...
+Started enclave with enclave-cid: 19, memory: 2048 MiB, cpu-ids: [1, 5]
+{
+  "EnclaveName": "vsock_poc",
+  "EnclaveID": "i-0c3d696ac3c1f00dc-enc1802f51427d0db9",
+  "ProcessID": 18647,
+  "EnclaveCID": 19,
+  "NumberOfCPUs": 2,
+  "CPUIDs": [
+    1,
+    5
+  ],
+  "MemoryMiB": 2048
+}
+"""
+
+
+class Fake:
+    """The fake nitro-cli with its own state file."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.state = tmp / "nitro-state.json"
+        self.env = {**os.environ, "FAKE_NITRO_STATE": str(self.state)}
+        self.cli = NitroCli(FAKE, env=self.env)
+        self.eif = tmp / "app.eif"
+        self.eif.write_bytes(b"EIF" * 1000)
+
+    def hook(self, *args: str) -> str:
+        return subprocess.run([FAKE, *args], env=self.env, capture_output=True, text=True,
+                              check=True).stdout
+
+    def enclaves(self) -> list[dict]:
+        return json.loads(self.hook("describe-enclaves"))
+
+    def calls(self) -> list[list[str]]:
+        return json.loads(self.hook("fake-state"))["calls"]
+
+    def launch(self, **kw) -> EnclaveLaunch:
+        kw.setdefault("memory_mib", 256)
+        return EnclaveLaunch(str(self.eif), **kw)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Fake:
+    return Fake(tmp_path)
+
+
+def script(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "nitro-cli-script"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def test_error_keeps_nitro_clis_own_words() -> None:
+    err = parse_error(E26, returncode=1)
+    assert err.code == "E26" and err.returncode == 1
+    assert str(err).startswith("[ E26 ] Insufficient memory requested. User provided `memory` "
+                               "is 512 MB")
+    assert "minimum memory should be 2148 MB" in str(err)
+    assert "; [ E39 ] Enclave process connection failure." in str(err)
+    assert "For more details" not in str(err) and "support ticket" not in str(err)
+    assert "Failed connections" not in str(err)
+    assert err.log_path == "/var/log/nitro_enclaves/err2021-06-18T21:46:43.249503129+00:00.log"
+
+
+def test_error_block_spans_its_lines() -> None:
+    stderr = ("[ E19 ] File operation failure.\nFile: '/x.eif', failing operation: 'Open'.\n\n"
+              "For more details, please visit https://x#E19\n")
+    assert str(parse_error(stderr)) == ("[ E19 ] File operation failure. "
+                                        "File: '/x.eif', failing operation: 'Open'.")
+
+
+def test_error_without_an_e_code() -> None:
+    assert str(parse_error("error: unexpected argument '--bogus' found\n", "", 2)) == \
+        "error: unexpected argument '--bogus' found"
+    assert str(parse_error("", "", 3)) == "nitro-cli exited with status 3"
+    assert parse_error("boom").code is None
+
+
+def test_run_output_parses_with_progress_lines_around_it() -> None:
+    info = EnclaveInfo.from_json(nitro._json_from(RUN_OUTPUT, dict))
+    assert info.enclave_id == "i-0c3d696ac3c1f00dc-enc1802f51427d0db9"
+    assert info.cid == 19 and info.name == "vsock_poc" and info.process_id == 18647
+    assert info.cpu_ids == (1, 5) and info.cpu_count == 2 and info.memory_mib == 2048
+    assert info.state is None and not info.debug
+
+
+def test_older_output_without_name_or_pid() -> None:
+    info = EnclaveInfo.from_json({"EnclaveID": "i-1-enc2", "EnclaveCID": 16,
+                                  "NumberOfCPUs": 2, "CPUIDs": [1, 3], "MemoryMiB": 512})
+    assert info.name is None and info.process_id is None and info.cid == 16
+
+
+@pytest.mark.parametrize("obj", [
+    {"EnclaveCID": 16},
+    {"EnclaveID": "", "EnclaveCID": 16},
+    {"EnclaveID": "i-1-enc2"},
+    {"EnclaveID": "i-1-enc2", "EnclaveCID": "16"},
+    {"EnclaveID": "i-1-enc2", "EnclaveCID": True},
+    ["EnclaveID"],
+])
+def test_malformed_enclave_json_is_refused(obj) -> None:
+    with pytest.raises(NitroError):
+        EnclaveInfo.from_json(obj)
+
+
+@pytest.mark.parametrize("stdout", ["", "not json", "[1, 2]", '"text"', "{ broken"])
+def test_no_json_object_is_an_error(stdout: str) -> None:
+    with pytest.raises(NitroError, match="no JSON dict"):
+        nitro._json_from(stdout, dict)
+
+
+def test_names() -> None:
+    assert enclave_name("payments") == "wgvsock-payments"
+    assert is_named("wgvsock-payments", "wgvsock-payments")
+    assert is_named("wgvsock-payments_2", "wgvsock-payments")
+    assert not is_named("wgvsock-payments-2", "wgvsock-payments")
+    assert not is_named("wgvsock-pay", "wgvsock-payments")
+    assert not is_named(None, "wgvsock-payments")
+
+
+def test_run_args() -> None:
+    args = NitroCli.run_args(EnclaveLaunch("/opt/app.eif", 4, 2048, 16, True), "wgvsock-a")
+    assert args == ["run-enclave", "--eif-path", "/opt/app.eif", "--cpu-count", "4",
+                    "--memory", "2048", "--enclave-cid", "16", "--debug-mode",
+                    "--enclave-name", "wgvsock-a"]
+    assert "--enclave-cid" not in NitroCli.run_args(EnclaveLaunch("/a.eif"))
+    assert "--debug-mode" not in NitroCli.run_args(EnclaveLaunch("/a.eif"))
+
+
+# -- the wrapper against the fake ------------------------------------------------------------
+
+
+def test_run_describe_terminate(fake: Fake) -> None:
+    info = fake.cli.run_enclave(fake.launch(), "wgvsock-t")
+    assert info.cid == 16 and info.name == "wgvsock-t" and info.memory_mib == 256
+    assert info.cpu_count == 2 and len(info.cpu_ids) == 2
+    second = fake.cli.run_enclave(fake.launch(cid=42, debug=True, cpu_count=2), "wgvsock-t")
+    assert second.cid == 42 and second.name == "wgvsock-t_1"
+    listed = fake.cli.describe_enclaves()
+    assert [e["EnclaveID"] for e in listed] == [info.enclave_id, second.enclave_id]
+    assert [e["State"] for e in listed] == ["RUNNING", "RUNNING"]
+    assert [e["Flags"] for e in listed] == ["NONE", "DEBUG_MODE"]
+    assert fake.cli.enclaves()[1].debug
+    out = fake.cli.terminate_enclave(info.enclave_id)
+    assert out["EnclaveID"] == info.enclave_id and out["Terminated"] is True
+    assert [e.enclave_id for e in fake.cli.enclaves()] == [second.enclave_id]
+    run_call = fake.calls()[1]
+    assert run_call[:2] == ["run-enclave", "--eif-path"]
+    assert "--debug-mode" in run_call and run_call[run_call.index("--enclave-cid") + 1] == "42"
+
+
+def test_run_errors_carry_the_e_code(fake: Fake, tmp_path: Path) -> None:
+    with pytest.raises(NitroError) as exc:
+        fake.cli.run_enclave(EnclaveLaunch(str(tmp_path / "missing.eif")))
+    assert exc.value.code == "E19" and "missing.eif" in str(exc.value)
+    big = tmp_path / "big.eif"
+    with open(big, "wb") as f:
+        f.truncate(512 << 20)  # sparse: 4x is 2048 MiB
+    with pytest.raises(NitroError, match=r"^\[ E26 \] Insufficient memory requested") as exc:
+        fake.cli.run_enclave(EnclaveLaunch(str(big), memory_mib=1024))
+    assert "the minimum memory should be 2048 MB" in str(exc.value)
+    fake.cli.run_enclave(fake.launch(cid=20))
+    with pytest.raises(NitroError, match=r"^\[ E29 \]"):
+        fake.cli.run_enclave(fake.launch(cid=20))
+    with pytest.raises(NitroError, match=r"^\[ E39 \]"):
+        fake.cli.terminate_enclave("i-0000000000000000-enc99")
+
+
+def test_missing_binary(tmp_path: Path) -> None:
+    with pytest.raises(NitroError, match="not found: install aws-nitro-enclaves-cli"):
+        NitroCli(str(tmp_path / "nitro-cli")).describe_enclaves()
+    with pytest.raises(NitroError, match="not found"):
+        NitroCli("wgvsock-no-such-nitro-cli").describe_enclaves()
+
+
+def test_not_executable(tmp_path: Path) -> None:
+    path = tmp_path / "nitro-cli"
+    path.write_text("#!/bin/sh\n")
+    with pytest.raises(NitroError, match="cannot run"):
+        NitroCli(str(path)).describe_enclaves()
+
+
+def test_bad_json_and_failures_without_codes(tmp_path: Path) -> None:
+    with pytest.raises(NitroError, match="printed no JSON list"):
+        NitroCli(script(tmp_path, "echo '{\"a\": 1}'")).describe_enclaves()
+    with pytest.raises(NitroError, match="a list of something else"):
+        NitroCli(script(tmp_path, "echo '[1]'")).describe_enclaves()
+    with pytest.raises(NitroError, match="did not terminate"):
+        NitroCli(script(tmp_path, "echo '{\"EnclaveID\": \"x\", \"Terminated\": false}'")
+                 ).terminate_enclave("x")
+    with pytest.raises(NitroError, match=r"^Could not open /dev/nitro_enclaves$") as exc:
+        NitroCli(script(tmp_path, "echo 'Could not open /dev/nitro_enclaves' >&2; exit 1")
+                 ).describe_enclaves()
+    assert exc.value.returncode == 1 and exc.value.code is None
+
+
+def test_timeout(tmp_path: Path) -> None:
+    cli = NitroCli(script(tmp_path, "exec sleep 5"), timeout=0.3)
+    with pytest.raises(NitroError, match=r"`nitro-cli describe-enclaves` did not finish"):
+        cli.describe_enclaves()
+
+
+def test_terminate_leftovers(fake: Fake) -> None:
+    a = fake.cli.run_enclave(fake.launch(cpu_count=1), "wgvsock-x")
+    b = fake.cli.run_enclave(fake.launch(cpu_count=1), "wgvsock-x")  # becomes wgvsock-x_1
+    other = fake.cli.run_enclave(fake.launch(cpu_count=1), "someone-else")
+    recorded = fake.cli.run_enclave(fake.launch(cpu_count=1), "renamed-by-hand")
+    done = terminate_leftovers(fake.cli, "wgvsock-x", [recorded.enclave_id, "i-gone-enc1"])
+    assert sorted(done) == sorted(f"terminated enclave {e.enclave_id}"
+                                  for e in (a, b, recorded))
+    assert [e["EnclaveID"] for e in fake.enclaves()] == [other.enclave_id]
+    assert terminate_leftovers(fake.cli, "wgvsock-x") == []
+
+
+# -- the supervisor --------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def supervisor(fake: Fake, caplog, **kw) -> EnclaveSupervisor:
+    kw.setdefault("poll_interval", 0.1)
+    kw.setdefault("backoff_min", 0.01)
+    kw.setdefault("backoff_max", 0.04)
+    kw.setdefault("stable_after", 60.0)
+    caplog.set_level(logging.INFO, logger="wgvsock.test")
+    return EnclaveSupervisor(fake.cli, kw.pop("launch", None) or fake.launch(cid=21),
+                             "wgvsock-sup", kw.pop("on_started", None),
+                             logging.getLogger("wgvsock.test"), **kw)
+
+
+def wait(predicate, timeout: float = 10.0) -> None:
+    done = threading.Event()
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        done.wait(0.02)
+    raise AssertionError("timed out")
+
+
+def test_starts_reads_the_cid_and_stops(fake: Fake, caplog) -> None:
+    seen: list[EnclaveInfo] = []
+    sup = supervisor(fake, caplog, on_started=seen.append)
+    sup.start()
+    try:
+        info = sup.wait_started()
+        assert info is not None and info.cid == 21 and info.name == "wgvsock-sup"
+        wait(lambda: seen)
+        assert seen == [info]
+        assert [e["EnclaveID"] for e in fake.enclaves()] == [info.enclave_id]
+    finally:
+        sup.stop(timeout=10)
+    assert fake.enclaves() == []
+    assert sup.info is None and sup.starts == 1
+    assert "started: i-0fa4e0000000f4e5-enc1, CID 21" in caplog.text
+
+
+def test_restarts_an_enclave_that_exits_and_says_why(fake: Fake, caplog) -> None:
+    sup = supervisor(fake, caplog, launch=fake.launch())
+    sup.start()
+    try:
+        first = sup.wait_started()
+        assert first is not None
+        fake.hook("fake-crash", first.enclave_id)
+        second = sup.wait_started(2)
+        assert second is not None and second.enclave_id != first.enclave_id
+        assert [e["EnclaveID"] for e in fake.enclaves()] == [second.enclave_id]
+        assert sup.last_reason == "exited (describe-enclaves no longer lists it)"
+        assert f"({first.enclave_id}, CID 16) exited" in caplog.text
+        assert "restarting in 10 ms" in caplog.text
+    finally:
+        sup.stop(timeout=10)
+    assert fake.enclaves() == []
+
+
+def test_run_enclave_failures_back_off_exponentially(fake: Fake, caplog) -> None:
+    fake.hook("fake-fail-run", "4", "E26")
+    sup = supervisor(fake, caplog)
+    sup.start()
+    try:
+        info = sup.wait_started()
+        assert info is not None
+        assert sup.delays == [0.01, 0.02, 0.04, 0.04]  # capped at backoff_max
+        assert sup.last_reason is not None
+        assert sup.last_reason.startswith("run-enclave failed: [ E26 ] Insufficient memory")
+        assert "retrying in 20 ms" in caplog.text
+        # the failures count towards the backoff of the next exit too
+        fake.hook("fake-crash", info.enclave_id)
+        assert sup.wait_started(2) is not None
+        assert sup.delays[-1] == 0.04
+    finally:
+        sup.stop(timeout=10)
+
+
+def test_backoff_resets_after_a_stable_run(fake: Fake, caplog) -> None:
+    clock = Clock()
+    sup = supervisor(fake, caplog, clock=clock, stable_after=60.0, backoff_max=1.0)
+    sup.start()
+    try:
+        for n in range(1, 4):  # three quick exits: 10, 20, 40 ms
+            info = sup.wait_started(n)
+            assert info is not None
+            fake.hook("fake-crash", info.enclave_id)
+        info = sup.wait_started(4)
+        assert info is not None
+        assert sup.delays == [0.01, 0.02, 0.04]
+        clock.now += 61  # this one ran "a minute": the next restart is quick again
+        fake.hook("fake-crash", info.enclave_id)
+        assert sup.wait_started(5) is not None
+        assert sup.delays == [0.01, 0.02, 0.04, 0.01]
+    finally:
+        sup.stop(timeout=10)
+
+
+def test_stop_during_backoff_is_prompt(fake: Fake, caplog) -> None:
+    fake.hook("fake-fail-run", "1", "E27")
+    sup = supervisor(fake, caplog, backoff_min=30.0, backoff_max=60.0)
+    sup.start()
+    wait(lambda: sup.delays)
+    stopper = threading.Thread(target=sup.stop, kwargs={"timeout": 5})
+    stopper.start()
+    stopper.join(2)
+    assert not stopper.is_alive()
+    assert sup.starts == 0 and fake.enclaves() == []
+    assert "run-enclave failed: [ E27 ] Insufficient memory available" in caplog.text
+
+
+def test_terminates_a_leftover_under_its_name_first(fake: Fake, caplog) -> None:
+    old = fake.cli.run_enclave(fake.launch(cid=21), "wgvsock-sup")
+    sup = supervisor(fake, caplog)  # wants CID 21 too: only possible once the old one is gone
+    sup.start()
+    try:
+        info = sup.wait_started()
+        assert info is not None and info.cid == 21 and info.enclave_id != old.enclave_id
+        assert f"terminating {old.enclave_id} left running by an earlier parent" in caplog.text
+        assert sup.delays == []
+    finally:
+        sup.stop(timeout=10)
+
+
+def test_describe_failures_do_not_restart(fake: Fake, caplog, tmp_path: Path) -> None:
+    sup = supervisor(fake, caplog)
+    sup.start()
+    try:
+        info = sup.wait_started()
+        assert info is not None
+        sup.nitro = NitroCli(script(tmp_path, "echo '[ E39 ] Enclave process connection "
+                                              "failure.' >&2; exit 1"))
+        wait(lambda: "describe-enclaves failed (1 in a row): [ E39 ]" in caplog.text)
+        assert sup.starts == 1 and sup.info == info
+        sup.nitro = fake.cli
+    finally:
+        sup.stop(timeout=10)
+    assert fake.enclaves() == []
+
+
+def test_an_on_started_error_is_logged_not_fatal(fake: Fake, caplog) -> None:
+    def boom(_info: EnclaveInfo) -> None:
+        raise RuntimeError("callback broke")
+
+    sup = supervisor(fake, caplog, on_started=boom)
+    sup.start()
+    try:
+        assert sup.wait_started() is not None
+        wait(lambda: "on_started failed" in caplog.text)
+        assert len(fake.enclaves()) == 1
+    finally:
+        sup.stop(timeout=10)
+
+
+# -- checks (doctor and `parent up`) ---------------------------------------------------------
+
+
+def _checks(launch: EnclaveLaunch, path: str = FAKE) -> dict[str, tuple[bool, str]]:
+    return {name: (ok, detail) for name, ok, detail in launch_checks(launch, path)}
+
+
+def test_launch_checks(fake: Fake, tmp_path: Path) -> None:
+    ok = _checks(fake.launch())
+    assert ok["nitro-cli"] == (True, FAKE)
+    assert ok["enclave image"][0] and str(fake.eif) in ok["enclave image"][1]
+    assert ok["enclave memory"][0]
+    missing = _checks(EnclaveLaunch(str(tmp_path / "gone.eif")), "wgvsock-no-such-nitro-cli")
+    assert missing["nitro-cli"][0] is False and "install aws-nitro-enclaves-cli" in \
+        missing["nitro-cli"][1]
+    assert missing["enclave image"][0] is False and "No such file" in missing["enclave image"][1]
+    big = tmp_path / "big.eif"
+    with open(big, "wb") as f:
+        f.truncate(300 << 20)
+    small = _checks(EnclaveLaunch(str(big), memory_mib=256))
+    assert small["enclave memory"][0] is False and "smaller than the EIF" in \
+        small["enclave memory"][1]
+    tight = _checks(EnclaveLaunch(str(big), memory_mib=512))
+    assert tight["enclave memory"][0] is True and "E26" in tight["enclave memory"][1]
+
+
+def _profile(tmp_path: Path, eif: Path):
+    return parse_profile(
+        "version: 1\nname: nitrotest\ntransport: {kind: unix, path: /tmp/wgvsock-nitrotest}\n"
+        f"parent:\n  enclave: {{eif: {eif}, memory_mib: 256}}\n", str(tmp_path / "p.yaml"))
+
+
+def test_parent_checks_include_the_enclave(fake: Fake, tmp_path: Path, monkeypatch) -> None:
+    from wgvsock.roles.parent import local_checks
+
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ.get('PATH', '')}")
+    checks = {c.name: c for c in local_checks(_profile(tmp_path, fake.eif))}
+    assert checks["nitro-cli"].ok is True
+    assert checks["enclave image"].ok is True
+    monkeypatch.setenv("PATH", str(tmp_path))
+    checks = {c.name: c for c in local_checks(_profile(tmp_path, tmp_path / "none.eif"))}
+    assert checks["nitro-cli"].ok is False
+    assert checks["enclave image"].ok is False
+    without = parse_profile("version: 1\nname: plain\n")
+    assert "nitro-cli" not in {c.name for c in local_checks(without)}
+
+
+def test_doctor_reports_the_enclave_checks(fake: Fake, tmp_path: Path, monkeypatch,
+                                           capsys) -> None:
+    from wgvsock import aws
+    from wgvsock.roles import cli
+
+    monkeypatch.setattr(aws, "doctor_checks", lambda: [])
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    rc = cli.doctor(_profile(tmp_path, tmp_path / "none.eif"))
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "nitro-cli not found on PATH" in out
+    assert "none.eif: No such file or directory" in out

@@ -1,0 +1,478 @@
+"""Running the enclave from the parent: a `nitro-cli` wrapper and a supervisor (issue 4).
+
+When a profile has `parent.enclave: {eif, cpu_count, memory_mib, cid, debug}`, `wgvsock parent
+up` starts the enclave itself with `nitro-cli run-enclave`, reads the enclave's ID and CID back
+from the JSON that command prints, watches it with `nitro-cli describe-enclaves` and starts it
+again (with exponential backoff) when it is gone, logging why. `parent down` terminates it.
+
+What nitro-cli prints (aws-nitro-enclaves-cli, src/common/json_output.rs and the AWS user guide's
+command reference):
+
+- `run-enclave` writes progress ("Start allocating memory...", "Started enclave with
+  enclave-cid: 16, memory: 1024 MiB, cpu-ids: [1, 3]") to stderr and one JSON object to stdout:
+  {"EnclaveName", "EnclaveID", "ProcessID", "EnclaveCID", "NumberOfCPUs", "CPUIDs", "MemoryMiB"}
+  (older releases omit EnclaveName and ProcessID). A name already in use gets "_1", "_2", ...
+- `describe-enclaves` prints a JSON list of {"EnclaveName", "EnclaveID", "ProcessID",
+  "EnclaveCID", "NumberOfCPUs", "CPUIDs", "MemoryMiB", "State", "Flags"}; State is "RUNNING" or
+  "TERMINATING", Flags "NONE" or "DEBUG_MODE". An enclave that has exited is no longer listed.
+- `terminate-enclave --enclave-id ID` prints "Successfully terminated enclave ID." to stderr and
+  {"EnclaveID": ID, "Terminated": true} (newer releases add "EnclaveName") to stdout.
+- Failures exit non-zero with blocks like "[ E26 ] Insufficient memory requested. ..." on
+  stderr, each followed by "For more details, please visit ..." and "If you open a support
+  ticket, please provide the error log found at "...""; NitroError keeps the E-code blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .profile import EnclaveLaunch
+
+log = logging.getLogger("wgvsock.nitro")
+
+NITRO_CLI = "nitro-cli"
+RUN_TIMEOUT = 300.0  # booting a large EIF takes a while; nitro-cli waits for the enclave's ready
+CALL_TIMEOUT = 60.0
+# An enclave needs roughly 4x its EIF in memory (DESIGN.md §4).
+EIF_MEMORY_FACTOR = 4
+
+_ECODE_RE = re.compile(r"^\[ (E\d+) \]")
+_LOG_RE = re.compile(r'error log found at "([^"]+)"')
+_NOISE = ("For more details, please visit", "If you open a support ticket", "Failed connections:")
+
+
+class NitroError(Exception):
+    """nitro-cli failed. str() is nitro-cli's own message (its "[ Exx ] ..." blocks)."""
+
+    def __init__(self, message: str, *, code: str | None = None, returncode: int | None = None,
+                 stderr: str = "", log_path: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.returncode = returncode
+        self.stderr = stderr
+        self.log_path = log_path
+
+
+def parse_error(stderr: str, stdout: str = "", returncode: int | None = None) -> NitroError:
+    """Turns a failed nitro-cli's output into a NitroError carrying its own words."""
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for raw in stderr.splitlines():
+        line = raw.strip()
+        if _ECODE_RE.match(line):
+            current = [line]
+            blocks.append(current)
+        elif not line or line.startswith(_NOISE):
+            current = None
+        elif current is not None:
+            current.append(line)
+    m = _LOG_RE.search(stderr)
+    log_path = m.group(1) if m else None
+    if blocks:
+        message = "; ".join(" ".join(b) for b in blocks)
+        code = _ECODE_RE.match(blocks[0][0]).group(1)  # type: ignore[union-attr]
+        return NitroError(message, code=code, returncode=returncode, stderr=stderr,
+                          log_path=log_path)
+    lines = [ln.strip() for ln in (stderr or stdout).splitlines() if ln.strip()]
+    message = " ".join(lines[-3:]) if lines else f"nitro-cli exited with status {returncode}"
+    return NitroError(message, returncode=returncode, stderr=stderr, log_path=log_path)
+
+
+def _json_from(stdout: str, kind: type) -> Any:
+    """The JSON document in stdout. nitro-cli writes its progress to stderr, but tolerate text
+    before the document (as older releases and wrappers print)."""
+    text = stdout.strip()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+        opener = "{" if kind is dict else "["
+        decoder = json.JSONDecoder()
+        for m in re.finditer(rf"^\s*\{opener}", stdout, re.MULTILINE):
+            try:
+                value, _ = decoder.raw_decode(stdout, m.end() - 1)
+                break
+            except ValueError:
+                continue
+    if not isinstance(value, kind):
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        raise NitroError(f"nitro-cli printed no JSON {kind.__name__}: {shown!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class EnclaveInfo:
+    """One enclave as nitro-cli reports it (run-enclave or describe-enclaves)."""
+
+    enclave_id: str
+    cid: int
+    name: str | None = None
+    memory_mib: int | None = None
+    cpu_ids: tuple[int, ...] = ()
+    cpu_count: int | None = None
+    process_id: int | None = None
+    state: str | None = None  # describe-enclaves only: RUNNING / TERMINATING
+    flags: str | None = None  # describe-enclaves only: NONE / DEBUG_MODE
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> EnclaveInfo:
+        if not isinstance(obj, dict):
+            raise NitroError(f"nitro-cli printed {type(obj).__name__}, not an enclave object")
+        enclave_id, cid = obj.get("EnclaveID"), obj.get("EnclaveCID")
+        if not isinstance(enclave_id, str) or not enclave_id:
+            raise NitroError(f"nitro-cli's JSON has no EnclaveID: {obj!r}")
+        if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+            raise NitroError(f"nitro-cli's JSON has no valid EnclaveCID: {obj!r}")
+
+        def opt_int(key: str) -> int | None:
+            v = obj.get(key)
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+        def opt_str(key: str) -> str | None:
+            v = obj.get(key)
+            return v if isinstance(v, str) else None
+
+        cpus = obj.get("CPUIDs")
+        cpu_ids = tuple(c for c in cpus if isinstance(c, int)) if isinstance(cpus, list) else ()
+        return cls(enclave_id, cid, opt_str("EnclaveName"), opt_int("MemoryMiB"), cpu_ids,
+                   opt_int("NumberOfCPUs"), opt_int("ProcessID"), opt_str("State"),
+                   opt_str("Flags"), dict(obj))
+
+    @property
+    def debug(self) -> bool:
+        return self.flags == "DEBUG_MODE"
+
+
+def enclave_name(profile_name: str) -> str:
+    """The --enclave-name wgvsock gives the enclave of a profile."""
+    return f"wgvsock-{profile_name}"
+
+
+def is_named(info_name: str | None, name: str) -> bool:
+    """nitro-cli renames a duplicate NAME to NAME_1, NAME_2, ...: all of them are ours."""
+    if not info_name:
+        return False
+    return info_name == name or re.fullmatch(re.escape(name) + r"_\d+", info_name) is not None
+
+
+class NitroCli:
+    """`nitro-cli` run as a subprocess (never through a shell)."""
+
+    def __init__(self, path: str = NITRO_CLI, *, env: dict[str, str] | None = None,
+                 run_timeout: float = RUN_TIMEOUT, timeout: float = CALL_TIMEOUT) -> None:
+        self.path = path
+        self.env = env
+        self.run_timeout = run_timeout
+        self.timeout = timeout
+
+    def _call(self, args: Sequence[str], timeout: float) -> str:
+        cmd = [self.path, *args]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                 env=self.env, check=False)
+        except FileNotFoundError:
+            raise NitroError(f"{self.path} not found: install aws-nitro-enclaves-cli "
+                             "(dnf install aws-nitro-enclaves-cli on Amazon Linux)") from None
+        except PermissionError as e:
+            raise NitroError(f"cannot run {self.path}: {e.strerror}") from None
+        except subprocess.TimeoutExpired:
+            raise NitroError(f"`nitro-cli {args[0]}` did not finish within {timeout:.0f} s") \
+                from None
+        if res.returncode != 0:
+            raise parse_error(res.stderr, res.stdout, res.returncode)
+        return res.stdout
+
+    @staticmethod
+    def run_args(launch: EnclaveLaunch, name: str | None = None) -> list[str]:
+        args = ["run-enclave", "--eif-path", launch.eif, "--cpu-count", str(launch.cpu_count),
+                "--memory", str(launch.memory_mib)]
+        if launch.cid is not None:
+            args += ["--enclave-cid", str(launch.cid)]
+        if launch.debug:
+            args.append("--debug-mode")
+        if name:
+            args += ["--enclave-name", name]
+        return args
+
+    def run_enclave(self, launch: EnclaveLaunch, name: str | None = None) -> EnclaveInfo:
+        out = self._call(self.run_args(launch, name), self.run_timeout)
+        return EnclaveInfo.from_json(_json_from(out, dict))
+
+    def describe_enclaves(self) -> list[dict]:
+        out = self._call(["describe-enclaves"], self.timeout)
+        value = _json_from(out, list)
+        if not all(isinstance(e, dict) for e in value):
+            raise NitroError(f"describe-enclaves printed a list of something else: {value!r}")
+        return value
+
+    def enclaves(self) -> list[EnclaveInfo]:
+        return [EnclaveInfo.from_json(e) for e in self.describe_enclaves()]
+
+    def terminate_enclave(self, enclave_id: str) -> dict:
+        out = self._call(["terminate-enclave", "--enclave-id", enclave_id], self.timeout)
+        value = _json_from(out, dict)
+        if value.get("Terminated") is not True:
+            raise NitroError(f"terminate-enclave did not terminate {enclave_id}: {value!r}")
+        return value
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[str, bool, str]]:
+    """What `parent doctor` (and `parent up`, before it changes anything) checks when the
+    profile starts the enclave: (name, ok, detail)."""
+    found = shutil.which(path)
+    checks = [("nitro-cli", found is not None,
+               f"{found}" if found else f"{path} not found on PATH: install "
+               "aws-nitro-enclaves-cli (the profile has parent.enclave)")]
+    try:
+        size = os.stat(launch.eif).st_size
+    except OSError as e:
+        checks.append(("enclave image", False, f"{launch.eif}: {e.strerror} (parent.enclave.eif)"))
+        return checks
+    if not os.access(launch.eif, os.R_OK):
+        checks.append(("enclave image", False, f"{launch.eif} is not readable"))
+        return checks
+    mib = size / (1 << 20)
+    checks.append(("enclave image", True, f"{launch.eif} ({mib:.0f} MiB)"))
+    need = EIF_MEMORY_FACTOR * mib
+    if launch.memory_mib < mib:
+        checks.append(("enclave memory", False,
+                       f"memory_mib {launch.memory_mib} is smaller than the EIF itself "
+                       f"({mib:.0f} MiB); give at least {need:.0f}"))
+    elif launch.memory_mib < need:
+        checks.append(("enclave memory", True,
+                       f"memory_mib {launch.memory_mib}: less than {EIF_MEMORY_FACTOR}x the EIF "
+                       f"({need:.0f} MiB), nitro-cli may refuse with E26"))
+    else:
+        checks.append(("enclave memory", True, f"memory_mib {launch.memory_mib}"))
+    return checks
+
+
+def terminate_leftovers(nitro: NitroCli, name: str, known_ids: Sequence[str] = ()) -> list[str]:
+    """Terminates the enclaves recorded as ours and any still running under our name (a parent
+    killed before it could record or terminate one). Returns what it did; raises NitroError only
+    when nitro-cli cannot even list the enclaves."""
+    done: list[str] = []
+    running = nitro.enclaves()
+    ids = [i for i in known_ids if any(e.enclave_id == i for e in running)]
+    ids += [e.enclave_id for e in running if is_named(e.name, name) and e.enclave_id not in ids]
+    for enclave_id in ids:
+        try:
+            nitro.terminate_enclave(enclave_id)
+            done.append(f"terminated enclave {enclave_id}")
+        except NitroError as e:
+            done.append(f"could not terminate enclave {enclave_id}: {e}")
+    return done
+
+
+# -- the supervisor ------------------------------------------------------------------------------
+
+
+class EnclaveSupervisor:
+    """Keeps one enclave running: starts it, polls describe-enclaves, restarts it when it is gone.
+
+    Restarts back off exponentially from `backoff_min` to `backoff_max` seconds, counting failed
+    `run-enclave` calls and enclaves that exit too; the delay resets once an enclave has run
+    for `stable_after` seconds. Every wait is on the stop event, so stop() is prompt; `clock` is
+    injectable so tests can fake long runs.
+    """
+
+    def __init__(
+        self,
+        nitro: NitroCli,
+        launch: EnclaveLaunch,
+        name: str,
+        on_started: Callable[[EnclaveInfo], None] | None = None,
+        log: logging.Logger | None = None,
+        *,
+        poll_interval: float = 2.0,
+        backoff_min: float = 1.0,
+        backoff_max: float = 60.0,
+        stable_after: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        stop_timeout: float = RUN_TIMEOUT + 10,
+    ) -> None:
+        self.nitro = nitro
+        self.launch = launch
+        self.name = name
+        self.on_started = on_started
+        self.log = log if log is not None else logging.getLogger("wgvsock.nitro")
+        self.poll_interval = poll_interval
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.stable_after = stable_after
+        self.clock = clock
+        self.stop_timeout = stop_timeout
+        self.info: EnclaveInfo | None = None  # the enclave running now, if any
+        self.starts = 0  # successful run-enclave calls
+        self.delays: list[float] = []  # every backoff delay waited, in order
+        self.last_reason: str | None = None  # why the last enclave went away / failed to start
+        self._stop = threading.Event()
+        self._started = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # -- control --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"enclave-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stops supervising and terminates the enclave this supervisor started."""
+        self._stop.set()
+        with self._started:
+            self._started.notify_all()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(self.stop_timeout if timeout is None else timeout)
+            if t.is_alive():
+                self.log.warning("enclave %s: supervisor still busy in nitro-cli after stop; "
+                                 "`wgvsock parent down` terminates what is left", self.name)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def wait_started(self, count: int = 1, timeout: float = 10.0) -> EnclaveInfo | None:
+        """Waits until run-enclave has succeeded `count` times in all; returns the enclave."""
+        deadline = time.monotonic() + timeout
+        with self._started:
+            while self.starts < count and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._started.wait(left)
+            return self.info if self.starts >= count else None
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.backoff_min
+        try:
+            self._clear_leftovers()
+            while not self._stop.is_set():
+                try:
+                    info = self.nitro.run_enclave(self.launch, self.name)
+                except NitroError as e:
+                    self.last_reason = f"run-enclave failed: {e}"
+                    self.log.error("enclave %s: %s; retrying in %s", self.name, self.last_reason,
+                                   _secs(delay))
+                    if self._backoff(delay):
+                        break
+                    delay = min(delay * 2, self.backoff_max)
+                    continue
+                started_at = self.clock()
+                with self._started:
+                    self.info = info
+                    self.starts += 1
+                    self._started.notify_all()
+                if self._stop.is_set():
+                    break  # stop() came while run-enclave ran: the finally terminates it
+                self._announce(info)
+                reason = self._watch(info)
+                if reason is None:
+                    break
+                ran = self.clock() - started_at
+                with self._started:
+                    self.info = None
+                if ran >= self.stable_after:
+                    delay = self.backoff_min
+                self.last_reason = reason
+                self.log.warning("enclave %s (%s, CID %d) %s after %s; restarting in %s",
+                                 self.name, info.enclave_id, info.cid, reason, _secs(ran),
+                                 _secs(delay))
+                if self._backoff(delay):
+                    break
+                delay = min(delay * 2, self.backoff_max)
+        except Exception:
+            self.log.exception("enclave %s: supervisor failed", self.name)
+        finally:
+            self._terminate_current()
+
+    def _backoff(self, delay: float) -> bool:
+        """Waits `delay` seconds; True if stop() came first."""
+        self.delays.append(delay)
+        return self._stop.wait(delay)
+
+    def _announce(self, info: EnclaveInfo) -> None:
+        self.log.info("enclave %s started: %s, CID %d, %d CPUs %s, %s MiB%s", self.name,
+                      info.enclave_id, info.cid, info.cpu_count or len(info.cpu_ids),
+                      list(info.cpu_ids), info.memory_mib,
+                      f"; debug console: nitro-cli console --enclave-id {info.enclave_id}"
+                      if self.launch.debug else "")
+        if self.on_started is not None:
+            try:
+                self.on_started(info)
+            except Exception:
+                self.log.exception("enclave %s: on_started failed", self.name)
+
+    def _watch(self, info: EnclaveInfo) -> str | None:
+        """Polls until the enclave is gone (returns why) or stop() is called (returns None)."""
+        failures = 0
+        while not self._stop.wait(self.poll_interval):
+            try:
+                listed = self.nitro.enclaves()
+            except NitroError as e:
+                failures += 1
+                if failures == 1 or failures % 30 == 0:
+                    self.log.warning("enclave %s: describe-enclaves failed (%d in a row): %s",
+                                     self.name, failures, e)
+                continue
+            failures = 0
+            mine = next((e for e in listed if e.enclave_id == info.enclave_id), None)
+            if mine is None:
+                return "exited (describe-enclaves no longer lists it)"
+            if mine.state and mine.state.upper() != "RUNNING":
+                return f"is {mine.state.lower()}"
+        return None
+
+    def _clear_leftovers(self) -> None:
+        """An enclave under our name left by an earlier parent (killed before `down`) holds CPUs,
+        memory and maybe our CID: terminate it so ours can start."""
+        try:
+            listed = self.nitro.enclaves()
+        except NitroError as e:
+            self.log.warning("enclave %s: describe-enclaves failed: %s", self.name, e)
+            return
+        for e in listed:
+            if is_named(e.name, self.name):
+                self.log.warning("enclave %s: terminating %s left running by an earlier parent",
+                                 self.name, e.enclave_id)
+                try:
+                    self.nitro.terminate_enclave(e.enclave_id)
+                except NitroError as err:
+                    self.log.error("enclave %s: terminate-enclave %s failed: %s", self.name,
+                                   e.enclave_id, err)
+
+    def _terminate_current(self) -> None:
+        with self._started:
+            info, self.info = self.info, None
+        if info is None:
+            return
+        try:
+            self.nitro.terminate_enclave(info.enclave_id)
+            self.log.info("enclave %s: terminated %s", self.name, info.enclave_id)
+        except NitroError as e:
+            self.log.warning("enclave %s: terminate-enclave %s: %s", self.name,
+                             info.enclave_id, e)
+
+
+def _secs(s: float) -> str:
+    return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s" if s >= 0.1 else f"{s * 1000:.0f} ms"
