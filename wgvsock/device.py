@@ -120,7 +120,7 @@ class Device:
             self.tun = self._create_tun()
             self.ifname = self.tun.name
             self.tun.set_mtu(self._initial_mtu)
-            self.engine.mtu = self._initial_mtu
+            self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
@@ -277,6 +277,7 @@ class Device:
             log.info("%s: MTU changed to %d", self.ifname, mtu)
             with self._lock:
                 self.engine.mtu = mtu
+            tun.mtu_hint = mtu
 
     # -- UAPI ----------------------------------------------------------------------------
 
@@ -391,6 +392,9 @@ class Device:
         with self._lock:
             peer = self.engine.peers[public_key]
             peer.endpoint = endpoint
+            # An attempt made before the peer had an endpoint (a keepalive being configured)
+            # went nowhere; it must not hold this one back for RekeyTimeout.
+            peer.handshake.last_sent = None
             actions = self.engine.initiate_handshake(peer, time.monotonic())
         self._perform(actions)
 

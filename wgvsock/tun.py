@@ -32,6 +32,11 @@ _TUN_F_TSO6 = 0x04
 # struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
 VNET_HDR_LEN = 10
 _VNET_F_NEEDS_CSUM = 1
+_GSO_TCPV4 = 1
+_GSO_TCPV6 = 4
+_GSO_ECN = 0x80
+_IPPROTO_TCP = 6
+_TCP_CWR = 0x80
 # What we put in front of a packet we write: no GSO, and no claim about its checksum, so the
 # kernel verifies it as it would for any received packet.
 _VNET_PLAIN = bytes(VNET_HDR_LEN)
@@ -66,6 +71,42 @@ def _complete_checksum(buf: bytes, header: int, start: int, offset: int) -> byte
     return packet
 
 
+def _gso_for(packet: bytes, mtu: int) -> tuple[bytes, bytearray] | None:
+    """A virtio-net header (and the packet, adjusted) asking the kernel to cut a TCP packet
+    longer than the MTU into MTU-sized segments — what it does with its own TSO packets.
+
+    A GSO packet must carry a partial checksum (CHECKSUM_PARTIAL): the TCP checksum field is
+    set to the pseudo-header sum and the kernel completes it per segment. None when the packet
+    is not plain TCP over IPv4/IPv6 (it is then written as is).
+    """
+    version = packet[0] >> 4
+    if version == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        if packet[9] != _IPPROTO_TCP or len(packet) < ihl + 20:
+            return None
+        addresses, gso_type = packet[12:20], _GSO_TCPV4
+    elif version == 6:
+        ihl = 40
+        if packet[6] != _IPPROTO_TCP or len(packet) < ihl + 20:
+            return None  # extension headers: not worth the parsing here
+        addresses, gso_type = packet[8:40], _GSO_TCPV6
+    else:
+        return None
+    tcp_len = len(packet) - ihl
+    thl = (packet[ihl + 12] >> 4) * 4
+    mss = mtu - ihl - thl
+    if mss <= 0 or thl < 20:
+        return None
+    if packet[ihl + 13] & _TCP_CWR:
+        gso_type |= _GSO_ECN
+    pseudo = (int.from_bytes(addresses, "big") + _IPPROTO_TCP + tcp_len) % 0xFFFF
+    adjusted = bytearray(packet)
+    adjusted[ihl + 16] = pseudo >> 8
+    adjusted[ihl + 17] = pseudo & 0xFF
+    header = struct.pack("<BBHHHH", _VNET_F_NEEDS_CSUM, gso_type, ihl + thl, mss, ihl, 16)
+    return header, adjusted
+
+
 class TunError(OSError):
     """A TUN device could not be created or configured; the message says why."""
 
@@ -88,6 +129,10 @@ class Tun:
         # With a virtio-net header the kernel hands us TCP segments of up to GSO_MAX_SIZE
         # bytes (TSO) instead of MTU-sized packets: far fewer packets to encrypt one by one.
         self.vnet = vnet
+        # Packets longer than this are handed to the kernel as TCP segmentation jobs, so that
+        # a super-packet from the peer can still be forwarded out an ordinary interface. The
+        # device keeps it equal to the interface MTU.
+        self.mtu_hint = 65535
         self._ctl = ctl
         self._close_lock = threading.Lock()
         self._closed = False
@@ -154,10 +199,12 @@ class Tun:
         return buf[VNET_HDR_LEN:]
 
     def write(self, packet: bytes) -> None:
-        if self.vnet:
-            os.writev(self._fd, (_VNET_PLAIN, packet))
-        else:
+        if not self.vnet:
             os.write(self._fd, packet)
+        elif len(packet) > self.mtu_hint and (gso := _gso_for(packet, self.mtu_hint)):
+            os.writev(self._fd, gso)
+        else:
+            os.writev(self._fd, (_VNET_PLAIN, packet))
 
     def set_blocking(self, blocking: bool) -> None:
         os.set_blocking(self._fd, blocking)
