@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -100,7 +101,9 @@ def read_message(sock: socket.socket, deadline: float) -> dict:
     body = _recv_exact(sock, length, deadline)
     try:
         msg = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
+        # ValueError covers bad UTF-8, bad JSON and integers too long to convert;
+        # RecursionError deeply nested arrays.
         raise ControlError("message is not JSON") from None
     if not isinstance(msg, dict):
         raise ControlError("message is not a JSON object")
@@ -174,7 +177,6 @@ class ControlServer:
         self._clients: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._used_nonces: set[bytes] = set()
         self._current: socket.socket | None = None
         self.registrations = 0
         self.last_verdict: Verdict | None = None
@@ -238,10 +240,8 @@ class ControlServer:
         public_key = _b64(msg, "public_key", 32)
         attestation = _b64(msg, "attestation", optional=True)
         assert public_key is not None
-        with self._lock:
-            fresh = echoed == nonce and nonce not in self._used_nonces
-            self._used_nonces.add(nonce)
-        if not fresh:
+        # The nonce was made for this connection alone, so matching it proves freshness.
+        if not hmac.compare_digest(echoed or b"", nonce):
             verdict = Verdict(False, reason="nonce does not match this connection's challenge")
         else:
             try:

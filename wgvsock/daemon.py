@@ -137,6 +137,8 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
         return
     try:
         os.write(ready_fd, _READY if failure is None else failure.encode() + b"\n")
+    except OSError:
+        pass  # the launcher is gone (Ctrl-C while it waited): we run on regardless
     finally:
         os.close(ready_fd)
 
@@ -168,8 +170,8 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    report_ready(ready_fd)
     try:
+        report_ready(ready_fd)
         while not device.wait(1.0):
             pass
     finally:

@@ -156,7 +156,9 @@ class DeviceConfig:
 
 def _parse_key(key: str, value: str) -> bytes:
     if not _HEX_KEY.fullmatch(value):
-        raise UAPIError(ERR_INVALID, f"invalid {key} {value!r}: expected 64 hex digits")
+        # Secrets are never echoed: this message reaches the log.
+        shown = f"({len(value)} characters)" if key != "public_key" else repr(value)
+        raise UAPIError(ERR_INVALID, f"invalid {key} {shown}: expected 64 hex digits")
     return bytes.fromhex(value)
 
 
@@ -235,7 +237,7 @@ def parse_set(text: str) -> DeviceConfig:
             elif key == "replace_peers":
                 cfg.replace_peers = _parse_true(key, value)
             else:
-                raise UAPIError(ERR_INVALID, f"invalid UAPI device key {key!r} (value {value!r})")
+                raise UAPIError(ERR_INVALID, f"invalid UAPI device key {key!r}")
         elif key == "remove":
             peer.remove = _parse_true(key, value)
         elif key == "update_only":
@@ -257,7 +259,7 @@ def parse_set(text: str) -> DeviceConfig:
             if value != "1":
                 raise UAPIError(ERR_INVALID, f"invalid protocol_version {value!r}: only 1 exists")
         else:
-            raise UAPIError(ERR_INVALID, f"invalid UAPI peer key {key!r} (value {value!r})")
+            raise UAPIError(ERR_INVALID, f"invalid UAPI peer key {key!r}")
     return cfg
 
 

@@ -307,3 +307,22 @@ def test_keypair_rotation_keeps_previous_for_packets_in_flight():
     assert p.pb.keypairs.previous is not None
     out = p.b.decapsulate(inflight, "A", p.now)
     assert out[0][0] == TUNNEL
+
+
+def test_responder_does_not_start_a_crossing_handshake():
+    p = Pair()
+    init = p.a.initiate_handshake(p.pa, p.now)[0][2]
+    p.b.decapsulate(init, "A", p.now)  # b answered; a's confirmation is on its way
+    out = p.b.encapsulate(ip4("10.0.0.2", "10.0.0.1"), p.now + 0.001)
+    assert out == []  # staged for the confirmed keypair, no initiation of its own
+    assert len(p.pb.staged) == 1
+
+
+def test_staged_packets_follow_the_peer_to_its_new_endpoint():
+    p = Pair()
+    init = p.a.initiate_handshake(p.pa, p.now)[0][2]
+    resp = p.b.decapsulate(init, "A", p.now)[0][2]
+    p.b.encapsulate(ip4("10.0.0.2", "10.0.0.1"), p.now)  # staged at b
+    keepalive = p.a.decapsulate(resp, "B", p.now)[0][2]
+    out = p.b.decapsulate(keepalive, "A-moved", p.now)
+    assert [(k, ep) for k, ep, _ in out] == [(SEND, "A-moved")]

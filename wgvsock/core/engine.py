@@ -193,8 +193,8 @@ class Engine:
             peer.staged.append(packet)
             return self._initiate(peer, now, retry=False)
         out = [self._seal(peer, kp, packet, now)]
-        if kp.is_initiator and (
-            kp.send_nonce > REKEY_AFTER_MESSAGES or now - kp.created > REKEY_AFTER_TIME
+        if kp.send_nonce > REKEY_AFTER_MESSAGES or (
+            kp.is_initiator and now - kp.created > REKEY_AFTER_TIME
         ):
             out += self._initiate(peer, now, retry=False)
         return out
@@ -311,6 +311,8 @@ class Engine:
         out: list[Action] = []
         keypairs = peer.keypairs
         timers = peer.timers
+        # Roam first, so staged packets flushed below go where the peer is now.
+        peer.endpoint = src
         if keypairs.next is kp:
             self._unindex(keypairs.confirm(kp) or [])
             timers.handshake_complete()
@@ -327,7 +329,6 @@ class Engine:
             out += self._initiate(peer, now, retry=False)
         timers.any_authenticated_packet_traversal(now)
         timers.any_authenticated_packet_received()
-        peer.endpoint = src
         peer.rx_bytes += len(data)
         if not packet:
             return out  # keepalive
@@ -396,6 +397,9 @@ class Engine:
             return _drop("initiation flood (more than one per 20 ms)", peer)
         hs.last_timestamp = timestamp
         hs.last_initiation_consumption = now
+        # As wireguard-go: answering counts as sending a handshake, so we do not start a
+        # crossing one of our own while the initiator's confirmation is on its way.
+        hs.last_sent = now
         if hs.local_index:
             self._index.pop(hs.local_index, None)
         sender = int.from_bytes(data[4:8], "little")
@@ -509,6 +513,7 @@ class Engine:
                     out += self._initiate(peer, now, retry=False)
                 elif name == ZERO_KEY_MATERIAL:
                     self._forget_sessions(peer)
+                    peer.staged.clear()
                 elif name == PERSISTENT_KEEPALIVE and timers.persistent_keepalive_interval:
                     out += self.send_keepalive(peer, now)
         return out

@@ -60,7 +60,8 @@ def control_listener(transport) -> socket.socket:
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", port))  # noqa: S104 - the enclave reaches us on transport.host
+        # Only where the enclave reaches us: anyone who can connect may try to register.
+        sock.bind((str(transport.host), port))
     sock.listen(8)
     return sock
 

@@ -103,6 +103,12 @@ class Enclave:
     def _apply(self, welcome: Welcome) -> None:
         assert self.device is not None
         t = self.profile.transport
+        if welcome.parent_public_key == self.parent_key:
+            # Same parent key (the control connection dropped, or the parent restarted with
+            # its key file): keep the peer and just handshake again — a restarted parent has
+            # forgotten our session.
+            self.device.connect_peer(self.parent_key, parent_wg_endpoint(t, welcome.wg_port))
+            return
         configure(self.device, replace_peers=True, peers=[{
             "public_key": welcome.parent_public_key,
             "endpoint": None,
@@ -142,6 +148,11 @@ class Enclave:
                 # A refusal is retried too: the parent's profile may be fixed meanwhile.
                 self.last_failure = str(e)
                 log.warning("control: %s", e)
+                self.stop.wait(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+            except Exception as e:  # a bug here must not end re-registration for good
+                self.last_failure = f"internal error: {e}"
+                log.exception("control: unexpected error")
                 self.stop.wait(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
             finally:

@@ -254,9 +254,11 @@ class Parent:
             (type(a.network)(f"{a.ip}/{a.max_prefixlen}"), True)
             for a in self.profile.enclave.addresses
         ]
-        # The profile has exactly one enclave: a new registration (restart) replaces the peer.
-        configure(self.device, replace_peers=True,
-                  peers=[{"public_key": public_key, "allowed_ips": allowed}])
+        # The profile has exactly one enclave: a new key (a restarted enclave) replaces the
+        # peer; the same key (only the control connection was new) keeps its session.
+        if public_key != self.enclave_key:
+            configure(self.device, replace_peers=True,
+                      peers=[{"public_key": public_key, "allowed_ips": allowed}])
         self.enclave_key, self.verdict = public_key, verdict
         self.device.extra_status = {
             "wgvsock_profile": self.profile.name,
@@ -300,8 +302,13 @@ class Parent:
         for path in self._sockets:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        with contextlib.suppress(FileNotFoundError):
-            State.path_for(self.profile.name).unlink()
+        # Only our own: a second `up` that failed must not delete the running one's record.
+        try:
+            state = State.load(self.profile.name)
+        except RoleError:
+            state = None
+        if state is not None and state.pid == os.getpid():
+            State.path_for(self.profile.name).unlink(missing_ok=True)
 
 
 def run_up(profile, ready_fd: int | None) -> int:
@@ -321,8 +328,8 @@ def run_up(profile, ready_fd: int | None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    report_ready(ready_fd)
     try:
+        report_ready(ready_fd)
         while not parent.stopped.wait(1.0):
             if parent.device is not None and parent.device.wait(0):
                 log.error("parent %s: %s", profile.name, parent.device.stop_reason)
