@@ -1,15 +1,19 @@
 # Two commands do all set-up on a fresh Debian machine, as root:
 #   make test   installs apt packages and a venv, then runs ruff and the whole suite
-#   make demo   runs two daemons in network namespaces and shows traffic through the tunnel
+#   make demo   runs parent and enclave from one profile in namespaces, ends in the dashboard
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod
+# podman + debootstrap build and run the enclave image in tests/net/test_image.py; systemd gives
+# systemd-analyze, which checks parent/wgvsock-parent@.service.
+APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod \
+                podman debootstrap systemd
 APT_MARK := $(VENV)/.apt-done
 
-.PHONY: test demo bench lint apt venv clean
+.PHONY: test demo bench lint apt venv clean lock wheelhouse image eif
 
-$(APT_MARK):
+# Re-checked when this file changes, so a package added to the list gets installed.
+$(APT_MARK): Makefile
 	@mkdir -p $(VENV)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -41,5 +45,24 @@ bench: apt venv
 	$(PY) bench/core_bench.py
 	$(PY) bench/tunnel_bench.py
 
+# The enclave image (docker/Dockerfile; see docker/README.md). Overrides: ENGINE=docker|podman,
+# BASE=image (default python:3.11-slim), TAG=name:tag, EIF=path, SOURCE_DATE_EPOCH=seconds.
+TAG ?= wgvsock-enclave:latest
+EIF ?= build/wgvsock-enclave.eif
+BUILD_ARGS = --tag $(TAG) $(if $(BASE),--base $(BASE)) $(if $(ENGINE),--engine $(ENGINE)) \
+             $(if $(SOURCE_DATE_EPOCH),--epoch $(SOURCE_DATE_EPOCH))
+
+lock: venv          ## re-pin docker/requirements.lock and docker/build.lock from the venv
+	$(PY) docker/lock.py
+
+wheelhouse: venv    ## docker/wheels: the locked wheels plus wgvsock's own (needs PyPI)
+	$(PY) docker/build.py wheelhouse
+
+image: venv         ## make wheelhouse, then the enclave image with docker or podman
+	$(PY) docker/build.py image $(BUILD_ARGS)
+
+eif: venv           ## checks for nitro-cli, make image, then nitro-cli build-enclave + PCRs
+	$(PY) docker/build.py eif $(BUILD_ARGS) --output $(EIF)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info docker/wheels
