@@ -1,13 +1,21 @@
-"""`make demo`: two of our WireGuard daemons talking through a Unix socket, narrated.
+"""`make demo`: the parent and the enclave of one profile, in network namespaces, narrated.
 
 Run as root: python -m wgvsock.demo [--live SECONDS] [--iperf-seconds S]
 
-It builds two network namespaces, "parent" and "enclave", with no network link between them
-at all: the only path is a Unix stream socket in a private temporary directory, the stand-in
-for vsock on a machine where AF_VSOCK cannot be connected (DESIGN.md §5). One of our daemons
-runs in each namespace; the demo gives them fresh keys over the UAPI, addresses them, pings
-through the tunnel, runs a short iperf3, prints `wg show`, then shows a live view for a few
-seconds. Everything is removed on exit, on Ctrl-C and on error.
+Three network namespaces play the parts:
+
+  wgdemo-internet  the "internet": web servers on 198.51.100.2 and 198.51.100.3
+  wgdemo-parent    the EC2 parent instance: eth0 to the internet, its default route
+  wgdemo-enclave   the Nitro Enclave: no interface but lo, and lo is down, as at boot
+
+One profile, the shipped enclave/profile.example.yaml with the transport switched to the Unix
+socket stand-in for vsock (AF_VSOCK cannot be connected on a machine without Nitro; see
+DESIGN.md §5) and its paths moved into a private temporary directory, drives both sides:
+`wgvsock parent up` in the parent namespace and `wgvsock enclave up -- python3 -m http.server
+8080` in the enclave namespace, the commands a Nitro user runs. The demo then shows the
+enclave reaching the internet through the parent's NAT, the internet reaching the enclave's app
+through the parent's ingress port, the deny list holding, a short iperf3, and ends in the
+`wgvsock status` dashboard of both sides. Everything is removed on exit, on Ctrl-C and on error.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,30 +32,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from .nslab import (
-    RUN_DIR,
-    Keys,
-    Lab,
-    LabError,
-    Namespace,
-    interrupts_raise,
-    missing_tools,
-    parse_ping,
-    run,
-)
+import yaml
+
+from . import firewall
+from .nslab import Lab, LabError, Namespace, interrupts_raise, missing_tools, run, wait_for
+from .profile import Profile, ProfileError, load_profile
 from .uapi import UAPIError, uapi_get
 
-NS_PARENT, NS_ENCLAVE = "wgdemo-parent", "wgdemo-enclave"
-IF_PARENT, IF_ENCLAVE = "wgdemo-p", "wgdemo-e"
-ADDR_PARENT, ADDR_ENCLAVE = "10.88.0.1", "10.88.0.2"
-# Unix port N is the socket <unix_dir>/N.sock; 5000 mirrors a vsock port on the parent (CID 3).
-PORT_PARENT, PORT_ENCLAVE = 5000, 5001
-MTU = 1420
+NS_INTERNET, NS_PARENT, NS_ENCLAVE = "wgdemo-internet", "wgdemo-parent", "wgdemo-enclave"
+NAMESPACES = (NS_INTERNET, NS_PARENT, NS_ENCLAVE)
+PARENT_WAN, WEB, DENIED_WEB = "198.51.100.1", "198.51.100.2", "198.51.100.3"
+IMDS = "169.254.169.254"
+INGRESS_PORT, APP_PORT = 8443, 8080
+PROFILE_NAME = "demo"
+EXAMPLE = Path(__file__).resolve().parent.parent / "enclave" / "profile.example.yaml"
 # Who owns the fixed names above, so that the next run can tell a live demo from leftovers.
 STATE_FILE = Path("/run/wgvsock-demo.json")
 TMP_PREFIX = "wgvsock-demo-"
-REQUIRED_TOOLS = ("ip", "wg", "ping")
+REQUIRED_TOOLS = ("ip", "ss", "nft", "curl", "ping")
+# The interface names the dashboard shows for the two sides' UAPI sockets (both are wg0).
+DASH_NAMES = ("wg0@parent", "wg0@enclave")
 
 
 def say(text: str = "") -> None:
@@ -58,15 +65,11 @@ def heading(text: str) -> None:
     say(f"== {text}")
 
 
-def _indent(text: str, prefix: str = "   ") -> str:
-    return "\n".join(prefix + line if line else line for line in text.rstrip().splitlines())
-
-
 def preflight() -> str | None:
     """Why the demo cannot run here, or None."""
     if os.geteuid() != 0:
-        return "the demo needs root (it creates network namespaces and TUN devices); " \
-               "try: sudo make demo"
+        return "the demo needs root (it creates network namespaces, TUN devices and " \
+               "nftables tables); try: sudo make demo"
     if missing := missing_tools(REQUIRED_TOOLS):
         return f"missing tools: {', '.join(missing)} (`make apt` installs them)"
     if not Path("/dev/net/tun").exists():
@@ -87,8 +90,9 @@ def clear_leftovers() -> str | None:
     """Removes what an earlier demo killed with SIGKILL left behind; refuses (returns why)
     if a demo is still running.
 
-    Fixed names let users poke at the namespaces while the demo runs, and our daemons run in
-    their own sessions, so a demo that could not clean up leaves them for the next run."""
+    Fixed names let users poke at the namespaces while the demo runs. Everything the demo
+    makes lives in those namespaces (the daemons, the nftables table, forwarding), in
+    /etc/netns/<one of them> or in its temporary directory, so removing those removes all."""
     try:
         state = json.loads(STATE_FILE.read_text())
     except (OSError, ValueError):
@@ -96,25 +100,17 @@ def clear_leftovers() -> str | None:
     if isinstance(state.get("pid"), int) and _demo_alive(state["pid"]):
         return f"another demo is running (pid {state['pid']})"
     existing = set(run("ip", "netns", "list", check=False).stdout.split())
-    for name in (NS_PARENT, NS_ENCLAVE):
+    for name in NAMESPACES:
         if name in existing:
             for pid in run("ip", "netns", "pids", name, check=False).stdout.split():
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             run("ip", "netns", "del", name, check=False)
             say(f"   (removed namespace {name} left by an earlier run)")
-    for ifname in (IF_PARENT, IF_ENCLAVE):
-        sock = f"{RUN_DIR}/{ifname}.sock"
-        if not os.path.exists(sock):
-            continue
-        try:
-            uapi_get(sock, timeout=1.0)
-        except (OSError, UAPIError):
-            os.unlink(sock)
-            say(f"   (removed stale {sock} left by an earlier run)")
-        else:
-            # Not in our namespaces, so not ours to kill.
-            return f"interface {ifname} exists outside the demo's namespaces ({sock} answers)"
+        etc = Path("/etc/netns") / name
+        if etc.is_dir():
+            shutil.rmtree(etc, ignore_errors=True)
+            say(f"   (removed {etc} left by an earlier run)")
     tmp = state.get("tmp")
     if isinstance(tmp, str) and Path(tmp).name.startswith(TMP_PREFIX) and \
             Path(tmp).parent == Path(tempfile.gettempdir()):
@@ -123,187 +119,458 @@ def clear_leftovers() -> str | None:
     return None
 
 
-def wg_show(ns: Namespace, ifname: str) -> str:
-    res = ns.run("wg", "show", ifname, check=False)
-    return res.stdout if res.returncode == 0 else f"(wg show failed: {res.stderr.strip()})"
+def wgvsock_command() -> list[str]:
+    """The installed `wgvsock` beside this interpreter (what users run), else the module."""
+    script = Path(sys.executable).parent / "wgvsock"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "wgvsock.cli"]
 
 
-def first_contact(enclave: Namespace, timeout: float = 15.0) -> float:
-    """Pings until the first reply; returns that reply's RTT in ms, which includes the
-    handshake the first packet triggered."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        res = enclave.ping(ADDR_PARENT, 1, timeout=2)
-        stats = parse_ping(res.stdout)
-        if res.returncode == 0 and stats:
-            return stats["avg"]
-    raise LabError(f"no reply from {ADDR_PARENT} through the tunnel within {timeout:g} s")
+def _flow(value: Any) -> str:
+    """A value as YAML's flow style writes it, on one line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
-def ping_line(src: Namespace, dst: str, count: int = 20) -> str:
-    res = src.ping(dst, count, interval=0.05)
-    stats = parse_ping(res.stdout)
-    if not stats:
-        return f"no replies ({res.stdout.strip().splitlines()[-1] if res.stdout else 'no output'})"
-    lost = next((w for w in res.stdout.split(",") if "packet loss" in w), "").strip()
-    return (f"{count} pings, avg {stats['avg']:.3f} ms "
-            f"(min {stats['min']:.3f}, max {stats['max']:.3f}), {lost}")
-
-
-def iperf_mbps(client: Namespace, addr: str, seconds: float, reverse: bool) -> str:
-    cmd = ["iperf3", "-c", addr, "-t", f"{seconds:g}", "-J", "--connect-timeout", "3000"]
-    if reverse:
-        cmd.append("-R")
-    res = client.run(*cmd, check=False, timeout=seconds + 30)
+def _last_log_line(path: Path, needle: str) -> str | None:
+    """The last `needle` line of a python -m http.server log, without its timestamp."""
     try:
-        data = json.loads(res.stdout)
-    except json.JSONDecodeError:
-        return f"failed ({res.stderr.strip() or 'no output'})"
-    if "error" in data:
-        return f"failed (iperf3: {data['error']})"
-    return f"{data['end']['sum_received']['bits_per_second'] / 1e6:.1f} Mbit/s"
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if needle in line:
+            m = re.match(r"(\S+) - - \[[^\]]*\] (.*)", line)
+            return f"{m.group(1)} {m.group(2)}" if m else line
+    return None
 
 
-def throughput(parent: Namespace, enclave: Namespace, seconds: float) -> None:
-    server = parent.popen("iperf3", "-s", "-B", ADDR_PARENT)
+def _tail(path: Path, chars: int = 1500) -> str:
     try:
-        deadline = time.monotonic() + 10
-        while not parent.run("ss", "-Hltn", "src", f"{ADDR_PARENT}:5201",
-                             check=False).stdout.strip():
-            if time.monotonic() > deadline:
-                raise LabError("iperf3 server did not start")
-            time.sleep(0.05)
-        up = iperf_mbps(enclave, ADDR_PARENT, seconds, reverse=False)
-        say(f"   enclave -> parent: {up}")
-        down = iperf_mbps(enclave, ADDR_PARENT, seconds, reverse=True)
-        say(f"   parent -> enclave: {down}")
-    finally:
-        server.kill()
-        server.wait(5)
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
 
 
-def counters(ifname: str) -> tuple[int, int]:
-    peers = Lab.status(ifname)["peers"]
-    return (peers[0]["rx_bytes"], peers[0]["tx_bytes"]) if peers else (0, 0)
+class Demo:
+    def __init__(self, lab: Lab, args: argparse.Namespace) -> None:
+        self.lab = lab
+        self.args = args
+        self.tmp = lab.tmp
+        self.profile_path = self.tmp / "profile.yaml"
+        self.profile: Profile | None = None
+        self.enclave_proc: subprocess.Popen | None = None
+        self.parent_pid: int | None = None
+        self.timings: list[tuple[str, float]] = []
+        self.cleanup_announced = False
+        self.wgvsock = wgvsock_command()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def run_dir(self, side: str) -> Path:
+        return self.tmp / f"run-{side}"
+
+    def log(self, name: str) -> Path:
+        return self.tmp / f"{name}.log"
+
+    def env(self, side: str) -> dict[str, str]:
+        """Each side gets its own run directory (both make an interface called wg0, and the
+        UAPI socket is named after it) and state directory; TMPDIR keeps their scratch
+        directories inside the demo's own."""
+        env = dict(os.environ, WGVSOCK_RUN_DIR=str(self.run_dir(side)),
+                   WGVSOCK_STATE_DIR=str(self.tmp / f"state-{side}"), TMPDIR=str(self.tmp),
+                   LOG_LEVEL="verbose")
+        if side == "parent":
+            # Where `parent up` sends the output of the daemon it starts in the background.
+            env["WGVSOCK_LOG_FILE"] = str(self.log("parent"))
+        return env
+
+    def popen(self, ns: Namespace, *cmd: str, log: str | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A background process in `ns`, in its own session so that a Ctrl-C in the terminal
+        reaches only the demo, which then stops everything in order."""
+        if log is None:
+            return ns.popen(*cmd, env=env, start_new_session=True)
+        with open(self.log(log), "ab") as out:
+            return ns.popen(*cmd, env=env, stdout=out, stderr=out, start_new_session=True)
+
+    def curl(self, ns: Namespace, url: str, max_time: float = 5) -> tuple[bool, str, float]:
+        start = time.monotonic()
+        res = ns.run("curl", "-sS", "--max-time", f"{max_time:g}", url, check=False,
+                     timeout=max_time + 10)
+        took = time.monotonic() - start
+        return res.returncode == 0, (res.stdout if res.returncode == 0 else res.stderr).strip(), \
+            took
+
+    def uapi(self, side: str) -> dict[str, Any]:
+        return uapi_get(str(self.run_dir(side) / "wg0.sock"), timeout=2.0)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.args.t0
+
+    # -- the stage ---------------------------------------------------------------------------
+
+    def stage(self) -> None:
+        heading("The stage: three network namespaces")
+        lab = self.lab
+        self.internet = lab.netns(NS_INTERNET)
+        self.parent = lab.netns(NS_PARENT)
+        # A Nitro Enclave boots with loopback down and no other interface.
+        self.enclave = lab.netns(NS_ENCLAVE, lo_up=False)
+        lab.veth(self.parent, "eth0", f"{PARENT_WAN}/24", self.internet, "eth0", f"{WEB}/24")
+        self.internet.ip("addr", "add", f"{DENIED_WEB}/24", "dev", "eth0")
+        self.parent.ip("route", "add", "default", "via", WEB)
+        www = self.tmp / "www"
+        www.mkdir()
+        (www / "index.html").write_text("hello from the internet\n")
+        for addr in (WEB, DENIED_WEB):
+            self.popen(self.internet, sys.executable, "-m", "http.server", "-d", str(www),
+                       "-b", addr, "80", log="internet")
+        # `ip netns exec` bind-mounts this over /etc/resolv.conf for the enclave, so the
+        # resolv.conf that `enclave up` writes is this private copy, not the machine's.
+        self.resolv = lab.netns_file(self.enclave, "resolv.conf",
+                                     "# placeholder: wgvsock enclave up rewrites this\n")
+        for addr in (WEB, DENIED_WEB):
+            wait_for(lambda a=addr: self.curl(self.internet, f"http://{a}/", 1)[0], 10,
+                     f"the internet's web server on {addr}")
+        say(f"   {NS_INTERNET:<16} the internet: web servers on {WEB} and {DENIED_WEB}, port 80")
+        say(f"   {NS_PARENT:<16} the EC2 parent: eth0 {PARENT_WAN}/24, default route via {WEB}")
+        say(f"   {NS_ENCLAVE:<16} the enclave: no interface but lo, and lo is down (as at boot)")
+        say("   parent and enclave share no link: their only path is Unix sockets in")
+        say(f"   {self.tmp / 'sock'}, the stand-in for vsock (same stream framing code)")
+
+    # -- the profile -------------------------------------------------------------------------
+
+    def write_profile(self) -> None:
+        try:
+            data = yaml.safe_load(EXAMPLE.read_text())
+            source = f"{EXAMPLE.parent.name}/{EXAMPLE.name}"
+        except (OSError, yaml.YAMLError):
+            # Not a checkout: every key but `name` has a default.
+            data, source = {"version": 1}, None
+        if not isinstance(data, dict):
+            raise LabError(f"{EXAMPLE} is not a YAML mapping")
+        changes: dict[str, Any] = {
+            "name": PROFILE_NAME,
+            "transport.kind": "unix",
+            "transport.path": str(self.tmp / "sock"),
+            "parent.private_key": str(self.tmp / "parent.key"),
+            "parent.egress.deny": [f"{IMDS}/32", f"{DENIED_WEB}/32"],
+            "parent.ingress": [{"listen": INGRESS_PORT, "to": APP_PORT, "protocol": "tcp"}],
+        }
+        heading("One profile for both sides")
+        say(f"   {source or 'built-in defaults'}, with these changes:")
+        for key, new in changes.items():
+            node = data
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            old = node.get(last)
+            node[last] = new
+            line = f"     {key + ':':<20} {_flow(old)} -> {_flow(new)}"
+            if len(line) > 96:
+                line = f"     {key + ':':<20} {_flow(old)}\n{'':<26}-> {_flow(new)}"
+            say(line)
+        self.profile_path.write_text(
+            f"# made by `make demo` from {source or 'defaults'}\n"
+            + yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+        try:
+            p = load_profile(self.profile_path)
+        except ProfileError as e:
+            raise LabError(f"the demo's profile is invalid:\n{e}") from e
+        self.profile = p
+        addrs = lambda xs: ", ".join(str(x) for x in xs)  # noqa: E731
+        say(f"   kept: tunnel {addrs(p.parent.addresses)} <-> {addrs(p.enclave.addresses)}, "
+            f"mtu {p.mtu}, port {p.transport.port}, control {p.transport.control_port}")
+        say(f"         egress allow {addrs(p.parent.egress.allow)} with NAT "
+            f"{'on' if p.parent.egress.nat else 'off'}, enclave dns {addrs(p.enclave.dns)}, "
+            f"attestation {'required' if p.attestation.require else 'not required'}")
+        say(f"   written to {self.profile_path} (`wgvsock profile check` accepts it)")
+
+    # -- the two sides -----------------------------------------------------------------------
+
+    def parent_up(self) -> None:
+        assert self.profile is not None
+        p = self.profile
+        heading(f"[{NS_PARENT}] wgvsock parent up --profile profile.yaml")
+        self.lab.on_close(self.parent_down)
+        start = time.monotonic()
+        res = self.parent.run(*self.wgvsock, "parent", "up", "--profile",
+                              str(self.profile_path), env=self.env("parent"), check=False,
+                              timeout=60)
+        took = time.monotonic() - start
+        if res.returncode != 0:
+            raise LabError(f"wgvsock parent up failed ({res.returncode}): "
+                           f"{(res.stderr or res.stdout).strip()}")
+        self.timings.append(("parent up (until ready)", took))
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads((self.tmp / "state-parent" / f"{p.name}.json").read_text())
+            self.parent_pid = int(state["pid"])
+        pid = f" (pid {self.parent_pid})" if self.parent_pid else ""
+        say(f"   ready after {took:.1f} s, then it went to the background{pid}")
+        sock = Path(p.transport.path)
+        say(f"   wg0 {p.parent.addresses[0]}, WireGuard on {sock.name}/{p.transport.port}.sock, "
+            f"control on {sock.name}/{p.transport.control_port}.sock")
+        rules = ", ".join(f"{r.listen} -> {p.enclave.addresses[0].ip}:{r.to}/{r.protocol}"
+                          for r in p.parent.ingress)
+        say(f"   nftables table inet {firewall.table_name(p.name)}: NAT out of eth0, the deny "
+            "list,")
+        say(f"     ingress {rules}")
+
+    def announce_cleanup(self) -> None:
+        if not self.cleanup_announced:
+            self.cleanup_announced = True
+            with contextlib.suppress(OSError):
+                heading("Cleaning up")
+
+    def parent_down(self) -> None:
+        self.announce_cleanup()
+        self._stop_enclave()
+        res = self.parent.run(*self.wgvsock, "parent", "down", "--profile",
+                              str(self.profile_path), env=self.env("parent"), check=False,
+                              timeout=60)
+        with contextlib.suppress(OSError):
+            say(f"   [{NS_PARENT}] wgvsock parent down:")
+            for line in (res.stdout + res.stderr).strip().splitlines():
+                say(f"     {line.replace(str(self.tmp), '$TMP')}")
+
+    def _stop_enclave(self) -> None:
+        proc = self.enclave_proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(5)
+        with contextlib.suppress(OSError):
+            say(f"   [{NS_ENCLAVE}] SIGTERM to wgvsock enclave up: it passed it to its app and "
+                f"exited {code}")
+
+    def enclave_up(self) -> None:
+        assert self.profile is not None
+        p = self.profile
+        app = self.tmp / "app"
+        app.mkdir()
+        (app / "index.html").write_text("hello from the enclave\n")
+        heading(f"[{NS_ENCLAVE}] wgvsock enclave up --profile profile.yaml -- "
+                f"python3 -m http.server {APP_PORT}")
+        start = time.monotonic()
+        self.enclave_proc = self.popen(
+            self.enclave, *self.wgvsock, "enclave", "up", "--profile", str(self.profile_path),
+            "--timeout", "30", "--", sys.executable, "-m", "http.server", "-d", str(app),
+            str(APP_PORT), log="enclave", env=self.env("enclave"))
+        ready = "tunnel to the parent is up"
+
+        def up() -> bool:
+            if self.enclave_proc is not None and self.enclave_proc.poll() is not None:
+                raise LabError(f"wgvsock enclave up exited {self.enclave_proc.returncode}")
+            return ready in _tail(self.log("enclave"), 1 << 20)
+
+        wait_for(up, 40, "the enclave's tunnel")
+        took = time.monotonic() - start
+        self.timings.append(("enclave up (until the tunnel is up)", took))
+        say("   it brought lo up, made a key in memory, made wg0 "
+            f"{p.enclave.addresses[0]} with the default route into it,")
+        say("   wrote resolv.conf, registered its key on the parent's control port, and saw")
+        say(f"   the first handshake: \"wgvsock enclave: {ready} on wg0\" after {took:.1f} s")
+        peers = self.uapi("enclave")["peers"]
+        if peers and peers[0]["last_handshake_time_sec"]:
+            hs = peers[0]["last_handshake_time_sec"] + peers[0]["last_handshake_time_nsec"] / 1e9
+            say(f"   handshake at {time.strftime('%H:%M:%S', time.localtime(hs))}"
+                f".{int(hs % 1 * 1000):03d}; only then did it start its app")
+        links = self.enclave.ip("-o", "link", "show").stdout
+        names = sorted(line.split(":")[1].strip() for line in links.splitlines())
+        routes = [m.group(0) for r in self.enclave.ip("route", "show").stdout.splitlines()
+                  if (m := re.match(r"\S+ dev \S+", r))]
+        say(f"   the enclave's interfaces now: {', '.join(names)}; routes: {'; '.join(routes)}")
+        resolv = " ".join(line for line in self.resolv.read_text().splitlines()
+                          if line.startswith("nameserver"))
+        say(f"   its resolv.conf ({self.resolv}, bind-mounted): {resolv}")
+
+    # -- what the tunnel does ----------------------------------------------------------------
+
+    def egress(self) -> None:
+        heading("The enclave reaches the internet, through the parent's NAT")
+        say(f"   [{NS_ENCLAVE}] $ curl http://{WEB}/")
+        ok, out, took = self.curl(self.enclave, f"http://{WEB}/")
+        if not ok:
+            raise LabError(f"the enclave could not fetch http://{WEB}/: {out}")
+        say(f"   {out}    ({took * 1000:.0f} ms)")
+        seen = _last_log_line(self.log("internet"), '"GET / ')
+        if seen:
+            say(f"   the internet's web server logged: {seen}")
+            say(f"   it saw the parent's address {PARENT_WAN}, not the enclave's "
+                f"{self.profile.enclave.addresses[0].ip if self.profile else ''}: masquerade")
+
+    def ingress(self) -> None:
+        heading(f"The internet reaches the enclave's app: parent port {INGRESS_PORT} -> "
+                f"enclave port {APP_PORT}")
+        url = f"http://{PARENT_WAN}:{INGRESS_PORT}/"
+        say(f"   [{NS_INTERNET}] $ curl {url}")
+        wait_for(lambda: self.curl(self.internet, url, 2)[0], 15, "the enclave's app")
+        ok, out, took = self.curl(self.internet, url)
+        if not ok:
+            raise LabError(f"the internet could not fetch {url}: {out}")
+        say(f"   {out}    ({took * 1000:.0f} ms)")
+        seen = _last_log_line(self.log("enclave"), '"GET / ')
+        if seen:
+            say(f"   the app in the enclave logged: {seen}")
+            say("   (the client's own address: the parent forwards the port with DNAT, no SNAT)")
+
+    def deny(self) -> None:
+        heading("The deny list holds")
+        ok, out, _ = self.curl(self.parent, f"http://{DENIED_WEB}/")
+        say(f"   [{NS_PARENT}]  $ curl http://{DENIED_WEB}/  ->  "
+            f"{out if ok else 'failed: ' + out}  (the server is there)")
+        # Both at once: each can only end by timing out, since the parent drops the packets.
+        urls = (f"http://{DENIED_WEB}/", f"http://{IMDS}/latest/meta-data/")
+        start = time.monotonic()
+        procs = [subprocess.Popen(["ip", "netns", "exec", NS_ENCLAVE, "curl", "-sS",
+                                   "--max-time", "2", u], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for u in urls]
+        results = [(p.communicate(timeout=15)[0].strip(), p.returncode) for p in procs]
+        took = time.monotonic() - start
+        for url, (out, code) in zip(urls, results, strict=True):
+            if code == 28:  # curl's "operation timed out"
+                what = "BLOCKED (no answer within 2 s)"
+            elif code:
+                what = f"BLOCKED ({out or f'curl exit {code}'})"
+            else:
+                what = f"REACHED: {out}"
+            say(f"   [{NS_ENCLAVE}] $ curl --max-time 2 {url}")
+            say(f"     -> {what}")
+        say(f"   ({took:.1f} s for both. Nothing answers at the metadata address {IMDS} in this "
+            "demo anyway;")
+        say("    the counters show that the parent dropped those packets)")
+        try:
+            c = firewall.read_counters(PROFILE_NAME, netns=NS_PARENT)
+        except firewall.FirewallError as e:
+            say(f"   (could not read the nftables counters: {e})")
+            return
+        denied = [f"{k}: {v.packets}" for k, v in c.items() if k.startswith("deny ")]
+        say(f"   [{NS_PARENT}] nftables counters (packets): {', '.join(denied)}")
+        say(f"     egress_allowed {c['egress_allowed'].packets}, egress_denied "
+            f"{c['egress_denied'].packets}, ingress_accepted {c['ingress_accepted'].packets}")
+
+    def throughput(self) -> None:
+        secs = self.args.iperf_seconds
+        heading(f"Throughput: iperf3 between the enclave and the internet, {secs:g} s each way")
+        if secs <= 0:
+            say("   skipped (--iperf-seconds 0)")
+            return
+        if shutil.which("iperf3") is None:
+            say("   skipped: iperf3 is not installed")
+            return
+        server = self.popen(self.internet, "iperf3", "-s", "-B", WEB)
+        try:
+            wait_for(lambda: self.internet.run("ss", "-Hltn", "src", f"{WEB}:5201",
+                                               check=False).stdout.strip(), 10,
+                     "the iperf3 server")
+            for label, reverse in (("enclave -> internet", False), ("internet -> enclave", True)):
+                say(f"   {label}: {self._iperf(secs, reverse)}")
+        finally:
+            server.kill()
+            server.wait(5)
+
+    def _iperf(self, seconds: float, reverse: bool) -> str:
+        cmd = ["iperf3", "-c", WEB, "-t", f"{seconds:g}", "-J", "--connect-timeout", "3000"]
+        if reverse:
+            cmd.append("-R")
+        res = self.enclave.run(*cmd, check=False, timeout=seconds + 30)
+        try:
+            data = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            return f"failed ({res.stderr.strip() or 'no output'})"
+        if "error" in data:
+            return f"failed (iperf3: {data['error']})"
+        end = data["end"]
+        retr = end.get("sum_sent", {}).get("retransmits")
+        extra = f", {retr} retransmits" if retr is not None else ""
+        return f"{end['sum_received']['bits_per_second'] / 1e6:.0f} Mbit/s{extra}"
+
+    # -- the dashboard -----------------------------------------------------------------------
+
+    def dashboard(self) -> None:
+        from rich.console import Console
+
+        from .status import Collector, Dashboard, live
+
+        # The dashboard reads one run directory; the sides have one each, both with a wg0.sock.
+        # Links named after the side let it show both (connect() follows symlinks).
+        dash = self.tmp / "dashboard"
+        dash.mkdir()
+        for name, side in zip(DASH_NAMES, ("parent", "enclave"), strict=True):
+            (dash / f"{name}.sock").symlink_to(self.run_dir(side) / "wg0.sock")
+        names = list(DASH_NAMES)
+        tty = sys.stdout.isatty()
+        secs = self.args.live
+        heading("The dashboard: wgvsock status, both sides" +
+                (f", for {secs:g} s (q or Ctrl-C ends it)" if tty else " (two snapshots)"))
+        say("   what `wgvsock status` shows on the parent, here reading both sides' UAPI "
+            "sockets;")
+        say(f"   a ping from the enclave to {WEB} keeps the counters moving")
+        pinger = self.popen(self.enclave, "ping", "-q", "-n", "-s", "1200", "-i", "0.05", WEB)
+        console = Console()
+        try:
+            if tty:
+                time.sleep(1.0)  # so the view opens with a rate, not "-"
+                live(names, interval=1.0, run_dir=str(dash), duration=secs)
+                say("   last frame:")
+                collector = Collector(names, str(dash))
+                collector.sample()
+                time.sleep(1.0)
+            else:
+                collector = Collector(names, str(dash))
+                console.print(Dashboard(collector.sample(), _at))
+                console.print()
+                time.sleep(1.0)
+            console.print(Dashboard(collector.sample(), _at))
+        finally:
+            pinger.kill()
+            pinger.wait(5)
+
+    # -- all of it ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.stage()
+        self.write_profile()
+        self.parent_up()
+        self.enclave_up()
+        self.egress()
+        self.ingress()
+        self.deny()
+        self.throughput()
+        if self.args.live > 0:
+            self.dashboard()
 
 
-def _screen_lines(block: str) -> int:
-    # Long lines wrap; counting them as one would redraw over the wrong rows.
-    cols = max(shutil.get_terminal_size().columns, 1)
-    return sum(max(1, -(-len(line) // cols)) for line in block.splitlines())
-
-
-def live_view(parent: Namespace, enclave: Namespace, seconds: float) -> None:
-    """Until the dashboard exists: `wg show` of both sides once a second. A background ping
-    of ~25 KB/s keeps the counters moving (wg prints MiB with two decimals) so there is
-    something to watch; the header line gives exact bytes from the UAPI."""
-    tty = sys.stdout.isatty()
-    pinger = enclave.popen("ping", "-q", "-s", "1200", "-i", "0.05", ADDR_PARENT)
-    printed = 0
-    last = counters(IF_PARENT)
-    try:
-        end = time.monotonic() + seconds
-        while True:
-            now = counters(IF_PARENT)
-            block = (f"-- {time.strftime('%H:%M:%S')} parent rx {now[0]:,} B "
-                     f"(+{now[0] - last[0]:,}), tx {now[1]:,} B (+{now[1] - last[1]:,})"
-                     "\n"
-                     f"[parent]\n{_indent(wg_show(parent, IF_PARENT))}\n"
-                     f"[enclave]\n{_indent(wg_show(enclave, IF_ENCLAVE))}\n")
-            last = now
-            if tty and printed:
-                # Redraw in place rather than scroll the summary away.
-                sys.stdout.write(f"\033[{printed}F\033[J")
-            sys.stdout.write(block)
-            sys.stdout.flush()
-            printed = _screen_lines(block)
-            if time.monotonic() >= end:
-                break
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        say("\n   (stopped by Ctrl-C)")
-    finally:
-        pinger.kill()
-        pinger.wait(5)
-
-
-def demo(lab: Lab, args: argparse.Namespace) -> None:
-    heading("Building")
-    parent, enclave = lab.netns(NS_PARENT), lab.netns(NS_ENCLAVE)
-    say(f"   namespace {NS_PARENT:<15} plays the EC2 parent instance")
-    say(f"   namespace {NS_ENCLAVE:<15} plays the Nitro Enclave")
-    say("   no veth, no route: the only path between them is a Unix stream socket in")
-    say(f"   {lab.unix_dir} (the stand-in for vsock; same framing code)")
-
-    pid_p = lab.start_ours(parent, IF_PARENT, "unix", log_level="verbose")
-    pid_e = lab.start_ours(enclave, IF_ENCLAVE, "unix", log_level="verbose")
-    say(f"   daemon in parent:  wireguard-go-vsock -n unix {IF_PARENT}  (pid {pid_p})")
-    say(f"   daemon in enclave: wireguard-go-vsock -n unix {IF_ENCLAVE}  (pid {pid_e})")
-
-    kp, ke = Keys(), Keys()
-    lab.configure(IF_PARENT, kp, ke, f"{ADDR_ENCLAVE}/32", listen_port=PORT_PARENT)
-    # The enclave dials the parent, as it would dial CID 3; the parent learns the enclave's
-    # endpoint from the inbound connection.
-    lab.configure(IF_ENCLAVE, ke, kp, f"{ADDR_PARENT}/32", listen_port=PORT_ENCLAVE,
-                  endpoint=f"127.0.0.1:{PORT_PARENT}")
-    say(f"   keys generated now; parent {kp.public_b64}")
-    say(f"                       enclave {ke.public_b64}")
-    say(f"   configured through the UAPI sockets {RUN_DIR}/{IF_PARENT}.sock and "
-        f"{IF_ENCLAVE}.sock")
-    say(f"   parent listens on Unix port {PORT_PARENT} ({lab.unix_dir}/{PORT_PARENT}.sock)")
-    say(f"   enclave's peer endpoint = 127.0.0.1:{PORT_PARENT} (the host part is ignored)")
-    lab.address(parent, IF_PARENT, f"{ADDR_PARENT}/24", MTU)
-    lab.address(enclave, IF_ENCLAVE, f"{ADDR_ENCLAVE}/24", MTU)
-    say(f"   {IF_PARENT} = {ADDR_PARENT}/24, {IF_ENCLAVE} = {ADDR_ENCLAVE}/24, MTU {MTU}, up")
-
-    heading("Handshake")
-    rtt = first_contact(enclave)
-    peer = lab.status(IF_ENCLAVE)["peers"][0]
-    hs = peer["last_handshake_time_sec"] + peer["last_handshake_time_nsec"] / 1e9
-    say(f"   the enclave's first ping started a Noise IKpsk2 handshake; first reply after "
-        f"{rtt:.1f} ms")
-    if hs:
-        say(f"   handshake recorded at {time.strftime('%H:%M:%S', time.localtime(hs))}"
-            f".{int(hs % 1 * 1000):03d}")
-    # An inbound Unix connection has no address `wg` could parse, so the parent's endpoint
-    # only shows in our read-only extra key (see DESIGN.md §3).
-    learned = lab.status(IF_PARENT)["peers"][0]["extra"].get("wgvsock_endpoint", "none")
-    say(f"   the parent learned the enclave's endpoint from the connection: {learned}")
-
-    heading("Ping through the tunnel (-i 0.05)")
-    say(f"   enclave -> parent: {ping_line(enclave, ADDR_PARENT)}")
-    say(f"   parent -> enclave: {ping_line(parent, ADDR_ENCLAVE)}")
-
-    heading(f"Throughput (iperf3, one TCP stream, {args.iperf_seconds:g} s each way)")
-    if args.iperf_seconds <= 0:
-        say("   skipped (--iperf-seconds 0)")
-    elif shutil.which("iperf3") is None:
-        say("   skipped: iperf3 is not installed")
-    else:
-        throughput(parent, enclave, args.iperf_seconds)
-
-    heading("wg show")
-    say(f"[parent] ip netns exec {NS_PARENT} wg show {IF_PARENT}")
-    say(_indent(wg_show(parent, IF_PARENT)))
-    say(f"[enclave] ip netns exec {NS_ENCLAVE} wg show {IF_ENCLAVE}")
-    say(_indent(wg_show(enclave, IF_ENCLAVE)))
-
-    if args.live > 0:
-        heading(f"Live view for {args.live:g} s: wg show every second while a ping runs "
-                "(Ctrl-C stops)")
-        live_view(parent, enclave, args.live)
+def _at(snapshot: Any) -> str:
+    return f"at {time.strftime('%H:%M:%S', time.localtime(snapshot.time))} · rates in bytes/s"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wgvsock.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--live", type=float, default=5.0, metavar="SECONDS",
-                    help="how long to show the live view (0: skip)")
-    ap.add_argument("--iperf-seconds", type=float, default=3.0, metavar="S",
+    ap.add_argument("--live", type=float, default=8.0, metavar="SECONDS",
+                    help="how long to show the live dashboard (0: skip it); when stdout is not "
+                    "a terminal, two snapshots are printed instead")
+    ap.add_argument("--iperf-seconds", type=float, default=2.0, metavar="S",
                     help="iperf3 time per direction (0: skip)")
     args = ap.parse_args(argv)
+    args.t0 = time.monotonic()
 
-    say("wgvsock demo: two userspace WireGuard daemons, parent and enclave, over a Unix socket")
+    say("wgvsock demo: `wgvsock parent up` and `wgvsock enclave up` from one profile, "
+        "in network namespaces")
     if reason := preflight():
         print(f"demo: refusing to run: {reason}", file=sys.stderr)
         return 2
@@ -314,36 +581,42 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     with interrupts_raise():
         lab = Lab(TMP_PREFIX)
+        demo = Demo(lab, args)
         try:
             STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "tmp": str(lab.tmp)}))
-            demo(lab, args)
+            demo.run()
         except KeyboardInterrupt:
-            say("\ninterrupted")
+            with contextlib.suppress(OSError):
+                say("\ninterrupted")
             code = 130
         except (LabError, UAPIError, OSError, subprocess.TimeoutExpired) as e:
-            print(f"\ndemo failed: {e}", file=sys.stderr)
-            for ifname in (IF_PARENT, IF_ENCLAVE):
-                log = lab.log_path(ifname)
-                if log.exists() and log.stat().st_size:
-                    print(f"--- {ifname} log (tail)\n{log.read_text()[-1500:]}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                print(f"\ndemo failed: {e}", file=sys.stderr)
+                for name in ("parent", "enclave"):
+                    if tail := _tail(demo.log(name)):
+                        print(f"--- {name} log (tail)\n{tail}", file=sys.stderr)
             code = 1
         finally:
-            # Printing can fail (a closed pipe, say): it must not stop the clean-up.
-            with contextlib.suppress(OSError):
-                heading("Cleaning up")
+            # Printing can fail (a closed pipe, say): it must not stop the clean-up. close()
+            # runs `parent down` (which stops the enclave first), then removes the rest.
             lab.close()
             STATE_FILE.unlink(missing_ok=True)
-            left = [n for n in (NS_PARENT, NS_ENCLAVE)
-                    if n in run("ip", "netns", "list", check=False).stdout.split()]
-            left += [s for s in (f"{RUN_DIR}/{IF_PARENT}.sock", f"{RUN_DIR}/{IF_ENCLAVE}.sock")
-                     if os.path.exists(s)]
+            listed = run("ip", "netns", "list", check=False).stdout.split()
+            left = [n for n in NAMESPACES if n in listed]
+            left += [str(p) for p in (Path("/etc/netns") / n for n in NAMESPACES) if p.exists()]
             if lab.tmp.exists():
                 left.append(str(lab.tmp))
             with contextlib.suppress(OSError):
+                demo.announce_cleanup()
                 if left:
                     say(f"   WARNING: still present: {', '.join(left)}")
                 else:
-                    say("   daemons stopped, namespaces deleted, sockets and temp dir removed")
+                    say("   namespaces (with the nftables table and forwarding in them), "
+                        f"/etc/netns/{NS_ENCLAVE}")
+                    say("   and the temporary directory removed: nothing left behind")
+                for what, secs in demo.timings:
+                    say(f"   {what}: {secs:.1f} s")
+                say(f"   whole demo: {time.monotonic() - args.t0:.1f} s")
             if left:
                 code = code or 1
     return code

@@ -191,6 +191,10 @@ class Lab:
         os.chmod(self.tmp, 0o700)
         self.unix_dir = self.tmp / "unix"
         self.unix_dir.mkdir(mode=0o700)
+        # /etc/netns/NAME files (see netns_file) and the directories the lab made for them.
+        self.etc_files: list[Path] = []
+        self.etc_dirs: list[Path] = []
+        self._on_close: list[Callable[[], object]] = []
         self._closed = False
 
     def __enter__(self) -> Lab:
@@ -201,13 +205,34 @@ class Lab:
 
     # -- building ------------------------------------------------------------------------
 
-    def netns(self, name: str) -> Namespace:
+    def netns(self, name: str, lo_up: bool = True) -> Namespace:
+        """A new namespace; `lo_up=False` leaves loopback down, as a Nitro Enclave boots."""
         run("ip", "netns", "add", name)
         ns = Namespace(self, name)
         # Registered before anything else can fail, so close() deletes it.
         self.namespaces.append(ns)
-        ns.ip("link", "set", "lo", "up")
+        if lo_up:
+            ns.ip("link", "set", "lo", "up")
         return ns
+
+    def netns_file(self, ns: Namespace, name: str, text: str) -> Path:
+        """Writes /etc/netns/NS/NAME, which `ip netns exec` bind-mounts over /etc/NAME for the
+        processes it starts from then on (how a namespace gets a private resolv.conf without
+        touching the machine's own). close() removes it, and the directory if it made it."""
+        d = Path("/etc/netns") / ns.name
+        if not d.exists():
+            d.mkdir(parents=True, mode=0o755)
+            self.etc_dirs.append(d)
+        path = d / name
+        self.etc_files.append(path)
+        path.write_text(text)
+        return path
+
+    def on_close(self, fn: Callable[[], object]) -> None:
+        """Runs `fn` at the start of close() (last registered first), before processes are
+        killed and namespaces deleted: for graceful stops such as `wgvsock parent down`.
+        Exceptions from it are ignored, so that the rest of the clean-up still runs."""
+        self._on_close.append(fn)
 
     def veth(self, a: Namespace, a_if: str, a_addr: str, b: Namespace, b_if: str,
              b_addr: str) -> None:
@@ -300,6 +325,9 @@ class Lab:
             return
         self._closed = True
         with _signals_ignored():
+            for fn in reversed(self._on_close):
+                with contextlib.suppress(Exception):
+                    fn()
             for p in self.procs:
                 if p.poll() is None:
                     p.kill()
@@ -319,6 +347,11 @@ class Lab:
             for name in self.ifnames:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{RUN_DIR}/{name}.sock")
+            for path in self.etc_files:
+                path.unlink(missing_ok=True)
+            for d in self.etc_dirs:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
