@@ -298,6 +298,31 @@ def test_hostile_stream_closes_only_that_connection(
     assert b.status()["accepted"] == 2 and len(b.status()["connections"]) == 1
 
 
+def test_silent_and_surplus_inbound_connections_are_shed(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that never sends a frame is closed after FIRST_FRAME_TIMEOUT, and no more
+    than MAX_INBOUND are kept: idle sockets cannot pin threads and buffers without bound."""
+    import wgvsock.conn.stream as stream
+
+    monkeypatch.setattr(stream, "FIRST_FRAME_TIMEOUT", 0.3)
+    monkeypatch.setattr(stream, "MAX_INBOUND", 2)
+    b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    a, a_in, _ = opened(binds, StreamBind("tcp4"))
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    from_a = exchange(a, a_in, b, b_in, b_ep)  # a real peer: one inbound connection
+    with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as silent, \
+            socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as surplus:
+        # the surplus one is refused at once (the cap is 2: the real peer and `silent`)
+        assert surplus.recv(1) == b""
+        # the silent one is closed once its first-frame time is up
+        assert silent.recv(1) == b""
+    wait_until(lambda: len(b.status()["connections"]) == 1)
+    # the real peer, which sent frames, is not subject to the first-frame limit
+    a.send(msg(7), b_ep)
+    assert b_in.get() == (msg(7), from_a)
+
+
 # -- a peer that stops reading ---------------------------------------------------------------
 
 

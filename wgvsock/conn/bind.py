@@ -128,14 +128,21 @@ def unavailable(exc: OSError, what: str) -> OSError:
     return exc
 
 
-def set_send_timeout(sock: socket.socket, seconds: float) -> None:
-    # SO_SNDTIMEO bounds send() only, so the reader thread can keep a plain blocking recv().
+def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
     whole = int(seconds)
     sock.setsockopt(
-        socket.SOL_SOCKET,
-        socket.SO_SNDTIMEO,
-        struct.pack("ll", whole, int((seconds - whole) * 1_000_000)),
+        socket.SOL_SOCKET, option, struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
     )
+
+
+def set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    # SO_SNDTIMEO bounds send() only, so the reader thread can keep a plain blocking recv().
+    _set_timeout(sock, socket.SO_SNDTIMEO, seconds)
+
+
+def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO; 0 means none. Lets a blocking reader give up on a silent peer."""
+    _set_timeout(sock, socket.SO_RCVTIMEO, seconds)
 
 
 def inet_family(network: str) -> tuple[socket.AddressFamily, str, bool | None]:
@@ -211,10 +218,12 @@ class SocketBind(Bind):
 
     def _start_thread(self, target: Callable[..., None], name: str, *args: object) -> None:
         t = threading.Thread(target=target, name=name, args=args, daemon=True)
+        # Started before it is registered: a thread that failed to start (RuntimeError when
+        # the process is out of threads) must not be joined at close.
+        t.start()
         with self._lock:
             self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)
-        t.start()
 
     def _join_threads(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout

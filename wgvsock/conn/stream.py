@@ -36,6 +36,7 @@ from .bind import (
     SocketBind,
     log,
     new_inet_socket,
+    set_receive_timeout,
     set_send_timeout,
     unavailable,
 )
@@ -49,6 +50,10 @@ STREAM_NETWORKS = frozenset({"vsock", "tcp", "tcp4", "tcp6", "unix"})
 # One recv() can carry many frames when the peer is busy; 256 KiB keeps syscalls few.
 RECV_SIZE = 256 * 1024
 STABLE_AFTER = 1.0
+# Inbound connections cost a thread and a receive buffer each: cap them, and give a connection
+# that has not delivered a single valid frame this long before it is closed.
+MAX_INBOUND = 64
+FIRST_FRAME_TIMEOUT = 30.0
 
 
 class _Conn:
@@ -341,11 +346,25 @@ class StreamBind(SocketBind):
                 if self._closed.is_set():
                     sock.close()
                     break
+                inbound = sum(1 for c in self._conns.values() if not c.outbound)
+                if inbound >= MAX_INBOUND:
+                    sock.close()
+                    self._misc_log(logging.WARNING, "%s: %d inbound connections already; "
+                                   "refusing another", self.network, inbound)
+                    continue
                 conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False)
                 self._conns[conn.ep] = conn
                 self._accepted += 1
             log.info("%s: inbound connection %s", self.network, display_endpoint(conn.ep))
-            self._start_reader(conn)
+            try:
+                set_receive_timeout(sock, FIRST_FRAME_TIMEOUT)
+                self._start_reader(conn)
+            except (OSError, RuntimeError) as exc:
+                self._misc_log(logging.WARNING, "%s: cannot serve a connection: %s",
+                               self.network, exc)
+                with self._lock:
+                    self._conns.pop(conn.ep, None)
+                sock.close()
 
     def _start_reader(self, conn: _Conn) -> None:
         self._start_thread(self._read_loop, f"wgvsock-{self.network}-read-"
@@ -363,7 +382,10 @@ class StreamBind(SocketBind):
                 try:
                     n = sock.recv_into(buf)
                 except OSError as exc:
-                    reason = f"receive: {exc}"
+                    if isinstance(exc, BlockingIOError | TimeoutError) and not conn.got_frame:
+                        reason = f"no frame within {FIRST_FRAME_TIMEOUT:g} s"
+                    else:
+                        reason = f"receive: {exc}"
                     break
                 if n == 0:
                     break
@@ -374,6 +396,8 @@ class StreamBind(SocketBind):
                     self._framing_errors += 1
                     break
                 if frames:
+                    if not conn.got_frame and not conn.outbound:
+                        set_receive_timeout(sock, 0)  # a real peer: no limit on idling now
                     conn.got_frame = True
                     for frame in frames:
                         try:
