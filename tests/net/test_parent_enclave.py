@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from .daemonctl import process_gone
 from .netlab import Lab, wait_for
 from .test_roles import WGVSOCK
 
@@ -126,7 +127,7 @@ def test_parent_runs_restarts_and_terminates_the_enclave(host: Host) -> None:
     assert res.returncode == 0, res.stderr
     assert "stopped pid" in res.stdout, host.log.read_text()
     assert host.enclaves() == []
-    assert not Path(f"/proc/{pid}").exists()
+    assert process_gone(pid)
     assert list(host.state_dir.glob("*")) == []
 
 
@@ -135,7 +136,7 @@ def test_down_terminates_the_enclave_of_a_killed_parent(host: Host) -> None:
     enclave = wait_for(host.running_enclave, 20, "parent up to start the enclave")
     wait_for(lambda: host.recorded().get("id") == enclave["EnclaveID"], 10, "the state file")
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the parent to die")
+    wait_for(lambda: process_gone(pid), 10, "the parent to die")
     assert host.running_enclave() == enclave  # nobody terminated it
     res = host.cmd("down")
     assert res.returncode == 0, res.stderr

@@ -104,8 +104,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, stop: Callable[[],
 
 
 def is_alive(pid: int) -> bool:
+    """Whether `pid` is a live wgvsock process. After a crash and a reboot-free while, the pid
+    in a state file may belong to something else: never signal that."""
     try:
         os.kill(pid, 0)
     except OSError as e:
-        return e.errno == errno.EPERM
-    return True
+        if e.errno != errno.EPERM:
+            return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"wgvsock" in cmdline
