@@ -24,6 +24,7 @@ from typing import Any
 from .endpoint import (
     INET_NETWORKS,
     NETWORKS,
+    VMADDR_PORT_ANY,
     Endpoint,
     default_unix_dir,
     format_endpoint,
@@ -215,6 +216,22 @@ class SocketBind(Bind):
             self._receive = receive
             self._threads = []
             self._closed.clear()
+
+    def _open_socket(
+        self, port: int, receive: Receiver, make: Callable[[int], tuple[socket.socket, int]]
+    ) -> socket.socket:
+        """The part of open() every bind shares: check the port, mark the bind open, make
+        the socket with `make(port) -> (socket, actual port)`, and undo the mark on failure."""
+        limit = VMADDR_PORT_ANY - 1 if self.network == "vsock" else 0xFFFF
+        if not 0 <= port <= limit:
+            raise ValueError(f"port {port} out of range 0-{limit} for {self.network}")
+        self._begin_open(receive)
+        try:
+            sock, self.port = make(port)
+        except BaseException:
+            self._closed.set()
+            raise
+        return sock
 
     def _start_thread(self, target: Callable[..., None], name: str, *args: object) -> None:
         t = threading.Thread(target=target, name=name, args=args, daemon=True)

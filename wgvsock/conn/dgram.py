@@ -57,15 +57,7 @@ class DatagramBind(SocketBind):
         self._err_log = RateLimitedLog()
 
     def open(self, port: int, receive: Receiver) -> int:
-        limit = VMADDR_PORT_ANY - 1 if self.network == "vsock" else 0xFFFF
-        if not 0 <= port <= limit:
-            raise ValueError(f"port {port} out of range 0-{limit} for {self.network}")
-        self._begin_open(receive)
-        try:
-            sock, self.port = self._make_socket(port)
-        except BaseException:
-            self._closed.set()
-            raise
+        sock = self._open_socket(port, receive, self._make_socket)
         self._sock = sock
         self._family = sock.family
         self._start_thread(self._read_loop, f"wgvsock-{self.network}-dgram-read", sock)

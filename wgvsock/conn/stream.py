@@ -172,15 +172,7 @@ class StreamBind(SocketBind):
     # -- open / close ------------------------------------------------------------------------
 
     def open(self, port: int, receive: Receiver) -> int:
-        limit = VMADDR_PORT_ANY - 1 if self.network == "vsock" else 0xFFFF
-        if not 0 <= port <= limit:
-            raise ValueError(f"port {port} out of range 0-{limit} for {self.network}")
-        self._begin_open(receive)
-        try:
-            listener, self.port = self._listen(port)
-        except BaseException:
-            self._closed.set()
-            raise
+        listener = self._open_socket(port, receive, self._listen)
         self._listener = listener
         self._wake_r, self._wake_w = os.pipe()
         self._start_thread(self._accept_loop, f"wgvsock-{self.network}-accept", listener)
