@@ -121,6 +121,7 @@ class Device:
             self.ifname = self.tun.name
             self.tun.set_mtu(self._initial_mtu)
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
+            self.bind.receive_batch = self._on_receive_batch
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
@@ -138,9 +139,10 @@ class Device:
         )
 
     def _create_tun(self) -> Tun:
-        # Segmentation offload pays only where a message may be as large as 64 KiB: on stream
-        # transports. Over UDP an inner packet must fit the path MTU, so we stay at the MTU.
-        if not (self.bind.stream and self.offload):
+        # With segmentation offload one TUN read returns up to 64 KiB of TCP. Stream transports
+        # send it as one message; datagram transports, whose messages must fit the path MTU,
+        # cut it into MTU-sized packets (Tun.read_segments) and send those in one batch.
+        if not self.offload:
             return Tun.create(self.ifname)
         tun = Tun.create(self.ifname, offload=True)
         try:
@@ -197,6 +199,27 @@ class Device:
             elif kind == DROP and self._debug:
                 log.debug("%s: dropped: %s (%s)", self.ifname, data, target)
 
+    def _perform_batch(self, actions: list[Action]) -> None:
+        """_perform for the actions of many packets: consecutive messages to one endpoint go
+        to the transport together, so it can send them in one system call."""
+        batch: list[bytes] = []
+        dest: Any = None
+        for action in actions:
+            kind, target, data = action
+            if kind == SEND:
+                if batch and target != dest:
+                    self.bind.send_batch(batch, dest)
+                    batch = []
+                dest = target
+                batch.append(data)
+                continue
+            if batch:
+                self.bind.send_batch(batch, dest)
+                batch = []
+            self._perform((action,))
+        if batch:
+            self.bind.send_batch(batch, dest)
+
     def _tun_loop(self) -> None:
         tun = self.tun
         assert tun is not None
@@ -209,9 +232,11 @@ class Device:
         poller.register(tun.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         wake_fd = self._wake_r
+        # Datagram transports take a TCP super-packet as MTU-sized packets.
+        read = (lambda: (tun.read(),)) if self.bind.stream else tun.read_segments
         while not self._stopped.is_set():
             try:
-                packet = tun.read()
+                packets = read()
             except BlockingIOError:
                 ready = poller.poll()
                 if self._stopped.is_set() or any(fd == wake_fd for fd, _ in ready):
@@ -225,11 +250,20 @@ class Device:
                     return
                 log.warning("%s: TUN read failed: %s", self.ifname, e)
                 continue
-            if not packet:
+            if len(packets) == 1:
+                packet = packets[0]
+                if not packet:
+                    continue
+                with lock:
+                    actions = engine.encapsulate(packet, monotonic())
+                self._perform(actions)
                 continue
+            actions = []
             with lock:
-                actions = engine.encapsulate(packet, monotonic())
-            self._perform(actions)
+                now = monotonic()
+                for packet in packets:
+                    actions += engine.encapsulate(packet, now)
+            self._perform_batch(actions)
 
     def _on_receive(self, data: bytes, src: Endpoint) -> None:
         now = time.monotonic()
@@ -243,6 +277,28 @@ class Device:
             with self._lock:
                 actions = self.engine.decapsulate(data, src, now)
         self._perform(actions)
+
+    def _on_receive_batch(self, messages: list[bytes], src: Endpoint) -> None:
+        """Several messages from one endpoint (UDP GRO): decrypted under one lock, and their
+        packets written to the TUN together, so runs of one TCP flow merge into few writes."""
+        if any(m[:1] in (b"\x01", b"\x02") for m in messages):
+            for m in messages:
+                self._on_receive(m, src)
+            return
+        now = time.monotonic()
+        actions: list[Action] = []
+        with self._lock:
+            decapsulate = self.engine.decapsulate
+            for m in messages:
+                actions += decapsulate(m, src, now)
+        packets = [data for kind, _, data in actions if kind == TUNNEL]
+        if len(packets) != len(actions):
+            self._perform(a for a in actions if a[0] != TUNNEL)
+        try:
+            self.tun.write_batch(packets)  # type: ignore[union-attr]
+        except OSError as e:
+            if self._debug:
+                log.debug("%s: TUN write failed: %s", self.ifname, e)
 
     def _note_handshake(self, now: float) -> bool:
         if now - self._hs_window_start > _LOAD_WINDOW:

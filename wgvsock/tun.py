@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 
-__all__ = ["Tun", "TunError"]
+__all__ = ["Tun", "TunError", "coalesce_tcp", "split_tso"]
 
 _TUN_PATH = "/dev/net/tun"
 
@@ -37,6 +37,9 @@ _GSO_TCPV6 = 4
 _GSO_ECN = 0x80
 _IPPROTO_TCP = 6
 _TCP_CWR = 0x80
+_TCP_FIN_PSH = 0x09
+_TCP_ACK = 0x10
+_TCP_PSH = 0x08
 # What we put in front of a packet we write: no GSO, and no claim about its checksum, so the
 # kernel verifies it as it would for any received packet.
 _VNET_PLAIN = bytes(VNET_HDR_LEN)
@@ -71,7 +74,166 @@ def _complete_checksum(buf: bytes, header: int, start: int, offset: int) -> byte
     return packet
 
 
-def _gso_for(packet: bytes, mtu: int) -> tuple[bytes, bytearray] | None:
+def _fold(total: int) -> int:
+    """The one's complement checksum field for a sum taken modulo 0xFFFF (see above)."""
+    return ~(total % 0xFFFF) & 0xFFFF
+
+
+def split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list[bytearray]:
+    """Cuts a TCP super-packet (IPv4 or IPv6, TCP header at offset `l4`) into packets of at
+    most `mss` payload bytes, as the kernel's own segmentation would: each gets its own length,
+    IPv4 ID and header checksum, sequence number and a complete TCP checksum, so it is valid
+    on its own. FIN and PSH stay on the last segment only, CWR on the first only.
+
+    The incoming TCP checksum is ignored (with TSO the kernel leaves it partial).
+    """
+    view = memoryview(packet)
+    version = view[0] >> 4
+    thl = (view[l4 + 12] >> 4) * 4
+    hlen = l4 + thl
+    payload = view[hlen:]
+    if version == 4:
+        addresses = int.from_bytes(view[12:20], "big")
+        ip_id = int.from_bytes(view[4:6], "big")
+    else:
+        addresses = int.from_bytes(view[8:40], "big")
+        ip_id = 0
+    seq = int.from_bytes(view[l4 + 4 : l4 + 8], "big")
+    flags = view[l4 + 13]
+    header = bytearray(view[:hlen])
+    header[l4 + 16] = header[l4 + 17] = 0
+    if version == 4:
+        header[10] = header[11] = 0
+    out: list[bytearray] = []
+    last = max(len(payload) - 1, 0) // mss
+    for i, at in enumerate(range(0, max(len(payload), 1), mss)):
+        chunk = payload[at : at + mss]
+        seg = header + chunk
+        total = len(seg)
+        if version == 4:
+            seg[2:4] = total.to_bytes(2, "big")
+            seg[4:6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
+            seg[10:12] = _fold(int.from_bytes(seg[:l4], "big")).to_bytes(2, "big")
+        else:
+            seg[4:6] = (total - 40).to_bytes(2, "big")
+        seg[l4 + 4 : l4 + 8] = ((seq + at) & 0xFFFFFFFF).to_bytes(4, "big")
+        f = flags
+        if i:
+            f &= ~_TCP_CWR
+        if i != last:
+            f &= ~_TCP_FIN_PSH
+        seg[l4 + 13] = f
+        tcp = memoryview(seg)[l4:]
+        tcp_len = len(tcp)
+        # Pseudo-header (addresses, protocol, length) plus the segment, all modulo 0xFFFF.
+        s = addresses + _IPPROTO_TCP + tcp_len
+        s += int.from_bytes(tcp, "big") << (8 * (tcp_len & 1))
+        seg[l4 + 16 : l4 + 18] = _fold(s).to_bytes(2, "big")
+        out.append(seg)
+    return out
+
+
+def _mergeable(p: bytes | bytearray) -> int:
+    """The header length (IP and TCP) of a packet coalesce_tcp may merge with others: TCP with
+    a payload, flags ACK and at most PSH, and on IPv4 no options and no fragment. Else 0."""
+    version = p[0] >> 4
+    if version == 4:
+        if p[0] != 0x45 or p[9] != _IPPROTO_TCP or p[6] & 0x3F or p[7]:
+            return 0
+        l4 = 20
+    elif version == 6 and p[6] == _IPPROTO_TCP:
+        l4 = 40
+    else:
+        return 0
+    if len(p) < l4 + 20 or p[l4 + 13] & ~_TCP_PSH != _TCP_ACK:
+        return 0
+    hlen = l4 + (p[l4 + 12] >> 4) * 4
+    return hlen if len(p) > hlen else 0
+
+
+def _same_flow(a: bytes | bytearray, b: bytes | bytearray, hlen: int) -> bool:
+    """Whether b's headers equal a's in everything segmentation would copy: all but the
+    lengths, IPv4 ID and checksums, sequence number and PSH."""
+    if a[0] >> 4 == 4:
+        if a[:2] != b[:2] or a[8:10] != b[8:10] or a[12:20] != b[12:20]:
+            return False
+        t = 20
+    else:
+        if a[:4] != b[:4] or a[6:40] != b[6:40]:
+            return False
+        t = 40
+    return (
+        a[t : t + 4] == b[t : t + 4]
+        and a[t + 8 : t + 13] == b[t + 8 : t + 13]
+        and a[t + 14 : t + 16] == b[t + 14 : t + 16]
+        and a[t + 18 : hlen] == b[t + 18 : hlen]
+    )
+
+
+def coalesce_tcp(
+    packets: list[bytes], limit: int = GSO_MAX_SIZE
+) -> list[tuple[bytes | bytearray, int]]:
+    """Merges runs of consecutive in-order segments of one TCP flow into super-packets, as the
+    kernel's GRO would, so a batch reaches the TUN in a few writes: (packet, segment size) for
+    a merged packet, (packet, 0) for one left as it was.
+
+    All segments of a run but the last have the first one's payload size; a run ends after a
+    shorter segment or one with PSH. The merged packet carries the first segment's headers
+    with the lengths (and IPv4 header checksum) set and the last one's PSH; its TCP checksum
+    is left for the GSO write to set. The segments' own TCP checksums are not verified: the
+    AEAD has authenticated every inner packet, which is also why kernel WireGuard marks them
+    CHECKSUM_UNNECESSARY.
+    """
+    out: list[tuple[bytes | bytearray, int]] = []
+    i, n = 0, len(packets)
+    while i < n:
+        first = packets[i]
+        hlen = _mergeable(first)
+        i += 1
+        if not hlen:
+            out.append((first, 0))
+            continue
+        l4 = 20 if first[0] >> 4 == 4 else 40
+        size = len(first) - hlen
+        total = len(first)
+        seq = int.from_bytes(first[l4 + 4 : l4 + 8], "big")
+        flags = first[l4 + 13]
+        run = [first]
+        while not flags & _TCP_PSH and i < n:
+            q = packets[i]
+            qsize = len(q) - hlen
+            seq = (seq + len(run[-1]) - hlen) & 0xFFFFFFFF
+            if (
+                not 0 < qsize <= size
+                or total + qsize > limit
+                or _mergeable(q) != hlen
+                or int.from_bytes(q[l4 + 4 : l4 + 8], "big") != seq
+                or not _same_flow(first, q, hlen)
+            ):
+                break
+            run.append(q)
+            total += qsize
+            flags = q[l4 + 13]
+            i += 1
+            if qsize < size:
+                break
+        if len(run) == 1:
+            out.append((first, 0))
+            continue
+        merged = bytearray(first[:hlen])
+        merged += b"".join([memoryview(p)[hlen:] for p in run])
+        merged[l4 + 13] = flags
+        if l4 == 20:
+            merged[2:4] = total.to_bytes(2, "big")
+            merged[10] = merged[11] = 0
+            merged[10:12] = _fold(int.from_bytes(merged[:20], "big")).to_bytes(2, "big")
+        else:
+            merged[4:6] = (total - 40).to_bytes(2, "big")
+        out.append((merged, size))
+    return out
+
+
+def _gso_for(packet: bytes, mtu: int, mss: int = 0) -> tuple[bytes, bytearray] | None:
     """A virtio-net header (and the packet, adjusted) asking the kernel to cut a TCP packet
     longer than the MTU into MTU-sized segments — what it does with its own TSO packets.
 
@@ -94,7 +256,7 @@ def _gso_for(packet: bytes, mtu: int) -> tuple[bytes, bytearray] | None:
         return None
     tcp_len = len(packet) - ihl
     thl = (packet[ihl + 12] >> 4) * 4
-    mss = mtu - ihl - thl
+    mss = mss or mtu - ihl - thl
     if mss <= 0 or thl < 20:
         return None
     if packet[ihl + 13] & _TCP_CWR:
@@ -198,6 +360,20 @@ class Tun:
             return _complete_checksum(buf, VNET_HDR_LEN, start, offset)
         return buf[VNET_HDR_LEN:]
 
+    def read_segments(self, bufsize: int = 65535) -> list[bytearray] | list[bytes]:
+        """Like read(), but a TCP super-packet comes back cut into MTU-sized packets (its
+        `gso_size`), for transports whose messages must fit the path MTU."""
+        if not self.vnet:
+            return [os.read(self._fd, bufsize)]
+        buf = os.read(self._fd, bufsize + VNET_HDR_LEN)
+        if buf[1] & ~_GSO_ECN in (_GSO_TCPV4, _GSO_TCPV6):
+            mss, l4 = struct.unpack_from("<HH", buf, 4)
+            return split_tso(memoryview(buf)[VNET_HDR_LEN:], l4, mss)
+        if buf[0] & _VNET_F_NEEDS_CSUM:
+            start, offset = struct.unpack_from("<HH", buf, 6)
+            return [_complete_checksum(buf, VNET_HDR_LEN, start, offset)]
+        return [buf[VNET_HDR_LEN:]]
+
     def write(self, packet: bytes) -> None:
         if not self.vnet:
             os.write(self._fd, packet)
@@ -205,6 +381,18 @@ class Tun:
             os.writev(self._fd, gso)
         else:
             os.writev(self._fd, (_VNET_PLAIN, packet))
+
+    def write_batch(self, packets: list[bytes]) -> None:
+        """Writes packets in order; with offload, runs of one TCP flow go as one GSO write."""
+        if not self.vnet or len(packets) < 2:
+            for packet in packets:
+                self.write(packet)
+            return
+        for packet, mss in coalesce_tcp(packets):
+            if mss and (gso := _gso_for(packet, self.mtu_hint, mss)):
+                os.writev(self._fd, gso)
+            else:
+                self.write(packet)
 
     def set_blocking(self, blocking: bool) -> None:
         os.set_blocking(self._fd, blocking)

@@ -66,6 +66,9 @@ class TransportUnavailable(OSError):
 class Bind(ABC):
     network: str
     stream: bool
+    # Set by the owner before open(): a transport that receives several messages from one
+    # endpoint at once (UDP GRO) may hand them over together, so they are processed as a batch.
+    receive_batch: Callable[[list[bytes], Endpoint], None] | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:
@@ -74,6 +77,12 @@ class Bind(ABC):
     @abstractmethod
     def send(self, data: bytes, ep: Endpoint) -> None:
         """Send one WireGuard message. Never raises for network trouble: queues or drops."""
+
+    def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
+        """Send several messages to one endpoint, in order. Transports that can hand them to
+        the kernel in one system call override this."""
+        for data in messages:
+            self.send(data, ep)
 
     @abstractmethod
     def close(self) -> None:

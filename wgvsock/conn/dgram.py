@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 from typing import Any
 
 from .bind import (
@@ -38,6 +39,16 @@ DGRAM_NETWORKS = frozenset({"vsock", "udp", "unix"})
 SOCKET_BUFFER = 7 << 20
 # Address caches are per peer, not per packet; the cap only guards against address floods.
 _CACHE_MAX = 4096
+# UDP segmentation and receive offload (<linux/udp.h>): one sendmsg() carries many equal-sized
+# datagrams, and one recvmsg() may return several coalesced ones. Python pays per system call,
+# the kernel per byte, so this is what makes UDP cheap for us.
+_SOL_UDP = 17
+_UDP_SEGMENT = 103
+_UDP_GRO = 104
+_UDP_MAX_SEGMENTS = 64
+# One GSO send must fit an IP packet: 65535 minus the IPv6/UDP headers, rounded down.
+_GSO_MAX_BYTES = 65000
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
 class DatagramBind(SocketBind):
@@ -54,13 +65,23 @@ class DatagramBind(SocketBind):
         self._addr_cache: dict[Endpoint, Any] = {}
         self._send_errors = 0
         self._unroutable = 0
+        self._gso = False
         self._err_log = RateLimitedLog()
 
     def open(self, port: int, receive: Receiver) -> int:
         sock = self._open_socket(port, receive, self._make_socket)
         self._sock = sock
         self._family = sock.family
-        self._start_thread(self._read_loop, f"wgvsock-{self.network}-dgram-read", sock)
+        self._gso = self.network == "udp"
+        gro = False
+        if self.network == "udp":
+            try:
+                sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+                gro = True
+            except OSError:
+                pass
+        loop = self._read_loop_gro if gro else self._read_loop
+        self._start_thread(loop, f"wgvsock-{self.network}-dgram-read", sock)
         log.info("%s: datagram socket on port %d%s", self.network, self.port,
                  f" ({self._unix_path})" if self._unix_path else "")
         return self.port
@@ -157,6 +178,55 @@ class DatagramBind(SocketBind):
             self._err_log(logging.INFO, "%s: send to %s failed: %s", self.network,
                           display_endpoint(ep), exc)
 
+    def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
+        sock = self._sock
+        if not self._gso or len(messages) < 2 or sock is None:
+            for data in messages:
+                self.send(data, ep)
+            return
+        addr = self._addr_cache.get(ep)
+        if addr is None:
+            self.send(messages[0], ep)  # resolves and caches the address, or logs why not
+            if self._addr_cache.get(ep) is None:
+                return
+            messages = messages[1:]
+            addr = self._addr_cache[ep]
+        # The kernel cuts a GSO send into datagrams of the first one's size, the last may be
+        # shorter: so a run ends after a shorter message, or at the per-send limits.
+        i, n = 0, len(messages)
+        while i < n:
+            size = len(messages[i])
+            limit = min(_UDP_MAX_SEGMENTS, _GSO_MAX_BYTES // size)
+            j = i + 1
+            while j < n and j - i < limit and len(messages[j]) == size:
+                j += 1
+            if j < n and j - i < limit and len(messages[j]) < size:
+                j += 1
+            if j - i == 1:
+                self.send(messages[i], ep)
+            elif not self._send_gso(sock, messages[i:j], size, addr, ep):
+                for data in messages[i:j]:
+                    self.send(data, ep)
+            i = j
+
+    def _send_gso(self, sock: socket.socket, run: list[bytes], size: int, addr: Any,
+                  ep: Endpoint) -> bool:
+        """False when the kernel refused segmentation itself (the caller then sends one by
+        one); other failures count as a dropped send, as in send()."""
+        try:
+            sock.sendmsg([b"".join(run)], [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))],
+                         socket.MSG_DONTWAIT, addr)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                # No checksum offload on the route's device (EIO) or an old kernel.
+                self._gso = False
+                log.info("%s: UDP segmentation offload unavailable: %s", self.network, exc)
+                return False
+            self._send_errors += 1
+            self._err_log(logging.INFO, "%s: send to %s failed: %s", self.network,
+                          display_endpoint(ep), exc)
+        return True
+
     # -- receiving ---------------------------------------------------------------------------
 
     def _endpoint_for(self, addr: Any) -> Endpoint:
@@ -196,6 +266,52 @@ class DatagramBind(SocketBind):
             except Exception:
                 self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
                 log.debug("receive callback failure", exc_info=True)
+
+    def _read_loop_gro(self, sock: socket.socket) -> None:
+        """_read_loop for a socket with UDP_GRO: one message may hold several datagrams of
+        the size the control message gives (the last may be shorter)."""
+        receive, closed, cache = self._receive, self._closed, self._ep_cache
+        assert receive is not None
+        while True:
+            try:
+                data, ancdata, _flags, addr = sock.recvmsg(MAX_PAYLOAD, _GRO_CMSG_SPACE)
+            except OSError as exc:
+                if closed.is_set() or exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    break
+                self._err_log(logging.WARNING, "%s: receive failed: %s", self.network, exc)
+                continue
+            if closed.is_set():
+                break
+            if not data:
+                continue
+            ep = cache.get(addr)
+            if ep is None:
+                ep = self._endpoint_for(addr)
+                if len(cache) >= _CACHE_MAX:
+                    cache.clear()
+                cache[addr] = ep
+            size = 0
+            for level, kind, value in ancdata:
+                if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
+                    size = struct.unpack_from("=i", value)[0]
+            if 0 < size < len(data):
+                messages = [data[at : at + size] for at in range(0, len(data), size)]
+                batch = self.receive_batch
+                if batch is not None:
+                    try:
+                        batch(messages, ep)
+                    except Exception:
+                        self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
+                        log.debug("receive callback failure", exc_info=True)
+                    continue
+            else:
+                messages = [data]
+            for message in messages:
+                try:
+                    receive(message, ep)
+                except Exception:
+                    self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
+                    log.debug("receive callback failure", exc_info=True)
 
     def status(self) -> dict[str, Any]:
         return {
