@@ -49,7 +49,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             "LOG_LEVEL=debug|verbose|error|silent, "
             f"{ENV_LOG_FILE} (where a background daemon logs), "
             "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock), "
-            f"{ENV_OFFLOAD}=0 (no TCP segmentation offload on stream transports)."
+            f"{ENV_OFFLOAD}=0 (no TCP segmentation offload on the TUN)."
         ),
     )
     p.add_argument("-f", "--foreground", action="store_true", help="do not fork to the background")
