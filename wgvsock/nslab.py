@@ -60,7 +60,16 @@ def run(
     return res
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+class LabTimeout(LabError, TimeoutError):
+    pass
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition", *,
+    max_delay: float = 0.2,
+) -> Any:
+    """Polls `predicate` until it returns something truthy and returns that value. The delay
+    between polls doubles from 10 ms up to `max_delay`."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
@@ -68,9 +77,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         if value:
             return value
         if time.monotonic() > deadline:
-            raise LabError(f"timed out after {timeout:g} s waiting for {what}")
+            raise LabTimeout(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.2)
+        delay = min(delay * 2, max_delay)
 
 
 def missing_tools(tools: Sequence[str]) -> list[str]:

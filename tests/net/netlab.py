@@ -16,11 +16,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+from wgvsock.nslab import wait_for
 from wgvsock.uapi import uapi_get
 
 VENV_BIN = Path(sys.executable).parent
@@ -31,27 +30,6 @@ _serial = itertools.count()
 
 def run(*cmd: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout, **kw)
-
-
-def wait_for(
-    predicate: Callable[[], object],
-    timeout: float = 10.0,
-    what: str = "condition",
-    *,
-    max_delay: float = 0.2,
-):
-    """Polls `predicate` until it returns something truthy; the value is returned. The delay
-    between polls doubles from 10 ms up to `max_delay`."""
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, max_delay)
 
 
 class Keys:

@@ -240,6 +240,16 @@ class DatagramBind(SocketBind):
         return unix_endpoint_from_path(addr if isinstance(addr, str) else "", self.unix_dir,
                                        dgram=True)
 
+    def _remember(self, addr: Any) -> Endpoint:
+        """The endpoint for a source address not seen before (the cache is per peer, so a
+        flood of new addresses only ever resets it)."""
+        cache = self._ep_cache
+        ep = self._endpoint_for(addr)
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        cache[addr] = ep
+        return ep
+
     def _read_loop(self, sock: socket.socket) -> None:
         receive, closed, cache = self._receive, self._closed, self._ep_cache
         assert receive is not None
@@ -255,12 +265,7 @@ class DatagramBind(SocketBind):
                 break
             if not data:
                 continue
-            ep = cache.get(addr)
-            if ep is None:
-                ep = self._endpoint_for(addr)
-                if len(cache) >= _CACHE_MAX:
-                    cache.clear()
-                cache[addr] = ep
+            ep = cache.get(addr) or self._remember(addr)
             try:
                 receive(data, ep)
             except Exception:
@@ -284,12 +289,7 @@ class DatagramBind(SocketBind):
                 break
             if not data:
                 continue
-            ep = cache.get(addr)
-            if ep is None:
-                ep = self._endpoint_for(addr)
-                if len(cache) >= _CACHE_MAX:
-                    cache.clear()
-                cache[addr] = ep
+            ep = cache.get(addr) or self._remember(addr)
             size = 0
             for level, kind, value in ancdata:
                 if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
