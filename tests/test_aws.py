@@ -35,15 +35,13 @@ from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import boto3
+import moto.server as moto_server  # the test extra's moto[server]: a missing one must fail
 import pytest
+from botocore.stub import Stubber
 
-boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (test extra)")
-
-from botocore.stub import Stubber  # noqa: E402 - after the importorskip guards
-
-from wgvsock import aws  # noqa: E402
-from wgvsock.core.crypto import generate_private_key, key_to_base64  # noqa: E402
+from wgvsock import aws
+from wgvsock.core.crypto import generate_private_key, key_to_base64
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
