@@ -603,3 +603,24 @@ def test_doctor_off_ec2() -> None:
     assert len(checks) == 1
     assert checks[0].ok is None
     assert "not on EC2 (no instance metadata service" in checks[0].detail
+
+
+def test_parent_doctor_command(
+    moto: Moto, imds: FakeImds, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`wgvsock parent doctor` end to end: the local checks, the profile against this host,
+    and the AWS checks against moto and the IMDSv2 stand-in, as one table."""
+    from pathlib import Path
+
+    from wgvsock import cli
+
+    imds.document = _document(_instance(moto, "m5.xlarge", True))
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url)
+    monkeypatch.setenv("COLUMNS", "160")
+    profile = Path(__file__).parent / "data" / "profile-unix.yaml"
+    code = cli.main(["parent", "doctor", "--profile", str(profile)])
+    out = capsys.readouterr().out
+    for name in ("root", "TUN device", "nftables", "profile", "EC2 instance", "Enclave support"):
+        assert name in out, out
+    assert "transport is unix" in out
+    assert code == (0 if os.geteuid() == 0 else 1), out

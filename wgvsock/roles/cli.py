@@ -37,8 +37,8 @@ def parent_main(argv: list[str]) -> int:
     up.add_argument("-v", "--verbose", action="store_true")
     down = sub.add_parser("down", help="remove everything `up` made")
     down.add_argument("--profile", required=True)
-    doctor = sub.add_parser("doctor", help="check this host is ready")
-    doctor.add_argument("--profile", required=True)
+    check = sub.add_parser("doctor", help="check this host is ready")
+    check.add_argument("--profile", required=True)
     args = ap.parse_args(argv)
     profile = _load(args.profile)
     if profile is None:
