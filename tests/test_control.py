@@ -188,3 +188,25 @@ def test_held_connection_stays_in_step_when_a_message_arrives_in_pieces(monkeypa
         ours.close()
         theirs.close()
     assert result == ["stopped"]
+
+
+def test_a_flood_of_idle_connections_cannot_lock_the_enclave_out(tmp_path):
+    path = str(tmp_path / "control.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    rec = Recorder()
+    srv = ControlServer(listener, profile="demo", public_key=b"P" * 32, wg_port=51820,
+                        verify=rec.verify, install=rec.install, timeout=30.0, max_clients=4)
+    srv.start()
+    idle = [dial(path) for _ in range(6)]  # more than max_clients, and silent
+    try:
+        for s in idle:  # each gets its challenge: they are all being served or evicted
+            s.settimeout(3)
+        with dial(path) as s:
+            assert register(s, b"R" * 32).wg_port == 51820
+        assert rec.installed == [b"R" * 32]
+    finally:
+        for s in idle:
+            s.close()
+        srv.close()

@@ -175,6 +175,8 @@ class ControlServer:
         self._timeout = timeout
         self._max_clients = max_clients
         self._clients: set[socket.socket] = set()
+        # Connections still in their exchange, oldest first (a dict keeps insertion order).
+        self._pending: dict[socket.socket, None] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._current: socket.socket | None = None
@@ -208,15 +210,28 @@ class ControlServer:
                 continue
             with self._lock:
                 if len(self._clients) >= self._max_clients:
-                    conn.close()
-                    log.warning("control: too many connections, refusing one")
-                    continue
+                    if not self._pending:
+                        conn.close()
+                        log.warning("control: too many connections, refusing one")
+                        continue
+                    # Full of connections that have not registered: drop the oldest rather
+                    # than the newcomer, so a flood of idle connections cannot lock the
+                    # real enclave out for the length of an exchange.
+                    oldest = next(iter(self._pending))
+                    del self._pending[oldest]
+                    with contextlib.suppress(OSError):
+                        oldest.shutdown(socket.SHUT_RDWR)
+                    log.warning("control: too many connections, dropping the oldest pending")
                 self._clients.add(conn)
+                self._pending[conn] = None
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            if self._exchange(conn):
+            registered = self._exchange(conn)
+            with self._lock:
+                self._pending.pop(conn, None)
+            if registered:
                 self._hold(conn)
         except ControlError as e:
             log.warning("control: %s", e)
@@ -225,6 +240,7 @@ class ControlServer:
         finally:
             with self._lock:
                 self._clients.discard(conn)
+                self._pending.pop(conn, None)
                 if self._current is conn:
                     self._current = None
             conn.close()
