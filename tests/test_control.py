@@ -31,16 +31,21 @@ class Recorder:
         self.event.set()
 
 
+def make_server(path: str, **kw) -> tuple[ControlServer, Recorder]:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    rec = Recorder()
+    srv = ControlServer(listener, profile="demo", public_key=b"P" * 32, wg_port=51820,
+                        verify=rec.verify, install=rec.install, **kw)
+    srv.start()
+    return srv, rec
+
+
 @pytest.fixture
 def server(tmp_path):
     path = str(tmp_path / "control.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(8)
-    rec = Recorder()
-    srv = ControlServer(listener, profile="demo", public_key=b"P" * 32, wg_port=51820,
-                        verify=rec.verify, install=rec.install, timeout=1.0)
-    srv.start()
+    srv, rec = make_server(path, timeout=1.0)
     try:
         yield path, srv, rec
     finally:
@@ -192,13 +197,7 @@ def test_held_connection_stays_in_step_when_a_message_arrives_in_pieces(monkeypa
 
 def test_a_flood_of_idle_connections_cannot_lock_the_enclave_out(tmp_path):
     path = str(tmp_path / "control.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(64)
-    rec = Recorder()
-    srv = ControlServer(listener, profile="demo", public_key=b"P" * 32, wg_port=51820,
-                        verify=rec.verify, install=rec.install, timeout=30.0, max_clients=4)
-    srv.start()
+    srv, rec = make_server(path, timeout=30.0, max_clients=4)
     idle = [dial(path) for _ in range(6)]  # more than max_clients, and silent
     try:
         for s in idle:  # each gets its challenge: they are all being served or evicted

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import socket
 import struct
@@ -51,6 +52,14 @@ _GSO_MAX_BYTES = 65000
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
+def _gro_size(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The segment size of a coalesced UDP_GRO receive, or 0 for a single datagram."""
+    for level, kind, value in ancdata:
+        if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
+            return struct.unpack_from("=i", value)[0]
+    return 0
+
+
 class DatagramBind(SocketBind):
     stream = False
 
@@ -80,7 +89,7 @@ class DatagramBind(SocketBind):
                 gro = True
             except OSError:
                 pass
-        loop = self._read_loop_gro if gro else self._read_loop
+        loop = functools.partial(self._read_loop, gro=gro)
         self._start_thread(loop, f"wgvsock-{self.network}-dgram-read", sock)
         log.info("%s: datagram socket on port %d%s", self.network, self.port,
                  f" ({self._unix_path})" if self._unix_path else "")
@@ -250,12 +259,17 @@ class DatagramBind(SocketBind):
         cache[addr] = ep
         return ep
 
-    def _read_loop(self, sock: socket.socket) -> None:
+    def _read_loop(self, sock: socket.socket, gro: bool = False) -> None:
+        """One datagram per receive, or with UDP_GRO several of the size the control message
+        gives (the last may be shorter), handed over as one batch where the owner takes it."""
         receive, closed, cache = self._receive, self._closed, self._ep_cache
         assert receive is not None
         while True:
             try:
-                data, addr = sock.recvfrom(MAX_PAYLOAD)
+                if gro:
+                    data, ancdata, _flags, addr = sock.recvmsg(MAX_PAYLOAD, _GRO_CMSG_SPACE)
+                else:
+                    data, addr = sock.recvfrom(MAX_PAYLOAD)
             except OSError as exc:
                 if closed.is_set() or exc.errno in (errno.EBADF, errno.ENOTSOCK):
                     break
@@ -266,52 +280,20 @@ class DatagramBind(SocketBind):
             if not data:
                 continue
             ep = cache.get(addr) or self._remember(addr)
+            size = _gro_size(ancdata) if gro else 0
             try:
-                receive(data, ep)
+                if 0 < size < len(data):
+                    messages = [data[at : at + size] for at in range(0, len(data), size)]
+                    if self.receive_batch is not None:
+                        self.receive_batch(messages, ep)
+                    else:
+                        for message in messages:
+                            receive(message, ep)
+                else:
+                    receive(data, ep)
             except Exception:
                 self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
                 log.debug("receive callback failure", exc_info=True)
-
-    def _read_loop_gro(self, sock: socket.socket) -> None:
-        """_read_loop for a socket with UDP_GRO: one message may hold several datagrams of
-        the size the control message gives (the last may be shorter)."""
-        receive, closed, cache = self._receive, self._closed, self._ep_cache
-        assert receive is not None
-        while True:
-            try:
-                data, ancdata, _flags, addr = sock.recvmsg(MAX_PAYLOAD, _GRO_CMSG_SPACE)
-            except OSError as exc:
-                if closed.is_set() or exc.errno in (errno.EBADF, errno.ENOTSOCK):
-                    break
-                self._err_log(logging.WARNING, "%s: receive failed: %s", self.network, exc)
-                continue
-            if closed.is_set():
-                break
-            if not data:
-                continue
-            ep = cache.get(addr) or self._remember(addr)
-            size = 0
-            for level, kind, value in ancdata:
-                if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
-                    size = struct.unpack_from("=i", value)[0]
-            if 0 < size < len(data):
-                messages = [data[at : at + size] for at in range(0, len(data), size)]
-                batch = self.receive_batch
-                if batch is not None:
-                    try:
-                        batch(messages, ep)
-                    except Exception:
-                        self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
-                        log.debug("receive callback failure", exc_info=True)
-                    continue
-            else:
-                messages = [data]
-            for message in messages:
-                try:
-                    receive(message, ep)
-                except Exception:
-                    self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
-                    log.debug("receive callback failure", exc_info=True)
 
     def status(self) -> dict[str, Any]:
         return {
