@@ -171,14 +171,20 @@ def test_cut_stream_redials_and_keeps_the_session(lab: Lab, network: str) -> Non
     lab.start_daemon(b, ib, network)
 
     def start_relay():
-        # No fork: one connection per relay; killing it cuts the stream for good.
-        relay = a.popen(*relay_cmd)
-        if network == "tcp":
-            wait_for(lambda: "127.0.0.1:7700 " in a.run("ss", "-ltnH", check=False).stdout,
-                     5, "the relay to listen")
-        else:
-            wait_for(lambda: listen.exists(), 5, "the relay to listen")
-        return relay
+        # No fork: one connection per relay; killing it cuts the stream for good. A relay
+        # whose bind lost a race with the old connection's teardown exits: start it again.
+        relays = [a.popen(*relay_cmd)]
+
+        def listening() -> bool:
+            if relays[-1].poll() is not None:
+                relays.append(a.popen(*relay_cmd))
+                return False
+            if network == "tcp":
+                return "127.0.0.1:7700 " in a.run("ss", "-ltnH", check=False).stdout
+            return listen.exists()
+
+        wait_for(listening, 10, "the relay to listen")
+        return relays[-1]
 
     relay = start_relay()
     connect_pair(lab, a, ia, relay_ep, b, ib, None, a_port=7601, b_port=7602)
