@@ -144,7 +144,7 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None) -> int:
-    from .conn.bind import make_bind
+    from .conn import make_bind
     from .device import Device
     from .uapi import DEFAULT_RUN_DIR
 

@@ -7,6 +7,7 @@ The Unix and TCP stream binds run the same framing and connection code as vsock 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import random
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wgvsock.conn.bind import Bind, TransportUnavailable, make_bind
+from wgvsock.conn import Bind, TransportUnavailable, make_bind
 from wgvsock.conn.dgram import DatagramBind
 from wgvsock.conn.endpoint import Endpoint, format_endpoint
 from wgvsock.conn.framing import encode_frame
@@ -372,6 +373,37 @@ def test_vsock_stream_listens_on_kernel_chosen_port(binds: list[Bind]) -> None:
     assert st["open"] and st["port"] == port and st["connections"] == [] and st["dialers"] == []
     b.close()
     assert not b.is_open and listener.fileno() == -1
+
+
+@pytest.mark.parametrize("family", ["vsock", "unix", "inet"])
+def test_socket_timeouts_apply_on_every_family(family: str) -> None:
+    """CPython's setsockopt takes only integers on AF_VSOCK, so SO_SNDTIMEO/SO_RCVTIMEO must be
+    set another way; this failed on every vsock connection before (bound here, never connected).
+    """
+    from wgvsock.conn.bind import set_receive_timeout, set_send_timeout
+
+    make = {"vsock": (getattr(socket, "AF_VSOCK", -1), socket.SOCK_STREAM),
+            "unix": (socket.AF_UNIX, socket.SOCK_STREAM),
+            "inet": (socket.AF_INET, socket.SOCK_STREAM)}[family]
+    try:
+        sock = socket.socket(*make)
+    except OSError as exc:
+        pytest.skip(f"{family} sockets unavailable here: {exc}")
+    with sock:
+        set_send_timeout(sock, 2.5)
+        set_receive_timeout(sock, 0.5)  # multiples of 4 ms: the kernel keeps jiffies
+        assert _timeval_option(sock, socket.SO_SNDTIMEO) == (2, 500_000)
+        assert _timeval_option(sock, socket.SO_RCVTIMEO) == (0, 500_000)
+        set_receive_timeout(sock, 0)
+        assert _timeval_option(sock, socket.SO_RCVTIMEO) == (0, 0)
+
+
+def _timeval_option(sock: socket.socket, option: int) -> tuple[int, int]:
+    # Read through libc too: CPython's getsockopt refuses a buffer length on AF_VSOCK.
+    buf, size = ctypes.create_string_buffer(16), ctypes.c_uint32(16)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, option, buf, ctypes.byref(size)) == 0
+    return struct.unpack("ll", buf.raw[: size.value])
 
 
 def test_vsock_dgram_is_refused_clearly_or_binds(binds: list[Bind]) -> None:

@@ -8,13 +8,13 @@ Nothing here logs or allocates per packet beyond the message itself.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import random
 import socket
 import stat
-import struct
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -37,7 +37,6 @@ __all__ = [
     "Receiver",
     "SocketBind",
     "TransportUnavailable",
-    "make_bind",
 ]
 
 log = logging.getLogger("wgvsock.conn")
@@ -138,11 +137,25 @@ def unavailable(exc: OSError, what: str) -> OSError:
     return exc
 
 
+class _Timeval(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    # Through libc, not sock.setsockopt: CPython parses every AF_VSOCK option value as a u64
+    # (for the vsock buffer sizes), so a struct timeval cannot be passed on a vsock socket.
     whole = int(seconds)
-    sock.setsockopt(
-        socket.SOL_SOCKET, option, struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-    )
+    tv = _Timeval(whole, int((seconds - whole) * 1_000_000))
+    if _libc.setsockopt(sock.fileno(), socket.SOL_SOCKET, option, ctypes.byref(tv),
+                        ctypes.sizeof(tv)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setsockopt({_OPTION_NAMES.get(option, option)}): {os.strerror(err)}")
+
+
+_OPTION_NAMES = {socket.SO_SNDTIMEO: "SO_SNDTIMEO", socket.SO_RCVTIMEO: "SO_RCVTIMEO"}
 
 
 def set_send_timeout(sock: socket.socket, seconds: float) -> None:
@@ -327,23 +340,3 @@ class SocketBind(Bind):
                 os.unlink(path)
         except FileNotFoundError:
             pass
-
-
-def make_bind(network: str, dgram: bool, unix_dir: str | None = None) -> Bind:
-    """The bind for ``-n NETWORK`` and ``-d``: dgram applies to vsock and unix."""
-    # Imported here: stream and dgram build on this module.
-    from .dgram import DatagramBind
-    from .stream import StreamBind
-
-    if network in ("vsock", "unix"):
-        if dgram:
-            return DatagramBind(network, unix_dir=unix_dir)
-        return StreamBind(network, unix_dir=unix_dir)
-    if network in ("tcp", "tcp4", "tcp6"):
-        if dgram:
-            raise ValueError(f"network {network} is a stream transport; datagram mode is for "
-                             "vsock and unix (use network udp for UDP)")
-        return StreamBind(network, unix_dir=unix_dir)
-    if network == "udp":
-        return DatagramBind(network, unix_dir=unix_dir)
-    raise ValueError(f"unknown network {network!r} (expected vsock, tcp, tcp4, tcp6, udp or unix)")

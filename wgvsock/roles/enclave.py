@@ -20,7 +20,7 @@ import tempfile
 import threading
 
 from .. import netconf
-from ..conn.bind import make_bind
+from ..conn import make_bind
 from ..control import ControlError, Welcome, hold_connection, register
 from ..core.crypto import generate_private_key, public_key
 from ..device import Device

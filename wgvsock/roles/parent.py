@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import firewall, netconf
-from ..conn.bind import make_bind
+from ..conn import make_bind
 from ..control import ControlServer, Verdict
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import Device
