@@ -5,9 +5,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # podman + debootstrap build and run the enclave image in tests/net/test_image.py; systemd gives
-# systemd-analyze, which checks parent/wgvsock-parent@.service.
+# systemd-analyze, which checks parent/wgvsock-parent@.service. qemu-system-x86, linux-image-amd64,
+# busybox-static and cpio make the throw-away guest of tests/guest (real vsock, the kernel's WireGuard).
 APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod \
-                podman debootstrap systemd
+                podman debootstrap systemd qemu-system-x86 linux-image-amd64 busybox-static cpio
 APT_MARK := $(VENV)/.apt-done
 
 .PHONY: test demo bench lint apt venv clean lock wheelhouse image eif

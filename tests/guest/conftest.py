@@ -1,0 +1,133 @@
+"""Runs the tests marked ``guest`` inside one throw-away QEMU guest (tests/guest/rig.py).
+
+On this machine each such test is replaced by a proxy item. The first proxy to run boots the
+guest once for all of them, where pytest runs the real tests as root; each proxy then reports
+its own test's outcome from the guest, with the guest's output when it failed. Inside the guest
+(``rig.in_guest()``) the tests run as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from . import rig
+
+GUEST_TIMEOUT = 900.0  # the whole guest run; each test inside keeps pytest-timeout's limit
+
+
+class GuestRunner:
+    """Boots the guest on first use and keeps its results for every proxy."""
+
+    def __init__(self, nodeids: list[str]) -> None:
+        self.nodeids = nodeids
+        self.run: rig.GuestRun | None = None
+        self.results: dict[str, dict[str, object]] = {}
+        self.error: str | None = None
+
+    def result_for(self, nodeid: str) -> dict[str, object] | None:
+        if self.run is None and self.error is None:
+            self._boot()
+        return self.results.get(nodeid)
+
+    def _boot(self) -> None:
+        share = Path(tempfile.mkdtemp(prefix="wgvsock-guest-"))
+        report = f"{rig.GUEST_SHARE}/results.json"
+        # The venv's interpreter (a link to the real binary, never a pyenv shim, which takes
+        # seconds to start under TCG), so the tests find the venv's console scripts beside it.
+        python = sys.executable
+        venv = Path(sys.executable).parent.parent
+        command = (
+            f"export VIRTUAL_ENV={shlex.quote(str(venv))} "
+            f"PATH={shlex.quote(str(venv / 'bin'))}:$PATH PYTHONDONTWRITEBYTECODE=1\n"
+            f"{shlex.quote(python)} -m pytest -p tests.guest.report --guest-report={report} "
+            f"-p no:cacheprovider -o addopts= -q -rA "
+            + " ".join(shlex.quote(n) for n in self.nodeids)
+        )
+        try:
+            self.run = rig.run(command, timeout=GUEST_TIMEOUT, share=share)
+        except rig.GuestError as exc:
+            self.error = str(exc)
+            return
+        try:
+            self.results = json.loads((share / "results.json").read_text())
+        except (OSError, ValueError):
+            self.results = {}
+
+
+class GuestFailure(Exception):
+    pass
+
+
+class GuestItem(pytest.Item):
+    """Stands for one guest test on this machine."""
+
+    def __init__(self, *, runner: GuestRunner, real_nodeid: str, **kw) -> None:
+        super().__init__(**kw)
+        self.runner = runner
+        self.real_nodeid = real_nodeid
+
+    def runtest(self) -> None:
+        result = self.runner.result_for(self.real_nodeid)
+        if self.runner.error is not None:
+            raise GuestFailure(f"the guest could not be booted: {self.runner.error}")
+        run = self.runner.run
+        assert run is not None
+        if result is None:
+            raise GuestFailure("no result from the guest for this test\n" + run.explain())
+        if result["outcome"] == "skipped":
+            pytest.skip(f"in the guest: {result['text']}")
+        if result["outcome"] == "failed":
+            raise GuestFailure(f"failed in the guest:\n{result['text']}\n"
+                               f"--- guest console (tail) ---\n"
+                               + "\n".join(run.console.splitlines()[-40:]))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
+        if isinstance(excinfo.value, GuestFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[str, int, str]:
+        return self.path, 0, f"{self.name} [in the QEMU guest]"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if rig.in_guest() or os.geteuid() != 0:
+        return  # in the guest the tests run as they are; without root they are skipped
+    nodeids = [item.nodeid for item in items if item.get_closest_marker("guest")]
+    if not nodeids:
+        return
+    runner = GuestRunner(nodeids)
+    config.stash[_RUNNER] = runner
+    for i, item in enumerate(items):
+        if item.get_closest_marker("guest"):
+            proxy = GuestItem.from_parent(item.parent, name=item.name, runner=runner,
+                                          real_nodeid=item.nodeid)
+            for marker in item.iter_markers():
+                if marker.name not in ("timeout", "parametrize"):
+                    proxy.add_marker(getattr(pytest.mark, marker.name)(*marker.args,
+                                                                      **marker.kwargs))
+            proxy.add_marker(pytest.mark.timeout(GUEST_TIMEOUT + 60))
+            items[i] = proxy
+
+
+_RUNNER = pytest.StashKey[GuestRunner]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    runner = config.stash.get(_RUNNER, None)
+    if runner is None or runner.run is None:
+        return
+    run = runner.run
+    terminalreporter.section("QEMU guest")
+    terminalreporter.write_line(f"boot to command: {run.boot_seconds:.1f} s; whole guest run: "
+                                f"{run.seconds:.1f} s; exit code {run.returncode}")
+    for nodeid, result in runner.results.items():
+        terminalreporter.write_line(f"  {result['duration']:6.1f} s  {result['outcome']:7}  "
+                                    f"{nodeid}")
