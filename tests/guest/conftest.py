@@ -120,6 +120,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _RUNNER = pytest.StashKey[GuestRunner]()
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # The guard for every real guest test: they connect AF_VSOCK, which only the guest may.
+    if item.get_closest_marker("guest") and not isinstance(item, GuestItem):
+        rig.require_guest()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     runner = config.stash.get(_RUNNER, None)
     if runner is None or runner.run is None:

@@ -7,47 +7,19 @@ not per namespace, so each test picks its own.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 
 import pytest
 
 from tests.net.daemonctl import only_pid, process_gone
-from tests.net.netlab import DAEMON, Lab, Namespace, connect_pair, iperf3, ping, wait_for
+from tests.net.netlab import DAEMON, Lab, connect_pair, iperf3, ping, wait_for
 
-from .rig import require_guest
+from .traffic import copy_through, wait_counters_agree
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 
 LOOPBACK_CID = 1
-
-
-@pytest.fixture(autouse=True)
-def _only_in_guest() -> None:
-    require_guest()
-
-
-def _counters(ns: Namespace, ifname: str) -> tuple[int, int]:
-    """(rx, tx) bytes of the interface's only peer, from `wg show dump`."""
-    lines = ns.wg("show", ifname, "dump").stdout.strip().splitlines()
-    fields = lines[1].split("\t")
-    return int(fields[5]), int(fields[6])
-
-
-def _copy(lab: Lab, src: Namespace, dst: Namespace, addr: str, size: int) -> None:
-    """Sends `size` random bytes from `src` to a listener in `dst` over TCP through the
-    tunnel and checks they arrive whole (socat, both ends)."""
-    data = os.urandom(size)
-    sent, got = lab.tmp / f"sent-{src.name}", lab.tmp / f"got-{dst.name}"
-    sent.write_bytes(data)
-    server = dst.popen("socat", "-u", f"TCP-LISTEN:7777,bind={addr},reuseaddr",
-                       f"CREATE:{got}")
-    wait_for(lambda: f"{addr}:7777" in dst.run("ss", "-ltnH", check=False).stdout, 30,
-             "the socat listener")
-    src.run("socat", "-u", f"OPEN:{sent}", f"TCP:{addr}:7777", timeout=120)
-    assert server.wait(60) == 0
-    assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
 def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
@@ -62,20 +34,15 @@ def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
     ping(a, "10.99.0.2")
     ping(b, "10.99.0.1")
 
-    # Both sides see the same bytes: what one sent the other received.
-    def agree() -> bool:
-        (arx, atx), (brx, btx) = _counters(a, ia), _counters(b, ib)
-        return arx == btx and atx == brx and arx > 0 and atx > 0
-
-    wait_for(agree, 10, "equal transfer counters on both sides")
+    wait_counters_agree(a, ia, b, ib)
     # The accepted connection's port is a 32-bit ephemeral one, which wg(8) cannot print; the
     # readable form names the dialler's CID.
     seen = lab.uapi(ib)["peers"][0]["extra"]["wgvsock_endpoint"]
     assert seen.startswith(f"vsock://{LOOPBACK_CID}:"), seen
     assert lab.uapi(ia)["peers"][0]["extra"]["wgvsock_endpoint"] == f"vsock://1:{b_port}"
 
-    _copy(lab, a, b, "10.99.0.2", 4 << 20)
-    _copy(lab, b, a, "10.99.0.1", 4 << 20)
+    copy_through(lab, a, b, "10.99.0.2", 4 << 20)
+    copy_through(lab, b, a, "10.99.0.1", 4 << 20)
     report = iperf3(b, a, "10.99.0.2", "-n", "2M", timeout=120)
     assert report["end"]["sum_sent"]["bytes"] >= 2 << 20
 

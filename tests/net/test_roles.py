@@ -34,9 +34,7 @@ version: 1
 name: {name}
 interface: wg0
 transport:
-  kind: unix
-  port: 51820
-  path: {sock}
+{transport}
 parent:
   address: 10.77.0.1/30
   private_key: {key}
@@ -50,6 +48,12 @@ enclave:
   dns: [198.51.100.53]
 """
 
+# The Unix-socket stand-in for vsock; the guest tests (tests/guest) use real vsock.
+UNIX_TRANSPORT = """\
+  kind: unix
+  port: 51820
+  path: {sock}"""
+
 # How long a restarted side may take to bring the tunnel back (control backoff is at most 5 s,
 # the stream transport redials at once, a handshake takes milliseconds).
 RECOVERY_BOUND = 20.0
@@ -58,10 +62,11 @@ RECOVERY_BOUND = 20.0
 class World:
     """The three namespaces, the internet's servers and a profile. `profile_extra` is appended
     to PROFILE (e.g. an `attestation:` section); `parent_env` is added to the parent's
-    environment only."""
+    environment only; `transport` replaces the Unix stand-in's block (indented two spaces)."""
 
     def __init__(self, lab: Lab, *, profile_extra: str = "",
-                 parent_env: Mapping[str, str] | None = None) -> None:
+                 parent_env: Mapping[str, str] | None = None,
+                 transport: str = UNIX_TRANSPORT) -> None:
         self.lab = lab
         self.name = f"e2e{lab.tag.replace('x', '')}"[:20]
         self.enclave = lab.netns("e")
@@ -83,7 +88,8 @@ class World:
         (self.app / "big.bin").write_bytes(self.big)
         self.profile = lab.tmp / "profile.yaml"
         self.profile.write_text(PROFILE.format(
-            name=self.name, sock=lab.tmp / "sock", key=lab.tmp / "parent.key") + profile_extra)
+            name=self.name, transport=transport.format(sock=lab.tmp / "sock"),
+            key=lab.tmp / "parent.key") + profile_extra)
         self.parent_env = dict(parent_env or {})
         self.env = {
             **os.environ,

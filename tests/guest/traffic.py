@@ -1,0 +1,42 @@
+"""Traffic checks the guest tests share."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from tests.net.netlab import Lab, Namespace, wait_for
+
+
+def peer_counters(ns: Namespace, ifname: str) -> tuple[int, int]:
+    """(rx, tx) bytes of the interface's only peer, from `wg show dump` (ours or the
+    kernel's: the same tool reads both)."""
+    lines = ns.wg("show", ifname, "dump").stdout.strip().splitlines()
+    fields = lines[1].split("\t")
+    return int(fields[5]), int(fields[6])
+
+
+def wait_counters_agree(a: Namespace, ia: str, b: Namespace, ib: str) -> None:
+    """What each side sent, the other received: exactly, once nothing is in flight."""
+
+    def agree() -> bool:
+        (arx, atx), (brx, btx) = peer_counters(a, ia), peer_counters(b, ib)
+        return arx == btx and atx == brx and arx > 0 and atx > 0
+
+    wait_for(agree, 15, f"equal transfer counters on {ia} and {ib}")
+
+
+def copy_through(lab: Lab, src: Namespace, dst: Namespace, addr: str, size: int) -> None:
+    """Sends `size` random bytes from `src` to a listener on `addr` in `dst` over TCP (socat
+    at both ends) and checks they arrive whole."""
+    data = os.urandom(size)
+    sent, got = lab.tmp / f"sent-{src.name}", lab.tmp / f"got-{dst.name}"
+    sent.write_bytes(data)
+    got.unlink(missing_ok=True)
+    server = dst.popen("socat", "-u", f"TCP-LISTEN:7777,bind={addr},reuseaddr",
+                       f"CREATE:{got}")
+    wait_for(lambda: f"{addr}:7777" in dst.run("ss", "-ltnH", check=False).stdout, 30,
+             "the socat listener")
+    src.run("socat", "-u", f"OPEN:{sent}", f"TCP:{addr}:7777", timeout=120)
+    assert server.wait(60) == 0
+    assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(data).digest()
