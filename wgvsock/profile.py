@@ -1307,3 +1307,130 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
     except BrokenPipeError:
         pass
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pinning the parent's key
+
+
+def set_parent_public_key(text: str, key: str, path: str = "<string>") -> str:
+    """TEXT with parent.public_key set to KEY, everything else (comments, order, layout) kept.
+
+    The YAML is edited as text at the node marks rather than dumped again, which would lose the
+    comments that make a profile readable. The result is parsed back to prove the edit.
+    """
+    try:
+        key = _public_key(key)
+    except _Invalid as e:
+        raise ProfileError([Problem(path, 0, "parent.public_key", e.reason, e.hint)]) from None
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None and not isinstance(root, MappingNode):
+        raise ProfileError([Problem(path, 1, "", "the profile is not a mapping",
+                                    "start from parent/profile.example.yaml")])
+    entries = {k.value: (k, v) for k, v in root.value} if root is not None else {}
+    if "parent" not in entries:
+        if root is not None and root.flow_style:
+            raise ProfileError([Problem(path, 1, "parent", "cannot add parent: to a flow "
+                                        "mapping", f"add `parent: {{public_key: {key}}}`")])
+        sep = "" if not text or text.endswith("\n") else "\n"
+        new = f"{text}{sep}parent:\n  public_key: {key}\n"
+    else:
+        knode, parent = entries["parent"]
+        if isinstance(parent, MappingNode):
+            children = {k.value: (k, v) for k, v in parent.value}
+            if "public_key" in children:
+                pk_key, pk_value = children["public_key"]
+                start = text.index(":", pk_key.end_mark.index) + 1
+                end = max(pk_value.end_mark.index, start)
+                new = f"{text[:start]} {key}{text[end:]}"
+            elif parent.flow_style:
+                at = parent.start_mark.index + 1
+                rest = ", " if parent.value else ""
+                new = f"{text[:at]}public_key: {key}{rest}{text[at:]}"
+            else:
+                # A line of its own, after private_key when there is one, indented like the rest.
+                first = parent.value[0][0]
+                indent = " " * first.start_mark.column
+                after = children.get("private_key", parent.value[0])[1].end_mark.index
+                line_end = text.find("\n", after)
+                at = len(text) if line_end < 0 else line_end + 1
+                if "private_key" not in children:
+                    at = text.rfind("\n", 0, first.start_mark.index) + 1
+                nl = "" if at == 0 or text[at - 1] == "\n" else "\n"
+                new = f"{text[:at]}{nl}{indent}public_key: {key}\n{text[at:]}"
+        elif _is_null(parent):
+            start = text.index(":", knode.end_mark.index) + 1
+            end = max(parent.end_mark.index, start)
+            new = f"{text[:start]} {{public_key: {key}}}{text[end:]}"
+        else:
+            raise ProfileError([Problem(path, _line(parent), "parent",
+                                        f"expected a mapping, got {_describe(parent)}",
+                                        "write parent as indented `key: value` lines")])
+    try:
+        written = parse_profile(new, path).parent.public_key
+    except ProfileError:
+        written = None
+    if written != key:
+        raise ProfileError([Problem(path, 0, "parent.public_key",
+                                    "could not place the key without disturbing the file",
+                                    f"add `public_key: {key}` under parent: by hand")])
+    return new
+
+
+def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent") -> int:
+    """`wgvsock profile pin-parent FILE [--key-file F | --public-key B64]`: write the parent's
+    public key into the profile as parent.public_key, so the enclave refuses any other parent."""
+    ap = argparse.ArgumentParser(
+        prog=prog, description="Pin the parent's WireGuard public key in a profile "
+        "(parent.public_key). The key comes from the profile's own parent.private_key unless "
+        "--key-file or --public-key says otherwise. Rebuild the enclave image afterwards.")
+    ap.add_argument("file", help="the profile (YAML); edited in place, comments kept")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--key-file", metavar="F",
+                     help="the parent's private key: a file, ssm:NAME or secretsmanager:NAME")
+    src.add_argument("--public-key", metavar="B64", help="the parent's public key itself")
+    try:
+        args = ap.parse_args(list(argv))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        profile = load_profile(args.file)
+        if args.public_key is not None:
+            try:
+                key = _public_key(args.public_key)
+            except _Invalid as e:
+                print(f"{prog}: --public-key: {e}", file=sys.stderr)
+                return 2
+        else:
+            from .core.crypto import key_to_base64, public_key
+            from .roles.parent import RoleError, load_parent_key
+
+            try:
+                private = load_parent_key(args.key_file or profile.parent.private_key,
+                                          create=False)
+            except RoleError as e:
+                print(f"{prog}: {e}", file=sys.stderr)
+                return 1
+            key = key_to_base64(public_key(private))
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+        new = set_parent_public_key(text, key, args.file)
+    except ProfileError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return 1
+    if new != text:
+        tmp = f"{args.file}.pin-parent.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         os.stat(args.file).st_mode & 0o777)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(new)
+            os.replace(tmp, args.file)
+        except OSError as e:
+            print(f"{prog}: cannot write {args.file}: {e.strerror or e}", file=sys.stderr)
+            return 1
+    print(f"{args.file}: parent.public_key: {key}"
+          + (" (already pinned)" if new == text else ""))
+    print("rebuild the enclave image so the pin is part of it (and of its PCRs)")
+    return 0
