@@ -156,6 +156,16 @@ def make_verifier(profile):
     return verify
 
 
+def attestation_state(verdict: Verdict) -> str:
+    """What the read-only UAPI key wgvsock_attested says: "true", "false", or "debug" for a
+    debug-mode enclave that allow_debug let in (genuine, but its image is not measured)."""
+    if verdict.attested:
+        return "true"
+    if (verdict.detail or {}).get("debug_mode"):
+        return "debug"
+    return "false"
+
+
 # -- state -----------------------------------------------------------------------------------
 
 
@@ -291,7 +301,7 @@ class Parent:
         self.device.extra_status = {
             "wgvsock_profile": self.profile.name,
             "wgvsock_role": "parent",
-            "wgvsock_attested": "true" if verdict.attested else "false",
+            "wgvsock_attested": attestation_state(verdict),
         }
 
     def _start_enclave(self) -> None:
