@@ -36,6 +36,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .conn.framing import MAX_STREAM_MTU
+
 IPAddress = IPv4Address | IPv6Address
 IPInterface = IPv4Interface | IPv6Interface
 IPNetwork = IPv4Network | IPv6Network
@@ -59,9 +61,8 @@ TCP_PORT_MAX = 65535
 UNIX_DIR_MAX = 80
 PCR_HEX_LEN = 96  # SHA-384: 48 bytes
 WG_KEY_LEN = 32
-# Every profile transport is a stream: one frame carries at most 65535 bytes, and a transport
-# message is the packet plus 32 bytes (16 of header, 16 of tag; padding stops at the MTU).
-STREAM_MTU_MAX = 65535 - 32
+# Every profile transport is a stream, whose frames limit the MTU.
+STREAM_MTU_MAX = MAX_STREAM_MTU
 PCR_MAX_INDEX = 31
 MAX_PROFILE_BYTES = 1 << 20
 
