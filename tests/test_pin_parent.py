@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,36 @@ def test_parent_key_file_mode_and_owner(tmp_path):
     with pytest.raises(RoleError, match="does not exist"):
         load_parent_key(str(tmp_path / "missing"), create=False)
     assert not (tmp_path / "missing").exists()
+
+
+_UNPRIVILEGED_BIND = r"""
+import errno, os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+for port in map(int, sys.argv[1:]):
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        s.bind((socket.VMADDR_CID_ANY, port))
+        print(port, "bound")
+    except OSError as e:
+        print(port, errno.errorcode.get(e.errno, e.errno))
+    finally:
+        s.close()
+"""
+
+
+def test_default_vsock_ports_cannot_be_bound_by_an_unprivileged_process():
+    # Issue 12, item 2: while `parent up` is down, a host process without root must not be
+    # able to take the parent's ports. Binding (never connecting) vsock is safe here.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged user")
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    except (OSError, AttributeError):
+        pytest.skip("no AF_VSOCK on this machine")
+    t = parse_profile("name: a\n").transport
+    res = subprocess.run([sys.executable, "-c", _UNPRIVILEGED_BIND, str(t.port),
+                          str(t.control_port)], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == [f"{t.port} EACCES", f"{t.control_port} EACCES"]
