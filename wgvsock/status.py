@@ -197,6 +197,7 @@ class PeerView:
     connection: str | None = None  # wgvsock_conn
     reconnects: int | None = None  # wgvsock_reconnects
     attested: bool | None = None
+    debug: bool = False  # a debug-mode enclave let in by allow_debug: genuine, image unmeasured
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -212,6 +213,7 @@ class InterfaceView:
     profile: str | None = None
     role: str | None = None
     attested: bool | None = None
+    debug: bool = False
     peers: list[PeerView] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -278,12 +280,19 @@ def _bool_or_none(value: str | None) -> bool | None:
     return {"true": True, "false": False}.get(value or "")
 
 
+def _attestation(value: str | None) -> tuple[bool | None, bool]:
+    """wgvsock_attested: "true", "false" or "debug" (not attested: a debug-mode enclave)."""
+    if value == "debug":
+        return False, True
+    return _bool_or_none(value), False
+
+
 def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> InterfaceView:
     """Turn a parsed `get` reply (see uapi.parse_get) into what the dashboard shows."""
     extra: dict[str, str] = dev.get("extra", {})
     network = extra.get("wgvsock_network")
     role = extra.get("wgvsock_role")
-    attested = _bool_or_none(extra.get("wgvsock_attested"))
+    attested, debug = _attestation(extra.get("wgvsock_attested"))
     priv = dev.get("private_key")
     port = _int_or_none(extra.get("wgvsock_port"))
     iface = InterfaceView(
@@ -296,6 +305,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         profile=extra.get("wgvsock_profile"),
         role=role,
         attested=attested,
+        debug=debug,
         extra=dict(extra),
     )
     # A role's interface has one peer: the other side of the parent/enclave pair.
@@ -306,6 +316,13 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         age = now - (sec + nsec / 1e9) if sec else None
         endpoint = readable_endpoint(p.get("endpoint"), pextra, network)
         label = pextra.get("wgvsock_role") or other
+        # The parent's verdict is about its one peer, the enclave.
+        if "wgvsock_attested" in pextra:
+            peer_attested, peer_debug = _attestation(pextra["wgvsock_attested"])
+        elif label == "enclave":
+            peer_attested, peer_debug = attested, debug
+        else:
+            peer_attested, peer_debug = None, False
         iface.peers.append(
             PeerView(
                 public_key=key_to_base64(p["public_key"]),
@@ -324,10 +341,8 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
                 preshared_key=p.get("preshared_key") is not None,
                 connection=pextra.get("wgvsock_conn"),
                 reconnects=_int_or_none(pextra.get("wgvsock_reconnects")),
-                # The parent's verdict is about its one peer, the enclave.
-                attested=_bool_or_none(pextra.get("wgvsock_attested"))
-                if "wgvsock_attested" in pextra
-                else (attested if label == "enclave" else None),
+                attested=peer_attested,
+                debug=peer_debug,
                 extra=dict(pextra),
             )
         )
@@ -598,7 +613,9 @@ def _details(p: PeerView, rates: bool = False) -> list[Text]:
         if p.cid is not None:
             label.append(f" CID {p.cid}", style="magenta")
         parts.append(label)
-    if p.attested is True:
+    if p.debug:
+        parts.append(Text("debug enclave, not attested", style="bold red"))
+    elif p.attested is True:
         parts.append(Text("attested ✓", style="green"))
     elif p.attested is False:
         parts.append(Text("not attested", style="bold yellow"))
