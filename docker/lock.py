@@ -34,7 +34,7 @@ except ImportError:  # pip always carries a copy
     from pip._vendor.packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-PARENT_ONLY = {"boto3", "rich"}  # imported only by `parent`, `doctor` and `status`
+PARENT_ONLY = {"boto3", "rich", "dnspython"}  # imported only by `parent`, `doctor`, `status`
 PYTHON_VERSION = "3.11"  # the image's Python: python:3.11-slim, Debian bookworm's python3
 # Each group is one machine: glibc 2.28 or newer (pip expands manylinux2014 downwards itself,
 # but not manylinux_2_28), on x86_64 and on Graviton. `make wheelhouse` asks for the same.

@@ -36,6 +36,11 @@ Why the chains look the way they do
   (127.0.0.0/8, ::1): a packet from 127.0.0.1 cannot leave through the tunnel, so such a
   connection is refused at once rather than hanging.
 * With several enclave addresses of one family, ingress goes to the first one.
+* Allow rules by host name (issue 14) match sets ``name<i>_v4``/``name<i>_v6``, one pair per
+  rule, which the parent's DNS forwarder fills with the addresses of allowed answers, each
+  with a timeout (TTL + grace). They come after the deny rules, so a name that resolves to a
+  denied address (IMDS, say) stays denied. The forwarder's own port (53 on the parent's
+  tunnel addresses) is open from the tunnel whenever names are used.
 * Replacing the table leaves existing conntrack entries alone: an established flow that a new
   deny rule covers lives until it ends.
 """
@@ -62,15 +67,18 @@ __all__ = [
     "IngressLike",
     "Rule",
     "RuleLike",
+    "add_to_sets",
     "apply",
     "check",
     "conflicting_forward_chains",
     "enable_forwarding",
     "exists",
+    "name_set",
     "read_counters",
     "remove",
     "render_ruleset",
     "restore_forwarding",
+    "set_elements",
     "table_name",
 ]
 
@@ -107,6 +115,15 @@ class RuleLike(Protocol):
     def network(self) -> IPNetwork | str: ...
     @property
     def ports(self) -> tuple[int, int] | int | None: ...
+    @property
+    def protocol(self) -> str | None: ...
+
+
+class NameRuleLike(Protocol):
+    """An allow rule by host name: its ports and protocol, and str() for its comment."""
+
+    @property
+    def ports(self) -> tuple[int, int] | None: ...
     @property
     def protocol(self) -> str | None: ...
 
@@ -150,6 +167,10 @@ class FirewallSpec:
     allow: Sequence[RuleLike] = field(default_factory=list)
     deny: Sequence[RuleLike] = field(default_factory=list)
     ingress: Sequence[IngressLike] = field(default_factory=list)
+    #: Allow rules by host name; rule i matches the sets name_set(i, 4) and name_set(i, 6).
+    allow_names: Sequence[NameRuleLike] = field(default_factory=list)
+    #: The parent's addresses where its DNS forwarder listens (UDP and TCP port 53).
+    dns_forwarder: Sequence[IPAddress | str] = field(default_factory=list)
 
 
 class Counter(NamedTuple):
@@ -178,6 +199,14 @@ class _Spec:
     allow: tuple[_Rule, ...]
     deny: tuple[_Rule, ...]
     ingress: tuple[Ingress, ...]
+    names: tuple[tuple[str, _L4], ...]  # (comment, ports/protocol) of each allow-name rule
+    dns: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True)
+class _L4:
+    ports: tuple[int, int] | None
+    protocol: L4 | None
 
 
 def table_name(name: str) -> str:
@@ -221,6 +250,20 @@ def _protocol(value: object, what: str, *, optional: bool) -> L4 | None:
     if value == "udp":
         return "udp"
     raise ValueError(f"{what} protocol {value!r}: use tcp or udp")
+
+
+def _l4_of(rule: NameRuleLike, what: str) -> _L4:
+    ports = rule.ports
+    span = None
+    if ports is not None:
+        lo, hi = ports
+        span = (_port(lo, f"{what} port"), _port(hi, f"{what} port"))
+        if lo > hi:
+            raise ValueError(f"{what} ports {lo}-{hi}: the range is empty")
+    text = str(rule)
+    if not re.fullmatch(r"[A-Za-z0-9_.*:/-]{1,300}", text):
+        raise ValueError(f"{what} {text!r} is not a host name rule")
+    return _L4(span, _protocol(rule.protocol, what, optional=True))
 
 
 def _rule(rule: RuleLike, what: str) -> _Rule:
@@ -278,6 +321,9 @@ def _validated(spec: FirewallSpec) -> _Spec:
         allow=tuple(_rule(r, f"allow[{i}]") for i, r in enumerate(spec.allow)),
         deny=tuple(_rule(r, f"deny[{i}]") for i, r in enumerate(spec.deny)),
         ingress=tuple(ingress),
+        names=tuple((f"allow {r}", _l4_of(r, f"allow name[{i}]"))
+                    for i, r in enumerate(spec.allow_names)),
+        dns=tuple(dict.fromkeys(_address(a) for a in spec.dns_forwarder)),
     )
 
 
@@ -299,12 +345,14 @@ def _describe(verb: str, r: _Rule) -> str:
     return text
 
 
-def _match(r: _Rule) -> str:
-    v4 = r.network.version == 4
-    if r.network.prefixlen == 0:
-        parts = [f"meta nfproto {'ipv4' if v4 else 'ipv6'}"]
+def _match(r: _Rule | _L4, daddr: str | None = None) -> str:
+    """R's match; an _L4 (a name rule) matches destination DADDR (a set reference)."""
+    if isinstance(r, _L4):
+        parts = [daddr or ""]
+    elif r.network.prefixlen == 0:
+        parts = [f"meta nfproto {'ipv4' if r.network.version == 4 else 'ipv6'}"]
     else:
-        parts = [f"{'ip' if v4 else 'ip6'} daddr {r.network}"]
+        parts = [f"{'ip' if r.network.version == 4 else 'ip6'} daddr {r.network}"]
     if r.protocol and r.ports:
         parts.append(f"{r.protocol} dport {_ports(r.ports)}")
     elif r.protocol:
@@ -324,6 +372,15 @@ def _set(name: str, kind: str, elements: Sequence[IPAddress]) -> list[str]:
     if elements:
         lines.append(f"\t\telements = {{ {', '.join(map(str, elements))} }}")
     return [*lines, "\t}"]
+
+
+def name_set(index: int, version: int) -> str:
+    """The set of allow-name rule INDEX's addresses of IP VERSION."""
+    return f"name{index}_v{version}"
+
+
+# Bounds the kernel's memory for one set; the forwarder bounds what it adds too.
+NAME_SET_SIZE = 65536
 
 
 def _chain(name: str, body: Sequence[str], hook: str | None = None) -> list[str]:
@@ -349,6 +406,10 @@ def render_ruleset(spec: FirewallSpec) -> str:
         *_set("enclave_v4", "ipv4_addr", s.v4),
         *_set("enclave_v6", "ipv6_addr", s.v6),
     ]
+    for i in range(len(s.names)):
+        for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            out += [f"\tset {name_set(i, version)} {{", f"\t\ttype {kind}",
+                    "\t\tflags timeout", f"\t\tsize {NAME_SET_SIZE}", "\t}"]
     for counter in COUNTERS:
         out += [f"\tcounter {counter} {{", "\t}"]
 
@@ -360,6 +421,11 @@ def render_ruleset(spec: FirewallSpec) -> str:
         f"{_match(r)} counter name {_q('egress_allowed')} counter accept "
         f"comment {_q(_describe('allow', r))}"
         for r in s.allow
+    ] + [
+        f"{_match(l4, f'{fam} daddr @{name_set(i, version)}')} "
+        f"counter name {_q('egress_allowed')} counter accept comment {_q(comment)}"
+        for i, (comment, l4) in enumerate(s.names)
+        for fam, version in (("ip", 4), ("ip6", 6))
     ]
     out += _chain("egress_policy", policy)
     out += _chain("check_source", [
@@ -383,6 +449,8 @@ def render_ruleset(spec: FirewallSpec) -> str:
         "ct state established,related accept",
         "icmp type echo-request accept",
         "icmpv6 type echo-request accept",
+        *([f"{'ip' if a.version == 4 else 'ip6'} daddr {a} meta l4proto {{ tcp, udp }} "
+           f"th dport 53 counter accept comment {_q('dns forwarder')}" for a in s.dns]),
         "jump egress_policy",
         f"counter name {_q('local_blocked')} drop",
     ])
@@ -489,6 +557,35 @@ def _json(args: Sequence[str], netns: str | None) -> list[dict]:
     if res.returncode != 0:
         raise FirewallError(f"nft {' '.join(args)}: {(res.stderr or res.stdout).strip()}")
     return json.loads(res.stdout).get("nftables", [])
+
+
+def add_to_sets(name: str, elements: Sequence[tuple[str, IPAddress, int]],
+                netns: str | None = None) -> None:
+    """Puts each (set, address, timeout in seconds) into profile `name`'s table, resetting
+    the timeout of an address already there. One transaction: add, delete, add, because
+    before Linux 6.x a plain `add` of an existing element keeps its old timeout."""
+    table = table_name(name)
+    lines = []
+    for set_, addr, timeout in elements:
+        if not re.fullmatch(r"name\d+_v[46]", set_):
+            raise ValueError(f"{set_!r} is not a name set")
+        ip = ipaddress.ip_address(addr)
+        element = f"{{ {ip} timeout {max(1, int(timeout))}s }}"
+        lines += [f"add element inet {table} {set_} {element}",
+                  f"delete element inet {table} {set_} {{ {ip} }}",
+                  f"add element inet {table} {set_} {element}"]
+    if lines:
+        _load("\n".join(lines) + "\n", netns)
+
+
+def set_elements(name: str, set_: str, netns: str | None = None) -> dict[str, tuple[int, int]]:
+    """A name set's live elements: address -> (timeout, seconds until it expires)."""
+    out: dict[str, tuple[int, int]] = {}
+    for item in _json(["list", "set", "inet", table_name(name), set_], netns):
+        for e in item.get("set", {}).get("elem", []):
+            e = e.get("elem", e) if isinstance(e, dict) else {"val": e}
+            out[str(e["val"])] = (int(e.get("timeout", 0)), int(e.get("expires", 0)))
+    return out
 
 
 def exists(name: str, netns: str | None = None) -> bool:

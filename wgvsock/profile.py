@@ -37,6 +37,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .conn.framing import MAX_STREAM_MTU
+from .egress.names import NamePattern, NameRule, NameRuleError, looks_like_name
 
 IPAddress = IPv4Address | IPv6Address
 IPInterface = IPv4Interface | IPv6Interface
@@ -78,6 +79,9 @@ DEFAULT_CPU_COUNT = 2
 # An enclave needs roughly 4x its EIF in memory; a slim Python image is a few hundred MiB.
 DEFAULT_MEMORY_MIB = 1024
 DEFAULT_MAX_AGE = 300
+# Seconds a resolved address stays allowed after its TTL: clients cache answers a little
+# longer than they should, and a connection may start just as the TTL runs out.
+DEFAULT_DNS_GRACE = 60
 
 # Route 53 Resolver and the instance metadata service, as reached from a Nitro instance.
 AWS_DNS_V4 = IPv4Address("169.254.169.253")
@@ -242,6 +246,31 @@ class Rule:
         return text
 
 
+def parse_egress_entry(text: str) -> Rule | NameRule:
+    """An allow/deny entry: a CIDR rule (see :class:`Rule`) or a host name rule, written the
+    same way with a name in place of the CIDR (``api.stripe.com:443/tcp``, ``"*.example.com"``)."""
+    s = text.strip()
+    m = re.search(r"/([A-Za-z]+)$", s)
+    host = s[: m.start()] if m else s
+    if "[" in host or host.count(":") > 1:
+        return Rule.parse(text)
+    host, sep, port_text = host.partition(":")
+    if not looks_like_name(host):
+        return Rule.parse(text)
+    try:
+        pattern = NamePattern.parse(host)
+    except NameRuleError as e:
+        raise _Invalid(e.reason, e.hint) from None
+    ports = _parse_ports(port_text, text) if sep else None
+    protocol: Protocol | None = None
+    if m:
+        if m.group(1).lower() not in PROTOCOLS:
+            raise _Invalid(f"protocol {m.group(1)!r} in {text!r} is not tcp or udp",
+                           "end the rule with /tcp or /udp, or with neither for both")
+        protocol = m.group(1).lower()  # type: ignore[assignment]
+    return NameRule(pattern, ports, protocol)
+
+
 @dataclass(frozen=True)
 class Transport:
     kind: Kind = "vsock"
@@ -258,6 +287,16 @@ class Egress:
     interface: str | None
     allow: list[Rule]
     deny: list[Rule]
+    # Host-name entries of allow/deny: the parent's DNS forwarder enforces them (egress/).
+    allow_names: list[NameRule] = field(default_factory=list)
+    deny_names: list[NameRule] = field(default_factory=list)
+    # Where the forwarder sends queries; empty: the parent's /etc/resolv.conf.
+    resolver: list[IPAddress] = field(default_factory=list)
+    dns_grace: int = DEFAULT_DNS_GRACE
+
+    @property
+    def uses_names(self) -> bool:
+        return bool(self.allow_names or self.deny_names)
 
 
 @dataclass(frozen=True)
@@ -342,7 +381,7 @@ _TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "encl
              "attestation")
 _TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
 _PARENT_KEYS = ("address", "private_key", "public_key", "egress", "ingress", "enclave")
-_EGRESS_KEYS = ("nat", "interface", "allow", "deny")
+_EGRESS_KEYS = ("nat", "interface", "allow", "deny", "resolver", "dns_grace", "test_dns_grace")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
 _ENCLAVE_KEYS = ("address", "dns", "routes")
@@ -671,7 +710,8 @@ class _Builder(_Parser):
         enclave_map = self.mapping(top.get("enclave"), "enclave", _ENCLAVE_KEYS)
         parent_addrs, enclave_addrs = self.addresses(parent_map, enclave_map)
         parent = self.parent(parent_map, name, enclave_addrs, transport)
-        enclave = self.enclave(enclave_map, enclave_addrs)
+        enclave = self.enclave(enclave_map, enclave_addrs, parent_addrs,
+                               parent.egress.uses_names)
         attestation = self.attestation(top.get("attestation"), parent.enclave)
 
         mtu = DEFAULT_MTU
@@ -854,16 +894,21 @@ class _Builder(_Parser):
         launch = self.launch(m.get("enclave"))
         return _ParentParts(private_key, public_key, egress, ingress, launch)
 
-    def rules(self, m: Mapping[str, Node], key: str) -> list[Rule] | None:
+    def rules(self, m: Mapping[str, Node],
+              key: str) -> tuple[list[Rule], list[NameRule]] | None:
         items = self.items(m.get(key.rsplit(".", 1)[-1]), key, "10.0.0.0/8:443/tcp")
         if items is None:
             return None
-        out = []
+        out: list[Rule] = []
+        names: list[NameRule] = []
         for k, node in items:
-            r = self.parsed(node, k, '"[2001:db8::/32]:443/tcp"', Rule.parse)
-            if r is not None:
+            r = self.parsed(node, k, '"[2001:db8::/32]:443/tcp" or api.example.com:443/tcp',
+                            parse_egress_entry)
+            if isinstance(r, NameRule):
+                names.append(r)
+            elif r is not None:
                 out.append(r)
-        return out
+        return out, names
 
     def egress(self, node: Node | None, enclave_addrs: list[IPInterface]) -> Egress:
         m = self.mapping(node, "parent.egress", _EGRESS_KEYS)
@@ -875,11 +920,14 @@ class _Builder(_Parser):
         if "interface" in m:
             interface = self.interface(m["interface"], "parent.egress.interface")
         versions = {a.version for a in enclave_addrs} or {4}
-        allow = self.rules(m, "parent.egress.allow")
-        if allow is None:
+        names_allowed: list[NameRule] = []
+        parsed = self.rules(m, "parent.egress.allow")
+        if parsed is None:
             allow = [Rule(ipaddress.ip_network("0.0.0.0/0" if v == 4 else "::/0"))
                      for v in sorted(versions)]
-        deny = self.rules(m, "parent.egress.deny") or []
+        else:
+            allow, names_allowed = parsed
+        deny, names_denied = self.rules(m, "parent.egress.deny") or ([], [])
         # Added to whatever deny the profile writes (`deny: []` included): these endpoints hand
         # out the instance role's credentials, and through `ssm:` key sources the parent's own
         # WireGuard key. Only an allow rule that names one lifts it.
@@ -888,8 +936,21 @@ class _Builder(_Parser):
             if rule in deny or any(allow_names(r, endpoint, scope) for r in allow):
                 continue
             deny.append(rule)
-        return Egress(nat, interface, allow, deny)
-        return Egress(nat, interface, allow, deny)
+        resolver: list[IPAddress] = []
+        for k, rnode in self.items(m.get("resolver"), "parent.egress.resolver",
+                                   "10.0.0.2") or []:
+            r = self.parsed(rnode, k, "10.0.0.2", _ip)
+            if r is not None:
+                resolver.append(r)
+        grace = DEFAULT_DNS_GRACE
+        if "dns_grace" in m:
+            grace = self.integer(m["dns_grace"], "parent.egress.dns_grace", DEFAULT_DNS_GRACE,
+                                 7 * 86400) or grace
+        if "test_dns_grace" in m:
+            # FOR TESTS ONLY: a grace below the minimum, so a test can watch an address expire.
+            g = self.integer(m["test_dns_grace"], "parent.egress.test_dns_grace", 0, 7 * 86400)
+            grace = g if g is not None else grace
+        return Egress(nat, interface, allow, deny, names_allowed, names_denied, resolver, grace)
 
     def ingress(self, node: Node | None, transport: Transport) -> list[Ingress]:
         items = self.items(node, "parent.ingress", "{listen: 8443, to: 443, protocol: tcp}")
@@ -971,20 +1032,40 @@ class _Builder(_Parser):
 
     # -- enclave ---------------------------------------------------------------------------------
 
-    def enclave(self, m: Mapping[str, Node], addrs: list[IPInterface]) -> EnclaveSide:
+    def enclave(self, m: Mapping[str, Node], addrs: list[IPInterface],
+                parent_addrs: list[IPInterface], names: bool) -> EnclaveSide:
         versions = {a.version for a in addrs}
         dns: list[IPAddress] = []
         dns_keys: list[str] = []
+        # `parent`: the parent's DNS forwarder, on its tunnel addresses (see egress/).
+        forwarder = [a.ip for a in parent_addrs if a.version in versions]
         items = self.items(m.get("dns"), "enclave.dns", "169.254.169.253")
-        if items is None:
+        if items is None and names:
+            dns = forwarder
+            dns_keys = ["enclave.dns"] * len(forwarder)
+        elif items is None:
             dns = [AWS_DNS_V4 if 4 in versions or not versions else AWS_DNS_V6]
             dns_keys = ["enclave.dns"]
         else:
             for k, node in items:
-                d = self.parsed(node, k, "169.254.169.253", _ip)
+                if isinstance(node, ScalarNode) and node.value == "parent":
+                    if not names:
+                        self.problem(_line(node), k, "the parent's DNS forwarder answers only "
+                                     "for host names in parent.egress.allow, and it has none",
+                                     "add host names to parent.egress.allow, or give an IP "
+                                     "resolver such as 169.254.169.253")
+                    dns += forwarder
+                    dns_keys += [k] * len(forwarder)
+                    continue
+                d = self.parsed(node, k, "169.254.169.253 or parent", _ip)
                 if d is not None:
                     dns.append(d)
                     dns_keys.append(k)
+            if names and not any(d in forwarder for d in dns) and self.ok("enclave.dns"):
+                self.problem(self.at("enclave.dns"), "enclave.dns",
+                             "parent.egress names host names, which only the parent's DNS "
+                             "forwarder can let through", "write `dns: parent` (the default "
+                             "when host names are used)")
         routes: list[IPNetwork] = []
         items = self.items(m.get("routes"), "enclave.routes", "0.0.0.0/0")
         if items is None:
@@ -1247,8 +1328,13 @@ def _to_data(profile: Profile) -> dict[str, Any]:
             "private_key": p.private_key,
             "public_key": p.public_key,
             "egress": {"nat": p.egress.nat, "interface": p.egress.interface,
-                       "allow": [str(r) for r in p.egress.allow],
-                       "deny": [str(r) for r in p.egress.deny]},
+                       "allow": [str(r) for r in [*p.egress.allow, *p.egress.allow_names]],
+                       "deny": [str(r) for r in [*p.egress.deny, *p.egress.deny_names]],
+                       **({"resolver": [str(x) for x in p.egress.resolver]}
+                          if p.egress.resolver else {}),
+                       **({"test_dns_grace": p.egress.dns_grace} if p.egress.uses_names
+                          and p.egress.dns_grace < DEFAULT_DNS_GRACE else
+                          {"dns_grace": p.egress.dns_grace} if p.egress.uses_names else {})},
             "ingress": [{"listen": i.listen, "to": i.to, "protocol": i.protocol}
                         for i in p.ingress],
             "enclave": launch,

@@ -1,0 +1,148 @@
+"""Host-name entries of `parent.egress.allow`/`deny` and how query names match them.
+
+A pattern is an exact name (``api.stripe.com``) or ``*.`` followed by a name, which matches
+every name *below* it at any depth (``a.s3.amazonaws.com``, ``x.y.s3.amazonaws.com``) but not
+the name itself; that is how S3's dotted bucket names stay reachable. Matching is on
+lowercase A-labels: Unicode names in the profile are converted with IDNA, a trailing dot is
+ignored, and case never matters (DNS names are case-insensitive, and resolvers randomise case).
+
+Pure Python on purpose: the enclave parses the same profile and needs no dnspython for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from encodings import idna
+from typing import Literal
+
+Protocol = Literal["tcp", "udp"]
+Labels = tuple[str, ...]
+
+MAX_NAME = 253
+MAX_LABEL = 63
+# Letters, digits, '-' and '_' (the latter for names like _acme-challenge); no leading or
+# trailing '-'.
+_LABEL_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?")
+
+
+class NameRuleError(ValueError):
+    """A pattern that is not a host name; str() says why, .hint how to fix it."""
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        self.reason, self.hint = reason, hint
+        super().__init__(f"{reason} — {hint}" if hint else reason)
+
+
+def looks_like_name(host: str) -> bool:
+    """Whether an egress entry's host part is meant as a name rather than a CIDR: it has no
+    '/' and its last label is not a number (IPv4 ends in digits, IPv6 needs two colons)."""
+    text = host.strip().rstrip(".")
+    if not text or "/" in text or ":" in text or text.startswith("["):
+        return False
+    return not text.rsplit(".", 1)[-1].isdigit()
+
+
+def _a_label(label: str, whole: str) -> str:
+    if not label:
+        raise NameRuleError(f"{whole!r} has an empty label (two dots in a row)",
+                            "write it like api.example.com")
+    if label.isascii():
+        out = label.lower()
+    else:
+        try:
+            out = idna.ToASCII(label).decode("ascii").lower()
+        except UnicodeError:
+            raise NameRuleError(f"{whole!r}: label {label!r} is not a valid IDNA label",
+                                "write the name as your browser shows it, or its xn-- form"
+                                ) from None
+    if len(out) > MAX_LABEL:
+        raise NameRuleError(f"{whole!r}: label {label!r} is longer than {MAX_LABEL} "
+                            "characters")
+    if not _LABEL_RE.fullmatch(out):
+        raise NameRuleError(f"{whole!r}: {label!r} is not a valid label",
+                            "use letters, digits, '-' and '_', not starting or ending with '-'")
+    return out
+
+
+@dataclass(frozen=True)
+class NamePattern:
+    labels: Labels  # lowercase A-labels, without the root
+    wildcard: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> NamePattern:
+        whole = text
+        s = text.strip()
+        if s.endswith("."):
+            s = s[:-1]
+        wildcard = s.startswith("*.")
+        if wildcard:
+            s = s[2:]
+        if not s:
+            raise NameRuleError(f"{whole!r} names nothing",
+                                "write a name such as api.example.com or *.example.com; "
+                             "to allow everything use 0.0.0.0/0")
+        if "*" in s:
+            raise NameRuleError(f"{whole!r}: '*' is only allowed as the whole first label",
+                             "write *.example.com")
+        labels = tuple(_a_label(label, whole) for label in s.split("."))
+        if len(".".join(labels)) > MAX_NAME:
+            raise NameRuleError(f"{whole!r} is longer than {MAX_NAME} characters")
+        if labels[-1].isdigit():
+            raise NameRuleError(f"{whole!r} ends in a number, so it is not a host name",
+                             "write an IP network as a CIDR, e.g. 10.0.0.0/8")
+        return cls(labels, wildcard)
+
+    def matches(self, name: Labels) -> bool:
+        """NAME: a query name's labels, lowercase, without the root (see :func:`labels_of`)."""
+        n = len(self.labels)
+        if self.wildcard:
+            return len(name) > n and name[-n:] == self.labels
+        return name == self.labels
+
+    def __str__(self) -> str:
+        text = ".".join(self.labels)
+        return f"*.{text}" if self.wildcard else text
+
+
+def labels_of(raw: Sequence[bytes]) -> Labels:
+    """A query name's wire labels (dnspython's Name.labels) as matchable labels: ASCII
+    lowercased (as DNS compares them), the empty root label dropped. Other bytes stay as they
+    are (latin-1), so they can never equal an A-label."""
+    return tuple(label.lower().decode("latin-1") for label in raw if label)
+
+
+@dataclass(frozen=True)
+class NameRule:
+    """An allow/deny entry written as a name: a pattern, optionally ports and a protocol, as
+    for CIDR rules (``api.stripe.com:443/tcp``)."""
+
+    pattern: NamePattern
+    ports: tuple[int, int] | None = None
+    protocol: Protocol | None = None
+
+    def __str__(self) -> str:
+        text = str(self.pattern)
+        if self.ports is not None:
+            lo, hi = self.ports
+            text += f":{lo}" if lo == hi else f":{lo}-{hi}"
+        if self.protocol is not None:
+            text += "/" + self.protocol
+        return text
+
+
+class NamePolicy:
+    """The profile's name rules. deny wins over allow; a name no allow rule matches is not
+    allowed either."""
+
+    def __init__(self, allow: Sequence[NameRule], deny: Sequence[NameRule]) -> None:
+        self.allow = tuple(allow)
+        self.deny = tuple(deny)
+
+    def allowed_by(self, name: Labels) -> list[int]:
+        """Indexes of the allow rules NAME matches; empty when it is denied or not allowed."""
+        if any(r.pattern.matches(name) for r in self.deny):
+            return []
+        return [i for i, r in enumerate(self.allow) if r.pattern.matches(name)]
