@@ -217,6 +217,9 @@ class Parent:
         self.supervisor = None  # nitro.EnclaveSupervisor when the profile starts the enclave
         self._state: State | None = None
         self.verdict: Verdict | None = None
+        # The DNS forwarder when the profile allows egress by name; its .stats holds the
+        # refused-name and query counters.
+        self.dns = None
 
     def spec(self) -> firewall.FirewallSpec:
         p = self.profile
@@ -230,6 +233,9 @@ class Parent:
             allow=list(p.parent.egress.allow),
             deny=list(p.parent.egress.deny),
             ingress=list(p.parent.ingress),
+            allow_names=list(p.parent.egress.allow_names),
+            dns_forwarder=([a.ip for a in p.parent.addresses] if p.parent.egress.uses_names
+                           else []),
         )
 
     def start(self) -> None:
@@ -255,6 +261,7 @@ class Parent:
             self._forwarding = firewall.enable_forwarding(ipv6=v6)
             firewall.apply(self.spec())
             self._table = True
+            self._start_dns()
             listener = control_listener(t)
             if t.kind == "unix":
                 self._sockets.append(unix_socket_path(t.path, t.control_port))
@@ -274,6 +281,28 @@ class Parent:
             raise
         log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
                  t.port, t.control_port)
+
+    def _start_dns(self) -> None:
+        """With host names in parent.egress, the DNS forwarder on the tunnel addresses."""
+        egress = self.profile.parent.egress
+        if not egress.uses_names:
+            return
+        from ..egress.forwarder import Forwarder, system_resolvers
+        from ..egress.names import NamePolicy
+
+        own = [a.ip for a in self.profile.parent.addresses]
+        upstream = list(egress.resolver) or system_resolvers(exclude=own)
+        if not upstream:
+            raise RoleError("parent.egress names host names, but /etc/resolv.conf names no "
+                            "resolver to forward to: set parent.egress.resolver")
+        name = self.profile.name
+        self.dns = Forwarder(
+            listen=own, upstream=upstream,
+            policy=NamePolicy(egress.allow_names, egress.deny_names),
+            update_sets=lambda elements: firewall.add_to_sets(name, elements),
+            grace=egress.dns_grace, log=log,
+        )
+        self.dns.start()
 
     def _route_enclave(self) -> None:
         # The parent's own address usually covers the enclave's (same subnet); only prefixes
@@ -328,6 +357,9 @@ class Parent:
         if self.control is not None:
             self.control.close()
             self.control = None
+        if self.dns is not None:
+            self.dns.close()
+            self.dns = None
         if self._table:
             firewall.remove(self.profile.name)
             self._table = False

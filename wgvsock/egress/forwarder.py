@@ -1,0 +1,409 @@
+"""The parent's DNS forwarder: the enclave's resolver when the profile allows egress by name.
+
+Modelled on the idea of Cilium's toFQDNs policy: the only way the enclave learns an address
+it may reach by name is a DNS answer that passed through here. For each query from the tunnel:
+
+* a name that a deny rule matches, or that no allow rule matches, gets REFUSED (counted);
+* an allowed name is forwarded to the parent's own resolver; before the answer goes back,
+  the A/AAAA addresses it holds for the name (following its CNAME chain) are put into the
+  nftables set of every allow rule the name matched, each with a timeout of its TTL plus the
+  grace period. Only then does the enclave see the answer, so its first connection finds the
+  address allowed.
+
+Everything the enclave sends is hostile until parsed by dnspython: a packet that does not
+parse is dropped and counted, never fatal. Memory and concurrency are bounded (queries in
+flight, TCP clients, TCP idle time, tracked addresses) and every upstream query has a timeout.
+
+The forwarder is an asyncio loop in one thread of `parent up`; nft runs in a small thread
+pool so that a slow nft never stalls the loop. :class:`Stats` holds the counters that
+`wgvsock status` and the metrics read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+
+from ..firewall import name_set
+from .names import NamePolicy, labels_of
+
+IPAddress = IPv4Address | IPv6Address
+#: (set, address, timeout in seconds): what the forwarder asks nft to add.
+Element = tuple[str, IPAddress, int]
+
+DNS_PORT = 53
+UPSTREAM_TIMEOUT = 2.0  # per upstream server; a client's own retry is usually 5 s
+MAX_IN_FLIGHT = 128  # queries being answered at once; more UDP queries are dropped
+MAX_TCP_CLIENTS = 32
+TCP_IDLE = 10.0  # RFC 7766 suggests a few seconds between a client's queries
+MAX_UDP_QUERY = 4096  # a real query is well under 512 bytes; bigger ones are not worth parsing
+MAX_CNAME_HOPS = 16
+MAX_TTL = 86400  # an absurd TTL must not pin an address in the set for years
+MAX_TRACKED = 65536  # addresses whose set timeout we remember (== the sets' size)
+RECENT_REFUSED = 32
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux's value; Python 3.11 lacks the name
+
+
+@dataclass
+class Stats:
+    """The forwarder's counters since `parent up`. Plain ints, updated on the forwarder's
+    thread; a reader on another thread sees each one whole."""
+
+    queries: int = 0           # DNS messages received (UDP datagrams and TCP messages)
+    refused: int = 0           # names answered REFUSED: denied, or matched by no allow rule
+    forwarded: int = 0         # allowed queries answered by the upstream resolver
+    upstream_failures: int = 0  # allowed queries no upstream answered in time (SERVFAIL)
+    dropped: int = 0           # malformed, oversized, or over the concurrency limits
+    addresses_added: int = 0   # set elements added or refreshed
+    set_failures: int = 0      # nft refused an update (SERVFAIL to the client)
+    recent_refused: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_REFUSED))
+
+    def snapshot(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
+
+
+def system_resolvers(exclude: Sequence[IPAddress] = ()) -> list[IPAddress]:
+    """The nameservers of this namespace's /etc/resolv.conf, minus EXCLUDE (our own
+    addresses: forwarding to ourselves would loop)."""
+    try:
+        conf = dns.resolver.Resolver(configure=True)
+    except (dns.resolver.NoResolverConfiguration, OSError):
+        return []
+    out = []
+    for text in conf.nameservers:
+        try:
+            addr = ipaddress.ip_address(str(text))
+        except ValueError:  # a scoped fe80::1%eth0 or a DoH URL: not something we forward to
+            continue
+        if addr not in exclude and addr not in out:
+            out.append(addr)
+    return out
+
+
+def answer_addresses(response: dns.message.Message,
+                     qname: dns.name.Name) -> list[tuple[IPAddress, int]]:
+    """The A/AAAA addresses RESPONSE gives for QNAME, through its CNAME chain, with TTLs.
+    Records for other names are ignored: only the chain that starts at the allowed name
+    says anything about it."""
+    chain = {qname}
+    current = qname
+    for _ in range(MAX_CNAME_HOPS):
+        cname = response.get_rrset(response.answer, current, dns.rdataclass.IN,
+                                   dns.rdatatype.CNAME)
+        if cname is None or len(cname) == 0:
+            break
+        current = cname[0].target
+        chain.add(current)
+    out: list[tuple[IPAddress, int]] = []
+    for rrset in response.answer:
+        if (rrset.rdclass == dns.rdataclass.IN and rrset.name in chain
+                and rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)):
+            out += [(ipaddress.ip_address(rd.address), rrset.ttl) for rd in rrset]
+    return out
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, fwd: Forwarder) -> None:
+        self.fwd = fwd
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.fwd._udp_query(self, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error for a reply to a client that went away: nothing to do
+
+
+class Forwarder:
+    """Listens on LISTEN (the parent's tunnel addresses), UDP and TCP, forwards allowed
+    names to UPSTREAM and hands the answers' addresses to UPDATE_SETS (blocking; it runs in
+    a worker thread) before replying."""
+
+    def __init__(self, *, listen: Sequence[IPAddress], upstream: Sequence[IPAddress],
+                 policy: NamePolicy, update_sets: Callable[[list[Element]], None],
+                 grace: int, log: logging.Logger | None = None, port: int = DNS_PORT,
+                 upstream_port: int = DNS_PORT, timeout: float = UPSTREAM_TIMEOUT,
+                 max_in_flight: int = MAX_IN_FLIGHT, max_tcp_clients: int = MAX_TCP_CLIENTS,
+                 tcp_idle: float = TCP_IDLE) -> None:
+        if not upstream:
+            raise ValueError("no upstream resolver")
+        self.listen = list(listen)
+        self.upstream = [str(a) for a in upstream]
+        self.policy = policy
+        self.update_sets = update_sets
+        self.grace = grace
+        self.log = log or logging.getLogger("wgvsock.dns")
+        self.port = port
+        self.upstream_port = upstream_port
+        self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self.max_tcp_clients = max_tcp_clients
+        self.tcp_idle = tcp_idle
+        self.stats = Stats()
+        self._in_flight = 0
+        self._tcp_clients = 0
+        self._tasks: set[asyncio.Task] = set()
+        # (set, address) -> monotonic time its set element expires; only the loop touches it.
+        self._expiry: dict[tuple[str, IPAddress], float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closers: list[Callable[[], object]] = []
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dns-nft")
+        self._warned: set[str] = set()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def _bind(self) -> list[tuple[str, socket.socket]]:
+        socks: list[tuple[str, socket.socket]] = []
+        try:
+            for addr in self.listen:
+                family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+                for kind, stype in (("udp", socket.SOCK_DGRAM), ("tcp", socket.SOCK_STREAM)):
+                    s = socket.socket(family, stype)
+                    socks.append((kind, s))
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    # An IPv6 tunnel address may still be tentative (DAD) when `up` starts.
+                    s.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
+                    s.bind((str(addr), self.port))
+                    if kind == "tcp":
+                        s.listen(self.max_tcp_clients)
+                    s.setblocking(False)
+        except OSError as e:
+            for _, s in socks:
+                s.close()
+            raise OSError(e.errno, f"DNS forwarder cannot listen on port {self.port}: "
+                                   f"{e.strerror}") from None
+        return socks
+
+    def start(self) -> None:
+        """Binds (raising OSError, e.g. when port 53 is taken) and starts the thread."""
+        socks = self._bind()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve(socks))
+            except BaseException as e:  # reported to start(), which raises it
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="dns-forwarder", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failure:
+            raise OSError(f"DNS forwarder failed to start: {failure[0]}")
+        self.log.info("DNS forwarder on %s port %d, upstream %s",
+                      ", ".join(map(str, self.listen)), self.port, ", ".join(self.upstream))
+
+    async def _serve(self, socks: list[tuple[str, socket.socket]]) -> None:
+        loop = asyncio.get_running_loop()
+        for kind, s in socks:
+            if kind == "udp":
+                transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=s)
+                self._closers.append(transport.close)
+            else:
+                server = await asyncio.start_server(self._tcp_client, sock=s)
+                self._closers.append(server.close)
+
+    async def _shutdown(self) -> None:
+        for close in self._closers:
+            close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._loop = self._thread = None
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _udp_query(self, proto: _Udp, data: bytes, addr) -> None:
+        self.stats.queries += 1
+        if len(data) > MAX_UDP_QUERY or self._in_flight >= self.max_in_flight:
+            self.stats.dropped += 1
+            return
+        self._spawn(self._udp_answer(proto, data, addr))
+
+    async def _udp_answer(self, proto: _Udp, data: bytes, addr) -> None:
+        reply = await self._answer(data, tcp=False)
+        if reply is not None and proto.transport is not None:
+            proto.transport.sendto(reply, addr)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= self.max_tcp_clients:
+            self.stats.dropped += 1
+            writer.close()
+            return
+        self._tcp_clients += 1
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle)
+                size = int.from_bytes(head, "big")
+                data = await asyncio.wait_for(reader.readexactly(size), self.tcp_idle)
+                self.stats.queries += 1
+                if self._in_flight >= self.max_in_flight:
+                    self.stats.dropped += 1
+                    break
+                reply = await self._answer(data, tcp=True)
+                if reply is None:  # not DNS: this client gets nothing more
+                    break
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await asyncio.wait_for(writer.drain(), self.tcp_idle)
+        except (asyncio.IncompleteReadError, TimeoutError, OSError):
+            pass  # the client went away, stalled, or sent half a message
+        finally:
+            self._tcp_clients -= 1
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 1)
+
+    # -- answering --------------------------------------------------------------------------
+
+    async def _answer(self, data: bytes, *, tcp: bool) -> bytes | None:
+        self._in_flight += 1
+        try:
+            return await self._answer_checked(data, tcp)
+        except Exception as e:  # a bug must cost one query, never the forwarder
+            self.stats.dropped += 1
+            self._warn_once(f"bug:{type(e).__name__}", "DNS forwarder: query failed: %r", e)
+            return None
+        finally:
+            self._in_flight -= 1
+
+    async def _answer_checked(self, data: bytes, tcp: bool) -> bytes | None:
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:  # dnspython raises many types for garbage; all mean "not DNS"
+            self.stats.dropped += 1
+            return None
+        if query.flags & dns.flags.QR:  # a response sent to us: never answer one
+            self.stats.dropped += 1
+            return None
+        if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
+            return self._reply(query, dns.rcode.NOTIMP if query.opcode() != dns.opcode.QUERY
+                               else dns.rcode.FORMERR)
+        question = query.question[0]
+        rules = (self.policy.allowed_by(labels_of(question.name.labels))
+                 if question.rdclass == dns.rdataclass.IN else [])
+        if not rules:
+            self.stats.refused += 1
+            self.stats.recent_refused.append(question.name.to_text(omit_final_dot=True))
+            return self._reply(query, dns.rcode.REFUSED)
+        response = await self._ask_upstream(query, tcp)
+        if response is None:
+            self.stats.upstream_failures += 1
+            return self._reply(query, dns.rcode.SERVFAIL)
+        if response.rcode() == dns.rcode.NOERROR:
+            found = answer_addresses(response, question.name)
+            if found and not await self._allow(rules, found):
+                return self._reply(query, dns.rcode.SERVFAIL)
+        self.stats.forwarded += 1
+        limit = 65535 if tcp else max(512, query.payload if query.edns >= 0 else 512)
+        try:
+            return response.to_wire(max_size=limit)
+        except dns.exception.TooBig:
+            short = dns.message.make_response(query)
+            short.flags |= dns.flags.TC  # the client retries over TCP
+            return short.to_wire()
+
+    def _reply(self, query: dns.message.Message, rcode: int) -> bytes:
+        response = dns.message.make_response(query)
+        response.set_rcode(rcode)
+        return response.to_wire()
+
+    async def _ask_upstream(self, query: dns.message.Message,
+                            tcp: bool) -> dns.message.Message | None:
+        for server in self.upstream:
+            try:
+                if tcp:
+                    return await dns.asyncquery.tcp(query, server, timeout=self.timeout,
+                                                    port=self.upstream_port)
+                return await dns.asyncquery.udp(query, server, timeout=self.timeout,
+                                                port=self.upstream_port,
+                                                ignore_unexpected=True)
+            except (dns.exception.DNSException, OSError, EOFError, ValueError) as e:
+                self._warn_once(f"upstream:{server}",
+                                "DNS forwarder: upstream %s failed: %s (further failures "
+                                "are only counted)", server, e or type(e).__name__)
+        return None
+
+    async def _allow(self, rules: list[int], found: list[tuple[IPAddress, int]]) -> bool:
+        """Puts FOUND into the sets of RULES unless they are there for long enough already.
+        False when nft refused."""
+        now = time.monotonic()
+        elements: list[Element] = []
+        for addr, ttl in found:
+            timeout = min(ttl, MAX_TTL) + self.grace
+            for i in rules:
+                key = (name_set(i, addr.version), addr)
+                # Refresh only when the element would die before this answer's TTL (plus
+                # half the grace) runs out: repeated queries cost no nft run each.
+                if self._expiry.get(key, 0.0) >= now + min(ttl, MAX_TTL) + self.grace / 2:
+                    continue
+                elements.append((key[0], addr, max(1, timeout)))
+        if not elements:
+            return True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, self.update_sets, elements)
+        except Exception as e:  # FirewallError, or nft missing: the answer would be useless
+            self.stats.set_failures += 1
+            self._warn_once("nft", "DNS forwarder: cannot add addresses to the nft sets: %s", e)
+            return False
+        if len(self._expiry) + len(elements) > MAX_TRACKED:
+            self._expiry = {k: t for k, t in self._expiry.items() if t > now}
+            if len(self._expiry) + len(elements) > MAX_TRACKED:
+                self._expiry.clear()  # forgetting only costs extra refreshes
+        for set_, addr, timeout in elements:
+            self._expiry[set_, addr] = now + timeout
+        self.stats.addresses_added += len(elements)
+        return True
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned and len(self._warned) < 64:
+            self._warned.add(key)
+            self.log.warning(msg, *args)
