@@ -77,7 +77,7 @@ class NamePattern:
         s = text.strip()
         if s.endswith("."):
             s = s[:-1]
-        wildcard = s.startswith("*.")
+        wildcard = s.startswith("*.") or s == "*"
         if wildcard:
             s = s[2:]
         if not s:

@@ -1,0 +1,182 @@
+"""Issue 14, part 1: host-name entries in the profile, how names match, and how they render
+into the parent's nftables table (no root needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from wgvsock import firewall
+from wgvsock.egress.names import NamePattern, NamePolicy, NameRule, NameRuleError, labels_of
+from wgvsock.profile import (
+    AWS_DNS_V4,
+    ProfileError,
+    Rule,
+    dump_profile,
+    parse_egress_entry,
+    parse_profile,
+)
+
+
+def labels(text: str) -> tuple[str, ...]:
+    return labels_of([p.encode() for p in text.split(".")] + [b""])
+
+
+@pytest.mark.parametrize(("pattern", "name", "matches"), [
+    ("api.stripe.com", "api.stripe.com", True),
+    ("api.stripe.com", "API.Stripe.COM", True),          # case never matters
+    ("api.stripe.com.", "api.stripe.com", True),         # nor a trailing dot
+    ("API.STRIPE.COM", "api.stripe.com", True),
+    ("api.stripe.com", "x.api.stripe.com", False),       # exact means exact
+    ("api.stripe.com", "stripe.com", False),
+    ("*.example.com", "a.example.com", True),
+    ("*.example.com", "a.b.example.com", True),          # any depth below
+    ("*.example.com", "example.com", False),             # not the apex
+    ("*.example.com", "badexample.com", False),          # label boundaries, not suffixes
+    ("*.example.com", "a.example.com.evil", False),
+    ("*.Example.COM.", "X.EXAMPLE.com", True),
+    ("bücher.example", "xn--bcher-kva.example", True),   # IDNA: the profile may say Unicode
+    ("BÜCHER.example", "XN--BCHER-KVA.EXAMPLE", True),
+    ("*.bücher.example", "shop.xn--bcher-kva.example", True),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example", True),
+    ("_acme-challenge.example.com", "_acme-challenge.example.com", True),
+])
+def test_name_matching(pattern: str, name: str, matches: bool) -> None:
+    assert NamePattern.parse(pattern).matches(labels(name)) is matches
+
+
+def test_query_labels_are_raw_bytes_lowercased_ascii_only() -> None:
+    assert labels_of([b"WWW", b"Example", b"com", b""]) == ("www", "example", "com")
+    # A non-ASCII byte in a query label can never equal an A-label.
+    assert not NamePattern.parse("xn--bcher-kva.example").matches(
+        labels_of([b"b\xfccher", b"example", b""]))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("a*.example.com", "'*' is only allowed as the whole first label"),
+    ("*.*.example.com", "'*' is only allowed"),
+    ("*.", "names nothing"),
+    ("foo..com", "empty label"),
+    ("-a.com", "not a valid label"),
+    ("a-.com", "not a valid label"),
+    ("a b.com", "not a valid label"),
+    ("x" * 64 + ".com", "longer than 63"),
+    (".".join(["abcdefgh"] * 30) + ".com", "longer than 253"),
+])
+def test_bad_patterns(text: str, message: str) -> None:
+    with pytest.raises(NameRuleError, match=message):
+        NamePattern.parse(text)
+
+
+def test_policy_deny_wins_and_reports_every_matching_allow_rule() -> None:
+    allow = [NameRule(NamePattern.parse("*.example.com")),
+             NameRule(NamePattern.parse("api.example.com"), (443, 443), "tcp")]
+    policy = NamePolicy(allow, [NameRule(NamePattern.parse("bad.example.com"))])
+    assert policy.allowed_by(labels("api.example.com")) == [0, 1]
+    assert policy.allowed_by(labels("www.example.com")) == [0]
+    assert policy.allowed_by(labels("bad.example.com")) == []
+    assert policy.allowed_by(labels("example.org")) == []
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("api.stripe.com", "api.stripe.com"),
+    ("api.stripe.com:443", "api.stripe.com:443"),
+    ("api.stripe.com:443/TCP", "api.stripe.com:443/tcp"),
+    ("*.example.com:8000-8999/udp", "*.example.com:8000-8999/udp"),
+    ("Bücher.Example.", "xn--bcher-kva.example"),
+    ("localhost", "localhost"),
+])
+def test_entries_that_are_names(text: str, expected: str) -> None:
+    entry = parse_egress_entry(text)
+    assert isinstance(entry, NameRule)
+    assert str(entry) == expected
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/8", "10.0.0.1", "10.0.0.0/8:443/tcp", "::/0",
+                                  "fd00::/8", "[2001:db8::/32]:443", "1.2.3.4:80"])
+def test_entries_that_are_networks(text: str) -> None:
+    assert isinstance(parse_egress_entry(text), Rule)
+
+
+def profile(egress: str, enclave: str = "") -> str:
+    return f"name: x\nparent:\n  egress:\n{egress}\nenclave:\n  address: 10.77.0.2/30\n{enclave}"
+
+
+def test_profile_with_names() -> None:
+    p = parse_profile(profile(
+        '    allow: [api.stripe.com, "*.s3.us-east-1.amazonaws.com", 10.0.0.0/8]\n'
+        "    deny: [evil.s3.us-east-1.amazonaws.com]\n"))
+    e = p.parent.egress
+    assert [str(r) for r in e.allow] == ["10.0.0.0/8"]
+    assert [str(r) for r in e.allow_names] == ["api.stripe.com", "*.s3.us-east-1.amazonaws.com"]
+    assert [str(r) for r in e.deny_names] == ["evil.s3.us-east-1.amazonaws.com"]
+    assert e.uses_names and e.dns_grace == 60 and e.resolver == []
+    # The credential endpoints are denied as always.
+    assert "169.254.169.254/32" in [str(r) for r in e.deny]
+    # Names make the parent's forwarder the enclave's resolver.
+    assert [str(d) for d in p.enclave.dns] == ["10.77.0.1"]
+    assert parse_profile(dump_profile(p)) == p
+
+
+def test_profile_names_only_allow_no_cidr_by_default() -> None:
+    p = parse_profile(profile("    allow: [api.stripe.com]\n"))
+    assert p.parent.egress.allow == []
+
+
+def test_profile_resolver_grace_and_explicit_parent_dns() -> None:
+    p = parse_profile(profile("    allow: [a.example]\n    resolver: [10.0.0.2, 10.0.0.3]\n"
+                              "    dns_grace: 120\n", "  dns: parent\n"))
+    assert [str(r) for r in p.parent.egress.resolver] == ["10.0.0.2", "10.0.0.3"]
+    assert p.parent.egress.dns_grace == 120
+    assert [str(d) for d in p.enclave.dns] == ["10.77.0.1"]
+    assert parse_profile(dump_profile(p)) == p
+    t = parse_profile(profile("    allow: [a.example]\n    test_dns_grace: 1\n"))
+    assert t.parent.egress.dns_grace == 1
+    assert parse_profile(dump_profile(t)) == t
+    # Without names, nothing changes.
+    assert parse_profile(profile("    allow: [10.0.0.0/8]\n")).enclave.dns == [AWS_DNS_V4]
+
+
+@pytest.mark.parametrize(("egress", "enclave", "message"), [
+    ("    allow: ['a*.com']\n", "", "allow[0]: 'a*.com': '*' is only allowed"),
+    ("    allow: ['x.com:0']\n", "", "port 0 in 'x.com:0' is out of range"),
+    ("    allow: ['x.com/icmp']\n", "", "protocol 'icmp' in 'x.com/icmp' is not tcp or udp"),
+    ("    allow: [10.0.0.0/8]\n", "  dns: parent\n", "answers only for host names"),
+    ("    allow: [a.example]\n", "  dns: 1.1.1.1\n", "write `dns: parent`"),
+    ("    allow: [a.example]\n    dns_grace: 5\n", "", "dns_grace: 5 is out of range"),
+    ("    allow: [a.example]\n    resolver: dns.google\n", "", "is not an IP address"),
+])
+def test_profile_errors(egress: str, enclave: str, message: str) -> None:
+    with pytest.raises(ProfileError) as e:
+        parse_profile(profile(egress, enclave))
+    assert message in str(e.value)
+    assert "Traceback" not in str(e.value)
+
+
+def test_render_name_sets_rules_and_forwarder_port() -> None:
+    p = parse_profile(profile('    allow: [api.stripe.com:443/tcp, "*.example.com"]\n'))
+    spec = firewall.FirewallSpec(
+        name="x", tunnel_interface="wg0", enclave_addresses=["10.77.0.2"],
+        allow=p.parent.egress.allow, deny=p.parent.egress.deny,
+        allow_names=p.parent.egress.allow_names, dns_forwarder=["10.77.0.1"])
+    text = firewall.render_ruleset(spec)
+    for i in (0, 1):
+        for v, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            assert f"set name{i}_v{v} {{\n\t\ttype {kind}\n\t\tflags timeout\n\t\tsize 65536" \
+                in text
+    assert ('ip daddr @name0_v4 tcp dport 443 counter name "egress_allowed" counter accept '
+            'comment "allow api.stripe.com:443/tcp"') in text
+    assert ('ip6 daddr @name1_v6 counter name "egress_allowed" counter accept '
+            'comment "allow *.example.com"') in text
+    # Deny rules (the metadata service) come before the name rules.
+    assert text.index("deny 169.254.169.254/32") < text.index("@name0_v4")
+    assert ('ip daddr 10.77.0.1 meta l4proto { tcp, udp } th dport 53 counter accept '
+            'comment "dns forwarder"') in text
+    # Without names: no sets, no port 53.
+    plain = firewall.render_ruleset(firewall.FirewallSpec(
+        name="x", tunnel_interface="wg0", enclave_addresses=["10.77.0.2"]))
+    assert "name0" not in plain and "dport 53" not in plain
+
+
+def test_add_to_sets_refuses_what_is_not_a_name_set() -> None:
+    with pytest.raises(ValueError, match="not a name set"):
+        firewall.add_to_sets("x", [("enclave_v4", "10.0.0.1", 5)])  # type: ignore[list-item]
