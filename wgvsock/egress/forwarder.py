@@ -106,14 +106,15 @@ def answer_addresses(response: dns.message.Message,
     """The A/AAAA addresses RESPONSE gives for QNAME, through its CNAME chain, with TTLs.
     Records for other names are ignored: only the chain that starts at the allowed name
     says anything about it."""
+    cnames = {rrset.name: rrset[0].target for rrset in response.answer
+              if rrset.rdclass == dns.rdataclass.IN and rrset.rdtype == dns.rdatatype.CNAME
+              and len(rrset) > 0}
     chain = {qname}
     current = qname
     for _ in range(MAX_CNAME_HOPS):
-        cname = response.get_rrset(response.answer, current, dns.rdataclass.IN,
-                                   dns.rdatatype.CNAME)
-        if cname is None or len(cname) == 0:
+        if current not in cnames:
             break
-        current = cname[0].target
+        current = cnames[current]
         chain.add(current)
     out: list[tuple[IPAddress, int]] = []
     for rrset in response.answer:
@@ -279,6 +280,9 @@ class Forwarder:
             writer.close()
             return
         self._tcp_clients += 1
+        task = asyncio.current_task()
+        if task is not None:  # so that close() cancels it with the rest
+            self._tasks.add(task)
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle)
@@ -297,6 +301,7 @@ class Forwarder:
             pass  # the client went away, stalled, or sent half a message
         finally:
             self._tcp_clients -= 1
+            self._tasks.discard(task)  # type: ignore[arg-type]
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1)

@@ -1,0 +1,243 @@
+"""Issue 14, part 1: the DNS forwarder on its own, on loopback, with a stand-in upstream built
+from dnspython. Its counters (Stats) are what `wgvsock status` and the metrics read; the end
+to end tests with dnsmasq and nftables are tests/net/test_egress_names.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rrset
+import pytest
+
+from wgvsock.egress.forwarder import Forwarder, answer_addresses
+from wgvsock.egress.names import NamePattern, NamePolicy, NameRule
+from wgvsock.nslab import wait_for
+
+LOOP = "127.0.0.1"
+
+RECORDS = {
+    "ok.test.": ["ok.test. 300 IN A 192.0.2.1", "ok.test. 300 IN A 192.0.2.2"],
+    "v6.test.": ["v6.test. 30 IN AAAA 2001:db8::1"],
+    "alias.test.": ["alias.test. 60 IN CNAME mid.test.", "mid.test. 60 IN CNAME end.test.",
+                    "end.test. 20 IN A 192.0.2.9", "stray.test. 60 IN A 192.0.2.66"],
+    "big.test.": [f"big.test. 300 IN A 192.0.2.{i}" for i in range(1, 100)],
+}
+
+
+def rr(text: str) -> dns.rrset.RRset:
+    name, ttl, rdclass, rdtype, value = text.split()
+    return dns.rrset.from_text(name, int(ttl), rdclass, rdtype, value)
+
+
+class Upstream:
+    """Answers RECORDS over UDP and TCP; `silent` makes it ignore every query."""
+
+    def __init__(self) -> None:
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((LOOP, 0))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind((LOOP, self.port))
+        self.tcp.listen(8)
+        self.silent = False
+        self.queries = 0
+        for target in (self._serve_udp, self._serve_tcp):
+            threading.Thread(target=target, daemon=True).start()
+
+    def response(self, wire: bytes) -> bytes:
+        q = dns.message.from_wire(wire)
+        r = dns.message.make_response(q)
+        for text in RECORDS.get(q.question[0].name.to_text().lower(), []):
+            r.answer.append(rr(text))
+        return r.to_wire()
+
+    def _serve_udp(self) -> None:
+        while True:
+            try:
+                wire, peer = self.udp.recvfrom(65535)
+            except OSError:
+                return
+            self.queries += 1
+            if not self.silent:
+                self.udp.sendto(self.response(wire), peer)
+
+    def _serve_tcp(self) -> None:
+        while True:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                return
+            with conn:
+                wire, _ = dns.query.receive_tcp(conn, time.time() + 5)
+                self.queries += 1
+                if not self.silent:
+                    dns.query.send_tcp(conn, self.response(wire.to_wire()))
+
+    def close(self) -> None:
+        self.udp.close()
+        self.tcp.close()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOP, 0))
+        return s.getsockname()[1]
+
+
+class Harness:
+    def __init__(self, **kw) -> None:
+        self.upstream = Upstream()
+        self.updates: list[list] = []
+        self.fail_nft = False
+        allow = [NameRule(NamePattern.parse(p)) for p in ("*.test", "ok.test")]
+        deny = [NameRule(NamePattern.parse("bad.test"))]
+        self.port = free_port()
+        self.fwd = Forwarder(listen=[ipaddress.ip_address(LOOP)],
+                             upstream=[ipaddress.ip_address(LOOP)],
+                             policy=NamePolicy(allow, deny), update_sets=self.update,
+                             grace=60, port=self.port, upstream_port=self.upstream.port,
+                             **{"timeout": 0.5, **kw})
+        self.fwd.start()
+
+    def update(self, elements: list) -> None:
+        if self.fail_nft:
+            raise RuntimeError("nft refused")
+        self.updates.append(elements)
+
+    def ask(self, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
+        q = dns.message.make_query(name, rdtype)
+        if tcp:
+            return dns.query.tcp(q, LOOP, timeout=5, port=self.port)
+        return dns.query.udp(q, LOOP, timeout=5, port=self.port)
+
+    def close(self) -> None:
+        self.fwd.close()
+        self.upstream.close()
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def test_allowed_answer_fills_the_sets_before_the_reply(h: Harness) -> None:
+    r = h.ask("OK.test")
+    assert r.rcode() == dns.rcode.NOERROR
+    assert sorted(rd.address for rd in r.answer[0]) == ["192.0.2.1", "192.0.2.2"]
+    # Both rules match ok.test: both sets, TTL 300 + grace 60.
+    assert sorted((s, str(a), t) for s, a, t in h.updates[0]) == [
+        ("name0_v4", "192.0.2.1", 360), ("name0_v4", "192.0.2.2", 360),
+        ("name1_v4", "192.0.2.1", 360), ("name1_v4", "192.0.2.2", 360)]
+    # Asked again right away: the elements outlive the answer already, so no nft run.
+    h.ask("ok.test", tcp=True)
+    assert len(h.updates) == 1
+    r = h.ask("v6.test", "AAAA")
+    assert [(s, str(a), t) for s, a, t in h.updates[1]] == [("name0_v6", "2001:db8::1", 90)]
+    s = h.fwd.stats
+    assert (s.queries, s.forwarded, s.refused, s.addresses_added) == (3, 3, 0, 5)
+
+
+def test_denied_and_unknown_names_are_refused_and_counted(h: Harness) -> None:
+    for name, tcp in (("bad.test", False), ("example.com", True), ("test", False)):
+        assert h.ask(name, tcp=tcp).rcode() == dns.rcode.REFUSED
+    assert h.upstream.queries == 0
+    assert h.fwd.stats.refused == 3
+    assert list(h.fwd.stats.recent_refused) == ["bad.test", "example.com", "test"]
+    assert h.updates == []
+
+
+def test_cname_chain_only() -> None:
+    q = dns.message.make_query("alias.test", "A")
+    r = dns.message.make_response(q)
+    for text in RECORDS["alias.test."]:
+        r.answer.append(rr(text))
+    assert [(str(a), t) for a, t in answer_addresses(r, q.question[0].name)] == [
+        ("192.0.2.9", 20)]  # stray.test is in the answer but not in the chain
+
+
+def test_upstream_silence_is_servfail_in_bounded_time(h: Harness) -> None:
+    h.upstream.silent = True
+    start = time.monotonic()
+    assert h.ask("ok.test").rcode() == dns.rcode.SERVFAIL
+    assert time.monotonic() - start < 3
+    assert h.fwd.stats.upstream_failures == 1
+
+
+def test_nft_failure_is_servfail(h: Harness) -> None:
+    h.fail_nft = True
+    assert h.ask("ok.test").rcode() == dns.rcode.SERVFAIL
+    assert h.fwd.stats.set_failures == 1
+
+
+def test_big_answer_is_truncated_over_udp_and_whole_over_tcp(h: Harness) -> None:
+    r = h.ask("big.test")
+    assert r.flags & dns.flags.TC and not r.answer
+    assert len(h.ask("big.test", tcp=True).answer[0]) == 99
+
+
+def test_hostile_input_is_dropped_and_counted(h: Harness) -> None:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    good = dns.message.make_query("ok.test", "A").to_wire()
+    junk = [b"", b"\x00", b"\xff" * 11, good[:5], good[:-1], good + b"\x00" * 5000,
+            dns.message.make_response(dns.message.from_wire(good)).to_wire()]
+    for payload in junk:
+        u.sendto(payload, (LOOP, h.port))
+    for payload in (b"\x00\x05abc", b"\xff\xff" + b"x" * 100, b"\x00\x0bhello world"):
+        with socket.create_connection((LOOP, h.port), timeout=5) as t:
+            t.sendall(payload)
+    wait_for(lambda: h.fwd.stats.dropped >= len(junk), 5, "the junk to be dropped")
+    assert h.ask("ok.test").rcode() == dns.rcode.NOERROR
+    assert h.ask("ok.test", tcp=True).rcode() == dns.rcode.NOERROR
+    u.close()
+
+
+def test_concurrency_and_tcp_clients_are_bounded() -> None:
+    h = Harness(max_in_flight=2, max_tcp_clients=2, tcp_idle=0.5)
+    try:
+        h.upstream.silent = True  # every allowed query waits for the 0.5 s timeout
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(20):
+            u.sendto(dns.message.make_query(f"n{i}.ok.test", "A").to_wire(), (LOOP, h.port))
+        wait_for(lambda: h.fwd.stats.queries == 20, 5, "the queries to arrive")
+        assert h.fwd.stats.dropped == 18
+        wait_for(lambda: h.fwd.stats.upstream_failures == 2, 5, "the two in flight to end")
+        # Two idle TCP clients fill the slots, a third is closed at once; idle ones time out.
+        idle = [socket.create_connection((LOOP, h.port), timeout=5) for _ in range(2)]
+        wait_for(lambda: h.fwd._tcp_clients == 2, 5, "both TCP clients to be accepted")
+        third = socket.create_connection((LOOP, h.port), timeout=5)
+        assert third.recv(1) == b""
+        for t in idle:
+            assert t.recv(1) == b""  # closed after tcp_idle
+        third.close()
+        h.upstream.silent = False
+        assert h.ask("ok.test", tcp=True).rcode() == dns.rcode.NOERROR
+        u.close()
+        for t in idle:
+            t.close()
+    finally:
+        h.close()
+
+
+def test_port_taken_is_a_clear_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOP, 0))
+        port = s.getsockname()[1]
+        fwd = Forwarder(listen=[ipaddress.ip_address(LOOP)], upstream=[ipaddress.ip_address(LOOP)],
+                        policy=NamePolicy([], []), update_sets=lambda e: None, grace=60,
+                        port=port)
+        with pytest.raises(OSError, match=f"DNS forwarder cannot listen on port {port}"):
+            fwd.start()
+        fwd.close()
