@@ -100,13 +100,20 @@ class Harness:
         self.fail_nft = False
         allow = [NameRule(NamePattern.parse(p)) for p in ("*.test", "ok.test")]
         deny = [NameRule(NamePattern.parse("bad.test"))]
-        self.port = free_port()
-        self.fwd = Forwarder(listen=[ipaddress.ip_address(LOOP)],
-                             upstream=[ipaddress.ip_address(LOOP)],
-                             policy=NamePolicy(allow, deny), update_sets=self.update,
-                             grace=60, port=self.port, upstream_port=self.upstream.port,
-                             **{"timeout": 0.5, **kw})
-        self.fwd.start()
+        for attempt in range(5):  # a free port can be taken between looking and binding
+            self.port = free_port()
+            self.fwd = Forwarder(listen=[ipaddress.ip_address(LOOP)],
+                                 upstream=[ipaddress.ip_address(LOOP)],
+                                 policy=NamePolicy(allow, deny), update_sets=self.update,
+                                 grace=60, port=self.port, upstream_port=self.upstream.port,
+                                 **{"timeout": 0.5, **kw})
+            try:
+                self.fwd.start()
+                break
+            except OSError:
+                self.fwd.close()
+                if attempt == 4:
+                    raise
 
     def update(self, elements: list) -> None:
         if self.fail_nft:

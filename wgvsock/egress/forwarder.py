@@ -266,10 +266,15 @@ class Forwarder:
         if len(data) > MAX_UDP_QUERY or self._in_flight >= self.max_in_flight:
             self.stats.dropped += 1
             return
+        # Counted here, not when the task first runs: a burst arrives within one loop turn.
+        self._in_flight += 1
         self._spawn(self._udp_answer(proto, data, addr))
 
     async def _udp_answer(self, proto: _Udp, data: bytes, addr) -> None:
-        reply = await self._answer(data, tcp=False)
+        try:
+            reply = await self._answer(data, tcp=False)
+        finally:
+            self._in_flight -= 1
         if reply is not None and proto.transport is not None:
             proto.transport.sendto(reply, addr)
 
@@ -292,7 +297,11 @@ class Forwarder:
                 if self._in_flight >= self.max_in_flight:
                     self.stats.dropped += 1
                     break
-                reply = await self._answer(data, tcp=True)
+                self._in_flight += 1
+                try:
+                    reply = await self._answer(data, tcp=True)
+                finally:
+                    self._in_flight -= 1
                 if reply is None:  # not DNS: this client gets nothing more
                     break
                 writer.write(len(reply).to_bytes(2, "big") + reply)
@@ -309,15 +318,12 @@ class Forwarder:
     # -- answering --------------------------------------------------------------------------
 
     async def _answer(self, data: bytes, *, tcp: bool) -> bytes | None:
-        self._in_flight += 1
         try:
             return await self._answer_checked(data, tcp)
         except Exception as e:  # a bug must cost one query, never the forwarder
             self.stats.dropped += 1
             self._warn_once(f"bug:{type(e).__name__}", "DNS forwarder: query failed: %r", e)
             return None
-        finally:
-            self._in_flight -= 1
 
     async def _answer_checked(self, data: bytes, tcp: bool) -> bytes | None:
         try:
