@@ -14,7 +14,9 @@ DESIGN.md §5) and its paths moved into a private temporary directory, drives bo
 `wgvsock parent up` in the parent namespace and `wgvsock enclave up -- python3 -m http.server
 8080` in the enclave namespace, the commands a Nitro user runs. The demo then shows the
 enclave reaching the internet through the parent's NAT, the internet reaching the enclave's app
-through the parent's ingress port, the deny list holding, a short iperf3, and ends in the
+through the parent's ingress port, egress by host name (a name allowed, names refused, through
+the parent's DNS forwarder; dnsmasq plays the parent's resolver in the "internet"), the deny
+list holding, a short iperf3, and ends in the
 `wgvsock status` dashboard of both sides. Everything is removed on exit, on Ctrl-C and on error.
 """
 
@@ -45,13 +47,17 @@ NS_INTERNET, NS_PARENT, NS_ENCLAVE = "wgdemo-internet", "wgdemo-parent", "wgdemo
 NAMESPACES = (NS_INTERNET, NS_PARENT, NS_ENCLAVE)
 PARENT_WAN, WEB, DENIED_WEB = "198.51.100.1", "198.51.100.2", "198.51.100.3"
 IMDS = "169.254.169.254"
+# Egress by host name: dnsmasq in the "internet" is the parent's resolver for these names.
+RESOLVER = "198.51.100.53"
+NAME_OK, NAME_DENIED, NAME_OTHER = "www.demo.test", "ads.demo.test", "elsewhere.demo.test"
+NAME_WEB = "198.51.100.4"  # where all three names point
 INGRESS_PORT, APP_PORT = 8443, 8080
 PROFILE_NAME = "demo"
 EXAMPLE = Path(__file__).resolve().parent.parent / "enclave" / "profile.example.yaml"
 # Who owns the fixed names above, so that the next run can tell a live demo from leftovers.
 STATE_FILE = Path("/run/wgvsock-demo.json")
 TMP_PREFIX = "wgvsock-demo-"
-REQUIRED_TOOLS = ("ip", "ss", "nft", "curl", "ping")
+REQUIRED_TOOLS = ("ip", "ss", "nft", "curl", "ping", "dnsmasq")
 # The interface names the dashboard shows for the two sides' UAPI sockets (both are wg0).
 DASH_NAMES = ("wg0@parent", "wg0@enclave")
 
@@ -226,22 +232,36 @@ class Demo:
         # A Nitro Enclave boots with loopback down and no other interface.
         self.enclave = lab.netns(NS_ENCLAVE, lo_up=False)
         lab.veth(self.parent, "eth0", f"{PARENT_WAN}/24", self.internet, "eth0", f"{WEB}/24")
-        self.internet.ip("addr", "add", f"{DENIED_WEB}/24", "dev", "eth0")
+        for addr in (DENIED_WEB, NAME_WEB):
+            self.internet.ip("addr", "add", f"{addr}/24", "dev", "eth0")
         self.parent.ip("route", "add", "default", "via", WEB)
         www = self.tmp / "www"
         www.mkdir()
         (www / "index.html").write_text("hello from the internet\n")
-        for addr in (WEB, DENIED_WEB):
+        for addr in (WEB, DENIED_WEB, NAME_WEB):
             self.popen(self.internet, sys.executable, "-m", "http.server", "-d", str(www),
                        "-b", addr, "80", log="internet")
+        # The parent's resolver: foreground, this address only, no file of this machine read.
+        self.internet.ip("addr", "add", f"{RESOLVER}/24", "dev", "eth0")
+        self.popen(self.internet, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+                   "--no-hosts", "--no-resolv", "--no-poll", "--pid-file", "--user=root",
+                   f"--listen-address={RESOLVER}", "--bind-interfaces", "--local-ttl=300",
+                   "--log-facility=-", "--log-queries",
+                   *(f"--host-record={n},{NAME_WEB}" for n in (NAME_OK, NAME_DENIED, NAME_OTHER)),
+                   log="dnsmasq")
         # `ip netns exec` bind-mounts this over /etc/resolv.conf for the enclave, so the
         # resolv.conf that `enclave up` writes is this private copy, not the machine's.
         self.resolv = lab.netns_file(self.enclave, "resolv.conf",
                                      "# placeholder: wgvsock enclave up rewrites this\n")
-        for addr in (WEB, DENIED_WEB):
+        for addr in (WEB, DENIED_WEB, NAME_WEB):
             wait_for(lambda a=addr: self.curl(self.internet, f"http://{a}/", 1)[0], 10,
                      f"the internet's web server on {addr}")
-        say(f"   {NS_INTERNET:<16} the internet: web servers on {WEB} and {DENIED_WEB}, port 80")
+        wait_for(lambda: f"{RESOLVER}:53" in self.internet.run("ss", "-lunH").stdout, 10,
+                 "dnsmasq")
+        say(f"   {NS_INTERNET:<16} the internet: web servers on {WEB}, {DENIED_WEB} and "
+            f"{NAME_WEB}, port 80;")
+        say(f"   {'':<16} dnsmasq on {RESOLVER} knows {NAME_OK}, {NAME_DENIED} and "
+            f"{NAME_OTHER} (all {NAME_WEB})")
         say(f"   {NS_PARENT:<16} the EC2 parent: eth0 {PARENT_WAN}/24, default route via {WEB}")
         say(f"   {NS_ENCLAVE:<16} the enclave: no interface but lo, and lo is down (as at boot)")
         say("   parent and enclave share no link: their only path is Unix sockets in")
@@ -264,9 +284,14 @@ class Demo:
             "transport.path": str(self.tmp / "sock"),
             "parent.private_key": str(self.tmp / "parent.key"),
             # The credential endpoints (IMDS among them) are added to any deny list.
-            "parent.egress.deny": [f"{DENIED_WEB}/32"],
+            # The web server by address, the one behind NAME_OK only by name.
+            "parent.egress.allow": [f"{WEB}/32", NAME_OK],
+            "parent.egress.deny": [f"{DENIED_WEB}/32", NAME_DENIED],
+            "parent.egress.resolver": RESOLVER,
             "parent.ingress": [{"listen": INGRESS_PORT, "to": APP_PORT, "protocol": "tcp"}],
+            "enclave.dns": "parent",
         }
+
         heading("One profile for both sides")
         say(f"   {source or 'built-in defaults'}, with these changes:")
         for key, new in changes.items():
@@ -291,8 +316,10 @@ class Demo:
         addrs = lambda xs: ", ".join(str(x) for x in xs)  # noqa: E731
         say(f"   kept: tunnel {addrs(p.parent.addresses)} <-> {addrs(p.enclave.addresses)}, "
             f"mtu {p.mtu}, port {p.transport.port}, control {p.transport.control_port}")
-        say(f"         egress deny (effective) {addrs(p.parent.egress.deny)}")
-        say(f"         egress allow {addrs(p.parent.egress.allow)} with NAT "
+        say(f"         egress deny (effective) "
+            f"{addrs(p.parent.egress.deny + p.parent.egress.deny_names)}")
+        say(f"         egress allow {addrs(p.parent.egress.allow + p.parent.egress.allow_names)}"
+            f" with NAT "
             f"{'on' if p.parent.egress.nat else 'off'}, enclave dns {addrs(p.enclave.dns)}, "
             f"attestation {'required' if p.attestation.require else 'not required'}")
         say(f"   written to {self.profile_path} (`wgvsock profile check` accepts it)")
@@ -429,6 +456,31 @@ class Demo:
             say(f"   the app in the enclave logged: {seen}")
             say("   (the client's own address: the parent forwards the port with DNAT, no SNAT)")
 
+    def names(self) -> None:
+        heading("Egress by host name: the parent's DNS forwarder is the enclave's resolver")
+        say(f"   allow has {NAME_OK}, deny has {NAME_DENIED}; the forwarder answers only "
+            "allowed names,")
+        say("   and puts their addresses into the nftables set of the allow entry first")
+        for url, what in ((f"http://{NAME_WEB}/", "BLOCKED: no allowed answer named it yet"),
+                          (f"http://{NAME_OK}/", None), (f"http://{NAME_WEB}/", None),
+                          (f"http://{NAME_DENIED}/", "REFUSED by the parent (denied name)"),
+                          (f"http://{NAME_OTHER}/", "REFUSED by the parent (no allow entry)")):
+            ok, out, _ = self.curl(self.enclave, url, 2)
+            say(f"   [{NS_ENCLAVE}] $ curl --max-time 2 {url}")
+            say(f"     -> {out}" if ok else f"     -> {what or 'failed'}: {out}")
+        try:
+            elements = firewall.set_elements(PROFILE_NAME, firewall.name_set(0, 4),
+                                             netns=NS_PARENT)
+            c = firewall.read_counters(PROFILE_NAME, netns=NS_PARENT)
+        except firewall.FirewallError as e:
+            say(f"   (could not read the nftables set: {e})")
+            return
+        shown = ", ".join(f"{a} (timeout {t} s, expires in {e} s)"
+                          for a, (t, e) in elements.items())
+        say(f"   [{NS_PARENT}] set {firewall.name_set(0, 4)} ({NAME_OK}): {shown or 'empty'}")
+        say(f"     packets: 'allow {NAME_OK}' {c[f'allow {NAME_OK}'].packets}, "
+            f"to the forwarder {c['dns forwarder'].packets}")
+
     def deny(self) -> None:
         heading("The deny list holds")
         ok, out, _ = self.curl(self.parent, f"http://{DENIED_WEB}/")
@@ -550,6 +602,7 @@ class Demo:
         self.enclave_up()
         self.egress()
         self.ingress()
+        self.names()
         self.deny()
         self.throughput()
         if self.args.live > 0:
