@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.query
@@ -248,3 +249,16 @@ def test_port_taken_is_a_clear_error() -> None:
         with pytest.raises(OSError, match=f"DNS forwarder cannot listen on port {port}"):
             fwd.start()
         fwd.close()
+
+
+def test_only_the_enclave_may_ask() -> None:
+    h = Harness(clients=[ipaddress.ip_address("127.0.0.2")])
+    try:
+        with pytest.raises(dns.exception.Timeout):
+            dns.query.udp(dns.message.make_query("ok.test", "A"), LOOP, timeout=0.5,
+                          port=h.port)
+        with socket.create_connection((LOOP, h.port), timeout=5) as t:
+            assert t.recv(1) == b""  # closed at once
+        assert h.fwd.stats.dropped == 2 and h.upstream.queries == 0
+    finally:
+        h.close()

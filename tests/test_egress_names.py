@@ -180,3 +180,19 @@ def test_render_name_sets_rules_and_forwarder_port() -> None:
 def test_add_to_sets_refuses_what_is_not_a_name_set() -> None:
     with pytest.raises(ValueError, match="not a name set"):
         firewall.add_to_sets("x", [("enclave_v4", "10.0.0.1", 5)])  # type: ignore[list-item]
+
+
+def test_doctor_checks_the_forwarders_resolver(monkeypatch) -> None:
+    from wgvsock.egress import forwarder
+    from wgvsock.roles.parent import local_checks
+
+    def dns_check(egress: str):
+        return {c.name: c for c in local_checks(parse_profile(profile(egress)))}.get(
+            "DNS forwarder")
+
+    assert dns_check("    allow: [10.0.0.0/8]\n") is None
+    check = dns_check("    allow: [a.example]\n    resolver: 10.0.0.2\n")
+    assert check.ok and check.detail == "forwards allowed names to 10.0.0.2"
+    monkeypatch.setattr(forwarder, "system_resolvers", lambda exclude=(): [])
+    check = dns_check("    allow: [a.example]\n")
+    assert check.ok is False and "set parent.egress.resolver" in check.detail

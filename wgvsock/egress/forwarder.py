@@ -140,16 +140,17 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class Forwarder:
-    """Listens on LISTEN (the parent's tunnel addresses), UDP and TCP, forwards allowed
-    names to UPSTREAM and hands the answers' addresses to UPDATE_SETS (blocking; it runs in
-    a worker thread) before replying."""
+    """Listens on LISTEN (the parent's tunnel addresses), UDP and TCP, for queries from
+    CLIENTS (the enclave's addresses), forwards allowed names to UPSTREAM and hands the
+    answers' addresses to UPDATE_SETS (blocking; it runs in a worker thread) before replying."""
 
     def __init__(self, *, listen: Sequence[IPAddress], upstream: Sequence[IPAddress],
                  policy: NamePolicy, update_sets: Callable[[list[Element]], None],
                  grace: int, log: logging.Logger | None = None, port: int = DNS_PORT,
                  upstream_port: int = DNS_PORT, timeout: float = UPSTREAM_TIMEOUT,
                  max_in_flight: int = MAX_IN_FLIGHT, max_tcp_clients: int = MAX_TCP_CLIENTS,
-                 tcp_idle: float = TCP_IDLE) -> None:
+                 tcp_idle: float = TCP_IDLE,
+                 clients: Sequence[IPAddress] | None = None) -> None:
         if not upstream:
             raise ValueError("no upstream resolver")
         self.listen = list(listen)
@@ -164,6 +165,9 @@ class Forwarder:
         self.max_in_flight = max_in_flight
         self.max_tcp_clients = max_tcp_clients
         self.tcp_idle = tcp_idle
+        # Only the enclave may ask: the tunnel address is reachable from the parent's other
+        # interfaces too, and nobody else should fill the enclave's sets. None: anyone (tests).
+        self.clients = None if clients is None else {str(a) for a in clients}
         self.stats = Stats()
         self._in_flight = 0
         self._tcp_clients = 0
@@ -263,7 +267,8 @@ class Forwarder:
 
     def _udp_query(self, proto: _Udp, data: bytes, addr) -> None:
         self.stats.queries += 1
-        if len(data) > MAX_UDP_QUERY or self._in_flight >= self.max_in_flight:
+        if (len(data) > MAX_UDP_QUERY or self._in_flight >= self.max_in_flight
+                or (self.clients is not None and addr[0] not in self.clients)):
             self.stats.dropped += 1
             return
         # Counted here, not when the task first runs: a burst arrives within one loop turn.
@@ -280,7 +285,9 @@ class Forwarder:
 
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        if self._tcp_clients >= self.max_tcp_clients:
+        peer = writer.get_extra_info("peername") or ("",)
+        if self._tcp_clients >= self.max_tcp_clients or (
+                self.clients is not None and peer[0] not in self.clients):
             self.stats.dropped += 1
             writer.close()
             return

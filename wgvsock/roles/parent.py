@@ -60,6 +60,8 @@ def local_checks(profile) -> list[Check]:
         Check("nftables", shutil.which("nft") is not None,
               "nft found" if shutil.which("nft") else "nft not found: apt-get install nftables"),
     ]
+    if profile.parent.egress.uses_names:
+        checks.append(_dns_check(profile))
     if profile.transport.kind == "vsock":
         try:
             socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
@@ -74,6 +76,21 @@ def local_checks(profile) -> list[Check]:
 
         checks += [Check(*c) for c in launch_checks(profile.parent.enclave)]
     return checks
+
+
+def _dns_check(profile) -> Check:
+    """Host names in parent.egress need a resolver for the parent's DNS forwarder."""
+    from ..egress.forwarder import system_resolvers
+
+    if profile.parent.egress.resolver:
+        upstream = profile.parent.egress.resolver
+    else:
+        upstream = system_resolvers(exclude=[a.ip for a in profile.parent.addresses])
+    if not upstream:
+        return Check("DNS forwarder", False, "parent.egress has host names but /etc/resolv.conf "
+                     "names no resolver: set parent.egress.resolver")
+    return Check("DNS forwarder", True, "forwards allowed names to "
+                 + ", ".join(map(str, upstream)))
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -292,15 +309,16 @@ class Parent:
 
         own = [a.ip for a in self.profile.parent.addresses]
         upstream = list(egress.resolver) or system_resolvers(exclude=own)
-        if not upstream:
-            raise RoleError("parent.egress names host names, but /etc/resolv.conf names no "
-                            "resolver to forward to: set parent.egress.resolver")
+        if not upstream:  # local_checks() said so already; resolv.conf may have changed since
+            raise RoleError("parent.egress has host names but /etc/resolv.conf names no "
+                            "resolver: set parent.egress.resolver")
         name = self.profile.name
         self.dns = Forwarder(
             listen=own, upstream=upstream,
             policy=NamePolicy(egress.allow_names, egress.deny_names),
             update_sets=lambda elements: firewall.add_to_sets(name, elements),
             grace=egress.dns_grace, log=log,
+            clients=[a.ip for a in self.profile.enclave.addresses],
         )
         self.dns.start()
 
