@@ -204,8 +204,9 @@ for n in range(1, len(good)):                           # every truncation of a 
 r = dns.message.make_response(dns.message.from_wire(good)).to_wire()
 u.sendto(r, target)                                     # a response, not a query
 u.sendto(good + os.urandom(60000), target)              # huge
-for i in range(1000):                                   # many at once
-    u.sendto(dns.message.make_query(f"n{i}.ok.test", "A").to_wire(), target)
+for i in range(1000):                                   # many at once, half of them allowed
+    name = f"n{i}.wild.test" if i % 2 else f"n{i}.ok.test"
+    u.sendto(dns.message.make_query(name, "A").to_wire(), target)
 for payload in (os.urandom(300), struct.pack("!H", 65535) + b"x" * 10, struct.pack("!H", 5)):
     t = socket.create_connection(target, timeout=5)     # TCP: garbage, a short message, hang
     t.sendall(payload)
