@@ -106,12 +106,13 @@ class Bind(ABC):
 class RateLimitedLog:
     """Logs at most one line per interval; for errors that can repeat on every packet."""
 
-    __slots__ = ("_interval", "_last", "_suppressed")
+    __slots__ = ("_interval", "_last", "_log", "_suppressed")
 
-    def __init__(self, interval: float = 10.0) -> None:
+    def __init__(self, interval: float = 10.0, logger: logging.Logger | None = None) -> None:
         self._interval = interval
         self._last = -interval
         self._suppressed = 0
+        self._log = logger or log
 
     def __call__(self, level: int, msg: str, *args: object) -> None:
         now = time.monotonic()
@@ -123,7 +124,7 @@ class RateLimitedLog:
             args = (*args, self._suppressed)
         self._last = now
         self._suppressed = 0
-        log.log(level, msg, *args)
+        self._log.log(level, msg, *args)
 
 
 def unavailable(exc: OSError, what: str) -> OSError:

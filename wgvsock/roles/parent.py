@@ -181,6 +181,7 @@ class Parent:
         self.supervisor = None  # nitro.EnclaveSupervisor when the profile starts the enclave
         self._state: State | None = None
         self.verdict: Verdict | None = None
+        self._enclave_cid: int | None = None  # of the enclave the supervisor last started
 
     def spec(self) -> firewall.FirewallSpec:
         p = self.profile
@@ -225,6 +226,7 @@ class Parent:
             self.control = ControlServer(
                 listener, profile=p.name, public_key=public_key(key), wg_port=t.port,
                 verify=make_verifier(p), install=self._install_enclave,
+                accept_from=self._enclave_filter(),
             )
             self.control.start()
             self._state = State(p.name, os.getpid(), p.interface, p.path, self._forwarding,
@@ -236,6 +238,21 @@ class Parent:
             raise
         log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
                  t.port, t.control_port)
+
+    def _enclave_filter(self):
+        """Which vsock peers may use the control port: the enclave's CID when it is known
+        (the profile names it, or `up` starts the enclave and learns it); anyone otherwise."""
+        p = self.profile
+        if p.transport.kind != "vsock":
+            return None  # the stand-ins: the socket's directory or bind address is the fence
+        if p.parent.enclave_cid is not None:
+            fixed = p.parent.enclave_cid
+        elif p.parent.enclave is not None:
+            fixed = p.parent.enclave.cid
+        else:
+            return None
+        # Launched by us without a fixed CID: only the CID nitro-cli reported; none before.
+        return lambda addr: addr[0] == (fixed if fixed is not None else self._enclave_cid)
 
     def _route_enclave(self) -> None:
         # The parent's own address usually covers the enclave's (same subnet); only prefixes
@@ -273,6 +290,7 @@ class Parent:
         from ..nitro import EnclaveSupervisor, NitroCli, enclave_name
 
         def started(info) -> None:
+            self._enclave_cid = info.cid
             if self._state is not None and not self.stopped.is_set():
                 self._state.enclave = {"id": info.enclave_id, "cid": info.cid,
                                        "name": info.name}
