@@ -122,6 +122,7 @@ class Device:
             self.tun.set_mtu(self._initial_mtu)
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
             self.bind.receive_batch = self._on_receive_batch
+            self.bind.authenticated = self._authenticated
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
@@ -299,6 +300,12 @@ class Device:
         except OSError as e:
             if self._debug:
                 log.debug("%s: TUN write failed: %s", self.ifname, e)
+
+    def _authenticated(self, ep: Endpoint) -> bool:
+        # The engine points a peer at a source only after a message from it authenticated;
+        # configured endpoints never carry a connection id, so they cannot match an inbound one.
+        with self._lock:
+            return any(p.endpoint == ep for p in self.engine.peers.values())
 
     def _note_handshake(self, now: float) -> bool:
         if now - self._hs_window_start > _LOAD_WINDOW:

@@ -303,7 +303,8 @@ def test_silent_and_surplus_inbound_connections_are_shed(
     binds: list[Bind], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection that never sends a frame is closed after FIRST_FRAME_TIMEOUT, and no more
-    than MAX_INBOUND are kept: idle sockets cannot pin threads and buffers without bound."""
+    than MAX_INBOUND are kept: idle sockets cannot pin threads and buffers without bound.
+    At the cap a newcomer replaces the silent (unauthenticated) one, not the real peer."""
     import wgvsock.conn.stream as stream
 
     monkeypatch.setattr(stream, "FIRST_FRAME_TIMEOUT", 0.3)
@@ -314,14 +315,58 @@ def test_silent_and_surplus_inbound_connections_are_shed(
     from_a = exchange(a, a_in, b, b_in, b_ep)  # a real peer: one inbound connection
     with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as silent, \
             socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as surplus:
-        # the surplus one is refused at once (the cap is 2: the real peer and `silent`)
-        assert surplus.recv(1) == b""
-        # the silent one is closed once its first-frame time is up
+        # the cap is 2: the surplus one replaces `silent`, then times out itself
         assert silent.recv(1) == b""
+        assert surplus.recv(1) == b""
     wait_until(lambda: len(b.status()["connections"]) == 1)
     # the real peer, which sent frames, is not subject to the first-frame limit
     a.send(msg(7), b_ep)
     assert b_in.get() == (msg(7), from_a)
+
+
+def test_junk_in_valid_frames_cannot_lock_a_peer_out(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12.4: a connection counts as a peer's only once the owner says a message on it
+    authenticated. Connections full of valid frames of junk are replaced by a newcomer; when
+    every connection is a live peer's, the newcomer is refused."""
+    import wgvsock.conn.stream as stream
+
+    monkeypatch.setattr(stream, "MAX_INBOUND", 4)
+    peers: set = set()  # endpoints whose messages "authenticated"
+    b = StreamBind("tcp4")
+    b.authenticated = lambda ep: ep in peers
+    b, b_in, b_port = opened(binds, b)
+    junk = []
+    for i in range(10):
+        s = socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT)
+        s.sendall(encode_frame(b"\x04" + bytes([i]) * 40))
+        b_in.get()  # delivered, and not authenticated
+        junk.append(s)
+    try:
+        wait_until(lambda: len(b.status()["connections"]) == 4)
+        a, a_in, _ = opened(binds, StreamBind("tcp4"))
+        b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+        from_a = exchange(a, a_in, b, b_in, b_ep)  # got in, replacing a junk connection
+        # Every slot a live peer's (as if the junk had authenticated): a newcomer is refused.
+        peers.update(b._conns)
+        assert from_a in peers and len(peers) == 4
+        a.send(msg(3), b_ep)
+        for s in junk:  # the three left send again, and with a are trusted from now on
+            with contextlib.suppress(OSError):
+                s.sendall(encode_frame(b"\x04" + bytes(40)))
+        for _ in range(4):
+            b_in.get()
+        wait_until(lambda: all(c.trusted for c in b._conns.values()))
+        with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as late:
+            late.sendall(encode_frame(b"\x04" + bytes(40)))
+            with contextlib.suppress(ConnectionResetError):  # closed with our frame unread
+                assert late.recv(1) == b""
+        a.send(msg(4), b_ep)
+        assert b_in.get() == (msg(4), from_a)
+    finally:
+        for s in junk:
+            s.close()
 
 
 # -- a peer that stops reading ---------------------------------------------------------------

@@ -68,6 +68,10 @@ class Bind(ABC):
     # Set by the owner before open(): a transport that receives several messages from one
     # endpoint at once (UDP GRO) may hand them over together, so they are processed as a batch.
     receive_batch: Callable[[list[bytes], Endpoint], None] | None = None
+    # Set by the owner before open(): whether a message from this endpoint has authenticated
+    # (it is some peer's current endpoint). A stream bind asks about an inbound connection
+    # until the answer is yes, so a valid frame of junk does not make a connection a peer's.
+    authenticated: Callable[[Endpoint], bool] | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:
