@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .conn.bind import RateLimitedLog
+from .threads import Survivor
 
 log = logging.getLogger("wgvsock.control")
 
@@ -221,6 +222,7 @@ class ControlServer:
         self.refused_connections = 0
         self.last_verdict: Verdict | None = None
         self._refusal_log = RateLimitedLog(logger=log)
+        self._survivor = Survivor("control: accept")
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
 
     def start(self) -> None:
@@ -249,11 +251,12 @@ class ControlServer:
                 continue
             try:
                 self._admit(conn, addr)
-            except Exception:
+            except Exception as e:
                 # One odd connection must not end the listener: the enclave could never
                 # register again while the daemon looked healthy.
                 conn.close()
-                log.exception("control: failed to admit a connection")
+                if not self._survivor.survive(e):
+                    raise  # to the thread-death hook, which stops the parent
                 self._stop.wait(0.1)
 
     def _admit(self, conn: socket.socket, addr: object) -> None:
@@ -296,6 +299,10 @@ class ControlServer:
             log.warning("control: %s", e)
         except OSError as e:
             log.info("control: connection error: %s", e)
+        except Exception:
+            # A bug in one exchange (an install that raised) ends that connection only; the
+            # enclave registers again.
+            log.exception("control: exchange failed")
         finally:
             with self._lock:
                 self._clients.discard(conn)

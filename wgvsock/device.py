@@ -25,6 +25,7 @@ from .conn.bind import Bind
 from .conn.endpoint import Endpoint, display_endpoint
 from .core.engine import DROP, SEND, TUNNEL, Action, Engine
 from .core.ratelimit import LoadTracker
+from .threads import Survivor
 from .tun import GSO_MAX_SIZE, Tun
 from .uapi import (
     DEFAULT_RUN_DIR,
@@ -97,6 +98,7 @@ class Device:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self.stop_reason = ""
+        self.failed = False  # stopped by a fault, not asked to: the daemon exits non-zero
         self.port = 0
         self.fwmark = 0
         self.tun: Tun | None = None
@@ -162,6 +164,12 @@ class Device:
             log.info("%s: shutting down: %s", self.ifname, reason)
             self._stopped.set()
 
+    def fail(self, reason: str) -> None:
+        """Stops the device because part of it broke (see wgvsock.threads)."""
+        if not self._stopped.is_set():
+            self.failed = True
+        self.stop(reason)
+
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
@@ -222,6 +230,15 @@ class Device:
             self.bind.send_batch(batch, dest)
 
     def _tun_loop(self) -> None:
+        survivor = Survivor(f"{self.ifname}: TUN reader")
+        while True:
+            try:
+                return self._read_tun()
+            except Exception as e:
+                if not survivor.survive(e):
+                    raise  # to the thread-death hook, which stops the daemon
+
+    def _read_tun(self) -> None:
         tun = self.tun
         assert tun is not None
         lock, engine, monotonic = self._lock, self.engine, time.monotonic
@@ -317,15 +334,20 @@ class Device:
     def _timer_loop(self) -> None:
         tun = self.tun
         assert tun is not None
+        survivor = Survivor(f"{self.ifname}: timers")
         next_watch = 0.0
         while not self._stopped.wait(_TIMER_TICK):
-            now = time.monotonic()
-            with self._lock:
-                actions = self.engine.update_timers(now)
-            self._perform(actions)
-            if now >= next_watch:
-                next_watch = now + _WATCH_EVERY
-                self._watch(tun)
+            try:
+                now = time.monotonic()
+                with self._lock:
+                    actions = self.engine.update_timers(now)
+                self._perform(actions)
+                if now >= next_watch:
+                    next_watch = now + _WATCH_EVERY
+                    self._watch(tun)
+            except Exception as e:
+                if not survivor.survive(e):
+                    raise
 
     def _watch(self, tun: Tun) -> None:
         try:

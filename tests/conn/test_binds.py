@@ -546,3 +546,56 @@ def test_receive_callback_errors_do_not_kill_the_connection(binds: list[Bind]) -
     a.send(msg(1), ep)
     a.send(msg(2), ep)
     assert inbox.get()[0] == msg(2)
+
+
+# -- faults in the bind's own threads (issue 12.6) -------------------------------------------
+
+
+def test_a_dialler_that_could_not_start_is_tried_again(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dialler used to be registered before its thread started: if the thread could not
+    start (out of threads), the endpoint was never dialled again."""
+    _b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    assert isinstance(a, StreamBind)
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    real_start = StreamBind._start_thread
+    failed: list[str] = []
+
+    def start_thread(self, target, name, *args):
+        if "-dial-" in name and not failed:
+            failed.append(name)
+            raise RuntimeError("can't start new thread")
+        return real_start(self, target, name, *args)
+
+    monkeypatch.setattr(StreamBind, "_start_thread", start_thread)
+    a.send(msg(1), b_ep)  # lost with the dialler that never ran
+    assert failed
+    a.send(msg(2), b_ep)
+    assert b_in.get()[0] == msg(2)
+
+
+def test_the_accept_thread_survives_an_unexpected_error(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    assert isinstance(b, StreamBind)
+    real_configure = StreamBind._configure
+    calls: list[int] = []
+
+    def configure(self, sock):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("injected accept fault")
+        return real_configure(self, sock)
+
+    monkeypatch.setattr(StreamBind, "_configure", configure)
+    first = socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT)
+    wait_until(lambda: calls)
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    a.send(msg(1), a.parse_endpoint(f"127.0.0.1:{b_port}"))
+    assert b_in.get()[0] == msg(1)
+    first.close()
+    assert "accept: unexpected error (carrying on)" in caplog.text
+    assert "injected accept fault" in caplog.text

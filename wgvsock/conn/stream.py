@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Any
 
+from ..threads import Survivor
 from .bind import (
     RateLimitedLog,
     Receiver,
@@ -295,8 +296,15 @@ class StreamBind(SocketBind):
                 d.pending.append(frame)
                 d.active_at = time.monotonic()
         if start is not None:
-            self._start_thread(self._dial_loop, f"wgvsock-{self.network}-dial-"
-                               f"{display_endpoint(ep)}", start)
+            try:
+                self._start_thread(self._dial_loop, f"wgvsock-{self.network}-dial-"
+                                   f"{display_endpoint(ep)}", start)
+            except RuntimeError as exc:  # out of threads: the next send must try again
+                with self._lock:
+                    if self._dialers.get(ep) is start:
+                        del self._dialers[ep]
+                self._misc_log(logging.WARNING, "%s: cannot start dialling %s: %s",
+                               self.network, display_endpoint(ep), exc)
         elif conn is not None:
             conn.send(frame)  # registered while we looked; one try, no requeue
 
@@ -320,6 +328,16 @@ class StreamBind(SocketBind):
         return Endpoint("unix", addr if isinstance(addr, str) else "", 0, self._conn_ids)
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        survivor = Survivor(f"{self.network}: accept")
+        while True:
+            try:
+                return self._accept_connections(listener)
+            except Exception as e:
+                if not survivor.survive(e):
+                    raise  # to the thread-death hook, which stops the daemon
+                self._closed.wait(0.1)
+
+    def _accept_connections(self, listener: socket.socket) -> None:
         # poll() with a wake pipe: shutdown() does not wake accept() on an AF_VSOCK listener.
         poller = select.poll()
         poller.register(listener, select.POLLIN)

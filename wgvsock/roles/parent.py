@@ -24,6 +24,7 @@ from ..conn import make_bind
 from ..control import ControlServer, Verdict
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import Device
+from ..threads import on_thread_death
 from .common import (
     configure,
     control_listener,
@@ -346,14 +347,27 @@ def run_up(profile, ready_fd: int | None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    failures: list[str] = []
+
+    def on_death(reason: str) -> None:
+        failures.append(reason)
+        parent.stopped.set()
+
+    on_thread_death(on_death)
     try:
         report_ready(ready_fd)
         while not parent.stopped.wait(1.0):
             if parent.device is not None and parent.device.wait(0):
                 log.error("parent %s: %s", profile.name, parent.device.stop_reason)
+                if parent.device.failed:
+                    failures.append(parent.device.stop_reason)
                 break
     finally:
         parent.close()
+    if failures:
+        # Non-zero, so systemd restarts us: a part of the data path is gone.
+        log.error("parent %s stopped: %s", profile.name, failures[0])
+        return 1
     return 0
 
 
