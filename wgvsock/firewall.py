@@ -74,6 +74,7 @@ __all__ = [
     "remove",
     "render_ruleset",
     "restore_forwarding",
+    "rule_count",
     "table_name",
 ]
 
@@ -520,6 +521,19 @@ def exists(name: str, netns: str | None = None) -> bool:
         item.get("table", {}).get("family") == "inet" and item["table"].get("name") == table
         for item in _json(["list", "tables"], netns)
     )
+
+
+def rule_count(name: str, netns: str | None = None) -> int:
+    """How many rules profile `name`'s table holds; -1 when there is no such table. `parent
+    up` compares it with the count right after `apply` to notice a table someone deleted
+    (`nft flush ruleset`) or emptied (`nft flush table ...`)."""
+    table = table_name(name)
+    res = _nft(["-j", "list", "table", "inet", table], netns)
+    if res.returncode != 0:
+        if "No such file or directory" in res.stderr:
+            return -1
+        raise FirewallError(f"nft list table inet {table}: {(res.stderr or res.stdout).strip()}")
+    return sum(1 for item in json.loads(res.stdout).get("nftables", []) if "rule" in item)
 
 
 def read_counters(name: str, netns: str | None = None) -> dict[str, Counter]:

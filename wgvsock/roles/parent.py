@@ -183,6 +183,7 @@ class Parent:
         self._state: State | None = None
         self.verdict: Verdict | None = None
         self._enclave_cid: int | None = None  # of the enclave the supervisor last started
+        self._rules = 0  # rules in our nftables table right after we loaded it
 
     def spec(self) -> firewall.FirewallSpec:
         p = self.profile
@@ -219,6 +220,7 @@ class Parent:
             self._forwarding = firewall.enable_forwarding(ipv6=v6)
             firewall.apply(self.spec())
             self._table = True
+            self._rules = firewall.rule_count(p.name)
             listener = control_listener(t)
             if t.kind == "unix":
                 self._sockets.append(unix_socket_path(t.path, t.control_port))
@@ -254,6 +256,26 @@ class Parent:
             return None
         # Launched by us without a fixed CID: only the CID nitro-cli reported; none before.
         return lambda addr: addr[0] == (fixed if fixed is not None else self._enclave_cid)
+
+    def check_firewall(self) -> None:
+        """Puts our nftables table back when someone deleted or emptied it (`nft flush
+        ruleset`, a firewall reload): without it the enclave would be forwarded unfiltered.
+        If it cannot be put back, raises RoleError; the caller then stops, which removes the
+        interface and so ends all forwarding to and from the enclave."""
+        if not self._table:
+            return
+        name = self.profile.name
+        try:
+            if firewall.rule_count(name) == self._rules:
+                return
+            log.warning("parent %s: nftables table %s was deleted or changed by someone else; "
+                        "putting it back", name, firewall.table_name(name))
+            firewall.apply(self.spec())
+            self._rules = firewall.rule_count(name)
+        except (firewall.FirewallError, OSError, ValueError) as e:
+            raise RoleError(f"nftables table {firewall.table_name(name)} is gone and cannot be "
+                            f"put back ({e}); stopping so the enclave is not left "
+                            "unfiltered") from e
 
     def _route_enclave(self) -> None:
         # The parent's own address usually covers the enclave's (same subnet); only prefixes
@@ -309,15 +331,17 @@ class Parent:
         if self.control is not None:
             self.control.close()
             self.control = None
+        # The interface first: once it is gone nothing reaches or leaves the enclave, so
+        # removing the filter afterwards never leaves it unfiltered on a forwarding host.
+        if self.device is not None:
+            self.device.close()
+            self.device = None
         if self._table:
             firewall.remove(self.profile.name)
             self._table = False
         if self._forwarding:
             firewall.restore_forwarding(self._forwarding)
             self._forwarding = {}
-        if self.device is not None:
-            self.device.close()
-            self.device = None
         for path in self._sockets:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -362,6 +386,11 @@ def run_up(profile, ready_fd: int | None) -> int:
                 if parent.device.failed:
                     failures.append(parent.device.stop_reason)
                 break
+            try:
+                parent.check_firewall()
+            except RoleError as e:
+                failures.append(str(e))
+                break
     finally:
         parent.close()
     if failures:
@@ -402,14 +431,15 @@ def down(profile) -> list[str]:
         except NitroError as e:
             if known or shutil.which("nitro-cli"):  # silent when there is nothing to look for
                 done.append(f"could not check for a leftover enclave: {e}")
+    # The interface before the filter, as in Parent.close.
+    if netconf.interface_exists(profile.interface):
+        netconf.delete_interface(profile.interface)
+        done.append(f"deleted interface {profile.interface}")
     if firewall.exists(profile.name):
         firewall.remove(profile.name)
         done.append(f"removed nftables table for {profile.name}")
     if state is not None and state.forwarding:
         firewall.restore_forwarding(state.forwarding)
-    if netconf.interface_exists(profile.interface):
-        netconf.delete_interface(profile.interface)
-        done.append(f"deleted interface {profile.interface}")
     sockets = list(state.sockets) if state else []
     sockets.append(os.path.join(run_dir(), f"{profile.interface}.sock"))
     for path in sockets:
