@@ -381,3 +381,25 @@ def test_concurrent_registrations_are_serialised(tmp_path):
     assert device["peer"] == device["recorded"]
     assert held == [device["peer"]], "the held connection is not the installed enclave's"
     assert srv.registrations == len(keys) - len(errors)
+
+
+def test_the_parent_admits_only_the_enclaves_cid():
+    """Issue 12.3: over vsock the control port takes only the enclave's CID when it is
+    known: named by parent.enclave_cid, fixed by parent.enclave.cid, or reported by
+    nitro-cli for the enclave `up` started (nothing before that)."""
+    from wgvsock.profile import parse_profile
+    from wgvsock.roles.parent import Parent
+
+    named = Parent(parse_profile("name: a\nparent:\n  enclave_cid: 16\n"))._enclave_filter()
+    assert named is not None and named((16, 1234)) and not named((3, 1234))
+    fixed = Parent(parse_profile(
+        "name: a\nparent:\n  enclave: {eif: /x.eif, cid: 20}\n"))._enclave_filter()
+    assert fixed is not None and fixed((20, 1)) and not fixed((16, 1))
+    launched = Parent(parse_profile("name: a\nparent:\n  enclave: {eif: /x.eif}\n"))
+    check = launched._enclave_filter()
+    assert check is not None and not check((16, 1))  # not started yet: nobody
+    launched._enclave_cid = 16  # what EnclaveSupervisor's started() callback records
+    assert check((16, 1)) and not check((17, 1))
+    assert Parent(parse_profile("name: a\n"))._enclave_filter() is None  # unknown: anyone
+    unix = "name: a\ntransport: {kind: unix}\nparent:\n  enclave_cid: 16\n"
+    assert Parent(parse_profile(unix))._enclave_filter() is None  # a stand-in: no CIDs
