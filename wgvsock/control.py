@@ -266,13 +266,11 @@ class ControlServer:
         if self._accept_from is not None and not self._accept_from(addr):
             why = f"{who} is not the enclave"
         with self._lock:
-            if why:
-                pass
-            elif len(self._clients) >= self._max_clients:
+            if not why and len(self._clients) >= self._max_clients:
                 why = f"{len(self._clients)} connections already"
-            elif sum(1 for p in self._pending.values() if p == peer) >= self._max_per_peer:
+            if not why and sum(p == peer for p in self._pending.values()) >= self._max_per_peer:
                 why = f"{who} has {self._max_per_peer} registrations in progress already"
-            else:
+            if not why:
                 self._clients.add(conn)
                 self._pending[conn] = peer
         if why:
