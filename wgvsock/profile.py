@@ -325,6 +325,8 @@ class ParentSide:
     # The parent's WireGuard public key (base64), pinned: the enclave refuses any other parent
     # and `parent up` refuses a private key that does not match. None: not pinned.
     public_key: str | None = None
+    # The only CID the control port accepts, for an enclave something else starts.
+    enclave_cid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -380,7 +382,8 @@ def _line_of(lines: Mapping[str, int], key: str) -> int:
 _TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "enclave",
              "attestation")
 _TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
-_PARENT_KEYS = ("address", "private_key", "public_key", "egress", "ingress", "enclave")
+_PARENT_KEYS = ("address", "private_key", "public_key", "egress", "ingress", "enclave",
+                "enclave_cid")
 _EGRESS_KEYS = ("nat", "interface", "allow", "deny", "resolver", "dns_grace", "test_dns_grace")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
@@ -713,6 +716,7 @@ class _Builder(_Parser):
         enclave = self.enclave(enclave_map, enclave_addrs, parent_addrs,
                                parent.egress.uses_names)
         attestation = self.attestation(top.get("attestation"), parent.enclave)
+        enclave_cid = self.enclave_cid(parent_map, parent.enclave)
 
         mtu = DEFAULT_MTU
         if "mtu" in top:
@@ -732,7 +736,8 @@ class _Builder(_Parser):
             return None
         return Profile(version, name, interface, mtu, transport,
                        ParentSide(parent_addrs, parent.private_key, parent.egress,
-                                  parent.ingress, parent.enclave, parent.public_key),
+                                  parent.ingress, parent.enclave, parent.public_key,
+                                  enclave_cid=enclave_cid),
                        enclave, attestation, path, dict(self.lines))
 
     # -- transport -------------------------------------------------------------------------------
@@ -893,6 +898,19 @@ class _Builder(_Parser):
         ingress = self.ingress(m.get("ingress"), transport)
         launch = self.launch(m.get("enclave"))
         return _ParentParts(private_key, public_key, egress, ingress, launch)
+
+    def enclave_cid(self, m: Mapping[str, Node], launch: EnclaveLaunch | None) -> int | None:
+        if _is_null(m.get("enclave_cid")):
+            return None
+        key = "parent.enclave_cid"
+        cid = self.integer(m["enclave_cid"], key, ENCLAVE_CID_MIN, VSOCK_CID_MAX,
+                           " (enclave CIDs start at 4)")
+        if launch is not None:
+            self.problem(_line(m["enclave_cid"]), key,
+                         "set together with parent.enclave, which starts the enclave itself",
+                         "drop parent.enclave_cid; give parent.enclave.cid to fix the CID")
+            return None
+        return cid
 
     def rules(self, m: Mapping[str, Node],
               key: str) -> tuple[list[Rule], list[NameRule]] | None:
@@ -1338,6 +1356,7 @@ def _to_data(profile: Profile) -> dict[str, Any]:
             "ingress": [{"listen": i.listen, "to": i.to, "protocol": i.protocol}
                         for i in p.ingress],
             "enclave": launch,
+            "enclave_cid": p.enclave_cid,
         },
         "enclave": {"address": [str(x) for x in e.addresses], "dns": [str(x) for x in e.dns],
                     "routes": [str(x) for x in e.routes]},

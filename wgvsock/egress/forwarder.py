@@ -258,6 +258,13 @@ class Forwarder:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._loop = self._thread = None
 
+    def forget(self) -> None:
+        """The name sets were emptied (the table was put back): re-add every address on its
+        next answer instead of trusting what we added before. Any thread may call it."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                self._loop.call_soon_threadsafe(self._expiry.clear)
+
     # -- receiving --------------------------------------------------------------------------
 
     def _spawn(self, coro) -> None:
