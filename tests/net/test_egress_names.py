@@ -229,3 +229,18 @@ def test_hostile_queries_do_not_stop_the_forwarder(named: World) -> None:
     assert query(e, "ok.test", proto="tcp")["addresses"] == ["198.51.100.2"]
     assert query(e, "other.test")["rcode"] == "REFUSED"
     assert probe(e, "tcp", "ok.test", PORT) == (0, "srv 198.51.100.1")
+
+
+def test_table_put_back_gets_its_addresses_again(named: World) -> None:
+    """`parent up` puts a deleted table back (empty name sets): the next answer must add the
+    address again, although the forwarder added it before."""
+    w = named
+    e = w.enclave
+    assert probe(e, "tcp", "ok.test", PORT) == (0, "srv 198.51.100.1")
+    w.parent.run("nft", "delete", "table", "inet", firewall.table_name(w.name))
+    wait_for(lambda: firewall.exists(w.name, netns=w.parent.name)
+             and firewall.read_counters(w.name, netns=w.parent.name).get("allow ok.test")
+             is not None, 20, "parent up to put its table back")
+    assert elements(w, 0) == {}
+    assert probe(e, "tcp", "ok.test", PORT) == (0, "srv 198.51.100.1")
+    assert "198.51.100.2" in elements(w, 0)
