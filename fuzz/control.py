@@ -16,12 +16,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import logging
 import random
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from wgvsock.control import (
     register,
 )
 
-from .harness import Hang, Target
+from .harness import Hang, Target, quiet
 from .mutate import TEXT_VALUES, havoc, mutate_text, random_bytes
 
 NONCE = bytes(range(NONCE_LEN))
@@ -129,18 +127,6 @@ def parse_frames(data: bytes) -> list[dict[str, Any]]:
         out.append(msg)
         pos += 4 + n
     return out
-
-
-@contextlib.contextmanager
-def quiet(name: str) -> Iterator[None]:
-    """Keeps a module's warnings about every bad input off the terminal during a shard."""
-    log = logging.getLogger(name)
-    old = log.propagate, log.level
-    log.propagate, log.level = False, logging.CRITICAL
-    try:
-        yield
-    finally:
-        log.propagate, log.level = old
 
 
 def _read_all(sock: socket.socket) -> bytes:

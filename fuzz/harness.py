@@ -10,11 +10,14 @@ A shard is deterministic: its random stream comes from (seed, target, shard) alo
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import signal
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -98,6 +101,18 @@ class _Watchdog:
     def __exit__(self, *exc: object) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         signal.signal(signal.SIGALRM, self._old)
+
+
+@contextlib.contextmanager
+def quiet(name: str) -> Iterator[None]:
+    """Keeps a module's warnings about every bad input off the terminal during a shard."""
+    log = logging.getLogger(name)
+    old = log.propagate, log.level
+    log.propagate, log.level = False, logging.CRITICAL
+    try:
+        yield
+    finally:
+        log.propagate, log.level = old
 
 
 def shard_rng(seed: int, target: str, shard: int) -> random.Random:

@@ -1,10 +1,11 @@
 """Targets `uapi-server`, `uapi-set` and `uapi-get`: the UAPI protocol from both ends.
 
-`uapi-server` runs a real UAPIServer in this process (its socket in a private directory) with
-a handler that records what it is given, and writes each input to a fresh connection as a
-client would, then half-closes. The server must answer with well-formed replies only and
-close; the handler must only ever see a configuration that survives format_set/parse_set
-unchanged; and the server must never log an unexpected error. `uapi-set` and `uapi-get`
+`uapi-server` runs a real UAPIServer in this process (its socket in a private directory) in
+front of a real Device (not started: no TUN) on the Unix stand-in transport, and writes each
+input to a fresh connection as a client would, then half-closes. The server must answer with
+well-formed replies only and close; the device must only ever be given a configuration that
+survives format_set/parse_set unchanged; and the server must never log an unexpected error
+(which is how it reports an exception from the device). `uapi-set` and `uapi-get`
 call parse_set and parse_get directly; UAPIError is their documented refusal.
 """
 
@@ -18,6 +19,8 @@ import re
 import socket
 from pathlib import Path
 
+from wgvsock.conn import StreamBind
+from wgvsock.device import Device
 from wgvsock.uapi import (
     DeviceConfig,
     DeviceStatus,
@@ -31,7 +34,7 @@ from wgvsock.uapi import (
     parse_set,
 )
 
-from .harness import Hang, Target
+from .harness import Hang, Target, quiet
 from .mutate import TEXT_VALUES, havoc, mutate_text, random_bytes
 
 UAPI_VALUES = (
@@ -178,39 +181,49 @@ class _Errors(logging.Handler):
         self.records.append(record)
 
 
-class _Handler:
-    def __init__(self, status: DeviceStatus) -> None:
-        self.status = status
-        self.sets = 0
+class _Checked:
+    """The device as UAPI handler, with the round-trip oracle in front of its set."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
 
     def uapi_get(self) -> DeviceStatus:
-        return self.status
+        return self.device.uapi_get()
 
     def uapi_set(self, cfg: DeviceConfig) -> None:
-        self.sets += 1
-        assert parse_set(format_set(cfg)) == cfg, "the handler was given an unformattable config"
+        assert parse_set(format_set(cfg)) == cfg, "the device was given an unformattable config"
+        self.device.uapi_set(cfg)
 
 
 class UAPIServerTarget(Target):
     name = "uapi-server"
     count = 20_000
     shard_size = 5_000
+    rebuild_every = 1_000  # a fresh device now and then: peers pile up
 
     def __init__(self, rng: random.Random, workdir: Path) -> None:
         super().__init__(rng, workdir)
-        self.handler = _Handler(random_status(rng))
+        self.bind = StreamBind("unix", unix_dir=str(workdir / "wg"))
+        self.device = Device("fz0", self.bind, run_dir=str(workdir / "run"))
         self.errors = _Errors()
         self.log = logging.getLogger("wgvsock.uapi")
         self.log.addHandler(self.errors)
-        # The server warns about every bad request; the fuzzer's output is the table.
+        # The server and device log every bad request and port change; the output is the table.
+        # (The server's own log keeps its level: its errors are the findings.)
         self._propagate, self.log.propagate = self.log.propagate, False
-        self.server = UAPIServer("fz0", self.handler, str(workdir / "run"), max_request=1 << 16,
-                                 idle_timeout=2.0)
+        self._quiet = [quiet("wgvsock.device"), quiet("wgvsock.conn")]
+        for q in self._quiet:
+            q.__enter__()
+        self.server = UAPIServer("fz0", _Checked(self.device), str(workdir / "run"),
+                                 max_request=1 << 16, idle_timeout=2.0)
 
     def close(self) -> None:
         self.server.close()
+        self.bind.close()
         self.log.removeHandler(self.errors)
         self.log.propagate = self._propagate
+        for q in self._quiet:
+            q.__exit__(None, None, None)
 
     def generate(self, rng: random.Random) -> tuple[str, bytes]:
         r = rng.random()
