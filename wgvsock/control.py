@@ -421,7 +421,8 @@ def register(
         raise ControlError(f"expected welcome, got {msg['type']!r}")
     parent_key = _b64(msg, "public_key", 32)
     port = msg.get("wg_port")
-    if not isinstance(port, int) or not 0 < port < 2**32:
+    # bool is an int in Python; JSON's true must not pass for port 1.
+    if type(port) is not int or not 0 < port < 2**32:
         raise ControlError("welcome: wg_port missing or out of range")
     assert parent_key is not None
     return Welcome(parent_key, port, bool(msg.get("attested")))

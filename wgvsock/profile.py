@@ -1120,12 +1120,32 @@ def _yaml_problem(file: str, e: yaml.YAMLError) -> Problem:
     return Problem(file, line, "", f"not valid YAML: {reason}", hint)
 
 
+# PyYAML's scanner spends time on every open '[' or '{' for each token, so a line of them costs
+# the square of its length (a 1 MiB file of "[[[..]]]" takes minutes); no profile needs more
+# than a few levels.
+MAX_FLOW_DEPTH = 32
+
+
+class _Loader(yaml.SafeLoader):
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_FLOW_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None, None, f"[...] or {{...}} nested more than {MAX_FLOW_DEPTH} deep",
+                self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+
 def parse_profile(text: str, path: str = "<string>") -> Profile:
     """Parse and validate a profile, filling in every default. Raises ProfileError."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ProfileError([_yaml_problem(path, e)]) from None
+    except RecursionError:
+        # PyYAML's composer recurses once per nesting level: "[[[[..." would crash it.
+        raise ProfileError([Problem(path, 1, "", "nested too deeply for a profile",
+                                    "a profile is a few levels of keys; is this the right file?")]
+                           ) from None
     if root is None:
         raise ProfileError([Problem(path, 1, "", "the profile is empty",
                                     "start from parent/profile.example.yaml")])
