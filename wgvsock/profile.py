@@ -69,6 +69,10 @@ DEFAULT_CPU_COUNT = 2
 # An enclave needs roughly 4x its EIF in memory; a slim Python image is a few hundred MiB.
 DEFAULT_MEMORY_MIB = 1024
 DEFAULT_MAX_AGE = 300
+DEFAULT_METRICS_INTERVAL = 60
+METRICS_INTERVAL_MIN = 10  # CloudWatch bills per request; below 60 s it stores high resolution
+# CloudWatch's rules for a namespace; "AWS/" is reserved for AWS's own.
+CLOUDWATCH_NAMESPACE_RE = re.compile(r"[0-9A-Za-z.\-_/#: ]{1,255}")
 
 # Route 53 Resolver and the instance metadata service, as reached from a Nitro instance.
 AWS_DNS_V4 = IPv4Address("169.254.169.253")
@@ -260,12 +264,27 @@ class EnclaveLaunch:
 
 
 @dataclass(frozen=True)
+class CloudWatch:
+    namespace: str
+    interval: int = DEFAULT_METRICS_INTERVAL
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """parent.metrics: where Prometheus scrapes (host, port) and where CloudWatch gets them."""
+
+    listen: tuple[IPAddress, int] | None = None
+    cloudwatch: CloudWatch | None = None
+
+
+@dataclass(frozen=True)
 class ParentSide:
     addresses: list[IPInterface]
     private_key: str
     egress: Egress
     ingress: list[Ingress]
     enclave: EnclaveLaunch | None
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(frozen=True)
@@ -316,12 +335,14 @@ def _line_of(lines: Mapping[str, int], key: str) -> int:
 _TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "enclave",
              "attestation")
 _TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
-_PARENT_KEYS = ("address", "private_key", "egress", "ingress", "enclave")
+_PARENT_KEYS = ("address", "private_key", "egress", "ingress", "enclave", "metrics")
 _EGRESS_KEYS = ("nat", "interface", "allow", "deny")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
 _ENCLAVE_KEYS = ("address", "dns", "routes")
 _ATTEST_KEYS = ("require", "pcrs", "max_age")
+_METRICS_KEYS = ("listen", "cloudwatch")
+_CLOUDWATCH_KEYS = ("namespace", "interval")
 
 
 def _line(node: Node) -> int:
@@ -561,6 +582,33 @@ def _private_key(text: str) -> str:
     return text
 
 
+def _listen(text: str) -> tuple[IPAddress, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= TCP_PORT_MAX:
+        raise _Invalid(f"{text!r} is not ADDRESS:PORT",
+                       'write it like "127.0.0.1:9586" or "[::1]:9586"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise _Invalid(f"{text!r}: an IPv6 address with a port needs brackets",
+                       'write it like "[::1]:9586"')
+    try:
+        return ipaddress.ip_address(host), int(port)
+    except ValueError:
+        raise _Invalid(f"{host!r} in {text!r} is not an IP address",
+                       'listen on an address of this host, e.g. "127.0.0.1:9586"') from None
+
+
+def _namespace(text: str) -> str:
+    if not CLOUDWATCH_NAMESPACE_RE.fullmatch(text):
+        raise _Invalid(f"{text!r} is not a CloudWatch namespace",
+                       "use 1-255 of letters, digits, space and . - _ / # :")
+    if text.startswith("AWS/"):
+        raise _Invalid(f"{text!r}: namespaces starting with AWS/ are AWS's own",
+                       "pick your own, e.g. wgvsock")
+    return text
+
+
 def _pcr_value(text: str) -> str:
     value = text.strip().lower()
     value = value.removeprefix("0x")
@@ -641,7 +689,7 @@ class _Builder(_Parser):
             return None
         return Profile(version, name, interface, mtu, transport,
                        ParentSide(parent_addrs, parent.private_key, parent.egress,
-                                  parent.ingress, parent.enclave),
+                                  parent.ingress, parent.enclave, parent.metrics),
                        enclave, attestation, path, dict(self.lines))
 
     # -- transport -------------------------------------------------------------------------------
@@ -797,7 +845,8 @@ class _Builder(_Parser):
         egress = self.egress(m.get("egress"), enclave_addrs)
         ingress = self.ingress(m.get("ingress"), transport)
         launch = self.launch(m.get("enclave"))
-        return _ParentParts(private_key, egress, ingress, launch)
+        metrics = self.metrics(m.get("metrics"))
+        return _ParentParts(private_key, egress, ingress, launch, metrics)
 
     def rules(self, m: Mapping[str, Node], key: str) -> list[Rule] | None:
         items = self.items(m.get(key.rsplit(".", 1)[-1]), key, "10.0.0.0/8:443/tcp")
@@ -916,6 +965,32 @@ class _Builder(_Parser):
             debug = bool(self.boolean(m["debug"], f"{key}.debug"))
         return EnclaveLaunch(eif, cpus, memory, cid, debug)
 
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def metrics(self, node: Node | None) -> Metrics:
+        key = "parent.metrics"
+        m = self.mapping(node, key, _METRICS_KEYS)
+        listen = None
+        if "listen" in m:
+            listen = self.parsed(m["listen"], f"{key}.listen", '"127.0.0.1:9586"', _listen)
+        cloudwatch = None
+        c = self.mapping(m.get("cloudwatch"), f"{key}.cloudwatch", _CLOUDWATCH_KEYS)
+        if isinstance(m.get("cloudwatch"), MappingNode):
+            namespace = None
+            if "namespace" not in c:
+                self.problem(self.at(f"{key}.cloudwatch"), f"{key}.cloudwatch.namespace",
+                             "missing", "name the CloudWatch namespace, e.g. namespace: wgvsock")
+            else:
+                namespace = self.parsed(c["namespace"], f"{key}.cloudwatch.namespace",
+                                        "wgvsock", _namespace)
+            interval = DEFAULT_METRICS_INTERVAL
+            if "interval" in c:
+                interval = self.integer(c["interval"], f"{key}.cloudwatch.interval",
+                                        METRICS_INTERVAL_MIN, 86400, " (seconds)") or interval
+            if namespace is not None:
+                cloudwatch = CloudWatch(namespace, interval)
+        return Metrics(listen, cloudwatch)
+
     # -- enclave ---------------------------------------------------------------------------------
 
     def enclave(self, m: Mapping[str, Node], addrs: list[IPInterface]) -> EnclaveSide:
@@ -1008,6 +1083,7 @@ class _ParentParts:
     egress: Egress
     ingress: list[Ingress]
     enclave: EnclaveLaunch | None
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 def _yaml_problem(file: str, e: yaml.YAMLError) -> Problem:
@@ -1154,6 +1230,13 @@ def local_networks(exclude_interface: str | None = None) -> list[IPNetwork]:
 # Dumping and the CLI
 
 
+def _listen_text(listen: tuple[IPAddress, int] | None) -> str | None:
+    if listen is None:
+        return None
+    host, port = listen
+    return f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+
+
 def _to_data(profile: Profile) -> dict[str, Any]:
     t, p, e, a = profile.transport, profile.parent, profile.enclave, profile.attestation
     launch = None
@@ -1177,6 +1260,12 @@ def _to_data(profile: Profile) -> dict[str, Any]:
             "ingress": [{"listen": i.listen, "to": i.to, "protocol": i.protocol}
                         for i in p.ingress],
             "enclave": launch,
+            "metrics": {
+                "listen": _listen_text(p.metrics.listen),
+                "cloudwatch": None if p.metrics.cloudwatch is None else {
+                    "namespace": p.metrics.cloudwatch.namespace,
+                    "interval": p.metrics.cloudwatch.interval},
+            },
         },
         "enclave": {"address": [str(x) for x in e.addresses], "dns": [str(x) for x in e.dns],
                     "routes": [str(x) for x in e.routes]},
