@@ -1,0 +1,155 @@
+"""The parent's metrics end to end: `parent up` with parent.metrics in the profile, in the
+namespaces of test_roles.World (Unix stand-in for vsock).
+
+/metrics is scraped inside the parent's namespace and parsed with prometheus_client's own
+parser; every value is checked against `wg show dump` and the nftables counters of the same
+moment. CloudWatch goes to moto in server mode, started inside the parent's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from wgvsock import firewall
+
+from .netlab import Lab, wait_for
+from .test_roles import WGVSOCK, World
+
+pytestmark = [pytest.mark.root]
+
+PORT = 9586
+PYTHON = str(Path(sys.executable))
+
+
+def with_metrics(world: World, block: str) -> None:
+    """Puts `block` (lines under parent.metrics, indented four spaces) into the profile."""
+    text = world.profile.read_text()
+    world.profile.write_text(text.replace("  ingress:\n", f"  metrics:\n{block}  ingress:\n", 1))
+
+
+@pytest.fixture
+def world(lab: Lab):
+    w = World(lab)
+    with_metrics(w, f"    listen: 127.0.0.1:{PORT}\n")
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def scrape(world: World) -> dict[str, list]:
+    res = world.parent.run("curl", "-sf", "--max-time", "5", f"http://127.0.0.1:{PORT}/metrics",
+                           check=False)
+    assert res.returncode == 0, res.stderr
+    return {f.name: f.samples for f in text_string_to_metric_families(res.stdout)}
+
+
+def wg_dump(world: World) -> list[list[str]]:
+    # `wg` only looks in /var/run/wireguard: bind the parent's run directory there, in the
+    # private mount namespace `ip netns exec` gives each command.
+    os.makedirs("/var/run/wireguard", exist_ok=True)
+    res = world.parent.run(
+        "sh", "-c", 'mount --bind "$1" /var/run/wireguard && exec wg show wg0 dump', "sh",
+        str(world.parent_uapi().parent))
+    return [line.split("\t") for line in res.stdout.splitlines()]
+
+
+def one(samples: list, **labels: str) -> float:
+    found = [s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (labels, samples)
+    return found[0]
+
+
+def steady(world: World):
+    """(dump, nft counters, scraped families) of one moment: dump and nft are read before and
+    after the scrape, and the round is retried if anything moved (a keepalive)."""
+    for _ in range(20):
+        dump = wg_dump(world)
+        nft = firewall.read_counters(world.name, netns=world.parent.name)
+        families = scrape(world)
+        if wg_dump(world) == dump and firewall.read_counters(
+                world.name, netns=world.parent.name) == nft:
+            return dump, nft, families
+    raise AssertionError("counters never held still")
+
+
+def test_metrics_page_matches_wg_and_nft(world: World) -> None:
+    world.parent_cmd("up")
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the enclave to fetch a page through the parent's NAT")
+    assert world.curl(world.enclave, "http://198.51.100.3/", timeout=1.5) is None  # denied
+    dump, nft, families = steady(world)
+
+    _device, *peers = dump
+    ((pub, _psk, _endpoint, allowed, handshake, rx, tx, _ka),) = peers
+    labels = {"interface": "wg0", "public_key": pub, "allowed_ips": allowed}
+    assert one(families["wireguard_sent_bytes"], **labels) == int(tx) > 0
+    assert one(families["wireguard_received_bytes"], **labels) == int(rx) > 0
+    assert one(families["wireguard_latest_handshake_seconds"], **labels) == int(handshake) > 0
+    states = families["wgvsock_peer_connection_state"]
+    assert one(states, public_key=pub, state="connected") == 1
+    assert sum(s.value for s in states) == 1
+    assert one(families["wgvsock_peer_attested"], public_key=pub) == 0  # no attestation here
+    assert one(families["wgvsock_transport_accepted_connections"], interface="wg0") >= 1
+
+    egress = families["wgvsock_egress_packets"]
+    name = world.name
+    assert one(egress, profile=name, verdict="allowed") == nft["egress_allowed"].packets > 0
+    assert one(egress, profile=name, verdict="denied") == nft["egress_denied"].packets > 0
+    assert one(egress, profile=name, verdict="blocked") == (
+        nft["egress_blocked"].packets + nft["local_blocked"].packets)
+    rules = families["wgvsock_egress_rule_packets"]
+    for rule in ("169.254.169.254/32", "198.51.100.3/32"):
+        assert one(rules, profile=name, action="deny", rule=rule) == nft[f"deny {rule}"].packets
+    assert one(rules, action="deny", rule="198.51.100.3/32") > 0
+    assert one(rules, action="allow", rule="0.0.0.0/0") == nft["allow 0.0.0.0/0"].packets
+    named = families["wgvsock_firewall_packets"]
+    for counter in firewall.COUNTERS:
+        assert one(named, profile=name, counter=counter) == nft[counter].packets
+    # No DNS forwarder runs: its series are absent, not zero.
+    assert "wgvsock_dns_queries" not in families and "wgvsock_dns_refused" not in families
+
+    # `wgvsock status` shows the same egress counters (read-only UAPI keys).
+    res = world.parent.run(WGVSOCK, "status", "--once", "--json", env=world.env_for("parent"))
+    (iface,) = json.loads(res.stdout)["interfaces"]
+    assert iface["egress"] == {"allowed": nft["egress_allowed"].packets,
+                               "denied": nft["egress_denied"].packets,
+                               "blocked": nft["egress_blocked"].packets
+                               + nft["local_blocked"].packets}
+    assert iface["dns"] is None
+    # `wg` ignores the extra keys: the dump above parsed, and `wg show` works too.
+    assert world.parent.run("sh", "-c", 'mount --bind "$1" /var/run/wireguard && wg show wg0',
+                            "sh", str(world.parent_uapi().parent)).returncode == 0
+
+
+def test_metrics_port_in_use_is_refused_cleanly(world: World) -> None:
+    squatter = world.parent.popen(PYTHON, "-c", (
+        "import socket, time\n"
+        f"s = socket.socket(); s.bind(('127.0.0.1', {PORT})); s.listen()\n"
+        "print('ready', flush=True); time.sleep(60)\n"), stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == b"ready\n"
+        res = world.parent_cmd("up", check=False)
+        assert res.returncode != 0
+        assert "parent.metrics.listen 127.0.0.1 port 9586" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert not firewall.exists(world.name, netns=world.parent.name)
+        assert "wg0" not in world.parent.ip("-o", "link", "show").stdout
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
