@@ -148,8 +148,52 @@ def test_metrics_port_in_use_is_refused_cleanly(world: World) -> None:
         squatter.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+MOTO_PORT = 5055
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}",
+    # Off EC2 on purpose: the sender falls back to the host name for InstanceId.
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:1", "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+}
+LIST_METRICS = """
+import json, boto3
+pages = boto3.client("cloudwatch").get_paginator("list_metrics")
+print(json.dumps([m for p in pages.paginate(Namespace="wgvsock-e2e") for m in p["Metrics"]]))
+"""
 
+
+def test_cloudwatch_gets_the_same_metrics(lab: Lab) -> None:
+    world = World(lab, parent_env=AWS_ENV)
+    moto = None
+    try:
+        with_metrics(world, "    cloudwatch: {namespace: wgvsock-e2e, interval: 10}\n")
+        moto = world.parent.popen(str(Path(PYTHON).parent / "moto_server"), "-H", "127.0.0.1",
+                                  "-p", str(MOTO_PORT), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        aws_env = {**os.environ, **AWS_ENV}
+        wait_for(lambda: world.parent.run("curl", "-s", f"http://127.0.0.1:{MOTO_PORT}/",
+                                          check=False).returncode == 0, 20, "moto to listen")
+        world.parent_cmd("up")
+        world.start_enclave()
+        wait_for(world.egress_works, 30, "the tunnel")
+
+        def sent() -> dict[str, list[dict[str, str]]]:
+            res = world.parent.run(PYTHON, "-c", LIST_METRICS, env=aws_env)
+            return {m["MetricName"]: m["Dimensions"] for m in json.loads(res.stdout)
+                    if any(d["Name"] == "public_key" for d in m["Dimensions"])
+                    or m["MetricName"].startswith("wgvsock_egress")}
+
+        # The first round goes out at start, before the enclave is there; the next carries it.
+        wait_for(lambda: "wireguard_sent_bytes_total" in sent(), 30, "per-peer data points")
+        metrics = sent()
+        dims = {d["Name"]: d["Value"] for d in metrics["wireguard_sent_bytes_total"]}
+        assert dims["Profile"] == world.name and dims["interface"] == "wg0"
+        assert dims["InstanceId"] == socket.gethostname()
+        assert {"wireguard_received_bytes_total", "wireguard_latest_handshake_seconds",
+                "wgvsock_egress_packets_total", "wgvsock_egress_rule_packets_total"} <= set(metrics)
+    finally:
+        world.close()
+        if moto is not None:
+            moto.kill()
+            moto.wait()
