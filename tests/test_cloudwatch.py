@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -25,6 +26,7 @@ from wgvsock.metrics import cloudwatch as cw
 from .test_aws import (  # noqa: F401 - fixtures
     FakeImds,
     Moto,
+    _document,
     enforce_iam,
     imds,
     restricted,
@@ -213,3 +215,32 @@ def test_doctor_denied_names_the_permission(restricted: boto3.Session, imds: Fak
     assert checks["CloudWatch"].ok is False
     assert "cloudwatch:PutMetricData" in checks["CloudWatch"].detail
 
+
+
+@pytest.mark.usefixtures("enforce_iam")
+def test_parent_doctor_command_names_the_missing_permission(
+    moto: Moto, restricted: boto3.Session, imds: FakeImds, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:
+    """`wgvsock parent doctor` with parent.metrics.cloudwatch, as a user without the
+    permission: the table's CloudWatch row says NOT READY and names cloudwatch:PutMetricData."""
+    from wgvsock import cli
+
+    from .test_aws import _instance
+
+    moto.set_auth(False)
+    imds.document = _document(_instance(moto, "m5.xlarge", True))
+    moto.set_auth(True)
+    creds = restricted.get_credentials()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds.secret_key)
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url)
+    monkeypatch.setenv("COLUMNS", "200")
+    profile = tmp_path / "p.yaml"
+    text = (Path(__file__).parent / "data" / "profile-unix.yaml").read_text()
+    profile.write_text(text.replace("  ingress:\n", "  metrics:\n    cloudwatch: {namespace: "
+                                                   "wgvsock-doctor}\n  ingress:\n", 1))
+    assert cli.main(["parent", "doctor", "--profile", str(profile)]) == 1
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "CloudWatch" in line)
+    assert "NOT READY" in row and "cloudwatch:PutMetricData" in out
