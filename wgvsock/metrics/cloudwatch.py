@@ -144,7 +144,8 @@ class CloudWatchSender:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(15.0)
+            # A daemon thread: a call still in flight must not hold up `parent down`.
+            self._thread.join(2.0)
 
     def _run(self) -> None:
         while True:
