@@ -8,11 +8,13 @@ moment. CloudWatch goes to moto in server mode, started inside the parent's name
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
 import subprocess
 import sys
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,43 @@ def test_cloudwatch_gets_the_same_metrics(lab: Lab) -> None:
         if moto is not None:
             moto.kill()
             moto.wait()
+
+
+class _NoDevice:
+    """A parent before its device exists: only the profile-level series are collected."""
+
+    def __init__(self, name: str, counters: object) -> None:
+        self.profile = type("P", (), {"name": name})()
+        self.device = self.enclave_key = self.verdict = None
+        self.counters = counters
+
+
+def test_dns_counters_feed_status_keys_and_metrics(lab: Lab, caplog) -> None:
+    """The hook part 1's forwarder plugs into: its counts appear as UAPI keys and series; a
+    missing table is logged once and leaves the egress numbers out instead of failing."""
+    from prometheus_client import generate_latest
+
+    from wgvsock.metrics.counters import DnsCounters, ParentCounters
+    from wgvsock.metrics.prometheus import registry_for
+
+    ns = lab.netns("fw")
+    ticks = itertools.count(0, 10)  # every reading is past the cache's second
+    counters = ParentCounters("mdns", dns=lambda: DnsCounters(5, 2), netns=ns.name,
+                              clock=lambda: next(ticks))
+    with caplog.at_level("WARNING", logger="wgvsock.metrics"):
+        assert counters.uapi_keys() == {"wgvsock_dns_queries": "5", "wgvsock_dns_refused": "2"}
+        counters.read()
+    assert caplog.text.count("cannot read the firewall counters of mdns") == 1
+    firewall.apply(firewall.FirewallSpec(name="mdns", tunnel_interface="wg0",
+                                         enclave_addresses=["10.77.0.2"],
+                                         deny=[firewall.Rule(ip_network("192.0.2.0/24"))]),
+                   netns=ns.name)
+    assert counters.uapi_keys() == {
+        "wgvsock_egress_allowed": "0", "wgvsock_egress_denied": "0", "wgvsock_egress_blocked": "0",
+        "wgvsock_dns_queries": "5", "wgvsock_dns_refused": "2"}
+    text = generate_latest(registry_for(_NoDevice("mdns", counters))).decode()
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    assert one(families["wgvsock_dns_queries"], profile="mdns") == 5
+    assert one(families["wgvsock_dns_refused"], profile="mdns") == 2
+    assert one(families["wgvsock_egress_rule_packets"], action="deny", rule="192.0.2.0/24") == 0
+    assert "wireguard_sent_bytes" not in families
