@@ -11,7 +11,8 @@ Reusable by other tests:
     fake = FakeNSM(ca)                                   # in-process NSM
     monkeypatch.setattr(nsm, "system_ioctl", fake.ioctl)  # wgvsock.attestation.nsm
     monkeypatch.setenv("WGVSOCK_NSM_DEVICE", str(fake.device(tmp_path)))
-    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(ca.write_root(tmp_path)))
+    # and the parent's profile trusts the test CA through attestation.test_root_ca:
+    Attestation(require=True, pcrs=..., test_root_ca=str(ca.write_root(tmp_path)))
 """
 
 from __future__ import annotations

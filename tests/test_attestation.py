@@ -302,7 +302,7 @@ def test_null_mandatory_field(ca, name):
     {"certificate": "pem text"},
     {"certificate": b"\x00" * 2000},
     {"nonce": "text"},
-    {"public_key": b""},
+    {"public_key": b"\x00" * 1025},
     {"user_data": b"\x00" * 2000},
 ], ids=repr)
 def test_invalid_field(ca, overrides):
@@ -398,15 +398,22 @@ def test_packaged_root_is_the_shared_copy():
     assert packaged.read_bytes() == SHARED_ROOT.read_bytes()
 
 
-def test_trusted_root_env_override(ca, tmp_path, monkeypatch):
-    monkeypatch.delenv("WGVSOCK_ATTESTATION_ROOT", raising=False)
-    assert trusted_root() == aws_root()
+def test_trusted_root_ignores_the_environment(ca, tmp_path, monkeypatch):
+    # Issue 12, item 12: WGVSOCK_ATTESTATION_ROOT used to replace AWS's root in production.
     monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(ca.write_root(tmp_path)))
-    assert trusted_root() == ca.root_cert
-    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(tmp_path / "missing.pem"))
+    assert trusted_root() == aws_root()
+    # Only the profile's attestation.test_root_ca (documented as for tests) names another.
+    assert trusted_root(str(ca.write_root(tmp_path))) == ca.root_cert
     with pytest.raises(AttestationError) as info:
-        trusted_root()
+        trusted_root(str(tmp_path / "missing.pem"))
     assert info.value.code == "bad-root"
+    assert "attestation.test_root_ca" in info.value.reason
+
+
+def test_verify_enclave_ignores_the_environment_root(ca, good, tmp_path, monkeypatch):
+    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(ca.write_root(tmp_path)))
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=Attestation(True, PINS, 300))
+    assert not v.accepted and v.detail == {"code": "untrusted-root"}
 
 
 # -- verify_enclave: the parent's verdict ----------------------------------------------------
@@ -416,52 +423,134 @@ PINS = {i: TEST_PCRS[i].hex() for i in (0, 1, 2)}
 
 
 @pytest.fixture
-def test_root(ca, tmp_path, monkeypatch):
-    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(ca.write_root(tmp_path)))
+def test_root(ca, tmp_path) -> str:
+    return str(ca.write_root(tmp_path))
+
+
+def policy(test_root: str, require: bool = True, pcrs: dict | None = None, max_age: int = 300,
+           allow_debug: bool = False) -> Attestation:
+    """The profile's attestation section, trusting the test CA through test_root_ca."""
+    return Attestation(require, PINS if pcrs is None else pcrs, max_age, allow_debug, test_root)
 
 
 def test_verify_enclave_accepts(ca, good, test_root):
-    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE,
-                       policy=Attestation(True, PINS, 300))
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=policy(test_root))
     assert v == Verdict(True, attested=True, reason="", detail=v.detail)
     assert v.detail is not None
     assert v.detail["module_id"] == MODULE_ID and v.detail["digest"] == "SHA384"
     assert v.detail["pcrs"]["0"] == PINS[0]
     assert isinstance(v.detail["timestamp"], int)
+    assert v.detail["debug_mode"] is False
 
 
-@pytest.mark.parametrize(("doc_args", "policy", "nonce", "key", "code"), [
-    ({}, Attestation(True, {0: "ab" * 48}, 300), NONCE, WG_KEY, "pcr-mismatch"),
-    ({"pcrs": DEBUG_PCRS}, Attestation(True, PINS, 300), NONCE, WG_KEY, "debug-enclave"),
-    ({}, Attestation(True, PINS, 300), b"\x05" * 32, WG_KEY, "nonce-mismatch"),
-    ({}, Attestation(True, PINS, 300), NONCE, b"\x06" * 32, "public-key-mismatch"),
-    ({"timestamp_ms": int((time.time() - 900) * 1000)}, Attestation(True, {}, 300), NONCE,
+@pytest.mark.parametrize(("doc_args", "pol", "nonce", "key", "code"), [
+    ({}, {"pcrs": {0: "ab" * 48}}, NONCE, WG_KEY, "pcr-mismatch"),
+    ({"pcrs": DEBUG_PCRS}, {}, NONCE, WG_KEY, "debug-enclave"),
+    # Issue 12, item 5: all-zero PCRs are refused even with no PCR pinned.
+    ({"pcrs": DEBUG_PCRS}, {"pcrs": {}}, NONCE, WG_KEY, "debug-enclave"),
+    ({"pcrs": DEBUG_PCRS}, {"require": False, "pcrs": {}}, NONCE, WG_KEY, "debug-enclave"),
+    ({}, {}, b"\x05" * 32, WG_KEY, "nonce-mismatch"),
+    ({}, {}, NONCE, b"\x06" * 32, "public-key-mismatch"),
+    ({"timestamp_ms": int((time.time() - 900) * 1000)}, {"pcrs": {}}, NONCE,
      WG_KEY, "too-old"),
-    ({}, Attestation(False, {0: "ab" * 48}, 300), NONCE, WG_KEY, "pcr-mismatch"),
-], ids=["pcr", "debug", "nonce", "key", "old", "not-required-but-presented"])
-def test_verify_enclave_refuses(ca, test_root, doc_args, policy, nonce, key, code):
+    ({}, {"require": False, "pcrs": {0: "ab" * 48}}, NONCE, WG_KEY, "pcr-mismatch"),
+], ids=["pcr", "debug", "debug-no-pcrs", "debug-not-required", "nonce", "key", "old",
+        "not-required-but-presented"])
+def test_verify_enclave_refuses(ca, test_root, doc_args, pol, nonce, key, code):
     doc = make_document(ca, nonce=NONCE, public_key=WG_KEY, **doc_args)
-    v = verify_enclave(doc, public_key=key, nonce=nonce, policy=policy)
+    v = verify_enclave(doc, public_key=key, nonce=nonce, policy=policy(test_root, **pol))
     assert not v.accepted and not v.attested
     assert v.detail == {"code": code}
     assert v.reason.startswith("attestation refused: ")
 
 
-def test_verify_enclave_with_the_default_root_refuses_test_documents(good, monkeypatch):
-    monkeypatch.delenv("WGVSOCK_ATTESTATION_ROOT", raising=False)
+def test_debug_enclave_allowed_is_not_attested(ca, test_root):
+    # Issue 12, item 5: allow_debug admits a debug-mode enclave, reported as "debug".
+    from wgvsock.roles.parent import attestation_state
+
+    doc = make_document(ca, nonce=NONCE, public_key=WG_KEY, pcrs=DEBUG_PCRS)
+    v = verify_enclave(doc, public_key=WG_KEY, nonce=NONCE,
+                       policy=policy(test_root, allow_debug=True))
+    assert v.accepted and not v.attested
+    assert v.detail is not None and v.detail["debug_mode"] is True
+    assert attestation_state(v) == "debug"
+    good = make_document(ca, nonce=NONCE, public_key=WG_KEY)
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE,
+                       policy=policy(test_root, allow_debug=True))
+    assert v.attested and attestation_state(v) == "true"
+    # allow_debug does not loosen the PCRs of an enclave that is not in debug mode.
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE,
+                       policy=policy(test_root, pcrs={0: "ab" * 48}, allow_debug=True))
+    assert not v.accepted and v.detail == {"code": "pcr-mismatch"}
+    assert attestation_state(Verdict(True)) == "false"
+
+
+def test_expired_leaf_is_refused_live_whatever_max_age(test_root_ca_at):
+    # Issue 12, item 11: a document 4 h old whose leaf lived 3 h was valid at its own time;
+    # a max_age of a day must not make it acceptable now.
+    ca, root = test_root_ca_at
+    stamp = time.time() - 4 * 3600
+    doc = make_document(ca, nonce=NONCE, public_key=WG_KEY, timestamp_ms=int(stamp * 1000))
+    verify_document(doc, root=ca.root_cert, max_age=86400)  # stored-document check: valid
+    v = verify_enclave(doc, public_key=WG_KEY, nonce=NONCE,
+                       policy=policy(root, max_age=86400))
+    assert not v.accepted and v.detail == {"code": "certificate-expired"}
+    assert "before now" in v.reason
+    with pytest.raises(AttestationError) as info:
+        verify_document(doc, root=ca.root_cert, max_age=86400, live=True)
+    assert info.value.code == "certificate-expired"
+
+
+@pytest.fixture
+def test_root_ca_at(tmp_path) -> tuple[TestCA, str]:
+    """A CA whose leaf was valid from 5 h to 2 h ago."""
+    now = datetime.now(UTC)
+    ca = make_test_ca(leaf_not_before=now - timedelta(hours=5),
+                      leaf_not_after=now - timedelta(hours=2))
+    return ca, str(ca.write_root(tmp_path))
+
+
+def test_live_check_allows_small_clock_skew(ca, tmp_path):
+    # A leaf that expired 30 s ago (within MAX_CLOCK_SKEW) still passes a live check; one
+    # that expired 2 minutes ago does not.
+    now = datetime.now(UTC)
+    for seconds, ok in ((30, True), (120, False)):
+        leafy = make_test_ca(leaf_not_before=now - timedelta(hours=3),
+                             leaf_not_after=now - timedelta(seconds=seconds))
+        doc = make_document(leafy, nonce=NONCE, public_key=WG_KEY,
+                            timestamp_ms=int((now - timedelta(minutes=10)).timestamp() * 1000))
+        if ok:
+            verify_document(doc, root=leafy.root_cert, live=True, max_age=3600)
+        else:
+            with pytest.raises(AttestationError) as info:
+                verify_document(doc, root=leafy.root_cert, live=True, max_age=3600)
+            assert info.value.code == "certificate-expired"
+
+
+def test_empty_public_key_is_genuine_but_binds_nothing(ca, test_root):
+    # Issue 12, item 13: real 2022 documents carry a 0-byte public_key.
+    doc = make_document(ca, nonce=NONCE, public_key=b"")
+    assert verify_document(doc, root=ca.root_cert).public_key == b""
+    refused(doc, "public-key-empty", ca.root_cert, public_key=WG_KEY)
+    v = verify_enclave(doc, public_key=WG_KEY, nonce=NONCE, policy=policy(test_root))
+    assert not v.accepted and v.detail == {"code": "public-key-empty"}
+    assert "empty (0 bytes)" in v.reason
+
+
+def test_verify_enclave_with_the_default_root_refuses_test_documents(good):
     v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=Attestation(True, {}, 300))
     assert not v.accepted and v.detail == {"code": "untrusted-root"}
 
 
-def test_verify_enclave_never_raises(ca, test_root, tmp_path, monkeypatch):
+def test_verify_enclave_never_raises(ca, test_root, tmp_path):
     for data in (b"", b"\xff" * 10, b"\x00" * (MAX_DOCUMENT + 1)):
-        v = verify_enclave(data, public_key=WG_KEY, nonce=NONCE, policy=Attestation(True))
+        v = verify_enclave(data, public_key=WG_KEY, nonce=NONCE, policy=policy(test_root))
         assert not v.accepted
-    bad_policy = Attestation(True, {0: "zz" * 48}, 300)
+    bad_policy = policy(test_root, pcrs={0: "zz" * 48})
     good = make_document(ca, nonce=NONCE, public_key=WG_KEY)
     assert not verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=bad_policy).accepted
-    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(tmp_path / "missing.pem"))
-    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=Attestation(True))
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE,
+                       policy=policy(str(tmp_path / "missing.pem")))
     assert not v.accepted and v.detail == {"code": "bad-root"}
 
 
@@ -470,7 +559,7 @@ def test_parent_make_verifier_uses_verify_enclave(ca, test_root):
 
     from wgvsock.roles.parent import make_verifier
 
-    verify = make_verifier(SimpleNamespace(attestation=Attestation(True, PINS, 300)))
+    verify = make_verifier(SimpleNamespace(attestation=policy(test_root)))
     assert verify(WG_KEY, make_document(ca, nonce=NONCE, public_key=WG_KEY), NONCE).attested
     assert not verify(WG_KEY, None, NONCE).accepted
 
@@ -610,13 +699,12 @@ def test_nsm_attester_from_env_with_patched_ioctl(ca, fake, device, monkeypatch,
     # How an end-to-end test wires it: the enclave role calls nsm_attester() with no arguments.
     monkeypatch.setattr(nsm, "system_ioctl", fake.ioctl)
     monkeypatch.setenv("WGVSOCK_NSM_DEVICE", device)
-    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", str(ca.write_root(tmp_path)))
     from wgvsock.roles.enclave import attester
 
     attest = attester()
     assert attest is not None
     v = verify_enclave(attest(NONCE, WG_KEY), public_key=WG_KEY, nonce=NONCE,
-                       policy=Attestation(True, PINS, 300))
+                       policy=policy(str(ca.write_root(tmp_path))))
     assert v.accepted and v.attested
 
 
@@ -680,9 +768,24 @@ def test_cli_verify_expectation_failures(files, capsys):
 
 
 def test_cli_verify_default_root_is_aws(files, capsys, monkeypatch):
-    monkeypatch.delenv("WGVSOCK_ATTESTATION_ROOT", raising=False)
+    # The environment cannot swap the root (issue 12, item 12): only --root can.
+    monkeypatch.setenv("WGVSOCK_ATTESTATION_ROOT", files["root"])
     code, _, err = run(["verify", files["good"]], capsys)
     assert code == 1 and "(untrusted-root)" in err and "aws.nitro-enclaves" in err
+
+
+def test_cli_verify_empty_public_key(ca, files, tmp_path, capsys):
+    # Issue 12, item 13: genuine documents with a 0-byte public_key verify and show it empty.
+    path = tmp_path / "empty-key.cose"
+    path.write_bytes(make_document(ca, nonce=NONCE, public_key=b""))
+    code, out, err = run(["verify", str(path), "--root", files["root"]], capsys)
+    assert code == 0, err
+    assert "public key:  (empty, 0 bytes)" in out
+    code, out, _ = run(["verify", str(path), "--root", files["root"], "--json"], capsys)
+    assert code == 0 and json.loads(out)["document"]["public_key"] == ""
+    code, _, err = run(["verify", str(path), "--root", files["root"], "--public-key",
+                        base64.b64encode(WG_KEY).decode()], capsys)
+    assert code == 1 and "REFUSED (public-key-empty)" in err
 
 
 def test_cli_verify_at(files, capsys):

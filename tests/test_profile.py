@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from wgvsock import cli
 from wgvsock.profile import (
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [ROOT / "parent" / "profile.example.yaml", ROOT / "enclave" / "profile.example.yaml"]
 UNIX_PROFILE = ROOT / "tests" / "data" / "profile-unix.yaml"
 PCR = "ab" * 48
+PARENT_PUB = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
 FILE = "t.yaml"
 
 net = ipaddress.ip_network
@@ -79,13 +81,16 @@ def refused(text: str, key: str, reason: str, needle: str | None = None) -> Prob
 def test_defaults_of_a_minimal_profile():
     p = parse_profile("name: payments\n", FILE)
     assert (p.version, p.name, p.interface, p.mtu, p.path) == (1, "payments", "wg0", 1420, FILE)
-    assert p.transport == Transport("vsock", 51820, 51821, 3, "/run/wgvsock/payments", None)
+    # Privileged vsock ports: an unprivileged host process cannot bind them.
+    assert p.transport == Transport("vsock", 820, 821, 3, "/run/wgvsock/payments", None)
+    assert p.transport.port < 1024 and p.transport.control_port < 1024
     assert p.parent.addresses == [iface("10.77.0.1/30")]
     assert p.parent.private_key == "/etc/wgvsock/payments.key"
     assert p.parent.egress.nat is True
     assert p.parent.egress.interface is None
     assert p.parent.egress.allow == [Rule(net("0.0.0.0/0"))]
-    assert p.parent.egress.deny == [Rule(net("169.254.169.254/32"))]
+    assert p.parent.egress.deny == CREDENTIAL_DENY
+    assert p.parent.public_key is None
     assert p.parent.ingress == []
     assert p.parent.enclave is None
     assert p.enclave.addresses == [iface("10.77.0.2/30")]
@@ -123,7 +128,7 @@ def test_ipv6_defaults_follow_the_enclave_addresses():
     assert p.enclave.routes == [net("0.0.0.0/0"), net("::/0")]
     assert p.parent.egress.allow == [Rule(net("0.0.0.0/0")), Rule(net("::/0"))]
     # The metadata service has an IPv6 address too on Nitro instances.
-    assert p.parent.egress.deny == [Rule(net("169.254.169.254/32")), Rule(net("fd00:ec2::254/128"))]
+    assert p.parent.egress.deny == CREDENTIAL_DENY
     assert p.enclave.dns == [ip("169.254.169.253")]
 
 
@@ -134,25 +139,49 @@ def test_ipv6_only_profile():
     assert p.enclave.dns == [ip("fd00:ec2::253")]
 
 
-@pytest.mark.parametrize(("allow", "deny"), [
-    ("[169.254.169.254/32]", []),
-    ("[0.0.0.0/0, 169.254.169.254/32:80/tcp]", []),
-    ("[169.254.0.0/16]", []),
+CREDENTIALS = ["169.254.169.254/32", "fd00:ec2::254/128", "169.254.170.2/32", "169.254.170.23/32"]
+CREDENTIAL_DENY = [Rule(net(c)) for c in CREDENTIALS]
+
+
+@pytest.mark.parametrize(("allow", "lifted"), [
+    ("[169.254.169.254/32]", ["169.254.169.254/32"]),
+    ("[0.0.0.0/0, 169.254.169.254/32:80/tcp]", ["169.254.169.254/32"]),
+    ("[169.254.170.2/32:80/tcp]", ["169.254.170.2/32"]),
+    ('["fd00:ec2::254/128"]', ["fd00:ec2::254/128"]),
+    ("[169.254.0.0/16]", ["169.254.169.254/32", "169.254.170.2/32", "169.254.170.23/32"]),
     # A catch-all says nothing about the metadata service: it stays denied.
-    ("[0.0.0.0/0]", ["169.254.169.254/32"]),
-    ("[128.0.0.0/1]", ["169.254.169.254/32"]),
-    ("[10.0.0.0/8]", ["169.254.169.254/32"]),
+    ("[0.0.0.0/0]", []),
+    ("[128.0.0.0/1]", []),
+    ('[10.0.0.0/8, "::/0"]', []),
 ])
-def test_metadata_service_denied_unless_allowed_explicitly(allow, deny):
+def test_metadata_service_denied_unless_allowed_explicitly(allow, lifted):
     p = parse_profile(f"name: a\nparent: {{egress: {{allow: {allow}}}}}\n")
-    assert [str(r) for r in p.parent.egress.deny] == deny
+    assert [str(r) for r in p.parent.egress.deny] == [c for c in CREDENTIALS if c not in lifted]
+
+
+@pytest.mark.parametrize("deny", ["[]", "[10.0.0.0/8]", "[169.254.170.2/32:80/tcp]"])
+def test_own_deny_list_keeps_the_credential_endpoints_denied(deny):
+    # Issue 12, item 1: a profile that wrote its own deny list used to lose the IMDS deny.
+    p = parse_profile(f"name: a\nparent: {{egress: {{deny: {deny}}}}}\n")
+    own = [] if deny == "[]" else [deny.strip("[]")]
+    assert [str(r) for r in p.parent.egress.deny] == [*own, *CREDENTIALS]
 
 
 def test_explicit_deny_is_kept_even_when_allow_names_the_metadata_service():
     text = "name: a\nparent: {egress: {allow: [169.254.169.254/32], deny: [169.254.169.254/32]}}\n"
-    assert [str(r) for r in parse_profile(text).parent.egress.deny] == ["169.254.169.254/32"]
-    text = "name: a\nparent: {egress: {deny: []}}\n"
-    assert parse_profile(text).parent.egress.deny == []
+    assert [str(r) for r in parse_profile(text).parent.egress.deny] == CREDENTIALS
+
+
+def test_profile_check_prints_the_effective_deny_list(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: a\nparent: {egress: {deny: []}}\n")
+    assert main_check([str(path)]) == 0
+    out = capsys.readouterr().out
+    dumped = yaml.safe_load(out)["parent"]["egress"]["deny"]
+    assert dumped == CREDENTIALS
+    assert "effective" in out
+    # The dump reads back to the same profile (the forced entries are not doubled).
+    assert parse_profile(out, str(path)) == parse_profile(path.read_text(), str(path))
 
 
 def test_full_profile():
@@ -234,7 +263,9 @@ ROUND_TRIP = [
     "name: a\nparent: {egress: {allow: [169.254.169.254/32:80/tcp]}}\n",
     f"name: a\nattestation: {{require: true, pcrs: {{4: {'0' * 96}, 0: {PCR}}}}}\n",
     "name: a\nparent: {enclave: {eif: /x.eif, debug: true}, "
-    "ingress: [{listen: 1, to: 2, protocol: udp}]}\n",
+    "ingress: [{listen: 1, to: 2, protocol: udp}]}\nattestation: {allow_debug: true}\n",
+    f"name: a\nparent: {{public_key: {PARENT_PUB}}}\n"
+    f"attestation: {{require: true, pcrs: {{0: {PCR}}}, test_root_ca: /t/root.pem}}\n",
     "name: a\ntransport: {kind: tcp, host: '2001:db8::1', port: 1}\n",
 ]
 
@@ -407,7 +438,7 @@ BAD = [
     ("name: a\nparent:\n  ingress:\n    - 8443:443\n", "parent.ingress[0]",
      "expected a mapping", "8443"),
     ("name: a\ntransport: {kind: tcp, host: 192.0.2.1}\nparent:\n  ingress:\n"
-     "    - {listen: 51821}\n", "parent.ingress[0].listen", "transport's own port", "51821"),
+     "    - {listen: 821}\n", "parent.ingress[0].listen", "transport's own port", "821"),
     ("name: a\nparent:\n  enclave:\n    eif: /opt/app.img\n", "parent.enclave.eif",
      "does not end in .eif", "eif:"),
     ("name: a\nparent:\n  enclave:\n    eif: app.eif\n", "parent.enclave.eif",
@@ -440,8 +471,20 @@ BAD = [
      "0: abcd"),
     (f"name: a\nattestation:\n  pcrs:\n    0: {'zz' * 48}\n", "attestation.pcrs.0",
      "not hexadecimal", "0: zz"),
+    # Issue 12, item 5: a debug-mode enclave is refused unless allow_debug says otherwise.
     (f"name: a\nparent:\n  enclave: {{eif: /a.eif, debug: true}}\nattestation:\n"
-     f"  pcrs:\n    0: {PCR}\n", "attestation.pcrs", "debug mode", "pcrs:"),
+     f"  pcrs:\n    0: {PCR}\n", "parent.enclave.debug", "debug-mode enclave", "eif:"),
+    # Issue 12, item 5: require without the image's PCR would take any genuine enclave.
+    ("name: a\nattestation:\n  require: true\n", "attestation.pcrs",
+     "PCR0 (the image) is not pinned", "attestation:"),
+    (f"name: a\nattestation:\n  require: true\n  pcrs:\n    1: {PCR}\n", "attestation.pcrs",
+     "PCR0 (the image) is not pinned", "pcrs:"),
+    # Issue 12, item 10: a stream frame cannot carry more.
+    ("name: a\nmtu: 65504\n", "mtu", "does not fit the vsock stream transport", "mtu:"),
+    ("name: a\nparent:\n  public_key: abc\n", "parent.public_key",
+     "not a WireGuard public key", "public_key:"),
+    ("name: a\nattestation:\n  test_root_ca: root.pem\n", "attestation.test_root_ca",
+     "not an absolute path", "test_root_ca:"),
     ("name: a\nmtu: 1400\nmtu: 1300\n", "mtu", "given twice (first on line 2)", "1300"),
     ("name: a\nmtu:\nmtu: 1300\n", "mtu", "given twice (first on line 2)", "1300"),
     ("name: a\nmtu: !!float 1400\n", "mtu", "expected an integer, got a number", "mtu:"),

@@ -431,3 +431,25 @@ def test_env_run_dir_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     monkeypatch.setenv(st.ENV_RUN_DIR, str(tmp_path))
     assert st.Collector().run_dir == str(tmp_path)
     assert os.fspath(tmp_path) in _show(st.Collector().sample())[0]
+
+
+@pytest.mark.parametrize(("value", "attested", "debug", "shown"), [
+    ("true", True, False, "attested ✓"),
+    ("false", False, False, "not attested"),
+    # Issue 12, item 5: a debug-mode enclave that allow_debug let in is shown as such.
+    ("debug", False, True, "debug enclave, not attested"),
+])
+def test_attestation_states(value: str, attested: bool, debug: bool, shown: str) -> None:
+    dev = {"private_key": generate_private_key(),
+           "peers": [{"public_key": public_key(generate_private_key()), "allowed_ips": []}],
+           "extra": {"wgvsock_role": "parent", "wgvsock_attested": value}}
+    iface = st.interface_view("wg0", "/run/wireguard/wg0.sock", dev, NOW)
+    assert (iface.attested, iface.debug) == (attested, debug)
+    peer = iface.peers[0]
+    assert (peer.label, peer.attested, peer.debug) == ("enclave", attested, debug)
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run/wireguard", interfaces=[iface]))
+    assert shown in plain
+    if debug:
+        assert "attested ✓" not in plain
+    assert st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]).to_json()[
+        "interfaces"][0]["debug"] is debug

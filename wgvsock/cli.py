@@ -17,6 +17,8 @@ commands:
   status [IFNAME...] [--once|--json] live dashboard of handshakes and transfer
   attest verify|pcrs ...             check attestation documents, pin PCRs
   profile check FILE [--host]        validate a profile and print it resolved
+  profile pin-parent FILE [--key-file F|--public-key K]
+                                     pin the parent's public key in a profile
   version                            print the version
 """
 
@@ -69,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             from .profile import main_check
 
             return main_check(rest[1:])
-        print("usage: wgvsock profile check FILE [--host]",
+        if rest[:1] == ["pin-parent"]:
+            from .profile import main_pin_parent
+
+            return main_pin_parent(rest[1:])
+        print("usage: wgvsock profile check FILE [--host]\n"
+              "       wgvsock profile pin-parent FILE [--key-file F | --public-key B64]",
               file=sys.stdout if rest[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if rest[:1] in (["-h"], ["--help"]) else 2
     print(f"wgvsock: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")

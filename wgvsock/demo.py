@@ -264,7 +264,8 @@ class Demo:
             "transport.kind": "unix",
             "transport.path": str(self.tmp / "sock"),
             "parent.private_key": str(self.tmp / "parent.key"),
-            "parent.egress.deny": [f"{IMDS}/32", f"{DENIED_WEB}/32"],
+            # The credential endpoints (IMDS among them) are added to any deny list.
+            "parent.egress.deny": [f"{DENIED_WEB}/32"],
             "parent.ingress": [{"listen": INGRESS_PORT, "to": APP_PORT, "protocol": "tcp"}],
             "parent.metrics": {"listen": METRICS},
         }
@@ -292,6 +293,7 @@ class Demo:
         addrs = lambda xs: ", ".join(str(x) for x in xs)  # noqa: E731
         say(f"   kept: tunnel {addrs(p.parent.addresses)} <-> {addrs(p.enclave.addresses)}, "
             f"mtu {p.mtu}, port {p.transport.port}, control {p.transport.control_port}")
+        say(f"         egress deny (effective) {addrs(p.parent.egress.deny)}")
         say(f"         egress allow {addrs(p.parent.egress.allow)} with NAT "
             f"{'on' if p.parent.egress.nat else 'off'}, enclave dns {addrs(p.enclave.dns)}, "
             f"attestation {'required' if p.attestation.require else 'not required'}")

@@ -23,6 +23,7 @@ from typing import Any
 
 from .conn.bind import Bind
 from .conn.endpoint import Endpoint, display_endpoint
+from .conn.framing import MAX_STREAM_MTU
 from .core.engine import DROP, SEND, TUNNEL, Action, Engine
 from .core.ratelimit import LoadTracker
 from .tun import GSO_MAX_SIZE, Tun
@@ -118,6 +119,9 @@ class Device:
     def start(self) -> None:
         """Creates the interface, binds the transport and serves UAPI. Raises on failure,
         leaving nothing behind."""
+        if self.bind.stream and self._initial_mtu > MAX_STREAM_MTU:
+            raise ValueError(f"MTU {self._initial_mtu} is above {MAX_STREAM_MTU}, the most a "
+                             "stream transport can frame")
         try:
             self.tun = self._create_tun()
             self.ifname = self.tun.name
@@ -331,6 +335,16 @@ class Device:
         except OSError:
             self.stop(f"interface {self.ifname} was removed")
             return
+        if self.bind.stream and mtu > MAX_STREAM_MTU:
+            # `ip link set mtu` above what a frame can carry: full-size packets would be dropped
+            # without a trace, so the interface is put back to the largest MTU that works.
+            log.warning("%s: MTU %d cannot be framed on a stream transport; clamped to %d",
+                        self.ifname, mtu, MAX_STREAM_MTU)
+            try:
+                tun.set_mtu(MAX_STREAM_MTU)
+            except OSError as e:
+                log.warning("%s: cannot set the MTU: %s", self.ifname, e)
+            mtu = MAX_STREAM_MTU
         if mtu != self.engine.mtu:
             log.info("%s: MTU changed to %d", self.ifname, mtu)
             with self._lock:

@@ -14,6 +14,8 @@ a plain dict has lost every line number by the time we could complain about a va
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import difflib
 import ipaddress
 import os
@@ -33,6 +35,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .conn.framing import MAX_STREAM_MTU
 
 IPAddress = IPv4Address | IPv6Address
 IPInterface = IPv4Interface | IPv6Interface
@@ -56,12 +60,17 @@ TCP_PORT_MAX = 65535
 # sun_path holds 107 bytes; the sockets inside the directory need room for their own names.
 UNIX_DIR_MAX = 80
 PCR_HEX_LEN = 96  # SHA-384: 48 bytes
+WG_KEY_LEN = 32
+# Every profile transport is a stream, whose frames limit the MTU.
+STREAM_MTU_MAX = MAX_STREAM_MTU
 PCR_MAX_INDEX = 31
 MAX_PROFILE_BYTES = 1 << 20
 
 DEFAULT_INTERFACE = "wg0"
 DEFAULT_MTU = 1420
-DEFAULT_PORT = 51820
+# Privileged (below 1024): on the parent only root (CAP_NET_BIND_SERVICE) may bind such a vsock
+# port, so while `parent up` is down an unprivileged host process cannot take its place.
+DEFAULT_PORT = 820
 DEFAULT_PARENT_CID = 3
 DEFAULT_PARENT_V4 = IPv4Interface("10.77.0.1/30")
 DEFAULT_ENCLAVE_V4 = IPv4Interface("10.77.0.2/30")
@@ -79,11 +88,19 @@ AWS_DNS_V4 = IPv4Address("169.254.169.253")
 AWS_DNS_V6 = IPv6Address("fd00:ec2::253")
 IMDS_V4 = IPv4Address("169.254.169.254")
 IMDS_V6 = IPv6Address("fd00:ec2::254")
-# An allow rule lifts the default IMDS deny only if it is aimed at these ranges: a catch-all
-# such as 0.0.0.0/0 (or 128.0.0.0/1) is about "the internet" and says nothing about IMDS.
-_IMDS_SCOPES: tuple[tuple[IPAddress, IPNetwork], ...] = (
-    (IMDS_V4, IPv4Network("169.254.0.0/16")),
+# The ECS task and EKS Pod Identity credential endpoints: like IMDS, they hand out AWS
+# credentials to whoever asks from the host.
+ECS_CREDENTIALS = IPv4Address("169.254.170.2")
+EKS_CREDENTIALS = IPv4Address("169.254.170.23")
+_LINK_LOCAL_V4 = IPv4Network("169.254.0.0/16")
+# Always denied, whatever the profile's own deny list says, unless an allow rule names the
+# endpoint explicitly: aimed inside its scope (a catch-all such as 0.0.0.0/0 or 128.0.0.0/1 is
+# about "the internet" and says nothing about these) and covering its address.
+CREDENTIAL_ENDPOINTS: tuple[tuple[IPAddress, IPNetwork], ...] = (
+    (IMDS_V4, _LINK_LOCAL_V4),
     (IMDS_V6, IPv6Network("fd00:ec2::/32")),
+    (ECS_CREDENTIALS, _LINK_LOCAL_V4),
+    (EKS_CREDENTIALS, _LINK_LOCAL_V4),
 )
 
 _NULL_TAG = "tag:yaml.org,2002:null"
@@ -284,6 +301,9 @@ class ParentSide:
     egress: Egress
     ingress: list[Ingress]
     enclave: EnclaveLaunch | None
+    # The parent's WireGuard public key (base64), pinned: the enclave refuses any other parent
+    # and `parent up` refuses a private key that does not match. None: not pinned.
+    public_key: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
 
 
@@ -299,6 +319,11 @@ class Attestation:
     require: bool = False
     pcrs: dict[int, str] = field(default_factory=dict)
     max_age: int = DEFAULT_MAX_AGE
+    # Accept documents of debug-mode enclaves (all-zero PCRs), reported as "debug", never as
+    # attested: such an enclave cannot prove which image it runs.
+    allow_debug: bool = False
+    # FOR TESTS ONLY: a PEM root to trust instead of AWS's, so test CAs can sign documents.
+    test_root_ca: str | None = None
 
 
 @dataclass(frozen=True)
@@ -335,12 +360,13 @@ def _line_of(lines: Mapping[str, int], key: str) -> int:
 _TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "enclave",
              "attestation")
 _TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
-_PARENT_KEYS = ("address", "private_key", "egress", "ingress", "enclave", "metrics")
+_PARENT_KEYS = ("address", "private_key", "public_key", "egress", "ingress", "enclave",
+                "metrics")
 _EGRESS_KEYS = ("nat", "interface", "allow", "deny")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
 _ENCLAVE_KEYS = ("address", "dns", "routes")
-_ATTEST_KEYS = ("require", "pcrs", "max_age")
+_ATTEST_KEYS = ("require", "pcrs", "max_age", "allow_debug", "test_root_ca")
 _METRICS_KEYS = ("listen", "cloudwatch")
 _CLOUDWATCH_KEYS = ("namespace", "interval")
 
@@ -609,6 +635,19 @@ def _namespace(text: str) -> str:
     return text
 
 
+def _public_key(text: str) -> str:
+    value = text.strip()
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != WG_KEY_LEN:
+        raise _Invalid(f"'{value}' is not a WireGuard public key (44 characters of base64)",
+                       "fill it in with `wgvsock profile pin-parent FILE`, or write the output "
+                       "of `wg pubkey`")
+    return base64.b64encode(raw).decode()
+
+
 def _pcr_value(text: str) -> str:
     value = text.strip().lower()
     value = value.removeprefix("0x")
@@ -619,6 +658,14 @@ def _pcr_value(text: str) -> str:
         raise _Invalid(f"PCR value has {len(value)} hex digits, not {PCR_HEX_LEN} (SHA-384)",
                        "copy the full value from `nitro-cli describe-eif`")
     return value
+
+
+def allow_names(rule: Rule, endpoint: IPAddress, scope: IPNetwork) -> bool:
+    """Whether allow RULE names ENDPOINT explicitly: it covers the address and is aimed inside
+    SCOPE, so 169.254.169.254/32:80/tcp or 169.254.0.0/16 do, 0.0.0.0/0 does not."""
+    net = rule.network
+    return (net.version == endpoint.version and endpoint in net
+            and net.subnet_of(scope))  # type: ignore[arg-type]
 
 
 def _other_host(iface: IPInterface) -> IPInterface | None:
@@ -681,6 +728,11 @@ class _Builder(_Parser):
             m = self.integer(top["mtu"], "mtu", 576, 65535)
             if m is not None:
                 mtu = m
+        if mtu > STREAM_MTU_MAX:
+            self.problem(self.at("mtu"), "mtu",
+                         f"{mtu} does not fit the {transport.kind} stream transport: a frame "
+                         f"holds 65535 bytes and WireGuard adds 32",
+                         f"use at most {STREAM_MTU_MAX}")
         if any(a.version == 6 for a in [*parent_addrs, *enclave_addrs]) and mtu < 1280:
             self.problem(self.at("mtu"), "mtu", f"{mtu} is below 1280, the IPv6 minimum",
                          "use at least 1280, or drop the IPv6 addresses")
@@ -689,7 +741,8 @@ class _Builder(_Parser):
             return None
         return Profile(version, name, interface, mtu, transport,
                        ParentSide(parent_addrs, parent.private_key, parent.egress,
-                                  parent.ingress, parent.enclave, parent.metrics),
+                                  parent.ingress, parent.enclave, parent.public_key,
+                                  parent.metrics),
                        enclave, attestation, path, dict(self.lines))
 
     # -- transport -------------------------------------------------------------------------------
@@ -842,11 +895,15 @@ class _Builder(_Parser):
         if "private_key" in m:
             k = self.parsed(m["private_key"], "parent.private_key", private_key, _private_key)
             private_key = k if k is not None else private_key
+        public_key = None
+        if "public_key" in m:
+            public_key = self.parsed(m["public_key"], "parent.public_key",
+                                     "the output of `wg pubkey`", _public_key)
         egress = self.egress(m.get("egress"), enclave_addrs)
         ingress = self.ingress(m.get("ingress"), transport)
         launch = self.launch(m.get("enclave"))
         metrics = self.metrics(m.get("metrics"))
-        return _ParentParts(private_key, egress, ingress, launch, metrics)
+        return _ParentParts(private_key, public_key, egress, ingress, launch, metrics)
 
     def rules(self, m: Mapping[str, Node], key: str) -> list[Rule] | None:
         items = self.items(m.get(key.rsplit(".", 1)[-1]), key, "10.0.0.0/8:443/tcp")
@@ -873,18 +930,16 @@ class _Builder(_Parser):
         if allow is None:
             allow = [Rule(ipaddress.ip_network("0.0.0.0/0" if v == 4 else "::/0"))
                      for v in sorted(versions)]
-        deny = self.rules(m, "parent.egress.deny")
-        if deny is None:
-            # The metadata service hands out the instance role's credentials: an enclave must
-            # not reach it unless the profile names it in allow.
-            deny = []
-            for imds, scope in _IMDS_SCOPES:
-                if imds.version not in versions:
-                    continue
-                if any(r.network.version == imds.version and imds in r.network
-                       and r.network.subnet_of(scope) for r in allow):  # type: ignore[arg-type]
-                    continue
-                deny.append(Rule(ipaddress.ip_network(imds)))
+        deny = self.rules(m, "parent.egress.deny") or []
+        # Added to whatever deny the profile writes (`deny: []` included): these endpoints hand
+        # out the instance role's credentials, and through `ssm:` key sources the parent's own
+        # WireGuard key. Only an allow rule that names one lifts it.
+        for endpoint, scope in CREDENTIAL_ENDPOINTS:
+            rule = Rule(ipaddress.ip_network(endpoint))
+            if rule in deny or any(allow_names(r, endpoint, scope) for r in allow):
+                continue
+            deny.append(rule)
+        return Egress(nat, interface, allow, deny)
         return Egress(nat, interface, allow, deny)
 
     def ingress(self, node: Node | None, transport: Transport) -> list[Ingress]:
@@ -1043,6 +1098,19 @@ class _Builder(_Parser):
         max_age = DEFAULT_MAX_AGE
         if "max_age" in m:
             max_age = self.integer(m["max_age"], "attestation.max_age", 1, 2**31) or max_age
+        allow_debug = False
+        if "allow_debug" in m:
+            allow_debug = bool(self.boolean(m["allow_debug"], "attestation.allow_debug"))
+        test_root_ca = None
+        if "test_root_ca" in m:
+            path = self.text(m["test_root_ca"], "attestation.test_root_ca",
+                             "/srv/tests/test-root.pem")
+            if path is not None and not path.startswith("/"):
+                self.problem(_line(m["test_root_ca"]), "attestation.test_root_ca",
+                             f"'{path}' is not an absolute path",
+                             "give the full path of the test CA's root PEM (tests only)")
+            else:
+                test_root_ca = path
         pcrs: dict[int, str] = {}
         pnode = m.get("pcrs")
         if pnode is not None and not isinstance(pnode, MappingNode):
@@ -1070,16 +1138,24 @@ class _Builder(_Parser):
                 if value is not None:
                     pcrs[i] = value
             pcrs = dict(sorted(pcrs.items()))
-        if launch is not None and launch.debug and any(set(v) != {"0"} for v in pcrs.values()):
+        if require and 0 not in pcrs and self.ok("attestation.pcrs"):
+            # Without PCR0 any genuine enclave, running any image in any account, would count
+            # as attested.
             self.problem(self.at("attestation.pcrs"), "attestation.pcrs",
-                         "an enclave in debug mode reports all-zero PCRs, so these never match",
-                         "set parent.enclave.debug: false, or drop the PCRs while debugging")
-        return Attestation(require, pcrs, max_age)
+                         "attestation.require is true but PCR0 (the image) is not pinned",
+                         "add `0: HEX` under pcrs (`wgvsock attest pcrs` prints it from "
+                         "nitro-cli's output)")
+        if launch is not None and launch.debug and not allow_debug:
+            self.problem(self.at("parent.enclave.debug"), "parent.enclave.debug",
+                         "a debug-mode enclave reports all-zero PCRs and is refused",
+                         "set attestation.allow_debug: true while debugging, or debug: false")
+        return Attestation(require, pcrs, max_age, allow_debug, test_root_ca)
 
 
 @dataclass(frozen=True)
 class _ParentParts:
     private_key: str
+    public_key: str | None
     egress: Egress
     ingress: list[Ingress]
     enclave: EnclaveLaunch | None
@@ -1254,6 +1330,7 @@ def _to_data(profile: Profile) -> dict[str, Any]:
         "parent": {
             "address": [str(x) for x in p.addresses],
             "private_key": p.private_key,
+            "public_key": p.public_key,
             "egress": {"nat": p.egress.nat, "interface": p.egress.interface,
                        "allow": [str(r) for r in p.egress.allow],
                        "deny": [str(r) for r in p.egress.deny]},
@@ -1269,7 +1346,8 @@ def _to_data(profile: Profile) -> dict[str, Any]:
         },
         "enclave": {"address": [str(x) for x in e.addresses], "dns": [str(x) for x in e.dns],
                     "routes": [str(x) for x in e.routes]},
-        "attestation": {"require": a.require, "pcrs": dict(a.pcrs), "max_age": a.max_age},
+        "attestation": {"require": a.require, "pcrs": dict(a.pcrs), "max_age": a.max_age,
+                        "allow_debug": a.allow_debug, "test_root_ca": a.test_root_ca},
     }
 
 
@@ -1277,7 +1355,10 @@ def dump_profile(profile: Profile) -> str:
     """PROFILE as YAML with every default spelled out; parse_profile() reads it back equal."""
     body = yaml.safe_dump(_to_data(profile), sort_keys=False, default_flow_style=False,
                           allow_unicode=True, width=100)
-    return f"# {profile.path}, resolved: every default filled in\n{body}"
+    return (f"# {profile.path}, resolved: every default filled in\n"
+            "# parent.egress.deny is the effective list: the metadata and credential endpoints\n"
+            "# (IMDS, ECS, EKS) are always in it unless an allow rule names them\n"
+            f"{body}")
 
 
 def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
@@ -1308,9 +1389,140 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
             for p in problems:
                 print(p, file=sys.stderr)
             return 1
+    if profile.attestation.test_root_ca:
+        print(f"{prog}: warning: attestation.test_root_ca is set: the parent trusts "
+              f"{profile.attestation.test_root_ca} instead of AWS's root (for tests only)",
+              file=sys.stderr)
     try:
         sys.stdout.write(dump_profile(profile))
         sys.stdout.flush()
     except BrokenPipeError:
         pass
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pinning the parent's key
+
+
+def set_parent_public_key(text: str, key: str, path: str = "<string>") -> str:
+    """TEXT with parent.public_key set to KEY, everything else (comments, order, layout) kept.
+
+    The YAML is edited as text at the node marks rather than dumped again, which would lose the
+    comments that make a profile readable. The result is parsed back to prove the edit.
+    """
+    try:
+        key = _public_key(key)
+    except _Invalid as e:
+        raise ProfileError([Problem(path, 0, "parent.public_key", e.reason, e.hint)]) from None
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None and not isinstance(root, MappingNode):
+        raise ProfileError([Problem(path, 1, "", "the profile is not a mapping",
+                                    "start from parent/profile.example.yaml")])
+    entries = {k.value: (k, v) for k, v in root.value} if root is not None else {}
+    if "parent" not in entries:
+        if root is not None and root.flow_style:
+            raise ProfileError([Problem(path, 1, "parent", "cannot add parent: to a flow "
+                                        "mapping", f"add `parent: {{public_key: {key}}}`")])
+        sep = "" if not text or text.endswith("\n") else "\n"
+        new = f"{text}{sep}parent:\n  public_key: {key}\n"
+    else:
+        knode, parent = entries["parent"]
+        if isinstance(parent, MappingNode):
+            children = {k.value: (k, v) for k, v in parent.value}
+            if "public_key" in children:
+                pk_key, pk_value = children["public_key"]
+                start = text.index(":", pk_key.end_mark.index) + 1
+                end = max(pk_value.end_mark.index, start)
+                new = f"{text[:start]} {key}{text[end:]}"
+            elif parent.flow_style:
+                at = parent.start_mark.index + 1
+                rest = ", " if parent.value else ""
+                new = f"{text[:at]}public_key: {key}{rest}{text[at:]}"
+            else:
+                # A line of its own, after private_key when there is one, indented like the rest.
+                first = parent.value[0][0]
+                indent = " " * first.start_mark.column
+                after = children.get("private_key", parent.value[0])[1].end_mark.index
+                line_end = text.find("\n", after)
+                at = len(text) if line_end < 0 else line_end + 1
+                if "private_key" not in children:
+                    at = text.rfind("\n", 0, first.start_mark.index) + 1
+                nl = "" if at == 0 or text[at - 1] == "\n" else "\n"
+                new = f"{text[:at]}{nl}{indent}public_key: {key}\n{text[at:]}"
+        elif _is_null(parent):
+            start = text.index(":", knode.end_mark.index) + 1
+            end = max(parent.end_mark.index, start)
+            new = f"{text[:start]} {{public_key: {key}}}{text[end:]}"
+        else:
+            raise ProfileError([Problem(path, _line(parent), "parent",
+                                        f"expected a mapping, got {_describe(parent)}",
+                                        "write parent as indented `key: value` lines")])
+    try:
+        written = parse_profile(new, path).parent.public_key
+    except ProfileError:
+        written = None
+    if written != key:
+        raise ProfileError([Problem(path, 0, "parent.public_key",
+                                    "could not place the key without disturbing the file",
+                                    f"add `public_key: {key}` under parent: by hand")])
+    return new
+
+
+def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent") -> int:
+    """`wgvsock profile pin-parent FILE [--key-file F | --public-key B64]`: write the parent's
+    public key into the profile as parent.public_key, so the enclave refuses any other parent."""
+    ap = argparse.ArgumentParser(
+        prog=prog, description="Pin the parent's WireGuard public key in a profile "
+        "(parent.public_key). The key comes from the profile's own parent.private_key unless "
+        "--key-file or --public-key says otherwise. Rebuild the enclave image afterwards.")
+    ap.add_argument("file", help="the profile (YAML); edited in place, comments kept")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--key-file", metavar="F",
+                     help="the parent's private key: a file, ssm:NAME or secretsmanager:NAME")
+    src.add_argument("--public-key", metavar="B64", help="the parent's public key itself")
+    try:
+        args = ap.parse_args(list(argv))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        profile = load_profile(args.file)
+        if args.public_key is not None:
+            try:
+                key = _public_key(args.public_key)
+            except _Invalid as e:
+                print(f"{prog}: --public-key: {e}", file=sys.stderr)
+                return 2
+        else:
+            from .core.crypto import key_to_base64, public_key
+            from .roles.parent import RoleError, load_parent_key
+
+            try:
+                private = load_parent_key(args.key_file or profile.parent.private_key,
+                                          create=False)
+            except RoleError as e:
+                print(f"{prog}: {e}", file=sys.stderr)
+                return 1
+            key = key_to_base64(public_key(private))
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+        new = set_parent_public_key(text, key, args.file)
+    except ProfileError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return 1
+    if new != text:
+        tmp = f"{args.file}.pin-parent.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         os.stat(args.file).st_mode & 0o777)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(new)
+            os.replace(tmp, args.file)
+        except OSError as e:
+            print(f"{prog}: cannot write {args.file}: {e.strerror or e}", file=sys.stderr)
+            return 1
+    print(f"{args.file}: parent.public_key: {key}"
+          + (" (already pinned)" if new == text else ""))
+    print("rebuild the enclave image so the pin is part of it (and of its PCRs)")
     return 0

@@ -199,6 +199,7 @@ class PeerView:
     connection: str | None = None  # wgvsock_conn
     reconnects: int | None = None  # wgvsock_reconnects
     attested: bool | None = None
+    debug: bool = False  # a debug-mode enclave let in by allow_debug: genuine, image unmeasured
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -214,6 +215,7 @@ class InterfaceView:
     profile: str | None = None
     role: str | None = None
     attested: bool | None = None
+    debug: bool = False
     # The parent's packets per egress verdict (allowed, denied, blocked); None when not given.
     egress: dict[str, int] | None = None
     dns: dict[str, int] | None = None  # queries, refused: only with a DNS forwarder
@@ -291,12 +293,19 @@ def _counters(extra: dict[str, str], prefix: str, names: tuple[str, ...]) -> dic
     return values  # type: ignore[return-value]
 
 
+def _attestation(value: str | None) -> tuple[bool | None, bool]:
+    """wgvsock_attested: "true", "false" or "debug" (not attested: a debug-mode enclave)."""
+    if value == "debug":
+        return False, True
+    return _bool_or_none(value), False
+
+
 def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> InterfaceView:
     """Turn a parsed `get` reply (see uapi.parse_get) into what the dashboard shows."""
     extra: dict[str, str] = dev.get("extra", {})
     network = extra.get("wgvsock_network")
     role = extra.get("wgvsock_role")
-    attested = _bool_or_none(extra.get("wgvsock_attested"))
+    attested, debug = _attestation(extra.get("wgvsock_attested"))
     priv = dev.get("private_key")
     port = _int_or_none(extra.get("wgvsock_port"))
     iface = InterfaceView(
@@ -309,6 +318,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         profile=extra.get("wgvsock_profile"),
         role=role,
         attested=attested,
+        debug=debug,
         egress=_counters(extra, "wgvsock_egress_", ("allowed", "denied", "blocked")),
         dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
         extra=dict(extra),
@@ -321,6 +331,13 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         age = now - (sec + nsec / 1e9) if sec else None
         endpoint = readable_endpoint(p.get("endpoint"), pextra, network)
         label = pextra.get("wgvsock_role") or other
+        # The parent's verdict is about its one peer, the enclave.
+        if "wgvsock_attested" in pextra:
+            peer_attested, peer_debug = _attestation(pextra["wgvsock_attested"])
+        elif label == "enclave":
+            peer_attested, peer_debug = attested, debug
+        else:
+            peer_attested, peer_debug = None, False
         iface.peers.append(
             PeerView(
                 public_key=key_to_base64(p["public_key"]),
@@ -339,10 +356,8 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
                 preshared_key=p.get("preshared_key") is not None,
                 connection=pextra.get("wgvsock_conn"),
                 reconnects=_int_or_none(pextra.get("wgvsock_reconnects")),
-                # The parent's verdict is about its one peer, the enclave.
-                attested=_bool_or_none(pextra.get("wgvsock_attested"))
-                if "wgvsock_attested" in pextra
-                else (attested if label == "enclave" else None),
+                attested=peer_attested,
+                debug=peer_debug,
                 extra=dict(pextra),
             )
         )
@@ -631,7 +646,9 @@ def _details(p: PeerView, rates: bool = False) -> list[Text]:
         if p.cid is not None:
             label.append(f" CID {p.cid}", style="magenta")
         parts.append(label)
-    if p.attested is True:
+    if p.debug:
+        parts.append(Text("debug enclave, not attested", style="bold red"))
+    elif p.attested is True:
         parts.append(Text("attested ✓", style="green"))
     elif p.attested is False:
         parts.append(Text("not attested", style="bold yellow"))

@@ -15,6 +15,7 @@ NSM signs:
   wrong-pcr     PCR0 of another image; the nonce and key as asked
   replay-nonce  the first nonce recorded in DIR/nonces by an earlier run, not the one asked for
   key-mismatch  another WireGuard public key than the enclave's own
+  debug         all-zero PCRs, as a debug-mode enclave reports; the nonce and key as asked
 
 Every run appends what the enclave asked to have attested to DIR/nonces (hex) and DIR/keys
 (base64), one line per request, so a later run can replay a nonce and tests can name the keys.
@@ -34,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.attest_fixtures import TEST_PCRS, FakeNSM, TestCA, make_test_ca, pcr  # noqa: E402
+from tests.attest_fixtures import DEBUG_PCRS, TEST_PCRS, FakeNSM, TestCA, make_test_ca, pcr  # noqa: E402
 from wgvsock import cli  # noqa: E402
 from wgvsock.attestation import nsm  # noqa: E402
 from wgvsock.core.crypto import generate_private_key, public_key  # noqa: E402
 
-MODES = ("good", "wrong-pcr", "replay-nonce", "key-mismatch")
+MODES = ("good", "wrong-pcr", "replay-nonce", "key-mismatch", "debug")
 OTHER_IMAGE_PCR0 = pcr("another image")
 
 
@@ -63,6 +64,8 @@ def fake_nsm(ca: TestCA, mode: str, directory: Path) -> FakeNSM:
     pcrs = dict(TEST_PCRS)
     if mode == "wrong-pcr":
         pcrs[0] = OTHER_IMAGE_PCR0
+    elif mode == "debug":
+        pcrs = dict(DEBUG_PCRS)
     fake = FakeNSM(ca, pcrs=pcrs)
     replayed = recorded_nonce(directory) if mode == "replay-nonce" else None
     if mode == "replay-nonce" and replayed is None:

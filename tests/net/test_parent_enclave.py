@@ -37,6 +37,8 @@ parent:
     debug: true
 enclave:
   address: 10.77.0.2/30
+attestation:
+  allow_debug: true
 """
 
 

@@ -1,6 +1,6 @@
 """End to end with attestation required: the roles of test_roles.py, the enclave side answering
 from a fake NSM (tests/net/fake_nsm_enclave.py) that signs with a test CA, and the parent
-trusting that CA's root through WGVSOCK_ATTESTATION_ROOT.
+trusting that CA's root through the profile's attestation.test_root_ca (for tests only).
 
 A correct document is accepted (the tunnel works, the parent reports the enclave attested); a
 wrong PCR, a replayed nonce and a key mismatch are each refused with their own reason, no peer
@@ -21,7 +21,7 @@ from wgvsock.uapi import uapi_get
 
 from .fake_nsm_enclave import OTHER_IMAGE_PCR0
 from .netlab import Lab, wait_for
-from .test_roles import World
+from .test_roles import WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
 
@@ -43,8 +43,8 @@ def ca_dir(lab: Lab) -> Path:
 
 @pytest.fixture
 def world(lab: Lab, ca_dir: Path):
-    w = World(lab, profile_extra=ATTESTATION,
-              parent_env={"WGVSOCK_ATTESTATION_ROOT": str(ca_dir / "test-root.pem")})
+    w = World(lab, profile_extra=ATTESTATION
+              + f"  test_root_ca: {ca_dir / 'test-root.pem'}\n")
     try:
         yield w
     finally:
@@ -111,3 +111,31 @@ def test_wrong_pcr_replayed_nonce_and_key_mismatch_are_refused(world: World,
     world.start_enclave(launcher=launcher(ca_dir, "good"))
     wait_for(world.egress_works, 30, "a correct enclave after the refused ones")
     assert uapi_get(str(world.parent_uapi()))["extra"].get("wgvsock_attested") == "true"
+
+
+def test_debug_enclave_refused_unless_allowed_and_then_shown_as_debug(world: World,
+                                                                      ca_dir: Path) -> None:
+    """Issue 12, item 5: all-zero PCRs are refused; with attestation.allow_debug the enclave
+    is let in, and the parent's UAPI and `wgvsock status` say "debug", never attested."""
+    assert world.parent_cmd("up").returncode == 0
+    proc = world.start_enclave(launcher=launcher(ca_dir, "debug"), timeout=REFUSED_TIMEOUT,
+                               log_name="enclave-debug-refused.log")
+    code = proc.wait(REFUSED_TIMEOUT + 10)
+    log = (world.lab.tmp / "enclave-debug-refused.log").read_text()
+    assert code != 0, log
+    assert ("parent refused this enclave: attestation refused: the enclave runs in debug "
+            "mode") in log, log
+    assert uapi_get(str(world.parent_uapi()))["peers"] == []
+
+    world.parent_cmd("down")
+    world.profile.write_text(world.profile.read_text() + "  allow_debug: true\n")
+    assert world.parent_cmd("up").returncode == 0
+    world.start_enclave(launcher=launcher(ca_dir, "debug"), log_name="enclave-debug.log")
+    wait_for(world.egress_works, 30, "the debug enclave to fetch a page through the NAT")
+    status = uapi_get(str(world.parent_uapi()))
+    assert status["extra"].get("wgvsock_attested") == "debug", status["extra"]
+    shown = world.parent.run(WGVSOCK, "status", "--once", env=world.env_for("parent"),
+                             check=False, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert "debug enclave, not attested" in shown.stdout, shown.stdout
+    assert "attested ✓" not in shown.stdout

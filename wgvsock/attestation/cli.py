@@ -89,7 +89,9 @@ def _human(doc: Document) -> str:
         lines.append(f"{'PCR' + str(i) + ':':<12} {value}")
     if doc.debug_mode:
         lines.append("             (all-zero image PCRs: a debug-mode enclave)")
-    if doc.public_key is not None:
+    if doc.public_key == b"":
+        lines.append("public key:  (empty, 0 bytes)")
+    elif doc.public_key is not None:
         lines.append(f"public key:  {base64.b64encode(doc.public_key).decode()} "
                      f"({len(doc.public_key)} bytes)")
     else:

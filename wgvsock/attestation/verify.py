@@ -8,9 +8,10 @@ after, in this order:
 2. the CA bundle starts with the pinned root (by exact DER), and every link of
    leaf <- cabundle[-1] <- ... <- cabundle[0] is signed by the next one, whose certificate is a
    CA allowed to issue it;
-3. every certificate of the chain was valid at the document's own timestamp (or a time given);
+3. every certificate of the chain was valid at the document's own timestamp (or a time given)
+   and, when verifying live (the parent's verdict), is valid now too, within MAX_CLOCK_SKEW;
 4. the ES384 signature over the COSE Sig_structure verifies with the leaf certificate's key;
-5. the caller's expectations hold: PCRs, nonce, public key, maximum age.
+5. the caller's expectations hold: debug mode, PCRs, nonce, public key, maximum age.
 
 Every failure is an AttestationError with a stable `code` and a human `reason`; hostile input
 (malformed or oversized CBOR, wrong types, broken certificates) never raises anything else.
@@ -23,11 +24,10 @@ import functools
 import hashlib
 import io
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -49,7 +49,6 @@ MAX_DOCUMENT = 16 * 1024
 COSE_SIGN1_TAG = 18
 ES384 = -35
 ROOT_RESOURCE = "aws-nitro-enclaves-root-g1.pem"
-ROOT_ENV = "WGVSOCK_ATTESTATION_ROOT"
 # SHA-256 of the DER of AWS_NitroEnclaves_Root-G1, as AWS publishes it.
 AWS_ROOT_SHA256 = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
 # A document dated this far past the verifier's clock means one of the two clocks is wrong.
@@ -68,6 +67,7 @@ CODES = (
     "bad-certificate", "untrusted-root", "bad-chain", "certificate-expired",
     "certificate-not-yet-valid", "bad-signature", "debug-enclave", "pcr-mismatch",
     "nonce-mismatch", "public-key-mismatch", "too-old", "from-the-future", "bad-root",
+    "public-key-empty",
 )
 
 
@@ -119,6 +119,7 @@ class Document:
             "timestamp": self.timestamp,
             "time": iso_time(self.time),
             "pcrs": {str(i): v for i, v in self.pcrs_hex().items()},
+            "debug_mode": self.debug_mode,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -140,7 +141,6 @@ class Document:
             "public_key": _b64(self.public_key),
             "nonce": self.nonce.hex() if self.nonce is not None else None,
             "user_data": _b64(self.user_data),
-            "debug_mode": self.debug_mode,
             "certificates": certs,
         }
 
@@ -183,19 +183,21 @@ def aws_root() -> x509.Certificate:
     return load_certificate(data)
 
 
-def trusted_root() -> x509.Certificate:
-    """The root the parent pins: AWS's, unless WGVSOCK_ATTESTATION_ROOT names a PEM file, which
-    exists so tests can sign documents with their own CA. Production must not set it."""
-    path = os.environ.get(ROOT_ENV)
-    if not path:
+def trusted_root(test_root_ca: str | None = None) -> x509.Certificate:
+    """The root the parent pins: AWS's, unless the profile's attestation.test_root_ca names a
+    PEM file, which exists so tests can sign documents with their own CA. Nothing in the
+    environment can change it: a root swapped that way would let anyone on the host forge
+    "attested" enclaves."""
+    if not test_root_ca:
         return aws_root()
     try:
-        with open(path, "rb") as f:
+        with open(test_root_ca, "rb") as f:
             data = f.read(64 * 1024)
     except OSError as e:
-        raise AttestationError("bad-root", f"{ROOT_ENV}={path}: {e.strerror}") from None
-    log.warning("attestation: trusting the root in %s=%s instead of AWS's (testing only)",
-                ROOT_ENV, path)
+        raise AttestationError("bad-root", f"attestation.test_root_ca {test_root_ca}: "
+                                           f"{e.strerror}") from None
+    log.warning("attestation: trusting the test root %s instead of AWS's "
+                "(attestation.test_root_ca; for tests only)", test_root_ca)
     return load_certificate(data)
 
 
@@ -344,7 +346,9 @@ def _payload(raw: bytes) -> Document:
         pcrs=dict(sorted(pcrs.items())),
         certificate=certificate,
         cabundle=tuple(cabundle),
-        public_key=_bytes_field(p, "public_key", 1, _OPTIONAL_MAX, optional=True),
+        # AWS's spec says 1..1024, but genuine documents (2022) carry an empty public_key: it
+        # is read as such, and key binding refuses it with its own reason.
+        public_key=_bytes_field(p, "public_key", 0, _OPTIONAL_MAX, optional=True),
         user_data=_bytes_field(p, "user_data", 0, _OPTIONAL_MAX, optional=True),
         nonce=_bytes_field(p, "nonce", 0, _OPTIONAL_MAX, optional=True),
         extra={str(k): v for k, v in p.items() if k not in known},
@@ -431,6 +435,23 @@ def _check_validity(chain: list[tuple[str, x509.Certificate]], at: datetime, wha
                                    f"({iso_time(at)})")
 
 
+def _check_valid_now(chain: list[tuple[str, x509.Certificate]], now: datetime) -> None:
+    """Live verification: every certificate must be valid now as well, give or take
+    MAX_CLOCK_SKEW, so that a long max_age cannot admit an expired (or future) certificate."""
+    skew = timedelta(seconds=MAX_CLOCK_SKEW)
+    for role, cert in chain:
+        if now + skew < cert.not_valid_before_utc:
+            raise AttestationError("certificate-not-yet-valid",
+                                   f"{role} '{_name(cert)}' is valid only from "
+                                   f"{iso_time(cert.not_valid_before_utc)}, after this host's "
+                                   f"clock ({iso_time(now)}; is the clock right?)")
+        if now - skew > cert.not_valid_after_utc:
+            raise AttestationError("certificate-expired",
+                                   f"{role} '{_name(cert)}' expired at "
+                                   f"{iso_time(cert.not_valid_after_utc)}, before now "
+                                   f"({iso_time(now)})")
+
+
 def _check_signature(signed: _Signed, leaf: x509.Certificate) -> None:
     key = leaf.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
@@ -470,12 +491,17 @@ def _expected_pcrs(pcrs: Mapping[int, str | bytes]) -> dict[int, bytes]:
 
 def _check_expectations(doc: Document, *, pcrs: dict[int, bytes],
                         nonce: bytes | None, public_key: bytes | None,
-                        max_age: float | None, now: datetime) -> None:
-    if pcrs:
-        if doc.debug_mode:
-            raise AttestationError("debug-enclave",
-                                   "the enclave runs in debug mode (its PCRs are all zeros), so "
-                                   "it cannot prove which image it runs; PCRs are required")
+                        max_age: float | None, now: datetime,
+                        allow_debug: bool | None) -> None:
+    # allow_debug None: a debug-mode document is refused only when PCRs are expected. False:
+    # always refused. True: accepted, its (all-zero) PCRs not compared, which callers must
+    # report as "debug", never as attested.
+    if doc.debug_mode and (allow_debug is False or (allow_debug is None and pcrs)):
+        raise AttestationError("debug-enclave",
+                               "the enclave runs in debug mode (its PCRs are all zeros), so "
+                               "it cannot prove which image it runs (attestation.allow_debug "
+                               "admits it, for development only)")
+    if pcrs and not doc.debug_mode:
         for i, want in sorted(pcrs.items()):
             got = doc.pcrs.get(i)
             if got is None:
@@ -493,6 +519,10 @@ def _check_expectations(doc: Document, *, pcrs: dict[int, bytes],
     if public_key is not None:
         if doc.public_key is None:
             raise AttestationError("public-key-mismatch", "the document carries no public key")
+        if not doc.public_key:
+            raise AttestationError("public-key-empty",
+                                   "the document's public key is empty (0 bytes), so it does "
+                                   "not bind this enclave's WireGuard key")
         if doc.public_key != public_key:
             raise AttestationError("public-key-mismatch",
                                    f"the document binds public key {_b64(doc.public_key)}, "
@@ -518,6 +548,8 @@ def verify_document(
     nonce: bytes | None = None,
     public_key: bytes | None = None,
     max_age: float | None = None,
+    live: bool = False,
+    allow_debug: bool | None = None,
 ) -> Document:
     """Verify an attestation document and return its payload; AttestationError otherwise.
 
@@ -527,6 +559,9 @@ def verify_document(
     now: the reference for max_age; default the current time.
     pcrs: index -> expected value (hex or bytes); non-empty also refuses debug-mode enclaves.
     nonce, public_key: must equal the document's fields exactly.
+    live: the document is being presented now: the chain must also be valid at `now`.
+    allow_debug: True accepts debug-mode documents (PCRs not compared), False refuses them
+        always; None (default) refuses them only when `pcrs` is given.
     """
     # The caller's expectations are checked first: a bad one is the caller's bug (ValueError),
     # not the document's fault.
@@ -535,7 +570,7 @@ def verify_document(
     reference = _to_datetime(now) or datetime.now(UTC)
     try:
         return _verify(data, _as_certificate(root), when, reference, expected_pcrs, nonce,
-                       public_key, max_age)
+                       public_key, max_age, live, allow_debug)
     except AttestationError:
         raise
     except Exception as e:
@@ -548,7 +583,7 @@ def verify_document(
 
 def _verify(data: bytes, trusted: x509.Certificate, when: datetime | None, now: datetime,
             pcrs: dict[int, bytes], nonce: bytes | None, public_key: bytes | None,
-            max_age: float | None) -> Document:
+            max_age: float | None, live: bool, allow_debug: bool | None) -> Document:
     signed = _cose(data)
     doc = signed.document
     try:
@@ -566,9 +601,11 @@ def _verify(data: bytes, trusted: x509.Certificate, when: datetime | None, now: 
         _check_chain(chain)
         _check_validity(chain, when or doc.time,
                         "the time given" if when else "the document's timestamp")
+        if live:
+            _check_valid_now(chain, now)
         _check_signature(signed, leaf)
         _check_expectations(doc, pcrs=pcrs, nonce=nonce, public_key=public_key,
-                            max_age=max_age, now=now)
+                            max_age=max_age, now=now, allow_debug=allow_debug)
     except AttestationError as e:
         e.document = doc
         raise
@@ -586,20 +623,26 @@ def verify_enclave(
 ) -> Verdict:
     """The parent's decision on a registering enclave's document (see wgvsock.control).
 
-    policy has `require`, `pcrs` ({index: hex}) and `max_age` (seconds). A presented document
-    is always verified, and a failing one is refused whatever `require` says: `require` only
-    decides about enclaves that present no document, which the caller handles.
+    policy has `require`, `pcrs` ({index: hex}), `max_age` (seconds), `allow_debug` and
+    `test_root_ca`. A presented document is always verified, live (its certificates valid
+    now), and a failing one is refused whatever `require` says: `require` only decides about
+    enclaves that present no document, which the caller handles. A debug-mode document is
+    refused unless allow_debug; accepted, it is not "attested" and detail["debug_mode"] says so.
     """
     try:
-        trusted = trusted_root() if root is None else _as_certificate(root)
+        if root is None:
+            trusted = trusted_root(getattr(policy, "test_root_ca", None))
+        else:
+            trusted = _as_certificate(root)
         doc = verify_document(document, root=trusted, pcrs=dict(policy.pcrs or {}),
                               nonce=nonce, public_key=public_key,
                               max_age=policy.max_age,
-                              now=time.time() if now is None else now)
+                              now=time.time() if now is None else now, live=True,
+                              allow_debug=bool(getattr(policy, "allow_debug", False)))
     except AttestationError as e:
         return Verdict(False, attested=False, reason=f"attestation refused: {e.reason}",
                        detail={"code": e.code})
     except ValueError as e:  # a PCR in the policy that is not hex: the caller's bug, not fatal
         return Verdict(False, attested=False, reason=f"attestation policy is invalid: {e}",
                        detail={"code": "bad-policy"})
-    return Verdict(True, attested=True, detail=doc.summary())
+    return Verdict(True, attested=not doc.debug_mode, detail=doc.summary())

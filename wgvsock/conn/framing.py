@@ -22,6 +22,7 @@ from typing import TypeAlias
 __all__ = [
     "HEADER_SIZE",
     "MAX_PAYLOAD",
+    "MAX_STREAM_MTU",
     "MIN_PAYLOAD",
     "FrameDecoder",
     "FramingError",
@@ -32,6 +33,10 @@ _HEADER = struct.Struct("<HI")
 HEADER_SIZE = _HEADER.size  # 6
 MIN_PAYLOAD = 32
 MAX_PAYLOAD = 0xFFFF
+# The largest tunnel MTU a frame can carry: a transport message is the packet plus 32 bytes
+# (16 of header, 16 of tag; padding never goes past the MTU). Above it, full-size packets could
+# not be framed and would vanish.
+MAX_STREAM_MTU = MAX_PAYLOAD - 32
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 

@@ -22,7 +22,7 @@ import threading
 from .. import netconf
 from ..conn import make_bind
 from ..control import ControlError, Welcome, hold_connection, register
-from ..core.crypto import generate_private_key, public_key
+from ..core.crypto import generate_private_key, key_to_base64, public_key
 from ..device import Device
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
 
@@ -100,6 +100,19 @@ class Enclave:
     def _allowed_ips(self) -> list:
         return [(r, True) for r in self._routes()]
 
+    def _check_pin(self, welcome: Welcome) -> None:
+        """Refuses a parent whose key is not the pinned one, before anything is installed.
+
+        Whatever answers on the control port would otherwise be believed: while `parent up`
+        is down, another process on the host could bind the port and offer its own key."""
+        pinned = self.profile.parent.public_key
+        offered = key_to_base64(welcome.parent_public_key)
+        if pinned is not None and offered != pinned:
+            raise ControlError(
+                f"refusing the parent: it offered public key {offered}, but the profile pins "
+                f"parent.public_key {pinned} (another process on the control port, or a "
+                "rotated parent key without a rebuilt image)")
+
     def _apply(self, welcome: Welcome) -> None:
         assert self.device is not None
         t = self.profile.transport
@@ -135,6 +148,7 @@ class Enclave:
                 continue
             try:
                 welcome = register(conn, self.public_key, attest)
+                self._check_pin(welcome)
                 self._apply(welcome)
                 self.registrations += 1
                 self.last_failure = None

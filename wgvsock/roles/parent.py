@@ -81,7 +81,10 @@ def local_checks(profile) -> list[Check]:
 # -- keys ------------------------------------------------------------------------------------
 
 
-def load_parent_key(spec: str) -> bytes:
+def load_parent_key(spec: str, *, create: bool = True) -> bytes:
+    """The parent's private key from SPEC (a file, ssm:NAME or secretsmanager:NAME). A missing
+    file is created with a new key when CREATE. The file must be 0600 (or stricter) and owned
+    by root or by the running user: anyone else could have put their own key there."""
     if spec.startswith(("ssm:", "secretsmanager:")):
         from .. import aws
 
@@ -91,12 +94,20 @@ def load_parent_key(spec: str) -> bytes:
             raise RoleError(f"parent key {spec}: {e}") from e
     path = Path(spec)
     if not path.exists():
+        if not create:
+            raise RoleError(f"private key {path} does not exist (create it with `wg genkey`, "
+                            "or let `wgvsock parent up` create it)")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key_to_base64(generate_private_key()) + "\n")
         log.info("created a new private key at %s", path)
-    mode = path.stat().st_mode & 0o777
+    st = path.stat()
+    if st.st_uid not in (0, os.geteuid()):
+        raise RoleError(f"private key {path} is owned by uid {st.st_uid}, not by root or this "
+                        f"user (uid {os.geteuid()}): chown root:root {path}, after checking "
+                        "that the key in it is yours")
+    mode = st.st_mode & 0o777
     if mode & 0o077:
         raise RoleError(f"private key {path} is readable by others (mode {mode:o}): "
                         f"chmod 600 {path}")
@@ -106,6 +117,21 @@ def load_parent_key(spec: str) -> bytes:
         raise RoleError(f"private key {path}: {e} (expected the output of `wg genkey`)") from e
     except OSError as e:
         raise RoleError(f"private key {path}: {e.strerror}") from e
+
+
+def check_pinned_key(profile, key: bytes) -> None:
+    """Refuses a private key whose public key is not the profile's parent.public_key."""
+    pinned = profile.parent.public_key
+    if pinned is None:
+        return
+    from ..core.crypto import public_key
+
+    own = key_to_base64(public_key(key))
+    if own != pinned:
+        raise RoleError(f"the private key {profile.parent.private_key} has public key {own}, "
+                        f"but the profile pins parent.public_key {pinned}: the enclave would "
+                        "refuse this parent. Restore the matching key, or pin this one with "
+                        f"`wgvsock profile pin-parent {profile.path}` and rebuild the image")
 
 
 # -- attestation policy ------------------------------------------------------------------------
@@ -130,6 +156,16 @@ def make_verifier(profile):
         return verify_enclave(document, public_key=public_key, nonce=nonce, policy=policy)
 
     return verify
+
+
+def attestation_state(verdict: Verdict) -> str:
+    """What the read-only UAPI key wgvsock_attested says: "true", "false", or "debug" for a
+    debug-mode enclave that allow_debug let in (genuine, but its image is not measured)."""
+    if verdict.attested:
+        return "true"
+    if (verdict.detail or {}).get("debug_mode"):
+        return "debug"
+    return "false"
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -210,7 +246,9 @@ class Parent:
         failed = [c for c in local_checks(p) if c.ok is False]
         if failed:
             raise RoleError("; ".join(f"{c.name}: {c.detail}" for c in failed))
-        key = load_parent_key(p.parent.private_key)
+        # With a pinned key, never make a new one: it could not match the pin.
+        key = load_parent_key(p.parent.private_key, create=p.parent.public_key is None)
+        check_pinned_key(p, key)
         try:
             bind = make_bind(t.kind, False, unix_dir=t.path if t.kind == "unix" else None)
             self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir())
@@ -299,7 +337,7 @@ class Parent:
         self.device.extra_status = {
             "wgvsock_profile": self.profile.name,
             "wgvsock_role": "parent",
-            "wgvsock_attested": "true" if verdict.attested else "false",
+            "wgvsock_attested": attestation_state(verdict),
         }
 
     def _start_enclave(self) -> None:

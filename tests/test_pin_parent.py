@@ -1,0 +1,168 @@
+"""Issue 12, items 2 and 12: pinning the parent's key in the profile, and the parent's key file.
+
+End to end (an impostor parent refused by `enclave up`, `parent up` refusing a key that does
+not match the pin) is in tests/net/test_roles_pinning.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wgvsock import cli
+from wgvsock.control import ControlError, Welcome
+from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+from wgvsock.profile import ProfileError, parse_profile, set_parent_public_key
+from wgvsock.roles.enclave import Enclave
+from wgvsock.roles.parent import RoleError, check_pinned_key, load_parent_key
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIVATE = generate_private_key()
+PUB = key_to_base64(public_key(PRIVATE))
+OTHER = key_to_base64(public_key(generate_private_key()))
+
+
+def write_key(path: Path, key: bytes = PRIVATE, mode: int = 0o600) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(key_to_base64(key) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("text", [
+    "name: a\n",
+    "name: a\nparent: {address: 10.9.0.1/30}\n",
+    "name: a\nparent: null\n",
+    "name: a\nparent:\n  public_key:\n  egress: {deny: []}\n",
+    f"name: a\nparent:\n  public_key: {OTHER}  # old key\n",
+    "name: a\nparent:\n    address: 10.9.0.1/30\n    private_key: /k\n",
+])
+def test_set_parent_public_key_keeps_the_rest(text):
+    new = set_parent_public_key(text, PUB)
+    assert parse_profile(new).parent.public_key == PUB
+    # Everything else resolves as before.
+    before, after = parse_profile(text), parse_profile(new)
+    assert after.parent.egress == before.parent.egress
+    assert after.parent.addresses == before.parent.addresses
+    assert set_parent_public_key(new, PUB) == new  # idempotent
+
+
+def test_set_parent_public_key_keeps_comments_of_the_example():
+    text = (ROOT / "parent" / "profile.example.yaml").read_text()
+    new = set_parent_public_key(text, PUB)
+    old_lines, new_lines = text.splitlines(), new.splitlines()
+    assert len(old_lines) == len(new_lines)
+    changed = [(a, b) for a, b in zip(old_lines, new_lines, strict=True) if a != b]
+    assert changed == [("  public_key: null", f"  public_key: {PUB}")]
+
+
+def test_set_parent_public_key_refuses_a_bad_key():
+    with pytest.raises(ProfileError, match="not a WireGuard public key"):
+        set_parent_public_key("name: a\n", "abc")
+
+
+def test_pin_parent_cli_from_the_profiles_key_file(tmp_path, capsys):
+    key = write_key(tmp_path / "parent.key")
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"# mine\nname: a\nparent:\n  private_key: {key}   # the key\n")
+    os.chmod(profile, 0o640)
+    assert cli.main(["profile", "pin-parent", str(profile)]) == 0
+    out = capsys.readouterr().out
+    assert f"parent.public_key: {PUB}" in out
+    text = profile.read_text()
+    assert text == (f"# mine\nname: a\nparent:\n  private_key: {key}   # the key\n"
+                    f"  public_key: {PUB}\n")
+    assert profile.stat().st_mode & 0o777 == 0o640
+    # --public-key and --key-file name the key directly.
+    assert cli.main(["profile", "pin-parent", str(profile), "--public-key", OTHER]) == 0
+    assert parse_profile(profile.read_text()).parent.public_key == OTHER
+    other_key = generate_private_key()
+    write_key(tmp_path / "other.key", other_key)
+    assert cli.main(["profile", "pin-parent", str(profile), "--key-file",
+                     str(tmp_path / "other.key")]) == 0
+    assert parse_profile(profile.read_text()).parent.public_key == key_to_base64(
+        public_key(other_key))
+
+
+def test_pin_parent_cli_errors(tmp_path, capsys):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"name: a\nparent: {{private_key: {tmp_path / 'none.key'}}}\n")
+    assert cli.main(["profile", "pin-parent", str(profile)]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "none.key").exists()  # never creates a key to pin
+    assert cli.main(["profile", "pin-parent", str(profile), "--public-key", "zz"]) == 2
+    assert "not a WireGuard public key" in capsys.readouterr().err
+
+
+def test_parent_refuses_a_key_that_does_not_match_the_pin(tmp_path):
+    profile = parse_profile(f"name: a\nparent: {{public_key: {OTHER}}}\n", "p.yaml")
+    with pytest.raises(RoleError, match=re.escape(f"has public key {PUB}, but the profile pins "
+                                                  f"parent.public_key {OTHER}")):
+        check_pinned_key(profile, PRIVATE)
+    check_pinned_key(parse_profile(f"name: a\nparent: {{public_key: {PUB}}}\n"), PRIVATE)
+    check_pinned_key(parse_profile("name: a\n"), PRIVATE)  # nothing pinned
+
+
+def test_enclave_refuses_a_parent_with_another_key():
+    enclave = Enclave(parse_profile(f"name: a\nparent: {{public_key: {PUB}}}\n"))
+    impostor = Welcome(public_key(generate_private_key()), 820, False)
+    with pytest.raises(ControlError,
+                       match=re.escape(f"but the profile pins parent.public_key {PUB}")):
+        enclave._check_pin(impostor)
+    enclave._check_pin(Welcome(public_key(PRIVATE), 820, False))
+
+
+def test_parent_key_file_mode_and_owner(tmp_path):
+    key = write_key(tmp_path / "k", mode=0o640)
+    with pytest.raises(RoleError, match="readable by others"):
+        load_parent_key(str(key))
+    os.chmod(key, 0o600)
+    assert load_parent_key(str(key)) == PRIVATE
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    os.chown(key, 4242, 4242)  # issue 12, item 12: someone else's file is not our key
+    with pytest.raises(RoleError, match="owned by uid 4242, not by root or this user"):
+        load_parent_key(str(key))
+    with pytest.raises(RoleError, match="does not exist"):
+        load_parent_key(str(tmp_path / "missing"), create=False)
+    assert not (tmp_path / "missing").exists()
+
+
+_UNPRIVILEGED_BIND = r"""
+import errno, os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+for port in map(int, sys.argv[1:]):
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        s.bind((socket.VMADDR_CID_ANY, port))
+        print(port, "bound")
+    except OSError as e:
+        print(port, errno.errorcode.get(e.errno, e.errno))
+    finally:
+        s.close()
+"""
+
+
+def test_default_vsock_ports_cannot_be_bound_by_an_unprivileged_process():
+    # Issue 12, item 2: while `parent up` is down, a host process without root must not be
+    # able to take the parent's ports. Binding (never connecting) vsock is safe here.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged user")
+    try:
+        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+    except (OSError, AttributeError):
+        pytest.skip("no AF_VSOCK on this machine")
+    t = parse_profile("name: a\n").transport
+    res = subprocess.run([sys.executable, "-c", _UNPRIVILEGED_BIND, str(t.port),
+                          str(t.control_port)], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == [f"{t.port} EACCES", f"{t.control_port} EACCES"]
