@@ -180,6 +180,22 @@ def test_off_ec2_the_host_name_is_the_instance(moto: Moto,
     assert {"Name": "InstanceId", "Value": socket.gethostname()} in m["Dimensions"]
 
 
+def test_no_region_off_ec2_is_reported_once(moto: Moto, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    from .test_aws import _closed_port
+
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    reg, _ = _registry(["k0"])
+    sender = cw.CloudWatchSender(reg, "wgvsock-t7", 60, "demo", session=boto3.Session(),
+                                 imds=aws.Imds(f"http://127.0.0.1:{_closed_port()}", timeout=0.3))
+    with caplog.at_level(logging.WARNING, logger="wgvsock.metrics"):
+        assert sender.send() == 0
+        assert sender.send() == 0
+    assert sender.state == "region"
+    assert caplog.text.count("no AWS region configured") == 1
+    assert caplog.text.count("InstanceId dimension is the host name") == 1
+
+
 def test_sender_thread_starts_and_stops(moto: Moto, imds: FakeImds) -> None:
     reg, _ = _registry(["k0"])
     sender = cw.CloudWatchSender(reg, "wgvsock-t6", 3600, "demo", session=moto.session,

@@ -130,6 +130,7 @@ class CloudWatchSender:
         self._imds = imds
         self._client: Any = None
         self._dimensions: list[dict[str, str]] | None = None
+        self._region: str | None = None  # the instance's, when boto3 has none configured
         self._sent: dict[SeriesKey, float] = {}
         self._reported: str | None = None  # the kind of failure already logged
         self.state = "starting"  # ok, or the kind of the last failure
@@ -168,20 +169,21 @@ class CloudWatchSender:
         import boto3
 
         session = self._session or boto3.Session()
-        instance_id, region = socket.gethostname(), None
+        if self._dimensions is None:  # asked once: the instance does not change
+            instance_id = socket.gethostname()
+            try:
+                ident = (self._imds or aws.Imds()).identity()
+                instance_id, self._region = ident.instance_id, ident.region
+            except aws.AWSError as e:
+                log.warning("CloudWatch: %s; the InstanceId dimension is the host name %s",
+                            e, instance_id)
+            self._dimensions = [{"Name": "InstanceId", "Value": instance_id},
+                                {"Name": "Profile", "Value": self.profile}]
         try:
-            ident = (self._imds or aws.Imds()).identity()
-            instance_id, region = ident.instance_id, ident.region
-        except aws.AWSError as e:
-            log.warning("CloudWatch: %s; the InstanceId dimension is the host name %s",
-                        e, instance_id)
-        try:
-            self._client = aws.cloudwatch_client(session, session.region_name or region)
+            self._client = aws.cloudwatch_client(session, session.region_name or self._region)
         except aws.AWSError as e:
             self._report("region", str(e))
             return False
-        self._dimensions = [{"Name": "InstanceId", "Value": instance_id},
-                            {"Name": "Profile", "Value": self.profile}]
         return True
 
     def send(self) -> int:
