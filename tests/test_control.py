@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import json
 import socket
 import struct
@@ -195,17 +197,216 @@ def test_held_connection_stays_in_step_when_a_message_arrives_in_pieces(monkeypa
     assert result == ["stopped"]
 
 
-def test_a_flood_of_idle_connections_cannot_lock_the_enclave_out(tmp_path):
-    path = str(tmp_path / "control.sock")
-    srv, rec = make_server(path, timeout=30.0, max_clients=4)
-    idle = [dial(path) for _ in range(6)]  # more than max_clients, and silent
+def _tcp_server(**kw) -> tuple[ControlServer, Recorder, int]:
+    """A server on the TCP stand-in, on 127.0.0.1: tests can then connect from 127.0.0.2 as
+    a second peer (all of 127/8 is loopback)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    rec = Recorder()
+    srv = ControlServer(listener, profile="demo", public_key=b"P" * 32, wg_port=51820,
+                        verify=kw.pop("verify", rec.verify), install=rec.install, **kw)
+    srv.start()
+    return srv, rec, listener.getsockname()[1]
+
+
+def _dial_tcp(port: int, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+
+
+def test_a_flood_with_slow_attestation_cannot_lock_the_enclave_out():
+    """Issue 12.3: 500 connections a second from another peer, each left silent after its
+    challenge, while every verification takes 100 ms: the enclave still registers, ten
+    times in a row, within 5 s. The old listener dropped the oldest pending exchange when
+    full, so the flood kept pushing out the enclave's (0 of 10 got through)."""
+    rec_holder: list[Recorder] = []
+
+    def slow_verify(key, doc, nonce):
+        time.sleep(0.1)  # an attestation check against a slow NSM/CA
+        return rec_holder[0].verify(key, doc, nonce)
+
+    srv, rec, port = _tcp_server(verify=slow_verify, timeout=30.0)
+    rec_holder.append(rec)
+    stop = threading.Event()
+    under_way = threading.Event()
+    opened: collections.deque[socket.socket] = collections.deque()
+    attempts = [0]
+
+    def flood() -> None:
+        next_at = time.monotonic()
+        while not stop.is_set():
+            next_at += 1 / 500
+            attempts[0] += 1
+            # Refused, or the backlog is full: the flood goes on regardless.
+            with contextlib.suppress(OSError):
+                opened.append(_dial_tcp(port, "127.0.0.2"))
+            while len(opened) > 200:  # stay within the file descriptor limit
+                opened.popleft().close()
+            if attempts[0] == 150:
+                under_way.set()
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
     try:
-        for s in idle:  # each gets its challenge: they are all being served or evicted
-            s.settimeout(3)
-        with dial(path) as s:
-            assert register(s, b"R" * 32).wg_port == 51820
-        assert rec.installed == [b"R" * 32]
+        assert under_way.wait(10)  # the flood is in full swing before the enclave shows up
+        start = time.monotonic()
+        registered = 0
+        for i in range(10):
+            with _dial_tcp(port) as s:
+                register(s, bytes([i + 1]) * 32, timeout=5.0)
+                registered += 1
+        took = time.monotonic() - start
     finally:
-        for s in idle:
+        stop.set()
+        flooder.join()
+        for s in opened:
             s.close()
         srv.close()
+    assert registered == 10
+    assert took < 5, took
+    assert srv.refused_connections >= 100  # the flood was turned away at the door
+
+
+def test_only_the_enclave_address_is_admitted():
+    srv, rec, port = _tcp_server(accept_from=lambda addr: addr[0] == "127.0.0.1")
+    try:
+        with _dial_tcp(port, "127.0.0.2") as s:
+            expect_closed(s)  # no challenge at all
+        with _dial_tcp(port) as s:
+            assert register(s, b"E" * 32).wg_port == 51820
+    finally:
+        srv.close()
+    assert rec.installed == [b"E" * 32]
+
+
+def test_challenged_connections_are_never_evicted(tmp_path):
+    """A full listener refuses the newcomer: the ones already challenged keep their exchange."""
+    path = str(tmp_path / "control.sock")
+    srv, rec = make_server(path, timeout=30.0, max_clients=2, max_per_peer=8)
+    first, second = dial(path), dial(path)
+    try:
+        challenges = [read_message(s, time.monotonic() + 3) for s in (first, second)]
+        third = dial(path)
+        expect_closed(third)
+        third.close()
+        for s, challenge, key in zip((first, second), challenges, (b"A" * 32, b"B" * 32),
+                                     strict=True):
+            s.sendall(encode({"type": "register", "nonce": challenge["nonce"],
+                              "public_key": base64.b64encode(key).decode(),
+                              "attestation": None}))
+            assert read_message(s, time.monotonic() + 3)["type"] == "welcome"
+        assert srv.refused_connections == 1
+        assert rec.installed == [b"A" * 32, b"B" * 32]
+    finally:
+        first.close()
+        second.close()
+        srv.close()
+
+
+def test_one_peer_cannot_hold_more_than_its_share(tmp_path):
+    path = str(tmp_path / "control.sock")
+    srv, _rec = make_server(path, timeout=30.0, max_per_peer=2)
+    held = [dial(path) for _ in range(2)]
+    try:
+        for s in held:
+            read_message(s, time.monotonic() + 3)
+        with dial(path) as s:  # this process (SO_PEERCRED pid) has its two already
+            expect_closed(s)
+        assert srv.refused_connections == 1
+    finally:
+        for s in held:
+            s.close()
+        srv.close()
+
+
+def test_concurrent_registrations_are_serialised(tmp_path):
+    """Issue 12.7: eight enclaves register at once. Installs never overlap, and the key the
+    device ends up with, the key recorded and the connection the parent keeps all agree."""
+    path = str(tmp_path / "control.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    device: dict[str, bytes] = {}
+    active: list[int] = [0]
+    most: list[int] = [0]
+
+    def install(key, verdict):
+        # Like Parent._install_enclave: configure the device, then record the key. The sleep
+        # widens the window two unserialised installs would interleave in.
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        device["peer"] = key
+        time.sleep(0.05)
+        device["recorded"] = key
+        active[0] -= 1
+
+    srv = ControlServer(listener, profile="demo", public_key=b"P" * 32, wg_port=51820,
+                        verify=lambda k, d, n: Verdict(True), install=install, max_per_peer=16)
+    srv.start()
+    keys = [bytes([i + 1]) * 32 for i in range(8)]
+    socks = {key: dial(path) for key in keys}
+    barrier = threading.Barrier(len(keys))
+    errors: list[BaseException] = []
+
+    def one(key: bytes) -> None:
+        try:
+            s = socks[key]
+            challenge = read_message(s, time.monotonic() + 5)
+            barrier.wait()
+            s.sendall(encode({"type": "register", "nonce": challenge["nonce"],
+                              "public_key": base64.b64encode(key).decode(),
+                              "attestation": None}))
+            read_message(s, time.monotonic() + 5)
+        except (ControlError, OSError, threading.BrokenBarrierError) as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in keys]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+
+        def still_held(s: socket.socket) -> bool:
+            s.settimeout(1.0)
+            try:
+                while s.recv(4096):
+                    pass
+            except TimeoutError:
+                return True  # pings, no EOF: the parent holds this one
+            return False
+
+        held = [k for k in keys if still_held(socks[k])]
+    finally:
+        srv.close()
+        for s in socks.values():
+            s.close()
+    assert most[0] == 1, f"{most[0]} installs ran at once"
+    assert device["peer"] == device["recorded"]
+    assert held == [device["peer"]], "the held connection is not the installed enclave's"
+    assert srv.registrations == len(keys) - len(errors)
+
+
+def test_the_parent_admits_only_the_enclaves_cid():
+    """Issue 12.3: over vsock the control port takes only the enclave's CID when it is
+    known: named by parent.enclave_cid, fixed by parent.enclave.cid, or reported by
+    nitro-cli for the enclave `up` started (nothing before that)."""
+    from wgvsock.profile import parse_profile
+    from wgvsock.roles.parent import Parent
+
+    named = Parent(parse_profile("name: a\nparent:\n  enclave_cid: 16\n"))._enclave_filter()
+    assert named is not None and named((16, 1234)) and not named((3, 1234))
+    fixed = Parent(parse_profile(
+        "name: a\nparent:\n  enclave: {eif: /x.eif, cid: 20}\n"))._enclave_filter()
+    assert fixed is not None and fixed((20, 1)) and not fixed((16, 1))
+    launched = Parent(parse_profile("name: a\nparent:\n  enclave: {eif: /x.eif}\n"))
+    check = launched._enclave_filter()
+    assert check is not None and not check((16, 1))  # not started yet: nobody
+    launched._enclave_cid = 16  # what EnclaveSupervisor's started() callback records
+    assert check((16, 1)) and not check((17, 1))
+    assert Parent(parse_profile("name: a\n"))._enclave_filter() is None  # unknown: anyone
+    unix = "name: a\ntransport: {kind: unix}\nparent:\n  enclave_cid: 16\n"
+    assert Parent(parse_profile(unix))._enclave_filter() is None  # a stand-in: no CIDs

@@ -285,6 +285,13 @@ def test_dump_round_trip_of_files(path):
     assert parse_profile(dump_profile(p), str(path)) == p
 
 
+def test_enclave_cid_is_read_and_round_trips():
+    profile = parse_profile("name: a\nparent:\n  enclave_cid: 16\n")
+    assert profile.parent.enclave_cid == 16
+    assert parse_profile(dump_profile(profile)).parent.enclave_cid == 16
+    assert parse_profile("name: a\n").parent.enclave_cid is None
+
+
 def test_dump_fills_every_default():
     dumped = dump_profile(parse_profile("name: a\n"))
     for key in ("version:", "interface:", "mtu:", "kind:", "port:", "control_port:",
@@ -391,6 +398,10 @@ BAD = [
     ("name: a\ntransport:\n  path: run/x\n", "transport.path", "not an absolute path", "path:"),
     ("name: a\ntransport:\n  parent_cid: 4294967295\n", "transport.parent_cid", "out of range",
      "parent_cid:"),
+    ("name: a\nparent:\n  enclave_cid: 3\n", "parent.enclave_cid", "out of range",
+     "enclave_cid:"),
+    ("name: a\nparent:\n  enclave_cid: 16\n  enclave: {eif: /x.eif}\n", "parent.enclave_cid",
+     "set together with parent.enclave", "enclave_cid:"),
     ("name: a\nparent:\n  address: 10.77.0.300/30\n", "parent.address", "not an address",
      "address:"),
     ("name: a\nparent:\n  address: 10.77.0.1\n", "parent.address", "no prefix length",

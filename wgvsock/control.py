@@ -36,6 +36,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .conn.bind import RateLimitedLog
+from .threads import Survivor
+
 log = logging.getLogger("wgvsock.control")
 
 PROTOCOL_VERSION = 1
@@ -144,12 +147,40 @@ Verifier = Callable[[bytes, bytes | None, bytes], Verdict]
 Installer = Callable[[bytes, Verdict], None]
 
 
+# Connections one peer may have in their exchange at once: an enclave registers once, and
+# again at most while its previous exchange is being torn down.
+MAX_PENDING_PER_PEER = 2
+_UCRED = struct.Struct("3i")
+
+
+def peer_of(conn: socket.socket, addr: object) -> object:
+    """Who is on the other end, for the per-peer limit: the CID (vsock), the IP address (TCP)
+    or the process id (Unix, from SO_PEERCRED). None when it cannot be told."""
+    if conn.family == socket.AF_UNIX:
+        try:
+            pid, _uid, _gid = _UCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        except OSError:
+            return None
+        return pid
+    if isinstance(addr, tuple) and addr:
+        return addr[0]
+    return None
+
+
 class ControlServer:
     """Accepts enclaves on `listener`; each connection gets its own thread.
 
     `verify(public_key, attestation_or_None, nonce)` decides; on acceptance `install(public_key,
     verdict)` replaces the profile's enclave peer before the welcome is sent, so the enclave's
-    first handshake finds its key installed.
+    first handshake finds its key installed. Installs never run concurrently, and the last one
+    installed is always the connection being held.
+
+    Admission: `accept_from(addr)`, when given, must approve the accept() address (the parent
+    passes "is this the enclave's CID"); a peer may have MAX_PENDING_PER_PEER connections in
+    their exchange; and when `max_clients` connections are open, newcomers are refused. A
+    connection that was sent its challenge is never dropped to make room: that would let a
+    flood of connections push out the real enclave's exchange (issue 12).
     """
 
     def __init__(
@@ -164,6 +195,8 @@ class ControlServer:
         rng: Callable[[int], bytes] = os.urandom,
         timeout: float = EXCHANGE_TIMEOUT,
         max_clients: int = 16,
+        max_per_peer: int = MAX_PENDING_PER_PEER,
+        accept_from: Callable[[object], bool] | None = None,
     ) -> None:
         self._listener = listener
         self._profile = profile
@@ -174,14 +207,22 @@ class ControlServer:
         self._rng = rng
         self._timeout = timeout
         self._max_clients = max_clients
+        self._max_per_peer = max_per_peer
+        self._accept_from = accept_from
         self._clients: set[socket.socket] = set()
-        # Connections still in their exchange, oldest first (a dict keeps insertion order).
-        self._pending: dict[socket.socket, None] = {}
+        # Connections still in their exchange -> their peer (see peer_of).
+        self._pending: dict[socket.socket, object] = {}
         self._lock = threading.Lock()
+        # Held from install to publishing the connection as current, so concurrent
+        # registrations cannot leave the device's peer and the held connection disagreeing.
+        self._install_lock = threading.Lock()
         self._stop = threading.Event()
         self._current: socket.socket | None = None
         self.registrations = 0
+        self.refused_connections = 0
         self.last_verdict: Verdict | None = None
+        self._refusal_log = RateLimitedLog(logger=log)
+        self._survivor = Survivor("control: accept")
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
 
     def start(self) -> None:
@@ -202,29 +243,48 @@ class ControlServer:
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self._listener.accept()
+                conn, addr = self._listener.accept()
             except OSError:
                 if self._stop.is_set():
                     return
                 self._stop.wait(0.1)
                 continue
-            with self._lock:
-                if len(self._clients) >= self._max_clients:
-                    if not self._pending:
-                        conn.close()
-                        log.warning("control: too many connections, refusing one")
-                        continue
-                    # Full of connections that have not registered: drop the oldest rather
-                    # than the newcomer, so a flood of idle connections cannot lock the
-                    # real enclave out for the length of an exchange.
-                    oldest = next(iter(self._pending))
-                    del self._pending[oldest]
-                    with contextlib.suppress(OSError):
-                        oldest.shutdown(socket.SHUT_RDWR)
-                    log.warning("control: too many connections, dropping the oldest pending")
+            try:
+                self._admit(conn, addr)
+            except Exception as e:
+                # One odd connection must not end the listener: the enclave could never
+                # register again while the daemon looked healthy.
+                conn.close()
+                if not self._survivor.survive(e):
+                    raise  # to the thread-death hook, which stops the parent
+                self._stop.wait(0.1)
+
+    def _admit(self, conn: socket.socket, addr: object) -> None:
+        why = ""
+        peer = peer_of(conn, addr)
+        who = f"pid {peer}" if conn.family == socket.AF_UNIX else repr(addr)
+        if self._accept_from is not None and not self._accept_from(addr):
+            why = f"{who} is not the enclave"
+        with self._lock:
+            if not why and len(self._clients) >= self._max_clients:
+                why = f"{len(self._clients)} connections already"
+            if not why and sum(p == peer for p in self._pending.values()) >= self._max_per_peer:
+                why = f"{who} has {self._max_per_peer} registrations in progress already"
+            if not why:
                 self._clients.add(conn)
-                self._pending[conn] = None
+                self._pending[conn] = peer
+        if why:
+            self.refused_connections += 1
+            conn.close()
+            self._refusal_log(logging.WARNING, "control: refused a connection: %s", why)
+            return
+        try:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self._clients.discard(conn)
+                self._pending.pop(conn, None)
+            raise
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -237,6 +297,10 @@ class ControlServer:
             log.warning("control: %s", e)
         except OSError as e:
             log.info("control: connection error: %s", e)
+        except Exception:
+            # A bug in one exchange (an install that raised) ends that connection only; the
+            # enclave registers again.
+            log.exception("control: exchange failed")
         finally:
             with self._lock:
                 self._clients.discard(conn)
@@ -270,10 +334,13 @@ class ControlServer:
             log.warning("control: refused an enclave: %s", verdict.reason)
             _send(conn, {"type": "refused", "reason": verdict.reason})
             return False
-        self._install(public_key, verdict)
-        self.registrations += 1
-        with self._lock:
-            previous, self._current = self._current, conn
+        with self._install_lock:
+            if self._stop.is_set():
+                raise ControlError("shutting down")
+            self._install(public_key, verdict)
+            self.registrations += 1
+            with self._lock:
+                previous, self._current = self._current, conn
         if previous is not None:
             # The enclave was replaced (restart): its old control connection has no meaning.
             with contextlib.suppress(OSError):

@@ -146,6 +146,7 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None) -> int:
     from .conn import make_bind
     from .device import Device
+    from .threads import on_thread_death
     from .uapi import DEFAULT_RUN_DIR
 
     try:
@@ -170,12 +171,16 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    on_thread_death(device.fail)
     try:
         report_ready(ready_fd)
         while not device.wait(1.0):
             pass
     finally:
         device.close()
+    if device.failed:
+        log.error("%s: stopped: %s", ifname, device.stop_reason)
+        return 1
     log.info("%s: stopped (%s)", ifname, device.stop_reason)
     return 0
 

@@ -26,6 +26,7 @@ from .conn.endpoint import Endpoint, display_endpoint
 from .conn.framing import MAX_STREAM_MTU
 from .core.engine import DROP, SEND, TUNNEL, Action, Engine
 from .core.ratelimit import LoadTracker
+from .threads import Survivor
 from .tun import GSO_MAX_SIZE, Tun
 from .uapi import (
     DEFAULT_RUN_DIR,
@@ -98,6 +99,7 @@ class Device:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self.stop_reason = ""
+        self.failed = False  # stopped by a fault, not asked to: the daemon exits non-zero
         self.port = 0
         self.fwmark = 0
         self.tun: Tun | None = None
@@ -128,6 +130,7 @@ class Device:
             self.tun.set_mtu(self._initial_mtu)
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
             self.bind.receive_batch = self._on_receive_batch
+            self.bind.authenticated = self._authenticated
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
@@ -166,6 +169,12 @@ class Device:
             self.stop_reason = reason
             log.info("%s: shutting down: %s", self.ifname, reason)
             self._stopped.set()
+
+    def fail(self, reason: str) -> None:
+        """Stops the device because part of it broke (see wgvsock.threads)."""
+        if not self._stopped.is_set():
+            self.failed = True
+        self.stop(reason)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -227,6 +236,15 @@ class Device:
             self.bind.send_batch(batch, dest)
 
     def _tun_loop(self) -> None:
+        survivor = Survivor(f"{self.ifname}: TUN reader")
+        while True:
+            try:
+                return self._read_tun()
+            except Exception as e:
+                if not survivor.survive(e):
+                    raise  # to the thread-death hook, which stops the daemon
+
+    def _read_tun(self) -> None:
         tun = self.tun
         assert tun is not None
         lock, engine, monotonic = self._lock, self.engine, time.monotonic
@@ -306,6 +324,12 @@ class Device:
             if self._debug:
                 log.debug("%s: TUN write failed: %s", self.ifname, e)
 
+    def _authenticated(self, ep: Endpoint) -> bool:
+        # The engine points a peer at a source only after a message from it authenticated;
+        # configured endpoints never carry a connection id, so they cannot match an inbound one.
+        with self._lock:
+            return any(p.endpoint == ep for p in self.engine.peers.values())
+
     def _note_handshake(self, now: float) -> bool:
         if now - self._hs_window_start > _LOAD_WINDOW:
             self._hs_window_start, self._hs_window_count = now, 0
@@ -316,15 +340,20 @@ class Device:
     def _timer_loop(self) -> None:
         tun = self.tun
         assert tun is not None
+        survivor = Survivor(f"{self.ifname}: timers")
         next_watch = 0.0
         while not self._stopped.wait(_TIMER_TICK):
-            now = time.monotonic()
-            with self._lock:
-                actions = self.engine.update_timers(now)
-            self._perform(actions)
-            if now >= next_watch:
-                next_watch = now + _WATCH_EVERY
-                self._watch(tun)
+            try:
+                now = time.monotonic()
+                with self._lock:
+                    actions = self.engine.update_timers(now)
+                self._perform(actions)
+                if now >= next_watch:
+                    next_watch = now + _WATCH_EVERY
+                    self._watch(tun)
+            except Exception as e:
+                if not survivor.survive(e):
+                    raise
 
     def _watch(self, tun: Tun) -> None:
         try:

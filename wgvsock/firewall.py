@@ -27,6 +27,9 @@ Why the chains look the way they do
   itself needs passes regardless: ICMP echo to the parent, IPv6 neighbour discovery (hop limit
   255) and MLD, and replies to connections the parent opened.
 * Towards the enclave, only replies and the profile's ingress ports (after our DNAT) pass.
+  That holds for the parent's own processes too (output hook): besides replies they may
+  reach the enclave's ingress ports (its `to` ports, directly or through the DNAT) and ping
+  it; any other connection from the parent host to the enclave is dropped.
 * NAT chains use the standard priorities (``dstnat``, ``srcnat``, -100 for output). Among NAT
   chains the first one to bind a connection wins, and Docker's NAT rules only match its own
   published ports and container subnets, so the order between us and Docker does not matter.
@@ -71,6 +74,7 @@ __all__ = [
     "remove",
     "render_ruleset",
     "restore_forwarding",
+    "rule_count",
     "table_name",
 ]
 
@@ -87,6 +91,7 @@ COUNTERS: tuple[str, ...] = (
     "local_blocked",      # new flows from the enclave to the parent itself that matched none
     "ingress_accepted",   # new flows into the enclave through an ingress port
     "ingress_blocked",    # anything else routed towards the enclave
+    "parent_blocked",     # new flows from the parent host itself to a non-ingress port
 )
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
@@ -394,6 +399,20 @@ def render_ruleset(spec: FirewallSpec) -> str:
         )
     to_enclave.append(f"counter name {_q('ingress_blocked')} drop")
     out += _chain("to_enclave", to_enclave)
+    parent_to_enclave = [
+        "ct state established,related accept",
+        # Link-scoped messages the kernel itself sends on the interface (no-ops on WireGuard).
+        "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }"
+        " ip6 hoplimit 255 accept",
+        "icmpv6 type { mld-listener-report, mld2-listener-report } accept",
+        "icmp type echo-request accept",
+        "icmpv6 type echo-request accept",
+    ]
+    # The output NAT chain (priority -100) has already rewritten a DNATed port to `to`.
+    for to, proto in dict.fromkeys((i.to, i.protocol) for i in s.ingress):
+        parent_to_enclave.append(f"{proto} dport {to} accept")
+    parent_to_enclave.append(f"counter name {_q('parent_blocked')} drop")
+    out += _chain("parent_to_enclave", parent_to_enclave)
     out += _chain(
         "forward",
         [f"iifname {tun} jump from_enclave", f"oifname {tun} jump to_enclave"],
@@ -403,6 +422,11 @@ def render_ruleset(spec: FirewallSpec) -> str:
         "input",
         [f"iifname {tun} jump enclave_to_parent"],
         "type filter hook input priority filter - 1; policy accept;",
+    )
+    out += _chain(
+        "local_output",
+        [f"oifname {tun} jump parent_to_enclave"],
+        "type filter hook output priority filter - 1; policy accept;",
     )
 
     if s.ingress:
@@ -497,6 +521,19 @@ def exists(name: str, netns: str | None = None) -> bool:
         item.get("table", {}).get("family") == "inet" and item["table"].get("name") == table
         for item in _json(["list", "tables"], netns)
     )
+
+
+def rule_count(name: str, netns: str | None = None) -> int:
+    """How many rules profile `name`'s table holds; -1 when there is no such table. `parent
+    up` compares it with the count right after `apply` to notice a table someone deleted
+    (`nft flush ruleset`) or emptied (`nft flush table ...`)."""
+    table = table_name(name)
+    res = _nft(["-j", "list", "table", "inet", table], netns)
+    if res.returncode != 0:
+        if "No such file or directory" in res.stderr:
+            return -1
+        raise FirewallError(f"nft list table inet {table}: {(res.stderr or res.stdout).strip()}")
+    return sum(1 for item in json.loads(res.stdout).get("nftables", []) if "rule" in item)
 
 
 def read_counters(name: str, netns: str | None = None) -> dict[str, Counter]:

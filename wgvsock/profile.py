@@ -304,6 +304,8 @@ class ParentSide:
     # The parent's WireGuard public key (base64), pinned: the enclave refuses any other parent
     # and `parent up` refuses a private key that does not match. None: not pinned.
     public_key: str | None = None
+    # The only CID the control port accepts, for an enclave something else starts.
+    enclave_cid: int | None = None
     metrics: Metrics = field(default_factory=Metrics)
 
 
@@ -361,7 +363,7 @@ _TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "encl
              "attestation")
 _TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
 _PARENT_KEYS = ("address", "private_key", "public_key", "egress", "ingress", "enclave",
-                "metrics")
+                "enclave_cid", "metrics")
 _EGRESS_KEYS = ("nat", "interface", "allow", "deny")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
@@ -722,6 +724,7 @@ class _Builder(_Parser):
         parent = self.parent(parent_map, name, enclave_addrs, transport)
         enclave = self.enclave(enclave_map, enclave_addrs)
         attestation = self.attestation(top.get("attestation"), parent.enclave)
+        enclave_cid = self.enclave_cid(parent_map, parent.enclave)
 
         mtu = DEFAULT_MTU
         if "mtu" in top:
@@ -742,7 +745,7 @@ class _Builder(_Parser):
         return Profile(version, name, interface, mtu, transport,
                        ParentSide(parent_addrs, parent.private_key, parent.egress,
                                   parent.ingress, parent.enclave, parent.public_key,
-                                  parent.metrics),
+                                  metrics=parent.metrics, enclave_cid=enclave_cid),
                        enclave, attestation, path, dict(self.lines))
 
     # -- transport -------------------------------------------------------------------------------
@@ -904,6 +907,19 @@ class _Builder(_Parser):
         launch = self.launch(m.get("enclave"))
         metrics = self.metrics(m.get("metrics"))
         return _ParentParts(private_key, public_key, egress, ingress, launch, metrics)
+
+    def enclave_cid(self, m: Mapping[str, Node], launch: EnclaveLaunch | None) -> int | None:
+        if _is_null(m.get("enclave_cid")):
+            return None
+        key = "parent.enclave_cid"
+        cid = self.integer(m["enclave_cid"], key, ENCLAVE_CID_MIN, VSOCK_CID_MAX,
+                           " (enclave CIDs start at 4)")
+        if launch is not None:
+            self.problem(_line(m["enclave_cid"]), key,
+                         "set together with parent.enclave, which starts the enclave itself",
+                         "drop parent.enclave_cid; give parent.enclave.cid to fix the CID")
+            return None
+        return cid
 
     def rules(self, m: Mapping[str, Node], key: str) -> list[Rule] | None:
         items = self.items(m.get(key.rsplit(".", 1)[-1]), key, "10.0.0.0/8:443/tcp")
@@ -1337,6 +1353,7 @@ def _to_data(profile: Profile) -> dict[str, Any]:
             "ingress": [{"listen": i.listen, "to": i.to, "protocol": i.protocol}
                         for i in p.ingress],
             "enclave": launch,
+            "enclave_cid": p.enclave_cid,
             "metrics": {
                 "listen": _listen_text(p.metrics.listen),
                 "cloudwatch": None if p.metrics.cloudwatch is None else {

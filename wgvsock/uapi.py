@@ -648,9 +648,16 @@ class UAPIServer:
                         log.warning("UAPI %s: too many clients, refusing one", self.ifname)
                     continue
                 self._clients.add(conn)
-            threading.Thread(
-                target=self._serve_client, args=(conn,), name=f"uapi-{self.ifname}-c", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._serve_client, args=(conn,), name=f"uapi-{self.ifname}-c",
+                    daemon=True,
+                ).start()
+            except RuntimeError as e:  # out of threads: refuse this client, keep accepting
+                with self._state_lock:
+                    self._clients.discard(conn)
+                conn.close()
+                log.warning("UAPI %s: cannot serve a client: %s", self.ifname, e)
 
     def _serve_client(self, conn: socket.socket) -> None:
         try:

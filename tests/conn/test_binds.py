@@ -303,7 +303,8 @@ def test_silent_and_surplus_inbound_connections_are_shed(
     binds: list[Bind], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection that never sends a frame is closed after FIRST_FRAME_TIMEOUT, and no more
-    than MAX_INBOUND are kept: idle sockets cannot pin threads and buffers without bound."""
+    than MAX_INBOUND are kept: idle sockets cannot pin threads and buffers without bound.
+    At the cap a newcomer replaces the silent (unauthenticated) one, not the real peer."""
     import wgvsock.conn.stream as stream
 
     monkeypatch.setattr(stream, "FIRST_FRAME_TIMEOUT", 0.3)
@@ -314,14 +315,58 @@ def test_silent_and_surplus_inbound_connections_are_shed(
     from_a = exchange(a, a_in, b, b_in, b_ep)  # a real peer: one inbound connection
     with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as silent, \
             socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as surplus:
-        # the surplus one is refused at once (the cap is 2: the real peer and `silent`)
-        assert surplus.recv(1) == b""
-        # the silent one is closed once its first-frame time is up
+        # the cap is 2: the surplus one replaces `silent`, then times out itself
         assert silent.recv(1) == b""
+        assert surplus.recv(1) == b""
     wait_until(lambda: len(b.status()["connections"]) == 1)
     # the real peer, which sent frames, is not subject to the first-frame limit
     a.send(msg(7), b_ep)
     assert b_in.get() == (msg(7), from_a)
+
+
+def test_junk_in_valid_frames_cannot_lock_a_peer_out(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12.4: a connection counts as a peer's only once the owner says a message on it
+    authenticated. Connections full of valid frames of junk are replaced by a newcomer; when
+    every connection is a live peer's, the newcomer is refused."""
+    import wgvsock.conn.stream as stream
+
+    monkeypatch.setattr(stream, "MAX_INBOUND", 4)
+    peers: set = set()  # endpoints whose messages "authenticated"
+    b = StreamBind("tcp4")
+    b.authenticated = lambda ep: ep in peers
+    b, b_in, b_port = opened(binds, b)
+    junk = []
+    for i in range(10):
+        s = socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT)
+        s.sendall(encode_frame(b"\x04" + bytes([i]) * 40))
+        b_in.get()  # delivered, and not authenticated
+        junk.append(s)
+    try:
+        wait_until(lambda: len(b.status()["connections"]) == 4)
+        a, a_in, _ = opened(binds, StreamBind("tcp4"))
+        b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+        from_a = exchange(a, a_in, b, b_in, b_ep)  # got in, replacing a junk connection
+        # Every slot a live peer's (as if the junk had authenticated): a newcomer is refused.
+        peers.update(b._conns)
+        assert from_a in peers and len(peers) == 4
+        a.send(msg(3), b_ep)
+        for s in junk:  # the three left send again, and with a are trusted from now on
+            with contextlib.suppress(OSError):
+                s.sendall(encode_frame(b"\x04" + bytes(40)))
+        for _ in range(4):
+            b_in.get()
+        wait_until(lambda: all(c.trusted for c in b._conns.values()))
+        with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as late:
+            late.sendall(encode_frame(b"\x04" + bytes(40)))
+            with contextlib.suppress(ConnectionResetError):  # closed with our frame unread
+                assert late.recv(1) == b""
+        a.send(msg(4), b_ep)
+        assert b_in.get() == (msg(4), from_a)
+    finally:
+        for s in junk:
+            s.close()
 
 
 # -- a peer that stops reading ---------------------------------------------------------------
@@ -501,3 +546,56 @@ def test_receive_callback_errors_do_not_kill_the_connection(binds: list[Bind]) -
     a.send(msg(1), ep)
     a.send(msg(2), ep)
     assert inbox.get()[0] == msg(2)
+
+
+# -- faults in the bind's own threads (issue 12.6) -------------------------------------------
+
+
+def test_a_dialler_that_could_not_start_is_tried_again(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dialler used to be registered before its thread started: if the thread could not
+    start (out of threads), the endpoint was never dialled again."""
+    _b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    assert isinstance(a, StreamBind)
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    real_start = StreamBind._start_thread
+    failed: list[str] = []
+
+    def start_thread(self, target, name, *args):
+        if "-dial-" in name and not failed:
+            failed.append(name)
+            raise RuntimeError("can't start new thread")
+        return real_start(self, target, name, *args)
+
+    monkeypatch.setattr(StreamBind, "_start_thread", start_thread)
+    a.send(msg(1), b_ep)  # lost with the dialler that never ran
+    assert failed
+    a.send(msg(2), b_ep)
+    assert b_in.get()[0] == msg(2)
+
+
+def test_the_accept_thread_survives_an_unexpected_error(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    assert isinstance(b, StreamBind)
+    real_configure = StreamBind._configure
+    calls: list[int] = []
+
+    def configure(self, sock):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("injected accept fault")
+        return real_configure(self, sock)
+
+    monkeypatch.setattr(StreamBind, "_configure", configure)
+    first = socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT)
+    wait_until(lambda: calls)
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    a.send(msg(1), a.parse_endpoint(f"127.0.0.1:{b_port}"))
+    assert b_in.get()[0] == msg(1)
+    first.close()
+    assert "accept: unexpected error (carrying on)" in caplog.text
+    assert "injected accept fault" in caplog.text

@@ -20,6 +20,7 @@ import pytest
 from . import rig
 
 GUEST_TIMEOUT = 900.0  # the whole guest run; each test inside keeps pytest-timeout's limit
+SLOWDOWN = 4  # command time limits in the guest (tests/net/netlab.py): TCG is 15-65x slower
 
 
 class GuestRunner:
@@ -45,7 +46,11 @@ class GuestRunner:
         venv = Path(sys.executable).parent.parent
         command = (
             f"export VIRTUAL_ENV={shlex.quote(str(venv))} "
-            f"PATH={shlex.quote(str(venv / 'bin'))}:$PATH PYTHONDONTWRITEBYTECODE=1\n"
+            f"PATH={shlex.quote(str(venv / 'bin'))}:$PATH PYTHONDONTWRITEBYTECODE=1 "
+            f"WGVSOCK_TEST_SLOWDOWN={SLOWDOWN:g}\n"
+            # Reads the daemon's modules over 9p once, so the first test's daemon starts as
+            # quickly as the others.
+            f"{shlex.quote(python)} -c 'import wgvsock.daemon, wgvsock.roles.cli'\n"
             f"{shlex.quote(python)} -m pytest -p tests.guest.report --guest-report={report} "
             f"-p no:cacheprovider -o addopts= -q -rA "
             + " ".join(shlex.quote(n) for n in self.nodeids)

@@ -55,7 +55,8 @@ while True:
             s.sendto(f"{label} {peer[0]}\n".encode(), peer)
 """
 
-# Exit 0 with the answer on stdout; 3 when nothing came back in time; 4 when refused.
+# Exit 0 with the answer on stdout; 3 when nothing came back in time; 4 when refused; 5 when
+# the local output hook dropped the packet (the kernel says EPERM to the sender).
 CLIENT = r"""
 import socket, sys
 proto, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -75,6 +76,8 @@ except (TimeoutError, socket.timeout):
     sys.exit(3)
 except ConnectionRefusedError:
     sys.exit(4)
+except PermissionError:
+    sys.exit(5)
 print(data.decode().strip())
 """
 
@@ -529,3 +532,28 @@ except (TimeoutError, socket.timeout):
     sys.exit(3)
 """
 
+
+
+def test_the_parent_host_reaches_only_the_enclaves_ingress_ports(world) -> None:
+    """Issue 12.8: the docstring said only replies and ingress ports pass towards the enclave,
+    but the parent's own processes could reach every enclave port (the forward chain never
+    sees them). The output hook now holds them to the same rule."""
+    enclave, parent, _internet = world
+    start_server(enclave, "enclave", "tcp:0.0.0.0:443", "tcp:0.0.0.0:2222", "udp:0.0.0.0:53",
+                 "udp:0.0.0.0:54", "tcp:[::]:2223")
+    firewall.apply(traffic_spec(), netns=parent.name)
+    # An ingress `to` port, directly and through the parent's own DNAT; UDP likewise.
+    assert probe(parent, "tcp", ENCLAVE4, 443) == (0, f"enclave {PARENT_TUN4}")
+    assert probe(parent, "tcp", PARENT_UP4, 8443) == (0, f"enclave {PARENT_UP4}")
+    assert probe(parent, "udp", ENCLAVE4, 53) == (0, f"enclave {PARENT_TUN4}")
+    # Any other port: dropped and counted, IPv4 and IPv6, TCP and UDP. (The sender sees
+    # EPERM, or no answer where the kernel retries or drops quietly.)
+    with counted(parent, "parent_blocked") as gained:
+        assert probe(parent, "tcp", ENCLAVE4, 2222)[0] in (3, 5)
+        assert probe(parent, "udp", ENCLAVE4, 54)[0] in (3, 5)
+        assert probe(parent, "tcp", ENCLAVE6, 2223)[0] in (3, 5)
+    assert gained["parent_blocked"] >= 3
+    # Ping still works, and replies to what the enclave opened still reach it.
+    parent.run("ping", "-c", "1", "-W", "2", ENCLAVE4)
+    start_server(parent, "parent", "tcp:0.0.0.0:80")
+    assert probe(enclave, "tcp", PARENT_UP4, 80) == (0, f"parent {ENCLAVE4}")

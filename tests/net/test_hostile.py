@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import random
 import struct
+import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
-from .netlab import Lab, Namespace, connect_pair, ping, wait_for
+from .netlab import RUN_DIR, Lab, Namespace, connect_pair, ping, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -217,3 +219,65 @@ def test_cut_stream_redials_and_keeps_the_session(lab: Lab, network: str) -> Non
     assert _latest_handshake(lab, ib) == hs_b
     assert _log_line(lab, ia, "connected to")
     print(f"{network}: tunnel back {recovered:.2f} s after the relay restarted")
+
+
+# argv: family, address, count. Opens `count` connections, sends each one CRC-valid frame
+# that is not WireGuard (a transport message for no session), prints "ready" and keeps them
+# all open until stdin closes.
+_JUNK_HOLDER = r"""
+import os, socket, struct, sys, zlib
+family, addr, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+held = []
+for i in range(count):
+    if family == "unix":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(addr)
+    else:
+        host, port = addr.rsplit(":", 1)
+        s = socket.create_connection((host, int(port)))
+    payload = bytes([4, 0, 0, 0]) + os.urandom(44)
+    try:
+        s.sendall(struct.pack("<HI", len(payload), zlib.crc32(payload)) + payload)
+    except OSError:
+        pass  # refused (closed at once): the old behaviour once the table was full
+    held.append(s)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("network", ["unix", "tcp"])
+def test_junk_connections_cannot_lock_out_a_restarted_peer(lab: Lab, network: str) -> None:
+    """Issue 12.4: 100 connections that each sent one valid frame of junk used to count as
+    peers forever; 64 filled the table and the real peer, restarted, was refused. Now a
+    connection counts only once a WireGuard message on it authenticated."""
+    a, _b, ia, ib, b_addr = _pair(lab, network)
+    ping(a, "10.99.0.2", count=1)
+    b_pub = a.wg("show", ia, "peers").stdout.strip()
+    attacker = a.popen(sys.executable, "-c", _JUNK_HOLDER, network, b_addr, "100",
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert attacker.stdout is not None and attacker.stdout.readline().strip() == "ready"
+        # b took (at least) as many as fill its table, besides a's own connection.
+        wait_for(lambda: lab.log(ib).count("inbound connection ") >= 65, 10,
+                 "b to accept the junk connections")
+
+        # a restarts: its interface goes (the daemon exits), then comes back with the same key.
+        a.ip("link", "del", ia)
+        wait_for(lambda: not (Path(RUN_DIR) / f"{ia}.sock").exists(), 10, "a's daemon to exit")
+        t0 = time.monotonic()
+        lab.start_daemon(a, ia, network)
+        ep = "192.168.79.2:7602" if network == "tcp" else "127.0.0.1:7602"
+        a.wg("set", ia, "private-key", str(lab.tmp / f"{ia}.key"), "listen-port", "7601",
+             "peer", b_pub, "allowed-ips", "10.99.0.2/32", "endpoint", ep)
+        a.ip("addr", "add", "10.99.0.1/24", "dev", ia)
+        a.ip("link", "set", ia, "up")
+        wait_for(lambda: _ping_once(a, "10.99.0.2"), 10, "the restarted peer to get through")
+        took = time.monotonic() - t0
+    finally:
+        if attacker.stdin is not None:
+            attacker.stdin.close()
+        attacker.wait(10)
+    assert took < 5, took
+    assert _log_line(lab, ib, "closed to make room for a new connection (unauthenticated)")
+    print(f"{network}: restarted peer through {took:.2f} s after restart, past 100 junk")

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -274,3 +275,60 @@ def test_bad_profiles_are_refused_and_the_host_is_unchanged(world: World, kind: 
     assert world.parent.ip("-o", "link", "show").stdout == before_links
     assert world.parent.run("nft", "list", "ruleset").stdout == before_rules
     assert not (world.lab.tmp / "state").exists()
+
+
+def test_a_flushed_ruleset_is_put_back(world: World) -> None:
+    """Issue 12.9: `nft flush ruleset` (or a firewall reload) used to leave the enclave
+    forwarded unfiltered until the next `parent up`; the parent now puts its table back."""
+    assert world.parent_cmd("up").returncode == 0
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the tunnel")
+    ns = world.parent.name
+    rules = firewall.rule_count(world.name, netns=ns)
+    assert rules > 0
+    for flush in (["flush", "ruleset"],
+                  ["flush", "table", "inet", firewall.table_name(world.name)]):
+        world.parent.run("nft", *flush)
+        wait_for(lambda: firewall.rule_count(world.name, netns=ns) == rules, 5,
+                 f"the parent to put its table back after nft {' '.join(flush)}")
+        # The policy holds again: the denied host is dropped, allowed egress is masqueraded.
+        assert world.curl(world.enclave, "http://198.51.100.3/", timeout=1.5) is None
+        wait_for(world.egress_works, 10, "egress through the restored table")
+
+
+# Run in the parent's namespace: reports whether wg0 still existed at the moment the
+# profile's table was deleted. It subscribes to nftables events first and proves it is
+# listening (it sees its own probe table come and go) before it says "ready".
+_WATCH_TABLE_DELETE = r"""
+import os, subprocess, sys
+table = sys.argv[1]
+mon = subprocess.Popen(["nft", "monitor", "tables"], stdout=subprocess.PIPE, text=True)
+while True:
+    subprocess.run(["nft", "add table inet wgvsock_watch_probe"], check=True)
+    subprocess.run(["nft", "delete table inet wgvsock_watch_probe"], check=True)
+    line = mon.stdout.readline()
+    if "wgvsock_watch_probe" in line:
+        break
+print("ready", flush=True)
+for line in mon.stdout:
+    if line.startswith(f"delete table inet {table}"):
+        print("wg0 present" if os.path.exists("/sys/class/net/wg0") else "wg0 gone", flush=True)
+        break
+mon.kill()
+"""
+
+
+def test_parent_down_removes_the_interface_before_the_table(world: World) -> None:
+    """Issue 12.9: on a host that forwards anyway, deleting the table while wg0 still
+    existed left the enclave unfiltered for a moment."""
+    assert world.parent_cmd("up").returncode == 0
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the tunnel")
+    watcher = world.parent.popen(sys.executable, "-c", _WATCH_TABLE_DELETE,
+                                 firewall.table_name(world.name),
+                                 stdout=subprocess.PIPE, text=True)
+    assert watcher.stdout is not None
+    assert watcher.stdout.readline().strip() == "ready"
+    assert world.parent_cmd("down").returncode == 0
+    assert watcher.stdout.readline().strip() == "wg0 gone"
+    watcher.wait(10)

@@ -68,6 +68,10 @@ class Bind(ABC):
     # Set by the owner before open(): a transport that receives several messages from one
     # endpoint at once (UDP GRO) may hand them over together, so they are processed as a batch.
     receive_batch: Callable[[list[bytes], Endpoint], None] | None = None
+    # Set by the owner before open(): whether a message from this endpoint has authenticated
+    # (it is some peer's current endpoint). A stream bind asks about an inbound connection
+    # until the answer is yes, so a valid frame of junk does not make a connection a peer's.
+    authenticated: Callable[[Endpoint], bool] | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:
@@ -106,12 +110,13 @@ class Bind(ABC):
 class RateLimitedLog:
     """Logs at most one line per interval; for errors that can repeat on every packet."""
 
-    __slots__ = ("_interval", "_last", "_suppressed")
+    __slots__ = ("_interval", "_last", "_log", "_suppressed")
 
-    def __init__(self, interval: float = 10.0) -> None:
+    def __init__(self, interval: float = 10.0, logger: logging.Logger | None = None) -> None:
         self._interval = interval
         self._last = -interval
         self._suppressed = 0
+        self._log = logger or log
 
     def __call__(self, level: int, msg: str, *args: object) -> None:
         now = time.monotonic()
@@ -123,7 +128,7 @@ class RateLimitedLog:
             args = (*args, self._suppressed)
         self._last = now
         self._suppressed = 0
-        log.log(level, msg, *args)
+        self._log.log(level, msg, *args)
 
 
 def unavailable(exc: OSError, what: str) -> OSError:

@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Any
 
+from ..threads import Survivor
 from .bind import (
     RateLimitedLog,
     Receiver,
@@ -50,8 +51,12 @@ STREAM_NETWORKS = frozenset({"vsock", "tcp", "tcp4", "tcp6", "unix"})
 # One recv() can carry many frames when the peer is busy; 256 KiB keeps syscalls few.
 RECV_SIZE = 256 * 1024
 STABLE_AFTER = 1.0
-# Inbound connections cost a thread and a receive buffer each: cap them, and give a connection
-# that has not delivered a single valid frame this long before it is closed.
+# Inbound connections cost a thread and a receive buffer each: cap them, and close one that
+# stays silent this long before a message on it has authenticated (see Bind.authenticated).
+# When the cap is reached, a newcomer replaces the least recently active unauthenticated
+# connection, else one that is no peer's endpoint any more (a restarted peer's old one); only
+# when every connection is a live peer's is the newcomer refused. Junk in valid frames can
+# therefore never lock a real peer out.
 MAX_INBOUND = 64
 FIRST_FRAME_TIMEOUT = 30.0
 
@@ -64,11 +69,13 @@ class _Conn:
         "done",
         "ep",
         "got_frame",
+        "last_rx",
         "outbound",
         "reason",
         "send_lock",
         "since",
         "sock",
+        "trusted",
     )
 
     def __init__(self, sock: socket.socket, ep: Endpoint, outbound: bool) -> None:
@@ -78,8 +85,10 @@ class _Conn:
         self.send_lock = threading.Lock()
         self.closed = False
         self.done = threading.Event()
-        self.since = time.monotonic()
+        self.since = self.last_rx = time.monotonic()
         self.got_frame = False
+        # Dialled by us, or a message on it authenticated. Until then last_rx is kept.
+        self.trusted = outbound
         self.reason = ""
 
     def send(self, frame: bytes) -> bool:
@@ -287,8 +296,15 @@ class StreamBind(SocketBind):
                 d.pending.append(frame)
                 d.active_at = time.monotonic()
         if start is not None:
-            self._start_thread(self._dial_loop, f"wgvsock-{self.network}-dial-"
-                               f"{display_endpoint(ep)}", start)
+            try:
+                self._start_thread(self._dial_loop, f"wgvsock-{self.network}-dial-"
+                                   f"{display_endpoint(ep)}", start)
+            except RuntimeError as exc:  # out of threads: the next send must try again
+                with self._lock:
+                    if self._dialers.get(ep) is start:
+                        del self._dialers[ep]
+                self._misc_log(logging.WARNING, "%s: cannot start dialling %s: %s",
+                               self.network, display_endpoint(ep), exc)
         elif conn is not None:
             conn.send(frame)  # registered while we looked; one try, no requeue
 
@@ -312,6 +328,16 @@ class StreamBind(SocketBind):
         return Endpoint("unix", addr if isinstance(addr, str) else "", 0, self._conn_ids)
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        survivor = Survivor(f"{self.network}: accept")
+        while True:
+            try:
+                return self._accept_connections(listener)
+            except Exception as e:
+                if not survivor.survive(e):
+                    raise  # to the thread-death hook, which stops the daemon
+                self._closed.wait(0.1)
+
+    def _accept_connections(self, listener: socket.socket) -> None:
         # poll() with a wake pipe: shutdown() does not wake accept() on an AF_VSOCK listener.
         poller = select.poll()
         poller.register(listener, select.POLLIN)
@@ -334,16 +360,15 @@ class StreamBind(SocketBind):
             except OSError:
                 sock.close()
                 continue
+            if not self._make_room():
+                sock.close()
+                self._misc_log(logging.WARNING, "%s: %d inbound connections of live peers "
+                               "already; refusing another", self.network, MAX_INBOUND)
+                continue
             with self._lock:
                 if self._closed.is_set():
                     sock.close()
                     break
-                inbound = sum(1 for c in self._conns.values() if not c.outbound)
-                if inbound >= MAX_INBOUND:
-                    sock.close()
-                    self._misc_log(logging.WARNING, "%s: %d inbound connections already; "
-                                   "refusing another", self.network, inbound)
-                    continue
                 conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False)
                 self._conns[conn.ep] = conn
                 self._accepted += 1
@@ -357,6 +382,33 @@ class StreamBind(SocketBind):
                 with self._lock:
                     self._conns.pop(conn.ep, None)
                 sock.close()
+
+    def _make_room(self) -> bool:
+        """Below MAX_INBOUND, or an inbound connection was closed to make room (see there)."""
+        with self._lock:
+            inbound = [c for c in self._conns.values() if not c.outbound and not c.closed]
+        if len(inbound) < MAX_INBOUND:
+            return True
+        victims = [c for c in inbound if not c.trusted]
+        why = "unauthenticated"
+        check = self.authenticated
+        if not victims and check is not None:
+            victims = [c for c in inbound if not check(c.ep)]
+            why = "no peer's endpoint any more"
+        if not victims:
+            return False
+        victim = min(victims, key=lambda c: c.last_rx)
+        victim.shutdown(f"closed to make room for a new connection ({why})")
+        return True
+
+    def _trust(self, conn: _Conn) -> None:
+        """After frames on a connection not yet trusted: is it a peer's now?"""
+        check = self.authenticated
+        if check is not None and not check(conn.ep):
+            conn.last_rx = time.monotonic()
+            return
+        conn.trusted = True
+        set_receive_timeout(conn.sock, 0)  # a real peer: no limit on idling now
 
     def _start_reader(self, conn: _Conn) -> None:
         self._start_thread(self._read_loop, f"wgvsock-{self.network}-read-"
@@ -374,8 +426,9 @@ class StreamBind(SocketBind):
                 try:
                     n = sock.recv_into(buf)
                 except OSError as exc:
-                    if isinstance(exc, BlockingIOError | TimeoutError) and not conn.got_frame:
-                        reason = f"no frame within {FIRST_FRAME_TIMEOUT:g} s"
+                    if isinstance(exc, BlockingIOError | TimeoutError) and not conn.trusted:
+                        reason = (f"no authenticated message and silent for "
+                                  f"{FIRST_FRAME_TIMEOUT:g} s")
                     else:
                         reason = f"receive: {exc}"
                     break
@@ -388,8 +441,6 @@ class StreamBind(SocketBind):
                     self._framing_errors += 1
                     break
                 if frames:
-                    if not conn.got_frame and not conn.outbound:
-                        set_receive_timeout(sock, 0)  # a real peer: no limit on idling now
                     conn.got_frame = True
                     for frame in frames:
                         try:
@@ -398,6 +449,8 @@ class StreamBind(SocketBind):
                             self._misc_log(logging.ERROR, "%s: receive callback failed",
                                            self.network)
                             log.debug("receive callback failure", exc_info=True)
+                    if not conn.trusted:
+                        self._trust(conn)
         finally:
             view.release()
             self._conn_gone(conn, reason)

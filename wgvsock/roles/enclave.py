@@ -24,6 +24,7 @@ from ..conn import make_bind
 from ..control import ControlError, Welcome, hold_connection, register
 from ..core.crypto import generate_private_key, key_to_base64, public_key
 from ..device import Device
+from ..threads import on_thread_death
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
 
 log = logging.getLogger("wgvsock.enclave")
@@ -214,6 +215,17 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    failures: list[str] = []
+
+    def on_death(reason: str) -> None:
+        # A dead thread would leave the tunnel half working: stop, so the command ends and
+        # the enclave (or whatever supervises it) starts afresh.
+        failures.append(reason)
+        enclave.stop.set()
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    on_thread_death(on_death)
     try:
         enclave.start()
         enclave.wait_connected(timeout)
@@ -223,6 +235,9 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         print(f"wgvsock enclave: tunnel to the parent is up on {profile.interface}", flush=True)
         if not command:
             enclave.stop.wait()
+            if failures:
+                print(f"wgvsock enclave: stopped: {failures[0]}", file=sys.stderr, flush=True)
+                return 1
             return 0
         try:
             child = subprocess.Popen(command)
@@ -234,6 +249,9 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
                 break
             except InterruptedError:
                 continue
+        if failures:
+            print(f"wgvsock enclave: stopped: {failures[0]}", file=sys.stderr, flush=True)
+            return 1
         return code if code >= 0 else 128 - code
     except (EnclaveError, OSError, ValueError) as e:
         print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)

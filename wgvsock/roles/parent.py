@@ -26,6 +26,7 @@ from ..control import ControlServer, Verdict
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import Device
 from ..metrics.counters import DnsCounters, ParentCounters
+from ..threads import on_thread_death
 from .common import (
     configure,
     control_listener,
@@ -225,6 +226,8 @@ class Parent:
         self.dns_counters: Callable[[], DnsCounters] | None = None
         self.exporter = None  # metrics.prometheus.Exporter with parent.metrics.listen
         self.cloudwatch = None  # metrics.cloudwatch.CloudWatchSender with .cloudwatch
+        self._enclave_cid: int | None = None  # of the enclave the supervisor last started
+        self._rules = 0  # rules in our nftables table right after we loaded it
 
     def spec(self) -> firewall.FirewallSpec:
         p = self.profile
@@ -265,6 +268,7 @@ class Parent:
             self._table = True
             self.counters = ParentCounters(p.name, dns=self._dns)
             self.device.status_hook = self.counters.uapi_keys
+            self._rules = firewall.rule_count(p.name)
             listener = control_listener(t)
             if t.kind == "unix":
                 self._sockets.append(unix_socket_path(t.path, t.control_port))
@@ -273,6 +277,7 @@ class Parent:
             self.control = ControlServer(
                 listener, profile=p.name, public_key=public_key(key), wg_port=t.port,
                 verify=make_verifier(p), install=self._install_enclave,
+                accept_from=self._enclave_filter(),
             )
             self.control.start()
             self._start_metrics()
@@ -311,6 +316,41 @@ class Parent:
                                                m.cloudwatch.interval, self.profile.name)
             self.cloudwatch.start()
 
+    def _enclave_filter(self):
+        """Which vsock peers may use the control port: the enclave's CID when it is known
+        (the profile names it, or `up` starts the enclave and learns it); anyone otherwise."""
+        p = self.profile
+        if p.transport.kind != "vsock":
+            return None  # the stand-ins: the socket's directory or bind address is the fence
+        if p.parent.enclave_cid is not None:
+            fixed = p.parent.enclave_cid
+        elif p.parent.enclave is not None:
+            fixed = p.parent.enclave.cid
+        else:
+            return None
+        # Launched by us without a fixed CID: only the CID nitro-cli reported; none before.
+        return lambda addr: addr[0] == (fixed if fixed is not None else self._enclave_cid)
+
+    def check_firewall(self) -> None:
+        """Puts our nftables table back when someone deleted or emptied it (`nft flush
+        ruleset`, a firewall reload): without it the enclave would be forwarded unfiltered.
+        If it cannot be put back, raises RoleError; the caller then stops, which removes the
+        interface and so ends all forwarding to and from the enclave."""
+        if not self._table:
+            return
+        name = self.profile.name
+        try:
+            if firewall.rule_count(name) == self._rules:
+                return
+            log.warning("parent %s: nftables table %s was deleted or changed by someone else; "
+                        "putting it back", name, firewall.table_name(name))
+            firewall.apply(self.spec())
+            self._rules = firewall.rule_count(name)
+        except (firewall.FirewallError, OSError, ValueError) as e:
+            raise RoleError(f"nftables table {firewall.table_name(name)} is gone and cannot be "
+                            f"put back ({e}); stopping so the enclave is not left "
+                            "unfiltered") from e
+
     def _route_enclave(self) -> None:
         # The parent's own address usually covers the enclave's (same subnet); only prefixes
         # outside it need a route.
@@ -347,6 +387,7 @@ class Parent:
         from ..nitro import EnclaveSupervisor, NitroCli, enclave_name
 
         def started(info) -> None:
+            self._enclave_cid = info.cid
             if self._state is not None and not self.stopped.is_set():
                 self._state.enclave = {"id": info.enclave_id, "cid": info.cid,
                                        "name": info.name}
@@ -368,15 +409,17 @@ class Parent:
         if self.control is not None:
             self.control.close()
             self.control = None
+        # The interface first: once it is gone nothing reaches or leaves the enclave, so
+        # removing the filter afterwards never leaves it unfiltered on a forwarding host.
+        if self.device is not None:
+            self.device.close()
+            self.device = None
         if self._table:
             firewall.remove(self.profile.name)
             self._table = False
         if self._forwarding:
             firewall.restore_forwarding(self._forwarding)
             self._forwarding = {}
-        if self.device is not None:
-            self.device.close()
-            self.device = None
         for path in self._sockets:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -406,14 +449,32 @@ def run_up(profile, ready_fd: int | None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    failures: list[str] = []
+
+    def on_death(reason: str) -> None:
+        failures.append(reason)
+        parent.stopped.set()
+
+    on_thread_death(on_death)
     try:
         report_ready(ready_fd)
         while not parent.stopped.wait(1.0):
             if parent.device is not None and parent.device.wait(0):
                 log.error("parent %s: %s", profile.name, parent.device.stop_reason)
+                if parent.device.failed:
+                    failures.append(parent.device.stop_reason)
+                break
+            try:
+                parent.check_firewall()
+            except RoleError as e:
+                failures.append(str(e))
                 break
     finally:
         parent.close()
+    if failures:
+        # Non-zero, so systemd restarts us: a part of the data path is gone.
+        log.error("parent %s stopped: %s", profile.name, failures[0])
+        return 1
     return 0
 
 
@@ -448,14 +509,15 @@ def down(profile) -> list[str]:
         except NitroError as e:
             if known or shutil.which("nitro-cli"):  # silent when there is nothing to look for
                 done.append(f"could not check for a leftover enclave: {e}")
+    # The interface before the filter, as in Parent.close.
+    if netconf.interface_exists(profile.interface):
+        netconf.delete_interface(profile.interface)
+        done.append(f"deleted interface {profile.interface}")
     if firewall.exists(profile.name):
         firewall.remove(profile.name)
         done.append(f"removed nftables table for {profile.name}")
     if state is not None and state.forwarding:
         firewall.restore_forwarding(state.forwarding)
-    if netconf.interface_exists(profile.interface):
-        netconf.delete_interface(profile.interface)
-        done.append(f"deleted interface {profile.interface}")
     sockets = list(state.sockets) if state else []
     sockets.append(os.path.join(run_dir(), f"{profile.interface}.sock"))
     for path in sockets:

@@ -1,0 +1,40 @@
+"""wgvsock.threads: a loop survives a passing fault, gives up on a persistent one, and a dying
+thread stops the daemon with its reason (issue 12.6)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from wgvsock.threads import Survivor, on_thread_death
+
+
+def test_survivor_logs_the_traceback_once_then_gives_up(caplog: pytest.LogCaptureFixture):
+    survivor = Survivor("loop", limit=3)
+    answers = []
+    for i in range(5):
+        try:
+            raise RuntimeError(f"fault {i}")
+        except RuntimeError as e:
+            answers.append(survivor.survive(e))
+    assert answers == [True, True, True, False, False]
+    assert caplog.text.count("Traceback") == 1
+    assert "loop: unexpected error (carrying on)" in caplog.text
+    assert "giving up" in caplog.text
+
+
+def test_a_dying_thread_stops_the_daemon_with_its_reason(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture):
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored afterwards
+    reasons: list[str] = []
+    on_thread_death(reasons.append)
+
+    def boom() -> None:
+        raise KeyError("lost")
+
+    t = threading.Thread(target=boom, name="worker")
+    t.start()
+    t.join()
+    assert reasons == ["thread worker died: KeyError: 'lost'"]
+    assert "thread worker died" in caplog.text and "Traceback" in caplog.text

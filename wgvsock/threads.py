@@ -1,0 +1,73 @@
+"""No long-running thread may die silently (issue 12.6).
+
+Two tools, used together:
+
+- `Survivor`: a loop that must outlive one bad iteration (the TUN reader, the timers, an
+  accept loop) catches what it did not expect and asks `survive(exc)`. The first failure is
+  logged with its traceback, later ones as one line at most every few seconds; after `limit`
+  failures within `window` seconds the loop should stop trying and re-raise, because a bug
+  that fires on every iteration would otherwise spin silently.
+- `on_thread_death(stop)`: installs `threading.excepthook` for a daemon process, so an
+  exception that ends any thread (a Survivor that gave up included) is logged with its
+  traceback and stops the daemon through `stop(reason)`; the daemon then exits non-zero and
+  systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("wgvsock.threads")
+
+
+class Survivor:
+    __slots__ = ("_count", "_limit", "_logged_at", "_suppressed", "_what", "_window",
+                 "_window_start")
+
+    def __init__(self, what: str, *, limit: int = 20, window: float = 10.0) -> None:
+        self._what = what
+        self._limit = limit
+        self._window = window
+        self._window_start = 0.0
+        self._count = 0
+        self._logged_at: float | None = None
+        self._suppressed = 0
+
+    def survive(self, exc: BaseException) -> bool:
+        """Logs `exc`; False once it keeps happening (the caller then re-raises)."""
+        now = time.monotonic()
+        if now - self._window_start > self._window:
+            self._window_start, self._count = now, 0
+        self._count += 1
+        if self._count > self._limit:
+            log.error("%s: %d unexpected errors within %g s; giving up", self._what,
+                      self._count, self._window)
+            return False
+        if self._logged_at is None:
+            log.error("%s: unexpected error (carrying on)", self._what,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            self._logged_at = now
+        elif now - self._logged_at >= 5.0:
+            log.error("%s: unexpected error again: %r (%d more since the last report)",
+                      self._what, exc, self._suppressed)
+            self._logged_at, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+        return True
+
+
+def on_thread_death(stop: Callable[[str], None]) -> None:
+    """Makes the death of any thread of this process log its traceback and call stop()."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        log.critical("thread %s died", name,
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        stop(f"thread {name} died: {args.exc_type.__name__}: {args.exc_value}")
+
+    threading.excepthook = hook
