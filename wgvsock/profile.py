@@ -78,6 +78,10 @@ DEFAULT_CPU_COUNT = 2
 # An enclave needs roughly 4x its EIF in memory; a slim Python image is a few hundred MiB.
 DEFAULT_MEMORY_MIB = 1024
 DEFAULT_MAX_AGE = 300
+DEFAULT_METRICS_INTERVAL = 60
+METRICS_INTERVAL_MIN = 10  # CloudWatch bills per request; below 60 s it stores high resolution
+# CloudWatch's rules for a namespace; "AWS/" is reserved for AWS's own.
+CLOUDWATCH_NAMESPACE_RE = re.compile(r"[0-9A-Za-z.\-_/#: ]{1,255}")
 
 # Route 53 Resolver and the instance metadata service, as reached from a Nitro instance.
 AWS_DNS_V4 = IPv4Address("169.254.169.253")
@@ -277,6 +281,20 @@ class EnclaveLaunch:
 
 
 @dataclass(frozen=True)
+class CloudWatch:
+    namespace: str
+    interval: int = DEFAULT_METRICS_INTERVAL
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """parent.metrics: where Prometheus scrapes (host, port) and where CloudWatch gets them."""
+
+    listen: tuple[IPAddress, int] | None = None
+    cloudwatch: CloudWatch | None = None
+
+
+@dataclass(frozen=True)
 class ParentSide:
     addresses: list[IPInterface]
     private_key: str
@@ -288,6 +306,7 @@ class ParentSide:
     public_key: str | None = None
     # The only CID the control port accepts, for an enclave something else starts.
     enclave_cid: int | None = None
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(frozen=True)
@@ -344,12 +363,14 @@ _TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "encl
              "attestation")
 _TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
 _PARENT_KEYS = ("address", "private_key", "public_key", "egress", "ingress", "enclave",
-                "enclave_cid")
+                "enclave_cid", "metrics")
 _EGRESS_KEYS = ("nat", "interface", "allow", "deny")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
 _ENCLAVE_KEYS = ("address", "dns", "routes")
 _ATTEST_KEYS = ("require", "pcrs", "max_age", "allow_debug", "test_root_ca")
+_METRICS_KEYS = ("listen", "cloudwatch")
+_CLOUDWATCH_KEYS = ("namespace", "interval")
 
 
 def _line(node: Node) -> int:
@@ -589,6 +610,33 @@ def _private_key(text: str) -> str:
     return text
 
 
+def _listen(text: str) -> tuple[IPAddress, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= TCP_PORT_MAX:
+        raise _Invalid(f"{text!r} is not ADDRESS:PORT",
+                       'write it like "127.0.0.1:9586" or "[::1]:9586"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise _Invalid(f"{text!r}: an IPv6 address with a port needs brackets",
+                       'write it like "[::1]:9586"')
+    try:
+        return ipaddress.ip_address(host), int(port)
+    except ValueError:
+        raise _Invalid(f"{host!r} in {text!r} is not an IP address",
+                       'listen on an address of this host, e.g. "127.0.0.1:9586"') from None
+
+
+def _namespace(text: str) -> str:
+    if not CLOUDWATCH_NAMESPACE_RE.fullmatch(text):
+        raise _Invalid(f"{text!r} is not a CloudWatch namespace",
+                       "use 1-255 of letters, digits, space and . - _ / # :")
+    if text.startswith("AWS/"):
+        raise _Invalid(f"{text!r}: namespaces starting with AWS/ are AWS's own",
+                       "pick your own, e.g. wgvsock")
+    return text
+
+
 def _public_key(text: str) -> str:
     value = text.strip()
     try:
@@ -697,7 +745,7 @@ class _Builder(_Parser):
         return Profile(version, name, interface, mtu, transport,
                        ParentSide(parent_addrs, parent.private_key, parent.egress,
                                   parent.ingress, parent.enclave, parent.public_key,
-                                  enclave_cid=enclave_cid),
+                                  metrics=parent.metrics, enclave_cid=enclave_cid),
                        enclave, attestation, path, dict(self.lines))
 
     # -- transport -------------------------------------------------------------------------------
@@ -857,7 +905,8 @@ class _Builder(_Parser):
         egress = self.egress(m.get("egress"), enclave_addrs)
         ingress = self.ingress(m.get("ingress"), transport)
         launch = self.launch(m.get("enclave"))
-        return _ParentParts(private_key, public_key, egress, ingress, launch)
+        metrics = self.metrics(m.get("metrics"))
+        return _ParentParts(private_key, public_key, egress, ingress, launch, metrics)
 
     def enclave_cid(self, m: Mapping[str, Node], launch: EnclaveLaunch | None) -> int | None:
         if _is_null(m.get("enclave_cid")):
@@ -987,6 +1036,32 @@ class _Builder(_Parser):
             debug = bool(self.boolean(m["debug"], f"{key}.debug"))
         return EnclaveLaunch(eif, cpus, memory, cid, debug)
 
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def metrics(self, node: Node | None) -> Metrics:
+        key = "parent.metrics"
+        m = self.mapping(node, key, _METRICS_KEYS)
+        listen = None
+        if "listen" in m:
+            listen = self.parsed(m["listen"], f"{key}.listen", '"127.0.0.1:9586"', _listen)
+        cloudwatch = None
+        c = self.mapping(m.get("cloudwatch"), f"{key}.cloudwatch", _CLOUDWATCH_KEYS)
+        if isinstance(m.get("cloudwatch"), MappingNode):
+            namespace = None
+            if "namespace" not in c:
+                self.problem(self.at(f"{key}.cloudwatch"), f"{key}.cloudwatch.namespace",
+                             "missing", "name the CloudWatch namespace, e.g. namespace: wgvsock")
+            else:
+                namespace = self.parsed(c["namespace"], f"{key}.cloudwatch.namespace",
+                                        "wgvsock", _namespace)
+            interval = DEFAULT_METRICS_INTERVAL
+            if "interval" in c:
+                interval = self.integer(c["interval"], f"{key}.cloudwatch.interval",
+                                        METRICS_INTERVAL_MIN, 86400, " (seconds)") or interval
+            if namespace is not None:
+                cloudwatch = CloudWatch(namespace, interval)
+        return Metrics(listen, cloudwatch)
+
     # -- enclave ---------------------------------------------------------------------------------
 
     def enclave(self, m: Mapping[str, Node], addrs: list[IPInterface]) -> EnclaveSide:
@@ -1100,6 +1175,7 @@ class _ParentParts:
     egress: Egress
     ingress: list[Ingress]
     enclave: EnclaveLaunch | None
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 def _yaml_problem(file: str, e: yaml.YAMLError) -> Problem:
@@ -1266,6 +1342,13 @@ def local_networks(exclude_interface: str | None = None) -> list[IPNetwork]:
 # Dumping and the CLI
 
 
+def _listen_text(listen: tuple[IPAddress, int] | None) -> str | None:
+    if listen is None:
+        return None
+    host, port = listen
+    return f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+
+
 def _to_data(profile: Profile) -> dict[str, Any]:
     t, p, e, a = profile.transport, profile.parent, profile.enclave, profile.attestation
     launch = None
@@ -1291,6 +1374,12 @@ def _to_data(profile: Profile) -> dict[str, Any]:
                         for i in p.ingress],
             "enclave": launch,
             "enclave_cid": p.enclave_cid,
+            "metrics": {
+                "listen": _listen_text(p.metrics.listen),
+                "cloudwatch": None if p.metrics.cloudwatch is None else {
+                    "namespace": p.metrics.cloudwatch.namespace,
+                    "interval": p.metrics.cloudwatch.interval},
+            },
         },
         "enclave": {"address": [str(x) for x in e.addresses], "dns": [str(x) for x in e.dns],
                     "routes": [str(x) for x in e.routes]},

@@ -94,7 +94,9 @@ def doctor(profile) -> int:
     try:
         from ..aws import doctor_checks
 
-        checks += [Check(c.name, c.ok, c.detail) for c in doctor_checks()]
+        cw = profile.parent.metrics.cloudwatch
+        checks += [Check(c.name, c.ok, c.detail) for c in doctor_checks(
+            cloudwatch=(cw.namespace, profile.name) if cw is not None else None)]
     except ImportError:
         checks.append(Check("AWS", None, "AWS checks are not available in this version"))
     table = Table(title=f"wgvsock parent doctor — {profile.name}")

@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..conn import make_bind
 from ..control import ControlServer, Verdict
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import Device
+from ..metrics.counters import DnsCounters, ParentCounters
 from ..threads import on_thread_death
 from .common import (
     configure,
@@ -218,6 +220,12 @@ class Parent:
         self.supervisor = None  # nitro.EnclaveSupervisor when the profile starts the enclave
         self._state: State | None = None
         self.verdict: Verdict | None = None
+        self.counters: ParentCounters | None = None
+        # The DNS forwarder's counters, once the parent runs one; until then DNS numbers are
+        # absent from status and metrics.
+        self.dns_counters: Callable[[], DnsCounters] | None = None
+        self.exporter = None  # metrics.prometheus.Exporter with parent.metrics.listen
+        self.cloudwatch = None  # metrics.cloudwatch.CloudWatchSender with .cloudwatch
         self._enclave_cid: int | None = None  # of the enclave the supervisor last started
         self._rules = 0  # rules in our nftables table right after we loaded it
 
@@ -258,6 +266,8 @@ class Parent:
             self._forwarding = firewall.enable_forwarding(ipv6=v6)
             firewall.apply(self.spec())
             self._table = True
+            self.counters = ParentCounters(p.name, dns=self._dns)
+            self.device.status_hook = self.counters.uapi_keys
             self._rules = firewall.rule_count(p.name)
             listener = control_listener(t)
             if t.kind == "unix":
@@ -270,6 +280,7 @@ class Parent:
                 accept_from=self._enclave_filter(),
             )
             self.control.start()
+            self._start_metrics()
             self._state = State(p.name, os.getpid(), p.interface, p.path, self._forwarding,
                                 self._sockets)
             self._state.save()
@@ -279,6 +290,31 @@ class Parent:
             raise
         log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
                  t.port, t.control_port)
+
+    def _dns(self) -> DnsCounters | None:
+        return self.dns_counters() if self.dns_counters is not None else None
+
+    def _start_metrics(self) -> None:
+        m = self.profile.parent.metrics
+        if m.listen is None and m.cloudwatch is None:
+            return
+        from ..metrics.prometheus import Exporter, registry_for
+
+        registry = registry_for(self)
+        if m.listen is not None:
+            try:
+                self.exporter = Exporter(registry, *m.listen)
+            except OSError as e:
+                host, port = m.listen
+                raise RoleError(f"parent.metrics.listen {host} port {port}: "
+                                f"{e.strerror or e}: choose a free port, or an address of "
+                                "this host") from None
+        if m.cloudwatch is not None:
+            from ..metrics.cloudwatch import CloudWatchSender
+
+            self.cloudwatch = CloudWatchSender(registry, m.cloudwatch.namespace,
+                                               m.cloudwatch.interval, self.profile.name)
+            self.cloudwatch.start()
 
     def _enclave_filter(self):
         """Which vsock peers may use the control port: the enclave's CID when it is known
@@ -363,6 +399,10 @@ class Parent:
 
     def close(self) -> None:
         self.stopped.set()
+        for service in (self.cloudwatch, self.exporter):
+            if service is not None:
+                service.close()
+        self.cloudwatch = self.exporter = None
         if self.supervisor is not None:
             self.supervisor.stop()  # terminates the enclave it started
             self.supervisor = None
