@@ -411,7 +411,8 @@ def down(profile) -> list[str]:
     if firewall.exists(profile.name):
         firewall.remove(profile.name)
         done.append(f"removed nftables table for {profile.name}")
-    if state is not None and state.forwarding:
+    # A parent that stopped cleanly has restored them and removed its state file itself.
+    if state is not None and state.forwarding and State.path_for(profile.name).exists():
         firewall.restore_forwarding(state.forwarding)
     if netconf.interface_exists(profile.interface):
         netconf.delete_interface(profile.interface)
