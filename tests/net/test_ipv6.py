@@ -121,8 +121,16 @@ class World6:
     def ingress6_works(self) -> bool:
         return self.get(self.w.internet, f"http://[{PARENT}]:8443/") == "hello from the enclave\n"
 
+    def wg0_stats(self) -> dict[str, dict[str, int]]:
+        res = self.w.enclave.ip("-s", "-j", "link", "show", "dev", "wg0")
+        return json.loads(res.stdout)[0]["stats64"]
+
     def counters(self) -> dict[str, firewall.Counter]:
         return firewall.read_counters(self.name, netns=self.w.parent.name)
+
+
+def per_packet(a: dict[str, int], b: dict[str, int]) -> float:
+    return (b["bytes"] - a["bytes"]) / max(b["packets"] - a["packets"], 1)
 
 
 @pytest.fixture
@@ -169,9 +177,16 @@ def test_dual_stack_enclave_reaches_ipv6_internet_and_is_reached_over_ipv6(
     assert world6.egress6_works()
 
     # Bulk IPv6 TCP both ways: super-packets (TSO) from the enclave's kernel cross the tunnel
-    # and leave the parent cut to size; the parent's coalesced writes reach the enclave.
+    # and leave the parent cut to size; the parent's coalesced writes reach the enclave. The
+    # enclave's wg0 counts a super-packet as one packet, so bytes per packet above the MTU
+    # show that segmentation offload was at work in that direction.
+    before = world6.wg0_stats()
     assert world6.fetch_big(w.enclave, f"http://[{SERVER}]/big6.bin")
+    middle = world6.wg0_stats()
     assert world6.fetch_big(w.internet, f"http://[{PARENT}]:8443/big6.bin")
+    after = world6.wg0_stats()
+    assert per_packet(before["rx"], middle["rx"]) > 1420  # coalesced GSO writes into the TUN
+    assert per_packet(middle["tx"], after["tx"]) > 1420  # TSO reads from the TUN
 
     # `wgvsock status` shows the IPv6 allowed IPs on both sides.
     def status(side: str) -> dict:
