@@ -218,9 +218,21 @@ class Parent:
         self._state: State | None = None
         self.verdict: Verdict | None = None
 
+    def egress_interface(self) -> str | None:
+        """The profile's egress interface, else that of the default route of each IP version
+        the enclave has. When those differ (IPv6 on another ENI, say), None: masquerade out
+        of any interface but the tunnel, so each family leaves by its own route."""
+        p = self.profile
+        if p.parent.egress.interface:
+            return p.parent.egress.interface
+        found = {netconf.default_route_interface(v)
+                 for v in sorted({a.version for a in p.enclave.addresses})}
+        found.discard(None)
+        return found.pop() if len(found) == 1 else None
+
     def spec(self) -> firewall.FirewallSpec:
         p = self.profile
-        egress_if = p.parent.egress.interface or netconf.default_route_interface()
+        egress_if = self.egress_interface()
         return firewall.FirewallSpec(
             name=p.name,
             tunnel_interface=p.interface,
