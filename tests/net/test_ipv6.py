@@ -75,10 +75,10 @@ print(s.recvfrom(2048)[0].decode())
 class World6:
     """test_roles.World with a dual-stack profile and IPv6 on the parent-internet cable."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, profile: str = DUAL_STACK_PROFILE) -> None:
         w = self.w = World(lab)
         self.name = w.name
-        w.profile.write_text(DUAL_STACK_PROFILE.format(
+        w.profile.write_text(profile.format(
             name=w.name, transport=UNIX_TRANSPORT.format(sock=lab.tmp / "sock"),
             key=lab.tmp / "parent.key"))
         w.parent.ip("-6", "addr", "add", f"{PARENT}/64", "dev", "va0", "nodad")
@@ -223,6 +223,38 @@ def test_ipv6_default_route_on_another_interface(lab: Lab) -> None:
         wait_for(w6.egress6_works, 30, "IPv6 egress out of the IPv6 default route's interface")
         wait_for(w.egress_works, 10, "IPv4 egress out of the IPv4 default route's interface")
         assert w6.udp(w.enclave, SERVER) == "echo ping"
+    finally:
+        w.close()
+
+
+IPV6_ONLY_PROFILE = """\
+version: 1
+name: {name}
+interface: wg0
+transport:
+{transport}
+parent:
+  address: "fd77::1/126"
+  private_key: {key}
+  ingress:
+    - {{listen: 8443, to: 8080, protocol: tcp}}
+"""
+
+
+def test_ipv6_only_tunnel(lab: Lab) -> None:
+    """An enclave with an IPv6 address only: the defaults (enclave address, ::/0, allow ::/0,
+    the IPv6 resolver) make a working tunnel, and IPv4 goes nowhere."""
+    w6 = World6(lab, IPV6_ONLY_PROFILE)
+    w = w6.w
+    try:
+        w.parent_cmd("up")
+        w.start_enclave()
+        wait_for(w6.egress6_works, 30, "IPv6 egress from an IPv6-only enclave")
+        wait_for(w6.ingress6_works, 10, "IPv6 ingress to an IPv6-only enclave")
+        assert "nameserver fd00:ec2::253" in w.resolv.read_text()
+        assert "inet " not in w.enclave.ip("-o", "addr", "show", "dev", "wg0").stdout
+        assert w.curl(w.enclave, "http://198.51.100.2/", timeout=1) is None
+        assert w6.get(w.enclave, f"http://[{IMDS}]/", timeout=1.5) is None
     finally:
         w.close()
 
