@@ -71,8 +71,12 @@ def parent_main(argv: list[str]) -> int:
             return 1
         # Only a warning: the rest of the tunnel works, and the host may get its route later
         # (an IPv6 default route comes by router advertisement).
-        for p in check_routes(profile, local_routes(exclude_interface=profile.interface)):
-            print(f"warning: {p}", file=sys.stderr)
+        try:
+            warnings = check_routes(profile, local_routes(exclude_interface=profile.interface))
+        except Exception as e:  # netlink failures come in many types; this is advice only
+            warnings = [f"cannot list this host's routes: {e}"]
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
         if not args.foreground:
             extra = ["-v"] if args.verbose else []
             return spawn_background(
