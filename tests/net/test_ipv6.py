@@ -78,6 +78,14 @@ class World6:
     def __init__(self, lab: Lab, profile: str = DUAL_STACK_PROFILE) -> None:
         w = self.w = World(lab)
         self.name = w.name
+        try:
+            self._set_up(lab, profile)
+        except BaseException:
+            w.close()  # the lab removes the rest; World also leaves a file in /etc/netns
+            raise
+
+    def _set_up(self, lab: Lab, profile: str) -> None:
+        w = self.w
         w.profile.write_text(profile.format(
             name=w.name, transport=UNIX_TRANSPORT.format(sock=lab.tmp / "sock"),
             key=lab.tmp / "parent.key"))
