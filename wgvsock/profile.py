@@ -4,7 +4,8 @@ The same file is installed on the parent and baked into the enclave image, so bo
 the same defaults from it. Validation here is pure — parse_profile() never looks at the host — so
 every role can refuse a bad profile before it changes anything, and tests need no root. What does
 depend on the host (the tunnel subnet clashing with the host's own networks) is check_host(), fed
-by local_networks().
+by local_networks(), and check_routes() (enclave routes the host has no route for), fed by
+local_routes().
 
 Errors read `FILE:LINE: KEY: reason — how to fix`. Line numbers come from the YAML node marks,
 which is why the document is composed into nodes and walked by hand instead of safe_load()ed:
@@ -1308,6 +1309,66 @@ def check_host(profile: Profile, host_networks: Iterable[IPNetwork]) -> list[Pro
     return problems
 
 
+def check_routes(profile: Profile, host_routes: Iterable[IPNetwork]) -> list[Problem]:
+    """Problems with PROFILE's enclave.routes on a host whose routes go to HOST_ROUTES.
+
+    The parent forwards whatever the enclave sends through the tunnel, so a prefix that the
+    host itself has no route for (typically ::/0 on an instance without IPv6) is a dead end:
+    the enclave's connections there fail with no clue why. The tunnel's own subnets need no
+    host route.
+    """
+    host_routes = list(host_routes)
+    tunnels = [a.network for a in profile.parent.addresses]
+    problems = []
+    for i, route in enumerate(profile.enclave.routes):
+        v = route.version
+        if any(route.subnet_of(n) for n in [*tunnels, *host_routes]  # type: ignore[arg-type]
+               if n.version == v):
+            continue
+        if route.prefixlen == 0:
+            reason = (f"{route} sends the enclave's IPv{v} traffic to the parent, but this host "
+                      f"has no IPv{v} default route")
+            hint = ("give the instance IPv6 (an IPv6 CIDR on its subnet and an IPv6 address "
+                    "on its network interface; the route then comes by router advertisement)"
+                    if v == 6 else "give this host a default route")
+            hint += f", or leave {route} out of enclave.routes"
+        else:
+            reason = (f"{route} sends the enclave's traffic for it to the parent, but this host "
+                      f"has no route to {route}")
+            hint = f"add a route to {route} on this host, or leave it out of enclave.routes"
+        problems.append(Problem(profile.path, profile.line_of(f"enclave.routes[{i}]"),
+                                "enclave.routes", reason, hint))
+    return problems
+
+
+def local_routes(exclude_interface: str | None = None) -> list[IPNetwork]:
+    """The destinations of this namespace's unicast routes in the main table, minus those
+    through loopback or EXCLUDE_INTERFACE (the profile's own tunnel)."""
+    from pyroute2 import IPRoute
+
+    rt_table_main, rtn_unicast = 254, 1
+    nets: list[IPNetwork] = []
+    with IPRoute() as ipr:
+        skip = {link["index"] for link in ipr.get_links()
+                if link.get("IFLA_IFNAME") in ("lo", exclude_interface)}
+        for msg in ipr.get_routes():
+            if msg["family"] not in (2, 10) or msg["type"] != rtn_unicast:
+                continue
+            if (msg.get("RTA_TABLE") or msg["table"]) != rt_table_main:
+                continue
+            if msg.get("RTA_OIF") in skip:
+                continue
+            dst = msg.get("RTA_DST")
+            net: IPNetwork
+            if dst is None:  # a default route carries no destination
+                net = IPv4Network((0, 0)) if msg["family"] == 2 else IPv6Network((0, 0))
+            else:
+                net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
+            if net not in nets:
+                nets.append(net)
+    return nets
+
+
 def local_networks(exclude_interface: str | None = None) -> list[IPNetwork]:
     """The networks of this namespace's addresses, minus loopback and EXCLUDE_INTERFACE.
 
@@ -1404,7 +1465,8 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
         prog=prog, description="Validate a profile and print it with every default filled in.")
     ap.add_argument("file", help="the profile (YAML)")
     ap.add_argument("--host", action="store_true",
-                    help="also check the tunnel subnet against this host's own networks")
+                    help="also check the tunnel subnet against this host's own networks, and "
+                    "that this host has routes for enclave.routes")
     try:
         args = ap.parse_args(list(argv))
     except SystemExit as e:  # argparse has already printed usage; keep our int contract
@@ -1418,10 +1480,11 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
     if args.host:
         try:
             networks = local_networks(profile.interface)
+            routes = local_routes(profile.interface)
         except Exception as e:  # netlink failures come in many types; none deserves a traceback
             print(f"{prog}: cannot list this host's networks: {e}", file=sys.stderr)
             return 1
-        problems = check_host(profile, networks)
+        problems = check_host(profile, networks) + check_routes(profile, routes)
         if problems:
             for p in problems:
                 print(p, file=sys.stderr)

@@ -132,7 +132,8 @@ class World:
         log = open(self.lab.tmp / log_name, "ab")  # noqa: SIM115 - closed by the process
         proc = self.enclave.popen(
             *launcher, "--profile", str(self.profile), "--timeout", f"{timeout:g}", "--",
-            "python3", "-m", "http.server", "-d", str(self.app), "8080",
+            # "::" serves both families (http.server alone binds 0.0.0.0 only).
+            "python3", "-m", "http.server", "-d", str(self.app), "-b", "::", "8080",
             env=self.env_for("enclave"), stdout=log, stderr=log,
         )
         log.close()

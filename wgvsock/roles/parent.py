@@ -229,9 +229,21 @@ class Parent:
         self._enclave_cid: int | None = None  # of the enclave the supervisor last started
         self._rules = 0  # rules in our nftables table right after we loaded it
 
+    def egress_interface(self) -> str | None:
+        """The profile's egress interface, else that of the default route of each IP version
+        the enclave has. When those differ (IPv6 on another ENI, say), None: masquerade out
+        of any interface but the tunnel, so each family leaves by its own route."""
+        p = self.profile
+        if p.parent.egress.interface:
+            return p.parent.egress.interface
+        found = {netconf.default_route_interface(v)
+                 for v in sorted({a.version for a in p.enclave.addresses})}
+        found.discard(None)
+        return found.pop() if len(found) == 1 else None
+
     def spec(self) -> firewall.FirewallSpec:
         p = self.profile
-        egress_if = p.parent.egress.interface or netconf.default_route_interface()
+        egress_if = self.egress_interface()
         return firewall.FirewallSpec(
             name=p.name,
             tunnel_interface=p.interface,
@@ -516,7 +528,8 @@ def down(profile) -> list[str]:
     if firewall.exists(profile.name):
         firewall.remove(profile.name)
         done.append(f"removed nftables table for {profile.name}")
-    if state is not None and state.forwarding:
+    # A parent that stopped cleanly has restored them and removed its state file itself.
+    if state is not None and state.forwarding and State.path_for(profile.name).exists():
         firewall.restore_forwarding(state.forwarding)
     sockets = list(state.sockets) if state else []
     sockets.append(os.path.join(run_dir(), f"{profile.interface}.sock"))
