@@ -22,7 +22,7 @@ import pytest
 
 from wgvsock import firewall
 
-from .netlab import Lab, Namespace, wait_for
+from .netlab import SLOWDOWN, Lab, Namespace, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -106,7 +106,7 @@ class World:
         for addr in ("198.51.100.2", "198.51.100.3"):
             wait_for(lambda a=addr: self.internet.run(
                 "curl", "-s", "--max-time", "1", f"http://{a}/", check=False).returncode == 0,
-                10, f"the internet's server on {addr}")
+                10 * SLOWDOWN, f"the internet's server on {addr}")
 
     def env_for(self, side: str) -> dict[str, str]:
         run_dir = self.lab.tmp / f"run-{side}"
