@@ -3,7 +3,8 @@
     .venv/bin/python docker/lock.py          (what `make lock` runs)
 
 requirements.lock is what the enclave needs at run time: wgvsock's dependencies minus the
-parent-only ones (boto3 for AWS, rich for the status console), with their own dependencies,
+parent-only ones (boto3 for AWS, rich for the status console, prometheus_client for
+the parent's metrics), with their own dependencies,
 each pinned to the version installed in the running interpreter (the development venv, which
 the test suite has just exercised). build.lock pins the tools the image build uses: pip, which
 the Dockerfile runs straight from its wheel so the base image needs no pip of its own, and
@@ -34,7 +35,9 @@ except ImportError:  # pip always carries a copy
     from pip._vendor.packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-PARENT_ONLY = {"boto3", "rich", "dnspython"}  # imported only by `parent`, `doctor`, `status`
+# Imported only by `parent`, `doctor` and `status` (prometheus_client: the parent's metrics;
+# dnspython: the parent's DNS forwarder for egress by host name).
+PARENT_ONLY = {"boto3", "rich", "prometheus-client", "dnspython"}
 PYTHON_VERSION = "3.11"  # the image's Python: python:3.11-slim, Debian bookworm's python3
 # Each group is one machine: glibc 2.28 or newer (pip expands manylinux2014 downwards itself,
 # but not manylinux_2_28), on x86_64 and on Graviton. `make wheelhouse` asks for the same.

@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,8 +77,9 @@ class Moto:
             r.read()
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
+@contextmanager
+def running_moto() -> Iterator[Moto]:
+    """moto in server mode with the environment described above, its state reset after."""
     with pytest.MonkeyPatch.context() as mp:
         for name in list(os.environ):
             if name.startswith("AWS_") or name.lower() in (
@@ -107,25 +109,35 @@ def moto() -> Iterator[Moto]:
         mp.setenv("AWS_ENDPOINT_URL", url)
         m = Moto(url=url, key=generate_private_key(), session=boto3.Session(region_name=REGION))
         try:
-            key = m.key
-            ssm = m.session.client("ssm")
-            ssm.put_parameter(Name=PARAM, Value=key_to_base64(key), Type="SecureString")
-            sm = m.session.client("secretsmanager")
-            for name in ("wgvsock/plain", "wgvsock/json"):
-                m.keys[name] = generate_private_key()
-            sm.create_secret(
-                Name="wgvsock/plain", SecretString=key_to_base64(m.keys["wgvsock/plain"])
-            )
-            sm.create_secret(
-                Name="wgvsock/json",
-                SecretString=json.dumps(
-                    {"private_key": key_to_base64(m.keys["wgvsock/json"]), "note": "parent"}
-                ),
-            )
             yield m
         finally:
             m.set_auth(False)
+            # The backends live in this process, shared by every server: leave them empty.
+            req = urllib.request.Request(url + "/moto-api/reset", data=b"", method="POST")  # noqa: S310
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req) as r:
+                r.read()
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Moto]:
+    with running_moto() as m:
+        key = m.key
+        ssm = m.session.client("ssm")
+        ssm.put_parameter(Name=PARAM, Value=key_to_base64(key), Type="SecureString")
+        sm = m.session.client("secretsmanager")
+        for name in ("wgvsock/plain", "wgvsock/json"):
+            m.keys[name] = generate_private_key()
+        sm.create_secret(
+            Name="wgvsock/plain", SecretString=key_to_base64(m.keys["wgvsock/plain"])
+        )
+        sm.create_secret(
+            Name="wgvsock/json",
+            SecretString=json.dumps(
+                {"private_key": key_to_base64(m.keys["wgvsock/json"]), "note": "parent"}
+            ),
+        )
+        yield m
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,8 @@ def test_replayed_nonce_is_refused(server):
         (struct.pack(">I", 0), "zero length"),
         (struct.pack(">I", 100) + b"{", "truncated"),
         (frame({"v": 2, "type": "register"}), "wrong version"),
+        (frame({"v": 1.0, "type": "register"}), "version as a float"),
+        (frame({"v": True, "type": "register"}), "version as a boolean"),
         (frame([1, 2, 3]), "not an object"),
         (struct.pack(">I", 3) + b"\xff\xfe\xfd", "not JSON"),
         (frame({"v": 1, "type": "register", "nonce": "!!", "public_key": "x"}), "bad base64"),
@@ -130,6 +132,16 @@ def test_hostile_clients_are_cut_off_and_server_keeps_serving(server, payload, w
     assert rec.installed == []
     with dial(path) as s:
         assert register(s, b"F" * 32).wg_port == 51820
+
+
+def test_peer_text_in_errors_is_cut_short():
+    """A hostile peer's strings reach the log only cut short, never 64 KiB per connection."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(frame({"v": "x" * 60000, "type": "register"}))
+        with pytest.raises(control.ControlError) as err:
+            read_message(b, time.monotonic() + 2)
+    assert len(str(err.value)) < 120 and "60002 chars" in str(err.value)
 
 
 def test_slow_client_times_out_without_blocking_others(server):

@@ -480,7 +480,7 @@ def test_doctor_reports_the_enclave_checks(fake: Fake, tmp_path: Path, monkeypat
     from wgvsock import aws
     from wgvsock.roles import cli
 
-    monkeypatch.setattr(aws, "doctor_checks", lambda: [])
+    monkeypatch.setattr(aws, "doctor_checks", lambda **_: [])
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("COLUMNS", "200")
     rc = cli.doctor(_profile(tmp_path, tmp_path / "none.eif"))

@@ -21,6 +21,7 @@ from wgvsock.profile import (
     Rule,
     Transport,
     check_host,
+    check_routes,
     dump_profile,
     load_profile,
     local_networks,
@@ -638,6 +639,28 @@ def test_check_host_clean_and_ipv6():
     assert found[0].line == 2
 
 
+def test_check_routes_explains_a_missing_ipv6_default_route():
+    text = 'name: a\nparent: {address: [10.77.0.1/30, "fd77::1/126"]}\n'
+    p = parse_profile(text, FILE)  # routes default to 0.0.0.0/0 and ::/0
+    assert check_routes(p, [net("0.0.0.0/0"), net("::/0")]) == []
+    [problem] = check_routes(p, [net("0.0.0.0/0"), net("fd00::/64")])
+    assert str(problem) == (
+        f"{FILE}:1: enclave.routes: ::/0 sends the enclave's IPv6 traffic to the parent, but "
+        "this host has no IPv6 default route — give the instance IPv6 (an IPv6 CIDR on its "
+        "subnet and an IPv6 address on its network interface; the route then comes by router "
+        "advertisement), or leave ::/0 out of enclave.routes")
+
+
+def test_check_routes_specific_prefixes_and_the_tunnel():
+    text = ('name: a\nparent: {address: [10.77.0.1/30, "fd77::1/126"]}\nenclave:\n'
+            '  dns: [10.0.0.2]\n  routes: [10.0.0.0/8, "2001:db8::/32", "fd77::/126"]\n')
+    p = parse_profile(text, FILE)
+    assert check_routes(p, [net("10.0.0.0/8"), net("2001::/16")]) == []
+    [problem] = check_routes(p, [net("10.0.0.0/9"), net("::/0")])
+    assert problem.line == 5 and problem.key == "enclave.routes"
+    assert "no route to 10.0.0.0/8" in problem.reason
+
+
 def test_check_host_with_defaulted_address_points_at_the_file():
     p = parse_profile("name: a\n", FILE)
     [problem] = check_host(p, [net("10.77.0.0/24")])
@@ -692,11 +715,16 @@ def test_main_check_host(monkeypatch, capsys):
         return [net("10.77.0.0/16")]
 
     monkeypatch.setattr(profile_module, "local_networks", fake)
+    monkeypatch.setattr(profile_module, "local_routes",
+                        lambda exclude_interface=None: [net("0.0.0.0/0")])
     assert main_check([str(EXAMPLES[0]), "--host"]) == 1
     assert seen == ["wg0"]  # the profile's own interface is not a clash
     assert "overlaps 10.77.0.0/16" in capsys.readouterr().err
     monkeypatch.setattr(profile_module, "local_networks", lambda exclude_interface=None: [])
     assert main_check([str(EXAMPLES[0]), "--host"]) == 0
+    monkeypatch.setattr(profile_module, "local_routes", lambda exclude_interface=None: [])
+    assert main_check([str(EXAMPLES[0]), "--host"]) == 1
+    assert "no IPv4 default route" in capsys.readouterr().err
 
 
 def test_main_check_host_netlink_failure(monkeypatch, capsys):

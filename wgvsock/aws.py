@@ -48,16 +48,20 @@ from wgvsock.core.crypto import KeyFormatError, key_from_base64
 __all__ = [
     "AWSError",
     "Check",
+    "CloudWatchError",
     "Imds",
     "ImdsUnavailable",
     "InstanceIdentity",
     "check_credentials",
     "check_enclave_support",
     "check_instance_type",
+    "check_put_metric_data",
+    "cloudwatch_client",
     "doctor_checks",
     "is_aws_key_spec",
     "load_private_key",
     "parse_key_spec",
+    "put_metric_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +128,15 @@ def _secret_fetch() -> Iterator[None]:
 
 class AWSError(Exception):
     """An AWS call failed in a way the user has to fix; the message says how."""
+
+
+class CloudWatchError(AWSError):
+    """PutMetricData failed. ``kind`` groups failures a sender reports once each: denied,
+    throttled, credentials, unreachable, other."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ImdsUnavailable(AWSError):
@@ -629,8 +642,78 @@ def check_credentials(region: str, *, session: boto3.Session | None = None) -> C
     return Check(name, True, str(resp.get("Arn", "")))
 
 
-def doctor_checks(imds: Imds | None = None, session: boto3.Session | None = None) -> list[Check]:
-    """The AWS half of `parent doctor`. Off EC2 it is a single not-applicable line."""
+# ---------------------------------------------------------------------------------------------
+# CloudWatch
+
+_THROTTLED_CODES = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded"})
+
+
+def cloudwatch_client(session: boto3.Session, region: str | None) -> Any:
+    return _client(session, "cloudwatch", region, "CloudWatch")
+
+
+def put_metric_data(client: Any, namespace: str, data: list[dict[str, Any]]) -> None:
+    """One PutMetricData call; every failure becomes a CloudWatchError that says what to do."""
+    where = f"CloudWatch namespace {namespace!r}"
+    try:
+        client.put_metric_data(Namespace=namespace, MetricData=data)
+    except ClientError as exc:
+        code = _code(exc)
+        if code in _DENIED_CODES:
+            raise CloudWatchError(
+                "denied",
+                f"{where}: access denied: the caller needs cloudwatch:PutMetricData (on *, "
+                f"optionally limited with the cloudwatch:namespace condition key); add it to "
+                f"the instance role. AWS said: {_message(exc)}",
+            ) from exc
+        if code in _THROTTLED_CODES:
+            raise CloudWatchError(
+                "throttled",
+                f"{where}: throttled by CloudWatch ({code}) after retries; data points of "
+                f"this interval are dropped: raise parent.metrics.cloudwatch.interval or the "
+                f"account's PutMetricData quota",
+            ) from exc
+        err = _generic_client_error(exc, where)
+        kind = "credentials" if code in _BAD_CREDENTIAL_CODES else "other"
+        raise CloudWatchError(kind, str(err)) from exc
+    except BotoCoreError as exc:
+        err = _botocore_error(exc, where, "monitoring")
+        kind = "other"
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            kind = "credentials"
+        elif isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+            kind = "unreachable"
+        raise CloudWatchError(kind, str(err)) from exc
+
+
+def check_put_metric_data(
+    namespace: str, dimensions: list[dict[str, str]], region: str,
+    *, session: boto3.Session | None = None,
+) -> Check:
+    """May this caller send metrics (``cloudwatch:PutMetricData``)? PutMetricData has no dry
+    run, so this sends one data point: ``wgvsock_doctor_check`` = 1 with the profile's
+    dimensions (one metric, billed for the hour it is written)."""
+    name = "CloudWatch"
+    session = session or boto3.Session()
+    datum = {"MetricName": "wgvsock_doctor_check", "Value": 1.0, "Unit": "Count",
+             "Dimensions": dimensions}
+    try:
+        put_metric_data(cloudwatch_client(session, region), namespace, [datum])
+    except CloudWatchError as exc:
+        return Check(name, False, str(exc))
+    except AWSError as exc:
+        return Check(name, False, str(exc))
+    return Check(name, True, f"cloudwatch:PutMetricData allowed in namespace {namespace!r}")
+
+
+def doctor_checks(
+    imds: Imds | None = None,
+    session: boto3.Session | None = None,
+    *,
+    cloudwatch: tuple[str, str] | None = None,
+) -> list[Check]:
+    """The AWS half of `parent doctor`. Off EC2 it is a single not-applicable line.
+    ``cloudwatch`` is (namespace, profile name) when the profile sends metrics there."""
     imds = imds or Imds()
     try:
         ident = imds.identity()
@@ -654,4 +737,9 @@ def doctor_checks(imds: Imds | None = None, session: boto3.Session | None = None
         return checks
     checks.append(check_enclave_support(ident.instance_id, ident.region, session=session))
     checks.append(check_instance_type(ident.instance_type, ident.region, session=session))
+    if cloudwatch is not None:
+        namespace, profile = cloudwatch
+        dims = [{"Name": "InstanceId", "Value": ident.instance_id},
+                {"Name": "Profile", "Value": profile}]
+        checks.append(check_put_metric_data(namespace, dims, ident.region, session=session))
     return checks

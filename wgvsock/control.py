@@ -110,11 +110,21 @@ def read_message(sock: socket.socket, deadline: float) -> dict:
         raise ControlError("message is not JSON") from None
     if not isinstance(msg, dict):
         raise ControlError("message is not a JSON object")
-    if msg.get("v") != PROTOCOL_VERSION:
-        raise ControlError(f"unsupported protocol version {msg.get('v')!r} (this side speaks 1)")
+    version = msg.get("v")
+    # `type(...) is int`: 1.0 and true compare equal to 1 but are not the version.
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ControlError(f"unsupported protocol version {_quote(version)} (this side "
+                           f"speaks {PROTOCOL_VERSION})")
     if not isinstance(msg.get("type"), str):
         raise ControlError("message has no type")
     return msg
+
+
+def _quote(value: object, limit: int = 40) -> str:
+    """The other side's value for a log line: repr'd and cut short, so a hostile peer cannot
+    fill the log with 64 KiB per connection."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _b64(msg: dict, key: str, length: int | None = None, optional: bool = False) -> bytes | None:
@@ -315,7 +325,7 @@ class ControlServer:
         _send(conn, {"type": "challenge", "nonce": _text(nonce), "profile": self._profile})
         msg = read_message(conn, deadline)
         if msg["type"] != "register":
-            raise ControlError(f"expected register, got {msg['type']!r}")
+            raise ControlError(f"expected register, got {_quote(msg['type'])}")
         echoed = _b64(msg, "nonce", NONCE_LEN)
         public_key = _b64(msg, "public_key", 32)
         attestation = _b64(msg, "attestation", optional=True)
@@ -404,7 +414,7 @@ def register(
     deadline = time.monotonic() + timeout
     msg = read_message(conn, deadline)
     if msg["type"] != "challenge":
-        raise ControlError(f"expected challenge, got {msg['type']!r}")
+        raise ControlError(f"expected challenge, got {_quote(msg['type'])}")
     nonce = _b64(msg, "nonce", NONCE_LEN)
     assert nonce is not None
     document = attest(nonce, public_key) if attest is not None else None
@@ -418,10 +428,11 @@ def register(
     if msg["type"] == "refused":
         raise ControlError(f"parent refused this enclave: {msg.get('reason', '?')}")
     if msg["type"] != "welcome":
-        raise ControlError(f"expected welcome, got {msg['type']!r}")
+        raise ControlError(f"expected welcome, got {_quote(msg['type'])}")
     parent_key = _b64(msg, "public_key", 32)
     port = msg.get("wg_port")
-    if not isinstance(port, int) or not 0 < port < 2**32:
+    # bool is an int in Python; JSON's true must not pass for port 1.
+    if type(port) is not int or not 0 < port < 2**32:
         raise ControlError("welcome: wg_port missing or out of range")
     assert parent_key is not None
     return Welcome(parent_key, port, bool(msg.get("attested")))

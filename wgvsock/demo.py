@@ -52,6 +52,7 @@ RESOLVER = "198.51.100.53"
 NAME_OK, NAME_DENIED, NAME_OTHER = "www.demo.test", "ads.demo.test", "elsewhere.demo.test"
 NAME_WEB = "198.51.100.4"  # where all three names point
 INGRESS_PORT, APP_PORT = 8443, 8080
+METRICS = "127.0.0.1:9586"  # parent.metrics.listen, inside the parent's namespace
 PROFILE_NAME = "demo"
 EXAMPLE = Path(__file__).resolve().parent.parent / "enclave" / "profile.example.yaml"
 # Who owns the fixed names above, so that the next run can tell a live demo from leftovers.
@@ -283,12 +284,13 @@ class Demo:
             "transport.kind": "unix",
             "transport.path": str(self.tmp / "sock"),
             "parent.private_key": str(self.tmp / "parent.key"),
-            # The credential endpoints (IMDS among them) are added to any deny list.
             # The web server by address, the one behind NAME_OK only by name.
             "parent.egress.allow": [f"{WEB}/32", NAME_OK],
+            # The credential endpoints (IMDS among them) are added to any deny list.
             "parent.egress.deny": [f"{DENIED_WEB}/32", NAME_DENIED],
             "parent.egress.resolver": RESOLVER,
             "parent.ingress": [{"listen": INGRESS_PORT, "to": APP_PORT, "protocol": "tcp"}],
+            "parent.metrics": {"listen": METRICS},
             "enclave.dns": "parent",
         }
 
@@ -516,6 +518,22 @@ class Demo:
         say(f"     egress_allowed {c['egress_allowed'].packets}, egress_denied "
             f"{c['egress_denied'].packets}, ingress_accepted {c['ingress_accepted'].packets}")
 
+    def metrics(self) -> None:
+        heading(f"The metrics page: Prometheus text from the parent on {METRICS}")
+        res = self.parent.run("curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics",
+                              check=False)
+        if res.returncode != 0:
+            say(f"   could not scrape it: {res.stderr.strip() or res.stdout.strip()}")
+            return
+        lines = [ln for ln in res.stdout.splitlines() if ln and not ln.startswith("#")]
+        say(f"   [{NS_PARENT}]  $ curl http://{METRICS}/metrics   "
+            f"({len(lines)} series; the per-peer and egress ones:)")
+        for line in lines:
+            if line.startswith(("wireguard_", "wgvsock_egress_")):
+                # Keys shortened as the dashboard does, so each series fits a line.
+                say("     " + re.sub(r'(public_key="[^"]{8})[^"]*"', r'\1…"', line))
+        say("   the same metrics go to CloudWatch with parent.metrics.cloudwatch")
+
     def throughput(self) -> None:
         secs = self.args.iperf_seconds
         heading(f"Throughput: iperf3 between the enclave and the internet, {secs:g} s each way")
@@ -604,6 +622,7 @@ class Demo:
         self.ingress()
         self.names()
         self.deny()
+        self.metrics()
         self.throughput()
         if self.args.live > 0:
             self.dashboard()

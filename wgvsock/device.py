@@ -18,7 +18,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .conn.bind import Bind
@@ -113,6 +113,8 @@ class Device:
         self._debug = log.isEnabledFor(logging.DEBUG)
         # Read-only keys the roles add to `get` (profile, role, attestation); `wg` ignores them.
         self.extra_status: dict[str, str] = {}
+        # More such keys, computed at each `get` (the parent's firewall counters).
+        self.status_hook: Callable[[], dict[str, str]] | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -382,8 +384,11 @@ class Device:
 
     def uapi_get(self) -> DeviceStatus:
         fmt = self.bind.format_endpoint
-        # Taken before the engine lock so the two locks are never held together.
+        # Taken before the engine lock so the two locks are never held together, and so that
+        # the hook (which may run nft) never stalls packets.
         links = _link_states(self.bind.status())
+        hook = self.status_hook
+        dynamic = hook() if hook is not None else {}
         with self._lock:
             engine = self.engine
             peers = []
@@ -424,6 +429,7 @@ class Device:
                     "wgvsock_network": self.bind.network,
                     "wgvsock_port": str(self.port),
                     **self.extra_status,
+                    **dynamic,
                 },
             )
 

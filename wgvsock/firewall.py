@@ -735,9 +735,21 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False) -> dict[s
     return prev
 
 
+_ACCEPT_RA_RE = re.compile(r"net/ipv6/conf/([^/]+)/accept_ra")
+
+
 def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> None:
-    """Puts back what :func:`enable_forwarding` changed (forwarding off before accept_ra)."""
+    """Puts back what :func:`enable_forwarding` changed (forwarding off before accept_ra).
+
+    An interface that is gone by now (the profile's own tunnel, a detached ENI) is skipped:
+    its accept_ra went with it."""
+    present: set[str] | None = None
     for key, value in reversed(list(prev.items())):
         if not key.startswith("net/"):
             raise ValueError(f"not a forwarding sysctl: {key!r}")
+        if m := _ACCEPT_RA_RE.fullmatch(key):
+            if present is None:
+                present = set(_ipv6_interfaces(netns))
+            if m.group(1) not in present:
+                continue
         _sysctl_write(key, value, netns)

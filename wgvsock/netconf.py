@@ -87,10 +87,11 @@ def delete_interface(ifname: str) -> bool:
         return True
 
 
-def default_route_interface() -> str | None:
-    """The interface of the IPv4 default route, for egress NAT when the profile names none."""
+def default_route_interface(version: int = 4) -> str | None:
+    """The interface of the IPv4 (or IPv6) default route, for egress NAT when the profile
+    names none."""
     with IPRoute() as ipr:
-        for route in ipr.get_routes(family=2):
+        for route in ipr.get_routes(family=10 if version == 6 else 2):
             if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
                 links = ipr.get_links(route.get_attr("RTA_OIF"))
                 if links:

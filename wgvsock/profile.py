@@ -4,7 +4,8 @@ The same file is installed on the parent and baked into the enclave image, so bo
 the same defaults from it. Validation here is pure — parse_profile() never looks at the host — so
 every role can refuse a bad profile before it changes anything, and tests need no root. What does
 depend on the host (the tunnel subnet clashing with the host's own networks) is check_host(), fed
-by local_networks().
+by local_networks(), and check_routes() (enclave routes the host has no route for), fed by
+local_routes().
 
 Errors read `FILE:LINE: KEY: reason — how to fix`. Line numbers come from the YAML node marks,
 which is why the document is composed into nodes and walked by hand instead of safe_load()ed:
@@ -82,6 +83,10 @@ DEFAULT_MAX_AGE = 300
 # Seconds a resolved address stays allowed after its TTL: clients cache answers a little
 # longer than they should, and a connection may start just as the TTL runs out.
 DEFAULT_DNS_GRACE = 60
+DEFAULT_METRICS_INTERVAL = 60
+METRICS_INTERVAL_MIN = 10  # CloudWatch bills per request; below 60 s it stores high resolution
+# CloudWatch's rules for a namespace; "AWS/" is reserved for AWS's own.
+CLOUDWATCH_NAMESPACE_RE = re.compile(r"[0-9A-Za-z.\-_/#: ]{1,255}")
 
 # Route 53 Resolver and the instance metadata service, as reached from a Nitro instance.
 AWS_DNS_V4 = IPv4Address("169.254.169.253")
@@ -316,6 +321,20 @@ class EnclaveLaunch:
 
 
 @dataclass(frozen=True)
+class CloudWatch:
+    namespace: str
+    interval: int = DEFAULT_METRICS_INTERVAL
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """parent.metrics: where Prometheus scrapes (host, port) and where CloudWatch gets them."""
+
+    listen: tuple[IPAddress, int] | None = None
+    cloudwatch: CloudWatch | None = None
+
+
+@dataclass(frozen=True)
 class ParentSide:
     addresses: list[IPInterface]
     private_key: str
@@ -327,6 +346,7 @@ class ParentSide:
     public_key: str | None = None
     # The only CID the control port accepts, for an enclave something else starts.
     enclave_cid: int | None = None
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(frozen=True)
@@ -383,12 +403,14 @@ _TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "encl
              "attestation")
 _TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
 _PARENT_KEYS = ("address", "private_key", "public_key", "egress", "ingress", "enclave",
-                "enclave_cid")
+                "enclave_cid", "metrics")
 _EGRESS_KEYS = ("nat", "interface", "allow", "deny", "resolver", "dns_grace", "test_dns_grace")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
 _ENCLAVE_KEYS = ("address", "dns", "routes")
 _ATTEST_KEYS = ("require", "pcrs", "max_age", "allow_debug", "test_root_ca")
+_METRICS_KEYS = ("listen", "cloudwatch")
+_CLOUDWATCH_KEYS = ("namespace", "interval")
 
 
 def _line(node: Node) -> int:
@@ -628,6 +650,33 @@ def _private_key(text: str) -> str:
     return text
 
 
+def _listen(text: str) -> tuple[IPAddress, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= TCP_PORT_MAX:
+        raise _Invalid(f"{text!r} is not ADDRESS:PORT",
+                       'write it like "127.0.0.1:9586" or "[::1]:9586"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise _Invalid(f"{text!r}: an IPv6 address with a port needs brackets",
+                       'write it like "[::1]:9586"')
+    try:
+        return ipaddress.ip_address(host), int(port)
+    except ValueError:
+        raise _Invalid(f"{host!r} in {text!r} is not an IP address",
+                       'listen on an address of this host, e.g. "127.0.0.1:9586"') from None
+
+
+def _namespace(text: str) -> str:
+    if not CLOUDWATCH_NAMESPACE_RE.fullmatch(text):
+        raise _Invalid(f"{text!r} is not a CloudWatch namespace",
+                       "use 1-255 of letters, digits, space and . - _ / # :")
+    if text.startswith("AWS/"):
+        raise _Invalid(f"{text!r}: namespaces starting with AWS/ are AWS's own",
+                       "pick your own, e.g. wgvsock")
+    return text
+
+
 def _public_key(text: str) -> str:
     value = text.strip()
     try:
@@ -737,7 +786,7 @@ class _Builder(_Parser):
         return Profile(version, name, interface, mtu, transport,
                        ParentSide(parent_addrs, parent.private_key, parent.egress,
                                   parent.ingress, parent.enclave, parent.public_key,
-                                  enclave_cid=enclave_cid),
+                                  metrics=parent.metrics, enclave_cid=enclave_cid),
                        enclave, attestation, path, dict(self.lines))
 
     # -- transport -------------------------------------------------------------------------------
@@ -897,7 +946,8 @@ class _Builder(_Parser):
         egress = self.egress(m.get("egress"), enclave_addrs)
         ingress = self.ingress(m.get("ingress"), transport)
         launch = self.launch(m.get("enclave"))
-        return _ParentParts(private_key, public_key, egress, ingress, launch)
+        metrics = self.metrics(m.get("metrics"))
+        return _ParentParts(private_key, public_key, egress, ingress, launch, metrics)
 
     def enclave_cid(self, m: Mapping[str, Node], launch: EnclaveLaunch | None) -> int | None:
         if _is_null(m.get("enclave_cid")):
@@ -1048,6 +1098,32 @@ class _Builder(_Parser):
             debug = bool(self.boolean(m["debug"], f"{key}.debug"))
         return EnclaveLaunch(eif, cpus, memory, cid, debug)
 
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def metrics(self, node: Node | None) -> Metrics:
+        key = "parent.metrics"
+        m = self.mapping(node, key, _METRICS_KEYS)
+        listen = None
+        if "listen" in m:
+            listen = self.parsed(m["listen"], f"{key}.listen", '"127.0.0.1:9586"', _listen)
+        cloudwatch = None
+        c = self.mapping(m.get("cloudwatch"), f"{key}.cloudwatch", _CLOUDWATCH_KEYS)
+        if isinstance(m.get("cloudwatch"), MappingNode):
+            namespace = None
+            if "namespace" not in c:
+                self.problem(self.at(f"{key}.cloudwatch"), f"{key}.cloudwatch.namespace",
+                             "missing", "name the CloudWatch namespace, e.g. namespace: wgvsock")
+            else:
+                namespace = self.parsed(c["namespace"], f"{key}.cloudwatch.namespace",
+                                        "wgvsock", _namespace)
+            interval = DEFAULT_METRICS_INTERVAL
+            if "interval" in c:
+                interval = self.integer(c["interval"], f"{key}.cloudwatch.interval",
+                                        METRICS_INTERVAL_MIN, 86400, " (seconds)") or interval
+            if namespace is not None:
+                cloudwatch = CloudWatch(namespace, interval)
+        return Metrics(listen, cloudwatch)
+
     # -- enclave ---------------------------------------------------------------------------------
 
     def enclave(self, m: Mapping[str, Node], addrs: list[IPInterface],
@@ -1181,6 +1257,7 @@ class _ParentParts:
     egress: Egress
     ingress: list[Ingress]
     enclave: EnclaveLaunch | None
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 def _yaml_problem(file: str, e: yaml.YAMLError) -> Problem:
@@ -1201,12 +1278,32 @@ def _yaml_problem(file: str, e: yaml.YAMLError) -> Problem:
     return Problem(file, line, "", f"not valid YAML: {reason}", hint)
 
 
+# PyYAML's scanner spends time on every open '[' or '{' for each token, so a line of them costs
+# the square of its length (a 1 MiB file of "[[[..]]]" takes minutes); no profile needs more
+# than a few levels.
+MAX_FLOW_DEPTH = 32
+
+
+class _Loader(yaml.SafeLoader):
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_FLOW_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None, None, f"[...] or {{...}} nested more than {MAX_FLOW_DEPTH} deep",
+                self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+
 def parse_profile(text: str, path: str = "<string>") -> Profile:
     """Parse and validate a profile, filling in every default. Raises ProfileError."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ProfileError([_yaml_problem(path, e)]) from None
+    except RecursionError:
+        # PyYAML's composer recurses once per nesting level: "[[[[..." would crash it.
+        raise ProfileError([Problem(path, 1, "", "nested too deeply for a profile",
+                                    "a profile is a few levels of keys; is this the right file?")]
+                           ) from None
     if root is None:
         raise ProfileError([Problem(path, 1, "", "the profile is empty",
                                     "start from parent/profile.example.yaml")])
@@ -1293,6 +1390,66 @@ def check_host(profile: Profile, host_networks: Iterable[IPNetwork]) -> list[Pro
     return problems
 
 
+def check_routes(profile: Profile, host_routes: Iterable[IPNetwork]) -> list[Problem]:
+    """Problems with PROFILE's enclave.routes on a host whose routes go to HOST_ROUTES.
+
+    The parent forwards whatever the enclave sends through the tunnel, so a prefix that the
+    host itself has no route for (typically ::/0 on an instance without IPv6) is a dead end:
+    the enclave's connections there fail with no clue why. The tunnel's own subnets need no
+    host route.
+    """
+    host_routes = list(host_routes)
+    tunnels = [a.network for a in profile.parent.addresses]
+    problems = []
+    for i, route in enumerate(profile.enclave.routes):
+        v = route.version
+        if any(route.subnet_of(n) for n in [*tunnels, *host_routes]  # type: ignore[arg-type]
+               if n.version == v):
+            continue
+        if route.prefixlen == 0:
+            reason = (f"{route} sends the enclave's IPv{v} traffic to the parent, but this host "
+                      f"has no IPv{v} default route")
+            hint = ("give the instance IPv6 (an IPv6 CIDR on its subnet and an IPv6 address "
+                    "on its network interface; the route then comes by router advertisement)"
+                    if v == 6 else "give this host a default route")
+            hint += f", or leave {route} out of enclave.routes"
+        else:
+            reason = (f"{route} sends the enclave's traffic for it to the parent, but this host "
+                      f"has no route to {route}")
+            hint = f"add a route to {route} on this host, or leave it out of enclave.routes"
+        problems.append(Problem(profile.path, profile.line_of(f"enclave.routes[{i}]"),
+                                "enclave.routes", reason, hint))
+    return problems
+
+
+def local_routes(exclude_interface: str | None = None) -> list[IPNetwork]:
+    """The destinations of this namespace's unicast routes in the main table, minus those
+    through loopback or EXCLUDE_INTERFACE (the profile's own tunnel)."""
+    from pyroute2 import IPRoute
+
+    rt_table_main, rtn_unicast = 254, 1
+    nets: list[IPNetwork] = []
+    with IPRoute() as ipr:
+        skip = {link["index"] for link in ipr.get_links()
+                if link.get("IFLA_IFNAME") in ("lo", exclude_interface)}
+        for msg in ipr.get_routes():
+            if msg["family"] not in (2, 10) or msg["type"] != rtn_unicast:
+                continue
+            if (msg.get("RTA_TABLE") or msg["table"]) != rt_table_main:
+                continue
+            if msg.get("RTA_OIF") in skip:
+                continue
+            dst = msg.get("RTA_DST")
+            net: IPNetwork
+            if dst is None:  # a default route carries no destination
+                net = IPv4Network((0, 0)) if msg["family"] == 2 else IPv6Network((0, 0))
+            else:
+                net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
+            if net not in nets:
+                nets.append(net)
+    return nets
+
+
 def local_networks(exclude_interface: str | None = None) -> list[IPNetwork]:
     """The networks of this namespace's addresses, minus loopback and EXCLUDE_INTERFACE.
 
@@ -1327,6 +1484,13 @@ def local_networks(exclude_interface: str | None = None) -> list[IPNetwork]:
 # Dumping and the CLI
 
 
+def _listen_text(listen: tuple[IPAddress, int] | None) -> str | None:
+    if listen is None:
+        return None
+    host, port = listen
+    return f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+
+
 def _to_data(profile: Profile) -> dict[str, Any]:
     t, p, e, a = profile.transport, profile.parent, profile.enclave, profile.attestation
     launch = None
@@ -1357,6 +1521,12 @@ def _to_data(profile: Profile) -> dict[str, Any]:
                         for i in p.ingress],
             "enclave": launch,
             "enclave_cid": p.enclave_cid,
+            "metrics": {
+                "listen": _listen_text(p.metrics.listen),
+                "cloudwatch": None if p.metrics.cloudwatch is None else {
+                    "namespace": p.metrics.cloudwatch.namespace,
+                    "interval": p.metrics.cloudwatch.interval},
+            },
         },
         "enclave": {"address": [str(x) for x in e.addresses], "dns": [str(x) for x in e.dns],
                     "routes": [str(x) for x in e.routes]},
@@ -1381,7 +1551,8 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
         prog=prog, description="Validate a profile and print it with every default filled in.")
     ap.add_argument("file", help="the profile (YAML)")
     ap.add_argument("--host", action="store_true",
-                    help="also check the tunnel subnet against this host's own networks")
+                    help="also check the tunnel subnet against this host's own networks, and "
+                    "that this host has routes for enclave.routes")
     try:
         args = ap.parse_args(list(argv))
     except SystemExit as e:  # argparse has already printed usage; keep our int contract
@@ -1395,10 +1566,11 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
     if args.host:
         try:
             networks = local_networks(profile.interface)
+            routes = local_routes(profile.interface)
         except Exception as e:  # netlink failures come in many types; none deserves a traceback
             print(f"{prog}: cannot list this host's networks: {e}", file=sys.stderr)
             return 1
-        problems = check_host(profile, networks)
+        problems = check_host(profile, networks) + check_routes(profile, routes)
         if problems:
             for p in problems:
                 print(p, file=sys.stderr)

@@ -4,7 +4,9 @@ It speaks only the cross-platform UAPI (``get=1``), so it shows any userspace Wi
 daemon, Debian's wireguard-go, wireguard-go-vsock. It never sends ``set``: read access to the
 sockets is all it needs. Our daemon adds read-only keys that `wg` ignores and this reads:
 ``wgvsock_network`` / ``wgvsock_port`` (a vsock port may not fit in ``listen_port``),
-``wgvsock_profile`` / ``wgvsock_role`` / ``wgvsock_attested`` (set by the roles), and per peer
+``wgvsock_profile`` / ``wgvsock_role`` / ``wgvsock_attested`` (set by the roles), the parent's
+packet counters ``wgvsock_egress_allowed`` / ``_denied`` / ``_blocked`` and, once it runs a DNS
+forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, and per peer
 ``wgvsock_endpoint`` (a readable endpoint), ``wgvsock_conn`` and ``wgvsock_reconnects`` (the
 stream transport's connection to that peer).
 
@@ -214,6 +216,9 @@ class InterfaceView:
     role: str | None = None
     attested: bool | None = None
     debug: bool = False
+    # The parent's packets per egress verdict (allowed, denied, blocked); None when not given.
+    egress: dict[str, int] | None = None
+    dns: dict[str, int] | None = None  # queries, refused: only with a DNS forwarder
     peers: list[PeerView] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -280,6 +285,14 @@ def _bool_or_none(value: str | None) -> bool | None:
     return {"true": True, "false": False}.get(value or "")
 
 
+def _counters(extra: dict[str, str], prefix: str, names: tuple[str, ...]) -> dict[str, int] | None:
+    """The named counters under PREFIX, or None unless every one is there and a number."""
+    values = {n: _int_or_none(extra.get(prefix + n)) for n in names}
+    if any(v is None for v in values.values()):
+        return None
+    return values  # type: ignore[return-value]
+
+
 def _attestation(value: str | None) -> tuple[bool | None, bool]:
     """wgvsock_attested: "true", "false" or "debug" (not attested: a debug-mode enclave)."""
     if value == "debug":
@@ -306,6 +319,8 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         role=role,
         attested=attested,
         debug=debug,
+        egress=_counters(extra, "wgvsock_egress_", ("allowed", "denied", "blocked")),
+        dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
         extra=dict(extra),
     )
     # A role's interface has one peer: the other side of the parent/enclave pair.
@@ -568,6 +583,9 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int) -> list
     n = len(iface.peers)
     parts.append(Text(f"{n} peer{'s' if n != 1 else ''}", style="dim"))
     lines = _flow(console, parts, width, sep="  ")
+    counters = _counter_parts(iface)
+    if counters:
+        lines += _flow(console, counters, width, _INDENT)
     if not iface.peers:
         lines.append(Text(" " * _INDENT + "no peers configured", style="dim"))
         return lines
@@ -602,6 +620,21 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int) -> list
         )
         lines += _flow(console, _details(p, rates=not wide), width, _DETAIL_INDENT)
     return lines
+
+
+def _counter_parts(iface: InterfaceView) -> list[Text]:
+    """The parent's egress verdicts and DNS forwarder counts, in packets and queries."""
+    parts: list[Text] = []
+    if iface.egress is not None:
+        e = iface.egress
+        parts.append(Text(f"egress allowed {e['allowed']}", style="green"))
+        parts.append(Text(f"denied {e['denied']}", style="bold red" if e["denied"] else "dim"))
+        parts.append(Text(f"blocked {e['blocked']}", style="yellow" if e["blocked"] else "dim"))
+    if iface.dns is not None:
+        d = iface.dns
+        parts.append(Text(f"dns {d['queries']} quer{'ies' if d['queries'] != 1 else 'y'}"))
+        parts.append(Text(f"refused {d['refused']}", style="bold red" if d["refused"] else "dim"))
+    return parts
 
 
 def _details(p: PeerView, rates: bool = False) -> list[Text]:

@@ -247,6 +247,9 @@ def parse_set(text: str) -> DeviceConfig:
         elif key == "endpoint":
             if not value:
                 raise UAPIError(ERR_INVALID, "invalid endpoint '': empty")
+            if "\r" in value or "\0" in value:
+                # No endpoint has them, and format_set could not write this one back.
+                raise UAPIError(ERR_INVALID, f"invalid endpoint {value!r}: control character")
             peer.endpoint = value
         elif key == "persistent_keepalive_interval":
             peer.persistent_keepalive = _parse_uint(key, value, _U16)

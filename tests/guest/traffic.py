@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from tests.net.netlab import Lab, Namespace, wait_for
+from tests.net.netlab import SLOWDOWN, Lab, Namespace, wait_for
 
 
 def peer_counters(ns: Namespace, ifname: str) -> tuple[int, int]:
@@ -23,7 +23,8 @@ def wait_counters_agree(a: Namespace, ia: str, b: Namespace, ib: str) -> None:
         (arx, atx), (brx, btx) = peer_counters(a, ia), peer_counters(b, ib)
         return arx == btx and atx == brx and arx > 0 and atx > 0
 
-    wait_for(agree, 15, f"equal transfer counters on {ia} and {ib}")
+    # A keepalive may still be on its way: patience, stretched under the guest's slow CPU.
+    wait_for(agree, 15 * SLOWDOWN, f"equal transfer counters on {ia} and {ib}")
 
 
 def copy_through(lab: Lab, src: Namespace, dst: Namespace, addr: str, size: int) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import pytest
 
 from wgvsock import firewall
+from wgvsock.uapi import uapi_get
 
 from .netlab import Lab, Namespace, wait_for
 from .test_firewall import probe, start_server
@@ -176,6 +177,10 @@ def test_names_allow_refuse_and_block(named: World) -> None:
     c = counters(w)
     assert c["allow ok.test"] >= 2 and c["allow *.wild.test"] >= 1
     assert c["dns forwarder"] >= 8
+    # The forwarder's counters reach the parent's UAPI, which status and metrics read.
+    extra = uapi_get(str(w.parent_uapi()))["extra"]
+    assert int(extra["wgvsock_dns_refused"]) == 4  # bad.wild, other, wild, target.test
+    assert int(extra["wgvsock_dns_queries"]) >= 12
 
 
 def test_ttl_expiry_removes_the_address(named: World) -> None:

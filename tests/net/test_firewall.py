@@ -341,6 +341,11 @@ def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:
     assert values() == ["1", "0", "1"]
     firewall.restore_forwarding(prev4, scratch.name)
     assert values() == ["0", "0", "1"]
+    # An interface that went away meanwhile (e.g. the tunnel) has nothing left to restore.
+    prev = firewall.enable_forwarding(scratch.name, ipv6=True)
+    scratch.ip("link", "del", "up0")
+    firewall.restore_forwarding(prev, scratch.name)
+    assert scratch.run("sysctl", "-n", *sysctl[:2]).stdout.split() == ["0", "0"]
 
 
 # The netns=None paths (what `parent up` uses on the host), run from a process placed inside a

@@ -412,10 +412,10 @@ def test_lock_pins_the_enclave_dependencies() -> None:
     names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in deps}
     lock = (ROOT / "docker/requirements.lock").read_text()
     pinned = {line.split("==")[0] for line in lock.splitlines() if "==" in line}
-    # dnspython: only the parent's DNS forwarder uses it (egress by host name).
-    assert names - {"boto3", "rich", "dnspython"} <= pinned
-    assert not pinned & {"boto3", "botocore", "rich", "s3transfer", "dnspython", "pip",
-                         "setuptools"}
+    # prometheus_client: the parent's metrics; dnspython: its DNS forwarder (egress by name).
+    assert names - {"boto3", "rich", "prometheus_client", "dnspython"} <= pinned
+    assert not pinned & {"boto3", "botocore", "rich", "s3transfer", "prometheus-client",
+                         "dnspython", "pip", "setuptools"}
     entries = lock.split("==")[1:]
     assert all("--hash=sha256:" in e for e in entries)
     build_lock = (ROOT / "docker/build.lock").read_text()

@@ -22,7 +22,7 @@ import pytest
 
 from wgvsock import firewall
 
-from .netlab import Lab, Namespace, wait_for
+from .netlab import SLOWDOWN, Lab, Namespace, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -106,7 +106,7 @@ class World:
         for addr in ("198.51.100.2", "198.51.100.3"):
             wait_for(lambda a=addr: self.internet.run(
                 "curl", "-s", "--max-time", "1", f"http://{a}/", check=False).returncode == 0,
-                10, f"the internet's server on {addr}")
+                10 * SLOWDOWN, f"the internet's server on {addr}")
 
     def env_for(self, side: str) -> dict[str, str]:
         run_dir = self.lab.tmp / f"run-{side}"
@@ -132,7 +132,8 @@ class World:
         log = open(self.lab.tmp / log_name, "ab")  # noqa: SIM115 - closed by the process
         proc = self.enclave.popen(
             *launcher, "--profile", str(self.profile), "--timeout", f"{timeout:g}", "--",
-            "python3", "-m", "http.server", "-d", str(self.app), "8080",
+            # "::" serves both families (http.server alone binds 0.0.0.0 only).
+            "python3", "-m", "http.server", "-d", str(self.app), "-b", "::", "8080",
             env=self.env_for("enclave"), stdout=log, stderr=log,
         )
         log.close()

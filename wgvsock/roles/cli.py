@@ -56,7 +56,7 @@ def parent_main(argv: list[str]) -> int:
     if args.cmd == "doctor":
         return doctor(profile)
     from ..daemon import spawn_background, take_ready_fd
-    from ..profile import check_host, local_networks
+    from ..profile import check_host, check_routes, local_networks, local_routes
 
     ready_fd = take_ready_fd()
     if ready_fd is None:
@@ -69,6 +69,14 @@ def parent_main(argv: list[str]) -> int:
         if problems:
             print("refusing to start:\n" + "\n".join(str(p) for p in problems), file=sys.stderr)
             return 1
+        # Only a warning: the rest of the tunnel works, and the host may get its route later
+        # (an IPv6 default route comes by router advertisement).
+        try:
+            warnings = check_routes(profile, local_routes(exclude_interface=profile.interface))
+        except Exception as e:  # netlink failures come in many types; this is advice only
+            warnings = [f"cannot list this host's routes: {e}"]
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
         if not args.foreground:
             extra = ["-v"] if args.verbose else []
             return spawn_background(
@@ -83,7 +91,7 @@ def doctor(profile) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..profile import check_host, local_networks
+    from ..profile import check_host, check_routes, local_networks, local_routes
     from .parent import Check, local_checks
 
     checks = local_checks(profile)
@@ -91,10 +99,16 @@ def doctor(profile) -> int:
     checks.append(Check("profile", not problems,
                         "valid, no overlap with this host's networks" if not problems
                         else "; ".join(str(p) for p in problems)))
+    problems = check_routes(profile, local_routes(exclude_interface=profile.interface))
+    checks.append(Check("routes", not problems,
+                        "this host has a route for each of enclave.routes" if not problems
+                        else "; ".join(str(p) for p in problems)))
     try:
         from ..aws import doctor_checks
 
-        checks += [Check(c.name, c.ok, c.detail) for c in doctor_checks()]
+        cw = profile.parent.metrics.cloudwatch
+        checks += [Check(c.name, c.ok, c.detail) for c in doctor_checks(
+            cloudwatch=(cw.namespace, profile.name) if cw is not None else None)]
     except ImportError:
         checks.append(Check("AWS", None, "AWS checks are not available in this version"))
     table = Table(title=f"wgvsock parent doctor — {profile.name}")

@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..conn import make_bind
 from ..control import ControlServer, Verdict
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import Device
+from ..metrics.counters import DnsCounters, ParentCounters
 from ..threads import on_thread_death
 from .common import (
     configure,
@@ -235,15 +237,33 @@ class Parent:
         self.supervisor = None  # nitro.EnclaveSupervisor when the profile starts the enclave
         self._state: State | None = None
         self.verdict: Verdict | None = None
+        self.counters: ParentCounters | None = None
+        # The DNS forwarder's counters, once the parent runs one; until then DNS numbers are
+        # absent from status and metrics.
+        self.dns_counters: Callable[[], DnsCounters] | None = None
+        self.exporter = None  # metrics.prometheus.Exporter with parent.metrics.listen
+        self.cloudwatch = None  # metrics.cloudwatch.CloudWatchSender with .cloudwatch
         self._enclave_cid: int | None = None  # of the enclave the supervisor last started
         self._rules = 0  # rules in our nftables table right after we loaded it
         # The DNS forwarder when the profile allows egress by name; its .stats holds the
         # refused-name and query counters.
         self.dns = None
 
+    def egress_interface(self) -> str | None:
+        """The profile's egress interface, else that of the default route of each IP version
+        the enclave has. When those differ (IPv6 on another ENI, say), None: masquerade out
+        of any interface but the tunnel, so each family leaves by its own route."""
+        p = self.profile
+        if p.parent.egress.interface:
+            return p.parent.egress.interface
+        found = {netconf.default_route_interface(v)
+                 for v in sorted({a.version for a in p.enclave.addresses})}
+        found.discard(None)
+        return found.pop() if len(found) == 1 else None
+
     def spec(self) -> firewall.FirewallSpec:
         p = self.profile
-        egress_if = p.parent.egress.interface or netconf.default_route_interface()
+        egress_if = self.egress_interface()
         return firewall.FirewallSpec(
             name=p.name,
             tunnel_interface=p.interface,
@@ -281,6 +301,8 @@ class Parent:
             self._forwarding = firewall.enable_forwarding(ipv6=v6)
             firewall.apply(self.spec())
             self._table = True
+            self.counters = ParentCounters(p.name, dns=self._dns)
+            self.device.status_hook = self.counters.uapi_keys
             self._rules = firewall.rule_count(p.name)
             self._start_dns()
             listener = control_listener(t)
@@ -294,6 +316,7 @@ class Parent:
                 accept_from=self._enclave_filter(),
             )
             self.control.start()
+            self._start_metrics()
             self._state = State(p.name, os.getpid(), p.interface, p.path, self._forwarding,
                                 self._sockets)
             self._state.save()
@@ -303,6 +326,31 @@ class Parent:
             raise
         log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
                  t.port, t.control_port)
+
+    def _dns(self) -> DnsCounters | None:
+        return self.dns_counters() if self.dns_counters is not None else None
+
+    def _start_metrics(self) -> None:
+        m = self.profile.parent.metrics
+        if m.listen is None and m.cloudwatch is None:
+            return
+        from ..metrics.prometheus import Exporter, registry_for
+
+        registry = registry_for(self)
+        if m.listen is not None:
+            try:
+                self.exporter = Exporter(registry, *m.listen)
+            except OSError as e:
+                host, port = m.listen
+                raise RoleError(f"parent.metrics.listen {host} port {port}: "
+                                f"{e.strerror or e}: choose a free port, or an address of "
+                                "this host") from None
+        if m.cloudwatch is not None:
+            from ..metrics.cloudwatch import CloudWatchSender
+
+            self.cloudwatch = CloudWatchSender(registry, m.cloudwatch.namespace,
+                                               m.cloudwatch.interval, self.profile.name)
+            self.cloudwatch.start()
 
     def _enclave_filter(self):
         """Which vsock peers may use the control port: the enclave's CID when it is known
@@ -363,6 +411,8 @@ class Parent:
             clients=[a.ip for a in self.profile.enclave.addresses],
         )
         self.dns.start()
+        stats = self.dns.stats  # read from other threads: plain ints, each read whole
+        self.dns_counters = lambda: DnsCounters(stats.queries, stats.refused)
 
     def _route_enclave(self) -> None:
         # The parent's own address usually covers the enclave's (same subnet); only prefixes
@@ -412,6 +462,10 @@ class Parent:
 
     def close(self) -> None:
         self.stopped.set()
+        for service in (self.cloudwatch, self.exporter):
+            if service is not None:
+                service.close()
+        self.cloudwatch = self.exporter = None
         if self.supervisor is not None:
             self.supervisor.stop()  # terminates the enclave it started
             self.supervisor = None
@@ -419,6 +473,7 @@ class Parent:
             self.control.close()
             self.control = None
         if self.dns is not None:
+            self.dns_counters = None
             self.dns.close()
             self.dns = None
         # The interface first: once it is gone nothing reaches or leaves the enclave, so
@@ -528,7 +583,8 @@ def down(profile) -> list[str]:
     if firewall.exists(profile.name):
         firewall.remove(profile.name)
         done.append(f"removed nftables table for {profile.name}")
-    if state is not None and state.forwarding:
+    # A parent that stopped cleanly has restored them and removed its state file itself.
+    if state is not None and state.forwarding and State.path_for(profile.name).exists():
         firewall.restore_forwarding(state.forwarding)
     sockets = list(state.sockets) if state else []
     sockets.append(os.path.join(run_dir(), f"{profile.interface}.sock"))

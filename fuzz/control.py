@@ -1,0 +1,293 @@
+"""Targets `control-parent` and `control-enclave`: hostile peers on the control channel.
+
+`control-parent` runs a real ControlServer in this process on a Unix socket in a private
+directory, with a constant nonce so that inputs can echo it and get past the nonce check, and
+plays a hostile enclave: each input is the whole byte stream one connection sends. Whatever
+the stream, the server must answer with well-formed frames only, send a welcome exactly when
+it installed the key, and end the connection without an exception escaping its thread.
+
+`control-enclave` plays a hostile parent over a socketpair: the input is what the parent
+sends; the enclave runs register() and, once welcomed, hold_connection(). ControlError and
+OSError are what the enclave's caller expects; anything else is a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import random
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+from wgvsock.control import (
+    MAX_MESSAGE,
+    NONCE_LEN,
+    ControlError,
+    ControlServer,
+    Verdict,
+    hold_connection,
+    register,
+)
+
+from .harness import Hang, Target, quiet
+from .mutate import TEXT_VALUES, havoc, mutate_text, random_bytes
+
+NONCE = bytes(range(NONCE_LEN))
+KEYS = ("v", "type", "nonce", "public_key", "attestation", "wg_port", "attested", "reason",
+        "profile")
+TYPES = ("challenge", "register", "welcome", "refused", "ping", "", "REGISTER", "x" * 100)
+PEER_TIMEOUT = 5.0  # the fuzzer's wait for the other side to finish; the exchange's is 1 s
+_LEN = struct.Struct(">I")
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def frame(body: bytes) -> bytes:
+    return _LEN.pack(len(body)) + body
+
+
+def random_json(rng: random.Random, depth: int = 0) -> Any:
+    r = rng.random()
+    if depth > 3 or r < 0.5:
+        return rng.choice((
+            None, True, False, 0, 1, -1, 2**32, 2**64, 10**400, 1.5, float("inf"),
+            rng.choice(TEXT_VALUES), b64(rng.randbytes(rng.choice((0, 31, 32, 33, 100)))),
+            rng.choice(TYPES),
+        ))
+    if r < 0.75:
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice((*KEYS, "")): random_json(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+
+
+def bad_b64(rng: random.Random, good: str) -> Any:
+    return rng.choice((
+        good[:-1], good + "=", good + "A", " " + good, good.replace("+", "-"), good.upper(),
+        b64(rng.randbytes(rng.choice((0, 1, 31, 33, 64)))), "====", "\u00e9" * 4, 0, None, [good],
+        random_json(rng),
+    ))
+
+
+def mutate_message(rng: random.Random, msg: dict[str, Any]) -> dict[str, Any]:
+    msg = dict(msg)
+    for _ in range(rng.randint(1, 3)):
+        r = rng.random()
+        key = rng.choice(list(msg) or ["v"])
+        if r < 0.2:
+            msg.pop(key, None)
+        elif r < 0.45 and isinstance(msg.get(key), str):
+            msg[key] = bad_b64(rng, msg[key])
+        elif r < 0.6:
+            msg["v"] = rng.choice((0, 2, "1", 1.0, True, None, [1]))
+        elif r < 0.7:
+            msg["type"] = rng.choice((*TYPES, None, 1, ["register"]))
+        else:
+            msg[rng.choice(KEYS)] = random_json(rng)
+    return msg
+
+
+def encode_stream(rng: random.Random, messages: list[dict[str, Any]]) -> bytes:
+    """Frames the messages, sometimes with broken JSON, lengths or bytes."""
+    out = bytearray()
+    for msg in messages:
+        body = json.dumps(msg, separators=(",", ":"), allow_nan=True).encode()
+        r = rng.random()
+        if r < 0.1:
+            body = mutate_text(rng, body.decode(), max_len=4096).encode("utf-8", "surrogatepass")
+        elif r < 0.15:
+            body = rng.choice((b"", b"[]", b"1", b'"x"', b"[" * 5000, b"\xff\xfe", b"{" * 100,
+                               b'{"v":1,"type":"ping"}' * 2, b"\x00" * 10))
+        if r > 0.97:  # a length that lies
+            out += _LEN.pack(rng.choice((0, len(body) + 1, max(0, len(body) - 1), MAX_MESSAGE + 1,
+                                         2**32 - 1))) + body
+        else:
+            out += frame(body)
+    if rng.random() < 0.1:
+        return havoc(rng, bytes(out), max_len=100_000)
+    return bytes(out)
+
+
+def parse_frames(data: bytes) -> list[dict[str, Any]]:
+    """What one of our own sides sent: it must be whole, well-formed frames."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        assert len(data) - pos >= 4, "a truncated frame header"
+        (n,) = _LEN.unpack_from(data, pos)
+        assert 0 < n <= MAX_MESSAGE, f"frame length {n}"
+        body = data[pos + 4:pos + 4 + n]
+        assert len(body) == n, "a truncated frame"
+        msg = json.loads(body)
+        assert isinstance(msg, dict) and msg.get("v") == 1, f"bad message {body[:100]!r}"
+        out.append(msg)
+        pos += 4 + n
+    return out
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        except TimeoutError:
+            raise Hang(f"the other side neither finished nor closed in {PEER_TIMEOUT} s") from None
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    return bytes(out)
+
+
+class ControlParentTarget(Target):
+    name = "control-parent"
+    count = 20_000
+    shard_size = 5_000
+
+    def __init__(self, rng: random.Random, workdir: Path) -> None:
+        super().__init__(rng, workdir)
+        self.escaped: list[str] = []
+        self._quiet = quiet("wgvsock.control")
+        self._quiet.__enter__()
+        self._old_hook = threading.excepthook
+        threading.excepthook = self._hook
+        self.installed = 0
+        self.path = str(workdir / "control.sock")
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.path).unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(16)
+        self.server = ControlServer(
+            listener, profile="fuzz", public_key=b"\x07" * 32, wg_port=51820,
+            verify=self._verify, install=self._install, rng=lambda n: NONCE[:n], timeout=1.0,
+        )
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.close()
+        threading.excepthook = self._old_hook
+        self._quiet.__exit__(None, None, None)
+
+    def _hook(self, args: threading.ExceptHookArgs) -> None:
+        self.escaped.append(f"{args.exc_type.__name__}: {args.exc_value} in {args.thread}")
+
+    def _verify(self, public_key: bytes, attestation: bytes | None, nonce: bytes) -> Verdict:
+        assert len(public_key) == 32 and nonce == NONCE, "verifier called with bad arguments"
+        if attestation and attestation[0] == 0xFF:
+            raise RuntimeError("a verifier bug")  # the server must refuse, not die
+        if attestation and attestation[0] == 0:
+            return Verdict(False, reason="attestation refused")
+        return Verdict(True, attested=attestation is not None)
+
+    def _install(self, public_key: bytes, verdict: Verdict) -> None:
+        assert verdict.accepted and len(public_key) == 32
+        self.installed += 1
+
+    def generate(self, rng: random.Random) -> tuple[str, bytes]:
+        r = rng.random()
+        if r < 0.1:
+            return "random", random_bytes(rng, 400)
+        register_msg = {"v": 1, "type": "register", "nonce": b64(NONCE),
+                        "public_key": b64(rng.randbytes(32)),
+                        "attestation": rng.choice((None, b64(rng.randbytes(rng.randint(1, 64)))))}
+        if r < 0.6:
+            messages = [mutate_message(rng, register_msg)]
+            kind = "register-mutated"
+        elif r < 0.75:
+            messages = [random_json(rng) for _ in range(rng.randint(1, 3))]
+            kind = "json"
+        else:
+            messages = [register_msg]
+            kind = "register-then"
+        if rng.random() < 0.5:
+            pings = [{"v": 1, "type": "ping"} for _ in range(rng.randint(1, 3))]
+            messages += [mutate_message(rng, p) if rng.random() < 0.5 else p for p in pings]
+        return kind, encode_stream(rng, messages)
+
+    def run(self, data: bytes) -> None:
+        self.escaped.clear()
+        before = self.installed
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(PEER_TIMEOUT)
+            s.connect(self.path)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+            reply = _read_all(s)
+        # The server closes the socket before an escaping exception reaches the thread hook:
+        # wait for its connection threads to end before looking.
+        for t in threading.enumerate():
+            if t.name.endswith("(_serve)"):
+                t.join(PEER_TIMEOUT)
+                if t.is_alive():
+                    raise Hang("a control connection thread did not end")
+        for text in self.escaped:
+            raise AssertionError(f"exception escaped the control server: {text}")
+        messages = parse_frames(reply)
+        types = [m.get("type") for m in messages]
+        assert types[:1] == ["challenge"], f"server began with {types[:1]}"
+        welcomed = "welcome" in types
+        assert welcomed == (self.installed == before + 1), "welcome without install or back"
+        rest = types[2:] if welcomed or "refused" in types else types[1:]
+        assert set(rest) <= {"ping"}, f"unexpected messages {types}"
+
+
+class ControlEnclaveTarget(Target):
+    name = "control-enclave"
+    count = 20_000
+    shard_size = 10_000
+    allowed = (ControlError, OSError)
+
+    def __init__(self, rng: random.Random, workdir: Path) -> None:
+        super().__init__(rng, workdir)
+        self._quiet = quiet("wgvsock.control")
+        self._quiet.__enter__()
+
+    def close(self) -> None:
+        self._quiet.__exit__(None, None, None)
+
+    def generate(self, rng: random.Random) -> tuple[str, bytes]:
+        r = rng.random()
+        if r < 0.1:
+            return "random", random_bytes(rng, 400)
+        challenge = {"v": 1, "type": "challenge", "nonce": b64(rng.randbytes(32)),
+                     "profile": "fuzz"}
+        answer: dict[str, Any] = rng.choice((
+            {"v": 1, "type": "welcome", "public_key": b64(rng.randbytes(32)),
+             "wg_port": rng.choice((51820, 1, 2**32 - 1)), "attested": rng.random() < 0.5},
+            {"v": 1, "type": "refused", "reason": rng.choice(TEXT_VALUES)},
+        ))
+        if r < 0.35:
+            kind, messages = "challenge-mutated", [mutate_message(rng, challenge), answer]
+        elif r < 0.75:
+            kind, messages = "answer-mutated", [challenge, mutate_message(rng, answer)]
+        elif r < 0.85:
+            kind, messages = "json", [random_json(rng) for _ in range(rng.randint(1, 3))]
+        else:
+            kind, messages = "welcome-then", [challenge, answer]
+        if rng.random() < 0.5:
+            messages += [rng.choice(({"v": 1, "type": "ping"}, random_json(rng)))
+                         for _ in range(rng.randint(1, 3))]
+        return kind, encode_stream(rng, messages)
+
+    def run(self, data: bytes) -> None:
+        parent, enclave = socket.socketpair()
+        with parent, enclave:
+            parent.settimeout(PEER_TIMEOUT)
+            parent.sendall(data)
+            parent.shutdown(socket.SHUT_WR)
+            welcome = register(enclave, b"\x05" * 32, lambda nonce, key: b"doc", timeout=1.0)
+            assert len(welcome.parent_public_key) == 32, "welcome with a bad key"
+            assert type(welcome.wg_port) is int and 0 < welcome.wg_port < 2**32, (
+                f"welcome with port {welcome.wg_port!r}")
+            why = hold_connection(enclave, threading.Event())
+            assert isinstance(why, str)
+            enclave.shutdown(socket.SHUT_WR)
+            sent = parse_frames(_read_all(parent))
+            assert [m.get("type") for m in sent][:1] == ["register"], "enclave sent no register"

@@ -1,0 +1,285 @@
+"""IPv6 end to end (issue 14 §3): a dual-stack profile, real IPv6 packets through the tunnel.
+
+The namespaces of test_roles.World, with IPv6 added to its cable:
+
+    enclave  wg0 10.77.0.2, fd77::2  (routes 0.0.0.0/0 and ::/0)
+       │  Unix-socket stand-in for vsock
+    parent   wg0 10.77.0.1, fd77::1;  va0 2001:db8:100::1/64, default via 2001:db8:100::2
+       │
+    internet vb0 2001:db8:100::2 (allowed), 2001:db8:200::3 (denied), fd00:ec2::254 (IMDS)
+
+The internet's IPv6 servers listen on their IPv6 addresses only, so nothing here can pass
+over IPv4 by accident. Addresses are added with `nodad`: duplicate address detection would
+keep them tentative (unusable) for a second or more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from wgvsock import firewall
+
+from .netlab import Lab, Namespace, run, wait_for
+from .test_roles import UNIX_TRANSPORT, WGVSOCK, World
+
+pytestmark = [pytest.mark.root]
+
+DUAL_STACK_PROFILE = """\
+version: 1
+name: {name}
+interface: wg0
+transport:
+{transport}
+parent:
+  address: [10.77.0.1/30, fd77::1/126]
+  private_key: {key}
+  egress:
+    allow: [0.0.0.0/0, "::/0"]
+    deny: [169.254.169.254/32, 198.51.100.3/32, "2001:db8:200::/64"]
+  ingress:
+    - {{listen: 8443, to: 8080, protocol: tcp}}
+enclave:
+  address: [10.77.0.2/30, fd77::2/126]
+  dns: [198.51.100.53]
+"""
+
+SERVER = "2001:db8:100::2"
+DENIED = "2001:db8:200::3"
+IMDS = "fd00:ec2::254"
+PARENT = "2001:db8:100::1"
+UDP_PORT = 5353
+
+# A UDP echo server bound to one IPv6 address only.
+UDP_ECHO = """\
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(b"echo " + data, peer)
+"""
+
+UDP_ASK = """\
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(float(sys.argv[3]))
+s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+print(s.recvfrom(2048)[0].decode())
+"""
+
+
+class World6:
+    """test_roles.World with a dual-stack profile and IPv6 on the parent-internet cable."""
+
+    def __init__(self, lab: Lab, profile: str = DUAL_STACK_PROFILE) -> None:
+        w = self.w = World(lab)
+        self.name = w.name
+        try:
+            self._set_up(lab, profile)
+        except BaseException:
+            w.close()  # the lab removes the rest; World also leaves a file in /etc/netns
+            raise
+
+    def _set_up(self, lab: Lab, profile: str) -> None:
+        w = self.w
+        w.profile.write_text(profile.format(
+            name=w.name, transport=UNIX_TRANSPORT.format(sock=lab.tmp / "sock"),
+            key=lab.tmp / "parent.key"))
+        w.parent.ip("-6", "addr", "add", f"{PARENT}/64", "dev", "va0", "nodad")
+        for addr in (f"{SERVER}/64", f"{DENIED}/64", f"{IMDS}/64"):
+            w.internet.ip("-6", "addr", "add", addr, "dev", "vb0", "nodad")
+        w.parent.ip("-6", "route", "add", "default", "via", SERVER)
+        # Bulk data of a few MiB: TCP segmentation offload over IPv6 both ways.
+        self.big = os.urandom(6 << 20)
+        for d in (lab.tmp / "www", w.app):
+            (d / "big6.bin").write_bytes(self.big)
+        for addr in (SERVER, DENIED, IMDS):
+            w.internet.popen("python3", "-m", "http.server", "-d", str(lab.tmp / "www"),
+                             "-b", addr, "80")
+            # The parent itself reaches each one: a block seen from the enclave is the tunnel's.
+            wait_for(lambda a=addr: self.get(w.parent, f"http://[{a}]/", 1) is not None, 10,
+                     f"the internet's IPv6 server on {addr}, from the parent")
+        w.internet.popen(sys.executable, "-c", UDP_ECHO, SERVER, str(UDP_PORT))
+        wait_for(lambda: self.udp(w.parent, SERVER) == "echo ping", 10,
+                 "the internet's IPv6 UDP echo server, from the parent")
+
+    def get(self, ns: Namespace, url: str, timeout: float = 2) -> str | None:
+        # -g: the brackets of an IPv6 literal are not a curl glob.
+        res = ns.run("curl", "-gs", "--max-time", str(timeout), url, check=False)
+        return res.stdout if res.returncode == 0 else None
+
+    def udp(self, ns: Namespace, addr: str, timeout: float = 1) -> str | None:
+        res = ns.run(sys.executable, "-c", UDP_ASK, addr, str(UDP_PORT), str(timeout),
+                     check=False)
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    def fetch_big(self, ns: Namespace, url: str) -> bool:
+        out = self.w.lab.tmp / f"fetched6-{ns.name}.bin"
+        res = ns.run("curl", "-gs", "--max-time", "30", "-o", str(out), url, check=False,
+                     timeout=45)
+        return res.returncode == 0 and out.read_bytes() == self.big
+
+    def egress6_works(self) -> bool:
+        return self.get(self.w.enclave, f"http://[{SERVER}]/") == "hello from the internet\n"
+
+    def ingress6_works(self) -> bool:
+        return self.get(self.w.internet, f"http://[{PARENT}]:8443/") == "hello from the enclave\n"
+
+    def wg0_stats(self) -> dict[str, dict[str, int]]:
+        res = self.w.enclave.ip("-s", "-j", "link", "show", "dev", "wg0")
+        return json.loads(res.stdout)[0]["stats64"]
+
+    def counters(self) -> dict[str, firewall.Counter]:
+        return firewall.read_counters(self.name, netns=self.w.parent.name)
+
+
+def per_packet(a: dict[str, int], b: dict[str, int]) -> float:
+    return (b["bytes"] - a["bytes"]) / max(b["packets"] - a["packets"], 1)
+
+
+@pytest.fixture
+def world6(lab: Lab):
+    w = World6(lab)
+    try:
+        yield w
+    finally:
+        w.w.close()
+
+
+def test_dual_stack_enclave_reaches_ipv6_internet_and_is_reached_over_ipv6(
+        world6: World6) -> None:
+    w = world6.w
+    sysctl = ["sysctl", "-n", "net.ipv6.conf.all.forwarding"]
+    assert w.parent.run(*sysctl).stdout.strip() == "0"
+    w.parent_cmd("up")
+    assert w.parent.run(*sysctl).stdout.strip() == "1"
+    w.start_enclave()
+    wait_for(world6.egress6_works, 30, "the enclave to fetch a page from an IPv6-only server")
+    # The enclave's tunnel carries both families; IPv4 still works beside IPv6.
+    addrs = w.enclave.ip("-o", "addr", "show", "dev", "wg0").stdout
+    assert "inet 10.77.0.2/30" in addrs and "inet6 fd77::2/126" in addrs
+    assert "default dev wg0" in w.enclave.ip("-6", "route", "show").stdout
+    assert w.egress_works()
+
+    # UDP over IPv6, masqueraded: the server answered the parent's address.
+    assert world6.udp(w.enclave, SERVER) == "echo ping"
+
+    # Ingress on the parent's IPv6 address reaches the enclave's app.
+    wait_for(world6.ingress6_works, 10, "the internet to reach the enclave on [2001:db8:100::1]")
+    counters = world6.counters()
+    assert counters["egress_allowed"].packets > 0
+    assert counters["allow ::/0"].packets > 0
+    assert counters["ingress_accepted"].packets > 0
+
+    # A denied IPv6 prefix and the IPv6 metadata address are dropped at the parent (both
+    # answer the parent itself: see World6).
+    assert world6.get(w.enclave, f"http://[{DENIED}]/", timeout=1.5) is None
+    assert world6.get(w.enclave, f"http://[{IMDS}]/", timeout=1.5) is None
+    counters = world6.counters()
+    assert counters["deny 2001:db8:200::/64"].packets > 0
+    assert counters["deny fd00:ec2::254/128"].packets > 0
+    assert world6.egress6_works()
+
+    # Bulk IPv6 TCP both ways: super-packets (TSO) from the enclave's kernel cross the tunnel
+    # and leave the parent cut to size; the parent's coalesced writes reach the enclave. The
+    # enclave's wg0 counts a super-packet as one packet, so bytes per packet above the MTU
+    # show that segmentation offload was at work in that direction.
+    before = world6.wg0_stats()
+    assert world6.fetch_big(w.enclave, f"http://[{SERVER}]/big6.bin")
+    middle = world6.wg0_stats()
+    assert world6.fetch_big(w.internet, f"http://[{PARENT}]:8443/big6.bin")
+    after = world6.wg0_stats()
+    assert per_packet(before["rx"], middle["rx"]) > 1420  # coalesced GSO writes into the TUN
+    assert per_packet(middle["tx"], after["tx"]) > 1420  # TSO reads from the TUN
+
+    # `wgvsock status` shows the IPv6 allowed IPs on both sides.
+    def status(side: str) -> dict:
+        res = run(WGVSOCK, "status", "--once", "--json", "--run-dir",
+                  str(w.lab.tmp / f"run-{side}"), check=False)
+        return json.loads(res.stdout)["interfaces"][0]["peers"][0]
+
+    assert set(status("parent")["allowed_ips"]) == {"10.77.0.2/32", "fd77::2/128"}
+    assert set(status("enclave")["allowed_ips"]) == {"0.0.0.0/0", "::/0"}
+    text = run(WGVSOCK, "status", "--once", "--run-dir", str(w.lab.tmp / "run-parent"),
+               env={**os.environ, "COLUMNS": "200"}, check=False).stdout
+    assert "fd77::2/128" in text
+
+    # `parent down` puts the IPv6 forwarding sysctl back.
+    w.parent_cmd("down")
+    assert w.parent.run(*sysctl).stdout.strip() == "0"
+
+
+def test_ipv6_default_route_on_another_interface(lab: Lab) -> None:
+    """The IPv4 and IPv6 default routes leave by different interfaces and the profile names
+    none: the enclave's traffic of each family is masqueraded out of its own."""
+    w6 = World6(lab)
+    w = w6.w
+    try:
+        for ns in (w.parent, w.internet):  # the new cable's addresses: usable at once
+            ns.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+        lab.veth(w.parent, "2001:db8:300::1/64", w.internet, "2001:db8:300::2/64")
+        w.parent.ip("-6", "route", "replace", "default", "via", "2001:db8:300::2", "dev", "va1")
+        w.parent.ip("-6", "addr", "del", f"{PARENT}/64", "dev", "va0")
+        wait_for(lambda: w6.get(w.parent, f"http://[{SERVER}]/", 1) is not None, 10,
+                 "the internet over the second cable, from the parent")
+        w.parent_cmd("up")
+        w.start_enclave()
+        wait_for(w6.egress6_works, 30, "IPv6 egress out of the IPv6 default route's interface")
+        wait_for(w.egress_works, 10, "IPv4 egress out of the IPv4 default route's interface")
+        assert w6.udp(w.enclave, SERVER) == "echo ping"
+    finally:
+        w.close()
+
+
+IPV6_ONLY_PROFILE = """\
+version: 1
+name: {name}
+interface: wg0
+transport:
+{transport}
+parent:
+  address: "fd77::1/126"
+  private_key: {key}
+  ingress:
+    - {{listen: 8443, to: 8080, protocol: tcp}}
+"""
+
+
+def test_ipv6_only_tunnel(lab: Lab) -> None:
+    """An enclave with an IPv6 address only: the defaults (enclave address, ::/0, allow ::/0,
+    the IPv6 resolver) make a working tunnel, and IPv4 goes nowhere."""
+    w6 = World6(lab, IPV6_ONLY_PROFILE)
+    w = w6.w
+    try:
+        w.parent_cmd("up")
+        w.start_enclave()
+        wait_for(w6.egress6_works, 30, "IPv6 egress from an IPv6-only enclave")
+        wait_for(w6.ingress6_works, 10, "IPv6 ingress to an IPv6-only enclave")
+        assert "nameserver fd00:ec2::253" in w.resolv.read_text()
+        assert "inet " not in w.enclave.ip("-o", "addr", "show", "dev", "wg0").stdout
+        assert w.curl(w.enclave, "http://198.51.100.2/", timeout=1) is None
+        assert w6.get(w.enclave, f"http://[{IMDS}]/", timeout=1.5) is None
+    finally:
+        w.close()
+
+
+def test_profile_check_host_explains_a_missing_ipv6_route(world6: World6) -> None:
+    w = world6.w
+    check = [WGVSOCK, "profile", "check", "--host", str(w.profile)]
+    assert w.parent.run(*check, check=False).returncode == 0
+    w.parent.ip("-6", "route", "del", "default")
+    res = w.parent.run(*check, check=False)
+    assert res.returncode == 1
+    assert "enclave.routes" in res.stderr and "::/0" in res.stderr
+    assert "no IPv6 default route" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    # `parent up` warns the same way but starts: IPv4 works, and IPv6 will once the host
+    # has its route.
+    res = w.parent_cmd("up")
+    assert "warning" in res.stderr and "no IPv6 default route" in res.stderr, res.stderr
+    w.start_enclave()
+    wait_for(w.egress_works, 30, "IPv4 egress while the host has no IPv6 route")

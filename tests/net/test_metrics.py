@@ -1,0 +1,241 @@
+"""The parent's metrics end to end: `parent up` with parent.metrics in the profile, in the
+namespaces of test_roles.World (Unix stand-in for vsock).
+
+/metrics is scraped inside the parent's namespace and parsed with prometheus_client's own
+parser; every value is checked against `wg show dump` and the nftables counters of the same
+moment. CloudWatch goes to moto in server mode, started inside the parent's namespace.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from wgvsock import firewall
+
+from .netlab import Lab, wait_for
+from .test_roles import WGVSOCK, World
+
+pytestmark = [pytest.mark.root]
+
+PORT = 9586
+PYTHON = str(Path(sys.executable))
+
+
+def with_metrics(world: World, block: str) -> None:
+    """Puts `block` (lines under parent.metrics, indented four spaces) into the profile."""
+    text = world.profile.read_text()
+    world.profile.write_text(text.replace("  ingress:\n", f"  metrics:\n{block}  ingress:\n", 1))
+
+
+@pytest.fixture
+def world(lab: Lab):
+    w = World(lab)
+    with_metrics(w, f"    listen: 127.0.0.1:{PORT}\n")
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def scrape(world: World) -> dict[str, list]:
+    res = world.parent.run("curl", "-sf", "--max-time", "5", f"http://127.0.0.1:{PORT}/metrics",
+                           check=False)
+    assert res.returncode == 0, res.stderr
+    return {f.name: f.samples for f in text_string_to_metric_families(res.stdout)}
+
+
+def wg_dump(world: World) -> list[list[str]]:
+    # `wg` only looks in /var/run/wireguard: bind the parent's run directory there, in the
+    # private mount namespace `ip netns exec` gives each command.
+    os.makedirs("/var/run/wireguard", exist_ok=True)
+    res = world.parent.run(
+        "sh", "-c", 'mount --bind "$1" /var/run/wireguard && exec wg show wg0 dump', "sh",
+        str(world.parent_uapi().parent))
+    return [line.split("\t") for line in res.stdout.splitlines()]
+
+
+def one(samples: list, **labels: str) -> float:
+    found = [s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (labels, samples)
+    return found[0]
+
+
+def steady(world: World):
+    """(dump, nft counters, scraped families) of one moment: dump and nft are read before and
+    after the scrape, and the round is retried if anything moved (a keepalive)."""
+    for _ in range(20):
+        dump = wg_dump(world)
+        nft = firewall.read_counters(world.name, netns=world.parent.name)
+        families = scrape(world)
+        if wg_dump(world) == dump and firewall.read_counters(
+                world.name, netns=world.parent.name) == nft:
+            return dump, nft, families
+    raise AssertionError("counters never held still")
+
+
+def test_metrics_page_matches_wg_and_nft(world: World) -> None:
+    world.parent_cmd("up")
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the enclave to fetch a page through the parent's NAT")
+    assert world.curl(world.enclave, "http://198.51.100.3/", timeout=1.5) is None  # denied
+    dump, nft, families = steady(world)
+
+    _device, *peers = dump
+    ((pub, _psk, _endpoint, allowed, handshake, rx, tx, _ka),) = peers
+    labels = {"interface": "wg0", "public_key": pub, "allowed_ips": allowed}
+    assert one(families["wireguard_sent_bytes"], **labels) == int(tx) > 0
+    assert one(families["wireguard_received_bytes"], **labels) == int(rx) > 0
+    assert one(families["wireguard_latest_handshake_seconds"], **labels) == int(handshake) > 0
+    states = families["wgvsock_peer_connection_state"]
+    assert one(states, public_key=pub, state="connected") == 1
+    assert sum(s.value for s in states) == 1
+    assert one(families["wgvsock_peer_attested"], public_key=pub) == 0  # no attestation here
+    assert one(families["wgvsock_transport_accepted_connections"], interface="wg0") >= 1
+
+    egress = families["wgvsock_egress_packets"]
+    name = world.name
+    assert one(egress, profile=name, verdict="allowed") == nft["egress_allowed"].packets > 0
+    assert one(egress, profile=name, verdict="denied") == nft["egress_denied"].packets > 0
+    assert one(egress, profile=name, verdict="blocked") == (
+        nft["egress_blocked"].packets + nft["local_blocked"].packets)
+    rules = families["wgvsock_egress_rule_packets"]
+    for rule in ("169.254.169.254/32", "198.51.100.3/32"):
+        assert one(rules, profile=name, action="deny", rule=rule) == nft[f"deny {rule}"].packets
+    assert one(rules, action="deny", rule="198.51.100.3/32") > 0
+    assert one(rules, action="allow", rule="0.0.0.0/0") == nft["allow 0.0.0.0/0"].packets
+    named = families["wgvsock_firewall_packets"]
+    for counter in firewall.COUNTERS:
+        assert one(named, profile=name, counter=counter) == nft[counter].packets
+    # No DNS forwarder runs: its series are absent, not zero.
+    assert "wgvsock_dns_queries" not in families and "wgvsock_dns_refused" not in families
+
+    # `wgvsock status` shows the same egress counters (read-only UAPI keys).
+    res = world.parent.run(WGVSOCK, "status", "--once", "--json", env=world.env_for("parent"))
+    (iface,) = json.loads(res.stdout)["interfaces"]
+    assert iface["egress"] == {"allowed": nft["egress_allowed"].packets,
+                               "denied": nft["egress_denied"].packets,
+                               "blocked": nft["egress_blocked"].packets
+                               + nft["local_blocked"].packets}
+    assert iface["dns"] is None
+    # `wg` ignores the extra keys: the dump above parsed, and `wg show` works too.
+    assert world.parent.run("sh", "-c", 'mount --bind "$1" /var/run/wireguard && wg show wg0',
+                            "sh", str(world.parent_uapi().parent)).returncode == 0
+
+
+def test_metrics_port_in_use_is_refused_cleanly(world: World) -> None:
+    squatter = world.parent.popen(PYTHON, "-c", (
+        "import socket, time\n"
+        f"s = socket.socket(); s.bind(('127.0.0.1', {PORT})); s.listen()\n"
+        "print('ready', flush=True); time.sleep(60)\n"), stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == b"ready\n"
+        res = world.parent_cmd("up", check=False)
+        assert res.returncode != 0
+        assert "parent.metrics.listen 127.0.0.1 port 9586" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert not firewall.exists(world.name, netns=world.parent.name)
+        assert "wg0" not in world.parent.ip("-o", "link", "show").stdout
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+MOTO_PORT = 5055
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}",
+    # Off EC2 on purpose: the sender falls back to the host name for InstanceId.
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:1", "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+}
+LIST_METRICS = """
+import json, boto3
+pages = boto3.client("cloudwatch").get_paginator("list_metrics")
+print(json.dumps([m for p in pages.paginate(Namespace="wgvsock-e2e") for m in p["Metrics"]]))
+"""
+
+
+def test_cloudwatch_gets_the_same_metrics(lab: Lab) -> None:
+    world = World(lab, parent_env=AWS_ENV)
+    moto = None
+    try:
+        with_metrics(world, "    cloudwatch: {namespace: wgvsock-e2e, interval: 10}\n")
+        moto = world.parent.popen(str(Path(PYTHON).parent / "moto_server"), "-H", "127.0.0.1",
+                                  "-p", str(MOTO_PORT), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        aws_env = {**os.environ, **AWS_ENV}
+        wait_for(lambda: world.parent.run("curl", "-s", f"http://127.0.0.1:{MOTO_PORT}/",
+                                          check=False).returncode == 0, 20, "moto to listen")
+        world.parent_cmd("up")
+        world.start_enclave()
+        wait_for(world.egress_works, 30, "the tunnel")
+
+        def sent() -> dict[str, list[dict[str, str]]]:
+            res = world.parent.run(PYTHON, "-c", LIST_METRICS, env=aws_env)
+            return {m["MetricName"]: m["Dimensions"] for m in json.loads(res.stdout)
+                    if any(d["Name"] == "public_key" for d in m["Dimensions"])
+                    or m["MetricName"].startswith("wgvsock_egress")}
+
+        # The first round goes out at start, before the enclave is there; the next carries it.
+        wait_for(lambda: "wireguard_sent_bytes_total" in sent(), 30, "per-peer data points")
+        metrics = sent()
+        dims = {d["Name"]: d["Value"] for d in metrics["wireguard_sent_bytes_total"]}
+        assert dims["Profile"] == world.name and dims["interface"] == "wg0"
+        assert dims["InstanceId"] == socket.gethostname()
+        assert {"wireguard_received_bytes_total", "wireguard_latest_handshake_seconds",
+                "wgvsock_egress_packets_total", "wgvsock_egress_rule_packets_total"} <= set(metrics)
+    finally:
+        world.close()
+        if moto is not None:
+            moto.kill()
+            moto.wait()
+
+
+class _NoDevice:
+    """A parent before its device exists: only the profile-level series are collected."""
+
+    def __init__(self, name: str, counters: object) -> None:
+        self.profile = type("P", (), {"name": name})()
+        self.device = self.enclave_key = self.verdict = None
+        self.counters = counters
+
+
+def test_dns_counters_feed_status_keys_and_metrics(lab: Lab, caplog) -> None:
+    """The hook part 1's forwarder plugs into: its counts appear as UAPI keys and series; a
+    missing table is logged once and leaves the egress numbers out instead of failing."""
+    from prometheus_client import generate_latest
+
+    from wgvsock.metrics.counters import DnsCounters, ParentCounters
+    from wgvsock.metrics.prometheus import registry_for
+
+    ns = lab.netns("fw")
+    ticks = itertools.count(0, 10)  # every reading is past the cache's second
+    counters = ParentCounters("mdns", dns=lambda: DnsCounters(5, 2), netns=ns.name,
+                              clock=lambda: next(ticks))
+    with caplog.at_level("WARNING", logger="wgvsock.metrics"):
+        assert counters.uapi_keys() == {"wgvsock_dns_queries": "5", "wgvsock_dns_refused": "2"}
+        counters.read()
+    assert caplog.text.count("cannot read the firewall counters of mdns") == 1
+    firewall.apply(firewall.FirewallSpec(name="mdns", tunnel_interface="wg0",
+                                         enclave_addresses=["10.77.0.2"],
+                                         deny=[firewall.Rule(ip_network("192.0.2.0/24"))]),
+                   netns=ns.name)
+    assert counters.uapi_keys() == {
+        "wgvsock_egress_allowed": "0", "wgvsock_egress_denied": "0", "wgvsock_egress_blocked": "0",
+        "wgvsock_dns_queries": "5", "wgvsock_dns_refused": "2"}
+    text = generate_latest(registry_for(_NoDevice("mdns", counters))).decode()
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    assert one(families["wgvsock_dns_queries"], profile="mdns") == 5
+    assert one(families["wgvsock_dns_refused"], profile="mdns") == 2
+    assert one(families["wgvsock_egress_rule_packets"], action="deny", rule="192.0.2.0/24") == 0
+    assert "wireguard_sent_bytes" not in families

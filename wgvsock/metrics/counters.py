@@ -1,0 +1,114 @@
+"""The parent's counters beside the device's: the firewall's (nftables) and the DNS forwarder's.
+
+Three readers share them: the device's UAPI ``get`` (read-only ``wgvsock_*`` keys that `wg`
+ignores and `wgvsock status` shows), the Prometheus collector and the CloudWatch sender.
+Reading nftables runs ``nft``, so a reading is kept for a second: a dashboard refreshing every
+second, a scrape and a `wg show` at the same moment cost one run together.
+
+The DNS forwarder (a later part of the parent) plugs in as a callable returning
+:class:`DnsCounters`; until one exists the DNS numbers are absent everywhere (no UAPI keys, no
+Prometheus series, null in `status --json`), rather than zeros that would claim a forwarder
+answered nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .. import firewall
+from ..firewall import Counter
+
+log = logging.getLogger("wgvsock.metrics")
+
+#: How long one nft reading is reused.
+CACHE_SECONDS = 1.0
+
+
+class DnsCounters(NamedTuple):
+    queries: int  # queries the forwarder received from the enclave
+    refused: int  # answered REFUSED: a denied name or one that no allow entry names
+
+
+DnsSource = Callable[[], "DnsCounters | None"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    firewall: dict[str, Counter] | None  # None: nft could not be read (see error)
+    dns: DnsCounters | None  # None: no DNS forwarder runs
+    error: str | None = None
+
+    def egress(self) -> dict[str, int] | None:
+        """Packets per verdict: allowed, denied (a deny entry matched), blocked (no allow entry
+        matched, towards the internet or the parent itself). Each counts the first packet of
+        a new flow, and every packet of a dropped one (a drop leaves no conntrack entry)."""
+        if self.firewall is None:
+            return None
+        c = self.firewall
+        zero = Counter(0, 0)
+        return {
+            "allowed": c.get("egress_allowed", zero).packets,
+            "denied": c.get("egress_denied", zero).packets,
+            "blocked": c.get("egress_blocked", zero).packets + c.get("local_blocked", zero).packets,
+        }
+
+    def rules(self) -> dict[str, Counter]:
+        """Each allow/deny entry's own counter, under the rule's nft comment ("deny 10.0.0.0/8")."""
+        if self.firewall is None:
+            return {}
+        return {k: v for k, v in self.firewall.items() if k.startswith(("allow ", "deny "))}
+
+
+class ParentCounters:
+    """Cached readings of profile NAME's nftables table and of its DNS forwarder."""
+
+    def __init__(self, name: str, *, dns: DnsSource | None = None, netns: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.dns = dns
+        self.netns = netns
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Reading] | None = None
+        self._logged_error: str | None = None
+
+    def read(self) -> Reading:
+        with self._lock:
+            now = self._clock()
+            if self._cached is not None and now - self._cached[0] < CACHE_SECONDS:
+                return self._cached[1]
+            reading = self._read()
+            self._cached = (now, reading)
+            return reading
+
+    def _read(self) -> Reading:
+        error = None
+        try:
+            counters: dict[str, Counter] | None = firewall.read_counters(self.name, self.netns)
+        except (firewall.FirewallError, OSError, ValueError) as e:
+            counters, error = None, str(e)
+            if error != self._logged_error:  # once per distinct failure, not every second
+                log.warning("cannot read the firewall counters of %s: %s", self.name, error)
+        self._logged_error = error
+        dns = None
+        if self.dns is not None:
+            try:
+                dns = self.dns()
+            except Exception as e:  # a forwarder bug must not break `wg show` or a scrape
+                log.warning("cannot read the DNS forwarder's counters: %s", e)
+        return Reading(counters, dns, error)
+
+    def uapi_keys(self) -> dict[str, str]:
+        """The read-only device keys of `get`: wgvsock_egress_{allowed,denied,blocked} and, with
+        a forwarder, wgvsock_dns_{queries,refused}."""
+        r = self.read()
+        keys = {f"wgvsock_egress_{k}": str(v) for k, v in (r.egress() or {}).items()}
+        if r.dns is not None:
+            keys["wgvsock_dns_queries"] = str(r.dns.queries)
+            keys["wgvsock_dns_refused"] = str(r.dns.refused)
+        return keys

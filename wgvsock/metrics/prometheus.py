@@ -1,0 +1,178 @@
+"""Prometheus text for one running parent, on ``parent.metrics.listen``.
+
+A custom collector reads the live state at each scrape, in-process: the device's peers (what
+`wg show dump` prints, from the same ``get``), the attestation verdict, and the firewall and DNS
+counters (:mod:`.counters`). Nothing is kept between scrapes, so a replaced peer simply
+disappears from the next one.
+
+Per-peer names are prometheus_wireguard_exporter's (``wireguard_sent_bytes_total``,
+``wireguard_received_bytes_total``, ``wireguard_latest_handshake_seconds``, labels
+``interface``, ``public_key``, ``allowed_ips``) so that its dashboards work as they are; the
+rest carry the ``wgvsock_`` prefix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..core.crypto import key_to_base64
+from ..firewall import COUNTERS
+from .counters import ParentCounters
+
+log = logging.getLogger("wgvsock.metrics")
+
+#: The states of ``wgvsock_peer_connection_state``: the stream transport's link to the peer.
+CONNECTION_STATES = ("connected", "dialing", "backoff", "none")
+
+
+class ParentLike(Protocol):
+    """What the collector reads from roles.parent.Parent."""
+
+    profile: Any
+    device: Any
+    enclave_key: bytes | None
+    verdict: Any
+    counters: ParentCounters | None
+
+
+class ParentCollector(Collector):
+    def __init__(self, parent: ParentLike) -> None:
+        self.parent = parent
+
+    def describe(self) -> list[Metric]:
+        # Nothing to describe up front: registering must not run a collection (and nft).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._peers()
+        yield from self._profile()
+
+    def _peers(self) -> Iterator[Metric]:
+        device = self.parent.device
+        if device is None:
+            return
+        status = device.uapi_get()
+        ifname = device.ifname
+        wg_labels = ["interface", "public_key", "allowed_ips"]
+        sent = CounterMetricFamily("wireguard_sent_bytes_total", "Bytes sent to the peer",
+                                   labels=wg_labels)
+        received = CounterMetricFamily("wireguard_received_bytes_total",
+                                       "Bytes received from the peer", labels=wg_labels)
+        handshake = GaugeMetricFamily(
+            "wireguard_latest_handshake_seconds",
+            "Unix time of the latest completed handshake with the peer (0: never)",
+            labels=wg_labels)
+        peer_labels = ["interface", "public_key"]
+        state = GaugeMetricFamily(
+            "wgvsock_peer_connection_state",
+            "1 for the stream transport's current state of its link to the peer "
+            f"({', '.join(CONNECTION_STATES)}), 0 for the others",
+            labels=[*peer_labels, "state"])
+        reconnects = CounterMetricFamily(
+            "wgvsock_peer_reconnects_total",
+            "Times the link to the peer was dialled again after it broke (the dialling side)",
+            labels=peer_labels)
+        attested = GaugeMetricFamily(
+            "wgvsock_peer_attested",
+            "1 when the enclave's attestation document was verified, 0 when it was admitted "
+            "without one", labels=peer_labels)
+        verdict, enclave_key = self.parent.verdict, self.parent.enclave_key
+        for p in status.peers:
+            key = key_to_base64(p.public_key)
+            labels = [ifname, key, ",".join(str(ip) for ip in p.allowed_ips)]
+            sent.add_metric(labels, p.tx_bytes)
+            received.add_metric(labels, p.rx_bytes)
+            # Whole seconds, as `wg show dump` and the exporter print them.
+            handshake.add_metric(labels, p.last_handshake_time_sec)
+            conn = p.extra.get("wgvsock_conn")
+            if conn is not None:
+                for s in CONNECTION_STATES:
+                    state.add_metric([ifname, key, s], 1 if conn == s else 0)
+            count = p.extra.get("wgvsock_reconnects", "")
+            if count.isdigit():
+                reconnects.add_metric([ifname, key], int(count))
+            if verdict is not None and p.public_key == enclave_key:
+                attested.add_metric([ifname, key], 1 if verdict.attested else 0)
+        yield from (sent, received, handshake, state, reconnects, attested)
+        accepted = device.bind.status().get("accepted")
+        if accepted is not None:
+            c = CounterMetricFamily(
+                "wgvsock_transport_accepted_connections_total",
+                "Stream connections the transport accepted; on the parent, each time the "
+                "enclave (re)connects", labels=["interface"])
+            c.add_metric([ifname], accepted)
+            yield c
+
+    def _profile(self) -> Iterator[Metric]:
+        counters = self.parent.counters
+        if counters is None:
+            return
+        reading = counters.read()
+        name = self.parent.profile.name
+        egress = reading.egress()
+        if egress is not None:
+            e = CounterMetricFamily(
+                "wgvsock_egress_packets_total",
+                "Enclave packets judged by the egress policy, by verdict: allowed, denied (a "
+                "deny entry matched), blocked (no allow entry matched). The first packet of "
+                "each allowed flow; every packet of a dropped one", labels=["profile", "verdict"])
+            for verdict, packets in egress.items():
+                e.add_metric([name, verdict], packets)
+            yield e
+            rules = CounterMetricFamily(
+                "wgvsock_egress_rule_packets_total",
+                "Packets that matched each allow/deny entry of the profile",
+                labels=["profile", "action", "rule"])
+            for comment, c in reading.rules().items():
+                action, _, rule = comment.partition(" ")
+                rules.add_metric([name, action, rule], c.packets)
+            yield rules
+            fw = CounterMetricFamily(
+                "wgvsock_firewall_packets_total",
+                "The profile's named nftables counters (see wgvsock.firewall.COUNTERS)",
+                labels=["profile", "counter"])
+            named = reading.firewall or {}
+            for counter in COUNTERS:
+                if counter in named:
+                    fw.add_metric([name, counter], named[counter].packets)
+            yield fw
+        if reading.dns is not None:
+            q = CounterMetricFamily("wgvsock_dns_queries_total",
+                                    "Queries the DNS forwarder received from the enclave",
+                                    labels=["profile"])
+            q.add_metric([name], reading.dns.queries)
+            r = CounterMetricFamily("wgvsock_dns_refused_total",
+                                    "Names the DNS forwarder refused (denied or not allowed)",
+                                    labels=["profile"])
+            r.add_metric([name], reading.dns.refused)
+            yield q
+            yield r
+
+
+def registry_for(parent: ParentLike) -> CollectorRegistry:
+    """A registry of this parent alone (no process or GC metrics of the global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ParentCollector(parent))
+    return registry
+
+
+class Exporter:
+    """The HTTP endpoint: GET /metrics (any path, as prometheus_client serves it)."""
+
+    def __init__(self, registry: CollectorRegistry, host: ipaddress.IPv4Address |
+                 ipaddress.IPv6Address, port: int) -> None:
+        self.address = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+        self._server, self._thread = start_http_server(port, str(host), registry)
+        log.info("metrics on http://%s/metrics", self.address)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(2.0)
