@@ -527,9 +527,9 @@ class Demo:
             return
         lines = [ln for ln in res.stdout.splitlines() if ln and not ln.startswith("#")]
         say(f"   [{NS_PARENT}]  $ curl http://{METRICS}/metrics   "
-            f"({len(lines)} series; the per-peer and egress ones:)")
+            f"({len(lines)} series; the per-peer, egress and DNS ones:)")
         for line in lines:
-            if line.startswith(("wireguard_", "wgvsock_egress_")):
+            if line.startswith(("wireguard_", "wgvsock_egress_", "wgvsock_dns_")):
                 # Keys shortened as the dashboard does, so each series fits a line.
                 say("     " + re.sub(r'(public_key="[^"]{8})[^"]*"', r'\1…"', line))
         say("   the same metrics go to CloudWatch with parent.metrics.cloudwatch")
