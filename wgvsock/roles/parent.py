@@ -328,15 +328,18 @@ def run_up(profile, ready_fd: int | None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    failed = False
     try:
         report_ready(ready_fd)
         while not parent.stopped.wait(1.0):
             if parent.device is not None and parent.device.wait(0):
                 log.error("parent %s: %s", profile.name, parent.device.stop_reason)
+                failed = True
                 break
     finally:
         parent.close()
-    return 0
+    # Stopping on its own is a failure: the unit's Restart=on-failure then brings it back.
+    return 1 if failed else 0
 
 
 def already_up(profile) -> int | None:
