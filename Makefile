@@ -11,7 +11,7 @@ APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-
                 podman debootstrap systemd qemu-system-x86 linux-image-amd64 busybox-static cpio
 APT_MARK := $(VENV)/.apt-done
 
-.PHONY: test demo bench lint apt venv clean lock wheelhouse image eif
+.PHONY: test demo bench soak lint apt venv clean lock wheelhouse image eif
 
 # Re-checked when this file changes, so a package added to the list gets installed.
 $(APT_MARK): Makefile
@@ -45,6 +45,11 @@ demo: apt venv
 bench: apt venv
 	$(PY) bench/core_bench.py
 	$(PY) bench/tunnel_bench.py
+
+# 30 minutes of traffic, rekeys and parent/enclave restarts; reports recovery times, RSS, fds,
+# threads and lost pings (bench/soak.py). Not part of `make test`, which runs a 3-minute version.
+soak: apt venv
+	$(PY) bench/soak.py
 
 # The enclave image (docker/Dockerfile; see docker/README.md). Overrides: ENGINE=docker|podman,
 # BASE=image (default python:3.11-slim), TAG=name:tag, EIF=path, SOURCE_DATE_EPOCH=seconds.
