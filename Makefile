@@ -14,7 +14,7 @@ APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-
                 dnsmasq-base
 APT_MARK := $(VENV)/.apt-done
 
-.PHONY: test demo bench fuzz lint apt venv clean lock wheelhouse image eif
+.PHONY: test demo bench fuzz soak lint apt venv clean lock wheelhouse image eif
 
 # Re-checked when this file changes, so a package added to the list gets installed.
 $(APT_MARK): Makefile
@@ -53,6 +53,11 @@ bench: apt venv
 # inputs into the core and >= 10^4 into each parser, on 2 processes. FUZZ_SEED=N or =random.
 fuzz: venv
 	$(PY) -m fuzz $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
+
+# 30 minutes of traffic, rekeys and parent/enclave restarts; reports recovery times, RSS, fds,
+# threads and lost pings (bench/soak.py). Not part of `make test`, which runs a 3-minute version.
+soak: apt venv
+	$(PY) bench/soak.py
 
 # The enclave image (docker/Dockerfile; see docker/README.md). Overrides: ENGINE=docker|podman,
 # BASE=image (default python:3.11-slim), TAG=name:tag, EIF=path, SOURCE_DATE_EPOCH=seconds.

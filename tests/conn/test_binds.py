@@ -25,7 +25,7 @@ from wgvsock.conn import Bind, TransportUnavailable, make_bind
 from wgvsock.conn.dgram import DatagramBind
 from wgvsock.conn.endpoint import Endpoint, format_endpoint
 from wgvsock.conn.framing import encode_frame
-from wgvsock.conn.stream import StreamBind
+from wgvsock.conn.stream import StreamBind, redial_backoff
 
 TIMEOUT = 3.0
 # Fast redials so reconnect tests take milliseconds, not the production half second.
@@ -599,3 +599,15 @@ def test_the_accept_thread_survives_an_unexpected_error(
     first.close()
     assert "accept: unexpected error (carrying on)" in caplog.text
     assert "injected accept fault" in caplog.text
+
+
+@pytest.mark.parametrize(("network", "cap"), [("unix", 1.0), ("vsock", 1.0), ("tcp", 30.0)])
+def test_redial_backoff_is_short_on_local_links(network: str, cap: float) -> None:
+    """vsock and Unix redial within 1 s however long the peer was gone; TCP keeps 0.5-30 s.
+    The delays are jittered (so many peers do not redial in lockstep) and never exceed the cap."""
+    bind = StreamBind(network)
+    assert bind.backoff_max == cap and redial_backoff(network)[1] == cap
+    delays = [bind._backoff(n) for n in range(1, 60) for _ in range(20)]
+    assert max(delays) <= cap and min(delays) >= bind.backoff_min
+    late = [bind._backoff(50) for _ in range(200)]
+    assert min(late) >= cap / 2 and len(set(late)) > 100

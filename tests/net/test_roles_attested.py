@@ -29,8 +29,8 @@ LAUNCHER = Path(__file__).with_name("fake_nsm_enclave.py")
 PINNED = (0, 1, 2)
 ATTESTATION = "attestation:\n  require: true\n  pcrs:\n" + "".join(
     f"    {i}: {TEST_PCRS[i].hex()}\n" for i in PINNED)
-# The refused enclaves' --timeout: long enough for several refused attempts (backoff 0.2 s,
-# doubling), short enough to keep the test brief.
+# The refused enclaves' --timeout: long enough for several refused attempts (backoff 0.1 s,
+# doubling to 1 s), short enough to keep the test brief.
 REFUSED_TIMEOUT = 8
 
 

@@ -8,7 +8,10 @@ thread for it; nothing is dialled before there is something to send.
 Redial policy: the dialling side owns the connection. When a connection it dialled drops, it
 redials at once (a peer behind an inbound connection cannot call back, so waiting for the next
 outgoing message could leave it mute), then with jittered exponential backoff from
-``backoff_min`` to ``backoff_max`` while connects fail. A connection that dies within
+``backoff_min`` to ``backoff_max`` while connects fail. The range depends on the network
+(:func:`redial_backoff`): on a local link (vsock, Unix) a failed dial costs almost nothing, so
+the cap is 1 s and a peer that comes back after minutes is found within a second; across a
+network (TCP) it is the seed's 0.5-30 s. A connection that dies within
 STABLE_AFTER seconds without delivering a frame counts as a failure, so a peer that accepts and
 hangs up at once cannot make us spin. A dialler whose endpoint has had nothing to send for
 ``redial_idle`` seconds since its connection dropped gives up; the next send starts a new one.
@@ -44,9 +47,18 @@ from .bind import (
 from .endpoint import VMADDR_CID_ANY, VMADDR_PORT_ANY, Endpoint, display_endpoint
 from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame
 
-__all__ = ["STREAM_NETWORKS", "StreamBind"]
+__all__ = ["STREAM_NETWORKS", "StreamBind", "redial_backoff"]
 
 STREAM_NETWORKS = frozenset({"vsock", "tcp", "tcp4", "tcp6", "unix"})
+LOCAL_NETWORKS = frozenset({"vsock", "unix"})
+# (first delay, cap) in seconds between failed dials.
+LOCAL_BACKOFF = (0.1, 1.0)
+NETWORK_BACKOFF = (0.5, 30.0)
+
+
+def redial_backoff(network: str) -> tuple[float, float]:
+    """The (min, max) redial delay for `network`; the control channel uses it too."""
+    return LOCAL_BACKOFF if network in LOCAL_NETWORKS else NETWORK_BACKOFF
 
 # One recv() can carry many frames when the peer is busy; 256 KiB keeps syscalls few.
 RECV_SIZE = 256 * 1024
@@ -150,8 +162,8 @@ class StreamBind(SocketBind):
         unix_dir: str | None = None,
         send_timeout: float = 5.0,
         connect_timeout: float = 5.0,
-        backoff_min: float = 0.5,
-        backoff_max: float = 30.0,
+        backoff_min: float | None = None,
+        backoff_max: float | None = None,
         max_pending: int = 16,
         redial_idle: float = 300.0,
         max_frame: int = MAX_PAYLOAD,
@@ -161,8 +173,9 @@ class StreamBind(SocketBind):
         super().__init__(network, unix_dir=unix_dir)
         self.send_timeout = send_timeout
         self.connect_timeout = connect_timeout
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
+        low, high = redial_backoff(network)
+        self.backoff_min = low if backoff_min is None else backoff_min
+        self.backoff_max = high if backoff_max is None else backoff_max
         self.max_pending = max_pending
         self.redial_idle = redial_idle
         self.max_frame = max_frame

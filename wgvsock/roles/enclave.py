@@ -21,6 +21,7 @@ import threading
 
 from .. import netconf
 from ..conn import make_bind
+from ..conn.stream import redial_backoff
 from ..control import ControlError, Welcome, hold_connection, register
 from ..core.crypto import generate_private_key, key_to_base64, public_key
 from ..device import Device
@@ -31,7 +32,6 @@ log = logging.getLogger("wgvsock.enclave")
 
 HANDSHAKE_TIMEOUT = 60.0
 PERSISTENT_KEEPALIVE = 25
-_BACKOFF_MIN, _BACKOFF_MAX = 0.2, 5.0
 
 
 class EnclaveError(Exception):
@@ -136,16 +136,27 @@ class Enclave:
         self.parent_key = welcome.parent_public_key
 
     def _control_loop(self) -> None:
-        delay = _BACKOFF_MIN
         t = self.profile.transport
+        # The same range as the WireGuard connection's redials: 1 s at most on vsock and Unix,
+        # so a parent that was away for minutes is found again within a second of returning.
+        backoff_min, backoff_max = redial_backoff(t.kind)
+        delay = backoff_min
         attest = attester()
+
+        def pause() -> None:
+            nonlocal delay
+            # Jitter keeps many enclaves from redialling a restarted parent in lockstep.
+            self.stop.wait(random.uniform(delay / 2, delay))  # noqa: S311 - jitter only
+            delay = min(delay * 2, backoff_max)
+
         while not self.stop.is_set():
             try:
                 conn = dial_control(t)
             except OSError as e:
-                log.info("control: parent not answering (%s); retrying in %.1f s", e, delay)
-                self.stop.wait(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
-                delay = min(delay * 2, _BACKOFF_MAX)
+                # Once per outage at info: a parent away for minutes is redialled every second.
+                level = logging.INFO if delay == backoff_min else logging.DEBUG
+                log.log(level, "control: parent not answering (%s); retrying", e)
+                pause()
                 continue
             try:
                 welcome = register(conn, self.public_key, attest)
@@ -154,7 +165,7 @@ class Enclave:
                 self.registrations += 1
                 self.last_failure = None
                 self.registered.set()
-                delay = _BACKOFF_MIN
+                delay = backoff_min
                 log.info("control: registered with the parent (attested: %s)", welcome.attested)
                 reason = hold_connection(conn, self.stop)
                 log.warning("control: connection to the parent ended (%s); registering again",
@@ -163,13 +174,11 @@ class Enclave:
                 # A refusal is retried too: the parent's profile may be fixed meanwhile.
                 self.last_failure = str(e)
                 log.warning("control: %s", e)
-                self.stop.wait(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
+                pause()
             except Exception as e:  # a bug here must not end re-registration for good
                 self.last_failure = f"internal error: {e}"
                 log.exception("control: unexpected error")
-                self.stop.wait(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
+                pause()
             finally:
                 conn.close()
 

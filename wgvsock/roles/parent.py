@@ -528,8 +528,9 @@ def run_up(profile, ready_fd: int | None) -> int:
         while not parent.stopped.wait(1.0):
             if parent.device is not None and parent.device.wait(0):
                 log.error("parent %s: %s", profile.name, parent.device.stop_reason)
-                if parent.device.failed:
-                    failures.append(parent.device.stop_reason)
+                # Stopping on its own is a failure, whatever the reason: the unit's
+                # Restart=on-failure then brings it back.
+                failures.append(parent.device.stop_reason or "the device stopped")
                 break
             try:
                 parent.check_firewall()
