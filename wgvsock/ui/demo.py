@@ -54,7 +54,7 @@ NAME_WEB = "198.51.100.4"  # where all three names point
 INGRESS_PORT, APP_PORT = 8443, 8080
 METRICS = "127.0.0.1:9586"  # parent.metrics.listen, inside the parent's namespace
 PROFILE_NAME = "demo"
-EXAMPLE = Path(__file__).resolve().parent.parent / "enclave" / "profile.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "enclave" / "profile.example.yaml"
 # Who owns the fixed names above, so that the next run can tell a live demo from leftovers.
 STATE_FILE = Path("/run/wgvsock-demo.json")
 TMP_PREFIX = "wgvsock-demo-"
