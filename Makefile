@@ -43,7 +43,7 @@ test: apt venv
 	$(VENV)/bin/pytest
 
 demo: apt venv
-	$(PY) -m wgvsock.demo
+	$(PY) -m wgvsock.ui.demo
 
 bench: apt venv
 	$(PY) bench/core_bench.py

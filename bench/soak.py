@@ -38,8 +38,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from wgvsock.nslab import Lab, LabError, interrupts_raise, missing_tools, rss_kib, wait_for
-from wgvsock.uapi import UAPIError, uapi_get
+from wgvsock.device.uapi import UAPIError, uapi_get
+from wgvsock.ui.nslab import Lab, LabError, interrupts_raise, missing_tools, rss_kib, wait_for
 
 TOOLS = ("ip", "nft", "iperf3", "ping", "curl", "ss")
 WEB = "198.51.100.2"

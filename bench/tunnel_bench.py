@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from wgvsock.nslab import (
+from wgvsock.ui.nslab import (
     Keys,
     Lab,
     LabError,

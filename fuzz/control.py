@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from wgvsock.control import (
+from wgvsock.services.control import (
     MAX_MESSAGE,
     NONCE_LEN,
     ControlError,
@@ -152,7 +152,7 @@ class ControlParentTarget(Target):
     def __init__(self, rng: random.Random, workdir: Path) -> None:
         super().__init__(rng, workdir)
         self.escaped: list[str] = []
-        self._quiet = quiet("wgvsock.control")
+        self._quiet = quiet("wgvsock.services.control")
         self._quiet.__enter__()
         self._old_hook = threading.excepthook
         threading.excepthook = self._hook
@@ -246,7 +246,7 @@ class ControlEnclaveTarget(Target):
 
     def __init__(self, rng: random.Random, workdir: Path) -> None:
         super().__init__(rng, workdir)
-        self._quiet = quiet("wgvsock.control")
+        self._quiet = quiet("wgvsock.services.control")
         self._quiet.__enter__()
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from wgvsock.profile import ProfileError, dump_profile, load_profile, parse_profile
+from wgvsock.services.profile import ProfileError, dump_profile, load_profile, parse_profile
 
 from .harness import Target
 from .mutate import TEXT_VALUES, havoc, mutate_text, random_bytes

@@ -20,8 +20,8 @@ import socket
 from pathlib import Path
 
 from wgvsock.conn import StreamBind
-from wgvsock.device import Device
-from wgvsock.uapi import (
+from wgvsock.device.device import Device
+from wgvsock.device.uapi import (
     DeviceConfig,
     DeviceStatus,
     PeerConfig,
@@ -211,7 +211,7 @@ class UAPIServerTarget(Target):
         # The server and device log every bad request and port change; the output is the table.
         # (The server's own log keeps its level: its errors are the findings.)
         self._propagate, self.log.propagate = self.log.propagate, False
-        self._quiet = [quiet("wgvsock.device"), quiet("wgvsock.conn")]
+        self._quiet = [quiet("wgvsock.device.device"), quiet("wgvsock.conn")]
         for q in self._quiet:
             q.__enter__()
         self.server = UAPIServer("fz0", _Checked(self.device), str(workdir / "run"),

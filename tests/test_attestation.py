@@ -44,8 +44,8 @@ from wgvsock.attestation import (
 )
 from wgvsock.attestation import cli as attest_cli
 from wgvsock.attestation.verify import AWS_ROOT_SHA256, CODES, MAX_DOCUMENT, fingerprint
-from wgvsock.control import ControlError, Verdict
-from wgvsock.profile import Attestation, parse_profile
+from wgvsock.services.control import ControlError, Verdict
+from wgvsock.services.profile import Attestation, parse_profile
 
 NONCE = bytes(range(32))
 WG_KEY = hashlib.sha256(b"enclave wireguard key").digest()

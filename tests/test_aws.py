@@ -1,4 +1,5 @@
-"""wgvsock.aws against moto in server mode (a real HTTP endpoint on 127.0.0.1) and a local IMDSv2.
+"""wgvsock.services.aws against moto in server mode (a real HTTP endpoint on 127.0.0.1) and a
+local IMDSv2.
 
 Nothing here may reach a real AWS endpoint or the real metadata service: the module fixture
 clears every AWS_* variable and proxy setting, sets dummy credentials, points AWS_ENDPOINT_URL
@@ -8,8 +9,8 @@ AWS_EC2_METADATA_DISABLED=true so botocore never probes IMDS for credentials or 
 What moto 5 offers, and where the tests fill in:
 * IAM enforcement works in server mode: POST /moto-api/reset-auth with "0" makes moto check
   every request against the caller's IAM policies. It answers SSM and Secrets Manager denials
-  with an XML body (real AWS sends JSON), which wgvsock.aws normalises; the denied-permission
-  tests below go through that real path.
+  with an XML body (real AWS sends JSON), which wgvsock.services.aws normalises; the
+  denied-permission tests below go through that real path.
 * moto's SSM never involves KMS, so the kms:Decrypt denial is built with botocore's Stubber from
   the error shape AWS documents (AccessDeniedException naming kms:Decrypt).
 * moto's IMDS answers /latest/api/token (to any method, without checking the TTL header) and
@@ -41,8 +42,8 @@ import moto.server as moto_server  # the test extra's moto[server]: a missing on
 import pytest
 from botocore.stub import Stubber
 
-from wgvsock import aws
 from wgvsock.core.crypto import generate_private_key, key_to_base64
+from wgvsock.services import aws
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account

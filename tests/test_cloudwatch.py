@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from wgvsock import aws
-from wgvsock.metrics import cloudwatch as cw
+from wgvsock.services import aws
+from wgvsock.services.metrics import cloudwatch as cw
 
 from .test_aws import (  # noqa: F401 - fixtures
     FakeImds,
@@ -133,7 +133,7 @@ def test_denied_permission_is_reported_once(restricted: boto3.Session, imds: Fak
     reg, _ = _registry(["k0"])
     sender = cw.CloudWatchSender(reg, "wgvsock-t3", 60, "demo", session=restricted,
                                  imds=aws.Imds(imds.url))
-    with caplog.at_level(logging.WARNING, logger="wgvsock.metrics"):
+    with caplog.at_level(logging.WARNING, logger="wgvsock.services.metrics"):
         for _ in range(3):
             assert sender.send() == 0
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -153,7 +153,7 @@ def test_throttling_is_reported_once_and_recovery_said(moto: Moto, imds: FakeImd
     for _ in range(2):
         stub.add_client_error("put_metric_data", "Throttling", "Rate exceeded", 400)
     stub.add_response("put_metric_data", {})
-    with stub, caplog.at_level(logging.WARNING, logger="wgvsock.metrics"):
+    with stub, caplog.at_level(logging.WARNING, logger="wgvsock.services.metrics"):
         assert sender.send() == 0
         assert sender.state == "throttled"
         assert sender.send() == 0
@@ -173,7 +173,7 @@ def test_off_ec2_the_host_name_is_the_instance(moto: Moto,
     reg, _ = _registry(["k0"])
     sender = cw.CloudWatchSender(reg, "wgvsock-t5", 60, "demo", session=moto.session,
                                  imds=aws.Imds(f"http://127.0.0.1:{_closed_port()}", timeout=0.3))
-    with caplog.at_level(logging.WARNING, logger="wgvsock.metrics"):
+    with caplog.at_level(logging.WARNING, logger="wgvsock.services.metrics"):
         assert sender.send() == 2
     assert "InstanceId dimension is the host name" in caplog.text
     (m, _) = moto.session.client("cloudwatch").list_metrics(Namespace="wgvsock-t5")["Metrics"]
@@ -188,7 +188,7 @@ def test_no_region_off_ec2_is_reported_once(moto: Moto, monkeypatch: pytest.Monk
     reg, _ = _registry(["k0"])
     sender = cw.CloudWatchSender(reg, "wgvsock-t7", 60, "demo", session=boto3.Session(),
                                  imds=aws.Imds(f"http://127.0.0.1:{_closed_port()}", timeout=0.3))
-    with caplog.at_level(logging.WARNING, logger="wgvsock.metrics"):
+    with caplog.at_level(logging.WARNING, logger="wgvsock.services.metrics"):
         assert sender.send() == 0
         assert sender.send() == 0
     assert sender.state == "region"

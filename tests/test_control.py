@@ -13,8 +13,15 @@ import time
 
 import pytest
 
-from wgvsock import control
-from wgvsock.control import ControlError, ControlServer, Verdict, encode, read_message, register
+from wgvsock.services import control
+from wgvsock.services.control import (
+    ControlError,
+    ControlServer,
+    Verdict,
+    encode,
+    read_message,
+    register,
+)
 
 
 class Recorder:
@@ -406,8 +413,8 @@ def test_the_parent_admits_only_the_enclaves_cid():
     """Issue 12.3: over vsock the control port takes only the enclave's CID when it is
     known: named by parent.enclave_cid, fixed by parent.enclave.cid, or reported by
     nitro-cli for the enclave `up` started (nothing before that)."""
-    from wgvsock.profile import parse_profile
     from wgvsock.roles.parent import Parent
+    from wgvsock.services.profile import parse_profile
 
     named = Parent(parse_profile("name: a\nparent:\n  enclave_cid: 16\n"))._enclave_filter()
     assert named is not None and named((16, 1234)) and not named((3, 1234))

@@ -18,9 +18,9 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from wgvsock.egress.forwarder import Forwarder, answer_addresses
-from wgvsock.egress.names import NamePattern, NamePolicy, NameRule
-from wgvsock.nslab import wait_for
+from wgvsock.services.egress.forwarder import Forwarder, answer_addresses
+from wgvsock.services.egress.names import NamePattern, NamePolicy, NameRule
+from wgvsock.ui.nslab import wait_for
 
 LOOP = "127.0.0.1"
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from wgvsock import firewall
-from wgvsock.egress.names import NamePattern, NamePolicy, NameRule, NameRuleError, labels_of
-from wgvsock.profile import (
+from wgvsock.services import firewall
+from wgvsock.services.egress.names import (
+    NamePattern,
+    NamePolicy,
+    NameRule,
+    NameRuleError,
+    labels_of,
+)
+from wgvsock.services.profile import (
     AWS_DNS_V4,
     ProfileError,
     Rule,
@@ -183,8 +189,8 @@ def test_add_to_sets_refuses_what_is_not_a_name_set() -> None:
 
 
 def test_doctor_checks_the_forwarders_resolver(monkeypatch) -> None:
-    from wgvsock.egress import forwarder
     from wgvsock.roles.parent import local_checks
+    from wgvsock.services.egress import forwarder
 
     def dns_check(egress: str):
         return {c.name: c for c in local_checks(parse_profile(profile(egress)))}.get(

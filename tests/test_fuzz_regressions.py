@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
-from wgvsock.control import ControlError, register
-from wgvsock.profile import MAX_FLOW_DEPTH, ProfileError, parse_profile
-from wgvsock.uapi import ERR_INVALID, UAPIError, parse_set
+from wgvsock.device.uapi import ERR_INVALID, UAPIError, parse_set
+from wgvsock.services.control import ControlError, register
+from wgvsock.services.profile import MAX_FLOW_DEPTH, ProfileError, parse_profile
 
 
 @pytest.mark.parametrize("value", ["1.2.3.4:5\0", "a\rb", "\r"])

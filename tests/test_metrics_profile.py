@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from wgvsock.profile import CloudWatch, Metrics, dump_profile, parse_profile
+from wgvsock.services.profile import CloudWatch, Metrics, dump_profile, parse_profile
 
 from .test_profile import FILE, refused, y
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock import status as st
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.uapi import DeviceStatus, PeerStatus
+from wgvsock.device.uapi import DeviceStatus, PeerStatus
+from wgvsock.ui import status as st
 
 from .test_status_format import _serve, _show, run_dir  # noqa: F401 - run_dir is a fixture
 

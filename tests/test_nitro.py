@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock import nitro
-from wgvsock.nitro import (
+from wgvsock.services import nitro
+from wgvsock.services.nitro import (
     EnclaveInfo,
     EnclaveSupervisor,
     NitroCli,
@@ -23,7 +23,7 @@ from wgvsock.nitro import (
     parse_error,
     terminate_leftovers,
 )
-from wgvsock.profile import EnclaveLaunch, parse_profile
+from wgvsock.services.profile import EnclaveLaunch, parse_profile
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 FAKE = str(FAKES / "nitro-cli")
@@ -477,8 +477,8 @@ def test_parent_checks_include_the_enclave(fake: Fake, tmp_path: Path, monkeypat
 
 def test_doctor_reports_the_enclave_checks(fake: Fake, tmp_path: Path, monkeypatch,
                                            capsys) -> None:
-    from wgvsock import aws
     from wgvsock.roles import cli
+    from wgvsock.services import aws
 
     monkeypatch.setattr(aws, "doctor_checks", lambda **_: [])
     monkeypatch.setenv("PATH", str(tmp_path))

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from wgvsock import cli
-from wgvsock.control import ControlError, Welcome
 from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
-from wgvsock.profile import ProfileError, parse_profile, set_parent_public_key
 from wgvsock.roles.enclave import Enclave
 from wgvsock.roles.parent import RoleError, check_pinned_key, load_parent_key
+from wgvsock.services.control import ControlError, Welcome
+from wgvsock.services.profile import ProfileError, parse_profile, set_parent_public_key
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE = generate_private_key()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from wgvsock import cli
-from wgvsock.profile import (
+from wgvsock.services.profile import (
     Attestation,
     EnclaveLaunch,
     Ingress,
@@ -706,7 +706,7 @@ def test_main_check_missing_file(tmp_path, capsys):
 
 
 def test_main_check_host(monkeypatch, capsys):
-    import wgvsock.profile as profile_module
+    import wgvsock.services.profile as profile_module
 
     seen = []
 
@@ -728,7 +728,7 @@ def test_main_check_host(monkeypatch, capsys):
 
 
 def test_main_check_host_netlink_failure(monkeypatch, capsys):
-    import wgvsock.profile as profile_module
+    import wgvsock.services.profile as profile_module
 
     def broken(exclude_interface=None):
         raise OSError("netlink unavailable")

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from wgvsock.tun import coalesce_tcp, split_tso
+from wgvsock.device.tun import coalesce_tcp, split_tso
 
 _FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80
 

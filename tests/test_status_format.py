@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from wgvsock import status as st
 from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
-from wgvsock.device import _link_states
-from wgvsock.uapi import DeviceConfig, DeviceStatus, PeerStatus, UAPIServer
+from wgvsock.device.device import _link_states
+from wgvsock.device.uapi import DeviceConfig, DeviceStatus, PeerStatus, UAPIServer
+from wgvsock.ui import status as st
 
 NOW = 1_700_000_000.0
 

@@ -1,5 +1,5 @@
-"""wgvsock.threads: a loop survives a passing fault, gives up on a persistent one, and a dying
-thread stops the daemon with its reason (issue 12.6)."""
+"""wgvsock.threads: a loop survives a passing fault, gives up on a persistent one, and a
+dying thread stops the daemon with its reason (issue 12.6)."""
 
 from __future__ import annotations
 

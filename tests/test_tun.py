@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import pytest
 
-from wgvsock import tun as tun_mod
-from wgvsock.tun import Tun, TunError
+from wgvsock.device import tun as tun_mod
+from wgvsock.device.tun import Tun, TunError
 
 T = TypeVar("T")
 

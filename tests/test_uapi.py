@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock import uapi
-from wgvsock.uapi import (
+from wgvsock.device import uapi
+from wgvsock.device.uapi import (
     ERR_INVALID,
     ERR_IO,
     ERR_PORT_IN_USE,

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return enclave_main(rest)
     if cmd == "status":
-        from .status import main as status_main
+        from .ui.status import main as status_main
 
         return status_main(rest)
     if cmd == "attest":
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd == "profile":
         if rest[:1] == ["check"]:
-            from .profile import main_check
+            from .services.profile import main_check
 
             return main_check(rest[1:])
         if rest[:1] == ["pin-parent"]:
-            from .profile import main_pin_parent
+            from .services.profile import main_pin_parent
 
             return main_pin_parent(rest[1:])
         print("usage: wgvsock profile check FILE [--host]\n"

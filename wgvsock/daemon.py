@@ -145,9 +145,9 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None) -> int:
     from .conn import make_bind
-    from .device import Device
+    from .device.device import Device
+    from .device.uapi import DEFAULT_RUN_DIR
     from .threads import on_thread_death
-    from .uapi import DEFAULT_RUN_DIR
 
     try:
         bind = make_bind(network, dgram)

@@ -13,8 +13,8 @@ import pytest
 
 from tests.net.netlab import Lab
 from tests.net.test_roles import WGVSOCK, World
-from wgvsock import firewall
-from wgvsock.nslab import wait_for
+from wgvsock.services import firewall
+from wgvsock.ui.nslab import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.guest]
 

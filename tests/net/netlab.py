@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
-from wgvsock.nslab import wait_for
-from wgvsock.uapi import uapi_get
+from wgvsock.device.uapi import uapi_get
+from wgvsock.ui.nslab import wait_for
 
 VENV_BIN = Path(sys.executable).parent
 DAEMON = str(VENV_BIN / "wireguard-go-vsock")

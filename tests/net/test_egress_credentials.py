@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from wgvsock import firewall
-from wgvsock.firewall import FirewallSpec
-from wgvsock.profile import parse_profile
+from wgvsock.services import firewall
+from wgvsock.services.firewall import FirewallSpec
+from wgvsock.services.profile import parse_profile
 
 from .netlab import Namespace
 from .test_firewall import (

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from wgvsock import firewall
-from wgvsock.uapi import uapi_get
+from wgvsock.device.uapi import uapi_get
+from wgvsock.services import firewall
 
 from .netlab import Lab, Namespace, wait_for
 from .test_firewall import probe, start_server

@@ -16,8 +16,8 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
-from wgvsock import firewall
-from wgvsock.firewall import FirewallError, FirewallSpec, Ingress, Rule
+from wgvsock.services import firewall
+from wgvsock.services.firewall import FirewallError, FirewallSpec, Ingress, Rule
 
 from .netlab import Lab, Namespace, run
 
@@ -353,7 +353,7 @@ def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:
 _HOST_PATHS = r"""
 import json
 from ipaddress import ip_address
-from wgvsock import firewall
+from wgvsock.services import firewall
 spec = firewall.FirewallSpec("host", "wg0", [ip_address("10.77.0.2")])
 firewall.apply(spec)
 was = firewall.exists("host")

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock.profile import load_profile
+from wgvsock.services.profile import load_profile
 
 from .netlab import Lab, run, wait_for
 from .test_roles import World

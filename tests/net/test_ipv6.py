@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from wgvsock import firewall
+from wgvsock.services import firewall
 
 from .netlab import Lab, Namespace, run, wait_for
 from .test_roles import UNIX_TRANSPORT, WGVSOCK, World

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wgvsock import firewall
+from wgvsock.services import firewall
 
 from .netlab import Lab, wait_for
 from .test_roles import WGVSOCK, World
@@ -215,14 +215,14 @@ def test_dns_counters_feed_status_keys_and_metrics(lab: Lab, caplog) -> None:
     missing table is logged once and leaves the egress numbers out instead of failing."""
     from prometheus_client import generate_latest
 
-    from wgvsock.metrics.counters import DnsCounters, ParentCounters
-    from wgvsock.metrics.prometheus import registry_for
+    from wgvsock.services.metrics.counters import DnsCounters, ParentCounters
+    from wgvsock.services.metrics.prometheus import registry_for
 
     ns = lab.netns("fw")
     ticks = itertools.count(0, 10)  # every reading is past the cache's second
     counters = ParentCounters("mdns", dns=lambda: DnsCounters(5, 2), netns=ns.name,
                               clock=lambda: next(ticks))
-    with caplog.at_level("WARNING", logger="wgvsock.metrics"):
+    with caplog.at_level("WARNING", logger="wgvsock.services.metrics"):
         assert counters.uapi_keys() == {"wgvsock_dns_queries": "5", "wgvsock_dns_refused": "2"}
         counters.read()
     assert caplog.text.count("cannot read the firewall counters of mdns") == 1

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from wgvsock.core.crypto import public_key
-from wgvsock.uapi import uapi_get
+from wgvsock.device.uapi import uapi_get
 
 from .daemonctl import process_gone
 from .netlab import Lab, wait_for

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock import firewall
+from wgvsock.services import firewall
 
 from .netlab import SLOWDOWN, Lab, Namespace, wait_for
 

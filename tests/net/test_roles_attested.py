@@ -17,7 +17,7 @@ import pytest
 
 from tests.attest_fixtures import TEST_PCRS, make_test_ca
 from wgvsock.core.crypto import key_to_base64
-from wgvsock.uapi import uapi_get
+from wgvsock.device.uapi import uapi_get
 
 from .fake_nsm_enclave import OTHER_IMAGE_PCR0
 from .netlab import Lab, wait_for

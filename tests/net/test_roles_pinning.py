@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-from wgvsock import firewall
 from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
-from wgvsock.profile import load_profile
-from wgvsock.uapi import uapi_get
+from wgvsock.device.uapi import uapi_get
+from wgvsock.services import firewall
+from wgvsock.services.profile import load_profile
 
 from .netlab import Lab, wait_for
 from .test_roles import WGVSOCK, World
@@ -28,9 +28,9 @@ pytestmark = [pytest.mark.root]
 # like a parent would, with its own key.
 IMPOSTOR = r"""
 import sys, threading
-from wgvsock.control import ControlServer, Verdict
+from wgvsock.services.control import ControlServer, Verdict
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.profile import load_profile
+from wgvsock.services.profile import load_profile
 from wgvsock.roles.common import control_listener
 p = load_profile(sys.argv[1])
 server = ControlServer(control_listener(p.transport), profile=p.name,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock.uapi import uapi_set
+from wgvsock.device.uapi import uapi_set
 
 from .daemonctl import only_pid, process_gone
 from .netlab import VENV_BIN, Keys, Lab, Namespace, connect_pair, ping, run, wait_for

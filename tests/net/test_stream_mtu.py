@@ -8,7 +8,7 @@ import pytest
 
 from wgvsock.conn import make_bind
 from wgvsock.conn.framing import MAX_STREAM_MTU
-from wgvsock.device import Device
+from wgvsock.device.device import Device
 
 from .netlab import Lab, connect_pair, ping, wait_for
 

@@ -14,7 +14,7 @@ import socket
 
 import pytest
 
-from wgvsock.uapi import uapi_set
+from wgvsock.device.uapi import uapi_set
 
 from .daemonctl import only_pid, process_gone, sock_path
 from .netlab import DAEMON, Keys, Lab, Namespace, wait_for

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from wgvsock.core.crypto import key_to_base64
-from wgvsock.uapi import uapi_set
+from wgvsock.device.uapi import uapi_set
 
 from .daemonctl import only_pid, process_gone, raw_uapi, sock_path
 from .netlab import Keys, Lab, Namespace, wait_for

@@ -210,7 +210,7 @@ def nsm_attester(path: str | None = None, *, ioctl: Ioctl | None = None,
         return None
 
     def attest(nonce: bytes, public_key: bytes) -> bytes:
-        from ..control import ControlError
+        from ..services.control import ControlError
 
         try:
             with NSM(device, ioctl=ioctl) as nsm:

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ..control import Verdict
+from ..services.control import Verdict
 
 log = logging.getLogger("wgvsock.attestation")
 
@@ -621,7 +621,7 @@ def verify_enclave(
     root: x509.Certificate | bytes | None = None,
     now: datetime | float | None = None,
 ) -> Verdict:
-    """The parent's decision on a registering enclave's document (see wgvsock.control).
+    """The parent's decision on a registering enclave's document (see wgvsock.services.control).
 
     policy has `require`, `pcrs` ({index: hex}), `max_age` (seconds), `allow_debug` and
     `test_root_ca`. A presented document is always verified, live (its certificates valid

@@ -15,14 +15,7 @@ import socket
 import struct
 from typing import Any
 
-from .bind import (
-    RateLimitedLog,
-    Receiver,
-    SocketBind,
-    log,
-    new_inet_socket,
-    unavailable,
-)
+from .bind import RateLimitedLog, Receiver, SocketBind, log, new_inet_socket, unavailable
 from .endpoint import (
     VMADDR_CID_ANY,
     VMADDR_PORT_ANY,

@@ -9,7 +9,7 @@ import sys
 
 
 def _load(path: str):
-    from ..profile import ProfileError, load_profile
+    from ..services.profile import ProfileError, load_profile
 
     try:
         return load_profile(path)
@@ -56,7 +56,7 @@ def parent_main(argv: list[str]) -> int:
     if args.cmd == "doctor":
         return doctor(profile)
     from ..daemon import spawn_background, take_ready_fd
-    from ..profile import check_host, check_routes, local_networks, local_routes
+    from ..services.profile import check_host, check_routes, local_networks, local_routes
 
     ready_fd = take_ready_fd()
     if ready_fd is None:
@@ -91,7 +91,7 @@ def doctor(profile) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..profile import check_host, check_routes, local_networks, local_routes
+    from ..services.profile import check_host, check_routes, local_networks, local_routes
     from .parent import Check, local_checks
 
     checks = local_checks(profile)
@@ -104,7 +104,7 @@ def doctor(profile) -> int:
                         "this host has a route for each of enclave.routes" if not problems
                         else "; ".join(str(p) for p in problems)))
     try:
-        from ..aws import doctor_checks
+        from ..services.aws import doctor_checks
 
         cw = profile.parent.metrics.cloudwatch
         checks += [Check(c.name, c.ok, c.detail) for c in doctor_checks(

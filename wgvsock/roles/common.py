@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 
 from ..conn.endpoint import VMADDR_CID_ANY, Endpoint
-from ..device import Device
-from ..uapi import DEFAULT_RUN_DIR, DeviceConfig, PeerConfig
+from ..device.device import Device
+from ..device.uapi import DEFAULT_RUN_DIR, DeviceConfig, PeerConfig
 
 ENV_RUN_DIR = "WGVSOCK_RUN_DIR"
 ENV_STATE_DIR = "WGVSOCK_STATE_DIR"

@@ -19,12 +19,12 @@ import sys
 import tempfile
 import threading
 
-from .. import netconf
 from ..conn import make_bind
 from ..conn.stream import redial_backoff
-from ..control import ControlError, Welcome, hold_connection, register
 from ..core.crypto import generate_private_key, key_to_base64, public_key
-from ..device import Device
+from ..device import netconf
+from ..device.device import Device
+from ..services.control import ControlError, Welcome, hold_connection, register
 from ..threads import on_thread_death
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
 

@@ -20,21 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import firewall, netconf
 from ..conn import make_bind
-from ..control import ControlServer, Verdict
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
-from ..device import Device
-from ..metrics.counters import DnsCounters, ParentCounters
+from ..device import netconf
+from ..device.device import Device
+from ..services import firewall
+from ..services.control import ControlServer, Verdict
+from ..services.metrics.counters import DnsCounters, ParentCounters
 from ..threads import on_thread_death
-from .common import (
-    configure,
-    control_listener,
-    is_alive,
-    run_dir,
-    state_dir,
-    unix_socket_path,
-)
+from .common import configure, control_listener, is_alive, run_dir, state_dir, unix_socket_path
 
 log = logging.getLogger("wgvsock.parent")
 
@@ -75,7 +69,7 @@ def local_checks(profile) -> list[Check]:
     else:
         checks.append(Check("vsock", None, f"transport is {profile.transport.kind}"))
     if profile.parent.enclave is not None:
-        from ..nitro import launch_checks
+        from ..services.nitro import launch_checks
 
         checks += [Check(*c) for c in launch_checks(profile.parent.enclave)]
     return checks
@@ -83,7 +77,7 @@ def local_checks(profile) -> list[Check]:
 
 def _dns_check(profile) -> Check:
     """Host names in parent.egress need a resolver for the parent's DNS forwarder."""
-    from ..egress.forwarder import system_resolvers
+    from ..services.egress.forwarder import system_resolvers
 
     if profile.parent.egress.resolver:
         upstream = profile.parent.egress.resolver
@@ -104,7 +98,7 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
     file is created with a new key when CREATE. The file must be 0600 (or stricter) and owned
     by root or by the running user: anyone else could have put their own key there."""
     if spec.startswith(("ssm:", "secretsmanager:")):
-        from .. import aws
+        from ..services import aws
 
         try:
             return aws.load_private_key(spec)
@@ -334,7 +328,7 @@ class Parent:
         m = self.profile.parent.metrics
         if m.listen is None and m.cloudwatch is None:
             return
-        from ..metrics.prometheus import Exporter, registry_for
+        from ..services.metrics.prometheus import Exporter, registry_for
 
         registry = registry_for(self)
         if m.listen is not None:
@@ -346,7 +340,7 @@ class Parent:
                                 f"{e.strerror or e}: choose a free port, or an address of "
                                 "this host") from None
         if m.cloudwatch is not None:
-            from ..metrics.cloudwatch import CloudWatchSender
+            from ..services.metrics.cloudwatch import CloudWatchSender
 
             self.cloudwatch = CloudWatchSender(registry, m.cloudwatch.namespace,
                                                m.cloudwatch.interval, self.profile.name)
@@ -394,8 +388,8 @@ class Parent:
         egress = self.profile.parent.egress
         if not egress.uses_names:
             return
-        from ..egress.forwarder import Forwarder, system_resolvers
-        from ..egress.names import NamePolicy
+        from ..services.egress.forwarder import Forwarder, system_resolvers
+        from ..services.egress.names import NamePolicy
 
         own = [a.ip for a in self.profile.parent.addresses]
         upstream = list(egress.resolver) or system_resolvers(exclude=own)
@@ -447,7 +441,7 @@ class Parent:
         """With `parent.enclave` in the profile, start the enclave and keep it running."""
         if self.profile.parent.enclave is None:
             return
-        from ..nitro import EnclaveSupervisor, NitroCli, enclave_name
+        from ..services.nitro import EnclaveSupervisor, NitroCli, enclave_name
 
         def started(info) -> None:
             self._enclave_cid = info.cid
@@ -569,7 +563,7 @@ def down(profile) -> list[str]:
             done.append(f"stopped pid {state.pid}")
     # Whatever a crashed `up` may have left behind:
     if profile.parent.enclave is not None:
-        from ..nitro import NitroCli, NitroError, enclave_name, terminate_leftovers
+        from ..services.nitro import NitroCli, NitroError, enclave_name, terminate_leftovers
 
         known = [state.enclave["id"]] if state is not None and state.enclave.get("id") else []
         try:

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..core.crypto import key_to_base64
+from ...core.crypto import key_to_base64
 from ..firewall import COUNTERS
 from .counters import ParentCounters
 
@@ -136,7 +136,7 @@ class ParentCollector(Collector):
             yield rules
             fw = CounterMetricFamily(
                 "wgvsock_firewall_packets_total",
-                "The profile's named nftables counters (see wgvsock.firewall.COUNTERS)",
+                "The profile's named nftables counters (see wgvsock.services.firewall.COUNTERS)",
                 labels=["profile", "counter"])
             named = reading.firewall or {}
             for counter in COUNTERS:

@@ -1,6 +1,6 @@
 """`make demo`: the parent and the enclave of one profile, in network namespaces, narrated.
 
-Run as root: python -m wgvsock.demo [--live SECONDS] [--iperf-seconds S]
+Run as root: python -m wgvsock.ui.demo [--live SECONDS] [--iperf-seconds S]
 
 Three network namespaces play the parts:
 
@@ -38,10 +38,10 @@ from typing import Any
 
 import yaml
 
-from . import firewall
+from ..device.uapi import UAPIError, uapi_get
+from ..services import firewall
+from ..services.profile import Profile, ProfileError, load_profile
 from .nslab import Lab, LabError, Namespace, interrupts_raise, missing_tools, run, wait_for
-from .profile import Profile, ProfileError, load_profile
-from .uapi import UAPIError, uapi_get
 
 NS_INTERNET, NS_PARENT, NS_ENCLAVE = "wgdemo-internet", "wgdemo-parent", "wgdemo-enclave"
 NAMESPACES = (NS_INTERNET, NS_PARENT, NS_ENCLAVE)
@@ -54,7 +54,7 @@ NAME_WEB = "198.51.100.4"  # where all three names point
 INGRESS_PORT, APP_PORT = 8443, 8080
 METRICS = "127.0.0.1:9586"  # parent.metrics.listen, inside the parent's namespace
 PROFILE_NAME = "demo"
-EXAMPLE = Path(__file__).resolve().parent.parent / "enclave" / "profile.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "enclave" / "profile.example.yaml"
 # Who owns the fixed names above, so that the next run can tell a live demo from leftovers.
 STATE_FILE = Path("/run/wgvsock-demo.json")
 TMP_PREFIX = "wgvsock-demo-"
@@ -90,7 +90,7 @@ def _demo_alive(pid: int) -> bool:
     except OSError:
         return False
     # The pid may have been reused by an unrelated process since the state file was written.
-    return b"wgvsock.demo" in argv
+    return b"wgvsock.ui.demo" in argv
 
 
 def clear_leftovers() -> str | None:
@@ -633,7 +633,7 @@ def _at(snapshot: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wgvsock.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m wgvsock.ui.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--live", type=float, default=8.0, metavar="SECONDS",
                     help="how long to show the live dashboard (0: skip it); when stdout is not "

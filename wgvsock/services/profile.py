@@ -37,7 +37,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .conn.framing import MAX_STREAM_MTU
+from ..conn.framing import MAX_STREAM_MTU
 from .egress.names import NamePattern, NameRule, NameRuleError, looks_like_name
 
 IPAddress = IPv4Address | IPv6Address
@@ -1680,8 +1680,8 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
                 print(f"{prog}: --public-key: {e}", file=sys.stderr)
                 return 2
         else:
-            from .core.crypto import key_to_base64, public_key
-            from .roles.parent import RoleError, load_parent_key
+            from ..core.crypto import key_to_base64, public_key
+            from ..roles.parent import RoleError, load_parent_key
 
             try:
                 private = load_parent_key(args.key_file or profile.parent.private_key,

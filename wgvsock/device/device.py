@@ -21,21 +21,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .conn.bind import Bind
-from .conn.endpoint import Endpoint, display_endpoint
-from .conn.framing import MAX_STREAM_MTU
-from .core.engine import DROP, SEND, TUNNEL, Action, Engine
-from .core.ratelimit import LoadTracker
-from .threads import Survivor
+from ..conn.bind import Bind
+from ..conn.endpoint import Endpoint, display_endpoint
+from ..conn.framing import MAX_STREAM_MTU
+from ..core.engine import DROP, SEND, TUNNEL, Action, Engine
+from ..core.ratelimit import LoadTracker
+from ..threads import Survivor
 from .tun import GSO_MAX_SIZE, Tun
-from .uapi import (
-    DEFAULT_RUN_DIR,
-    DeviceConfig,
-    DeviceStatus,
-    PeerStatus,
-    UAPIError,
-    UAPIServer,
-)
+from .uapi import DEFAULT_RUN_DIR, DeviceConfig, DeviceStatus, PeerStatus, UAPIError, UAPIServer
 
 log = logging.getLogger("wgvsock.device")
 

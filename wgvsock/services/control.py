@@ -36,8 +36,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .conn.bind import RateLimitedLog
-from .threads import Survivor
+from ..conn.bind import RateLimitedLog
+from ..threads import Survivor
 
 log = logging.getLogger("wgvsock.control")
 

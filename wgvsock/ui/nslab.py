@@ -24,8 +24,8 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
-from .core.crypto import generate_private_key, key_to_base64, public_key
-from .uapi import DeviceConfig, PeerConfig, format_set, uapi_get, uapi_set
+from ..core.crypto import generate_private_key, key_to_base64, public_key
+from ..device.uapi import DeviceConfig, PeerConfig, format_set, uapi_get, uapi_set
 
 __all__ = [
     "RUN_DIR",

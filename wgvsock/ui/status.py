@@ -40,9 +40,9 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.text import Text
 
-from .core.crypto import key_to_base64, public_key
-from .core.messages import REJECT_AFTER_TIME, REKEY_AFTER_TIME
-from .uapi import DEFAULT_RUN_DIR, UAPIError, socket_path, uapi_get
+from ..core.crypto import key_to_base64, public_key
+from ..core.messages import REJECT_AFTER_TIME, REKEY_AFTER_TIME
+from ..device.uapi import DEFAULT_RUN_DIR, UAPIError, socket_path, uapi_get
 
 __all__ = [
     "HEALTH_STYLES",
