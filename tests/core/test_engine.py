@@ -275,6 +275,12 @@ def test_roaming_follows_last_authenticated_packet():
     # an unauthenticated packet from elsewhere does not move it
     p.b.decapsulate(msg[:-1] + bytes([msg[-1] ^ 1]), "evil", p.now)
     assert p.pb.endpoint == "A-moved"
+    # each move counts (a stream peer back on a new connection); staying put does not
+    assert p.pb.roams == 1
+    p.b.decapsulate(p.a.encapsulate(pkt, p.now)[0][2], "A-moved", p.now)
+    assert p.pb.roams == 1
+    p.b.decapsulate(p.a.encapsulate(pkt, p.now)[0][2], "A-again", p.now)
+    assert (p.pb.endpoint, p.pb.roams) == ("A-again", 2)
 
 
 def test_zero_key_material_after_three_reject_times():

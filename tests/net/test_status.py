@@ -86,11 +86,31 @@ def test_json_agrees_with_wg_show_dump(lab: Lab) -> None:
     assert pa["endpoint"] == f"unix:{lab.unix_dir}/7002.sock"
     assert (pa["connection"], pa["reconnects"]) == ("connected", 0)
     assert pb["endpoint"].startswith("unix:<inbound #")
-    assert (pb["connection"], pb["reconnects"]) == ("connected", None)
+    assert (pb["connection"], pb["reconnects"]) == ("connected", 0)
     assert pa["health"] == pb["health"] == "fresh"
     assert pa["public_key"] == kb.public_b64 and pb["public_key"] == ka.public_b64
     # `wg show` still copes with the reply that now carries the connection keys.
     assert kb.public_b64 in a.wg("show", ia).stdout
+
+
+def test_listener_counts_the_connections_its_peer_came_back_on(lab: Lab) -> None:
+    """The listening side (the parent) has no dialler of its own: its reconnect count is the
+    number of new connections its peer came back on."""
+    a, ia, _b, ib, ka, _kb = _unix_pair(lab)
+    pid = only_pid(a)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: process_gone(pid), 10, "the dialling daemon to die")
+    lab.start_daemon(a, ia, "unix")
+    keyfile = lab.tmp / f"{ia}.key"  # connect_pair wrote it; the peer's state is reapplied
+    a.wg("set", ia, "private-key", str(keyfile), "listen-port", "7001", "peer",
+         status_json(ib)["interfaces"][0]["public_key"], "allowed-ips", "10.99.0.2/32",
+         "endpoint", "127.0.0.1:7002")
+    a.ip("addr", "add", "10.99.0.1/24", "dev", ia)
+    a.ip("link", "set", ia, "up")
+    ping(a, "10.99.0.2")
+    peer = status_json(ib)["interfaces"][0]["peers"][0]
+    assert peer["public_key"] == ka.public_b64
+    assert (peer["connection"], peer["reconnects"]) == ("connected", 1)
 
 
 def test_peer_gone_shows_reconnects_and_a_stale_socket(lab: Lab) -> None:

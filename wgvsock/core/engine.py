@@ -71,6 +71,13 @@ _NONCE_PREFIX = b"\x00\x00\x00\x00"
 _KEEPALIVE_RECEIVE_LIMIT = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 
+def _roam(peer: Peer, src: Any) -> None:
+    """The peer's endpoint becomes `src`, where its last authenticated message came from."""
+    if peer.endpoint is not None and src != peer.endpoint:
+        peer.roams += 1
+    peer.endpoint = src
+
+
 def _drop(reason: str, peer: Peer | None = None) -> list[Action]:
     return [(DROP, peer, reason)]
 
@@ -312,7 +319,8 @@ class Engine:
         keypairs = peer.keypairs
         timers = peer.timers
         # Roam first, so staged packets flushed below go where the peer is now.
-        peer.endpoint = src
+        if src is not peer.endpoint:
+            _roam(peer, src)
         if keypairs.next is kp:
             self._unindex(keypairs.confirm(kp) or [])
             timers.handshake_complete()
@@ -407,7 +415,7 @@ class Engine:
         timers = peer.timers
         timers.any_authenticated_packet_traversal(now)
         timers.any_authenticated_packet_received()
-        peer.endpoint = src
+        _roam(peer, src)
         peer.rx_bytes += len(data)
 
         e_priv = self._new_ephemeral()
@@ -467,7 +475,7 @@ class Engine:
         timers = peer.timers
         timers.any_authenticated_packet_traversal(now)
         timers.any_authenticated_packet_received()
-        peer.endpoint = src
+        _roam(peer, src)
         peer.rx_bytes += len(data)
         timers.session_derived(now)
         timers.handshake_complete()

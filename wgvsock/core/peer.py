@@ -63,6 +63,7 @@ class Peer:
         "last_handshake",
         "preshared_key",
         "public_key",
+        "roams",
         "rx_bytes",
         "staged",
         "static_static",
@@ -82,6 +83,9 @@ class Peer:
         self.staged: deque[bytes] = deque(maxlen=MAX_STAGED_PACKETS)
         self.rx_bytes = 0
         self.tx_bytes = 0
+        # Times the endpoint moved to another one: on a stream transport, each new connection
+        # the peer came back on (the listening side's count of its reconnects).
+        self.roams = 0
         # `now` of the last completed handshake, in the caller's clock; None if never.
         self.last_handshake: float | None = None
 

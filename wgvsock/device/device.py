@@ -399,6 +399,8 @@ class Device:
                     extra["wgvsock_endpoint"] = shown
                     if links is not None:
                         extra.update(links.get(shown, _NO_LINK))
+                        # Not dialled by us: count the connections the peer came back on.
+                        extra.setdefault("wgvsock_reconnects", str(peer.roams))
                 peers.append(
                     PeerStatus(
                         public_key=peer.public_key,
