@@ -22,10 +22,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from .conn.bind import Bind
+from .conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, encode_hello
 from .conn.endpoint import Endpoint, display_endpoint
 from .core.engine import DROP, SEND, TUNNEL, Action, Engine
 from .core.ratelimit import LoadTracker
-from .tun import GSO_MAX_SIZE, Tun
+from .tun import GSO_MAX_SIZE, Tun, complete_checksum, split_tso
 from .uapi import (
     DEFAULT_RUN_DIR,
     DeviceConfig,
@@ -122,6 +123,10 @@ class Device:
             self.tun.set_mtu(self._initial_mtu)
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
             self.bind.receive_batch = self._on_receive_batch
+            if self.tun.vnet and self.bind.stream:
+                # Tells each stream peer that we take super-packets and partial checksums:
+                # our TUN hands both to the kernel to finish (Tun.write).
+                self.bind.hello = encode_hello(CAP_SUPER | CAP_PARTIAL_CSUM, GSO_MAX_SIZE)
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
@@ -232,8 +237,14 @@ class Device:
         poller.register(tun.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         wake_fd = self._wake_r
-        # Datagram transports take a TCP super-packet as MTU-sized packets.
-        read = (lambda: (tun.read(),)) if self.bind.stream else tun.read_segments
+        # Datagram transports take a TCP super-packet as MTU-sized packets; stream transports
+        # whole where the peer said it takes them.
+        if not self.bind.stream:
+            read = tun.read_segments
+        elif tun.vnet:
+            read = self._read_for_peer
+        else:
+            read = lambda: (tun.read(),)  # noqa: E731
         while not self._stopped.is_set():
             try:
                 packets = read()
@@ -264,6 +275,30 @@ class Device:
                 for packet in packets:
                     actions += engine.encapsulate(packet, now)
             self._perform_batch(actions)
+
+    def _read_for_peer(self) -> tuple[bytes | bytearray, ...] | list[bytearray]:
+        """A packet from the TUN (with offload, on a stream transport) in the shape the peer
+        it is routed to takes: a TCP super-packet whole only if the peer's hello said it takes
+        super-packets, else cut into MTU-sized segments (the Go seed, or our daemon with offload
+        off, would write it to its TUN unsegmented, where forwarding drops it); a partial TCP
+        checksum left so only if the peer said it finishes those, else completed here."""
+        tun = self.tun
+        assert tun is not None
+        packet, mss, start, offset = tun.read_offload()
+        if not start:
+            return (packet,)
+        with self._lock:
+            peer = self.engine.allowed_ips.lookup_packet_dst(packet)
+            ep = None if peer is None else peer.endpoint
+        if ep is None:
+            flags = max_packet = 0  # staged or dropped: the conservative form
+        else:
+            flags, max_packet = self.bind.peer_caps(ep)
+        if mss and not (flags & CAP_SUPER and len(packet) <= max_packet):
+            return split_tso(packet, start, mss)
+        if flags & CAP_PARTIAL_CSUM and offset == 16:  # TCP
+            return (packet,)
+        return (complete_checksum(packet, start, offset),)
 
     def _on_receive(self, data: bytes, src: Endpoint) -> None:
         now = time.monotonic()

@@ -42,6 +42,7 @@ __all__ = [
 log = logging.getLogger("wgvsock.conn")
 
 Receiver = Callable[[bytes, Endpoint], None]
+_NO_CAPS = (0, 0)
 
 # errnos by which a kernel or hypervisor says "no such transport here".
 _UNAVAILABLE_ERRNOS = frozenset(
@@ -68,6 +69,9 @@ class Bind(ABC):
     # Set by the owner before open(): a transport that receives several messages from one
     # endpoint at once (UDP GRO) may hand them over together, so they are processed as a batch.
     receive_batch: Callable[[list[bytes], Endpoint], None] | None = None
+    # Set by the owner before open(): a stream transport sends this payload (caps.encode_hello)
+    # as the first frame on every connection; None sends nothing.
+    hello: bytes | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:
@@ -82,6 +86,11 @@ class Bind(ABC):
         the kernel in one system call override this."""
         for data in messages:
             self.send(data, ep)
+
+    def peer_caps(self, ep: Endpoint) -> tuple[int, int]:
+        """(flags, max_packet) from the hello the peer behind `ep` sent on its current
+        connection; (0, 0) when it sent none or there is no connection."""
+        return _NO_CAPS
 
     @abstractmethod
     def close(self) -> None:

@@ -40,6 +40,7 @@ from .bind import (
     set_send_timeout,
     unavailable,
 )
+from .caps import HELLO_MAGIC, parse_hello
 from .endpoint import VMADDR_CID_ANY, VMADDR_PORT_ANY, Endpoint, display_endpoint
 from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame
 
@@ -54,12 +55,15 @@ STABLE_AFTER = 1.0
 # that has not delivered a single valid frame this long before it is closed.
 MAX_INBOUND = 64
 FIRST_FRAME_TIMEOUT = 30.0
+_NO_CAPS = (0, 0)
+_HELLO_BYTE = HELLO_MAGIC[0]
 
 
 class _Conn:
     """One established stream connection; its reader thread owns the socket's lifetime."""
 
     __slots__ = (
+        "caps",
         "closed",
         "done",
         "ep",
@@ -81,6 +85,8 @@ class _Conn:
         self.since = time.monotonic()
         self.got_frame = False
         self.reason = ""
+        # The peer's capability hello on this connection: (flags, max_packet).
+        self.caps = _NO_CAPS
 
     def send(self, frame: bytes) -> bool:
         with self.send_lock:
@@ -292,6 +298,10 @@ class StreamBind(SocketBind):
         elif conn is not None:
             conn.send(frame)  # registered while we looked; one try, no requeue
 
+    def peer_caps(self, ep: Endpoint) -> tuple[int, int]:
+        conn = self._conns.get(ep)
+        return _NO_CAPS if conn is None else conn.caps
+
     # -- connections -------------------------------------------------------------------------
 
     def _configure(self, sock: socket.socket) -> None:
@@ -366,6 +376,8 @@ class StreamBind(SocketBind):
         sock, ep, receive = conn.sock, conn.ep, self._receive
         assert receive is not None
         decoder = FrameDecoder(self.max_frame)
+        if self.hello is not None:
+            conn.send(encode_frame(self.hello))  # first on the wire (or right after a flush)
         buf = bytearray(RECV_SIZE)
         view = memoryview(buf)
         reason = "closed by peer"
@@ -392,6 +404,9 @@ class StreamBind(SocketBind):
                         set_receive_timeout(sock, 0)  # a real peer: no limit on idling now
                     conn.got_frame = True
                     for frame in frames:
+                        if frame[0] == _HELLO_BYTE and (caps := parse_hello(frame)):
+                            conn.caps = caps
+                            continue
                         try:
                             receive(frame, ep)
                         except Exception:
