@@ -38,3 +38,24 @@ def test_two_daemons_ping_and_iperf(lab: Lab, network: str) -> None:
     # sender's total is the one to check; TCP guarantees the rest arrived.
     assert result["end"]["sum_sent"]["bytes"] >= 20 * 1024 * 1024
     assert result["end"]["sum_received"]["bits_per_second"] > 1e6
+
+
+@pytest.mark.parametrize("offload", ["1", "0"])
+def test_udp_jumbo_tunnel_over_a_1500_byte_underlay(lab: Lab, offload: str) -> None:
+    """Tunnel MTU 8920 over a 1500-byte veth: messages longer than the path MTU must be sent
+    plainly and fragmented by IP (UDP GSO refuses segments above the path MTU), as
+    wireguard-go does. Bulk TCP both ways must run, not crawl into the timeout."""
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    lab.veth(a, "192.168.77.1/24", b, "192.168.77.2/24")
+    lab.start_daemon(a, ia, "udp", WGVSOCK_OFFLOAD=offload)
+    lab.start_daemon(b, ib, "udp", WGVSOCK_OFFLOAD=offload)
+    connect_pair(lab, a, ia, "192.168.77.2:7002", b, ib, None, a_port=7001, b_port=7002)
+    for ns, ifname in ((a, ia), (b, ib)):
+        ns.ip("link", "set", ifname, "mtu", "8920")
+    ping(a, "10.99.0.2", size=8892)  # one full-size packet each way, fragmented underneath
+    ping(b, "10.99.0.1", size=8892)
+    for args in (("-n", "20M"), ("-n", "20M", "-R")):
+        result = _iperf(lab, a, b, "10.99.0.2", *args)
+        assert result["end"]["sum_sent"]["bytes"] >= 20 * 1024 * 1024, args
+        assert result["end"]["sum_received"]["bits_per_second"] > 1e6, args
