@@ -1,12 +1,18 @@
-"""End-to-end tunnel benchmark: our daemon over UDP, Unix stream and TCP vs Debian's wireguard-go.
+"""End-to-end tunnel benchmark: our daemon, the Go seed (wireguard-go-vsock) and Debian's
+wireguard-go, side by side at several tunnel MTUs.
 
-Run as root: .venv/bin/python bench/tunnel_bench.py [--seconds S] [--json FILE]
+Run as root: .venv/bin/python bench/tunnel_bench.py [--seconds S] [--rounds N] [--mtu M ...]
+             [--case KEY ...] [--json FILE]
 
-Two network namespaces joined by a veth cable; in each case a fresh pair of WireGuard interfaces
-(MTU 1420) is started, ping latency is measured (20 pings, -i 0.05), then iperf3 runs one TCP
-stream for S seconds a->b and again with -R (b->a), and the daemons' VmRSS is read afterwards.
-The Unix stream transport is the stand-in for vsock (DESIGN.md §5: never connect AF_VSOCK).
-Everything made is removed at the end, also on Ctrl-C, SIGTERM or failure.
+Two network namespaces joined by a veth cable (MTU 1500). Per case and tunnel MTU a fresh pair
+of interfaces is started; then, N rounds of: ping latency (20 pings, -i 0.05), iperf3 with one
+TCP stream for S seconds a->b, and again with -R (b->a). The table shows each figure's median
+over the rounds, and the daemons' VmRSS after the last round. Stream transports run over TCP
+(and Unix stream), the stand-ins for vsock (DESIGN.md §5: never connect AF_VSOCK); the seed
+runs only with `-n tcp`. Everything made is removed at the end, also on Ctrl-C or failure.
+
+The machine the figures come from is usually shared: read the ratio columns (against the
+seed at the same MTU, and for UDP against wireguard-go), not the absolute numbers.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from wgvsock.nslab import (
     Keys,
@@ -28,46 +36,58 @@ from wgvsock.nslab import (
     missing_tools,
     parse_ping,
     rss_kib,
+    seed_binary,
 )
 
-MTU = 1420
+MTUS = (1420, 8920, 65000)
 PING_COUNT = 20
 PING_INTERVAL = 0.05
 IPERF_PORT = 5201
 TOOLS = ("ip", "wg", "iperf3", "ping", "ss", "wireguard-go")
 VETH_A, VETH_B = "192.168.201.1", "192.168.201.2"
+OFFLOAD_OFF = {"WGVSOCK_OFFLOAD": "0"}
 
 
 @dataclass(frozen=True)
 class Case:
     key: str
     label: str
-    impl: str  # "wgvsock" or "wireguard-go"
+    impl_a: str  # "ours", "seed" or "wireguard-go"
+    impl_b: str
     network: str
+    env: tuple[tuple[str, str], ...] = ()  # for our daemons
 
 
 CASES = (
-    Case("wgvsock-udp", "wgvsock udp", "wgvsock", "udp"),
-    Case("wgvsock-unix", "wgvsock unix stream", "wgvsock", "unix"),
-    Case("wgvsock-tcp", "wgvsock tcp", "wgvsock", "tcp"),
-    Case("wireguard-go-udp", "wireguard-go udp", "wireguard-go", "udp"),
+    Case("ours-tcp", "ours tcp", "ours", "ours", "tcp"),
+    Case("ours-unix", "ours unix", "ours", "ours", "unix"),
+    Case("ours-udp", "ours udp", "ours", "ours", "udp"),
+    Case("ours-tcp-nooffload", "ours tcp offload off", "ours", "ours", "tcp",
+         tuple(OFFLOAD_OFF.items())),
+    Case("seed-tcp", "seed tcp", "seed", "seed", "tcp"),
+    Case("ours-seed-tcp", "ours -> seed tcp", "ours", "seed", "tcp"),
+    Case("wireguard-go-udp", "wireguard-go udp", "wireguard-go", "wireguard-go", "udp"),
 )
-BASELINE = "wireguard-go-udp"
+SEED = "seed-tcp"
+WGGO = "wireguard-go-udp"
 
 
 @dataclass
 class Result:
     key: str
     label: str
-    impl: str
-    network: str
-    mbps_a_to_b: float | None = None
-    mbps_b_to_a: float | None = None
-    ping_ms: dict[str, float] | None = None
+    mtu: int
+    mbps_a_to_b: list[float] = field(default_factory=list)
+    mbps_b_to_a: list[float] = field(default_factory=list)
+    ping_avg_ms: list[float] = field(default_factory=list)
     rss_kib_a: int | None = None
     rss_kib_b: int | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+
+    def median(self, what: str) -> float | None:
+        values = getattr(self, what)
+        return statistics.median(values) if values else None
 
 
 def iperf(client: Namespace, addr: str, seconds: float, reverse: bool) -> float:
@@ -94,21 +114,29 @@ def wait_ping(ns: Namespace, addr: str, timeout: float = 15.0) -> None:
     raise LabError(f"no ping reply from {addr} through the tunnel within {timeout:g} s")
 
 
-def run_case(lab: Lab, a: Namespace, b: Namespace, case: Case, index: int,
-             seconds: float) -> Result:
-    result = Result(case.key, case.label, case.impl, case.network)
+def _start(lab: Lab, ns: Namespace, ifname: str, impl: str, case: Case,
+           seed: Path | None) -> int:
+    if impl == "wireguard-go":
+        return lab.start_wireguard_go(ns, ifname)
+    if impl == "seed":
+        if seed is None:
+            raise LabError("the Go seed binary is missing")
+        return lab.start_seed(ns, ifname, seed)
+    return lab.start_ours(ns, ifname, case.network, **dict(case.env))
+
+
+def run_case(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: int,
+             seconds: float, rounds: int, seed: Path | None) -> Result:
+    result = Result(case.key, case.label, mtu)
     tag = f"{os.getpid() % 100000}"
-    if_a, if_b = f"wgb{tag}{index}a", f"wgb{tag}{index}b"
+    if_a, if_b = f"wgb{tag}{index}a"[:15], f"wgb{tag}{index}b"[:15]
     # A fresh subnet and fresh ports per case: a previous case's sockets may linger briefly.
     tun_a, tun_b = f"10.201.{index}.1", f"10.201.{index}.2"
     port_a, port_b = 51000 + 10 * index, 51001 + 10 * index
     pids: dict[str, int | None] = {if_a: None, if_b: None}
     try:
-        for ns, ifname in ((a, if_a), (b, if_b)):
-            if case.impl == "wireguard-go":
-                pids[ifname] = lab.start_wireguard_go(ns, ifname)
-            else:
-                pids[ifname] = lab.start_ours(ns, ifname, case.network)
+        pids[if_a] = _start(lab, a, if_a, case.impl_a, case, seed)
+        pids[if_b] = _start(lab, b, if_b, case.impl_b, case, seed)
         # The unix transport ignores the host: port N names <unix_dir>/N.sock.
         host = "127.0.0.1" if case.network == "unix" else VETH_B
         ka, kb = Keys(), Keys()
@@ -116,24 +144,26 @@ def run_case(lab: Lab, a: Namespace, b: Namespace, case: Case, index: int,
                       endpoint=f"{host}:{port_b}")
         # b learns a's endpoint from the first handshake, as a parent does from its enclave.
         lab.configure(if_b, kb, ka, f"{tun_a}/32", listen_port=port_b)
-        lab.address(a, if_a, f"{tun_a}/24", MTU)
-        lab.address(b, if_b, f"{tun_b}/24", MTU)
+        lab.address(a, if_a, f"{tun_a}/24", mtu)
+        lab.address(b, if_b, f"{tun_b}/24", mtu)
         wait_ping(a, tun_b)
-
-        res = a.ping(tun_b, PING_COUNT, PING_INTERVAL)
-        result.ping_ms = parse_ping(res.stdout)
-        if result.ping_ms is None:
-            result.notes.append(f"ping: {res.stdout.strip()} {res.stderr.strip()}")
 
         server = b.popen("iperf3", "-s", "-B", tun_b, "-p", str(IPERF_PORT))
         try:
             _wait_listening(b, tun_b, IPERF_PORT)
-            result.mbps_a_to_b = iperf(a, tun_b, seconds, reverse=False)
-            result.mbps_b_to_a = iperf(a, tun_b, seconds, reverse=True)
+            for _ in range(rounds):
+                res = a.ping(tun_b, PING_COUNT, PING_INTERVAL)
+                ping = parse_ping(res.stdout)
+                if ping is None:
+                    result.notes.append(f"ping: {res.stdout.strip()} {res.stderr.strip()}")
+                else:
+                    result.ping_avg_ms.append(ping["avg"])
+                result.mbps_a_to_b.append(iperf(a, tun_b, seconds, reverse=False))
+                result.mbps_b_to_a.append(iperf(a, tun_b, seconds, reverse=True))
         finally:
             server.kill()
             server.wait(5)
-        # After the transfers: what the daemon holds once it has been under load.
+        # After the transfers: what each daemon holds once it has been under load.
         result.rss_kib_a = rss_kib(pids[if_a]) if pids[if_a] else None
         result.rss_kib_b = rss_kib(pids[if_b]) if pids[if_b] else None
     except (LabError, subprocess.TimeoutExpired) as e:
@@ -169,66 +199,50 @@ def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f}"
 
 
-def _mean_rss(r: Result) -> float | None:
-    vals = [v for v in (r.rss_kib_a, r.rss_kib_b) if v is not None]
-    return sum(vals) / len(vals) if vals else None
+def _ratio(ours: float | None, base: float | None) -> float | None:
+    return ours / base if ours is not None and base else None
 
 
-def _ratio(ours: float | None, theirs: float | None) -> float | None:
-    return ours / theirs if ours is not None and theirs else None
+def _pair_ratio(r: Result, base: Result | None) -> str:
+    if base is None or r is base or base.error:
+        return "-"
+    up = _ratio(r.median("mbps_a_to_b"), base.median("mbps_a_to_b"))
+    down = _ratio(r.median("mbps_b_to_a"), base.median("mbps_b_to_a"))
+    return f"{_f(up, '.2f')}/{_f(down, '.2f')}"
 
 
-def ratios(results: list[Result]) -> dict[str, dict[str, float | None]]:
-    base = next((r for r in results if r.key == BASELINE and r.error is None), None)
-    if base is None:
-        return {}
-    out: dict[str, dict[str, float | None]] = {}
-    for r in results:
-        if r.impl != "wgvsock" or r.error is not None:
-            continue
-        out[r.key] = {
-            "a_to_b": _ratio(r.mbps_a_to_b, base.mbps_a_to_b),
-            "b_to_a": _ratio(r.mbps_b_to_a, base.mbps_b_to_a),
-            "ping_avg": _ratio(r.ping_ms and r.ping_ms["avg"],
-                               base.ping_ms and base.ping_ms["avg"]),
-            "rss": _ratio(_mean_rss(r), _mean_rss(base)),
-        }
-    return out
-
-
-def print_table(results: list[Result], ratio_table: dict[str, dict[str, float | None]],
-                seconds: float) -> None:
-    print(f"\nTCP single stream, {seconds:g} s each way, MTU {MTU}; "
-          f"ping: {PING_COUNT} at -i {PING_INTERVAL}; RSS after the transfers (a / b)\n")
-    head = f"{'tunnel':<22}{'a->b Mbit/s':>12}{'b->a Mbit/s':>12}{'ping avg ms':>12}" \
-           f"{'RSS MiB a / b':>16}"
+def print_table(results: list[Result], seconds: float, rounds: int) -> None:
+    print(f"\nMedians of {rounds} rounds: iperf3 one TCP stream {seconds:g} s each way, "
+          f"ping {PING_COUNT} at -i {PING_INTERVAL}; veth MTU 1500; RSS after the last round.\n"
+          "x seed / x wg-go: this row's a->b/b->a over the seed's (tcp) or wireguard-go's "
+          "(udp) at the same MTU. Shared, noisy machine: read the ratios.\n")
+    head = (f"{'tunnel':<22}{'MTU':>6}{'a->b Mbit/s':>12}{'b->a Mbit/s':>12}{'ping ms':>9}"
+            f"{'RSS MiB a/b':>13}{'x seed':>12}{'x wg-go':>12}")
     print(head)
     print("-" * len(head))
+    by = {(r.key, r.mtu): r for r in results}
     for r in results:
         if r.error:
-            print(f"{r.label:<22}  FAILED: {r.error}")
+            print(f"{r.label:<22}{r.mtu:>6}  FAILED: {r.error}")
             continue
-        ping = r.ping_ms["avg"] if r.ping_ms else None
-        rss = f"{_mib(r.rss_kib_a)} / {_mib(r.rss_kib_b)}"
-        print(f"{r.label:<22}{_f(r.mbps_a_to_b, '.1f'):>12}{_f(r.mbps_b_to_a, '.1f'):>12}"
-              f"{_f(ping, '.3f'):>12}{rss:>16}")
+        rss = f"{_mib(r.rss_kib_a)}/{_mib(r.rss_kib_b)}"
+        print(f"{r.label:<22}{r.mtu:>6}{_f(r.median('mbps_a_to_b'), '.0f'):>12}"
+              f"{_f(r.median('mbps_b_to_a'), '.0f'):>12}{_f(r.median('ping_avg_ms'), '.3f'):>9}"
+              f"{rss:>13}{_pair_ratio(r, by.get((SEED, r.mtu))):>12}"
+              f"{_pair_ratio(r, by.get((WGGO, r.mtu))):>12}")
     for r in results:
         for note in r.notes:
-            print(f"  note ({r.label}): {note}")
-    if ratio_table:
-        print(f"\n{'ours / wireguard-go':<22}{'a->b':>12}{'b->a':>12}{'ping avg':>12}"
-              f"{'RSS':>16}")
-        print("-" * len(head))
-        labels = {r.key: r.label for r in results}
-        for key, q in ratio_table.items():
-            print(f"{labels[key]:<22}{_f(q['a_to_b'], '.3f'):>12}{_f(q['b_to_a'], '.3f'):>12}"
-                  f"{_f(q['ping_avg'], '.2f'):>12}{_f(q['rss'], '.2f'):>16}")
+            print(f"  note ({r.label}, MTU {r.mtu}): {note}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=5.0, help="iperf3 time per direction")
+    ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 time per direction")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per case and MTU (median)")
+    ap.add_argument("--mtu", type=int, action="append", help=f"tunnel MTU (default {MTUS})")
+    ap.add_argument("--case", action="append", choices=[c.key for c in CASES],
+                    help="only these cases (default all)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -238,16 +252,24 @@ def main() -> int:
         print(f"tunnel_bench: missing tools: {', '.join(missing)} (`make apt` installs them)",
               file=sys.stderr)
         return 2
+    cases = [c for c in CASES if not args.case or c.key in args.case]
+    mtus = args.mtu or list(MTUS)
 
     results: list[Result] = []
     tag = f"{os.getpid() % 100000}"
     with interrupts_raise(), Lab("wgvsock-bench-") as lab:
+        seed, why = seed_binary(lab.tmp)
+        if seed is None:
+            print(f"tunnel_bench: {why}; the seed's rows are left out", file=sys.stderr)
+            cases = [c for c in cases if "seed" not in (c.impl_a, c.impl_b)]
         try:
             a, b = lab.netns(f"wgbench{tag}a"), lab.netns(f"wgbench{tag}b")
             lab.veth(a, f"vb{tag}a", f"{VETH_A}/24", b, f"vb{tag}b", f"{VETH_B}/24")
-            for i, case in enumerate(CASES):
-                print(f"[{i + 1}/{len(CASES)}] {case.label} ...", flush=True)
-                results.append(run_case(lab, a, b, case, i, args.seconds))
+            runs = [(c, m) for c in cases for m in mtus]
+            for i, (case, mtu) in enumerate(runs):
+                print(f"[{i + 1}/{len(runs)}] {case.label}, MTU {mtu} ...", flush=True)
+                results.append(run_case(lab, a, b, case, mtu, i, args.seconds, args.rounds,
+                                        seed))
         except KeyboardInterrupt:
             print("\ninterrupted; cleaning up", file=sys.stderr)
             return 130
@@ -255,13 +277,12 @@ def main() -> int:
             print(f"tunnel_bench: {e}", file=sys.stderr)
             return 1
 
-    ratio_table = ratios(results)
-    print_table(results, ratio_table, args.seconds)
+    print_table(results, args.seconds, args.rounds)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seconds": args.seconds, "mtu": MTU, "ping_count": PING_COUNT,
-                       "ping_interval": PING_INTERVAL, "results": [asdict(r) for r in results],
-                       "ratios_vs_wireguard_go": ratio_table}, f, indent=2)
+            json.dump({"seconds": args.seconds, "rounds": args.rounds, "mtus": mtus,
+                       "ping_count": PING_COUNT, "ping_interval": PING_INTERVAL,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
     return 1 if any(r.error for r in results) else 0
 
 

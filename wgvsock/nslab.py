@@ -286,11 +286,13 @@ class Lab:
         return self.tmp / f"{ifname}.log"
 
     def start_ours(self, ns: Namespace, ifname: str, network: str,
-                   log_level: str = "error") -> int:
-        """Starts our daemon as users do (it backgrounds itself once ready); returns its pid."""
+                   log_level: str = "error", **extra_env: str) -> int:
+        """Starts our daemon as users do (it backgrounds itself once ready); returns its pid.
+        `extra_env` such as WGVSOCK_OFFLOAD="0" goes into its environment."""
         self.ifnames.append(ifname)
         env = dict(os.environ, WGVSOCK_UNIX_DIR=str(self.unix_dir),
-                   WGVSOCK_LOG_FILE=str(self.log_path(ifname)), LOG_LEVEL=log_level)
+                   WGVSOCK_LOG_FILE=str(self.log_path(ifname)), LOG_LEVEL=log_level,
+                   **extra_env)
         ns.run(*daemon_command(), "-n", network, ifname, env=env)
         pid = ns.find_pid("wgvsock.daemon", ifname)
         if pid is None:

@@ -42,7 +42,7 @@ from .bind import (
 )
 from .caps import HELLO_MAGIC, parse_hello
 from .endpoint import VMADDR_CID_ANY, VMADDR_PORT_ANY, Endpoint, display_endpoint
-from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame
+from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame, frame_header
 
 __all__ = ["STREAM_NETWORKS", "StreamBind"]
 
@@ -94,6 +94,29 @@ class _Conn:
                 return False
             try:
                 self.sock.sendall(frame)
+                return True
+            except OSError as exc:
+                timed_out = isinstance(exc, TimeoutError | BlockingIOError)
+                self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
+                return False
+
+    def send_iov(self, bufs: list[bytes]) -> bool:
+        """Like send() for several buffers in one sendmsg() (no joined copy); a short write
+        is continued from where it stopped."""
+        with self.send_lock:
+            if self.closed:
+                return False
+            sendmsg = self.sock.sendmsg
+            try:
+                while bufs:
+                    n = sendmsg(bufs)
+                    i = 0
+                    while i < len(bufs) and n >= len(bufs[i]):
+                        n -= len(bufs[i])
+                        i += 1
+                    bufs = bufs[i:]
+                    if n:
+                        bufs[0] = memoryview(bufs[0])[n:]
                 return True
             except OSError as exc:
                 timed_out = isinstance(exc, TimeoutError | BlockingIOError)
@@ -267,6 +290,27 @@ class StreamBind(SocketBind):
             return
         self._send_slow(frame, ep)
 
+    def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
+        """Several messages in one sendmsg(): frame headers and payloads as an iovec."""
+        conn = self._conns.get(ep)
+        if conn is None or len(messages) == 1:
+            for data in messages:
+                self.send(data, ep)
+            return
+        bufs: list[bytes] = []
+        for data in messages:
+            try:
+                bufs.append(frame_header(data))
+            except ValueError as exc:
+                self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
+                continue
+            bufs.append(data)
+        if bufs and not conn.send_iov(bufs):
+            # The connection failed (and is closing): what it did not take goes the slow way;
+            # a message sent twice is dropped by the peer's replay check.
+            for i in range(0, len(bufs), 2):
+                self._send_slow(bufs[i] + bufs[i + 1], ep)
+
     def _send_slow(self, frame: bytes, ep: Endpoint) -> None:
         if self._closed.is_set():
             return
@@ -403,19 +447,36 @@ class StreamBind(SocketBind):
                     if not conn.got_frame and not conn.outbound:
                         set_receive_timeout(sock, 0)  # a real peer: no limit on idling now
                     conn.got_frame = True
-                    for frame in frames:
-                        if frame[0] == _HELLO_BYTE and (caps := parse_hello(frame)):
-                            conn.caps = caps
-                            continue
-                        try:
-                            receive(frame, ep)
-                        except Exception:
-                            self._misc_log(logging.ERROR, "%s: receive callback failed",
-                                           self.network)
-                            log.debug("receive callback failure", exc_info=True)
+                    if any(frame[0] == _HELLO_BYTE for frame in frames):
+                        frames = self._take_hello(conn, frames)
+                    # Many frames from one recv(): the owner decrypts them under one lock and
+                    # can merge their packets into few TUN writes.
+                    if len(frames) > 1 and (batch := self.receive_batch) is not None:
+                        self._deliver(batch, frames, ep)
+                    else:
+                        for frame in frames:
+                            self._deliver(receive, frame, ep)
         finally:
             view.release()
             self._conn_gone(conn, reason)
+
+    def _deliver(self, fn: Any, data: Any, ep: Endpoint) -> None:
+        try:
+            fn(data, ep)
+        except Exception:
+            self._misc_log(logging.ERROR, "%s: receive callback failed", self.network)
+            log.debug("receive callback failure", exc_info=True)
+
+    @staticmethod
+    def _take_hello(conn: _Conn, frames: list[bytes]) -> list[bytes]:
+        """Notes a capability hello among `frames` on `conn`; returns the other frames."""
+        rest = []
+        for frame in frames:
+            if frame[0] == _HELLO_BYTE and (caps := parse_hello(frame)):
+                conn.caps = caps
+            else:
+                rest.append(frame)
+        return rest
 
     def _conn_gone(self, conn: _Conn, reason: str) -> None:
         conn.shutdown(reason)
