@@ -153,10 +153,8 @@ class Device:
             return Tun.create(self.ifname)
         tun = Tun.create(self.ifname, offload=True)
         try:
-            from .netconf import set_gso_max_size
-
-            set_gso_max_size(tun.name, GSO_MAX_SIZE)
-        except Exception as e:  # pyroute2 raises its own types; any failure means "no offload"
+            tun.set_gso_max_size(GSO_MAX_SIZE)
+        except OSError as e:
             log.warning("%s: cannot limit GSO size (%s); segmentation offload off", tun.name, e)
             tun.close()
             return Tun.create(self.ifname)
