@@ -420,8 +420,11 @@ class StreamBind(SocketBind):
         sock, ep, receive = conn.sock, conn.ep, self._receive
         assert receive is not None
         decoder = FrameDecoder(self.max_frame)
-        if self.hello is not None:
-            conn.send(encode_frame(self.hello))  # first on the wire (or right after a flush)
+        if self.hello is not None and conn.outbound:
+            # The dialler speaks first; an accepter answers only a hello (_take_hello), so a
+            # peer that sends none (the Go seed, a port scanner) never hears anything but
+            # WireGuard from us.
+            conn.send(encode_frame(self.hello))
         buf = bytearray(RECV_SIZE)
         view = memoryview(buf)
         reason = "closed by peer"
@@ -467,13 +470,16 @@ class StreamBind(SocketBind):
             self._misc_log(logging.ERROR, "%s: receive callback failed", self.network)
             log.debug("receive callback failure", exc_info=True)
 
-    @staticmethod
-    def _take_hello(conn: _Conn, frames: list[bytes]) -> list[bytes]:
-        """Notes a capability hello among `frames` on `conn`; returns the other frames."""
+    def _take_hello(self, conn: _Conn, frames: list[bytes]) -> list[bytes]:
+        """Notes a capability hello among `frames` on `conn` (answering the first one on an
+        inbound connection with ours); returns the other frames."""
         rest = []
         for frame in frames:
             if frame[0] == _HELLO_BYTE and (caps := parse_hello(frame)):
+                first = conn.caps is _NO_CAPS
                 conn.caps = caps
+                if first and not conn.outbound and self.hello is not None:
+                    conn.send(encode_frame(self.hello))
             else:
                 rest.append(frame)
         return rest
