@@ -4,9 +4,11 @@ wireguard-go, side by side at several tunnel MTUs.
 Run as root: .venv/bin/python bench/tunnel_bench.py [--seconds S] [--rounds N] [--mtu M ...]
              [--case KEY ...] [--json FILE]
 
-Two network namespaces joined by a veth cable (MTU 1500). Per case and tunnel MTU a fresh pair
-of interfaces is started; then, N rounds of: ping latency (20 pings, -i 0.05), iperf3 with one
-TCP stream for S seconds a->b, and again with -R (b->a). The table shows each figure's median
+Two network namespaces joined by a veth cable (MTU 1500). Per tunnel MTU, a pair of interfaces
+for every case is started at once; then N rounds go round the cases (so each case sees the same
+mix of load from whatever else shares the machine), each round being: ping latency (20 pings,
+-i 0.05), then iperf3 with one TCP stream for S seconds a->b and with -R (b->a), each against
+its own one-shot server. The table shows each figure's median
 over the rounds, and the daemons' VmRSS after the last round. Stream transports run over TCP
 (and Unix stream), the stand-ins for vsock (DESIGN.md §5: never connect AF_VSOCK); the seed
 runs only with `-n tcp`. Everything made is removed at the end, also on Ctrl-C or failure.
@@ -24,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from wgvsock.nslab import (
@@ -90,13 +92,22 @@ class Result:
         return statistics.median(values) if values else None
 
 
-def iperf(client: Namespace, addr: str, seconds: float, reverse: bool) -> float:
-    """Receiver-side Mbit/s of one TCP stream (what actually crossed the tunnel)."""
-    cmd = ["iperf3", "-c", addr, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J",
-           "--connect-timeout", "3000"]
-    if reverse:
-        cmd.append("-R")
-    res = client.run(*cmd, check=False, timeout=seconds + 30)
+def iperf(client: Namespace, server: Namespace, addr: str, port: int, seconds: float,
+          reverse: bool) -> float:
+    """Receiver-side Mbit/s of one TCP stream (what actually crossed the tunnel), against a
+    one-shot server on its own port: a server still busy with the last run cannot refuse it."""
+    srv = server.popen("iperf3", "-s", "-1", "-B", addr, "-p", str(port))
+    try:
+        _wait_listening(server, addr, port)
+        cmd = ["iperf3", "-c", addr, "-p", str(port), "-t", f"{seconds:g}", "-J",
+               "--connect-timeout", "3000"]
+        if reverse:
+            cmd.append("-R")
+        res = client.run(*cmd, check=False, timeout=seconds + 30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        srv.wait(5)
     try:
         data = json.loads(res.stdout)
     except json.JSONDecodeError as e:
@@ -125,18 +136,30 @@ def _start(lab: Lab, ns: Namespace, ifname: str, impl: str, case: Case,
     return lab.start_ours(ns, ifname, case.network, **dict(case.env))
 
 
-def run_case(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: int,
-             seconds: float, rounds: int, seed: Path | None) -> Result:
-    result = Result(case.key, case.label, mtu)
+@dataclass
+class Tunnel:
+    """One case's pair of interfaces, up at one MTU."""
+
+    case: Case
+    result: Result
+    if_a: str
+    if_b: str
+    tun_b: str
+    pids: dict[str, int | None]
+
+
+def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: int,
+             seed: Path | None) -> Tunnel:
     tag = f"{os.getpid() % 100000}"
     if_a, if_b = f"wgb{tag}{index}a"[:15], f"wgb{tag}{index}b"[:15]
-    # A fresh subnet and fresh ports per case: a previous case's sockets may linger briefly.
+    # Its own subnet and ports per case: all cases of one MTU are up at once.
     tun_a, tun_b = f"10.201.{index}.1", f"10.201.{index}.2"
     port_a, port_b = 51000 + 10 * index, 51001 + 10 * index
-    pids: dict[str, int | None] = {if_a: None, if_b: None}
+    t = Tunnel(case, Result(case.key, case.label, mtu), if_a, if_b, tun_b,
+               {if_a: None, if_b: None})
     try:
-        pids[if_a] = _start(lab, a, if_a, case.impl_a, case, seed)
-        pids[if_b] = _start(lab, b, if_b, case.impl_b, case, seed)
+        t.pids[if_a] = _start(lab, a, if_a, case.impl_a, case, seed)
+        t.pids[if_b] = _start(lab, b, if_b, case.impl_b, case, seed)
         # The unix transport ignores the host: port N names <unix_dir>/N.sock.
         host = "127.0.0.1" if case.network == "unix" else VETH_B
         ka, kb = Keys(), Keys()
@@ -147,35 +170,45 @@ def run_case(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: 
         lab.address(a, if_a, f"{tun_a}/24", mtu)
         lab.address(b, if_b, f"{tun_b}/24", mtu)
         wait_ping(a, tun_b)
-
-        server = b.popen("iperf3", "-s", "-B", tun_b, "-p", str(IPERF_PORT))
-        try:
-            _wait_listening(b, tun_b, IPERF_PORT)
-            for _ in range(rounds):
-                res = a.ping(tun_b, PING_COUNT, PING_INTERVAL)
-                ping = parse_ping(res.stdout)
-                if ping is None:
-                    result.notes.append(f"ping: {res.stdout.strip()} {res.stderr.strip()}")
-                else:
-                    result.ping_avg_ms.append(ping["avg"])
-                result.mbps_a_to_b.append(iperf(a, tun_b, seconds, reverse=False))
-                result.mbps_b_to_a.append(iperf(a, tun_b, seconds, reverse=True))
-        finally:
-            server.kill()
-            server.wait(5)
-        # After the transfers: what each daemon holds once it has been under load.
-        result.rss_kib_a = rss_kib(pids[if_a]) if pids[if_a] else None
-        result.rss_kib_b = rss_kib(pids[if_b]) if pids[if_b] else None
     except (LabError, subprocess.TimeoutExpired) as e:
-        result.error = str(e)
-        for ifname in (if_a, if_b):
-            log = lab.log_path(ifname)
-            if log.exists() and log.stat().st_size:
-                result.notes.append(f"{ifname} log tail: {log.read_text()[-400:]}")
-    finally:
-        lab.stop_interface(a, if_a, pids[if_a])
-        lab.stop_interface(b, if_b, pids[if_b])
-    return result
+        _failed(lab, t, e)
+    return t
+
+
+def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float) -> None:
+    """One round: ping, then iperf3 a->b and b->a."""
+    r = t.result
+    if r.error:
+        return
+    try:
+        res = a.ping(t.tun_b, PING_COUNT, PING_INTERVAL)
+        ping = parse_ping(res.stdout)
+        if ping is None:
+            r.notes.append(f"ping: {res.stdout.strip()} {res.stderr.strip()}")
+        else:
+            r.ping_avg_ms.append(ping["avg"])
+        port = IPERF_PORT + 2 * index
+        r.mbps_a_to_b.append(iperf(a, b, t.tun_b, port, seconds, reverse=False))
+        r.mbps_b_to_a.append(iperf(a, b, t.tun_b, port + 1, seconds, reverse=True))
+    except (LabError, subprocess.TimeoutExpired) as e:
+        # One failed run (the machine is shared) leaves a round out, not the whole row.
+        r.notes.append(f"a round failed: {e}")
+
+
+def tear_down(lab: Lab, a: Namespace, b: Namespace, t: Tunnel) -> None:
+    # What each daemon holds once it has been under load.
+    t.result.rss_kib_a = rss_kib(t.pids[t.if_a]) if t.pids[t.if_a] else None
+    t.result.rss_kib_b = rss_kib(t.pids[t.if_b]) if t.pids[t.if_b] else None
+    lab.stop_interface(a, t.if_a, t.pids[t.if_a])
+    lab.stop_interface(b, t.if_b, t.pids[t.if_b])
+
+
+def _failed(lab: Lab, t: Tunnel, e: Exception) -> None:
+    t.result.error = str(e)
+    for ifname in (t.if_a, t.if_b):
+        log = lab.log_path(ifname)
+        if log.exists() and log.stat().st_size:
+            t.result.notes.append(f"{ifname} log tail: {log.read_text()[-400:]}")
 
 
 def _wait_listening(ns: Namespace, addr: str, port: int, timeout: float = 10.0) -> None:
@@ -222,8 +255,8 @@ def print_table(results: list[Result], seconds: float, rounds: int) -> None:
     print("-" * len(head))
     by = {(r.key, r.mtu): r for r in results}
     for r in results:
-        if r.error:
-            print(f"{r.label:<22}{r.mtu:>6}  FAILED: {r.error}")
+        if r.error or not r.mbps_a_to_b:
+            print(f"{r.label:<22}{r.mtu:>6}  FAILED: {r.error or 'every round failed'}")
             continue
         rss = f"{_mib(r.rss_kib_a)}/{_mib(r.rss_kib_b)}"
         print(f"{r.label:<22}{r.mtu:>6}{_f(r.median('mbps_a_to_b'), '.0f'):>12}"
@@ -244,6 +277,9 @@ def main() -> int:
     ap.add_argument("--case", action="append", choices=[c.key for c in CASES],
                     help="only these cases (default all)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run our cases with the wgvsock package from this checkout "
+                         "(PYTHONPATH), interleaved with the rest: before/after in one run")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("tunnel_bench: needs root (network namespaces, TUN)", file=sys.stderr)
@@ -253,6 +289,11 @@ def main() -> int:
               file=sys.stderr)
         return 2
     cases = [c for c in CASES if not args.case or c.key in args.case]
+    if args.baseline:
+        base = str(Path(args.baseline).resolve())
+        cases += [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
+                          env=(*c.env, ("PYTHONPATH", base)))
+                  for c in cases if "ours" in (c.impl_a, c.impl_b) and c.network != "unix"]
     mtus = args.mtu or list(MTUS)
 
     results: list[Result] = []
@@ -265,11 +306,21 @@ def main() -> int:
         try:
             a, b = lab.netns(f"wgbench{tag}a"), lab.netns(f"wgbench{tag}b")
             lab.veth(a, f"vb{tag}a", f"{VETH_A}/24", b, f"vb{tag}b", f"{VETH_B}/24")
-            runs = [(c, m) for c in cases for m in mtus]
-            for i, (case, mtu) in enumerate(runs):
-                print(f"[{i + 1}/{len(runs)}] {case.label}, MTU {mtu} ...", flush=True)
-                results.append(run_case(lab, a, b, case, mtu, i, args.seconds, args.rounds,
-                                        seed))
+            # Per MTU, every case is up at once and the rounds go round the cases, so that
+            # each case sees the same mix of load from whatever else shares the machine.
+            for mtu in mtus:
+                print(f"MTU {mtu}: starting {len(cases)} tunnels ...", flush=True)
+                tunnels = [bring_up(lab, a, b, c, mtu, i, seed) for i, c in enumerate(cases)]
+                try:
+                    for n in range(args.rounds):
+                        for i, t in enumerate(tunnels):
+                            print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
+                                  flush=True)
+                            measure(a, b, t, i, args.seconds)
+                finally:
+                    for t in tunnels:
+                        tear_down(lab, a, b, t)
+                        results.append(t.result)
         except KeyboardInterrupt:
             print("\ninterrupted; cleaning up", file=sys.stderr)
             return 130
@@ -283,7 +334,7 @@ def main() -> int:
             json.dump({"seconds": args.seconds, "rounds": args.rounds, "mtus": mtus,
                        "ping_count": PING_COUNT, "ping_interval": PING_INTERVAL,
                        "results": [asdict(r) for r in results]}, f, indent=2)
-    return 1 if any(r.error for r in results) else 0
+    return 1 if any(r.error or not r.mbps_a_to_b for r in results) else 0
 
 
 if __name__ == "__main__":
