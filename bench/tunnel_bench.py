@@ -133,7 +133,9 @@ def _start(lab: Lab, ns: Namespace, ifname: str, impl: str, case: Case,
         if seed is None:
             raise LabError("the Go seed binary is missing")
         return lab.start_seed(ns, ifname, seed)
-    return lab.start_ours(ns, ifname, case.network, **dict(case.env))
+    env = dict(case.env)
+    # A baseline checkout: run there too, since `python -m` puts the working directory first.
+    return lab.start_ours(ns, ifname, case.network, cwd=env.get("PYTHONPATH"), **env)
 
 
 @dataclass
