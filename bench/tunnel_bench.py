@@ -1,12 +1,20 @@
-"""End-to-end tunnel benchmark: our daemon over UDP, Unix stream and TCP vs Debian's wireguard-go.
+"""End-to-end tunnel benchmark: our daemon, the Go seed (wireguard-go-vsock) and Debian's
+wireguard-go, side by side at several tunnel MTUs.
 
-Run as root: .venv/bin/python bench/tunnel_bench.py [--seconds S] [--json FILE]
+Run as root: .venv/bin/python bench/tunnel_bench.py [--seconds S] [--rounds N] [--mtu M ...]
+             [--case KEY ...] [--json FILE]
 
-Two network namespaces joined by a veth cable; in each case a fresh pair of WireGuard interfaces
-(MTU 1420) is started, ping latency is measured (20 pings, -i 0.05), then iperf3 runs one TCP
-stream for S seconds a->b and again with -R (b->a), and the daemons' VmRSS is read afterwards.
-The Unix stream transport is the stand-in for vsock (DESIGN.md §5: never connect AF_VSOCK).
-Everything made is removed at the end, also on Ctrl-C, SIGTERM or failure.
+Two network namespaces joined by a veth cable (MTU 1500). Per tunnel MTU, a pair of interfaces
+for every case is started at once; then N rounds go round the cases (so each case sees the same
+mix of load from whatever else shares the machine), each round being: ping latency (20 pings,
+-i 0.05), then iperf3 with one TCP stream for S seconds a->b and with -R (b->a), each against
+its own one-shot server. The table shows each figure's median
+over the rounds, and the daemons' VmRSS after the last round. Stream transports run over TCP
+(and Unix stream), the stand-ins for vsock (DESIGN.md §5: never connect AF_VSOCK); the seed
+runs only with `-n tcp`. Everything made is removed at the end, also on Ctrl-C or failure.
+
+The machine the figures come from is usually shared: read the ratio columns (against the
+seed at the same MTU, and for UDP against wireguard-go), not the absolute numbers.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from wgvsock.ui.nslab import (
     Keys,
@@ -28,55 +38,76 @@ from wgvsock.ui.nslab import (
     missing_tools,
     parse_ping,
     rss_kib,
+    seed_binary,
 )
 
-MTU = 1420
+MTUS = (1420, 8920, 65000)
 PING_COUNT = 20
 PING_INTERVAL = 0.05
 IPERF_PORT = 5201
 TOOLS = ("ip", "wg", "iperf3", "ping", "ss", "wireguard-go")
 VETH_A, VETH_B = "192.168.201.1", "192.168.201.2"
+OFFLOAD_OFF = {"WGVSOCK_OFFLOAD": "0"}
 
 
 @dataclass(frozen=True)
 class Case:
     key: str
     label: str
-    impl: str  # "wgvsock" or "wireguard-go"
+    impl_a: str  # "ours", "seed" or "wireguard-go"
+    impl_b: str
     network: str
+    env: tuple[tuple[str, str], ...] = ()  # for our daemons
 
 
 CASES = (
-    Case("wgvsock-udp", "wgvsock udp", "wgvsock", "udp"),
-    Case("wgvsock-unix", "wgvsock unix stream", "wgvsock", "unix"),
-    Case("wgvsock-tcp", "wgvsock tcp", "wgvsock", "tcp"),
-    Case("wireguard-go-udp", "wireguard-go udp", "wireguard-go", "udp"),
+    Case("ours-tcp", "ours tcp", "ours", "ours", "tcp"),
+    Case("ours-unix", "ours unix", "ours", "ours", "unix"),
+    Case("ours-udp", "ours udp", "ours", "ours", "udp"),
+    Case("ours-tcp-nooffload", "ours tcp offload off", "ours", "ours", "tcp",
+         tuple(OFFLOAD_OFF.items())),
+    Case("seed-tcp", "seed tcp", "seed", "seed", "tcp"),
+    Case("ours-seed-tcp", "ours -> seed tcp", "ours", "seed", "tcp"),
+    Case("wireguard-go-udp", "wireguard-go udp", "wireguard-go", "wireguard-go", "udp"),
 )
-BASELINE = "wireguard-go-udp"
+SEED = "seed-tcp"
+WGGO = "wireguard-go-udp"
 
 
 @dataclass
 class Result:
     key: str
     label: str
-    impl: str
-    network: str
-    mbps_a_to_b: float | None = None
-    mbps_b_to_a: float | None = None
-    ping_ms: dict[str, float] | None = None
+    mtu: int
+    mbps_a_to_b: list[float] = field(default_factory=list)
+    mbps_b_to_a: list[float] = field(default_factory=list)
+    ping_avg_ms: list[float] = field(default_factory=list)
     rss_kib_a: int | None = None
     rss_kib_b: int | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    def median(self, what: str) -> float | None:
+        values = getattr(self, what)
+        return statistics.median(values) if values else None
 
-def iperf(client: Namespace, addr: str, seconds: float, reverse: bool) -> float:
-    """Receiver-side Mbit/s of one TCP stream (what actually crossed the tunnel)."""
-    cmd = ["iperf3", "-c", addr, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J",
-           "--connect-timeout", "3000"]
-    if reverse:
-        cmd.append("-R")
-    res = client.run(*cmd, check=False, timeout=seconds + 30)
+
+def iperf(client: Namespace, server: Namespace, addr: str, port: int, seconds: float,
+          reverse: bool) -> float:
+    """Receiver-side Mbit/s of one TCP stream (what actually crossed the tunnel), against a
+    one-shot server on its own port: a server still busy with the last run cannot refuse it."""
+    srv = server.popen("iperf3", "-s", "-1", "-B", addr, "-p", str(port))
+    try:
+        _wait_listening(server, addr, port)
+        cmd = ["iperf3", "-c", addr, "-p", str(port), "-t", f"{seconds:g}", "-J",
+               "--connect-timeout", "3000"]
+        if reverse:
+            cmd.append("-R")
+        res = client.run(*cmd, check=False, timeout=seconds + 30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        srv.wait(5)
     try:
         data = json.loads(res.stdout)
     except json.JSONDecodeError as e:
@@ -94,21 +125,43 @@ def wait_ping(ns: Namespace, addr: str, timeout: float = 15.0) -> None:
     raise LabError(f"no ping reply from {addr} through the tunnel within {timeout:g} s")
 
 
-def run_case(lab: Lab, a: Namespace, b: Namespace, case: Case, index: int,
-             seconds: float) -> Result:
-    result = Result(case.key, case.label, case.impl, case.network)
+def _start(lab: Lab, ns: Namespace, ifname: str, impl: str, case: Case,
+           seed: Path | None) -> int:
+    if impl == "wireguard-go":
+        return lab.start_wireguard_go(ns, ifname)
+    if impl == "seed":
+        if seed is None:
+            raise LabError("the Go seed binary is missing")
+        return lab.start_seed(ns, ifname, seed)
+    env = dict(case.env)
+    # A baseline checkout: run there too, since `python -m` puts the working directory first.
+    return lab.start_ours(ns, ifname, case.network, cwd=env.get("PYTHONPATH"), **env)
+
+
+@dataclass
+class Tunnel:
+    """One case's pair of interfaces, up at one MTU."""
+
+    case: Case
+    result: Result
+    if_a: str
+    if_b: str
+    tun_b: str
+    pids: dict[str, int | None]
+
+
+def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: int,
+             seed: Path | None) -> Tunnel:
     tag = f"{os.getpid() % 100000}"
-    if_a, if_b = f"wgb{tag}{index}a", f"wgb{tag}{index}b"
-    # A fresh subnet and fresh ports per case: a previous case's sockets may linger briefly.
+    if_a, if_b = f"wgb{tag}{index}a"[:15], f"wgb{tag}{index}b"[:15]
+    # Its own subnet and ports per case: all cases of one MTU are up at once.
     tun_a, tun_b = f"10.201.{index}.1", f"10.201.{index}.2"
     port_a, port_b = 51000 + 10 * index, 51001 + 10 * index
-    pids: dict[str, int | None] = {if_a: None, if_b: None}
+    t = Tunnel(case, Result(case.key, case.label, mtu), if_a, if_b, tun_b,
+               {if_a: None, if_b: None})
     try:
-        for ns, ifname in ((a, if_a), (b, if_b)):
-            if case.impl == "wireguard-go":
-                pids[ifname] = lab.start_wireguard_go(ns, ifname)
-            else:
-                pids[ifname] = lab.start_ours(ns, ifname, case.network)
+        t.pids[if_a] = _start(lab, a, if_a, case.impl_a, case, seed)
+        t.pids[if_b] = _start(lab, b, if_b, case.impl_b, case, seed)
         # The unix transport ignores the host: port N names <unix_dir>/N.sock.
         host = "127.0.0.1" if case.network == "unix" else VETH_B
         ka, kb = Keys(), Keys()
@@ -116,36 +169,48 @@ def run_case(lab: Lab, a: Namespace, b: Namespace, case: Case, index: int,
                       endpoint=f"{host}:{port_b}")
         # b learns a's endpoint from the first handshake, as a parent does from its enclave.
         lab.configure(if_b, kb, ka, f"{tun_a}/32", listen_port=port_b)
-        lab.address(a, if_a, f"{tun_a}/24", MTU)
-        lab.address(b, if_b, f"{tun_b}/24", MTU)
+        lab.address(a, if_a, f"{tun_a}/24", mtu)
+        lab.address(b, if_b, f"{tun_b}/24", mtu)
         wait_ping(a, tun_b)
-
-        res = a.ping(tun_b, PING_COUNT, PING_INTERVAL)
-        result.ping_ms = parse_ping(res.stdout)
-        if result.ping_ms is None:
-            result.notes.append(f"ping: {res.stdout.strip()} {res.stderr.strip()}")
-
-        server = b.popen("iperf3", "-s", "-B", tun_b, "-p", str(IPERF_PORT))
-        try:
-            _wait_listening(b, tun_b, IPERF_PORT)
-            result.mbps_a_to_b = iperf(a, tun_b, seconds, reverse=False)
-            result.mbps_b_to_a = iperf(a, tun_b, seconds, reverse=True)
-        finally:
-            server.kill()
-            server.wait(5)
-        # After the transfers: what the daemon holds once it has been under load.
-        result.rss_kib_a = rss_kib(pids[if_a]) if pids[if_a] else None
-        result.rss_kib_b = rss_kib(pids[if_b]) if pids[if_b] else None
     except (LabError, subprocess.TimeoutExpired) as e:
-        result.error = str(e)
-        for ifname in (if_a, if_b):
-            log = lab.log_path(ifname)
-            if log.exists() and log.stat().st_size:
-                result.notes.append(f"{ifname} log tail: {log.read_text()[-400:]}")
-    finally:
-        lab.stop_interface(a, if_a, pids[if_a])
-        lab.stop_interface(b, if_b, pids[if_b])
-    return result
+        _failed(lab, t, e)
+    return t
+
+
+def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float) -> None:
+    """One round: ping, then iperf3 a->b and b->a."""
+    r = t.result
+    if r.error:
+        return
+    try:
+        res = a.ping(t.tun_b, PING_COUNT, PING_INTERVAL)
+        ping = parse_ping(res.stdout)
+        if ping is None:
+            r.notes.append(f"ping: {res.stdout.strip()} {res.stderr.strip()}")
+        else:
+            r.ping_avg_ms.append(ping["avg"])
+        port = IPERF_PORT + 2 * index
+        r.mbps_a_to_b.append(iperf(a, b, t.tun_b, port, seconds, reverse=False))
+        r.mbps_b_to_a.append(iperf(a, b, t.tun_b, port + 1, seconds, reverse=True))
+    except (LabError, subprocess.TimeoutExpired) as e:
+        # One failed run (the machine is shared) leaves a round out, not the whole row.
+        r.notes.append(f"a round failed: {e}")
+
+
+def tear_down(lab: Lab, a: Namespace, b: Namespace, t: Tunnel) -> None:
+    # What each daemon holds once it has been under load.
+    t.result.rss_kib_a = rss_kib(t.pids[t.if_a]) if t.pids[t.if_a] else None
+    t.result.rss_kib_b = rss_kib(t.pids[t.if_b]) if t.pids[t.if_b] else None
+    lab.stop_interface(a, t.if_a, t.pids[t.if_a])
+    lab.stop_interface(b, t.if_b, t.pids[t.if_b])
+
+
+def _failed(lab: Lab, t: Tunnel, e: Exception) -> None:
+    t.result.error = str(e)
+    for ifname in (t.if_a, t.if_b):
+        log = lab.log_path(ifname)
+        if log.exists() and log.stat().st_size:
+            t.result.notes.append(f"{ifname} log tail: {log.read_text()[-400:]}")
 
 
 def _wait_listening(ns: Namespace, addr: str, port: int, timeout: float = 10.0) -> None:
@@ -169,67 +234,54 @@ def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f}"
 
 
-def _mean_rss(r: Result) -> float | None:
-    vals = [v for v in (r.rss_kib_a, r.rss_kib_b) if v is not None]
-    return sum(vals) / len(vals) if vals else None
+def _ratio(ours: float | None, base: float | None) -> float | None:
+    return ours / base if ours is not None and base else None
 
 
-def _ratio(ours: float | None, theirs: float | None) -> float | None:
-    return ours / theirs if ours is not None and theirs else None
+def _pair_ratio(r: Result, base: Result | None) -> str:
+    if base is None or r is base or base.error:
+        return "-"
+    up = _ratio(r.median("mbps_a_to_b"), base.median("mbps_a_to_b"))
+    down = _ratio(r.median("mbps_b_to_a"), base.median("mbps_b_to_a"))
+    return f"{_f(up, '.2f')}/{_f(down, '.2f')}"
 
 
-def ratios(results: list[Result]) -> dict[str, dict[str, float | None]]:
-    base = next((r for r in results if r.key == BASELINE and r.error is None), None)
-    if base is None:
-        return {}
-    out: dict[str, dict[str, float | None]] = {}
-    for r in results:
-        if r.impl != "wgvsock" or r.error is not None:
-            continue
-        out[r.key] = {
-            "a_to_b": _ratio(r.mbps_a_to_b, base.mbps_a_to_b),
-            "b_to_a": _ratio(r.mbps_b_to_a, base.mbps_b_to_a),
-            "ping_avg": _ratio(r.ping_ms and r.ping_ms["avg"],
-                               base.ping_ms and base.ping_ms["avg"]),
-            "rss": _ratio(_mean_rss(r), _mean_rss(base)),
-        }
-    return out
-
-
-def print_table(results: list[Result], ratio_table: dict[str, dict[str, float | None]],
-                seconds: float) -> None:
-    print(f"\nTCP single stream, {seconds:g} s each way, MTU {MTU}; "
-          f"ping: {PING_COUNT} at -i {PING_INTERVAL}; RSS after the transfers (a / b)\n")
-    head = f"{'tunnel':<22}{'a->b Mbit/s':>12}{'b->a Mbit/s':>12}{'ping avg ms':>12}" \
-           f"{'RSS MiB a / b':>16}"
+def print_table(results: list[Result], seconds: float, rounds: int) -> None:
+    print(f"\nMedians of {rounds} rounds: iperf3 one TCP stream {seconds:g} s each way, "
+          f"ping {PING_COUNT} at -i {PING_INTERVAL}; veth MTU 1500; RSS after the last round.\n"
+          "x seed / x wg-go: this row's a->b/b->a over the seed's (tcp) or wireguard-go's "
+          "(udp) at the same MTU. Shared, noisy machine: read the ratios.\n")
+    head = (f"{'tunnel':<22}{'MTU':>6}{'a->b Mbit/s':>12}{'b->a Mbit/s':>12}{'ping ms':>9}"
+            f"{'RSS MiB a/b':>13}{'x seed':>12}{'x wg-go':>12}")
     print(head)
     print("-" * len(head))
+    by = {(r.key, r.mtu): r for r in results}
     for r in results:
-        if r.error:
-            print(f"{r.label:<22}  FAILED: {r.error}")
+        if r.error or not r.mbps_a_to_b:
+            print(f"{r.label:<22}{r.mtu:>6}  FAILED: {r.error or 'every round failed'}")
             continue
-        ping = r.ping_ms["avg"] if r.ping_ms else None
-        rss = f"{_mib(r.rss_kib_a)} / {_mib(r.rss_kib_b)}"
-        print(f"{r.label:<22}{_f(r.mbps_a_to_b, '.1f'):>12}{_f(r.mbps_b_to_a, '.1f'):>12}"
-              f"{_f(ping, '.3f'):>12}{rss:>16}")
+        rss = f"{_mib(r.rss_kib_a)}/{_mib(r.rss_kib_b)}"
+        print(f"{r.label:<22}{r.mtu:>6}{_f(r.median('mbps_a_to_b'), '.0f'):>12}"
+              f"{_f(r.median('mbps_b_to_a'), '.0f'):>12}{_f(r.median('ping_avg_ms'), '.3f'):>9}"
+              f"{rss:>13}{_pair_ratio(r, by.get((SEED, r.mtu))):>12}"
+              f"{_pair_ratio(r, by.get((WGGO, r.mtu))):>12}")
     for r in results:
         for note in r.notes:
-            print(f"  note ({r.label}): {note}")
-    if ratio_table:
-        print(f"\n{'ours / wireguard-go':<22}{'a->b':>12}{'b->a':>12}{'ping avg':>12}"
-              f"{'RSS':>16}")
-        print("-" * len(head))
-        labels = {r.key: r.label for r in results}
-        for key, q in ratio_table.items():
-            print(f"{labels[key]:<22}{_f(q['a_to_b'], '.3f'):>12}{_f(q['b_to_a'], '.3f'):>12}"
-                  f"{_f(q['ping_avg'], '.2f'):>12}{_f(q['rss'], '.2f'):>16}")
+            print(f"  note ({r.label}, MTU {r.mtu}): {note}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=5.0, help="iperf3 time per direction")
+    ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 time per direction")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per case and MTU (median)")
+    ap.add_argument("--mtu", type=int, action="append", help=f"tunnel MTU (default {MTUS})")
+    ap.add_argument("--case", action="append", choices=[c.key for c in CASES],
+                    help="only these cases (default all)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run our cases with the wgvsock package from this checkout "
+                         "(PYTHONPATH), interleaved with the rest: before/after in one run")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("tunnel_bench: needs root (network namespaces, TUN)", file=sys.stderr)
@@ -238,16 +290,39 @@ def main() -> int:
         print(f"tunnel_bench: missing tools: {', '.join(missing)} (`make apt` installs them)",
               file=sys.stderr)
         return 2
+    cases = [c for c in CASES if not args.case or c.key in args.case]
+    if args.baseline:
+        base = str(Path(args.baseline).resolve())
+        cases += [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
+                          env=(*c.env, ("PYTHONPATH", base)))
+                  for c in cases if "ours" in (c.impl_a, c.impl_b) and c.network != "unix"]
+    mtus = args.mtu or list(MTUS)
 
     results: list[Result] = []
     tag = f"{os.getpid() % 100000}"
     with interrupts_raise(), Lab("wgvsock-bench-") as lab:
+        seed, why = seed_binary(lab.tmp)
+        if seed is None:
+            print(f"tunnel_bench: {why}; the seed's rows are left out", file=sys.stderr)
+            cases = [c for c in cases if "seed" not in (c.impl_a, c.impl_b)]
         try:
             a, b = lab.netns(f"wgbench{tag}a"), lab.netns(f"wgbench{tag}b")
             lab.veth(a, f"vb{tag}a", f"{VETH_A}/24", b, f"vb{tag}b", f"{VETH_B}/24")
-            for i, case in enumerate(CASES):
-                print(f"[{i + 1}/{len(CASES)}] {case.label} ...", flush=True)
-                results.append(run_case(lab, a, b, case, i, args.seconds))
+            # Per MTU, every case is up at once and the rounds go round the cases, so that
+            # each case sees the same mix of load from whatever else shares the machine.
+            for mtu in mtus:
+                print(f"MTU {mtu}: starting {len(cases)} tunnels ...", flush=True)
+                tunnels = [bring_up(lab, a, b, c, mtu, i, seed) for i, c in enumerate(cases)]
+                try:
+                    for n in range(args.rounds):
+                        for i, t in enumerate(tunnels):
+                            print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
+                                  flush=True)
+                            measure(a, b, t, i, args.seconds)
+                finally:
+                    for t in tunnels:
+                        tear_down(lab, a, b, t)
+                        results.append(t.result)
         except KeyboardInterrupt:
             print("\ninterrupted; cleaning up", file=sys.stderr)
             return 130
@@ -255,14 +330,13 @@ def main() -> int:
             print(f"tunnel_bench: {e}", file=sys.stderr)
             return 1
 
-    ratio_table = ratios(results)
-    print_table(results, ratio_table, args.seconds)
+    print_table(results, args.seconds, args.rounds)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seconds": args.seconds, "mtu": MTU, "ping_count": PING_COUNT,
-                       "ping_interval": PING_INTERVAL, "results": [asdict(r) for r in results],
-                       "ratios_vs_wireguard_go": ratio_table}, f, indent=2)
-    return 1 if any(r.error for r in results) else 0
+            json.dump({"seconds": args.seconds, "rounds": args.rounds, "mtus": mtus,
+                       "ping_count": PING_COUNT, "ping_interval": PING_INTERVAL,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+    return 1 if any(r.error or not r.mbps_a_to_b for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from wgvsock.device.tun import coalesce_tcp, split_tso
+from wgvsock.device.tun import _offload_header, coalesce_tcp, split_tso
 
 _FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80
 
@@ -120,3 +120,44 @@ def test_coalesce_keeps_what_must_not_merge() -> None:
     tail = [bytes(s) for s in split_tso(_v4(_tcp(0, _ACK | _PSH, os.urandom(250))), 20, mss)]
     assert [m for _, m in coalesce_tcp(tail + tail)] == [mss, mss]
     assert [m for _, m in coalesce_tcp(segs[:3], limit=2 * (40 + mss))] == [mss, 0]
+
+
+def _pseudo(seg: bytes, version: int) -> int:
+    l4 = 20 if version == 4 else 40
+    pseudo = (seg[12:20] + struct.pack("!HH", 6, len(seg) - l4) if version == 4
+              else seg[8:40] + struct.pack("!IxxxB", len(seg) - l4, 6))
+    return _ones_sum(pseudo)
+
+
+def _with_checksum(seg: bytes, version: int, value: int) -> bytes:
+    at = (20 if version == 4 else 40) + 16
+    return seg[:at] + value.to_bytes(2, "big") + seg[at + 2 :]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_offload_header_lets_the_kernel_finish_partial_checksums(version: int) -> None:
+    wrap = _v4 if version == 4 else _v6
+    small = wrap(_tcp(1000, _ACK, b"x" * 100))
+    partial = _with_checksum(small, version, _pseudo(small, version))
+    l4 = 20 if version == 4 else 40
+    # Partial (what a CAP_PARTIAL_CSUM sender leaves): the kernel computes it, no GSO.
+    header, out = _offload_header(partial, 1420)
+    flags, gso_type, _hlen, _mss, start, offset = struct.unpack("<BBHHHH", header)
+    assert (flags, gso_type, start, offset) == (1, 0, l4, 16) and out == partial
+    # Complete (any other sender): written as it is.
+    complete = split_tso(partial, l4, 1400)[0]
+    assert _offload_header(bytes(complete), 1420) is None
+    # Longer than the MTU: a GSO job whose checksum field holds the pseudo-header sum, the
+    # packet copied only when it did not already.
+    big = wrap(_tcp(1000, _ACK, b"y" * 5000))
+    for seg in (big, _with_checksum(big, version, _pseudo(big, version))):
+        header, out = _offload_header(seg, 1420)
+        flags, gso_type, hlen, mss, start, offset = struct.unpack("<BBHHHH", header)
+        assert (flags, gso_type & 0x7F, hlen, start, offset) == (1, 1 if version == 4 else 4,
+                                                                 l4 + 20, l4, 16)
+        assert mss == 1420 - l4 - 20
+        assert int.from_bytes(out[l4 + 16 : l4 + 18], "big") == _pseudo(big, version)
+    # Not TCP: plain.
+    udp = bytearray(small)
+    udp[9 if version == 4 else 6] = 17
+    assert _offload_header(bytes(udp), 1420) is None

@@ -241,3 +241,17 @@ def test_create_errors_in_netns(netns: str) -> None:
         assert "wgp0" in repr(dev)
     finally:
         dev.close()
+
+
+@pytest.mark.root
+@needs_root
+def test_gso_max_size_goes_to_the_interface(netns: str) -> None:
+    dev = in_netns(netns, lambda: Tun.create("wgtun1", offload=True))
+    try:
+        in_netns(netns, lambda: dev.set_gso_max_size(65000))
+        [link] = json.loads(_ip("-n", netns, "-d", "-j", "link", "show", "dev", dev.name).stdout)
+        assert link["gso_max_size"] == 65000
+        with pytest.raises(OSError, match="gso_max_size on wgtun1: Invalid argument"):
+            in_netns(netns, lambda: dev.set_gso_max_size(1 << 31))
+    finally:
+        dev.close()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from wgvsock.conn import Bind, TransportUnavailable, make_bind
+from wgvsock.conn.caps import CAP_SUPER, HELLO_MAGIC, encode_hello, parse_hello
 from wgvsock.conn.dgram import DatagramBind
 from wgvsock.conn.endpoint import Endpoint, format_endpoint
 from wgvsock.conn.framing import encode_frame
@@ -611,3 +612,41 @@ def test_redial_backoff_is_short_on_local_links(network: str, cap: float) -> Non
     assert max(delays) <= cap and min(delays) >= bind.backoff_min
     late = [bind._backoff(50) for _ in range(200)]
     assert min(late) >= cap / 2 and len(set(late)) > 100
+
+
+# -- capability hello ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hello_side", ["dialler", "accepter", "both"])
+def test_capability_hello_is_seen_per_connection_and_never_delivered(
+    binds: list[Bind], hello_side: str
+) -> None:
+    hello = encode_hello(CAP_SUPER | 0x80, 65000)  # an unknown flag bit rides along
+    a, b = StreamBind("tcp4"), StreamBind("tcp4")
+    if hello_side in ("dialler", "both"):
+        a.hello = hello
+    if hello_side in ("accepter", "both"):
+        b.hello = hello
+    a, a_in, _ = opened(binds, a)
+    b, b_in, b_port = opened(binds, b)
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    assert a.peer_caps(b_ep) == (0, 0)  # no connection yet
+    from_a = exchange(a, a_in, b, b_in, b_ep)  # only WireGuard messages reach the callback
+    # The dialler speaks first; the accepter answers only a hello.
+    want_at_b = (CAP_SUPER | 0x80, 65000) if a.hello else (0, 0)
+    want_at_a = (CAP_SUPER | 0x80, 65000) if a.hello and b.hello else (0, 0)
+    wait_until(lambda: b.peer_caps(from_a) == want_at_b and a.peer_caps(b_ep) == want_at_a)
+    assert a_in.empty_for(0.1) and b_in.empty_for(0.0)
+    # Hello or not, nothing counts as a framing error and the connection stays up.
+    assert b.status()["framing_errors"] == 0 and b.status()["accepted"] == 1
+
+
+def test_hello_like_frames_that_are_not_hellos_are_delivered(binds: list[Bind]) -> None:
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    odd = HELLO_MAGIC + bytes(40)  # right magic, wrong length: for the engine to drop
+    assert parse_hello(odd) is None
+    a.send(odd, b_ep)
+    data, from_a = b_in.get()
+    assert data == odd and b.peer_caps(from_a) == (0, 0)

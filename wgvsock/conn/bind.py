@@ -42,6 +42,7 @@ __all__ = [
 log = logging.getLogger("wgvsock.conn")
 
 Receiver = Callable[[bytes, Endpoint], None]
+_NO_CAPS = (0, 0)
 
 # errnos by which a kernel or hypervisor says "no such transport here".
 _UNAVAILABLE_ERRNOS = frozenset(
@@ -72,6 +73,9 @@ class Bind(ABC):
     # (it is some peer's current endpoint). A stream bind asks about an inbound connection
     # until the answer is yes, so a valid frame of junk does not make a connection a peer's.
     authenticated: Callable[[Endpoint], bool] | None = None
+    # Set by the owner before open(): a stream transport sends this payload (caps.encode_hello)
+    # as the first frame on every connection; None sends nothing.
+    hello: bytes | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:
@@ -86,6 +90,11 @@ class Bind(ABC):
         the kernel in one system call override this."""
         for data in messages:
             self.send(data, ep)
+
+    def peer_caps(self, ep: Endpoint) -> tuple[int, int]:
+        """(flags, max_packet) from the hello the peer behind `ep` sent on its current
+        connection; (0, 0) when it sent none or there is no connection."""
+        return _NO_CAPS
 
     @abstractmethod
     def close(self) -> None:

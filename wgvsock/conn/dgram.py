@@ -43,6 +43,7 @@ _UDP_MAX_SEGMENTS = 64
 # One GSO send must fit an IP packet: 65535 minus the IPv6/UDP headers, rounded down.
 _GSO_MAX_BYTES = 65000
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_NO_LIMIT = 1 << 16
 
 
 def _gro_size(ancdata: list[tuple[int, int, bytes]]) -> int:
@@ -68,6 +69,10 @@ class DatagramBind(SocketBind):
         self._send_errors = 0
         self._unroutable = 0
         self._gso = False
+        # Per endpoint, the smallest message size a GSO send was refused for (EMSGSIZE: the
+        # segments would exceed the path MTU). Messages this long go one by one, so IP
+        # fragments them, as wireguard-go's are: a tunnel MTU above the underlay's works.
+        self._gso_too_big: dict[Endpoint, int] = {}
         self._err_log = RateLimitedLog()
 
     def open(self, port: int, receive: Receiver) -> int:
@@ -138,6 +143,7 @@ class DatagramBind(SocketBind):
         self._remove_unix_path()
         self._ep_cache.clear()
         self._addr_cache.clear()
+        self._gso_too_big.clear()
         log.info("%s: closed", self.network)
 
     # -- sending -----------------------------------------------------------------------------
@@ -206,7 +212,9 @@ class DatagramBind(SocketBind):
                 j += 1
             if j - i == 1:
                 self.send(messages[i], ep)
-            elif not self._send_gso(sock, messages[i:j], size, addr, ep):
+            elif size >= self._gso_too_big.get(ep, _NO_LIMIT) or not self._send_gso(
+                sock, messages[i:j], size, addr, ep
+            ):
                 for data in messages[i:j]:
                     self.send(data, ep)
             i = j
@@ -219,6 +227,12 @@ class DatagramBind(SocketBind):
             sock.sendmsg([b"".join(run)], [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))],
                          socket.MSG_DONTWAIT, addr)
         except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                too_big = self._gso_too_big
+                if len(too_big) >= _CACHE_MAX:
+                    too_big.clear()
+                too_big[ep] = min(size, too_big.get(ep, _NO_LIMIT))
+                return False
             if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 # No checksum offload on the route's device (EIO) or an old kernel.
                 self._gso = False

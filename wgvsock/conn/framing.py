@@ -27,6 +27,7 @@ __all__ = [
     "FrameDecoder",
     "FramingError",
     "encode_frame",
+    "frame_header",
 ]
 
 _HEADER = struct.Struct("<HI")
@@ -51,10 +52,15 @@ class FramingError(ValueError):
 
 def encode_frame(payload: BytesLike) -> bytes:
     """One frame for ``payload``. Refuses what our own decoder would refuse."""
+    return frame_header(payload) + payload
+
+
+def frame_header(payload: BytesLike) -> bytes:
+    """The 6-byte header of the frame for ``payload`` (to send with it as an iovec)."""
     n = len(payload)
     if n < MIN_PAYLOAD or n > MAX_PAYLOAD:
         raise ValueError(f"payload of {n} bytes cannot be framed ({MIN_PAYLOAD}-{MAX_PAYLOAD})")
-    return _HEADER.pack(n, zlib.crc32(payload)) + payload
+    return _HEADER.pack(n, zlib.crc32(payload))
 
 
 class FrameDecoder:

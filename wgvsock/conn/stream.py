@@ -44,8 +44,9 @@ from .bind import (
     set_send_timeout,
     unavailable,
 )
+from .caps import HELLO_MAGIC, parse_hello
 from .endpoint import VMADDR_CID_ANY, VMADDR_PORT_ANY, Endpoint, display_endpoint
-from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame
+from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame, frame_header
 
 __all__ = ["STREAM_NETWORKS", "StreamBind", "redial_backoff"]
 
@@ -71,12 +72,15 @@ STABLE_AFTER = 1.0
 # therefore never lock a real peer out.
 MAX_INBOUND = 64
 FIRST_FRAME_TIMEOUT = 30.0
+_NO_CAPS = (0, 0)
+_HELLO_BYTE = HELLO_MAGIC[0]
 
 
 class _Conn:
     """One established stream connection; its reader thread owns the socket's lifetime."""
 
     __slots__ = (
+        "caps",
         "closed",
         "done",
         "ep",
@@ -102,6 +106,8 @@ class _Conn:
         # Dialled by us, or a message on it authenticated. Until then last_rx is kept.
         self.trusted = outbound
         self.reason = ""
+        # The peer's capability hello on this connection: (flags, max_packet).
+        self.caps = _NO_CAPS
 
     def send(self, frame: bytes) -> bool:
         with self.send_lock:
@@ -109,6 +115,29 @@ class _Conn:
                 return False
             try:
                 self.sock.sendall(frame)
+                return True
+            except OSError as exc:
+                timed_out = isinstance(exc, TimeoutError | BlockingIOError)
+                self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
+                return False
+
+    def send_iov(self, bufs: list[bytes]) -> bool:
+        """Like send() for several buffers in one sendmsg() (no joined copy); a short write
+        is continued from where it stopped."""
+        with self.send_lock:
+            if self.closed:
+                return False
+            sendmsg = self.sock.sendmsg
+            try:
+                while bufs:
+                    n = sendmsg(bufs)
+                    i = 0
+                    while i < len(bufs) and n >= len(bufs[i]):
+                        n -= len(bufs[i])
+                        i += 1
+                    bufs = bufs[i:]
+                    if n:
+                        bufs[0] = memoryview(bufs[0])[n:]
                 return True
             except OSError as exc:
                 timed_out = isinstance(exc, TimeoutError | BlockingIOError)
@@ -283,6 +312,27 @@ class StreamBind(SocketBind):
             return
         self._send_slow(frame, ep)
 
+    def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
+        """Several messages in one sendmsg(): frame headers and payloads as an iovec."""
+        conn = self._conns.get(ep)
+        if conn is None or len(messages) == 1:
+            for data in messages:
+                self.send(data, ep)
+            return
+        bufs: list[bytes] = []
+        for data in messages:
+            try:
+                bufs.append(frame_header(data))
+            except ValueError as exc:
+                self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
+                continue
+            bufs.append(data)
+        if bufs and not conn.send_iov(bufs):
+            # The connection failed (and is closing): what it did not take goes the slow way;
+            # a message sent twice is dropped by the peer's replay check.
+            for i in range(0, len(bufs), 2):
+                self._send_slow(bufs[i] + bufs[i + 1], ep)
+
     def _send_slow(self, frame: bytes, ep: Endpoint) -> None:
         if self._closed.is_set():
             return
@@ -320,6 +370,10 @@ class StreamBind(SocketBind):
                                self.network, display_endpoint(ep), exc)
         elif conn is not None:
             conn.send(frame)  # registered while we looked; one try, no requeue
+
+    def peer_caps(self, ep: Endpoint) -> tuple[int, int]:
+        conn = self._conns.get(ep)
+        return _NO_CAPS if conn is None else conn.caps
 
     # -- connections -------------------------------------------------------------------------
 
@@ -431,6 +485,11 @@ class StreamBind(SocketBind):
         sock, ep, receive = conn.sock, conn.ep, self._receive
         assert receive is not None
         decoder = FrameDecoder(self.max_frame)
+        if self.hello is not None and conn.outbound:
+            # The dialler speaks first; an accepter answers only a hello (_take_hello), so a
+            # peer that sends none (the Go seed, a port scanner) never hears anything but
+            # WireGuard from us.
+            conn.send(encode_frame(self.hello))
         buf = bytearray(RECV_SIZE)
         view = memoryview(buf)
         reason = "closed by peer"
@@ -455,18 +514,41 @@ class StreamBind(SocketBind):
                     break
                 if frames:
                     conn.got_frame = True
-                    for frame in frames:
-                        try:
-                            receive(frame, ep)
-                        except Exception:
-                            self._misc_log(logging.ERROR, "%s: receive callback failed",
-                                           self.network)
-                            log.debug("receive callback failure", exc_info=True)
+                    if any(frame[0] == _HELLO_BYTE for frame in frames):
+                        frames = self._take_hello(conn, frames)
+                    # Many frames from one recv(): the owner decrypts them under one lock and
+                    # can merge their packets into few TUN writes.
+                    if len(frames) > 1 and (batch := self.receive_batch) is not None:
+                        self._deliver(batch, frames, ep)
+                    else:
+                        for frame in frames:
+                            self._deliver(receive, frame, ep)
                     if not conn.trusted:
                         self._trust(conn)
         finally:
             view.release()
             self._conn_gone(conn, reason)
+
+    def _deliver(self, fn: Any, data: Any, ep: Endpoint) -> None:
+        try:
+            fn(data, ep)
+        except Exception:
+            self._misc_log(logging.ERROR, "%s: receive callback failed", self.network)
+            log.debug("receive callback failure", exc_info=True)
+
+    def _take_hello(self, conn: _Conn, frames: list[bytes]) -> list[bytes]:
+        """Notes a capability hello among `frames` on `conn` (answering the first one on an
+        inbound connection with ours); returns the other frames."""
+        rest = []
+        for frame in frames:
+            if frame[0] == _HELLO_BYTE and (caps := parse_hello(frame)):
+                first = conn.caps is _NO_CAPS
+                conn.caps = caps
+                if first and not conn.outbound and self.hello is not None:
+                    conn.send(encode_frame(self.hello))
+            else:
+                rest.append(frame)
+        return rest
 
     def _conn_gone(self, conn: _Conn, reason: str) -> None:
         conn.shutdown(reason)

@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..conn.bind import Bind
+from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, encode_hello
 from ..conn.endpoint import Endpoint, display_endpoint
 from ..conn.framing import MAX_STREAM_MTU
 from ..core.engine import DROP, SEND, TUNNEL, Action, Engine
 from ..core.ratelimit import LoadTracker
 from ..threads import Survivor
-from .tun import GSO_MAX_SIZE, Tun
+from .tun import GSO_MAX_SIZE, Tun, complete_checksum, split_tso
 from .uapi import DEFAULT_RUN_DIR, DeviceConfig, DeviceStatus, PeerStatus, UAPIError, UAPIServer
 
 log = logging.getLogger("wgvsock.device")
@@ -39,6 +40,11 @@ _WATCH_EVERY = 0.5
 # processes handshakes from a 1024-deep queue and is under load at 1/8 of that.
 _LOAD_WINDOW = 0.1
 _LOAD_CAPACITY = 1024
+# Most TUN packets, and bytes, taken per wake-up of the TUN reader (what is already queued, no
+# waiting). The byte cap keeps the engine lock short for the receiving thread: a batch of 64
+# super-packets held it for milliseconds and cost a third of the throughput at MTU 65000.
+_READ_BATCH = 64
+_READ_BYTES = 64 * 1024
 
 
 def _src_key(ep: Endpoint) -> bytes:
@@ -124,6 +130,10 @@ class Device:
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
             self.bind.receive_batch = self._on_receive_batch
             self.bind.authenticated = self._authenticated
+            if self.tun.vnet and self.bind.stream:
+                # Tells each stream peer that we take super-packets and partial checksums:
+                # our TUN hands both to the kernel to finish (Tun.write).
+                self.bind.hello = encode_hello(CAP_SUPER | CAP_PARTIAL_CSUM, GSO_MAX_SIZE)
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
@@ -148,10 +158,8 @@ class Device:
             return Tun.create(self.ifname)
         tun = Tun.create(self.ifname, offload=True)
         try:
-            from .netconf import set_gso_max_size
-
-            set_gso_max_size(tun.name, GSO_MAX_SIZE)
-        except Exception as e:  # pyroute2 raises its own types; any failure means "no offload"
+            tun.set_gso_max_size(GSO_MAX_SIZE)
+        except OSError as e:
             log.warning("%s: cannot limit GSO size (%s); segmentation offload off", tun.name, e)
             tun.close()
             return Tun.create(self.ifname)
@@ -249,8 +257,14 @@ class Device:
         poller.register(tun.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         wake_fd = self._wake_r
-        # Datagram transports take a TCP super-packet as MTU-sized packets.
-        read = (lambda: (tun.read(),)) if self.bind.stream else tun.read_segments
+        # Datagram transports take a TCP super-packet as MTU-sized packets; stream transports
+        # whole where the peer said it takes them.
+        if not self.bind.stream:
+            read = tun.read_segments
+        elif tun.vnet:
+            read = self._read_for_peer
+        else:
+            read = lambda: (tun.read(),)  # noqa: E731
         while not self._stopped.is_set():
             try:
                 packets = read()
@@ -267,8 +281,20 @@ class Device:
                     return
                 log.warning("%s: TUN read failed: %s", self.ifname, e)
                 continue
-            if len(packets) == 1:
-                packet = packets[0]
+            # Whatever else the kernel has queued already comes along (never waited for): one
+            # lock and one send then serve many packets. An error here shows up on the next
+            # read above.
+            batch = list(packets)
+            size = sum(map(len, batch))
+            try:
+                while len(batch) < _READ_BATCH and size < _READ_BYTES:
+                    more = read()
+                    batch += more
+                    size += sum(map(len, more))
+            except OSError:
+                pass
+            if len(batch) == 1:
+                packet = batch[0]
                 if not packet:
                     continue
                 with lock:
@@ -278,9 +304,34 @@ class Device:
             actions = []
             with lock:
                 now = monotonic()
-                for packet in packets:
-                    actions += engine.encapsulate(packet, now)
+                for packet in batch:
+                    if packet:
+                        actions += engine.encapsulate(packet, now)
             self._perform_batch(actions)
+
+    def _read_for_peer(self) -> tuple[bytes | bytearray, ...] | list[bytearray]:
+        """A packet from the TUN (with offload, on a stream transport) in the shape the peer
+        it is routed to takes: a TCP super-packet whole only if the peer's hello said it takes
+        super-packets, else cut into MTU-sized segments (the Go seed, or our daemon with offload
+        off, would write it to its TUN unsegmented, where forwarding drops it); a partial TCP
+        checksum left so only if the peer said it finishes those, else completed here."""
+        tun = self.tun
+        assert tun is not None
+        packet, mss, start, offset = tun.read_offload()
+        if not start:
+            return (packet,)
+        with self._lock:
+            peer = self.engine.allowed_ips.lookup_packet_dst(packet)
+            ep = None if peer is None else peer.endpoint
+        if ep is None:
+            flags = max_packet = 0  # staged or dropped: the conservative form
+        else:
+            flags, max_packet = self.bind.peer_caps(ep)
+        if mss and not (flags & CAP_SUPER and len(packet) <= max_packet):
+            return split_tso(packet, start, mss)
+        if flags & CAP_PARTIAL_CSUM and offset == 16:  # TCP
+            return (packet,)
+        return (complete_checksum(packet, start, offset),)
 
     def _on_receive(self, data: bytes, src: Endpoint) -> None:
         now = time.monotonic()

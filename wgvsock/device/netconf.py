@@ -68,11 +68,6 @@ def add_routes(ifname: str, networks: Iterable[IPNetwork], *, replace: bool = Tr
                 raise NetconfError(f"adding route {net} via {ifname}: {e}") from e
 
 
-def set_gso_max_size(ifname: str, size: int) -> None:
-    with IPRoute() as ipr:
-        ipr.link("set", index=_index(ipr, ifname), gso_max_size=size)
-
-
 def interface_exists(ifname: str) -> bool:
     with IPRoute() as ipr:
         return bool(ipr.link_lookup(ifname=ifname))

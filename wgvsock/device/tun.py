@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 
-__all__ = ["Tun", "TunError", "coalesce_tcp", "split_tso"]
+__all__ = ["Tun", "TunError", "coalesce_tcp", "complete_checksum", "split_tso"]
 
 _TUN_PATH = "/dev/net/tun"
 
@@ -52,6 +52,15 @@ _SIOCGIFMTU = 0x8921
 _SIOCSIFMTU = 0x8922
 _SIOCGIFINDEX = 0x8933
 _IFF_UP = 0x1
+# rtnetlink (<linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>).
+_NLMSGHDR = struct.Struct("=IHHII")
+_IFINFOMSG = struct.Struct("=BxHiII")
+_RTATTR_U32 = struct.Struct("=HHI")
+_RTM_NEWLINK = 16
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_IFLA_GSO_MAX_SIZE = 41
 
 _IFNAMSIZ = 16
 # struct ifreq is 40 bytes on Linux: a 16-byte name and a 24-byte union.
@@ -72,6 +81,11 @@ def _complete_checksum(buf: bytes, header: int, start: int, offset: int) -> byte
     packet[at] = value >> 8
     packet[at + 1] = value & 0xFF
     return packet
+
+
+def complete_checksum(packet: bytes, start: int, offset: int) -> bytearray:
+    """A copy of a packet from Tun.read_offload with its partial checksum finished."""
+    return _complete_checksum(packet, 0, start, offset)
 
 
 def _fold(total: int) -> int:
@@ -233,40 +247,71 @@ def coalesce_tcp(
     return out
 
 
-def _gso_for(packet: bytes, mtu: int, mss: int = 0) -> tuple[bytes, bytearray] | None:
-    """A virtio-net header (and the packet, adjusted) asking the kernel to cut a TCP packet
-    longer than the MTU into MTU-sized segments — what it does with its own TSO packets.
+def _pseudo_sum(packet: bytes | bytearray, l4: int) -> int:
+    """The TCP pseudo-header sum modulo 0xFFFF (what a partial checksum field holds)."""
+    if l4 == 40:
+        addresses = int.from_bytes(packet[8:40], "big")
+    else:
+        addresses = int.from_bytes(packet[12:20], "big")
+    return (addresses + _IPPROTO_TCP + len(packet) - l4) % 0xFFFF
 
-    A GSO packet must carry a partial checksum (CHECKSUM_PARTIAL): the TCP checksum field is
-    set to the pseudo-header sum and the kernel completes it per segment. None when the packet
-    is not plain TCP over IPv4/IPv6 (it is then written as is).
-    """
+
+def _tcp_offset(packet: bytes | bytearray) -> int:
+    """The TCP header's offset in a plain (unfragmented, no IPv6 extension headers) TCP
+    packet, else 0."""
     version = packet[0] >> 4
     if version == 4:
         ihl = (packet[0] & 0x0F) * 4
-        if packet[9] != _IPPROTO_TCP or len(packet) < ihl + 20:
-            return None
-        addresses, gso_type = packet[12:20], _GSO_TCPV4
+        if packet[9] != _IPPROTO_TCP or packet[6] & 0x3F or packet[7]:
+            return 0
     elif version == 6:
         ihl = 40
-        if packet[6] != _IPPROTO_TCP or len(packet) < ihl + 20:
-            return None  # extension headers: not worth the parsing here
-        addresses, gso_type = packet[8:40], _GSO_TCPV6
+        if packet[6] != _IPPROTO_TCP:
+            return 0  # extension headers: not worth the parsing here
     else:
+        return 0
+    if len(packet) < ihl + 20 or packet[ihl + 12] >> 4 < 5:
+        return 0
+    return ihl
+
+
+def _offload_header(
+    packet: bytes | bytearray, mtu: int, mss: int = 0
+) -> tuple[bytes, bytes | bytearray] | None:
+    """A virtio-net header (and the packet, adjusted if need be) for a TCP packet the kernel
+    must finish: one longer than the MTU becomes a segmentation job cut into MTU-sized
+    segments, as the kernel does with its own TSO packets; one whose checksum field holds
+    the pseudo-header sum (a peer that negotiated CAP_PARTIAL_CSUM left it partial) gets the
+    checksum computed by the kernel. None: write the packet as it is.
+
+    Recognising a partial checksum by its value is safe: a complete checksum that happens to
+    equal the pseudo-header sum is recomputed to the same value.
+    """
+    ihl = _tcp_offset(packet)
+    if not ihl:
         return None
-    tcp_len = len(packet) - ihl
+    at = ihl + 16
+    pseudo = _pseudo_sum(packet, ihl)
+    partial = (packet[at] << 8 | packet[at + 1]) % 0xFFFF == pseudo
+    if len(packet) <= mtu and not mss:
+        if not partial:
+            return None
+        return struct.pack("<BBHHHH", _VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, 16), packet
     thl = (packet[ihl + 12] >> 4) * 4
     mss = mss or mtu - ihl - thl
-    if mss <= 0 or thl < 20:
+    if mss <= 0:
         return None
+    gso_type = _GSO_TCPV4 if packet[0] >> 4 == 4 else _GSO_TCPV6
     if packet[ihl + 13] & _TCP_CWR:
         gso_type |= _GSO_ECN
-    pseudo = (int.from_bytes(addresses, "big") + _IPPROTO_TCP + tcp_len) % 0xFFFF
-    adjusted = bytearray(packet)
-    adjusted[ihl + 16] = pseudo >> 8
-    adjusted[ihl + 17] = pseudo & 0xFF
+    if not partial:
+        # A GSO packet must carry a partial checksum (CHECKSUM_PARTIAL): the kernel
+        # completes it per segment.
+        packet = bytearray(packet)
+        packet[at] = pseudo >> 8
+        packet[at + 1] = pseudo & 0xFF
     header = struct.pack("<BBHHHH", _VNET_F_NEEDS_CSUM, gso_type, ihl + thl, mss, ihl, 16)
-    return header, adjusted
+    return header, packet
 
 
 class TunError(OSError):
@@ -360,6 +405,20 @@ class Tun:
             return _complete_checksum(buf, VNET_HDR_LEN, start, offset)
         return buf[VNET_HDR_LEN:]
 
+    def read_offload(self, bufsize: int = 65535) -> tuple[bytes, int, int, int]:
+        """One packet as the kernel handed it, its checksum left as it was: (packet, mss,
+        csum_start, csum_offset). mss > 0 for a TCP super-packet (to cut with split_tso at
+        csum_start, or send whole to a peer that takes it); csum_start > 0 when the checksum
+        is partial (finish it with complete_checksum, or leave it to a peer that does).
+        Only with offload (vnet) on."""
+        buf = os.read(self._fd, bufsize + VNET_HDR_LEN)
+        if not buf[0] & _VNET_F_NEEDS_CSUM:
+            return buf[VNET_HDR_LEN:], 0, 0, 0
+        mss, start, offset = struct.unpack_from("<HHH", buf, 4)
+        if buf[1] & ~_GSO_ECN not in (_GSO_TCPV4, _GSO_TCPV6):
+            mss = 0
+        return buf[VNET_HDR_LEN:], mss, start, offset
+
     def read_segments(self, bufsize: int = 65535) -> list[bytearray] | list[bytes]:
         """Like read(), but a TCP super-packet comes back cut into MTU-sized packets (its
         `gso_size`), for transports whose messages must fit the path MTU."""
@@ -377,8 +436,8 @@ class Tun:
     def write(self, packet: bytes) -> None:
         if not self.vnet:
             os.write(self._fd, packet)
-        elif len(packet) > self.mtu_hint and (gso := _gso_for(packet, self.mtu_hint)):
-            os.writev(self._fd, gso)
+        elif hdr := _offload_header(packet, self.mtu_hint):
+            os.writev(self._fd, hdr)
         else:
             os.writev(self._fd, (_VNET_PLAIN, packet))
 
@@ -389,7 +448,7 @@ class Tun:
                 self.write(packet)
             return
         for packet, mss in coalesce_tcp(packets):
-            if mss and (gso := _gso_for(packet, self.mtu_hint, mss)):
+            if mss and (gso := _offload_header(packet, self.mtu_hint, mss)):
                 os.writev(self._fd, gso)
             else:
                 self.write(packet)
@@ -408,6 +467,26 @@ class Tun:
 
     def set_mtu(self, n: int) -> None:
         self._ifreq(_IFREQ_INT, _SIOCSIFMTU, n)
+
+    def set_gso_max_size(self, size: int) -> None:
+        """Caps the kernel's super-packets for this interface (IFLA_GSO_MAX_SIZE), with one
+        rtnetlink request from the caller's namespace. Straight netlink rather than pyroute2,
+        whose import alone would cost the daemon about 20 MiB of RSS."""
+        req = _RTATTR_U32.pack(_RTATTR_U32.size, _IFLA_GSO_MAX_SIZE, size)
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, self.ifindex(), 0, 0) + req
+        msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_NEWLINK,
+                             _NLM_F_REQUEST | _NLM_F_ACK, 1, 0) + body
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           socket.NETLINK_ROUTE) as nl:
+            nl.settimeout(5.0)
+            nl.sendto(msg, (0, 0))
+            reply = nl.recv(4096)
+        _, kind = struct.unpack_from("=IH", reply)
+        if kind != _NLMSG_ERROR or len(reply) < _NLMSGHDR.size + 4:
+            raise OSError(errno.EPROTO, f"setting gso_max_size on {self.name}: odd reply")
+        (error,) = struct.unpack_from("=i", reply, _NLMSGHDR.size)
+        if error:
+            raise OSError(-error, f"setting gso_max_size on {self.name}: {os.strerror(-error)}")
 
     def set_up(self) -> None:
         # Read-modify-write so flags set by others (e.g. NOARP) survive.

@@ -11,6 +11,7 @@ transport stands in for it, see DESIGN.md §5).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ __all__ = [
     "parse_ping",
     "rss_kib",
     "run",
+    "seed_binary",
     "wait_for",
 ]
 
@@ -84,6 +86,35 @@ def wait_for(
 
 def missing_tools(tools: Sequence[str]) -> list[str]:
     return [t for t in tools if shutil.which(t) is None]
+
+
+SEED_ENV = "WGVSOCK_SEED_BIN"
+_SEED_NAME = "wireguard-go-vsock"
+
+
+def seed_binary(dest: Path) -> tuple[Path | None, str]:
+    """The Go seed (wireguard-go-vsock), for interop tests and the benchmark: $WGVSOCK_SEED_BIN,
+    else ../shared/seed/bin beside the repository, as a binary or gzipped (then unpacked into
+    `dest`). (path, "") or (None, why not). Run it only with `-n tcp`: its vsock mode would
+    dial out of this VM."""
+    given = os.environ.get(SEED_ENV)
+    if given:
+        candidates = [Path(given)]
+    else:
+        here = Path(__file__).resolve().parents[2] / "shared" / "seed" / "bin"
+        candidates = [here / _SEED_NAME, here / f"{_SEED_NAME}.gz"]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        if path.suffix != ".gz":
+            return path, ""
+        out = dest / _SEED_NAME
+        with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        out.chmod(0o755)
+        return out, ""
+    where = given if given else str(candidates[-1].parent)
+    return None, f"the Go seed binary is not in {where} (set ${SEED_ENV} to its path)"
 
 
 def daemon_command() -> list[str]:
@@ -255,12 +286,15 @@ class Lab:
         return self.tmp / f"{ifname}.log"
 
     def start_ours(self, ns: Namespace, ifname: str, network: str,
-                   log_level: str = "error") -> int:
-        """Starts our daemon as users do (it backgrounds itself once ready); returns its pid."""
+                   log_level: str = "error", cwd: str | None = None, **extra_env: str) -> int:
+        """Starts our daemon as users do (it backgrounds itself once ready); returns its pid.
+        `extra_env` such as WGVSOCK_OFFLOAD="0" goes into its environment; `cwd` is where it
+        runs (its background child is `python -m`, which imports from there first)."""
         self.ifnames.append(ifname)
         env = dict(os.environ, WGVSOCK_UNIX_DIR=str(self.unix_dir),
-                   WGVSOCK_LOG_FILE=str(self.log_path(ifname)), LOG_LEVEL=log_level)
-        ns.run(*daemon_command(), "-n", network, ifname, env=env)
+                   WGVSOCK_LOG_FILE=str(self.log_path(ifname)), LOG_LEVEL=log_level,
+                   **extra_env)
+        ns.run(*daemon_command(), "-n", network, ifname, env=env, cwd=cwd)
         pid = ns.find_pid("wgvsock.daemon", ifname)
         if pid is None:
             raise LabError(f"our daemon for {ifname} is not running after start")
@@ -277,6 +311,17 @@ class Lab:
         pid = ns.find_pid("wireguard-go", ifname)
         if pid is None:
             raise LabError(f"wireguard-go for {ifname} is not running after start")
+        return pid
+
+    def start_seed(self, ns: Namespace, ifname: str, binary: Path) -> int:
+        """The Go seed over TCP (never vsock here); it backgrounds itself like wireguard-go."""
+        self.ifnames.append(ifname)
+        env = dict(os.environ)
+        env.pop("LOG_LEVEL", None)  # see start_wireguard_go
+        ns.run(str(binary), "-n", "tcp", ifname, env=env)
+        pid = ns.find_pid(str(binary), ifname)
+        if pid is None:
+            raise LabError(f"the Go seed for {ifname} is not running after start")
         return pid
 
     def configure(self, ifname: str, keys: Keys, peer: Keys, peer_ip: str, *,
