@@ -101,7 +101,8 @@ def seed_binary(dest: Path) -> tuple[Path | None, str]:
     if given:
         candidates = [Path(given)]
     else:
-        here = Path(__file__).resolve().parents[2] / "shared" / "seed" / "bin"
+        # wgvsock/ui/nslab.py -> the folder that holds the repository, where shared/ lies.
+        here = Path(__file__).resolve().parents[3] / "shared" / "seed" / "bin"
         candidates = [here / _SEED_NAME, here / f"{_SEED_NAME}.gz"]
     for path in candidates:
         if not path.is_file():
