@@ -85,3 +85,23 @@ def _run(world: World) -> None:
     assert list((world.lab.tmp / "state").glob("*")) == []
     listening = _vsock_listeners(world)
     assert f":{WG_PORT}" not in listening and f":{CONTROL_PORT}" not in listening, listening
+
+
+def test_control_port_refuses_a_cid_other_than_the_named_enclave(lab: Lab) -> None:
+    """`parent.enclave_cid` over real vsock: a registration from another CID (in the guest every
+    connection comes from CID 1) is never admitted, and nothing is installed."""
+    world = World(lab, transport=VSOCK_TRANSPORT, parent_extra="  enclave_cid: 5\n")
+    try:
+        assert world.parent_cmd("up").returncode == 0
+        enclave = world.start_enclave(timeout=15)
+        assert enclave.wait(120) == 1  # gave up: the parent never answered CID 1
+        log = (world.lab.tmp / "enclave.log").read_text()
+        assert "could not register" in log or "no answer" in log, log
+        state = json.loads(world.parent.run(WGVSOCK, "status", "--once", "--json",
+                                            env=world.env_for("parent"), timeout=60).stdout)
+        assert state["interfaces"][0]["peers"] == [], state  # nothing installed
+        # The parent keeps serving: its control port still listens. (The admitted path is the
+        # test above; a matching CID cannot be had here, CID 1 is no enclave CID.)
+        assert f":{CONTROL_PORT}" in _vsock_listeners(world)
+    finally:
+        world.close()

@@ -39,7 +39,7 @@ transport:
 parent:
   address: 10.77.0.1/30
   private_key: {key}
-  egress:
+{parent_extra}  egress:
     allow: [0.0.0.0/0]
     deny: [169.254.169.254/32, 198.51.100.3/32]
   ingress:
@@ -64,11 +64,12 @@ RECOVERY_BOUND = 20.0
 class World:
     """The three namespaces, the internet's servers and a profile. `profile_extra` is appended
     to PROFILE (e.g. an `attestation:` section); `parent_env` is added to the parent's
-    environment only; `transport` replaces the Unix stand-in's block (indented two spaces)."""
+    environment only; `transport` replaces the Unix stand-in's block and `parent_extra` is added
+    to the `parent:` section (both indented two spaces)."""
 
     def __init__(self, lab: Lab, *, profile_extra: str = "",
                  parent_env: Mapping[str, str] | None = None,
-                 transport: str = UNIX_TRANSPORT) -> None:
+                 transport: str = UNIX_TRANSPORT, parent_extra: str = "") -> None:
         self.lab = lab
         self.name = f"e2e{lab.tag.replace('x', '')}"[:20]
         self.enclave = lab.netns("e")
@@ -91,7 +92,7 @@ class World:
         self.profile = lab.tmp / "profile.yaml"
         self.profile.write_text(PROFILE.format(
             name=self.name, transport=transport.format(sock=lab.tmp / "sock"),
-            key=lab.tmp / "parent.key") + profile_extra)
+            key=lab.tmp / "parent.key", parent_extra=parent_extra) + profile_extra)
         self.parent_env = dict(parent_env or {})
         self.env = {
             **os.environ,
