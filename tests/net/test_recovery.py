@@ -26,7 +26,7 @@ from wgvsock.core.crypto import public_key
 from wgvsock.device.uapi import uapi_get
 
 from .daemonctl import process_gone
-from .netlab import Lab, wait_for
+from .netlab import wait_for
 from .test_roles import World
 
 pytestmark = [pytest.mark.root]
@@ -35,17 +35,6 @@ pytestmark = [pytest.mark.root]
 RECOVERY_BOUND = 10.0
 # From starting a new enclave to its traffic flowing through the parent.
 ENCLAVE_BOUND = 5.0
-
-
-@pytest.fixture
-def world(lab: Lab):
-    w = World(lab)
-    # The enclave's scratch directory (its Unix transport's) stays inside the lab's.
-    w.env["TMPDIR"] = str(lab.tmp)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def parent_pid(world: World) -> int:

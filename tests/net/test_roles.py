@@ -159,6 +159,12 @@ class World:
         out = self.curl(self.internet, "http://198.51.100.1:8443/")
         return out == "hello from the enclave\n"
 
+    def __enter__(self) -> World:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.enclave_proc is not None and self.enclave_proc.poll() is None:
             self.enclave_proc.terminate()
@@ -169,15 +175,6 @@ class World:
         self.parent_cmd("down", check=False)
         self.resolv.unlink(missing_ok=True)
         self.resolv.parent.rmdir()
-
-
-@pytest.fixture
-def world(lab: Lab):
-    w = World(lab)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def test_enclave_reaches_internet_and_internet_reaches_enclave(world: World) -> None:

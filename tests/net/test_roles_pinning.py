@@ -19,7 +19,7 @@ from wgvsock.device.uapi import uapi_get
 from wgvsock.services import firewall
 from wgvsock.services.profile import load_profile
 
-from .netlab import Lab, wait_for
+from .netlab import wait_for
 from .test_roles import WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
@@ -42,15 +42,6 @@ print("ready", flush=True)
 threading.Event().wait()
 """
 REFUSED_TIMEOUT = 6
-
-
-@pytest.fixture
-def world(lab: Lab):
-    w = World(lab)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def write_parent_key(world: World) -> bytes:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .daemonctl import process_gone
-from .netlab import Lab, wait_for
+from .netlab import wait_for
 from .test_recovery import RECOVERY_BOUND, app_pid, parent_pid, recovery_time
 from .test_roles import WGVSOCK, World
 from .unitrun import PROTECTED, Supervisor, env_for, load_unit
@@ -28,16 +28,6 @@ from .unitrun import PROTECTED, Supervisor, env_for, load_unit
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 UNIT = Path(__file__).resolve().parents[2] / "parent" / "wgvsock-parent@.service"
-
-
-@pytest.fixture
-def world(lab: Lab):
-    w = World(lab)
-    w.env["TMPDIR"] = str(lab.tmp)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def test_unit_parses_and_restarts_on_failure_quickly() -> None:
