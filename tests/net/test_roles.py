@@ -300,17 +300,25 @@ def test_a_flushed_ruleset_is_put_back(world: World) -> None:
 # profile's table was deleted. It subscribes to nftables events first and proves it is
 # listening (it sees its own probe table come and go) before it says "ready".
 _WATCH_TABLE_DELETE = r"""
-import os, subprocess, sys
+import os, queue, subprocess, sys, threading
 table = sys.argv[1]
 mon = subprocess.Popen(["nft", "monitor", "tables"], stdout=subprocess.PIPE, text=True)
-while True:
+lines: queue.Queue = queue.Queue()
+threading.Thread(target=lambda: [lines.put(x) for x in mon.stdout], daemon=True).start()
+# nft monitor subscribes some time after it starts: probe until an event comes back, since
+# a probe made before the subscription is never reported.
+ready = False
+while not ready:
     subprocess.run(["nft", "add table inet wgvsock_watch_probe"], check=True)
     subprocess.run(["nft", "delete table inet wgvsock_watch_probe"], check=True)
-    line = mon.stdout.readline()
-    if "wgvsock_watch_probe" in line:
-        break
+    try:
+        while not ready:
+            ready = "wgvsock_watch_probe" in lines.get(timeout=0.2)
+    except queue.Empty:
+        pass
 print("ready", flush=True)
-for line in mon.stdout:
+while True:
+    line = lines.get()
     if line.startswith(f"delete table inet {table}"):
         print("wg0 present" if os.path.exists("/sys/class/net/wg0") else "wg0 gone", flush=True)
         break
