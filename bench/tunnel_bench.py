@@ -20,12 +20,14 @@ seed at the same MTU, and for UDP against wireguard-go), not the absolute number
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -177,8 +179,9 @@ def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: 
     return t
 
 
-def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float) -> None:
-    """One round: ping, then iperf3 a->b and b->a."""
+def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float,
+            profile: Path | None = None) -> None:
+    """One round: ping, then iperf3 a->b and b->a (under py-spy when `profile` is a folder)."""
     r = t.result
     if r.error:
         return
@@ -190,11 +193,40 @@ def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float) -
         else:
             r.ping_avg_ms.append(ping["avg"])
         port = IPERF_PORT + 2 * index
-        r.mbps_a_to_b.append(iperf(a, b, t.tun_b, port, seconds, reverse=False))
-        r.mbps_b_to_a.append(iperf(a, b, t.tun_b, port + 1, seconds, reverse=True))
+        with _profiled(t, profile, "a2b", seconds):
+            r.mbps_a_to_b.append(iperf(a, b, t.tun_b, port, seconds, reverse=False))
+        with _profiled(t, profile, "b2a", seconds):
+            r.mbps_b_to_a.append(iperf(a, b, t.tun_b, port + 1, seconds, reverse=True))
     except (LabError, subprocess.TimeoutExpired) as e:
         # One failed run (the machine is shared) leaves a round out, not the whole row.
         r.notes.append(f"a round failed: {e}")
+
+
+@contextlib.contextmanager
+def _profiled(t: Tunnel, folder: Path | None, direction: str, seconds: float) -> Iterator[None]:
+    """py-spy samples each of our daemons of `t` while the body runs: raw stacks (with
+    thread names, idle included) go to <folder>/<case>-<mtu>-<direction>-<side>.txt."""
+    ours = [(side, pid) for side, impl, pid in (("a", t.case.impl_a, t.pids[t.if_a]),
+                                                  ("b", t.case.impl_b, t.pids[t.if_b]))
+            if impl == "ours" and pid]
+    if folder is None or not ours:
+        yield
+        return
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    procs = [subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-d", f"{max(1, int(seconds))}", "-r", "250", "-f",
+         "raw", "-t", "-i", "--nonblocking", "-o",
+         str(folder / f"{t.case.key}-{t.result.mtu}-{direction}-{side}.txt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for side, pid in ours]
+    try:
+        yield
+    finally:
+        for p in procs:
+            try:
+                p.wait(seconds + 15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def tear_down(lab: Lab, a: Namespace, b: Namespace, t: Tunnel) -> None:
@@ -282,6 +314,10 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run our cases with the wgvsock package from this checkout "
                          "(PYTHONPATH), interleaved with the rest: before/after in one run")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="record each of our daemons with py-spy (pip install -e '.[bench]') "
+                         "during the last round's iperf3 runs; raw stacks go to DIR, and "
+                         "bench/spy_top.py sums them")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("tunnel_bench: needs root (network namespaces, TUN)", file=sys.stderr)
@@ -297,6 +333,13 @@ def main() -> int:
                           env=(*c.env, ("PYTHONPATH", base)))
                   for c in cases if "ours" in (c.impl_a, c.impl_b) and c.network != "unix"]
     mtus = args.mtu or list(MTUS)
+    profile = Path(args.profile) if args.profile else None
+    if profile is not None:
+        if not Path(sys.executable).with_name("py-spy").exists():
+            print("tunnel_bench: --profile needs py-spy: pip install -e '.[bench]'",
+                  file=sys.stderr)
+            return 2
+        profile.mkdir(parents=True, exist_ok=True)
 
     results: list[Result] = []
     tag = f"{os.getpid() % 100000}"
@@ -318,7 +361,8 @@ def main() -> int:
                         for i, t in enumerate(tunnels):
                             print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
                                   flush=True)
-                            measure(a, b, t, i, args.seconds)
+                            last = n == args.rounds - 1
+                            measure(a, b, t, i, args.seconds, profile if last else None)
                 finally:
                     for t in tunnels:
                         tear_down(lab, a, b, t)

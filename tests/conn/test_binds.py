@@ -17,15 +17,22 @@ import struct
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from wgvsock.conn import Bind, TransportUnavailable, make_bind
-from wgvsock.conn.caps import CAP_SUPER, HELLO_MAGIC, encode_hello, parse_hello
+from wgvsock.conn.caps import (
+    CAP_SUPER,
+    CAP_UNCHECKED_TRANSPORT,
+    HELLO_MAGIC,
+    encode_hello,
+    parse_hello,
+)
 from wgvsock.conn.dgram import DatagramBind
 from wgvsock.conn.endpoint import Endpoint, format_endpoint
-from wgvsock.conn.framing import encode_frame
+from wgvsock.conn.framing import HEADER_SIZE, encode_frame
 from wgvsock.conn.stream import StreamBind, redial_backoff
 
 TIMEOUT = 3.0
@@ -650,3 +657,39 @@ def test_hello_like_frames_that_are_not_hellos_are_delivered(binds: list[Bind]) 
     a.send(odd, b_ep)
     data, from_a = b_in.get()
     assert data == odd and b.peer_caps(from_a) == (0, 0)
+
+
+@pytest.mark.parametrize("flags", [0, CAP_UNCHECKED_TRANSPORT])
+def test_transport_frames_carry_crc_0_only_to_a_peer_that_said_so(
+    binds: list[Bind], flags: int
+) -> None:
+    """A raw peer on TCP: with CAP_UNCHECKED_TRANSPORT in its hello our transport messages
+    come with CRC 0; without (the Go seed sends no hello) every frame has its CRC."""
+    b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    b.hello = encode_hello(CAP_UNCHECKED_TRANSPORT, 0)
+    with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as s:
+        if flags:
+            s.sendall(encode_frame(encode_hello(flags, 0)))
+        first = b"\x01\x00\x00\x00" + bytes(144)
+        s.sendall(encode_frame(first))
+        data, src = b_in.get()
+        assert data == first
+        transport = b"\x04\x00\x00\x00" + random.Random(1).randbytes(60)
+        b.send(transport, src)
+        b.send_batch([transport, transport], src)
+        got = b""
+        want = (HEADER_SIZE + 32) * bool(flags) + 3 * (HEADER_SIZE + len(transport))
+        while len(got) < want:
+            chunk = s.recv(65536)
+            assert chunk
+            got += chunk
+    frames = []
+    while got:
+        n, crc = struct.unpack_from("<HI", got)
+        frames.append((crc, got[HEADER_SIZE:HEADER_SIZE + n]))
+        got = got[HEADER_SIZE + n:]
+    if flags:
+        hello = frames.pop(0)
+        assert parse_hello(hello[1]) == (CAP_UNCHECKED_TRANSPORT, 0)
+    want_crc = 0 if flags else zlib.crc32(transport)
+    assert frames == [(want_crc, transport)] * 3

@@ -18,6 +18,7 @@ from wgvsock.conn.framing import (
     FrameDecoder,
     FramingError,
     encode_frame,
+    frame_header,
 )
 
 
@@ -120,3 +121,34 @@ def test_decoder_limits_are_checked() -> None:
         FrameDecoder(max_payload=MAX_PAYLOAD + 1)
     with pytest.raises(ValueError):
         FrameDecoder(max_payload=10, min_payload=20)
+
+
+def _transport(n: int, seed: int = 0) -> bytes:
+    return b"\x04\x00\x00\x00" + payload(n - 4, seed)
+
+
+def test_transport_frames_are_trusted_to_their_aead_tag() -> None:
+    """A transport message's CRC is not checked (the engine's AEAD check catches any
+    corruption); a peer that knows it sends CRC 0 and spares a pass over the bytes."""
+    msgs = [_transport(100, 1), _transport(60000, 2)]
+    zero = b"".join(struct.pack("<HI", len(m), 0) + m for m in msgs)
+    assert FrameDecoder().feed(zero) == msgs
+    wrong = bytearray(encode_frame(msgs[0]))
+    wrong[2] ^= 0x55
+    assert FrameDecoder().feed(bytes(wrong)) == [msgs[0]]
+
+
+@pytest.mark.parametrize("head", [b"\x04\x00\x00\x01", b"\x05\x00\x00\x00", b"\x01\x00\x00\x00"])
+def test_other_frames_are_crc_checked_even_near_type_4(head: bytes) -> None:
+    """Only an exact type-4 header skips the check, so a stream that lost its frame boundary
+    still fails on its next CRC."""
+    frame = struct.pack("<HI", 64, 0) + head + payload(60)
+    with pytest.raises(FramingError, match="bad CRC"):
+        FrameDecoder().feed(frame)
+
+
+def test_frame_header_leaves_out_the_crc_only_for_transport_messages_when_asked() -> None:
+    t, h = _transport(200), b"\x01\x00\x00\x00" + payload(144)
+    assert frame_header(t, True) == struct.pack("<HI", 200, 0)
+    assert frame_header(t) == struct.pack("<HI", 200, zlib.crc32(t))
+    assert frame_header(h, True) == struct.pack("<HI", 148, zlib.crc32(h))

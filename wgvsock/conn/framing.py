@@ -6,6 +6,13 @@
 
 There is no hello and no version byte, so the first bytes on a connection are already a frame.
 
+The CRC of a WireGuard transport message (type 4) is not checked here: its AEAD tag already
+authenticates every byte that matters (a changed counter is a changed nonce, a changed receiver
+index finds no key), so a corrupt one is dropped by the engine all the same, and the check
+would cost a pass over every byte. Its first four bytes must still read exactly type 4, which
+keeps a desynchronised stream from going unnoticed: anything else is CRC-checked. A peer that
+knows this (caps.CAP_UNCHECKED_TRANSPORT) may send such frames with CRC 0.
+
 Limits: a payload shorter than MIN_PAYLOAD (32 bytes, a keepalive, the smallest WireGuard
 message) cannot be a WireGuard message, and a length of 0 would let a peer spin us with empty
 frames. MAX_PAYLOAD is the u16 cap, which is also wireguard-go's MaxMessageSize (65535), so a
@@ -31,6 +38,8 @@ __all__ = [
 ]
 
 _HEADER = struct.Struct("<HI")
+_TYPE = struct.Struct("<I")
+_TRANSPORT = 4
 HEADER_SIZE = _HEADER.size  # 6
 MIN_PAYLOAD = 32
 MAX_PAYLOAD = 0xFFFF
@@ -55,11 +64,15 @@ def encode_frame(payload: BytesLike) -> bytes:
     return frame_header(payload) + payload
 
 
-def frame_header(payload: BytesLike) -> bytes:
-    """The 6-byte header of the frame for ``payload`` (to send with it as an iovec)."""
+def frame_header(payload: BytesLike, unchecked_transport: bool = False) -> bytes:
+    """The 6-byte header of the frame for ``payload`` (to send with it as an iovec). With
+    ``unchecked_transport`` (the peer's hello said CAP_UNCHECKED_TRANSPORT) a transport
+    message gets CRC 0."""
     n = len(payload)
     if n < MIN_PAYLOAD or n > MAX_PAYLOAD:
         raise ValueError(f"payload of {n} bytes cannot be framed ({MIN_PAYLOAD}-{MAX_PAYLOAD})")
+    if unchecked_transport and _TYPE.unpack_from(payload)[0] == _TRANSPORT:
+        return _HEADER.pack(n, 0)
     return _HEADER.pack(n, zlib.crc32(payload))
 
 
@@ -111,7 +124,9 @@ class FrameDecoder:
                 if end > total:
                     break
                 with mv[pos + HEADER_SIZE : end] as payload:
-                    if zlib.crc32(payload) != crc:
+                    if _TYPE.unpack_from(mv, pos + HEADER_SIZE)[0] != _TRANSPORT and (
+                        zlib.crc32(payload) != crc
+                    ):
                         self._error = FramingError("bad CRC")
                         raise self._error
                     frames.append(payload.tobytes())

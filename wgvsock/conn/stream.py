@@ -44,7 +44,7 @@ from .bind import (
     set_send_timeout,
     unavailable,
 )
-from .caps import HELLO_MAGIC, parse_hello
+from .caps import CAP_UNCHECKED_TRANSPORT, HELLO_MAGIC, parse_hello
 from .endpoint import VMADDR_CID_ANY, VMADDR_PORT_ANY, Endpoint, display_endpoint
 from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame, frame_header
 
@@ -302,36 +302,46 @@ class StreamBind(SocketBind):
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, data: bytes, ep: Endpoint) -> None:
+        conn = self._conns.get(ep)
+        if conn is None:
+            self.send_batch([data], ep)
+            return
         try:
-            frame = encode_frame(data)
+            header = frame_header(data, conn.caps[0] & CAP_UNCHECKED_TRANSPORT != 0)
         except ValueError as exc:
             self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
             return
-        conn = self._conns.get(ep)
-        if conn is not None and conn.send(frame):
-            return
-        self._send_slow(frame, ep)
+        if not conn.send_iov([header, data]):
+            self._send_slow(encode_frame(data), ep)
 
     def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
         """Several messages in one sendmsg(): frame headers and payloads as an iovec."""
         conn = self._conns.get(ep)
-        if conn is None or len(messages) == 1:
+        if conn is None:
             for data in messages:
-                self.send(data, ep)
+                try:
+                    frame = encode_frame(data)
+                except ValueError as exc:
+                    self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network,
+                                   exc)
+                    continue
+                self._send_slow(frame, ep)
             return
+        unchecked = conn.caps[0] & CAP_UNCHECKED_TRANSPORT != 0
         bufs: list[bytes] = []
         for data in messages:
             try:
-                bufs.append(frame_header(data))
+                bufs.append(frame_header(data, unchecked))
             except ValueError as exc:
                 self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
                 continue
             bufs.append(data)
         if bufs and not conn.send_iov(bufs):
-            # The connection failed (and is closing): what it did not take goes the slow way;
-            # a message sent twice is dropped by the peer's replay check.
-            for i in range(0, len(bufs), 2):
-                self._send_slow(bufs[i] + bufs[i + 1], ep)
+            # The connection failed (and is closing): what it did not take goes the slow way,
+            # to a connection whose peer may check every CRC; a message sent twice is dropped
+            # by the peer's replay check.
+            for i in range(1, len(bufs), 2):
+                self._send_slow(encode_frame(bufs[i]), ep)
 
     def _send_slow(self, frame: bytes, ep: Endpoint) -> None:
         if self._closed.is_set():

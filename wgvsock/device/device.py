@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..conn.bind import Bind
-from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, encode_hello
+from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
 from ..conn.endpoint import Endpoint, display_endpoint
 from ..conn.framing import MAX_STREAM_MTU
 from ..core.engine import DROP, SEND, TUNNEL, Action, Engine
@@ -130,10 +130,14 @@ class Device:
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
             self.bind.receive_batch = self._on_receive_batch
             self.bind.authenticated = self._authenticated
-            if self.tun.vnet and self.bind.stream:
-                # Tells each stream peer that we take super-packets and partial checksums:
-                # our TUN hands both to the kernel to finish (Tun.write).
-                self.bind.hello = encode_hello(CAP_SUPER | CAP_PARTIAL_CSUM, GSO_MAX_SIZE)
+            if self.bind.stream:
+                # Tells each stream peer what it may send us: transport frames without a CRC
+                # always; with offload, also super-packets and partial checksums, which our
+                # TUN hands to the kernel to finish (Tun.write).
+                flags = CAP_UNCHECKED_TRANSPORT
+                if self.tun.vnet:
+                    flags |= CAP_SUPER | CAP_PARTIAL_CSUM
+                self.bind.hello = encode_hello(flags, GSO_MAX_SIZE if self.tun.vnet else 0)
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
