@@ -255,3 +255,11 @@ def test_gso_max_size_goes_to_the_interface(netns: str) -> None:
             in_netns(netns, lambda: dev.set_gso_max_size(1 << 31))
     finally:
         dev.close()
+
+
+def test_txqueuelen_is_read_and_set(tun_in_ns: tuple[str, Tun]) -> None:
+    ns, dev = tun_in_ns
+    dev.set_txqueuelen(1234)
+    assert dev.txqueuelen() == 1234
+    [link] = json.loads(_ip("-n", ns, "-j", "link", "show", "dev", dev.name).stdout)
+    assert link["txqlen"] == 1234

@@ -4,12 +4,15 @@ changes made with `ip link` while it runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 
 import pytest
+
+from wgvsock.device.device import TUN_QUEUE_LEN
 
 from .daemonctl import link_exists, only_pid, process_gone, sock_path
 from .netlab import DAEMON, Lab, Namespace, connect_pair, ping, wait_for
@@ -160,6 +163,17 @@ def test_stale_socket_from_a_killed_daemon_is_replaced(lab: Lab) -> None:
     assert os.path.exists(sock_path(ifname))
     lab.start_daemon(ns, ifname, "unix")
     assert f"interface: {ifname}" in ns.wg("show", ifname).stdout
+
+
+@pytest.mark.parametrize("offload", ["1", "0"])
+def test_tun_queue_takes_a_burst(lab: Lab, offload: str) -> None:
+    """The kernel queues up to 1000 packets for our reads, not TUN's 500: with offload off one
+    GSO send of the kernel's TCP arrives as 45 packets, and drops there cut TCP's rate."""
+    ns = lab.netns("a")
+    ifname = lab.ifname("a")
+    lab.start_daemon(ns, ifname, "unix", WGVSOCK_OFFLOAD=offload)
+    [link] = json.loads(ns.ip("-j", "link", "show", "dev", ifname).stdout)
+    assert link["txqlen"] == TUN_QUEUE_LEN == 1000
 
 
 def test_mtu_change_is_respected(lab: Lab) -> None:

@@ -40,6 +40,11 @@ _WATCH_EVERY = 0.5
 # processes handshakes from a 1024-deep queue and is under load at 1/8 of that.
 _LOAD_WINDOW = 0.1
 _LOAD_CAPACITY = 1024
+# Packets the kernel may queue on the TUN for our reads. Its default, 500, overflowed when one
+# GSO send of the kernel's TCP arrived as 45 MTU-sized packets (offload off) faster than we
+# read them, and TCP took every drop as congestion: 1000-4000 retransmits per 4 s iperf3 run
+# at MTU 1420, none at 1000.
+TUN_QUEUE_LEN = 1000
 # Most TUN packets, and bytes, taken per wake-up of the TUN reader (what is already queued, no
 # waiting). The byte cap keeps the engine lock short for the receiving thread: a batch of 64
 # super-packets held it for milliseconds and cost a third of the throughput at MTU 65000.
@@ -127,6 +132,7 @@ class Device:
             self.tun = self._create_tun()
             self.ifname = self.tun.name
             self.tun.set_mtu(self._initial_mtu)
+            self.tun.set_txqueuelen(TUN_QUEUE_LEN)
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
             self.bind.receive_batch = self._on_receive_batch
             self.bind.authenticated = self._authenticated

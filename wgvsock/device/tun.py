@@ -51,6 +51,8 @@ _SIOCSIFFLAGS = 0x8914
 _SIOCGIFMTU = 0x8921
 _SIOCSIFMTU = 0x8922
 _SIOCGIFINDEX = 0x8933
+_SIOCGIFTXQLEN = 0x8942
+_SIOCSIFTXQLEN = 0x8943
 _IFF_UP = 0x1
 # rtnetlink (<linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>).
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -467,6 +469,14 @@ class Tun:
 
     def set_mtu(self, n: int) -> None:
         self._ifreq(_IFREQ_INT, _SIOCSIFMTU, n)
+
+    def txqueuelen(self) -> int:
+        return self._ifreq(_IFREQ_INT, _SIOCGIFTXQLEN)
+
+    def set_txqueuelen(self, n: int) -> None:
+        """Sizes the ring of packets the kernel queues for our reads (TUN drops, never
+        queues, when it is full)."""
+        self._ifreq(_IFREQ_INT, _SIOCSIFTXQLEN, n)
 
     def set_gso_max_size(self, size: int) -> None:
         """Caps the kernel's super-packets for this interface (IFLA_GSO_MAX_SIZE), with one
