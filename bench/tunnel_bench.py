@@ -215,7 +215,7 @@ def _profiled(t: Tunnel, folder: Path | None, direction: str, seconds: float) ->
     spy = str(Path(sys.executable).with_name("py-spy"))
     procs = [subprocess.Popen(
         [spy, "record", "-p", str(pid), "-d", f"{max(1, int(seconds))}", "-r", "250", "-f",
-         "raw", "-t", "-i", "--nonblocking", "-o",
+         "raw", "-t", "--nonblocking", "-o",
          str(folder / f"{t.case.key}-{t.result.mtu}-{direction}-{side}.txt")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for side, pid in ours]
     try:

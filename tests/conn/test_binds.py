@@ -693,3 +693,24 @@ def test_transport_frames_carry_crc_0_only_to_a_peer_that_said_so(
         assert parse_hello(hello[1]) == (CAP_UNCHECKED_TRANSPORT, 0)
     want_crc = 0 if flags else zlib.crc32(transport)
     assert frames == [(want_crc, transport)] * 3
+
+
+def test_capability_changes_are_reported_as_hellos_come_and_connections_go(
+    binds: list[Bind],
+) -> None:
+    """The device switches TUN offload on what any_peer_has says; caps_changed tells it when
+    to look again: on each hello, and when a connection that had one closes."""
+    a, b = StreamBind("tcp4"), StreamBind("tcp4")
+    calls: queue.Queue[bool] = queue.Queue()
+    a.hello = b.hello = encode_hello(CAP_SUPER | CAP_UNCHECKED_TRANSPORT, 65000)
+    a.caps_changed = lambda: calls.put(a.any_peer_has(CAP_SUPER))
+    a, a_in, _ = opened(binds, a)
+    b, b_in, b_port = opened(binds, b)
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    assert not a.any_peer_has(CAP_SUPER)
+    exchange(a, a_in, b, b_in, b_ep)
+    assert calls.get(timeout=TIMEOUT) is True
+    assert a.any_peer_has(CAP_SUPER | CAP_UNCHECKED_TRANSPORT) and not a.any_peer_has(0x80)
+    b.close()
+    assert calls.get(timeout=TIMEOUT) is False
+    assert not a.any_peer_has(CAP_SUPER)

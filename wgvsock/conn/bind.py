@@ -76,6 +76,9 @@ class Bind(ABC):
     # Set by the owner before open(): a stream transport sends this payload (caps.encode_hello)
     # as the first frame on every connection; None sends nothing.
     hello: bytes | None = None
+    # Set by the owner before open(): called (from a reader thread) when a connection's peer
+    # capabilities change: a hello arrived, or a connection that had one closed.
+    caps_changed: Callable[[], None] | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:
@@ -95,6 +98,11 @@ class Bind(ABC):
         """(flags, max_packet) from the hello the peer behind `ep` sent on its current
         connection; (0, 0) when it sent none or there is no connection."""
         return _NO_CAPS
+
+    def any_peer_has(self, flags: int) -> bool:
+        """Whether some current connection's peer said (in its hello) it takes all of
+        `flags`."""
+        return False
 
     @abstractmethod
     def close(self) -> None:

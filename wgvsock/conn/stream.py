@@ -385,6 +385,9 @@ class StreamBind(SocketBind):
         conn = self._conns.get(ep)
         return _NO_CAPS if conn is None else conn.caps
 
+    def any_peer_has(self, flags: int) -> bool:
+        return any(c.caps[0] & flags == flags for c in list(self._conns.values()))
+
     # -- connections -------------------------------------------------------------------------
 
     def _configure(self, sock: socket.socket) -> None:
@@ -556,9 +559,20 @@ class StreamBind(SocketBind):
                 conn.caps = caps
                 if first and not conn.outbound and self.hello is not None:
                     conn.send(encode_frame(self.hello))
+                self._notify_caps()
             else:
                 rest.append(frame)
         return rest
+
+    def _notify_caps(self) -> None:
+        changed = self.caps_changed
+        if changed is None:
+            return
+        try:
+            changed()
+        except Exception:
+            self._misc_log(logging.ERROR, "%s: capability callback failed", self.network)
+            log.debug("capability callback failure", exc_info=True)
 
     def _conn_gone(self, conn: _Conn, reason: str) -> None:
         conn.shutdown(reason)
@@ -569,6 +583,8 @@ class StreamBind(SocketBind):
             conn.sock.close()
         if conn.reason.startswith("send"):
             self._send_failures += 1
+        if conn.caps is not _NO_CAPS:
+            self._notify_caps()
         if not self._closed.is_set():
             level = logging.WARNING if conn.reason.startswith("framing") else logging.INFO
             log.log(level, "%s: %s connection %s closed: %s", self.network,
@@ -644,6 +660,10 @@ class StreamBind(SocketBind):
                 if self._flush_and_register(d, conn):
                     d.state = "connected"
                     log.info("%s: connected to %s", self.network, name)
+                    if conn.caps is not _NO_CAPS:
+                        # The peer's hello beat the registration: its notice found no
+                        # connection with it, so tell again now that there is one.
+                        self._notify_caps()
                 conn.done.wait()
                 d.conn = None
                 if self._closed.is_set():
