@@ -110,7 +110,10 @@ class Engine:
         # once, so later wall-clock jumps cannot make our timestamps go backwards.
         self.wall_offset = wall_offset
         self._rng = rng
-        self._jitter = random_jitter(rand or random.SystemRandom().random)
+        # The jitter only desynchronises retries and need not be secret, as wireguard-go's
+        # fastrandn: a seeded PRNG, where SystemRandom made a getrandom() call per data packet
+        # that armed the new-handshake timer (each ping, say).
+        self._jitter = random_jitter(rand or random.Random(os.urandom(16)).random)  # noqa: S311
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         # receiver index -> (peer, keypair), keypair None while it names a pending handshake
