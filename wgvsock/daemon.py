@@ -49,7 +49,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             "LOG_LEVEL=debug|verbose|error|silent, "
             f"{ENV_LOG_FILE} (where a background daemon logs), "
             "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock), "
-            f"{ENV_OFFLOAD}=0 (no TCP segmentation offload on the TUN)."
+            f"{ENV_OFFLOAD}=0 (no TCP super-packets: MTU-sized packets both ways, as from "
+            "wireguard-go-vsock)."
         ),
     )
     p.add_argument("-f", "--foreground", action="store_true", help="do not fork to the background")

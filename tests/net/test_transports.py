@@ -66,3 +66,20 @@ def test_udp_jumbo_tunnel_over_a_1500_byte_underlay(lab: Lab, offload: str) -> N
         result = _iperf(lab, a, b, "10.99.0.2", *args, port=port)
         assert result["end"]["sum_sent"]["bytes"] >= 20 * 1024 * 1024, args
         assert result["end"]["sum_received"]["bits_per_second"] > 1e6, args
+
+
+def test_a_peer_with_offload_off_gets_mtu_sized_packets(lab: Lab) -> None:
+    """WGVSOCK_OFFLOAD=0 on one side: its hello offers no super-packets, so the other side's
+    TUN stops handing it any and both run MTU-sized packets, bulk both ways."""
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    lab.veth(a, "192.168.77.1/24", b, "192.168.77.2/24")
+    lab.start_daemon(a, ia, "tcp")
+    lab.start_daemon(b, ib, "tcp", WGVSOCK_OFFLOAD="0")
+    connect_pair(lab, a, ia, "192.168.77.2:7002", b, ib, None, a_port=7001, b_port=7002)
+    ping(a, "10.99.0.2")
+    for port, args in ((5301, ("-n", "20M")), (5302, ("-n", "20M", "-R"))):
+        result = _iperf(lab, a, b, "10.99.0.2", *args, port=port)
+        assert result["end"]["sum_sent"]["bytes"] >= 20 * 1024 * 1024, args
+    for ifname in (ia, ib):
+        assert lab.uapi(ifname)["extra"]["wgvsock_tun_offload"] == "off", ifname

@@ -143,9 +143,10 @@ class Device:
                 # always; with offload, also super-packets and partial checksums, which our
                 # TUN hands to the kernel to finish (Tun.write).
                 flags = CAP_UNCHECKED_TRANSPORT
-                if self.tun.vnet:
+                super_packets = self.offload and self.tun.vnet
+                if super_packets:
                     flags |= CAP_SUPER | CAP_PARTIAL_CSUM
-                self.bind.hello = encode_hello(flags, GSO_MAX_SIZE if self.tun.vnet else 0)
+                self.bind.hello = encode_hello(flags, GSO_MAX_SIZE if super_packets else 0)
             self.port = self.bind.open(0, self._on_receive)
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self.uapi.on_socket_removed(lambda: self.stop("UAPI socket was removed"))
@@ -164,13 +165,12 @@ class Device:
 
     def _create_tun(self) -> Tun:
         # With a virtio-net header our TUN writes can merge runs of TCP into super-packets
-        # (Tun.write_batch) whatever the peer. Reads give super-packets and partial checksums
-        # only while a peer takes them (_caps_changed): one read then returns up to 64 KiB of
-        # TCP that goes out as one message. For any other peer the kernel cuts and checksums
-        # in C before we read, which costs a fraction of doing it in Python (split_tso took
-        # 260 us per 64 KiB at MTU 1420, a Python checksum 126 us per 64 KiB).
-        if not self.offload:
-            return Tun.create(self.ifname)
+        # (Tun.write_batch) whatever the peer, as wireguard-go's do. Reads give super-packets
+        # and partial checksums only while a peer takes them (_caps_changed; never with
+        # offload off): one read then returns up to 64 KiB of TCP that goes out as one
+        # message. For any other peer the kernel cuts and checksums in C before we read, which
+        # costs a fraction of doing it in Python (split_tso took 260 us per 64 KiB at MTU 1420,
+        # a Python checksum 126 us per 64 KiB).
         tun = Tun.create(self.ifname, offload=True)
         try:
             tun.set_gso_max_size(GSO_MAX_SIZE)
@@ -185,7 +185,7 @@ class Device:
         """A stream peer's capabilities came or went: TUN reads give super-packets and partial
         checksums while some connected peer takes both."""
         tun = self.tun
-        if tun is None or not tun.vnet:
+        if tun is None or not tun.vnet or not self.offload:
             return
         with self._offload_lock:
             want = self.bind.any_peer_has(CAP_SUPER | CAP_PARTIAL_CSUM)
