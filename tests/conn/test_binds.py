@@ -181,6 +181,30 @@ def test_udp_pair(binds: list[Bind], host: str) -> None:
     assert b.status()["send_errors"] == 0
 
 
+def test_datagrams_queued_meanwhile_come_as_one_batch_in_order(binds: list[Bind]) -> None:
+    """A reader takes what queued while it was busy in one go (never waiting for more) and
+    hands consecutive messages of one source over together, so the device can merge their
+    packets into few TUN writes, also when GRO does not (IP-reassembled datagrams)."""
+    b = DatagramBind("udp")
+    batches: queue.Queue[list[bytes]] = queue.Queue()
+    busy = threading.Event()
+
+    def one(data: bytes, ep: Endpoint) -> None:
+        batches.put([data])
+        busy.wait(TIMEOUT)  # hold the reader while more arrive
+
+    b.receive_batch = lambda messages, ep: batches.put(list(messages))
+    binds.append(b)
+    port = b.open(0, one)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(msg(0), ("127.0.0.1", port))
+        assert batches.get(timeout=TIMEOUT) == [msg(0)]
+        for i in range(1, 11):
+            s.sendto(msg(i), ("127.0.0.1", port))
+        busy.set()
+        assert batches.get(timeout=TIMEOUT) == [msg(i) for i in range(1, 11)]
+
+
 def test_dgram_send_to_nobody_does_not_raise(binds: list[Bind], unix_dir: str) -> None:
     a, _a_in, _ = opened(binds, DatagramBind("unix", unix_dir=unix_dir))
     a.send(msg(1), a.parse_endpoint("127.0.0.1:9"))  # no such socket file

@@ -43,6 +43,8 @@ _UDP_MAX_SEGMENTS = 64
 # One GSO send must fit an IP packet: 65535 minus the IPv6/UDP headers, rounded down.
 _GSO_MAX_BYTES = 65000
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+# Most messages taken per wake-up of a reader (what is queued already, never waited for).
+_DRAIN = 64
 _NO_LIMIT = 1 << 16
 
 
@@ -268,15 +270,15 @@ class DatagramBind(SocketBind):
 
     def _read_loop(self, sock: socket.socket, gro: bool = False) -> None:
         """One datagram per receive, or with UDP_GRO several of the size the control message
-        gives (the last may be shorter), handed over as one batch where the owner takes it."""
-        receive, closed, cache = self._receive, self._closed, self._ep_cache
-        assert receive is not None
+        gives (the last may be shorter). After each wake-up, what else is queued already is
+        taken too (never waited for, at most _DRAIN messages), and consecutive messages from
+        one source go to the owner as one batch: its TUN writes can then merge runs of TCP,
+        which GRO never does for datagrams that IP reassembled from fragments (a tunnel MTU
+        above the path MTU)."""
+        closed = self._closed
         while True:
             try:
-                if gro:
-                    data, ancdata, _flags, addr = sock.recvmsg(MAX_PAYLOAD, _GRO_CMSG_SPACE)
-                else:
-                    data, addr = sock.recvfrom(MAX_PAYLOAD)
+                batch, src = self._receive_one(sock, gro, 0)
             except OSError as exc:
                 if closed.is_set() or exc.errno in (errno.EBADF, errno.ENOTSOCK):
                     break
@@ -284,23 +286,48 @@ class DatagramBind(SocketBind):
                 continue
             if closed.is_set():
                 break
-            if not data:
+            if not batch:
                 continue
-            ep = cache.get(addr) or self._remember(addr)
-            size = _gro_size(ancdata) if gro else 0
-            try:
-                if 0 < size < len(data):
-                    messages = [data[at : at + size] for at in range(0, len(data), size)]
-                    if self.receive_batch is not None:
-                        self.receive_batch(messages, ep)
-                    else:
-                        for message in messages:
-                            receive(message, ep)
+            while len(batch) < _DRAIN:
+                try:
+                    more, ep = self._receive_one(sock, gro, socket.MSG_DONTWAIT)
+                except OSError:
+                    break  # EAGAIN: all taken; another error comes back on the next receive
+                if not more:
+                    break
+                if ep is not src:
+                    self._deliver(batch, src)
+                    batch, src = more, ep
                 else:
-                    receive(data, ep)
-            except Exception:
-                self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
-                log.debug("receive callback failure", exc_info=True)
+                    batch += more
+            self._deliver(batch, src)
+
+    def _receive_one(self, sock: socket.socket, gro: bool, flags: int) -> tuple[list[bytes], Any]:
+        if gro:
+            data, ancdata, _flags, addr = sock.recvmsg(MAX_PAYLOAD, _GRO_CMSG_SPACE, flags)
+            size = _gro_size(ancdata)
+        else:
+            data, addr = sock.recvfrom(MAX_PAYLOAD, flags)
+            size = 0
+        if not data:  # an empty datagram, or the socket shut down by close()
+            return [], None
+        ep = self._ep_cache.get(addr) or self._remember(addr)
+        if 0 < size < len(data):
+            return [data[at : at + size] for at in range(0, len(data), size)], ep
+        return [data], ep
+
+    def _deliver(self, messages: list[bytes], ep: Any) -> None:
+        receive = self._receive
+        assert receive is not None
+        try:
+            if len(messages) > 1 and self.receive_batch is not None:
+                self.receive_batch(messages, ep)
+            else:
+                for message in messages:
+                    receive(message, ep)
+        except Exception:
+            self._err_log(logging.ERROR, "%s: receive callback failed", self.network)
+            log.debug("receive callback failure", exc_info=True)
 
     def status(self) -> dict[str, Any]:
         return {
