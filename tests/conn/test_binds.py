@@ -19,6 +19,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ from wgvsock.conn.caps import (
     encode_hello,
     parse_hello,
 )
-from wgvsock.conn.dgram import DatagramBind
+from wgvsock.conn.dgram import SOCKET_BUFFER, DatagramBind
 from wgvsock.conn.endpoint import Endpoint, format_endpoint
 from wgvsock.conn.framing import HEADER_SIZE, encode_frame
 from wgvsock.conn.stream import StreamBind, redial_backoff
@@ -745,3 +746,16 @@ def test_capability_changes_are_reported_as_hellos_come_and_connections_go(
     b.close()
     notified(False)
     assert not a.any_peer_has(CAP_SUPER)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_RCVBUFFORCE needs CAP_NET_ADMIN (root)")
+def test_datagram_socket_buffers_go_past_the_sysctl_caps(binds: list[Bind]) -> None:
+    """As wireguard-go: 7 MiB each way, past net.core.rmem_max (212992 by default, about 90
+    full-size messages, which a kernel WireGuard peer's burst overflowed in the guest)."""
+    b, _b_in, _ = opened(binds, DatagramBind("udp"))
+    sock = b._sock
+    assert sock is not None
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    # The kernel reports twice what was set (it counts its own overhead).
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * SOCKET_BUFFER > rmem_max
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * SOCKET_BUFFER

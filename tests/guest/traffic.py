@@ -19,12 +19,18 @@ def peer_counters(ns: Namespace, ifname: str) -> tuple[int, int]:
 def wait_counters_agree(a: Namespace, ia: str, b: Namespace, ib: str) -> None:
     """What each side sent, the other received: exactly, once nothing is in flight."""
 
+    last: list[tuple[int, int]] = []
+
     def agree() -> bool:
-        (arx, atx), (brx, btx) = peer_counters(a, ia), peer_counters(b, ib)
+        last[:] = [peer_counters(a, ia), peer_counters(b, ib)]
+        (arx, atx), (brx, btx) = last
         return arx == btx and atx == brx and arx > 0 and atx > 0
 
     # A keepalive may still be on its way: patience, stretched under the guest's slow CPU.
-    wait_for(agree, 15 * SLOWDOWN, f"equal transfer counters on {ia} and {ib}")
+    try:
+        wait_for(agree, 15 * SLOWDOWN, f"equal transfer counters on {ia} and {ib}")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; last (rx, tx): {ia} {last[0]}, {ib} {last[1]}") from None
 
 
 def copy_through(lab: Lab, src: Namespace, dst: Namespace, addr: str, size: int) -> None:

@@ -29,8 +29,13 @@ __all__ = ["DGRAM_NETWORKS", "DatagramBind"]
 
 DGRAM_NETWORKS = frozenset({"vsock", "udp", "unix"})
 
-# wireguard-go asks for 7 MiB too; the kernel caps it at rmem_max/wmem_max.
+# wireguard-go asks for 7 MiB too, past net.core.rmem_max/wmem_max with the *FORCE options
+# where it may (CAP_NET_ADMIN, which a daemon that makes TUN devices has); else the kernel caps
+# it at those (212992 bytes by default: about 90 full-size messages, which a burst from a
+# kernel WireGuard peer overflowed while our reader handled a batch).
 SOCKET_BUFFER = 7 << 20
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 # Address caches are per peer, not per packet; the cap only guards against address floods.
 _CACHE_MAX = 4096
 # UDP segmentation and receive offload (<linux/udp.h>): one sendmsg() carries many equal-sized
@@ -124,9 +129,13 @@ class DatagramBind(SocketBind):
             except BaseException:
                 sock.close()
                 raise
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        for force, opt in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                           (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         return sock, port
 
     def close(self) -> None:
