@@ -1,7 +1,8 @@
 """Transport endpoints: parsing what users and the UAPI give us, printing what `wg` can read.
 
-An :class:`Endpoint` is a plain, hashable record. The binds use it as a dictionary key for their
-connections, so two endpoints are equal exactly when replies to one may go to the other.
+An :class:`Endpoint` is a plain, hashable record (a named tuple). The binds use it as a
+dictionary key for their connections, so two endpoints are equal exactly when replies to one
+may go to the other.
 
 ``conn_id`` is non-zero only for an inbound stream connection. Such a connection may have no
 usable address (an unnamed Unix socket) or an address that cannot be dialled back (the peer's
@@ -14,7 +15,7 @@ import ipaddress
 import os
 import re
 import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_UNIX_DIR",
@@ -51,8 +52,9 @@ _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _PORT_FILE_RE = re.compile(r"([0-9]{1,5})\.(sock|dgram)")
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+# A named tuple, not a dataclass: every message sent looks its connection up by endpoint, and a
+# tuple hashes in C, where a dataclass calls its generated __hash__ in Python.
+class Endpoint(NamedTuple):
     kind: str  # "vsock" | "inet" | "unix"
     host: str | int  # vsock: CID; inet: IP literal; unix: socket path ("" when unnamed)
     port: int  # unix: the port number when the path is <unix_dir>/<port>.sock|.dgram, else 0
