@@ -299,13 +299,20 @@ class Device:
             read = self._read_for_peer
         else:
             read = lambda: (tun.read(),)  # noqa: E731
+        # After a read found the queue empty, the next step is poll(), not another read: an
+        # EAGAIN costs a system call and an exception, and this loop would pay two per packet
+        # on an idle tunnel.
+        drained = False
         while not self._stopped.is_set():
-            try:
-                packets = read()
-            except BlockingIOError:
+            if drained:
                 ready = poller.poll()
                 if self._stopped.is_set() or any(fd == wake_fd for fd, _ in ready):
                     return
+                drained = False
+            try:
+                packets = read()
+            except BlockingIOError:
+                drained = True
                 continue
             except OSError as e:
                 if self._stopped.is_set():
@@ -315,32 +322,41 @@ class Device:
                     return
                 log.warning("%s: TUN read failed: %s", self.ifname, e)
                 continue
-            # Whatever else the kernel has queued already comes along (never waited for): one
-            # lock and one send then serve many packets. An error here shows up on the next
-            # read above.
-            batch = list(packets)
-            size = sum(map(len, batch))
+            # The packet that woke us goes out at once: asking the kernel first whether more
+            # is queued would put a system call (and, when nothing is, an exception) in front
+            # of every packet of a ping or a request.
+            with lock:
+                now = monotonic()
+                if len(packets) == 1:
+                    actions = engine.encapsulate(packets[0], now)
+                else:
+                    actions = []
+                    for packet in packets:
+                        actions += engine.encapsulate(packet, now)
+            if len(actions) == 1:
+                self._perform(actions)
+            else:
+                self._perform_batch(actions)
+            # Whatever queued meanwhile (never waited for) goes as one batch: one lock and one
+            # send serve many packets. An error other than EAGAIN shows up on the next read.
+            batch: list[bytes | bytearray] = []
+            size = 0
             try:
                 while len(batch) < _READ_BATCH and size < _READ_BYTES:
                     more = read()
                     batch += more
                     size += sum(map(len, more))
+            except BlockingIOError:
+                drained = True
             except OSError:
                 pass
-            if len(batch) == 1:
-                packet = batch[0]
-                if not packet:
-                    continue
-                with lock:
-                    actions = engine.encapsulate(packet, monotonic())
-                self._perform(actions)
+            if not batch:
                 continue
             actions = []
             with lock:
                 now = monotonic()
                 for packet in batch:
-                    if packet:
-                        actions += engine.encapsulate(packet, now)
+                    actions += engine.encapsulate(packet, now)
             self._perform_batch(actions)
 
     def _read_for_peer(self) -> tuple[bytes | bytearray, ...] | list[bytearray]:
