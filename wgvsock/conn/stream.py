@@ -527,8 +527,10 @@ class StreamBind(SocketBind):
                     break
                 if frames:
                     conn.got_frame = True
-                    if any(frame[0] == _HELLO_BYTE for frame in frames):
-                        frames = self._take_hello(conn, frames)
+                    for frame in frames:
+                        if frame[0] == _HELLO_BYTE:
+                            frames = self._take_hello(conn, frames)
+                            break
                     # Many frames from one recv(): the owner decrypts them under one lock and
                     # can merge their packets into few TUN writes.
                     if len(frames) > 1 and (batch := self.receive_batch) is not None:

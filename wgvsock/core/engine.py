@@ -226,11 +226,7 @@ class Engine:
         msg = _HEADER.pack(4, kp.remote_index, counter) + kp.send.encrypt(
             _NONCE_PREFIX + counter.to_bytes(8, "little"), packet, None
         )
-        timers = peer.timers
-        if packet:
-            timers.data_sent(now)
-        timers.any_authenticated_packet_sent()
-        timers.any_authenticated_packet_traversal(now)
+        peer.timers.transport_sent(now, bool(packet))
         if peer.endpoint is None:
             return (DROP, peer, "peer has no endpoint")
         peer.tx_bytes += len(msg)
@@ -338,12 +334,10 @@ class Engine:
         ):
             timers.sent_last_minute_handshake = True
             out += self._initiate(peer, now, retry=False)
-        timers.any_authenticated_packet_traversal(now)
-        timers.any_authenticated_packet_received()
+        timers.transport_received(now, bool(packet))
         peer.rx_bytes += len(data)
         if not packet:
             return out  # keepalive
-        timers.data_received(now)
         length = inner_length(packet)
         if length < 0:
             out.append((DROP, peer, "inner packet is not IPv4 or IPv6"))

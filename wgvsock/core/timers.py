@@ -92,6 +92,30 @@ class Timers:
         if self.persistent_keepalive_interval > 0:
             self.deadlines[PERSISTENT_KEEPALIVE] = now + self.persistent_keepalive_interval
 
+    # The events of one transport message, in one call each: they run for every packet, where
+    # a Python call costs more than the event itself. Each does what its named events do.
+
+    def transport_sent(self, now: float, data: bool) -> None:
+        """data_sent (if it carried data), any_authenticated_packet_sent and _traversal."""
+        deadlines = self.deadlines
+        if data and deadlines[NEW_HANDSHAKE] is None:
+            deadlines[NEW_HANDSHAKE] = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+        deadlines[SEND_KEEPALIVE] = None
+        if self.persistent_keepalive_interval > 0:
+            deadlines[PERSISTENT_KEEPALIVE] = now + self.persistent_keepalive_interval
+
+    def transport_received(self, now: float, data: bool) -> None:
+        """any_authenticated_packet_traversal and _received, data_received (if it had data)."""
+        deadlines = self.deadlines
+        if self.persistent_keepalive_interval > 0:
+            deadlines[PERSISTENT_KEEPALIVE] = now + self.persistent_keepalive_interval
+        deadlines[NEW_HANDSHAKE] = None
+        if data:
+            if deadlines[SEND_KEEPALIVE] is None:
+                deadlines[SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+            else:
+                self.need_another_keepalive = True
+
     def handshake_initiated(self, now: float) -> None:
         self.deadlines[RETRANSMIT_HANDSHAKE] = now + REKEY_TIMEOUT + self._jitter()
 

@@ -290,7 +290,6 @@ class Device:
         poller = select.poll()
         poller.register(tun.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        wake_fd = self._wake_r
         # Datagram transports take a TCP super-packet as MTU-sized packets; stream transports
         # whole where the peer said it takes them.
         if not self.bind.stream:
@@ -305,8 +304,8 @@ class Device:
         drained = False
         while not self._stopped.is_set():
             if drained:
-                ready = poller.poll()
-                if self._stopped.is_set() or any(fd == wake_fd for fd, _ in ready):
+                poller.poll()
+                if self._stopped.is_set():  # close() sets it before it writes the wake pipe
                     return
                 drained = False
             try:
