@@ -34,7 +34,7 @@ from wgvsock.conn.caps import (
 from wgvsock.conn.dgram import SOCKET_BUFFER, DatagramBind
 from wgvsock.conn.endpoint import Endpoint, format_endpoint
 from wgvsock.conn.framing import HEADER_SIZE, encode_frame
-from wgvsock.conn.stream import StreamBind, redial_backoff
+from wgvsock.conn.stream import StreamBind, _Conn, redial_backoff
 
 TIMEOUT = 3.0
 # Fast redials so reconnect tests take milliseconds, not the production half second.
@@ -759,3 +759,30 @@ def test_datagram_socket_buffers_go_past_the_sysctl_caps(binds: list[Bind]) -> N
     # The kernel reports twice what was set (it counts its own overhead).
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * SOCKET_BUFFER > rmem_max
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * SOCKET_BUFFER
+
+
+class _TrickleSocket:
+    """Takes at most `step` bytes per sendmsg(), as a stream socket may when a send times out
+    part way or a signal interrupts it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.calls = 0
+        self.sent = bytearray()
+
+    def sendmsg(self, bufs: list[bytes]) -> int:
+        self.calls += 1
+        data = b"".join(bytes(b) for b in bufs)[: self.step]
+        self.sent += data
+        return len(data)
+
+
+@pytest.mark.parametrize("step", [1, 5, 6, 7, 1000, 10**6])
+def test_a_short_write_is_continued_where_it_stopped(step: int) -> None:
+    bufs = [b"h" * 6, bytes(range(200)), b"H" * 6, b"x" * 1000, b"", b"y" * 3]
+    sock = _TrickleSocket(step)
+    conn = _Conn(sock, Endpoint("inet", "127.0.0.1", 9), outbound=True)  # type: ignore[arg-type]
+    assert conn.send_iov(list(bufs))
+    assert bytes(sock.sent) == b"".join(bufs)
+    total = sum(map(len, bufs))
+    assert sock.calls == -(-total // step)

@@ -129,16 +129,20 @@ class _Conn:
                 return False
             sendmsg = self.sock.sendmsg
             try:
-                while bufs:
-                    n = sendmsg(bufs)
+                n = sendmsg(bufs)
+                if n == sum(map(len, bufs)):
+                    return True
+                while True:
                     i = 0
                     while i < len(bufs) and n >= len(bufs[i]):
                         n -= len(bufs[i])
                         i += 1
                     bufs = bufs[i:]
+                    if not bufs:
+                        return True
                     if n:
                         bufs[0] = memoryview(bufs[0])[n:]
-                return True
+                    n = sendmsg(bufs)
             except OSError as exc:
                 timed_out = isinstance(exc, TimeoutError | BlockingIOError)
                 self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
