@@ -6,9 +6,9 @@ Run as root: .venv/bin/python bench/tunnel_bench.py [--seconds S] [--rounds N] [
 
 Two network namespaces joined by a veth cable (MTU 1500). Per tunnel MTU, a pair of interfaces
 for every case is started at once; then N rounds go round the cases (so each case sees the same
-mix of load from whatever else shares the machine), each round being: ping latency (20 pings,
--i 0.05), then iperf3 with one TCP stream for S seconds a->b and with -R (b->a), each against
-its own one-shot server. The table shows each figure's median
+mix of load from whatever else shares the machine), each round being: ping latency (50 pings
+at -i 0.01, the issue's method), then iperf3 with one TCP stream for S seconds a->b and with -R
+(b->a), each against its own one-shot server. The table shows each figure's median
 over the rounds, and the daemons' VmRSS after the last round. Stream transports run over TCP
 (and Unix stream), the stand-ins for vsock (DESIGN.md §5: never connect AF_VSOCK); the seed
 runs only with `-n tcp`. Everything made is removed at the end, also on Ctrl-C or failure.
@@ -44,8 +44,8 @@ from wgvsock.ui.nslab import (
 )
 
 MTUS = (1420, 8920, 65000)
-PING_COUNT = 20
-PING_INTERVAL = 0.05
+PING_COUNT = 50
+PING_INTERVAL = 0.01
 IPERF_PORT = 5201
 TOOLS = ("ip", "wg", "iperf3", "ping", "ss", "wireguard-go")
 VETH_A, VETH_B = "192.168.201.1", "192.168.201.2"
