@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from wgvsock.device.uapi import UAPIError, uapi_get
-from wgvsock.ui.nslab import Lab, LabError, interrupts_raise, missing_tools, rss_kib, wait_for
+from wgvsock.ui.nslab import Lab, LabError, interrupts_raise, preflight, rss_kib, wait_for
 
 TOOLS = ("ip", "nft", "iperf3", "ping", "curl", "ss")
 WEB = "198.51.100.2"
@@ -498,12 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         args.minutes, args.parent_first, args.enclave_first = 3.0, 130.0, 155.0
     args.duration = args.minutes * 60
     args.tail = 20.0  # no fault this close to the end: the last recovery needs steady samples
-    if os.geteuid() != 0:
-        print("soak: needs root (network namespaces, TUN, nftables)", file=sys.stderr)
-        return 2
-    if missing := missing_tools(TOOLS):
-        print(f"soak: missing tools: {', '.join(missing)} (`make apt` installs them)",
-              file=sys.stderr)
+    if reason := preflight("network namespaces, TUN, nftables", TOOLS):
+        print(f"soak: {reason}", file=sys.stderr)
         return 2
     with interrupts_raise(), Lab("wgvsock-soak-") as lab:
         try:

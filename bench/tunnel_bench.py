@@ -37,8 +37,8 @@ from wgvsock.ui.nslab import (
     LabError,
     Namespace,
     interrupts_raise,
-    missing_tools,
     parse_ping,
+    preflight,
     rss_kib,
     seed_binary,
 )
@@ -319,12 +319,8 @@ def main() -> int:
                          "during the last round's iperf3 runs; raw stacks go to DIR, and "
                          "bench/spy_top.py sums them")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("tunnel_bench: needs root (network namespaces, TUN)", file=sys.stderr)
-        return 2
-    if missing := missing_tools(TOOLS):
-        print(f"tunnel_bench: missing tools: {', '.join(missing)} (`make apt` installs them)",
-              file=sys.stderr)
+    if reason := preflight("network namespaces, TUN", TOOLS):
+        print(f"tunnel_bench: {reason}", file=sys.stderr)
         return 2
     cases = [c for c in CASES if not args.case or c.key in args.case]
     if args.baseline:

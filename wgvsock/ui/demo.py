@@ -41,7 +41,7 @@ import yaml
 from ..device.uapi import UAPIError, uapi_get
 from ..services import firewall
 from ..services.profile import Profile, ProfileError, load_profile
-from .nslab import Lab, LabError, Namespace, interrupts_raise, missing_tools, run, wait_for
+from .nslab import Lab, LabError, Namespace, interrupts_raise, preflight, run, wait_for
 
 NS_INTERNET, NS_PARENT, NS_ENCLAVE = "wgdemo-internet", "wgdemo-parent", "wgdemo-enclave"
 NAMESPACES = (NS_INTERNET, NS_PARENT, NS_ENCLAVE)
@@ -70,18 +70,6 @@ def say(text: str = "") -> None:
 def heading(text: str) -> None:
     say()
     say(f"== {text}")
-
-
-def preflight() -> str | None:
-    """Why the demo cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the demo needs root (it creates network namespaces, TUN devices and " \
-               "nftables tables); try: sudo make demo"
-    if missing := missing_tools(REQUIRED_TOOLS):
-        return f"missing tools: {', '.join(missing)} (`make apt` installs them)"
-    if not Path("/dev/net/tun").exists():
-        return "/dev/net/tun is missing: this kernel or container has no TUN support"
-    return None
 
 
 def _demo_alive(pid: int) -> bool:
@@ -645,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
 
     say("wgvsock demo: `wgvsock parent up` and `wgvsock enclave up` from one profile, "
         "in network namespaces")
-    if reason := preflight():
+    if reason := preflight("it creates network namespaces, TUN devices and nftables tables; "
+                           "try: sudo make demo", REQUIRED_TOOLS):
         print(f"demo: refusing to run: {reason}", file=sys.stderr)
         return 2
     if reason := clear_leftovers():

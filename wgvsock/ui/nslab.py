@@ -38,6 +38,7 @@ __all__ = [
     "interrupts_raise",
     "missing_tools",
     "parse_ping",
+    "preflight",
     "rss_kib",
     "run",
     "seed_binary",
@@ -86,6 +87,18 @@ def wait_for(
 
 def missing_tools(tools: Sequence[str]) -> list[str]:
     return [t for t in tools if shutil.which(t) is None]
+
+
+def preflight(needs: str, tools: Sequence[str]) -> str | None:
+    """Why a lab program cannot run here, or None: it must be root (`needs` says what for, and
+    how to get it) and have `tools` on PATH."""
+    if os.geteuid() != 0:
+        return f"needs root ({needs})"
+    if missing := missing_tools(tools):
+        return f"missing tools: {', '.join(missing)} (`make apt` installs them)"
+    if not Path("/dev/net/tun").exists():
+        return "/dev/net/tun is missing: this kernel or container has no TUN support"
+    return None
 
 
 SEED_ENV = "WGVSOCK_SEED_BIN"

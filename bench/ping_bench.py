@@ -1,0 +1,98 @@
+"""Round-trip time through tunnels side by side, with many more pings than tunnel_bench.py.
+
+Run as root: .venv/bin/python bench/ping_bench.py [--case KEY ...] [--baseline DIR] [--mtu M]
+             [--cycles N] [--count C] [--interval S]
+
+The cases (tunnel_bench.py's keys; default ours-tcp and seed-tcp) are all up at once on one veth.
+Each cycle pings through every case in turn (C pings at -i S; the order flips every cycle), so
+they share whatever load the machine has; the table gives each case's median and 90th percentile
+over all pings and its median over the last case's. `--baseline DIR` adds our cases once more
+with the wgvsock package of another checkout: before/after in one run.
+
+Why a separate tool: a ping's time here depends on how long the daemons sat idle before it (each
+pass through Python runs slower the colder the CPU's caches are: bench/README.md), and on what
+else the two cores do; tunnel_bench.py's 50 pings per round cannot tell a 10 % change from noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import tunnel_bench as tb
+
+from wgvsock.ui.nslab import Lab, LabError, interrupts_raise, preflight, seed_binary
+
+_TIME = re.compile(r"time=([\d.]+)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", choices=[c.key for c in tb.CASES],
+                    help="cases to compare (default ours-tcp and seed-tcp); the last is the "
+                         "reference of the ratio column")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run our cases with the wgvsock package from this checkout")
+    ap.add_argument("--mtu", type=int, default=1420, help="tunnel MTU (default 1420)")
+    ap.add_argument("--cycles", type=int, default=10, help="cycles round the cases")
+    ap.add_argument("--count", type=int, default=100, help="pings per case and cycle")
+    ap.add_argument("--interval", type=float, default=0.01, help="ping -i (seconds)")
+    args = ap.parse_args()
+    if reason := preflight("network namespaces, TUN", tb.TOOLS):
+        print(f"ping_bench: {reason}", file=sys.stderr)
+        return 2
+    keys = args.case or ["ours-tcp", "seed-tcp"]
+    cases = [next(c for c in tb.CASES if c.key == k) for k in keys]
+    if args.baseline:
+        base = str(Path(args.baseline).resolve())
+        cases[:0] = [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
+                             env=(*c.env, ("PYTHONPATH", base)))
+                     for c in cases if "ours" in (c.impl_a, c.impl_b)]
+    tag = f"{os.getpid() % 100000}"
+    times: dict[str, list[float]] = {c.label: [] for c in cases}
+    with interrupts_raise(), Lab("wgvsock-ping-") as lab:
+        seed, why = seed_binary(lab.tmp)
+        if seed is None and any("seed" in (c.impl_a, c.impl_b) for c in cases):
+            print(f"ping_bench: {why}", file=sys.stderr)
+            return 2
+        try:
+            a, b = lab.netns(f"wgping{tag}a"), lab.netns(f"wgping{tag}b")
+            lab.veth(a, f"vp{tag}a", f"{tb.VETH_A}/24", b, f"vp{tag}b", f"{tb.VETH_B}/24")
+            tunnels = [tb.bring_up(lab, a, b, c, args.mtu, i, seed) for i, c in enumerate(cases)]
+            try:
+                for cycle in range(args.cycles):
+                    for t in tunnels if cycle % 2 == 0 else tunnels[::-1]:
+                        res = a.run("ping", "-c", str(args.count), "-i", str(args.interval),
+                                    t.tun_b, check=False)
+                        times[t.case.label] += [float(x) for x in _TIME.findall(res.stdout)]
+            finally:
+                for t in tunnels:
+                    tb.tear_down(lab, a, b, t)
+        except KeyboardInterrupt:
+            print("\ninterrupted; cleaning up", file=sys.stderr)
+            return 130
+        except LabError as e:
+            print(f"ping_bench: {e}", file=sys.stderr)
+            return 1
+    print(f"MTU {args.mtu}: {args.cycles} cycles of {args.count} pings at -i {args.interval:g}, "
+          f"cases in turn; ms")
+    print(f"{'tunnel':<30}{'pings':>7}{'p50':>8}{'p90':>8}{'x ' + cases[-1].label:>18}")
+    ref = statistics.median(times[cases[-1].label] or [float("nan")])
+    for label, v in times.items():
+        if not v:
+            print(f"{label:<30}{0:>7}  (no replies)")
+            continue
+        v.sort()
+        p50, p90 = statistics.median(v), v[int(0.9 * (len(v) - 1))]
+        print(f"{label:<30}{len(v):>7}{p50:>8.3f}{p90:>8.3f}{p50 / ref:>18.2f}")
+    return 0 if all(times.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
