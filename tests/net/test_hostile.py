@@ -182,7 +182,10 @@ def test_cut_stream_redials_and_keeps_the_session(lab: Lab, network: str) -> Non
                 relays.append(a.popen(*relay_cmd))
                 return False
             if network == "tcp":
-                return "127.0.0.1:7700 " in a.run("ss", "-ltnH", check=False).stdout
+                # Listening, or already serving: a's redial may be accepted between two looks,
+                # and then this relay (no fork) listens no more.
+                return bool(a.run("ss", "-tnH", "state", "listening", "state", "established",
+                                  "( sport = :7700 )", check=False).stdout.strip())
             return listen.exists()
 
         wait_for(listening, 10, "the relay to listen")
