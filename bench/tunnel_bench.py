@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from wgvsock.ui.nslab import (
     Keys,
@@ -96,13 +97,20 @@ class Result:
 
 def iperf(client: Namespace, server: Namespace, addr: str, port: int, seconds: float,
           reverse: bool) -> float:
-    """Receiver-side Mbit/s of one TCP stream (what actually crossed the tunnel), against a
+    """Receiver-side Mbit/s of one TCP stream (what actually crossed the tunnel)."""
+    data = iperf_json(client, server, addr, port, seconds, reverse)
+    return data["end"]["sum_received"]["bits_per_second"] / 1e6
+
+
+def iperf_json(client: Namespace, server: Namespace, addr: str, port: int, seconds: float,
+               reverse: bool, *extra: str) -> dict[str, Any]:
+    """iperf3's JSON report of one TCP stream (`extra`: more client options), against a
     one-shot server on its own port: a server still busy with the last run cannot refuse it."""
     srv = server.popen("iperf3", "-s", "-1", "-B", addr, "-p", str(port))
     try:
         _wait_listening(server, addr, port)
         cmd = ["iperf3", "-c", addr, "-p", str(port), "-t", f"{seconds:g}", "-J",
-               "--connect-timeout", "3000"]
+               "--connect-timeout", "3000", *extra]
         if reverse:
             cmd.append("-R")
         res = client.run(*cmd, check=False, timeout=seconds + 30)
@@ -116,7 +124,7 @@ def iperf(client: Namespace, server: Namespace, addr: str, port: int, seconds: f
         raise LabError(f"iperf3 gave no JSON (rc {res.returncode}): {res.stderr.strip()}") from e
     if "error" in data:
         raise LabError(f"iperf3: {data['error']}")
-    return data["end"]["sum_received"]["bits_per_second"] / 1e6
+    return data
 
 
 def wait_ping(ns: Namespace, addr: str, timeout: float = 15.0) -> None:

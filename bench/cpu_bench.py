@@ -1,0 +1,148 @@
+"""CPU per megabyte of the tunnel daemons at a fixed rate, cases side by side.
+
+Run as root: .venv/bin/python bench/cpu_bench.py [--case KEY ...] [--baseline DIR] [--mtu M]
+             [--rate R] [--cycles N] [--seconds S]
+
+The cases (tunnel_bench.py's keys; default ours-tcp and seed-tcp) are all up at once on one veth.
+Each cycle runs iperf3 with one TCP stream at a fixed rate (-b R) through every case in turn,
+a->b and b->a (the order flips every cycle). Around each run the daemons' CPU time is read from
+/proc/PID/task/*/schedstat and the machine's from /proc/stat. The table gives medians over the
+cycles: the rate reached, both daemons' CPU microseconds per megabyte moved, the busiest daemon
+thread's share of a core, the machine's idle share, and CPU per MB over the last case's.
+
+Why a separate tool: tunnel_bench.py measures throughput at the limit, where on two shared cores
+a 5 % change is lost in noise and the figure mixes what our code costs with how its threads and
+the kernel's wake-ups line up. At a rate every case reaches, CPU per byte is what a change to
+the per-packet path moves, and the busiest thread's share tells whether one thread is the limit.
+`--baseline DIR` adds our cases once more with the wgvsock package of another checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import tunnel_bench as tb
+
+from wgvsock.ui.nslab import Lab, LabError, Namespace, interrupts_raise, preflight, seed_binary
+
+
+def _task_cpu(pid: int) -> dict[str, int]:
+    """CPU nanoseconds per thread of `pid` so far."""
+    out: dict[str, int] = {}
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                out[path.split("/")[4]] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended in between
+    return out
+
+
+def _machine() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+@dataclass
+class Row:
+    label: str
+    mbps: list[float] = field(default_factory=list)
+    us_per_mb: list[float] = field(default_factory=list)
+    busiest: list[float] = field(default_factory=list)
+    idle: list[float] = field(default_factory=list)
+
+
+def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
+             seconds: float, reverse: bool, row: Row) -> None:
+    pids = [p for p in t.pids.values() if p is not None]
+    cpu0 = {p: _task_cpu(p) for p in pids}
+    m0 = _machine()
+    data = tb.iperf_json(a, b, t.tun_b, port, seconds, reverse, "-b", rate)
+    m1 = _machine()
+    cpu1 = {p: _task_cpu(p) for p in pids}
+    moved = data["end"]["sum_received"]["bytes"]
+    wall = data["end"]["sum_received"]["seconds"]
+    used = {(p, tid): ns - cpu0[p].get(tid, 0) for p in pids for tid, ns in cpu1[p].items()}
+    ticks = [y - x for x, y in zip(m0, m1, strict=True)]
+    row.mbps.append(moved * 8 / wall / 1e6)
+    row.us_per_mb.append(sum(used.values()) / 1e3 / (moved / 1e6))
+    row.busiest.append(100 * max(used.values(), default=0) / 1e9 / wall)
+    row.idle.append(100 * (ticks[3] + ticks[4]) / sum(ticks))  # idle + iowait
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", choices=[c.key for c in tb.CASES],
+                    help="cases to compare (default ours-tcp and seed-tcp); the last is the "
+                         "reference of the ratio column")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run our cases with the wgvsock package from this checkout")
+    ap.add_argument("--mtu", type=int, default=65000, help="tunnel MTU (default 65000)")
+    ap.add_argument("--rate", default="3G",
+                    help="iperf3 -b: a rate every case reaches (default 3G)")
+    ap.add_argument("--cycles", type=int, default=4, help="cycles round the cases")
+    ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 time per run")
+    args = ap.parse_args()
+    if reason := preflight("network namespaces, TUN", tb.TOOLS):
+        print(f"cpu_bench: {reason}", file=sys.stderr)
+        return 2
+    keys = args.case or ["ours-tcp", "seed-tcp"]
+    cases = [next(c for c in tb.CASES if c.key == k) for k in keys]
+    if args.baseline:
+        base = str(Path(args.baseline).resolve())
+        cases[:0] = [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
+                             env=(*c.env, ("PYTHONPATH", base)))
+                     for c in cases if "ours" in (c.impl_a, c.impl_b)]
+    tag = f"{os.getpid() % 100000}"
+    rows = {(c.label, d): Row(c.label) for c in cases for d in ("a->b", "b->a")}
+    with interrupts_raise(), Lab("wgvsock-cpu-") as lab:
+        seed, why = seed_binary(lab.tmp)
+        if seed is None and any("seed" in (c.impl_a, c.impl_b) for c in cases):
+            print(f"cpu_bench: {why}", file=sys.stderr)
+            return 2
+        try:
+            a, b = lab.netns(f"wgcpu{tag}a"), lab.netns(f"wgcpu{tag}b")
+            lab.veth(a, f"vu{tag}a", f"{tb.VETH_A}/24", b, f"vu{tag}b", f"{tb.VETH_B}/24")
+            tunnels = [tb.bring_up(lab, a, b, c, args.mtu, i, seed) for i, c in enumerate(cases)]
+            failed = [f"{t.case.label}: {t.result.error}" for t in tunnels if t.result.error]
+            if failed:
+                raise LabError("; ".join(failed))
+            try:
+                order = list(enumerate(tunnels))
+                for cycle in range(args.cycles):
+                    for i, t in order if cycle % 2 == 0 else order[::-1]:
+                        port = tb.IPERF_PORT + 2 * i
+                        for reverse, d in ((False, "a->b"), (True, "b->a")):
+                            run_once(a, b, t, port + reverse, args.rate, args.seconds, reverse,
+                                     rows[t.case.label, d])
+            finally:
+                for t in tunnels:
+                    tb.tear_down(lab, a, b, t)
+        except KeyboardInterrupt:
+            print("\ninterrupted; cleaning up", file=sys.stderr)
+            return 130
+        except LabError as e:
+            print(f"cpu_bench: {e}", file=sys.stderr)
+            return 1
+    print(f"MTU {args.mtu}: {args.cycles} cycles of iperf3 -b {args.rate} for {args.seconds:g} s "
+          f"each way, cases in turn; medians")
+    print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'busiest %':>11}"
+          f"{'idle %':>8}{'x ' + cases[-1].label:>18}")
+    for (label, d), row in rows.items():
+        ref = rows[cases[-1].label, d].us_per_mb
+        us = statistics.median(row.us_per_mb)
+        print(f"{label:<30}{d:>5}{statistics.median(row.mbps):>8.0f}{us:>11.0f}"
+              f"{statistics.median(row.busiest):>11.0f}{statistics.median(row.idle):>8.0f}"
+              f"{us / statistics.median(ref):>18.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
