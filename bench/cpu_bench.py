@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import statistics
 import sys
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import tunnel_bench as tb
 
-from wgvsock.ui.nslab import Lab, LabError, Namespace, interrupts_raise, preflight, seed_binary
+from wgvsock.ui.nslab import Lab, LabError, Namespace, preflight, run_in_lab
 
 
 def _task_cpu(pid: int) -> dict[str, int]:
@@ -79,58 +77,32 @@ def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", choices=[c.key for c in tb.CASES],
-                    help="cases to compare (default ours-tcp and seed-tcp); the last is the "
-                         "reference of the ratio column")
-    ap.add_argument("--baseline", metavar="DIR",
-                    help="also run our cases with the wgvsock package from this checkout")
-    ap.add_argument("--mtu", type=int, default=65000, help="tunnel MTU (default 65000)")
+    tb.add_compare_options(ap, mtu=65000, cycles=4)
     ap.add_argument("--rate", default="3G",
                     help="iperf3 -b: a rate every case reaches (default 3G)")
-    ap.add_argument("--cycles", type=int, default=4, help="cycles round the cases")
     ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 time per run")
     args = ap.parse_args()
     if reason := preflight("network namespaces, TUN", tb.TOOLS):
         print(f"cpu_bench: {reason}", file=sys.stderr)
         return 2
-    keys = args.case or ["ours-tcp", "seed-tcp"]
-    cases = [next(c for c in tb.CASES if c.key == k) for k in keys]
-    if args.baseline:
-        base = str(Path(args.baseline).resolve())
-        cases[:0] = [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
-                             env=(*c.env, ("PYTHONPATH", base)))
-                     for c in cases if "ours" in (c.impl_a, c.impl_b)]
-    tag = f"{os.getpid() % 100000}"
+    cases = tb.compared_cases(args)
     rows = {(c.label, d): Row(c.label) for c in cases for d in ("a->b", "b->a")}
-    with interrupts_raise(), Lab("wgvsock-cpu-") as lab:
-        seed, why = seed_binary(lab.tmp)
-        if seed is None and any("seed" in (c.impl_a, c.impl_b) for c in cases):
-            print(f"cpu_bench: {why}", file=sys.stderr)
-            return 2
-        try:
-            a, b = lab.netns(f"wgcpu{tag}a"), lab.netns(f"wgcpu{tag}b")
-            lab.veth(a, f"vu{tag}a", f"{tb.VETH_A}/24", b, f"vu{tag}b", f"{tb.VETH_B}/24")
-            tunnels = [tb.bring_up(lab, a, b, c, args.mtu, i, seed) for i, c in enumerate(cases)]
-            failed = [f"{t.case.label}: {t.result.error}" for t in tunnels if t.result.error]
-            if failed:
+
+    def bench(lab: Lab) -> int:
+        with tb.tunnels_up(lab, cases, args.mtu, "cpu") as (a, b, tunnels):
+            if failed := [f"{t.case.label}: {t.result.error}" for t in tunnels if t.result.error]:
                 raise LabError("; ".join(failed))
-            try:
-                order = list(enumerate(tunnels))
-                for cycle in range(args.cycles):
-                    for i, t in order if cycle % 2 == 0 else order[::-1]:
-                        port = tb.IPERF_PORT + 2 * i
-                        for reverse, d in ((False, "a->b"), (True, "b->a")):
-                            run_once(a, b, t, port + reverse, args.rate, args.seconds, reverse,
-                                     rows[t.case.label, d])
-            finally:
-                for t in tunnels:
-                    tb.tear_down(lab, a, b, t)
-        except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
-            return 130
-        except LabError as e:
-            print(f"cpu_bench: {e}", file=sys.stderr)
-            return 1
+            order = list(enumerate(tunnels))
+            for cycle in range(args.cycles):
+                for i, t in order if cycle % 2 == 0 else order[::-1]:
+                    port = tb.IPERF_PORT + 2 * i
+                    for reverse, d in ((False, "a->b"), (True, "b->a")):
+                        run_once(a, b, t, port + reverse, args.rate, args.seconds, reverse,
+                                 rows[t.case.label, d])
+        return 0
+
+    if code := run_in_lab("cpu_bench", "wgvsock-cpu-", bench):
+        return code
     print(f"MTU {args.mtu}: {args.cycles} cycles of iperf3 -b {args.rate} for {args.seconds:g} s "
           f"each way, cases in turn; medians")
     print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'busiest %':>11}"

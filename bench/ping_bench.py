@@ -17,16 +17,13 @@ else the two cores do; tunnel_bench.py's 50 pings per round cannot tell a 10 % c
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
-from dataclasses import replace
-from pathlib import Path
 
 import tunnel_bench as tb
 
-from wgvsock.ui.nslab import Lab, LabError, interrupts_raise, preflight, seed_binary
+from wgvsock.ui.nslab import Lab, preflight, run_in_lab
 
 _TIME = re.compile(r"time=([\d.]+)")
 
@@ -34,52 +31,27 @@ _TIME = re.compile(r"time=([\d.]+)")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", choices=[c.key for c in tb.CASES],
-                    help="cases to compare (default ours-tcp and seed-tcp); the last is the "
-                         "reference of the ratio column")
-    ap.add_argument("--baseline", metavar="DIR",
-                    help="also run our cases with the wgvsock package from this checkout")
-    ap.add_argument("--mtu", type=int, default=1420, help="tunnel MTU (default 1420)")
-    ap.add_argument("--cycles", type=int, default=10, help="cycles round the cases")
+    tb.add_compare_options(ap, mtu=1420, cycles=10)
     ap.add_argument("--count", type=int, default=100, help="pings per case and cycle")
     ap.add_argument("--interval", type=float, default=0.01, help="ping -i (seconds)")
     args = ap.parse_args()
     if reason := preflight("network namespaces, TUN", tb.TOOLS):
         print(f"ping_bench: {reason}", file=sys.stderr)
         return 2
-    keys = args.case or ["ours-tcp", "seed-tcp"]
-    cases = [next(c for c in tb.CASES if c.key == k) for k in keys]
-    if args.baseline:
-        base = str(Path(args.baseline).resolve())
-        cases[:0] = [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
-                             env=(*c.env, ("PYTHONPATH", base)))
-                     for c in cases if "ours" in (c.impl_a, c.impl_b)]
-    tag = f"{os.getpid() % 100000}"
+    cases = tb.compared_cases(args)
     times: dict[str, list[float]] = {c.label: [] for c in cases}
-    with interrupts_raise(), Lab("wgvsock-ping-") as lab:
-        seed, why = seed_binary(lab.tmp)
-        if seed is None and any("seed" in (c.impl_a, c.impl_b) for c in cases):
-            print(f"ping_bench: {why}", file=sys.stderr)
-            return 2
-        try:
-            a, b = lab.netns(f"wgping{tag}a"), lab.netns(f"wgping{tag}b")
-            lab.veth(a, f"vp{tag}a", f"{tb.VETH_A}/24", b, f"vp{tag}b", f"{tb.VETH_B}/24")
-            tunnels = [tb.bring_up(lab, a, b, c, args.mtu, i, seed) for i, c in enumerate(cases)]
-            try:
-                for cycle in range(args.cycles):
-                    for t in tunnels if cycle % 2 == 0 else tunnels[::-1]:
-                        res = a.run("ping", "-c", str(args.count), "-i", str(args.interval),
-                                    t.tun_b, check=False)
-                        times[t.case.label] += [float(x) for x in _TIME.findall(res.stdout)]
-            finally:
-                for t in tunnels:
-                    tb.tear_down(lab, a, b, t)
-        except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
-            return 130
-        except LabError as e:
-            print(f"ping_bench: {e}", file=sys.stderr)
-            return 1
+
+    def bench(lab: Lab) -> int:
+        with tb.tunnels_up(lab, cases, args.mtu, "ping") as (a, _, tunnels):
+            for cycle in range(args.cycles):
+                for t in tunnels if cycle % 2 == 0 else tunnels[::-1]:
+                    res = a.run("ping", "-c", str(args.count), "-i", str(args.interval),
+                                t.tun_b, check=False)
+                    times[t.case.label] += [float(x) for x in _TIME.findall(res.stdout)]
+        return 0
+
+    if code := run_in_lab("ping_bench", "wgvsock-ping-", bench):
+        return code
     print(f"MTU {args.mtu}: {args.cycles} cycles of {args.count} pings at -i {args.interval:g}, "
           f"cases in turn; ms")
     print(f"{'tunnel':<30}{'pings':>7}{'p50':>8}{'p90':>8}{'x ' + cases[-1].label:>18}")

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from wgvsock.device.uapi import UAPIError, uapi_get
-from wgvsock.ui.nslab import Lab, LabError, interrupts_raise, preflight, rss_kib, wait_for
+from wgvsock.ui.nslab import Lab, LabError, preflight, rss_kib, run_in_lab, wait_for
 
 TOOLS = ("ip", "nft", "iperf3", "ping", "curl", "ss")
 WEB = "198.51.100.2"
@@ -501,15 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     if reason := preflight("network namespaces, TUN, nftables", TOOLS):
         print(f"soak: {reason}", file=sys.stderr)
         return 2
-    with interrupts_raise(), Lab("wgvsock-soak-") as lab:
-        try:
-            rep = Soak(lab, args).run()
-        except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
-            return 130
-        except LabError as e:
-            print(f"soak: {e}", file=sys.stderr)
-            return 2
+    rep: dict = {}
+
+    def soak(lab: Lab) -> int:
+        rep.update(Soak(lab, args).run())
+        return 0
+
+    if code := run_in_lab("soak", "wgvsock-soak-", soak, failure=2):
+        return code
     print_report(rep)
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=2))

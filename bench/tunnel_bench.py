@@ -37,10 +37,10 @@ from wgvsock.ui.nslab import (
     Lab,
     LabError,
     Namespace,
-    interrupts_raise,
     parse_ping,
     preflight,
     rss_kib,
+    run_in_lab,
     seed_binary,
 )
 
@@ -253,6 +253,53 @@ def _failed(lab: Lab, t: Tunnel, e: Exception) -> None:
             t.result.notes.append(f"{ifname} log tail: {log.read_text()[-400:]}")
 
 
+def add_compare_options(ap: argparse.ArgumentParser, mtu: int, cycles: int) -> None:
+    """The options of the tools that run a few cases side by side, cycle after cycle."""
+    ap.add_argument("--case", action="append", choices=[c.key for c in CASES],
+                    help="cases to compare (default ours-tcp and seed-tcp); the last is the "
+                         "reference of the ratio column")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run our cases with the wgvsock package from this checkout")
+    ap.add_argument("--mtu", type=int, default=mtu, help=f"tunnel MTU (default {mtu})")
+    ap.add_argument("--cycles", type=int, default=cycles,
+                    help=f"cycles round the cases (default {cycles})")
+
+
+def baseline_cases(cases: list[Case], checkout: str) -> list[Case]:
+    """Our cases once more, run with the wgvsock package of another checkout (PYTHONPATH)."""
+    base = str(Path(checkout).resolve())
+    return [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
+                    env=(*c.env, ("PYTHONPATH", base)))
+            for c in cases if "ours" in (c.impl_a, c.impl_b)]
+
+
+def compared_cases(args: argparse.Namespace) -> list[Case]:
+    """The cases add_compare_options chose, the baseline's first (the last is the reference)."""
+    cases = [next(c for c in CASES if c.key == k) for k in args.case or ["ours-tcp", SEED]]
+    return (baseline_cases(cases, args.baseline) if args.baseline else []) + cases
+
+
+@contextlib.contextmanager
+def tunnels_up(lab: Lab, cases: list[Case], mtu: int,
+               name: str) -> Iterator[tuple[Namespace, Namespace, list[Tunnel]]]:
+    """Two namespaces on a veth and every case's tunnel up at `mtu` (`name` tells the
+    namespaces apart from other runs'); all torn down on leaving."""
+    seed, why = seed_binary(lab.tmp)
+    if seed is None and any("seed" in (c.impl_a, c.impl_b) for c in cases):
+        raise LabError(why)
+    tag = f"{os.getpid() % 100000}"
+    a, b = lab.netns(f"wg{name}{tag}a"), lab.netns(f"wg{name}{tag}b")
+    lab.veth(a, f"v{name[:2]}{tag}a", f"{VETH_A}/24", b, f"v{name[:2]}{tag}b", f"{VETH_B}/24")
+    tunnels: list[Tunnel] = []
+    try:
+        for i, c in enumerate(cases):
+            tunnels.append(bring_up(lab, a, b, c, mtu, i, seed))
+        yield a, b, tunnels
+    finally:
+        for t in tunnels:
+            tear_down(lab, a, b, t)
+
+
 def _wait_listening(ns: Namespace, addr: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -332,10 +379,7 @@ def main() -> int:
         return 2
     cases = [c for c in CASES if not args.case or c.key in args.case]
     if args.baseline:
-        base = str(Path(args.baseline).resolve())
-        cases += [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
-                          env=(*c.env, ("PYTHONPATH", base)))
-                  for c in cases if "ours" in (c.impl_a, c.impl_b) and c.network != "unix"]
+        cases += [c for c in baseline_cases(cases, args.baseline) if c.network != "unix"]
     mtus = args.mtu or list(MTUS)
     profile = Path(args.profile) if args.profile else None
     if profile is not None:
@@ -346,38 +390,36 @@ def main() -> int:
         profile.mkdir(parents=True, exist_ok=True)
 
     results: list[Result] = []
-    tag = f"{os.getpid() % 100000}"
-    with interrupts_raise(), Lab("wgvsock-bench-") as lab:
+
+    def bench(lab: Lab) -> int:
+        nonlocal cases
         seed, why = seed_binary(lab.tmp)
         if seed is None:
             print(f"tunnel_bench: {why}; the seed's rows are left out", file=sys.stderr)
             cases = [c for c in cases if "seed" not in (c.impl_a, c.impl_b)]
-        try:
-            a, b = lab.netns(f"wgbench{tag}a"), lab.netns(f"wgbench{tag}b")
-            lab.veth(a, f"vb{tag}a", f"{VETH_A}/24", b, f"vb{tag}b", f"{VETH_B}/24")
-            # Per MTU, every case is up at once and the rounds go round the cases, so that
-            # each case sees the same mix of load from whatever else shares the machine.
-            for mtu in mtus:
-                print(f"MTU {mtu}: starting {len(cases)} tunnels ...", flush=True)
-                tunnels = [bring_up(lab, a, b, c, mtu, i, seed) for i, c in enumerate(cases)]
-                try:
-                    for n in range(args.rounds):
-                        for i, t in enumerate(tunnels):
-                            print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
-                                  flush=True)
-                            last = n == args.rounds - 1
-                            measure(a, b, t, i, args.seconds, profile if last else None)
-                finally:
-                    for t in tunnels:
-                        tear_down(lab, a, b, t)
-                        results.append(t.result)
-        except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
-            return 130
-        except LabError as e:
-            print(f"tunnel_bench: {e}", file=sys.stderr)
-            return 1
+        tag = f"{os.getpid() % 100000}"
+        a, b = lab.netns(f"wgbench{tag}a"), lab.netns(f"wgbench{tag}b")
+        lab.veth(a, f"vb{tag}a", f"{VETH_A}/24", b, f"vb{tag}b", f"{VETH_B}/24")
+        # Per MTU, every case is up at once and the rounds go round the cases, so that
+        # each case sees the same mix of load from whatever else shares the machine.
+        for mtu in mtus:
+            print(f"MTU {mtu}: starting {len(cases)} tunnels ...", flush=True)
+            tunnels = [bring_up(lab, a, b, c, mtu, i, seed) for i, c in enumerate(cases)]
+            try:
+                for n in range(args.rounds):
+                    for i, t in enumerate(tunnels):
+                        print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
+                              flush=True)
+                        last = n == args.rounds - 1
+                        measure(a, b, t, i, args.seconds, profile if last else None)
+            finally:
+                for t in tunnels:
+                    tear_down(lab, a, b, t)
+                    results.append(t.result)
+        return 0
 
+    if code := run_in_lab("tunnel_bench", "wgvsock-bench-", bench):
+        return code
     print_table(results, args.seconds, args.rounds)
     if args.json:
         with open(args.json, "w") as f:

@@ -41,6 +41,7 @@ __all__ = [
     "preflight",
     "rss_kib",
     "run",
+    "run_in_lab",
     "seed_binary",
     "wait_for",
 ]
@@ -428,3 +429,18 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return False
+
+
+def run_in_lab(prog: str, prefix: str, body: Callable[[Lab], int], *, failure: int = 1) -> int:
+    """`body` in a new Lab, with SIGTERM and SIGHUP taken as Ctrl-C: the lab is removed however
+    it ends, and an interruption (130) or a LabError (`failure`, the message after `prog:`)
+    becomes an exit code for a lab program's main(). Otherwise body's own."""
+    with interrupts_raise(), Lab(prefix) as lab:
+        try:
+            return body(lab)
+        except KeyboardInterrupt:
+            print("\ninterrupted; cleaning up", file=sys.stderr)
+            return 130
+        except LabError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return failure
