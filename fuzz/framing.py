@@ -4,7 +4,9 @@ An input is `u16 max_payload, u32 split seed, stream`. The stream is fed in piec
 split seed, as bytes, bytearray or memoryview, and each piece is scribbled over after `feed`
 returns (the decoder must have copied what it keeps). A straightforward reference parser
 says what must come out: the same payloads, and a FramingError exactly when the reference
-finds a bad length or CRC, after which the decoder stays failed.
+finds a bad length or CRC, after which the decoder stays failed. A third of the generated frames
+are WireGuard transport messages with a right, zero or wrong CRC: the decoder must take them
+all, and check every other frame's CRC (frames that are not exactly type 4 among them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .mutate import havoc, random_bytes
 
 _HEADER = struct.Struct("<HI")
 _INPUT = struct.Struct("<HI")
+_TRANSPORT = b"\x04\x00\x00\x00"
 MAX_CHOICES = (MAX_PAYLOAD, MAX_PAYLOAD, 1500, 148, MIN_PAYLOAD)
 
 
@@ -35,7 +38,8 @@ def reference(stream: bytes, max_payload: int) -> tuple[list[bytes], bool, int]:
         if end > len(stream):
             break
         payload = stream[pos + HEADER_SIZE:end]
-        if zlib.crc32(payload) != crc:
+        # A WireGuard transport message (exactly type 4) is left to its AEAD tag.
+        if payload[:4] != _TRANSPORT and zlib.crc32(payload) != crc:
             return out, True, 0
         out.append(payload)
         pos = end
@@ -44,6 +48,16 @@ def reference(stream: bytes, max_payload: int) -> tuple[list[bytes], bool, int]:
 
 def frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def some_frame(rng: random.Random, size: int) -> bytes:
+    """A frame of `size` bytes; a third of them transport messages, whose CRC may be right,
+    0 (what a peer with CAP_UNCHECKED_TRANSPORT sends) or wrong, which the decoder ignores."""
+    if rng.random() < 2 / 3:
+        return frame(rng.randbytes(size))
+    payload = _TRANSPORT + rng.randbytes(size - 4)
+    crc = rng.choice((zlib.crc32(payload), 0, rng.getrandbits(32)))
+    return _HEADER.pack(size, crc) + payload
 
 
 class FramingTarget(Target):
@@ -58,7 +72,7 @@ class FramingTarget(Target):
         if r < 0.15:
             return "random", head + random_bytes(rng, 2000)
         sizes = (MIN_PAYLOAD, MIN_PAYLOAD + 1, 148, 92, 64, rng.randrange(MIN_PAYLOAD, 1600))
-        frames = [frame(rng.randbytes(rng.choice(sizes))) for _ in range(rng.randint(1, 6))]
+        frames = [some_frame(rng, rng.choice(sizes)) for _ in range(rng.randint(1, 6))]
         if r < 0.4:
             return "valid", head + b"".join(frames)
         if r < 0.5:  # a header at the edges of the length range, with or without its payload
