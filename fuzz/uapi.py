@@ -206,7 +206,9 @@ class UAPIServerTarget(Target):
         self.bind = StreamBind("unix", unix_dir=str(workdir / "wg"))
         self.device = Device("fz0", self.bind, run_dir=str(workdir / "run"))
         self.errors = _Errors()
-        self.log = logging.getLogger("wgvsock.uapi")
+        # The server's own logger (it was once "wgvsock.uapi", a name nothing logs to, and
+        # both the crash check and the round-trip check in _Checked went unheard).
+        self.log = logging.getLogger(UAPIServer.__module__)
         self.log.addHandler(self.errors)
         # The server and device log every bad request and port change; the output is the table.
         # (The server's own log keeps its level: its errors are the findings.)
