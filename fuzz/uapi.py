@@ -3,15 +3,25 @@
 `uapi-server` runs a real UAPIServer in this process (its socket in a private directory) in
 front of a real Device (not started: no TUN) on the Unix stand-in transport, and writes each
 input to a fresh connection as a client would, then half-closes. The server must answer with
-well-formed replies only and close; the device must only ever be given a configuration that
-survives format_set/parse_set unchanged; and the server must never log an unexpected error
-(which is how it reports an exception from the device). `uapi-set` and `uapi-get`
-call parse_set and parse_get directly; UAPIError is their documented refusal.
+well-formed replies only, each with an errno the module docstring documents, and close; the
+device must only ever be given a configuration that survives format_set/parse_set unchanged;
+a set the device refuses, and a connection none of whose replies is errno=0, must leave the
+device as it was (its `get` before and after); a request with one known bad line must be
+answered with that line's errno alone; and the server must never log an unexpected error
+(which is how it reports an exception from the device). `uapi-set` and `uapi-get` call
+parse_set and parse_get directly; UAPIError is their documented refusal.
+
+The first byte of a `uapi-set` input says what the oracle may expect of the rest: V, a
+well-formed request written here (not by format_set) that parse_set must read as
+`reference_set` does; E, a line "E<errno>" and a request with one bad line, which parse_set
+must refuse with that errno; M, anything else, checked for the format_set round trip only.
+A `uapi-server` input is E as for `uapi-set` (then a whole set=1 request) or R (raw bytes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import random
@@ -46,7 +56,41 @@ UAPI_VALUES = (
 ENDPOINTS = ("1.2.3.4:51820", "[::1]:5", "[fe80::1%eth0]:1", "vsock:3:51820", "3:51820",
              "unix:/run/x/wg.sock", "localhost:1")
 SERVER_TIMEOUT = 5.0  # the fuzzer's wait for a reply; the server's own idle timeout is 2 s
-_REPLY = re.compile(rb"(?:(?:[a-z_]+=[^\n]*\n)*errno=-?[0-9]+\n\n)*")
+# The errnos the uapi module docstring documents (EIO, EINVAL, EPROTO, EADDRINUSE), from errno
+# rather than from the module under test.
+EINVAL, EPROTO = -errno.EINVAL, -errno.EPROTO
+_ERRNOS = (0, -errno.EIO, EINVAL, EPROTO, -errno.EADDRINUSE)
+_REPLY = re.compile(rb"(?:(?:[a-z_]+=[^\n]*\n)*errno=(?:%s)\n\n)*"
+                    % b"|".join(str(e).encode() for e in _ERRNOS))
+_SUCCESS = re.compile(rb"(?:^|\n)errno=0\n")
+_KEY = "11" * 32
+# One bad line each, with the errno the docstring gives for it, and where it goes: among the
+# device's lines (before any public_key), among a peer's, or anywhere.
+BAD_LINES = (
+    ("device", "listen_port=4294967296", EINVAL), ("device", "listen_port=-1", EINVAL),
+    ("device", "listen_port= 1", EINVAL), ("device", "listen_port=0x10", EINVAL),
+    ("device", "listen_port=1_0", EINVAL), ("device", "fwmark=4294967296", EINVAL),
+    ("device", "private_key=" + "1" * 63, EINVAL), ("device", "private_key=" + "g" * 64, EINVAL),
+    ("device", "replace_peers=false", EINVAL), ("device", "replace_peers=", EINVAL),
+    ("device", "remove=true", EINVAL), ("device", "protocol_version=1", EINVAL),
+    ("device", "endpoint=1.2.3.4:1", EINVAL), ("device", "allowed_ip=10.0.0.0/8", EINVAL),
+    ("device", "Private_key=" + _KEY, EINVAL), ("device", "=1", EINVAL),
+    ("peer", "protocol_version=2", EINVAL), ("peer", "protocol_version=", EINVAL),
+    ("peer", "private_key=" + _KEY, EINVAL), ("peer", "listen_port=1", EINVAL),
+    ("peer", "fwmark=0", EINVAL), ("peer", "replace_peers=true", EINVAL),
+    ("peer", "persistent_keepalive_interval=65536", EINVAL),
+    ("peer", "persistent_keepalive_interval=-1", EINVAL),
+    ("peer", "allowed_ip=1.2.3.4", EINVAL), ("peer", "allowed_ip=1.2.3.4/33", EINVAL),
+    ("peer", "allowed_ip=::/129", EINVAL), ("peer", "allowed_ip=--1.2.3.4/32", EINVAL),
+    ("peer", "allowed_ip=-", EINVAL), ("peer", "allowed_ip=fe80::1%eth0/64", EINVAL),
+    ("peer", "allowed_ip=1.2.3.4/+8", EINVAL), ("peer", "endpoint=", EINVAL),
+    ("peer", "remove=false", EINVAL), ("peer", "update_only=1", EINVAL),
+    ("peer", "replace_allowed_ips=yes", EINVAL), ("peer", "preshared_key=" + "1" * 65, EINVAL),
+    ("peer", "x=1", EINVAL),
+    ("any", "public_key=" + "zz" * 32, EINVAL), ("any", "public_key=", EINVAL),
+    ("any", "no equals sign", EPROTO), ("any", "listen_port", EPROTO),
+    ("any", "allowed_ip 10.0.0.0/8", EPROTO),
+)
 
 
 def _key(rng: random.Random) -> bytes:
@@ -105,6 +149,111 @@ def random_status(rng: random.Random) -> DeviceStatus:
     return status
 
 
+def _allowed_ip(rng: random.Random, net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                add: bool) -> str:
+    text = str(net)
+    if rng.random() < 0.2:  # host bits set, which the parser masks off as Go's does
+        text = f"{net.network_address + rng.randrange(net.num_addresses)}/{net.prefixlen}"
+    return f"allowed_ip={'' if add else '-'}{text}"
+
+
+def request_lines(rng: random.Random, cfg: DeviceConfig) -> list[str]:
+    """The lines of a set request for CFG, written here rather than by format_set and in an
+    order of their own: the device's lines in any order, then each peer's public_key line
+    followed by its other lines in any order (its allowed_ip lines keep theirs)."""
+    def hexkey(key: bytes) -> str:
+        return key.hex().upper() if rng.random() < 0.2 else key.hex()
+
+    lines = [line for line, on in (
+        (f"private_key={hexkey(cfg.private_key or b'')}", cfg.private_key is not None),
+        (f"listen_port={cfg.listen_port}", cfg.listen_port is not None),
+        (f"fwmark={cfg.fwmark}", cfg.fwmark is not None),
+        ("replace_peers=true", cfg.replace_peers)) if on]
+    rng.shuffle(lines)
+    for p in cfg.peers:
+        rest = [line for line, on in (
+            ("remove=true", p.remove), ("update_only=true", p.update_only),
+            ("replace_allowed_ips=true", p.replace_allowed_ips),
+            ("protocol_version=1", rng.random() < 0.3),
+            (f"preshared_key={hexkey(p.preshared_key or b'')}", p.preshared_key is not None),
+            (f"endpoint={p.endpoint}", p.endpoint is not None),
+            (f"persistent_keepalive_interval={p.persistent_keepalive}",
+             p.persistent_keepalive is not None)) if on]
+        rng.shuffle(rest)
+        at = 0
+        for net, add in p.allowed_ips:
+            at = rng.randint(at, len(rest))
+            rest.insert(at, _allowed_ip(rng, net, add))
+            at += 1
+        lines += [f"public_key={hexkey(p.public_key)}", *rest]
+    return lines
+
+
+def reference_set(text: str) -> DeviceConfig:
+    """What a request request_lines wrote asks for, read the plain way (each line is valid)."""
+    cfg = DeviceConfig()
+    peer: PeerConfig | None = None
+    for line in text.removeprefix("set=1\n").replace("\r\n", "\n").split("\n"):
+        key, _, value = line.partition("=")
+        if key == "public_key":
+            peer = PeerConfig(public_key=bytes.fromhex(value))
+            cfg.peers.append(peer)
+        elif key == "private_key":
+            cfg.private_key = bytes.fromhex(value)
+        elif key in ("listen_port", "fwmark"):
+            setattr(cfg, key, int(value))
+        elif key == "replace_peers":
+            cfg.replace_peers = True
+        elif peer is None:
+            assert not line, f"reference_set: {line!r} before any peer"
+        elif key in ("remove", "update_only", "replace_allowed_ips"):
+            setattr(peer, key, True)
+        elif key == "preshared_key":
+            peer.preshared_key = bytes.fromhex(value)
+        elif key == "endpoint":
+            peer.endpoint = value
+        elif key == "persistent_keepalive_interval":
+            peer.persistent_keepalive = int(value)
+        elif key == "allowed_ip":
+            net = ipaddress.ip_network(value.removeprefix("-"), strict=False)
+            peer.allowed_ips.append((net, not value.startswith("-")))
+    return cfg
+
+
+def _lines(lines: list[str], eol: str = "\n") -> str:
+    return "".join(line + eol for line in lines)
+
+
+def _join(rng: random.Random, lines: list[str]) -> str:
+    """LINES as a request body, with or without its set=1 line and blank line, LF or CRLF."""
+    body = _lines(lines, "\r\n" if rng.random() < 0.1 else "\n")
+    if rng.random() < 0.2:
+        body = "set=1\n" + body
+    return body + ("\n" if rng.random() < 0.2 else "")
+
+
+def valid_body(rng: random.Random) -> str:
+    return _join(rng, request_lines(rng, random_config(rng)))
+
+
+def bad_request(rng: random.Random) -> tuple[int, list[str]]:
+    """(errno, lines): a well-formed request with one line from BAD_LINES put where it is bad."""
+    lines = request_lines(rng, random_config(rng))
+    where, bad, code = rng.choice(BAD_LINES)
+    peers = [i for i, line in enumerate(lines) if line.startswith("public_key=")]
+    if where == "device":
+        at = rng.randint(0, peers[0] if peers else len(lines))
+    elif where == "peer":
+        if not peers:
+            peers = [len(lines)]
+            lines.append(f"public_key={_KEY}")
+        at = rng.randint(peers[0] + 1, len(lines))
+    else:
+        at = rng.randint(0, len(lines))
+    lines.insert(at, bad)
+    return code, lines
+
+
 def set_request_body(rng: random.Random) -> str:
     """A set request body, mutated most of the time."""
     body = format_set(random_config(rng))
@@ -113,11 +262,25 @@ def set_request_body(rng: random.Random) -> str:
     return body
 
 
-def check_set(text: str) -> None:
-    """parse_set, and a configuration it returns must format and parse back equal."""
+def check_set(text: str, valid: bool = False) -> None:
+    """parse_set, and a configuration it returns must format and parse back equal. A VALID
+    text (made by request_lines) must also be read as reference_set reads it: a parser that
+    agrees with its own formatter can still misread a key."""
     cfg = parse_set(text)
+    if valid:
+        assert cfg == reference_set(text), "parse_set misread a valid request"
     again = parse_set(format_set(cfg))
     assert again == cfg, "parse_set(format_set(cfg)) differs from cfg"
+
+
+def check_refused(text: str, code: int) -> None:
+    """parse_set must refuse TEXT with errno CODE (re-raising its UAPIError)."""
+    try:
+        parse_set(text)
+    except UAPIError as e:
+        assert e.errno == code, f"errno {e.errno} for a request whose bad line means {code}: {e}"
+        raise
+    raise AssertionError(f"parse_set accepted a request with a bad line (errno {code} expected)")
 
 
 class UAPISetTarget(Target):
@@ -127,12 +290,22 @@ class UAPISetTarget(Target):
     allowed = (UAPIError,)
 
     def generate(self, rng: random.Random) -> tuple[str, bytes]:
-        if rng.random() < 0.1:
-            return "random", random_bytes(rng, 600)
-        return "mutated", set_request_body(rng).encode("utf-8", "surrogatepass")
+        r = rng.random()
+        if r < 0.1:
+            return "random", b"M" + random_bytes(rng, 600)
+        if r < 0.2:
+            return "valid", b"V" + valid_body(rng).encode()
+        if r < 0.3:
+            code, lines = bad_request(rng)
+            return "bad-line", f"E{code}\n{_join(rng, lines)}".encode()
+        return "mutated", b"M" + set_request_body(rng).encode("utf-8", "surrogatepass")
 
     def run(self, data: bytes) -> None:
-        check_set(data.decode("utf-8", "replace"))
+        text = data[1:].decode("utf-8", "replace")
+        if data[:1] == b"E":
+            head, _, text = text.partition("\n")
+            check_refused(text, int(head))
+        check_set(text, valid=data[:1] == b"V")
 
 
 def status_from(reply: dict) -> DeviceStatus:
@@ -182,7 +355,9 @@ class _Errors(logging.Handler):
 
 
 class _Checked:
-    """The device as UAPI handler, with the round-trip oracle in front of its set."""
+    """The device as UAPI handler, with the round-trip oracle in front of its set and the
+    nothing-changed oracle behind a set it refuses (device.py: "a bad request leaves the
+    device as it was")."""
 
     def __init__(self, device: Device) -> None:
         self.device = device
@@ -192,7 +367,12 @@ class _Checked:
 
     def uapi_set(self, cfg: DeviceConfig) -> None:
         assert parse_set(format_set(cfg)) == cfg, "the device was given an unformattable config"
-        self.device.uapi_set(cfg)
+        before = self.device.uapi_get()
+        try:
+            self.device.uapi_set(cfg)
+        except UAPIError:
+            assert self.device.uapi_get() == before, "a set the device refused changed it"
+            raise
 
 
 class UAPIServerTarget(Target):
@@ -205,8 +385,13 @@ class UAPIServerTarget(Target):
         super().__init__(rng, workdir)
         self.bind = StreamBind("unix", unix_dir=str(workdir / "wg"))
         self.device = Device("fz0", self.bind, run_dir=str(workdir / "run"))
+        # Listening, as start() leaves a device before UAPI serves it: a never-opened bind has
+        # no port to fall back to when a new one is refused.
+        self.device.uapi_set(DeviceConfig(listen_port=51820))
         self.errors = _Errors()
-        self.log = logging.getLogger("wgvsock.uapi")
+        # The server's own logger (it was once "wgvsock.uapi", a name nothing logs to, and
+        # both the crash check and the round-trip check in _Checked went unheard).
+        self.log = logging.getLogger(UAPIServer.__module__)
         self.log.addHandler(self.errors)
         # The server and device log every bad request and port change; the output is the table.
         # (The server's own log keeps its level: its errors are the findings.)
@@ -228,27 +413,41 @@ class UAPIServerTarget(Target):
     def generate(self, rng: random.Random) -> tuple[str, bytes]:
         r = rng.random()
         if r < 0.1:
-            return "random", random_bytes(rng, 600)
-        if r < 0.6:
-            request = f"set=1\n{set_request_body(rng)}\n"
+            return "random", b"R" + random_bytes(rng, 600)
+        if r < 0.5:
+            if rng.random() < 0.2:
+                body = _lines(request_lines(rng, random_config(rng)))
+            else:
+                body = set_request_body(rng)
+            request = f"set=1\n{body}\n"
             if rng.random() < 0.2:
                 request += "get=1\n\n"
-            return "set", request.encode("utf-8", "surrogatepass")
+            return "set", b"R" + request.encode("utf-8", "surrogatepass")
+        if r < 0.6:
+            code, lines = bad_request(rng)
+            return "bad-line", f"E{code}\nset=1\n{_lines(lines)}\n".encode()
         if r < 0.75:
             op = rng.choice(("get=1\n\n", "get=1\n", "get=1\nx=1\n\n", "get=2\n\n", "get=1\r\n\r\n",
                              "set=1\n\n", "set=1\n", "\n", "GET=1\n\n", "get=1\n\nget=1\n\n"))
-            return "ops", op.encode()
+            return "ops", b"R" + op.encode()
         if r < 0.85:  # a line or a request over the server's limits
             line = rng.choice(("endpoint=", "x", "allowed_ip=1.2.3.4/32\n"))
             n = rng.choice((4095, 4096, 4097, 70_000 // len(line)))
             key = f"public_key={'11' * 32}\n"
-            return "oversize", f"set=1\n{key}{line * n}\n\n".encode()
+            return "oversize", f"Rset=1\n{key}{line * n}\n\n".encode()
         stream = b"".join(f"set=1\n{set_request_body(rng)}\n".encode("utf-8", "surrogatepass")
                           if rng.random() < 0.7 else b"get=1\n\n" for _ in range(3))
-        return "multi", havoc(rng, stream, max_len=20_000)
+        return "multi", b"R" + havoc(rng, stream, max_len=20_000)
 
     def run(self, data: bytes) -> None:
         self.errors.records.clear()
+        expected = None
+        if data[:1] == b"E":
+            head, _, data = data[1:].partition(b"\n")
+            expected = b"errno=%d\n\n" % int(head)
+        else:
+            data = data[1:]
+        before = self.device.uapi_get()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(SERVER_TIMEOUT)
             s.connect(self.server.path)
@@ -269,5 +468,13 @@ class UAPIServerTarget(Target):
                     break
                 reply += chunk
         for record in self.errors.records:
-            raise AssertionError(f"server logged: {logging.Formatter().format(record)}")
+            cause = f": {record.exc_info[1]}" if record.exc_info else ""
+            raise AssertionError(f"server logged: {record.getMessage()}{cause}\n"
+                                 f"{logging.Formatter().format(record)}")
         assert _REPLY.fullmatch(reply), f"malformed reply {bytes(reply[:200])!r}"
+        if expected is not None:
+            assert reply == expected, f"reply {bytes(reply[:200])!r}, not {expected!r}"
+        if not _SUCCESS.search(reply):
+            # Nothing succeeded (no reply at all included): nothing may have changed.
+            assert self.device.uapi_get() == before, (
+                f"the device changed though no reply was errno=0: {bytes(reply[:200])!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import queue
 import random
@@ -547,6 +548,43 @@ def test_open_twice_and_reopen(binds: list[Bind]) -> None:
     a, _a_in, _ = opened(binds, StreamBind("tcp4"))
     a.send(msg(3), a.parse_endpoint(f"127.0.0.1:{port}"))
     assert inbox.get()[0] == msg(3)
+
+
+@pytest.mark.parametrize(("network", "bad", "good"), [
+    ("unix", 65536, 65535), ("tcp4", 65536, 0), ("vsock", 2**32 - 1, 2**32 - 2)])
+def test_check_port_is_the_range_open_refuses(network: str, bad: int, good: int) -> None:
+    b = StreamBind(network)
+    b.check_port(good)
+    with pytest.raises(ValueError, match=f"port {bad} out of range"):
+        b.check_port(bad)
+    with pytest.raises(ValueError, match=f"port {bad} out of range"):
+        b.open(bad, Inbox())
+    assert not b.is_open
+
+
+def test_a_port_the_transport_lacks_is_refused_before_the_listener_closes(
+    binds: list[Bind], unix_dir: str,
+) -> None:
+    # `wg set IF listen-port 70000` on a unix or tcp transport was refused only after the
+    # device had closed its bind, and every peer's connection with it (found by the
+    # uapi-server fuzz target's "a refused set leaves the device as it was" check).
+    from wgvsock.device.device import Device
+    from wgvsock.device.uapi import DeviceConfig, UAPIError
+
+    bind = StreamBind("unix", unix_dir=unix_dir)
+    binds.append(bind)
+    device = Device("t0", bind, run_dir=os.path.join(unix_dir, "run"))
+    device.uapi_set(DeviceConfig(listen_port=4242))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+        peer.connect(os.path.join(unix_dir, "4242.sock"))
+        wait_until(lambda: len(bind.status()["connections"]) == 1)
+        with pytest.raises(UAPIError) as e:
+            device.uapi_set(DeviceConfig(listen_port=70000))
+        assert e.value.errno == -errno.EINVAL and "70000" in e.value.message
+        assert device.port == 4242 and len(bind.status()["connections"]) == 1
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still connected: neither EOF nor a reset
+            peer.recv(1)
 
 
 def test_send_never_raises(binds: list[Bind], unix_dir: str) -> None:

@@ -85,6 +85,11 @@ class Bind(ABC):
         """Bind and listen (port 0 = any), start the reader threads, return the actual port."""
 
     @abstractmethod
+    def check_port(self, port: int) -> None:
+        """Raise ValueError if this transport has no such port, as open() would: lets a
+        caller refuse a port before it closes the listener it has."""
+
+    @abstractmethod
     def send(self, data: bytes, ep: Endpoint) -> None:
         """Send one WireGuard message. Never raises for network trouble: queues or drops."""
 
@@ -253,6 +258,11 @@ class SocketBind(Bind):
     def is_open(self) -> bool:
         return not self._closed.is_set()
 
+    def check_port(self, port: int) -> None:
+        limit = VMADDR_PORT_ANY - 1 if self.network == "vsock" else 0xFFFF
+        if not 0 <= port <= limit:
+            raise ValueError(f"port {port} out of range 0-{limit} for {self.network}")
+
     def _begin_open(self, receive: Receiver) -> None:
         with self._lock:
             if not self._closed.is_set():
@@ -266,9 +276,7 @@ class SocketBind(Bind):
     ) -> socket.socket:
         """The part of open() every bind shares: check the port, mark the bind open, make
         the socket with `make(port) -> (socket, actual port)`, and undo the mark on failure."""
-        limit = VMADDR_PORT_ANY - 1 if self.network == "vsock" else 0xFFFF
-        if not 0 <= port <= limit:
-            raise ValueError(f"port {port} out of range 0-{limit} for {self.network}")
+        self.check_port(port)
         self._begin_open(receive)
         try:
             sock, self.port = make(port)

@@ -541,6 +541,12 @@ class Device:
                 except ValueError as e:
                     raise UAPIError(errno.EINVAL, f"invalid endpoint {pc.endpoint!r}: {e}") from e
         if cfg.listen_port is not None and cfg.listen_port != self.port:
+            # Before _rebind closes the listener, and every connection with it.
+            try:
+                self.bind.check_port(cfg.listen_port)
+            except ValueError as e:
+                raise UAPIError(errno.EINVAL,
+                                f"cannot listen on port {cfg.listen_port}: {e}") from e
             self._rebind(cfg.listen_port)
         now = time.monotonic()
         keepalives: list[Any] = []
