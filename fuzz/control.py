@@ -32,6 +32,7 @@ from wgvsock.services.control import (
     hold_connection,
     register,
 )
+from wgvsock.services.control import log as control_log
 
 from .harness import Hang, Target, quiet
 from .mutate import TEXT_VALUES, havoc, mutate_text, random_bytes
@@ -152,7 +153,7 @@ class ControlParentTarget(Target):
     def __init__(self, rng: random.Random, workdir: Path) -> None:
         super().__init__(rng, workdir)
         self.escaped: list[str] = []
-        self._quiet = quiet("wgvsock.services.control")
+        self._quiet = quiet(control_log.name)
         self._quiet.__enter__()
         self._old_hook = threading.excepthook
         threading.excepthook = self._hook
@@ -246,7 +247,7 @@ class ControlEnclaveTarget(Target):
 
     def __init__(self, rng: random.Random, workdir: Path) -> None:
         super().__init__(rng, workdir)
-        self._quiet = quiet("wgvsock.services.control")
+        self._quiet = quiet(control_log.name)
         self._quiet.__enter__()
 
     def close(self) -> None:
