@@ -3,8 +3,12 @@
 `control-parent` runs a real ControlServer in this process on a Unix socket in a private
 directory, with a constant nonce so that inputs can echo it and get past the nonce check, and
 plays a hostile enclave: each input is the whole byte stream one connection sends. Whatever
-the stream, the server must answer with well-formed frames only, send a welcome exactly when
-it installed the key, and end the connection without an exception escaping its thread.
+the stream, the server must answer with well-formed frames only and end the connection without
+an exception escaping its thread, and what it does must follow from the first message as
+`read_messages` reads it: a register whose fields all parse but whose nonce is not this
+connection's (a replay) is refused without asking the verifier; with the right nonce the
+verifier is asked about exactly the register's key, document and the nonce, and the key it
+accepts is the one installed, before a welcome; anything else gets no answer at all.
 
 `control-enclave` plays a hostile parent over a socketpair: the input is what the parent
 sends; the enclave runs register() and, once welcomed, hold_connection(). ControlError and
@@ -130,6 +134,54 @@ def parse_frames(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
+def read_messages(data: bytes) -> list[dict[str, Any]]:
+    """The messages at the start of `data` that the receiving side accepts (the rules of
+    control.read_message: a length of 1..MAX_MESSAGE, a whole body, a JSON object, an integer
+    version 1 and a string type), up to the first it does not."""
+    out = []
+    pos = 0
+    while len(data) - pos >= 4:
+        (n,) = _LEN.unpack_from(data, pos)
+        body = data[pos + 4:pos + 4 + n]
+        if not 0 < n <= MAX_MESSAGE or len(body) < n:
+            break
+        try:
+            msg = json.loads(body)
+        except (ValueError, RecursionError):
+            break
+        if not (isinstance(msg, dict) and type(msg.get("v")) is int and msg["v"] == 1
+                and isinstance(msg.get("type"), str)):
+            break
+        out.append(msg)
+        pos += 4 + n
+    return out
+
+
+def strict_b64(value: object, length: int | None = None) -> bytes | None:
+    """`value` decoded if it is base64 the control protocol takes (of `length` bytes), else
+    None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:  # binascii.Error, and non-ASCII text
+        return None
+    return raw if length is None or len(raw) == length else None
+
+
+def registration(msg: dict[str, Any]) -> tuple[bytes, bytes, bytes | None] | None:
+    """(nonce, public key, document or None) of a register whose fields all parse."""
+    if msg.get("type") != "register":
+        return None
+    nonce = strict_b64(msg.get("nonce"), NONCE_LEN)
+    key = strict_b64(msg.get("public_key"), 32)
+    document = msg.get("attestation")
+    raw = None if document is None else strict_b64(document)
+    if nonce is None or key is None or (document is not None and raw is None):
+        return None
+    return nonce, key, raw
+
+
 def _read_all(sock: socket.socket) -> bytes:
     out = bytearray()
     while True:
@@ -157,7 +209,8 @@ class ControlParentTarget(Target):
         self._quiet.__enter__()
         self._old_hook = threading.excepthook
         threading.excepthook = self._hook
-        self.installed = 0
+        self.verified: list[tuple[bytes, bytes | None, bytes]] = []
+        self.installed: list[bytes] = []
         self.path = str(workdir / "control.sock")
         with contextlib.suppress(FileNotFoundError):
             Path(self.path).unlink()
@@ -178,25 +231,41 @@ class ControlParentTarget(Target):
     def _hook(self, args: threading.ExceptHookArgs) -> None:
         self.escaped.append(f"{args.exc_type.__name__}: {args.exc_value} in {args.thread}")
 
+    @staticmethod
+    def accepts(attestation: bytes | None) -> bool:
+        """The fake verifier's decision: documents beginning 0x00 are refused, 0xFF ones make
+        it raise, anything else (and no document) passes."""
+        return not attestation or attestation[0] not in (0, 0xFF)
+
     def _verify(self, public_key: bytes, attestation: bytes | None, nonce: bytes) -> Verdict:
-        assert len(public_key) == 32 and nonce == NONCE, "verifier called with bad arguments"
+        # Recorded, not asserted here: the server turns a verifier's exception into a refusal.
+        self.verified.append((public_key, attestation, nonce))
         if attestation and attestation[0] == 0xFF:
             raise RuntimeError("a verifier bug")  # the server must refuse, not die
-        if attestation and attestation[0] == 0:
+        if not self.accepts(attestation):
             return Verdict(False, reason="attestation refused")
         return Verdict(True, attested=attestation is not None)
 
     def _install(self, public_key: bytes, verdict: Verdict) -> None:
-        assert verdict.accepted and len(public_key) == 32
-        self.installed += 1
+        self.installed.append(public_key if verdict.accepted else b"not accepted")
 
     def generate(self, rng: random.Random) -> tuple[str, bytes]:
         r = rng.random()
         if r < 0.1:
             return "random", random_bytes(rng, 400)
-        register_msg = {"v": 1, "type": "register", "nonce": b64(NONCE),
+        nonce = NONCE
+        r_nonce = rng.random()
+        if r_nonce < 0.1:  # a replay: another connection's nonce
+            nonce = rng.randbytes(NONCE_LEN)
+        elif r_nonce < 0.2:  # one bit off
+            bit = rng.randrange(8 * NONCE_LEN)
+            nonce = (int.from_bytes(NONCE) ^ 1 << bit).to_bytes(NONCE_LEN)
+        register_msg = {"v": 1, "type": "register", "nonce": b64(nonce),
                         "public_key": b64(rng.randbytes(32)),
-                        "attestation": rng.choice((None, b64(rng.randbytes(rng.randint(1, 64)))))}
+                        "attestation": rng.choice((
+                            None, b64(rng.randbytes(rng.randint(1, 64))),
+                            # what the fake verifier refuses, and what makes it raise
+                            b64(b"\x00" + rng.randbytes(8)), b64(b"\xff" + rng.randbytes(8))))}
         if r < 0.6:
             messages = [mutate_message(rng, register_msg)]
             kind = "register-mutated"
@@ -213,7 +282,8 @@ class ControlParentTarget(Target):
 
     def run(self, data: bytes) -> None:
         self.escaped.clear()
-        before = self.installed
+        self.verified.clear()
+        self.installed.clear()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(PEER_TIMEOUT)
             s.connect(self.path)
@@ -233,10 +303,33 @@ class ControlParentTarget(Target):
         messages = parse_frames(reply)
         types = [m.get("type") for m in messages]
         assert types[:1] == ["challenge"], f"server began with {types[:1]}"
-        welcomed = "welcome" in types
-        assert welcomed == (self.installed == before + 1), "welcome without install or back"
-        rest = types[2:] if welcomed or "refused" in types else types[1:]
-        assert set(rest) <= {"ping"}, f"unexpected messages {types}"
+        assert messages[0]["nonce"] == b64(NONCE), "a challenge with another nonce"
+        first = read_messages(data)[:1]
+        reg = registration(first[0]) if first else None
+        if reg is None:
+            assert types == ["challenge"], f"{types} for a first message that is no register"
+            assert not self.verified and not self.installed, "verified or installed anyway"
+            return
+        nonce, key, document = reg
+        if nonce != NONCE:
+            assert not self.verified, "a register with a wrong nonce went to the verifier"
+            assert not self.installed, "a register with a wrong nonce was installed"
+            assert types == ["challenge", "refused"], f"{types} for a wrong nonce"
+            return
+        assert self.verified == [(key, document, NONCE)], (
+            "the verifier was not asked exactly once, about the register's key and document "
+            f"and this connection's nonce ({len(self.verified)} calls)")
+        if not self.accepts(document):
+            assert not self.installed, "installed what the verifier refused"
+            assert types == ["challenge", "refused"], f"{types} after the verifier refused"
+            return
+        assert self.installed == [key], (
+            f"installed {[k.hex()[:16] for k in self.installed]}, registered {key.hex()[:16]}")
+        assert types[:2] == ["challenge", "welcome"], f"{types} for an accepted enclave"
+        assert set(types[2:]) <= {"ping"}, f"unexpected messages {types}"
+        welcome = messages[1]
+        assert (welcome.get("public_key"), welcome.get("wg_port"), welcome.get("attested")) == (
+            b64(b"\x07" * 32), 51820, document is not None), f"welcome {welcome}"
 
 
 class ControlEnclaveTarget(Target):
