@@ -12,7 +12,12 @@ accepts is the one installed, before a welcome; anything else gets no answer at 
 
 `control-enclave` plays a hostile parent over a socketpair: the input is what the parent
 sends; the enclave runs register() and, once welcomed, hold_connection(). ControlError and
-OSError are what the enclave's caller expects; anything else is a crash.
+OSError are what the enclave's caller expects; anything else is a crash. What it does must
+follow from the input as `read_messages` reads it: without a challenge carrying a 32-byte
+nonce it neither attests nor sends anything; with one, it has exactly that nonce and its own
+key attested and sends a register echoing the nonce with that key and document (an enclave
+attesting or echoing any other nonce would make a recorded registration replayable); it
+accepts exactly a well-formed welcome as the next message, and then sends only pings.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from wgvsock.services.control import (
     ControlError,
     ControlServer,
     Verdict,
+    Welcome,
     hold_connection,
     register,
 )
@@ -42,6 +48,7 @@ from .harness import Hang, Target, quiet
 from .mutate import TEXT_VALUES, havoc, mutate_text, random_bytes
 
 NONCE = bytes(range(NONCE_LEN))
+ENCLAVE_KEY = b"\x05" * 32
 KEYS = ("v", "type", "nonce", "public_key", "attestation", "wg_port", "attested", "reason",
         "profile")
 TYPES = ("challenge", "register", "welcome", "refused", "ping", "", "REGISTER", "x" * 100)
@@ -134,13 +141,13 @@ def parse_frames(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
-def read_messages(data: bytes) -> list[dict[str, Any]]:
-    """The messages at the start of `data` that the receiving side accepts (the rules of
-    control.read_message: a length of 1..MAX_MESSAGE, a whole body, a JSON object, an integer
-    version 1 and a string type), up to the first it does not."""
-    out = []
+def read_messages(data: bytes, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` messages at the start of `data` that the receiving side accepts (the
+    rules of control.read_message: a length of 1..MAX_MESSAGE, a whole body, a JSON object, an
+    integer version 1 and a string type), up to the first it does not."""
+    out: list[dict[str, Any]] = []
     pos = 0
-    while len(data) - pos >= 4:
+    while len(data) - pos >= 4 and len(out) < limit:
         (n,) = _LEN.unpack_from(data, pos)
         body = data[pos + 4:pos + 4 + n]
         if not 0 < n <= MAX_MESSAGE or len(body) < n:
@@ -304,7 +311,7 @@ class ControlParentTarget(Target):
         types = [m.get("type") for m in messages]
         assert types[:1] == ["challenge"], f"server began with {types[:1]}"
         assert messages[0]["nonce"] == b64(NONCE), "a challenge with another nonce"
-        first = read_messages(data)[:1]
+        first = read_messages(data, 1)
         reg = registration(first[0]) if first else None
         if reg is None:
             assert types == ["challenge"], f"{types} for a first message that is no register"
@@ -354,7 +361,9 @@ class ControlEnclaveTarget(Target):
                      "profile": "fuzz"}
         answer: dict[str, Any] = rng.choice((
             {"v": 1, "type": "welcome", "public_key": b64(rng.randbytes(32)),
-             "wg_port": rng.choice((51820, 1, 2**32 - 1)), "attested": rng.random() < 0.5},
+             "wg_port": rng.choice((51820, 1, 2**32 - 1)),
+             "attested": rng.random() < 0.5 if rng.random() < 0.9 else rng.choice(
+                 ("false", "true", 0, 1, None))},
             {"v": 1, "type": "refused", "reason": rng.choice(TEXT_VALUES)},
         ))
         if r < 0.35:
@@ -370,18 +379,59 @@ class ControlEnclaveTarget(Target):
                          for _ in range(rng.randint(1, 3))]
         return kind, encode_stream(rng, messages)
 
+    @staticmethod
+    def document(nonce: bytes, public_key: bytes) -> bytes | None:
+        """The fake NSM's attestation: none for a quarter of the nonces (no NSM device), else
+        bytes that name what was attested."""
+        return None if nonce[0] < 64 else b"doc:" + nonce + public_key
+
     def run(self, data: bytes) -> None:
+        attested: list[tuple[bytes, bytes]] = []
+
+        def attest(nonce: bytes, public_key: bytes) -> bytes | None:
+            attested.append((nonce, public_key))
+            return self.document(nonce, public_key)
+
         parent, enclave = socket.socketpair()
         with parent, enclave:
             parent.settimeout(PEER_TIMEOUT)
             parent.sendall(data)
             parent.shutdown(socket.SHUT_WR)
-            welcome = register(enclave, b"\x05" * 32, lambda nonce, key: b"doc", timeout=1.0)
-            assert len(welcome.parent_public_key) == 32, "welcome with a bad key"
-            assert type(welcome.wg_port) is int and 0 < welcome.wg_port < 2**32, (
-                f"welcome with port {welcome.wg_port!r}")
-            why = hold_connection(enclave, threading.Event())
-            assert isinstance(why, str)
+            refusal: ControlError | None = None
+            try:
+                welcome = register(enclave, ENCLAVE_KEY, attest, timeout=1.0)
+            except ControlError as e:
+                refusal = e
+            else:
+                why = hold_connection(enclave, threading.Event())
+                assert isinstance(why, str)
             enclave.shutdown(socket.SHUT_WR)
             sent = parse_frames(_read_all(parent))
-            assert [m.get("type") for m in sent][:1] == ["register"], "enclave sent no register"
+
+        messages = read_messages(data, 2)  # the challenge and the answer
+        nonce = None
+        if messages and messages[0]["type"] == "challenge":
+            nonce = strict_b64(messages[0].get("nonce"), NONCE_LEN)
+        if nonce is None:
+            assert not attested and not sent, "attested or sent without a challenge"
+            assert refusal is not None, "registered without a challenge"
+            raise refusal
+        assert attested == [(nonce, ENCLAVE_KEY)], (
+            "attest was not called exactly once with the challenge's nonce and the enclave's "
+            f"key ({len(attested)} calls)")
+        document = self.document(nonce, ENCLAVE_KEY)
+        assert sent[:1] == [{"v": 1, "type": "register", "nonce": b64(nonce),
+                             "public_key": b64(ENCLAVE_KEY),
+                             "attestation": None if document is None else b64(document)}], (
+            f"the register is not the challenge's nonce, the key and the document: {sent[:1]}")
+        expected = messages[1] if len(messages) > 1 else {}
+        parent_key = strict_b64(expected.get("public_key"), 32)
+        port, verdict = expected.get("wg_port"), expected.get("attested")
+        if (expected.get("type") != "welcome" or parent_key is None or type(port) is not int
+                or not 0 < port < 2**32 or type(verdict) is not bool):
+            assert refusal is not None, f"registered on a malformed welcome {str(expected)[:200]}"
+            assert [m.get("type") for m in sent] == ["register"], "sent more after no welcome"
+            raise refusal
+        assert refusal is None, f"refused a well-formed welcome: {refusal}"
+        assert welcome == Welcome(parent_key, port, verdict), f"{welcome} from {expected}"
+        assert {m.get("type") for m in sent[1:]} == {"ping"}, "not only pings after the welcome"
