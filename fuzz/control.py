@@ -3,12 +3,21 @@
 `control-parent` runs a real ControlServer in this process on a Unix socket in a private
 directory, with a constant nonce so that inputs can echo it and get past the nonce check, and
 plays a hostile enclave: each input is the whole byte stream one connection sends. Whatever
-the stream, the server must answer with well-formed frames only, send a welcome exactly when
-it installed the key, and end the connection without an exception escaping its thread.
+the stream, the server must answer with well-formed frames only and end the connection without
+an exception escaping its thread, and what it does must follow from the first message as
+`read_messages` reads it: a register whose fields all parse but whose nonce is not this
+connection's (a replay) is refused without asking the verifier; with the right nonce the
+verifier is asked about exactly the register's key, document and the nonce, and the key it
+accepts is the one installed, before a welcome; anything else gets no answer at all.
 
 `control-enclave` plays a hostile parent over a socketpair: the input is what the parent
 sends; the enclave runs register() and, once welcomed, hold_connection(). ControlError and
-OSError are what the enclave's caller expects; anything else is a crash.
+OSError are what the enclave's caller expects; anything else is a crash. What it does must
+follow from the input as `read_messages` reads it: without a challenge carrying a 32-byte
+nonce it neither attests nor sends anything; with one, it has exactly that nonce and its own
+key attested and sends a register echoing the nonce with that key and document (an enclave
+attesting or echoing any other nonce would make a recorded registration replayable); it
+accepts exactly a well-formed welcome as the next message, and then sends only pings.
 """
 
 from __future__ import annotations
@@ -29,14 +38,17 @@ from wgvsock.services.control import (
     ControlError,
     ControlServer,
     Verdict,
+    Welcome,
     hold_connection,
     register,
 )
+from wgvsock.services.control import log as control_log
 
 from .harness import Hang, Target, quiet
 from .mutate import TEXT_VALUES, havoc, mutate_text, random_bytes
 
 NONCE = bytes(range(NONCE_LEN))
+ENCLAVE_KEY = b"\x05" * 32
 KEYS = ("v", "type", "nonce", "public_key", "attestation", "wg_port", "attested", "reason",
         "profile")
 TYPES = ("challenge", "register", "welcome", "refused", "ping", "", "REGISTER", "x" * 100)
@@ -129,6 +141,54 @@ def parse_frames(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
+def read_messages(data: bytes, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` messages at the start of `data` that the receiving side accepts (the
+    rules of control.read_message: a length of 1..MAX_MESSAGE, a whole body, a JSON object, an
+    integer version 1 and a string type), up to the first it does not."""
+    out: list[dict[str, Any]] = []
+    pos = 0
+    while len(data) - pos >= 4 and len(out) < limit:
+        (n,) = _LEN.unpack_from(data, pos)
+        body = data[pos + 4:pos + 4 + n]
+        if not 0 < n <= MAX_MESSAGE or len(body) < n:
+            break
+        try:
+            msg = json.loads(body)
+        except (ValueError, RecursionError):
+            break
+        if not (isinstance(msg, dict) and type(msg.get("v")) is int and msg["v"] == 1
+                and isinstance(msg.get("type"), str)):
+            break
+        out.append(msg)
+        pos += 4 + n
+    return out
+
+
+def strict_b64(value: object, length: int | None = None) -> bytes | None:
+    """`value` decoded if it is base64 the control protocol takes (of `length` bytes), else
+    None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:  # binascii.Error, and non-ASCII text
+        return None
+    return raw if length is None or len(raw) == length else None
+
+
+def registration(msg: dict[str, Any]) -> tuple[bytes, bytes, bytes | None] | None:
+    """(nonce, public key, document or None) of a register whose fields all parse."""
+    if msg.get("type") != "register":
+        return None
+    nonce = strict_b64(msg.get("nonce"), NONCE_LEN)
+    key = strict_b64(msg.get("public_key"), 32)
+    document = msg.get("attestation")
+    raw = None if document is None else strict_b64(document)
+    if nonce is None or key is None or (document is not None and raw is None):
+        return None
+    return nonce, key, raw
+
+
 def _read_all(sock: socket.socket) -> bytes:
     out = bytearray()
     while True:
@@ -152,11 +212,12 @@ class ControlParentTarget(Target):
     def __init__(self, rng: random.Random, workdir: Path) -> None:
         super().__init__(rng, workdir)
         self.escaped: list[str] = []
-        self._quiet = quiet("wgvsock.services.control")
+        self._quiet = quiet(control_log.name)
         self._quiet.__enter__()
         self._old_hook = threading.excepthook
         threading.excepthook = self._hook
-        self.installed = 0
+        self.verified: list[tuple[bytes, bytes | None, bytes]] = []
+        self.installed: list[bytes] = []
         self.path = str(workdir / "control.sock")
         with contextlib.suppress(FileNotFoundError):
             Path(self.path).unlink()
@@ -177,25 +238,41 @@ class ControlParentTarget(Target):
     def _hook(self, args: threading.ExceptHookArgs) -> None:
         self.escaped.append(f"{args.exc_type.__name__}: {args.exc_value} in {args.thread}")
 
+    @staticmethod
+    def accepts(attestation: bytes | None) -> bool:
+        """The fake verifier's decision: documents beginning 0x00 are refused, 0xFF ones make
+        it raise, anything else (and no document) passes."""
+        return not attestation or attestation[0] not in (0, 0xFF)
+
     def _verify(self, public_key: bytes, attestation: bytes | None, nonce: bytes) -> Verdict:
-        assert len(public_key) == 32 and nonce == NONCE, "verifier called with bad arguments"
+        # Recorded, not asserted here: the server turns a verifier's exception into a refusal.
+        self.verified.append((public_key, attestation, nonce))
         if attestation and attestation[0] == 0xFF:
             raise RuntimeError("a verifier bug")  # the server must refuse, not die
-        if attestation and attestation[0] == 0:
+        if not self.accepts(attestation):
             return Verdict(False, reason="attestation refused")
         return Verdict(True, attested=attestation is not None)
 
     def _install(self, public_key: bytes, verdict: Verdict) -> None:
-        assert verdict.accepted and len(public_key) == 32
-        self.installed += 1
+        self.installed.append(public_key if verdict.accepted else b"not accepted")
 
     def generate(self, rng: random.Random) -> tuple[str, bytes]:
         r = rng.random()
         if r < 0.1:
             return "random", random_bytes(rng, 400)
-        register_msg = {"v": 1, "type": "register", "nonce": b64(NONCE),
+        nonce = NONCE
+        r_nonce = rng.random()
+        if r_nonce < 0.1:  # a replay: another connection's nonce
+            nonce = rng.randbytes(NONCE_LEN)
+        elif r_nonce < 0.2:  # one bit off
+            bit = rng.randrange(8 * NONCE_LEN)
+            nonce = (int.from_bytes(NONCE) ^ 1 << bit).to_bytes(NONCE_LEN)
+        register_msg = {"v": 1, "type": "register", "nonce": b64(nonce),
                         "public_key": b64(rng.randbytes(32)),
-                        "attestation": rng.choice((None, b64(rng.randbytes(rng.randint(1, 64)))))}
+                        "attestation": rng.choice((
+                            None, b64(rng.randbytes(rng.randint(1, 64))),
+                            # what the fake verifier refuses, and what makes it raise
+                            b64(b"\x00" + rng.randbytes(8)), b64(b"\xff" + rng.randbytes(8))))}
         if r < 0.6:
             messages = [mutate_message(rng, register_msg)]
             kind = "register-mutated"
@@ -212,7 +289,8 @@ class ControlParentTarget(Target):
 
     def run(self, data: bytes) -> None:
         self.escaped.clear()
-        before = self.installed
+        self.verified.clear()
+        self.installed.clear()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(PEER_TIMEOUT)
             s.connect(self.path)
@@ -232,10 +310,33 @@ class ControlParentTarget(Target):
         messages = parse_frames(reply)
         types = [m.get("type") for m in messages]
         assert types[:1] == ["challenge"], f"server began with {types[:1]}"
-        welcomed = "welcome" in types
-        assert welcomed == (self.installed == before + 1), "welcome without install or back"
-        rest = types[2:] if welcomed or "refused" in types else types[1:]
-        assert set(rest) <= {"ping"}, f"unexpected messages {types}"
+        assert messages[0]["nonce"] == b64(NONCE), "a challenge with another nonce"
+        first = read_messages(data, 1)
+        reg = registration(first[0]) if first else None
+        if reg is None:
+            assert types == ["challenge"], f"{types} for a first message that is no register"
+            assert not self.verified and not self.installed, "verified or installed anyway"
+            return
+        nonce, key, document = reg
+        if nonce != NONCE:
+            assert not self.verified, "a register with a wrong nonce went to the verifier"
+            assert not self.installed, "a register with a wrong nonce was installed"
+            assert types == ["challenge", "refused"], f"{types} for a wrong nonce"
+            return
+        assert self.verified == [(key, document, NONCE)], (
+            "the verifier was not asked exactly once, about the register's key and document "
+            f"and this connection's nonce ({len(self.verified)} calls)")
+        if not self.accepts(document):
+            assert not self.installed, "installed what the verifier refused"
+            assert types == ["challenge", "refused"], f"{types} after the verifier refused"
+            return
+        assert self.installed == [key], (
+            f"installed {[k.hex()[:16] for k in self.installed]}, registered {key.hex()[:16]}")
+        assert types[:2] == ["challenge", "welcome"], f"{types} for an accepted enclave"
+        assert set(types[2:]) <= {"ping"}, f"unexpected messages {types}"
+        welcome = messages[1]
+        assert (welcome.get("public_key"), welcome.get("wg_port"), welcome.get("attested")) == (
+            b64(b"\x07" * 32), 51820, document is not None), f"welcome {welcome}"
 
 
 class ControlEnclaveTarget(Target):
@@ -246,7 +347,7 @@ class ControlEnclaveTarget(Target):
 
     def __init__(self, rng: random.Random, workdir: Path) -> None:
         super().__init__(rng, workdir)
-        self._quiet = quiet("wgvsock.services.control")
+        self._quiet = quiet(control_log.name)
         self._quiet.__enter__()
 
     def close(self) -> None:
@@ -260,7 +361,9 @@ class ControlEnclaveTarget(Target):
                      "profile": "fuzz"}
         answer: dict[str, Any] = rng.choice((
             {"v": 1, "type": "welcome", "public_key": b64(rng.randbytes(32)),
-             "wg_port": rng.choice((51820, 1, 2**32 - 1)), "attested": rng.random() < 0.5},
+             "wg_port": rng.choice((51820, 1, 2**32 - 1)),
+             "attested": rng.random() < 0.5 if rng.random() < 0.9 else rng.choice(
+                 ("false", "true", 0, 1, None))},
             {"v": 1, "type": "refused", "reason": rng.choice(TEXT_VALUES)},
         ))
         if r < 0.35:
@@ -276,18 +379,59 @@ class ControlEnclaveTarget(Target):
                          for _ in range(rng.randint(1, 3))]
         return kind, encode_stream(rng, messages)
 
+    @staticmethod
+    def document(nonce: bytes, public_key: bytes) -> bytes | None:
+        """The fake NSM's attestation: none for a quarter of the nonces (no NSM device), else
+        bytes that name what was attested."""
+        return None if nonce[0] < 64 else b"doc:" + nonce + public_key
+
     def run(self, data: bytes) -> None:
+        attested: list[tuple[bytes, bytes]] = []
+
+        def attest(nonce: bytes, public_key: bytes) -> bytes | None:
+            attested.append((nonce, public_key))
+            return self.document(nonce, public_key)
+
         parent, enclave = socket.socketpair()
         with parent, enclave:
             parent.settimeout(PEER_TIMEOUT)
             parent.sendall(data)
             parent.shutdown(socket.SHUT_WR)
-            welcome = register(enclave, b"\x05" * 32, lambda nonce, key: b"doc", timeout=1.0)
-            assert len(welcome.parent_public_key) == 32, "welcome with a bad key"
-            assert type(welcome.wg_port) is int and 0 < welcome.wg_port < 2**32, (
-                f"welcome with port {welcome.wg_port!r}")
-            why = hold_connection(enclave, threading.Event())
-            assert isinstance(why, str)
+            refusal: ControlError | None = None
+            try:
+                welcome = register(enclave, ENCLAVE_KEY, attest, timeout=1.0)
+            except ControlError as e:
+                refusal = e
+            else:
+                why = hold_connection(enclave, threading.Event())
+                assert isinstance(why, str)
             enclave.shutdown(socket.SHUT_WR)
             sent = parse_frames(_read_all(parent))
-            assert [m.get("type") for m in sent][:1] == ["register"], "enclave sent no register"
+
+        messages = read_messages(data, 2)  # the challenge and the answer
+        nonce = None
+        if messages and messages[0]["type"] == "challenge":
+            nonce = strict_b64(messages[0].get("nonce"), NONCE_LEN)
+        if nonce is None:
+            assert not attested and not sent, "attested or sent without a challenge"
+            assert refusal is not None, "registered without a challenge"
+            raise refusal
+        assert attested == [(nonce, ENCLAVE_KEY)], (
+            "attest was not called exactly once with the challenge's nonce and the enclave's "
+            f"key ({len(attested)} calls)")
+        document = self.document(nonce, ENCLAVE_KEY)
+        assert sent[:1] == [{"v": 1, "type": "register", "nonce": b64(nonce),
+                             "public_key": b64(ENCLAVE_KEY),
+                             "attestation": None if document is None else b64(document)}], (
+            f"the register is not the challenge's nonce, the key and the document: {sent[:1]}")
+        expected = messages[1] if len(messages) > 1 else {}
+        parent_key = strict_b64(expected.get("public_key"), 32)
+        port, verdict = expected.get("wg_port"), expected.get("attested")
+        if (expected.get("type") != "welcome" or parent_key is None or type(port) is not int
+                or not 0 < port < 2**32 or type(verdict) is not bool):
+            assert refusal is not None, f"registered on a malformed welcome {str(expected)[:200]}"
+            assert [m.get("type") for m in sent] == ["register"], "sent more after no welcome"
+            raise refusal
+        assert refusal is None, f"refused a well-formed welcome: {refusal}"
+        assert welcome == Welcome(parent_key, port, verdict), f"{welcome} from {expected}"
+        assert {m.get("type") for m in sent[1:]} == {"ping"}, "not only pings after the welcome"

@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -88,6 +89,32 @@ def test_register_round_trip(server):
     key, doc, nonce = rec.seen[0]
     assert key == b"E" * 32 and doc == b"doc:" + nonce and len(nonce) == 32
     assert rec.installed == [b"E" * 32]
+
+
+@contextlib.contextmanager
+def _welcome_with(**fields) -> Iterator[socket.socket]:
+    """The enclave's end of a socketpair on which a parent sent a challenge and a welcome."""
+    parent, enclave = socket.socketpair()
+    with parent, enclave:
+        parent.sendall(frame({"v": 1, "type": "challenge", "profile": "demo",
+                              "nonce": base64.b64encode(b"n" * 32).decode()}))
+        parent.sendall(frame({"v": 1, "type": "welcome", "wg_port": 51820,
+                              "public_key": base64.b64encode(b"P" * 32).decode(), **fields}))
+        yield enclave
+
+
+@pytest.mark.parametrize("attested", [True, False])
+def test_welcome_says_whether_the_enclave_was_attested(attested):
+    with _welcome_with(attested=attested) as enclave:
+        assert register(enclave, b"E" * 32, timeout=5).attested is attested
+
+
+@pytest.mark.parametrize("fields", [{"attested": "false"}, {"attested": "true"},
+                                    {"attested": 1}, {"attested": 0}, {"attested": None}, {}])
+def test_welcome_whose_attested_is_not_a_boolean_is_refused(fields):
+    # bool(...) read the string "false" as attested; the protocol says a boolean.
+    with _welcome_with(**fields) as enclave, pytest.raises(ControlError, match="attested"):
+        register(enclave, b"E" * 32, timeout=5)
 
 
 def test_refusal_is_reported_and_nothing_installed(server):

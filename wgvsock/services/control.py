@@ -434,5 +434,8 @@ def register(
     # bool is an int in Python; JSON's true must not pass for port 1.
     if type(port) is not int or not 0 < port < 2**32:
         raise ControlError("welcome: wg_port missing or out of range")
+    attested = msg.get("attested")
+    if type(attested) is not bool:  # the string "false" must not read as attested
+        raise ControlError("welcome: attested missing or not a boolean")
     assert parent_key is not None
-    return Welcome(parent_key, port, bool(msg.get("attested")))
+    return Welcome(parent_key, port, attested)
