@@ -31,6 +31,7 @@ from pathlib import Path
 
 from wgvsock.conn import StreamBind
 from wgvsock.device.device import Device
+from wgvsock.device.device import log as device_log
 from wgvsock.device.uapi import (
     DeviceConfig,
     DeviceStatus,
@@ -396,7 +397,9 @@ class UAPIServerTarget(Target):
         # The server and device log every bad request and port change; the output is the table.
         # (The server's own log keeps its level: its errors are the findings.)
         self._propagate, self.log.propagate = self.log.propagate, False
-        self._quiet = [quiet("wgvsock.device.device"), quiet("wgvsock.conn")]
+        # Its level set here, so that quieting the device's logger (its parent) leaves it be.
+        self._level, self.log.level = self.log.level, logging.ERROR
+        self._quiet = [quiet(device_log.name), quiet("wgvsock.conn")]
         for q in self._quiet:
             q.__enter__()
         self.server = UAPIServer("fz0", _Checked(self.device), str(workdir / "run"),
@@ -406,7 +409,7 @@ class UAPIServerTarget(Target):
         self.server.close()
         self.bind.close()
         self.log.removeHandler(self.errors)
-        self.log.propagate = self._propagate
+        self.log.propagate, self.log.level = self._propagate, self._level
         for q in self._quiet:
             q.__exit__(None, None, None)
 
