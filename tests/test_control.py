@@ -125,6 +125,22 @@ def test_refusal_is_reported_and_nothing_installed(server):
     assert rec.installed == []
 
 
+def test_a_parents_refusal_reason_reaches_the_log_escaped_and_cut_short():
+    # The parent is outside the enclave's trust: 64 KiB of reason with line breaks in it must
+    # not become 64 KiB of forged log lines.
+    reason = "verifier error: PCR0 mismatch\nINFO enclave: attested, all fine\n" + "x" * 60000
+    parent, enclave = socket.socketpair()
+    with parent, enclave:
+        parent.sendall(frame({"v": 1, "type": "challenge", "profile": "demo",
+                              "nonce": base64.b64encode(b"n" * 32).decode()}))
+        parent.sendall(frame({"v": 1, "type": "refused", "reason": reason}))
+        with pytest.raises(ControlError) as e:
+            register(enclave, b"E" * 32, timeout=5)
+    text = str(e.value)
+    assert text.startswith("parent refused this enclave: verifier error: PCR0 mismatch\\nINFO")
+    assert "\n" not in text and len(text) < 400 and text.endswith("... (60065 chars)")
+
+
 def test_replayed_nonce_is_refused(server):
     path, _srv, rec = server
     with dial(path) as s:

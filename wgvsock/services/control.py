@@ -127,6 +127,16 @@ def _quote(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
+def _prose(value: object, limit: int = 300) -> str:
+    """The other side's sentence (a refusal's reason) for an error and a log line: as it is,
+    but with line breaks and other control characters escaped, so that it cannot forge log
+    lines, and cut short."""
+    text = value if isinstance(value, str) else repr(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
 def _b64(msg: dict, key: str, length: int | None = None, optional: bool = False) -> bytes | None:
     value = msg.get(key)
     if value is None and optional:
@@ -426,7 +436,7 @@ def register(
     })
     msg = read_message(conn, deadline)
     if msg["type"] == "refused":
-        raise ControlError(f"parent refused this enclave: {msg.get('reason', '?')}")
+        raise ControlError(f"parent refused this enclave: {_prose(msg.get('reason', '?'))}")
     if msg["type"] != "welcome":
         raise ControlError(f"expected welcome, got {_quote(msg['type'])}")
     parent_key = _b64(msg, "public_key", 32)
