@@ -38,7 +38,7 @@ def test_short_fuzz(name: str, tmp_path: Path) -> None:
     assert not result.findings, failures
     assert result.inputs == SHORT[name]
     # Every generator of the target got its turn.
-    generators = {"core": 7, "framing": 4, "uapi-server": 6, "uapi-set": 4, "uapi-get": 3,
+    generators = {"core": 10, "framing": 4, "uapi-server": 6, "uapi-set": 4, "uapi-get": 3,
                   "control-parent": 4, "control-enclave": 5, "profile": 5}
     assert len(result.kinds) == generators[name], result.kinds
 
