@@ -153,6 +153,18 @@ def test_wrong_root(ca, other_ca, good):
     assert fingerprint(ca.root_cert) in e.reason and fingerprint(other_ca.root_cert) in e.reason
 
 
+def test_what_a_document_says_of_itself_reaches_a_reason_escaped_and_short(ca):
+    # A hostile enclave chooses its certificates' subjects and its field values; the reason
+    # is logged by the parent and sent back: no forged lines, no terminal escapes, no 64 KiB.
+    forged = make_test_ca(name="x\n2026 WARNING control: registered\x1b[2J")
+    e = refused(make_document(forged), "untrusted-root", ca.root_cert)
+    assert "\\n2026 WARNING control" in e.reason and "\\x1b[2J" in e.reason
+    assert e.reason.isprintable()
+    e = refused(with_payload(make_document(ca), lambda p: p.update(digest=b"\n" * 12000)),
+                "invalid-field", ca.root_cert)
+    assert e.reason.isprintable() and len(e.reason) < 120
+
+
 def test_test_documents_are_not_trusted_by_the_aws_root(good):
     refused(good, "untrusted-root", None)
 
@@ -765,6 +777,18 @@ def test_cli_verify_expectation_failures(files, capsys):
     code, _, err = run(["verify", files["good"], "--root", files["root"],
                         "--nonce", "00" * 32], capsys)
     assert code == 1 and "(nonce-mismatch)" in err
+
+
+def test_cli_verify_prints_a_hostile_documents_words_escaped(ca, tmp_path, capsys):
+    # Shown to an operator's terminal: a module_id that hides the REFUSED line (\x1b[8m) or
+    # writes a line of its own must not do either.
+    path = tmp_path / "hostile.cose"
+    path.write_bytes(make_document(ca, module_id="i-1\nverified: yes\x1b[8m", nonce=NONCE))
+    code, out, err = run(["verify", str(path), "--root", str(ca.write_root(tmp_path)),
+                          "--nonce", "00" * 32], capsys)
+    assert code == 1 and "REFUSED (nonce-mismatch)" in err
+    assert "module:      i-1\\nverified: yes\\x1b[8m" in out
+    assert "\x1b" not in out + err and "\nverified: yes" not in out
 
 
 def test_cli_verify_default_root_is_aws(files, capsys, monkeypatch):

@@ -6,6 +6,7 @@ import base64
 import collections
 import contextlib
 import json
+import logging
 import socket
 import struct
 import threading
@@ -28,13 +29,15 @@ from wgvsock.services.control import (
 class Recorder:
     def __init__(self, accept: bool = True) -> None:
         self.accept = accept
+        self.reason = "no"
         self.installed: list[bytes] = []
         self.seen: list[tuple[bytes, bytes | None, bytes]] = []
         self.event = threading.Event()
 
     def verify(self, key, doc, nonce):
         self.seen.append((key, doc, nonce))
-        return Verdict(self.accept, attested=doc is not None, reason="" if self.accept else "no")
+        return Verdict(self.accept, attested=doc is not None,
+                       reason="" if self.accept else self.reason)
 
     def install(self, key, verdict):
         self.installed.append(key)
@@ -139,6 +142,23 @@ def test_a_parents_refusal_reason_reaches_the_log_escaped_and_cut_short():
     text = str(e.value)
     assert text.startswith("parent refused this enclave: verifier error: PCR0 mismatch\\nINFO")
     assert "\n" not in text and len(text) < 400 and text.endswith("... (60065 chars)")
+
+
+def test_a_refusal_reason_from_the_enclaves_document_is_logged_and_sent_escaped(
+    server, caplog,
+):
+    # The verifier's reason quotes the enclave's own document (a certificate subject): the
+    # parent's log line and the refusal it sends back carry it escaped and cut short.
+    path, _srv, rec = server
+    rec.accept = False
+    rec.reason = "bad-chain: 'CN=x\nINFO control: enclave registered\x1b[2J'" + "y" * 9000
+    with caplog.at_level(logging.WARNING, logger="wgvsock.control"), dial(path) as s, \
+            pytest.raises(ControlError) as e:
+        register(s, b"E" * 32)
+    logged = [r.getMessage() for r in caplog.records if "refused an enclave" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].isprintable() and len(logged[0]) < 600
+    assert "CN=x\\nINFO control: enclave registered\\x1b[2J" in logged[0]
+    assert str(e.value).isprintable() and "... (" in str(e.value)
 
 
 def test_replayed_nonce_is_refused(server):

@@ -13,6 +13,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from ..safetext import prose
 from .verify import (
     AttestationError,
     Document,
@@ -80,8 +81,10 @@ def _document_bytes(data: bytes) -> bytes:
 
 
 def _human(doc: Document) -> str:
+    # For a terminal: what the document says of itself (module_id, certificate subjects) is
+    # escaped, so a hostile document cannot hide or forge lines (the JSON form escapes anyway).
     lines = [
-        f"module:      {doc.module_id}",
+        f"module:      {prose(doc.module_id, 200)}",
         f"time:        {iso_time(doc.time)} (timestamp {doc.timestamp} ms)",
         f"digest:      {doc.digest}",
     ]
@@ -104,7 +107,7 @@ def _human(doc: Document) -> str:
                      f"({len(doc.user_data)} bytes)")
     for cert in doc.to_json()["certificates"]:
         lines.append(f"{'certificate:' if cert['role'] == 'leaf' else 'ca:':<12} "
-                     f"{cert['subject'] or '(unparsable)'}"
+                     f"{prose(cert['subject'], 200) if cert['subject'] else '(unparsable)'}"
                      + (f", valid {cert['not_before']} .. {cert['not_after']}"
                         if cert["subject"] else ""))
     return "\n".join(lines)
@@ -155,7 +158,8 @@ def _verify(args: argparse.Namespace) -> int:
         else:
             if e.document is not None:
                 print(_human(e.document))
-            print(f"wgvsock attest verify: REFUSED ({e.code}): {e.reason}", file=sys.stderr)
+            print(f"wgvsock attest verify: REFUSED ({e.code}): {prose(e.reason, 1000)}",
+                  file=sys.stderr)
         return EXIT_REFUSED
     if args.json:
         out: dict[str, Any] = {"ok": True, "root": root_text, "checked": checked,

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from ..safetext import prose, quote
 from ..services.control import Verdict
 
 log = logging.getLogger("wgvsock.attestation")
@@ -154,7 +155,9 @@ def iso_time(t: datetime) -> str:
 
 
 def _name(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
+    # The document's own certificates name themselves: their subject goes into reasons that
+    # are logged and sent back, so it is escaped (rfc4514_string lets line breaks through).
+    return prose(cert.subject.rfc4514_string(), 200) or "(empty subject)"
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -273,7 +276,7 @@ def _cose(data: bytes) -> _Signed:
                                "the protected header names no signature algorithm")
     if type(alg) is not int or alg != ES384:
         raise AttestationError("unsupported-algorithm",
-                               f"the signature algorithm is {alg!r}, not ES384 ({ES384})")
+                               f"the signature algorithm is {quote(alg)}, not ES384 ({ES384})")
     return _Signed(protected, payload, signature, _payload(payload))
 
 
@@ -305,10 +308,10 @@ def _payload(raw: bytes) -> Document:
         raise AttestationError("invalid-field", "module_id is not a non-empty text string")
     digest = p["digest"]
     if digest != "SHA384":
-        raise AttestationError("invalid-field", f"digest is {digest!r}, not 'SHA384'")
+        raise AttestationError("invalid-field", f"digest is {quote(digest)}, not 'SHA384'")
     timestamp = p["timestamp"]
     if not isinstance(timestamp, int) or isinstance(timestamp, bool) or timestamp <= 0:
-        raise AttestationError("invalid-field", f"timestamp {timestamp!r} is not a positive "
+        raise AttestationError("invalid-field", f"timestamp {quote(timestamp)} is not a positive "
                                                 "integer")
     try:
         datetime.fromtimestamp(timestamp / 1000, UTC)
@@ -321,7 +324,7 @@ def _payload(raw: bytes) -> Document:
     pcrs: dict[int, bytes] = {}
     for index, value in raw_pcrs.items():
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < _PCR_COUNT:
-            raise AttestationError("invalid-field", f"pcrs has an entry {index!r} that is not "
+            raise AttestationError("invalid-field", f"pcrs has an entry {quote(index)} that is not "
                                                     f"an index 0..{_PCR_COUNT - 1}")
         if not isinstance(value, bytes) or len(value) not in _PCR_SIZES:
             raise AttestationError("invalid-field", f"PCR{index} is not a byte string of 32, "
@@ -576,9 +579,9 @@ def verify_document(
     except Exception as e:
         # Every check above names its own failure; this only keeps the promise that hostile
         # input yields AttestationError, should a library raise something unforeseen.
-        log.warning("attestation: unexpected %s while verifying: %s", type(e).__name__, e)
-        raise AttestationError("malformed", f"the document could not be verified: "
-                                            f"{type(e).__name__}: {e}") from None
+        why = f"{type(e).__name__}: {prose(str(e))}"
+        log.warning("attestation: unexpected %s while verifying", why)
+        raise AttestationError("malformed", f"the document could not be verified: {why}") from None
 
 
 def _verify(data: bytes, trusted: x509.Certificate, when: datetime | None, now: datetime,

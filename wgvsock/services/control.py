@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..conn.bind import RateLimitedLog
+from ..safetext import prose, quote
 from ..threads import Survivor
 
 log = logging.getLogger("wgvsock.control")
@@ -113,28 +114,11 @@ def read_message(sock: socket.socket, deadline: float) -> dict:
     version = msg.get("v")
     # `type(...) is int`: 1.0 and true compare equal to 1 but are not the version.
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ControlError(f"unsupported protocol version {_quote(version)} (this side "
+        raise ControlError(f"unsupported protocol version {quote(version)} (this side "
                            f"speaks {PROTOCOL_VERSION})")
     if not isinstance(msg.get("type"), str):
         raise ControlError("message has no type")
     return msg
-
-
-def _quote(value: object, limit: int = 40) -> str:
-    """The other side's value for a log line: repr'd and cut short, so a hostile peer cannot
-    fill the log with 64 KiB per connection."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
-
-
-def _prose(value: object, limit: int = 300) -> str:
-    """The other side's sentence (a refusal's reason) for an error and a log line: as it is,
-    but with line breaks and other control characters escaped, so that it cannot forge log
-    lines, and cut short."""
-    text = value if isinstance(value, str) else repr(value)
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _b64(msg: dict, key: str, length: int | None = None, optional: bool = False) -> bytes | None:
@@ -335,7 +319,7 @@ class ControlServer:
         _send(conn, {"type": "challenge", "nonce": _text(nonce), "profile": self._profile})
         msg = read_message(conn, deadline)
         if msg["type"] != "register":
-            raise ControlError(f"expected register, got {_quote(msg['type'])}")
+            raise ControlError(f"expected register, got {quote(msg['type'])}")
         echoed = _b64(msg, "nonce", NONCE_LEN)
         public_key = _b64(msg, "public_key", 32)
         attestation = _b64(msg, "attestation", optional=True)
@@ -351,8 +335,10 @@ class ControlServer:
                 verdict = Verdict(False, reason=f"verifier error: {e}")
         self.last_verdict = verdict
         if not verdict.accepted:
-            log.warning("control: refused an enclave: %s", verdict.reason)
-            _send(conn, {"type": "refused", "reason": verdict.reason})
+            # Built from the enclave's own document (certificate subjects, field values).
+            reason = prose(verdict.reason, 500)
+            log.warning("control: refused an enclave: %s", reason)
+            _send(conn, {"type": "refused", "reason": reason})
             return False
         with self._install_lock:
             if self._stop.is_set():
@@ -424,7 +410,7 @@ def register(
     deadline = time.monotonic() + timeout
     msg = read_message(conn, deadline)
     if msg["type"] != "challenge":
-        raise ControlError(f"expected challenge, got {_quote(msg['type'])}")
+        raise ControlError(f"expected challenge, got {quote(msg['type'])}")
     nonce = _b64(msg, "nonce", NONCE_LEN)
     assert nonce is not None
     document = attest(nonce, public_key) if attest is not None else None
@@ -436,9 +422,9 @@ def register(
     })
     msg = read_message(conn, deadline)
     if msg["type"] == "refused":
-        raise ControlError(f"parent refused this enclave: {_prose(msg.get('reason', '?'))}")
+        raise ControlError(f"parent refused this enclave: {prose(msg.get('reason', '?'))}")
     if msg["type"] != "welcome":
-        raise ControlError(f"expected welcome, got {_quote(msg['type'])}")
+        raise ControlError(f"expected welcome, got {quote(msg['type'])}")
     parent_key = _b64(msg, "public_key", 32)
     port = msg.get("wg_port")
     # bool is an int in Python; JSON's true must not pass for port 1.
