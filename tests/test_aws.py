@@ -637,3 +637,23 @@ def test_parent_doctor_command(
         assert name in out, out
     assert "transport is unix" in out
     assert code == (0 if os.geteuid() == 0 else 1), out
+
+
+def test_parent_doctor_prints_aws_words_as_text_not_markup(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A detail quotes what AWS (or a proxy in front of it) said: rich markup in it must
+    neither stop the table ("[/red]" was a MarkupError) nor render, and a line break in it
+    must not start a line of its own."""
+    from pathlib import Path
+
+    from wgvsock import cli
+
+    said = "AWS said: [/red][link=http://x]boom[/link]\nroot  ready"
+    monkeypatch.setattr(aws, "doctor_checks",
+                        lambda **_: [aws.Check("EC2 instance", False, said)])
+    monkeypatch.setenv("COLUMNS", "200")
+    profile = Path(__file__).parent / "data" / "profile-unix.yaml"
+    code = cli.main(["parent", "doctor", "--profile", str(profile)])
+    out = capsys.readouterr().out
+    assert code == 1 and "[/red][link=http://x]boom[/link]\\nroot  ready" in out, out

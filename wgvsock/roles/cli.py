@@ -90,7 +90,9 @@ def parent_main(argv: list[str]) -> int:
 def doctor(profile) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from ..safetext import prose
     from ..services.profile import check_host, check_routes, local_networks, local_routes
     from .parent import Check, local_checks
 
@@ -117,7 +119,9 @@ def doctor(profile) -> int:
     table.add_column("detail", overflow="fold")
     marks = {True: "[green]ready[/]", False: "[red]NOT READY[/]", None: "[dim]n/a[/]"}
     for c in checks:
-        table.add_row(c.name, marks[c.ok], c.detail)
+        # Text, not markup: a detail quotes AWS's and the OS's words, where "[/red]" would
+        # stop the table with a MarkupError and "[link=...]" would render.
+        table.add_row(c.name, marks[c.ok], Text(prose(c.detail, 2000)))
     Console().print(table)
     return 1 if any(c.ok is False for c in checks) else 0
 

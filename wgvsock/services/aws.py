@@ -44,6 +44,7 @@ from botocore.exceptions import (
 )
 
 from wgvsock.core.crypto import KeyFormatError, key_from_base64
+from wgvsock.safetext import prose
 
 __all__ = [
     "AWSError",
@@ -254,7 +255,7 @@ def _fetch_ssm(session: boto3.Session, region: str | None, name: str, where: str
         log.warning(
             "%s: parameter type is %s, not SecureString: the key is stored unencrypted",
             where,
-            ptype,
+            prose(ptype, 40),
         )
     value = param.get("Value")
     if not isinstance(value, str):
@@ -340,7 +341,9 @@ def _error_fields(exc: ClientError) -> tuple[str, str]:
         if xml_code:
             code = html.unescape(xml_code.group(1))
             msg = html.unescape(xml_msg.group(1)) if xml_msg else ""
-    return code, msg or str(exc)
+    # What the service (or a proxy in front of it) said goes into errors, logs and the doctor
+    # table: escaped and cut short.
+    return prose(code, 100), prose(msg or str(exc), 500)
 
 
 def _code(exc: ClientError) -> str:
