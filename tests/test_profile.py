@@ -755,3 +755,15 @@ def test_profile_type_is_frozen():
     assert isinstance(p, Profile)
     with pytest.raises(AttributeError):
         p.name = "b"  # type: ignore[misc]
+
+
+def test_a_problem_shows_the_files_words_on_one_line_escaped(tmp_path):
+    # A profile may be someone else's file: a quoted value with a line break or a terminal
+    # escape must not start a line of its own or reach the terminal raw.
+    path = tmp_path / "p.yaml"
+    path.write_text('name: "demo\\nOK profile accepted\\u001b[2J"\n')
+    with pytest.raises(ProfileError) as e:
+        load_profile(str(path))
+    text = str(e.value)
+    assert "'demo\\nOK profile accepted\\x1b[2J' is not a valid name" in text
+    assert text.isprintable()

@@ -38,6 +38,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ..conn.framing import MAX_STREAM_MTU
+from ..safetext import prose
 from .egress.names import NamePattern, NameRule, NameRuleError, looks_like_name
 
 IPAddress = IPv4Address | IPv6Address
@@ -136,7 +137,9 @@ class Problem:
         where = f"{self.file}:{self.line}" if self.line else self.file
         key = f" {self.key}:" if self.key else ""
         hint = f" — {self.hint}" if self.hint else ""
-        return f"{where}:{key} {self.reason}{hint}"
+        # One line each, whatever the file holds: a quoted value with a line break or a
+        # terminal escape in it is shown escaped (a profile may be someone else's file).
+        return prose(f"{where}:{key} {self.reason}{hint}", 2000)
 
 
 class ProfileError(ValueError):
