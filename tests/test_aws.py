@@ -475,6 +475,31 @@ def test_kms_decrypt_denied_names_permission(moto: Moto) -> None:
     assert "ssm:GetParameter" not in str(info.value)
 
 
+def test_a_long_denial_still_names_the_whole_resource_and_arrives_escaped(moto: Moto) -> None:
+    # The raw message is matched for the ARN before the error's text is escaped and cut: a
+    # long role or parameter name must not leave the advice with half an ARN, and a line
+    # break in what AWS (or a proxy) said must not reach the log as one.
+    name = "/org/" + "x" * 400 + "/wg-key"
+    arn = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{name}"
+    client = moto.session.client("ssm")
+    with Stubber(client) as stub:
+        stub.add_client_error(
+            "get_parameter",
+            service_error_code="AccessDeniedException",
+            service_message=(
+                f"User: arn:aws:sts::{ACCOUNT}:assumed-role/parent/i-0abc is not authorized to "
+                f"perform: ssm:GetParameter on resource: {arn} because no identity-based "
+                "policy allows the ssm:GetParameter action\nINFO loaded WireGuard private key"
+            ),
+            http_status_code=400,
+        )
+        with pytest.raises(aws.AWSError) as info:
+            aws.load_private_key(f"ssm:{name}", session=_StubSession(client))  # type: ignore[arg-type]
+    text = str(info.value)
+    assert f"needs ssm:GetParameter on {arn}. AWS said:" in text
+    assert text.isprintable() and "action\\nINFO loaded" in text
+
+
 def test_secret_kms_denied(moto: Moto) -> None:
     client = moto.session.client("secretsmanager")
     with Stubber(client) as stub:

@@ -130,6 +130,11 @@ def _secret_fetch() -> Iterator[None]:
 class AWSError(Exception):
     """An AWS call failed in a way the user has to fix; the message says how."""
 
+    def __init__(self, message: str) -> None:
+        # The message quotes what the service (or a proxy in front of it) said: escaped and
+        # cut short here, once, after the raw text was matched for codes and ARNs.
+        super().__init__(prose(message, 2000))
+
 
 class CloudWatchError(AWSError):
     """PutMetricData failed. ``kind`` groups failures a sender reports once each: denied,
@@ -341,9 +346,7 @@ def _error_fields(exc: ClientError) -> tuple[str, str]:
         if xml_code:
             code = html.unescape(xml_code.group(1))
             msg = html.unescape(xml_msg.group(1)) if xml_msg else ""
-    # What the service (or a proxy in front of it) said goes into errors, logs and the doctor
-    # table: escaped and cut short.
-    return prose(code, 100), prose(msg or str(exc), 500)
+    return code, msg or str(exc)
 
 
 def _code(exc: ClientError) -> str:
