@@ -422,7 +422,7 @@ def register(
     })
     msg = read_message(conn, deadline)
     if msg["type"] == "refused":
-        raise ControlError(f"parent refused this enclave: {prose(msg.get('reason', '?'))}")
+        raise ControlError(f"parent refused this enclave: {prose(msg.get('reason', '?'), 1000)}")
     if msg["type"] != "welcome":
         raise ControlError(f"expected welcome, got {quote(msg['type'])}")
     parent_key = _b64(msg, "public_key", 32)
