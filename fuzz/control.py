@@ -52,7 +52,7 @@ ENCLAVE_KEY = b"\x05" * 32
 KEYS = ("v", "type", "nonce", "public_key", "attestation", "wg_port", "attested", "reason",
         "profile")
 TYPES = ("challenge", "register", "welcome", "refused", "ping", "", "REGISTER", "x" * 100)
-PEER_TIMEOUT = 5.0  # the fuzzer's wait for the other side to finish; the exchange's is 1 s
+PEER_TIMEOUT = 5.0  # the fuzzer's wait for the other side to finish; the exchange's is 1 s less
 _LEN = struct.Struct(">I")
 
 
@@ -226,7 +226,8 @@ class ControlParentTarget(Target):
         listener.listen(16)
         self.server = ControlServer(
             listener, profile="fuzz", public_key=b"\x07" * 32, wg_port=51820,
-            verify=self._verify, install=self._install, rng=lambda n: NONCE[:n], timeout=1.0,
+            verify=self._verify, install=self._install, rng=lambda n: NONCE[:n],
+            timeout=PEER_TIMEOUT - 1,
         )
         self.server.start()
 
@@ -399,7 +400,7 @@ class ControlEnclaveTarget(Target):
             parent.shutdown(socket.SHUT_WR)
             refusal: ControlError | None = None
             try:
-                welcome = register(enclave, ENCLAVE_KEY, attest, timeout=1.0)
+                welcome = register(enclave, ENCLAVE_KEY, attest, timeout=PEER_TIMEOUT - 1)
             except ControlError as e:
                 refusal = e
             else:
