@@ -66,6 +66,8 @@ def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
     cpu1 = {p: _task_cpu(p) for p in pids}
     moved = data["end"]["sum_received"]["bytes"]
     wall = data["end"]["sum_received"]["seconds"]
+    if moved <= 0 or wall <= 0:
+        raise LabError(f"{t.case.label}: iperf3 moved nothing through the tunnel")
     used = {(p, tid): ns - cpu0[p].get(tid, 0) for p in pids for tid, ns in cpu1[p].items()}
     ticks = [y - x for x, y in zip(m0, m1, strict=True)]
     row.mbps.append(moved * 8 / wall / 1e6)
