@@ -454,25 +454,28 @@ class _StubSession:
         return self._client
 
 
+def _denied(moto: Moto, service: str, source: str, message: str) -> str:
+    """The AWSError text load_private_key(source) gives when `service` answers its call
+    with AccessDeniedException and this message."""
+    client = moto.session.client(service)
+    operation = {"ssm": "get_parameter", "secretsmanager": "get_secret_value"}[service]
+    with Stubber(client) as stub:
+        stub.add_client_error(operation, service_error_code="AccessDeniedException",
+                              service_message=message, http_status_code=400)
+        with pytest.raises(aws.AWSError) as info:
+            aws.load_private_key(source, session=_StubSession(client))  # type: ignore[arg-type]
+    return str(info.value)
+
+
 def test_kms_decrypt_denied_names_permission(moto: Moto) -> None:
     kms_key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    client = moto.session.client("ssm")
-    with Stubber(client) as stub:
-        stub.add_client_error(
-            "get_parameter",
-            service_error_code="AccessDeniedException",
-            service_message=(
-                f"User: arn:aws:sts::{ACCOUNT}:assumed-role/parent/i-0abc is not authorized to "
-                f"perform: kms:Decrypt on resource: {kms_key} because no identity-based policy "
-                "allows the kms:Decrypt action (Service: AWSKMS; Status Code: 400; Error Code: "
-                "AccessDeniedException)"
-            ),
-            http_status_code=400,
-        )
-        with pytest.raises(aws.AWSError) as info:
-            aws.load_private_key(f"ssm:{PARAM}", session=_StubSession(client))  # type: ignore[arg-type]
-    assert f"kms:Decrypt on {kms_key}" in str(info.value)
-    assert "ssm:GetParameter" not in str(info.value)
+    text = _denied(moto, "ssm", f"ssm:{PARAM}", (
+        f"User: arn:aws:sts::{ACCOUNT}:assumed-role/parent/i-0abc is not authorized to "
+        f"perform: kms:Decrypt on resource: {kms_key} because no identity-based policy "
+        "allows the kms:Decrypt action (Service: AWSKMS; Status Code: 400; Error Code: "
+        "AccessDeniedException)"))
+    assert f"kms:Decrypt on {kms_key}" in text
+    assert "ssm:GetParameter" not in text
 
 
 def test_a_long_denial_still_names_the_whole_resource_and_arrives_escaped(moto: Moto) -> None:
@@ -481,36 +484,17 @@ def test_a_long_denial_still_names_the_whole_resource_and_arrives_escaped(moto: 
     # break in what AWS (or a proxy) said must not reach the log as one.
     name = "/org/" + "x" * 400 + "/wg-key"
     arn = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{name}"
-    client = moto.session.client("ssm")
-    with Stubber(client) as stub:
-        stub.add_client_error(
-            "get_parameter",
-            service_error_code="AccessDeniedException",
-            service_message=(
-                f"User: arn:aws:sts::{ACCOUNT}:assumed-role/parent/i-0abc is not authorized to "
-                f"perform: ssm:GetParameter on resource: {arn} because no identity-based "
-                "policy allows the ssm:GetParameter action\nINFO loaded WireGuard private key"
-            ),
-            http_status_code=400,
-        )
-        with pytest.raises(aws.AWSError) as info:
-            aws.load_private_key(f"ssm:{name}", session=_StubSession(client))  # type: ignore[arg-type]
-    text = str(info.value)
+    text = _denied(moto, "ssm", f"ssm:{name}", (
+        f"User: arn:aws:sts::{ACCOUNT}:assumed-role/parent/i-0abc is not authorized to "
+        f"perform: ssm:GetParameter on resource: {arn} because no identity-based "
+        "policy allows the ssm:GetParameter action\nINFO loaded WireGuard private key"))
     assert f"needs ssm:GetParameter on {arn}. AWS said:" in text
     assert text.isprintable() and "action\\nINFO loaded" in text
 
 
 def test_secret_kms_denied(moto: Moto) -> None:
-    client = moto.session.client("secretsmanager")
-    with Stubber(client) as stub:
-        stub.add_client_error(
-            "get_secret_value",
-            service_error_code="AccessDeniedException",
-            service_message="Access to KMS is not allowed",
-            http_status_code=400,
-        )
-        with pytest.raises(aws.AWSError, match="kms:Decrypt on the KMS key that encrypts it"):
-            aws.load_private_key("secretsmanager:x", session=_StubSession(client))  # type: ignore[arg-type]
+    text = _denied(moto, "secretsmanager", "secretsmanager:x", "Access to KMS is not allowed")
+    assert "kms:Decrypt on the KMS key that encrypts it" in text
 
 
 # ---------------------------------------------------------------------------------------------
