@@ -118,6 +118,47 @@ def test_readable_endpoint() -> None:
     assert st.readable_endpoint(None, {}, "vsock") is None
 
 
+@pytest.mark.parametrize(("raw", "shown"), [
+    # wireguard-go-vsock v0.2.5 names an accepted vsock connection's peer this way (seen in
+    # tests/guest/test_seed_vsock.py); these forms can only be vsock, whatever the network.
+    ("local(1):2323982615", "vsock://1:2323982615"),
+    ("host(2):5000", "vsock://2:5000"),
+    ("hypervisor(0):9", "vsock://0:9"),
+    ("vm(16):8172", "vsock://16:8172"),
+    # Not one of those forms: shown as given.
+    ("vm(2):5000", "vm(2):5000"),
+    ("local(2):5000", "local(2):5000"),
+    ("host(16):5000", "host(16):5000"),
+    ("vm(16):", "vm(16):"),
+    ("vm(99999999999):1", "vm(99999999999):1"),
+])
+def test_readable_endpoint_of_the_go_releases_named_forms(raw: str, shown: str) -> None:
+    assert st.readable_endpoint(raw, {}, None) == shown
+
+
+def test_a_named_vsock_endpoint_tells_the_network_of_a_foreign_daemon() -> None:
+    """wireguard-go-vsock has no wgvsock_network key: a peer in a named vsock form shows it is
+    vsock, so its other peers' IPv4-CID endpoints read as vsock too, with their CIDs."""
+    dev = {"private_key": generate_private_key(), "extra": {},
+           "peers": [{"public_key": public_key(generate_private_key()), "allowed_ips": [],
+                      "endpoint": "local(1):2323982615"},
+                     {"public_key": public_key(generate_private_key()), "allowed_ips": [],
+                      "endpoint": "0.0.0.16:5000"}]}
+    iface = st.interface_view("wg0", "/run/wireguard/wg0.sock", dev, NOW)
+    assert iface.network == "vsock"
+    assert [(p.endpoint, p.cid) for p in iface.peers] == [("vsock://1:2323982615", 1),
+                                                          ("vsock://16:5000", 16)]
+    assert [p.endpoint_uapi for p in iface.peers] == ["local(1):2323982615", "0.0.0.16:5000"]
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run/wireguard", interfaces=[iface]))
+    assert "network vsock" in plain and "vsock://16:5000" in plain
+    assert st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]).to_json()[
+        "interfaces"][0]["peers"][0]["cid"] == 1
+    # Without such a peer the network stays unknown and the IPv4 form stays as it is.
+    dev["peers"].pop(0)
+    iface = st.interface_view("wg0", "/run/wireguard/wg0.sock", dev, NOW)
+    assert iface.network is None and iface.peers[0].endpoint == "0.0.0.16:5000"
+
+
 def test_link_states_for_the_uapi() -> None:
     """The per-peer keys the device adds: connected wins over a dialler's own state."""
     links = _link_states({

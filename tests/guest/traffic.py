@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 
 from tests.net.netlab import SLOWDOWN, Lab, Namespace, wait_for
 
@@ -16,13 +17,17 @@ def peer_counters(ns: Namespace, ifname: str) -> tuple[int, int]:
     return int(fields[5]), int(fields[6])
 
 
-def wait_counters_agree(a: Namespace, ia: str, b: Namespace, ib: str) -> None:
-    """What each side sent, the other received: exactly, once nothing is in flight."""
+def wait_counters_agree(
+    a: Namespace, ia: str, b: Namespace, ib: str,
+    read: Callable[[Namespace, str], tuple[int, int]] = peer_counters,
+) -> None:
+    """What each side sent, the other received: exactly, once nothing is in flight. `read`
+    gives an interface's (rx, tx) for its one peer."""
 
     last: list[tuple[int, int]] = []
 
     def agree() -> bool:
-        last[:] = [peer_counters(a, ia), peer_counters(b, ib)]
+        last[:] = [read(a, ia), read(b, ib)]
         (arx, atx), (brx, btx) = last
         return arx == btx and atx == brx and arx > 0 and atx > 0
 

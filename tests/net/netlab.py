@@ -150,14 +150,20 @@ class Lab:
         if res.returncode != 0:
             raise AssertionError(f"wireguard-go {ifname} failed: {self.log(ifname)}")
 
-    def start_seed(self, ns: Namespace, ifname: str, binary: Path) -> None:
-        """Starts the Go seed (wireguard-go-vsock) over TCP — never `-n vsock` on this machine,
-        which would dial out of the VM. It backgrounds itself; its log goes to a file for the
-        reason given in start_wireguard_go."""
+    def start_seed(
+        self, ns: Namespace, ifname: str, binary: Path, network: str = "tcp"
+    ) -> None:
+        """Starts the Go seed (wireguard-go-vsock). `-n vsock` only inside the test guest
+        (tests/guest): on this machine it would dial out of the VM. It backgrounds itself; its
+        log goes to a file for the reason given in start_wireguard_go."""
+        if network == "vsock":
+            from tests.guest.rig import require_guest
+
+            require_guest()
         log_path = self.tmp / f"{ifname}.log"
         with open(log_path, "ab") as out:
             res = subprocess.run(
-                ["ip", "netns", "exec", ns.name, str(binary), "-n", "tcp", ifname],
+                ["ip", "netns", "exec", ns.name, str(binary), "-n", network, ifname],
                 env=dict(os.environ, LOG_LEVEL="verbose"), stdin=subprocess.DEVNULL,
                 stdout=out, stderr=out, timeout=30, check=False,
             )

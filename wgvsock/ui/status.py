@@ -76,6 +76,8 @@ EMPTY_HINT = (
 
 _IPV4_ENDPOINT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,10})")
 _VSOCK_ENDPOINT = re.compile(r"vsock://(\d{1,10}):(\d{1,10})")
+_NAMED_VSOCK_ENDPOINT = re.compile(r"(hypervisor|local|host|vm)\((\d{1,10})\):(\d{1,10})")
+_NAMED_CIDS = {"hypervisor": 0, "local": 1, "host": 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,16 +150,32 @@ def readable_endpoint(raw: str | None, extra: dict[str, str], network: str | Non
     Our daemon says it in ``wgvsock_endpoint``. Other daemons print vsock endpoints in the
     IPv4-CID form `wg` can parse (``0.0.0.16:5000``); that form is turned back into
     ``vsock://16:5000`` only when the interface is known to be vsock, because for UDP it is a
-    real (if odd) IPv4 address.
+    real (if odd) IPv4 address. wireguard-go-vsock prints an accepted connection's peer in the
+    Go release's named forms (``local(1):2323982615``, ``vm(16):PORT``), which can only be
+    vsock and which `wg` cannot read at all.
     """
     if extra.get("wgvsock_endpoint"):
         return extra["wgvsock_endpoint"]
+    if raw and (named := _named_vsock(raw)) is not None:
+        return f"vsock://{named[0]}:{named[1]}"
     if raw and network == "vsock":
         m = _IPV4_ENDPOINT.fullmatch(raw)
         if m:
             with contextlib.suppress(ValueError):
                 return f"vsock://{int(ipaddress.IPv4Address(m.group(1)))}:{m.group(2)}"
     return raw
+
+
+def _named_vsock(raw: str) -> tuple[int, int] | None:
+    """(CID, port) of an endpoint in one of the Go release's named vsock forms, else None."""
+    m = _NAMED_VSOCK_ENDPOINT.fullmatch(raw)
+    if m is None:
+        return None
+    name, number, port = m.groups()
+    cid = int(number)
+    if cid != _NAMED_CIDS.get(name, max(cid, 3)):  # local(1), host(2), ...; vm(N) with N >= 3
+        return None
+    return cid, int(port)
 
 
 def _endpoint_cid(endpoint: str | None) -> int | None:
@@ -304,6 +322,9 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
     """Turn a parsed `get` reply (see uapi.parse_get) into what the dashboard shows."""
     extra: dict[str, str] = dev.get("extra", {})
     network = extra.get("wgvsock_network")
+    if network is None and any(_named_vsock(p.get("endpoint") or "") is not None
+                               for p in dev.get("peers", [])):
+        network = "vsock"  # another daemon (wireguard-go-vsock) that does not say its network
     role = extra.get("wgvsock_role")
     attested, debug = _attestation(extra.get("wgvsock_attested"))
     priv = dev.get("private_key")
