@@ -494,3 +494,52 @@ def test_attestation_states(value: str, attested: bool, debug: bool, shown: str)
         assert "attested ✓" not in plain
     assert st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]).to_json()[
         "interfaces"][0]["debug"] is debug
+
+
+def test_a_foreign_daemons_words_cannot_drive_the_terminal(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever a socket in the run directory answers, and whatever its file is called, the
+    dashboard shows it escaped: no escape sequence, carriage return or bell reaches the
+    operator's terminal. (A line break cannot arrive: the UAPI is a line protocol.)"""
+    evil = "\x1b[2J\x1b]0;owned\x07\rdone"
+    name = "wg\x1b[8m"
+    path = run_dir / f"{name}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    peer_key = public_key(generate_private_key()).hex()
+    reply = (f"listen_port=51820\nwgvsock_network={evil}\nwgvsock_role={evil}\n"
+             f"wgvsock_profile={evil}\npublic_key={peer_key}\nendpoint={evil}\n"
+             f"wgvsock_role={evil}\nwgvsock_conn={evil}\nerrno=0\n\n").encode()
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while not data.endswith(b"\n\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(reply)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        snap = st.Collector(None, str(run_dir)).sample()
+        (iface,) = snap.interfaces
+        assert iface.error is None, iface.error
+        plain, styled = _show(snap, width=200)
+        shown = st.main(["--once", "--run-dir", str(run_dir)])
+    finally:
+        listener.close()
+        t.join(5)
+    out = capsys.readouterr().out
+    assert shown == 0
+    for text in (plain, out, styled):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # rich's own styles aside
+        for c in ("\x1b", "\x07", "\r"):
+            assert c not in text, (c, text)
+    assert "\\x1b[2J" in plain and "\\x1b[8m" in plain  # shown, not obeyed

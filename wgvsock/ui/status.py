@@ -43,6 +43,7 @@ from rich.text import Text
 from ..core.crypto import key_to_base64, public_key
 from ..core.messages import REJECT_AFTER_TIME, REKEY_AFTER_TIME
 from ..device.uapi import DEFAULT_RUN_DIR, UAPIError, socket_path, uapi_get
+from ..safetext import prose
 
 __all__ = [
     "HEALTH_STYLES",
@@ -278,7 +279,11 @@ class Snapshot:
 
 
 def _describe_error(exc: BaseException, path: str) -> str:
-    """One line an operator can act on."""
+    """One line an operator can act on (escaped: a reply's words may be in it)."""
+    return prose(_error_words(exc, path), 500)
+
+
+def _error_words(exc: BaseException, path: str) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"no such interface: {path} does not exist"
     if isinstance(exc, PermissionError):
@@ -318,14 +323,21 @@ def _attestation(value: str | None) -> tuple[bool | None, bool]:
     return _bool_or_none(value), False
 
 
+def _shown(value: str | None) -> str | None:
+    return None if value is None else prose(value, 200)
+
+
 def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> InterfaceView:
     """Turn a parsed `get` reply (see uapi.parse_get) into what the dashboard shows."""
     extra: dict[str, str] = dev.get("extra", {})
-    network = extra.get("wgvsock_network")
+    # What a daemon says of itself is shown in an operator's terminal: escaped and cut there,
+    # so another daemon's socket (wireguard-go-vsock, anything listening in the run directory)
+    # cannot write escapes or extra lines into the dashboard. The keys and numbers are parsed.
+    network = _shown(extra.get("wgvsock_network"))
     if network is None and any(_named_vsock(p.get("endpoint") or "") is not None
                                for p in dev.get("peers", [])):
         network = "vsock"  # another daemon (wireguard-go-vsock) that does not say its network
-    role = extra.get("wgvsock_role")
+    role = _shown(extra.get("wgvsock_role"))
     attested, debug = _attestation(extra.get("wgvsock_attested"))
     priv = dev.get("private_key")
     port = _int_or_none(extra.get("wgvsock_port"))
@@ -336,7 +348,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         listen_port=port if port is not None else dev.get("listen_port", 0),
         fwmark=dev.get("fwmark", 0),
         network=network,
-        profile=extra.get("wgvsock_profile"),
+        profile=_shown(extra.get("wgvsock_profile")),
         role=role,
         attested=attested,
         debug=debug,
@@ -350,8 +362,8 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         pextra: dict[str, str] = p.get("extra", {})
         sec, nsec = p.get("last_handshake_time_sec", 0), p.get("last_handshake_time_nsec", 0)
         age = now - (sec + nsec / 1e9) if sec else None
-        endpoint = readable_endpoint(p.get("endpoint"), pextra, network)
-        label = pextra.get("wgvsock_role") or other
+        endpoint = _shown(readable_endpoint(p.get("endpoint"), pextra, network))
+        label = _shown(pextra.get("wgvsock_role")) or other
         # The parent's verdict is about its one peer, the enclave.
         if "wgvsock_attested" in pextra:
             peer_attested, peer_debug = _attestation(pextra["wgvsock_attested"])
@@ -375,7 +387,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
                 persistent_keepalive=p.get("persistent_keepalive_interval", 0),
                 allowed_ips=list(p.get("allowed_ips", [])),
                 preshared_key=p.get("preshared_key") is not None,
-                connection=pextra.get("wgvsock_conn"),
+                connection=_shown(pextra.get("wgvsock_conn")),
                 reconnects=_int_or_none(pextra.get("wgvsock_reconnects")),
                 attested=peer_attested,
                 debug=peer_debug,
@@ -585,9 +597,10 @@ def _empty_lines(snap: Snapshot, console: Console, width: int) -> list[Text]:
 
 def _interface_lines(iface: InterfaceView, console: Console, width: int) -> list[Text]:
     if iface.error is not None:
-        line = Text.assemble(("✗ ", "bold red"), (iface.name, "bold"), "  ", (iface.error, "red"))
+        line = Text.assemble(("✗ ", "bold red"), (prose(iface.name, 100), "bold"), "  ",
+                             (iface.error, "red"))
         return _wrapped(console, line, width, 0)
-    parts = [Text(iface.name, style="bold cyan")]
+    parts = [Text(prose(iface.name, 100), style="bold cyan")]
     if iface.role:
         role = Text(iface.role, style="bold magenta")
         if iface.profile:
