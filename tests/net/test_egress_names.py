@@ -78,23 +78,30 @@ def query(ns: Namespace, name: str, rdtype: str = "A", proto: str = "udp") -> di
     return json.loads(res.stdout)
 
 
-def start_dnsmasq(lab: Lab, internet: Namespace) -> subprocess.Popen:
-    """dnsmasq in the foreground, bound to DNS only, reading no file of this machine."""
+RECORDS = (
+    "--host-record=ok.test,198.51.100.2",
+    "--address=/wild.test/198.51.100.3",
+    "--host-record=bad.wild.test,198.51.100.4",
+    "--host-record=other.test,198.51.100.4",
+    "--host-record=target.test,198.51.100.6",
+    "--cname=alias.test,target.test",
+    "--host-record=short.test,198.51.100.5,1",
+    "--host-record=meta.test,169.254.169.254",
+)
+
+
+def start_dnsmasq(
+    lab: Lab, internet: Namespace, records: tuple[str, ...] = RECORDS
+) -> subprocess.Popen:
+    """dnsmasq in the foreground, bound to DNS only, reading no file of this machine, serving
+    `records` (its own options)."""
     internet.ip("addr", "add", f"{DNS}/24", "dev", "vb0")
     log = open(lab.tmp / "dnsmasq.log", "ab")  # noqa: SIM115 - closed by the process
     proc = internet.popen(
         shutil.which("dnsmasq") or "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
         "--no-hosts", "--no-resolv", "--no-poll", "--pid-file", "--user=root",
         f"--listen-address={DNS}", "--bind-interfaces", "--port=53", "--local-ttl=300",
-        "--log-facility=-", "--log-queries",
-        "--host-record=ok.test,198.51.100.2",
-        "--address=/wild.test/198.51.100.3",
-        "--host-record=bad.wild.test,198.51.100.4",
-        "--host-record=other.test,198.51.100.4",
-        "--host-record=target.test,198.51.100.6",
-        "--cname=alias.test,target.test",
-        "--host-record=short.test,198.51.100.5,1",
-        "--host-record=meta.test,169.254.169.254",
+        "--log-facility=-", "--log-queries", *records,
         stdout=log, stderr=log,
     )
     log.close()

@@ -24,6 +24,7 @@ import pytest
 from wgvsock.services import firewall
 
 from .netlab import Lab, Namespace, run, wait_for
+from .test_egress_names import query, start_dnsmasq
 from .test_roles import UNIX_TRANSPORT, WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
@@ -283,3 +284,62 @@ def test_profile_check_host_explains_a_missing_ipv6_route(world6: World6) -> Non
     assert "warning" in res.stderr and "no IPv6 default route" in res.stderr, res.stderr
     w.start_enclave()
     wait_for(w.egress_works, 30, "IPv4 egress while the host has no IPv6 route")
+
+
+NAMES6_PROFILE = """\
+version: 1
+name: {name}
+interface: wg0
+transport:
+{transport}
+parent:
+  address: [10.77.0.1/30, fd77::1/126]
+  private_key: {key}
+  egress:
+    allow: [ok6.test, both.test]
+    resolver: 198.51.100.53
+enclave:
+  address: [10.77.0.2/30, fd77::2/126]
+"""
+
+
+def test_egress_by_name_over_ipv6(lab: Lab) -> None:
+    """Names allow IPv6 as they allow IPv4: the parent's forwarder puts an allowed name's AAAA
+    answers into the rule's IPv6 set, the enclave reaches that address over the tunnel, and an
+    address no allowed answer gave stays blocked."""
+    w6 = World6(lab, NAMES6_PROFILE)
+    w = w6.w
+    try:
+        start_dnsmasq(lab, w.internet, (
+            f"--host-record=ok6.test,{SERVER}",  # AAAA only
+            f"--host-record=both.test,198.51.100.2,{SERVER}",
+            f"--host-record=other6.test,{DENIED}",
+        ))
+        w.parent_cmd("up")
+        w.start_enclave()
+        wait_for(lambda: "nameserver 10.77.0.1" in w.resolv.read_text(), 30,
+                 "the enclave to write resolv.conf")
+        e = w.enclave
+        # Nothing resolved yet: the allowed name's address is blocked by number.
+        assert w6.get(e, f"http://[{SERVER}]/", timeout=1.5) is None
+        # The AAAA answer through the forwarder, then a connection by name over IPv6.
+        assert query(e, "ok6.test", "AAAA") == {"rcode": "NOERROR", "addresses": [SERVER]}
+        v6 = firewall.set_elements(w.name, firewall.name_set(0, 6), netns=w.parent.name)
+        assert SERVER in v6, v6
+        assert firewall.set_elements(w.name, firewall.name_set(0, 4), netns=w.parent.name) == {}
+        assert w6.get(e, "http://ok6.test/") == "hello from the internet\n"
+        # A name with both families fills both of its sets.
+        assert query(e, "both.test", "A")["addresses"] == ["198.51.100.2"]
+        assert query(e, "both.test", "AAAA", proto="tcp")["addresses"] == [SERVER]
+        assert "198.51.100.2" in firewall.set_elements(w.name, firewall.name_set(1, 4),
+                                                       netns=w.parent.name)
+        assert SERVER in firewall.set_elements(w.name, firewall.name_set(1, 6),
+                                               netns=w.parent.name)
+        # A name no rule allows: refused, and its address stays blocked (and counted).
+        before = w6.counters()["egress_blocked"].packets
+        assert query(e, "other6.test", "AAAA") == {"rcode": "REFUSED", "addresses": []}
+        assert w6.get(e, f"http://[{DENIED}]/", timeout=1.5) is None
+        assert w6.counters()["egress_blocked"].packets > before
+        assert w6.counters()["allow ok6.test"].packets > 0
+    finally:
+        w.close()
