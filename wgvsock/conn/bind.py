@@ -130,25 +130,32 @@ class Bind(ABC):
 
 
 class RateLimitedLog:
-    """Logs at most one line per interval; for errors that can repeat on every packet."""
+    """Logs at most `burst` lines at once, then one per `interval`; for lines that can repeat
+    on every packet or connection. The next line logged says how many were left out."""
 
-    __slots__ = ("_interval", "_last", "_log", "_suppressed")
+    __slots__ = ("_burst", "_interval", "_last", "_log", "_suppressed", "_tokens")
 
-    def __init__(self, interval: float = 10.0, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, interval: float = 10.0, logger: logging.Logger | None = None, burst: int = 1
+    ) -> None:
         self._interval = interval
-        self._last = -interval
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
         self._suppressed = 0
         self._log = logger or log
 
     def __call__(self, level: int, msg: str, *args: object) -> None:
         now = time.monotonic()
-        if now - self._last < self._interval:
+        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
+        self._last = now
+        if self._tokens < 1.0:
             self._suppressed += 1
             return
+        self._tokens -= 1.0
         if self._suppressed:
             msg += " (%d similar messages suppressed)"
             args = (*args, self._suppressed)
-        self._last = now
         self._suppressed = 0
         self._log.log(level, msg, *args)
 

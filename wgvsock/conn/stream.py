@@ -71,6 +71,7 @@ STABLE_AFTER = 1.0
 # when every connection is a live peer's is the newcomer refused. Junk in valid frames can
 # therefore never lock a real peer out.
 MAX_INBOUND = 64
+CHURN_LOG_INTERVAL, CHURN_LOG_BURST = 1.0, 20
 FIRST_FRAME_TIMEOUT = 30.0
 _NO_CAPS = (0, 0)
 _HELLO_BYTE = HELLO_MAGIC[0]
@@ -223,6 +224,10 @@ class StreamBind(SocketBind):
         self._send_failures = 0
         self._dropped_no_conn = 0
         self._misc_log = RateLimitedLog()
+        # Connections nobody has authenticated yet: anyone who can reach the port can open and
+        # close them in a loop, so their lines are limited (a real peer's close is not). A
+        # burst of them, a port scan say, is still logged line by line.
+        self._churn_log = RateLimitedLog(CHURN_LOG_INTERVAL, burst=CHURN_LOG_BURST)
 
     # -- open / close ------------------------------------------------------------------------
 
@@ -456,7 +461,8 @@ class StreamBind(SocketBind):
                 conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False)
                 self._conns[conn.ep] = conn
                 self._accepted += 1
-            log.info("%s: inbound connection %s", self.network, display_endpoint(conn.ep))
+            self._churn_log(logging.INFO, "%s: inbound connection %s", self.network,
+                            display_endpoint(conn.ep))
             try:
                 set_receive_timeout(sock, FIRST_FRAME_TIMEOUT)
                 self._start_reader(conn)
@@ -482,7 +488,12 @@ class StreamBind(SocketBind):
         if not victims:
             return False
         victim = min(victims, key=lambda c: c.last_rx)
-        victim.shutdown(f"closed to make room for a new connection ({why})")
+        reason = f"closed to make room for a new one ({why})"
+        # Its own close line may be one of many left out (_churn_log): the table being full
+        # is worth a line of its own.
+        self._misc_log(logging.WARNING, "%s: %d inbound connections; %s %s", self.network,
+                       len(inbound), display_endpoint(victim.ep), reason)
+        victim.shutdown(reason)
         return True
 
     def _trust(self, conn: _Conn) -> None:
@@ -593,9 +604,10 @@ class StreamBind(SocketBind):
             self._notify_caps()
         if not self._closed.is_set():
             level = logging.WARNING if conn.reason.startswith("framing") else logging.INFO
-            log.log(level, "%s: %s connection %s closed: %s", self.network,
-                    "outbound" if conn.outbound else "inbound", display_endpoint(conn.ep),
-                    conn.reason)
+            say = log.log if conn.outbound or conn.trusted else self._churn_log
+            say(level, "%s: %s connection %s closed: %s", self.network,
+                "outbound" if conn.outbound else "inbound", display_endpoint(conn.ep),
+                conn.reason)
         conn.done.set()
 
     # -- dialling ----------------------------------------------------------------------------
