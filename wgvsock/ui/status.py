@@ -40,6 +40,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.text import Text
 
+from ..conn.endpoint import Endpoint, display_endpoint, parse_endpoint
 from ..core.crypto import key_to_base64, public_key
 from ..core.messages import REJECT_AFTER_TIME, REKEY_AFTER_TIME
 from ..device.uapi import DEFAULT_RUN_DIR, UAPIError, socket_path, uapi_get
@@ -77,8 +78,6 @@ EMPTY_HINT = (
 
 _IPV4_ENDPOINT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,10})")
 _VSOCK_ENDPOINT = re.compile(r"vsock://(\d{1,10}):(\d{1,10})")
-_NAMED_VSOCK_ENDPOINT = re.compile(r"(hypervisor|local|host|vm)\((\d{1,10})\):(\d{1,10})")
-_NAMED_CIDS = {"hypervisor": 0, "local": 1, "host": 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def readable_endpoint(raw: str | None, extra: dict[str, str], network: str | Non
     if extra.get("wgvsock_endpoint"):
         return extra["wgvsock_endpoint"]
     if raw and (named := _named_vsock(raw)) is not None:
-        return f"vsock://{named[0]}:{named[1]}"
+        return display_endpoint(named)
     if raw and network == "vsock":
         m = _IPV4_ENDPOINT.fullmatch(raw)
         if m:
@@ -167,16 +166,15 @@ def readable_endpoint(raw: str | None, extra: dict[str, str], network: str | Non
     return raw
 
 
-def _named_vsock(raw: str) -> tuple[int, int] | None:
-    """(CID, port) of an endpoint in one of the Go release's named vsock forms, else None."""
-    m = _NAMED_VSOCK_ENDPOINT.fullmatch(raw)
-    if m is None:
+def _named_vsock(raw: str) -> Endpoint | None:
+    """The endpoint `raw` names in one of the Go release's named vsock forms (`local(1):P`,
+    `vm(N):P`, ...), which only vsock has; None for any other text."""
+    if "(" not in raw:
         return None
-    name, number, port = m.groups()
-    cid = int(number)
-    if cid != _NAMED_CIDS.get(name, max(cid, 3)):  # local(1), host(2), ...; vm(N) with N >= 3
+    try:
+        return parse_endpoint(raw, "vsock")
+    except ValueError:
         return None
-    return cid, int(port)
 
 
 def _endpoint_cid(endpoint: str | None) -> int | None:
