@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from wgvsock.ui.nslab import seed_binary
+
 SHARED = Path(os.environ.get("WGVSOCK_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 
 
@@ -29,3 +31,12 @@ def lab() -> Iterator[object]:
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture(scope="session")
+def seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Go seed (wireguard-go-vsock) unpacked, or a skip that says where it was looked for."""
+    path, why = seed_binary(tmp_path_factory.mktemp("seed"))
+    if path is None:
+        pytest.skip(why)
+    return path

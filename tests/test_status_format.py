@@ -3,6 +3,7 @@ collector against UAPI sockets served from a temporary directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -408,16 +409,17 @@ def test_unreadable_reasons(exc: OSError, words: str) -> None:
     assert words in _show(snap)[0]
 
 
-def test_only_get_is_ever_sent(run_dir: Path) -> None:
-    """A raw server records every request byte: status must send `get=1` and nothing else."""
-    path = run_dir / "wgr.sock"
+@contextlib.contextmanager
+def _raw_uapi(path: Path, reply: bytes, answers: int = 2) -> Iterator[list[bytes]]:
+    """A UAPI socket at `path` that answers `answers` requests with `reply`, whatever they
+    are; yields the list of requests it received, whole."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(4)
     received: list[bytes] = []
 
     def serve() -> None:
-        for _ in range(2):
+        for _ in range(answers):
             conn, _ = listener.accept()
             with conn:
                 data = b""
@@ -427,15 +429,23 @@ def test_only_get_is_ever_sent(run_dir: Path) -> None:
                         break
                     data += chunk
                 received.append(data)
-                conn.sendall(b"listen_port=51820\nerrno=0\n\n")
+                conn.sendall(reply)
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    col = st.Collector(run_dir=str(run_dir))
-    col.sample()
-    col.sample()
-    t.join(5)
-    listener.close()
+    try:
+        yield received
+    finally:
+        listener.close()
+        t.join(5)
+
+
+def test_only_get_is_ever_sent(run_dir: Path) -> None:
+    """A raw server records every request byte: status must send `get=1` and nothing else."""
+    with _raw_uapi(run_dir / "wgr.sock", b"listen_port=51820\nerrno=0\n\n") as received:
+        col = st.Collector(run_dir=str(run_dir))
+        col.sample()
+        col.sample()
     assert received == [b"get=1\n\n", b"get=1\n\n"]
 
 
@@ -504,38 +514,16 @@ def test_a_foreign_daemons_words_cannot_drive_the_terminal(
     operator's terminal. (A line break cannot arrive: the UAPI is a line protocol.)"""
     evil = "\x1b[2J\x1b]0;owned\x07\rdone"
     name = "wg\x1b[8m"
-    path = run_dir / f"{name}.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(4)
     peer_key = public_key(generate_private_key()).hex()
     reply = (f"listen_port=51820\nwgvsock_network={evil}\nwgvsock_role={evil}\n"
              f"wgvsock_profile={evil}\npublic_key={peer_key}\nendpoint={evil}\n"
              f"wgvsock_role={evil}\nwgvsock_conn={evil}\nerrno=0\n\n").encode()
-
-    def serve() -> None:
-        for _ in range(2):
-            conn, _ = listener.accept()
-            with conn:
-                data = b""
-                while not data.endswith(b"\n\n"):
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                conn.sendall(reply)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
+    with _raw_uapi(run_dir / f"{name}.sock", reply):
         snap = st.Collector(None, str(run_dir)).sample()
         (iface,) = snap.interfaces
         assert iface.error is None, iface.error
         plain, styled = _show(snap, width=200)
         shown = st.main(["--once", "--run-dir", str(run_dir)])
-    finally:
-        listener.close()
-        t.join(5)
     out = capsys.readouterr().out
     assert shown == 0
     for text in (plain, out, styled):

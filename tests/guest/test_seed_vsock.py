@@ -23,7 +23,6 @@ import pytest
 
 from tests.net.netlab import Lab, Namespace, connect_pair, ping
 from tests.net.test_roles import WGVSOCK
-from wgvsock.ui.nslab import seed_binary
 
 from .traffic import copy_through, wait_counters_agree
 
@@ -33,14 +32,6 @@ LOOPBACK_CID = 1
 # The seed takes 16-bit vsock ports only (its README); ours take 32-bit ones too.
 SEED_PORT, OURS_PORT = 50301, 50302
 SEED_TUN, OURS_TUN = "10.99.0.1", "10.99.0.2"
-
-
-@pytest.fixture(scope="module")
-def seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path, why = seed_binary(tmp_path_factory.mktemp("seed"))
-    if path is None:
-        pytest.skip(why)
-    return path
 
 
 def _uapi_counters(lab: Lab) -> Callable[[Namespace, str], tuple[int, int]]:

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock.ui.nslab import seed_binary
-
 from .netlab import Lab, Namespace, connect_pair, ping, wait_for
 
 pytestmark = [pytest.mark.root]
@@ -27,14 +25,6 @@ A_VETH, B_VETH = "192.168.79.1", "192.168.79.2"
 F_VETH, T_VETH = "192.168.80.1", "192.168.80.2"
 A_TUN, B_TUN = "10.99.0.1", "10.99.0.2"
 A_PORT, B_PORT = 7001, 7002
-
-
-@pytest.fixture(scope="module")
-def seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path, why = seed_binary(tmp_path_factory.mktemp("seed"))
-    if path is None:
-        pytest.skip(why)
-    return path
 
 
 @dataclass
