@@ -587,6 +587,73 @@ def test_a_port_the_transport_lacks_is_refused_before_the_listener_closes(
             peer.recv(1)
 
 
+@pytest.mark.parametrize("network", ["unix", "tcp4"])
+def test_a_new_listen_port_keeps_every_connection(
+    binds: list[Bind], unix_dir: str, network: str
+) -> None:
+    """`wg set IF listen-port N` on a stream transport: the listener moves and the old port is
+    given up, but the connections stay (they never depended on it), both the one accepted on
+    the old port and the one b dialled itself. A port that cannot be had changes nothing."""
+    a, a_in, a_port = opened(binds, StreamBind(network, unix_dir=unix_dir))
+    b, b_in, b_port = opened(binds, StreamBind(network, unix_dir=unix_dir))
+    _c, c_in, c_port = opened(binds, StreamBind(network, unix_dir=unix_dir))
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    from_a = exchange(a, a_in, b, b_in, b_ep)  # a dialled b
+    from_c = b.parse_endpoint(f"127.0.0.1:{c_port}")
+    b.send(msg(5), from_c)  # b dialled c
+    assert c_in.get()[0] == msg(5)
+    wait_until(lambda: len(b.status()["connections"]) == 2)
+
+    new_port = b.change_port(0 if network == "tcp4" else 4321)
+    assert new_port not in (0, b_port) and b.port == new_port
+    assert b.status()["connections"] and len(b.status()["connections"]) == 2
+    # The same connections carry on, both ways.
+    b.send(msg(6), from_a)
+    assert a_in.get() == (msg(6), b_ep)
+    a.send(msg(7), b_ep)
+    assert b_in.get() == (msg(7), from_a)
+    b.send(msg(8), from_c)
+    assert c_in.get()[0] == msg(8)
+    assert a.status()["dialers"][0]["reconnects"] == 0
+    # The old port is free (its socket file gone), the new one takes newcomers.
+    if network == "unix":
+        assert not os.path.exists(os.path.join(unix_dir, f"{b_port}.sock"))
+        assert os.path.exists(os.path.join(unix_dir, f"{new_port}.sock"))
+    d, d_in, _ = opened(binds, StreamBind(network, unix_dir=unix_dir))
+    exchange(d, d_in, b, b_in, d.parse_endpoint(f"127.0.0.1:{new_port}"))
+    with pytest.raises(ConnectionRefusedError if network == "tcp4" else FileNotFoundError):
+        probe_family = socket.AF_INET if network == "tcp4" else socket.AF_UNIX
+        with socket.socket(probe_family, socket.SOCK_STREAM) as probe:
+            probe.connect(("127.0.0.1", b_port) if network == "tcp4"
+                          else os.path.join(unix_dir, f"{b_port}.sock"))
+
+    # A port another listener holds: refused, and b is exactly as it was.
+    with pytest.raises(OSError) as refused:
+        b.change_port(a_port)
+    assert refused.value.errno == errno.EADDRINUSE or "in use" in str(refused.value)
+    assert b.port == new_port and len(b.status()["connections"]) == 3
+    if network == "unix":
+        assert os.path.exists(os.path.join(unix_dir, f"{new_port}.sock"))
+        assert os.path.exists(os.path.join(unix_dir, f"{a_port}.sock"))  # a's, untouched
+    exchange(d, d_in, b, b_in, d.parse_endpoint(f"127.0.0.1:{new_port}"))
+    assert len([t for t in bind_threads() if t.name == f"wgvsock-{network}-accept"]) == 4
+
+
+def test_a_datagram_bind_moves_to_a_new_port(binds: list[Bind]) -> None:
+    a, a_in, _ = opened(binds, DatagramBind("udp"))
+    b, b_in, b_port = opened(binds, DatagramBind("udp"))
+    new_port = b.change_port(0)
+    assert new_port != b_port
+    exchange(a, a_in, b, b_in, a.parse_endpoint(f"127.0.0.1:{new_port}"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("0.0.0.0", 0))  # the wildcard, as the bind's own
+        taken = holder.getsockname()[1]
+        with pytest.raises(OSError):
+            b.change_port(taken)
+    assert b.port == new_port  # back on the port it had
+    exchange(a, a_in, b, b_in, a.parse_endpoint(f"127.0.0.1:{new_port}"))
+
+
 def test_send_never_raises(binds: list[Bind], unix_dir: str) -> None:
     a, _a_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir, **FAST))
     a.send(b"short", a.parse_endpoint("127.0.0.1:9"))  # unframeable: dropped

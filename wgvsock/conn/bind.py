@@ -84,6 +84,15 @@ class Bind(ABC):
     def open(self, port: int, receive: Receiver) -> int:
         """Bind and listen (port 0 = any), start the reader threads, return the actual port."""
 
+    @property
+    @abstractmethod
+    def is_open(self) -> bool: ...
+
+    @abstractmethod
+    def change_port(self, port: int) -> int:
+        """Listen on `port` instead (0 = any) and return the actual port. Raises OSError or
+        ValueError, with the bind as it was, when that port cannot be had."""
+
     @abstractmethod
     def check_port(self, port: int) -> None:
         """Raise ValueError if this transport has no such port, as open() would: lets a
@@ -270,6 +279,19 @@ class SocketBind(Bind):
         if not 0 <= port <= limit:
             raise ValueError(f"port {port} out of range 0-{limit} for {self.network}")
 
+    def change_port(self, port: int) -> int:
+        # A datagram socket has nothing to keep: close it and open another, or the old port
+        # again when the new one cannot be had.
+        self.check_port(port)
+        receive, old = self._receive, self.port
+        assert receive is not None, "change_port on a bind never opened"
+        self.close()
+        try:
+            return self.open(port, receive)
+        except BaseException:
+            self.open(old, receive)
+            raise
+
     def _begin_open(self, receive: Receiver) -> None:
         with self._lock:
             if not self._closed.is_set():
@@ -292,7 +314,9 @@ class SocketBind(Bind):
             raise
         return sock
 
-    def _start_thread(self, target: Callable[..., None], name: str, *args: object) -> None:
+    def _start_thread(
+        self, target: Callable[..., None], name: str, *args: object
+    ) -> threading.Thread:
         t = threading.Thread(target=target, name=name, args=args, daemon=True)
         # Started before it is registered: a thread that failed to start (RuntimeError when
         # the process is out of threads) must not be joined at close.
@@ -300,6 +324,7 @@ class SocketBind(Bind):
         with self._lock:
             self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)
+        return t
 
     def _join_threads(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout

@@ -215,6 +215,7 @@ class StreamBind(SocketBind):
         self.max_frame = max_frame
         self._kind = self.endpoint_kind()
         self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
         self._conns: dict[Endpoint, _Conn] = {}
         self._dialers: dict[Endpoint, _Dialer] = {}
@@ -233,12 +234,51 @@ class StreamBind(SocketBind):
 
     def open(self, port: int, receive: Receiver) -> int:
         listener = self._open_socket(port, receive, self._listen)
+        self._serve(listener)
+        return self.port
+
+    def _serve(self, listener: socket.socket) -> None:
+        """Makes `listener` the one new connections come from, with an accept thread and a
+        wake pipe of its own."""
         self._listener = listener
         self._wake_r, self._wake_w = os.pipe()
-        self._start_thread(self._accept_loop, f"wgvsock-{self.network}-accept", listener)
+        self._acceptor = self._start_thread(
+            self._accept_loop, f"wgvsock-{self.network}-accept", listener, self._wake_r)
         log.info("%s: listening on port %d%s", self.network, self.port,
                  f" ({self._unix_path})" if self._unix_path else "")
-        return self.port
+
+    def change_port(self, port: int) -> int:
+        """Listens on `port` instead, keeping every connection: they do not depend on the
+        listener that accepted them, and a dialler's never did. The new listener is made
+        first, so a port that cannot be had changes nothing."""
+        self.check_port(port)
+        if not self.is_open:
+            raise RuntimeError(f"{type(self).__name__}({self.network}) is not open")
+        old_unix = self._unix_path, self._unix_ident
+        self._unix_path = self._unix_ident = None  # a failed _listen must not remove ours
+        try:
+            listener, actual = self._listen(port)
+        except BaseException:
+            self._unix_path, self._unix_ident = old_unix
+            raise
+        new_unix = self._unix_path, self._unix_ident
+        with self._lock:
+            old_listener, old_wake, acceptor = self._listener, self._wake_w, self._acceptor
+            old_wake_r = self._wake_r
+            self._listener = None  # the old accept thread leaves once it sees it replaced
+        os.write(old_wake, b"x")
+        if acceptor is not None and acceptor is not threading.current_thread():
+            acceptor.join(5.0)
+        for fd in (old_wake_r, old_wake):
+            os.close(fd)
+        if old_listener is not None:
+            old_listener.close()
+        self._unix_path, self._unix_ident = old_unix
+        self._remove_unix_path()
+        self._unix_path, self._unix_ident = new_unix
+        self.port = actual
+        self._serve(listener)
+        return actual
 
     def _listen(self, port: int) -> tuple[socket.socket, int]:
         if self.network == "vsock":
@@ -416,24 +456,24 @@ class StreamBind(SocketBind):
             return Endpoint("vsock", addr[0], addr[1], self._conn_ids)
         return Endpoint("unix", addr if isinstance(addr, str) else "", 0, self._conn_ids)
 
-    def _accept_loop(self, listener: socket.socket) -> None:
+    def _accept_loop(self, listener: socket.socket, wake_r: int) -> None:
         survivor = Survivor(f"{self.network}: accept")
         while True:
             try:
-                return self._accept_connections(listener)
+                return self._accept_connections(listener, wake_r)
             except Exception as e:
                 if not survivor.survive(e):
                     raise  # to the thread-death hook, which stops the daemon
                 self._closed.wait(0.1)
 
-    def _accept_connections(self, listener: socket.socket) -> None:
+    def _accept_connections(self, listener: socket.socket, wake_r: int) -> None:
         # poll() with a wake pipe: shutdown() does not wake accept() on an AF_VSOCK listener.
         poller = select.poll()
         poller.register(listener, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
         while not self._closed.is_set():
             poller.poll()
-            if self._closed.is_set():
+            if self._closed.is_set() or self._listener is not listener:  # closed or replaced
                 break
             try:
                 sock, addr = listener.accept()

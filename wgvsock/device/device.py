@@ -541,7 +541,7 @@ class Device:
                 except ValueError as e:
                     raise UAPIError(errno.EINVAL, f"invalid endpoint {pc.endpoint!r}: {e}") from e
         if cfg.listen_port is not None and cfg.listen_port != self.port:
-            # Before _rebind closes the listener, and every connection with it.
+            # A clear EINVAL before the transport is touched.
             try:
                 self.bind.check_port(cfg.listen_port)
             except ValueError as e:
@@ -619,15 +619,13 @@ class Device:
             return False
 
     def _rebind(self, port: int) -> None:
-        old = self.port
-        self.bind.close()
+        bind = self.bind
         try:
-            self.port = self.bind.open(port, self._on_receive)
+            self.port = (bind.change_port(port) if bind.is_open
+                         else bind.open(port, self._on_receive))
         except OSError as e:
-            self.port = self.bind.open(old, self._on_receive)
             code = errno.EADDRINUSE if e.errno == errno.EADDRINUSE else errno.EIO
             raise UAPIError(code, f"cannot listen on port {port}: {e.strerror or e}") from e
         except ValueError as e:
-            self.port = self.bind.open(old, self._on_receive)
             raise UAPIError(errno.EINVAL, f"cannot listen on port {port}: {e}") from e
         log.info("%s: listening on port %d", self.ifname, self.port)
