@@ -8,6 +8,7 @@ not per namespace, so each test picks its own.
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -45,6 +46,17 @@ def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
     copy_through(lab, b, a, "10.99.0.1", 4 << 20)
     report = iperf3(b, a, "10.99.0.2", "-n", "2M", timeout=120)
     assert report["end"]["sum_sent"]["bytes"] >= 2 << 20
+
+    # A new listen port on b: it listens there instead, and a's connection (to the old port)
+    # carries on, not redialled.
+    b.wg("set", ib, "listen-port", str(b_port + 10))
+    assert lab.uapi(ib)["extra"]["wgvsock_port"] == str(b_port + 10)
+    ping(a, "10.99.0.2")
+    ping(b, "10.99.0.1")
+    assert lab.uapi(ia)["peers"][0]["extra"]["wgvsock_reconnects"] == "0"
+    listening = b.run("ss", "-H", "--vsock", "-l", check=False).stdout  # the whole guest's
+    assert re.search(rf":{b_port + 10}\b", listening), listening
+    assert not re.search(rf":{b_port}\b", listening), listening
 
     # The listener goes away and comes back: the dialling side reconnects on its own.
     lab.uapi(ib)  # still answering before the restart
