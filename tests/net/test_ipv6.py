@@ -29,7 +29,8 @@ from .test_roles import UNIX_TRANSPORT, WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
 
-DUAL_STACK_PROFILE = """\
+# The parent's part every dual-stack profile here shares; each adds its egress and enclave.
+DUAL_STACK_HEAD = """\
 version: 1
 name: {name}
 interface: wg0
@@ -38,6 +39,9 @@ transport:
 parent:
   address: [10.77.0.1/30, fd77::1/126]
   private_key: {key}
+"""
+
+DUAL_STACK_PROFILE = DUAL_STACK_HEAD + """\
   egress:
     allow: [0.0.0.0/0, "::/0"]
     deny: [169.254.169.254/32, 198.51.100.3/32, "2001:db8:200::/64"]
@@ -286,15 +290,7 @@ def test_profile_check_host_explains_a_missing_ipv6_route(world6: World6) -> Non
     wait_for(w.egress_works, 30, "IPv4 egress while the host has no IPv6 route")
 
 
-NAMES6_PROFILE = """\
-version: 1
-name: {name}
-interface: wg0
-transport:
-{transport}
-parent:
-  address: [10.77.0.1/30, fd77::1/126]
-  private_key: {key}
+NAMES6_PROFILE = DUAL_STACK_HEAD + """\
   egress:
     allow: [ok6.test, both.test]
     resolver: 198.51.100.53
