@@ -517,7 +517,8 @@ def test_a_foreign_daemons_words_cannot_drive_the_terminal(
     peer_key = public_key(generate_private_key()).hex()
     reply = (f"listen_port=51820\nwgvsock_network={evil}\nwgvsock_role={evil}\n"
              f"wgvsock_profile={evil}\npublic_key={peer_key}\nendpoint={evil}\n"
-             f"wgvsock_role={evil}\nwgvsock_conn={evil}\nerrno=0\n\n").encode()
+             f"wgvsock_role={evil}\nwgvsock_conn={evil}\nallowed_ip=10.0.0.1/32{evil}\n"
+             f"errno=0\n\n").encode()
     with _raw_uapi(run_dir / f"{name}.sock", reply):
         snap = st.Collector(None, str(run_dir)).sample()
         (iface,) = snap.interfaces

@@ -639,6 +639,61 @@ def test_a_new_listen_port_keeps_every_connection(
     assert len([t for t in bind_threads() if t.name == f"wgvsock-{network}-accept"]) == 4
 
 
+def test_a_port_change_that_fails_midway_changes_nothing(
+    binds: list[Bind], unix_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors after the new listener was made: it is undone, and the old
+    listener, its socket file and accept thread serve on."""
+    a, a_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir))
+    b, b_in, b_port = opened(binds, StreamBind("unix", unix_dir=unix_dir))
+
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("wgvsock.conn.stream.os.pipe", no_pipe)
+    with pytest.raises(OSError, match="Too many open files"):
+        b.change_port(4343)
+    monkeypatch.undo()
+    assert b.port == b_port
+    assert not os.path.exists(os.path.join(unix_dir, "4343.sock"))
+    assert os.path.exists(os.path.join(unix_dir, f"{b_port}.sock"))
+    exchange(a, a_in, b, b_in, a.parse_endpoint(f"127.0.0.1:{b_port}"))
+    b.close()
+    assert not os.path.exists(os.path.join(unix_dir, f"{b_port}.sock"))
+
+
+def test_close_during_a_port_change_closes_everything(
+    binds: list[Bind], unix_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() from another thread while change_port is half done (the daemon stopping
+    during `wg set IF listen-port N`) waits for it, then closes the new listener too."""
+    b, _b_in, b_port = opened(binds, StreamBind("unix", unix_dir=unix_dir))
+    inside, go_on = threading.Event(), threading.Event()
+    remove = b._remove_unix_path
+
+    def slow_remove() -> None:
+        inside.set()
+        go_on.wait(TIMEOUT)
+        remove()
+
+    monkeypatch.setattr(b, "_remove_unix_path", slow_remove)
+    mover = threading.Thread(target=b.change_port, args=(4444,))
+    mover.start()
+    assert inside.wait(TIMEOUT)  # the old socket file is being removed
+    monkeypatch.setattr(b, "_remove_unix_path", remove)
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waits for the move rather than closing half of it
+    go_on.set()
+    mover.join(TIMEOUT)
+    closer.join(TIMEOUT)
+    assert not b.is_open and not closer.is_alive()
+    assert os.listdir(unix_dir) == []  # neither the old nor the new socket file
+    assert not [t for t in bind_threads() if t.name == "wgvsock-unix-accept"]
+    assert b_port != 4444
+
+
 def test_a_datagram_bind_moves_to_a_new_port(binds: list[Bind]) -> None:
     a, a_in, _ = opened(binds, DatagramBind("udp"))
     b, b_in, b_port = opened(binds, DatagramBind("udp"))

@@ -216,6 +216,7 @@ class StreamBind(SocketBind):
         self._kind = self.endpoint_kind()
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
+        self._move_lock = threading.Lock()
         self._wake_r = self._wake_w = -1
         self._conns: dict[Endpoint, _Conn] = {}
         self._dialers: dict[Endpoint, _Dialer] = {}
@@ -229,6 +230,8 @@ class StreamBind(SocketBind):
         # close them in a loop, so their lines are limited (a real peer's close is not). A
         # burst of them, a port scan say, is still logged line by line.
         self._churn_log = RateLimitedLog(CHURN_LOG_INTERVAL, burst=CHURN_LOG_BURST)
+        # A full table, when a flood causes it, must not use up _misc_log's other warnings.
+        self._room_log = RateLimitedLog()
 
     # -- open / close ------------------------------------------------------------------------
 
@@ -242,42 +245,60 @@ class StreamBind(SocketBind):
         wake pipe of its own."""
         self._listener = listener
         self._wake_r, self._wake_w = os.pipe()
-        self._acceptor = self._start_thread(
-            self._accept_loop, f"wgvsock-{self.network}-accept", listener, self._wake_r)
+        self._acceptor = self._start_acceptor(listener, self._wake_r)
         log.info("%s: listening on port %d%s", self.network, self.port,
                  f" ({self._unix_path})" if self._unix_path else "")
 
+    def _start_acceptor(self, listener: socket.socket, wake_r: int) -> threading.Thread:
+        return self._start_thread(self._accept_loop, f"wgvsock-{self.network}-accept",
+                                  listener, wake_r)
+
     def change_port(self, port: int) -> int:
         """Listens on `port` instead, keeping every connection: they do not depend on the
-        listener that accepted them, and a dialler's never did. The new listener is made
-        first, so a port that cannot be had changes nothing."""
+        listener that accepted them, and a dialler's never did. The new listener, its wake
+        pipe and accept thread are made first, so a port that cannot be had (or a process
+        out of file descriptors or threads) changes nothing; then the old ones are retired."""
         self.check_port(port)
-        if not self.is_open:
-            raise RuntimeError(f"{type(self).__name__}({self.network}) is not open")
-        old_unix = self._unix_path, self._unix_ident
-        self._unix_path = self._unix_ident = None  # a failed _listen must not remove ours
-        try:
-            listener, actual = self._listen(port)
-        except BaseException:
+        with self._move_lock:  # not with close(), which would find half of each
+            if not self.is_open:
+                raise RuntimeError(f"{type(self).__name__}({self.network}) is not open")
+            old_unix = self._unix_path, self._unix_ident
+            self._unix_path = self._unix_ident = None  # a failed _listen must not remove ours
+            try:
+                listener, actual = self._listen(port)
+                new_unix = self._unix_path, self._unix_ident
+                wake: tuple[int, int] | None = None
+                try:
+                    wake = os.pipe()
+                    acceptor = self._start_acceptor(listener, wake[0])
+                except BaseException:
+                    listener.close()
+                    for fd in wake or ():
+                        os.close(fd)
+                    self._remove_unix_path()
+                    raise
+            except BaseException:
+                self._unix_path, self._unix_ident = old_unix
+                raise
+            with self._lock:
+                old_listener, old_acceptor = self._listener, self._acceptor
+                old_wake = self._wake_r, self._wake_w
+                self._listener, self._acceptor = listener, acceptor
+                self._wake_r, self._wake_w = wake
+                self.port = actual
+            os.write(old_wake[1], b"x")
+            if old_acceptor is not None:
+                old_acceptor.join(5.0)
+            if old_acceptor is None or not old_acceptor.is_alive():
+                for fd in old_wake:  # never under a thread that may still poll it
+                    os.close(fd)
+            if old_listener is not None:
+                old_listener.close()
             self._unix_path, self._unix_ident = old_unix
-            raise
-        new_unix = self._unix_path, self._unix_ident
-        with self._lock:
-            old_listener, old_wake, acceptor = self._listener, self._wake_w, self._acceptor
-            old_wake_r = self._wake_r
-            self._listener = None  # the old accept thread leaves once it sees it replaced
-        os.write(old_wake, b"x")
-        if acceptor is not None and acceptor is not threading.current_thread():
-            acceptor.join(5.0)
-        for fd in (old_wake_r, old_wake):
-            os.close(fd)
-        if old_listener is not None:
-            old_listener.close()
-        self._unix_path, self._unix_ident = old_unix
-        self._remove_unix_path()
-        self._unix_path, self._unix_ident = new_unix
-        self.port = actual
-        self._serve(listener)
+            self._remove_unix_path()
+            self._unix_path, self._unix_ident = new_unix
+        log.info("%s: listening on port %d%s instead", self.network, actual,
+                 f" ({self._unix_path})" if self._unix_path else "")
         return actual
 
     def _listen(self, port: int) -> tuple[socket.socket, int]:
@@ -317,6 +338,10 @@ class StreamBind(SocketBind):
         return sock, port
 
     def close(self) -> None:
+        with self._move_lock:
+            self._close()
+
+    def _close(self) -> None:
         with self._lock:
             if self._closed.is_set():
                 return
@@ -472,8 +497,9 @@ class StreamBind(SocketBind):
         poller.register(listener, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         while not self._closed.is_set():
-            poller.poll()
-            if self._closed.is_set() or self._listener is not listener:  # closed or replaced
+            events = poller.poll()
+            # Closed, or this listener replaced (change_port wrote its own wake pipe).
+            if self._closed.is_set() or any(fd == wake_r for fd, _ in events):
                 break
             try:
                 sock, addr = listener.accept()
@@ -530,8 +556,8 @@ class StreamBind(SocketBind):
         victim = min(victims, key=lambda c: c.last_rx)
         reason = f"closed to make room for a new one ({why})"
         # Its own close line may be one of many left out (_churn_log): the table being full
-        # is worth a line of its own.
-        self._misc_log(logging.WARNING, "%s: %d inbound connections; %s %s", self.network,
+        # is worth a line of its own (at most one in 10 s).
+        self._room_log(logging.WARNING, "%s: %d inbound connections; %s %s", self.network,
                        len(inbound), display_endpoint(victim.ep), reason)
         victim.shutdown(reason)
         return True

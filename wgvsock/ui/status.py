@@ -330,7 +330,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
     extra: dict[str, str] = dev.get("extra", {})
     # What a daemon says of itself is shown in an operator's terminal: escaped and cut there,
     # so another daemon's socket (wireguard-go-vsock, anything listening in the run directory)
-    # cannot write escapes or extra lines into the dashboard. The keys and numbers are parsed.
+    # cannot write escapes or extra lines into the dashboard. Keys and numbers are parsed.
     network = _shown(extra.get("wgvsock_network"))
     if network is None and any(_named_vsock(p.get("endpoint") or "") is not None
                                for p in dev.get("peers", [])):
@@ -383,7 +383,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
                 rx_bytes=p.get("rx_bytes", 0),
                 tx_bytes=p.get("tx_bytes", 0),
                 persistent_keepalive=p.get("persistent_keepalive_interval", 0),
-                allowed_ips=list(p.get("allowed_ips", [])),
+                allowed_ips=[prose(a, 100) for a in p.get("allowed_ips", [])],
                 preshared_key=p.get("preshared_key") is not None,
                 connection=_shown(pextra.get("wgvsock_conn")),
                 reconnects=_int_or_none(pextra.get("wgvsock_reconnects")),
