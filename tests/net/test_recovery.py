@@ -46,7 +46,9 @@ def app_pid(world: World) -> int:
     """The enclave's CMD: the one child of `wgvsock enclave up`."""
     proc = world.enclave_proc
     assert proc is not None and proc.poll() is None, "wgvsock enclave up is not running"
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    path = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    # The CMD starts once the tunnel is up: a first packet may get through a moment before.
+    children = wait_for(lambda: path.read_text().split(), 10, "the enclave's app to start")
     assert len(children) == 1, f"expected one app process, found {children}"
     return int(children[0])
 
