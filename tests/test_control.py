@@ -7,6 +7,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import socket
 import struct
 import threading
@@ -277,6 +278,41 @@ def test_held_connection_stays_in_step_when_a_message_arrives_in_pieces(monkeypa
         ours.close()
         theirs.close()
     assert result == ["stopped"]
+
+
+def test_held_connection_on_a_descriptor_above_1024():
+    """select() cannot watch descriptor 1024 or above: a parent with many connections would
+    have dropped its enclave's control connection at once, and the enclave re-registered in a
+    loop. The holder polls instead."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200: cannot open descriptor 1100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    a, theirs = socket.socketpair()
+    os.dup2(a.fileno(), 1100)
+    a.close()
+    ours = socket.socket(fileno=1100)
+    stop = threading.Event()
+    result: list[str] = []
+    holder = threading.Thread(target=lambda: result.append(control.hold_connection(ours, stop)))
+    holder.start()
+    try:
+        theirs.settimeout(5)
+        assert control.read_message(theirs, time.monotonic() + 5)["type"] == "ping"
+        theirs.sendall(encode({"type": "ping"}))
+        holder.join(0.3)
+        assert holder.is_alive(), result
+        theirs.shutdown(socket.SHUT_RDWR)  # the other side goes: the holder says why
+        holder.join(5)
+        assert not holder.is_alive() and result and "closed" in result[0], result
+    finally:
+        stop.set()
+        holder.join(3.0)
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _tcp_server(**kw) -> tuple[ControlServer, Recorder, int]:

@@ -371,6 +371,9 @@ def hold_connection(conn: socket.socket, stop: threading.Event) -> str:
     next_ping = 0.0
     silence = 3 * PING_INTERVAL
     last_heard = time.monotonic()
+    # poll, not select: select fails for a descriptor numbered 1024 or more.
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
     while not stop.is_set():
         now = time.monotonic()
         if now >= next_ping:
@@ -384,11 +387,13 @@ def hold_connection(conn: socket.socket, stop: threading.Event) -> str:
         # Wake at least once a second so `stop` is noticed promptly.
         wait = min(next_ping, last_heard + silence, now + 1.0) - now
         try:
-            readable, _, _ = select.select([conn], [], [], max(0.0, wait))
+            readable = poller.poll(max(0.0, wait) * 1000)
         except (OSError, ValueError) as e:
             return f"connection failed: {e}"
         if not readable:
             continue
+        if readable[0][1] & select.POLLNVAL:
+            return "connection failed: the socket was closed"
         try:
             read_message(conn, time.monotonic() + EXCHANGE_TIMEOUT)
         except ControlError as e:
