@@ -50,6 +50,27 @@ def test_name_matching(pattern: str, name: str, matches: bool) -> None:
     assert NamePattern.parse(pattern).matches(labels(name)) is matches
 
 
+@pytest.mark.parametrize(("text", "a_label"), [
+    # IDNA 2008 / UTS 46 non-transitional, what resolvers and browsers send. The standard
+    # library's IDNA 2003 codec mapped ß to ss and a final sigma to the medial one: another
+    # domain entirely.
+    ("faß.de", "xn--fa-hia.de"),
+    ("ςυμβολή.gr", "xn--jxah1acqpv.gr"),
+    ("Bücher.example", "xn--bcher-kva.example"),
+])
+def test_unicode_names_are_encoded_as_resolvers_do(text: str, a_label: str) -> None:
+    pattern = NamePattern.parse(text)
+    assert str(pattern) == a_label
+    assert pattern.matches(labels(a_label))
+    assert not NamePattern.parse("faß.de").matches(labels("fass.de"))
+
+
+def test_a_stray_joiner_is_refused_not_dropped() -> None:
+    # IDNA 2003 deleted U+200D, so "exa<ZWJ>mple.com" silently meant example.com.
+    with pytest.raises(NameRuleError, match="not a valid IDNA label"):
+        NamePattern.parse("exa\u200dmple.com")
+
+
 def test_query_labels_are_raw_bytes_lowercased_ascii_only() -> None:
     assert labels_of([b"WWW", b"Example", b"com", b""]) == ("www", "example", "com")
     # A non-ASCII byte in a query label can never equal an A-label.

@@ -6,7 +6,8 @@ the name itself; that is how S3's dotted bucket names stay reachable. Matching i
 lowercase A-labels: Unicode names in the profile are converted with IDNA, a trailing dot is
 ignored, and case never matters (DNS names are case-insensitive, and resolvers randomise case).
 
-Pure Python on purpose: the enclave parses the same profile and needs no dnspython for it.
+Pure Python on purpose (with `idna` for Unicode names): the enclave parses the same profile
+and needs no dnspython for it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from encodings import idna
 from typing import Literal
+
+import idna
 
 Protocol = Literal["tcp", "udp"]
 Labels = tuple[str, ...]
@@ -51,9 +53,12 @@ def _a_label(label: str, whole: str) -> str:
     if label.isascii():
         out = label.lower()
     else:
+        # Non-transitional UTS 46, as resolvers and browsers encode names: ß and ς stay
+        # themselves (IDNA 2003 made faß.de fass.de, another domain), a stray joiner is an
+        # error rather than silently dropped.
         try:
-            out = idna.ToASCII(label).decode("ascii").lower()
-        except UnicodeError:
+            out = idna.encode(label, uts46=True, transitional=False).decode("ascii").lower()
+        except (idna.IDNAError, UnicodeError):
             raise NameRuleError(f"{whole!r}: label {label!r} is not a valid IDNA label",
                                 "write the name as your browser shows it, or its xn-- form"
                                 ) from None
