@@ -566,14 +566,18 @@ def test_verify_enclave_never_raises(ca, test_root, tmp_path):
     assert not v.accepted and v.detail == {"code": "bad-root"}
 
 
-def test_parent_make_verifier_uses_verify_enclave(ca, test_root):
-    from types import SimpleNamespace
+def test_parent_judge_uses_verify_enclave(ca, test_root):
+    from wgvsock.roles.parent import judge
 
-    from wgvsock.roles.parent import make_verifier
-
-    verify = make_verifier(SimpleNamespace(attestation=policy(test_root)))
-    assert verify(WG_KEY, make_document(ca, nonce=NONCE, public_key=WG_KEY), NONCE).attested
-    assert not verify(WG_KEY, None, NONCE).accepted
+    p = policy(test_root)
+    document = make_document(ca, nonce=NONCE, public_key=WG_KEY)
+    assert judge(p, WG_KEY, document, NONCE).attested
+    assert not judge(p, WG_KEY, None, NONCE).accepted
+    # Asked again later about the same registration (a reload), as of when it was made:
+    # the document's age counts from then, not from now.
+    made = time.time()
+    assert judge(p, WG_KEY, document, NONCE, now=made).accepted
+    assert not judge(p, WG_KEY, document, NONCE, now=made + p.max_age + 60).accepted
 
 
 # -- the NSM client --------------------------------------------------------------------------

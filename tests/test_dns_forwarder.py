@@ -8,7 +8,7 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import dns.exception
 import dns.flags
@@ -57,6 +57,9 @@ class Upstream:
         self.tcp.listen(8)
         self.silent = False
         self.queries = 0
+        # Cleared, each answer waits until it is set again (an answer held in flight).
+        self.gate = threading.Event()
+        self.gate.set()
         for target in (self._serve_udp, self._serve_tcp):
             threading.Thread(target=target, daemon=True).start()
 
@@ -74,6 +77,7 @@ class Upstream:
             except OSError:
                 return
             self.queries += 1
+            self.gate.wait()
             if not self.silent:
                 self.udp.sendto(self.response(wire), peer)
 
@@ -158,14 +162,83 @@ def test_allowed_answer_fills_the_sets_before_the_reply(h: Harness) -> None:
     # Asked again right away: the elements outlive the answer already, so no nft run.
     h.ask("ok.test", tcp=True)
     assert len(h.updates) == 1
-    # Once the sets were emptied (the table put back), the next answer adds them again.
-    h.fwd.forget()
-    h.ask("ok.test")
-    assert len(h.updates) == 2
     r = h.ask("v6.test", "AAAA")
-    assert [(s, str(a), t) for s, a, t in h.updates[2]] == [("name0_v6", "2001:db8::1", 90)]
+    assert [(s, str(a), t) for s, a, t in h.updates[1]] == [("name0_v6", "2001:db8::1", 90)]
     s = h.fwd.stats
-    assert (s.queries, s.forwarded, s.refused, s.addresses_added) == (4, 4, 0, 9)
+    assert (s.queries, s.forwarded, s.refused, s.addresses_added) == (3, 3, 0, 5)
+
+
+def rules(allow: Sequence[str], deny: Sequence[str] = ()) -> NamePolicy:
+    return NamePolicy([NameRule(NamePattern.parse(p)) for p in allow],
+                      [NameRule(NamePattern.parse(p)) for p in deny])
+
+
+def test_a_new_table_starts_with_the_addresses_the_new_rules_allow(h: Harness) -> None:
+    """`parent reload` (and a table put back after a flush) replace the nft table: the
+    addresses of names the new rules still allow go into the new table at once, in the sets
+    of the rules that allow them now, with what is left of their timeouts."""
+    h.ask("ok.test")
+    h.ask("v6.test", "AAAA")
+    h.ask("alias.test")
+    tables: list[list] = []
+    # Rule 0 is now ok.test alone, rule 1 *.test; alias.test is denied.
+    carried = h.fwd.rebuild(tables.append, policy=rules(["ok.test", "*.test"], ["alias.test"]))
+    got = sorted((s, str(a)) for s, a, _ in tables[0])
+    assert got == [("name0_v4", "192.0.2.1"), ("name0_v4", "192.0.2.2"),
+                   ("name1_v4", "192.0.2.1"), ("name1_v4", "192.0.2.2"),
+                   ("name1_v6", "2001:db8::1")]
+    assert carried == 5
+    assert all(t in (359, 360) for s, _, t in tables[0] if s.endswith("v4"))
+    # The new table has them, so asking again costs no nft run; the denied name is refused.
+    updates = len(h.updates)
+    h.ask("ok.test")
+    assert len(h.updates) == updates
+    assert h.ask("alias.test").rcode() == dns.rcode.REFUSED
+    # The same policy again (a flushed table put back) carries the same addresses.
+    h.fwd.rebuild(tables.append)
+    assert sorted((s, str(a)) for s, a, _ in tables[1]) == got
+
+
+def test_a_table_that_nft_refuses_changes_nothing(h: Harness) -> None:
+    h.ask("ok.test")
+
+    def refuse(elements: list) -> None:
+        raise RuntimeError("nft refused the table")
+
+    with pytest.raises(RuntimeError):
+        h.fwd.rebuild(refuse, policy=rules(["nothing.test"]))
+    # Still the old rules and the old sets: ok.test is allowed and needs no new nft run.
+    updates = len(h.updates)
+    assert h.ask("ok.test").rcode() == dns.rcode.NOERROR
+    assert len(h.updates) == updates
+    assert h.fwd.policy.allowed_by(("ok", "test")) == [0, 1]
+
+
+def test_an_answer_in_flight_across_a_new_table_is_not_added(h: Harness) -> None:
+    """Its rules were chosen under the old table, whose set numbers may mean other rules
+    now: the update is dropped and the client gets SERVFAIL, so it asks again."""
+    h.upstream.gate.clear()
+    result: list[dns.message.Message] = []
+    asker = threading.Thread(target=lambda: result.append(h.ask("ok.test")))
+    asker.start()
+    try:
+        wait_for(lambda: h.upstream.queries == 1, 5, "the query to reach the upstream")
+        h.fwd.rebuild(lambda elements: None, policy=rules(["ok.test"]))
+    finally:
+        h.upstream.gate.set()
+        asker.join(10)
+    assert result[0].rcode() == dns.rcode.SERVFAIL
+    assert h.updates == []
+    r = h.ask("ok.test")
+    assert r.rcode() == dns.rcode.NOERROR
+    assert sorted((s, str(a)) for s, a, _ in h.updates[0]) == [
+        ("name0_v4", "192.0.2.1"), ("name0_v4", "192.0.2.2")]
+
+
+
+
+
+
 
 
 def test_denied_and_unknown_names_are_refused_and_counted(h: Harness) -> None:

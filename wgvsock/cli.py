@@ -12,7 +12,8 @@ commands:
   daemon [-f] [-d] [-n NET] IFNAME   run a WireGuard interface (same as wireguard-go-vsock)
   genkey                             print a new private key (base64)
   pubkey                             read a private key on stdin, print its public key
-  parent up|down|doctor --profile F  the EC2 host's side of a profile
+  parent up|down|reload|doctor --profile F
+                                     the EC2 host's side of a profile
   enclave up --profile F [-- CMD]    the enclave image's entrypoint
   status [IFNAME...] [--once|--json] live dashboard of handshakes and transfer
   attest verify|pcrs ...             check attestation documents, pin PCRs

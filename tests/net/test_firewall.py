@@ -300,6 +300,55 @@ def test_apply_replace_remove(scratch: Namespace) -> None:
         firewall.read_counters(spec.name, netns=ns)
 
 
+def test_a_replaced_table_starts_from_the_old_counters_and_set_elements(
+        scratch: Namespace) -> None:
+    """`parent reload`: the new table carries on counting where the old one stopped (a
+    metric must not go back), and its name sets start with the addresses still allowed."""
+    from wgvsock.services.egress.names import NamePattern, NameRule
+
+    ns = scratch.name
+    spec = dual_stack()
+    spec.allow_names = [NameRule(NamePattern.parse("*.example.com"), (443, 443), "tcp")]
+    spec.counters = {"egress_allowed": firewall.Counter(5, 500),
+                     "deny fd00::/8": firewall.Counter(2, 200),
+                     "allow *.example.com:443/tcp": firewall.Counter(7, 700),
+                     "allow 198.51.100.0/24": firewall.Counter(9, 900)}  # no such rule now
+    spec.name_elements = [("name0_v4", "192.0.2.7", 30), ("name0_v6", a("2001:db8::7"), 600)]
+    firewall.apply(spec, netns=ns)
+    got = firewall.read_counters(spec.name, netns=ns)
+    assert got["egress_allowed"] == (5, 500) and got["egress_denied"] == (0, 0)
+    assert got["deny fd00::/8"] == (2, 200)
+    # The name rule's IPv4 and IPv6 halves share a comment, and its value is not doubled.
+    assert got["allow *.example.com:443/tcp"] == (7, 700)
+    assert "allow 198.51.100.0/24" not in got
+    v4 = firewall.set_elements(spec.name, "name0_v4", netns=ns)
+    v6 = firewall.set_elements(spec.name, "name0_v6", netns=ns)
+    assert v4["192.0.2.7"][0] == 30 and 0 < v4["192.0.2.7"][1] <= 30
+    assert v6["2001:db8::7"][0] == 600
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name_elements": [("name1_v4", "192.0.2.1", 30)]}, "not one of this table's"),
+        ({"name_elements": [("enclave_v4", "192.0.2.1", 30)]}, "not one of this table's"),
+        ({"name_elements": [("name0_v4", "2001:db8::1", 30)]}, "does not belong"),
+        ({"name_elements": [("name0_v4", "nope", 30)]}, "does not appear to be"),
+        ({"counters": {"spoofed": (-1, 0)}}, "is not \\(packets, bytes\\)"),
+        ({"counters": {"spoofed": "many"}}, "is not \\(packets, bytes\\)"),
+    ],
+)
+def test_start_values_are_checked(change: dict, message: str) -> None:
+    from wgvsock.services.egress.names import NamePattern, NameRule
+
+    spec = typical()
+    spec.allow_names = [NameRule(NamePattern.parse("api.example.com"))]
+    for key, value in change.items():
+        setattr(spec, key, value)
+    with pytest.raises(ValueError, match=message):
+        firewall.render_ruleset(spec)
+
+
 def test_apply_reports_nft_errors(scratch: Namespace) -> None:
     spec = typical()
     spec.egress_interface = "x" * 15

@@ -35,6 +35,8 @@ def test_unit_parses_and_restarts_on_failure_quickly() -> None:
     assert unit.exec_start == ["/usr/local/bin/wgvsock", "parent", "up", "--profile",
                                "/etc/wgvsock/payments.yaml", "-f", "-v"]
     assert unit.exec_stop[:3] == ["/usr/local/bin/wgvsock", "parent", "down"]
+    assert unit.exec_reload == ["/usr/local/bin/wgvsock", "parent", "reload", "--profile",
+                                "/etc/wgvsock/payments.yaml"]
     assert unit.type == "exec" and unit.restart == "on-failure"
     # RestartSec is spent before the parent even starts: it must leave room in the 10 s bound
     # for `parent down` (ExecStop), `parent up` and the enclave's redial.
@@ -65,6 +67,7 @@ def test_unit_restarts_a_failed_parent_and_the_tunnel_recovers(world: World) -> 
     paths = {"/usr/local/bin/wgvsock": WGVSOCK,
              f"/etc/wgvsock/{world.name}.yaml": str(world.profile)}
     assert set(paths) <= set(unit.exec_start) and set(paths) <= set(unit.exec_stop)
+    assert unit.exec_reload is not None and set(paths) <= set(unit.exec_reload)
     log = world.lab.tmp / "journal.log"
     # The venv's interpreter may live under /root (pyenv), which ProtectHome hides.
     base = sys.base_prefix
@@ -103,6 +106,15 @@ def test_unit_restarts_a_failed_parent_and_the_tunnel_recovers(world: World) -> 
         assert "interface wg0 was removed" in log.read_text()
         wait_for(world.ingress_works, RECOVERY_BOUND, "ingress after the restarts")
         assert app_pid(world) == app, "the enclave's app was restarted"
+
+        # `systemctl reload` with a new ingress port: applied by the running parent, which is
+        # neither restarted nor stopped.
+        world.profile.write_text(world.profile.read_text().replace("{listen: 8443",
+                                                                   "{listen: 9443"))
+        assert sup.reload() == 0, log.read_text()
+        wait_for(lambda: world.curl(world.internet, "http://198.51.100.1:9443/")
+                 == "hello from the enclave\n", 10, "ingress on the reloaded port")
+        assert len(sup.runs) == 3 and sup.main_pid == sup.runs[2].pid
 
         # 3. A clean stop (SIGTERM, exit 0) is not restarted: Restart=on-failure.
         pid = sup.runs[2].pid

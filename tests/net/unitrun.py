@@ -68,6 +68,7 @@ def seconds(value: str) -> float:
 class Unit:
     exec_start: list[str]
     exec_stop: list[str]
+    exec_reload: list[str] | None
     type: str
     restart: str
     restart_sec: float
@@ -92,6 +93,7 @@ def load_unit(path: Path, instance: str) -> Unit:
     return Unit(
         exec_start=command("ExecStart"),
         exec_stop=command("ExecStop"),
+        exec_reload=command("ExecReload") if "ExecReload" in svc else None,
         type=svc.get("Type", "simple"),
         restart=svc.get("Restart", "no"),
         restart_sec=seconds(svc.get("RestartSec", "0.1")),
@@ -216,6 +218,12 @@ class Supervisor:
                 main.kill()
         if self._thread.is_alive():
             self._thread.join(timeout + 60)
+
+    def reload(self, timeout: float = 90) -> int:
+        """`systemctl reload`: runs ExecReload beside the main process (systemd would set
+        $MAINPID for it; our command needs none) and returns its exit code."""
+        assert self.unit.exec_reload is not None, "the unit has no ExecReload"
+        return self._spawn(self.unit.exec_reload).wait(timeout)
 
     @property
     def alive(self) -> bool:

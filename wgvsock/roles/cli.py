@@ -37,6 +37,9 @@ def parent_main(argv: list[str]) -> int:
     up.add_argument("-v", "--verbose", action="store_true")
     down = sub.add_parser("down", help="remove everything `up` made")
     down.add_argument("--profile", required=True)
+    reload = sub.add_parser("reload", help="apply a changed egress, ingress or attestation "
+                            "policy to the running parent (the tunnel stays up)")
+    reload.add_argument("--profile", required=True)
     check = sub.add_parser("doctor", help="check this host is ready")
     check.add_argument("--profile", required=True)
     args = ap.parse_args(argv)
@@ -55,6 +58,14 @@ def parent_main(argv: list[str]) -> int:
         return 0
     if args.cmd == "doctor":
         return doctor(profile)
+    if args.cmd == "reload":
+        try:
+            ok, message = parent.request_reload(profile)
+        except parent.RoleError as e:
+            print(f"wgvsock parent reload: {e}", file=sys.stderr)
+            return 1
+        print(message, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
     from ..daemon import spawn_background, take_ready_fd
     from ..services.profile import check_host, check_routes, local_networks, local_routes
 

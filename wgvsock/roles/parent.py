@@ -1,8 +1,10 @@
-"""`wgvsock parent up|down|doctor`: the EC2 host's side of one profile.
+"""`wgvsock parent up|down|reload|doctor`: the EC2 host's side of one profile.
 
 `up` creates the WireGuard interface, NAT and ingress rules and the control listener; the
 enclave registers its key over the control channel and becomes the profile's one peer.
 Everything `up` makes is recorded in a state file so `down` can remove it even after a crash.
+`reload` (or SIGHUP) applies a changed egress policy, ingress ports and attestation policy to
+the running parent without touching the tunnel; anything else needs `down` and `up`.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..conn import make_bind
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import netconf
 from ..device.device import Device
+from ..safetext import prose
 from ..services import firewall
-from ..services.control import ControlServer, Verdict
+from ..services.control import ControlError, ControlServer, Verdict
 from ..services.metrics.counters import DnsCounters, ParentCounters
 from ..threads import on_thread_death
 from .common import configure, control_listener, is_alive, run_dir, state_dir, unix_socket_path
@@ -149,25 +152,24 @@ def check_pinned_key(profile, key: bytes) -> None:
 # -- attestation policy ------------------------------------------------------------------------
 
 
-def make_verifier(profile):
-    policy = profile.attestation
-
-    def verify(public_key: bytes, document: bytes | None, nonce: bytes) -> Verdict:
-        if document is None:
-            if policy.require:
-                return Verdict(False, reason="the profile requires attestation and the enclave "
-                                             "sent no attestation document")
-            return Verdict(True, attested=False)
-        try:
-            from ..attestation import verify_enclave
-        except ImportError:
-            if policy.require:
-                return Verdict(False, reason="the profile requires attestation, which this "
-                                             "version cannot verify yet")
-            return Verdict(True, attested=False, reason="attestation document not verified")
-        return verify_enclave(document, public_key=public_key, nonce=nonce, policy=policy)
-
-    return verify
+def judge(policy, public_key: bytes, document: bytes | None, nonce: bytes, *,
+          now: float | None = None) -> Verdict:
+    """The verdict of attestation POLICY (a profile's `attestation`) on an enclave that
+    registers PUBLIC_KEY with DOCUMENT (or none) for NONCE, at time NOW (default: now; a
+    reload asks again about a registration made earlier)."""
+    if document is None:
+        if policy.require:
+            return Verdict(False, reason="the profile requires attestation and the enclave "
+                                         "sent no attestation document")
+        return Verdict(True, attested=False)
+    try:
+        from ..attestation import verify_enclave
+    except ImportError:
+        if policy.require:
+            return Verdict(False, reason="the profile requires attestation, which this "
+                                         "version cannot verify yet")
+        return Verdict(True, attested=False, reason="attestation document not verified")
+    return verify_enclave(document, public_key=public_key, nonce=nonce, policy=policy, now=now)
 
 
 def attestation_state(verdict: Verdict) -> str:
@@ -178,6 +180,32 @@ def attestation_state(verdict: Verdict) -> str:
     if (verdict.detail or {}).get("debug_mode"):
         return "debug"
     return "false"
+
+
+# What a running parent can change (`reload`); any other key needs `down` and `up`.
+_LIVE_KEYS = ("parent.egress.", "parent.ingress", "attestation.")
+# Read by the enclave from the profile in its image, never by the parent.
+_ENCLAVE_ONLY_KEYS = ("enclave.dns", "enclave.routes")
+
+
+def _name_policy(profile):
+    from ..services.egress.names import NamePolicy
+
+    egress = profile.parent.egress
+    return NamePolicy(egress.allow_names, egress.deny_names)
+
+
+def _upstream(profile) -> list:
+    """Where the DNS forwarder sends PROFILE's allowed names: parent.egress.resolver, else
+    this host's resolvers (never our own tunnel addresses: that would loop)."""
+    from ..services.egress.forwarder import system_resolvers
+
+    own = [a.ip for a in profile.parent.addresses]
+    upstream = list(profile.parent.egress.resolver) or system_resolvers(exclude=own)
+    if not upstream:  # local_checks() says so before `up`; resolv.conf may change later
+        raise RoleError("parent.egress has host names but /etc/resolv.conf names no "
+                        "resolver: set parent.egress.resolver")
+    return upstream
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -192,6 +220,8 @@ class State:
     forwarding: dict = field(default_factory=dict)
     sockets: list[str] = field(default_factory=list)
     enclave: dict = field(default_factory=dict)  # the enclave `up` started: id, cid, name
+    # The last reload's outcome, for `parent reload` to wait for: seq, ok, message.
+    reload: dict = field(default_factory=dict)
 
     @staticmethod
     def path_for(name: str) -> Path:
@@ -242,12 +272,15 @@ class Parent:
         # The DNS forwarder when the profile allows egress by name; its .stats holds the
         # refused-name and query counters.
         self.dns = None
+        # What the installed enclave presented (public key, attestation document or None,
+        # nonce, wall-clock time): a reload with a new attestation policy asks it again.
+        self._registration: tuple[bytes, bytes | None, bytes, float] | None = None
 
-    def egress_interface(self) -> str | None:
+    def egress_interface(self, profile=None) -> str | None:
         """The profile's egress interface, else that of the default route of each IP version
         the enclave has. When those differ (IPv6 on another ENI, say), None: masquerade out
         of any interface but the tunnel, so each family leaves by its own route."""
-        p = self.profile
+        p = profile or self.profile
         if p.parent.egress.interface:
             return p.parent.egress.interface
         found = {netconf.default_route_interface(v)
@@ -255,9 +288,12 @@ class Parent:
         found.discard(None)
         return found.pop() if len(found) == 1 else None
 
-    def spec(self) -> firewall.FirewallSpec:
-        p = self.profile
-        egress_if = self.egress_interface()
+    def spec(self, profile=None, *, counters: dict | None = None,
+             elements: list | None = None) -> firewall.FirewallSpec:
+        """PROFILE's (default: the running one's) table, starting from COUNTERS and with
+        ELEMENTS in its name sets (see FirewallSpec)."""
+        p = profile or self.profile
+        egress_if = self.egress_interface(p)
         return firewall.FirewallSpec(
             name=p.name,
             tunnel_interface=p.interface,
@@ -270,7 +306,33 @@ class Parent:
             allow_names=list(p.parent.egress.allow_names),
             dns_forwarder=([a.ip for a in p.parent.addresses] if p.parent.egress.uses_names
                            else []),
+            counters=counters or {},
+            name_elements=elements or [],
         )
+
+    def _replace_table(self, profile, *, keep_counters: bool) -> int:
+        """Loads PROFILE's table in one nft transaction, with the DNS forwarder's live
+        addresses that its name rules allow and, with KEEP_COUNTERS, the counters' values
+        right before (so metrics do not go back to zero). Returns how many addresses were
+        carried over. Raises FirewallError or ValueError with the old table left in place."""
+
+        def apply(elements: list) -> None:
+            counters = {}
+            if keep_counters:
+                try:
+                    counters = firewall.read_counters(profile.name)
+                except (firewall.FirewallError, OSError, ValueError) as e:
+                    log.warning("parent %s: cannot read the counters to carry them over "
+                                "(%s); they start from zero", profile.name, e)
+            firewall.apply(self.spec(profile, counters=counters, elements=elements))
+
+        carried = 0
+        if self.dns is not None:
+            carried = self.dns.rebuild(apply, policy=_name_policy(profile))
+        else:
+            apply([])
+        self._rules = firewall.rule_count(profile.name)
+        return carried
 
     def start(self) -> None:
         p = self.profile
@@ -306,7 +368,7 @@ class Parent:
 
             self.control = ControlServer(
                 listener, profile=p.name, public_key=public_key(key), wg_port=t.port,
-                verify=make_verifier(p), install=self._install_enclave,
+                verify=self._verify, install=self._install_enclave,
                 accept_from=self._enclave_filter(),
             )
             self.control.start()
@@ -374,10 +436,8 @@ class Parent:
                 return
             log.warning("parent %s: nftables table %s was deleted or changed by someone else; "
                         "putting it back", name, firewall.table_name(name))
-            firewall.apply(self.spec())
-            self._rules = firewall.rule_count(name)
-            if self.dns is not None:  # the name sets came back empty
-                self.dns.forget()
+            # The name sets' addresses come back with it; the counters start again from zero.
+            self._replace_table(self.profile, keep_counters=False)
         except (firewall.FirewallError, OSError, ValueError) as e:
             raise RoleError(f"nftables table {firewall.table_name(name)} is gone and cannot be "
                             f"put back ({e}); stopping so the enclave is not left "
@@ -385,28 +445,24 @@ class Parent:
 
     def _start_dns(self) -> None:
         """With host names in parent.egress, the DNS forwarder on the tunnel addresses."""
-        egress = self.profile.parent.egress
-        if not egress.uses_names:
+        if not self.profile.parent.egress.uses_names:
             return
-        from ..services.egress.forwarder import Forwarder, system_resolvers
-        from ..services.egress.names import NamePolicy
-
-        own = [a.ip for a in self.profile.parent.addresses]
-        upstream = list(egress.resolver) or system_resolvers(exclude=own)
-        if not upstream:  # local_checks() said so already; resolv.conf may have changed since
-            raise RoleError("parent.egress has host names but /etc/resolv.conf names no "
-                            "resolver: set parent.egress.resolver")
-        name = self.profile.name
-        self.dns = Forwarder(
-            listen=own, upstream=upstream,
-            policy=NamePolicy(egress.allow_names, egress.deny_names),
-            update_sets=lambda elements: firewall.add_to_sets(name, elements),
-            grace=egress.dns_grace, log=log,
-            clients=[a.ip for a in self.profile.enclave.addresses],
-        )
+        self.dns = self._new_forwarder(self.profile)
         self.dns.start()
         stats = self.dns.stats  # read from other threads: plain ints, each read whole
         self.dns_counters = lambda: DnsCounters(stats.queries, stats.refused)
+
+    def _new_forwarder(self, profile):
+        from ..services.egress.forwarder import Forwarder
+
+        name = profile.name
+        return Forwarder(
+            listen=[a.ip for a in profile.parent.addresses], upstream=_upstream(profile),
+            policy=_name_policy(profile),
+            update_sets=lambda elements: firewall.add_to_sets(name, elements),
+            grace=profile.parent.egress.dns_grace, log=log,
+            clients=[a.ip for a in profile.enclave.addresses],
+        )
 
     def _route_enclave(self) -> None:
         # The parent's own address usually covers the enclave's (same subnet); only prefixes
@@ -419,8 +475,26 @@ class Parent:
         if extra:
             netconf.add_routes(p.interface, extra)
 
+    def _verify(self, public_key: bytes, document: bytes | None, nonce: bytes) -> Verdict:
+        """The control server's verifier: the profile's attestation policy, now."""
+        policy, when = self.profile.attestation, time.time()
+        verdict = judge(policy, public_key, document, nonce, now=when)
+        return replace(verdict, evidence=(document, nonce, when, policy))
+
     def _install_enclave(self, public_key: bytes, verdict: Verdict) -> None:
         assert self.device is not None
+        if verdict.evidence is not None:
+            document, nonce, when, policy = verdict.evidence
+            if policy != self.profile.attestation:
+                # A reload changed the policy between this enclave's verdict and now (installs
+                # and the reload's check of the running enclave take turns): ask the new one.
+                verdict = judge(self.profile.attestation, public_key, document, nonce, now=when)
+                if not verdict.accepted:
+                    raise ControlError(f"refused an enclave under the reloaded attestation "
+                                       f"policy: {prose(verdict.reason, 300)}")
+            self._registration = (public_key, document, nonce, when)
+        else:
+            self._registration = None
         allowed = [
             (type(a.network)(f"{a.ip}/{a.max_prefixlen}"), True)
             for a in self.profile.enclave.addresses
@@ -431,11 +505,118 @@ class Parent:
             configure(self.device, replace_peers=True,
                       peers=[{"public_key": public_key, "allowed_ips": allowed}])
         self.enclave_key, self.verdict = public_key, verdict
+        self._show_verdict(verdict)
+
+    def _show_verdict(self, verdict: Verdict) -> None:
+        assert self.device is not None
         self.device.extra_status = {
             "wgvsock_profile": self.profile.name,
             "wgvsock_role": "parent",
             "wgvsock_attested": attestation_state(verdict),
         }
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self, new) -> list[str]:
+        """Applies NEW's egress policy, ingress ports and attestation policy to the running
+        parent; the tunnel, the enclave's session and established connections stay. Returns
+        what it did, a line each. Raises RoleError, with nothing changed, when NEW changes
+        anything else (that needs `down` and `up`) or cannot be applied."""
+        from ..services.profile import changed_keys
+
+        changed = changed_keys(self.profile, new)
+        fixed = [k for k in changed if not k.startswith(_LIVE_KEYS + _ENCLAVE_ONLY_KEYS)]
+        if fixed:
+            raise RoleError(
+                "not reloaded: " + ", ".join(f"{k} (line {new.line_of(k)})" for k in fixed)
+                + " changed, which a running parent cannot take. Put the old value back, or "
+                "run `wgvsock parent down` and `up` (the enclave registers again)")
+        if not changed:
+            return ["nothing changed"]
+        done: list[str] = []
+        if any(k.startswith(("parent.egress.", "parent.ingress")) for k in changed):
+            done.append(self._reload_firewall(new, changed))
+        self.profile = new
+        if any(k.startswith("attestation.") for k in changed):
+            done.append(self._recheck_enclave())
+        if only := [k for k in changed if k.startswith(_ENCLAVE_ONLY_KEYS)]:
+            done.append(f"{', '.join(only)}: read by the enclave from the profile in its image, "
+                        "not by the parent; they take effect with a new image")
+        return done
+
+    def _reload_firewall(self, new, changed: list[str]) -> str:
+        """The table for NEW, and the DNS forwarder started, updated or stopped to match."""
+        uses_names = new.parent.egress.uses_names
+        upstream = _upstream(new) if uses_names else []  # may refuse: nothing changed yet
+        started = None
+        if uses_names and self.dns is None:
+            started = self._new_forwarder(new)
+            try:
+                started.start()
+            except OSError as e:
+                raise RoleError(f"not reloaded: the DNS forwarder for the names in "
+                                f"parent.egress cannot start: {e}") from None
+            self.dns = started
+        try:
+            carried = self._replace_table(new, keep_counters=True)
+        except (firewall.FirewallError, OSError, ValueError) as e:
+            if started is not None:
+                started.close()
+                self.dns = None
+            raise RoleError(f"not reloaded: nftables refused the new table ({e}); the old "
+                            "one is still in place") from None
+        if started is not None:
+            stats = started.stats
+            self.dns_counters = lambda: DnsCounters(stats.queries, stats.refused)
+        elif uses_names:
+            self.dns.configure(upstream=upstream, grace=new.parent.egress.dns_grace)
+        elif self.dns is not None:
+            self.dns_counters = None
+            self.dns.close()
+            self.dns = None
+        keys = [k for k in changed if k.startswith(("parent.egress.", "parent.ingress"))]
+        text = (f"{', '.join(keys)}: nftables table {firewall.table_name(new.name)} replaced "
+                "in one transaction (established connections carry on; counters kept)")
+        if self.dns is not None:
+            text += f"; {carried} address(es) of allowed names carried over"
+        return text
+
+    def _recheck_enclave(self) -> str:
+        """Asks the (new) attestation policy again about the running enclave, as of its
+        registration; an enclave the policy refuses is removed."""
+        if self.control is None or self.enclave_key is None:
+            return "attestation: the new policy applies from the next registration"
+        refusal: list[str] = []
+
+        def admitted() -> bool:
+            reg = self._registration
+            if reg is None or reg[0] != self.enclave_key:
+                refusal.append("what it presented when it registered is not known")
+                return False
+            key, document, nonce, when = reg
+            verdict = judge(self.profile.attestation, key, document, nonce, now=when)
+            if not verdict.accepted:
+                refusal.append(verdict.reason)
+                return False
+            self.verdict = verdict
+            self._show_verdict(verdict)
+            return True
+
+        if self.control.revalidate(admitted, self._remove_enclave):
+            return ("attestation: the running enclave meets the new policy (attested: "
+                    f"{attestation_state(self.verdict)})")  # type: ignore[arg-type]
+        why = prose(refusal[0] if refusal else "refused", 300)
+        log.warning("parent %s: removed the running enclave: the new attestation policy "
+                    "refuses it (%s)", self.profile.name, why)
+        return (f"attestation: removed the running enclave, which the new policy refuses "
+                f"({why}); it is refused when it registers again")
+
+    def _remove_enclave(self) -> None:
+        assert self.device is not None
+        configure(self.device, replace_peers=True, peers=[])
+        self.enclave_key = self._registration = None
+        self.verdict = Verdict(False, reason="removed by a reload")
+        self._show_verdict(self.verdict)
 
     def _start_enclave(self) -> None:
         """With `parent.enclave` in the profile, start the enclave and keep it running."""
@@ -505,21 +686,38 @@ def run_up(profile, ready_fd: int | None) -> int:
         report_ready(ready_fd, msg)
         return 1
 
+    # One event wakes the loop for both; what happens is decided there, not in the handler.
+    wake = threading.Event()
+    reload_asked = threading.Event()
+
     def on_signal(signum: int, _frame: object) -> None:
-        parent.stopped.set()
+        if signum == signal.SIGHUP:
+            reload_asked.set()
+        else:
+            parent.stopped.set()
+        wake.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     failures: list[str] = []
 
     def on_death(reason: str) -> None:
         failures.append(reason)
         parent.stopped.set()
+        wake.set()
 
     on_thread_death(on_death)
     try:
         report_ready(ready_fd)
-        while not parent.stopped.wait(1.0):
+        while not parent.stopped.is_set():
+            wake.wait(1.0)
+            wake.clear()
+            if parent.stopped.is_set():
+                break
+            if reload_asked.is_set():
+                reload_asked.clear()
+                reload_from_file(parent)
             if parent.device is not None and parent.device.wait(0):
                 log.error("parent %s: %s", profile.name, parent.device.stop_reason)
                 # Stopping on its own is a failure, whatever the reason: the unit's
@@ -538,6 +736,61 @@ def run_up(profile, ready_fd: int | None) -> int:
         log.error("parent %s stopped: %s", profile.name, failures[0])
         return 1
     return 0
+
+
+def reload_from_file(parent: Parent) -> bool:
+    """SIGHUP: reads the running profile's file again and applies it (Parent.reload). The
+    outcome goes to the log and to the state file, where `parent reload` waits for it."""
+    from ..services.profile import ProfileError, load_profile
+
+    name, path = parent.profile.name, parent.profile.path
+    try:
+        new = load_profile(path)
+        if new.name != name:
+            raise RoleError(f"not reloaded: {path} now names profile {new.name!r} (line "
+                            f"{new.line_of('name')}), not {name!r}")
+        done = parent.reload(new)
+        ok, message = True, "\n".join(done)
+        log.info("parent %s reloaded from %s: %s", name, path, "; ".join(done))
+    except ProfileError as e:
+        ok, message = False, f"not reloaded: {path} is not a valid profile:\n{e}"
+    except RoleError as e:
+        ok, message = False, str(e)
+    except Exception as e:  # a bug in one reload must not stop the parent
+        log.exception("parent %s: reload failed", name)
+        ok, message = False, f"not reloaded: internal error: {e}"
+    if not ok:
+        log.error("parent %s: %s", name, message)
+    state = parent._state
+    if state is not None:
+        state.reload = {"seq": state.reload.get("seq", 0) + 1, "ok": ok, "message": message}
+        state.save()
+    return ok
+
+
+def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
+    """`wgvsock parent reload`: signals the running parent of PROFILE and waits for the
+    outcome it records. PROFILE must be the file it runs from (that is what it re-reads)."""
+    state = State.load(profile.name)
+    if state is None or not is_alive(state.pid):
+        raise RoleError(f"profile {profile.name} is not up: start it with "
+                        f"`wgvsock parent up --profile {profile.path}`")
+    if os.path.realpath(state.profile) != os.path.realpath(profile.path):
+        raise RoleError(f"the running parent of {profile.name} reads {state.profile}, not "
+                        f"{profile.path}: edit that file and reload, or run `parent down` "
+                        "and `up` with this one")
+    seq = state.reload.get("seq", 0)
+    os.kill(state.pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = State.load(profile.name)
+        if now is None or not is_alive(state.pid):
+            raise RoleError(f"the parent of {profile.name} (pid {state.pid}) stopped")
+        if now.reload.get("seq", 0) > seq:
+            return bool(now.reload.get("ok")), str(now.reload.get("message", ""))
+    raise RoleError(f"the parent of {profile.name} (pid {state.pid}) did not answer within "
+                    f"{timeout:.0f} s; see its log")
 
 
 def already_up(profile) -> int | None:

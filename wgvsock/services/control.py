@@ -34,7 +34,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..conn.bind import RateLimitedLog
 from ..safetext import prose, quote
@@ -62,6 +63,10 @@ class Verdict:
     attested: bool = False
     reason: str = ""
     detail: dict | None = None
+    # What the decision was made on, for the installer to keep (the parent asks a reloaded
+    # policy about it again): (attestation document or None, nonce, wall-clock time, policy).
+    evidence: tuple[bytes | None, bytes, float, Any] | None = field(default=None,
+                                                                     compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -358,6 +363,22 @@ class ControlServer:
 
     def _hold(self, conn: socket.socket) -> None:
         hold_connection(conn, self._stop)
+
+    def revalidate(self, admitted: Callable[[], bool], remove: Callable[[], None]) -> bool:
+        """Asks ADMITTED whether the installed enclave may stay (a reload changed the policy),
+        with installs held off meanwhile; if not, calls REMOVE and closes that enclave's
+        control connection, so it notices and registers again (to be judged anew). Returns
+        ADMITTED's answer."""
+        with self._install_lock:
+            if admitted():
+                return True
+            remove()
+            with self._lock:
+                current, self._current = self._current, None
+        if current is not None:
+            with contextlib.suppress(OSError):
+                current.shutdown(socket.SHUT_RDWR)
+        return False
 
 
 def hold_connection(conn: socket.socket, stop: threading.Event) -> str:

@@ -46,6 +46,10 @@ Why the chains look the way they do
   tunnel addresses) is open from the tunnel whenever names are used.
 * Replacing the table leaves existing conntrack entries alone: an established flow that a new
   deny rule covers lives until it ends.
+* A replaced table can start where the old one left off (``parent reload``, or putting back a
+  flushed table): the spec may carry the counters' values and the name sets' live elements,
+  which the same transaction loads, so no metric goes backwards and no allowed name's
+  address is missing for a moment.
 """
 
 from __future__ import annotations
@@ -176,6 +180,11 @@ class FirewallSpec:
     allow_names: Sequence[NameRuleLike] = field(default_factory=list)
     #: The parent's addresses where its DNS forwarder listens (UDP and TCP port 53).
     dns_forwarder: Sequence[IPAddress | str] = field(default_factory=list)
+    #: Values the counters start from: read_counters()'s names (named counters, and each
+    #: rule's by its comment). Those the new table has no counter for are left out.
+    counters: Mapping[str, Counter] = field(default_factory=dict)
+    #: Elements the name sets start with: (set, address, timeout in seconds), as add_to_sets.
+    name_elements: Sequence[tuple[str, IPAddress | str, int]] = field(default_factory=list)
 
 
 class Counter(NamedTuple):
@@ -206,6 +215,8 @@ class _Spec:
     ingress: tuple[Ingress, ...]
     names: tuple[tuple[str, _L4], ...]  # (comment, ports/protocol) of each allow-name rule
     dns: tuple[IPAddress, ...]
+    counters: dict[str, Counter]
+    elements: dict[str, dict[IPAddress, int]]  # name set -> address -> timeout
 
 
 @dataclass(frozen=True)
@@ -329,7 +340,34 @@ def _validated(spec: FirewallSpec) -> _Spec:
         names=tuple((f"allow {r}", _l4_of(r, f"allow name[{i}]"))
                     for i, r in enumerate(spec.allow_names)),
         dns=tuple(dict.fromkeys(_address(a) for a in spec.dns_forwarder)),
+        counters={k: _counter(k, v) for k, v in spec.counters.items()},
+        elements=_elements(spec.name_elements, len(spec.allow_names)),
     )
+
+
+def _counter(name: object, value: object) -> Counter:
+    try:
+        packets, nbytes = value  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValueError(f"counter {name!r}: {value!r} is not (packets, bytes)") from None
+    for n in (packets, nbytes):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"counter {name!r}: {value!r} is not (packets, bytes)")
+    return Counter(packets, nbytes)
+
+
+def _elements(items: Sequence[tuple[str, IPAddress | str, int]],
+              rules: int) -> dict[str, dict[IPAddress, int]]:
+    out: dict[str, dict[IPAddress, int]] = {}
+    for set_, addr, timeout in items:
+        m = re.fullmatch(r"name(\d+)_v([46])", str(set_))
+        if m is None or int(m[1]) >= rules:
+            raise ValueError(f"{set_!r} is not one of this table's name sets")
+        ip = ipaddress.ip_address(addr)
+        if ip.version != int(m[2]):
+            raise ValueError(f"address {ip} does not belong in set {set_}")
+        out.setdefault(set_, {})[ip] = max(1, int(timeout))
+    return out
 
 
 # -- rendering ------------------------------------------------------------------------------
@@ -413,22 +451,38 @@ def render_ruleset(spec: FirewallSpec) -> str:
     ]
     for i in range(len(s.names)):
         for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-            out += [f"\tset {name_set(i, version)} {{", f"\t\ttype {kind}",
-                    "\t\tflags timeout", f"\t\tsize {NAME_SET_SIZE}", "\t}"]
+            set_ = name_set(i, version)
+            out += [f"\tset {set_} {{", f"\t\ttype {kind}",
+                    "\t\tflags timeout", f"\t\tsize {NAME_SET_SIZE}"]
+            if live := s.elements.get(set_):
+                out.append("\t\telements = { " + ", ".join(
+                    f"{ip} timeout {t}s" for ip, t in live.items()) + " }")
+            out.append("\t}")
     for counter in COUNTERS:
-        out += [f"\tcounter {counter} {{", "\t}"]
+        start = s.counters.get(counter)
+        out += [f"\tcounter {counter} {{",
+                *([f"\t\tpackets {start.packets} bytes {start.bytes}"] if start else []),
+                "\t}"]
+    counted: set[str] = set()
+
+    def count(comment: str) -> str:
+        # A comment's value goes to its first rule only: read_counters() sums rules that share
+        # one (a name rule's IPv4 and IPv6 halves).
+        start = s.counters.get(comment) if comment not in counted else None
+        counted.add(comment)
+        return f"counter packets {start.packets} bytes {start.bytes}" if start else "counter"
 
     policy = [
-        f"{_match(r)} counter name {_q('egress_denied')} counter drop "
+        f"{_match(r)} counter name {_q('egress_denied')} {count(_describe('deny', r))} drop "
         f"comment {_q(_describe('deny', r))}"
         for r in s.deny
     ] + [
-        f"{_match(r)} counter name {_q('egress_allowed')} counter accept "
-        f"comment {_q(_describe('allow', r))}"
+        f"{_match(r)} counter name {_q('egress_allowed')} {count(_describe('allow', r))} "
+        f"accept comment {_q(_describe('allow', r))}"
         for r in s.allow
     ] + [
         f"{_match(l4, f'{fam} daddr @{name_set(i, version)}')} "
-        f"counter name {_q('egress_allowed')} counter accept comment {_q(comment)}"
+        f"counter name {_q('egress_allowed')} {count(comment)} accept comment {_q(comment)}"
         for i, (comment, l4) in enumerate(s.names)
         for fam, version in (("ip", 4), ("ip6", 6))
     ]

@@ -1538,6 +1538,26 @@ def _to_data(profile: Profile) -> dict[str, Any]:
     }
 
 
+def changed_keys(old: Profile, new: Profile) -> list[str]:
+    """The dotted keys (`parent.egress.allow`, `attestation.pcrs.0`) whose resolved values
+    differ between OLD and NEW; a list counts as one value."""
+
+    def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            if isinstance(v, Mapping):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(_to_data(old)), flat(_to_data(new))
+    return [k for k in dict.fromkeys([*a, *b]) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+
+
+_MISSING = object()
+
+
 def dump_profile(profile: Profile) -> str:
     """PROFILE as YAML with every default spelled out; parse_profile() reads it back equal."""
     body = yaml.safe_dump(_to_data(profile), sort_keys=False, default_flow_style=False,

@@ -17,6 +17,13 @@ flight, TCP clients, TCP idle time, tracked addresses) and every upstream query 
 The forwarder is an asyncio loop in one thread of `parent up`; nft runs in a small thread
 pool so that a slow nft never stalls the loop. :class:`Stats` holds the counters that
 `wgvsock status` and the metrics read.
+
+The forwarder remembers, for each address it put into a set, the allowed name it came from.
+When the parent replaces its table (`parent reload` with new name rules, or putting back a
+table someone flushed), :meth:`Forwarder.rebuild` hands the new table the addresses that the
+new rules still allow, so the enclave's allowed names keep working without a new lookup;
+set updates wait for the swap, and one computed under the old rules is dropped (its query
+gets SERVFAIL and the client asks again).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import socket
 import threading
 import time
@@ -46,7 +54,7 @@ import dns.rdatatype
 import dns.resolver
 
 from ..firewall import name_set
-from .names import NamePolicy, labels_of
+from .names import Labels, NamePolicy, labels_of
 
 IPAddress = IPv4Address | IPv6Address
 #: (set, address, timeout in seconds): what the forwarder asks nft to add.
@@ -155,7 +163,9 @@ class Forwarder:
             raise ValueError("no upstream resolver")
         self.listen = list(listen)
         self.upstream = [str(a) for a in upstream]
-        self.policy = policy
+        # (generation, policy) in one tuple, read and replaced whole: an answer's set update
+        # is valid only while the generation it was computed under is current.
+        self._rules: tuple[int, NamePolicy] = (0, policy)
         self.update_sets = update_sets
         self.grace = grace
         self.log = log or logging.getLogger("wgvsock.dns")
@@ -172,8 +182,10 @@ class Forwarder:
         self._in_flight = 0
         self._tcp_clients = 0
         self._tasks: set[asyncio.Task] = set()
-        # (set, address) -> monotonic time its set element expires; only the loop touches it.
-        self._expiry: dict[tuple[str, IPAddress], float] = {}
+        # (set, address) -> (monotonic time its set element expires, the allowed name that
+        # put it there). Changed only under _sets_lock, together with the sets themselves.
+        self._live: dict[tuple[str, IPAddress], tuple[float, Labels]] = {}
+        self._sets_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closers: list[Callable[[], object]] = []
@@ -258,12 +270,37 @@ class Forwarder:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._loop = self._thread = None
 
-    def forget(self) -> None:
-        """The name sets were emptied (the table was put back): re-add every address on its
-        next answer instead of trusting what we added before. Any thread may call it."""
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already closed
-                self._loop.call_soon_threadsafe(self._expiry.clear)
+    @property
+    def policy(self) -> NamePolicy:
+        return self._rules[1]
+
+    def rebuild(self, apply: Callable[[list[Element]], None], *,
+                policy: NamePolicy | None = None) -> int:
+        """Replaces the table: calls APPLY (on this thread) with the name-set elements the new
+        table should start with, the live addresses whose names POLICY (default: the current
+        one) still allows, in the sets of the rules that allow them now. No set update runs
+        meanwhile. If APPLY raises, nothing changes here either. Returns how many elements
+        were carried over."""
+        new = policy or self.policy
+        with self._sets_lock:
+            now = time.monotonic()
+            live: dict[tuple[str, IPAddress], tuple[float, Labels]] = {}
+            for (_, addr), (expiry, labels) in self._live.items():
+                if expiry - now >= 1:
+                    for i in new.allowed_by(labels):
+                        live[name_set(i, addr.version), addr] = (expiry, labels)
+            apply([(set_, addr, math.ceil(expiry - now))
+                   for (set_, addr), (expiry, _) in live.items()])
+            self._rules = (self._rules[0] + 1, new)
+            self._live = live
+        return len(live)
+
+    def configure(self, *, upstream: Sequence[IPAddress], grace: int) -> None:
+        """New upstream resolvers and grace period, for the answers from now on."""
+        if not upstream:
+            raise ValueError("no upstream resolver")
+        self.upstream = [str(a) for a in upstream]
+        self.grace = grace
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -352,8 +389,9 @@ class Forwarder:
             return self._reply(query, dns.rcode.NOTIMP if query.opcode() != dns.opcode.QUERY
                                else dns.rcode.FORMERR)
         question = query.question[0]
-        rules = (self.policy.allowed_by(labels_of(question.name.labels))
-                 if question.rdclass == dns.rdataclass.IN else [])
+        generation, policy = self._rules
+        labels = labels_of(question.name.labels)
+        rules = policy.allowed_by(labels) if question.rdclass == dns.rdataclass.IN else []
         if not rules:
             self.stats.refused += 1
             self.stats.recent_refused.append(question.name.to_text(omit_final_dot=True))
@@ -364,7 +402,7 @@ class Forwarder:
             return self._reply(query, dns.rcode.SERVFAIL)
         if response.rcode() == dns.rcode.NOERROR:
             found = answer_addresses(response, question.name)
-            if found and not await self._allow(rules, found):
+            if found and not await self._allow(generation, rules, labels, found):
                 return self._reply(query, dns.rcode.SERVFAIL)
         self.stats.forwarded += 1
         limit = 65535 if tcp else max(512, query.payload if query.edns >= 0 else 512)
@@ -396,9 +434,11 @@ class Forwarder:
                                 "are only counted)", server, e or type(e).__name__)
         return None
 
-    async def _allow(self, rules: list[int], found: list[tuple[IPAddress, int]]) -> bool:
-        """Puts FOUND into the sets of RULES unless they are there for long enough already.
-        False when nft refused."""
+    async def _allow(self, generation: int, rules: list[int], labels: Labels,
+                     found: list[tuple[IPAddress, int]]) -> bool:
+        """Puts FOUND (the addresses of allowed name LABELS) into the sets of RULES unless
+        they are there for long enough already. False when nft refused, or when the table was
+        replaced since RULES were chosen (GENERATION)."""
         now = time.monotonic()
         elements: list[Element] = []
         for addr, ttl in found:
@@ -407,25 +447,39 @@ class Forwarder:
                 key = (name_set(i, addr.version), addr)
                 # Refresh only when the element would die before this answer's TTL (plus
                 # half the grace) runs out: repeated queries cost no nft run each.
-                if self._expiry.get(key, 0.0) >= now + min(ttl, MAX_TTL) + self.grace / 2:
+                if self._live.get(key, (0.0,))[0] >= now + min(ttl, MAX_TTL) + self.grace / 2:
                     continue
                 elements.append((key[0], addr, max(1, timeout)))
         if not elements:
             return True
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._pool, self.update_sets, elements)
+            done = await loop.run_in_executor(self._pool, self._commit, generation, elements,
+                                              labels)
         except Exception as e:  # FirewallError, or nft missing: the answer would be useless
             self.stats.set_failures += 1
             self._warn_once("nft", "DNS forwarder: cannot add addresses to the nft sets: %s", e)
             return False
-        if len(self._expiry) + len(elements) > MAX_TRACKED:
-            self._expiry = {k: t for k, t in self._expiry.items() if t > now}
-            if len(self._expiry) + len(elements) > MAX_TRACKED:
-                self._expiry.clear()  # forgetting only costs extra refreshes
-        for set_, addr, timeout in elements:
-            self._expiry[set_, addr] = now + timeout
-        self.stats.addresses_added += len(elements)
+        if done:
+            self.stats.addresses_added += len(elements)
+        return done
+
+    def _commit(self, generation: int, elements: list[Element], labels: Labels) -> bool:
+        """Adds ELEMENTS to the sets, unless the table was replaced after they were chosen:
+        their set names would mean other rules now. Runs in the nft pool."""
+        with self._sets_lock:
+            if generation != self._rules[0]:
+                return False
+            self.update_sets(elements)
+            now = time.monotonic()
+            live = self._live
+            if len(live) + len(elements) > MAX_TRACKED:
+                live = self._live = {k: v for k, v in live.items() if v[0] > now}
+                if len(live) + len(elements) > MAX_TRACKED:
+                    # Forgetting costs extra refreshes, and a reload would not carry these.
+                    live.clear()
+            for set_, addr, timeout in elements:
+                live[set_, addr] = (now + timeout, labels)
         return True
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:

@@ -146,8 +146,11 @@ class NamePolicy:
         self.allow = tuple(allow)
         self.deny = tuple(deny)
 
+    def denied(self, name: Labels) -> bool:
+        return any(r.pattern.matches(name) for r in self.deny)
+
     def allowed_by(self, name: Labels) -> list[int]:
         """Indexes of the allow rules NAME matches; empty when it is denied or not allowed."""
-        if any(r.pattern.matches(name) for r in self.deny):
+        if self.denied(name):
             return []
         return [i for i, r in enumerate(self.allow) if r.pattern.matches(name)]
