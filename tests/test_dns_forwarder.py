@@ -57,6 +57,7 @@ class Upstream:
         self.tcp.listen(8)
         self.silent = False
         self.queries = 0
+        self.ids: list[int] = []  # the IDs of the queries it was sent
         # Cleared, each answer waits until it is set again (an answer held in flight).
         self.gate = threading.Event()
         self.gate.set()
@@ -65,6 +66,7 @@ class Upstream:
 
     def response(self, wire: bytes) -> bytes:
         q = dns.message.from_wire(wire)
+        self.ids.append(q.id)
         r = dns.message.make_response(q)
         for text in RECORDS.get(q.question[0].name.to_text().lower(), []):
             r.answer.append(rr(text))
@@ -235,10 +237,51 @@ def test_an_answer_in_flight_across_a_new_table_is_not_added(h: Harness) -> None
         ("name0_v4", "192.0.2.1"), ("name0_v4", "192.0.2.2")]
 
 
+def test_an_alias_of_a_denied_name_is_refused(h: Harness) -> None:
+    """alias.test is allowed, but its CNAME chain reaches end.test, which is denied: its
+    address is the denied name's, so the answer is refused and nothing is added."""
+    h.fwd.rebuild(lambda elements: None, policy=rules(["*.test"], ["end.test"]))
+    assert h.ask("alias.test").rcode() == dns.rcode.REFUSED
+    assert h.ask("end.test").rcode() == dns.rcode.REFUSED
+    assert h.updates == []
+    assert h.fwd.stats.refused == 2
+    assert list(h.fwd.stats.recent_refused) == ["alias.test (alias of end.test)", "end.test"]
+    # A denied name in the middle of the chain counts too.
+    h.fwd.rebuild(lambda elements: None, policy=rules(["*.test"], ["mid.test"]))
+    assert h.ask("alias.test").rcode() == dns.rcode.REFUSED
+    h.fwd.rebuild(lambda elements: None, policy=rules(["*.test"]))
+    assert h.ask("alias.test").rcode() == dns.rcode.NOERROR
+    assert [str(a) for _, a, _ in h.updates[0]] == ["192.0.2.9"]
 
 
+def test_a_forwarder_that_fails_to_start_leaves_no_socket_open(monkeypatch) -> None:
+    import os
+
+    async def broken(self, socks) -> None:
+        raise RuntimeError("no loop for you")
+
+    monkeypatch.setattr(Forwarder, "_serve", broken)
+    before = len(os.listdir("/proc/self/fd"))
+    fwd = Forwarder(listen=[ipaddress.ip_address(LOOP)], upstream=[ipaddress.ip_address(LOOP)],
+                    policy=rules(["ok.test"]), update_sets=lambda elements: None, grace=60,
+                    port=free_port())
+    with pytest.raises(OSError, match="failed to start: no loop for you"):
+        fwd.start()
+    wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before, 5,
+             "the forwarder's sockets and loop to be closed")
 
 
+def test_the_resolver_sees_our_query_ids_and_the_enclave_its_own(h: Harness) -> None:
+    """An enclave that chose the IDs the resolver sees could tell an accomplice what a forged
+    answer (whose addresses would be allowed) must carry."""
+    for tcp in (False, True, False):
+        q = dns.message.make_query("ok.test", "A")
+        q.id = 4242
+        ask = dns.query.tcp if tcp else dns.query.udp
+        r = ask(q, LOOP, timeout=5, port=h.port)
+        assert r.id == 4242 and r.rcode() == dns.rcode.NOERROR
+    assert len(h.upstream.ids) == 3 and h.upstream.ids != [4242] * 3
+    assert len(set(h.upstream.ids)) > 1
 
 
 def test_denied_and_unknown_names_are_refused_and_counted(h: Harness) -> None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 import dns.asyncquery
+import dns.entropy
 import dns.exception
 import dns.flags
 import dns.message
@@ -109,21 +110,25 @@ def system_resolvers(exclude: Sequence[IPAddress] = ()) -> list[IPAddress]:
     return out
 
 
+def cname_chain(response: dns.message.Message, qname: dns.name.Name) -> list[dns.name.Name]:
+    """QNAME and the names its CNAME records in RESPONSE lead to, in order."""
+    cnames = {rrset.name: rrset[0].target for rrset in response.answer
+              if rrset.rdclass == dns.rdataclass.IN and rrset.rdtype == dns.rdatatype.CNAME
+              and len(rrset) > 0}
+    chain = [qname]
+    for _ in range(MAX_CNAME_HOPS):
+        if chain[-1] not in cnames or cnames[chain[-1]] in chain:
+            break
+        chain.append(cnames[chain[-1]])
+    return chain
+
+
 def answer_addresses(response: dns.message.Message,
                      qname: dns.name.Name) -> list[tuple[IPAddress, int]]:
     """The A/AAAA addresses RESPONSE gives for QNAME, through its CNAME chain, with TTLs.
     Records for other names are ignored: only the chain that starts at the allowed name
     says anything about it."""
-    cnames = {rrset.name: rrset[0].target for rrset in response.answer
-              if rrset.rdclass == dns.rdataclass.IN and rrset.rdtype == dns.rdatatype.CNAME
-              and len(rrset) > 0}
-    chain = {qname}
-    current = qname
-    for _ in range(MAX_CNAME_HOPS):
-        if current not in cnames:
-            break
-        current = cnames[current]
-        chain.add(current)
+    chain = set(cname_chain(response, qname))
     out: list[tuple[IPAddress, int]] = []
     for rrset in response.answer:
         if (rrset.rdclass == dns.rdataclass.IN and rrset.name in chain
@@ -230,17 +235,23 @@ class Forwarder:
                 loop.run_until_complete(self._serve(socks))
             except BaseException as e:  # reported to start(), which raises it
                 failure.append(e)
-                ready.set()
-                return
             ready.set()
-            loop.run_forever()
+            if not failure:
+                loop.run_forever()
             loop.run_until_complete(self._shutdown())
             loop.close()
+            for _, s in socks:  # those no server took over yet
+                s.close()
 
         self._thread = threading.Thread(target=run, name="dns-forwarder", daemon=True)
         self._thread.start()
-        ready.wait(10)
+        if not ready.wait(10):
+            self.close()
+            raise OSError("DNS forwarder did not start within 10 s")
         if failure:
+            self._thread.join(10)
+            self._loop = self._thread = None
+            self.close()
             raise OSError(f"DNS forwarder failed to start: {failure[0]}")
         self.log.info("DNS forwarder on %s port %d, upstream %s",
                       ", ".join(map(str, self.listen)), self.port, ", ".join(self.upstream))
@@ -401,6 +412,16 @@ class Forwarder:
             self.stats.upstream_failures += 1
             return self._reply(query, dns.rcode.SERVFAIL)
         if response.rcode() == dns.rcode.NOERROR:
+            # An allowed name that is an alias of a denied one would reach the denied name's
+            # addresses: the deny list holds along the whole chain.
+            via = [n for n in cname_chain(response, question.name)[1:]
+                   if policy.denied(labels_of(n.labels))]
+            if via:
+                self.stats.refused += 1
+                self.stats.recent_refused.append(
+                    f"{question.name.to_text(omit_final_dot=True)} "
+                    f"(alias of {via[0].to_text(omit_final_dot=True)})")
+                return self._reply(query, dns.rcode.REFUSED)
             found = answer_addresses(response, question.name)
             if found and not await self._allow(generation, rules, labels, found):
                 return self._reply(query, dns.rcode.SERVFAIL)
@@ -420,19 +441,31 @@ class Forwarder:
 
     async def _ask_upstream(self, query: dns.message.Message,
                             tcp: bool) -> dns.message.Message | None:
-        for server in self.upstream:
-            try:
-                if tcp:
-                    return await dns.asyncquery.tcp(query, server, timeout=self.timeout,
-                                                    port=self.upstream_port)
-                return await dns.asyncquery.udp(query, server, timeout=self.timeout,
-                                                port=self.upstream_port,
-                                                ignore_unexpected=True)
-            except (dns.exception.DNSException, OSError, EOFError, ValueError) as e:
-                self._warn_once(f"upstream:{server}",
-                                "DNS forwarder: upstream %s failed: %s (further failures "
-                                "are only counted)", server, e or type(e).__name__)
-        return None
+        # Towards the resolver the query carries an ID of ours, not the enclave's: an
+        # enclave that picks its IDs could tell an accomplice off the path what a forged
+        # answer must carry, and a forged answer's addresses would land in the allow sets.
+        client_id = query.id
+        query.id = dns.entropy.random_16()
+        try:
+            for server in self.upstream:
+                try:
+                    if tcp:
+                        response = await dns.asyncquery.tcp(query, server, timeout=self.timeout,
+                                                            port=self.upstream_port)
+                    else:
+                        response = await dns.asyncquery.udp(query, server,
+                                                            timeout=self.timeout,
+                                                            port=self.upstream_port,
+                                                            ignore_unexpected=True)
+                    response.id = client_id
+                    return response
+                except (dns.exception.DNSException, OSError, EOFError, ValueError) as e:
+                    self._warn_once(f"upstream:{server}",
+                                    "DNS forwarder: upstream %s failed: %s (further failures "
+                                    "are only counted)", server, e or type(e).__name__)
+            return None
+        finally:
+            query.id = client_id
 
     async def _allow(self, generation: int, rules: list[int], labels: Labels,
                      found: list[tuple[IPAddress, int]]) -> bool:
