@@ -8,12 +8,13 @@ from .harness import Target
 def all_targets() -> dict[str, type[Target]]:
     from .control import ControlEnclaveTarget, ControlParentTarget
     from .core import CoreTarget
+    from .dns import DnsForwarderTarget
     from .framing import FramingTarget
     from .profile import ProfileTarget
     from .uapi import UAPIGetTarget, UAPIServerTarget, UAPISetTarget
 
     classes: list[type[Target]] = [
         CoreTarget, FramingTarget, UAPIServerTarget, UAPISetTarget, UAPIGetTarget,
-        ControlParentTarget, ControlEnclaveTarget, ProfileTarget,
+        ControlParentTarget, ControlEnclaveTarget, ProfileTarget, DnsForwarderTarget,
     ]
     return {cls.name: cls for cls in classes}

@@ -20,6 +20,7 @@ SEED = 20261130
 SHORT = {
     "core": 15_000, "framing": 15_000, "uapi-server": 3_000, "uapi-set": 10_000,
     "uapi-get": 10_000, "control-parent": 2_500, "control-enclave": 8_000, "profile": 400,
+    "dns-forwarder": 2_000,
 }
 
 
@@ -39,7 +40,7 @@ def test_short_fuzz(name: str, tmp_path: Path) -> None:
     assert result.inputs == SHORT[name]
     # Every generator of the target got its turn.
     generators = {"core": 10, "framing": 4, "uapi-server": 6, "uapi-set": 4, "uapi-get": 3,
-                  "control-parent": 4, "control-enclave": 5, "profile": 5}
+                  "control-parent": 4, "control-enclave": 5, "profile": 5, "dns-forwarder": 5}
     assert len(result.kinds) == generators[name], result.kinds
 
 

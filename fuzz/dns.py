@@ -1,0 +1,279 @@
+"""Target `dns-forwarder`: a hostile enclave's queries and a hostile resolver's answers through
+the parent's DNS forwarder (wgvsock.services.egress.forwarder), whose answers decide which
+addresses the enclave may reach.
+
+An input is `u16 query length, query, u8 flags, answer`: the query as the enclave sent it
+(flags bit 0: over TCP), and the resolver's answer (empty: the resolver does not answer). The
+forwarder runs in this process without sockets: `_answer_checked` is called directly, the
+resolver is dnspython's query functions replaced for the target's lifetime, and nft is a
+recorder. The answer gets the ID of the query the forwarder sent, as a real server's would;
+whether its question matches is up to the input (dnspython's own check, mimicked: a mismatch
+is a resolver that never answers).
+
+A reference written here from the README's rules says what must happen, and anything else is
+a finding: a query that does not parse, or is a response, gets no reply; another opcode
+NOTIMP, not one question FORMERR; a name of another class, not allowed, or denied REFUSED
+without asking the resolver; an allowed one is asked exactly once, its ID not the enclave's;
+no answer SERVFAIL; an answer whose CNAME chain passes through a denied name REFUSED; else the
+addresses of the chain's A/AAAA records, and only those, go into the sets of exactly the rules
+that allow the name, each with its TTL (at most a day) plus the grace, before the reply goes
+back with the enclave's ID. No exception may escape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import struct
+from typing import Any
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from wgvsock.services.egress import forwarder
+from wgvsock.services.egress.names import NamePattern, NamePolicy, NameRule
+from wgvsock.services.firewall import name_set
+
+from .harness import Target, quiet
+from .mutate import havoc
+
+_HEAD = struct.Struct(">H")
+GRACE = 60
+DAY = 86400  # the longest TTL an address is kept for (the README's rule, not the module's)
+# (pattern, allowed?) as the profile would list them; the reference matches them on its own.
+ALLOW = ("ok.test", "*.wild.test", "alias.test", "api.example.com", "*.example.com")
+DENY = ("bad.wild.test", "end.test", "deep.x.example.com")
+NAMES = ("ok.test", "OK.Test.", "a.wild.test", "x.y.wild.test", "wild.test", "bad.wild.test",
+         "BAD.wild.test", "alias.test", "end.test", "mid.test", "api.example.com",
+         "www.example.com", "deep.x.example.com", "a.deep.x.example.com", "example.com",
+         "other.test", "test", ".", "x" * 63 + ".test", "xn--bcher-kva.example.com",
+         "a\\.b.wild.test", "a\\000.wild.test", "\\195\\188.wild.test")
+RDTYPES = ("A", "AAAA", "A", "AAAA", "CNAME", "TXT", "ANY", "MX")
+TTLS = (0, 1, 30, 300, 86400, 86401, 2**31 - 1, 2**32 - 1)
+ADDRESSES = ("192.0.2.1", "192.0.2.2", "198.51.100.9", "169.254.169.254", "2001:db8::1",
+             "::ffff:192.0.2.1", "0.0.0.0", "255.255.255.255")
+
+
+class _Upstream:
+    """The resolver: answers the next query with `answer` (wire bytes), or not at all."""
+
+    def __init__(self) -> None:
+        self.answer: bytes | None = None
+        self.asked: list[dns.message.Message] = []
+
+    async def ask(self, q: dns.message.Message, where: str, **_: Any) -> dns.message.Message:
+        self.asked.append(q)
+        if self.answer is None:
+            raise dns.exception.Timeout
+        r = dns.message.from_wire(self.answer)  # garbage: a DNSException, as dnspython's own
+        r.id = q.id
+        if not q.is_response(r):  # dnspython's udp()/tcp() would not take it either
+            raise dns.exception.Timeout
+        return r
+
+
+def _labels(name: dns.name.Name) -> tuple[str, ...]:
+    """The name's labels, ASCII letters lowercased; other bytes kept, so a label with one
+    can never equal a pattern's (all ASCII), though a wildcard above it still matches."""
+    return tuple(label.lower().decode("latin-1") for label in name.labels if label)
+
+
+def _matches(pattern: str, labels: tuple[str, ...]) -> bool:
+    want = tuple(pattern.split("."))
+    if want[0] == "*":
+        return len(labels) > len(want) - 1 and labels[len(labels) - len(want) + 1:] == want[1:]
+    return labels == want
+
+
+def reference_rules(name: dns.name.Name) -> list[int]:
+    if _denied(name):
+        return []
+    return [i for i, p in enumerate(ALLOW) if _matches(p, _labels(name))]
+
+
+def _denied(name: dns.name.Name) -> bool:
+    return any(_matches(p, _labels(name)) for p in DENY)
+
+
+def reference_chain(response: dns.message.Message, qname: dns.name.Name) -> list[dns.name.Name]:
+    targets: dict[dns.name.Name, dns.name.Name] = {}
+    for rrset in response.answer:
+        if (rrset.rdclass == dns.rdataclass.IN and rrset.rdtype == dns.rdatatype.CNAME
+                and len(rrset) and rrset.name not in targets):
+            targets[rrset.name] = rrset[0].target
+    chain = [qname]
+    while len(chain) <= forwarder.MAX_CNAME_HOPS and chain[-1] in targets \
+            and targets[chain[-1]] not in chain:
+        chain.append(targets[chain[-1]])
+    return chain
+
+
+class DnsForwarderTarget(Target):
+    name = "dns-forwarder"
+    count = 60_000
+    shard_size = 10_000
+
+    def __init__(self, rng: random.Random, workdir) -> None:
+        super().__init__(rng, workdir)
+        self.upstream = _Upstream()
+        self._saved = (dns.asyncquery.udp, dns.asyncquery.tcp)
+        dns.asyncquery.udp = self.upstream.ask  # type: ignore[assignment]
+        dns.asyncquery.tcp = self.upstream.ask  # type: ignore[assignment]
+        self.updates: list[list] = []
+        policy = NamePolicy([NameRule(NamePattern.parse(p)) for p in ALLOW],
+                            [NameRule(NamePattern.parse(p)) for p in DENY])
+        self.fwd = forwarder.Forwarder(
+            listen=[ipaddress.ip_address("127.0.0.1")],
+            upstream=[ipaddress.ip_address("192.0.2.53")], policy=policy,
+            update_sets=self.updates.append, grace=GRACE)
+        self.loop = asyncio.new_event_loop()
+        self._quiet = quiet("wgvsock.dns")
+        self._quiet.__enter__()
+
+    def close(self) -> None:
+        dns.asyncquery.udp, dns.asyncquery.tcp = self._saved  # type: ignore[assignment]
+        self.fwd.close()
+        self.loop.close()
+        self._quiet.__exit__(None, None, None)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _query(self, rng: random.Random) -> dns.message.Message:
+        q = dns.message.make_query(rng.choice(NAMES), rng.choice(RDTYPES),
+                                   use_edns=rng.choice((None, 0)))
+        if rng.random() < 0.05:
+            q.question[0].rdclass = dns.rdataclass.CH  # type: ignore[misc]
+        return q
+
+    def _answer(self, rng: random.Random, q: dns.message.Message) -> dns.message.Message:
+        r = dns.message.make_response(q)
+        if rng.random() < 0.1:
+            r.set_rcode(rng.choice((dns.rcode.NXDOMAIN, dns.rcode.SERVFAIL, dns.rcode.REFUSED)))
+        qname = q.question[0].name if q.question else dns.name.root
+        chain = [qname]
+        for _ in range(rng.choice((0, 0, 1, 2, 3, 17))):  # CNAMEs, sometimes past the limit
+            target = dns.name.from_text(rng.choice((*NAMES, "mid.test", "end.test")))
+            r.answer.append(dns.rrset.from_text(chain[-1], rng.choice(TTLS), "IN", "CNAME",
+                                                target.to_text()))
+            chain.append(target)
+            if rng.random() < 0.1:  # a loop back
+                r.answer.append(dns.rrset.from_text(target, 60, "IN", "CNAME",
+                                                    qname.to_text()))
+        for _ in range(rng.randint(0, 4)):
+            owner = rng.choice([*chain, dns.name.from_text(rng.choice(NAMES))])
+            addr = rng.choice(ADDRESSES)
+            kind = "AAAA" if ":" in addr else "A"
+            if rng.random() < 0.05:  # an address record of another class: not an address
+                packed = ipaddress.ip_address(addr).packed
+                r.answer.append(dns.rrset.from_text(owner, 60, "HS", kind,
+                                                    f"\\# {len(packed)} {packed.hex()}"))
+            else:
+                r.answer.append(dns.rrset.from_text(owner, rng.choice(TTLS), "IN", kind, addr))
+        return r
+
+    def generate(self, rng: random.Random) -> tuple[str, bytes]:
+        q = self._query(rng)
+        r = self._answer(rng, q)
+        query, answer = q.to_wire(), r.to_wire()
+        tcp = rng.randrange(2)
+        roll = rng.random()
+        if roll < 0.5:
+            kind = "valid"
+        elif roll < 0.65:
+            kind, answer = "no-answer", b""
+        elif roll < 0.8:
+            kind, query = "mutated-query", havoc(rng, query, max_len=600)
+        elif roll < 0.95:
+            kind, answer = "mutated-answer", havoc(rng, answer, max_len=2000)
+        else:
+            kind, query = "random-query", rng.randbytes(rng.randrange(64))
+        return kind, _HEAD.pack(len(query)) + query + bytes([tcp]) + answer
+
+    # -- the oracle --------------------------------------------------------------------------
+
+    def run(self, data: bytes) -> None:
+        (n,) = _HEAD.unpack_from(data)
+        query = data[2:2 + n]
+        tcp = len(data) > 2 + n and bool(data[2 + n] & 1)
+        answer = data[3 + n:]
+        self.upstream.answer = answer or None
+        self.upstream.asked.clear()
+        self.updates.clear()
+        self.fwd._live.clear()  # every answer adds its addresses afresh
+        reply = self.loop.run_until_complete(self.fwd._answer_checked(query, tcp))
+        self.check(query, tcp, reply)
+
+    def check(self, query: bytes, tcp: bool, reply: bytes | None) -> None:
+        asked = self.upstream.asked
+        try:
+            q = dns.message.from_wire(query)
+        except Exception:
+            assert reply is None and not asked, "answered something that is not a DNS query"
+            return
+        if q.flags & dns.flags.QR:
+            assert reply is None and not asked, "answered a response"
+            return
+        assert reply is not None, "no reply to a query"
+        r = dns.message.from_wire(reply)
+        assert r.id == q.id, "the reply does not carry the enclave's ID"
+        assert r.flags & dns.flags.QR, "the reply is not a response"
+        if q.opcode() != dns.opcode.QUERY:
+            assert r.rcode() == dns.rcode.NOTIMP and not asked
+            return
+        if len(q.question) != 1:
+            assert r.rcode() == dns.rcode.FORMERR and not asked
+            return
+        question = q.question[0]
+        rules = reference_rules(question.name) if question.rdclass == dns.rdataclass.IN else []
+        if not rules:
+            assert r.rcode() == dns.rcode.REFUSED, "a name not allowed was not refused"
+            assert not asked, "a name not allowed was sent to the resolver"
+            assert not self.updates
+            return
+        assert len(asked) == 1, f"asked the resolver {len(asked)} times"
+        assert asked[0].question == q.question, "asked the resolver another question"
+        if not tcp:
+            limit = max(512, q.payload if q.edns >= 0 else 512)
+            assert len(reply) <= limit, f"a UDP reply of {len(reply)} > {limit} bytes"
+        answer = self._parsed_answer(asked[0])
+        if answer is None:
+            assert r.rcode() == dns.rcode.SERVFAIL and not self.updates
+            return
+        want: list[tuple[str, str, int]] = []
+        if answer.rcode() == dns.rcode.NOERROR:
+            chain = reference_chain(answer, question.name)
+            if any(_denied(c) for c in chain[1:]):
+                assert r.rcode() == dns.rcode.REFUSED, "an alias of a denied name got through"
+                assert not self.updates
+                return
+            for rrset in answer.answer:
+                if (rrset.rdclass == dns.rdataclass.IN and rrset.name in chain
+                        and rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)):
+                    for rd in rrset:
+                        addr = ipaddress.ip_address(rd.address)
+                        ttl = max(1, min(rrset.ttl, DAY) + GRACE)
+                        want += [(name_set(i, addr.version), str(addr), ttl) for i in rules]
+        got = [(s, str(a), t) for update in self.updates for s, a, t in update]
+        assert sorted(got) == sorted(want), f"set updates {got} where {want} were due"
+        if not r.flags & dns.flags.TC:  # a truncated reply is NOERROR, the client asks by TCP
+            assert r.rcode() == answer.rcode(), "the resolver's rcode was not passed on"
+
+    def _parsed_answer(self, sent: dns.message.Message) -> dns.message.Message | None:
+        """The answer as the forwarder got it from the stand-in resolver, or None."""
+        if self.upstream.answer is None:
+            return None
+        try:
+            a = dns.message.from_wire(self.upstream.answer)
+        except Exception:
+            return None
+        a.id = sent.id
+        return a if sent.is_response(a) else None
