@@ -248,7 +248,7 @@ class DnsForwarderTarget(Target):
         if answer is None:
             assert r.rcode() == dns.rcode.SERVFAIL and not self.updates
             return
-        want: list[tuple[str, str, int]] = []
+        want: dict[tuple[str, str], int] = {}  # per set and address, the longest TTL
         if answer.rcode() == dns.rcode.NOERROR:
             chain = reference_chain(answer, question.name)
             if any(_denied(c) for c in chain[1:]):
@@ -261,9 +261,12 @@ class DnsForwarderTarget(Target):
                     for rd in rrset:
                         addr = ipaddress.ip_address(rd.address)
                         ttl = max(1, min(rrset.ttl, DAY) + GRACE)
-                        want += [(name_set(i, addr.version), str(addr), ttl) for i in rules]
-        got = [(s, str(a), t) for update in self.updates for s, a, t in update]
-        assert sorted(got) == sorted(want), f"set updates {got} where {want} were due"
+                        for i in rules:
+                            key = (name_set(i, addr.version), str(addr))
+                            want[key] = max(want.get(key, 0), ttl)
+        got = sorted((s, str(a), t) for update in self.updates for s, a, t in update)
+        due = sorted((s, a, t) for (s, a), t in want.items())
+        assert got == due, f"set updates {got} where {due} were due"
         if not r.flags & dns.flags.TC:  # a truncated reply is NOERROR, the client asks by TCP
             assert r.rcode() == answer.rcode(), "the resolver's rcode was not passed on"
 

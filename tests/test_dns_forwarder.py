@@ -30,6 +30,7 @@ RECORDS = {
     "alias.test.": ["alias.test. 60 IN CNAME mid.test.", "mid.test. 60 IN CNAME end.test.",
                     "end.test. 20 IN A 192.0.2.9", "stray.test. 60 IN A 192.0.2.66"],
     "big.test.": [f"big.test. 300 IN A 192.0.2.{i}" for i in range(1, 100)],
+    "twin.test.": ["twin.test. 30 IN A 192.0.2.1"],  # ok.test's first address too
 }
 
 
@@ -199,6 +200,45 @@ def test_a_new_table_starts_with_the_addresses_the_new_rules_allow(h: Harness) -
     # The same policy again (a flushed table put back) carries the same addresses.
     h.fwd.rebuild(tables.append)
     assert sorted((s, str(a)) for s, a, _ in tables[1]) == got
+
+
+def test_a_new_table_keeps_no_address_of_a_newly_denied_alias_target(h: Harness) -> None:
+    """alias.test -> mid.test -> end.test (192.0.2.9): denying end.test must take its address
+    out at once, although the name that was asked, alias.test, is still allowed."""
+    h.ask("alias.test")
+    tables: list[list] = []
+    h.fwd.rebuild(tables.append, policy=rules(["*.test"], ["end.test"]))
+    assert tables == [[]]
+    assert h.ask("alias.test").rcode() == dns.rcode.REFUSED
+
+
+def test_a_shared_address_stays_while_any_name_that_gave_it_is_allowed(h: Harness) -> None:
+    h.ask("ok.test")  # 192.0.2.1 and .2, TTL 300
+    h.ask("twin.test")  # 192.0.2.1, TTL 30: remembered beside ok.test's answer
+    tables: list[list] = []
+    h.fwd.rebuild(tables.append, policy=rules(["*.test"], ["ok.test"]))
+    # ok.test denied: .2 goes; .1 stays for twin.test, until twin.test's TTL plus the grace.
+    assert [(s, str(a)) for s, a, _ in tables[0]] == [("name0_v4", "192.0.2.1")]
+    assert 88 <= tables[0][0][2] <= 90
+    h.fwd.rebuild(tables.append, policy=rules(["*.test"], ["twin.test"]))
+    # And the other way round: ok.test's longer TTL decides.
+    h.ask("ok.test")
+    h.fwd.rebuild(tables.append, policy=rules(["*.test"], ["twin.test"]))
+    assert sorted((s, str(a)) for s, a, _ in tables[2]) == [("name0_v4", "192.0.2.1"),
+                                                           ("name0_v4", "192.0.2.2")]
+
+
+def test_a_new_table_takes_the_new_grace(h: Harness) -> None:
+    """Carried elements end at their answers' TTL plus the grace in force from now on: a
+    shorter grace must not leave them the old, longer one."""
+    h.ask("ok.test")  # TTL 300, grace 60
+    tables: list[list] = []
+    h.fwd.rebuild(tables.append, grace=5)
+    assert {t for _, _, t in tables[0]} <= {304, 305}
+    h.fwd.rebuild(tables.append, grace=3600)
+    assert {t for _, _, t in tables[1]} <= {3899, 3900}
+    # And the answers from now on: a refresh is due before TTL + grace / 2.
+    assert h.fwd.grace == 3600
 
 
 def test_a_table_that_nft_refuses_changes_nothing(h: Harness) -> None:

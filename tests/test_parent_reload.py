@@ -4,10 +4,17 @@ an enclave judged under a policy that a reload replaced before it was installed.
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+import threading
+
 import pytest
 
-from wgvsock.roles.parent import Parent, RoleError
-from wgvsock.services.control import ControlError
+from wgvsock.roles import parent as parent_module
+from wgvsock.roles.parent import Parent, RoleError, State, request_reload
+from wgvsock.services.control import ControlError, ControlServer, register
 from wgvsock.services.profile import changed_keys, parse_profile
 
 BASE = """\
@@ -94,3 +101,151 @@ def test_an_enclave_verified_under_a_policy_a_reload_replaced_is_judged_again() 
     p.profile = profile()
     p._install_enclave(key, verdict)
     assert p.enclave_key == key and len(p.device.configs) == 1  # type: ignore[attr-defined]
+
+
+class SlowDevice(Device):
+    """Holds the first install inside configure() until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def uapi_set(self, cfg) -> None:
+        if not self.configs:
+            self.entered.set()
+            assert self.release.wait(10)
+        super().uapi_set(cfg)
+
+
+def test_a_reload_during_an_install_judges_the_enclave_that_install_puts_in(tmp_path) -> None:
+    """The install had passed its policy check and was inside configure() when the reload
+    came: the reload's check of the running enclave waits for it, then removes it."""
+    p = Parent(profile())
+    device = SlowDevice()
+    p.device = device  # type: ignore[assignment]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "control.sock"))
+    listener.listen(4)
+    p.control = ControlServer(listener, profile="pay", public_key=b"P" * 32, wg_port=51820,
+                              verify=p._verify, install=p._install_enclave)
+    p.control.start()
+    enclave = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        enclave.connect(str(tmp_path / "control.sock"))
+        registered = threading.Thread(target=lambda: register(enclave, b"E" * 32))
+        registered.start()
+        assert device.entered.wait(10)  # verified (no document: fine), now installing
+        result: list[list[str]] = []
+        reload = threading.Thread(target=lambda: result.append(p.reload(profile(
+            BASE + "attestation:\n  require: true\n  pcrs: {0: " + "ab" * 48 + "}\n"))))
+        reload.start()
+        device.release.set()
+        reload.join(10)
+        registered.join(10)
+        assert result and "removed the running enclave" in result[0][0], result
+        assert p.enclave_key is None
+        assert device.configs[-1].peers == [] and device.configs[-1].replace_peers
+    finally:
+        enclave.close()
+        p.control.close()
+
+
+# A stand-in parent for request_reload: a process whose command line names wgvsock, which
+# answers each SIGHUP by recording an outcome in the state file (the reload "takes" 0.3 s),
+# as reload_from_file does.
+FAKE_PARENT = r"""
+import json, os, signal, sys, time
+state = sys.argv[1]
+pending = []
+signal.signal(signal.SIGHUP, lambda *_: pending.append(1))
+print("ready", flush=True)
+while True:
+    if not pending:
+        signal.pause()
+        continue
+    pending.clear()
+    time.sleep(0.3)
+    data = json.load(open(state))
+    seq = data["reload"]["seq"] + 1
+    data["reload"] = {"seq": seq, "ok": True, "message": f"outcome {seq}", "sha256": ""}
+    with open(state + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(state + ".tmp", state)
+"""
+
+
+@pytest.fixture
+def fake_parent(tmp_path, monkeypatch):
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "state").mkdir(mode=0o700)
+    path = tmp_path / "pay.yaml"
+    path.write_text(BASE)
+    state = tmp_path / "state" / "pay.json"
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_PARENT, str(state), "wgvsock"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    started = parent_module._start_time(proc.pid) or 0
+    State("pay", proc.pid, "wg0", str(path), started=started).save()
+    try:
+        yield proc, path, state
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_concurrent_reloads_each_get_their_own_outcome(fake_parent) -> None:
+    """Two `parent reload`s at once (a manual one and systemctl's): each must report the
+    outcome of a reload that began after it asked, not the other's."""
+    _, path, _ = fake_parent
+    p = parse_profile(BASE, str(path))
+    results: list[tuple[bool, str]] = []
+    threads = [threading.Thread(target=lambda: results.append(request_reload(p, timeout=20)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(m for _, m in results) == ["outcome 1", "outcome 2"]
+
+
+def test_a_reload_never_signals_an_older_parent_or_a_reused_pid(fake_parent) -> None:
+    proc, path, state = fake_parent
+    p = parse_profile(BASE, str(path))
+    data = json.loads(state.read_text())
+    # A parent of a version before reload (no "reload" in its state): SIGHUP would kill it.
+    del data["reload"]
+    state.write_text(json.dumps(data))
+    with pytest.raises(RoleError, match="older version that cannot reload"):
+        request_reload(p, timeout=5)
+    # A crashed parent's pid now used by another process: not ours, so "not up".
+    data["reload"] = {"seq": 0}
+    data["started"] = data["started"] + 1
+    state.write_text(json.dumps(data))
+    with pytest.raises(RoleError, match="is not up"):
+        request_reload(p, timeout=5)
+    assert proc.poll() is None  # never signalled
+
+
+def test_a_renamed_profile_is_told_apart_from_one_that_is_not_up(fake_parent) -> None:
+    _, path, _ = fake_parent
+    renamed = parse_profile(BASE.replace("name: pay", "name: payroll"), str(path))
+    with pytest.raises(RoleError, match=r"is profile 'pay'; the file now names 'payroll' "
+                                        r"\(line 2\)"):
+        request_reload(renamed, timeout=5)
+
+
+def test_an_outcome_that_cannot_be_saved_does_not_stop_the_parent(monkeypatch, tmp_path):
+    """A full or broken state directory costs the record of one reload, never the parent
+    (an exception here would reach `up`'s loop, which would take the tunnel down)."""
+    path = tmp_path / "pay.yaml"
+    path.write_text(BASE)
+    p = Parent(parse_profile(BASE, str(path)))
+    p._state = State("pay", 1, "wg0", str(path))
+
+    def full(self) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(State, "save", full)
+    assert parent_module.reload_from_file(p) is True
+    assert p._state.reload["seq"] == 1 and p._state.reload["message"] == "nothing changed"

@@ -8,7 +8,9 @@ NSM and a test CA) and test_egress_names.py's (dnsmasq and name rules).
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +194,13 @@ def test_reload_refuses_what_it_cannot_apply(world: World) -> None:
     assert parent_pid(world) == pid
     assert world.egress_works() and world.ingress_works()
     assert world.curl(world.enclave, "http://198.51.100.3/", timeout=1.5) is None
+    # A burst of SIGHUPs (reloads asked faster than they run) neither kills nor wedges it:
+    # it still reloads, and still stops on SIGTERM.
+    for _ in range(300):
+        os.kill(pid, signal.SIGHUP)
+    res = reload(world)
+    assert res.returncode == 0 and res.stdout.strip() == "nothing changed", res
+    assert parent_pid(world) == pid and world.egress_works()
     # No parent, no reload.
     world.parent_cmd("down")
     res = reload(world)

@@ -13,9 +13,11 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -220,8 +222,13 @@ class State:
     forwarding: dict = field(default_factory=dict)
     sockets: list[str] = field(default_factory=list)
     enclave: dict = field(default_factory=dict)  # the enclave `up` started: id, cid, name
-    # The last reload's outcome, for `parent reload` to wait for: seq, ok, message.
-    reload: dict = field(default_factory=dict)
+    # The last reload's outcome, for `parent reload` to wait for: seq, ok, message, and the
+    # SHA-256 of the file version it read. Its presence says this parent takes SIGHUP as a
+    # reload (an older one would die of it).
+    reload: dict = field(default_factory=lambda: {"seq": 0})
+    # The process's start time (clock ticks since boot, /proc/PID/stat): a pid reused by
+    # another process after a crash must never be signalled as ours. 0: not recorded.
+    started: int = 0
 
     @staticmethod
     def path_for(name: str) -> Path:
@@ -230,9 +237,25 @@ class State:
     def save(self) -> None:
         path = self.path_for(self.name)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2))
-        os.replace(tmp, path)
+        text = json.dumps(self.__dict__, indent=2)
+        # A temporary file of its own: the main thread (a reload) and the enclave
+        # supervisor's thread may save at once.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{self.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def running(self) -> bool:
+        """Whether the parent this state names still runs (the same process, not its pid
+        reused)."""
+        if not is_alive(self.pid):
+            return False
+        return not self.started or _start_time(self.pid) == self.started
 
     @classmethod
     def load(cls, name: str) -> State | None:
@@ -243,6 +266,19 @@ class State:
         except (ValueError, TypeError) as e:
             raise RoleError(f"state file {cls.path_for(name)} is corrupt ({e}); remove it and "
                             "run `wgvsock parent down` again") from e
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 22, counted after the command name, which may hold spaces and parentheses.
+    try:
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
 
 
 # -- the role --------------------------------------------------------------------------------
@@ -268,10 +304,12 @@ class Parent:
         self.exporter = None  # metrics.prometheus.Exporter with parent.metrics.listen
         self.cloudwatch = None  # metrics.cloudwatch.CloudWatchSender with .cloudwatch
         self._enclave_cid: int | None = None  # of the enclave the supervisor last started
-        self._rules = 0  # rules in our nftables table right after we loaded it
+        # Rules in our nftables table right after we loaded it (None: not counted yet).
+        self._rules: int | None = 0
         # The DNS forwarder when the profile allows egress by name; its .stats holds the
-        # refused-name and query counters.
+        # refused-name and query counters, kept for one started again after a reload.
         self.dns = None
+        self._dns_stats = None
         # What the installed enclave presented (public key, attestation document or None,
         # nonce, wall-clock time): a reload with a new attestation policy asks it again.
         self._registration: tuple[bytes, bytes | None, bytes, float] | None = None
@@ -328,10 +366,17 @@ class Parent:
 
         carried = 0
         if self.dns is not None:
-            carried = self.dns.rebuild(apply, policy=_name_policy(profile))
+            carried = self.dns.rebuild(apply, policy=_name_policy(profile),
+                                       grace=profile.parent.egress.dns_grace)
         else:
             apply([])
-        self._rules = firewall.rule_count(profile.name)
+        try:
+            self._rules = firewall.rule_count(profile.name)
+        except (firewall.FirewallError, OSError, ValueError) as e:
+            # The new table is in: counting its rules is for check_firewall, which counts
+            # again next time rather than taking it for someone else's change.
+            log.warning("parent %s: cannot count the new table's rules: %s", profile.name, e)
+            self._rules = None
         return carried
 
     def start(self) -> None:
@@ -373,8 +418,9 @@ class Parent:
             )
             self.control.start()
             self._start_metrics()
-            self._state = State(p.name, os.getpid(), p.interface, p.path, self._forwarding,
-                                self._sockets)
+            self._state = State(p.name, os.getpid(), p.interface, os.path.abspath(p.path),
+                                self._forwarding, self._sockets,
+                                started=_start_time(os.getpid()) or 0)
             self._state.save()
             self._start_enclave()
         except BaseException:
@@ -432,6 +478,9 @@ class Parent:
             return
         name = self.profile.name
         try:
+            if self._rules is None:
+                self._rules = firewall.rule_count(name)
+                return
             if firewall.rule_count(name) == self._rules:
                 return
             log.warning("parent %s: nftables table %s was deleted or changed by someone else; "
@@ -449,7 +498,7 @@ class Parent:
             return
         self.dns = self._new_forwarder(self.profile)
         self.dns.start()
-        stats = self.dns.stats  # read from other threads: plain ints, each read whole
+        self._dns_stats = stats = self.dns.stats  # plain ints, each read whole elsewhere
         self.dns_counters = lambda: DnsCounters(stats.queries, stats.refused)
 
     def _new_forwarder(self, profile):
@@ -462,6 +511,7 @@ class Parent:
             update_sets=lambda elements: firewall.add_to_sets(name, elements),
             grace=profile.parent.egress.dns_grace, log=log,
             clients=[a.ip for a in profile.enclave.addresses],
+            stats=self._dns_stats,  # names back after a reload: the counters go on
         )
 
     def _route_enclave(self) -> None:
@@ -492,9 +542,9 @@ class Parent:
                 if not verdict.accepted:
                     raise ControlError(f"refused an enclave under the reloaded attestation "
                                        f"policy: {prose(verdict.reason, 300)}")
-            self._registration = (public_key, document, nonce, when)
+            registration: tuple | None = (public_key, document, nonce, when)
         else:
-            self._registration = None
+            registration = None
         allowed = [
             (type(a.network)(f"{a.ip}/{a.max_prefixlen}"), True)
             for a in self.profile.enclave.addresses
@@ -505,6 +555,7 @@ class Parent:
             configure(self.device, replace_peers=True,
                       peers=[{"public_key": public_key, "allowed_ips": allowed}])
         self.enclave_key, self.verdict = public_key, verdict
+        self._registration = registration
         self._show_verdict(verdict)
 
     def _show_verdict(self, verdict: Verdict) -> None:
@@ -536,9 +587,18 @@ class Parent:
         done: list[str] = []
         if any(k.startswith(("parent.egress.", "parent.ingress")) for k in changed):
             done.append(self._reload_firewall(new, changed))
+        old = self.profile
         self.profile = new
         if any(k.startswith("attestation.") for k in changed):
-            done.append(self._recheck_enclave())
+            try:
+                done.append(self._recheck_enclave())
+            except Exception as e:
+                # The old policy stays in force, so reloading the file again retries this.
+                self.profile = replace(new, attestation=old.attestation)
+                log.exception("parent %s: attestation re-check failed", new.name)
+                raise RoleError("partly reloaded: " + "; ".join(done or ["nothing else"])
+                                + f"; but the new attestation policy was not applied: asking "
+                                f"it about the running enclave failed ({e})") from None
         if only := [k for k in changed if k.startswith(_ENCLAVE_ONLY_KEYS)]:
             done.append(f"{', '.join(only)}: read by the enclave from the profile in its image, "
                         "not by the parent; they take effect with a new image")
@@ -566,10 +626,10 @@ class Parent:
             raise RoleError(f"not reloaded: nftables refused the new table ({e}); the old "
                             "one is still in place") from None
         if started is not None:
-            stats = started.stats
+            self._dns_stats = stats = started.stats
             self.dns_counters = lambda: DnsCounters(stats.queries, stats.refused)
         elif uses_names:
-            self.dns.configure(upstream=upstream, grace=new.parent.egress.dns_grace)
+            self.dns.set_upstream(upstream)
         elif self.dns is not None:
             self.dns_counters = None
             self.dns.close()
@@ -584,11 +644,17 @@ class Parent:
     def _recheck_enclave(self) -> str:
         """Asks the (new) attestation policy again about the running enclave, as of its
         registration; an enclave the policy refuses is removed."""
-        if self.control is None or self.enclave_key is None:
+        if self.control is None:
             return "attestation: the new policy applies from the next registration"
         refusal: list[str] = []
+        installed = [True]
 
         def admitted() -> bool:
+            # Under the control server's install lock: an install in progress has finished,
+            # and the next one compares its verdict's policy with the new one.
+            if self.enclave_key is None:
+                installed[0] = False
+                return True
             reg = self._registration
             if reg is None or reg[0] != self.enclave_key:
                 refusal.append("what it presented when it registered is not known")
@@ -603,6 +669,8 @@ class Parent:
             return True
 
         if self.control.revalidate(admitted, self._remove_enclave):
+            if not installed[0]:
+                return "attestation: the new policy applies from the next registration"
             return ("attestation: the running enclave meets the new policy (attested: "
                     f"{attestation_state(self.verdict)})")  # type: ignore[arg-type]
         why = prose(refusal[0] if refusal else "refused", 300)
@@ -678,59 +746,70 @@ def run_up(profile, ready_fd: int | None) -> int:
     from ..daemon import report_ready
 
     parent = Parent(profile)
-    try:
-        parent.start()
-    except (RoleError, OSError, ValueError) as e:
-        msg = f"parent up {profile.name}: {e}"
-        log.error("%s", msg)
-        report_ready(ready_fd, msg)
-        return 1
-
-    # One event wakes the loop for both; what happens is decided there, not in the handler.
-    wake = threading.Event()
-    reload_asked = threading.Event()
+    # The handler only notes what was asked; signal.set_wakeup_fd wakes the loop (from C).
+    # A handler that took a lock (Event.set) could deadlock against this thread holding the
+    # same lock when the signal came. Installed before `start`, which writes the state file:
+    # from then on `parent reload` may send SIGHUP, whose default action would kill us.
+    asked = {"stop": False, "reload": False}
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def on_signal(signum: int, _frame: object) -> None:
-        if signum == signal.SIGHUP:
-            reload_asked.set()
-        else:
-            parent.stopped.set()
-        wake.set()
+        asked["reload" if signum == signal.SIGHUP else "stop"] = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    def wake() -> None:
+        with contextlib.suppress(BlockingIOError):  # already pending
+            os.write(wake_w, b"\0")
+
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     failures: list[str] = []
 
-    def on_death(reason: str) -> None:
+    def on_death(reason: str) -> None:  # on the dying thread
         failures.append(reason)
-        parent.stopped.set()
-        wake.set()
+        asked["stop"] = True
+        wake()
 
-    on_thread_death(on_death)
+    poller = select.poll()
+    poller.register(wake_r, select.POLLIN)
     try:
-        report_ready(ready_fd)
-        while not parent.stopped.is_set():
-            wake.wait(1.0)
-            wake.clear()
-            if parent.stopped.is_set():
-                break
-            if reload_asked.is_set():
-                reload_asked.clear()
-                reload_from_file(parent)
-            if parent.device is not None and parent.device.wait(0):
-                log.error("parent %s: %s", profile.name, parent.device.stop_reason)
-                # Stopping on its own is a failure, whatever the reason: the unit's
-                # Restart=on-failure then brings it back.
-                failures.append(parent.device.stop_reason or "the device stopped")
-                break
-            try:
-                parent.check_firewall()
-            except RoleError as e:
-                failures.append(str(e))
-                break
+        try:
+            parent.start()
+        except (RoleError, OSError, ValueError) as e:
+            msg = f"parent up {profile.name}: {e}"
+            log.error("%s", msg)
+            report_ready(ready_fd, msg)
+            return 1
+        on_thread_death(on_death)
+        try:
+            report_ready(ready_fd)
+            while not asked["stop"]:
+                poller.poll(1000)
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                if asked["stop"]:
+                    break
+                if asked["reload"]:
+                    asked["reload"] = False
+                    reload_from_file(parent)
+                if parent.device is not None and parent.device.wait(0):
+                    log.error("parent %s: %s", profile.name, parent.device.stop_reason)
+                    # Stopping on its own is a failure, whatever the reason: the unit's
+                    # Restart=on-failure then brings it back.
+                    failures.append(parent.device.stop_reason or "the device stopped")
+                    break
+                try:
+                    parent.check_firewall()
+                except RoleError as e:
+                    failures.append(str(e))
+                    break
+        finally:
+            parent.close()
     finally:
-        parent.close()
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
     if failures:
         # Non-zero, so systemd restarts us: a part of the data path is gone.
         log.error("parent %s stopped: %s", profile.name, failures[0])
@@ -741,14 +820,16 @@ def run_up(profile, ready_fd: int | None) -> int:
 def reload_from_file(parent: Parent) -> bool:
     """SIGHUP: reads the running profile's file again and applies it (Parent.reload). The
     outcome goes to the log and to the state file, where `parent reload` waits for it."""
-    from ..services.profile import ProfileError, load_profile
+    from ..services.profile import ProfileError, load_profile_digest
 
     name, path = parent.profile.name, parent.profile.path
+    digest = ""
     try:
-        new = load_profile(path)
+        new, digest = load_profile_digest(path)
         if new.name != name:
             raise RoleError(f"not reloaded: {path} now names profile {new.name!r} (line "
-                            f"{new.line_of('name')}), not {name!r}")
+                            f"{new.line_of('name')}), not {name!r}: a new name needs "
+                            "`wgvsock parent down` and `up`")
         done = parent.reload(new)
         ok, message = True, "\n".join(done)
         log.info("parent %s reloaded from %s: %s", name, path, "; ".join(done))
@@ -763,39 +844,91 @@ def reload_from_file(parent: Parent) -> bool:
         log.error("parent %s: %s", name, message)
     state = parent._state
     if state is not None:
-        state.reload = {"seq": state.reload.get("seq", 0) + 1, "ok": ok, "message": message}
-        state.save()
+        state.reload = {"seq": state.reload.get("seq", 0) + 1, "ok": ok, "message": message,
+                        "sha256": digest}
+        try:
+            state.save()
+        except OSError as e:  # `parent reload` times out, saying to read the log
+            log.error("parent %s: cannot record the reload's outcome in %s: %s", name,
+                      State.path_for(name), e)
     return ok
+
+
+def _running_from(path: str) -> State | None:
+    """The state of a running parent whose profile is the file PATH, whatever its name."""
+    real = os.path.realpath(path)
+    for file in sorted(Path(state_dir()).glob("*.json")):
+        with contextlib.suppress(RoleError, OSError):
+            state = State.load(file.stem)
+            if state is not None and os.path.realpath(state.profile) == real \
+                    and state.running():
+                return state
+    return None
 
 
 def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
     """`wgvsock parent reload`: signals the running parent of PROFILE and waits for the
-    outcome it records. PROFILE must be the file it runs from (that is what it re-reads)."""
+    outcome it records. PROFILE must be the file it runs from (that is what it re-reads).
+    Reloads of one profile take turns (a lock file), so each waits for its own outcome."""
+    import fcntl
+
+    from ..services.profile import ProfileError, load_profile_digest
+
     state = State.load(profile.name)
-    if state is None or not is_alive(state.pid):
+    if state is None or not state.running():
+        other = _running_from(profile.path)
+        if other is not None:
+            raise RoleError(f"the parent running from {profile.path} is profile "
+                            f"{other.name!r}; the file now names {profile.name!r} (line "
+                            f"{profile.line_of('name')}): a new name needs `wgvsock parent "
+                            f"down` and `up`, or put the old name back")
         raise RoleError(f"profile {profile.name} is not up: start it with "
                         f"`wgvsock parent up --profile {profile.path}`")
     if os.path.realpath(state.profile) != os.path.realpath(profile.path):
         raise RoleError(f"the running parent of {profile.name} reads {state.profile}, not "
                         f"{profile.path}: edit that file and reload, or run `parent down` "
                         "and `up` with this one")
-    seq = state.reload.get("seq", 0)
-    os.kill(state.pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = State.load(profile.name)
-        if now is None or not is_alive(state.pid):
-            raise RoleError(f"the parent of {profile.name} (pid {state.pid}) stopped")
-        if now.reload.get("seq", 0) > seq:
-            return bool(now.reload.get("ok")), str(now.reload.get("message", ""))
+    try:
+        raw = json.loads(State.path_for(profile.name).read_text())
+    except (OSError, ValueError) as e:
+        raise RoleError(f"cannot read {State.path_for(profile.name)}: {e}") from None
+    if "reload" not in raw:
+        raise RoleError(f"the running parent of {profile.name} (pid {state.pid}) is an older "
+                        "version that cannot reload (SIGHUP would stop it): restart it with "
+                        "`wgvsock parent down` and `up` once, then reload")
+    lock = State.path_for(profile.name).with_suffix(".reload.lock")
+    with open(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        current = State.load(profile.name)
+        seq = (current or state).reload.get("seq", 0)
+        try:
+            _, digest = load_profile_digest(profile.path)
+        except ProfileError:
+            digest = ""
+        try:
+            os.kill(state.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            raise RoleError(f"the parent of {profile.name} (pid {state.pid}) stopped") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = State.load(profile.name)
+            if now is None or not state.running():
+                raise RoleError(f"the parent of {profile.name} (pid {state.pid}) stopped")
+            outcome = now.reload
+            if outcome.get("seq", 0) > seq:
+                message = str(outcome.get("message", ""))
+                if digest and outcome.get("sha256") and outcome["sha256"] != digest:
+                    message += (f"\n(note: {profile.path} changed while it was reloaded; the "
+                                "parent applied the version it read then)")
+                return bool(outcome.get("ok")), message
     raise RoleError(f"the parent of {profile.name} (pid {state.pid}) did not answer within "
                     f"{timeout:.0f} s; see its log")
 
 
 def already_up(profile) -> int | None:
     state = State.load(profile.name)
-    if state is not None and is_alive(state.pid):
+    if state is not None and state.running():
         return state.pid
     return None
 
@@ -804,13 +937,15 @@ def down(profile) -> list[str]:
     """Stops a running parent and removes everything `up` made. Returns what it did."""
     done: list[str] = []
     state = State.load(profile.name)
-    if state is not None and is_alive(state.pid):
-        os.kill(state.pid, signal.SIGTERM)
+    if state is not None and state.running():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while is_alive(state.pid) and time.monotonic() < deadline:
+        while state.running() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if is_alive(state.pid):
-            os.kill(state.pid, signal.SIGKILL)
+        if state.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.pid, signal.SIGKILL)
             done.append(f"killed pid {state.pid} (did not stop within 15 s)")
         else:
             done.append(f"stopped pid {state.pid}")

@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
@@ -1320,6 +1321,12 @@ def parse_profile(text: str, path: str = "<string>") -> Profile:
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:
     """Read and parse the profile at PATH. Every failure, I/O included, is a ProfileError."""
+    return load_profile_digest(path)[0]
+
+
+def load_profile_digest(path: str | os.PathLike[str]) -> tuple[Profile, str]:
+    """load_profile, and the SHA-256 of the bytes it parsed (so `parent reload` can tell
+    which version of a file the parent applied)."""
     name = str(path)
     try:
         with open(path, "rb") as f:
@@ -1345,7 +1352,7 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
         line = data[: e.start].count(b"\n") + 1
         raise ProfileError([Problem(name, line, "", "not UTF-8 text",
                                     "save the profile as UTF-8")]) from None
-    return parse_profile(text, name)
+    return parse_profile(text, name), hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

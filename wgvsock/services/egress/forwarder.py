@@ -18,12 +18,14 @@ The forwarder is an asyncio loop in one thread of `parent up`; nft runs in a sma
 pool so that a slow nft never stalls the loop. :class:`Stats` holds the counters that
 `wgvsock status` and the metrics read.
 
-The forwarder remembers, for each address it put into a set, the allowed name it came from.
-When the parent replaces its table (`parent reload` with new name rules, or putting back a
-table someone flushed), :meth:`Forwarder.rebuild` hands the new table the addresses that the
-new rules still allow, so the enclave's allowed names keep working without a new lookup;
-set updates wait for the swap, and one computed under the old rules is dropped (its query
-gets SERVFAIL and the client asks again).
+The forwarder remembers, for each address it put into a set, every answer that put it there:
+the asked name with its CNAME chain, and when that answer's TTL runs out. An element lives
+until the latest of those plus the grace. When the parent replaces its table (`parent
+reload` with new name rules or grace, or putting back a table someone flushed),
+:meth:`Forwarder.rebuild` hands the new table the addresses that some answer still vouches
+for under the new rules (its name allowed, no name of its chain denied), so allowed names keep
+working without a new lookup; set updates wait for the swap, and one computed under the old
+rules is dropped (its query gets SERVFAIL and the client asks again).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ from .names import Labels, NamePolicy, labels_of
 IPAddress = IPv4Address | IPv6Address
 #: (set, address, timeout in seconds): what the forwarder asks nft to add.
 Element = tuple[str, IPAddress, int]
+#: An answer's names: the asked one, then the targets of its CNAME chain.
+Chain = tuple[Labels, ...]
 
 DNS_PORT = 53
 UPSTREAM_TIMEOUT = 2.0  # per upstream server; a client's own retry is usually 5 s
@@ -70,6 +74,7 @@ MAX_UDP_QUERY = 4096  # a real query is well under 512 bytes; bigger ones are no
 MAX_CNAME_HOPS = 16
 MAX_TTL = 86400  # an absurd TTL must not pin an address in the set for years
 MAX_TRACKED = 65536  # addresses whose set timeout we remember (== the sets' size)
+MAX_ANSWERS = 16  # answers remembered per address (different names that share it)
 RECENT_REFUSED = 32
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux's value; Python 3.11 lacks the name
 
@@ -163,7 +168,8 @@ class Forwarder:
                  upstream_port: int = DNS_PORT, timeout: float = UPSTREAM_TIMEOUT,
                  max_in_flight: int = MAX_IN_FLIGHT, max_tcp_clients: int = MAX_TCP_CLIENTS,
                  tcp_idle: float = TCP_IDLE,
-                 clients: Sequence[IPAddress] | None = None) -> None:
+                 clients: Sequence[IPAddress] | None = None,
+                 stats: Stats | None = None) -> None:
         if not upstream:
             raise ValueError("no upstream resolver")
         self.listen = list(listen)
@@ -183,13 +189,14 @@ class Forwarder:
         # Only the enclave may ask: the tunnel address is reachable from the parent's other
         # interfaces too, and nobody else should fill the enclave's sets. None: anyone (tests).
         self.clients = None if clients is None else {str(a) for a in clients}
-        self.stats = Stats()
+        self.stats = stats or Stats()  # a forwarder started again goes on counting
         self._in_flight = 0
         self._tcp_clients = 0
         self._tasks: set[asyncio.Task] = set()
-        # (set, address) -> (monotonic time its set element expires, the allowed name that
-        # put it there). Changed only under _sets_lock, together with the sets themselves.
-        self._live: dict[tuple[str, IPAddress], tuple[float, Labels]] = {}
+        # (set, address) -> {the chain of an answer that put it there: monotonic time that
+        # answer's TTL runs out}. The element lives until the latest of those plus the grace.
+        # Changed only under _sets_lock, together with the sets themselves.
+        self._live: dict[tuple[str, IPAddress], dict[Chain, float]] = {}
         self._sets_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -286,32 +293,37 @@ class Forwarder:
         return self._rules[1]
 
     def rebuild(self, apply: Callable[[list[Element]], None], *,
-                policy: NamePolicy | None = None) -> int:
+                policy: NamePolicy | None = None, grace: int | None = None) -> int:
         """Replaces the table: calls APPLY (on this thread) with the name-set elements the new
-        table should start with, the live addresses whose names POLICY (default: the current
-        one) still allows, in the sets of the rules that allow them now. No set update runs
-        meanwhile. If APPLY raises, nothing changes here either. Returns how many elements
-        were carried over."""
+        table should start with: each address some remembered answer still vouches for under
+        POLICY (its name allowed, no name of its chain denied), in the sets of the rules that
+        allow the name now, until that answer's TTL plus GRACE (defaults: the current ones)
+        run out. No set update runs meanwhile. If APPLY raises, nothing changes here either.
+        Returns how many elements were carried over."""
         new = policy or self.policy
+        grace = self.grace if grace is None else grace
         with self._sets_lock:
             now = time.monotonic()
-            live: dict[tuple[str, IPAddress], tuple[float, Labels]] = {}
-            for (_, addr), (expiry, labels) in self._live.items():
-                if expiry - now >= 1:
-                    for i in new.allowed_by(labels):
-                        live[name_set(i, addr.version), addr] = (expiry, labels)
-            apply([(set_, addr, math.ceil(expiry - now))
-                   for (set_, addr), (expiry, _) in live.items()])
+            live: dict[tuple[str, IPAddress], dict[Chain, float]] = {}
+            for (_, addr), answers in self._live.items():
+                for chain, end in answers.items():
+                    if end + grace - now < 1 or any(new.denied(n) for n in chain[1:]):
+                        continue
+                    for i in new.allowed_by(chain[0]):
+                        kept = live.setdefault((name_set(i, addr.version), addr), {})
+                        kept[chain] = max(kept.get(chain, 0.0), end)
+            apply([(set_, addr, math.ceil(max(answers.values()) + grace - now))
+                   for (set_, addr), answers in live.items()])
             self._rules = (self._rules[0] + 1, new)
             self._live = live
+            self.grace = grace
         return len(live)
 
-    def configure(self, *, upstream: Sequence[IPAddress], grace: int) -> None:
-        """New upstream resolvers and grace period, for the answers from now on."""
+    def set_upstream(self, upstream: Sequence[IPAddress]) -> None:
+        """New upstream resolvers, for the queries from now on."""
         if not upstream:
             raise ValueError("no upstream resolver")
         self.upstream = [str(a) for a in upstream]
-        self.grace = grace
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -414,8 +426,9 @@ class Forwarder:
         if response.rcode() == dns.rcode.NOERROR:
             # An allowed name that is an alias of a denied one would reach the denied name's
             # addresses: the deny list holds along the whole chain.
-            via = [n for n in cname_chain(response, question.name)[1:]
-                   if policy.denied(labels_of(n.labels))]
+            chain = cname_chain(response, question.name)
+            names = tuple(labels_of(n.labels) for n in chain)
+            via = [n for n, lab in zip(chain[1:], names[1:], strict=True) if policy.denied(lab)]
             if via:
                 self.stats.refused += 1
                 self.stats.recent_refused.append(
@@ -423,7 +436,7 @@ class Forwarder:
                     f"(alias of {via[0].to_text(omit_final_dot=True)})")
                 return self._reply(query, dns.rcode.REFUSED)
             found = answer_addresses(response, question.name)
-            if found and not await self._allow(generation, rules, labels, found):
+            if found and not await self._allow(generation, rules, names, found):
                 return self._reply(query, dns.rcode.SERVFAIL)
         self.stats.forwarded += 1
         limit = 65535 if tcp else max(512, query.payload if query.edns >= 0 else 512)
@@ -467,53 +480,62 @@ class Forwarder:
         finally:
             query.id = client_id
 
-    async def _allow(self, generation: int, rules: list[int], labels: Labels,
+    async def _allow(self, generation: int, rules: list[int], chain: Chain,
                      found: list[tuple[IPAddress, int]]) -> bool:
-        """Puts FOUND (the addresses of allowed name LABELS) into the sets of RULES unless
-        they are there for long enough already. False when nft refused, or when the table was
+        """Puts FOUND (the addresses of an answer for CHAIN's allowed name) into the sets of
+        RULES, for their TTLs plus the grace. False when nft refused, or when the table was
         replaced since RULES were chosen (GENERATION)."""
         now = time.monotonic()
-        elements: list[Element] = []
-        for addr, ttl in found:
-            timeout = min(ttl, MAX_TTL) + self.grace
-            for i in rules:
-                key = (name_set(i, addr.version), addr)
-                # Refresh only when the element would die before this answer's TTL (plus
-                # half the grace) runs out: repeated queries cost no nft run each.
-                if self._live.get(key, (0.0,))[0] >= now + min(ttl, MAX_TTL) + self.grace / 2:
-                    continue
-                elements.append((key[0], addr, max(1, timeout)))
-        if not elements:
-            return True
+        wanted = [(name_set(i, addr.version), addr, now + min(ttl, MAX_TTL))
+                  for addr, ttl in found for i in rules]
         loop = asyncio.get_running_loop()
         try:
-            done = await loop.run_in_executor(self._pool, self._commit, generation, elements,
-                                              labels)
+            added = await loop.run_in_executor(self._pool, self._commit, generation, wanted,
+                                               chain)
         except Exception as e:  # FirewallError, or nft missing: the answer would be useless
             self.stats.set_failures += 1
             self._warn_once("nft", "DNS forwarder: cannot add addresses to the nft sets: %s", e)
             return False
-        if done:
-            self.stats.addresses_added += len(elements)
-        return done
+        if added is None:
+            return False
+        self.stats.addresses_added += added
+        return True
 
-    def _commit(self, generation: int, elements: list[Element], labels: Labels) -> bool:
-        """Adds ELEMENTS to the sets, unless the table was replaced after they were chosen:
-        their set names would mean other rules now. Runs in the nft pool."""
+    def _commit(self, generation: int, wanted: list[tuple[str, IPAddress, float]],
+                chain: Chain) -> int | None:
+        """Remembers that CHAIN's answer vouches for each (set, address) of WANTED until its
+        TTL's end, and has nft add or refresh the elements that would otherwise die before
+        that end plus half the grace (so repeated answers cost no nft run each). None when the
+        table was replaced after WANTED was chosen: its set names would mean other rules now.
+        Else how many elements went to nft. Runs in the nft pool."""
         with self._sets_lock:
             if generation != self._rules[0]:
-                return False
-            self.update_sets(elements)
+                return None
             now = time.monotonic()
+            ends: dict[tuple[str, IPAddress], float] = {}
+            for set_, addr, end in wanted:  # an address twice in one answer: its longest TTL
+                ends[set_, addr] = max(ends.get((set_, addr), 0.0), end)
+            elements: list[Element] = []
+            for (set_, addr), end in ends.items():
+                known = max(self._live.get((set_, addr), {}).values(), default=0.0)
+                if known < end - self.grace / 2:
+                    timeout = math.ceil(max(known, end) + self.grace - now)
+                    elements.append((set_, addr, max(1, timeout)))
+            if elements:
+                self.update_sets(elements)
             live = self._live
-            if len(live) + len(elements) > MAX_TRACKED:
-                live = self._live = {k: v for k, v in live.items() if v[0] > now}
-                if len(live) + len(elements) > MAX_TRACKED:
+            if len(live) + len(wanted) > MAX_TRACKED:
+                live = self._live = {k: v for k, v in live.items()
+                                     if max(v.values()) + self.grace > now}
+                if len(live) + len(wanted) > MAX_TRACKED:
                     # Forgetting costs extra refreshes, and a reload would not carry these.
                     live.clear()
-            for set_, addr, timeout in elements:
-                live[set_, addr] = (now + timeout, labels)
-        return True
+            for set_, addr, end in wanted:
+                answers = live.setdefault((set_, addr), {})
+                answers[chain] = max(answers.get(chain, 0.0), end)
+                if len(answers) > MAX_ANSWERS:
+                    del answers[min(answers, key=answers.__getitem__)]
+        return len(elements)
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned and len(self._warned) < 64:
