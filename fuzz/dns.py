@@ -208,7 +208,10 @@ class DnsForwarderTarget(Target):
         self.upstream.answer = answer or None
         self.upstream.asked.clear()
         self.updates.clear()
-        self.fwd._live.clear()  # every answer adds its addresses afresh
+        # Every answer adds its addresses afresh.
+        self.fwd._live.clear()
+        self.fwd._written.clear()
+        self.fwd._pairs = 0
         reply = self.loop.run_until_complete(self.fwd._answer_checked(query, tcp))
         self.check(query, tcp, reply)
 

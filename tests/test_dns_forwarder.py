@@ -241,6 +241,37 @@ def test_a_new_table_takes_the_new_grace(h: Harness) -> None:
     assert h.fwd.grace == 3600
 
 
+@pytest.mark.parametrize(("ttl", "every"), [(5, 5), (60, 10), (300, 25), (60, 31)])
+def test_an_address_asked_for_again_and_again_never_lapses(ttl: int, every: int) -> None:
+    """Answers that need no nft run are remembered too, and must not move the point where
+    the element is refreshed: it follows the expiry last written to nft. (It once followed
+    the answers, so a name asked more often than every grace / 2 lost its address after its
+    first TTL plus the grace, for good; a review found that.)"""
+    now = [1000.0]
+    nft: dict[tuple[str, str], float] = {}
+    writes: list[list] = []
+
+    def update(elements: list) -> None:
+        writes.append(elements)
+        for set_, addr, timeout in elements:
+            nft[set_, str(addr)] = now[0] + timeout
+
+    fwd = Forwarder(listen=[ipaddress.ip_address(LOOP)], upstream=[ipaddress.ip_address(LOOP)],
+                    policy=rules(["ok.test"]), update_sets=update, grace=60,
+                    clock=lambda: now[0])
+    addr = ipaddress.ip_address("192.0.2.1")
+    try:
+        for _ in range(600 // every):
+            fwd._commit(0, [("name0_v4", addr, now[0] + ttl)], (("ok", "test"), False))
+            expiry = nft["name0_v4", "192.0.2.1"]
+            assert expiry >= now[0] + ttl + 30, f"element ends at {expiry - 1000:.0f} s, " \
+                f"asked at {now[0] - 1000:.0f} s with TTL {ttl}"
+            now[0] += every
+        assert len(writes) < 600 // every or every > 30  # repeated answers cost no nft run each
+    finally:
+        fwd.close()
+
+
 def test_a_table_that_nft_refuses_changes_nothing(h: Harness) -> None:
     h.ask("ok.test")
 

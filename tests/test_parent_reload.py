@@ -5,6 +5,7 @@ an enclave judged under a policy that a reload replaced before it was installed.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -165,10 +166,16 @@ while True:
         signal.pause()
         continue
     pending.clear()
+    try:
+        request = open(state.replace(".json", ".reload-request")).read()
+    except OSError:
+        request = ""
+    print("started", flush=True)
     time.sleep(0.3)
     data = json.load(open(state))
     seq = data["reload"]["seq"] + 1
-    data["reload"] = {"seq": seq, "ok": True, "message": f"outcome {seq}", "sha256": ""}
+    data["reload"] = {"seq": seq, "ok": True, "message": f"outcome {seq}", "sha256": "",
+                      "request": request}
     with open(state + ".tmp", "w") as f:
         json.dump(data, f)
     os.replace(state + ".tmp", state)
@@ -207,6 +214,16 @@ def test_concurrent_reloads_each_get_their_own_outcome(fake_parent) -> None:
     for t in threads:
         t.join(30)
     assert sorted(m for _, m in results) == ["outcome 1", "outcome 2"]
+
+
+def test_a_reload_waits_for_its_own_outcome_not_a_bare_sighups(fake_parent) -> None:
+    """A `kill -HUP` (or a reload that timed out and finished late) records an outcome too;
+    the next `parent reload` must not take it for its own."""
+    proc, path, _ = fake_parent
+    proc.send_signal(signal.SIGHUP)  # outcome 1, for nobody: under way when we ask
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    ok, message = request_reload(parse_profile(BASE, str(path)), timeout=20)
+    assert ok and message == "outcome 2"
 
 
 def test_a_reload_never_signals_an_older_parent_or_a_reused_pid(fake_parent) -> None:
@@ -249,3 +266,71 @@ def test_an_outcome_that_cannot_be_saved_does_not_stop_the_parent(monkeypatch, t
     monkeypatch.setattr(State, "save", full)
     assert parent_module.reload_from_file(p) is True
     assert p._state.reload["seq"] == 1 and p._state.reload["message"] == "nothing changed"
+
+
+def test_a_table_gone_before_its_rules_were_counted_is_put_back(monkeypatch) -> None:
+    """After a load whose rules could not be counted, the next check must not take a deleted
+    (-1) or emptied (0) table as the baseline: it would never be put back, and the enclave
+    would be forwarded unfiltered (a review found that)."""
+    from wgvsock.services import firewall
+
+    p = Parent(profile())
+    p._table, p._rules = True, None
+    put_back: list[bool] = []
+
+    def replace_table(profile, *, keep_counters: bool) -> int:
+        put_back.append(keep_counters)
+        return 0
+
+    monkeypatch.setattr(p, "_replace_table", replace_table)
+    for gone in (-1, 0):
+        monkeypatch.setattr(firewall, "rule_count", lambda name, netns=None, n=gone: n)
+        p._rules = None
+        p.check_firewall()
+    assert put_back == [False, False]
+    monkeypatch.setattr(firewall, "rule_count", lambda name, netns=None: 42)
+    p._rules = None
+    p.check_firewall()
+    assert p._rules == 42 and len(put_back) == 2
+
+
+def test_two_threads_saving_the_state_do_not_undo_each_other(monkeypatch, tmp_path) -> None:
+    """The enclave supervisor's thread and a reload save the same state file: the later
+    save must hold both changes (before: the slower writer put back its older snapshot)."""
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(tmp_path))
+    state = State("pay", 1, "wg0", "/etc/wgvsock/pay.yaml")
+    dumps = json.dumps
+    first_inside = threading.Event()
+    let_first_go = threading.Event()
+
+    def slow_dumps(obj, **kw):
+        if threading.current_thread().name == "supervisor":
+            text = dumps(obj, **kw)  # the snapshot, taken before the other thread's change
+            first_inside.set()
+            assert let_first_go.wait(10)
+            return text
+        return dumps(obj, **kw)
+
+    monkeypatch.setattr(parent_module.json, "dumps", slow_dumps)
+
+    def supervisor() -> None:
+        state.enclave = {"id": "i-1", "cid": 16, "name": "wgvsock-pay"}
+        state.save()
+
+    t = threading.Thread(target=supervisor, name="supervisor")
+    t.start()
+    assert first_inside.wait(10)
+
+    def reload() -> None:
+        state.reload = {"seq": 1, "ok": True, "message": "nothing changed"}
+        state.save()
+
+    r = threading.Thread(target=reload)
+    r.start()
+    r.join(0.2)  # with the lock it waits for the supervisor's save
+    let_first_go.set()
+    t.join(10)
+    r.join(10)
+    saved = State.load("pay")
+    assert saved is not None
+    assert saved.enclave["id"] == "i-1" and saved.reload["seq"] == 1

@@ -222,9 +222,9 @@ class State:
     forwarding: dict = field(default_factory=dict)
     sockets: list[str] = field(default_factory=list)
     enclave: dict = field(default_factory=dict)  # the enclave `up` started: id, cid, name
-    # The last reload's outcome, for `parent reload` to wait for: seq, ok, message, and the
-    # SHA-256 of the file version it read. Its presence says this parent takes SIGHUP as a
-    # reload (an older one would die of it).
+    # The last reload's outcome: seq, ok, message, the SHA-256 of the file version it read,
+    # and the request of the `parent reload` it answers. Its presence says this parent takes
+    # SIGHUP as a reload (an older one would die of it).
     reload: dict = field(default_factory=lambda: {"seq": 0})
     # The process's start time (clock ticks since boot, /proc/PID/stat): a pid reused by
     # another process after a crash must never be signalled as ours. 0: not recorded.
@@ -237,18 +237,19 @@ class State:
     def save(self) -> None:
         path = self.path_for(self.name)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        text = json.dumps(self.__dict__, indent=2)
-        # A temporary file of its own: the main thread (a reload) and the enclave
-        # supervisor's thread may save at once.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{self.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # The main thread (a reload) and the enclave supervisor's thread may save at once:
+        # one at a time, each from the state as it is then, so neither undoes the other.
+        with _SAVE_LOCK:
+            text = json.dumps(self.__dict__, indent=2)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{self.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     def running(self) -> bool:
         """Whether the parent this state names still runs (the same process, not its pid
@@ -266,6 +267,9 @@ class State:
         except (ValueError, TypeError) as e:
             raise RoleError(f"state file {cls.path_for(name)} is corrupt ({e}); remove it and "
                             "run `wgvsock parent down` again") from e
+
+
+_SAVE_LOCK = threading.Lock()
 
 
 def _start_time(pid: int) -> int | None:
@@ -371,12 +375,13 @@ class Parent:
         else:
             apply([])
         try:
-            self._rules = firewall.rule_count(profile.name)
+            count = firewall.rule_count(profile.name)
         except (firewall.FirewallError, OSError, ValueError) as e:
-            # The new table is in: counting its rules is for check_firewall, which counts
-            # again next time rather than taking it for someone else's change.
             log.warning("parent %s: cannot count the new table's rules: %s", profile.name, e)
-            self._rules = None
+            count = 0
+        # The new table is in. A count that failed (or found it gone already) is no baseline:
+        # check_firewall counts again rather than take it for someone else's change.
+        self._rules = count if count > 0 else None
         return carried
 
     def start(self) -> None:
@@ -478,10 +483,11 @@ class Parent:
             return
         name = self.profile.name
         try:
-            if self._rules is None:
-                self._rules = firewall.rule_count(name)
+            count = firewall.rule_count(name)
+            if self._rules is None and count > 0:  # our table always has rules
+                self._rules = count
                 return
-            if firewall.rule_count(name) == self._rules:
+            if count == self._rules:
                 return
             log.warning("parent %s: nftables table %s was deleted or changed by someone else; "
                         "putting it back", name, firewall.table_name(name))
@@ -756,8 +762,12 @@ def run_up(profile, ready_fd: int | None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         asked["reload" if signum == signal.SIGHUP else "stop"] = True
 
+    closed = threading.Event()
+
     def wake() -> None:
-        with contextlib.suppress(BlockingIOError):  # already pending
+        if closed.is_set():  # a thread dying after `up` ended: the pipe is gone
+            return
+        with contextlib.suppress(BlockingIOError, OSError):  # already pending; closing
             os.write(wake_w, b"\0")
 
     old_wakeup = signal.set_wakeup_fd(wake_w)
@@ -808,6 +818,7 @@ def run_up(profile, ready_fd: int | None) -> int:
             parent.close()
     finally:
         signal.set_wakeup_fd(old_wakeup)
+        closed.set()
         os.close(wake_r)
         os.close(wake_w)
     if failures:
@@ -823,6 +834,12 @@ def reload_from_file(parent: Parent) -> bool:
     from ..services.profile import ProfileError, load_profile_digest
 
     name, path = parent.profile.name, parent.profile.path
+    # Which `parent reload` asked (it waits for its own outcome): read before the file, so
+    # an outcome never claims a request made after the file was read.
+    try:
+        request = _request_path(name).read_text()[:64]
+    except OSError:
+        request = ""  # a bare SIGHUP
     digest = ""
     try:
         new, digest = load_profile_digest(path)
@@ -845,13 +862,17 @@ def reload_from_file(parent: Parent) -> bool:
     state = parent._state
     if state is not None:
         state.reload = {"seq": state.reload.get("seq", 0) + 1, "ok": ok, "message": message,
-                        "sha256": digest}
+                        "sha256": digest, "request": request}
         try:
             state.save()
         except OSError as e:  # `parent reload` times out, saying to read the log
             log.error("parent %s: cannot record the reload's outcome in %s: %s", name,
                       State.path_for(name), e)
     return ok
+
+
+def _request_path(name: str) -> Path:
+    return State.path_for(name).with_suffix(".reload-request")
 
 
 def _running_from(path: str) -> State | None:
@@ -899,8 +920,15 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
     lock = State.path_for(profile.name).with_suffix(".reload.lock")
     with open(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)) as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        current = State.load(profile.name)
-        seq = (current or state).reload.get("seq", 0)
+        # Our request, which the parent echoes in the outcome of the reload it starts after
+        # reading it: an outcome of a bare SIGHUP, or of an earlier reload that finished late,
+        # is not ours.
+        request = os.urandom(16).hex()
+        tmp = _request_path(profile.name).with_suffix(".tmp-request")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                          0o600), "w") as f:
+            f.write(request)
+        os.replace(tmp, _request_path(profile.name))
         try:
             _, digest = load_profile_digest(profile.path)
         except ProfileError:
@@ -916,7 +944,7 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
             if now is None or not state.running():
                 raise RoleError(f"the parent of {profile.name} (pid {state.pid}) stopped")
             outcome = now.reload
-            if outcome.get("seq", 0) > seq:
+            if outcome.get("request") == request:
                 message = str(outcome.get("message", ""))
                 if digest and outcome.get("sha256") and outcome["sha256"] != digest:
                     message += (f"\n(note: {profile.path} changed while it was reloaded; the "
@@ -978,4 +1006,11 @@ def down(profile) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         State.path_for(profile.name).unlink()
         done.append("removed state file")
+    # `parent reload`'s lock and request, and temporary files of a writer that was killed.
+    leftovers = [State.path_for(profile.name).with_suffix(s)
+                 for s in (".reload.lock", ".reload-request", ".tmp-request")]
+    leftovers += Path(state_dir()).glob(f".{profile.name}.*.tmp")
+    for path in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     return done

@@ -18,14 +18,15 @@ The forwarder is an asyncio loop in one thread of `parent up`; nft runs in a sma
 pool so that a slow nft never stalls the loop. :class:`Stats` holds the counters that
 `wgvsock status` and the metrics read.
 
-The forwarder remembers, for each address it put into a set, every answer that put it there:
-the asked name with its CNAME chain, and when that answer's TTL runs out. An element lives
-until the latest of those plus the grace. When the parent replaces its table (`parent
-reload` with new name rules or grace, or putting back a table someone flushed),
-:meth:`Forwarder.rebuild` hands the new table the addresses that some answer still vouches
-for under the new rules (its name allowed, no name of its chain denied), so allowed names keep
-working without a new lookup; set updates wait for the swap, and one computed under the old
-rules is dropped (its query gets SERVFAIL and the client asks again).
+The forwarder remembers, for each address it put into a set, the answers that put it there
+(the asked name, whether it came through CNAMEs, and when the answer's TTL runs out) and the
+expiry it last gave the element. When the parent replaces its table (`parent reload` with
+new name rules or grace, or putting back a table someone flushed), :meth:`Forwarder.rebuild`
+hands the new table the addresses that some answer still vouches for under the new rules (its
+name allowed; one that came through CNAMEs only while the deny rules are the same, since its
+chain was checked against those), so allowed names keep working without a new lookup; set
+updates wait for the swap, and one computed under the old rules is dropped (its query gets
+SERVFAIL and the client asks again).
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ from .names import Labels, NamePolicy, labels_of
 IPAddress = IPv4Address | IPv6Address
 #: (set, address, timeout in seconds): what the forwarder asks nft to add.
 Element = tuple[str, IPAddress, int]
-#: An answer's names: the asked one, then the targets of its CNAME chain.
-Chain = tuple[Labels, ...]
+#: What is remembered of an answer: the asked name, and whether CNAMEs led to the addresses.
+Answer = tuple[Labels, bool]
 
 DNS_PORT = 53
 UPSTREAM_TIMEOUT = 2.0  # per upstream server; a client's own retry is usually 5 s
@@ -73,7 +74,7 @@ TCP_IDLE = 10.0  # RFC 7766 suggests a few seconds between a client's queries
 MAX_UDP_QUERY = 4096  # a real query is well under 512 bytes; bigger ones are not worth parsing
 MAX_CNAME_HOPS = 16
 MAX_TTL = 86400  # an absurd TTL must not pin an address in the set for years
-MAX_TRACKED = 65536  # addresses whose set timeout we remember (== the sets' size)
+MAX_TRACKED = 65536  # (address, answer) pairs remembered, all sets together
 MAX_ANSWERS = 16  # answers remembered per address (different names that share it)
 RECENT_REFUSED = 32
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux's value; Python 3.11 lacks the name
@@ -169,7 +170,8 @@ class Forwarder:
                  max_in_flight: int = MAX_IN_FLIGHT, max_tcp_clients: int = MAX_TCP_CLIENTS,
                  tcp_idle: float = TCP_IDLE,
                  clients: Sequence[IPAddress] | None = None,
-                 stats: Stats | None = None) -> None:
+                 stats: Stats | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not upstream:
             raise ValueError("no upstream resolver")
         self.listen = list(listen)
@@ -190,13 +192,16 @@ class Forwarder:
         # interfaces too, and nobody else should fill the enclave's sets. None: anyone (tests).
         self.clients = None if clients is None else {str(a) for a in clients}
         self.stats = stats or Stats()  # a forwarder started again goes on counting
+        self._clock = clock
         self._in_flight = 0
         self._tcp_clients = 0
         self._tasks: set[asyncio.Task] = set()
-        # (set, address) -> {the chain of an answer that put it there: monotonic time that
-        # answer's TTL runs out}. The element lives until the latest of those plus the grace.
-        # Changed only under _sets_lock, together with the sets themselves.
-        self._live: dict[tuple[str, IPAddress], dict[Chain, float]] = {}
+        # (set, address) -> {an answer that put it there: when that answer's TTL runs out},
+        # and (set, address) -> the expiry last given to the element in nft (both on
+        # self._clock). Changed only under _sets_lock, together with the sets themselves.
+        self._live: dict[tuple[str, IPAddress], dict[Answer, float]] = {}
+        self._written: dict[tuple[str, IPAddress], float] = {}
+        self._pairs = 0  # sum of len(answers) over _live
         self._sets_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -295,27 +300,31 @@ class Forwarder:
     def rebuild(self, apply: Callable[[list[Element]], None], *,
                 policy: NamePolicy | None = None, grace: int | None = None) -> int:
         """Replaces the table: calls APPLY (on this thread) with the name-set elements the new
-        table should start with: each address some remembered answer still vouches for under
-        POLICY (its name allowed, no name of its chain denied), in the sets of the rules that
-        allow the name now, until that answer's TTL plus GRACE (defaults: the current ones)
-        run out. No set update runs meanwhile. If APPLY raises, nothing changes here either.
-        Returns how many elements were carried over."""
+        table should start with: each address a remembered answer still vouches for under
+        POLICY, in the sets of the rules that allow its name now, until the latest such
+        answer's TTL plus GRACE (defaults: the current ones). No set update runs meanwhile. If
+        APPLY raises, nothing changes here either. Returns how many elements were carried."""
         new = policy or self.policy
         grace = self.grace if grace is None else grace
+        same_deny = new.deny == self.policy.deny
         with self._sets_lock:
-            now = time.monotonic()
-            live: dict[tuple[str, IPAddress], dict[Chain, float]] = {}
+            now = self._clock()
+            live: dict[tuple[str, IPAddress], dict[Answer, float]] = {}
             for (_, addr), answers in self._live.items():
-                for chain, end in answers.items():
-                    if end + grace - now < 1 or any(new.denied(n) for n in chain[1:]):
+                for answer, end in answers.items():
+                    asked, aliased = answer
+                    # An answer through CNAMEs was checked against the old deny rules only.
+                    if end + grace - now < 1 or (aliased and not same_deny):
                         continue
-                    for i in new.allowed_by(chain[0]):
+                    for i in new.allowed_by(asked):
                         kept = live.setdefault((name_set(i, addr.version), addr), {})
-                        kept[chain] = max(kept.get(chain, 0.0), end)
-            apply([(set_, addr, math.ceil(max(answers.values()) + grace - now))
-                   for (set_, addr), answers in live.items()])
+                        kept[answer] = max(kept.get(answer, 0.0), end)
+            written = {key: max(answers.values()) + grace for key, answers in live.items()}
+            apply([(set_, addr, math.ceil(expiry - now))
+                   for (set_, addr), expiry in written.items()])
             self._rules = (self._rules[0] + 1, new)
-            self._live = live
+            self._live, self._written = live, written
+            self._pairs = sum(map(len, live.values()))
             self.grace = grace
         return len(live)
 
@@ -427,8 +436,7 @@ class Forwarder:
             # An allowed name that is an alias of a denied one would reach the denied name's
             # addresses: the deny list holds along the whole chain.
             chain = cname_chain(response, question.name)
-            names = tuple(labels_of(n.labels) for n in chain)
-            via = [n for n, lab in zip(chain[1:], names[1:], strict=True) if policy.denied(lab)]
+            via = [n for n in chain[1:] if policy.denied(labels_of(n.labels))]
             if via:
                 self.stats.refused += 1
                 self.stats.recent_refused.append(
@@ -436,7 +444,8 @@ class Forwarder:
                     f"(alias of {via[0].to_text(omit_final_dot=True)})")
                 return self._reply(query, dns.rcode.REFUSED)
             found = answer_addresses(response, question.name)
-            if found and not await self._allow(generation, rules, names, found):
+            answer = (labels, len(chain) > 1)
+            if found and not await self._allow(generation, rules, answer, found):
                 return self._reply(query, dns.rcode.SERVFAIL)
         self.stats.forwarded += 1
         limit = 65535 if tcp else max(512, query.payload if query.edns >= 0 else 512)
@@ -480,18 +489,18 @@ class Forwarder:
         finally:
             query.id = client_id
 
-    async def _allow(self, generation: int, rules: list[int], chain: Chain,
+    async def _allow(self, generation: int, rules: list[int], answer: Answer,
                      found: list[tuple[IPAddress, int]]) -> bool:
-        """Puts FOUND (the addresses of an answer for CHAIN's allowed name) into the sets of
-        RULES, for their TTLs plus the grace. False when nft refused, or when the table was
-        replaced since RULES were chosen (GENERATION)."""
-        now = time.monotonic()
+        """Puts FOUND (the addresses of ANSWER, for an allowed name) into the sets of RULES,
+        for their TTLs plus the grace. False when nft refused, or when the table was replaced
+        since RULES were chosen (GENERATION)."""
+        now = self._clock()
         wanted = [(name_set(i, addr.version), addr, now + min(ttl, MAX_TTL))
                   for addr, ttl in found for i in rules]
         loop = asyncio.get_running_loop()
         try:
             added = await loop.run_in_executor(self._pool, self._commit, generation, wanted,
-                                               chain)
+                                               answer)
         except Exception as e:  # FirewallError, or nft missing: the answer would be useless
             self.stats.set_failures += 1
             self._warn_once("nft", "DNS forwarder: cannot add addresses to the nft sets: %s", e)
@@ -502,40 +511,51 @@ class Forwarder:
         return True
 
     def _commit(self, generation: int, wanted: list[tuple[str, IPAddress, float]],
-                chain: Chain) -> int | None:
-        """Remembers that CHAIN's answer vouches for each (set, address) of WANTED until its
-        TTL's end, and has nft add or refresh the elements that would otherwise die before
-        that end plus half the grace (so repeated answers cost no nft run each). None when the
-        table was replaced after WANTED was chosen: its set names would mean other rules now.
-        Else how many elements went to nft. Runs in the nft pool."""
+                answer: Answer) -> int | None:
+        """Remembers that ANSWER vouches for each (set, address) of WANTED until its TTL's
+        end, and has nft add or refresh each element that would otherwise die before that end
+        plus half the grace (so repeated answers cost no nft run each), to the latest end any
+        remembered answer gives it plus the grace. None when the table was replaced after
+        WANTED was chosen: its set names would mean other rules now. Else how many elements
+        went to nft. Runs in the nft pool."""
         with self._sets_lock:
             if generation != self._rules[0]:
                 return None
-            now = time.monotonic()
+            now = self._clock()
             ends: dict[tuple[str, IPAddress], float] = {}
             for set_, addr, end in wanted:  # an address twice in one answer: its longest TTL
                 ends[set_, addr] = max(ends.get((set_, addr), 0.0), end)
             elements: list[Element] = []
-            for (set_, addr), end in ends.items():
-                known = max(self._live.get((set_, addr), {}).values(), default=0.0)
-                if known < end - self.grace / 2:
-                    timeout = math.ceil(max(known, end) + self.grace - now)
-                    elements.append((set_, addr, max(1, timeout)))
+            for key, end in ends.items():
+                if self._written.get(key, 0.0) < end + self.grace / 2:
+                    known = max(self._live.get(key, {}).values(), default=0.0)
+                    expiry = max(known, end) + self.grace
+                    elements.append((key[0], key[1], max(1, math.ceil(expiry - now))))
             if elements:
                 self.update_sets(elements)
-            live = self._live
-            if len(live) + len(wanted) > MAX_TRACKED:
-                live = self._live = {k: v for k, v in live.items()
-                                     if max(v.values()) + self.grace > now}
-                if len(live) + len(wanted) > MAX_TRACKED:
-                    # Forgetting costs extra refreshes, and a reload would not carry these.
-                    live.clear()
-            for set_, addr, end in wanted:
-                answers = live.setdefault((set_, addr), {})
-                answers[chain] = max(answers.get(chain, 0.0), end)
+            if self._pairs + len(ends) > MAX_TRACKED:
+                self._forget_expired(now)
+            for set_, addr, timeout in elements:
+                self._written[set_, addr] = now + timeout
+            for key, end in ends.items():
+                answers = self._live.setdefault(key, {})
+                if answer not in answers:
+                    self._pairs += 1
+                answers[answer] = max(answers.get(answer, 0.0), end)
                 if len(answers) > MAX_ANSWERS:
                     del answers[min(answers, key=answers.__getitem__)]
+                    self._pairs -= 1
         return len(elements)
+
+    def _forget_expired(self, now: float) -> None:
+        """Drops what no element outlives any more; if that is not enough, everything (which
+        costs extra refreshes, and a reload would not carry these addresses)."""
+        live = {k: v for k, v in self._live.items() if self._written.get(k, 0.0) > now}
+        if sum(map(len, live.values())) > MAX_TRACKED // 2:
+            live = {}
+        self._live = live
+        self._written = {k: self._written[k] for k in live if k in self._written}
+        self._pairs = sum(map(len, live.values()))
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned and len(self._warned) < 64:
