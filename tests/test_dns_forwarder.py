@@ -18,6 +18,7 @@ import dns.rcode
 import dns.rrset
 import pytest
 
+from wgvsock.services.egress import forwarder
 from wgvsock.services.egress.forwarder import Forwarder, answer_addresses
 from wgvsock.services.egress.names import NamePattern, NamePolicy, NameRule
 from wgvsock.ui.nslab import wait_for
@@ -262,12 +263,42 @@ def test_an_address_asked_for_again_and_again_never_lapses(ttl: int, every: int)
     addr = ipaddress.ip_address("192.0.2.1")
     try:
         for _ in range(600 // every):
-            fwd._commit(0, [("name0_v4", addr, now[0] + ttl)], (("ok", "test"), False))
+            fwd._commit(0, [("name0_v4", addr, ttl)], (("ok", "test"), False))
             expiry = nft["name0_v4", "192.0.2.1"]
             assert expiry >= now[0] + ttl + 30, f"element ends at {expiry - 1000:.0f} s, " \
                 f"asked at {now[0] - 1000:.0f} s with TTL {ttl}"
             now[0] += every
         assert len(writes) < 600 // every or every > 30  # repeated answers cost no nft run each
+    finally:
+        fwd.close()
+
+
+def test_forgetting_answers_never_shortens_an_element(monkeypatch) -> None:
+    """When too many answers are remembered they are forgotten, but not the expiry written
+    to nft: the next answer for an address must not cut short what an earlier, longer TTL
+    handed out (a review found that)."""
+    monkeypatch.setattr(forwarder, "MAX_TRACKED", 40)
+    now = [1000.0]
+    nft: dict[tuple[str, str], float] = {}
+
+    def update(elements: list) -> None:
+        for set_, addr, timeout in elements:
+            nft[set_, str(addr)] = now[0] + timeout
+
+    fwd = Forwarder(listen=[ipaddress.ip_address(LOOP)], upstream=[ipaddress.ip_address(LOOP)],
+                    policy=rules(["*.test"]), update_sets=update, grace=60,
+                    clock=lambda: now[0])
+    try:
+        fwd._commit(0, [("name0_v4", ipaddress.ip_address("192.0.2.1"), 3600)],
+                    (("a", "test"), False))
+        for i in range(100):  # a flood of other names: the answers are forgotten
+            fwd._commit(0, [("name0_v4", ipaddress.ip_address(f"198.51.100.{i}"), 3600)],
+                        ((f"n{i}", "test"), False))
+        now[0] += 100
+        fwd._commit(0, [("name0_v4", ipaddress.ip_address("192.0.2.1"), 5)],
+                    (("b", "test"), False))
+        assert nft["name0_v4", "192.0.2.1"] >= 1000 + 3600
+        assert fwd._pairs == sum(map(len, fwd._live.values())) <= 40
     finally:
         fwd.close()
 

@@ -409,7 +409,8 @@ class Parent:
             self._table = True
             self.counters = ParentCounters(p.name, dns=self._dns)
             self.device.status_hook = self.counters.uapi_keys
-            self._rules = firewall.rule_count(p.name)
+            count = firewall.rule_count(p.name)
+            self._rules = count if count > 0 else None  # gone already: check_firewall acts
             self._start_dns()
             listener = control_listener(t)
             if t.kind == "unix":
@@ -762,13 +763,15 @@ def run_up(profile, ready_fd: int | None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         asked["reload" if signum == signal.SIGHUP else "stop"] = True
 
-    closed = threading.Event()
+    closed = [False]
+    pipe_lock = threading.Lock()  # never taken by the signal handler
 
     def wake() -> None:
-        if closed.is_set():  # a thread dying after `up` ended: the pipe is gone
-            return
-        with contextlib.suppress(BlockingIOError, OSError):  # already pending; closing
-            os.write(wake_w, b"\0")
+        with pipe_lock:
+            if closed[0]:  # a thread dying after `up` ended: the pipe is gone
+                return
+            with contextlib.suppress(BlockingIOError):  # a wake-up is pending already
+                os.write(wake_w, b"\0")
 
     old_wakeup = signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -818,9 +821,10 @@ def run_up(profile, ready_fd: int | None) -> int:
             parent.close()
     finally:
         signal.set_wakeup_fd(old_wakeup)
-        closed.set()
-        os.close(wake_r)
-        os.close(wake_w)
+        with pipe_lock:
+            closed[0] = True
+            os.close(wake_r)
+            os.close(wake_w)
     if failures:
         # Non-zero, so systemd restarts us: a part of the data path is gone.
         log.error("parent %s stopped: %s", profile.name, failures[0])
@@ -920,6 +924,8 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
     lock = State.path_for(profile.name).with_suffix(".reload.lock")
     with open(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)) as held:
         fcntl.flock(held, fcntl.LOCK_EX)
+        current = State.load(profile.name)
+        seq = (current or state).reload.get("seq", 0)
         # Our request, which the parent echoes in the outcome of the reload it starts after
         # reading it: an outcome of a bare SIGHUP, or of an earlier reload that finished late,
         # is not ours.
@@ -944,7 +950,9 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
             if now is None or not state.running():
                 raise RoleError(f"the parent of {profile.name} (pid {state.pid}) stopped")
             outcome = now.reload
-            if outcome.get("request") == request:
+            # A parent of a build before request ids echoes none: then any newer outcome.
+            if outcome.get("request", request if outcome.get("seq", 0) > seq else None) \
+                    == request:
                 message = str(outcome.get("message", ""))
                 if digest and outcome.get("sha256") and outcome["sha256"] != digest:
                     message += (f"\n(note: {profile.path} changed while it was reloaded; the "

@@ -143,6 +143,12 @@ def answer_addresses(response: dns.message.Message,
     return out
 
 
+def _seconds(span: float) -> int:
+    """SPAN rounded up to whole seconds, without float noise (now + 86400 - now is not
+    always 86400.0)."""
+    return math.ceil(round(span, 6))
+
+
 class _Udp(asyncio.DatagramProtocol):
     def __init__(self, fwd: Forwarder) -> None:
         self.fwd = fwd
@@ -320,7 +326,7 @@ class Forwarder:
                         kept = live.setdefault((name_set(i, addr.version), addr), {})
                         kept[answer] = max(kept.get(answer, 0.0), end)
             written = {key: max(answers.values()) + grace for key, answers in live.items()}
-            apply([(set_, addr, math.ceil(expiry - now))
+            apply([(set_, addr, _seconds(expiry - now))
                    for (set_, addr), expiry in written.items()])
             self._rules = (self._rules[0] + 1, new)
             self._live, self._written = live, written
@@ -494,8 +500,7 @@ class Forwarder:
         """Puts FOUND (the addresses of ANSWER, for an allowed name) into the sets of RULES,
         for their TTLs plus the grace. False when nft refused, or when the table was replaced
         since RULES were chosen (GENERATION)."""
-        now = self._clock()
-        wanted = [(name_set(i, addr.version), addr, now + min(ttl, MAX_TTL))
+        wanted = [(name_set(i, addr.version), addr, min(ttl, MAX_TTL))
                   for addr, ttl in found for i in rules]
         loop = asyncio.get_running_loop()
         try:
@@ -510,27 +515,28 @@ class Forwarder:
         self.stats.addresses_added += added
         return True
 
-    def _commit(self, generation: int, wanted: list[tuple[str, IPAddress, float]],
+    def _commit(self, generation: int, wanted: list[tuple[str, IPAddress, int]],
                 answer: Answer) -> int | None:
-        """Remembers that ANSWER vouches for each (set, address) of WANTED until its TTL's
-        end, and has nft add or refresh each element that would otherwise die before that end
-        plus half the grace (so repeated answers cost no nft run each), to the latest end any
-        remembered answer gives it plus the grace. None when the table was replaced after
-        WANTED was chosen: its set names would mean other rules now. Else how many elements
-        went to nft. Runs in the nft pool."""
+        """Remembers that ANSWER vouches for each (set, address, TTL) of WANTED until its TTL
+        runs out (counted from now: nft may have kept us waiting), and has nft add or refresh
+        each element that would otherwise die before that end plus half the grace (so
+        repeated answers cost no nft run each), to the latest end any remembered answer gives
+        it plus the grace. None when the table was replaced after WANTED was chosen: its set
+        names would mean other rules now. Else how many elements went to nft. Runs in the nft
+        pool."""
         with self._sets_lock:
             if generation != self._rules[0]:
                 return None
             now = self._clock()
             ends: dict[tuple[str, IPAddress], float] = {}
-            for set_, addr, end in wanted:  # an address twice in one answer: its longest TTL
-                ends[set_, addr] = max(ends.get((set_, addr), 0.0), end)
+            for set_, addr, ttl in wanted:  # an address twice in one answer: its longest TTL
+                ends[set_, addr] = max(ends.get((set_, addr), 0.0), now + ttl)
             elements: list[Element] = []
             for key, end in ends.items():
                 if self._written.get(key, 0.0) < end + self.grace / 2:
                     known = max(self._live.get(key, {}).values(), default=0.0)
                     expiry = max(known, end) + self.grace
-                    elements.append((key[0], key[1], max(1, math.ceil(expiry - now))))
+                    elements.append((key[0], key[1], max(1, _seconds(expiry - now))))
             if elements:
                 self.update_sets(elements)
             if self._pairs + len(ends) > MAX_TRACKED:
@@ -548,13 +554,15 @@ class Forwarder:
         return len(elements)
 
     def _forget_expired(self, now: float) -> None:
-        """Drops what no element outlives any more; if that is not enough, everything (which
-        costs extra refreshes, and a reload would not carry these addresses)."""
-        live = {k: v for k, v in self._live.items() if self._written.get(k, 0.0) > now}
+        """Drops the answers of elements that have expired; if that is not enough, all of
+        them (a reload would then not carry those addresses). The expiries written to nft are
+        kept while the elements live (bounded by the sets' size): without them the next
+        answer for an address could write a shorter timeout than one already handed out."""
+        self._written = {k: t for k, t in self._written.items() if t > now}
+        live = {k: v for k, v in self._live.items() if k in self._written}
         if sum(map(len, live.values())) > MAX_TRACKED // 2:
             live = {}
         self._live = live
-        self._written = {k: self._written[k] for k in live if k in self._written}
         self._pairs = sum(map(len, live.values()))
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
