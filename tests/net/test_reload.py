@@ -26,6 +26,7 @@ from .fake_nsm_enclave import OTHER_IMAGE_PCR0
 from .netlab import Lab, wait_for
 from .test_egress_names import PORT, elements, named, query  # noqa: F401 - named: a fixture
 from .test_firewall import probe
+from .test_recovery import parent_pid
 from .test_roles import RECOVERY_BOUND, WGVSOCK, World
 from .test_roles_attested import ATTESTATION, ca_dir, launcher  # noqa: F401 - ca_dir: a fixture
 
@@ -100,20 +101,6 @@ def table(world: World) -> str:
     """The parent's table as nft lists it, counter values left out."""
     text = world.parent.run("nft", "list", "table", "inet", firewall.table_name(world.name)).stdout
     return re.sub(r"packets \d+ bytes \d+", "", text)
-
-
-def parent_pid(world: World) -> int:
-    state = world.lab.tmp / "state" / f"{world.name}.json"
-    return int(re.search(r'"pid": (\d+)', state.read_text())[1])  # type: ignore[index]
-
-
-@pytest.fixture
-def world(lab: Lab):
-    w = World(lab)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def test_reload_applies_egress_and_ingress_and_keeps_the_tunnel(world: World) -> None:
