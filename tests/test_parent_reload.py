@@ -14,7 +14,9 @@ import threading
 import pytest
 
 from wgvsock.roles import parent as parent_module
-from wgvsock.roles.parent import Parent, RoleError, State, request_reload
+from wgvsock.roles import state as state_module
+from wgvsock.roles.parent import Parent, RoleError
+from wgvsock.roles.state import State, request_reload
 from wgvsock.services.control import ControlError, ControlServer, register
 from wgvsock.services.profile import changed_keys, parse_profile
 
@@ -192,7 +194,7 @@ def fake_parent(tmp_path, monkeypatch):
     proc = subprocess.Popen([sys.executable, "-c", FAKE_PARENT, str(state), "wgvsock"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    started = parent_module._start_time(proc.pid) or 0
+    started = state_module.start_time(proc.pid) or 0
     State("pay", proc.pid, "wg0", str(path), started=started).save()
     try:
         yield proc, path, state
@@ -311,7 +313,7 @@ def test_two_threads_saving_the_state_do_not_undo_each_other(monkeypatch, tmp_pa
             return text
         return dumps(obj, **kw)
 
-    monkeypatch.setattr(parent_module.json, "dumps", slow_dumps)
+    monkeypatch.setattr(state_module.json, "dumps", slow_dumps)
 
     def supervisor() -> None:
         state.enclave = {"id": "i-1", "cid": 16, "name": "wgvsock-pay"}

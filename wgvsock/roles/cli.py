@@ -46,7 +46,7 @@ def parent_main(argv: list[str]) -> int:
     profile = _load(args.profile)
     if profile is None:
         return 1
-    from . import parent
+    from . import parent, state
 
     if args.cmd == "down":
         try:
@@ -60,7 +60,7 @@ def parent_main(argv: list[str]) -> int:
         return doctor(profile)
     if args.cmd == "reload":
         try:
-            ok, message = parent.request_reload(profile)
+            ok, message = state.request_reload(profile)
         except parent.RoleError as e:
             print(f"wgvsock parent reload: {e}", file=sys.stderr)
             return 1
@@ -71,7 +71,7 @@ def parent_main(argv: list[str]) -> int:
 
     ready_fd = take_ready_fd()
     if ready_fd is None:
-        pid = parent.already_up(profile)
+        pid = state.already_up(profile)
         if pid is not None:
             print(f"{profile.name} is already up (pid {pid})")
             return 0

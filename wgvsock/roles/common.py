@@ -18,6 +18,10 @@ ENV_STATE_DIR = "WGVSOCK_STATE_DIR"
 DEFAULT_STATE_DIR = "/run/wgvsock"
 
 
+class RoleError(Exception):
+    """A problem the user can fix; its text says what and how."""
+
+
 def run_dir() -> str:
     return os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR
 
