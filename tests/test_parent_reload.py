@@ -5,6 +5,7 @@ an enclave judged under a policy that a reload replaced before it was installed.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -336,3 +337,25 @@ def test_two_threads_saving_the_state_do_not_undo_each_other(monkeypatch, tmp_pa
     saved = State.load("pay")
     assert saved is not None
     assert saved.enclave["id"] == "i-1" and saved.reload["seq"] == 1
+
+
+def test_a_stop_signal_while_starting_is_reported_not_ready(monkeypatch) -> None:
+    """`parent down` (SIGTERM) racing `parent up`: the launcher must not print that it is up."""
+    closed = []
+
+    def start(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: run_up installs its handler first
+
+    monkeypatch.setattr(Parent, "start", start)
+    monkeypatch.setattr(Parent, "close", lambda self: closed.append(True))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    r, w = os.pipe()
+    try:
+        assert parent_module.run_up(profile(), w) == 0
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    with os.fdopen(r, "rb") as pipe:
+        report = pipe.read().decode()
+    assert "stopped by a signal while starting" in report
+    assert closed == [True]

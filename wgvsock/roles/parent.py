@@ -716,7 +716,11 @@ def run_up(profile, ready_fd: int | None) -> int:
             return 1
         on_thread_death(on_death)
         try:
-            report_ready(ready_fd)
+            if asked["stop"]:  # SIGTERM while starting (`parent down`): never claim to be up
+                report_ready(ready_fd, f"parent up {profile.name}: stopped by a signal while "
+                             "starting")
+            else:
+                report_ready(ready_fd)
             while not asked["stop"]:
                 poller.poll(1000)
                 with contextlib.suppress(BlockingIOError):
