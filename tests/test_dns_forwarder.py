@@ -21,6 +21,7 @@ import pytest
 from wgvsock.services.egress import forwarder
 from wgvsock.services.egress.forwarder import Forwarder, answer_addresses
 from wgvsock.services.egress.names import NamePattern, NamePolicy, NameRule
+from wgvsock.services.egress.refusals import Refusals
 from wgvsock.ui.nslab import wait_for
 
 LOOP = "127.0.0.1"
@@ -113,6 +114,7 @@ class Harness:
         self.upstream = Upstream()
         self.updates: list[list] = []
         self.fail_nft = False
+        self.refusals = Refusals()
         allow = [NameRule(NamePattern.parse(p)) for p in ("*.test", "ok.test")]
         deny = [NameRule(NamePattern.parse("bad.test"))]
         for attempt in range(5):  # a free port can be taken between looking and binding
@@ -121,7 +123,7 @@ class Harness:
                                  upstream=[ipaddress.ip_address(LOOP)],
                                  policy=NamePolicy(allow, deny), update_sets=self.update,
                                  grace=60, port=self.port, upstream_port=self.upstream.port,
-                                 **{"timeout": 0.5, **kw})
+                                 refusals=self.refusals, **{"timeout": 0.5, **kw})
             try:
                 self.fwd.start()
                 break
@@ -347,7 +349,8 @@ def test_an_alias_of_a_denied_name_is_refused(h: Harness) -> None:
     assert h.ask("end.test").rcode() == dns.rcode.REFUSED
     assert h.updates == []
     assert h.fwd.stats.refused == 2
-    assert list(h.fwd.stats.recent_refused) == ["alias.test (alias of end.test)", "end.test"]
+    assert [(r.what, r.rule) for r in h.refusals.recent()] == [
+        ("end.test", "denied"), ("alias.test", "alias of end.test")]
     # A denied name in the middle of the chain counts too.
     h.fwd.rebuild(lambda elements: None, policy=rules(["*.test"], ["mid.test"]))
     assert h.ask("alias.test").rcode() == dns.rcode.REFUSED
@@ -391,7 +394,11 @@ def test_denied_and_unknown_names_are_refused_and_counted(h: Harness) -> None:
         assert h.ask(name, tcp=tcp).rcode() == dns.rcode.REFUSED
     assert h.upstream.queries == 0
     assert h.fwd.stats.refused == 3
-    assert list(h.fwd.stats.recent_refused) == ["bad.test", "example.com", "test"]
+    assert [(r.kind, r.what, r.rule, r.count) for r in h.refusals.recent()] == [
+        ("dns", "test", "not allowed", 1), ("dns", "example.com", "not allowed", 1),
+        ("dns", "bad.test", "denied", 1)]
+    h.ask("bad.test")
+    assert h.refusals.recent()[0].what == "bad.test" and h.refusals.recent()[0].count == 2
     assert h.updates == []
 
 

@@ -136,6 +136,7 @@ def dual_stack() -> FirewallSpec:
         ],
         deny=[Rule(n("10.9.0.0/16"), (8080, 8080), "tcp"), Rule(n("fd00::/8"))],
         ingress=[Ingress(8443, 443, "tcp"), Ingress(5353, 53, "udp")],
+        log_group=30567,
     )
 
 
@@ -231,6 +232,26 @@ def test_profile_like_objects_are_accepted_structurally() -> None:
     assert 'ip daddr 198.51.100.0/24 tcp dport 80 counter name "egress_allowed"' in text
 
 
+def test_render_logs_before_each_drop_of_the_enclave_s_traffic_only_with_a_group() -> None:
+    spec = typical()
+    assert " log " not in firewall.render_ruleset(spec)
+    spec.log_group = 30567
+    lines = [x.strip() for x in firewall.render_ruleset(spec).splitlines()]
+    log = "limit rate 20/second burst 20 packets log group 30567 snaplen 64 prefix"
+    for logged, dropped in [
+        (f'ip daddr 169.254.169.254/32 {log} "deny 169.254.169.254/32"',
+         'ip daddr 169.254.169.254/32 counter name "egress_denied"'),
+        (f'{log} "blocked"', 'counter name "egress_blocked" drop'),
+        (f'{log} "to parent"', 'counter name "local_blocked" drop'),
+        (f'ip saddr != @enclave_v4 {log} "spoofed"', 'ip saddr != @enclave_v4 counter'),
+        (f'ip6 saddr != @enclave_v6 {log} "spoofed"', 'ip6 saddr != @enclave_v6 counter'),
+    ]:
+        i = lines.index(logged)
+        assert lines[i + 1].startswith(dropped), (logged, lines[i + 1])
+    # Nothing towards the enclave is logged (the internet's scanners are not its doing).
+    assert sum(" log group " in x for x in lines) == 5
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -247,6 +268,8 @@ def test_profile_like_objects_are_accepted_structurally() -> None:
         ({"deny": [Rule("10.0.0.1/8")]}, "host bits"),  # type: ignore[arg-type]
         ({"ingress": [Ingress(70000, 1)]}, "not a port number"),
         ({"ingress": [Ingress(80, 8080), Ingress(80, 8081)]}, "forwarded twice"),
+        ({"log_group": 65536}, "log group"),
+        ({"log_group": "1; flush ruleset"}, "log group"),
     ],
 )
 def test_render_refuses_bad_specs(change: dict, message: str) -> None:

@@ -30,7 +30,9 @@ from ..device.device import Device
 from ..safetext import prose
 from ..services import firewall
 from ..services.control import ControlError, ControlServer, Verdict
+from ..services.egress.refusals import RefusalReader, Refusals
 from ..services.metrics.counters import DnsCounters, ParentCounters
+from ..services.nflog import open_free_group
 from ..threads import on_thread_death
 from .common import RoleError, configure, control_listener, run_dir, state_dir, unix_socket_path
 from .state import State, request_path, start_time
@@ -238,6 +240,10 @@ class Parent:
         # What the installed enclave presented (public key, attestation document or None,
         # nonce, wall-clock time): a reload with a new attestation policy asks it again.
         self._registration: tuple[bytes, bytes | None, bytes, float] | None = None
+        # Destinations and names refused lately (`wgvsock status`, the log); the table logs
+        # refused packets to the reader's group (None: it could not open one).
+        self.refusals = Refusals()
+        self._refusal_reader: RefusalReader | None = None
 
     def egress_interface(self, profile=None) -> str | None:
         """The profile's egress interface, else that of the default route of each IP version
@@ -271,6 +277,7 @@ class Parent:
                            else []),
             counters=counters or {},
             name_elements=elements or [],
+            log_group=self._refusal_reader.group if self._refusal_reader is not None else None,
         )
 
     def _replace_table(self, profile, *, keep_counters: bool) -> int:
@@ -326,10 +333,11 @@ class Parent:
             self._route_enclave()
             v6 = any(a.version == 6 for a in p.enclave.addresses)
             self._forwarding = firewall.enable_forwarding(ipv6=v6)
+            self._start_refusal_reader()
             firewall.apply(self.spec())
             self._table = True
             self.counters = ParentCounters(p.name, dns=self._dns)
-            self.device.status_hook = self.counters.uapi_keys
+            self.device.status_hook = self._status_keys
             count = firewall.rule_count(p.name)
             self._rules = count if count > 0 else None  # gone already: check_firewall acts
             self._start_dns()
@@ -355,6 +363,23 @@ class Parent:
             raise
         log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
                  t.port, t.control_port)
+
+    def _start_refusal_reader(self) -> None:
+        try:
+            sock = open_free_group(self.profile.name)
+        except OSError as e:  # a kernel without nfnetlink_log: the counters still count
+            log.warning("parent %s: refused destinations will not be named in the log or "
+                        "`wgvsock status` (no nfnetlink_log group: %s)", self.profile.name,
+                        e.strerror or e)
+            return
+        self._refusal_reader = RefusalReader(sock, self.refusals)
+        self._refusal_reader.start()
+
+    def _status_keys(self) -> dict[str, str]:
+        """The device's read-only UAPI keys: the counters and the recent refusals."""
+        keys = self.counters.uapi_keys() if self.counters is not None else {}
+        keys.update(self.refusals.uapi_keys())
+        return keys
 
     def _dns(self) -> DnsCounters | None:
         return self.dns_counters() if self.dns_counters is not None else None
@@ -440,6 +465,7 @@ class Parent:
             grace=profile.parent.egress.dns_grace, log=log,
             clients=[a.ip for a in profile.enclave.addresses],
             stats=self._dns_stats,  # names back after a reload: the counters go on
+            refusals=self.refusals,
         )
 
     def _route_enclave(self) -> None:
@@ -655,6 +681,9 @@ class Parent:
         if self._table:
             firewall.remove(self.profile.name)
             self._table = False
+        if self._refusal_reader is not None:
+            self._refusal_reader.close()
+            self._refusal_reader = None
         if self._forwarding:
             firewall.restore_forwarding(self._forwarding)
             self._forwarding = {}

@@ -50,6 +50,11 @@ Why the chains look the way they do
   flushed table): the spec may carry the counters' values and the name sets' live elements,
   which the same transaction loads, so no metric goes backwards and no allowed name's
   address is missing for a moment.
+* With a log group, each drop of the enclave's traffic (a deny rule, ``blocked``, ``to
+  parent``, ``spoofed``) is preceded by a rule that logs the packet's headers to that
+  nfnetlink_log group under a prefix naming the rule (services/egress/refusals.py reads
+  them). The log rule has no verdict and a rate limit of its own, so a flood costs at most
+  LOG_RATE messages a second per rule and never changes what is dropped.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
+
+from .nflog import SNAPLEN
 
 __all__ = [
     "COUNTERS",
@@ -185,6 +192,8 @@ class FirewallSpec:
     counters: Mapping[str, Counter] = field(default_factory=dict)
     #: Elements the name sets start with: (set, address, timeout in seconds), as add_to_sets.
     name_elements: Sequence[tuple[str, IPAddress | str, int]] = field(default_factory=list)
+    #: The nfnetlink_log group that refused packets are logged to; None: not logged.
+    log_group: int | None = None
 
 
 class Counter(NamedTuple):
@@ -217,6 +226,7 @@ class _Spec:
     dns: tuple[IPAddress, ...]
     counters: dict[str, Counter]
     elements: dict[str, dict[IPAddress, int]]  # name set -> address -> timeout
+    log_group: int | None
 
 
 @dataclass(frozen=True)
@@ -342,7 +352,16 @@ def _validated(spec: FirewallSpec) -> _Spec:
         dns=tuple(dict.fromkeys(_address(a) for a in spec.dns_forwarder)),
         counters={k: _counter(k, v) for k, v in spec.counters.items()},
         elements=_elements(spec.name_elements, len(spec.allow_names)),
+        log_group=_log_group(spec.log_group),
     )
+
+
+def _log_group(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+        raise ValueError(f"log group {value!r}: use 0-65535")
+    return value
 
 
 def _counter(name: object, value: object) -> Counter:
@@ -424,6 +443,10 @@ def name_set(index: int, version: int) -> str:
 
 # Bounds the kernel's memory for one set; the forwarder bounds what it adds too.
 NAME_SET_SIZE = 65536
+# Refused packets logged per second per rule (and the burst); the kernel's limit on a log
+# prefix is 127 bytes.
+LOG_RATE = 20
+LOG_PREFIX_MAX = 120
 
 
 def _chain(name: str, body: Sequence[str], hook: str | None = None) -> list[str]:
@@ -472,10 +495,23 @@ def render_ruleset(spec: FirewallSpec) -> str:
         counted.add(comment)
         return f"counter packets {start.packets} bytes {start.bytes}" if start else "counter"
 
+    def logged(match: str, prefix: str) -> list[str]:
+        # A rule of its own: over the limit `limit` does not match, so a verdict after it
+        # would not apply either.
+        if s.log_group is None:
+            return []
+        return [f"{match + ' ' if match else ''}limit rate {LOG_RATE}/second burst "
+                f"{LOG_RATE} packets log group {s.log_group} snaplen {SNAPLEN} "
+                f"prefix {_q(prefix[:LOG_PREFIX_MAX])}"]
+
     policy = [
-        f"{_match(r)} counter name {_q('egress_denied')} {count(_describe('deny', r))} drop "
-        f"comment {_q(_describe('deny', r))}"
+        line
         for r in s.deny
+        for line in (
+            *logged(_match(r), _describe("deny", r)),
+            f"{_match(r)} counter name {_q('egress_denied')} {count(_describe('deny', r))} "
+            f"drop comment {_q(_describe('deny', r))}",
+        )
     ] + [
         f"{_match(r)} counter name {_q('egress_allowed')} {count(_describe('allow', r))} "
         f"accept comment {_q(_describe('allow', r))}"
@@ -488,13 +524,16 @@ def render_ruleset(spec: FirewallSpec) -> str:
     ]
     out += _chain("egress_policy", policy)
     out += _chain("check_source", [
+        *logged("ip saddr != @enclave_v4", "spoofed"),
         f"ip saddr != @enclave_v4 counter name {_q('spoofed')} drop",
+        *logged("ip6 saddr != @enclave_v6", "spoofed"),
         f"ip6 saddr != @enclave_v6 counter name {_q('spoofed')} drop",
     ])
     out += _chain("from_enclave", [
         "jump check_source",
         "ct state established,related accept",
         "jump egress_policy",
+        *logged("", "blocked"),
         f"counter name {_q('egress_blocked')} drop",
     ])
     out += _chain("enclave_to_parent", [
@@ -511,6 +550,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
         *([f"{'ip' if a.version == 4 else 'ip6'} daddr {a} meta l4proto {{ tcp, udp }} "
            f"th dport 53 counter accept comment {_q('dns forwarder')}" for a in s.dns]),
         "jump egress_policy",
+        *logged("", "to parent"),
         f"counter name {_q('local_blocked')} drop",
     ])
     to_enclave = ["ct state established,related accept"]

@@ -6,7 +6,8 @@ sockets is all it needs. Our daemon adds read-only keys that `wg` ignores and th
 ``wgvsock_network`` / ``wgvsock_port`` (a vsock port may not fit in ``listen_port``),
 ``wgvsock_profile`` / ``wgvsock_role`` / ``wgvsock_attested`` (set by the roles), the parent's
 packet counters ``wgvsock_egress_allowed`` / ``_denied`` / ``_blocked`` and, once it runs a DNS
-forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, and per peer
+forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, what it refused lately
+``wgvsock_refused_1`` (newest) ... ``_8`` ("KIND COUNT AGE WHAT[; RULE]"), and per peer
 ``wgvsock_endpoint`` (a readable endpoint), ``wgvsock_conn`` and ``wgvsock_reconnects`` (the
 stream transport's connection to that peer).
 
@@ -221,6 +222,17 @@ class PeerView:
 
 
 @dataclass
+class RefusalView:
+    """One destination or name the parent refused the enclave lately."""
+
+    kind: str  # denied, blocked, to-parent, spoofed, dns
+    what: str  # "tcp 203.0.113.5:5432", "from 10.9.9.9", a DNS name
+    rule: str  # the deny rule, the DNS reason, or ""
+    count: int
+    age: int  # seconds since the last one, as the daemon counted when asked
+
+
+@dataclass
 class InterfaceView:
     name: str
     socket: str
@@ -236,6 +248,7 @@ class InterfaceView:
     # The parent's packets per egress verdict (allowed, denied, blocked); None when not given.
     egress: dict[str, int] | None = None
     dns: dict[str, int] | None = None  # queries, refused: only with a DNS forwarder
+    refusals: list[RefusalView] = field(default_factory=list)  # newest first
     peers: list[PeerView] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -314,6 +327,23 @@ def _counters(extra: dict[str, str], prefix: str, names: tuple[str, ...]) -> dic
     return values  # type: ignore[return-value]
 
 
+_REFUSAL = re.compile(r"([a-z][a-z-]{0,15}) (\d{1,18}) (\d{1,12}) (.+)")
+REFUSALS_SHOWN = 5  # lines in the dashboard; --json has all the daemon gives
+
+
+def _refusals(extra: dict[str, str]) -> list[RefusalView]:
+    """wgvsock_refused_1, _2, ... while they parse; text escaped and cut for the terminal."""
+    out = []
+    for i in range(1, 17):
+        m = _REFUSAL.fullmatch(extra.get(f"wgvsock_refused_{i}", ""))
+        if m is None:
+            break
+        what, _, rule = m.group(4).partition("; ")
+        out.append(RefusalView(m.group(1), prose(what, 120), prose(rule, 120),
+                               int(m.group(2)), int(m.group(3))))
+    return out
+
+
 def _attestation(value: str | None) -> tuple[bool | None, bool]:
     """wgvsock_attested: "true", "false" or "debug" (not attested: a debug-mode enclave)."""
     if value == "debug":
@@ -352,6 +382,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         debug=debug,
         egress=_counters(extra, "wgvsock_egress_", ("allowed", "denied", "blocked")),
         dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
+        refusals=_refusals(extra),
         extra=dict(extra),
     )
     # A role's interface has one peer: the other side of the parent/enclave pair.
@@ -618,6 +649,8 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int) -> list
     counters = _counter_parts(iface)
     if counters:
         lines += _flow(console, counters, width, _INDENT)
+    for r in iface.refusals[:REFUSALS_SHOWN]:
+        lines += _flow(console, _refusal_parts(r), width, _INDENT + 2)
     if not iface.peers:
         lines.append(Text(" " * _INDENT + "no peers configured", style="dim"))
         return lines
@@ -667,6 +700,19 @@ def _counter_parts(iface: InterfaceView) -> list[Text]:
         parts.append(Text(f"dns {d['queries']} quer{'ies' if d['queries'] != 1 else 'y'}"))
         parts.append(Text(f"refused {d['refused']}", style="bold red" if d["refused"] else "dim"))
     return parts
+
+
+def _refusal_parts(r: RefusalView) -> list[Text]:
+    """``refused dns evil.example, 3 times (denied) · 5 s ago``."""
+    style = {"denied": "red", "spoofed": "bold red", "dns": "yellow"}.get(r.kind, "yellow")
+    line = Text("refused ", style="dim")
+    line.append(f"{r.kind} ", style=style)
+    line.append(r.what)
+    if r.count > 1:
+        line.append(f", {r.count} times")
+    if r.rule:
+        line.append(f" ({r.rule})", style="dim")
+    return [line, Text(human_age(r.age), style="dim")]
 
 
 def _details(p: PeerView, rates: bool = False) -> list[Text]:

@@ -39,10 +39,9 @@ import math
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 import dns.asyncquery
@@ -59,6 +58,7 @@ import dns.resolver
 
 from ..firewall import name_set
 from .names import Labels, NamePolicy, labels_of
+from .refusals import Refusals
 
 IPAddress = IPv4Address | IPv6Address
 #: (set, address, timeout in seconds): what the forwarder asks nft to add.
@@ -76,7 +76,6 @@ MAX_CNAME_HOPS = 16
 MAX_TTL = 86400  # an absurd TTL must not pin an address in the set for years
 MAX_TRACKED = 65536  # (address, answer) pairs remembered, all sets together
 MAX_ANSWERS = 16  # answers remembered per address (different names that share it)
-RECENT_REFUSED = 32
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux's value; Python 3.11 lacks the name
 
 
@@ -92,10 +91,9 @@ class Stats:
     dropped: int = 0           # malformed, oversized, or over the concurrency limits
     addresses_added: int = 0   # set elements added or refreshed
     set_failures: int = 0      # nft refused an update (SERVFAIL to the client)
-    recent_refused: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_REFUSED))
 
     def snapshot(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
+        return dict(vars(self))
 
 
 def system_resolvers(exclude: Sequence[IPAddress] = ()) -> list[IPAddress]:
@@ -177,6 +175,7 @@ class Forwarder:
                  tcp_idle: float = TCP_IDLE,
                  clients: Sequence[IPAddress] | None = None,
                  stats: Stats | None = None,
+                 refusals: Refusals | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not upstream:
             raise ValueError("no upstream resolver")
@@ -198,6 +197,7 @@ class Forwarder:
         # interfaces too, and nobody else should fill the enclave's sets. None: anyone (tests).
         self.clients = None if clients is None else {str(a) for a in clients}
         self.stats = stats or Stats()  # a forwarder started again goes on counting
+        self.refusals = refusals
         self._clock = clock
         self._in_flight = 0
         self._tcp_clients = 0
@@ -431,8 +431,7 @@ class Forwarder:
         labels = labels_of(question.name.labels)
         rules = policy.allowed_by(labels) if question.rdclass == dns.rdataclass.IN else []
         if not rules:
-            self.stats.refused += 1
-            self.stats.recent_refused.append(question.name.to_text(omit_final_dot=True))
+            self._refused(question.name, "denied" if policy.denied(labels) else "not allowed")
             return self._reply(query, dns.rcode.REFUSED)
         response = await self._ask_upstream(query, tcp)
         if response is None:
@@ -444,10 +443,7 @@ class Forwarder:
             chain = cname_chain(response, question.name)
             via = [n for n in chain[1:] if policy.denied(labels_of(n.labels))]
             if via:
-                self.stats.refused += 1
-                self.stats.recent_refused.append(
-                    f"{question.name.to_text(omit_final_dot=True)} "
-                    f"(alias of {via[0].to_text(omit_final_dot=True)})")
+                self._refused(question.name, f"alias of {via[0].to_text(omit_final_dot=True)}")
                 return self._reply(query, dns.rcode.REFUSED)
             found = answer_addresses(response, question.name)
             answer = (labels, len(chain) > 1)
@@ -461,6 +457,11 @@ class Forwarder:
             short = dns.message.make_response(query)
             short.flags |= dns.flags.TC  # the client retries over TCP
             return short.to_wire()
+
+    def _refused(self, name: dns.name.Name, why: str) -> None:
+        self.stats.refused += 1
+        if self.refusals is not None:
+            self.refusals.name(name.to_text(omit_final_dot=True), why)
 
     def _reply(self, query: dns.message.Message, rcode: int) -> bytes:
         response = dns.message.make_response(query)

@@ -1,0 +1,191 @@
+"""What the parent refused the enclave: the table's log rules, the kernel's nfnetlink_log, our
+reader, and what an operator sees (the parent's log and `wgvsock status`).
+
+The first tests use test_firewall.py's namespaces (a veth stands in for the tunnel) and read
+the log group from inside the parent's namespace; the last runs `parent up` and `enclave up`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import threading
+
+import pytest
+
+from wgvsock.services import firewall
+
+from .netlab import Namespace, run, wait_for
+from .test_firewall import (
+    _BOUND_CLIENT,
+    DENIED4,
+    ENCLAVE4,
+    INTERNET4,
+    INTERNET6,
+    PARENT_TUN4,
+    PY,
+    probe,
+    start_server,
+    traffic_spec,
+    world,  # noqa: F401 - a fixture
+)
+from .test_roles import WGVSOCK, World
+
+pytestmark = [pytest.mark.root]
+
+# Binds a free group in its namespace, prints it, then one JSON line per logged packet.
+READER = r"""
+import json, select, sys
+from wgvsock.services.nflog import flow, open_free_group
+sock = open_free_group("lab")
+print(sock.group, flush=True)
+while True:
+    ready, _, _ = select.select([sock, sys.stdin], [], [])
+    if sys.stdin in ready:
+        break
+    for logged in sock.read():
+        f = flow(logged.packet)
+        print(json.dumps([logged.prefix, f.describe() if f else None,
+                          str(f.source) if f else None]), flush=True)
+"""
+
+
+class LogReader:
+    """READER in NS; `seen` fills from its output on a thread."""
+
+    def __init__(self, ns: Namespace) -> None:
+        self.proc = ns.popen(PY, "-c", READER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line.strip().isdigit(), f"the log reader did not start ({self.proc.poll()=})"
+        self.group = int(line)
+        self.seen: list[tuple[str, str, str]] = []
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.seen.append(tuple(json.loads(line)))
+
+    def has(self, prefix: str, what: str) -> bool:
+        return any(p == prefix and w == what for p, w, _ in list(self.seen))
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def test_each_refusal_is_logged_with_its_rule_and_allowed_traffic_is_not(world) -> None:  # noqa: F811
+    enclave, parent, internet = world
+    start_server(internet, "internet", f"tcp:{INTERNET4}:80", f"tcp:{INTERNET4}:8080",
+                 f"tcp:{DENIED4}:80", f"udp:{INTERNET4}:54", f"tcp:[{INTERNET6}]:80")
+    reader = LogReader(parent)
+    try:
+        spec = traffic_spec()
+        spec.log_group = reader.group
+        firewall.apply(spec, netns=parent.name)
+        assert probe(enclave, "tcp", INTERNET4, 80)[0] == 0
+        assert probe(enclave, "tcp", INTERNET6, 80)[0] == 0
+        assert probe(enclave, "tcp", DENIED4, 80)[0] == 3
+        assert probe(enclave, "tcp", INTERNET4, 88)[0] == 3
+        assert probe(enclave, "tcp", INTERNET4, 8080)[0] == 3
+        assert probe(enclave, "udp", INTERNET4, 54)[0] == 3
+        assert probe(enclave, "tcp", PARENT_TUN4, 2222)[0] == 3
+        enclave.ip("addr", "add", "10.77.0.6/32", "dev", "eth0")
+        enclave.run(PY, "-c", _BOUND_CLIENT, "10.77.0.6", INTERNET4, "80", check=False,
+                    timeout=20)
+        expected = [
+            (f"deny {DENIED4}/32", f"tcp {DENIED4}:80"),
+            (f"deny {INTERNET4}/32 tcp 88", f"tcp {INTERNET4}:88"),
+            ("blocked", f"tcp {INTERNET4}:8080"),
+            ("blocked", f"udp {INTERNET4}:54"),
+            ("to parent", f"tcp {PARENT_TUN4}:2222"),
+            ("spoofed", f"tcp {INTERNET4}:80"),
+        ]
+        wait_for(lambda: all(reader.has(p, w) for p, w in expected), 10,
+                 f"log messages for {expected}; seen {reader.seen}")
+        # The spoofed packet says whose source it carried; the others the enclave's.
+        assert {s for p, _, s in reader.seen if p == "spoofed"} == {"10.77.0.6"}
+        assert {s for p, _, s in reader.seen if p != "spoofed"} == {ENCLAVE4}
+        # Allowed connections were never logged.
+        assert not any(w in (f"tcp {INTERNET4}:80", f"tcp [{INTERNET6}]:80")
+                       for p, w, _ in reader.seen if p != "spoofed")
+    finally:
+        reader.close()
+
+
+def test_a_flood_is_logged_at_the_rule_s_rate_and_still_all_dropped(world) -> None:  # noqa: F811
+    enclave, parent, _internet = world
+    reader = LogReader(parent)
+    try:
+        spec = traffic_spec()
+        spec.log_group = reader.group
+        firewall.apply(spec, netns=parent.name)
+        before = firewall.read_counters("lab", netns=parent.name)["egress_blocked"].packets
+        flood = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 f"for i in range(2000): s.sendto(b'x', ('{INTERNET4}', 10000 + i % 50))\n")
+        enclave.run(PY, "-c", flood)
+        after = firewall.read_counters("lab", netns=parent.name)["egress_blocked"].packets
+        assert after - before == 2000
+        wait_for(lambda: len(reader.seen) >= firewall.LOG_RATE, 10, "the burst to be logged")
+    finally:
+        reader.close()
+    # The burst and at most a few seconds' rate, not 2000 (the flood takes well under a
+    # second; the reader was stopped a moment after).
+    assert firewall.LOG_RATE <= len(reader.seen) <= 4 * firewall.LOG_RATE
+
+
+def test_parent_names_what_it_refused_in_its_log_and_status(lab) -> None:
+    w = World(lab, parent_env={"WGVSOCK_LOG_FILE": str(lab.tmp / "parent.log")})
+    try:
+        # Only the internet's web server, and one denied address.
+        w.profile.write_text(w.profile.read_text().replace(
+            "allow: [0.0.0.0/0]", "allow: [198.51.100.2/32:80/tcp]"))
+        w.parent_cmd("up")
+        w.start_enclave()
+        wait_for(w.egress_works, 30, "the tunnel")
+        assert w.curl(w.enclave, "http://198.51.100.3/", timeout=1) is None  # denied
+        for _ in range(3):
+            assert probe(w.enclave, "udp", "198.51.100.2", 5432)[0] == 3  # blocked
+        assert probe(w.enclave, "tcp", "10.77.0.1", 22)[0] == 3  # the parent's own port
+
+        def status() -> dict:
+            res = run(WGVSOCK, "status", "--once", "--json", "--run-dir",
+                      str(lab.tmp / "run-parent"), check=False)
+            return json.loads(res.stdout)["interfaces"][0]
+
+        def refusals() -> dict[tuple[str, str], dict]:
+            return {(r["kind"], r["what"]): r for r in status()["refusals"]}
+
+        wait_for(lambda: {("denied", "tcp 198.51.100.3:80"), ("blocked", "udp 198.51.100.2:5432"),
+                          ("to-parent", "tcp 10.77.0.1:22")} <= refusals().keys(), 10,
+                 "status to name the three refusals")
+        got = refusals()
+        assert got["denied", "tcp 198.51.100.3:80"]["rule"] == "deny 198.51.100.3/32"
+        assert got["blocked", "udp 198.51.100.2:5432"]["count"] == 3
+        assert all(r["age"] < 60 for r in got.values())
+        # The dashboard's text, and the log line that says what to change.
+        text = run(WGVSOCK, "status", "--once", "--run-dir", str(lab.tmp / "run-parent"),
+                   env={**os.environ, "COLUMNS": "100"}).stdout
+        assert "refused blocked udp 198.51.100.2:5432, 3 times" in text
+        log = (lab.tmp / "parent.log").read_text()
+        assert ("egress blocked: udp 198.51.100.2:5432 from the enclave matches no "
+                "parent.egress.allow entry; to allow it, add 198.51.100.2/32:5432/udp") in log
+        assert log.count("udp 198.51.100.2:5432 from the enclave") == 1  # first sighting only
+        assert "matches parent.egress.deny (deny 198.51.100.3/32)" in log
+
+        # A reload keeps the table's log group: the new rules' refusals are named too.
+        w.profile.write_text(w.profile.read_text().replace(
+            "198.51.100.3/32]", "198.51.100.3/32, 198.51.100.2/32:80/tcp]"))
+        w.parent_cmd("reload")
+        assert w.curl(w.enclave, "http://198.51.100.2/", timeout=1) is None
+        wait_for(lambda: refusals().get(("denied", "tcp 198.51.100.2:80"), {}).get("rule")
+                 == "deny 198.51.100.2/32 tcp 80", 10, "the reloaded deny rule to be named")
+    finally:
+        w.close()

@@ -1,0 +1,170 @@
+"""Refusals without the kernel: nfnetlink_log messages and packets parsed from bytes (hostile
+ones included), the bounded record with its advice, and the dashboard's lines. With the kernel,
+nftables and the roles: tests/net/test_refusals.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+from rich.console import Console
+
+from wgvsock.services import nflog
+from wgvsock.services.egress.refusals import Refusals
+from wgvsock.ui import status as st
+
+
+def ipv4(proto: int, dst: str, payload: bytes, *, frag: int = 0, ihl: int = 5) -> bytes:
+    head = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(payload), 0, frag, 64, proto,
+                       0, ipaddress.IPv4Address("10.77.0.2").packed,
+                       ipaddress.IPv4Address(dst).packed)
+    return head + b"\0" * (ihl * 4 - 20) + payload
+
+
+def ipv6(next_header: int, dst: str, payload: bytes) -> bytes:
+    return (struct.pack("!IHBB", 0x60000000, len(payload), next_header, 64)
+            + ipaddress.IPv6Address("fd77::2").packed + ipaddress.IPv6Address(dst).packed
+            + payload)
+
+
+PORTS = struct.pack("!HH", 40000, 5432)
+
+
+@pytest.mark.parametrize(("packet", "shown"), [
+    (ipv4(6, "203.0.113.5", PORTS), "tcp 203.0.113.5:5432"),
+    (ipv4(17, "203.0.113.5", PORTS, ihl=15), "udp 203.0.113.5:5432"),  # options
+    (ipv4(1, "192.0.2.1", b"\x08\0"), "icmp 192.0.2.1"),
+    (ipv4(6, "203.0.113.5", PORTS, frag=0x0010), "tcp 203.0.113.5"),  # a later fragment
+    (ipv4(47, "203.0.113.5", b""), "47 203.0.113.5"),  # GRE: no ports
+    (ipv6(6, "2001:db8::1", PORTS), "tcp [2001:db8::1]:5432"),
+    # A hop-by-hop header (8 bytes) before UDP.
+    (ipv6(0, "2001:db8::1", bytes([17, 0]) + b"\0" * 6 + PORTS), "udp [2001:db8::1]:5432"),
+    (ipv6(44, "2001:db8::1", b"\0" * 8), "44 2001:db8::1"),  # a fragment header ends it
+    (ipv6(58, "2001:db8::1", b"\x80\0"), "ipv6-icmp 2001:db8::1"),
+])
+def test_flow_names_protocol_destination_and_port(packet: bytes, shown: str) -> None:
+    f = nflog.flow(packet)
+    assert f is not None and f.describe() == shown
+
+
+@pytest.mark.parametrize("packet", [b"", b"\x45" * 19, b"\x60" * 39, b"\x20" * 40,
+                                    ipv4(6, "192.0.2.1", b"")[:20].replace(b"\x45", b"\x44", 1)])
+def test_what_is_no_ip_packet_is_none(packet: bytes) -> None:
+    assert nflog.flow(packet) is None
+
+
+def test_short_transport_headers_give_no_port() -> None:
+    f = nflog.flow(ipv4(6, "192.0.2.1", b"\0\0"))
+    assert f is not None and f.port is None and f.describe() == "tcp 192.0.2.1"
+
+
+@settings(max_examples=500, deadline=None)
+@given(hs.binary(max_size=120))
+def test_flow_never_raises(data: bytes) -> None:
+    nflog.flow(data)
+
+
+def _attr(typ: int, value: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(value), typ) + value + b"\0" * (-len(value) % 4)
+
+
+def _packet_message(prefix: bytes, payload: bytes) -> bytes:
+    body = struct.pack("=BBH", 2, 0, 0) + _attr(10, prefix + b"\0") + _attr(9, payload)
+    return struct.pack("=IHHII", 16 + len(body), 0x400, 0, 0, 0) + body
+
+
+def test_parse_reads_every_message_of_a_read() -> None:
+    one = _packet_message(b"blocked", ipv4(6, "203.0.113.5", PORTS))
+    two = _packet_message(b"deny 10.0.0.0/8", ipv4(17, "10.1.2.3", PORTS))
+    got = nflog.parse(one + two)
+    assert [g.prefix for g in got] == ["blocked", "deny 10.0.0.0/8"]
+    assert nflog.flow(got[1].packet).describe() == "udp 10.1.2.3:5432"
+
+
+@settings(max_examples=500, deadline=None)
+@given(hs.binary(max_size=200), hs.integers(0, 200))
+def test_parse_never_raises_and_keeps_what_precedes_a_broken_message(junk: bytes,
+                                                                    cut: int) -> None:
+    good = _packet_message(b"blocked", ipv4(6, "203.0.113.5", PORTS))
+    got = nflog.parse(good + junk)
+    assert got[0].prefix == "blocked"
+    nflog.parse((good + junk)[:cut])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tcp_to(dst: str, port: int = 5432) -> nflog.Flow:
+    f = nflog.flow(ipv4(6, dst, struct.pack("!HH", 40000, port)))
+    assert f is not None
+    return f
+
+
+def test_each_refusal_is_counted_and_logged_once_with_what_to_change(caplog) -> None:
+    clock = Clock()
+    r = Refusals(clock=clock)
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        for _ in range(3):
+            r.packet("blocked", tcp_to("203.0.113.5"))
+        clock.now += 7
+        r.packet("deny 10.0.0.0/8", tcp_to("10.1.2.3", 22))
+        r.name("evil.example", "denied")
+        r.name("new.example", "not allowed")
+    assert [(x.kind, x.what, x.rule, x.count) for x in r.recent()] == [
+        ("dns", "new.example", "not allowed", 1), ("dns", "evil.example", "denied", 1),
+        ("denied", "tcp 10.1.2.3:22", "deny 10.0.0.0/8", 1),
+        ("blocked", "tcp 203.0.113.5:5432", "", 3)]
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert len(lines) == 4
+    assert "add 203.0.113.5/32:5432/tcp (or its host name) to parent.egress.allow" in lines[0]
+    assert "matches parent.egress.deny (deny 10.0.0.0/8)" in lines[1]
+    assert "a parent.egress.deny entry names it" in lines[2]
+    assert "no parent.egress.allow entry names it" in lines[3]
+    keys = r.uapi_keys()
+    assert keys["wgvsock_refused_4"] == "blocked 3 7 tcp 203.0.113.5:5432"
+    assert keys["wgvsock_refused_3"] == "denied 1 0 tcp 10.1.2.3:22; deny 10.0.0.0/8"
+
+
+def test_an_ipv6_destination_gets_the_profile_s_bracketed_entry(caplog) -> None:
+    f = nflog.flow(ipv6(17, "2001:db8::1", PORTS))
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        Refusals().packet("blocked", f)
+    assert 'add "[2001:db8::1/128]:5432/udp"' in caplog.records[0].getMessage()
+
+
+def test_memory_and_log_are_bounded_under_a_flood_of_destinations(caplog) -> None:
+    r = Refusals(limit=50)
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        for i in range(5000):
+            r.packet("blocked", tcp_to(str(ipaddress.IPv4Address("198.18.0.0") + i)))
+    assert len(r._entries) == 50
+    assert r.recent(1)[0].what == "tcp 198.18.19.135:5432"  # the newest kept
+    assert len(caplog.records) <= 22  # a burst of 20, then one a second
+
+
+def test_the_dashboard_shows_refusals_escaped_and_the_json_all_of_them() -> None:
+    extra = {
+        "wgvsock_refused_1": "dns 2 5 evil\x1b[31m.example; denied",
+        "wgvsock_refused_2": "blocked 14 65 udp 198.51.100.2:5432",
+        "wgvsock_refused_3": "not a refusal",
+        "wgvsock_refused_4": "blocked 1 1 udp 198.51.100.2:1",  # after a gap: not read
+    }
+    view = st.interface_view("wg0", "/run/wg0.sock", {"extra": extra, "peers": []}, 0.0)
+    assert [(r.kind, r.count, r.age) for r in view.refusals] == [("dns", 2, 5),
+                                                                   ("blocked", 14, 65)]
+    assert "\x1b" not in view.refusals[0].what
+    console = Console(record=True, width=80, force_terminal=False)
+    for line in st._interface_lines(view, console, 80):
+        console.print(line)
+    text = console.export_text()
+    assert "refused blocked udp 198.51.100.2:5432, 14 times · 1 min ago" in text
+    assert "(denied)" in text
