@@ -12,9 +12,10 @@ outgoing message could leave it mute), then with jittered exponential backoff fr
 (:func:`redial_backoff`): on a local link (vsock, Unix) a failed dial costs almost nothing, so
 the cap is 1 s and a peer that comes back after minutes is found within a second; across a
 network (TCP) it is the seed's 0.5-30 s. A connection that dies within
-STABLE_AFTER seconds without delivering a frame counts as a failure, so a peer that accepts and
-hangs up at once cannot make us spin. A dialler whose endpoint has had nothing to send for
-``redial_idle`` seconds since its connection dropped gives up; the next send starts a new one.
+STABLE_AFTER seconds counts as a failure, whatever it delivered (anyone who can listen on the
+address can send a frame), so a peer that accepts and hangs up at once cannot make us spin.
+A dialler whose endpoint has had nothing to send for ``redial_idle`` seconds since its
+connection dropped gives up; the next send starts a new one.
 
 A send that cannot complete within ``send_timeout`` (the peer stopped reading) closes that
 connection; a partly written frame would corrupt the stream anyway.
@@ -63,6 +64,8 @@ def redial_backoff(network: str) -> tuple[float, float]:
 
 # One recv() can carry many frames when the peer is busy; 256 KiB keeps syscalls few.
 RECV_SIZE = 256 * 1024
+# Buffers one sendmsg() takes (Linux: 1024); a batch of more goes in several calls.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 STABLE_AFTER = 1.0
 # Inbound connections cost a thread and a receive buffer each: cap them, and close one that
 # stays silent this long before a message on it has authenticated (see Bind.authenticated).
@@ -85,7 +88,6 @@ class _Conn:
         "closed",
         "done",
         "ep",
-        "got_frame",
         "last_rx",
         "outbound",
         "reason",
@@ -103,7 +105,6 @@ class _Conn:
         self.closed = False
         self.done = threading.Event()
         self.since = self.last_rx = time.monotonic()
-        self.got_frame = False
         # Dialled by us, or a message on it authenticated. Until then last_rx is kept.
         self.trusted = outbound
         self.reason = ""
@@ -130,9 +131,11 @@ class _Conn:
                 return False
             sendmsg = self.sock.sendmsg
             try:
-                n = sendmsg(bufs)
-                if n == sum(map(len, bufs)):
-                    return True
+                n = 0
+                if len(bufs) <= IOV_MAX:
+                    n = sendmsg(bufs)
+                    if n == sum(map(len, bufs)):
+                        return True
                 while True:
                     i = 0
                     while i < len(bufs) and n >= len(bufs[i]):
@@ -143,7 +146,7 @@ class _Conn:
                         return True
                     if n:
                         bufs[0] = memoryview(bufs[0])[n:]
-                    n = sendmsg(bufs)
+                    n = sendmsg(bufs[:IOV_MAX])
             except OSError as exc:
                 timed_out = isinstance(exc, TimeoutError | BlockingIOError)
                 self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
@@ -460,7 +463,9 @@ class StreamBind(SocketBind):
         return _NO_CAPS if conn is None else conn.caps
 
     def any_peer_has(self, flags: int) -> bool:
-        return any(c.caps[0] & flags == flags for c in list(self._conns.values()))
+        # Only a peer's: a hello costs nothing to send, and anyone who can reach the port
+        # could otherwise switch the device's offload (a kernel ioctl) at will.
+        return any(c.trusted and c.caps[0] & flags == flags for c in list(self._conns.values()))
 
     # -- connections -------------------------------------------------------------------------
 
@@ -570,6 +575,8 @@ class StreamBind(SocketBind):
             return
         conn.trusted = True
         set_receive_timeout(conn.sock, 0)  # a real peer: no limit on idling now
+        if conn.caps is not _NO_CAPS:
+            self._notify_caps()
 
     def _start_reader(self, conn: _Conn) -> None:
         self._start_thread(self._read_loop, f"wgvsock-{self.network}-read-"
@@ -607,7 +614,6 @@ class StreamBind(SocketBind):
                     self._framing_errors += 1
                     break
                 if frames:
-                    conn.got_frame = True
                     for frame in frames:
                         if frame[0] == _HELLO_BYTE:
                             frames = self._take_hello(conn, frames)
@@ -642,7 +648,8 @@ class StreamBind(SocketBind):
                 conn.caps = caps
                 if first and not conn.outbound and self.hello is not None:
                     conn.send(encode_frame(self.hello))
-                self._notify_caps()
+                if conn.trusted:  # else when it becomes trusted (_trust)
+                    self._notify_caps()
             else:
                 rest.append(frame)
         return rest
@@ -666,7 +673,7 @@ class StreamBind(SocketBind):
             conn.sock.close()
         if conn.reason.startswith("send"):
             self._send_failures += 1
-        if conn.caps is not _NO_CAPS:
+        if conn.caps is not _NO_CAPS and conn.trusted:
             self._notify_caps()
         if not self._closed.is_set():
             level = logging.WARNING if conn.reason.startswith("framing") else logging.INFO
@@ -730,7 +737,8 @@ class StreamBind(SocketBind):
                 d.state = "connecting"
                 try:
                     sock = self._dial(d)
-                except (OSError, ValueError, TypeError) as exc:  # unreachable or unusable
+                # Unreachable or unusable (OverflowError: a port no socket takes).
+                except (OSError, ValueError, TypeError, OverflowError) as exc:
                     if self._closed.is_set():
                         break
                     d.failures += 1
@@ -740,7 +748,15 @@ class StreamBind(SocketBind):
                             name, exc, d.failures)
                     continue
                 conn = d.conn = _Conn(sock, d.ep, outbound=True)
-                self._start_reader(conn)  # replies may arrive while the queue drains
+                try:
+                    self._start_reader(conn)  # replies may arrive while the queue drains
+                except RuntimeError as exc:  # no thread to be had: try again later
+                    d.conn = None
+                    sock.close()
+                    d.failures += 1
+                    d.last_error = str(exc)
+                    log.warning("%s: cannot read from %s: %s", self.network, name, exc)
+                    continue
                 if self._flush_and_register(d, conn):
                     d.state = "connected"
                     log.info("%s: connected to %s", self.network, name)
@@ -755,7 +771,7 @@ class StreamBind(SocketBind):
                 d.reconnects += 1
                 d.active_at = time.monotonic()
                 d.last_error = conn.reason
-                stable = conn.got_frame or time.monotonic() - conn.since >= STABLE_AFTER
+                stable = time.monotonic() - conn.since >= STABLE_AFTER
                 d.failures = 0 if stable else d.failures + 1
                 d.state = "reconnecting"
         finally:
