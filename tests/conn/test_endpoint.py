@@ -230,3 +230,17 @@ def test_endpoint_is_hashable_and_conn_id_distinguishes() -> None:
     a = Endpoint("inet", "127.0.0.1", 5)
     assert {a: 1}[Endpoint("inet", "127.0.0.1", 5)] == 1
     assert a != Endpoint("inet", "127.0.0.1", 5, conn_id=1)
+
+
+def test_an_ipv6_zone_must_name_an_interface_and_is_printed_as_its_index() -> None:
+    """`wg` resolves every endpoint it is given and fails (1.0.20210914: crashes) on a zone
+    it cannot: one naming no interface is refused, and one whose interface went away since is
+    left out of `get`."""
+    with pytest.raises(ValueError, match="no interface 'nosuchif' on this host"):
+        parse_endpoint("[fe80::1%nosuchif]:51820", "tcp")
+    ep = parse_endpoint("[fe80::1%lo]:51820", "tcp")
+    index = socket.if_nametoindex("lo")
+    assert format_endpoint(ep) == f"[fe80::1%{index}]:51820"
+    assert format_endpoint(parse_endpoint(f"[fe80::1%{index}]:7", "udp")) == \
+        f"[fe80::1%{index}]:7"
+    assert format_endpoint(Endpoint("inet", "fe80::1%gone0", 51820)) is None

@@ -186,7 +186,21 @@ def _parse_inet(text: str, network: str) -> Endpoint:
         raise ValueError(f"invalid endpoint {text!r}: network tcp4 needs an IPv4 address")
     if network == "tcp6" and ip.version != 6:
         raise ValueError(f"invalid endpoint {text!r}: network tcp6 needs an IPv6 address")
+    scope = getattr(ip, "scope_id", None)
+    if scope is not None and _scope_index(scope) is None:
+        raise ValueError(f"invalid endpoint {text!r}: no interface {scope!r} on this host "
+                         "(give the zone as an existing interface's name or index)")
     return Endpoint("inet", str(ip), port)
+
+
+def _scope_index(scope: str) -> int | None:
+    """The interface index an IPv6 zone names (``eth0`` or ``2``); None if none does."""
+    if scope.isdigit():
+        return int(scope)
+    try:
+        return socket.if_nametoindex(scope)
+    except OSError:
+        return None
 
 
 def _parse_unix(text: str, unix_dir: str | None, dgram: bool) -> Endpoint:
@@ -246,6 +260,14 @@ def format_endpoint(ep: Endpoint) -> str | None:
         return f"{_cid_as_ipv4(int(ep.host))}:{ep.port}"
     if ep.kind == "inet":
         host = str(ep.host)
+        if "%" in host:
+            # A zone as its index: wg resolves names too, and one whose interface is gone
+            # since would fail it (wg 1.0.20210914 even crashes).
+            address, scope = host.split("%", 1)
+            index = _scope_index(scope)
+            if index is None:
+                return None
+            host = f"{address}%{index}"
         return f"[{host}]:{ep.port}" if ":" in host else f"{host}:{ep.port}"
     if ep.kind == "unix" and ep.port:
         return f"127.0.0.1:{ep.port}"
