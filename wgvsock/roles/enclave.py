@@ -11,6 +11,7 @@ with the same key, without disturbing CMD.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from ..conn import make_bind
 from ..conn.stream import redial_backoff
@@ -32,10 +34,44 @@ log = logging.getLogger("wgvsock.enclave")
 
 HANDSHAKE_TIMEOUT = 60.0
 PERSISTENT_KEEPALIVE = 25
+# A control connection held this long was a real registration: when it ends, register again
+# at once. One that ends sooner (the parent closed it, another enclave of the profile took its
+# place) waits the backoff first: each round costs an attestation and a verification.
+HELD_STABLE = 10.0
+# The parent's answer is not authenticated (its pinned key is public): a tunnel without a
+# handshake this long after registering (WireGuard's REKEY_ATTEMPT_TIME), or whose last one is
+# older than REJECT_AFTER_TIME plus that, gets a new registration, so nothing that answered on
+# the control port in the parent's place can keep the enclave away from the real one.
+NO_HANDSHAKE_AFTER = 90.0
+HANDSHAKE_STALE_AFTER = 180.0 + 90.0
 
 
 class EnclaveError(Exception):
     pass
+
+
+def _stopped(failures: list[str], signalled: list[int]) -> int:
+    """`enclave up`'s status when it stopped before CMD ran: 1 after a failure, else
+    128 + the signal that stopped it."""
+    if failures:
+        print(f"wgvsock enclave: stopped: {failures[0]}", file=sys.stderr, flush=True)
+        return 1
+    return 128 + (signalled[0] if signalled else signal.SIGTERM)
+
+
+def _wait_child(child: subprocess.Popen) -> int:
+    """CMD's wait status. As PID 1 (a container without an init), also reaps the orphans
+    that are reparented to us, which nothing else would."""
+    if os.getpid() != 1:
+        return child.wait()
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:  # reaped elsewhere: Popen knows its status
+            return child.wait()
+        if pid == child.pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return child.returncode
 
 
 def attester():
@@ -117,6 +153,8 @@ class Enclave:
     def _apply(self, welcome: Welcome) -> None:
         assert self.device is not None
         t = self.profile.transport
+        if t.kind != "vsock" and welcome.wg_port > 0xFFFF:  # vsock ports are 32-bit
+            raise ControlError(f"welcome: wg_port {welcome.wg_port} is no {t.kind} port")
         if welcome.parent_public_key == self.parent_key:
             # Same parent key (the control connection dropped, or the parent restarted with
             # its key file): keep the peer and just handshake again — a restarted parent has
@@ -165,11 +203,16 @@ class Enclave:
                 self.registrations += 1
                 self.last_failure = None
                 self.registered.set()
-                delay = backoff_min
                 log.info("control: registered with the parent (attested: %s)", welcome.attested)
-                reason = hold_connection(conn, self.stop)
+                since = time.monotonic()
+                reason = hold_connection(conn, self.stop,
+                                         check=lambda at=since: self._tunnel_ok(at))
                 log.warning("control: connection to the parent ended (%s); registering again",
                             reason)
+                if time.monotonic() - since >= HELD_STABLE:
+                    delay = backoff_min
+                else:
+                    pause()
             except (ControlError, OSError) as e:
                 # A refusal is retried too: the parent's profile may be fixed meanwhile.
                 self.last_failure = str(e)
@@ -182,9 +225,26 @@ class Enclave:
             finally:
                 conn.close()
 
+    def _tunnel_ok(self, registered_at: float) -> str | None:
+        """None while the tunnel a registration at REGISTERED_AT set up works, else why not."""
+        if self.device is None or self.parent_key is None:
+            return None
+        last = self.device.last_handshake(self.parent_key)
+        now = time.monotonic()
+        if last is None or last < registered_at:
+            if now - registered_at >= NO_HANDSHAKE_AFTER:
+                return f"no WireGuard handshake {NO_HANDSHAKE_AFTER:.0f} s after registering"
+        elif now - last >= HANDSHAKE_STALE_AFTER:
+            return f"no WireGuard handshake for {now - last:.0f} s"
+        return None
+
     def wait_connected(self, timeout: float) -> None:
-        """Blocks until the first handshake with the parent; EnclaveError on timeout."""
+        """Blocks until the first handshake with the parent, at most TIMEOUT seconds in all;
+        EnclaveError on timeout. Returns at once when stopped (see `stop`)."""
+        deadline = time.monotonic() + timeout
         if not wait_until(self.registered.is_set, timeout, self.stop.is_set):
+            if self.stop.is_set():
+                return
             if self.last_failure is not None:
                 raise EnclaveError(f"could not register with the parent within {timeout:.0f} s:"
                                    f" {self.last_failure}")
@@ -195,7 +255,9 @@ class Enclave:
             assert self.device is not None and self.parent_key is not None
             return self.device.last_handshake(self.parent_key) is not None
 
-        if not wait_until(handshaken, timeout, self.stop.is_set):
+        if not wait_until(handshaken, deadline - time.monotonic(), self.stop.is_set):
+            if self.stop.is_set():
+                return
             raise EnclaveError(f"registered, but no WireGuard handshake with the parent within "
                                f"{timeout:.0f} s (check the transport and port in the profile)")
 
@@ -214,12 +276,17 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
     enclave = Enclave(profile)
     child: subprocess.Popen | None = None
     signalled: list[int] = []
+    # Signals that came before `child` was set (while CMD was being started): passed on
+    # once it is.
+    pending: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         signalled.append(signum)
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        if child is not None:
+            if child.returncode is None:
+                child.send_signal(signum)
         else:
+            pending.append(signum)
             enclave.stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -239,7 +306,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         enclave.start()
         enclave.wait_connected(timeout)
         if enclave.stop.is_set():
-            return 128 + (signalled[0] if signalled else signal.SIGTERM)
+            return _stopped(failures, signalled)
         log.info("tunnel up")
         print(f"wgvsock enclave: tunnel to the parent is up on {profile.interface}", flush=True)
         if not command:
@@ -252,12 +319,9 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
             child = subprocess.Popen(command)
         except OSError as e:
             raise EnclaveError(f"cannot run {command[0]}: {e.strerror}") from e
-        while True:
-            try:
-                code = child.wait()
-                break
-            except InterruptedError:
-                continue
+        for signum in pending:
+            child.send_signal(signum)
+        code = _wait_child(child)
         if failures:
             print(f"wgvsock enclave: stopped: {failures[0]}", file=sys.stderr, flush=True)
             return 1

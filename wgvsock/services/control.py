@@ -381,9 +381,11 @@ class ControlServer:
         return False
 
 
-def hold_connection(conn: socket.socket, stop: threading.Event) -> str:
-    """Pings every PING_INTERVAL and reads the other side's pings until the connection dies
-    or goes silent for 3 intervals. Returns why it ended.
+def hold_connection(conn: socket.socket, stop: threading.Event,
+                    check: Callable[[], str | None] | None = None) -> str:
+    """Pings every PING_INTERVAL and reads the other side's pings until the connection dies,
+    goes silent for 3 intervals, or CHECK (asked about once a second) names a reason to end
+    it. Returns why it ended.
 
     It waits for readability first and only then reads a whole message with a fresh deadline:
     a deadline that expired between a message's length and its body would leave the stream
@@ -405,6 +407,8 @@ def hold_connection(conn: socket.socket, stop: threading.Event) -> str:
             next_ping = now + PING_INTERVAL
         if now >= last_heard + silence:
             return f"no message for {silence:.0f} s"
+        if check is not None and (trouble := check()) is not None:
+            return trouble
         # Wake at least once a second so `stop` is noticed promptly.
         wait = min(next_ping, last_heard + silence, now + 1.0) - now
         try:

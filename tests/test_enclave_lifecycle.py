@@ -1,0 +1,211 @@
+"""`wgvsock enclave up`'s life without a network: the control loop against a parent that
+misbehaves, signals before and while CMD starts, one deadline for --timeout, and PID 1's
+orphans. Found by a read-only review of the enclave role; each failed before its fix. End to
+end with real parents: tests/net/test_roles*.py, test_recovery.py, test_lifecycle.py."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from wgvsock.roles import enclave as enclave_mod
+from wgvsock.services.control import ControlError, Welcome
+from wgvsock.services.profile import load_profile, parse_profile
+from wgvsock.ui.nslab import wait_for
+
+PROFILE = Path(__file__).resolve().parent / "data" / "profile-unix.yaml"
+
+
+def _fake_parent(monkeypatch, e: enclave_mod.Enclave, hold) -> list[float]:
+    """The control loop against a parent that welcomes at once; HOLD stands for
+    hold_connection. Returns the registration times."""
+    times: list[float] = []
+
+    def register(conn, pub, attest):
+        times.append(time.monotonic())
+        return Welcome(b"P" * 32, 51820, False)
+
+    monkeypatch.setattr(enclave_mod, "dial_control", lambda t: socket.socket())
+    monkeypatch.setattr(enclave_mod, "register", register)
+    monkeypatch.setattr(enclave_mod, "hold_connection", hold)
+    monkeypatch.setattr(enclave_mod, "attester", lambda: None)
+    monkeypatch.setattr(e, "_apply", lambda w: None)
+    return times
+
+
+def test_a_parent_that_ends_each_registration_at_once_is_not_redialled_in_a_loop(
+        monkeypatch) -> None:
+    """Before: 31000 registrations a second (each an NSM attestation and a verification on
+    the parent) when the parent closed the held connection at once, as it does when two
+    enclaves register for one profile."""
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    times = _fake_parent(monkeypatch, e, lambda conn, stop, check=None: "connection closed")
+    t = threading.Thread(target=e._control_loop, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: len(times) >= 3, 10, "three registrations")
+    finally:
+        e.stop.set()
+        t.join(5)
+    # The unix transport's backoff: 0.1 s, then doubling with jitter.
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.04, gaps
+
+
+def test_a_tunnel_without_a_handshake_ends_the_registration(monkeypatch) -> None:
+    """Before: whatever answered on the control port in the parent's place (its welcome is
+    not authenticated; a pinned key is public) with a dead port could hold the enclave away
+    from the real parent for good, by answering pings."""
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    e.parent_key = b"P" * 32
+    handshakes: dict[bytes, float | None] = {b"P" * 32: None}
+
+    class Device:
+        def last_handshake(self, key):
+            return handshakes[key]
+
+        def close(self):
+            pass
+
+    e.device = Device()
+    now = time.monotonic()
+    assert e._tunnel_ok(now) is None
+    assert "no WireGuard handshake 90 s after registering" in e._tunnel_ok(now - 91)
+    handshakes[b"P" * 32] = now - 100  # from before this registration: not this one's
+    assert e._tunnel_ok(now - 91) is not None
+    handshakes[b"P" * 32] = now - 30
+    assert e._tunnel_ok(now - 91) is None
+    handshakes[b"P" * 32] = now - 300
+    assert "no WireGuard handshake for 300 s" in e._tunnel_ok(now - 400)
+    e.device = None
+
+
+def test_the_held_connection_ends_when_the_check_names_a_reason() -> None:
+    from wgvsock.services.control import hold_connection
+
+    a, b = socket.socketpair()
+    stop = threading.Event()
+    calls = [0]
+
+    def check() -> str | None:
+        calls[0] += 1
+        return "no WireGuard handshake" if calls[0] >= 2 else None
+
+    try:
+        t0 = time.monotonic()
+        assert hold_connection(a, stop, check=check) == "no WireGuard handshake"
+        assert time.monotonic() - t0 < 5
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_welcome_port_the_transport_cannot_use_is_refused() -> None:
+    """A TCP transport's welcome with port 70000: before, the dial thread died of
+    OverflowError and the thread-death hook stopped `enclave up` and its CMD."""
+    text = PROFILE.read_text().replace("  kind: unix", "  kind: tcp\n  host: 127.0.0.1")
+    profile = parse_profile(text.replace("  path: /run/wgvsock/e2e\n", ""), "tcp.yaml")
+    e = enclave_mod.Enclave(profile)
+
+    class Device:
+        pass
+
+    e.device = Device()
+    with pytest.raises(ControlError, match="wg_port 70000 is no tcp port"):
+        e._apply(Welcome(b"P" * 32, 70000, False))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: None)
+    # run_up installs a process-wide thread-death hook and signal handlers: keep ours.
+    monkeypatch.setattr(enclave_mod, "on_thread_death", lambda f: None)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_sigterm_while_waiting_for_the_parent_exits_143_at_once(no_network, capsys) -> None:
+    """Before: exit 1 with "no answer from the parent's control port within 30 s"."""
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.monotonic()
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["true"], timeout=30)
+    assert rc == 128 + signal.SIGTERM, capsys.readouterr().err
+    assert time.monotonic() - t0 < 5
+    assert "no answer" not in capsys.readouterr().err
+
+
+def test_sigterm_while_cmd_is_being_started_reaches_it(no_network, monkeypatch) -> None:
+    """Before: the signal was noted but never passed on; CMD ran to its own end."""
+    monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
+    real = subprocess.Popen
+
+    class Popen(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            os.kill(os.getpid(), signal.SIGTERM)  # before run_up has `child`
+
+    monkeypatch.setattr(enclave_mod.subprocess, "Popen", Popen)
+    t0 = time.monotonic()
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sleep", "30"], timeout=5)
+    assert rc == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 10
+
+
+def test_the_timeout_bounds_registration_and_handshake_together() -> None:
+    """Before: each phase had the whole --timeout (a 6 s timeout gave up after 12.8 s)."""
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+
+    class Device:
+        def last_handshake(self, key):
+            return None
+
+        def close(self):
+            pass
+
+    e.device = Device()
+
+    def registers_late() -> None:
+        time.sleep(0.8)
+        e.parent_key = b"P" * 32
+        e.registered.set()
+
+    threading.Thread(target=registers_late, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(enclave_mod.EnclaveError, match="no WireGuard handshake"):
+        e.wait_connected(1.0)
+    assert time.monotonic() - t0 < 1.6
+    e.device = None
+
+
+# As PID 1 (unshare --pid), run `enclave up`'s CMD wait on a CMD that leaves orphans behind.
+PID1 = r"""
+import os, subprocess, sys, time
+from wgvsock.roles.enclave import _wait_child
+assert os.getpid() == 1
+child = subprocess.Popen(["sh", "-c", "for i in 1 2 3 4 5; do sleep 0.2 & done; sleep 1; exit 7"])
+code = _wait_child(child)
+time.sleep(0.1)
+zombies = [p for p in os.listdir("/proc") if p.isdigit() and
+           open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"]
+print(code, len(zombies))
+"""
+
+
+@pytest.mark.root
+def test_as_pid_1_orphans_are_reaped_and_cmd_s_status_kept() -> None:
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                          PID1], capture_output=True, text=True, timeout=30,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["7", "0"]
