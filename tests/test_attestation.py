@@ -927,3 +927,18 @@ def test_sign1_helper_matches_the_verifier(ca):
     protected = cbor2.dumps({1: -35})
     payload = cbor2.dumps({"x": 1})
     assert len(sign1(protected, payload, ca.leaf_key)) == 96
+
+
+def test_huge_integers_in_a_document_are_refused_as_malformed_not_raised() -> None:
+    """An int of more than 4300 digits cannot be formatted (Python's int-to-str limit): the
+    error message itself raised ValueError out of the public decode_document (review)."""
+    from wgvsock.attestation.verify import AttestationError, decode_document
+
+    huge = int.from_bytes(b"\xff" * 2000, "big")
+    payload = {"module_id": "m", "digest": "SHA384", "timestamp": huge,
+               "pcrs": {0: b"\0" * 48}, "certificate": b"x", "cabundle": [b"x"]}
+    for protected, body in (({1: -35}, payload), ({1: huge}, payload),
+                            ({1: -35}, {**payload, "timestamp": 1, "pcrs": {huge: b"\0" * 48}})):
+        doc = cbor2.dumps([cbor2.dumps(protected), {}, cbor2.dumps(body), b"\0" * 96])
+        with pytest.raises(AttestationError, match="too large to show"):
+            decode_document(doc)

@@ -24,13 +24,20 @@ def _cut(text: str, limit: int) -> str:
 
 def quote(value: object, limit: int = 40) -> str:
     """`repr(value)`, cut at `limit` characters."""
-    return _cut(repr(value), limit)
+    return _cut(_repr(value), limit)
+
+
+def _repr(value: object) -> str:
+    try:
+        return repr(value)
+    except ValueError:  # an int of more than 4300 digits (sys.set_int_max_str_digits)
+        return f"<a {type(value).__name__} too large to show>"
 
 
 def prose(value: object, limit: int = 300) -> str:
     """`value` (repr'd unless it is a str) with control characters, line breaks and other
     unprintable ones escaped as Python escapes them, cut at `limit` characters."""
-    text = value if isinstance(value, str) else repr(value)
+    text = value if isinstance(value, str) else _repr(value)
     if not text.isprintable():
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return _cut(text, limit)

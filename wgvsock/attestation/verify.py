@@ -316,7 +316,8 @@ def _payload(raw: bytes) -> Document:
     try:
         datetime.fromtimestamp(timestamp / 1000, UTC)
     except (OverflowError, OSError, ValueError):
-        raise AttestationError("invalid-field", f"timestamp {timestamp} is out of range") from None
+        raise AttestationError("invalid-field",
+                               f"timestamp {quote(timestamp)} is out of range") from None
 
     raw_pcrs = p["pcrs"]
     if not isinstance(raw_pcrs, Mapping) or not 1 <= len(raw_pcrs) <= _PCR_COUNT:
