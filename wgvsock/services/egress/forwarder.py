@@ -92,9 +92,6 @@ class Stats:
     addresses_added: int = 0   # set elements added or refreshed
     set_failures: int = 0      # nft refused an update (SERVFAIL to the client)
 
-    def snapshot(self) -> dict[str, int]:
-        return dict(vars(self))
-
 
 def system_resolvers(exclude: Sequence[IPAddress] = ()) -> list[IPAddress]:
     """The nameservers of this namespace's /etc/resolv.conf, minus EXCLUDE (our own
