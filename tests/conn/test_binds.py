@@ -946,3 +946,29 @@ def test_a_short_write_is_continued_where_it_stopped(step: int) -> None:
     assert bytes(sock.sent) == b"".join(bufs)
     total = sum(map(len, bufs))
     assert sock.calls == -(-total // step)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("network", ["tcp4", "udp"])
+def test_fwmark_reaches_every_ip_socket_now_and_later(network: str) -> None:
+    """SO_MARK needs CAP_NET_ADMIN. wg-quick's full tunnel depends on it (test_wg_quick)."""
+    from wgvsock.conn import make_bind
+
+    a, b = make_bind(network, False), make_bind(network, False)
+    got: list[bytes] = []
+    a.open(0, lambda d, ep: None)
+    port = b.open(0, lambda d, ep: got.append(d))
+    try:
+        a.set_mark(0x1234)
+        a.send(b"\x04" + bytes(47), a.parse_endpoint(f"127.0.0.1:{port}"))
+        wait_until(lambda: got)
+        socks = a._marked_sockets()
+        assert socks and all(s.getsockopt(socket.SOL_SOCKET, 36) == 0x1234 for s in socks)
+        a.change_port(0)  # a new listening socket gets it too
+        assert all(s.getsockopt(socket.SOL_SOCKET, 36) == 0x1234 for s in a._marked_sockets())
+        with pytest.raises(ValueError, match="32-bit"):
+            a.set_mark(1 << 32)
+        assert a.mark == 0x1234
+    finally:
+        a.close()
+        b.close()

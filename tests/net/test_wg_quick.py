@@ -133,3 +133,29 @@ def test_wg_quick_up_failure_cleans_up(lab: Lab) -> None:
     wait_for(lambda: all(process_gone(p) for p in ns.pids()), 5, "the daemon to exit")
     wait_for(lambda: not os.path.exists(sock_path(ifname)), 5, "the UAPI socket to go")
     assert sorted(os.listdir(lab.unix_dir)) == []
+
+
+@pytest.mark.parametrize("network", ["udp", "tcp"])
+def test_wg_quick_full_tunnel_marks_the_transport_s_own_packets(lab: Lab, network: str) -> None:
+    """AllowedIPs = 0.0.0.0/0: wg-quick routes everything without fwmark 51820 into the tunnel,
+    and the peer's endpoint is reached by the default route. Before the transport's sockets
+    carried the mark, our own UDP/TCP packets to the endpoint went into our tunnel: no
+    handshake (Debian's wireguard-go marks its sockets and works)."""
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    ka, kb = Keys(), Keys()
+    _, vb = lab.veth(a, "192.168.79.1/24", b, "192.168.79.2/24")
+    b.ip("addr", "add", "203.0.113.9/32", "dev", vb)  # only by a's default route
+    a.ip("route", "add", "default", "via", "192.168.79.2")
+    conf_a = _write_conf(lab, ia, _conf(ka, "10.98.0.1", 7601, kb, "10.98.0.2",
+                                        "203.0.113.9:7602").replace(
+        "AllowedIPs = 10.98.0.2/32", "AllowedIPs = 0.0.0.0/0"))
+    conf_b = _write_conf(lab, ib, _conf(kb, "10.98.0.2", 7602, ka, "10.98.0.1", None))
+    _up(lab, b, network, ib, conf_b)
+    res = _up(lab, a, network, ia, conf_a)
+    assert "fwmark 51820" in res.stderr  # wg-quick's full-tunnel set-up ran
+    assert "fwmark: 0xca6c" in a.wg("show", ia).stdout
+    ping(a, "10.98.0.2")
+    assert lab.wait_handshake(a, ia) > 0
+    _down_and_check(lab, a, network, ia, conf_a)
+    _down_and_check(lab, b, network, ib, conf_b)

@@ -55,6 +55,7 @@ _UNAVAILABLE_ERRNOS = frozenset(
     }
 )
 
+_SO_MARK = getattr(socket, "SO_MARK", 36)  # Linux's value
 # Dynamic range, as for IP, when open(0) has to invent a Unix port number.
 _UNIX_PORT_RANGE = (49152, 65535)
 
@@ -117,6 +118,13 @@ class Bind(ABC):
         """Whether some current connection's peer said (in its hello) it takes all of
         `flags`."""
         return False
+
+    @abstractmethod
+    def set_mark(self, mark: int) -> None:
+        """The fwmark (SO_MARK) of this transport's IP sockets, now and later ones: wg-quick
+        routes everything unmarked into the tunnel, the transport's own packets included
+        unless they carry it. Raises OSError, with the mark as it was, when the kernel
+        refuses. vsock and Unix sockets are not routed: nothing to mark."""
 
     @abstractmethod
     def close(self) -> None:
@@ -254,6 +262,7 @@ class SocketBind(Bind):
         self._threads: list[threading.Thread] = []
         self._unix_path: str | None = None
         self._unix_ident: tuple[int, int] | None = None
+        self.mark = 0
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -267,6 +276,29 @@ class SocketBind(Bind):
         if self.network in INET_NETWORKS:
             return "inet"
         return self.network
+
+    # -- fwmark ------------------------------------------------------------------------------
+
+    def set_mark(self, mark: int) -> None:
+        if not 0 <= mark <= 0xFFFFFFFF:
+            raise ValueError(f"fwmark {mark} is not a 32-bit number")
+        if self.network in INET_NETWORKS:
+            for sock in self._marked_sockets():
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, mark)
+                except OSError as e:
+                    if e.errno != errno.EBADF:  # EBADF: a connection closing meanwhile
+                        raise
+        self.mark = mark
+
+    def _marked_sockets(self) -> list[socket.socket]:
+        """The open IP sockets set_mark changes (the subclass knows them)."""
+        return []
+
+    def _apply_mark(self, sock: socket.socket) -> None:
+        """Gives a new IP socket the current fwmark."""
+        if self.mark and self.network in INET_NETWORKS:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, self.mark)
 
     # -- lifecycle helpers -------------------------------------------------------------------
 

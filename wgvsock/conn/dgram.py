@@ -100,6 +100,9 @@ class DatagramBind(SocketBind):
                  f" ({self._unix_path})" if self._unix_path else "")
         return self.port
 
+    def _marked_sockets(self) -> list[socket.socket]:
+        return [self._sock] if self._sock is not None else []
+
     def _make_socket(self, port: int) -> tuple[socket.socket, int]:
         if self.network == "vsock":
             # Nitro refuses vsock SOCK_DGRAM (EOPNOTSUPP); other hypervisors say ENODEV.
@@ -124,6 +127,7 @@ class DatagramBind(SocketBind):
         else:
             sock, wildcard = new_inet_socket(self.network, socket.SOCK_DGRAM)
             try:
+                self._apply_mark(sock)
                 sock.bind((wildcard, port))
                 port = sock.getsockname()[1]
             except BaseException:

@@ -304,6 +304,12 @@ class StreamBind(SocketBind):
                  f" ({self._unix_path})" if self._unix_path else "")
         return actual
 
+    def _marked_sockets(self) -> list[socket.socket]:
+        with self._lock:
+            socks = [c.sock for c in self._conns.values() if not c.closed]
+            socks += [d.sock for d in self._dialers.values() if d.sock is not None]
+        return ([self._listener] if self._listener is not None else []) + socks
+
     def _listen(self, port: int) -> tuple[socket.socket, int]:
         if self.network == "vsock":
             try:
@@ -329,6 +335,7 @@ class StreamBind(SocketBind):
         else:
             sock, wildcard = new_inet_socket(self.network, socket.SOCK_STREAM)
             try:
+                self._apply_mark(sock)  # accepted connections inherit it
                 # A restarted daemon must get its port back despite TIME_WAIT leftovers.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((wildcard, port))
@@ -701,6 +708,11 @@ class StreamBind(SocketBind):
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                  socket.SOCK_STREAM)
             addr = (host, ep.port)
+            try:
+                self._apply_mark(sock)
+            except OSError:
+                sock.close()
+                raise
         else:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             addr = str(ep.host)

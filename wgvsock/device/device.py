@@ -540,6 +540,14 @@ class Device:
                     endpoints[i] = self.bind.parse_endpoint(pc.endpoint)
                 except ValueError as e:
                     raise UAPIError(errno.EINVAL, f"invalid endpoint {pc.endpoint!r}: {e}") from e
+        if cfg.fwmark is not None and cfg.fwmark != self.fwmark:
+            # Before a new port's socket is made, which then gets it too.
+            try:
+                self.bind.set_mark(cfg.fwmark)
+            except (OSError, ValueError) as e:
+                code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
+                raise UAPIError(code, f"cannot set fwmark {cfg.fwmark}: {e}") from e
+            self.fwmark = cfg.fwmark
         if cfg.listen_port is not None and cfg.listen_port != self.port:
             # A clear EINVAL before the transport is touched.
             try:
@@ -557,8 +565,6 @@ class Device:
                 if engine.public_key is not None:
                     # wireguard-go ignores a peer whose key is our own; drop it likewise.
                     engine.remove_peer(engine.public_key)
-            if cfg.fwmark is not None:
-                self.fwmark = cfg.fwmark
             if cfg.replace_peers:
                 for key in list(engine.peers):
                     engine.remove_peer(key)
