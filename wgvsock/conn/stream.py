@@ -11,9 +11,10 @@ outgoing message could leave it mute), then with jittered exponential backoff fr
 ``backoff_min`` to ``backoff_max`` while connects fail. The range depends on the network
 (:func:`redial_backoff`): on a local link (vsock, Unix) a failed dial costs almost nothing, so
 the cap is 1 s and a peer that comes back after minutes is found within a second; across a
-network (TCP) it is the seed's 0.5-30 s. A connection that dies within
-STABLE_AFTER seconds counts as a failure, whatever it delivered (anyone who can listen on the
-address can send a frame), so a peer that accepts and hangs up at once cannot make us spin.
+network (TCP) it is the seed's 0.5-30 s. A connection that dies within STABLE_AFTER seconds
+counts as a failure, unless it delivered frames and the one before it lasted (a peer that
+restarted): anyone who can listen on the address can send a frame, so a listener that sends one
+and hangs up every time is backed off from, not redialled in a loop.
 A dialler whose endpoint has had nothing to send for ``redial_idle`` seconds since its
 connection dropped gives up; the next send starts a new one.
 
@@ -88,6 +89,7 @@ class _Conn:
         "closed",
         "done",
         "ep",
+        "got_frame",
         "last_rx",
         "outbound",
         "reason",
@@ -105,6 +107,7 @@ class _Conn:
         self.closed = False
         self.done = threading.Event()
         self.since = self.last_rx = time.monotonic()
+        self.got_frame = False
         # Dialled by us, or a message on it authenticated. Until then last_rx is kept.
         self.trusted = outbound
         self.reason = ""
@@ -171,6 +174,7 @@ class _Dialer:
         "failures",
         "last_error",
         "pending",
+        "quick_drops",
         "reconnects",
         "sock",
         "state",
@@ -182,6 +186,8 @@ class _Dialer:
         self.dropped = 0
         self.reconnects = 0
         self.failures = 0
+        # Connections in a row that died within STABLE_AFTER (see _dial_loop).
+        self.quick_drops = 0
         self.last_error = ""
         self.state = "connecting"
         self.active_at = time.monotonic()
@@ -621,6 +627,7 @@ class StreamBind(SocketBind):
                     self._framing_errors += 1
                     break
                 if frames:
+                    conn.got_frame = True
                     for frame in frames:
                         if frame[0] == _HELLO_BYTE:
                             frames = self._take_hello(conn, frames)
@@ -783,8 +790,16 @@ class StreamBind(SocketBind):
                 d.reconnects += 1
                 d.active_at = time.monotonic()
                 d.last_error = conn.reason
-                stable = time.monotonic() - conn.since >= STABLE_AFTER
-                d.failures = 0 if stable else d.failures + 1
+                # A connection that lasted is stable; so is one that died young after
+                # delivering frames (a peer restarting), but only once in a row: a listener
+                # that sends a frame and hangs up every time is backed off from.
+                if time.monotonic() - conn.since >= STABLE_AFTER:
+                    d.failures = d.quick_drops = 0
+                elif conn.got_frame and not d.quick_drops:
+                    d.failures, d.quick_drops = 0, 1
+                else:
+                    d.failures += 1
+                    d.quick_drops += 1
                 d.state = "reconnecting"
         finally:
             with self._lock:
