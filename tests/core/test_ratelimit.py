@@ -267,3 +267,56 @@ def test_under_load_extended_by_later_busy_queue() -> None:
 def test_load_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         LoadTracker().note_queue(0, 0, 0.0)
+
+
+def _initiation_with_mac2(p, src_key: bytes, now: float) -> bytes:
+    """A fresh initiation from a that carries a valid mac2 for SRC_KEY, got the honest way:
+    from b's cookie reply to that source."""
+    p.pa.handshake.last_sent = None
+    ((_, _, msg),) = p.a.initiate_handshake(p.pa, now)
+    if p.b._cookie_checker.check_mac2(msg, src_key, now):
+        return msg
+    reply = p.b._cookie_checker.create_reply(msg, 0, src_key, now)
+    p.pa.cookies._last_mac1 = msg[-32:-16]
+    assert p.pa.cookies.consume_reply(reply, now)
+    p.pa.handshake.last_sent = None
+    ((_, _, msg),) = p.a.initiate_handshake(p.pa, now)
+    return msg
+
+
+def _passed(endpoints) -> int:
+    """How many of a 1000-a-second run of initiations from ENDPOINTS pass b's limit, under
+    load, keyed as the device keys them."""
+    from wgvsock.core.engine import DROP
+    from wgvsock.device.device import _limit_key, _src_key
+
+    from .wire import Pair
+
+    p = Pair()
+    passed = 0
+    for i, ep in enumerate(endpoints):
+        t = p.now + i * 0.001
+        msg = _initiation_with_mac2(p, _src_key(ep), t)
+        out = p.b.decapsulate(msg, "A", t, src_key=_src_key(ep), limit_key=_limit_key(ep),
+                              under_load=True)
+        passed += not (out[0][0] == DROP and "rate limit" in out[0][2])
+    return passed
+
+
+def test_one_host_gets_one_allowance_whatever_its_ports_or_connections() -> None:
+    """Before: the limiter was keyed by address and port (or stream connection), so a host
+    got a fresh bucket per source port: 200 of 200 initiations passed (review finding).
+    wireguard-go keys it by IP, an IPv6 one by its /64."""
+    from wgvsock.conn.endpoint import Endpoint
+
+    n = 200
+    one = _passed([Endpoint("inet", "192.0.2.7", 40000)] * n)
+    assert one < 30
+    for endpoints in (
+        [Endpoint("inet", "192.0.2.7", 40000 + i) for i in range(n)],
+        [Endpoint("inet", f"2001:db8::{i + 1:x}", 40000) for i in range(n)],  # one /64
+        [Endpoint("vsock", 16, 1234, i + 1) for i in range(n)],
+    ):
+        assert _passed(endpoints) <= one + 1
+    # Two hosts are two allowances.
+    assert _passed([Endpoint("inet", f"192.0.2.{i % 2 + 7}", 40000) for i in range(n)]) > one

@@ -282,17 +282,21 @@ class Engine:
     # -- incoming ------------------------------------------------------------------------
 
     def decapsulate(
-        self, data: bytes, src: Any, now: float, *, src_key: bytes = b"", under_load: bool = False
+        self, data: bytes, src: Any, now: float, *, src_key: bytes = b"",
+        limit_key: bytes | None = None, under_load: bool = False,
     ) -> list[Action]:
         """A message from the network. `src` is the transport's endpoint it came from;
-        `src_key` the bytes that identify that source for cookies and rate limits."""
+        `src_key` the bytes that identify that source for cookies (its address and port), and
+        `limit_key` the host for the handshake rate limit (default: `src_key`), as wireguard-go
+        keys its limiter by IP: a host must not get a fresh allowance per port."""
         kind = data[:4]
         if kind == TYPE_TRANSPORT:
             return self._on_transport(data, src, now)
+        keys = (src_key, src_key if limit_key is None else limit_key)
         if kind == TYPE_INITIATION:
-            return self._on_initiation(data, src, src_key, now, under_load)
+            return self._on_initiation(data, src, keys, now, under_load)
         if kind == TYPE_RESPONSE:
-            return self._on_response(data, src, src_key, now, under_load)
+            return self._on_response(data, src, keys, now, under_load)
         if kind == TYPE_COOKIE_REPLY:
             return self._on_cookie_reply(data, now)
         return _drop("unknown message type")
@@ -351,7 +355,7 @@ class Engine:
         return out
 
     def _check_macs(
-        self, data: bytes, src: Any, src_key: bytes, now: float, under_load: bool
+        self, data: bytes, src: Any, keys: tuple[bytes, bytes], now: float, under_load: bool
     ) -> list[Action] | None:
         """None when the message may be processed; else the actions (a drop or a cookie)."""
         checker = self._cookie_checker
@@ -360,19 +364,20 @@ class Engine:
         if not checker.check_mac1(data):
             return _drop("handshake message with an invalid mac1")
         if under_load:
+            src_key, limit_key = keys
             if not checker.check_mac2(data, src_key, now):
                 sender = int.from_bytes(data[4:8], "little")
                 return [(SEND, src, checker.create_reply(data, sender, src_key, now))]
-            if not self._source_limiter.allow(src_key, now):
+            if not self._source_limiter.allow(limit_key, now):
                 return _drop("handshake rate limit for this source")
         return None
 
     def _on_initiation(
-        self, data: bytes, src: Any, src_key: bytes, now: float, under_load: bool
+        self, data: bytes, src: Any, keys: tuple[bytes, bytes], now: float, under_load: bool
     ) -> list[Action]:
         if len(data) != INITIATION_SIZE:
             return _drop("initiation has the wrong size")
-        refused = self._check_macs(data, src, src_key, now, under_load)
+        refused = self._check_macs(data, src, keys, now, under_load)
         if refused is not None:
             return refused
         assert self.private_key is not None
@@ -438,11 +443,11 @@ class Engine:
         return [(SEND, src, bytes(msg))]
 
     def _on_response(
-        self, data: bytes, src: Any, src_key: bytes, now: float, under_load: bool
+        self, data: bytes, src: Any, keys: tuple[bytes, bytes], now: float, under_load: bool
     ) -> list[Action]:
         if len(data) != RESPONSE_SIZE:
             return _drop("response has the wrong size")
-        refused = self._check_macs(data, src, src_key, now, under_load)
+        refused = self._check_macs(data, src, keys, now, under_load)
         if refused is not None:
             return refused
         assert self.private_key is not None

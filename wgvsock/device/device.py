@@ -13,6 +13,7 @@ carried out after the lock is released, so a slow socket never stalls the other 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -53,7 +54,17 @@ _READ_BYTES = 64 * 1024
 
 
 def _src_key(ep: Endpoint) -> bytes:
+    """A cookie's source: the address and port, or the stream connection."""
     return f"{ep.kind}|{ep.host}|{ep.port}|{ep.conn_id}".encode()
+
+
+def _limit_key(ep: Endpoint) -> bytes:
+    """The handshake rate limit's source: the host (an IPv6 one by its /64, as wireguard-go),
+    so a new port or connection from it is no new allowance."""
+    if ep.kind == "inet":
+        ip = ipaddress.ip_address(str(ep.host).split("%", 1)[0])
+        return b"inet|" + (ip.packed[:8] if ip.version == 6 else ip.packed)
+    return f"{ep.kind}|{ep.host}".encode()
 
 
 _NO_LINK = {"wgvsock_conn": "none"}
@@ -388,7 +399,8 @@ class Device:
             with self._lock:
                 under_load = self._note_handshake(now)
                 actions = self.engine.decapsulate(
-                    data, src, now, src_key=_src_key(src), under_load=under_load
+                    data, src, now, src_key=_src_key(src), limit_key=_limit_key(src),
+                    under_load=under_load,
                 )
         else:
             with self._lock:
