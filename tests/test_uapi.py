@@ -914,3 +914,30 @@ def test_wg_cleans_up_nothing_of_ours(wg_dev: tuple[str, Store, UAPIServer]) -> 
     assert name in _wg("show", "interfaces").stdout.split()
     assert os.path.exists(srv.path)
     assert uapi.uapi_get(srv.path)["peers"] == []
+
+
+_SECRET = "a8" * 16 + "5c" * 16  # 64 hex digits standing for a private key
+
+
+@pytest.mark.parametrize("request_bytes", [
+    # A set body sent without its set=1 line (`printf 'private_key=...\n\n' | socat ...`).
+    f"private_key={_SECRET}\n\n".encode(),
+    # A typo: a space or a colon for the '='.
+    f"set=1\nprivate_key {_SECRET}\n\n".encode(),
+    f"set=1\npublic_key={'11' * 32}\npreshared_key:{_SECRET}\n\n".encode(),
+])
+def test_a_malformed_request_never_puts_key_material_in_the_log(
+        server: tuple[UAPIServer, Store], request_bytes: bytes, caplog) -> None:
+    """Before: the line (or 64 characters of the operation) went into the log (review)."""
+    import logging
+
+    srv, _ = server
+    with caplog.at_level(logging.DEBUG, logger="wgvsock"), \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(srv.path)
+        s.sendall(request_bytes)
+        assert s.recv(4096).startswith(b"errno=-")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert logged and _SECRET[:16] not in logged, logged
+    assert "'private_key'" in logged or "'preshared_key'" in logged

@@ -610,7 +610,9 @@ class Device:
             actions: list[Action] = []
             if keepalives and self._is_up():
                 for peer in keepalives:
-                    actions += engine.send_keepalive(peer, now)
+                    # Not one removed (or replaced) later in the same request.
+                    if engine.peers.get(peer.public_key) is peer:
+                        actions += engine.send_keepalive(peer, now)
         self._perform(actions)
 
     def connect_peer(self, public_key: bytes, endpoint: Endpoint) -> None:

@@ -195,8 +195,15 @@ def _parse_prefix(value: str) -> IPNetwork:
 def _split_line(line: str) -> tuple[str, str]:
     key, eq, value = line.partition("=")
     if not eq:
-        raise UAPIError(ERR_PROTOCOL, f"failed to parse line {line!r}: no '='")
+        # Never the line itself: `private_key <hex>` is a typo away from a valid line.
+        raise UAPIError(ERR_PROTOCOL, f"failed to parse a line starting {_lead(line)}: no '='")
     return key, value
+
+
+def _lead(line: str) -> str:
+    """What may be quoted of a line that did not parse: its leading key-like word."""
+    m = re.match(r"[a-z_]{1,32}", line)
+    return repr(m.group()) if m else "with something else"
 
 
 def _request_lines(text: str) -> list[str]:
@@ -723,7 +730,8 @@ class UAPIServer:
                 lines.append(line)
             self._reply(conn, self._apply(lines))
             return not eof
-        log.warning("UAPI %s: invalid operation %r", self.ifname, op[:64])
+        # Only the key: a set body sent without `set=1` starts `private_key=<hex>`.
+        log.warning("UAPI %s: invalid operation starting %s", self.ifname, _lead(op))
         self._reply(conn, ERR_PROTOCOL)
         return False
 

@@ -1,0 +1,41 @@
+"""Device.uapi_set without a TUN or a network: what one `set` request does as a whole."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from wgvsock.conn.stream import StreamBind
+from wgvsock.core.crypto import generate_private_key, public_key
+from wgvsock.core.engine import SEND
+from wgvsock.device.device import Device
+from wgvsock.device.uapi import parse_set
+
+
+def test_a_peer_removed_later_in_the_same_set_gets_no_keepalive(monkeypatch) -> None:
+    """`wg set IF peer K persistent-keepalive 25 peer K remove`: before, the keepalive's
+    handshake initiation went out after the loop, to a peer no longer configured, and its
+    handshake index stayed in the table for good (review finding)."""
+    d = tempfile.mkdtemp(prefix="wgd", dir="/tmp")
+    bind = StreamBind("unix", unix_dir=d)
+    dev = Device("wgdset0", bind, run_dir=os.path.join(d, "run"))
+    sent: list = []
+    monkeypatch.setattr(dev, "_is_up", lambda: True)
+    monkeypatch.setattr(dev, "_perform", lambda actions: sent.extend(actions))
+    me, them = generate_private_key(), public_key(generate_private_key())
+    try:
+        dev.uapi_set(parse_set(f"private_key={me.hex()}\n"))
+        dev.uapi_set(parse_set(
+            f"public_key={them.hex()}\nendpoint=127.0.0.1:9\npersistent_keepalive_interval=25\n"
+            f"public_key={them.hex()}\nremove=true\n"))
+        assert not dev.engine.peers
+        assert not dev.engine._index
+        assert not [a for a in sent if a[0] == SEND]
+        # Without the removal the keepalive goes out (the test can fail).
+        dev.uapi_set(parse_set(
+            f"public_key={them.hex()}\nendpoint=127.0.0.1:9\npersistent_keepalive_interval=25\n"))
+        assert [a for a in sent if a[0] == SEND]
+    finally:
+        bind.close()
+        shutil.rmtree(d, ignore_errors=True)
