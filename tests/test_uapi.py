@@ -163,6 +163,8 @@ def test_parse_set_repeated_peer_kept_in_order() -> None:
         (f"public_key={K1}\nallowed_ip=10.0.0.0/255.0.0.0", ERR_INVALID, "allowed_ip"),
         (f"public_key={K1}\nallowed_ip=010.0.0.1/32", ERR_INVALID, "allowed_ip"),
         (f"public_key={K1}\nallowed_ip=10.0.0.0/+8", ERR_INVALID, "allowed_ip"),
+        (f"public_key={K1}\nallowed_ip=10.0.0.0/024", ERR_INVALID, "allowed_ip"),  # as Go
+        (f"public_key={K1}\nallowed_ip=10.0.0.0/08", ERR_INVALID, "allowed_ip"),
         (f"public_key={K1}\nallowed_ip=--10.0.0.0/8", ERR_INVALID, "allowed_ip"),
         (f"public_key={K1}\nallowed_ip=fe80::1%eth0/64", ERR_INVALID, "allowed_ip"),
         (f"public_key={K1}\nallowed_ip=", ERR_INVALID, "allowed_ip"),

@@ -99,7 +99,8 @@ def test_keys_encodings_and_public_key():
     for bad in ["", "abc", "A" * 43, crypto.key_to_base64(pub)[:-4] + "!!!="]:
         with pytest.raises(crypto.KeyFormatError):
             crypto.key_from_base64(bad)
-    for bad in ["", "zz" * 32, "00" * 31]:
+    # "00 00 " + 29 bytes is 64 characters that fromhex reads as 31 bytes.
+    for bad in ["", "zz" * 32, "00" * 31, "00 00 " + "11" * 29]:
         with pytest.raises(crypto.KeyFormatError):
             crypto.key_from_hex(bad)
 

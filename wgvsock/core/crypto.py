@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac as _hmac
 import os
@@ -196,10 +197,13 @@ def key_to_hex(key: bytes) -> str:
 def key_from_hex(text: str) -> bytes:
     if len(text) != 2 * KEY_LEN:
         raise KeyFormatError(f"key must be 64 hex digits, not {len(text)} characters")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise KeyFormatError("key is not valid hex") from None
+    key = None
+    with contextlib.suppress(ValueError):
+        key = bytes.fromhex(text)
+    # fromhex skips spaces: "00 00 11..." is 64 characters but 31 bytes.
+    if key is None or len(key) != KEY_LEN:
+        raise KeyFormatError("key is not valid hex")
+    return key
 
 
 def tai64n(unix_seconds: float) -> bytes:

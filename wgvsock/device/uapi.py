@@ -178,7 +178,8 @@ def _parse_true(key: str, value: str) -> bool:
 def _parse_prefix(value: str) -> IPNetwork:
     """Parse ADDR/BITS as Go's netip.ParsePrefix does (host bits allowed, then masked)."""
     addr_text, slash, bits_text = value.partition("/")
-    if not slash or not bits_text.isascii() or not bits_text.isdigit() or len(bits_text) > 3:
+    # Go takes no leading zero ("/024") and no sign.
+    if not slash or not re.fullmatch(r"0|[1-9][0-9]{0,2}", bits_text):
         raise UAPIError(ERR_INVALID, f"invalid allowed_ip {value!r}: expected ADDRESS/BITS")
     try:
         if "%" in addr_text:  # Python takes IPv6 zones; a prefix cannot have one
