@@ -16,7 +16,7 @@ DESIGN.md §5) and its paths moved into a private temporary directory, drives bo
 enclave reaching the internet through the parent's NAT, the internet reaching the enclave's app
 through the parent's ingress port, egress by host name (a name allowed, names refused, through
 the parent's DNS forwarder; dnsmasq plays the parent's resolver in the "internet"), the deny
-list holding, a short iperf3, and ends in the
+list holding and what the parent recorded it refused, a short iperf3, and ends in the
 `wgvsock status` dashboard of both sides. Everything is removed on exit, on Ctrl-C and on error.
 """
 
@@ -505,6 +505,27 @@ class Demo:
         say(f"   [{NS_PARENT}] nftables counters (packets): {', '.join(denied)}")
         say(f"     egress_allowed {c['egress_allowed'].packets}, egress_denied "
             f"{c['egress_denied'].packets}, ingress_accepted {c['ingress_accepted'].packets}")
+        # The parent names what it refused (its table logs the first packets of each).
+        try:
+            extra = wait_for(lambda: self._refused_keys(3), 5, "the parent's refusal record")
+        except LabError:
+            extra = self._refused_keys(0)
+        say(f"   [{NS_PARENT}] what the parent refused lately (`wgvsock status`; its log says "
+            "what would allow each):")
+        for r in extra:
+            times = f", {r.count} times" if r.count > 1 else ""
+            rule = f" ({r.rule})" if r.rule else ""
+            say(f"     {r.kind} {r.what}{times}{rule}, {r.age} s ago")
+
+    def _refused_keys(self, at_least: int) -> list:
+        """The parent's refusals (status.RefusalView), once there are AT_LEAST of them."""
+        from .status import refusals_of
+
+        try:
+            found = refusals_of(self.uapi("parent").get("extra", {}))
+        except (OSError, UAPIError):
+            return []
+        return found if len(found) >= at_least else []
 
     def metrics(self) -> None:
         heading(f"The metrics page: Prometheus text from the parent on {METRICS}")

@@ -331,7 +331,7 @@ _REFUSAL = re.compile(r"([a-z][a-z-]{0,15}) (\d{1,18}) (\d{1,12}) (.+)")
 REFUSALS_SHOWN = 5  # lines in the dashboard; --json has all the daemon gives
 
 
-def _refusals(extra: dict[str, str]) -> list[RefusalView]:
+def refusals_of(extra: dict[str, str]) -> list[RefusalView]:
     """wgvsock_refused_1, _2, ... while they parse; text escaped and cut for the terminal."""
     out = []
     for i in range(1, 17):
@@ -382,7 +382,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         debug=debug,
         egress=_counters(extra, "wgvsock_egress_", ("allowed", "denied", "blocked")),
         dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
-        refusals=_refusals(extra),
+        refusals=refusals_of(extra),
         extra=dict(extra),
     )
     # A role's interface has one peer: the other side of the parent/enclave pair.
