@@ -22,6 +22,7 @@ from .test_firewall import (
     _BOUND_CLIENT,
     DENIED4,
     ENCLAVE4,
+    ENCLAVE6,
     INTERNET4,
     INTERNET6,
     PARENT_TUN4,
@@ -84,7 +85,8 @@ class LogReader:
 def test_each_refusal_is_logged_with_its_rule_and_allowed_traffic_is_not(world) -> None:  # noqa: F811
     enclave, parent, internet = world
     start_server(internet, "internet", f"tcp:{INTERNET4}:80", f"tcp:{INTERNET4}:8080",
-                 f"tcp:{DENIED4}:80", f"udp:{INTERNET4}:54", f"tcp:[{INTERNET6}]:80")
+                 f"tcp:{DENIED4}:80", f"udp:{INTERNET4}:54", f"tcp:[{INTERNET6}]:80",
+                 f"tcp:[{INTERNET6}]:8080")
     reader = LogReader(parent)
     try:
         spec = traffic_spec()
@@ -96,6 +98,7 @@ def test_each_refusal_is_logged_with_its_rule_and_allowed_traffic_is_not(world) 
         assert probe(enclave, "tcp", INTERNET4, 88)[0] == 3
         assert probe(enclave, "tcp", INTERNET4, 8080)[0] == 3
         assert probe(enclave, "udp", INTERNET4, 54)[0] == 3
+        assert probe(enclave, "tcp", INTERNET6, 8080)[0] == 3
         assert probe(enclave, "tcp", PARENT_TUN4, 2222)[0] == 3
         enclave.ip("addr", "add", "10.77.0.6/32", "dev", "eth0")
         enclave.run(PY, "-c", _BOUND_CLIENT, "10.77.0.6", INTERNET4, "80", check=False,
@@ -105,6 +108,7 @@ def test_each_refusal_is_logged_with_its_rule_and_allowed_traffic_is_not(world) 
             (f"deny {INTERNET4}/32 tcp 88", f"tcp {INTERNET4}:88"),
             ("blocked", f"tcp {INTERNET4}:8080"),
             ("blocked", f"udp {INTERNET4}:54"),
+            ("blocked", f"tcp [{INTERNET6}]:8080"),
             ("to parent", f"tcp {PARENT_TUN4}:2222"),
             ("spoofed", f"tcp {INTERNET4}:80"),
         ]
@@ -112,7 +116,7 @@ def test_each_refusal_is_logged_with_its_rule_and_allowed_traffic_is_not(world) 
                  f"log messages for {expected}; seen {reader.seen}")
         # The spoofed packet says whose source it carried; the others the enclave's.
         assert {s for p, _, s in reader.seen if p == "spoofed"} == {"10.77.0.6"}
-        assert {s for p, _, s in reader.seen if p != "spoofed"} == {ENCLAVE4}
+        assert {s for p, _, s in reader.seen if p != "spoofed"} == {ENCLAVE4, ENCLAVE6}
         # Allowed connections were never logged.
         assert not any(w in (f"tcp {INTERNET4}:80", f"tcp [{INTERNET6}]:80")
                        for p, w, _ in reader.seen if p != "spoofed")
