@@ -642,9 +642,12 @@ def test_parent_doctor_command(
     profile = Path(__file__).parent / "data" / "profile-unix.yaml"
     code = cli.main(["parent", "doctor", "--profile", str(profile)])
     out = capsys.readouterr().out
-    for name in ("root", "TUN device", "nftables", "profile", "EC2 instance", "Enclave support"):
+    for name in ("root", "TUN device", "nftables", "profile", "EC2 instance", "Enclave support",
+                 "refusal log"):
         assert name in out, out
     assert "transport is unix" in out
+    if os.geteuid() == 0:  # binding a log group needs CAP_NET_ADMIN
+        assert "nfnetlink_log available" in out, out
     assert code == (0 if os.geteuid() == 0 else 1), out
 
 

@@ -116,6 +116,7 @@ def doctor(profile) -> int:
     checks.append(Check("routes", not problems,
                         "this host has a route for each of enclave.routes" if not problems
                         else "; ".join(str(p) for p in problems)))
+    checks.append(_refusal_log_check(profile))
     try:
         from ..services.aws import doctor_checks
 
@@ -135,6 +136,21 @@ def doctor(profile) -> int:
         table.add_row(c.name, marks[c.ok], Text(prose(c.detail, 2000)))
     Console().print(table)
     return 1 if any(c.ok is False for c in checks) else 0
+
+
+def _refusal_log_check(profile):
+    """Whether `parent up` will be able to name refused destinations (nfnetlink_log). Not
+    needed to run: without it they are counted, not named."""
+    from ..services.nflog import open_free_group
+    from .parent import Check
+
+    try:
+        open_free_group(profile.name).close()
+    except OSError as e:
+        return Check("refusal log", None, f"nfnetlink_log unavailable ({e.strerror or e}): "
+                     "refused packets will be counted but not named (modprobe nfnetlink_log)")
+    return Check("refusal log", True, "nfnetlink_log available: refused destinations are named "
+                 "in the log and `wgvsock status`")
 
 
 def enclave_main(argv: list[str]) -> int:
