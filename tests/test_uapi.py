@@ -927,6 +927,10 @@ _SECRET = "a8" * 16 + "5c" * 16  # 64 hex digits standing for a private key
     # A typo: a space or a colon for the '='.
     f"set=1\nprivate_key {_SECRET}\n\n".encode(),
     f"set=1\npublic_key={'11' * 32}\npreshared_key:{_SECRET}\n\n".encode(),
+    # A base64 key (as `wg genkey` prints it) ends in '=': with a space for the real '=' the
+    # line splits at the key's own, and the unknown "key" was the secret.
+    f"set=1\nprivate_key {_SECRET}=\n\n".encode(),
+    f"set=1\npublic_key={'11' * 32}\npreshared_key {_SECRET}=\n\n".encode(),
 ])
 def test_a_malformed_request_never_puts_key_material_in_the_log(
         server: tuple[UAPIServer, Store], request_bytes: bytes, caplog) -> None:

@@ -245,7 +245,7 @@ def parse_set(text: str) -> DeviceConfig:
             elif key == "replace_peers":
                 cfg.replace_peers = _parse_true(key, value)
             else:
-                raise UAPIError(ERR_INVALID, f"invalid UAPI device key {key!r}")
+                raise UAPIError(ERR_INVALID, f"invalid UAPI device key starting {_lead(key)}")
         elif key == "remove":
             peer.remove = _parse_true(key, value)
         elif key == "update_only":
@@ -270,7 +270,7 @@ def parse_set(text: str) -> DeviceConfig:
             if value != "1":
                 raise UAPIError(ERR_INVALID, f"invalid protocol_version {value!r}: only 1 exists")
         else:
-            raise UAPIError(ERR_INVALID, f"invalid UAPI peer key {key!r}")
+            raise UAPIError(ERR_INVALID, f"invalid UAPI peer key starting {_lead(key)}")
     return cfg
 
 
