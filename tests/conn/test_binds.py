@@ -972,3 +972,34 @@ def test_fwmark_reaches_every_ip_socket_now_and_later(network: str) -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.root
+def test_a_fwmark_set_while_a_connection_is_being_dialled_reaches_it() -> None:
+    """Between connect() and its registration a dialled socket was in neither list set_mark
+    walks, and kept mark 0 for life: wg-quick sets the fwmark right after the first dial
+    starts (review finding)."""
+    from wgvsock.conn.endpoint import Endpoint
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    b = StreamBind("tcp4")
+    b.open(0, lambda d, ep: None)
+    register = b._flush_and_register
+
+    def late_mark(d, conn):  # `wg set fwmark` arriving in that window
+        b.set_mark(0x1234)
+        return register(d, conn)
+
+    b._flush_and_register = late_mark  # type: ignore[method-assign]
+    ep = Endpoint("inet", "127.0.0.1", srv.getsockname()[1])
+    try:
+        b.send(b"\x04" + bytes(47), ep)
+        wait_until(lambda: ep in b._conns)
+        assert b._conns[ep].sock.getsockopt(socket.SOL_SOCKET, 36) == 0x1234
+        b.set_mark(0)  # and back: no stale mark either
+        assert b._conns[ep].sock.getsockopt(socket.SOL_SOCKET, 36) == 0
+    finally:
+        b.close()
+        srv.close()

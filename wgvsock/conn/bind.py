@@ -282,22 +282,29 @@ class SocketBind(Bind):
     def set_mark(self, mark: int) -> None:
         if not 0 <= mark <= 0xFFFFFFFF:
             raise ValueError(f"fwmark {mark} is not a 32-bit number")
-        if self.network in INET_NETWORKS:
+        # First the value that sockets made from now on take, then the ones there are: a
+        # socket between the two steps (being dialled) is synced when it is published.
+        old, self.mark = self.mark, mark
+        try:
             for sock in self._marked_sockets():
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, mark)
+                    self._sync_mark(sock)
                 except OSError as e:
                     if e.errno != errno.EBADF:  # EBADF: a connection closing meanwhile
                         raise
-        self.mark = mark
+        except BaseException:
+            self.mark = old
+            raise
 
     def _marked_sockets(self) -> list[socket.socket]:
         """The open IP sockets set_mark changes (the subclass knows them)."""
         return []
 
-    def _apply_mark(self, sock: socket.socket) -> None:
-        """Gives a new IP socket the current fwmark."""
-        if self.mark and self.network in INET_NETWORKS:
+    def _sync_mark(self, sock: socket.socket) -> None:
+        """Gives an IP socket the current fwmark, if it does not have it (setting one, even
+        0, needs CAP_NET_ADMIN: an unprivileged daemon without a mark never asks)."""
+        if self.network in INET_NETWORKS and \
+                sock.getsockopt(socket.SOL_SOCKET, _SO_MARK) != self.mark:
             sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, self.mark)
 
     # -- lifecycle helpers -------------------------------------------------------------------

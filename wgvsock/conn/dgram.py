@@ -127,7 +127,7 @@ class DatagramBind(SocketBind):
         else:
             sock, wildcard = new_inet_socket(self.network, socket.SOCK_DGRAM)
             try:
-                self._apply_mark(sock)
+                self._sync_mark(sock)
                 sock.bind((wildcard, port))
                 port = sock.getsockname()[1]
             except BaseException:

@@ -341,7 +341,7 @@ class StreamBind(SocketBind):
         else:
             sock, wildcard = new_inet_socket(self.network, socket.SOCK_STREAM)
             try:
-                self._apply_mark(sock)  # accepted connections inherit it
+                self._sync_mark(sock)  # accepted connections inherit it
                 # A restarted daemon must get its port back despite TIME_WAIT leftovers.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((wildcard, port))
@@ -543,7 +543,7 @@ class StreamBind(SocketBind):
                     sock.close()
                     break
                 conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False)
-                self._conns[conn.ep] = conn
+                self._publish(conn)
                 self._accepted += 1
             self._churn_log(logging.INFO, "%s: inbound connection %s", self.network,
                             display_endpoint(conn.ep))
@@ -716,7 +716,7 @@ class StreamBind(SocketBind):
                                  socket.SOCK_STREAM)
             addr = (host, ep.port)
             try:
-                self._apply_mark(sock)
+                self._sync_mark(sock)
             except OSError:
                 sock.close()
                 raise
@@ -807,6 +807,13 @@ class StreamBind(SocketBind):
                 if self._dialers.get(d.ep) is d:
                     del self._dialers[d.ep]
 
+    def _publish(self, conn: _Conn) -> None:
+        """Makes CONN the one its endpoint's sends use; under self._lock. A fwmark set while
+        it was being made (set_mark did not see it yet) is given to it here."""
+        with contextlib.suppress(OSError):  # a refused mark failed set_mark already
+            self._sync_mark(conn.sock)
+        self._conns[conn.ep] = conn
+
     def _flush_and_register(self, d: _Dialer, conn: _Conn) -> bool:
         """Send what queued up while dialling, then publish the connection for direct sends."""
         while True:
@@ -815,7 +822,7 @@ class StreamBind(SocketBind):
                     conn.shutdown(conn.reason or "bind closed")
                     return False
                 if not d.pending:
-                    self._conns[d.ep] = conn
+                    self._publish(conn)
                     return True
                 batch = list(d.pending)
                 d.pending.clear()
