@@ -209,3 +209,45 @@ def test_as_pid_1_orphans_are_reaped_and_cmd_s_status_kept() -> None:
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["7", "0"]
+
+
+def test_a_handshake_that_completes_while_registering_counts(monkeypatch) -> None:
+    """Before: the registration's time was taken after _apply, which starts the handshake;
+    one that completed at once (a fast link) counted as an earlier registration's, and a
+    healthy tunnel was registered again 90 s later (review finding)."""
+    import types
+
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    offset = [0.0]
+    clock = types.SimpleNamespace(monotonic=lambda: time.monotonic() + offset[0])
+    monkeypatch.setattr(enclave_mod, "time", clock)
+    handshakes: dict[bytes, float] = {}
+
+    class Device:
+        def last_handshake(self, key):
+            return handshakes.get(key)
+
+        def close(self):
+            pass
+
+    e.device = Device()
+
+    def apply(welcome) -> None:  # connect_peer, with the handshake done at once
+        e.parent_key = b"P" * 32
+        handshakes[e.parent_key] = clock.monotonic()
+
+    reasons: list[str | None] = []
+
+    def hold(conn, stop, check=None) -> str:
+        offset[0] += 91.0  # before the rekey's handshake at about 120 s
+        reasons.append(check())
+        e.stop.set()
+        return "stopped"
+
+    _fake_parent(monkeypatch, e, hold)
+    monkeypatch.setattr(e, "_apply", apply)
+    t = threading.Thread(target=e._control_loop, daemon=True)
+    t.start()
+    t.join(10)
+    e.device = None
+    assert reasons == [None]

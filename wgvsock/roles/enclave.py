@@ -197,6 +197,8 @@ class Enclave:
                 pause()
                 continue
             try:
+                # Before the exchange: _apply starts the handshake, which may complete at once.
+                since = time.monotonic()
                 welcome = register(conn, self.public_key, attest)
                 self._check_pin(welcome)
                 self._apply(welcome)
@@ -204,7 +206,6 @@ class Enclave:
                 self.last_failure = None
                 self.registered.set()
                 log.info("control: registered with the parent (attested: %s)", welcome.attested)
-                since = time.monotonic()
                 reason = hold_connection(conn, self.stop,
                                          check=lambda at=since: self._tunnel_ok(at))
                 log.warning("control: connection to the parent ended (%s); registering again",
