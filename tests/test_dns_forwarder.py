@@ -15,6 +15,7 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdataclass
 import dns.rrset
 import pytest
 
@@ -497,3 +498,16 @@ def test_only_the_enclave_may_ask() -> None:
         assert h.fwd.stats.dropped == 2 and h.upstream.queries == 0
     finally:
         h.close()
+
+
+def test_an_allowed_name_asked_in_another_class_is_refused_saying_so(h: Harness,
+                                                                     caplog) -> None:
+    """Before: refused as "not allowed", and the log advised adding an allow entry that
+    was there already (review finding)."""
+    import logging
+
+    q = dns.message.make_query("ok.test", "TXT", rdclass=dns.rdataclass.CH)
+    with caplog.at_level(logging.WARNING, "wgvsock.refused"):
+        assert dns.query.udp(q, LOOP, timeout=5, port=h.port).rcode() == dns.rcode.REFUSED
+    assert [(r.what, r.rule) for r in h.refusals.recent()] == [("ok.test", "class CH")]
+    assert "a query of class CH; only class IN is forwarded" in caplog.text

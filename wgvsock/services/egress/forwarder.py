@@ -428,7 +428,11 @@ class Forwarder:
         labels = labels_of(question.name.labels)
         rules = policy.allowed_by(labels) if question.rdclass == dns.rdataclass.IN else []
         if not rules:
-            self._refused(question.name, "denied" if policy.denied(labels) else "not allowed")
+            if question.rdclass != dns.rdataclass.IN:
+                why = f"class {dns.rdataclass.to_text(question.rdclass)}"
+            else:
+                why = "denied" if policy.denied(labels) else "not allowed"
+            self._refused(question.name, why)
             return self._reply(query, dns.rcode.REFUSED)
         response = await self._ask_upstream(query, tcp)
         if response is None:

@@ -91,13 +91,15 @@ class Refusals:
                 "enclave's address (a misconfigured app or route in the enclave)"))
 
     def name(self, name: str, why: str) -> None:
-        """A DNS query the forwarder answered REFUSED; WHY: "denied", "not allowed", or
-        "alias of NAME"."""
+        """A DNS query the forwarder answered REFUSED; WHY: "denied", "not allowed", "alias of
+        NAME", or "class CH" (only class IN is forwarded)."""
         if why == "not allowed":
             advice = ("no parent.egress.allow entry names it; to allow it, add it and run "
                       "`wgvsock parent reload`")
         elif why == "denied":
             advice = "a parent.egress.deny entry names it"
+        elif why.startswith("class "):
+            advice = f"a query of {why}; only class IN is forwarded"
         else:
             advice = f"it is an {why}, which parent.egress.deny names"
         self._add("dns", name, why, lambda: f"DNS query refused: {name}: {advice}")
