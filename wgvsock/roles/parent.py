@@ -678,12 +678,12 @@ class Parent:
         if self.device is not None:
             self.device.close()
             self.device = None
+        if self._refusal_reader is not None:  # what the table logs from now on is dropped
+            self._refusal_reader.close()
+            self._refusal_reader = None
         if self._table:
             firewall.remove(self.profile.name)
             self._table = False
-        if self._refusal_reader is not None:
-            self._refusal_reader.close()
-            self._refusal_reader = None
         if self._forwarding:
             firewall.restore_forwarding(self._forwarding)
             self._forwarding = {}

@@ -195,6 +195,9 @@ class RefusalReader:
         os.write(self._wake_w, b"\0")
         if self._thread.is_alive():
             self._thread.join(5.0)
+            if self._thread.is_alive():  # stuck (in a log handler?): never pull its fds
+                log.error("the refusal log reader did not stop; leaving its sockets open")
+                return
         self.sock.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
