@@ -193,3 +193,40 @@ def test_parent_names_what_it_refused_in_its_log_and_status(lab) -> None:
                  == "deny 198.51.100.2/32 tcp 80", 10, "the reloaded deny rule to be named")
     finally:
         w.close()
+
+
+def test_a_flood_of_refused_destinations_costs_the_parent_little(lab) -> None:
+    """A hostile enclave sending to thousands of refused destinations: the table logs at most
+    its rate to the parent, the record stays bounded, the log says a burst and then a line a
+    second, and the tunnel keeps working."""
+    w = World(lab, parent_env={"WGVSOCK_LOG_FILE": str(lab.tmp / "parent.log")})
+    try:
+        w.profile.write_text(w.profile.read_text().replace(
+            "allow: [0.0.0.0/0]", "allow: [198.51.100.2/32:80/tcp]"))
+        w.parent_cmd("up")
+        w.start_enclave()
+        wait_for(w.egress_works, 30, "the tunnel")
+        flood = ("import socket, time\n"
+                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "end = time.monotonic() + 3\n"
+                 "i = 0\n"
+                 "while time.monotonic() < end:\n"
+                 "    s.sendto(b'x', (f'203.0.{i // 250 % 250}.{i % 250 + 1}', 1000 + i % 999))\n"
+                 "    i += 1\n"
+                 "print(i)\n")
+        sent = int(w.enclave.run(PY, "-c", flood, timeout=30).stdout)
+        counters = firewall.read_counters(w.name, netns=w.parent.name)
+        # Many got through (the enclave's TUN drops what the tunnel cannot carry).
+        assert counters["egress_blocked"].packets >= min(sent, 10000)
+        assert w.egress_works()
+        log = (lab.tmp / "parent.log").read_text()
+        lines = log.count("egress blocked: udp 203.0.")
+        # 20 at once, then one a second (the rest said in "similar messages suppressed").
+        assert 20 <= lines <= 30, lines
+        assert "similar messages suppressed" in log or sent < 40
+        res = run(WGVSOCK, "status", "--once", "--json", "--run-dir",
+                  str(lab.tmp / "run-parent"), check=False)
+        refusals = json.loads(res.stdout)["interfaces"][0]["refusals"]
+        assert len(refusals) == 8 and all(r["kind"] == "blocked" for r in refusals)
+    finally:
+        w.close()
