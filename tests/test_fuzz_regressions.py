@@ -63,3 +63,21 @@ def test_flow_nesting_is_capped_before_the_scanner_goes_quadratic() -> None:
     assert e.value.problems[0].line == 4
     ok = "name: x\nparent:\n  ingress: [{listen: 8443, to: 443}]\n"
     assert parse_profile(ok).parent.ingress[0].listen == 8443
+
+
+@pytest.mark.parametrize("fwmark", [564339380, 0])
+def test_a_set_refused_for_its_port_leaves_the_fwmark_as_it_was(tmp_path, fwmark: int) -> None:
+    # uapi-server found it the day fwmark reached the sockets: the mark was applied, then the
+    # listen port was refused, and the refused set had changed the device.
+    from wgvsock.conn import StreamBind
+    from wgvsock.device.device import Device
+
+    bind = StreamBind("unix", unix_dir=str(tmp_path / "wg"))
+    dev = Device("fzreg0", bind, run_dir=str(tmp_path / "run"))
+    try:
+        dev.uapi_set(parse_set("fwmark=7\n"))
+        with pytest.raises(UAPIError):
+            dev.uapi_set(parse_set(f"listen_port=4294967295\nfwmark={fwmark}\n"))
+        assert dev.fwmark == 7 and bind.mark == 7
+    finally:
+        bind.close()

@@ -12,6 +12,7 @@ carried out after the lock is released, so a slow socket never stalls the other 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -552,6 +553,14 @@ class Device:
                     endpoints[i] = self.bind.parse_endpoint(pc.endpoint)
                 except ValueError as e:
                     raise UAPIError(errno.EINVAL, f"invalid endpoint {pc.endpoint!r}: {e}") from e
+        new_port = cfg.listen_port if cfg.listen_port != self.port else None
+        if new_port is not None:
+            # A clear EINVAL before the transport is touched.
+            try:
+                self.bind.check_port(new_port)
+            except ValueError as e:
+                raise UAPIError(errno.EINVAL, f"cannot listen on port {new_port}: {e}") from e
+        old_mark = self.fwmark
         if cfg.fwmark is not None and cfg.fwmark != self.fwmark:
             # Before a new port's socket is made, which then gets it too.
             try:
@@ -560,14 +569,15 @@ class Device:
                 code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
                 raise UAPIError(code, f"cannot set fwmark {cfg.fwmark}: {e}") from e
             self.fwmark = cfg.fwmark
-        if cfg.listen_port is not None and cfg.listen_port != self.port:
-            # A clear EINVAL before the transport is touched.
+        if new_port is not None:
             try:
-                self.bind.check_port(cfg.listen_port)
-            except ValueError as e:
-                raise UAPIError(errno.EINVAL,
-                                f"cannot listen on port {cfg.listen_port}: {e}") from e
-            self._rebind(cfg.listen_port)
+                self._rebind(new_port)
+            except UAPIError:
+                if self.fwmark != old_mark:  # a refused request changes nothing
+                    with contextlib.suppress(OSError, ValueError):
+                        self.bind.set_mark(old_mark)
+                    self.fwmark = old_mark
+                raise
         now = time.monotonic()
         keepalives: list[Any] = []
         with self._lock:
