@@ -12,6 +12,7 @@ import os
 import select
 import subprocess
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -145,88 +146,87 @@ def test_a_flood_is_logged_at_the_rule_s_rate_and_still_all_dropped(world) -> No
     assert firewall.LOG_RATE <= len(reader.seen) <= 4 * firewall.LOG_RATE
 
 
-def test_parent_names_what_it_refused_in_its_log_and_status(lab) -> None:
+@pytest.fixture
+def narrow(lab) -> Iterator[World]:
+    """test_roles.py's World allowing only the internet's web server (198.51.100.3 denied),
+    parent and enclave up, the parent's log in the lab."""
     w = World(lab, parent_env={"WGVSOCK_LOG_FILE": str(lab.tmp / "parent.log")})
     try:
-        # Only the internet's web server, and one denied address.
         w.profile.write_text(w.profile.read_text().replace(
             "allow: [0.0.0.0/0]", "allow: [198.51.100.2/32:80/tcp]"))
         w.parent_cmd("up")
         w.start_enclave()
         wait_for(w.egress_works, 30, "the tunnel")
-        assert w.curl(w.enclave, "http://198.51.100.3/", timeout=1) is None  # denied
-        for _ in range(3):
-            assert probe(w.enclave, "udp", "198.51.100.2", 5432)[0] == 3  # blocked
-        assert probe(w.enclave, "tcp", "10.77.0.1", 22)[0] == 3  # the parent's own port
-
-        def status() -> dict:
-            res = run(WGVSOCK, "status", "--once", "--json", "--run-dir",
-                      str(lab.tmp / "run-parent"), check=False)
-            return json.loads(res.stdout)["interfaces"][0]
-
-        def refusals() -> dict[tuple[str, str], dict]:
-            return {(r["kind"], r["what"]): r for r in status()["refusals"]}
-
-        wait_for(lambda: {("denied", "tcp 198.51.100.3:80"), ("blocked", "udp 198.51.100.2:5432"),
-                          ("to-parent", "tcp 10.77.0.1:22")} <= refusals().keys(), 10,
-                 "status to name the three refusals")
-        got = refusals()
-        assert got["denied", "tcp 198.51.100.3:80"]["rule"] == "deny 198.51.100.3/32"
-        assert got["blocked", "udp 198.51.100.2:5432"]["count"] == 3
-        assert all(r["age"] < 60 for r in got.values())
-        # The dashboard's text, and the log line that says what to change.
-        text = run(WGVSOCK, "status", "--once", "--run-dir", str(lab.tmp / "run-parent"),
-                   env={**os.environ, "COLUMNS": "100"}).stdout
-        assert "refused blocked udp 198.51.100.2:5432, 3 times" in text
-        log = (lab.tmp / "parent.log").read_text()
-        assert ("egress blocked: udp 198.51.100.2:5432 from the enclave matches no "
-                "parent.egress.allow entry; to allow it, add 198.51.100.2/32:5432/udp") in log
-        assert log.count("udp 198.51.100.2:5432 from the enclave") == 1  # first sighting only
-        assert "matches parent.egress.deny (deny 198.51.100.3/32)" in log
-
-        # A reload keeps the table's log group: the new rules' refusals are named too.
-        w.profile.write_text(w.profile.read_text().replace(
-            "198.51.100.3/32]", "198.51.100.3/32, 198.51.100.2/32:80/tcp]"))
-        w.parent_cmd("reload")
-        assert w.curl(w.enclave, "http://198.51.100.2/", timeout=1) is None
-        wait_for(lambda: refusals().get(("denied", "tcp 198.51.100.2:80"), {}).get("rule")
-                 == "deny 198.51.100.2/32 tcp 80", 10, "the reloaded deny rule to be named")
+        yield w
     finally:
         w.close()
 
 
-def test_a_flood_of_refused_destinations_costs_the_parent_little(lab) -> None:
+def test_parent_names_what_it_refused_in_its_log_and_status(lab, narrow: World) -> None:
+    w = narrow
+    assert w.curl(w.enclave, "http://198.51.100.3/", timeout=1) is None  # denied
+    for _ in range(3):
+        assert probe(w.enclave, "udp", "198.51.100.2", 5432)[0] == 3  # blocked
+    assert probe(w.enclave, "tcp", "10.77.0.1", 22)[0] == 3  # the parent's own port
+
+    def status() -> dict:
+        res = run(WGVSOCK, "status", "--once", "--json", "--run-dir",
+                  str(lab.tmp / "run-parent"), check=False)
+        return json.loads(res.stdout)["interfaces"][0]
+
+    def refusals() -> dict[tuple[str, str], dict]:
+        return {(r["kind"], r["what"]): r for r in status()["refusals"]}
+
+    wait_for(lambda: {("denied", "tcp 198.51.100.3:80"), ("blocked", "udp 198.51.100.2:5432"),
+                      ("to-parent", "tcp 10.77.0.1:22")} <= refusals().keys(), 10,
+             "status to name the three refusals")
+    got = refusals()
+    assert got["denied", "tcp 198.51.100.3:80"]["rule"] == "deny 198.51.100.3/32"
+    assert got["blocked", "udp 198.51.100.2:5432"]["count"] == 3
+    assert all(r["age"] < 60 for r in got.values())
+    # The dashboard's text, and the log line that says what to change.
+    text = run(WGVSOCK, "status", "--once", "--run-dir", str(lab.tmp / "run-parent"),
+               env={**os.environ, "COLUMNS": "100"}).stdout
+    assert "refused blocked udp 198.51.100.2:5432, 3 times" in text
+    log = (lab.tmp / "parent.log").read_text()
+    assert ("egress blocked: udp 198.51.100.2:5432 from the enclave matches no "
+            "parent.egress.allow entry; to allow it, add 198.51.100.2/32:5432/udp") in log
+    assert log.count("udp 198.51.100.2:5432 from the enclave") == 1  # first sighting only
+    assert "matches parent.egress.deny (deny 198.51.100.3/32)" in log
+
+    # A reload keeps the table's log group: the new rules' refusals are named too.
+    w.profile.write_text(w.profile.read_text().replace(
+        "198.51.100.3/32]", "198.51.100.3/32, 198.51.100.2/32:80/tcp]"))
+    w.parent_cmd("reload")
+    assert w.curl(w.enclave, "http://198.51.100.2/", timeout=1) is None
+    wait_for(lambda: refusals().get(("denied", "tcp 198.51.100.2:80"), {}).get("rule")
+             == "deny 198.51.100.2/32 tcp 80", 10, "the reloaded deny rule to be named")
+
+
+def test_a_flood_of_refused_destinations_costs_the_parent_little(lab, narrow: World) -> None:
     """A hostile enclave sending to thousands of refused destinations: the table logs at most
     its rate to the parent, the record stays bounded, the log says a burst and then a line a
     second, and the tunnel keeps working."""
-    w = World(lab, parent_env={"WGVSOCK_LOG_FILE": str(lab.tmp / "parent.log")})
-    try:
-        w.profile.write_text(w.profile.read_text().replace(
-            "allow: [0.0.0.0/0]", "allow: [198.51.100.2/32:80/tcp]"))
-        w.parent_cmd("up")
-        w.start_enclave()
-        wait_for(w.egress_works, 30, "the tunnel")
-        flood = ("import socket, time\n"
-                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                 "end = time.monotonic() + 3\n"
-                 "i = 0\n"
-                 "while time.monotonic() < end:\n"
-                 "    s.sendto(b'x', (f'203.0.{i // 250 % 250}.{i % 250 + 1}', 1000 + i % 999))\n"
-                 "    i += 1\n"
-                 "print(i)\n")
-        sent = int(w.enclave.run(PY, "-c", flood, timeout=30).stdout)
-        counters = firewall.read_counters(w.name, netns=w.parent.name)
-        # Many got through (the enclave's TUN drops what the tunnel cannot carry).
-        assert counters["egress_blocked"].packets >= min(sent, 10000)
-        assert w.egress_works()
-        log = (lab.tmp / "parent.log").read_text()
-        lines = log.count("egress blocked: udp 203.0.")
-        # 20 at once, then one a second (the rest said in "similar messages suppressed").
-        assert 20 <= lines <= 30, lines
-        assert "similar messages suppressed" in log or sent < 40
-        res = run(WGVSOCK, "status", "--once", "--json", "--run-dir",
-                  str(lab.tmp / "run-parent"), check=False)
-        refusals = json.loads(res.stdout)["interfaces"][0]["refusals"]
-        assert len(refusals) == 8 and all(r["kind"] == "blocked" for r in refusals)
-    finally:
-        w.close()
+    w = narrow
+    flood = ("import socket, time\n"
+             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             "end = time.monotonic() + 3\n"
+             "i = 0\n"
+             "while time.monotonic() < end:\n"
+             "    s.sendto(b'x', (f'203.0.{i // 250 % 250}.{i % 250 + 1}', 1000 + i % 999))\n"
+             "    i += 1\n"
+             "print(i)\n")
+    sent = int(w.enclave.run(PY, "-c", flood, timeout=30).stdout)
+    counters = firewall.read_counters(w.name, netns=w.parent.name)
+    # Many got through (the enclave's TUN drops what the tunnel cannot carry).
+    assert counters["egress_blocked"].packets >= min(sent, 10000)
+    assert w.egress_works()
+    log = (lab.tmp / "parent.log").read_text()
+    lines = log.count("egress blocked: udp 203.0.")
+    # 20 at once, then one a second (the rest said in "similar messages suppressed").
+    assert 20 <= lines <= 30, lines
+    assert "similar messages suppressed" in log or sent < 40
+    res = run(WGVSOCK, "status", "--once", "--json", "--run-dir",
+              str(lab.tmp / "run-parent"), check=False)
+    refusals = json.loads(res.stdout)["interfaces"][0]["refusals"]
+    assert len(refusals) == 8 and all(r["kind"] == "blocked" for r in refusals)
