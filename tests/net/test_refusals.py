@@ -2,7 +2,7 @@
 reader, and what an operator sees (the parent's log and `wgvsock status`).
 
 The first tests use test_firewall.py's namespaces (a veth stands in for the tunnel) and read
-the log group from inside the parent's namespace; the last runs `parent up` and `enclave up`.
+the log group from inside the parent's namespace; the last two run `parent up` and `enclave up`.
 """
 
 from __future__ import annotations
