@@ -140,7 +140,8 @@ def test_ipv6_only_profile():
     assert p.enclave.dns == [ip("fd00:ec2::253")]
 
 
-CREDENTIALS = ["169.254.169.254/32", "fd00:ec2::254/128", "169.254.170.2/32", "169.254.170.23/32"]
+CREDENTIALS = ["169.254.169.254/32", "fd00:ec2::254/128", "169.254.170.2/32", "169.254.170.23/32",
+               "fd00:ec2::23/128"]
 CREDENTIAL_DENY = [Rule(net(c)) for c in CREDENTIALS]
 
 
@@ -767,3 +768,12 @@ def test_a_problem_shows_the_files_words_on_one_line_escaped(tmp_path):
     text = str(e.value)
     assert "'demo\\nOK profile accepted\\x1b[2J' is not a valid name" in text
     assert text.isprintable()
+
+
+def test_a_lift_keeps_the_naming_entry_s_ports_and_protocol():
+    text = ("name: a\nparent: {egress: {allow: [0.0.0.0/0, '169.254.169.0/24:123/udp', "
+            "169.254.170.2/32:80/tcp]}}\n")
+    egress = parse_profile(text).parent.egress
+    assert [str(r) for r in egress.lifted] == ["169.254.169.254/32:123/udp",
+                                               "169.254.170.2/32:80/tcp"]
+    assert "169.254.169.254/32" not in [str(r) for r in egress.deny]  # the table drops the rest

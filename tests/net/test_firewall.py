@@ -245,11 +245,16 @@ def test_render_logs_before_each_drop_of_the_enclave_s_traffic_only_with_a_group
         (f'{log} "to parent"', 'counter name "local_blocked" drop'),
         (f'ip saddr != @enclave_v4 {log} "spoofed"', 'ip saddr != @enclave_v4 counter'),
         (f'ip6 saddr != @enclave_v6 {log} "spoofed"', 'ip6 saddr != @enclave_v6 counter'),
+        (f'ct status dnat ct original ip daddr 169.254.169.254/32 {log} '
+         '"deny 169.254.169.254/32"',
+         'ct status dnat ct original ip daddr 169.254.169.254/32 counter name "egress_denied"'),
+        (f'ip daddr 127.0.0.0/8 {log} "to parent"', 'ip daddr 127.0.0.0/8 counter name'),
+        (f'ip6 daddr ::1 {log} "to parent"', 'ip6 daddr ::1 counter name'),
     ]:
         i = lines.index(logged)
         assert lines[i + 1].startswith(dropped), (logged, lines[i + 1])
     # Nothing towards the enclave is logged (the internet's scanners are not its doing).
-    assert sum(" log group " in x for x in lines) == 5
+    assert sum(" log group " in x for x in lines) == 8
 
 
 @pytest.mark.parametrize(

@@ -271,6 +271,7 @@ class Parent:
             egress_interface=egress_if,
             allow=list(p.parent.egress.allow),
             deny=list(p.parent.egress.deny),
+            lifted=list(p.parent.egress.lifted),
             ingress=list(p.parent.ingress),
             allow_names=list(p.parent.egress.allow_names),
             dns_forwarder=([a.ip for a in p.parent.addresses] if p.parent.egress.uses_names

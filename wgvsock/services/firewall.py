@@ -194,6 +194,9 @@ class FirewallSpec:
     name_elements: Sequence[tuple[str, IPAddress | str, int]] = field(default_factory=list)
     #: The nfnetlink_log group that refused packets are logged to; None: not logged.
     log_group: int | None = None
+    #: Credential endpoints an allow entry names (each rule's network one endpoint), with that
+    #: entry's ports and protocol: accepted after `deny`, the rest of the endpoint dropped.
+    lifted: Sequence[RuleLike] = field(default_factory=list)
 
 
 class Counter(NamedTuple):
@@ -227,6 +230,7 @@ class _Spec:
     counters: dict[str, Counter]
     elements: dict[str, dict[IPAddress, int]]  # name set -> address -> timeout
     log_group: int | None
+    lifted: tuple[_Rule, ...]
 
 
 @dataclass(frozen=True)
@@ -353,6 +357,7 @@ def _validated(spec: FirewallSpec) -> _Spec:
         counters={k: _counter(k, v) for k, v in spec.counters.items()},
         elements=_elements(spec.name_elements, len(spec.allow_names)),
         log_group=_log_group(spec.log_group),
+        lifted=tuple(_rule(r, f"lifted[{i}]") for i, r in enumerate(spec.lifted)),
     )
 
 
@@ -421,6 +426,20 @@ def _match(r: _Rule | _L4, daddr: str | None = None) -> str:
         parts.append(f"meta l4proto {r.protocol}")
     elif r.ports:
         parts.append(f"meta l4proto {{ tcp, udp }} th dport {_ports(r.ports)}")
+    return " ".join(parts)
+
+
+def _original(r: _Rule) -> str:
+    """R's match on the connection's original destination (conntrack's, before any DNAT)."""
+    if r.network.prefixlen == 0:
+        parts = [f"meta nfproto {'ipv4' if r.network.version == 4 else 'ipv6'}"]
+    else:
+        parts = [f"ct original {'ip' if r.network.version == 4 else 'ip6'} daddr {r.network}"]
+    if r.ports:
+        proto = r.protocol or "{ tcp, udp }"
+        parts.append(f"meta l4proto {proto} ct original proto-dst {_ports(r.ports)}")
+    elif r.protocol:
+        parts.append(f"meta l4proto {r.protocol}")
     return " ".join(parts)
 
 
@@ -504,15 +523,31 @@ def render_ruleset(spec: FirewallSpec) -> str:
                 f"{LOG_RATE} packets log group {s.log_group} snaplen {SNAPLEN} "
                 f"prefix {_q(prefix[:LOG_PREFIX_MAX])}"]
 
-    policy = [
-        line
-        for r in s.deny
-        for line in (
-            *logged(_match(r), _describe("deny", r)),
-            f"{_match(r)} counter name {_q('egress_denied')} {count(_describe('deny', r))} "
-            f"drop comment {_q(_describe('deny', r))}",
-        )
-    ] + [
+    def denied(r: _Rule) -> list[str]:
+        # Also by the destination the enclave asked for, before anyone's DNAT: ecs-init
+        # redirects 169.254.170.2:80 to 127.0.0.1:51679 for every interface, and the rewritten
+        # destination no longer matches the deny.
+        comment = _describe("deny", r)
+        return [
+            *logged(f"ct status dnat {_original(r)}", comment),
+            f"ct status dnat {_original(r)} counter name {_q('egress_denied')} "
+            f"{count(comment)} drop comment {_q(comment)}",
+            *logged(_match(r), comment),
+            f"{_match(r)} counter name {_q('egress_denied')} {count(comment)} drop "
+            f"comment {_q(comment)}",
+        ]
+
+    # The credential endpoints an allow entry names: that entry's ports and protocol only.
+    lifted: list[str] = []
+    for network in dict.fromkeys(r.network for r in s.lifted):
+        for r in s.lifted:
+            if r.network == network:
+                lifted.append(f"{_match(r)} counter name {_q('egress_allowed')} "
+                              f"{count(_describe('allow', r))} accept comment "
+                              f"{_q(_describe('allow', r))}")
+        lifted += denied(_Rule(network, None, None))
+
+    policy = [line for r in s.deny for line in denied(r)] + lifted + [
         f"{_match(r)} counter name {_q('egress_allowed')} {count(_describe('allow', r))} "
         f"accept comment {_q(_describe('allow', r))}"
         for r in s.allow
@@ -545,6 +580,12 @@ def render_ruleset(spec: FirewallSpec) -> str:
         " accept",
         "jump check_source",
         "ct state established,related accept",
+        # The parent's loopback services (its metrics page, say) are for the parent: with
+        # route_localnet=1 (ECS, kube-proxy) the kernel would deliver there from the tunnel.
+        *logged("ip daddr 127.0.0.0/8", "to parent"),
+        f"ip daddr 127.0.0.0/8 counter name {_q('local_blocked')} drop",
+        *logged("ip6 daddr ::1", "to parent"),
+        f"ip6 daddr ::1 counter name {_q('local_blocked')} drop",
         "icmp type echo-request accept",
         "icmpv6 type echo-request accept",
         *([f"{'ip' if a.version == 4 else 'ip6'} daddr {a} meta l4proto {{ tcp, udp }} "

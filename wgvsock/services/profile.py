@@ -99,6 +99,7 @@ IMDS_V6 = IPv6Address("fd00:ec2::254")
 # credentials to whoever asks from the host.
 ECS_CREDENTIALS = IPv4Address("169.254.170.2")
 EKS_CREDENTIALS = IPv4Address("169.254.170.23")
+EKS_CREDENTIALS_V6 = IPv6Address("fd00:ec2::23")  # the Pod Identity agent listens on both
 _LINK_LOCAL_V4 = IPv4Network("169.254.0.0/16")
 # Always denied, whatever the profile's own deny list says, unless an allow rule names the
 # endpoint explicitly: aimed inside its scope (a catch-all such as 0.0.0.0/0 or 128.0.0.0/1 is
@@ -108,6 +109,7 @@ CREDENTIAL_ENDPOINTS: tuple[tuple[IPAddress, IPNetwork], ...] = (
     (IMDS_V6, IPv6Network("fd00:ec2::/32")),
     (ECS_CREDENTIALS, _LINK_LOCAL_V4),
     (EKS_CREDENTIALS, _LINK_LOCAL_V4),
+    (EKS_CREDENTIALS_V6, IPv6Network("fd00:ec2::/32")),
 )
 
 _NULL_TAG = "tag:yaml.org,2002:null"
@@ -302,6 +304,10 @@ class Egress:
     # Where the forwarder sends queries; empty: the parent's /etc/resolv.conf.
     resolver: list[IPAddress] = field(default_factory=list)
     dns_grace: int = DEFAULT_DNS_GRACE
+    # A credential endpoint an allow entry names, with that entry's ports and protocol only
+    # (derived from `allow`): the parent's table accepts these and drops the rest of the
+    # endpoint's traffic, after `deny` and before `allow`.
+    lifted: list[Rule] = field(default_factory=list)
 
     @property
     def uses_names(self) -> bool:
@@ -1003,11 +1009,18 @@ class _Builder(_Parser):
         # Added to whatever deny the profile writes (`deny: []` included): these endpoints hand
         # out the instance role's credentials, and through `ssm:` key sources the parent's own
         # WireGuard key. Only an allow rule that names one lifts it.
+        lifted: list[Rule] = []
         for endpoint, scope in CREDENTIAL_ENDPOINTS:
             rule = Rule(ipaddress.ip_network(endpoint))
-            if rule in deny or any(allow_names(r, endpoint, scope) for r in allow):
+            if rule in deny:
                 continue
-            deny.append(rule)
+            naming = [r for r in allow if allow_names(r, endpoint, scope)]
+            if not naming:
+                deny.append(rule)
+            for r in naming:  # the endpoint, only with the naming entry's ports and protocol
+                exception = Rule(rule.network, r.ports, r.protocol)
+                if exception not in lifted:
+                    lifted.append(exception)
         resolver: list[IPAddress] = []
         for k, rnode in self.items(m.get("resolver"), "parent.egress.resolver",
                                    "10.0.0.2") or []:
@@ -1022,7 +1035,8 @@ class _Builder(_Parser):
             # FOR TESTS ONLY: a grace below the minimum, so a test can watch an address expire.
             g = self.integer(m["test_dns_grace"], "parent.egress.test_dns_grace", 0, 7 * 86400)
             grace = g if g is not None else grace
-        return Egress(nat, interface, allow, deny, names_allowed, names_denied, resolver, grace)
+        return Egress(nat, interface, allow, deny, names_allowed, names_denied, resolver, grace,
+                      lifted)
 
     def ingress(self, node: Node | None, transport: Transport) -> list[Ingress]:
         items = self.items(node, "parent.ingress", "{listen: 8443, to: 443, protocol: tcp}")
@@ -1571,7 +1585,8 @@ def dump_profile(profile: Profile) -> str:
                           allow_unicode=True, width=100)
     return (f"# {profile.path}, resolved: every default filled in\n"
             "# parent.egress.deny is the effective list: the metadata and credential endpoints\n"
-            "# (IMDS, ECS, EKS) are always in it unless an allow rule names them\n"
+            "# (IMDS, ECS, EKS) are always in it unless an allow rule names them, and then only\n"
+            "# that rule's ports and protocol reach the endpoint\n"
             f"{body}")
 
 
