@@ -488,3 +488,39 @@ def test_doctor_reports_the_enclave_checks(fake: Fake, tmp_path: Path, monkeypat
     assert rc == 1
     assert "nitro-cli not found on PATH" in out
     assert "none.eif: No such file or directory" in out
+
+
+def _wrapped(tmp: Path, fake: Fake, flag: Path, output: str) -> NitroCli:
+    """The fake nitro-cli, except that describe-enclaves prints OUTPUT while FLAG exists."""
+    path = tmp / "nitro-wrap"
+    path.write_text(f"#!/bin/sh\nif [ \"$1\" = describe-enclaves ] && [ -e {flag} ]; then "
+                    f"cat {output}; exit 0; fi\nexec {FAKE} \"$@\"\n")
+    path.chmod(0o755)
+    return NitroCli(str(path), env=fake.env)
+
+
+@pytest.mark.parametrize("garbage", [b"[\xff]\n", b"[" * 100_000 + b"\n"])
+def test_unreadable_describe_output_is_a_failed_poll_not_a_dead_supervisor(
+        tmp_path: Path, caplog, garbage: bytes) -> None:
+    """Bytes that are not UTF-8, or JSON nested past the parser's depth, raised
+    UnicodeDecodeError / RecursionError: the supervisor logged "failed", terminated the
+    enclave and ended, and the parent stayed up without one (review finding)."""
+    fake = Fake(tmp_path)
+    flag, output = tmp_path / "garble", tmp_path / "garbage"
+    output.write_bytes(garbage)
+    sup = EnclaveSupervisor(_wrapped(tmp_path, fake, flag, str(output)), fake.launch(),
+                            "wgvsock-x", None, logging.getLogger("t"), poll_interval=0.05,
+                            backoff_min=0.01, backoff_max=0.02)
+    caplog.set_level(logging.INFO)
+    sup.start()
+    try:
+        first = sup.wait_started()
+        assert first is not None
+        flag.touch()
+        wait(lambda: "describe-enclaves failed" in caplog.text)
+        flag.unlink()
+        assert sup._thread.is_alive()
+        assert [e.enclave_id for e in fake.cli.enclaves()] == [first.enclave_id]
+        assert "supervisor failed" not in caplog.text
+    finally:
+        sup.stop(timeout=5)

@@ -359,3 +359,23 @@ def test_a_stop_signal_while_starting_is_reported_not_ready(monkeypatch) -> None
         report = pipe.read().decode()
     assert "stopped by a signal while starting" in report
     assert closed == [True]
+
+
+def test_a_start_failure_of_any_kind_reaches_the_launcher(monkeypatch) -> None:
+    """nft refusing the table raised FirewallError (a RuntimeError), which escaped run_up:
+    in the background the launcher only said "the daemon exited during start-up" (review)."""
+    from wgvsock.services.firewall import FirewallError
+
+    def start(self) -> None:
+        raise FirewallError("nft refused the ruleset: no such table")
+
+    monkeypatch.setattr(Parent, "start", start)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    r, w = os.pipe()
+    try:
+        assert parent_module.run_up(profile(), w) == 1
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    with os.fdopen(r, "rb") as pipe:
+        assert b"nft refused the ruleset: no such table" in pipe.read()

@@ -8,7 +8,6 @@ nonce layout; XAEAD (cookie replies) is XChaCha20-Poly1305, built from HChaCha20
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import hashlib
 import hmac as _hmac
@@ -183,7 +182,7 @@ def key_to_base64(key: bytes) -> str:
 def key_from_base64(text: str) -> bytes:
     try:
         key = base64.b64decode(text.strip(), validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or non-ASCII text (whose error would carry the key)
         raise KeyFormatError("key is not valid base64") from None
     if len(key) != KEY_LEN:
         raise KeyFormatError(f"key must decode to 32 bytes, not {len(key)}")

@@ -739,9 +739,12 @@ def run_up(profile, ready_fd: int | None) -> int:
     try:
         try:
             parent.start()
-        except (RoleError, OSError, ValueError) as e:
+        except Exception as e:  # start() has undone what it made; say why, wherever asked
             msg = f"parent up {profile.name}: {e}"
-            log.error("%s", msg)
+            if isinstance(e, RoleError | OSError | ValueError | firewall.FirewallError):
+                log.error("%s", msg)
+            else:  # e.g. botocore's own errors: a traceback helps
+                log.exception("%s", msg)
             report_ready(ready_fd, msg)
             return 1
         on_thread_death(on_death)

@@ -95,6 +95,8 @@ def _json_from(stdout: str, kind: type) -> Any:
     text = stdout.strip()
     try:
         value = json.loads(text)
+    except RecursionError:  # nested deeper than the parser goes: no document of ours
+        value = None
     except ValueError:
         value = None
         opener = "{" if kind is dict else "["
@@ -103,7 +105,7 @@ def _json_from(stdout: str, kind: type) -> Any:
             try:
                 value, _ = decoder.raw_decode(stdout, m.end() - 1)
                 break
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
     if not isinstance(value, kind):
         shown = text if len(text) <= 200 else text[:200] + "..."
@@ -180,8 +182,9 @@ class NitroCli:
     def _call(self, args: Sequence[str], timeout: float) -> str:
         cmd = [self.path, *args]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                 env=self.env, check=False)
+            # errors="replace": bytes that are not UTF-8 must be a parse error, not a crash.
+            res = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                                 timeout=timeout, env=self.env, check=False)
         except FileNotFoundError:
             raise NitroError(f"{self.path} not found: install aws-nitro-enclaves-cli "
                              "(dnf install aws-nitro-enclaves-cli on Amazon Linux)") from None
@@ -402,7 +405,11 @@ class EnclaveSupervisor:
                     break
                 delay = min(delay * 2, self.backoff_max)
         except Exception:
+            # Not swallowed: the thread-death hook then stops `parent up`, which exits 1, and
+            # systemd (Restart=on-failure) starts it again with a new enclave. A parent left up
+            # without an enclave and nothing restarting it would be worse.
             self.log.exception("enclave %s: supervisor failed", self.name)
+            raise
         finally:
             self._terminate_current()
 
