@@ -35,7 +35,7 @@ from ..services.metrics.counters import DnsCounters, ParentCounters
 from ..services.nflog import open_free_group
 from ..threads import on_thread_death
 from .common import RoleError, configure, control_listener, run_dir, state_dir, unix_socket_path
-from .state import State, request_path, start_time
+from .state import State, request_path, restore_forwarding, start_time
 
 log = logging.getLogger("wgvsock.parent")
 
@@ -218,6 +218,7 @@ class Parent:
         self.control: ControlServer | None = None
         self.stopped = threading.Event()
         self._forwarding: dict = {}
+        self._forwarding_on = False  # forwarding enabled: close() puts it back (state.py)
         self._table = False
         self._sockets: list[str] = []
         self.enclave_key: bytes | None = None
@@ -334,6 +335,7 @@ class Parent:
             self._route_enclave()
             v6 = any(a.version == 6 for a in p.enclave.addresses)
             self._forwarding = firewall.enable_forwarding(ipv6=v6)
+            self._forwarding_on = True
             self._start_refusal_reader()
             firewall.apply(self.spec())
             self._table = True
@@ -685,9 +687,10 @@ class Parent:
         if self._table:
             firewall.remove(self.profile.name)
             self._table = False
-        if self._forwarding:
-            firewall.restore_forwarding(self._forwarding)
-            self._forwarding = {}
+        if self._forwarding_on:  # start() switched it on (recording what it changed)
+            if (left := restore_forwarding(self.profile.name, self._forwarding)) is not None:
+                log.info("parent %s: %s", self.profile.name, left)
+            self._forwarding, self._forwarding_on = {}, False
         for path in self._sockets:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -867,8 +870,9 @@ def down(profile) -> list[str]:
         firewall.remove(profile.name)
         done.append(f"removed nftables table for {profile.name}")
     # A parent that stopped cleanly has restored them and removed its state file itself.
-    if state is not None and state.forwarding and State.path_for(profile.name).exists():
-        firewall.restore_forwarding(state.forwarding)
+    if state is not None and State.path_for(profile.name).exists() \
+            and (left := restore_forwarding(profile.name, state.forwarding)) is not None:
+        done.append(left)
     sockets = list(state.sockets) if state else []
     sockets.append(os.path.join(run_dir(), f"{profile.interface}.sock"))
     for path in sockets:

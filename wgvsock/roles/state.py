@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..services import firewall
 from .common import RoleError, is_alive, state_dir
 
 
@@ -92,6 +93,46 @@ def start_time(pid: int) -> int | None:
 
 def request_path(name: str) -> Path:
     return State.path_for(name).with_suffix(".reload-request")
+
+
+def others_running(name: str) -> list[str]:
+    """The profiles other than NAME whose parent runs on this host (by their state files)."""
+    out = []
+    for file in sorted(Path(state_dir()).glob("*.json")):
+        if file.stem == name:
+            continue
+        with contextlib.suppress(RoleError, OSError):
+            state = State.load(file.stem)
+            if state is not None and state.running():
+                out.append(state.name)
+    return out
+
+
+def restore_forwarding(name: str, previous: dict) -> str | None:
+    """Puts back the forwarding sysctls parent NAME changed (PREVIOUS: their values before),
+    unless another parent still runs: it needs them on, and found them on, so it recorded
+    nothing to restore. Then PREVIOUS goes to the host's record, which the last parent to
+    stop puts back. Returns why they were left on, or None."""
+    path = Path(state_dir()) / "forwarding.json"
+    with _SAVE_LOCK:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        merged = {**previous, **record}  # the earliest value before any parent wins
+        others = others_running(name)
+        if others:
+            if merged != record:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(merged))
+                os.replace(tmp, path)
+            return (f"IP forwarding left on: the parent of {', '.join(others)} still runs "
+                    "and needs it")
+        if merged:
+            firewall.restore_forwarding(merged)
+        path.unlink(missing_ok=True)
+    return None
 
 
 def running_from(path: str) -> State | None:
