@@ -777,3 +777,10 @@ def test_a_lift_keeps_the_naming_entry_s_ports_and_protocol():
     assert [str(r) for r in egress.lifted] == ["169.254.169.254/32:123/udp",
                                                "169.254.170.2/32:80/tcp"]
     assert "169.254.169.254/32" not in [str(r) for r in egress.deny]  # the table drops the rest
+
+
+def test_an_allow_list_emptied_to_null_is_refused_not_taken_as_everything():
+    # Every entry commented out leaves `allow:` null, which fell back to 0.0.0.0/0 (review).
+    with pytest.raises(ProfileError, match=r"parent.egress.allow: is empty \(null\).*write \[\]"):
+        parse_profile("name: a\nparent:\n  egress:\n    allow:\n    #  - 10.0.0.0/8:443/tcp\n")
+    assert parse_profile("name: a\nparent: {egress: {allow: []}}\n").parent.egress.allow == []

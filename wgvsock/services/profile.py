@@ -999,6 +999,12 @@ class _Builder(_Parser):
             interface = self.interface(m["interface"], "parent.egress.interface")
         versions = {a.version for a in enclave_addrs} or {4}
         names_allowed: list[NameRule] = []
+        if "allow" not in m and "parent.egress.allow" in self.lines:
+            # `allow:` with every entry commented out: null would mean the default, which
+            # allows everything — the opposite of what emptying the list looks like.
+            self.problem(self.lines["parent.egress.allow"], "parent.egress.allow",
+                         "is empty (null), which would mean the default: everything",
+                         "write [] to allow nothing, or remove the key for the default")
         parsed = self.rules(m, "parent.egress.allow")
         if parsed is None:
             allow = [Rule(ipaddress.ip_network("0.0.0.0/0" if v == 4 else "::/0"))
