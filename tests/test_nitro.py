@@ -524,3 +524,30 @@ def test_unreadable_describe_output_is_a_failed_poll_not_a_dead_supervisor(
         assert "supervisor failed" not in caplog.text
     finally:
         sup.stop(timeout=5)
+
+
+@pytest.mark.parametrize("body", [
+    # run-enclave starts the enclave but prints JSON we cannot read
+    f'if [ "$1" = run-enclave ]; then {FAKE} "$@" | sed s/EnclaveCID/Cid/; exit 0; fi\n'
+    f'exec {FAKE} "$@"',
+    # run-enclave starts the enclave but does not return within run_timeout
+    f'if [ "$1" = run-enclave ]; then {FAKE} "$@" >/dev/null; exec sleep 3; fi\nexec {FAKE} "$@"',
+])
+def test_a_failed_run_enclave_leaves_no_enclave_running(tmp_path: Path, caplog,
+                                                        body: str) -> None:
+    """Before: each retry started another (wgvsock-x_1, _2, ...) until the CPU pool was used
+    up, and the ones before ran on unwatched (review finding)."""
+    fake = Fake(tmp_path)
+    path = tmp_path / "nitro-wrap"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    cli = NitroCli(str(path), env=fake.env, run_timeout=0.5)
+    sup = EnclaveSupervisor(cli, fake.launch(), "wgvsock-x", None, logging.getLogger("t"),
+                            poll_interval=0.05, backoff_min=0.01, backoff_max=0.02)
+    sup.start()
+    try:
+        wait(lambda: len(sup.delays) >= 3, 30)
+        assert len(fake.enclaves()) <= 1  # at most the one of the attempt under way
+    finally:
+        sup.stop(timeout=10)
+    assert fake.enclaves() == []

@@ -377,6 +377,10 @@ class EnclaveSupervisor:
                     self.last_reason = f"run-enclave failed: {e}"
                     self.log.error("enclave %s: %s; retrying in %s", self.name, self.last_reason,
                                    _secs(delay))
+                    # It may have started one before failing (output we could not read, a
+                    # timeout while it booted): that one would hold the CPUs and memory the
+                    # retry needs, and run on unwatched.
+                    self._clear_leftovers("left by the failed run-enclave")
                     if self._backoff(delay):
                         break
                     delay = min(delay * 2, self.backoff_max)
@@ -450,9 +454,10 @@ class EnclaveSupervisor:
                 return f"is {mine.state.lower()}"
         return None
 
-    def _clear_leftovers(self) -> None:
-        """An enclave under our name left by an earlier parent (killed before `down`) holds CPUs,
-        memory and maybe our CID: terminate it so ours can start."""
+    def _clear_leftovers(self, why: str = "left running by an earlier parent") -> None:
+        """An enclave under our name left by an earlier parent (killed before `down`), or by a
+        run-enclave that failed, holds CPUs, memory and maybe our CID: terminate it so ours
+        can start."""
         try:
             listed = self.nitro.enclaves()
         except NitroError as e:
@@ -460,8 +465,7 @@ class EnclaveSupervisor:
             return
         for e in listed:
             if is_named(e.name, self.name):
-                self.log.warning("enclave %s: terminating %s left running by an earlier parent",
-                                 self.name, e.enclave_id)
+                self.log.warning("enclave %s: terminating %s %s", self.name, e.enclave_id, why)
                 try:
                     self.nitro.terminate_enclave(e.enclave_id)
                 except NitroError as err:
