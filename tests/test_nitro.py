@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -550,4 +551,24 @@ def test_a_failed_run_enclave_leaves_no_enclave_running(tmp_path: Path, caplog,
         assert len(fake.enclaves()) <= 1  # at most the one of the attempt under way
     finally:
         sup.stop(timeout=10)
+    assert fake.enclaves() == []
+
+
+def test_stop_while_an_enclave_boots_returns_at_once_and_leaves_none(tmp_path: Path) -> None:
+    """Before: stop() waited for run-enclave (up to its 300 s timeout), so `parent down` had
+    to SIGKILL a parent stopped during a boot and its clean-up never ran (review finding)."""
+    fake = Fake(tmp_path)
+    path = tmp_path / "nitro-wrap"
+    path.write_text(f'#!/bin/sh\nif [ "$1" = run-enclave ]; then {FAKE} "$@" >/dev/null; '
+                    f'exec sleep 60; fi\nexec {FAKE} "$@"\n')
+    path.chmod(0o755)
+    cli = NitroCli(str(path), env=fake.env, run_timeout=120)
+    sup = EnclaveSupervisor(cli, fake.launch(), "wgvsock-x", None, logging.getLogger("t"),
+                            poll_interval=0.05)
+    sup.start()
+    wait(lambda: fake.enclaves())  # booting: run-enclave has not returned
+    t0 = time.monotonic()
+    sup.stop(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert not sup._thread.is_alive()
     assert fake.enclaves() == []

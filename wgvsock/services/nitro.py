@@ -24,6 +24,7 @@ command reference):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -178,24 +179,46 @@ class NitroCli:
         self.env = env
         self.run_timeout = run_timeout
         self.timeout = timeout
+        self._calls: set[subprocess.Popen] = set()  # in flight, for cancel()
+        self._calls_lock = threading.Lock()
 
     def _call(self, args: Sequence[str], timeout: float) -> str:
         cmd = [self.path, *args]
         try:
             # errors="replace": bytes that are not UTF-8 must be a parse error, not a crash.
-            res = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                                 timeout=timeout, env=self.env, check=False)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, errors="replace", env=self.env)
         except FileNotFoundError:
             raise NitroError(f"{self.path} not found: install aws-nitro-enclaves-cli "
                              "(dnf install aws-nitro-enclaves-cli on Amazon Linux)") from None
         except PermissionError as e:
             raise NitroError(f"cannot run {self.path}: {e.strerror}") from None
+        with self._calls_lock:
+            self._calls.add(proc)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             raise NitroError(f"`nitro-cli {args[0]}` did not finish within {timeout:.0f} s") \
                 from None
-        if res.returncode != 0:
-            raise parse_error(res.stderr, res.stdout, res.returncode)
-        return res.stdout
+        finally:
+            with self._calls_lock:
+                self._calls.discard(proc)
+        if proc.returncode < 0:
+            raise NitroError(f"`nitro-cli {args[0]}` was stopped (signal {-proc.returncode})")
+        if proc.returncode != 0:
+            raise parse_error(stderr, stdout, proc.returncode)
+        return stdout
+
+    def cancel(self) -> None:
+        """Kills the calls in flight (a run-enclave booting for minutes, say); each raises
+        NitroError. Later calls run as usual."""
+        with self._calls_lock:
+            calls = list(self._calls)
+        for proc in calls:
+            with contextlib.suppress(OSError):
+                proc.kill()
 
     @staticmethod
     def run_args(launch: EnclaveLaunch, name: str | None = None) -> list[str]:
@@ -342,6 +365,11 @@ class EnclaveSupervisor:
         self._stop.set()
         with self._started:
             self._started.notify_all()
+        # A run-enclave may be booting for minutes: kill it; the thread then terminates what
+        # it may have started under our name (and the enclave it watches) and ends.
+        cancel = getattr(self.nitro, "cancel", None)
+        if cancel is not None:
+            cancel()
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(self.stop_timeout if timeout is None else timeout)
