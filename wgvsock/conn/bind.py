@@ -368,14 +368,19 @@ class SocketBind(Bind):
     def _join_threads(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
-        with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            if t is me:  # close() called from a receive callback
-                continue
-            t.join(max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                log.warning("%s: thread %s did not stop", self.network, t.name)
+        joined: set[threading.Thread] = set()
+        while True:
+            # Again until no new one appears: a thread being joined may start another on its
+            # way out (the accept loop, a reader for a connection it took as close began).
+            with self._lock:
+                threads = [t for t in self._threads if t not in joined and t is not me]
+            if not threads:
+                return
+            for t in threads:
+                joined.add(t)
+                t.join(max(0.0, deadline - time.monotonic()))
+                if t.is_alive():
+                    log.warning("%s: thread %s did not stop", self.network, t.name)
 
     # -- Unix socket files -------------------------------------------------------------------
 
