@@ -4,10 +4,11 @@ dying thread stops the daemon with its reason (issue 12.6)."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
-from wgvsock.threads import Survivor, on_thread_death
+from wgvsock.threads import NamedThread, Survivor, on_thread_death
 
 
 def test_survivor_logs_the_traceback_once_then_gives_up(caplog: pytest.LogCaptureFixture):
@@ -38,3 +39,16 @@ def test_a_dying_thread_stops_the_daemon_with_its_reason(monkeypatch: pytest.Mon
     t.join()
     assert reasons == ["thread worker died: KeyError: 'lost'"]
     assert "thread worker died" in caplog.text and "Traceback" in caplog.text
+
+
+def test_named_threads_carry_their_name_to_the_kernel() -> None:
+    seen: list[str] = []
+
+    def run() -> None:
+        tid = threading.get_native_id()
+        seen.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+
+    t = NamedThread(target=run, name="wg0-timers-and-more")
+    t.start()
+    t.join()
+    assert seen == ["wg0-timers-and-"]  # the kernel keeps 15 bytes

@@ -11,16 +11,44 @@ Two tools, used together:
   exception that ends any thread (a Survivor that gave up included) is logged with its
   traceback and stops the daemon through `stop(reason)`; the daemon then exits non-zero and
   systemd restarts it.
+
+`NamedThread` is how the daemons start their long-lived threads: the kernel then knows each by
+its name (`top -H`, `ps -L`, `/proc/PID/task/TID/comm`, perf), so an operator can tell which
+one burns a CPU or hangs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
 from collections.abc import Callable
 
 log = logging.getLogger("wgvsock.threads")
+
+_PR_SET_NAME = 15
+_libc: ctypes.CDLL | None = None
+
+
+def set_os_thread_name(name: str) -> None:
+    """Names the calling thread for the kernel (at most 15 bytes are kept); best effort."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(_PR_SET_NAME, name.encode("utf-8", "replace")[:15], 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux, or no prctl: names are a convenience
+        pass
+
+
+class NamedThread(threading.Thread):
+    """A `threading.Thread` that gives its OS thread its name when it starts (Python 3.14
+    does this itself; 3.11 does not)."""
+
+    def run(self) -> None:
+        set_os_thread_name(self.name)
+        super().run()
 
 
 class Survivor:

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from ..threads import NamedThread
 from .endpoint import (
     INET_NETWORKS,
     NETWORKS,
@@ -356,7 +357,7 @@ class SocketBind(Bind):
     def _start_thread(
         self, target: Callable[..., None], name: str, *args: object
     ) -> threading.Thread:
-        t = threading.Thread(target=target, name=name, args=args, daemon=True)
+        t = NamedThread(target=target, name=name, args=args, daemon=True)
         # Started before it is registered: a thread that failed to start (RuntimeError when
         # the process is out of threads) must not be joined at close.
         t.start()

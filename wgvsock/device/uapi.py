@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..threads import NamedThread
+
 __all__ = [
     "ERR_INVALID",
     "ERR_IO",
@@ -588,7 +590,7 @@ class UAPIServer:
         st = os.stat(self.path)
         self._identity = (st.st_dev, st.st_ino)
         self._sock.listen(16)
-        self._accept_thread = threading.Thread(
+        self._accept_thread = NamedThread(
             target=self._accept_loop, name=f"uapi-{ifname}", daemon=True
         )
         self._accept_thread.start()
@@ -660,7 +662,7 @@ class UAPIServer:
                     continue
                 self._clients.add(conn)
             try:
-                threading.Thread(
+                NamedThread(
                     target=self._serve_client, args=(conn,), name=f"uapi-{self.ifname}-c",
                     daemon=True,
                 ).start()
@@ -781,7 +783,7 @@ class UAPIServer:
                         log.exception("UAPI socket-removed callback failed")
                     return
 
-        self._watcher = threading.Thread(
+        self._watcher = NamedThread(
             target=watch, name=f"uapi-{self.ifname}-watch", daemon=True
         )
         self._watcher.start()

@@ -27,7 +27,7 @@ from ..core.crypto import generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
 from ..services.control import ControlError, Welcome, hold_connection, register
-from ..threads import on_thread_death
+from ..threads import NamedThread, on_thread_death
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
 
 log = logging.getLogger("wgvsock.enclave")
@@ -123,7 +123,7 @@ class Enclave:
         except BaseException:
             self.close()
             raise
-        self._thread = threading.Thread(target=self._control_loop, name="control", daemon=True)
+        self._thread = NamedThread(target=self._control_loop, name="control", daemon=True)
         self._thread.start()
 
     def _routes(self) -> list:

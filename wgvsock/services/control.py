@@ -39,7 +39,7 @@ from typing import Any
 
 from ..conn.bind import RateLimitedLog
 from ..safetext import prose, quote
-from ..threads import Survivor
+from ..threads import NamedThread, Survivor
 
 log = logging.getLogger("wgvsock.control")
 
@@ -232,7 +232,7 @@ class ControlServer:
         self.last_verdict: Verdict | None = None
         self._refusal_log = RateLimitedLog(logger=log)
         self._survivor = Survivor("control: accept")
-        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread = NamedThread(target=self._accept_loop, name="control", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -288,7 +288,7 @@ class ControlServer:
             self._refusal_log(logging.WARNING, "control: refused a connection: %s", why)
             return
         try:
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            NamedThread(target=self._serve, args=(conn,), daemon=True).start()
         except BaseException:
             with self._lock:
                 self._clients.discard(conn)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..threads import NamedThread
 from .profile import EnclaveLaunch
 
 log = logging.getLogger("wgvsock.nitro")
@@ -356,7 +357,7 @@ class EnclaveSupervisor:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name=f"enclave-{self.name}",
+        self._thread = NamedThread(target=self._run, name=f"enclave-{self.name}",
                                         daemon=True)
         self._thread.start()
 

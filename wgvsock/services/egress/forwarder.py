@@ -56,6 +56,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
+from ...threads import NamedThread
 from ..firewall import name_set
 from .names import Labels, NamePolicy, labels_of
 from .refusals import Refusals
@@ -258,7 +259,7 @@ class Forwarder:
             for _, s in socks:  # those no server took over yet
                 s.close()
 
-        self._thread = threading.Thread(target=run, name="dns-forwarder", daemon=True)
+        self._thread = NamedThread(target=run, name="dns-forwarder", daemon=True)
         self._thread.start()
         if not ready.wait(10):
             self.close()

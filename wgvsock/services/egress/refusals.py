@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...conn.bind import RateLimitedLog
-from ...threads import Survivor
+from ...threads import NamedThread, Survivor
 from ..nflog import Flow, NflogSocket, flow
 
 LIMIT = 256
@@ -161,7 +161,7 @@ class RefusalReader:
         self.sock = sock
         self.refusals = refusals
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name="refusals", daemon=True)
+        self._thread = NamedThread(target=self._run, name="refusals", daemon=True)
 
     @property
     def group(self) -> int:

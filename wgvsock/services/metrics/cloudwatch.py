@@ -27,6 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
+from ...threads import NamedThread
 from .. import aws
 
 log = logging.getLogger("wgvsock.metrics")
@@ -139,7 +140,7 @@ class CloudWatchSender:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="cloudwatch", daemon=True)
+        self._thread = NamedThread(target=self._run, name="cloudwatch", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
