@@ -5,12 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # podman + debootstrap build and run the enclave image in tests/net/test_image.py; systemd gives
-# systemd-analyze, which checks parent/wgvsock-parent@.service. qemu-system-x86, linux-image-amd64,
+# systemd-analyze, which checks parent/wgvsock-parent@.service, and systemd-container gives
+# systemd-nspawn, in which tests/net/test_systemd.py boots systemd to run that unit. qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio make the throw-away guest of tests/guest (real vsock, the kernel's WireGuard).
 # dnsmasq-base (the binary, without the system service that the dnsmasq package enables) is the
 # "internet" resolver of tests/net/test_egress_names.py (egress by host name).
 APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod \
-                podman debootstrap systemd qemu-system-x86 linux-image-amd64 busybox-static cpio \
+                podman debootstrap systemd systemd-container qemu-system-x86 linux-image-amd64 busybox-static cpio \
                 dnsmasq-base
 APT_MARK := $(VENV)/.apt-done
 

@@ -145,11 +145,20 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None) -> int:
+    import faulthandler
+    import time
+
     from .conn import make_bind
     from .device.device import Device
     from .device.uapi import DEFAULT_RUN_DIR
+    from .sdnotify import Notifier
     from .threads import on_thread_death
 
+    # Under a Type=notify unit (with -f): READY=1 once the interface and its UAPI socket
+    # exist, the watchdog while the timer thread ticks, every thread's stack on SIGABRT.
+    notifier = Notifier.from_environ()
+    if not faulthandler.is_enabled():  # (pytest enables it for itself)
+        faulthandler.enable(all_threads=True)
     try:
         bind = make_bind(network, dgram)
         device = Device(
@@ -165,6 +174,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         else:
             log.error("%s", reason)
             report_ready(ready_fd, reason)
+        notifier.status(reason)
         return 1
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -175,10 +185,14 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     on_thread_death(device.fail)
     try:
         report_ready(ready_fd)
+        notifier.ready(f"interface {device.ifname} up ({network}, port {device.port})")
         while not device.wait(1.0):
-            pass
+            now = time.monotonic()
+            notifier.beat(now, device.stalled(now))
     finally:
+        notifier.stopping(f"stopping: {device.stop_reason}" if device.stop_reason else None)
         device.close()
+        notifier.close()
     if device.failed:
         log.error("%s: stopped: %s", ifname, device.stop_reason)
         return 1

@@ -29,7 +29,7 @@ from ..conn.endpoint import Endpoint, display_endpoint
 from ..conn.framing import MAX_STREAM_MTU
 from ..core.engine import DROP, SEND, TUNNEL, Action, Engine
 from ..core.ratelimit import LoadTracker
-from ..threads import Survivor
+from ..threads import NamedThread, Survivor
 from .tun import GSO_MAX_SIZE, Tun, complete_checksum, split_tso
 from .uapi import DEFAULT_RUN_DIR, DeviceConfig, DeviceStatus, PeerStatus, UAPIError, UAPIServer
 
@@ -52,6 +52,10 @@ TUN_QUEUE_LEN = 1000
 # super-packets held it for milliseconds and cost a third of the throughput at MTU 65000.
 _READ_BATCH = 64
 _READ_BYTES = 64 * 1024
+# How long the timer thread may go without finishing a tick before the device counts as stuck
+# (`stalled`). A tick can legitimately block in one send for the stream transport's send
+# timeout (5 s, a peer that stopped reading), so the limit sits above that.
+STALL_LIMIT = 8.0
 
 
 def _src_key(ep: Endpoint) -> bytes:
@@ -122,6 +126,9 @@ class Device:
         self.tun: Tun | None = None
         self.uapi: UAPIServer | None = None
         self._threads: list[threading.Thread] = []
+        # When the timer thread last finished a tick (monotonic): it takes the engine lock and
+        # sends, so a deadlock or a wedged send on the data path shows here.
+        self._ticked = 0.0
         # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
         self._wake_r = self._wake_w = -1
         self._load = LoadTracker()
@@ -166,8 +173,9 @@ class Device:
         except BaseException:
             self.close()
             raise
+        self._ticked = time.monotonic()
         for target, name in ((self._tun_loop, "tun"), (self._timer_loop, "timers")):
-            t = threading.Thread(target=target, name=f"{self.ifname}-{name}", daemon=True)
+            t = NamedThread(target=target, name=f"{self.ifname}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info(
@@ -222,6 +230,17 @@ class Device:
         if not self._stopped.is_set():
             self.failed = True
         self.stop(reason)
+
+    def stalled(self, now: float, limit: float = STALL_LIMIT) -> str | None:
+        """Why the device counts as stuck at monotonic `now`, or None: its timer thread has not
+        finished a tick within `limit` seconds (for systemd's watchdog)."""
+        if self._stopped.is_set() or not self._threads:
+            return None
+        idle = now - self._ticked
+        if idle <= limit:
+            return None
+        return (f"interface {self.ifname}: the timer thread has not finished a tick for "
+                f"{idle:.0f} s (data path stuck)")
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -457,6 +476,7 @@ class Device:
                 if now >= next_watch:
                     next_watch = now + _WATCH_EVERY
                     self._watch(tun)
+                self._ticked = now
             except Exception as e:
                 if not survivor.survive(e):
                     raise

@@ -11,6 +11,7 @@ attestation policy to the running parent without touching the tunnel; anything e
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import select
@@ -28,6 +29,7 @@ from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64,
 from ..device import netconf
 from ..device.device import Device
 from ..safetext import prose
+from ..sdnotify import Notifier
 from ..services import firewall
 from ..services.control import ControlError, ControlServer, Verdict
 from ..services.egress.refusals import RefusalReader, Refusals
@@ -181,6 +183,10 @@ def attestation_state(verdict: Verdict) -> str:
         return "debug"
     return "false"
 
+
+# A session is renewed every 2 minutes while traffic flows; 3 minutes without a handshake means
+# the tunnel is idle or gone (wireguard-go's REJECT_AFTER_TIME).
+_TUNNEL_QUIET = 180.0
 
 # What a running parent can change (`reload`); any other key needs `down` and `up`.
 _LIVE_KEYS = ("parent.egress.", "parent.ingress", "attestation.")
@@ -660,6 +666,21 @@ class Parent:
                                             enclave_name(self.profile.name), started, log)
         self.supervisor.start()
 
+    def status_line(self, now: float) -> str:
+        """One line for `systemctl status` (sd_notify STATUS): changes only on events."""
+        if self.enclave_key is None or self.device is None:
+            return f"{self.profile.interface} up; waiting for the enclave to register"
+        attested = attestation_state(self.verdict) if self.verdict is not None else "false"
+        last = self.device.last_handshake(self.enclave_key)
+        if last is None:
+            tunnel = "waiting for its first handshake"
+        elif now - last < _TUNNEL_QUIET:
+            tunnel = "tunnel up"
+        else:
+            tunnel = f"no handshake for over {_TUNNEL_QUIET:.0f} s"
+        return (f"{self.profile.interface} up; enclave registered (attested: {attested}); "
+                f"{tunnel}")
+
     def close(self) -> None:
         self.stopped.set()
         for service in (self.cloudwatch, self.exporter):
@@ -706,6 +727,11 @@ class Parent:
 def run_up(profile, ready_fd: int | None) -> int:
     from ..daemon import report_ready
 
+    # Under a Type=notify unit: READY=1 once up, the watchdog while the data path moves, and a
+    # dump of every thread's stack to the journal when the watchdog's SIGABRT comes.
+    notifier = Notifier.from_environ()
+    if not faulthandler.is_enabled():  # (pytest enables it for itself)
+        faulthandler.enable(all_threads=True)
     parent = Parent(profile)
     # The handler only notes what was asked; signal.set_wakeup_fd wakes the loop (from C).
     # A handler that took a lock (Event.set) could deadlock against this thread holding the
@@ -749,6 +775,7 @@ def run_up(profile, ready_fd: int | None) -> int:
             else:  # e.g. botocore's own errors: a traceback helps
                 log.exception("%s", msg)
             report_ready(ready_fd, msg)
+            notifier.status(msg)
             return 1
         on_thread_death(on_death)
         try:
@@ -757,6 +784,7 @@ def run_up(profile, ready_fd: int | None) -> int:
                              "starting")
             else:
                 report_ready(ready_fd)
+                notifier.ready(parent.status_line(time.monotonic()))
             while not asked["stop"]:
                 poller.poll(1000)
                 with contextlib.suppress(BlockingIOError):
@@ -766,7 +794,12 @@ def run_up(profile, ready_fd: int | None) -> int:
                     break
                 if asked["reload"]:
                     asked["reload"] = False
-                    reload_from_file(parent)
+                    reload_from_file(parent, notifier)
+                now = time.monotonic()
+                stalled = parent.device.stalled(now) if parent.device is not None else None
+                notifier.beat(now, stalled)
+                if stalled is None:  # else the status would wait for the stuck engine lock
+                    notifier.status(parent.status_line(now))
                 if parent.device is not None and parent.device.wait(0):
                     log.error("parent %s: %s", profile.name, parent.device.stop_reason)
                     # Stopping on its own is a failure, whatever the reason: the unit's
@@ -779,8 +812,10 @@ def run_up(profile, ready_fd: int | None) -> int:
                     failures.append(str(e))
                     break
         finally:
+            notifier.stopping(f"stopping: {failures[0]}" if failures else "stopping")
             parent.close()
     finally:
+        notifier.close()
         signal.set_wakeup_fd(old_wakeup)
         with pipe_lock:
             closed[0] = True
@@ -793,12 +828,16 @@ def run_up(profile, ready_fd: int | None) -> int:
     return 0
 
 
-def reload_from_file(parent: Parent) -> bool:
+def reload_from_file(parent: Parent, notifier: Notifier | None = None) -> bool:
     """SIGHUP: reads the running profile's file again and applies it (Parent.reload). The
-    outcome goes to the log and to the state file, where `parent reload` waits for it."""
+    outcome goes to the log and to the state file, where `parent reload` waits for it, and to
+    systemd (RELOADING=1, then READY=1 before the outcome is recorded: the unit's ExecReload,
+    which waits for that record, then ends with the service back in its running state)."""
     from ..services.profile import ProfileError, load_profile_digest
 
     name, path = parent.profile.name, parent.profile.path
+    if notifier is not None:
+        notifier.reloading()
     # Which `parent reload` asked (it waits for its own outcome): read before the file, so
     # an outcome never claims a request made after the file was read.
     try:
@@ -824,6 +863,9 @@ def reload_from_file(parent: Parent) -> bool:
         ok, message = False, f"not reloaded: internal error: {e}"
     if not ok:
         log.error("parent %s: %s", name, message)
+    if notifier is not None:
+        first = message.splitlines()[0] if message else ""
+        notifier.ready(("reloaded: " if ok else "") + prose(first, 200))
     state = parent._state
     if state is not None:
         state.reload = {"seq": state.reload.get("seq", 0) + 1, "ok": ok, "message": message,

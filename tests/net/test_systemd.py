@@ -1,0 +1,260 @@
+"""The parent under its own unit (parent/wgvsock-parent@.service), run by systemd itself.
+
+systemd 252 (Debian's, what Amazon Linux 2023 also runs) boots in a container whose network
+is the parent's namespace (tests/net/systemd_rig.py); the unit is installed as the README
+says and driven with `systemctl`. The enclave runs outside, in its own namespace, over the
+Unix stand-in, and its app is never restarted. What is checked:
+
+- readiness (Type=notify): `systemctl start` returns only once the interface, the nftables
+  table and the control listener exist; `systemctl status` says what the parent waits for;
+- restarts (Restart=on-failure): after SIGKILL and after the parent stops itself (its
+  interface deleted), the enclave reaches the internet again within RECOVERY_BOUND;
+- `systemctl reload`: a new ingress port applied by the same process, which stays active; a
+  broken profile refused with the reason, the parent running on;
+- `systemctl stop`: nothing left behind, no restart;
+- the watchdog (WatchdogSec=): one thread of the data path stopped (ptrace), the rest of the
+  process running — systemd stops it with SIGABRT, the journal shows why and every thread's
+  stack, the unit restarts it and the tunnel comes back;
+- `wgvsock daemon -f` (the wireguard-go-vsock drop-in) in a Type=notify unit of its own: its
+  UAPI socket answers as soon as `systemctl start` returns.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .netlab import Lab, wait_for
+from .systemd_rig import NSPAWN, Container, StuckThread
+from .test_recovery import RECOVERY_BOUND, app_pid
+from .test_roles import World
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+UNIT_FILE = Path(__file__).resolve().parents[2] / "parent" / "wgvsock-parent@.service"
+
+
+@dataclass
+class Rig:
+    world: World
+    box: Container
+    unit: str
+    home: Path  # the profile, key and sockets: outside /tmp, which the unit's PrivateTmp hides
+
+    def show(self, *props: str) -> dict[str, str]:
+        return self.box.show(self.unit, *props)
+
+    def main_pid(self) -> int:
+        return int(self.show("MainPID")["MainPID"])
+
+    def restarts(self) -> int:
+        return int(self.show("NRestarts")["NRestarts"])
+
+    def running(self) -> bool:
+        s = self.show("ActiveState", "SubState")
+        return s["ActiveState"] == "active" and s["SubState"] == "running"
+
+    def status_text(self) -> str:
+        return self.show("StatusText").get("StatusText", "")
+
+    def journal(self) -> str:
+        return self.box.journal(self.unit)
+
+    def egress_back_within(self, since: float, what: str) -> float:
+        wait_for(lambda: self.world.curl(self.world.enclave, "http://198.51.100.2/", timeout=1)
+                 == "hello from the internet\n", RECOVERY_BOUND - (time.monotonic() - since),
+                 what)
+        return time.monotonic() - since
+
+
+@pytest.fixture
+def rig(lab: Lab) -> Iterator[Rig]:
+    if shutil.which(NSPAWN) is None:
+        pytest.fail("systemd-nspawn is missing: `make test` installs systemd-container")
+    home = Path(f"/run/wgvsock-sd-{lab.tag}")
+    home.mkdir(mode=0o700)
+    box = None
+    unit = ""
+    try:
+        world = World(lab, transport=f"  kind: unix\n  port: 51820\n  path: {home}/sock")
+        world.env["TMPDIR"] = str(lab.tmp)
+        text = world.profile.read_text().replace(str(lab.tmp / "parent.key"),
+                                                 str(home / "parent.key"))
+        world.profile = home / f"{world.name}.yaml"
+        world.profile.write_text(text)
+        box = Container(lab.tmp, world.parent.name, f"wgvsd{lab.tag}",
+                        binds=[(str(home), str(home), True), (str(home), "/etc/wgvsock", False)])
+        box.start()
+        # Installed as parent/README.md says (the empty /etc lacks the directory).
+        box.run("install", "-D", "-m", "0644", f"/opt/wgvsock/src/parent/{UNIT_FILE.name}",
+                f"/etc/systemd/system/{UNIT_FILE.name}", check=True)
+        box.systemctl("daemon-reload", check=True)
+        unit = f"wgvsock-parent@{world.name}.service"
+        yield Rig(world, box, unit, home)
+    finally:
+        try:
+            if box is not None:
+                if box.proc is not None and box.leader and unit:
+                    print(f"\n--- the journal of {unit} ---\n" + box.journal(unit)[-3000:])
+                box.close()
+            if "world" in locals():
+                world.close()
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def start(rig: Rig) -> None:
+    """`systemctl start`, then what must already be there when it returns."""
+    res = rig.box.systemctl("start", rig.unit, timeout=120)
+    assert res.returncode == 0, f"{res.stderr}\n{rig.journal()}"
+    # Type=notify: start returned after READY=1, so everything `up` makes exists now, not
+    # "soon" (with Type=exec it returned as soon as the process had been started).
+    world = rig.world
+    assert world.parent.ip("link", "show", "wg0", check=False).returncode == 0
+    table = world.parent.run("nft", "list", "tables", check=True).stdout
+    assert f"wgvsock-{world.name}" in table or world.name in table, table
+    assert (rig.home / "sock").is_dir() and any((rig.home / "sock").iterdir())
+    assert rig.running()
+
+
+def test_the_unit_starts_ready_restarts_reloads_and_stops_under_systemd(rig: Rig) -> None:
+    world = rig.world
+    start(rig)
+    props = rig.show("Type", "NotifyAccess", "WatchdogUSec", "Restart", "RestartUSec",
+                     "StartLimitBurst", "StartLimitIntervalUSec")
+    # RestartSec is spent before the parent even starts: it leaves room in the 10 s bound for
+    # ExecStop, `parent up` and the enclave's redial. A crash loop still gives up: 5 starts
+    # 1 s apart fit well within the 5 minutes of the start limit.
+    assert props == {"Type": "notify", "NotifyAccess": "main", "WatchdogUSec": "10s",
+                     "Restart": "on-failure", "RestartUSec": "1s", "StartLimitBurst": "5",
+                     "StartLimitIntervalUSec": "5min"}
+    assert rig.status_text() == "wg0 up; waiting for the enclave to register"
+
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the tunnel")
+    wait_for(lambda: "tunnel up" in rig.status_text(), 10, "the status to say the tunnel is up")
+    assert rig.status_text() == "wg0 up; enclave registered (attested: false); tunnel up"
+    app = app_pid(world)
+
+    # 1. A crash: SIGKILL. Restarted by the unit; the enclave's app never notices.
+    first = rig.main_pid()
+    crashed = time.monotonic()
+    rig.box.run("kill", "-KILL", str(first), check=True)
+    wait_for(lambda: rig.restarts() == 1 and rig.running(), RECOVERY_BOUND, "the restart")
+    took = rig.egress_back_within(crashed, "egress after SIGKILL")
+    print(f"\nSIGKILL: egress back {took:.2f} s after the kill")
+    assert rig.main_pid() != first
+
+    # 2. The parent stops itself for a reason (exit 1): its interface deleted under it.
+    second = rig.main_pid()
+    failed = time.monotonic()
+    world.parent.ip("link", "del", "wg0")
+    wait_for(lambda: rig.restarts() == 2 and rig.running(), RECOVERY_BOUND, "the restart")
+    took = rig.egress_back_within(failed, "egress after the interface was deleted")
+    print(f"interface deleted: egress back {took:.2f} s later")
+    assert rig.main_pid() != second
+    assert "interface wg0 was removed" in rig.journal()
+    assert app_pid(world) == app, "the enclave's app was restarted"
+    wait_for(world.ingress_works, RECOVERY_BOUND, "ingress after the restarts")
+
+    # 3. `systemctl reload`: a new ingress port, applied by the same process.
+    pid = rig.main_pid()
+    good = world.profile.read_text()
+    world.profile.write_text(good.replace("{listen: 8443", "{listen: 9443"))
+    res = rig.box.systemctl("reload", rig.unit)
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: world.curl(world.internet, "http://198.51.100.1:9443/")
+             == "hello from the enclave\n", 10, "ingress on the reloaded port")
+    assert rig.main_pid() == pid and rig.running()
+    assert "reloaded from" in rig.journal()
+
+    # A profile that does not parse, then one the running parent cannot take: each reload
+    # fails, saying why; the parent runs on, back in its running state (READY=1 after
+    # RELOADING=1 even when the reload failed).
+    world.profile.write_text(good.replace("ingress:", "ingress: [oops"))
+    assert rig.box.systemctl("reload", rig.unit).returncode != 0
+    assert "not valid YAML" in rig.journal()
+    world.profile.write_text(good.replace("interface: wg0", "interface: wg9"))
+    assert rig.box.systemctl("reload", rig.unit).returncode != 0
+    assert "not reloaded: interface (line 3) changed" in rig.journal()
+    assert rig.main_pid() == pid and rig.running()
+    world.profile.write_text(good.replace("{listen: 8443", "{listen: 9443"))
+    assert world.egress_works()
+
+    # 4. `systemctl stop`: clean, nothing left, not restarted.
+    rig.box.systemctl("stop", rig.unit, check=True)
+    # (Result=success: Restart=on-failure does not bring it back.)
+    s = rig.show("ActiveState", "SubState", "Result")
+    assert s == {"ActiveState": "inactive", "SubState": "dead", "Result": "success"}
+    assert world.parent.ip("link", "show", "wg0", check=False).returncode != 0
+    assert world.name not in world.parent.run("nft", "list", "tables", check=True).stdout
+    assert not any((rig.home / "sock").glob("*.sock"))
+
+
+def test_the_watchdog_restarts_a_parent_whose_data_path_hangs(rig: Rig) -> None:
+    world = rig.world
+    start(rig)
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the tunnel")
+    app = app_pid(world)
+
+    pid = rig.box.host_pid(rig.main_pid())
+    timers = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()
+              if (t / "comm").read_text().strip() == "wg0-timers"]
+    assert len(timers) == 1, "the device's timer thread is named for the kernel (NamedThread)"
+    stuck = StuckThread(timers[0])
+    hung = time.monotonic()
+    try:
+        # Only that thread is stopped: the rest of the parent still answers, so only the
+        # watchdog can tell. It is stopped with SIGABRT, after which the stopped thread must
+        # be reaped by its tracer (us) before systemd sees the process end.
+        stuck.reap(60)
+        assert stuck.done, "the hung parent was not stopped"
+    finally:
+        stuck.release()
+    killed = time.monotonic() - hung
+    wait_for(lambda: rig.restarts() == 1 and rig.running(), 20, "the restart")
+    took = rig.egress_back_within(time.monotonic(), "egress after the watchdog's restart")
+    print(f"\nhung timer thread: stopped by the watchdog after {killed:.1f} s, egress back "
+          f"{took:.2f} s after the restart")
+    # 8 s without a tick (STALL_LIMIT), then at most WatchdogSec=10 s from the last ping.
+    assert 8 <= killed <= 25
+
+    log = rig.journal()
+    assert "not confirming liveness to systemd's watchdog: interface wg0: the timer thread " \
+        "has not finished a tick" in log
+    assert "Watchdog timeout" in log
+    # faulthandler: every thread's stack, the hung one's in the timer loop.
+    assert "Fatal Python error: Aborted" in log
+    assert "in _timer_loop" in log
+    assert app_pid(world) == app
+
+
+DAEMON_UNIT = """[Unit]
+Description=wgvsock daemon test
+[Service]
+Type=notify
+ExecStart=/usr/local/bin/wgvsock daemon -f -n unix wgt0
+Environment=WGVSOCK_UNIX_DIR=/run/wgvsock-unix
+"""
+
+
+def test_the_daemon_says_ready_when_its_uapi_socket_answers(rig: Rig) -> None:
+    box = rig.box
+    box.run("sh", "-c", f"printf '%s' '{DAEMON_UNIT}' > /etc/systemd/system/wgt.service",
+            check=True)  # (the rig made the directory when it installed the parent's unit)
+    box.systemctl("daemon-reload", check=True)
+    box.systemctl("start", "wgt.service", check=True)
+    # Ready means configurable: `wg` talks to the UAPI socket at once.
+    res = box.run("wg", "show", "wgt0", "listen-port", check=True)
+    assert res.stdout.strip() == "0" or res.stdout.strip().isdigit()
+    s = box.show("wgt.service", "ActiveState", "StatusText")
+    assert s["ActiveState"] == "active"
+    assert s["StatusText"].startswith("interface wgt0 up (unix")
+    box.systemctl("stop", "wgt.service", check=True)
+    assert box.run("ip", "link", "show", "wgt0").returncode != 0

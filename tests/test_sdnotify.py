@@ -1,0 +1,136 @@
+"""wgvsock.sdnotify against a real AF_UNIX datagram socket standing where systemd's would be
+(tests/net/test_systemd.py runs the parent under systemd itself)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from wgvsock.sdnotify import Notifier
+
+
+@pytest.fixture
+def manager(tmp_path: Path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify"
+    sock.bind(str(path))
+    sock.settimeout(5)
+    yield sock, str(path)
+    sock.close()
+
+
+def received(sock: socket.socket) -> list[str]:
+    return sock.recv(4096).decode().split("\n")
+
+
+def nothing_waiting(sock: socket.socket) -> bool:
+    return not select.select([sock], [], [], 0)[0]
+
+
+def test_environment_is_taken_so_children_do_not_inherit_it(manager) -> None:
+    _, path = manager
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000", "WATCHDOG_PID": str(os.getpid()),
+           "OTHER": "x"}
+    n = Notifier.from_environ(env)
+    assert env == {"OTHER": "x"}
+    assert n.enabled and n.watchdog_interval == 5.0
+
+
+def test_a_watchdog_meant_for_another_process_is_not_ours(manager) -> None:
+    _, path = manager
+    n = Notifier.from_environ({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000",
+                               "WATCHDOG_PID": "1"})
+    assert n.enabled and n.watchdog_interval is None
+
+
+@pytest.mark.parametrize("usec", ["", "0", "ten", "-5"])
+def test_no_or_bad_watchdog_period_means_no_watchdog(manager, usec: str, caplog) -> None:
+    _, path = manager
+    with caplog.at_level(logging.WARNING):
+        n = Notifier.from_environ({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": usec})
+    assert n.watchdog_interval is None
+    if usec == "ten":
+        assert "ignoring WATCHDOG_USEC='ten': not a number" in caplog.text
+
+
+def test_without_notify_socket_nothing_is_sent() -> None:
+    n = Notifier.from_environ({})
+    assert not n.enabled
+    assert n.send("READY=1") is False
+    n.ready("x")
+    n.beat(100.0, None)
+    n.close()
+
+
+def test_ready_status_reloading_stopping(manager) -> None:
+    sock, path = manager
+    n = Notifier(path)
+    n.ready("wg0 up;\nwaiting")
+    # A newline in the status would start an assignment of its own.
+    assert received(sock) == ["READY=1", "STATUS=wg0 up; waiting"]
+    n.status("wg0 up; waiting")  # unchanged: not sent again
+    n.status("tunnel up")
+    assert received(sock) == ["STATUS=tunnel up"]
+    n.reloading()
+    assert received(sock) == ["RELOADING=1"]
+    n.stopping("stopping: asked")
+    assert received(sock) == ["STOPPING=1", "STATUS=stopping: asked"]
+    assert nothing_waiting(sock)
+    n.close()
+
+
+def test_abstract_socket_address() -> None:
+    name = f"wgvsock-test-{os.getpid()}-{threading.get_ident()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(5)
+    try:
+        n = Notifier("@" + name)
+        n.ready()
+        assert received(sock) == ["READY=1"]
+        n.close()
+    finally:
+        sock.close()
+
+
+def test_watchdog_pings_at_half_the_period_and_never_while_stalled(manager, caplog) -> None:
+    sock, path = manager
+    n = Notifier(path, watchdog_usec=10_000_000)
+    n.beat(100.0, None)
+    assert received(sock) == ["WATCHDOG=1"]
+    n.beat(104.9, None)
+    assert nothing_waiting(sock)
+    n.beat(105.0, None)
+    assert received(sock) == ["WATCHDOG=1"]
+    with caplog.at_level(logging.ERROR):
+        for t in (110.0, 111.0, 112.0):
+            n.beat(t, "the timer thread has not finished a tick for 9 s")
+    assert nothing_waiting(sock)
+    # Said once, with the reason, not once a second.
+    assert caplog.text.count("not confirming liveness") == 1
+    assert "has not finished a tick for 9 s" in caplog.text
+    # Cleared: a ping at once, not at the next period.
+    with caplog.at_level(logging.WARNING):
+        n.beat(112.5, None)
+    assert received(sock) == ["WATCHDOG=1"]
+    assert "confirmed to systemd's watchdog again" in caplog.text
+    n.close()
+
+
+def test_a_manager_that_is_gone_is_reported_once_and_never_raises(tmp_path: Path,
+                                                                  caplog) -> None:
+    n = Notifier(str(tmp_path / "nobody"), watchdog_usec=2_000_000)
+    with caplog.at_level(logging.WARNING):
+        n.ready("x")
+        n.beat(1.0, None)
+        n.beat(2.0, None)
+        n.stopping()
+    assert caplog.text.count("cannot notify the service manager") == 1
+    n.close()
+

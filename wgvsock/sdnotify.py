@@ -1,0 +1,136 @@
+"""systemd's notification protocol (sd_notify(3)), for daemons run by a `Type=notify` unit.
+
+The service manager passes a datagram socket in `NOTIFY_SOCKET` and, with `WatchdogSec=`,
+the watchdog period in `WATCHDOG_USEC` (and the process meant in `WATCHDOG_PID`). Each
+message is one datagram of newline-separated `KEY=VALUE` assignments. The protocol is a few
+lines and has no other user here, so it is spoken directly rather than through libsystemd.
+
+Readiness matters because units ordered after ours start once we say READY=1, not when our
+process exists; the watchdog matters because a thread that hangs (a deadlock, a stuck system
+call) stops the data path without ending the process, which nothing else would notice. The
+caller decides what "alive" means and pings only then (see `Notifier.beat`).
+
+Without `NOTIFY_SOCKET` every call does nothing. A failed send is logged once and otherwise
+ignored: being managed by systemd is never a reason for the daemon to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import MutableMapping
+
+__all__ = ["Notifier"]
+
+log = logging.getLogger("wgvsock.sdnotify")
+
+_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+class Notifier:
+    """Talks to the service manager named by `address` (a path, or `@name` for an abstract
+    socket); `watchdog_usec` is WATCHDOG_USEC, None without a watchdog."""
+
+    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
+        self.address = address
+        self._target: str | bytes | None = None
+        if address:
+            # A leading "@" names a socket in the abstract namespace (a NUL byte to the kernel).
+            self._target = ("\0" + address[1:]).encode() if address[0] == "@" else address
+        self._sock: socket.socket | None = None
+        self._failed = False
+        # systemd asks for a ping at least every WATCHDOG_USEC and recommends half of it.
+        self.watchdog_interval: float | None = (
+            watchdog_usec / 2e6 if watchdog_usec and self._target is not None else None)
+        self._next_ping = 0.0
+        self._status: str | None = None
+        self._withheld = False
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> Notifier:
+        """The notifier the environment describes, taking its variables out of it (as
+        sd_notify's `unset_environment`): the programs we run (nitro-cli, an enclave's app)
+        must not talk to our service manager as if they were us."""
+        env = os.environ if environ is None else environ
+        address, usec, pid = (env.pop(name, None) for name in _ENV)
+        watchdog: int | None = None
+        if usec and (not pid or pid == str(os.getpid())):  # another process's watchdog
+            try:
+                watchdog = int(usec)
+            except ValueError:
+                log.warning("ignoring WATCHDOG_USEC=%.40r: not a number of microseconds", usec)
+        return cls(address or None, watchdog if watchdog and watchdog > 0 else None)
+
+    @property
+    def enabled(self) -> bool:
+        return self._target is not None
+
+    def send(self, *assignments: str) -> bool:
+        """Sends one message of KEY=VALUE `assignments`; False if it could not be sent."""
+        if self._target is None or not assignments:
+            return False
+        data = "\n".join(assignments).encode("utf-8", "replace")
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto(data, self._target)
+        except OSError as e:
+            if not self._failed:
+                self._failed = True
+                log.warning("cannot notify the service manager at NOTIFY_SOCKET=%s (%s); "
+                            "carrying on without it", self.address, e.strerror or e)
+            return False
+        return True
+
+    def ready(self, status: str | None = None) -> None:
+        """Start-up (or a reload) is complete."""
+        fields = ["READY=1"]
+        if status is not None:
+            self._status = _one_line(status)
+            fields.append("STATUS=" + self._status)
+        self.send(*fields)
+
+    def reloading(self) -> None:
+        self.send("RELOADING=1")
+
+    def stopping(self, status: str | None = None) -> None:
+        self.send("STOPPING=1", *(["STATUS=" + _one_line(status)] if status is not None else []))
+
+    def status(self, text: str) -> None:
+        """Shown by `systemctl status`; sent only when it changed."""
+        text = _one_line(text)
+        if text != self._status:
+            self._status = text
+            self.send("STATUS=" + text)
+
+    def beat(self, now: float, stalled: str | None) -> None:
+        """Called often (every second or so) with the monotonic time and whether the daemon is
+        stuck: pings the watchdog when one is due, unless `stalled` says why not. A stall is
+        logged once, when first seen; pings resume when it clears."""
+        if self.watchdog_interval is None:
+            return
+        if stalled is not None:
+            if not self._withheld:
+                self._withheld = True
+                log.error("not confirming liveness to systemd's watchdog: %s (systemd stops "
+                          "and restarts us if this lasts; the stack of each thread is then "
+                          "written to the log)", stalled)
+            return
+        if self._withheld:
+            self._withheld = False
+            log.warning("liveness confirmed to systemd's watchdog again")
+            self._next_ping = 0.0
+        if now >= self._next_ping:
+            self._next_ping = now + self.watchdog_interval
+            self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _one_line(text: str) -> str:
+    # A newline in a value would start another assignment.
+    return " ".join(text.split())
