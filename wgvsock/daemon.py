@@ -68,12 +68,11 @@ def setup_logging(level_name: str | None, ifname: str) -> None:
         print(f"warning: LOG_LEVEL={level_name!r} is not one of {', '.join(LOG_LEVELS)}; "
               "using error", file=sys.stderr)
         level = logging.ERROR
-    logging.basicConfig(
-        level=level,
-        format=f"%(levelname)s: ({ifname}) %(asctime)s %(message)s",
-        datefmt="%Y/%m/%d %H:%M:%S",
-        stream=sys.stderr,
-    )
+    from .journal import handler
+
+    # A '%' in the name (the kernel's "wg%d" template) must not be read as a format field.
+    fmt = f"%(levelname)s: ({ifname.replace('%', '%%')}) %(asctime)s %(message)s"
+    logging.basicConfig(level=level, handlers=[handler(fmt, "%Y/%m/%d %H:%M:%S")])
 
 
 def _truthy(value: str | None) -> bool:

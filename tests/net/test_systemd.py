@@ -15,6 +15,7 @@ Unix stand-in, and its app is never restarted. What is checked:
 - the watchdog (WatchdogSec=): one thread of the data path stopped (ptrace), the rest of the
   process running — systemd stops it with SIGABRT, the journal shows why and every thread's
   stack, the unit restarts it and the tunnel comes back;
+- the log: errors at priority err in the journal (`journalctl -p err`);
 - `wgvsock daemon -f` (the wireguard-go-vsock drop-in) in a Type=notify unit of its own: its
   UAPI socket answers as soon as `systemctl start` returns.
 """
@@ -159,6 +160,12 @@ def test_the_unit_starts_ready_restarts_reloads_and_stops_under_systemd(rig: Rig
     print(f"interface deleted: egress back {took:.2f} s later")
     assert rig.main_pid() != second
     assert "interface wg0 was removed" in rig.journal()
+    # Logged at its own priority (wgvsock.journal): `journalctl -p err` has the error and no
+    # info line.
+    errors = rig.box.run("journalctl", "--no-pager", "-o", "cat", "-p", "err", "-u", rig.unit,
+                         check=True).stdout
+    assert "stopped: interface wg0 was removed" in errors, errors
+    assert "up on wg0" not in errors and "enclave registered" not in errors
     assert app_pid(world) == app, "the enclave's app was restarted"
     wait_for(world.ingress_works, RECOVERY_BOUND, "ingress after the restarts")
 

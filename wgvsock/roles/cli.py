@@ -25,7 +25,9 @@ def _logging(verbose: bool) -> None:
         level = logging.DEBUG
     elif name == "verbose":
         level = logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from ..journal import handler
+
+    logging.basicConfig(level=level, handlers=[handler("%(levelname)s %(name)s: %(message)s")])
 
 
 def parent_main(argv: list[str]) -> int:
