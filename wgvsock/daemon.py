@@ -144,20 +144,18 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None) -> int:
-    import faulthandler
     import time
 
     from .conn import make_bind
     from .device.device import Device
     from .device.uapi import DEFAULT_RUN_DIR
     from .sdnotify import Notifier
-    from .threads import on_thread_death
+    from .threads import enable_stack_dumps, on_thread_death
 
     # Under a Type=notify unit (with -f): READY=1 once the interface and its UAPI socket
     # exist, the watchdog while the timer thread ticks, every thread's stack on SIGABRT.
     notifier = Notifier.from_environ()
-    if not faulthandler.is_enabled():  # (pytest enables it for itself)
-        faulthandler.enable(all_threads=True)
+    enable_stack_dumps()
     try:
         bind = make_bind(network, dgram)
         device = Device(

@@ -20,7 +20,9 @@ one burns a CPU or hangs.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +30,16 @@ from collections.abc import Callable
 log = logging.getLogger("wgvsock.threads")
 
 _PR_SET_NAME = 15
+
+
+def enable_stack_dumps() -> None:
+    """For a daemon process: each thread's Python stack goes to stderr (the journal) on a fatal
+    signal, systemd's watchdog SIGABRT included, and on SIGUSR1, which leaves the process
+    running: `kill -USR1 PID` (`systemctl kill -s USR1 --kill-who=main UNIT`) shows where a
+    slow or stuck daemon is without stopping it."""
+    if not faulthandler.is_enabled():  # (pytest enables it for itself)
+        faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 _libc: ctypes.CDLL | None = None
 
 

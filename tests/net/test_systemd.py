@@ -17,7 +17,8 @@ Unix stand-in, and its app is never restarted. What is checked:
   stack, the unit restarts it and the tunnel comes back;
 - the log: errors at priority err in the journal (`journalctl -p err`);
 - `wgvsock daemon -f` (the wireguard-go-vsock drop-in) in a Type=notify unit of its own: its
-  UAPI socket answers as soon as `systemctl start` returns.
+  UAPI socket answers as soon as `systemctl start` returns; SIGUSR1 writes each thread's stack
+  to the journal and leaves it running.
 """
 
 from __future__ import annotations
@@ -260,8 +261,13 @@ def test_the_daemon_says_ready_when_its_uapi_socket_answers(rig: Rig) -> None:
     # Ready means configurable: `wg` talks to the UAPI socket at once.
     res = box.run("wg", "show", "wgt0", "listen-port", check=True)
     assert res.stdout.strip() == "0" or res.stdout.strip().isdigit()
-    s = box.show("wgt.service", "ActiveState", "StatusText")
+    s = box.show("wgt.service", "ActiveState", "StatusText", "MainPID")
     assert s["ActiveState"] == "active"
     assert s["StatusText"].startswith("interface wgt0 up (unix")
+    # SIGUSR1: every thread's stack to the journal, and the daemon runs on.
+    box.systemctl("kill", "--signal=SIGUSR1", "--kill-who=main", "wgt.service", check=True)
+    wait_for(lambda: "in _timer_loop" in box.journal("wgt.service"), 10, "the stack dump")
+    assert box.show("wgt.service", "ActiveState", "MainPID") == {
+        "ActiveState": "active", "MainPID": s["MainPID"]}
     box.systemctl("stop", "wgt.service", check=True)
     assert box.run("ip", "link", "show", "wgt0").returncode != 0

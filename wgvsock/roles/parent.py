@@ -11,7 +11,6 @@ attestation policy to the running parent without touching the tunnel; anything e
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import logging
 import os
 import select
@@ -35,7 +34,7 @@ from ..services.control import ControlError, ControlServer, Verdict
 from ..services.egress.refusals import RefusalReader, Refusals
 from ..services.metrics.counters import DnsCounters, ParentCounters
 from ..services.nflog import open_free_group
-from ..threads import on_thread_death
+from ..threads import enable_stack_dumps, on_thread_death
 from .common import RoleError, configure, control_listener, run_dir, state_dir, unix_socket_path
 from .state import State, request_path, restore_forwarding, start_time
 
@@ -730,8 +729,7 @@ def run_up(profile, ready_fd: int | None) -> int:
     # Under a Type=notify unit: READY=1 once up, the watchdog while the data path moves, and a
     # dump of every thread's stack to the journal when the watchdog's SIGABRT comes.
     notifier = Notifier.from_environ()
-    if not faulthandler.is_enabled():  # (pytest enables it for itself)
-        faulthandler.enable(all_threads=True)
+    enable_stack_dumps()
     parent = Parent(profile)
     # The handler only notes what was asked; signal.set_wakeup_fd wakes the loop (from C).
     # A handler that took a lock (Event.set) could deadlock against this thread holding the
