@@ -48,7 +48,9 @@ def test_named_threads_carry_their_name_to_the_kernel() -> None:
         tid = threading.get_native_id()
         seen.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
 
-    t = NamedThread(target=run, name="wg0-timers-and-more")
-    t.start()
-    t.join()
-    assert seen == ["wg0-timers-and-"]  # the kernel keeps 15 bytes
+    for name in ("wg0-timers-and-more", "wgvsock-tcp-read-tcp:1.2.3.4"):
+        t = NamedThread(target=run, name=name)
+        t.start()
+        t.join()
+    # The kernel keeps 15 bytes; the transport's common prefix is left out.
+    assert seen == ["wg0-timers-and-", "tcp-read-tcp:1."]

@@ -59,7 +59,8 @@ class NamedThread(threading.Thread):
     does this itself; 3.11 does not)."""
 
     def run(self) -> None:
-        set_os_thread_name(self.name)
+        # 15 bytes are few: the transport's "wgvsock-" prefix says nothing inside our process.
+        set_os_thread_name(self.name.removeprefix("wgvsock-"))
         super().run()
 
 
