@@ -67,6 +67,17 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def ns_pid(pid: int) -> int:
+    """`pid`'s number in its own (innermost) PID namespace; 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -108,16 +119,24 @@ class Container:
             cmd.append(f"--bind{'' if writable else '-ro'}={host}:{inside}")
         cmd += ["--", "systemd.firstboot=off", "systemd.log_color=0",
                 "systemd.show_status=no"]
+        # /proc/sys/net writable (the parent switches forwarding on in its namespace), the
+        # rest of /proc/sys, which is this machine's, read-only: nspawn does this by itself
+        # only for a network it made.
+        env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env)
 
         def leader() -> int:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"systemd-nspawn exited ({self.proc.returncode}):\n"
                                      f"{self.console()}")
-            return next((p for p in descendants(self.proc.pid) if comm(p) == "systemd"), 0)
+            # The container's PID 1 and nothing else: commands nsentered into any other
+            # process (nspawn's own) would run on this machine itself.
+            return next((p for p in descendants(self.proc.pid)
+                         if comm(p) == "systemd" and ns_pid(p) == 1), 0)
 
         self.leader = wait_for(leader, timeout, "the container's systemd")
 
@@ -162,11 +181,8 @@ class Container:
         ns = os.readlink(f"/proc/{self.leader}/ns/pid")
         for p in [self.leader, *descendants(self.leader)]:
             with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{p}/ns/pid") != ns:
-                    continue
-                for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                    if line.startswith("NSpid:") and int(line.split()[-1]) == pid:
-                        return p
+                if os.readlink(f"/proc/{p}/ns/pid") == ns and ns_pid(p) == pid:
+                    return p
         raise LookupError(f"no process {pid} in the container")
 
     def close(self) -> None:

@@ -80,6 +80,9 @@ def rig(lab: Lab) -> Iterator[Rig]:
         pytest.fail("systemd-nspawn is missing: `make test` installs systemd-container")
     home = Path(f"/run/wgvsock-sd-{lab.tag}")
     home.mkdir(mode=0o700)
+    # The container must change nothing of this machine's own (its namespace's sysctls are
+    # the parent's to change; this one decides what every new namespace starts with).
+    host_forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     box = None
     unit = ""
     try:
@@ -108,6 +111,7 @@ def rig(lab: Lab) -> Iterator[Rig]:
                 world.close()
         finally:
             shutil.rmtree(home, ignore_errors=True)
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == host_forwarding
 
 
 def start(rig: Rig) -> None:
@@ -122,6 +126,7 @@ def start(rig: Rig) -> None:
     assert f"wgvsock-{world.name}" in table or world.name in table, table
     assert (rig.home / "sock").is_dir() and any((rig.home / "sock").iterdir())
     assert rig.running()
+    assert world.parent.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
 
 
 def test_the_unit_starts_ready_restarts_reloads_and_stops_under_systemd(rig: Rig) -> None:
