@@ -52,10 +52,14 @@ TUN_QUEUE_LEN = 1000
 # super-packets held it for milliseconds and cost a third of the throughput at MTU 65000.
 _READ_BATCH = 64
 _READ_BYTES = 64 * 1024
-# How long the timer thread may go without finishing a tick before the device counts as stuck
-# (`stalled`). A tick can legitimately block in one send for the stream transport's send
-# timeout (5 s, a peer that stopped reading), so the limit sits above that.
+# How long the timer thread may go without finishing a tick, or the TUN reader without coming
+# round its loop, before the device counts as stuck (`stalled`). Either can legitimately block
+# in one send for the stream transport's send timeout (5 s, a peer that stopped reading), so
+# the limit sits above that.
 STALL_LIMIT = 8.0
+# The TUN reader's longest wait for a packet: it notes the time on each pass, and an idle
+# tunnel must not look like a hung reader.
+_TUN_POLL_MS = 1000
 
 
 def _src_key(ep: Endpoint) -> bytes:
@@ -126,9 +130,10 @@ class Device:
         self.tun: Tun | None = None
         self.uapi: UAPIServer | None = None
         self._threads: list[threading.Thread] = []
-        # When the timer thread last finished a tick (monotonic): it takes the engine lock and
-        # sends, so a deadlock or a wedged send on the data path shows here.
-        self._ticked = 0.0
+        # When the timer thread last finished a tick and the TUN reader last came round its
+        # loop (monotonic): both take the engine lock and send, so a deadlock or a wedged send
+        # on the data path shows here.
+        self._ticked = self._tun_passed = 0.0
         # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
         self._wake_r = self._wake_w = -1
         self._load = LoadTracker()
@@ -173,7 +178,7 @@ class Device:
         except BaseException:
             self.close()
             raise
-        self._ticked = time.monotonic()
+        self._ticked = self._tun_passed = time.monotonic()
         for target, name in ((self._tun_loop, "tun"), (self._timer_loop, "timers")):
             t = NamedThread(target=target, name=f"{self.ifname}-{name}", daemon=True)
             t.start()
@@ -233,14 +238,17 @@ class Device:
 
     def stalled(self, now: float, limit: float = STALL_LIMIT) -> str | None:
         """Why the device counts as stuck at monotonic `now`, or None: its timer thread has not
-        finished a tick within `limit` seconds (for systemd's watchdog)."""
+        finished a tick, or its TUN reader has not come round its loop, within `limit` seconds
+        (for systemd's watchdog). The transport's receiving threads are not judged: they wait
+        on their peers, which may be silent for any time."""
         if self._stopped.is_set() or not self._threads:
             return None
-        idle = now - self._ticked
-        if idle <= limit:
-            return None
-        return (f"interface {self.ifname}: the timer thread has not finished a tick for "
-                f"{idle:.0f} s (data path stuck)")
+        for thread, since in (("timer thread has not finished a tick", self._ticked),
+                              ("TUN reader has not come round its loop", self._tun_passed)):
+            if now - since > limit:
+                return (f"interface {self.ifname}: the {thread} for {now - since:.0f} s "
+                        "(data path stuck)")
+        return None
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -335,7 +343,9 @@ class Device:
         drained = False
         while not self._stopped.is_set():
             if drained:
-                poller.poll()
+                self._tun_passed = monotonic()
+                if not poller.poll(_TUN_POLL_MS):
+                    continue
                 if self._stopped.is_set():  # close() sets it before it writes the wake pipe
                     return
                 drained = False
@@ -356,7 +366,7 @@ class Device:
             # is queued would put a system call (and, when nothing is, an exception) in front
             # of every packet of a ping or a request.
             with lock:
-                now = monotonic()
+                now = self._tun_passed = monotonic()
                 if len(packets) == 1:
                     actions = engine.encapsulate(packets[0], now)
                 else:
@@ -476,7 +486,9 @@ class Device:
                 if now >= next_watch:
                     next_watch = now + _WATCH_EVERY
                     self._watch(tun)
-                self._ticked = now
+                # When it ended: a tick that spent seconds in a blocked send is not then
+                # counted twice against STALL_LIMIT.
+                self._ticked = time.monotonic()
             except Exception as e:
                 if not survivor.survive(e):
                     raise
@@ -657,10 +669,11 @@ class Device:
         self._perform(actions)
 
     def last_handshake(self, public_key: bytes) -> float | None:
-        """Monotonic time of the peer's last completed handshake, or None."""
-        with self._lock:
-            peer = self.engine.peers.get(public_key)
-            return peer.last_handshake if peer is not None else None
+        """Monotonic time of the peer's last completed handshake, or None. Read without the
+        engine lock (one dict look-up and one attribute, each atomic): the parent's status
+        line asks every second and must not wait behind a data path that is stuck."""
+        peer = self.engine.peers.get(public_key)
+        return peer.last_handshake if peer is not None else None
 
     def _is_up(self) -> bool:
         try:
