@@ -7,12 +7,14 @@ import logging
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from wgvsock.sdnotify import Notifier
+from wgvsock.sdnotify import Notifier, Watchdog
 
 
 @pytest.fixture
@@ -134,3 +136,69 @@ def test_a_manager_that_is_gone_is_reported_once_and_never_raises(tmp_path: Path
     assert caplog.text.count("cannot notify the service manager") == 1
     n.close()
 
+
+
+def test_the_watchdog_thread_pings_while_healthy_and_stops_when_told(manager, caplog) -> None:
+    sock, path = manager
+    n = Notifier(path, watchdog_usec=200_000)  # a ping every 0.1 s
+    health: list[str | None] = [None]
+    dog = Watchdog(n, lambda now: health[0], every=0.02)
+    dog.start()
+    try:
+        # From its own thread: nothing else here calls beat().
+        assert received(sock) == ["WATCHDOG=1"]
+        assert received(sock) == ["WATCHDOG=1"]
+        with caplog.at_level(logging.ERROR):
+            health[0] = "the main loop has not come round for 31 s"
+            dog.check(1e9)  # (one look of our own, so the withholding has begun)
+            sock.settimeout(0.5)
+            while True:  # what was already on its way
+                try:
+                    sock.recv(64)
+                except TimeoutError:
+                    break
+        assert "not confirming liveness to systemd's watchdog: the main loop has not come " \
+            "round for 31 s" in caplog.text
+    finally:
+        dog.close()
+    n.close()
+
+
+def test_a_liveness_check_that_raises_withholds_the_ping(manager, caplog) -> None:
+    sock, path = manager
+    n = Notifier(path, watchdog_usec=10_000_000)
+
+    def broken(now: float) -> str | None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR):
+        Watchdog(n, broken).check(100.0)
+    assert nothing_waiting(sock)
+    assert "the liveness check failed: RuntimeError('boom')" in caplog.text
+    n.close()
+
+
+def test_without_a_watchdog_period_no_thread_is_started(manager) -> None:
+    _, path = manager
+    dog = Watchdog(Notifier(path), lambda now: None)
+    dog.start()
+    assert dog._thread is None
+    dog.close()
+
+
+def test_detaching_is_refused_under_a_type_notify_unit(manager, tmp_path: Path) -> None:
+    """systemd takes notifications only from the process it started, which would exit once
+    the detached one is up: the unit would fail after its start timeout, without a reason.
+    (`parent up` shares the launcher; tests/net/test_systemd.py runs it in a unit without -f.)"""
+    sock, path = manager
+    # Were the refusal gone, the detached daemon would fail at once here (an interface name
+    # longer than the kernel's 15 bytes), leaving nothing behind.
+    env = dict(os.environ, NOTIFY_SOCKET=path, WGVSOCK_UNIX_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "wgvsock.daemon", "-n", "unix",
+                          "wgnotify-name-too-long"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "started by a systemd unit of Type=notify (NOTIFY_SOCKET is set), which must run " \
+        "it in the foreground: add -f to the unit's ExecStart" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert nothing_waiting(sock)

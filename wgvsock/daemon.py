@@ -103,7 +103,14 @@ def take_ready_fd() -> int | None:
 
 def spawn_background(python_args: list[str], prog: str) -> int:
     """Starts `python python_args...` detached and waits until it calls `report_ready` (exit
-    0) or fails or dies (exit 1, printing its reason)."""
+    0) or fails or dies (exit 1, printing its reason). Refused under a Type=notify unit."""
+    if os.environ.get("NOTIFY_SOCKET"):
+        # systemd takes READY=1 and the watchdog's pings only from the process it started,
+        # which here would exit once the detached one is up: the unit would fail.
+        print(f"{prog}: started by a systemd unit of Type=notify (NOTIFY_SOCKET is set), "
+              "which must run it in the foreground: add -f to the unit's ExecStart",
+              file=sys.stderr)
+        return 1
     r, w = os.pipe()
     env = dict(os.environ, **{_ENV_READY_FD: str(w)})
     log_file = os.environ.get(ENV_LOG_FILE)
@@ -149,7 +156,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     from .conn import make_bind
     from .device.device import Device
     from .device.uapi import DEFAULT_RUN_DIR
-    from .sdnotify import Notifier
+    from .sdnotify import Notifier, Watchdog
     from .threads import enable_stack_dumps, on_thread_death
 
     # Under a Type=notify unit (with -f): READY=1 once the interface and its UAPI socket
@@ -180,13 +187,17 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     on_thread_death(device.fail)
+    watchdog = Watchdog(notifier, device.stalled)
     try:
         report_ready(ready_fd)
-        notifier.ready(f"interface {device.ifname} up ({network}, port {device.port})")
+        up = f"interface {device.ifname} up ({network}, port {device.port})"
+        notifier.ready(up)
+        watchdog.start()
         while not device.wait(1.0):
-            now = time.monotonic()
-            notifier.beat(now, device.stalled(now))
+            stalled = device.stalled(time.monotonic())
+            notifier.status(f"stuck: {stalled}" if stalled else up)
     finally:
+        watchdog.close()
         notifier.stopping(f"stopping: {device.stop_reason}" if device.stop_reason else None)
         device.close()
         notifier.close()

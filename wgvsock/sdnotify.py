@@ -8,7 +8,8 @@ lines and has no other user here, so it is spoken directly rather than through l
 Readiness matters because units ordered after ours start once we say READY=1, not when our
 process exists; the watchdog matters because a thread that hangs (a deadlock, a stuck system
 call) stops the data path without ending the process, which nothing else would notice. The
-caller decides what "alive" means and pings only then (see `Notifier.beat`).
+caller decides what "alive" means (`Watchdog`'s `health`) and the pings come from a thread of
+their own, so a main loop that is merely busy (a slow nft in a reload) is not taken for dead.
 
 Without `NOTIFY_SOCKET` every call does nothing. A failed send is logged once and otherwise
 ignored: being managed by systemd is never a reason for the daemon to stop.
@@ -19,9 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import MutableMapping
+import threading
+import time
+from collections.abc import Callable, MutableMapping
 
-__all__ = ["Notifier"]
+from .threads import NamedThread
+
+__all__ = ["Notifier", "Watchdog"]
 
 log = logging.getLogger("wgvsock.sdnotify")
 
@@ -39,6 +44,7 @@ class Notifier:
             # A leading "@" names a socket in the abstract namespace (a NUL byte to the kernel).
             self._target = ("\0" + address[1:]).encode() if address[0] == "@" else address
         self._sock: socket.socket | None = None
+        self._sock_lock = threading.Lock()  # the watchdog's thread sends too
         self._failed = False
         # systemd asks for a ping at least every WATCHDOG_USEC and recommends half of it.
         self.watchdog_interval: float | None = (
@@ -72,9 +78,12 @@ class Notifier:
             return False
         data = "\n".join(assignments).encode("utf-8", "replace")
         try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto(data, self._target)
+            with self._sock_lock:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX,
+                                               socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                sock = self._sock
+            sock.sendto(data, self._target)
         except OSError as e:
             if not self._failed:
                 self._failed = True
@@ -126,9 +135,50 @@ class Notifier:
             self.send("WATCHDOG=1")
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._sock_lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+class Watchdog:
+    """Pings systemd's watchdog from a thread of its own, each `every` seconds asking
+    `health(now)` (monotonic) whether the daemon is well: None, or why not. The daemon's own
+    loops report to `health` through timestamps (Device.stalled, the parent's main loop), so
+    the watchdog fires on a thread that hangs, not on one that is slow for a while. Does
+    nothing without a watchdog period."""
+
+    def __init__(self, notifier: Notifier, health: Callable[[float], str | None],
+                 every: float = 1.0) -> None:
+        self.notifier = notifier
+        self.health = health
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.notifier.watchdog_interval is None:
+            return
+        self._thread = NamedThread(target=self._run, name="watchdog", daemon=True)
+        self._thread.start()
+
+    def check(self, now: float) -> None:
+        """One look: pings, or withholds the ping (logging why, once)."""
+        try:
+            stalled = self.health(now)
+        except Exception as e:  # a broken check is no proof of life
+            stalled = f"the liveness check failed: {e!r}"
+        self.notifier.beat(now, stalled)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.check(time.monotonic())
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def _one_line(text: str) -> str:

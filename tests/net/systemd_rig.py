@@ -100,6 +100,16 @@ class Container:
         self.leader = 0  # the container's PID 1, as this machine numbers it
 
     def start(self, timeout: float = 90) -> None:
+        # The wrapper runs Debian's python3 on the venv's packages, whose compiled parts
+        # (cryptography, ...) are built for the venv's Python: the two must be one version.
+        system = subprocess.run(
+            ["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True, text=True, check=True).stdout.strip()
+        if system != str(sys.version_info[:2]):
+            raise AssertionError(
+                f"the container runs /usr/bin/python3 {system} on the venv's packages, built "
+                f"for Python {sys.version_info[:2]}: make the venv with /usr/bin/python3 "
+                "(`make clean venv`)")
         (self.scratch / "machine-id").write_text(uuid.uuid4().hex + "\n")
         bindir = self.scratch / "bin"
         bindir.mkdir()

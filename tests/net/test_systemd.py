@@ -12,9 +12,11 @@ Unix stand-in, and its app is never restarted. What is checked:
 - `systemctl reload`: a new ingress port applied by the same process, which stays active; a
   broken profile refused with the reason, the parent running on;
 - `systemctl stop`: nothing left behind, no restart;
-- the watchdog (WatchdogSec=): one thread of the data path stopped (ptrace), the rest of the
-  process running — systemd stops it with SIGABRT, the journal shows why and every thread's
-  stack, the unit restarts it and the tunnel comes back;
+- the watchdog (WatchdogSec=): the main loop stopped (ptrace) for longer than WatchdogSec is
+  not taken for a hang while the data path moves; one thread of the data path stopped, the
+  rest of the process running — systemd stops it with SIGABRT, the journal shows why and every
+  thread's stack, the unit restarts it and the tunnel comes back;
+- `parent up` without -f under Type=notify: refused at once, saying to add -f;
 - the log: errors at priority err in the journal (`journalctl -p err`);
 - `wgvsock daemon -f` (the wireguard-go-vsock drop-in) in a Type=notify unit of its own: its
   UAPI socket answers as soon as `systemctl start` returns; SIGUSR1 writes each thread's stack
@@ -105,7 +107,10 @@ def rig(lab: Lab) -> Iterator[Rig]:
         try:
             if box is not None:
                 if box.proc is not None and box.leader and unit:
-                    print(f"\n--- the journal of {unit} ---\n" + box.journal(unit)[-3000:])
+                    try:  # (only to read: a container that broke must still be closed)
+                        print(f"\n--- the journal of {unit} ---\n" + box.journal(unit)[-3000:])
+                    except Exception as e:
+                        print(f"\n--- cannot read the journal of {unit}: {e!r}")
                 box.close()
             if "world" in locals():
                 world.close()
@@ -185,6 +190,7 @@ def test_the_unit_starts_ready_restarts_reloads_and_stops_under_systemd(rig: Rig
              == "hello from the enclave\n", 10, "ingress on the reloaded port")
     assert rig.main_pid() == pid and rig.running()
     assert "reloaded from" in rig.journal()
+    wait_for(lambda: "; reloaded at " in rig.status_text(), 5, "the status to show the reload")
 
     # A profile that does not parse, then one the running parent cannot take: each reload
     # fails, saying why; the parent runs on, back in its running state (READY=1 after
@@ -196,6 +202,8 @@ def test_the_unit_starts_ready_restarts_reloads_and_stops_under_systemd(rig: Rig
     assert rig.box.systemctl("reload", rig.unit).returncode != 0
     assert "not reloaded: interface (line 3) changed" in rig.journal()
     assert rig.main_pid() == pid and rig.running()
+    wait_for(lambda: rig.status_text().endswith(" refused (see the log)"), 5,
+             "the status to show the refused reload")
     world.profile.write_text(good.replace("{listen: 8443", "{listen: 9443"))
     assert world.egress_works()
 
@@ -215,8 +223,24 @@ def test_the_watchdog_restarts_a_parent_whose_data_path_hangs(rig: Rig) -> None:
     world.start_enclave()
     wait_for(world.egress_works, 30, "the tunnel")
     app = app_pid(world)
+    main_pid = rig.main_pid()
+    pid = rig.box.host_pid(main_pid)
 
-    pid = rig.box.host_pid(rig.main_pid())
+    # A main loop that is busy (a slow nft in a reload, here stopped outright) for longer than
+    # WatchdogSec, with the data path moving: the pings come from a thread of their own, so
+    # systemd keeps getting them and nothing is restarted.
+    frozen = time.monotonic()
+    main = StuckThread(pid)
+    try:
+        wait_for(lambda: int(rig.show("WatchdogTimestampMonotonic")[
+            "WatchdogTimestampMonotonic"]) / 1e6 > frozen + 11, 20,
+            "a ping more than WatchdogSec after the main loop stopped")
+        assert world.egress_works()
+    finally:
+        main.release()
+    assert rig.restarts() == 0 and rig.main_pid() == main_pid and rig.running()
+    assert "not confirming liveness" not in rig.journal()
+
     timers = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()
               if (t / "comm").read_text().strip() == "wg0-timers"]
     assert len(timers) == 1, "the device's timer thread is named for the kernel (NamedThread)"
@@ -259,6 +283,17 @@ Environment=WGVSOCK_UNIX_DIR=/run/wgvsock-unix
 
 def test_the_daemon_says_ready_when_its_uapi_socket_answers(rig: Rig) -> None:
     box = rig.box
+    # Without -f the launcher would exit once a detached process is up, and systemd, which
+    # takes notifications only from the process it started, would fail the unit after its
+    # start timeout without a reason: refused at once, saying what to change.
+    box.run("mkdir", "-p", "/etc/systemd/system/wgvsock-parent@.service.d", check=True)
+    box.run("sh", "-c", 'printf "%s\\n" "$1" > "$2"', "-", "[Service]\nExecStart=\n"
+            "ExecStart=/usr/local/bin/wgvsock parent up --profile /etc/wgvsock/%i.yaml",
+            "/etc/systemd/system/wgvsock-parent@.service.d/no-f.conf", check=True)
+    box.systemctl("daemon-reload", check=True)
+    assert box.systemctl("start", rig.unit, timeout=60).returncode != 0
+    assert "which must run it in the foreground: add -f to the unit's ExecStart" in rig.journal()
+    assert rig.world.parent.ip("link", "show", "wg0", check=False).returncode != 0
     box.run("sh", "-c", f"printf '%s' '{DAEMON_UNIT}' > /etc/systemd/system/wgt.service",
             check=True)  # (the rig made the directory when it installed the parent's unit)
     box.systemctl("daemon-reload", check=True)

@@ -28,7 +28,7 @@ from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64,
 from ..device import netconf
 from ..device.device import Device
 from ..safetext import prose
-from ..sdnotify import Notifier
+from ..sdnotify import Notifier, Watchdog
 from ..services import firewall
 from ..services.control import ControlError, ControlServer, Verdict
 from ..services.egress.refusals import RefusalReader, Refusals
@@ -186,6 +186,10 @@ def attestation_state(verdict: Verdict) -> str:
 # A session is renewed every 2 minutes while traffic flows; 3 minutes without a handshake means
 # the tunnel is idle or gone (wireguard-go's REJECT_AFTER_TIME).
 _TUNNEL_QUIET = 180.0
+# How long `up`'s main loop may go without coming round (it applies reloads, checks the
+# firewall, notices a stopped device and SIGTERM) before systemd's watchdog is no longer fed:
+# well above a slow nft or a re-check of the enclave's attestation in a reload.
+_MAIN_LOOP_LIMIT = 30.0
 
 # What a running parent can change (`reload`); any other key needs `down` and `up`.
 _LIVE_KEYS = ("parent.egress.", "parent.ingress", "attestation.")
@@ -763,6 +767,18 @@ def run_up(profile, ready_fd: int | None) -> int:
 
     poller = select.poll()
     poller.register(wake_r, select.POLLIN)
+    passed = [time.monotonic()]  # when the main loop last came round
+
+    def health(now: float) -> str | None:
+        device = parent.device
+        stalled = device.stalled(now) if device is not None else None
+        if stalled is None and now - passed[0] > _MAIN_LOOP_LIMIT:
+            stalled = (f"the main loop has not come round for {now - passed[0]:.0f} s "
+                       "(it applies reloads and answers SIGTERM)")
+        return stalled
+
+    watchdog = Watchdog(notifier, health)
+    reloaded = ""  # the last reload's outcome, kept in the status line
     try:
         try:
             parent.start()
@@ -783,7 +799,9 @@ def run_up(profile, ready_fd: int | None) -> int:
             else:
                 report_ready(ready_fd)
                 notifier.ready(parent.status_line(time.monotonic()))
+            watchdog.start()
             while not asked["stop"]:
+                passed[0] = time.monotonic()
                 poller.poll(1000)
                 with contextlib.suppress(BlockingIOError):
                     while os.read(wake_r, 512):
@@ -792,12 +810,13 @@ def run_up(profile, ready_fd: int | None) -> int:
                     break
                 if asked["reload"]:
                     asked["reload"] = False
-                    reload_from_file(parent, notifier)
+                    ok = reload_from_file(parent, notifier)
+                    reloaded = (f"reloaded at {time.strftime('%H:%M:%S')}" if ok else
+                                f"reload at {time.strftime('%H:%M:%S')} refused (see the log)")
                 now = time.monotonic()
                 stalled = parent.device.stalled(now) if parent.device is not None else None
-                notifier.beat(now, stalled)
-                if stalled is None:  # else the status would wait for the stuck engine lock
-                    notifier.status(parent.status_line(now))
+                notifier.status(f"stuck: {stalled}" if stalled else
+                                "; ".join(filter(None, (parent.status_line(now), reloaded))))
                 if parent.device is not None and parent.device.wait(0):
                     log.error("parent %s: %s", profile.name, parent.device.stop_reason)
                     # Stopping on its own is a failure, whatever the reason: the unit's
@@ -810,6 +829,7 @@ def run_up(profile, ready_fd: int | None) -> int:
                     failures.append(str(e))
                     break
         finally:
+            watchdog.close()
             notifier.stopping(f"stopping: {failures[0]}" if failures else "stopping")
             parent.close()
     finally:
