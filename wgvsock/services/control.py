@@ -288,7 +288,7 @@ class ControlServer:
             self._refusal_log(logging.WARNING, "control: refused a connection: %s", why)
             return
         try:
-            NamedThread(target=self._serve, args=(conn,), daemon=True).start()
+            NamedThread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
         except BaseException:
             with self._lock:
                 self._clients.discard(conn)
