@@ -28,6 +28,7 @@ import re
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -463,7 +464,23 @@ def socket_path(ifname: str, run_dir: str = DEFAULT_RUN_DIR) -> str:
     return os.path.join(run_dir, f"{ifname}.sock")
 
 
+_LAST_LINE = re.compile(rb"errno=-?[0-9]{1,10}")
+
+
+def _complete(buf: bytearray) -> bool:
+    """Whether `buf` is a whole reply: it ends with the line "errno=N" and an empty line.
+    Only the last line is looked at, so a reply that arrives in many pieces costs no more
+    than one that arrives at once."""
+    if not buf.endswith(b"\n\n"):
+        return False
+    start = buf.rfind(b"\n", 0, len(buf) - 2) + 1
+    return _LAST_LINE.fullmatch(buf, start, len(buf) - 2) is not None
+
+
 def _transact(path: str, request: bytes, timeout: float, limit: int = 64 << 20) -> str:
+    """One request and its reply. `timeout` bounds the whole exchange, not each read: a
+    daemon that answers a byte at a time cannot hold the caller for longer."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(path)
@@ -471,19 +488,23 @@ def _transact(path: str, request: bytes, timeout: float, limit: int = 64 << 20) 
         buf = bytearray()
         # Every reply ends with "errno=N\n\n"; stop there rather than waiting for EOF,
         # because the server keeps the connection open for more transactions.
-        while not (buf.endswith(b"\n\n") and re.search(rb"(?:^|\n)errno=-?[0-9]+\n\n\Z", buf)):
+        while not _complete(buf):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no whole reply within {timeout:g} s")
+            s.settimeout(left)
             chunk = s.recv(65536)
             if not chunk:
                 break
             buf += chunk
             if len(buf) > limit:
-                raise UAPIError(ERR_PROTOCOL, "UAPI reply too large")
+                raise UAPIError(ERR_PROTOCOL, f"UAPI reply larger than {limit >> 20} MiB")
     return buf.decode("utf-8", "replace")
 
 
-def uapi_get(path: str, timeout: float = 2.0) -> dict[str, Any]:
+def uapi_get(path: str, timeout: float = 2.0, limit: int = 64 << 20) -> dict[str, Any]:
     """Ask the daemon at `path` for its state; see parse_get for the result's shape."""
-    return parse_get(_transact(path, b"get=1\n\n", timeout))
+    return parse_get(_transact(path, b"get=1\n\n", timeout, limit))
 
 
 def uapi_set(path: str, text: str, timeout: float = 2.0) -> int:

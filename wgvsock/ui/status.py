@@ -34,6 +34,7 @@ import tty
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from types import FrameType
 from typing import Any, TextIO
 
@@ -65,7 +66,13 @@ __all__ = [
 
 ENV_RUN_DIR = "WGVSOCK_RUN_DIR"  # the daemon's variable, so both agree on where sockets live
 DEFAULT_INTERVAL = 1.0
+MAX_INTERVAL = 86400.0
 FETCH_TIMEOUT = 2.0
+# The largest `get` reply read (a daemon with tens of thousands of peers stays under it): the
+# dashboard must not take a misbehaving socket's gigabytes into memory.
+REPLY_LIMIT = 16 << 20
+# Allowed IPs shown per peer; the rest are counted. (--json has them all.)
+ALLOWED_IPS_SHOWN = 8
 
 # Health follows the protocol's own clocks: a session is rekeyed after REKEY_AFTER_TIME and its
 # keys are useless after REJECT_AFTER_TIME, so a handshake older than that means no live session.
@@ -79,6 +86,7 @@ EMPTY_HINT = (
 
 _IPV4_ENDPOINT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,10})")
 _VSOCK_ENDPOINT = re.compile(r"vsock://(\d{1,10}):(\d{1,10})")
+_COUNT = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit takes "²" as well
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +320,7 @@ def _error_words(exc: BaseException, path: str) -> str:
 
 
 def _int_or_none(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
+    return int(value) if value is not None and _COUNT.fullmatch(value) else None
 
 
 def _bool_or_none(value: str | None) -> bool | None:
@@ -449,6 +457,7 @@ def discover(run_dir: str) -> tuple[list[str], str | None]:
 
 
 Fetch = Callable[[str, float], dict[str, Any]]
+_FETCH: Fetch = partial(uapi_get, limit=REPLY_LIMIT)
 
 
 class Collector:
@@ -459,7 +468,7 @@ class Collector:
         names: list[str] | None = None,
         run_dir: str | None = None,
         *,
-        fetch: Fetch = uapi_get,
+        fetch: Fetch = _FETCH,
         timeout: float = FETCH_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -488,8 +497,11 @@ class Collector:
             names, listing_error = discover(self.run_dir)
         # In parallel, so one hung daemon delays a refresh by at most the timeout, not N times.
         if len(names) > 1:
-            with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+            pool = ThreadPoolExecutor(max_workers=min(16, len(names)))
+            try:
                 results = list(pool.map(self._read, names))
+            finally:  # Ctrl-C quits at once, not after the slowest daemon's timeout
+                pool.shutdown(wait=False, cancel_futures=True)
         else:
             results = [self._read(n) for n in names]
         snap = Snapshot(time=self._wall(), run_dir=self.run_dir, listing_error=listing_error,
@@ -501,7 +513,13 @@ class Collector:
                     InterfaceView(name=name, socket=path, error=_describe_error(dev, path))
                 )
                 continue
-            iface = interface_view(name, path, dev, snap.time)
+            try:
+                iface = interface_view(name, path, dev, snap.time)
+            except Exception as e:  # one daemon's odd reply must not take the others away
+                snap.interfaces.append(InterfaceView(
+                    name=name, socket=path,
+                    error=prose(f"cannot show the reply of {path}: {e!r}", 500)))
+                continue
             for p in iface.peers:
                 key = (path, p.public_key)
                 prev = self._prev.get(key)
@@ -624,7 +642,9 @@ def _empty_lines(snap: Snapshot, console: Console, width: int) -> list[Text]:
     ]
 
 
-def _interface_lines(iface: InterfaceView, console: Console, width: int) -> list[Text]:
+def _interface_lines(iface: InterfaceView, console: Console, width: int,
+                     max_lines: int | None = None) -> list[Text]:
+    """The interface's lines; once past `max_lines` no further peer is laid out."""
     if iface.error is not None:
         line = Text.assemble(("✗ ", "bold red"), (prose(iface.name, 100), "bold"), "  ",
                              (iface.error, "red"))
@@ -671,6 +691,8 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int) -> list
 
     lines.append(row("peer", "endpoint", "handshake", "rx", "tx", "rx/s", "tx/s", style="dim"))
     for p in iface.peers:
+        if max_lines is not None and len(lines) > max_lines:
+            break
         endpoint = _truncate_left(p.endpoint, ep_width) if p.endpoint else "(none)"
         lines.append(
             row(
@@ -738,14 +760,20 @@ def _details(p: PeerView, rates: bool = False) -> list[Text]:
         parts.append(conn)
     ka = p.persistent_keepalive
     parts.append(Text(f"keepalive {ka} s" if ka else "keepalive off", style="dim"))
-    parts.append(Text("allowed " + (", ".join(p.allowed_ips) if p.allowed_ips else "(none)")))
+    shown = ", ".join(p.allowed_ips[:ALLOWED_IPS_SHOWN]) if p.allowed_ips else "(none)"
+    if len(p.allowed_ips) > ALLOWED_IPS_SHOWN:
+        shown += f" and {len(p.allowed_ips) - ALLOWED_IPS_SHOWN} more"
+    parts.append(Text("allowed " + shown))
     return parts
 
 
 def render_lines(
-    snap: Snapshot, console: Console, width: int, footer: str | None = None
+    snap: Snapshot, console: Console, width: int, footer: str | None = None,
+    max_lines: int | None = None,
 ) -> list[Text]:
-    """The whole view as physical lines of at most `width` cells."""
+    """The whole view as physical lines of at most `width` cells; with `max_lines`, laid out
+    only until there are more than that (a window shows no more, and a daemon with thousands
+    of peers would otherwise cost a redraw seconds)."""
     lines = _header_lines(snap, console, width, footer)
     if not snap.interfaces:
         lines.append(Text(""))
@@ -754,8 +782,11 @@ def render_lines(
     if snap.listing_error:
         lines += _wrapped(console, Text(snap.listing_error, style="red"), width, 0)
     for iface in snap.interfaces:
+        if max_lines is not None and len(lines) > max_lines:
+            break
         lines.append(Text(""))
-        lines += _interface_lines(iface, console, width)
+        lines += _interface_lines(
+            iface, console, width, None if max_lines is None else max_lines - len(lines))
     return lines
 
 
@@ -770,12 +801,11 @@ class Dashboard:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
         footer = self._footer(self.snapshot) if self._footer else None
-        lines = render_lines(self.snapshot, console, width, footer)
         height = options.height
+        lines = render_lines(self.snapshot, console, width, footer, height)
         if height is not None and len(lines) > height:
-            hidden = len(lines) - height + 1
             lines = [*lines[: height - 1],
-                     Text(f"… {hidden} more lines: enlarge the window", style="dim")]
+                     Text("… more lines below: enlarge the window, or use --json", style="dim")]
         # Every line is already laid out for `width`; rich must crop, never re-wrap.
         for line in lines:
             line.truncate(width, overflow="crop")
@@ -792,11 +822,11 @@ class _Keys:
     SIGWINCH handler writes to, so that a resize redraws at once rather than at the next tick.
     Ctrl-C still raises KeyboardInterrupt: cbreak leaves ISIG on."""
 
-    def __init__(self, stdin: TextIO) -> None:
+    def __init__(self, stdin: TextIO | None) -> None:
         self._fd: int | None = None
         self._saved: list[Any] | None = None
         try:
-            if stdin.isatty():
+            if stdin is not None and stdin.isatty():  # None: started with stdin closed
                 self._fd = stdin.fileno()
         except (OSError, ValueError):
             self._fd = None
@@ -857,19 +887,19 @@ def _print_json(snap: Snapshot, out: TextIO, pretty: bool) -> None:
 
 def _ticks(interval: float, keys: _Keys) -> Iterator[bool]:
     """Yields True when it is time to sample, False when only a redraw is wanted (resize);
-    returns when `q` is pressed."""
+    returns when `q` is pressed. The keys are read on every pass, also when sampling takes
+    longer than the interval (a hung daemon): `q` is never left waiting."""
     next_at = time.monotonic()
     while True:
+        key = keys.wait(next_at - time.monotonic())
+        if key is not None and key[:1] in ("q", "Q"):
+            return
+        if key == "resize":
+            yield False
         now = time.monotonic()
         if now >= next_at:
             next_at = max(next_at + interval, now)
             yield True
-            continue
-        key = keys.wait(next_at - now)
-        if key == "resize":
-            yield False
-        elif key is not None and key[:1] in ("q", "Q"):
-            return
 
 
 def live(
@@ -937,8 +967,10 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    if not 0 < value <= MAX_INTERVAL:  # (NaN fails both)
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_INTERVAL:g} (a day): "
+            f"{text!r}")
     return value
 
 

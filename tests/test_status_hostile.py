@@ -1,0 +1,195 @@
+"""What a misbehaving UAPI socket, a huge daemon or an odd start cannot do to `wgvsock status`:
+take the whole dashboard down, hold it past its timeout, fill its memory, make a redraw slow,
+or make `q` wait. (Any process may put a socket in the run directory.)"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from wgvsock.core.crypto import generate_private_key, public_key
+from wgvsock.device.uapi import UAPIError, _complete, uapi_get
+from wgvsock.ui import status as st
+
+
+@contextlib.contextmanager
+def _socket(path: Path, answer) -> Iterator[None]:
+    """A UAPI socket whose one connection `answer(conn)` serves after reading the request."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    done = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while not data.endswith(b"\n\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                with contextlib.suppress(OSError):
+                    answer(conn, done)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        listener.close()
+        t.join(10)
+
+
+def _reply(*lines: str) -> bytes:
+    return ("".join(line + "\n" for line in lines) + "errno=0\n\n").encode()
+
+
+def test_a_number_that_is_not_ascii_digits_is_ignored(tmp_path: Path) -> None:
+    """str.isdigit() accepts "²" and int() then raised, taking every interface off the
+    dashboard; 5000 digits made int() raise too (Python's limit on long conversions)."""
+    peer = public_key(generate_private_key()).hex()
+    odd = {"wga": "²", "wgb": "9" * 5000, "wgc": "٣"}
+    with contextlib.ExitStack() as stack:
+        for name, value in odd.items():
+            stack.enter_context(_socket(
+                tmp_path / f"{name}.sock",
+                lambda conn, done, v=value: conn.sendall(_reply(
+                    "listen_port=51820", f"wgvsock_port={v}", f"public_key={peer}",
+                    f"wgvsock_reconnects={v}"))))
+        snap = st.Collector(None, str(tmp_path)).sample()
+    assert [i.name for i in snap.interfaces] == ["wga", "wgb", "wgc"]
+    for iface in snap.interfaces:
+        assert iface.error is None, iface.error
+        assert iface.listen_port == 51820  # the UAPI's own, not the odd extra key
+        assert iface.peers[0].reconnects is None
+
+
+def test_a_reply_the_view_cannot_take_costs_only_its_own_interface(tmp_path: Path) -> None:
+    good = {"listen_port": 1, "peers": [], "extra": {}}
+
+    def fetch(path: str, timeout: float) -> dict:
+        if path.endswith("wgbad.sock"):
+            return {"listen_port": 1, "peers": [{"public_key": "not bytes"}], "extra": {}}
+        return good
+
+    snap = st.Collector(["wgbad", "wgok"], str(tmp_path), fetch=fetch).sample()
+    bad, ok = snap.interfaces
+    assert bad.error is not None and bad.error.startswith(
+        f"cannot show the reply of {tmp_path}/wgbad.sock: ")
+    assert ok.error is None and ok.listen_port == 1
+
+
+def test_a_reply_dripped_a_byte_at_a_time_is_cut_off_at_the_timeout(tmp_path: Path) -> None:
+    """The timeout bounds the whole exchange: before, it bounded each read, and a socket that
+    sent a byte every 100 ms held the dashboard (and its Ctrl-C) for as long as it liked."""
+    def drip(conn: socket.socket, done: threading.Event) -> None:
+        while not done.wait(0.1):
+            conn.sendall(b"x")
+
+    path = tmp_path / "wgdrip.sock"
+    with _socket(path, drip):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            uapi_get(str(path), timeout=1.0)
+        took = time.monotonic() - started
+    assert took < 2.5, took
+    words = st._describe_error(TimeoutError(), str(path))
+    assert words == f"no answer: {path} did not reply within 2 s (daemon hung?)"
+
+
+def test_a_reply_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
+    def flood(conn: socket.socket, done: threading.Event) -> None:
+        chunk = b"wgvsock_x=" + b"y" * 65536 + b"\n"
+        while not done.is_set():
+            conn.sendall(chunk)
+
+    path = tmp_path / "wgbig.sock"
+    with _socket(path, flood), pytest.raises(UAPIError, match="larger than 1 MiB"):
+        uapi_get(str(path), timeout=10, limit=1 << 20)
+
+
+@pytest.mark.parametrize(("buf", "whole"), [
+    (b"errno=0\n\n", True),
+    (b"listen_port=1\n\nerrno=0\n\n", True),
+    (b"listen_port=1\nerrno=-22\n\n", True),
+    (b"listen_port=1\nxerrno=0\n\n", False),
+    (b"listen_port=1\n\n", False),
+    (b"errno=0\n", False),
+    (b"", False),
+])
+def test_the_end_of_a_reply_is_found_from_its_last_line(buf: bytes, whole: bool) -> None:
+    assert _complete(bytearray(buf)) is whole
+
+
+def _huge_snapshot(peers: int) -> st.Snapshot:
+    iface = st.InterfaceView(name="wg0", socket="/run/wg0.sock", listen_port=1)
+    for n in range(peers):
+        iface.peers.append(st.PeerView(
+            public_key=f"{n:043d}=", handshake_age=None, health="never",
+            allowed_ips=[f"10.{n >> 8 & 255}.{n & 255}.{i}/32" for i in range(20)]))
+    return st.Snapshot(time=0.0, run_dir="/run", interfaces=[iface])
+
+
+def test_only_what_fits_the_window_is_laid_out() -> None:
+    console = Console(width=100, force_terminal=True, color_system=None)
+    snap = _huge_snapshot(20_000)
+    lines = st.render_lines(snap, console, 100, max_lines=40)
+    assert 40 < len(lines) < 60
+    opts = console.options.update(height=30)
+    shown = ["".join(s.text for s in line).rstrip()
+             for line in console.render_lines(st.Dashboard(snap), opts)]
+    assert len(shown) == 30
+    assert shown[-1] == "… more lines below: enlarge the window, or use --json"
+    # A peer's allowed IPs are counted past the first few (--json has them all).
+    assert any("10.0.0.7/32 and 12 more" in line for line in shown), shown
+
+
+class _PressedQ:
+    """A terminal where `q` has been pressed."""
+
+    def wait(self, timeout: float) -> str | None:
+        return "q"
+
+
+def test_q_is_read_even_when_sampling_is_slower_than_the_interval() -> None:
+    # Before, a sample that was due was taken without looking at the keys, so with samples
+    # slower than the interval (a hung daemon) `q` waited indefinitely.
+    assert list(st._ticks(1e-9, _PressedQ())) == []
+
+
+def test_json_stream_with_stdin_closed(tmp_path: Path) -> None:
+    """`wgvsock status --json <&-` (a service or a pipeline without stdin): sys.stdin is None."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys; os.close(0); sys.stdin = None; "
+         "from wgvsock.ui.status import main; sys.exit(main(sys.argv[1:]))",
+         "--json", "--interval", "0.05", "--run-dir", str(tmp_path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith('{"time": '), proc.stderr.read() if proc.poll() else first
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("value", ["1e12", "inf", "nan", "0", "-1"])
+def test_an_interval_out_of_range_is_refused(value: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        st.main(["--interval", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be a number of seconds above 0 and at most 86400 (a day)" in err
+    assert "Traceback" not in err
