@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ...core.crypto import key_to_base64
+from ...threads import NamedThread
 from ..firewall import COUNTERS
 from .counters import ParentCounters
 
@@ -163,14 +167,80 @@ def registry_for(parent: ParentLike) -> CollectorRegistry:
     return registry
 
 
+# Scrapes served at once; a connection beyond them is closed at once. Idle or slow clients
+# then cost at most this many threads, each for at most REQUEST_TIMEOUT per read.
+MAX_CONNECTIONS = 8
+REQUEST_TIMEOUT = 10.0
+
+
+class _Handler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line on stderr per scrape: the journal is not an access log
+
+
+class _Server(WSGIServer):
+    """wsgiref's server with a thread per connection, as prometheus_client's, but at most
+    `slots` of them and a timeout on each connection's reads: prometheus_client's own started
+    a thread for every connection and let an idle one wait forever, so idle connections could
+    take every thread the process may have."""
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, slots: int,
+                 timeout: float) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(slots)
+        self._timeout = timeout
+        self.refused = 0  # connections closed because every slot was taken
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            NamedThread(target=self._serve, args=(request, client_address),
+                        name="metrics-http", daemon=True).start()
+        except BaseException:
+            self._slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def _serve(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            request.settimeout(self._timeout)
+            self.finish_request(request, client_address)
+        except Exception:  # a client that went away or timed out: nothing to report
+            log.debug("metrics: a request from %s failed", client_address, exc_info=True)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: a request from %s failed", client_address, exc_info=True)
+
+
 class Exporter:
     """The HTTP endpoint: GET /metrics (any path, as prometheus_client serves it)."""
 
     def __init__(self, registry: CollectorRegistry, host: ipaddress.IPv4Address |
-                 ipaddress.IPv6Address, port: int) -> None:
+                 ipaddress.IPv6Address, port: int, *, slots: int = MAX_CONNECTIONS,
+                 timeout: float = REQUEST_TIMEOUT) -> None:
         self.address = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
-        self._server, self._thread = start_http_server(port, str(host), registry)
+        family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
+        self._server = _Server((str(host), port), family, slots, timeout)
+        self._server.set_app(make_wsgi_app(registry))
+        self._thread = NamedThread(target=self._server.serve_forever, name="metrics",
+                                   daemon=True)
+        self._thread.start()
         log.info("metrics on http://%s/metrics", self.address)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def refused(self) -> int:
+        return self._server.refused
 
     def close(self) -> None:
         self._server.shutdown()
