@@ -260,3 +260,45 @@ def test_parent_doctor_command_names_the_missing_permission(
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "CloudWatch" in line)
     assert "NOT READY" in row and "cloudwatch:PutMetricData" in out
+
+
+def test_instance_metadata_that_answers_late_is_asked_again(
+        moto: Moto, imds: FakeImds, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """IMDS refusing at first (not up yet at boot, throttled) must not fix the host name as the
+    InstanceId, and leave the region unknown, for the parent's life: it is asked again at
+    growing intervals until it answers."""
+    import socket
+
+    monkeypatch.delenv("AWS_DEFAULT_REGION")  # the region must come from IMDS
+    now = [1000.0]
+    imds.refuse_tokens = True
+    reg, _ = _registry(["k0"])
+    sender = cw.CloudWatchSender(reg, "wgvsock-t8", 60, "demo", session=boto3.Session(),
+                                 imds=aws.Imds(imds.url), clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="wgvsock.services.metrics"):
+        assert sender.send() == 0  # no region yet
+        asked = len(imds.requests)
+        now[0] += cw.IMDS_RETRY_FIRST - 1
+        assert sender.send() == 0
+        assert len(imds.requests) == asked  # not yet asked again
+        now[0] += 1
+        assert sender.send() == 0
+        assert len(imds.requests) > asked  # asked again, refused again: next in twice as long
+        asked = len(imds.requests)
+        imds.refuse_tokens = False
+        now[0] += cw.IMDS_RETRY_FIRST
+        assert sender.send() == 0 and len(imds.requests) == asked
+        now[0] += cw.IMDS_RETRY_FIRST
+        assert sender.send() == 2
+    assert caplog.text.count(f"InstanceId dimension is the host name {socket.gethostname()} "
+                             "until the instance metadata service answers") == 1
+    assert f"the instance metadata service answered: InstanceId {INSTANCE} from now on" \
+        in caplog.text
+    (m, _) = moto.session.client("cloudwatch").list_metrics(Namespace="wgvsock-t8")["Metrics"]
+    assert {"Name": "InstanceId", "Value": INSTANCE} in m["Dimensions"]
+    # Answered once: never asked again.
+    asked = len(imds.requests)
+    now[0] += 10 * cw.IMDS_RETRY_MAX
+    assert sender.send() == 2
+    assert len(imds.requests) == asked

@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,6 +34,9 @@ from .. import aws
 log = logging.getLogger("wgvsock.metrics")
 
 MAX_DATA_POINTS = 1000  # per PutMetricData call
+# After IMDS failed, seconds until it is asked again: doubling from the first to the last.
+IMDS_RETRY_FIRST = 60.0
+IMDS_RETRY_MAX = 3600.0
 MAX_REQUEST_BYTES = 1_000_000  # per call; measured below as the (largest) query encoding
 _MAX_DIMENSION_VALUE = 1024
 
@@ -122,7 +126,8 @@ class CloudWatchSender:
     """A thread that sends REGISTRY's samples to NAMESPACE every INTERVAL seconds."""
 
     def __init__(self, registry: CollectorRegistry, namespace: str, interval: int, profile: str,
-                 *, session: Any = None, imds: aws.Imds | None = None) -> None:
+                 *, session: Any = None, imds: aws.Imds | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.namespace = namespace
         self.interval = interval
@@ -132,6 +137,13 @@ class CloudWatchSender:
         self._client: Any = None
         self._dimensions: list[dict[str, str]] | None = None
         self._region: str | None = None  # the instance's, when boto3 has none configured
+        self._clock = clock
+        # IMDS is asked until it has answered once (it may not be up yet at boot, or be
+        # throttled), at growing intervals: a first failure must not fix the host name as the
+        # InstanceId, and leave the region unknown, for the parent's whole life.
+        self._identified = False
+        self._imds_failures = 0
+        self._imds_next = 0.0
         self._sent: dict[SeriesKey, float] = {}
         self._reported: str | None = None  # the kind of failure already logged
         self.state = "starting"  # ok, or the kind of the last failure
@@ -164,22 +176,41 @@ class CloudWatchSender:
             log.error("%s", message)
             self._reported = kind
 
+    def _identify(self) -> None:
+        """The InstanceId dimension and the instance's region, from IMDS once it answers;
+        until then the host name."""
+        if self._identified or self._clock() < self._imds_next:
+            return
+        try:
+            ident = (self._imds or aws.Imds()).identity()
+        except aws.AWSError as e:
+            self._imds_failures += 1
+            delay = min(IMDS_RETRY_MAX, IMDS_RETRY_FIRST * 2 ** (self._imds_failures - 1))
+            self._imds_next = self._clock() + delay
+            if self._dimensions is None:
+                self._dimensions = self._dimensions_for(socket.gethostname())
+                log.warning("CloudWatch: %s; the InstanceId dimension is the host name %s "
+                            "until the instance metadata service answers (asked again in "
+                            "%.0f s, then less often)", e, socket.gethostname(), delay)
+            return
+        self._identified = True
+        self._region = ident.region
+        if self._dimensions is not None:
+            log.warning("CloudWatch: the instance metadata service answered: InstanceId %s "
+                        "from now on, in place of the host name", ident.instance_id)
+        self._dimensions = self._dimensions_for(ident.instance_id)
+
+    def _dimensions_for(self, instance_id: str) -> list[dict[str, str]]:
+        return [{"Name": "InstanceId", "Value": instance_id},
+                {"Name": "Profile", "Value": self.profile}]
+
     def _setup(self) -> bool:
+        self._identify()
         if self._client is not None:
             return True
         import boto3
 
         session = self._session or boto3.Session()
-        if self._dimensions is None:  # asked once: the instance does not change
-            instance_id = socket.gethostname()
-            try:
-                ident = (self._imds or aws.Imds()).identity()
-                instance_id, self._region = ident.instance_id, ident.region
-            except aws.AWSError as e:
-                log.warning("CloudWatch: %s; the InstanceId dimension is the host name %s",
-                            e, instance_id)
-            self._dimensions = [{"Name": "InstanceId", "Value": instance_id},
-                                {"Name": "Profile", "Value": self.profile}]
         try:
             self._client = aws.cloudwatch_client(session, session.region_name or self._region)
         except aws.AWSError as e:
