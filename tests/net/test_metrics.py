@@ -239,3 +239,34 @@ def test_dns_counters_feed_status_keys_and_metrics(lab: Lab, caplog) -> None:
     assert one(families["wgvsock_dns_refused"], profile="mdns") == 2
     assert one(families["wgvsock_egress_rule_packets"], action="deny", rule="192.0.2.0/24") == 0
     assert "wireguard_sent_bytes" not in families
+
+
+def test_counters_never_go_back_across_a_table_replaced_below_them(lab: Lab) -> None:
+    """`parent reload` reads the counters, then loads the new table starting from them; a
+    reading in between is higher than the new table's start, and a table put back after
+    `nft flush ruleset` starts at zero. Prometheus would take either for a restart and count
+    the whole value again, so what the parent reports never goes down."""
+    from wgvsock.services.metrics.counters import ParentCounters
+
+    ns = lab.netns("fw")
+    ticks = itertools.count(0, 10)  # every reading is past the cache's second
+    counters = ParentCounters("mmono", netns=ns.name, clock=lambda: next(ticks))
+
+    def table(**start: firewall.Counter) -> None:
+        firewall.apply(firewall.FirewallSpec(
+            name="mmono", tunnel_interface="wg0", enclave_addresses=["10.77.0.2"],
+            deny=[firewall.Rule(ip_network("192.0.2.0/24"))], counters=start), netns=ns.name)
+
+    try:
+        table(egress_allowed=firewall.Counter(100, 10_000))
+        assert counters.uapi_keys()["wgvsock_egress_allowed"] == "100"
+        table(egress_allowed=firewall.Counter(90, 9_000))  # carried over from before the 100
+        assert counters.uapi_keys()["wgvsock_egress_allowed"] == "100"
+        table(egress_allowed=firewall.Counter(95, 9_500))  # 5 more since
+        assert counters.uapi_keys()["wgvsock_egress_allowed"] == "105"
+        table()  # put back from nothing
+        reading = counters.read()
+        assert reading.firewall is not None
+        assert reading.firewall["egress_allowed"] == firewall.Counter(105, 10_500)
+    finally:
+        firewall.remove("mmono", netns=ns.name)

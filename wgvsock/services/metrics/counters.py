@@ -64,6 +64,34 @@ class Reading:
         return {k: v for k, v in self.firewall.items() if k.startswith(("allow ", "deny "))}
 
 
+class Monotonic:
+    """Firewall counters that never go back. The table is replaced on `parent reload` with the
+    counters' values carried over, but they are read just before the new table is loaded, so a
+    reading taken in between is a little higher than what the new table starts from; and a
+    table put back after `nft flush ruleset` starts from zero. Prometheus takes any decrease
+    for a restart and counts the whole value again (a spike in rate()), so each counter keeps
+    an offset: what it lost when it went down."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, Counter] = {}  # as nft last said, by name
+        self._offset: dict[str, Counter] = {}
+
+    def __call__(self, raw: dict[str, Counter]) -> dict[str, Counter]:
+        out = {}
+        for name, c in raw.items():
+            last = self._last.get(name)
+            off = self._offset.get(name)
+            if last is not None and (c.packets < last.packets or c.bytes < last.bytes):
+                base = off or Counter(0, 0)
+                off = self._offset[name] = Counter(
+                    base.packets + max(0, last.packets - c.packets),
+                    base.bytes + max(0, last.bytes - c.bytes))
+            self._last[name] = c
+            out[name] = c if off is None else Counter(c.packets + off.packets,
+                                                      c.bytes + off.bytes)
+        return out
+
+
 class ParentCounters:
     """Cached readings of profile NAME's nftables table and of its DNS forwarder."""
 
@@ -76,6 +104,7 @@ class ParentCounters:
         self._lock = threading.Lock()
         self._cached: tuple[float, Reading] | None = None
         self._logged_error: str | None = None
+        self._monotonic = Monotonic()
 
     def read(self) -> Reading:
         with self._lock:
@@ -89,7 +118,8 @@ class ParentCounters:
     def _read(self) -> Reading:
         error = None
         try:
-            counters: dict[str, Counter] | None = firewall.read_counters(self.name, self.netns)
+            counters: dict[str, Counter] | None = self._monotonic(
+                firewall.read_counters(self.name, self.netns))
         except (firewall.FirewallError, OSError, ValueError) as e:
             counters, error = None, str(e)
             if error != self._logged_error:  # once per distinct failure, not every second
