@@ -186,19 +186,42 @@ def test_without_a_watchdog_period_no_thread_is_started(manager) -> None:
     dog.close()
 
 
-def test_detaching_is_refused_under_a_type_notify_unit(manager, tmp_path: Path) -> None:
+def test_detaching_is_refused_as_the_main_process_of_a_type_notify_unit(
+        manager, tmp_path: Path) -> None:
     """systemd takes notifications only from the process it started, which would exit once
     the detached one is up: the unit would fail after its start timeout, without a reason.
-    (`parent up` shares the launcher; tests/net/test_systemd.py runs it in a unit without -f.)"""
+    (`parent up` shares the launcher; tests/net/test_systemd.py runs it in a unit without -f.)
+    systemd names that process in SYSTEMD_EXEC_PID (and WATCHDOG_PID)."""
     sock, path = manager
     # Were the refusal gone, the detached daemon would fail at once here (an interface name
     # longer than the kernel's 15 bytes), leaving nothing behind.
     env = dict(os.environ, NOTIFY_SOCKET=path, WGVSOCK_UNIX_DIR=str(tmp_path))
-    res = subprocess.run([sys.executable, "-m", "wgvsock.daemon", "-n", "unix",
-                          "wgnotify-name-too-long"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["sh", "-c", 'SYSTEMD_EXEC_PID=$$ exec "$@"', "-", sys.executable, "-m",
+         "wgvsock.daemon", "-n", "unix", "wgnotify-name-too-long"],
+        env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert "started by a systemd unit of Type=notify (NOTIFY_SOCKET is set), which must run " \
         "it in the foreground: add -f to the unit's ExecStart" in res.stderr
     assert "Traceback" not in res.stderr
     assert nothing_waiting(sock)
+
+
+def test_a_launcher_started_further_down_detaches_without_the_managers_socket(
+        manager, tmp_path: Path) -> None:
+    """A script in a unit, or a container's payload, that runs `wgvsock daemon wg0`: not the
+    unit's main process, so it detaches as ever, and the detached process does not speak to
+    the manager (its failure here would otherwise have sent STATUS=)."""
+    sock, path = manager
+    env = dict(os.environ, NOTIFY_SOCKET=path, WGVSOCK_UNIX_DIR=str(tmp_path),
+               SYSTEMD_EXEC_PID="1")
+    res = subprocess.run([sys.executable, "-m", "wgvsock.daemon", "-n", "unix",
+                          "wgnotify-name-too-long"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "interface name 'wgnotify-name-too-long' must be 1-15 bytes" in res.stderr
+    assert "Type=notify" not in res.stderr
+    # The detached process may still be on its way out: give it a second to say anything.
+    sock.settimeout(1)
+    with pytest.raises(TimeoutError):
+        sock.recv(4096)

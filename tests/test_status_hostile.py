@@ -124,6 +124,7 @@ def test_a_reply_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
     (b"errno=0\n\n", True),
     (b"listen_port=1\n\nerrno=0\n\n", True),
     (b"listen_port=1\nerrno=-22\n\n", True),
+    (b"errno=-99999999999\n\n", True),  # whole: parse_get refuses the number at once
     (b"listen_port=1\nxerrno=0\n\n", False),
     (b"listen_port=1\n\n", False),
     (b"errno=0\n", False),

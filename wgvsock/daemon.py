@@ -103,8 +103,11 @@ def take_ready_fd() -> int | None:
 
 def spawn_background(python_args: list[str], prog: str) -> int:
     """Starts `python python_args...` detached and waits until it calls `report_ready` (exit
-    0) or fails or dies (exit 1, printing its reason). Refused under a Type=notify unit."""
-    if os.environ.get("NOTIFY_SOCKET"):
+    0) or fails or dies (exit 1, printing its reason). Refused as the main process of a
+    Type=notify unit."""
+    pid = str(os.getpid())
+    if os.environ.get("NOTIFY_SOCKET") and pid in (os.environ.get("SYSTEMD_EXEC_PID"),
+                                                   os.environ.get("WATCHDOG_PID")):
         # systemd takes READY=1 and the watchdog's pings only from the process it started,
         # which here would exit once the detached one is up: the unit would fail.
         print(f"{prog}: started by a systemd unit of Type=notify (NOTIFY_SOCKET is set), "
@@ -112,7 +115,11 @@ def spawn_background(python_args: list[str], prog: str) -> int:
               file=sys.stderr)
         return 1
     r, w = os.pipe()
-    env = dict(os.environ, **{_ENV_READY_FD: str(w)})
+    # Started further down (a script in a unit, a container's payload): the detached process
+    # is not the one the manager waits on and must not speak for it.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env[_ENV_READY_FD] = str(w)
     log_file = os.environ.get(ENV_LOG_FILE)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     try:

@@ -394,7 +394,9 @@ class Device:
                 continue
             actions = []
             with lock:
-                now = monotonic()
+                # (Noted again here: each pass may block in two sends, this batch's and the
+                # first packet's, and only one of them may count against STALL_LIMIT.)
+                now = self._tun_passed = monotonic()
                 for packet in batch:
                     actions += engine.encapsulate(packet, now)
             self._perform_batch(actions)
@@ -482,7 +484,11 @@ class Device:
                 now = time.monotonic()
                 with self._lock:
                     actions = self.engine.update_timers(now)
-                self._perform(actions)
+                for action in actions:
+                    self._perform((action,))
+                    # Progress after each: every send may block for the send timeout (a peer
+                    # that stopped reading), and several such peers are no hang.
+                    self._ticked = time.monotonic()
                 if now >= next_watch:
                     next_watch = now + _WATCH_EVERY
                     self._watch(tun)

@@ -464,7 +464,7 @@ def socket_path(ifname: str, run_dir: str = DEFAULT_RUN_DIR) -> str:
     return os.path.join(run_dir, f"{ifname}.sock")
 
 
-_LAST_LINE = re.compile(rb"errno=-?[0-9]{1,10}")
+_LAST_LINE = re.compile(rb"errno=-?[0-9]+")  # (parse_get judges the value)
 
 
 def _complete(buf: bytearray) -> bool:

@@ -500,7 +500,7 @@ class Collector:
             pool = ThreadPoolExecutor(max_workers=min(16, len(names)))
             try:
                 results = list(pool.map(self._read, names))
-            finally:  # Ctrl-C quits at once, not after the slowest daemon's timeout
+            finally:  # Ctrl-C: no new reads; those under way end within the timeout
                 pool.shutdown(wait=False, cancel_futures=True)
         else:
             results = [self._read(n) for n in names]

@@ -13,10 +13,13 @@ rest carry the ``wgvsock_`` prefix.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -167,53 +170,107 @@ def registry_for(parent: ParentLike) -> CollectorRegistry:
     return registry
 
 
-# Scrapes served at once; a connection beyond them is closed at once. Idle or slow clients
-# then cost at most this many threads, each for at most REQUEST_TIMEOUT per read.
+# Connections served at once. A scrape sends its request at once; a connection that has not
+# sent a whole request head within HEAD_TIMEOUT is closed, and when every slot is taken the
+# one that has waited longest for its head makes room for the newcomer. Idle or slow clients
+# therefore cost at most this many threads and cannot keep a scrape out.
 MAX_CONNECTIONS = 8
-REQUEST_TIMEOUT = 10.0
+HEAD_TIMEOUT = 2.0
+WRITE_TIMEOUT = 10.0  # each send of the response, to a client that stopped reading
+_MAX_HEAD = 16 * 1024
 
 
 class _Handler(WSGIRequestHandler):
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # The request head, read against one deadline (a per-read timeout lets a client that
+        # sends a byte now and then hold its thread for good); the handler parses it from
+        # memory. Nothing whole in time: an empty head, which the handler takes as a close.
+        self.rfile = io.BytesIO(self.server.read_head(self.connection))
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line on stderr per scrape: the journal is not an access log
 
 
 class _Server(WSGIServer):
     """wsgiref's server with a thread per connection, as prometheus_client's, but at most
-    `slots` of them and a timeout on each connection's reads: prometheus_client's own started
-    a thread for every connection and let an idle one wait forever, so idle connections could
-    take every thread the process may have."""
+    `slots` of them (prometheus_client's own started a thread for every connection and let
+    an idle one wait forever, so idle connections could take every thread there is)."""
+
+    request_queue_size = 64  # (5 in socketserver: a burst of connections had SYNs dropped)
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily, slots: int,
-                 timeout: float) -> None:
+                 head_timeout: float) -> None:
         self.address_family = family
         self._slots = threading.BoundedSemaphore(slots)
-        self._timeout = timeout
-        self.refused = 0  # connections closed because every slot was taken
+        self._head_timeout = head_timeout
+        self._lock = threading.Lock()
+        self._waiting: dict[socket.socket, float] = {}  # no whole head yet: since when
+        self.evicted = 0  # connections closed to make room for a newer one
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
+            self._evict_oldest()
+            # Its thread sees the shutdown at once and gives its slot back.
+            if not self._slots.acquire(timeout=1.0):
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._waiting[request] = time.monotonic()
         try:
             NamedThread(target=self._serve, args=(request, client_address),
                         name="metrics-http", daemon=True).start()
         except BaseException:
-            self._slots.release()
-            self.shutdown_request(request)
+            self._done(request)
             raise
+
+    def _evict_oldest(self) -> None:
+        with self._lock:
+            if not self._waiting:
+                return  # every slot is writing a response: the newcomer waits for one
+            oldest = min(self._waiting, key=self._waiting.__getitem__)
+            del self._waiting[oldest]
+            self.evicted += 1
+        with contextlib.suppress(OSError):
+            oldest.shutdown(socket.SHUT_RDWR)
+
+    def read_head(self, conn: socket.socket) -> bytes:
+        deadline = time.monotonic() + self._head_timeout
+        head = bytearray()
+        try:
+            while b"\r\n\r\n" not in head and b"\n\n" not in head:
+                left = deadline - time.monotonic()
+                if left <= 0 or len(head) > _MAX_HEAD:
+                    return b""
+                conn.settimeout(left)
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return b""
+                head += chunk
+        except OSError:  # timed out, or shut down to make room
+            return b""
+        finally:
+            with self._lock:
+                self._waiting.pop(conn, None)
+        conn.settimeout(WRITE_TIMEOUT)
+        return bytes(head)
 
     def _serve(self, request: socket.socket, client_address: Any) -> None:
         try:
-            request.settimeout(self._timeout)
             self.finish_request(request, client_address)
-        except Exception:  # a client that went away or timed out: nothing to report
+        except Exception:  # a client that went away or stopped reading: nothing to report
             log.debug("metrics: a request from %s failed", client_address, exc_info=True)
         finally:
-            self.shutdown_request(request)
-            self._slots.release()
+            self._done(request)
+
+    def _done(self, request: socket.socket) -> None:
+        with self._lock:
+            self._waiting.pop(request, None)
+        self.shutdown_request(request)
+        self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics: a request from %s failed", client_address, exc_info=True)
@@ -224,10 +281,10 @@ class Exporter:
 
     def __init__(self, registry: CollectorRegistry, host: ipaddress.IPv4Address |
                  ipaddress.IPv6Address, port: int, *, slots: int = MAX_CONNECTIONS,
-                 timeout: float = REQUEST_TIMEOUT) -> None:
+                 head_timeout: float = HEAD_TIMEOUT) -> None:
         self.address = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
         family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
-        self._server = _Server((str(host), port), family, slots, timeout)
+        self._server = _Server((str(host), port), family, slots, head_timeout)
         self._server.set_app(make_wsgi_app(registry))
         self._thread = NamedThread(target=self._server.serve_forever, name="metrics",
                                    daemon=True)
@@ -239,8 +296,8 @@ class Exporter:
         return self._server.server_address[1]
 
     @property
-    def refused(self) -> int:
-        return self._server.refused
+    def evicted(self) -> int:
+        return self._server.evicted
 
     def close(self) -> None:
         self._server.shutdown()
