@@ -528,3 +528,16 @@ def test_the_parent_admits_only_the_enclaves_cid():
     assert Parent(parse_profile("name: a\n"))._enclave_filter() is None  # unknown: anyone
     unix = "name: a\ntransport: {kind: unix}\nparent:\n  enclave_cid: 16\n"
     assert Parent(parse_profile(unix))._enclave_filter() is None  # a stand-in: no CIDs
+
+
+def test_refusals_are_logged_a_few_at_a_time(server, caplog):
+    """A refused enclave registers again (less and less often), and several enclaves of one
+    profile may all be refused: the parent's warning is rate-limited, not one per attempt."""
+    path, _srv, rec = server
+    rec.accept = False
+    with caplog.at_level(logging.WARNING, logger="wgvsock.control"):
+        for _ in range(20):
+            with dial(path) as s, pytest.raises(ControlError, match="refused"):
+                register(s, b"E" * 32)
+    logged = [r.getMessage() for r in caplog.records if "refused an enclave" in r.getMessage()]
+    assert len(logged) == 5, logged

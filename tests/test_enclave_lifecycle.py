@@ -129,10 +129,113 @@ def no_network(monkeypatch):
     monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: None)
     # run_up installs a process-wide thread-death hook and signal handlers: keep ours.
     monkeypatch.setattr(enclave_mod, "on_thread_death", lambda f: None)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved = {s: signal.getsignal(s) for s in enclave_mod.FORWARDED_SIGNALS}
     yield
     for s, h in saved.items():
         signal.signal(s, h)
+
+
+def test_sighup_and_the_other_signals_of_an_init_reach_cmd(no_network, monkeypatch,
+                                                           tmp_path: Path) -> None:
+    """Before: only TERM and INT were passed on. HUP (`docker kill -s HUP`, how many apps
+    reload) killed `enclave up` without its clean-up and left CMD running without a tunnel;
+    as PID 1 it was dropped."""
+    monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
+    ready = tmp_path / "ready"
+    got = tmp_path / "got"
+    script = (f'trap "echo usr1 >> {got}" USR1; trap "echo hup >> {got}; exit 5" HUP; '
+              f"echo > {ready}; while :; do sleep 0.05; done")
+
+    def send() -> None:
+        wait_for(ready.exists, 10, "CMD to start")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_for(lambda: got.exists() and "usr1" in got.read_text(), 10, "CMD to get USR1")
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    threading.Thread(target=send, daemon=True).start()
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
+    assert rc == 5
+    assert got.read_text().split() == ["usr1", "hup"]
+
+
+def test_sighup_before_cmd_runs_stops_like_sigterm(no_network, capsys) -> None:
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGHUP)).start()
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["true"], timeout=30)
+    assert rc == 128 + signal.SIGHUP, capsys.readouterr().err
+
+
+class _Stop:
+    """Stands for Enclave.stop: records each wait the control loop asks for and returns at
+    once, until it has seen enough."""
+
+    def __init__(self, waits: int) -> None:
+        self.asked: list[float] = []
+        self.left = waits
+
+    def is_set(self) -> bool:
+        return self.left <= 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.asked.append(timeout or 0.0)
+        self.left -= 1
+        return self.is_set()
+
+    def set(self) -> None:
+        self.left = 0
+
+
+@pytest.mark.parametrize("answer", ["refused", "pin"])
+def test_a_parent_that_answers_no_is_asked_less_and_less_often(monkeypatch, answer) -> None:
+    """Before: a refusal (after a `parent reload` that refuses the running enclave) was asked
+    again every second for good, each time an attestation, a verification and a warning on
+    both sides."""
+    from wgvsock.services.control import Refused
+
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    _fake_parent(monkeypatch, e, lambda conn, stop, check=None: "unused")
+
+    def register(conn, pub, attest):
+        if answer == "refused":
+            raise Refused("parent refused this enclave: PCR0 mismatch")
+        return Welcome(b"Q" * 32, 51820, False)
+
+    monkeypatch.setattr(enclave_mod, "register", register)
+    if answer == "pin":
+        monkeypatch.setattr(e, "_check_pin", lambda w: (_ for _ in ()).throw(
+            enclave_mod.PinMismatch("refusing the parent: it offered public key ...")))
+    e.stop = _Stop(12)  # type: ignore[assignment]
+    e._control_loop()
+    waits = e.stop.asked
+    assert len(waits) == 12
+    # Jittered: each wait is half to all of a doubling delay, 0.1 s up to 60 s.
+    assert all(b >= a / 2 for a, b in itertools.pairwise(waits)), waits
+    assert max(waits) > 30 and max(waits) <= enclave_mod.ANSWERED_BACKOFF_MAX
+    assert e.last_failure is not None
+
+
+def test_a_parent_that_is_away_is_still_redialled_every_second(monkeypatch) -> None:
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+
+    def dial(t):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(enclave_mod, "dial_control", dial)
+    e.stop = _Stop(12)  # type: ignore[assignment]
+    e._control_loop()
+    assert max(e.stop.asked) <= 1.0
+
+
+def test_attestation_that_cannot_load_where_the_device_is_says_so(monkeypatch,
+                                                                  tmp_path: Path) -> None:
+    """Before: the enclave registered unattested, and the parent's refusal pointed away
+    from the cause (an image that replaced cbor2 or cryptography)."""
+    monkeypatch.setitem(sys.modules, "wgvsock.attestation", None)  # import fails
+    monkeypatch.setenv("WGVSOCK_NSM_DEVICE", str(tmp_path / "nsm"))
+    assert enclave_mod.attester() is None  # no device: unattested, as designed
+    (tmp_path / "nsm").touch()
+    with pytest.raises(enclave_mod.EnclaveError,
+                       match=f"{tmp_path}/nsm is here but attestation cannot be loaded"):
+        enclave_mod.attester()
 
 
 def test_sigterm_while_waiting_for_the_parent_exits_143_at_once(no_network, capsys) -> None:
@@ -202,6 +305,32 @@ print(code, len(zombies))
 """
 
 
+# As PID 1, a signal for CMD after it has ended (before `up` has reaped it), while a helper
+# it started lives on: `up` must still end at once with CMD's status.
+PID1_SIGNAL = r"""
+import os, signal, subprocess, time
+from wgvsock.roles.enclave import _signal_child, _wait_child
+assert os.getpid() == 1
+child = subprocess.Popen(["sh", "-c", "sleep 20 & exit 3"])
+while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+    time.sleep(0.01)
+t0 = time.monotonic()
+_signal_child(child, signal.SIGTERM)
+print(_wait_child(child), round(time.monotonic() - t0))
+"""
+
+
+@pytest.mark.root
+def test_as_pid_1_a_signal_after_cmd_ended_does_not_wait_for_its_helpers() -> None:
+    """Before: Popen.send_signal reaped CMD, and the wait for it then waited for every other
+    descendant (here a 20 s sleep) before `enclave up` could exit."""
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                          PID1_SIGNAL], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["3", "0"]
+
+
 @pytest.mark.root
 def test_as_pid_1_orphans_are_reaped_and_cmd_s_status_kept() -> None:
     res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
@@ -251,3 +380,44 @@ def test_a_handshake_that_completes_while_registering_counts(monkeypatch) -> Non
     t.join(10)
     e.device = None
     assert reasons == [None]
+
+
+@pytest.mark.root
+def test_without_cap_net_admin_enclave_up_says_what_is_missing() -> None:
+    """Before: pyroute2's NetlinkError (not an OSError) went past run_up's handler as a
+    30-line traceback, e.g. for an image tried under `docker run` without NET_ADMIN."""
+    res = subprocess.run(
+        ["unshare", "--net", "setpriv", "--bounding-set", "-net_admin", "--inh-caps",
+         "-net_admin", sys.executable, "-m", "wgvsock.cli", "enclave", "up", "--profile",
+         str(PROFILE), "--timeout", "5", "--", "true"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "wgvsock enclave up: bringing lo up: Operation not permitted (configuring " \
+        "interfaces needs CAP_NET_ADMIN: root, or `--cap-add NET_ADMIN` for a container)" \
+        in res.stderr, res.stderr
+
+
+@pytest.mark.root
+def test_an_mtu_the_kernel_refuses_is_named() -> None:
+    # In a namespace of its own (a veth: loopback takes any MTU).
+    res = subprocess.run(
+        ["unshare", "--net", "sh", "-c", 'ip link add v0 type veth peer name v1 && exec "$@"',
+         "-", sys.executable, "-c",
+         "from wgvsock.device import netconf\n"
+         "try:\n    netconf.link_up('v0', 70000)\n"
+         "except netconf.NetconfError as e:\n    print(e)\n"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert res.stdout.strip() == "bringing v0 up with MTU 70000: Invalid argument", res.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5"])
+def test_a_timeout_that_would_wait_forever_is_refused(value: str, capsys) -> None:
+    """Before: `--timeout nan` waited forever (no time is ever past NaN)."""
+    from wgvsock.roles.cli import enclave_main
+
+    with pytest.raises(SystemExit) as exit_:
+        enclave_main(["up", "--profile", str(PROFILE), "--timeout", value, "--", "true"])
+    assert exit_.value.code == 2
+    assert "must be a number of seconds above 0 and at most 86400 (a day)" in \
+        capsys.readouterr().err

@@ -30,12 +30,21 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return found[0]
 
 
+_EPERM = 1
+
+
 def link_up(ifname: str, mtu: int | None = None) -> None:
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
-        if mtu is not None:
-            ipr.link("set", index=idx, mtu=mtu)
-        ipr.link("set", index=idx, state="up")
+        try:
+            if mtu is not None:
+                ipr.link("set", index=idx, mtu=mtu)
+            ipr.link("set", index=idx, state="up")
+        except NetlinkError as e:
+            hint = (" (configuring interfaces needs CAP_NET_ADMIN: root, or `--cap-add "
+                    "NET_ADMIN` for a container)" if e.code == _EPERM else "")
+            raise NetconfError(f"bringing {ifname} up{f' with MTU {mtu}' if mtu else ''}: "
+                               f"{e.args[1] if len(e.args) > 1 else e}{hint}") from e
 
 
 def add_addresses(ifname: str, addresses: Iterable[IPInterface]) -> None:

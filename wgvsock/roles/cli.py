@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from ..argtypes import seconds
+
 
 def _load(path: str):
     from ..services.profile import ProfileError, load_profile
@@ -164,7 +166,7 @@ def enclave_main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
     up.add_argument("--profile", required=True)
-    up.add_argument("--timeout", type=float, default=60.0,
+    up.add_argument("--timeout", type=seconds(86400, "a day"), default=60.0,
                     help="seconds to wait for the parent (default 60)")
     up.add_argument("-v", "--verbose", action="store_true")
     up.add_argument("command", nargs=argparse.REMAINDER)

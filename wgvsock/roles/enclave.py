@@ -10,6 +10,7 @@ with the same key, without disturbing CMD.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ from ..conn.stream import redial_backoff
 from ..core.crypto import generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
-from ..services.control import ControlError, Welcome, hold_connection, register
+from ..services.control import ControlError, Refused, Welcome, hold_connection, register
 from ..threads import NamedThread, on_thread_death
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
 
@@ -44,10 +45,23 @@ HELD_STABLE = 10.0
 # the control port in the parent's place can keep the enclave away from the real one.
 NO_HANDSHAKE_AFTER = 90.0
 HANDSHAKE_STALE_AFTER = 180.0 + 90.0
+# A parent that answered but did not keep us (it refused us, another enclave of the profile
+# took our place, its key is not the pinned one) is asked again at doubling intervals up to
+# this: each round costs an attestation, a verification and a warning on both sides, and
+# asking every second changes nothing until someone changes the policy.
+ANSWERED_BACKOFF_MAX = 60.0
+# Passed on to CMD, as tini does; TERM, INT, HUP and QUIT before CMD runs stop `up` instead.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+_STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 class EnclaveError(Exception):
     pass
+
+
+class PinMismatch(ControlError):
+    """The parent's key is not the one the profile pins."""
 
 
 def _stopped(failures: list[str], signalled: list[int]) -> int:
@@ -61,7 +75,9 @@ def _stopped(failures: list[str], signalled: list[int]) -> int:
 
 def _wait_child(child: subprocess.Popen) -> int:
     """CMD's wait status. As PID 1 (a container without an init), also reaps the orphans
-    that are reparented to us, which nothing else would."""
+    that are reparented to us, which nothing else would. Nothing else may reap CMD (Popen's
+    poll() and send_signal() do): the loop below would then wait for every other descendant
+    to end, an app's long-lived helper included, before `up` could exit."""
     if os.getpid() != 1:
         return child.wait()
     while True:
@@ -74,11 +90,27 @@ def _wait_child(child: subprocess.Popen) -> int:
             return child.returncode
 
 
+def _signal_child(child: subprocess.Popen, signum: int) -> None:
+    """Sends SIGNUM to CMD without reaping it (see _wait_child). Its pid cannot have been
+    reused: until we reap CMD it stays a zombie holding the pid."""
+    if child.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signum)
+
+
 def attester():
-    """The NSM-backed attestation function, where this enclave has /dev/nsm."""
+    """The NSM-backed attestation function, where this enclave has /dev/nsm. Registering
+    without attestation because an import broke (an app image that replaced cbor2 or
+    cryptography) would make the parent refuse us for a reason that points elsewhere: an
+    enclave with the device says why it cannot attest."""
     try:
         from ..attestation import nsm_attester
-    except ImportError:
+    except ImportError as e:
+        # (attestation.nsm's DEVICE_ENV and NSM_DEVICE: that module is what failed to load.)
+        device = os.environ.get("WGVSOCK_NSM_DEVICE") or "/dev/nsm"
+        if os.path.exists(device):
+            raise EnclaveError(f"{device} is here but attestation cannot be loaded: {e} "
+                               "(does the image replace cbor2 or cryptography?)") from None
         return None
     return nsm_attester()
 
@@ -100,9 +132,11 @@ class Enclave:
         self.last_failure: str | None = None
         self._unix_dir: str | None = None
         self._thread: threading.Thread | None = None
+        self._attest = None
 
     def start(self) -> None:
         p = self.profile
+        self._attest = attester()
         netconf.link_up("lo")
         t = p.transport
         if t.kind == "unix":
@@ -145,7 +179,7 @@ class Enclave:
         pinned = self.profile.parent.public_key
         offered = key_to_base64(welcome.parent_public_key)
         if pinned is not None and offered != pinned:
-            raise ControlError(
+            raise PinMismatch(
                 f"refusing the parent: it offered public key {offered}, but the profile pins "
                 f"parent.public_key {pinned} (another process on the control port, or a "
                 "rotated parent key without a rebuilt image)")
@@ -178,14 +212,20 @@ class Enclave:
         # The same range as the WireGuard connection's redials: 1 s at most on vsock and Unix,
         # so a parent that was away for minutes is found again within a second of returning.
         backoff_min, backoff_max = redial_backoff(t.kind)
-        delay = backoff_min
-        attest = attester()
+        delay = answered_delay = backoff_min
+        attest = self._attest
 
-        def pause() -> None:
-            nonlocal delay
+        def pause(answered: bool = False) -> None:
+            """Waits before the next try: up to backoff_max while the parent is away or the
+            exchange broke, up to ANSWERED_BACKOFF_MAX once it answered and did not keep us."""
+            nonlocal delay, answered_delay
+            wait = answered_delay if answered else delay
             # Jitter keeps many enclaves from redialling a restarted parent in lockstep.
-            self.stop.wait(random.uniform(delay / 2, delay))  # noqa: S311 - jitter only
-            delay = min(delay * 2, backoff_max)
+            self.stop.wait(random.uniform(wait / 2, wait))  # noqa: S311 - jitter only
+            if answered:
+                answered_delay = min(answered_delay * 2, ANSWERED_BACKOFF_MAX)
+            else:
+                delay = min(delay * 2, backoff_max)
 
         while not self.stop.is_set():
             try:
@@ -211,11 +251,19 @@ class Enclave:
                 log.warning("control: connection to the parent ended (%s); registering again",
                             reason)
                 if time.monotonic() - since >= HELD_STABLE:
-                    delay = backoff_min
-                else:
-                    pause()
+                    delay = answered_delay = backoff_min
+                else:  # (another enclave of the profile may have taken our place)
+                    pause(answered=True)
+            except PinMismatch as e:  # something else answers on the parent's port
+                self.last_failure = str(e)
+                log.warning("control: %s", e)
+                pause(answered=True)
+            except Refused as e:
+                # Retried too, less and less often: the parent's policy may be changed.
+                self.last_failure = str(e)
+                log.warning("control: %s; asking again in up to %.0f s", e, answered_delay)
+                pause(answered=True)
             except (ControlError, OSError) as e:
-                # A refusal is retried too: the parent's profile may be fixed meanwhile.
                 self.last_failure = str(e)
                 log.warning("control: %s", e)
                 pause()
@@ -282,16 +330,15 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
     pending: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        signalled.append(signum)
         if child is not None:
-            if child.returncode is None:
-                child.send_signal(signum)
-        else:
+            _signal_child(child, signum)
+        elif signum in _STOPPING_SIGNALS:
+            signalled.append(signum)
             pending.append(signum)
             enclave.stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, on_signal)
     failures: list[str] = []
 
     def on_death(reason: str) -> None:
@@ -299,8 +346,8 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         # the enclave (or whatever supervises it) starts afresh.
         failures.append(reason)
         enclave.stop.set()
-        if child is not None and child.poll() is None:
-            child.terminate()
+        if child is not None:
+            _signal_child(child, signal.SIGTERM)
 
     on_thread_death(on_death)
     try:
@@ -321,7 +368,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         except OSError as e:
             raise EnclaveError(f"cannot run {command[0]}: {e.strerror}") from e
         for signum in pending:
-            child.send_signal(signum)
+            _signal_child(child, signum)
         code = _wait_child(child)
         if failures:
             print(f"wgvsock enclave: stopped: {failures[0]}", file=sys.stderr, flush=True)

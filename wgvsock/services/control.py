@@ -55,6 +55,10 @@ class ControlError(Exception):
     """The other side broke the protocol, went silent, or refused us."""
 
 
+class Refused(ControlError):
+    """The parent answered and refused this enclave (its policy, or its verifier)."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The parent's decision on a registering enclave."""
@@ -231,6 +235,9 @@ class ControlServer:
         self.refused_connections = 0
         self.last_verdict: Verdict | None = None
         self._refusal_log = RateLimitedLog(logger=log)
+        # Verdicts: a refused enclave registers again (at most every minute, but several
+        # enclaves of one profile, or a policy that refuses them all, add up).
+        self._verdict_log = RateLimitedLog(10.0, logger=log, burst=5)
         self._survivor = Survivor("control: accept")
         self._thread = NamedThread(target=self._accept_loop, name="control", daemon=True)
 
@@ -342,7 +349,7 @@ class ControlServer:
         if not verdict.accepted:
             # Built from the enclave's own document (certificate subjects, field values).
             reason = prose(verdict.reason, 500)
-            log.warning("control: refused an enclave: %s", reason)
+            self._verdict_log(logging.WARNING, "control: refused an enclave: %s", reason)
             _send(conn, {"type": "refused", "reason": reason})
             return False
         with self._install_lock:
@@ -452,7 +459,7 @@ def register(
     })
     msg = read_message(conn, deadline)
     if msg["type"] == "refused":
-        raise ControlError(f"parent refused this enclave: {prose(msg.get('reason', '?'), 1000)}")
+        raise Refused(f"parent refused this enclave: {prose(msg.get('reason', '?'), 1000)}")
     if msg["type"] != "welcome":
         raise ControlError(f"expected welcome, got {quote(msg['type'])}")
     parent_key = _b64(msg, "public_key", 32)

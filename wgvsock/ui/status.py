@@ -42,6 +42,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.text import Text
 
+from ..argtypes import seconds
 from ..conn.endpoint import Endpoint, display_endpoint, parse_endpoint
 from ..core.crypto import key_to_base64, public_key
 from ..core.messages import REJECT_AFTER_TIME, REKEY_AFTER_TIME
@@ -962,18 +963,6 @@ def _stream(collector: Collector, interval: float, as_json: bool, console: Conso
     return 0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= MAX_INTERVAL:  # (NaN fails both)
-        raise argparse.ArgumentTypeError(
-            f"must be a number of seconds above 0 and at most {MAX_INTERVAL:g} (a day): "
-            f"{text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wgvsock status",
@@ -984,7 +973,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ifnames", nargs="*", metavar="IFNAME",
                    help="interfaces to show (default: every socket in the run directory)")
-    p.add_argument("--interval", type=_positive_float, default=DEFAULT_INTERVAL, metavar="S",
+    p.add_argument("--interval", type=seconds(MAX_INTERVAL, "a day"), default=DEFAULT_INTERVAL,
+                   metavar="S",
                    help="seconds between refreshes (default: %(default)s)")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
     p.add_argument("--json", action="store_true",
