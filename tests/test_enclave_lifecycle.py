@@ -165,18 +165,23 @@ def test_sighup_before_cmd_runs_stops_like_sigterm(no_network, capsys) -> None:
 
 
 class _Stop:
-    """Stands for Enclave.stop: records each wait the control loop asks for and returns at
-    once, until it has seen enough."""
+    """Stands for Enclave.stop on a simulated clock: each wait the control loop asks for is
+    recorded and passes at once, moving the clock on, until WAITS have been asked."""
 
     def __init__(self, waits: int) -> None:
-        self.asked: list[float] = []
+        self.asked: list[tuple[float, float]] = []  # (clock, timeout)
         self.left = waits
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
 
     def is_set(self) -> bool:
         return self.left <= 0
 
     def wait(self, timeout: float | None = None) -> bool:
-        self.asked.append(timeout or 0.0)
+        self.asked.append((self.now, timeout or 0.0))
+        self.now += timeout or 0.0
         self.left -= 1
         return self.is_set()
 
@@ -184,11 +189,22 @@ class _Stop:
         self.left = 0
 
 
+def _simulated(monkeypatch, e: enclave_mod.Enclave, waits: int) -> _Stop:
+    import types
+
+    stop = _Stop(waits)
+    e.stop = stop  # type: ignore[assignment]
+    monkeypatch.setattr(enclave_mod, "time", types.SimpleNamespace(monotonic=stop.monotonic))
+    return stop
+
+
 @pytest.mark.parametrize("answer", ["refused", "pin"])
-def test_a_parent_that_answers_no_is_asked_less_and_less_often(monkeypatch, answer) -> None:
+def test_a_parent_that_answers_no_is_asked_less_often_after_a_minute(monkeypatch,
+                                                                     answer) -> None:
     """Before: a refusal (after a `parent reload` that refuses the running enclave) was asked
     again every second for good, each time an attestation, a verification and a warning on
-    both sides."""
+    both sides. Now as often as that for a minute (a policy fixed meanwhile takes at once),
+    then at doubling intervals up to a minute."""
     from wgvsock.services.control import Refused
 
     e = enclave_mod.Enclave(load_profile(str(PROFILE)))
@@ -201,15 +217,17 @@ def test_a_parent_that_answers_no_is_asked_less_and_less_often(monkeypatch, answ
 
     monkeypatch.setattr(enclave_mod, "register", register)
     if answer == "pin":
-        monkeypatch.setattr(e, "_check_pin", lambda w: (_ for _ in ()).throw(
-            enclave_mod.PinMismatch("refusing the parent: it offered public key ...")))
-    e.stop = _Stop(12)  # type: ignore[assignment]
+        def mismatch(welcome) -> None:
+            raise enclave_mod.PinMismatch("refusing the parent: it offered public key ...")
+
+        monkeypatch.setattr(e, "_check_pin", mismatch)
+    stop = _simulated(monkeypatch, e, 200)
     e._control_loop()
-    waits = e.stop.asked
-    assert len(waits) == 12
-    # Jittered: each wait is half to all of a doubling delay, 0.1 s up to 60 s.
-    assert all(b >= a / 2 for a, b in itertools.pairwise(waits)), waits
-    assert max(waits) > 30 and max(waits) <= enclave_mod.ANSWERED_BACKOFF_MAX
+    start = stop.asked[0][0]
+    first_minute = [w for at, w in stop.asked if at - start < enclave_mod.ANSWERED_FAST_FOR]
+    later = [w for at, w in stop.asked if at - start >= enclave_mod.ANSWERED_FAST_FOR + 300]
+    assert max(first_minute) <= 1.0 and len(first_minute) > 60
+    assert later and min(later) >= 30 and max(later) <= enclave_mod.ANSWERED_BACKOFF_MAX
     assert e.last_failure is not None
 
 
@@ -220,9 +238,9 @@ def test_a_parent_that_is_away_is_still_redialled_every_second(monkeypatch) -> N
         raise ConnectionRefusedError(111, "Connection refused")
 
     monkeypatch.setattr(enclave_mod, "dial_control", dial)
-    e.stop = _Stop(12)  # type: ignore[assignment]
+    stop = _simulated(monkeypatch, e, 300)
     e._control_loop()
-    assert max(e.stop.asked) <= 1.0
+    assert max(w for _, w in stop.asked) <= 1.0
 
 
 def test_attestation_that_cannot_load_where_the_device_is_says_so(monkeypatch,

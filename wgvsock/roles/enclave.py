@@ -46,9 +46,11 @@ HELD_STABLE = 10.0
 NO_HANDSHAKE_AFTER = 90.0
 HANDSHAKE_STALE_AFTER = 180.0 + 90.0
 # A parent that answered but did not keep us (it refused us, another enclave of the profile
-# took our place, its key is not the pinned one) is asked again at doubling intervals up to
-# this: each round costs an attestation, a verification and a warning on both sides, and
-# asking every second changes nothing until someone changes the policy.
+# took our place, its key is not the pinned one) is asked again as often as an absent one for
+# ANSWERED_FAST_FOR (a policy fixed by `parent reload` meanwhile takes at once), then at
+# doubling intervals up to ANSWERED_BACKOFF_MAX: each round costs an attestation, a
+# verification and a warning on both sides, and changes nothing until someone acts.
+ANSWERED_FAST_FOR = 60.0
 ANSWERED_BACKOFF_MAX = 60.0
 # Passed on to CMD, as tini does; TERM, INT, HUP and QUIT before CMD runs stop `up` instead.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
@@ -212,17 +214,21 @@ class Enclave:
         # The same range as the WireGuard connection's redials: 1 s at most on vsock and Unix,
         # so a parent that was away for minutes is found again within a second of returning.
         backoff_min, backoff_max = redial_backoff(t.kind)
-        delay = answered_delay = backoff_min
+        delay, answered_delay = backoff_min, backoff_max
+        answered_since: float | None = None  # when the parent's answers stopped keeping us
         attest = self._attest
 
         def pause(answered: bool = False) -> None:
-            """Waits before the next try: up to backoff_max while the parent is away or the
-            exchange broke, up to ANSWERED_BACKOFF_MAX once it answered and did not keep us."""
-            nonlocal delay, answered_delay
-            wait = answered_delay if answered else delay
+            """Waits before the next try: up to backoff_max, and once the parent has answered
+            without keeping us for ANSWERED_FAST_FOR, up to ANSWERED_BACKOFF_MAX."""
+            nonlocal delay, answered_delay, answered_since
+            if answered and answered_since is None:
+                answered_since = time.monotonic()
+            slow = answered and time.monotonic() - answered_since >= ANSWERED_FAST_FOR
+            wait = answered_delay if slow else delay
             # Jitter keeps many enclaves from redialling a restarted parent in lockstep.
             self.stop.wait(random.uniform(wait / 2, wait))  # noqa: S311 - jitter only
-            if answered:
+            if slow:
                 answered_delay = min(answered_delay * 2, ANSWERED_BACKOFF_MAX)
             else:
                 delay = min(delay * 2, backoff_max)
@@ -251,7 +257,7 @@ class Enclave:
                 log.warning("control: connection to the parent ended (%s); registering again",
                             reason)
                 if time.monotonic() - since >= HELD_STABLE:
-                    delay = answered_delay = backoff_min
+                    delay, answered_delay, answered_since = backoff_min, backoff_max, None
                 else:  # (another enclave of the profile may have taken our place)
                     pause(answered=True)
             except PinMismatch as e:  # something else answers on the parent's port
@@ -261,7 +267,7 @@ class Enclave:
             except Refused as e:
                 # Retried too, less and less often: the parent's policy may be changed.
                 self.last_failure = str(e)
-                log.warning("control: %s; asking again in up to %.0f s", e, answered_delay)
+                log.warning("control: %s", e)
                 pause(answered=True)
             except (ControlError, OSError) as e:
                 self.last_failure = str(e)
