@@ -9,7 +9,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -409,19 +409,27 @@ def test_unreadable_reasons(exc: OSError, words: str) -> None:
     assert words in _show(snap)[0]
 
 
+Answer = Callable[[socket.socket, threading.Event], None]
+
+
 @contextlib.contextmanager
-def _raw_uapi(path: Path, reply: bytes, answers: int = 2) -> Iterator[list[bytes]]:
-    """A UAPI socket at `path` that answers `answers` requests with `reply`, whatever they
-    are; yields the list of requests it received, whole."""
+def raw_uapi(path: Path, reply: bytes | Answer, answers: int = 2) -> Iterator[list[bytes]]:
+    """A UAPI socket at `path` that answers `answers` requests, whatever they are, with
+    `reply`, or by calling `reply(conn, done)` (`done` is set when the test is over); yields
+    the list of requests it received, whole."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(4)
     received: list[bytes] = []
+    done = threading.Event()
 
     def serve() -> None:
         for _ in range(answers):
-            conn, _ = listener.accept()
-            with conn:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn, contextlib.suppress(OSError):
                 data = b""
                 while not data.endswith(b"\n\n"):
                     chunk = conn.recv(4096)
@@ -429,20 +437,26 @@ def _raw_uapi(path: Path, reply: bytes, answers: int = 2) -> Iterator[list[bytes
                         break
                     data += chunk
                 received.append(data)
-                conn.sendall(reply)
+                if callable(reply):
+                    reply(conn, done)
+                else:
+                    conn.sendall(reply)
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
         yield received
     finally:
+        done.set()
+        with contextlib.suppress(OSError):  # wakes an accept() still waiting (close does not)
+            listener.shutdown(socket.SHUT_RDWR)
         listener.close()
-        t.join(5)
+        t.join(10)
 
 
 def test_only_get_is_ever_sent(run_dir: Path) -> None:
     """A raw server records every request byte: status must send `get=1` and nothing else."""
-    with _raw_uapi(run_dir / "wgr.sock", b"listen_port=51820\nerrno=0\n\n") as received:
+    with raw_uapi(run_dir / "wgr.sock", b"listen_port=51820\nerrno=0\n\n") as received:
         col = st.Collector(run_dir=str(run_dir))
         col.sample()
         col.sample()
@@ -519,7 +533,7 @@ def test_a_foreign_daemons_words_cannot_drive_the_terminal(
              f"wgvsock_profile={evil}\npublic_key={peer_key}\nendpoint={evil}\n"
              f"wgvsock_role={evil}\nwgvsock_conn={evil}\nallowed_ip=10.0.0.1/32{evil}\n"
              f"errno=0\n\n").encode()
-    with _raw_uapi(run_dir / f"{name}.sock", reply):
+    with raw_uapi(run_dir / f"{name}.sock", reply):
         snap = st.Collector(None, str(run_dir)).sample()
         (iface,) = snap.interfaces
         assert iface.error is None, iface.error

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,36 +19,7 @@ from wgvsock.core.crypto import generate_private_key, public_key
 from wgvsock.device.uapi import UAPIError, _complete, uapi_get
 from wgvsock.ui import status as st
 
-
-@contextlib.contextmanager
-def _socket(path: Path, answer) -> Iterator[None]:
-    """A UAPI socket whose one connection `answer(conn)` serves after reading the request."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(4)
-    done = threading.Event()
-
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = listener.accept()
-            with conn:
-                data = b""
-                while not data.endswith(b"\n\n"):
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        return
-                    data += chunk
-                with contextlib.suppress(OSError):
-                    answer(conn, done)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        done.set()
-        listener.close()
-        t.join(10)
+from .test_status_format import raw_uapi
 
 
 def _reply(*lines: str) -> bytes:
@@ -63,7 +33,7 @@ def test_a_number_that_is_not_ascii_digits_is_ignored(tmp_path: Path) -> None:
     odd = {"wga": "²", "wgb": "9" * 5000, "wgc": "٣"}
     with contextlib.ExitStack() as stack:
         for name, value in odd.items():
-            stack.enter_context(_socket(
+            stack.enter_context(raw_uapi(
                 tmp_path / f"{name}.sock",
                 lambda conn, done, v=value: conn.sendall(_reply(
                     "listen_port=51820", f"wgvsock_port={v}", f"public_key={peer}",
@@ -99,7 +69,7 @@ def test_a_reply_dripped_a_byte_at_a_time_is_cut_off_at_the_timeout(tmp_path: Pa
             conn.sendall(b"x")
 
     path = tmp_path / "wgdrip.sock"
-    with _socket(path, drip):
+    with raw_uapi(path, drip):
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             uapi_get(str(path), timeout=1.0)
@@ -116,7 +86,7 @@ def test_a_reply_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
             conn.sendall(chunk)
 
     path = tmp_path / "wgbig.sock"
-    with _socket(path, flood), pytest.raises(UAPIError, match="larger than 1 MiB"):
+    with raw_uapi(path, flood), pytest.raises(UAPIError, match="larger than 1 MiB"):
         uapi_get(str(path), timeout=10, limit=1 << 20)
 
 
