@@ -13,16 +13,22 @@ from wgvsock.device.device import Device
 from wgvsock.device.uapi import parse_set
 
 
-def test_a_peer_removed_later_in_the_same_set_gets_no_keepalive(monkeypatch) -> None:
+def test_a_peer_removed_later_in_the_same_set_gets_no_keepalive() -> None:
     """`wg set IF peer K persistent-keepalive 25 peer K remove`: before, the keepalive's
     handshake initiation went out after the loop, to a peer no longer configured, and its
     handshake index stayed in the table for good (review finding)."""
     d = tempfile.mkdtemp(prefix="wgd", dir="/tmp")
     bind = StreamBind("unix", unix_dir=d)
-    dev = Device("wgdset0", bind, run_dir=os.path.join(d, "run"))
     sent: list = []
-    monkeypatch.setattr(dev, "_is_up", lambda: True)
-    monkeypatch.setattr(dev, "_perform", lambda actions: sent.extend(actions))
+
+    class Up(Device):  # an interface that is up, whose sends are recorded
+        def _is_up(self) -> bool:
+            return True
+
+        def _perform(self, actions) -> None:
+            sent.extend(actions)
+
+    dev = Up("wgdset0", bind, run_dir=os.path.join(d, "run"))
     me, them = generate_private_key(), public_key(generate_private_key())
     try:
         dev.uapi_set(parse_set(f"private_key={me.hex()}\n"))

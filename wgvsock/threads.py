@@ -25,6 +25,7 @@ import logging
 import signal
 import threading
 import time
+import types
 from collections.abc import Callable
 
 log = logging.getLogger("wgvsock.threads")
@@ -54,14 +55,32 @@ def set_os_thread_name(name: str) -> None:
         pass
 
 
+def _calls(run: Callable[[], None]) -> None:
+    run()
+
+
+def _frame_named(name: str) -> Callable[[Callable[[], None]], None]:
+    """`_calls` under another name: its frame shows as `in NAME` in a stack dump."""
+    code = _calls.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, _calls.__globals__, name)
+
+
 class NamedThread(threading.Thread):
     """A `threading.Thread` that gives its OS thread its name when it starts (Python 3.14
-    does this itself; 3.11 does not)."""
+    does this itself; 3.11 does not), and runs its target under a frame named for it.
+
+    That frame is for stack dumps (faulthandler on SIGUSR1 and the watchdog's SIGABRT, py-spy
+    dump): a compiled loop (mypyc) has no Python frame of its own, so without it a dump would
+    not say which loop a thread is in."""
 
     def run(self) -> None:
         # 15 bytes are few: the transport's "wgvsock-" prefix says nothing inside our process.
         set_os_thread_name(self.name.removeprefix("wgvsock-"))
-        super().run()
+        name = getattr(getattr(self, "_target", None), "__name__", None)
+        if isinstance(name, str) and name.isidentifier():
+            _frame_named(name)(super().run)
+        else:
+            super().run()
 
 
 class Survivor:
@@ -107,8 +126,7 @@ def on_thread_death(stop: Callable[[str], None]) -> None:
         if issubclass(args.exc_type, SystemExit):
             return
         name = args.thread.name if args.thread is not None else "?"
-        log.critical("thread %s died", name,
-                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        log.critical("thread %s died", name, exc_info=args.exc_value)
         stop(f"thread {name} died: {args.exc_type.__name__}: {args.exc_value}")
 
     threading.excepthook = hook

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from wgvsock.conn import Bind, TransportUnavailable, make_bind
+from wgvsock.conn import stream as stream_module
 from wgvsock.conn.caps import (
     CAP_SUPER,
     CAP_UNCHECKED_TRANSPORT,
@@ -774,16 +775,18 @@ def test_the_accept_thread_survives_an_unexpected_error(
 ) -> None:
     b, b_in, b_port = opened(binds, StreamBind("tcp4"))
     assert isinstance(b, StreamBind)
-    real_configure = StreamBind._configure
+    # The fault comes from a function the accept loop calls through its module (compiled, a
+    # method of StreamBind cannot be patched).
+    real = stream_module.set_send_timeout
     calls: list[int] = []
 
-    def configure(self, sock):
+    def set_send_timeout(sock, seconds):
         calls.append(1)
         if len(calls) == 1:
             raise ValueError("injected accept fault")
-        return real_configure(self, sock)
+        return real(sock, seconds)
 
-    monkeypatch.setattr(StreamBind, "_configure", configure)
+    monkeypatch.setattr(stream_module, "set_send_timeout", set_send_timeout)
     first = socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT)
     wait_until(lambda: calls)
     a, _a_in, _ = opened(binds, StreamBind("tcp4"))
@@ -986,13 +989,14 @@ def test_a_fwmark_set_while_a_connection_is_being_dialled_reaches_it() -> None:
     srv.listen()
     b = StreamBind("tcp4")
     b.open(0, lambda d, ep: None)
-    register = b._flush_and_register
+    start_thread = b._start_thread
 
-    def late_mark(d, conn):  # `wg set fwmark` arriving in that window
-        b.set_mark(0x1234)
-        return register(d, conn)
+    def late_mark(target, name, *args):  # `wg set fwmark` arriving in that window
+        if "-read-" in name:  # the dialled connection's reader, started just before it registers
+            b.set_mark(0x1234)
+        return start_thread(target, name, *args)
 
-    b._flush_and_register = late_mark  # type: ignore[method-assign]
+    b._start_thread = late_mark  # type: ignore[method-assign]
     ep = Endpoint("inet", "127.0.0.1", srv.getsockname()[1])
     try:
         b.send(b"\x04" + bytes(47), ep)

@@ -18,29 +18,37 @@ from .netlab import RUN_DIR, Lab, connect_pair, ping, wait_for
 
 pytestmark = [pytest.mark.root]
 
-# argv: what to break ("encapsulate-3": the first three packets from the TUN raise;
-# "timers": every timer tick raises), then the daemon's own arguments.
+# argv: what to break ("tun-3": the TUN reader's first three passes raise; "timers": every
+# timer tick raises), then the daemon's own arguments. The fault comes from the clock, which
+# both loops read on every pass: the loops are compiled (mypyc) and cannot be patched, a
+# function they call can. It fires only when the loop itself calls: the nearest Python frame
+# (past threading's) is then the loop's own (pure Python) or the one NamedThread names for it
+# (compiled), not, say, Survivor's, which reads the clock too.
 _FAULTY_DAEMON = r"""
 import sys
+import threading
+import time
+
 from wgvsock import daemon
-from wgvsock.core.engine import Engine
 
 fault, args = sys.argv[1], sys.argv[2:]
-if fault == "encapsulate-3":
-    original, left = Engine.encapsulate, [3]
+real, left = time.monotonic, [3]
 
-    def encapsulate(self, packet, now):
-        if left[0]:
-            left[0] -= 1
-            raise RuntimeError("injected encapsulate fault")
-        return original(self, packet, now)
 
-    Engine.encapsulate = encapsulate
-elif fault == "timers":
-    def update_timers(self, now):
+def monotonic():
+    frame = sys._getframe(1)
+    while frame.f_code.co_filename == threading.__file__:  # Thread.run, calling the target
+        frame = frame.f_back
+    caller = frame.f_code.co_name
+    if fault == "tun-3" and caller in ("_tun_loop", "_read_tun") and left[0]:
+        left[0] -= 1
+        raise RuntimeError("injected TUN reader fault")
+    if fault == "timers" and caller == "_timer_loop":
         raise RuntimeError("injected timer fault")
+    return real()
 
-    Engine.update_timers = update_timers
+
+time.monotonic = monotonic
 sys.exit(daemon.main(args))
 """
 
@@ -60,17 +68,17 @@ def _start_faulty(lab: Lab, ns, ifname: str, fault: str) -> tuple[subprocess.Pop
 def test_a_passing_fault_in_the_tun_reader_is_survived_and_logged_once(lab: Lab) -> None:
     a, b = lab.netns("a"), lab.netns("b")
     ia, ib = lab.ifname("a"), lab.ifname("b")
-    proc, log = _start_faulty(lab, a, ia, "encapsulate-3")
+    proc, log = _start_faulty(lab, a, ia, "tun-3")
     lab.start_daemon(b, ib, "unix")
     connect_pair(lab, a, ia, "127.0.0.1:7602", b, ib, None, a_port=7601, b_port=7602)
-    # The first packets hit the fault (the TUN reader used to die on it: no tunnel, ever).
+    # The first passes hit the fault (the TUN reader used to die on it: no tunnel, ever).
     a.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "10.99.0.2", check=False)
     ping(a, "10.99.0.2", count=3)
     assert proc.poll() is None
     text = log.read_text()
     assert text.count("TUN reader: unexpected error (carrying on)") == 1
     assert text.count("Traceback") == 1
-    assert "injected encapsulate fault" in text
+    assert "injected TUN reader fault" in text
 
 
 def test_a_fault_that_keeps_firing_stops_the_daemon_non_zero(lab: Lab) -> None:

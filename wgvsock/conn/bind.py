@@ -435,6 +435,9 @@ class SocketBind(Bind):
             probe.close()
         raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
 
+    def _forget_unix_path(self) -> None:
+        self._unix_path = self._unix_ident = None
+
     def _remove_unix_path(self) -> None:
         path, ident = self._unix_path, self._unix_ident
         self._unix_path = self._unix_ident = None

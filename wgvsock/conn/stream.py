@@ -90,6 +90,7 @@ class _Conn:
         "done",
         "ep",
         "got_frame",
+        "hello_seen",
         "last_rx",
         "outbound",
         "reason",
@@ -111,8 +112,11 @@ class _Conn:
         # Dialled by us, or a message on it authenticated. Until then last_rx is kept.
         self.trusted = outbound
         self.reason = ""
-        # The peer's capability hello on this connection: (flags, max_packet).
+        # The peer's capability hello on this connection: (flags, max_packet). A flag of its
+        # own says whether one came, not identity with _NO_CAPS: compiled code (mypyc) keeps
+        # such a tuple unboxed, and `is` on it is never true.
         self.caps = _NO_CAPS
+        self.hello_seen = False
 
     def send(self, frame: bytes) -> bool:
         with self.send_lock:
@@ -126,7 +130,7 @@ class _Conn:
                 self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
                 return False
 
-    def send_iov(self, bufs: list[bytes]) -> bool:
+    def send_iov(self, bufs: list[bytes | memoryview]) -> bool:
         """Like send() for several buffers in one sendmsg() (no joined copy); a short write
         is continued from where it stopped."""
         with self.send_lock:
@@ -272,7 +276,9 @@ class StreamBind(SocketBind):
             if not self.is_open:
                 raise RuntimeError(f"{type(self).__name__}({self.network}) is not open")
             old_unix = self._unix_path, self._unix_ident
-            self._unix_path = self._unix_ident = None  # a failed _listen must not remove ours
+            # A failed _listen must not remove ours. (A method, so the type checker, and the
+            # compiled code that trusts it, do not take both for None after _listen below.)
+            self._forget_unix_path()
             try:
                 listener, actual = self._listen(port)
                 new_unix = self._unix_path, self._unix_ident
@@ -418,7 +424,7 @@ class StreamBind(SocketBind):
                 self._send_slow(frame, ep)
             return
         unchecked = conn.caps[0] & CAP_UNCHECKED_TRANSPORT != 0
-        bufs: list[bytes] = []
+        bufs: list[bytes | memoryview] = []
         for data in messages:
             try:
                 bufs.append(frame_header(data, unchecked))
@@ -538,13 +544,16 @@ class StreamBind(SocketBind):
                 self._misc_log(logging.WARNING, "%s: %d inbound connections of live peers "
                                "already; refusing another", self.network, MAX_INBOUND)
                 continue
+            # (No break inside the with: mypyc cannot compile one in a try/finally.)
             with self._lock:
-                if self._closed.is_set():
-                    sock.close()
-                    break
-                conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False)
-                self._publish(conn)
-                self._accepted += 1
+                closing = self._closed.is_set()
+                if not closing:
+                    conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False)
+                    self._publish(conn)
+                    self._accepted += 1
+            if closing:
+                sock.close()
+                break
             self._churn_log(logging.INFO, "%s: inbound connection %s", self.network,
                             display_endpoint(conn.ep))
             try:
@@ -588,7 +597,7 @@ class StreamBind(SocketBind):
             return
         conn.trusted = True
         set_receive_timeout(conn.sock, 0)  # a real peer: no limit on idling now
-        if conn.caps is not _NO_CAPS:
+        if conn.hello_seen:
             self._notify_caps()
 
     def _start_reader(self, conn: _Conn) -> None:
@@ -658,8 +667,9 @@ class StreamBind(SocketBind):
         rest = []
         for frame in frames:
             if frame[0] == _HELLO_BYTE and (caps := parse_hello(frame)):
-                first = conn.caps is _NO_CAPS
+                first = not conn.hello_seen
                 conn.caps = caps
+                conn.hello_seen = True
                 if first and not conn.outbound and self.hello is not None:
                     conn.send(encode_frame(self.hello))
                 if conn.trusted:  # else when it becomes trusted (_trust)
@@ -687,7 +697,7 @@ class StreamBind(SocketBind):
             conn.sock.close()
         if conn.reason.startswith("send"):
             self._send_failures += 1
-        if conn.caps is not _NO_CAPS and conn.trusted:
+        if conn.hello_seen and conn.trusted:
             self._notify_caps()
         if not self._closed.is_set():
             level = logging.WARNING if conn.reason.startswith("framing") else logging.INFO
@@ -744,15 +754,16 @@ class StreamBind(SocketBind):
                     if self._closed.wait(self._backoff(d.failures)):
                         break
                 with self._lock:
-                    if self._closed.is_set():
-                        break
+                    closing = self._closed.is_set()
                     # Messages older than redial_idle are stale; nobody is waiting on them.
-                    if time.monotonic() - d.active_at > self.redial_idle:
+                    if not closing and time.monotonic() - d.active_at > self.redial_idle:
                         del self._dialers[d.ep]
                         d.state = "idle"
                         log.info("%s: nothing to send to %s; stopped redialling", self.network,
                                  name)
                         return
+                if closing:
+                    break
                 d.state = "connecting"
                 try:
                     sock = self._dial(d)
@@ -779,7 +790,7 @@ class StreamBind(SocketBind):
                 if self._flush_and_register(d, conn):
                     d.state = "connected"
                     log.info("%s: connected to %s", self.network, name)
-                    if conn.caps is not _NO_CAPS:
+                    if conn.hello_seen:
                         # The peer's hello beat the registration: its notice found no
                         # connection with it, so tell again now that there is one.
                         self._notify_caps()

@@ -168,7 +168,7 @@ class AllowedIPs(Generic[P]):
                 return peer
         return None
 
-    def lookup_packet_dst(self, packet: bytes) -> P | None:
+    def lookup_packet_dst(self, packet: bytes | bytearray | memoryview) -> P | None:
         """The peer routing an IP packet's destination; None if the packet is not IPv4/IPv6."""
         if not packet:
             return None
@@ -191,7 +191,7 @@ class AllowedIPs(Generic[P]):
                 return peer
         return None
 
-    def lookup_packet_src(self, packet: bytes) -> P | None:
+    def lookup_packet_src(self, packet: bytes | bytearray | memoryview) -> P | None:
         """The peer owning an IP packet's source; None if the packet is not IPv4/IPv6."""
         if not packet:
             return None

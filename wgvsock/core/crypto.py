@@ -180,10 +180,14 @@ def key_to_base64(key: bytes) -> str:
 
 
 def key_from_base64(text: str) -> bytes:
-    try:
+    key = None
+    # binascii.Error, or non-ASCII text, whose error carries the text: the key. Ours is raised
+    # after that error is gone, not from its handler, where it would become our exception's
+    # __context__ (compiled, this module ignores `from None`).
+    with contextlib.suppress(ValueError):
         key = base64.b64decode(text.strip(), validate=True)
-    except ValueError:  # binascii.Error, or non-ASCII text (whose error would carry the key)
-        raise KeyFormatError("key is not valid base64") from None
+    if key is None:
+        raise KeyFormatError("key is not valid base64")
     if len(key) != KEY_LEN:
         raise KeyFormatError(f"key must decode to 32 bytes, not {len(key)}")
     return key

@@ -188,14 +188,14 @@ class Engine:
 
     # -- outgoing ------------------------------------------------------------------------
 
-    def encapsulate(self, packet: bytes, now: float) -> list[Action]:
+    def encapsulate(self, packet: bytes | bytearray, now: float) -> list[Action]:
         """A packet read from the TUN device: route it by allowed IPs and seal it."""
         peer = self.allowed_ips.lookup_packet_dst(packet)
         if peer is None:
             return _drop("no peer has an allowed IP for the destination")
         return self.send_data(peer, packet, now)
 
-    def send_data(self, peer: Peer, packet: bytes, now: float) -> list[Action]:
+    def send_data(self, peer: Peer, packet: bytes | bytearray, now: float) -> list[Action]:
         kp = peer.keypairs.current
         if kp is None or now - kp.created >= REJECT_AFTER_TIME or (
             kp.send_nonce >= REJECT_AFTER_MESSAGES
@@ -217,7 +217,7 @@ class Engine:
     def initiate_handshake(self, peer: Peer, now: float) -> list[Action]:
         return self._initiate(peer, now, retry=False)
 
-    def _seal(self, peer: Peer, kp: Keypair, packet: bytes, now: float) -> Action:
+    def _seal(self, peer: Peer, kp: Keypair, packet: bytes | bytearray, now: float) -> Action:
         counter = kp.send_nonce
         kp.send_nonce = counter + 1
         pad = padding_size(len(packet), self.mtu)
@@ -306,9 +306,11 @@ class Engine:
             return _drop("transport message too short")
         _, receiver, counter = _HEADER.unpack_from(data)
         entry = self._index.get(receiver)
-        if entry is None or entry[1] is None:
+        if entry is None:
             return _drop("transport message for an unknown receiver index")
         peer, kp = entry
+        if kp is None:
+            return _drop("transport message for an unknown receiver index")
         if now - kp.created >= REJECT_AFTER_TIME or counter >= REJECT_AFTER_MESSAGES:
             return _drop("keypair expired", peer)
         try:

@@ -20,14 +20,17 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from mypy_extensions import mypyc_attr
 
 from ..conn.bind import Bind
 from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
 from ..conn.endpoint import Endpoint, display_endpoint
 from ..conn.framing import MAX_STREAM_MTU
 from ..core.engine import DROP, SEND, TUNNEL, Action, Engine
+from ..core.peer import Peer
 from ..core.ratelimit import LoadTracker
 from ..threads import NamedThread, Survivor
 from .tun import GSO_MAX_SIZE, Tun, complete_checksum, split_tso
@@ -103,6 +106,9 @@ def _link_states(status: dict[str, Any]) -> dict[str, dict[str, str]] | None:
     return links
 
 
+# Compiled, a class cannot be patched; a test that stands in for the TUN or the sends
+# subclasses it instead (tests/test_device_set.py).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Device:
     def __init__(
         self,
@@ -331,6 +337,7 @@ class Device:
         poller.register(self._wake_r, select.POLLIN)
         # Datagram transports take a TCP super-packet as MTU-sized packets; stream transports
         # whole where the peer said it takes them.
+        read: Callable[[], Sequence[bytes | bytearray]]
         if not self.bind.stream:
             read = tun.read_segments
         elif tun.vnet:
@@ -617,7 +624,7 @@ class Device:
                     self.fwmark = old_mark
                 raise
         now = time.monotonic()
-        keepalives: list[Any] = []
+        keepalives: list[Peer] = []
         with self._lock:
             engine = self.engine
             if cfg.private_key is not None:
@@ -657,10 +664,10 @@ class Device:
                         engine.allowed_ips.remove(net, peer)
             actions: list[Action] = []
             if keepalives and self._is_up():
-                for peer in keepalives:
+                for kept in keepalives:
                     # Not one removed (or replaced) later in the same request.
-                    if engine.peers.get(peer.public_key) is peer:
-                        actions += engine.send_keepalive(peer, now)
+                    if engine.peers.get(kept.public_key) is kept:
+                        actions += engine.send_keepalive(kept, now)
         self._perform(actions)
 
     def connect_peer(self, public_key: bytes, endpoint: Endpoint) -> None:

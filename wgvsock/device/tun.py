@@ -14,6 +14,9 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Sequence
+
+from mypy_extensions import mypyc_attr
 
 __all__ = ["Tun", "TunError", "coalesce_tcp", "complete_checksum", "split_tso"]
 
@@ -188,7 +191,7 @@ def _same_flow(a: bytes | bytearray, b: bytes | bytearray, hlen: int) -> bool:
 
 
 def coalesce_tcp(
-    packets: list[bytes], limit: int = GSO_MAX_SIZE
+    packets: Sequence[bytes | bytearray], limit: int = GSO_MAX_SIZE
 ) -> list[tuple[bytes | bytearray, int]]:
     """Merges runs of consecutive in-order segments of one TCP flow into super-packets, as the
     kernel's GRO would, so a batch reaches the TUN in a few writes: (packet, segment size) for
@@ -317,6 +320,8 @@ def _offload_header(
     return header, packet
 
 
+# An ordinary Python class even when this module is compiled: mypyc cannot subclass OSError.
+@mypyc_attr(native_class=False)
 class TunError(OSError):
     """A TUN device could not be created or configured; the message says why."""
 
@@ -438,7 +443,7 @@ class Tun:
             return [_complete_checksum(buf, VNET_HDR_LEN, start, offset)]
         return [buf[VNET_HDR_LEN:]]
 
-    def write(self, packet: bytes) -> None:
+    def write(self, packet: bytes | bytearray) -> None:
         if not self.vnet:
             os.write(self._fd, packet)
         elif hdr := _offload_header(packet, self.mtu_hint):
@@ -446,7 +451,7 @@ class Tun:
         else:
             os.writev(self._fd, (_VNET_PLAIN, packet))
 
-    def write_batch(self, packets: list[bytes]) -> None:
+    def write_batch(self, packets: Sequence[bytes | bytearray]) -> None:
         """Writes packets in order; with offload, runs of one TCP flow go as one GSO write."""
         if not self.vnet or len(packets) < 2:
             for packet in packets:
