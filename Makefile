@@ -9,13 +9,14 @@ PY     := $(VENV)/bin/python
 # systemd-nspawn, in which tests/net/test_systemd.py boots systemd to run that unit. qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio make the throw-away guest of tests/guest (real vsock, the kernel's WireGuard).
 # dnsmasq-base (the binary, without the system service that the dnsmasq package enables) is the
-# "internet" resolver of tests/net/test_egress_names.py (egress by host name).
+# "internet" resolver of tests/net/test_egress_names.py (egress by host name). gcc and python3-dev
+# compile the per-packet modules with mypyc (setup.py).
 APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod \
                 podman debootstrap systemd systemd-container qemu-system-x86 linux-image-amd64 busybox-static cpio \
-                dnsmasq-base
+                dnsmasq-base gcc python3-dev
 APT_MARK := $(VENV)/.apt-done
 
-.PHONY: test demo bench fuzz soak lint apt venv clean lock wheelhouse image eif
+.PHONY: test demo bench fuzz soak lint apt venv compile clean lock wheelhouse image eif
 
 # Re-checked when this file changes, so a package added to the list gets installed.
 $(APT_MARK): Makefile
@@ -30,23 +31,35 @@ $(APT_MARK): Makefile
 $(VENV)/.venv-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	WGVSOCK_PURE=1 $(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# The per-packet modules ([tool.wgvsock] in pyproject.toml) compiled in place with mypyc, again
+# whenever a source they are made from changes: an extension left from older sources would be
+# imported instead of them (tests/conftest.py refuses to run then). WGVSOCK_PURE=1 removes the
+# extensions and runs everything as pure Python.
+BUILD_KIND := $(if $(filter-out 0,$(WGVSOCK_PURE)),pure,mypyc)
+$(VENV)/.built-$(BUILD_KIND): $(VENV)/.venv-done setup.py build_backend.py \
+                              $(wildcard wgvsock/core/*.py wgvsock/conn/*.py wgvsock/device/*.py)
+	rm -f $(VENV)/.built-* wgvsock_native__mypyc.*.so wgvsock/*/*.so
+	$(if $(filter pure,$(BUILD_KIND)),WGVSOCK_PURE=1) $(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
 apt: $(APT_MARK)
 venv: $(VENV)/.venv-done
+compile: $(VENV)/.built-$(BUILD_KIND)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: apt venv
+test: apt venv compile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
-demo: apt venv
+demo: apt venv compile
 	$(PY) -m wgvsock.ui.demo
 
-bench: apt venv
+bench: apt venv compile
 	$(PY) bench/core_bench.py
 	$(PY) bench/tunnel_bench.py
 
@@ -57,7 +70,7 @@ fuzz: venv
 
 # 30 minutes of traffic, rekeys and parent/enclave restarts; reports recovery times, RSS, fds,
 # threads and lost pings (bench/soak.py). Not part of `make test`, which runs a 3-minute version.
-soak: apt venv
+soak: apt venv compile
 	$(PY) bench/soak.py
 
 # The enclave image (docker/Dockerfile; see docker/README.md). Overrides: ENGINE=docker|podman,
@@ -80,4 +93,5 @@ eif: venv           ## checks for nitro-cli, make image, then nitro-cli build-en
 	$(PY) docker/build.py eif $(BUILD_ARGS) --output $(EIF)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info docker/wheels
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info docker/wheels build
+	rm -f wgvsock_native__mypyc.*.so wgvsock/*/*.so
