@@ -7,8 +7,10 @@
 wheelhouse  downloads the locked wheels (docker/requirements.lock: the enclave's run-time
             dependencies; docker/build.lock: pip and setuptools) with --require-hashes for the
             image's Python (CPython 3.11, glibc 2.28+, this machine's architecture), and builds
-            wgvsock's own wheel from this checkout with the locked setuptools. Needs PyPI; the
-            image build afterwards fetches nothing but the base image.
+            wgvsock's own wheel from this checkout with the locked setuptools, its per-packet
+            modules compiled by the locked mypy (mypyc; needs a C compiler, or WGVSOCK_PURE=1
+            for pure Python, which a wheelhouse for another architecture always is). Needs
+            PyPI; the image build afterwards fetches nothing but the base image.
 image       fills the wheelhouse, then builds docker/Dockerfile with the repository root as
             context, with docker if its daemon answers, else podman, with timestamps pinned to
             SOURCE_DATE_EPOCH (default 0) so that the same inputs give the same image digest.
@@ -97,16 +99,19 @@ def wheelhouse(out: Path, python: str = sys.executable, arch: str | None = None)
         # A clean copy: no build/ leftovers or __pycache__ from the working tree can slip in.
         src = Path(tmp) / "src"
         src.mkdir()
-        for name in ("pyproject.toml", "LICENSE"):
+        for name in ("pyproject.toml", "LICENSE", "setup.py", "build_backend.py"):
             shutil.copy2(ROOT / name, src / name)
         # The README becomes the wheel's long description, which the image carries: a short
         # fixed one keeps documentation edits from changing the image and so its PCRs.
         (src / "README.md").write_text(WHEEL_README)
         shutil.copytree(ROOT / "wgvsock", src / "wgvsock",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        # Build isolation gets its setuptools from the wheelhouse only: the locked one.
+        # Build isolation gets setuptools and mypy from the wheelhouse only: the locked ones.
+        env = {**os.environ, "SOURCE_DATE_EPOCH": WHEEL_EPOCH}
+        if (arch or platform.machine()) != platform.machine():
+            env["WGVSOCK_PURE"] = "1"  # mypyc compiles for this machine only
         run([*pip, "wheel", "-q", "--no-deps", "--no-index", "--find-links", str(out),
-             "-w", str(out), str(src)], env={**os.environ, "SOURCE_DATE_EPOCH": WHEEL_EPOCH})
+             "-w", str(out), str(src)], env=env)
     shutil.copy2(LOCKS[0], out / "requirements.lock")
     wheels = sorted(p.name for p in out.glob("*.whl"))
     print(f"wheelhouse {out}: {len(wheels)} wheels")

@@ -7,8 +7,9 @@ parent-only ones (boto3 for AWS, rich for the status console, prometheus_client 
 the parent's metrics), with their own dependencies,
 each pinned to the version installed in the running interpreter (the development venv, which
 the test suite has just exercised). build.lock pins the tools the image build uses: pip, which
-the Dockerfile runs straight from its wheel so the base image needs no pip of its own, and
-setuptools, which builds wgvsock's own wheel.
+the Dockerfile runs straight from its wheel so the base image needs no pip of its own,
+setuptools, which builds wgvsock's own wheel, and mypy with what it needs, whose mypyc compiles
+the per-packet modules of that wheel (build_backend.py).
 
 Every line carries the SHA-256 of the wheels PyPI serves for it on each platform in PLATFORMS,
 so `make wheelhouse` downloads with --require-hashes: the same lock gives byte-identical wheels
@@ -83,12 +84,16 @@ def runtime_requirements() -> list[str]:
 
 
 def build_backend() -> dict[str, str]:
-    """The build system pyproject.toml asks for, pinned to the newest version that satisfies it
-    (the venv's setuptools may be older: pip builds wgvsock in an isolated environment)."""
+    """The build system pyproject.toml asks for and the compiler build_backend.py adds, with
+    what they need, pinned to the newest versions that satisfy them (the venv's setuptools may
+    be older: pip builds wgvsock in an isolated environment)."""
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    mypyc = re.search(r'^MYPYC = "([^"]+)"', (ROOT / "build_backend.py").read_text(), re.M)
+    if mypyc is None:
+        raise SystemExit("build_backend.py names no MYPYC requirement")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "--isolated", "download", "-q", "--no-deps",
-                        "--only-binary=:all:", "-d", tmp, *requires], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "--isolated", "download", "-q",
+                        "--only-binary=:all:", "-d", tmp, *requires, mypyc.group(1)], check=True)
         return {canonical(w.name.split("-")[0]): w.name.split("-")[1]
                 for w in Path(tmp).glob("*.whl")}
 
@@ -123,7 +128,8 @@ def write(path: Path, what: str, pins: dict[str, str]) -> None:
         lines.append(f"{name}=={pins[name]} \\\n")
         lines.append(" \\\n".join(f"    --hash=sha256:{h}" for h in sorted(hashes[name])) + "\n")
     path.write_text("".join(lines))
-    print(f"wrote {path.relative_to(ROOT)}: "
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    print(f"wrote {shown}: "
           + ", ".join(f"{n}=={v}" for n, v in sorted(pins.items())))
 
 
@@ -137,7 +143,8 @@ def main() -> int:
     build = {"pip": metadata.version("pip")}
     build.update(build_backend())
     write(args.dir / "build.lock",
-          "Tools of the image build: pip (run from its wheel) and setuptools (builds wgvsock).",
+          "Tools of the image build: pip (run from its wheel), setuptools (builds wgvsock) and "
+          "mypy (compiles it).",
           build)
     return 0
 

@@ -252,8 +252,11 @@ def test_image_builds_small_and_reproducibly(image: Image) -> None:
     # Parent-only dependencies, build tools and the wheelhouse stay out of the image.
     assert not installed & {"boto3", "botocore", "rich", "pip", "setuptools"}, installed
     assert not (mnt / "wheels").exists() and not (mnt / "staging").exists()
-    # Byte code is compiled at build time, for the paths the enclave sees.
+    # Byte code is compiled at build time, for the paths the enclave sees, and the per-packet
+    # modules to C (mypyc), as on the parent: both ends of the tunnel run the same code.
     assert list((site / "wgvsock/__pycache__").glob("cli.cpython-311.pyc"))
+    assert list(site.glob("wgvsock_native__mypyc.cpython-311-*.so"))
+    assert list((site / "wgvsock/core").glob("engine.cpython-311-*.so"))
 
     base_size = json.loads(podman("image", "inspect", image.base).stdout)[0]["Size"]
     size = image.inspect["Size"]
@@ -413,12 +416,13 @@ def test_lock_pins_the_enclave_dependencies() -> None:
     lock = (ROOT / "docker/requirements.lock").read_text()
     pinned = {line.split("==")[0] for line in lock.splitlines() if "==" in line}
     # prometheus_client: the parent's metrics; dnspython: its DNS forwarder (egress by name).
-    assert names - {"boto3", "rich", "prometheus_client", "dnspython"} <= pinned
+    assert {n.replace("_", "-") for n in names} - {
+        "boto3", "rich", "prometheus-client", "dnspython"} <= pinned
     assert not pinned & {"boto3", "botocore", "rich", "s3transfer", "prometheus-client",
                          "dnspython", "pip", "setuptools"}
     entries = lock.split("==")[1:]
     assert all("--hash=sha256:" in e for e in entries)
     build_lock = (ROOT / "docker/build.lock").read_text()
-    assert {"pip", "setuptools"} <= {ln.split("==")[0] for ln in build_lock.splitlines()
+    assert {"pip", "setuptools", "mypy"} <= {ln.split("==")[0] for ln in build_lock.splitlines()
                                      if "==" in ln}
 
