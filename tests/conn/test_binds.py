@@ -383,6 +383,8 @@ def test_junk_in_valid_frames_cannot_lock_a_peer_out(
         a, a_in, _ = opened(binds, StreamBind("tcp4"))
         b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
         from_a = exchange(a, a_in, b, b_in, b_ep)  # got in, replacing a junk connection
+        # (whose reader takes it out of the table once its shutdown wakes it)
+        wait_until(lambda: len(b._conns) == 4)
         # Every slot a live peer's (as if the junk had authenticated): a newcomer is refused.
         peers.update(b._conns)
         assert from_a in peers and len(peers) == 4
