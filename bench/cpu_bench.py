@@ -7,8 +7,9 @@ The cases (tunnel_bench.py's keys; default ours-tcp and seed-tcp) are all up at 
 Each cycle runs iperf3 with one TCP stream at a fixed rate (-b R) through every case in turn,
 a->b and b->a (the order flips every cycle). Around each run the daemons' CPU time is read from
 /proc/PID/task/*/schedstat and the machine's from /proc/stat. The table gives medians over the
-cycles: the rate reached, both daemons' CPU microseconds per megabyte moved, the busiest daemon
-thread's share of a core, the machine's idle share, and CPU per MB over the last case's.
+cycles: the rate reached, both daemons' CPU microseconds per megabyte moved (and each one's, a
+and b: which end costs more), the busiest daemon thread's share of a core, the machine's idle
+share, and CPU per MB over the last case's.
 
 Why a separate tool: tunnel_bench.py measures throughput at the limit, where on two shared cores
 a 5 % change is lost in noise and the figure mixes what our code costs with how its threads and
@@ -52,6 +53,8 @@ class Row:
     label: str
     mbps: list[float] = field(default_factory=list)
     us_per_mb: list[float] = field(default_factory=list)
+    us_a: list[float] = field(default_factory=list)
+    us_b: list[float] = field(default_factory=list)
     busiest: list[float] = field(default_factory=list)
     idle: list[float] = field(default_factory=list)
 
@@ -72,6 +75,9 @@ def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
     ticks = [y - x for x, y in zip(m0, m1, strict=True)]
     row.mbps.append(moved * 8 / wall / 1e6)
     row.us_per_mb.append(sum(used.values()) / 1e3 / (moved / 1e6))
+    for side, ifname in ((row.us_a, t.if_a), (row.us_b, t.if_b)):
+        side.append(sum(ns for (p, _), ns in used.items() if p == t.pids[ifname])
+                    / 1e3 / (moved / 1e6))
     row.busiest.append(100 * max(used.values(), default=0) / 1e9 / wall)
     row.idle.append(100 * (ticks[3] + ticks[4]) / sum(ticks))  # idle + iowait
 
@@ -107,12 +113,13 @@ def main() -> int:
         return code
     print(f"MTU {args.mtu}: {args.cycles} cycles of iperf3 -b {args.rate} for {args.seconds:g} s "
           f"each way, cases in turn; medians")
-    print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'busiest %':>11}"
+    print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'a / b':>12}{'busiest %':>11}"
           f"{'idle %':>8}{'x ' + cases[-1].label:>18}")
     for (label, d), row in rows.items():
         ref = rows[cases[-1].label, d].us_per_mb
         us = statistics.median(row.us_per_mb)
-        print(f"{label:<30}{d:>5}{statistics.median(row.mbps):>8.0f}{us:>11.0f}"
+        split = f"{statistics.median(row.us_a):.0f} / {statistics.median(row.us_b):.0f}"
+        print(f"{label:<30}{d:>5}{statistics.median(row.mbps):>8.0f}{us:>11.0f}{split:>12}"
               f"{statistics.median(row.busiest):>11.0f}{statistics.median(row.idle):>8.0f}"
               f"{us / statistics.median(ref):>18.2f}")
     return 0
