@@ -97,8 +97,11 @@ def test_coalesce_undoes_split(version: int) -> None:
     packet = _v4(tcp) if version == 4 else _v6(tcp)
     l4 = 20 if version == 4 else 40
     segs = [bytes(s) for s in split_tso(packet, l4, mss)]
-    ((merged, size),) = coalesce_tcp(segs)
+    ((head, payloads, size),) = coalesce_tcp(segs)
     assert size == mss
+    # The payloads are views of the segments, not copies.
+    assert all(p.obj is s for p, s in zip(payloads, segs, strict=True))
+    merged = bytearray(head) + b"".join(payloads)
     if version == 4:
         assert _ones_sum(bytes(merged[:20])) == 0xFFFF
         merged[10:12] = packet[10:12]  # the helper leaves the original's at 0
@@ -114,12 +117,16 @@ def test_coalesce_keeps_what_must_not_merge() -> None:
     # Out of order, another flow in between, a gap, a non-ACK packet: none of these merge.
     batch = [segs[1], segs[0], other[0], segs[2], segs[4], syn, segs[5], segs[6]]
     out = coalesce_tcp(batch)
-    assert [m for _, m in out] == [0, 0, 0, 0, 0, 0, mss]
-    assert [p for p, _ in out[:6]] == batch[:6]
+    assert [m for _, _, m in out] == [0, 0, 0, 0, 0, 0, mss]
+    assert [p for p, _, _ in out[:6]] == batch[:6]
+    assert [views for _, views, _ in out[:6]] == [[]] * 6
     # A shorter segment or PSH ends a run.
     tail = [bytes(s) for s in split_tso(_v4(_tcp(0, _ACK | _PSH, os.urandom(250))), 20, mss)]
-    assert [m for _, m in coalesce_tcp(tail + tail)] == [mss, mss]
-    assert [m for _, m in coalesce_tcp(segs[:3], limit=2 * (40 + mss))] == [mss, 0]
+    assert [m for _, _, m in coalesce_tcp(tail + tail)] == [mss, mss]
+    assert [m for _, _, m in coalesce_tcp(segs[:3], limit=2 * (40 + mss))] == [mss, 0]
+    # So does the 64th segment: a merged run is one writev(), and IOV_MAX is 1024.
+    many = [bytes(s) for s in split_tso(_v4(_tcp(0, _ACK, os.urandom(10 * 100))), 20, 10)]
+    assert [len(views) for _, views, _ in coalesce_tcp(many)] == [64, 36]
 
 
 def _pseudo(seg: bytes, version: int) -> int:
@@ -147,11 +154,17 @@ def test_offload_header_lets_the_kernel_finish_partial_checksums(version: int) -
     # Complete (any other sender): written as it is.
     complete = split_tso(partial, l4, 1400)[0]
     assert _offload_header(bytes(complete), 1420) is None
-    # Longer than the MTU: a GSO job whose checksum field holds the pseudo-header sum, the
-    # packet copied only when it did not already.
+    # Longer than the MTU: a GSO job whose checksum field holds the pseudo-header sum; when
+    # it did not already, its headers are copied and changed, its payload never.
     big = wrap(_tcp(1000, _ACK, b"y" * 5000))
     for seg in (big, _with_checksum(big, version, _pseudo(big, version))):
-        header, out = _offload_header(seg, 1420)
+        header, *pieces = _offload_header(seg, 1420)
+        if seg is big:
+            head, payload = pieces
+            assert len(head) == l4 + 20 and payload.obj is big
+        else:
+            assert pieces == [seg]
+        out = b"".join(pieces)
         flags, gso_type, hlen, mss, start, offset = struct.unpack("<BBHHHH", header)
         assert (flags, gso_type & 0x7F, hlen, start, offset) == (1, 1 if version == 4 else 4,
                                                                  l4 + 20, l4, 16)

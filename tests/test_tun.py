@@ -9,6 +9,7 @@ import json
 import os
 import select
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -263,3 +264,74 @@ def test_txqueuelen_is_read_and_set(tun_in_ns: tuple[str, Tun]) -> None:
     assert dev.txqueuelen() == 1234
     [link] = json.loads(_ip("-n", ns, "-j", "link", "show", "dev", dev.name).stdout)
     assert link["txqlen"] == 1234
+
+
+def _tcp4(seq: int, ack: int, flags: int, payload: bytes = b"") -> bytes:
+    """10.99.0.2:40000 -> 10.99.0.1:5201, checksums complete (split_tso computes them)."""
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, seq, ack, 5 << 4, flags, 65535, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 1, 0x4000, 64, 6, 0,
+                     socket.inet_aton("10.99.0.2"), socket.inet_aton("10.99.0.1"))
+    return bytes(tun_mod.split_tso(ip + tcp + payload, 20, 65000)[0])
+
+
+def _tcp_from_server(dev: Tun, deadline: float) -> bytes:
+    """The next TCP packet to 10.99.0.2 out of the TUN (other traffic skipped)."""
+    while time.monotonic() < deadline:
+        if select.select([dev], [], [], 0.2)[0]:
+            pkt = dev.read()
+            if pkt[0] >> 4 == 4 and pkt[9] == 6 and pkt[16:20] == socket.inet_aton("10.99.0.2"):
+                return pkt
+    raise AssertionError("no TCP packet from the kernel within the deadline")
+
+
+@pytest.mark.root
+@needs_root
+def test_merged_segments_reach_a_tcp_socket_whole(netns: str) -> None:
+    """write_batch merges a run of segments into one GSO write (the headers, then a view of
+    each payload, nothing copied together): the kernel's TCP takes it as every byte, in one
+    received packet."""
+    dev = in_netns(netns, lambda: Tun.create("wgtun2", offload=True))
+    listener: socket.socket | None = None
+    conn: socket.socket | None = None
+    try:
+        dev.set_mtu(1420)
+        dev.set_up()
+        _ip("-n", netns, "addr", "add", "10.99.0.1/24", "dev", dev.name)
+        listener = in_netns(netns, lambda: socket.create_server(("10.99.0.1", 5201)))
+        listener.settimeout(5)
+        deadline = time.monotonic() + 10
+        dev.write(_tcp4(1000, 0, 0x02))  # SYN
+        syn_ack = _tcp_from_server(dev, deadline)
+        server_seq = struct.unpack_from("!I", syn_ack, 24)[0]
+        assert syn_ack[33] == 0x12 and struct.unpack_from("!I", syn_ack, 28)[0] == 1001
+        dev.write(_tcp4(1001, server_seq + 1, 0x10))  # ACK
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+
+        payload = os.urandom(1380 * 30 + 77)
+        segs = [bytes(s) for s in
+                tun_mod.split_tso(_tcp4(1001, server_seq + 1, 0x18, payload), 20, 1380)]
+        [(_, views, mss)] = tun_mod.coalesce_tcp(segs)
+        assert (len(views), mss) == (31, 1380)
+        before = json.loads(_ip("-n", netns, "-s", "-j", "link", "show", "dev", dev.name)
+                            .stdout)[0]["stats64"]["rx"]["packets"]
+        dev.write_batch(segs)
+        got = b""
+        while len(got) < len(payload):
+            chunk = conn.recv(65536)
+            assert chunk, "the connection closed early"
+            got += chunk
+        assert got == payload
+        after = json.loads(_ip("-n", netns, "-s", "-j", "link", "show", "dev", dev.name)
+                           .stdout)[0]["stats64"]["rx"]["packets"]
+        assert after - before == 1  # one GSO packet, not 31
+        # The kernel acknowledges all of it.
+        while True:
+            ack = _tcp_from_server(dev, deadline)
+            if struct.unpack_from("!I", ack, 28)[0] == 1001 + len(payload):
+                break
+    finally:
+        for s in (conn, listener):
+            if s is not None:
+                s.close()
+        dev.close()

@@ -47,6 +47,9 @@ _TCP_PSH = 0x08
 # What we put in front of a packet we write: no GSO, and no claim about its checksum, so the
 # kernel verifies it as it would for any received packet.
 _VNET_PLAIN = bytes(VNET_HDR_LEN)
+# Segments per merged run: a merged run is written by one writev() of its headers and each
+# payload, and IOV_MAX is 1024. 64 binds only below 1 KiB a segment (64 KiB at MTU 1420 is 48).
+_MAX_RUN = 64
 # Inner packets must fit a WireGuard message in one 65535-byte stream frame (16-byte header,
 # up to 15 bytes of padding, 16-byte tag).
 GSO_MAX_SIZE = 65000
@@ -192,26 +195,29 @@ def _same_flow(a: bytes | bytearray, b: bytes | bytearray, hlen: int) -> bool:
 
 def coalesce_tcp(
     packets: Sequence[bytes | bytearray], limit: int = GSO_MAX_SIZE
-) -> list[tuple[bytes | bytearray, int]]:
+) -> list[tuple[bytes | bytearray, list[memoryview], int]]:
     """Merges runs of consecutive in-order segments of one TCP flow into super-packets, as the
-    kernel's GRO would, so a batch reaches the TUN in a few writes: (packet, segment size) for
-    a merged packet, (packet, 0) for one left as it was.
+    kernel's GRO would, so a batch reaches the TUN in a few writes. A merged run comes back as
+    (headers, payloads, segment size): its first segment's headers, the lengths (and IPv4
+    header checksum) set and the last segment's PSH, then views of every segment's payload,
+    for one writev() (no 64 KiB buffer to fill: copying the payloads together, into memory
+    the allocator had just returned to the kernel, cost more than the write itself). A packet
+    left as it was comes back as (packet, [], 0).
 
     All segments of a run but the last have the first one's payload size; a run ends after a
-    shorter segment or one with PSH. The merged packet carries the first segment's headers
-    with the lengths (and IPv4 header checksum) set and the last one's PSH; its TCP checksum
-    is left for the GSO write to set. The segments' own TCP checksums are not verified: the
-    AEAD has authenticated every inner packet, which is also why kernel WireGuard marks them
-    CHECKSUM_UNNECESSARY.
+    shorter segment or one with PSH, and at _MAX_RUN segments (writev takes at most IOV_MAX
+    pieces). The merged TCP checksum is left for the GSO write to set. The segments' own TCP
+    checksums are not verified: the AEAD has authenticated every inner packet, which is also
+    why kernel WireGuard marks them CHECKSUM_UNNECESSARY.
     """
-    out: list[tuple[bytes | bytearray, int]] = []
+    out: list[tuple[bytes | bytearray, list[memoryview], int]] = []
     i, n = 0, len(packets)
     while i < n:
         first = packets[i]
         hlen = _mergeable(first)
         i += 1
         if not hlen:
-            out.append((first, 0))
+            out.append((first, [], 0))
             continue
         l4 = 20 if first[0] >> 4 == 4 else 40
         size = len(first) - hlen
@@ -219,7 +225,7 @@ def coalesce_tcp(
         seq = int.from_bytes(first[l4 + 4 : l4 + 8], "big")
         flags = first[l4 + 13]
         run = [first]
-        while not flags & _TCP_PSH and i < n:
+        while not flags & _TCP_PSH and i < n and len(run) < _MAX_RUN:
             q = packets[i]
             qsize = len(q) - hlen
             seq = (seq + len(run[-1]) - hlen) & 0xFFFFFFFF
@@ -238,28 +244,28 @@ def coalesce_tcp(
             if qsize < size:
                 break
         if len(run) == 1:
-            out.append((first, 0))
+            out.append((first, [], 0))
             continue
-        merged = bytearray(first[:hlen])
-        merged += b"".join([memoryview(p)[hlen:] for p in run])
-        merged[l4 + 13] = flags
+        head = bytearray(first[:hlen])
+        head[l4 + 13] = flags
         if l4 == 20:
-            merged[2:4] = total.to_bytes(2, "big")
-            merged[10] = merged[11] = 0
-            merged[10:12] = _fold(int.from_bytes(merged[:20], "big")).to_bytes(2, "big")
+            head[2:4] = total.to_bytes(2, "big")
+            head[10] = head[11] = 0
+            head[10:12] = _fold(int.from_bytes(head[:20], "big")).to_bytes(2, "big")
         else:
-            merged[4:6] = (total - 40).to_bytes(2, "big")
-        out.append((merged, size))
+            head[4:6] = (total - 40).to_bytes(2, "big")
+        out.append((head, [memoryview(p)[hlen:] for p in run], size))
     return out
 
 
-def _pseudo_sum(packet: bytes | bytearray, l4: int) -> int:
-    """The TCP pseudo-header sum modulo 0xFFFF (what a partial checksum field holds)."""
+def _pseudo_sum(packet: bytes | bytearray, l4: int, length: int) -> int:
+    """The TCP pseudo-header sum modulo 0xFFFF (what a partial checksum field holds) of a
+    packet of `length` bytes."""
     if l4 == 40:
         addresses = int.from_bytes(packet[8:40], "big")
     else:
         addresses = int.from_bytes(packet[12:20], "big")
-    return (addresses + _IPPROTO_TCP + len(packet) - l4) % 0xFFFF
+    return (addresses + _IPPROTO_TCP + length - l4) % 0xFFFF
 
 
 def _tcp_offset(packet: bytes | bytearray) -> int:
@@ -282,13 +288,17 @@ def _tcp_offset(packet: bytes | bytearray) -> int:
 
 
 def _offload_header(
-    packet: bytes | bytearray, mtu: int, mss: int = 0
-) -> tuple[bytes, bytes | bytearray] | None:
-    """A virtio-net header (and the packet, adjusted if need be) for a TCP packet the kernel
-    must finish: one longer than the MTU becomes a segmentation job cut into MTU-sized
-    segments, as the kernel does with its own TSO packets; one whose checksum field holds
-    the pseudo-header sum (a peer that negotiated CAP_PARTIAL_CSUM left it partial) gets the
-    checksum computed by the kernel. None: write the packet as it is.
+    packet: bytes | bytearray, mtu: int, mss: int = 0, length: int = 0
+) -> list[bytes | bytearray | memoryview] | None:
+    """What to write, after a virtio-net header, for a TCP packet the kernel must finish: one
+    longer than the MTU becomes a segmentation job cut into MTU-sized segments, as the kernel
+    does with its own TSO packets; one whose checksum field holds the pseudo-header sum (a
+    peer that negotiated CAP_PARTIAL_CSUM left it partial) gets the checksum computed by the
+    kernel. The header first, then the packet (its headers copied and changed where need be,
+    never its payload). None: write the packet as it is.
+
+    `length`: the whole packet's, when `packet` is only the headers of a run coalesce_tcp
+    merged (it is then changed in place, and `mss` is the run's segment size).
 
     Recognising a partial checksum by its value is safe: a complete checksum that happens to
     equal the pseudo-header sum is recomputed to the same value.
@@ -297,12 +307,13 @@ def _offload_header(
     if not ihl:
         return None
     at = ihl + 16
-    pseudo = _pseudo_sum(packet, ihl)
+    length = length or len(packet)
+    pseudo = _pseudo_sum(packet, ihl, length)
     partial = (packet[at] << 8 | packet[at + 1]) % 0xFFFF == pseudo
-    if len(packet) <= mtu and not mss:
+    if length <= mtu and not mss:
         if not partial:
             return None
-        return struct.pack("<BBHHHH", _VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, 16), packet
+        return [struct.pack("<BBHHHH", _VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, 16), packet]
     thl = (packet[ihl + 12] >> 4) * 4
     mss = mss or mtu - ihl - thl
     if mss <= 0:
@@ -310,14 +321,18 @@ def _offload_header(
     gso_type = _GSO_TCPV4 if packet[0] >> 4 == 4 else _GSO_TCPV6
     if packet[ihl + 13] & _TCP_CWR:
         gso_type |= _GSO_ECN
-    if not partial:
-        # A GSO packet must carry a partial checksum (CHECKSUM_PARTIAL): the kernel
-        # completes it per segment.
-        packet = bytearray(packet)
-        packet[at] = pseudo >> 8
-        packet[at + 1] = pseudo & 0xFF
     header = struct.pack("<BBHHHH", _VNET_F_NEEDS_CSUM, gso_type, ihl + thl, mss, ihl, 16)
-    return header, packet
+    if partial:
+        return [header, packet]
+    # A GSO packet must carry a partial checksum (CHECKSUM_PARTIAL): the kernel completes it
+    # per segment.
+    if length == len(packet):
+        head = bytearray(packet[: ihl + thl])
+        head[at : at + 2] = pseudo.to_bytes(2, "big")
+        return [header, head, memoryview(packet)[ihl + thl :]]
+    assert isinstance(packet, bytearray)  # a merged run's headers, ours to change
+    packet[at : at + 2] = pseudo.to_bytes(2, "big")
+    return [header, packet]
 
 
 # An ordinary Python class even when this module is compiled: mypyc cannot subclass OSError.
@@ -446,8 +461,8 @@ class Tun:
     def write(self, packet: bytes | bytearray) -> None:
         if not self.vnet:
             os.write(self._fd, packet)
-        elif hdr := _offload_header(packet, self.mtu_hint):
-            os.writev(self._fd, hdr)
+        elif iov := _offload_header(packet, self.mtu_hint):
+            os.writev(self._fd, iov)
         else:
             os.writev(self._fd, (_VNET_PLAIN, packet))
 
@@ -457,11 +472,16 @@ class Tun:
             for packet in packets:
                 self.write(packet)
             return
-        for packet, mss in coalesce_tcp(packets):
-            if mss and (gso := _offload_header(packet, self.mtu_hint, mss)):
-                os.writev(self._fd, gso)
-            else:
-                self.write(packet)
+        for head, payloads, mss in coalesce_tcp(packets):
+            if not payloads:
+                self.write(head)
+            elif iov := _offload_header(
+                head, self.mtu_hint, mss, len(head) + sum(map(len, payloads))
+            ):
+                iov += payloads
+                os.writev(self._fd, iov)
+            else:  # not reached: coalesce_tcp merges only TCP
+                os.writev(self._fd, [_VNET_PLAIN, head, *payloads])
 
     def set_blocking(self, blocking: bool) -> None:
         os.set_blocking(self._fd, blocking)
