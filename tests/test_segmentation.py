@@ -174,3 +174,28 @@ def test_offload_header_lets_the_kernel_finish_partial_checksums(version: int) -
     udp = bytearray(small)
     udp[9 if version == 4 else 6] = 17
     assert _offload_header(bytes(udp), 1420) is None
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_coalesce_compares_every_field_segmentation_copies(version: int) -> None:
+    wrap, l4 = (_v4, 20) if version == 4 else (_v6, 40)
+    mss = 100
+    segs = [bytes(s) for s in split_tso(wrap(_tcp(0, _ACK, os.urandom(2 * mss),
+                                                  b"\x01\x01\x08\x0a" + bytes(8))), l4, mss)]
+    ip = {4: {"tos": 1, "ttl": 8, "src": 12, "dst": 19},
+          6: {"traffic class": 1, "flow label": 3, "hop limit": 7, "src": 8, "dst": 39}}[version]
+    tcp = {"sport": 0, "dport": 3, "ack": 8, "offset byte": 12, "window": 15, "urgent": 18,
+           "option": 31}
+    copied = {**ip, **{name: l4 + at for name, at in tcp.items()}}
+    for name, at in copied.items():
+        second = bytearray(segs[1])
+        second[at] ^= 0x01
+        assert [m for _, _, m in coalesce_tcp([segs[0], bytes(second)])] == [0, 0], name
+    # What segmentation sets per segment may differ.
+    changed = {"tcp checksum": l4 + 16}
+    if version == 4:
+        changed |= {"ip id": 5, "ip checksum": 11}
+    for name, at in changed.items():
+        second = bytearray(segs[1])
+        second[at] ^= 0x01
+        assert [m for _, _, m in coalesce_tcp([segs[0], bytes(second)])] == [mss], name

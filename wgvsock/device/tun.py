@@ -174,23 +174,20 @@ def _mergeable(p: bytes | bytearray) -> int:
     return hlen if len(p) > hlen else 0
 
 
-def _same_flow(a: bytes | bytearray, b: bytes | bytearray, hlen: int) -> bool:
-    """Whether b's headers equal a's in everything segmentation would copy: all but the
-    lengths, IPv4 ID and checksums, sequence number and PSH."""
-    if a[0] >> 4 == 4:
-        if a[:2] != b[:2] or a[8:10] != b[8:10] or a[12:20] != b[12:20]:
-            return False
-        t = 20
-    else:
-        if a[:4] != b[:4] or a[6:40] != b[6:40]:
-            return False
-        t = 40
-    return (
-        a[t : t + 4] == b[t : t + 4]
-        and a[t + 8 : t + 13] == b[t + 8 : t + 13]
-        and a[t + 14 : t + 16] == b[t + 14 : t + 16]
-        and a[t + 18 : hlen] == b[t + 18 : hlen]
-    )
+def _flow_key(p: bytes | bytearray, hlen: int) -> tuple[bytes, ...]:
+    """The header fields segmentation copies unchanged: all but the lengths, IPv4 ID and
+    checksums, sequence number and PSH (TCP options included). Consecutive segments of one
+    flow have equal keys. One unpack_from(): slicing and comparing field by field cost 16
+    slices a packet, a tenth of the receiving thread at MTU 1420."""
+    t = 20 if p[0] >> 4 == 4 else 40
+    layout = _FLOW_KEYS.get((t, hlen))
+    if layout is None:
+        ip = "2s6x2s2x8s" if t == 20 else "4s2x34s"
+        layout = _FLOW_KEYS[t, hlen] = struct.Struct(f"!{ip}4s4x5sx2s2x{hlen - t - 18}s")
+    return layout.unpack_from(p)
+
+
+_FLOW_KEYS: dict[tuple[int, int], struct.Struct] = {}
 
 
 def coalesce_tcp(
@@ -224,6 +221,7 @@ def coalesce_tcp(
         total = len(first)
         seq = int.from_bytes(first[l4 + 4 : l4 + 8], "big")
         flags = first[l4 + 13]
+        key = _flow_key(first, hlen)
         run = [first]
         while not flags & _TCP_PSH and i < n and len(run) < _MAX_RUN:
             q = packets[i]
@@ -234,7 +232,7 @@ def coalesce_tcp(
                 or total + qsize > limit
                 or _mergeable(q) != hlen
                 or int.from_bytes(q[l4 + 4 : l4 + 8], "big") != seq
-                or not _same_flow(first, q, hlen)
+                or _flow_key(q, hlen) != key
             ):
                 break
             run.append(q)
