@@ -113,13 +113,13 @@ def main() -> int:
         return code
     print(f"MTU {args.mtu}: {args.cycles} cycles of iperf3 -b {args.rate} for {args.seconds:g} s "
           f"each way, cases in turn; medians")
-    print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'a / b':>12}{'busiest %':>11}"
+    print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'a / b':>14}{'busiest %':>11}"
           f"{'idle %':>8}{'x ' + cases[-1].label:>18}")
     for (label, d), row in rows.items():
         ref = rows[cases[-1].label, d].us_per_mb
         us = statistics.median(row.us_per_mb)
         split = f"{statistics.median(row.us_a):.0f} / {statistics.median(row.us_b):.0f}"
-        print(f"{label:<30}{d:>5}{statistics.median(row.mbps):>8.0f}{us:>11.0f}{split:>12}"
+        print(f"{label:<30}{d:>5}{statistics.median(row.mbps):>8.0f}{us:>11.0f}{split:>14}"
               f"{statistics.median(row.busiest):>11.0f}{statistics.median(row.idle):>8.0f}"
               f"{us / statistics.median(ref):>18.2f}")
     return 0
