@@ -473,13 +473,11 @@ class Tun:
         for head, payloads, mss in coalesce_tcp(packets):
             if not payloads:
                 self.write(head)
-            elif iov := _offload_header(
-                head, self.mtu_hint, mss, len(head) + sum(map(len, payloads))
-            ):
-                iov += payloads
-                os.writev(self._fd, iov)
-            else:  # not reached: coalesce_tcp merges only TCP
-                os.writev(self._fd, [_VNET_PLAIN, head, *payloads])
+                continue
+            iov = _offload_header(head, self.mtu_hint, mss, len(head) + sum(map(len, payloads)))
+            assert iov is not None  # coalesce_tcp merges only TCP segments, mss > 0
+            iov += payloads
+            os.writev(self._fd, iov)
 
     def set_blocking(self, blocking: bool) -> None:
         os.set_blocking(self._fd, blocking)
