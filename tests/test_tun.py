@@ -274,6 +274,11 @@ def _tcp4(seq: int, ack: int, flags: int, payload: bytes = b"") -> bytes:
     return bytes(tun_mod.split_tso(ip + tcp + payload, 20, 65000)[0])
 
 
+def _rx_packets(ns: str, ifname: str) -> int:
+    [link] = json.loads(_ip("-n", ns, "-s", "-j", "link", "show", "dev", ifname).stdout)
+    return link["stats64"]["rx"]["packets"]
+
+
 def _tcp_from_server(dev: Tun, deadline: float) -> bytes:
     """The next TCP packet to 10.99.0.2 out of the TUN (other traffic skipped)."""
     while time.monotonic() < deadline:
@@ -313,8 +318,7 @@ def test_merged_segments_reach_a_tcp_socket_whole(netns: str) -> None:
                 tun_mod.split_tso(_tcp4(1001, server_seq + 1, 0x18, payload), 20, 1380)]
         [(_, views, mss)] = tun_mod.coalesce_tcp(segs)
         assert (len(views), mss) == (31, 1380)
-        before = json.loads(_ip("-n", netns, "-s", "-j", "link", "show", "dev", dev.name)
-                            .stdout)[0]["stats64"]["rx"]["packets"]
+        before = _rx_packets(netns, dev.name)
         dev.write_batch(segs)
         got = b""
         while len(got) < len(payload):
@@ -322,9 +326,7 @@ def test_merged_segments_reach_a_tcp_socket_whole(netns: str) -> None:
             assert chunk, "the connection closed early"
             got += chunk
         assert got == payload
-        after = json.loads(_ip("-n", netns, "-s", "-j", "link", "show", "dev", dev.name)
-                           .stdout)[0]["stats64"]["rx"]["packets"]
-        assert after - before == 1  # one GSO packet, not 31
+        assert _rx_packets(netns, dev.name) - before == 1  # one GSO packet, not 31
         # The kernel acknowledges all of it.
         while True:
             ack = _tcp_from_server(dev, deadline)
