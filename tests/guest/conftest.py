@@ -1,9 +1,15 @@
 """Runs the tests marked ``guest`` inside one throw-away QEMU guest (tests/guest/rig.py).
 
-On this machine each such test is replaced by a proxy item. The first proxy to run boots the
-guest once for all of them, where pytest runs the real tests as root; each proxy then reports
-its own test's outcome from the guest, with the guest's output when it failed. Inside the guest
+On this machine each such test is replaced by a proxy item, and the guest is booted once for
+all of them, where pytest runs the real tests as root; each proxy then reports its own test's
+outcome from the guest, with the guest's output when it failed. Inside the guest
 (``rig.in_guest()``) the tests run as they are.
+
+The guest takes minutes of this machine's CPU (TCG), while a few host tests take minutes of
+waiting on timers (the 3-minute soak, a rekey after 120 s): those are marked ``quiet``. They run
+first, and the guest boots in the background beside them, at nice 19 so they keep the CPU
+they ask for; the proxies come next and wait for what is left of the guest run, and the other
+tests follow, with the machine to themselves.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,23 +29,51 @@ from . import rig
 
 GUEST_TIMEOUT = 900.0  # the whole guest run; each test inside keeps pytest-timeout's limit
 SLOWDOWN = 4  # command time limits in the guest (tests/net/netlab.py): TCG is 15-65x slower
+BESIDE_NICE = 19  # QEMU's nice value while quiet tests run beside it
 
 
 class GuestRunner:
-    """Boots the guest on first use and keeps its results for every proxy."""
+    """Boots the guest once (in the background) and keeps its results for every proxy."""
 
     def __init__(self, nodeids: list[str]) -> None:
         self.nodeids = nodeids
         self.run: rig.GuestRun | None = None
         self.results: dict[str, dict[str, object]] = {}
         self.error: str | None = None
+        self.quiet: list[str] = []  # the quiet tests, which run first, beside the guest
+        self.beside = False  # booted beside them
+        self._guest: rig.Guest | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def start(self, *, beside: bool = False) -> None:
+        """Boots the guest unless it was; BESIDE: at a low priority, beside the quiet tests."""
+        with self._lock:
+            if self._thread is None and not self._stopped:
+                self.beside = beside
+                self._thread = threading.Thread(
+                    target=self._boot, args=(BESIDE_NICE if beside else 0,),
+                    name="wgvsock-guest", daemon=True)
+                self._thread.start()
 
     def result_for(self, nodeid: str) -> dict[str, object] | None:
-        if self.run is None and self.error is None:
-            self._boot()
+        self.start()
+        assert self._thread is not None
+        self._thread.join()
         return self.results.get(nodeid)
 
-    def _boot(self) -> None:
+    def stop(self) -> None:
+        """Kills a guest still running (the session ends early: Ctrl-C, -x, a crash)."""
+        with self._lock:
+            self._stopped = True
+            guest, thread = self._guest, self._thread
+        if guest is not None:
+            guest.kill()
+        if thread is not None:
+            thread.join(30)
+
+    def _boot(self, nice: int) -> None:
         share = Path(tempfile.mkdtemp(prefix="wgvsock-guest-"))
         report = f"{rig.GUEST_SHARE}/results.json"
         # The venv's interpreter (a link to the real binary, never a pyenv shim, which takes
@@ -56,10 +92,15 @@ class GuestRunner:
             + " ".join(shlex.quote(n) for n in self.nodeids)
         )
         try:
-            self.run = rig.run(command, timeout=GUEST_TIMEOUT, share=share)
-        except rig.GuestError as exc:
+            guest = rig.start(command, share=share, nice=nice)
+        except (rig.GuestError, OSError, subprocess.SubprocessError) as exc:
             self.error = str(exc)
             return
+        with self._lock:
+            self._guest = guest
+            if self._stopped:
+                guest.kill()
+        self.run = guest.finish(GUEST_TIMEOUT)
         try:
             self.results = json.loads((share / "results.json").read_text())
         except (OSError, ValueError):
@@ -120,6 +161,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                                                       **marker.kwargs))
             proxy.add_marker(pytest.mark.timeout(GUEST_TIMEOUT + 60))
             items[i] = proxy
+    # Quiet tests first (the guest boots beside them), then the proxies, then the rest; each
+    # group in its collected order.
+    quiet = [item for item in items if item.get_closest_marker("quiet")]
+    if quiet:
+        proxies = [item for item in items if isinstance(item, GuestItem)]
+        rest = [item for item in items
+                if not isinstance(item, GuestItem) and not item.get_closest_marker("quiet")]
+        items[:] = quiet + proxies + rest
+        runner.quiet = [item.nodeid for item in quiet]
 
 
 _RUNNER = pytest.StashKey[GuestRunner]()
@@ -131,6 +181,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         rig.require_guest()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session):
+    # A session-wide hook: pytest_runtest_setup here would see only tests/guest's own items.
+    runner = session.config.stash.get(_RUNNER, None)
+    if runner is not None and runner.quiet and not session.config.option.collectonly:
+        runner.start(beside=True)
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    runner = session.config.stash.get(_RUNNER, None)
+    if runner is not None:
+        runner.stop()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     runner = config.stash.get(_RUNNER, None)
     if runner is None or runner.run is None:
@@ -139,6 +204,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.section("QEMU guest")
     terminalreporter.write_line(f"boot to command: {run.boot_seconds:.1f} s; whole guest run: "
                                 f"{run.seconds:.1f} s; exit code {run.returncode}")
+    if runner.beside:
+        terminalreporter.write_line(f"booted at nice {BESIDE_NICE} beside the quiet tests: "
+                                    f"{', '.join(runner.quiet)}")
     for nodeid, result in runner.results.items():
         terminalreporter.write_line(f"  {result['duration']:6.1f} s  {result['outcome']:7}  "
                                     f"{nodeid}")

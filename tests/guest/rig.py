@@ -183,9 +183,52 @@ class GuestRun:
                 f"--- command output ---\n{self.output}\n--- guest console (tail) ---\n{tail}")
 
 
-def run(command: str, *, timeout: float = 600, share: Path | None = None,
-        cwd: Path = REPO, memory_mib: int = 1024) -> GuestRun:
-    """Boots a fresh guest, runs `command` (a sh script) as root in `cwd`, powers it off."""
+class Guest:
+    """A booting or running guest (`start`); `finish` waits for it and collects the run."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], share: Path, console_path: Path,
+                 start: float, wall: float) -> None:
+        self.proc = proc
+        self.share = share
+        self.console_path = console_path
+        self.start = start
+        self.wall = wall
+
+    def kill(self) -> None:
+        """Powers the guest off at once (it is throw-away: nothing in it needs a clean stop)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def finish(self, timeout: float) -> GuestRun:
+        """Waits for the command to end and the guest to power off, at most TIMEOUT seconds from
+        its start (then kills it)."""
+        try:
+            qemu_out, _ = self.proc.communicate(
+                timeout=max(0.0, self.start + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            qemu_out, _ = self.proc.communicate()
+        seconds = time.monotonic() - self.start
+        share = self.share
+        console = (self.console_path.read_text(errors="replace")
+                   if self.console_path.exists() else "")
+        if qemu_out:
+            console += "\n--- qemu ---\n" + qemu_out.decode(errors="replace")
+        output = ""
+        if (share / "output.log").exists():
+            output = (share / "output.log").read_text(errors="replace")
+        rc_text = (share / "rc").read_text().strip() if (share / "rc").exists() else ""
+        started = share / "started"
+        # stage2 touches it through 9p, so its mtime is this machine's clock.
+        boot = started.stat().st_mtime - self.wall if started.exists() else seconds
+        return GuestRun(int(rc_text) if rc_text else None, output, console, share, boot,
+                        seconds)
+
+
+def start(command: str, *, share: Path | None = None, cwd: Path = REPO,
+          memory_mib: int = 1024, nice: int = 0) -> Guest:
+    """Boots a fresh guest that runs `command` (a sh script) as root in `cwd` and powers off.
+    NICE > 0 lowers QEMU's priority, so that it runs on what this machine leaves idle."""
     kernel, initrd = prepare()
     share = share or Path(tempfile.mkdtemp(prefix="wgvsock-guest-"))
     share.chmod(0o700)
@@ -203,7 +246,10 @@ def run(command: str, *, timeout: float = 600, share: Path | None = None,
         # The guest's own firmware and hardware probing is irrelevant: keep the boot short.
         "mitigations=off", "nokaslr", "no_timer_check", "8250.nr_uarts=1",
     ))
-    cmd = [
+    # Through nice(1), not setpriority() on QEMU's pid: a Linux nice value is per thread, and
+    # the vCPU threads inherit it only from a thread that had it when they were made.
+    cmd = ["nice", "-n", str(nice)] if nice else []
+    cmd += [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
         "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-nic", "none", "-serial", f"file:{console_path}", "-monitor", "none",
@@ -212,26 +258,16 @@ def run(command: str, *, timeout: float = 600, share: Path | None = None,
                    "multidevs=remap",
         "-virtfs", f"local,path={share},mount_tag=results,security_model=none,multidevs=remap",
     ]
-    start, wall = time.monotonic(), time.time()
+    begun, wall = time.monotonic(), time.time()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    try:
-        qemu_out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        qemu_out, _ = proc.communicate()
-    seconds = time.monotonic() - start
-    console = console_path.read_text(errors="replace") if console_path.exists() else ""
-    if qemu_out:
-        console += "\n--- qemu ---\n" + qemu_out.decode(errors="replace")
-    output = ""
-    if (share / "output.log").exists():
-        output = (share / "output.log").read_text(errors="replace")
-    rc_text = (share / "rc").read_text().strip() if (share / "rc").exists() else ""
-    started = share / "started"
-    # stage2 touches it through 9p, so its mtime is this machine's clock.
-    boot = started.stat().st_mtime - wall if started.exists() else seconds
-    return GuestRun(int(rc_text) if rc_text else None, output, console, share, boot, seconds)
+    return Guest(proc, share, console_path, begun, wall)
+
+
+def run(command: str, *, timeout: float = 600, share: Path | None = None,
+        cwd: Path = REPO, memory_mib: int = 1024) -> GuestRun:
+    """Boots a fresh guest, runs `command` (a sh script) as root in `cwd`, powers it off."""
+    return start(command, share=share, cwd=cwd, memory_mib=memory_mib).finish(timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
