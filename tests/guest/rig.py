@@ -246,10 +246,12 @@ def start(command: str, *, share: Path | None = None, cwd: Path = REPO,
         # The guest's own firmware and hardware probing is irrelevant: keep the boot short.
         "mitigations=off", "nokaslr", "no_timer_check", "8250.nr_uarts=1",
     ))
-    # Through nice(1), not setpriority() on QEMU's pid: a Linux nice value is per thread, and
-    # the vCPU threads inherit it only from a thread that had it when they were made.
-    cmd = ["nice", "-n", str(nice)] if nice else []
-    cmd += [
+    # QEMU dies with the thread that started it (pytest killed outright, say): a guest left
+    # behind would eat both cores. Its nice value is set by nice(1), not setpriority() on its
+    # pid: Linux keeps one per thread, and the vCPU threads inherit it only from a thread that
+    # had it when they were made.
+    cmd = [
+        "setpriv", "--pdeathsig", "KILL", "nice", "-n", str(nice),
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
         "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-nic", "none", "-serial", f"file:{console_path}", "-monitor", "none",
@@ -276,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("command", nargs="+", help="the command (after --)")
     args = parser.parse_args(argv)
+    share = Path(tempfile.mkdtemp(prefix="wgvsock-guest-"))
     try:
-        result = run(shlex.join(args.command), timeout=args.timeout)
+        result = run(shlex.join(args.command), timeout=args.timeout, share=share)
     except GuestError as exc:
         print(f"guest: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutil.rmtree(share, ignore_errors=True)
     sys.stdout.write(result.output)
     print(f"[guest: exit {result.returncode}, boot {result.boot_seconds:.1f} s, "
           f"total {result.seconds:.1f} s]", file=sys.stderr)
