@@ -106,6 +106,8 @@ class GuestRunner:
             self.run = guest.finish(GUEST_TIMEOUT)
             with contextlib.suppress(OSError, ValueError):  # no results: each proxy says so
                 self.results = json.loads((share / "results.json").read_text())
+        except Exception as exc:  # a thread's error would reach no proxy otherwise
+            self.error = f"collecting its results failed: {type(exc).__name__}: {exc}"
         finally:
             # The run keeps what a report needs (output, console); the share is throw-away.
             shutil.rmtree(share, ignore_errors=True)
@@ -126,7 +128,7 @@ class GuestItem(pytest.Item):
     def runtest(self) -> None:
         result = self.runner.result_for(self.real_nodeid)
         if self.runner.error is not None:
-            raise GuestFailure(f"the guest could not be booted: {self.runner.error}")
+            raise GuestFailure(f"no guest run: {self.runner.error}")
         run = self.runner.run
         assert run is not None
         if result is None:
