@@ -6,10 +6,10 @@ outcome from the guest, with the guest's output when it failed. Inside the guest
 (``rig.in_guest()``) the tests run as they are.
 
 The guest takes minutes of this machine's CPU (TCG), while a few host tests take minutes of
-waiting on timers (the 3-minute soak, a rekey after 120 s): those are marked ``quiet``. They run
-first, and the guest boots in the background beside them, at nice 19 so they keep the CPU
-they ask for; the proxies come next and wait for what is left of the guest run, and the other
-tests follow, with the machine to themselves.
+waiting on timers (the 3-minute soak, a rekey after 120 s, watchdog timeouts): those are
+marked ``quiet``. They run first, and the guest boots in the background beside them, at nice
+19 so they keep the CPU they ask for; the proxies come next and wait for what is left of the
+guest run, and the other tests follow, with the machine to themselves.
 """
 
 from __future__ import annotations

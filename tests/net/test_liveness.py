@@ -38,6 +38,7 @@ def pings(sock: socket.socket, until: float) -> list[float]:
     return seen
 
 
+@pytest.mark.quiet
 def test_the_watchdog_is_fed_while_idle_and_starved_by_a_hung_tun_reader(lab: Lab) -> None:
     ns = lab.netns("a")
     ifname = f"wl{lab.tag}"[:10]  # room for "-tun" in the kernel's 15-byte thread name

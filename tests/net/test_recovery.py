@@ -119,6 +119,7 @@ def only_parent_peer(world: World) -> bytes:
     return peers[0]["public_key"]
 
 
+@pytest.mark.quiet
 @pytest.mark.slow
 def test_frozen_parent_recovers_after_sigcont(world: World) -> None:
     app = up_and_running(world)

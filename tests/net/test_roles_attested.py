@@ -82,6 +82,7 @@ REFUSALS = {
 }
 
 
+@pytest.mark.quiet
 def test_wrong_pcr_replayed_nonce_and_key_mismatch_are_refused(world: World,
                                                                ca_dir: Path) -> None:
     assert world.parent_cmd("up").returncode == 0
