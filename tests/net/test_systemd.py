@@ -217,7 +217,6 @@ def test_the_unit_starts_ready_restarts_reloads_and_stops_under_systemd(rig: Rig
     assert not any((rig.home / "sock").glob("*.sock"))
 
 
-@pytest.mark.quiet
 def test_the_watchdog_restarts_a_parent_whose_data_path_hangs(rig: Rig) -> None:
     world = rig.world
     start(rig)
