@@ -43,7 +43,6 @@ class GuestRunner:
         self.results: dict[str, dict[str, object]] = {}
         self.error: str | None = None
         self.quiet: list[str] = []  # the quiet tests, which run first, beside the guest
-        self.beside = False  # booted beside them
         self._guest: rig.Guest | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -53,7 +52,6 @@ class GuestRunner:
         """Boots the guest unless it was; BESIDE: at a low priority, beside the quiet tests."""
         with self._lock:
             if self._thread is None and not self._stopped:
-                self.beside = beside
                 self._thread = threading.Thread(
                     target=self._boot, args=(BESIDE_NICE if beside else 0,),
                     name="wgvsock-guest", daemon=True)
@@ -210,7 +208,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.section("QEMU guest")
     terminalreporter.write_line(f"boot to command: {run.boot_seconds:.1f} s; whole guest run: "
                                 f"{run.seconds:.1f} s; exit code {run.returncode}")
-    if runner.beside:
+    if runner.quiet:
         terminalreporter.write_line(f"booted at nice {BESIDE_NICE} beside the quiet tests: "
                                     f"{', '.join(runner.quiet)}")
     for nodeid, result in runner.results.items():

@@ -187,11 +187,11 @@ class Guest:
     """A booting or running guest (`start`); `finish` waits for it and collects the run."""
 
     def __init__(self, proc: subprocess.Popen[bytes], share: Path, console_path: Path,
-                 start: float, wall: float) -> None:
+                 begun: float, wall: float) -> None:
         self.proc = proc
         self.share = share
         self.console_path = console_path
-        self.start = start
+        self.begun = begun
         self.wall = wall
 
     def kill(self) -> None:
@@ -204,11 +204,11 @@ class Guest:
         its start (then kills it)."""
         try:
             qemu_out, _ = self.proc.communicate(
-                timeout=max(0.0, self.start + timeout - time.monotonic()))
+                timeout=max(0.0, self.begun + timeout - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             qemu_out, _ = self.proc.communicate()
-        seconds = time.monotonic() - self.start
+        seconds = time.monotonic() - self.begun
         share = self.share
         console = (self.console_path.read_text(errors="replace")
                    if self.console_path.exists() else "")
