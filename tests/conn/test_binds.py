@@ -26,6 +26,7 @@ import pytest
 
 from wgvsock.conn import Bind, TransportUnavailable, make_bind
 from wgvsock.conn import stream as stream_module
+from wgvsock.conn.bind import SharedFile
 from wgvsock.conn.caps import (
     CAP_SUPER,
     CAP_UNCHECKED_TRANSPORT,
@@ -742,6 +743,116 @@ def test_receive_callback_errors_do_not_kill_the_connection(binds: list[Bind]) -
     a.send(msg(1), ep)
     a.send(msg(2), ep)
     assert inbox.get()[0] == msg(2)
+
+
+# -- the owner's file served by a connection's reader ----------------------------------------
+
+
+class PipeFile(SharedFile):
+    """A SharedFile over a pipe: who serves it, and what each turn read."""
+
+    def __init__(self) -> None:
+        self.fd, self.w = os.pipe()
+        os.set_blocking(self.fd, False)
+        self.lock = threading.Lock()
+        self.server: str | None = None
+        self.turns: queue.Queue[tuple[str, bytes]] = queue.Queue()  # (thread, bytes or b"")
+        self.given_back = threading.Event()
+        self.keep_serving = True
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.server is not None:
+                return False
+            self.server = threading.current_thread().name
+            self.given_back.clear()
+            return True
+
+    def serve(self, ready: bool) -> bool:
+        self.turns.put((threading.current_thread().name, os.read(self.fd, 64) if ready else b""))
+        return self.keep_serving
+
+    def give_back(self) -> None:
+        with self.lock:
+            self.server = None
+        self.given_back.set()
+
+    def served(self, data: bytes) -> str:
+        """Writes `data` into the pipe and returns the thread that read it on a turn."""
+        os.write(self.w, data)
+        while True:
+            thread, got = self.turns.get(timeout=TIMEOUT)
+            if got:
+                assert got == data
+                return thread
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.w)
+
+
+@pytest.fixture
+def pipe_file() -> Iterator[PipeFile]:
+    f = PipeFile()
+    yield f
+    f.close()
+
+
+def test_a_trusted_connection_serves_the_shared_file_and_gives_it_back(
+    binds: list[Bind], pipe_file: PipeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stranger's connection never serves the owner's file (its frames make it no peer's);
+    once a message on it authenticates, its reader serves the file beside the socket (each
+    turn within SHARED_POLL_MS, readable or not) and still delivers every frame; when the
+    connection is gone the file is given back, and the next trusted connection takes it."""
+    monkeypatch.setattr(stream_module, "SHARED_POLL_MS", 50)
+    peers: set = set()
+    b = StreamBind("tcp4")
+    b.authenticated = lambda ep: ep in peers
+    b.shared = pipe_file
+    b, b_in, b_port = opened(binds, b)
+    for round_ in range(2):
+        with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as s:
+            s.sendall(encode_frame(msg(1)))
+            _, ep = b_in.get()
+            s.sendall(encode_frame(msg(2)))
+            assert b_in.get() == (msg(2), ep)
+            assert pipe_file.server is None and pipe_file.turns.empty()
+            peers.add(ep)  # now its messages authenticate: the next one makes it trusted
+            s.sendall(encode_frame(msg(3)))
+            assert b_in.get() == (msg(3), ep)
+            reader = pipe_file.served(b"tun %d" % round_)
+            assert reader.startswith("wgvsock-tcp4-read-") and reader == pipe_file.server
+            assert pipe_file.turns.get(timeout=TIMEOUT) == (reader, b"")  # an idle turn
+            for i in range(10, 20):  # frames still arrive, in order
+                s.sendall(encode_frame(msg(i)))
+            assert [b_in.get() for _ in range(10)] == [(msg(i), ep) for i in range(10, 20)]
+        assert pipe_file.given_back.wait(TIMEOUT)
+        assert pipe_file.server is None
+        while not pipe_file.turns.empty():  # the turns before it was given back
+            pipe_file.turns.get()
+
+
+def test_a_dialled_connection_serves_the_file_at_once_and_stops_when_told(
+    binds: list[Bind], pipe_file: PipeFile
+) -> None:
+    """The connection we dialled is trusted from the start; a turn that says to stop gives
+    the file back, and the connection reads on as before."""
+    b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    a = StreamBind("tcp4")
+    a.shared = pipe_file
+    a, a_in, _ = opened(binds, a)
+    from_a = exchange(a, a_in, b, b_in, a.parse_endpoint(f"127.0.0.1:{b_port}"))
+    reader = pipe_file.served(b"first")
+    assert reader.startswith("wgvsock-tcp4-read-")
+    pipe_file.keep_serving = False
+    pipe_file.served(b"last")
+    assert pipe_file.given_back.wait(TIMEOUT)
+    os.write(pipe_file.w, b"unserved")
+    b.send(msg(5), from_a)
+    assert a_in.get()[0] == msg(5)
+    assert pipe_file.turns.empty()  # the pipe is nobody's now
+    assert pipe_file.take()
 
 
 # -- faults in the bind's own threads (issue 12.6) -------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,52 @@ def test_a_peer_with_offload_off_gets_mtu_sized_packets(lab: Lab) -> None:
         assert result["end"]["sum_sent"]["bytes"] >= 20 * 1024 * 1024, args
     for ifname in (ia, ib):
         assert lab.uapi(ifname)["extra"]["wgvsock_tun_offload"] == "off", ifname
+
+
+def _threads_io(ifname: str) -> dict[str, tuple[int, int]]:
+    """Read and write system calls so far of each thread of the daemon serving `ifname`, by
+    the thread's name (the kernel keeps 15 bytes of it)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or ifname.encode() not in (
+                    proc / "cmdline").read_bytes().split(b"\0"):
+                continue
+            io = {}
+            for task in (proc / "task").iterdir():
+                fields = dict(line.split(": ") for line in (task / "io").read_text().splitlines())
+                io[(task / "comm").read_text().strip()] = (int(fields["syscr"]),
+                                                           int(fields["syscw"]))
+            return io
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"no daemon for {ifname}")
+
+
+def test_one_thread_carries_both_directions_while_the_peer_is_connected(lab: Lab) -> None:
+    """Over a stream transport the connection's reader also reads the TUN (SharedFile), so a
+    packet costs no second thread's wake-up and no GIL hand-over; the TUN reader waits. When
+    the connection is gone the TUN reader reads again: the packets for the lost peer still
+    reach the engine, which stages them and asks for a handshake (the dialler redials)."""
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    lab.veth(a, "192.168.77.1/24", b, "192.168.77.2/24")
+    lab.start_daemon(a, ia, "tcp")
+    lab.start_daemon(b, ib, "tcp")
+    connect_pair(lab, a, ia, "192.168.77.2:7002", b, ib, None, a_port=7001, b_port=7002)
+    ping(a, "10.99.0.2")
+    before = _threads_io(ia)
+    tun = f"{ia}-tun"[:15]
+    reader = next(name for name in before if name.startswith("tcp-read-"))  # the connection's
+    result = _iperf(lab, a, b, "10.99.0.2", "-n", "20M")
+    assert result["end"]["sum_sent"]["bytes"] >= 20 * 1024 * 1024
+    after = _threads_io(ia)
+    # 20 MiB is at least 320 TUN reads (64 KiB super-packets at most); the TUN reader made
+    # none of them. (Socket calls are not counted here: only read() and write().)
+    assert after[tun] == before[tun], (before, after)
+    assert after[reader][0] - before[reader][0] >= 320, (before, after)
+
+    b.run("ip", "link", "del", ib)  # b's daemon stops; its connection closes
+    wait_for(lambda: reader not in _threads_io(ia), 10, "a's connection to be gone")
+    gone = _threads_io(ia)
+    a.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "10.99.0.2", check=False)
+    assert _threads_io(ia)[tun][0] >= gone[tun][0] + 3

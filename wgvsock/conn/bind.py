@@ -2,6 +2,8 @@
 
 Concurrency model: every socket or connection has one reader thread doing blocking I/O and
 handing each whole WireGuard message to the receive callback; sends run on the caller's thread.
+A stream connection's reader may also serve the owner's :class:`SharedFile` (the device's TUN),
+so one thread carries both directions of the connection.
 Nothing here logs or allocates per packet beyond the message itself.
 """
 
@@ -36,6 +38,7 @@ from .endpoint import (
 __all__ = [
     "Bind",
     "Receiver",
+    "SharedFile",
     "SocketBind",
     "TransportUnavailable",
 ]
@@ -65,6 +68,35 @@ class TransportUnavailable(OSError):
     """This kernel or hypervisor does not offer the requested socket type."""
 
 
+class SharedFile(ABC):
+    """A file the owner of a bind would otherwise wait on in a thread of its own (the device's
+    TUN), offered to the bind's receiving side with what to do when it is readable. A stream
+    bind serves it from the reader thread of one trusted connection, which then carries both
+    directions of the tunnel: no second thread to wake and no hand-over of the GIL between
+    two threads per packet (bench/README.md, twelfth round)."""
+
+    fd: int
+
+    @abstractmethod
+    def take(self) -> bool:
+        """Whether the calling thread may serve the file now; False while another does."""
+
+    @abstractmethod
+    def serve(self, ready: bool) -> bool:
+        """One turn of the serving thread, which calls it at least every SHARED_POLL_MS:
+        `ready` when poll() found the file readable. False when the file is to be served no
+        more (its owner is stopping); the thread then gives it back. Never raises."""
+
+    @abstractmethod
+    def give_back(self) -> None:
+        """The serving thread stops serving (its connection is gone)."""
+
+
+# The longest a thread serving a SharedFile waits in poll() between turns: the owner notes
+# each turn, and an idle tunnel must not look like a hung reader (Device.stalled).
+SHARED_POLL_MS = 1000
+
+
 class Bind(ABC):
     network: str
     stream: bool
@@ -81,6 +113,9 @@ class Bind(ABC):
     # Set by the owner before open(): called (from a reader thread) when a connection's peer
     # capabilities change: a hello arrived, or a connection that had one closed.
     caps_changed: Callable[[], None] | None = None
+    # Set by the owner before open(): see SharedFile. A transport that cannot serve it from a
+    # reader of its own leaves it alone, and the owner keeps serving it.
+    shared: SharedFile | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:

@@ -37,8 +37,10 @@ from typing import Any
 
 from ..threads import Survivor
 from .bind import (
+    SHARED_POLL_MS,
     RateLimitedLog,
     Receiver,
+    SharedFile,
     SocketBind,
     log,
     new_inet_socket,
@@ -616,8 +618,32 @@ class StreamBind(SocketBind):
         buf = bytearray(RECV_SIZE)
         view = memoryview(buf)
         reason = "closed by peer"
+        # The owner's SharedFile, once this thread serves it: then it waits in poll() on both
+        # and serves the file first on each turn. Only a trusted connection takes it (a
+        # stranger's must not carry the tunnel, and its receive timeout needs recv() to block).
+        shared: SharedFile | None = None
+        offer = self.shared
+        poller: Any = None
+        sock_fd = sock.fileno()
         try:
             while True:
+                if offer is not None and conn.trusted and offer.take():
+                    shared, offer = offer, None
+                    poller = select.poll()
+                    poller.register(sock_fd, select.POLLIN)
+                    poller.register(shared.fd, select.POLLIN)
+                if shared is not None:
+                    sock_ready = file_ready = False
+                    for fd, _ in poller.poll(SHARED_POLL_MS):
+                        if fd == sock_fd:
+                            sock_ready = True
+                        else:
+                            file_ready = True
+                    if not shared.serve(file_ready):
+                        shared.give_back()
+                        shared = None
+                    if not sock_ready:
+                        continue
                 try:
                     n = sock.recv_into(buf)
                 except OSError as exc:
@@ -651,6 +677,8 @@ class StreamBind(SocketBind):
                     if not conn.trusted:
                         self._trust(conn)
         finally:
+            if shared is not None:
+                shared.give_back()
             view.release()
             self._conn_gone(conn, reason)
 

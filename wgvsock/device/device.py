@@ -1,7 +1,10 @@
 """The device: joins the protocol core, a TUN interface, a transport and the UAPI socket.
 
 Threads, chosen so each blocking call has one owner:
-- the TUN reader (packets from the kernel -> `Engine.encapsulate` -> transport);
+- the TUN reader (packets from the kernel -> `Engine.encapsulate` -> transport); on a stream
+  transport it hands the TUN to the reader of a trusted connection (`_TunShare`) and waits
+  until that connection is gone, so one thread carries both directions: no second thread to
+  wake and no GIL hand-over per packet (bench/README.md, twelfth round);
 - the transport's own reader threads (messages -> `Engine.decapsulate` -> TUN or transport);
 - the timer thread (`Engine.update_timers`), which also notices MTU changes and the interface
   being deleted;
@@ -25,7 +28,7 @@ from typing import Any
 
 from mypy_extensions import mypyc_attr
 
-from ..conn.bind import Bind
+from ..conn.bind import Bind, SharedFile
 from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
 from ..conn.endpoint import Endpoint, display_endpoint
 from ..conn.framing import MAX_STREAM_MTU
@@ -106,6 +109,56 @@ def _link_states(status: dict[str, Any]) -> dict[str, dict[str, str]] | None:
     return links
 
 
+class _TunShare(SharedFile):
+    """The TUN as the stream transport's SharedFile: the reader thread of one trusted
+    connection serves it (Device._tun_pass) while the device's TUN reader waits, so one
+    thread carries both directions of the tunnel. The TUN reader takes over again when that
+    connection is gone."""
+
+    def __init__(self, device: Device, fd: int) -> None:
+        self.device = device
+        self.fd = fd
+        self.taken = False
+        self.back = threading.Event()
+        self._lock = threading.Lock()
+        self._survivor = Survivor(f"{device.ifname}: TUN reader (in a connection's reader)")
+
+    def take(self) -> bool:
+        if self.taken:  # read without the lock: asked once per receive by other connections
+            return False
+        with self._lock:
+            if self.taken or self.device._stopped.is_set():
+                return False
+            self.taken = True
+            self.back.clear()
+            return True
+
+    def serve(self, ready: bool) -> bool:
+        device = self.device
+        if device._stopped.is_set():
+            return False
+        try:
+            if ready:
+                device._tun_pass()
+                return True
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if device._tun_failed(e):
+                return False
+        except Exception as e:
+            if not self._survivor.survive(e):
+                device.fail("the TUN reader kept failing")
+                return False
+        device._tun_passed = time.monotonic()
+        return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.taken = False
+            self.back.set()
+
+
 # Compiled, a class cannot be patched; a test that stands in for the TUN or the sends
 # subclasses it instead (tests/test_device_set.py).
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -142,6 +195,9 @@ class Device:
         self._ticked = self._tun_passed = 0.0
         # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
         self._wake_r = self._wake_w = -1
+        # How the TUN is read (_tun_reader), and the TUN as the stream transport's SharedFile.
+        self._tun_read: Callable[[], Sequence[bytes | bytearray]] = tuple
+        self._share: _TunShare | None = None
         self._load = LoadTracker()
         self._hs_window_start = 0.0
         self._hs_window_count = 0
@@ -165,6 +221,9 @@ class Device:
             self.tun.set_mtu(self._initial_mtu)
             self.tun.set_txqueuelen(TUN_QUEUE_LEN)
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
+            self.tun.set_blocking(False)
+            self._tun_read = self._tun_reader(self.tun)
+            self._share = self.bind.shared = _TunShare(self, self.tun.fileno())
             self.bind.receive_batch = self._on_receive_batch
             self.bind.authenticated = self._authenticated
             self.bind.caps_changed = self._caps_changed
@@ -264,6 +323,8 @@ class Device:
         self._stopped.set()
         if self._wake_w >= 0:
             os.write(self._wake_w, b"x")
+        if self._share is not None:
+            self._share.back.set()  # a TUN reader waiting for the TUN to come back returns
         if self.uapi is not None:
             self.uapi.close()
         self.bind.close()
@@ -324,81 +385,98 @@ class Device:
                 if not survivor.survive(e):
                     raise  # to the thread-death hook, which stops the daemon
 
+    def _tun_reader(self, tun: Tun) -> Callable[[], Sequence[bytes | bytearray]]:
+        """How the TUN is read for this transport. Datagram transports take a TCP
+        super-packet as MTU-sized packets; stream transports whole where the peer said it
+        takes them."""
+        if not self.bind.stream:
+            return tun.read_segments
+        if tun.vnet:
+            return self._read_for_peer
+        return lambda: (tun.read(),)
+
     def _read_tun(self) -> None:
-        tun = self.tun
-        assert tun is not None
-        lock, engine, monotonic = self._lock, self.engine, time.monotonic
+        tun, share = self.tun, self._share
+        assert tun is not None and share is not None
+        monotonic = time.monotonic
         # Non-blocking reads, with poll() on the TUN and the wake pipe only when it is empty:
         # a read() blocked on the TUN fd would not return when the device is closed, and under
         # load the common path stays one system call per packet.
-        tun.set_blocking(False)
         poller = select.poll()
         poller.register(tun.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        # Datagram transports take a TCP super-packet as MTU-sized packets; stream transports
-        # whole where the peer said it takes them.
-        read: Callable[[], Sequence[bytes | bytearray]]
-        if not self.bind.stream:
-            read = tun.read_segments
-        elif tun.vnet:
-            read = self._read_for_peer
-        else:
-            read = lambda: (tun.read(),)  # noqa: E731
         # After a read found the queue empty, the next step is poll(), not another read: an
         # EAGAIN costs a system call and an exception, and this loop would pay two per packet
         # on an idle tunnel.
         drained = False
         while not self._stopped.is_set():
+            if share.taken:
+                # A connection's reader serves the TUN (_TunShare); this thread waits until
+                # that connection is gone. It notes no time meanwhile: the server does.
+                share.back.wait()
+                drained = True
+                continue
             if drained:
                 self._tun_passed = monotonic()
-                if not poller.poll(_TUN_POLL_MS):
+                if not poller.poll(_TUN_POLL_MS) or share.taken:
                     continue
                 if self._stopped.is_set():  # close() sets it before it writes the wake pipe
                     return
                 drained = False
             try:
-                packets = read()
+                drained = self._tun_pass()
             except BlockingIOError:
                 drained = True
-                continue
             except OSError as e:
-                if self._stopped.is_set():
+                if self._tun_failed(e):
                     return
-                if e.errno in (errno.EBADFD, errno.EBADF, errno.EIO, errno.ENODEV):
-                    self.stop(f"interface {self.ifname} was removed")
-                    return
-                log.warning("%s: TUN read failed: %s", self.ifname, e)
-                continue
-            # The packet that woke us goes out at once: asking the kernel first whether more
-            # is queued would put a system call (and, when nothing is, an exception) in front
-            # of every packet of a ping or a request.
-            with lock:
-                now = self._tun_passed = monotonic()
-                if len(packets) == 1:
-                    actions = engine.encapsulate(packets[0], now)
-                else:
-                    actions = []
-                    for packet in packets:
-                        actions += engine.encapsulate(packet, now)
-            if len(actions) == 1:
-                self._perform(actions)
+
+    def _tun_failed(self, e: OSError) -> bool:
+        """A TUN read failed: whether the reading is over (the device is stopping, or its
+        interface was removed, which stops it)."""
+        if self._stopped.is_set():
+            return True
+        if e.errno in (errno.EBADFD, errno.EBADF, errno.EIO, errno.ENODEV):
+            self.stop(f"interface {self.ifname} was removed")
+            return True
+        log.warning("%s: TUN read failed: %s", self.ifname, e)
+        return False
+
+    def _tun_pass(self) -> bool:
+        """Reads what the TUN holds and sends it on: the packet at the head of the queue at
+        once (asking the kernel first whether more is queued would put a system call, and
+        when nothing is an exception, in front of every packet of a ping or a request), then
+        whatever queued meanwhile, never waited for, as one batch (one lock and one send for
+        many packets). Raises BlockingIOError when the queue was empty; returns whether the
+        last read found it empty."""
+        read, lock, engine, monotonic = self._tun_read, self._lock, self.engine, time.monotonic
+        packets = read()
+        with lock:
+            now = self._tun_passed = monotonic()
+            if len(packets) == 1:
+                actions = engine.encapsulate(packets[0], now)
             else:
-                self._perform_batch(actions)
-            # Whatever queued meanwhile (never waited for) goes as one batch: one lock and one
-            # send serve many packets. An error other than EAGAIN shows up on the next read.
-            batch: list[bytes | bytearray] = []
-            size = 0
-            try:
-                while len(batch) < _READ_BATCH and size < _READ_BYTES:
-                    more = read()
-                    batch += more
-                    size += sum(map(len, more))
-            except BlockingIOError:
-                drained = True
-            except OSError:
-                pass
-            if not batch:
-                continue
+                actions = []
+                for packet in packets:
+                    actions += engine.encapsulate(packet, now)
+        if len(actions) == 1:
+            self._perform(actions)
+        else:
+            self._perform_batch(actions)
+        # An error other than EAGAIN shows up on the next read.
+        batch: list[bytes | bytearray] = []
+        size = 0
+        drained = False
+        try:
+            while len(batch) < _READ_BATCH and size < _READ_BYTES:
+                more = read()
+                batch += more
+                size += sum(map(len, more))
+        except BlockingIOError:
+            drained = True
+        except OSError:
+            pass
+        if batch:
             actions = []
             with lock:
                 # (Noted again here: each pass may block in two sends, this batch's and the
@@ -407,6 +485,7 @@ class Device:
                 for packet in batch:
                     actions += engine.encapsulate(packet, now)
             self._perform_batch(actions)
+        return drained
 
     def _read_for_peer(self) -> tuple[bytes | bytearray, ...] | list[bytearray]:
         """A packet from the TUN (with offload, on a stream transport) in the shape the peer
