@@ -759,6 +759,7 @@ class PipeFile(SharedFile):
         self.turns: queue.Queue[tuple[str, bytes]] = queue.Queue()  # (thread, bytes or b"")
         self.given_back = threading.Event()
         self.keep_serving = True
+        self.on_read: Callable[[bytes], None] | None = None  # what a turn does with its read
 
     def take(self) -> bool:
         with self.lock:
@@ -769,7 +770,10 @@ class PipeFile(SharedFile):
             return True
 
     def serve(self, ready: bool) -> bool:
-        self.turns.put((threading.current_thread().name, os.read(self.fd, 64) if ready else b""))
+        data = os.read(self.fd, 64) if ready else b""
+        if data and self.on_read is not None:
+            self.on_read(data)
+        self.turns.put((threading.current_thread().name, data))
         return self.keep_serving
 
     def give_back(self) -> None:
@@ -853,6 +857,72 @@ def test_a_dialled_connection_serves_the_file_at_once_and_stops_when_told(
     assert a_in.get()[0] == msg(5)
     assert pipe_file.turns.empty()  # the pipe is nobody's now
     assert pipe_file.take()
+
+
+def test_the_serving_thread_never_waits_in_a_send(
+    binds: list[Bind], pipe_file: PipeFile, unix_dir: str
+) -> None:
+    """The thread serving the file must go on reading its own socket, or two daemons each
+    blocked in a send to the other wait for the send timeout (bidirectional bulk over Unix
+    sockets ran at 2 Mbit/s so). Here the peer stops reading: the serving thread's sends
+    fill the kernel, and it queues the rest and gives the file back instead of waiting; the
+    owner's flush() then sends it, and every message arrives once, in order."""
+    held = threading.Event()
+    inbox = Inbox()
+
+    def slow(data: bytes, ep: Endpoint) -> None:
+        held.wait(TIMEOUT * 3)  # b's reader stops reading its socket meanwhile
+        inbox(data, ep)
+
+    b = StreamBind("unix", unix_dir=unix_dir)
+    binds.append(b)
+    b_port = b.open(0, slow)
+    b.receive_batch = lambda messages, ep: [slow(m, ep) for m in messages]
+    a = StreamBind("unix", unix_dir=unix_dir)
+    a.shared = pipe_file
+    a, _a_in, _ = opened(binds, a)
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    held.set()
+    a.send(msg(0), b_ep)
+    assert inbox.get()[0] == msg(0)
+    # (b can have it before a's dialler publishes the connection; until then a queues.)
+    wait_until(lambda: bool(a.status()["connections"]))
+    held.clear()
+    sent = [msg(i, 16384) for i in range(1, 129)]  # 2 MiB: more than both socket buffers
+    pipe_file.on_read = lambda _: a.send_batch(sent, b_ep)
+    os.write(pipe_file.w, b"go")
+    assert pipe_file.given_back.wait(TIMEOUT)
+    assert a.congested
+    held.set()
+    a.flush()  # as the owner does when the file comes back
+    assert not a.congested
+    assert [inbox.get()[0] for _ in sent] == sent
+    assert inbox.empty_for(0.2)
+    assert [c["direction"] for c in a.status()["connections"]] == ["out"]  # never cut
+
+
+def test_a_send_that_cannot_wait_keeps_the_rest_for_the_next_one() -> None:
+    a, b = socket.socketpair()
+    try:
+        conn = _Conn(a, Endpoint("unix", "", 9), outbound=True)
+        bufs = [bytes([i]) * 65536 for i in range(16)]  # 1 MiB: more than the kernel takes
+        assert conn.send_iov(list(bufs), wait=False)
+        assert conn.tail
+        got = bytearray()
+        total = sum(map(len, bufs)) + 5
+
+        def drain() -> None:
+            while len(got) < total:
+                got.extend(b.recv(1 << 16))
+
+        t = threading.Thread(target=drain)
+        t.start()
+        assert conn.send_iov([b"after"])  # waits: the tail first, then this
+        t.join(TIMEOUT)
+        assert bytes(got) == b"".join(bufs) + b"after" and conn.tail == []
+    finally:
+        a.close()
+        b.close()
 
 
 # -- faults in the bind's own threads (issue 12.6) -------------------------------------------

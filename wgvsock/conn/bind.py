@@ -73,7 +73,12 @@ class SharedFile(ABC):
     TUN), offered to the bind's receiving side with what to do when it is readable. A stream
     bind serves it from the reader thread of one trusted connection, which then carries both
     directions of the tunnel: no second thread to wake and no hand-over of the GIL between
-    two threads per packet (bench/README.md, twelfth round)."""
+    two threads per packet (bench/README.md, twelfth round).
+
+    That thread must keep reading its socket, so its sends never wait: when the kernel cannot
+    take one at once, the rest is queued and the file goes back to the owner, whose thread
+    then calls Bind.flush() and serves the file itself, waiting in sends as it may; the
+    reader takes the file again once nothing is queued."""
 
     fd: int
 
@@ -144,6 +149,12 @@ class Bind(ABC):
         the kernel in one system call override this."""
         for data in messages:
             self.send(data, ep)
+
+    def flush(self) -> None:
+        """Sends what sends from the thread serving `shared` left queued (they never wait;
+        see SharedFile), waiting as send() does. Called by the owner when the file comes
+        back to it. A transport that never serves the file has nothing queued."""
+        return
 
     def peer_caps(self, ep: Endpoint) -> tuple[int, int]:
         """(flags, max_packet) from the hello the peer behind `ep` sent on its current

@@ -83,6 +83,41 @@ _NO_CAPS = (0, 0)
 _HELLO_BYTE = HELLO_MAGIC[0]
 
 
+def _unsent(bufs: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """What is left of `bufs` after a send took `n` bytes."""
+    i = 0
+    while i < len(bufs) and n >= len(bufs[i]):
+        n -= len(bufs[i])
+        i += 1
+    bufs = bufs[i:]
+    if n:
+        bufs[0] = memoryview(bufs[0])[n:]
+    return bufs
+
+
+def _send_all(sock: socket.socket, bufs: list[bytes | memoryview]) -> None:
+    """Every buffer, waiting (up to the socket's send timeout) while the kernel is full."""
+    n = 0
+    if len(bufs) <= IOV_MAX:
+        n = sock.sendmsg(bufs)
+        if n == sum(map(len, bufs)):
+            return  # the common case: one system call, one length check
+    bufs = _unsent(bufs, n)
+    while bufs:
+        bufs = _unsent(bufs, sock.sendmsg(bufs[:IOV_MAX]))
+
+
+def _send_some(sock: socket.socket, bufs: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """What the kernel takes without waiting; returns the rest."""
+    while bufs:
+        try:
+            n = sock.sendmsg(bufs[:IOV_MAX], (), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return bufs
+        bufs = _unsent(bufs, n)
+    return bufs
+
+
 class _Conn:
     """One established stream connection; its reader thread owns the socket's lifetime."""
 
@@ -99,6 +134,8 @@ class _Conn:
         "send_lock",
         "since",
         "sock",
+        "tail",
+        "tail_lock",
         "trusted",
     )
 
@@ -119,47 +156,56 @@ class _Conn:
         # such a tuple unboxed, and `is` on it is never true.
         self.caps = _NO_CAPS
         self.hello_seen = False
+        # What a send that could not wait left unsent (send_iov); goes before anything else.
+        # Its lock is never held across a system call.
+        self.tail: list[bytes | memoryview] = []
+        self.tail_lock = threading.Lock()
 
     def send(self, frame: bytes) -> bool:
-        with self.send_lock:
-            if self.closed:
-                return False
-            try:
-                self.sock.sendall(frame)
-                return True
-            except OSError as exc:
-                timed_out = isinstance(exc, TimeoutError | BlockingIOError)
-                self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
-                return False
+        return self.send_iov([frame])
 
-    def send_iov(self, bufs: list[bytes | memoryview]) -> bool:
-        """Like send() for several buffers in one sendmsg() (no joined copy); a short write
-        is continued from where it stopped."""
-        with self.send_lock:
-            if self.closed:
-                return False
-            sendmsg = self.sock.sendmsg
-            try:
-                n = 0
-                if len(bufs) <= IOV_MAX:
-                    n = sendmsg(bufs)
-                    if n == sum(map(len, bufs)):
-                        return True
-                while True:
-                    i = 0
-                    while i < len(bufs) and n >= len(bufs[i]):
-                        n -= len(bufs[i])
-                        i += 1
-                    bufs = bufs[i:]
-                    if not bufs:
-                        return True
-                    if n:
-                        bufs[0] = memoryview(bufs[0])[n:]
-                    n = sendmsg(bufs[:IOV_MAX])
-            except OSError as exc:
-                timed_out = isinstance(exc, TimeoutError | BlockingIOError)
-                self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
-                return False
+    def send_iov(self, bufs: list[bytes | memoryview], wait: bool = True) -> bool:
+        """Sends the buffers in order, in as few sendmsg() calls as the kernel allows (no
+        joined copy; a short write is continued where it stopped). False when the connection
+        failed or is closed.
+
+        Without `wait` (the thread serving the bind's SharedFile, which must never block while
+        its own socket goes unread: two daemons each blocked in a send to the other would
+        wait for the send timeout) neither the kernel nor another sender is waited for: what
+        cannot go at once becomes this connection's tail, which the next waiting send, or
+        StreamBind.flush(), sends first."""
+        if wait:
+            with self.send_lock:
+                return self._send(bufs, True)
+        if not self.send_lock.acquire(False):  # a waiting send is under way: queue behind it
+            with self.tail_lock:
+                self.tail += bufs
+            return not self.closed
+        try:
+            return self._send(bufs, False)
+        finally:
+            self.send_lock.release()
+
+    def _send(self, bufs: list[bytes | memoryview], wait: bool) -> bool:
+        if self.closed:
+            return False
+        if self.tail:
+            with self.tail_lock:
+                bufs = self.tail + bufs
+                self.tail = []
+        if not bufs:
+            return True
+        try:
+            if wait:
+                _send_all(self.sock, bufs)
+            elif rest := _send_some(self.sock, bufs):
+                with self.tail_lock:
+                    self.tail = rest + self.tail
+            return True
+        except OSError as exc:
+            timed_out = isinstance(exc, TimeoutError | BlockingIOError)
+            self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
+            return False
 
     def shutdown(self, reason: str) -> None:
         """Wake the reader and any sender; the reader then closes the socket."""
@@ -236,6 +282,11 @@ class StreamBind(SocketBind):
         self._conns: dict[Endpoint, _Conn] = {}
         self._dialers: dict[Endpoint, _Dialer] = {}
         self._conn_ids = 0
+        # The thread serving `shared` (0: none), whose sends never wait (_Conn.send_iov), and
+        # whether one of them left a connection a tail: the file then goes back to its owner,
+        # whose flush() sends the tails, until they are all gone.
+        self._serving = 0
+        self.congested = False
         self._accepted = 0
         self._framing_errors = 0
         self._send_failures = 0
@@ -409,7 +460,7 @@ class StreamBind(SocketBind):
         except ValueError as exc:
             self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
             return
-        if not conn.send_iov([header, data]):
+        if not self._send_iov(conn, [header, data]):
             self._send_slow(encode_frame(data), ep)
 
     def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
@@ -434,12 +485,26 @@ class StreamBind(SocketBind):
                 self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
                 continue
             bufs.append(data)
-        if bufs and not conn.send_iov(bufs):
+        if bufs and not self._send_iov(conn, bufs):
             # The connection failed (and is closing): what it did not take goes the slow way,
             # to a connection whose peer may check every CRC; a message sent twice is dropped
             # by the peer's replay check.
             for i in range(1, len(bufs), 2):
                 self._send_slow(encode_frame(bufs[i]), ep)
+
+    def _send_iov(self, conn: _Conn, bufs: list[bytes | memoryview]) -> bool:
+        if threading.get_ident() != self._serving:
+            return conn.send_iov(bufs)
+        sent = conn.send_iov(bufs, wait=False)
+        if conn.tail:
+            self.congested = True
+        return sent
+
+    def flush(self) -> None:
+        for conn in list(self._conns.values()):
+            if conn.tail:
+                conn.send_iov([])
+        self.congested = False
 
     def _send_slow(self, frame: bytes, ep: Endpoint) -> None:
         if self._closed.is_set():
@@ -627,8 +692,9 @@ class StreamBind(SocketBind):
         sock_fd = sock.fileno()
         try:
             while True:
-                if offer is not None and conn.trusted and offer.take():
+                if offer is not None and conn.trusted and not self.congested and offer.take():
                     shared, offer = offer, None
+                    self._serving = threading.get_ident()
                     poller = select.poll()
                     poller.register(sock_fd, select.POLLIN)
                     poller.register(shared.fd, select.POLLIN)
@@ -639,8 +705,15 @@ class StreamBind(SocketBind):
                             sock_ready = True
                         else:
                             file_ready = True
-                    if not shared.serve(file_ready):
+                    served = shared.serve(file_ready)
+                    if not served or self.congested:
+                        # Stopping; or a send could not wait: the owner's thread serves the
+                        # file (and sends the tails) while this one reads on, until the
+                        # tails are gone and the next receive here takes it back.
+                        self._serving = 0
                         shared.give_back()
+                        if served:
+                            offer = shared
                         shared = None
                     if not sock_ready:
                         continue
@@ -678,6 +751,7 @@ class StreamBind(SocketBind):
                         self._trust(conn)
         finally:
             if shared is not None:
+                self._serving = 0
                 shared.give_back()
             view.release()
             self._conn_gone(conn, reason)

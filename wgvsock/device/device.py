@@ -119,19 +119,37 @@ class _TunShare(SharedFile):
         self.device = device
         self.fd = fd
         self.taken = False
+        # The TUN reader is in a pass (its sends wait, holding a connection's send lock): the
+        # TUN is not taken then, so a connection's reader never queues behind it for long.
+        self.busy = False
         self.back = threading.Event()
+        # Given back since the TUN reader last looked: it then flushes what the connection's
+        # reader could not send at once. The pipe wakes it where it waits in poll().
+        self.returned = False
+        self.nudge_r, self.nudge_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._lock = threading.Lock()
         self._survivor = Survivor(f"{device.ifname}: TUN reader (in a connection's reader)")
 
     def take(self) -> bool:
-        if self.taken:  # read without the lock: asked once per receive by other connections
+        if self.taken or self.busy:  # without the lock: asked on every receive meanwhile
             return False
         with self._lock:
-            if self.taken or self.device._stopped.is_set():
+            if self.taken or self.busy or self.device._stopped.is_set():
                 return False
             self.taken = True
             self.back.clear()
             return True
+
+    def enter(self) -> bool:
+        """The TUN reader starts a pass, unless the TUN was taken."""
+        with self._lock:
+            if self.taken:
+                return False
+            self.busy = True
+            return True
+
+    def leave(self) -> None:
+        self.busy = False
 
     def serve(self, ready: bool) -> bool:
         device = self.device
@@ -156,7 +174,20 @@ class _TunShare(SharedFile):
     def give_back(self) -> None:
         with self._lock:
             self.taken = False
+            self.returned = True
             self.back.set()
+        if self.device._stopped.is_set():  # close() may have closed the pipe
+            return
+        with contextlib.suppress(OSError):  # full: a nudge is pending anyway
+            os.write(self.nudge_w, b"x")
+
+    def take_nudges(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self.nudge_r, 4096)
+
+    def close(self) -> None:
+        os.close(self.nudge_r)
+        os.close(self.nudge_w)
 
 
 # Compiled, a class cannot be patched; a test that stands in for the TUN or the sends
@@ -339,6 +370,9 @@ class Device:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+        if self._share is not None:
+            self._share.close()
+            self._share = None
 
     # -- data paths ----------------------------------------------------------------------
 
@@ -405,6 +439,7 @@ class Device:
         poller = select.poll()
         poller.register(tun.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        poller.register(share.nudge_r, select.POLLIN)
         # After a read found the queue empty, the next step is poll(), not another read: an
         # EAGAIN costs a system call and an exception, and this loop would pay two per packet
         # on an idle tunnel.
@@ -412,17 +447,33 @@ class Device:
         while not self._stopped.is_set():
             if share.taken:
                 # A connection's reader serves the TUN (_TunShare); this thread waits until
-                # that connection is gone. It notes no time meanwhile: the server does.
+                # it gives the TUN back. It notes no time meanwhile: the server does.
                 share.back.wait()
-                drained = True
+                continue
+            if share.returned:
+                # Given back: because that connection is gone, or because one of its sends
+                # could not wait (the reader must go on reading its socket), whose rest this
+                # thread sends now, waiting as it may.
+                share.returned = False
+                self.bind.flush()
+                self._tun_passed = monotonic()
+                drained = False
                 continue
             if drained:
                 self._tun_passed = monotonic()
-                if not poller.poll(_TUN_POLL_MS) or share.taken:
+                events = poller.poll(_TUN_POLL_MS)
+                if not events:
+                    continue
+                for fd, _ in events:
+                    if fd == share.nudge_r:
+                        share.take_nudges()
+                if share.taken or share.returned:
                     continue
                 if self._stopped.is_set():  # close() sets it before it writes the wake pipe
                     return
                 drained = False
+            if not share.enter():
+                continue
             try:
                 drained = self._tun_pass()
             except BlockingIOError:
@@ -430,6 +481,8 @@ class Device:
             except OSError as e:
                 if self._tun_failed(e):
                     return
+            finally:
+                share.leave()
 
     def _tun_failed(self, e: OSError) -> bool:
         """A TUN read failed: whether the reading is over (the device is stopping, or its
