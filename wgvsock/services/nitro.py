@@ -397,6 +397,9 @@ class EnclaveSupervisor:
 
     def _run(self) -> None:
         delay = self.backoff_min
+        # A failed run-enclave may have started one that is not cleared yet: stop() kills the
+        # nitro-cli calls in flight, the clearing's among them, so the end clears again.
+        leftover = False
         try:
             self._clear_leftovers()
             while not self._stop.is_set():
@@ -409,7 +412,7 @@ class EnclaveSupervisor:
                     # It may have started one before failing (output we could not read, a
                     # timeout while it booted): that one would hold the CPUs and memory the
                     # retry needs, and run on unwatched.
-                    self._clear_leftovers("left by the failed run-enclave")
+                    leftover = not self._clear_leftovers("left by the failed run-enclave")
                     if self._backoff(delay):
                         break
                     delay = min(delay * 2, self.backoff_max)
@@ -445,6 +448,11 @@ class EnclaveSupervisor:
             raise
         finally:
             self._terminate_current()
+            # (A few tries: stop() may kill the first, if it calls cancel() only now.)
+            for _ in range(3):
+                if not leftover:
+                    break
+                leftover = not self._clear_leftovers("left by the failed run-enclave")
 
     def _backoff(self, delay: float) -> bool:
         """Waits `delay` seconds; True if stop() came first."""
@@ -483,23 +491,26 @@ class EnclaveSupervisor:
                 return f"is {mine.state.lower()}"
         return None
 
-    def _clear_leftovers(self, why: str = "left running by an earlier parent") -> None:
+    def _clear_leftovers(self, why: str = "left running by an earlier parent") -> bool:
         """An enclave under our name left by an earlier parent (killed before `down`), or by a
         run-enclave that failed, holds CPUs, memory and maybe our CID: terminate it so ours
-        can start."""
+        can start. False when nitro-cli failed (some may be left)."""
         try:
             listed = self.nitro.enclaves()
         except NitroError as e:
             self.log.warning("enclave %s: describe-enclaves failed: %s", self.name, e)
-            return
+            return False
+        cleared = True
         for e in listed:
             if is_named(e.name, self.name):
                 self.log.warning("enclave %s: terminating %s %s", self.name, e.enclave_id, why)
                 try:
                     self.nitro.terminate_enclave(e.enclave_id)
                 except NitroError as err:
+                    cleared = False
                     self.log.error("enclave %s: terminate-enclave %s failed: %s", self.name,
                                    e.enclave_id, err)
+        return cleared
 
     def _terminate_current(self) -> None:
         with self._started:
