@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .netlab import Lab, connect_pair, ping, wait_for
+from .netlab import Lab, Namespace, connect_pair, ping, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -21,8 +21,9 @@ def _iperf(lab: Lab, client, server, addr: str, *args: str, port: int = 5201) ->
     return json.loads(res.stdout)
 
 
-@pytest.mark.parametrize("network", ["unix", "tcp", "unix-dgram", "udp"])
-def test_two_daemons_ping_and_iperf(lab: Lab, network: str) -> None:
+def _pair(lab: Lab, network: str) -> tuple[Namespace, Namespace, str, str]:
+    """Our daemons in namespaces a and b over `network` (unix-dgram: unix with -d), a's
+    tunnel address 10.99.0.1, b's .2, a ping through; returns (a, b, a's and b's ifname)."""
     a, b = lab.netns("a"), lab.netns("b")
     net, extra = (network.split("-")[0], ["-d"]) if network.endswith("-dgram") else (network, [])
     ia, ib = lab.ifname("a"), lab.ifname("b")
@@ -35,6 +36,12 @@ def test_two_daemons_ping_and_iperf(lab: Lab, network: str) -> None:
     lab.start_daemon(b, ib, net, *extra)
     connect_pair(lab, a, ia, ep, b, ib, None, a_port=7001, b_port=7002)
     ping(a, "10.99.0.2")
+    return a, b, ia, ib
+
+
+@pytest.mark.parametrize("network", ["unix", "tcp", "unix-dgram", "udp"])
+def test_two_daemons_ping_and_iperf(lab: Lab, network: str) -> None:
+    a, b, ia, ib = _pair(lab, network)
     ping(b, "10.99.0.1")
     result = _iperf(lab, a, b, "10.99.0.2", "-n", "20M")
     # iperf3 stops counting at the receiver when the sender writes its last byte, so the
@@ -43,7 +50,7 @@ def test_two_daemons_ping_and_iperf(lab: Lab, network: str) -> None:
     assert result["end"]["sum_received"]["bits_per_second"] > 1e6
     # TUN reads give super-packets only while a stream peer's hello said it takes them;
     # for datagram peers the kernel segments and checksums before we read.
-    want = "off" if extra or net == "udp" else "on"
+    want = "on" if network in ("unix", "tcp") else "off"
     for ifname in (ia, ib):
         assert lab.uapi(ifname)["extra"]["wgvsock_tun_offload"] == want, ifname
 
@@ -119,13 +126,7 @@ def test_one_thread_carries_both_directions_while_the_peer_is_connected(lab: Lab
     packet costs no second thread's wake-up and no GIL hand-over; the TUN reader waits. When
     the connection is gone the TUN reader reads again: the packets for the lost peer still
     reach the engine, which stages them and asks for a handshake (the dialler redials)."""
-    a, b = lab.netns("a"), lab.netns("b")
-    ia, ib = lab.ifname("a"), lab.ifname("b")
-    lab.veth(a, "192.168.77.1/24", b, "192.168.77.2/24")
-    lab.start_daemon(a, ia, "tcp")
-    lab.start_daemon(b, ib, "tcp")
-    connect_pair(lab, a, ia, "192.168.77.2:7002", b, ib, None, a_port=7001, b_port=7002)
-    ping(a, "10.99.0.2")
+    a, b, ia, ib = _pair(lab, "tcp")
     before = _threads_io(ia)
     tun = f"{ia}-tun"[:15]
     reader = next(name for name in before if name.startswith("tcp-read-"))  # the connection's
@@ -154,19 +155,10 @@ def test_bulk_both_ways_at_once_does_not_stall(lab: Lab, network: str) -> None:
     both directions must never wait in a send while its own socket goes unread: when it did,
     each daemon blocked sending to the other until the 5 s send timeout cut the connection,
     and over Unix sockets (small buffers, as vsock's) both directions ran at 2 Mbit/s."""
-    a, b = lab.netns("a"), lab.netns("b")
-    ia, ib = lab.ifname("a"), lab.ifname("b")
-    if network == "tcp":
-        lab.veth(a, "192.168.77.1/24", b, "192.168.77.2/24")
-        ep = "192.168.77.2:7002"
-    else:
-        ep = "127.0.0.1:7002"
-    lab.start_daemon(a, ia, network)
-    lab.start_daemon(b, ib, network)
-    connect_pair(lab, a, ia, ep, b, ib, None, a_port=7001, b_port=7002)
+    a, b, ia, ib = _pair(lab, network)
     for ns, ifname in ((a, ia), (b, ib)):
         ns.ip("link", "set", ifname, "mtu", "65000")
-    ping(a, "10.99.0.2")
+    ping(a, "10.99.0.2")  # full-size now
     result = _iperf(lab, a, b, "10.99.0.2", "--bidir", "-t", "4")
     moved = [s["receiver"]["bytes"] for s in result["end"]["streams"]]
     # Hundreds of MB each way here; a stall moves about one.
