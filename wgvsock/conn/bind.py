@@ -94,7 +94,8 @@ class SharedFile(ABC):
 
     @abstractmethod
     def give_back(self) -> None:
-        """The serving thread stops serving (its connection is gone)."""
+        """The serving thread stops serving (its connection is gone, or one of its sends
+        could not wait)."""
 
 
 # The longest a thread serving a SharedFile waits in poll() between turns: the owner notes

@@ -3,8 +3,9 @@
 Threads, chosen so each blocking call has one owner:
 - the TUN reader (packets from the kernel -> `Engine.encapsulate` -> transport); on a stream
   transport it hands the TUN to the reader of a trusted connection (`_TunShare`) and waits
-  until that connection is gone, so one thread carries both directions: no second thread to
-  wake and no GIL hand-over per packet (bench/README.md, twelfth round);
+  until it comes back (that connection is gone, or a send of its reader could not wait), so
+  one thread carries both directions: no second thread to wake and no GIL hand-over per
+  packet (bench/README.md, twelfth round);
 - the transport's own reader threads (messages -> `Engine.decapsulate` -> TUN or transport);
 - the timer thread (`Engine.update_timers`), which also notices MTU changes and the interface
   being deleted;
@@ -113,7 +114,7 @@ class _TunShare(SharedFile):
     """The TUN as the stream transport's SharedFile: the reader thread of one trusted
     connection serves it (Device._tun_pass) while the device's TUN reader waits, so one
     thread carries both directions of the tunnel. The TUN reader takes over again when that
-    connection is gone."""
+    connection is gone, or while what one of its sends could not send at once is left."""
 
     def __init__(self, device: Device, fd: int) -> None:
         self.device = device
