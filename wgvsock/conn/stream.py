@@ -213,6 +213,8 @@ class _Conn:
             return
         self.closed = True
         self.reason = reason
+        with self.tail_lock:
+            self.tail = []  # nobody sends it now
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -496,7 +498,7 @@ class StreamBind(SocketBind):
         if threading.get_ident() != self._serving:
             return conn.send_iov(bufs)
         sent = conn.send_iov(bufs, wait=False)
-        if conn.tail:
+        if sent and conn.tail:
             self.congested = True
         return sent
 
@@ -542,7 +544,7 @@ class StreamBind(SocketBind):
                 self._misc_log(logging.WARNING, "%s: cannot start dialling %s: %s",
                                self.network, display_endpoint(ep), exc)
         elif conn is not None:
-            conn.send(frame)  # registered while we looked; one try, no requeue
+            self._send_iov(conn, [frame])  # registered while we looked; one try, no requeue
 
     def peer_caps(self, ep: Endpoint) -> tuple[int, int]:
         conn = self._conns.get(ep)
@@ -700,7 +702,9 @@ class StreamBind(SocketBind):
                     poller.register(shared.fd, select.POLLIN)
                 if shared is not None:
                     sock_ready = file_ready = False
-                    for fd, _ in poller.poll(SHARED_POLL_MS):
+                    # (At once when a send of the last turn, or of the frames it received,
+                    # could not wait: the owner's thread is to send the rest now.)
+                    for fd, _ in poller.poll(0 if self.congested else SHARED_POLL_MS):
                         if fd == sock_fd:
                             sock_ready = True
                         else:
@@ -773,7 +777,7 @@ class StreamBind(SocketBind):
                 conn.caps = caps
                 conn.hello_seen = True
                 if first and not conn.outbound and self.hello is not None:
-                    conn.send(encode_frame(self.hello))
+                    self._send_iov(conn, [encode_frame(self.hello)])
                 if conn.trusted:  # else when it becomes trusted (_trust)
                     self._notify_caps()
             else:

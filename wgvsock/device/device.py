@@ -132,10 +132,13 @@ class _TunShare(SharedFile):
         self._survivor = Survivor(f"{device.ifname}: TUN reader (in a connection's reader)")
 
     def take(self) -> bool:
-        if self.taken or self.busy:  # without the lock: asked on every receive meanwhile
+        # Not while the TUN reader is in a pass or has yet to flush what came back with the
+        # TUN: its flush ends by declaring the transport uncongested, which must not hide a
+        # tail that a new server left meanwhile.
+        if self.taken or self.busy or self.returned:  # unlocked: asked on every receive
             return False
         with self._lock:
-            if self.taken or self.busy or self.device._stopped.is_set():
+            if self.taken or self.busy or self.returned or self.device._stopped.is_set():
                 return False
             self.taken = True
             self.back.clear()
@@ -455,8 +458,8 @@ class Device:
                 # Given back: because that connection is gone, or because one of its sends
                 # could not wait (the reader must go on reading its socket), whose rest this
                 # thread sends now, waiting as it may.
-                share.returned = False
                 self.bind.flush()
+                share.returned = False
                 self._tun_passed = monotonic()
                 drained = False
                 continue
