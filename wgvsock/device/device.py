@@ -123,9 +123,8 @@ class _TunShare(SharedFile):
         # The TUN reader is in a pass (its sends wait, holding a connection's send lock): the
         # TUN is not taken then, so a connection's reader never queues behind it for long.
         self.busy = False
-        self.back = threading.Event()
         # Given back since the TUN reader last looked: it then flushes what the connection's
-        # reader could not send at once. The pipe wakes it where it waits in poll().
+        # reader could not send at once. The pipe wakes it, in poll() wherever it waits.
         self.returned = False
         self.nudge_r, self.nudge_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._lock = threading.Lock()
@@ -141,7 +140,6 @@ class _TunShare(SharedFile):
             if self.taken or self.busy or self.returned or self.device._stopped.is_set():
                 return False
             self.taken = True
-            self.back.clear()
             return True
 
     def enter(self) -> bool:
@@ -179,7 +177,6 @@ class _TunShare(SharedFile):
         with self._lock:
             self.taken = False
             self.returned = True
-            self.back.set()
         if self.device._stopped.is_set():  # close() may have closed the pipe
             return
         with contextlib.suppress(OSError):  # full: a nudge is pending anyway
@@ -358,8 +355,6 @@ class Device:
         self._stopped.set()
         if self._wake_w >= 0:
             os.write(self._wake_w, b"x")
-        if self._share is not None:
-            self._share.back.set()  # a TUN reader waiting for the TUN to come back returns
         if self.uapi is not None:
             self.uapi.close()
         self.bind.close()
@@ -444,6 +439,11 @@ class Device:
         poller.register(tun.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         poller.register(share.nudge_r, select.POLLIN)
+        # Where it waits while a connection's reader serves the TUN: for the TUN back, or for
+        # the end.
+        parked = select.poll()
+        parked.register(self._wake_r, select.POLLIN)
+        parked.register(share.nudge_r, select.POLLIN)
         # After a read found the queue empty, the next step is poll(), not another read: an
         # EAGAIN costs a system call and an exception, and this loop would pay two per packet
         # on an idle tunnel.
@@ -452,7 +452,8 @@ class Device:
             if share.taken:
                 # A connection's reader serves the TUN (_TunShare); this thread waits until
                 # it gives the TUN back. It notes no time meanwhile: the server does.
-                share.back.wait()
+                parked.poll()
+                share.take_nudges()
                 continue
             if share.returned:
                 # Given back: because that connection is gone, or because one of its sends
