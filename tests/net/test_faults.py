@@ -19,17 +19,19 @@ from .netlab import RUN_DIR, Lab, connect_pair, ping, wait_for
 pytestmark = [pytest.mark.root]
 
 # argv: what to break ("tun-3": the TUN reader's first three passes raise; "timers": every
-# timer tick raises), then the daemon's own arguments. The fault comes from the clock, which
-# both loops read on every pass: the loops are compiled (mypyc) and cannot be patched, a
-# function they call can. It fires only when the loop itself calls: the nearest Python frame
-# (past threading's) is then the loop's own (pure Python) or the one NamedThread names for it
-# (compiled), not, say, Survivor's, which reads the clock too.
+# timer tick raises; "shared-3" / "shared": the first three / every TUN pass made by a
+# connection's reader serving the TUN raises), then the daemon's own arguments. The first two
+# faults come from the clock, which both loops read on every pass: the loops are compiled
+# (mypyc) and cannot be patched, a function they call can. It fires only when the loop itself
+# calls: the nearest Python frame (past threading's) is then the loop's own (pure Python) or
+# the one NamedThread names for it (compiled), not, say, Survivor's, which reads the clock too.
 _FAULTY_DAEMON = r"""
 import sys
 import threading
 import time
 
 from wgvsock import daemon
+from wgvsock.device import device
 
 fault, args = sys.argv[1], sys.argv[2:]
 real, left = time.monotonic, [3]
@@ -48,6 +50,18 @@ def monotonic():
     return real()
 
 
+# A TUN pass made in a connection's reader (device._TunShare.serve): the device is compiled,
+# but may be subclassed from Python, and the daemon imports it when it starts.
+class FaultyDevice(device.Device):
+    def _tun_pass(self):
+        if fault.startswith("shared") and not threading.current_thread().name.endswith("-tun"):
+            if fault == "shared" or left[0]:
+                left[0] -= 1
+                raise RuntimeError("injected fault in a shared TUN pass")
+        return super()._tun_pass()
+
+
+device.Device = FaultyDevice
 time.monotonic = monotonic
 sys.exit(daemon.main(args))
 """
@@ -91,3 +105,35 @@ def test_a_fault_that_keeps_firing_stops_the_daemon_non_zero(lab: Lab) -> None:
     assert "timers: unexpected error (carrying on)" in text
     assert f"thread {ia}-timers died: RuntimeError: injected timer fault" in text
     assert not (Path(RUN_DIR) / f"{ia}.sock").exists()  # cleaned up on the way out
+
+
+def test_a_fault_in_a_tun_pass_served_by_a_connections_reader_is_survived(lab: Lab) -> None:
+    # On a stream transport the reader of the trusted connection serves the TUN: a fault there
+    # goes through the same survivor rules as one in the TUN reader's own loop.
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    proc, log = _start_faulty(lab, a, ia, "shared-3")
+    lab.start_daemon(b, ib, "unix")
+    connect_pair(lab, a, ia, "127.0.0.1:7602", b, ib, None, a_port=7601, b_port=7602)
+    a.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "10.99.0.2", check=False)
+    ping(a, "10.99.0.2", count=3)
+    assert proc.poll() is None
+    text = log.read_text()
+    assert text.count("TUN reader (in a connection's reader): unexpected error (carrying on)") == 1
+    assert text.count("Traceback") == 1
+    assert "injected fault in a shared TUN pass" in text
+
+
+def test_a_fault_that_keeps_firing_in_a_shared_tun_pass_stops_the_daemon(lab: Lab) -> None:
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    proc, log = _start_faulty(lab, a, ia, "shared")
+    lab.start_daemon(b, ib, "unix")
+    connect_pair(lab, a, ia, "127.0.0.1:7602", b, ib, None, a_port=7601, b_port=7602)
+    # Packets keep the faulty passes coming until the survivor gives up (20 within 10 s).
+    a.popen("ping", "-i", "0.05", "-W", "1", "10.99.0.2")
+    assert proc.wait(15) == 1
+    text = log.read_text()
+    assert "unexpected errors within 10 s; giving up" in text
+    assert "the TUN reader kept failing" in text
+    assert not (Path(RUN_DIR) / f"{ia}.sock").exists()
