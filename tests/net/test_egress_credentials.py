@@ -52,6 +52,7 @@ def serve_credentials(parent: Namespace, internet: Namespace) -> None:
                  f"tcp:[{IMDS6}]:80")
 
 
+@pytest.mark.quiet  # mostly waits out refused probes: runs beside the QEMU guest
 def test_own_deny_list_still_denies_the_credential_endpoints(world) -> None:  # noqa: F811
     enclave, parent, internet = world
     serve_credentials(parent, internet)

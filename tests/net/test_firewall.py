@@ -518,6 +518,7 @@ def world(lab: Lab) -> Iterator[tuple[Namespace, Namespace, Namespace]]:
             firewall.restore_forwarding(prev, parent.name)
 
 
+@pytest.mark.quiet  # mostly waits out refused probes: runs beside the QEMU guest
 @pytest.mark.slow
 def test_real_traffic_through_the_parent(world) -> None:
     enclave, parent, internet = world

@@ -83,6 +83,7 @@ class LogReader:
         self.proc.wait(10)
 
 
+@pytest.mark.quiet  # mostly waits out refused probes: runs beside the QEMU guest
 def test_each_refusal_is_logged_with_its_rule_and_allowed_traffic_is_not(world) -> None:  # noqa: F811
     enclave, parent, internet = world
     start_server(internet, "internet", f"tcp:{INTERNET4}:80", f"tcp:{INTERNET4}:8080",

@@ -114,6 +114,7 @@ def test_wrong_pcr_replayed_nonce_and_key_mismatch_are_refused(world: World,
     assert uapi_get(str(world.parent_uapi()))["extra"].get("wgvsock_attested") == "true"
 
 
+@pytest.mark.quiet  # mostly waits for refusals: runs beside the QEMU guest
 def test_debug_enclave_refused_unless_allowed_and_then_shown_as_debug(world: World,
                                                                       ca_dir: Path) -> None:
     """Issue 12, item 5: all-zero PCRs are refused; with attestation.allow_debug the enclave

@@ -58,6 +58,7 @@ def pin(world: World, *args: str) -> None:
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.quiet  # mostly waits for refusals: runs beside the QEMU guest
 def test_impostor_parent_is_refused_and_the_real_one_accepted(world: World) -> None:
     key = write_parent_key(world)
     pin(world)  # from the profile's own parent.private_key
