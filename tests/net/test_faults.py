@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .netlab import RUN_DIR, Lab, connect_pair, ping, wait_for
+from .netlab import RUN_DIR, Lab, Namespace, connect_pair, ping, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -79,20 +79,33 @@ def _start_faulty(lab: Lab, ns, ifname: str, fault: str) -> tuple[subprocess.Pop
     return proc, log
 
 
-def test_a_passing_fault_in_the_tun_reader_is_survived_and_logged_once(lab: Lab) -> None:
+def _faulty_pair(lab: Lab, fault: str) -> tuple[Namespace, str, subprocess.Popen, Path]:
+    """A faulty daemon (namespace a, interface ia) connected to a plain one (10.99.0.2)."""
     a, b = lab.netns("a"), lab.netns("b")
     ia, ib = lab.ifname("a"), lab.ifname("b")
-    proc, log = _start_faulty(lab, a, ia, "tun-3")
+    proc, log = _start_faulty(lab, a, ia, fault)
     lab.start_daemon(b, ib, "unix")
     connect_pair(lab, a, ia, "127.0.0.1:7602", b, ib, None, a_port=7601, b_port=7602)
+    return a, ia, proc, log
+
+
+@pytest.mark.parametrize(("fault", "where", "injected"), [
+    ("tun-3", "TUN reader", "injected TUN reader fault"),
+    # On a stream transport the reader of the trusted connection serves the TUN: a fault
+    # there goes through the same survivor rules as one in the TUN reader's own loop.
+    ("shared-3", "TUN reader (in a connection's reader)", "injected fault in a shared TUN pass"),
+], ids=["tun-reader", "connection-reader"])
+def test_a_passing_fault_in_the_tun_reader_is_survived_and_logged_once(
+        lab: Lab, fault: str, where: str, injected: str) -> None:
+    a, _, proc, log = _faulty_pair(lab, fault)
     # The first passes hit the fault (the TUN reader used to die on it: no tunnel, ever).
     a.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "10.99.0.2", check=False)
     ping(a, "10.99.0.2", count=3)
     assert proc.poll() is None
     text = log.read_text()
-    assert text.count("TUN reader: unexpected error (carrying on)") == 1
+    assert text.count(f"{where}: unexpected error (carrying on)") == 1
     assert text.count("Traceback") == 1
-    assert "injected TUN reader fault" in text
+    assert injected in text
 
 
 def test_a_fault_that_keeps_firing_stops_the_daemon_non_zero(lab: Lab) -> None:
@@ -107,29 +120,8 @@ def test_a_fault_that_keeps_firing_stops_the_daemon_non_zero(lab: Lab) -> None:
     assert not (Path(RUN_DIR) / f"{ia}.sock").exists()  # cleaned up on the way out
 
 
-def test_a_fault_in_a_tun_pass_served_by_a_connections_reader_is_survived(lab: Lab) -> None:
-    # On a stream transport the reader of the trusted connection serves the TUN: a fault there
-    # goes through the same survivor rules as one in the TUN reader's own loop.
-    a, b = lab.netns("a"), lab.netns("b")
-    ia, ib = lab.ifname("a"), lab.ifname("b")
-    proc, log = _start_faulty(lab, a, ia, "shared-3")
-    lab.start_daemon(b, ib, "unix")
-    connect_pair(lab, a, ia, "127.0.0.1:7602", b, ib, None, a_port=7601, b_port=7602)
-    a.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "10.99.0.2", check=False)
-    ping(a, "10.99.0.2", count=3)
-    assert proc.poll() is None
-    text = log.read_text()
-    assert text.count("TUN reader (in a connection's reader): unexpected error (carrying on)") == 1
-    assert text.count("Traceback") == 1
-    assert "injected fault in a shared TUN pass" in text
-
-
 def test_a_fault_that_keeps_firing_in_a_shared_tun_pass_stops_the_daemon(lab: Lab) -> None:
-    a, b = lab.netns("a"), lab.netns("b")
-    ia, ib = lab.ifname("a"), lab.ifname("b")
-    proc, log = _start_faulty(lab, a, ia, "shared")
-    lab.start_daemon(b, ib, "unix")
-    connect_pair(lab, a, ia, "127.0.0.1:7602", b, ib, None, a_port=7601, b_port=7602)
+    a, ia, proc, log = _faulty_pair(lab, "shared")
     # Packets keep the faulty passes coming until the survivor gives up (20 within 10 s).
     a.popen("ping", "-i", "0.05", "-W", "1", "10.99.0.2")
     assert proc.wait(15) == 1
