@@ -5,11 +5,12 @@ all of them, where pytest runs the real tests as root; each proxy then reports i
 outcome from the guest, with the guest's output when it failed. Inside the guest
 (``rig.in_guest()``) the tests run as they are.
 
-The guest takes minutes of this machine's CPU (TCG), while a few host tests take minutes of
-waiting on timers (the 3-minute soak, a rekey after 120 s, watchdog timeouts): those are
-marked ``quiet``. They run first, and the guest boots in the background beside them, at nice
-19 so they keep the CPU they ask for; the proxies come next and wait for what is left of the
-guest run, and the other tests follow, with the machine to themselves.
+The guest takes minutes of this machine's CPU (TCG), and the host tests leave much of it idle
+(they wait on timers, timeouts and their peers: 30-50 % of the machine on average). So the
+guest boots in the background as the session starts, at nice 19, and the host tests run beside
+it (they keep the CPU they ask for; the guest gets what they leave): first the ``quiet`` ones,
+which mostly wait (the 3-minute soak, a rekey after 120 s, watchdog timeouts, refused probes),
+then the rest; the proxies come last and wait for what is left of the guest run, if anything.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ import pytest
 
 from . import rig
 
-GUEST_TIMEOUT = 900.0  # the whole guest run; each test inside keeps pytest-timeout's limit
+# The whole guest run, and each test in it: beside the host tests it gets only the CPU they
+# leave, at times for minutes.
+GUEST_TIMEOUT = 1800.0
+GUEST_TEST_TIMEOUT = 900
 SLOWDOWN = 4  # command time limits in the guest (tests/net/netlab.py): TCG is 15-65x slower
-BESIDE_NICE = 19  # QEMU's nice value while quiet tests run beside it
+BESIDE_NICE = 19  # QEMU's nice value while host tests run beside it
 
 
 class GuestRunner:
@@ -42,14 +46,14 @@ class GuestRunner:
         self.run: rig.GuestRun | None = None
         self.results: dict[str, dict[str, object]] = {}
         self.error: str | None = None
-        self.quiet: list[str] = []  # the quiet tests, which run first, beside the guest
+        self.beside = 0  # how many host tests run beside the guest
         self._guest: rig.Guest | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopped = False
 
     def start(self, *, beside: bool = False) -> None:
-        """Boots the guest unless it was; BESIDE: at a low priority, beside the quiet tests."""
+        """Boots the guest unless it was; BESIDE: at a low priority, beside host tests."""
         with self._lock:
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(
@@ -88,7 +92,7 @@ class GuestRunner:
             # quickly as the others.
             f"{shlex.quote(python)} -c 'import wgvsock.daemon, wgvsock.roles.cli'\n"
             f"{shlex.quote(python)} -m pytest -p tests.guest.report --guest-report={report} "
-            f"-p no:cacheprovider -o addopts= -q -rA "
+            f"-p no:cacheprovider -o addopts= -o timeout={GUEST_TEST_TIMEOUT} -q -rA "
             + " ".join(shlex.quote(n) for n in self.nodeids)
         )
         try:
@@ -165,15 +169,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                                                       **marker.kwargs))
             proxy.add_marker(pytest.mark.timeout(GUEST_TIMEOUT + 60))
             items[i] = proxy
-    # Quiet tests first (the guest boots beside them), then the proxies, then the rest; each
-    # group in its collected order.
-    quiet = [item for item in items if item.get_closest_marker("quiet")]
-    if quiet:
-        proxies = [item for item in items if isinstance(item, GuestItem)]
-        rest = [item for item in items
-                if not isinstance(item, GuestItem) and not item.get_closest_marker("quiet")]
-        items[:] = quiet + proxies + rest
-        runner.quiet = [item.nodeid for item in quiet]
+    # The host tests beside the guest, the quiet ones first (they leave it the most CPU while it
+    # boots), then the proxies; each group in its collected order.
+    proxies = [item for item in items if isinstance(item, GuestItem)]
+    quiet = [item for item in items
+             if not isinstance(item, GuestItem) and item.get_closest_marker("quiet")]
+    rest = [item for item in items
+            if not isinstance(item, GuestItem) and not item.get_closest_marker("quiet")]
+    items[:] = quiet + rest + proxies
+    runner.beside = len(quiet) + len(rest)
 
 
 _RUNNER = pytest.StashKey[GuestRunner]()
@@ -189,7 +193,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_runtestloop(session: pytest.Session):
     # A session-wide hook: pytest_runtest_setup here would see only tests/guest's own items.
     runner = session.config.stash.get(_RUNNER, None)
-    if runner is not None and runner.quiet and not session.config.option.collectonly:
+    if runner is not None and runner.beside and not session.config.option.collectonly:
         runner.start(beside=True)
     yield
 
@@ -208,9 +212,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.section("QEMU guest")
     terminalreporter.write_line(f"boot to command: {run.boot_seconds:.1f} s; whole guest run: "
                                 f"{run.seconds:.1f} s; exit code {run.returncode}")
-    if runner.quiet:
-        terminalreporter.write_line(f"booted at nice {BESIDE_NICE} beside the quiet tests: "
-                                    f"{', '.join(runner.quiet)}")
+    if runner.beside:
+        terminalreporter.write_line(f"booted at nice {BESIDE_NICE} beside {runner.beside} host "
+                                    "tests")
     for nodeid, result in runner.results.items():
         terminalreporter.write_line(f"  {result['duration']:6.1f} s  {result['outcome']:7}  "
                                     f"{nodeid}")
