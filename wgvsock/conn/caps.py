@@ -20,6 +20,7 @@ inner packet).
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 __all__ = [
     "CAP_PARTIAL_CSUM",
@@ -30,21 +31,21 @@ __all__ = [
     "parse_hello",
 ]
 
-HELLO_MAGIC = b"\xfewgvcaps"
-_HELLO = struct.Struct("<8sII16x")
-HELLO_SIZE = _HELLO.size  # 32
+HELLO_MAGIC: Final = b"\xfewgvcaps"
+_HELLO: Final = struct.Struct("<8sII16x")
+HELLO_SIZE: Final = _HELLO.size  # 32
 
 # "Send me TCP super-packets (inner packets above the MTU, up to the size given): my kernel
 # cuts them into segments where it has to forward them."
-CAP_SUPER = 0x1
+CAP_SUPER: Final = 0x1
 # "A TCP checksum may arrive partial (the field holding the pseudo-header sum, as the kernel
 # leaves it for offload): I have my kernel finish it." Spares the sender a pass over the bytes.
-CAP_PARTIAL_CSUM = 0x2
+CAP_PARTIAL_CSUM: Final = 0x2
 # "Frames of transport messages may carry CRC 0: I do not check their CRC." Every wgvsock
 # receiver trusts the AEAD tag for those (framing.FrameDecoder), which any corruption fails;
 # the sender then spares a CRC pass over each message (16 us per 64 KiB). The Go seed checks
 # every CRC, so it never sends this and always gets them.
-CAP_UNCHECKED_TRANSPORT = 0x4
+CAP_UNCHECKED_TRANSPORT: Final = 0x4
 
 
 def encode_hello(flags: int, max_packet: int) -> bytes:

@@ -13,7 +13,7 @@ import functools
 import logging
 import socket
 import struct
-from typing import Any
+from typing import Any, Final
 
 from .bind import RateLimitedLog, Receiver, SocketBind, log, new_inet_socket, unavailable
 from .endpoint import (
@@ -27,30 +27,30 @@ from .framing import MAX_PAYLOAD
 
 __all__ = ["DGRAM_NETWORKS", "DatagramBind"]
 
-DGRAM_NETWORKS = frozenset({"vsock", "udp", "unix"})
+DGRAM_NETWORKS: Final = frozenset({"vsock", "udp", "unix"})
 
 # wireguard-go asks for 7 MiB too, past net.core.rmem_max/wmem_max with the *FORCE options
 # where it may (CAP_NET_ADMIN, which a daemon that makes TUN devices has); else the kernel caps
 # it at those (212992 bytes by default: about 90 full-size messages, which a burst from a
 # kernel WireGuard peer overflowed while our reader handled a batch).
-SOCKET_BUFFER = 7 << 20
-_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SOCKET_BUFFER: Final = 7 << 20
+_SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
+_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
 # Address caches are per peer, not per packet; the cap only guards against address floods.
-_CACHE_MAX = 4096
+_CACHE_MAX: Final = 4096
 # UDP segmentation and receive offload (<linux/udp.h>): one sendmsg() carries many equal-sized
 # datagrams, and one recvmsg() may return several coalesced ones. Python pays per system call,
 # the kernel per byte, so this is what makes UDP cheap for us.
-_SOL_UDP = 17
-_UDP_SEGMENT = 103
-_UDP_GRO = 104
-_UDP_MAX_SEGMENTS = 64
+_SOL_UDP: Final = 17
+_UDP_SEGMENT: Final = 103
+_UDP_GRO: Final = 104
+_UDP_MAX_SEGMENTS: Final = 64
 # One GSO send must fit an IP packet: 65535 minus the IPv6/UDP headers, rounded down.
-_GSO_MAX_BYTES = 65000
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_GSO_MAX_BYTES: Final = 65000
+_GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 # Most messages taken per wake-up of a reader (what is queued already, never waited for).
-_DRAIN = 64
-_NO_LIMIT = 1 << 16
+_DRAIN: Final = 64
+_NO_LIMIT: Final = 1 << 16
 
 
 def _gro_size(ancdata: list[tuple[int, int, bytes]]) -> int:

@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import socket
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 __all__ = [
     "DEFAULT_UNIX_DIR",
@@ -32,24 +32,24 @@ __all__ = [
     "unix_port_path",
 ]
 
-DEFAULT_UNIX_DIR = "/var/run/wgvsock"
-UNIX_DIR_ENV = "WGVSOCK_UNIX_DIR"
+DEFAULT_UNIX_DIR: Final = "/var/run/wgvsock"
+UNIX_DIR_ENV: Final = "WGVSOCK_UNIX_DIR"
 
-INET_NETWORKS = frozenset({"tcp", "tcp4", "tcp6", "udp"})
-NETWORKS = frozenset({"vsock", "unix"}) | INET_NETWORKS
+INET_NETWORKS: Final = frozenset({"tcp", "tcp4", "tcp6", "udp"})
+NETWORKS: Final = frozenset({"vsock", "unix"}) | INET_NETWORKS
 
-VMADDR_CID_ANY = 0xFFFFFFFF
-VMADDR_PORT_ANY = 0xFFFFFFFF
-_U32_MAX = 0xFFFFFFFF
+VMADDR_CID_ANY: Final = 0xFFFFFFFF
+VMADDR_PORT_ANY: Final = 0xFFFFFFFF
+_U32_MAX: Final = 0xFFFFFFFF
 
 # sun_path is 108 bytes including the terminating NUL.
-_UNIX_PATH_MAX = 107
+_UNIX_PATH_MAX: Final = 107
 
 # The Go release's names for the well-known CIDs (see vsock(7)).
-_VSOCK_NAMED_CIDS = {"hypervisor(0)": 0, "local(1)": 1, "host(2)": 2}
-_VSOCK_VM_RE = re.compile(r"vm\(([0-9]{1,10})\)")
-_DIGITS_RE = re.compile(r"[0-9]{1,10}")
-_PORT_FILE_RE = re.compile(r"([0-9]{1,5})\.(sock|dgram)")
+_VSOCK_NAMED_CIDS: Final = {"hypervisor(0)": 0, "local(1)": 1, "host(2)": 2}
+_VSOCK_VM_RE: Final = re.compile(r"vm\(([0-9]{1,10})\)")
+_DIGITS_RE: Final = re.compile(r"[0-9]{1,10}")
+_PORT_FILE_RE: Final = re.compile(r"([0-9]{1,5})\.(sock|dgram)")
 
 
 # A named tuple, not a dataclass: every message sent looks its connection up by endpoint, and a

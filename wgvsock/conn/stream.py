@@ -33,7 +33,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 from ..threads import Survivor
 from .bind import (
@@ -54,9 +54,11 @@ from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame, fram
 
 __all__ = ["STREAM_NETWORKS", "StreamBind", "redial_backoff"]
 
-STREAM_NETWORKS = frozenset({"vsock", "tcp", "tcp4", "tcp6", "unix"})
-LOCAL_NETWORKS = frozenset({"vsock", "unix"})
+STREAM_NETWORKS: Final = frozenset({"vsock", "tcp", "tcp4", "tcp6", "unix"})
+LOCAL_NETWORKS: Final = frozenset({"vsock", "unix"})
 # (first delay, cap) in seconds between failed dials.
+# Not Final: mypyc (2.4.1) compiles a Final tuple of floats into a check that always
+# fails ("value for final name ... was not set").
 LOCAL_BACKOFF = (0.1, 1.0)
 NETWORK_BACKOFF = (0.5, 30.0)
 
@@ -66,10 +68,10 @@ def redial_backoff(network: str) -> tuple[float, float]:
     return LOCAL_BACKOFF if network in LOCAL_NETWORKS else NETWORK_BACKOFF
 
 # One recv() can carry many frames when the peer is busy; 256 KiB keeps syscalls few.
-RECV_SIZE = 256 * 1024
+RECV_SIZE: Final = 256 * 1024
 # Buffers one sendmsg() takes (Linux: 1024); a batch of more goes in several calls.
-IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
-STABLE_AFTER = 1.0
+IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+STABLE_AFTER: Final = 1.0
 # Inbound connections cost a thread and a receive buffer each: cap them, and close one that
 # stays silent this long before a message on it has authenticated (see Bind.authenticated).
 # When the cap is reached, a newcomer replaces the least recently active unauthenticated
@@ -79,8 +81,8 @@ STABLE_AFTER = 1.0
 MAX_INBOUND = 64
 CHURN_LOG_INTERVAL, CHURN_LOG_BURST = 1.0, 20
 FIRST_FRAME_TIMEOUT = 30.0
-_NO_CAPS = (0, 0)
-_HELLO_BYTE = HELLO_MAGIC[0]
+_NO_CAPS: Final = (0, 0)
+_HELLO_BYTE: Final = HELLO_MAGIC[0]
 
 
 def _unsent(bufs: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 __all__ = ["AllowedIPs", "IPNetwork", "parse_prefix"]
 
@@ -17,11 +17,11 @@ P = TypeVar("P")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Bound once: looking up int.from_bytes on every packet is measurable.
-_from_bytes = int.from_bytes
+_from_bytes: Final = int.from_bytes
 
 # Minimum header sizes: a packet shorter than its fixed header has no trustworthy addresses.
-_V4_HEADER = 20
-_V6_HEADER = 40
+_V4_HEADER: Final = 20
+_V6_HEADER: Final = 40
 
 
 def parse_prefix(prefix: str | IPNetwork) -> IPNetwork:

@@ -13,6 +13,7 @@ import hashlib
 import hmac as _hmac
 import os
 import struct
+from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -44,9 +45,9 @@ __all__ = [
     "xaead_encrypt",
 ]
 
-KEY_LEN = 32
-_ZERO_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_SIGMA = struct.unpack("<4I", b"expand 32-byte k")
+KEY_LEN: Final = 32
+_ZERO_NONCE_PREFIX: Final = b"\x00\x00\x00\x00"
+_SIGMA: Final = struct.unpack("<4I", b"expand 32-byte k")
 
 
 class AEADError(Exception):

@@ -19,7 +19,7 @@ import os
 import random
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 
@@ -59,16 +59,16 @@ from .timers import (
     random_jitter,
 )
 
-SEND = 0
-TUNNEL = 1
-DROP = 2
+SEND: Final = 0
+TUNNEL: Final = 1
+DROP: Final = 2
 
 Action = tuple[int, Any, Any]
 
-_HEADER = struct.Struct("<IIQ")
-_INDEX_PAIR = struct.Struct("<II")
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_KEEPALIVE_RECEIVE_LIMIT = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+_HEADER: Final = struct.Struct("<IIQ")
+_INDEX_PAIR: Final = struct.Struct("<II")
+_NONCE_PREFIX: Final = b"\x00\x00\x00\x00"
+_KEEPALIVE_RECEIVE_LIMIT: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 
 def _roam(peer: Peer, src: Any) -> None:

@@ -2,42 +2,44 @@
 
 from __future__ import annotations
 
-MSG_INITIATION = 1
-MSG_RESPONSE = 2
-MSG_COOKIE_REPLY = 3
-MSG_TRANSPORT = 4
+from typing import Final
 
-INITIATION_SIZE = 148
-RESPONSE_SIZE = 92
-COOKIE_REPLY_SIZE = 64
-TRANSPORT_HEADER_SIZE = 16
-TRANSPORT_MIN_SIZE = 32  # header + Poly1305 tag: a keepalive
-MAX_MESSAGE_SIZE = 65535  # a stream frame's length is a u16
+MSG_INITIATION: Final = 1
+MSG_RESPONSE: Final = 2
+MSG_COOKIE_REPLY: Final = 3
+MSG_TRANSPORT: Final = 4
+
+INITIATION_SIZE: Final = 148
+RESPONSE_SIZE: Final = 92
+COOKIE_REPLY_SIZE: Final = 64
+TRANSPORT_HEADER_SIZE: Final = 16
+TRANSPORT_MIN_SIZE: Final = 32  # header + Poly1305 tag: a keepalive
+MAX_MESSAGE_SIZE: Final = 65535  # a stream frame's length is a u16
 
 # The type is a little-endian u32 whose upper three bytes must be zero; checking all four bytes
 # at once rejects garbage that happens to start with a small number.
-TYPE_INITIATION = MSG_INITIATION.to_bytes(4, "little")
-TYPE_RESPONSE = MSG_RESPONSE.to_bytes(4, "little")
-TYPE_COOKIE_REPLY = MSG_COOKIE_REPLY.to_bytes(4, "little")
-TYPE_TRANSPORT = MSG_TRANSPORT.to_bytes(4, "little")
+TYPE_INITIATION: Final = MSG_INITIATION.to_bytes(4, "little")
+TYPE_RESPONSE: Final = MSG_RESPONSE.to_bytes(4, "little")
+TYPE_COOKIE_REPLY: Final = MSG_COOKIE_REPLY.to_bytes(4, "little")
+TYPE_TRANSPORT: Final = MSG_TRANSPORT.to_bytes(4, "little")
 
-REKEY_AFTER_MESSAGES = 1 << 60
-REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
-REKEY_AFTER_TIME = 120.0
-REJECT_AFTER_TIME = 180.0
-REKEY_ATTEMPT_TIME = 90.0
-REKEY_TIMEOUT = 5.0
-REKEY_TIMEOUT_JITTER_MAX = 0.334
-KEEPALIVE_TIMEOUT = 10.0
-COOKIE_REFRESH_TIME = 120.0
-HANDSHAKE_INITIATION_RATE = 1.0 / 50  # at most one accepted initiation per peer per 20 ms
-MAX_TIMER_HANDSHAKES = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
-ZERO_KEY_MATERIAL_AFTER = REJECT_AFTER_TIME * 3
-MAX_STAGED_PACKETS = 128
-PADDING_MULTIPLE = 16
+REKEY_AFTER_MESSAGES: Final = 1 << 60
+REJECT_AFTER_MESSAGES: Final = (1 << 64) - (1 << 13) - 1
+REKEY_AFTER_TIME: Final = 120.0
+REJECT_AFTER_TIME: Final = 180.0
+REKEY_ATTEMPT_TIME: Final = 90.0
+REKEY_TIMEOUT: Final = 5.0
+REKEY_TIMEOUT_JITTER_MAX: Final = 0.334
+KEEPALIVE_TIMEOUT: Final = 10.0
+COOKIE_REFRESH_TIME: Final = 120.0
+HANDSHAKE_INITIATION_RATE: Final = 1.0 / 50  # at most one accepted initiation per peer per 20 ms
+MAX_TIMER_HANDSHAKES: Final = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
+ZERO_KEY_MATERIAL_AFTER: Final = REJECT_AFTER_TIME * 3
+MAX_STAGED_PACKETS: Final = 128
+PADDING_MULTIPLE: Final = 16
 
-LABEL_MAC1 = b"mac1----"
-LABEL_COOKIE = b"cookie--"
+LABEL_MAC1: Final = b"mac1----"
+LABEL_COOKIE: Final = b"cookie--"
 
 
 def padding_size(packet_size: int, mtu: int) -> int:

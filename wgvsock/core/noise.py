@@ -8,11 +8,13 @@ Failures (bad tag, low-order key) raise `HandshakeError`; callers turn that into
 
 from __future__ import annotations
 
+from typing import Final
+
 from .crypto import AEADError, aead_decrypt, aead_encrypt, dh, hash_, kdf1, kdf2, kdf3, public_key
 
-CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
-IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
-ZERO_PSK = bytes(32)
+CONSTRUCTION: Final = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+IDENTIFIER: Final = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+ZERO_PSK: Final = bytes(32)
 
 
 class HandshakeError(Exception):

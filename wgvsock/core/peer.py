@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from .cookie import CookieGenerator
 from .keypair import Keypairs
@@ -12,11 +12,11 @@ from .messages import MAX_STAGED_PACKETS
 from .timers import Timers
 
 # Handshake states, as in wireguard-go's noise-protocol.go.
-HS_ZEROED = 0
-HS_INITIATION_CREATED = 1
-HS_INITIATION_CONSUMED = 2
-HS_RESPONSE_CREATED = 3
-HS_RESPONSE_CONSUMED = 4
+HS_ZEROED: Final = 0
+HS_INITIATION_CREATED: Final = 1
+HS_INITIATION_CONSUMED: Final = 2
+HS_RESPONSE_CREATED: Final = 3
+HS_RESPONSE_CONSUMED: Final = 4
 
 
 class Handshake:

@@ -11,6 +11,7 @@ Three independent pieces, all driven by a caller-supplied monotonic ``now`` in s
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import Final
 
 __all__ = [
     "GC_INTERVAL",
@@ -24,23 +25,23 @@ __all__ = [
 ]
 
 #: Minimum spacing of initiations consumed from one peer (wireguard-go HandshakeInitationRate).
-HANDSHAKE_INITIATION_RATE = 1.0 / 50
+HANDSHAKE_INITIATION_RATE: Final = 1.0 / 50
 #: Sustained handshake packets per second allowed from one source while under load.
-PACKETS_PER_SECOND = 20
+PACKETS_PER_SECOND: Final = 20
 #: Bucket depth, in packets.
-PACKETS_BURSTABLE = 5
+PACKETS_BURSTABLE: Final = 5
 #: Idle time after which a source's bucket is forgotten, and the spacing of sweeps for them.
-GC_INTERVAL = 1.0
+GC_INTERVAL: Final = 1.0
 #: How long the device stays under load after the handshake queue was last found busy.
-UNDER_LOAD_AFTER_TIME = 1.0
+UNDER_LOAD_AFTER_TIME: Final = 1.0
 
 # Tokens are kept in integer nanoseconds, as wireguard-go does, so that the bucket's exact
 # comparisons (a full bucket holds exactly PACKETS_BURSTABLE packet costs) do not drift with
 # float rounding.
-_NS = 1_000_000_000
-_PACKET_COST = _NS // PACKETS_PER_SECOND
-_MAX_TOKENS = _PACKET_COST * PACKETS_BURSTABLE
-_GC_INTERVAL_NS = round(GC_INTERVAL * _NS)
+_NS: Final = 1_000_000_000
+_PACKET_COST: Final = _NS // PACKETS_PER_SECOND
+_MAX_TOKENS: Final = _PACKET_COST * PACKETS_BURSTABLE
+_GC_INTERVAL_NS: Final = round(GC_INTERVAL * _NS)
 
 
 def _to_ns(now: float) -> int:

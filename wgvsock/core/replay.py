@@ -11,17 +11,19 @@ Only accepted counters are recorded; a rejected one leaves the filter unchanged.
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["RING_SLOTS", "WINDOW", "ReplayFilter"]
 
 #: Ring size in slots, a power of two so that a counter's slot is ``counter & (RING_SLOTS - 1)``.
-RING_SLOTS = 8192
+RING_SLOTS: Final = 8192
 #: How far behind the newest accepted counter a counter may still be accepted. The kernel and
 #: wireguard-go both use 8192 - 64 = 8128, so we do too: peers see the same reordering tolerance.
-WINDOW = 8128
+WINDOW: Final = 8128
 
-_SLOT_MASK = RING_SLOTS - 1
+_SLOT_MASK: Final = RING_SLOTS - 1
 # Source for clearing slot ranges by slice assignment, which runs in C instead of a Python loop.
-_ZEROS = bytes(RING_SLOTS)
+_ZEROS: Final = bytes(RING_SLOTS)
 
 
 class ReplayFilter:

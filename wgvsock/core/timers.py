@@ -8,6 +8,7 @@ this module only keeps time, so it can be tested with a fake clock.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from .messages import (
     KEEPALIVE_TIMEOUT,
@@ -16,13 +17,13 @@ from .messages import (
     ZERO_KEY_MATERIAL_AFTER,
 )
 
-RETRANSMIT_HANDSHAKE = "retransmit_handshake"
-SEND_KEEPALIVE = "send_keepalive"
-NEW_HANDSHAKE = "new_handshake"
-ZERO_KEY_MATERIAL = "zero_key_material"
-PERSISTENT_KEEPALIVE = "persistent_keepalive"
+RETRANSMIT_HANDSHAKE: Final = "retransmit_handshake"
+SEND_KEEPALIVE: Final = "send_keepalive"
+NEW_HANDSHAKE: Final = "new_handshake"
+ZERO_KEY_MATERIAL: Final = "zero_key_material"
+PERSISTENT_KEEPALIVE: Final = "persistent_keepalive"
 
-_ORDER = (
+_ORDER: Final = (
     RETRANSMIT_HANDSHAKE,
     NEW_HANDSHAKE,
     SEND_KEEPALIVE,

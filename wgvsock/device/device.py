@@ -25,7 +25,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -42,31 +42,31 @@ from .uapi import DEFAULT_RUN_DIR, DeviceConfig, DeviceStatus, PeerStatus, UAPIE
 
 log = logging.getLogger("wgvsock.device")
 
-DEFAULT_MTU = 1420
-_TIMER_TICK = 0.05
-_WATCH_EVERY = 0.5
+DEFAULT_MTU: Final = 1420
+_TIMER_TICK: Final = 0.05
+_WATCH_EVERY: Final = 0.5
 # Handshake messages seen within one window count as the "queue" wireguard-go measures: it
 # processes handshakes from a 1024-deep queue and is under load at 1/8 of that.
-_LOAD_WINDOW = 0.1
-_LOAD_CAPACITY = 1024
+_LOAD_WINDOW: Final = 0.1
+_LOAD_CAPACITY: Final = 1024
 # Packets the kernel may queue on the TUN for our reads. Its default, 500, overflowed when one
 # GSO send of the kernel's TCP arrived as 45 MTU-sized packets (offload off) faster than we
 # read them, and TCP took every drop as congestion: 1000-4000 retransmits per 4 s iperf3 run
 # at MTU 1420, none at 1000.
-TUN_QUEUE_LEN = 1000
+TUN_QUEUE_LEN: Final = 1000
 # Most TUN packets, and bytes, taken per wake-up of the TUN reader (what is already queued, no
 # waiting). The byte cap keeps the engine lock short for the receiving thread: a batch of 64
 # super-packets held it for milliseconds and cost a third of the throughput at MTU 65000.
-_READ_BATCH = 64
-_READ_BYTES = 64 * 1024
+_READ_BATCH: Final = 64
+_READ_BYTES: Final = 64 * 1024
 # How long the timer thread may go without finishing a tick, or the TUN reader without coming
 # round its loop, before the device counts as stuck (`stalled`). Either can legitimately block
 # in one send for the stream transport's send timeout (5 s, a peer that stopped reading), so
 # the limit sits above that.
-STALL_LIMIT = 8.0
+STALL_LIMIT: Final = 8.0
 # The TUN reader's longest wait for a packet: it notes the time on each pass, and an idle
 # tunnel must not look like a hung reader.
-_TUN_POLL_MS = 1000
+_TUN_POLL_MS: Final = 1000
 
 
 def _src_key(ep: Endpoint) -> bytes:
@@ -83,10 +83,10 @@ def _limit_key(ep: Endpoint) -> bytes:
     return f"{ep.kind}|{ep.host}".encode()
 
 
-_NO_LINK = {"wgvsock_conn": "none"}
+_NO_LINK: Final = {"wgvsock_conn": "none"}
 # A dialler's own states, reduced to what an operator acts on: "backoff" means connects keep
 # failing, which is worth telling apart from a dial in progress.
-_DIALER_CONN = {
+_DIALER_CONN: Final = {
     "connecting": "dialing",
     "reconnecting": "dialing",
     "backoff": "backoff",

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 from collections.abc import Sequence
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
@@ -23,58 +24,58 @@ __all__ = ["Tun", "TunError", "coalesce_tcp", "complete_checksum", "split_tso"]
 _TUN_PATH = "/dev/net/tun"
 
 # From <linux/if_tun.h> and <linux/sockios.h>.
-_TUNSETIFF = 0x400454CA
-_TUNGETIFF = 0x800454D2
-_IFF_TUN = 0x0001
-_IFF_NO_PI = 0x1000
-_IFF_VNET_HDR = 0x4000
-_TUNSETOFFLOAD = 0x400454D0
-_TUN_F_CSUM = 0x01
-_TUN_F_TSO4 = 0x02
-_TUN_F_TSO6 = 0x04
-_OFFLOAD_ALL = _TUN_F_CSUM | _TUN_F_TSO4 | _TUN_F_TSO6
+_TUNSETIFF: Final = 0x400454CA
+_TUNGETIFF: Final = 0x800454D2
+_IFF_TUN: Final = 0x0001
+_IFF_NO_PI: Final = 0x1000
+_IFF_VNET_HDR: Final = 0x4000
+_TUNSETOFFLOAD: Final = 0x400454D0
+_TUN_F_CSUM: Final = 0x01
+_TUN_F_TSO4: Final = 0x02
+_TUN_F_TSO6: Final = 0x04
+_OFFLOAD_ALL: Final = _TUN_F_CSUM | _TUN_F_TSO4 | _TUN_F_TSO6
 # struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
-VNET_HDR_LEN = 10
-_VNET_F_NEEDS_CSUM = 1
-_GSO_TCPV4 = 1
-_GSO_TCPV6 = 4
-_GSO_ECN = 0x80
-_IPPROTO_TCP = 6
-_TCP_CWR = 0x80
-_TCP_FIN_PSH = 0x09
-_TCP_ACK = 0x10
-_TCP_PSH = 0x08
+VNET_HDR_LEN: Final = 10
+_VNET_F_NEEDS_CSUM: Final = 1
+_GSO_TCPV4: Final = 1
+_GSO_TCPV6: Final = 4
+_GSO_ECN: Final = 0x80
+_IPPROTO_TCP: Final = 6
+_TCP_CWR: Final = 0x80
+_TCP_FIN_PSH: Final = 0x09
+_TCP_ACK: Final = 0x10
+_TCP_PSH: Final = 0x08
 # What we put in front of a packet we write: no GSO, and no claim about its checksum, so the
 # kernel verifies it as it would for any received packet.
-_VNET_PLAIN = bytes(VNET_HDR_LEN)
+_VNET_PLAIN: Final = bytes(VNET_HDR_LEN)
 # Segments per merged run: a merged run is written by one writev() of its headers and each
 # payload, and IOV_MAX is 1024. 64 binds only below 1 KiB a segment (64 KiB at MTU 1420 is 48).
-_MAX_RUN = 64
+_MAX_RUN: Final = 64
 # Inner packets must fit a WireGuard message in one 65535-byte stream frame (16-byte header,
 # up to 15 bytes of padding, 16-byte tag).
-GSO_MAX_SIZE = 65000
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
-_SIOCGIFMTU = 0x8921
-_SIOCSIFMTU = 0x8922
-_SIOCGIFINDEX = 0x8933
-_SIOCGIFTXQLEN = 0x8942
-_SIOCSIFTXQLEN = 0x8943
-_IFF_UP = 0x1
+GSO_MAX_SIZE: Final = 65000
+_SIOCGIFFLAGS: Final = 0x8913
+_SIOCSIFFLAGS: Final = 0x8914
+_SIOCGIFMTU: Final = 0x8921
+_SIOCSIFMTU: Final = 0x8922
+_SIOCGIFINDEX: Final = 0x8933
+_SIOCGIFTXQLEN: Final = 0x8942
+_SIOCSIFTXQLEN: Final = 0x8943
+_IFF_UP: Final = 0x1
 # rtnetlink (<linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>).
-_NLMSGHDR = struct.Struct("=IHHII")
-_IFINFOMSG = struct.Struct("=BxHiII")
-_RTATTR_U32 = struct.Struct("=HHI")
-_RTM_NEWLINK = 16
-_NLMSG_ERROR = 2
-_NLM_F_REQUEST = 0x1
-_NLM_F_ACK = 0x4
-_IFLA_GSO_MAX_SIZE = 41
+_NLMSGHDR: Final = struct.Struct("=IHHII")
+_IFINFOMSG: Final = struct.Struct("=BxHiII")
+_RTATTR_U32: Final = struct.Struct("=HHI")
+_RTM_NEWLINK: Final = 16
+_NLMSG_ERROR: Final = 2
+_NLM_F_REQUEST: Final = 0x1
+_NLM_F_ACK: Final = 0x4
+_IFLA_GSO_MAX_SIZE: Final = 41
 
-_IFNAMSIZ = 16
+_IFNAMSIZ: Final = 16
 # struct ifreq is 40 bytes on Linux: a 16-byte name and a 24-byte union.
-_IFREQ_SHORT = "16sH22x"
-_IFREQ_INT = "16si20x"
+_IFREQ_SHORT: Final = "16sH22x"
+_IFREQ_INT: Final = "16si20x"
 
 
 def _complete_checksum(buf: bytes, header: int, start: int, offset: int) -> bytearray:
