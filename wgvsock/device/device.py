@@ -67,6 +67,8 @@ STALL_LIMIT: Final = 8.0
 # The TUN reader's longest wait for a packet: it notes the time on each pass, and an idle
 # tunnel must not look like a hung reader.
 _TUN_POLL_MS: Final = 1000
+# Bound once: the clock is read for every pass and every receive.
+_monotonic: Final = time.monotonic
 
 
 def _src_key(ep: Endpoint) -> bytes:
@@ -507,16 +509,21 @@ class Device:
         whatever queued meanwhile, never waited for, as one batch (one lock and one send for
         many packets). Raises BlockingIOError when the queue was empty; returns whether the
         last read found it empty."""
-        read, lock, engine, monotonic = self._tun_read, self._lock, self.engine, time.monotonic
+        read, lock, engine = self._tun_read, self._lock, self.engine
         packets = read()
-        with lock:
-            now = self._tun_passed = monotonic()
+        # acquire() and release() rather than `with`: compiled, a with-statement on a lock
+        # looks up and binds __enter__ and __exit__ on every pass.
+        lock.acquire()
+        try:
+            now = self._tun_passed = _monotonic()
             if len(packets) == 1:
                 actions = engine.encapsulate(packets[0], now)
             else:
                 actions = []
                 for packet in packets:
                     actions += engine.encapsulate(packet, now)
+        finally:
+            lock.release()
         if len(actions) == 1:
             self._perform(actions)
         else:
@@ -527,21 +534,24 @@ class Device:
         drained = False
         try:
             while len(batch) < _READ_BATCH and size < _READ_BYTES:
-                more = read()
-                batch += more
-                size += sum(map(len, more))
+                for packet in read():
+                    batch.append(packet)
+                    size += len(packet)
         except BlockingIOError:
             drained = True
         except OSError:
             pass
         if batch:
             actions = []
-            with lock:
+            lock.acquire()
+            try:
                 # (Noted again here: each pass may block in two sends, this batch's and the
                 # first packet's, and only one of them may count against STALL_LIMIT.)
-                now = self._tun_passed = monotonic()
+                now = self._tun_passed = _monotonic()
                 for packet in batch:
                     actions += engine.encapsulate(packet, now)
+            finally:
+                lock.release()
             self._perform_batch(actions)
         return drained
 
@@ -570,7 +580,7 @@ class Device:
         return (complete_checksum(packet, start, offset),)
 
     def _on_receive(self, data: bytes, src: Endpoint) -> None:
-        now = time.monotonic()
+        now = _monotonic()
         if data[:1] in (b"\x01", b"\x02"):
             with self._lock:
                 under_load = self._note_handshake(now)
@@ -590,7 +600,7 @@ class Device:
             for m in messages:
                 self._on_receive(m, src)
             return
-        now = time.monotonic()
+        now = _monotonic()
         actions: list[Action] = []
         with self._lock:
             decapsulate = self.engine.decapsulate

@@ -51,6 +51,14 @@ _VNET_PLAIN: Final = bytes(VNET_HDR_LEN)
 # Segments per merged run: a merged run is written by one writev() of its headers and each
 # payload, and IOV_MAX is 1024. 64 binds only below 1 KiB a segment (64 KiB at MTU 1420 is 48).
 _MAX_RUN: Final = 64
+# Bound once: a module attribute or a format string looked up per packet shows in the
+# instruction count of the data path (bench/instr_bench.py).
+_read: Final = os.read
+_write: Final = os.write
+_writev: Final = os.writev
+_VNET_HEADER: Final = struct.Struct("<BBHHHH")
+_U16_PAIR: Final = struct.Struct("<HH")
+_U16_TRIPLE: Final = struct.Struct("<HHH")
 # Inner packets must fit a WireGuard message in one 65535-byte stream frame (16-byte header,
 # up to 15 bytes of padding, 16-byte tag).
 GSO_MAX_SIZE: Final = 65000
@@ -312,7 +320,7 @@ def _offload_header(
     if length <= mtu and not mss:
         if not partial:
             return None
-        return [struct.pack("<BBHHHH", _VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, 16), packet]
+        return [_VNET_HEADER.pack(_VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, 16), packet]
     thl = (packet[ihl + 12] >> 4) * 4
     mss = mss or mtu - ihl - thl
     if mss <= 0:
@@ -320,7 +328,7 @@ def _offload_header(
     gso_type = _GSO_TCPV4 if packet[0] >> 4 == 4 else _GSO_TCPV6
     if packet[ihl + 13] & _TCP_CWR:
         gso_type |= _GSO_ECN
-    header = struct.pack("<BBHHHH", _VNET_F_NEEDS_CSUM, gso_type, ihl + thl, mss, ihl, 16)
+    header = _VNET_HEADER.pack(_VNET_F_NEEDS_CSUM, gso_type, ihl + thl, mss, ihl, 16)
     if partial:
         return [header, packet]
     # A GSO packet must carry a partial checksum (CHECKSUM_PARTIAL): the kernel completes it
@@ -422,10 +430,10 @@ class Tun:
     def read(self, bufsize: int = 65535) -> bytes | bytearray:
         """One packet (blocking unless set_blocking(False) was called)."""
         if not self.vnet:
-            return os.read(self._fd, bufsize)
-        buf = os.read(self._fd, bufsize + VNET_HDR_LEN)
+            return _read(self._fd, bufsize)
+        buf = _read(self._fd, bufsize + VNET_HDR_LEN)
         if buf[0] & _VNET_F_NEEDS_CSUM:
-            start, offset = struct.unpack_from("<HH", buf, 6)
+            start, offset = _U16_PAIR.unpack_from(buf, 6)
             return _complete_checksum(buf, VNET_HDR_LEN, start, offset)
         return buf[VNET_HDR_LEN:]
 
@@ -435,10 +443,10 @@ class Tun:
         csum_start, or send whole to a peer that takes it); csum_start > 0 when the checksum
         is partial (finish it with complete_checksum, or leave it to a peer that does).
         Only with offload (vnet) on."""
-        buf = os.read(self._fd, bufsize + VNET_HDR_LEN)
+        buf = _read(self._fd, bufsize + VNET_HDR_LEN)
         if not buf[0] & _VNET_F_NEEDS_CSUM:
             return buf[VNET_HDR_LEN:], 0, 0, 0
-        mss, start, offset = struct.unpack_from("<HHH", buf, 4)
+        mss, start, offset = _U16_TRIPLE.unpack_from(buf, 4)
         if buf[1] & ~_GSO_ECN not in (_GSO_TCPV4, _GSO_TCPV6):
             mss = 0
         return buf[VNET_HDR_LEN:], mss, start, offset
@@ -447,23 +455,23 @@ class Tun:
         """Like read(), but a TCP super-packet comes back cut into MTU-sized packets (its
         `gso_size`), for transports whose messages must fit the path MTU."""
         if not self.vnet:
-            return [os.read(self._fd, bufsize)]
-        buf = os.read(self._fd, bufsize + VNET_HDR_LEN)
+            return [_read(self._fd, bufsize)]
+        buf = _read(self._fd, bufsize + VNET_HDR_LEN)
         if buf[1] & ~_GSO_ECN in (_GSO_TCPV4, _GSO_TCPV6):
-            mss, l4 = struct.unpack_from("<HH", buf, 4)
+            mss, l4 = _U16_PAIR.unpack_from(buf, 4)
             return split_tso(memoryview(buf)[VNET_HDR_LEN:], l4, mss)
         if buf[0] & _VNET_F_NEEDS_CSUM:
-            start, offset = struct.unpack_from("<HH", buf, 6)
+            start, offset = _U16_PAIR.unpack_from(buf, 6)
             return [_complete_checksum(buf, VNET_HDR_LEN, start, offset)]
         return [buf[VNET_HDR_LEN:]]
 
     def write(self, packet: bytes | bytearray) -> None:
         if not self.vnet:
-            os.write(self._fd, packet)
+            _write(self._fd, packet)
         elif iov := _offload_header(packet, self.mtu_hint):
-            os.writev(self._fd, iov)
+            _writev(self._fd, iov)
         else:
-            os.writev(self._fd, (_VNET_PLAIN, packet))
+            _writev(self._fd, (_VNET_PLAIN, packet))
 
     def write_batch(self, packets: Sequence[bytes | bytearray]) -> None:
         """Writes packets in order; with offload, runs of one TCP flow go as one GSO write."""
@@ -478,7 +486,7 @@ class Tun:
             iov = _offload_header(head, self.mtu_hint, mss, len(head) + sum(map(len, payloads)))
             assert iov is not None  # coalesce_tcp merges only TCP segments, mss > 0
             iov += payloads
-            os.writev(self._fd, iov)
+            _writev(self._fd, iov)
 
     def set_blocking(self, blocking: bool) -> None:
         os.set_blocking(self._fd, blocking)
