@@ -337,3 +337,56 @@ def test_merged_segments_reach_a_tcp_socket_whole(netns: str) -> None:
             if s is not None:
                 s.close()
         dev.close()
+
+
+def _tcp_csum_errors(ns: str) -> int:
+    """The namespace's TCP InCsumErrors (/proc/net/snmp)."""
+    lines = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    head, values = (line.split()[1:] for line in lines if line.startswith("Tcp:"))
+    return int(values[head.index("InCsumErrors")])
+
+
+@pytest.mark.root
+@needs_root
+def test_partial_checksums_are_looked_for_only_when_the_sender_leaves_them(
+    netns: str,
+) -> None:
+    """A segment whose checksum holds the pseudo-header sum (what a CAP_PARTIAL_CSUM sender
+    leaves) is marked for the kernel to finish by default. With partial_csum=False (a sender
+    that never leaves one) it goes as it is, and the kernel's TCP counts a checksum error;
+    complete segments are delivered either way."""
+    dev = in_netns(netns, lambda: Tun.create("wgtun3", offload=True))
+    listener: socket.socket | None = None
+    conn: socket.socket | None = None
+    try:
+        dev.set_mtu(1420)
+        dev.set_up()
+        _ip("-n", netns, "addr", "add", "10.99.0.1/24", "dev", dev.name)
+        listener = in_netns(netns, lambda: socket.create_server(("10.99.0.1", 5201)))
+        listener.settimeout(5)
+        deadline = time.monotonic() + 10
+        dev.write(_tcp4(1000, 0, 0x02))  # SYN
+        syn_ack = _tcp_from_server(dev, deadline)
+        ack = struct.unpack_from("!I", syn_ack, 24)[0] + 1
+        dev.write(_tcp4(1001, ack, 0x10))
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+
+        dev.write(_tcp4(1001, ack, 0x18, b"complete"), partial_csum=False)
+        assert conn.recv(100) == b"complete"
+
+        partial = bytearray(_tcp4(1009, ack, 0x18, b"partial!"))
+        partial[36:38] = tun_mod._pseudo_sum(partial, 20, len(partial)).to_bytes(2, "big")
+        errors = _tcp_csum_errors(netns)
+        dev.write(partial, partial_csum=False)
+        while _tcp_csum_errors(netns) == errors:
+            assert time.monotonic() < deadline, "the kernel took a segment it should refuse"
+            time.sleep(0.01)
+        dev.write(partial)
+        assert conn.recv(100) == b"partial!"
+    finally:
+        for s in (conn, listener):
+            if s is not None:
+                s.close()
+        dev.close()

@@ -602,15 +602,22 @@ class Device:
             return
         now = _monotonic()
         actions: list[Action] = []
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             decapsulate = self.engine.decapsulate
             for m in messages:
                 actions += decapsulate(m, src, now)
+        finally:
+            lock.release()
         packets = [data for kind, _, data in actions if kind == TUNNEL]
         if len(packets) != len(actions):
             self._perform(a for a in actions if a[0] != TUNNEL)
+        # Only a sender whose hello offered CAP_PARTIAL_CSUM (our daemon, offload on) leaves
+        # TCP checksums partial; the Go seed's packets, or a UDP peer's, need no looking at.
+        partial_csum = bool(self.bind.peer_caps(src)[0] & CAP_PARTIAL_CSUM)
         try:
-            self.tun.write_batch(packets)  # type: ignore[union-attr]
+            self.tun.write_batch(packets, partial_csum)  # type: ignore[union-attr]
         except OSError as e:
             if self._debug:
                 log.debug("%s: TUN write failed: %s", self.ifname, e)

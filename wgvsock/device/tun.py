@@ -465,23 +465,31 @@ class Tun:
             return [_complete_checksum(buf, VNET_HDR_LEN, start, offset)]
         return [buf[VNET_HDR_LEN:]]
 
-    def write(self, packet: bytes | bytearray) -> None:
+    def write(self, packet: bytes | bytearray, partial_csum: bool = True) -> None:
+        """Writes one packet. With offload, a TCP packet whose checksum was left partial is
+        marked for the kernel to finish, and one above the MTU for the kernel to segment.
+        `partial_csum=False` says the sender never leaves a checksum partial (its hello did
+        not offer CAP_PARTIAL_CSUM, or it sent none): a packet that fits the MTU then goes
+        as it is, without the header parsing and pseudo-header sum that finding one takes."""
         if not self.vnet:
             _write(self._fd, packet)
+        elif not partial_csum and len(packet) <= self.mtu_hint:
+            _writev(self._fd, (_VNET_PLAIN, packet))
         elif iov := _offload_header(packet, self.mtu_hint):
             _writev(self._fd, iov)
         else:
             _writev(self._fd, (_VNET_PLAIN, packet))
 
-    def write_batch(self, packets: Sequence[bytes | bytearray]) -> None:
-        """Writes packets in order; with offload, runs of one TCP flow go as one GSO write."""
+    def write_batch(self, packets: Sequence[bytes | bytearray], partial_csum: bool = True) -> None:
+        """Writes packets in order; with offload, runs of one TCP flow go as one GSO write.
+        `partial_csum` as for write()."""
         if not self.vnet or len(packets) < 2:
             for packet in packets:
-                self.write(packet)
+                self.write(packet, partial_csum)
             return
         for head, payloads, mss in coalesce_tcp(packets):
             if not payloads:
-                self.write(head)
+                self.write(head, partial_csum)
                 continue
             iov = _offload_header(head, self.mtu_hint, mss, len(head) + sum(map(len, payloads)))
             assert iov is not None  # coalesce_tcp merges only TCP segments, mss > 0
