@@ -223,9 +223,8 @@ class Engine:
         pad = padding_size(len(packet), self.mtu)
         if pad:
             packet += bytes(pad)
-        msg = _HEADER.pack(4, kp.remote_index, counter) + kp.send.encrypt(
-            _NONCE_PREFIX + counter.to_bytes(8, "little"), packet, None
-        )
+        counter_le = counter.to_bytes(8, "little")
+        msg = kp.header + counter_le + kp.send.encrypt(_NONCE_PREFIX + counter_le, packet, None)
         peer.timers.transport_sent(now, bool(packet))
         if peer.endpoint is None:
             return (DROP, peer, "peer has no endpoint")

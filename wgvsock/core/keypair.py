@@ -15,6 +15,7 @@ class Keypair:
 
     __slots__ = (
         "created",
+        "header",
         "is_initiator",
         "local_index",
         "receive",
@@ -41,6 +42,9 @@ class Keypair:
         self.is_initiator = is_initiator
         self.local_index = local_index
         self.remote_index = remote_index
+        # A transport message's first 8 bytes (type 4, the receiver's index), made once: each
+        # message is these, its counter and the ciphertext.
+        self.header = b"\x04\x00\x00\x00" + remote_index.to_bytes(4, "little")
         self.created = created
 
 
