@@ -129,6 +129,17 @@ def test_coalesce_keeps_what_must_not_merge() -> None:
     assert [len(views) for _, views, _ in coalesce_tcp(many)] == [64, 36]
 
 
+def test_coalesce_leaves_a_tcp_header_shorter_than_20_bytes() -> None:
+    """A data offset below 5 is no TCP header (a peer may send anything it can encrypt): such
+    segments are written as they are, and the batch around them still merges. This used to
+    raise from coalesce_tcp, in the thread that reads from the peer."""
+    segs = [bytes(s) for s in split_tso(_v4(_tcp(0, _ACK, os.urandom(300))), 20, 100)]
+    bad = bytearray(segs[1])
+    bad[32] = 0x20  # data offset 2: 8 bytes
+    batch = [segs[0], bytes(bad), bytes(bad), segs[1], segs[2]]
+    assert [m for _, _, m in coalesce_tcp(batch)] == [0, 0, 0, 100]
+
+
 def _pseudo(seg: bytes, version: int) -> int:
     l4 = 20 if version == 4 else 40
     pseudo = (seg[12:20] + struct.pack("!HH", 6, len(seg) - l4) if version == 4

@@ -167,7 +167,8 @@ def split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list
 
 def _mergeable(p: bytes | bytearray) -> int:
     """The header length (IP and TCP) of a packet coalesce_tcp may merge with others: TCP with
-    a payload, flags ACK and at most PSH, and on IPv4 no options and no fragment. Else 0."""
+    a valid header and a payload, flags ACK and at most PSH, and on IPv4 no options and no
+    fragment. Else 0."""
     version = p[0] >> 4
     if version == 4:
         if p[0] != 0x45 or p[9] != _IPPROTO_TCP or p[6] & 0x3F or p[7]:
@@ -179,24 +180,34 @@ def _mergeable(p: bytes | bytearray) -> int:
         return 0
     if len(p) < l4 + 20 or p[l4 + 13] & ~_TCP_PSH != _TCP_ACK:
         return 0
-    hlen = l4 + (p[l4 + 12] >> 4) * 4
+    offset = p[l4 + 12] >> 4
+    if offset < 5:  # not a TCP header: shorter than its fixed part
+        return 0
+    hlen = l4 + offset * 4
     return hlen if len(p) > hlen else 0
 
 
-def _flow_key(p: bytes | bytearray, hlen: int) -> tuple[bytes, ...]:
-    """The header fields segmentation copies unchanged: all but the lengths, IPv4 ID and
-    checksums, sequence number and PSH (TCP options included). Consecutive segments of one
-    flow have equal keys. One unpack_from(): slicing and comparing field by field cost 16
-    slices a packet, a tenth of the receiving thread at MTU 1420."""
-    t = 20 if p[0] >> 4 == 4 else 40
-    layout = _FLOW_KEYS.get((t, hlen))
-    if layout is None:
-        ip = "2s6x2s2x8s" if t == 20 else "4s2x34s"
-        layout = _FLOW_KEYS[t, hlen] = struct.Struct(f"!{ip}4s4x5sx2s2x{hlen - t - 18}s")
-    return layout.unpack_from(p)
+def _run_mask(l4: int, hlen: int) -> tuple[int, int]:
+    """For comparing the headers (`hlen` bytes, TCP at `l4`) of consecutive segments as one
+    big-endian integer: (mask, shift). The mask keeps every bit segmentation copies unchanged
+    and the sequence number, and clears what it sets per segment: the IP lengths, the IPv4 ID
+    and header checksum, PSH and the TCP checksum. `shift` places a sequence number in that
+    integer. One masked comparison per segment, instead of a tuple of header slices and the
+    sequence number parsed on its own: a third of what the receiving thread spent merging at
+    MTU 1420."""
+    got = _RUN_MASKS.get((l4, hlen))
+    if got is None:
+        mask = bytearray(b"\xff" * hlen)
+        varying = ((2, 6), (10, 12)) if l4 == 20 else ((4, 6),)
+        for a, b in (*varying, (l4 + 16, l4 + 18)):
+            mask[a:b] = bytes(b - a)
+        mask[l4 + 13] = 0xFF & ~_TCP_PSH
+        got = _RUN_MASKS[l4, hlen] = (_from_bytes(mask), 8 * (hlen - l4 - 8))
+    return got
 
 
-_FLOW_KEYS: dict[tuple[int, int], struct.Struct] = {}
+_RUN_MASKS: Final[dict[tuple[int, int], tuple[int, int]]] = {}
+_from_bytes: Final = int.from_bytes
 
 
 def coalesce_tcp(
@@ -228,9 +239,13 @@ def coalesce_tcp(
         l4 = 20 if first[0] >> 4 == 4 else 40
         size = len(first) - hlen
         total = len(first)
-        seq = int.from_bytes(first[l4 + 4 : l4 + 8], "big")
         flags = first[l4 + 13]
-        key = _flow_key(first, hlen)
+        mask, shift = _run_mask(l4, hlen)
+        headers = _from_bytes(first[:hlen])
+        seq = headers >> shift & 0xFFFFFFFF
+        # What every later segment's masked headers must be, but for its sequence number.
+        # (_mergeable(first) vouches for the fields compared: no fragment, flags ACK.)
+        key = headers & mask & ~(0xFFFFFFFF << shift)
         run = [first]
         while not flags & _TCP_PSH and i < n and len(run) < _MAX_RUN:
             q = packets[i]
@@ -239,9 +254,7 @@ def coalesce_tcp(
             if (
                 not 0 < qsize <= size
                 or total + qsize > limit
-                or _mergeable(q) != hlen
-                or int.from_bytes(q[l4 + 4 : l4 + 8], "big") != seq
-                or _flow_key(q, hlen) != key
+                or _from_bytes(q[:hlen]) & mask != key | seq << shift
             ):
                 break
             run.append(q)
