@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 # compile the per-packet modules with mypyc (setup.py).
 APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod \
                 podman debootstrap systemd systemd-container qemu-system-x86 linux-image-amd64 busybox-static cpio \
-                dnsmasq-base gcc python3-dev
+                dnsmasq-base gcc python3-dev valgrind
 APT_MARK := $(VENV)/.apt-done
 
 .PHONY: test demo bench fuzz soak lint apt venv compile clean lock wheelhouse image eif
