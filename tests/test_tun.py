@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -289,13 +290,13 @@ def _tcp_from_server(dev: Tun, deadline: float) -> bytes:
     raise AssertionError("no TCP packet from the kernel within the deadline")
 
 
-@pytest.mark.root
-@needs_root
-def test_merged_segments_reach_a_tcp_socket_whole(netns: str) -> None:
-    """write_batch merges a run of segments into one GSO write (the headers, then a view of
-    each payload, nothing copied together): the kernel's TCP takes it as every byte, in one
-    received packet."""
-    dev = in_netns(netns, lambda: Tun.create("wgtun2", offload=True))
+@contextlib.contextmanager
+def _accepted(netns: str, ifname: str) -> Iterator[tuple[Tun, socket.socket, int, float]]:
+    """A TUN with offload in `netns` (10.99.0.1/24, MTU 1420) and a TCP connection from
+    10.99.0.2:40000 through it, accepted by a listener on 10.99.0.1:5201, the handshake written
+    to the TUN by hand: (the TUN, the accepted socket, the server's next sequence number, a
+    deadline 10 s away). Everything is closed on leaving."""
+    dev = in_netns(netns, lambda: Tun.create(ifname, offload=True))
     listener: socket.socket | None = None
     conn: socket.socket | None = None
     try:
@@ -312,10 +313,23 @@ def test_merged_segments_reach_a_tcp_socket_whole(netns: str) -> None:
         dev.write(_tcp4(1001, server_seq + 1, 0x10))  # ACK
         conn, _ = listener.accept()
         conn.settimeout(5)
+        yield dev, conn, server_seq + 1, deadline
+    finally:
+        for s in (conn, listener):
+            if s is not None:
+                s.close()
+        dev.close()
 
+
+@pytest.mark.root
+@needs_root
+def test_merged_segments_reach_a_tcp_socket_whole(netns: str) -> None:
+    """write_batch merges a run of segments into one GSO write (the headers, then a view of
+    each payload, nothing copied together): the kernel's TCP takes it as every byte, in one
+    received packet."""
+    with _accepted(netns, "wgtun2") as (dev, conn, ack, deadline):
         payload = os.urandom(1380 * 30 + 77)
-        segs = [bytes(s) for s in
-                tun_mod.split_tso(_tcp4(1001, server_seq + 1, 0x18, payload), 20, 1380)]
+        segs = [bytes(s) for s in tun_mod.split_tso(_tcp4(1001, ack, 0x18, payload), 20, 1380)]
         [(_, views, mss)] = tun_mod.coalesce_tcp(segs)
         assert (len(views), mss) == (31, 1380)
         before = _rx_packets(netns, dev.name)
@@ -329,15 +343,9 @@ def test_merged_segments_reach_a_tcp_socket_whole(netns: str) -> None:
         assert _rx_packets(netns, dev.name) - before == 1  # one GSO packet, not 31
         # The kernel acknowledges all of it.
         while True:
-            ack = _tcp_from_server(dev, deadline)
-            if struct.unpack_from("!I", ack, 28)[0] == 1001 + len(payload):
+            reply = _tcp_from_server(dev, deadline)
+            if struct.unpack_from("!I", reply, 28)[0] == 1001 + len(payload):
                 break
-    finally:
-        for s in (conn, listener):
-            if s is not None:
-                s.close()
-        dev.close()
-
 
 def _tcp_csum_errors(ns: str) -> int:
     """The namespace's TCP InCsumErrors (/proc/net/snmp)."""
@@ -356,23 +364,7 @@ def test_partial_checksums_are_looked_for_only_when_the_sender_leaves_them(
     leaves) is marked for the kernel to finish by default. With partial_csum=False (a sender
     that never leaves one) it goes as it is, and the kernel's TCP counts a checksum error;
     complete segments are delivered either way."""
-    dev = in_netns(netns, lambda: Tun.create("wgtun3", offload=True))
-    listener: socket.socket | None = None
-    conn: socket.socket | None = None
-    try:
-        dev.set_mtu(1420)
-        dev.set_up()
-        _ip("-n", netns, "addr", "add", "10.99.0.1/24", "dev", dev.name)
-        listener = in_netns(netns, lambda: socket.create_server(("10.99.0.1", 5201)))
-        listener.settimeout(5)
-        deadline = time.monotonic() + 10
-        dev.write(_tcp4(1000, 0, 0x02))  # SYN
-        syn_ack = _tcp_from_server(dev, deadline)
-        ack = struct.unpack_from("!I", syn_ack, 24)[0] + 1
-        dev.write(_tcp4(1001, ack, 0x10))
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-
+    with _accepted(netns, "wgtun3") as (dev, conn, ack, deadline):
         dev.write(_tcp4(1001, ack, 0x18, b"complete"), partial_csum=False)
         assert conn.recv(100) == b"complete"
 
@@ -385,8 +377,3 @@ def test_partial_checksums_are_looked_for_only_when_the_sender_leaves_them(
             time.sleep(0.01)
         dev.write(partial)
         assert conn.recv(100) == b"partial!"
-    finally:
-        for s in (conn, listener):
-            if s is not None:
-                s.close()
-        dev.close()
