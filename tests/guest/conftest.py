@@ -58,7 +58,8 @@ class GuestRunner:
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(
                     target=self._boot, args=(BESIDE_NICE if beside else 0,),
-                    name="wgvsock-guest", daemon=True)
+                    # Not "wgvsock-...": test_binds counts threads so named as a bind's.
+                    name="guest-runner", daemon=True)
                 self._thread.start()
 
     def result_for(self, nodeid: str) -> dict[str, object] | None:
