@@ -509,21 +509,8 @@ class Device:
         whatever queued meanwhile, never waited for, as one batch (one lock and one send for
         many packets). Raises BlockingIOError when the queue was empty; returns whether the
         last read found it empty."""
-        read, lock, engine = self._tun_read, self._lock, self.engine
-        packets = read()
-        # acquire() and release() rather than `with`: compiled, a with-statement on a lock
-        # looks up and binds __enter__ and __exit__ on every pass.
-        lock.acquire()
-        try:
-            now = self._tun_passed = _monotonic()
-            if len(packets) == 1:
-                actions = engine.encapsulate(packets[0], now)
-            else:
-                actions = []
-                for packet in packets:
-                    actions += engine.encapsulate(packet, now)
-        finally:
-            lock.release()
+        read = self._tun_read
+        actions = self._seal_all(read())
         if len(actions) == 1:
             self._perform(actions)
         else:
@@ -542,18 +529,27 @@ class Device:
         except OSError:
             pass
         if batch:
-            actions = []
-            lock.acquire()
-            try:
-                # (Noted again here: each pass may block in two sends, this batch's and the
-                # first packet's, and only one of them may count against STALL_LIMIT.)
-                now = self._tun_passed = _monotonic()
-                for packet in batch:
-                    actions += engine.encapsulate(packet, now)
-            finally:
-                lock.release()
-            self._perform_batch(actions)
+            # (The pass is noted again here: each pass may block in two sends, this batch's
+            # and the first packet's, and only one of them may count against STALL_LIMIT.)
+            self._perform_batch(self._seal_all(batch))
         return drained
+
+    def _seal_all(self, packets: Sequence[bytes | bytearray]) -> list[Action]:
+        """The engine's actions for packets read from the TUN, under one hold of the lock;
+        notes the pass's time. acquire() and release() rather than `with`: compiled, a
+        with-statement on a lock looks up and binds __enter__ and __exit__ each time."""
+        engine, lock = self.engine, self._lock
+        lock.acquire()
+        try:
+            now = self._tun_passed = _monotonic()
+            if len(packets) == 1:
+                return engine.encapsulate(packets[0], now)
+            actions: list[Action] = []
+            for packet in packets:
+                actions += engine.encapsulate(packet, now)
+            return actions
+        finally:
+            lock.release()
 
     def _read_for_peer(self) -> tuple[bytes | bytearray, ...] | list[bytearray]:
         """A packet from the TUN (with offload, on a stream transport) in the shape the peer

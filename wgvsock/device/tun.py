@@ -166,24 +166,13 @@ def split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list
 
 
 def _mergeable(p: bytes | bytearray) -> int:
-    """The header length (IP and TCP) of a packet coalesce_tcp may merge with others: TCP with
-    a valid header and a payload, flags ACK and at most PSH, and on IPv4 no options and no
-    fragment. Else 0."""
-    version = p[0] >> 4
-    if version == 4:
-        if p[0] != 0x45 or p[9] != _IPPROTO_TCP or p[6] & 0x3F or p[7]:
-            return 0
-        l4 = 20
-    elif version == 6 and p[6] == _IPPROTO_TCP:
-        l4 = 40
-    else:
+    """The header length (IP and TCP) of a packet coalesce_tcp may merge with others: a plain
+    TCP packet (_tcp_offset) with a payload, flags ACK and at most PSH, and on IPv4 no
+    options. Else 0."""
+    l4 = _tcp_offset(p)
+    if not l4 or (l4 != 20 and p[0] >> 4 == 4) or p[l4 + 13] & ~_TCP_PSH != _TCP_ACK:
         return 0
-    if len(p) < l4 + 20 or p[l4 + 13] & ~_TCP_PSH != _TCP_ACK:
-        return 0
-    offset = p[l4 + 12] >> 4
-    if offset < 5:  # not a TCP header: shorter than its fixed part
-        return 0
-    hlen = l4 + offset * 4
+    hlen = l4 + (p[l4 + 12] >> 4) * 4
     return hlen if len(p) > hlen else 0
 
 
