@@ -6,7 +6,7 @@ Run as root: .venv/bin/python bench/instr_bench.py [--peer seed|ours|ours-nooffl
 Throughput and CPU time on a shared 2-core machine scatter by 5-10 % from run to run, more
 than most single changes to the per-packet path gain. An instruction count does not depend on
 what else the machine is doing: this counts, with valgrind's callgrind, the instructions our
-daemon executes per packet, repeatable to about 1 %.
+daemon executes per packet, which repeats within 1-4 % (batching varies a little).
 
 Our daemon runs on side a of two namespaces joined by a veth, in the foreground under
 callgrind; the peer (the Go seed over TCP, or our daemon with or without offload) runs on side
