@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.net.netlab import Lab
+from tests.net.netlab import SLOWDOWN, Lab
 from tests.net.test_roles import WGVSOCK, World
 from wgvsock.services import firewall
 from wgvsock.ui.nslab import wait_for
@@ -46,9 +46,13 @@ def _run(world: World) -> None:
     assert f":{WG_PORT}" in listening and f":{CONTROL_PORT}" in listening, listening
     world.start_enclave(timeout=60)
 
-    # Egress through the parent's NAT, ingress through its DNAT, the deny list.
-    wait_for(world.egress_works, 60, "the enclave to fetch a page through the parent's NAT")
-    wait_for(world.ingress_works, 30, "the internet to reach the enclave through ingress 8443")
+    # Egress through the parent's NAT, ingress through its DNAT, the deny list. The deadlines
+    # scale with the guest's SLOWDOWN, as its commands' do: at nice 19 beside the host tests,
+    # on a busy machine, the first fetch took more than 60 s once.
+    wait_for(world.egress_works, 60 * SLOWDOWN,
+             "the enclave to fetch a page through the parent's NAT")
+    wait_for(world.ingress_works, 30 * SLOWDOWN,
+             "the internet to reach the enclave through ingress 8443")
     assert world.curl(world.enclave, "http://198.51.100.3/", timeout=2) is None
     counters = firewall.read_counters(world.name, netns=world.parent.name)
     assert counters["egress_allowed"].packets > 0
