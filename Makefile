@@ -10,10 +10,11 @@ PY     := $(VENV)/bin/python
 # busybox-static and cpio make the throw-away guest of tests/guest (real vsock, the kernel's WireGuard).
 # dnsmasq-base (the binary, without the system service that the dnsmasq package enables) is the
 # "internet" resolver of tests/net/test_egress_names.py (egress by host name). gcc and python3-dev
-# compile the per-packet modules with mypyc (setup.py).
+# compile the per-packet modules with mypyc (setup.py); libssl-dev has the OpenSSL headers of
+# wgvsock/core/_transport_aead.c.
 APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod \
                 podman debootstrap systemd systemd-container qemu-system-x86 linux-image-amd64 busybox-static cpio \
-                dnsmasq-base gcc python3-dev valgrind
+                dnsmasq-base gcc python3-dev libssl-dev valgrind
 APT_MARK := $(VENV)/.apt-done
 
 .PHONY: test demo bench fuzz soak lint apt venv compile clean lock wheelhouse image eif
@@ -40,7 +41,7 @@ $(VENV)/.venv-done: pyproject.toml
 # extensions and runs everything as pure Python.
 BUILD_KIND := $(if $(filter-out 0,$(WGVSOCK_PURE)),pure,mypyc)
 $(VENV)/.built-$(BUILD_KIND): $(VENV)/.venv-done setup.py build_backend.py \
-                              $(wildcard wgvsock/core/*.py wgvsock/conn/*.py wgvsock/device/*.py)
+                              $(wildcard wgvsock/core/*.py wgvsock/core/*.c wgvsock/conn/*.py wgvsock/device/*.py)
 	rm -f $(VENV)/.built-* wgvsock_native__mypyc.*.so wgvsock/*/*.so
 	$(if $(filter pure,$(BUILD_KIND)),WGVSOCK_PURE=1) $(PY) -m pip install -q --no-deps -e .
 	@touch $@

@@ -17,7 +17,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -45,8 +45,16 @@ def ext_modules() -> list:
     # C file per module (and mypyc's runtime in files of its own), which _ParallelBuildExt
     # compiles at once: 48 s instead of 77 on 2 cores, with no difference in the benchmarks
     # (bench/README.md, thirteenth round).
-    return mypycify(compiled_modules(), opt_level="3", debug_level="0",
-                    group_name="wgvsock_native", multi_file=True)
+    if not Path("/usr/include/openssl/evp.h").exists():
+        sys.exit("wgvsock: no OpenSSL headers to compile wgvsock/core/_transport_aead.c. "
+                 "Install them (Debian: apt install libssl-dev), or build pure Python with "
+                 "WGVSOCK_PURE=1 (slower: bench/README.md).")
+    # The transport messages' AEAD (transport_aead.py says why it is C), on the system's
+    # OpenSSL 3.
+    aead = Extension("wgvsock.core._transport_aead", ["wgvsock/core/_transport_aead.c"],
+                     libraries=["crypto"], extra_compile_args=["-O2"])
+    return [aead, *mypycify(compiled_modules(), opt_level="3", debug_level="0",
+                            group_name="wgvsock_native", multi_file=True)]
 
 
 class _ParallelBuildExt(build_ext):

@@ -1,7 +1,6 @@
 """Two peers talking through the sans-I/O core alone, with a fake clock."""
 
 import itertools
-import struct
 
 from wgvsock.core.engine import DROP, SEND, TUNNEL
 from wgvsock.core.messages import (
@@ -103,9 +102,7 @@ def test_reject_after_180_seconds():
     assert len(p.pb.staged) == 1
     # and a transport message sealed with the old key is no longer accepted
     counter = old_kp.send_nonce
-    msg = struct.pack("<IIQ", 4, old_kp.remote_index, counter) + old_kp.send.encrypt(
-        bytes(4) + counter.to_bytes(8, "little"), b"", None
-    )
+    msg = old_kp.send.seal(old_kp.header, counter, b"", 0)
     out = p.a.decapsulate(msg, "B", p.now)
     assert out[0][0] == DROP and "expired" in out[0][2]
 

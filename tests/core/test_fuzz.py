@@ -76,10 +76,6 @@ def test_transport_with_valid_tag_but_garbage_inside_is_dropped():
     for inner in (b"\x45" + bytes(5), b"\x60" + bytes(10), b"\x10" * 30, truncated):
         counter = kp.send_nonce
         kp.send_nonce += 1
-        from struct import pack
-
-        msg = pack("<IIQ", 4, kp.remote_index, counter) + kp.send.encrypt(
-            bytes(4) + counter.to_bytes(8, "little"), inner, None
-        )
+        msg = kp.send.seal(kp.header, counter, inner, 0)
         out = p.b.decapsulate(msg, "A", p.now)
         assert out[-1][0] == DROP

@@ -21,8 +21,6 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
-from cryptography.exceptions import InvalidTag
-
 from . import noise
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker
@@ -67,7 +65,6 @@ Action = tuple[int, Any, Any]
 
 _HEADER: Final = struct.Struct("<IIQ")
 _INDEX_PAIR: Final = struct.Struct("<II")
-_NONCE_PREFIX: Final = b"\x00\x00\x00\x00"
 _KEEPALIVE_RECEIVE_LIMIT: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 
@@ -220,11 +217,7 @@ class Engine:
     def _seal(self, peer: Peer, kp: Keypair, packet: bytes | bytearray, now: float) -> Action:
         counter = kp.send_nonce
         kp.send_nonce = counter + 1
-        pad = padding_size(len(packet), self.mtu)
-        if pad:
-            packet += bytes(pad)
-        counter_le = counter.to_bytes(8, "little")
-        msg = kp.header + counter_le + kp.send.encrypt(_NONCE_PREFIX + counter_le, packet, None)
+        msg = kp.send.seal(kp.header, counter, packet, padding_size(len(packet), self.mtu))
         peer.timers.transport_sent(now, bool(packet))
         if peer.endpoint is None:
             return (DROP, peer, "peer has no endpoint")
@@ -312,9 +305,8 @@ class Engine:
             return _drop("transport message for an unknown receiver index")
         if now - kp.created >= REJECT_AFTER_TIME or counter >= REJECT_AFTER_MESSAGES:
             return _drop("keypair expired", peer)
-        try:
-            packet = kp.receive.decrypt(_NONCE_PREFIX + data[8:16], data[16:], None)
-        except InvalidTag:
+        packet = kp.receive.open(data)
+        if packet is None:
             return _drop("transport message failed authentication", peer)
         if not kp.replay.check(counter, REJECT_AFTER_MESSAGES):
             return _drop("replayed transport message", peer)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from .replay import ReplayFilter
+from .transport_aead import TransportKey
 
 
 class Keypair:
     """One direction pair of transport keys from one handshake.
 
-    The ChaCha20Poly1305 objects are made once here, not per packet.
+    The transport keys are set up once here, not per packet.
     """
 
     __slots__ = (
@@ -35,8 +34,8 @@ class Keypair:
         remote_index: int,
         created: float,
     ) -> None:
-        self.send = ChaCha20Poly1305(send_key)
-        self.receive = ChaCha20Poly1305(receive_key)
+        self.send = TransportKey(send_key)
+        self.receive = TransportKey(receive_key)
         self.send_nonce = 0
         self.replay = ReplayFilter()
         self.is_initiator = is_initiator
