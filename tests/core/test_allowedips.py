@@ -363,6 +363,9 @@ def test_matches_reference_model(operations: list[tuple], data: st.DataObject) -
             pkt = bytes([0x60]) + bytes(7) + raw + raw
         assert t.lookup_packet_src(pkt) == expected
         assert t.lookup_packet_dst(pkt) == expected
+        # bytes are read by index, other buffers by a slice (allowedips._ipv4_at)
+        assert t.lookup_packet_dst(bytearray(pkt)) == expected
+        assert t.lookup_packet_src(memoryview(pkt)) == expected
 
     for op in operations:
         if op[0] == "insert":
