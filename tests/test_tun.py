@@ -378,3 +378,45 @@ def test_partial_checksums_are_looked_for_only_when_the_sender_leaves_them(
             time.sleep(0.01)
         dev.write(partial)
         assert conn.recv(100) == b"partial!"
+
+
+@pytest.mark.root
+@needs_root
+def test_read_offload_hands_out_whole_packets_small_and_large(netns: str) -> None:
+    """Small packets come out of read_offload as bytes, large ones as a view past the virtio-net
+    header (tun._VIEW_FROM); either way the whole packet, and a partial checksum finishes."""
+    dev = in_netns(netns, lambda: Tun.create("wgtunv", offload=True))
+    sock: socket.socket | None = None
+    try:
+        dev.set_mtu(9000)
+        dev.set_up()
+        _ip("-n", netns, "addr", "add", "10.99.0.1/24", "dev", dev.name)
+        sock = in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        deadline = time.monotonic() + 10
+        starts: list[int] = []
+        cases = ((100, bytes), (tun_mod._VIEW_FROM + 100, memoryview), (8000, memoryview))
+        for size, kind in cases:
+            payload = os.urandom(size)
+            sock.sendto(payload, ("10.99.0.2", 9))
+            while True:
+                assert time.monotonic() < deadline, "no UDP packet out of the TUN"
+                if not select.select([dev], [], [], 0.2)[0]:
+                    continue
+                packet, mss, start, offset = dev.read_offload()
+                if packet[0] >> 4 == 4 and packet[9] == 17:
+                    break
+            assert isinstance(packet, kind), (size, type(packet))
+            assert mss == 0
+            assert len(packet) == struct.unpack_from("!H", packet, 2)[0] == 28 + size
+            assert bytes(packet[16:20]) == socket.inet_aton("10.99.0.2")
+            assert bytes(packet[28:]) == payload
+            starts.append(start)
+            if start:  # the UDP checksum left partial: finished, it verifies
+                done = tun_mod.complete_checksum(packet, start, offset)
+                pseudo = bytes(done[12:20]) + struct.pack("!BBH", 0, 17, 8 + size)
+                assert _checksum(pseudo + bytes(done[20:])) in (0, 0xFFFF)
+        assert all(starts), "the kernel left these UDP checksums to the TUN's reader"
+    finally:
+        if sock is not None:
+            sock.close()
+        dev.close()

@@ -185,14 +185,16 @@ class Engine:
 
     # -- outgoing ------------------------------------------------------------------------
 
-    def encapsulate(self, packet: bytes | bytearray, now: float) -> list[Action]:
+    def encapsulate(self, packet: bytes | bytearray | memoryview, now: float) -> list[Action]:
         """A packet read from the TUN device: route it by allowed IPs and seal it."""
         peer = self.allowed_ips.lookup_packet_dst(packet)
         if peer is None:
             return _drop("no peer has an allowed IP for the destination")
         return self.send_data(peer, packet, now)
 
-    def send_data(self, peer: Peer, packet: bytes | bytearray, now: float) -> list[Action]:
+    def send_data(
+        self, peer: Peer, packet: bytes | bytearray | memoryview, now: float
+    ) -> list[Action]:
         kp = peer.keypairs.current
         if kp is None or now - kp.created >= REJECT_AFTER_TIME or (
             kp.send_nonce >= REJECT_AFTER_MESSAGES
@@ -214,7 +216,9 @@ class Engine:
     def initiate_handshake(self, peer: Peer, now: float) -> list[Action]:
         return self._initiate(peer, now, retry=False)
 
-    def _seal(self, peer: Peer, kp: Keypair, packet: bytes | bytearray, now: float) -> Action:
+    def _seal(
+        self, peer: Peer, kp: Keypair, packet: bytes | bytearray | memoryview, now: float
+    ) -> Action:
         counter = kp.send_nonce
         kp.send_nonce = counter + 1
         msg = kp.send.seal(kp.header, counter, packet, padding_size(len(packet), self.mtu))

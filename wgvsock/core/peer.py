@@ -80,7 +80,7 @@ class Peer:
         self.timers = Timers(jitter)
         self.cookies = CookieGenerator(public_key)
         self.static_static: bytes | None = None
-        self.staged: deque[bytes | bytearray] = deque(maxlen=MAX_STAGED_PACKETS)
+        self.staged: deque[bytes | bytearray | memoryview] = deque(maxlen=MAX_STAGED_PACKETS)
         self.rx_bytes = 0
         self.tx_bytes = 0
         # Times the endpoint moved to another one: on a stream transport, each new connection

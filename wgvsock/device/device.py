@@ -230,7 +230,7 @@ class Device:
         # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
         self._wake_r = self._wake_w = -1
         # How the TUN is read (_tun_reader), and the TUN as the stream transport's SharedFile.
-        self._tun_read: Callable[[], Sequence[bytes | bytearray]] = tuple
+        self._tun_read: Callable[[], Sequence[bytes | bytearray | memoryview]] = tuple
         self._share: _TunShare | None = None
         self._load = LoadTracker()
         self._hs_window_start = 0.0
@@ -420,7 +420,7 @@ class Device:
                 if not survivor.survive(e):
                     raise  # to the thread-death hook, which stops the daemon
 
-    def _tun_reader(self, tun: Tun) -> Callable[[], Sequence[bytes | bytearray]]:
+    def _tun_reader(self, tun: Tun) -> Callable[[], Sequence[bytes | bytearray | memoryview]]:
         """How the TUN is read for this transport. Datagram transports take a TCP
         super-packet as MTU-sized packets; stream transports whole where the peer said it
         takes them."""
@@ -516,7 +516,7 @@ class Device:
         else:
             self._perform_batch(actions)
         # An error other than EAGAIN shows up on the next read.
-        batch: list[bytes | bytearray] = []
+        batch: list[bytes | bytearray | memoryview] = []
         size = 0
         drained = False
         try:
@@ -534,7 +534,7 @@ class Device:
             self._perform_batch(self._seal_all(batch))
         return drained
 
-    def _seal_all(self, packets: Sequence[bytes | bytearray]) -> list[Action]:
+    def _seal_all(self, packets: Sequence[bytes | bytearray | memoryview]) -> list[Action]:
         """The engine's actions for packets read from the TUN, under one hold of the lock;
         notes the pass's time. acquire() and release() rather than `with`: compiled, a
         with-statement on a lock looks up and binds __enter__ and __exit__ each time."""
@@ -551,7 +551,7 @@ class Device:
         finally:
             lock.release()
 
-    def _read_for_peer(self) -> tuple[bytes | bytearray, ...] | list[bytearray]:
+    def _read_for_peer(self) -> tuple[bytes | bytearray | memoryview, ...] | list[bytearray]:
         """A packet from the TUN (with offload, on a stream transport) in the shape the peer
         it is routed to takes: a TCP super-packet whole only if the peer's hello said it takes
         super-packets, else cut into MTU-sized segments (the Go seed, or our daemon with offload
