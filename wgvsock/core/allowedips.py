@@ -21,7 +21,6 @@ _from_bytes: Final = int.from_bytes
 
 # Minimum header sizes: a packet shorter than its fixed header has no trustworthy addresses.
 _V4_HEADER: Final = 20
-
 _V6_HEADER: Final = 40
 
 

@@ -84,7 +84,7 @@ _IFNAMSIZ: Final = 16
 # struct ifreq is 40 bytes on Linux: a 16-byte name and a 24-byte union.
 _IFREQ_SHORT: Final = "16sH22x"
 _IFREQ_INT: Final = "16si20x"
-# Tun.read_offload hands out packets above this size as views, not copies.
+# Tun.read_offload hands out a packet as a view, not a copy, when it read more than this.
 _VIEW_FROM: Final = 2048
 
 
@@ -448,10 +448,11 @@ class Tun:
         csum_start, csum_offset). mss > 0 for a TCP super-packet (to cut with split_tso at
         csum_start, or send whole to a peer that takes it); csum_start > 0 when the checksum
         is partial (finish it with complete_checksum, or leave it to a peer that does).
-        Only with offload (vnet) on. A packet above _VIEW_FROM bytes is a view past the
-        virtio-net header of what was read, a smaller one a copy: copying 8920 bytes took 8.5k
-        instructions, but below about 2 KiB the view costs more further on (bytes are indexed
-        and sized in C by compiled code, a view through calls) than the copy saves."""
+        Only with offload (vnet) on. When the read (header included) was above _VIEW_FROM
+        bytes the packet is a view past the virtio-net header, else a copy: copying 8920
+        bytes took 8.5k instructions, but below about 2 KiB the view costs more further on
+        (bytes are indexed and sized in C by compiled code, a view through calls) than the
+        copy saves."""
         buf = _read(self._fd, bufsize + VNET_HDR_LEN)
         packet = memoryview(buf)[VNET_HDR_LEN:] if len(buf) > _VIEW_FROM else buf[VNET_HDR_LEN:]
         if not buf[0] & _VNET_F_NEEDS_CSUM:
