@@ -120,8 +120,10 @@ def measure(lab: Lab, args: argparse.Namespace, seed: Path | None, base: str | N
             extra = tb.OFFLOAD_OFF if args.peer == "ours-nooffload" else {}
             peer_pid = lab.start_ours(b, if_b, "tcp", **extra)
         ka, kb = Keys(), Keys()
+        # Under valgrind the daemon answers its first request slowly (a busy machine once
+        # took more than the usual 2 s).
         lab.configure(if_a, ka, kb, "10.202.0.2/32", listen_port=51100,
-                      endpoint=f"{tb.VETH_B}:51101")
+                      endpoint=f"{tb.VETH_B}:51101", timeout=60)
         lab.configure(if_b, kb, ka, "10.202.0.1/32", listen_port=51101)
         lab.address(a, if_a, "10.202.0.1/24", args.mtu)
         lab.address(b, if_b, "10.202.0.2/24", args.mtu)

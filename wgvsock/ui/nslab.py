@@ -341,8 +341,9 @@ class Lab:
 
     def configure(self, ifname: str, keys: Keys, peer: Keys, peer_ip: str, *,
                   listen_port: int | None = None, endpoint: str | None = None,
-                  keepalive: int | None = None) -> None:
-        """Keys, port and one peer through the UAPI — the same request `wg set` would make."""
+                  keepalive: int | None = None, timeout: float = 2.0) -> None:
+        """Keys, port and one peer through the UAPI — the same request `wg set` would make.
+        `timeout` for the reply: longer for a daemon under valgrind."""
         cfg = DeviceConfig(
             private_key=keys.private,
             listen_port=listen_port,
@@ -355,7 +356,7 @@ class Lab:
                 allowed_ips=[(ip_network(peer_ip), True)],
             )],
         )
-        err = uapi_set(f"{RUN_DIR}/{ifname}.sock", format_set(cfg))
+        err = uapi_set(f"{RUN_DIR}/{ifname}.sock", format_set(cfg), timeout)
         if err != 0:
             raise LabError(f"configuring {ifname} through the UAPI failed: errno={err}")
 
