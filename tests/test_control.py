@@ -440,6 +440,35 @@ def test_one_peer_cannot_hold_more_than_its_share(tmp_path):
         srv.close()
 
 
+def test_an_answered_exchange_no_longer_counts_against_its_peer(tmp_path, monkeypatch):
+    """An enclave that has its answer and dials again at once is heard, however slowly the
+    parent's thread for the answered connection winds down (a CI run once refused the
+    retry for "2 registrations in progress")."""
+    path = str(tmp_path / "control.sock")
+    release = threading.Event()
+    sent = control._send
+
+    def send_then_linger(conn, msg):
+        sent(conn, msg)
+        if msg["type"] in ("refused", "welcome"):
+            release.wait(10)  # this connection's thread is slow from here on
+
+    monkeypatch.setattr(control, "_send", send_then_linger)
+    srv, rec = make_server(path, timeout=5.0, max_per_peer=2)
+    try:
+        rec.accept = False
+        for _ in range(4):
+            with dial(path) as s, pytest.raises(ControlError, match="refused"):
+                register(s, b"E" * 32)
+        rec.accept = True
+        with dial(path) as s:
+            assert register(s, b"E" * 32).wg_port == 51820
+        assert srv.refused_connections == 0
+    finally:
+        release.set()
+        srv.close()
+
+
 def test_concurrent_registrations_are_serialised(tmp_path):
     """Issue 12.7: eight enclaves register at once. Installs never overlap, and the key the
     device ends up with, the key recorded and the connection the parent keeps all agree."""

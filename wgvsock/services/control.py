@@ -304,10 +304,7 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            registered = self._exchange(conn)
-            with self._lock:
-                self._pending.pop(conn, None)
-            if registered:
+            if self._exchange(conn):
                 self._hold(conn)
         except ControlError as e:
             log.warning("control: %s", e)
@@ -350,6 +347,7 @@ class ControlServer:
             # Built from the enclave's own document (certificate subjects, field values).
             reason = prose(verdict.reason, 500)
             self._verdict_log(logging.WARNING, "control: refused an enclave: %s", reason)
+            self._settled(conn)
             _send(conn, {"type": "refused", "reason": reason})
             return False
         with self._install_lock:
@@ -363,10 +361,17 @@ class ControlServer:
             # The enclave was replaced (restart): its old control connection has no meaning.
             with contextlib.suppress(OSError):
                 previous.shutdown(socket.SHUT_RDWR)
+        self._settled(conn)
         _send(conn, {"type": "welcome", "public_key": _text(self.public_key),
                      "wg_port": self.wg_port, "attested": verdict.attested})
         log.info("control: enclave registered (attested: %s)", verdict.attested)
         return True
+
+    def _settled(self, conn: socket.socket) -> None:
+        # Before the answer is sent: an enclave that has its answer and dials again at once
+        # must not find its finished exchange still counted against it.
+        with self._lock:
+            self._pending.pop(conn, None)
 
     def _hold(self, conn: socket.socket) -> None:
         hold_connection(conn, self._stop)
