@@ -124,6 +124,10 @@ def test_coalesce_keeps_what_must_not_merge() -> None:
     tail = [bytes(s) for s in split_tso(_v4(_tcp(0, _ACK | _PSH, os.urandom(250))), 20, mss)]
     assert [m for _, _, m in coalesce_tcp(tail + tail)] == [mss, mss]
     assert [m for _, _, m in coalesce_tcp(segs[:3], limit=2 * (40 + mss))] == [mss, 0]
+    pushed = bytearray(segs[0])
+    pushed[33] |= _PSH  # PSH on a run's first segment: it stays alone, the next ones merge
+    assert [m for _, _, m in coalesce_tcp([bytes(pushed), *segs[1:3]])] == [0, mss]
+    assert [m for _, _, m in coalesce_tcp(segs[:1])] == [0]  # a segment alone in its batch
     # So does the 64th segment: a merged run is one writev(), and IOV_MAX is 1024.
     many = [bytes(s) for s in split_tso(_v4(_tcp(0, _ACK, os.urandom(10 * 100))), 20, 10)]
     assert [len(views) for _, views, _ in coalesce_tcp(many)] == [64, 36]

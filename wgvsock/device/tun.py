@@ -226,10 +226,12 @@ def coalesce_tcp(
         first = packets[i]
         hlen = _mergeable(first)
         i += 1
-        if not hlen:
+        l4 = 20 if hlen and first[0] >> 4 == 4 else 40
+        # (A packet alone, or ending its run, is the common case outside bulk transfers:
+        # it is not worth the headers as an integer.)
+        if not hlen or i >= n or first[l4 + 13] & _TCP_PSH:
             out.append((first, [], 0))
             continue
-        l4 = 20 if first[0] >> 4 == 4 else 40
         size = len(first) - hlen
         total = len(first)
         flags = first[l4 + 13]
