@@ -507,11 +507,10 @@ class Device:
 
     def _tun_pass(self) -> bool:
         """Reads what the TUN holds and sends it on: the packet at the head of the queue at
-        once (asking the kernel first whether more is queued would put a system call, and
-        when nothing is an exception, in front of every packet of a ping or a request), then
-        whatever queued meanwhile, never waited for, as one batch (one lock and one send for
-        many packets). Raises BlockingIOError when the queue was empty; returns whether it is
-        empty now."""
+        once (asking the kernel first whether more is queued would put a system call in front
+        of every packet of a ping or a request), then, if poll() says more queued meanwhile,
+        that, never waited for, as one batch (one lock and one send for many packets). Raises
+        BlockingIOError when the queue was empty; returns whether it is empty now."""
         read = self._tun_read
         actions = self._seal_all(read())
         if len(actions) == 1:
