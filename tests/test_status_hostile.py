@@ -76,7 +76,40 @@ def test_a_reply_dripped_a_byte_at_a_time_is_cut_off_at_the_timeout(tmp_path: Pa
         took = time.monotonic() - started
     assert took < 2.5, took
     words = st._describe_error(TimeoutError(), str(path))
-    assert words == f"no answer: {path} did not reply within 2 s (daemon hung?)"
+    assert words == (f"no answer: {path} did not reply within 2 s (daemon hung? --timeout "
+                     "waits longer)")
+
+
+def test_timeout_sets_how_long_each_daemon_may_take(tmp_path: Path) -> None:
+    """--timeout: a slow machine (or a daemon busy for a while) is given longer, and the error
+    names the time that was waited."""
+    def slow(conn: socket.socket, done: threading.Event) -> None:
+        if not done.wait(1.0):  # answers after 1 s: past 0.3 s, within 5 s
+            conn.sendall(_reply("listen_port=7"))
+
+    sock = tmp_path / "wgslow.sock"
+    with raw_uapi(sock, slow):
+        cut = subprocess.run([sys.executable, "-m", "wgvsock.ui.status", "--once", "--json",
+                              "--run-dir", str(tmp_path), "--timeout", "0.3"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert cut.returncode == 1, cut.stderr
+    assert "did not reply within 0.3 s" in cut.stdout, cut.stdout
+    sock.unlink()
+    with raw_uapi(sock, slow):
+        waited = subprocess.run([sys.executable, "-m", "wgvsock.ui.status", "--once", "--json",
+                                 "--run-dir", str(tmp_path), "--timeout", "5"],
+                                capture_output=True, text=True, timeout=60, check=False)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert '"listen_port": 7' in waited.stdout, waited.stdout
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "3601", "soon"])
+def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_refused(value: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "wgvsock.ui.status", "--once",
+                          f"--timeout={value}"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2
+    assert "--timeout" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 def test_a_reply_larger_than_the_limit_is_refused(tmp_path: Path) -> None:

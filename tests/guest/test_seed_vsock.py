@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.net.netlab import Lab, Namespace, connect_pair, ping
+from tests.net.netlab import SLOWDOWN, Lab, Namespace, connect_pair, ping
 from tests.net.test_roles import WGVSOCK
 
 from .traffic import copy_through, wait_counters_agree
@@ -43,7 +43,10 @@ def _uapi_counters(lab: Lab) -> Callable[[Namespace, str], tuple[int, int]]:
 
 
 def _status(lab: Lab, ns: Namespace, ifname: str) -> dict:
-    res = ns.run(WGVSOCK, "status", "--once", "--json", ifname, env=lab.env(), timeout=60)
+    # --timeout: see STATUS_WAIT in test_vsock_roles.py.
+    res = ns.run(WGVSOCK, "status", "--once", "--json", "--timeout", f"{15 * SLOWDOWN:g}",
+                 ifname, env=lab.env(), timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
     (iface,) = json.loads(res.stdout)["interfaces"]
     return iface
 

@@ -25,6 +25,9 @@ VSOCK_TRANSPORT = f"""\
   port: {WG_PORT}
   control_port: {CONTROL_PORT}
   parent_cid: 1"""
+# A daemon's UAPI reply within 2 s is no given here: the guest (TCG, at nice 19 beside the host
+# tests) was once starved for longer than that, and `status --once` then reported "no answer".
+STATUS_WAIT = ("--timeout", f"{15 * SLOWDOWN:g}")
 
 
 def _vsock_listeners(world: World) -> str:
@@ -63,8 +66,9 @@ def _run(world: World) -> None:
 
     # `wgvsock status` on each side names the vsock endpoint and its CID.
     for side, ns in (("enclave", world.enclave), ("parent", world.parent)):
-        res = ns.run(WGVSOCK, "status", "--once", "--json", env=world.env_for(side),
-                     timeout=60)
+        res = ns.run(WGVSOCK, "status", "--once", "--json", *STATUS_WAIT,
+                     env=world.env_for(side), timeout=60, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
         snap = json.loads(res.stdout)
         (iface,) = snap["interfaces"]
         assert iface["network"] == "vsock", iface
@@ -74,8 +78,8 @@ def _run(world: World) -> None:
         assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0
         if side == "enclave":  # the parent's own port, which the enclave dialled
             assert peer["endpoint"] == f"vsock://1:{WG_PORT}", peer
-    text = world.parent.run(WGVSOCK, "status", "--once", env=world.env_for("parent"),
-                            timeout=60).stdout
+    text = world.parent.run(WGVSOCK, "status", "--once", *STATUS_WAIT,
+                            env=world.env_for("parent"), timeout=60).stdout
     assert "CID 1" in text, text
 
     # `parent down` leaves nothing behind: no interface, table, sockets, state, listeners.
@@ -100,7 +104,8 @@ def test_control_port_refuses_a_cid_other_than_the_named_enclave(lab: Lab) -> No
         log = (world.lab.tmp / "enclave.log").read_text()
         assert "could not register" in log or "no answer" in log, log
         state = json.loads(world.parent.run(WGVSOCK, "status", "--once", "--json",
-                                            env=world.env_for("parent"), timeout=60).stdout)
+                                            *STATUS_WAIT, env=world.env_for("parent"),
+                                            timeout=60).stdout)
         assert state["interfaces"][0]["peers"] == [], state  # nothing installed
         # The parent keeps serving: its control port still listens. (The admitted path is the
         # test above; a matching CID cannot be had here, CID 1 is no enclave CID.)

@@ -69,6 +69,7 @@ ENV_RUN_DIR = "WGVSOCK_RUN_DIR"  # the daemon's variable, so both agree on where
 DEFAULT_INTERVAL = 1.0
 MAX_INTERVAL = 86400.0
 FETCH_TIMEOUT = 2.0
+MAX_TIMEOUT = 3600.0
 # The largest `get` reply read (a daemon with tens of thousands of peers stays under it): the
 # dashboard must not take a misbehaving socket's gigabytes into memory.
 REPLY_LIMIT = 16 << 20
@@ -298,12 +299,12 @@ class Snapshot:
         }
 
 
-def _describe_error(exc: BaseException, path: str) -> str:
+def _describe_error(exc: BaseException, path: str, timeout: float = FETCH_TIMEOUT) -> str:
     """One line an operator can act on (escaped: a reply's words may be in it)."""
-    return prose(_error_words(exc, path), 500)
+    return prose(_error_words(exc, path, timeout), 500)
 
 
-def _error_words(exc: BaseException, path: str) -> str:
+def _error_words(exc: BaseException, path: str, timeout: float) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"no such interface: {path} does not exist"
     if isinstance(exc, PermissionError):
@@ -311,7 +312,8 @@ def _error_words(exc: BaseException, path: str) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return f"stale socket: connection refused on {path} (no daemon is serving it)"
     if isinstance(exc, TimeoutError):
-        return f"no answer: {path} did not reply within {FETCH_TIMEOUT:g} s (daemon hung?)"
+        return (f"no answer: {path} did not reply within {timeout:g} s (daemon hung? "
+                "--timeout waits longer)")
     if isinstance(exc, UAPIError):
         return f"UAPI error: {path}: {exc}"
     if isinstance(exc, OSError):
@@ -510,9 +512,8 @@ class Collector:
         seen: dict[tuple[str, str], tuple[float, int, int]] = {}
         for name, path, dev, taken in results:
             if isinstance(dev, BaseException):
-                snap.interfaces.append(
-                    InterfaceView(name=name, socket=path, error=_describe_error(dev, path))
-                )
+                snap.interfaces.append(InterfaceView(
+                    name=name, socket=path, error=_describe_error(dev, path, self._timeout)))
                 continue
             try:
                 iface = interface_view(name, path, dev, snap.time)
@@ -911,6 +912,7 @@ def live(
     console: Console | None = None,
     stdin: TextIO | None = None,
     duration: float | None = None,
+    timeout: float = FETCH_TIMEOUT,
 ) -> int:
     """The full-screen live view until `q`, Ctrl-C, SIGTERM or `duration` seconds. Usable from
     other code (the demo) as well as from `main`."""
@@ -919,7 +921,7 @@ def live(
         # size; the live view must follow the terminal itself.
         env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
         console = Console(_environ=env)
-    collector = Collector(names, run_dir)
+    collector = Collector(names, run_dir, timeout=timeout)
 
     dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · q quits")
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -976,6 +978,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=seconds(MAX_INTERVAL, "a day"), default=DEFAULT_INTERVAL,
                    metavar="S",
                    help="seconds between refreshes (default: %(default)s)")
+    p.add_argument("--timeout", type=seconds(MAX_TIMEOUT, "an hour"), default=FETCH_TIMEOUT,
+                   metavar="S",
+                   help="seconds to wait for each daemon's reply before showing it as not "
+                   "answering (default: %(default)s)")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
     p.add_argument("--json", action="store_true",
                    help="print JSON (with --once: one document; else one line per interval)")
@@ -991,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         if not name or "/" in name or name in (".", ".."):
             print(f"wgvsock status: invalid interface name {name!r}", file=sys.stderr)
             return 2
-    collector = Collector(args.ifnames, args.run_dir)
+    collector = Collector(args.ifnames, args.run_dir, timeout=args.timeout)
     console = Console()
     if args.once:
         snap = collector.sample()
@@ -1002,7 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if any(i.error for i in snap.interfaces) else 0
     if args.json or not console.is_terminal:
         return _stream(collector, args.interval, args.json, console)
-    return live(args.ifnames, interval=args.interval, run_dir=args.run_dir)
+    return live(args.ifnames, interval=args.interval, run_dir=args.run_dir,
+                timeout=args.timeout)
 
 
 if __name__ == "__main__":
