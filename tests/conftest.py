@@ -11,6 +11,8 @@ import pytest
 
 from wgvsock.ui.nslab import seed_binary
 
+pytest_plugins = ["tests.apart"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WGVSOCK_SHARED") or ROOT.parent / "shared")
 

@@ -9,7 +9,7 @@ The guest takes minutes of this machine's CPU (TCG), and the host tests leave mu
 (they wait on timers, timeouts and their peers: 30-50 % of the machine on average). So the
 guest boots in the background as the session starts, at nice 19, and the host tests run beside
 it (they keep the CPU they ask for; the guest gets what they leave): first the ``quiet`` ones,
-which mostly wait (the 3-minute soak, a rekey after 120 s, watchdog timeouts, refused probes),
+which mostly wait (watchdog timeouts, freezes, refused probes),
 then the rest; the proxies come last and wait for what is left of the guest run, if anything.
 """
 
@@ -27,6 +27,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from tests.report import RemoteFailure, ResultItem
 
 from . import rig
 
@@ -92,7 +94,7 @@ class GuestRunner:
             # Reads the daemon's modules over 9p once, so the first test's daemon starts as
             # quickly as the others.
             f"{shlex.quote(python)} -c 'import wgvsock.daemon, wgvsock.roles.cli'\n"
-            f"{shlex.quote(python)} -m pytest -p tests.guest.report --guest-report={report} "
+            f"{shlex.quote(python)} -m pytest -p tests.report --report-json={report} "
             f"-p no:cacheprovider -o addopts= -o timeout={GUEST_TEST_TIMEOUT} -q -rA "
             + " ".join(shlex.quote(n) for n in self.nodeids)
         )
@@ -116,42 +118,34 @@ class GuestRunner:
             shutil.rmtree(share, ignore_errors=True)
 
 
-class GuestFailure(Exception):
-    pass
-
-
-class GuestItem(pytest.Item):
+class GuestItem(ResultItem):
     """Stands for one guest test on this machine."""
 
-    def __init__(self, *, runner: GuestRunner, real_nodeid: str, **kw) -> None:
+    where = "in the QEMU guest"
+
+    def __init__(self, *, runner: GuestRunner, **kw) -> None:
         super().__init__(**kw)
         self.runner = runner
-        self.real_nodeid = real_nodeid
 
-    def runtest(self) -> None:
+    def entry(self) -> dict[str, object]:
         result = self.runner.result_for(self.real_nodeid)
         if self.runner.error is not None:
-            raise GuestFailure(f"no guest run: {self.runner.error}")
+            raise RemoteFailure(f"no guest run: {self.runner.error}")
         run = self.runner.run
         assert run is not None
         if result is None:
-            raise GuestFailure("no result from the guest for this test\n" + run.explain())
-        if result["outcome"] == "skipped":
-            pytest.skip(f"in the guest: {result['text']}")
-        if result["outcome"] == "failed":
-            raise GuestFailure(f"failed in the guest:\n{result['text']}\n"
-                               f"--- guest console (tail) ---\n"
-                               + "\n".join(run.console.splitlines()[-40:]))
+            raise RemoteFailure("no result from the guest for this test\n" + run.explain())
+        return result
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
-        if isinstance(excinfo.value, GuestFailure):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo)
-
-    def reportinfo(self) -> tuple[str, int, str]:
-        return self.path, 0, f"{self.name} [in the QEMU guest]"
+    def context(self) -> str:
+        assert self.runner.run is not None
+        return ("\n--- guest console (tail) ---\n"
+                + "\n".join(self.runner.run.console.splitlines()[-40:]))
 
 
+# After -m, -k and --deselect have chosen (they run as ordinary hooks): a guest that no
+# chosen test needs is not booted.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if rig.in_guest() or os.geteuid() != 0:
         return  # in the guest the tests run as they are; without root they are skipped
@@ -162,12 +156,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config.stash[_RUNNER] = runner
     for i, item in enumerate(items):
         if item.get_closest_marker("guest"):
-            proxy = GuestItem.from_parent(item.parent, name=item.name, runner=runner,
-                                          real_nodeid=item.nodeid)
-            for marker in item.iter_markers():
-                if marker.name not in ("timeout", "parametrize"):
-                    proxy.add_marker(getattr(pytest.mark, marker.name)(*marker.args,
-                                                                      **marker.kwargs))
+            proxy = GuestItem.standing_for(item, runner=runner)
             proxy.add_marker(pytest.mark.timeout(GUEST_TIMEOUT + 60))
             items[i] = proxy
     # The host tests beside the guest, the quiet ones first (they leave it the most CPU while it

@@ -221,7 +221,7 @@ _PING_REPLY = re.compile(r"icmp_seq=(\d+) ttl=")
 
 
 @pytest.mark.slow
-@pytest.mark.quiet
+@pytest.mark.apart
 def test_rekey_after_120_seconds(lab: Lab) -> None:
     """Two tunnels at once, one where our daemon initiates and one where wireguard-go does,
     each with a 1 s ping running both ways across the REKEY_AFTER_TIME boundary. The

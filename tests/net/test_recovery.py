@@ -77,8 +77,8 @@ def up_and_running(world: World) -> int:
 
 
 @pytest.mark.slow
-# 40 s away is a wait on the clock, not on the CPU: the QEMU guest boots beside it.
-@pytest.mark.parametrize("away", [1, pytest.param(40, marks=pytest.mark.quiet)],
+# 40 s away is a wait on the clock, not on the CPU: it runs beside the other tests.
+@pytest.mark.parametrize("away", [1, pytest.param(40, marks=pytest.mark.apart)],
                          ids=["away-1s", "away-40s"])
 def test_parent_killed_and_back_recovers_within_bound(world: World, away: float) -> None:
     app = up_and_running(world)

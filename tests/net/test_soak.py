@@ -22,7 +22,7 @@ SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.quiet
+@pytest.mark.apart
 @pytest.mark.timeout(480)
 def test_soak_3_minutes(tmp_path: Path) -> None:
     report = tmp_path / "soak.json"

@@ -1,0 +1,176 @@
+"""Runs the tests marked ``apart`` in a second pytest process beside this one.
+
+A few tests wait minutes on the clock with little CPU: the 3-minute soak, the rekey after
+120 s, the parent away for 40 s. One after another they held the suite for six minutes in which
+the machine was mostly idle. So, when other tests run too, each such test is replaced here by a
+proxy item, and one pytest process started as this session's tests begin runs them all, at
+the same priority, while this one runs the rest; the proxies come last and report each test's
+own outcome (tests/report.py). A run of only ``apart`` tests runs them here, as usual.
+
+Beside the other tests is safe for these: each builds its own namespaces, interfaces and files,
+and checks only its own processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.report import RemoteFailure, ResultItem, reports_elsewhere
+
+# The whole run beside: longer than its tests' own limits together, which pytest-timeout keeps
+# there.
+APART_TIMEOUT = 1800.0
+STOP_GRACE = 60.0  # for an interrupted run's teardowns (its namespaces, daemons) to finish
+
+
+class ApartRunner:
+    def __init__(self, nodeids: list[str], rootdir: Path) -> None:
+        self.nodeids = nodeids
+        self.rootdir = rootdir
+        self.results: dict[str, dict[str, object]] = {}
+        self.error: str | None = None
+        self.seconds = 0.0
+        self._dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+        self._done = False
+
+    def start(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="wgvsock-apart-"))
+        (self._dir / "tmp").mkdir()
+        cmd = [
+            # Interrupted from this process's death too: SIGINT, so its teardowns still run.
+            "setpriv", "--pdeathsig", "INT",
+            sys.executable, "-m", "pytest", "-p", "tests.report",
+            f"--report-json={self._dir / 'results.json'}",
+            f"--basetemp={self._dir / 'tmp'}",  # never another session's numbered directory
+            "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rA", *self.nodeids,
+        ]
+        self._started = time.monotonic()
+        with open(self._dir / "output", "wb") as out:
+            self._proc = subprocess.Popen(cmd, cwd=self.rootdir, stdin=subprocess.DEVNULL,
+                                          stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        if self._dir is None:
+            return ""
+        with contextlib.suppress(OSError):
+            return (self._dir / "output").read_text(errors="replace")
+        return ""
+
+    def wait(self) -> None:
+        """Waits for the run (once); then `results` or `error` say how it went."""
+        if self._done:
+            return
+        self._done = True
+        assert self._proc is not None and self._dir is not None
+        try:
+            code = self._proc.wait(max(1.0, self._started + APART_TIMEOUT - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self._interrupt()
+            self.error = f"the run beside did not end within {APART_TIMEOUT:g} s"
+            return
+        self.seconds = time.monotonic() - self._started
+        try:
+            self.results = json.loads((self._dir / "results.json").read_text())
+        except (OSError, ValueError) as e:
+            self.error = f"it wrote no results (exit code {code}): {e}"
+
+    def _interrupt(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        """Interrupts a run still going (the session ended early: Ctrl-C, -x) and removes its
+        files."""
+        self._interrupt()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class ApartItem(ResultItem):
+    where = "in the pytest process beside this one"
+
+    def __init__(self, *, runner: ApartRunner, **kw) -> None:
+        super().__init__(**kw)
+        self.runner = runner
+
+    def entry(self) -> dict[str, object]:
+        self.runner.wait()
+        if self.runner.error is not None:
+            raise RemoteFailure(f"no run beside: {self.runner.error}\n--- its output ---\n"
+                                + self.runner.output()[-5000:])
+        result = self.runner.results.get(self.real_nodeid)
+        if result is None:
+            raise RemoteFailure("no result for this test from the run beside\n"
+                                "--- its output ---\n" + self.runner.output()[-5000:])
+        return result
+
+
+_RUNNER = pytest.StashKey[ApartRunner]()
+
+
+# After -m, -k and --deselect have chosen (they run as ordinary hooks), and after the guest's
+# ordering: the proxies go last.
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if reports_elsewhere(config) or config.option.collectonly:
+        return
+    apart = [item for item in items
+             if item.get_closest_marker("apart") and not isinstance(item, ResultItem)]
+    if not apart or len(apart) == len(items):
+        return  # nothing to run beside
+    # Skipped here (no root, say) they would only be skipped there too.
+    apart = [item for item in apart if not item.get_closest_marker("skip")]
+    if not apart:
+        return
+    runner = ApartRunner([item.nodeid for item in apart], config.rootpath)
+    config.stash[_RUNNER] = runner
+    chosen = {id(item) for item in apart}
+    proxies = [ApartItem.standing_for(item, runner=runner) for item in apart]
+    for proxy in proxies:
+        proxy.add_marker(pytest.mark.timeout(APART_TIMEOUT + STOP_GRACE + 60))
+    items[:] = [item for item in items if id(item) not in chosen] + proxies
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session):
+    runner = session.config.stash.get(_RUNNER, None)
+    if runner is not None:
+        runner.start()
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    runner = session.config.stash.get(_RUNNER, None)
+    if runner is not None:
+        runner.stop()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    runner = config.stash.get(_RUNNER, None)
+    if runner is None or not runner.results:
+        return
+    terminalreporter.section("beside this run")
+    terminalreporter.write_line(f"{len(runner.nodeids)} tests in a second pytest process, "
+                                f"{runner.seconds:.1f} s in all")
+    for nodeid, result in runner.results.items():
+        terminalreporter.write_line(f"  {result['duration']:6.1f} s  {result['outcome']:7}  "
+                                    f"{nodeid}")
