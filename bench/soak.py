@@ -26,6 +26,7 @@ every check passed, 1 when one failed, 2 when the soak could not run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -89,6 +90,7 @@ class Sample:
     rss_kib: int
     fds: int
     threads: int
+    fd_kinds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,13 +122,19 @@ class IperfRun:
     received_mbps: float = 0.0
 
 
-def proc_counts(pid: int) -> tuple[int, int] | None:
-    """(open fds, threads) of `pid`, or None once it is gone."""
+def proc_counts(pid: int) -> tuple[int, int, dict[str, int]] | None:
+    """(open fds, threads, fds by kind) of `pid`, or None once it is gone. A kind is what the
+    fd's link names without its inode: "socket", "anon_inode:[eventpoll]", "/dev/net/tun"."""
     try:
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        kinds: dict[str, int] = {}
+        fds = os.listdir(f"/proc/{pid}/fd")
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                kind = re.sub(r":\[\d+\]$", "", os.readlink(f"/proc/{pid}/fd/{fd}"))
+                kinds[kind] = kinds.get(kind, 0) + 1
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("Threads:"):
-                return fds, int(line.split()[1])
+                return len(fds), int(line.split()[1]), kinds
     except (OSError, ValueError):
         pass
     return None
@@ -413,6 +421,7 @@ class Soak:
                 procs.append({"side": side, "pid": pid, "steady_seconds": round(last.at - first.at),
                               "rss_kib": [first.rss_kib, last.rss_kib],
                               "rss_growth": round(growth, 4), "fds": [first.fds, last.fds],
+                              "fd_kinds": [first.fd_kinds, last.fd_kinds],
                               "threads": [first.threads, last.threads]})
                 checks.append((f"{side} pid {pid}: RSS growth {growth:+.1%} < 5%",
                                growth < RSS_GROWTH_LIMIT))
@@ -469,9 +478,17 @@ def print_report(rep: dict) -> None:
         print(f"  {p['side']:<8} pid {p['pid']:>7} over {p['steady_seconds']:>5} s: RSS "
               f"{p['rss_kib'][0]} -> {p['rss_kib'][1]} KiB ({p['rss_growth']:+.1%}), fds "
               f"{p['fds'][0]} -> {p['fds'][1]}, threads {p['threads'][0]} -> {p['threads'][1]}")
+        before, after = p["fd_kinds"]
+        changed = {k: (before.get(k, 0), after.get(k, 0)) for k in {*before, *after}
+                   if before.get(k, 0) != after.get(k, 0)}
+        for kind, (a, b) in sorted(changed.items()):
+            print(f"    fds {kind}: {a} -> {b}")
     pg = rep["pings"]
     print(f"pings: {pg['replies']} replies, {pg['lost']} lost, {pg['lost_outside_windows']} of "
           "them outside restart windows")
+    if pg["lost_outside_detail"]:
+        print("  lost outside them (icmp_seq at s): " + ", ".join(
+            f"{n} at {t:g}" for n, t in pg["lost_outside_detail"]))
     ip = rep["iperf3"]
     print(f"iperf3 --bidir: {ip['ok']}/{ip['runs']} runs ok, mean {ip['mean_mbps'][0]} Mbit/s "
           f"enclave->internet and {ip['mean_mbps'][1]} back, "
