@@ -140,6 +140,7 @@ def proc_counts(pid: int) -> tuple[int, int, dict[str, int]] | None:
     return None
 
 
+_WARNING = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
 _PING_REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)")
 
 
@@ -456,7 +457,16 @@ class Soak:
             "max_session_age": round(self.max_age, 1),
             "checks": [{"check": c, "ok": ok} for c, ok in checks],
             "ok": all(ok for _, ok in checks),
+            # What the daemons warned of: printed when a check fails, to say why.
+            "warnings": {side: self._warnings(side) for side in ("parent", "enclave")},
         }
+
+    def _warnings(self, side: str, keep: int = 40) -> list[str]:
+        try:
+            text = (self.tmp / f"{side}.log").read_text(errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if _WARNING.search(line)][-keep:]
 
 
 def _zombie(pid: int) -> bool:
@@ -496,6 +506,11 @@ def print_report(rep: dict) -> None:
     print(f"handshakes seen: {rep['handshakes']}, oldest session {rep['max_session_age']} s")
     failed = [c["check"] for c in rep["checks"] if not c["ok"]]
     print("PASS" if not failed else "FAIL:\n  " + "\n  ".join(failed))
+    if failed:
+        for side, lines in rep["warnings"].items():
+            print(f"{side}'s warnings ({len(lines)}, the last):")
+            for line in lines:
+                print(f"  {line}")
 
 
 def main(argv: list[str] | None = None) -> int:
