@@ -1,14 +1,15 @@
-"""Runs the tests marked ``apart`` in a second pytest process beside this one.
+"""Runs each test marked ``apart`` in a pytest process of its own, beside this one.
 
 A few tests wait minutes on the clock with little CPU: the 3-minute soak, the rekey after
 120 s, the parent away for 40 s. One after another they held the suite for six minutes in which
 the machine was mostly idle. So, when other tests run too, each such test is replaced here by a
-proxy item, and one pytest process started as this session's tests begin runs them all, at
-the same priority, while this one runs the rest; the proxies come last and report each test's
-own outcome (tests/report.py). A run of only ``apart`` tests runs them here, as usual.
+proxy item and runs in a pytest process started as this session's tests begin, at the same
+priority, while this one runs the rest: the soak thus runs while the quiet tests do, as it
+did before. The proxies come last and report each test's own outcome (tests/report.py). A run
+of only ``apart`` tests runs them here, as usual.
 
-Beside the other tests is safe for these: each builds its own namespaces, interfaces and files,
-and checks only its own processes.
+Beside each other and the rest is safe for these: each builds its own namespaces, interfaces
+and files, and checks only its own processes.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ import pytest
 
 from tests.report import RemoteFailure, ResultItem, reports_elsewhere
 
-# The whole run beside: longer than its tests' own limits together, which pytest-timeout keeps
-# there.
-APART_TIMEOUT = 1800.0
+# A run beside: longer than its test's own limit, which pytest-timeout keeps there.
+APART_TIMEOUT = 900.0
 STOP_GRACE = 60.0  # for an interrupted run's teardowns (its namespaces, daemons) to finish
 
 
 class ApartRunner:
-    def __init__(self, nodeids: list[str], rootdir: Path) -> None:
-        self.nodeids = nodeids
+    """One pytest process beside this one, for one test."""
+
+    def __init__(self, nodeid: str, rootdir: Path) -> None:
+        self.nodeid = nodeid
         self.rootdir = rootdir
         self.results: dict[str, dict[str, object]] = {}
         self.error: str | None = None
@@ -53,7 +55,7 @@ class ApartRunner:
             sys.executable, "-m", "pytest", "-p", "tests.report",
             f"--report-json={self._dir / 'results.json'}",
             f"--basetemp={self._dir / 'tmp'}",  # never another session's numbered directory
-            "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rA", *self.nodeids,
+            "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rA", self.nodeid,
         ]
         self._started = time.monotonic()
         with open(self._dir / "output", "wb") as out:
@@ -122,7 +124,7 @@ class ApartItem(ResultItem):
         return result
 
 
-_RUNNER = pytest.StashKey[ApartRunner]()
+_RUNNERS = pytest.StashKey[list[ApartRunner]]()
 
 
 # After -m, -k and --deselect have chosen (they run as ordinary hooks), and after the guest's
@@ -139,37 +141,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     apart = [item for item in apart if not item.get_closest_marker("skip")]
     if not apart:
         return
-    runner = ApartRunner([item.nodeid for item in apart], config.rootpath)
-    config.stash[_RUNNER] = runner
-    chosen = {id(item) for item in apart}
-    proxies = [ApartItem.standing_for(item, runner=runner) for item in apart]
-    for proxy in proxies:
+    runners, proxies = [], []
+    for item in apart:
+        runner = ApartRunner(item.nodeid, config.rootpath)
+        proxy = ApartItem.standing_for(item, runner=runner)
         proxy.add_marker(pytest.mark.timeout(APART_TIMEOUT + STOP_GRACE + 60))
+        runners.append(runner)
+        proxies.append(proxy)
+    config.stash[_RUNNERS] = runners
+    chosen = {id(item) for item in apart}
     items[:] = [item for item in items if id(item) not in chosen] + proxies
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session: pytest.Session):
-    runner = session.config.stash.get(_RUNNER, None)
-    if runner is not None:
+    for runner in session.config.stash.get(_RUNNERS, []):
         runner.start()
     yield
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    runner = session.config.stash.get(_RUNNER, None)
-    if runner is not None:
+    for runner in session.config.stash.get(_RUNNERS, []):
         runner.stop()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    runner = config.stash.get(_RUNNER, None)
-    if runner is None or not runner.results:
+    runners = [r for r in config.stash.get(_RUNNERS, []) if r.results]
+    if not runners:
         return
     terminalreporter.section("beside this run")
-    took = sum(float(r["duration"]) for r in runner.results.values())  # type: ignore[arg-type]
-    terminalreporter.write_line(f"{len(runner.nodeids)} tests in a second pytest process, "
-                                f"{took:.1f} s in all")
-    for nodeid, result in runner.results.items():
-        terminalreporter.write_line(f"  {result['duration']:6.1f} s  {result['outcome']:7}  "
-                                    f"{nodeid}")
+    terminalreporter.write_line(f"{len(runners)} tests, each in a pytest process of its own")
+    for runner in runners:
+        for nodeid, result in runner.results.items():
+            terminalreporter.write_line(f"  {result['duration']:6.1f} s  "
+                                        f"{result['outcome']:7}  {nodeid}")

@@ -1,5 +1,5 @@
-"""tests/apart.py: tests marked ``apart`` run in a second pytest process at the same time as the
-others, and their outcomes come back as their own; an interrupted session interrupts them too,
+"""tests/apart.py: tests marked ``apart`` run in pytest processes of their own at the same time as
+the others, and their outcomes come back as their own; an interrupted session interrupts them too,
 and their teardowns still run."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_apart_tests_run_at_the_same_time_and_report_as_their_own(tmp_path: Path
     assert "test_apart_fails [in the pytest process beside this one]" in out, out
     assert "AssertionError: as it should" in out and "said beside" in out, out
     assert "in the pytest process beside this one: Skipped: for a reason" in out, out
-    assert "3 tests in a second pytest process" in out, out
+    assert "3 tests, each in a pytest process of its own" in out, out
 
 
 def test_an_interrupted_session_interrupts_the_run_beside(tmp_path: Path) -> None:
