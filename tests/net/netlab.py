@@ -174,7 +174,8 @@ class Lab:
 
     @staticmethod
     def uapi(ifname: str) -> dict:
-        return uapi_get(f"{RUN_DIR}/{ifname}.sock")
+        # Scaled as command time limits are: in the guest a reply within 2 s is no given.
+        return uapi_get(f"{RUN_DIR}/{ifname}.sock", timeout=2.0 * SLOWDOWN)
 
     def wait_handshake(self, ns: Namespace, ifname: str, timeout: float = 10.0) -> int:
         def done() -> int:
