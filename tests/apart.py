@@ -58,9 +58,13 @@ class ApartRunner:
             "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rA", self.nodeid,
         ]
         self._started = time.monotonic()
-        with open(self._dir / "output", "wb") as out:
-            self._proc = subprocess.Popen(cmd, cwd=self.rootdir, stdin=subprocess.DEVNULL,
-                                          stdout=out, stderr=subprocess.STDOUT)
+        try:
+            with open(self._dir / "output", "wb") as out:
+                self._proc = subprocess.Popen(cmd, cwd=self.rootdir, stdin=subprocess.DEVNULL,
+                                              stdout=out, stderr=subprocess.STDOUT)
+        except OSError as e:  # its proxy says so; the session goes on
+            self.error = f"it could not be started: {e}"
+            self._done = True
 
     def output(self) -> str:
         if self._dir is None:
