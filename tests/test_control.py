@@ -257,7 +257,10 @@ def test_encode_refuses_oversized_messages():
 def test_held_connection_stays_in_step_when_a_message_arrives_in_pieces(monkeypatch):
     """A ping whose body arrives after the holder's next deadline must still be read whole;
     reading it in two halves used to leave the stream out of step (a length of '{"v"')."""
-    monkeypatch.setattr(control, "PING_INTERVAL", 0.1)
+    # The holder's deadlines come every 0.15 s, and it gives up after 0.45 s of silence: a
+    # message completed every 0.25 s keeps it (CI once saw 0.1 s and 0.3 s fail that, a busy
+    # machine taking the 50 ms of slack).
+    monkeypatch.setattr(control, "PING_INTERVAL", 0.15)
     ours, theirs = socket.socketpair()
     stop = threading.Event()
     result: list[str] = []
@@ -270,7 +273,7 @@ def test_held_connection_stays_in_step_when_a_message_arrives_in_pieces(monkeypa
             time.sleep(0.25)  # the slow sender is the scenario: past the holder's deadline
             theirs.sendall(ping[4:])
         theirs.sendall(ping)
-        holder.join(0.3)
+        holder.join(0.1)  # an out-of-step read fails at once
         assert holder.is_alive(), result  # still in step: no "message length ..." error
     finally:
         stop.set()
