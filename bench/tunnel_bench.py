@@ -57,10 +57,13 @@ OFFLOAD_OFF = {"WGVSOCK_OFFLOAD": "0"}
 class Case:
     key: str
     label: str
-    impl_a: str  # "ours", "seed" or "wireguard-go"
+    impl_a: str  # "ours", "seed", "wireguard-go" or "relay"
     impl_b: str
     network: str
     env: tuple[tuple[str, str], ...] = ()  # for our daemons
+    args: tuple[str, ...] = ()  # for the relay
+    # A yardstick rather than a tunnel (bench/relay.py): only when named with --case.
+    calibration: bool = False
 
 
 CASES = (
@@ -72,7 +75,11 @@ CASES = (
     Case("seed-tcp", "seed tcp", "seed", "seed", "tcp"),
     Case("ours-seed-tcp", "ours -> seed tcp", "ours", "seed", "tcp"),
     Case("wireguard-go-udp", "wireguard-go udp", "wireguard-go", "wireguard-go", "udp"),
+    Case("relay-tcp", "relay tcp (no WireGuard)", "relay", "relay", "tcp", calibration=True),
+    Case("relay-tcp-plain", "relay tcp, no AEAD", "relay", "relay", "tcp", args=("--plain",),
+         calibration=True),
 )
+RELAY = Path(__file__).with_name("relay.py")
 SEED = "seed-tcp"
 WGGO = "wireguard-go-udp"
 
@@ -148,6 +155,17 @@ def _start(lab: Lab, ns: Namespace, ifname: str, impl: str, case: Case,
     return lab.start_ours(ns, ifname, case.network, cwd=env.get("PYTHONPATH"), **env)
 
 
+def _start_relay(lab: Lab, ns: Namespace, ifname: str, case: Case, *side: str) -> int:
+    lab.ifnames.append(ifname)
+    p = ns.popen(sys.executable, str(RELAY), ifname, *side, *case.args, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stderr is not None
+    if p.stdout.readline().strip() != "ready":
+        p.wait(10)
+        raise LabError(f"the relay for {ifname} did not start: {p.stderr.read().strip()}")
+    return p.pid
+
+
 @dataclass
 class Tunnel:
     """One case's pair of interfaces, up at one MTU."""
@@ -170,6 +188,14 @@ def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: 
     t = Tunnel(case, Result(case.key, case.label, mtu), if_a, if_b, tun_b,
                {if_a: None, if_b: None})
     try:
+        if case.impl_a == "relay":
+            # The relay has no WireGuard to configure: b listens, a dials it.
+            t.pids[if_b] = _start_relay(lab, b, if_b, case, "--listen", f"{VETH_B}:{port_b}")
+            t.pids[if_a] = _start_relay(lab, a, if_a, case, "--connect", f"{VETH_B}:{port_b}")
+            lab.address(a, if_a, f"{tun_a}/24", mtu)
+            lab.address(b, if_b, f"{tun_b}/24", mtu)
+            wait_ping(a, tun_b)
+            return t
         t.pids[if_a] = _start(lab, a, if_a, case.impl_a, case, seed)
         t.pids[if_b] = _start(lab, b, if_b, case.impl_b, case, seed)
         # The unix transport ignores the host: port N names <unix_dir>/N.sock.
@@ -377,7 +403,8 @@ def main() -> int:
     if reason := preflight("network namespaces, TUN", TOOLS):
         print(f"tunnel_bench: {reason}", file=sys.stderr)
         return 2
-    cases = [c for c in CASES if not args.case or c.key in args.case]
+    cases = [c for c in CASES if c.key in args.case] if args.case else \
+        [c for c in CASES if not c.calibration]
     if args.baseline:
         cases += [c for c in baseline_cases(cases, args.baseline) if c.network != "unix"]
     mtus = args.mtu or list(MTUS)
