@@ -525,6 +525,10 @@ class Engine:
                     out += self.send_keepalive(peer, now)
         return out
 
+    def bytes_moved(self) -> int:
+        """Bytes sent and received over all peers: whether any moved between two looks."""
+        return sum(p.rx_bytes + p.tx_bytes for p in self.peers.values())
+
     def next_deadline(self) -> float | None:
         deadlines = [d for p in self.peers.values() if (d := p.timers.next_deadline()) is not None]
         return min(deadlines) if deadlines else None

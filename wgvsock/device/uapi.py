@@ -29,7 +29,6 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -605,7 +604,6 @@ class UAPIServer:
         self._clients: set[socket.socket] = set()
         self._closed = False
         self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
 
         self._sock = self._bind(run_dir)
         st = os.stat(self.path)
@@ -779,35 +777,19 @@ class UAPIServer:
 
     # -- socket file watching ---------------------------------------------------------------
 
-    def on_socket_removed(self, callback: Callable[[], None], interval: float = 0.5) -> None:
-        """Call `callback` once (from a watcher thread) when the socket file is deleted or
-        replaced by another file, which is how wireguard-go is told to shut down."""
-        if self._watcher is not None:
-            raise RuntimeError("a socket watcher is already installed")
-
-        def watch() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    st = os.stat(self.path)
-                    same = (st.st_dev, st.st_ino) == self._identity
-                except FileNotFoundError:
-                    same = False
-                except OSError:
-                    continue
-                if not same:
-                    if self._stop.is_set():
-                        return
-                    log.info("UAPI socket %s was removed", self.path)
-                    try:
-                        callback()
-                    except Exception:
-                        log.exception("UAPI socket-removed callback failed")
-                    return
-
-        self._watcher = NamedThread(
-            target=watch, name=f"uapi-{self.ifname}-watch", daemon=True
-        )
-        self._watcher.start()
+    def socket_removed(self) -> bool:
+        """Whether the socket file was deleted or replaced by another file while we serve,
+        which is how wireguard-go is told to shut down. The device asks on its timer thread's
+        regular look at the interface, so no thread of its own wakes to poll the file."""
+        if self._closed:
+            return False  # close() removed it
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # cannot tell now; asked again soon
+        return (st.st_dev, st.st_ino) != self._identity
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -838,9 +820,6 @@ class UAPIServer:
         if threading.current_thread() is not self._accept_thread:
             self._accept_thread.join(2.0)
         self._sock.close()
-        watcher = self._watcher
-        if watcher is not None and watcher is not threading.current_thread():
-            watcher.join(2.0)
 
     def __enter__(self) -> UAPIServer:
         return self
