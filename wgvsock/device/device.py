@@ -652,7 +652,9 @@ class Device:
         sleep = 0.0
         moved = -1
         while not self._stopped.wait(sleep):
-            sleep = _WATCH_EVERY  # after a failed turn: try again, but not in a tight loop
+            # After a failed turn: try again soon, as a tick always did, so that a fault that
+            # keeps firing reaches the survivor's limit (20 in 10 s) and stops the daemon.
+            sleep = _BUSY_TICK
             try:
                 now = time.monotonic()
                 with self._lock:
