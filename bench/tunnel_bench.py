@@ -192,19 +192,16 @@ def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: 
             # The relay has no WireGuard to configure: b listens, a dials it.
             t.pids[if_b] = _start_relay(lab, b, if_b, case, "--listen", f"{VETH_B}:{port_b}")
             t.pids[if_a] = _start_relay(lab, a, if_a, case, "--connect", f"{VETH_B}:{port_b}")
-            lab.address(a, if_a, f"{tun_a}/24", mtu)
-            lab.address(b, if_b, f"{tun_b}/24", mtu)
-            wait_ping(a, tun_b)
-            return t
-        t.pids[if_a] = _start(lab, a, if_a, case.impl_a, case, seed)
-        t.pids[if_b] = _start(lab, b, if_b, case.impl_b, case, seed)
-        # The unix transport ignores the host: port N names <unix_dir>/N.sock.
-        host = "127.0.0.1" if case.network == "unix" else VETH_B
-        ka, kb = Keys(), Keys()
-        lab.configure(if_a, ka, kb, f"{tun_b}/32", listen_port=port_a,
-                      endpoint=f"{host}:{port_b}")
-        # b learns a's endpoint from the first handshake, as a parent does from its enclave.
-        lab.configure(if_b, kb, ka, f"{tun_a}/32", listen_port=port_b)
+        else:
+            t.pids[if_a] = _start(lab, a, if_a, case.impl_a, case, seed)
+            t.pids[if_b] = _start(lab, b, if_b, case.impl_b, case, seed)
+            # The unix transport ignores the host: port N names <unix_dir>/N.sock.
+            host = "127.0.0.1" if case.network == "unix" else VETH_B
+            ka, kb = Keys(), Keys()
+            lab.configure(if_a, ka, kb, f"{tun_b}/32", listen_port=port_a,
+                          endpoint=f"{host}:{port_b}")
+            # b learns a's endpoint from the first handshake, as a parent does from its enclave.
+            lab.configure(if_b, kb, ka, f"{tun_a}/32", listen_port=port_b)
         lab.address(a, if_a, f"{tun_a}/24", mtu)
         lab.address(b, if_b, f"{tun_b}/24", mtu)
         wait_ping(a, tun_b)
