@@ -1,7 +1,14 @@
 # Two commands do all set-up on a fresh Debian machine, as root:
 #   make test   installs apt packages and a venv, then runs ruff and the whole suite
 #   make demo   runs parent and enclave from one profile in namespaces, ends in the dashboard
-PYTHON ?= python3
+# The venv's interpreter: the distribution's /usr/bin/python3 when it is 3.11 or newer, else the
+# first python3 on PATH; `make PYTHON=...` chooses another. Debian's is built with profile-guided
+# optimisation and LTO, libpython linked into the binary; pyenv's default build (the python3 on
+# this machine's PATH) has neither, and on it our daemon took 7-15 % more CPU per megabyte at MTU
+# 1420 and 7-11 % longer round trips (bench/README.md, nineteenth round).
+ifndef PYTHON
+PYTHON := $(shell for p in /usr/bin/python3 python3; do "$$p" -c 'import os, sys;             sys.version_info >= (3, 11) and print(os.path.realpath(sys.executable))'             2>/dev/null | grep . && break; done)
+endif
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # podman + debootstrap build and run the enclave image in tests/net/test_image.py; systemd gives
@@ -11,13 +18,13 @@ PY     := $(VENV)/bin/python
 # dnsmasq-base (the binary, without the system service that the dnsmasq package enables) is the
 # "internet" resolver of tests/net/test_egress_names.py (egress by host name). gcc and python3-dev
 # compile the per-packet modules with mypyc (setup.py); libssl-dev has the OpenSSL headers of
-# wgvsock/core/_transport_aead.c.
+# wgvsock/core/_transport_aead.c. python3-venv lets Debian's python3 (PYTHON below) make the venv.
 APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod \
                 podman debootstrap systemd systemd-container qemu-system-x86 linux-image-amd64 busybox-static cpio \
-                dnsmasq-base gcc python3-dev libssl-dev valgrind
+                dnsmasq-base gcc python3-dev python3-venv libssl-dev valgrind
 APT_MARK := $(VENV)/.apt-done
 
-.PHONY: test demo bench fuzz soak lint apt venv compile clean lock wheelhouse image eif
+.PHONY: FORCE test demo bench fuzz soak lint apt venv compile clean lock wheelhouse image eif
 
 # Re-checked when this file changes, so a package added to the list gets installed.
 $(APT_MARK): Makefile
@@ -29,8 +36,18 @@ $(APT_MARK): Makefile
 	fi
 	@touch $@
 
-$(VENV)/.venv-done: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# Made again, from scratch, when pyproject.toml or the interpreter changes (.interpreter holds
+# its path, rewritten only when it differs). Debian's python3-venv comes with the apt packages,
+# so those go first (order only: the mark lives in the venv, which --clear empties).
+$(VENV)/.interpreter: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(PYTHON)' | cmp -s - $@ || echo '$(PYTHON)' > $@
+
+$(VENV)/.venv-done: pyproject.toml $(VENV)/.interpreter | $(APT_MARK)
+	@test -n '$(PYTHON)' || { echo "wgvsock needs Python 3.11 or newer: neither /usr/bin/python3 \
+	nor python3 on PATH is; install one, or name it with make PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv --clear $(VENV)
+	@echo '$(PYTHON)' > $(VENV)/.interpreter
 	$(PY) -m pip install -q --upgrade pip
 	WGVSOCK_PURE=1 $(PY) -m pip install -q -e '.[test]'
 	@touch $@

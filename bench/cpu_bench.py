@@ -15,7 +15,8 @@ Why a separate tool: tunnel_bench.py measures throughput at the limit, where on 
 a 5 % change is lost in noise and the figure mixes what our code costs with how its threads and
 the kernel's wake-ups line up. At a rate every case reaches, CPU per byte is what a change to
 the per-packet path moves, and the busiest thread's share tells whether one thread is the limit.
-`--baseline DIR` adds our cases once more with the wgvsock package of another checkout.
+`--baseline DIR` adds our cases once more with the wgvsock package and the venv's interpreter of
+another checkout.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ code calls (the AEAD included, the kernel's side of system calls not):
 A TCP stream sends data one way and ACKs the other, so a->b measures data sent and ACKs
 received. The counts are of the compiled build (`make compile`): pure Python has no such
 functions to count in. `--baseline DIR` runs the same with the wgvsock package of another
-checkout (compiled there), for before/after. The figures depend a little on batching (how many
-packets one pass finds queued), so compare runs at the same rate.
+checkout (compiled there) and its venv's interpreter, for before/after. The figures depend a
+little on batching (how many packets one pass finds queued), so compare runs at the same rate.
 """
 
 from __future__ import annotations
@@ -98,12 +98,14 @@ def measure(lab: Lab, args: argparse.Namespace, seed: Path | None, base: str | N
     out = lab.tmp / f"callgrind-{tag}.out"
     env = dict(os.environ, WGVSOCK_UNIX_DIR=str(lab.unix_dir), LOG_LEVEL="error",
                PYTHONHASHSEED="0")
+    python = sys.executable
     if base:
         env["PYTHONPATH"] = base
+        python = tb.baseline_python(base)
     lab.ifnames.append(if_a)
     daemon = a.popen("valgrind", "--tool=callgrind", "--collect-atstart=no",
                      f"--toggle-collect={SEND}", f"--toggle-collect={RECEIVE}",
-                     f"--callgrind-out-file={out}", sys.executable, "-m", "wgvsock.daemon",
+                     f"--callgrind-out-file={out}", python, "-m", "wgvsock.daemon",
                      "-f", "-n", "tcp", if_a, env=env, cwd=base)
     peer_pid: int | None = None
     try:

@@ -7,7 +7,7 @@ The cases (tunnel_bench.py's keys; default ours-tcp and seed-tcp) are all up at 
 Each cycle pings through every case in turn (C pings at -i S; the order flips every cycle), so
 they share whatever load the machine has; the table gives each case's median and 90th percentile
 over all pings and its median over the last case's. `--baseline DIR` adds our cases once more
-with the wgvsock package of another checkout: before/after in one run.
+with the wgvsock package and the venv's interpreter of another checkout: before/after in one run.
 
 Why a separate tool: a ping's time here depends on how long the daemons sat idle before it (each
 pass through Python runs slower the colder the CPU's caches are: bench/README.md), and on what

@@ -61,6 +61,7 @@ class Case:
     impl_b: str
     network: str
     env: tuple[tuple[str, str], ...] = ()  # for our daemons
+    python: str = ""  # our daemons' interpreter, if not this one (a baseline's venv)
     args: tuple[str, ...] = ()  # for the relay
     # A yardstick rather than a tunnel (bench/relay.py): only when named with --case.
     calibration: bool = False
@@ -152,7 +153,8 @@ def _start(lab: Lab, ns: Namespace, ifname: str, impl: str, case: Case,
         return lab.start_seed(ns, ifname, seed)
     env = dict(case.env)
     # A baseline checkout: run there too, since `python -m` puts the working directory first.
-    return lab.start_ours(ns, ifname, case.network, cwd=env.get("PYTHONPATH"), **env)
+    return lab.start_ours(ns, ifname, case.network, cwd=env.get("PYTHONPATH"),
+                          python=case.python or None, **env)
 
 
 def _start_relay(lab: Lab, ns: Namespace, ifname: str, case: Case, *side: str) -> int:
@@ -282,17 +284,26 @@ def add_compare_options(ap: argparse.ArgumentParser, mtu: int, cycles: int) -> N
                     help="cases to compare (default ours-tcp and seed-tcp); the last is the "
                          "reference of the ratio column")
     ap.add_argument("--baseline", metavar="DIR",
-                    help="also run our cases with the wgvsock package from this checkout")
+                    help="also run our cases with the wgvsock package and the venv's "
+                         "interpreter of this checkout")
     ap.add_argument("--mtu", type=int, default=mtu, help=f"tunnel MTU (default {mtu})")
     ap.add_argument("--cycles", type=int, default=cycles,
                     help=f"cycles round the cases (default {cycles})")
 
 
+def baseline_python(checkout: str) -> str:
+    """The interpreter of a checkout's own venv, or this one if it has none. Its own: the
+    interpreter's build moves our figures too (bench/README.md, nineteenth round)."""
+    venv = Path(checkout, ".venv", "bin", "python")
+    return str(venv) if venv.exists() else sys.executable
+
+
 def baseline_cases(cases: list[Case], checkout: str) -> list[Case]:
-    """Our cases once more, run with the wgvsock package of another checkout (PYTHONPATH)."""
+    """Our cases once more, run with the wgvsock package of another checkout (PYTHONPATH) and
+    its venv's interpreter."""
     base = str(Path(checkout).resolve())
     return [replace(c, key=f"{c.key}@base", label=f"{c.label} (before)",
-                    env=(*c.env, ("PYTHONPATH", base)))
+                    env=(*c.env, ("PYTHONPATH", base)), python=baseline_python(base))
             for c in cases if "ours" in (c.impl_a, c.impl_b)]
 
 
@@ -391,7 +402,8 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run our cases with the wgvsock package from this checkout "
-                         "(PYTHONPATH), interleaved with the rest: before/after in one run")
+                         "(PYTHONPATH) and its venv's interpreter, interleaved with the rest: "
+                         "before/after in one run")
     ap.add_argument("--profile", metavar="DIR",
                     help="record each of our daemons with py-spy (pip install -e '.[bench]') "
                          "during the last round's iperf3 runs; raw stacks go to DIR, and "

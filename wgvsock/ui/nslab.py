@@ -301,15 +301,18 @@ class Lab:
         return self.tmp / f"{ifname}.log"
 
     def start_ours(self, ns: Namespace, ifname: str, network: str,
-                   log_level: str = "error", cwd: str | None = None, **extra_env: str) -> int:
+                   log_level: str = "error", cwd: str | None = None, python: str | None = None,
+                   **extra_env: str) -> int:
         """Starts our daemon as users do (it backgrounds itself once ready); returns its pid.
         `extra_env` such as WGVSOCK_OFFLOAD="0" goes into its environment; `cwd` is where it
-        runs (its background child is `python -m`, which imports from there first)."""
+        runs (its background child is `python -m`, which imports from there first); `python`
+        an interpreter to run it with instead of the console script beside this one."""
         self.ifnames.append(ifname)
         env = dict(os.environ, WGVSOCK_UNIX_DIR=str(self.unix_dir),
                    WGVSOCK_LOG_FILE=str(self.log_path(ifname)), LOG_LEVEL=log_level,
                    **extra_env)
-        ns.run(*daemon_command(), "-n", network, ifname, env=env, cwd=cwd)
+        command = [python, "-m", "wgvsock.daemon"] if python else daemon_command()
+        ns.run(*command, "-n", network, ifname, env=env, cwd=cwd)
         pid = ns.find_pid("wgvsock.daemon", ifname)
         if pid is None:
             raise LabError(f"our daemon for {ifname} is not running after start")
