@@ -4,6 +4,8 @@ or None; run_in_lab, a lab that is removed however the program ends."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -52,3 +54,21 @@ def test_run_in_lab_turns_interruptions_and_lab_failures_into_exit_codes(
     assert run_in_lab("x", "wgvsock-test-", lambda lab: 7) == 7
     # Each lab was removed, however its body ended.
     assert len(labs) == 3 and not any(lab.tmp.exists() for lab in labs)
+
+
+def test_a_baseline_runs_with_its_own_venvs_interpreter(tmp_path: Path) -> None:
+    # The interpreter's build moves the figures by 10 % (bench/README.md, nineteenth round), so
+    # a before/after must not quietly run both checkouts on this one.
+    from bench.tunnel_bench import CASES, baseline_cases
+
+    with_venv, without = tmp_path / "with-venv", tmp_path / "without"
+    python = with_venv / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.symlink_to(sys.executable)
+    without.mkdir()
+    ours = [c for c in CASES if "ours" in (c.impl_a, c.impl_b)]
+    for checkout, expected in ((with_venv, str(python)), (without, sys.executable)):
+        cases = baseline_cases(list(CASES), str(checkout))
+        assert [c.key for c in cases] == [f"{c.key}@base" for c in ours]
+        assert {c.python for c in cases} == {expected}
+        assert all(dict(c.env)["PYTHONPATH"] == str(checkout) for c in cases)
