@@ -4,8 +4,8 @@
 # The venv's interpreter: the distribution's /usr/bin/python3 when it is 3.11 or newer, else the
 # first python3 on PATH; `make PYTHON=...` chooses another. Debian's is built with profile-guided
 # optimisation and LTO, libpython linked into the binary; pyenv's default build (the python3 on
-# this machine's PATH) has neither, and on it our daemon took 7-15 % more CPU per megabyte at MTU
-# 1420 and 7-11 % longer round trips (bench/README.md, nineteenth round).
+# this machine's PATH) has neither, and on it our daemon took 8-17 % more CPU per megabyte at MTU
+# 1420 and 12-14 % longer round trips (bench/README.md, nineteenth round).
 ifndef PYTHON
 PYTHON := $(shell for p in /usr/bin/python3 python3; do "$$p" -c 'import os, sys;             sys.version_info >= (3, 11) and print(os.path.realpath(sys.executable))'             2>/dev/null | grep . && break; done)
 endif
