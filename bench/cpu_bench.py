@@ -9,7 +9,9 @@ a->b and b->a (the order flips every cycle). Around each run the daemons' CPU ti
 /proc/PID/task/*/schedstat and the machine's from /proc/stat. The table gives medians over the
 cycles: the rate reached, both daemons' CPU microseconds per megabyte moved (and each one's, a
 and b: which end costs more), the busiest daemon thread's share of a core, the machine's idle
-share, and CPU per MB over the last case's.
+share, how often each daemon's threads blocked per MB (voluntary context switches: each one a
+wake-up, which a stream that arrives in many small bursts multiplies), and CPU per MB over the
+last case's.
 
 Why a separate tool: tunnel_bench.py measures throughput at the limit, where on two shared cores
 a 5 % change is lost in noise and the figure mixes what our code costs with how its threads and
@@ -44,6 +46,21 @@ def _task_cpu(pid: int) -> dict[str, int]:
     return out
 
 
+def _sleeps(pid: int) -> int:
+    """How often `pid`'s threads have blocked so far (voluntary context switches): each is a
+    wake-up to pay for when work comes in bursts."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def _machine() -> list[int]:
     with open("/proc/stat") as f:
         return [int(x) for x in f.readline().split()[1:]]
@@ -58,16 +75,20 @@ class Row:
     us_b: list[float] = field(default_factory=list)
     busiest: list[float] = field(default_factory=list)
     idle: list[float] = field(default_factory=list)
+    sleeps_a: list[float] = field(default_factory=list)
+    sleeps_b: list[float] = field(default_factory=list)
 
 
 def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
              seconds: float, reverse: bool, row: Row) -> None:
     pids = [p for p in t.pids.values() if p is not None]
     cpu0 = {p: _task_cpu(p) for p in pids}
+    sleeps0 = {p: _sleeps(p) for p in pids}
     m0 = _machine()
     data = tb.iperf_json(a, b, t.tun_b, port, seconds, reverse, "-b", rate)
     m1 = _machine()
     cpu1 = {p: _task_cpu(p) for p in pids}
+    sleeps1 = {p: _sleeps(p) for p in pids}
     moved = data["end"]["sum_received"]["bytes"]
     wall = data["end"]["sum_received"]["seconds"]
     if moved <= 0 or wall <= 0:
@@ -76,9 +97,12 @@ def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
     ticks = [y - x for x, y in zip(m0, m1, strict=True)]
     row.mbps.append(moved * 8 / wall / 1e6)
     row.us_per_mb.append(sum(used.values()) / 1e3 / (moved / 1e6))
-    for side, ifname in ((row.us_a, t.if_a), (row.us_b, t.if_b)):
+    for side, sleeps, ifname in ((row.us_a, row.sleeps_a, t.if_a),
+                                 (row.us_b, row.sleeps_b, t.if_b)):
         side.append(sum(ns for (p, _), ns in used.items() if p == t.pids[ifname])
                     / 1e3 / (moved / 1e6))
+        if (pid := t.pids[ifname]) is not None:
+            sleeps.append((sleeps1[pid] - sleeps0[pid]) / (moved / 1e6))
     row.busiest.append(100 * max(used.values(), default=0) / 1e9 / wall)
     row.idle.append(100 * (ticks[3] + ticks[4]) / sum(ticks))  # idle + iowait
 
@@ -115,14 +139,16 @@ def main() -> int:
     print(f"MTU {args.mtu}: {args.cycles} cycles of iperf3 -b {args.rate} for {args.seconds:g} s "
           f"each way, cases in turn; medians")
     print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'a / b':>14}{'busiest %':>11}"
-          f"{'idle %':>8}{'x ' + cases[-1].label:>18}")
+          f"{'idle %':>8}{'sleeps/MB a / b':>17}{'x ' + cases[-1].label:>18}")
     for (label, d), row in rows.items():
         ref = rows[cases[-1].label, d].us_per_mb
         us = statistics.median(row.us_per_mb)
         split = f"{statistics.median(row.us_a):.0f} / {statistics.median(row.us_b):.0f}"
+        sleeps = (f"{statistics.median(row.sleeps_a):.0f} / {statistics.median(row.sleeps_b):.0f}"
+                  if row.sleeps_a and row.sleeps_b else "-")
         print(f"{label:<30}{d:>5}{statistics.median(row.mbps):>8.0f}{us:>11.0f}{split:>14}"
               f"{statistics.median(row.busiest):>11.0f}{statistics.median(row.idle):>8.0f}"
-              f"{us / statistics.median(ref):>18.2f}")
+              f"{sleeps:>17}{us / statistics.median(ref):>18.2f}")
     return 0
 
 
