@@ -528,22 +528,26 @@ class Device:
         BlockingIOError when the queue was empty; returns whether it is empty now."""
         read = self._tun_read
         head = read()
-        gather = len(head) == 1 and _GATHER_ABOVE < len(head[0]) <= _GATHER_UP_TO
-        if not gather:
+        batch: list[bytes | bytearray | memoryview] = []
+        size = 0
+        if len(head) == 1 and _GATHER_ABOVE < len(head[0]) <= _GATHER_UP_TO:
+            if not self._tun_queued.poll(0):
+                self._perform(self._seal_all(head))
+                return True
+            batch.append(head[0])
+            size = len(head[0])
+        else:
             actions = self._seal_all(head)
             if len(actions) == 1:
                 self._perform(actions)
             else:
                 self._perform_batch(actions)
-        if not self._tun_queued.poll(0):
-            # The common end of a pass at low rates (a request, a ping): a read that found the
-            # queue empty would cost an exception, and compiled code a traceback entry per frame.
-            if gather:
-                self._perform(self._seal_all(head))
-            return True
+            if not self._tun_queued.poll(0):
+                # The common end of a pass at low rates (a request, a ping): a read that found
+                # the queue empty would cost an exception, and compiled code a traceback entry
+                # per frame.
+                return True
         # An error other than EAGAIN shows up on the next read.
-        batch: list[bytes | bytearray | memoryview] = [head[0]] if gather else []
-        size = len(head[0]) if gather else 0
         drained = False
         try:
             while len(batch) < _READ_BATCH and size < _READ_BYTES:
