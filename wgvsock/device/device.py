@@ -67,13 +67,6 @@ TUN_QUEUE_LEN: Final = 1000
 # super-packets held it for milliseconds and cost a third of the throughput at MTU 65000.
 _READ_BATCH: Final = 64
 _READ_BYTES: Final = 64 * 1024
-# A packet read first in a pass waits for what is queued behind it, to go out in one send,
-# when its size is in this range: bulk at a jumbo MTU. Smaller ones (a ping, a request, an
-# ACK, MTU 1420's packets) go at once; larger ones fill a send on their own. Sent alone, the
-# head halved the bursts at 8920: the Go seed's reader woke for each (bench/README.md,
-# twentieth round).
-_GATHER_ABOVE: Final = 4096
-_GATHER_UP_TO: Final = 32 * 1024
 # How long the timer thread may go without finishing a tick, or the TUN reader without coming
 # round its loop, before the device counts as stuck (`stalled`). Either can legitimately block
 # in one send for the stream transport's send timeout (5 s, a peer that stopped reading), so
@@ -523,31 +516,21 @@ class Device:
         """Reads what the TUN holds and sends it on: the packet at the head of the queue at
         once (asking the kernel first whether more is queued would put a system call in front
         of every packet of a ping or a request), then, if poll() says more queued meanwhile,
-        that, never waited for, as one batch (one lock and one send for many packets). A
-        head of jumbo-MTU bulk (_GATHER_ABOVE) goes in that batch instead. Raises
+        that, never waited for, as one batch (one lock and one send for many packets). Raises
         BlockingIOError when the queue was empty; returns whether it is empty now."""
         read = self._tun_read
-        head = read()
+        actions = self._seal_all(read())
+        if len(actions) == 1:
+            self._perform(actions)
+        else:
+            self._perform_batch(actions)
+        if not self._tun_queued.poll(0):
+            # The common end of a pass at low rates (a request, a ping): a read that found the
+            # queue empty would cost an exception, and compiled code a traceback entry per frame.
+            return True
+        # An error other than EAGAIN shows up on the next read.
         batch: list[bytes | bytearray | memoryview] = []
         size = 0
-        if len(head) == 1 and _GATHER_ABOVE < len(head[0]) <= _GATHER_UP_TO:
-            if not self._tun_queued.poll(0):
-                self._perform(self._seal_all(head))
-                return True
-            batch.append(head[0])
-            size = len(head[0])
-        else:
-            actions = self._seal_all(head)
-            if len(actions) == 1:
-                self._perform(actions)
-            else:
-                self._perform_batch(actions)
-            if not self._tun_queued.poll(0):
-                # The common end of a pass at low rates (a request, a ping): a read that found
-                # the queue empty would cost an exception, and compiled code a traceback entry
-                # per frame.
-                return True
-        # An error other than EAGAIN shows up on the next read.
         drained = False
         try:
             while len(batch) < _READ_BATCH and size < _READ_BYTES:
