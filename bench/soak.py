@@ -60,6 +60,11 @@ SAMPLE_EVERY = 2.0
 SETTLE = 10.0
 # A restart window runs from the fault to the recovery plus this margin (a reply in flight).
 WINDOW_MARGIN = 1.0
+# A `get` on the parent's UAPI socket (what `wg show` asks) must be answered within this; the
+# soak waits UAPI_PATIENCE for a late answer, and at UAPI_BOUND has the parent dump its
+# threads' stacks (SIGUSR1) into its log, to show what held the answer up.
+UAPI_BOUND = 2.0
+UAPI_PATIENCE = 15.0
 IPERF_SECONDS = 10
 IPERF_RATE = "10M"
 
@@ -110,6 +115,14 @@ class Recovery:
     def window(self) -> tuple[float, float]:
         end = self.ok_at if self.ok_at is not None else float("inf")
         return self.fault_at - WINDOW_MARGIN, end + WINDOW_MARGIN
+
+
+@dataclass
+class SlowGet:
+    at: float  # unix time it ended
+    seconds: float
+    error: str  # empty when it was answered (late)
+    stacks: str  # the parent's threads at UAPI_BOUND (faulthandler), if it could be asked
 
 
 @dataclass
@@ -176,6 +189,7 @@ class Soak:
         self.handshakes: set[float] = set()
         self.max_age = 0.0
         self.recoveries: list[Recovery] = []
+        self.slow_gets: list[SlowGet] = []
         self.iperf: list[IperfRun] = []
         self.enclave_proc: subprocess.Popen | None = None
         self.enclaves = 0
@@ -215,8 +229,42 @@ class Soak:
                          timeout=10)
         return res.returncode == 0 and res.stdout == "hello from the internet\n"
 
-    def parent_peers(self) -> int:
-        return len(uapi_get(str(self.tmp / "run-parent" / "wg0.sock"))["peers"])
+    def parent_peers(self) -> int | None:
+        """The parent's peer count by a UAPI `get`; None when it did not answer. One that took
+        longer than UAPI_BOUND is noted in slow_gets, with the stacks its threads had then."""
+        pid = self.parent_pid()
+        log = self.tmp / "parent.log"
+        start = time.monotonic()
+        mark = log.stat().st_size if log.exists() else 0
+        dumped = threading.Event()
+
+        def dump() -> None:
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGUSR1)
+                    dumped.set()
+
+        timer = threading.Timer(UAPI_BOUND, dump)
+        timer.start()
+        error = ""
+        try:
+            peers: int | None = len(uapi_get(str(self.tmp / "run-parent" / "wg0.sock"),
+                                             timeout=UAPI_PATIENCE)["peers"])
+        except (OSError, UAPIError, ValueError) as e:
+            peers, error = None, f"{type(e).__name__}: {e}"
+        finally:
+            timer.cancel()
+        took = time.monotonic() - start
+        if took > UAPI_BOUND or peers is None:
+            stacks = ""
+            if dumped.is_set():
+                # faulthandler writes from the signal handler; give it a moment to finish.
+                self.stop.wait(0.5)
+                with contextlib.suppress(OSError), open(log, "rb") as f:
+                    f.seek(mark)
+                    stacks = _stack_dump(f.read().decode(errors="replace"))
+            self.slow_gets.append(SlowGet(time.time(), round(took, 3), error, stacks))
+        return peers
 
     # -- the stage ---------------------------------------------------------------------------
 
@@ -354,7 +402,9 @@ class Soak:
         try:
             wait_for(lambda: self.parent_peers() == 1, 5, "one peer on the parent")
         except LabError:
-            rec.notes.append(f"the parent has {self.parent_peers()} peers, not 1")
+            peers = self.parent_peers()
+            rec.notes.append("the parent did not answer a UAPI get" if peers is None else
+                             f"the parent has {peers} peers, not 1")
         return rec
 
     # -- the run -----------------------------------------------------------------------------
@@ -438,6 +488,8 @@ class Soak:
             r.start <= b and a <= r.end for a, b in (x.window for x in self.recoveries))]
         checks.append((f"iperf3 runs failed outside restart windows: {len(bad_iperf)}",
                        not bad_iperf))
+        checks.append((f"UAPI gets on the parent slower than {UAPI_BOUND:g} s or unanswered: "
+                       f"{len(self.slow_gets)}", not self.slow_gets))
         checks.append((f"oldest session seen {self.max_age:.0f} s < {MAX_HANDSHAKE_AGE:g} s",
                        self.max_age < MAX_HANDSHAKE_AGE))
         ok_runs = [r for r in self.iperf if r.ok]
@@ -453,6 +505,7 @@ class Soak:
                                            / max(1, len(ok_runs)), 2),
                                      round(sum(r.received_mbps for r in ok_runs)
                                            / max(1, len(ok_runs)), 2)]},
+            "slow_gets": [dict(asdict(g), at=round(g.at - t0, 1)) for g in self.slow_gets],
             "handshakes": len(self.handshakes),
             "max_session_age": round(self.max_age, 1),
             "checks": [{"check": c, "ok": ok} for c, ok in checks],
@@ -467,6 +520,23 @@ class Soak:
         except OSError:
             return []
         return [line for line in text.splitlines() if _WARNING.search(line)][-keep:]
+
+
+def _stack_dump(text: str) -> str:
+    """The first faulthandler dump in TEXT (from "Thread 0x..." or "Current thread 0x..."
+    through its last frame line), or ""."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines)
+                  if re.match(r"(Current thread|Thread) 0x[0-9a-f]+", line)), None)
+    if start is None:
+        return ""
+    out = []
+    for line in lines[start:]:
+        if not (re.match(r"(Current thread|Thread) 0x[0-9a-f]+", line)
+                or line.startswith("  File ") or line == ""):
+            break
+        out.append(line)
+    return "\n".join(out).rstrip()
 
 
 def _zombie(pid: int) -> bool:
@@ -504,6 +574,14 @@ def print_report(rep: dict) -> None:
           f"enclave->internet and {ip['mean_mbps'][1]} back, "
           f"{len(ip['failed_outside_windows'])} failed outside restart windows")
     print(f"handshakes seen: {rep['handshakes']}, oldest session {rep['max_session_age']} s")
+    for g in rep["slow_gets"]:
+        print(f"UAPI get on the parent at {g['at']:g} s: "
+              + (f"no answer after {g['seconds']:g} s ({g['error']})" if g["error"]
+                 else f"answered after {g['seconds']:g} s"))
+        if g["stacks"]:
+            print(f"  the parent's threads at {UAPI_BOUND:g} s:")
+            for line in g["stacks"].splitlines():
+                print(f"    {line}")
     failed = [c["check"] for c in rep["checks"] if not c["ok"]]
     print("PASS" if not failed else "FAIL:\n  " + "\n  ".join(failed))
     if failed:
