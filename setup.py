@@ -56,7 +56,11 @@ def ext_modules() -> list:
     # OpenSSL 3.
     aead = Extension("wgvsock.core._transport_aead", ["wgvsock/core/_transport_aead.c"],
                      libraries=["crypto"], extra_compile_args=["-O2"])
-    return [aead, *mypycify(compiled_modules(), opt_level="3", debug_level="0",
+    # TCP segmentation and checksums for TUN reads with offload (_segment.c says why it is C).
+    # -O3: GCC vectorises the checksum's loop only there (3x faster than at -O2).
+    segment = Extension("wgvsock.device._segment", ["wgvsock/device/_segment.c"],
+                        extra_compile_args=["-O3"])
+    return [aead, segment, *mypycify(compiled_modules(), opt_level="3", debug_level="0",
                             group_name="wgvsock_native", multi_file=True)]
 
 

@@ -4,10 +4,13 @@ would; pure functions, no root needed."""
 from __future__ import annotations
 
 import os
+import random
 import struct
+from pathlib import Path
 
 import pytest
 
+from wgvsock.device import tun as tun_mod
 from wgvsock.device.tun import _offload_header, coalesce_tcp, split_tso
 
 _FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80
@@ -214,3 +217,92 @@ def test_coalesce_compares_every_field_segmentation_copies(version: int) -> None
         second = bytearray(segs[1])
         second[at] ^= 0x01
         assert [m for _, _, m in coalesce_tcp([segs[0], bytes(second)])] == [mss], name
+
+
+# -- the C implementation (_segment.c) against the Python one ---------------------------------
+
+
+def _segment_module():
+    try:
+        from wgvsock.device import _segment
+    except ImportError:
+        return None
+    return _segment
+
+
+def test_a_compiled_build_cuts_in_c() -> None:
+    root = Path(__file__).resolve().parents[1]
+    if any(root.glob("wgvsock_native__mypyc.*.so")):
+        assert _segment_module() is not None, "make compile builds wgvsock/device/_segment.c too"
+        assert tun_mod.NATIVE_SEGMENTATION
+    else:
+        assert not tun_mod.NATIVE_SEGMENTATION
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_c_and_python_cut_alike(seed: int) -> None:
+    native = _segment_module()
+    if native is None:
+        pytest.skip("a pure build: no C segmentation to compare (make compile builds it)")
+    rnd = random.Random(seed)
+    for _ in range(40):
+        size = rnd.choice([0, 1, 2, 3, rnd.randrange(1, 3000), rnd.randrange(1, 65000)])
+        options = rnd.choice([b"", b"\x01\x01\x08\x0a" + rnd.randbytes(8), rnd.randbytes(4)])
+        tcp = _tcp(rnd.getrandbits(32), rnd.getrandbits(8), rnd.randbytes(size), options)
+        version = rnd.choice([4, 6])
+        packet = bytearray(_v4(tcp) if version == 4 else _v6(tcp))
+        if version == 4:
+            packet[4:6] = rnd.choice([0xFFFF, 0xFFFE, rnd.getrandbits(16)]).to_bytes(2, "big")
+            packet[12:20] = rnd.randbytes(8)
+        else:
+            packet[8:40] = rnd.randbytes(32)
+        l4 = 20 if version == 4 else 40
+        mss = rnd.choice([1, 7, 536, 1368, 8880, 64960, rnd.randrange(1, 70000)])
+        if -(-size // mss) > 2000:
+            mss = 1368
+        for view in (bytes(packet), memoryview(packet)):
+            assert native.split_tso(view, l4, mss) == tun_mod.py_split_tso(view, l4, mss)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_c_and_python_finish_a_checksum_alike(seed: int) -> None:
+    native = _segment_module()
+    if native is None:
+        pytest.skip("a pure build: no C checksum to compare (make compile builds it)")
+    rnd = random.Random(seed)
+    cases = [(bytes(4), 0, 0), (b"\0\0\xff\xff", 0, 0), (b"\xff\xff\xff\xff", 0, 0),
+             (b"\0\0\0", 0, 0)]
+    for _ in range(200):
+        data = rnd.randbytes(rnd.choice([rnd.randrange(2, 100), rnd.randrange(2, 65536)]))
+        start = rnd.randrange(0, len(data) - 1)
+        cases.append((data, start, rnd.randrange(0, len(data) - start - 1)))
+    for data, start, offset in cases:
+        want = tun_mod._py_complete_checksum(data, 0, start, offset)
+        assert native.complete_checksum(data, start, offset) == want
+        assert native.complete_checksum(memoryview(b"hdr" + data)[3:], start, offset) == want
+
+
+@pytest.mark.parametrize(("packet", "l4", "mss"), [
+    (b"", 20, 1000),
+    (_v4(_tcp(0, _ACK, b"x" * 10)), 20, 0),
+    (_v4(_tcp(0, _ACK, b"x" * 10)), 20, -1),
+    (_v4(_tcp(0, _ACK, b"x" * 10))[:30], 20, 1000),  # the TCP header cut short
+    (b"\x50" + bytes(59), 20, 1000),  # neither IPv4 nor IPv6
+    (_v4(_tcp(0, _ACK, b"x" * 10)), 10, 1000),  # TCP inside the IP header
+    (_v4(_tcp(0, _ACK, b"", b"\x01" * 40))[:50], 20, 1000),  # data offset past the end
+])
+def test_c_refuses_a_malformed_super_packet(packet: bytes, l4: int, mss: int) -> None:
+    native = _segment_module()
+    if native is None:
+        pytest.skip("a pure build: no C segmentation (make compile builds it)")
+    with pytest.raises(ValueError, match="split_tso: needs"):
+        native.split_tso(packet, l4, mss)
+
+
+@pytest.mark.parametrize(("start", "offset"), [(-1, 0), (0, -1), (9, 0), (0, 9), (5, 4)])
+def test_c_refuses_a_checksum_outside_the_packet(start: int, offset: int) -> None:
+    native = _segment_module()
+    if native is None:
+        pytest.skip("a pure build: no C checksum (make compile builds it)")
+    with pytest.raises(ValueError, match="outside a packet of 10 bytes"):
+        native.complete_checksum(bytes(10), start, offset)

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Final
 
 from mypy_extensions import mypyc_attr
@@ -87,8 +88,30 @@ _IFREQ_INT: Final = "16si20x"
 # Tun.read_offload hands out a packet as a view, not a copy, when it read more than this.
 _VIEW_FROM: Final = 2048
 
+# Segmentation and checksums in C (_segment.c), in a compiled build; the functions below are
+# the pure build's, and the reference the C is tested against.
+_native: ModuleType | None
+try:
+    from . import _segment as _native
+except ImportError as e:
+    if e.name not in (f"{__package__}._segment", __package__):
+        raise
+    _native = None
+# Whether cutting super-packets for a peer that takes none costs less than the TUN reads it
+# saves (device.py reads the TUN with offload for every stream peer then).
+NATIVE_SEGMENTATION: Final = _native is not None
+
 
 def _complete_checksum(
+    buf: bytes | memoryview, header: int, start: int, offset: int
+) -> bytearray:
+    """A copy of BUF from HEADER on, with its partial checksum finished (C when built)."""
+    if _native is not None:
+        return _native.complete_checksum(memoryview(buf)[header:], start, offset)
+    return _py_complete_checksum(buf, header, start, offset)
+
+
+def _py_complete_checksum(
     buf: bytes | memoryview, header: int, start: int, offset: int
 ) -> bytearray:
     """Finishes a checksum the kernel left partial (CHECKSUM_PARTIAL): the field already holds
@@ -116,6 +139,13 @@ def _fold(total: int) -> int:
 
 
 def split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list[bytearray]:
+    """py_split_tso's result, from C when built (_segment.c)."""
+    if _native is not None:
+        return _native.split_tso(packet, l4, mss)
+    return py_split_tso(packet, l4, mss)
+
+
+def py_split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list[bytearray]:
     """Cuts a TCP super-packet (IPv4 or IPv6, TCP header at offset `l4`) into packets of at
     most `mss` payload bytes, as the kernel's own segmentation would: each gets its own length,
     IPv4 ID and header checksum, sequence number and a complete TCP checksum, so it is valid
