@@ -244,6 +244,15 @@ def ping(
     return ns.run("ping", "-c", str(count), "-i", "0.2", "-W", "3", *extra, addr, **kw)
 
 
+def csum_errors(ns: Namespace) -> int:
+    """Segments `ns`'s kernel received with a bad TCP checksum (and dropped), since it was
+    made: a peer that cuts super-packets must checksum every segment."""
+    out = ns.run("nstat", "-az", "TcpInCsumErrors").stdout
+    [count] = [int(line.split()[1]) for line in out.splitlines()
+               if line.startswith("TcpInCsumErrors")]
+    return count
+
+
 def iperf3(
     server: Namespace, client: Namespace, addr: str, *args: str, timeout: float = 120
 ) -> dict:

@@ -37,7 +37,7 @@ from ..core.engine import DROP, SEND, TUNNEL, Action, Engine
 from ..core.peer import Peer
 from ..core.ratelimit import LoadTracker
 from ..threads import NamedThread, Survivor
-from .tun import GSO_MAX_SIZE, Tun, complete_checksum, split_tso
+from .tun import GSO_MAX_SIZE, NATIVE_SEGMENTATION, Tun, complete_checksum, split_tso
 from .uapi import DEFAULT_RUN_DIR, DeviceConfig, DeviceStatus, PeerStatus, UAPIError, UAPIServer
 
 log = logging.getLogger("wgvsock.device")
@@ -67,6 +67,11 @@ TUN_QUEUE_LEN: Final = 1000
 # super-packets held it for milliseconds and cost a third of the throughput at MTU 65000.
 _READ_BATCH: Final = 64
 _READ_BYTES: Final = 64 * 1024
+# With cutting in C (tun.NATIVE_SEGMENTATION), the TUN is read with offload for a peer that
+# takes no super-packets too, while a full one holds at least four segments: one read then
+# replaces four or more, for a copy and a checksum in C. At MTU 65000 each read is one packet
+# either way, and the copy and checksum only cost (bench/README.md, twenty-first round).
+_CUT_UP_TO_MTU: Final = GSO_MAX_SIZE // 4
 # How long the timer thread may go without finishing a tick, or the TUN reader without coming
 # round its loop, before the device counts as stuck (`stalled`). Either can legitimately block
 # in one send for the stream transport's send timeout (5 s, a peer that stopped reading), so
@@ -282,6 +287,7 @@ class Device:
                     flags |= CAP_SUPER | CAP_PARTIAL_CSUM
                 self.bind.hello = encode_hello(flags, GSO_MAX_SIZE if super_packets else 0)
             self.port = self.bind.open(0, self._on_receive)
+            self._caps_changed()
             self.uapi = UAPIServer(self.ifname, self, self.run_dir)
             self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         except BaseException:
@@ -317,12 +323,16 @@ class Device:
 
     def _caps_changed(self) -> None:
         """A stream peer's capabilities came or went: TUN reads give super-packets and partial
-        checksums while some connected peer takes both."""
+        checksums while some connected peer takes both, or at MTUs up to _CUT_UP_TO_MTU where
+        they are cut and checksummed in C (tun.NATIVE_SEGMENTATION) for a peer that takes
+        neither: one read of up to 64 KiB then costs less than the kernel's segments read one
+        by one. Also asked when the MTU changed."""
         tun = self.tun
-        if tun is None or not tun.vnet or not self.offload:
+        if tun is None or not tun.vnet or not self.offload or not self.bind.stream:
             return
         with self._offload_lock:
-            want = self.bind.any_peer_has(CAP_SUPER | CAP_PARTIAL_CSUM)
+            want = (NATIVE_SEGMENTATION and self.engine.mtu <= _CUT_UP_TO_MTU) or \
+                self.bind.any_peer_has(CAP_SUPER | CAP_PARTIAL_CSUM)
             if want == tun.offloading:
                 return
             try:
@@ -707,6 +717,7 @@ class Device:
             with self._lock:
                 self.engine.mtu = mtu
             tun.mtu_hint = mtu
+            self._caps_changed()
 
     # -- UAPI ----------------------------------------------------------------------------
 
