@@ -306,11 +306,12 @@ class Device:
     def _create_tun(self) -> Tun:
         # With a virtio-net header our TUN writes can merge runs of TCP into super-packets
         # (Tun.write_batch) whatever the peer, as wireguard-go's do. Reads give super-packets
-        # and partial checksums only while a peer takes them (_caps_changed; never with
-        # offload off): one read then returns up to 64 KiB of TCP that goes out as one
-        # message. For any other peer the kernel cuts and checksums in C before we read, which
-        # costs a fraction of doing it in Python (split_tso took 260 us per 64 KiB at MTU 1420,
-        # a Python checksum 126 us per 64 KiB).
+        # and partial checksums (_caps_changed; never with offload off) while a peer takes
+        # them: one read then returns up to 64 KiB of TCP that goes out as one message; and
+        # for any other peer at MTUs up to _CUT_UP_TO_MTU in a compiled build, which cuts and
+        # checksums them in C (one read instead of up to 47). Otherwise the kernel cuts and
+        # checksums before we read, which costs a fraction of doing it in Python (split_tso
+        # took 260 us per 64 KiB at MTU 1420, a Python checksum 126 us per 64 KiB).
         tun = Tun.create(self.ifname, offload=True)
         try:
             tun.set_gso_max_size(GSO_MAX_SIZE)
