@@ -230,6 +230,16 @@ def _segment_module():
     return _segment
 
 
+@pytest.fixture
+def native():
+    """The C module; in a pure build (WGVSOCK_PURE=1, test_pure_python.py's copy) there is
+    none to compare, and test_a_compiled_build_cuts_in_c fails a compiled build without it."""
+    module = _segment_module()
+    if module is None:
+        pytest.skip("a pure build: no C segmentation to compare (make compile builds it)")
+    return module
+
+
 def test_a_compiled_build_cuts_in_c() -> None:
     root = Path(__file__).resolve().parents[1]
     if any(root.glob("wgvsock_native__mypyc.*.so")):
@@ -240,10 +250,7 @@ def test_a_compiled_build_cuts_in_c() -> None:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_c_and_python_cut_alike(seed: int) -> None:
-    native = _segment_module()
-    if native is None:
-        pytest.skip("a pure build: no C segmentation to compare (make compile builds it)")
+def test_c_and_python_cut_alike(native, seed: int) -> None:
     rnd = random.Random(seed)
     for _ in range(40):
         size = rnd.choice([0, 1, 2, 3, rnd.randrange(1, 3000), rnd.randrange(1, 65000)])
@@ -265,10 +272,7 @@ def test_c_and_python_cut_alike(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_c_and_python_finish_a_checksum_alike(seed: int) -> None:
-    native = _segment_module()
-    if native is None:
-        pytest.skip("a pure build: no C checksum to compare (make compile builds it)")
+def test_c_and_python_finish_a_checksum_alike(native, seed: int) -> None:
     rnd = random.Random(seed)
     cases = [(bytes(4), 0, 0), (b"\0\0\xff\xff", 0, 0), (b"\xff\xff\xff\xff", 0, 0),
              (b"\0\0\0", 0, 0)]
@@ -291,18 +295,12 @@ def test_c_and_python_finish_a_checksum_alike(seed: int) -> None:
     (_v4(_tcp(0, _ACK, b"x" * 10)), 10, 1000),  # TCP inside the IP header
     (_v4(_tcp(0, _ACK, b"", b"\x01" * 40))[:50], 20, 1000),  # data offset past the end
 ])
-def test_c_refuses_a_malformed_super_packet(packet: bytes, l4: int, mss: int) -> None:
-    native = _segment_module()
-    if native is None:
-        pytest.skip("a pure build: no C segmentation (make compile builds it)")
+def test_c_refuses_a_malformed_super_packet(native, packet: bytes, l4: int, mss: int) -> None:
     with pytest.raises(ValueError, match="split_tso: needs"):
         native.split_tso(packet, l4, mss)
 
 
 @pytest.mark.parametrize(("start", "offset"), [(-1, 0), (0, -1), (9, 0), (0, 9), (5, 4)])
-def test_c_refuses_a_checksum_outside_the_packet(start: int, offset: int) -> None:
-    native = _segment_module()
-    if native is None:
-        pytest.skip("a pure build: no C checksum (make compile builds it)")
+def test_c_refuses_a_checksum_outside_the_packet(native, start: int, offset: int) -> None:
     with pytest.raises(ValueError, match="outside a packet of 10 bytes"):
         native.complete_checksum(bytes(10), start, offset)
