@@ -259,11 +259,10 @@ class Soak:
         if took > UAPI_SLOW or peers is None:
             stacks = ""
             if dumped.is_set():
-                # faulthandler writes from the signal handler; give it a moment to finish.
-                self.stop.wait(0.5)
-                with contextlib.suppress(OSError), open(log, "rb") as f:
-                    f.seek(mark)
-                    stacks = _stack_dump(f.read().decode(errors="replace"))
+                # The parent writes them from its signal handler, maybe after the answer came.
+                with contextlib.suppress(LabError):
+                    stacks = wait_for(lambda: _stack_dump(_read_from(log, mark)), 2,
+                                      "the parent's stack dump")
             self.slow_gets.append(SlowGet(time.time(), round(took, 3), error, stacks))
         return peers
 
@@ -524,18 +523,28 @@ class Soak:
         return [line for line in text.splitlines() if _WARNING.search(line)][-keep:]
 
 
+_THREAD_LINE = re.compile(r"(Current thread|Thread) 0x[0-9a-f]+")
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _stack_dump(text: str) -> str:
     """The first faulthandler dump in TEXT (from "Thread 0x..." or "Current thread 0x..."
     through its last frame line), or ""."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines)
-                  if re.match(r"(Current thread|Thread) 0x[0-9a-f]+", line)), None)
+    start = next((i for i, line in enumerate(lines) if _THREAD_LINE.match(line)), None)
     if start is None:
         return ""
     out = []
     for line in lines[start:]:
-        if not (re.match(r"(Current thread|Thread) 0x[0-9a-f]+", line)
-                or line.startswith("  File ") or line == ""):
+        if not (_THREAD_LINE.match(line) or line.startswith("  File ") or line == ""):
             break
         out.append(line)
     return "\n".join(out).rstrip()
