@@ -326,14 +326,14 @@ class Device:
         """A stream peer's capabilities came or went: TUN reads give super-packets and partial
         checksums while some connected peer takes both, or at MTUs up to _CUT_UP_TO_MTU where
         they are cut and checksummed in C (tun.NATIVE_SEGMENTATION) for a peer that takes
-        neither: one read of up to 64 KiB then costs less than the kernel's segments read one
-        by one. Also asked when the MTU changed."""
+        neither, and for every datagram peer: one read of up to 64 KiB then costs less than
+        the kernel's segments read one by one. Also asked when the MTU changed."""
         tun = self.tun
-        if tun is None or not tun.vnet or not self.offload or not self.bind.stream:
+        if tun is None or not tun.vnet or not self.offload:
             return
         with self._offload_lock:
-            want = (NATIVE_SEGMENTATION and self.engine.mtu <= _CUT_UP_TO_MTU) or \
-                self.bind.any_peer_has(CAP_SUPER | CAP_PARTIAL_CSUM)
+            want = (NATIVE_SEGMENTATION and self.engine.mtu <= _CUT_UP_TO_MTU) or (
+                self.bind.stream and self.bind.any_peer_has(CAP_SUPER | CAP_PARTIAL_CSUM))
             if want == tun.offloading:
                 return
             try:
