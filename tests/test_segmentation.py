@@ -281,7 +281,7 @@ def test_c_and_python_finish_a_checksum_alike(native, seed: int) -> None:
         start = rnd.randrange(0, len(data) - 1)
         cases.append((data, start, rnd.randrange(0, len(data) - start - 1)))
     for data, start, offset in cases:
-        want = tun_mod._py_complete_checksum(data, 0, start, offset)
+        want = tun_mod.py_complete_checksum(data, 0, start, offset)
         assert native.complete_checksum(data, start, offset) == want
         assert native.complete_checksum(memoryview(b"hdr" + data)[3:], start, offset) == want
 

@@ -108,10 +108,10 @@ def _complete_checksum(
     """A copy of BUF from HEADER on, with its partial checksum finished (C when built)."""
     if _native is not None:
         return _native.complete_checksum(memoryview(buf)[header:], start, offset)
-    return _py_complete_checksum(buf, header, start, offset)
+    return py_complete_checksum(buf, header, start, offset)
 
 
-def _py_complete_checksum(
+def py_complete_checksum(
     buf: bytes | memoryview, header: int, start: int, offset: int
 ) -> bytearray:
     """Finishes a checksum the kernel left partial (CHECKSUM_PARTIAL): the field already holds
@@ -120,8 +120,7 @@ def _py_complete_checksum(
     0xFFFF), which int.from_bytes and % compute at C speed for a 64 KiB segment."""
     packet = bytearray(buf[header:])
     tail = memoryview(packet)[start:]
-    total = int.from_bytes(tail, "big") << (8 * (len(tail) & 1))
-    value = ~(total % 0xFFFF) & 0xFFFF
+    value = _fold(int.from_bytes(tail, "big") << (8 * (len(tail) & 1)))
     at = start + offset
     packet[at] = value >> 8
     packet[at + 1] = value & 0xFF
