@@ -34,31 +34,24 @@ import tunnel_bench as tb
 from wgvsock.ui.nslab import Lab, LabError, Namespace, preflight, run_in_lab
 
 
-def _task_cpu(pid: int) -> dict[str, int]:
-    """CPU nanoseconds per thread of `pid` so far."""
-    out: dict[str, int] = {}
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+def _tasks(pid: int) -> tuple[dict[str, int], int]:
+    """CPU nanoseconds per thread of `pid` so far, and how often its threads have blocked so
+    far (voluntary context switches: each is a wake-up to pay for when work comes in
+    bursts); one walk of /proc/PID/task."""
+    cpu: dict[str, int] = {}
+    sleeps = 0
+    for task in glob.glob(f"/proc/{pid}/task/*"):
         try:
-            with open(path) as f:
-                out[path.split("/")[4]] = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that ended in between
-    return out
-
-
-def _sleeps(pid: int) -> int:
-    """How often `pid`'s threads have blocked so far (voluntary context switches): each is a
-    wake-up to pay for when work comes in bursts."""
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/status"):
-        try:
-            with open(path) as f:
+            with open(f"{task}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"{task}/status") as f:
                 for line in f:
                     if line.startswith("voluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
+                        sleeps += int(line.split()[1])
         except (OSError, ValueError, IndexError):
-            pass
-    return total
+            continue  # a thread that ended in between
+        cpu[task.rsplit("/", 1)[1]] = ns
+    return cpu, sleeps
 
 
 def _machine() -> list[int]:
@@ -82,13 +75,15 @@ class Row:
 def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
              seconds: float, reverse: bool, row: Row) -> None:
     pids = [p for p in t.pids.values() if p is not None]
-    cpu0 = {p: _task_cpu(p) for p in pids}
-    sleeps0 = {p: _sleeps(p) for p in pids}
+    before = {p: _tasks(p) for p in pids}
     m0 = _machine()
     data = tb.iperf_json(a, b, t.tun_b, port, seconds, reverse, "-b", rate)
     m1 = _machine()
-    cpu1 = {p: _task_cpu(p) for p in pids}
-    sleeps1 = {p: _sleeps(p) for p in pids}
+    after = {p: _tasks(p) for p in pids}
+    cpu0 = {p: cpu for p, (cpu, _) in before.items()}
+    cpu1 = {p: cpu for p, (cpu, _) in after.items()}
+    sleeps0 = {p: n for p, (_, n) in before.items()}
+    sleeps1 = {p: n for p, (_, n) in after.items()}
     moved = data["end"]["sum_received"]["bytes"]
     wall = data["end"]["sum_received"]["seconds"]
     if moved <= 0 or wall <= 0:
