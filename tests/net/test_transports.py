@@ -85,20 +85,25 @@ def _offload(lab: Lab, ifname: str) -> str:
     return lab.uapi(ifname)["extra"]["wgvsock_tun_offload"]
 
 
+@pytest.mark.parametrize("inner", ["ipv4", "ipv6"])
 @pytest.mark.parametrize("network", ["tcp", "udp"])
-def test_a_peer_with_offload_off_gets_mtu_sized_packets(lab: Lab, network: str) -> None:
+def test_a_peer_with_offload_off_gets_mtu_sized_packets(lab: Lab, network: str,
+                                                        inner: str) -> None:
     """WGVSOCK_OFFLOAD=0 on one side: over a stream its hello offers no super-packets, so it
     gets MTU-sized packets with complete checksums, bulk both ways (over UDP every message
     is one packet anyway). The other side reads its TUN with offload and cuts in C (a
     compiled build) while a super-packet holds four segments or more, and lets the kernel
-    cut above that MTU; the offload-off side never offloads."""
+    cut above that MTU; the offload-off side never offloads. TCP over IPv4 and IPv6 inside
+    the tunnel (the cut rewrites each segment's IP header: length, ID for IPv4)."""
     a, b = lab.netns("a"), lab.netns("b")
     ia, ib = lab.ifname("a"), lab.ifname("b")
     lab.veth(a, "192.168.77.1/24", b, "192.168.77.2/24")
     lab.start_daemon(a, ia, network)
     lab.start_daemon(b, ib, network, WGVSOCK_OFFLOAD="0")
-    connect_pair(lab, a, ia, "192.168.77.2:7002", b, ib, None, a_port=7001, b_port=7002)
-    ping(a, "10.99.0.2")
+    a_tun, b_tun = ("10.99.0.1", "10.99.0.2") if inner == "ipv4" else ("fd99::1", "fd99::2")
+    connect_pair(lab, a, ia, "192.168.77.2:7002", b, ib, None, a_port=7001, b_port=7002,
+                 a_tun=a_tun, b_tun=b_tun)
+    ping(a, b_tun)
     cut_in_c = "on" if NATIVE_SEGMENTATION else "off"
     port = 5301
     for mtu, want in ((1420, cut_in_c), (8920, cut_in_c), (65000, "off"), (1420, cut_in_c)):
@@ -108,7 +113,7 @@ def test_a_peer_with_offload_off_gets_mtu_sized_packets(lab: Lab, network: str) 
         wait_for(lambda w=want: _offload(lab, ia) == w, 10, f"offload {want} at MTU {mtu}")
         assert _offload(lab, ib) == "off"
         for args in (("-n", "20M"), ("-n", "20M", "-R")):
-            result = _iperf(lab, a, b, "10.99.0.2", *args, port=port)
+            result = _iperf(lab, a, b, b_tun, *args, port=port)
             port += 1
             assert result["end"]["sum_sent"]["bytes"] >= 20 * 1024 * 1024, (mtu, args)
     # Every segment arrived checksummed: neither kernel dropped one as corrupt.
