@@ -151,9 +151,12 @@ class Container:
         self.leader = wait_for(leader, timeout, "the container's systemd")
 
         def booted() -> str:
-            # Until systemd has its private socket, systemctl cannot reach it at all.
-            res = self.run("systemctl", "is-system-running", "--wait", timeout=timeout)
-            return res.stdout.strip() if res.stdout.strip() else ""
+            # Until systemd has its private socket, systemctl cannot reach it at all; and
+            # until it has made /run/systemd/system (sd_booted()), systemctl says "offline"
+            # without asking it. A loaded machine widens that window after PID 1 exists.
+            state = self.run("systemctl", "is-system-running", "--wait",
+                             timeout=timeout).stdout.strip()
+            return "" if state == "offline" else state
 
         state = wait_for(booted, timeout, "the container's boot")
         # "degraded": some unit of the machine's own failed in the container; not ours.
