@@ -80,15 +80,12 @@ def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
     data = tb.iperf_json(a, b, t.tun_b, port, seconds, reverse, "-b", rate)
     m1 = _machine()
     after = {p: _tasks(p) for p in pids}
-    cpu0 = {p: cpu for p, (cpu, _) in before.items()}
-    cpu1 = {p: cpu for p, (cpu, _) in after.items()}
-    sleeps0 = {p: n for p, (_, n) in before.items()}
-    sleeps1 = {p: n for p, (_, n) in after.items()}
     moved = data["end"]["sum_received"]["bytes"]
     wall = data["end"]["sum_received"]["seconds"]
     if moved <= 0 or wall <= 0:
         raise LabError(f"{t.case.label}: iperf3 moved nothing through the tunnel")
-    used = {(p, tid): ns - cpu0[p].get(tid, 0) for p in pids for tid, ns in cpu1[p].items()}
+    used = {(p, tid): ns - before[p][0].get(tid, 0)
+            for p in pids for tid, ns in after[p][0].items()}
     ticks = [y - x for x, y in zip(m0, m1, strict=True)]
     row.mbps.append(moved * 8 / wall / 1e6)
     row.us_per_mb.append(sum(used.values()) / 1e3 / (moved / 1e6))
@@ -97,7 +94,7 @@ def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
         side.append(sum(ns for (p, _), ns in used.items() if p == t.pids[ifname])
                     / 1e3 / (moved / 1e6))
         if (pid := t.pids[ifname]) is not None:
-            sleeps.append((sleeps1[pid] - sleeps0[pid]) / (moved / 1e6))
+            sleeps.append((after[pid][1] - before[pid][1]) / (moved / 1e6))
     row.busiest.append(100 * max(used.values(), default=0) / 1e9 / wall)
     row.idle.append(100 * (ticks[3] + ticks[4]) / sum(ticks))  # idle + iowait
 
