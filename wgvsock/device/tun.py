@@ -98,7 +98,7 @@ except ImportError as e:
         raise
     _native = None
 # Whether cutting super-packets for a peer that takes none costs less than the TUN reads it
-# saves (device.py then reads the TUN with offload for every stream peer, up to MTU 16250).
+# saves (device.py then reads the TUN with offload for every peer, up to MTU 16250).
 NATIVE_SEGMENTATION: Final = _native is not None
 
 
