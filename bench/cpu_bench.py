@@ -10,8 +10,10 @@ a->b and b->a (the order flips every cycle). Around each run the daemons' CPU ti
 cycles: the rate reached, both daemons' CPU microseconds per megabyte moved (and each one's, a
 and b: which end costs more), the busiest daemon thread's share of a core, the machine's idle
 share, how often each daemon's threads blocked per MB (voluntary context switches: each one a
-wake-up, which a stream that arrives in many small bursts multiplies), and CPU per MB over the
-last case's.
+wake-up, which a stream that arrives in many small bursts multiplies), how long each daemon's
+threads were runnable but waiting for a CPU (summed over its threads, as a share of the run:
+near 100 % less the busiest share means that thread is the stage everything waits for), and
+CPU per MB over the last case's.
 
 Why a separate tool: tunnel_bench.py measures throughput at the limit, where on two shared cores
 a 5 % change is lost in noise and the figure mixes what our code costs with how its threads and
@@ -34,23 +36,23 @@ import tunnel_bench as tb
 from wgvsock.ui.nslab import Lab, LabError, Namespace, preflight, run_in_lab
 
 
-def _tasks(pid: int) -> tuple[dict[str, int], int]:
-    """CPU nanoseconds per thread of `pid` so far, and how often its threads have blocked so
-    far (voluntary context switches: each is a wake-up to pay for when work comes in
-    bursts); one walk of /proc/PID/task."""
-    cpu: dict[str, int] = {}
+def _tasks(pid: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Per thread of `pid`, nanoseconds on a CPU and runnable but waiting for one so far;
+    and how often its threads have blocked so far (voluntary context switches: each is a
+    wake-up to pay for when work comes in bursts); one walk of /proc/PID/task."""
+    cpu: dict[str, tuple[int, int]] = {}
     sleeps = 0
     for task in glob.glob(f"/proc/{pid}/task/*"):
         try:
             with open(f"{task}/schedstat") as f:
-                ns = int(f.read().split()[0])
+                on_cpu, waiting = (int(x) for x in f.read().split()[:2])
             with open(f"{task}/status") as f:
                 for line in f:
                     if line.startswith("voluntary_ctxt_switches:"):
                         sleeps += int(line.split()[1])
         except (OSError, ValueError, IndexError):
             continue  # a thread that ended in between
-        cpu[task.rsplit("/", 1)[1]] = ns
+        cpu[task.rsplit("/", 1)[1]] = on_cpu, waiting
     return cpu, sleeps
 
 
@@ -70,6 +72,15 @@ class Row:
     idle: list[float] = field(default_factory=list)
     sleeps_a: list[float] = field(default_factory=list)
     sleeps_b: list[float] = field(default_factory=list)
+    queued_a: list[float] = field(default_factory=list)
+    queued_b: list[float] = field(default_factory=list)
+
+
+def _pair(a: list[float], b: list[float]) -> str:
+    """Medians of the a and b sides, or "-" when a side has no figure (a relay's)."""
+    if not a or not b:
+        return "-"
+    return f"{statistics.median(a):.0f} / {statistics.median(b):.0f}"
 
 
 def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
@@ -84,17 +95,20 @@ def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
     wall = data["end"]["sum_received"]["seconds"]
     if moved <= 0 or wall <= 0:
         raise LabError(f"{t.case.label}: iperf3 moved nothing through the tunnel")
-    used = {(p, tid): ns - before[p][0].get(tid, 0)
-            for p in pids for tid, ns in after[p][0].items()}
+    used = {(p, tid): ns - before[p][0].get(tid, (0, 0))[0]
+            for p in pids for tid, (ns, _) in after[p][0].items()}
+    queued = {p: sum(w - before[p][0].get(tid, (0, 0))[1]
+                     for tid, (_, w) in after[p][0].items()) for p in pids}
     ticks = [y - x for x, y in zip(m0, m1, strict=True)]
     row.mbps.append(moved * 8 / wall / 1e6)
     row.us_per_mb.append(sum(used.values()) / 1e3 / (moved / 1e6))
-    for side, sleeps, ifname in ((row.us_a, row.sleeps_a, t.if_a),
-                                 (row.us_b, row.sleeps_b, t.if_b)):
+    for side, sleeps, waits, ifname in ((row.us_a, row.sleeps_a, row.queued_a, t.if_a),
+                                        (row.us_b, row.sleeps_b, row.queued_b, t.if_b)):
         side.append(sum(ns for (p, _), ns in used.items() if p == t.pids[ifname])
                     / 1e3 / (moved / 1e6))
         if (pid := t.pids[ifname]) is not None:
             sleeps.append((after[pid][1] - before[pid][1]) / (moved / 1e6))
+            waits.append(100 * queued[pid] / 1e9 / wall)
     row.busiest.append(100 * max(used.values(), default=0) / 1e9 / wall)
     row.idle.append(100 * (ticks[3] + ticks[4]) / sum(ticks))  # idle + iowait
 
@@ -131,16 +145,14 @@ def main() -> int:
     print(f"MTU {args.mtu}: {args.cycles} cycles of iperf3 -b {args.rate} for {args.seconds:g} s "
           f"each way, cases in turn; medians")
     print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'a / b':>14}{'busiest %':>11}"
-          f"{'idle %':>8}{'sleeps/MB a / b':>17}{'x ' + cases[-1].label:>18}")
+          f"{'idle %':>8}{'sleeps/MB a / b':>17}{'queued % a / b':>16}{'x ' + cases[-1].label:>18}")
     for (label, d), row in rows.items():
         ref = rows[cases[-1].label, d].us_per_mb
         us = statistics.median(row.us_per_mb)
-        split = f"{statistics.median(row.us_a):.0f} / {statistics.median(row.us_b):.0f}"
-        sleeps = (f"{statistics.median(row.sleeps_a):.0f} / {statistics.median(row.sleeps_b):.0f}"
-                  if row.sleeps_a and row.sleeps_b else "-")
-        print(f"{label:<30}{d:>5}{statistics.median(row.mbps):>8.0f}{us:>11.0f}{split:>14}"
-              f"{statistics.median(row.busiest):>11.0f}{statistics.median(row.idle):>8.0f}"
-              f"{sleeps:>17}{us / statistics.median(ref):>18.2f}")
+        print(f"{label:<30}{d:>5}{statistics.median(row.mbps):>8.0f}{us:>11.0f}"
+              f"{_pair(row.us_a, row.us_b):>14}{statistics.median(row.busiest):>11.0f}"
+              f"{statistics.median(row.idle):>8.0f}{_pair(row.sleeps_a, row.sleeps_b):>17}"
+              f"{_pair(row.queued_a, row.queued_b):>16}{us / statistics.median(ref):>18.2f}")
     return 0
 
 
