@@ -55,8 +55,9 @@ class Inbox:
     def __init__(self) -> None:
         self.q: queue.Queue[tuple[bytes, Endpoint]] = queue.Queue()
 
-    def __call__(self, data: bytes, ep: Endpoint) -> None:
-        self.q.put((data, ep))
+    def __call__(self, data: bytes | memoryview, ep: Endpoint) -> None:
+        # A stream bind's transport message is a view into its receive buffer (Receiver).
+        self.q.put((bytes(data), ep))
 
     def get(self, timeout: float = TIMEOUT) -> tuple[bytes, Endpoint]:
         return self.q.get(timeout=timeout)
@@ -1143,7 +1144,7 @@ def test_fwmark_reaches_every_ip_socket_now_and_later(network: str) -> None:
     a, b = make_bind(network, False), make_bind(network, False)
     got: list[bytes] = []
     a.open(0, lambda d, ep: None)
-    port = b.open(0, lambda d, ep: got.append(d))
+    port = b.open(0, lambda d, ep: got.append(bytes(d)))
     try:
         a.set_mark(0x1234)
         a.send(b"\x04" + bytes(47), a.parse_endpoint(f"127.0.0.1:{port}"))

@@ -15,6 +15,7 @@ from wgvsock.conn.framing import (
     HEADER_SIZE,
     MAX_PAYLOAD,
     MIN_PAYLOAD,
+    VIEW_FROM,
     FrameDecoder,
     FramingError,
     encode_frame,
@@ -90,6 +91,63 @@ def test_decoder_does_not_keep_the_callers_buffer() -> None:
     assert dec.feed(memoryview(frame)[50:]) == [payload(200, 5)]
 
 
+def _receive(dec: FrameDecoder, data: bytes) -> list[bytes | memoryview]:
+    """What the stream reader does with one read: into space(), then frames()."""
+    space = dec.space()
+    assert len(space) >= len(data)
+    space[: len(data)] = data
+    return dec.frames(len(data))
+
+
+def test_transport_messages_are_views_into_the_buffer_until_the_next_read() -> None:
+    """No copy of a transport message on the way to the engine: it is a view into the receive
+    buffer, valid until the next space(), which moves a cut-off frame to the front."""
+    t1, hs, small, t2 = (_transport(VIEW_FROM, 1), payload(148, 2), _transport(VIEW_FROM - 1, 3),
+                         _transport(65000, 4))
+    t3 = _transport(20000, 5)
+    stream = b"".join(encode_frame(m) for m in (t1, hs, small, t2, t3))
+    cut = len(stream) - 200
+    dec = FrameDecoder()
+    first = _receive(dec, stream[:cut])
+    # Below VIEW_FROM the copy is cheaper than handling a view downstream.
+    assert [type(f) for f in first] == [memoryview, bytes, bytes, memoryview]
+    assert [bytes(f) for f in first] == [t1, hs, small, t2]
+    assert dec.buffered == len(encode_frame(t3)) - 200
+    held = bytes(first[0])
+    rest = _receive(dec, stream[cut:])  # space() moved the cut-off frame to the front
+    assert bytes(first[0]) != held  # the old view shows what is there now
+    assert [bytes(f) for f in rest] == [t3]
+    assert dec.buffered == 0
+
+
+@given(
+    sizes=st.lists(st.integers(MIN_PAYLOAD, 20000), min_size=1, max_size=12),
+    kinds=st.lists(st.booleans(), min_size=12, max_size=12),
+    cuts=st.lists(st.integers(0, 250000), max_size=12),
+)
+def test_a_small_buffer_moves_cut_off_frames_and_loses_nothing(
+    sizes: list[int], kinds: list[bool], cuts: list[int]
+) -> None:
+    """Reads of any length into a buffer barely larger than a frame: every cut-off frame
+    moves to the front (over itself, too, when it is longer than what went before it), and
+    each view (a transport message from VIEW_FROM bytes) is read before the next read."""
+    msgs = [_transport(n, i) if kinds[i] else payload(n, i) for i, n in enumerate(sizes)]
+    stream = b"".join(encode_frame(m) for m in msgs)
+    dec = FrameDecoder(max_payload=20000, size=HEADER_SIZE + 20001)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    out: list[bytes] = []
+    at = 0
+    for end in points[1:]:
+        while at < end:
+            space = dec.space()
+            k = min(len(space), end - at)
+            space[:k] = stream[at : at + k]
+            at += k
+            out += [bytes(f) for f in dec.frames(k)]
+    assert out == msgs
+    assert dec.buffered == 0
+
+
 def test_bad_crc() -> None:
     frame = bytearray(encode_frame(payload(64)))
     frame[10] ^= 1
@@ -121,6 +179,8 @@ def test_decoder_limits_are_checked() -> None:
         FrameDecoder(max_payload=MAX_PAYLOAD + 1)
     with pytest.raises(ValueError):
         FrameDecoder(max_payload=10, min_payload=20)
+    with pytest.raises(ValueError, match="whole frame"):
+        FrameDecoder(max_payload=2048, size=2048)
 
 
 def _transport(n: int, seed: int = 0) -> bytes:

@@ -70,7 +70,7 @@ def test_only_a_peer_s_hello_counts_for_the_device_s_offload() -> None:
     b.authenticated = lambda ep: peer[0]
     b.caps_changed = lambda: notices.append(b.any_peer_has(CAP_SUPER | CAP_PARTIAL_CSUM))
     received = []
-    port = b.open(0, lambda d, ep: received.append(d))
+    port = b.open(0, lambda d, ep: received.append(bytes(d)))
     s = socket.create_connection(("127.0.0.1", port))
     try:
         s.sendall(encode_frame(encode_hello(CAP_SUPER | CAP_PARTIAL_CSUM, 65000)))

@@ -329,3 +329,24 @@ def test_staged_packets_follow_the_peer_to_its_new_endpoint():
     keepalive = p.a.decapsulate(resp, "B", p.now)[0][2]
     out = p.b.decapsulate(keepalive, "A-moved", p.now)
     assert [(k, ep) for k, ep, _ in out] == [(SEND, "A-moved")]
+
+
+def test_messages_may_come_as_views_into_a_reused_buffer():
+    """A stream transport hands transport messages over as views into its receive buffer
+    (conn.framing.FrameDecoder): the engine opens them as they are and keeps nothing of them
+    (the buffer is written over next); a handshake message as a view works too."""
+    p = Pair()
+    p.a_to_b()  # handshake done over bytes
+    pkt = ip4("10.0.0.1", "10.0.0.2", b"v" * 100)
+    (kind, _, msg), = p.a.encapsulate(pkt, p.now)
+    assert kind == SEND
+    buf = bytearray(msg)
+    with memoryview(buf) as view:
+        actions = p.b.decapsulate(view, "A", p.now)
+    buf[:] = bytes(len(buf))  # the transport's next read writes over the message
+    assert actions == [(TUNNEL, p.pb, pkt)]  # the packet is the engine's own
+    # A handshake message as a view (a peer's rekey over the stream): answered as bytes would be.
+    init = p.a.initiate_handshake(p.pa, p.now + 200)
+    (kind, _, hs), = init
+    out = p.b.decapsulate(memoryview(hs), "A", p.now + 200, src_key=b"A")
+    assert [a[2][:4] for a in out if a[0] == SEND] == [TYPE_RESPONSE]

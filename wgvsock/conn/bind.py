@@ -21,7 +21,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 from ..threads import NamedThread
 from .endpoint import (
@@ -37,6 +37,7 @@ from .endpoint import (
 
 __all__ = [
     "Bind",
+    "Message",
     "Receiver",
     "SharedFile",
     "SocketBind",
@@ -45,7 +46,10 @@ __all__ = [
 
 log = logging.getLogger("wgvsock.conn")
 
-Receiver = Callable[[bytes, Endpoint], None]
+# A message a bind hands its owner. A stream transport hands a transport message over as a view
+# into its receive buffer, which it reuses once the call returns: a receiver copies what it keeps.
+Message: TypeAlias = bytes | memoryview
+Receiver = Callable[[Message, Endpoint], None]
 _NO_CAPS = (0, 0)
 
 # errnos by which a kernel or hypervisor says "no such transport here".
@@ -108,7 +112,7 @@ class Bind(ABC):
     stream: bool
     # Set by the owner before open(): a transport that receives several messages from one
     # endpoint at once (UDP GRO) may hand them over together, so they are processed as a batch.
-    receive_batch: Callable[[list[bytes], Endpoint], None] | None = None
+    receive_batch: Callable[[list[Message], Endpoint], None] | None = None
     # Set by the owner before open(): whether a message from this endpoint has authenticated
     # (it is some peer's current endpoint). A stream bind asks about an inbound connection
     # until the answer is yes, so a valid frame of junk does not make a connection a peer's.

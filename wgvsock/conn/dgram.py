@@ -15,7 +15,15 @@ import socket
 import struct
 from typing import Any, Final
 
-from .bind import RateLimitedLog, Receiver, SocketBind, log, new_inet_socket, unavailable
+from .bind import (
+    Message,
+    RateLimitedLog,
+    Receiver,
+    SocketBind,
+    log,
+    new_inet_socket,
+    unavailable,
+)
 from .endpoint import (
     VMADDR_CID_ANY,
     VMADDR_PORT_ANY,
@@ -315,7 +323,8 @@ class DatagramBind(SocketBind):
                     batch += more
             self._deliver(batch, src)
 
-    def _receive_one(self, sock: socket.socket, gro: bool, flags: int) -> tuple[list[bytes], Any]:
+    def _receive_one(self, sock: socket.socket, gro: bool,
+                     flags: int) -> tuple[list[Message], Any]:
         if gro:
             data, ancdata, _flags, addr = sock.recvmsg(MAX_PAYLOAD, _GRO_CMSG_SPACE, flags)
             size = _gro_size(ancdata)
@@ -329,7 +338,7 @@ class DatagramBind(SocketBind):
             return [data[at : at + size] for at in range(0, len(data), size)], ep
         return [data], ep
 
-    def _deliver(self, messages: list[bytes], ep: Any) -> None:
+    def _deliver(self, messages: list[Message], ep: Any) -> None:
         receive = self._receive
         assert receive is not None
         try:

@@ -38,6 +38,7 @@ from typing import Any, Final
 from ..threads import Survivor
 from .bind import (
     SHARED_POLL_MS,
+    Message,
     RateLimitedLog,
     Receiver,
     SharedFile,
@@ -67,8 +68,6 @@ def redial_backoff(network: str) -> tuple[float, float]:
     """The (min, max) redial delay for `network`; the control channel uses it too."""
     return LOCAL_BACKOFF if network in LOCAL_NETWORKS else NETWORK_BACKOFF
 
-# One recv() can carry many frames when the peer is busy; 256 KiB keeps syscalls few.
-RECV_SIZE: Final = 256 * 1024
 # Buffers one sendmsg() takes (Linux: 1024); a batch of more goes in several calls.
 IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 STABLE_AFTER: Final = 1.0
@@ -684,8 +683,6 @@ class StreamBind(SocketBind):
             # peer that sends none (the Go seed, a port scanner) never hears anything but
             # WireGuard from us.
             conn.send(encode_frame(self.hello))
-        buf = bytearray(RECV_SIZE)
-        view = memoryview(buf)
         reason = "closed by peer"
         # The owner's SharedFile, once this thread serves it: then it waits in poll() on both
         # and serves the file first on each turn. Only a trusted connection takes it (a
@@ -724,7 +721,7 @@ class StreamBind(SocketBind):
                     if not sock_ready:
                         continue
                 try:
-                    n = sock.recv_into(buf)
+                    n = sock.recv_into(decoder.space())
                 except OSError as exc:
                     if isinstance(exc, BlockingIOError | TimeoutError) and not conn.trusted:
                         reason = (f"no authenticated message and silent for "
@@ -735,7 +732,7 @@ class StreamBind(SocketBind):
                 if n == 0:
                     break
                 try:
-                    frames = decoder.feed(view[:n])
+                    frames = decoder.frames(n)
                 except FramingError as exc:
                     reason = f"framing error: {exc.reason}"
                     self._framing_errors += 1
@@ -743,7 +740,7 @@ class StreamBind(SocketBind):
                 if frames:
                     conn.got_frame = True
                     for frame in frames:
-                        if frame[0] == _HELLO_BYTE:
+                        if isinstance(frame, bytes) and frame[0] == _HELLO_BYTE:
                             frames = self._take_hello(conn, frames)
                             break
                     # Many frames from one recv(): the owner decrypts them under one lock and
@@ -759,7 +756,6 @@ class StreamBind(SocketBind):
             if shared is not None:
                 self._serving = 0
                 shared.give_back()
-            view.release()
             self._conn_gone(conn, reason)
 
     def _deliver(self, fn: Any, data: Any, ep: Endpoint) -> None:
@@ -769,12 +765,14 @@ class StreamBind(SocketBind):
             self._misc_log(logging.ERROR, "%s: receive callback failed", self.network)
             log.debug("receive callback failure", exc_info=True)
 
-    def _take_hello(self, conn: _Conn, frames: list[bytes]) -> list[bytes]:
+    def _take_hello(self, conn: _Conn, frames: list[Message]) -> list[Message]:
         """Notes a capability hello among `frames` on `conn` (answering the first one on an
         inbound connection with ours); returns the other frames."""
         rest = []
         for frame in frames:
-            if frame[0] == _HELLO_BYTE and (caps := parse_hello(frame)):
+            if isinstance(frame, bytes) and frame[0] == _HELLO_BYTE and (
+                caps := parse_hello(frame)
+            ):
                 first = not conn.hello_seen
                 conn.caps = caps
                 conn.hello_seen = True

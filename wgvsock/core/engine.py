@@ -278,13 +278,23 @@ class Engine:
     # -- incoming ------------------------------------------------------------------------
 
     def decapsulate(
-        self, data: bytes, src: Any, now: float, *, src_key: bytes = b"",
+        self, data: bytes | memoryview, src: Any, now: float, *, src_key: bytes = b"",
         limit_key: bytes | None = None, under_load: bool = False,
     ) -> list[Action]:
         """A message from the network. `src` is the transport's endpoint it came from;
         `src_key` the bytes that identify that source for cookies (its address and port), and
         `limit_key` the host for the handshake rate limit (default: `src_key`), as wireguard-go
         keys its limiter by IP: a host must not get a fresh allowance per port."""
+        if not isinstance(data, bytes):
+            # A large transport message as a view into a stream transport's receive buffer.
+            # Anything else goes to _on_message as bytes, which compiled code indexes in C.
+            if data[:4] == TYPE_TRANSPORT:
+                return self._on_transport(data, src, now)
+            return self._on_message(bytes(data), src, now, src_key, limit_key, under_load)
+        return self._on_message(data, src, now, src_key, limit_key, under_load)
+
+    def _on_message(self, data: bytes, src: Any, now: float, src_key: bytes,
+                    limit_key: bytes | None, under_load: bool) -> list[Action]:
         kind = data[:4]
         if kind == TYPE_TRANSPORT:
             return self._on_transport(data, src, now)
@@ -297,7 +307,7 @@ class Engine:
             return self._on_cookie_reply(data, now)
         return _drop("unknown message type")
 
-    def _on_transport(self, data: bytes, src: Any, now: float) -> list[Action]:
+    def _on_transport(self, data: bytes | memoryview, src: Any, now: float) -> list[Action]:
         if len(data) < TRANSPORT_MIN_SIZE:
             return _drop("transport message too short")
         _, receiver, counter = _HEADER.unpack_from(data)

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
-from ..conn.bind import Bind, SharedFile
+from ..conn.bind import Bind, Message, SharedFile
 from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
 from ..conn.endpoint import Endpoint, display_endpoint
 from ..conn.framing import MAX_STREAM_MTU
@@ -599,9 +599,10 @@ class Device:
             return (packet,)
         return (complete_checksum(packet, start, offset),)
 
-    def _on_receive(self, data: bytes, src: Endpoint) -> None:
+    def _on_receive(self, data: Message, src: Endpoint) -> None:
         now = _monotonic()
-        if data[:1] in (b"\x01", b"\x02"):
+        # (A view is a transport message: conn.framing.VIEW_FROM.)
+        if isinstance(data, bytes) and data[:1] in (b"\x01", b"\x02"):
             with self._lock:
                 under_load = self._note_handshake(now)
                 actions = self.engine.decapsulate(
@@ -613,10 +614,10 @@ class Device:
                 actions = self.engine.decapsulate(data, src, now)
         self._perform(actions)
 
-    def _on_receive_batch(self, messages: list[bytes], src: Endpoint) -> None:
+    def _on_receive_batch(self, messages: list[Message], src: Endpoint) -> None:
         """Several messages from one endpoint (UDP GRO): decrypted under one lock, and their
         packets written to the TUN together, so runs of one TCP flow merge into few writes."""
-        if any(m[:1] in (b"\x01", b"\x02") for m in messages):
+        if any(isinstance(m, bytes) and m[:1] in (b"\x01", b"\x02") for m in messages):
             for m in messages:
                 self._on_receive(m, src)
             return
