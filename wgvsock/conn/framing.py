@@ -134,10 +134,10 @@ class FrameDecoder:
         if used:
             rest = end - used
             if rest:
-                buf = self._buf
+                part = self._view[used:end]
                 # bytearray slice assignment copies with memcpy: overlapping ranges need a copy
                 # of their own.
-                buf[:rest] = bytes(buf[used:end]) if rest > used else self._view[used:end]
+                self._buf[:rest] = bytes(part) if rest > used else part
             self._end, self._used = rest, 0
             end = rest
         return self._view[end:]
