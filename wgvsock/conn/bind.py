@@ -111,7 +111,8 @@ class Bind(ABC):
     network: str
     stream: bool
     # Set by the owner before open(): a transport that receives several messages from one
-    # endpoint at once (UDP GRO) may hand them over together, so they are processed as a batch.
+    # endpoint at once (UDP GRO, one read of a stream) may hand them over together, so they are
+    # processed as a batch.
     receive_batch: Callable[[list[Message], Endpoint], None] | None = None
     # Set by the owner before open(): whether a message from this endpoint has authenticated
     # (it is some peer's current endpoint). A stream bind asks about an inbound connection

@@ -615,8 +615,9 @@ class Device:
         self._perform(actions)
 
     def _on_receive_batch(self, messages: list[Message], src: Endpoint) -> None:
-        """Several messages from one endpoint (UDP GRO): decrypted under one lock, and their
-        packets written to the TUN together, so runs of one TCP flow merge into few writes."""
+        """Several messages from one endpoint (UDP GRO, one read of a stream): decrypted under
+        one lock, and their packets written to the TUN together, so runs of one TCP flow merge
+        into few writes."""
         if any(isinstance(m, bytes) and m[:1] in (b"\x01", b"\x02") for m in messages):
             for m in messages:
                 self._on_receive(m, src)
