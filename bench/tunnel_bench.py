@@ -104,9 +104,9 @@ class Result:
 
 
 def iperf(client: Namespace, server: Namespace, addr: str, port: int, seconds: float,
-          reverse: bool) -> float:
+          reverse: bool, *extra: str) -> float:
     """Receiver-side Mbit/s of one TCP stream (what actually crossed the tunnel)."""
-    data = iperf_json(client, server, addr, port, seconds, reverse)
+    data = iperf_json(client, server, addr, port, seconds, reverse, *extra)
     return data["end"]["sum_received"]["bits_per_second"] / 1e6
 
 
@@ -213,8 +213,9 @@ def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: 
 
 
 def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float,
-            profile: Path | None = None) -> None:
-    """One round: ping, then iperf3 a->b and b->a (under py-spy when `profile` is a folder)."""
+            profile: Path | None = None, iperf_args: tuple[str, ...] = ()) -> None:
+    """One round: ping, then iperf3 a->b and b->a (under py-spy when `profile` is a folder;
+    `iperf_args` go to each iperf3 client)."""
     r = t.result
     if r.error:
         return
@@ -227,9 +228,9 @@ def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float,
             r.ping_avg_ms.append(ping["avg"])
         port = IPERF_PORT + 2 * index
         with _profiled(t, profile, "a2b", seconds):
-            r.mbps_a_to_b.append(iperf(a, b, t.tun_b, port, seconds, reverse=False))
+            r.mbps_a_to_b.append(iperf(a, b, t.tun_b, port, seconds, False, *iperf_args))
         with _profiled(t, profile, "b2a", seconds):
-            r.mbps_b_to_a.append(iperf(a, b, t.tun_b, port + 1, seconds, reverse=True))
+            r.mbps_b_to_a.append(iperf(a, b, t.tun_b, port + 1, seconds, True, *iperf_args))
     except (LabError, subprocess.TimeoutExpired) as e:
         # One failed run (the machine is shared) leaves a round out, not the whole row.
         r.notes.append(f"a round failed: {e}")
@@ -367,9 +368,10 @@ def _pair_ratio(r: Result, base: Result | None) -> str:
     return f"{_f(up, '.2f')}/{_f(down, '.2f')}"
 
 
-def print_table(results: list[Result], seconds: float, rounds: int) -> None:
-    print(f"\nMedians of {rounds} rounds: iperf3 one TCP stream {seconds:g} s each way, "
-          f"ping {PING_COUNT} at -i {PING_INTERVAL}; veth MTU 1500; RSS after the last round.\n"
+def print_table(results: list[Result], seconds: float, rounds: int, congestion: str) -> None:
+    print(f"\nMedians of {rounds} rounds: iperf3 one TCP stream {seconds:g} s each way "
+          f"(congestion control {congestion}), ping {PING_COUNT} at -i {PING_INTERVAL}; "
+          "veth MTU 1500; RSS after the last round.\n"
           "x seed / x wg-go: this row's a->b/b->a over the seed's (tcp) or wireguard-go's "
           "(udp) at the same MTU. Shared, noisy machine: read the ratios.\n")
     head = (f"{'tunnel':<22}{'MTU':>6}{'a->b Mbit/s':>12}{'b->a Mbit/s':>12}{'ping ms':>9}"
@@ -391,6 +393,15 @@ def print_table(results: list[Result], seconds: float, rounds: int) -> None:
             print(f"  note ({r.label}, MTU {r.mtu}): {note}")
 
 
+def _default_congestion() -> str:
+    """The congestion control a new TCP socket gets here (new namespaces copy the host's)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,6 +419,10 @@ def main() -> int:
                     help="record each of our daemons with py-spy (pip install -e '.[bench]') "
                          "during the last round's iperf3 runs; raw stacks go to DIR, and "
                          "bench/spy_top.py sums them")
+    ap.add_argument("--congestion", metavar="ALG",
+                    help="the tunnelled iperf3 streams' TCP congestion control (iperf3 -C, "
+                         "both ends); default: the machine's, which the table names. The seed-"
+                         "fed row moves with it (bench/README.md, twenty-fourth round)")
     args = ap.parse_args()
     if reason := preflight("network namespaces, TUN", TOOLS):
         print(f"tunnel_bench: {reason}", file=sys.stderr)
@@ -426,6 +441,8 @@ def main() -> int:
         profile.mkdir(parents=True, exist_ok=True)
 
     results: list[Result] = []
+    iperf_args = ("-C", args.congestion) if args.congestion else ()
+    congestion = args.congestion or _default_congestion()
 
     def bench(lab: Lab) -> int:
         nonlocal cases
@@ -447,7 +464,8 @@ def main() -> int:
                         print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
                               flush=True)
                         last = n == args.rounds - 1
-                        measure(a, b, t, i, args.seconds, profile if last else None)
+                        measure(a, b, t, i, args.seconds, profile if last else None,
+                                iperf_args)
             finally:
                 for t in tunnels:
                     tear_down(lab, a, b, t)
@@ -456,10 +474,11 @@ def main() -> int:
 
     if code := run_in_lab("tunnel_bench", "wgvsock-bench-", bench):
         return code
-    print_table(results, args.seconds, args.rounds)
+    print_table(results, args.seconds, args.rounds, congestion)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seconds": args.seconds, "rounds": args.rounds, "mtus": mtus,
+                       "congestion": congestion,
                        "ping_count": PING_COUNT, "ping_interval": PING_INTERVAL,
                        "results": [asdict(r) for r in results]}, f, indent=2)
     return 1 if any(r.error or not r.mbps_a_to_b for r in results) else 0
