@@ -25,9 +25,9 @@ from __future__ import annotations
 import struct
 from typing import Final, TypeAlias
 
-# zlib's crc32 (the same IEEE CRC-32), with the SIMD code of zlib-ng. Per 64 KiB: 1.3 us on
-# a host with AVX-512 (the first measurement), 4.2 us on one with AVX2 only (the
-# twenty-fourth round), against zlib's 16-18. Every frame to the Go seed needs one.
+# zlib's crc32 (the same IEEE CRC-32), with the SIMD code of zlib-ng. Per 64 KiB: 1.3 us in
+# the first measurement, 4.2 us on a host with AVX2 but no AVX-512 (twenty-fourth round; its
+# 512-bit path needs AVX-512), against zlib's 16-18. Every frame to the Go seed needs one.
 from zlib_ng.zlib_ng import crc32
 
 # Bound once: mypyc looks an imported name up in the module's dict at every use.
