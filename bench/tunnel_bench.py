@@ -263,6 +263,26 @@ def _profiled(t: Tunnel, folder: Path | None, direction: str, seconds: float) ->
                 p.wait()
 
 
+def split_cores() -> tuple[set[int], set[int]]:
+    """This process's CPUs in two halves: side a's and side b's, for `--split-cores`."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise LabError(f"--split-cores needs two CPUs or more; this process may use {cpus}")
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
+def pin_sides(t: Tunnel, cpus_a: set[int], cpus_b: set[int]) -> None:
+    """Confines every thread of the tunnel's two daemons to their side's CPUs; threads they
+    start later inherit it."""
+    for pid, cpus in ((t.pids[t.if_a], cpus_a), (t.pids[t.if_b], cpus_b)):
+        if not pid:
+            continue
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+                os.sched_setaffinity(int(tid), cpus)
+
+
 def tear_down(lab: Lab, a: Namespace, b: Namespace, t: Tunnel) -> None:
     # What each daemon holds once it has been under load.
     t.result.rss_kib_a = rss_kib(t.pids[t.if_a]) if t.pids[t.if_a] else None
@@ -368,10 +388,12 @@ def _pair_ratio(r: Result, base: Result | None) -> str:
     return f"{_f(up, '.2f')}/{_f(down, '.2f')}"
 
 
-def print_table(results: list[Result], seconds: float, rounds: int, congestion: str) -> None:
+def print_table(results: list[Result], seconds: float, rounds: int, congestion: str,
+                split: str = "") -> None:
     print(f"\nMedians of {rounds} rounds: iperf3 one TCP stream {seconds:g} s each way "
           f"(congestion control {congestion}), ping {PING_COUNT} at -i {PING_INTERVAL}; "
           "veth MTU 1500; RSS after the last round.\n"
+          + (f"Each side on its own CPUs ({split}).\n" if split else "") +
           "x seed / x wg-go: this row's a->b/b->a over the seed's (tcp) or wireguard-go's "
           "(udp) at the same MTU. Shared, noisy machine: read the ratios.\n")
     head = (f"{'tunnel':<22}{'MTU':>6}{'a->b Mbit/s':>12}{'b->a Mbit/s':>12}{'ping ms':>9}"
@@ -391,6 +413,10 @@ def print_table(results: list[Result], seconds: float, rounds: int, congestion: 
     for r in results:
         for note in r.notes:
             print(f"  note ({r.label}, MTU {r.mtu}): {note}")
+
+
+def _cpus(cpus: set[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
 
 
 def _default_congestion() -> str:
@@ -423,6 +449,10 @@ def main() -> int:
                     help="the tunnelled iperf3 streams' TCP congestion control (iperf3 -C, "
                          "both ends); default: the machine's, which the table names. The seed-"
                          "fed row moves with it (bench/README.md, twenty-fourth round)")
+    ap.add_argument("--split-cores", action="store_true",
+                    help="confine side a (its daemons and iperf3 end) to the first half of "
+                         "the CPUs and side b to the second, as parent and enclave have "
+                         "CPUs of their own; default: everything shares every CPU")
     args = ap.parse_args()
     if reason := preflight("network namespaces, TUN", TOOLS):
         print(f"tunnel_bench: {reason}", file=sys.stderr)
@@ -441,8 +471,18 @@ def main() -> int:
         profile.mkdir(parents=True, exist_ok=True)
 
     results: list[Result] = []
-    iperf_args = ("-C", args.congestion) if args.congestion else ()
+    iperf_args: tuple[str, ...] = ("-C", args.congestion) if args.congestion else ()
     congestion = args.congestion or _default_congestion()
+    split = ""
+    if args.split_cores:
+        try:
+            cpus_a, cpus_b = split_cores()
+        except LabError as e:
+            print(f"tunnel_bench: {e}", file=sys.stderr)
+            return 2
+        split = f"a: CPU {_cpus(cpus_a)}, b: CPU {_cpus(cpus_b)}"
+        # iperf3 takes one CPU a side: -A client,server.
+        iperf_args += ("-A", f"{min(cpus_a)},{min(cpus_b)}")
 
     def bench(lab: Lab) -> int:
         nonlocal cases
@@ -459,6 +499,10 @@ def main() -> int:
             print(f"MTU {mtu}: starting {len(cases)} tunnels ...", flush=True)
             tunnels = [bring_up(lab, a, b, c, mtu, i, seed) for i, c in enumerate(cases)]
             try:
+                if args.split_cores:
+                    for t in tunnels:
+                        if not t.result.error:
+                            pin_sides(t, cpus_a, cpus_b)
                 for n in range(args.rounds):
                     for i, t in enumerate(tunnels):
                         print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
@@ -474,11 +518,11 @@ def main() -> int:
 
     if code := run_in_lab("tunnel_bench", "wgvsock-bench-", bench):
         return code
-    print_table(results, args.seconds, args.rounds, congestion)
+    print_table(results, args.seconds, args.rounds, congestion, split)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seconds": args.seconds, "rounds": args.rounds, "mtus": mtus,
-                       "congestion": congestion,
+                       "congestion": congestion, "split_cores": split or None,
                        "ping_count": PING_COUNT, "ping_interval": PING_INTERVAL,
                        "results": [asdict(r) for r in results]}, f, indent=2)
     return 1 if any(r.error or not r.mbps_a_to_b for r in results) else 0

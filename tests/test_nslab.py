@@ -4,6 +4,7 @@ or None; run_in_lab, a lab that is removed however the program ends."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -72,3 +73,48 @@ def test_a_baseline_runs_with_its_own_venvs_interpreter(tmp_path: Path) -> None:
         assert [c.key for c in cases] == [f"{c.key}@base" for c in ours]
         assert {c.python for c in cases} == {expected}
         assert all(dict(c.env)["PYTHONPATH"] == str(checkout) for c in cases)
+
+
+def test_split_cores_confines_each_side_and_the_threads_it_starts_later() -> None:
+    # `tunnel_bench.py --split-cores`: a daemon's threads spread over every CPU would make the
+    # split a fiction, and Go starts threads whenever it likes.
+    from bench.tunnel_bench import CASES, Result, Tunnel, pin_sides, split_cores
+
+    cpus_a, cpus_b = split_cores()
+    assert cpus_a and cpus_b and not cpus_a & cpus_b
+    assert cpus_a | cpus_b == os.sched_getaffinity(0)
+    code = ("import os, sys, threading\n"
+            "t = threading.Thread(target=sys.stdin.readline); t.start()\n"
+            "print('ready', flush=True); t.join()\n"
+            "later = threading.Thread(target=lambda: print(sorted(os.sched_getaffinity(0)),"
+            " flush=True))\n"
+            "later.start(); later.join()\n")
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as p:
+        try:
+            assert p.stdout is not None and p.stdin is not None
+            assert p.stdout.readline() == "ready\n"
+            t = Tunnel(CASES[0], Result("k", "l", 1420), "ifa", "ifb", "10.0.0.2",
+                       {"ifa": p.pid, "ifb": None})
+            pin_sides(t, cpus_a, cpus_b)
+            tids = os.listdir(f"/proc/{p.pid}/task")
+            assert len(tids) == 2
+            assert all(os.sched_getaffinity(int(tid)) == cpus_a for tid in tids)
+            p.stdin.write("\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == f"{sorted(cpus_a)}\n"
+        finally:
+            p.kill()
+
+
+def test_split_cores_needs_two_cpus() -> None:
+    # A process confined to one CPU, as on a one-CPU machine.
+    cpu = min(os.sched_getaffinity(0))
+    res = subprocess.run(
+        ["taskset", "-c", str(cpu), sys.executable, "-c",
+         "from bench.tunnel_bench import split_cores; split_cores()"],
+        cwd=Path(__file__).parents[1],
+        capture_output=True, text=True, check=False)
+    assert res.returncode == 1
+    assert res.stderr.rstrip().endswith(
+        f"LabError: --split-cores needs two CPUs or more; this process may use [{cpu}]")
