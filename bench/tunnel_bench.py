@@ -276,9 +276,11 @@ def pin_sides(t: Tunnel, cpus_a: set[int], cpus_b: set[int]) -> None:
     """Confines every thread of the tunnel's two daemons to their side's CPUs; threads they
     start later inherit it."""
     for pid, cpus in ((t.pids[t.if_a], cpus_a), (t.pids[t.if_b], cpus_b)):
-        if not pid:
-            continue
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task") if pid else []
+        except FileNotFoundError:
+            continue  # the daemon has died: its rounds fail and say so
+        for tid in tids:
             with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
                 os.sched_setaffinity(int(tid), cpus)
 
