@@ -503,8 +503,7 @@ def main() -> int:
             try:
                 if args.split_cores:
                     for t in tunnels:
-                        if not t.result.error:
-                            pin_sides(t, cpus_a, cpus_b)
+                        pin_sides(t, cpus_a, cpus_b)
                 for n in range(args.rounds):
                     for i, t in enumerate(tunnels):
                         print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
