@@ -2,9 +2,11 @@
 
 import itertools
 
+from wgvsock.core.crypto import generate_private_key, public_key
 from wgvsock.core.engine import DROP, SEND, TUNNEL
 from wgvsock.core.messages import (
     INITIATION_SIZE,
+    REJECT_AFTER_MESSAGES,
     RESPONSE_SIZE,
     TYPE_COOKIE_REPLY,
     TYPE_INITIATION,
@@ -350,3 +352,36 @@ def test_messages_may_come_as_views_into_a_reused_buffer():
     (kind, _, hs), = init
     out = p.b.decapsulate(memoryview(hs), "A", p.now + 200, src_key=b"A")
     assert [a[2][:4] for a in out if a[0] == SEND] == [TYPE_RESPONSE]
+
+
+def test_queued_packets_wait_for_new_keys_once_the_counters_are_used_up():
+    p = Pair()
+    p.a_to_b()
+    p.pa.keypairs.current.send_nonce = REJECT_AFTER_MESSAGES
+    p.cut = True  # the new handshake does not get through
+    p.run("A", p.a.encapsulate(ip4("10.0.0.1", "10.0.0.2"), p.now))
+    assert len(p.pa.staged) == 1
+    # The keepalive timer flushes the queue: not with the used-up keypair, whose counter the
+    # peer would refuse (and at 2**64 could not even be sealed).
+    for counter in (REJECT_AFTER_MESSAGES, 2**64 - 1):
+        p.pa.keypairs.current.send_nonce = counter
+        out = p.a.send_keepalive(p.pa, p.now + 1)
+        assert not any(m[:4] == TYPE_TRANSPORT for _, _, m in out), out
+        assert len(p.pa.staged) == 1
+
+
+def test_a_new_private_key_starts_a_handshake_at_once():
+    p = Pair()
+    p.a_to_b()  # a handshake just sent: within RekeyTimeout of the next packet
+    p.now += 1
+    new = generate_private_key()
+    p.a.set_private_key(new)
+    p.b.remove_peer(p.pb.public_key)
+    p.pb = p.b.add_peer(public_key(new))
+    p.pb.endpoint = "A"
+    p.b.allowed_ips.insert("10.0.0.1/32", p.pb)
+    pkt = ip4("10.0.0.1", "10.0.0.2")
+    out = p.a.encapsulate(pkt, p.now)
+    assert kinds(m for _, _, m in out) == [TYPE_INITIATION]
+    p.run("A", out)
+    assert p.tun["B"][-1] == pkt

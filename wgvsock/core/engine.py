@@ -75,6 +75,18 @@ def _roam(peer: Peer, src: Any) -> None:
     peer.endpoint = src
 
 
+def _sending_keypair(peer: Peer, now: float) -> Keypair | None:
+    """The peer's current keypair if it may seal another message: younger than
+    RejectAfterTime, with counters left below RejectAfterMessages. Queued packets too wait
+    for a new one otherwise (wireguard-go's SendStagedPackets checks the same)."""
+    kp = peer.keypairs.current
+    if kp is None or now - kp.created >= REJECT_AFTER_TIME or (
+        kp.send_nonce >= REJECT_AFTER_MESSAGES
+    ):
+        return None
+    return kp
+
+
 def _drop(reason: str, peer: Peer | None = None) -> list[Action]:
     return [(DROP, peer, reason)]
 
@@ -165,6 +177,10 @@ class Engine:
         if peer.handshake.local_index:
             self._index.pop(peer.handshake.local_index, None)
         peer.handshake.clear()
+        # With no session left, the next packet must be able to start one at once: a handshake
+        # sent just before (a new private key) would otherwise hold it back for RekeyTimeout
+        # with no timer armed to try again (wireguard-go's ExpireCurrentKeypairs likewise).
+        peer.handshake.last_sent = None
 
     def _unindex(self, keypairs: list[Keypair]) -> None:
         for kp in keypairs:
@@ -195,10 +211,8 @@ class Engine:
     def send_data(
         self, peer: Peer, packet: bytes | bytearray | memoryview, now: float
     ) -> list[Action]:
-        kp = peer.keypairs.current
-        if kp is None or now - kp.created >= REJECT_AFTER_TIME or (
-            kp.send_nonce >= REJECT_AFTER_MESSAGES
-        ):
+        kp = _sending_keypair(peer, now)
+        if kp is None:
             peer.staged.append(packet)
             return self._initiate(peer, now, retry=False)
         out = [self._seal(peer, kp, packet, now)]
@@ -231,8 +245,8 @@ class Engine:
     def _send_staged(self, peer: Peer, now: float) -> list[Action]:
         out: list[Action] = []
         while peer.staged:
-            kp = peer.keypairs.current
-            if kp is None or now - kp.created >= REJECT_AFTER_TIME:
+            kp = _sending_keypair(peer, now)
+            if kp is None:
                 return out + self._initiate(peer, now, retry=False)
             out.append(self._seal(peer, kp, peer.staged.popleft(), now))
         return out
