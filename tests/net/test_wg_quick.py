@@ -159,3 +159,23 @@ def test_wg_quick_full_tunnel_marks_the_transport_s_own_packets(lab: Lab, networ
     assert lab.wait_handshake(a, ia) > 0
     _down_and_check(lab, a, network, ia, conf_a)
     _down_and_check(lab, b, network, ib, conf_b)
+
+
+def test_wg_quick_persistent_keepalive_brings_the_tunnel_up_unasked(lab: Lab) -> None:
+    """wg-quick configures the peer, keepalive included, before it sets the link up. The
+    keepalive must still go out once the link is up, with no traffic to start a handshake:
+    a peer behind NAT, or an enclave's parent, waits for it (wireguard-go sends it when its
+    device goes up). Before, nothing went out until some packet did."""
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    ka, kb = Keys(), Keys()
+    lab.veth(a, "192.168.77.1/24", b, "192.168.77.2/24")
+    conf_b = _write_conf(lab, ib, _conf(kb, "10.98.0.2", 7702, ka, "10.98.0.1", None))
+    conf_a = _write_conf(lab, ia, _conf(ka, "10.98.0.1", 7701, kb, "10.98.0.2",
+                                        "192.168.77.2:7702")
+                         + "PersistentKeepalive = 1\n")
+    _up(lab, b, "udp", ib, conf_b)
+    _up(lab, a, "udp", ia, conf_a)
+    assert lab.wait_handshake(b, ib) > 0
+    _down_and_check(lab, a, "udp", ia, conf_a)
+    _down_and_check(lab, b, "udp", ib, conf_b)

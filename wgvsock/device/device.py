@@ -240,6 +240,8 @@ class Device:
         # loop (monotonic): both take the engine lock and send, so a deadlock or a wedged send
         # on the data path shows here.
         self._ticked = self._tun_passed = 0.0
+        # Whether the link was up at the last look (_watch): coming up sends keepalives.
+        self._was_up = False
         # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
         self._wake_r = self._wake_w = -1
         # How the TUN is read (_tun_reader), and the TUN as the stream transport's SharedFile.
@@ -721,6 +723,23 @@ class Device:
                 self.engine.mtu = mtu
             tun.mtu_hint = mtu
             self._caps_changed()
+        up = self._is_up()
+        if up and not self._was_up:
+            self._came_up()
+        self._was_up = up
+
+    def _came_up(self) -> None:
+        """The link has come up: each peer with a persistent keepalive gets one now, as
+        wireguard-go does when its device goes up. wg-quick configures the peers before it sets
+        the link up, and a keepalive set while the link was down goes out only from here."""
+        now = time.monotonic()
+        actions: list[Action] = []
+        with self._lock:
+            engine = self.engine
+            for peer in list(engine.peers.values()):
+                if peer.timers.persistent_keepalive_interval:
+                    actions += engine.send_keepalive(peer, now)
+        self._perform(actions)
 
     # -- UAPI ----------------------------------------------------------------------------
 
