@@ -438,6 +438,49 @@ def test_peer_not_reading_does_not_block_sender(binds: list[Bind], unix_dir: str
         deaf.close()
 
 
+def test_a_peer_reading_slowly_does_not_stretch_a_send_past_the_timeout(
+    binds: list[Bind]
+) -> None:
+    """SO_SNDTIMEO bounds one sendmsg() alone (on TCP and vsock; a Unix stream socket renews
+    it for every buffer it allocates): a peer that reads a little at a time let each call
+    make progress, so one send lasted as long as the peer took to read it (1-2 s here, and
+    past the device's STALL_LIMIT at the default 5 s) and the connection stayed. The whole
+    send now has send_timeout, then the connection closes."""
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    slow.bind(("127.0.0.1", 0))
+    slow.listen(4)
+    stop = threading.Event()
+
+    def read_slowly() -> None:  # 160 KB/s: some progress within any 0.3 s
+        conn, _ = slow.accept()
+        with conn:
+            while not stop.wait(0.05) and conn.recv(8192):
+                pass
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    try:
+        a, _a_in, _ = opened(binds, StreamBind("tcp4", send_timeout=0.3, **FAST))
+        assert isinstance(a, StreamBind)
+        ep = a.parse_endpoint(f"127.0.0.1:{slow.getsockname()[1]}")
+        a.send(b"\x04\0\0\0" + bytes(60), ep)
+        wait_until(lambda: a.status()["connections"])
+        batch = [b"\x04\0\0\0" + bytes(65000)] * 4
+        worst, deadline = 0.0, time.monotonic() + 15
+        # Until the kernel's buffers are full and a send has to wait for the peer.
+        while not a.status()["send_failures"] and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            a.send_batch(batch, ep)
+            worst = max(worst, time.monotonic() - t0)
+        assert a.status()["send_failures"] >= 1, f"no send timed out; longest {worst:.2f} s"
+        assert worst < 0.9, f"a send_batch() took {worst:.2f} s with send_timeout 0.3 s"
+    finally:
+        stop.set()
+        slow.close()
+        reader.join(5)
+
+
 # -- vsock: bind and listen only, never connect ----------------------------------------------
 
 
@@ -905,7 +948,7 @@ def test_the_serving_thread_never_waits_in_a_send(
 def test_a_send_that_cannot_wait_keeps_the_rest_for_the_next_one() -> None:
     a, b = socket.socketpair()
     try:
-        conn = _Conn(a, Endpoint("unix", "", 9), outbound=True)
+        conn = _Conn(a, Endpoint("unix", "", 9), outbound=True, send_timeout=5.0)
         bufs = [bytes([i]) * 65536 for i in range(16)]  # 1 MiB: more than the kernel takes
         assert conn.send_iov(list(bufs), wait=False)
         assert conn.tail
@@ -1116,6 +1159,11 @@ class _TrickleSocket:
         self.step = step
         self.calls = 0
         self.sent = bytearray()
+        # A real socket for the send timeout that a continued send sets on what remains.
+        self._fd = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def fileno(self) -> int:
+        return self._fd.fileno()
 
     def sendmsg(self, bufs: list[bytes]) -> int:
         self.calls += 1
@@ -1128,7 +1176,8 @@ class _TrickleSocket:
 def test_a_short_write_is_continued_where_it_stopped(step: int) -> None:
     bufs = [b"h" * 6, bytes(range(200)), b"H" * 6, b"x" * 1000, b"", b"y" * 3]
     sock = _TrickleSocket(step)
-    conn = _Conn(sock, Endpoint("inet", "127.0.0.1", 9), outbound=True)  # type: ignore[arg-type]
+    conn = _Conn(sock, Endpoint("inet", "127.0.0.1", 9), outbound=True,  # type: ignore[arg-type]
+                 send_timeout=5.0)
     assert conn.send_iov(list(bufs))
     assert bytes(sock.sent) == b"".join(bufs)
     total = sum(map(len, bufs))

@@ -18,8 +18,10 @@ and hangs up every time is backed off from, not redialled in a loop.
 A dialler whose endpoint has had nothing to send for ``redial_idle`` seconds since its
 connection dropped gives up; the next send starts a new one.
 
-A send that cannot complete within ``send_timeout`` (the peer stopped reading) closes that
-connection; a partly written frame would corrupt the stream anyway.
+A send that cannot complete within ``send_timeout`` (the peer stopped reading, or reads a
+little at a time) closes that connection; a partly written frame would corrupt the stream
+anyway. On TCP and vsock that is the whole send's limit; a Unix stream socket (a stand-in)
+renews the timeout for each buffer it allocates within one call.
 """
 
 from __future__ import annotations
@@ -96,16 +98,28 @@ def _unsent(bufs: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
     return bufs
 
 
-def _send_all(sock: socket.socket, bufs: list[bytes | memoryview]) -> None:
-    """Every buffer, waiting (up to the socket's send timeout) while the kernel is full."""
+def _send_all(sock: socket.socket, bufs: list[bytes | memoryview], timeout: float) -> None:
+    """Every buffer, waiting while the kernel is full: `timeout` seconds (the socket's
+    SO_SNDTIMEO) for the whole send. The option bounds each sendmsg() alone, and a peer that
+    reads a little at a time would renew it with every call: after a short write each further
+    call gets only what is left of the whole."""
+    begun = time.monotonic()
     n = 0
     if len(bufs) <= IOV_MAX:
         n = sock.sendmsg(bufs)
         if n == sum(map(len, bufs)):
             return  # the common case: one system call, one length check
     bufs = _unsent(bufs, n)
-    while bufs:
-        bufs = _unsent(bufs, sock.sendmsg(bufs[:IOV_MAX]))
+    try:
+        while bufs:
+            # 1 ms at least: a timeval of 0 would mean no limit at all.
+            left = begun + timeout - time.monotonic()
+            if left < 0.001:
+                raise TimeoutError("send timed out")
+            set_send_timeout(sock, left)
+            bufs = _unsent(bufs, sock.sendmsg(bufs[:IOV_MAX]))
+    finally:
+        set_send_timeout(sock, timeout)
 
 
 def _send_some(sock: socket.socket, bufs: list[bytes | memoryview]) -> list[bytes | memoryview]:
@@ -133,6 +147,7 @@ class _Conn:
         "outbound",
         "reason",
         "send_lock",
+        "send_timeout",
         "since",
         "sock",
         "tail",
@@ -140,10 +155,12 @@ class _Conn:
         "trusted",
     )
 
-    def __init__(self, sock: socket.socket, ep: Endpoint, outbound: bool) -> None:
+    def __init__(self, sock: socket.socket, ep: Endpoint, outbound: bool,
+                 send_timeout: float) -> None:
         self.sock = sock
         self.ep = ep
         self.outbound = outbound
+        self.send_timeout = send_timeout  # its SO_SNDTIMEO, for a whole send (_send_all)
         self.send_lock = threading.Lock()
         self.closed = False
         self.done = threading.Event()
@@ -198,7 +215,7 @@ class _Conn:
             return True
         try:
             if wait:
-                _send_all(self.sock, bufs)
+                _send_all(self.sock, bufs, self.send_timeout)
             elif rest := _send_some(self.sock, bufs):
                 with self.tail_lock:
                     self.tail = rest + self.tail
@@ -618,7 +635,8 @@ class StreamBind(SocketBind):
             with self._lock:
                 closing = self._closed.is_set()
                 if not closing:
-                    conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False)
+                    conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False,
+                                 send_timeout=self.send_timeout)
                     self._publish(conn)
                     self._accepted += 1
             if closing:
@@ -883,7 +901,7 @@ class StreamBind(SocketBind):
                     log.log(level, "%s: cannot connect to %s: %s (attempt %d)", self.network,
                             name, exc, d.failures)
                     continue
-                conn = d.conn = _Conn(sock, d.ep, outbound=True)
+                conn = d.conn = _Conn(sock, d.ep, outbound=True, send_timeout=self.send_timeout)
                 try:
                     self._start_reader(conn)  # replies may arrive while the queue drains
                 except RuntimeError as exc:  # no thread to be had: try again later
