@@ -585,6 +585,30 @@ def test_unix_stale_socket_is_replaced_live_one_is_not(binds: list[Bind], unix_d
         StreamBind("unix", unix_dir=unix_dir).open(4545, Inbox())
 
 
+def test_unix_socket_of_a_listener_that_does_not_accept_is_in_use(unix_dir: str) -> None:
+    """Its backlog full, a blocking connect to it would never return: open() hung."""
+    path = os.path.join(unix_dir, "4546.sock")
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(path)
+    busy.listen(0)
+    queued = []
+    try:
+        for _ in range(4):  # fill the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            queued.append(s)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(path)
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match="in use"):
+            StreamBind("unix", unix_dir=unix_dir).open(4546, Inbox())
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        for s in queued:
+            s.close()
+        busy.close()
+
+
 def test_open_twice_and_reopen(binds: list[Bind]) -> None:
     b, _inbox, _ = opened(binds, StreamBind("tcp4"))
     with pytest.raises(RuntimeError):

@@ -476,6 +476,9 @@ class SocketBind(Bind):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, sock.type)
+        # A live listener that does not accept (its backlog full) would hold a blocking
+        # connect for ever; with a timeout that is an EAGAIN at once: alive, so in use.
+        probe.settimeout(1.0)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
@@ -483,6 +486,8 @@ class SocketBind(Bind):
                 os.unlink(path)
             sock.bind(path)
             return
+        except (BlockingIOError, TimeoutError):
+            pass
         finally:
             probe.close()
         raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
