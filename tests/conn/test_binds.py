@@ -609,6 +609,39 @@ def test_unix_socket_of_a_listener_that_does_not_accept_is_in_use(unix_dir: str)
         busy.close()
 
 
+def test_a_failed_open_leaves_nothing_behind(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors after the listener was made: open() used to fail with the
+    listener left bound (connects queued on it, never accepted) and the bind still open, so
+    a retry was refused and a port change failed half-way."""
+    b = StreamBind("tcp4")
+    binds.append(b)
+    made: list[socket.socket] = []
+    real_listen = b._listen
+
+    def listen(port: int) -> tuple[socket.socket, int]:
+        listener, actual = real_listen(port)
+        made.append(listener)
+        return listener, actual
+
+    def no_fds() -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(b, "_listen", listen)
+    monkeypatch.setattr(os, "pipe", no_fds)
+    with pytest.raises(OSError, match="Too many open files"):
+        b.open(0, Inbox())
+    monkeypatch.undo()
+    assert not b.is_open
+    assert made and made[0].fileno() == -1
+    inbox = Inbox()
+    port = b.open(0, inbox)
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    a.send(msg(5), a.parse_endpoint(f"127.0.0.1:{port}"))
+    assert inbox.get()[0] == msg(5)
+
+
 def test_open_twice_and_reopen(binds: list[Bind]) -> None:
     b, _inbox, _ = opened(binds, StreamBind("tcp4"))
     with pytest.raises(RuntimeError):

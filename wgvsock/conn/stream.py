@@ -323,7 +323,13 @@ class StreamBind(SocketBind):
 
     def open(self, port: int, receive: Receiver) -> int:
         listener = self._open_socket(port, receive, self._listen)
-        self._serve(listener)
+        try:
+            self._serve(listener)
+        except BaseException:
+            # Out of file descriptors or threads: a listener nobody accepts on must not stay
+            # bound, nor the bind count as open (a retry would be refused, a port change fail).
+            self._close()
+            raise
         return self.port
 
     def _serve(self, listener: socket.socket) -> None:
