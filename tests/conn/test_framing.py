@@ -179,6 +179,10 @@ def test_decoder_limits_are_checked() -> None:
         FrameDecoder(max_payload=MAX_PAYLOAD + 1)
     with pytest.raises(ValueError):
         FrameDecoder(max_payload=10, min_payload=20)
+    # Shorter than a message type, a payload would be typed by the bytes after it: a bad CRC
+    # could pass as a transport message's.
+    with pytest.raises(ValueError, match="4 <= min_payload"):
+        FrameDecoder(min_payload=3)
     with pytest.raises(ValueError, match="whole frame"):
         FrameDecoder(max_payload=2048, size=2048)
 

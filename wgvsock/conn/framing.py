@@ -111,8 +111,9 @@ class FrameDecoder:
 
     def __init__(self, max_payload: int = MAX_PAYLOAD, min_payload: int = MIN_PAYLOAD,
                  size: int = RECEIVE_BUFFER) -> None:
-        if not 1 <= min_payload <= max_payload <= MAX_PAYLOAD:
-            raise ValueError("need 1 <= min_payload <= max_payload <= 65535")
+        # 4 at least: each payload's message type is read before its CRC is checked or not.
+        if not 4 <= min_payload <= max_payload <= MAX_PAYLOAD:
+            raise ValueError("need 4 <= min_payload <= max_payload <= 65535")
         if size <= HEADER_SIZE + max_payload:
             raise ValueError("the receive buffer must hold a whole frame and more")
         self._buf = bytearray(size)
