@@ -1091,6 +1091,9 @@ def test_redial_backoff_is_short_on_local_links(network: str, cap: float) -> Non
     assert max(delays) <= cap and min(delays) >= bind.backoff_min
     late = [bind._backoff(50) for _ in range(200)]
     assert min(late) >= cap / 2 and len(set(late)) > 100
+    first = [bind._backoff(1) for _ in range(200)]
+    assert len(set(first)) > 100, "every peer's first redial at the same moment"
+    assert bind.backoff_min <= min(first) and max(first) <= 1.5 * bind.backoff_min
 
 
 # -- capability hello ------------------------------------------------------------------------

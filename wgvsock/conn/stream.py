@@ -841,8 +841,11 @@ class StreamBind(SocketBind):
 
     def _backoff(self, failures: int) -> float:
         step = min(self.backoff_max, self.backoff_min * 2.0 ** min(failures - 1, 30))
-        # Jitter keeps two sides (or many peers) from redialling in lockstep.
-        return max(self.backoff_min, random.uniform(step / 2, step))  # noqa: S311
+        # Jitter keeps two sides (or many peers) from redialling in lockstep: the lower half
+        # of the step, never below backoff_min, so the first step spreads upward instead (a
+        # shared outage ends with every peer's first redial).
+        low = max(step / 2, self.backoff_min)
+        return random.uniform(low, min(max(step, low * 1.5), self.backoff_max))  # noqa: S311
 
     def _dial(self, d: _Dialer) -> socket.socket:
         ep = d.ep
