@@ -572,6 +572,23 @@ def test_server_limits(run_dir: str) -> None:
         assert uapi_set(srv.path, "fwmark=1\n") == 0
 
 
+def test_server_reads_an_oversized_request_to_its_end_before_refusing_it(
+    run_dir: str
+) -> None:
+    """wg(8) writes the whole request before it reads: hung up on half-way, it died of
+    SIGPIPE without a word (and nothing said why). Now it gets -EIO, and the next request on
+    the same connection is refused too (the server hangs up after the reply)."""
+    store = Store()
+    with UAPIServer("wgx9", store, run_dir=run_dir, max_request=4096) as srv:
+        with _connect(srv.path) as s:
+            lines = b"".join(b"fwmark=%d\n" % (i % 100) for i in range(200_000))  # ~1.6 MB
+            s.sendall(b"set=1\n" + lines + b"\n")
+            assert _read_reply(s) == "errno=-5\n\n"
+            assert _at_eof(s)
+        assert store.sets == 0
+        assert uapi_set(srv.path, "fwmark=1\n") == 0
+
+
 def test_server_silent_client_does_not_block_others(run_dir: str) -> None:
     with UAPIServer("wgx3", Store(), run_dir=run_dir, idle_timeout=1.0) as srv:
         silent = _connect(srv.path)

@@ -122,6 +122,24 @@ def test_showconf_setconf_round_trip(lab: Lab) -> None:
     assert ns.wg("show", ib, "allowed-ips").stdout.split() == [peers[1].public_b64, "(none)"]
 
 
+def test_setconf_of_a_large_configuration(lab: Lab) -> None:
+    """8000 peers with preshared keys and two allowed IPs each: a 1.9 MB request, which the
+    UAPI's old 1 MiB cap refused (wg died of SIGPIPE without a word, nothing applied).
+    wireguard-go takes it; so must we."""
+    ns, ifname = _daemon(lab)
+    lines = ["[Interface]", f"PrivateKey = {Keys().private_b64}"]
+    for i in range(8000):
+        lines += ["[Peer]", f"PublicKey = {key_to_base64(os.urandom(32))}",
+                  f"PresharedKey = {key_to_base64(os.urandom(32))}",
+                  f"AllowedIPs = 10.{i // 250}.{i % 250}.1/32, fd00::{i:x}/128"]
+    conf = lab.tmp / "big.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    ns.wg("setconf", ifname, str(conf), timeout=120)
+    assert len(ns.wg("show", ifname, "peers").stdout.split()) == 8000
+    allowed = ns.wg("show", ifname, "allowed-ips").stdout.split()
+    assert "10.31.249.1/32" in allowed and "fd00::1f3f/128" in allowed
+
+
 def _allowed(ns: Namespace, ifname: str) -> dict[str, str]:
     out = ns.wg("show", ifname, "allowed-ips").stdout
     return dict(line.split("\t") for line in out.splitlines())

@@ -530,6 +530,10 @@ class _RequestTooLarge(Exception):
     pass
 
 
+class _RequestOverBudget(_RequestTooLarge):
+    """Well-formed lines, too many of them: the request's end can still be found."""
+
+
 class _LineReader:
     """Reads '\\n'-terminated lines from a socket with a per-line and per-request byte cap."""
 
@@ -566,7 +570,25 @@ class _LineReader:
             raise _RequestTooLarge(f"line longer than {self._max_line} bytes")
         self.budget -= n
         if self.budget < 0:
-            raise _RequestTooLarge("request too large")
+            raise _RequestOverBudget("request too large (over max_request bytes)")
+
+    def skip_request(self) -> None:
+        """Reads and drops the rest of the request, to its blank line or EOF: a client that
+        writes all of it before reading (wg(8)) would otherwise die of SIGPIPE with no word,
+        where it can be told why."""
+        prev = b"\n"  # the last line read ended here
+        chunk = bytes(self._buf)
+        self._buf.clear()
+        while True:
+            seen = prev + chunk
+            end = seen.find(b"\n\n")
+            if end >= 0:
+                self._buf += seen[end + 2:]
+                return
+            prev = seen[-1:]
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                return
 
 
 class UAPIServer:
@@ -583,7 +605,7 @@ class UAPIServer:
         handler: UAPIHandler,
         run_dir: str = DEFAULT_RUN_DIR,
         *,
-        max_request: int = 1 << 20,
+        max_request: int = 16 << 20,
         max_line: int = 4096,
         idle_timeout: float = 30.0,
         max_clients: int = 32,
@@ -701,9 +723,11 @@ class UAPIServer:
                     if not self._transaction(conn, reader):
                         return
                 except _RequestTooLarge as e:
-                    # There is no way to find the next request in what follows; answer as
-                    # wireguard-go does for an oversized line (-EIO) and hang up.
+                    # Answered as wireguard-go does for an oversized line (-EIO), then hung
+                    # up: after a line too long the next request cannot be found.
                     log.warning("UAPI %s: %s", self.ifname, e)
+                    if isinstance(e, _RequestOverBudget):
+                        reader.skip_request()
                     self._reply(conn, ERR_IO)
                     return
         except (TimeoutError, ConnectionError, BrokenPipeError):
