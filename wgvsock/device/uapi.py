@@ -623,7 +623,8 @@ class UAPIServer:
         self._max_clients = max_clients
         self._handler_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._clients: set[socket.socket] = set()
+        # Each client: whether it is amid a transaction, and since when (monotonic).
+        self._clients: dict[socket.socket, tuple[bool, float]] = {}
         self._closed = False
         self._stop = threading.Event()
 
@@ -696,12 +697,20 @@ class UAPIServer:
                 self._stop.wait(0.1)
                 continue
             with self._state_lock:
-                if self._closed or len(self._clients) >= self._max_clients:
+                if self._closed:
                     conn.close()
-                    if not self._closed:
-                        log.warning("UAPI %s: too many clients, refusing one", self.ifname)
                     continue
-                self._clients.add(conn)
+                if len(self._clients) >= self._max_clients:
+                    # The client that has waited longest for its next request makes room (one
+                    # amid a transaction only if all are): a tool that leaks connections must
+                    # not lock wg(8) out, as refusing the newcomer did.
+                    idle = min(self._clients, key=self._clients.__getitem__)
+                    del self._clients[idle]
+                    with contextlib.suppress(OSError):
+                        idle.shutdown(socket.SHUT_RDWR)  # its thread closes it
+                    log.warning("UAPI %s: %d clients; closed the one idle longest",
+                                self.ifname, self._max_clients)
+                self._clients[conn] = (False, time.monotonic())
             try:
                 NamedThread(
                     target=self._serve_client, args=(conn,), name=f"uapi-{self.ifname}-c",
@@ -709,7 +718,7 @@ class UAPIServer:
                 ).start()
             except RuntimeError as e:  # out of threads: refuse this client, keep accepting
                 with self._state_lock:
-                    self._clients.discard(conn)
+                    self._clients.pop(conn, None)
                 conn.close()
                 log.warning("UAPI %s: cannot serve a client: %s", self.ifname, e)
 
@@ -722,6 +731,7 @@ class UAPIServer:
                 try:
                     if not self._transaction(conn, reader):
                         return
+                    self._mark(conn, busy=False)
                 except _RequestTooLarge as e:
                     # Answered as wireguard-go does for an oversized line (-EIO), then hung
                     # up: after a line too long the next request cannot be found.
@@ -739,14 +749,20 @@ class UAPIServer:
             log.exception("UAPI %s: unexpected error serving a client", self.ifname)
         finally:
             with self._state_lock:
-                self._clients.discard(conn)
+                self._clients.pop(conn, None)
             conn.close()
+
+    def _mark(self, conn: socket.socket, *, busy: bool) -> None:
+        with self._state_lock:
+            if conn in self._clients:
+                self._clients[conn] = (busy, time.monotonic())
 
     def _transaction(self, conn: socket.socket, reader: _LineReader) -> bool:
         """Serve one transaction; False when the connection should be closed."""
         op = reader.readline()
         if op is None:
             return False
+        self._mark(conn, busy=True)
         if op == "get=1":
             if reader.readline() != "":
                 self._reply(conn, ERR_INVALID)
