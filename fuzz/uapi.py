@@ -207,8 +207,11 @@ def reference_set(text: str) -> DeviceConfig:
             cfg.replace_peers = True
         elif peer is None:
             assert not line, f"reference_set: {line!r} before any peer"
-        elif key in ("remove", "update_only", "replace_allowed_ips"):
+        elif key in ("remove", "update_only"):
             setattr(peer, key, True)
+        elif key == "replace_allowed_ips":  # lines apply in order: it drops those before it
+            peer.replace_allowed_ips = True
+            peer.allowed_ips = []
         elif key == "preshared_key":
             peer.preshared_key = bytes.fromhex(value)
         elif key == "endpoint":

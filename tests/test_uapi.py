@@ -112,6 +112,15 @@ def test_parse_set_defaults_and_special_values() -> None:
     assert parse_set("listen_port=7\r\n").listen_port == 7
 
 
+def test_parse_set_replace_allowed_ips_drops_the_lines_before_it() -> None:
+    """wireguard-go applies a peer's lines in order; wg(8) always sends the replacement first,
+    but another client may not."""
+    cfg = parse_set(f"public_key={K1}\nallowed_ip=10.0.0.1/32\nreplace_allowed_ips=true\n"
+                    "allowed_ip=10.0.0.2/32\n")
+    assert cfg.peers[0].replace_allowed_ips
+    assert cfg.peers[0].allowed_ips == [(ipaddress.ip_network("10.0.0.2/32"), True)]
+
+
 def test_parse_set_repeated_peer_kept_in_order() -> None:
     cfg = parse_set(f"public_key={K1}\nallowed_ip=10.0.0.0/8\npublic_key={K1}\nremove=true\n")
     assert [p.remove for p in cfg.peers] == [False, True]

@@ -265,6 +265,8 @@ def parse_set(text: str) -> DeviceConfig:
             peer.persistent_keepalive = _parse_uint(key, value, _U16)
         elif key == "replace_allowed_ips":
             peer.replace_allowed_ips = _parse_true(key, value)
+            # Lines apply in order (wireguard-go): what came before the replacement goes too.
+            peer.allowed_ips.clear()
         elif key == "allowed_ip":
             add = not value.startswith("-")
             peer.allowed_ips.append((_parse_prefix(value if add else value[1:]), add))
