@@ -336,6 +336,23 @@ def test_hostile_stream_closes_only_that_connection(
     assert b.status()["accepted"] == 2 and len(b.status()["connections"]) == 1
 
 
+@pytest.mark.parametrize("bad", [
+    struct.pack("<HI", 40, 0xDEADBEEF) + b"\x02" * 40,  # a bad CRC
+    struct.pack("<HI", 5, 0),  # an impossible length
+])
+def test_frames_before_a_bad_one_are_delivered(binds: list[Bind], bad: bytes) -> None:
+    """What arrived whole before the fault, in the same read, is delivered, then the
+    connection goes: the Go seed (one frame at a time) does the same. They were dropped."""
+    b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    with socket.create_connection(("127.0.0.1", b_port), timeout=TIMEOUT) as raw:
+        raw.sendall(encode_frame(msg(1)) + encode_frame(msg(2)) + bad)
+        assert [b_in.get()[0] for _ in range(2)] == [msg(1), msg(2)]
+        wait_until(lambda: b.status()["framing_errors"] == 1)
+        with contextlib.suppress(ConnectionResetError):  # FIN, or RST with bytes unread
+            assert raw.recv(1) == b""
+    assert b_in.empty_for(0.01)
+
+
 def test_silent_and_surplus_inbound_connections_are_shed(
     binds: list[Bind], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -155,6 +155,7 @@ def test_bad_crc() -> None:
     with pytest.raises(FramingError, match="bad CRC") as info:
         dec.feed(bytes(encode_frame(payload(40))) + frame)
     assert info.value.reason == "bad CRC"
+    assert info.value.before == [payload(40)]  # whole before the fault: still good
     # A failed stream stays failed; the connection is to be dropped.
     with pytest.raises(FramingError):
         dec.feed(encode_frame(payload(40)))

@@ -71,9 +71,13 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 class FramingError(ValueError):
     """The byte stream is not a sequence of valid frames; the connection must be dropped."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, before: list[bytes | memoryview] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        # The whole frames that came before the fault in the same data: still good, so they
+        # are delivered before the connection goes (as the Go seed does, reading one frame
+        # at a time). Views, valid as the decoder's frames are.
+        self.before: list[bytes | memoryview] = before if before is not None else []
 
 
 def encode_frame(payload: BytesLike) -> bytes:
@@ -159,8 +163,7 @@ class FrameDecoder:
             length, crc = _HEADER.unpack_from(mv, pos)
             if length < self._min or length > self._max:
                 # Checked before the payload arrives: no waiting on a bogus 64 KiB length.
-                self._error = FramingError(f"impossible frame length {length}")
-                raise self._error
+                raise self._fail(f"impossible frame length {length}", out)
             start = pos + HEADER_SIZE
             end = start + length
             if end > total:
@@ -169,8 +172,7 @@ class FrameDecoder:
             if kind != _TRANSPORT:
                 payload = bytes(mv[start:end])
                 if _crc32(payload) != crc:
-                    self._error = FramingError("bad CRC")
-                    raise self._error
+                    raise self._fail("bad CRC", out)
                 out.append(payload)
             elif length >= VIEW_FROM:
                 out.append(mv[start:end])
@@ -179,6 +181,11 @@ class FrameDecoder:
             pos = end
         self._used = pos
         return out
+
+    def _fail(self, reason: str, before: list[bytes | memoryview]) -> FramingError:
+        """Fails the decoder for good; the error to raise now carries `before`."""
+        self._error = FramingError(reason)
+        return FramingError(reason, before) if before else self._error
 
     def feed(self, data: BytesLike) -> list[bytes]:
         """``frames`` of `data` received from elsewhere, as bytes."""

@@ -755,12 +755,11 @@ class StreamBind(SocketBind):
                     break
                 if n == 0:
                     break
+                failed: FramingError | None = None
                 try:
                     frames = decoder.frames(n)
                 except FramingError as exc:
-                    reason = f"framing error: {exc.reason}"
-                    self._framing_errors += 1
-                    break
+                    frames, failed = exc.before, exc
                 if frames:
                     conn.got_frame = True
                     for frame in frames:
@@ -776,6 +775,10 @@ class StreamBind(SocketBind):
                             self._deliver(receive, frame, ep)
                     if not conn.trusted:
                         self._trust(conn)
+                if failed is not None:
+                    reason = f"framing error: {failed.reason}"
+                    self._framing_errors += 1
+                    break
         finally:
             if shared is not None:
                 self._serving = 0
