@@ -1261,6 +1261,22 @@ def test_a_short_write_is_continued_where_it_stopped(step: int) -> None:
     assert sock.calls == -(-total // step)
 
 
+def test_tcp_connections_have_keepalives_as_the_seed_s(binds: list[Bind]) -> None:
+    """Go turns TCP keep-alives on for dialled and accepted connections (15 s): a peer gone
+    without a word is then noticed on an idle connection. Ours had none."""
+    b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+    a, _a_in, _ = opened(binds, StreamBind("tcp4"))
+    assert isinstance(a, StreamBind) and isinstance(b, StreamBind)
+    a.send(msg(1), a.parse_endpoint(f"127.0.0.1:{b_port}"))
+    assert b_in.get()[0] == msg(1)
+    socks = [s for bind in (a, b) for s in bind._marked_sockets()[1:]]  # not the listeners
+    assert len(socks) == 2
+    for s in socks:
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 15
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("network", ["tcp4", "udp"])
 def test_fwmark_reaches_every_ip_socket_now_and_later(network: str) -> None:

@@ -82,6 +82,7 @@ STABLE_AFTER: Final = 1.0
 MAX_INBOUND = 64
 CHURN_LOG_INTERVAL, CHURN_LOG_BURST = 1.0, 20
 FIRST_FRAME_TIMEOUT = 30.0
+TCP_KEEPALIVE: Final = 15  # seconds: idle before the first probe, and between probes
 _NO_CAPS: Final = (0, 0)
 _HELLO_BYTE: Final = HELLO_MAGIC[0]
 
@@ -585,6 +586,14 @@ class StreamBind(SocketBind):
         sock.setblocking(True)
         if self._kind == "inet":
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # TCP keep-alives as the Go seed has them (Go's default for dialled and accepted
+            # connections: probes after 15 s idle, 15 s apart): a peer gone without a word
+            # (power lost, a partition) is noticed on an idle connection, which is then
+            # redialled or dropped. vsock has no such silent loss (the host resets the
+            # connections of an enclave that ends).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPALIVE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, TCP_KEEPALIVE)
         set_send_timeout(sock, self.send_timeout)
 
     def _inbound_endpoint(self, addr: Any) -> Endpoint:
