@@ -581,8 +581,9 @@ def test_server_limits(run_dir: str) -> None:
         assert uapi_set(srv.path, "fwmark=1\n") == 0
 
 
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
 def test_server_reads_an_oversized_request_to_its_end_before_refusing_it(
-    run_dir: str
+    run_dir: str, eol: bytes
 ) -> None:
     """wg(8) writes the whole request before it reads: hung up on half-way, it died of
     SIGPIPE without a word (and nothing said why). Now it gets -EIO, and the next request on
@@ -590,8 +591,8 @@ def test_server_reads_an_oversized_request_to_its_end_before_refusing_it(
     store = Store()
     with UAPIServer("wgx9", store, run_dir=run_dir, max_request=4096) as srv:
         with _connect(srv.path) as s:
-            lines = b"".join(b"fwmark=%d\n" % (i % 100) for i in range(200_000))  # ~1.6 MB
-            s.sendall(b"set=1\n" + lines + b"\n")
+            lines = b"".join(b"fwmark=%d" % (i % 100) + eol for i in range(200_000))  # ~2 MB
+            s.sendall(b"set=1" + eol + lines + eol)
             assert _read_reply(s) == "errno=-5\n\n"
             assert _at_eof(s)
         assert store.sets == 0

@@ -120,7 +120,8 @@ def _send_all(sock: socket.socket, bufs: list[bytes | memoryview], timeout: floa
             set_send_timeout(sock, left)
             bufs = _unsent(bufs, sock.sendmsg(bufs[:IOV_MAX]))
     finally:
-        set_send_timeout(sock, timeout)
+        with contextlib.suppress(OSError):  # closed meanwhile: the send's own error counts
+            set_send_timeout(sock, timeout)
 
 
 def _send_some(sock: socket.socket, bufs: list[bytes | memoryview]) -> list[bytes | memoryview]:

@@ -532,6 +532,9 @@ class _RequestTooLarge(Exception):
     pass
 
 
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # a request's end (CRLF tolerated, as by readline)
+
+
 class _RequestOverBudget(_RequestTooLarge):
     """Well-formed lines, too many of them: the request's end can still be found."""
 
@@ -583,11 +586,10 @@ class _LineReader:
         self._buf.clear()
         while True:
             seen = prev + chunk
-            end = seen.find(b"\n\n")
-            if end >= 0:
-                self._buf += seen[end + 2:]
+            if blank := _BLANK_LINE.search(seen):
+                self._buf += seen[blank.end():]
                 return
-            prev = seen[-1:]
+            prev = seen[-2:]  # a blank CRLF line may straddle two reads
             chunk = self._sock.recv(65536)
             if not chunk:
                 return
