@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..conn.unixsock import answered
 from ..threads import NamedThread
 
 __all__ = [
@@ -672,18 +673,12 @@ class UAPIServer:
             raise FileExistsError(
                 _errno.EEXIST, "exists and is not a socket; not removing it", self.path
             )
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(self.path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                pass
-            else:
-                raise SocketInUseError(
-                    _errno.EADDRINUSE,
-                    f"another daemon already serves interface {self.ifname!r}",
-                    self.path,
-                )
+        if answered(self.path):
+            raise SocketInUseError(
+                _errno.EADDRINUSE,
+                f"another daemon already serves interface {self.ifname!r}",
+                self.path,
+            )
         log.info("removing stale UAPI socket %s", self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

@@ -1,0 +1,55 @@
+"""Whether a process answers on a Unix socket file: a leftover may go, a live one may not."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from wgvsock.conn.unixsock import answered
+
+
+def _bound(path: Path, kind: int) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(str(path))
+    return s
+
+
+def test_live_sockets_of_either_kind_answer(tmp_path: Path) -> None:
+    stream = _bound(tmp_path / "s.sock", socket.SOCK_STREAM)
+    dgram = _bound(tmp_path / "d.dgram", socket.SOCK_DGRAM)
+    stream.listen()
+    try:
+        assert answered(str(tmp_path / "s.sock"))
+        assert answered(str(tmp_path / "d.dgram"))
+    finally:
+        stream.close()
+        dgram.close()
+
+
+def test_leftovers_and_missing_paths_do_not(tmp_path: Path) -> None:
+    for name, kind in (("s.sock", socket.SOCK_STREAM), ("d.dgram", socket.SOCK_DGRAM)):
+        _bound(tmp_path / name, kind).close()  # the file stays, nobody behind it
+        assert (tmp_path / name).exists()
+        assert not answered(str(tmp_path / name))
+    assert not answered(str(tmp_path / "never.sock"))
+
+
+def test_a_listener_with_a_full_backlog_answers_at_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "busy.sock")
+    listener = _bound(tmp_path / "busy.sock", socket.SOCK_STREAM)
+    listener.listen(0)
+    held = []
+    try:
+        while True:  # fill the backlog: the next connect would block
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            held.append(c)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                break
+        assert answered(path)
+    finally:
+        for c in held:
+            c.close()
+        listener.close()
