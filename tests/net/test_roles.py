@@ -10,9 +10,11 @@ ingress port, and the enclave reaches the internet through the parent's NAT.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -340,3 +342,68 @@ def test_parent_down_removes_the_interface_before_the_table(world: World) -> Non
     assert world.parent_cmd("down").returncode == 0
     assert watcher.stdout.readline().strip() == "wg0 gone"
     watcher.wait(10)
+
+
+def _forwarding(ns: Namespace) -> str:
+    return ns.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip()
+
+
+def test_forwarding_is_put_back_after_a_crashed_parent_and_a_new_up(world: World) -> None:
+    """A parent killed without `down` left forwarding on; the next `up` used to record
+    nothing to restore (forwarding was on already) over the crashed one's record, so the
+    host forwarded for good after `down`."""
+    assert _forwarding(world.parent) == "0"
+    assert world.parent_cmd("up").returncode == 0
+    assert _forwarding(world.parent) == "1"
+    state = json.loads((world.lab.tmp / "state" / f"{world.name}.json").read_text())
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{state['pid']}").exists(), 10, "the parent to die")
+    assert world.parent_cmd("up").returncode == 0
+    assert world.parent_cmd("down").returncode == 0
+    assert _forwarding(world.parent) == "0"
+
+
+def test_parent_down_leaves_what_is_not_its_own(world: World) -> None:
+    """With no parent of the profile running, an interface of the profile's name and a UAPI
+    socket someone answers on belong to another program (wg-quick, wireguard-go): `down`
+    used to delete both."""
+    world.parent.ip("tuntap", "add", "dev", "wg0", "mode", "tun")  # as wireguard-go makes
+    run_dir = world.lab.tmp / "run-parent"
+    run_dir.mkdir(mode=0o700)
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        live.bind(str(run_dir / "wg0.sock"))
+        live.listen()
+        res = world.parent_cmd("down")
+        assert "left interface wg0 alone" in res.stdout, res.stdout
+        assert "wg0" in world.parent.ip("-o", "link", "show").stdout
+        assert (run_dir / "wg0.sock").exists()
+        # A socket nobody answers on is a leftover, and goes.
+        live.close()
+        (run_dir / "wg0.sock").unlink()
+        dead.bind(str(run_dir / "wg0.sock"))
+        dead.close()
+        res = world.parent_cmd("down")
+        assert f"removed {run_dir / 'wg0.sock'}" in res.stdout, res.stdout
+        assert not (run_dir / "wg0.sock").exists()
+    finally:
+        live.close()
+        dead.close()
+        world.parent.ip("link", "del", "wg0", check=False)
+
+
+def test_parent_down_without_root_says_so(world: World) -> None:
+    """A user who may not read the state directory got a PermissionError traceback."""
+    assert world.parent_cmd("up").returncode == 0
+    state_dir = world.lab.tmp / "state"
+    os.chmod(world.lab.tmp, 0o755)  # noqa: S103 - the user may reach the profile, not the state
+    res = world.parent.run("setpriv", "--reuid", "65534", "--regid", "65534",
+                           "--clear-groups", WGVSOCK, "parent", "down", "--profile",
+                           str(world.profile), env=world.env_for("parent"), check=False,
+                           timeout=60)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert f"cannot read the state file {state_dir}" in res.stderr, res.stderr
+    assert "run as root" in res.stderr
+

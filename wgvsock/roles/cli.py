@@ -54,12 +54,15 @@ def parent_main(argv: list[str]) -> int:
 
     if args.cmd == "down":
         try:
-            done = parent.down(profile)
+            done, failed = parent.down(profile)
         except parent.RoleError as e:
             print(f"wgvsock parent down: {e}", file=sys.stderr)
             return 1
-        print("\n".join(done) if done else f"{profile.name}: nothing to remove")
-        return 0
+        if done or not failed:
+            print("\n".join(done) if done else f"{profile.name}: nothing to remove")
+        for line in failed:
+            print(f"wgvsock parent down: {line}", file=sys.stderr)
+        return 1 if failed else 0
     if args.cmd == "doctor":
         return doctor(profile)
     if args.cmd == "reload":
@@ -75,7 +78,11 @@ def parent_main(argv: list[str]) -> int:
 
     ready_fd = take_ready_fd()
     if ready_fd is None:
-        pid = state.already_up(profile)
+        try:
+            pid = state.already_up(profile)
+        except parent.RoleError as e:
+            print(f"wgvsock parent up: {e}", file=sys.stderr)
+            return 1
         if pid is not None:
             print(f"{profile.name} is already up (pid {pid})")
             return 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..conn import make_bind
+from ..conn.unixsock import answered
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import netconf
 from ..device.device import Device
@@ -343,8 +344,15 @@ class Parent:
             netconf.link_up(p.interface, p.mtu)
             self._route_enclave()
             v6 = any(a.version == 6 for a in p.enclave.addresses)
-            self._forwarding = firewall.enable_forwarding(ipv6=v6)
+            # A parent of this profile that crashed left forwarding on and, in its state
+            # file, the values from before it: those are what to put back, not the "1"s
+            # found now, which would leave the host routing for good after the next `down`.
+            before = self._crashed_forwarding()
+            changed = firewall.enable_forwarding(ipv6=v6)
+            self._forwarding = {**changed, **before}
             self._forwarding_on = True
+            # Recorded at once, so that `down` after a crash from here on can put them back.
+            self._save_state()
             self._start_refusal_reader()
             firewall.apply(self.spec())
             self._table = True
@@ -365,16 +373,30 @@ class Parent:
             )
             self.control.start()
             self._start_metrics()
-            self._state = State(p.name, os.getpid(), p.interface, os.path.abspath(p.path),
-                                self._forwarding, self._sockets,
-                                started=start_time(os.getpid()) or 0)
-            self._state.save()
+            self._save_state()
             self._start_enclave()
         except BaseException:
             self.close()
             raise
         log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
                  t.port, t.control_port)
+
+    def _crashed_forwarding(self) -> dict:
+        """The forwarding values from before a parent of this profile that died without
+        `down` (its state file names a process that is gone), else nothing."""
+        state = State.load(self.profile.name)
+        if state is None or state.pid == os.getpid() or state.running():
+            return {}
+        return dict(state.forwarding)
+
+    def _save_state(self) -> None:
+        p = self.profile
+        if self._state is None:
+            self._state = State(p.name, os.getpid(), p.interface, os.path.abspath(p.path),
+                                self._forwarding, self._sockets,
+                                started=start_time(os.getpid()) or 0)
+        self._state.forwarding, self._state.sockets = self._forwarding, self._sockets
+        self._state.save()
 
     def _start_refusal_reader(self) -> None:
         try:
@@ -896,22 +918,33 @@ def reload_from_file(parent: Parent, notifier: Notifier | None = None) -> bool:
     return ok
 
 
-def down(profile) -> list[str]:
-    """Stops a running parent and removes everything `up` made. Returns what it did."""
+def down(profile) -> tuple[list[str], list[str]]:
+    """Stops a running parent and removes everything `up` made: what it did, and what it
+    could not do. A step that fails does not keep the others from being tried."""
     done: list[str] = []
+    failed: list[str] = []
+
+    def attempt(what: str, step: Callable[[], object]) -> bool:
+        try:
+            step()
+            return True
+        except Exception as e:  # cleanup goes on: each failure is reported
+            detail = str(e) or type(e).__name__
+            failed.append(f"could not {what}: {detail}")
+            return False
+
     state = State.load(profile.name)
+    ours_alive = False  # a parent of this profile that ignored SIGKILL so far
     if state is not None and state.running():
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while state.running() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if state.running():
+        if _wait_gone(state, 15):
+            done.append(f"stopped pid {state.pid}")
+        else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.pid, signal.SIGKILL)
             done.append(f"killed pid {state.pid} (did not stop within 15 s)")
-        else:
-            done.append(f"stopped pid {state.pid}")
+            ours_alive = not _wait_gone(state, 5)
     # Whatever a crashed `up` may have left behind:
     if profile.parent.enclave is not None:
         from ..services.nitro import NitroCli, NitroError, enclave_name, terminate_leftovers
@@ -921,27 +954,53 @@ def down(profile) -> list[str]:
             done += terminate_leftovers(NitroCli(), enclave_name(profile.name), known)
         except NitroError as e:
             if known or shutil.which("nitro-cli"):  # silent when there is nothing to look for
-                done.append(f"could not check for a leftover enclave: {e}")
-    # The interface before the filter, as in Parent.close.
+                failed.append(f"could not check for a leftover enclave: {e}")
+    # Our TUN goes with the process that made it, so an interface of this name is ours only
+    # while that process lingers; otherwise it is someone else's (wg-quick's, wireguard-go's)
+    # and stays. Ours goes before the filter, as in Parent.close: once it is gone nothing
+    # reaches or leaves the enclave unfiltered.
+    unfiltered = False
     if netconf.interface_exists(profile.interface):
-        netconf.delete_interface(profile.interface)
-        done.append(f"deleted interface {profile.interface}")
-    if firewall.exists(profile.name):
-        firewall.remove(profile.name)
+        if not ours_alive:
+            done.append(f"left interface {profile.interface} alone: no parent of "
+                        f"{profile.name} holds it")
+        elif attempt(f"delete interface {profile.interface} (pid {state.pid} still holds it)",
+                     lambda: netconf.delete_interface(profile.interface)):
+            done.append(f"deleted interface {profile.interface}")
+        else:
+            unfiltered = True
+    if unfiltered:
+        failed.append(f"left the nftables table for {profile.name} in place: the enclave's "
+                      f"interface is still up")
+    elif firewall.exists(profile.name) and attempt(
+            f"remove the nftables table for {profile.name}",
+            lambda: firewall.remove(profile.name)):
         done.append(f"removed nftables table for {profile.name}")
     # A parent that stopped cleanly has restored them and removed its state file itself.
-    if state is not None and State.path_for(profile.name).exists() \
-            and (left := restore_forwarding(profile.name, state.forwarding)) is not None:
-        done.append(left)
+    keep_state = ours_alive  # its record is all that says what to put back later
+    if state is not None and State.path_for(profile.name).exists():
+        left: list[str | None] = []
+        if not attempt("restore the IP forwarding settings",
+                       lambda: left.append(restore_forwarding(profile.name, state.forwarding))):
+            keep_state = True
+        elif left[0] is not None:
+            done.append(left[0])
     sockets = list(state.sockets) if state else []
     sockets.append(os.path.join(run_dir(), f"{profile.interface}.sock"))
     for path in sockets:
+        # Only a leftover: a socket somebody answers on is theirs (a wireguard-go serving an
+        # interface of the same name, a parent started since), whoever bound it first.
+        if os.path.lexists(path) and not _answered(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                done.append(f"removed {path}")
+    if keep_state:
+        failed.append(f"kept the state file {State.path_for(profile.name)}: run "
+                      "`wgvsock parent down` again once the cause above is fixed")
+    else:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            done.append(f"removed {path}")
-    with contextlib.suppress(FileNotFoundError):
-        State.path_for(profile.name).unlink()
-        done.append("removed state file")
+            State.path_for(profile.name).unlink()
+            done.append("removed state file")
     # `parent reload`'s lock and request, and temporary files of a writer that was killed.
     leftovers = [State.path_for(profile.name).with_suffix(s)
                  for s in (".reload.lock", ".reload-request", ".tmp-request")]
@@ -949,4 +1008,20 @@ def down(profile) -> list[str]:
     for path in leftovers:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    return done
+    return done, failed
+
+
+def _wait_gone(state: State, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while state.running():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _answered(path: str) -> bool:
+    try:
+        return answered(path)
+    except OSError:  # cannot tell: leave it
+        return True

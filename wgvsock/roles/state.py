@@ -70,6 +70,12 @@ class State:
             return cls(**json.loads(cls.path_for(name).read_text()))
         except FileNotFoundError:
             return None
+        except PermissionError as e:
+            raise RoleError(f"cannot read the state file {cls.path_for(name)}: permission "
+                            "denied (run as root, as `parent up` does)") from e
+        except OSError as e:
+            raise RoleError(f"cannot read the state file {cls.path_for(name)}: "
+                            f"{e.strerror or e}") from e
         except (ValueError, TypeError) as e:
             raise RoleError(f"state file {cls.path_for(name)} is corrupt ({e}); remove it and "
                             "run `wgvsock parent down` again") from e
