@@ -439,3 +439,67 @@ def test_a_timeout_that_would_wait_forever_is_refused(value: str, capsys) -> Non
     assert exit_.value.code == 2
     assert "must be a number of seconds above 0 and at most 86400 (a day)" in \
         capsys.readouterr().err
+
+
+# `enclave up` with no network, a stopping signal handled while the main thread holds the
+# stop event's lock (as it does for a moment inside every Event.wait).
+_SIGNAL_UNDER_LOCK = r"""
+import os, signal, sys
+from wgvsock.roles import enclave as m
+from wgvsock.services.profile import load_profile
+m.Enclave.start = lambda self: None
+def wait_connected(self, timeout):
+    with self.stop._cond:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs between these bytecodes
+            pass
+m.Enclave.wait_connected = wait_connected
+sys.exit(m.run_up(load_profile(sys.argv[1]), ["true"], timeout=5))
+"""
+
+
+def test_a_signal_while_the_main_thread_holds_the_stop_lock_does_not_hang() -> None:
+    """Before: the handler set the stop event itself, waited for the lock its own thread
+    held, and `enclave up` hung until SIGKILL."""
+    res = subprocess.run([sys.executable, "-c", _SIGNAL_UNDER_LOCK, str(PROFILE)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+
+
+def test_sighup_while_cmd_is_being_started_leaves_the_tunnel_running(no_network, monkeypatch,
+                                                                      tmp_path: Path) -> None:
+    """Before: a SIGHUP that came while CMD was being started was passed on to it and also
+    stopped the control loop, so an app that reloads on SIGHUP ran on without the enclave
+    ever registering again."""
+    monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
+    made: list[enclave_mod.Enclave] = []
+    real_init = enclave_mod.Enclave.__init__
+
+    def init(self, *a, **kw) -> None:
+        real_init(self, *a, **kw)
+        made.append(self)
+
+    real = subprocess.Popen
+
+    class Popen(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            wait_for(ready.exists, 10, "CMD to trap SIGHUP")
+            os.kill(os.getpid(), signal.SIGHUP)  # before run_up has `child`
+
+    stopped: list[bool] = []  # whether the control loop was told to stop while CMD ran
+    real_wait = enclave_mod._wait_child
+
+    def wait_child(child):
+        code = real_wait(child)
+        stopped.append(made[0].stop.is_set())
+        return code
+
+    monkeypatch.setattr(enclave_mod.Enclave, "__init__", init)
+    monkeypatch.setattr(enclave_mod.subprocess, "Popen", Popen)
+    monkeypatch.setattr(enclave_mod, "_wait_child", wait_child)
+    ready = tmp_path / "ready"
+    script = f"trap 'exit 7' HUP; echo > {ready}; while :; do sleep 0.05; done"
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
+    assert rc == 7  # CMD got the SIGHUP and handled it
+    assert stopped == [False]

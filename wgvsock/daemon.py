@@ -164,7 +164,8 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     from .device.device import Device
     from .device.uapi import DEFAULT_RUN_DIR
     from .sdnotify import Notifier, Watchdog
-    from .threads import enable_stack_dumps, on_thread_death
+    from .signals import Wakeup
+    from .threads import NamedThread, enable_stack_dumps, on_thread_death
 
     # Under a Type=notify unit (with -f): READY=1 once the interface and its UAPI socket
     # exist, the watchdog while the timer thread ticks, every thread's stack on SIGABRT.
@@ -188,22 +189,33 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         notifier.status(reason)
         return 1
 
-    def on_signal(signum: int, _frame: object) -> None:
-        device.stop(f"received {signal.Signals(signum).name}")
+    # The handler only notes the signal; the loop below acts on it (wgvsock.signals).
+    received: list[int] = []
+    wakeup = Wakeup()
+    signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    def on_stop() -> None:  # the device stopped by itself: its interface went, a thread died
+        device.wait()
+        wakeup.wake()
+
     on_thread_death(device.fail)
+    NamedThread(target=on_stop, name="stop-watch", daemon=True).start()
     watchdog = Watchdog(notifier, device.stalled)
     try:
         report_ready(ready_fd)
         up = f"interface {device.ifname} up ({network}, port {device.port})"
         notifier.ready(up)
         watchdog.start()
-        while not device.wait(1.0):
+        while not device.wait(0):
+            if received:
+                device.stop(f"received {signal.Signals(received[0]).name}")
+                break
             stalled = device.stalled(time.monotonic())
             notifier.status(f"stuck: {stalled}" if stalled else up)
+            wakeup.wait(1.0)
     finally:
+        wakeup.close()
         watchdog.close()
         notifier.stopping(f"stopping: {device.stop_reason}" if device.stop_reason else None)
         device.close()

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -107,6 +108,39 @@ def test_foreground_stays_and_stops_on_sigterm(lab: Lab) -> None:
     assert _unix_files(lab) == []
     # In the foreground the log goes to stderr.
     assert "shutting down: received SIGTERM" in err.read_text()
+
+
+# The daemon in the foreground, with SIGTERM handled while its main thread holds the lock of
+# the event it waits on (as it does for a moment in every Event.wait with a timeout).
+_SIGTERM_UNDER_LOCK = r"""
+import logging, os, signal, sys, threading
+logging.basicConfig(level=logging.INFO)
+from wgvsock import daemon
+real_wait = threading.Event.wait
+fired = []
+def wait(self, timeout=None):
+    if (not fired and timeout is not None and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        fired.append(1)
+        with self._cond:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between these bytecodes
+                pass
+    return real_wait(self, timeout)
+threading.Event.wait = wait
+sys.exit(daemon.run_foreground(sys.argv[1], "unix", False))
+"""
+
+
+def test_sigterm_while_the_main_thread_holds_a_lock_stops_it(lab: Lab) -> None:
+    """Before: the SIGTERM handler stopped the device itself, which waits for the lock the
+    main thread held when the signal came: the daemon hung until SIGKILL."""
+    ns = lab.netns("l")
+    ifname = lab.ifname("l")
+    res = ns.run(sys.executable, "-c", _SIGTERM_UNDER_LOCK, ifname, env=lab.env(),
+                 check=False, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "shutting down: received SIGTERM" in res.stderr
 
 
 def _start_fails(lab: Lab, ns: Namespace, ifname: str, *args: str) -> str:

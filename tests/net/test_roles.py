@@ -407,3 +407,15 @@ def test_parent_down_without_root_says_so(world: World) -> None:
     assert f"cannot read the state file {state_dir}" in res.stderr, res.stderr
     assert "run as root" in res.stderr
 
+
+def test_the_enclave_stops_with_its_app_when_its_tunnel_device_goes(world: World) -> None:
+    """The device stops by itself when its interface is deleted; `enclave up` used to go on
+    with CMD running and no network, for ever."""
+    assert world.parent_cmd("up").returncode == 0
+    proc = world.start_enclave()
+    wait_for(world.egress_works, 30, "the tunnel")
+    world.enclave.ip("link", "del", "wg0")
+    assert proc.wait(15) == 1
+    log = (world.lab.tmp / "enclave.log").read_text()
+    assert "stopped: the tunnel device stopped" in log, log
+    assert world.enclave.pids() == []  # CMD (the HTTP server) ended with it

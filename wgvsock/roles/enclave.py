@@ -28,6 +28,7 @@ from ..core.crypto import generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
 from ..services.control import ControlError, Refused, Welcome, hold_connection, register
+from ..signals import Wakeup
 from ..threads import NamedThread, on_thread_death
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
 
@@ -125,6 +126,9 @@ class Enclave:
         self.public_key = public_key(self.key)
         self.device: Device | None = None
         self.stop = threading.Event()
+        # Stopping signals that came before CMD ran, noted by `run_up`'s handler, which may
+        # not set `stop` itself (wgvsock.signals says why): waiting for the parent ends.
+        self.signalled: list[int] = []
         self.registered = threading.Event()
         self.parent_key: bytes | None = None
         self.registrations = 0
@@ -297,8 +301,8 @@ class Enclave:
         """Blocks until the first handshake with the parent, at most TIMEOUT seconds in all;
         EnclaveError on timeout. Returns at once when stopped (see `stop`)."""
         deadline = time.monotonic() + timeout
-        if not wait_until(self.registered.is_set, timeout, self.stop.is_set):
-            if self.stop.is_set():
+        if not wait_until(self.registered.is_set, timeout, self.stopping):
+            if self.stopping():
                 return
             if self.last_failure is not None:
                 raise EnclaveError(f"could not register with the parent within {timeout:.0f} s:"
@@ -310,11 +314,14 @@ class Enclave:
             assert self.device is not None and self.parent_key is not None
             return self.device.last_handshake(self.parent_key) is not None
 
-        if not wait_until(handshaken, deadline - time.monotonic(), self.stop.is_set):
-            if self.stop.is_set():
+        if not wait_until(handshaken, deadline - time.monotonic(), self.stopping):
+            if self.stopping():
                 return
             raise EnclaveError(f"registered, but no WireGuard handshake with the parent within "
                                f"{timeout:.0f} s (check the transport and port in the profile)")
+
+    def stopping(self) -> bool:
+        return self.stop.is_set() or bool(self.signalled)
 
     def close(self) -> None:
         self.stop.set()
@@ -330,41 +337,54 @@ class Enclave:
 def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -> int:
     enclave = Enclave(profile)
     child: subprocess.Popen | None = None
-    signalled: list[int] = []
     # Signals that came before `child` was set (while CMD was being started): passed on
     # once it is.
     pending: list[int] = []
+    wakeup = Wakeup()
 
     def on_signal(signum: int, _frame: object) -> None:
+        # Takes no lock (wgvsock.signals): os.kill and list.append take none.
         if child is not None:
             _signal_child(child, signum)
         elif signum in _STOPPING_SIGNALS:
-            signalled.append(signum)
+            enclave.signalled.append(signum)
             pending.append(signum)
-            enclave.stop.set()
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, on_signal)
     failures: list[str] = []
+    closing = threading.Event()
 
     def on_death(reason: str) -> None:
         # A dead thread would leave the tunnel half working: stop, so the command ends and
         # the enclave (or whatever supervises it) starts afresh.
         failures.append(reason)
         enclave.stop.set()
+        wakeup.wake()
         if child is not None:
             _signal_child(child, signal.SIGTERM)
+
+    def watch(device: Device) -> None:
+        # The device stops by itself when its interface or UAPI socket is removed or its TUN
+        # fails; CMD must not go on without a network.
+        device.wait()
+        if not closing.is_set():
+            on_death(f"the tunnel device stopped: {device.stop_reason or 'closed'}")
 
     on_thread_death(on_death)
     try:
         enclave.start()
+        if enclave.device is not None:
+            NamedThread(target=watch, args=(enclave.device,), name="device-watch",
+                        daemon=True).start()
         enclave.wait_connected(timeout)
-        if enclave.stop.is_set():
-            return _stopped(failures, signalled)
+        if enclave.stopping():
+            return _stopped(failures, enclave.signalled)
         log.info("tunnel up")
         print(f"wgvsock enclave: tunnel to the parent is up on {profile.interface}", flush=True)
         if not command:
-            enclave.stop.wait()
+            while not enclave.stopping():
+                wakeup.wait(None)
             if failures:
                 print(f"wgvsock enclave: stopped: {failures[0]}", file=sys.stderr, flush=True)
                 return 1
@@ -373,6 +393,8 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
             child = subprocess.Popen(command)
         except OSError as e:
             raise EnclaveError(f"cannot run {command[0]}: {e.strerror}") from e
+        # Passed on, and no more: once CMD runs, its own handling of a signal decides (an app
+        # that reloads on SIGHUP goes on, and so does the tunnel).
         for signum in pending:
             _signal_child(child, signum)
         code = _wait_child(child)
@@ -384,4 +406,6 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        closing.set()
         enclave.close()
+        wakeup.close()

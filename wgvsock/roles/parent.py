@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -35,6 +34,7 @@ from ..services.control import ControlError, ControlServer, Verdict
 from ..services.egress.refusals import RefusalReader, Refusals
 from ..services.metrics.counters import DnsCounters, ParentCounters
 from ..services.nflog import open_free_group
+from ..signals import Wakeup
 from ..threads import enable_stack_dumps, on_thread_death
 from .common import RoleError, configure, control_listener, run_dir, state_dir, unix_socket_path
 from .state import State, request_path, restore_forwarding, start_time
@@ -757,27 +757,15 @@ def run_up(profile, ready_fd: int | None) -> int:
     notifier = Notifier.from_environ()
     enable_stack_dumps()
     parent = Parent(profile)
-    # The handler only notes what was asked; signal.set_wakeup_fd wakes the loop (from C).
-    # A handler that took a lock (Event.set) could deadlock against this thread holding the
-    # same lock when the signal came. Installed before `start`, which writes the state file:
-    # from then on `parent reload` may send SIGHUP, whose default action would kill us.
+    # The handler only notes what was asked, and the loop waits on a Wakeup (wgvsock.signals
+    # says why). Installed before `start`, which writes the state file: from then on `parent
+    # reload` may send SIGHUP, whose default action would kill us.
     asked = {"stop": False, "reload": False}
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    wakeup = Wakeup()
 
     def on_signal(signum: int, _frame: object) -> None:
         asked["reload" if signum == signal.SIGHUP else "stop"] = True
 
-    closed = [False]
-    pipe_lock = threading.Lock()  # never taken by the signal handler
-
-    def wake() -> None:
-        with pipe_lock:
-            if closed[0]:  # a thread dying after `up` ended: the pipe is gone
-                return
-            with contextlib.suppress(BlockingIOError):  # a wake-up is pending already
-                os.write(wake_w, b"\0")
-
-    old_wakeup = signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
     failures: list[str] = []
@@ -785,10 +773,8 @@ def run_up(profile, ready_fd: int | None) -> int:
     def on_death(reason: str) -> None:  # on the dying thread
         failures.append(reason)
         asked["stop"] = True
-        wake()
+        wakeup.wake()
 
-    poller = select.poll()
-    poller.register(wake_r, select.POLLIN)
     passed = [time.monotonic()]  # when the main loop last came round
 
     def health(now: float) -> str | None:
@@ -824,10 +810,7 @@ def run_up(profile, ready_fd: int | None) -> int:
             watchdog.start()
             while not asked["stop"]:
                 passed[0] = time.monotonic()
-                poller.poll(1000)
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(wake_r, 512):
-                        pass
+                wakeup.wait(1.0)
                 if asked["stop"]:
                     break
                 if asked["reload"]:
@@ -856,11 +839,7 @@ def run_up(profile, ready_fd: int | None) -> int:
             parent.close()
     finally:
         notifier.close()
-        signal.set_wakeup_fd(old_wakeup)
-        with pipe_lock:
-            closed[0] = True
-            os.close(wake_r)
-            os.close(wake_w)
+        wakeup.close()
     if failures:
         # Non-zero, so systemd restarts us: a part of the data path is gone.
         log.error("parent %s stopped: %s", profile.name, failures[0])
