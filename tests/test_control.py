@@ -573,3 +573,20 @@ def test_refusals_are_logged_a_few_at_a_time(server, caplog):
                 register(s, b"E" * 32)
     logged = [r.getMessage() for r in caplog.records if "refused an enclave" in r.getMessage()]
     assert len(logged) == 5, logged
+
+
+def test_protocol_errors_are_logged_a_few_at_a_time(server, caplog):
+    """Anyone who reaches the port can break the protocol on every connection: the parent's
+    warnings about it are rate-limited, not one per connection."""
+    path, _srv, _rec = server
+    with caplog.at_level(logging.WARNING, logger="wgvsock.control"):
+        for _ in range(200):
+            with dial(path) as s:
+                read_message(s, time.monotonic() + 2)
+                s.sendall(struct.pack(">I", 0))
+                expect_closed(s)
+        with dial(path) as s:  # still serving
+            assert register(s, b"F" * 32).wg_port == 51820
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 1 <= len(logged) <= 6, logged
+    assert "outside 1..65536" in logged[0]

@@ -59,3 +59,16 @@ def test_a_burst_then_the_rate(clock: Clock, caplog: pytest.LogCaptureFixture) -
         for i in range(200, 230):
             say(logging.INFO, "conn %d", i)
         assert len(_lines(caplog)) == 20
+
+
+def test_a_traceback_comes_with_the_lines_let_through(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    say = RateLimitedLog(10.0, logging.getLogger("t"))
+    with caplog.at_level(logging.INFO, "t"):
+        for _ in range(3):
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                say(logging.ERROR, "failed", exc_info=True)
+    assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None

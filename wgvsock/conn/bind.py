@@ -201,9 +201,10 @@ class Bind(ABC):
 
 class RateLimitedLog:
     """Logs at most `burst` lines at once, then one per `interval`; for lines that can repeat
-    on every packet or connection. The next line logged says how many were left out."""
+    on every packet or connection. The next line logged says how many were left out.
+    Safe to share between threads (the control server's connections each have one)."""
 
-    __slots__ = ("_burst", "_interval", "_last", "_log", "_suppressed", "_tokens")
+    __slots__ = ("_burst", "_interval", "_last", "_lock", "_log", "_suppressed", "_tokens")
 
     def __init__(
         self, interval: float = 10.0, logger: logging.Logger | None = None, burst: int = 1
@@ -214,20 +215,22 @@ class RateLimitedLog:
         self._last = time.monotonic()
         self._suppressed = 0
         self._log = logger or log
+        self._lock = threading.Lock()
 
-    def __call__(self, level: int, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
-        self._last = now
-        if self._tokens < 1.0:
-            self._suppressed += 1
-            return
-        self._tokens -= 1.0
-        if self._suppressed:
+    def __call__(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
+            self._last = now
+            if self._tokens < 1.0:
+                self._suppressed += 1
+                return
+            self._tokens -= 1.0
+            suppressed, self._suppressed = self._suppressed, 0
+        if suppressed:
             msg += " (%d similar messages suppressed)"
-            args = (*args, self._suppressed)
-        self._suppressed = 0
-        self._log.log(level, msg, *args)
+            args = (*args, suppressed)
+        self._log.log(level, msg, *args, exc_info=exc_info)
 
 
 def unavailable(exc: OSError, what: str) -> OSError:

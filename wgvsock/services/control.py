@@ -238,6 +238,8 @@ class ControlServer:
         # Verdicts: a refused enclave registers again (at most every minute, but several
         # enclaves of one profile, or a policy that refuses them all, add up).
         self._verdict_log = RateLimitedLog(10.0, logger=log, burst=5)
+        # How connections ended badly: protocol errors, connection errors, bugs.
+        self._conn_log = RateLimitedLog(10.0, logger=log, burst=5)
         self._survivor = Survivor("control: accept")
         self._thread = NamedThread(target=self._accept_loop, name="control", daemon=True)
 
@@ -307,13 +309,14 @@ class ControlServer:
             if self._exchange(conn):
                 self._hold(conn)
         except ControlError as e:
-            log.warning("control: %s", e)
+            # Anyone who can reach the port can break the protocol on every connection.
+            self._conn_log(logging.WARNING, "control: %s", e)
         except OSError as e:
-            log.info("control: connection error: %s", e)
+            self._conn_log(logging.INFO, "control: connection error: %s", e)
         except Exception:
             # A bug in one exchange (an install that raised) ends that connection only; the
             # enclave registers again.
-            log.exception("control: exchange failed")
+            self._conn_log(logging.ERROR, "control: exchange failed", exc_info=True)
         finally:
             with self._lock:
                 self._clients.discard(conn)
