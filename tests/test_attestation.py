@@ -7,6 +7,7 @@ import base64
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import time
@@ -39,6 +40,7 @@ from wgvsock.attestation import (
     nsm,
     nsm_attester,
     trusted_root,
+    verify,
     verify_document,
     verify_enclave,
 )
@@ -365,6 +367,33 @@ def test_trailing_bytes_after_the_document(ca, good):
 
 def test_not_bytes_at_all(ca):
     refused("a string", "malformed", ca.root_cert)  # type: ignore[arg-type]
+
+
+def test_a_payload_key_too_large_to_print_is_shown_quoted(ca, good, caplog):
+    """str() of an int of more than 4300 digits raises ValueError: a registrant's document
+    with such a key must still be an AttestationError at worst, never "unexpected"."""
+    huge = 1 << 20000
+    signed = resign(ca, good, lambda p: p.update({huge: 1}))
+    with caplog.at_level(logging.WARNING, logger="wgvsock.attestation"):
+        doc = decode_document(signed)
+        assert doc.extra == {"<a int too large to show>": 1}
+        assert verify_document(signed, root=ca.root_cert).extra == doc.extra
+        refused(with_payload(good, lambda p: p.update({huge: 1})), "bad-signature",
+                ca.root_cert)
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage()]
+
+
+def test_unforeseen_errors_are_logged_a_few_at_a_time(ca, good, monkeypatch, caplog):
+    def broken(data):
+        raise ValueError("a library's surprise")
+
+    monkeypatch.setattr(verify, "_cose", broken)
+    with caplog.at_level(logging.WARNING, logger="wgvsock.attestation"):
+        for _ in range(50):
+            e = refused(good, "malformed", ca.root_cert)
+            assert "a library's surprise" in e.reason
+    logged = [r for r in caplog.records if "unexpected" in r.getMessage()]
+    assert 1 <= len(logged) <= 6, len(logged)
 
 
 def test_random_corruption_never_raises_anything_else(ca, good):

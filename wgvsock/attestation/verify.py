@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from ..conn.bind import RateLimitedLog
 from ..safetext import prose, quote
 from ..services.control import Verdict
 
@@ -54,6 +55,8 @@ ROOT_RESOURCE = "aws-nitro-enclaves-root-g1.pem"
 AWS_ROOT_SHA256 = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
 # A document dated this far past the verifier's clock means one of the two clocks is wrong.
 MAX_CLOCK_SKEW = 60.0
+# Documents come from anyone who reaches the control port, on every connection they open.
+_unexpected_log = RateLimitedLog(10.0, logger=log, burst=5)
 
 # Field limits from AWS's specification. Its prose says 512 bytes for user_data and nonce while
 # its CDDL says 1024; the looser one is used so that no genuine document is refused.
@@ -355,7 +358,8 @@ def _payload(raw: bytes) -> Document:
         public_key=_bytes_field(p, "public_key", 0, _OPTIONAL_MAX, optional=True),
         user_data=_bytes_field(p, "user_data", 0, _OPTIONAL_MAX, optional=True),
         nonce=_bytes_field(p, "nonce", 0, _OPTIONAL_MAX, optional=True),
-        extra={str(k): v for k, v in p.items() if k not in known},
+        # Keys are the document's own: an int of thousands of digits cannot be str()'d.
+        extra={k if isinstance(k, str) else quote(k): v for k, v in p.items() if k not in known},
     )
 
 
@@ -581,7 +585,7 @@ def verify_document(
         # Every check above names its own failure; this only keeps the promise that hostile
         # input yields AttestationError, should a library raise something unforeseen.
         why = f"{type(e).__name__}: {prose(str(e))}"
-        log.warning("attestation: unexpected %s while verifying", why)
+        _unexpected_log(logging.WARNING, "attestation: unexpected %s while verifying", why)
         raise AttestationError("malformed", f"the document could not be verified: {why}") from None
 
 
