@@ -11,6 +11,8 @@ import logging
 import os
 import random
 import time
+import types
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -431,6 +433,40 @@ def test_packaged_aws_root_fingerprint():
     assert fingerprint(root) == ("64:1A:03:21:A3:E2:44:EF:E4:56:46:31:95:D6:06:31:"
                                  "7E:D7:CD:CC:3C:17:56:E0:98:93:F3:C6:8F:79:BB:5B")
     assert root.subject.rfc4514_string() == "CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US"
+
+
+@pytest.fixture
+def packaged_root(tmp_path, monkeypatch) -> Iterator[Path]:
+    """The directory aws_root() reads its PEM from, in place of the installed package."""
+    monkeypatch.setattr(verify, "resources", types.SimpleNamespace(files=lambda _: tmp_path))
+    aws_root.cache_clear()
+    yield tmp_path / verify.ROOT_RESOURCE
+    aws_root.cache_clear()  # the next test gets the real one again
+
+
+def test_a_packaged_root_that_is_not_awss_is_refused(ca, good, packaged_root):
+    packaged_root.write_bytes(ca.root_pem)
+    with pytest.raises(AttestationError) as info:
+        aws_root()
+    assert info.value.code == "bad-root"
+    assert "does not match the pinned fingerprint" in info.value.reason
+    assert "reinstall" in info.value.reason
+    # Never falls back to trusting it: a document signed by that CA is refused.
+    refused(good, "bad-root", None)
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=Attestation(True, PINS, 300))
+    assert not v.accepted and v.detail == {"code": "bad-root"}
+
+
+def test_a_packaged_root_that_is_missing_is_refused(packaged_root):
+    with pytest.raises(AttestationError) as info:
+        aws_root()
+    assert info.value.code == "bad-root" and "reinstall" in info.value.reason
+
+
+def test_the_real_packaged_root_is_accepted(packaged_root):
+    real = Path(nsm.__file__).with_name(verify.ROOT_RESOURCE)
+    packaged_root.write_bytes(real.read_bytes())
+    assert fingerprint(aws_root()).replace(":", "").lower() == AWS_ROOT_SHA256
 
 
 @pytest.mark.skipif(not SHARED_ROOT.exists(), reason="no ../shared/certs checkout")

@@ -184,9 +184,22 @@ def load_certificate(data: bytes) -> x509.Certificate:
 
 @functools.cache
 def aws_root() -> x509.Certificate:
-    """AWS Nitro Enclaves Root G1, shipped inside the package (never fetched at run time)."""
-    data = resources.files(__package__).joinpath(ROOT_RESOURCE).read_bytes()
-    return load_certificate(data)
+    """AWS Nitro Enclaves Root G1, shipped inside the package (never fetched at run time),
+    and refused unless it is the one AWS publishes (AWS_ROOT_SHA256)."""
+    try:
+        data = resources.files(__package__).joinpath(ROOT_RESOURCE).read_bytes()
+    except OSError as e:
+        raise AttestationError("bad-root", f"the packaged AWS root {ROOT_RESOURCE} cannot be "
+                                           f"read ({e.strerror or e}); reinstall wgvsock") from None
+    root = load_certificate(data)
+    # Whoever can write the installed package could otherwise make any CA "AWS".
+    digest = hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest()
+    if digest != AWS_ROOT_SHA256:
+        raise AttestationError("bad-root", f"the packaged AWS root {ROOT_RESOURCE} "
+                                           f"('{_name(root)}', SHA-256 {digest}) does not match "
+                                           f"the pinned fingerprint {AWS_ROOT_SHA256}; the "
+                                           "package was altered or damaged: reinstall wgvsock")
+    return root
 
 
 def trusted_root(test_root_ca: str | None = None) -> x509.Certificate:
