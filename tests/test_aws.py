@@ -211,14 +211,16 @@ class FakeImds:
         # Headers kept as received (HTTPMessage): lookups are case-insensitive, as in HTTP.
         self.requests: list[tuple[str, str, Message]] = []
         self.refuse_tokens = False
+        # When set, sent as the identity document as it is, whatever it is.
+        self.identity_body: bytes | None = None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
                 pass
 
-            def _send(self, code: int, body: str = "") -> None:
-                data = body.encode()
+            def _send(self, code: int, body: str | bytes = "") -> None:
+                data = body.encode() if isinstance(body, str) else body
                 self.send_response(code)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -242,6 +244,8 @@ class FakeImds:
                 if self.headers.get("X-aws-ec2-metadata-token") not in fake.tokens:
                     return self._send(401)
                 if self.path == aws.IDENTITY_PATH:
+                    if fake.identity_body is not None:
+                        return self._send(200, fake.identity_body)
                     return self._send(200, json.dumps(fake.document))
                 return self._send(404)
 
@@ -553,6 +557,42 @@ def test_imds_timeout() -> None:
         with pytest.raises(aws.ImdsUnavailable, match="not on EC2"):
             aws.Imds(f"http://127.0.0.1:{port}", timeout=0.3).identity()
         assert time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b"\xff\xfe{}", "a body that is not UTF-8 (byte 0)"),
+        (b"{" + b" " * 64 * 1024 + b"}", "more than 65536 bytes"),
+    ],
+    ids=["not-utf8", "too-long"],
+)
+def test_doctor_on_an_imds_answer_it_cannot_read(imds: FakeImds, body: bytes, why: str) -> None:
+    imds.identity_body = body
+    [check] = aws.doctor_checks(aws.Imds(imds.url))
+    assert check.name == "EC2 instance" and check.ok is False
+    assert why in check.detail and aws.IDENTITY_PATH in check.detail
+    assert f"check that {imds.url} is EC2's instance metadata service" in check.detail
+
+
+def test_doctor_on_an_endpoint_that_does_not_speak_http() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        [check] = aws.doctor_checks(aws.Imds(f"http://127.0.0.1:{port}"))
+        t.join(2)
+    assert check.ok is False and "something that is not HTTP (BadStatusLine" in check.detail
+    assert aws.TOKEN_PATH in check.detail
 
 
 # ---------------------------------------------------------------------------------------------

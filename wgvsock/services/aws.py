@@ -17,6 +17,7 @@ VPC-endpoint setups need no parameter here; IMDS has its own endpoint setting, t
 from __future__ import annotations
 
 import html
+import http.client
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a URL path, not a secret
 IDENTITY_PATH = "/latest/dynamic/instance-identity/document"
 TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"  # noqa: S105 - header name
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - header name
+# A token is ~60 bytes and the identity document ~500: anything near this is not IMDS talking.
+MAX_IMDS_BODY = 64 * 1024
 
 # A doctor run or a service start should fail within seconds on a broken network, not hang for
 # botocore's default 60 s per attempt. Retries stay as configured (AWS_MAX_ATTEMPTS etc.).
@@ -483,15 +486,29 @@ class Imds:
         )
 
     def _request(self, req: urllib.request.Request) -> str:
+        # Something answered, but not as IMDS does: a proxy or another service at the address.
+        odd = (f"instance metadata service at {self.endpoint} answered {req.get_method()} "
+               f"{req.selector} with")
+        fix = (f"check that {self.endpoint} is EC2's instance metadata service "
+               f"({IMDS_ENDPOINT_ENV}, when set, names it)")
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
-                return str(resp.read().decode("utf-8"))
+                body = resp.read(MAX_IMDS_BODY + 1)
         except urllib.error.HTTPError as exc:
             raise exc from None
         except urllib.error.URLError as exc:
             raise self._unavailable(exc.reason) from None
         except (TimeoutError, ConnectionError) as exc:
             raise self._unavailable(exc) from None
+        except http.client.HTTPException as exc:
+            raise AWSError(f"{odd} something that is not HTTP ({type(exc).__name__}: {exc}); "
+                           f"{fix}") from None
+        if len(body) > MAX_IMDS_BODY:
+            raise AWSError(f"{odd} more than {MAX_IMDS_BODY} bytes; {fix}")
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise AWSError(f"{odd} a body that is not UTF-8 (byte {exc.start}); {fix}") from None
 
     def token(self) -> str:
         """Get (and cache) a session token."""
