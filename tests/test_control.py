@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -590,3 +591,21 @@ def test_protocol_errors_are_logged_a_few_at_a_time(server, caplog):
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert 1 <= len(logged) <= 6, logged
     assert "outside 1..65536" in logged[0]
+
+
+def test_the_parents_control_socket_dir_must_be_its_own(tmp_path):
+    """transport.path open to others would let them unlink the control socket and bind
+    their own, to answer the enclave in the parent's place."""
+    from wgvsock.roles.common import control_listener
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    transport = types.SimpleNamespace(kind="unix", path=str(shared), control_port=5100)
+    with pytest.raises(PermissionError, match=rf"sockets in {shared}: it has mode 0777"):
+        control_listener(transport)
+    assert list(shared.iterdir()) == []
+    transport.path = str(tmp_path / "own")
+    with contextlib.closing(control_listener(transport)) as listener:
+        assert listener.getsockname() == str(tmp_path / "own" / "5100.sock")
+    assert (tmp_path / "own").stat().st_mode & 0o777 == 0o700

@@ -26,7 +26,7 @@ import pytest
 
 from wgvsock.conn import Bind, TransportUnavailable, make_bind
 from wgvsock.conn import stream as stream_module
-from wgvsock.conn.bind import SharedFile
+from wgvsock.conn.bind import SharedFile, private_dir
 from wgvsock.conn.caps import (
     CAP_SUPER,
     CAP_UNCHECKED_TRANSPORT,
@@ -1333,3 +1333,65 @@ def test_a_fwmark_set_while_a_connection_is_being_dialled_reaches_it() -> None:
     finally:
         b.close()
         srv.close()
+
+
+# -- the directory of Unix socket files --------------------------------------------------------
+
+
+def _made(parent: str, name: str, mode: int) -> str:
+    path = os.path.join(parent, name)
+    os.mkdir(path)
+    os.chmod(path, mode)  # mkdir's mode is cut by the umask
+    return path
+
+
+@pytest.mark.parametrize("dgram", [False, True], ids=["stream", "dgram"])
+def test_a_socket_dir_open_to_others_is_refused(unix_dir: str, dgram: bool) -> None:
+    """Others who may write the directory may unlink a socket and bind their own there."""
+    d = _made(unix_dir, "wg", 0o777)
+    bind = DatagramBind("unix", unix_dir=d) if dgram else StreamBind("unix", unix_dir=d)
+    with pytest.raises(PermissionError) as info:
+        bind.open(4600, Inbox())
+    assert str(info.value) == (
+        f"refusing to keep sockets in {d}: it has mode 0777, open to other users; "
+        f"`chmod 700 {d}`, or give it a directory of its own (one that does not exist yet is "
+        "made, mode 0700)")
+    assert os.listdir(d) == []
+
+
+def test_a_socket_dir_that_is_a_symlink_is_refused(unix_dir: str) -> None:
+    real = _made(unix_dir, "real", 0o700)
+    link = os.path.join(unix_dir, "link")
+    os.symlink(real, link)
+    with pytest.raises(PermissionError, match=rf"in {link}: it is a symbolic link; name the real"):
+        StreamBind("unix", unix_dir=link).open(4601, Inbox())
+    assert os.listdir(real) == []
+
+
+def test_a_socket_dir_of_another_user_is_refused(unix_dir: str) -> None:
+    d = _made(unix_dir, "theirs", 0o700)
+    os.chown(d, 65534, 65534)
+    with pytest.raises(PermissionError, match=rf"is owned by uid 65534, not {os.geteuid()}; "
+                                              rf"`chown {os.geteuid()} {d}`"):
+        private_dir(d)
+
+
+def test_a_shared_dir_is_never_the_socket_dir(unix_dir: str) -> None:
+    """A sticky directory, as /tmp: the advice is never to chmod it."""
+    d = _made(unix_dir, "shared", 0o1777)
+    with pytest.raises(PermissionError, match="mode 1777") as info:
+        private_dir(d)
+    assert "chmod" not in str(info.value) and "a directory of its own" in str(info.value)
+    with pytest.raises(PermissionError, match="refusing to keep sockets in /tmp"):
+        private_dir("/tmp")
+
+
+def test_a_private_socket_dir_is_used_and_a_missing_one_made(
+    binds: list[Bind], unix_dir: str
+) -> None:
+    d = _made(unix_dir, "mine", 0o700)
+    _b, _, port = opened(binds, StreamBind("unix", unix_dir=d), 4602)
+    assert os.listdir(d) == ["4602.sock"] and port == 4602
+    new = os.path.join(unix_dir, "new", "deeper")
+    opened(binds, DatagramBind("unix", unix_dir=new))
+    assert os.lstat(new).st_mode & 0o7777 == 0o700

@@ -42,6 +42,7 @@ __all__ = [
     "SharedFile",
     "SocketBind",
     "TransportUnavailable",
+    "private_dir",
 ]
 
 log = logging.getLogger("wgvsock.conn")
@@ -231,6 +232,33 @@ class RateLimitedLog:
             msg += " (%d similar messages suppressed)"
             args = (*args, suppressed)
         self._log.log(level, msg, *args, exc_info=exc_info)
+
+
+def private_dir(path: str) -> None:
+    """Makes PATH (mode 0700) for sockets only their owner may reach, or refuses an existing
+    one that others could change: there another user could unlink a socket and bind their own
+    in its place. PermissionError, saying what is wrong with it and what to do, otherwise."""
+    with contextlib.suppress(FileExistsError):  # not a directory: said below
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    me = os.geteuid()
+    own = "give it a directory of its own (one that does not exist yet is made, mode 0700)"
+    # A shared directory (sticky, as /tmp) must stay as it is: only `own` fixes that.
+    shared = bool(st.st_mode & stat.S_ISVTX)
+    if stat.S_ISLNK(st.st_mode):
+        # Whoever can change the link can move the sockets.
+        why, fix = "is a symbolic link", f"name the real directory instead, or {own}"
+    elif not stat.S_ISDIR(st.st_mode):
+        why, fix = "is not a directory", own
+    elif st.st_uid != me:
+        why = f"is owned by uid {st.st_uid}, not {me}"
+        fix = own if shared else f"`chown {me} {path}`, or {own}"
+    elif st.st_mode & 0o077:
+        why = f"has mode {stat.S_IMODE(st.st_mode):04o}, open to other users"
+        fix = own if shared else f"`chmod 700 {path}`, or {own}"
+    else:
+        return
+    raise PermissionError(f"refusing to keep sockets in {path}: it {why}; {fix}")
 
 
 def unavailable(exc: OSError, what: str) -> OSError:
@@ -442,9 +470,8 @@ class SocketBind(Bind):
 
     def _bind_unix(self, sock: socket.socket, port: int, dgram: bool) -> int:
         """Bind ``sock`` to <unix_dir>/<port>.sock|.dgram; port 0 picks a free number."""
-        if not os.path.isdir(self.unix_dir):
-            # The directory is the access control: only its owner may reach the sockets.
-            os.makedirs(self.unix_dir, mode=0o700, exist_ok=True)
+        # The directory is the access control: only its owner may reach the sockets.
+        private_dir(self.unix_dir)
         if port:
             path = unix_port_path(self.unix_dir, port, dgram)
             self._claim_unix_path(sock, path)
