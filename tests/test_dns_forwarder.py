@@ -403,6 +403,20 @@ def test_denied_and_unknown_names_are_refused_and_counted(h: Harness) -> None:
     assert h.updates == []
 
 
+def test_unlisted_names_resolve_when_every_address_is_allowed(h: Harness) -> None:
+    """deny names with a catch-all allow CIDR: a block list. Other names are forwarded (and
+    need no set: every address is allowed already); denied ones are still refused."""
+    h.fwd.rebuild(lambda elements: None,
+                  policy=NamePolicy([], [NameRule(NamePattern.parse("bad.test"))],
+                                    resolve_unlisted=True))
+    updates = len(h.updates)
+    r = h.ask("ok.test")
+    assert r.rcode() == dns.rcode.NOERROR and len(r.answer[0]) == 2
+    assert len(h.updates) == updates
+    assert h.ask("bad.test").rcode() == dns.rcode.REFUSED
+    assert h.ask("alias.test").rcode() == dns.rcode.NOERROR
+
+
 def test_cname_chain_only() -> None:
     q = dns.message.make_query("alias.test", "A")
     r = dns.message.make_response(q)

@@ -149,6 +149,37 @@ def test_profile_names_only_allow_no_cidr_by_default() -> None:
     assert p.parent.egress.allow == []
 
 
+def test_deny_names_with_every_address_allowed_are_a_block_list() -> None:
+    """With the default allow (every address), denying a name must not refuse every other
+    name: the forwarder resolves all names but the denied ones."""
+    from wgvsock.roles.parent import _name_policy
+
+    for egress in ("    deny: [tracker.example]\n",
+                   "    allow: [0.0.0.0/0/tcp]\n    deny: ['*.tracker.example']\n",
+                   "    allow: [api.example.com, 0.0.0.0/0]\n    deny: [tracker.example]\n"):
+        p = parse_profile(profile(egress))
+        assert p.parent.egress.resolves_every_name
+        assert [str(d) for d in p.enclave.dns] == ["10.77.0.1"]
+        policy = _name_policy(p)
+        assert policy.resolves(labels("www.example.org"))
+        assert not policy.resolves(labels("x.tracker.example" if "*" in egress
+                                          else "tracker.example"))
+    # A names-only allow list still refuses the rest.
+    p = parse_profile(profile("    allow: [a.example]\n    deny: [b.a.example]\n"))
+    assert not p.parent.egress.resolves_every_name
+    assert not _name_policy(p).resolves(labels("www.example.org"))
+
+
+def test_policy_resolving_unlisted_names_keeps_denied_ones_out() -> None:
+    policy = NamePolicy([NameRule(NamePattern.parse("api.example.com"))],
+                        [NameRule(NamePattern.parse("*.tracker.example"))],
+                        resolve_unlisted=True)
+    assert policy.resolves(labels("example.org")) and policy.allowed_by(labels("example.org")) == []
+    assert policy.allowed_by(labels("api.example.com")) == [0]
+    assert not policy.resolves(labels("a.tracker.example"))
+    assert not NamePolicy([], []).resolves(labels("example.org"))
+
+
 def test_profile_resolver_grace_and_explicit_parent_dns() -> None:
     p = parse_profile(profile("    allow: [a.example]\n    resolver: [10.0.0.2, 10.0.0.3]\n"
                               "    dns_grace: 120\n", "  dns: parent\n"))
@@ -171,6 +202,15 @@ def test_profile_resolver_grace_and_explicit_parent_dns() -> None:
     ("    allow: [a.example]\n", "  dns: 1.1.1.1\n", "write `dns: parent`"),
     ("    allow: [a.example]\n    dns_grace: 5\n", "", "dns_grace: 5 is out of range"),
     ("    allow: [a.example]\n    resolver: dns.google\n", "", "is not an IP address"),
+    # A denied name's queries are refused whatever the port: a port would promise more.
+    ("    deny: ['tracker.example:443/tcp']\n", "",
+     "deny[0]: 'tracker.example:443/tcp': a port or protocol on a denied host name"),
+    ("    deny: ['tracker.example/udp']\n", "", "is not honoured"),
+    # Nothing lets a name through: the forwarder would refuse every query.
+    ("    allow: [10.0.0.0/8]\n    deny: [tracker.example]\n", "",
+     "deny: host names here with none in parent.egress.allow"),
+    ("    allow: ['0.0.0.0/0:443/tcp']\n    deny: [tracker.example]\n", "",
+     "or allow 0.0.0.0/0 to resolve every name not denied"),
 ])
 def test_profile_errors(egress: str, enclave: str, message: str) -> None:
     with pytest.raises(ProfileError) as e:

@@ -202,7 +202,8 @@ def _name_policy(profile):
     from ..services.egress.names import NamePolicy
 
     egress = profile.parent.egress
-    return NamePolicy(egress.allow_names, egress.deny_names)
+    return NamePolicy(egress.allow_names, egress.deny_names,
+                      resolve_unlisted=egress.resolves_every_name)
 
 
 def _upstream(profile) -> list:

@@ -282,6 +282,11 @@ def parse_egress_entry(text: str) -> Rule | NameRule:
     return NameRule(pattern, ports, protocol)
 
 
+def allows_every_address(allow: Iterable[Rule]) -> bool:
+    """Whether ALLOW lets the enclave reach every address of a family, on any port."""
+    return any(r.network.prefixlen == 0 and r.ports is None for r in allow)
+
+
 @dataclass(frozen=True)
 class Transport:
     kind: Kind = "vsock"
@@ -312,6 +317,13 @@ class Egress:
     @property
     def uses_names(self) -> bool:
         return bool(self.allow_names or self.deny_names)
+
+    @property
+    def resolves_every_name(self) -> bool:
+        """Whether the DNS forwarder answers names no allow entry lists: with every address
+        allowed (0.0.0.0/0 or ::/0 on any port), refusing a name protects nothing, so deny
+        names work as a block list."""
+        return allows_every_address(self.allow)
 
 
 @dataclass(frozen=True)
@@ -972,8 +984,11 @@ class _Builder(_Parser):
             return None
         return cid
 
-    def rules(self, m: Mapping[str, Node],
-              key: str) -> tuple[list[Rule], list[NameRule]] | None:
+    def rules(self, m: Mapping[str, Node], key: str, *,
+              name_ports: bool = True) -> tuple[list[Rule], list[NameRule]] | None:
+        """KEY's entries, CIDRs and host names apart. Without NAME_PORTS a name may have no
+        port or protocol: a denied name's queries are refused whatever the port, so one
+        written there would promise a narrower deny than the one in force."""
         items = self.items(m.get(key.rsplit(".", 1)[-1]), key, "10.0.0.0/8:443/tcp")
         if items is None:
             return None
@@ -983,6 +998,14 @@ class _Builder(_Parser):
             r = self.parsed(node, k, '"[2001:db8::/32]:443/tcp" or api.example.com:443/tcp',
                             parse_egress_entry)
             if isinstance(r, NameRule):
+                if not name_ports and (r.ports is not None or r.protocol is not None):
+                    self.problem(_line(node), k,
+                                 f"'{r}': a port or protocol on a denied host "
+                                 "name is not honoured (its DNS queries are refused, whatever "
+                                 "the port)",
+                                 f"write just the name, {r.pattern}, or deny its addresses "
+                                 "as a CIDR with the port")
+                    continue
                 names.append(r)
             elif r is not None:
                 out.append(r)
@@ -1011,7 +1034,14 @@ class _Builder(_Parser):
                      for v in sorted(versions)]
         else:
             allow, names_allowed = parsed
-        deny, names_denied = self.rules(m, "parent.egress.deny") or ([], [])
+        deny, names_denied = (self.rules(m, "parent.egress.deny", name_ports=False)
+                              or ([], []))
+        if names_denied and not names_allowed and not allows_every_address(allow):
+            self.problem(self.at("parent.egress.deny"), "parent.egress.deny",
+                         "host names here with none in parent.egress.allow and no allow "
+                         "entry for every address: the DNS forwarder would refuse every query",
+                         "add the names the enclave may resolve to parent.egress.allow, or "
+                         "allow 0.0.0.0/0 to resolve every name not denied")
         # Added to whatever deny the profile writes (`deny: []` included): these endpoints hand
         # out the instance role's credentials, and through `ssm:` key sources the parent's own
         # WireGuard key. Only an allow rule that names one lifts it.

@@ -3,7 +3,8 @@
 Modelled on the idea of Cilium's toFQDNs policy: the only way the enclave learns an address
 it may reach by name is a DNS answer that passed through here. For each query from the tunnel:
 
-* a name that a deny rule matches, or that no allow rule matches, gets REFUSED (counted);
+* a name that a deny rule matches, or that no allow rule matches, gets REFUSED (counted) —
+  unless the profile allows every address (0.0.0.0/0), when only denied names are;
 * an allowed name is forwarded to the parent's own resolver; before the answer goes back,
   the A/AAAA addresses it holds for the name (following its CNAME chain) are put into the
   nftables set of every allow rule the name matched, each with a timeout of its TTL plus the
@@ -427,14 +428,15 @@ class Forwarder:
         question = query.question[0]
         generation, policy = self._rules
         labels = labels_of(question.name.labels)
-        rules = policy.allowed_by(labels) if question.rdclass == dns.rdataclass.IN else []
-        if not rules:
+        if question.rdclass != dns.rdataclass.IN or not policy.resolves(labels):
             if question.rdclass != dns.rdataclass.IN:
                 why = f"class {dns.rdataclass.to_text(question.rdclass)}"
             else:
                 why = "denied" if policy.denied(labels) else "not allowed"
             self._refused(question.name, why)
             return self._reply(query, dns.rcode.REFUSED)
+        # Empty for a name resolved only because every address is allowed: no set to fill.
+        rules = policy.allowed_by(labels)
         response = await self._ask_upstream(query, tcp)
         if response is None:
             self.stats.upstream_failures += 1
@@ -449,7 +451,7 @@ class Forwarder:
                 return self._reply(query, dns.rcode.REFUSED)
             found = answer_addresses(response, question.name)
             answer = (labels, len(chain) > 1)
-            if found and not await self._allow(generation, rules, answer, found):
+            if found and rules and not await self._allow(generation, rules, answer, found):
                 return self._reply(query, dns.rcode.SERVFAIL)
         self.stats.forwarded += 1
         limit = 65535 if tcp else max(512, query.payload if query.edns >= 0 else 512)

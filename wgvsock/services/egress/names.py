@@ -140,14 +140,23 @@ class NameRule:
 
 class NamePolicy:
     """The profile's name rules. deny wins over allow; a name no allow rule matches is not
-    allowed either."""
+    allowed either, unless RESOLVE_UNLISTED: the profile allows every address anyway, so
+    refusing such a name would protect nothing, and deny rules are then a block list."""
 
-    def __init__(self, allow: Sequence[NameRule], deny: Sequence[NameRule]) -> None:
+    def __init__(self, allow: Sequence[NameRule], deny: Sequence[NameRule], *,
+                 resolve_unlisted: bool = False) -> None:
         self.allow = tuple(allow)
         self.deny = tuple(deny)
+        self.resolve_unlisted = resolve_unlisted
 
     def denied(self, name: Labels) -> bool:
         return any(r.pattern.matches(name) for r in self.deny)
+
+    def resolves(self, name: Labels) -> bool:
+        """Whether a query for NAME is forwarded rather than refused."""
+        if self.denied(name):
+            return False
+        return self.resolve_unlisted or any(r.pattern.matches(name) for r in self.allow)
 
     def allowed_by(self, name: Labels) -> list[int]:
         """Indexes of the allow rules NAME matches; empty when it is denied or not allowed."""
