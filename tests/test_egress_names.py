@@ -244,6 +244,31 @@ def test_render_name_sets_rules_and_forwarder_port() -> None:
     assert "name0" not in plain and "dport 53" not in plain
 
 
+def test_a_long_name_rule_is_counted_under_its_full_name_in_the_metrics() -> None:
+    """Its nft comment is cut to nft's 128 bytes; the Prometheus label keeps the whole rule."""
+    from types import SimpleNamespace
+
+    from wgvsock.services.metrics.counters import Reading
+    from wgvsock.services.metrics.prometheus import ParentCollector
+
+    long = ".".join(["a" * 60, "b" * 60, "c" * 60, "example.com"])
+    p = parse_profile(profile(f"    allow: ['{long}:443/tcp', api.example.com]\n"))
+    spec = firewall.FirewallSpec(
+        name="x", tunnel_interface="wg0", enclave_addresses=["10.77.0.2"],
+        allow_names=p.parent.egress.allow_names, dns_forwarder=["10.77.0.1"])
+    comments = [c.split('"', 1)[0] for c in firewall.render_ruleset(spec).split('comment "')[1:]]
+    assert max(len(c.encode()) for c in comments) <= 128
+    cut = firewall.rule_comment(f"allow {long}:443/tcp")
+    assert cut in comments and len(cut) == 128
+    reading = Reading({cut: firewall.Counter(4, 400),
+                       "allow api.example.com": firewall.Counter(1, 100)}, None)
+    parent = SimpleNamespace(profile=p, device=None, counters=SimpleNamespace(
+        read=lambda: reading))
+    family = {m.name: m for m in ParentCollector(parent).collect()}["wgvsock_egress_rule_packets"]
+    got = {s.labels["rule"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert got == {f"{long}:443/tcp": 4, "api.example.com": 1}
+
+
 def test_add_to_sets_refuses_what_is_not_a_name_set() -> None:
     with pytest.raises(ValueError, match="not a name set"):
         firewall.add_to_sets("x", [("enclave_v4", "10.0.0.1", 5)])  # type: ignore[list-item]

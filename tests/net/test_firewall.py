@@ -377,6 +377,30 @@ def test_start_values_are_checked(change: dict, message: str) -> None:
         firewall.render_ruleset(spec)
 
 
+def test_long_host_names_keep_their_comments_within_nfts_limit(scratch: Namespace) -> None:
+    """nft refuses a comment over 128 bytes, and with it the whole table: a long name rule's
+    comment is cut, with a hash so that two names alike up to the cut stay apart."""
+    from wgvsock.services.egress.names import NamePattern, NameRule
+
+    long = ".".join(["a" * 60, "b" * 60, "c" * 60, "example.com"])  # 194 characters
+    spec = typical()
+    spec.allow_names = [NameRule(NamePattern.parse(f"*.{long}"), (443, 443), "tcp"),
+                        NameRule(NamePattern.parse(f"x.{long}"), (443, 443), "tcp"),
+                        NameRule(NamePattern.parse("api.example.com"))]
+    text = firewall.render_ruleset(spec)
+    comments = [c for c in text.split('comment "')[1:]]
+    comments = [c[:c.index('"')] for c in comments]
+    assert comments and all(len(c.encode()) <= 128 for c in comments)
+    cut = [firewall.rule_comment(f"allow {r}") for r in spec.allow_names]
+    assert len(set(cut)) == 3 and cut[2] == "allow api.example.com"
+    assert all(c.startswith("allow ") for c in cut)
+    spec.counters = {cut[0]: firewall.Counter(3, 300)}
+    firewall.apply(spec, netns=scratch.name)
+    got = firewall.read_counters(spec.name, netns=scratch.name)
+    assert got[cut[0]] == (3, 300) and got[cut[1]] == (0, 0)
+    firewall.remove(spec.name, netns=scratch.name)
+
+
 def test_apply_reports_nft_errors(scratch: Namespace) -> None:
     spec = typical()
     spec.egress_interface = "x" * 15

@@ -59,6 +59,7 @@ Why the chains look the way they do
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -92,6 +93,7 @@ __all__ = [
     "remove",
     "render_ruleset",
     "restore_forwarding",
+    "rule_comment",
     "rule_count",
     "set_elements",
     "table_name",
@@ -351,7 +353,7 @@ def _validated(spec: FirewallSpec) -> _Spec:
         allow=tuple(_rule(r, f"allow[{i}]") for i, r in enumerate(spec.allow)),
         deny=tuple(_rule(r, f"deny[{i}]") for i, r in enumerate(spec.deny)),
         ingress=tuple(ingress),
-        names=tuple((f"allow {r}", _l4_of(r, f"allow name[{i}]"))
+        names=tuple((rule_comment(f"allow {r}"), _l4_of(r, f"allow name[{i}]"))
                     for i, r in enumerate(spec.allow_names)),
         dns=tuple(dict.fromkeys(_address(a) for a in spec.dns_forwarder)),
         counters={k: _counter(k, v) for k, v in spec.counters.items()},
@@ -400,6 +402,23 @@ def _elements(items: Sequence[tuple[str, IPAddress | str, int]],
 def _ports(span: tuple[int, int]) -> str:
     lo, hi = span
     return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+# nft refuses a longer comment, and with it the whole table. A name rule's can be ~280 bytes.
+COMMENT_MAX = 128
+_COMMENT_HASH = 12  # hex digits of SHA-256: enough that two cut comments never meet
+
+
+def rule_comment(text: str) -> str:
+    """TEXT as a rule comment: itself when it fits nft's limit, else cut to fit with a hash
+    of the whole, so each rule still has its own comment (read_counters() keys counters by
+    it). Callers that report the rule (metrics) map it back to TEXT."""
+    raw = text.encode()
+    if len(raw) <= COMMENT_MAX:
+        return text
+    digest = hashlib.sha256(raw).hexdigest()[:_COMMENT_HASH]
+    head = raw[:COMMENT_MAX - _COMMENT_HASH - 1].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
 
 
 def _describe(verb: str, r: _Rule) -> str:

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from ...core.crypto import key_to_base64
 from ...threads import NamedThread
-from ..firewall import COUNTERS
+from ..firewall import COUNTERS, rule_comment
 from .counters import ParentCounters
 
 log = logging.getLogger("wgvsock.metrics")
@@ -137,8 +137,11 @@ class ParentCollector(Collector):
                 "wgvsock_egress_rule_packets_total",
                 "Packets that matched each allow/deny entry of the profile",
                 labels=["profile", "action", "rule"])
+            # A long name rule's nft comment is cut (firewall.rule_comment): label it whole.
+            whole = {rule_comment(f"allow {r}"): f"allow {r}"
+                     for r in self.parent.profile.parent.egress.allow_names}
             for comment, c in reading.rules().items():
-                action, _, rule = comment.partition(" ")
+                action, _, rule = whole.get(comment, comment).partition(" ")
                 rules.add_metric([name, action, rule], c.packets)
             yield rules
             fw = CounterMetricFamily(
