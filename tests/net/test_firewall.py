@@ -275,6 +275,13 @@ def test_render_logs_before_each_drop_of_the_enclave_s_traffic_only_with_a_group
         ({"ingress": [Ingress(80, 8080), Ingress(80, 8081)]}, "forwarded twice"),
         ({"log_group": 65536}, "log group"),
         ({"log_group": "1; flush ruleset"}, "log group"),
+        # A scope id is text that would go into the script as it is.
+        ({"allow": [Rule(n("fd00:ec2::%x; flush ruleset/32"))]}, "scope id"),
+        ({"deny": [Rule("fd00::%eth0/8")]}, "scope id"),  # type: ignore[arg-type]
+        ({"lifted": [Rule(n("fd00:ec2::254%x/128"))]}, "scope id"),
+        ({"enclave_addresses": ["fd77::2%wg0/126"]}, "scope id"),
+        ({"enclave_addresses": [a("fd77::2%wg0")]}, "scope id"),
+        ({"dns_forwarder": [a("fd77::1%wg0")]}, "scope id"),
     ],
 )
 def test_render_refuses_bad_specs(change: dict, message: str) -> None:

@@ -254,7 +254,15 @@ def _ifname(value: object, what: str) -> str:
     return value
 
 
+def _unscoped(value: object, what: str) -> None:
+    # ipaddress keeps an IPv6 scope id ("%eth0") as written, whatever it holds, and str()
+    # puts it into the script: none belongs in a rule, so refuse rather than strip it.
+    if "%" in str(value):
+        raise ValueError(f"{what} {value!r} has an IPv6 scope id: a rule names no link")
+
+
 def _address(value: object) -> IPAddress:
+    _unscoped(value, "address")
     # Profiles may hold the enclave's address with its prefix (an ip_interface): use the host.
     if isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
         return value.ip
@@ -300,6 +308,7 @@ def _l4_of(rule: NameRuleLike, what: str) -> _L4:
 
 def _rule(rule: RuleLike, what: str) -> _Rule:
     net = rule.network
+    _unscoped(net, f"{what} network")
     try:
         network = net if isinstance(net, IPv4Network | IPv6Network) else ipaddress.ip_network(net)
     except (TypeError, ValueError) as exc:
@@ -389,6 +398,7 @@ def _elements(items: Sequence[tuple[str, IPAddress | str, int]],
         m = re.fullmatch(r"name(\d+)_v([46])", str(set_))
         if m is None or int(m[1]) >= rules:
             raise ValueError(f"{set_!r} is not one of this table's name sets")
+        _unscoped(addr, f"set {set_} element")
         ip = ipaddress.ip_address(addr)
         if ip.version != int(m[2]):
             raise ValueError(f"address {ip} does not belong in set {set_}")
@@ -747,6 +757,7 @@ def add_to_sets(name: str, elements: Sequence[tuple[str, IPAddress, int]],
     for set_, addr, timeout in elements:
         if not re.fullmatch(r"name\d+_v[46]", set_):
             raise ValueError(f"{set_!r} is not a name set")
+        _unscoped(addr, f"set {set_} element")
         ip = ipaddress.ip_address(addr)
         element = f"{{ {ip} timeout {max(1, int(timeout))}s }}"
         lines += [f"add element inet {table} {set_} {element}",

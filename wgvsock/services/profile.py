@@ -182,8 +182,18 @@ def _parse_ports(text: str, whole: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _no_scope(text: str) -> None:
+    """Refuses an IPv6 scope id ("fe80::1%eth0"): ipaddress keeps it as written, and it
+    would reach nft and ip(8) as part of the address; a tunnel, route or rule names none."""
+    if "%" in text:
+        scope = re.split(r"[/\]]", text.split("%", 1)[1], maxsplit=1)[0]
+        raise _Invalid(f"{text!r} has an IPv6 scope id ({'%' + scope!r})",
+                       f"drop {'%' + scope!r}: addresses here name no link")
+
+
 def _parse_network(text: str, whole: str | None = None) -> IPNetwork:
     whole = text if whole is None else whole
+    _no_scope(whole)
     try:
         return ipaddress.ip_network(text, strict=True)
     except ValueError as e:
@@ -643,6 +653,7 @@ def _address(text: str) -> IPInterface:
     if "/" not in text:
         raise _Invalid(f"{text!r} has no prefix length",
                        "give the tunnel subnet too, e.g. 10.77.0.1/30")
+    _no_scope(text)
     try:
         return ipaddress.ip_interface(text)
     except ValueError:
@@ -651,6 +662,7 @@ def _address(text: str) -> IPInterface:
 
 
 def _ip(text: str) -> IPAddress:
+    _no_scope(text)
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -682,6 +694,7 @@ def _listen(text: str) -> tuple[IPAddress, int]:
     elif ":" in host:
         raise _Invalid(f"{text!r}: an IPv6 address with a port needs brackets",
                        'write it like "[::1]:9586"')
+    _no_scope(host)
     try:
         return ipaddress.ip_address(host), int(port)
     except ValueError:
