@@ -426,6 +426,26 @@ def test_cname_chain_only() -> None:
         ("192.0.2.9", 20)]  # stray.test is in the answer but not in the chain
 
 
+def test_an_address_through_a_cname_lives_no_longer_than_the_cname() -> None:
+    """RFC 2181 §5.2 / what resolvers cache: the answer is only good while every record that
+    led to the address is, so a short-lived CNAME cuts the address's TTL."""
+    q = dns.message.make_query("api.example.com", "A")
+    r = dns.message.make_response(q)
+    for text in ("api.example.com. 30 IN CNAME lb.example.net.",
+                 "lb.example.net. 86400 IN A 192.0.2.1"):
+        r.answer.append(rr(text))
+    assert [(str(a), t) for a, t in answer_addresses(r, q.question[0].name)] == [
+        ("192.0.2.1", 30)]
+    # The shortest along a longer chain; a CNAME outside the chain does not count.
+    q = dns.message.make_query("a.test", "A")
+    r = dns.message.make_response(q)
+    for text in ("a.test. 600 IN CNAME b.test.", "b.test. 45 IN CNAME c.test.",
+                 "c.test. 300 IN A 192.0.2.3", "x.test. 5 IN CNAME c.test."):
+        r.answer.append(rr(text))
+    assert [(str(a), t) for a, t in answer_addresses(r, q.question[0].name)] == [
+        ("192.0.2.3", 45)]
+
+
 def test_upstream_silence_is_servfail_in_bounded_time(h: Harness) -> None:
     h.upstream.silent = True
     start = time.monotonic()

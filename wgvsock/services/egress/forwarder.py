@@ -130,13 +130,25 @@ def answer_addresses(response: dns.message.Message,
                      qname: dns.name.Name) -> list[tuple[IPAddress, int]]:
     """The A/AAAA addresses RESPONSE gives for QNAME, through its CNAME chain, with TTLs.
     Records for other names are ignored: only the chain that starts at the allowed name
-    says anything about it."""
-    chain = set(cname_chain(response, qname))
+    says anything about it. An address's TTL is the shortest of its record's and those of
+    the CNAMEs that led to it (RFC 2181 §5.2): once an alias expires, the name may point
+    elsewhere, and resolvers drop the cached address with it."""
+    chain = cname_chain(response, qname)
+    cname_ttl = {rrset.name: rrset.ttl for rrset in response.answer
+                 if rrset.rdclass == dns.rdataclass.IN
+                 and rrset.rdtype == dns.rdatatype.CNAME and len(rrset) > 0}
+    # The TTL an address owned by each name of the chain may have at most.
+    cap: dict[dns.name.Name, int] = {}
+    ttl = 2**31 - 1  # the largest TTL (RFC 2181 §8); MAX_TTL is applied where sets are filled
+    for name in chain:
+        cap[name] = ttl
+        ttl = min(ttl, cname_ttl.get(name, ttl))
     out: list[tuple[IPAddress, int]] = []
     for rrset in response.answer:
-        if (rrset.rdclass == dns.rdataclass.IN and rrset.name in chain
+        if (rrset.rdclass == dns.rdataclass.IN and rrset.name in cap
                 and rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)):
-            out += [(ipaddress.ip_address(rd.address), rrset.ttl) for rd in rrset]
+            ttl = min(rrset.ttl, cap[rrset.name])
+            out += [(ipaddress.ip_address(rd.address), ttl) for rd in rrset]
     return out
 
 
