@@ -797,6 +797,13 @@ class _Builder(_Parser):
         enclave_map = self.mapping(top.get("enclave"), "enclave", _ENCLAVE_KEYS)
         parent_addrs, enclave_addrs = self.addresses(parent_map, enclave_map)
         parent = self.parent(parent_map, name, enclave_addrs, transport)
+        if parent.egress.interface == interface:
+            # The firewall would refuse it only at `parent up`: masquerading the enclave's
+            # traffic back into the tunnel sends it nowhere.
+            self.problem(self.at("parent.egress.interface"), "parent.egress.interface",
+                         f"'{interface}' is the tunnel interface (interface: {interface})",
+                         "name the interface the enclave's traffic leaves the host by, e.g. "
+                         "ens5, or remove the key to use the default route's")
         enclave = self.enclave(enclave_map, enclave_addrs, parent_addrs,
                                parent.egress.uses_names)
         attestation = self.attestation(top.get("attestation"), parent.enclave)
