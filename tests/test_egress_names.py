@@ -88,6 +88,13 @@ def test_query_labels_are_raw_bytes_lowercased_ascii_only() -> None:
     ("a b.com", "not a valid label"),
     ("x" * 64 + ".com", "longer than 63"),
     (".".join(["abcdefgh"] * 30) + ".com", "longer than 253"),
+    # A letter O or l in an IPv4 address would otherwise make it a host name (and switch the
+    # profile to the DNS forwarder).
+    ("10.0.0.O", "looks like a mistyped IPv4 address, not a host name — did you mean 10.0.0.0"),
+    ("192.168.l.1", "did you mean 192.168.1.1"),
+    ("*.10.0.0.o", "did you mean 10.0.0.0"),
+    ("1O.0.I0.1", "did you mean 10.0.10.1"),
+    ("10.0.0O", "mistyped IPv4 address, not a host name — write an IPv4 address"),
 ])
 def test_bad_patterns(text: str, message: str) -> None:
     with pytest.raises(NameRuleError, match=message):
@@ -111,6 +118,11 @@ def test_policy_deny_wins_and_reports_every_matching_allow_rule() -> None:
     ("*.example.com:8000-8999/udp", "*.example.com:8000-8999/udp"),
     ("Bücher.Example.", "xn--bcher-kva.example"),
     ("localhost", "localhost"),
+    # Digits and letters that look like them, but not an IPv4 address's shape.
+    ("io.io", "io.io"),
+    ("1.li", "1.li"),
+    ("0x10.example", "0x10.example"),
+    ("101.oil.io", "101.oil.io"),
 ])
 def test_entries_that_are_names(text: str, expected: str) -> None:
     entry = parse_egress_entry(text)
@@ -202,6 +214,10 @@ def test_profile_resolver_grace_and_explicit_parent_dns() -> None:
     ("    allow: [a.example]\n", "  dns: 1.1.1.1\n", "write `dns: parent`"),
     ("    allow: [a.example]\n    dns_grace: 5\n", "", "dns_grace: 5 is out of range"),
     ("    allow: [a.example]\n    resolver: dns.google\n", "", "is not an IP address"),
+    ("    allow: [10.0.0.O]\n", "",
+     "allow[0]: '10.0.0.O' looks like a mistyped IPv4 address, not a host name — did you "
+     "mean 10.0.0.0?"),
+    ("    allow: ['10.0.0.O:443/tcp']\n", "", "did you mean 10.0.0.0?"),
     # A denied name's queries are refused whatever the port: a port would promise more.
     ("    deny: ['tracker.example:443/tcp']\n", "",
      "deny[0]: 'tracker.example:443/tcp': a port or protocol on a denied host name"),

@@ -12,6 +12,7 @@ and needs no dnspython for it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,23 @@ MAX_LABEL = 63
 # Letters, digits, '-' and '_' (the latter for names like _acme-challenge); no leading or
 # trailing '-'.
 _LABEL_RE = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?")
+
+
+# Letters typed for digits by mistake (after lowercasing): O for 0, l and I for 1.
+_DIGIT_LOOKALIKES = str.maketrans("oli", "011")
+
+
+def _mistyped_ipv4(labels: Labels) -> str | None:
+    """LABELS with look-alike letters read as digits, when they have an IPv4 address's
+    shape: at most four labels, at least two all digits, each of 1-3 digits or look-alikes.
+    A letter O in 10.0.0.O would otherwise make the entry a host name, quietly switching
+    the profile to the DNS forwarder."""
+    if len(labels) > 4 or sum(label.isdigit() for label in labels) < 2:
+        return None
+    fixed = [label.translate(_DIGIT_LOOKALIKES) for label in labels]
+    if not all(len(f) <= 3 and f.isdigit() for f in fixed):
+        return None
+    return ".".join(fixed)
 
 
 class NameRuleError(ValueError):
@@ -93,6 +111,13 @@ class NamePattern:
             raise NameRuleError(f"{whole!r}: '*' is only allowed as the whole first label",
                              "write *.example.com")
         labels = tuple(_a_label(label, whole) for label in s.split("."))
+        if (fixed := _mistyped_ipv4(labels)) is not None:
+            try:
+                hint = f"did you mean {ipaddress.IPv4Address(fixed)}?"
+            except ValueError:
+                hint = "write an IPv4 address with digits only, as a CIDR such as 10.0.0.0/8"
+            raise NameRuleError(f"{whole!r} looks like a mistyped IPv4 address, not a host "
+                                "name", hint)
         if len(".".join(labels)) > MAX_NAME:
             raise NameRuleError(f"{whole!r} is longer than {MAX_NAME} characters")
         if labels[-1].isdigit():
