@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 from rich.console import Console
 
-from wgvsock.services import nflog
+from wgvsock.services import firewall, nflog
 from wgvsock.services.egress.refusals import Refusals
 from wgvsock.ui import status as st
 
@@ -132,6 +132,42 @@ def test_each_refusal_is_counted_and_logged_once_with_what_to_change(caplog) -> 
     keys = r.uapi_keys()
     assert keys["wgvsock_refused_4"] == "blocked 3 7 tcp 203.0.113.5:5432"
     assert keys["wgvsock_refused_3"] == "denied 1 0 tcp 10.1.2.3:22; deny 10.0.0.0/8"
+
+
+def test_a_credential_endpoint_is_reported_as_the_built_in_deny(caplog) -> None:
+    """The credential endpoints are denied whether or not parent.egress.deny lists them:
+    pointing there would send the operator looking for an entry that is not in the file."""
+    r = Refusals()
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        r.packet("credentials 169.254.169.254/32", tcp_to("169.254.169.254", 80))
+        r.packet("credentials fd00:ec2::254/128",
+                 nflog.flow(ipv6(6, "fd00:ec2::254", struct.pack("!HH", 40000, 80))))
+    [v4, v6] = [rec.getMessage() for rec in caplog.records]
+    assert "parent.egress.deny (" not in v4
+    assert "is a credential endpoint (169.254.169.254), denied by wgvsock itself" in v4
+    assert "add 169.254.169.254/32:80/tcp to parent.egress.allow" in v4
+    assert 'add "[fd00:ec2::254/128]:80/tcp" to parent.egress.allow' in v6
+    assert [(x.kind, x.rule) for x in r.recent()][-1] == (
+        "denied", "credentials 169.254.169.254/32")
+
+
+def test_the_parent_tells_the_firewall_which_addresses_are_credential_endpoints() -> None:
+    from wgvsock.roles.parent import Parent
+    from wgvsock.services.profile import parse_profile
+
+    p = parse_profile("name: x\nparent:\n  egress:\n    interface: eth9\n"
+                      "    allow: [0.0.0.0/0, 169.254.169.254/32:80/tcp]\n")
+    spec = Parent(p).spec()
+    assert {str(a) for a in spec.credential_endpoints} == {
+        "169.254.169.254", "fd00:ec2::254", "169.254.170.2", "169.254.170.23", "fd00:ec2::23"}
+    spec.log_group = 7
+    text = firewall.render_ruleset(spec)
+    # The implicit deny and what is left of the lifted endpoint: the built-in prefix; the
+    # counters keep the rule's comment.
+    assert text.count('prefix "credentials 169.254.169.254/32"') == 2
+    assert text.count('prefix "credentials 169.254.170.2/32"') == 2
+    assert 'prefix "deny 169.254' not in text
+    assert 'drop comment "deny 169.254.170.2/32"' in text
 
 
 def test_an_ipv6_destination_gets_the_profile_s_bracketed_entry(caplog) -> None:

@@ -273,6 +273,8 @@ class Parent:
              elements: list | None = None) -> firewall.FirewallSpec:
         """PROFILE's (default: the running one's) table, starting from COUNTERS and with
         ELEMENTS in its name sets (see FirewallSpec)."""
+        from ..services.profile import CREDENTIAL_ENDPOINTS
+
         p = profile or self.profile
         egress_if = self.egress_interface(p)
         return firewall.FirewallSpec(
@@ -291,6 +293,7 @@ class Parent:
             counters=counters or {},
             name_elements=elements or [],
             log_group=self._refusal_reader.group if self._refusal_reader is not None else None,
+            credential_endpoints=[endpoint for endpoint, _ in CREDENTIAL_ENDPOINTS],
         )
 
     def _replace_table(self, profile, *, keep_counters: bool) -> int:

@@ -199,6 +199,10 @@ class FirewallSpec:
     #: Credential endpoints an allow entry names (each rule's network one endpoint), with that
     #: entry's ports and protocol: accepted after `deny`, the rest of the endpoint dropped.
     lifted: Sequence[RuleLike] = field(default_factory=list)
+    #: The credential endpoints (IMDS and the like) the profile always denies: refusals of
+    #: them are logged under "credentials NETWORK" rather than the deny rule's comment, as
+    #: no parent.egress.deny entry of the operator's need be behind them.
+    credential_endpoints: Sequence[IPAddress | str] = field(default_factory=list)
 
 
 class Counter(NamedTuple):
@@ -233,6 +237,7 @@ class _Spec:
     elements: dict[str, dict[IPAddress, int]]  # name set -> address -> timeout
     log_group: int | None
     lifted: tuple[_Rule, ...]
+    credentials: frozenset[IPAddress]
 
 
 @dataclass(frozen=True)
@@ -369,6 +374,7 @@ def _validated(spec: FirewallSpec) -> _Spec:
         elements=_elements(spec.name_elements, len(spec.allow_names)),
         log_group=_log_group(spec.log_group),
         lifted=tuple(_rule(r, f"lifted[{i}]") for i, r in enumerate(spec.lifted)),
+        credentials=frozenset(_address(a) for a in spec.credential_endpoints),
     )
 
 
@@ -552,16 +558,22 @@ def render_ruleset(spec: FirewallSpec) -> str:
                 f"{LOG_RATE} packets log group {s.log_group} snaplen {SNAPLEN} "
                 f"prefix {_q(prefix[:LOG_PREFIX_MAX])}"]
 
-    def denied(r: _Rule) -> list[str]:
+    def denied(r: _Rule, *, credentials: bool = False) -> list[str]:
         # Also by the destination the enclave asked for, before anyone's DNAT: ecs-init
         # redirects 169.254.170.2:80 to 127.0.0.1:51679 for every interface, and the rewritten
         # destination no longer matches the deny.
         comment = _describe("deny", r)
+        # services/egress/refusals.py reads the prefix: the built-in deny of a credential
+        # endpoint gets advice of its own, whatever parent.egress.deny says.
+        credentials = credentials or (
+            r.ports is None and r.protocol is None and r.network.num_addresses == 1
+            and r.network.network_address in s.credentials)
+        prefix = f"credentials {r.network}" if credentials else comment
         return [
-            *logged(f"ct status dnat {_original(r)}", comment),
+            *logged(f"ct status dnat {_original(r)}", prefix),
             f"ct status dnat {_original(r)} counter name {_q('egress_denied')} "
             f"{count(comment)} drop comment {_q(comment)}",
-            *logged(_match(r), comment),
+            *logged(_match(r), prefix),
             f"{_match(r)} counter name {_q('egress_denied')} {count(comment)} drop "
             f"comment {_q(comment)}",
         ]
@@ -574,7 +586,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
                 lifted.append(f"{_match(r)} counter name {_q('egress_allowed')} "
                               f"{count(_describe('allow', r))} accept comment "
                               f"{_q(_describe('allow', r))}")
-        lifted += denied(_Rule(network, None, None))
+        lifted += denied(_Rule(network, None, None), credentials=True)
 
     policy = [line for r in s.deny for line in denied(r)] + lifted + [
         f"{_match(r)} counter name {_q('egress_allowed')} {count(_describe('allow', r))} "

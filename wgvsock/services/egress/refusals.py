@@ -8,7 +8,8 @@ Two sources feed :class:`Refusals`:
 * the parent's nftables table logs the first packets of each refusal (a few per second per
   rule, at most) to an nfnetlink_log group that `parent up` reads (services/nflog.py); the
   log prefix says which rule: ``blocked`` (no allow entry), a deny rule's comment (``deny
-  10.0.0.0/8``), ``to parent`` (the parent's own ports), ``spoofed`` (a source address that
+  10.0.0.0/8``), ``credentials NETWORK`` (the built-in deny of a credential endpoint such
+  as IMDS), ``to parent`` (the parent's own ports), ``spoofed`` (a source address that
   is not the enclave's);
 * the DNS forwarder reports each name it answered REFUSED, and why.
 
@@ -39,6 +40,7 @@ SHOWN = 8
 PREFIX_BLOCKED = "blocked"
 PREFIX_TO_PARENT = "to parent"
 PREFIX_SPOOFED = "spoofed"
+PREFIX_CREDENTIALS = "credentials "  # + the endpoint's network
 
 log = logging.getLogger("wgvsock.refused")
 
@@ -74,6 +76,13 @@ class Refusals:
                 f"egress blocked: {where} from the enclave matches no parent.egress.allow "
                 f"entry; to allow it, add {_allow_entry(flow)} (or its host name) to "
                 "parent.egress.allow and run `wgvsock parent reload`"))
+        elif prefix.startswith(PREFIX_CREDENTIALS):
+            self._add("denied", where, prefix, lambda: (
+                f"egress denied: {where} from the enclave is a credential endpoint "
+                f"({flow.destination}), denied by wgvsock itself whatever "
+                "parent.egress.deny says; if the enclave must reach it, add "
+                f"{_allow_entry(flow)} to parent.egress.allow (and take it out of "
+                "parent.egress.deny if listed there) and run `wgvsock parent reload`"))
         elif prefix.startswith("deny "):
             self._add("denied", where, prefix, lambda: (
                 f"egress denied: {where} from the enclave matches parent.egress.deny "
