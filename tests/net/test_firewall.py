@@ -427,6 +427,40 @@ def test_conflicting_forward_chains(scratch: Namespace) -> None:
     assert firewall.conflicting_forward_chains(netns=scratch.name) == ["ip filter FORWARD"]
 
 
+DOCKER_FORWARD = (
+    # What Docker leaves under iptables-nft: FORWARD drops, and jumps to DOCKER-USER first.
+    "table ip filter {\n chain DOCKER-USER {\n }\n chain FORWARD {\n"
+    "  type filter hook forward priority filter; policy drop;\n  jump DOCKER-USER\n }\n}\n"
+)
+
+
+def test_doctor_names_a_dropping_forward_chain_until_the_tunnel_is_accepted(
+        scratch: Namespace) -> None:
+    from wgvsock.roles.parent import forward_chain_check
+    from wgvsock.services.profile import parse_profile
+
+    profile = parse_profile("name: x\ninterface: wgt5\n")
+    firewall.apply(typical(), netns=scratch.name)  # our own table never counts
+    check = forward_chain_check(profile, netns=scratch.name)
+    assert check.ok is True
+    scratch.run("nft", "-f", "-", input=DOCKER_FORWARD)
+    check = forward_chain_check(profile, netns=scratch.name)
+    assert check.ok is False
+    assert "ip filter FORWARD has policy drop" in check.detail
+    assert "iptables -I DOCKER-USER -i wgt5 -j ACCEPT" in check.detail
+    # An accept for only one direction, for another interface or narrower than the whole
+    # interface does not fix it.
+    for rule in ('iifname "wgt5" counter accept', 'oifname "wgt9" accept',
+                 'oifname "wgt5" ip daddr 10.0.0.0/8 accept'):
+        scratch.run("nft", "add", "rule", "ip", "filter", "DOCKER-USER", *rule.split())
+        assert forward_chain_check(profile, netns=scratch.name).ok is False
+    scratch.run("nft", "add", "rule", "ip", "filter", "DOCKER-USER", "oifname", '"wgt5"',
+                "accept")
+    assert forward_chain_check(profile, netns=scratch.name).ok is True
+    assert firewall.conflicting_forward_chains(netns=scratch.name) == ["ip filter FORWARD"]
+    firewall.remove("pay-ments", netns=scratch.name)
+
+
 def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:
     other = lab.netns("fw2")
     run("ip", "link", "add", "up0", "netns", scratch.name, "type", "veth", "peer", "name",

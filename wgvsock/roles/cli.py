@@ -116,7 +116,7 @@ def doctor(profile) -> int:
 
     from ..safetext import prose
     from ..services.profile import check_host, check_routes, local_networks, local_routes
-    from .parent import Check, local_checks
+    from .parent import Check, forward_chain_check, local_checks
 
     checks = local_checks(profile)
     problems = check_host(profile, local_networks(exclude_interface=profile.interface))
@@ -128,6 +128,7 @@ def doctor(profile) -> int:
                         "this host has a route for each of enclave.routes" if not problems
                         else "; ".join(str(p) for p in problems)))
     checks.append(_refusal_log_check(profile))
+    checks.append(forward_chain_check(profile))
     try:
         from ..services.aws import doctor_checks
 

@@ -95,6 +95,29 @@ def _dns_check(profile) -> Check:
                  + ", ".join(map(str, upstream)))
 
 
+def forward_chain_check(profile, netns: str | None = None) -> Check:
+    """Another table's forward chain with policy drop (Docker's `ip filter FORWARD`) drops
+    the enclave's forwarded traffic whatever our table accepts: an accept ends only its own
+    chain, a drop is final. Not in local_checks(): `parent up` warns rather than refuses."""
+    tun = profile.interface
+    try:
+        chains = firewall.conflicting_forward_chains(netns, tunnel=tun)
+    except (firewall.FirewallError, OSError, ValueError) as e:
+        return Check("forward chains", None, f"cannot list the nftables chains: {e}")
+    if not chains:
+        return Check("forward chains", True, "no other table's forward chain drops the "
+                     "enclave's traffic")
+    which = ", ".join(chains)
+    return Check("forward chains", False,
+                 f"{which} {'has' if len(chains) == 1 else 'have'} policy drop and no accept "
+                 f"for {tun}: the enclave's forwarded traffic is dropped there whatever "
+                 f"wgvsock's table allows. Accept the tunnel before the drop: with Docker, "
+                 f"`iptables -I DOCKER-USER -i {tun} -j ACCEPT` and `iptables -I DOCKER-USER "
+                 f"-o {tun} -j ACCEPT` (ip6tables too for IPv6); otherwise `nft insert rule "
+                 f"FAMILY TABLE CHAIN iifname {tun} accept` and the same with oifname, for "
+                 "each chain named")
+
+
 # -- keys ------------------------------------------------------------------------------------
 
 
@@ -364,6 +387,9 @@ class Parent:
             self.device.status_hook = self._status_keys
             count = firewall.rule_count(p.name)
             self._rules = count if count > 0 else None  # gone already: check_firewall acts
+            forward = forward_chain_check(p)
+            if forward.ok is False:  # the tunnel is up either way; the operator must act
+                log.warning("parent %s: %s", p.name, forward.detail)
             self._start_dns()
             listener = control_listener(t)
             if t.kind == "unix":

@@ -830,17 +830,48 @@ def read_counters(name: str, netns: str | None = None) -> dict[str, Counter]:
     return counters
 
 
-def conflicting_forward_chains(netns: str | None = None) -> list[str]:
+def conflicting_forward_chains(netns: str | None = None, *,
+                               tunnel: str | None = None) -> list[str]:
     """Other tables' forward chains whose policy is drop ("family table chain"): they drop
-    the enclave's forwarded traffic whatever our table accepts (see the module notes)."""
-    return [
-        f"{c['family']} {c['table']} {c['name']}"
-        for item in _json(["list", "chains"], netns)
+    the enclave's forwarded traffic whatever our table accepts (see the module notes). With
+    TUNNEL, a table that accepts everything in and out of that interface (Docker's
+    `iptables -I DOCKER-USER -i wg0 -j ACCEPT` and `-o wg0`) is taken as fixed."""
+    found = [
+        c for item in _json(["list", "chains"], netns)
         if (c := item.get("chain"))
         and c.get("hook") == "forward"
         and c.get("policy") == "drop"
         and not c.get("table", "").startswith("wgvsock_")
     ]
+    fixed: dict[tuple[str, str], bool] = {}
+    out = []
+    for c in found:
+        key = (c["family"], c["table"])
+        if tunnel is not None and key not in fixed:
+            fixed[key] = _accepts_interface(key, tunnel, netns)
+        if not fixed.get(key):
+            out.append(f"{c['family']} {c['table']} {c['name']}")
+    return out
+
+
+def _accepts_interface(table: tuple[str, str], ifname: str, netns: str | None) -> bool:
+    """Whether TABLE has rules that accept all traffic in and all traffic out of IFNAME:
+    nothing in them but the interface match, a counter and the accept (a narrower rule
+    lets only part of the enclave's traffic past the drop)."""
+    seen: set[str] = set()
+    for item in _json(["list", "table", *table], netns):
+        exprs = item.get("rule", {}).get("expr", [])
+        if not any("accept" in e for e in exprs):
+            continue
+        matches = [e["match"] for e in exprs if "match" in e]
+        if len(exprs) - len(matches) - sum("counter" in e for e in exprs) != 1:
+            continue  # something besides the matches, a counter and the accept
+        if (len(matches) == 1 and matches[0].get("op", "==") == "=="
+                and matches[0].get("right") == ifname
+                and (key := matches[0].get("left", {}).get("meta", {}).get("key"))
+                in ("iifname", "oifname")):
+            seen.add(key)
+    return seen == {"iifname", "oifname"}
 
 
 # -- forwarding sysctls ---------------------------------------------------------------------
