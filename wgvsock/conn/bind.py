@@ -34,6 +34,7 @@ from .endpoint import (
     parse_endpoint,
     unix_port_path,
 )
+from .unixsock import answered
 
 __all__ = [
     "Bind",
@@ -505,22 +506,11 @@ class SocketBind(Bind):
         # Left over by a process that died? Only a socket nobody answers on may be replaced.
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, sock.type)
-        # A live listener that does not accept (its backlog full) would hold a blocking
-        # connect for ever; with a timeout that is an EAGAIN at once: alive, so in use.
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            sock.bind(path)
-            return
-        except (BlockingIOError, TimeoutError):
-            pass
-        finally:
-            probe.close()
-        raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+        if answered(path):
+            raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock.bind(path)
 
     def _forget_unix_path(self) -> None:
         self._unix_path = self._unix_ident = None
