@@ -385,3 +385,19 @@ def test_a_new_private_key_starts_a_handshake_at_once():
     assert kinds(m for _, _, m in out) == [TYPE_INITIATION]
     p.run("A", out)
     assert p.tun["B"][-1] == pkt
+
+
+def test_after_a_new_private_key_the_old_session_still_receives_but_sends_no_more():
+    """As wireguard-go's ExpireCurrentKeypairs: before, the sessions were dropped, and what
+    the peer had already sent with them was lost until a new handshake."""
+    p = Pair()
+    p.a_to_b()
+    old = p.pa.keypairs.current
+    p.a.set_private_key(generate_private_key())
+    assert p.pa.keypairs.current is old
+    pkt = ip4("10.0.0.2", "10.0.0.1", b"in flight")
+    p.run("B", p.b.encapsulate(pkt, p.now))  # b still has the old session
+    assert p.tun["A"][-1] == pkt
+    p.cut = True
+    out = p.a.encapsulate(ip4("10.0.0.1", "10.0.0.2"), p.now)
+    assert kinds(m for _, _, m in out) == [TYPE_INITIATION]  # never sealed with the old one

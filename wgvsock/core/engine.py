@@ -141,7 +141,7 @@ class Engine:
             return
         self.private_key = private_key
         for peer in self.peers.values():
-            self._forget_sessions(peer)
+            self._expire_sessions(peer)
         if private_key is None:
             self.public_key = None
             self._cookie_checker = None
@@ -180,6 +180,18 @@ class Engine:
         # With no session left, the next packet must be able to start one at once: a handshake
         # sent just before (a new private key) would otherwise hold it back for RekeyTimeout
         # with no timer armed to try again (wireguard-go's ExpireCurrentKeypairs likewise).
+        peer.handshake.last_sent = None
+
+    def _expire_sessions(self, peer: Peer) -> None:
+        """A new private key: the sessions made with the old one send no more, and the next
+        packet starts a handshake at once. They still open what the peer sends until they
+        expire, so packets in flight are not lost (wireguard-go's ExpireCurrentKeypairs)."""
+        for kp in (peer.keypairs.current, peer.keypairs.next):
+            if kp is not None:
+                kp.send_nonce = REJECT_AFTER_MESSAGES
+        if peer.handshake.local_index:
+            self._index.pop(peer.handshake.local_index, None)
+        peer.handshake.clear()
         peer.handshake.last_sent = None
 
     def _unindex(self, keypairs: list[Keypair]) -> None:
