@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 
 from wgvsock.conn.stream import StreamBind
 from wgvsock.core.crypto import generate_private_key, public_key
 from wgvsock.core.engine import SEND
 from wgvsock.device.device import Device
 from wgvsock.device.uapi import parse_set
+from wgvsock.ui.nslab import wait_for
 
 
 def test_a_peer_removed_later_in_the_same_set_gets_no_keepalive() -> None:
@@ -41,7 +43,45 @@ def test_a_peer_removed_later_in_the_same_set_gets_no_keepalive() -> None:
         # Without the removal the keepalive goes out (the test can fail).
         dev.uapi_set(parse_set(
             f"public_key={them.hex()}\nendpoint=127.0.0.1:9\npersistent_keepalive_interval=25\n"))
-        assert [a for a in sent if a[0] == SEND]
+        wait_for(lambda: [a for a in sent if a[0] == SEND], 5, "the keepalive")
     finally:
+        bind.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_keepalive_that_cannot_be_sent_yet_does_not_hold_the_set_up() -> None:
+    """A set that turns on a persistent keepalive sends one at once. Before, it was sent
+    inside the request, under the UAPI's lock: toward a stream peer that had stopped reading,
+    `wg set` and every `wg show` behind it waited up to the send timeout (review finding)."""
+    d = tempfile.mkdtemp(prefix="wgd", dir="/tmp")
+    bind = StreamBind("unix", unix_dir=d)
+    sending = threading.Event()
+    release = threading.Event()
+
+    class Up(Device):  # an interface that is up, whose sends wait until released
+        def _is_up(self) -> bool:
+            return True
+
+        def _perform(self, actions) -> None:
+            sending.set()
+            release.wait(10)
+
+    dev = Up("wgdset1", bind, run_dir=os.path.join(d, "run"))
+    me, them = generate_private_key(), public_key(generate_private_key())
+    try:
+        dev.uapi_set(parse_set(f"private_key={me.hex()}\n"))
+        done = threading.Event()
+
+        def configure() -> None:
+            dev.uapi_set(parse_set(f"public_key={them.hex()}\nendpoint=127.0.0.1:9\n"
+                                   "persistent_keepalive_interval=25\n"))
+            done.set()
+
+        threading.Thread(target=configure, daemon=True).start()
+        assert sending.wait(5)
+        assert done.wait(2), "the set waited for the keepalive's send"
+        assert them in {p.public_key for p in dev.uapi_get().peers}
+    finally:
+        release.set()
         bind.close()
         shutil.rmtree(d, ignore_errors=True)

@@ -878,7 +878,12 @@ class Device:
                     # Not one removed (or replaced) later in the same request.
                     if engine.peers.get(kept.public_key) is kept:
                         actions += engine.send_keepalive(kept, now)
-        self._perform(actions)
+        if actions:
+            # Sent from a thread of their own: a send may wait for a stream peer that stopped
+            # reading, up to the send timeout, and every other UAPI client would wait with it
+            # (wireguard-go's IpcSet only queues the keepalive).
+            NamedThread(target=self._perform, args=(actions,), name=f"{self.ifname}-uapi-send",
+                        daemon=True).start()
 
     def connect_peer(self, public_key: bytes, endpoint: Endpoint) -> None:
         """Points a configured peer at `endpoint` and starts a handshake with it now."""
