@@ -200,9 +200,9 @@ def py_split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> l
 
 def _mergeable(p: bytes | bytearray) -> int:
     """The header length (IP and TCP) of a packet coalesce_tcp may merge with others: a plain
-    TCP packet (_tcp_offset) with a payload, flags ACK and at most PSH, and on IPv4 no
+    TCP packet (tcp_offset) with a payload, flags ACK and at most PSH, and on IPv4 no
     options. Else 0."""
-    l4 = _tcp_offset(p)
+    l4 = tcp_offset(p)
     if not l4 or (l4 != 20 and p[0] >> 4 == 4) or p[l4 + 13] & ~_TCP_PSH != _TCP_ACK:
         return 0
     hlen = l4 + (p[l4 + 12] >> 4) * 4
@@ -305,20 +305,22 @@ def coalesce_tcp(
 def _pseudo_sum(packet: bytes | bytearray, l4: int, length: int) -> int:
     """The TCP pseudo-header sum modulo 0xFFFF (what a partial checksum field holds) of a
     packet of `length` bytes."""
-    if l4 == 40:
+    # By the version, not by `l4`: an IPv4 header with options can be 40 bytes long too.
+    if packet[0] >> 4 == 6:
         addresses = int.from_bytes(packet[8:40], "big")
     else:
         addresses = int.from_bytes(packet[12:20], "big")
     return (addresses + _IPPROTO_TCP + length - l4) % 0xFFFF
 
 
-def _tcp_offset(packet: bytes | bytearray) -> int:
+def tcp_offset(packet: bytes | bytearray) -> int:
     """The TCP header's offset in a plain (unfragmented, no IPv6 extension headers) TCP
     packet, else 0."""
     version = packet[0] >> 4
     if version == 4:
         ihl = (packet[0] & 0x0F) * 4
-        if packet[9] != _IPPROTO_TCP or packet[6] & 0x3F or packet[7]:
+        # (Below 20 bytes is no IPv4 header; the kernel refuses such a checksum offset.)
+        if ihl < 20 or packet[9] != _IPPROTO_TCP or packet[6] & 0x3F or packet[7]:
             return 0
     elif version == 6:
         ihl = 40
@@ -347,7 +349,7 @@ def _offload_header(
     Recognising a partial checksum by its value is safe: a complete checksum that happens to
     equal the pseudo-header sum is recomputed to the same value.
     """
-    ihl = _tcp_offset(packet)
+    ihl = tcp_offset(packet)
     if not ihl:
         return None
     at = ihl + 16
@@ -529,14 +531,26 @@ class Tun:
             for packet in packets:
                 self.write(packet, partial_csum)
             return
+        # One packet the kernel refuses must not cost the rest of the batch: the first error
+        # is raised once all were tried.
+        failed: OSError | None = None
         for head, payloads, mss in coalesce_tcp(packets):
-            if not payloads:
-                self.write(head, partial_csum)
-                continue
-            iov = _offload_header(head, self.mtu_hint, mss, len(head) + sum(map(len, payloads)))
-            assert iov is not None  # coalesce_tcp merges only TCP segments, mss > 0
-            iov += payloads
-            _writev(self._fd, iov)
+            try:
+                if not payloads:
+                    self.write(head, partial_csum)
+                    continue
+                # Super-packets merged (a peer that sends them) are longer than the MTU: the
+                # kernel must cut the run at the MTU, or forwarding refuses it (too big).
+                mss = min(mss, self.mtu_hint - len(head))
+                iov = _offload_header(head, self.mtu_hint, mss,
+                                      len(head) + sum(map(len, payloads)))
+                assert iov is not None  # coalesce_tcp merges only TCP segments, mss > 0
+                iov += payloads
+                _writev(self._fd, iov)
+            except OSError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     def set_blocking(self, blocking: bool) -> None:
         os.set_blocking(self._fd, blocking)
