@@ -171,6 +171,13 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     # exist, the watchdog while the timer thread ticks, every thread's stack on SIGABRT.
     notifier = Notifier.from_environ()
     enable_stack_dumps()
+    # The handler only notes the signal; the loop below acts on it (wgvsock.signals). Set
+    # before the start, which makes the UAPI socket: a SIGTERM sent as soon as it appears
+    # must stop us cleanly, not kill us with the interface half made.
+    received: list[int] = []
+    wakeup = Wakeup()
+    signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
     try:
         bind = make_bind(network, dgram)
         device = Device(
@@ -187,13 +194,8 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
             log.error("%s", reason)
             report_ready(ready_fd, reason)
         notifier.status(reason)
+        wakeup.close()
         return 1
-
-    # The handler only notes the signal; the loop below acts on it (wgvsock.signals).
-    received: list[int] = []
-    wakeup = Wakeup()
-    signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
-    signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
 
     def on_stop() -> None:  # the device stopped by itself: its interface went, a thread died
         device.wait()

@@ -143,6 +143,35 @@ def test_sigterm_while_the_main_thread_holds_a_lock_stops_it(lab: Lab) -> None:
     assert "shutting down: received SIGTERM" in res.stderr
 
 
+# The daemon in the foreground, with SIGTERM arriving while the interface is being made.
+_SIGTERM_WHILE_STARTING = r"""
+import logging, os, signal, sys
+logging.basicConfig(level=logging.INFO)
+from wgvsock import daemon
+from wgvsock.device import device as device_mod
+class Device(device_mod.Device):
+    def start(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` the moment the UAPI socket appears
+        super().start()
+device_mod.Device = Device
+sys.exit(daemon.run_foreground(sys.argv[1], "unix", False))
+"""
+
+
+def test_sigterm_while_starting_stops_it_cleanly(lab: Lab) -> None:
+    """Before: the handlers came after the start, so a SIGTERM sent as soon as the UAPI socket
+    appeared killed the daemon (exit -15) with its interface and socket left to the kernel
+    (CI caught test_foreground_stays_and_stops_on_sigterm doing so)."""
+    ns = lab.netns("s")
+    ifname = lab.ifname("s")
+    res = ns.run(sys.executable, "-c", _SIGTERM_WHILE_STARTING, ifname, env=lab.env(),
+                 check=False, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "shutting down: received SIGTERM" in res.stderr
+    assert not os.path.exists(sock_path(ifname))
+    assert not link_exists(ns, ifname)
+
+
 def _start_fails(lab: Lab, ns: Namespace, ifname: str, *args: str) -> str:
     res = ns.run(DAEMON, *args, "-n", "unix", ifname, env=lab.env(), check=False, timeout=20)
     assert res.returncode != 0
