@@ -16,7 +16,8 @@ NOTIMP, not one question FORMERR; a name of another class, not allowed, or denie
 without asking the resolver; an allowed one is asked exactly once, its ID not the enclave's;
 no answer SERVFAIL; an answer whose CNAME chain passes through a denied name REFUSED; else the
 addresses of the chain's A/AAAA records, and only those, go into the sets of exactly the rules
-that allow the name, each with its TTL (at most a day) plus the grace, before the reply goes
+that allow the name, each with its TTL (at most a day, and at most that of any CNAME that led
+to it) plus the grace, before the reply goes
 back with the enclave's ID. No exception may escape.
 """
 
@@ -258,12 +259,20 @@ class DnsForwarderTarget(Target):
                 assert r.rcode() == dns.rcode.REFUSED, "an alias of a denied name got through"
                 assert not self.updates
                 return
+            # An address lives no longer than any CNAME that led to its name (RFC 2181).
+            alias_ttl: dict[dns.name.Name, int] = {}
+            for rrset in answer.answer:
+                if (rrset.rdclass == dns.rdataclass.IN and rrset.rdtype == dns.rdatatype.CNAME
+                        and len(rrset) and rrset.name not in alias_ttl):
+                    alias_ttl[rrset.name] = rrset.ttl
+            led_by = {link: [alias_ttl[n] for n in chain[:k] if n in alias_ttl]
+                      for k, link in enumerate(chain)}
             for rrset in answer.answer:
                 if (rrset.rdclass == dns.rdataclass.IN and rrset.name in chain
                         and rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)):
                     for rd in rrset:
                         addr = ipaddress.ip_address(rd.address)
-                        ttl = max(1, min(rrset.ttl, DAY) + GRACE)
+                        ttl = max(1, min(rrset.ttl, *led_by[rrset.name], DAY) + GRACE)
                         for i in rules:
                             key = (name_set(i, addr.version), str(addr))
                             want[key] = max(want.get(key, 0), ttl)

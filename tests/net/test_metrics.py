@@ -16,6 +16,7 @@ import subprocess
 import sys
 from ipaddress import ip_network
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -205,7 +206,8 @@ class _NoDevice:
     """A parent before its device exists: only the profile-level series are collected."""
 
     def __init__(self, name: str, counters: object) -> None:
-        self.profile = type("P", (), {"name": name})()
+        egress = SimpleNamespace(allow_names=[])
+        self.profile = SimpleNamespace(name=name, parent=SimpleNamespace(egress=egress))
         self.device = self.enclave_key = self.verdict = None
         self.counters = counters
 
