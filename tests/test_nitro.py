@@ -449,10 +449,26 @@ def test_launch_checks(fake: Fake, tmp_path: Path) -> None:
     with open(big, "wb") as f:
         f.truncate(300 << 20)
     small = _checks(EnclaveLaunch(str(big), memory_mib=256))
-    assert small["enclave memory"][0] is False and "smaller than the EIF" in \
-        small["enclave memory"][1]
+    assert small["enclave memory"][0] is False and "at least 1200" in small["enclave memory"][1]
+    # Between 1x and 4x the EIF nitro-cli always refuses: the check must say so, not pass.
     tight = _checks(EnclaveLaunch(str(big), memory_mib=512))
-    assert tight["enclave memory"][0] is True and "E26" in tight["enclave memory"][1]
+    assert tight["enclave memory"] == (False, "memory_mib 512 is less than 4x the EIF (300 MiB): "
+                                       "nitro-cli refuses it (E26); set "
+                                       "parent.enclave.memory_mib to at least 1200")
+    assert _checks(EnclaveLaunch(str(big), memory_mib=1200))["enclave memory"][0] is True
+
+
+def test_launch_checks_minimum_is_nitro_clis_own(fake: Fake, tmp_path: Path) -> None:
+    """nitro-cli compares 4x the EIF's bytes with the memory's: one byte over 300 MiB needs
+    1201 MiB, not 4 * 301."""
+    eif = tmp_path / "odd.eif"
+    with open(eif, "wb") as f:
+        f.truncate((300 << 20) + 1)
+    assert _checks(EnclaveLaunch(str(eif), memory_mib=1200))["enclave memory"][0] is False
+    assert _checks(EnclaveLaunch(str(eif), memory_mib=1201))["enclave memory"][0] is True
+    with pytest.raises(NitroError, match=r"^\[ E26 \]"):
+        fake.cli.run_enclave(EnclaveLaunch(str(eif), cpu_count=1, memory_mib=1200))
+    assert fake.cli.run_enclave(EnclaveLaunch(str(eif), cpu_count=1, memory_mib=1201)).cid
 
 
 def _profile(tmp_path: Path, eif: Path):

@@ -45,7 +45,8 @@ log = logging.getLogger("wgvsock.nitro")
 NITRO_CLI = "nitro-cli"
 RUN_TIMEOUT = 300.0  # booting a large EIF takes a while; nitro-cli waits for the enclave's ready
 CALL_TIMEOUT = 60.0
-# An enclave needs roughly 4x its EIF in memory (DESIGN.md §4).
+# run-enclave refuses (E26) unless the enclave's memory is at least 4x its EIF file's size in
+# bytes (resource_manager.rs, ENCLAVE_MEMORY_EIF_SIZE_RATIO; DESIGN.md §4).
 EIF_MEMORY_FACTOR = 4
 
 _ECODE_RE = re.compile(r"^\[ (E\d+) \]")
@@ -275,15 +276,15 @@ def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[st
         return checks
     mib = size / (1 << 20)
     checks.append(("enclave image", True, f"{launch.eif} ({mib:.0f} MiB)"))
-    need = EIF_MEMORY_FACTOR * mib
-    if launch.memory_mib < mib:
+    # nitro-cli compares bytes: it refuses when 4 * EIF size > memory_mib * 2**20, so the least
+    # it takes is the product rounded up to a whole MiB. (Its E26 message names
+    # 4 * ceil(EIF MiB), which can be a few MiB more than it needs.)
+    need = -(-EIF_MEMORY_FACTOR * size // (1 << 20))
+    if launch.memory_mib < need:
         checks.append(("enclave memory", False,
-                       f"memory_mib {launch.memory_mib} is smaller than the EIF itself "
-                       f"({mib:.0f} MiB); give at least {need:.0f}"))
-    elif launch.memory_mib < need:
-        checks.append(("enclave memory", True,
-                       f"memory_mib {launch.memory_mib}: less than {EIF_MEMORY_FACTOR}x the EIF "
-                       f"({need:.0f} MiB), nitro-cli may refuse with E26"))
+                       f"memory_mib {launch.memory_mib} is less than {EIF_MEMORY_FACTOR}x the "
+                       f"EIF ({mib:.0f} MiB): nitro-cli refuses it (E26); set "
+                       f"parent.enclave.memory_mib to at least {need}"))
     else:
         checks.append(("enclave memory", True, f"memory_mib {launch.memory_mib}"))
     return checks
