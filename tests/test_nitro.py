@@ -107,8 +107,8 @@ def script(tmp_path: Path, body: str) -> str:
 
 
 def test_error_keeps_nitro_clis_own_words() -> None:
-    err = parse_error(E26, returncode=1)
-    assert err.code == "E26" and err.returncode == 1
+    err = parse_error(E26, returncode=26)
+    assert err.code == "E26" and err.returncode == 26
     assert str(err).startswith("[ E26 ] Insufficient memory requested. User provided `memory` "
                                "is 512 MB")
     assert "minimum memory should be 2148 MB" in str(err)
@@ -208,18 +208,27 @@ def test_run_describe_terminate(fake: Fake) -> None:
 def test_run_errors_carry_the_e_code(fake: Fake, tmp_path: Path) -> None:
     with pytest.raises(NitroError) as exc:
         fake.cli.run_enclave(EnclaveLaunch(str(tmp_path / "missing.eif")))
-    assert exc.value.code == "E19" and "missing.eif" in str(exc.value)
+    # nitro-cli exits with the error's number (common/mod.rs: exit(err.error_code as i32)).
+    assert exc.value.code == "E19" and exc.value.returncode == 19
+    assert "missing.eif" in str(exc.value)
     big = tmp_path / "big.eif"
     with open(big, "wb") as f:
         f.truncate(512 << 20)  # sparse: 4x is 2048 MiB
     with pytest.raises(NitroError, match=r"^\[ E26 \] Insufficient memory requested") as exc:
         fake.cli.run_enclave(EnclaveLaunch(str(big), memory_mib=1024))
     assert "the minimum memory should be 2048 MB" in str(exc.value)
+    assert exc.value.returncode == 26
     fake.cli.run_enclave(fake.launch(cid=20))
     with pytest.raises(NitroError, match=r"^\[ E29 \]"):
         fake.cli.run_enclave(fake.launch(cid=20))
-    with pytest.raises(NitroError, match=r"^\[ E39 \]"):
+    # An ID with no enclave has no socket to connect to: the real nitro-cli answers E11.
+    with pytest.raises(NitroError, match=r"^\[ E11 \] Socket error") as exc:
         fake.cli.terminate_enclave("i-0000000000000000-enc99")
+    assert exc.value.code == "E11" and exc.value.returncode == 11
+    # A bad command line is clap's: "error: ..." and status 2.
+    res = subprocess.run([FAKE, "terminate-enclave", "--enclave-id"], env=fake.env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("error: a value is required")
 
 
 def test_missing_binary(tmp_path: Path) -> None:
