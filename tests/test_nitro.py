@@ -270,11 +270,45 @@ def test_terminate_leftovers(fake: Fake) -> None:
     b = fake.cli.run_enclave(fake.launch(cpu_count=1), "wgvsock-x")  # becomes wgvsock-x_1
     other = fake.cli.run_enclave(fake.launch(cpu_count=1), "someone-else")
     recorded = fake.cli.run_enclave(fake.launch(cpu_count=1), "renamed-by-hand")
-    done = terminate_leftovers(fake.cli, "wgvsock-x", [recorded.enclave_id, "i-gone-enc1"])
+    done, failed = terminate_leftovers(fake.cli, "wgvsock-x",
+                                       [recorded.enclave_id, "i-gone-enc1"])
     assert sorted(done) == sorted(f"terminated enclave {e.enclave_id}"
                                   for e in (a, b, recorded))
+    assert failed == []  # the gone one's E11 is no failure: nothing is left of it
     assert [e["EnclaveID"] for e in fake.enclaves()] == [other.enclave_id]
-    assert terminate_leftovers(fake.cli, "wgvsock-x") == []
+    assert terminate_leftovers(fake.cli, "wgvsock-x") == ([], [])
+
+
+def test_terminate_leftovers_when_describe_lists_only_some(fake: Fake) -> None:
+    """describe-enclaves prints the enclaves that answered, then fails with E39: those named
+    ours still go, and the recorded one is tried though it is not listed."""
+    a = fake.cli.run_enclave(fake.launch(cpu_count=1), "wgvsock-x")
+    other = fake.cli.run_enclave(fake.launch(cpu_count=1), "someone-else")
+    recorded = fake.cli.run_enclave(fake.launch(cpu_count=1), "wgvsock-x")
+    cli = NitroCli(FAKE, env={**fake.env, "FAKE_NITRO_NO_ANSWER": recorded.enclave_id})
+    with pytest.raises(NitroError, match=r"^\[ E39 \]") as exc:
+        cli.describe_enclaves()
+    assert exc.value.returncode == 39
+    assert [e.enclave_id for e in nitro.listed_before_failing(exc.value) or []] == \
+        [a.enclave_id, other.enclave_id]
+    done, failed = terminate_leftovers(cli, "wgvsock-x", [recorded.enclave_id])
+    assert done == [f"terminated enclave {recorded.enclave_id}",
+                    f"terminated enclave {a.enclave_id}"]
+    assert len(failed) == 1 and "listed only the enclaves that answered ([ E39 ]" in failed[0]
+    assert [e["EnclaveID"] for e in fake.enclaves()] == [other.enclave_id]
+
+
+def test_terminate_leftovers_tries_the_recorded_one_when_describe_fails(fake: Fake,
+                                                                         tmp_path: Path) -> None:
+    recorded = fake.cli.run_enclave(fake.launch(cpu_count=1), "wgvsock-x")
+    cli = NitroCli(script(tmp_path, 'if [ "$1" = describe-enclaves ]; then echo "[ E39 ] '
+                          'Enclave process connection failure." >&2; exit 39; fi\n'
+                          f'exec {FAKE} "$@"'), env=fake.env)
+    done, failed = terminate_leftovers(cli, "wgvsock-x", [recorded.enclave_id, "i-gone-enc1"])
+    assert done == [f"terminated enclave {recorded.enclave_id}"]
+    assert failed == ["could not list the enclaves to look for leftovers named wgvsock-x: "
+                      "[ E39 ] Enclave process connection failure."]
+    assert fake.enclaves() == []
 
 
 # -- the supervisor --------------------------------------------------------------------------

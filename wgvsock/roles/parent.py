@@ -956,14 +956,13 @@ def down(profile) -> tuple[list[str], list[str]]:
             ours_alive = not _wait_gone(state, 5)
     # Whatever a crashed `up` may have left behind:
     if profile.parent.enclave is not None:
-        from ..services.nitro import NitroCli, NitroError, enclave_name, terminate_leftovers
+        from ..services.nitro import NitroCli, enclave_name, terminate_leftovers
 
         known = [state.enclave["id"]] if state is not None and state.enclave.get("id") else []
-        try:
-            done += terminate_leftovers(NitroCli(), enclave_name(profile.name), known)
-        except NitroError as e:
-            if known or shutil.which("nitro-cli"):  # silent when there is nothing to look for
-                failed.append(f"could not check for a leftover enclave: {e}")
+        terminated, not_done = terminate_leftovers(NitroCli(), enclave_name(profile.name), known)
+        done += terminated
+        if known or shutil.which("nitro-cli"):  # silent when there is nothing to look for
+            failed += not_done
     # Our TUN goes with the process that made it, so an interface of this name is ours only
     # while that process lingers; otherwise it is someone else's (wg-quick's, wireguard-go's)
     # and stays. Ours goes before the filter, as in Parent.close: once it is gone nothing

@@ -58,12 +58,14 @@ class NitroError(Exception):
     """nitro-cli failed. str() is nitro-cli's own message (its "[ Exx ] ..." blocks)."""
 
     def __init__(self, message: str, *, code: str | None = None, returncode: int | None = None,
-                 stderr: str = "", log_path: str | None = None):
+                 stderr: str = "", stdout: str = "", log_path: str | None = None):
         super().__init__(message)
         self.message = message
         self.code = code
         self.returncode = returncode
         self.stderr = stderr
+        # Kept: describe-enclaves prints the enclaves that answered before it fails (E38, E39).
+        self.stdout = stdout
         self.log_path = log_path
 
 
@@ -86,10 +88,11 @@ def parse_error(stderr: str, stdout: str = "", returncode: int | None = None) ->
         message = "; ".join(" ".join(b) for b in blocks)
         code = _ECODE_RE.match(blocks[0][0]).group(1)  # type: ignore[union-attr]
         return NitroError(message, code=code, returncode=returncode, stderr=stderr,
-                          log_path=log_path)
+                          stdout=stdout, log_path=log_path)
     lines = [ln.strip() for ln in (stderr or stdout).splitlines() if ln.strip()]
     message = " ".join(lines[-3:]) if lines else f"nitro-cli exited with status {returncode}"
-    return NitroError(message, returncode=returncode, stderr=stderr, log_path=log_path)
+    return NitroError(message, returncode=returncode, stderr=stderr, stdout=stdout,
+                      log_path=log_path)
 
 
 def _json_from(stdout: str, kind: type) -> Any:
@@ -290,21 +293,53 @@ def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[st
     return checks
 
 
-def terminate_leftovers(nitro: NitroCli, name: str, known_ids: Sequence[str] = ()) -> list[str]:
+def listed_before_failing(err: NitroError) -> list[EnclaveInfo] | None:
+    """The enclaves a failed describe-enclaves printed anyway: it lists those whose enclave
+    process answered, then exits with E39 (one did not answer in time) or E38 (one failed the
+    command). None when it printed no list. Not a full listing: an enclave missing from it may
+    be running still."""
+    if not err.stdout.strip():
+        return None
+    try:
+        value = _json_from(err.stdout, list)
+        return [EnclaveInfo.from_json(e) for e in value]
+    except NitroError:
+        return None
+
+
+def terminate_leftovers(nitro: NitroCli, name: str,
+                        known_ids: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """Terminates the enclaves recorded as ours and any still running under our name (a parent
-    killed before it could record or terminate one). Returns what it did; raises NitroError only
-    when nitro-cli cannot even list the enclaves."""
+    killed before it could record or terminate one). Returns what it did and what failed."""
     done: list[str] = []
-    running = nitro.enclaves()
-    ids = [i for i in known_ids if any(e.enclave_id == i for e in running)]
+    failed: list[str] = []
+    try:
+        running = nitro.enclaves()
+    except NitroError as e:
+        partial = listed_before_failing(e)
+        if partial is None:
+            failed.append(f"could not list the enclaves to look for leftovers named {name}: {e}")
+        else:
+            failed.append(f"describe-enclaves listed only the enclaves that answered ({e}): one "
+                          f"named {name} may be left; run `nitro-cli describe-enclaves` to see")
+        running = partial or []
+    listed = {e.enclave_id for e in running}
+    # A recorded ID is tried even when the listing fails or leaves it out: the enclave may be
+    # the one whose process did not answer describe-enclaves.
+    ids = list(dict.fromkeys(known_ids))
     ids += [e.enclave_id for e in running if is_named(e.name, name) and e.enclave_id not in ids]
     for enclave_id in ids:
         try:
             nitro.terminate_enclave(enclave_id)
             done.append(f"terminated enclave {enclave_id}")
         except NitroError as e:
-            done.append(f"could not terminate enclave {enclave_id}: {e}")
-    return done
+            # E11: nitro-cli found no enclave process socket for the ID to connect to, which is
+            # how it answers for an enclave that has exited: nothing is left to terminate.
+            if e.code == "E11" and enclave_id not in listed:
+                continue
+            failed.append(f"could not terminate enclave {enclave_id}: {e}; try `nitro-cli "
+                          f"terminate-enclave --enclave-id {enclave_id}`")
+    return done, failed
 
 
 # -- the supervisor ------------------------------------------------------------------------------
