@@ -132,6 +132,50 @@ def test_error_without_an_e_code() -> None:
     assert parse_error("boom").code is None
 
 
+# What clap prints for a command line it refuses: clap 2.33 (nitro-cli 1.0, which has no
+# --enclave-name), clap 3.2 and clap 4 (nitro-cli 1.4 and later).
+CLAP2_UNKNOWN = """\
+error: Found argument '--enclave-name' which wasn't expected, or isn't valid in this context
+
+USAGE:
+    nitro-cli run-enclave [FLAGS] [OPTIONS] --cpu-count <cpu-count> --eif-path <eif-path> \
+--memory <memory>
+
+For more information try --help
+"""
+CLAP3_MISSING = """\
+error: The following required arguments were not provided:
+    --memory <memory>
+
+USAGE:
+    nitro-cli run-enclave --cpu-count <cpu-count> --eif-path <eif-path> --memory <memory>
+
+For more information try --help
+"""
+CLAP4_UNKNOWN = """\
+\x1b[1m\x1b[31merror:\x1b[0m unexpected argument '\x1b[33m--bogus\x1b[0m' found
+
+  \x1b[32mtip:\x1b[0m to pass '--bogus' as a value, use '-- --bogus'
+
+Usage: nitro-cli run-enclave [OPTIONS] --eif-path <EIF_PATH>
+
+For more information, try '--help'.
+"""
+
+
+def test_clap_errors_keep_the_error_line_not_the_usage() -> None:
+    err = parse_error(CLAP2_UNKNOWN, "", 1)
+    assert str(err) == ("error: Found argument '--enclave-name' which wasn't expected, or isn't "
+                        "valid in this context; nitro-cli before 1.1 has no --enclave-name: "
+                        "upgrade aws-nitro-enclaves-cli")
+    assert err.code is None and err.returncode == 1
+    assert str(parse_error(CLAP3_MISSING, "", 2)) == \
+        "error: The following required arguments were not provided: --memory <memory>"
+    assert str(parse_error(CLAP4_UNKNOWN, "", 2)) == "error: unexpected argument '--bogus' found"
+    # Without an "error:" line, the last lines as before.
+    assert str(parse_error("a\nb\nc\nd\n", "", 1)) == "b c d"
+
+
 def test_run_output_parses_with_progress_lines_around_it() -> None:
     info = EnclaveInfo.from_json(nitro._json_from(RUN_OUTPUT, dict))
     assert info.enclave_id == "i-0c3d696ac3c1f00dc-enc1802f51427d0db9"

@@ -89,10 +89,41 @@ def parse_error(stderr: str, stdout: str = "", returncode: int | None = None) ->
         code = _ECODE_RE.match(blocks[0][0]).group(1)  # type: ignore[union-attr]
         return NitroError(message, code=code, returncode=returncode, stderr=stderr,
                           stdout=stdout, log_path=log_path)
+    # No E-code: most likely clap refusing the command line. Its "error: ..." paragraph comes
+    # first and usage text after it, so the last lines alone would be the usage.
+    errors = _clap_errors(stderr)
+    if errors:
+        message = "; ".join(errors)
+        if "'--enclave-name'" in message:
+            message += ("; nitro-cli before 1.1 has no --enclave-name: upgrade "
+                        "aws-nitro-enclaves-cli")
+        return NitroError(message, returncode=returncode, stderr=stderr, stdout=stdout,
+                          log_path=log_path)
     lines = [ln.strip() for ln in (stderr or stdout).splitlines() if ln.strip()]
     message = " ".join(lines[-3:]) if lines else f"nitro-cli exited with status {returncode}"
     return NitroError(message, returncode=returncode, stderr=stderr, stdout=stdout,
                       log_path=log_path)
+
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _clap_errors(stderr: str) -> list[str]:
+    """The "error: ..." paragraphs of a clap message, each joined to one line: clap 2 and 3
+    (nitro-cli up to 1.3) and clap 4 all start one so, and continue it (the arguments that are
+    missing, say) up to a blank line. Colour codes, which clap adds on a terminal, go."""
+    found: list[list[str]] = []
+    current: list[str] | None = None
+    for raw in _ANSI_RE.sub("", stderr).splitlines():
+        line = raw.strip()
+        if line.lower().startswith("error:"):
+            current = [line]
+            found.append(current)
+        elif not line:
+            current = None
+        elif current is not None:
+            current.append(line)
+    return [" ".join(p) for p in found]
 
 
 def _json_from(stdout: str, kind: type) -> Any:
