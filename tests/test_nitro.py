@@ -516,6 +516,35 @@ def test_an_on_started_error_is_logged_not_fatal(fake: Fake, caplog) -> None:
         sup.stop(timeout=10)
 
 
+def test_the_control_port_forgets_the_cid_of_an_enclave_that_exited(fake: Fake, monkeypatch
+                                                                    ) -> None:
+    """Without a fixed CID the control port takes the CID nitro-cli reported. Once that enclave
+    has exited, the CID is free for another enclave during the restart's backoff: refuse it."""
+    from functools import partial
+
+    from wgvsock.roles.parent import Parent
+
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("FAKE_NITRO_STATE", str(fake.state))
+    monkeypatch.setattr(nitro, "EnclaveSupervisor",
+                        partial(EnclaveSupervisor, poll_interval=0.05, backoff_min=0.05,
+                                backoff_max=0.05))
+    p = Parent(parse_profile(f"name: cidtest\nparent:\n  enclave: {{eif: {fake.eif}, "
+                             "memory_mib: 256}\n", "p.yaml"))
+    check = p._enclave_filter()
+    assert check is not None
+    p._start_enclave()
+    try:
+        info = p.supervisor.wait_started()
+        assert info is not None and check((info.cid, 1))
+        fake.hook("fake-fail-run", "100000", "E26")  # keep it from starting again
+        fake.hook("fake-crash", info.enclave_id)
+        wait(lambda: (p.supervisor.last_reason or "").startswith("run-enclave failed"))
+        assert not check((info.cid, 1))
+    finally:
+        p.supervisor.stop()
+
+
 # -- checks (doctor and `parent up`) ---------------------------------------------------------
 
 

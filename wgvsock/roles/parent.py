@@ -265,7 +265,8 @@ class Parent:
         self.dns_counters: Callable[[], DnsCounters] | None = None
         self.exporter = None  # metrics.prometheus.Exporter with parent.metrics.listen
         self.cloudwatch = None  # metrics.cloudwatch.CloudWatchSender with .cloudwatch
-        self._enclave_cid: int | None = None  # of the enclave the supervisor last started
+        # Of the enclave the supervisor started, while it runs (None once it has exited).
+        self._enclave_cid: int | None = None
         # Rules in our nftables table right after we loaded it (None: not counted yet).
         self._rules: int | None = 0
         # The DNS forwarder when the profile allows egress by name; its .stats holds the
@@ -482,7 +483,8 @@ class Parent:
             fixed = p.parent.enclave.cid
         else:
             return None
-        # Launched by us without a fixed CID: only the CID nitro-cli reported; none before.
+        # Launched by us without a fixed CID: only the CID nitro-cli reported for the enclave
+        # running now; none before it starts or after it exits.
         return lambda addr: addr[0] == (fixed if fixed is not None else self._enclave_cid)
 
     def check_firewall(self) -> None:
@@ -717,8 +719,14 @@ class Parent:
                                        "name": info.name}
                 self._state.save()
 
+        def exited(info, why: str) -> None:
+            # Its CID is free now: during the restart's backoff nitro-cli may give it to another
+            # enclave, which the control port must not take for ours (_enclave_filter).
+            self._enclave_cid = None
+
         self.supervisor = EnclaveSupervisor(NitroCli(), self.profile.parent.enclave,
-                                            enclave_name(self.profile.name), started, log)
+                                            enclave_name(self.profile.name), started, log,
+                                            on_exited=exited)
         self.supervisor.start()
 
     def status_line(self, now: float) -> str:
