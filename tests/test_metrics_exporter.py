@@ -6,7 +6,9 @@ clients cost a few threads and a scrape still gets in."""
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -17,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
+from wgvsock.services.metrics import prometheus
 from wgvsock.services.metrics.prometheus import Exporter
 
 
@@ -101,3 +104,83 @@ def test_close_stops_listening(exporter: Exporter) -> None:
     exporter.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def _get(port: int, accept: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept": accept})
+        res = conn.getresponse()
+        return res.status, res.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("accept", ["text/plain; version=x",
+                                    "application/openmetrics-text; version=abc"])
+def test_an_accept_header_prometheus_client_cannot_parse_is_a_400_not_a_traceback(
+        exporter: Exporter, accept: str, capfd: pytest.CaptureFixture[str]) -> None:
+    # prometheus_client raises TypeError for these; wsgiref printed its traceback to raw
+    # stderr, so anyone reaching the port could flood the journal.
+    for _ in range(3):
+        status, _body = _get(exporter.port, accept)
+        assert status == 400
+    assert "wgvsock_test_up 1.0" in _scrape(exporter.port)
+    assert capfd.readouterr().err == ""
+
+
+class _Broken:
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        raise RuntimeError("collector failed")
+
+
+def test_a_failing_collection_is_a_500_logged_not_printed(
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Broken())
+    exporter = Exporter(registry, ipaddress.ip_address("127.0.0.1"), 0, slots=2)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="wgvsock.metrics"):
+            for _ in range(20):
+                status, _body = _get(exporter.port, "text/plain")
+                assert status == 500
+    finally:
+        exporter.close()
+    assert capfd.readouterr().err == ""
+    failed = [r for r in caplog.records if "collection failed" in r.getMessage()]
+    assert 1 <= len(failed) < 20  # rate-limited
+    assert "RuntimeError: collector failed" in caplog.text
+
+
+class _Big:
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("wgvsock_test_big", "x" * (16 << 20), value=1)
+
+
+def test_a_client_that_stops_reading_leaves_nothing_on_stderr(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    # The response's send times out inside wsgiref, whose log_exception printed a traceback.
+    monkeypatch.setattr(prometheus, "WRITE_TIMEOUT", 0.3)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Big())
+    exporter = Exporter(registry, ipaddress.ip_address("127.0.0.1"), 0, slots=2)
+    try:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with s:
+            s.connect(("127.0.0.1", exporter.port))
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            deadline = time.monotonic() + 10
+            time.sleep(0.2)
+            while _serving() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _serving()
+    finally:
+        exporter.close()
+    assert capfd.readouterr().err == ""

@@ -18,16 +18,19 @@ import io
 import ipaddress
 import logging
 import socket
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from ...conn.bind import RateLimitedLog
 from ...core.crypto import key_to_base64
 from ...threads import NamedThread
 from ..firewall import COUNTERS, rule_comment
@@ -183,6 +186,63 @@ WRITE_TIMEOUT = 10.0  # each send of the response, to a client that stopped read
 _MAX_HEAD = 16 * 1024
 
 
+_WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _guarded(app: _WSGIApp, say: RateLimitedLog) -> _WSGIApp:
+    """`app` with its exceptions answered (400 for an Accept header prometheus_client cannot
+    parse, 500 otherwise) and logged rate-limited. Left to wsgiref, each became a traceback on
+    raw stderr: past logging and the journal's priority prefix, and anyone who reaches the port
+    could fill the journal until journald's rate limit dropped the real warnings."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return app(environ, start_response)
+        except Exception:
+            accept = environ.get("HTTP_ACCEPT") or ""
+            try:
+                choose_encoder(accept)
+            except Exception:  # (TypeError for `version=x`): the client's mistake, not ours
+                say(logging.DEBUG, "metrics: refused a scrape with an Accept header "
+                    "prometheus_client cannot parse: %r", accept[:200])
+                status, body = "400 Bad Request", b"unparseable Accept header\n"
+            else:
+                say(logging.WARNING, "metrics: a collection failed", exc_info=True)
+                status, body = "500 Internal Server Error", b"collection failed\n"
+            # exc_info: should the app have started its response, wsgiref raises it again
+            # (and our stderr below takes the traceback) instead of sending a second head.
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                    ("Content-Length", str(len(body)))], sys.exc_info())
+            return [body]
+
+    return guarded
+
+
+class _StderrToLog(io.TextIOBase):
+    """The stderr wsgiref's handler prints a traceback to for an error of its own (a send
+    that timed out on a client that stopped reading): one rate-limited debug line instead,
+    its last, since raw stderr bypasses logging and anyone can make a client stop reading."""
+
+    def __init__(self, say: RateLimitedLog, client: Any) -> None:
+        super().__init__()
+        self._say = say
+        self._client = client
+        self._text: list[str] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self._text.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        text, self._text = "".join(self._text).strip(), []
+        if text:
+            self._say(logging.DEBUG, "metrics: a request from %s failed: %s", self._client,
+                      text.splitlines()[-1])
+
+
 class _Handler(WSGIRequestHandler):
     server: _Server
 
@@ -195,6 +255,9 @@ class _Handler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line on stderr per scrape: the journal is not an access log
+
+    def get_stderr(self) -> io.TextIOBase:
+        return _StderrToLog(self.server.say, self.client_address)
 
 
 class _Server(WSGIServer):
@@ -212,6 +275,9 @@ class _Server(WSGIServer):
         self._lock = threading.Lock()
         self._waiting: dict[socket.socket, float] = {}  # no whole head yet: since when
         self.evicted = 0  # connections closed to make room for a newer one
+        # Every failed request's line, shared by the handlers' threads: a client decides how
+        # many there are.
+        self.say = RateLimitedLog(10.0, logger=log, burst=5)
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -265,7 +331,8 @@ class _Server(WSGIServer):
         try:
             self.finish_request(request, client_address)
         except Exception:  # a client that went away or stopped reading: nothing to report
-            log.debug("metrics: a request from %s failed", client_address, exc_info=True)
+            self.say(logging.DEBUG, "metrics: a request from %s failed", client_address,
+                     exc_info=True)
         finally:
             self._done(request)
 
@@ -288,7 +355,7 @@ class Exporter:
         self.address = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
         family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
         self._server = _Server((str(host), port), family, slots, head_timeout)
-        self._server.set_app(make_wsgi_app(registry))
+        self._server.set_app(_guarded(make_wsgi_app(registry), self._server.say))
         self._thread = NamedThread(target=self._server.serve_forever, name="metrics",
                                    daemon=True)
         self._thread.start()
