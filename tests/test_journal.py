@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from wgvsock.journal import is_journal
+from wgvsock.journal import _JournalFormatter, is_journal
 
 SCRIPT = """
 import logging
@@ -63,3 +64,43 @@ def test_is_journal_compares_the_stream_itself(tmp_path: Path) -> None:
                     {"JOURNAL_STREAM": f"{st.st_dev}"}):
             assert not is_journal(a.fileno(), bad)
         assert not is_journal(9999, env)  # not open
+
+
+LINE_MAX = 48 * 1024  # journald.conf(5) LineMax= default
+
+
+def journald_entries(stream: bytes) -> list[tuple[int, bytes]]:
+    """(priority, message) as journald's stdout stream takes them: a line ends at a newline,
+    at a NUL, or after LineMax bytes without either, and each piece is read for a `<N>`."""
+    entries = []
+    while stream:
+        head = stream[:LINE_MAX]
+        ends = [i for i in (head.find(b"\n"), head.find(b"\0")) if i >= 0]
+        if ends:
+            piece, stream = stream[:min(ends)], stream[min(ends) + 1:]
+        else:
+            piece, stream = head, stream[LINE_MAX:]
+        prio = 6
+        if len(piece) >= 3 and piece[:1] == b"<" and piece[2:3] == b">" and piece[1:2].isdigit():
+            prio, piece = int(piece[1:2]), piece[3:]
+        entries.append((prio, piece))
+    return entries
+
+
+def format_warning(msg: str) -> bytes:
+    record = logging.LogRecord("wgvsock.test", logging.WARNING, __file__, 1, msg, None, None)
+    out = _JournalFormatter("%(levelname)s: %(message)s").format(record) + "\n"
+    return out.encode("utf-8", "backslashreplace")
+
+
+def test_a_nul_in_a_message_cannot_forge_an_entry_of_another_priority() -> None:
+    entries = journald_entries(format_warning("ok\0<0>forged\nnext\0"))
+    assert entries == [(4, b"WARNING: ok\\x00<0>forged"), (4, b"next\\x00")]
+
+
+def test_a_line_over_line_max_is_cut_into_pieces_of_the_same_priority() -> None:
+    msg = "é" * (60 * 1024) + "<0>forged" + "x" * (60 * 1024)  # 2 bytes a character
+    entries = journald_entries(format_warning(msg))
+    assert len(entries) > 2
+    assert all(prio == 4 for prio, _ in entries)
+    assert b"".join(piece for _, piece in entries).decode() == "WARNING: " + msg

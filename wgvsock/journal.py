@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 __all__ = ["handler", "is_journal"]
 
@@ -33,12 +34,41 @@ def is_journal(fd: int, environ: dict[str, str] | None = None) -> bool:
         return False
 
 
+# journald ends a stream's line after LineMax bytes (journald.conf(5): 48 KiB by default)
+# and reads the rest for a `<N>` of its own, so a longer line is cut here first. Measured in
+# UTF-8; on a stderr of another encoding backslashreplace can make a piece up to 2.5 times
+# longer, which still fits.
+_PIECE_BYTES = 16 * 1024
+
+
+def _pieces(line: str, room: int) -> Iterator[str]:
+    """`line` in pieces of at most `room` bytes of UTF-8, not cutting a character."""
+    data = line.encode("utf-8", "backslashreplace")
+    if len(data) <= room:
+        yield line
+        return
+    start = 0
+    while start < len(data):
+        end = min(start + room, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # inside a character: back off
+            end -= 1
+        yield data[start:end].decode()
+        start = end
+
+
 class _JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         prio = next((p for level, p in _PRIORITY if record.levelno >= level), 7)
-        # Each line is a journal entry of its own: a traceback keeps its priority throughout.
-        return "\n".join(f"<{prio}>{line}" for line in text.split("\n"))
+        prefix = f"<{prio}>"
+        # journald ends a line at NUL as well, and takes what follows with its own prefix:
+        # "ok\0<0>forged" in a warning would be an emergency. A NUL is shown escaped.
+        text = text.replace("\0", "\\x00")
+        # Each line is a journal entry of its own: a traceback keeps its priority throughout,
+        # as does each piece of a line too long for journald.
+        room = _PIECE_BYTES - len(prefix) - 1
+        return "\n".join(prefix + piece for line in text.split("\n")
+                         for piece in _pieces(line, room))
 
 
 def handler(fmt: str, datefmt: str | None = None) -> logging.Handler:
