@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock.sdnotify import Notifier, Watchdog
+from wgvsock.sdnotify import Notifier, Watchdog, _one_line
 
 
 @pytest.fixture
@@ -175,6 +176,44 @@ def test_a_liveness_check_that_raises_withholds_the_ping(manager, caplog) -> Non
         Watchdog(n, broken).check(100.0)
     assert nothing_waiting(sock)
     assert "the liveness check failed: RuntimeError('boom')" in caplog.text
+    n.close()
+
+
+@pytest.mark.parametrize("usec", [1_000_000, 300_000])
+def test_a_short_watchdog_period_is_checked_often_enough_to_ping_in_time(
+        manager, usec: int) -> None:
+    # Checked each second, a 1 s WatchdogSec got a ping only each second: late by jitter.
+    sock, path = manager
+    n = Notifier(path, watchdog_usec=usec)
+    dog = Watchdog(n, lambda now: None)
+    assert dog.every <= usec / 4e6
+    pings = []
+    now = 100.0
+    for _ in range(40):  # the thread's looks, `every` apart, without its sleeping
+        dog.check(now)
+        if not nothing_waiting(sock):
+            assert received(sock) == ["WATCHDOG=1"]
+            pings.append(now)
+        now += dog.every
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert gaps and max(gaps) < 0.8 * usec / 1e6
+    n.close()
+    # A long period is still looked at each second (a stall is noticed and logged soon).
+    assert Watchdog(Notifier(path, watchdog_usec=30_000_000), lambda now: None).every == 1.0
+
+
+def test_status_text_has_no_nul_and_is_capped(manager) -> None:
+    # systemd ignores a notification with a NUL inside or one over 4 KiB, READY=1 with it.
+    assert _one_line("ok\0READY=1\r\nnext") == "ok\\x00READY=1 next"
+    long = _one_line("é" * 10 * 1024)
+    assert long.endswith("…") and 900 < len(long.encode()) <= 1024
+    assert set(long[:-1]) == {"é"}
+    sock, path = manager
+    n = Notifier(path)
+    n.ready("\0" + "x" * 10 * 1024)
+    data = sock.recv(65536)
+    assert b"\0" not in data and len(data) < 2048
+    assert data.split(b"\n")[0] == b"READY=1"
     n.close()
 
 

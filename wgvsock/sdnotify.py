@@ -146,12 +146,20 @@ class Watchdog:
     `health(now)` (monotonic) whether the daemon is well: None, or why not. The daemon's own
     loops report to `health` through timestamps (Device.stalled, the parent's main loop), so
     the watchdog fires on a thread that hangs, not on one that is slow for a while. Does
-    nothing without a watchdog period."""
+    nothing without a watchdog period. `every` defaults to a second, or half the ping
+    interval when that is shorter."""
 
     def __init__(self, notifier: Notifier, health: Callable[[float], str | None],
-                 every: float = 1.0) -> None:
+                 every: float | None = None) -> None:
         self.notifier = notifier
         self.health = health
+        if every is None:
+            # A ping goes out at the first look after it is due, so pings can be up to the
+            # ping interval (half of WatchdogSec) plus `every` apart: with a fixed second,
+            # WatchdogSec=1 got one a second, late by any jitter. Half the interval keeps
+            # them within three quarters of WatchdogSec.
+            interval = notifier.watchdog_interval
+            every = min(1.0, interval / 2) if interval is not None else 1.0
         self.every = every
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -181,6 +189,18 @@ class Watchdog:
             self._thread = None
 
 
+# STATUS= at most this many bytes of UTF-8. systemd drops a whole notification larger than its
+# buffer (4 KiB), and READY=1 or STOPPING=1 sent with the status would be lost with it.
+_STATUS_MAX = 1024
+
+
 def _one_line(text: str) -> str:
-    # A newline in a value would start another assignment.
-    return " ".join(text.split())
+    # A newline (or a CR: systemd splits on both) would start another assignment; systemd
+    # ignores a whole message with a NUL in it, so a NUL is shown escaped.
+    text = " ".join(text.replace("\0", "\\x00").split())
+    data = text.encode("utf-8", "replace")
+    if len(data) <= _STATUS_MAX:
+        return text
+    ellipsis = "\u2026"
+    # "ignore" drops the character the cut went through.
+    return data[:_STATUS_MAX - len(ellipsis.encode())].decode("utf-8", "ignore") + ellipsis
