@@ -105,6 +105,9 @@ def test_an_enclave_verified_under_a_policy_a_reload_replaced_is_judged_again() 
     p.profile = profile()
     p._install_enclave(key, verdict)
     assert p.enclave_key == key and len(p.device.configs) == 1  # type: ignore[attr-defined]
+    # Named in the UAPI reply, so that `wgvsock status` tells the enclave from a peer added
+    # by hand.
+    assert p.device.extra_status["wgvsock_enclave_key"] == key.hex()  # type: ignore[attr-defined]
 
 
 class SlowDevice(Device):

@@ -343,7 +343,7 @@ def test_collector_reads_servers_and_reports_the_stale_one(run_dir: Path) -> Non
                           persistent_keepalive_interval=25, allowed_ips=["10.0.0.2/32"])],
         extra={"wgvsock_network": "vsock", "wgvsock_port": "3000000000",
                "wgvsock_role": "parent", "wgvsock_profile": "demo",
-               "wgvsock_attested": "false"},
+               "wgvsock_attested": "false", "wgvsock_enclave_key": peer_key.hex()},
     )
     server, fake = _serve(run_dir, "wga", status)
     _stale_socket(run_dir, "wgb")
@@ -505,9 +505,11 @@ def test_env_run_dir_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     ("debug", False, True, "debug enclave, not attested"),
 ])
 def test_attestation_states(value: str, attested: bool, debug: bool, shown: str) -> None:
+    enclave = public_key(generate_private_key())
     dev = {"private_key": generate_private_key(),
-           "peers": [{"public_key": public_key(generate_private_key()), "allowed_ips": []}],
-           "extra": {"wgvsock_role": "parent", "wgvsock_attested": value}}
+           "peers": [{"public_key": enclave, "allowed_ips": []}],
+           "extra": {"wgvsock_role": "parent", "wgvsock_attested": value,
+                     "wgvsock_enclave_key": enclave.hex()}}
     iface = st.interface_view("wg0", "/run/wireguard/wg0.sock", dev, NOW)
     assert (iface.attested, iface.debug) == (attested, debug)
     peer = iface.peers[0]
@@ -518,6 +520,27 @@ def test_attestation_states(value: str, attested: bool, debug: bool, shown: str)
         assert "attested ✓" not in plain
     assert st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]).to_json()[
         "interfaces"][0]["debug"] is debug
+
+
+def test_on_a_parent_only_the_enclaves_peer_is_the_attested_enclave() -> None:
+    """A peer added by hand (`wg set wg0 peer X ...`) beside the enclave is a plain peer: the
+    parent's verdict is about the key that registered, which it names in its reply."""
+    enclave, other = public_key(generate_private_key()), public_key(generate_private_key())
+    dev = {"private_key": generate_private_key(),
+           "peers": [{"public_key": other, "allowed_ips": []},
+                     {"public_key": enclave, "allowed_ips": []}],
+           "extra": {"wgvsock_role": "parent", "wgvsock_attested": "true",
+                     "wgvsock_enclave_key": enclave.hex()}}
+    iface = st.interface_view("wg0", "/run/wireguard/wg0.sock", dev, NOW)
+    shown = {p.public_key: (p.label, p.attested) for p in iface.peers}
+    assert shown == {key_to_base64(enclave): ("enclave", True),
+                     key_to_base64(other): (None, None)}
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run/wireguard", interfaces=[iface]))
+    assert plain.count("attested ✓") == 1
+    # Without the enclave's key (no enclave registered) no peer is taken for it.
+    del dev["extra"]["wgvsock_enclave_key"]
+    iface = st.interface_view("wg0", "/run/wireguard/wg0.sock", dev, NOW)
+    assert all((p.label, p.attested) == (None, None) for p in iface.peers)
 
 
 def test_a_foreign_daemons_words_cannot_drive_the_terminal(

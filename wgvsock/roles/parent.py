@@ -580,11 +580,16 @@ class Parent:
 
     def _show_verdict(self, verdict: Verdict) -> None:
         assert self.device is not None
-        self.device.extra_status = {
+        status = {
             "wgvsock_profile": self.profile.name,
             "wgvsock_role": "parent",
             "wgvsock_attested": attestation_state(verdict),
         }
+        if self.enclave_key is not None:
+            # Which peer the verdict is about: `wgvsock status` must not take a peer added by
+            # hand (`wg set`) for the attested enclave. Hex, as the UAPI writes keys.
+            status["wgvsock_enclave_key"] = self.enclave_key.hex()
+        self.device.extra_status = status
 
     # -- reload ----------------------------------------------------------------------------
 
