@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 
 from wgvsock.conn.stream import StreamBind
 from wgvsock.core.crypto import generate_private_key, public_key
@@ -83,5 +84,26 @@ def test_a_keepalive_that_cannot_be_sent_yet_does_not_hold_the_set_up() -> None:
         assert them in {p.public_key for p in dev.uapi_get().peers}
     finally:
         release.set()
+        bind.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_handshake_times_follow_a_stepped_wall_clock(monkeypatch) -> None:
+    """The wall-clock offset was taken once, at start: after the clock was stepped (chrony's
+    makestep), `wg show` and the dashboard were off by the step (review finding)."""
+    d = tempfile.mkdtemp(prefix="wgd", dir="/tmp")
+    bind = StreamBind("unix", unix_dir=d)
+    dev = Device("wgdset2", bind, run_dir=os.path.join(d, "run"))
+    them = public_key(generate_private_key())
+    try:
+        dev.uapi_set(parse_set(f"private_key={generate_private_key().hex()}\n"
+                               f"public_key={them.hex()}\n"))
+        dev.engine.peers[them].last_handshake = time.monotonic() - 5
+        stepped = time.time() + 3600
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)
+        [peer] = dev.uapi_get().peers
+        assert abs(peer.last_handshake_time_sec - (stepped - 5)) < 2
+    finally:
         bind.close()
         shutil.rmtree(d, ignore_errors=True)

@@ -234,8 +234,9 @@ class Device:
         self.run_dir = run_dir
         self.offload = offload
         self._initial_mtu = mtu
-        self._wall_offset = time.time() - time.monotonic()
-        self.engine = Engine(mtu=mtu, wall_offset=self._wall_offset)
+        # Fixed for the engine's handshake timestamps, which must only ever grow, whatever is
+        # done to the wall clock meanwhile.
+        self.engine = Engine(mtu=mtu, wall_offset=time.time() - time.monotonic())
         self._lock = threading.Lock()
         self._offload_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -765,13 +766,16 @@ class Device:
         links = _link_states(self.bind.status())
         hook = self.status_hook
         dynamic = hook() if hook is not None else {}
+        # The wall clock now, not at start: it may have been stepped since (chrony's makestep),
+        # and `wg show` and the dashboard give ages from it.
+        wall_offset = time.time() - time.monotonic()
         with self._lock:
             engine = self.engine
             peers = []
             for peer in engine.peers.values():
                 sec = nsec = 0
                 if peer.last_handshake is not None:
-                    wall = peer.last_handshake + self._wall_offset
+                    wall = peer.last_handshake + wall_offset
                     sec = int(wall)
                     nsec = int((wall - sec) * 1e9)
                 extra: dict[str, str] = {}
