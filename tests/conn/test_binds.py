@@ -1395,3 +1395,27 @@ def test_a_private_socket_dir_is_used_and_a_missing_one_made(
     new = os.path.join(unix_dir, "new", "deeper")
     opened(binds, DatagramBind("unix", unix_dir=new))
     assert os.lstat(new).st_mode & 0o7777 == 0o700
+
+
+def test_einval_from_a_segmented_send_is_this_paths_alone() -> None:
+    """Kernels before 6.13 (6.1.129) answer a UDP segment larger than the path MTU with
+    EINVAL, not EMSGSIZE: before, one such peer turned segmentation off for every peer for
+    good (review finding). wireguard-go turns it off on EIO only."""
+
+    class Refusing:
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+        def sendmsg(self, *args: object) -> int:
+            raise OSError(self.code, os.strerror(self.code))
+
+    bind = DatagramBind("udp")
+    bind._gso = True  # as open() leaves a UDP bind
+    far, near = Endpoint("inet", "192.0.2.1", 51820), Endpoint("inet", "192.0.2.2", 51820)
+    run = [bytes(1400)] * 4
+    assert not bind._send_gso(Refusing(errno.EINVAL), run, 1400, ("192.0.2.1", 51820), far)
+    assert bind._gso and bind._gso_too_big == {far: 1400}
+    assert near not in bind._gso_too_big
+    # A device without checksum offload (EIO) is the whole socket's.
+    assert not bind._send_gso(Refusing(errno.EIO), run, 1400, ("192.0.2.2", 51820), near)
+    assert not bind._gso

@@ -250,14 +250,17 @@ class DatagramBind(SocketBind):
             sock.sendmsg([b"".join(run)], [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))],
                          socket.MSG_DONTWAIT, addr)
         except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
+            # A segment larger than the path allows: EMSGSIZE, and EINVAL from kernels before
+            # 6.13 (and 6.1.129). Only this endpoint's path; other peers keep segmentation.
+            if exc.errno in (errno.EMSGSIZE, errno.EINVAL):
                 too_big = self._gso_too_big
                 if len(too_big) >= _CACHE_MAX:
                     too_big.clear()
                 too_big[ep] = min(size, too_big.get(ep, _NO_LIMIT))
                 return False
-            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                # No checksum offload on the route's device (EIO) or an old kernel.
+            if exc.errno in (errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                # No checksum offload on the route's device (EIO, as wireguard-go reads it) or
+                # a kernel without UDP segmentation.
                 self._gso = False
                 log.info("%s: UDP segmentation offload unavailable: %s", self.network, exc)
                 return False
