@@ -234,9 +234,10 @@ class Device:
         self.run_dir = run_dir
         self.offload = offload
         self._initial_mtu = mtu
+        self._wall_offset = time.time() - time.monotonic()
         # Fixed for the engine's handshake timestamps, which must only ever grow, whatever is
         # done to the wall clock meanwhile.
-        self.engine = Engine(mtu=mtu, wall_offset=time.time() - time.monotonic())
+        self.engine = Engine(mtu=mtu, wall_offset=self._wall_offset)
         self._lock = threading.Lock()
         self._offload_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -767,8 +768,12 @@ class Device:
         hook = self.status_hook
         dynamic = hook() if hook is not None else {}
         # The wall clock now, not at start: it may have been stepped since (chrony's makestep),
-        # and `wg show` and the dashboard give ages from it.
-        wall_offset = time.time() - time.monotonic()
+        # and `wg show` and the dashboard give ages from it. Taken afresh only past a second's
+        # difference, so that an unchanged handshake reads the same on every `get`.
+        offset = time.time() - time.monotonic()
+        if abs(offset - self._wall_offset) > 1.0:
+            self._wall_offset = offset
+        wall_offset = self._wall_offset
         with self._lock:
             engine = self.engine
             peers = []
