@@ -164,15 +164,14 @@ def build_command(engine: str, tag: str, *, base: str | None = None, context: Pa
     cmd = [engine, "build", "-f", str(dockerfile), "-t", image_ref(engine, tag)]
     if base:
         cmd += ["--build-arg", f"BASE={base}"]
+    # The Dockerfile gives every file it stages this time, whatever the engine.
+    cmd += ["--build-arg", f"SOURCE_DATE_EPOCH={epoch}"]
     if engine == "podman":
         # --timestamp pins the created time and every file's time in the layers; --layers=false
         # commits one layer over the base and leaves no intermediate images behind.
         cmd += ["--timestamp", epoch, "--layers=false"]
         if isolation:
             cmd += [f"--isolation={isolation}"]
-    else:
-        # BuildKit takes the created time (and, with rewrite-timestamp, file times) from it.
-        cmd += ["--build-arg", f"SOURCE_DATE_EPOCH={epoch}"]
     return [*cmd, str(context)]
 
 

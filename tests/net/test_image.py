@@ -272,6 +272,31 @@ def test_image_builds_small_and_reproducibly(image: Image) -> None:
     assert again["Digest"] == image.inspect["Digest"]
 
 
+@pytest.mark.timeout(900)
+def test_staged_files_carry_the_epoch_whatever_the_engine_clamps(image: Image) -> None:
+    """docker (the default engine where it runs) clamps no file times, unlike podman's
+    --timestamp: before, the staged files kept the build's clock time, which linuxkit writes
+    into the EIF, so PCR0 changed on every build (review finding). Built here with podman as
+    docker is asked: the epoch as a build argument, no --timestamp."""
+    ref_tag = f"wgvsock-test-enclave:{image.tag}-unclamped"
+    cmd = build.build_command("docker", ref_tag, base=image.base, context=image.context)
+    assert "--timestamp" not in cmd and "SOURCE_DATE_EPOCH=0" in cmd
+    res = run("podman", *cmd[1:], "--isolation=chroot", "--layers=false", "--pull=never",
+              timeout=BUILD_TIMEOUT, check=False)
+    assert res.returncode == 0, f"podman build failed:\n{res.stdout[-4000:]}\n{res.stderr}"
+    ref = build.image_ref("podman", ref_tag)
+    image.refs.append(ref)
+    mnt = Path(podman("image", "mount", ref).stdout.strip())
+    try:
+        site = mnt / "usr/local/lib/python3.11/dist-packages"
+        staged = [site / "wgvsock", mnt / "usr/local/bin/wgvsock", mnt / "etc/wgvsock"]
+        times = {p.lstat().st_mtime for top in staged
+                 for p in [top, *(top.rglob("*") if top.is_dir() else [])]}
+        assert times == {0}, f"file times {sorted(times)[:5]}"
+    finally:
+        podman("image", "unmount", ref, check=False)
+
+
 def _enclave_script() -> str:
     """Runs in the enclave's network namespace and a private mount namespace: builds the root
     as Nitro's init finds it, then execs the command in a chroot with only the given env."""
