@@ -1269,8 +1269,14 @@ def test_tcp_connections_have_keepalives_as_the_seed_s(binds: list[Bind]) -> Non
     assert isinstance(a, StreamBind) and isinstance(b, StreamBind)
     a.send(msg(1), a.parse_endpoint(f"127.0.0.1:{b_port}"))
     assert b_in.get()[0] == msg(1)
-    socks = [s for bind in (a, b) for s in bind._marked_sockets()[1:]]  # not the listeners
-    assert len(socks) == 2
+
+    def connections() -> list[socket.socket]:  # not the listeners
+        return [s for bind in (a, b) for s in bind._marked_sockets()[1:]]
+
+    # The dialler publishes its connection once the queue is flushed: b may have the
+    # message first.
+    wait_until(lambda: len(connections()) == 2)
+    socks = connections()
     for s in socks:
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
