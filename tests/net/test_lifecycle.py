@@ -132,17 +132,6 @@ sys.exit(daemon.run_foreground(sys.argv[1], "unix", False))
 """
 
 
-def test_sigterm_while_the_main_thread_holds_a_lock_stops_it(lab: Lab) -> None:
-    """Before: the SIGTERM handler stopped the device itself, which waits for the lock the
-    main thread held when the signal came: the daemon hung until SIGKILL."""
-    ns = lab.netns("l")
-    ifname = lab.ifname("l")
-    res = ns.run(sys.executable, "-c", _SIGTERM_UNDER_LOCK, ifname, env=lab.env(),
-                 check=False, timeout=30)
-    assert res.returncode == 0, res.stderr
-    assert "shutting down: received SIGTERM" in res.stderr
-
-
 # The daemon in the foreground, with SIGTERM arriving while the interface is being made.
 _SIGTERM_WHILE_STARTING = r"""
 import logging, os, signal, sys
@@ -158,14 +147,17 @@ sys.exit(daemon.run_foreground(sys.argv[1], "unix", False))
 """
 
 
-def test_sigterm_while_starting_stops_it_cleanly(lab: Lab) -> None:
-    """Before: the handlers came after the start, so a SIGTERM sent as soon as the UAPI socket
-    appeared killed the daemon (exit -15) with its interface and socket left to the kernel
-    (CI caught test_foreground_stays_and_stops_on_sigterm doing so)."""
+@pytest.mark.parametrize("script", [_SIGTERM_UNDER_LOCK, _SIGTERM_WHILE_STARTING],
+                         ids=["under-lock", "while-starting"])
+def test_sigterm_at_an_awkward_moment_stops_it_cleanly(lab: Lab, script: str) -> None:
+    """Before: under-lock, the SIGTERM handler stopped the device itself, which waits for the
+    lock the main thread held when the signal came, and the daemon hung until SIGKILL;
+    while-starting, the handlers came after the start, so a SIGTERM sent as soon as the UAPI
+    socket appeared killed it (exit -15; CI caught test_foreground_stays_and_stops_on_sigterm
+    doing so)."""
     ns = lab.netns("s")
     ifname = lab.ifname("s")
-    res = ns.run(sys.executable, "-c", _SIGTERM_WHILE_STARTING, ifname, env=lab.env(),
-                 check=False, timeout=30)
+    res = ns.run(sys.executable, "-c", script, ifname, env=lab.env(), check=False, timeout=30)
     assert res.returncode == 0, res.stderr
     assert "shutting down: received SIGTERM" in res.stderr
     assert not os.path.exists(sock_path(ifname))
