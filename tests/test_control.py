@@ -14,6 +14,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -556,7 +557,7 @@ def test_the_parent_admits_only_the_enclaves_cid():
     launched = Parent(parse_profile("name: a\nparent:\n  enclave: {eif: /x.eif}\n"))
     check = launched._enclave_filter()
     assert check is not None and not check((16, 1))  # not started yet: nobody
-    launched._enclave_cid = 16  # what EnclaveSupervisor's started() callback records
+    launched.supervisor = SimpleNamespace(info=SimpleNamespace(cid=16))  # as nitro-cli said
     assert check((16, 1)) and not check((17, 1))
     assert Parent(parse_profile("name: a\n"))._enclave_filter() is None  # unknown: anyone
     unix = "name: a\ntransport: {kind: unix}\nparent:\n  enclave_cid: 16\n"

@@ -266,7 +266,6 @@ class Parent:
         self.exporter = None  # metrics.prometheus.Exporter with parent.metrics.listen
         self.cloudwatch = None  # metrics.cloudwatch.CloudWatchSender with .cloudwatch
         # Of the enclave the supervisor started, while it runs (None once it has exited).
-        self._enclave_cid: int | None = None
         # Rules in our nftables table right after we loaded it (None: not counted yet).
         self._rules: int | None = 0
         # The DNS forwarder when the profile allows egress by name; its .stats holds the
@@ -484,8 +483,13 @@ class Parent:
         else:
             return None
         # Launched by us without a fixed CID: only the CID nitro-cli reported for the enclave
-        # running now; none before it starts or after it exits.
-        return lambda addr: addr[0] == (fixed if fixed is not None else self._enclave_cid)
+        # running now (the supervisor's); none before it starts or after it exits, when
+        # nitro-cli may give that CID to another enclave.
+        return lambda addr: addr[0] == (fixed if fixed is not None else self._running_cid())
+
+    def _running_cid(self) -> int | None:
+        info = self.supervisor.info if self.supervisor is not None else None
+        return info.cid if info is not None else None
 
     def check_firewall(self) -> None:
         """Puts our nftables table back when someone deleted or emptied it (`nft flush
@@ -718,20 +722,13 @@ class Parent:
         from ..services.nitro import EnclaveSupervisor, NitroCli, enclave_name
 
         def started(info) -> None:
-            self._enclave_cid = info.cid
             if self._state is not None and not self.stopped.is_set():
                 self._state.enclave = {"id": info.enclave_id, "cid": info.cid,
                                        "name": info.name}
                 self._state.save()
 
-        def exited(info, why: str) -> None:
-            # Its CID is free now: during the restart's backoff nitro-cli may give it to another
-            # enclave, which the control port must not take for ours (_enclave_filter).
-            self._enclave_cid = None
-
         self.supervisor = EnclaveSupervisor(NitroCli(), self.profile.parent.enclave,
-                                            enclave_name(self.profile.name), started, log,
-                                            on_exited=exited)
+                                            enclave_name(self.profile.name), started, log)
         self.supervisor.start()
 
     def status_line(self, now: float) -> str:

@@ -399,15 +399,11 @@ class EnclaveSupervisor:
         stable_after: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         stop_timeout: float = RUN_TIMEOUT + 10,
-        on_exited: Callable[[EnclaveInfo, str], None] | None = None,
     ) -> None:
         self.nitro = nitro
         self.launch = launch
         self.name = name
         self.on_started = on_started
-        # Called with the enclave and why once it is gone (exited, or terminated by stop()):
-        # its CID is free from then on, and nitro-cli may give it to another enclave.
-        self.on_exited = on_exited
         self.log = log if log is not None else logging.getLogger("wgvsock.nitro")
         self.poll_interval = poll_interval
         self.backoff_min = backoff_min
@@ -502,7 +498,6 @@ class EnclaveSupervisor:
                 ran = self.clock() - started_at
                 with self._started:
                     self.info = None
-                self._gone(info, reason)
                 if ran >= self.stable_after:
                     delay = self.backoff_min
                 self.last_reason = reason
@@ -595,14 +590,6 @@ class EnclaveSupervisor:
         except NitroError as e:
             self.log.warning("enclave %s: terminate-enclave %s: %s", self.name,
                              info.enclave_id, e)
-        self._gone(info, "terminated")
-
-    def _gone(self, info: EnclaveInfo, why: str) -> None:
-        if self.on_exited is not None:
-            try:
-                self.on_exited(info, why)
-            except Exception:
-                self.log.exception("enclave %s: on_exited failed", self.name)
 
 
 def _secs(s: float) -> str:
