@@ -72,3 +72,17 @@ def test_a_traceback_comes_with_the_lines_let_through(
             except ValueError:
                 say(logging.ERROR, "failed", exc_info=True)
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+
+
+def test_lines_the_logger_would_not_show_leave_the_budget_alone(
+        clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """A client could trigger debug lines at will (the metrics port): before, they used up
+    the budget and the real warning after them was dropped."""
+    logger = logging.getLogger("wgvsock.test.ratelimit.level")
+    logger.setLevel(logging.WARNING)
+    say = RateLimitedLog(10.0, logger=logger, burst=1)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for _ in range(5):
+            say(logging.DEBUG, "noise")
+        say(logging.WARNING, "the real one")
+    assert _lines(caplog) == ["the real one"]

@@ -220,6 +220,9 @@ class RateLimitedLog:
         self._lock = threading.Lock()
 
     def __call__(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        # A line the logger would not show must not use up the budget of one it would.
+        if not self._log.isEnabledFor(level):
+            return
         with self._lock:
             now = time.monotonic()
             self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
