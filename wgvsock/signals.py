@@ -25,7 +25,8 @@ class Wakeup:
         self._closed = False
         self._poller = select.poll()
         self._poller.register(self._r, select.POLLIN)
-        self._old = signal.set_wakeup_fd(self._w)
+        # A full pipe is a wake-up already pending (wake() takes it so): no warning for it.
+        self._old = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
 
     def wake(self) -> None:
         """From any thread but a signal handler: the main thread's `wait` returns."""
