@@ -43,14 +43,10 @@ from .tun import (
     Tun,
     complete_checksum,
     split_tso,
-    tcp_offset,
 )
 from .uapi import DEFAULT_RUN_DIR, DeviceConfig, DeviceStatus, PeerStatus, UAPIError, UAPIServer
 
 log = logging.getLogger("wgvsock.device")
-
-# An IPv4 header with options (60) and the start of TCP's (its flags): what tcp_offset reads.
-_HEADERS_MAX = 80
 
 DEFAULT_MTU: Final = 1420
 # The timer thread sleeps until the engine's next deadline, but never longer than this: the
@@ -607,11 +603,11 @@ class Device:
             flags = max_packet = 0  # staged or dropped: the conservative form
         else:
             flags, max_packet = self.bind.peer_caps(ep)
-        # What the receiving side can finish (Tun.write) is a plain TCP packet: TCP right
-        # after the IP header, with no IPv6 extension header between them.
-        # (A big read is a view: its headers go as bytes, the type tcp_offset is compiled for.)
-        head = packet if isinstance(packet, bytes) else bytes(packet[:_HEADERS_MAX])
-        plain = offset == 16 and start == tcp_offset(head)
+        # What the receiving side can finish (Tun.write) is a plain TCP packet: TCP (the
+        # kernel's checksum at offset 16) right after the IP header, no IPv6 extension header
+        # between them.
+        v = packet[0]
+        plain = offset == 16 and start == ((v & 0x0F) * 4 if v >> 4 == 4 else 40)
         if mss and not (flags & CAP_SUPER and len(packet) <= max_packet and plain):
             return split_tso(packet, start, mss)
         if flags & CAP_PARTIAL_CSUM and plain:

@@ -527,13 +527,18 @@ class Tun:
     def write_batch(self, packets: Sequence[bytes | bytearray], partial_csum: bool = True) -> None:
         """Writes packets in order; with offload, runs of one TCP flow go as one GSO write.
         `partial_csum` as for write()."""
-        if not self.vnet or len(packets) < 2:
-            for packet in packets:
-                self.write(packet, partial_csum)
-            return
         # One packet the kernel refuses must not cost the rest of the batch: the first error
         # is raised once all were tried.
         failed: OSError | None = None
+        if not self.vnet or len(packets) < 2:
+            for packet in packets:
+                try:
+                    self.write(packet, partial_csum)
+                except OSError as e:
+                    failed = failed or e
+            if failed is not None:
+                raise failed
+            return
         for head, payloads, mss in coalesce_tcp(packets):
             try:
                 if not payloads:
@@ -544,7 +549,8 @@ class Tun:
                 mss = min(mss, self.mtu_hint - len(head))
                 iov = _offload_header(head, self.mtu_hint, mss,
                                       len(head) + sum(map(len, payloads)))
-                assert iov is not None  # coalesce_tcp merges only TCP segments, mss > 0
+                if iov is None:  # an MTU below the headers: nothing fits it, so it is dropped
+                    continue
                 iov += payloads
                 _writev(self._fd, iov)
             except OSError as e:
