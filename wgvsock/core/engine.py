@@ -174,13 +174,7 @@ class Engine:
 
     def _forget_sessions(self, peer: Peer) -> None:
         self._unindex(peer.keypairs.clear())
-        if peer.handshake.local_index:
-            self._index.pop(peer.handshake.local_index, None)
-        peer.handshake.clear()
-        # With no session left, the next packet must be able to start one at once: a handshake
-        # sent just before (a new private key) would otherwise hold it back for RekeyTimeout
-        # with no timer armed to try again (wireguard-go's ExpireCurrentKeypairs likewise).
-        peer.handshake.last_sent = None
+        self._drop_handshake(peer)
 
     def _expire_sessions(self, peer: Peer) -> None:
         """A new private key: the sessions made with the old one send no more, and the next
@@ -189,6 +183,11 @@ class Engine:
         for kp in (peer.keypairs.current, peer.keypairs.next):
             if kp is not None:
                 kp.send_nonce = REJECT_AFTER_MESSAGES
+        # A handshake sent just before would otherwise hold the next one back for
+        # RekeyTimeout, with no timer armed to try again.
+        self._drop_handshake(peer)
+
+    def _drop_handshake(self, peer: Peer) -> None:
         if peer.handshake.local_index:
             self._index.pop(peer.handshake.local_index, None)
         peer.handshake.clear()
