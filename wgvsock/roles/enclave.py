@@ -337,9 +337,6 @@ class Enclave:
 def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -> int:
     enclave = Enclave(profile)
     child: subprocess.Popen | None = None
-    # Signals that came before `child` was set (while CMD was being started): passed on
-    # once it is.
-    pending: list[int] = []
     wakeup = Wakeup()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -347,8 +344,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         if child is not None:
             _signal_child(child, signum)
         elif signum in _STOPPING_SIGNALS:
-            enclave.signalled.append(signum)
-            pending.append(signum)
+            enclave.signalled.append(signum)  # passed on to CMD once it runs
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, on_signal)
@@ -395,7 +391,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
             raise EnclaveError(f"cannot run {command[0]}: {e.strerror}") from e
         # Passed on, and no more: once CMD runs, its own handling of a signal decides (an app
         # that reloads on SIGHUP goes on, and so does the tunnel).
-        for signum in pending:
+        for signum in enclave.signalled:
             _signal_child(child, signum)
         code = _wait_child(child)
         if failures:

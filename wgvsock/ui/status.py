@@ -89,7 +89,6 @@ EMPTY_HINT = (
 _IPV4_ENDPOINT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,10})")
 _VSOCK_ENDPOINT = re.compile(r"vsock://(\d{1,10}):(\d{1,10})")
 _COUNT = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit takes "²" as well
-_HEX_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,11 +330,6 @@ def _bool_or_none(value: str | None) -> bool | None:
     return {"true": True, "false": False}.get(value or "")
 
 
-def _key_or_none(value: str | None) -> bytes | None:
-    """A key as the UAPI writes it (64 hex digits)."""
-    return bytes.fromhex(value) if value is not None and _HEX_KEY.fullmatch(value) else None
-
-
 def _counters(extra: dict[str, str], prefix: str, names: tuple[str, ...]) -> dict[str, int] | None:
     """The named counters under PREFIX, or None unless every one is there and a number."""
     values = {n: _int_or_none(extra.get(prefix + n)) for n in names}
@@ -404,13 +398,13 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
     )
     # The parent's verdict is about the key that registered, which it names: any other peer
     # (one added by hand with `wg set`) is a plain peer, neither the enclave nor attested.
-    enclave_key = _key_or_none(extra.get("wgvsock_enclave_key")) if role == "parent" else None
+    enclave_hex = extra.get("wgvsock_enclave_key") if role == "parent" else None
     for p in dev.get("peers", []):
         pextra: dict[str, str] = p.get("extra", {})
         sec, nsec = p.get("last_handshake_time_sec", 0), p.get("last_handshake_time_nsec", 0)
         age = now - (sec + nsec / 1e9) if sec else None
         endpoint = _shown(readable_endpoint(p.get("endpoint"), pextra, network))
-        is_enclave = enclave_key is not None and p["public_key"] == enclave_key
+        is_enclave = enclave_hex is not None and p["public_key"].hex() == enclave_hex
         # An enclave's interface has one peer, its parent.
         other = "enclave" if is_enclave else "parent" if role == "enclave" else None
         label = _shown(pextra.get("wgvsock_role")) or other
