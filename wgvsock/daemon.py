@@ -165,7 +165,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     from .device.uapi import DEFAULT_RUN_DIR
     from .sdnotify import Notifier, Watchdog
     from .signals import Wakeup
-    from .threads import NamedThread, enable_stack_dumps, on_thread_death
+    from .threads import enable_stack_dumps, on_thread_death
 
     # Under a Type=notify unit (with -f): READY=1 once the interface and its UAPI socket
     # exist, the watchdog while the timer thread ticks, every thread's stack on SIGABRT.
@@ -197,12 +197,8 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         wakeup.close()
         return 1
 
-    def on_stop() -> None:  # the device stopped by itself: its interface went, a thread died
-        device.wait()
-        wakeup.wake()
-
     on_thread_death(device.fail)
-    NamedThread(target=on_stop, name="stop-watch", daemon=True).start()
+    device.on_stop(wakeup.wake)  # by itself too: its interface went, a thread died
     watchdog = Watchdog(notifier, device.stalled)
     try:
         report_ready(ready_fd)

@@ -238,6 +238,7 @@ class Device:
         self._offload_lock = threading.Lock()
         self._stopped = threading.Event()
         self.stop_reason = ""
+        self._on_stop: Callable[[], None] | None = None
         self.failed = False  # stopped by a fault, not asked to: the daemon exits non-zero
         self.port = 0
         self.fwmark = 0
@@ -359,6 +360,15 @@ class Device:
             self.stop_reason = reason
             log.info("%s: shutting down: %s", self.ifname, reason)
             self._stopped.set()
+            if self._on_stop is not None:
+                self._on_stop()
+
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """HOOK runs (on the thread that stops it) when the device stops by itself or is
+        asked to with stop(); not on close(). At once if it has stopped already."""
+        self._on_stop = hook
+        if self._stopped.is_set() and self.stop_reason:
+            hook()
 
     def fail(self, reason: str) -> None:
         """Stops the device because part of it broke (see wgvsock.threads)."""

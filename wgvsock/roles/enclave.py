@@ -349,7 +349,6 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, on_signal)
     failures: list[str] = []
-    closing = threading.Event()
 
     def on_death(reason: str) -> None:
         # A dead thread would leave the tunnel half working: stop, so the command ends and
@@ -360,19 +359,13 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         if child is not None:
             _signal_child(child, signal.SIGTERM)
 
-    def watch(device: Device) -> None:
-        # The device stops by itself when its interface or UAPI socket is removed or its TUN
-        # fails; CMD must not go on without a network.
-        device.wait()
-        if not closing.is_set():
-            on_death(f"the tunnel device stopped: {device.stop_reason or 'closed'}")
-
     on_thread_death(on_death)
     try:
         enclave.start()
-        if enclave.device is not None:
-            NamedThread(target=watch, args=(enclave.device,), name="device-watch",
-                        daemon=True).start()
+        if (device := enclave.device) is not None:
+            # It stops by itself when its interface or UAPI socket is removed or its TUN
+            # fails: CMD must not go on without a network. (Not on our own close.)
+            device.on_stop(lambda: on_death(f"the tunnel device stopped: {device.stop_reason}"))
         enclave.wait_connected(timeout)
         if enclave.stopping():
             return _stopped(failures, enclave.signalled)
@@ -402,6 +395,5 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        closing.set()
         enclave.close()
         wakeup.close()
