@@ -40,6 +40,9 @@ def test_a_peer_removed_later_in_the_same_set_gets_no_keepalive() -> None:
             f"public_key={them.hex()}\nremove=true\n"))
         assert not dev.engine.peers
         assert not dev.engine._index
+        for t in threading.enumerate():  # a keepalive goes out on a thread of its own
+            if t.name == "wgdset0-uapi-send":
+                t.join(5)
         assert not [a for a in sent if a[0] == SEND]
         # Without the removal the keepalive goes out (the test can fail).
         dev.uapi_set(parse_set(

@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from wgvsock.services.metrics import prometheus
 from wgvsock.services.metrics.prometheus import Exporter
+from wgvsock.ui.nslab import wait_for
 
 
 class _One:
@@ -176,11 +177,8 @@ def test_a_client_that_stops_reading_leaves_nothing_on_stderr(
         with s:
             s.connect(("127.0.0.1", exporter.port))
             s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            deadline = time.monotonic() + 10
-            time.sleep(0.2)
-            while _serving() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not _serving()
+            wait_for(_serving, 10, "the request to be taken")
+            wait_for(lambda: not _serving(), 10, "the stalled response to be given up")
     finally:
         exporter.close()
     assert capfd.readouterr().err == ""
