@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from wgvsock.conn.unixsock import answered
+import pytest
+
+from wgvsock.conn.unixsock import answered, remove_stale
 
 
 def _bound(path: Path, kind: int) -> socket.socket:
@@ -53,3 +55,21 @@ def test_a_listener_with_a_full_backlog_answers_at_once(tmp_path: Path) -> None:
         for c in held:
             c.close()
         listener.close()
+
+
+def test_remove_stale_takes_leftovers_only(tmp_path: Path) -> None:
+    left = tmp_path / "left.sock"
+    _bound(left, socket.SOCK_STREAM).close()
+    assert remove_stale(str(left)) and not left.exists()
+    assert remove_stale(str(tmp_path / "never.sock"))
+    live = _bound(tmp_path / "live.sock", socket.SOCK_STREAM)
+    live.listen()
+    try:
+        assert not remove_stale(str(tmp_path / "live.sock"))
+        assert (tmp_path / "live.sock").exists()
+    finally:
+        live.close()
+    (tmp_path / "file").write_text("not a socket")
+    with pytest.raises(FileExistsError):
+        remove_stale(str(tmp_path / "file"))
+    assert (tmp_path / "file").exists()

@@ -34,7 +34,7 @@ from .endpoint import (
     parse_endpoint,
     unix_port_path,
 )
-from .unixsock import answered
+from .unixsock import remove_stale
 
 __all__ = [
     "Bind",
@@ -507,12 +507,8 @@ class SocketBind(Bind):
             if exc.errno != errno.EADDRINUSE:
                 raise
         # Left over by a process that died? Only a socket nobody answers on may be replaced.
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        if answered(path):
+        if not remove_stale(path):
             raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         sock.bind(path)
 
     def _forget_unix_path(self) -> None:

@@ -5,8 +5,11 @@ connect tells a leftover (refused: nobody listens) from a live one, whoever made
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import socket
+import stat
 
 
 def answered(path: str) -> bool:
@@ -29,3 +32,20 @@ def answered(path: str) -> bool:
                 raise
             return True
     return False
+
+
+def remove_stale(path: str) -> bool:
+    """Removes the socket file at PATH when nobody answers on it: True when it is gone (or
+    was never there), False when a process answers on it, which keeps it. FileExistsError
+    when PATH is not a socket: that is never removed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket; not removing it", path)
+    if answered(path):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True

@@ -26,13 +26,12 @@ import logging
 import os
 import re
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..conn.unixsock import answered
+from ..conn.unixsock import remove_stale
 from ..threads import NamedThread
 
 __all__ = [
@@ -668,20 +667,13 @@ class UAPIServer:
 
     def _remove_stale(self) -> None:
         """Remove a socket file left by a dead daemon; refuse if someone still answers."""
-        st = os.lstat(self.path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(
-                _errno.EEXIST, "exists and is not a socket; not removing it", self.path
-            )
-        if answered(self.path):
+        if not remove_stale(self.path):
             raise SocketInUseError(
                 _errno.EADDRINUSE,
                 f"another daemon already serves interface {self.ifname!r}",
                 self.path,
             )
-        log.info("removing stale UAPI socket %s", self.path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        log.info("removed stale UAPI socket %s", self.path)
 
     # -- serving --------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..conn import make_bind
-from ..conn.unixsock import answered
+from ..conn.unixsock import remove_stale
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import netconf
 from ..device.device import Device
@@ -1008,10 +1008,8 @@ def down(profile) -> tuple[list[str], list[str]]:
     for path in sockets:
         # Only a leftover: a socket somebody answers on is theirs (a wireguard-go serving an
         # interface of the same name, a parent started since), whoever bound it first.
-        if os.path.lexists(path) and not _answered(path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                done.append(f"removed {path}")
+        if os.path.lexists(path) and _remove_stale(path):
+            done.append(f"removed {path}")
     if keep_state:
         failed.append(f"kept the state file {State.path_for(profile.name)}: run "
                       "`wgvsock parent down` again once the cause above is fixed")
@@ -1038,8 +1036,8 @@ def _wait_gone(state: State, seconds: float) -> bool:
     return True
 
 
-def _answered(path: str) -> bool:
+def _remove_stale(path: str) -> bool:
     try:
-        return answered(path)
-    except OSError:  # cannot tell: leave it
-        return True
+        return remove_stale(path)
+    except OSError:  # not a socket, or cannot tell: leave it
+        return False
