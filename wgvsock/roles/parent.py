@@ -840,6 +840,8 @@ def run_up(profile, ready_fd: int | None) -> int:
             notifier.status(msg)
             return 1
         on_thread_death(on_death)
+        if parent.device is not None:  # its stopping by itself is read in the loop below
+            parent.device.on_stop(wakeup.wake)
         try:
             if asked["stop"]:  # SIGTERM while starting (`parent down`): never claim to be up
                 report_ready(ready_fd, f"parent up {profile.name}: stopped by a signal while "
