@@ -729,6 +729,62 @@ def test_socket_not_removed_by_close(run_dir: str) -> None:
     assert not srv.socket_removed()
 
 
+def _run_dir_made(run_dir: str, mode: int, uid: int | None = None) -> None:
+    os.mkdir(run_dir)
+    os.chmod(run_dir, mode)  # mkdir's mode is cut by the umask
+    if uid is not None:
+        os.chown(run_dir, uid, uid)
+
+
+def test_a_run_dir_as_wireguard_go_makes_it_is_used(run_dir: str) -> None:
+    """wireguard-go makes /var/run/wireguard 0755, root's, and wg(8) looks there: we share
+    it, each socket 0600, and leave its mode as it is."""
+    _run_dir_made(run_dir, 0o755)
+    with UAPIServer("wgxb", Store(), run_dir=run_dir) as srv:
+        assert stat.S_IMODE(os.stat(srv.path).st_mode) == 0o600
+        assert uapi_get(srv.path)["listen_port"] == 0
+    assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o755
+
+
+_OWN = "give it a directory of its own (one that does not exist yet is made, mode 0700)"
+
+
+@pytest.mark.parametrize(
+    ("mode", "uid", "said"),
+    [
+        (0o777, None, "it has mode 0777, writable by other users; `chmod go-w {d}`, or " + _OWN),
+        (0o775, None, "it has mode 0775, writable by other users; `chmod go-w {d}`, or " + _OWN),
+        # Sticky, as /tmp: never advise a chmod of a shared directory.
+        (0o1777, None, "it has mode 1777, writable by other users; " + _OWN),
+        pytest.param(0o755, 65534, "it is owned by uid 65534, not 0; `chown 0 {d}`, or " + _OWN,
+                     marks=pytest.mark.root),
+    ],
+    ids=["open", "group-writable", "sticky", "another-users"],
+)
+def test_a_run_dir_others_could_change_is_refused(
+    run_dir: str, mode: int, uid: int | None, said: str
+) -> None:
+    """Before, an existing run directory was used as it was: another user who may write it
+    (or owns it) could unlink our socket and bind their own in its place, for wg(8) to hand
+    keys to."""
+    _run_dir_made(run_dir, mode, uid)
+    with pytest.raises(PermissionError) as info:
+        UAPIServer("wgxc", Store(), run_dir=run_dir)
+    assert str(info.value) == f"refusing to keep sockets in {run_dir}: " + said.format(d=run_dir)
+    assert os.listdir(run_dir) == []
+
+
+def test_a_run_dir_that_is_a_link_is_refused(run_dir: str) -> None:
+    real = run_dir + "-real"
+    _run_dir_made(real, 0o755)
+    os.symlink(real, run_dir)
+    with pytest.raises(PermissionError) as info:
+        UAPIServer("wgxd", Store(), run_dir=run_dir)
+    assert str(info.value) == (f"refusing to keep sockets in {run_dir}: it is a symbolic link; "
+                               f"name the real directory instead, or {_OWN}")
+    assert os.listdir(real) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # The stock wg(8) tool. It only looks in /var/run/wireguard, so these use the real run dir
 # with an interface name unique to this process.

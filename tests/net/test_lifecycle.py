@@ -164,8 +164,9 @@ def test_sigterm_at_an_awkward_moment_stops_it_cleanly(lab: Lab, script: str) ->
     assert not link_exists(ns, ifname)
 
 
-def _start_fails(lab: Lab, ns: Namespace, ifname: str, *args: str) -> str:
-    res = ns.run(DAEMON, *args, "-n", "unix", ifname, env=lab.env(), check=False, timeout=20)
+def _start_fails(lab: Lab, ns: Namespace, ifname: str, *args: str, **env: str) -> str:
+    res = ns.run(DAEMON, *args, "-n", "unix", ifname, env=lab.env(**env), check=False,
+                 timeout=20)
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, res.stderr
@@ -187,6 +188,29 @@ def test_start_failures_report_a_reason(lab: Lab) -> None:
     assert "another type" in line
     assert link_exists(ns, other)  # still there, untouched
     assert not os.path.exists(sock_path(other))
+    wait_for(lambda: all(process_gone(p) for p in ns.pids()), 5, "failed daemons to exit")
+    assert _unix_files(lab) == []
+
+
+@pytest.mark.parametrize("where", ["run-dir"])
+def test_start_refused_in_a_run_dir_others_could_change(lab: Lab, where: str) -> None:
+    """Before, an existing run directory was used whatever its owner and mode: another user
+    could swap our UAPI socket for their own, for wg(8) to send keys to. Now the daemon says
+    which directory and the fix, and leaves nothing behind."""
+    ns = lab.netns("r")
+    ifname = lab.ifname("r")
+    open_dir = lab.tmp / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    run_dir = open_dir if where == "run-dir" else open_dir / "run"
+    line = _start_fails(lab, ns, ifname, WGVSOCK_RUN_DIR=str(run_dir))
+    if where == "run-dir":
+        assert line.endswith(f"refusing to keep sockets in {run_dir}: it has mode 0777, "
+                             f"writable by other users; `chmod go-w {run_dir}`, or give it a "
+                             "directory of its own (one that does not exist yet is made, "
+                             "mode 0700)"), line
+    assert os.listdir(open_dir) == []
+    assert not link_exists(ns, ifname)
     wait_for(lambda: all(process_gone(p) for p in ns.pids()), 5, "failed daemons to exit")
     assert _unix_files(lab) == []
 

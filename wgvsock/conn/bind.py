@@ -9,14 +9,12 @@ Nothing here logs or allocates per packet beyond the message itself.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import logging
 import os
 import random
 import socket
-import stat
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -34,7 +32,7 @@ from .endpoint import (
     parse_endpoint,
     unix_port_path,
 )
-from .unixsock import remove_stale
+from .unixsock import remove_stale, socket_dir
 
 __all__ = [
     "Bind",
@@ -242,27 +240,7 @@ def private_dir(path: str) -> None:
     """Makes PATH (mode 0700) for sockets only their owner may reach, or refuses an existing
     one that others could change: there another user could unlink a socket and bind their own
     in its place. PermissionError, saying what is wrong with it and what to do, otherwise."""
-    with contextlib.suppress(FileExistsError):  # not a directory: said below
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    me = os.geteuid()
-    own = "give it a directory of its own (one that does not exist yet is made, mode 0700)"
-    # A shared directory (sticky, as /tmp) must stay as it is: only `own` fixes that.
-    shared = bool(st.st_mode & stat.S_ISVTX)
-    if stat.S_ISLNK(st.st_mode):
-        # Whoever can change the link can move the sockets.
-        why, fix = "is a symbolic link", f"name the real directory instead, or {own}"
-    elif not stat.S_ISDIR(st.st_mode):
-        why, fix = "is not a directory", own
-    elif st.st_uid != me:
-        why = f"is owned by uid {st.st_uid}, not {me}"
-        fix = own if shared else f"`chown {me} {path}`, or {own}"
-    elif st.st_mode & 0o077:
-        why = f"has mode {stat.S_IMODE(st.st_mode):04o}, open to other users"
-        fix = own if shared else f"`chmod 700 {path}`, or {own}"
-    else:
-        return
-    raise PermissionError(f"refusing to keep sockets in {path}: it {why}; {fix}")
+    socket_dir(path)
 
 
 def unavailable(exc: OSError, what: str) -> OSError:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..conn.unixsock import remove_stale
+from ..conn.unixsock import remove_stale, socket_dir
 from ..threads import NamedThread
 
 __all__ = [
@@ -649,7 +649,8 @@ class UAPIServer:
         # permissions than 0600 (chmod after bind would leave a window).
         old_umask = os.umask(0o077)
         try:
-            os.makedirs(run_dir, mode=0o700, exist_ok=True)
+            # Shared with wireguard-go and wg(8): 0755 as wireguard-go makes it passes.
+            socket_dir(run_dir, listable=True)
             os.umask(0o177)
             try:
                 sock.bind(self.path)
