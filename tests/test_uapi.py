@@ -785,6 +785,17 @@ def test_a_run_dir_that_is_a_link_is_refused(run_dir: str) -> None:
     assert os.listdir(real) == []
 
 
+def test_a_run_dir_under_a_dir_others_may_write_is_refused_and_not_made(run_dir: str) -> None:
+    above = os.path.dirname(run_dir)
+    os.chmod(above, 0o777)  # noqa: S103 - the case under test
+    with pytest.raises(PermissionError) as info:
+        UAPIServer("wgxe", Store(), run_dir=run_dir)
+    assert str(info.value).startswith(
+        f"refusing to keep sockets in {run_dir}: {above} above it has mode 0777: other users "
+        f"could swap what is in it for their own; `chmod go-w {above}`, or keep them under ")
+    assert not os.path.lexists(run_dir)
+
+
 # ---------------------------------------------------------------------------------------------
 # The stock wg(8) tool. It only looks in /var/run/wireguard, so these use the real run dir
 # with an interface name unique to this process.

@@ -14,6 +14,7 @@ import queue
 import random
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 import threading
@@ -1401,6 +1402,97 @@ def test_a_private_socket_dir_is_used_and_a_missing_one_made(
     new = os.path.join(unix_dir, "new", "deeper")
     opened(binds, DatagramBind("unix", unix_dir=new))
     assert os.lstat(new).st_mode & 0o7777 == 0o700
+
+
+# Who the advice says may own the directories above the sockets.
+_ONLY = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()}"
+
+
+def _refused(path: str) -> str:
+    with pytest.raises(PermissionError) as info:
+        private_dir(path)
+    return str(info.value)
+
+
+def test_a_socket_dir_under_a_dir_others_may_write_is_refused(unix_dir: str) -> None:
+    """Before, only the last directory was looked at: whoever may write a directory above it
+    can rename the socket directory away and put one of their own, with their socket, in its
+    place."""
+    above = _made(unix_dir, "open", 0o777)
+    d = os.path.join(above, "a", "sockets")
+    assert _refused(d) == (
+        f"refusing to keep sockets in {d}: {above} above it has mode 0777: other users could "
+        f"swap what is in it for their own; `chmod go-w {above}`, or keep them under "
+        f"directories only {_ONLY} may change")
+    assert os.listdir(above) == []  # nothing made below the directory refused
+    os.chmod(above, 0o775)  # noqa: S103 - group-writable alone is as bad
+    assert f"{above} above it has mode 0775" in _refused(d)
+
+
+@pytest.mark.root
+def test_a_socket_dir_under_another_users_dir_is_refused(unix_dir: str) -> None:
+    above = _made(unix_dir, "theirs", 0o755)
+    d = _made(above, "sockets", 0o700)
+    os.chown(above, 65534, 65534)
+    assert _refused(d) == (
+        f"refusing to keep sockets in {d}: {above} above it is owned by uid 65534, who could "
+        f"swap what is in it for their own; `chown {os.geteuid()} {above}`, or keep them under "
+        "directories only root may change")
+    # Sticky does not help: its owner may still move anything in it.
+    os.chmod(above, 0o1777)  # noqa: S103 - the case under test
+    assert f"{above} above it is owned by uid 65534" in _refused(d)
+
+
+def test_a_sticky_dir_above_is_fine_and_missing_dirs_are_made_closed(unix_dir: str) -> None:
+    """/tmp is 1777 and root's: others may add to it but not move what is ours. And the
+    directories made on the way are 0700 whatever the umask, so they pass the check too."""
+    shared = _made(unix_dir, "tmp", 0o1777)
+    d = os.path.join(shared, "a", "b", "sockets")
+    old = os.umask(0o002)
+    try:
+        private_dir(d)
+    finally:
+        os.umask(old)
+    for made in (os.path.join(shared, "a"), os.path.join(shared, "a", "b"), d):
+        assert stat.S_IMODE(os.lstat(made).st_mode) == 0o700, made
+    private_dir(d)  # and again, as at every bind
+
+
+@pytest.mark.root
+def test_links_on_the_way_are_followed_and_checked(unix_dir: str) -> None:
+    """A link above is fine when nobody else could change it or the directories it leads
+    through; every one of those is checked, not only the real path's."""
+    real = _made(unix_dir, "real", 0o755)
+    d = _made(real, "sockets", 0o700)
+    link = os.path.join(unix_dir, "link")
+    os.symlink("real", link)
+    private_dir(os.path.join(link, "sockets"))
+    # A link in a sticky directory whose owner is another user: they may replace it.
+    shared = _made(unix_dir, "tmp", 0o1777)
+    theirs = os.path.join(shared, "theirs")
+    os.symlink(real, theirs)
+    os.lchown(theirs, 65534, 65534)
+    assert _refused(os.path.join(theirs, "sockets")) == (
+        f"refusing to keep sockets in {theirs}/sockets: {theirs} above it is a symbolic link "
+        "owned by uid 65534, who could point it elsewhere; name the real directory instead, "
+        "or keep them under directories only root may change")
+    # A link to a link through an open directory: that directory is named, though the
+    # sockets' real path (real/sockets) does not pass through it.
+    hop_dir = _made(unix_dir, "hop", 0o777)
+    os.symlink(real, os.path.join(hop_dir, "to-real"))
+    via = os.path.join(unix_dir, "via")
+    os.symlink(os.path.join(hop_dir, "to-real"), via)
+    assert f": {hop_dir} above it has mode 0777" in _refused(os.path.join(via, "sockets"))
+    assert os.listdir(d) == []
+
+
+def test_a_file_above_or_a_link_loop_is_refused_in_one_line(unix_dir: str) -> None:
+    f = os.path.join(unix_dir, "file")
+    Path(f).write_text("")
+    assert f"{f} above it is not a directory" in _refused(os.path.join(f, "sockets"))
+    loop = os.path.join(unix_dir, "loop")
+    os.symlink("loop", loop)
+    assert "symbolic links on its way" in _refused(os.path.join(loop, "sockets"))
 
 
 def test_einval_from_a_segmented_send_is_this_paths_alone() -> None:

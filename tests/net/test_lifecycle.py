@@ -192,11 +192,11 @@ def test_start_failures_report_a_reason(lab: Lab) -> None:
     assert _unix_files(lab) == []
 
 
-@pytest.mark.parametrize("where", ["run-dir"])
+@pytest.mark.parametrize("where", ["run-dir", "above"])
 def test_start_refused_in_a_run_dir_others_could_change(lab: Lab, where: str) -> None:
-    """Before, an existing run directory was used whatever its owner and mode: another user
-    could swap our UAPI socket for their own, for wg(8) to send keys to. Now the daemon says
-    which directory and the fix, and leaves nothing behind."""
+    """Before, an existing run directory (and the ones above it) was used whatever its owner
+    and mode: another user could swap our UAPI socket for their own, for wg(8) to send keys
+    to. Now the daemon says which directory and the fix, and leaves nothing behind."""
     ns = lab.netns("r")
     ifname = lab.ifname("r")
     open_dir = lab.tmp / "open"
@@ -209,6 +209,10 @@ def test_start_refused_in_a_run_dir_others_could_change(lab: Lab, where: str) ->
                              f"writable by other users; `chmod go-w {run_dir}`, or give it a "
                              "directory of its own (one that does not exist yet is made, "
                              "mode 0700)"), line
+    else:
+        said = (f": refusing to keep sockets in {run_dir}: {open_dir} above it has mode 0777: "
+                f"other users could swap what is in it for their own; `chmod go-w {open_dir}`")
+        assert said in line, line
     assert os.listdir(open_dir) == []
     assert not link_exists(ns, ifname)
     wait_for(lambda: all(process_gone(p) for p in ns.pids()), 5, "failed daemons to exit")

@@ -238,8 +238,9 @@ class RateLimitedLog:
 
 def private_dir(path: str) -> None:
     """Makes PATH (mode 0700) for sockets only their owner may reach, or refuses an existing
-    one that others could change: there another user could unlink a socket and bind their own
-    in its place. PermissionError, saying what is wrong with it and what to do, otherwise."""
+    one that others could change, or one under a directory others could change: there another
+    user could unlink a socket and bind their own in its place. PermissionError, saying what is
+    wrong with it and what to do, otherwise."""
     socket_dir(path)
 
 
