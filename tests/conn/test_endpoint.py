@@ -11,6 +11,8 @@ from wgvsock.conn.endpoint import (
     default_unix_dir,
     display_endpoint,
     format_endpoint,
+    inet_host,
+    inet_sockaddr,
     parse_endpoint,
     unix_endpoint_from_path,
 )
@@ -244,3 +246,32 @@ def test_an_ipv6_zone_must_name_an_interface_and_is_printed_as_its_index() -> No
     assert format_endpoint(parse_endpoint(f"[fe80::1%{index}]:7", "udp")) == \
         f"[fe80::1%{index}]:7"
     assert format_endpoint(Endpoint("inet", "fe80::1%gone0", 51820)) is None
+
+
+def test_an_ipv6_zone_is_kept_as_its_index_however_it_was_written() -> None:
+    """A name and its number are one endpoint (a configured one must equal the one a reply
+    comes from), and the index survives to the socket address: Python sets the scope id to 0
+    unless the tuple gives it, whatever the text says, and the kernel then sends link-local
+    messages out of whichever interface its routes list first."""
+    index = socket.if_nametoindex("lo")
+    by_name = parse_endpoint("[fe80::1%lo]:51820", "udp")
+    assert by_name == parse_endpoint(f"[fe80::1%{index}]:51820", "udp")
+    assert by_name == Endpoint("inet", f"fe80::1%{index}", 51820)
+    assert inet_sockaddr(by_name, ipv6=True) == ("fe80::1", 51820, 0, index)
+    assert display_endpoint(by_name) == "[fe80::1%lo]:51820"
+    # A received message's source, as recvmsg gives it: the same endpoint.
+    assert inet_host("fe80::1", index) == f"fe80::1%{index}"
+    assert inet_host("::ffff:192.0.2.1") == "192.0.2.1"
+    # Addresses without a zone keep scope id 0; an IPv4-only socket cannot take IPv6 at all.
+    assert inet_sockaddr(parse_endpoint("[2001:db8::1]:7", "udp"), ipv6=True) == \
+        ("2001:db8::1", 7, 0, 0)
+    assert inet_sockaddr(parse_endpoint("192.0.2.1:7", "udp"), ipv6=True) == \
+        ("::ffff:192.0.2.1", 7)
+    with pytest.raises(ValueError, match="IPv4 only"):
+        inet_sockaddr(by_name, ipv6=False)
+
+
+@pytest.mark.parametrize("zone", ["0", "4294967296", "99999999"])
+def test_an_ipv6_zone_number_must_name_an_interface(zone: str) -> None:
+    with pytest.raises(ValueError, match=f"no interface '{zone}' on this host"):
+        parse_endpoint(f"[fe80::1%{zone}]:51820", "udp")

@@ -29,6 +29,8 @@ from .endpoint import (
     VMADDR_PORT_ANY,
     Endpoint,
     display_endpoint,
+    inet_host,
+    inet_sockaddr,
     unix_endpoint_from_path,
 )
 from .framing import MAX_PAYLOAD
@@ -179,13 +181,10 @@ class DatagramBind(SocketBind):
             return (int(ep.host), ep.port)
         if ep.kind == "unix":
             return ep.host or None  # an unbound sender cannot be answered
-        host = str(ep.host)
-        if self._family == socket.AF_INET6:
-            if ":" not in host:
-                host = "::ffff:" + host  # IPv4 peer through the dual-stack socket
-        elif ":" in host:
+        try:
+            return inet_sockaddr(ep, self._family == socket.AF_INET6)
+        except ValueError:
             return None
-        return (host, ep.port)
 
     def send(self, data: bytes, ep: Endpoint) -> None:
         sock = self._sock
@@ -273,10 +272,8 @@ class DatagramBind(SocketBind):
 
     def _endpoint_for(self, addr: Any) -> Endpoint:
         if self._kind == "inet":
-            host = addr[0]
-            if host.startswith("::ffff:") and "." in host:
-                host = host[7:]
-            return Endpoint("inet", host, addr[1])
+            return Endpoint("inet", inet_host(addr[0], addr[3] if len(addr) == 4 else 0),
+                            addr[1])
         if self._kind == "vsock":
             return Endpoint("vsock", addr[0], addr[1])
         return unix_endpoint_from_path(addr if isinstance(addr, str) else "", self.unix_dir,

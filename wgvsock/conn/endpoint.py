@@ -11,6 +11,7 @@ ephemeral port), so the endpoint names the connection itself; a bind never dials
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -27,6 +28,8 @@ __all__ = [
     "default_unix_dir",
     "display_endpoint",
     "format_endpoint",
+    "inet_host",
+    "inet_sockaddr",
     "parse_endpoint",
     "unix_endpoint_from_path",
     "unix_port_path",
@@ -56,7 +59,9 @@ _PORT_FILE_RE: Final = re.compile(r"([0-9]{1,5})\.(sock|dgram)")
 # tuple hashes in C, where a dataclass calls its generated __hash__ in Python.
 class Endpoint(NamedTuple):
     kind: str  # "vsock" | "inet" | "unix"
-    host: str | int  # vsock: CID; inet: IP literal; unix: socket path ("" when unnamed)
+    # vsock: CID; inet: IP literal, an IPv6 zone always as its interface index (fe80::1%2);
+    # unix: socket path ("" when unnamed)
+    host: str | int
     port: int  # unix: the port number when the path is <unix_dir>/<port>.sock|.dgram, else 0
     conn_id: int = 0
 
@@ -163,7 +168,10 @@ def _resolve(host: str, network: str, text: str) -> ipaddress.IPv4Address | ipad
         raise ValueError(f"invalid endpoint {text!r}: cannot resolve {host!r}: {exc}") from None
     if not infos:
         raise ValueError(f"invalid endpoint {text!r}: {host!r} has no address")
-    return ipaddress.ip_address(infos[0][4][0])
+    sockaddr = infos[0][4]
+    if len(sockaddr) == 4 and sockaddr[3]:  # a name for a link-local address keeps its zone
+        return ipaddress.ip_address(f"{sockaddr[0].partition('%')[0]}%{sockaddr[3]}")
+    return ipaddress.ip_address(sockaddr[0])
 
 
 def _parse_inet(text: str, network: str) -> Endpoint:
@@ -187,20 +195,56 @@ def _parse_inet(text: str, network: str) -> Endpoint:
     if network == "tcp6" and ip.version != 6:
         raise ValueError(f"invalid endpoint {text!r}: network tcp6 needs an IPv6 address")
     scope = getattr(ip, "scope_id", None)
-    if scope is not None and _scope_index(scope) is None:
+    if scope is None:
+        return Endpoint("inet", str(ip), port)
+    index = _scope_index(scope)
+    if index is None:
         raise ValueError(f"invalid endpoint {text!r}: no interface {scope!r} on this host "
                          "(give the zone as an existing interface's name or index)")
-    return Endpoint("inet", str(ip), port)
+    # One spelling per zone, the index, as a received message's source has it: a name and its
+    # index would otherwise be two endpoints, and the index is what sending needs.
+    return Endpoint("inet", f"{ipaddress.IPv6Address(int(ip))}%{index}", port)
 
 
 def _scope_index(scope: str) -> int | None:
-    """The interface index an IPv6 zone names (``eth0`` or ``2``); None if none does."""
-    if scope.isdigit():
-        return int(scope)
+    """The index of the interface an IPv6 zone names (``eth0`` or ``2``); None if there is no
+    such interface."""
     try:
+        if _DIGITS_RE.fullmatch(scope):
+            index = int(scope)
+            socket.if_indextoname(index)
+            return index
         return socket.if_nametoindex(scope)
-    except OSError:
+    except (OSError, OverflowError, ValueError):
         return None
+
+
+def inet_host(address: str, scope_id: int = 0) -> str:
+    """An endpoint's host for a socket address's (address, scope id): an IPv4 peer of a
+    dual-stack socket as IPv4, a zone as its index."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    if scope_id:
+        return f"{address.partition('%')[0]}%{scope_id}"
+    return address
+
+
+def inet_sockaddr(ep: Endpoint, ipv6: bool) -> tuple[str, int] | tuple[str, int, int, int]:
+    """The address a socket of family AF_INET6 (`ipv6`) or AF_INET takes for an inet endpoint;
+    ValueError if an AF_INET socket cannot reach it. A zone goes in the scope id, which Python
+    sets to 0 unless given, whatever the address text says."""
+    host = str(ep.host)
+    if not ipv6:
+        if ":" in host:
+            raise ValueError(f"{display_endpoint(ep)} is IPv6; this socket is IPv4 only")
+        return (host, ep.port)
+    if ":" not in host:
+        return ("::ffff:" + host, ep.port)  # IPv4 peer through the dual-stack socket
+    address, _, zone = host.partition("%")
+    if not zone:
+        return (address, ep.port, 0, 0)
+    index = int(zone) if _DIGITS_RE.fullmatch(zone) else _scope_index(zone)
+    return (address, ep.port, 0, index or 0)
 
 
 def _parse_unix(text: str, unix_dir: str | None, dgram: bool) -> Endpoint:
@@ -260,11 +304,12 @@ def format_endpoint(ep: Endpoint) -> str | None:
         return f"{_cid_as_ipv4(int(ep.host))}:{ep.port}"
     if ep.kind == "inet":
         host = str(ep.host)
-        if "%" in host:
-            # A zone as its index: wg resolves names too, and one whose interface is gone
-            # since would fail it (wg 1.0.20210914 even crashes).
-            address, scope = host.split("%", 1)
-            index = _scope_index(scope)
+        address, sep, zone = host.partition("%")
+        if sep and not _DIGITS_RE.fullmatch(zone):
+            # A zone as its index (what endpoints hold): wg resolves names too, and one whose
+            # interface is gone since would fail it (wg 1.0.20210914 even crashes); a number
+            # it takes as it is.
+            index = _scope_index(zone)
             if index is None:
                 return None
             host = f"{address}%{index}"
@@ -280,7 +325,14 @@ def display_endpoint(ep: Endpoint) -> str:
         return f"vsock://{ep.host}:{ep.port}"
     if ep.kind == "inet":
         host = str(ep.host)
-        return f"[{host}]:{ep.port}" if ":" in host else f"{host}:{ep.port}"
+        if ":" not in host:
+            return f"{host}:{ep.port}"
+        address, _, zone = host.partition("%")
+        if _DIGITS_RE.fullmatch(zone):
+            # A person knows the interface by its name; `wg` prints it so too.
+            with contextlib.suppress(OSError, OverflowError):
+                host = f"{address}%{socket.if_indextoname(int(zone))}"
+        return f"[{host}]:{ep.port}"
     if ep.kind == "unix":
         return f"unix:{ep.host}" if ep.host else f"unix:<inbound #{ep.conn_id}>"
     return f"{ep.kind}:{ep.host}:{ep.port}"
