@@ -120,7 +120,8 @@ def exchange(a: Bind, a_in: Inbox, b: Bind, b_in: Inbox, b_ep: Endpoint) -> Endp
     b.send(msg(2), from_a)
     data, from_b = a_in.get()
     assert data == msg(2)
-    assert from_b == b_ep
+    # Over UDP the reply's endpoint also says which of a's addresses it came to.
+    assert from_b._replace(src="") == b_ep
     return from_a
 
 
@@ -183,7 +184,9 @@ def test_udp_pair(binds: list[Bind], host: str) -> None:
     a, a_in, a_port = opened(binds, DatagramBind("udp"))
     b, b_in, b_port = opened(binds, DatagramBind("udp"))
     from_a = exchange(a, a_in, b, b_in, a.parse_endpoint(f"{host}:{b_port}"))
-    assert from_a == Endpoint("inet", host.strip("[]"), a_port)
+    # The address a's message came to: b's replies leave from it.
+    local = host.strip("[]")
+    assert from_a == Endpoint("inet", local, a_port, src=local)
     assert b.status()["send_errors"] == 0
 
 
@@ -218,6 +221,60 @@ def test_dgram_send_to_nobody_does_not_raise(binds: list[Bind], unix_dir: str) -
     a.send(msg(1), Endpoint("inet", "127.0.0.1", 9))  # wrong kind for this bind
     st = a.status()
     assert st["send_errors"] == 1 and st["unroutable"] == 2
+
+
+# -- the source of UDP replies ----------------------------------------------------------------
+
+
+def test_udp_replies_leave_from_the_address_the_message_came_to(binds: list[Bind]) -> None:
+    """Every 127.0.0.0/8 address is ours, and the route to 127.0.0.2 says to send from
+    127.0.0.1: without a sticky source a reply to a message sent to 127.0.0.5 came from
+    127.0.0.1, which a peer behind NAT or a stateful firewall drops."""
+    b, b_in, port = opened(binds, DatagramBind("udp"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.2", 0))
+        peer.settimeout(TIMEOUT)
+        peer_port = peer.getsockname()[1]
+        peer.sendto(msg(1), ("127.0.0.5", port))
+        data, ep = b_in.get()
+        assert data == msg(1)
+        assert ep == Endpoint("inet", "127.0.0.2", peer_port, src="127.0.0.5")
+        b.send(msg(2), ep)
+        assert peer.recvfrom(100) == (msg(2), ("127.0.0.5", port))
+        b.send_batch([msg(3)] * 3, ep)  # one segmented send, with the source beside it
+        assert [peer.recvfrom(100) for _ in range(3)] == [(msg(3), ("127.0.0.5", port))] * 3
+        # A configured endpoint has no source yet: the route's choice.
+        configured = b.parse_endpoint(f"127.0.0.2:{peer_port}")
+        assert configured.src == ""
+        b.send(msg(4), configured)
+        assert peer.recvfrom(100) == (msg(4), ("127.0.0.1", port))
+        # Another of our addresses is another endpoint, so the peer's endpoint moves.
+        peer.sendto(msg(5), ("127.0.0.1", port))
+        assert b_in.get() == (msg(5), ep._replace(src="127.0.0.1"))
+    assert b.status()["send_errors"] == b.status()["source_refused"] == 0
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_source_the_kernel_refuses_gives_way_to_the_routes_choice(
+    binds: list[Bind], batch: bool
+) -> None:
+    """An address that is not ours (any more): the reply still goes, from the route's
+    choice. tests/net/test_udp_source.py removes a real one."""
+    b, _, port = opened(binds, DatagramBind("udp"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.2", 0))
+        peer.settimeout(TIMEOUT)
+        gone = Endpoint("inet", "127.0.0.2", peer.getsockname()[1], src="192.0.2.77")
+        for i in range(2):  # the second send tries the address no more
+            if batch:
+                b.send_batch([msg(i)] * 3, gone)
+                got = [peer.recvfrom(100) for _ in range(3)]
+            else:
+                b.send(msg(i), gone)
+                got = [peer.recvfrom(100)]
+            assert got == [(msg(i), ("127.0.0.1", port))] * len(got)
+    assert b.status()["source_refused"] == 1
+    assert b.status()["send_errors"] == 0
 
 
 # -- reconnecting ----------------------------------------------------------------------------
@@ -1511,9 +1568,11 @@ def test_einval_from_a_segmented_send_is_this_paths_alone() -> None:
     bind._gso = True  # as open() leaves a UDP bind
     far, near = Endpoint("inet", "192.0.2.1", 51820), Endpoint("inet", "192.0.2.2", 51820)
     run = [bytes(1400)] * 4
-    assert not bind._send_gso(Refusing(errno.EINVAL), run, 1400, ("192.0.2.1", 51820), far)
+    assert not bind._send_gso(Refusing(errno.EINVAL), run, 1400, (("192.0.2.1", 51820), ()),
+                              far)
     assert bind._gso and bind._gso_too_big == {far: 1400}
     assert near not in bind._gso_too_big
     # A device without checksum offload (EIO) is the whole socket's.
-    assert not bind._send_gso(Refusing(errno.EIO), run, 1400, ("192.0.2.2", 51820), near)
+    assert not bind._send_gso(Refusing(errno.EIO), run, 1400, (("192.0.2.2", 51820), ()),
+                              near)
     assert not bind._gso

@@ -1,15 +1,27 @@
-"""IPv6 link-local endpoints against Debian's wireguard-go.
+"""Where our UDP replies leave from, and IPv6 link-local endpoints, against Debian's wireguard-go.
 
-Namespace "o" runs our daemon (`-n udp`), namespace "g" runs wireguard-go; a veth with only
-fe80:: addresses joins them. o has a second interface whose fe80::/64 route comes first, so a
-message sent without its zone (scope id) leaves by the wrong interface and is lost.
+Namespace "o" runs our daemon (`-n udp`), namespace "g" runs wireguard-go; a veth joins them.
+
+Sticky source: o's veth has a primary and a secondary address, and g reaches our daemon at the
+secondary one, while o's route to g names the primary as source. g's firewall is stateful (it
+takes UDP from our port only as a reply to what g sent, as NAT and strict firewalls do), so a
+reply from the primary address never reaches wireguard-go. nftables counters in g count our
+datagrams by source address.
+
+Link-local: the veth carries only fe80:: addresses, and o has a second interface whose
+fe80::/64 route comes first, so a message sent without its zone (scope id) leaves by the wrong
+interface and is lost.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass
+
 import pytest
 
-from .netlab import Lab, Namespace, connect_pair, ping
+from .netlab import Lab, Namespace, connect_pair, ping, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -17,6 +29,129 @@ OURS_PORT = 51100
 GO_PORT = 51101
 OURS_TUN = "10.98.0.1"
 GO_TUN = "10.98.0.2"
+
+
+@dataclass
+class Addresses:
+    family: str  # nft's: "ip" or "ip6"
+    prefix: int
+    primary: str  # o's address the route towards g names as source (see _sticky_lab)
+    secondary: str  # o's other address, the one g sends to
+    go: str
+
+    def endpoint(self, addr: str, port: int) -> str:
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+FAMILIES = {
+    "ipv4": Addresses("ip", 24, "192.168.79.1", "192.168.79.11", "192.168.79.2"),
+    "ipv6": Addresses("ip6", 64, "2001:db8:79::1", "2001:db8:79::11", "2001:db8:79::2"),
+}
+
+
+def _counters(ns: Namespace) -> dict[str, int]:
+    out = ns.run("nft", "-j", "list", "table", "inet", "wgvtest").stdout
+    counts = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule and "comment" in rule:
+            counter = next(e["counter"] for e in rule["expr"] if "counter" in e)
+            counts[rule["comment"]] = counter["packets"]
+    return counts
+
+
+def _count_sources(g: Namespace, a: Addresses, *, strict: bool) -> None:
+    """Counters in g of our daemon's datagrams by source address; with `strict`, g then
+    drops those that are no reply to what it sent (conntrack), as NAT or a stateful
+    firewall in front of a peer does."""
+    rules = [
+        f'udp sport {OURS_PORT} {a.family} saddr {a.primary} counter comment "from-primary"',
+        f'udp sport {OURS_PORT} {a.family} saddr {a.secondary} counter comment "from-secondary"',
+    ]
+    if strict:
+        rules += ["ct state established,related accept", f"udp sport {OURS_PORT} drop"]
+    g.run("nft", "-f", "-", input=(
+        "table inet wgvtest {\n  chain in {\n"
+        "    type filter hook input priority 0; policy accept;\n    "
+        + "\n    ".join(rules) + "\n  }\n}\n"
+    ))
+
+
+def _sticky_lab(
+    lab: Lab, a: Addresses, *, strict: bool
+) -> tuple[Namespace, Namespace, str, str]:
+    """o and g as the module says (veth va0 in o, vb0 in g), g configured to reach us at the
+    secondary address. Returns them and the two WireGuard interfaces' names."""
+    o, g = lab.netns("o"), lab.netns("g")
+    o.ip("link", "add", "va0", "type", "veth", "peer", "name", "vb0", "netns", g.name)
+    # nodad: duplicate address detection would keep the addresses unusable for a second.
+    nodad = ["nodad"] if a.family == "ip6" else []
+    for ns, dev, addr in ((o, "va0", a.primary), (o, "va0", a.secondary), (g, "vb0", a.go)):
+        ns.ip("addr", "add", f"{addr}/{a.prefix}", "dev", dev, *nodad)
+        ns.ip("link", "set", dev, "up")
+    # Which address the kernel picks is its business (IPv6: the newer of two equals): the
+    # test's premise is only that it picks one, the primary, and g sends to the other.
+    route = o.ip("route", "get", a.go).stdout
+    if f"src {a.primary} " not in route:
+        a.primary, a.secondary = a.secondary, a.primary
+    assert f"src {a.primary} " in route, route
+    ours, go = lab.ifname("o"), lab.ifname("g")
+    lab.start_daemon(o, ours, "udp")
+    lab.start_wireguard_go(g, go)
+    _count_sources(g, a, strict=strict)
+    # Only g knows where the other is: at o's secondary address.
+    connect_pair(lab, g, go, a.endpoint(a.secondary, OURS_PORT), o, ours, None,
+                 a_port=GO_PORT, b_port=OURS_PORT, a_tun=GO_TUN, b_tun=OURS_TUN)
+    for ns, port in ((o, OURS_PORT), (g, GO_PORT)):
+        wait_for(lambda ns=ns, port=port: f":{port} " in ns.run("ss", "-lunH").stdout,
+                 10, f"a listener on UDP {port}")
+    return o, g, ours, go
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replies_leave_from_the_address_the_peer_sent_to(lab: Lab, family: str) -> None:
+    """Before: our handshake response left from the primary address, g's firewall dropped
+    it, and no handshake ever completed."""
+    a = dataclasses.replace(FAMILIES[family])
+    o, g, ours, go = _sticky_lab(lab, a, strict=True)
+    ping(g, OURS_TUN)  # the first ping waits for the handshake g starts
+    ping(o, GO_TUN)
+    counts = _counters(g)
+    assert counts["from-primary"] == 0, counts
+    assert counts["from-secondary"] >= 2, counts  # the response, the pings' packets
+    # Where g sees us, and we see g: the sticky source is not part of what `wg` shows.
+    assert g.wg("show", go, "endpoints").stdout.split() == [
+        g.wg("show", go, "peers").stdout.strip(), a.endpoint(a.secondary, OURS_PORT)]
+    assert o.wg("show", ours, "endpoints").stdout.split()[1] == a.endpoint(a.go, GO_PORT)
+
+
+def test_a_source_address_that_goes_away_gives_way_and_is_taken_again(lab: Lab) -> None:
+    """The secondary address is removed under a working tunnel: our packets leave from the
+    route's choice (wireguard-go roams to it), and once g sends to the secondary address
+    again, replies come from it again."""
+    a = dataclasses.replace(FAMILIES["ipv4"])
+    o, g, ours, go = _sticky_lab(lab, a, strict=False)
+    ping(g, OURS_TUN)
+    assert _counters(g)["from-primary"] == 0
+
+    o.ip("addr", "del", f"{a.secondary}/{a.prefix}", "dev", "va0")
+    ping(o, GO_TUN)  # needs the fallback: the kernel refuses the removed address
+    assert _counters(g)["from-primary"] >= 1
+    assert g.wg("show", go, "endpoints").stdout.split()[1] == a.endpoint(a.primary, OURS_PORT)
+    assert "sending from the address the route gives" in lab.log(ours)
+
+    o.ip("addr", "add", f"{a.secondary}/{a.prefix}", "dev", "va0")
+    g.wg("set", go, "peer", g.wg("show", go, "peers").stdout.strip(),
+         "endpoint", a.endpoint(a.secondary, OURS_PORT))
+    before = _counters(g)
+    ping(g, OURS_TUN)
+    ping(o, GO_TUN)
+    after = _counters(g)
+    assert after["from-primary"] == before["from-primary"], (before, after)
+    assert after["from-secondary"] >= before["from-secondary"] + 6, (before, after)
+
+
+# -- IPv6 link-local endpoints -----------------------------------------------------------------
 
 OURS_LL = "fe80::1"
 GO_LL = "fe80::2"

@@ -64,6 +64,12 @@ class Endpoint(NamedTuple):
     host: str | int
     port: int  # unix: the port number when the path is <unix_dir>/<port>.sock|.dgram, else 0
     conn_id: int = 0
+    # inet over UDP: our local address a message from the peer arrived at, "" when not known
+    # (a configured endpoint). Replies leave from it (wireguard-go's and the kernel's "sticky
+    # source"): on a host with several addresses the route's choice may be another one, which
+    # a peer behind NAT or a strict firewall drops. Part of equality, as in the kernel's
+    # endpoint_eq: a message arriving at another of our addresses moves the peer's endpoint.
+    src: str = ""
 
 
 def default_unix_dir() -> str:
