@@ -52,7 +52,14 @@ from .bind import (
     unavailable,
 )
 from .caps import CAP_UNCHECKED_TRANSPORT, HELLO_MAGIC, parse_hello
-from .endpoint import VMADDR_CID_ANY, VMADDR_PORT_ANY, Endpoint, display_endpoint
+from .endpoint import (
+    VMADDR_CID_ANY,
+    VMADDR_PORT_ANY,
+    Endpoint,
+    display_endpoint,
+    inet_host,
+    inet_sockaddr,
+)
 from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame, frame_header
 
 __all__ = ["STREAM_NETWORKS", "StreamBind", "redial_backoff"]
@@ -600,9 +607,7 @@ class StreamBind(SocketBind):
     def _inbound_endpoint(self, addr: Any) -> Endpoint:
         self._conn_ids += 1
         if self._kind == "inet":
-            host = addr[0]
-            if host.startswith("::ffff:") and "." in host:
-                host = host[7:]
+            host = inet_host(addr[0], addr[3] if len(addr) == 4 else 0)
             return Endpoint("inet", host, addr[1], self._conn_ids)
         if self._kind == "vsock":
             return Endpoint("vsock", addr[0], addr[1], self._conn_ids)
@@ -867,10 +872,10 @@ class StreamBind(SocketBind):
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
             addr = (int(ep.host), ep.port)
         elif ep.kind == "inet":
-            host = str(ep.host)
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+            ipv6 = ":" in str(ep.host)
+            sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET,
                                  socket.SOCK_STREAM)
-            addr = (host, ep.port)
+            addr = inet_sockaddr(ep, ipv6)  # a link-local peer's zone as the scope id
             try:
                 self._sync_mark(sock)
             except OSError:

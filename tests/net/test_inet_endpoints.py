@@ -1,4 +1,5 @@
-"""Where our UDP replies leave from, and IPv6 link-local endpoints, against Debian's wireguard-go.
+"""Where our UDP replies leave from, and IPv6 link-local endpoints (UDP against Debian's
+wireguard-go, TCP between two of our daemons).
 
 Namespace "o" runs our daemon (`-n udp`), namespace "g" runs wireguard-go; a veth joins them.
 
@@ -157,9 +158,11 @@ OURS_LL = "fe80::1"
 GO_LL = "fe80::2"
 
 
-def _link_local_lab(lab: Lab) -> tuple[Namespace, Namespace, str, str, str, str]:
+def _link_local_lab(lab: Lab, network: str = "udp"
+                    ) -> tuple[Namespace, Namespace, str, str, str, str]:
     """o and g joined by a veth with link-local addresses only (no others are made:
-    addrgenmode none), and in o another interface, dm0, whose fe80::/64 route comes first."""
+    addrgenmode none), and in o another interface, dm0, whose fe80::/64 route comes first.
+    Over udp, g runs wireguard-go; over tcp, our daemon as well."""
     o, g = lab.netns("o"), lab.netns("g")
     va, vb = "va0", "vb0"
     o.ip("link", "add", va, "type", "veth", "peer", "name", vb, "netns", g.name)
@@ -177,8 +180,11 @@ def _link_local_lab(lab: Lab) -> tuple[Namespace, Namespace, str, str, str, str]
     # The premise: without its zone, a message to g would leave by dm0.
     assert " dev dm0 " in o.ip("-6", "route", "get", GO_LL).stdout
     ours, go = lab.ifname("o"), lab.ifname("g")
-    lab.start_daemon(o, ours, "udp")
-    lab.start_wireguard_go(g, go)
+    lab.start_daemon(o, ours, network)
+    if network == "udp":
+        lab.start_wireguard_go(g, go)
+    else:
+        lab.start_daemon(g, go, network)
     return o, g, va, vb, ours, go
 
 
@@ -205,3 +211,31 @@ def test_a_link_local_endpoint_keeps_its_zone(lab: Lab, initiator: str) -> None:
     [peer] = Lab.uapi(ours)["peers"]
     assert peer["endpoint"] == f"[{GO_LL}%{index}]:{GO_PORT}"
     assert peer["extra"]["wgvsock_endpoint"] == go_at
+
+
+@pytest.mark.parametrize("dialer", ["o", "g"])
+def test_a_link_local_stream_peer_is_dialled_on_its_zone(lab: Lab, dialer: str) -> None:
+    """Over TCP the dialler connected to (address, port), so the zone was lost and the kernel
+    refused the connect (EINVAL: a link-local address needs an interface); the accepting side
+    dropped the zone of the connection's source too."""
+    o, g, va, vb, ours, theirs = _link_local_lab(lab, "tcp")
+    if dialer == "o":
+        connect_pair(lab, o, ours, f"[{GO_LL}%{va}]:{GO_PORT}", g, theirs, None,
+                     a_port=OURS_PORT, b_port=GO_PORT, a_tun=OURS_TUN, b_tun=GO_TUN)
+        listener, at, dev = g, theirs, vb
+    else:
+        connect_pair(lab, g, theirs, f"[{OURS_LL}%{vb}]:{OURS_PORT}", o, ours, None,
+                     a_port=GO_PORT, b_port=OURS_PORT, a_tun=GO_TUN, b_tun=OURS_TUN)
+        listener, at, dev = o, ours, va
+    # The dialler first: the listener has no endpoint until it is dialled.
+    if dialer == "o":
+        ping(o, GO_TUN)
+        ping(g, OURS_TUN)
+    else:
+        ping(g, OURS_TUN)
+        ping(o, GO_TUN)
+    # The accepting side knows the connection's source with its zone.
+    peer_ll = OURS_LL if dialer == "o" else GO_LL
+    index = int(listener.run("cat", f"/sys/class/net/{dev}/ifindex").stdout)
+    [peer] = Lab.uapi(at)["peers"]
+    assert peer["endpoint"].startswith(f"[{peer_ll}%{index}]:"), peer["endpoint"]
