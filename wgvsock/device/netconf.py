@@ -91,15 +91,32 @@ def delete_interface(ifname: str) -> bool:
         return True
 
 
+# Public addresses that stand for "the internet" in a route lookup (Cloudflare's resolvers).
+# They are only looked up, never sent to.
+_INTERNET = {4: "1.1.1.1", 6: "2606:4700::1111"}
+_RTN_UNICAST = 1
+
+
 def default_route_interface(version: int = 4) -> str | None:
-    """The interface of the IPv4 (or IPv6) default route, for egress NAT when the profile
-    names none."""
+    """The interface this host's own IPv4 (or IPv6) traffic to the internet leaves by, for
+    egress NAT when the profile names none; None when there is no such route.
+
+    The kernel is asked (a route lookup, which follows the ip rules) rather than the routes
+    scanned: a default route in a policy-routing table (a VPN's, or the one a second ENI on
+    EC2 gets) serves only the traffic its rule selects, and is not the way out."""
     with IPRoute() as ipr:
-        for route in ipr.get_routes(family=10 if version == 6 else 2):
-            if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
-                links = ipr.get_links(route.get_attr("RTA_OIF"))
-                if links:
-                    return links[0].get_attr("IFLA_IFNAME")
+        try:
+            answer = ipr.route("get", dst=_INTERNET[version])
+        except NetlinkError:
+            # ENETUNREACH with no route; EINVAL, EHOSTUNREACH for a blackhole or unreachable one.
+            return None
+        for msg in answer:
+            oif = msg.get_attr("RTA_OIF")
+            if msg["type"] != _RTN_UNICAST or not oif:
+                continue
+            links = ipr.get_links(oif)
+            if links:
+                return links[0].get_attr("IFLA_IFNAME")
     return None
 
 

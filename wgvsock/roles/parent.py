@@ -281,8 +281,9 @@ class Parent:
         self._refusal_reader: RefusalReader | None = None
 
     def egress_interface(self, profile=None) -> str | None:
-        """The profile's egress interface, else that of the default route of each IP version
-        the enclave has. When those differ (IPv6 on another ENI, say), None: masquerade out
+        """The profile's egress interface, else the one this host's own traffic to the
+        internet leaves by (netconf.default_route_interface), for each IP version the enclave
+        has. When those differ (IPv6 on another ENI, say), None: masquerade out
         of any interface but the tunnel, so each family leaves by its own route."""
         p = profile or self.profile
         if p.parent.egress.interface:
