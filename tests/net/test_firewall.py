@@ -465,29 +465,36 @@ def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:
     other = lab.netns("fw2")
     run("ip", "link", "add", "up0", "netns", scratch.name, "type", "veth", "peer", "name",
         "x0", "netns", other.name)
-    sysctl = ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding", "net/ipv6/conf/up0/accept_ra"]
+    sysctl = ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding",
+              "net/ipv6/conf/default/accept_ra", "net/ipv6/conf/up0/accept_ra"]
 
     def values() -> list[str]:
         return scratch.run("sysctl", "-n", *sysctl).stdout.split()
 
-    assert values() == ["0", "0", "1"]
+    assert values() == ["0", "0", "1", "1"]
     prev = firewall.enable_forwarding(scratch.name, ipv6=True)
-    assert values() == ["1", "1", "2"]
-    assert prev == {"net/ipv6/conf/up0/accept_ra": "1", "net/ipv4/ip_forward": "0",
-                    "net/ipv6/conf/all/forwarding": "0"}
+    assert values() == ["1", "1", "2", "2"]
+    assert prev == {"net/ipv6/conf/default/accept_ra": "1", "net/ipv6/conf/up0/accept_ra": "1",
+                    "net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"}
+    # An interface attached while forwarding (a hot-plugged ENI) still takes router
+    # advertisements: before, it started from default's 1, which forwarding makes "ignore".
+    scratch.ip("tuntap", "add", "dev", "later0", "mode", "tap")
+    assert scratch.run("sysctl", "-n", "net/ipv6/conf/later0/accept_ra",
+                       "net/ipv6/conf/later0/forwarding").stdout.split() == ["2", "1"]
     assert firewall.enable_forwarding(scratch.name, ipv6=True) == {}  # already on: nothing
     firewall.restore_forwarding(prev, scratch.name)
-    assert values() == ["0", "0", "1"]
+    assert values() == ["0", "0", "1", "1"]
+    scratch.ip("link", "del", "later0")
     prev4 = firewall.enable_forwarding(scratch.name)
     assert prev4 == {"net/ipv4/ip_forward": "0"}
-    assert values() == ["1", "0", "1"]
+    assert values() == ["1", "0", "1", "1"]
     firewall.restore_forwarding(prev4, scratch.name)
-    assert values() == ["0", "0", "1"]
+    assert values() == ["0", "0", "1", "1"]
     # An interface that went away meanwhile (e.g. the tunnel) has nothing left to restore.
     prev = firewall.enable_forwarding(scratch.name, ipv6=True)
     scratch.ip("link", "del", "up0")
     firewall.restore_forwarding(prev, scratch.name)
-    assert scratch.run("sysctl", "-n", *sysctl[:2]).stdout.split() == ["0", "0"]
+    assert scratch.run("sysctl", "-n", *sysctl[:3]).stdout.split() == ["0", "0", "1"]
 
 
 # The netns=None paths (what `parent up` uses on the host), run from a process placed inside a
@@ -504,16 +511,18 @@ now = open("/proc/sys/net/ipv4/ip_forward").read().strip()
 firewall.restore_forwarding(prev)
 firewall.remove("host")
 print(json.dumps([was, prev, now, open("/proc/sys/net/ipv4/ip_forward").read().strip(),
-                  firewall.exists("host")]))
+                  firewall.exists("host"),
+                  open("/proc/sys/net/ipv6/conf/default/accept_ra").read().strip()]))
 """
 
 
 def test_host_paths_without_netns(scratch: Namespace) -> None:
     out = scratch.run(PY, "-c", _HOST_PATHS).stdout
-    was, prev, now, after, still = json.loads(out)
+    was, prev, now, after, still, ra = json.loads(out)
     assert was is True and still is False
-    assert prev == {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"}
-    assert (now, after) == ("1", "0")
+    assert prev == {"net/ipv6/conf/default/accept_ra": "1", "net/ipv4/ip_forward": "0",
+                    "net/ipv6/conf/all/forwarding": "0"}
+    assert (now, after, ra) == ("1", "0", "1")
 
 
 # -- real traffic -----------------------------------------------------------------------------

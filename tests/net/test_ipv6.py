@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -238,6 +240,40 @@ def test_ipv6_default_route_on_another_interface(lab: Lab) -> None:
         assert w6.udp(w.enclave, SERVER) == "echo ping"
     finally:
         w.close()
+
+
+RA_SYSCTLS = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
+              "net.ipv6.conf.default.accept_ra", "net.ipv6.conf.va0.accept_ra"]
+
+
+def test_interfaces_attached_later_keep_taking_router_advertisements(world: World) -> None:
+    """With IPv6 forwarding on, an interface with accept_ra=1 ignores router advertisements.
+    Before, `up` moved only the interfaces present to 2: one attached later (a hot-plugged
+    ENI) inherited default's 1 and never learnt its IPv6 default route. `down` puts back
+    every value, also after a parent killed without `down` and a second `up`."""
+    w = world
+    w.profile.write_text(DUAL_STACK_PROFILE.format(
+        name=w.name, transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock"),
+        key=w.lab.tmp / "parent.key"))
+
+    def values(*keys: str) -> list[str]:
+        return w.parent.run("sysctl", "-n", *keys).stdout.split()
+
+    def attach(ifname: str) -> list[str]:
+        w.parent.ip("tuntap", "add", "dev", ifname, "mode", "tap")
+        return values(f"net.ipv6.conf.{ifname}.forwarding", f"net.ipv6.conf.{ifname}.accept_ra")
+
+    assert values(*RA_SYSCTLS) == ["0", "0", "1", "1"]
+    w.parent_cmd("up")
+    assert values(*RA_SYSCTLS) == ["1", "1", "2", "2"]
+    assert attach("eni1") == ["1", "2"]
+    state = json.loads((w.lab.tmp / "state" / f"{w.name}.json").read_text())
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{state['pid']}").exists(), 10, "the parent to die")
+    w.parent_cmd("up")  # finds everything on already: the first record is what counts
+    assert attach("eni2") == ["1", "2"]
+    w.parent_cmd("down")
+    assert values(*RA_SYSCTLS) == ["0", "0", "1", "1"]
 
 
 IPV6_ONLY_PROFILE = """\

@@ -927,14 +927,21 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False) -> dict[s
 
     With IPv6 forwarding on, the kernel ignores router advertisements on interfaces whose
     accept_ra is 1 — on EC2 that would make the host lose its IPv6 default route — so those
-    interfaces are moved to accept_ra=2 (accept even when forwarding) first."""
+    interfaces are moved to accept_ra=2 (accept even when forwarding) first. So is `default`,
+    which interfaces that come later (a hot-plugged ENI) start from; it goes first, so that
+    an interface appearing meanwhile either inherits 2 or is in the list read after."""
     prev: dict[str, str] = {}
-    if ipv6:
-        ra_keys = [f"net/ipv6/conf/{n}/accept_ra" for n in _ipv6_interfaces(netns)]
+
+    def accept_ra_when_forwarding(names: Sequence[str]) -> None:
+        ra_keys = [f"net/ipv6/conf/{n}/accept_ra" for n in names]
         for key, value in zip(ra_keys, _sysctl_read(ra_keys, netns), strict=True):
             if value == "1":
                 _sysctl_write(key, "2", netns)
                 prev[key] = value
+
+    if ipv6:
+        accept_ra_when_forwarding(["default"])
+        accept_ra_when_forwarding(_ipv6_interfaces(netns))
     keys = [_IPV4_FORWARD, *([_IPV6_FORWARD] if ipv6 else [])]
     for key, value in zip(keys, _sysctl_read(keys, netns), strict=True):
         if value != "1":
@@ -955,7 +962,7 @@ def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> Non
     for key, value in reversed(list(prev.items())):
         if not key.startswith("net/"):
             raise ValueError(f"not a forwarding sysctl: {key!r}")
-        if m := _ACCEPT_RA_RE.fullmatch(key):
+        if (m := _ACCEPT_RA_RE.fullmatch(key)) and m.group(1) != "default":
             if present is None:
                 present = set(_ipv6_interfaces(netns))
             if m.group(1) not in present:
