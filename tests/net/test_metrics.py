@@ -133,6 +133,39 @@ def test_metrics_page_matches_wg_and_nft(world: World) -> None:
                             "sh", str(world.parent_uapi().parent)).returncode == 0
 
 
+def test_the_name_filter_serves_the_named_families(world: World) -> None:
+    """`/metrics?name[]=...` (the Prometheus federation convention prometheus_client honours)
+    used to serve an empty page: prometheus_client picks collectors by the names they
+    describe, and ours describes none up front."""
+    world.parent_cmd("up")
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the enclave to fetch a page through the parent's NAT")
+
+    def filtered(*names: str) -> str:
+        query = "&".join(f"name[]={n}" for n in names)
+        # -g: the brackets are the parameter's name, not a curl glob.
+        res = world.parent.run("curl", "-gsf", "--max-time", "5",
+                               f"http://127.0.0.1:{PORT}/metrics?{query}", check=False)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    # As the text format prints them (a counter with its _total)...
+    text = filtered("wireguard_sent_bytes_total", "wgvsock_peer_attested")
+    assert {f.name: len(f.samples) for f in text_string_to_metric_families(text)} == {
+        "wireguard_sent_bytes": 1, "wgvsock_peer_attested": 1}
+    for line in ("# HELP wireguard_sent_bytes_total Bytes sent to the peer",
+                 "# TYPE wireguard_sent_bytes_total counter",
+                 "# TYPE wgvsock_peer_attested gauge"):
+        assert line in text.splitlines(), text
+    # ...or by the family's name.
+    families = {f.name: f.samples for f in text_string_to_metric_families(
+        filtered("wgvsock_egress_packets"))}
+    assert list(families) == ["wgvsock_egress_packets"]
+    assert {s.labels["verdict"] for s in families["wgvsock_egress_packets"]} == {
+        "allowed", "denied", "blocked"}
+    assert filtered("wgvsock_no_such_metric") == ""
+
+
 def test_metrics_port_in_use_is_refused_cleanly(world: World) -> None:
     squatter = world.parent.popen(PYTHON, "-c", (
         "import socket, time\n"

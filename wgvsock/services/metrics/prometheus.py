@@ -169,9 +169,40 @@ class ParentCollector(Collector):
             yield r
 
 
+class _Registry(CollectorRegistry):
+    """A registry whose `?name[]=NAME` restriction (the federation convention that
+    prometheus_client's app honours) works for a collector that describes nothing up front:
+    prometheus_client picks the collectors to run by the names they describe, so for ours
+    (see ParentCollector.describe) it ran none and served an empty page."""
+
+    def restricted_registry(self, names: Iterable[str]) -> _Restricted:  # type: ignore[override]
+        return _Restricted(self, set(names))
+
+
+class _Restricted:
+    """The families of REGISTRY that NAMES name: by the family's name (OpenMetrics', without
+    a counter's `_total`) all of it, by a sample's name (as the text format prints it, with
+    `_total`) its samples of that name; HELP and TYPE either way."""
+
+    def __init__(self, registry: CollectorRegistry, names: set[str]) -> None:
+        self._registry = registry
+        self._names = names
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if family.name in self._names:
+                yield family
+                continue
+            samples = [s for s in family.samples if s.name in self._names]
+            if samples:
+                part = Metric(family.name, family.documentation, family.type, family.unit)
+                part.samples = samples
+                yield part
+
+
 def registry_for(parent: ParentLike) -> CollectorRegistry:
     """A registry of this parent alone (no process or GC metrics of the global one)."""
-    registry = CollectorRegistry(auto_describe=False)
+    registry = _Registry(auto_describe=False)
     registry.register(ParentCollector(parent))
     return registry
 
