@@ -686,21 +686,126 @@ def test_a_failed_run_enclave_leaves_no_enclave_running(tmp_path: Path, caplog,
     assert fake.enclaves() == []
 
 
+def booting(fake: Fake) -> list[dict]:
+    """The fake's enclaves whose run-enclave waits for the boot (FAKE_NITRO_BOOT_GATE)."""
+    return [e for e in json.loads(fake.hook("fake-state"))["enclaves"] if "Booting" in e]
+
+
+def test_a_booting_enclave_is_not_listed_until_it_has_booted(fake: Fake, tmp_path: Path
+                                                              ) -> None:
+    """The real nitro-cli's enclave process opens the socket that describe-enclaves and
+    terminate-enclave connect to only once the boot is over; the fake listed an enclave
+    from the start of its run-enclave."""
+    gate = tmp_path / "booted"
+    env = {**fake.env, "FAKE_NITRO_BOOT_GATE": str(gate)}
+    run = subprocess.Popen([FAKE, *NitroCli.run_args(fake.launch(cid=21), "wgvsock-x")],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait(lambda: booting(fake))
+        assert fake.enclaves() == []
+        (pending,) = booting(fake)
+        with pytest.raises(NitroError, match=r"^\[ E11 \]"):
+            fake.cli.terminate_enclave(pending["EnclaveID"])
+        # Its CID (and CPUs, memory) are taken; its name is not, being asked of the sockets.
+        with pytest.raises(NitroError, match=r"^\[ E29 \]"):
+            fake.cli.run_enclave(fake.launch(cid=21), "wgvsock-x")
+        beside = fake.cli.run_enclave(fake.launch(cpu_count=1), "wgvsock-x")
+        assert beside.name == "wgvsock-x"
+        gate.touch()
+        out, err = run.communicate(timeout=10)
+        assert run.returncode == 0, err
+        assert "Started enclave with enclave-cid: 21" in err
+        info = EnclaveInfo.from_json(json.loads(out))
+        assert info.enclave_id == pending["EnclaveID"]
+        assert [e["EnclaveID"] for e in fake.enclaves()] == [info.enclave_id, beside.enclave_id]
+    finally:
+        run.kill()
+        run.wait()
+    # One that exits during its boot fails run-enclave with E36.
+    env["FAKE_NITRO_BOOT_GATE"] = str(tmp_path / "never")
+    run = subprocess.Popen([FAKE, *NitroCli.run_args(fake.launch(cpu_count=1), "wgvsock-y")],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait(lambda: booting(fake))
+        fake.hook("fake-crash", booting(fake)[0]["EnclaveID"])
+        _, err = run.communicate(timeout=10)
+        assert run.returncode == 36 and parse_error(err).code == "E36", err
+    finally:
+        run.kill()
+        run.wait()
+
+
 def test_stop_while_an_enclave_boots_returns_at_once_and_leaves_none(tmp_path: Path) -> None:
     """Before: stop() waited for run-enclave (up to its 300 s timeout), so `parent down` had
-    to SIGKILL a parent stopped during a boot and its clean-up never ran (review finding)."""
+    to SIGKILL a parent stopped during a boot and its clean-up never ran (review finding).
+    The enclave is not listed while it boots, so no clearing can find it: it goes at the end
+    of its boot, its run-enclave being gone (see tests/fakes/nitro-cli)."""
     fake = Fake(tmp_path)
-    path = tmp_path / "nitro-wrap"
-    path.write_text(f'#!/bin/sh\nif [ "$1" = run-enclave ]; then {FAKE} "$@" >/dev/null; '
-                    f'exec sleep 60; fi\nexec {FAKE} "$@"\n')
-    path.chmod(0o755)
-    cli = NitroCli(str(path), env=fake.env, run_timeout=120)
+    gate = tmp_path / "booted"
+    cli = NitroCli(FAKE, env={**fake.env, "FAKE_NITRO_BOOT_GATE": str(gate)}, run_timeout=120)
     sup = EnclaveSupervisor(cli, fake.launch(), "wgvsock-x", None, logging.getLogger("t"),
                             poll_interval=0.05)
     sup.start()
-    wait(lambda: fake.enclaves())  # booting: run-enclave has not returned
+    wait(lambda: booting(fake))  # run-enclave has not returned
     t0 = time.monotonic()
     sup.stop(timeout=30)
     assert time.monotonic() - t0 < 10
     assert not sup._thread.is_alive()
+    gate.touch()
+    assert fake.enclaves() == [] and booting(fake) == []
+
+
+def test_an_enclave_that_boots_under_its_name_beside_its_own_is_terminated(
+        fake: Fake, tmp_path: Path, caplog) -> None:
+    """A run-enclave of an earlier parent (killed meanwhile) was booting when the supervisor
+    cleared its leftovers, so describe-enclaves did not list it; once booted it ran on
+    unwatched beside the supervisor's own, holding its CPUs and memory."""
+    gate = tmp_path / "booted"
+    stray = subprocess.Popen(
+        [FAKE, *NitroCli.run_args(fake.launch(), "wgvsock-sup")],
+        env={**fake.env, "FAKE_NITRO_BOOT_GATE": str(gate)}, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    sup = supervisor(fake, caplog, launch=fake.launch())
+    try:
+        wait(lambda: booting(fake))
+        sup.start()
+        info = sup.wait_started()
+        assert info is not None and info.name == "wgvsock-sup"  # the name looked free
+        gate.touch()
+        out, _ = stray.communicate(timeout=10)
+        stray_id = json.loads(out)["EnclaveID"]
+        wait(lambda: [e["EnclaveID"] for e in fake.enclaves()] == [info.enclave_id])
+        assert f"terminating {stray_id}, which booted under our name beside ours" in caplog.text
+        assert sup.starts == 1 and sup.info == info
+    finally:
+        sup.stop(timeout=10)
+        stray.kill()
+        stray.wait()
+    assert fake.enclaves() == []
+
+
+def test_a_leftover_booting_on_its_cid_is_cleared_once_it_has_booted(
+        fake: Fake, tmp_path: Path, caplog) -> None:
+    """The same leftover holding the profile's CID: run-enclave fails (E29) until it has
+    booted; the clearing after the failure then finds and terminates it."""
+    gate = tmp_path / "booted"
+    stray = subprocess.Popen(
+        [FAKE, *NitroCli.run_args(fake.launch(cid=21), "wgvsock-sup")],
+        env={**fake.env, "FAKE_NITRO_BOOT_GATE": str(gate)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    sup = supervisor(fake, caplog)
+    try:
+        wait(lambda: booting(fake))
+        sup.start()
+        wait(lambda: len(sup.delays) >= 2)
+        assert sup.starts == 0 and "run-enclave failed: [ E29 ]" in caplog.text
+        gate.touch()
+        info = sup.wait_started()
+        assert info is not None and info.cid == 21
+        assert "left by the failed run-enclave" in caplog.text
+        assert [e["EnclaveID"] for e in fake.enclaves()] == [info.enclave_id]
+    finally:
+        sup.stop(timeout=10)
+        stray.kill()
+        stray.wait()
     assert fake.enclaves() == []

@@ -14,7 +14,9 @@ command reference):
   (older releases omit EnclaveName and ProcessID). A name already in use gets "_1", "_2", ...
 - `describe-enclaves` prints a JSON list of {"EnclaveName", "EnclaveID", "ProcessID",
   "EnclaveCID", "NumberOfCPUs", "CPUIDs", "MemoryMiB", "State", "Flags"}; State is "RUNNING" or
-  "TERMINATING", Flags "NONE" or "DEBUG_MODE". An enclave that has exited is no longer listed.
+  "TERMINATING", Flags "NONE" or "DEBUG_MODE". An enclave that has exited is no longer listed,
+  nor is one still booting: its enclave process opens the socket describe-enclaves (and
+  terminate-enclave) connect to only once run-enclave has seen it boot (resource_manager.rs).
 - `terminate-enclave --enclave-id ID` prints "Successfully terminated enclave ID." to stderr and
   {"EnclaveID": ID, "Terminated": true} (newer releases add "EnclaveName") to stdout.
 - Failures exit non-zero with blocks like "[ E26 ] Insufficient memory requested. ..." on
@@ -541,6 +543,7 @@ class EnclaveSupervisor:
     def _watch(self, info: EnclaveInfo) -> str | None:
         """Polls until the enclave is gone (returns why) or stop() is called (returns None)."""
         failures = 0
+        strays: set[str] = set()
         while not self._stop.wait(self.poll_interval):
             try:
                 listed = self.nitro.enclaves()
@@ -556,12 +559,35 @@ class EnclaveSupervisor:
                 return "exited (describe-enclaves no longer lists it)"
             if mine.state and mine.state.upper() != "RUNNING":
                 return f"is {mine.state.lower()}"
+            self._terminate_strays(listed, info, strays)
         return None
+
+    def _terminate_strays(self, listed: list[EnclaveInfo], mine: EnclaveInfo,
+                          tried: set[str]) -> None:
+        """Terminates the enclaves under our name other than MINE, each once (TRIED: those
+        tried already; `parent down` clears by name whatever resists). nitro-cli lists an
+        enclave only once it has booted, so the clearing before ours started could not see
+        one that was booting then (a run-enclave of a parent killed meanwhile): it would run
+        unwatched, holding CPUs and memory."""
+        for e in listed:
+            if e.enclave_id not in tried and e.enclave_id != mine.enclave_id \
+                    and is_named(e.name, self.name):
+                tried.add(e.enclave_id)
+                self.log.warning("enclave %s: terminating %s, which booted under our name "
+                                 "beside ours (%s)", self.name, e.enclave_id, mine.enclave_id)
+                try:
+                    self.nitro.terminate_enclave(e.enclave_id)
+                except NitroError as err:
+                    self.log.error("enclave %s: terminate-enclave %s failed: %s", self.name,
+                                   e.enclave_id, err)
 
     def _clear_leftovers(self, why: str = "left running by an earlier parent") -> bool:
         """An enclave under our name left by an earlier parent (killed before `down`), or by a
         run-enclave that failed, holds CPUs, memory and maybe our CID: terminate it so ours
-        can start. False when nitro-cli failed (some may be left)."""
+        can start. False when nitro-cli failed (some may be left).
+
+        An enclave still booting is not listed yet (nitro-cli opens its socket after the boot):
+        one that boots later is the watch's to terminate (_terminate_strays)."""
         try:
             listed = self.nitro.enclaves()
         except NitroError as e:
