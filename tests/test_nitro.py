@@ -809,3 +809,23 @@ def test_a_leftover_booting_on_its_cid_is_cleared_once_it_has_booted(
         stray.kill()
         stray.wait()
     assert fake.enclaves() == []
+
+
+def test_leftovers_in_a_partial_listing_are_cleared_at_start(fake: Fake, caplog) -> None:
+    """describe-enclaves lists the enclaves that answered, then fails with E39 (one enclave
+    process did not answer). The start's clearing ignored that list, so a leftover in it kept
+    the profile's CID and run-enclave failed over and over; `parent down` already used it."""
+    old = fake.cli.run_enclave(fake.launch(cid=21), "wgvsock-sup")
+    other = fake.cli.run_enclave(fake.launch(cpu_count=1), "someone-else")
+    sup = supervisor(fake, caplog)
+    sup.nitro = NitroCli(FAKE, env={**fake.env, "FAKE_NITRO_NO_ANSWER": other.enclave_id})
+    sup.start()
+    try:
+        info = sup.wait_started()
+        assert info is not None and info.cid == 21 and sup.delays == []
+        assert f"terminating {old.enclave_id} left running by an earlier parent" in caplog.text
+        assert "describe-enclaves listed only the enclaves that answered ([ E39 ]" in \
+            caplog.text
+    finally:
+        sup.stop(timeout=10)
+    assert [e["EnclaveID"] for e in fake.enclaves()] == [other.enclave_id]

@@ -584,16 +584,23 @@ class EnclaveSupervisor:
     def _clear_leftovers(self, why: str = "left running by an earlier parent") -> bool:
         """An enclave under our name left by an earlier parent (killed before `down`), or by a
         run-enclave that failed, holds CPUs, memory and maybe our CID: terminate it so ours
-        can start. False when nitro-cli failed (some may be left).
+        can start. False when nitro-cli failed (some may be left), or listed only some.
 
         An enclave still booting is not listed yet (nitro-cli opens its socket after the boot):
         one that boots later is the watch's to terminate (_terminate_strays)."""
         try:
             listed = self.nitro.enclaves()
+            cleared = True
         except NitroError as e:
-            self.log.warning("enclave %s: describe-enclaves failed: %s", self.name, e)
-            return False
-        cleared = True
+            # E39/E38: it printed the enclaves that answered before failing; those named ours
+            # still go (as `parent down` does), or one of them would keep our CID.
+            partial = listed_before_failing(e)
+            if partial is None:
+                self.log.warning("enclave %s: describe-enclaves failed: %s", self.name, e)
+                return False
+            self.log.warning("enclave %s: describe-enclaves listed only the enclaves that "
+                             "answered (%s): one under our name may be left", self.name, e)
+            listed, cleared = partial, False
         for e in listed:
             if is_named(e.name, self.name):
                 self.log.warning("enclave %s: terminating %s %s", self.name, e.enclave_id, why)
