@@ -512,7 +512,8 @@ def policy(test_root: str, require: bool = True, pcrs: dict | None = None, max_a
 
 def test_verify_enclave_accepts(ca, good, test_root):
     v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=policy(test_root))
-    assert v == Verdict(True, attested=True, reason="", detail=v.detail)
+    assert v == Verdict(True, attested=True, reason="", detail=v.detail, image_pinned=True)
+    assert v.state == "attested"
     assert v.detail is not None
     assert v.detail["module_id"] == MODULE_ID and v.detail["digest"] == "SHA384"
     assert v.detail["pcrs"]["0"] == PINS[0]
@@ -560,6 +561,23 @@ def test_debug_enclave_allowed_is_not_attested(ca, test_root):
                        policy=policy(test_root, pcrs={0: "ab" * 48}, allow_debug=True))
     assert not v.accepted and v.detail == {"code": "pcr-mismatch"}
     assert attestation_state(Verdict(True)) == "false"
+
+
+@pytest.mark.parametrize("pcrs", [{}, {1: TEST_PCRS[1].hex(), 2: TEST_PCRS[2].hex()}],
+                         ids=["none", "no-pcr0"])
+def test_a_genuine_enclave_without_pcr0_pinned_is_not_called_attested(ca, good, test_root,
+                                                                       pcrs):
+    """With require: false and no PCR0 pinned, any genuine Nitro enclave, running any image,
+    passes: it used to be reported "attested" like the pinned image."""
+    from wgvsock.roles.parent import attestation_state
+
+    v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE,
+                       policy=policy(test_root, require=False, pcrs=pcrs))
+    assert v.accepted and not v.image_pinned
+    assert v.state == "genuine" and attestation_state(v) == "genuine"
+    pinned = verify_enclave(good, public_key=WG_KEY, nonce=NONCE,
+                            policy=policy(test_root, require=False, pcrs={0: PINS[0]}))
+    assert pinned.state == "attested" and attestation_state(pinned) == "true"
 
 
 def test_expired_leaf_is_refused_live_whatever_max_age(test_root_ca_at):

@@ -198,7 +198,8 @@ def _snapshot() -> st.Snapshot:
         network="vsock", role="parent", profile="demo", attested=True,
         peers=[
             _peer("FRESHKEYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", 12.0, label="enclave", cid=16,
-                  attested=True, endpoint="vsock://16:5000", rx_bytes=5 * 1024**2,
+                  attested=True, attestation="attested", endpoint="vsock://16:5000",
+                  rx_bytes=5 * 1024**2,
                   tx_bytes=1234, rx_rate=1.2 * 1024**2, tx_rate=0.0, persistent_keepalive=25,
                   allowed_ips=["10.0.0.2/32", "fd00::2/128"], connection="connected",
                   reconnects=2),
@@ -498,28 +499,37 @@ def test_env_run_dir_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert os.fspath(tmp_path) in _show(st.Collector().sample())[0]
 
 
-@pytest.mark.parametrize(("value", "attested", "debug", "shown"), [
-    ("true", True, False, "attested ✓"),
-    ("false", False, False, "not attested"),
+@pytest.mark.parametrize(("value", "attested", "debug", "state", "shown"), [
+    ("true", True, False, "attested", "attested ✓"),
+    ("false", False, False, "unattested", "not attested"),
     # Issue 12, item 5: a debug-mode enclave that allow_debug let in is shown as such.
-    ("debug", False, True, "debug enclave, not attested"),
+    ("debug", False, True, "debug", "debug enclave, not attested"),
+    # A genuine enclave with no PCR0 pinned: any image would have passed.
+    ("genuine", False, False, "genuine", "genuine enclave, image not pinned"),
+    # A word this version does not know says nothing.
+    ("maybe", None, False, None, None),
 ])
-def test_attestation_states(value: str, attested: bool, debug: bool, shown: str) -> None:
+def test_attestation_states(value: str, attested: bool | None, debug: bool, state: str | None,
+                            shown: str | None) -> None:
     enclave = public_key(generate_private_key())
     dev = {"private_key": generate_private_key(),
            "peers": [{"public_key": enclave, "allowed_ips": []}],
            "extra": {"wgvsock_role": "parent", "wgvsock_attested": value,
                      "wgvsock_enclave_key": enclave.hex()}}
     iface = st.interface_view("wg0", "/run/wireguard/wg0.sock", dev, NOW)
-    assert (iface.attested, iface.debug) == (attested, debug)
+    assert (iface.attested, iface.debug, iface.attestation) == (attested, debug, state)
     peer = iface.peers[0]
-    assert (peer.label, peer.attested, peer.debug) == ("enclave", attested, debug)
+    assert (peer.label, peer.attested, peer.debug, peer.attestation) == (
+        "enclave", attested, debug, state)
     plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run/wireguard", interfaces=[iface]))
-    assert shown in plain
-    if debug:
+    if shown is not None:
+        assert shown in plain
+    if state != "attested":
         assert "attested ✓" not in plain
-    assert st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]).to_json()[
-        "interfaces"][0]["debug"] is debug
+    shown_json = st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]).to_json()[
+        "interfaces"][0]
+    assert (shown_json["debug"], shown_json["attestation"]) == (debug, state)
+    assert shown_json["peers"][0]["attestation"] == state
 
 
 def test_on_a_parent_only_the_enclaves_peer_is_the_attested_enclave() -> None:

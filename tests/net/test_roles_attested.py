@@ -9,6 +9,7 @@ is installed on the parent, and `enclave up` gives up at its --timeout naming th
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from wgvsock.device.uapi import uapi_get
 
 from .fake_nsm_enclave import OTHER_IMAGE_PCR0
 from .netlab import Lab, wait_for
+from .test_metrics import PORT, with_metrics
 from .test_roles import WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
@@ -141,3 +143,42 @@ def test_debug_enclave_refused_unless_allowed_and_then_shown_as_debug(world: Wor
     assert shown.returncode == 0, shown.stderr
     assert "debug enclave, not attested" in shown.stdout, shown.stdout
     assert "attested ✓" not in shown.stdout
+
+
+def test_a_genuine_enclave_with_no_image_pinned_is_not_shown_as_attested(
+        lab: Lab, ca_dir: Path) -> None:
+    """With `require: false` and no PCRs pinned, any genuine Nitro enclave is let in, running
+    any image: `wgvsock status`, its --json and the metrics all said "attested", as for the
+    pinned image. They now say "genuine", the same word everywhere."""
+    w = World(lab, profile_extra=f"attestation:\n  require: false\n"
+                                 f"  test_root_ca: {ca_dir / 'test-root.pem'}\n")
+    try:
+        with_metrics(w, f"    listen: 127.0.0.1:{PORT}\n")
+        assert w.parent_cmd("up").returncode == 0
+        w.start_enclave(launcher=launcher(ca_dir, "good"))
+        wait_for(w.egress_works, 30, "the enclave to fetch a page through the NAT")
+        assert uapi_get(str(w.parent_uapi()))["extra"].get("wgvsock_attested") == "genuine"
+
+        shown = w.parent.run(WGVSOCK, "status", "--once", env=w.env_for("parent"),
+                             check=False, timeout=30)
+        assert "genuine enclave, image not pinned" in shown.stdout, shown.stdout
+        assert "attested ✓" not in shown.stdout
+        res = w.parent.run(WGVSOCK, "status", "--once", "--json", env=w.env_for("parent"),
+                           check=False, timeout=30)
+        (iface,) = json.loads(res.stdout)["interfaces"]
+        (peer,) = iface["peers"]
+        assert (iface["attestation"], iface["attested"]) == ("genuine", False)
+        assert (peer["label"], peer["attestation"], peer["attested"]) == (
+            "enclave", "genuine", False)
+
+        page = w.parent.run("curl", "-gsf", "--max-time", "5",
+                            f"http://127.0.0.1:{PORT}/metrics?name[]=wgvsock_peer_attested"
+                            "&name[]=wgvsock_peer_attestation_state").stdout
+        key = peer["public_key"]
+        assert f'wgvsock_peer_attested{{interface="wg0",public_key="{key}"}} 0.0' in page, page
+        states = {s: f'wgvsock_peer_attestation_state{{interface="wg0",public_key="{key}",'
+                     f'state="{s}"}}' for s in ("attested", "genuine", "debug", "unattested")}
+        assert f"{states['genuine']} 1.0" in page, page
+        assert all(f"{line} 0.0" in page for s, line in states.items() if s != "genuine"), page
+    finally:
+        w.close()

@@ -649,13 +649,16 @@ def verify_enclave(
     now), and a failing one is refused whatever `require` says: `require` only decides about
     enclaves that present no document, which the caller handles. A debug-mode document is
     refused unless allow_debug; accepted, it is not "attested" and detail["debug_mode"] says so.
+    Without PCR0 in the policy the verdict's image_pinned is False: the enclave is genuine,
+    its image unproven.
     """
+    pcrs = dict(policy.pcrs or {})
     try:
         if root is None:
             trusted = trusted_root(getattr(policy, "test_root_ca", None))
         else:
             trusted = _as_certificate(root)
-        doc = verify_document(document, root=trusted, pcrs=dict(policy.pcrs or {}),
+        doc = verify_document(document, root=trusted, pcrs=pcrs,
                               nonce=nonce, public_key=public_key,
                               max_age=policy.max_age,
                               now=time.time() if now is None else now, live=True,
@@ -666,4 +669,5 @@ def verify_enclave(
     except ValueError as e:  # a PCR in the policy that is not hex: the caller's bug, not fatal
         return Verdict(False, attested=False, reason=f"attestation policy is invalid: {e}",
                        detail={"code": "bad-policy"})
-    return Verdict(True, attested=not doc.debug_mode, detail=doc.summary())
+    return Verdict(True, attested=not doc.debug_mode, detail=doc.summary(),
+                   image_pinned=0 in pcrs)

@@ -30,7 +30,7 @@ from ..device.device import Device
 from ..safetext import prose
 from ..sdnotify import Notifier, Watchdog
 from ..services import firewall
-from ..services.control import ControlError, ControlServer, Verdict
+from ..services.control import UAPI_ATTESTED, ControlError, ControlServer, Verdict
 from ..services.egress.refusals import RefusalReader, Refusals
 from ..services.metrics.counters import DnsCounters, ParentCounters
 from ..services.nflog import open_free_group
@@ -198,13 +198,10 @@ def judge(policy, public_key: bytes, document: bytes | None, nonce: bytes, *,
 
 
 def attestation_state(verdict: Verdict) -> str:
-    """What the read-only UAPI key wgvsock_attested says: "true", "false", or "debug" for a
-    debug-mode enclave that allow_debug let in (genuine, but its image is not measured)."""
-    if verdict.attested:
-        return "true"
-    if (verdict.detail or {}).get("debug_mode"):
-        return "debug"
-    return "false"
+    """What the read-only UAPI key wgvsock_attested says: "true" (the pinned image), "genuine"
+    (a genuine Nitro enclave, but no PCR0 pinned: any image), "debug" (a debug-mode enclave
+    that allow_debug let in: its image is not measured) or "false" (see Verdict.state)."""
+    return UAPI_ATTESTED[verdict.state]
 
 
 # A session is renewed every 2 minutes while traffic flows; 3 minutes without a handshake means

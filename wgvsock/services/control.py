@@ -59,18 +59,41 @@ class Refused(ControlError):
     """The parent answered and refused this enclave (its policy, or its verifier)."""
 
 
+#: What the parent's verdict on its enclave amounts to, as `wgvsock status --json` (its
+#: "attestation") and the metrics (wgvsock_peer_attestation_state's "state") name it:
+#: attested (a genuine document, and PCR0 pinned: it proves the image), genuine (a genuine
+#: Nitro enclave's document, but the profile pins no PCR0: any image would do), debug (a
+#: debug-mode enclave that allow_debug let in: its PCRs prove nothing) or unattested.
+ATTESTATION_STATES = ("attested", "genuine", "debug", "unattested")
+#: The same, as the parent's read-only UAPI key wgvsock_attested says it.
+UAPI_ATTESTED = {"attested": "true", "genuine": "genuine", "debug": "debug",
+                 "unattested": "false"}
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The parent's decision on a registering enclave."""
 
     accepted: bool
-    attested: bool = False
+    attested: bool = False  # its document was verified, and it is not in debug mode
     reason: str = ""
     detail: dict | None = None
     # What the decision was made on, for the installer to keep (the parent asks a reloaded
     # policy about it again): (attestation document or None, nonce, wall-clock time, policy).
     evidence: tuple[bytes | None, bytes, float, Any] | None = field(default=None,
                                                                      compare=False, repr=False)
+    # The policy pinned PCR0 (the whole image), which the document matched: without it a
+    # verified document proves a genuine Nitro enclave, not which image it runs.
+    image_pinned: bool = False
+
+    @property
+    def state(self) -> str:
+        """One of ATTESTATION_STATES."""
+        if self.attested:
+            return "attested" if self.image_pinned else "genuine"
+        if (self.detail or {}).get("debug_mode"):
+            return "debug"
+        return "unattested"
 
 
 @dataclass(frozen=True)
@@ -367,7 +390,7 @@ class ControlServer:
         self._settled(conn)
         _send(conn, {"type": "welcome", "public_key": _text(self.public_key),
                      "wg_port": self.wg_port, "attested": verdict.attested})
-        log.info("control: enclave registered (attested: %s)", verdict.attested)
+        log.info("control: enclave registered (attestation: %s)", verdict.state)
         return True
 
     def _settled(self, conn: socket.socket) -> None:

@@ -48,6 +48,7 @@ from ..core.crypto import key_to_base64, public_key
 from ..core.messages import REJECT_AFTER_TIME, REKEY_AFTER_TIME
 from ..device.uapi import DEFAULT_RUN_DIR, UAPIError, socket_path, uapi_get
 from ..safetext import prose
+from ..services.control import UAPI_ATTESTED
 
 __all__ = [
     "HEALTH_STYLES",
@@ -226,8 +227,9 @@ class PeerView:
     preshared_key: bool = False
     connection: str | None = None  # wgvsock_conn
     reconnects: int | None = None  # wgvsock_reconnects
-    attested: bool | None = None
+    attested: bool | None = None  # True only for the pinned image ("attested" below)
     debug: bool = False  # a debug-mode enclave let in by allow_debug: genuine, image unmeasured
+    attestation: str | None = None  # one of ATTESTATION_STATES; None: nobody said
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -255,6 +257,7 @@ class InterfaceView:
     role: str | None = None
     attested: bool | None = None
     debug: bool = False
+    attestation: str | None = None
     # The parent's packets per egress verdict (allowed, denied, blocked); None when not given.
     egress: dict[str, int] | None = None
     dns: dict[str, int] | None = None  # queries, refused: only with a DNS forwarder
@@ -326,10 +329,6 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value is not None and _COUNT.fullmatch(value) else None
 
 
-def _bool_or_none(value: str | None) -> bool | None:
-    return {"true": True, "false": False}.get(value or "")
-
-
 def _counters(extra: dict[str, str], prefix: str, names: tuple[str, ...]) -> dict[str, int] | None:
     """The named counters under PREFIX, or None unless every one is there and a number."""
     values = {n: _int_or_none(extra.get(prefix + n)) for n in names}
@@ -355,11 +354,16 @@ def refusals_of(extra: dict[str, str]) -> list[RefusalView]:
     return out
 
 
-def _attestation(value: str | None) -> tuple[bool | None, bool]:
-    """wgvsock_attested: "true", "false" or "debug" (not attested: a debug-mode enclave)."""
-    if value == "debug":
-        return False, True
-    return _bool_or_none(value), False
+_ATTESTATION_OF_UAPI = {word: state for state, word in UAPI_ATTESTED.items()}
+
+
+def _attestation(value: str | None) -> tuple[bool | None, bool, str | None]:
+    """wgvsock_attested ("true", "genuine", "debug" or "false") as (attested, debug, state):
+    attested only for the pinned image; genuine and debug enclaves are not."""
+    state = _ATTESTATION_OF_UAPI.get(value or "")
+    if state is None:
+        return None, False, None
+    return state == "attested", state == "debug", state
 
 
 def _shown(value: str | None) -> str | None:
@@ -377,7 +381,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
                                for p in dev.get("peers", [])):
         network = "vsock"  # another daemon (wireguard-go-vsock) that does not say its network
     role = _shown(extra.get("wgvsock_role"))
-    attested, debug = _attestation(extra.get("wgvsock_attested"))
+    attested, debug, attestation = _attestation(extra.get("wgvsock_attested"))
     priv = dev.get("private_key")
     port = _int_or_none(extra.get("wgvsock_port"))
     iface = InterfaceView(
@@ -391,6 +395,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         role=role,
         attested=attested,
         debug=debug,
+        attestation=attestation,
         egress=_counters(extra, "wgvsock_egress_", ("allowed", "denied", "blocked")),
         dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
         refusals=refusals_of(extra),
@@ -409,11 +414,11 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         other = "enclave" if is_enclave else "parent" if role == "enclave" else None
         label = _shown(pextra.get("wgvsock_role")) or other
         if "wgvsock_attested" in pextra:
-            peer_attested, peer_debug = _attestation(pextra["wgvsock_attested"])
+            peer_attested, peer_debug, peer_state = _attestation(pextra["wgvsock_attested"])
         elif is_enclave:
-            peer_attested, peer_debug = attested, debug
+            peer_attested, peer_debug, peer_state = attested, debug, attestation
         else:
-            peer_attested, peer_debug = None, False
+            peer_attested, peer_debug, peer_state = None, False, None
         iface.peers.append(
             PeerView(
                 public_key=key_to_base64(p["public_key"]),
@@ -434,6 +439,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
                 reconnects=_int_or_none(pextra.get("wgvsock_reconnects")),
                 attested=peer_attested,
                 debug=peer_debug,
+                attestation=peer_state,
                 extra=dict(pextra),
             )
         )
@@ -742,6 +748,15 @@ def _refusal_parts(r: RefusalView) -> list[Text]:
     return [line, Text(human_age(r.age), style="dim")]
 
 
+_ATTESTATION_SHOWN = {
+    "attested": ("attested ✓", "green"),
+    # Verified, but nothing pinned says which image: any enclave on Nitro hardware passes.
+    "genuine": ("genuine enclave, image not pinned", "bold yellow"),
+    "debug": ("debug enclave, not attested", "bold red"),
+    "unattested": ("not attested", "bold yellow"),
+}
+
+
 def _details(p: PeerView, rates: bool = False) -> list[Text]:
     parts: list[Text] = []
     if rates:
@@ -751,12 +766,8 @@ def _details(p: PeerView, rates: bool = False) -> list[Text]:
         if p.cid is not None:
             label.append(f" CID {p.cid}", style="magenta")
         parts.append(label)
-    if p.debug:
-        parts.append(Text("debug enclave, not attested", style="bold red"))
-    elif p.attested is True:
-        parts.append(Text("attested ✓", style="green"))
-    elif p.attested is False:
-        parts.append(Text("not attested", style="bold yellow"))
+    if p.attestation in _ATTESTATION_SHOWN:
+        parts.append(Text(*_ATTESTATION_SHOWN[p.attestation]))
     if p.connection:
         conn = Text(p.connection, style=CONN_STYLES.get(p.connection, ""))
         if p.reconnects:

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from ...conn.bind import RateLimitedLog
 from ...core.crypto import key_to_base64
 from ...threads import NamedThread
+from ..control import ATTESTATION_STATES
 from ..firewall import COUNTERS, rule_comment
 from .counters import ParentCounters
 
@@ -91,8 +92,15 @@ class ParentCollector(Collector):
             labels=peer_labels)
         attested = GaugeMetricFamily(
             "wgvsock_peer_attested",
-            "1 when the enclave's attestation document was verified, 0 when it was admitted "
-            "without one", labels=peer_labels)
+            "1 when the enclave's attestation document was verified and the profile pins its "
+            "image (PCR0), 0 otherwise (wgvsock_peer_attestation_state says what it is)",
+            labels=peer_labels)
+        attestation = GaugeMetricFamily(
+            "wgvsock_peer_attestation_state",
+            "1 for what the parent's verdict on the enclave amounts to, 0 for the others: "
+            "attested (the pinned image), genuine (a genuine Nitro enclave, no PCR0 pinned: "
+            "any image), debug (a debug-mode enclave allow_debug let in), unattested",
+            labels=[*peer_labels, "state"])
         verdict, enclave_key = self.parent.verdict, self.parent.enclave_key
         for p in status.peers:
             key = key_to_base64(p.public_key)
@@ -109,8 +117,11 @@ class ParentCollector(Collector):
             if count.isdigit():
                 reconnects.add_metric([ifname, key], int(count))
             if verdict is not None and p.public_key == enclave_key:
-                attested.add_metric([ifname, key], 1 if verdict.attested else 0)
-        yield from (sent, received, handshake, state, reconnects, attested)
+                now = verdict.state
+                attested.add_metric([ifname, key], 1 if now == "attested" else 0)
+                for s in ATTESTATION_STATES:
+                    attestation.add_metric([ifname, key, s], 1 if now == s else 0)
+        yield from (sent, received, handshake, state, reconnects, attested, attestation)
         accepted = device.bind.status().get("accepted")
         if accepted is not None:
             c = CounterMetricFamily(
