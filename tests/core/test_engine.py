@@ -401,3 +401,31 @@ def test_after_a_new_private_key_the_old_session_still_receives_but_sends_no_mor
     p.cut = True
     out = p.a.encapsulate(ip4("10.0.0.1", "10.0.0.2"), p.now)
     assert kinds(m for _, _, m in out) == [TYPE_INITIATION]  # never sealed with the old one
+
+
+def test_retried_and_timer_made_handshakes_forget_the_sticky_source():
+    """As wireguard-go and the kernel: a handshake the timers make (new-handshake, retransmit)
+    first drops the endpoint's sticky source address, in case it is why no answer comes; one
+    that traffic asks for first does not."""
+    p = Pair()
+    forgotten = []
+
+    def forget(ep):
+        forgotten.append(ep)
+        return ep.rstrip("*")  # "B*": the endpoint with a source
+
+    p.a._forget_source = forget
+    p.a_to_b()
+    p.b_to_a()
+    p.pa.endpoint = "B*"  # as if learned from a message to one of a's addresses
+    p.cut = True  # (the wire knows no "B*": nothing is delivered from here on)
+    p.a.initiate_handshake(p.pa, p.now + 1)  # asked for, and too soon: nothing forgotten
+    p.advance(1)
+    p.a_to_b()
+    assert forgotten == [] and p.pa.endpoint == "B*"
+    p.advance(15.5)  # KeepaliveTimeout + RekeyTimeout (+ jitter): a new handshake
+    assert forgotten and forgotten[0] == "B*" and p.pa.endpoint == "B"
+    before = len(forgotten)
+    p.pa.endpoint = "B*"
+    p.advance(5.5)  # its retransmission
+    assert len(forgotten) > before and p.pa.endpoint == "B"

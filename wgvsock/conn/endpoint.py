@@ -33,6 +33,7 @@ __all__ = [
     "parse_endpoint",
     "unix_endpoint_from_path",
     "unix_port_path",
+    "without_source",
 ]
 
 DEFAULT_UNIX_DIR: Final = "/var/run/wgvsock"
@@ -223,6 +224,11 @@ def _scope_index(scope: str) -> int | None:
         return socket.if_nametoindex(scope)
     except (OSError, OverflowError, ValueError):
         return None
+
+
+def without_source(ep: Endpoint) -> Endpoint:
+    """EP with no sticky source: replies to it leave from the address the route gives."""
+    return ep._replace(src="") if ep.src else ep
 
 
 def inet_host(address: str, scope_id: int = 0) -> str:

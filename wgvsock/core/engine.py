@@ -113,8 +113,14 @@ class Engine:
         rng: Callable[[int], bytes] = os.urandom,
         rand: Callable[[], float] | None = None,
         wall_offset: float = 0.0,
+        forget_source: Callable[[Any], Any] | None = None,
     ) -> None:
         self.mtu = mtu
+        # A peer's endpoint without the local address replies were sent from (a UDP bind's
+        # sticky source), or None where endpoints hold none. Applied before each retried or
+        # timer-made handshake, as wireguard-go and the kernel do: if that address is why no
+        # answer comes (it moved, or the path from it broke), the route's choice may get one.
+        self._forget_source = forget_source
         # TAI64N timestamps are wall-clock time: now + wall_offset. The device sets the offset
         # once, so later wall-clock jumps cannot make our timestamps go backwards.
         self.wall_offset = wall_offset
@@ -261,6 +267,10 @@ class Engine:
                 return out + self._initiate(peer, now, retry=False)
             out.append(self._seal(peer, kp, peer.staged.popleft(), now))
         return out
+
+    def _unstick(self, peer: Peer) -> None:
+        if self._forget_source is not None and peer.endpoint is not None:
+            peer.endpoint = self._forget_source(peer.endpoint)
 
     def _initiate(self, peer: Peer, now: float, *, retry: bool) -> list[Action]:
         if not retry:
@@ -545,6 +555,7 @@ class Engine:
                         out.append((DROP, peer, "handshake gave up after 90 s of retries"))
                     else:
                         timers.handshake_attempts += 1
+                        self._unstick(peer)
                         out += self._initiate(peer, now, retry=True)
                 elif name == SEND_KEEPALIVE:
                     out += self.send_keepalive(peer, now)
@@ -552,6 +563,7 @@ class Engine:
                         timers.need_another_keepalive = False
                         timers.rearm_keepalive(now)
                 elif name == NEW_HANDSHAKE:
+                    self._unstick(peer)
                     out += self._initiate(peer, now, retry=False)
                 elif name == ZERO_KEY_MATERIAL:
                     self._forget_sessions(peer)

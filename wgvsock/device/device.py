@@ -31,7 +31,7 @@ from mypy_extensions import mypyc_attr
 
 from ..conn.bind import Bind, Message, SharedFile
 from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
-from ..conn.endpoint import Endpoint, display_endpoint
+from ..conn.endpoint import Endpoint, display_endpoint, without_source
 from ..conn.framing import MAX_STREAM_MTU
 from ..core.engine import DROP, SEND, TUNNEL, Action, Engine
 from ..core.peer import Peer
@@ -233,7 +233,8 @@ class Device:
         self._wall_offset = time.time() - time.monotonic()
         # Fixed for the engine's handshake timestamps, which must only ever grow, whatever is
         # done to the wall clock meanwhile.
-        self.engine = Engine(mtu=mtu, wall_offset=self._wall_offset)
+        self.engine = Engine(mtu=mtu, wall_offset=self._wall_offset,
+                             forget_source=without_source)
         self._lock = threading.Lock()
         self._offload_lock = threading.Lock()
         self._stopped = threading.Event()
