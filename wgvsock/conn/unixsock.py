@@ -56,10 +56,11 @@ _MAX_LINKS = 40
 _OWN = "give it a directory of its own (one that does not exist yet is made, mode 0700)"
 
 
-def socket_dir(path: str, *, listable: bool = False) -> None:
+def socket_dir(path: str, *, listable: bool = False, make: bool = True) -> None:
     """Makes PATH (mode 0700, and any missing directory above it) to keep sockets in, or
     refuses an existing one where another user could unlink a socket and bind their own in its
     place. PermissionError, in one line saying what is wrong, where, and what to do, otherwise.
+    Not MAKE: only checks (`parent doctor`); what is missing would be made as it should be.
 
     Every directory from / down must be owned by root or by us and, unless sticky as /tmp is,
     not writable by group or others: whoever may write one could rename what is in it and put
@@ -71,12 +72,16 @@ def socket_dir(path: str, *, listable: bool = False) -> None:
     full = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
     parts = [p for p in full.split("/") if p not in ("", ".")]
     last = parts.pop() if parts and parts[-1] != ".." else None
-    where = _resolve(path, parts, me)
+    where = _resolve(path, parts, me, make)
+    if where is None:
+        return
     if last is not None:
         where = os.path.join(where, last)
     try:
         st = os.lstat(where)
     except FileNotFoundError:
+        if not make:
+            return
         with contextlib.suppress(FileExistsError):  # a race: judged below like any other
             os.mkdir(where, 0o700)
         st = os.lstat(where)
@@ -113,10 +118,11 @@ def _unfit(path: str, st: os.stat_result, me: int, listable: bool) -> tuple[str,
     return "", ""
 
 
-def _resolve(path: str, parts: list[str], me: int) -> str:
+def _resolve(path: str, parts: list[str], me: int, make: bool) -> str | None:
     """The real directory PARTS (from /) lead to, each step checked as a directory above the
-    sockets must be, and missing ones made (0700). Links are followed by hand, so that every
-    directory a link passes through is checked too."""
+    sockets must be, and missing ones made (0700); None, not MAKE, at the first missing one.
+    Links are followed by hand, so that every directory a link passes through is checked
+    too."""
     here = "/"
     _check_above(path, here, os.lstat(here), me)
     todo = parts[::-1]
@@ -133,6 +139,8 @@ def _resolve(path: str, parts: list[str], me: int) -> str:
         try:
             st = os.lstat(step)
         except FileNotFoundError:
+            if not make:
+                return None
             with contextlib.suppress(FileExistsError):
                 os.mkdir(step, 0o700)
             st = os.lstat(step)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..conn import make_bind
-from ..conn.unixsock import remove_stale
+from ..conn.unixsock import remove_stale, socket_dir
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import netconf
 from ..device.device import Device
@@ -73,11 +73,27 @@ def local_checks(profile) -> list[Check]:
                                 "vsock_loopback/vhost_vsock or install aws-nitro-enclaves-cli"))
     else:
         checks.append(Check("vsock", None, f"transport is {profile.transport.kind}"))
+    checks.append(_socket_dirs_check(profile))
     if profile.parent.enclave is not None:
         from ..services.nitro import launch_checks
 
         checks += [Check(*c) for c in launch_checks(profile.parent.enclave)]
     return checks
+
+
+def _socket_dirs_check(profile) -> Check:
+    """The directories the parent's sockets go in (the UAPI run directory `wg` looks in, and
+    the Unix stand-in's), as the socket servers judge them, before anything is made."""
+    dirs = [(run_dir(), True)]
+    if profile.transport.kind == "unix":
+        dirs.append((str(profile.transport.path), False))
+    try:
+        for path, listable in dirs:
+            socket_dir(path, listable=listable, make=False)
+    except PermissionError as e:
+        return Check("socket directories", False, str(e))
+    return Check("socket directories", True, "only root or this user can change "
+                 + ", ".join(path for path, _ in dirs))
 
 
 def _dns_check(profile) -> Check:
