@@ -91,7 +91,7 @@ def test_register_round_trip(server):
     with dial(path) as s:
         welcome = register(s, b"E" * 32, attest=lambda nonce, key: b"doc:" + nonce)
     assert welcome.parent_public_key == b"P" * 32 and welcome.wg_port == 51820
-    assert welcome.attested
+    assert welcome.attested and welcome.state in ("attested", "genuine")
     key, doc, nonce = rec.seen[0]
     assert key == b"E" * 32 and doc == b"doc:" + nonce and len(nonce) == 32
     assert rec.installed == [b"E" * 32]
@@ -113,6 +113,20 @@ def _welcome_with(**fields) -> Iterator[socket.socket]:
 def test_welcome_says_whether_the_enclave_was_attested(attested):
     with _welcome_with(attested=attested) as enclave:
         assert register(enclave, b"E" * 32, timeout=5).attested is attested
+
+
+@pytest.mark.parametrize(("fields", "state"), [
+    ({"attested": True, "attestation": "genuine"}, "genuine"),
+    ({"attested": True, "attestation": "attested"}, "attested"),
+    ({"attested": False, "attestation": "debug"}, "debug"),
+    # An older parent says only `attested`; a word not known yet reads as that says.
+    ({"attested": True}, "attested"),
+    ({"attested": False}, "unattested"),
+    ({"attested": True, "attestation": "very\nwell"}, "attested"),
+])
+def test_welcome_says_how_the_enclave_was_attested(fields, state):
+    with _welcome_with(**fields) as enclave:
+        assert register(enclave, b"E" * 32, timeout=5).state == state
 
 
 @pytest.mark.parametrize("fields", [{"attested": "false"}, {"attested": "true"},

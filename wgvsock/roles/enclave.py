@@ -255,7 +255,8 @@ class Enclave:
                 self.registrations += 1
                 self.last_failure = None
                 self.registered.set()
-                log.info("control: registered with the parent (attested: %s)", welcome.attested)
+                log.info("control: registered with the parent (attestation: %s)",
+                         welcome.state)
                 reason = hold_connection(conn, self.stop,
                                          check=lambda at=since: self._tunnel_ok(at))
                 log.warning("control: connection to the parent ended (%s); registering again",

@@ -8,10 +8,12 @@ at most MAX_MESSAGE bytes with `"v": 1` and a `"type"`:
     enclave -> parent   {"v":1, "type":"register", "nonce": <the challenge's>,
                          "public_key": B64(32), "attestation": B64(COSE_Sign1) | null}
     parent  -> enclave  {"v":1, "type":"welcome", "public_key": B64(32), "wg_port": N,
-                         "attested": bool}
+                         "attested": bool, "attestation": STATE}
                      or {"v":1, "type":"refused", "reason": TEXT}
 
-The whole exchange must finish within EXCHANGE_TIMEOUT seconds. After a welcome the connection
+`attested` is true for a genuine enclave whether or not a PCR0 pins its image; STATE (one of
+ATTESTATION_STATES, newer parents only) tells the two apart. The whole exchange must finish
+within EXCHANGE_TIMEOUT seconds. After a welcome the connection
 stays open and both sides send {"v":1,"type":"ping"} every PING_INTERVAL seconds; a side that
 hears nothing for 3 intervals, or sees the connection close, knows the other restarted: the
 enclave then registers again (with the same key) and the parent keeps the peer until a new
@@ -101,6 +103,9 @@ class Welcome:
     parent_public_key: bytes
     wg_port: int
     attested: bool
+    # One of ATTESTATION_STATES: a parent before the welcome said it gave only `attested`,
+    # which is also true for a genuine enclave whose image no PCR0 pins.
+    state: str = ""
 
 
 def encode(message: dict) -> bytes:
@@ -389,7 +394,8 @@ class ControlServer:
                 previous.shutdown(socket.SHUT_RDWR)
         self._settled(conn)
         _send(conn, {"type": "welcome", "public_key": _text(self.public_key),
-                     "wg_port": self.wg_port, "attested": verdict.attested})
+                     "wg_port": self.wg_port, "attested": verdict.attested,
+                     "attestation": verdict.state})
         log.info("control: enclave registered (attestation: %s)", verdict.state)
         return True
 
@@ -502,4 +508,7 @@ def register(
     if type(attested) is not bool:  # the string "false" must not read as attested
         raise ControlError("welcome: attested missing or not a boolean")
     assert parent_key is not None
-    return Welcome(parent_key, port, attested)
+    state = msg.get("attestation")
+    if state not in ATTESTATION_STATES:  # an older parent's welcome (or a word not known yet)
+        state = "attested" if attested else "unattested"
+    return Welcome(parent_key, port, attested, state)
