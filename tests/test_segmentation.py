@@ -377,3 +377,56 @@ def test_an_ipv4_header_with_options_sums_as_ipv4() -> None:
     out = b"".join(pieces)
     expected = (int.from_bytes(packet[12:20], "big") + 6 + len(packet) - 40) % 0xFFFF
     assert int.from_bytes(out[40 + 16 : 40 + 18], "big") == expected
+
+
+_FINAL = bytes(15) + b"\x09"
+
+
+def _v6_with(extensions: bytes, first: int, tcp: bytes) -> bytes:
+    """An IPv6 packet whose extension headers (`first` the first one's type) come before TCP;
+    its destination field holds the next hop, not _FINAL."""
+    src, hop = bytes(15) + b"\x01", bytes(15) + b"\x02"
+    body = extensions + tcp
+    return struct.pack("!IHBB", 0x60000000, len(body), first, 64) + src + hop + body
+
+
+def _ext(next_header: int, body: bytes) -> bytes:
+    """An extension header in 8-byte units (hop-by-hop, routing, destination options)."""
+    assert (len(body) + 2) % 8 == 0
+    return bytes([next_header, (len(body) + 2) // 8 - 1]) + body
+
+
+_EXTENSIONS = {
+    # Mobile IPv6 (type 2, segments left 1): the home address, the final destination.
+    "type 2": (43, _ext(6, bytes([2, 1]) + bytes(4) + _FINAL)),
+    # Segment routing (type 4), two segments left: Segment List[0] is the final destination.
+    "srh": (43, _ext(6, bytes([4, 1, 1, 0, 0, 0]) + _FINAL + bytes(15) + b"\x05")),
+    # Hop-by-hop options (PadN) before a type 0 header with two addresses, the final last.
+    "hop-by-hop, type 0": (0, _ext(43, bytes([1, 4]) + bytes(4))
+                           + _ext(6, bytes([0, 2]) + bytes(4) + bytes(15) + b"\x07" + _FINAL)),
+}
+
+
+@pytest.mark.parametrize("kind", list(_EXTENSIONS))
+@pytest.mark.parametrize("impl", ["python", "c"])
+def test_a_routing_header_names_the_destination_the_checksum_covers(kind, impl) -> None:
+    """RFC 8200 8.1: with a routing header, the pseudo-header holds the final destination.
+    The IPv6 header's own destination (the next hop) was summed, so every segment of such a
+    super-packet carried a checksum its receiver refuses."""
+    first, extensions = _EXTENSIONS[kind]
+    payload = os.urandom(5000)
+    packet = _v6_with(extensions, first, _tcp(1000, _ACK | _PSH, payload))
+    l4 = 40 + len(extensions)
+    if impl == "c":
+        module = _segment_module()
+        if module is None:
+            pytest.skip("a pure build: no C segmentation (make compile builds it)")
+        cut = module.split_tso
+    else:
+        cut = tun_mod.py_split_tso
+    segments = [bytes(s) for s in cut(packet, l4, 1400)]
+    assert b"".join(s[l4 + 20:] for s in segments) == payload
+    for seg in segments:
+        assert struct.unpack_from("!H", seg, 4)[0] == len(seg) - 40
+        pseudo = seg[8:24] + _FINAL + struct.pack("!IxxxB", len(seg) - l4, 6)
+        assert _ones_sum(pseudo + seg[l4:]) == 0xFFFF

@@ -96,6 +96,28 @@ static PyObject *complete_checksum(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* The destination an IPv6 packet's TCP checksum covers (RFC 8200, 8.1): the final one, which
+ * a routing header with segments left names in place of the IPv6 header's. Its extension
+ * headers (hop-by-hop, routing, destination options, AH) end at L4. */
+static const uint8_t *final_destination(const uint8_t *in, Py_ssize_t l4) {
+    const uint8_t *dst = in + 24;
+    uint8_t nh = in[6];
+    Py_ssize_t at = 40;
+    while (at + 8 <= l4 && (nh == 0 || nh == 43 || nh == 60 || nh == 51)) {
+        Py_ssize_t size = nh == 51 ? ((Py_ssize_t)in[at + 1] + 2) * 4
+                                   : ((Py_ssize_t)in[at + 1] + 1) * 8;
+        if (nh == 43 && in[at + 3] && size >= 24 && at + size <= l4) {
+            if (in[at + 2] == 0 || in[at + 2] == 2) /* addresses, the final one last */
+                dst = in + at + size - 16;
+            else if (in[at + 2] == 4) /* segment routing: Segment List[0], the final one */
+                dst = in + at + 8;
+        }
+        nh = in[at];
+        at += size;
+    }
+    return dst;
+}
+
 static PyObject *split_tso(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t l4, mss;
@@ -123,7 +145,9 @@ static PyObject *split_tso(PyObject *self, PyObject *args) {
     }
     Py_ssize_t payload = len - hlen;
     /* The pseudo-header's addresses, summed once. */
-    uint32_t addresses = version == 4 ? sum_be(in + 12, 8) : sum_be(in + 8, 32);
+    uint32_t addresses = version == 4 ? sum_be(in + 12, 8)
+                         : l4 == 40 ? sum_be(in + 8, 32)
+                                    : sum_be(in + 8, 16) + sum_be(final_destination(in, l4), 16);
     uint32_t ip_id = version == 4 ? get16(in + 4) : 0;
     uint32_t seq = get32(in + l4 + 4);
     uint8_t flags = in[l4 + 13];

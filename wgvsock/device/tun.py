@@ -42,6 +42,11 @@ _GSO_TCPV4: Final = 1
 _GSO_TCPV6: Final = 4
 _GSO_ECN: Final = 0x80
 _IPPROTO_TCP: Final = 6
+# IPv6 extension headers that may come before TCP: hop-by-hop options, routing,
+# destination options (8-byte units), the authentication header (4-byte units).
+_IPV6_ROUTING: Final = 43
+_IPV6_AH: Final = 51
+_IPV6_EXTENSIONS: Final = frozenset({0, _IPV6_ROUTING, 60, _IPV6_AH})
 _TCP_CWR: Final = 0x80
 _TCP_FIN_PSH: Final = 0x09
 _TCP_ACK: Final = 0x10
@@ -160,8 +165,11 @@ def py_split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> l
     if version == 4:
         addresses = int.from_bytes(view[12:20], "big")
         ip_id = int.from_bytes(view[4:6], "big")
-    else:
+    elif l4 == 40:
         addresses = int.from_bytes(view[8:40], "big")
+        ip_id = 0
+    else:
+        addresses = int.from_bytes(view[8:24].tobytes() + _final_destination(view, l4), "big")
         ip_id = 0
     seq = int.from_bytes(view[l4 + 4 : l4 + 8], "big")
     flags = view[l4 + 13]
@@ -196,6 +204,25 @@ def py_split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> l
         seg[l4 + 16 : l4 + 18] = _fold(s).to_bytes(2, "big")
         out.append(seg)
     return out
+
+
+def _final_destination(view: memoryview, l4: int) -> bytes:
+    """The destination an IPv6 packet's TCP checksum covers (RFC 8200, 8.1): the final one,
+    which a routing header with segments left names in place of the IPv6 header's. Its
+    extension headers end at `l4`."""
+    dst = view[24:40]
+    nh, at = view[6], 40
+    while at + 8 <= l4 and nh in _IPV6_EXTENSIONS:
+        size = (view[at + 1] + 2) * 4 if nh == _IPV6_AH else (view[at + 1] + 1) * 8
+        if nh == _IPV6_ROUTING and view[at + 3] and size >= 24 and at + size <= l4:
+            kind = view[at + 2]
+            if kind in (0, 2):  # a list of addresses, the final one last
+                dst = view[at + size - 16 : at + size]
+            elif kind == 4:  # a segment routing header: Segment List[0], the final one, first
+                dst = view[at + 8 : at + 24]
+        nh = view[at]
+        at += size
+    return dst.tobytes()
 
 
 def _mergeable(p: bytes | bytearray) -> int:
