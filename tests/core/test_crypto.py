@@ -185,3 +185,24 @@ def test_noise_rejects_wrong_psk_and_tampering():
     )
     with pytest.raises(noise.HandshakeError):
         noise.initiator_read(ck, h, x(v["init_ephemeral"]), x(v["init_static"]), re, b"b" * 32, enc)
+
+
+def test_responder_stops_at_an_unknown_initiator_before_the_static_dh():
+    """As wireguard-go and the kernel: once the initiator's static key is decrypted and names
+    no peer, reading stops. Before, a second X25519 was spent on it first, so a flood of
+    initiations from unknown keys (mac1 needs only our public key) cost twice the work."""
+    v = json.loads((VECTORS / "noise-ikpsk2-25519-chachapoly-blake2s.json").read_text())["vector"]
+    r_pub = crypto.public_key(x(v["resp_static"]))
+    ck, h = noise.initial_state(b"p", r_pub)
+    _, _, e, enc_s, enc_p = noise.initiator_write(
+        ck, h, x(v["init_ephemeral"]), x(v["init_static"]), r_pub, b"ts"
+    )
+    asked = []
+
+    def unknown(key: bytes) -> None:
+        asked.append(key)
+
+    ck_r, h_r = noise.initial_state(b"p", r_pub)
+    with pytest.raises(noise.HandshakeError):
+        noise.responder_read(ck_r, h_r, x(v["resp_static"]), e, enc_s, enc_p, unknown)
+    assert asked == [crypto.public_key(x(v["init_static"]))]

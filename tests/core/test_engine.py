@@ -3,7 +3,7 @@
 import itertools
 
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.core.engine import DROP, SEND, TUNNEL
+from wgvsock.core.engine import DROP, SEND, TUNNEL, Engine
 from wgvsock.core.messages import (
     INITIATION_SIZE,
     REJECT_AFTER_MESSAGES,
@@ -429,3 +429,13 @@ def test_retried_and_timer_made_handshakes_forget_the_sticky_source():
     p.pa.endpoint = "B*"
     p.advance(5.5)  # its retransmission
     assert len(forgotten) > before and p.pa.endpoint == "B"
+
+
+def test_initiation_from_an_unknown_key_is_dropped_as_such():
+    p = Pair()
+    stranger = Engine(generate_private_key())
+    peer = stranger.add_peer(p.b.public_key)
+    peer.endpoint = "B"
+    (_, _, init), = stranger.initiate_handshake(peer, p.now)
+    out = p.b.decapsulate(init, "X", p.now, src_key=b"X")
+    assert out == [(DROP, None, "initiation from an unknown peer")]

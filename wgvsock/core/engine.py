@@ -434,10 +434,12 @@ class Engine:
             ck, h, remote, timestamp = noise.responder_read(
                 ck, h, self.private_key, e_pub, data[40:88], data[88:116], static_static
             )
+        except noise.UnknownInitiator:
+            return _drop("initiation from an unknown peer")
         except noise.HandshakeError as e:
             return _drop(f"initiation did not decrypt: {e}")
         peer = self.peers.get(remote)
-        if peer is None:
+        if peer is None:  # the callback found it; this only narrows the type
             return _drop("initiation from an unknown peer")
         hs = peer.handshake
         if timestamp <= hs.last_timestamp:

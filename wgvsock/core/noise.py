@@ -8,6 +8,7 @@ Failures (bad tag, low-order key) raise `HandshakeError`; callers turn that into
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from .crypto import AEADError, aead_decrypt, aead_encrypt, dh, hash_, kdf1, kdf2, kdf3, public_key
@@ -19,6 +20,10 @@ ZERO_PSK: Final = bytes(32)
 
 class HandshakeError(Exception):
     pass
+
+
+class UnknownInitiator(HandshakeError):
+    """The initiator's static key decrypted but names no usable peer."""
 
 
 def _dh(private: bytes, public: bytes) -> bytes:
@@ -64,20 +69,28 @@ def responder_read(
     e_pub: bytes,
     enc_static: bytes,
     enc_payload: bytes,
-    static_static: object = None,
+    static_static: Callable[[bytes], bytes | None] | None = None,
 ) -> tuple[bytes, bytes, bytes, bytes]:
     """Reads message 1. Returns (ck, h, initiator static public key, payload).
 
     `static_static` may be a callable mapping the initiator's static key to the precomputed
-    DH(s_priv, that key), saving one X25519 per handshake for known peers.
+    DH(s_priv, that key), or to None for a key that is not a peer's (or not a usable one):
+    that raises `UnknownInitiator` before the second X25519, as wireguard-go and the kernel
+    stop there, so a flood of initiations from unknown keys costs one X25519 each, not two.
+    Without it (the generic vector), the DH is computed.
     """
     ck = kdf1(ck, e_pub)
     h = hash_(h, e_pub)
     ck, k = kdf2(ck, _dh(s_priv, e_pub))
     rs_pub = _open(k, enc_static, h)
     h = hash_(h, enc_static)
-    ss = static_static(rs_pub) if callable(static_static) else None
-    ck, k = kdf2(ck, ss if ss is not None else _dh(s_priv, rs_pub))
+    if static_static is not None:
+        ss = static_static(rs_pub)
+        if ss is None:
+            raise UnknownInitiator("initiator is not a known peer")
+    else:
+        ss = _dh(s_priv, rs_pub)
+    ck, k = kdf2(ck, ss)
     payload = _open(k, enc_payload, h)
     h = hash_(h, enc_payload)
     return ck, h, rs_pub, payload
