@@ -252,7 +252,9 @@ class ControlParentTarget(Target):
             raise RuntimeError("a verifier bug")  # the server must refuse, not die
         if not self.accepts(attestation):
             return Verdict(False, reason="attestation refused")
-        return Verdict(True, attested=attestation is not None)
+        # An odd first byte stands for a document that matched a pinned PCR0.
+        return Verdict(True, attested=attestation is not None,
+                       image_pinned=bool(attestation and attestation[0] & 1))
 
     def _install(self, public_key: bytes, verdict: Verdict) -> None:
         self.installed.append(public_key if verdict.accepted else b"not accepted")
@@ -336,8 +338,12 @@ class ControlParentTarget(Target):
         assert types[:2] == ["challenge", "welcome"], f"{types} for an accepted enclave"
         assert set(types[2:]) <= {"ping"}, f"unexpected messages {types}"
         welcome = messages[1]
-        assert (welcome.get("public_key"), welcome.get("wg_port"), welcome.get("attested")) == (
-            b64(b"\x07" * 32), 51820, document is not None), f"welcome {welcome}"
+        assert (welcome.get("public_key"), welcome.get("wg_port"), welcome.get("attested"),
+                welcome.get("attestation")) == (
+            b64(b"\x07" * 32), 51820, document is not None,
+            "unattested" if document is None
+            else "attested" if document[:1] and document[0] & 1 else "genuine"), (
+            f"welcome {welcome}")
 
 
 class ControlEnclaveTarget(Target):
@@ -367,6 +373,10 @@ class ControlEnclaveTarget(Target):
                  ("false", "true", 0, 1, None))},
             {"v": 1, "type": "refused", "reason": rng.choice(TEXT_VALUES)},
         ))
+        if answer["type"] == "welcome" and rng.random() < 0.5:  # newer parents say the state
+            answer["attestation"] = rng.choice(
+                ("attested", "genuine", "debug", "unattested", "Genuine", 1, None,
+                 rng.choice(TEXT_VALUES)))
         if r < 0.35:
             kind, messages = "challenge-mutated", [mutate_message(rng, challenge), answer]
         elif r < 0.75:
@@ -434,5 +444,11 @@ class ControlEnclaveTarget(Target):
             assert [m.get("type") for m in sent] == ["register"], "sent more after no welcome"
             raise refusal
         assert refusal is None, f"refused a well-formed welcome: {refusal}"
-        assert welcome == Welcome(parent_key, port, verdict), f"{welcome} from {expected}"
+        # The state word, when it is one of the four; else what `attested` says (an older
+        # parent's welcome has no state).
+        state = expected.get("attestation")
+        if state not in ("attested", "genuine", "debug", "unattested"):
+            state = "attested" if verdict else "unattested"
+        assert welcome == Welcome(parent_key, port, verdict, state), (
+            f"{welcome} from {expected}")
         assert {m.get("type") for m in sent[1:]} == {"ping"}, "not only pings after the welcome"
