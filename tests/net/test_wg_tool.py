@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from wgvsock.core.crypto import key_to_base64
+from wgvsock.core.crypto import key_to_base64, public_key
 from wgvsock.device.uapi import uapi_set
 
 from .daemonctl import only_pid, process_gone, raw_uapi, sock_path
@@ -88,6 +88,25 @@ def test_wg_set_show_dump_showconf(lab: Lab) -> None:
     # The daemon kept its own socket and nothing else in the namespace.
     assert os.path.exists(sock_path(ifname))
     assert not process_gone(only_pid(ns))
+
+
+def test_an_unclamped_private_key_is_shown_clamped(lab: Lab) -> None:
+    """wireguard-go and the kernel clamp a private key as they take it, so `wg show
+    private-key` and `wg showconf` give the clamped key; ours gave back the bytes as sent."""
+    ns, ifname = _daemon(lab)
+    raw = bytes(range(0xC1, 0xE1))  # low bits of byte 0 and top bit of byte 31 set
+    clamped = bytearray(raw)
+    clamped[0] &= 248
+    clamped[31] = (clamped[31] & 127) | 64
+    ns.wg("set", ifname, "private-key", _keyfile(lab, "raw.key", key_to_base64(raw)))
+    assert ns.wg("show", ifname, "private-key").stdout.strip() == key_to_base64(bytes(clamped))
+    assert ns.wg("show", ifname, "public-key").stdout.strip() == \
+        key_to_base64(public_key(bytes(clamped)))
+    assert f"PrivateKey = {key_to_base64(bytes(clamped))}" in ns.wg("showconf", ifname).stdout
+    # The clamped form is the same key, and reads back the same.
+    ns.wg("set", ifname, "private-key", _keyfile(lab, "clamped.key",
+                                                 key_to_base64(bytes(clamped))))
+    assert ns.wg("show", ifname, "private-key").stdout.strip() == key_to_base64(bytes(clamped))
 
 
 def test_showconf_setconf_round_trip(lab: Lab) -> None:

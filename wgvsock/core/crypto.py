@@ -26,6 +26,7 @@ __all__ = [
     "KeyFormatError",
     "aead_decrypt",
     "aead_encrypt",
+    "clamp_private_key",
     "dh",
     "generate_private_key",
     "hash_",
@@ -147,12 +148,18 @@ def xaead_decrypt(key: bytes, nonce24: bytes, ciphertext: bytes, ad: bytes) -> b
         raise AEADError("authentication failed") from None
 
 
-def generate_private_key() -> bytes:
-    """A clamped Curve25519 private key, as `wg genkey` makes."""
-    k = bytearray(os.urandom(32))
+def clamp_private_key(private: bytes) -> bytes:
+    """`private` as X25519 uses it (RFC 7748 clamping), which is how wireguard-go and the
+    kernel store a key they are given, and so how `wg show` reports it."""
+    k = bytearray(private)
     k[0] &= 248
     k[31] = (k[31] & 127) | 64
     return bytes(k)
+
+
+def generate_private_key() -> bytes:
+    """A clamped Curve25519 private key, as `wg genkey` makes."""
+    return clamp_private_key(os.urandom(32))
 
 
 def public_key(private: bytes) -> bytes:

@@ -24,7 +24,7 @@ from typing import Any, Final
 from . import noise
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker
-from .crypto import dh, public_key, tai64n
+from .crypto import clamp_private_key, dh, public_key, tai64n
 from .keypair import Keypair
 from .messages import (
     COOKIE_REPLY_SIZE,
@@ -143,6 +143,10 @@ class Engine:
     # -- configuration -------------------------------------------------------------------
 
     def set_private_key(self, private_key: bytes | None) -> None:
+        if private_key is not None:
+            # Kept clamped as wireguard-go and the kernel keep it: `wg show` reports the key
+            # they hold, and an unclamped key and its clamped form are the same key.
+            private_key = clamp_private_key(private_key)
         if private_key == self.private_key:
             return
         self.private_key = private_key
