@@ -201,6 +201,19 @@ def test_peer_and_allowed_ip_removal(lab: Lab) -> None:
     assert ns.wg("show", ifname, "peers").stdout.strip() == ""
 
 
+def test_an_allowed_ip_added_again_moves_to_the_end(lab: Lab) -> None:
+    """wireguard-go and the kernel move a prefix a peer is given again to the end of its
+    list; `wg show` lists them in that order. Ours left it where it was."""
+    ns, ifname = _daemon(lab)
+    peer = Keys()
+    ns.wg("set", ifname, "peer", peer.public_b64, "allowed-ips", "10.0.0.0/8,10.2.0.0/16")
+    # Adding without replacing takes raw UAPI (as wgctrl sends it): Debian's wg replaces the
+    # list whenever it names allowed IPs. The host bits set do not make it another prefix.
+    request = f"public_key={peer.public_hex}\nallowed_ip=10.9.9.9/8\n"
+    assert uapi_set(sock_path(ifname), request) == 0
+    assert _allowed(ns, ifname)[peer.public_b64].split() == ["10.2.0.0/16", "10.0.0.0/8"]
+
+
 def test_peer_order_is_stable(lab: Lab) -> None:
     ns, ifname = _daemon(lab)
     keys = [Keys() for _ in range(12)]

@@ -126,6 +126,11 @@ class AllowedIPs(Generic[P]):
         old = self._entries.get(net)
         if old is not None:
             if old == peer:
+                # To the end of the peer's list, as wireguard-go and the kernel do: `wg show`
+                # lists a peer's prefixes in this order.
+                owned = self._by_peer[peer]
+                del owned[net]
+                owned[net] = None
                 return
             self._unlink(net, old)
         self._entries[net] = peer
@@ -155,7 +160,7 @@ class AllowedIPs(Generic[P]):
             self._unlink(net, peer)
 
     def entries_for(self, peer: P) -> list[IPNetwork]:
-        """The prefixes of ``peer`` in the order they were inserted."""
+        """The prefixes of ``peer`` in the order they were (last) inserted."""
         return list(self._by_peer.get(peer, ()))
 
     # The lookups below run once per packet, so the loop is written out in each rather than
