@@ -291,6 +291,24 @@ def test_format_get_refuses_unsafe_extras(status: DeviceStatus) -> None:
         format_get(status)
 
 
+def test_format_get_extra_values_never_hold_an_equals_sign() -> None:
+    """wgctrl (Go) splits each reply line at every '=' and fails the whole device on a line
+    that does not give exactly two parts. An extra's value may come from outside: a DNS name
+    the enclave asked for (wgvsock_refused_N), a Unix socket path or an interface name."""
+    status = DeviceStatus(
+        extra={"wgvsock_refused_1": "dns 1 0 a=b.example.com; not allowed"},
+        peers=[PeerStatus(public_key=bytes.fromhex(K2),
+                          extra={"wgvsock_endpoint": "unix:/run/x=y/5000.sock"})],
+    )
+    reply = format_get(status)
+    for line in reply.split("\n"):
+        if line:
+            assert len(line.split("=")) == 2, line
+    got = parse_get(reply)
+    assert got["extra"]["wgvsock_refused_1"] == "dns 1 0 a\\x3db.example.com; not allowed"
+    assert got["peers"][0]["extra"]["wgvsock_endpoint"] == "unix:/run/x\\x3dy/5000.sock"
+
+
 def test_format_get_round_trips_through_parse_get() -> None:
     status = _status()
     status.peers[1].preshared_key = None

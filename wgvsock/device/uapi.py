@@ -15,6 +15,8 @@ stock `wg(8)` tool is the client that matters:
 What `wg` accepts in a get reply (wireguard-tools ipc-uapi.h) constrains the formatter: it
 ignores unknown keys (so read-only extras are safe), but one unparsable endpoint, a listen_port
 or persistent_keepalive_interval above 65535, or a negative errno makes the whole `wg show` fail.
+Go's wgctrl also ignores unknown keys but fails on a line with more than one '=', so a '=' in
+an extra's value is written ``\\x3d``.
 """
 
 from __future__ import annotations
@@ -340,6 +342,9 @@ class DeviceStatus:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+_EQUALS = "\\x3d"  # how an extra's value shows a '='
+
+
 def _check_value(key: str, value: str) -> None:
     if "\n" in value or "\r" in value or "\0" in value:
         raise ValueError(f"UAPI value for {key!r} must be a single line: {value!r}")
@@ -351,7 +356,9 @@ def _extra_lines(extra: dict[str, str], reserved: tuple[str, ...]) -> list[str]:
         if not _EXTRA_KEY.fullmatch(k) or k in reserved or k in ("errno", "public_key"):
             raise ValueError(f"invalid extra UAPI key {k!r}")
         _check_value(k, v)
-        lines.append(f"{k}={v}")
+        # Values may come from outside (a DNS name the enclave asked for, a socket path), and
+        # wgctrl refuses the whole reply for a line with a second '='.
+        lines.append(f"{k}={v.replace('=', _EQUALS)}")
     return lines
 
 
