@@ -268,6 +268,8 @@ def test_listen_port_in_use(lab: Lab) -> None:
         pytest.param(b"set=1\npublic_key=" + b"ab" * 32 + b"\nendpoint=nohost\n\n",
                      b"errno=-22\n\n", id="bad-endpoint"),
         pytest.param(b"get=1\ntrailing\n\n", b"errno=-22\n\n", id="get-with-body"),
+        # "set" is no device key: wireguard-go refuses the second operation line.
+        pytest.param(b"set=1\nset=1\nfwmark=2\n\n", b"errno=-22\n\n", id="set-twice"),
         pytest.param(b"set=1\nprivate_key=" + b"a" * 200_000 + b"\n\n", b"errno=-5\n\n",
                      id="huge-line"),
     ],

@@ -798,7 +798,9 @@ class UAPIServer:
 
     def _apply(self, lines: list[str]) -> int:
         try:
-            cfg = parse_set("".join(line + "\n" for line in lines))
+            # With its operation line, which parse_set drops: a second `set=1` that opens the
+            # body is then a bad device key, as wireguard-go has it, not dropped in its place.
+            cfg = parse_set("set=1\n" + "".join(line + "\n" for line in lines))
             with self._handler_lock:
                 self._handler.uapi_set(cfg)
         except UAPIError as e:
