@@ -268,6 +268,10 @@ def test_listen_port_in_use(lab: Lab) -> None:
         pytest.param(b"set=1\npublic_key=" + b"ab" * 32 + b"\nendpoint=nohost\n\n",
                      b"errno=-22\n\n", id="bad-endpoint"),
         pytest.param(b"get=1\ntrailing\n\n", b"errno=-22\n\n", id="get-with-body"),
+        # Whole or not at all: the key, port and new peer before the bad line stay unapplied.
+        pytest.param(b"set=1\nprivate_key=" + b"4" * 64 + b"\nlisten_port=42001\npublic_key="
+                     + b"cd" * 32 + b"\nallowed_ip=10.9.0.0/16\nallowed_ip=10.9.0.0/99\n\n",
+                     b"errno=-22\n\n", id="bad-line-after-good-ones"),
         # "set" is no device key: wireguard-go refuses the second operation line.
         pytest.param(b"set=1\nset=1\nfwmark=2\n\n", b"errno=-22\n\n", id="set-twice"),
         pytest.param(b"set=1\nprivate_key=" + b"a" * 200_000 + b"\n\n", b"errno=-5\n\n",
