@@ -235,6 +235,18 @@ def connect_pair(
     return ka, kb
 
 
+def nft_counters(ns: Namespace, table: str = "wgvtest") -> dict[str, int]:
+    """The packet counts of the rules of a test's own `inet TABLE`, by their comments."""
+    out = ns.run("nft", "-j", "list", "table", "inet", table).stdout
+    counts = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule and "comment" in rule:
+            counter = next(e["counter"] for e in rule["expr"] if "counter" in e)
+            counts[rule["comment"]] = counter["packets"]
+    return counts
+
+
 def ping(
     ns: Namespace, addr: str, count: int = 3, *, size: int | None = None, **kw
 ) -> subprocess.CompletedProcess:

@@ -17,12 +17,11 @@ interface and is lost.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 import pytest
 
-from .netlab import Lab, Namespace, connect_pair, ping, wait_for
+from .netlab import Lab, Namespace, connect_pair, nft_counters, ping, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -48,17 +47,6 @@ FAMILIES = {
     "ipv4": Addresses("ip", 24, "192.168.79.1", "192.168.79.11", "192.168.79.2"),
     "ipv6": Addresses("ip6", 64, "2001:db8:79::1", "2001:db8:79::11", "2001:db8:79::2"),
 }
-
-
-def _counters(ns: Namespace) -> dict[str, int]:
-    out = ns.run("nft", "-j", "list", "table", "inet", "wgvtest").stdout
-    counts = {}
-    for item in json.loads(out)["nftables"]:
-        rule = item.get("rule")
-        if rule and "comment" in rule:
-            counter = next(e["counter"] for e in rule["expr"] if "counter" in e)
-            counts[rule["comment"]] = counter["packets"]
-    return counts
 
 
 def _count_sources(g: Namespace, a: Addresses, *, strict: bool) -> None:
@@ -117,7 +105,7 @@ def test_replies_leave_from_the_address_the_peer_sent_to(lab: Lab, family: str) 
     o, g, ours, go = _sticky_lab(lab, a, strict=True)
     ping(g, OURS_TUN)  # the first ping waits for the handshake g starts
     ping(o, GO_TUN)
-    counts = _counters(g)
+    counts = nft_counters(g)
     assert counts["from-primary"] == 0, counts
     assert counts["from-secondary"] >= 2, counts  # the response, the pings' packets
     # Where g sees us, and we see g: the sticky source is not part of what `wg` shows.
@@ -133,21 +121,21 @@ def test_a_source_address_that_goes_away_gives_way_and_is_taken_again(lab: Lab) 
     a = dataclasses.replace(FAMILIES["ipv4"])
     o, g, ours, go = _sticky_lab(lab, a, strict=False)
     ping(g, OURS_TUN)
-    assert _counters(g)["from-primary"] == 0
+    assert nft_counters(g)["from-primary"] == 0
 
     o.ip("addr", "del", f"{a.secondary}/{a.prefix}", "dev", "va0")
     ping(o, GO_TUN)  # needs the fallback: the kernel refuses the removed address
-    assert _counters(g)["from-primary"] >= 1
+    assert nft_counters(g)["from-primary"] >= 1
     assert g.wg("show", go, "endpoints").stdout.split()[1] == a.endpoint(a.primary, OURS_PORT)
     assert "sending from the address the route gives" in lab.log(ours)
 
     o.ip("addr", "add", f"{a.secondary}/{a.prefix}", "dev", "va0")
     g.wg("set", go, "peer", g.wg("show", go, "peers").stdout.strip(),
          "endpoint", a.endpoint(a.secondary, OURS_PORT))
-    before = _counters(g)
+    before = nft_counters(g)
     ping(g, OURS_TUN)
     ping(o, GO_TUN)
-    after = _counters(g)
+    after = nft_counters(g)
     assert after["from-primary"] == before["from-primary"], (before, after)
     assert after["from-secondary"] >= before["from-secondary"] + 6, (before, after)
 

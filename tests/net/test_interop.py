@@ -9,7 +9,6 @@ tells us which side really initiated.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -17,7 +16,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from .netlab import Lab, Namespace, connect_pair, csum_errors, iperf3, ping, wait_for
+from .netlab import (
+    Lab,
+    Namespace,
+    connect_pair,
+    csum_errors,
+    iperf3,
+    nft_counters,
+    ping,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root]
 
@@ -58,13 +66,7 @@ class Side:
 
     def handshakes_sent(self) -> tuple[int, int]:
         """(initiations, responses) this side has sent from its listen port."""
-        out = self.ns.run("nft", "-j", "list", "table", "inet", "wgvtest").stdout
-        counts = {}
-        for item in json.loads(out)["nftables"]:
-            rule = item.get("rule")
-            if rule and "comment" in rule:
-                counter = next(e["counter"] for e in rule["expr"] if "counter" in e)
-                counts[rule["comment"]] = counter["packets"]
+        counts = nft_counters(self.ns)
         return counts[f"init-{self.port}"], counts[f"resp-{self.port}"]
 
 

@@ -100,21 +100,14 @@ def _unfit(path: str, st: os.stat_result, me: int, listable: bool) -> tuple[str,
         return "is a symbolic link", f"name the real directory instead, or {_OWN}"
     if not stat.S_ISDIR(st.st_mode):
         return "is not a directory", _OWN
-    if listable:
-        if st.st_uid not in (0, me):
-            owners = "0" if me == 0 else f"0 or {me}"
-            return (f"is owned by uid {st.st_uid}, not {owners}",
-                    _OWN if shared else f"`chown {me} {path}`, or {_OWN}")
-        if mode & 0o022:
-            return (f"has mode {mode:04o}, writable by other users",
-                    _OWN if shared else f"`chmod go-w {path}`, or {_OWN}")
-        return "", ""
-    if st.st_uid != me:
-        return (f"is owned by uid {st.st_uid}, not {me}",
+    owners = dict.fromkeys((0, me) if listable else (me,))
+    if st.st_uid not in owners:
+        return (f"is owned by uid {st.st_uid}, not {' or '.join(map(str, owners))}",
                 _OWN if shared else f"`chown {me} {path}`, or {_OWN}")
-    if mode & 0o077:
-        return (f"has mode {mode:04o}, open to other users",
-                _OWN if shared else f"`chmod 700 {path}`, or {_OWN}")
+    what, chmod = (("writable by", "go-w") if listable else ("open to", "700"))
+    if mode & (0o022 if listable else 0o077):
+        return (f"has mode {mode:04o}, {what} other users",
+                _OWN if shared else f"`chmod {chmod} {path}`, or {_OWN}")
     return "", ""
 
 
