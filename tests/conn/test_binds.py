@@ -259,7 +259,7 @@ def test_a_source_the_kernel_refuses_gives_way_to_the_routes_choice(
     binds: list[Bind], batch: bool
 ) -> None:
     """An address that is not ours (any more): the reply still goes, from the route's
-    choice. tests/net/test_udp_source.py removes a real one."""
+    choice. tests/net/test_inet_endpoints.py removes a real one."""
     b, _, port = opened(binds, DatagramBind("udp"))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
         peer.bind(("127.0.0.2", 0))
@@ -1576,3 +1576,28 @@ def test_einval_from_a_segmented_send_is_this_paths_alone() -> None:
     assert not bind._send_gso(Refusing(errno.EIO), run, 1400, (("192.0.2.2", 51820), ()),
                               near)
     assert not bind._gso
+
+
+def test_a_segment_too_large_with_a_source_keeps_the_source() -> None:
+    """EINVAL also says a segment is too large (kernels before 6.13): with a sticky source it
+    was read as the source refused, so later sends left from the route's address, which a peer
+    behind NAT drops. The send without the source decides which it was."""
+
+    class Refusing:
+        calls: list[object] = []
+
+        def sendmsg(self, data: object, cmsg: object, *args: object) -> int:
+            self.calls.append(cmsg)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    bind = DatagramBind("udp")
+    bind._gso = True
+    ep = Endpoint("inet", "192.0.2.1", 51820, src="192.0.2.9")
+    source = ((socket.IPPROTO_IP, 8, bytes(12)),)
+    dest = (("192.0.2.1", 51820), source)
+    bind._addr_cache[ep] = dest
+    assert not bind._send_gso(Refusing(), [bytes(1400)] * 4, 1400, dest, ep)
+    assert len(Refusing.calls) == 2  # with the source, then without it
+    assert bind._gso_too_big == {ep: 1400}
+    assert bind._addr_cache[ep] == dest  # the source stays
+    assert bind.status()["source_refused"] == 0

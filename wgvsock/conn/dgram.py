@@ -101,8 +101,6 @@ class DatagramBind(SocketBind):
         self._family = socket.AF_UNSPEC
         # Per source address (and, with IP_PKTINFO, the address it came to): its endpoint.
         self._ep_cache: dict[Any, Endpoint] = {}
-        # Per endpoint with a source: its key in _ep_cache, to forget when the source fails.
-        self._ep_keys: dict[Endpoint, Any] = {}
         self._addr_cache: dict[Endpoint, Destination] = {}
         self._pktinfo = False  # whether the socket tells each datagram's local address
         self._send_errors = 0
@@ -208,7 +206,6 @@ class DatagramBind(SocketBind):
             sock.close()
         self._remove_unix_path()
         self._ep_cache.clear()
-        self._ep_keys.clear()
         self._addr_cache.clear()
         self._gso_too_big.clear()
         log.info("%s: closed", self.network)
@@ -275,11 +272,15 @@ class DatagramBind(SocketBind):
             if not (cmsg and exc.errno in _SOURCE_REFUSED):
                 self._send_failed(ep, exc)
                 return
-            self._unstick(ep, addr, exc)
+            refused = exc
+        # Whether the source was the trouble shows only when the route's choice does better:
+        # the same errnos also say the peer is unreachable from anywhere.
         try:
             sock.sendto(data, socket.MSG_DONTWAIT, addr)
         except OSError as exc:
             self._send_failed(ep, exc)
+            return
+        self._unstick(ep, addr, refused)
 
     def _send_failed(self, ep: Endpoint, exc: OSError) -> None:
         self._send_errors += 1
@@ -292,9 +293,9 @@ class DatagramBind(SocketBind):
         in _remember, which tries the address again)."""
         self._source_refused += 1
         self._addr_cache[ep] = (addr, _NO_CMSG)
-        key = self._ep_keys.pop(ep, None)
-        if key is not None:
-            self._ep_cache.pop(key, None)
+        # Rare, and the cache is bounded (_CACHE_MAX): a scan, rather than a second index.
+        for key in [k for k, known in self._ep_cache.items() if known == ep]:
+            del self._ep_cache[key]
         self._err_log(logging.INFO, "%s: cannot send to %s from %s (%s): sending from the "
                       "address the route gives", self.network, display_endpoint(ep), ep.src,
                       exc.strerror or exc)
@@ -322,7 +323,8 @@ class DatagramBind(SocketBind):
             if j - i == 1:
                 self.send(messages[i], ep)
             elif size >= self._gso_too_big.get(ep, _NO_LIMIT) or not self._send_gso(
-                sock, messages[i:j], size, dest, ep
+                # (A run before may have found the source refused: _unstick changed it.)
+                sock, messages[i:j], size, self._addr_cache.get(ep, dest), ep
             ):
                 for data in messages[i:j]:
                     self.send(data, ep)
@@ -334,29 +336,40 @@ class DatagramBind(SocketBind):
         one); other failures count as a dropped send, as in send()."""
         addr, source = dest
         segment = (_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))
-        try:
-            sock.sendmsg([b"".join(run)], (segment, *source) if source else (segment,),
-                         socket.MSG_DONTWAIT, addr)
-        except OSError as exc:
-            if source and exc.errno in _SOURCE_REFUSED:
-                # Before EINVAL is read as a segment too large, as below: without the source.
-                self._unstick(ep, addr, exc)
-                return self._send_gso(sock, run, size, (addr, _NO_CMSG), ep)
-            # A segment larger than the path allows: EMSGSIZE, and EINVAL from kernels before
-            # 6.13 (and 6.1.129). Only this endpoint's path; other peers keep segmentation.
-            if exc.errno in (errno.EMSGSIZE, errno.EINVAL):
-                too_big = self._gso_too_big
-                if len(too_big) >= _CACHE_MAX:
-                    too_big.clear()
-                too_big[ep] = min(size, too_big.get(ep, _NO_LIMIT))
-                return False
-            if exc.errno in (errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                # No checksum offload on the route's device (EIO, as wireguard-go reads it) or
-                # a kernel without UDP segmentation.
-                self._gso = False
-                log.info("%s: UDP segmentation offload unavailable: %s", self.network, exc)
-                return False
-            self._send_failed(ep, exc)
+        data = b"".join(run)
+        refused: OSError | None = None
+        while True:
+            try:
+                sock.sendmsg([data], (segment, *source) if source else (segment,),
+                             socket.MSG_DONTWAIT, addr)
+            except OSError as exc:
+                if source and exc.errno in _SOURCE_REFUSED:
+                    # Again without the source, which tells a refused source from what the
+                    # same errnos say below (EINVAL: a segment too large on older kernels).
+                    refused, source = exc, _NO_CMSG
+                    continue
+                return self._gso_failed(ep, size, exc)
+            if refused is not None:
+                self._unstick(ep, addr, refused)
+            return True
+
+    def _gso_failed(self, ep: Endpoint, size: int, exc: OSError) -> bool:
+        """_send_gso's answer for a send the kernel refused (the source aside)."""
+        # A segment larger than the path allows: EMSGSIZE, and EINVAL from kernels before
+        # 6.13 (and 6.1.129). Only this endpoint's path; other peers keep segmentation.
+        if exc.errno in (errno.EMSGSIZE, errno.EINVAL):
+            too_big = self._gso_too_big
+            if len(too_big) >= _CACHE_MAX:
+                too_big.clear()
+            too_big[ep] = min(size, too_big.get(ep, _NO_LIMIT))
+            return False
+        if exc.errno in (errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            # No checksum offload on the route's device (EIO, as wireguard-go reads it) or
+            # a kernel without UDP segmentation.
+            self._gso = False
+            log.info("%s: UDP segmentation offload unavailable: %s", self.network, exc)
+            return False
+        self._send_failed(ep, exc)
         return True
 
     # -- receiving ---------------------------------------------------------------------------
@@ -377,10 +390,8 @@ class DatagramBind(SocketBind):
         ep = self._endpoint_for(addr, info)
         if len(cache) >= _CACHE_MAX:
             cache.clear()
-            self._ep_keys.clear()
         cache[key] = ep
         if ep.src:
-            self._ep_keys[ep] = key
             dest = self._addr_cache.get(ep)
             if dest is not None and not dest[1]:
                 # Its source was refused (_unstick), and a message came to it since: try it.
