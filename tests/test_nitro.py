@@ -829,3 +829,24 @@ def test_leftovers_in_a_partial_listing_are_cleared_at_start(fake: Fake, caplog)
     finally:
         sup.stop(timeout=10)
     assert [e["EnclaveID"] for e in fake.enclaves()] == [other.enclave_id]
+
+
+def test_only_a_running_stray_is_terminated(tmp_path: Path, caplog) -> None:
+    """An enclave of ours still TERMINATING (the one before a restart) is going already: the
+    watch must not terminate it again, nor log that it booted beside ours."""
+    fake = Fake(tmp_path)
+    sup = supervisor(fake, caplog)
+    terminated: list[str] = []
+
+    class Recording:
+        def terminate_enclave(self, enclave_id: str) -> None:
+            terminated.append(enclave_id)
+
+    sup.nitro = Recording()  # type: ignore[assignment]
+    mine = EnclaveInfo("i-mine", 21, "wgvsock-sup", state="RUNNING")
+    listed = [mine, EnclaveInfo("i-old", 22, "wgvsock-sup_1", state="TERMINATING"),
+              EnclaveInfo("i-new", 23, "wgvsock-sup_2", state="RUNNING"),
+              EnclaveInfo("i-other", 24, "wgvsock-other", state="RUNNING")]
+    sup._terminate_strays(listed, mine, set())
+    assert terminated == ["i-new"]
+    assert "i-old" not in caplog.text

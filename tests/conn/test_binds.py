@@ -27,7 +27,7 @@ import pytest
 
 from wgvsock.conn import Bind, TransportUnavailable, make_bind
 from wgvsock.conn import stream as stream_module
-from wgvsock.conn.bind import SharedFile, private_dir
+from wgvsock.conn.bind import SharedFile
 from wgvsock.conn.caps import (
     CAP_SUPER,
     CAP_UNCHECKED_TRANSPORT,
@@ -39,6 +39,7 @@ from wgvsock.conn.dgram import SOCKET_BUFFER, DatagramBind
 from wgvsock.conn.endpoint import Endpoint, format_endpoint
 from wgvsock.conn.framing import HEADER_SIZE, encode_frame
 from wgvsock.conn.stream import StreamBind, _Conn, redial_backoff
+from wgvsock.conn.unixsock import socket_dir
 
 TIMEOUT = 3.0
 # Fast redials so reconnect tests take milliseconds, not the production half second.
@@ -1437,17 +1438,17 @@ def test_a_socket_dir_of_another_user_is_refused(unix_dir: str) -> None:
     os.chown(d, 65534, 65534)
     with pytest.raises(PermissionError, match=rf"is owned by uid 65534, not {os.geteuid()}; "
                                               rf"`chown {os.geteuid()} {d}`"):
-        private_dir(d)
+        socket_dir(d)
 
 
 def test_a_shared_dir_is_never_the_socket_dir(unix_dir: str) -> None:
     """A sticky directory, as /tmp: the advice is never to chmod it."""
     d = _made(unix_dir, "shared", 0o1777)
     with pytest.raises(PermissionError, match="mode 1777") as info:
-        private_dir(d)
+        socket_dir(d)
     assert "chmod" not in str(info.value) and "a directory of its own" in str(info.value)
     with pytest.raises(PermissionError, match="refusing to keep sockets in /tmp"):
-        private_dir("/tmp")
+        socket_dir("/tmp")
 
 
 def test_a_private_socket_dir_is_used_and_a_missing_one_made(
@@ -1467,7 +1468,7 @@ _ONLY = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()}"
 
 def _refused(path: str) -> str:
     with pytest.raises(PermissionError) as info:
-        private_dir(path)
+        socket_dir(path)
     return str(info.value)
 
 
@@ -1507,12 +1508,12 @@ def test_a_sticky_dir_above_is_fine_and_missing_dirs_are_made_closed(unix_dir: s
     d = os.path.join(shared, "a", "b", "sockets")
     old = os.umask(0o002)
     try:
-        private_dir(d)
+        socket_dir(d)
     finally:
         os.umask(old)
     for made in (os.path.join(shared, "a"), os.path.join(shared, "a", "b"), d):
         assert stat.S_IMODE(os.lstat(made).st_mode) == 0o700, made
-    private_dir(d)  # and again, as at every bind
+    socket_dir(d)  # and again, as at every bind
 
 
 @pytest.mark.root
@@ -1523,7 +1524,7 @@ def test_links_on_the_way_are_followed_and_checked(unix_dir: str) -> None:
     d = _made(real, "sockets", 0o700)
     link = os.path.join(unix_dir, "link")
     os.symlink("real", link)
-    private_dir(os.path.join(link, "sockets"))
+    socket_dir(os.path.join(link, "sockets"))
     # A link in a sticky directory whose owner is another user: they may replace it.
     shared = _made(unix_dir, "tmp", 0o1777)
     theirs = os.path.join(shared, "theirs")

@@ -51,6 +51,10 @@ def test_the_main_tables_default_route_is_the_egress_interface(lab: Lab) -> None
     host.ip("route", "add", "default", "via", "198.51.100.2")
     host.ip("-6", "route", "add", "default", "via", "2001:db8:1::2", "dev", up)
     assert _default_route_interfaces(host) == (up, up)
+    # A route of the probe address's own (a VPN's DNS server) is not the way out.
+    host.ip("route", "add", "1.1.1.1/32", "via", "192.0.2.1")
+    host.ip("-6", "route", "add", "2606:4700::1111/128", "via", "2001:db8:2::1")
+    assert _default_route_interfaces(host) == (up, up)
     # An unreachable route is no way out either.
     host.ip("-6", "route", "replace", "unreachable", "default")
     assert _default_route_interfaces(host) == (up, "None")

@@ -41,7 +41,6 @@ __all__ = [
     "SharedFile",
     "SocketBind",
     "TransportUnavailable",
-    "private_dir",
 ]
 
 log = logging.getLogger("wgvsock.conn")
@@ -234,14 +233,6 @@ class RateLimitedLog:
             msg += " (%d similar messages suppressed)"
             args = (*args, suppressed)
         self._log.log(level, msg, *args, exc_info=exc_info)
-
-
-def private_dir(path: str) -> None:
-    """Makes PATH (mode 0700) for sockets only their owner may reach, or refuses an existing
-    one that others could change, or one under a directory others could change: there another
-    user could unlink a socket and bind their own in its place. PermissionError, saying what is
-    wrong with it and what to do, otherwise."""
-    socket_dir(path)
 
 
 def unavailable(exc: OSError, what: str) -> OSError:
@@ -454,7 +445,7 @@ class SocketBind(Bind):
     def _bind_unix(self, sock: socket.socket, port: int, dgram: bool) -> int:
         """Bind ``sock`` to <unix_dir>/<port>.sock|.dgram; port 0 picks a free number."""
         # The directory is the access control: only its owner may reach the sockets.
-        private_dir(self.unix_dir)
+        socket_dir(self.unix_dir)
         if port:
             path = unix_port_path(self.unix_dir, port, dgram)
             self._claim_unix_path(sock, path)

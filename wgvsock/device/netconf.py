@@ -95,6 +95,7 @@ def delete_interface(ifname: str) -> bool:
 # They are only looked up, never sent to.
 _INTERNET = {4: "1.1.1.1", 6: "2606:4700::1111"}
 _RTN_UNICAST = 1
+_MAIN_TABLE = 254
 
 
 def default_route_interface(version: int = 4) -> str | None:
@@ -114,6 +115,19 @@ def default_route_interface(version: int = 4) -> str | None:
             oif = msg.get_attr("RTA_OIF")
             if msg["type"] != _RTN_UNICAST or not oif:
                 continue
+            # The probe address may have a route of its own (a VPN pushes one to its DNS
+            # server, 1.1.1.1 often): the way out is then the default route of the table the
+            # lookup chose, where there is one.
+            table = msg.get_attr("RTA_TABLE") or _MAIN_TABLE
+            defaults = [r for r in ipr.get_routes(family=10 if version == 6 else 2, table=table)
+                        if r["dst_len"] == 0]
+            if defaults:
+                ways = [r.get_attr("RTA_OIF") for r in defaults
+                        if r["type"] == _RTN_UNICAST and r.get_attr("RTA_OIF")]
+                if not ways:
+                    return None  # a blackhole or unreachable default
+                if oif not in ways:
+                    oif = ways[0]
             links = ipr.get_links(oif)
             if links:
                 return links[0].get_attr("IFLA_IFNAME")

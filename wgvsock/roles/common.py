@@ -9,8 +9,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from ..conn.bind import private_dir
 from ..conn.endpoint import VMADDR_CID_ANY, Endpoint
+from ..conn.unixsock import socket_dir
 from ..device.device import Device
 from ..device.uapi import DEFAULT_RUN_DIR, DeviceConfig, PeerConfig
 
@@ -52,7 +52,7 @@ def control_listener(transport) -> socket.socket:
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.bind((VMADDR_CID_ANY, port))
     elif transport.kind == "unix":
-        private_dir(transport.path)
+        socket_dir(transport.path)
         path = unix_socket_path(transport.path, port)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # only a dead parent leaves one: `up` refuses while one runs

@@ -570,8 +570,9 @@ class EnclaveSupervisor:
         one that was booting then (a run-enclave of a parent killed meanwhile): it would run
         unwatched, holding CPUs and memory."""
         for e in listed:
+            # RUNNING only: one TERMINATING (ours before a restart) is going already.
             if e.enclave_id not in tried and e.enclave_id != mine.enclave_id \
-                    and is_named(e.name, self.name):
+                    and is_named(e.name, self.name) and (e.state or "").upper() == "RUNNING":
                 tried.add(e.enclave_id)
                 self.log.warning("enclave %s: terminating %s, which booted under our name "
                                  "beside ours (%s)", self.name, e.enclave_id, mine.enclave_id)
