@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +20,12 @@ def _check(monkeypatch: pytest.MonkeyPatch, run_dir: Path, transport: str = ""):
 
 
 @pytest.fixture
-def base():
-    # pytest's tmp_path may sit under a directory others could write on some machines: a
-    # directory of our own under / keeps what is above it known.
-    d = Path("/run") / f"wgvsock-checks-{os.getpid()}"
-    d.mkdir(mode=0o700)
+def base() -> Iterator[Path]:
+    # Under /tmp (sticky, root's) rather than pytest's tmp_path, whose directories above may
+    # be another user's on some machines: what is above the checked directories is known.
+    d = Path(tempfile.mkdtemp(prefix="wgvsock-checks-", dir="/tmp"))
     yield d
-    for sub in sorted(d.rglob("*"), reverse=True):
-        sub.rmdir() if sub.is_dir() else sub.unlink()
-    d.rmdir()
+    shutil.rmtree(d)
 
 
 def test_a_run_dir_not_made_yet_passes_and_is_not_made(monkeypatch, base) -> None:

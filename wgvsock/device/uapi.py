@@ -342,7 +342,14 @@ class DeviceStatus:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-_EQUALS = "\\x3d"  # how an extra's value shows a '='
+# How an extra's value shows a '=' (and so a backslash, which would make that ambiguous).
+_EXTRA_ESCAPES: dict[str, str] = {"\\": "\\x5c", "=": "\\x3d"}
+_TO_ESCAPE = re.compile(r"[\\=]")
+_EXTRA_ESCAPED = re.compile(r"\\x(?:5c|3d)")
+
+
+def _unescape_extra(value: str) -> str:
+    return _EXTRA_ESCAPED.sub(lambda m: "\\" if m[0] == "\\x5c" else "=", value)
 
 
 def _check_value(key: str, value: str) -> None:
@@ -358,7 +365,7 @@ def _extra_lines(extra: dict[str, str], reserved: tuple[str, ...]) -> list[str]:
         _check_value(k, v)
         # Values may come from outside (a DNS name the enclave asked for, a socket path), and
         # wgctrl refuses the whole reply for a line with a second '='.
-        lines.append(f"{k}={v.replace('=', _EQUALS)}")
+        lines.append(f"{k}={_TO_ESCAPE.sub(lambda m: _EXTRA_ESCAPES[m[0]], v)}")
     return lines
 
 
@@ -443,7 +450,7 @@ def parse_get(text: str) -> dict[str, Any]:
             elif key in ("listen_port", "fwmark"):
                 dev[key] = _int(key, value)
             else:
-                dev["extra"][key] = value
+                dev["extra"][key] = _unescape_extra(value)
         elif key == "preshared_key":
             psk = _parse_key(key, value)
             peer[key] = None if psk == _ZERO_KEY else psk
@@ -456,7 +463,7 @@ def parse_get(text: str) -> dict[str, Any]:
         elif key in _PEER_INT_KEYS:
             peer[key] = _int(key, value)
         else:
-            peer["extra"][key] = value
+            peer["extra"][key] = _unescape_extra(value)
     if err is None:
         raise UAPIError(ERR_PROTOCOL, "get reply has no errno line")
     if err != 0:
