@@ -158,6 +158,28 @@ def test_sighup_and_the_other_signals_of_an_init_reach_cmd(no_network, monkeypat
     assert got.read_text().split() == ["usr1", "hup"]
 
 
+def test_a_signal_while_cmd_is_being_started_reaches_it(no_network, monkeypatch,
+                                                        tmp_path: Path) -> None:
+    """CMD runs before Popen returns to us: a USR1 taken in between found no child yet and
+    was dropped (CI once hung here, in the test above, waiting for CMD to get it)."""
+    monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    script = (f'trap "echo usr1 >> {got}; exit 7" USR1; echo > {ready}; '
+              f"while :; do sleep 0.05; done")
+    real = subprocess.Popen
+
+    def popen_then_signal(*args, **kw):
+        proc = real(*args, **kw)
+        wait_for(ready.exists, 10, "CMD to start")  # its trap is set
+        os.kill(os.getpid(), signal.SIGUSR1)  # before Popen has returned to run_up
+        return proc
+
+    monkeypatch.setattr(enclave_mod.subprocess, "Popen", popen_then_signal)
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
+    assert rc == 7
+    assert got.read_text().split() == ["usr1"]
+
+
 def test_sighup_before_cmd_runs_stops_like_sigterm(no_network, capsys) -> None:
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGHUP)).start()
     rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["true"], timeout=30)

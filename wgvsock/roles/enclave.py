@@ -338,12 +338,16 @@ class Enclave:
 def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -> int:
     enclave = Enclave(profile)
     child: subprocess.Popen | None = None
+    starting = False  # CMD is being started: it may run before Popen returns
+    started_with: list[int] = []  # signals taken meanwhile, for CMD
     wakeup = Wakeup()
 
     def on_signal(signum: int, _frame: object) -> None:
         # Takes no lock (wgvsock.signals): os.kill and list.append take none.
         if child is not None:
             _signal_child(child, signum)
+        elif starting:
+            started_with.append(signum)
         elif signum in _STOPPING_SIGNALS:
             enclave.signalled.append(signum)  # passed on to CMD once it runs
 
@@ -379,13 +383,15 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
                 print(f"wgvsock enclave: stopped: {failures[0]}", file=sys.stderr, flush=True)
                 return 1
             return 0
+        starting = True
         try:
             child = subprocess.Popen(command)
         except OSError as e:
             raise EnclaveError(f"cannot run {command[0]}: {e.strerror}") from e
         # Passed on, and no more: once CMD runs, its own handling of a signal decides (an app
-        # that reloads on SIGHUP goes on, and so does the tunnel).
-        for signum in enclave.signalled:
+        # that reloads on SIGHUP goes on, and so does the tunnel). Those taken from here on
+        # go to it at once.
+        for signum in (*enclave.signalled, *started_with):
             _signal_child(child, signum)
         code = _wait_child(child)
         if failures:
