@@ -439,3 +439,43 @@ def test_initiation_from_an_unknown_key_is_dropped_as_such():
     (_, _, init), = stranger.initiate_handshake(peer, p.now)
     out = p.b.decapsulate(init, "X", p.now, src_key=b"X")
     assert out == [(DROP, None, "initiation from an unknown peer")]
+
+
+def test_going_down_ends_every_session_and_coming_up_starts_afresh():
+    """`ip link set down` must end the sessions as wireguard-go's and the kernel's down do:
+    keys and handshake forgotten, timers stopped, staged packets dropped. Before, the engine
+    knew no down: sessions, keepalives and handshakes went on behind a down interface."""
+    p = Pair()
+    p.a_to_b()
+    p.pa.timers.persistent_keepalive_interval = 25
+    p.pa.staged.append(ip4("10.0.0.1", "10.0.0.2"))
+    old = p.pa.keypairs.current
+    rx, tx, last = p.pa.rx_bytes, p.pa.tx_bytes, p.pa.last_handshake
+    p.a.stop()
+    assert not p.a.running
+    assert p.pa.keypairs.current is None and p.pa.keypairs.previous is None
+    assert not p.a._index and not p.pa.staged and p.pa.handshake.local_index == 0
+    assert p.a.next_deadline() is None
+    # What is kept: counters, the endpoint, the time of the last handshake.
+    assert (p.pa.rx_bytes, p.pa.tx_bytes, p.pa.last_handshake) == (rx, tx, last)
+    assert p.pa.endpoint == "B"
+    # Down, nothing goes out or comes in.
+    sent = len(p.sent["A"])
+    for actions in (p.a.encapsulate(ip4("10.0.0.1", "10.0.0.2"), p.now),
+                    p.a.send_keepalive(p.pa, p.now), p.a.initiate_handshake(p.pa, p.now),
+                    p.a.update_timers(p.now + 30)):
+        assert all(kind == DROP for kind, _, _ in actions)
+    p.b_to_a()  # b's session is still up; a takes none of it
+    assert p.drops["A"][-1] == "interface is down" and p.tun["A"] == []
+    init = p.b.initiate_handshake(p.pb, p.now + 10)
+    assert p.a.decapsulate(init[0][2], "B", p.now + 10) == [(DROP, None, "interface is down")]
+    assert len(p.sent["A"]) == sent
+    # Up: the persistent keepalive goes out at once, which needs a new handshake.
+    p.now += 10
+    p.run("A", p.a.start(p.now))
+    assert kinds(p.sent["A"][sent:]) == [TYPE_INITIATION, TYPE_TRANSPORT]
+    assert p.pa.keypairs.current is not None and p.pa.keypairs.current is not old
+    assert p.pa.last_handshake == p.now
+    assert p.a.start(p.now) == []  # already up
+    p.a_to_b()
+    assert p.tun["B"][-1] == ip4("10.0.0.1", "10.0.0.2")

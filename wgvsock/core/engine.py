@@ -138,6 +138,9 @@ class Engine:
         self.public_key: bytes | None = None
         self._cookie_checker: CookieChecker | None = None
         self._responder_initial: tuple[bytes, bytes] = (b"", b"")
+        # Whether the interface is up. While down nothing is sent, taken in or timed
+        # (stop, start): the device starts its engine down, with its link.
+        self.running = True
         self.set_private_key(private_key)
 
     # -- configuration -------------------------------------------------------------------
@@ -182,6 +185,33 @@ class Engine:
         peer.staged.clear()
         self.allowed_ips.remove_by_peer(peer)
 
+    def stop(self) -> None:
+        """The interface went down. Every peer is stopped as wireguard-go's Peer.Stop and the
+        kernel's wg_stop do: its sessions and any handshake in progress are forgotten, its
+        timers stopped and its staged packets dropped. Counters, endpoints and the time of the
+        last handshake stay. Until start(), messages and packets are dropped."""
+        self.running = False
+        for peer in self.peers.values():
+            self._forget_sessions(peer)
+            timers = peer.timers
+            timers.stop_all()
+            timers.handshake_attempts = 0
+            timers.need_another_keepalive = False
+            timers.sent_last_minute_handshake = False
+            peer.staged.clear()
+
+    def start(self, now: float) -> list[Action]:
+        """The interface came up: each peer with a persistent keepalive sends one now, as
+        wireguard-go's upLocked does, which starts a handshake."""
+        if self.running:
+            return []
+        self.running = True
+        out: list[Action] = []
+        for peer in list(self.peers.values()):
+            if peer.timers.persistent_keepalive_interval:
+                out += self.send_keepalive(peer, now)
+        return out
+
     def _forget_sessions(self, peer: Peer) -> None:
         self._unindex(peer.keypairs.clear())
         self._drop_handshake(peer)
@@ -224,6 +254,8 @@ class Engine:
 
     def encapsulate(self, packet: bytes | bytearray | memoryview, now: float) -> list[Action]:
         """A packet read from the TUN device: route it by allowed IPs and seal it."""
+        if not self.running:
+            return _drop("interface is down")
         peer = self.allowed_ips.lookup_packet_dst(packet)
         if peer is None:
             return _drop("no peer has an allowed IP for the destination")
@@ -244,11 +276,15 @@ class Engine:
         return out
 
     def send_keepalive(self, peer: Peer, now: float) -> list[Action]:
+        if not self.running:
+            return _drop("interface is down")
         if peer.staged:
             return self._send_staged(peer, now)
         return self.send_data(peer, b"", now)
 
     def initiate_handshake(self, peer: Peer, now: float) -> list[Action]:
+        if not self.running:
+            return _drop("interface is down")
         return self._initiate(peer, now, retry=False)
 
     def _seal(
@@ -324,6 +360,8 @@ class Engine:
         `src_key` the bytes that identify that source for cookies (its address and port), and
         `limit_key` the host for the handshake rate limit (default: `src_key`), as wireguard-go
         keys its limiter by IP: a host must not get a fresh allowance per port."""
+        if not self.running:
+            return _drop("interface is down")
         if not isinstance(data, bytes):
             # A large transport message as a view into a stream transport's receive buffer.
             # Anything else goes to _on_message as bytes, which compiled code indexes in C.
@@ -548,6 +586,8 @@ class Engine:
 
     def update_timers(self, now: float) -> list[Action]:
         out: list[Action] = []
+        if not self.running:
+            return out
         for peer in list(self.peers.values()):
             timers = peer.timers
             for name in timers.expired(now):

@@ -40,6 +40,7 @@ from ..threads import NamedThread, Survivor
 from .tun import (
     GSO_MAX_SIZE,
     NATIVE_SEGMENTATION,
+    LinkEvents,
     Tun,
     complete_checksum,
     split_tso,
@@ -250,8 +251,8 @@ class Device:
         # loop (monotonic): both take the engine lock and send, so a deadlock or a wedged send
         # on the data path shows here.
         self._ticked = self._tun_passed = 0.0
-        # Whether the link was up at the last look (_watch): coming up sends keepalives.
-        self._was_up = False
+        # The link's ups and downs as the kernel announces them, read by the timer thread.
+        self._link_events: LinkEvents | None = None
         # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
         self._wake_r = self._wake_w = -1
         # How the TUN is read (_tun_reader), and the TUN as the stream transport's SharedFile.
@@ -283,6 +284,10 @@ class Device:
             self.tun.set_txqueuelen(TUN_QUEUE_LEN)
             self.tun.mtu_hint = self.engine.mtu = self._initial_mtu
             self.tun.set_blocking(False)
+            # Listening before the first look at the flags, so that no change falls between.
+            self._link_events = LinkEvents(self.tun.ifindex())
+            if not self._is_up():
+                self.engine.stop()  # as a new interface is: it starts when the link comes up
             self._tun_read = self._tun_reader(self.tun)
             self._tun_queued.register(self.tun.fileno(), select.POLLIN)
             self._share = self.bind.shared = _TunShare(self, self.tun.fileno())
@@ -412,6 +417,9 @@ class Device:
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
+        if self._link_events is not None:
+            self._link_events.close()
+            self._link_events = None
         self._wake_r = self._wake_w = -1
         if self._share is not None:
             self._share.close()
@@ -584,6 +592,8 @@ class Device:
         notes the pass's time. acquire() and release() rather than `with`: compiled, a
         with-statement on a lock looks up and binds __enter__ and __exit__ each time."""
         engine, lock = self.engine, self._lock
+        if not engine.running:
+            self._link_came_up()
         lock.acquire()
         try:
             now = self._tun_passed = _monotonic()
@@ -629,6 +639,8 @@ class Device:
         now = _monotonic()
         # (A view is a transport message: conn.framing.VIEW_FROM.)
         if isinstance(data, bytes) and data[:1] in (b"\x01", b"\x02"):
+            if not self.engine.running:
+                self._link_came_up()
             with self._lock:
                 under_load = self._note_handshake(now)
                 actions = self.engine.decapsulate(
@@ -684,17 +696,28 @@ class Device:
         return self._load.under_load(now)
 
     def _timer_loop(self) -> None:
-        tun = self.tun
-        assert tun is not None
+        tun, events = self.tun, self._link_events
+        assert tun is not None and events is not None
         survivor = Survivor(f"{self.ifname}: timers")
+        # Woken by a link event, by close() (the wake pipe), or when the next timer is due.
+        # stop() writes no pipe: the daemon's close() follows it, and a turn is at most
+        # _WATCH_EVERY long anyway.
+        poller = select.poll()
+        poller.register(events.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         next_watch = 0.0
         sleep = 0.0
         moved = -1
-        while not self._stopped.wait(sleep):
+        while not self._stopped.is_set():
+            woken = poller.poll(sleep * 1000.0)
+            if self._stopped.is_set():
+                return
             # After a failed turn: try again soon, as a tick always did, so that a fault that
             # keeps firing reaches the survivor's limit (20 in 10 s) and stops the daemon.
             sleep = _BUSY_TICK
             try:
+                if woken:
+                    self._link_changed(tun, events)
                 now = time.monotonic()
                 with self._lock:
                     actions = self.engine.update_timers(now)
@@ -747,23 +770,48 @@ class Device:
                 self.engine.mtu = mtu
             tun.mtu_hint = mtu
             self._caps_changed()
-        up = self._is_up()
-        if up and not self._was_up:
-            self._came_up()
-        self._was_up = up
+        self._set_link(self._is_up())
 
-    def _came_up(self) -> None:
-        """The link has come up: each peer with a persistent keepalive gets one now, as
-        wireguard-go does when its device goes up. wg-quick configures the peers before it sets
-        the link up, and a keepalive set while the link was down goes out only from here."""
-        now = time.monotonic()
+    def _link_changed(self, tun: Tun, events: LinkEvents) -> None:
+        """Applies what the kernel announced about the link, each change in its order."""
+        states, lost = events.read()
+        for state in states:
+            if state is None:  # removed: _watch says so and stops the device
+                self._watch(tun)
+                return
+            self._set_link(state)
+        if lost:
+            self._set_link(self._is_up())
+        if states:
+            self._watch(tun)  # an MTU change comes as a link message too
+
+    def _set_link(self, up: bool) -> None:
+        """The link is up or down now: the engine follows (Engine.start, Engine.stop). Coming
+        up sends each peer with a persistent keepalive one, as wireguard-go does; wg-quick
+        configures the peers before it sets the link up. Going down ends every session as
+        wireguard-go's and the kernel's down do, so that `ip link set down` and up again
+        starts afresh with new keys."""
         actions: list[Action] = []
         with self._lock:
             engine = self.engine
-            for peer in list(engine.peers.values()):
-                if peer.timers.persistent_keepalive_interval:
-                    actions += engine.send_keepalive(peer, now)
+            if up == engine.running:
+                return
+            if up:
+                actions = engine.start(time.monotonic())
+            else:
+                engine.stop()
+        log.info("%s: link %s%s", self.ifname, "up" if up else "down",
+                 "" if up else "; sessions ended")
         self._perform(actions)
+
+    def _link_came_up(self) -> bool:
+        """For a path that finds the engine stopped: whether the link is up all the same, its
+        announcement not read yet (a handshake that arrives or is asked for just after `ip
+        link set up`), in which case the engine starts now."""
+        if not self._is_up():
+            return False
+        self._set_link(True)
+        return True
 
     # -- UAPI ----------------------------------------------------------------------------
 
@@ -864,6 +912,8 @@ class Device:
                         self.bind.set_mark(old_mark)
                     self.fwmark = old_mark
                 raise
+        if not self.engine.running and any(pc.persistent_keepalive for pc in cfg.peers):
+            self._link_came_up()
         now = time.monotonic()
         keepalives: list[Peer] = []
         with self._lock:
@@ -904,7 +954,7 @@ class Device:
                     else:
                         engine.allowed_ips.remove(net, peer)
             actions: list[Action] = []
-            if keepalives and self._is_up():
+            if keepalives and engine.running:
                 for kept in keepalives:
                     # Not one removed (or replaced) later in the same request.
                     if engine.peers.get(kept.public_key) is kept:
@@ -917,7 +967,10 @@ class Device:
                         daemon=True).start()
 
     def connect_peer(self, public_key: bytes, endpoint: Endpoint) -> None:
-        """Points a configured peer at `endpoint` and starts a handshake with it now."""
+        """Points a configured peer at `endpoint` and starts a handshake with it now (once
+        the link is up)."""
+        if not self.engine.running:
+            self._link_came_up()
         with self._lock:
             peer = self.engine.peers[public_key]
             peer.endpoint = endpoint

@@ -81,6 +81,8 @@ _NLMSGHDR: Final = struct.Struct("=IHHII")
 _IFINFOMSG: Final = struct.Struct("=BxHiII")
 _RTATTR_U32: Final = struct.Struct("=HHI")
 _RTM_NEWLINK: Final = 16
+_RTM_DELLINK: Final = 17
+_RTMGRP_LINK: Final = 0x1
 _NLMSG_ERROR: Final = 2
 _NLM_F_REQUEST: Final = 0x1
 _NLM_F_ACK: Final = 0x4
@@ -690,3 +692,56 @@ class Tun:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"
         return f"<Tun {self.name} {state}>"
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class LinkEvents:
+    """An interface's ups and downs as rtnetlink announces them (RTMGRP_LINK), in order, as
+    wireguard-go's TUN reads them: a down and an up between two looks at the flags would
+    look like nothing happened, and a down must end the sessions all the same. In the
+    caller's network namespace; the socket is non-blocking, for poll()."""
+
+    def __init__(self, ifindex: int) -> None:
+        self._index = ifindex
+        self._sock = socket.socket(socket.AF_NETLINK,
+                                   socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                                   socket.NETLINK_ROUTE)
+        try:
+            self._sock.bind((0, _RTMGRP_LINK))
+        except OSError:
+            self._sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self) -> tuple[list[bool | None], bool]:
+        """What was announced about the interface since the last read: True for a message
+        that finds it up, False down, None removed; and whether some announcements were
+        lost (ENOBUFS: the socket's buffer overflowed), after which only its flags now
+        tell its state."""
+        states: list[bool | None] = []
+        lost = False
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return states, lost
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                lost = True
+                continue
+            offset = 0
+            while offset + _NLMSGHDR.size + _IFINFOMSG.size <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if length < _NLMSGHDR.size:
+                    break
+                if kind in (_RTM_NEWLINK, _RTM_DELLINK):
+                    _, _, index, flags, _ = _IFINFOMSG.unpack_from(data, offset + _NLMSGHDR.size)
+                    if index == self._index:
+                        states.append(None if kind == _RTM_DELLINK else bool(flags & _IFF_UP))
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._sock.close()
