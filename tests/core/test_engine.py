@@ -257,6 +257,17 @@ def test_inner_source_must_be_allowed():
     assert any("source address not allowed" in d for d in p.drops["B"])
 
 
+def test_an_ipv4_total_length_shorter_than_its_header_is_no_ip_packet():
+    """A total length of 4 was read as a 4-byte packet and dropped as "source not allowed",
+    which sends whoever reads the log to the allowed IPs (wireguard-go: not IP at all)."""
+    p = Pair()
+    p.a_to_b()
+    short = bytearray(ip4("10.0.0.1", "10.0.0.2"))
+    short[2:4] = (4).to_bytes(2, "big")
+    p.run("A", [p.a.send_data(p.pa, bytes(short), p.now)[0]])
+    assert p.drops["B"][-1] == "inner packet is not IPv4 or IPv6" and len(p.tun["B"]) == 1
+
+
 def test_no_peer_for_destination():
     p = Pair()
     out = p.a.encapsulate(ip4("10.0.0.1", "192.0.2.7"), p.now)

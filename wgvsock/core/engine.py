@@ -92,11 +92,14 @@ def _drop(reason: str, peer: Peer | None = None) -> list[Action]:
 
 
 def inner_length(packet: bytes) -> int:
-    """Length the IP header claims, or -1 when it is not a plausible IPv4/IPv6 packet."""
+    """Length the IP header claims, or -1 when it is not a plausible IPv4/IPv6 packet: as
+    wireguard-go's receiver, an IPv4 total length shorter than the header is one."""
     n = len(packet)
     version = packet[0] >> 4
     if version == 4 and n >= 20:
         length = (packet[2] << 8) | packet[3]
+        if length < 20:
+            return -1
     elif version == 6 and n >= 40:
         length = 40 + ((packet[4] << 8) | packet[5])
     else:
