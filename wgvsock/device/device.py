@@ -236,6 +236,7 @@ class Device:
         # done to the wall clock meanwhile.
         self.engine = Engine(mtu=mtu, wall_offset=self._wall_offset,
                              forget_source=without_source)
+        self.engine.stop()  # until the link is up (_set_link), as a new interface is down
         self._lock = threading.Lock()
         self._offload_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -286,8 +287,8 @@ class Device:
             self.tun.set_blocking(False)
             # Listening before the first look at the flags, so that no change falls between.
             self._link_events = LinkEvents(self.tun.ifindex())
-            if not self._is_up():
-                self.engine.stop()  # as a new interface is: it starts when the link comes up
+            if self._is_up():
+                self._set_link(True)  # no peers yet: nothing to send
             self._tun_read = self._tun_reader(self.tun)
             self._tun_queued.register(self.tun.fileno(), select.POLLIN)
             self._share = self.bind.shared = _TunShare(self, self.tun.fileno())
@@ -593,7 +594,7 @@ class Device:
         with-statement on a lock looks up and binds __enter__ and __exit__ each time."""
         engine, lock = self.engine, self._lock
         if not engine.running:
-            self._link_came_up()
+            self._perform(self._link_came_up())
         lock.acquire()
         try:
             now = self._tun_passed = _monotonic()
@@ -640,7 +641,7 @@ class Device:
         # (A view is a transport message: conn.framing.VIEW_FROM.)
         if isinstance(data, bytes) and data[:1] in (b"\x01", b"\x02"):
             if not self.engine.running:
-                self._link_came_up()
+                self._perform(self._link_came_up())
             with self._lock:
                 under_load = self._note_handshake(now)
                 actions = self.engine.decapsulate(
@@ -770,7 +771,7 @@ class Device:
                 self.engine.mtu = mtu
             tun.mtu_hint = mtu
             self._caps_changed()
-        self._set_link(self._is_up())
+        self._perform(self._set_link(self._is_up()))
 
     def _link_changed(self, tun: Tun, events: LinkEvents) -> None:
         """Applies what the kernel announced about the link, each change in its order."""
@@ -779,39 +780,36 @@ class Device:
             if state is None:  # removed: _watch says so and stops the device
                 self._watch(tun)
                 return
-            self._set_link(state)
+            self._perform(self._set_link(state))
         if lost:
-            self._set_link(self._is_up())
+            self._perform(self._set_link(self._is_up()))
         if states:
             self._watch(tun)  # an MTU change comes as a link message too
 
-    def _set_link(self, up: bool) -> None:
+    def _set_link(self, up: bool) -> list[Action]:
         """The link is up or down now: the engine follows (Engine.start, Engine.stop). Coming
         up sends each peer with a persistent keepalive one, as wireguard-go does; wg-quick
         configures the peers before it sets the link up. Going down ends every session as
         wireguard-go's and the kernel's down do, so that `ip link set down` and up again
-        starts afresh with new keys."""
+        starts afresh with new keys. Returns the keepalives, for the caller to send."""
         actions: list[Action] = []
         with self._lock:
             engine = self.engine
             if up == engine.running:
-                return
+                return actions
             if up:
                 actions = engine.start(time.monotonic())
             else:
                 engine.stop()
         log.info("%s: link %s%s", self.ifname, "up" if up else "down",
                  "" if up else "; sessions ended")
-        self._perform(actions)
+        return actions
 
-    def _link_came_up(self) -> bool:
-        """For a path that finds the engine stopped: whether the link is up all the same, its
+    def _link_came_up(self) -> list[Action]:
+        """For a path that finds the engine stopped: if the link is up all the same, its
         announcement not read yet (a handshake that arrives or is asked for just after `ip
-        link set up`), in which case the engine starts now."""
-        if not self._is_up():
-            return False
-        self._set_link(True)
-        return True
+        link set up`), the engine starts now. Returns what _set_link does."""
+        return self._set_link(True) if self._is_up() else []
 
     # -- UAPI ----------------------------------------------------------------------------
 
@@ -912,8 +910,9 @@ class Device:
                         self.bind.set_mark(old_mark)
                     self.fwmark = old_mark
                 raise
+        actions: list[Action] = []
         if not self.engine.running and any(pc.persistent_keepalive for pc in cfg.peers):
-            self._link_came_up()
+            actions = self._link_came_up()
         now = time.monotonic()
         keepalives: list[Peer] = []
         with self._lock:
@@ -953,7 +952,6 @@ class Device:
                         engine.allowed_ips.insert(net, peer)
                     else:
                         engine.allowed_ips.remove(net, peer)
-            actions: list[Action] = []
             if keepalives and engine.running:
                 for kept in keepalives:
                     # Not one removed (or replaced) later in the same request.
@@ -970,7 +968,7 @@ class Device:
         """Points a configured peer at `endpoint` and starts a handshake with it now (once
         the link is up)."""
         if not self.engine.running:
-            self._link_came_up()
+            self._perform(self._link_came_up())
         with self._lock:
             peer = self.engine.peers[public_key]
             peer.endpoint = endpoint
