@@ -244,6 +244,25 @@ def test_dashboard_rows_units_and_labels() -> None:
     assert never.split()[-2:] == ["-", "-"]
 
 
+def test_a_link_that_is_down_is_said_in_red() -> None:
+    """Down, the daemon has no sessions (wgvsock_link): the header says so first, and only
+    then; a daemon that does not say (wireguard-go) shows nothing."""
+    def head(extra: dict[str, str]) -> tuple[str | None, str, str]:
+        iface = st.interface_view("wg0", "/run/wireguard/wg0.sock",
+                                  {"extra": extra, "peers": []}, NOW)
+        plain, styled = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]))
+        return (iface.link, next(line for line in plain.splitlines() if line.startswith("wg0")),
+                styled)
+
+    link, line, styled = head({"wgvsock_link": "down"})
+    assert link == "down" and line.startswith("wg0  link down  ")
+    assert "\x1b[1;31mlink down\x1b[0m" in styled
+    for extra, state in (({"wgvsock_link": "up"}, "up"), ({}, None),
+                         ({"wgvsock_link": "\x1b[2Jdown"}, None)):
+        link, line, _ = head(extra)
+        assert link == state and "link" not in line
+
+
 @pytest.mark.parametrize(("age_text", "colour"), [
     ("12 s ago", "32"),  # fresh: green
     ("2 min ago", "33"),  # due for rekey: yellow

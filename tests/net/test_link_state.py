@@ -83,9 +83,12 @@ def test_a_link_that_is_down_answers_no_handshake(lab: Lab, peer: str) -> None:
     p.run("ping", "-c", "1", "-W", "1", OURS_TUN, check=False)
     wait_for(lambda: "dropped: interface is down" in lab.log(ours), 10,
              "our daemon to drop the peer's handshake")
-    [mine] = Lab.uapi(ours)["peers"]
+    state = Lab.uapi(ours)
+    assert state["extra"]["wgvsock_link"] == "down"
+    [mine] = state["peers"]
     assert (mine["rx_bytes"], mine["tx_bytes"], mine["last_handshake_time_sec"]) == (0, 0, 0)
     o.ip("link", "set", ours, "up")
     wait_for(lambda: _handshake(ours) != (0, 0), 10, "the handshake our keepalive starts")
+    assert Lab.uapi(ours)["extra"]["wgvsock_link"] == "up"
     ping(o, PEER_TUN, count=1)
     ping(p, OURS_TUN, count=1)

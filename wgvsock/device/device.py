@@ -869,6 +869,8 @@ class Device:
                     "wgvsock_network": self.bind.network,
                     # Whether TUN reads give super-packets (a peer takes them) right now.
                     "wgvsock_tun_offload": "on" if self.tun and self.tun.offloading else "off",
+                    # Whether the tunnel runs: down, it has no sessions and answers nothing.
+                    "wgvsock_link": "up" if engine.running else "down",
                     "wgvsock_port": str(self.port),
                     **self.extra_status,
                     **dynamic,

@@ -4,6 +4,7 @@ It speaks only the cross-platform UAPI (``get=1``), so it shows any userspace Wi
 daemon, Debian's wireguard-go, wireguard-go-vsock. It never sends ``set``: read access to the
 sockets is all it needs. Our daemon adds read-only keys that `wg` ignores and this reads:
 ``wgvsock_network`` / ``wgvsock_port`` (a vsock port may not fit in ``listen_port``),
+``wgvsock_link`` (``down``: the interface is down, and with it every session),
 ``wgvsock_profile`` / ``wgvsock_role`` / ``wgvsock_attested`` (set by the roles), the parent's
 packet counters ``wgvsock_egress_allowed`` / ``_denied`` / ``_blocked`` and, once it runs a DNS
 forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, what it refused lately
@@ -253,6 +254,7 @@ class InterfaceView:
     listen_port: int = 0
     fwmark: int = 0
     network: str | None = None
+    link: str | None = None  # "up" or "down"; None: the daemon does not say
     profile: str | None = None
     role: str | None = None
     attested: bool | None = None
@@ -366,6 +368,9 @@ def _attestation(value: str | None) -> tuple[bool | None, bool, str | None]:
     return state == "attested", state == "debug", state
 
 
+_LINK_STATES = {"up": "up", "down": "down"}
+
+
 def _shown(value: str | None) -> str | None:
     return None if value is None else prose(value, 200)
 
@@ -391,6 +396,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         listen_port=port if port is not None else dev.get("listen_port", 0),
         fwmark=dev.get("fwmark", 0),
         network=network,
+        link=_LINK_STATES.get(extra.get("wgvsock_link") or ""),
         profile=_shown(extra.get("wgvsock_profile")),
         role=role,
         attested=attested,
@@ -661,6 +667,8 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
                              (iface.error, "red"))
         return _wrapped(console, line, width, 0)
     parts = [Text(prose(iface.name, 100), style="bold cyan")]
+    if iface.link == "down":
+        parts.append(Text("link down", style="bold red"))
     if iface.role:
         role = Text(iface.role, style="bold magenta")
         if iface.profile:
