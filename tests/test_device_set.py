@@ -32,6 +32,7 @@ def test_a_peer_removed_later_in_the_same_set_gets_no_keepalive() -> None:
             sent.extend(actions)
 
     dev = Up("wgdset0", bind, run_dir=os.path.join(d, "run"))
+    dev._sync_link()  # the link comes up
     me, them = generate_private_key(), public_key(generate_private_key())
     try:
         dev.uapi_set(parse_set(f"private_key={me.hex()}\n"))
@@ -71,6 +72,7 @@ def test_a_keepalive_that_cannot_be_sent_yet_does_not_hold_the_set_up() -> None:
             release.wait(10)
 
     dev = Up("wgdset1", bind, run_dir=os.path.join(d, "run"))
+    dev._sync_link()  # the link comes up
     me, them = generate_private_key(), public_key(generate_private_key())
     try:
         dev.uapi_set(parse_set(f"private_key={me.hex()}\n"))

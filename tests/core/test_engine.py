@@ -461,6 +461,9 @@ def test_going_down_ends_every_session_and_coming_up_starts_afresh():
     p.pa.timers.persistent_keepalive_interval = 25
     p.pa.staged.append(ip4("10.0.0.1", "10.0.0.2"))
     old = p.pa.keypairs.current
+    p.cut = True  # a handshake just before the down, never answered
+    p.run("A", p.a.initiate_handshake(p.pa, p.now))
+    p.cut = False
     rx, tx, last = p.pa.rx_bytes, p.pa.tx_bytes, p.pa.last_handshake
     p.a.stop()
     assert not p.a.running
@@ -478,11 +481,13 @@ def test_going_down_ends_every_session_and_coming_up_starts_afresh():
         assert all(kind == DROP for kind, _, _ in actions)
     p.b_to_a()  # b's session is still up; a takes none of it
     assert p.drops["A"][-1] == "interface is down" and p.tun["A"] == []
-    init = p.b.initiate_handshake(p.pb, p.now + 10)
-    assert p.a.decapsulate(init[0][2], "B", p.now + 10) == [(DROP, None, "interface is down")]
+    p.pb.handshake.last_sent = None  # b answered a just now; let it start one of its own
+    init = p.b.initiate_handshake(p.pb, p.now + 0.5)
+    assert p.a.decapsulate(init[0][2], "B", p.now + 0.5) == [(DROP, None, "interface is down")]
     assert len(p.sent["A"]) == sent
-    # Up: the persistent keepalive goes out at once, which needs a new handshake.
-    p.now += 10
+    # Up, a second later: the persistent keepalive goes out at once, which needs a new
+    # handshake, and the one before the down (within RekeyTimeout) does not hold it back.
+    p.now += 1
     p.run("A", p.a.start(p.now))
     assert kinds(p.sent["A"][sent:]) == [TYPE_INITIATION, TYPE_TRANSPORT]
     assert p.pa.keypairs.current is not None and p.pa.keypairs.current is not old

@@ -236,7 +236,7 @@ class Device:
         # done to the wall clock meanwhile.
         self.engine = Engine(mtu=mtu, wall_offset=self._wall_offset,
                              forget_source=without_source)
-        self.engine.stop()  # until the link is up (_set_link), as a new interface is down
+        self.engine.stop()  # until the link is up (_sync_link), as a new interface is down
         self._lock = threading.Lock()
         self._offload_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -252,8 +252,11 @@ class Device:
         # loop (monotonic): both take the engine lock and send, so a deadlock or a wedged send
         # on the data path shows here.
         self._ticked = self._tun_passed = 0.0
-        # The link's ups and downs as the kernel announces them, read by the timer thread.
+        # The link's ups and downs as the kernel announces them (_sync_link), and the lock that
+        # makes reading them, reading the flags and applying the result one step, whichever
+        # thread takes it: a state read by one thread must not be applied after a newer one.
         self._link_events: LinkEvents | None = None
+        self._link_lock = threading.Lock()
         # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
         self._wake_r = self._wake_w = -1
         # How the TUN is read (_tun_reader), and the TUN as the stream transport's SharedFile.
@@ -287,8 +290,7 @@ class Device:
             self.tun.set_blocking(False)
             # Listening before the first look at the flags, so that no change falls between.
             self._link_events = LinkEvents(self.tun.ifindex())
-            if self._is_up():
-                self._set_link(True)  # no peers yet: nothing to send
+            self._sync_link()  # no peers yet: nothing to send
             self._tun_read = self._tun_reader(self.tun)
             self._tun_queued.register(self.tun.fileno(), select.POLLIN)
             self._share = self.bind.shared = _TunShare(self, self.tun.fileno())
@@ -418,9 +420,10 @@ class Device:
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
-        if self._link_events is not None:
-            self._link_events.close()
-            self._link_events = None
+        with self._link_lock:  # not under a data path's _sync_link
+            if self._link_events is not None:
+                self._link_events.close()
+                self._link_events = None
         self._wake_r = self._wake_w = -1
         if self._share is not None:
             self._share.close()
@@ -594,7 +597,7 @@ class Device:
         with-statement on a lock looks up and binds __enter__ and __exit__ each time."""
         engine, lock = self.engine, self._lock
         if not engine.running:
-            self._perform(self._link_came_up())
+            self._perform(self._sync_link())
         lock.acquire()
         try:
             now = self._tun_passed = _monotonic()
@@ -641,7 +644,7 @@ class Device:
         # (A view is a transport message: conn.framing.VIEW_FROM.)
         if isinstance(data, bytes) and data[:1] in (b"\x01", b"\x02"):
             if not self.engine.running:
-                self._perform(self._link_came_up())
+                self._perform(self._sync_link())
             with self._lock:
                 under_load = self._note_handshake(now)
                 actions = self.engine.decapsulate(
@@ -718,7 +721,7 @@ class Device:
             sleep = _BUSY_TICK
             try:
                 if woken:
-                    self._link_changed(tun, events)
+                    self._watch(tun)  # the link changed, or its MTU, or it was removed
                 now = time.monotonic()
                 with self._lock:
                     actions = self.engine.update_timers(now)
@@ -771,45 +774,49 @@ class Device:
                 self.engine.mtu = mtu
             tun.mtu_hint = mtu
             self._caps_changed()
-        self._perform(self._set_link(self._is_up()))
+        self._perform(self._sync_link())
 
-    def _link_changed(self, tun: Tun, events: LinkEvents) -> None:
-        """Applies what the kernel announced about the link, each change in its order."""
-        states, lost = events.read()
-        for state in states:
-            if state is None:  # removed: _watch says so and stops the device
-                self._watch(tun)
-                return
-            self._perform(self._set_link(state))
-        if lost:
-            self._perform(self._set_link(self._is_up()))
-        if states:
-            self._watch(tun)  # an MTU change comes as a link message too
+    def _sync_link(self) -> list[Action]:
+        """Brings the engine in line with the link: each up and down the kernel announced,
+        in order, then the flags now (Engine.start, Engine.stop). Called by the timer thread
+        when an announcement comes and at every _watch, and by any path that finds the
+        engine stopped (a handshake that arrives, or is asked for, just after `ip link set
+        up`, before the timer thread has read the announcement). Returns the keepalives
+        coming up sends, for the caller to send.
 
-    def _set_link(self, up: bool) -> list[Action]:
-        """The link is up or down now: the engine follows (Engine.start, Engine.stop). Coming
-        up sends each peer with a persistent keepalive one, as wireguard-go does; wg-quick
-        configures the peers before it sets the link up. Going down ends every session as
-        wireguard-go's and the kernel's down do, so that `ip link set down` and up again
-        starts afresh with new keys. Returns the keepalives, for the caller to send."""
+        Coming up sends each peer with a persistent keepalive one, as wireguard-go does;
+        wg-quick configures the peers before it sets the link up. Going down ends every
+        session as wireguard-go's and the kernel's down do, so that `ip link set down` and up
+        again starts afresh with new keys: also when announcements were lost in between
+        (the socket's buffer overflowed), where the link is then restarted to be sure."""
         actions: list[Action] = []
+        with self._link_lock:
+            states: list[bool | None] = []
+            lost = False
+            if self._link_events is not None:
+                states, lost = self._link_events.read()
+            if lost:
+                states.append(False)
+            states.append(self._is_up())
+            for up in states:
+                if up is None:  # removed: _watch finds that and stops the device
+                    continue
+                actions = self._set_link(up, actions)
+        return actions
+
+    def _set_link(self, up: bool, actions: list[Action]) -> list[Action]:
         with self._lock:
             engine = self.engine
             if up == engine.running:
                 return actions
             if up:
-                actions = engine.start(time.monotonic())
+                actions = actions + engine.start(time.monotonic())
             else:
                 engine.stop()
+                actions = []  # sealed with keys just forgotten: nothing to send any more
         log.info("%s: link %s%s", self.ifname, "up" if up else "down",
                  "" if up else "; sessions ended")
         return actions
-
-    def _link_came_up(self) -> list[Action]:
-        """For a path that finds the engine stopped: if the link is up all the same, its
-        announcement not read yet (a handshake that arrives or is asked for just after `ip
-        link set up`), the engine starts now. Returns what _set_link does."""
-        return self._set_link(True) if self._is_up() else []
 
     # -- UAPI ----------------------------------------------------------------------------
 
@@ -912,9 +919,6 @@ class Device:
                         self.bind.set_mark(old_mark)
                     self.fwmark = old_mark
                 raise
-        actions: list[Action] = []
-        if not self.engine.running and any(pc.persistent_keepalive for pc in cfg.peers):
-            actions = self._link_came_up()
         now = time.monotonic()
         keepalives: list[Peer] = []
         with self._lock:
@@ -954,6 +958,8 @@ class Device:
                         engine.allowed_ips.insert(net, peer)
                     else:
                         engine.allowed_ips.remove(net, peer)
+            actions: list[Action] = []
+            # While down, none: they go out when the link comes up (_sync_link).
             if keepalives and engine.running:
                 for kept in keepalives:
                     # Not one removed (or replaced) later in the same request.
@@ -970,7 +976,7 @@ class Device:
         """Points a configured peer at `endpoint` and starts a handshake with it now (once
         the link is up)."""
         if not self.engine.running:
-            self._perform(self._link_came_up())
+            self._perform(self._sync_link())
         with self._lock:
             peer = self.engine.peers[public_key]
             peer.endpoint = endpoint

@@ -83,6 +83,9 @@ _RTATTR_U32: Final = struct.Struct("=HHI")
 _RTM_NEWLINK: Final = 16
 _RTM_DELLINK: Final = 17
 _RTMGRP_LINK: Final = 0x1
+_SO_RCVBUFFORCE: Final = 33  # <asm-generic/socket.h>; not in Python's socket module
+# Room for the link announcements of a busy namespace while the timer thread is in a send.
+_LINK_EVENTS_BUFFER: Final = 1 << 20
 _NLMSG_ERROR: Final = 2
 _NLM_F_REQUEST: Final = 0x1
 _NLM_F_ACK: Final = 0x4
@@ -696,10 +699,11 @@ class Tun:
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class LinkEvents:
-    """An interface's ups and downs as rtnetlink announces them (RTMGRP_LINK), in order, as
-    wireguard-go's TUN reads them: a down and an up between two looks at the flags would
-    look like nothing happened, and a down must end the sessions all the same. In the
-    caller's network namespace; the socket is non-blocking, for poll()."""
+    """An interface's ups and downs as rtnetlink announces them (RTMGRP_LINK), in order: a
+    down and an up between two looks at the flags would look like nothing happened, and a
+    down must end the sessions all the same. (wireguard-go reads these announcements too,
+    but takes a down only from a poll of the flags.) Every interface of the caller's network
+    namespace is announced here; the socket is non-blocking, for poll()."""
 
     def __init__(self, ifindex: int) -> None:
         self._index = ifindex
@@ -707,6 +711,10 @@ class LinkEvents:
                                    socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
                                    socket.NETLINK_ROUTE)
         try:
+            try:  # beyond net.core.rmem_max, which root may do
+                self._sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _LINK_EVENTS_BUFFER)
+            except OSError:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LINK_EVENTS_BUFFER)
             self._sock.bind((0, _RTMGRP_LINK))
         except OSError:
             self._sock.close()
