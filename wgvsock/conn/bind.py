@@ -203,15 +203,19 @@ class RateLimitedLog:
     on every packet or connection. The next line logged says how many were left out.
     Safe to share between threads (the control server's connections each have one)."""
 
-    __slots__ = ("_burst", "_interval", "_last", "_lock", "_log", "_suppressed", "_tokens")
+    __slots__ = ("_burst", "_clock", "_interval", "_last", "_lock", "_log", "_suppressed",
+                 "_tokens")
 
     def __init__(
-        self, interval: float = 10.0, logger: logging.Logger | None = None, burst: int = 1
+        self, interval: float = 10.0, logger: logging.Logger | None = None, burst: int = 1,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._interval = interval
         self._burst = float(burst)
         self._tokens = float(burst)
-        self._last = time.monotonic()
+        # None: time.monotonic as it is at each call, so a test that patches it still works.
+        self._clock = clock
+        self._last = self._now()
         self._suppressed = 0
         self._log = logger or log
         self._lock = threading.Lock()
@@ -221,7 +225,7 @@ class RateLimitedLog:
         if not self._log.isEnabledFor(level):
             return
         with self._lock:
-            now = time.monotonic()
+            now = self._now()
             self._tokens = min(self._burst, self._tokens + (now - self._last) / self._interval)
             self._last = now
             if self._tokens < 1.0:
@@ -233,6 +237,9 @@ class RateLimitedLog:
             msg += " (%d similar messages suppressed)"
             args = (*args, suppressed)
         self._log.log(level, msg, *args, exc_info=exc_info)
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else time.monotonic()
 
 
 def unavailable(exc: OSError, what: str) -> OSError:

@@ -238,6 +238,7 @@ class ControlServer:
         max_clients: int = 16,
         max_per_peer: int = MAX_PENDING_PER_PEER,
         accept_from: Callable[[object], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._listener = listener
         self._profile = profile
@@ -250,6 +251,8 @@ class ControlServer:
         self._max_clients = max_clients
         self._max_per_peer = max_per_peer
         self._accept_from = accept_from
+        # For the rate limits only (tests pass their own); the exchange's deadlines are real.
+        self._clock = clock
         self._clients: set[socket.socket] = set()
         # Connections still in their exchange -> their peer (see peer_of).
         self._pending: dict[socket.socket, object] = {}
@@ -262,12 +265,12 @@ class ControlServer:
         self.registrations = 0
         self.refused_connections = 0
         self.last_verdict: Verdict | None = None
-        self._refusal_log = RateLimitedLog(logger=log)
+        self._refusal_log = RateLimitedLog(logger=log, clock=clock)
         # Verdicts: a refused enclave registers again (at most every minute, but several
         # enclaves of one profile, or a policy that refuses them all, add up).
-        self._verdict_log = RateLimitedLog(10.0, logger=log, burst=5)
+        self._verdict_log = RateLimitedLog(10.0, logger=log, burst=5, clock=clock)
         # How connections ended badly: protocol errors, connection errors, bugs.
-        self._conn_log = RateLimitedLog(10.0, logger=log, burst=5)
+        self._conn_log = RateLimitedLog(10.0, logger=log, burst=5, clock=clock)
         self._survivor = Survivor("control: accept")
         self._thread = NamedThread(target=self._accept_loop, name="control", daemon=True)
 
