@@ -363,7 +363,9 @@ def test_a_flood_with_slow_attestation_cannot_lock_the_enclave_out():
         time.sleep(0.1)  # an attestation check against a slow NSM/CA
         return rec_holder[0].verify(key, doc, nonce)
 
-    srv, rec, port = _tcp_server(verify=slow_verify, timeout=30.0)
+    # Ten registrations in a row from one address: more than the per-peer limit lets through,
+    # which is not what this is about.
+    srv, rec, port = _tcp_server(verify=slow_verify, timeout=30.0, register_burst=10)
     rec_holder.append(rec)
     stop = threading.Event()
     under_way = threading.Event()
@@ -511,7 +513,8 @@ def test_concurrent_registrations_are_serialised(tmp_path):
         active[0] -= 1
 
     srv = ControlServer(listener, profile="demo", public_key=b"P" * 32, wg_port=51820,
-                        verify=lambda k, d, n: Verdict(True), install=install, max_per_peer=16)
+                        verify=lambda k, d, n: Verdict(True), install=install, max_per_peer=16,
+                        register_burst=16)  # eight at once from this one process
     srv.start()
     keys = [bytes([i + 1]) * 32 for i in range(8)]
     socks = {key: dial(path) for key in keys}
@@ -579,10 +582,13 @@ def test_the_parent_admits_only_the_enclaves_cid():
     assert Parent(parse_profile(unix))._enclave_filter() is None  # a stand-in: no CIDs
 
 
-def test_refusals_are_logged_a_few_at_a_time(server, caplog):
+def test_refusals_are_logged_a_few_at_a_time(tmp_path, request, caplog):
     """A refused enclave registers again (less and less often), and several enclaves of one
     profile may all be refused: the parent's warning is rate-limited, not one per attempt."""
-    path, _srv, rec = server
+    path = str(tmp_path / "control.sock")
+    # Twenty from this one process: each must reach the verifier, not the per-peer limit.
+    _srv, rec = make_server(path, timeout=1.0, register_burst=20)
+    request.addfinalizer(_srv.close)
     rec.accept = False
     with caplog.at_level(logging.WARNING, logger="wgvsock.control"):
         for _ in range(20):
@@ -625,3 +631,107 @@ def test_the_parents_control_socket_dir_must_be_its_own(tmp_path):
     with contextlib.closing(control_listener(transport)) as listener:
         assert listener.getsockname() == str(tmp_path / "own" / "5100.sock")
     assert (tmp_path / "own").stat().st_mode & 0o777 == 0o700
+
+
+class FakeClock:
+    """The control server's clock for its rate limits, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _exchange(s: socket.socket, key: bytes, attestation: bytes | None = None) -> dict:
+    """The enclave's half by hand, returning the parent's answer as it was sent."""
+    challenge = read_message(s, time.monotonic() + 5)
+    s.sendall(encode({"type": "register", "nonce": challenge["nonce"],
+                      "public_key": base64.b64encode(key).decode(),
+                      "attestation": base64.b64encode(attestation).decode()
+                      if attestation else None}))
+    return read_message(s, time.monotonic() + 5)
+
+
+def test_one_peer_may_register_a_few_times_at_once_then_once_a_second(caplog):
+    """Before: nothing limited how often one peer registered; an enclave in a loop made
+    7000 registrations (installs, verifications and INFO lines) in 3 s. Now 5 at once, then
+    one a second; the rest are refused, unverified, with when to come back."""
+    clock = FakeClock()
+    srv, rec, port = _tcp_server(clock=clock)
+    try:
+        for _ in range(5):
+            with _dial_tcp(port) as s:
+                assert _exchange(s, b"E" * 32)["type"] == "welcome"
+        with caplog.at_level(logging.WARNING, logger="wgvsock.control"):
+            for _ in range(20):
+                with _dial_tcp(port) as s:
+                    reply = _exchange(s, b"E" * 32)
+                assert reply["type"] == "refused", reply
+                assert "too many registrations" in reply["reason"]
+                assert reply["retry_after"] == 1.0
+            with _dial_tcp(port, "127.0.0.2") as s:  # another peer has its own budget
+                assert _exchange(s, b"F" * 32)["type"] == "welcome"
+        assert len(rec.seen) == 6 and len(rec.installed) == 6  # none of the 20 was verified
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert 1 <= len(warned) <= 2 and "127.0.0.1" in warned[0], warned
+        clock.now += 0.4
+        with _dial_tcp(port) as s:
+            reply = _exchange(s, b"E" * 32)
+        assert reply["type"] == "refused" and reply["retry_after"] == 0.6
+        clock.now += 0.6
+        with _dial_tcp(port) as s:
+            assert _exchange(s, b"E" * 32)["type"] == "welcome"
+        with _dial_tcp(port) as s:  # and that one used the second up
+            assert _exchange(s, b"E" * 32)["type"] == "refused"
+        clock.now += 5.0  # a quiet peer gets its burst back, and no more than that
+        for expected in ["welcome"] * 5 + ["refused"]:
+            with _dial_tcp(port) as s:
+                assert _exchange(s, b"E" * 32)["type"] == expected
+    finally:
+        srv.close()
+
+
+def test_a_refusal_for_registering_too_often_says_when_to_come_back(server):
+    """The enclave's side reads the parent's retry_after; a refusal without one, or with one
+    that is no number of seconds, is a plain refusal."""
+    def refused(**extra) -> control.Refused:
+        parent, enclave = socket.socketpair()
+        with parent, enclave:
+            parent.sendall(frame({"v": 1, "type": "challenge", "profile": "demo",
+                                  "nonce": base64.b64encode(b"n" * 32).decode()}))
+            parent.sendall(frame({"v": 1, "type": "refused", "reason": "too many", **extra}))
+            with pytest.raises(control.Refused) as e:
+                register(enclave, b"E" * 32, timeout=5)
+        return e.value
+
+    assert refused(retry_after=2.5).retry_after == 2.5
+    assert refused(retry_after=3).retry_after == 3.0
+    for bad in ("2", True, -1, None, [1]):
+        assert getattr(refused(retry_after=bad), "retry_after", None) is None, bad
+    assert getattr(refused(), "retry_after", None) is None
+    # Python's json reads NaN and Infinity: they are not seconds either.
+    parent, enclave = socket.socketpair()
+    with parent, enclave:
+        parent.sendall(frame({"v": 1, "type": "challenge", "profile": "demo",
+                              "nonce": base64.b64encode(b"n" * 32).decode()}))
+        body = b'{"v":1,"type":"refused","reason":"x","retry_after":Infinity}'
+        parent.sendall(struct.pack(">I", len(body)) + body)
+        with pytest.raises(control.Refused) as e:
+            register(enclave, b"E" * 32, timeout=5)
+    assert getattr(e.value, "retry_after", None) is None
+
+
+def test_the_limit_forgets_peers_that_have_their_burst_back():
+    """Every TCP address and Unix process that registers gets a bucket: those idle long
+    enough to be full again are dropped, so many peers do not grow the table for good."""
+    clock = FakeClock()
+    limit = control.RegistrationLimit(5, 1.0, clock)
+    for peer in range(1000):
+        assert limit.take(peer) == 0.0
+    assert len(limit._peers) == 1000
+    clock.now += 4.0  # not yet: each still lacks part of a token
+    assert limit.take("x") == 0.0 and len(limit._peers) == 1001
+    clock.now += 1.0
+    assert limit.take("x") == 0.0 and list(limit._peers) == ["x"]
+    assert limit.take(7) == 0.0  # a forgotten peer starts with its whole burst

@@ -525,3 +525,61 @@ def test_sighup_while_cmd_is_being_started_leaves_the_tunnel_running(no_network,
     rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
     assert rc == 7  # CMD got the SIGHUP and handled it
     assert stopped == [False]
+
+
+@pytest.mark.parametrize(("retry_after", "waits_at_least"), [(5.0, 5.0), (1e9, 60.0)])
+def test_a_parent_that_says_too_often_is_asked_again_when_it_said(monkeypatch, retry_after,
+                                                                  waits_at_least) -> None:
+    """The parent refuses registrations that come too often, saying when to come back.
+    The enclave waits that long (an impostor on the control port cannot make it wait more
+    than a minute), keeps retrying, and keeps the refusal before as its reason: "too often"
+    would hide why it was refused in the first place."""
+    import base64
+    import json
+    import struct
+
+    def frame(obj: dict) -> bytes:
+        body = json.dumps({"v": 1, **obj}).encode()
+        return struct.pack(">I", len(body)) + body
+
+    answers = [
+        {"type": "refused", "reason": "attestation refused: PCR0 mismatch"},
+        {"type": "refused", "reason": "too many registrations", "retry_after": retry_after},
+        {"type": "refused", "reason": "too many registrations", "retry_after": retry_after},
+        {"type": "welcome", "public_key": base64.b64encode(b"P" * 32).decode(),
+         "wg_port": 51820, "attested": False},
+    ]
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    stop = _simulated(monkeypatch, e, 20)
+    ends: list[socket.socket] = []
+    failures_at_dial: list[str | None] = []
+
+    def dial(t) -> socket.socket:
+        failures_at_dial.append(e.last_failure)
+        parent, enclave = socket.socketpair()
+        ends.extend((parent, enclave))
+        parent.sendall(frame({"type": "challenge", "profile": "e2e",
+                              "nonce": base64.b64encode(b"n" * 32).decode()}))
+        parent.sendall(frame(answers.pop(0)))
+        return enclave
+
+    def hold(conn, stop_event, check=None) -> str:
+        stop_event.set()
+        return "stopped"
+
+    monkeypatch.setattr(enclave_mod, "dial_control", dial)
+    monkeypatch.setattr(enclave_mod, "hold_connection", hold)
+    monkeypatch.setattr(enclave_mod, "attester", lambda: None)
+    monkeypatch.setattr(e, "_check_pin", lambda w: None)
+    monkeypatch.setattr(e, "_apply", lambda w: None)
+    try:
+        e._control_loop()
+    finally:
+        for s in ends:
+            s.close()
+    assert e.registrations == 1 and not answers  # it did not give up
+    waits = [w for _, w in stop.asked]
+    assert waits[0] <= 1.0  # the first refusal: the usual backoff
+    assert waits_at_least <= waits[1] <= 60.0 and waits_at_least <= waits[2] <= 60.0, waits
+    assert failures_at_dial[2] == failures_at_dial[3]
+    assert "PCR0 mismatch" in failures_at_dial[3]

@@ -27,7 +27,14 @@ from ..conn.stream import redial_backoff
 from ..core.crypto import generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
-from ..services.control import ControlError, Refused, Welcome, hold_connection, register
+from ..services.control import (
+    ControlError,
+    Refused,
+    Throttled,
+    Welcome,
+    hold_connection,
+    register,
+)
 from ..signals import Wakeup
 from ..threads import NamedThread, on_thread_death
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
@@ -222,16 +229,17 @@ class Enclave:
         answered_since: float | None = None  # when the parent's answers stopped keeping us
         attest = self._attest
 
-        def pause(answered: bool = False) -> None:
+        def pause(answered: bool = False, at_least: float = 0.0) -> None:
             """Waits before the next try: up to backoff_max, and once the parent has answered
-            without keeping us for ANSWERED_FAST_FOR, up to ANSWERED_BACKOFF_MAX."""
+            without keeping us for ANSWERED_FAST_FOR, up to ANSWERED_BACKOFF_MAX; AT_LEAST
+            seconds in any case."""
             nonlocal delay, answered_delay, answered_since
             if answered and answered_since is None:
                 answered_since = time.monotonic()
             slow = answered and time.monotonic() - answered_since >= ANSWERED_FAST_FOR
             wait = answered_delay if slow else delay
             # Jitter keeps many enclaves from redialling a restarted parent in lockstep.
-            self.stop.wait(random.uniform(wait / 2, wait))  # noqa: S311 - jitter only
+            self.stop.wait(max(at_least, random.uniform(wait / 2, wait)))  # noqa: S311 - jitter
             if slow:
                 answered_delay = min(answered_delay * 2, ANSWERED_BACKOFF_MAX)
             else:
@@ -269,6 +277,15 @@ class Enclave:
                 self.last_failure = str(e)
                 log.warning("control: %s", e)
                 pause(answered=True)
+            except Throttled as e:
+                # We registered too often for the parent (its limit per enclave, met by quick
+                # retries after refusals): it said when it listens again. Bounded, as whatever
+                # answers on the control port may have said it. The refusal before this one,
+                # if any, stays the reason wait_connected gives: "too often" hides the cause.
+                if self.last_failure is None:
+                    self.last_failure = str(e)
+                log.warning("control: %s", e)
+                pause(answered=True, at_least=min(e.retry_after, ANSWERED_BACKOFF_MAX))
             except Refused as e:
                 # Retried too, less and less often: the parent's policy may be changed.
                 self.last_failure = str(e)

@@ -9,12 +9,14 @@ at most MAX_MESSAGE bytes with `"v": 1` and a `"type"`:
                          "public_key": B64(32), "attestation": B64(COSE_Sign1) | null}
     parent  -> enclave  {"v":1, "type":"welcome", "public_key": B64(32), "wg_port": N,
                          "attested": bool, "attestation": STATE}
-                     or {"v":1, "type":"refused", "reason": TEXT}
+                     or {"v":1, "type":"refused", "reason": TEXT [, "retry_after": SECONDS]}
 
 `attested` is true for a genuine enclave whether or not a PCR0 pins its image; STATE (one of
-ATTESTATION_STATES, newer parents only) tells the two apart. The whole exchange must finish
-within EXCHANGE_TIMEOUT seconds. After a welcome the connection
-stays open and both sides send {"v":1,"type":"ping"} every PING_INTERVAL seconds; a side that
+ATTESTATION_STATES, newer parents only) tells the two apart. `retry_after` (newer parents
+only) marks a refusal for registering too often (REGISTER_BURST at once, then one per
+REGISTER_INTERVAL per peer): the parent listens again after that many seconds. The whole
+exchange must finish within EXCHANGE_TIMEOUT seconds. After a welcome the connection stays
+open and both sides send {"v":1,"type":"ping"} every PING_INTERVAL seconds; a side that
 hears nothing for 3 intervals, or sees the connection close, knows the other restarted: the
 enclave then registers again (with the same key) and the parent keeps the peer until a new
 enclave replaces it. The nonce is fresh per connection and single-use, so a recorded register
@@ -29,12 +31,14 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import select
 import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +63,15 @@ class ControlError(Exception):
 
 class Refused(ControlError):
     """The parent answered and refused this enclave (its policy, or its verifier)."""
+
+
+class Throttled(Refused):
+    """The parent refused this registration for coming too soon after the ones before; it
+    takes one again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 #: What the parent's verdict on its enclave amounts to, as `wgvsock status --json` (its
@@ -191,7 +204,52 @@ Installer = Callable[[bytes, Verdict], None]
 # Connections one peer may have in their exchange at once: an enclave registers once, and
 # again at most while its previous exchange is being torn down.
 MAX_PENDING_PER_PEER = 2
+# Registrations one peer may make at once, then one per REGISTER_INTERVAL seconds. An enclave
+# registers when it starts and again when its control connection drops; one that registers
+# in a loop would otherwise cost a verification, possibly a rebuilt peer and a log line each
+# time, thousands a second. A refused enclave's quick retries (for a minute, at most every
+# 0.05 to 1 s) may meet the limit too: they are told when to come back, which is within 1 s.
+REGISTER_BURST = 5
+REGISTER_INTERVAL = 1.0
+# Clock differences carry float noise (1000.4 - 1000.0 is 0.39999...): a peer that comes back
+# when told must not be refused for a token short by 1e-13.
+_SLACK = 1e-6
 _UCRED = struct.Struct("3i")
+
+
+class RegistrationLimit:
+    """A token bucket per peer: `burst` registrations at once, then one per `interval`."""
+
+    def __init__(self, burst: int, interval: float, clock: Callable[[], float]) -> None:
+        self._burst = float(burst)
+        self._interval = interval
+        self._clock = clock
+        # peer -> (tokens, when counted), least recently counted first.
+        self._peers: OrderedDict[object, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, peer: object) -> float:
+        """0.0 when PEER may register now (and counts it), else the seconds until it may."""
+        with self._lock:
+            now = self._clock()
+            tokens, last = self._peers.pop(peer, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - last) / self._interval)
+            wait = 0.0
+            if tokens >= 1.0 - _SLACK:
+                tokens = max(0.0, tokens - 1.0)
+            else:
+                wait = (1.0 - tokens) * self._interval
+            self._peers[peer] = (tokens, now)
+            # A peer not counted for burst * interval has its whole burst again, as one never
+            # seen has: forgetting it keeps many peers (TCP addresses, Unix processes) from
+            # growing the table.
+            full_after = self._burst * self._interval
+            while self._peers:
+                oldest, (_tokens, at) = next(iter(self._peers.items()))
+                if now - at < full_after:
+                    break
+                del self._peers[oldest]
+            return wait
 
 
 def peer_of(conn: socket.socket, addr: object) -> object:
@@ -219,7 +277,9 @@ class ControlServer:
 
     Admission: `accept_from(addr)`, when given, must approve the accept() address (the parent
     passes "is this the enclave's CID"); a peer may have MAX_PENDING_PER_PEER connections in
-    their exchange; and when `max_clients` connections are open, newcomers are refused. A
+    their exchange, and may register `register_burst` times at once, then once per
+    `register_interval` seconds (the rest are refused, unverified, with a retry_after); and
+    when `max_clients` connections are open, newcomers are refused. A
     connection that was sent its challenge is never dropped to make room: that would let a
     flood of connections push out the real enclave's exchange (issue 12).
     """
@@ -238,6 +298,8 @@ class ControlServer:
         max_clients: int = 16,
         max_per_peer: int = MAX_PENDING_PER_PEER,
         accept_from: Callable[[object], bool] | None = None,
+        register_burst: int = REGISTER_BURST,
+        register_interval: float = REGISTER_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._listener = listener
@@ -253,6 +315,9 @@ class ControlServer:
         self._accept_from = accept_from
         # For the rate limits only (tests pass their own); the exchange's deadlines are real.
         self._clock = clock
+        self._register_limit = RegistrationLimit(register_burst, register_interval, clock)
+        self._register_rule = (f"at most {register_burst} at once, then one every "
+                               f"{register_interval:g} s")
         self._clients: set[socket.socket] = set()
         # Connections still in their exchange -> their peer (see peer_of).
         self._pending: dict[socket.socket, object] = {}
@@ -271,6 +336,8 @@ class ControlServer:
         self._verdict_log = RateLimitedLog(10.0, logger=log, burst=5, clock=clock)
         # How connections ended badly: protocol errors, connection errors, bugs.
         self._conn_log = RateLimitedLog(10.0, logger=log, burst=5, clock=clock)
+        # Registrations refused for coming too often: one peer in a loop, every second.
+        self._throttle_log = RateLimitedLog(10.0, logger=log, burst=2, clock=clock)
         self._survivor = Survivor("control: accept")
         self._thread = NamedThread(target=self._accept_loop, name="control", daemon=True)
 
@@ -328,16 +395,17 @@ class ControlServer:
             self._refusal_log(logging.WARNING, "control: refused a connection: %s", why)
             return
         try:
-            NamedThread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            NamedThread(target=self._serve, args=(conn, peer, who), name="control-conn",
+                        daemon=True).start()
         except BaseException:
             with self._lock:
                 self._clients.discard(conn)
                 self._pending.pop(conn, None)
             raise
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, peer: object = None, who: str = "?") -> None:
         try:
-            if self._exchange(conn):
+            if self._exchange(conn, peer, who):
                 self._hold(conn)
         except ControlError as e:
             # Anyone who can reach the port can break the protocol on every connection.
@@ -356,7 +424,7 @@ class ControlServer:
                     self._current = None
             conn.close()
 
-    def _exchange(self, conn: socket.socket) -> bool:
+    def _exchange(self, conn: socket.socket, peer: object = None, who: str = "?") -> bool:
         deadline = time.monotonic() + self._timeout
         nonce = self._rng(NONCE_LEN)
         _send(conn, {"type": "challenge", "nonce": _text(nonce), "profile": self._profile})
@@ -367,6 +435,17 @@ class ControlServer:
         public_key = _b64(msg, "public_key", 32)
         attestation = _b64(msg, "attestation", optional=True)
         assert public_key is not None
+        if (wait := self._register_limit.take(peer)) > 0:
+            # Before the verifier: a peer in a loop must not cost a verification each time.
+            # Rounded up to a tenth: one that comes back when told finds a registration's worth.
+            retry_after = max(0.1, math.ceil(wait * 10 - _SLACK) / 10)
+            self._throttle_log(logging.WARNING, "control: refused a registration from %s: "
+                               "too many (%s)", who, self._register_rule)
+            self._settled(conn)
+            _send(conn, {"type": "refused", "retry_after": retry_after,
+                         "reason": f"too many registrations ({self._register_rule}); "
+                                   f"try again in {retry_after:g} s"})
+            return False
         # The nonce was made for this connection alone, so matching it proves freshness.
         if not hmac.compare_digest(echoed or b"", nonce):
             verdict = Verdict(False, reason="nonce does not match this connection's challenge")
@@ -499,7 +578,14 @@ def register(
     })
     msg = read_message(conn, deadline)
     if msg["type"] == "refused":
-        raise Refused(f"parent refused this enclave: {prose(msg.get('reason', '?'), 1000)}")
+        text = f"parent refused this enclave: {prose(msg.get('reason', '?'), 1000)}"
+        retry_after = msg.get("retry_after")
+        # Only a number of seconds counts (bool is an int; json reads NaN and Infinity); the
+        # caller bounds it, since whoever answers on the control port may have sent it.
+        if (type(retry_after) in (int, float) and math.isfinite(retry_after)
+                and retry_after >= 0):
+            raise Throttled(text, float(retry_after))
+        raise Refused(text)
     if msg["type"] != "welcome":
         raise ControlError(f"expected welcome, got {quote(msg['type'])}")
     parent_key = _b64(msg, "public_key", 32)
