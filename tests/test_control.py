@@ -722,6 +722,43 @@ def test_a_refusal_for_registering_too_often_says_when_to_come_back(server):
     assert getattr(e.value, "retry_after", None) is None
 
 
+def test_registrations_that_change_nothing_are_not_logged_each_time(caplog):
+    """Before: one INFO line per registration, however often one enclave registered, until
+    journald's per-unit limit dropped the parent's warnings and errors with them. Now a line
+    for each that changes something (the first, a new key, another attestation state, the
+    first after a removal) and a few, rate-limited, for the ones that change nothing."""
+    clock = FakeClock()
+    srv, _rec, port = _tcp_server(clock=clock)
+
+    def registered(key: bytes, attestation: bytes | None = None) -> list[str]:
+        caplog.clear()
+        clock.now += 1.0  # within the registration limit
+        with _dial_tcp(port) as s:
+            assert _exchange(s, key, attestation)["type"] == "welcome"
+        return [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.INFO and "registered" in r.getMessage()]
+
+    a, b = base64.b64encode(b"A" * 32).decode(), base64.b64encode(b"B" * 32).decode()
+    try:
+        with caplog.at_level(logging.INFO, logger="wgvsock.control"):
+            first = registered(b"A" * 32)
+            assert len(first) == 1 and a in first[0] and "unattested" in first[0], first
+            repeats = [line for _ in range(30) for line in registered(b"A" * 32)]
+            assert 1 <= len(repeats) <= 3, repeats
+            new_key = registered(b"B" * 32)
+            assert len(new_key) == 1 and b in new_key[0], new_key
+            new_state = registered(b"B" * 32, attestation=b"doc")
+            assert len(new_state) == 1 and "genuine" in new_state[0], new_state
+            srv.revalidate(lambda: False, lambda: None)  # a reload removed the enclave
+            back = registered(b"B" * 32, attestation=b"doc")
+            assert len(back) == 1 and b in back[0], back
+            clock.now += 60.0  # what was left out is counted on the next line let through
+            later = registered(b"B" * 32, attestation=b"doc") + registered(b"B" * 32, b"doc")
+            assert any("similar messages suppressed" in line for line in later), later
+    finally:
+        srv.close()
+
+
 def test_the_limit_forgets_peers_that_have_their_burst_back():
     """Every TCP address and Unix process that registers gets a bucket: those idle long
     enough to be full again are dropped, so many peers do not grow the table for good."""

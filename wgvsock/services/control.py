@@ -330,6 +330,9 @@ class ControlServer:
         self.registrations = 0
         self.refused_connections = 0
         self.last_verdict: Verdict | None = None
+        # What the last installed registration was (key, attestation state): a registration
+        # is logged at INFO when it changes that, or follows a start or a removal.
+        self._registered: tuple[bytes, str] | None = None
         self._refusal_log = RateLimitedLog(logger=log, clock=clock)
         # Verdicts: a refused enclave registers again (at most every minute, but several
         # enclaves of one profile, or a policy that refuses them all, add up).
@@ -338,6 +341,14 @@ class ControlServer:
         self._conn_log = RateLimitedLog(10.0, logger=log, burst=5, clock=clock)
         # Registrations refused for coming too often: one peer in a loop, every second.
         self._throttle_log = RateLimitedLog(10.0, logger=log, burst=2, clock=clock)
+        # Registrations that change something: one per enclave start normally, which this
+        # never holds back; it bounds many peers (any CID, where the parent does not know the
+        # enclave's) each registering new keys once a second.
+        self._change_log = RateLimitedLog(10.0, logger=log, burst=10, clock=clock)
+        # The same enclave with the same key and verdict (its control connection dropped,
+        # its tunnel check failed): rare, and worth a line, but a loop of them says nothing
+        # new after the first few; the next line let through counts the ones left out.
+        self._again_log = RateLimitedLog(60.0, logger=log, burst=3, clock=clock)
         self._survivor = Survivor("control: accept")
         self._thread = NamedThread(target=self._accept_loop, name="control", daemon=True)
 
@@ -468,6 +479,7 @@ class ControlServer:
                 raise ControlError("shutting down")
             self._install(public_key, verdict)
             self.registrations += 1
+            before, self._registered = self._registered, (public_key, verdict.state)
             with self._lock:
                 previous, self._current = self._current, conn
         if previous is not None:
@@ -475,11 +487,30 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 previous.shutdown(socket.SHUT_RDWR)
         self._settled(conn)
+        # Before the welcome, as the refusals are: the line is there by the time the enclave
+        # acts on its answer (and a test that has the answer finds it).
+        self._log_registration(before, public_key, verdict.state)
         _send(conn, {"type": "welcome", "public_key": _text(self.public_key),
                      "wg_port": self.wg_port, "attested": verdict.attested,
                      "attestation": verdict.state})
-        log.info("control: enclave registered (attestation: %s)", verdict.state)
         return True
+
+    def _log_registration(self, before: tuple[bytes, str] | None, public_key: bytes,
+                          state: str) -> None:
+        key = _text(public_key)
+        if before is None:
+            self._change_log(logging.INFO, "control: enclave registered (key %s, "
+                             "attestation: %s)", key, state)
+        elif before[0] != public_key:
+            self._change_log(logging.INFO, "control: enclave registered with a new key %s "
+                             "(attestation: %s; it replaces %s)", key, state,
+                             _text(before[0]))
+        elif before[1] != state:
+            self._change_log(logging.INFO, "control: enclave registered again (key %s), "
+                             "attestation now %s (was %s)", key, state, before[1])
+        else:
+            self._again_log(logging.INFO, "control: enclave registered again, unchanged "
+                            "(key %s, attestation: %s)", key, state)
 
     def _settled(self, conn: socket.socket) -> None:
         # Before the answer is sent: an enclave that has its answer and dials again at once
@@ -499,6 +530,7 @@ class ControlServer:
             if admitted():
                 return True
             remove()
+            self._registered = None  # its next registration is news again
             with self._lock:
                 current, self._current = self._current, None
         if current is not None:
