@@ -8,17 +8,21 @@ forwarder runs in this process without sockets: `_answer_checked` is called dire
 resolver is dnspython's query functions replaced for the target's lifetime, and nft is a
 recorder. The answer gets the ID of the query the forwarder sent, as a real server's would;
 whether its question matches is up to the input (dnspython's own check, mimicked: a mismatch
-is a resolver that never answers).
+is a resolver that never answers). A truncated answer over UDP is asked for again over TCP
+(dnspython's udp_with_fallback), and the same answer comes back.
 
 A reference written here from the README's rules says what must happen, and anything else is
 a finding: a query that does not parse, or is a response, gets no reply; another opcode
 NOTIMP, not one question FORMERR; a name of another class, not allowed, or denied REFUSED
-without asking the resolver; an allowed one is asked exactly once, its ID not the enclave's;
-no answer SERVFAIL; an answer whose CNAME chain passes through a denied name REFUSED; else the
-addresses of the chain's A/AAAA records, and only those, go into the sets of exactly the rules
-that allow the name, each with its TTL (at most a day, and at most that of any CNAME that led
-to it) plus the grace, before the reply goes
-back with the enclave's ID. No exception may escape.
+without asking the resolver; an allowed one is asked once (twice when a UDP answer is
+truncated) with a query of the forwarder's own: the question, RD, the enclave's AD and DO and
+nothing else of it (CD clear, EDNS payload 1232, no options, no records); no answer, or one
+with an extended rcode, SERVFAIL; an answer whose CNAME chain passes through a denied name
+REFUSED; else the addresses of the chain's A/AAAA records, and only those, go into the sets
+of exactly the rules that allow the name, each with its TTL (at most a day, and at most that
+of any CNAME that led to it) plus the grace, before the reply goes back with the enclave's ID,
+its question as spelled, its RD, CD and DO, and EDNS only if it used EDNS. No exception may
+escape.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import struct
 from typing import Any
 
 import dns.asyncquery
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
@@ -71,7 +76,8 @@ class _Upstream:
         self.answer: bytes | None = None
         self.asked: list[dns.message.Message] = []
 
-    async def ask(self, q: dns.message.Message, where: str, **_: Any) -> dns.message.Message:
+    async def tcp(self, q: dns.message.Message, where: str, *_: Any,
+                  **__: Any) -> dns.message.Message:
         self.asked.append(q)
         if self.answer is None:
             raise dns.exception.Timeout
@@ -79,6 +85,16 @@ class _Upstream:
         r.id = q.id
         if not q.is_response(r):  # dnspython's udp()/tcp() would not take it either
             raise dns.exception.Timeout
+        return r
+
+    async def udp(self, q: dns.message.Message, where: str, timeout: float | None = None,
+                  port: int = 53, source: Any = None, source_port: int = 0,
+                  ignore_unexpected: bool = False, one_rr_per_rrset: bool = False,
+                  ignore_trailing: bool = False, raise_on_truncation: bool = False,
+                  *_: Any, **__: Any) -> dns.message.Message:
+        r = await self.tcp(q, where)
+        if raise_on_truncation and r.flags & dns.flags.TC:
+            raise dns.message.Truncated(message=r)
         return r
 
 
@@ -127,8 +143,8 @@ class DnsForwarderTarget(Target):
         super().__init__(rng, workdir)
         self.upstream = _Upstream()
         self._saved = (dns.asyncquery.udp, dns.asyncquery.tcp)
-        dns.asyncquery.udp = self.upstream.ask  # type: ignore[assignment]
-        dns.asyncquery.tcp = self.upstream.ask  # type: ignore[assignment]
+        dns.asyncquery.udp = self.upstream.udp  # type: ignore[assignment]
+        dns.asyncquery.tcp = self.upstream.tcp  # type: ignore[assignment]
         self.updates: list[list] = []
         policy = NamePolicy([NameRule(NamePattern.parse(p)) for p in ALLOW],
                             [NameRule(NamePattern.parse(p)) for p in DENY])
@@ -153,12 +169,23 @@ class DnsForwarderTarget(Target):
                                    use_edns=rng.choice((None, 0)))
         if rng.random() < 0.05:
             q.question[0].rdclass = dns.rdataclass.CH  # type: ignore[misc]
+        # What a hostile enclave might add for the resolver to see: none of it may pass.
+        q.flags ^= rng.choice((0, 0, dns.flags.RD, dns.flags.CD, dns.flags.AD))
+        if q.edns >= 0:
+            options = rng.choice(([], [], [dns.edns.ECSOption("203.0.113.0", 24)],
+                                  [dns.edns.GenericOption(65001, b"x" * rng.randrange(40))]))
+            q.use_edns(0, rng.choice((0, dns.flags.DO)),
+                       rng.choice((512, 1232, 4096, 65000)), options=options)
+        if rng.random() < 0.1:
+            q.additional.append(dns.rrset.from_text("ns.evil.", 60, "IN", "A", "203.0.113.8"))
         return q
 
     def _answer(self, rng: random.Random, q: dns.message.Message) -> dns.message.Message:
         r = dns.message.make_response(q)
         if rng.random() < 0.1:
             r.set_rcode(rng.choice((dns.rcode.NXDOMAIN, dns.rcode.SERVFAIL, dns.rcode.REFUSED)))
+        if rng.random() < 0.05:  # over UDP: the forwarder asks again over TCP
+            r.flags |= dns.flags.TC
         qname = q.question[0].name if q.question else dns.name.root
         chain = [qname]
         for _ in range(rng.choice((0, 0, 1, 2, 3, 17))):  # CNAMEs, sometimes past the limit
@@ -184,7 +211,8 @@ class DnsForwarderTarget(Target):
     def generate(self, rng: random.Random) -> tuple[str, bytes]:
         q = self._query(rng)
         r = self._answer(rng, q)
-        query, answer = q.to_wire(), r.to_wire()
+        # Not the payloads the messages advertise: a resolver's answer may be any size.
+        query, answer = q.to_wire(max_size=65535), r.to_wire(max_size=65535)
         tcp = rng.randrange(2)
         roll = rng.random()
         if roll < 0.5:
@@ -243,13 +271,30 @@ class DnsForwarderTarget(Target):
             assert not asked, "a name not allowed was sent to the resolver"
             assert not self.updates
             return
-        assert len(asked) == 1, f"asked the resolver {len(asked)} times"
-        assert asked[0].question == q.question, "asked the resolver another question"
+        assert [n.labels for n in (x.name for x in r.question)] == [question.name.labels], \
+            "the reply's question is not the enclave's as it spelled it"
+        assert r.flags & (dns.flags.RD | dns.flags.CD) == q.flags & (dns.flags.RD | dns.flags.CD)
+        assert (r.edns >= 0) == (q.edns >= 0), "EDNS in the reply but not in the query or back"
+        client_do = q.ednsflags & dns.flags.DO if q.edns >= 0 else 0
+        if r.edns >= 0:
+            assert r.ednsflags & dns.flags.DO == client_do, "the client's DO was not echoed"
+        sent = asked[0] if asked else None
+        answer = self._parsed_answer(sent) if sent is not None else None
+        retried = not tcp and answer is not None and bool(answer.flags & dns.flags.TC)
+        assert len(asked) == 1 + retried, f"asked the resolver {len(asked)} times"
+        assert sent is not None and all(a is sent for a in asked)
+        assert sent.question == q.question, "asked the resolver another question"
+        assert sent.flags == dns.flags.RD | (q.flags & dns.flags.AD), \
+            f"the resolver got flags {sent.flags!r}"
+        assert (sent.edns, sent.payload, list(sent.options)) == (0, 1232, []), \
+            "the resolver got EDNS other than ours"
+        assert sent.ednsflags == client_do, "the resolver got EDNS flags other than DO"
+        assert not (sent.answer or sent.authority or sent.additional), \
+            "the resolver got records besides the question"
         if not tcp:
             limit = max(512, q.payload if q.edns >= 0 else 512)
             assert len(reply) <= limit, f"a UDP reply of {len(reply)} > {limit} bytes"
-        answer = self._parsed_answer(asked[0])
-        if answer is None:
+        if answer is None or answer.rcode() > 15:
             assert r.rcode() == dns.rcode.SERVFAIL and not self.updates
             return
         want: dict[tuple[str, str], int] = {}  # per set and address, the longest TTL

@@ -10,12 +10,16 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
+import dns.opcode
 import dns.query
 import dns.rcode
 import dns.rdataclass
+import dns.rdatatype
 import dns.rrset
 import pytest
 
@@ -43,7 +47,9 @@ def rr(text: str) -> dns.rrset.RRset:
 
 
 class Upstream:
-    """Answers RECORDS over UDP and TCP; `silent` makes it ignore every query."""
+    """Answers RECORDS over UDP and TCP; `silent` makes it ignore every query. Over UDP an
+    answer larger than the query's EDNS payload (512 without EDNS) is truncated, as a real
+    server's would be. It keeps every query it was sent, as sent."""
 
     def __init__(self) -> None:
         for _ in range(20):  # the UDP port's TCP twin may be taken: try another
@@ -60,21 +66,34 @@ class Upstream:
                 self.tcp.close()
         self.tcp.listen(8)
         self.silent = False
+        self.rcode: int | None = None  # answer every query with this rcode instead
         self.queries = 0
         self.ids: list[int] = []  # the IDs of the queries it was sent
+        self.received: list[tuple[str, dns.message.Message]] = []  # ("udp" or "tcp", query)
         # Cleared, each answer waits until it is set again (an answer held in flight).
         self.gate = threading.Event()
         self.gate.set()
         for target in (self._serve_udp, self._serve_tcp):
             threading.Thread(target=target, daemon=True).start()
 
-    def response(self, wire: bytes) -> bytes:
+    def response(self, wire: bytes, kind: str = "udp") -> bytes:
         q = dns.message.from_wire(wire)
         self.ids.append(q.id)
+        self.received.append((kind, q))
         r = dns.message.make_response(q)
+        if self.rcode is not None:
+            r.set_rcode(self.rcode)
+            return r.to_wire()
         for text in RECORDS.get(q.question[0].name.to_text().lower(), []):
             r.answer.append(rr(text))
-        return r.to_wire()
+        if kind == "tcp":
+            return r.to_wire(max_size=65535)
+        try:
+            return r.to_wire(max_size=max(512, q.payload) if q.edns >= 0 else 512)
+        except dns.exception.TooBig:
+            short = dns.message.make_response(q)
+            short.flags |= dns.flags.TC
+            return short.to_wire()
 
     def _serve_udp(self) -> None:
         while True:
@@ -97,7 +116,7 @@ class Upstream:
                 wire, _ = dns.query.receive_tcp(conn, time.time() + 5)
                 self.queries += 1
                 if not self.silent:
-                    dns.query.send_tcp(conn, self.response(wire.to_wire()))
+                    dns.query.send_tcp(conn, self.response(wire.to_wire(), "tcp"))
 
     def close(self) -> None:
         self.udp.close()
@@ -388,6 +407,92 @@ def test_the_resolver_sees_our_query_ids_and_the_enclave_its_own(h: Harness) -> 
         assert r.id == 4242 and r.rcode() == dns.rcode.NOERROR
     assert len(h.upstream.ids) == 3 and h.upstream.ids != [4242] * 3
     assert len(set(h.upstream.ids)) > 1
+
+
+def enclave_query(name: str = "Ok.TeSt", **edns) -> dns.message.Message:
+    """A query as a hostile enclave might send it: CD set, a huge EDNS payload, EDNS
+    options (one of them Client Subnet) and records of its own in every section."""
+    q = dns.message.make_query(name, "A", use_edns=0, payload=65000, options=[
+        dns.edns.GenericOption(65001, b"accomplice"),
+        dns.edns.ECSOption("203.0.113.0", 24)], **edns)
+    q.id = 4242
+    q.flags |= dns.flags.CD
+    q.answer.append(rr("ok.test. 300 IN A 203.0.113.7"))
+    q.authority.append(rr("test. 300 IN NS ns.evil."))
+    q.additional.append(rr("ns.evil. 300 IN A 203.0.113.8"))
+    return q
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_the_resolver_gets_the_question_and_nothing_else_of_the_enclave(h: Harness,
+                                                                        tcp: bool) -> None:
+    """CD=1 would turn off the resolver's DNSSEC validation for the very answers that fill
+    the allow sets; a payload of 65000 invites fragmented answers, easier to forge; EDNS
+    options (Client Subnet) and extra records are the enclave's to choose, not the
+    resolver's to see. The resolver gets a query of ours: the question, RD, EDNS with a
+    payload of 1232 and nothing more (before: the enclave's query with only its ID
+    replaced; a review found that)."""
+    ask = dns.query.tcp if tcp else dns.query.udp
+    r = ask(enclave_query(), LOOP, timeout=5, port=h.port)
+    [(kind, sent)] = h.upstream.received
+    assert kind == ("tcp" if tcp else "udp")
+    assert sent.id != 4242
+    assert sent.flags & dns.flags.RD and not sent.flags & dns.flags.CD
+    assert sent.opcode() == dns.opcode.QUERY
+    assert (sent.edns, sent.payload, list(sent.options)) == (0, 1232, [])
+    assert not sent.ednsflags & dns.flags.DO
+    assert (sent.answer, sent.authority, sent.additional) == ([], [], [])
+    assert [(q.name, q.rdtype, q.rdclass) for q in sent.question] == [
+        (dns.name.from_text("ok.test"), dns.rdatatype.A, dns.rdataclass.IN)]
+    # The enclave gets its answer under its own ID, its question as it spelled it (0x20).
+    assert r.id == 4242 and r.rcode() == dns.rcode.NOERROR
+    assert [q.name.to_text() for q in r.question] == ["Ok.TeSt."]
+    assert r.flags & dns.flags.RD and r.flags & dns.flags.CD  # echoed (RFC 4035 §3.2.2)
+    assert sorted(rd.address for rrset in r.answer for rd in rrset) == ["192.0.2.1",
+                                                                      "192.0.2.2"]
+    assert (r.authority, r.additional, r.edns, list(r.options)) == ([], [], 0, [])
+    # Only the resolver's addresses went into the sets, none of the enclave's records.
+    assert sorted({str(a) for update in h.updates for _, a, _ in update}) == [
+        "192.0.2.1", "192.0.2.2"]
+
+
+def test_the_reply_follows_the_clients_query(h: Harness) -> None:
+    """RD is the client's, EDNS only for a client that spoke it, and DO (which asks for the
+    RRSIGs a validating stub needs and turns nothing off) passes both ways."""
+    q = dns.message.make_query("ok.test", "A")
+    q.flags = dns.flags.Flag(0)  # RD=0, no EDNS
+    r = dns.query.udp(q, LOOP, timeout=5, port=h.port)
+    assert r.id == q.id and r.rcode() == dns.rcode.NOERROR and len(r.answer[0]) == 2
+    assert not r.flags & (dns.flags.RD | dns.flags.CD) and r.edns == -1
+    sent = h.upstream.received[-1][1]
+    assert sent.flags & dns.flags.RD and (sent.edns, sent.payload) == (0, 1232)
+    r = dns.query.udp(dns.message.make_query("ok.test", "A", want_dnssec=True), LOOP,
+                      timeout=5, port=h.port)
+    assert r.ednsflags & dns.flags.DO and r.edns == 0
+    sent = h.upstream.received[-1][1]
+    assert sent.ednsflags & dns.flags.DO and list(sent.options) == []
+
+
+def test_an_answer_too_big_for_1232_bytes_is_fetched_over_tcp(h: Harness) -> None:
+    """The resolver may send us at most 1232 bytes over UDP; a longer answer comes over TCP
+    from it, and the client gets it whole if it fits the client's own EDNS payload."""
+    q = dns.message.make_query("big.test", "A", use_edns=0, payload=4096)
+    r = dns.query.udp(q, LOOP, timeout=5, port=h.port)
+    assert r.id == q.id and not r.flags & dns.flags.TC and len(r.answer[0]) == 99
+    assert [(kind, sent.payload) for kind, sent in h.upstream.received] == [("udp", 1232),
+                                                                          ("tcp", 1232)]
+    assert len(h.updates[0]) == 99  # the whole answer's addresses, not a truncated one's
+
+
+def test_an_extended_rcode_of_the_resolver_is_servfail(h: Harness) -> None:
+    """BADVERS, BADCOOKIE and the like speak of our EDNS exchange with the resolver, not of
+    the client's question, and need an OPT record the client may not have: SERVFAIL."""
+    h.upstream.rcode = dns.rcode.BADVERS
+    for q in (dns.message.make_query("ok.test", "A"),
+              dns.message.make_query("ok.test", "A", use_edns=0)):
+        r = dns.query.udp(q, LOOP, timeout=5, port=h.port)
+        assert r.id == q.id and r.rcode() == dns.rcode.SERVFAIL
+    assert h.fwd.stats.upstream_failures == 2 and h.updates == []
 
 
 def test_denied_and_unknown_names_are_refused_and_counted(h: Harness) -> None:

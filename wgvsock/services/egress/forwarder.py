@@ -12,8 +12,11 @@ it may reach by name is a DNS answer that passed through here. For each query fr
   address allowed.
 
 Everything the enclave sends is hostile until parsed by dnspython: a packet that does not
-parse is dropped and counted, never fatal. Memory and concurrency are bounded (queries in
-flight, TCP clients, TCP idle time, tracked addresses) and every upstream query has a timeout.
+parse is dropped and counted, never fatal. Of an allowed query only the question goes on: the
+resolver gets a query of ours (our ID, RD, EDNS with a 1232-byte payload and no options, CD
+clear so that it validates DNSSEC), and the enclave gets the resolver's records in a response
+of ours to its own query. Memory and concurrency are bounded (queries in flight, TCP clients,
+TCP idle time, tracked addresses) and every upstream query has a timeout.
 
 The forwarder is an asyncio loop in one thread of `parent up`; nft runs in a small thread
 pool so that a slow nft never stalls the loop. :class:`Stats` holds the counters that
@@ -74,6 +77,10 @@ MAX_IN_FLIGHT = 128  # queries being answered at once; more UDP queries are drop
 MAX_TCP_CLIENTS = 32
 TCP_IDLE = 10.0  # RFC 7766 suggests a few seconds between a client's queries
 MAX_UDP_QUERY = 4096  # a real query is well under 512 bytes; bigger ones are not worth parsing
+# The EDNS payload we ask the resolver for and advertise to the enclave (DNS flag day 2020):
+# an answer this size needs no IP fragments, which an off-path forger finds easier to fake.
+# A longer one comes over TCP.
+EDNS_PAYLOAD = 1232
 MAX_CNAME_HOPS = 16
 MAX_TTL = 86400  # an absurd TTL must not pin an address in the set for years
 MAX_TRACKED = 65536  # (address, answer) pairs remembered, all sets together
@@ -89,7 +96,7 @@ class Stats:
     queries: int = 0           # DNS messages received (UDP datagrams and TCP messages)
     refused: int = 0           # names answered REFUSED: denied, or matched by no allow rule
     forwarded: int = 0         # allowed queries answered by the upstream resolver
-    upstream_failures: int = 0  # allowed queries no upstream answered in time (SERVFAIL)
+    upstream_failures: int = 0  # allowed queries no upstream answered usably in time (SERVFAIL)
     dropped: int = 0           # malformed, oversized, or over the concurrency limits
     addresses_added: int = 0   # set elements added or refreshed
     set_failures: int = 0      # nft refused an update (SERVFAIL to the client)
@@ -466,11 +473,18 @@ class Forwarder:
             if found and rules and not await self._allow(generation, rules, answer, found):
                 return self._reply(query, dns.rcode.SERVFAIL)
         self.stats.forwarded += 1
+        reply = self._skeleton(query)
+        # AA, RA and AD are the resolver's to say; TC is ours (below), the rest the client's.
+        reply.flags |= response.flags & (dns.flags.AA | dns.flags.RA | dns.flags.AD)
+        reply.set_rcode(response.rcode())  # 0-15: _ask_upstream took no extended rcode
+        reply.answer = response.answer
+        reply.authority = response.authority
+        reply.additional = response.additional  # dnspython keeps OPT and TSIG apart
         limit = 65535 if tcp else max(512, query.payload if query.edns >= 0 else 512)
         try:
-            return response.to_wire(max_size=limit)
+            return reply.to_wire(max_size=limit)
         except dns.exception.TooBig:
-            short = dns.message.make_response(query)
+            short = self._skeleton(query)
             short.flags |= dns.flags.TC  # the client retries over TCP
             return short.to_wire()
 
@@ -479,38 +493,63 @@ class Forwarder:
         if self.refusals is not None:
             self.refusals.name(name.to_text(omit_final_dot=True), why)
 
+    def _skeleton(self, query: dns.message.Message) -> dns.message.Message:
+        """An empty response to the client's QUERY: its ID, its question as it spelled it
+        (some clients check the letter case they chose, "0x20"), its RD and CD (RFC 4035
+        §3.2.2 has CD copied, though the resolver validated anyway), and EDNS only if it
+        spoke EDNS, with its DO bit (RFC 3225 §3)."""
+        reply = dns.message.make_response(query, our_payload=EDNS_PAYLOAD)
+        reply.flags |= query.flags & dns.flags.CD
+        if query.edns >= 0:
+            reply.ednsflags |= query.ednsflags & dns.flags.DO
+        return reply
+
     def _reply(self, query: dns.message.Message, rcode: int) -> bytes:
-        response = dns.message.make_response(query)
+        response = self._skeleton(query)
         response.set_rcode(rcode)
         return response.to_wire()
 
     async def _ask_upstream(self, query: dns.message.Message,
                             tcp: bool) -> dns.message.Message | None:
-        # Towards the resolver the query carries an ID of ours, not the enclave's: an
-        # enclave that picks its IDs could tell an accomplice off the path what a forged
-        # answer must carry, and a forged answer's addresses would land in the allow sets.
-        client_id = query.id
-        query.id = dns.entropy.random_16()
-        try:
-            for server in self.upstream:
-                try:
-                    if tcp:
-                        response = await dns.asyncquery.tcp(query, server, timeout=self.timeout,
-                                                            port=self.upstream_port)
-                    else:
-                        response = await dns.asyncquery.udp(query, server,
-                                                            timeout=self.timeout,
-                                                            port=self.upstream_port,
-                                                            ignore_unexpected=True)
-                    response.id = client_id
-                    return response
-                except (dns.exception.DNSException, OSError, EOFError, ValueError) as e:
-                    self._warn_once(f"upstream:{server}",
-                                    "DNS forwarder: upstream %s failed: %s (further failures "
-                                    "are only counted)", server, e or type(e).__name__)
-            return None
-        finally:
-            query.id = client_id
+        """The resolver's answer to QUERY's one question, or None. The resolver gets a
+        query of ours with nothing of the enclave's but the question and two bits that ask
+        for more and turn nothing off: AD (tell me if you validated) and DO (send RRSIGs,
+        which a validating stub needs). The enclave's own ID would let it tell an accomplice
+        off the path what a forged answer must carry, and a forged answer's addresses would
+        land in the allow sets; its CD would turn off the resolver's DNSSEC validation for
+        exactly those answers; its EDNS payload (up to 65535) would invite fragmented answers,
+        easier to forge; its EDNS options (Client Subnet, anything) and records are not the
+        resolver's business."""
+        question = query.question[0]
+        ours = dns.message.make_query(
+            question.name, question.rdtype, question.rdclass, use_edns=0,
+            payload=EDNS_PAYLOAD, id=dns.entropy.random_16(),
+            flags=dns.flags.RD | (query.flags & dns.flags.AD),
+            want_dnssec=query.edns >= 0 and bool(query.ednsflags & dns.flags.DO))
+        for server in self.upstream:
+            try:
+                if tcp:
+                    response = await dns.asyncquery.tcp(ours, server, timeout=self.timeout,
+                                                        port=self.upstream_port)
+                else:  # an answer over 1232 bytes comes back truncated: ask again over TCP
+                    response, _ = await dns.asyncquery.udp_with_fallback(
+                        ours, server, timeout=self.timeout, port=self.upstream_port,
+                        ignore_unexpected=True)
+            except (dns.exception.DNSException, OSError, EOFError, ValueError) as e:
+                self._warn_once(f"upstream:{server}",
+                                "DNS forwarder: upstream %s failed: %s (further failures "
+                                "are only counted)", server, e or type(e).__name__)
+                continue
+            if response.rcode() > 15:
+                # BADVERS, BADCOOKIE...: about our EDNS exchange with this server, not about
+                # the question, and not something a client without EDNS could be told.
+                self._warn_once(f"rcode:{server}",
+                                "DNS forwarder: upstream %s answered %s (further such "
+                                "answers are only counted)", server,
+                                dns.rcode.to_text(response.rcode()))
+                continue
+            return response
+        return None
 
     async def _allow(self, generation: int, rules: list[int], answer: Answer,
                      found: list[tuple[IPAddress, int]]) -> bool:
