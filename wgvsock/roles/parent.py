@@ -267,6 +267,7 @@ class Parent:
         self._forwarding: dict = {}
         self._forwarding_on = False  # forwarding enabled: close() puts it back (state.py)
         self._table = False
+        self._tunnel_check_failed = False  # check_tunnel has said so; quiet until it works
         self._sockets: list[str] = []
         self.enclave_key: bytes | None = None
         self.supervisor = None  # nitro.EnclaveSupervisor when the profile starts the enclave
@@ -381,6 +382,16 @@ class Parent:
             configure(self.device, private_key=key, listen_port=t.port)
             if t.kind == "unix":
                 self._sockets.append(unix_socket_path(t.path, t.port))
+            # Before the link is up and before enable_forwarding: the tunnel starts from
+            # `default`, which a forwarding parent (this one's previous run, another profile's)
+            # has set to accept_ra=2, and enable_forwarding leaves a 0 alone.
+            try:
+                firewall.refuse_router_messages(p.interface)
+            except OSError as e:
+                raise RoleError(f"cannot keep {p.interface} from taking router advertisements "
+                                f"and redirects from the enclave (its accept_ra and "
+                                f"accept_redirects): {e.strerror or e}: `parent up` needs to "
+                                "write /proc/sys/net") from None
             netconf.add_addresses(p.interface, p.parent.addresses)
             netconf.link_up(p.interface, p.mtu)
             self._route_enclave()
@@ -528,6 +539,27 @@ class Parent:
             raise RoleError(f"nftables table {firewall.table_name(name)} is gone and cannot be "
                             f"put back ({e}); stopping so the enclave is not left "
                             "unfiltered") from e
+
+    def check_tunnel(self) -> None:
+        """Puts the tunnel's accept_ra and accept_redirects back to 0 when something set them
+        (a tool, a second `up` racing this one's start, IPv6 coming back to the interface
+        after an MTU below 1280, which starts it again from `default`)."""
+        if self.device is None:
+            return
+        try:
+            changed = firewall.refuse_router_messages(self.profile.interface)
+        except (firewall.FirewallError, OSError, ValueError) as e:
+            if not self._tunnel_check_failed:
+                log.warning("parent %s: cannot keep %s from taking router advertisements and "
+                            "redirects from the enclave: %s", self.profile.name,
+                            self.profile.interface, e)
+            self._tunnel_check_failed = True
+            return
+        self._tunnel_check_failed = False
+        if changed:
+            log.warning("parent %s: %s set to 0 again: the enclave must not configure the "
+                        "parent's routing", self.profile.name,
+                        ", ".join(k.replace("/", ".") for k in changed))
 
     def _start_dns(self) -> None:
         """With host names in parent.egress, the DNS forwarder on the tunnel addresses."""
@@ -889,6 +921,7 @@ def run_up(profile, ready_fd: int | None) -> int:
                 except RoleError as e:
                     failures.append(str(e))
                     break
+                parent.check_tunnel()
         finally:
             watchdog.close()
             notifier.stopping(f"stopping: {failures[0]}" if failures else "stopping")

@@ -90,6 +90,7 @@ __all__ = [
     "exists",
     "name_set",
     "read_counters",
+    "refuse_router_messages",
     "remove",
     "render_ruleset",
     "restore_forwarding",
@@ -929,7 +930,10 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False) -> dict[s
     accept_ra is 1 — on EC2 that would make the host lose its IPv6 default route — so those
     interfaces are moved to accept_ra=2 (accept even when forwarding) first. So is `default`,
     which interfaces that come later (a hot-plugged ENI) start from; it goes first, so that
-    an interface appearing meanwhile either inherits 2 or is in the list read after."""
+    an interface appearing meanwhile either inherits 2 or is in the list read after.
+
+    Only 1s are changed: the tunnel, which :func:`refuse_router_messages` has set to 0
+    before, stays at 0."""
     prev: dict[str, str] = {}
 
     def accept_ra_when_forwarding(names: Sequence[str]) -> None:
@@ -957,7 +961,9 @@ def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> Non
     """Puts back what :func:`enable_forwarding` changed (forwarding off before accept_ra).
 
     An interface that is gone by now (the profile's own tunnel, a detached ENI) is skipped:
-    its accept_ra went with it."""
+    its accept_ra went with it. So is an accept_ra that is no longer the 2 written: someone
+    set it since, and their value stands (a parent's tunnel, whose 0 must never become 1
+    again while it is up, or a record an older wgvsock left with a tunnel in it)."""
     present: set[str] | None = None
     for key, value in reversed(list(prev.items())):
         if not key.startswith("net/"):
@@ -967,4 +973,43 @@ def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> Non
                 present = set(_ipv6_interfaces(netns))
             if m.group(1) not in present:
                 continue
+        if m and _sysctl_get(key, netns) not in (None, "2"):
+            continue
         _sysctl_write(key, value, netns)
+
+
+# What the tunnel must never take from the enclave: router advertisements (a default route, a
+# prefix and an address, an MTU, a hop limit) and redirects (a route to anywhere through the
+# enclave). The enclave's allowed IPs are never link-local (services/profile.py), so neither
+# can arrive; these are what make the kernel ignore them if one ever did.
+_TUNNEL_SYSCTLS = ("net/ipv6/conf/{}/accept_ra", "net/ipv6/conf/{}/accept_redirects",
+                   "net/ipv4/conf/{}/accept_redirects")
+
+
+def refuse_router_messages(ifname: str, netns: str | None = None) -> list[str]:
+    """Sets accept_ra and accept_redirects of IFNAME (the tunnel) to 0; returns the keys that
+    were not 0 already. A key that does not exist is skipped: without IPv6 on the interface
+    (an MTU below 1280, IPv6 disabled) nothing reads advertisements, and when IPv6 comes
+    back the interface starts from `default`, which is why the parent calls this again."""
+    # "all" and "default" name no interface (the kernel refuses them) but sysctl directories
+    # of their own: `default` is what every later interface starts from.
+    if not _IFNAME_RE.fullmatch(ifname) or ifname in (".", "..", "all", "default"):
+        raise ValueError(f"bad interface name {ifname!r}")
+    changed = []
+    for key in (k.format(ifname) for k in _TUNNEL_SYSCTLS):
+        value = _sysctl_get(key, netns)
+        if value is not None and value != "0":
+            _sysctl_write(key, "0", netns)
+            changed.append(key)
+    return changed
+
+
+def _sysctl_get(key: str, netns: str | None) -> str | None:
+    """KEY's value, or None when it does not exist."""
+    if netns is None:
+        try:
+            return _proc_sys(key).read_text().strip()
+        except FileNotFoundError:
+            return None
+    # -e: an unknown key prints nothing instead of failing.
+    return _run(["ip", "netns", "exec", netns, "sysctl", "-n", "-e", key]).strip() or None

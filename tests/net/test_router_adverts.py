@@ -1,0 +1,102 @@
+"""The enclave cannot configure the parent's routing with router advertisements or redirects.
+
+`parent up` turns IPv6 forwarding on and, to keep the host's own router-advertised default
+route, moves interfaces (and `default`, which a new interface starts from) to accept_ra=2.
+The tunnel must not be one of them: a router advertisement the enclave sent from a link-local
+address would give the parent a default route into the enclave. The profile refuses link-local
+tunnel addresses (tests/test_profile.py); here the parent is given one anyway, as an allowed IP
+and a source its table accepts (what a link-local enclave.address made of them), and the
+advertisement still changes nothing.
+
+The namespaces of test_roles.World with a dual-stack profile (test_ipv6.py's).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from wgvsock.device.uapi import uapi_get, uapi_set
+from wgvsock.services import firewall
+
+from .netlab import run, wait_for
+from .test_ipv6 import DUAL_STACK_PROFILE
+from .test_roles import UNIX_TRANSPORT, World
+
+pytestmark = [pytest.mark.root]
+
+ROUTER = "fe80::2"  # the enclave's link-local source
+PREFIX = "2001:db8:bad::"  # the prefix the advertisement offers for SLAAC
+
+# A router advertisement from ROUTER to all nodes, hop limit 255 as ND requires: default
+# router with high preference for 30 min, and PREFIX on-link and autonomous. The kernel fills
+# in the ICMPv6 checksum of a raw ICMPv6 socket.
+SEND_RA = """\
+import socket, struct, sys
+ifname, source, prefix = sys.argv[1:]
+index = socket.if_nametoindex(ifname)
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+s.bind((source, 0, 0, index))
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0x08, 1800, 0, 0)
+pio = struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 86400, 14400, 0,
+                  socket.inet_pton(socket.AF_INET6, prefix))
+s.sendto(ra + pio, ("ff02::1", 0, 0, index))
+"""
+
+TUNNEL_SYSCTLS = ("net/ipv6/conf/wg0/accept_ra", "net/ipv6/conf/wg0/accept_redirects",
+                  "net/ipv4/conf/wg0/accept_redirects")
+
+
+def sysctls(w: World) -> list[str]:
+    return w.parent.run("sysctl", "-n", *TUNNEL_SYSCTLS).stdout.split()
+
+
+def ras_received(w: World) -> int:
+    """Router advertisements the parent's ICMPv6 took in on wg0: past the table, and before
+    the kernel decides whether to act on them."""
+    for line in w.parent.run("cat", "/proc/net/dev_snmp6/wg0").stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "Icmp6InRouterAdvertisements":
+            return int(value)
+    raise AssertionError("no Icmp6InRouterAdvertisements in /proc/net/dev_snmp6/wg0")
+
+
+def test_parent_ignores_router_advertisements_from_the_enclave(world: World) -> None:
+    w = world
+    w.profile.write_text(DUAL_STACK_PROFILE.format(
+        name=w.name, transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock"),
+        key=w.lab.tmp / "parent.key"))
+    w.parent_cmd("up")
+    assert sysctls(w) == ["0", "0", "0"]
+    w.start_enclave()
+    wait_for(lambda: w.enclave.run("ping", "-6", "-c1", "-W1", "fd77::1",
+                                   check=False).returncode == 0,
+             30, "the enclave to reach the parent over IPv6")
+
+    # The enclave's link-local address as the parent would have taken it from a profile:
+    # an allowed IP of the enclave's peer and a source in the table's enclave_v6 set.
+    uapi = str(w.parent_uapi())
+    [peer] = uapi_get(uapi)["peers"]
+    assert uapi_set(uapi, f"public_key={peer['public_key'].hex()}\nupdate_only=true\n"
+                    f"allowed_ip={ROUTER}/128") == 0
+    run("ip", "netns", "exec", w.parent.name, "nft", "add", "element", "inet",
+        firewall.table_name(w.name), "enclave_v6", f"{{ {ROUTER} }}")
+    w.enclave.ip("addr", "add", f"{ROUTER}/64", "dev", "wg0", "nodad")
+
+    before = ras_received(w)
+    w.enclave.run(sys.executable, "-c", SEND_RA, "wg0", ROUTER, PREFIX)
+    wait_for(lambda: ras_received(w) > before, 10,
+             "the router advertisement to reach the parent's ICMPv6 on wg0")
+    routes = w.parent.ip("-6", "route", "show", "table", "all").stdout
+    assert "proto ra" not in routes and "default via" not in routes, routes
+    assert PREFIX.rstrip(":") not in w.parent.ip("-6", "addr", "show").stdout
+
+    # Another parent's `up` moves accept_ra=1 interfaces to 2; the tunnel's 0 stays.
+    firewall.enable_forwarding(w.parent.name, ipv6=True)
+    assert sysctls(w) == ["0", "0", "0"]
+    # Anything else that sets it again is undone within the parent's next checks.
+    w.parent.run("sysctl", "-q", "-w", "net.ipv6.conf.wg0.accept_ra=2")
+    wait_for(lambda: sysctls(w) == ["0", "0", "0"], 5, "the parent to put accept_ra=0 back")
