@@ -524,6 +524,81 @@ def test_bad_profile_is_refused(text, key, reason, needle):
     refused(text, key, reason, needle)
 
 
+NOT_TUNNEL_ENDS = [
+    # (address, what the reason says, the example the hint gives for the parent's side)
+    ("fe80::1/126", "link-local (fe80::/10): from such an address the enclave could send the "
+     "parent router advertisements", "fd77::1/126"),
+    ("febf::1/126", "link-local (fe80::/10)", "fd77::1/126"),
+    ("169.254.0.1/30", "link-local (169.254.0.0/16), where EC2's metadata service", "10.77.0.1/30"),
+    ("ff02::1/126", "multicast (ff00::/8)", "fd77::1/126"),
+    ("224.0.0.1/30", "multicast (224.0.0.0/4)", "10.77.0.1/30"),
+    ("::1/126", "loopback (::1)", "fd77::1/126"),
+    ("127.0.0.2/30", "loopback (127.0.0.0/8)", "10.77.0.1/30"),
+    ("::/126", "the unspecified address", "fd77::1/126"),
+    ("0.0.0.0/31", "the unspecified address", "10.77.0.1/30"),
+    ("::ffff:10.0.0.1/126", "IPv4-mapped (::ffff:0:0/96)", "fd77::1/126"),
+]
+
+
+@pytest.mark.parametrize(("address", "reason", "example"), NOT_TUNNEL_ENDS,
+                         ids=[a for a, _, _ in NOT_TUNNEL_ENDS])
+def test_tunnel_ends_are_ordinary_unicast_addresses(address, reason, example):
+    """The enclave's address is its allowed IP on the parent and the one source the parent's
+    table accepts from it: a link-local one would let it send router advertisements."""
+    text = f"name: a\nparent:\n  address: ['{address}']\n"
+    p = refused(text, "parent.address[0]", reason, "address:")
+    assert p.reason.startswith(f"{iface(address)} is ")
+    assert p.hint == f"use {'a private' if ':' not in example else 'a unique local (fd00::/8)'} " \
+        f"address, e.g. {example}"
+
+
+def test_an_enclave_end_that_is_no_unicast_address_is_refused():
+    text = y("""
+        name: a
+        parent:
+          address: [10.77.0.1/30, "fd77::1/126"]
+          egress: {allow: ["0.0.0.0/0", "::/0"]}
+        enclave:
+          address: [10.77.0.2/30, "fe80::2/126"]
+    """)
+    # What a reviewer's profile did: the parent's end is fine, the enclave's is link-local.
+    p = refused(text, "enclave.address[1]", "link-local (fe80::/10)", "fe80::2")
+    assert p.hint == "use an address in parent.address's subnet fd77::/126, e.g. fd77::2/126"
+    # Both ends link-local: each is named, and the parent's hint moves the enclave too.
+    text = 'name: a\nparent: {address: "fe80::1/126"}\nenclave: {address: "fe80::2/126"}\n'
+    found = problems(text)
+    assert [(x.key, x.line) for x in found] == [("parent.address", 2), ("enclave.address", 3)]
+    assert found[0].hint.endswith("e.g. fd77::1/126 (and move enclave.address with it)")
+    assert found[1].hint == "use a unique local (fd00::/8) address, e.g. fd77::2/126"
+    # The limited broadcast address, as the other end of a /31.
+    refused("name: a\nparent: {address: 255.255.255.254/31}\n"
+            "enclave: {address: 255.255.255.255/31}\n", "enclave.address",
+            "the limited broadcast address", "enclave:")
+
+
+@pytest.mark.parametrize(("text", "key", "taken"), [
+    # fec0::/10 is no link-local prefix, but the first host of fec0::1/9's subnet is fe80::1.
+    ("name: a\nparent: {address: 'fec0::1/9'}\n", "parent.address", "the enclave takes fe80::1/9"),
+    ("name: a\nenclave: {address: 169.255.0.1/15}\n", "enclave.address",
+     "the parent takes 169.254.0.1/15"),
+])
+def test_a_derived_tunnel_end_is_checked_too(text, key, taken):
+    p = refused(text, key, taken, key.split(".")[0])
+    assert "link-local" in p.reason
+    assert p.hint.startswith(f"give {'enclave' if key == 'parent.address' else 'parent'}.address")
+
+
+def test_unicast_tunnel_ends_that_look_unusual_are_fine():
+    # Site-local (deprecated, but unicast), global and the first /8: none of them is special
+    # to the kernel's router discovery.
+    for parent, enclave in (("fec0::1/126", "fec0::2/126"), ("2001:db8::1/126", "2001:db8::2/126"),
+                            ("0.0.0.1/30", "0.0.0.2/30"), ("169.253.255.253/30", None)):
+        text = f"name: a\nparent: {{address: '{parent}'}}\n"
+        if enclave:
+            text += f"enclave: {{address: '{enclave}'}}\n"
+        assert parse_profile(text).parent.addresses == [iface(parent)]
+
+
 @pytest.mark.parametrize(("text", "line", "reason"), [
     ("name: a\nparent:\n  address: [10.0.0.1/30\n", 4, "not valid YAML"),
     ("name: a\nparent:\n\taddress: x\n", 3, "not valid YAML"),

@@ -758,6 +758,41 @@ def _usable_hosts_note(iface: IPInterface) -> str:
     return f"e.g. {other}" if other else f"widen {iface.network}"
 
 
+_LIMITED_BROADCAST = IPv4Address("255.255.255.255")
+
+
+def _not_for_a_tunnel(ip: IPAddress) -> str | None:
+    """Why IP cannot be an end of the tunnel, or None when it can. The enclave's address is
+    also the one source the parent accepts from it (its allowed IP and the table's), so this
+    is what keeps link-local sources, the ones router advertisements and redirects need to
+    be believed, out of the tunnel."""
+    v4 = ip.version == 4
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        return ("IPv4-mapped (::ffff:0:0/96), which stands for an IPv4 address inside one host "
+                "and is never sent on a link")
+    if ip.is_link_local and v4:
+        return ("link-local (169.254.0.0/16), where EC2's metadata service, DNS resolver and "
+                "credential endpoints are")
+    if ip.is_link_local:
+        return ("link-local (fe80::/10): from such an address the enclave could send the "
+                "parent router advertisements and redirects")
+    if ip.is_multicast:
+        return f"multicast ({'224.0.0.0/4' if v4 else 'ff00::/8'}), a group and not one host"
+    if ip.is_loopback:
+        return f"loopback ({'127.0.0.0/8' if v4 else '::1'}), which never leaves a host"
+    if ip.is_unspecified:
+        return "the unspecified address, which names no host"
+    if ip == _LIMITED_BROADCAST:
+        return "the limited broadcast address, which names every host on a link"
+    return None
+
+
+def _tunnel_example(side: str, version: int) -> IPInterface:
+    if version == 4:
+        return DEFAULT_PARENT_V4 if side == "parent" else DEFAULT_ENCLAVE_V4
+    return IPv6Interface("fd77::1/126" if side == "parent" else "fd77::2/126")
+
+
 class _Builder(_Parser):
     """The profile's schema: what each key means, its default and how it relates to the rest."""
 
@@ -932,6 +967,7 @@ class _Builder(_Parser):
         ek = self.address_list(enclave, "enclave.address")
         p = None if pk is None else [a for _, a in pk]
         e = None if ek is None else [a for _, a in ek]
+        self.tunnel_ends(pk or [], ek or [])
         if not self.ok("parent.address", "enclave.address"):
             return p or [], e or []
         # One side may be left out: it then takes the next address of the other side's subnet,
@@ -939,10 +975,11 @@ class _Builder(_Parser):
         if p is None and e is None:
             return [DEFAULT_PARENT_V4], [DEFAULT_ENCLAVE_V4]
         if p is None:
-            assert e is not None
-            return [x for x in map(_other_host, e) if x is not None], e
+            assert ek is not None
+            return self.derived(ek, "parent"), [a for _, a in ek]
         if e is None:
-            return p, [x for x in map(_other_host, p) if x is not None]
+            assert pk is not None
+            return p, self.derived(pk, "enclave")
         assert pk is not None and ek is not None
         for v in (4, 6):
             pv = [a for a in p if a.version == v]
@@ -972,6 +1009,45 @@ class _Builder(_Parser):
                 self.problem(line, key, f"{ea.ip} is the parent's own address",
                              f"pick another address in {pa.network}, {_usable_hosts_note(pa)}")
         return p, e
+
+    def tunnel_ends(self, pk: list[tuple[str, IPInterface]],
+                    ek: list[tuple[str, IPInterface]]) -> None:
+        """Refuses the written addresses no tunnel end can have (see _not_for_a_tunnel)."""
+        usable = {a.version: a for _, a in pk if _not_for_a_tunnel(a.ip) is None}
+        for side, items in (("parent", pk), ("enclave", ek)):
+            for k, a in items:
+                why = _not_for_a_tunnel(a.ip)
+                if why is None:
+                    continue
+                pa = usable.get(a.version)
+                if side == "enclave" and pa is not None:
+                    hint = (f"use an address in parent.address's subnet {pa.network}, "
+                            f"{_usable_hosts_note(pa)}")
+                else:
+                    kind = "a private" if a.version == 4 else "a unique local (fd00::/8)"
+                    hint = f"use {kind} address, e.g. {_tunnel_example(side, a.version)}"
+                    if side == "parent" and any(x.version == a.version for _, x in ek):
+                        hint += " (and move enclave.address with it)"
+                self.problem(self.at(k), k, f"{a} is {why}", hint)
+
+    def derived(self, given: list[tuple[str, IPInterface]], side: str) -> list[IPInterface]:
+        """SIDE's addresses when the profile leaves them out: the first other host of each of
+        the other side's subnets, which need not be usable (fec0::1/9 gives fe80::1)."""
+        out = []
+        for k, a in given:
+            x = _other_host(a)
+            if x is None:
+                continue
+            why = _not_for_a_tunnel(x.ip)
+            if why is not None:
+                self.problem(self.at(k), k,
+                             f"{side}.address is left out, so the {side} takes {x}, the first "
+                             f"other host of {a.network}, and {x.ip} is {why}",
+                             f"give {side}.address, or use a subnet such as "
+                             f"{_tunnel_example('parent', a.version).network}")
+                continue
+            out.append(x)
+        return out
 
     # -- parent ----------------------------------------------------------------------------------
 
