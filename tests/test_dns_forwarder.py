@@ -38,6 +38,14 @@ RECORDS = {
                     "end.test. 20 IN A 192.0.2.9", "stray.test. 60 IN A 192.0.2.66"],
     "big.test.": [f"big.test. 300 IN A 192.0.2.{i}" for i in range(1, 100)],
     "twin.test.": ["twin.test. 30 IN A 192.0.2.1"],  # ok.test's first address too
+    # Whoever answers for an allowed name may write anything, the parent's neighbourhood too.
+    "local.test.": ["local.test. 300 IN A 255.255.255.255", "local.test. 300 IN A 0.0.0.0",
+                    "local.test. 300 IN A 127.0.0.53", "local.test. 300 IN A 224.0.0.251",
+                    "local.test. 300 IN A 192.0.2.3"],
+    "local6.test.": ["local6.test. 300 IN AAAA ::", "local6.test. 300 IN AAAA ::1",
+                     "local6.test. 300 IN AAAA ff02::1", "local6.test. 300 IN AAAA fe80::1",
+                     "local6.test. 300 IN AAAA ::ffff:127.0.0.1",
+                     "local6.test. 300 IN AAAA 2001:db8::3"],
 }
 
 
@@ -192,6 +200,21 @@ def test_allowed_answer_fills_the_sets_before_the_reply(h: Harness) -> None:
     assert [(s, str(a), t) for s, a, t in h.updates[1]] == [("name0_v6", "2001:db8::1", 90)]
     s = h.fwd.stats
     assert (s.queries, s.forwarded, s.refused, s.addresses_added) == (3, 3, 0, 5)
+
+
+def test_addresses_that_never_leave_the_parent_stay_out_of_the_sets(h: Harness) -> None:
+    """Broadcast, unspecified, loopback, multicast and IPv6 link-local addresses in an
+    allowed answer are nobody's destination beyond the parent: the sets never take them, so
+    a name's DNS cannot aim the enclave at the parent's own neighbourhood. The answer itself
+    goes back unchanged (a DNS filter's 0.0.0.0 sinkhole is a normal answer)."""
+    r = h.ask("local.test")
+    assert r.rcode() == dns.rcode.NOERROR and len(r.answer[0]) == 5
+    r6 = h.ask("local6.test", "AAAA")
+    assert r6.rcode() == dns.rcode.NOERROR and len(r6.answer[0]) == 6
+    added = {(s, str(a)) for update in h.updates for s, a, _ in update}
+    assert added == {("name0_v4", "192.0.2.3"), ("name0_v6", "2001:db8::3")}
+    assert h.fwd.stats.addresses_skipped == 9
+    assert h.fwd.stats.addresses_added == 2
 
 
 def rules(allow: Sequence[str], deny: Sequence[str] = ()) -> NamePolicy:

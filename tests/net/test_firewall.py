@@ -744,3 +744,40 @@ def test_the_parent_host_reaches_only_the_enclaves_ingress_ports(world) -> None:
     parent.run("ping", "-c", "1", "-W", "2", ENCLAVE4)
     start_server(parent, "parent", "tcp:0.0.0.0:80")
     assert probe(enclave, "tcp", PARENT_UP4, 80) == (0, f"parent {ENCLAVE4}")
+
+
+@pytest.mark.quiet  # mostly waits out refused probes
+def test_an_address_from_a_name_rule_never_opens_the_parent_itself(world) -> None:
+    """Review finding: the input path jumped to the same policy chain as the forward path,
+    name sets included, so an address that an allowed name's DNS answer held (the parent's
+    ENI or tunnel address: anyone who controls that name's DNS can write one) opened every
+    port of the parent itself. Name sets now hold on the forward path only; the parent's
+    own ports open only for a CIDR entry, as the README says."""
+    from wgvsock.services.egress.names import NamePattern, NameRule
+
+    enclave, parent, internet = world
+    start_server(parent, "parent", f"tcp:{PARENT_UP4}:2222", f"tcp:{PARENT_TUN4}:2222",
+                 f"tcp:[{PARENT_TUN6}]:2222")
+    start_server(internet, "internet", f"tcp:{INTERNET4}:2222", f"tcp:[{INTERNET6}]:2222")
+    spec = traffic_spec()
+    spec.allow, spec.deny = [], []
+    spec.allow_names = [NameRule(NamePattern.parse("*.example.com"))]  # any port
+    firewall.apply(spec, netns=parent.name)
+    firewall.add_to_sets("lab", [
+        ("name0_v4", a(INTERNET4), 300), ("name0_v6", a(INTERNET6), 300),
+        ("name0_v4", a(PARENT_UP4), 300), ("name0_v4", a(PARENT_TUN4), 300),
+        ("name0_v6", a(PARENT_TUN6), 300),
+    ], netns=parent.name)
+    # Through the parent, the name's addresses are reachable on any port.
+    assert probe(enclave, "tcp", INTERNET4, 2222) == (0, f"internet {PARENT_UP4}")
+    assert probe(enclave, "tcp", INTERNET6, 2222) == (0, f"internet {PARENT_UP6}")
+    # The parent's own addresses are not, although the set holds them.
+    with counted(parent, "local_blocked", "egress_allowed") as gained:
+        for host in (PARENT_UP4, PARENT_TUN4, PARENT_TUN6):
+            assert probe(enclave, "tcp", host, 2222)[0] == 3, host
+    assert gained["local_blocked"] >= 3 and gained["egress_allowed"] == 0
+    # A CIDR entry that covers the parent's address still opens that port.
+    spec.allow = [Rule(n(f"{PARENT_TUN4}/32"), (2222, 2222), "tcp")]
+    firewall.apply(spec, netns=parent.name)
+    assert probe(enclave, "tcp", PARENT_TUN4, 2222) == (0, f"parent {ENCLAVE4}")
+    assert probe(enclave, "tcp", PARENT_UP4, 2222)[0] == 3

@@ -21,9 +21,10 @@ Why the chains look the way they do
 * From the tunnel, the source must be one of the enclave's addresses (WireGuard's allowed-IPs
   already ensure it; this is a second line). Then established/related flows pass, deny rules
   drop, allow rules accept, and anything else is dropped: deny wins over allow.
-* The parent's own addresses are destinations like any other: a connection from the enclave
-  to the parent (input hook) goes through the same deny/allow lists, so the parent's services
-  are reachable from the enclave only where the profile allows them. Only what the tunnel
+* The parent's own addresses are destinations like the CIDR entries' others: a connection
+  from the enclave to the parent (input hook) goes through the same deny/allow CIDR lists, so
+  the parent's services are reachable from the enclave only where an allow CIDR covers them.
+  Name sets never open them (see below). Only what the tunnel
   itself needs passes regardless: ICMP echo to the parent, IPv6 neighbour discovery (hop limit
   255) and MLD, and replies to connections the parent opened.
 * Towards the enclave, only replies and the profile's ingress ports (after our DNAT) pass.
@@ -42,8 +43,10 @@ Why the chains look the way they do
 * Allow rules by host name (issue 14) match sets ``name<i>_v4``/``name<i>_v6``, one pair per
   rule, which the parent's DNS forwarder fills with the addresses of allowed answers, each
   with a timeout (TTL + grace). They come after the deny rules, so a name that resolves to a
-  denied address (IMDS, say) stays denied. The forwarder's own port (53 on the parent's
-  tunnel addresses) is open from the tunnel whenever names are used.
+  denied address (IMDS, say) stays denied. They hold on the forward path only: whoever
+  answers for an allowed name chooses the addresses, so one naming the parent itself (its
+  ENI or tunnel address, a broadcast address) opens nothing there. The forwarder's own port
+  (53 on the parent's tunnel addresses) is open from the tunnel whenever names are used.
 * Replacing the table leaves existing conntrack entries alone: an established flow that a new
   deny rule covers lives until it ends.
 * A replaced table can start where the old one left off (``parent reload``, or putting back a
@@ -589,17 +592,23 @@ def render_ruleset(spec: FirewallSpec) -> str:
                               f"{_q(_describe('allow', r))}")
         lifted += denied(_Rule(network, None, None), credentials=True)
 
+    # The CIDR entries, shared by the forward path and the path to the parent itself.
     policy = [line for r in s.deny for line in denied(r)] + lifted + [
         f"{_match(r)} counter name {_q('egress_allowed')} {count(_describe('allow', r))} "
         f"accept comment {_q(_describe('allow', r))}"
         for r in s.allow
-    ] + [
+    ]
+    out += _chain("egress_policy", policy)
+    # The name sets, on the forward path only: whoever controls an allowed name's DNS decides
+    # what goes into them (the parent's own addresses, broadcast), and a DNS answer must not
+    # open the parent's own ports. Reached only when egress_policy neither dropped nor
+    # accepted, so the deny entries still come first.
+    out += _chain("egress_names", [
         f"{_match(l4, f'{fam} daddr @{name_set(i, version)}')} "
         f"counter name {_q('egress_allowed')} {count(comment)} accept comment {_q(comment)}"
         for i, (comment, l4) in enumerate(s.names)
         for fam, version in (("ip", 4), ("ip6", 6))
-    ]
-    out += _chain("egress_policy", policy)
+    ])
     out += _chain("check_source", [
         *logged("ip saddr != @enclave_v4", "spoofed"),
         f"ip saddr != @enclave_v4 counter name {_q('spoofed')} drop",
@@ -610,6 +619,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
         "jump check_source",
         "ct state established,related accept",
         "jump egress_policy",
+        "jump egress_names",
         *logged("", "blocked"),
         f"counter name {_q('egress_blocked')} drop",
     ])

@@ -6,10 +6,10 @@ it may reach by name is a DNS answer that passed through here. For each query fr
 * a name that a deny rule matches, or that no allow rule matches, gets REFUSED (counted) —
   unless the profile allows every address (0.0.0.0/0), when only denied names are;
 * an allowed name is forwarded to the parent's own resolver; before the answer goes back,
-  the A/AAAA addresses it holds for the name (following its CNAME chain) are put into the
-  nftables set of every allow rule the name matched, each with a timeout of its TTL plus the
-  grace period. Only then does the enclave see the answer, so its first connection finds the
-  address allowed.
+  the A/AAAA addresses it holds for the name (following its CNAME chain), but none that
+  stays on the parent (:func:`stays_local`), are put into the nftables set of every allow
+  rule the name matched, each with a timeout of its TTL plus the grace period. Only then
+  does the enclave see the answer, so its first connection finds the address allowed.
 
 Everything the enclave sends is hostile until parsed by dnspython: a packet that does not
 parse is dropped and counted, never fatal. Of an allowed query only the question goes on: the
@@ -99,6 +99,7 @@ class Stats:
     upstream_failures: int = 0  # allowed queries no upstream answered usably in time (SERVFAIL)
     dropped: int = 0           # malformed, oversized, or over the concurrency limits
     addresses_added: int = 0   # set elements added or refreshed
+    addresses_skipped: int = 0  # answer addresses kept out of the sets (see stays_local)
     set_failures: int = 0      # nft refused an update (SERVFAIL to the client)
 
 
@@ -157,6 +158,23 @@ def answer_addresses(response: dns.message.Message,
             ttl = min(rrset.ttl, cap[rrset.name])
             out += [(ipaddress.ip_address(rd.address), ttl) for rd in rrset]
     return out
+
+
+def stays_local(addr: IPAddress) -> bool:
+    """Whether ADDR is never a destination beyond the parent: unspecified, loopback,
+    multicast, the limited broadcast, IPv6 link-local (which the kernel never forwards), or
+    an IPv4-mapped IPv6 form of one of those. Such an address in an allowed answer is not put
+    into a set: whoever answers for the name chooses the addresses, and these could only
+    reach the parent and its link, never the service the name stands for."""
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr == _LIMITED_BROADCAST:
+        return True
+    return addr.is_unspecified or addr.is_loopback or addr.is_multicast or (
+        addr.version == 6 and addr.is_link_local)
+
+
+_LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 
 
 def _seconds(span: float) -> int:
@@ -469,6 +487,10 @@ class Forwarder:
                 self._refused(question.name, f"alias of {via[0].to_text(omit_final_dot=True)}")
                 return self._reply(query, dns.rcode.REFUSED)
             found = answer_addresses(response, question.name)
+            kept = [(addr, ttl) for addr, ttl in found if not stays_local(addr)]
+            if rules:
+                self.stats.addresses_skipped += len(found) - len(kept)
+            found = kept
             answer = (labels, len(chain) > 1)
             if found and rules and not await self._allow(generation, rules, answer, found):
                 return self._reply(query, dns.rcode.SERVFAIL)

@@ -91,7 +91,7 @@ class Refusals:
             self._add("to-parent", where, "", lambda: (
                 f"enclave to the parent itself blocked: {where} (the parent takes ping and, "
                 "with host names in parent.egress, DNS; other ports only where a "
-                "parent.egress.allow entry covers the parent's tunnel address)"))
+                "parent.egress.allow CIDR entry covers the address, never for a host name)"))
         elif prefix == PREFIX_SPOOFED:
             what = f"from {flow.source}"
             self._add("spoofed", what, "", lambda: (
