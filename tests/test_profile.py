@@ -12,6 +12,7 @@ import yaml
 
 from wgvsock import cli
 from wgvsock.services.profile import (
+    DEFAULT_MAX_CONNECTIONS,
     Attestation,
     EnclaveLaunch,
     Ingress,
@@ -873,3 +874,35 @@ def test_an_allow_list_emptied_to_null_is_refused_not_taken_as_everything():
     with pytest.raises(ProfileError, match=r"parent.egress.allow: is empty \(null\).*write \[\]"):
         parse_profile("name: a\nparent:\n  egress:\n    allow:\n    #  - 10.0.0.0/8:443/tcp\n")
     assert parse_profile("name: a\nparent: {egress: {allow: []}}\n").parent.egress.allow == []
+
+
+def test_max_connections_defaults_and_round_trips():
+    """parent.egress.max_connections caps the connections the enclave keeps open through
+    the parent and to it (each is an entry in the host's conntrack table)."""
+    p = parse_profile("name: a\n", FILE)
+    assert p.parent.egress.max_connections == DEFAULT_MAX_CONNECTIONS == 16384
+    assert "max_connections: 16384" in dump_profile(p)
+    q = parse_profile("name: a\nparent:\n  egress:\n    max_connections: 3\n"
+                      "    interface: eth9\n", FILE)
+    assert q.parent.egress.max_connections == 3
+    from wgvsock.roles.parent import Parent
+
+    assert Parent(q).spec().max_connections == 3  # what `parent up` hands the firewall
+    assert parse_profile(dump_profile(q), FILE).parent.egress.max_connections == 3
+    # Empty means the default, as everywhere in a profile (not "no limit").
+    empty = parse_profile("name: a\nparent:\n  egress:\n    max_connections:\n", FILE)
+    assert empty.parent.egress.max_connections == DEFAULT_MAX_CONNECTIONS
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("0", "0 is out of range"),
+    ("-1", "-1 is out of range"),
+    ("16777217", "16777217 is out of range"),
+    ("'100'", "expected an integer, got a string"),
+    ("1.5", "expected an integer, got a number"),
+    ("true", "expected an integer, got true/false"),
+])
+def test_bad_max_connections_is_refused(value, reason):
+    p = refused(f"name: a\nparent:\n  egress:\n    max_connections: {value}\n",
+                "parent.egress.max_connections", reason, "max_connections:")
+    assert "1..16777216" in p.hint

@@ -170,6 +170,22 @@ def test_the_parent_tells_the_firewall_which_addresses_are_credential_endpoints(
     assert 'drop comment "deny 169.254.170.2/32"' in text
 
 
+def test_a_connection_over_the_limit_names_the_limit_not_an_allow_entry(caplog) -> None:
+    """The destination may well be allowed: what to change is the number of connections the
+    enclave keeps open, or parent.egress.max_connections."""
+    r = Refusals()
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        for _ in range(2):
+            r.packet("connection limit", tcp_to("203.0.113.5", 443))
+    [line] = [rec.getMessage() for rec in caplog.records]
+    assert line.startswith("egress over the connection limit: tcp 203.0.113.5:443 from the "
+                           "enclave")
+    assert "parent.egress.max_connections" in line and "parent.egress.allow" not in line
+    assert [(x.kind, x.what, x.rule, x.count) for x in r.recent()] == [
+        ("limited", "tcp 203.0.113.5:443", "", 2)]
+    assert r.uapi_keys()["wgvsock_refused_1"] == "limited 2 0 tcp 203.0.113.5:443"
+
+
 def test_an_ipv6_destination_gets_the_profile_s_bracketed_entry(caplog) -> None:
     f = nflog.flow(ipv6(17, "2001:db8::1", PORTS))
     with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):

@@ -27,8 +27,11 @@ from .test_firewall import (
     INTERNET4,
     INTERNET6,
     PARENT_TUN4,
+    PARENT_UP4,
     PY,
+    Holder,
     probe,
+    start_holder_server,
     start_server,
     traffic_spec,
     world,  # noqa: F401 - a fixture
@@ -123,6 +126,26 @@ def test_each_refusal_is_logged_with_its_rule_and_allowed_traffic_is_not(world) 
         assert not any(w in (f"tcp {INTERNET4}:80", f"tcp [{INTERNET6}]:80")
                        for p, w, _ in reader.seen if p != "spoofed")
     finally:
+        reader.close()
+
+
+def test_a_connection_over_the_limit_is_logged_as_such(world) -> None:  # noqa: F811
+    enclave, parent, internet = world
+    start_holder_server(internet, INTERNET4, 80)
+    reader = LogReader(parent)
+    holder = Holder(enclave)
+    try:
+        spec = traffic_spec()
+        spec.log_group = reader.group
+        spec.max_connections = 1
+        firewall.apply(spec, netns=parent.name)
+        assert holder.ask(f"open {INTERNET4} 80 5") == f"ok hold {PARENT_UP4}"
+        assert holder.ask(f"open {INTERNET4} 80 1.5") == "timeout"
+        wait_for(lambda: reader.has("connection limit", f"tcp {INTERNET4}:80"), 10,
+                 f"the refusal to be logged; seen {reader.seen}")
+        assert {p for p, _, _ in reader.seen} == {"connection limit"}
+    finally:
+        holder.close()
         reader.close()
 
 

@@ -332,6 +332,7 @@ class Parent:
             name_elements=elements or [],
             log_group=self._refusal_reader.group if self._refusal_reader is not None else None,
             credential_endpoints=[endpoint for endpoint, _ in CREDENTIAL_ENDPOINTS],
+            max_connections=p.parent.egress.max_connections,
         )
 
     def _replace_table(self, profile, *, keep_counters: bool) -> int:

@@ -47,6 +47,13 @@ Why the chains look the way they do
   answers for an allowed name chooses the addresses, so one naming the parent itself (its
   ENI or tunnel address, a broadcast address) opens nothing there. The forwarder's own port
   (53 on the parent's tunnel addresses) is open from the tunnel whenever names are used.
+* With a connection limit (``max_connections``), a new connection from the enclave, through
+  the parent or to it, is dropped while the enclave has that many open: each takes an entry
+  in the host's conntrack table, where an idle established one lasts 5 days, and a full
+  table drops the host's own new connections. One ``ct count`` rule, in a chain both paths
+  jump to, keeps the list for both; it drops closed connections from its count (and a new
+  one the policy dropped at the next clock tick at most). Its list is the rule's own, so a
+  replaced table counts afresh: connections open at that moment are not counted.
 * Replacing the table leaves existing conntrack entries alone: an established flow that a new
   deny rule covers lives until it ends.
 * A replaced table can start where the old one left off (``parent reload``, or putting back a
@@ -54,10 +61,11 @@ Why the chains look the way they do
   which the same transaction loads, so no metric goes backwards and no allowed name's
   address is missing for a moment.
 * With a log group, each drop of the enclave's traffic (a deny rule, ``blocked``, ``to
-  parent``, ``spoofed``) is preceded by a rule that logs the packet's headers to that
-  nfnetlink_log group under a prefix naming the rule (services/egress/refusals.py reads
-  them). The log rule has no verdict and a rate limit of its own, so a flood costs at most
-  LOG_RATE messages a second per rule and never changes what is dropped.
+  parent``, ``connection limit``, ``spoofed``) is preceded by a rule that logs the packet's
+  headers to that nfnetlink_log group under a prefix naming the rule
+  (services/egress/refusals.py reads them). The log rule has no verdict and a rate limit
+  of its own, so a flood costs at most LOG_RATE messages a second per rule and never
+  changes what is dropped.
 """
 
 from __future__ import annotations
@@ -114,6 +122,7 @@ COUNTERS: tuple[str, ...] = (
     "egress_allowed",     # new flows from the enclave that matched an allow rule
     "egress_blocked",     # new forwarded flows from the enclave that matched no allow rule
     "local_blocked",      # new flows from the enclave to the parent itself that matched none
+    "egress_limited",     # new flows from the enclave over its connection limit
     "ingress_accepted",   # new flows into the enclave through an ingress port
     "ingress_blocked",    # anything else routed towards the enclave
     "parent_blocked",     # new flows from the parent host itself to a non-ingress port
@@ -207,6 +216,9 @@ class FirewallSpec:
     #: them are logged under "credentials NETWORK" rather than the deny rule's comment, as
     #: no parent.egress.deny entry of the operator's need be behind them.
     credential_endpoints: Sequence[IPAddress | str] = field(default_factory=list)
+    #: The most connections the enclave may have open through the parent and to it, together
+    #: (each takes an entry in the host's conntrack table); None: no limit.
+    max_connections: int | None = None
 
 
 class Counter(NamedTuple):
@@ -242,6 +254,7 @@ class _Spec:
     log_group: int | None
     lifted: tuple[_Rule, ...]
     credentials: frozenset[IPAddress]
+    max_connections: int | None
 
 
 @dataclass(frozen=True)
@@ -379,7 +392,22 @@ def _validated(spec: FirewallSpec) -> _Spec:
         log_group=_log_group(spec.log_group),
         lifted=tuple(_rule(r, f"lifted[{i}]") for i, r in enumerate(spec.lifted)),
         credentials=frozenset(_address(a) for a in spec.credential_endpoints),
+        max_connections=_max_connections(spec.max_connections),
     )
+
+
+#: nft's ct count takes a 32-bit limit; no host tracks more connections than this anyway.
+MAX_CONNECTIONS_LIMIT = 1 << 24
+
+
+def _max_connections(value: object) -> int | None:
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, int)
+            or not 1 <= value <= MAX_CONNECTIONS_LIMIT):
+        raise ValueError(f"max_connections {value!r}: use 1-{MAX_CONNECTIONS_LIMIT}, or None "
+                         "for no limit")
+    return value
 
 
 def _log_group(value: object) -> int | None:
@@ -609,6 +637,19 @@ def render_ruleset(spec: FirewallSpec) -> str:
         for i, (comment, l4) in enumerate(s.names)
         for fam, version in (("ip", 4), ("ip6", 6))
     ])
+    # One rule counts the enclave's connections for both paths: a `ct count` without a key
+    # keeps its own list of the connections that passed it, so a rule in each path would
+    # allow the limit twice over. It sees new connections only (the list drops those that
+    # closed or expired): counting every packet would walk the list for each.
+    if s.max_connections is not None:
+        out += _chain("connection_limit", [
+            f"ct state new ct count over {s.max_connections} jump over_connection_limit",
+        ])
+        out += _chain("over_connection_limit", [
+            *logged("", "connection limit"),
+            f"counter name {_q('egress_limited')} drop",
+        ])
+    limit = ["jump connection_limit"] if s.max_connections is not None else []
     out += _chain("check_source", [
         *logged("ip saddr != @enclave_v4", "spoofed"),
         f"ip saddr != @enclave_v4 counter name {_q('spoofed')} drop",
@@ -618,6 +659,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
     out += _chain("from_enclave", [
         "jump check_source",
         "ct state established,related accept",
+        *limit,
         "jump egress_policy",
         "jump egress_names",
         *logged("", "blocked"),
@@ -638,6 +680,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
         f"ip daddr 127.0.0.0/8 counter name {_q('local_blocked')} drop",
         *logged("ip6 daddr ::1", "to parent"),
         f"ip6 daddr ::1 counter name {_q('local_blocked')} drop",
+        *limit,
         "icmp type echo-request accept",
         "icmpv6 type echo-request accept",
         *([f"{'ip' if a.version == 4 else 'ip6'} daddr {a} meta l4proto {{ tcp, udp }} "

@@ -41,6 +41,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ..conn.framing import MAX_STREAM_MTU
 from ..safetext import prose
 from .egress.names import NamePattern, NameRule, NameRuleError, looks_like_name
+from .firewall import MAX_CONNECTIONS_LIMIT
 
 IPAddress = IPv4Address | IPv6Address
 IPInterface = IPv4Interface | IPv6Interface
@@ -85,6 +86,13 @@ DEFAULT_MAX_AGE = 300
 # Seconds a resolved address stays allowed after its TTL: clients cache answers a little
 # longer than they should, and a connection may start just as the TTL runs out.
 DEFAULT_DNS_GRACE = 60
+# Connections the enclave may keep open through the parent and to it, all together: each is
+# an entry in the host's conntrack table, which holds 262144 by default on a host with more
+# than 4 GiB (every instance type that runs enclaves), shared with everything else on it. A
+# busy enclave keeps a few thousand open (closed TCP connections no longer count; a UDP flow
+# counts until conntrack forgets it, 30-120 s); a sixteenth of the table leaves the host room.
+DEFAULT_MAX_CONNECTIONS = 16384
+MAX_CONNECTIONS_MAX = MAX_CONNECTIONS_LIMIT
 DEFAULT_METRICS_INTERVAL = 60
 METRICS_INTERVAL_MIN = 10  # CloudWatch bills per request; below 60 s it stores high resolution
 # CloudWatch's rules for a namespace; "AWS/" is reserved for AWS's own.
@@ -323,6 +331,9 @@ class Egress:
     # (derived from `allow`): the parent's table accepts these and drops the rest of the
     # endpoint's traffic, after `deny` and before `allow`.
     lifted: list[Rule] = field(default_factory=list)
+    # The most connections the enclave may have open through the parent and to it together;
+    # a new one over it is dropped (firewall.FirewallSpec.max_connections).
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @property
     def uses_names(self) -> bool:
@@ -436,7 +447,8 @@ _TOP_KEYS = ("version", "name", "interface", "mtu", "transport", "parent", "encl
 _TRANSPORT_KEYS = ("kind", "port", "control_port", "parent_cid", "path", "host")
 _PARENT_KEYS = ("address", "private_key", "public_key", "egress", "ingress", "enclave",
                 "enclave_cid", "metrics")
-_EGRESS_KEYS = ("nat", "interface", "allow", "deny", "resolver", "dns_grace", "test_dns_grace")
+_EGRESS_KEYS = ("nat", "interface", "allow", "deny", "resolver", "dns_grace", "test_dns_grace",
+                "max_connections")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
 _ENCLAVE_KEYS = ("address", "dns", "routes")
@@ -1167,8 +1179,13 @@ class _Builder(_Parser):
             # FOR TESTS ONLY: a grace below the minimum, so a test can watch an address expire.
             g = self.integer(m["test_dns_grace"], "parent.egress.test_dns_grace", 0, 7 * 86400)
             grace = g if g is not None else grace
+        max_connections = DEFAULT_MAX_CONNECTIONS
+        if "max_connections" in m:
+            n = self.integer(m["max_connections"], "parent.egress.max_connections", 1,
+                             MAX_CONNECTIONS_MAX)
+            max_connections = n if n is not None else max_connections
         return Egress(nat, interface, allow, deny, names_allowed, names_denied, resolver, grace,
-                      lifted)
+                      lifted, max_connections)
 
     def ingress(self, node: Node | None, transport: Transport) -> list[Ingress]:
         items = self.items(node, "parent.ingress", "{listen: 8443, to: 443, protocol: tcp}")
@@ -1668,6 +1685,7 @@ def _to_data(profile: Profile) -> dict[str, Any]:
             "egress": {"nat": p.egress.nat, "interface": p.egress.interface,
                        "allow": [str(r) for r in [*p.egress.allow, *p.egress.allow_names]],
                        "deny": [str(r) for r in [*p.egress.deny, *p.egress.deny_names]],
+                       "max_connections": p.egress.max_connections,
                        **({"resolver": [str(x) for x in p.egress.resolver]}
                           if p.egress.resolver else {}),
                        **({"test_dns_grace": p.egress.dns_grace} if p.egress.uses_names

@@ -238,7 +238,7 @@ class PeerView:
 class RefusalView:
     """One destination or name the parent refused the enclave lately."""
 
-    kind: str  # denied, blocked, to-parent, spoofed, dns
+    kind: str  # denied, blocked, to-parent, limited, spoofed, dns
     what: str  # "tcp 203.0.113.5:5432", "from 10.9.9.9", a DNS name
     rule: str  # the deny rule, the DNS reason, or ""
     count: int

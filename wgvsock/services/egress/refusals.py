@@ -9,7 +9,8 @@ Two sources feed :class:`Refusals`:
   rule, at most) to an nfnetlink_log group that `parent up` reads (services/nflog.py); the
   log prefix says which rule: ``blocked`` (no allow entry), a deny rule's comment (``deny
   10.0.0.0/8``), ``credentials NETWORK`` (the built-in deny of a credential endpoint such
-  as IMDS), ``to parent`` (the parent's own ports), ``spoofed`` (a source address that
+  as IMDS), ``to parent`` (the parent's own ports), ``connection limit`` (a new
+  connection over parent.egress.max_connections), ``spoofed`` (a source address that
   is not the enclave's);
 * the DNS forwarder reports each name it answered REFUSED, and why.
 
@@ -41,13 +42,14 @@ PREFIX_BLOCKED = "blocked"
 PREFIX_TO_PARENT = "to parent"
 PREFIX_SPOOFED = "spoofed"
 PREFIX_CREDENTIALS = "credentials "  # + the endpoint's network
+PREFIX_LIMITED = "connection limit"
 
 log = logging.getLogger("wgvsock.refused")
 
 
 @dataclass(slots=True)
 class Refusal:
-    kind: str  # "denied", "blocked", "to-parent", "spoofed", "dns"
+    kind: str  # "denied", "blocked", "to-parent", "limited", "spoofed", "dns"
     what: str  # "tcp 203.0.113.5:5432", "from 10.9.9.9", a DNS name
     rule: str  # the deny rule ("deny 10.0.0.0/8"), the DNS reason, or ""
     count: int
@@ -92,6 +94,12 @@ class Refusals:
                 f"enclave to the parent itself blocked: {where} (the parent takes ping and, "
                 "with host names in parent.egress, DNS; other ports only where a "
                 "parent.egress.allow CIDR entry covers the address, never for a host name)"))
+        elif prefix == PREFIX_LIMITED:
+            self._add("limited", where, "", lambda: (
+                f"egress over the connection limit: {where} from the enclave was dropped "
+                "because the enclave already has parent.egress.max_connections connections "
+                "open through the parent and to it; close idle ones in the enclave, or raise "
+                "parent.egress.max_connections and run `wgvsock parent reload`"))
         elif prefix == PREFIX_SPOOFED:
             what = f"from {flow.source}"
             self._add("spoofed", what, "", lambda: (
