@@ -856,7 +856,9 @@ def rule_count(name: str, netns: str | None = None) -> int:
     up` compares it with the count right after `apply` to notice a table someone deleted
     (`nft flush ruleset`) or emptied (`nft flush table ...`)."""
     table = table_name(name)
-    res = _nft(["-j", "list", "table", "inet", table], netns)
+    # Terse (-t): without set elements, which a name rule's sets may hold by the thousand,
+    # and this runs every second.
+    res = _nft(["-j", "-t", "list", "table", "inet", table], netns)
     if res.returncode != 0:
         if "No such file or directory" in res.stderr:
             return -1
@@ -869,7 +871,7 @@ def read_counters(name: str, netns: str | None = None) -> dict[str, Counter]:
     its comment (e.g. ``"deny 169.254.169.254/32"``). Raises FirewallError without a table."""
     table = table_name(name)
     counters: dict[str, Counter] = {}
-    for item in _json(["list", "table", "inet", table], netns):
+    for item in _json(["-t", "list", "table", "inet", table], netns):  # no set elements
         if "counter" in item:
             c = item["counter"]
             counters[c["name"]] = Counter(c["packets"], c["bytes"])
@@ -913,7 +915,7 @@ def _accepts_interface(table: tuple[str, str], ifname: str, netns: str | None) -
     nothing in them but the interface match, a counter and the accept (a narrower rule
     lets only part of the enclave's traffic past the drop)."""
     seen: set[str] = set()
-    for item in _json(["list", "table", *table], netns):
+    for item in _json(["-t", "list", "table", *table], netns):
         exprs = item.get("rule", {}).get("expr", [])
         if not any("accept" in e for e in exprs):
             continue
