@@ -880,8 +880,8 @@ def test_max_connections_defaults_and_round_trips():
     """parent.egress.max_connections caps the connections the enclave keeps open through
     the parent and to it (each is an entry in the host's conntrack table)."""
     p = parse_profile("name: a\n", FILE)
-    assert p.parent.egress.max_connections == DEFAULT_MAX_CONNECTIONS == 16384
-    assert "max_connections: 16384" in dump_profile(p)
+    assert p.parent.egress.max_connections is DEFAULT_MAX_CONNECTIONS is None  # no limit
+    assert "max_connections" not in dump_profile(p)
     q = parse_profile("name: a\nparent:\n  egress:\n    max_connections: 3\n"
                       "    interface: eth9\n", FILE)
     assert q.parent.egress.max_connections == 3
@@ -889,7 +889,7 @@ def test_max_connections_defaults_and_round_trips():
 
     assert Parent(q).spec().max_connections == 3  # what `parent up` hands the firewall
     assert parse_profile(dump_profile(q), FILE).parent.egress.max_connections == 3
-    # Empty means the default, as everywhere in a profile (not "no limit").
+    # Empty means the default, as everywhere in a profile.
     empty = parse_profile("name: a\nparent:\n  egress:\n    max_connections:\n", FILE)
     assert empty.parent.egress.max_connections == DEFAULT_MAX_CONNECTIONS
 

@@ -313,8 +313,8 @@ class ControlServer:
         self._max_clients = max_clients
         self._max_per_peer = max_per_peer
         self._accept_from = accept_from
-        # For the rate limits only (tests pass their own); the exchange's deadlines are real.
-        self._clock = clock
+        # The clock is for the rate limits only (tests pass their own); the exchange's
+        # deadlines are real.
         self._register_limit = RegistrationLimit(register_burst, register_interval, clock)
         self._register_rule = (f"at most {register_burst} at once, then one every "
                                f"{register_interval:g} s")

@@ -51,8 +51,8 @@ Why the chains look the way they do
   the parent or to it, is dropped while the enclave has that many open: each takes an entry
   in the host's conntrack table, where an idle established one lasts 5 days, and a full
   table drops the host's own new connections. One ``ct count`` rule, in a chain both paths
-  jump to, keeps the list for both; it drops closed connections from its count (and a new
-  one the policy dropped at the next clock tick at most). Its list is the rule's own, so a
+  jump to, keeps the list for both; the kernel drops closed connections from its count a few
+  at a clock tick, so under churn it lags a little. Its list is the rule's own, so a
   replaced table counts afresh: connections open at that moment are not counted.
 * Replacing the table leaves existing conntrack entries alone: an established flow that a new
   deny rule covers lives until it ends.

@@ -87,11 +87,13 @@ DEFAULT_MAX_AGE = 300
 # longer than they should, and a connection may start just as the TTL runs out.
 DEFAULT_DNS_GRACE = 60
 # Connections the enclave may keep open through the parent and to it, all together: each is
-# an entry in the host's conntrack table, which holds 262144 by default on a host with more
-# than 4 GiB (every instance type that runs enclaves), shared with everything else on it. A
-# busy enclave keeps a few thousand open (closed TCP connections no longer count; a UDP flow
-# counts until conntrack forgets it, 30-120 s); a sixteenth of the table leaves the host room.
-DEFAULT_MAX_CONNECTIONS = 16384
+# an entry in the host's conntrack table (262144 by default on a host with more than 4 GiB),
+# shared with everything else on it. No limit unless the profile sets one: the kernel's count
+# (nf_conncount) walks the list of counted connections for new ones, once per clock tick on
+# recent kernels and for every new connection before (Linux commit d265929930e2, 2025), so
+# an enclave that holds many open and keeps opening more makes the parent's CPU pay in
+# proportion to the limit. Where the table is the greater worry, set a few thousand.
+DEFAULT_MAX_CONNECTIONS: int | None = None
 MAX_CONNECTIONS_MAX = MAX_CONNECTIONS_LIMIT
 DEFAULT_METRICS_INTERVAL = 60
 METRICS_INTERVAL_MIN = 10  # CloudWatch bills per request; below 60 s it stores high resolution
@@ -333,7 +335,7 @@ class Egress:
     lifted: list[Rule] = field(default_factory=list)
     # The most connections the enclave may have open through the parent and to it together;
     # a new one over it is dropped (firewall.FirewallSpec.max_connections).
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS  # None: no limit
 
     @property
     def uses_names(self) -> bool:
@@ -1685,7 +1687,8 @@ def _to_data(profile: Profile) -> dict[str, Any]:
             "egress": {"nat": p.egress.nat, "interface": p.egress.interface,
                        "allow": [str(r) for r in [*p.egress.allow, *p.egress.allow_names]],
                        "deny": [str(r) for r in [*p.egress.deny, *p.egress.deny_names]],
-                       "max_connections": p.egress.max_connections,
+                       **({"max_connections": p.egress.max_connections}
+                          if p.egress.max_connections is not None else {}),
                        **({"resolver": [str(x) for x in p.egress.resolver]}
                           if p.egress.resolver else {}),
                        **({"test_dns_grace": p.egress.dns_grace} if p.egress.uses_names
