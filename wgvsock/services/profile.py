@@ -90,7 +90,7 @@ DEFAULT_DNS_GRACE = 60
 # an entry in the host's conntrack table (262144 by default on a host with more than 4 GiB),
 # shared with everything else on it. No limit unless the profile sets one: the kernel's count
 # (nf_conncount) walks the list of counted connections for new ones, once per clock tick on
-# recent kernels and for every new connection before (Linux commit d265929930e2, 2025), so
+# recent kernels and for every new connection before (Linux commit d265929930e2, 2022), so
 # an enclave that holds many open and keeps opening more makes the parent's CPU pay in
 # proportion to the limit. Where the table is the greater worry, set a few thousand.
 DEFAULT_MAX_CONNECTIONS: int | None = None
