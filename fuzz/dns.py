@@ -69,6 +69,16 @@ ADDRESSES = ("192.0.2.1", "192.0.2.2", "198.51.100.9", "169.254.169.254", "2001:
              "::ffff:192.0.2.1", "0.0.0.0", "255.255.255.255")
 
 
+
+def _local(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """The model's own list of answer addresses that stay out of the sets (README, "Egress by
+    host name"): unspecified, loopback, multicast, 255.255.255.255 and IPv6 link-local, also
+    written IPv4-mapped."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return (str(addr) == "255.255.255.255" or addr.is_unspecified or addr.is_loopback
+            or addr.is_multicast or (addr.version == 6 and addr.is_link_local))
+
 class _Upstream:
     """The resolver: answers the next query with `answer` (wire bytes), or not at all."""
 
@@ -317,6 +327,8 @@ class DnsForwarderTarget(Target):
                         and rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)):
                     for rd in rrset:
                         addr = ipaddress.ip_address(rd.address)
+                        if _local(addr):
+                            continue  # never a set's: it could only reach the parent
                         ttl = max(1, min(rrset.ttl, *led_by[rrset.name], DAY) + GRACE)
                         for i in rules:
                             key = (name_set(i, addr.version), str(addr))
