@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 import threading
 import time
 
+import pytest
+
 from wgvsock.conn.stream import StreamBind
 from wgvsock.core.crypto import generate_private_key, public_key
 from wgvsock.core.engine import SEND
 from wgvsock.device.device import Device
-from wgvsock.device.uapi import parse_set
+from wgvsock.device.uapi import UAPIError, parse_set
 from wgvsock.ui.nslab import wait_for
 
 
@@ -109,6 +112,40 @@ def test_handshake_times_follow_a_stepped_wall_clock(monkeypatch) -> None:
         monkeypatch.setattr(time, "time", lambda: real() + 3600)
         [peer] = dev.uapi_get().peers
         assert abs(peer.last_handshake_time_sec - (stepped - 5)) < 2
+    finally:
+        bind.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_set_past_the_peer_limit_is_refused_whole() -> None:
+    """wireguard-go takes at most 65536 peers (MaxPeers) and refuses the one past it; ours
+    took any number, each costing memory and a share of every timer tick. A set that would
+    leave more is refused with EINVAL before anything changes; one that removes as many as
+    it adds, or only updates, is not."""
+    d = tempfile.mkdtemp(prefix="wgd", dir="/tmp")
+    bind = StreamBind("unix", unix_dir=d)
+    dev = Device("wgdset3", bind, run_dir=os.path.join(d, "run"))
+    dev.max_peers = 3
+    keys = [public_key(generate_private_key()) for _ in range(5)]
+
+    def peers(*lines: str) -> str:
+        return "".join(lines)
+
+    try:
+        dev.uapi_set(parse_set(peers(*(f"public_key={k.hex()}\n" for k in keys[:3]))))
+        with pytest.raises(UAPIError) as e:
+            dev.uapi_set(parse_set(f"listen_port=0\npublic_key={keys[3].hex()}\n"))
+        assert e.value.errno == -errno.EINVAL and "at most 3" in e.value.message
+        assert set(dev.engine.peers) == set(keys[:3])
+        # Within the limit once the set is applied: one out, one in; an update of a peer not
+        # there creates none; replace_peers starts from none.
+        dev.uapi_set(parse_set(f"public_key={keys[0].hex()}\nremove=true\n"
+                               f"public_key={keys[3].hex()}\n"
+                               f"public_key={keys[4].hex()}\nupdate_only=true\n"))
+        assert set(dev.engine.peers) == {keys[1], keys[2], keys[3]}
+        dev.uapi_set(parse_set("replace_peers=true\n"
+                               + peers(*(f"public_key={k.hex()}\n" for k in keys[2:5]))))
+        assert set(dev.engine.peers) == set(keys[2:5])
     finally:
         bind.close()
         shutil.rmtree(d, ignore_errors=True)

@@ -84,6 +84,9 @@ _CUT_UP_TO_MTU: Final = GSO_MAX_SIZE // 4
 # in one send for the stream transport's send timeout (5 s, a peer that stopped reading), so
 # the limit sits above that.
 STALL_LIMIT: Final = 8.0
+# Peers one interface may have, as wireguard-go's MaxPeers: each costs memory and a share of
+# every timer tick, and a set request may name a great many.
+MAX_PEERS: Final = 1 << 16
 # The TUN reader's longest wait for a packet: it notes the time on each pass, and an idle
 # tunnel must not look like a hung reader.
 _TUN_POLL_MS: Final = 1000
@@ -268,6 +271,7 @@ class Device:
         self._hs_window_start = 0.0
         self._hs_window_count = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self.max_peers = MAX_PEERS
         # Read-only keys the roles add to `get` (profile, role, attestation); `wg` ignores them.
         self.extra_status: dict[str, str] = {}
         # More such keys, computed at each `get` (the parent's firewall counters).
@@ -894,6 +898,7 @@ class Device:
                     endpoints[i] = self.bind.parse_endpoint(pc.endpoint)
                 except ValueError as e:
                     raise UAPIError(errno.EINVAL, f"invalid endpoint {pc.endpoint!r}: {e}") from e
+        self._check_peer_count(cfg)
         new_port = cfg.listen_port if cfg.listen_port != self.port else None
         if new_port is not None:
             # A clear EINVAL before the transport is touched.
@@ -971,6 +976,22 @@ class Device:
             # (wireguard-go's IpcSet only queues the keepalive).
             NamedThread(target=self._perform, args=(actions,), name=f"{self.ifname}-uapi-send",
                         daemon=True).start()
+
+    def _check_peer_count(self, cfg: DeviceConfig) -> None:
+        """EINVAL, before anything changes, for a set that would leave more than max_peers
+        peers (wireguard-go refuses the peer that goes past MaxPeers, having applied the lines
+        before it)."""
+        if len(cfg.peers) + (0 if cfg.replace_peers else len(self.engine.peers)) <= self.max_peers:
+            return  # the common case, without building the set below
+        keys = set() if cfg.replace_peers else set(self.engine.peers)
+        for pc in cfg.peers:
+            if pc.remove:
+                keys.discard(pc.public_key)
+            elif not pc.update_only:
+                keys.add(pc.public_key)
+        if len(keys) > self.max_peers:
+            raise UAPIError(errno.EINVAL, f"too many peers: the set would leave {len(keys)}, "
+                            f"and an interface takes at most {self.max_peers}")
 
     def connect_peer(self, public_key: bytes, endpoint: Endpoint) -> None:
         """Points a configured peer at `endpoint` and starts a handshake with it now (once
