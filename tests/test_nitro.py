@@ -574,6 +574,39 @@ def test_launch_checks(fake: Fake, tmp_path: Path) -> None:
     assert _checks(EnclaveLaunch(str(big), memory_mib=1200))["enclave memory"][0] is True
 
 
+def test_an_image_another_user_could_replace_is_refused(fake: Fake, tmp_path: Path) -> None:
+    """The EIF decides what runs under the CID the control port admits, yet any user who
+    could write it (or a directory above it) got their image started at the next restart;
+    the private key's file was checked, the image's was not (review finding)."""
+    d = tmp_path / "images"
+    d.mkdir()
+    eif = d / "app.eif"
+    eif.write_bytes(fake.eif.read_bytes())
+    launch = EnclaveLaunch(str(eif), memory_mib=fake.launch().memory_mib)
+    assert _checks(launch)["enclave image"][0] is True
+    eif.chmod(0o666)
+    ok, detail = _checks(launch)["enclave image"]
+    assert not ok and f"{eif} is writable by group (mode 666)" in detail and "chmod go-w" in detail
+    eif.chmod(0o644)
+    d.chmod(0o777)
+    ok, detail = _checks(launch)["enclave image"]
+    assert not ok and f"{d} is writable by group (mode 777)" in detail
+    d.chmod(0o1777)  # sticky, as /tmp: others cannot replace root's file
+    assert _checks(launch)["enclave image"][0] is True
+    d.chmod(0o755)
+    os.chown(eif, 65534, 65534)
+    ok, detail = _checks(launch)["enclave image"]
+    assert not ok and f"{eif} is owned by uid 65534" in detail
+    os.chown(eif, 0, 0)
+    link_dir = tmp_path / "links"
+    link_dir.mkdir()
+    (link_dir / "app.eif").symlink_to(eif)
+    os.lchown(link_dir / "app.eif", 65534, 65534)  # the link itself another user's
+    ok, detail = _checks(EnclaveLaunch(str(link_dir / "app.eif"),
+                                       memory_mib=launch.memory_mib))["enclave image"]
+    assert not ok and "owned by uid 65534" in detail
+
+
 def test_launch_checks_minimum_is_nitro_clis_own(fake: Fake, tmp_path: Path) -> None:
     """nitro-cli compares 4x the EIF's bytes with the memory's: one byte over 300 MiB needs
     1201 MiB, not 4 * 301."""

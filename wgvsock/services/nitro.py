@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -310,6 +311,15 @@ def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[st
     if not os.access(launch.eif, os.R_OK):
         checks.append(("enclave image", False, f"{launch.eif} is not readable"))
         return checks
+    who = _replaceable(launch.eif)
+    if who is not None:
+        # Whatever image this path holds starts under the CID the control port admits: with
+        # no PCR0 pinned, it would be taken for the enclave.
+        checks.append(("enclave image", False,
+                       f"{who}, so another user could replace the enclave's image "
+                       f"(parent.enclave.eif): make it and the directories above it root's, "
+                       "writable by root alone (chown root; chmod go-w)"))
+        return checks
     mib = size / (1 << 20)
     checks.append(("enclave image", True, f"{launch.eif} ({mib:.0f} MiB)"))
     # nitro-cli compares bytes: it refuses when 4 * EIF size > memory_mib * 2**20, so the least
@@ -324,6 +334,30 @@ def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[st
     else:
         checks.append(("enclave memory", True, f"memory_mib {launch.memory_mib}"))
     return checks
+
+
+def _replaceable(path: str) -> str | None:
+    """Why someone other than root or this user could change what PATH names, or None:
+    it, a directory above it, or a link on the way is another user's, or the file or a
+    directory is writable by group or others (a sticky directory, as /tmp, excepted). Both
+    the path as written and where its links lead are walked."""
+    me = os.geteuid()
+    for start, look in ((os.path.abspath(path), os.lstat), (os.path.realpath(path), os.stat)):
+        p = start
+        while True:
+            st = look(p)
+            if st.st_uid not in (0, me):
+                return f"{p} is owned by uid {st.st_uid}"
+            mode = st.st_mode
+            if (mode & 0o022 and not stat.S_ISLNK(mode)
+                    and not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX)):
+                return (f"{p} is writable by {'group' if mode & 0o020 else 'others'} "
+                        f"(mode {stat.S_IMODE(mode):o})")
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+    return None
 
 
 def listed_before_failing(err: NitroError) -> list[EnclaveInfo] | None:
