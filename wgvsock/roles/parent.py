@@ -11,6 +11,7 @@ attestation policy to the running parent without touching the tunnel; anything e
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..conn import make_bind
 from ..conn.unixsock import remove_stale, socket_dir
@@ -223,6 +225,8 @@ def attestation_state(verdict: Verdict) -> str:
 # A session is renewed every 2 minutes while traffic flows; 3 minutes without a handshake means
 # the tunnel is idle or gone (wireguard-go's REJECT_AFTER_TIME).
 _TUNNEL_QUIET = 180.0
+# Seconds between tries for a metrics port another process holds.
+_METRICS_RETRY = 5.0
 # How long `up`'s main loop may go without coming round (it applies reloads, checks the
 # firewall, notices a stopped device and SIGTERM) before systemd's watchdog is no longer fed:
 # well above a slow nft or a re-check of the enclave's attestation in a reload.
@@ -268,6 +272,9 @@ class Parent:
         self._forwarding_on = False  # forwarding enabled: close() puts it back (state.py)
         self._table = False
         self._tunnel_check_failed = False  # check_tunnel has said so; quiet until it works
+        # The metrics port another process held at start (check_metrics): (registry, address,
+        # port, when to try again).
+        self._metrics_waiting: tuple[Any, Any, int, float] | None = None
         self._sockets: list[str] = []
         self.enclave_key: bytes | None = None
         self.supervisor = None  # nitro.EnclaveSupervisor when the profile starts the enclave
@@ -482,13 +489,23 @@ class Parent:
 
         registry = registry_for(self)
         if m.listen is not None:
+            host, port = m.listen
             try:
-                self.exporter = Exporter(registry, *m.listen)
+                self.exporter = Exporter(registry, host, port)
             except OSError as e:
-                host, port = m.listen
-                raise RoleError(f"parent.metrics.listen {host} port {port}: "
-                                f"{e.strerror or e}: choose a free port, or an address of "
-                                "this host") from None
+                if e.errno != errno.EADDRINUSE:
+                    raise RoleError(f"parent.metrics.listen {host} port {port}: "
+                                    f"{e.strerror or e}: choose a free port, or an address of "
+                                    "this host") from None
+                # Taken: any local user may bind a port above 1023, and the tunnel must not
+                # stay down for it (nor restart until systemd gives up).
+                log.warning("parent %s: parent.metrics.listen %s port %d is taken by another "
+                            "process; the tunnel comes up without metrics and the port is "
+                            "tried again every %.0f s. Whatever answers there meanwhile is not "
+                            "wgvsock: a port below 1024 only root may take", self.profile.name,
+                            host, port, _METRICS_RETRY)
+                self._metrics_waiting = (registry, host, port,
+                                         time.monotonic() + _METRICS_RETRY)
         if m.cloudwatch is not None:
             from ..services.metrics.cloudwatch import CloudWatchSender
 
@@ -540,6 +557,24 @@ class Parent:
             raise RoleError(f"nftables table {firewall.table_name(name)} is gone and cannot be "
                             f"put back ({e}); stopping so the enclave is not left "
                             "unfiltered") from e
+
+    def check_metrics(self) -> None:
+        """Tries again for a metrics port that was taken at start (_start_metrics)."""
+        waiting = self._metrics_waiting
+        if waiting is None or time.monotonic() < waiting[3]:
+            return
+        from ..services.metrics.prometheus import Exporter
+
+        registry, host, port, _ = waiting
+        try:
+            self.exporter = Exporter(registry, host, port)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                log.warning("parent %s: parent.metrics.listen %s port %d: %s",
+                            self.profile.name, host, port, e.strerror or e)
+            self._metrics_waiting = (registry, host, port, time.monotonic() + _METRICS_RETRY)
+            return
+        self._metrics_waiting = None
 
     def check_tunnel(self) -> None:
         """Puts the tunnel's accept_ra and accept_redirects back to 0 when something set them
@@ -923,6 +958,7 @@ def run_up(profile, ready_fd: int | None) -> int:
                     failures.append(str(e))
                     break
                 parent.check_tunnel()
+                parent.check_metrics()
         finally:
             watchdog.close()
             notifier.stopping(f"stopping: {failures[0]}" if failures else "stopping")
