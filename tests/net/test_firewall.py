@@ -795,6 +795,43 @@ def test_an_address_from_a_name_rule_never_opens_the_parent_itself(world) -> Non
     assert probe(enclave, "tcp", PARENT_UP4, 2222)[0] == 3
 
 
+@pytest.mark.quiet  # mostly waits out dropped probes
+def test_the_dns_forwarder_s_port_answers_only_through_the_tunnel(world) -> None:
+    """Review finding: the forwarder binds the parent's tunnel addresses and the input chain
+    guarded only what came in on the tunnel, so (weak host model) a container on docker0 or
+    a host routing the tunnel address at the parent's other interface reached port 53; the
+    forwarder's source check was all that stood between it and a spoofed enclave address.
+    Now the port on those addresses takes packets from the tunnel only, loopback included:
+    nothing on the parent asks the forwarder, which answers the enclave's addresses alone."""
+    enclave, parent, internet = world
+    # Answers anyone, so a missing answer below is the firewall's doing.
+    start_server(parent, "forwarder", *(f"{proto}:{host}:53" for proto in ("udp", "tcp")
+                                        for host in (PARENT_TUN4, f"[{PARENT_TUN6}]")))
+    start_server(parent, "other", f"tcp:{PARENT_TUN4}:2222")
+    spec = traffic_spec()
+    spec.dns_forwarder = [a(PARENT_TUN4), a(PARENT_TUN6)]
+    firewall.apply(spec, netns=parent.name)
+    internet.ip("route", "add", f"{PARENT_TUN4}/32", "via", PARENT_UP4)
+    internet.ip("-6", "route", "add", f"{PARENT_TUN6}/128", "via", PARENT_UP6)
+
+    # The enclave's queries, both transports and families.
+    for proto in ("udp", "tcp"):
+        assert probe(enclave, proto, PARENT_TUN4, 53) == (0, f"forwarder {ENCLAVE4}")
+        assert probe(enclave, proto, PARENT_TUN6, 53) == (0, f"forwarder {ENCLAVE6}")
+    # The same from another interface, or from the parent itself: no answer, counted.
+    with counted(parent, "dns_blocked", "local_blocked") as gained:
+        for proto in ("udp", "tcp"):
+            assert probe(internet, proto, PARENT_TUN4, 53)[0] == 3, proto
+            assert probe(internet, proto, PARENT_TUN6, 53)[0] == 3, proto
+        assert probe(parent, "udp", PARENT_TUN4, 53)[0] == 3
+        assert probe(parent, "udp", PARENT_TUN6, 53)[0] == 3
+    assert gained["dns_blocked"] >= 6 and gained["local_blocked"] == 0
+    # Only the forwarder's port: the rest of the host's ports are its own firewall's business.
+    assert probe(internet, "tcp", PARENT_TUN4, 2222) == (0, f"other {INTERNET4}")
+    # Still the enclave's, after all that.
+    assert probe(enclave, "udp", PARENT_TUN4, 53) == (0, f"forwarder {ENCLAVE4}")
+
+
 # Accepts connections, greets each with "hold <peer>" and echoes what it gets, keeping every
 # connection open until the peer closes it.
 HOLD_SERVER = r"""

@@ -46,7 +46,8 @@ Why the chains look the way they do
   denied address (IMDS, say) stays denied. They hold on the forward path only: whoever
   answers for an allowed name chooses the addresses, so one naming the parent itself (its
   ENI or tunnel address, a broadcast address) opens nothing there. The forwarder's own port
-  (53 on the parent's tunnel addresses) is open from the tunnel whenever names are used.
+  (53 on the parent's tunnel addresses) is open from the tunnel whenever names are used, and
+  from nowhere else, loopback included (``dns_blocked``).
 * With a connection limit (``max_connections``), a new connection from the enclave, through
   the parent or to it, is dropped while the enclave has that many open: each takes an entry
   in the host's conntrack table, where an idle established one lasts 5 days, and a full
@@ -86,6 +87,7 @@ from .nflog import SNAPLEN
 
 __all__ = [
     "COUNTERS",
+    "DNS_PORT",
     "Counter",
     "FirewallError",
     "FirewallSpec",
@@ -126,7 +128,11 @@ COUNTERS: tuple[str, ...] = (
     "ingress_accepted",   # new flows into the enclave through an ingress port
     "ingress_blocked",    # anything else routed towards the enclave
     "parent_blocked",     # new flows from the parent host itself to a non-ingress port
+    "dns_blocked",        # to the DNS forwarder's port, not through the tunnel
 )
+
+#: Where the parent's DNS forwarder listens, on each of the spec's ``dns_forwarder`` addresses.
+DNS_PORT = 53
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 # Linux refuses '/', ':' and whitespace in interface names; we also keep out anything that
@@ -684,7 +690,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
         "icmp type echo-request accept",
         "icmpv6 type echo-request accept",
         *([f"{'ip' if a.version == 4 else 'ip6'} daddr {a} meta l4proto {{ tcp, udp }} "
-           f"th dport 53 counter accept comment {_q('dns forwarder')}" for a in s.dns]),
+           f"th dport {DNS_PORT} counter accept comment {_q('dns forwarder')}" for a in s.dns]),
         "jump egress_policy",
         *logged("", "to parent"),
         f"counter name {_q('local_blocked')} drop",
@@ -716,9 +722,21 @@ def render_ruleset(spec: FirewallSpec) -> str:
         [f"iifname {tun} jump from_enclave", f"oifname {tun} jump to_enclave"],
         "type filter hook forward priority filter - 1; policy accept;",
     )
+    # The forwarder listens on the tunnel addresses, but with the weak host model Linux
+    # delivers to them from any interface (docker0, the VPC subnet routing them at the
+    # parent), where only the forwarder's source check would stand between a spoofed enclave
+    # address and its answers. Loopback too: nothing on the parent asks the forwarder, which
+    # answers the enclave's addresses only. No log rule: the enclave is not the sender.
+    outside = [
+        f"{fam} daddr {{ {', '.join(map(str, addrs))} }} meta l4proto {{ tcp, udp }} "
+        f"th dport {DNS_PORT} iifname != {tun} counter name {_q('dns_blocked')} drop"
+        for fam, addrs in (("ip", [a for a in s.dns if a.version == 4]),
+                           ("ip6", [a for a in s.dns if a.version == 6]))
+        if addrs
+    ]
     out += _chain(
         "input",
-        [f"iifname {tun} jump enclave_to_parent"],
+        [*outside, f"iifname {tun} jump enclave_to_parent"],
         "type filter hook input priority filter - 1; policy accept;",
     )
     out += _chain(
