@@ -31,6 +31,25 @@ _serial = itertools.count()
 SLOWDOWN = float(os.environ.get("WGVSOCK_TEST_SLOWDOWN") or 1)
 
 
+# A router advertisement (argv: interface, link-local source, prefix) to all nodes, hop limit
+# 255 as ND requires: default router with high preference for 30 min, and the prefix on-link
+# and autonomous. The kernel fills
+# in the ICMPv6 checksum of a raw ICMPv6 socket.
+SEND_RA = """\
+import socket, struct, sys
+ifname, source, prefix = sys.argv[1:]
+index = socket.if_nametoindex(ifname)
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+s.bind((source, 0, 0, index))
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0x08, 1800, 0, 0)
+pio = struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 86400, 14400, 0,
+                  socket.inet_pton(socket.AF_INET6, prefix))
+s.sendto(ra + pio, ("ff02::1", 0, 0, index))
+"""
+
+
 def run(*cmd: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=check,
                           timeout=timeout * SLOWDOWN, **kw)

@@ -19,7 +19,7 @@ import pytest
 from wgvsock.services import firewall
 from wgvsock.services.firewall import FirewallError, FirewallSpec, Ingress, Rule
 
-from .netlab import Lab, Namespace, run
+from .netlab import SEND_RA, Lab, Namespace, run, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -507,6 +507,69 @@ def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:
     scratch.ip("link", "del", "up0")
     firewall.restore_forwarding(prev, scratch.name)
     assert scratch.run("sysctl", "-n", *sysctl[:3]).stdout.split() == ["0", "0", "1"]
+
+
+def _ras_in(ns: Namespace, ifname: str) -> int:
+    """Router advertisements NS's ICMPv6 took in on IFNAME, acted on or not."""
+    for line in ns.run("cat", f"/proc/net/dev_snmp6/{ifname}").stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "Icmp6InRouterAdvertisements":
+            return int(value)
+    raise AssertionError(f"no Icmp6InRouterAdvertisements for {ifname}")
+
+
+def _advertise(host: Namespace, ifname: str, router: Namespace, peer: str) -> None:
+    """PEER in ROUTER sends one router advertisement (default router, high preference) and
+    this returns once HOST's IFNAME took it in."""
+    before = _ras_in(host, ifname)
+    router.run(PY, "-c", SEND_RA, peer, "fe80::2", "2001:db8:bad::")
+    wait_for(lambda: _ras_in(host, ifname) > before, 10, f"the advertisement to reach {ifname}")
+
+
+def _ra_cable(lab: Lab, host: Namespace, ifname: str, label: str) -> Namespace:
+    """A veth from HOST's IFNAME to a new namespace whose end (eth0) has the link-local
+    fe80::2 to send router advertisements from."""
+    router = lab.netns(label)
+    for ns in (host, router):  # addresses usable at once, no duplicate address detection
+        ns.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+    run("ip", "link", "add", ifname, "netns", host.name, "type", "veth", "peer", "name", "eth0",
+        "netns", router.name)
+    router.ip("addr", "add", "fe80::2/64", "dev", "eth0", "nodad")
+    router.ip("link", "set", "eth0", "up")
+    host.ip("link", "set", ifname, "up")
+    # Sent before both ends have carrier and IPv6 is up on the host's end, it would be lost.
+    wait_for(lambda: "LOWER_UP" in router.ip("link", "show", "eth0").stdout
+             and "fe80::" in host.ip("-6", "addr", "show", "dev", ifname).stdout,
+             10, f"IPv6 on {ifname}")
+    return router
+
+
+def _ra_defaults(ns: Namespace) -> str:
+    return ns.ip("-6", "route", "show", "default", "proto", "ra").stdout.strip()
+
+
+def test_forwarding_on_already_changes_no_accept_ra(lab: Lab, scratch: Namespace) -> None:
+    """A host that routes IPv6 already (Docker with IPv6, a CNI) ignores advertisements on
+    its accept_ra=1 interfaces. Before, enable_forwarding moved every interface and `default`
+    to 2, and one advertisement from a container (NET_RAW is enough) gave the host a default
+    route through it."""
+    scratch.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    container = _ra_cable(lab, scratch, "vA", "ctr")
+    keys = ["net/ipv6/conf/default/accept_ra", "net/ipv6/conf/vA/accept_ra"]
+    assert scratch.run("sysctl", "-n", *keys).stdout.split() == ["1", "1"]
+    _advertise(scratch, "vA", container, "eth0")
+    assert _ra_defaults(scratch) == ""
+    prev = firewall.enable_forwarding(scratch.name, ipv6=True)
+    _advertise(scratch, "vA", container, "eth0")
+    assert _ra_defaults(scratch) == ""
+    assert prev == {"net/ipv4/ip_forward": "0"}
+    assert scratch.run("sysctl", "-n", *keys).stdout.split() == ["1", "1"]
+    # A veth made later starts from default's 1 as well.
+    _ra_cable(lab, scratch, "vB", "ctr2")
+    assert scratch.run("sysctl", "-n", "net/ipv6/conf/vB/accept_ra").stdout.strip() == "1"
+    firewall.restore_forwarding(prev, scratch.name)
+    assert scratch.run("sysctl", "-n", "net/ipv6/conf/all/forwarding", *keys).stdout.split() \
+        == ["1", "1", "1"]
 
 
 def test_tunnel_takes_no_router_messages_whatever_forwarding_does(scratch: Namespace) -> None:

@@ -20,7 +20,7 @@ import pytest
 from wgvsock.device.uapi import uapi_get, uapi_set
 from wgvsock.services import firewall
 
-from .netlab import run, wait_for
+from .netlab import SEND_RA, run, wait_for
 from .test_ipv6 import DUAL_STACK_PROFILE
 from .test_roles import UNIX_TRANSPORT, World
 
@@ -28,23 +28,6 @@ pytestmark = [pytest.mark.root]
 
 ROUTER = "fe80::2"  # the enclave's link-local source
 PREFIX = "2001:db8:bad::"  # the prefix the advertisement offers for SLAAC
-
-# A router advertisement from ROUTER to all nodes, hop limit 255 as ND requires: default
-# router with high preference for 30 min, and PREFIX on-link and autonomous. The kernel fills
-# in the ICMPv6 checksum of a raw ICMPv6 socket.
-SEND_RA = """\
-import socket, struct, sys
-ifname, source, prefix = sys.argv[1:]
-index = socket.if_nametoindex(ifname)
-s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
-s.bind((source, 0, 0, index))
-ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0x08, 1800, 0, 0)
-pio = struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 86400, 14400, 0,
-                  socket.inet_pton(socket.AF_INET6, prefix))
-s.sendto(ra + pio, ("ff02::1", 0, 0, index))
-"""
 
 TUNNEL_SYSCTLS = ("net/ipv6/conf/wg0/accept_ra", "net/ipv6/conf/wg0/accept_redirects",
                   "net/ipv4/conf/wg0/accept_redirects")
@@ -94,7 +77,8 @@ def test_parent_ignores_router_advertisements_from_the_enclave(world: World) -> 
     assert "proto ra" not in routes and "default via" not in routes, routes
     assert PREFIX.rstrip(":") not in w.parent.ip("-6", "addr", "show").stdout
 
-    # Another parent's `up` moves accept_ra=1 interfaces to 2; the tunnel's 0 stays.
+    # Another parent's `up` (forwarding is on already: it changes no accept_ra, and where it
+    # turns forwarding on it moves only 1s); the tunnel's 0 stays.
     firewall.enable_forwarding(w.parent.name, ipv6=True)
     assert sysctls(w) == ["0", "0", "0"]
     # Anything else that sets it again is undone within the parent's next checks.

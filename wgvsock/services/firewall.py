@@ -1000,11 +1000,16 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False) -> dict[s
     the order it changed them, for :func:`restore_forwarding`.
 
     With IPv6 forwarding on, the kernel ignores router advertisements on interfaces whose
-    accept_ra is 1 — on EC2 that would make the host lose its IPv6 default route — so those
-    interfaces are moved to accept_ra=2 (accept even when forwarding) first. So is `default`,
-    which interfaces that come later (a hot-plugged ENI) start from; it goes first, so that
-    an interface appearing meanwhile either inherits 2 or is in the list read after.
+    accept_ra is 1 — on EC2 that would make the host lose its IPv6 default route — so when
+    this call is what turns it on, those interfaces go to accept_ra=2 (accept even when
+    forwarding) first, and so does `default`, which interfaces that come later (a hot-plugged
+    ENI) start from; it goes first, so that an interface appearing meanwhile either inherits
+    2 or is in the list read after. The host then takes advertisements exactly where it took
+    them before.
 
+    With IPv6 forwarding on already, the host routes and its admin has set accept_ra as
+    wanted: none is changed. Moving them to 2 there let a container (a bridge's or veth's
+    far end, NET_RAW is enough) give the host a default route with one advertisement.
     Only 1s are changed: the tunnel, which :func:`refuse_router_messages` has set to 0
     before, stays at 0."""
     prev: dict[str, str] = {}
@@ -1016,7 +1021,7 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False) -> dict[s
                 _sysctl_write(key, "2", netns)
                 prev[key] = value
 
-    if ipv6:
+    if ipv6 and _sysctl_read([_IPV6_FORWARD], netns) != ["1"]:
         accept_ra_when_forwarding(["default"])
         accept_ra_when_forwarding(_ipv6_interfaces(netns))
     keys = [_IPV4_FORWARD, *([_IPV6_FORWARD] if ipv6 else [])]
