@@ -278,7 +278,8 @@ def ping(
 def csum_errors(ns: Namespace) -> int:
     """Segments `ns`'s kernel received with a bad TCP checksum (and dropped), since it was
     made: a peer that cuts super-packets must checksum every segment."""
-    out = ns.run("nstat", "-az", "TcpInCsumErrors").stdout
+    # -s: nstat keeps no history file (/tmp/.nstat.u0, left behind by every run before).
+    out = ns.run("nstat", "-asz", "TcpInCsumErrors").stdout
     [count] = [int(line.split()[1]) for line in out.splitlines()
                if line.startswith("TcpInCsumErrors")]
     return count
