@@ -649,9 +649,15 @@ class _Parser:
             self.problem(_line(node), key,
                          f"interface name '{name}' is longer than {IFNAMSIZ - 1} characters",
                          "Linux limits interface names to 15 characters; shorten it")
-        elif not IFNAME_RE.fullmatch(name) or name in (".", ".."):
+        elif not IFNAME_RE.fullmatch(name):
             self.problem(_line(node), key, f"'{name}' is not a valid interface name",
                          "use letters, digits, '_', '.' and '-', e.g. wg0")
+        elif name in ("all", "default"):
+            # The kernel refuses them (EINVAL): they are the names of the per-interface
+            # sysctl directories net.ipv4.conf.all and .default.
+            self.problem(_line(node), key,
+                         f"'{name}' is reserved: net.ipv4.conf.{name} is not an interface",
+                         "choose another name, e.g. wg0")
         elif name == "lo":
             self.problem(_line(node), key, "'lo' is the loopback interface",
                          "choose another name, e.g. wg0")
