@@ -266,6 +266,33 @@ def test_new_enclave_replaces_the_previous_connection(server):
         first.close()
 
 
+def test_the_end_of_the_held_connection_is_logged(server, caplog, monkeypatch):
+    """Before: nothing in the parent's log when the enclave's held control connection ended,
+    so an enclave that exited showed nowhere until its tunnel went quiet. A connection the
+    parent ends itself (replaced by a newer registration) is not reported as ended."""
+    path, srv, _rec = server
+    ended = threading.Event()
+    hold = srv._hold
+
+    def hold_and_tell(conn):
+        hold(conn)
+        ended.set()
+
+    monkeypatch.setattr(srv, "_hold", hold_and_tell)
+    with caplog.at_level(logging.INFO, logger="wgvsock.control"):
+        first = dial(path)
+        register(first, b"A" * 32)
+        with dial(path) as second:
+            register(second, b"B" * 32)
+            assert ended.wait(5)  # the first, replaced
+            ended.clear()
+        first.close()
+        assert ended.wait(5)  # the second, closed by its enclave
+    lines = [r.getMessage() for r in caplog.records if "connection ended" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "the enclave's control connection ended (" in lines[0]
+
+
 def test_encode_refuses_oversized_messages():
     with pytest.raises(ControlError):
         encode({"type": "register", "attestation": "x" * (control.MAX_MESSAGE + 1)})

@@ -519,7 +519,15 @@ class ControlServer:
             self._pending.pop(conn, None)
 
     def _hold(self, conn: socket.socket) -> None:
-        hold_connection(conn, self._stop)
+        why = hold_connection(conn, self._stop)
+        with self._lock:
+            current = self._current is conn
+        # A replaced or removed enclave's connection was ended here, and said so; this one
+        # ended on the enclave's side (it exited, restarted, or its host went away). Its peer
+        # stays installed: a restarted enclave registers again, and its tunnel carries on.
+        if current and not self._stop.is_set():
+            self._conn_log(logging.INFO, "control: the enclave's control connection ended (%s)",
+                           why)
 
     def revalidate(self, admitted: Callable[[], bool], remove: Callable[[], None]) -> bool:
         """Asks ADMITTED whether the installed enclave may stay (a reload changed the policy),
