@@ -25,6 +25,24 @@ def _status(extra: dict[str, str]) -> DeviceStatus:
                    allowed_ips=["10.77.0.2/32"])])
 
 
+def test_connection_limit_drops_are_shown_when_there_are_some(
+        run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """Before: drops by parent.egress.max_connections were in no total (status, UAPI,
+    wgvsock_egress_packets_total), only in the refusals list."""
+    for limited, line in (("0", "blocked 1\n"), ("4", "blocked 1 · limited 4")):
+        server, _ = _serve(run_dir, "wgp", _status({**PARENT_KEYS,
+                                                     "wgvsock_egress_limited": limited}))
+        try:
+            assert st.main(["--once", "--json", "--run-dir", str(run_dir)]) == 0
+            egress = json.loads(capsys.readouterr().out)["interfaces"][0]["egress"]
+            assert egress == {"allowed": 5, "denied": 2, "blocked": 1, "limited": int(limited)}
+            assert st.main(["--once", "--run-dir", str(run_dir)]) == 0
+            out = capsys.readouterr().out
+            assert line in out, out
+        finally:
+            server.close()
+
+
 @pytest.mark.parametrize(("dns", "shown"), [
     ({"wgvsock_dns_queries": "7", "wgvsock_dns_refused": "3"}, {"queries": 7, "refused": 3}),
     ({}, None),  # no forwarder: absent, not zero

@@ -109,6 +109,7 @@ def test_metrics_page_matches_wg_and_nft(world: World) -> None:
     assert one(egress, profile=name, verdict="denied") == nft["egress_denied"].packets > 0
     assert one(egress, profile=name, verdict="blocked") == (
         nft["egress_blocked"].packets + nft["local_blocked"].packets)
+    assert one(egress, profile=name, verdict="limited") == nft["egress_limited"].packets
     rules = families["wgvsock_egress_rule_packets"]
     for rule in ("169.254.169.254/32", "198.51.100.3/32"):
         assert one(rules, profile=name, action="deny", rule=rule) == nft[f"deny {rule}"].packets
@@ -126,7 +127,8 @@ def test_metrics_page_matches_wg_and_nft(world: World) -> None:
     assert iface["egress"] == {"allowed": nft["egress_allowed"].packets,
                                "denied": nft["egress_denied"].packets,
                                "blocked": nft["egress_blocked"].packets
-                               + nft["local_blocked"].packets}
+                               + nft["local_blocked"].packets,
+                               "limited": nft["egress_limited"].packets}
     assert iface["dns"] is None
     # `wg` ignores the extra keys: the dump above parsed, and `wg show` works too.
     assert world.parent.run("sh", "-c", 'mount --bind "$1" /var/run/wireguard && wg show wg0',
@@ -162,7 +164,7 @@ def test_the_name_filter_serves_the_named_families(world: World) -> None:
         filtered("wgvsock_egress_packets"))}
     assert list(families) == ["wgvsock_egress_packets"]
     assert {s.labels["verdict"] for s in families["wgvsock_egress_packets"]} == {
-        "allowed", "denied", "blocked"}
+        "allowed", "denied", "blocked", "limited"}
     assert filtered("wgvsock_no_such_metric") == ""
 
 
@@ -293,6 +295,7 @@ def test_dns_counters_feed_status_keys_and_metrics(lab: Lab, caplog) -> None:
                    netns=ns.name)
     assert counters.uapi_keys() == {
         "wgvsock_egress_allowed": "0", "wgvsock_egress_denied": "0", "wgvsock_egress_blocked": "0",
+        "wgvsock_egress_limited": "0",
         "wgvsock_dns_queries": "5", "wgvsock_dns_refused": "2"}
     text = generate_latest(registry_for(_NoDevice("mdns", counters))).decode()
     families = {f.name: f.samples for f in text_string_to_metric_families(text)}

@@ -6,7 +6,8 @@ sockets is all it needs. Our daemon adds read-only keys that `wg` ignores and th
 ``wgvsock_network`` / ``wgvsock_port`` (a vsock port may not fit in ``listen_port``),
 ``wgvsock_link`` (``down``: the interface is down, and with it every session),
 ``wgvsock_profile`` / ``wgvsock_role`` / ``wgvsock_attested`` (set by the roles), the parent's
-packet counters ``wgvsock_egress_allowed`` / ``_denied`` / ``_blocked`` and, once it runs a DNS
+packet counters ``wgvsock_egress_allowed`` / ``_denied`` / ``_blocked`` / ``_limited`` (shown
+when not 0; older daemons leave it out) and, once it runs a DNS
 forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, what it refused lately
 ``wgvsock_refused_1`` (newest) ... ``_8`` ("KIND COUNT AGE WHAT[; RULE]"), and per peer
 ``wgvsock_endpoint`` (a readable endpoint), ``wgvsock_conn`` and ``wgvsock_reconnects`` (the
@@ -339,6 +340,15 @@ def _counters(extra: dict[str, str], prefix: str, names: tuple[str, ...]) -> dic
     return values  # type: ignore[return-value]
 
 
+def _egress(extra: dict[str, str]) -> dict[str, int] | None:
+    """The parent's verdict counters; `limited` only from a daemon that sends it."""
+    egress = _counters(extra, "wgvsock_egress_", ("allowed", "denied", "blocked"))
+    limited = _int_or_none(extra.get("wgvsock_egress_limited"))
+    if egress is not None and limited is not None:
+        egress["limited"] = limited
+    return egress
+
+
 _REFUSAL = re.compile(r"([a-z][a-z-]{0,15}) (\d{1,18}) (\d{1,12}) (.+)")
 REFUSALS_SHOWN = 5  # lines in the dashboard; --json has all the daemon gives
 
@@ -402,7 +412,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         attested=attested,
         debug=debug,
         attestation=attestation,
-        egress=_counters(extra, "wgvsock_egress_", ("allowed", "denied", "blocked")),
+        egress=_egress(extra),
         dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
         refusals=refusals_of(extra),
         extra=dict(extra),
@@ -736,6 +746,8 @@ def _counter_parts(iface: InterfaceView) -> list[Text]:
         parts.append(Text(f"egress allowed {e['allowed']}", style="green"))
         parts.append(Text(f"denied {e['denied']}", style="bold red" if e["denied"] else "dim"))
         parts.append(Text(f"blocked {e['blocked']}", style="yellow" if e["blocked"] else "dim"))
+        if e.get("limited"):  # off by default (parent.egress.max_connections): no "limited 0"
+            parts.append(Text(f"limited {e['limited']}", style="yellow"))
     if iface.dns is not None:
         d = iface.dns
         parts.append(Text(f"dns {d['queries']} quer{'ies' if d['queries'] != 1 else 'y'}"))

@@ -45,8 +45,9 @@ class Reading:
 
     def egress(self) -> dict[str, int] | None:
         """Packets per verdict: allowed, denied (a deny entry matched), blocked (no allow entry
-        matched, towards the internet or the parent itself). Each counts the first packet of
-        a new flow, and every packet of a dropped one (a drop leaves no conntrack entry)."""
+        matched, towards the internet or the parent itself), limited (a new connection over
+        parent.egress.max_connections). Each counts the first packet of a new flow, and every
+        packet of a dropped one (a drop leaves no conntrack entry)."""
         if self.firewall is None:
             return None
         c = self.firewall
@@ -55,6 +56,7 @@ class Reading:
             "allowed": c.get("egress_allowed", zero).packets,
             "denied": c.get("egress_denied", zero).packets,
             "blocked": c.get("egress_blocked", zero).packets + c.get("local_blocked", zero).packets,
+            "limited": c.get("egress_limited", zero).packets,
         }
 
     def rules(self) -> dict[str, Counter]:
@@ -134,8 +136,8 @@ class ParentCounters:
         return Reading(counters, dns, error)
 
     def uapi_keys(self) -> dict[str, str]:
-        """The read-only device keys of `get`: wgvsock_egress_{allowed,denied,blocked} and, with
-        a forwarder, wgvsock_dns_{queries,refused}."""
+        """The read-only device keys of `get`: wgvsock_egress_{allowed,denied,blocked,limited}
+        and, with a forwarder, wgvsock_dns_{queries,refused}."""
         r = self.read()
         keys = {f"wgvsock_egress_{k}": str(v) for k, v in (r.egress() or {}).items()}
         if r.dns is not None:

@@ -142,7 +142,8 @@ class ParentCollector(Collector):
             e = CounterMetricFamily(
                 "wgvsock_egress_packets_total",
                 "Enclave packets judged by the egress policy, by verdict: allowed, denied (a "
-                "deny entry matched), blocked (no allow entry matched). The first packet of "
+                "deny entry matched), blocked (no allow entry matched), limited (over "
+                "parent.egress.max_connections). The first packet of "
                 "each allowed flow; every packet of a dropped one", labels=["profile", "verdict"])
             for verdict, packets in egress.items():
                 e.add_metric([name, verdict], packets)
