@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,3 +55,49 @@ def test_the_unix_stand_ins_directory_is_checked_too(monkeypatch, base) -> None:
     check = _check(monkeypatch, run,
                    f"transport:\n  kind: unix\n  path: {sockets}\n")
     assert check.ok is True and str(sockets) in check.detail
+
+
+# -- the doctor's checks of the metrics port and the connection limit ---------------------------
+
+
+def _parent(block: str):
+    return parse_profile(f"name: x\nparent:\n{block}enclave:\n  address: 10.77.0.2/30\n")
+
+
+def test_the_metrics_port_check_names_a_free_port_and_a_wrong_address() -> None:
+    from wgvsock.roles.parent import metrics_port_check
+
+    assert metrics_port_check(_parent("")).ok is None
+    with socket.socket() as s:  # a port free now: the kernel's pick, let go
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    check = metrics_port_check(_parent(f"  metrics: {{listen: '127.0.0.1:{port}'}}\n"))
+    assert check.ok is True and f"127.0.0.1 port {port} is free" in check.detail
+    check = metrics_port_check(_parent("  metrics: {listen: '192.0.2.77:9586'}\n"))
+    assert check.ok is False, check
+    assert "192.0.2.77 port 9586: Cannot assign requested address: `up` refuses it" in \
+        check.detail
+
+
+@pytest.mark.parametrize(("table", "limit", "ok", "says"), [
+    ("262144\n", "", None, "not set: the enclave may hold connections until it fills the "
+                           "host's conntrack table (262144 entries"),
+    (None, "", None, "not set: the enclave may hold connections until it fills the host's "
+                     "conntrack table"),
+    ("262144\n", "    max_connections: 4096\n", True, "at most 4096 connections, 2% of"),
+    ("4096\n", "    max_connections: 4096\n", False, "max_connections 4096 is not below the "
+                                                     "4096 entries"),
+    (None, "    max_connections: 4096\n", True, "its table's size is not known"),
+])
+def test_the_connection_limit_is_judged_against_the_conntrack_table(
+        monkeypatch, tmp_path, table, limit, ok, says) -> None:
+    """Before: nothing said that a limit at or above net.netfilter.nf_conntrack_max protects
+    nothing (the enclave can still fill the host's table), nor that no limit is set."""
+    from wgvsock.roles import parent
+
+    sysctl = tmp_path / "nf_conntrack_max"  # the kernel's file, as it reads with the module
+    if table is not None:
+        sysctl.write_text(table)
+    monkeypatch.setattr(parent, "CONNTRACK_MAX", sysctl)
+    check = parent.connection_limit_check(_parent(f"  egress:\n{limit}" if limit else ""))
+    assert check.ok is ok and says in check.detail, check

@@ -168,6 +168,17 @@ def test_the_name_filter_serves_the_named_families(world: World) -> None:
     assert filtered("wgvsock_no_such_metric") == ""
 
 
+def doctor_says(world: World, check: str) -> tuple[str, str]:
+    """(state, detail) of CHECK in `wgvsock parent doctor`'s table, run in the parent."""
+    world.parent_env["COLUMNS"] = "400"  # a row per check
+    out = world.parent_cmd("doctor", check=False).stdout
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) == 5 and cells[1] == check:
+            return cells[2], cells[3]
+    raise AssertionError(f"no {check!r} in {out}")
+
+
 def test_a_metrics_port_taken_at_start_does_not_keep_the_tunnel_down(world: World) -> None:
     """Any local user may bind port 9586 before the parent does (at boot, or while systemd
     restarts it). That failed `parent up` whole, every restart, until systemd gave up: one
@@ -179,6 +190,10 @@ def test_a_metrics_port_taken_at_start_does_not_keep_the_tunnel_down(world: Worl
         "print('ready', flush=True); time.sleep(60)\n"), stdout=subprocess.PIPE)
     try:
         assert squatter.stdout is not None and squatter.stdout.readline() == b"ready\n"
+        state, detail = doctor_says(world, "metrics port")
+        assert state == "NOT READY" and detail.startswith(
+            f"parent.metrics.listen 127.0.0.1 port {PORT} is held by {Path(PYTHON).name} "
+            f"(pid {squatter.pid}): `up` comes up without metrics"), detail
         log = world.lab.tmp / "parent.log"
         world.parent_env["WGVSOCK_LOG_FILE"] = str(log)
         res = world.parent_cmd("up", check=False)
@@ -197,6 +212,10 @@ def test_a_metrics_port_taken_at_start_does_not_keep_the_tunnel_down(world: Worl
 
     wait_for(served, 20, "the parent to take the metrics port once it was free")
     assert "wgvsock_firewall_packets" in scrape(world)
+    state, detail = doctor_says(world, "metrics port")
+    assert state == "ready" and detail.startswith(
+        f"parent.metrics.listen 127.0.0.1 port {PORT} is served by this profile's running "
+        "`wgvsock parent up` (pid"), detail
 
 
 def test_a_metrics_address_not_on_this_host_is_refused_cleanly(world: World) -> None:

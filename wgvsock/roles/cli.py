@@ -116,7 +116,13 @@ def doctor(profile) -> int:
 
     from ..safetext import prose
     from ..services.profile import check_host, check_routes, local_networks, local_routes
-    from .parent import Check, forward_chain_check, local_checks
+    from .parent import (
+        Check,
+        connection_limit_check,
+        forward_chain_check,
+        local_checks,
+        metrics_port_check,
+    )
 
     checks = local_checks(profile)
     problems = check_host(profile, local_networks(exclude_interface=profile.interface))
@@ -129,6 +135,8 @@ def doctor(profile) -> int:
                         else "; ".join(str(p) for p in problems)))
     checks.append(_refusal_log_check(profile))
     checks.append(forward_chain_check(profile))
+    checks.append(metrics_port_check(profile))
+    checks.append(connection_limit_check(profile))
     try:
         from ..services.aws import doctor_checks
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import shutil
@@ -134,6 +135,101 @@ def forward_chain_check(profile, netns: str | None = None) -> Check:
                  f"-o {tun} -j ACCEPT` (ip6tables too for IPv6); otherwise `nft insert rule "
                  f"FAMILY TABLE CHAIN iifname {tun} accept` and the same with oifname, for "
                  "each chain named")
+
+
+CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+
+
+def metrics_port_check(profile) -> Check:
+    """Whether parent.metrics.listen can be bound now. Not in local_checks(): a port another
+    process holds does not stop `up`, which comes up without metrics until it is free."""
+    listen = profile.parent.metrics.listen
+    if listen is None:
+        return Check("metrics port", None, "parent.metrics.listen is not set")
+    host, port = listen
+    where = f"parent.metrics.listen {host} port {port}"
+    family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the exporter binds (http.server's allow_reuse_address): TIME_WAIT is no holder.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((str(host), port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return Check("metrics port", False, f"{where}: {e.strerror or e}: `up` refuses "
+                             "it; choose a free port, or an address of this host")
+        else:
+            return Check("metrics port", True, f"{where} is free")
+    holder = _listener_of(port)
+    if holder is not None and _is_parent_up(holder[1], profile):
+        return Check("metrics port", True, f"{where} is served by this profile's running "
+                     f"`wgvsock parent up` (pid {holder[1]})")
+    who = f"{holder[0]} (pid {holder[1]})" if holder else "another process"
+    return Check("metrics port", False,
+                 f"{where} is held by {who}: `up` comes up without metrics and takes the port "
+                 "when it is free; whatever answers there meanwhile is not wgvsock. Free it, "
+                 "or choose a port below 1024, which only root may take")
+
+
+def _listener_of(port: int) -> tuple[str, int] | None:
+    """The process name and pid listening on TCP PORT, as ss(8) tells (root sees all)."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                             text=True, timeout=5, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r'users:\(\("((?:[^"\\]|\\.)*)",pid=(\d+)', out)
+    return (prose(m.group(1), 40), int(m.group(2))) if m else None
+
+
+def _is_parent_up(pid: int, profile) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    words = [a.decode(errors="replace") for a in argv]
+    if not ("parent" in words and "up" in words
+            and any(w.endswith(("wgvsock", "wgvsock.cli")) for w in words)):
+        return False
+    from ..services.profile import ProfileError, load_profile
+
+    given = [b for a, b in itertools.pairwise(words) if a == "--profile"]
+    given += [w.removeprefix("--profile=") for w in words if w.startswith("--profile=")]
+    if not given:
+        return False
+    try:
+        # Relative to where that process runs, not to us.
+        path = Path(os.readlink(f"/proc/{pid}/cwd")) / given[0]
+        return load_profile(path).name == profile.name
+    except (ProfileError, OSError):
+        return False
+
+
+def connection_limit_check(profile) -> Check:
+    """parent.egress.max_connections against the host's conntrack table, which it protects."""
+    limit = profile.parent.egress.max_connections
+    try:
+        table: int | None = int(CONNTRACK_MAX.read_text())
+    except (OSError, ValueError):
+        table = None  # nf_conntrack not loaded yet: `up` loads it
+    if limit is None:
+        room = (f"the host's conntrack table ({table} entries, net.netfilter.nf_conntrack_max)"
+                if table is not None else "the host's conntrack table")
+        return Check("connection limit", None, "parent.egress.max_connections is not set: the "
+                     f"enclave may hold connections until it fills {room}")
+    if table is None:
+        return Check("connection limit", True, f"at most {limit} connections (nf_conntrack "
+                     "is not loaded yet, so its table's size is not known)")
+    if limit >= table:
+        return Check("connection limit", False,
+                     f"parent.egress.max_connections {limit} is not below the {table} entries "
+                     "of the host's conntrack table (net.netfilter.nf_conntrack_max): the "
+                     f"enclave can still fill it. Set it well below, e.g. {max(1, table // 4)}")
+    return Check("connection limit", True, f"at most {limit} connections, "
+                 f"{100 * limit / table:.0f}% of the host's conntrack table ({table} entries)")
 
 
 # -- keys ------------------------------------------------------------------------------------
