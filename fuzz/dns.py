@@ -12,7 +12,8 @@ is a resolver that never answers). A truncated answer over UDP is asked for agai
 (dnspython's udp_with_fallback), and the same answer comes back.
 
 A reference written here from the README's rules says what must happen, and anything else is
-a finding: a query that does not parse, or is a response, gets no reply; another opcode
+a finding: a query that does not parse, or is a response, gets no reply; an EDNS version
+above 0 BADVERS (RFC 6891), with version 0 and without asking the resolver; another opcode
 NOTIMP, not one question FORMERR; a name of another class, not allowed, or denied REFUSED
 without asking the resolver; an allowed one is asked once (twice when a UDP answer is
 truncated) with a query of the forwarder's own: the question, RD, the enclave's AD and DO and
@@ -268,6 +269,10 @@ class DnsForwarderTarget(Target):
         r = dns.message.from_wire(reply)
         assert r.id == q.id, "the reply does not carry the enclave's ID"
         assert r.flags & dns.flags.QR, "the reply is not a response"
+        if q.edns > 0:
+            assert r.rcode() == dns.rcode.BADVERS and r.edns == 0 and not asked, \
+                "an EDNS version above 0 did not get BADVERS with version 0"
+            return
         if q.opcode() != dns.opcode.QUERY:
             assert r.rcode() == dns.rcode.NOTIMP and not asked
             return

@@ -496,6 +496,19 @@ def test_the_reply_follows_the_clients_query(h: Harness) -> None:
     assert sent.ednsflags & dns.flags.DO and list(sent.options) == []
 
 
+def test_an_edns_version_above_0_gets_badvers(h: Harness) -> None:
+    """Before: a client's EDNS version 1 got a version-0 answer, read as if it were in the
+    client's version. RFC 6891 §6.1.3: BADVERS, with our OPT saying version 0, and the
+    resolver is not asked."""
+    q = dns.message.make_query("ok.test", "A", use_edns=1)
+    r = dns.query.udp(q, LOOP, timeout=5, port=h.port)
+    assert r.id == q.id and r.rcode() == dns.rcode.BADVERS and r.edns == 0
+    assert not r.answer and h.upstream.received == [] and h.updates == []
+    r = dns.query.udp(dns.message.make_query("ok.test", "A", use_edns=0), LOOP, timeout=5,
+                      port=h.port)
+    assert r.rcode() == dns.rcode.NOERROR and len(r.answer[0]) == 2
+
+
 def test_an_answer_too_big_for_1232_bytes_is_fetched_over_tcp(h: Harness) -> None:
     """The resolver may send us at most 1232 bytes over UDP; a longer answer comes over TCP
     from it, and the client gets it whole if it fits the client's own EDNS payload."""

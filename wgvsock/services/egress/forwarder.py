@@ -459,6 +459,11 @@ class Forwarder:
         if query.flags & dns.flags.QR:  # a response sent to us: never answer one
             self.stats.dropped += 1
             return None
+        if query.edns > 0:
+            # RFC 6891 §6.1.3: a version we do not speak gets BADVERS with our OPT (version
+            # 0), so the client retries with 0; a version-0 answer would be read as if it
+            # spoke the client's.
+            return self._reply(query, dns.rcode.BADVERS)
         if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
             return self._reply(query, dns.rcode.NOTIMP if query.opcode() != dns.opcode.QUERY
                                else dns.rcode.FORMERR)
