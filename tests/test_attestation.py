@@ -48,7 +48,7 @@ from wgvsock.attestation import (
 )
 from wgvsock.attestation import cli as attest_cli
 from wgvsock.attestation.verify import AWS_ROOT_SHA256, CODES, MAX_DOCUMENT, fingerprint
-from wgvsock.services.control import ControlError, Verdict
+from wgvsock.services.control import ControlError, Verdict, attested_nonce
 from wgvsock.services.profile import Attestation, parse_profile
 
 NONCE = bytes(range(32))
@@ -653,7 +653,7 @@ def test_parent_judge_uses_verify_enclave(ca, test_root):
     from wgvsock.roles.parent import judge
 
     p = policy(test_root)
-    document = make_document(ca, nonce=NONCE, public_key=WG_KEY)
+    document = make_document(ca, nonce=attested_nonce(NONCE), public_key=WG_KEY)
     assert judge(p, WG_KEY, document, NONCE).attested
     assert not judge(p, WG_KEY, None, NONCE).accepted
     # Asked again later about the same registration (a reload), as of when it was made:
@@ -661,6 +661,23 @@ def test_parent_judge_uses_verify_enclave(ca, test_root):
     made = time.time()
     assert judge(p, WG_KEY, document, NONCE, now=made).accepted
     assert not judge(p, WG_KEY, document, NONCE, now=made + p.max_age + 60).accepted
+
+
+def test_the_parent_wants_the_attested_nonce_not_the_challenge(ca, test_root):
+    """Before: the enclave had the NSM sign the control challenge itself, a nonce whoever
+    answers on the control port chose. Now the document carries attested_nonce(challenge);
+    one for the challenge itself (an enclave image of an older wgvsock) is refused, saying
+    so."""
+    from wgvsock.roles.parent import judge
+
+    p = policy(test_root)
+    old = make_document(ca, nonce=NONCE, public_key=WG_KEY)
+    v = judge(p, WG_KEY, old, NONCE)
+    assert not v.accepted and "nonce is the control challenge itself" in v.reason
+    assert "rebuild the enclave image" in v.reason
+    other = make_document(ca, nonce=bytes(32), public_key=WG_KEY)
+    v = judge(p, WG_KEY, other, NONCE)
+    assert not v.accepted and "a replayed document?" in v.reason
 
 
 # -- the NSM client --------------------------------------------------------------------------

@@ -33,7 +33,13 @@ from ..device.device import Device
 from ..safetext import prose
 from ..sdnotify import Notifier, Watchdog
 from ..services import firewall
-from ..services.control import UAPI_ATTESTED, ControlError, ControlServer, Verdict
+from ..services.control import (
+    UAPI_ATTESTED,
+    ControlError,
+    ControlServer,
+    Verdict,
+    attested_nonce,
+)
 from ..services.egress.refusals import RefusalReader, Refusals
 from ..services.metrics.counters import DnsCounters, ParentCounters
 from ..services.nflog import open_free_group
@@ -308,7 +314,24 @@ def judge(policy, public_key: bytes, document: bytes | None, nonce: bytes, *,
             return Verdict(False, reason="the profile requires attestation, which this "
                                          "version cannot verify yet")
         return Verdict(True, attested=False, reason="attestation document not verified")
-    return verify_enclave(document, public_key=public_key, nonce=nonce, policy=policy, now=now)
+    verdict = verify_enclave(document, public_key=public_key, nonce=attested_nonce(nonce),
+                             policy=policy, now=now)
+    if (verdict.detail or {}).get("code") == "nonce-mismatch" \
+            and _attests_the_challenge(document, nonce):
+        return replace(verdict, reason="attestation refused: the document's nonce is the control "
+                       "challenge itself, as enclaves of wgvsock before the attested-nonce change "
+                       "sent it: rebuild the enclave image with this wgvsock")
+    return verdict
+
+
+def _attests_the_challenge(document: bytes, challenge: bytes) -> bool:
+    # Only reached once the signature held (the nonce is compared last): the fields are AWS's.
+    from ..attestation.verify import AttestationError, decode_document
+
+    try:
+        return decode_document(document).nonce == challenge
+    except AttestationError:
+        return False
 
 
 def attestation_state(verdict: Verdict) -> str:

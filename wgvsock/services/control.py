@@ -21,6 +21,11 @@ hears nothing for 3 intervals, or sees the connection close, knows the other res
 enclave then registers again (with the same key) and the parent keeps the peer until a new
 enclave replaces it. The nonce is fresh per connection and single-use, so a recorded register
 message (or attestation document) cannot be replayed on another connection.
+
+The attestation document's nonce is not the challenge's but attested_nonce(challenge), a hash
+under a label of this protocol's: whoever answers on the control port (the parent, or anything
+in its place) chooses the challenge, and a document for a nonce of its choosing would answer
+another service's challenge in the enclave's name.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -55,6 +61,14 @@ EXCHANGE_TIMEOUT = 10.0
 PING_INTERVAL = 10.0
 NONCE_LEN = 32
 _LEN = struct.Struct(">I")
+# Never a prefix of another protocol's nonce derivation, and says which exchange it served.
+ATTESTATION_CONTEXT = b"wgvsock control v1: attestation for this challenge\0"
+
+
+def attested_nonce(challenge: bytes) -> bytes:
+    """The nonce an enclave's attestation document carries for control CHALLENGE (see the
+    module's docstring: the challenge is not the attacker-free choice it looks like)."""
+    return hashlib.sha256(ATTESTATION_CONTEXT + challenge).digest()
 
 
 class ControlError(Exception):
@@ -609,7 +623,7 @@ def register(
         raise ControlError(f"expected challenge, got {quote(msg['type'])}")
     nonce = _b64(msg, "nonce", NONCE_LEN)
     assert nonce is not None
-    document = attest(nonce, public_key) if attest is not None else None
+    document = attest(attested_nonce(nonce), public_key) if attest is not None else None
     _send(conn, {
         "type": "register",
         "nonce": _text(nonce),
