@@ -53,6 +53,24 @@ def test_responder_holds_next_keypair_until_confirmed():
     assert p.pb.keypairs.current is not None and p.pb.keypairs.next is None
 
 
+def test_staged_packets_sent_on_confirmation_answer_the_packet_that_confirmed():
+    """Before: the responder flushed its staged packets when the first data packet confirmed
+    its keys, and only then armed the passive keepalive for that packet, so 10 s later it
+    sent a keepalive though it had answered at once (review finding, against wireguard-go's
+    receive.go/send.go, where the send cancels it)."""
+    p = Pair()
+    now = p.now
+    (_, _, init), = p.a.initiate_handshake(p.pa, now)
+    (_, _, resp), = p.b.decapsulate(init, "A", now)
+    p.a.decapsulate(resp, "B", now)  # a's confirming keepalive is lost
+    assert p.b.encapsulate(ip4("10.0.0.2", "10.0.0.1"), now) == []  # staged: not confirmed
+    (_, _, data), = p.a.encapsulate(ip4("10.0.0.1", "10.0.0.2"), now + 1)
+    out = p.b.decapsulate(data, "A", now + 1)
+    assert [a[0] for a in out] == [SEND, TUNNEL]
+    assert p.pb.timers.deadlines["send_keepalive"] is None
+    assert not p.pb.timers.need_another_keepalive
+
+
 def test_initiator_sends_keepalive_after_response_when_nothing_is_staged():
     p = Pair()
     p.run("A", p.a.initiate_handshake(p.pa, p.now))

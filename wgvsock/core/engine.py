@@ -411,6 +411,9 @@ class Engine:
         # Roam first, so staged packets flushed below go where the peer is now.
         if src is not peer.endpoint:
             _roam(peer, src)
+        # Before the staged packets go: sending them answers this packet, and no keepalive
+        # must be armed for it afterwards (wireguard-go's sender cancels it the same way).
+        timers.transport_received(now, bool(packet))
         if keypairs.next is kp:
             self._unindex(keypairs.confirm(kp) or [])
             timers.handshake_complete()
@@ -425,7 +428,6 @@ class Engine:
         ):
             timers.sent_last_minute_handshake = True
             out += self._initiate(peer, now, retry=False)
-        timers.transport_received(now, bool(packet))
         peer.rx_bytes += len(data)
         if not packet:
             return out  # keepalive
