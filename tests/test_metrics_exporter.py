@@ -6,6 +6,7 @@ clients cost a few threads and a scrape still gets in."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import ipaddress
 import logging
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 from wgvsock.services.metrics import prometheus
 from wgvsock.services.metrics.prometheus import Exporter
@@ -182,3 +184,150 @@ def test_a_client_that_stops_reading_leaves_nothing_on_stderr(
     finally:
         exporter.close()
     assert capfd.readouterr().err == ""
+
+
+class _Counting:
+    """A collector that counts its collections and how many ran at once; each takes a while,
+    as the device's uapi_get does while the tunnel is busy."""
+
+    FAMILIES = 40
+
+    def __init__(self) -> None:
+        self.value = 1
+        self.calls = 0
+        self.most = 0
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            self.calls += 1
+            self._running += 1
+            self.most = max(self.most, self._running)
+        try:
+            time.sleep(0.01)
+            yield GaugeMetricFamily("wgvsock_test_value", "the value", value=self.value)
+            for i in range(self.FAMILIES):
+                yield GaugeMetricFamily(f"wgvsock_test_{i}", "one of many", value=i)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+def _families(text: str) -> dict[str, float]:
+    return {f.name: f.samples[0].value for f in text_string_to_metric_families(text)}
+
+
+@pytest.fixture
+def counting() -> Iterator[tuple[_Counting, Exporter]]:
+    collector = _Counting()
+    registry = prometheus._Registry(auto_describe=False)  # (its name filter)
+    registry.register(collector)
+    e = Exporter(registry, ipaddress.ip_address("127.0.0.1"), 0)
+    try:
+        yield collector, e
+    finally:
+        e.close()
+
+
+def test_a_flood_of_scrapes_costs_one_collection_a_second(
+        counting: tuple[_Counting, Exporter]) -> None:
+    """Every request ran a whole collection (the device's uapi_get and nft's counters), up to
+    8 at once on the parent's Python threads: 8 clients looping on /metrics cut the tunnel's
+    throughput about 4 times (review finding). A page is now collected at most once a second,
+    one collection at a time, and every request in between gets that page."""
+    collector, exporter = counting
+    stop = time.monotonic() + 1.0
+    pages: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
+        try:
+            while time.monotonic() < stop:
+                conn.request("GET", "/metrics")
+                res = conn.getresponse()
+                with lock:
+                    pages.append((res.status, res.read().decode()))
+                conn.close()
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(pages) >= 40, "the flood never got going"
+    assert collector.calls <= 3, f"{collector.calls} collections for {len(pages)} requests"
+    assert collector.most == 1
+    for status, text in pages:
+        assert status == 200
+        families = _families(text)
+        assert len(families) == _Counting.FAMILIES + 1
+        assert families["wgvsock_test_value"] == 1
+
+
+def test_a_page_is_never_older_than_a_second(counting: tuple[_Counting, Exporter]) -> None:
+    collector, exporter = counting
+    assert _families(_scrape(exporter.port))["wgvsock_test_value"] == 1
+    collector.value = 2
+    changed = time.monotonic()
+    wait_for(lambda: _families(_scrape(exporter.port))["wgvsock_test_value"] == 2, 5,
+             "the change to show", max_delay=0.05)
+    assert time.monotonic() - changed < 1.3
+
+
+def test_a_name_filter_is_served_from_the_same_collection(
+        counting: tuple[_Counting, Exporter]) -> None:
+    collector, exporter = counting
+    assert len(_families(_scrape(exporter.port))) == _Counting.FAMILIES + 1
+    for _ in range(3):
+        assert _families(_get_path(exporter.port, "/metrics?name[]=wgvsock_test_3")) == {
+            "wgvsock_test_3": 3}
+    assert _families(_get_path(exporter.port, "/metrics?name[]=wgvsock_test_4")) == {
+        "wgvsock_test_4": 4}
+    assert collector.calls <= 2  # (a second may have passed)
+    # A client's distinct queries keep a bounded number of pages.
+    for i in range(3 * prometheus.MAX_PAGES):
+        assert _get_path(exporter.port, f"/metrics?name[]=wgvsock_other_{i}") == ""
+    assert exporter.pages <= prometheus.MAX_PAGES
+
+
+def test_head_and_other_methods_are_refused_without_a_collection(
+        counting: tuple[_Counting, Exporter]) -> None:
+    collector, exporter = counting
+    for method in ("HEAD", "POST", "DELETE"):
+        conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=5)
+        try:
+            conn.request(method, "/metrics")
+            res = conn.getresponse()
+            res.read()
+            assert res.status == 405
+            assert res.getheader("Allow") == "OPTIONS,GET"
+        finally:
+            conn.close()
+    assert collector.calls == 0
+
+
+def test_gzip_is_a_page_of_its_own(counting: tuple[_Counting, Exporter]) -> None:
+    collector, exporter = counting
+    conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=5)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+        res = conn.getresponse()
+        body = res.read()
+        assert res.getheader("Content-Encoding") == "gzip"
+    finally:
+        conn.close()
+    assert len(_families(gzip.decompress(body).decode())) == _Counting.FAMILIES + 1
+    assert len(_families(_scrape(exporter.port))) == _Counting.FAMILIES + 1
+    assert collector.calls <= 2
+
+
+def _get_path(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as res:
+        return res.read().decode()

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from ipaddress import ip_network
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from wgvsock.services import firewall
+from wgvsock.services.metrics.prometheus import MAX_AGE
 
 from .netlab import Lab, wait_for
 from .test_roles import WGVSOCK, World
@@ -73,11 +75,17 @@ def one(samples: list, **labels: str) -> float:
 
 def steady(world: World):
     """(dump, nft counters, scraped families) of one moment: dump and nft are read before and
-    after the scrape, and the round is retried if anything moved (a keepalive)."""
+    after the scrape, and the round is retried if anything moved (a keepalive). A page is
+    served for up to MAX_AGE after its collection, so a retry's scrape comes more than that
+    after the last one: its page is collected between the round's two readings."""
+    scraped = None
     for _ in range(20):
+        if scraped is not None:
+            time.sleep(max(0.0, scraped + MAX_AGE + 0.05 - time.monotonic()))
         dump = wg_dump(world)
         nft = firewall.read_counters(world.name, netns=world.parent.name)
         families = scrape(world)
+        scraped = time.monotonic()
         if wg_dump(world) == dump and firewall.read_counters(
                 world.name, netns=world.parent.name) == nft:
             return dump, nft, families

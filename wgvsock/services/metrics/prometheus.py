@@ -1,9 +1,11 @@
 """Prometheus text for one running parent, on ``parent.metrics.listen``.
 
-A custom collector reads the live state at each scrape, in-process: the device's peers (what
-`wg show dump` prints, from the same ``get``), the attestation verdict, and the firewall and DNS
-counters (:mod:`.counters`). Nothing is kept between scrapes, so a replaced peer simply
-disappears from the next one.
+A custom collector reads the live state in-process: the device's peers (what `wg show dump`
+prints, from the same ``get``), the attestation verdict, and the firewall and DNS counters
+(:mod:`.counters`). Nothing is kept from one collection to the next, so a replaced peer simply
+disappears from the next one. A collection runs on the parent's own Python threads, beside the
+tunnel's, so the exporter runs at most one a second (MAX_AGE) and serves the page it rendered
+to every request in between: a flood of scrapes costs one collection a second and the sends.
 
 Per-peer names are prometheus_wireguard_exporter's (``wireguard_sent_bytes_total``,
 ``wireguard_received_bytes_total``, ``wireguard_latest_handshake_seconds``, labels
@@ -14,6 +16,7 @@ rest carry the ``wgvsock_`` prefix.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import ipaddress
 import logging
@@ -21,13 +24,15 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from ...conn.bind import RateLimitedLog
@@ -389,6 +394,108 @@ class _Server(WSGIServer):
         log.debug("metrics: a request from %s failed", client_address, exc_info=True)
 
 
+#: How long a rendered page is served, counted from the collection it shows.
+MAX_AGE = 1.0
+#: Distinct pages kept (each Accept, Accept-Encoding and `name[]` filter renders its own).
+MAX_PAGES = 16
+
+
+class CollectionFailed(Exception):
+    """The collection of the last MAX_AGE failed; the one that did is its __cause__."""
+
+
+class _Snapshot:
+    """The families of one collection, rendered as a registry would be."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+    def restricted_registry(self, names: Iterable[str]) -> _Restricted:
+        return _Restricted(self, set(names))
+
+
+_Key = tuple[str, bool, frozenset[str] | None]  # content type, gzip, the name[] filter
+
+
+class _Pages:
+    """REGISTRY's pages, each rendered once from the latest collection and served until that
+    collection is MAX_AGE old. One thread collects or renders at a time; the requests that
+    arrive meanwhile wait for it and are answered with its page (prometheus_client collected
+    for every request, up to one per connection at once)."""
+
+    def __init__(self, registry: Collector, max_age: float = MAX_AGE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._registry = registry
+        self._max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._collected: tuple[float, _Snapshot | Exception] | None = None
+        self._pages: OrderedDict[_Key, tuple[float, list[tuple[str, str]], bytes]] = \
+            OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def page(self, accept: str | None, accept_encoding: str | None,
+             names: frozenset[str] | None) -> tuple[list[tuple[str, str]], bytes]:
+        # (Raises for an Accept header it cannot parse: the caller answers 400.)
+        encoder, content_type = choose_encoder(accept or "")
+        zipped = gzip_accepted(accept_encoding or "")
+        key = (content_type, zipped, names)
+        with self._lock:
+            now = self._clock()
+            for k in [k for k, (when, _, _) in self._pages.items()
+                      if now - when >= self._max_age]:
+                del self._pages[k]
+            hit = self._pages.get(key)
+            if hit is None:
+                when, snapshot = self._snapshot(now)
+                source: Any = snapshot if names is None else snapshot.restricted_registry(names)
+                output = encoder(source)
+                headers = [("Content-Type", content_type)]
+                if zipped:
+                    output = gzip.compress(output)
+                    headers.append(("Content-Encoding", "gzip"))
+                hit = self._pages[key] = (when, headers, output)
+                while len(self._pages) > MAX_PAGES:
+                    self._pages.popitem(last=False)
+        _, headers, output = hit
+        return list(headers), output  # (wsgiref adds Content-Length to the list it is given)
+
+    def _snapshot(self, now: float) -> tuple[float, _Snapshot]:
+        if self._collected is None or now - self._collected[0] >= self._max_age:
+            try:
+                self._collected = (now, _Snapshot(list(self._registry.collect())))
+            except Exception as e:  # answered 500 until the next collection is due
+                self._collected = (now, e)
+                raise
+        when, got = self._collected
+        if isinstance(got, Exception):
+            raise CollectionFailed("the collection failed") from got
+        return when, got
+
+
+def _app(pages: _Pages, registry: Collector) -> _WSGIApp:
+    """prometheus_client's app with GET's page from PAGES. Its other answers (405 for any
+    method but GET and OPTIONS, HEAD included; the empty favicon) collect nothing."""
+    theirs = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] != "GET" or environ["PATH_INFO"] == "/favicon.ico":
+            return theirs(environ, start_response)  # type: ignore[no-any-return]
+        names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+        headers, output = pages.page(environ.get("HTTP_ACCEPT"),
+                                     environ.get("HTTP_ACCEPT_ENCODING"),
+                                     None if names is None else frozenset(names))
+        start_response("200 OK", headers)
+        return [output]
+
+    return app
+
+
 class Exporter:
     """The HTTP endpoint: GET /metrics (any path, as prometheus_client serves it)."""
 
@@ -398,7 +505,8 @@ class Exporter:
         self.address = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
         family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
         self._server = _Server((str(host), port), family, slots, head_timeout)
-        self._server.set_app(_guarded(make_wsgi_app(registry), self._server.say))
+        self._pages = _Pages(registry)
+        self._server.set_app(_guarded(_app(self._pages, registry), self._server.say))
         self._thread = NamedThread(target=self._server.serve_forever, name="metrics",
                                    daemon=True)
         self._thread.start()
@@ -411,6 +519,11 @@ class Exporter:
     @property
     def evicted(self) -> int:
         return self._server.evicted
+
+    @property
+    def pages(self) -> int:
+        """Rendered pages kept (at most MAX_PAGES)."""
+        return len(self._pages)
 
     def close(self) -> None:
         self._server.shutdown()
