@@ -385,6 +385,54 @@ def test_botocore_debug_log_never_has_key(moto: Moto, caplog: pytest.LogCaptureF
     assert key_to_base64(moto.key) in caplog.text
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_debug_logging_keeps_the_session_token_out_of_the_log(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LOG_LEVEL=debug put the root logger at DEBUG, botocore's and urllib3's loggers with it:
+    every request the parent signed (a CloudWatch send each interval) wrote the instance
+    role's session token (x-amz-security-token in the canonical request and the headers) and
+    its access key id to the journal (review finding). Those libraries stay at INFO."""
+    from wgvsock.roles import cli
+
+    marker = f"wgvsock-session-token-{secrets.token_hex(8)}"
+    monkeypatch.setenv("AWS_SESSION_TOKEN", marker)
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    root = logging.getLogger()
+    libraries = ("botocore", "boto3", "urllib3", "s3transfer")
+    saved = (root.handlers[:], root.level, [logging.getLogger(n).level for n in libraries])
+    got = _Records()
+    try:
+        root.handlers.clear()  # (basicConfig leaves a root that has handlers, as pytest's, alone)
+        cli._logging(False)  # as `wgvsock parent up` does
+        assert root.level == logging.DEBUG
+        root.addHandler(got)
+        logging.getLogger("wgvsock.test").debug("our own debug lines still show")
+        session = boto3.Session(region_name=REGION)  # reads AWS_SESSION_TOKEN
+        client = aws.cloudwatch_client(session, REGION)
+        aws.put_metric_data(client, "wgvsock-test", [{"MetricName": "m", "Value": 1.0}])
+        assert session.get_credentials().token == marker  # (the request was signed with it)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        for name, level in zip(libraries, saved[2], strict=True):
+            logging.getLogger(name).setLevel(level)
+    text = "\n".join(f"{r.name}: {r.getMessage()}" for r in got.records)
+    assert "our own debug lines still show" in text
+    assert marker not in text
+    assert "Credential=testing/" not in text  # the access key id, in Authorization
+    assert not [r for r in got.records
+                if r.name.startswith(libraries) and r.levelno < logging.INFO], text
+
+
 def test_no_credentials(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")

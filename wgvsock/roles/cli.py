@@ -20,6 +20,12 @@ def _load(path: str):
         return None
 
 
+# Libraries whose DEBUG lines carry secrets: botocore's the session token and access key id
+# of every request it signs (the canonical request, the headers) and the bodies of responses
+# (a key fetched from SSM), urllib3's the URLs. They never log below INFO, even with debug on.
+_QUIET = ("botocore", "boto3", "urllib3", "s3transfer")
+
+
 def _logging(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     name = os.environ.get("LOG_LEVEL", "").lower()
@@ -30,6 +36,8 @@ def _logging(verbose: bool) -> None:
     from ..journal import handler
 
     logging.basicConfig(level=level, handlers=[handler("%(levelname)s %(name)s: %(message)s")])
+    for library in _QUIET:
+        logging.getLogger(library).setLevel(max(level, logging.INFO))
 
 
 def parent_main(argv: list[str]) -> int:
