@@ -171,6 +171,12 @@ class Bind(ABC):
         `flags`."""
         return False
 
+    def handshake_seen(self, ep: Endpoint) -> None:
+        """A handshake message from `ep` passed mac1: its sender knows our public key, and may
+        be a peer waiting out a cookie reply. A stream transport keeps such a connection a
+        while when it has to close one to make room."""
+        return
+
     @abstractmethod
     def set_mark(self, mark: int) -> None:
         """The fwmark (SO_MARK) of this transport's IP sockets, now and later ones: wg-quick

@@ -443,6 +443,23 @@ class Engine:
         out.append((TUNNEL, peer, packet))
         return out
 
+    def mac1_valid(self, data: bytes) -> bool:
+        """Whether `data` is an initiation or response of its size with our mac1: its sender
+        knows our public key. Only such a message costs a DH (or, under load, a cookie reply),
+        so only such messages count towards being under load: junk of the right type byte is
+        dropped for one hash, as _check_macs does."""
+        checker = self._cookie_checker
+        if checker is None:
+            return False
+        kind = data[:4]
+        if kind == TYPE_INITIATION:
+            size = INITIATION_SIZE
+        elif kind == TYPE_RESPONSE:
+            size = RESPONSE_SIZE
+        else:
+            return False
+        return len(data) == size and checker.check_mac1(data)
+
     def _check_macs(
         self, data: bytes, src: Any, keys: tuple[bytes, bytes], now: float, under_load: bool
     ) -> list[Action] | None:

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
-from ..conn.bind import Bind, Message, SharedFile
+from ..conn.bind import Bind, Message, RateLimitedLog, SharedFile
 from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
 from ..conn.endpoint import Endpoint, display_endpoint, without_source
 from ..conn.framing import MAX_STREAM_MTU
@@ -95,8 +95,13 @@ _monotonic: Final = time.monotonic
 
 
 def _src_key(ep: Endpoint) -> bytes:
-    """A cookie's source: the address and port, or the stream connection."""
-    return f"{ep.kind}|{ep.host}|{ep.port}|{ep.conn_id}".encode()
+    """A cookie's source: the address and port, as wireguard-go binds it to a datagram's; for
+    an inbound stream connection the host alone. Its port, or the connection, is new each
+    time the peer reconnects, and a cookie bound to it was lost whenever its connection was
+    closed (to make room, say) before the retry that needs it."""
+    if ep.conn_id:
+        return f"{ep.kind}|{ep.host}".encode()
+    return f"{ep.kind}|{ep.host}|{ep.port}".encode()
 
 
 def _limit_key(ep: Endpoint) -> bytes:
@@ -242,6 +247,8 @@ class Device:
         self.engine.stop()  # until the link is up (_sync_link), as a new interface is down
         self._lock = threading.Lock()
         self._offload_lock = threading.Lock()
+        # Peers' connections come and go at their will, each one a switch.
+        self._offload_log = RateLimitedLog(10.0, log, burst=5)
         self._stopped = threading.Event()
         self.stop_reason = ""
         self._on_stop: Callable[[], None] | None = None
@@ -366,7 +373,8 @@ class Device:
                 if not self._stopped.is_set():
                     log.warning("%s: cannot switch segmentation offload: %s", self.ifname, e)
                 return
-        log.info("%s: segmentation offload %s", self.ifname, "on" if want else "off")
+        self._offload_log(logging.INFO, "%s: segmentation offload %s", self.ifname,
+                          "on" if want else "off")
 
     def stop(self, reason: str) -> None:
         if not self._stopped.is_set():
@@ -650,11 +658,17 @@ class Device:
             if not self.engine.running:
                 self._perform(self._sync_link())
             with self._lock:
-                under_load = self._note_handshake(now)
+                # Only a message with our mac1 counts towards being under load: junk with a
+                # handshake's type byte costs one hash, and counted it put a device under
+                # load for anyone, so that a peer's initiation got only a cookie reply.
+                vouched = self.engine.mac1_valid(data)
+                under_load = vouched and self._note_handshake(now)
                 actions = self.engine.decapsulate(
                     data, src, now, src_key=_src_key(src), limit_key=_limit_key(src),
                     under_load=under_load,
                 )
+            if vouched and src.conn_id:
+                self.bind.handshake_seen(src)
         else:
             with self._lock:
                 actions = self.engine.decapsulate(data, src, now)
