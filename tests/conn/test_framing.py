@@ -15,6 +15,7 @@ from wgvsock.conn.framing import (
     HEADER_SIZE,
     MAX_PAYLOAD,
     MIN_PAYLOAD,
+    RECEIVE_BUFFER,
     VIEW_FROM,
     FrameDecoder,
     FramingError,
@@ -217,3 +218,31 @@ def test_frame_header_leaves_out_the_crc_only_for_transport_messages_when_asked(
     assert frame_header(t, True) == struct.pack("<HI", 200, 0)
     assert frame_header(t) == struct.pack("<HI", 200, zlib.crc32(t))
     assert frame_header(h, True) == struct.pack("<HI", 148, zlib.crc32(h))
+
+
+def test_a_small_buffer_grows_only_when_a_frame_needs_it() -> None:
+    """A stream transport gives a connection nobody has authenticated a small buffer; before,
+    each had 256 KiB from the accept on (review finding). It grows when a frame would not fit,
+    and to its full size when asked (the connection is a peer's)."""
+    dec = FrameDecoder(start=4096)
+    assert len(dec.space()) == 4096
+    small = [payload(148, i) for i in range(20)]
+    big = _transport(60000, 1)
+    stream = b"".join(encode_frame(m) for m in small) + encode_frame(big) + encode_frame(
+        small[0])
+    out: list[bytes] = []
+    at = 0
+    sizes = []
+    while at < len(stream):
+        space = dec.space()
+        sizes.append(len(space) + dec.buffered)
+        k = min(len(space), 1000, len(stream) - at)
+        space[:k] = stream[at : at + k]
+        at += k
+        out += [bytes(f) for f in dec.frames(k)]
+    assert out == [*small, big, small[0]]
+    assert max(sizes) == HEADER_SIZE + 60000 + 1  # as much as the big frame needed, no more
+    dec.grow()
+    assert len(dec.space()) == RECEIVE_BUFFER
+    with pytest.raises(ValueError):
+        FrameDecoder(start=HEADER_SIZE)

@@ -4,6 +4,7 @@ read-only review of conn/, each failing before its fix."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -131,4 +132,175 @@ def test_a_batch_of_more_messages_than_one_sendmsg_takes_arrives_whole() -> None
         assert a.status()["dialers"][0]["dropped"] == 0
     finally:
         a.close()
+        b.close()
+
+
+def _from(host: str, port: int) -> socket.socket:
+    """A connection to our listener on loopback from source address `host`."""
+    s = socket.socket()
+    s.bind((host, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _still_open(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except ConnectionResetError:
+        return False
+    finally:
+        s.setblocking(True)
+
+
+def test_a_stranger_churning_connections_from_its_own_host_cannot_displace_a_peer_s(
+    monkeypatch,
+) -> None:
+    """Before: when the table was full, the unauthenticated connection with the oldest frame
+    went. A stranger that refreshed each of its connections with junk and kept opening new
+    ones had the one connection of a peer (not yet authenticated: waiting out a cookie
+    reply, say) closed every time (review finding). Now the one to go is from the host that
+    holds the most."""
+    import wgvsock.conn.stream as stream
+
+    monkeypatch.setattr(stream, "MAX_INBOUND", 8)
+    received: list[Endpoint] = []
+    b = StreamBind("tcp4")
+    b.authenticated = lambda ep: False
+    port = b.open(0, lambda d, ep: received.append(ep))
+    held: list[socket.socket] = []
+    peer = _from("127.0.0.1", port)
+    try:
+        peer.sendall(encode_frame(DATA))
+        wait_for(lambda: received, 5, "the peer's frame")
+        for i in range(40):
+            s = _from("127.0.0.2", port)
+            s.sendall(encode_frame(DATA))
+            held.append(s)
+            if i >= 8:
+                wait_for(lambda n=i + 2: b.status()["accepted"] == n, 5, "the accept")
+            for h in held:
+                if _still_open(h):
+                    h.sendall(encode_frame(DATA))
+            time.sleep(0.01)
+        assert _still_open(peer)
+        assert sum(map(_still_open, held)) <= 7
+    finally:
+        for s in [peer, *held]:
+            s.close()
+        b.close()
+
+
+def test_a_connection_whose_sender_knows_our_key_is_kept_while_it_may_retry(
+    monkeypatch,
+) -> None:
+    """A connection on which a handshake message passed mac1 (the owner says so with
+    handshake_seen) is not closed to make room for HANDSHAKE_GRACE seconds, even for
+    newcomers from its own host: its peer may be waiting out a cookie reply's REKEY_TIMEOUT."""
+    import wgvsock.conn.stream as stream
+
+    monkeypatch.setattr(stream, "MAX_INBOUND", 4)
+    received: list[Endpoint] = []
+    b = StreamBind("tcp4")
+    b.authenticated = lambda ep: False
+    port = b.open(0, lambda d, ep: received.append(ep))
+    held: list[socket.socket] = []
+    peer = _from("127.0.0.1", port)
+    try:
+        peer.sendall(encode_frame(DATA))
+        wait_for(lambda: received, 5, "the peer's frame")
+        b.handshake_seen(received[0])
+        for i in range(12):
+            s = _from("127.0.0.1", port)
+            s.sendall(encode_frame(DATA))
+            held.append(s)
+            wait_for(lambda n=i + 2: b.status()["accepted"] == n, 5, "the accept")
+        wait_for(lambda: len(b.status()["connections"]) == 4, 5, "room made")
+        assert _still_open(peer)
+    finally:
+        for s in [peer, *held]:
+            s.close()
+        b.close()
+
+
+def test_only_the_first_hello_on_a_connection_counts() -> None:
+    """Before: every hello on a peer's connection told the device, which switched the TUN's
+    offload (an ioctl under the kernel's rtnl lock) and logged a line each time: 580 hellos
+    a second gave 17383 lines in 30 s and the tunnel's RTT went from 0.6 to 12 ms (review
+    finding). Now a connection's first hello is its capabilities; later ones are dropped."""
+    notices: list[bool] = []
+    b = StreamBind("tcp")
+    b.authenticated = lambda ep: True
+    b.caps_changed = lambda: notices.append(b.any_peer_has(CAP_SUPER | CAP_PARTIAL_CSUM))
+    received: list[bytes] = []
+    port = b.open(0, lambda d, ep: received.append(bytes(d)))
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        s.sendall(encode_frame(DATA))
+        wait_for(lambda: received, 5, "the message")
+        s.sendall(encode_frame(encode_hello(CAP_SUPER | CAP_PARTIAL_CSUM, 65000)))
+        for i in range(50):
+            flags = 0 if i % 2 == 0 else CAP_SUPER | CAP_PARTIAL_CSUM
+            s.sendall(encode_frame(encode_hello(flags, 65000)))
+        s.sendall(encode_frame(DATA))
+        wait_for(lambda: len(received) == 2, 5, "the message after the hellos")
+        assert notices == [True]
+        assert b.any_peer_has(CAP_SUPER | CAP_PARTIAL_CSUM)
+    finally:
+        s.close()
+        b.close()
+
+
+def test_a_connection_its_peer_left_no_longer_counts_for_offload() -> None:
+    """Before: a connection once trusted counted in any_peer_has for as long as it stayed
+    open, after its peer had moved to another one. Now only a peer's current endpoint's."""
+    current: set[Endpoint] = set()
+    b = StreamBind("tcp")
+    b.authenticated = lambda ep: ep in current
+    received: list[Endpoint] = []
+    port = b.open(0, lambda d, ep: (current.add(ep), received.append(ep)))
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        s.sendall(encode_frame(encode_hello(CAP_SUPER | CAP_PARTIAL_CSUM, 65000)))
+        s.sendall(encode_frame(DATA))
+        wait_for(lambda: received, 5, "the message")
+        wait_for(lambda: b.any_peer_has(CAP_SUPER), 5, "the connection to be trusted")
+        current.clear()  # the peer roamed to a connection of its own elsewhere
+        assert not b.any_peer_has(CAP_SUPER)
+    finally:
+        s.close()
+        b.close()
+
+
+def test_an_unauthenticated_connection_goes_at_its_deadline_however_it_trickles(
+    monkeypatch,
+) -> None:
+    """Before: the limit on a connection that has not authenticated was SO_RCVTIMEO, renewed
+    by every byte: a client that promised a 65535-byte frame and sent a byte every 10 s held
+    a slot, a thread and a 256 KiB buffer for good (review finding). Now it is a deadline
+    from the accept."""
+    import wgvsock.conn.stream as stream
+
+    monkeypatch.setattr(stream, "FIRST_FRAME_TIMEOUT", 1.0)
+    b = StreamBind("tcp")
+    port = b.open(0, lambda d, ep: None)
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        t0 = time.monotonic()
+        s.sendall(struct.pack("<HI", 0xFFFF, 0))
+        closed = False
+        while time.monotonic() - t0 < 4 and not closed:
+            time.sleep(0.2)
+            try:
+                s.sendall(b"x")
+            except OSError:
+                closed = True
+            closed = closed or not _still_open(s)
+        took = time.monotonic() - t0
+        assert closed, "still open after 4 s"
+        assert took < 2.0, took
+    finally:
+        s.close()
         b.close()

@@ -301,3 +301,84 @@ def test_junk_connections_cannot_lock_out_a_restarted_peer(lab: Lab, network: st
     # 100 junk connections (and their closing), a bounded number of lines about them.
     assert lab.log(ib).count("inbound connection ") < 40, lab.log(ib)
     print(f"{network}: restarted peer through {took:.2f} s after restart, past 100 junk")
+
+
+# argv: host, port, count. Opens `count` connections from its own address, each sending a
+# frame of junk, then until killed: every 100 ms three 38-byte frames that start with
+# byte 1 (handshake-typed junk, no valid mac1) on each connection, and a new connection every
+# 0.2-0.5 s (the daemon closes one to make room). About 1900 such frames a second.
+_CHURN_FLOOD = r"""
+import os, random, socket, struct, sys, time, zlib
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def frame(payload):
+    return struct.pack("<HI", len(payload), zlib.crc32(payload)) + payload
+
+junk = frame(bytes([4, 0, 0, 0]) + os.urandom(44))
+flood = frame(bytes([1, 0, 0, 0]) + os.urandom(34)) * 3
+conns = []
+
+def connect():
+    try:
+        s = socket.create_connection((host, port), timeout=2)
+        s.setblocking(False)
+        s.send(junk)
+        conns.append(s)
+    except OSError:
+        pass
+
+for _ in range(count):
+    connect()
+print("ready", flush=True)
+next_new = time.monotonic()
+while True:
+    now = time.monotonic()
+    if now >= next_new:
+        connect()
+        next_new = now + random.uniform(0.2, 0.5)
+    for s in list(conns):
+        try:
+            s.send(flood)
+        except BlockingIOError:
+            pass
+        except OSError:
+            conns.remove(s)
+            s.close()
+    time.sleep(0.1)
+"""
+
+
+def test_churn_and_flood_from_a_stranger_cannot_hold_off_a_restarted_peer(lab: Lab) -> None:
+    """A stranger without keys, from an address of its own, fills the connection table,
+    keeps every connection busy with junk frames (handshake-typed ones at a rate that would
+    put the device under load) and opens a new connection every 0.2-0.5 s. A peer that
+    restarts must still get through: its connection is not the one closed to make room, and
+    junk that fails mac1 does not put the device under load (where the peer's initiation got
+    only a cookie reply bound to a connection that was then closed). It took over 60 s."""
+    a, b, ia, ib, _b_addr = _pair(lab, "tcp")
+    c = lab.netns("c")
+    lab.veth(c, "192.168.80.1/24", b, "192.168.80.2/24")
+    ping(a, "10.99.0.2", count=1)
+    b_pub = a.wg("show", ia, "peers").stdout.strip()
+    attacker = c.popen(sys.executable, "-c", _CHURN_FLOOD, "192.168.80.2", "7602",
+                       str(MAX_INBOUND), stdout=subprocess.PIPE, text=True)
+    try:
+        assert attacker.stdout is not None and attacker.stdout.readline().strip() == "ready"
+        wait_for(lambda: _log_line(lab, ib, "to make room for a new one"), 10,
+                 "b's table to fill")
+        time.sleep(2)  # the flood going on for a while, the churn under way
+        a.ip("link", "del", ia)
+        wait_for(lambda: not (Path(RUN_DIR) / f"{ia}.sock").exists(), 10, "a's daemon to exit")
+        t0 = time.monotonic()
+        lab.start_daemon(a, ia, "tcp")
+        a.wg("set", ia, "private-key", str(lab.tmp / f"{ia}.key"), "listen-port", "7601",
+             "peer", b_pub, "allowed-ips", "10.99.0.2/32", "endpoint", "192.168.79.2:7602")
+        a.ip("addr", "add", "10.99.0.1/24", "dev", ia)
+        a.ip("link", "set", ia, "up")
+        wait_for(lambda: _ping_once(a, "10.99.0.2"), 15, "the restarted peer to get through")
+        took = time.monotonic() - t0
+        assert attacker.poll() is None  # the attack ran all along
+    finally:
+        attacker.kill()
+        attacker.wait(10)
+    print(f"restarted peer through {took:.2f} s after restart, under churn and flood")

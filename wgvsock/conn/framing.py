@@ -18,6 +18,9 @@ message) cannot be a WireGuard message, and a length of 0 would let a peer spin 
 frames. MAX_PAYLOAD is the u16 cap, which is also wireguard-go's MaxMessageSize (65535), so a
 Go peer can never send more. A decoder may be given a lower maximum; it then refuses a large
 length as soon as the header arrives instead of buffering up to 64 KiB per connection.
+A decoder may also start with a small buffer (``start``) that grows only when a frame needs it
+(or ``grow`` is called): a stream transport gives one to a connection nobody has authenticated
+yet, so a stranger's connection costs a few KiB until it sends a large frame.
 """
 
 from __future__ import annotations
@@ -111,16 +114,21 @@ class FrameDecoder:
     decoder stays failed.
     """
 
-    __slots__ = ("_buf", "_end", "_error", "_max", "_min", "_used", "_view")
+    __slots__ = ("_buf", "_end", "_error", "_max", "_min", "_size", "_used", "_view")
 
     def __init__(self, max_payload: int = MAX_PAYLOAD, min_payload: int = MIN_PAYLOAD,
-                 size: int = RECEIVE_BUFFER) -> None:
+                 size: int = RECEIVE_BUFFER, start: int = 0) -> None:
+        """`size` is the buffer's full size; `start` (0: the full size) what it begins with,
+        growing when a frame would not fit (never past `size`)."""
         # 4 at least: each payload's message type is read before its CRC is checked or not.
         if not 4 <= min_payload <= max_payload <= MAX_PAYLOAD:
             raise ValueError("need 4 <= min_payload <= max_payload <= 65535")
         if size <= HEADER_SIZE + max_payload:
             raise ValueError("the receive buffer must hold a whole frame and more")
-        self._buf = bytearray(size)
+        if start and not HEADER_SIZE < start <= size:
+            raise ValueError("a small buffer must hold a frame header and more")
+        self._size = size
+        self._buf = bytearray(start or size)
         self._view = memoryview(self._buf)
         self._end = 0  # bytes received into the buffer
         self._used = 0  # of them, bytes of whole frames handed out
@@ -156,6 +164,7 @@ class FrameDecoder:
         total = self._end = self._end + n
         pos = self._used
         out: list[bytes | memoryview] = []
+        need = 0
         while total - pos >= HEADER_SIZE:
             # Typed, so that compiled code compares and adds machine integers.
             length: int
@@ -167,6 +176,7 @@ class FrameDecoder:
             start = pos + HEADER_SIZE
             end = start + length
             if end > total:
+                need = HEADER_SIZE + length  # at the buffer's front, once space() moved it
                 break
             kind: int = _TYPE.unpack_from(mv, start)[0]
             if kind != _TRANSPORT:
@@ -180,7 +190,21 @@ class FrameDecoder:
                 out.append(bytes(mv[start:end]))
             pos = end
         self._used = pos
+        if need >= len(self._buf):  # only ever with a small buffer (`start`)
+            self.grow(need + 1)
         return out
+
+    def grow(self, size: int = 0) -> None:
+        """Makes the buffer `size` bytes (0: its full size; never more), keeping what it
+        holds. Views handed out before stay valid: they keep the old buffer."""
+        size = min(size or self._size, self._size)
+        if size <= len(self._buf):
+            return
+        rest = self._end - self._used
+        buf = bytearray(size)
+        buf[:rest] = self._view[self._used:self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._end, self._used = rest, 0
 
     def _fail(self, reason: str, before: list[bytes | memoryview]) -> FramingError:
         """Fails the decoder for good; the error to raise now carries `before`."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import logging
 import os
 import random
@@ -81,17 +82,40 @@ def redial_backoff(network: str) -> tuple[float, float]:
 IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 STABLE_AFTER: Final = 1.0
 # Inbound connections cost a thread and a receive buffer each: cap them, and close one that
-# stays silent this long before a message on it has authenticated (see Bind.authenticated).
-# When the cap is reached, a newcomer replaces the least recently active unauthenticated
-# connection, else one that is no peer's endpoint any more (a restarted peer's old one); only
-# when every connection is a live peer's is the newcomer refused. Junk in valid frames can
-# therefore never lock a real peer out.
+# has not authenticated (see Bind.authenticated) this long after it was accepted, whatever
+# arrives on it meanwhile (a byte every few seconds, junk in valid frames).
+# When the cap is reached, a newcomer replaces an unauthenticated connection, else one that is
+# no peer's endpoint any more (a restarted peer's old one); only when every connection is a
+# live peer's is the newcomer refused. The unauthenticated one chosen is, among those whose
+# sender has not shown it knows our public key (Bind.handshake_seen) in the last
+# HANDSHAKE_GRACE seconds if there are any, one of the source (host, /64, CID) that holds the
+# most of them, and of those the one accepted first: a stranger that opens connections without
+# end replaces its own, never a peer's on another host, and a fresh connection from the same
+# host as the stranger survives MAX_INBOUND newcomers. Junk in valid frames can therefore
+# never lock a real peer out.
 MAX_INBOUND = 64
 CHURN_LOG_INTERVAL, CHURN_LOG_BURST = 1.0, 20
 FIRST_FRAME_TIMEOUT = 30.0
+# A peer whose initiation got a cookie reply retries after REKEY_TIMEOUT (5 s, with jitter),
+# and may need a second retry: its connection is kept that long after its last handshake
+# message with a valid mac1.
+HANDSHAKE_GRACE = 15.0
+# The receive buffer of a connection that has not authenticated; it grows if a frame needs
+# more, and to framing.RECEIVE_BUFFER once the connection is a peer's.
+UNTRUSTED_BUFFER = 4096
 TCP_KEEPALIVE: Final = 15  # seconds: idle before the first probe, and between probes
 _NO_CAPS: Final = (0, 0)
 _HELLO_BYTE: Final = HELLO_MAGIC[0]
+
+
+def _source(ep: Endpoint) -> object:
+    """The host an inbound connection comes from, for sharing out the connection table: an
+    IPv6 one by its /64 (as wireguard-go's rate limiter), which one host often has whole."""
+    host = ep.host
+    if ep.kind == "inet" and ":" in str(host):
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_network(f"{str(host).split('%', 1)[0]}/64", strict=False)
+    return host
 
 
 def _unsent(bufs: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
@@ -162,6 +186,7 @@ class _Conn:
         "tail",
         "tail_lock",
         "trusted",
+        "vouched",
     )
 
     def __init__(self, sock: socket.socket, ep: Endpoint, outbound: bool,
@@ -177,6 +202,8 @@ class _Conn:
         self.got_frame = False
         # Dialled by us, or a message on it authenticated. Until then last_rx is kept.
         self.trusted = outbound
+        # When a handshake message on it last passed mac1 (0: never; Bind.handshake_seen).
+        self.vouched = 0.0
         self.reason = ""
         # The peer's capability hello on this connection: (flags, max_packet). A flag of its
         # own says whether one came, not identity with _NO_CAPS: compiled code (mypyc) keeps
@@ -585,8 +612,19 @@ class StreamBind(SocketBind):
 
     def any_peer_has(self, flags: int) -> bool:
         # Only a peer's: a hello costs nothing to send, and anyone who can reach the port
-        # could otherwise switch the device's offload (a kernel ioctl) at will.
-        return any(c.trusted and c.caps[0] & flags == flags for c in list(self._conns.values()))
+        # could otherwise switch the device's offload (a kernel ioctl) at will. And only a
+        # peer's current connection: an inbound one stays trusted after its peer moved on.
+        check = self.authenticated
+        return any(
+            c.trusted and c.caps[0] & flags == flags and (c.outbound or check is None
+                                                          or check(c.ep))
+            for c in list(self._conns.values())
+        )
+
+    def handshake_seen(self, ep: Endpoint) -> None:
+        conn = self._conns.get(ep)
+        if conn is not None and not conn.trusted:
+            conn.vouched = time.monotonic()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -647,7 +685,8 @@ class StreamBind(SocketBind):
             except OSError:
                 sock.close()
                 continue
-            if not self._make_room():
+            ep = self._inbound_endpoint(addr)
+            if not self._make_room(ep):
                 sock.close()
                 self._misc_log(logging.WARNING, "%s: %d inbound connections of live peers "
                                "already; refusing another", self.network, MAX_INBOUND)
@@ -656,8 +695,7 @@ class StreamBind(SocketBind):
             with self._lock:
                 closing = self._closed.is_set()
                 if not closing:
-                    conn = _Conn(sock, self._inbound_endpoint(addr), outbound=False,
-                                 send_timeout=self.send_timeout)
+                    conn = _Conn(sock, ep, outbound=False, send_timeout=self.send_timeout)
                     self._publish(conn)
                     self._accepted += 1
             if closing:
@@ -666,7 +704,6 @@ class StreamBind(SocketBind):
             self._churn_log(logging.INFO, "%s: inbound connection %s", self.network,
                             display_endpoint(conn.ep))
             try:
-                set_receive_timeout(sock, FIRST_FRAME_TIMEOUT)
                 self._start_reader(conn)
             except (OSError, RuntimeError) as exc:
                 self._misc_log(logging.WARNING, "%s: cannot serve a connection: %s",
@@ -675,21 +712,27 @@ class StreamBind(SocketBind):
                     self._conns.pop(conn.ep, None)
                 sock.close()
 
-    def _make_room(self) -> bool:
-        """Below MAX_INBOUND, or an inbound connection was closed to make room (see there)."""
+    def _make_room(self, newcomer: Endpoint) -> bool:
+        """Below MAX_INBOUND, or an inbound connection was closed to make room for one from
+        `newcomer` (see MAX_INBOUND)."""
         with self._lock:
             inbound = [c for c in self._conns.values() if not c.outbound and not c.closed]
         if len(inbound) < MAX_INBOUND:
             return True
         victims = [c for c in inbound if not c.trusted]
         why = "unauthenticated"
-        check = self.authenticated
-        if not victims and check is not None:
-            victims = [c for c in inbound if not check(c.ep)]
-            why = "no peer's endpoint any more"
-        if not victims:
-            return False
-        victim = min(victims, key=lambda c: c.last_rx)
+        if victims:
+            now = time.monotonic()
+            quiet = [c for c in victims if not c.vouched or now - c.vouched > HANDSHAKE_GRACE]
+            victim = self._most_from_one_source(quiet or victims, newcomer)
+        else:
+            check = self.authenticated
+            if check is not None:
+                victims = [c for c in inbound if not check(c.ep)]
+                why = "no peer's endpoint any more"
+            if not victims:
+                return False
+            victim = min(victims, key=lambda c: c.last_rx)
         reason = f"closed to make room for a new one ({why})"
         # Its own close line may be one of many left out (_churn_log): the table being full
         # is worth a line of its own (at most one in 10 s).
@@ -697,6 +740,20 @@ class StreamBind(SocketBind):
                        len(inbound), display_endpoint(victim.ep), reason)
         victim.shutdown(reason)
         return True
+
+    @staticmethod
+    def _most_from_one_source(conns: list[_Conn], newcomer: Endpoint) -> _Conn:
+        """Of `conns`, the one accepted first from the source that holds the most of them (the
+        newcomer counted with its own). Not by the last frame received: junk sent every
+        100 ms would keep a stranger's connections fresh, and a peer's new one would go."""
+        counts: dict[object, int] = {}
+        for c in conns:
+            key = _source(c.ep)
+            counts[key] = counts.get(key, 0) + 1
+        key = _source(newcomer)
+        if key in counts:
+            counts[key] += 1
+        return max(conns, key=lambda c: (counts[_source(c.ep)], -c.since))
 
     def _trust(self, conn: _Conn) -> None:
         """After frames on a connection not yet trusted: is it a peer's now?"""
@@ -716,7 +773,9 @@ class StreamBind(SocketBind):
     def _read_loop(self, conn: _Conn) -> None:
         sock, ep, receive = conn.sock, conn.ep, self._receive
         assert receive is not None
-        decoder = FrameDecoder(self.max_frame)
+        # A stranger's connection gets a small buffer (it grows as frames need), a peer's the
+        # full one.
+        decoder = FrameDecoder(self.max_frame, start=0 if conn.trusted else UNTRUSTED_BUFFER)
         if self.hello is not None and conn.outbound:
             # The dialler speaks first; an accepter answers only a hello (_take_hello), so a
             # peer that sends none (the Go seed, a port scanner) never hears anything but
@@ -759,12 +818,19 @@ class StreamBind(SocketBind):
                         shared = None
                     if not sock_ready:
                         continue
+                if not conn.trusted:
+                    # A deadline from the accept, not an idle limit: a byte every few seconds
+                    # must not hold the connection (and its buffer) for ever.
+                    left = conn.since + FIRST_FRAME_TIMEOUT - time.monotonic()
+                    if left <= 0:
+                        reason = f"no authenticated message within {FIRST_FRAME_TIMEOUT:g} s"
+                        break
+                    set_receive_timeout(sock, max(left, 0.001))  # (0 would be no limit)
                 try:
                     n = sock.recv_into(decoder.space())
                 except OSError as exc:
                     if isinstance(exc, BlockingIOError | TimeoutError) and not conn.trusted:
-                        reason = (f"no authenticated message and silent for "
-                                  f"{FIRST_FRAME_TIMEOUT:g} s")
+                        reason = f"no authenticated message within {FIRST_FRAME_TIMEOUT:g} s"
                     else:
                         reason = f"receive: {exc}"
                     break
@@ -790,6 +856,8 @@ class StreamBind(SocketBind):
                             self._deliver(receive, frame, ep)
                     if not conn.trusted:
                         self._trust(conn)
+                        if conn.trusted:
+                            decoder.grow()
                 if failed is not None:
                     reason = f"framing error: {failed.reason}"
                     self._framing_errors += 1
@@ -808,17 +876,20 @@ class StreamBind(SocketBind):
             log.debug("receive callback failure", exc_info=True)
 
     def _take_hello(self, conn: _Conn, frames: list[Message]) -> list[Message]:
-        """Notes a capability hello among `frames` on `conn` (answering the first one on an
-        inbound connection with ours); returns the other frames."""
+        """Notes the capability hello among `frames` on `conn` (answering it with ours on an
+        inbound connection); returns the other frames. Only a connection's first hello
+        counts: a peer says once what it takes, and each change the owner is told of may cost
+        a kernel call (the TUN's offload) and a log line. Later ones are dropped."""
         rest = []
         for frame in frames:
             if isinstance(frame, bytes) and frame[0] == _HELLO_BYTE and (
                 caps := parse_hello(frame)
             ):
-                first = not conn.hello_seen
+                if conn.hello_seen:
+                    continue
                 conn.caps = caps
                 conn.hello_seen = True
-                if first and not conn.outbound and self.hello is not None:
+                if not conn.outbound and self.hello is not None:
                     self._send_iov(conn, [encode_frame(self.hello)])
                 if conn.trusted:  # else when it becomes trusted (_trust)
                     self._notify_caps()
