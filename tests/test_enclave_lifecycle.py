@@ -583,3 +583,87 @@ def test_a_parent_that_says_too_often_is_asked_again_when_it_said(monkeypatch, r
     assert waits_at_least <= waits[1] <= 60.0 and waits_at_least <= waits[2] <= 60.0, waits
     assert failures_at_dial[2] == failures_at_dial[3]
     assert "PCR0 mismatch" in failures_at_dial[3]
+
+
+class _PeerDevice:
+    """Stands for the enclave's Device where _apply is concerned: its peers by key, set as
+    Device.uapi_set sets them (a peer with the device's own key is dropped)."""
+
+    def __init__(self, own_key: bytes) -> None:
+        self.own_key = own_key
+        self.peers: set[bytes] = set()
+        self.connected: list[bytes] = []
+
+    def uapi_set(self, cfg) -> None:
+        if cfg.replace_peers:
+            self.peers.clear()
+        self.peers |= {p.public_key for p in cfg.peers if p.public_key != self.own_key}
+
+    def has_peer(self, key: bytes) -> bool:
+        return key in self.peers
+
+    def connect_peer(self, key: bytes, endpoint) -> None:
+        if key not in self.peers:
+            raise KeyError(key)
+        self.connected.append(key)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_welcome_for_a_parent_whose_peer_is_gone_installs_it_again() -> None:
+    """Before: the same key as the last welcome's took a shortcut to connect_peer, which
+    raised KeyError for good once the peer was gone (a welcome that replaced it with none, a
+    `wg set wg0 peer ... remove`): every registration failed and CMD had no network."""
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    device = _PeerDevice(e.public_key)
+    e.device = device  # type: ignore[assignment]
+    parent = b"P" * 32
+    e._apply(Welcome(parent, 51820, False))
+    assert device.peers == {parent} and e.parent_key == parent
+    device.peers.clear()
+    e._apply(Welcome(parent, 51820, False))
+    assert device.peers == {parent} and device.connected == [parent, parent]
+    assert e.parent_key == parent
+    e.device = None
+
+
+def test_a_welcome_that_fails_part_way_is_not_taken_for_the_peer_in_place() -> None:
+    """The parent's key is forgotten before its peer is replaced: should connecting fail
+    after that, the next welcome with the old key installs it again."""
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    device = _PeerDevice(e.public_key)
+    e.device = device  # type: ignore[assignment]
+    old, new = b"P" * 32, b"Q" * 32
+    e._apply(Welcome(old, 51820, False))
+
+    def fails(key, endpoint) -> None:
+        raise OSError("connect failed")
+
+    device.connect_peer = fails  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        e._apply(Welcome(new, 51820, False))
+    assert e.parent_key is None
+    del device.connect_peer
+    e._apply(Welcome(old, 51820, False))
+    assert device.peers == {old} and e.parent_key == old
+    e.device = None
+
+
+@pytest.mark.parametrize("kind", ["own", "zero", "order 8"])
+def test_a_welcome_offering_a_key_no_parent_can_have_is_refused(kind: str) -> None:
+    """Before: the enclave's own key (sent back by whatever answered on the control port)
+    replaced the parent's peer with none; a low-order point was installed as the parent."""
+    from wgvsock.core.crypto import key_to_base64
+
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    # A point of order 8 on Curve25519 (libsodium's blocklist): X25519 with it is all zeros.
+    order_8 = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
+    key = {"own": e.public_key, "zero": bytes(32), "order 8": order_8}[kind]
+    what = "this enclave's own public key" if kind == "own" else "a low-order point"
+    with pytest.raises(enclave_mod.UnusableParentKey,
+                       match=f"refusing the parent: it offered {what}") as refused:
+        e._check_pin(Welcome(key, 51820, False))
+    assert key_to_base64(key) in str(refused.value)
+    e._check_pin(Welcome(b"P" * 32, 51820, False))  # any other key, with no pin
+

@@ -1021,6 +1021,11 @@ class Device:
             actions = self.engine.initiate_handshake(peer, time.monotonic())
         self._perform(actions)
 
+    def has_peer(self, public_key: bytes) -> bool:
+        """Whether a peer with this key is configured (read without the engine lock, as
+        last_handshake is)."""
+        return public_key in self.engine.peers
+
     def last_handshake(self, public_key: bytes) -> float | None:
         """Monotonic time of the peer's last completed handshake, or None. Read without the
         engine lock (one dict look-up and one attribute, each atomic): the parent's status

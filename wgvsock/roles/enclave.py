@@ -24,7 +24,7 @@ import time
 
 from ..conn import make_bind
 from ..conn.stream import redial_backoff
-from ..core.crypto import generate_private_key, key_to_base64, public_key
+from ..core.crypto import dh, generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
 from ..services.control import (
@@ -72,6 +72,10 @@ class EnclaveError(Exception):
 
 class PinMismatch(ControlError):
     """The parent's key is not the one the profile pins."""
+
+
+class UnusableParentKey(ControlError):
+    """The parent's key is one no parent can have: the enclave's own, or a low-order point."""
 
 
 def _stopped(failures: list[str], signalled: list[int]) -> int:
@@ -185,12 +189,25 @@ class Enclave:
         return [(r, True) for r in self._routes()]
 
     def _check_pin(self, welcome: Welcome) -> None:
-        """Refuses a parent whose key is not the pinned one, before anything is installed.
+        """Refuses a parent whose key is not the pinned one, or is one no parent can have,
+        before anything is installed.
 
         Whatever answers on the control port would otherwise be believed: while `parent up`
-        is down, another process on the host could bind the port and offer its own key."""
-        pinned = self.profile.parent.public_key
+        is down, another process on the host could bind the port and offer its own key. Ours
+        (sent back to us) would replace the parent's peer with none, since the device drops a
+        peer with its own key; a low-order point gives no handshake (X25519 with it is all
+        zeros). Both are refused whether or not a key is pinned."""
         offered = key_to_base64(welcome.parent_public_key)
+        if welcome.parent_public_key == self.public_key:
+            raise UnusableParentKey(
+                f"refusing the parent: it offered this enclave's own public key {offered} as "
+                "its own (whatever answers on the control port is not the parent)")
+        if dh(self.key, welcome.parent_public_key) is None:
+            raise UnusableParentKey(
+                f"refusing the parent: it offered a low-order point as its public key "
+                f"({offered}), with which no WireGuard handshake can be made (whatever "
+                "answers on the control port is not the parent)")
+        pinned = self.profile.parent.public_key
         if pinned is not None and offered != pinned:
             raise PinMismatch(
                 f"refusing the parent: it offered public key {offered}, but the profile pins "
@@ -202,23 +219,29 @@ class Enclave:
         t = self.profile.transport
         if t.kind != "vsock" and welcome.wg_port > 0xFFFF:  # vsock ports are 32-bit
             raise ControlError(f"welcome: wg_port {welcome.wg_port} is no {t.kind} port")
-        if welcome.parent_public_key == self.parent_key:
+        key = welcome.parent_public_key
+        # The endpoint is given as an object: its Unix form is a path outside our unix_dir,
+        # which the transport's text parser would not accept.
+        endpoint = parent_wg_endpoint(t, welcome.wg_port)
+        if key == self.parent_key and self.device.has_peer(key):
             # Same parent key (the control connection dropped, or the parent restarted with
             # its key file): keep the peer and just handshake again — a restarted parent has
             # forgotten our session.
-            self.device.connect_peer(self.parent_key, parent_wg_endpoint(t, welcome.wg_port))
+            self.device.connect_peer(key, endpoint)
             return
+        # Forgotten first: should what follows fail part-way (the old peer gone, the new one
+        # not connected), the next welcome builds the peer again rather than take the
+        # shortcut above to one that may not exist.
+        self.parent_key = None
         configure(self.device, replace_peers=True, peers=[{
-            "public_key": welcome.parent_public_key,
+            "public_key": key,
             "endpoint": None,
             "persistent_keepalive": PERSISTENT_KEEPALIVE,
             "replace_allowed_ips": True,
             "allowed_ips": self._allowed_ips(),
         }])
-        # The endpoint is given as an object: its Unix form is a path outside our unix_dir,
-        # which the transport's text parser would not accept.
-        self.device.connect_peer(welcome.parent_public_key, parent_wg_endpoint(t, welcome.wg_port))
-        self.parent_key = welcome.parent_public_key
+        self.device.connect_peer(key, endpoint)
+        self.parent_key = key
 
     def _control_loop(self) -> None:
         t = self.profile.transport
@@ -273,7 +296,7 @@ class Enclave:
                     delay, answered_delay, answered_since = backoff_min, backoff_max, None
                 else:  # (another enclave of the profile may have taken our place)
                     pause(answered=True)
-            except PinMismatch as e:  # something else answers on the parent's port
+            except (PinMismatch, UnusableParentKey) as e:  # not the parent's port, it seems
                 self.last_failure = str(e)
                 log.warning("control: %s", e)
                 pause(answered=True)
@@ -329,8 +352,10 @@ class Enclave:
                                "(is `wgvsock parent up` running with the same profile?)")
 
         def handshaken() -> bool:
-            assert self.device is not None and self.parent_key is not None
-            return self.device.last_handshake(self.parent_key) is not None
+            assert self.device is not None
+            # None again while a later welcome replaces the peer.
+            key = self.parent_key
+            return key is not None and self.device.last_handshake(key) is not None
 
         if not wait_until(handshaken, deadline - time.monotonic(), self.stopping):
             if self.stopping():
