@@ -667,3 +667,36 @@ def test_a_welcome_offering_a_key_no_parent_can_have_is_refused(kind: str) -> No
     assert key_to_base64(key) in str(refused.value)
     e._check_pin(Welcome(b"P" * 32, 51820, False))  # any other key, with no pin
 
+
+def test_failed_attempts_are_logged_at_a_bounded_rate(monkeypatch, caplog) -> None:
+    """Before: one warning per attempt, at up to one a second for good, on whatever answered
+    on the control port's say (here, a broken exchange each time)."""
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    _fake_parent(monkeypatch, e, lambda conn, stop, check=None: "unused")
+
+    def register(conn, pub, attest):
+        raise ControlError("connection closed")
+
+    monkeypatch.setattr(enclave_mod, "register", register)
+    stop = _simulated(monkeypatch, e, 300)
+    with caplog.at_level("INFO", logger="wgvsock.enclave"):
+        e._control_loop()
+    elapsed = stop.now - 1000.0
+    lines = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
+    assert len(lines) <= 5 + elapsed / 10 + 1 < 300, (len(lines), elapsed)
+    assert "similar messages suppressed" in lines[-1]
+
+
+def test_the_attestation_state_is_logged_as_the_parent_s_word(monkeypatch, caplog) -> None:
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+
+    def hold(conn, stop, check=None) -> str:
+        e.stop.set()
+        return "stopped"
+
+    _fake_parent(monkeypatch, e, hold)
+    monkeypatch.setattr(enclave_mod, "register",
+                        lambda conn, pub, attest: Welcome(b"P" * 32, 51820, True, "attested"))
+    with caplog.at_level("INFO", logger="wgvsock.enclave"):
+        e._control_loop()
+    assert "registered with the parent (the parent says attestation: attested)" in caplog.text

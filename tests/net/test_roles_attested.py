@@ -71,7 +71,7 @@ def test_correct_document_is_accepted(world: World, ca_dir: Path) -> None:
     assert [key_to_base64(p["public_key"]) for p in status["peers"]] == [last_key(ca_dir)]
     assert status["extra"].get("wgvsock_attested") == "true", status["extra"]
     log = (world.lab.tmp / "enclave.log").read_text()
-    assert "registered with the parent (attestation: attested)" in log, log
+    assert "registered with the parent (the parent says attestation: attested)" in log, log
     assert "refused" not in log, log
 
 
@@ -160,7 +160,7 @@ def test_a_genuine_enclave_with_no_image_pinned_is_not_shown_as_attested(
         assert uapi_get(str(w.parent_uapi()))["extra"].get("wgvsock_attested") == "genuine"
         # The enclave is told so too (its welcome's `attested` stays true, as older ones read).
         log = (w.lab.tmp / "enclave.log").read_text()
-        assert "registered with the parent (attestation: genuine)" in log, log
+        assert "registered with the parent (the parent says attestation: genuine)" in log, log
 
         shown = w.parent.run(WGVSOCK, "status", "--once", env=w.env_for("parent"),
                              check=False, timeout=30)

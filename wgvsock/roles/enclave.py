@@ -23,6 +23,7 @@ import threading
 import time
 
 from ..conn import make_bind
+from ..conn.bind import RateLimitedLog
 from ..conn.stream import redial_backoff
 from ..core.crypto import dh, generate_private_key, key_to_base64, public_key
 from ..device import netconf
@@ -251,6 +252,13 @@ class Enclave:
         delay, answered_delay = backoff_min, backoff_max
         answered_since: float | None = None  # when the parent's answers stopped keeping us
         attest = self._attest
+        # Whatever answers on the control port decides how often an attempt fails (each
+        # within a second of the last, for the first minute): one warning for each would let
+        # it fill the enclave's log. Made here, on the loop's clock.
+        say = RateLimitedLog(10.0, logger=log, burst=5, clock=lambda: time.monotonic())
+        # Registrations too: one that the other side ends at once can be repeated as often.
+        say_registered = RateLimitedLog(10.0, logger=log, burst=5,
+                                        clock=lambda: time.monotonic())
 
         def pause(answered: bool = False, at_least: float = 0.0) -> None:
             """Waits before the next try: up to backoff_max, and once the parent has answered
@@ -286,19 +294,20 @@ class Enclave:
                 self.registrations += 1
                 self.last_failure = None
                 self.registered.set()
-                log.info("control: registered with the parent (attestation: %s)",
-                         welcome.state)
+                # Its word, not a fact: the welcome is not authenticated.
+                say_registered(logging.INFO, "control: registered with the parent (the parent "
+                               "says attestation: %s)", welcome.state)
                 reason = hold_connection(conn, self.stop,
                                          check=lambda at=since: self._tunnel_ok(at))
-                log.warning("control: connection to the parent ended (%s); registering again",
-                            reason)
+                say(logging.WARNING, "control: connection to the parent ended (%s); "
+                    "registering again", reason)
                 if time.monotonic() - since >= HELD_STABLE:
                     delay, answered_delay, answered_since = backoff_min, backoff_max, None
                 else:  # (another enclave of the profile may have taken our place)
                     pause(answered=True)
             except (PinMismatch, UnusableParentKey) as e:  # not the parent's port, it seems
                 self.last_failure = str(e)
-                log.warning("control: %s", e)
+                say(logging.WARNING, "control: %s", e)
                 pause(answered=True)
             except Throttled as e:
                 # We registered too often for the parent (its limit per enclave, met by quick
@@ -307,20 +316,20 @@ class Enclave:
                 # if any, stays the reason wait_connected gives: "too often" hides the cause.
                 if self.last_failure is None:
                     self.last_failure = str(e)
-                log.warning("control: %s", e)
+                say(logging.WARNING, "control: %s", e)
                 pause(answered=True, at_least=min(e.retry_after, ANSWERED_BACKOFF_MAX))
             except Refused as e:
                 # Retried too, less and less often: the parent's policy may be changed.
                 self.last_failure = str(e)
-                log.warning("control: %s", e)
+                say(logging.WARNING, "control: %s", e)
                 pause(answered=True)
             except (ControlError, OSError) as e:
                 self.last_failure = str(e)
-                log.warning("control: %s", e)
+                say(logging.WARNING, "control: %s", e)
                 pause()
             except Exception as e:  # a bug here must not end re-registration for good
                 self.last_failure = f"internal error: {e}"
-                log.exception("control: unexpected error")
+                say(logging.ERROR, "control: unexpected error", exc_info=True)
                 pause()
             finally:
                 conn.close()
