@@ -700,3 +700,20 @@ def test_the_attestation_state_is_logged_as_the_parent_s_word(monkeypatch, caplo
     with caplog.at_level("INFO", logger="wgvsock.enclave"):
         e._control_loop()
     assert "registered with the parent (the parent says attestation: attested)" in caplog.text
+
+
+def test_a_read_only_proc_sys_is_warned_about_and_the_tunnel_goes_on(monkeypatch,
+                                                                     caplog) -> None:
+    """`docker run` without --privileged mounts /proc/sys read-only: the image tried outside
+    an enclave still comes up, saying what it could not do."""
+    import errno
+
+    def read_only(ifname: str, netns: str | None = None) -> list[str]:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(enclave_mod.firewall, "refuse_router_messages", read_only)
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    e._refuse_router_messages()
+    assert ("wg0: cannot refuse router advertisements and redirects from the parent (setting "
+            "its accept_ra, autoconf and accept_redirects to 0: Read-only file system)"
+            in caplog.text)

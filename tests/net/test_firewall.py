@@ -573,8 +573,8 @@ def test_forwarding_on_already_changes_no_accept_ra(lab: Lab, scratch: Namespace
 
 
 def test_tunnel_takes_no_router_messages_whatever_forwarding_does(scratch: Namespace) -> None:
-    keys = ["net/ipv6/conf/tun0/accept_ra", "net/ipv6/conf/tun0/accept_redirects",
-            "net/ipv4/conf/tun0/accept_redirects"]
+    keys = ["net/ipv6/conf/tun0/accept_ra", "net/ipv6/conf/tun0/autoconf",
+            "net/ipv6/conf/tun0/accept_redirects", "net/ipv4/conf/tun0/accept_redirects"]
 
     def values() -> list[str]:
         return scratch.run("sysctl", "-n", *keys).stdout.split()
@@ -582,22 +582,22 @@ def test_tunnel_takes_no_router_messages_whatever_forwarding_does(scratch: Names
     prev = firewall.enable_forwarding(scratch.name, ipv6=True)
     # A tunnel made while forwarding is on starts from default's 2.
     scratch.ip("tuntap", "add", "dev", "tun0", "mode", "tun")
-    assert values() == ["2", "1", "1"]
+    assert values() == ["2", "1", "1", "1"]
     assert firewall.refuse_router_messages("tun0", scratch.name) == keys
-    assert values() == ["0", "0", "0"]
+    assert values() == ["0", "0", "0", "0"]
     assert firewall.refuse_router_messages("tun0", scratch.name) == []
     # Another parent's `up` and `down` leave it at 0, even with the tunnel in their record
     # (an older wgvsock's, or one that read the new tunnel's 1 just before it became 0).
     assert firewall.enable_forwarding(scratch.name, ipv6=True) == {}
     firewall.restore_forwarding({**prev, keys[0]: "1"}, scratch.name)
-    assert values() == ["0", "0", "0"]
+    assert values() == ["0", "0", "0", "0"]
     assert scratch.run("sysctl", "-n", "net/ipv6/conf/default/accept_ra").stdout.strip() == "1"
     # No IPv6 on the interface (an MTU below 1280): nothing to set, and no error. IPv6 comes
     # back starting from `default`, which is why the parent checks again and again.
     scratch.ip("link", "set", "tun0", "mtu", "1000")
     assert firewall.refuse_router_messages("tun0", scratch.name) == []
     scratch.ip("link", "set", "tun0", "mtu", "1420")
-    assert firewall.refuse_router_messages("tun0", scratch.name) == keys[:2]
+    assert firewall.refuse_router_messages("tun0", scratch.name) == keys[:3]
     with pytest.raises(ValueError):
         firewall.refuse_router_messages("default", scratch.name)
 

@@ -28,6 +28,7 @@ from ..conn.stream import redial_backoff
 from ..core.crypto import dh, generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
+from ..services import firewall
 from ..services.control import (
     ControlError,
     Refused,
@@ -166,6 +167,7 @@ class Enclave:
             self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir())
             self.device.start()
             self.device.extra_status = {"wgvsock_profile": p.name, "wgvsock_role": "enclave"}
+            self._refuse_router_messages()
             configure(self.device, private_key=self.key)
             netconf.add_addresses(p.interface, p.enclave.addresses)
             netconf.link_up(p.interface, p.mtu)
@@ -177,6 +179,21 @@ class Enclave:
             raise
         self._thread = NamedThread(target=self._control_loop, name="control", daemon=True)
         self._thread.start()
+
+    def _refuse_router_messages(self) -> None:
+        """Keeps the parent from configuring our routing: before the link is up, the tunnel's
+        accept_ra, autoconf and accept_redirects go to 0, so a router advertisement from the
+        parent (its link-local source is inside ::/0, which the parent's peer is allowed) gives
+        no address, default route or hop limit, and a redirect no route."""
+        name = self.profile.interface
+        try:
+            firewall.refuse_router_messages(name)
+        except OSError as e:
+            # A container's read-only /proc/sys (`docker run` without --privileged): the
+            # image tried outside an enclave, where the rest still works. An enclave has it.
+            log.warning("%s: cannot refuse router advertisements and redirects from the parent "
+                        "(setting its accept_ra, autoconf and accept_redirects to 0: %s); the "
+                        "parent could set its routes", name, e.strerror or e)
 
     def _routes(self) -> list:
         p = self.profile

@@ -516,8 +516,8 @@ class Parent:
                 firewall.refuse_router_messages(p.interface)
             except OSError as e:
                 raise RoleError(f"cannot keep {p.interface} from taking router advertisements "
-                                f"and redirects from the enclave (its accept_ra and "
-                                f"accept_redirects): {e.strerror or e}: `parent up` needs to "
+                                f"and redirects from the enclave (its accept_ra, autoconf "
+                                f"and accept_redirects): {e.strerror or e}: `parent up` needs to "
                                 "write /proc/sys/net") from None
             netconf.add_addresses(p.interface, p.parent.addresses)
             netconf.link_up(p.interface, p.mtu)
@@ -696,9 +696,9 @@ class Parent:
         self._metrics_waiting = None
 
     def check_tunnel(self) -> None:
-        """Puts the tunnel's accept_ra and accept_redirects back to 0 when something set them
-        (a tool, a second `up` racing this one's start, IPv6 coming back to the interface
-        after an MTU below 1280, which starts it again from `default`)."""
+        """Puts the tunnel's accept_ra, autoconf and accept_redirects back to 0 when something
+        set them (a tool, a second `up` racing this one's start, IPv6 coming back to the
+        interface after an MTU below 1280, which starts it again from `default`)."""
         if self.device is None:
             return
         try:

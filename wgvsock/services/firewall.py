@@ -1056,19 +1056,23 @@ def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> Non
         _sysctl_write(key, value, netns)
 
 
-# What the tunnel must never take from the enclave: router advertisements (a default route, a
-# prefix and an address, an MTU, a hop limit) and redirects (a route to anywhere through the
-# enclave). The enclave's allowed IPs are never link-local (services/profile.py), so neither
-# can arrive; these are what make the kernel ignore them if one ever did.
-_TUNNEL_SYSCTLS = ("net/ipv6/conf/{}/accept_ra", "net/ipv6/conf/{}/accept_redirects",
-                   "net/ipv4/conf/{}/accept_redirects")
+# What the tunnel must never take from the other side: router advertisements (a default
+# route, a prefix and an address, an MTU, a hop limit) and redirects (a route to anywhere
+# through the other side). On the parent, the enclave's allowed IPs are never link-local
+# (services/profile.py), so neither can arrive; these are what make the kernel ignore them if
+# one ever did. The enclave, which does not trust the parent, sets them on its own tunnel,
+# whose allowed IPs for the parent (its routes, ::/0 by default) take link-local sources.
+# autoconf too: no address from an advertised prefix, should accept_ra become 1 again.
+_TUNNEL_SYSCTLS = ("net/ipv6/conf/{}/accept_ra", "net/ipv6/conf/{}/autoconf",
+                   "net/ipv6/conf/{}/accept_redirects", "net/ipv4/conf/{}/accept_redirects")
 
 
 def refuse_router_messages(ifname: str, netns: str | None = None) -> list[str]:
-    """Sets accept_ra and accept_redirects of IFNAME (the tunnel) to 0; returns the keys that
-    were not 0 already. A key that does not exist is skipped: without IPv6 on the interface
-    (an MTU below 1280, IPv6 disabled) nothing reads advertisements, and when IPv6 comes
-    back the interface starts from `default`, which is why the parent calls this again."""
+    """Sets accept_ra, autoconf and accept_redirects of IFNAME (the tunnel) to 0; returns the
+    keys that were not 0 already. Both roles call it on their tunnel. A key that does not
+    exist is skipped: without IPv6 on the interface (an MTU below 1280, IPv6 disabled)
+    nothing reads advertisements, and when IPv6 comes back the interface starts from
+    `default`, which is why the parent calls this again."""
     # "all" and "default" name no interface (the kernel refuses them) but sysctl directories
     # of their own: `default` is what every later interface starts from.
     if not _IFNAME_RE.fullmatch(ifname) or ifname in (".", "..", "all", "default"):
