@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from wgvsock.safetext import prose, quote
 
 
@@ -29,3 +34,59 @@ def test_prose_of_a_non_string_is_its_repr() -> None:
 def test_quote_is_a_cut_repr() -> None:
     assert quote("register") == "'register'"
     assert quote(b"x" * 100, 12) == "b'xxxxxxxxxx... (103 chars)"
+
+
+def _bounded(code: str, timeout: float = 30.0) -> str:
+    """Runs `code` in a child process (repr() of a big structure holds the GIL in C, so no
+    thread could stop it): a regression fails at `timeout` instead of hanging the run."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=True,
+        cwd=root,
+    )
+    return done.stdout
+
+
+def test_quote_and_prose_of_a_shared_structure_do_not_walk_it_all() -> None:
+    """Review finding: quote() called repr() and cut afterwards; a DAG of 64 levels (a few
+    hundred bytes of CBOR value sharing) has 2^64 paths, so the repr never ended."""
+    out = _bounded(
+        "from wgvsock.safetext import prose, quote\n"
+        "a = [0]\n"
+        "for _ in range(64):\n"
+        "    a = [a, a]\n"
+        "loop = [1]\n"
+        "loop.append(loop)\n"
+        "for v in (a, (a,), {'k': a}, {(1, 2): a}, loop, [b'x' * 1000] * 10**4):\n"
+        "    q, p = quote(v), prose(v, 300)\n"
+        "    assert len(q) < 100 and len(p) < 400 and p.isprintable(), (q, p)\n"
+        "print(quote(a))\n"
+        "print(quote(list(range(10**6))))\n"
+    )
+    deep, wide = out.splitlines()
+    assert deep.startswith("[[[[[[..., ...], [..., ...]]")
+    assert wide.startswith("[0, 1, 2, ") and wide.endswith("(more than 4096 chars)")
+
+
+def test_quote_of_small_values_is_their_repr() -> None:
+    for v in (
+        [1, "a", b"\n"],
+        (1,),
+        (),
+        {"k": [None, True, 1.5]},
+        {1, 2} - {2},
+        frozenset(),
+        set(),
+    ):
+        assert quote(v, 200) == repr(v)
+    assert quote([1] * 100, 10) == "[1, 1, 1, ... (300 chars)"
+    assert quote(ValueError("x")) == "<ValueError object>"

@@ -10,34 +10,139 @@ one for each kind of value:
 - `prose(value)`: a sentence (a reason, a name) as it reads, with every control or otherwise
   unprintable character escaped, cut short.
 
-Both keep the length of what was cut, so a log still shows that something was long.
+Both keep the length of what was cut, so a log still shows that something was long. A
+container (list, tuple, dict, set, any mapping or sequence) is written only as far as
+_WALK characters and _DEPTH levels, never repr()'d whole: a structure that shares its parts
+(a few hundred bytes of CBOR value sharing decode to 2^64 paths) or contains itself would
+otherwise take forever; past that, the length is given as "more than".
 """
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
+import fractions
+import ipaddress
+import uuid
+from collections.abc import Mapping, Sequence, Set
+
 __all__ = ["prose", "quote"]
 
+# How much of a container is written before it is cut, in characters and levels.
+_WALK = 4096
+_DEPTH = 6
+_SCALARS = frozenset({str, bytes, bytearray, int, float, complex, bool, type(None)})
+# Other types whose repr() is short and cheap whatever the value.
+_SMALL = (
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    decimal.Decimal,
+    fractions.Fraction,
+    uuid.UUID,
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+    enum.Enum,
+)
 
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+def _cut(text: str, limit: int, whole: bool = True) -> str:
+    if whole:
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+    return f"{text[:limit]}... (more than {max(limit, _WALK)} chars)"
 
 
 def quote(value: object, limit: int = 40) -> str:
     """`repr(value)`, cut at `limit` characters."""
-    return _cut(_repr(value), limit)
+    text, whole = _repr(value, max(limit, _WALK))
+    return _cut(text, limit, whole)
 
 
-def _repr(value: object) -> str:
+def _scalar(value: object) -> str:
     try:
         return repr(value)
     except ValueError:  # an int of more than 4300 digits (sys.set_int_max_str_digits)
         return f"<a {type(value).__name__} too large to show>"
 
 
+class _Full(Exception):
+    pass
+
+
+def _repr(value: object, room: int) -> tuple[str, bool]:
+    """repr(value) and True, or its first `room`-odd characters and False. A scalar is
+    written whole (its repr is as long as it is); a container never beyond `room`."""
+    if type(value) in _SCALARS:
+        return _scalar(value), True
+    out: list[str] = []
+    left = [room]
+
+    def emit(text: str) -> None:
+        out.append(text)
+        left[0] -= len(text)
+        if left[0] < 0:
+            raise _Full
+
+    def walk(v: object, depth: int) -> None:
+        kind = type(v)
+        if kind in _SCALARS:
+            if isinstance(v, str | bytes | bytearray) and len(v) > left[0]:
+                v = v[: left[0] + 1]  # still longer than the room left once quoted
+            emit(_scalar(v))
+        elif isinstance(v, _SMALL):
+            emit(repr(v))
+        elif depth >= _DEPTH:
+            emit("...")
+        elif isinstance(v, Mapping):
+            emit("{" if kind is dict else f"{kind.__name__}({{")
+            for i, (k, item) in enumerate(v.items()):
+                emit(", " if i else "")
+                walk(k, depth + 1)
+                emit(": ")
+                walk(item, depth + 1)
+            emit("}" if kind is dict else "})")
+        elif isinstance(v, Sequence | Set):
+            if kind is list:
+                opening, closing = "[", "]"
+            elif kind is tuple:
+                opening, closing = "(", ",)" if len(v) == 1 else ")"
+            elif kind is set:
+                opening, closing = ("{", "}") if v else ("set(", ")")
+            elif kind is frozenset:
+                opening, closing = ("frozenset({", "})") if v else ("frozenset(", ")")
+            else:
+                opening, closing = f"{kind.__name__}([", "])"
+            emit(opening)
+            for i, item in enumerate(v):
+                emit(", " if i else "")
+                walk(item, depth + 1)
+            emit(closing)
+        elif kind.__name__ == "CBORTag" and hasattr(v, "tag") and hasattr(v, "value"):
+            emit(f"CBORTag({_scalar(v.tag)}, ")
+            walk(v.value, depth + 1)
+            emit(")")
+        else:  # its repr() might be anything, of any length
+            emit(f"<{kind.__name__} object>")
+
+    try:
+        walk(value, 0)
+    except _Full:
+        return "".join(out), False
+    except Exception as e:  # a mapping or sequence whose iteration fails
+        return f"<{type(value).__name__} that cannot be shown: {type(e).__name__}>", True
+    return "".join(out), True
+
+
 def prose(value: object, limit: int = 300) -> str:
     """`value` (repr'd unless it is a str) with control characters, line breaks and other
     unprintable ones escaped as Python escapes them, cut at `limit` characters."""
-    text = value if isinstance(value, str) else _repr(value)
+    if isinstance(value, str):
+        text, whole = value, True
+    else:
+        text, whole = _repr(value, max(limit, _WALK))
     if not text.isprintable():
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return _cut(text, limit)
+    return _cut(text, limit, whole)
