@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import random
+import subprocess
+import sys
 import time
 import types
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from tests.attest_fixtures import (
     FakeNSM,
     TestCA,
     make_document,
+    make_payload,
     make_test_ca,
     resign,
     sign1,
@@ -55,6 +58,13 @@ NONCE = bytes(range(32))
 WG_KEY = hashlib.sha256(b"enclave wireguard key").digest()
 SHARED_ROOT = Path(__file__).resolve().parents[2] / "shared" / "certs" / \
     "aws-nitro-enclaves-root-g1.pem"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def genuine(year: int) -> bytes:
+    """A genuine AWS document, public and long expired: 2022's payload is a definite-length
+    map with a 32-byte public_key, 2026's an indefinite-length one (as the NSM writes now)."""
+    return base64.b64decode((DATA / f"aws-nitro-document-{year}.b64").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +315,7 @@ def test_null_mandatory_field(ca, name):
     {"timestamp": 0},
     {"timestamp": "yesterday"},
     {"timestamp": True},
-    {"timestamp": 2**70},
+    {"timestamp": 2**64 - 1},  # a bignum (2**70) is a tag, refused as malformed
     {"pcrs": {}},
     {"pcrs": [b"\x00" * 48]},
     {"pcrs": {32: b"\x00" * 48}},
@@ -371,17 +381,17 @@ def test_not_bytes_at_all(ca):
     refused("a string", "malformed", ca.root_cert)  # type: ignore[arg-type]
 
 
-def test_a_payload_key_too_large_to_print_is_shown_quoted(ca, good, caplog):
+def test_a_payload_key_too_large_to_print_is_refused_as_malformed(ca, good, caplog):
     """str() of an int of more than 4300 digits raises ValueError: a registrant's document
-    with such a key must still be an AttestationError at worst, never "unexpected"."""
+    with such a key must be an AttestationError, never "unexpected". Such an int is a CBOR
+    bignum (tag 2), refused as every tag is before anything is decoded."""
     huge = 1 << 20000
     signed = resign(ca, good, lambda p: p.update({huge: 1}))
     with caplog.at_level(logging.WARNING, logger="wgvsock.attestation"):
-        doc = decode_document(signed)
-        assert doc.extra == {"<a int too large to show>": 1}
-        assert verify_document(signed, root=ca.root_cert).extra == doc.extra
-        refused(with_payload(good, lambda p: p.update({huge: 1})), "bad-signature",
-                ca.root_cert)
+        with pytest.raises(AttestationError, match="tag 2 "):
+            decode_document(signed)
+        refused(signed, "malformed", ca.root_cert)
+        refused(with_payload(good, lambda p: p.update({huge: 1})), "malformed", ca.root_cert)
     assert not [r for r in caplog.records if "unexpected" in r.getMessage()]
 
 
@@ -1040,5 +1050,163 @@ def test_huge_integers_in_a_document_are_refused_as_malformed_not_raised() -> No
     for protected, body in (({1: -35}, payload), ({1: huge}, payload),
                             ({1: -35}, {**payload, "timestamp": 1, "pcrs": {huge: b"\0" * 48}})):
         doc = cbor2.dumps([cbor2.dumps(protected), {}, cbor2.dumps(body), b"\0" * 96])
-        with pytest.raises(AttestationError, match="too large to show"):
+        with pytest.raises(AttestationError, match="tag 2 ") as info:
             decode_document(doc)
+        assert info.value.code == "malformed"
+
+
+# -- genuine AWS documents -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("year", [2022, 2026])
+def test_genuine_aws_documents_verify_at_their_own_time(year):
+    doc = verify_document(genuine(year))
+    assert doc.digest == "SHA384" and len(doc.cabundle) == 4 and not doc.debug_mode
+    assert doc.cabundle[0] == aws_root().public_bytes(serialization.Encoding.DER)
+    # Long expired now, which a live check says.
+    refused(genuine(year), "certificate-expired", None, live=True)
+
+
+# -- hostile CBOR: bounded work before any signature is checked ------------------------------
+
+
+def _head(major: int, n: int) -> bytes:
+    """A CBOR item head: major type and argument, shortest form."""
+    if n < 24:
+        return bytes([major << 5 | n])
+    for ai, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | ai]) + n.to_bytes(size, "big")
+    raise ValueError(n)
+
+
+def shared_dag(n: int) -> bytes:
+    """A_0 = 28([0]), A_k = 28([A_k-1, 29(A_k-1)]): ~4n bytes of CBOR value sharing that
+    decode to a DAG of 2^n paths, which hashing (as a map key) or repr() walks in full."""
+    out = b"\xd8\x1c\x82" * n + b"\xd8\x1c\x81\x00"
+    for k in range(1, n + 1):
+        out += b"\xd8\x1d" + _head(0, n - k + 1)
+    return out
+
+
+def raw_payload(ca: TestCA, replace: dict[str, bytes] | None = None,
+                extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """A payload encoded field by field, so that fields can be raw CBOR cbor2 would not
+    write: `replace` gives a field's encoded value, `extra` more encoded (key, value) pairs."""
+    replace = replace or {}
+    items = [(cbor2.dumps(k), replace.get(k, cbor2.dumps(v)))
+             for k, v in make_payload(ca, nonce=NONCE, public_key=WG_KEY).items()]
+    items += extra or []
+    return _head(5, len(items)) + b"".join(k + v for k, v in items)
+
+
+def stringref_bundle(document: bytes, copies: int) -> bytes:
+    """The document with its root repeated `copies` times at the head of cabundle, written
+    with CBOR string references (tags 256/25) so each copy costs a few bytes."""
+    protected, unprotected, payload, signature = cbor2.loads(document)
+    p = cbor2.loads(payload)
+    p["cabundle"] = [p["cabundle"][0]] * copies + p["cabundle"][1:]
+    payload = cbor2.dumps(p, string_referencing=True)
+    return cbor2.dumps([protected, unprotected, payload, signature])
+
+
+def verify_in_a_subprocess(document: bytes, timeout: float = 30.0) -> str:
+    """verify_document (AWS root) in a child process; its refusal code. A decoder that runs
+    away holds the GIL, so no thread could stop it: the child is killed at `timeout` and the
+    test fails (subprocess.TimeoutExpired) instead of hanging the run."""
+    code = ("import sys\n"
+            "from wgvsock.attestation import AttestationError, verify_document\n"
+            "try:\n"
+            "    verify_document(sys.stdin.buffer.read())\n"
+            "except AttestationError as e:\n"
+            "    print(e.code, e.reason)\n"
+            "else:\n"
+            "    print('accepted')\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-c", code], input=document, capture_output=True,
+                          timeout=timeout, env=env, check=True, cwd=root)
+    return done.stdout.decode().strip()
+
+
+@pytest.mark.parametrize("name", ["outer-map-key", "payload-key", "digest", "timestamp",
+                                  "protected-alg", "stringref-cabundle"])
+def test_cbor_value_sharing_and_string_references_are_refused_at_once(ca, name):
+    """Review finding: a 435-byte document froze the parent (exponential hashing or repr()
+    of a value-sharing DAG, in C, GIL held) before any signature was checked; string
+    references repeated a certificate thousands of times for a few bytes each."""
+    dag = shared_dag(64)
+    if name == "outer-map-key":  # [h'', {DAG: 0}, h'', h''], the reviewer's 435 bytes
+        doc = b"\x84\x40\xa1" + dag + b"\x00\x40\x40"
+    elif name == "payload-key":
+        doc = make_document(ca, payload_bytes=raw_payload(ca, extra=[(dag, b"\x00")]))
+    elif name in ("digest", "timestamp"):
+        doc = make_document(ca, payload_bytes=raw_payload(ca, replace={name: dag}))
+    elif name == "protected-alg":
+        _, _, payload, signature = cbor2.loads(make_document(ca))
+        doc = cbor2.dumps([b"\xa1\x01" + dag, {}, payload, signature])
+    else:  # a genuine document, its real root 3000 times over: ~4 s of signature checks
+        doc = stringref_bundle(genuine(2022), 3000)
+        assert len(doc) < MAX_DOCUMENT
+    started = time.monotonic()
+    answer = verify_in_a_subprocess(doc)
+    assert answer.startswith("malformed ") and "tag" in answer, answer
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize(("data", "what"), [
+    (cbor2.dumps(cbor2.CBORTag(18, cbor2.CBORTag(18, [b"", {}, b"", b""]))), "18"),
+    (cbor2.dumps([cbor2.CBORTag(18, b""), {}, b"", b""]), "18"),
+    (b"\xd9\xd9\xf7" + cbor2.dumps([b"", {}, b"", b""]), "55799"),  # self-described CBOR
+    (b"\xd8\x12" + cbor2.dumps([b"", {}, b"", b""]), "18"),  # 18, not in its shortest form
+], ids=["18-twice", "18-inside", "self-described", "18-long-form"])
+def test_no_tag_but_one_leading_18(ca, data, what):
+    e = refused(data, "malformed", ca.root_cert)
+    assert f"tag {what}" in e.reason
+
+
+@pytest.mark.parametrize("value", [
+    cbor2.CBORTag(1, 1700000000), 1 << 70, cbor2.CBORTag(4, [-2, 27315])],
+    ids=["epoch-time", "bignum", "decimal"])
+def test_a_tagged_payload_field_is_refused(ca, value):
+    doc = make_document(ca, overrides={"timestamp": value})
+    e = refused(doc, "malformed", ca.root_cert)
+    assert "the payload" in e.reason and "tag" in e.reason
+
+
+def test_duplicate_map_keys_are_refused(ca):
+    """Review finding: a payload with two nonces was accepted, the last one winning."""
+    doc = make_document(ca, payload_bytes=raw_payload(
+        ca, extra=[(cbor2.dumps("nonce"), cbor2.dumps(b"\x09" * 32))]))
+    e = refused(doc, "malformed", ca.root_cert)
+    assert "the payload" in e.reason and "uplicate" in e.reason
+    _, _, payload, signature = cbor2.loads(make_document(ca))
+    twice = b"\xa2\x01\x38\x22\x01\x38\x22"  # {1: -35, 1: -35}
+    refused(cbor2.dumps([twice, {}, payload, signature]), "malformed", ca.root_cert)
+
+
+def test_nesting_is_limited(ca):
+    def nested(depth: int) -> bytes:
+        return b"\x81" * depth + b"\x00"
+
+    ok = make_document(ca, payload_bytes=raw_payload(
+        ca, extra=[(cbor2.dumps("extra"), nested(6))]))
+    verify_document(ok, root=ca.root_cert)
+    deep = make_document(ca, payload_bytes=raw_payload(
+        ca, extra=[(cbor2.dumps("extra"), nested(9))]))
+    e = refused(deep, "malformed", ca.root_cert)
+    assert "nest" in e.reason
+
+
+def test_indefinite_lengths_are_read_like_definite_ones(ca):
+    # AWS's NSM writes the payload as an indefinite-length map now (the 2026 document).
+    payload = make_payload(ca, nonce=NONCE, public_key=WG_KEY)
+    body = b"\xbf" + b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in payload.items())
+    chunked = b"\x5f" + cbor2.dumps(NONCE[:10]) + cbor2.dumps(NONCE[10:]) + b"\xff"
+    body = body.replace(cbor2.dumps(NONCE), chunked) + b"\xff"
+    doc = make_document(ca, payload_bytes=body)
+    assert verify_document(doc, root=ca.root_cert, nonce=NONCE).nonce == NONCE
+    for broken in (body[:-1], body + b"\xff", b"\xbf\x01\xff"):
+        refused(make_document(ca, payload_bytes=broken), "malformed", ca.root_cert)
+

@@ -231,10 +231,85 @@ def _as_certificate(root: x509.Certificate | bytes | None) -> x509.Certificate:
 # -- decoding --------------------------------------------------------------------------------
 
 
-def _cbor(data: bytes, what: str) -> Any:
+# What a document's CBOR may contain. AWS documents use no tag but COSE_Sign1's leading 18 and
+# nest 3 levels deep; cbor2 would otherwise decode every tag it knows, value sharing (28/29:
+# a few hundred bytes that decode to 2^64 paths, which hashing a map key or repr() walks in
+# full, in C, with the GIL held) and string references (256/25: a certificate repeated for
+# 2 bytes a copy) among them, before any signature is checked.
+_MAX_DEPTH = 8
+_TAG_18 = 0xD2  # tag 18 in its one-byte head, as AWS writes it
+_INDEFINITE = -1  # stack marks: an indefinite-length array or map, a chunked byte or text
+_CHUNKS = {2: -2, 3: -3}  # string (its chunks must be definite strings of its own type)
+
+
+def _scan(data: bytes, what: str, tag18: bool = False) -> None:
+    """Walk the first CBOR item of `data` without decoding it, and refuse it (malformed) if it
+    holds any tag (but a leading 18 where `tag18`), nests deeper than _MAX_DEPTH or is cut
+    short. One step per item head: what passes decodes to plain values, linear in size."""
+    def refuse(why: str) -> AttestationError:
+        return AttestationError("malformed", f"{what} {why}")
+
+    pos, end = 0, len(data)
+    if tag18 and data[:1] == bytes([_TAG_18]):
+        pos = 1
+    stack: list[int] = []  # per open container: items still to come, or a mark above
+    while True:
+        if pos >= end:
+            raise refuse("ends inside a CBOR item")
+        start, head = pos, data[pos]
+        major, info = head >> 5, head & 31
+        pos += 1
+        if head == 0xFF:  # "break": closes the innermost indefinite-length item
+            if not stack or stack[-1] > 0:
+                raise refuse("has a CBOR break outside an indefinite-length item")
+            stack.pop()
+        else:
+            if info < 24:
+                arg = info
+            elif info < 28:
+                size = 1 << (info - 24)
+                if pos + size > end:
+                    raise refuse("ends inside a CBOR item")
+                arg = int.from_bytes(data[pos:pos + size], "big")
+                pos += size
+            elif info == 31 and major in (2, 3, 4, 5):
+                arg = _INDEFINITE
+            else:
+                raise refuse(f"has a CBOR item head that CBOR does not define (0x{head:02x})")
+            if stack and stack[-1] < _INDEFINITE and (stack[-1] != _CHUNKS.get(major)
+                                                      or arg == _INDEFINITE):
+                raise refuse("has a chunked CBOR string with a chunk of another kind")
+            if major == 6:
+                raise refuse(f"has CBOR tag {arg} (at byte {start}); attestation documents "
+                             "use no tag but COSE_Sign1's leading 18")
+            if major in (2, 3) and arg != _INDEFINITE:  # a string: skipped
+                if pos + arg > end:
+                    raise refuse("ends inside a CBOR item")
+                pos += arg
+            elif arg == _INDEFINITE or (major in (4, 5) and arg):  # a container opens
+                if len(stack) >= _MAX_DEPTH:
+                    raise refuse(f"nests CBOR items more than {_MAX_DEPTH} deep")
+                if arg == _INDEFINITE:
+                    stack.append(_CHUNKS.get(major, _INDEFINITE))
+                else:
+                    stack.append(arg * 2 if major == 5 else arg)
+                continue  # complete once its last item is
+        # An item is complete: count it in the containers it completes.
+        while stack and stack[-1] > 0:
+            stack[-1] -= 1
+            if stack[-1]:
+                break
+            stack.pop()
+        if not stack:
+            return
+
+
+def _cbor(data: bytes, what: str, tag18: bool = False) -> Any:
+    _scan(data, what, tag18)
     fp = io.BytesIO(data)
     try:
-        value = cbor2.CBORDecoder(fp).decode()
+        value = cbor2.CBORDecoder(fp, max_depth=_MAX_DEPTH + 1,
+                                  allow_duplicate_keys=False).decode()
     except Exception as e:  # cbor2 raises decode, value, overflow and recursion errors alike
         raise AttestationError("malformed", f"{what} is not valid CBOR: {e}") from None
     if fp.tell() != len(data):
@@ -266,7 +341,7 @@ def _cose(data: bytes) -> _Signed:
                                "are accepted")
     if not data:
         raise AttestationError("malformed", "the document is empty")
-    obj = _cbor(data, "the document")
+    obj = _cbor(data, "the document", tag18=True)
     if isinstance(obj, cbor2.CBORTag):
         if obj.tag != COSE_SIGN1_TAG:
             raise AttestationError("malformed", f"the document has CBOR tag {obj.tag}, not "
