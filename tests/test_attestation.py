@@ -20,7 +20,8 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.attest_fixtures import (
     DEBUG_PCRS,
@@ -1209,4 +1210,100 @@ def test_indefinite_lengths_are_read_like_definite_ones(ca):
     assert verify_document(doc, root=ca.root_cert, nonce=NONCE).nonce == NONCE
     for broken in (body[:-1], body + b"\xff", b"\xbf\x01\xff"):
         refused(make_document(ca, payload_bytes=broken), "malformed", ca.root_cert)
+
+
+# -- the CA bundle: bounded, no repeats, cheap checks before signatures ----------------------
+
+
+def test_cabundle_is_capped(ca):
+    doc = make_document(ca, overrides={"cabundle": [ca.cabundle[0]] * 8 + [ca.cabundle[1]]})
+    e = refused(doc, "invalid-field", ca.root_cert)
+    assert "cabundle" in e.reason and "8" in e.reason
+
+
+@pytest.mark.parametrize("bundle", [
+    lambda ca: [ca.cabundle[0], ca.cabundle[0], ca.cabundle[1]],
+    lambda ca: [ca.cabundle[0], ca.cabundle[1], ca.cabundle[1]],
+    lambda ca: [*ca.cabundle, ca.leaf_der],
+], ids=["root-twice", "intermediate-twice", "leaf-in-bundle"])
+def test_a_certificate_twice_in_the_chain_is_refused(ca, bundle):
+    """Review finding: [root, root, intermediate] verified (root <- root is a valid link)."""
+    e = refused(make_document(ca, overrides={"cabundle": bundle(ca)}), "bad-chain",
+                ca.root_cert)
+    assert "twice" in e.reason
+
+
+def test_validity_is_checked_before_any_chain_signature(ca, other_ca):
+    """A bundle that does not chain and was not valid at the time asked about is refused for
+    its dates: those cost nothing, each chain link costs an ECDSA verification."""
+    doc = make_document(other_ca, overrides={"cabundle": ca.cabundle})
+    refused(doc, "bad-chain", ca.root_cert)
+    refused(doc, "certificate-expired", ca.root_cert, at=datetime.now(UTC) + timedelta(days=400))
+
+
+# -- chain rules: ECDSA P-384 with SHA-384 throughout, no unknown critical extension ---------
+
+
+def _reissued_intermediate(ca: TestCA, *, key=None, hash_alg=None, extension=None) -> TestCA:
+    """The CA with its intermediate issued again (by the same root, same name) with another
+    key, hash or an extra extension, and a new leaf under it."""
+    from cryptography.hazmat.primitives.asymmetric import ec as ec_
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "wgvsock tests"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.now(UTC)
+    inter_key = key or ec_.generate_private_key(ec_.SECP384R1())
+    b = (x509.CertificateBuilder().subject_name(ca.intermediate_cert.subject)
+         .issuer_name(ca.root_cert.subject).public_key(inter_key.public_key())
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=30))
+         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True))
+    if extension is not None:
+        b = b.add_extension(extension, critical=True)
+    inter = b.sign(ca.root_key, hash_alg or hashes.SHA384())
+    leaf_key = ec_.generate_private_key(ec_.SECP384R1())
+    leaf = (x509.CertificateBuilder().subject_name(name("reissued leaf"))
+            .issuer_name(inter.subject).public_key(leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(hours=2))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(inter_key, hashes.SHA384() if isinstance(inter_key, ec_.EllipticCurvePrivateKey)
+                  else hashes.SHA256()))
+    return TestCA(ca.root_key, ca.root_cert, inter_key, inter, leaf_key, leaf)
+
+
+@pytest.mark.parametrize(("variant", "code", "words"), [
+    ({"hash_alg": hashes.SHA256()}, "bad-chain", "SHA-384"),
+    ({"key": "rsa"}, "bad-certificate", "P-384"),
+    ({"key": "p256"}, "bad-certificate", "P-384"),
+    ({"extension": x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"),
+                                              b"\x05\x00")},
+     "bad-certificate", "critical extension"),
+    ({"extension": x509.NameConstraints(permitted_subtrees=[x509.DNSName("example.com")],
+                                        excluded_subtrees=None)},
+     "bad-certificate", "critical extension"),
+], ids=["sha256", "rsa-intermediate", "p256-intermediate", "unknown-critical",
+        "name-constraints"])
+def test_chain_rules_beyond_signatures(ca, variant, code, words):
+    from cryptography.hazmat.primitives.asymmetric import ec as ec_
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    if variant.get("key") == "rsa":
+        variant = {"key": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+    elif variant.get("key") == "p256":
+        variant = {"key": ec_.generate_private_key(ec_.SECP256R1())}
+    other = _reissued_intermediate(ca, **variant)
+    doc = make_document(other, nonce=NONCE, public_key=WG_KEY)
+    e = refused(doc, code, ca.root_cert)
+    assert words in e.reason and "intermediate" in e.reason, e.reason
+
+
+def test_reissued_intermediate_helper_makes_a_valid_chain(ca):
+    # Guards the test above: unchanged, the reissued chain verifies.
+    doc = make_document(_reissued_intermediate(ca), nonce=NONCE, public_key=WG_KEY)
+    verify_document(doc, root=ca.root_cert, nonce=NONCE, public_key=WG_KEY)
 

@@ -35,8 +35,9 @@ import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from ..conn.bind import RateLimitedLog
 from ..safetext import prose, quote
@@ -61,6 +62,9 @@ _unexpected_log = RateLimitedLog(10.0, logger=log, burst=5)
 # Field limits from AWS's specification. Its prose says 512 bytes for user_data and nonce while
 # its CDDL says 1024; the looser one is used so that no genuine document is refused.
 _CERT_MAX = 1024
+# AWS's bundles hold the root and 3 intermediates (regional, zonal, instance); the spec sets no
+# bound, but each entry beyond the root costs an ECDSA verification.
+_CABUNDLE_MAX = 8
 _OPTIONAL_MAX = 1024
 _PCR_SIZES = (32, 48, 64)
 _PCR_COUNT = 32
@@ -428,6 +432,9 @@ def _payload(raw: bytes) -> Document:
     cabundle = p["cabundle"]
     if not _is_array(cabundle) or not cabundle:
         raise AttestationError("invalid-field", "cabundle is not a non-empty array")
+    if len(cabundle) > _CABUNDLE_MAX:
+        raise AttestationError("invalid-field", f"cabundle has {len(cabundle)} certificates; "
+                                                f"at most {_CABUNDLE_MAX} are accepted")
     for i, c in enumerate(cabundle):
         if not isinstance(c, bytes) or not 1 <= len(c) <= _CERT_MAX:
             raise AttestationError("invalid-field", f"cabundle[{i}] is not a byte string of "
@@ -479,6 +486,61 @@ def _extension(cert: x509.Certificate, kind: type) -> Any:
     except Exception as e:  # a duplicated or undecodable extension
         raise AttestationError("bad-certificate",
                                f"'{_name(cert)}' has a malformed extension: {e}") from None
+
+
+# The critical extensions a chain's certificate may carry: the ones _check_chain acts on. Any
+# other critical one must be refused (RFC 5280 4.2); AWS's certificates carry no other.
+_KNOWN_CRITICAL = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE})
+
+
+def _check_form(chain: list[tuple[str, x509.Certificate]]) -> None:
+    """What costs no signature verification: every certificate once, signed with ECDSA and
+    SHA-384 and holding a P-384 key (as AWS's whole PKI is), no unknown critical extension."""
+    seen: dict[bytes, str] = {}
+    for role, cert in chain:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if der in seen:
+            raise AttestationError("bad-chain", f"{role} '{_name(cert)}' is in the chain twice "
+                                                f"(also as {seen[der]})")
+        seen[der] = role
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+            raise AttestationError("bad-certificate", f"{role} '{_name(cert)}' holds "
+                                                      f"{_key_kind(key)}, not an ECDSA P-384 "
+                                                      "key")
+        try:
+            extensions = list(cert.extensions)
+        except Exception as e:  # a duplicated or undecodable extension
+            raise AttestationError("bad-certificate", f"{role} '{_name(cert)}' has a malformed"
+                                                      f" extension: {e}") from None
+        for ext in extensions:
+            if ext.critical and ext.oid not in _KNOWN_CRITICAL:
+                raise AttestationError("bad-certificate",
+                                       f"{role} '{_name(cert)}' has a critical extension this "
+                                       f"verifier does not apply "
+                                       f"({type(ext.value).__name__}, "
+                                       f"{ext.oid.dotted_string})")
+    for role, cert in chain:  # after the keys: a certificate signed by an RSA key says RSA
+        if cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA384:
+            raise AttestationError("bad-chain", f"{role} '{_name(cert)}' is signed with "
+                                                f"{_algorithm(cert)}, not ECDSA with SHA-384")
+
+
+def _algorithm(cert: x509.Certificate) -> str:
+    try:
+        digest = cert.signature_hash_algorithm
+        named = f" ({digest.name})" if digest else ""
+    except Exception:  # UnsupportedAlgorithm
+        named = ""
+    return f"algorithm {cert.signature_algorithm_oid.dotted_string}{named}"
+
+
+def _key_kind(key: Any) -> str:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"an ECDSA {key.curve.name} key"
+    if isinstance(key, rsa.RSAPublicKey):
+        return "an RSA key"
+    return f"a {type(key).__name__.removesuffix('PublicKey')} key"
 
 
 def _check_chain(chain: list[tuple[str, x509.Certificate]]) -> None:
@@ -694,11 +756,13 @@ def _verify(data: bytes, trusted: x509.Certificate, when: datetime | None, now: 
         chain = [("the signing certificate", leaf)]
         chain += [(f"intermediate cabundle[{i}]", bundle[i]) for i in range(n - 1, 0, -1)]
         chain.append(("the root", bundle[0]))
-        _check_chain(chain)
+        # Cheap checks first: a document that fails them costs no signature verification.
+        _check_form(chain)
         _check_validity(chain, when or doc.time,
                         "the time given" if when else "the document's timestamp")
         if live:
             _check_valid_now(chain, now)
+        _check_chain(chain)
         _check_signature(signed, leaf)
         _check_expectations(doc, pcrs=pcrs, nonce=nonce, public_key=public_key,
                             max_age=max_age, now=now, allow_debug=allow_debug)
