@@ -1307,3 +1307,23 @@ def test_reissued_intermediate_helper_makes_a_valid_chain(ca):
     doc = make_document(_reissued_intermediate(ca), nonce=NONCE, public_key=WG_KEY)
     verify_document(doc, root=ca.root_cert, nonce=NONCE, public_key=WG_KEY)
 
+
+# -- debug mode: only the image's PCRs are zero ----------------------------------------------
+
+
+def test_debug_mode_still_compares_the_pcrs_it_does_not_zero(ca, test_root):
+    """Review finding: with allow_debug every pinned PCR was skipped, but debug mode zeroes
+    only PCR0-2 (and PCR8): a pinned PCR3 (IAM role) or PCR4 (instance) was ignored."""
+    debug = {**DEBUG_PCRS, 3: TEST_PCRS[3], 4: TEST_PCRS[4]}
+    doc = make_document(ca, nonce=NONCE, public_key=WG_KEY, pcrs=debug)
+    for pins, ok in (({**PINS, 3: TEST_PCRS[3].hex()}, True),
+                     ({**PINS, 4: TEST_PCRS[4].hex(), 8: "ab" * 48}, True),
+                     ({**PINS, 3: "ab" * 48}, False),
+                     ({**PINS, 4: "ab" * 48}, False),
+                     ({**PINS, 20: "ab" * 48}, False)):
+        v = verify_enclave(doc, public_key=WG_KEY, nonce=NONCE,
+                           policy=policy(test_root, pcrs=pins, allow_debug=True))
+        assert v.accepted is ok, (pins, v.reason)
+        assert v.accepted or v.detail == {"code": "pcr-mismatch"}
+        assert not v.attested
+

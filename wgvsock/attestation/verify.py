@@ -68,6 +68,8 @@ _CABUNDLE_MAX = 8
 _OPTIONAL_MAX = 1024
 _PCR_SIZES = (32, 48, 64)
 _PCR_COUNT = 32
+# The PCRs Nitro reports as zeros for an enclave started with --debug-mode.
+_DEBUG_ZEROED = frozenset({0, 1, 2, 8})
 
 # Stable codes, one per distinct way a document can be refused (tests and --json rely on them).
 CODES = (
@@ -652,15 +654,20 @@ def _check_expectations(doc: Document, *, pcrs: dict[int, bytes],
                         max_age: float | None, now: datetime,
                         allow_debug: bool | None) -> None:
     # allow_debug None: a debug-mode document is refused only when PCRs are expected. False:
-    # always refused. True: accepted, its (all-zero) PCRs not compared, which callers must
-    # report as "debug", never as attested.
+    # always refused. True: accepted, its zeroed PCRs (0-2, 8) not compared, which callers
+    # must report as "debug", never as attested.
     if doc.debug_mode and (allow_debug is False or (allow_debug is None and pcrs)):
         raise AttestationError("debug-enclave",
                                "the enclave runs in debug mode (its PCRs are all zeros), so "
                                "it cannot prove which image it runs (attestation.allow_debug "
                                "admits it, for development only)")
-    if pcrs and not doc.debug_mode:
+    # Debug mode zeroes the image's measurements (PCR0-2) and its signer's (PCR8) only: a
+    # pinned IAM role (PCR3) or instance (PCR4) is compared all the same.
+    skipped = _DEBUG_ZEROED if doc.debug_mode else frozenset()
+    if pcrs:
         for i, want in sorted(pcrs.items()):
+            if i in skipped:
+                continue
             got = doc.pcrs.get(i)
             if got is None:
                 raise AttestationError("pcr-mismatch", f"PCR{i} is not in the document")
@@ -718,7 +725,7 @@ def verify_document(
     pcrs: index -> expected value (hex or bytes); non-empty also refuses debug-mode enclaves.
     nonce, public_key: must equal the document's fields exactly.
     live: the document is being presented now: the chain must also be valid at `now`.
-    allow_debug: True accepts debug-mode documents (PCRs not compared), False refuses them
+    allow_debug: True accepts debug-mode documents (PCR0-2 and 8 not compared), False refuses them
         always; None (default) refuses them only when `pcrs` is given.
     """
     # The caller's expectations are checked first: a bad one is the caller's bug (ValueError),
