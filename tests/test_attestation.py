@@ -1327,3 +1327,16 @@ def test_debug_mode_still_compares_the_pcrs_it_does_not_zero(ca, test_root):
         assert v.accepted or v.detail == {"code": "pcr-mismatch"}
         assert not v.attested
 
+
+# -- attestation.test_root_ca ----------------------------------------------------------------
+
+
+def test_the_test_root_path_stays_on_the_parent(ca, good, tmp_path, caplog):
+    """The refusal reason goes to the registering peer: it says that the test root cannot be
+    read, not where it is; the path is logged on the parent."""
+    where = str(tmp_path / "secret-place" / "root.pem")
+    with caplog.at_level(logging.WARNING, logger="wgvsock.attestation"):
+        v = verify_enclave(good, public_key=WG_KEY, nonce=NONCE, policy=policy(where))
+    assert not v.accepted and v.detail == {"code": "bad-root"}
+    assert "secret-place" not in v.reason and "test_root_ca" in v.reason
+    assert any("secret-place" in r.getMessage() for r in caplog.records)

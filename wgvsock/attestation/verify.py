@@ -219,8 +219,11 @@ def trusted_root(test_root_ca: str | None = None) -> x509.Certificate:
         with open(test_root_ca, "rb") as f:
             data = f.read(64 * 1024)
     except OSError as e:
-        raise AttestationError("bad-root", f"attestation.test_root_ca {test_root_ca}: "
-                                           f"{e.strerror}") from None
+        # The reason goes to the registering peer: where the root lives stays in the log.
+        log.error("attestation: attestation.test_root_ca %s cannot be read: %s", test_root_ca,
+                  e.strerror or e)
+        raise AttestationError("bad-root", "the test root CA (attestation.test_root_ca) "
+                                           f"cannot be read: {e.strerror or 'error'}") from None
     log.warning("attestation: trusting the test root %s instead of AWS's "
                 "(attestation.test_root_ca; for tests only)", test_root_ca)
     return load_certificate(data)
