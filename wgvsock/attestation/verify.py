@@ -4,14 +4,21 @@ A document is a COSE_Sign1 (RFC 8152), tagged (CBOR tag 18) or not, whose payloa
 map AWS documents in aws-nitro-enclaves-nsm-api/docs/attestation_process.md. It is trusted only
 after, in this order:
 
-1. its structure and every payload field check out (sizes and types as AWS specifies them);
-2. the CA bundle starts with the pinned root (by exact DER), and every link of
-   leaf <- cabundle[-1] <- ... <- cabundle[0] is signed by the next one, whose certificate is a
-   CA allowed to issue it;
-3. every certificate of the chain was valid at the document's own timestamp (or a time given)
+1. its CBOR is plain data: walked before it is decoded, it holds no tag but COSE_Sign1's
+   leading 18 (no value sharing, string references, bignums or dates), nests at most 8 deep,
+   and no map has a key twice;
+2. its structure and every payload field check out (sizes and types as AWS specifies them;
+   at most 8 certificates in the CA bundle);
+3. the CA bundle starts with the pinned root (by exact DER), no certificate is in the chain
+   twice, every one holds an ECDSA P-384 key, is signed with ECDSA and SHA-384 and carries no
+   critical extension but basicConstraints and keyUsage;
+4. every certificate of the chain was valid at the document's own timestamp (or a time given)
    and, when verifying live (the parent's verdict), is valid now too, within MAX_CLOCK_SKEW;
-4. the ES384 signature over the COSE Sig_structure verifies with the leaf certificate's key;
-5. the caller's expectations hold: debug mode, PCRs, nonce, public key, maximum age.
+5. every link of leaf <- cabundle[-1] <- ... <- cabundle[0] is signed by the next one, whose
+   certificate is a CA allowed to issue it (checks 1-4 cost no signature verification);
+6. the ES384 signature over the COSE Sig_structure verifies with the leaf certificate's key;
+7. the caller's expectations hold: debug mode, PCRs (in debug mode all but the zeroed 0-2
+   and 8), nonce, public key, maximum age.
 
 Every failure is an AttestationError with a stable `code` and a human `reason`; hostile input
 (malformed or oversized CBOR, wrong types, broken certificates) never raises anything else.
