@@ -171,6 +171,32 @@ def test_handshake_and_ping_both_ways(lab: Lab, initiator: str) -> None:
     assert resp.handshakes_sent() == (0, 1)
 
 
+@pytest.mark.parametrize(("initiator", "same"), [("ours", True), ("go", True), ("ours", False)])
+def test_preshared_key(lab: Lab, initiator: str, same: bool) -> None:
+    """The preshared key (Noise IKpsk2's psk, mixed in at the response) against wireguard-go:
+    the same key on both sides makes the handshake; a different one leaves the initiator
+    unable to open the response, so no session, and nothing gets through."""
+    pair = _setup(lab, initiator)
+    keys = [lab.tmp / "psk-ours", lab.tmp / "psk-go"]
+    keys[0].write_text(pair.ours.ns.wg("genpsk").stdout)
+    keys[1].write_text(keys[0].read_text() if same else pair.go.ns.wg("genpsk").stdout)
+    for side, key in zip((pair.ours, pair.go), keys, strict=True):
+        (peer,) = side.ns.wg("show", side.ifname, "peers").stdout.split()
+        side.ns.wg("set", side.ifname, "peer", peer, "preshared-key", str(key))
+        assert side.wg_fields("preshared-keys") == [key.read_text().strip()]
+    init, resp = pair.sides()
+    if same:
+        ping(init.ns, resp.tun_ip)
+        ping(resp.ns, init.tun_ip)
+        assert init.latest_handshake() > 0 and resp.latest_handshake() > 0
+        return
+    assert ping(init.ns, resp.tun_ip, count=2, check=False).returncode != 0
+    # The responder answered (it cannot tell before the response), the initiator could not
+    # open that answer: no session on either side.
+    wait_for(lambda: resp.handshakes_sent()[1] >= 1, 5, f"{resp.kind} to answer")
+    assert init.latest_handshake() == 0
+
+
 # -- 3: TCP bulk through the tunnel ----------------------------------------------------------
 
 
