@@ -14,8 +14,9 @@ accepts is the one installed, before a welcome; anything else gets no answer at 
 sends; the enclave runs register() and, once welcomed, hold_connection(). ControlError and
 OSError are what the enclave's caller expects; anything else is a crash. What it does must
 follow from the input as `read_messages` reads it: without a challenge carrying a 32-byte
-nonce it neither attests nor sends anything; with one, it has exactly that nonce and its own
-key attested and sends a register echoing the nonce with that key and document (an enclave
+nonce it neither attests nor sends anything; with one, it has exactly attested_nonce(that
+nonce) and its own key attested (never the nonce itself, which the parent chose) and sends a
+register echoing the nonce with that key and document (an enclave
 attesting or echoing any other nonce would make a recorded registration replayable); it
 accepts exactly a well-formed welcome as the next message, and then sends only pings.
 """
@@ -39,6 +40,7 @@ from wgvsock.services.control import (
     ControlServer,
     Verdict,
     Welcome,
+    attested_nonce,
     hold_connection,
     register,
 )
@@ -431,10 +433,10 @@ class ControlEnclaveTarget(Target):
             assert not attested and not sent, "attested or sent without a challenge"
             assert refusal is not None, "registered without a challenge"
             raise refusal
-        assert attested == [(nonce, ENCLAVE_KEY)], (
-            "attest was not called exactly once with the challenge's nonce and the enclave's "
-            f"key ({len(attested)} calls)")
-        document = self.document(nonce, ENCLAVE_KEY)
+        assert attested == [(attested_nonce(nonce), ENCLAVE_KEY)], (
+            "attest was not called exactly once with the challenge's attested nonce and the "
+            f"enclave's key ({len(attested)} calls)")
+        document = self.document(attested_nonce(nonce), ENCLAVE_KEY)
         assert sent[:1] == [{"v": 1, "type": "register", "nonce": b64(nonce),
                              "public_key": b64(ENCLAVE_KEY),
                              "attestation": None if document is None else b64(document)}], (
