@@ -557,6 +557,54 @@ def test_a_peer_reading_slowly_does_not_stretch_a_send_past_the_timeout(
         reader.join(5)
 
 
+def test_a_peer_not_reading_holds_up_sends_to_other_peers_only_briefly(
+    binds: list[Bind]
+) -> None:
+    """One thread (the TUN reader) sends to every peer. Before: a send to a peer that stopped
+    reading waited the whole send timeout (5 s by default) before its connection closed, and
+    everything for the other peers waited with it, again after every reconnect (review
+    finding: 4.3 s of pings lost to a healthy peer). Now, while other peers have connections,
+    a send waits STALL_PATIENCE at most; then the connection is stalled: its sends no longer
+    wait, what its socket cannot take is dropped, and it closes once it has taken nothing
+    for the send timeout. With one peer a send still waits the whole timeout (the test
+    above)."""
+    from wgvsock.conn.stream import STALL_PATIENCE
+
+    deaf = socket.socket()
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    deaf.bind(("127.0.0.1", 0))
+    deaf.listen(4)  # the connection completes in the backlog, and nothing ever reads it
+    try:
+        a, a_in, _ = opened(binds, StreamBind("tcp4", send_timeout=2.0, **FAST))
+        b, b_in, b_port = opened(binds, StreamBind("tcp4"))
+        assert isinstance(a, StreamBind)
+        b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+        exchange(a, a_in, b, b_in, b_ep)
+        deaf_ep = a.parse_endpoint(f"127.0.0.1:{deaf.getsockname()[1]}")
+        a.send(msg(3), deaf_ep)
+        wait_until(lambda: len(a.status()["connections"]) == 2)
+        batch = [b"\x04\0\0\0" + bytes(65000)] * 4
+        worst, stalled, i = 0.0, False, 0
+        end = time.monotonic() + 1.5  # within the send timeout: the connection stays
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            a.send_batch(batch, deaf_ep)
+            worst = max(worst, time.monotonic() - t0)
+            i += 1
+            a.send(msg(4, 60 + i % 200), b_ep)  # the healthy peer's gets through meanwhile
+            assert b_in.get()[0] == msg(4, 60 + i % 200)
+            stalled = stalled or any(c.get("stalled") for c in a.status()["connections"])
+        assert worst < STALL_PATIENCE + 0.3, f"a send to the deaf peer took {worst:.2f} s"
+        assert stalled
+        deaf_conn = [c for c in a.status()["connections"] if c["stalled"]]
+        assert deaf_conn and deaf_conn[0]["dropped"] > 0
+        assert a.status()["send_failures"] == 0
+        # Nothing taken for the send timeout: closed, as a waiting send would have done.
+        wait_until(lambda: (a.send_batch(batch, deaf_ep), a.status()["send_failures"])[1] >= 1)
+    finally:
+        deaf.close()
+
+
 # -- vsock: bind and listen only, never connect ----------------------------------------------
 
 

@@ -103,6 +103,14 @@ HANDSHAKE_GRACE = 15.0
 # The receive buffer of a connection that has not authenticated; it grows if a frame needs
 # more, and to framing.RECEIVE_BUFFER once the connection is a peer's.
 UNTRUSTED_BUFFER = 4096
+# How long a send waits for a peer's connection while other peers have connections of their
+# own: one thread sends to them all (the TUN reader), and a peer that stops reading must not
+# hold up the others for the whole send timeout, over and over as it reconnects. Past this
+# the connection is stalled: its sends no longer wait, and what its socket cannot take is
+# dropped as a datagram would be, until it has taken everything left and SEND_TIMEOUT more
+# seconds have passed; it is closed once it takes nothing for the send timeout. A device
+# with one peer (an enclave's, a parent's) waits the whole send timeout, as before.
+STALL_PATIENCE = 0.25
 TCP_KEEPALIVE: Final = 15  # seconds: idle before the first probe, and between probes
 _NO_CAPS: Final = (0, 0)
 _HELLO_BYTE: Final = HELLO_MAGIC[0]
@@ -130,29 +138,44 @@ def _unsent(bufs: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
     return bufs
 
 
-def _send_all(sock: socket.socket, bufs: list[bytes | memoryview], timeout: float) -> None:
+def _send_all(sock: socket.socket, bufs: list[bytes | memoryview], timeout: float,
+              give_up: bool = False) -> list[bytes | memoryview]:
     """Every buffer, waiting while the kernel is full: `timeout` seconds (the socket's
     SO_SNDTIMEO) for the whole send. The option bounds each sendmsg() alone, and a peer that
     reads a little at a time would renew it with every call: after a short write each further
-    call gets only what is left of the whole."""
+    call gets only what is left of the whole. Out of time, raises TimeoutError, or with
+    GIVE_UP returns what is left (nothing: all sent)."""
     begun = time.monotonic()
     n = 0
     if len(bufs) <= IOV_MAX:
-        n = sock.sendmsg(bufs)
+        try:
+            n = sock.sendmsg(bufs)
+        except BlockingIOError:  # SO_SNDTIMEO passed with nothing taken
+            if not give_up:
+                raise
+            return bufs
         if n == sum(map(len, bufs)):
-            return  # the common case: one system call, one length check
+            return []  # the common case: one system call, one length check
     bufs = _unsent(bufs, n)
     try:
         while bufs:
             # 1 ms at least: a timeval of 0 would mean no limit at all.
             left = begun + timeout - time.monotonic()
             if left < 0.001:
+                if give_up:
+                    return bufs
                 raise TimeoutError("send timed out")
             set_send_timeout(sock, left)
-            bufs = _unsent(bufs, sock.sendmsg(bufs[:IOV_MAX]))
+            try:
+                bufs = _unsent(bufs, sock.sendmsg(bufs[:IOV_MAX]))
+            except BlockingIOError:
+                if not give_up:
+                    raise
+                return bufs
     finally:
         with contextlib.suppress(OSError):  # closed meanwhile: the send's own error counts
             set_send_timeout(sock, timeout)
+    return []
 
 
 def _send_some(sock: socket.socket, bufs: list[bytes | memoryview]) -> list[bytes | memoryview]:
@@ -173,16 +196,21 @@ class _Conn:
         "caps",
         "closed",
         "done",
+        "dropped",
         "ep",
         "got_frame",
         "hello_seen",
         "last_rx",
         "outbound",
+        "patience",
+        "progress_at",
         "reason",
         "send_lock",
         "send_timeout",
         "since",
         "sock",
+        "sock_patience",
+        "stalled_at",
         "tail",
         "tail_lock",
         "trusted",
@@ -195,6 +223,15 @@ class _Conn:
         self.ep = ep
         self.outbound = outbound
         self.send_timeout = send_timeout  # its SO_SNDTIMEO, for a whole send (_send_all)
+        # How long a waiting send waits (StreamBind._set_patience), and what the socket's
+        # SO_SNDTIMEO says now: set under send_lock by the next send, not by whoever changes
+        # the patience while a send may be under way.
+        self.patience = self.sock_patience = send_timeout
+        # When a waiting send gave up (see STALL_PATIENCE; 0: it did not), when the socket
+        # last took bytes while stalled, and the sends dropped while stalled.
+        self.stalled_at = 0.0
+        self.progress_at = 0.0
+        self.dropped = 0
         self.send_lock = threading.Lock()
         self.closed = False
         self.done = threading.Event()
@@ -243,6 +280,8 @@ class _Conn:
     def _send(self, bufs: list[bytes | memoryview], wait: bool) -> bool:
         if self.closed:
             return False
+        if self.stalled_at:
+            return self._send_stalled(bufs)
         if self.tail:
             with self.tail_lock:
                 bufs = self.tail + bufs
@@ -251,7 +290,17 @@ class _Conn:
             return True
         try:
             if wait:
-                _send_all(self.sock, bufs, self.send_timeout)
+                patience = self.patience
+                if patience != self.sock_patience:
+                    set_send_timeout(self.sock, patience)
+                    self.sock_patience = patience
+                if patience >= self.send_timeout:
+                    _send_all(self.sock, bufs, patience)
+                elif rest := _send_all(self.sock, bufs, patience, give_up=True):
+                    # Other peers wait behind this one: it is stalled (STALL_PATIENCE).
+                    self.stalled_at = self.progress_at = time.monotonic()
+                    with self.tail_lock:
+                        self.tail = rest + self.tail
             elif rest := _send_some(self.sock, bufs):
                 with self.tail_lock:
                     self.tail = rest + self.tail
@@ -260,6 +309,41 @@ class _Conn:
             timed_out = isinstance(exc, TimeoutError | BlockingIOError)
             self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
             return False
+
+    def _send_stalled(self, bufs: list[bytes | memoryview]) -> bool:
+        """A send on a stalled connection: nothing waits. What is left of the send that
+        stalled goes first and whole (a frame begun must end); while any is left, BUFS are
+        dropped."""
+        with self.tail_lock:
+            pending, self.tail = self.tail, []
+        now = time.monotonic()
+        try:
+            if pending:
+                before = sum(map(len, pending))
+                pending = _send_some(self.sock, pending)
+                if sum(map(len, pending)) < before:
+                    self.progress_at = now
+            if not pending:
+                if now - self.stalled_at >= self.send_timeout:
+                    self.stalled_at = 0.0  # it kept up for a while: sends may wait again
+                    return self._send(bufs, True)
+                if bufs:
+                    pending = _send_some(self.sock, bufs)
+                    if len(pending) < len(bufs) or (pending and pending[0] is not bufs[0]):
+                        self.progress_at = now
+                    bufs = []
+        except OSError as exc:
+            self.shutdown(f"send: {exc}")
+            return False
+        if pending:
+            with self.tail_lock:
+                self.tail = pending + self.tail
+            if now - self.progress_at >= self.send_timeout:
+                self.shutdown("send timed out (peer not reading)")
+                return False
+        if bufs:
+            self.dropped += 1
+        return True
 
     def shutdown(self, reason: str) -> None:
         """Wake the reader and any sender; the reader then closes the socket."""
@@ -558,7 +642,7 @@ class StreamBind(SocketBind):
         if threading.get_ident() != self._serving:
             return conn.send_iov(bufs)
         sent = conn.send_iov(bufs, wait=False)
-        if sent and conn.tail:
+        if sent and conn.tail and not conn.stalled_at:  # a stalled one's tail waits for it
             self.congested = True
         return sent
 
@@ -763,6 +847,8 @@ class StreamBind(SocketBind):
             return
         conn.trusted = True
         set_receive_timeout(conn.sock, 0)  # a real peer: no limit on idling now
+        with self._lock:
+            self._set_patience()
         if conn.hello_seen:
             self._notify_caps()
 
@@ -912,6 +998,7 @@ class StreamBind(SocketBind):
         with self._lock:
             if self._conns.get(conn.ep) is conn:
                 del self._conns[conn.ep]
+                self._set_patience()
         with conn.send_lock:  # no sender may be inside sendall() when the fd number is freed
             conn.sock.close()
         if conn.reason.startswith("send"):
@@ -1046,6 +1133,16 @@ class StreamBind(SocketBind):
         with contextlib.suppress(OSError):  # a refused mark failed set_mark already
             self._sync_mark(conn.sock)
         self._conns[conn.ep] = conn
+        self._set_patience()
+
+    def _set_patience(self) -> None:
+        """Under self._lock: a waiting send waits the whole send timeout while one trusted
+        connection is open, STALL_PATIENCE while there are more (see there)."""
+        conns = self._conns.values()
+        alone = sum(1 for c in conns if c.trusted and not c.closed) <= 1
+        patience = self.send_timeout if alone else min(STALL_PATIENCE, self.send_timeout)
+        for c in conns:
+            c.patience = patience
 
     def _flush_and_register(self, d: _Dialer, conn: _Conn) -> bool:
         """Send what queued up while dialling, then publish the connection for direct sends."""
@@ -1078,6 +1175,8 @@ class StreamBind(SocketBind):
                     "endpoint": display_endpoint(c.ep),
                     "direction": "out" if c.outbound else "in",
                     "age": round(now - c.since, 3),
+                    "stalled": c.stalled_at > 0,
+                    "dropped": c.dropped,
                 }
                 for c in self._conns.values()
             ]
