@@ -164,7 +164,9 @@ def test_link_states_for_the_uapi() -> None:
     """The per-peer keys the device adds: connected wins over a dialler's own state."""
     links = _link_states({
         "connections": [{"endpoint": "unix:/r/1.sock", "direction": "out", "age": 3.0},
-                        {"endpoint": "unix:<inbound #4>", "direction": "in", "age": 1.0}],
+                        {"endpoint": "unix:<inbound #4>", "direction": "in", "age": 1.0},
+                        {"endpoint": "unix:<inbound #5>", "direction": "in", "age": 1.0,
+                         "stalled": True, "dropped": 3}],
         "dialers": [
             {"endpoint": "unix:/r/1.sock", "state": "connected", "reconnects": 2},
             {"endpoint": "vsock://16:5000", "state": "backoff", "reconnects": 5},
@@ -174,6 +176,7 @@ def test_link_states_for_the_uapi() -> None:
     assert links == {
         "unix:/r/1.sock": {"wgvsock_conn": "connected", "wgvsock_reconnects": "2"},
         "unix:<inbound #4>": {"wgvsock_conn": "connected"},
+        "unix:<inbound #5>": {"wgvsock_conn": "stalled"},
         "vsock://16:5000": {"wgvsock_conn": "backoff", "wgvsock_reconnects": "5"},
         "vsock://17:5000": {"wgvsock_conn": "dialing", "wgvsock_reconnects": "0"},
     }

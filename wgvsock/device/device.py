@@ -136,7 +136,9 @@ def _link_states(status: dict[str, Any]) -> dict[str, dict[str, str]] | None:
             "wgvsock_reconnects": str(d["reconnects"]),
         }
     for c in status["connections"]:
-        links.setdefault(c["endpoint"], {})["wgvsock_conn"] = "connected"
+        # Stalled: it stopped reading our sends (stream.STALL_PATIENCE).
+        state = "stalled" if c.get("stalled") else "connected"
+        links.setdefault(c["endpoint"], {})["wgvsock_conn"] = state
     return links
 
 

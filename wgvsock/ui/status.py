@@ -82,7 +82,8 @@ ALLOWED_IPS_SHOWN = 8
 # Health follows the protocol's own clocks: a session is rekeyed after REKEY_AFTER_TIME and its
 # keys are useless after REJECT_AFTER_TIME, so a handshake older than that means no live session.
 HEALTH_STYLES = {"fresh": "green", "rekey": "yellow", "stale": "red", "never": "dim"}
-CONN_STYLES = {"connected": "green", "dialing": "yellow", "backoff": "red", "none": "dim"}
+CONN_STYLES = {"connected": "green", "stalled": "red", "dialing": "yellow", "backoff": "red",
+               "none": "dim"}
 
 EMPTY_HINT = (
     "start one with `wgvsock parent up --profile FILE` or `wireguard-go-vsock wg0`, "

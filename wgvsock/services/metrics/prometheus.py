@@ -45,7 +45,7 @@ from .counters import ParentCounters
 log = logging.getLogger("wgvsock.metrics")
 
 #: The states of ``wgvsock_peer_connection_state``: the stream transport's link to the peer.
-CONNECTION_STATES = ("connected", "dialing", "backoff", "none")
+CONNECTION_STATES = ("connected", "stalled", "dialing", "backoff", "none")
 
 
 class ParentLike(Protocol):
