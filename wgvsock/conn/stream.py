@@ -427,6 +427,8 @@ class StreamBind(SocketBind):
         # whose flush() sends the tails, until they are all gone.
         self._serving = 0
         self.congested = False
+        # The connections changed since the sends' patience was last set (_set_patience).
+        self._recount = False
         self._accepted = 0
         self._framing_errors = 0
         self._send_failures = 0
@@ -639,6 +641,8 @@ class StreamBind(SocketBind):
                 self._send_slow(encode_frame(bufs[i]), ep)
 
     def _send_iov(self, conn: _Conn, bufs: list[bytes | memoryview]) -> bool:
+        if self._recount:
+            self._set_patience()
         if threading.get_ident() != self._serving:
             return conn.send_iov(bufs)
         sent = conn.send_iov(bufs, wait=False)
@@ -847,8 +851,7 @@ class StreamBind(SocketBind):
             return
         conn.trusted = True
         set_receive_timeout(conn.sock, 0)  # a real peer: no limit on idling now
-        with self._lock:
-            self._set_patience()
+        self._recount = True
         if conn.hello_seen:
             self._notify_caps()
 
@@ -998,7 +1001,7 @@ class StreamBind(SocketBind):
         with self._lock:
             if self._conns.get(conn.ep) is conn:
                 del self._conns[conn.ep]
-                self._set_patience()
+                self._recount = True
         with conn.send_lock:  # no sender may be inside sendall() when the fd number is freed
             conn.sock.close()
         if conn.reason.startswith("send"):
@@ -1133,14 +1136,20 @@ class StreamBind(SocketBind):
         with contextlib.suppress(OSError):  # a refused mark failed set_mark already
             self._sync_mark(conn.sock)
         self._conns[conn.ep] = conn
-        self._set_patience()
+        self._recount = True
 
     def _set_patience(self) -> None:
-        """Under self._lock: a waiting send waits the whole send timeout while one trusted
-        connection is open, STALL_PATIENCE while there are more (see there)."""
-        conns = self._conns.values()
-        alone = sum(1 for c in conns if c.trusted and not c.closed) <= 1
-        patience = self.send_timeout if alone else min(STALL_PATIENCE, self.send_timeout)
+        """A waiting send waits the whole send timeout while one peer has a connection, and
+        STALL_PATIENCE while more do (see there). Asked by the next send after connections
+        came, went or were trusted; the owner says which are some peer's current endpoint
+        (not under self._lock: the owner takes its own)."""
+        self._recount = False
+        with self._lock:
+            conns = list(self._conns.values())
+        check = self.authenticated
+        peers = sum(1 for c in conns
+                    if c.trusted and not c.closed and (check is None or check(c.ep)))
+        patience = self.send_timeout if peers <= 1 else min(STALL_PATIENCE, self.send_timeout)
         for c in conns:
             c.patience = patience
 
