@@ -101,3 +101,29 @@ def test_the_connection_limit_is_judged_against_the_conntrack_table(
     monkeypatch.setattr(parent, "CONNTRACK_MAX", sysctl)
     check = parent.connection_limit_check(_parent(f"  egress:\n{limit}" if limit else ""))
     assert check.ok is ok and says in check.detail, check
+
+
+def test_a_test_root_ca_others_could_replace_is_refused(base: Path) -> None:
+    """Before: attestation.test_root_ca was read on every verification with no check of who
+    could change it, though documents its key signs pass for a genuine enclave's (review
+    finding). Now `up` and `doctor` refuse it as they refuse such an EIF."""
+    from wgvsock.roles.parent import test_root_check
+
+    safe = base / "ca"
+    safe.mkdir(mode=0o700)
+    (safe / "root.pem").write_text("x")
+    check = test_root_check(str(safe / "root.pem"))
+    assert check.ok is True and "for tests only" in check.detail
+    open_dir = base / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    (open_dir / "root.pem").write_text("x")
+    check = test_root_check(str(open_dir / "root.pem"))
+    assert check.ok is False and f"{open_dir} is writable by group (mode 777)" in check.detail
+    (safe / "root.pem").chmod(0o666)
+    assert test_root_check(str(safe / "root.pem")).ok is False
+    missing = test_root_check(str(base / "nowhere.pem"))
+    assert missing.ok is False and "No such file" in missing.detail
+    profile = parse_profile(f"name: x\nattestation: {{test_root_ca: {open_dir}/root.pem}}\n"
+                            "enclave:\n  address: 10.77.0.2/30\n")
+    assert {c.name: c.ok for c in local_checks(profile)}["test root CA"] is False

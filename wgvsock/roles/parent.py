@@ -83,11 +83,32 @@ def local_checks(profile) -> list[Check]:
     else:
         checks.append(Check("vsock", None, f"transport is {profile.transport.kind}"))
     checks.append(_socket_dirs_check(profile))
+    if profile.attestation.test_root_ca:
+        checks.append(test_root_check(profile.attestation.test_root_ca))
     if profile.parent.enclave is not None:
         from ..services.nitro import launch_checks
 
         checks += [Check(*c) for c in launch_checks(profile.parent.enclave)]
     return checks
+
+
+def test_root_check(path: str) -> Check:
+    """attestation.test_root_ca: documents its key signs pass for a genuine enclave's, so the
+    file must be as safe from others as the parent's key (the EIF's rule, nitro._replaceable)."""
+    from ..services.nitro import _replaceable
+
+    try:
+        who = _replaceable(path)
+    except OSError as e:
+        return Check("test root CA", False, f"attestation.test_root_ca {path}: "
+                     f"{e.strerror or e}")
+    if who is not None:
+        return Check("test root CA", False,
+                     f"attestation.test_root_ca {path}: {who}, and whoever can replace it can "
+                     "sign documents the parent takes for a genuine enclave's: make it and the "
+                     "directories above it root's and writable by no one else")
+    return Check("test root CA", True, f"attestation.test_root_ca {path} is trusted as a Nitro "
+                 "root: for tests only, never on a real parent")
 
 
 def _socket_dirs_check(profile) -> Check:
@@ -814,6 +835,10 @@ class Parent:
                 "run `wgvsock parent down` and `up` (the enclave registers again)")
         if not changed:
             return ["nothing changed"]
+        if "attestation.test_root_ca" in changed and new.attestation.test_root_ca:
+            check = test_root_check(new.attestation.test_root_ca)
+            if check.ok is False:
+                raise RoleError(f"not reloaded: {check.detail}")
         done: list[str] = []
         if any(k.startswith(("parent.egress.", "parent.ingress")) for k in changed):
             done.append(self._reload_firewall(new, changed))
