@@ -19,7 +19,7 @@ import pytest
 from wgvsock.services import firewall
 from wgvsock.services.firewall import FirewallError, FirewallSpec, Ingress, Rule
 
-from .netlab import SEND_RA, Lab, Namespace, run, wait_for
+from .netlab import SEND_RA, Lab, Namespace, nft_counters, run, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -781,6 +781,39 @@ def test_spoofed_source_from_the_tunnel_is_dropped(world) -> None:
     assert res.returncode == 3
     assert firewall.read_counters("lab", netns=parent.name)["spoofed"].packets >= 1
     assert probe(enclave, "tcp", INTERNET4, 80) == (0, f"internet {PARENT_UP4}")
+
+
+# Counts, in the internet's namespace, packets that arrive for the enclave's addresses.
+_WATCH_ENCLAVE = f"""
+table inet wgvtest {{
+  chain pre {{
+    type filter hook prerouting priority -300; policy accept;
+    ip daddr {ENCLAVE4} counter comment "to enclave v4"
+    ip6 daddr {ENCLAVE6} counter comment "to enclave v6"
+  }}
+}}
+"""
+
+
+@pytest.mark.quiet  # mostly waits out dropped probes
+def test_ingress_never_leaves_by_another_interface_when_the_tunnel_is_gone(world) -> None:
+    """Review finding: after a crash (kill -9) the table and forwarding stay but the tunnel
+    is gone; a connection to an ingress port was still DNATed to the enclave's address and
+    then routed out of the default route, back towards the internet. DNATed ingress now
+    leaves by the tunnel or is dropped, from the parent host itself too."""
+    _enclave, parent, internet = world
+    firewall.apply(traffic_spec(), netns=parent.name)
+    parent.ip("link", "del", TUN)  # the killed parent's interface went with it
+    parent.ip("route", "add", "default", "via", INTERNET4)
+    parent.ip("-6", "route", "add", "default", "via", INTERNET6)
+    internet.run("nft", "-f", "-", input=_WATCH_ENCLAVE)
+    with counted(parent, "ingress_blocked") as gained:
+        assert probe(internet, "tcp", PARENT_UP4, 8443)[0] == 3
+        assert probe(internet, "tcp", PARENT_UP6, 8443)[0] == 3
+        assert probe(internet, "udp", PARENT_UP4, 5353)[0] == 3
+        assert probe(parent, "tcp", PARENT_UP4, 8443)[0] in (3, 5)
+    assert nft_counters(internet) == {"to enclave v4": 0, "to enclave v6": 0}
+    assert gained["ingress_blocked"] >= 4
 
 
 _BOUND_CLIENT = r"""

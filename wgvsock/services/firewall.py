@@ -40,6 +40,10 @@ Why the chains look the way they do
   (127.0.0.0/8, ::1): a packet from 127.0.0.1 cannot leave through the tunnel, so such a
   connection is refused at once rather than hanging.
 * With several enclave addresses of one family, ingress goes to the first one.
+* What our DNAT sends to the enclave's addresses leaves by the tunnel or not at all
+  (``ingress_blocked``), checked at postrouting: after a crash (kill -9) the table
+  and forwarding stay while the tunnel is gone, and the enclave's address would otherwise be
+  routed like any other, out of the default route.
 * Allow rules by host name (issue 14) match sets ``name<i>_v4``/``name<i>_v6``, one pair per
   rule, which the parent's DNS forwarder fills with the addresses of allowed answers, each
   with a timeout (TTL + grace). They come after the deny rules, so a name that resolves to a
@@ -722,6 +726,21 @@ def render_ruleset(spec: FirewallSpec) -> str:
         [f"iifname {tun} jump from_enclave", f"oifname {tun} jump to_enclave"],
         "type filter hook forward priority filter - 1; policy accept;",
     )
+    # Our ingress DNAT leaves by the tunnel or not at all. After a crash (kill -9) the table
+    # and forwarding stay but the tunnel is gone, and the enclave's address is then routed
+    # like any other: out of the default route, towards whoever answers for it there. At
+    # postrouting, for forwarded connections and the parent's own alike: in the output hook
+    # the interface is still the one routed to before our DNAT (lo, for the parent's own
+    # address).
+    strays = [
+        f"oifname != {tun} {fam} daddr @{set_} ct status dnat counter name "
+        f"{_q('ingress_blocked')} drop"
+        for fam, set_, addrs in (("ip", "enclave_v4", s.v4), ("ip6", "enclave_v6", s.v6))
+        if addrs and s.ingress
+    ]
+    if strays:
+        out += _chain("ingress_leaves", strays,
+                      "type filter hook postrouting priority filter - 1; policy accept;")
     # The forwarder listens on the tunnel addresses, but with the weak host model Linux
     # delivers to them from any interface (docker0, the VPC subnet routing them at the
     # parent), where only the forwarder's source check would stand between a spoofed enclave
