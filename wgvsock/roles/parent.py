@@ -526,7 +526,12 @@ class Parent:
         try:
             bind = make_bind(t.kind, False, unix_dir=t.path if t.kind == "unix" else None)
             self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir())
-            self.device.start()
+            try:
+                self.device.start()
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                raise RoleError(_interface_taken(p)) from None
             configure(self.device, private_key=key, listen_port=t.port)
             if t.kind == "unix":
                 self._sockets.append(unix_socket_path(t.path, t.port))
@@ -1013,6 +1018,24 @@ class Parent:
             state = None
         if state is not None and state.pid == os.getpid():
             State.path_for(self.profile.name).unlink(missing_ok=True)
+
+
+def _interface_taken(profile) -> str:
+    """Why PROFILE's interface could not be made: another process holds a TUN of that name
+    (the kernel's EBUSY). Names the parent that runs it when a state file says so."""
+    from .state import others_running
+
+    ifname = profile.interface
+    holder = "another parent, or another program (wireguard-go, wg-quick),"
+    for name in [*others_running(profile.name), profile.name]:
+        with contextlib.suppress(RoleError):
+            state = State.load(name)
+            if state is not None and state.interface == ifname and state.running():
+                holder = f"the parent of profile {state.name} (pid {state.pid})"
+                break
+    return (f"interface {ifname} is taken: {holder} already runs it. One interface serves "
+            f"one parent: stop that one first (`wgvsock parent down` with its profile), or "
+            f"give this profile another `interface`")
 
 
 def run_up(profile, ready_fd: int | None) -> int:
