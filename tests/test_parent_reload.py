@@ -315,7 +315,7 @@ def test_two_threads_saving_the_state_do_not_undo_each_other(monkeypatch, tmp_pa
     """The enclave supervisor's thread and a reload save the same state file: the later
     save must hold both changes (before: the slower writer put back its older snapshot)."""
     monkeypatch.setenv("WGVSOCK_STATE_DIR", str(tmp_path))
-    state = State("pay", 1, "wg0", "/etc/wgvsock/pay.yaml")
+    state = State("pay", 4242, "wg0", "/etc/wgvsock/pay.yaml")
     dumps = json.dumps
     first_inside = threading.Event()
     let_first_go = threading.Event()

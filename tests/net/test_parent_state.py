@@ -5,13 +5,233 @@ once, state files that are damaged or not root's, two parents on one interface.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from wgvsock.services import firewall
+
+from .netlab import wait_for
+from .test_ipv6 import DUAL_STACK_PROFILE
 from .test_roles import PROFILE, UNIX_TRANSPORT, World
 
 pytestmark = [pytest.mark.root]
+
+PY = sys.executable
+
+# The host settings `parent up` changes (IPv6 forwarding and accept_ra 1 -> 2: dual stack).
+SETTINGS = ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding",
+            "net/ipv6/conf/default/accept_ra"]
+
+
+def settings(w: World) -> dict[str, str]:
+    """The forwarding sysctls and every interface's accept_ra in the parent's namespace."""
+    keys = SETTINGS + [f"net/ipv6/conf/{n}/accept_ra" for n in w.parent.run(
+        "ls", "/proc/sys/net/ipv6/conf").stdout.split() if n not in ("all", "default")]
+    return dict(zip(keys, w.parent.run("sysctl", "-n", *keys).stdout.split(), strict=True))
+
+
+def state_file(w: World, name: str | None = None) -> Path:
+    return w.lab.tmp / "state" / f"{name or w.name}.json"
+
+
+# `wgvsock parent up -f` (argv[2:]) killed with SIGKILL right after it wrote the sysctl
+# argv[1]: its first write of a host setting, or its last.
+_KILLED_AFTER_WRITE = r"""
+import os, signal, sys
+from wgvsock.cli import main
+from wgvsock.services import firewall
+
+real = firewall._sysctl_write
+
+def write(key, value, netns):
+    real(key, value, netns)
+    if key == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+firewall._sysctl_write = write
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["first-write", "last-write"])
+def test_a_parent_killed_while_turning_forwarding_on_is_put_back_by_down(
+        world: World, last: bool) -> None:
+    """Review finding: `up` wrote the forwarding sysctls and only then its state file, so a
+    parent killed in between left IP forwarding (and accept_ra=2) on with no record; `down`
+    exited 0 leaving them, and the next `up`, finding forwarding on, recorded nothing."""
+    w = world
+    w.profile.write_text(DUAL_STACK_PROFILE.format(
+        name=w.name, transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock"),
+        key=w.lab.tmp / "parent.key"))
+    before = settings(w)
+    assert before["net/ipv4/ip_forward"] == "0" and "1" in before.values()
+    key = "net/ipv6/conf/all/forwarding" if last else "net/ipv6/conf/default/accept_ra"
+    res = w.parent.run(PY, "-c", _KILLED_AFTER_WRITE, key, "parent", "up", "--profile",
+                       str(w.profile), "-f", env=w.env_for("parent"), check=False, timeout=60)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    crashed = settings(w)
+    assert crashed[key] != before[key]  # killed after the write: the host was changed
+    down = w.parent_cmd("down")
+    assert "Traceback" not in down.stderr
+    assert settings(w) == before, down.stdout
+    assert not state_file(w).exists()
+
+
+# `wgvsock parent up -f` (argv[3:]) whose decision whether forwarding can go back waits for
+# the other parent's (the file argv[2] appears once it has decided), up to 3 s: two parents
+# that stop at once both decide while both still run. When the decisions take turns, as they
+# must, the other only decides after this one is done, so this one waits out the 3 s.
+_DECIDING_TOGETHER = r"""
+import sys, time
+from pathlib import Path
+from wgvsock.cli import main
+from wgvsock.roles import state
+
+mine, theirs = Path(sys.argv[1]), Path(sys.argv[2])
+real = state.others_running
+
+def others_running(name):
+    found = real(name)
+    mine.touch()
+    deadline = time.monotonic() + 3
+    while not theirs.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+state.others_running = others_running
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_two_parents_stopping_at_once_put_forwarding_back(world: World) -> None:
+    """Review finding: a stopping parent left forwarding on while another parent ran, and a
+    parent that was itself stopping counted as running; two stopping at once (two profiles,
+    `systemctl stop` of both, a shutdown) each saw the other and both left it on for good."""
+    w = world
+    second = w.lab.tmp / "second.yaml"
+    second.write_text(PROFILE.format(
+        name=f"{w.name}b", transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock2"),
+        key=w.lab.tmp / "parent2.key", parent_extra="")
+        .replace("interface: wg0", "interface: wg1").replace("10.77.0.", "10.78.0.")
+        .replace("listen: 8443", "listen: 8444"))
+    assert settings(w)["net/ipv4/ip_forward"] == "0"
+    marks = [w.lab.tmp / "decided-a", w.lab.tmp / "decided-b"]
+    procs = []
+    try:
+        for i, (profile, name) in enumerate(((w.profile, w.name), (second, f"{w.name}b"))):
+            log = open(w.lab.tmp / f"parent-{i}.log", "wb")  # noqa: SIM115 - the child's
+            procs.append(w.parent.popen(
+                PY, "-c", _DECIDING_TOGETHER, str(marks[i]), str(marks[1 - i]), "parent",
+                "up", "--profile", str(profile), "-f", env=w.env_for("parent"), stdout=log,
+                stderr=subprocess.STDOUT))
+            log.close()
+            proc = procs[-1]
+
+            def recorded(name: str = name, pid: int = proc.pid) -> bool:
+                try:
+                    return json.loads(state_file(w, name).read_text())["pid"] == pid
+                except (OSError, ValueError):
+                    return False
+
+            wait_for(recorded, 30, f"parent {name} to record its state")
+        assert settings(w)["net/ipv4/ip_forward"] == "1"
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        w.parent_cmd("down", check=False)
+        w.parent.run(sys.executable, "-m", "wgvsock.cli", "parent", "down", "--profile",
+                     str(second), env=w.env_for("parent"), check=False, timeout=60)
+    logs = "".join((w.lab.tmp / f"parent-{i}.log").read_text() for i in range(2))
+    assert all(m.exists() for m in marks), logs
+    assert settings(w)["net/ipv4/ip_forward"] == "0", logs
+    assert [p.returncode for p in procs] == [0, 0], logs
+
+
+def _crash(w: World) -> dict:
+    """`parent up`, then SIGKILL: the table, forwarding and the state file stay."""
+    w.parent_cmd("up")
+    state = json.loads(state_file(w).read_text())
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{state['pid']}").exists(), 10, "the parent to die")
+    assert firewall.exists(w.name, netns=w.parent.name)
+    return state
+
+
+def _rewrite(w: World, state: dict) -> None:
+    path = state_file(w)
+    path.write_text(json.dumps(state))
+    path.chmod(0o600)
+
+
+BAD = {
+    "pid text": ({"pid": "abc"}, "pid"),
+    "pid fraction": ({"pid": 1.5}, "pid"),
+    "pid null": ({"pid": None}, "pid"),
+    "pid huge": ({"pid": 2**70}, "pid"),
+    "forwarding value": ({"forwarding": {"net/ipv4/ip_forward": 5}}, "forwarding"),
+    "forwarding key": ({"forwarding": {"net/ipv4/conf/all/rp_filter": "0"}}, "forwarding"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_a_damaged_state_file_is_refused_and_down_removes_the_rest(
+        world: World, kind: str) -> None:
+    """Review finding: a state file was checked for JSON syntax only. A wrong type gave a
+    traceback (os.kill of "abc", 1.5, None, 2**70) in `up` and `down`; a forwarding value
+    of 5 let `up` carry on and made `down` fail; and a state file `down` could not read made
+    it stop at once, leaving even the nftables table."""
+    w = world
+    change, field = BAD[kind]
+    _rewrite(w, {**_crash(w), **change})
+    path = state_file(w)
+    up = w.parent_cmd("up", check=False)
+    assert up.returncode == 1 and "Traceback" not in up.stderr, up.stderr
+    assert str(path) in up.stderr and field in up.stderr, up.stderr
+    down = w.parent_cmd("down", check=False)
+    assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
+    assert str(path) in down.stderr and field in down.stderr, down.stderr
+    assert "forwarding" in down.stderr and "not restored" in down.stderr, down.stderr
+    assert not firewall.exists(w.name, netns=w.parent.name), down.stdout
+    assert path.exists()  # left for the operator to look at, as the message says
+    path.unlink()
+    w.parent.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
+
+
+@pytest.mark.parametrize("how", ["mode 0666", "another user's"])
+def test_a_state_file_others_could_write_is_not_trusted(world: World, how: str) -> None:
+    """Review finding: a state file anyone could have written was trusted, and root's
+    `down` wrote whatever sysctl it named."""
+    w = world
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    path = state_file(w)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.write_text(json.dumps({"name": w.name, "pid": proc.pid, "interface": "wg0",
+                                "profile": str(w.profile),
+                                "forwarding": {"net/ipv4/ip_forward": "1"}}))
+    if how == "mode 0666":
+        path.chmod(0o666)
+    else:
+        path.chmod(0o600)
+        os.chown(path, 65534, 65534)
+    down = w.parent_cmd("down", check=False)
+    assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
+    assert str(path) in down.stderr, down.stderr
+    assert ("writable by others" if how == "mode 0666" else "owned by uid 65534") \
+        in down.stderr, down.stderr
+    assert settings(w)["net/ipv4/ip_forward"] == "0"
+    path.unlink()
 
 
 def test_a_second_parent_on_the_same_interface_says_which_runs_it(world: World) -> None:

@@ -46,7 +46,14 @@ from ..services.nflog import open_free_group
 from ..signals import Wakeup
 from ..threads import enable_stack_dumps, on_thread_death
 from .common import RoleError, configure, control_listener, run_dir, state_dir, unix_socket_path
-from .state import State, request_path, restore_forwarding, start_time
+from .state import (
+    State,
+    StateFileError,
+    forwarding_lock,
+    request_path,
+    restore_forwarding,
+    start_time,
+)
 
 log = logging.getLogger("wgvsock.parent")
 
@@ -548,16 +555,7 @@ class Parent:
             netconf.add_addresses(p.interface, p.parent.addresses)
             netconf.link_up(p.interface, p.mtu)
             self._route_enclave()
-            v6 = any(a.version == 6 for a in p.enclave.addresses)
-            # A parent of this profile that crashed left forwarding on and, in its state
-            # file, the values from before it: those are what to put back, not the "1"s
-            # found now, which would leave the host routing for good after the next `down`.
-            before = self._crashed_forwarding()
-            changed = firewall.enable_forwarding(ipv6=v6)
-            self._forwarding = {**changed, **before}
-            self._forwarding_on = True
-            # Recorded at once, so that `down` after a crash from here on can put them back.
-            self._save_state()
+            self._enable_forwarding(any(a.version == 6 for a in p.enclave.addresses))
             self._start_refusal_reader()
             firewall.apply(self.spec())
             self._table = True
@@ -588,6 +586,26 @@ class Parent:
             raise
         log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
                  t.port, t.control_port)
+
+    def _enable_forwarding(self, ipv6: bool) -> None:
+        """Turns forwarding on, with the values it replaces in the state file before each
+        write: `down` after a kill at any point puts back what was changed. Under the lock a
+        stopping parent decides in (state.restore_forwarding) and with our state file written
+        first, so a parent stopping meanwhile counts this one and leaves forwarding on."""
+        # A parent of this profile that crashed left forwarding on and, in its state file,
+        # the values from before it: those are what to put back, not the "1"s found now,
+        # which would leave the host routing for good after the next `down`.
+        before = self._crashed_forwarding()
+
+        def record(changed: dict[str, str]) -> None:
+            self._forwarding = {**changed, **before}
+            self._save_state()
+
+        with forwarding_lock():
+            self._forwarding = dict(before)
+            self._forwarding_on = True  # from here close() puts back what the record holds
+            self._save_state()
+            record(firewall.enable_forwarding(ipv6=ipv6, record=record))
 
     def _crashed_forwarding(self) -> dict:
         """The forwarding values from before a parent of this profile that died without
@@ -1005,8 +1023,14 @@ class Parent:
             firewall.remove(self.profile.name)
             self._table = False
         if self._forwarding_on:  # start() switched it on (recording what it changed)
-            if (left := restore_forwarding(self.profile.name, self._forwarding)) is not None:
-                log.info("parent %s: %s", self.profile.name, left)
+            try:
+                if (left := restore_forwarding(self.profile.name, self._forwarding)) is not None:
+                    log.info("parent %s: %s", self.profile.name, left)
+            except (RoleError, OSError, ValueError, firewall.FirewallError) as e:
+                # The values are in the host's record (state.py): the next parent to stop, or
+                # `parent down`, tries again.
+                log.error("parent %s: could not put back the IP forwarding settings: %s",
+                          self.profile.name, e)
             self._forwarding, self._forwarding_on = {}, False
         for path in self._sockets:
             with contextlib.suppress(FileNotFoundError):
@@ -1205,7 +1229,17 @@ def down(profile) -> tuple[list[str], list[str]]:
             failed.append(f"could not {what}: {detail}")
             return False
 
-    state = State.load(profile.name)
+    try:
+        state = State.load(profile.name)
+    except StateFileError as e:
+        # Damaged, or not to be trusted: what it names (a pid, sysctls) is not acted on; the
+        # rest goes as after a crash, except what only the state could say is ours.
+        failed.append(str(e))
+        failed.append("IP forwarding settings not restored: their values from before `up` "
+                      "were recorded in that file")
+        state, unusable = None, True
+    else:
+        unusable = False
     ours_alive = False  # a parent of this profile that ignored SIGKILL so far
     if state is not None and state.running():
         with contextlib.suppress(ProcessLookupError):
@@ -1232,7 +1266,13 @@ def down(profile) -> tuple[list[str], list[str]]:
     # reaches or leaves the enclave unfiltered.
     unfiltered = False
     if netconf.interface_exists(profile.interface):
-        if not ours_alive:
+        if unusable:
+            # A parent of this profile may still run it, forwarding through our table.
+            unfiltered = True
+            failed.append(f"left interface {profile.interface} alone: with the state file "
+                          "unusable, whether a parent of this profile still runs it is not "
+                          "known")
+        elif not ours_alive:
             done.append(f"left interface {profile.interface} alone: no parent of "
                         f"{profile.name} holds it")
         elif attempt(f"delete interface {profile.interface} (pid {state.pid} still holds it)",
@@ -1242,20 +1282,29 @@ def down(profile) -> tuple[list[str], list[str]]:
             unfiltered = True
     if unfiltered:
         failed.append(f"left the nftables table for {profile.name} in place: the enclave's "
-                      f"interface is still up")
+                      f"interface {profile.interface} is still up")
     elif firewall.exists(profile.name) and attempt(
             f"remove the nftables table for {profile.name}",
             lambda: firewall.remove(profile.name)):
         done.append(f"removed nftables table for {profile.name}")
     # A parent that stopped cleanly has restored them and removed its state file itself.
-    keep_state = ours_alive  # its record is all that says what to put back later
-    if state is not None and State.path_for(profile.name).exists():
+    keep_state = ours_alive or unusable  # its record is all that says what to put back later
+    # Also when only the host's record is left (the values of parents that stopped while
+    # another ran, or whose own restore failed): put back once no parent runs. Not while an
+    # interface of the profile's name stays whose parent the unusable state file hid.
+    ours = state is not None and State.path_for(profile.name).exists()
+    record_left = (Path(state_dir()) / "forwarding.json").exists()
+    if ours or (record_left and not (unusable and unfiltered)):
+        previous = state.forwarding if ours and state is not None else {}
         left: list[str | None] = []
         if not attempt("restore the IP forwarding settings",
-                       lambda: left.append(restore_forwarding(profile.name, state.forwarding))):
+                       lambda: left.append(restore_forwarding(profile.name, previous))):
             keep_state = True
         elif left[0] is not None:
-            done.append(left[0])
+            if ours:
+                done.append(left[0])
+        elif not ours:
+            done.append("put back the IP forwarding settings that stopped parents recorded")
     sockets = list(state.sockets) if state else []
     sockets.append(os.path.join(run_dir(), f"{profile.interface}.sock"))
     for path in sockets:
@@ -1263,7 +1312,9 @@ def down(profile) -> tuple[list[str], list[str]]:
         # interface of the same name, a parent started since), whoever bound it first.
         if os.path.lexists(path) and _remove_stale(path):
             done.append(f"removed {path}")
-    if keep_state:
+    if unusable:
+        pass  # said above: the operator looks at it and removes it
+    elif keep_state:
         failed.append(f"kept the state file {State.path_for(profile.name)}: run "
                       "`wgvsock parent down` again once the cause above is fixed")
     else:

@@ -6,13 +6,17 @@ there; `parent down` finds what a crashed `up` left behind; `parent up` sees one
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import signal
+import stat
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..services import firewall
@@ -66,19 +70,113 @@ class State:
 
     @classmethod
     def load(cls, name: str) -> State | None:
+        """The state file of profile NAME, or None when there is none. Raises StateFileError
+        for one that is not usable (damaged, or one that someone other than root or this
+        user could have written: `down` as root writes the sysctls it names and signals its
+        pid), RoleError when it cannot be read at all."""
+        path = cls.path_for(name)
         try:
-            return cls(**json.loads(cls.path_for(name).read_text()))
+            raw = json.loads(read_trusted(path, "state file"))
         except FileNotFoundError:
             return None
-        except PermissionError as e:
-            raise RoleError(f"cannot read the state file {cls.path_for(name)}: permission "
-                            "denied (run as root, as `parent up` does)") from e
+        except ValueError as e:
+            raise StateFileError(f"state file {path} is not valid JSON ({e}); {_ADVICE}") from e
+        return cls._checked(path, raw)
+
+    @classmethod
+    def _checked(cls, path: Path, raw: object) -> State:
+        def bad(what: str) -> StateFileError:
+            return StateFileError(f"state file {path}: {what}; {_ADVICE}")
+
+        if not isinstance(raw, dict):
+            raise bad(f"holds {type(raw).__name__}, not an object")
+        known = {f.name for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise bad(f"unknown field {key!r}")
+        for key in ("name", "pid", "interface", "profile"):
+            if key not in raw:
+                raise bad(f"field {key!r} is missing")
+        for key in ("name", "interface", "profile"):
+            if not isinstance(raw[key], str):
+                raise bad(f"field {key!r} is {raw[key]!r}, not a string")
+        pid = raw["pid"]
+        if type(pid) is not int or not 1 < pid <= PID_MAX:
+            raise bad(f"field 'pid' is {pid!r}, not a process id (an integer from 2 to "
+                      f"{PID_MAX})")
+        started = raw.get("started", 0)
+        if type(started) is not int or started < 0 or started >= 2**64:
+            raise bad(f"field 'started' is {started!r}, not a start time (clock ticks)")
+        try:
+            firewall.check_forwarding_record(raw.get("forwarding", {}))
+        except ValueError as e:
+            raise bad(f"field 'forwarding': {e}") from None
+        sockets = raw.get("sockets", [])
+        if not isinstance(sockets, list) or not all(isinstance(x, str) for x in sockets):
+            raise bad(f"field 'sockets' is {sockets!r}, not a list of paths")
+        enclave = raw.get("enclave", {})
+        if not isinstance(enclave, dict) or not all(
+                isinstance(enclave.get(k, ""), str) for k in ("id", "name")) \
+                or type(enclave.get("cid", 0)) is not int:
+            raise bad(f"field 'enclave' is {enclave!r}, not {{id, cid, name}}")
+        reload = raw.get("reload", {"seq": 0})
+        if not isinstance(reload, dict) or type(reload.get("seq", 0)) is not int:
+            raise bad(f"field 'reload' is {reload!r}, not {{seq, ...}}")
+        return cls(**raw)
+
+
+class StateFileError(RoleError):
+    """A state file (or the host's forwarding record) that is there but not usable."""
+
+
+# What a damaged or untrusted state file means for the user: `down` restores nothing from it.
+_ADVICE = ("it is not one `wgvsock parent up` wrote. `parent down` removes what it can without "
+           "it but cannot put back the IP forwarding settings it recorded: check them "
+           "(sysctl net.ipv4.ip_forward net.ipv6.conf.all.forwarding and accept_ra), then "
+           "remove the file")
+# Linux's largest pid (PID_MAX_LIMIT, 2^22 on 64-bit).
+PID_MAX = 4194304
+
+
+def read_trusted(path: Path, what: str) -> str:
+    """The text of PATH, a file that says what root's commands do (WHAT names it in errors):
+    it must be a regular file owned by root or this user that no one else may write, as the
+    parent's key file must. Raises FileNotFoundError when it is not there, StateFileError
+    when it may not be trusted, RoleError when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except PermissionError as e:
+        raise RoleError(f"cannot read the {what} {path}: permission denied (run as root, as "
+                        "`parent up` does)") from e
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StateFileError(f"{what} {path} is a symbolic link: wgvsock writes a file "
+                                 f"there; {_ADVICE}") from e
+        raise RoleError(f"cannot read the {what} {path}: {e.strerror or e}") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise StateFileError(f"{what} {path} is not a regular file; {_ADVICE}")
+        if st.st_uid not in (0, os.geteuid()):
+            raise StateFileError(
+                f"{what} {path} is owned by uid {st.st_uid}, not by root or this user (uid "
+                f"{os.geteuid()}): whoever wrote it would choose the sysctls `parent down` "
+                f"writes and the process it signals. Nothing was taken from it; check it, then "
+                f"remove it")
+        if st.st_mode & 0o022:
+            raise StateFileError(
+                f"{what} {path} is writable by others (mode {st.st_mode & 0o777:o}): whoever "
+                f"wrote it would choose the sysctls `parent down` writes and the process it "
+                f"signals. Nothing was taken from it; check it, then remove it (wgvsock writes "
+                f"it 0600)")
+        try:
+            return f.read().decode()
+        except UnicodeDecodeError as e:
+            raise StateFileError(f"{what} {path} is not text; {_ADVICE}") from e
         except OSError as e:
-            raise RoleError(f"cannot read the state file {cls.path_for(name)}: "
-                            f"{e.strerror or e}") from e
-        except (ValueError, TypeError) as e:
-            raise RoleError(f"state file {cls.path_for(name)} is corrupt ({e}); remove it and "
-                            "run `wgvsock parent down` again") from e
+            raise RoleError(f"cannot read the {what} {path}: {e.strerror or e}") from e
 
 
 _SAVE_LOCK = threading.Lock()
@@ -114,25 +212,61 @@ def others_running(name: str) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def forwarding_lock() -> Iterator[None]:
+    """Held while a parent turns forwarding on and records what it changed (`up`), and while
+    one decides whether to put it back (a parent stopping, `down`): across processes, so that
+    neither decides from what the other is half-way through. A flock on the state directory,
+    which leaves no file behind."""
+    directory = Path(state_dir())
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _forwarding_record(path: Path) -> dict[str, str]:
+    try:
+        raw = json.loads(read_trusted(path, "forwarding record"))
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise StateFileError(f"forwarding record {path} is not valid JSON ({e}); "
+                             f"{_ADVICE}") from e
+    try:
+        return firewall.check_forwarding_record(raw)
+    except ValueError as e:
+        raise StateFileError(f"forwarding record {path}: {e}; {_ADVICE}") from None
+
+
 def restore_forwarding(name: str, previous: dict) -> str | None:
     """Puts back the forwarding sysctls parent NAME changed (PREVIOUS: their values before),
     unless another parent still runs: it needs them on, and found them on, so it recorded
-    nothing to restore. Then PREVIOUS goes to the host's record, which the last parent to
-    stop puts back. Returns why they were left on, or None."""
+    nothing to restore. PREVIOUS goes to the host's record first, which the last parent to
+    stop puts back. Returns why they were left on, or None.
+
+    Under forwarding_lock(), and a parent stopping (this process's own state file) removes
+    its state file there before it looks for others: two parents stopping at once each saw
+    the other still running and both left forwarding on."""
     path = Path(state_dir()) / "forwarding.json"
-    with _SAVE_LOCK:
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            record = {}
+    with forwarding_lock():
+        record = _forwarding_record(path)
         merged = {**previous, **record}  # the earliest value before any parent wins
+        if merged != record:
+            tmp = path.with_suffix(".tmp")
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600), "w") as f:
+                f.write(json.dumps(merged))
+            os.replace(tmp, path)
+        with contextlib.suppress(RoleError):
+            own = State.load(name)
+            if own is not None and own.pid == os.getpid():
+                State.path_for(name).unlink(missing_ok=True)
         others = others_running(name)
         if others:
-            if merged != record:
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(merged))
-                os.replace(tmp, path)
             return (f"IP forwarding left on: the parent of {', '.join(others)} still runs "
                     "and needs it")
         if merged:
@@ -157,8 +291,6 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
     """`wgvsock parent reload`: signals the running parent of PROFILE and waits for the
     outcome it records. PROFILE must be the file it runs from (that is what it re-reads).
     Reloads of one profile take turns (a lock file), so each waits for its own outcome."""
-    import fcntl
-
     from ..services.profile import ProfileError, load_profile_digest
 
     state = State.load(profile.name)

@@ -81,7 +81,7 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -92,6 +92,7 @@ from .nflog import SNAPLEN
 __all__ = [
     "COUNTERS",
     "DNS_PORT",
+    "FORWARDING_VALUES",
     "Counter",
     "FirewallError",
     "FirewallSpec",
@@ -102,9 +103,11 @@ __all__ = [
     "add_to_sets",
     "apply",
     "check",
+    "check_forwarding_record",
     "conflicting_forward_chains",
     "enable_forwarding",
     "exists",
+    "is_forwarding_sysctl",
     "name_set",
     "read_counters",
     "refuse_router_messages",
@@ -1014,9 +1017,14 @@ def _ipv6_interfaces(netns: str | None) -> list[str]:
     return sorted(n for n in names if n not in ("all", "default", "lo"))
 
 
-def enable_forwarding(netns: str | None = None, *, ipv6: bool = False) -> dict[str, str]:
+def enable_forwarding(netns: str | None = None, *, ipv6: bool = False,
+                      record: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
     """Turns on IPv4 (and with `ipv6`, IPv6) forwarding; returns the values it replaced, in
-    the order it changed them, for :func:`restore_forwarding`.
+    the order it changed them, for :func:`restore_forwarding`. Before each write, RECORD (if
+    given) gets every value to be replaced so far, the ones about to be written included: a
+    caller that keeps it on disk (the parent's state file) then never has a changed setting
+    without its old value, whenever it is killed. A recorded value not written yet is the
+    value in place, which restoring it leaves as it is.
 
     With IPv6 forwarding on, the kernel ignores router advertisements on interfaces whose
     accept_ra is 1 — on EC2 that would make the host lose its IPv6 default route — so when
@@ -1033,25 +1041,56 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False) -> dict[s
     before, stays at 0."""
     prev: dict[str, str] = {}
 
-    def accept_ra_when_forwarding(names: Sequence[str]) -> None:
-        ra_keys = [f"net/ipv6/conf/{n}/accept_ra" for n in names]
-        for key, value in zip(ra_keys, _sysctl_read(ra_keys, netns), strict=True):
-            if value == "1":
-                _sysctl_write(key, "2", netns)
-                prev[key] = value
+    def change(found: dict[str, str], value: str) -> None:
+        if not found:
+            return
+        prev.update(found)
+        if record is not None:
+            record(dict(prev))
+        for key in found:
+            _sysctl_write(key, value, netns)
+
+    def ones(names: Sequence[str]) -> dict[str, str]:
+        keys = [f"net/ipv6/conf/{n}/accept_ra" for n in names]
+        return {k: v for k, v in zip(keys, _sysctl_read(keys, netns), strict=True) if v == "1"}
 
     if ipv6 and _sysctl_read([_IPV6_FORWARD], netns) != ["1"]:
-        accept_ra_when_forwarding(["default"])
-        accept_ra_when_forwarding(_ipv6_interfaces(netns))
+        change(ones(["default"]), "2")
+        change(ones(_ipv6_interfaces(netns)), "2")
     keys = [_IPV4_FORWARD, *([_IPV6_FORWARD] if ipv6 else [])]
-    for key, value in zip(keys, _sysctl_read(keys, netns), strict=True):
-        if value != "1":
-            _sysctl_write(key, "1", netns)
-            prev[key] = value
+    change({k: v for k, v in zip(keys, _sysctl_read(keys, netns), strict=True) if v != "1"}, "1")
     return prev
 
 
 _ACCEPT_RA_RE = re.compile(r"net/ipv6/conf/([^/]+)/accept_ra")
+# What enable_forwarding may have replaced: sysctls that hold one of these.
+FORWARDING_VALUES = ("0", "1", "2")
+
+
+def is_forwarding_sysctl(key: object) -> bool:
+    """Whether KEY is one :func:`enable_forwarding` writes (and so one a record of its old
+    values may name): IPv4 and IPv6 forwarding, and accept_ra of `default` or an interface."""
+    if not isinstance(key, str):
+        return False
+    if key in (_IPV4_FORWARD, _IPV6_FORWARD):
+        return True
+    m = _ACCEPT_RA_RE.fullmatch(key)
+    return bool(m) and m.group(1) not in (".", "..", "all", "lo") \
+        and _IFNAME_RE.fullmatch(m.group(1)) is not None
+
+
+def check_forwarding_record(prev: object) -> dict[str, str]:
+    """PREV as a record of forwarding values to put back, or ValueError saying what in it is
+    not one (a key enable_forwarding never writes, a value not 0, 1 or 2)."""
+    if not isinstance(prev, Mapping):
+        raise ValueError(f"not a mapping of sysctl to value: {type(prev).__name__}")
+    for key, value in prev.items():
+        if not is_forwarding_sysctl(key):
+            raise ValueError(f"{key!r} is not a forwarding sysctl wgvsock changes")
+        if not isinstance(value, str) or value not in FORWARDING_VALUES:
+            raise ValueError(f"{key}: {value!r} is not one of "
+                             + ", ".join(f'"{v}"' for v in FORWARDING_VALUES))
+    return dict(prev)
 
 
 def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> None:
@@ -1061,10 +1100,9 @@ def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> Non
     its accept_ra went with it. So is an accept_ra that is no longer the 2 written: someone
     set it since, and their value stands (a parent's tunnel, whose 0 must never become 1
     again while it is up, or a record an older wgvsock left with a tunnel in it)."""
+    check_forwarding_record(prev)  # raises ValueError before anything is written
     present: set[str] | None = None
     for key, value in reversed(list(prev.items())):
-        if not key.startswith("net/"):
-            raise ValueError(f"not a forwarding sysctl: {key!r}")
         if (m := _ACCEPT_RA_RE.fullmatch(key)) and m.group(1) != "default":
             if present is None:
                 present = set(_ipv6_interfaces(netns))

@@ -1,0 +1,210 @@
+"""The parent's state file (roles/state.py) as `parent up`, `down` and `reload` read it: what
+is refused, and how; and the lock a stopping parent decides under. The namespace tests
+(tests/net/test_parent_state.py) run the same through `parent up` and `down`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from wgvsock.roles import state as state_mod
+from wgvsock.roles.common import RoleError
+from wgvsock.roles.state import State, StateFileError
+from wgvsock.services import firewall
+
+GOOD = {"name": "pay", "pid": 4242, "interface": "wg0", "profile": "/etc/wgvsock/pay.yaml",
+        "forwarding": {"net/ipv6/conf/default/accept_ra": "1", "net/ipv4/ip_forward": "0"}}
+
+
+@pytest.fixture
+def state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(d))
+    return d
+
+
+def _write(d: Path, raw: object, name: str = "pay", mode: int = 0o600) -> Path:
+    path = d / f"{name}.json"
+    path.write_text(raw if isinstance(raw, str) else json.dumps(raw))
+    path.chmod(mode)
+    return path
+
+
+def test_a_state_file_wgvsock_wrote_loads(state_dir: Path) -> None:
+    _write(state_dir, GOOD)
+    s = State.load("pay")
+    assert s is not None and s.pid == 4242 and s.forwarding == GOOD["forwarding"]
+    # An older version's file, without the fields added since, still loads.
+    _write(state_dir, {k: GOOD[k] for k in ("name", "pid", "interface", "profile")})
+    assert State.load("pay") is not None
+
+
+BAD = {
+    "pid text": ({"pid": "abc"}, "'pid'"),
+    "pid fraction": ({"pid": 1.5}, "'pid'"),
+    "pid null": ({"pid": None}, "'pid'"),
+    "pid bool": ({"pid": True}, "'pid'"),
+    "pid huge": ({"pid": 2**70}, "'pid'"),
+    "pid init": ({"pid": 1}, "'pid'"),
+    "pid negative": ({"pid": -5}, "'pid'"),
+    "forwarding value": ({"forwarding": {"net/ipv4/ip_forward": 5}}, "'forwarding'"),
+    "forwarding value text": ({"forwarding": {"net/ipv4/ip_forward": "7"}}, "'forwarding'"),
+    "forwarding other sysctl": ({"forwarding": {"net/ipv4/conf/all/rp_filter": "0"}},
+                                "'forwarding'"),
+    "forwarding climbs out": ({"forwarding": {"net/ipv6/conf/../accept_ra": "1"}},
+                              "'forwarding'"),
+    "forwarding list": ({"forwarding": ["net/ipv4/ip_forward"]}, "'forwarding'"),
+    "sockets": ({"sockets": "/tmp/x.sock"}, "'sockets'"),
+    "enclave": ({"enclave": {"id": 5}}, "'enclave'"),
+    "reload": ({"reload": []}, "'reload'"),
+    "started": ({"started": "soon"}, "'started'"),
+    "unknown field": ({"extra": 1}, "'extra'"),
+    "no interface": ({"interface": None}, "'interface'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_a_damaged_state_file_is_refused_naming_the_field(state_dir: Path, kind: str) -> None:
+    change, field = BAD[kind]
+    path = _write(state_dir, {**GOOD, **change})
+    with pytest.raises(StateFileError) as e:
+        State.load("pay")
+    assert str(path) in str(e.value) and field in str(e.value)
+    assert "remove the file" in str(e.value)
+
+
+def test_a_missing_field_or_bad_json_is_refused(state_dir: Path) -> None:
+    _write(state_dir, {k: v for k, v in GOOD.items() if k != "pid"})
+    with pytest.raises(StateFileError, match="'pid' is missing"):
+        State.load("pay")
+    _write(state_dir, "{")
+    with pytest.raises(StateFileError, match="not valid JSON"):
+        State.load("pay")
+    _write(state_dir, "[1]")
+    with pytest.raises(StateFileError, match="not an object"):
+        State.load("pay")
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_a_state_file_others_may_write_is_not_trusted(state_dir: Path, mode: int) -> None:
+    path = _write(state_dir, GOOD, mode=mode)
+    with pytest.raises(StateFileError, match=f"writable by others \\(mode {mode:o}\\)") as e:
+        State.load("pay")
+    assert str(path) in str(e.value)
+
+
+def test_a_state_file_of_another_user_is_not_trusted(state_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    path = _write(state_dir, GOOD)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(StateFileError, match="owned by uid 65534"):
+        State.load("pay")
+
+
+def test_a_symbolic_link_is_not_followed(state_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text(json.dumps(GOOD))
+    (state_dir / "pay.json").symlink_to(target)
+    with pytest.raises(StateFileError, match="symbolic link"):
+        State.load("pay")
+
+
+def test_the_forwarding_record_is_checked_too(state_dir: Path, monkeypatch) -> None:
+    written: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: written.append(prev))
+    record = state_dir / "forwarding.json"
+    record.write_text(json.dumps({"net/ipv4/conf/all/rp_filter": "0"}))
+    record.chmod(0o600)
+    with pytest.raises(StateFileError, match="forwarding record"):
+        state_mod.restore_forwarding("pay", {"net/ipv4/ip_forward": "0"})
+    record.write_text(json.dumps({"net/ipv4/ip_forward": "0"}))
+    record.chmod(0o644)
+    state_mod.restore_forwarding("pay", {})
+    assert written == [{"net/ipv4/ip_forward": "0"}] and not record.exists()
+    record.write_text(json.dumps({"net/ipv4/ip_forward": "0"}))
+    record.chmod(0o666)
+    with pytest.raises(StateFileError, match="writable by others"):
+        state_mod.restore_forwarding("pay", {})
+
+
+def test_enable_forwarding_records_each_value_before_it_writes(monkeypatch) -> None:
+    """Review finding: `up` recorded the values it replaced after writing them all."""
+    values = {"net/ipv6/conf/all/forwarding": "0", "net/ipv6/conf/default/accept_ra": "1",
+              "net/ipv6/conf/eth0/accept_ra": "1", "net/ipv4/ip_forward": "0"}
+    events: list[tuple] = []
+    monkeypatch.setattr(firewall, "_sysctl_read", lambda keys, netns: [values[k] for k in keys])
+    monkeypatch.setattr(firewall, "_ipv6_interfaces", lambda netns: ["eth0"])
+
+    def write(key: str, value: str, netns: object) -> None:
+        events.append(("write", key))
+        values[key] = value
+
+    monkeypatch.setattr(firewall, "_sysctl_write", write)
+    prev = firewall.enable_forwarding(ipv6=True, record=lambda r: events.append(("record", r)))
+    recorded: dict = {}
+    for event in events:
+        if event[0] == "record":
+            recorded = event[1]
+        else:
+            assert event[1] in recorded, f"{event[1]} written before it was recorded"
+    assert recorded == prev == {"net/ipv6/conf/default/accept_ra": "1",
+                                "net/ipv6/conf/eth0/accept_ra": "1",
+                                "net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"}
+
+
+def test_two_parents_stopping_at_once_decide_in_turn(state_dir: Path, monkeypatch) -> None:
+    """Review finding: the decision whether forwarding can go back was guarded by a lock of
+    this process only, and a stopping parent counted itself as running for the others. Here
+    two threads stand in for two processes (the lock is a flock, taken per open file), and
+    each one's own state file is made to look like its own."""
+    restored: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
+    running = {"a", "b"}
+    monkeypatch.setattr(State, "running", lambda self: self.name in running)
+    for name in running:
+        _write(state_dir, {**GOOD, "name": name, "pid": 100 + ord(name)}, name=name)
+    me = threading.local()
+    real_getpid = os.getpid
+    monkeypatch.setattr(state_mod.os, "getpid", lambda: getattr(me, "pid", real_getpid()))
+    both = threading.Barrier(2)
+    real_others = state_mod.others_running
+
+    def others_running(name: str) -> list[str]:
+        found = real_others(name)
+        # Both decide while both still run, unless the decisions take turns.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both.wait(timeout=1)
+        return found
+
+    monkeypatch.setattr(state_mod, "others_running", others_running)
+    answers: dict[str, str | None] = {}
+
+    def stop(name: str, previous: dict) -> None:
+        me.pid = 100 + ord(name)
+        answers[name] = state_mod.restore_forwarding(name, previous)
+
+    threads = [threading.Thread(target=stop, args=("a", {"net/ipv4/ip_forward": "0"})),
+               threading.Thread(target=stop, args=("b", {}))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert restored == [{"net/ipv4/ip_forward": "0"}], answers
+    assert sorted(v is None for v in answers.values()) == [False, True]
+    assert list(state_dir.iterdir()) == []
+
+
+def test_load_says_to_run_as_root_when_it_may_not_read(state_dir: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = _write(state_dir, GOOD)
+    path.chmod(0)
+    with pytest.raises(RoleError, match="run as root"):
+        State.load("pay")
