@@ -202,9 +202,31 @@ def test_two_parents_stopping_at_once_decide_in_turn(state_dir: Path, monkeypatc
 
 
 def test_load_says_to_run_as_root_when_it_may_not_read(state_dir: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
-    path = _write(state_dir, GOOD)
-    path.chmod(0)
-    with pytest.raises(RoleError, match="run as root"):
-        State.load("pay")
+    if os.geteuid() != 0:
+        path = _write(state_dir, GOOD)
+        path.chmod(0)
+        with pytest.raises(RoleError, match="run as root"):
+            State.load("pay")
+        return
+    # Root reads any file: ask as nobody, of a directory nobody may enter.
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="wgvsock-state-", dir="/tmp"))
+    try:
+        d.chmod(0o755)
+        _write(d, GOOD).chmod(0)
+        code = ("from wgvsock.roles.state import State\n"
+                "from wgvsock.roles.common import RoleError\n"
+                "try:\n    State.load('pay')\nexcept RoleError as e:\n    print(e)\n")
+        root = Path(__file__).resolve().parents[1]
+        res = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534",
+                              "--clear-groups", sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=60, cwd="/",
+                             env={**os.environ, "WGVSOCK_STATE_DIR": str(d),
+                                  "PYTHONPATH": str(root)})
+        assert "run as root" in res.stdout, (res.stdout, res.stderr)
+    finally:
+        shutil.rmtree(d)
