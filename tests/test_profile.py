@@ -370,6 +370,7 @@ BAD = [
     ("interface: wg0\n", "name", "missing", None),
     ("name: Payments\n", "name", "not a valid name", "name:"),
     ("name: -a\n", "name", "not a valid name", "name:"),
+    ("name: forwarding\n", "name", "'forwarding' is reserved", "name:"),
     (f"name: {'a' * 32}\n", "name", "not a valid name", "name:"),
     ("name: [a]\n", "name", "expected a string, got a list", "name:"),
     ("name: a\nversion: 2\n", "version", "not supported", "version:"),

@@ -836,7 +836,13 @@ class _Builder(_Parser):
         else:
             text = self.text(top["name"], "name", "payments")
             if text is not None:
-                if NAME_RE.fullmatch(text):
+                if text == "forwarding":
+                    # The host's record of its forwarding settings is forwarding.json, in
+                    # the directory where each profile's state is NAME.json.
+                    self.problem(_line(top["name"]), "name", "'forwarding' is reserved",
+                                 "the parent keeps the host's forwarding settings under that "
+                                 "name; choose another, e.g. payments")
+                elif NAME_RE.fullmatch(text):
                     name = text
                 else:
                     self.problem(_line(top["name"]), "name", f"'{text}' is not a valid name",
