@@ -605,6 +605,42 @@ def test_a_peer_not_reading_holds_up_sends_to_other_peers_only_briefly(
         deaf.close()
 
 
+def test_a_send_that_may_not_wait_never_waits_when_a_stall_ends() -> None:
+    """Found in review: when a stalled connection's peer had caught up, the next send went
+    back to the waiting path whoever made it, and the thread serving the SharedFile (whose
+    sends must never wait: its own socket goes unread meanwhile) waited for the patience,
+    or, with the other peers gone, the whole send timeout, and then cut the connection."""
+    from wgvsock.conn.endpoint import Endpoint
+    from wgvsock.conn.stream import _Conn
+
+    ours, theirs = socket.socketpair()
+    for s in (ours, theirs):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    theirs.setblocking(False)
+    conn = _Conn(ours, Endpoint("unix", "x", 0, 1), True, 0.3)
+    conn.patience = 0.1
+    try:
+        assert conn.send_iov([bytes(200_000)])  # waits 0.1 s, then stalls
+        assert conn.stalled_at and conn.tail
+        while True:  # the peer reads everything (the rest of the stalled frame too)
+            with contextlib.suppress(BlockingIOError):
+                while theirs.recv(65536):
+                    pass
+            conn.send_iov([], wait=False)
+            if not conn.tail:
+                break
+        time.sleep(0.35)  # past the send timeout: the stall is over
+        conn.patience = 0.3  # the other peers went: a waiting send would wait it all
+        t0 = time.monotonic()
+        assert conn.send_iov([bytes(400_000)], wait=False)
+        assert time.monotonic() - t0 < 0.05 and not conn.closed
+        assert conn.tail  # what did not fit waits for the next waiting send, as before
+    finally:
+        ours.close()
+        theirs.close()
+
+
 # -- vsock: bind and listen only, never connect ----------------------------------------------
 
 

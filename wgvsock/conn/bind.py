@@ -177,6 +177,11 @@ class Bind(ABC):
         while when it has to close one to make room."""
         return
 
+    def peers_changed(self) -> None:
+        """The owner's peers or their endpoints were set anew (a UAPI set): a stream transport
+        counts again which of its connections are peers' (StreamBind._set_patience)."""
+        return
+
     @abstractmethod
     def set_mark(self, mark: int) -> None:
         """The fwmark (SO_MARK) of this transport's IP sockets, now and later ones: wg-quick

@@ -210,6 +210,7 @@ class _Conn:
         "since",
         "sock",
         "sock_patience",
+        "source",
         "stalled_at",
         "tail",
         "tail_lock",
@@ -232,6 +233,9 @@ class _Conn:
         self.stalled_at = 0.0
         self.progress_at = 0.0
         self.dropped = 0
+        # Whose it is, for sharing out the table of inbound connections (_source): worked
+        # out once, not for each connection at each accept.
+        self.source: object = None if outbound else _source(ep)
         self.send_lock = threading.Lock()
         self.closed = False
         self.done = threading.Event()
@@ -281,7 +285,7 @@ class _Conn:
         if self.closed:
             return False
         if self.stalled_at:
-            return self._send_stalled(bufs)
+            return self._send_stalled(bufs, wait)
         if self.tail:
             with self.tail_lock:
                 bufs = self.tail + bufs
@@ -310,7 +314,7 @@ class _Conn:
             self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
             return False
 
-    def _send_stalled(self, bufs: list[bytes | memoryview]) -> bool:
+    def _send_stalled(self, bufs: list[bytes | memoryview], wait: bool) -> bool:
         """A send on a stalled connection: nothing waits. What is left of the send that
         stalled goes first and whole (a frame begun must end); while any is left, BUFS are
         dropped."""
@@ -326,7 +330,7 @@ class _Conn:
             if not pending:
                 if now - self.stalled_at >= self.send_timeout:
                     self.stalled_at = 0.0  # it kept up for a while: sends may wait again
-                    return self._send(bufs, True)
+                    return self._send(bufs, wait)
                 if bufs:
                     pending = _send_some(self.sock, bufs)
                     if len(pending) < len(bufs) or (pending and pending[0] is not bufs[0]):
@@ -836,12 +840,11 @@ class StreamBind(SocketBind):
         100 ms would keep a stranger's connections fresh, and a peer's new one would go."""
         counts: dict[object, int] = {}
         for c in conns:
-            key = _source(c.ep)
-            counts[key] = counts.get(key, 0) + 1
+            counts[c.source] = counts.get(c.source, 0) + 1
         key = _source(newcomer)
         if key in counts:
             counts[key] += 1
-        return max(conns, key=lambda c: (counts[_source(c.ep)], -c.since))
+        return max(conns, key=lambda c: (counts[c.source], -c.since))
 
     def _trust(self, conn: _Conn) -> None:
         """After frames on a connection not yet trusted: is it a peer's now?"""
@@ -1001,7 +1004,8 @@ class StreamBind(SocketBind):
         with self._lock:
             if self._conns.get(conn.ep) is conn:
                 del self._conns[conn.ep]
-                self._recount = True
+                # Strangers' connections come and go without changing the count.
+                self._recount = self._recount or conn.trusted
         with conn.send_lock:  # no sender may be inside sendall() when the fd number is freed
             conn.sock.close()
         if conn.reason.startswith("send"):
@@ -1136,6 +1140,9 @@ class StreamBind(SocketBind):
         with contextlib.suppress(OSError):  # a refused mark failed set_mark already
             self._sync_mark(conn.sock)
         self._conns[conn.ep] = conn
+        self._recount = self._recount or conn.trusted
+
+    def peers_changed(self) -> None:
         self._recount = True
 
     def _set_patience(self) -> None:

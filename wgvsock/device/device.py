@@ -986,6 +986,8 @@ class Device:
                     # Not one removed (or replaced) later in the same request.
                     if engine.peers.get(kept.public_key) is kept:
                         actions += engine.send_keepalive(kept, now)
+        if cfg.peers or cfg.replace_peers:
+            self.bind.peers_changed()
         if actions:
             # Sent from a thread of their own: a send may wait for a stream peer that stopped
             # reading, up to the send timeout, and every other UAPI client would wait with it
@@ -1021,6 +1023,7 @@ class Device:
             # went nowhere; it must not hold this one back for RekeyTimeout.
             peer.handshake.last_sent = None
             actions = self.engine.initiate_handshake(peer, time.monotonic())
+        self.bind.peers_changed()
         self._perform(actions)
 
     def has_peer(self, public_key: bytes) -> bool:
