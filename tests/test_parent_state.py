@@ -43,6 +43,17 @@ def test_a_state_file_wgvsock_wrote_loads(state_dir: Path) -> None:
     # An older version's file, without the fields added since, still loads.
     _write(state_dir, {k: GOOD[k] for k in ("name", "pid", "interface", "profile")})
     assert State.load("pay") is not None
+    # Found in review: what the parent itself writes when nitro-cli reports no enclave name
+    # (releases before 1.2), and a parent that is a container's first process.
+    _write(state_dir, {**GOOD, "pid": 1, "enclave": {"id": "i-0abc-enc1", "cid": 16,
+                                                       "name": None}})
+    s = State.load("pay")
+    assert s is not None and s.pid == 1 and s.enclave["name"] is None
+    # Any interface name the kernel takes: a refused one made the record unreadable for
+    # good, and forwarding was never put back (found in review).
+    odd = {f"net/ipv6/conf/{n}/accept_ra": "1" for n in ("eth#1", "wé0", "a~b=c")}
+    _write(state_dir, {**GOOD, "forwarding": odd})
+    assert State.load("pay").forwarding == odd
 
 
 BAD = {
@@ -51,7 +62,7 @@ BAD = {
     "pid null": ({"pid": None}, "'pid'"),
     "pid bool": ({"pid": True}, "'pid'"),
     "pid huge": ({"pid": 2**70}, "'pid'"),
-    "pid init": ({"pid": 1}, "'pid'"),
+    "pid zero": ({"pid": 0}, "'pid'"),
     "pid negative": ({"pid": -5}, "'pid'"),
     "forwarding value": ({"forwarding": {"net/ipv4/ip_forward": 5}}, "'forwarding'"),
     "forwarding value text": ({"forwarding": {"net/ipv4/ip_forward": "7"}}, "'forwarding'"),
@@ -60,6 +71,10 @@ BAD = {
     "forwarding climbs out": ({"forwarding": {"net/ipv6/conf/../accept_ra": "1"}},
                               "'forwarding'"),
     "forwarding list": ({"forwarding": ["net/ipv4/ip_forward"]}, "'forwarding'"),
+    "forwarding not a name": ({"forwarding": {"net/ipv6/conf/a:b/accept_ra": "1"}},
+                              "'forwarding'"),
+    "forwarding name too long": ({"forwarding": {f"net/ipv6/conf/{'é' * 8}/accept_ra": "1"}},
+                                 "'forwarding'"),
     "sockets": ({"sockets": "/tmp/x.sock"}, "'sockets'"),
     "enclave": ({"enclave": {"id": 5}}, "'enclave'"),
     "reload": ({"reload": []}, "'reload'"),

@@ -101,8 +101,9 @@ class State:
             if not isinstance(raw[key], str):
                 raise bad(f"field {key!r} is {raw[key]!r}, not a string")
         pid = raw["pid"]
-        if type(pid) is not int or not 1 < pid <= PID_MAX:
-            raise bad(f"field 'pid' is {pid!r}, not a process id (an integer from 2 to "
+        # 1: a parent that is a container's first process.
+        if type(pid) is not int or not 0 < pid <= PID_MAX:
+            raise bad(f"field 'pid' is {pid!r}, not a process id (an integer from 1 to "
                       f"{PID_MAX})")
         started = raw.get("started", 0)
         if type(started) is not int or started < 0 or started >= 2**64:
@@ -115,8 +116,9 @@ class State:
         if not isinstance(sockets, list) or not all(isinstance(x, str) for x in sockets):
             raise bad(f"field 'sockets' is {sockets!r}, not a list of paths")
         enclave = raw.get("enclave", {})
+        # nitro-cli before 1.2 reports no EnclaveName: the parent records None.
         if not isinstance(enclave, dict) or not all(
-                isinstance(enclave.get(k, ""), str) for k in ("id", "name")) \
+                isinstance(enclave.get(k, ""), str | None) for k in ("id", "name")) \
                 or type(enclave.get("cid", 0)) is not int:
             raise bad(f"field 'enclave' is {enclave!r}, not {{id, cid, name}}")
         reload = raw.get("reload", {"seq": 0})

@@ -1051,7 +1051,8 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False,
             _sysctl_write(key, value, netns)
 
     def ones(names: Sequence[str]) -> dict[str, str]:
-        keys = [f"net/ipv6/conf/{n}/accept_ra" for n in names]
+        # Only what a record may hold (is_forwarding_sysctl), or it could not be read back.
+        keys = [k for n in names if is_forwarding_sysctl(k := f"net/ipv6/conf/{n}/accept_ra")]
         return {k: v for k, v in zip(keys, _sysctl_read(keys, netns), strict=True) if v == "1"}
 
     if ipv6 and _sysctl_read([_IPV6_FORWARD], netns) != ["1"]:
@@ -1063,6 +1064,7 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False,
 
 
 _ACCEPT_RA_RE = re.compile(r"net/ipv6/conf/([^/]+)/accept_ra")
+_KERNEL_IFNAME_RE = re.compile(r"[^/:\x00-\x20\x7f]+")
 # What enable_forwarding may have replaced: sysctls that hold one of these.
 FORWARDING_VALUES = ("0", "1", "2")
 
@@ -1075,8 +1077,12 @@ def is_forwarding_sysctl(key: object) -> bool:
     if key in (_IPV4_FORWARD, _IPV6_FORWARD):
         return True
     m = _ACCEPT_RA_RE.fullmatch(key)
+    # Any name the kernel takes for an interface (dev_valid_name: no '/', ':' or white
+    # space, at most 15 bytes), which cannot climb out of net/ipv6/conf: `#`, `~` or a
+    # non-ASCII name refused here made the record unreadable and forwarding never restored.
     return bool(m) and m.group(1) not in (".", "..", "all", "lo") \
-        and _IFNAME_RE.fullmatch(m.group(1)) is not None
+        and _KERNEL_IFNAME_RE.fullmatch(m.group(1)) is not None \
+        and len(m.group(1).encode(errors="surrogateescape")) < 16
 
 
 def check_forwarding_record(prev: object) -> dict[str, str]:
