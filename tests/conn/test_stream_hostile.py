@@ -3,10 +3,12 @@ read-only review of conn/, each failing before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 from wgvsock.conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
 from wgvsock.conn.endpoint import Endpoint
@@ -155,17 +157,14 @@ def _still_open(s: socket.socket) -> bool:
         s.setblocking(True)
 
 
-def test_a_stranger_churning_connections_from_its_own_host_cannot_displace_a_peer_s(
-    monkeypatch,
-) -> None:
-    """Before: when the table was full, the unauthenticated connection with the oldest frame
-    went. A stranger that refreshed each of its connections with junk and kept opening new
-    ones had the one connection of a peer (not yet authenticated: waiting out a cookie
-    reply, say) closed every time (review finding). Now the one to go is from the host that
-    holds the most."""
+@contextlib.contextmanager
+def _table_with_a_peer(monkeypatch, limit: int) -> Iterator[tuple]:
+    """A bind taking LIMIT inbound connections, none of them authenticated, and a first one
+    (the peer's) whose frame arrived: (bind, port, peer socket, endpoints received, a list
+    for the test's further sockets, all closed at the end)."""
     import wgvsock.conn.stream as stream
 
-    monkeypatch.setattr(stream, "MAX_INBOUND", 8)
+    monkeypatch.setattr(stream, "MAX_INBOUND", limit)
     received: list[Endpoint] = []
     b = StreamBind("tcp4")
     b.authenticated = lambda ep: False
@@ -175,6 +174,22 @@ def test_a_stranger_churning_connections_from_its_own_host_cannot_displace_a_pee
     try:
         peer.sendall(encode_frame(DATA))
         wait_for(lambda: received, 5, "the peer's frame")
+        yield b, port, peer, received, held
+    finally:
+        for s in [peer, *held]:
+            s.close()
+        b.close()
+
+
+def test_a_stranger_churning_connections_from_its_own_host_cannot_displace_a_peer_s(
+    monkeypatch,
+) -> None:
+    """Before: when the table was full, the unauthenticated connection with the oldest frame
+    went. A stranger that refreshed each of its connections with junk and kept opening new
+    ones had the one connection of a peer (not yet authenticated: waiting out a cookie
+    reply, say) closed every time (review finding). Now the one to go is from the host that
+    holds the most."""
+    with _table_with_a_peer(monkeypatch, 8) as (b, port, peer, _received, held):
         for i in range(40):
             s = _from("127.0.0.2", port)
             s.sendall(encode_frame(DATA))
@@ -187,10 +202,6 @@ def test_a_stranger_churning_connections_from_its_own_host_cannot_displace_a_pee
             time.sleep(0.01)
         assert _still_open(peer)
         assert sum(map(_still_open, held)) <= 7
-    finally:
-        for s in [peer, *held]:
-            s.close()
-        b.close()
 
 
 def test_a_connection_whose_sender_knows_our_key_is_kept_while_it_may_retry(
@@ -199,18 +210,7 @@ def test_a_connection_whose_sender_knows_our_key_is_kept_while_it_may_retry(
     """A connection on which a handshake message passed mac1 (the owner says so with
     handshake_seen) is not closed to make room for HANDSHAKE_GRACE seconds, even for
     newcomers from its own host: its peer may be waiting out a cookie reply's REKEY_TIMEOUT."""
-    import wgvsock.conn.stream as stream
-
-    monkeypatch.setattr(stream, "MAX_INBOUND", 4)
-    received: list[Endpoint] = []
-    b = StreamBind("tcp4")
-    b.authenticated = lambda ep: False
-    port = b.open(0, lambda d, ep: received.append(ep))
-    held: list[socket.socket] = []
-    peer = _from("127.0.0.1", port)
-    try:
-        peer.sendall(encode_frame(DATA))
-        wait_for(lambda: received, 5, "the peer's frame")
+    with _table_with_a_peer(monkeypatch, 4) as (b, port, peer, received, held):
         b.handshake_seen(received[0])
         for i in range(12):
             s = _from("127.0.0.1", port)
@@ -219,10 +219,6 @@ def test_a_connection_whose_sender_knows_our_key_is_kept_while_it_may_retry(
             wait_for(lambda n=i + 2: b.status()["accepted"] == n, 5, "the accept")
         wait_for(lambda: len(b.status()["connections"]) == 4, 5, "room made")
         assert _still_open(peer)
-    finally:
-        for s in [peer, *held]:
-            s.close()
-        b.close()
 
 
 def test_only_the_first_hello_on_a_connection_counts() -> None:
