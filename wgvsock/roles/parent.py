@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import shutil
@@ -220,26 +219,12 @@ def _listener_of(port: int) -> tuple[str, int] | None:
 
 
 def _is_parent_up(pid: int, profile) -> bool:
+    """Whether PID is this profile's running parent, as its state file records it."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+        state = State.load(profile.name)
+    except RoleError:
         return False
-    words = [a.decode(errors="replace") for a in argv]
-    if not ("parent" in words and "up" in words
-            and any(w.endswith(("wgvsock", "wgvsock.cli")) for w in words)):
-        return False
-    from ..services.profile import ProfileError, load_profile
-
-    given = [b for a, b in itertools.pairwise(words) if a == "--profile"]
-    given += [w.removeprefix("--profile=") for w in words if w.startswith("--profile=")]
-    if not given:
-        return False
-    try:
-        # Relative to where that process runs, not to us.
-        path = Path(os.readlink(f"/proc/{pid}/cwd")) / given[0]
-        return load_profile(path).name == profile.name
-    except (ProfileError, OSError):
-        return False
+    return state is not None and state.pid == pid
 
 
 def connection_limit_check(profile) -> Check:
