@@ -11,21 +11,19 @@ with the wgvsock package and the venv's interpreter of another checkout: before/
 
 Why a separate tool: a ping's time here depends on how long the daemons sat idle before it (each
 pass through Python runs slower the colder the CPU's caches are: bench/README.md), and on what
-else the two cores do; tunnel_bench.py's 50 pings per round cannot tell a 10 % change from noise.
+else the two cores do; tunnel_bench.py's 200 pings per round and case cannot tell a 10 % change
+from noise.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 
 import tunnel_bench as tb
 
 from wgvsock.ui.nslab import Lab, preflight, run_in_lab
-
-_TIME = re.compile(r"time=([\d.]+)")
 
 
 def main() -> int:
@@ -47,7 +45,7 @@ def main() -> int:
                 for t in tunnels if cycle % 2 == 0 else tunnels[::-1]:
                     res = a.run("ping", "-c", str(args.count), "-i", str(args.interval),
                                 t.tun_b, check=False)
-                    times[t.case.label] += [float(x) for x in _TIME.findall(res.stdout)]
+                    times[t.case.label] += tb.ping_times(res.stdout)
         return 0
 
     if code := run_in_lab("ping_bench", "wgvsock-ping-", bench):

@@ -6,10 +6,12 @@ Run as root: .venv/bin/python bench/tunnel_bench.py [--seconds S] [--rounds N] [
 
 Two network namespaces joined by a veth cable (MTU 1500). Per tunnel MTU, a pair of interfaces
 for every case is started at once; then N rounds go round the cases (so each case sees the same
-mix of load from whatever else shares the machine), each round being: ping latency (50 pings
-at -i 0.01, the issue's method), then iperf3 with one TCP stream for S seconds a->b and with -R
-(b->a), each against its own one-shot server. The table shows each figure's median
-over the rounds, and the daemons' VmRSS after the last round. Stream transports run over TCP
+mix of load from whatever else shares the machine), each round being: ping latency through
+every case in turn (4 slices of 50 pings at -i 0.01, the issue's interval, the order of the
+cases flipped every slice), then per case iperf3 with one TCP stream for S seconds a->b and
+with -R (b->a), each against its own one-shot server. The table shows each throughput's median
+over the rounds, the median and the mean of every ping's round trip, and the daemons' VmRSS
+after the last round. Stream transports run over TCP
 (and Unix stream), the stand-ins for vsock (DESIGN.md §5: never connect AF_VSOCK); the seed
 runs only with `-n tcp`. Everything made is removed at the end, also on Ctrl-C or failure.
 
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +40,6 @@ from wgvsock.ui.nslab import (
     Lab,
     LabError,
     Namespace,
-    parse_ping,
     preflight,
     rss_kib,
     run_in_lab,
@@ -45,9 +47,11 @@ from wgvsock.ui.nslab import (
 )
 
 MTUS = (1420, 8920, 65000)
-PING_COUNT = 50
+PING_COUNT = 50  # pings per slice
+PING_SLICES = 4  # slices per round, every case pinged in each, in turn
 PING_INTERVAL = 0.01
 IPERF_PORT = 5201
+_PING_TIME = re.compile(r"time=([\d.]+) ms")
 TOOLS = ("ip", "wg", "iperf3", "ping", "ss", "wireguard-go")
 VETH_A, VETH_B = "192.168.201.1", "192.168.201.2"
 OFFLOAD_OFF = {"WGVSOCK_OFFLOAD": "0"}
@@ -92,7 +96,8 @@ class Result:
     mtu: int
     mbps_a_to_b: list[float] = field(default_factory=list)
     mbps_b_to_a: list[float] = field(default_factory=list)
-    ping_avg_ms: list[float] = field(default_factory=list)
+    ping_ms: list[float] = field(default_factory=list)  # every reply's round trip
+    pings_lost: int = 0
     rss_kib_a: int | None = None
     rss_kib_b: int | None = None
     error: str | None = None
@@ -101,6 +106,9 @@ class Result:
     def median(self, what: str) -> float | None:
         values = getattr(self, what)
         return statistics.median(values) if values else None
+
+    def ping_mean(self) -> float | None:
+        return statistics.fmean(self.ping_ms) if self.ping_ms else None
 
 
 def iperf(client: Namespace, server: Namespace, addr: str, port: int, seconds: float,
@@ -212,20 +220,45 @@ def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: 
     return t
 
 
+def ping_times(output: str) -> list[float]:
+    """Each reply's round trip in ms, from ping's output."""
+    return [float(x) for x in _PING_TIME.findall(output)]
+
+
+def ping_round(a: Namespace, tunnels: list[Tunnel], round_index: int) -> None:
+    """Every case's pings of one round: PING_SLICES slices, each pinging through every case in
+    turn, the order flipped from slice to slice. A round trip at -i 0.01 depends on how cold
+    the caches are and on what else the two cores run (bench/README.md, seventeenth round):
+    pinging the cases in one stretch each, after different iperf3 runs, left the 50-ping
+    column scattering by 2x from run to run (0.64x to 1.62x the seed in one day's tables)."""
+    for s in range(PING_SLICES):
+        order = tunnels if (round_index + s) % 2 == 0 else tunnels[::-1]
+        for t in order:
+            r = t.result
+            if r.error:
+                continue
+            try:
+                res = a.run("ping", "-n", "-c", str(PING_COUNT), "-i", f"{PING_INTERVAL:g}",
+                            "-W", "3", t.tun_b, check=False,
+                            timeout=PING_COUNT * PING_INTERVAL + 15)
+            except subprocess.TimeoutExpired as e:
+                r.notes.append(f"ping timed out: {e}")
+                continue
+            times = ping_times(res.stdout)
+            if not times:
+                r.notes.append(f"ping: {res.stdout.strip()[-200:]} {res.stderr.strip()}")
+            r.ping_ms += times
+            r.pings_lost += PING_COUNT - len(times)
+
+
 def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float,
             profile: Path | None = None, iperf_args: tuple[str, ...] = ()) -> None:
-    """One round: ping, then iperf3 a->b and b->a (under py-spy when `profile` is a folder;
-    `iperf_args` go to each iperf3 client)."""
+    """One case's iperf3 runs of a round, a->b and b->a (under py-spy when `profile` is a
+    folder; `iperf_args` go to each iperf3 client)."""
     r = t.result
     if r.error:
         return
     try:
-        res = a.ping(t.tun_b, PING_COUNT, PING_INTERVAL)
-        ping = parse_ping(res.stdout)
-        if ping is None:
-            r.notes.append(f"ping: {res.stdout.strip()} {res.stderr.strip()}")
-        else:
-            r.ping_avg_ms.append(ping["avg"])
         port = IPERF_PORT + 2 * index
         with _profiled(t, profile, "a2b", seconds):
             r.mbps_a_to_b.append(iperf(a, b, t.tun_b, port, seconds, False, *iperf_args))
@@ -382,6 +415,12 @@ def _ratio(ours: float | None, base: float | None) -> float | None:
     return ours / base if ours is not None and base else None
 
 
+def _rtt_ratio(r: Result, base: Result | None) -> str:
+    if base is None or r is base or base.error:
+        return "-"
+    return _f(_ratio(r.median("ping_ms"), base.median("ping_ms")), ".2f")
+
+
 def _pair_ratio(r: Result, base: Result | None) -> str:
     if base is None or r is base or base.error:
         return "-"
@@ -393,13 +432,16 @@ def _pair_ratio(r: Result, base: Result | None) -> str:
 def print_table(results: list[Result], seconds: float, rounds: int, congestion: str,
                 split: str = "") -> None:
     print(f"\nMedians of {rounds} rounds: iperf3 one TCP stream {seconds:g} s each way "
-          f"(congestion control {congestion}), ping {PING_COUNT} at -i {PING_INTERVAL}; "
+          f"(congestion control {congestion}); ping {PING_SLICES}x{PING_COUNT} a round at "
+          f"-i {PING_INTERVAL:g}, the cases in turn: median (p50) and mean of every reply; "
           "veth MTU 1500; RSS after the last round.\n"
           + (f"Each side on its own CPUs ({split}).\n" if split else "") +
           "x seed / x wg-go: this row's a->b/b->a over the seed's (tcp) or wireguard-go's "
-          "(udp) at the same MTU. Shared, noisy machine: read the ratios.\n")
-    head = (f"{'tunnel':<22}{'MTU':>6}{'a->b Mbit/s':>12}{'b->a Mbit/s':>12}{'ping ms':>9}"
-            f"{'RSS MiB a/b':>13}{'x seed':>12}{'x wg-go':>12}")
+          "(udp) at the same MTU; rtt x seed: its ping p50 over the seed's. Shared, noisy "
+          "machine: read the ratios.\n")
+    head = (f"{'tunnel':<22}{'MTU':>6}{'a->b Mbit/s':>12}{'b->a Mbit/s':>12}{'p50 ms':>8}"
+            f"{'mean ms':>8}{'RSS MiB a/b':>13}{'x seed':>12}{'x wg-go':>12}"
+            f"{'rtt x seed':>11}")
     print(head)
     print("-" * len(head))
     by = {(r.key, r.mtu): r for r in results}
@@ -409,11 +451,14 @@ def print_table(results: list[Result], seconds: float, rounds: int, congestion: 
             continue
         rss = f"{_mib(r.rss_kib_a)}/{_mib(r.rss_kib_b)}"
         print(f"{r.label:<22}{r.mtu:>6}{_f(r.median('mbps_a_to_b'), '.0f'):>12}"
-              f"{_f(r.median('mbps_b_to_a'), '.0f'):>12}{_f(r.median('ping_avg_ms'), '.3f'):>9}"
+              f"{_f(r.median('mbps_b_to_a'), '.0f'):>12}{_f(r.median('ping_ms'), '.3f'):>8}"
+              f"{_f(r.ping_mean(), '.3f'):>8}"
               f"{rss:>13}{_pair_ratio(r, by.get((SEED, r.mtu))):>12}"
-              f"{_pair_ratio(r, by.get((WGGO, r.mtu))):>12}")
+              f"{_pair_ratio(r, by.get((WGGO, r.mtu))):>12}"
+              f"{_rtt_ratio(r, by.get((SEED, r.mtu))):>11}")
     for r in results:
-        for note in r.notes:
+        lost = [f"{r.pings_lost} pings got no reply"] if r.pings_lost else []
+        for note in [*lost, *r.notes]:
             print(f"  note ({r.label}, MTU {r.mtu}): {note}")
 
 
@@ -505,6 +550,8 @@ def main() -> int:
                     for t in tunnels:
                         pin_sides(t, cpus_a, cpus_b)
                 for n in range(args.rounds):
+                    print(f"  MTU {mtu} round {n + 1}/{args.rounds}: ping", flush=True)
+                    ping_round(a, tunnels, n)
                     for i, t in enumerate(tunnels):
                         print(f"  MTU {mtu} round {n + 1}/{args.rounds}: {t.case.label}",
                               flush=True)
@@ -524,7 +571,8 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"seconds": args.seconds, "rounds": args.rounds, "mtus": mtus,
                        "congestion": congestion, "split_cores": split or None,
-                       "ping_count": PING_COUNT, "ping_interval": PING_INTERVAL,
+                       "ping_count": PING_COUNT, "ping_slices": PING_SLICES,
+                       "ping_interval": PING_INTERVAL,
                        "results": [asdict(r) for r in results]}, f, indent=2)
     return 1 if any(r.error or not r.mbps_a_to_b for r in results) else 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,6 @@ __all__ = [
     "daemon_command",
     "interrupts_raise",
     "missing_tools",
-    "parse_ping",
     "preflight",
     "rss_kib",
     "run",
@@ -47,7 +45,6 @@ __all__ = [
 ]
 
 RUN_DIR = "/var/run/wireguard"
-_PING_RE = re.compile(r"= ([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+) ms")
 
 
 class LabError(RuntimeError):
@@ -149,14 +146,6 @@ def rss_kib(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def parse_ping(output: str) -> dict[str, float] | None:
-    """min/avg/max/mdev in ms from ping's summary line, or None when nothing came back."""
-    m = _PING_RE.search(output)
-    if not m:
-        return None
-    return dict(zip(("min", "avg", "max", "mdev"), map(float, m.groups()), strict=True))
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
