@@ -26,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -234,6 +235,89 @@ WRITE_TIMEOUT = 10.0  # each send of the response, to a client that stopped read
 _MAX_HEAD = 16 * 1024
 
 
+@dataclass(frozen=True)
+class Limit:
+    """A token bucket of connections: `burst` at once, then `rate` a second."""
+
+    rate: float
+    burst: int
+
+
+# Connections accepted, from all clients together and from one source (_source). Prometheus
+# scrapes every 5-60 s, so a few scrapers are far below either; a client looping on /metrics
+# is not, and each request it got served cost the parent ~0.7 ms of CPU (wsgiref and a
+# thread), taken from the tunnel's threads (same process, one GIL). Beyond the limit a
+# connection is answered a fixed 429 as it is accepted: no thread, nothing parsed, nothing
+# collected. The per-source bucket keeps one flooding address from using up the overall one,
+# so the scrapers at other addresses are still served.
+LIMIT = Limit(rate=20.0, burst=40)
+SOURCE_LIMIT = Limit(rate=5.0, burst=20)
+MAX_SOURCES = 256  # sources remembered; the least recently seen is forgotten (a full bucket)
+
+
+_LOOPBACK = b""  # (the other keys are 4 or 8 bytes long)
+
+
+def _source(host: str) -> bytes:
+    """Whom a connection from HOST counts against: its IPv4 address, its IPv6 /64 (what one
+    host or LAN is given), and loopback (127.0.0.0/8 and ::1) as one source, since any local
+    user can pick any of its addresses."""
+    try:
+        if ":" in host:
+            packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+            if packed[:12] != bytes(10) + b"\xff\xff":
+                return _LOOPBACK if packed == bytes(15) + b"\x01" else packed[:8]
+            packed = packed[12:]  # an IPv4 client of a dual-stack socket
+        else:
+            packed = socket.inet_pton(socket.AF_INET, host)
+    except OSError:  # (no address of a family we listen on: cannot be, but one key for all)
+        return b"?"
+    return _LOOPBACK if packed[0] == 127 else packed
+
+
+class _Limiter:
+    """The buckets of LIMIT and SOURCE_LIMIT. Used by the server's accepting thread alone."""
+
+    def __init__(self, overall: Limit, source: Limit, clock: Callable[[], float]) -> None:
+        self._overall = overall
+        self._source = source
+        self._clock = clock
+        self._tokens = float(overall.burst)
+        self._last = clock()
+        self._sources: OrderedDict[bytes, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def admit(self, host: str) -> bool:
+        """Whether a connection from HOST is within both limits; if so, it is counted."""
+        now = self._clock()
+        tokens = min(self._overall.burst,
+                     self._tokens + (now - self._last) * self._overall.rate)
+        self._last = now
+        key = _source(host)
+        seen = self._sources.pop(key, None)
+        mine = float(self._source.burst) if seen is None else min(
+            self._source.burst, seen[0] + (now - seen[1]) * self._source.rate)
+        admitted = tokens >= 1.0 and mine >= 1.0
+        if admitted:  # (a refused connection takes from neither)
+            tokens -= 1.0
+            mine -= 1.0
+        self._tokens = tokens
+        self._sources[key] = (mine, now)
+        if len(self._sources) > MAX_SOURCES:
+            self._sources.popitem(last=False)
+        return admitted
+
+
+def _too_many(overall: Limit, source: Limit) -> bytes:
+    """The whole answer to a connection over the limit, sent as it is accepted."""
+    body = (f"too many requests: this endpoint accepts {overall.rate:g} connections a second, "
+            f"{source.rate:g} from one address; try again later\n").encode()
+    return (b"HTTP/1.0 429 Too Many Requests\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n"
+            b"Retry-After: 1\r\n"
+            b"Connection: close\r\n\r\n" % len(body)) + body
+
+
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -316,17 +400,39 @@ class _Server(WSGIServer):
     request_queue_size = 64  # (5 in socketserver: a burst of connections had SYNs dropped)
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily, slots: int,
-                 head_timeout: float) -> None:
+                 head_timeout: float, limiter: _Limiter, too_many: bytes) -> None:
         self.address_family = family
         self._slots = threading.BoundedSemaphore(slots)
         self._head_timeout = head_timeout
+        self._limiter = limiter
+        self._too_many = too_many
         self._lock = threading.Lock()
         self._waiting: dict[socket.socket, float] = {}  # no whole head yet: since when
         self.evicted = 0  # connections closed to make room for a newer one
+        self.refused = 0  # connections answered 429 at once: over the limiter's rate
         # Every failed request's line, shared by the handlers' threads: a client decides how
         # many there are.
         self.say = RateLimitedLog(10.0, logger=log, burst=5)
+        self._say_refused = RateLimitedLog(60.0, logger=log)
         super().__init__(address, _Handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # Runs on the accepting thread, before any thread is started for the connection;
+        # refused, socketserver closes it (shutdown_request) right after.
+        if self._limiter.admit(client_address[0]):
+            return True
+        self.refused += 1
+        # The request, if it has come: closing a socket with unread data sends a reset,
+        # which can make the client drop the answer before reading it.
+        with contextlib.suppress(OSError):
+            request.recv(_MAX_HEAD, socket.MSG_DONTWAIT)
+        # A new connection's send buffer is empty: this fits, and never blocks.
+        with contextlib.suppress(OSError):
+            request.send(self._too_many, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        self._say_refused(logging.WARNING, "metrics: answered a connection from %s with 429 "
+                          "Too Many Requests: over the endpoint's rate limit (%d so far)",
+                          client_address[0], self.refused)
+        return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -478,6 +584,23 @@ class _Pages:
         return when, got
 
 
+class _WithOwn:
+    """REGISTRY's families and the exporter's own."""
+
+    def __init__(self, registry: Collector, server: _Server) -> None:
+        self._registry = registry
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._registry.collect()
+        refused = CounterMetricFamily(
+            "wgvsock_metrics_refused_connections_total",
+            "Connections to this endpoint answered 429 Too Many Requests as they were "
+            "accepted: over its rate limit")
+        refused.add_metric([], self._server.refused)
+        yield refused
+
+
 def _app(pages: _Pages, registry: Collector) -> _WSGIApp:
     """prometheus_client's app with GET's page from PAGES. Its other answers (405 for any
     method but GET and OPTIONS, HEAD included; the empty favicon) collect nothing."""
@@ -501,11 +624,17 @@ class Exporter:
 
     def __init__(self, registry: CollectorRegistry, host: ipaddress.IPv4Address |
                  ipaddress.IPv6Address, port: int, *, slots: int = MAX_CONNECTIONS,
-                 head_timeout: float = HEAD_TIMEOUT) -> None:
+                 head_timeout: float = HEAD_TIMEOUT, limit: Limit = LIMIT,
+                 source_limit: Limit = SOURCE_LIMIT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.address = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
         family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
-        self._server = _Server((str(host), port), family, slots, head_timeout)
-        self._pages = _Pages(registry)
+        self._server = _Server((str(host), port), family, slots, head_timeout,
+                               _Limiter(limit, source_limit, clock),
+                               _too_many(limit, source_limit))
+        # The exporter's own counter is on its page alone (not CloudWatch's: billed per
+        # metric), and read with the collection it is served with.
+        self._pages = _Pages(_WithOwn(registry, self._server), clock=clock)
         self._server.set_app(_guarded(_app(self._pages, registry), self._server.say))
         self._thread = NamedThread(target=self._server.serve_forever, name="metrics",
                                    daemon=True)
@@ -519,6 +648,11 @@ class Exporter:
     @property
     def evicted(self) -> int:
         return self._server.evicted
+
+    @property
+    def refused(self) -> int:
+        """Connections answered 429 as they were accepted: over LIMIT or SOURCE_LIMIT."""
+        return self._server.refused
 
     @property
     def pages(self) -> int:
