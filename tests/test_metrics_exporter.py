@@ -24,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from wgvsock.services.metrics import prometheus
-from wgvsock.services.metrics.prometheus import LIMIT, SOURCE_LIMIT, Exporter, Limit
+from wgvsock.services.metrics.prometheus import LIMIT, REFUSALS, SOURCE_LIMIT, Exporter, Limit
 from wgvsock.ui.nslab import wait_for
 
 # For the tests of something else than the rate limit, which scrape faster than any scraper.
@@ -253,7 +253,8 @@ def test_a_flood_of_scrapes_costs_one_collection_a_second_and_is_mostly_refused(
     throughput about 4 times (review finding). A page is now collected at most once a second,
     one collection at a time, and every request in between gets that page. Each request served
     still cost ~0.7 ms of the parent's CPU, ~90 % of a core under this flood: beyond
-    SOURCE_LIMIT the flood is answered 429 as it is accepted."""
+    SOURCE_LIMIT the flood is answered 429 as it is accepted, and beyond REFUSALS a second
+    its connections wait in the kernel's queue."""
     # The parent's limits; a slot for each client and each thread still closing its last
     # connection, so that no connection is closed to make room (that is another test's).
     collector, exporter = _counting_exporter(slots=16)
@@ -307,6 +308,7 @@ def test_a_flood_of_scrapes_costs_one_collection_a_second_and_is_mostly_refused(
         assert retry == "1"
         assert text.startswith("too many requests")
     assert refused == len(answered_429)
+    assert refused <= REFUSALS.burst + REFUSALS.rate * elapsed + 1
 
 
 class _Clock:
@@ -417,6 +419,20 @@ def test_all_sources_together_are_held_to_the_overall_limit() -> None:
     admitted = sum(limiter.admit(f"10.1.{i // 250}.{i % 250}") for i in range(10_000))
     assert admitted == LIMIT.rate
     assert len(limiter._sources) == prometheus.MAX_SOURCES
+
+
+def test_refusals_beyond_their_rate_make_the_accepting_thread_wait() -> None:
+    clock = _Clock()
+    limiter = prometheus._Limiter(LIMIT, SOURCE_LIMIT, clock)
+    assert [limiter.pause() for _ in range(REFUSALS.burst)] == [0.0] * REFUSALS.burst
+    # Then one refusal per token: the wait for the next one each time.
+    for _ in range(3):
+        wait = limiter.pause()
+        assert wait == pytest.approx(1 / REFUSALS.rate)
+        clock.now += wait
+    clock.now += 10 / REFUSALS.rate + 1e-9  # 10 tokens (and floating point's error)
+    assert [limiter.pause() for _ in range(10)] == [0.0] * 10
+    assert limiter.pause() == pytest.approx(1 / REFUSALS.rate, rel=1e-3)
 
 
 def test_a_page_is_never_older_than_a_second(counting: tuple[_Counting, Exporter]) -> None:
