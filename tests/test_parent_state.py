@@ -245,3 +245,144 @@ def test_load_says_to_run_as_root_when_it_may_not_read(state_dir: Path) -> None:
         assert "run as root" in res.stdout, (res.stdout, res.stderr)
     finally:
         shutil.rmtree(d)
+
+
+# -- the state directory ---------------------------------------------------------------------
+# Checking each state file is not enough when another user may write the directory it is in:
+# they could swap a checked file for their own between two reads, or plant forwarding.json.
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
+def test_a_state_directory_others_may_write_is_refused(state_dir: Path, mode: int) -> None:
+    _write(state_dir, GOOD)
+    state_dir.chmod(mode)
+    kind = "group" if mode & 0o020 else "others"
+    for step in (lambda: State.load("pay"), lambda: State(**GOOD).save(),
+                 lambda: state_mod.restore_forwarding("pay", {}),
+                 lambda: state_mod.already_up(_Named("pay"))):
+        with pytest.raises(StateFileError) as e:
+            step()
+        text = str(e.value)
+        assert f"state directory {state_dir}" in text, text
+        # Sticky (as /tmp) keeps others from renaming a file, not from adding one.
+        assert (f"{state_dir} is shared (mode 1777)" if mode & 0o1000 else
+                f"{state_dir} is writable by {kind} (mode {mode:o})") in text, text
+        assert f"chmod go-w {state_dir}" in text, text
+    assert sorted(p.name for p in state_dir.iterdir()) == ["pay.json"]  # nothing written
+
+
+def test_a_directory_above_the_state_directory_others_may_write_is_refused(
+        state_dir: Path) -> None:
+    _write(state_dir, GOOD)
+    above = state_dir.parent
+    above.chmod(0o777)
+    try:
+        with pytest.raises(StateFileError, match=f"{above} is writable by group") as e:
+            State.load("pay")
+        assert f"state directory {state_dir}" in str(e.value)
+        assert f"chmod go-w {above}" in str(e.value)
+    finally:
+        above.chmod(0o700)
+
+
+def test_a_state_directory_of_another_user_is_refused(state_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory away")
+    _write(state_dir, GOOD)
+    os.chown(state_dir, 65534, 65534)
+    with pytest.raises(StateFileError, match=f"{state_dir} is owned by uid 65534") as e:
+        State.load("pay")
+    assert f"chown root {state_dir}" in str(e.value)
+
+
+def test_a_state_directory_that_is_a_link_is_judged_where_it_leads(
+        monkeypatch, tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(tmp_path / "link"))
+    State(**GOOD).save()
+    assert State.load("pay") is not None
+    real.chmod(0o777)
+    with pytest.raises(StateFileError, match=f"{real} is writable by"):
+        State.load("pay")
+
+
+def test_the_state_directory_is_made_closed_with_any_missing_above(
+        monkeypatch, tmp_path: Path) -> None:
+    """Path.mkdir(parents=True) made the directories above with the umask's mode (0777
+    under umask 0), which the check then refuses: each is made 0700."""
+    d = tmp_path / "a" / "b" / "state"
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(d))
+    old = os.umask(0)
+    try:
+        State(**GOOD).save()
+    finally:
+        os.umask(old)
+    for p in (d, d.parent, d.parent.parent):
+        assert p.stat().st_mode & 0o777 == 0o700, p
+    assert State.load("pay") is not None
+
+
+def test_a_state_directory_others_may_only_read_is_taken_as_it_is(state_dir: Path) -> None:
+    """Looser than the 0700 wgvsock makes, but nobody else can change what is in it, and
+    each file in it is 0600: accepted, and left as the operator made it."""
+    state_dir.chmod(0o755)
+    State(**GOOD).save()
+    assert State.load("pay") is not None
+    assert state_dir.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_missing_state_directory_is_no_state_and_is_not_made_by_a_read(
+        monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(tmp_path / "none"))
+    assert State.load("pay") is None
+    assert state_mod.others_running("pay") == []
+    assert not (tmp_path / "none").exists()
+
+
+def test_doctor_checks_the_state_directory(monkeypatch, state_dir: Path) -> None:
+    from wgvsock.roles.parent import local_checks
+    from wgvsock.services.profile import parse_profile
+
+    profile = parse_profile("name: pay\nenclave:\n  address: 10.77.0.2/30\n")
+
+    def check():
+        return {c.name: c for c in local_checks(profile)}["state directory"]
+
+    assert check().ok is True and str(state_dir) in check().detail
+    state_dir.chmod(0o757)
+    c = check()
+    assert c.ok is False and f"{state_dir} is writable by others (mode 757)" in c.detail, c
+    state_dir.chmod(0o700)
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(state_dir / "missing"))
+    assert check().ok is True
+    assert not (state_dir / "missing").exists()  # a check makes nothing
+
+
+def test_down_acts_on_nothing_in_a_state_directory_others_may_write(
+        state_dir: Path, monkeypatch, tmp_path: Path) -> None:
+    from wgvsock.roles import parent
+    from wgvsock.services.profile import parse_profile
+
+    monkeypatch.setenv("WGVSOCK_RUN_DIR", str(tmp_path / "run"))  # not this host's sockets
+    monkeypatch.setattr(parent.netconf, "interface_exists", lambda name: False)
+    monkeypatch.setattr(parent.firewall, "exists", lambda name: False)
+    restored: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
+    _write(state_dir, GOOD)
+    (state_dir / "forwarding.json").write_text(json.dumps({"net/ipv4/ip_forward": "0"}))
+    (state_dir / "forwarding.json").chmod(0o600)
+    (state_dir / "pay.reload.lock").write_text("")
+    state_dir.chmod(0o777)
+    profile = parse_profile("name: pay\nenclave:\n  address: 10.77.0.2/30\n")
+    _, failed = parent.down(profile)
+    assert any(f"state directory {state_dir}" in line for line in failed), failed
+    assert restored == []
+    assert sorted(p.name for p in state_dir.iterdir()) == \
+        ["forwarding.json", "pay.json", "pay.reload.lock"]
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name

@@ -47,11 +47,13 @@ from ..threads import enable_stack_dumps, on_thread_death
 from .common import RoleError, configure, control_listener, run_dir, state_dir, unix_socket_path
 from .state import (
     State,
+    StateDirError,
     StateFileError,
     forwarding_lock,
     request_path,
     restore_forwarding,
     start_time,
+    state_directory,
 )
 
 log = logging.getLogger("wgvsock.parent")
@@ -89,6 +91,7 @@ def local_checks(profile) -> list[Check]:
     else:
         checks.append(Check("vsock", None, f"transport is {profile.transport.kind}"))
     checks.append(_socket_dirs_check(profile))
+    checks.append(state_dir_check())
     if profile.attestation.test_root_ca:
         checks.append(test_root_check(profile.attestation.test_root_ca))
     if profile.parent.enclave is not None:
@@ -115,6 +118,16 @@ def test_root_check(path: str) -> Check:
                      "directories above it root's and writable by no one else")
     return Check("test root CA", True, f"attestation.test_root_ca {path} is trusted as a Nitro "
                  "root: for tests only, never on a real parent")
+
+
+def state_dir_check() -> Check:
+    """The state directory, as `up`, `down` and `reload` judge it before they read or write a
+    state file there (state.state_directory); a missing one is made 0700 by `up`."""
+    try:
+        directory = state_directory()
+    except RoleError as e:
+        return Check("state directory", False, str(e))
+    return Check("state directory", True, f"only root or this user can change {directory}")
 
 
 def _socket_dirs_check(profile) -> Check:
@@ -1193,7 +1206,7 @@ def reload_from_file(parent: Parent, notifier: Notifier | None = None) -> bool:
                         "sha256": digest, "request": request}
         try:
             state.save()
-        except OSError as e:  # `parent reload` times out, saying to read the log
+        except (OSError, RoleError) as e:  # `parent reload` times out, saying to read the log
             log.error("parent %s: cannot record the reload's outcome in %s: %s", name,
                       State.path_for(name), e)
     return ok
@@ -1214,8 +1227,14 @@ def down(profile) -> tuple[list[str], list[str]]:
             failed.append(f"could not {what}: {detail}")
             return False
 
+    unsafe_dir = False  # nothing in the state directory is read, written or removed
     try:
         state = State.load(profile.name)
+    except StateDirError as e:
+        failed.append(str(e))
+        failed.append("IP forwarding settings not restored, and nothing in the state "
+                      "directory removed: their values from before `up` are recorded there")
+        state, unusable, unsafe_dir = None, True, True
     except StateFileError as e:
         # Damaged, or not to be trusted: what it names (a pid, sysctls) is not acted on; the
         # rest goes as after a crash, except what only the state could say is ours.
@@ -1279,7 +1298,7 @@ def down(profile) -> tuple[list[str], list[str]]:
     # interface of the profile's name stays whose parent the unusable state file hid.
     ours = state is not None and State.path_for(profile.name).exists()
     record_left = (Path(state_dir()) / "forwarding.json").exists()
-    if ours or (record_left and not (unusable and unfiltered)):
+    if not unsafe_dir and (ours or (record_left and not (unusable and unfiltered))):
         previous = state.forwarding if ours and state is not None else {}
         left: list[str | None] = []
         if not attempt("restore the IP forwarding settings",
@@ -1307,9 +1326,11 @@ def down(profile) -> tuple[list[str], list[str]]:
             State.path_for(profile.name).unlink()
             done.append("removed state file")
     # `parent reload`'s lock and request, and temporary files of a writer that was killed.
-    leftovers = [State.path_for(profile.name).with_suffix(s)
-                 for s in (".reload.lock", ".reload-request", ".tmp-request")]
-    leftovers += Path(state_dir()).glob(f".{profile.name}.*.tmp")
+    leftovers = [] if unsafe_dir else [State.path_for(profile.name).with_suffix(s)
+                                       for s in (".reload.lock", ".reload-request",
+                                                 ".tmp-request")]
+    if not unsafe_dir:
+        leftovers += Path(state_dir()).glob(f".{profile.name}.*.tmp")
     for path in leftovers:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..services import firewall
+from ..services.nitro import replaceable_at
 from .common import RoleError, is_alive, state_dir
 
 
@@ -46,7 +47,7 @@ class State:
 
     def save(self) -> None:
         path = self.path_for(self.name)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state_directory(make=True)
         # The main thread (a reload) and the enclave supervisor's thread may save at once:
         # one at a time, each from the state as it is then, so neither undoes the other.
         with _SAVE_LOCK:
@@ -73,8 +74,10 @@ class State:
         """The state file of profile NAME, or None when there is none. Raises StateFileError
         for one that is not usable (damaged, or one that someone other than root or this
         user could have written: `down` as root writes the sysctls it names and signals its
-        pid), RoleError when it cannot be read at all."""
+        pid), RoleError when it cannot be read at all. The state directory is checked first
+        (state_directory): a file in one that others may change proves nothing."""
         path = cls.path_for(name)
+        state_directory()
         try:
             raw = json.loads(read_trusted(path, "state file"))
         except FileNotFoundError:
@@ -129,6 +132,75 @@ class State:
 
 class StateFileError(RoleError):
     """A state file (or the host's forwarding record) that is there but not usable."""
+
+
+class StateDirError(StateFileError):
+    """The state directory, or one above it, is one that someone other than root or this
+    user could change: no file in it can be trusted, and nothing is written there."""
+
+
+def state_directory(make: bool = False) -> Path:
+    """The state directory, once it is known that only root or this user can change what is
+    in it: it and every directory above it (and where links lead) are root's or this user's
+    and writable by no one else, as the EIF and attestation.test_root_ca must be
+    (nitro.replaceable_at). Checking each state file is not enough: whoever may write the
+    directory can swap a checked file for their own before the next read, or plant a
+    forwarding record. The directory itself may not be shared even if sticky (as /tmp is):
+    others could still add files to it.
+
+    MAKE: makes it, and any missing directory above it, 0700 first (what is there is checked
+    before anything is made in it). Without MAKE a missing directory is fine (there is no
+    state) once the directories that are there pass. A directory others may only read (0755)
+    is taken as it is: the files in it are 0600 and say nothing secret, and it is the
+    operator's to open. One others may write is refused rather than tightened: what is in it
+    may already be someone else's, which chmod would not undo. Raises StateDirError."""
+    directory = Path(os.path.abspath(state_dir()))
+    missing: list[Path] = []
+    there = directory
+    while not os.path.lexists(there):
+        missing.append(there)
+        there = there.parent
+    _check_directory(directory, there)
+    if make and missing:
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
+                os.mkdir(path, 0o700)
+        _check_directory(directory, directory)
+    return directory
+
+
+def _check_directory(directory: Path, there: Path) -> None:
+    """Checks THERE, the state directory DIRECTORY or the nearest one above it that exists."""
+    me = os.geteuid()
+    owner = "root's" if me == 0 else f"root's (or uid {me}'s)"
+
+    def refuse(where: object, why: str, fix: str) -> StateDirError:
+        return StateDirError(
+            f"state directory {directory}: {where} {why}, so another user could replace the "
+            f"state files in it, which choose the sysctls `parent down` writes and the "
+            f"processes it signals. Nothing was read from it or written to it. Make it and "
+            f"every directory above it {owner} and writable by no one else ({fix}), or point "
+            f"WGVSOCK_STATE_DIR at a directory that is")
+
+    try:
+        found = replaceable_at(str(there))
+        st = os.stat(there) if there == directory else None
+    except OSError as e:
+        raise RoleError(f"cannot check the state directory {directory}: {e.strerror or e} "
+                        f"({e.filename or there})") from None
+    if found is not None:
+        raise refuse(*found)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"state directory {directory} is not a directory: remove it or "
+                            "point WGVSOCK_STATE_DIR at a directory")
+    if st.st_mode & 0o022:  # sticky, or replaceable_at would have said so
+        mode = stat.S_IMODE(st.st_mode)
+        raise refuse(os.path.realpath(directory),
+                     f"is shared (mode {mode:o}): anyone may add files to it",
+                     f"chmod go-w {os.path.realpath(directory)}, if it is wgvsock's own; "
+                     "a shared directory such as /tmp is no place for them")
 
 
 # What a damaged or untrusted state file means for the user: `down` restores nothing from it.
@@ -220,8 +292,7 @@ def forwarding_lock() -> Iterator[None]:
     one decides whether to put it back (a parent stopping, `down`): across processes, so that
     neither decides from what the other is half-way through. A flock on the state directory,
     which leaves no file behind."""
-    directory = Path(state_dir())
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = state_directory(make=True)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -341,18 +341,25 @@ def _replaceable(path: str) -> str | None:
     it, a directory above it, or a link on the way is another user's, or the file or a
     directory is writable by group or others (a sticky directory, as /tmp, excepted). Both
     the path as written and where its links lead are walked."""
+    found = replaceable_at(path)
+    return None if found is None else f"{found[0]} {found[1]}"
+
+
+def replaceable_at(path: str) -> tuple[str, str, str] | None:
+    """As _replaceable, in parts: the path at fault, what is wrong with it ("is owned by uid
+    N", "is writable by group (mode 775)") and the command that fixes it."""
     me = os.geteuid()
     for start, look in ((os.path.abspath(path), os.lstat), (os.path.realpath(path), os.stat)):
         p = start
         while True:
             st = look(p)
             if st.st_uid not in (0, me):
-                return f"{p} is owned by uid {st.st_uid}"
+                return p, f"is owned by uid {st.st_uid}", f"chown root {p}"
             mode = st.st_mode
             if (mode & 0o022 and not stat.S_ISLNK(mode)
                     and not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX)):
-                return (f"{p} is writable by {'group' if mode & 0o020 else 'others'} "
-                        f"(mode {stat.S_IMODE(mode):o})")
+                return (p, f"is writable by {'group' if mode & 0o020 else 'others'} "
+                        f"(mode {stat.S_IMODE(mode):o})", f"chmod go-w {p}")
             parent = os.path.dirname(p)
             if parent == p:
                 break
