@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -337,7 +338,7 @@ def test_a_missing_state_directory_is_no_state_and_is_not_made_by_a_read(
         monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WGVSOCK_STATE_DIR", str(tmp_path / "none"))
     assert State.load("pay") is None
-    assert state_mod.others_running("pay") == []
+    assert state_mod.others_running("pay") == {}
     assert not (tmp_path / "none").exists()
 
 
@@ -386,3 +387,96 @@ def test_down_acts_on_nothing_in_a_state_directory_others_may_write(
 class _Named:
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+# -- a damaged state file of another parent --------------------------------------------------
+# It was taken for no parent at all: another parent stopping then put forwarding back while the
+# damaged one's parent still ran and needed it. Now it counts as running unless its pid shows
+# otherwise.
+
+
+@pytest.fixture
+def live_parent() -> Iterator[int]:
+    """A process that passes for a running wgvsock parent (is_alive: its command line names
+    wgvsock)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "print('ready', flush=True); input()",
+                             "wgvsock"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        # Its command line is pytest's until it has started.
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+DAMAGED = {
+    "unknown field": (lambda d, pid: _write(d, {**GOOD, "name": "b", "pid": pid, "x": 1},
+                                            name="b"), "unknown field 'x'"),
+    "not JSON": (lambda d, pid: _write(d, "{", name="b"), "not valid JSON"),
+    "writable by others": (lambda d, pid: _write(d, {**GOOD, "name": "b", "pid": pid},
+                                                 name="b", mode=0o666), "writable by others"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED))
+def test_a_damaged_state_file_of_another_parent_keeps_forwarding_on(
+        state_dir: Path, monkeypatch, live_parent: int, kind: str) -> None:
+    restored: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
+    write, why = DAMAGED[kind]
+    write(state_dir, live_parent)
+    left = state_mod.restore_forwarding("a", {"net/ipv4/ip_forward": "0"})
+    assert restored == [] and left is not None and left.uncertain
+    assert state_mod.others_running("a").keys() == {"b"}
+    text = str(left)
+    assert "IP forwarding left on" in text and str(state_dir / "b.json") in text, text
+    assert why in text and "counted as running" in text, text
+    # The values wait in the host's record for the last parent to stop.
+    assert json.loads((state_dir / "forwarding.json").read_text()) == \
+        {"net/ipv4/ip_forward": "0"}
+
+
+def test_a_damaged_state_file_whose_pid_is_gone_does_not_count(
+        state_dir: Path, monkeypatch, live_parent: int) -> None:
+    restored: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
+    # Another version's file (a field this one does not know), trusted, naming a pid that no
+    # wgvsock runs as, or the live one with another start time (its pid reused).
+    _write(state_dir, {**GOOD, "name": "b", "pid": 4194304, "x": 1}, name="b")
+    _write(state_dir, {**GOOD, "name": "c", "pid": live_parent, "x": 1,
+                       "started": (state_mod.start_time(live_parent) or 0) + 1}, name="c")
+    assert state_mod.others_running("a") == {}
+    assert state_mod.restore_forwarding("a", {"net/ipv4/ip_forward": "0"}) is None
+    assert restored == [{"net/ipv4/ip_forward": "0"}]
+
+
+def test_the_forwarding_record_is_no_parents_state(state_dir: Path, live_parent: int) -> None:
+    (state_dir / "forwarding.json").write_text(json.dumps({"net/ipv4/ip_forward": "0"}))
+    (state_dir / "forwarding.json").chmod(0o600)
+    _write(state_dir, {**GOOD, "name": "b", "pid": live_parent}, name="b")
+    assert state_mod.others_running("a") == {"b": ""}
+
+
+def test_down_says_a_damaged_state_file_kept_forwarding_on(
+        state_dir: Path, monkeypatch, tmp_path: Path, live_parent: int) -> None:
+    from wgvsock.roles import parent
+    from wgvsock.services.profile import parse_profile
+
+    monkeypatch.setenv("WGVSOCK_RUN_DIR", str(tmp_path / "run"))  # not this host's sockets
+    monkeypatch.setattr(parent.netconf, "interface_exists", lambda name: False)
+    monkeypatch.setattr(parent.firewall, "exists", lambda name: False)
+    restored: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
+    _write(state_dir, GOOD)  # pay's parent crashed (pid 4242 is no wgvsock)
+    _write(state_dir, {**GOOD, "name": "b", "pid": live_parent, "x": 1}, name="b")
+    profile = parse_profile("name: pay\nenclave:\n  address: 10.77.0.2/30\n")
+    done, failed = parent.down(profile)
+    assert restored == []
+    assert any("IP forwarding left on" in line and str(state_dir / "b.json") in line
+               for line in failed), (done, failed)
+    assert "removed state file" in done  # its values are in the host's record now
+    assert json.loads((state_dir / "forwarding.json").read_text()) == GOOD["forwarding"]

@@ -46,6 +46,7 @@ from ..signals import Wakeup
 from ..threads import enable_stack_dumps, on_thread_death
 from .common import RoleError, configure, control_listener, run_dir, state_dir, unix_socket_path
 from .state import (
+    LeftOn,
     State,
     StateDirError,
     StateFileError,
@@ -1023,7 +1024,8 @@ class Parent:
         if self._forwarding_on:  # start() switched it on (recording what it changed)
             try:
                 if (left := restore_forwarding(self.profile.name, self._forwarding)) is not None:
-                    log.info("parent %s: %s", self.profile.name, left)
+                    log.log(logging.WARNING if left.uncertain else logging.INFO,
+                            "parent %s: %s", self.profile.name, left)
             except (RoleError, OSError, ValueError, firewall.FirewallError) as e:
                 # The values are in the host's record (state.py): the next parent to stop, or
                 # `parent down`, tries again.
@@ -1300,13 +1302,16 @@ def down(profile) -> tuple[list[str], list[str]]:
     record_left = (Path(state_dir()) / "forwarding.json").exists()
     if not unsafe_dir and (ours or (record_left and not (unusable and unfiltered))):
         previous = state.forwarding if ours and state is not None else {}
-        left: list[str | None] = []
+        left: list[LeftOn | None] = []
         if not attempt("restore the IP forwarding settings",
                        lambda: left.append(restore_forwarding(profile.name, previous))):
             keep_state = True
         elif left[0] is not None:
-            if ours:
-                done.append(left[0])
+            # Our values are in the host's record either way: our state file may go.
+            if left[0].uncertain:
+                failed.append(str(left[0]))
+            elif ours:
+                done.append(str(left[0]))
         elif not ours:
             done.append("put back the IP forwarding settings that stopped parents recorded")
     sockets = list(state.sockets) if state else []

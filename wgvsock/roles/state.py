@@ -210,6 +210,9 @@ _ADVICE = ("it is not one `wgvsock parent up` wrote. `parent down` removes what 
            "remove the file")
 # Linux's largest pid (PID_MAX_LIMIT, 2^22 on 64-bit).
 PID_MAX = 4194304
+# The host's record of the forwarding values stopped parents replaced (restore_forwarding),
+# beside the state files: no parent's.
+_RECORD = "forwarding.json"
 
 
 def read_trusted(path: Path, what: str) -> str:
@@ -273,17 +276,60 @@ def request_path(name: str) -> Path:
     return State.path_for(name).with_suffix(".reload-request")
 
 
-def others_running(name: str) -> list[str]:
-    """The profiles other than NAME whose parent runs on this host (by their state files)."""
-    out = []
+def others_running(name: str) -> dict[str, str]:
+    """The profiles other than NAME whose parent runs on this host, or may: by their state
+    files. Each maps to "" when its file was read and names a running parent, and to what is
+    wrong with its file when that cannot be used (damaged, another version's, not to be
+    trusted): such a parent counts as running unless the pid its file names shows otherwise,
+    since taking it for stopped would put forwarding back under it."""
+    out = {}
     for file in sorted(Path(state_dir()).glob("*.json")):
-        if file.stem == name:
+        if file.stem == name or file.name == _RECORD:
             continue
-        with contextlib.suppress(RoleError, OSError):
+        try:
             state = State.load(file.stem)
-            if state is not None and state.running():
-                out.append(state.name)
+        except RoleError as e:
+            if _may_run(file, e):
+                out[file.stem] = str(e)
+            continue
+        if state is not None and state.running():
+            out[state.name] = ""
     return out
+
+
+def _may_run(path: Path, error: RoleError) -> bool:
+    """Whether the parent of PATH, a state file State.load refused with ERROR, may still run.
+    It may unless the file can be trusted and parsed, and the pid in it is not a running
+    wgvsock (or runs with another start time than recorded). Whatever else is wrong with the
+    file does not make its pid less likely to be right."""
+    if isinstance(error, StateDirError):
+        return True  # nothing in the directory says anything
+    try:
+        raw = json.loads(read_trusted(path, "state file"))
+    except FileNotFoundError:
+        return False  # its parent stopped and removed it meanwhile
+    except (RoleError, ValueError):
+        return True
+    if not isinstance(raw, dict):
+        return True
+    pid, started = raw.get("pid"), raw.get("started", 0)
+    if type(pid) is not int or not 0 < pid <= PID_MAX:
+        return True
+    if type(started) is not int or not 0 <= started < 2**64:
+        started = 0  # not recorded: the pid alone decides
+    return State(path.stem, pid, "", "", started=started).running()
+
+
+@dataclass(frozen=True)
+class LeftOn:
+    """Why restore_forwarding left forwarding on. UNCERTAIN: a state file that cannot be used
+    decided it, which the operator has to look at (else it stays on after the last parent)."""
+
+    message: str
+    uncertain: bool = False
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @contextlib.contextmanager
@@ -315,16 +361,16 @@ def _forwarding_record(path: Path) -> dict[str, str]:
         raise StateFileError(f"forwarding record {path}: {e}; {_ADVICE}") from None
 
 
-def restore_forwarding(name: str, previous: dict) -> str | None:
+def restore_forwarding(name: str, previous: dict) -> LeftOn | None:
     """Puts back the forwarding sysctls parent NAME changed (PREVIOUS: their values before),
-    unless another parent still runs: it needs them on, and found them on, so it recorded
-    nothing to restore. PREVIOUS goes to the host's record first, which the last parent to
-    stop puts back. Returns why they were left on, or None.
+    unless another parent still runs, or may (others_running): it needs them on, and found
+    them on, so it recorded nothing to restore. PREVIOUS goes to the host's record first,
+    which the last parent to stop puts back. Returns why they were left on, or None.
 
     Under forwarding_lock(), and a parent stopping (this process's own state file) removes
     its state file there before it looks for others: two parents stopping at once each saw
     the other still running and both left forwarding on."""
-    path = Path(state_dir()) / "forwarding.json"
+    path = Path(state_dir()) / _RECORD
     with forwarding_lock():
         record = _forwarding_record(path)
         merged = {**previous, **record}  # the earliest value before any parent wins
@@ -340,12 +386,29 @@ def restore_forwarding(name: str, previous: dict) -> str | None:
                 State.path_for(name).unlink(missing_ok=True)
         others = others_running(name)
         if others:
-            return (f"IP forwarding left on: the parent of {', '.join(others)} still runs "
-                    "and needs it")
+            return _left_on(others)
         if merged:
             firewall.restore_forwarding(merged)
         path.unlink(missing_ok=True)
     return None
+
+
+def _left_on(others: dict[str, str]) -> LeftOn:
+    running = [other for other, why in others.items() if not why]
+    parts = [f"the parent of {', '.join(running)} still runs and needs it"] if running else []
+    parts += [f"the parent of {other} may still run and need it, and is counted as running: "
+              f"{_first_clause(why)}. Once no parent of {other} runs, `wgvsock parent down` "
+              f"with its profile says what to check; remove that file, and the next `parent "
+              f"down` puts these settings back"
+              for other, why in others.items() if why]
+    return LeftOn("IP forwarding left on: " + "; ".join(parts),
+                  uncertain=len(running) < len(others))
+
+
+def _first_clause(why: str) -> str:
+    # A StateFileError's text goes on with advice for `down` of its own profile.
+    return why.split("; ")[0].split(". Nothing was")[0]
+
 
 
 def running_from(path: str) -> State | None:
