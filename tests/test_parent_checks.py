@@ -127,3 +127,23 @@ def test_a_test_root_ca_others_could_replace_is_refused(base: Path) -> None:
     profile = parse_profile(f"name: x\nattestation: {{test_root_ca: {open_dir}/root.pem}}\n"
                             "enclave:\n  address: 10.77.0.2/30\n")
     assert {c.name: c.ok for c in local_checks(profile)}["test root CA"] is False
+
+
+def test_the_test_root_is_read_after_its_check_and_must_be_a_certificate(base: Path) -> None:
+    """What `up` and each reload read once (Parent.load_test_root), and refuse."""
+    from tests.attest_fixtures import make_test_ca
+    from wgvsock.roles.parent import RoleError, read_test_root
+
+    assert read_test_root(None) is None
+    safe = base / "ca"
+    safe.mkdir(mode=0o700)
+    ca = make_test_ca()
+    path = str(ca.write_root(safe))
+    assert read_test_root(path) == (path, ca.root_cert)
+    (safe / "test-root.pem").write_text("not a certificate")
+    with pytest.raises(RoleError, match=f"attestation.test_root_ca {path}: the trusted root is "
+                                        "not a certificate"):
+        read_test_root(path)
+    safe.chmod(0o777)
+    with pytest.raises(RoleError, match=f"{safe} is writable by group"):
+        read_test_root(path)

@@ -393,3 +393,64 @@ def test_a_start_failure_of_any_kind_reaches_the_launcher(monkeypatch) -> None:
             signal.signal(signum, handler)
     with os.fdopen(r, "rb") as pipe:
         assert b"nft refused the ruleset: no such table" in pipe.read()
+
+
+def test_the_test_root_is_the_one_read_at_up_until_a_reload_reads_it_again(tmp_path) -> None:
+    """attestation.test_root_ca was checked (test_root_check) at `up` and `reload`, then read
+    again at each registration without that check: a file that became replaceable meanwhile
+    chose which documents pass for a genuine enclave's. It is read once, after the check, and
+    kept; a reload checks and reads it again (and judges the running enclave by it)."""
+    from tests.attest_fixtures import TEST_PCRS, make_document, make_test_ca
+    from wgvsock.services.control import attested_nonce
+
+    ca, other = make_test_ca(), make_test_ca(name="other")
+    d = tmp_path / "ca"
+    d.mkdir(mode=0o700)
+    root = ca.write_root(d)
+    text = BASE + (f"attestation:\n  require: true\n  pcrs: {{0: {TEST_PCRS[0].hex()}}}\n"
+                   f"  test_root_ca: {root}\n")
+    p = Parent(profile(text))
+    p.device = Device()  # type: ignore[assignment]
+    p.control = Control()  # type: ignore[assignment]
+    key, nonce = b"K" * 32, b"n" * 32
+
+    def document(by) -> bytes:
+        return make_document(by, nonce=attested_nonce(nonce), public_key=key)
+
+    p.load_test_root()  # as `up` does, after its checks
+    assert p._verify(key, document(ca), nonce).accepted
+    # Another root put in its place: not read until a reload.
+    swapped = d / "swap.pem"
+    swapped.write_bytes(other.root_pem)
+    os.replace(swapped, root)
+    assert p._verify(key, document(ca), nonce).accepted
+    refused = p._verify(key, document(other), nonce)
+    assert not refused.accepted and "attestation refused" in refused.reason
+    p._install_enclave(key, p._verify(key, document(ca), nonce))
+    assert p.enclave_key == key
+    # A reload reads it again: the same profile, another root. The running enclave, whose
+    # document the old root signed, is judged by the new one and removed.
+    done = p.reload(profile(text))
+    assert any(f"attestation.test_root_ca: {root} holds another certificate" in line
+               for line in done), done
+    assert any("removed the running enclave" in line for line in done), done
+    assert p._verify(key, document(other), nonce).accepted
+    assert not p._verify(key, document(ca), nonce).accepted
+    # A root that others could replace by the time of a reload: refused, the kept one stays.
+    d.chmod(0o777)
+    with pytest.raises(RoleError, match=f"not reloaded: attestation.test_root_ca {root}: {d} "
+                                        "is writable"):
+        p.reload(profile(text))
+    assert p._verify(key, document(other), nonce).accepted
+    d.chmod(0o700)
+    assert p.reload(profile(text)) == ["nothing changed"]
+
+
+class Control:
+    """What Parent._recheck_enclave uses of the control server: revalidate."""
+
+    def revalidate(self, admitted, remove) -> bool:
+        if admitted():
+            return True
+        remove()
+        return False

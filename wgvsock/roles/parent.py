@@ -121,6 +121,27 @@ def test_root_check(path: str) -> Check:
                  "root: for tests only, never on a real parent")
 
 
+def read_test_root(path: str | None) -> tuple[str, Any] | None:
+    """attestation.test_root_ca PATH and its certificate, read after test_root_check passes;
+    None without one (AWS's root, which ships in the package). The parent reads it here once,
+    at `up` and at each reload, and judges every registration by that certificate: read again
+    at each registration, it was whatever the file held then, unchecked since. Raises
+    RoleError naming the file and what is wrong."""
+    if not path:
+        return None
+    check = test_root_check(path)
+    if check.ok is False:
+        raise RoleError(check.detail)
+    try:
+        from ..attestation.verify import AttestationError, trusted_root
+    except ImportError:  # judge() then says this version cannot verify documents
+        return path, None
+    try:
+        return path, trusted_root(path)
+    except AttestationError as e:
+        raise RoleError(f"attestation.test_root_ca {path}: {e.reason}") from None
+
+
 def state_dir_check() -> Check:
     """The state directory, as `up`, `down` and `reload` judge it before they read or write a
     state file there (state.state_directory); a missing one is made 0700 by `up`."""
@@ -325,10 +346,12 @@ def check_pinned_key(profile, key: bytes) -> None:
 
 
 def judge(policy, public_key: bytes, document: bytes | None, nonce: bytes, *,
-          now: float | None = None) -> Verdict:
+          now: float | None = None, root=None) -> Verdict:
     """The verdict of attestation POLICY (a profile's `attestation`) on an enclave that
     registers PUBLIC_KEY with DOCUMENT (or none) for NONCE, at time NOW (default: now; a
-    reload asks again about a registration made earlier)."""
+    reload asks again about a registration made earlier). ROOT: the certificate of
+    POLICY's test_root_ca as the parent read it (read_test_root); None: AWS's, or the file
+    read now."""
     if document is None:
         if policy.require:
             return Verdict(False, reason="the profile requires attestation and the enclave "
@@ -342,7 +365,7 @@ def judge(policy, public_key: bytes, document: bytes | None, nonce: bytes, *,
                                          "version cannot verify yet")
         return Verdict(True, attested=False, reason="attestation document not verified")
     verdict = verify_enclave(document, public_key=public_key, nonce=attested_nonce(nonce),
-                             policy=policy, now=now)
+                             policy=policy, root=root, now=now)
     if (verdict.detail or {}).get("code") == "nonce-mismatch" \
             and _attests_the_challenge(document, nonce):
         return replace(verdict, reason="attestation refused: the document's nonce is the control "
@@ -442,6 +465,11 @@ class Parent:
         # What the installed enclave presented (public key, attestation document or None,
         # nonce, wall-clock time): a reload with a new attestation policy asks it again.
         self._registration: tuple[bytes, bytes | None, bytes, float] | None = None
+        # attestation.test_root_ca's certificate (read_test_root), which a reload replaces
+        # together with the profile, under the lock: a registration is never judged by one
+        # profile's policy and another's root.
+        self._test_root: tuple[str, Any] | None = None
+        self._trust_lock = threading.Lock()
         # Destinations and names refused lately (`wgvsock status`, the log); the table logs
         # refused packets to the reader's group (None: it could not open one).
         self.refusals = Refusals()
@@ -526,6 +554,7 @@ class Parent:
         failed = [c for c in local_checks(p) if c.ok is False]
         if failed:
             raise RoleError("; ".join(f"{c.name}: {c.detail}" for c in failed))
+        self.load_test_root()
         # With a pinned key, never make a new one: it could not match the pin.
         key = load_parent_key(p.parent.private_key, create=p.parent.public_key is None)
         check_pinned_key(p, key)
@@ -793,20 +822,41 @@ class Parent:
         if extra:
             netconf.add_routes(p.interface, extra)
 
+    def load_test_root(self) -> None:
+        """Reads the profile's attestation.test_root_ca, after its check, for every
+        registration from now on (`up`; a reload reads its own). Raises RoleError."""
+        root = read_test_root(self.profile.attestation.test_root_ca)
+        with self._trust_lock:
+            self._test_root = root
+
+    def _trust(self) -> tuple[Any, Any]:
+        """The attestation policy in force and the test root it trusts (None: AWS's)."""
+        with self._trust_lock:
+            policy, held = self.profile.attestation, self._test_root
+        if not policy.test_root_ca:
+            return policy, None
+        if held is None or held[0] != policy.test_root_ca:
+            # Never read: a bug. Refused (the control server refuses on any error) rather
+            # than read now, unchecked. The path stays out of what the enclave is told.
+            raise RuntimeError("the test root CA (attestation.test_root_ca) was not read")
+        return policy, held[1]
+
     def _verify(self, public_key: bytes, document: bytes | None, nonce: bytes) -> Verdict:
         """The control server's verifier: the profile's attestation policy, now."""
-        policy, when = self.profile.attestation, time.time()
-        verdict = judge(policy, public_key, document, nonce, now=when)
-        return replace(verdict, evidence=(document, nonce, when, policy))
+        trust, when = self._trust(), time.time()
+        verdict = judge(trust[0], public_key, document, nonce, now=when, root=trust[1])
+        return replace(verdict, evidence=(document, nonce, when, trust))
 
     def _install_enclave(self, public_key: bytes, verdict: Verdict) -> None:
         assert self.device is not None
         if verdict.evidence is not None:
-            document, nonce, when, policy = verdict.evidence
-            if policy != self.profile.attestation:
-                # A reload changed the policy between this enclave's verdict and now (installs
-                # and the reload's check of the running enclave take turns): ask the new one.
-                verdict = judge(self.profile.attestation, public_key, document, nonce, now=when)
+            document, nonce, when, trust = verdict.evidence
+            if trust != (current := self._trust()):
+                # A reload changed the policy (or the root) between this enclave's verdict and
+                # now (installs and the reload's check of the running enclave take turns): ask
+                # the new one.
+                verdict = judge(current[0], public_key, document, nonce, now=when,
+                                root=current[1])
                 if not verdict.accepted:
                     raise ControlError(f"refused an enclave under the reloaded attestation "
                                        f"policy: {prose(verdict.reason, 300)}")
@@ -855,23 +905,34 @@ class Parent:
                 "not reloaded: " + ", ".join(f"{k} (line {new.line_of(k)})" for k in fixed)
                 + " changed, which a running parent cannot take. Put the old value back, or "
                 "run `wgvsock parent down` and `up` (the enclave registers again)")
-        if not changed:
+        # Read again at each reload, changed or not: the file is what the operator edits.
+        try:
+            root = read_test_root(new.attestation.test_root_ca)
+        except RoleError as e:
+            raise RoleError(f"not reloaded: {e}") from None
+        with self._trust_lock:
+            old_root = self._test_root
+        new_root = (root is not None and "attestation.test_root_ca" not in changed
+                    and root != old_root)
+        if not changed and not new_root:
             return ["nothing changed"]
-        if "attestation.test_root_ca" in changed and new.attestation.test_root_ca:
-            check = test_root_check(new.attestation.test_root_ca)
-            if check.ok is False:
-                raise RoleError(f"not reloaded: {check.detail}")
         done: list[str] = []
         if any(k.startswith(("parent.egress.", "parent.ingress")) for k in changed):
             done.append(self._reload_firewall(new, changed))
         old = self.profile
-        self.profile = new
-        if any(k.startswith("attestation.") for k in changed):
+        with self._trust_lock:
+            self.profile, self._test_root = new, root
+        if new_root:
+            done.append(f"attestation.test_root_ca: {new.attestation.test_root_ca} holds "
+                        "another certificate now")
+        if new_root or any(k.startswith("attestation.") for k in changed):
             try:
                 done.append(self._recheck_enclave())
             except Exception as e:
                 # The old policy stays in force, so reloading the file again retries this.
-                self.profile = replace(new, attestation=old.attestation)
+                with self._trust_lock:
+                    self.profile = replace(new, attestation=old.attestation)
+                    self._test_root = old_root
                 log.exception("parent %s: attestation re-check failed", new.name)
                 raise RoleError("partly reloaded: " + "; ".join(done or ["nothing else"])
                                 + f"; but the new attestation policy was not applied: asking "
@@ -937,7 +998,8 @@ class Parent:
                 refusal.append("what it presented when it registered is not known")
                 return False
             key, document, nonce, when = reg
-            verdict = judge(self.profile.attestation, key, document, nonce, now=when)
+            policy, root = self._trust()
+            verdict = judge(policy, key, document, nonce, now=when, root=root)
             if not verdict.accepted:
                 refusal.append(verdict.reason)
                 return False
