@@ -520,6 +520,42 @@ BAD = [
     ("name: a\nmtu: 1400\nmtu: 1300\n", "mtu", "given twice (first on line 2)", "1300"),
     ("name: a\nmtu:\nmtu: 1300\n", "mtu", "given twice (first on line 2)", "1300"),
     ("name: a\nmtu: !!float 1400\n", "mtu", "expected an integer, got a number", "mtu:"),
+    # Digits other than ASCII's: superscript two passes str.isdigit() but not int(), others
+    # (Arabic-Indic, fullwidth) int() reads, so they were a traceback or quietly a number.
+    (f"name: a\nattestation:\n  pcrs:\n    '²': {PCR}\n", "attestation.pcrs.²",
+     "not a PCR index", "²"),
+    (f"name: a\nattestation:\n  pcrs:\n    '\u0660': {PCR}\n", "attestation.pcrs.\u0660",
+     "not a PCR index", "\u0660"),
+    ("name: a\nparent:\n  egress:\n    allow: ['10.0.0.0/8:\u0664\u0664\u0663']\n",
+     "parent.egress.allow[0]", "bad port", "allow:"),
+    ("name: a\nparent:\n  egress:\n    allow: ['10.0.0.0/8:²']\n", "parent.egress.allow[0]",
+     "bad port", "allow:"),
+    ("name: a\nparent:\n  egress:\n    allow: ['api.example.com:\uff14\uff14\uff13/tcp']\n",
+     "parent.egress.allow[0]", "bad port", "allow:"),
+    ("name: a\nparent:\n  metrics: {listen: '127.0.0.1:\uff19\uff15\uff18\uff16'}\n",
+     "parent.metrics.listen", "is not ADDRESS:PORT", "listen"),
+    # YAML 1.1 (PyYAML) reads a leading 0 as octal and digits between colons as base 60,
+    # YAML 1.2 (other tools) as decimal and a string: neither may be what was meant.
+    ("name: a\nmtu: 01400\n", "mtu", "'01400' is 768 to YAML (a leading 0 makes it octal)",
+     "mtu:"),
+    ("name: a\nparent:\n  ingress:\n    - {listen: 10:43}\n", "parent.ingress[0].listen",
+     "'10:43' is 643 to YAML (numbers between colons are base 60)", "listen"),
+    ("name: a\ntransport:\n  port: 0777\n", "transport.port", "a leading 0 makes it octal",
+     " port:"),
+    # Control and other unprintable characters in a path reach error messages, logs and the
+    # file system (a line break in a directory `parent up` would make) as they are.
+    ('name: a\nparent:\n  private_key: "/etc/wgvsock/a\\nb.key"\n', "parent.private_key",
+     "contains an unprintable character ('\\n')", "private_key:"),
+    ('name: a\nparent:\n  private_key: "ssm:/a\\x1b[2Jb"\n', "parent.private_key",
+     "unprintable character ('\\x1b')", "private_key:"),
+    ('name: a\nparent:\n  private_key: "/etc/a\\0b"\n', "parent.private_key",
+     "unprintable character ('\\x00')", "private_key:"),
+    ('name: a\ntransport:\n  kind: unix\n  path: "/run/a\\tb"\n', "transport.path",
+     "unprintable character ('\\t')", "path:"),
+    ('name: a\nparent:\n  enclave:\n    eif: "/opt/a\\u202e.eif"\n', "parent.enclave.eif",
+     "unprintable character ('\\u202e')", "eif:"),
+    ('name: a\nattestation:\n  test_root_ca: "/a\\rb.pem"\n', "attestation.test_root_ca",
+     "unprintable character ('\\r')", "test_root_ca:"),
 ]
 
 
@@ -527,6 +563,14 @@ BAD = [
                          ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
 def test_bad_profile_is_refused(text, key, reason, needle):
     refused(text, key, reason, needle)
+
+
+def test_a_pcr_index_of_more_digits_than_int_reads_is_refused():
+    # int() refuses more than 4300 digits (sys.get_int_max_str_digits): a ValueError that
+    # was a traceback rather than a problem with the file.
+    # (An explicit key: YAML allows no simple key over 1024 characters.)
+    found = problems(f"name: a\nattestation:\n  pcrs:\n    ? {'1' * 5000}\n    : {PCR}\n")
+    assert [(p.line, p.reason.endswith("is not a PCR index")) for p in found] == [(4, True)]
 
 
 NOT_TUNNEL_ENDS = [

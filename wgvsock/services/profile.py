@@ -70,6 +70,10 @@ WG_KEY_LEN = 32
 STREAM_MTU_MAX = MAX_STREAM_MTU
 PCR_MAX_INDEX = 31
 MAX_PROFILE_BYTES = 1 << 20
+# A port or an index: ASCII digits only, since str.isdigit() also takes superscript two,
+# which int() refuses, and Arabic-Indic or fullwidth four, which int() reads as 4 (a number
+# written so is a mistake or a disguise); and few of them, since int() refuses over 4300.
+_DIGITS = re.compile(r"[0-9]{1,10}")
 
 DEFAULT_INTERFACE = "wg0"
 DEFAULT_MTU = 1420
@@ -178,7 +182,7 @@ class _Invalid(ValueError):
 
 def _parse_ports(text: str, whole: str) -> tuple[int, int]:
     lo_text, sep, hi_text = text.partition("-")
-    if not lo_text.isdigit() or (sep and not hi_text.isdigit()):
+    if not _DIGITS.fullmatch(lo_text) or (sep and not _DIGITS.fullmatch(hi_text)):
         raise _Invalid(f"bad port {text!r} in {whole!r}",
                        "write a port as 443 or a range as 8000-8999")
     lo = int(lo_text)
@@ -589,6 +593,16 @@ class _Parser:
             self.problem(_line(node), key, f"expected an integer, got {_describe(node)}",
                          f"write a number in {lo}..{hi} without quotes")
             return None
+        # YAML 1.1 (PyYAML's) reads 0777 as octal and 443:8443 as base 60: the number
+        # used would not be the one written. Hex (0x) and binary (0b) say what they are.
+        raw = node.value.replace("_", "")
+        if ":" in raw or _OCTAL.fullmatch(raw):
+            why = ("numbers between colons are base 60" if ":" in raw
+                   else "a leading 0 makes it octal")
+            self.problem(_line(node), key, f"'{node.value}' is {value} to YAML ({why})",
+                         f"write one number in {lo}..{hi} in decimal digits"
+                         + (", without the leading 0" if ":" not in raw else ""))
+            return None
         if not lo <= value <= hi:
             self.problem(_line(node), key, f"{value} is out of range{what}", f"use {lo}..{hi}")
             return None
@@ -641,6 +655,15 @@ class _Parser:
             self.problem(_line(node), key, f"{text!r} does not parse", f"write it like {example}")
         return None
 
+    def printable(self, node: Node, key: str, text: str) -> bool:
+        """Whether TEXT has no unprintable character (see _printable); a problem if not."""
+        try:
+            _printable(text)
+        except _Invalid as e:
+            self.problem(_line(node), key, e.reason, e.hint)
+            return False
+        return True
+
     def interface(self, node: Node, key: str) -> str | None:
         name = self.text(node, key, DEFAULT_INTERFACE)
         if name is None:
@@ -667,6 +690,7 @@ class _Parser:
 
 
 _FAIL = object()
+_OCTAL = re.compile(r"[-+]?0[0-7]+")
 
 
 def _address(text: str) -> IPInterface:
@@ -690,7 +714,20 @@ def _ip(text: str) -> IPAddress:
                        "write it like 169.254.169.253 or fd00:ec2::253") from None
 
 
+def _printable(text: str) -> None:
+    """Refuses a path or name with a control or other unprintable character in it: a line
+    break, a terminal escape or a NUL would reach logs, error messages, the file system
+    (a directory `parent up` makes) and other programs' command lines as it is."""
+    if not text.isprintable():
+        bad = next(c for c in text if not c.isprintable())
+        raise _Invalid(f"'{prose(text, 200)}' contains an unprintable character "
+                       f"({bad!a})", "write it without that character (in double quotes "
+                       "YAML reads \\n, \\t, \\e and \\0 as control characters: use single "
+                       "quotes or none)")
+
+
 def _private_key(text: str) -> str:
+    _printable(text)
     for scheme in ("ssm:", "secretsmanager:"):
         if text.startswith(scheme):
             if len(text) == len(scheme):
@@ -706,7 +743,7 @@ def _private_key(text: str) -> str:
 
 def _listen(text: str) -> tuple[IPAddress, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= TCP_PORT_MAX:
+    if not sep or not _DIGITS.fullmatch(port) or not 1 <= int(port) <= TCP_PORT_MAX:
         raise _Invalid(f"{text!r} is not ADDRESS:PORT",
                        'write it like "127.0.0.1:9586" or "[::1]:9586"')
     if host.startswith("[") and host.endswith("]"):
@@ -925,7 +962,7 @@ class _Builder(_Parser):
         path = f"/run/wgvsock/{name}"
         if "path" in m:
             p = self.text(m["path"], "transport.path", path)
-            if p is not None:
+            if p is not None and self.printable(m["path"], "transport.path", p):
                 if not p.startswith("/"):
                     self.problem(_line(m["path"]), "transport.path",
                                  f"'{p}' is not an absolute path",
@@ -1254,7 +1291,7 @@ class _Builder(_Parser):
                          "give the enclave image, e.g. eif: /opt/wgvsock/app.eif")
         else:
             e = self.text(m["eif"], f"{key}.eif", "/opt/wgvsock/app.eif")
-            if e is not None:
+            if e is not None and self.printable(m["eif"], f"{key}.eif", e):
                 if not e.endswith(".eif"):
                     self.problem(_line(m["eif"]), f"{key}.eif",
                                  f"'{e}' does not end in .eif",
@@ -1382,11 +1419,12 @@ class _Builder(_Parser):
             allow_debug = bool(self.boolean(m["allow_debug"], "attestation.allow_debug"))
         test_root_ca = None
         if "test_root_ca" in m:
-            path = self.text(m["test_root_ca"], "attestation.test_root_ca",
-                             "/srv/tests/test-root.pem")
-            if path is not None and not path.startswith("/"):
-                self.problem(_line(m["test_root_ca"]), "attestation.test_root_ca",
-                             f"'{path}' is not an absolute path",
+            node, key = m["test_root_ca"], "attestation.test_root_ca"
+            path = self.text(node, key, "/srv/tests/test-root.pem")
+            if path is None or not self.printable(node, key, path):
+                pass
+            elif not path.startswith("/"):
+                self.problem(_line(node), key, f"'{path}' is not an absolute path",
                              "give the full path of the test CA's root PEM (tests only)")
             else:
                 test_root_ca = path
@@ -1402,7 +1440,7 @@ class _Builder(_Parser):
                 raw = knode.value if isinstance(knode, ScalarNode) else ""
                 key = f"attestation.pcrs.{raw}" if raw else "attestation.pcrs"
                 index = raw.removeprefix("PCR").removeprefix("pcr")
-                if not index.isdigit() or not 0 <= int(index) <= PCR_MAX_INDEX:
+                if not _DIGITS.fullmatch(index) or not 0 <= int(index) <= PCR_MAX_INDEX:
                     self.problem(_line(knode), key, f"'{raw}' is not a PCR index",
                                  f"use 0..{PCR_MAX_INDEX} (nitro-cli prints PCR0, PCR1, "
                                  "PCR2, PCR8)")
