@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -1026,6 +1027,47 @@ def test_cli_pcrs_errors(tmp_path, capsys):
     assert code == 2 and "PCR0" in err
     code, _, err = run(["pcrs", str(tmp_path / "missing.json")], capsys)
     assert code == 2
+
+
+@pytest.mark.parametrize("index", ["\u00b2", "\u0660", "\uff10", "1" * 5000])
+def test_cli_a_pcr_index_of_other_digits_is_a_usage_error(index, files, capsys):
+    # str.isdigit() takes them all; int() refused superscript two and 5000 digits (a
+    # traceback) and quietly read the Arabic-Indic and fullwidth zeros as 0.
+    code, out, err = run(["verify", files["good"], "--pcr", f"{index}={'00' * 48}"], capsys)
+    assert (code, out) == (2, "")
+    assert err.startswith("wgvsock attest verify: --pcr ") and "N in 0..31" in err
+    measurements = json.dumps({"Measurements": {"HashAlgorithm": "Sha384 { ... }",
+                                                f"PCR{index}": TEST_PCRS[0].hex()}})
+    code, out, err = run(["pcrs", measurements], capsys)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"wgvsock attest pcrs: PCR{index[:20]}") and "not a PCR" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "-inf", "0"])
+def test_cli_max_age_must_be_a_finite_number_of_seconds(value, files, capsys):
+    # NaN compared false with every age, so --max-age nan let a document of any age through
+    # and printed "age <= nan s" among what was verified.
+    code, out, err = run(["verify", files["good"], "--root", files["root"],
+                          f"--max-age={value}"], capsys)
+    assert (code, out) == (2, "")
+    assert "--max-age" in err and "seconds" in err
+
+
+@pytest.mark.parametrize("command", ["verify", "pcrs"])
+def test_cli_input_larger_than_any_document_is_refused_unread(command, tmp_path, capsys,
+                                                              monkeypatch):
+    # Read whole before: /dev/zero (or a disk image given by mistake) ate the memory.
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(attest_cli.MAX_INPUT + 1)
+    code, out, err = run([command, str(big)], capsys)
+    assert (code, out) == (2, "")
+    assert f"{big}: larger than 1 MiB" in err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(
+        b"{" * (attest_cli.MAX_INPUT + 1)))))
+    code, out, err = run([command, "-"], capsys)
+    assert (code, out) == (2, "")
+    assert "-: larger than 1 MiB" in err
 
 
 def test_attest_main_is_usable_directly(files, capsys):

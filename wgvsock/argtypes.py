@@ -16,8 +16,9 @@ def seconds(maximum: float, what: str) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not 0 < value <= maximum:  # (NaN fails both)
+            most = f"{maximum:.0f}" if float(maximum).is_integer() else f"{maximum:g}"
             raise argparse.ArgumentTypeError(
-                f"must be a number of seconds above 0 and at most {maximum:g} ({what}): "
+                f"must be a number of seconds above 0 and at most {most} ({what}): "
                 f"{text!r}")
         return value
 

@@ -13,7 +13,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from ..safetext import prose
+from ..argtypes import seconds
+from ..safetext import prose, quote
 from .verify import (
     AttestationError,
     Document,
@@ -26,6 +27,13 @@ from .verify import (
 
 PCR_HEX_LEN = 96
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+# An attestation document is a few KiB and nitro-cli's JSON less: more is the wrong file (a
+# disk image, /dev/zero), which would otherwise be read whole into memory.
+MAX_INPUT = 1 << 20
+# --max-age: ten years is longer than any certificate in the chain is valid.
+MAX_AGE_LIMIT = 10 * 366 * 86400
+# A PCR index: 0..31 in ASCII digits (str.isdigit() takes superscript and Arabic-Indic ones).
+_INDEX = re.compile(r"[0-9]{1,2}")
 
 
 class _Usage(Exception):
@@ -50,21 +58,28 @@ def _parse_pcr(text: str) -> tuple[int, str]:
     index, sep, value = text.partition("=")
     index = index.strip().upper().removeprefix("PCR")
     value = value.strip().lower().removeprefix("0x")
-    if not sep or not index.isdigit() or not 0 <= int(index) <= 31:
-        raise _Usage(f"--pcr {text!r}: write N=HEX with N in 0..31, e.g. --pcr 0=3f5a...")
+    if not sep or not _INDEX.fullmatch(index) or not 0 <= int(index) <= 31:
+        raise _Usage(f"--pcr {quote(text, 120)}: write N=HEX with N in 0..31, "
+                     "e.g. --pcr 0=3f5a...")
     if len(value) != PCR_HEX_LEN or not re.fullmatch(r"[0-9a-f]*", value):
-        raise _Usage(f"--pcr {text!r}: the value must be {PCR_HEX_LEN} hex digits (SHA-384)")
+        raise _Usage(f"--pcr {quote(text, 120)}: the value must be {PCR_HEX_LEN} hex digits "
+                     "(SHA-384)")
     return int(index), value
 
 
 def _read_input(path: str, what: str) -> bytes:
     try:
         if path == "-":
-            return sys.stdin.buffer.read()
-        with open(path, "rb") as f:
-            return f.read()
+            data = sys.stdin.buffer.read(MAX_INPUT + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_INPUT + 1)
     except OSError as e:
         raise _Usage(f"{what} {path}: {e.strerror}") from None
+    if len(data) > MAX_INPUT:
+        raise _Usage(f"{what} {path}: larger than {MAX_INPUT >> 20} MiB; an attestation "
+                     "document is a few KiB and nitro-cli's JSON less: is this the right file?")
+    return data
 
 
 def _document_bytes(data: bytes) -> bytes:
@@ -128,8 +143,6 @@ def _verify(args: argparse.Namespace) -> int:
         except (binascii.Error, ValueError):
             raise _Usage(f"--public-key {args.public_key!r}: not base64") from None
     at = _parse_time(args.at) if args.at is not None else None
-    if args.max_age is not None and args.max_age <= 0:
-        raise _Usage("--max-age must be positive")
     try:
         if args.root is not None:
             root = load_certificate(_read_input(args.root, "--root"))
@@ -210,8 +223,10 @@ def _pcrs(args: argparse.Namespace) -> int:
             continue
         index = k.removeprefix("PCR")
         v = str(value).strip().lower()
-        if not index.isdigit() or len(v) != PCR_HEX_LEN or not re.fullmatch(r"[0-9a-f]*", v):
-            raise _Usage(f"{key}: {str(value)[:20]!r} is not a SHA-384 value")
+        if not _INDEX.fullmatch(index) or not 0 <= int(index) <= 31:
+            raise _Usage(f"{prose(key, 40)}: not a PCR (nitro-cli names them PCR0 to PCR31)")
+        if len(v) != PCR_HEX_LEN or not re.fullmatch(r"[0-9a-f]*", v):
+            raise _Usage(f"{prose(key, 40)}: {quote(str(value), 20)} is not a SHA-384 value")
         pcrs[int(index)] = v
     print("attestation:")
     print("  require: true")
@@ -237,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="expected PCR value (repeatable)")
     v.add_argument("--nonce", metavar="HEX", help="expected nonce")
     v.add_argument("--public-key", metavar="B64", help="expected public key")
-    v.add_argument("--max-age", metavar="S", type=float,
+    v.add_argument("--max-age", metavar="S", type=seconds(MAX_AGE_LIMIT, "ten years"),
                    help="refuse documents older than S seconds (relative to --at or now)")
     v.add_argument("--json", action="store_true", help="print JSON for scripts")
     v.add_argument("--root", metavar="PEM", help="trust this root instead of AWS's")
