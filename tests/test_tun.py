@@ -127,6 +127,34 @@ def test_bad_names() -> None:
             Tun.create(name)
 
 
+@pytest.mark.parametrize(("name", "reason"), [
+    ("a:b", "contains ':'"),
+    ("wg\u00a00", "contains whitespace"),  # UTF-8 c2 a0: the kernel's isspace() takes 0xa0
+    ("wg\x7f", "contains a control character"),
+    ("wg%s", "misuses '%': it is allowed only once, as %d"),
+    ("%d%d", "misuses '%': it is allowed only once, as %d"),
+    ("wg%", "misuses '%': it is allowed only once, as %d"),
+    ("all", "'all' is reserved"),
+    ("default", "'default' is reserved"),
+])
+def test_names_the_kernel_refuses_are_refused_with_the_reason(
+        name: str, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # TUNSETIFF refuses these with EINVAL, which was reported as "an interface of another
+    # type has this name" (DEL it takes, but no log line should carry it). Without a device
+    # node, a name that got past would fail saying so.
+    monkeypatch.setattr(tun_mod, "_TUN_PATH", "/nonexistent/net/tun")
+    with pytest.raises(ValueError, match=r"^interface name ") as info:
+        Tun.create(name)
+    assert not isinstance(info.value, TunError)
+    assert reason in str(info.value)
+    assert name.encode("unicode_escape").decode() in str(info.value)  # escaped, not raw
+
+
+def test_a_kernel_pattern_name_passes() -> None:
+    assert tun_mod._encode_name("wg%d") == b"wg%d"
+    assert tun_mod._encode_name("wg-%d.x") == b"wg-%d.x"
+
+
 def test_missing_device_node(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tun_mod, "_TUN_PATH", "/nonexistent/net/tun")
     with pytest.raises(TunError, match="does not exist") as info:

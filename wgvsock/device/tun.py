@@ -420,11 +420,27 @@ class TunError(OSError):
 
 
 def _encode_name(name: str) -> bytes:
-    raw = name.encode()
+    """NAME as the kernel takes it, or a ValueError saying why it would not: TUNSETIFF's
+    EINVAL does not (Linux's dev_valid_name and dev_alloc_name are the rules)."""
+    raw = name.encode(errors="surrogateescape")
     if not raw or len(raw) >= _IFNAMSIZ:
         raise ValueError(f"interface name {name!r} must be 1-{_IFNAMSIZ - 1} bytes")
-    if b"/" in raw or b"\0" in raw or any(c <= 0x20 for c in raw) or name in (".", ".."):
-        raise ValueError(f"interface name {name!r} contains characters the kernel refuses")
+    why = None
+    if name in (".", ".."):
+        why = "is a directory name"
+    elif name in ("all", "default"):
+        why = f"is reserved ('{name}' names net.ipv4.conf.{name}, not an interface)"
+    elif b"/" in raw or b":" in raw:
+        why = f"contains {'/' if b'/' in raw else ':'!r}"
+    elif any(c in b"\t\n\v\f\r \xa0" for c in raw):  # the kernel's isspace(), 0xa0 too
+        why = "contains whitespace"
+    elif any(c < 0x20 or c == 0x7F for c in raw):
+        why = "contains a control character"
+    elif b"%" in raw and (raw.count(b"%") > 1 or b"%d" not in raw):
+        why = "misuses '%': it is allowed only once, as %d (the kernel then picks a number)"
+    if why is not None:
+        raise ValueError(f"interface name {name!r} {why}; use letters, digits, '_', '.' "
+                         "and '-', e.g. wg0")
     return raw
 
 
