@@ -16,10 +16,12 @@ import argparse
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 
 from . import __version__
+from .safetext import prose, quote
 
 NETWORKS = ("vsock", "tcp", "tcp4", "tcp6", "udp", "unix")
 ENV_NETWORK = "WGVSOCK_NETWORK"
@@ -38,6 +40,26 @@ LOG_LEVELS = {
 }
 
 log = logging.getLogger("wgvsock")
+
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
+class EnvError(ValueError):
+    """An environment variable this program reads holds what it cannot use: exit 2."""
+
+
+def switch(name: str, default: bool) -> bool:
+    """The on/off environment variable NAME; DEFAULT when unset or empty."""
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if value.lower() in _ON:
+        return True
+    if value.lower() in _OFF:
+        return False
+    raise EnvError(f"{name}={value!r} is neither on ({', '.join(_ON)}) nor off "
+                   f"({', '.join(_OFF)})")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -70,13 +92,10 @@ def setup_logging(level_name: str | None, ifname: str) -> None:
         level = logging.ERROR
     from .journal import handler
 
-    # A '%' in the name (the kernel's "wg%d" template) must not be read as a format field.
-    fmt = f"%(levelname)s: ({ifname.replace('%', '%%')}) %(asctime)s %(message)s"
+    # A '%' in the name (the kernel's "wg%d" template) must not be read as a format field,
+    # nor a line break in it start a line of its own.
+    fmt = f"%(levelname)s: ({prose(ifname, 40).replace('%', '%%')}) %(asctime)s %(message)s"
     logging.basicConfig(level=level, handlers=[handler(fmt, "%Y/%m/%d %H:%M:%S")])
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").lower() in ("1", "true", "yes", "on")
 
 
 def main(argv: list[str] | None = None, prog: str = "wireguard-go-vsock") -> int:
@@ -86,19 +105,37 @@ def main(argv: list[str] | None = None, prog: str = "wireguard-go-vsock") -> int
         print(f"{prog}: {ENV_NETWORK}={network!r} is not one of {', '.join(NETWORKS)}",
               file=sys.stderr)
         return 2
-    dgram = args.dgram or _truthy(os.environ.get(ENV_DGRAM))
-    ready_fd = take_ready_fd()
+    try:
+        dgram = args.dgram or switch(ENV_DGRAM, False)
+        offload = switch(ENV_OFFLOAD, True)
+        ready_fd = take_ready_fd()
+    except EnvError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     if not args.foreground and ready_fd is None:
         rest = argv if argv is not None else sys.argv[1:]
         return spawn_background(["-m", "wgvsock.daemon", "--foreground", *rest], prog)
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
-    return run_foreground(args.interface, network, dgram, ready_fd)
+    return run_foreground(args.interface, network, dgram, ready_fd, offload=offload)
 
 
 def take_ready_fd() -> int | None:
-    """The pipe a launching process waits on, when we are its background child."""
+    """The pipe a launching process waits on, when we are its background child. Raises
+    EnvError when the variable names no such pipe (set by hand, or left over)."""
     value = os.environ.pop(_ENV_READY_FD, None)
-    return int(value) if value else None
+    if not value:
+        return None
+    why = "a file descriptor number"
+    if value.isascii() and value.isdigit() and int(value) > 2:
+        try:
+            if stat.S_ISFIFO(os.fstat(int(value)).st_mode):
+                return int(value)
+            why = "a pipe"
+        except OSError:
+            why = "an open file descriptor"
+    raise EnvError(f"{_ENV_READY_FD}={quote(value, 40)} is not {why}: the variable is "
+                   "for wgvsock's own background process, from the one that starts it; "
+                   "unset it")
 
 
 def spawn_background(python_args: list[str], prog: str) -> int:
@@ -121,7 +158,15 @@ def spawn_background(python_args: list[str], prog: str) -> int:
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env[_ENV_READY_FD] = str(w)
     log_file = os.environ.get(ENV_LOG_FILE)
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    except OSError as e:
+        print(f"{prog}: cannot open {ENV_LOG_FILE}={log_file}: {e.strerror or e} (it is where "
+              "the background process logs: give a file in an existing directory, or unset "
+              "it)", file=sys.stderr)
+        os.close(r)
+        os.close(w)
+        return 1
     try:
         subprocess.Popen(
             [sys.executable, *python_args],
@@ -157,7 +202,8 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
         os.close(ready_fd)
 
 
-def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None) -> int:
+def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None, *,
+                   offload: bool | None = None) -> int:
     import time
 
     from .conn import make_bind
@@ -182,11 +228,12 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         bind = make_bind(network, dgram)
         device = Device(
             ifname, bind, run_dir=os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR,
-            offload=os.environ.get(ENV_OFFLOAD, "1") != "0",
+            offload=switch(ENV_OFFLOAD, True) if offload is None else offload,
         )
         device.start()
     except (OSError, ValueError) as e:
-        reason = f"failed to start interface {ifname} ({network}{', dgram' if dgram else ''}): {e}"
+        reason = (f"failed to start interface {quote(ifname, 40)} "
+                  f"({network}{', dgram' if dgram else ''}): {e}")
         if ready_fd is None:
             # In the foreground logging goes to stderr too: say it once, at any LOG_LEVEL.
             print(reason, file=sys.stderr)

@@ -81,10 +81,14 @@ def parent_main(argv: list[str]) -> int:
             return 1
         print(message, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
-    from ..daemon import spawn_background, take_ready_fd
+    from ..daemon import EnvError, spawn_background, take_ready_fd
     from ..services.profile import check_host, check_routes, local_networks, local_routes
 
-    ready_fd = take_ready_fd()
+    try:
+        ready_fd = take_ready_fd()
+    except EnvError as e:
+        print(f"wgvsock parent up: {e}", file=sys.stderr)
+        return 2
     if ready_fd is None:
         try:
             pid = state.already_up(profile)

@@ -1,0 +1,128 @@
+"""`wgvsock daemon`'s command line and environment, refused before anything starts: no
+interface is made here (run_foreground and the launcher's Popen are stand-ins that record)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wgvsock import daemon
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """What run_foreground was called with; it starts nothing and returns 0."""
+    calls: list[dict[str, Any]] = []
+
+    def record(ifname: str, network: str, dgram: bool, ready_fd: int | None = None,
+               **kwargs: Any) -> int:
+        calls.append({"ifname": ifname, "network": network, "dgram": dgram,
+                      "ready_fd": ready_fd, **kwargs})
+        return 0
+
+    monkeypatch.setattr(daemon, "run_foreground", record)
+    monkeypatch.setattr(daemon, "setup_logging", lambda *args: None)
+    for name in (daemon.ENV_DGRAM, daemon.ENV_OFFLOAD, daemon.ENV_LOG_FILE, daemon.ENV_NETWORK,
+                 "WGVSOCK_READY_FD", "NOTIFY_SOCKET"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+@pytest.fixture
+def no_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a background daemon was started")
+
+    monkeypatch.setattr(daemon.subprocess, "Popen", refuse)
+
+
+@pytest.mark.parametrize(("value", "offload"), [
+    ("0", False), ("false", False), ("no", False), ("OFF", False),
+    ("1", True), ("true", True), ("yes", True), ("", True),
+])
+def test_offload_reads_the_usual_words_for_off(value, offload, started, monkeypatch):
+    # Only "0" turned it off: WGVSOCK_OFFLOAD=false or =no left it on.
+    monkeypatch.setenv(daemon.ENV_OFFLOAD, value)
+    assert daemon.main(["-f", "-n", "unix", "wg0"]) == 0
+    assert [c.get("offload") for c in started] == [offload]
+
+
+@pytest.mark.parametrize("name", [daemon.ENV_OFFLOAD, daemon.ENV_DGRAM])
+@pytest.mark.parametrize("value", ["maybe", "2", "enable"])
+def test_a_switch_that_is_neither_on_nor_off_is_refused(name, value, started, no_spawn,
+                                                       monkeypatch, capsys):
+    # WGVSOCK_DGRAM=maybe was quietly stream sockets, WGVSOCK_OFFLOAD=enable quietly on.
+    monkeypatch.setenv(name, value)
+    for argv in (["-f", "-n", "unix", "wg0"], ["-n", "unix", "wg0"]):
+        assert daemon.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{name}={value!r} is neither on (1, true, yes, on) nor off (0, false, no, " \
+            "off)" in err
+    assert started == []
+
+
+@pytest.mark.parametrize("where", ["missing/daemon.log", "."])
+def test_a_log_file_that_cannot_be_opened_is_refused_before_starting(where, tmp_path, started,
+                                                                    no_spawn, monkeypatch,
+                                                                    capsys):
+    # It was a traceback (FileNotFoundError, IsADirectoryError).
+    path = tmp_path / where
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wireguard-go-vsock: cannot open {daemon.ENV_LOG_FILE}={path}: ")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "99999", "1", " 7"])
+def test_a_ready_fd_that_is_not_a_launchers_pipe_is_refused(value, started, no_spawn,
+                                                           monkeypatch, capsys):
+    # WGVSOCK_READY_FD is the launcher's, for its background child. Set by hand it was a
+    # traceback (int("abc"), os.close of a closed fd) or, as 1, "ready" written to stdout
+    # and stdout closed.
+    monkeypatch.setenv("WGVSOCK_READY_FD", value)
+    assert daemon.main(["-n", "unix", "wg0"]) == 2
+    err = capsys.readouterr().err
+    assert f"WGVSOCK_READY_FD={value!r} is not" in err and "unset it" in err
+    assert started == []
+
+
+def test_the_launchers_pipe_is_taken(started, monkeypatch):
+    r, w = os.pipe()
+    try:
+        monkeypatch.setenv("WGVSOCK_READY_FD", str(w))
+        assert daemon.main(["-n", "unix", "wg0"]) == 0
+        assert [c["ready_fd"] for c in started] == [w]
+        assert "WGVSOCK_READY_FD" not in os.environ
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_interface_name_is_shown_escaped(tmp_path: Path) -> None:
+    # Refused by the name check before any interface is made; the message and the log
+    # prefix showed the name raw, a line break or a terminal escape included.
+    env = dict(os.environ, WGVSOCK_UNIX_DIR=str(tmp_path / "unix"),
+               WGVSOCK_RUN_DIR=str(tmp_path / "run"), LOG_LEVEL="debug")
+    res = subprocess.run([sys.executable, "-m", "wgvsock.daemon", "-f", "-n", "unix",
+                          "wg\n\x1b[2J"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "\x1b" not in res.stderr and "wg\n" not in res.stderr
+    assert res.stderr.startswith("failed to start interface 'wg\\n\\x1b[2J' (unix): ")
+
+
+def test_parent_up_refuses_a_ready_fd_that_is_not_a_launchers_pipe(tmp_path, no_spawn,
+                                                                   monkeypatch, capsys):
+    from wgvsock.roles import cli as roles_cli
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: readyfd\n")
+    monkeypatch.setenv("WGVSOCK_READY_FD", "abc")
+    assert roles_cli.parent_main(["up", "--profile", str(profile)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wgvsock parent up: WGVSOCK_READY_FD='abc' is not a file descriptor")
