@@ -715,6 +715,41 @@ def test_doctor_off_ec2() -> None:
     assert "not on EC2 (no instance metadata service" in checks[0].detail
 
 
+@pytest.mark.parametrize("endpoint", ["notaurl", "http://[::1", "file:///etc",
+                                      "ftp://127.0.0.1:1", "169.254.169.254"])
+def test_an_endpoint_that_is_no_http_url_is_named_not_a_traceback(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # urllib raised ValueError for the first two (a traceback in `parent doctor`) and read
+    # a local file for file://; every one is a mistake in the variable, said as such.
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint)
+    checks = aws.doctor_checks()
+    assert [(c.name, c.ok) for c in checks] == [("EC2 instance", False)]
+    assert checks[0].detail.startswith(
+        f"AWS_EC2_METADATA_SERVICE_ENDPOINT={endpoint!r} is not an http:// or https:// URL")
+    with pytest.raises(aws.AWSError, match="is not an http") as info:
+        aws.Imds().identity()
+    assert not isinstance(info.value, aws.ImdsUnavailable)
+
+
+@pytest.mark.parametrize("variable", ["AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_ENDPOINT_URL"])
+@pytest.mark.parametrize("value", ["notaurl", "http://[::1"])
+def test_a_client_the_environment_makes_impossible_is_an_aws_error(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # botocore refuses these while making the client (InvalidIMDSEndpointError, ValueError),
+    # which escaped as a traceback from `profile pin-parent --key-file ssm:...` and as a
+    # logged traceback from `parent up`.
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    session = boto3.Session(region_name=REGION)
+    with pytest.raises(aws.AWSError) as info:
+        aws.load_private_key("ssm:/wgvsock/key", session=session)
+    assert str(info.value).startswith("ssm:/wgvsock/key: cannot set up the ssm client: ")
+    assert variable in str(info.value)
+
+
 def test_parent_doctor_command(
     moto: Moto, imds: FakeImds, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

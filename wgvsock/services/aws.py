@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -333,6 +334,16 @@ def _client(session: boto3.Session, service: str, region: str | None, where: str
             f"{where}: no AWS region configured; set AWS_REGION (or AWS_DEFAULT_REGION), a "
             f"profile region, or use the full ARN as the name"
         ) from None
+    except (BotoCoreError, ValueError) as exc:
+        # Endpoints botocore refuses while making the client (InvalidIMDSEndpointError, or
+        # urllib's ValueError for "http://[::1"): the environment's, as a rule.
+        names = (IMDS_ENDPOINT_ENV, "AWS_ENDPOINT_URL",
+                 f"AWS_ENDPOINT_URL_{service.upper().replace('-', '_')}")
+        given = [f"{n}={os.environ[n]!r}" for n in names if os.environ.get(n)]
+        fix = (f"check {' and '.join(given)}: each must be an http:// or https:// URL"
+               if given else "check the endpoint settings of the AWS configuration")
+        raise AWSError(f"{where}: cannot set up the {service} client: "
+                       f"{prose(str(exc), 300)}; {fix}") from None
 
 
 def _error_fields(exc: ClientError) -> tuple[str, str]:
@@ -485,6 +496,20 @@ class Imds:
             f"container on EC2, the instance's IMDSv2 hop limit may be too low"
         )
 
+    def _check_endpoint(self) -> None:
+        """Refuses an endpoint urllib would not send an HTTP request to: it raised ValueError
+        for some ("notaurl", "http://[::1") and read a local file for file://."""
+        try:
+            url = urllib.parse.urlsplit(self.endpoint)
+            ok = url.scheme in ("http", "https") and bool(url.hostname)
+            url.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            ok = False
+        if not ok:
+            raise AWSError(f"{IMDS_ENDPOINT_ENV}={prose(self.endpoint, 200)!r} is not an http:// "
+                           f"or https:// URL: write it like {DEFAULT_IMDS_ENDPOINT} (EC2's own "
+                           "metadata service), or unset it")
+
     def _request(self, req: urllib.request.Request) -> str:
         # Something answered, but not as IMDS does: a proxy or another service at the address.
         odd = (f"instance metadata service at {self.endpoint} answered {req.get_method()} "
@@ -513,6 +538,7 @@ class Imds:
     def token(self) -> str:
         """Get (and cache) a session token."""
         if self._token is None:
+            self._check_endpoint()  # before Request(), which raises ValueError for some
             req = urllib.request.Request(  # noqa: S310 - endpoint is http(s) by configuration
                 self.endpoint + TOKEN_PATH,
                 data=b"",
