@@ -23,6 +23,9 @@ commands:
   version                            print the version
 """
 
+_MAX_KEY_INPUT = 4096
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
@@ -41,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "pubkey":
         from .core.crypto import KeyFormatError, key_from_base64, key_to_base64, public_key
 
+        # Bytes, and a bounded read: the key is 45 of them, and a strict UTF-8 decode or a
+        # whole /dev/zero would be a traceback rather than "not a key".
+        data = sys.stdin.buffer.read(_MAX_KEY_INPUT + 1)
         try:
-            key = key_from_base64(sys.stdin.read())
+            if len(data) > _MAX_KEY_INPUT:
+                raise KeyFormatError(f"more than a key (over {_MAX_KEY_INPUT} bytes)")
+            key = key_from_base64(data.decode("ascii", "replace"))
         except KeyFormatError as e:
             print(f"wgvsock pubkey: invalid private key on stdin: {e}", file=sys.stderr)
             return 1
