@@ -5,6 +5,7 @@ or make `q` wait. (Any process may put a socket in the run directory.)"""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -197,3 +198,25 @@ def test_an_interval_out_of_range_is_refused(value: str, capsys) -> None:
     err = capsys.readouterr().err
     assert "must be a number of seconds above 0 and at most 86400 (a day)" in err
     assert "Traceback" not in err
+
+
+def test_what_is_not_a_socket_is_named_so_not_a_stale_socket(tmp_path: Path) -> None:
+    """connect() answers ECONNREFUSED for a regular file, a directory or a FIFO in the run
+    directory, which read "stale socket ... (no daemon is serving it)"."""
+    (tmp_path / "wgfile.sock").write_text("")
+    (tmp_path / "wgdir.sock").mkdir()
+    os.mkfifo(tmp_path / "wgfifo.sock")
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(tmp_path / "wgstale.sock"))  # bound, never listening: stale
+    snap = st.Collector(None, str(tmp_path)).sample()
+    errors = {i.name: i.error for i in snap.interfaces}
+    assert errors == {
+        "wgdir": f"not a socket: {tmp_path}/wgdir.sock is a directory, which no daemon "
+                 "serves (remove it: a daemon makes its own socket as it starts)",
+        "wgfifo": f"not a socket: {tmp_path}/wgfifo.sock is a FIFO, which no daemon "
+                  "serves (remove it: a daemon makes its own socket as it starts)",
+        "wgfile": f"not a socket: {tmp_path}/wgfile.sock is a regular file, which no daemon "
+                  "serves (remove it: a daemon makes its own socket as it starts)",
+        "wgstale": f"stale socket: connection refused on {tmp_path}/wgstale.sock (no daemon "
+                   "is serving it)",
+    }

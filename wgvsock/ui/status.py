@@ -29,6 +29,7 @@ import os
 import re
 import select
 import signal
+import stat
 import sys
 import termios
 import time
@@ -317,6 +318,16 @@ def _error_words(exc: BaseException, path: str, timeout: float) -> str:
     if isinstance(exc, PermissionError):
         return f"permission denied: {path} (run as root, or as the socket's owner)"
     if isinstance(exc, ConnectionRefusedError):
+        # connect() answers the same for a file, a directory or a FIFO: not a stale socket.
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFSOCK
+        if not stat.S_ISSOCK(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a regular file" if stat.S_ISREG(mode) else "a device or other file")
+            return (f"not a socket: {path} is {kind}, which no daemon serves (remove it: a "
+                    "daemon makes its own socket as it starts)")
         return f"stale socket: connection refused on {path} (no daemon is serving it)"
     if isinstance(exc, TimeoutError):
         return (f"no answer: {path} did not reply within {timeout:g} s (daemon hung? "
