@@ -556,6 +556,19 @@ BAD = [
      "unprintable character ('\\u202e')", "eif:"),
     ('name: a\nattestation:\n  test_root_ca: "/a\\rb.pem"\n', "attestation.test_root_ca",
      "unprintable character ('\\r')", "test_root_ca:"),
+    # A value its explicit tag cannot read: PyYAML's constructors fail each their own way,
+    # and !!bool's KeyError and !!timestamp's AttributeError were tracebacks.
+    ("name: a\nmtu: !!bool x\n", "mtu", "cannot read 'x' as !!bool", "mtu:"),
+    ("name: a\nattestation:\n  require: !!timestamp x\n", "attestation.require",
+     "cannot read 'x' as !!timestamp", "require:"),
+    ("name: a\nmtu: !!int 0x\n", "mtu", "cannot read '0x' as !!int", "mtu:"),
+    # On a string, such a tag was dropped unread.
+    ("name: !!int abc\n", "name", "cannot read 'abc' as !!int", "name:"),
+    ("name: a\nparent:\n  private_key: !!python/name:os.system /etc/a.key\n",
+     "parent.private_key", "cannot read '/etc/a.key' as !!python/name:os.system",
+     "private_key:"),
+    ("name: a\ntransport:\n  kind: !foo tcp\n", "transport.kind", "cannot read 'tcp' as !foo",
+     "kind:"),
 ]
 
 

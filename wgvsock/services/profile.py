@@ -127,6 +127,7 @@ CREDENTIAL_ENDPOINTS: tuple[tuple[IPAddress, IPNetwork], ...] = (
 )
 
 _NULL_TAG = "tag:yaml.org,2002:null"
+_STR_TAG = "tag:yaml.org,2002:str"
 _TYPE_NAMES = {
     "tag:yaml.org,2002:null": "nothing (null)",
     "tag:yaml.org,2002:bool": "true/false",
@@ -582,7 +583,10 @@ class _Parser:
                 hint = f"a value starting with '[' must be quoted in YAML, e.g. {example}"
             self.problem(_line(node), key, f"expected a string, got {_describe(node)}", hint)
             return None
-        # The raw scalar, not the resolved one: a PCR of all digits or "1e5" stays text.
+        # The raw scalar, not the resolved one: a PCR of all digits or "1e5" stays text. An
+        # explicit tag must still fit it (`name: !!int abc` is no name, but a mistake).
+        if node.tag != _STR_TAG and self._scalar(node, key) is _FAIL:
+            return None
         return node.value
 
     def integer(self, node: Node, key: str, lo: int, hi: int, what: str = "") -> int | None:
@@ -625,8 +629,13 @@ class _Parser:
             return _FAIL
         try:
             return _construct(node)
-        except (yaml.YAMLError, ValueError) as e:
-            self.problem(_line(node), key, f"cannot read the value: {e}".splitlines()[0],
+        except Exception as e:  # PyYAML's constructors each fail their own way: ValueError
+            # (!!int 0x), KeyError (!!bool x), AttributeError (!!timestamp x)
+            detail = str(e).splitlines()[0] if isinstance(e, yaml.YAMLError | ValueError) else ""
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self.problem(_line(node), key,
+                         f"cannot read '{node.value}' as {tag}"
+                         + (f" ({detail})" if detail else ""),
                          "drop the explicit tag or fix the value")
             return _FAIL
 
