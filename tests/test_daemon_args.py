@@ -126,3 +126,26 @@ def test_parent_up_refuses_a_ready_fd_that_is_not_a_launchers_pipe(tmp_path, no_
     assert roles_cli.parent_main(["up", "--profile", str(profile)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("wgvsock parent up: WGVSOCK_READY_FD='abc' is not a file descriptor")
+
+
+def test_the_roles_warn_of_a_log_level_they_do_not_know(monkeypatch, capsys):
+    # The daemon warned of LOG_LEVEL=trace; `parent up` and `enclave up` quietly ignored it.
+    import logging
+
+    from wgvsock.roles import cli as roles_cli
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    # _logging sets the quiet libraries' levels, which later tests read: put them back.
+    levels = {name: logging.getLogger(name).level for name in roles_cli._QUIET}
+    try:
+        monkeypatch.setenv("LOG_LEVEL", "trace")
+        roles_cli._logging(False)
+        err = capsys.readouterr().err
+        assert "warning: LOG_LEVEL='trace' is not one of debug, verbose, error, silent" in err
+        for known in ("debug", "VERBOSE", "error", "silent", ""):
+            monkeypatch.setenv("LOG_LEVEL", known)
+            roles_cli._logging(False)
+            assert capsys.readouterr().err == ""
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

@@ -28,11 +28,15 @@ _QUIET = ("botocore", "boto3", "urllib3", "s3transfer")
 
 def _logging(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
-    name = os.environ.get("LOG_LEVEL", "").lower()
+    given = os.environ.get("LOG_LEVEL", "")
+    name = given.lower()
     if name == "debug":
         level = logging.DEBUG
     elif name == "verbose":
         level = logging.INFO
+    elif name not in ("", "error", "silent"):  # the daemon's other two: the default here
+        print(f"warning: LOG_LEVEL={given!r} is not one of debug, verbose, error, silent; "
+              "ignored", file=sys.stderr)
     from ..journal import handler
 
     logging.basicConfig(level=level, handlers=[handler("%(levelname)s %(name)s: %(message)s")])
