@@ -220,3 +220,17 @@ def test_what_is_not_a_socket_is_named_so_not_a_stale_socket(tmp_path: Path) -> 
         "wgstale": f"stale socket: connection refused on {tmp_path}/wgstale.sock (no daemon "
                    "is serving it)",
     }
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_once_exits_1_when_the_run_directory_cannot_be_listed(tmp_path: Path, json_out: bool,
+                                                              capsys) -> None:
+    """Not a directory (or not readable): nothing was read, which --once reported with exit
+    0, as if every interface were fine. A run directory that does not exist is no error:
+    nothing runs."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    extra = ["--json"] if json_out else []
+    assert st.main(["--once", *extra, "--run-dir", str(not_a_dir)]) == 1
+    assert f"cannot list {not_a_dir}: Not a directory" in " ".join(capsys.readouterr().out.split())
+    assert st.main(["--once", *extra, "--run-dir", str(tmp_path / "missing")]) == 0

@@ -1017,7 +1017,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live view of WireGuard interfaces read from their UAPI sockets (read-only: "
         "only `get` is ever sent). Works with wgvsock, wireguard-go and wireguard-go-vsock.",
         epilog="Exit status with --once: 0 when every interface was read, 1 when one could not "
-        "be. Rates are in bytes per second between two samples.",
+        "be (or the run directory could not be listed). Rates are in bytes per second between "
+        "two samples.",
     )
     p.add_argument("ifnames", nargs="*", metavar="IFNAME",
                    help="interfaces to show (default: every socket in the run directory)")
@@ -1051,7 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_json(snap, sys.stdout, pretty=True)
         else:
             console.print(Dashboard(snap, lambda s: _footer(s, None)))
-        return 1 if any(i.error for i in snap.interfaces) else 0
+        # A run directory that cannot be listed is an interface not read, too.
+        return 1 if snap.listing_error or any(i.error for i in snap.interfaces) else 0
     if args.json or not console.is_terminal:
         return _stream(collector, args.interval, args.json, console)
     return live(args.ifnames, interval=args.interval, run_dir=args.run_dir,
