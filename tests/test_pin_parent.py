@@ -90,6 +90,23 @@ def test_pin_parent_cli_from_the_profiles_key_file(tmp_path, capsys):
         public_key(other_key))
 
 
+def test_pin_parent_writes_through_a_symlink_to_the_profile(tmp_path, capsys):
+    # The new text replaced the link with a file of its own: the profile it pointed to (the
+    # one the image is built from) stayed unpinned while the command said it was pinned.
+    real = tmp_path / "profiles" / "payments.yaml"
+    real.parent.mkdir()
+    real.write_text("name: a\n")
+    os.chmod(real, 0o640)
+    link = tmp_path / "payments.yaml"
+    link.symlink_to(real)
+    assert cli.main(["profile", "pin-parent", str(link), "--public-key", PUB]) == 0
+    assert link.is_symlink() and link.resolve() == real
+    assert parse_profile(real.read_text()).parent.public_key == PUB
+    assert real.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in real.parent.iterdir()) == ["payments.yaml"]  # no temp left
+    capsys.readouterr()
+
+
 def test_pin_parent_cli_errors(tmp_path, capsys):
     profile = tmp_path / "p.yaml"
     profile.write_text(f"name: a\nparent: {{private_key: {tmp_path / 'none.key'}}}\n")

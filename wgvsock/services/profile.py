@@ -1955,13 +1955,16 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
             print(p, file=sys.stderr)
         return 1
     if new != text:
-        tmp = f"{args.file}.pin-parent.tmp"
+        # Through a symlink to the file itself: replacing the link would leave the profile it
+        # names (the one the image is built from, as a rule) unpinned.
+        target = os.path.realpath(args.file)
+        tmp = f"{target}.pin-parent.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                         os.stat(args.file).st_mode & 0o777)
+                         os.stat(target).st_mode & 0o777)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(new)
-            os.replace(tmp, args.file)
+            os.replace(tmp, target)
         except OSError as e:
             print(f"{prog}: cannot write {args.file}: {e.strerror or e}", file=sys.stderr)
             return 1
