@@ -422,15 +422,24 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, on_signal)
     failures: list[str] = []
+    # Taken by the main thread to publish CMD and by a failing thread to look for it, so
+    # that CMD is stopped exactly once whichever comes first. Never by a signal handler.
+    cmd_lock = threading.Lock()
+
+    def stop_cmd(proc: subprocess.Popen) -> None:
+        _signal_child(proc, signal.SIGTERM)
 
     def on_death(reason: str) -> None:
         # A dead thread would leave the tunnel half working: stop, so the command ends and
         # the enclave (or whatever supervises it) starts afresh.
-        failures.append(reason)
+        with cmd_lock:
+            first = not failures
+            failures.append(reason)
+            proc = child
         enclave.stop.set()
         wakeup.wake()
-        if child is not None:
-            _signal_child(child, signal.SIGTERM)
+        if first and proc is not None:
+            stop_cmd(proc)
 
     on_thread_death(on_death)
     try:
@@ -453,15 +462,21 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
             return 0
         starting = True
         try:
-            child = subprocess.Popen(command)
+            proc = subprocess.Popen(command)
         except OSError as e:
             raise EnclaveError(f"cannot run {command[0]}: {e.strerror}") from e
+        with cmd_lock:
+            child = proc
+            # The tunnel broke while CMD was being started: on_death found no CMD to stop.
+            broke = bool(failures)
         # Passed on, and no more: once CMD runs, its own handling of a signal decides (an app
         # that reloads on SIGHUP goes on, and so does the tunnel). Those taken from here on
         # go to it at once.
         for signum in (*enclave.signalled, *started_with):
-            _signal_child(child, signum)
-        code = _wait_child(child)
+            _signal_child(proc, signum)
+        if broke:
+            stop_cmd(proc)
+        code = _wait_child(proc)
         if failures:
             print(f"wgvsock enclave: stopped: {failures[0]}", file=sys.stderr, flush=True)
             return 1

@@ -1,0 +1,89 @@
+"""`wgvsock enclave up`'s CMD as an init runs it: a CMD that cannot be run, a tunnel that
+breaks while CMD starts or that CMD will not stop for. Found by an adversarial review of the
+entrypoint; each failed before its fix. Signals and PID 1's orphans:
+tests/test_enclave_lifecycle.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from wgvsock.roles import enclave as enclave_mod
+from wgvsock.services.profile import load_profile
+
+PROFILE = Path(__file__).resolve().parent / "data" / "profile-unix.yaml"
+
+
+@pytest.fixture
+def deaths(monkeypatch) -> Iterator[list[Callable[[str], None]]]:
+    """`enclave up` with no network and its tunnel up at once; yields where run_up's
+    thread-death hook lands (calling it stands for a thread of the tunnel dying)."""
+    hooks: list[Callable[[str], None]] = []
+    monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: None)
+    monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
+    # run_up installs a process-wide thread-death hook and signal handlers: keep ours.
+    monkeypatch.setattr(enclave_mod, "on_thread_death", hooks.append)
+    saved = {s: signal.getsignal(s) for s in enclave_mod.FORWARDED_SIGNALS}
+    yield hooks
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def _kill_later(pid_file: Path, after: float) -> threading.Timer:
+    """Ends the CMD whose pid PID_FILE holds after AFTER seconds, so that a test of a
+    `enclave up` that would wait for it for ever fails instead of hanging."""
+
+    def kill() -> None:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    t = threading.Timer(after, kill)
+    t.daemon = True
+    t.start()
+    return t
+
+
+def test_a_tunnel_that_breaks_while_cmd_is_being_started_stops_it(
+        deaths, monkeypatch, tmp_path: Path, capsys) -> None:
+    """Before: a thread that died (or the device stopping) between the tunnel coming up and
+    Popen returning found no CMD to stop; CMD then ran on without a network, `enclave up`
+    waiting for it."""
+    pid = tmp_path / "pid"
+    real = subprocess.Popen
+
+    class Popen(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            pid.write_text(str(self.pid))
+            deaths[0]("the tunnel device stopped: interface wg0 was deleted")
+
+    sent: list[int] = []
+    real_signal_child = enclave_mod._signal_child
+
+    def signal_child(child, signum: int) -> None:
+        sent.append(signum)
+        real_signal_child(child, signum)
+
+    monkeypatch.setattr(enclave_mod.subprocess, "Popen", Popen)
+    monkeypatch.setattr(enclave_mod, "_signal_child", signal_child)
+    safety = _kill_later(pid, 10)
+    t0 = time.monotonic()
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sleep", "30"], timeout=5)
+    elapsed = time.monotonic() - t0
+    safety.cancel()
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert elapsed < 8, f"CMD ran on {elapsed:.0f} s without its tunnel"
+    assert "stopped: the tunnel device stopped: interface wg0 was deleted" in err
+    # Once: the main thread and the failing one both look for CMD, and a second SIGTERM
+    # means "now" to many apps.
+    assert sent == [signal.SIGTERM]
