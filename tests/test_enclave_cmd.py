@@ -18,6 +18,7 @@ import pytest
 
 from wgvsock.roles import enclave as enclave_mod
 from wgvsock.services.profile import load_profile
+from wgvsock.ui.nslab import wait_for
 
 PROFILE = Path(__file__).resolve().parent / "data" / "profile-unix.yaml"
 
@@ -50,6 +51,31 @@ def _kill_later(pid_file: Path, after: float) -> threading.Timer:
     t.daemon = True
     t.start()
     return t
+
+
+def test_a_cmd_that_ignores_sigterm_is_killed_when_the_tunnel_breaks(
+        deaths, monkeypatch, tmp_path: Path, capsys) -> None:
+    """Before: the tunnel broke (a thread died), CMD got SIGTERM and ignored it, and `enclave
+    up` waited for it for ever: the app ran on without a network and nothing said so."""
+    monkeypatch.setattr(enclave_mod, "STOP_GRACE", 0.5)
+    pid = tmp_path / "pid"
+    script = f"trap '' TERM; echo $$ > {pid}.new; mv {pid}.new {pid}; while :; do sleep 0.05; done"
+
+    def break_tunnel() -> None:
+        wait_for(pid.exists, 10, "CMD to start")
+        deaths[0]("thread tun-reader died: RuntimeError: boom")
+
+    threading.Thread(target=break_tunnel, daemon=True).start()
+    safety = _kill_later(pid, 20)
+    t0 = time.monotonic()
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
+    elapsed = time.monotonic() - t0
+    safety.cancel()
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert elapsed < 10, f"CMD was left running {elapsed:.0f} s after the tunnel broke"
+    assert "stopped: thread tun-reader died: RuntimeError: boom" in err
+    assert "did not stop within 0.5 s of SIGTERM; killing it" in err
 
 
 def test_a_tunnel_that_breaks_while_cmd_is_being_started_stops_it(

@@ -66,6 +66,10 @@ ANSWERED_BACKOFF_MAX = 60.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 _STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# How long CMD has to end after the SIGTERM a broken tunnel sends it before it gets SIGKILL
+# (docker stop's default): an app that ignores SIGTERM would otherwise run on without its
+# network, and `up` wait for it for ever.
+STOP_GRACE = 10.0
 
 
 class EnclaveError(Exception):
@@ -425,9 +429,23 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
     # Taken by the main thread to publish CMD and by a failing thread to look for it, so
     # that CMD is stopped exactly once whichever comes first. Never by a signal handler.
     cmd_lock = threading.Lock()
+    killers: list[threading.Timer] = []
 
     def stop_cmd(proc: subprocess.Popen) -> None:
+        """SIGTERM to CMD after a failure, and SIGKILL if it has not ended STOP_GRACE
+        seconds later."""
         _signal_child(proc, signal.SIGTERM)
+
+        def kill() -> None:
+            if proc.returncode is None:
+                print(f"wgvsock enclave: {command[0]} did not stop within {STOP_GRACE:g} s of "
+                      "SIGTERM; killing it", file=sys.stderr, flush=True)
+                _signal_child(proc, signal.SIGKILL)
+
+        killer = threading.Timer(STOP_GRACE, kill)
+        killer.name, killer.daemon = "cmd-killer", True
+        killer.start()
+        killers.append(killer)
 
     def on_death(reason: str) -> None:
         # A dead thread would leave the tunnel half working: stop, so the command ends and
@@ -485,5 +503,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        for killer in killers:
+            killer.cancel()
         enclave.close()
         wakeup.close()
