@@ -113,3 +113,54 @@ def test_a_tunnel_that_breaks_while_cmd_is_being_started_stops_it(
     # Once: the main thread and the failing one both look for CMD, and a second SIGTERM
     # means "now" to many apps.
     assert sent == [signal.SIGTERM]
+
+
+@pytest.mark.parametrize(("command", "code", "says"), [
+    (["/nonexistent/app"], 127, "cannot run /nonexistent/app: No such file or directory"),
+    (["no-such-app-here"], 127, "cannot run no-such-app-here: not found in PATH"),
+    (["{tmp}/data.txt"], 126, "cannot run {tmp}/data.txt: not executable"),
+    (["{tmp}"], 126, "cannot run {tmp}: is a directory"),
+])
+def test_a_cmd_that_cannot_be_run_is_refused_before_the_tunnel_comes_up(
+        command, code, says, monkeypatch, tmp_path: Path, capsys) -> None:
+    """Before: the tunnel came up first (up to --timeout waiting for the parent, a
+    registration and an attestation), and then `enclave up` exited 1, as it does when the
+    parent never answers. Now the shell's codes, 127 (not found) and 126 (not runnable), at
+    once."""
+    (tmp_path / "data.txt").write_text("not a program\n")
+    command = [a.format(tmp=tmp_path) for a in command]
+    says = says.format(tmp=tmp_path)
+    started: list[bool] = []
+    monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: started.append(True))
+    monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
+    monkeypatch.setattr(enclave_mod, "on_thread_death", lambda f: None)
+    saved = {s: signal.getsignal(s) for s in enclave_mod.FORWARDED_SIGNALS}
+    try:
+        rc = enclave_mod.run_up(load_profile(str(PROFILE)), command, timeout=5)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert f"wgvsock enclave up: {says}" in err
+    assert started == []
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (FileNotFoundError(2, "No such file or directory"), 127),
+    (PermissionError(13, "Permission denied"), 126),
+    (OSError(8, "Exec format error"), 126),
+])
+def test_a_cmd_that_fails_to_start_after_the_check_exits_as_a_shell_would(
+        deaths, monkeypatch, error, code, capsys) -> None:
+    """What the check before the tunnel cannot see (a script whose interpreter is missing,
+    an executable for another machine) fails in Popen: 127 or 126 too, not 1."""
+
+    def popen(*a, **kw):
+        raise error
+
+    monkeypatch.setattr(enclave_mod.subprocess, "Popen", popen)
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["true"], timeout=5)
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert f"wgvsock enclave up: cannot run true: {error.strerror}" in err

@@ -93,6 +93,26 @@ def _stopped(failures: list[str], signalled: list[int]) -> int:
     return 128 + (signalled[0] if signalled else signal.SIGTERM)
 
 
+def _unrunnable(command: list[str]) -> tuple[int, str] | None:
+    """Why CMD cannot be run, as the status a shell gives for it (127 not found, 126 found but
+    not runnable) and what to say, or None. Checked before the tunnel comes up: a wrong CMD
+    line would otherwise show only after the wait for the parent, a registration and an
+    attestation, and as the status a parent that never answered gives."""
+    name = command[0]
+    if "/" not in name:
+        if shutil.which(name) is None:  # the search Popen makes
+            path = os.environ.get("PATH", os.defpath)
+            return 127, f"cannot run {name}: not found in PATH ({path})"
+        return None
+    if not os.path.lexists(name):
+        return 127, f"cannot run {name}: No such file or directory"
+    if os.path.isdir(name):
+        return 126, f"cannot run {name}: is a directory"
+    if not os.access(name, os.X_OK):
+        return 126, f"cannot run {name}: not executable"
+    return None
+
+
 def _wait_child(child: subprocess.Popen) -> int:
     """CMD's wait status. As PID 1 (a container without an init), also reaps the orphans
     that are reparented to us, which nothing else would. Nothing else may reap CMD (Popen's
@@ -408,6 +428,10 @@ class Enclave:
 
 
 def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -> int:
+    if command and (unrunnable := _unrunnable(command)) is not None:
+        code, why = unrunnable
+        print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)
+        return code
     enclave = Enclave(profile)
     child: subprocess.Popen | None = None
     starting = False  # CMD is being started: it may run before Popen returns
@@ -481,8 +505,10 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
         starting = True
         try:
             proc = subprocess.Popen(command)
-        except OSError as e:
-            raise EnclaveError(f"cannot run {command[0]}: {e.strerror}") from e
+        except OSError as e:  # what _unrunnable cannot see: a script's missing interpreter
+            print(f"wgvsock enclave up: cannot run {command[0]}: {e.strerror}",
+                  file=sys.stderr, flush=True)
+            return 127 if isinstance(e, FileNotFoundError) else 126
         with cmd_lock:
             child = proc
             # The tunnel broke while CMD was being started: on_death found no CMD to stop.
