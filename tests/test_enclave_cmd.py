@@ -164,3 +164,59 @@ def test_a_cmd_that_fails_to_start_after_the_check_exits_as_a_shell_would(
     err = capsys.readouterr().err
     assert rc == code, err
     assert f"wgvsock enclave up: cannot run true: {error.strerror}" in err
+
+
+class _StuckDevice:
+    """Stands for the tunnel's Device: up, then its data path stuck (a TUN reader that no
+    longer comes round its loop) from the moment `stuck` is set."""
+
+    def __init__(self) -> None:
+        self.stuck = threading.Event()
+        self.asked_limits: list[float] = []
+
+    def on_stop(self, hook) -> None:
+        pass
+
+    def stalled(self, now: float, limit: float = 8.0) -> str | None:
+        self.asked_limits.append(limit)
+        if self.stuck.is_set():
+            return (f"interface wg0: the TUN reader has not come round its loop for "
+                    f"{limit + 1:.0f} s (data path stuck)")
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_tunnel_whose_data_path_is_stuck_stops_cmd(deaths, monkeypatch, tmp_path: Path,
+                                                      capsys) -> None:
+    """Before: a data path that hung (a TUN reader or timer thread stuck, not dead) was noticed
+    by nothing in the enclave, where no systemd watchdog runs as on the parent: CMD ran on
+    without a network for ever."""
+    device = _StuckDevice()
+
+    def start(self) -> None:
+        self.device = device
+
+    monkeypatch.setattr(enclave_mod.Enclave, "start", start)
+    monkeypatch.setattr(enclave_mod, "LIVENESS_EVERY", 0.05)
+    pid = tmp_path / "pid"
+    script = f"echo $$ > {pid}.new; mv {pid}.new {pid}; exec sleep 30"
+
+    def hang() -> None:
+        wait_for(pid.exists, 10, "CMD to start")
+        device.stuck.set()
+
+    threading.Thread(target=hang, daemon=True).start()
+    safety = _kill_later(pid, 8)
+    t0 = time.monotonic()
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
+    elapsed = time.monotonic() - t0
+    safety.cancel()
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert elapsed < 6, f"CMD ran on {elapsed:.0f} s on a stuck tunnel"
+    assert ("stopped: the tunnel is stuck: interface wg0: the TUN reader has not come round "
+            "its loop for 31 s (data path stuck)") in err
+    # More patient than the parent's watchdog (8 s): stopping costs the app and the enclave.
+    assert set(device.asked_limits) == {30.0}

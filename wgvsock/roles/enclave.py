@@ -70,6 +70,12 @@ _STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 # (docker stop's default): an app that ignores SIGTERM would otherwise run on without its
 # network, and `up` wait for it for ever.
 STOP_GRACE = 10.0
+# The tunnel's data path counts as stuck (Device.stalled) when its timer thread or TUN reader
+# has not come round for this long; then CMD is stopped as for a dead thread. The parent has
+# systemd's watchdog for this (8 s there); nothing watches an enclave, and stopping one costs
+# its app and a restart, so it waits longer. Looked at every LIVENESS_EVERY seconds.
+STUCK_AFTER = 30.0
+LIVENESS_EVERY = 1.0
 
 
 class EnclaveError(Exception):
@@ -136,6 +142,14 @@ def _signal_child(child: subprocess.Popen, signum: int) -> None:
     if child.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signum)
+
+
+def _watch_liveness(device: Device, stop: threading.Event, fail) -> None:
+    """Calls FAIL(reason) once DEVICE's data path is stuck, unless STOP is set first."""
+    while not stop.wait(LIVENESS_EVERY):
+        if (why := device.stalled(time.monotonic(), STUCK_AFTER)) is not None:
+            fail(f"the tunnel is stuck: {why}")
+            return
 
 
 def attester():
@@ -490,6 +504,9 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
             # It stops by itself when its interface or UAPI socket is removed or its TUN
             # fails: CMD must not go on without a network. (Not on our own close.)
             device.on_stop(lambda: on_death(f"the tunnel device stopped: {device.stop_reason}"))
+            # A thread that hangs rather than dies: what systemd's watchdog sees on the parent.
+            NamedThread(target=_watch_liveness, args=(device, enclave.stop, on_death),
+                        name="liveness", daemon=True).start()
         enclave.wait_connected(timeout)
         if enclave.stopping():
             return _stopped(failures, enclave.signalled)
