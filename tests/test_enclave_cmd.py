@@ -220,3 +220,29 @@ def test_a_tunnel_whose_data_path_is_stuck_stops_cmd(deaths, monkeypatch, tmp_pa
             "its loop for 31 s (data path stuck)") in err
     # More patient than the parent's watchdog (8 s): stopping costs the app and the enclave.
     assert set(device.asked_limits) == {30.0}
+
+
+def test_stopping_does_not_warn_that_the_connection_to_the_parent_ended(monkeypatch,
+                                                                        caplog) -> None:
+    """Before: every clean stop (CMD ended, SIGTERM) logged "WARNING control: connection to
+    the parent ended (stopped); registering again", which it did not."""
+    import socket
+
+    from wgvsock.services.control import Welcome
+
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+
+    def hold(conn, stop, check=None) -> str:
+        e.stop.set()  # close() while the connection is held
+        return "stopped"
+
+    monkeypatch.setattr(enclave_mod, "dial_control", lambda t: socket.socket())
+    monkeypatch.setattr(enclave_mod, "register",
+                        lambda conn, pub, attest: Welcome(b"P" * 32, 51820, False))
+    monkeypatch.setattr(enclave_mod, "hold_connection", hold)
+    monkeypatch.setattr(e, "_apply", lambda w: None)
+    with caplog.at_level("INFO", logger="wgvsock.enclave"):
+        e._control_loop()
+    assert "registered with the parent" in caplog.text
+    assert "registering again" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -354,6 +354,8 @@ class Enclave:
                                "says attestation: %s)", welcome.state)
                 reason = hold_connection(conn, self.stop,
                                          check=lambda at=since: self._tunnel_ok(at))
+                if self.stop.is_set():  # `up` is ending: nothing ended on the parent's side
+                    break
                 say(logging.WARNING, "control: connection to the parent ended (%s); "
                     "registering again", reason)
                 if time.monotonic() - since >= HELD_STABLE:
