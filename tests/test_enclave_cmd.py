@@ -246,3 +246,29 @@ def test_stopping_does_not_warn_that_the_connection_to_the_parent_ended(monkeypa
     assert "registered with the parent" in caplog.text
     assert "registering again" not in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_cmd_inherits_no_descriptor_and_no_ignored_or_blocked_signal_of_the_daemon(
+        deaths, tmp_path: Path) -> None:
+    """A guard (it passed before): the daemon holds the TUN, its transport and control
+    sockets and the key in memory, Python ignores SIGPIPE and SIGXFSZ; none of it may reach
+    the app, which should start as from a clean exec."""
+    r, w = os.pipe()
+    os.set_inheritable(w, True)  # even one the daemon made inheritable by mistake
+    fds, sigs = tmp_path / "fds", tmp_path / "sigs"
+    # grep reads its own status (not Python, which ignores SIGPIPE itself); ls's own
+    # descriptor for the directory is the one that names it.
+    script = (f"grep -E '^Sig(Blk|Ign):' /proc/self/status > {sigs}; "
+              f"ls -l /proc/self/fd > {fds}")
+    try:
+        assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # as in the daemon
+        rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert rc == 0
+    assert sigs.read_text().split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]
+    held = dict((left.split()[-1], target) for left, target in
+                (line.split(" -> ", 1) for line in fds.read_text().splitlines() if " -> " in line))
+    assert {fd: target for fd, target in held.items()
+            if fd not in ("0", "1", "2") and not target.startswith("/proc/")} == {}

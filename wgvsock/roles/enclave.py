@@ -523,7 +523,9 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
             return 0
         starting = True
         try:
-            proc = subprocess.Popen(command)
+            # (Popen's defaults, stated: the app gets none of our descriptors, the TUN and
+            # the sockets among them, and SIGPIPE and SIGXFSZ back from Python's SIG_IGN.)
+            proc = subprocess.Popen(command, close_fds=True, restore_signals=True)
         except OSError as e:  # what _unrunnable cannot see: a script's missing interpreter
             print(f"wgvsock enclave up: cannot run {command[0]}: {e.strerror}",
                   file=sys.stderr, flush=True)
