@@ -272,3 +272,35 @@ def test_cmd_inherits_no_descriptor_and_no_ignored_or_blocked_signal_of_the_daem
                 (line.split(" -> ", 1) for line in fds.read_text().splitlines() if " -> " in line))
     assert {fd: target for fd, target in held.items()
             if fd not in ("0", "1", "2") and not target.startswith("/proc/")} == {}
+
+
+# `enclave up` as PID 1, a SIGTERM arriving while it is still starting (loading the profile,
+# importing the enclave's modules), before run_up has installed its handlers.
+_EARLY_SIGNAL = r"""
+import os, signal, sys
+from wgvsock.roles import cli, enclave
+assert os.getpid() == 1
+enclave.Enclave.start = lambda self: print("tunnel started", flush=True)
+enclave.Enclave.wait_connected = lambda self, t: None
+real_load = cli._load
+def load(path):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_load(path)
+cli._load = load
+sys.exit(cli.enclave_main(["up", "--profile", sys.argv[1], "--", "true"]))
+"""
+
+
+@pytest.mark.root
+def test_as_pid_1_a_sigterm_while_starting_stops_it(tmp_path: Path) -> None:
+    """Before: as PID 1 (`docker run`, `docker stop` at once) a signal without a handler is
+    dropped by the kernel; one that came during the half second before run_up installed its
+    handlers was lost, and the tunnel came up and CMD ran as if nothing had been asked."""
+    import sys
+
+    res = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc",
+                          sys.executable, "-c", _EARLY_SIGNAL, str(PROFILE)],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 128 + signal.SIGTERM, res.stdout + res.stderr
+    assert "tunnel started" not in res.stdout

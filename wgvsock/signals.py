@@ -15,6 +15,21 @@ import select
 import signal
 import threading
 
+# What asks a daemon to stop: an init's or `docker stop`'s TERM, a terminal's INT and QUIT, and
+# HUP (the terminal gone).
+STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def note(signums: tuple[int, ...]) -> list[int]:
+    """Handlers that only note which of SIGNUMS came, in order, into the list returned; for a
+    process's start-up, until it installs its own. As PID 1 (a container without an init)
+    a signal with no handler is dropped by the kernel, so one that came while the interpreter
+    was still importing would otherwise be lost."""
+    noted: list[int] = []
+    for signum in signums:
+        signal.signal(signum, lambda n, _frame: noted.append(n))
+    return noted
+
 
 class Wakeup:
     """Installs itself as the process's wakeup fd until `close()`; from the main thread."""

@@ -203,6 +203,11 @@ def enclave_main(argv: list[str]) -> int:
     up.add_argument("-v", "--verbose", action="store_true")
     up.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    from ..signals import STOPPING, note
+
+    # Loading the profile and the enclave's modules takes about half a second, during which
+    # a stop asked for (as PID 1 dropped without a handler) is kept for run_up.
+    early = note(STOPPING)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     profile = _load(args.profile)
     if profile is None:
@@ -210,4 +215,4 @@ def enclave_main(argv: list[str]) -> int:
     _logging(args.verbose)
     from .enclave import run_up
 
-    return run_up(profile, command, timeout=args.timeout)
+    return run_up(profile, command, timeout=args.timeout, signalled=early)

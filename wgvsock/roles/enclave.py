@@ -37,7 +37,7 @@ from ..services.control import (
     hold_connection,
     register,
 )
-from ..signals import Wakeup
+from ..signals import STOPPING, Wakeup
 from ..threads import NamedThread, on_thread_death
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
 
@@ -65,7 +65,7 @@ ANSWERED_BACKOFF_MAX = 60.0
 # Passed on to CMD, as tini does; TERM, INT, HUP and QUIT before CMD runs stop `up` instead.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
-_STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+_STOPPING_SIGNALS = STOPPING
 # How long CMD has to end after the SIGTERM a broken tunnel sends it before it gets SIGKILL
 # (docker stop's default): an app that ignores SIGTERM would otherwise run on without its
 # network, and `up` wait for it for ever.
@@ -443,7 +443,9 @@ class Enclave:
             shutil.rmtree(self._unix_dir, ignore_errors=True)
 
 
-def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -> int:
+def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
+           signalled: list[int] | None = None) -> int:
+    """SIGNALLED: the stopping signals that came before this was called (signals.note)."""
     if command and (unrunnable := _unrunnable(command)) is not None:
         code, why = unrunnable
         print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)
@@ -465,6 +467,8 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, on_signal)
+    # (Complete now: the handlers that noted them are replaced.)
+    enclave.signalled.extend(signalled or ())
     failures: list[str] = []
     # Taken by the main thread to publish CMD and by a failing thread to look for it, so
     # that CMD is stopped exactly once whichever comes first. Never by a signal handler.
@@ -501,6 +505,8 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT) -
 
     on_thread_death(on_death)
     try:
+        if enclave.stopping():  # asked to stop while starting: bring nothing up
+            return _stopped(failures, enclave.signalled)
         enclave.start()
         if (device := enclave.device) is not None:
             # It stops by itself when its interface or UAPI socket is removed or its TUN
