@@ -150,6 +150,7 @@ def test_a_cmd_that_cannot_be_run_is_refused_before_the_tunnel_comes_up(
     (FileNotFoundError(2, "No such file or directory"), 127),
     (PermissionError(13, "Permission denied"), 126),
     (OSError(8, "Exec format error"), 126),
+    (BlockingIOError(11, "Resource temporarily unavailable"), 1),  # fork failed: ours
 ])
 def test_a_cmd_that_fails_to_start_after_the_check_exits_as_a_shell_would(
         deaths, monkeypatch, error, code, capsys) -> None:

@@ -11,6 +11,7 @@ with the same key, without disturbing CMD.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -535,7 +536,10 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
         except OSError as e:  # what _unrunnable cannot see: a script's missing interpreter
             print(f"wgvsock enclave up: cannot run {command[0]}: {e.strerror}",
                   file=sys.stderr, flush=True)
-            return 127 if isinstance(e, FileNotFoundError) else 126
+            if isinstance(e, FileNotFoundError):
+                return 127
+            # No process to run it in (fork failed) is ours, not CMD's: no shell's code.
+            return 1 if e.errno in (errno.EAGAIN, errno.ENOMEM) else 126
         with cmd_lock:
             child = proc
             # The tunnel broke while CMD was being started: on_death found no CMD to stop.
