@@ -717,3 +717,69 @@ def test_a_read_only_proc_sys_is_warned_about_and_the_tunnel_goes_on(monkeypatch
     assert ("wg0: cannot refuse router advertisements and redirects from the parent (setting "
             "its accept_ra, autoconf and accept_redirects to 0: Read-only file system)"
             in caplog.text)
+
+
+def _host_route(monkeypatch, changed: list[str]) -> None:
+    """A namespace with an IPv6 default route, and every change `start` could make recorded
+    in CHANGED instead of made."""
+    from wgvsock.device.netconf import DefaultRoute
+
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes",
+                        lambda: [DefaultRoute(6, "default via fe80::1 dev eth0 metric 1024")])
+
+    def change(name: str):
+        def changes(*args, **kwargs) -> None:
+            changed.append(name)
+            raise RuntimeError(f"{name} was called")  # goes no further, whatever it was
+        return changes
+
+    for name in ("link_up", "add_addresses", "add_routes", "write_resolv_conf"):
+        monkeypatch.setattr(enclave_mod.netconf, name, change(name))
+    monkeypatch.setattr(enclave_mod, "make_bind", change("make_bind"))
+    monkeypatch.setattr(enclave_mod, "Device", change("Device"))
+
+
+def test_a_namespace_with_a_default_route_is_refused_before_anything_changes(
+        monkeypatch, tmp_path: Path) -> None:
+    """Before: run on a host (the development machine, once), `enclave up` brought lo up,
+    replaced the host's default route with one through wg0 and overwrote its resolv.conf.
+    End to end, in namespaces: tests/net/test_enclave_outside.py."""
+    changed: list[str] = []
+    _host_route(monkeypatch, changed)
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)), resolv_conf=str(tmp_path / "resolv"))
+    with pytest.raises(enclave_mod.EnclaveError) as refused:
+        e.start()
+    assert changed == []
+    assert str(refused.value).startswith(
+        "refusing to start: this network namespace already has a default route (default via "
+        "fe80::1 dev eth0 metric 1024): it looks like a host or a container, not an enclave")
+    assert "pass --outside-enclave" in str(refused.value)
+    assert not (tmp_path / "resolv").exists()
+
+
+def test_outside_enclave_goes_on_where_a_default_route_is(monkeypatch, tmp_path: Path) -> None:
+    changed: list[str] = []
+    _host_route(monkeypatch, changed)
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)), resolv_conf=str(tmp_path / "resolv"),
+                            outside_enclave=True)
+    with pytest.raises(RuntimeError, match="link_up was called"):
+        e.start()
+    assert changed == ["link_up"]
+
+
+@pytest.mark.parametrize("before", [None, b"nameserver 192.0.2.53\n"], ids=["none", "some"])
+def test_outside_enclave_puts_resolv_conf_back(tmp_path: Path, before: bytes | None) -> None:
+    """Through the symlink a host's resolv.conf often is (systemd-resolved's): the link stays,
+    its target gets its content back, or goes again if `up` made it."""
+    target, link = tmp_path / "stub-resolv.conf", tmp_path / "resolv.conf"
+    if before is not None:
+        target.write_bytes(before)
+    link.symlink_to(target.name)
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)), resolv_conf=str(link),
+                            outside_enclave=True)
+    e._keep_resolv_conf()
+    enclave_mod.netconf.write_resolv_conf(e.profile.enclave.dns, str(link))
+    assert b"nameserver 169.254.169.253" in target.read_bytes()
+    e.close()
+    assert link.is_symlink()
+    assert (target.read_bytes() if target.exists() else None) == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -134,11 +135,72 @@ def default_route_interface(version: int = 4) -> str | None:
     return None
 
 
+# Route types other than unicast, named as `ip route` names them.
+_ROUTE_TYPES = {2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
+                7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
+
+
+class DefaultRoute(NamedTuple):
+    version: int  # 4 or 6
+    text: str  # as `ip route` says it: "default via 192.0.2.1 dev eth0"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def default_routes() -> list[DefaultRoute]:
+    """This namespace's default routes (0.0.0.0/0 and ::/0) in the main table, IPv4 first.
+    The main table is the one add_routes writes: a default route there is what a default
+    route of the profile replaces."""
+    try:
+        with IPRoute() as ipr:
+            names: dict[int, str] = {}
+
+            def dev(index: int | None) -> str:
+                if not index:
+                    return ""
+                if index not in names:
+                    links = ipr.get_links(index)
+                    names[index] = (links[0].get_attr("IFLA_IFNAME") if links
+                                    else None) or f"if{index}"
+                return f" dev {names[index]}"
+
+            def hop(gateway: str | None, via: dict | None, index: int | None) -> str:
+                if via:  # an IPv6 gateway for an IPv4 route (RFC 5549)
+                    gateway = via.get("addr")
+                return (f" via {gateway}" if gateway else "") + dev(index)
+
+            found = []
+            for family in (2, 10):
+                for r in ipr.get_routes(family=family, table=_MAIN_TABLE):
+                    if r["dst_len"] != 0:
+                        continue
+                    kind = _ROUTE_TYPES.get(r["type"])
+                    text = f"{kind} default" if kind else "default"
+                    text += hop(r.get_attr("RTA_GATEWAY"), r.get_attr("RTA_VIA"),
+                                r.get_attr("RTA_OIF"))
+                    for nh in r.get_attr("RTA_MULTIPATH") or ():
+                        text += " nexthop" + hop(nh.get_attr("RTA_GATEWAY"),
+                                                 nh.get_attr("RTA_VIA"), nh["oif"])
+                    if metric := r.get_attr("RTA_PRIORITY"):
+                        text += f" metric {metric}"
+                    found.append(DefaultRoute(4 if family == 2 else 6, text))
+            return found
+    except NetlinkError as e:
+        raise NetconfError(f"listing this network namespace's routes: "
+                           f"{e.args[1] if len(e.args) > 1 else e}") from e
+
+
 def write_resolv_conf(nameservers: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address],
                       path: str = "/etc/resolv.conf") -> None:
-    """Writes in place rather than by rename: under `ip netns exec` the file is a bind mount
-    of /etc/netns/NAME/resolv.conf, and a rename over a mount point fails."""
     text = "# written by wgvsock enclave up\n" + "".join(f"nameserver {ns}\n" for ns in nameservers)
+    write_in_place(path, text.encode())
+
+
+def write_in_place(path: str, data: bytes) -> None:
+    """Writes in place rather than by rename: under `ip netns exec` the file is a bind mount
+    of /etc/netns/NAME/resolv.conf (under docker, of the container's own), and a rename over a
+    mount point fails."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

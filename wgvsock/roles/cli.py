@@ -193,13 +193,20 @@ def enclave_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="wgvsock enclave",
         description="the enclave's entrypoint: bring the tunnel up, then run CMD",
-        usage="wgvsock enclave up --profile FILE [--timeout S] [-- CMD [ARGS...]]",
+        usage="wgvsock enclave up --profile FILE [--timeout S] [--outside-enclave] "
+              "[-- CMD [ARGS...]]",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
     up.add_argument("--profile", required=True)
     up.add_argument("--timeout", type=seconds(86400, "a day"), default=60.0,
                     help="seconds to wait for the parent (default 60)")
+    up.add_argument("--outside-enclave", action="store_true",
+                    help="start even though this network namespace already has a default route "
+                    "(a container tried with `docker run`; an enclave has none). Without it "
+                    "`up` refuses there, changing nothing: on a host it would replace the "
+                    "host's default route (for good) and /etc/resolv.conf. With it, the "
+                    "replaced route is logged and /etc/resolv.conf put back when `up` ends")
     up.add_argument("-v", "--verbose", action="store_true")
     up.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
@@ -215,4 +222,5 @@ def enclave_main(argv: list[str]) -> int:
     _logging(args.verbose)
     from .enclave import run_up
 
-    return run_up(profile, command, timeout=args.timeout, signalled=early)
+    return run_up(profile, command, timeout=args.timeout, signalled=early,
+                  outside_enclave=args.outside_enclave)

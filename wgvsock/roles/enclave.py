@@ -6,6 +6,9 @@ interface, registers the key with the parent over the control channel, waits for
 handshake and then runs CMD as a child, passing signals on and exiting with its status.
 A control connection that drops (the parent restarted) is redialled and the exchange repeated
 with the same key, without disturbing CMD.
+
+A network namespace that already has a default route is a host's or a container's, not an
+enclave's: there `up` refuses before it changes anything, unless told --outside-enclave.
 """
 
 from __future__ import annotations
@@ -171,9 +174,15 @@ def attester():
 
 
 class Enclave:
-    def __init__(self, profile, *, resolv_conf: str = "/etc/resolv.conf") -> None:
+    def __init__(self, profile, *, resolv_conf: str = "/etc/resolv.conf",
+                 outside_enclave: bool = False) -> None:
         self.profile = profile
         self.resolv_conf = resolv_conf
+        # Run where a default route is already (a container tried with `docker run`), as asked:
+        # resolv.conf is then put back at the end.
+        self.outside_enclave = outside_enclave
+        # (the file written, its content before or None when there was none), to put back.
+        self._resolv_before: tuple[str, bytes | None] | None = None
         self.key = generate_private_key()
         self.public_key = public_key(self.key)
         self.device: Device | None = None
@@ -194,6 +203,12 @@ class Enclave:
 
     def start(self) -> None:
         p = self.profile
+        # Before anything changes: run on a host by mistake (an EC2 parent, where wgvsock is
+        # installed too), what follows would take its default route and resolv.conf, and with
+        # them its SSH session and its own traffic. An enclave has only lo until now.
+        defaults = netconf.default_routes()
+        if defaults and not self.outside_enclave:
+            raise EnclaveError(self._not_an_enclave(defaults))
         self._attest = attester()
         netconf.link_up("lo")
         t = p.transport
@@ -211,13 +226,93 @@ class Enclave:
             netconf.add_addresses(p.interface, p.enclave.addresses)
             netconf.link_up(p.interface, p.mtu)
             netconf.add_routes(p.interface, self._routes())
+            if defaults:
+                self._say_what_became_of(defaults)
             if p.enclave.dns:
+                if self.outside_enclave:
+                    self._keep_resolv_conf()
                 netconf.write_resolv_conf(p.enclave.dns, self.resolv_conf)
         except BaseException:
             self.close()
             raise
         self._thread = NamedThread(target=self._control_loop, name="control", daemon=True)
         self._thread.start()
+
+    def _not_an_enclave(self, defaults: list[netconf.DefaultRoute]) -> str:
+        """Why `up` refuses to start in a namespace with DEFAULTS, and what to do."""
+        p = self.profile
+        routes = self._routes()
+        one = len(defaults) == 1
+        found = "; ".join(map(str, defaults))
+        # A default route of the profile takes the place of the namespace's of its family.
+        taken = {r.version for r in routes if r.prefixlen == 0}
+        replaced = [d for d in defaults if d.version in taken]
+        gone = " (for good: it would not come back when `enclave up` ends)"
+        if len(replaced) == len(defaults):
+            change = (f"replace {'it' if one else 'them'} with a default route through "
+                      f"{p.interface}{gone}")
+        elif replaced:
+            families = " and ".join(sorted({f"IPv{d.version}" for d in replaced}))
+            change = (f"replace the {families} one with a default route through "
+                      f"{p.interface}{gone}")
+        else:
+            change = (f"route {', '.join(map(str, routes))} through {p.interface} beside "
+                      f"{'it' if one else 'them'}")
+        if p.enclave.dns:
+            change += f" and overwrite {self.resolv_conf}"
+        return (f"refusing to start: this network namespace already has "
+                f"{'a default route' if one else 'default routes'} ({found}): it looks like a "
+                "host or a container, not an enclave, which has only lo until `enclave up` "
+                f"runs. Here `enclave up` would {change}, cutting this machine's own traffic "
+                "off, an SSH session to it included. `enclave up` is the enclave image's "
+                "entrypoint; to run it here all the same (the image tried in a throwaway "
+                "container with `docker run`), pass --outside-enclave.")
+
+    def _say_what_became_of(self, defaults: list[netconf.DefaultRoute]) -> None:
+        """Logs, under --outside-enclave, which of the namespace's DEFAULTS the profile's routes
+        replaced (gone for good once the tunnel's interface goes) and which are still there."""
+        name = self.profile.interface
+        try:
+            now = {str(d) for d in netconf.default_routes()}
+        except OSError as e:
+            log.warning("--outside-enclave: cannot tell which of this network namespace's "
+                        "default routes (%s) the routes through %s replaced: %s",
+                        "; ".join(map(str, defaults)), name, e)
+            return
+        for d in defaults:
+            if str(d) in now:
+                log.info("--outside-enclave: this network namespace's default route (%s) "
+                         "stays, beside the routes through %s", d, name)
+            else:
+                log.warning("--outside-enclave: replaced this network namespace's default route "
+                            "(%s) with one through %s; it is not put back when `enclave up` "
+                            "ends", d, name)
+
+    def _keep_resolv_conf(self) -> None:
+        """Notes what resolv.conf holds before it is written, for close() to put back."""
+        path = os.path.realpath(self.resolv_conf)  # what writing it follows a symlink to
+        try:
+            with open(path, "rb") as f:
+                self._resolv_before = (path, f.read())
+        except FileNotFoundError:
+            self._resolv_before = (path, None)
+
+    def _put_back_resolv_conf(self) -> None:
+        kept, self._resolv_before = self._resolv_before, None
+        if kept is None:
+            return
+        path, content = kept
+        try:
+            if content is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            else:
+                netconf.write_in_place(path, content)
+        except OSError as e:
+            log.warning("cannot put %s back as it was before `enclave up`: %s",
+                        self.resolv_conf, e.strerror or e)
+            return
+        log.info("put %s back as it was before `enclave up`", self.resolv_conf)
 
     def _refuse_router_messages(self) -> None:
         """Keeps the parent from configuring our routing: before the link is up, the tunnel's
@@ -442,16 +537,18 @@ class Enclave:
             self.device = None
         if self._unix_dir:
             shutil.rmtree(self._unix_dir, ignore_errors=True)
+        self._put_back_resolv_conf()
 
 
 def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
-           signalled: list[int] | None = None) -> int:
-    """SIGNALLED: the stopping signals that came before this was called (signals.note)."""
+           signalled: list[int] | None = None, outside_enclave: bool = False) -> int:
+    """SIGNALLED: the stopping signals that came before this was called (signals.note).
+    OUTSIDE_ENCLAVE: start even where a default route is already (Enclave.start)."""
     if command and (unrunnable := _unrunnable(command)) is not None:
         code, why = unrunnable
         print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)
         return code
-    enclave = Enclave(profile)
+    enclave = Enclave(profile, outside_enclave=outside_enclave)
     child: subprocess.Popen | None = None
     starting = False  # CMD is being started: it may run before Popen returns
     started_with: list[int] = []  # signals taken meanwhile, for CMD

@@ -1,0 +1,164 @@
+"""`wgvsock enclave up` run where it does not belong: in a namespace that already has a default
+route (a host, an EC2 parent, a container) rather than an enclave, which has only `lo`.
+
+Once run on the development machine itself, it replaced the machine's default route with one
+through wg0 (gone for good with wg0) and overwrote /etc/resolv.conf. Now it refuses before it
+changes anything, unless told with --outside-enclave that this is meant; then it also puts
+resolv.conf back when it ends.
+
+Every run here is in a namespace the test made, and its resolv.conf is the private copy that
+`ip netns exec` bind-mounts from /etc/netns/NAME/, never the machine's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .netlab import Lab, Namespace, wait_for
+from .test_roles import WGVSOCK, World
+
+pytestmark = [pytest.mark.root]
+
+PROFILE = """\
+version: 1
+name: onhost
+interface: wg0
+transport:
+  kind: unix
+  port: 51820
+  control_port: 51821
+  path: {sock}
+parent:
+  address: 10.77.0.1/30
+  private_key: {key}
+enclave:
+  address: 10.77.0.2/30
+  dns: [198.51.100.53]
+"""
+
+RESOLV = "# this namespace's own, from before\nnameserver 192.0.2.53\n"
+
+
+@contextlib.contextmanager
+def private_resolv_conf(ns: Namespace, text: str) -> Iterator[Path]:
+    """/etc/netns/NS/resolv.conf, which `ip netns exec` bind-mounts over /etc/resolv.conf for
+    what it starts; removed afterwards, with its directory."""
+    path = Path("/etc/netns") / ns.name / "resolv.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.write_text(text)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        path.parent.rmdir()
+
+
+def host_like(lab: Lab, families: tuple[int, ...]) -> Namespace:
+    """A namespace like a host's: `eth0` (one end of a veth) with addresses of both families and
+    a default route of each of FAMILIES through it. `lo` is left down, as in an enclave at boot,
+    so that bringing it up shows in the dumps."""
+    ns = lab.netns("h")
+    ns.ip("link", "set", "lo", "down")
+    # No duplicate address detection: the addresses' flags would change under the dumps.
+    ns.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+    ns.ip("addr", "add", "192.0.2.2/24", "dev", "eth0")
+    ns.ip("addr", "add", "fd00:77::2/64", "dev", "eth0")
+    ns.ip("link", "set", "eth0", "up")
+    ns.ip("link", "set", "eth1", "up")
+    if 4 in families:
+        ns.ip("route", "add", "default", "via", "192.0.2.1", "dev", "eth0")
+    if 6 in families:
+        ns.ip("-6", "route", "add", "default", "via", "fd00:77::1", "dev", "eth0")
+    return ns
+
+
+def dump(ns: Namespace, resolv: Path) -> dict[str, str]:
+    """Everything `enclave up` could change in NS: links, addresses, routes and rules of every
+    table, the namespace's net.* sysctls (accept_ra and the rest, per interface), resolv.conf."""
+    out = {
+        "links": ns.ip("-d", "link", "show").stdout,
+        "addresses": ns.ip("addr", "show").stdout,
+        "routes4": ns.ip("-4", "route", "show", "table", "all").stdout,
+        "routes6": ns.ip("-6", "route", "show", "table", "all").stdout,
+        "rules4": ns.ip("-4", "rule", "show").stdout,
+        "rules6": ns.ip("-6", "rule", "show").stdout,
+        # (Some keys, stable_secret among them, cannot be read: sysctl says so and goes on.)
+        "sysctls": ns.run("sysctl", "-a", "-r", r"^net\.", check=False).stdout,
+        "resolv.conf": resolv.read_text(),
+    }
+    return out
+
+
+# The profile routes 0.0.0.0/0 (enclave.routes' default) and no ::/0.
+@pytest.mark.parametrize(("families", "found", "change"), [
+    ((4,), "a default route (default via 192.0.2.1 dev eth0)",
+     "would replace it with a default route through wg0 (for good: it would not come back "
+     "when `enclave up` ends)"),
+    ((6,), "a default route (default via fd00:77::1 dev eth0 metric 1024)",
+     "would route 0.0.0.0/0 through wg0 beside it"),
+    ((4, 6), "default routes (default via 192.0.2.1 dev eth0; "
+             "default via fd00:77::1 dev eth0 metric 1024)",
+     "would replace the IPv4 one with a default route through wg0 (for good: it would not "
+     "come back when `enclave up` ends)"),
+], ids=["ipv4", "ipv6-only", "both"])
+def test_a_namespace_with_a_default_route_is_refused_and_left_as_it_was(
+        lab: Lab, families: tuple[int, ...], found: str, change: str) -> None:
+    """Before: `enclave up` brought lo up, made wg0, replaced the default route with one
+    through it (gone for good once wg0 went), set sysctls and overwrote resolv.conf, then
+    waited for a parent that was never there."""
+    ns = host_like(lab, families)
+    profile = lab.tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
+    env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
+    with private_resolv_conf(ns, RESOLV) as resolv:
+        before = dump(ns, resolv)
+        assert "accept_ra" in before["sysctls"] and "default" in before[f"routes{families[0]}"]
+        res = ns.run(WGVSOCK, "enclave", "up", "--profile", str(profile), "--timeout", "3",
+                     "--", "true", env=env, check=False, timeout=60)
+        after = dump(ns, resolv)
+    for key in before:
+        assert after[key] == before[key], key
+    assert "wg0" not in after["links"]
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(
+        "wgvsock enclave up: refusing to start: this network namespace already has "
+        f"{found}: it looks like a host or a container, not an enclave"), res.stderr
+    message = " ".join(res.stderr.split())
+    assert f"{change} and overwrite /etc/resolv.conf" in message, message
+    assert "--outside-enclave" in message, message
+    assert not (lab.tmp / "run").exists() or not any((lab.tmp / "run").iterdir())
+
+
+def test_outside_enclave_comes_up_over_a_default_route_and_puts_resolv_conf_back(
+        world: World) -> None:
+    """--outside-enclave (a container tried with `docker run`): the tunnel comes up as in an
+    enclave, the log names the default route it replaced, and resolv.conf is as it was once
+    `enclave up` has ended."""
+    ns = world.enclave
+    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+    ns.ip("addr", "add", "192.0.2.2/24", "dev", "eth0")
+    ns.ip("link", "set", "eth0", "up")
+    ns.ip("link", "set", "eth1", "up")
+    ns.ip("route", "add", "default", "via", "192.0.2.1", "dev", "eth0")
+    placeholder = world.resolv.read_text()
+    assert world.parent_cmd("up").returncode == 0
+    proc = world.start_enclave(launcher=(WGVSOCK, "enclave", "up", "--outside-enclave"))
+    wait_for(world.egress_works, 30, "the enclave to fetch a page through the parent's NAT")
+    assert "nameserver 198.51.100.53" in world.resolv.read_text()
+    routes = ns.ip("-4", "route", "show", "default").stdout.splitlines()
+    assert len(routes) == 1 and routes[0].startswith("default dev wg0"), routes
+    proc.send_signal(signal.SIGTERM)  # to `ip netns exec`, which execs: `enclave up` itself
+    assert proc.wait(15) == 128 + signal.SIGTERM
+    log = (world.lab.tmp / "enclave.log").read_text()
+    assert ("replaced this network namespace's default route (default via 192.0.2.1 dev eth0) "
+            "with one through wg0") in log, log
+    assert world.resolv.read_text() == placeholder, log
+    assert "put /etc/resolv.conf back as it was" in log, log
+    assert "wg0" not in ns.ip("-o", "link", "show").stdout
