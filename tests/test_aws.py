@@ -750,6 +750,21 @@ def test_a_client_the_environment_makes_impossible_is_an_aws_error(
     assert variable in str(info.value)
 
 
+def test_credentials_refused_while_making_a_client_are_named_as_credentials(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Making a client resolves the credentials too: half of a key pair is not an endpoint
+    # problem, and was reported as one ("check the endpoint settings").
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    session = boto3.Session(region_name=REGION)
+    with pytest.raises(aws.AWSError) as info:
+        aws.load_private_key("ssm:/wgvsock/key", session=session)
+    assert str(info.value).startswith("ssm:/wgvsock/key: no AWS credentials found: ")
+    assert "endpoint" not in str(info.value)
+
+
 def test_parent_doctor_command(
     moto: Moto, imds: FakeImds, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

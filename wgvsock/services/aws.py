@@ -38,6 +38,9 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    EndpointResolutionError,
+    InvalidEndpointConfigurationError,
+    InvalidIMDSEndpointError,
     NoCredentialsError,
     NoRegionError,
     ParamValidationError,
@@ -334,9 +337,10 @@ def _client(session: boto3.Session, service: str, region: str | None, where: str
             f"{where}: no AWS region configured; set AWS_REGION (or AWS_DEFAULT_REGION), a "
             f"profile region, or use the full ARN as the name"
         ) from None
-    except (BotoCoreError, ValueError) as exc:
-        # Endpoints botocore refuses while making the client (InvalidIMDSEndpointError, or
-        # urllib's ValueError for "http://[::1"): the environment's, as a rule.
+    except (InvalidIMDSEndpointError, InvalidEndpointConfigurationError,
+            EndpointResolutionError, ValueError) as exc:
+        # Endpoints botocore refuses while making the client (urllib's ValueError for
+        # "http://[::1"): the environment's, as a rule.
         names = (IMDS_ENDPOINT_ENV, "AWS_ENDPOINT_URL",
                  f"AWS_ENDPOINT_URL_{service.upper().replace('-', '_')}")
         given = [f"{n}={os.environ[n]!r}" for n in names if os.environ.get(n)]
@@ -344,6 +348,8 @@ def _client(session: boto3.Session, service: str, region: str | None, where: str
                if given else "check the endpoint settings of the AWS configuration")
         raise AWSError(f"{where}: cannot set up the {service} client: "
                        f"{prose(str(exc), 300)}; {fix}") from None
+    except BotoCoreError as exc:  # credentials, as a rule: making the client resolves them
+        raise _botocore_error(exc, where, service) from None
 
 
 def _error_fields(exc: ClientError) -> tuple[str, str]:
