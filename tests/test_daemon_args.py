@@ -79,7 +79,7 @@ def test_a_log_file_that_cannot_be_opened_is_refused_before_starting(where, tmp_
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "99999", "1", " 7"])
+@pytest.mark.parametrize("value", ["abc", "-1", "99999", "1", " 7", "9" * 20])
 def test_a_ready_fd_that_is_not_a_launchers_pipe_is_refused(value, started, no_spawn,
                                                            monkeypatch, capsys):
     # WGVSOCK_READY_FD is the launcher's, for its background child. Set by hand it was a

@@ -126,7 +126,8 @@ def take_ready_fd() -> int | None:
     if not value:
         return None
     why = "a file descriptor number"
-    if value.isascii() and value.isdigit() and int(value) > 2:
+    # (At most 9 digits: a C int, which os.fstat wants, holds any of them.)
+    if value.isascii() and value.isdigit() and len(value) <= 9 and int(value) > 2:
         try:
             if stat.S_ISFIFO(os.fstat(int(value)).st_mode):
                 return int(value)
