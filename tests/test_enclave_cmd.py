@@ -30,6 +30,7 @@ def deaths(monkeypatch) -> Iterator[list[Callable[[str], None]]]:
     hooks: list[Callable[[str], None]] = []
     monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: None)
     monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes", list)  # as in an enclave
     # run_up installs a process-wide thread-death hook and signal handlers: keep ours.
     monkeypatch.setattr(enclave_mod, "on_thread_death", hooks.append)
     saved = {s: signal.getsignal(s) for s in enclave_mod.FORWARDED_SIGNALS}
@@ -134,6 +135,7 @@ def test_a_cmd_that_cannot_be_run_is_refused_before_the_tunnel_comes_up(
     monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: started.append(True))
     monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
     monkeypatch.setattr(enclave_mod, "on_thread_death", lambda f: None)
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes", list)  # as in an enclave
     saved = {s: signal.getsignal(s) for s in enclave_mod.FORWARDED_SIGNALS}
     try:
         rc = enclave_mod.run_up(load_profile(str(PROFILE)), command, timeout=5)
@@ -144,6 +146,24 @@ def test_a_cmd_that_cannot_be_run_is_refused_before_the_tunnel_comes_up(
     assert rc == code, err
     assert f"wgvsock enclave up: {says}" in err
     assert started == []
+
+
+def test_on_a_host_the_default_route_is_refused_before_a_missing_cmd(monkeypatch,
+                                                                     capsys) -> None:
+    """Run on a host by mistake, where CMD is often not installed either: the refusal that
+    matters comes first (before, `up` said 127, not found, and an operator who installed
+    CMD then had the host's network taken)."""
+    from wgvsock.device.netconf import DefaultRoute
+
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes",
+                        lambda: [DefaultRoute(4, "default via 192.0.2.1 dev eth0")])
+    monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: pytest.fail("started"))
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["/nonexistent/app"], timeout=5)
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert err.startswith("wgvsock enclave up: refusing to start: this network namespace "
+                          "already has a default route (default via 192.0.2.1 dev eth0)")
+    assert "/nonexistent/app" not in err
 
 
 @pytest.mark.parametrize(("error", "code"), [

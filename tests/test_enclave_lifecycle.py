@@ -127,6 +127,7 @@ def test_a_welcome_port_the_transport_cannot_use_is_refused() -> None:
 @pytest.fixture
 def no_network(monkeypatch):
     monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: None)
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes", list)  # as in an enclave
     # run_up installs a process-wide thread-death hook and signal handlers: keep ours.
     monkeypatch.setattr(enclave_mod, "on_thread_death", lambda f: None)
     saved = {s: signal.getsignal(s) for s in enclave_mod.FORWARDED_SIGNALS}
@@ -470,6 +471,7 @@ import os, signal, sys
 from wgvsock.roles import enclave as m
 from wgvsock.services.profile import load_profile
 m.Enclave.start = lambda self: None
+m.netconf.default_routes = list  # as in an enclave
 def wait_connected(self, timeout):
     with self.stop._cond:
         os.kill(os.getpid(), signal.SIGTERM)

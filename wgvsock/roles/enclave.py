@@ -201,14 +201,21 @@ class Enclave:
         self._thread: threading.Thread | None = None
         self._attest = None
 
-    def start(self) -> None:
-        p = self.profile
-        # Before anything changes: run on a host by mistake (an EC2 parent, where wgvsock is
-        # installed too), what follows would take its default route and resolv.conf, and with
-        # them its SSH session and its own traffic. An enclave has only lo until now.
+    def refuse_a_host(self) -> list[netconf.DefaultRoute]:
+        """Raises EnclaveError where a default route is already, unless outside_enclave;
+        returns the default routes there are (none but with outside_enclave).
+
+        Run on a host by mistake (an EC2 parent, where wgvsock is installed too), `start`
+        would take its default route and resolv.conf, and with them its SSH session and its
+        own traffic. An enclave has only lo until then."""
         defaults = netconf.default_routes()
         if defaults and not self.outside_enclave:
             raise EnclaveError(self._not_an_enclave(defaults))
+        return defaults
+
+    def start(self) -> None:
+        p = self.profile
+        defaults = self.refuse_a_host()  # before anything changes
         self._attest = attester()
         netconf.link_up("lo")
         t = p.transport
@@ -544,11 +551,17 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
            signalled: list[int] | None = None, outside_enclave: bool = False) -> int:
     """SIGNALLED: the stopping signals that came before this was called (signals.note).
     OUTSIDE_ENCLAVE: start even where a default route is already (Enclave.start)."""
+    enclave = Enclave(profile, outside_enclave=outside_enclave)
+    try:
+        # First: on a host by mistake, CMD may be missing too, and the refusal matters more.
+        enclave.refuse_a_host()
+    except (EnclaveError, OSError) as e:
+        print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
+        return 1
     if command and (unrunnable := _unrunnable(command)) is not None:
         code, why = unrunnable
         print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)
         return code
-    enclave = Enclave(profile, outside_enclave=outside_enclave)
     child: subprocess.Popen | None = None
     starting = False  # CMD is being started: it may run before Popen returns
     started_with: list[int] = []  # signals taken meanwhile, for CMD
