@@ -236,6 +236,16 @@ def test_pcr_of_only_digits_stays_text():
     assert p.attestation.pcrs == {2: value}
 
 
+def test_a_plain_value_yaml_cannot_build_is_still_text_where_text_is_read():
+    # YAML 1.1 guesses a date in 2024-02-30 and a value in "=", and cannot build either:
+    # read as text, each is what was written. Only a tag someone wrote must
+    # fit (`name: !!int abc` is refused, below in BAD).
+    assert parse_profile("name: 2024-02-30\n").name == "2024-02-30"
+    with pytest.raises(ProfileError) as e:  # read as text, then judged as a name
+        parse_profile("name: =\n")
+    assert "name: '=' is not a valid name" in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Examples and round trips
 

@@ -585,7 +585,8 @@ class _Parser:
             return None
         # The raw scalar, not the resolved one: a PCR of all digits or "1e5" stays text. An
         # explicit tag must still fit it (`name: !!int abc` is no name, but a mistake).
-        if node.tag != _STR_TAG and self._scalar(node, key) is _FAIL:
+        if (getattr(node, "explicit_tag", False) and node.tag != _STR_TAG
+                and self._scalar(node, key) is _FAIL):
             return None
         return node.value
 
@@ -636,7 +637,8 @@ class _Parser:
             self.problem(_line(node), key,
                          f"cannot read '{node.value}' as {tag}"
                          + (f" ({detail})" if detail else ""),
-                         "drop the explicit tag or fix the value")
+                         "drop the explicit tag or fix the value"
+                         if getattr(node, "explicit_tag", False) else "fix the value")
             return _FAIL
 
     def choice(self, node: Node, key: str, choices: Sequence[str]) -> str | None:
@@ -1513,6 +1515,14 @@ MAX_FLOW_DEPTH = 32
 
 
 class _Loader(yaml.SafeLoader):
+    def compose_scalar_node(self, anchor: str | None) -> ScalarNode:
+        # Whether the tag was written (`!!int abc`) or guessed from the value (2024-02-30 is a
+        # date to YAML 1.1): only a written one must fit a value read as text.
+        tag = self.peek_event().tag
+        node = super().compose_scalar_node(anchor)
+        node.explicit_tag = tag not in (None, "!")  # type: ignore[attr-defined]
+        return node
+
     def fetch_flow_collection_start(self, TokenClass: Any) -> None:
         if self.flow_level >= MAX_FLOW_DEPTH:
             raise yaml.scanner.ScannerError(
