@@ -1976,7 +1976,9 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
                 f.write(new)
             os.replace(tmp, target)
         except OSError as e:
-            print(f"{prog}: cannot write {args.file}: {e.strerror or e}", file=sys.stderr)
+            where = args.file if target == os.path.abspath(args.file) else \
+                f"{target} (what {args.file} links to)"
+            print(f"{prog}: cannot write {where}: {e.strerror or e}", file=sys.stderr)
             return 1
     print(f"{args.file}: parent.public_key: {key}"
           + (" (already pinned)" if new == text else ""))
