@@ -607,6 +607,30 @@ def test_an_image_another_user_could_replace_is_refused(fake: Fake, tmp_path: Pa
     assert not ok and "owned by uid 65534" in detail
 
 
+def test_an_image_behind_a_link_others_could_repoint_is_refused(fake: Fake,
+                                                                tmp_path: Path) -> None:
+    """Review finding: of safe/app.eif -> w/l2 -> real/app.eif only the path as written and
+    the end of the chain were checked; whoever may write W could repoint l2 at their image."""
+    safe, w, real = (tmp_path / n for n in ("safe", "w", "real"))
+    for d in (safe, w, real):
+        d.mkdir(mode=0o755)
+    (real / "app.eif").write_bytes(fake.eif.read_bytes())
+    (w / "l2").symlink_to(real / "app.eif")
+    (safe / "app.eif").symlink_to(w / "l2")
+    launch = EnclaveLaunch(str(safe / "app.eif"), memory_mib=fake.launch().memory_mib)
+    assert _checks(launch)["enclave image"][0] is True
+    w.chmod(0o777)
+    ok, detail = _checks(launch)["enclave image"]
+    assert not ok and f"{w} is writable by group (mode 777)" in detail, detail
+    assert f"chmod go-w {w}" in detail, detail
+    w.chmod(0o1777)  # sticky: the link is ours, so only we may replace it
+    assert _checks(launch)["enclave image"][0] is True
+    os.lchown(w / "l2", 65534, 65534)
+    ok, detail = _checks(launch)["enclave image"]
+    assert not ok and f"{w / 'l2'} is a symbolic link owned by uid 65534" in detail, detail
+    assert f"chown -h root {w / 'l2'}" in detail, detail
+
+
 def test_launch_checks_minimum_is_nitro_clis_own(fake: Fake, tmp_path: Path) -> None:
     """nitro-cli compares 4x the EIF's bytes with the memory's: one byte over 300 MiB needs
     1201 MiB, not 4 * 301."""

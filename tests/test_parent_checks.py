@@ -129,6 +129,24 @@ def test_a_test_root_ca_others_could_replace_is_refused(base: Path) -> None:
     assert {c.name: c.ok for c in local_checks(profile)}["test root CA"] is False
 
 
+def test_a_test_root_ca_behind_a_link_others_could_repoint_is_refused(base: Path) -> None:
+    """Review finding: a directory others may write that holds a link in the middle of the
+    chain (safe/root.pem -> w/l2 -> real/root.pem) was never checked."""
+    from wgvsock.roles.parent import test_root_check
+
+    safe, w, real = (base / n for n in ("safe", "w", "real"))
+    for d in (safe, w, real):
+        d.mkdir(mode=0o700)
+    (real / "root.pem").write_text("x")
+    (w / "l2").symlink_to(real / "root.pem")
+    (safe / "root.pem").symlink_to(w / "l2")
+    assert test_root_check(str(safe / "root.pem")).ok is True
+    w.chmod(0o777)
+    check = test_root_check(str(safe / "root.pem"))
+    assert check.ok is False and f"{w} is writable by group (mode 777)" in check.detail, check
+    assert f"chmod go-w {w}" in check.detail, check
+
+
 def test_the_test_root_is_read_after_its_check_and_must_be_a_certificate(base: Path) -> None:
     """What `up` and each reload read once (Parent.load_test_root), and refuse."""
     from tests.attest_fixtures import make_test_ca

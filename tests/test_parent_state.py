@@ -309,6 +309,49 @@ def test_a_state_directory_that_is_a_link_is_judged_where_it_leads(
         State.load("pay")
 
 
+def _chain(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """safe/l1 -> w/l2 -> real: the directory W holds the middle link of the chain."""
+    safe, w, real = (tmp_path / n for n in ("safe", "w", "real"))
+    for d in (safe, w, real):
+        d.mkdir(mode=0o700)
+    (w / "l2").symlink_to(real)
+    (safe / "l1").symlink_to(w / "l2")
+    return safe / "l1", w, real
+
+
+def test_a_link_in_the_middle_of_a_chain_is_checked_where_it_is(
+        monkeypatch, tmp_path: Path) -> None:
+    """Review finding: only the path as written and where the chain ends were checked, so
+    a directory others may write holding a link between them passed, though they could
+    repoint that link at a state directory of their own."""
+    link, w, real = _chain(tmp_path)
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(link))
+    State(**GOOD).save()
+    assert (real / "pay.json").exists() and State.load("pay") is not None
+    w.chmod(0o777)
+    for step in (lambda: State.load("pay"), lambda: State(**GOOD).save()):
+        with pytest.raises(StateFileError) as e:
+            step()
+        text = str(e.value)
+        assert f"state directory {link}: {w} is writable by group (mode 777)" in text, text
+        assert f"chmod go-w {w}" in text, text
+    assert sorted(p.name for p in real.iterdir()) == ["pay.json"]
+
+
+def test_a_link_in_the_chain_another_user_owns_is_refused(monkeypatch, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the link away")
+    link, w, _ = _chain(tmp_path)
+    w.chmod(0o1777)  # sticky: only the link's owner may replace it, who is not us
+    os.lchown(w / "l2", 65534, 65534)
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(link))
+    with pytest.raises(StateFileError) as e:
+        State.load("pay")
+    text = str(e.value)
+    assert f"{w / 'l2'} is a symbolic link owned by uid 65534" in text, text
+    assert f"chown -h root {w / 'l2'}" in text, text
+
+
 def test_the_state_directory_is_made_closed_with_any_missing_above(
         monkeypatch, tmp_path: Path) -> None:
     """Path.mkdir(parents=True) made the directories above with the umask's mode (0777

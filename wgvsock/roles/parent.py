@@ -104,19 +104,23 @@ def local_checks(profile) -> list[Check]:
 
 def test_root_check(path: str) -> Check:
     """attestation.test_root_ca: documents its key signs pass for a genuine enclave's, so the
-    file must be as safe from others as the parent's key (the EIF's rule, nitro._replaceable)."""
-    from ..services.nitro import _replaceable
+    file must be as safe from others as the parent's key (the EIF's rule,
+    nitro.replaceable_at)."""
+    from ..services.nitro import keepers, replaceable_at
 
     try:
-        who = _replaceable(path)
+        found = replaceable_at(path)
     except OSError as e:
         return Check("test root CA", False, f"attestation.test_root_ca {path}: "
-                     f"{e.strerror or e}")
-    if who is not None:
+                     f"{e.strerror or e}" + (f" ({e.filename})" if e.filename not in (None, path)
+                                         else ""))
+    if found is not None:
+        where, why, fix = found
         return Check("test root CA", False,
-                     f"attestation.test_root_ca {path}: {who}, and whoever can replace it can "
-                     "sign documents the parent takes for a genuine enclave's: make it and the "
-                     "directories above it root's and writable by no one else")
+                     f"attestation.test_root_ca {path}: {where} {why}, and whoever can replace "
+                     "it can sign documents the parent takes for a genuine enclave's: "
+                     f"`{fix}`. It, every directory on its way and every link there must be "
+                     f"{keepers()} and writable by no one else")
     return Check("test root CA", True, f"attestation.test_root_ca {path} is trusted as a Nitro "
                  "root: for tests only, never on a real parent")
 

@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..conn.unixsock import Replaceable, walk
 from ..services import firewall
-from ..services.nitro import replaceable_at
+from ..services.nitro import keepers
 from .common import RoleError, is_alive, state_dir
 
 
@@ -141,12 +142,13 @@ class StateDirError(StateFileError):
 
 def state_directory(make: bool = False) -> Path:
     """The state directory, once it is known that only root or this user can change what is
-    in it: it and every directory above it (and where links lead) are root's or this user's
-    and writable by no one else, as the EIF and attestation.test_root_ca must be
-    (nitro.replaceable_at). Checking each state file is not enough: whoever may write the
-    directory can swap a checked file for their own before the next read, or plant a
-    forwarding record. The directory itself may not be shared even if sticky (as /tmp is):
-    others could still add files to it.
+    in it: it, every directory on its way from /, and every link followed there (each link of
+    a chain where it is) are root's or this user's and writable by no one else (sticky
+    directories above it excepted), as the EIF and attestation.test_root_ca must be, and the
+    socket directories are: unixsock.walk. Checking each state file is not enough: whoever
+    may write the directory can swap a checked file for their own before the next read, or
+    plant a forwarding record. The directory itself may not be shared even if sticky (as
+    /tmp is): others could still add files to it.
 
     MAKE: makes it, and any missing directory above it, 0700 first (what is there is checked
     before anything is made in it). Without MAKE a missing directory is fine (there is no
@@ -155,52 +157,45 @@ def state_directory(make: bool = False) -> Path:
     operator's to open. One others may write is refused rather than tightened: what is in it
     may already be someone else's, which chmod would not undo. Raises StateDirError."""
     directory = Path(os.path.abspath(state_dir()))
-    missing: list[Path] = []
-    there = directory
-    while not os.path.lexists(there):
-        missing.append(there)
-        there = there.parent
-    _check_directory(directory, there)
-    if make and missing:
-        for path in reversed(missing):
-            with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
-                os.mkdir(path, 0o700)
-        _check_directory(directory, directory)
-    return directory
-
-
-def _check_directory(directory: Path, there: Path) -> None:
-    """Checks THERE, the state directory DIRECTORY or the nearest one above it that exists."""
     me = os.geteuid()
-    owner = "root's" if me == 0 else f"root's (or uid {me}'s)"
 
     def refuse(where: object, why: str, fix: str) -> StateDirError:
         return StateDirError(
             f"state directory {directory}: {where} {why}, so another user could replace the "
             f"state files in it, which choose the sysctls `parent down` writes and the "
-            f"processes it signals. Nothing was read from it or written to it. Make it and "
-            f"every directory above it {owner} and writable by no one else ({fix}), or point "
-            f"WGVSOCK_STATE_DIR at a directory that is")
+            f"processes it signals. Nothing was read from it or written to it. Make it, every "
+            f"directory on its way and every link there {keepers()} and writable by no one "
+            f"else ({fix}), or point WGVSOCK_STATE_DIR at a directory that is")
 
     try:
-        found = replaceable_at(str(there))
-        st = os.stat(there) if there == directory else None
+        found = walk(str(directory), make=make)
+    except Replaceable as e:
+        fault = e.fault
+        if fault.kind == "owner" or fault.kind == "mode":
+            why, fix = fault.said(me)
+            raise refuse(fault.step, why, f"`{fix}`") from None
+        if fault.kind == "links":
+            raise StateDirError(f"state directory {directory}: too many symbolic links on "
+                                f"its way (a loop?), at {fault.step}: point WGVSOCK_STATE_DIR "
+                                "at the real directory") from None
+        raise StateDirError(f"state directory {directory}: {fault.step} on its way is not a "
+                            "directory: remove it or point WGVSOCK_STATE_DIR at a "
+                            "directory") from None
     except OSError as e:
         raise RoleError(f"cannot check the state directory {directory}: {e.strerror or e} "
-                        f"({e.filename or there})") from None
-    if found is not None:
-        raise refuse(*found)
-    if st is None:
-        return
+                        f"({e.filename or directory})") from None
+    if found is None:
+        return directory
+    real, st = found
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(f"state directory {directory} is not a directory: remove it or "
                             "point WGVSOCK_STATE_DIR at a directory")
-    if st.st_mode & 0o022:  # sticky, or replaceable_at would have said so
+    if st.st_mode & 0o022:  # sticky, or walk would have said so
         mode = stat.S_IMODE(st.st_mode)
-        raise refuse(os.path.realpath(directory),
-                     f"is shared (mode {mode:o}): anyone may add files to it",
-                     f"chmod go-w {os.path.realpath(directory)}, if it is wgvsock's own; "
-                     "a shared directory such as /tmp is no place for them")
+        raise refuse(real, f"is shared (mode {mode:o}): anyone may add files to it",
+                     f"`chmod go-w {real}` if it is wgvsock's own; a shared directory "
+                     "such as /tmp is no place for them")
+    return directory
 
 
 # What a damaged or untrusted state file means for the user: `down` restores nothing from it.

@@ -27,12 +27,12 @@ command reference):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
-import stat
 import subprocess
 import threading
 import time
@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..conn.unixsock import Replaceable, walk
 from ..threads import NamedThread
 from .profile import EnclaveLaunch
 
@@ -311,14 +312,21 @@ def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[st
     if not os.access(launch.eif, os.R_OK):
         checks.append(("enclave image", False, f"{launch.eif} is not readable"))
         return checks
-    who = _replaceable(launch.eif)
-    if who is not None:
+    try:
+        found = replaceable_at(launch.eif)
+    except OSError as e:
+        at = f"{e.filename}; " if e.filename not in (None, launch.eif) else ""
+        checks.append(("enclave image", False,
+                       f"{launch.eif}: {e.strerror or e} ({at}parent.enclave.eif)"))
+        return checks
+    if found is not None:
         # Whatever image this path holds starts under the CID the control port admits: with
         # no PCR0 pinned, it would be taken for the enclave.
+        where, why, fix = found
         checks.append(("enclave image", False,
-                       f"{who}, so another user could replace the enclave's image "
-                       f"(parent.enclave.eif): make it and the directories above it root's, "
-                       "writable by root alone (chown root; chmod go-w)"))
+                       f"{where} {why}, so another user could replace the enclave's image "
+                       f"(parent.enclave.eif): `{fix}`. It, every directory on its way and "
+                       f"every link there must be {keepers()} and writable by no one else"))
         return checks
     mib = size / (1 << 20)
     checks.append(("enclave image", True, f"{launch.eif} ({mib:.0f} MiB)"))
@@ -336,35 +344,32 @@ def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[st
     return checks
 
 
-def _replaceable(path: str) -> str | None:
-    """Why someone other than root or this user could change what PATH names, or None:
-    it, a directory above it, or a link on the way is another user's, or the file or a
-    directory is writable by group or others (a sticky directory, as /tmp, excepted). Both
-    the path as written and where its links lead are walked."""
-    found = replaceable_at(path)
-    return None if found is None else f"{found[0]} {found[1]}"
-
-
 def replaceable_at(path: str) -> tuple[str, str, str] | None:
-    """As _replaceable, in parts: the path at fault, what is wrong with it ("is owned by uid
-    N", "is writable by group (mode 775)") and the command that fixes it."""
-    me = os.geteuid()
-    for start, look in ((os.path.abspath(path), os.lstat), (os.path.realpath(path), os.stat)):
-        p = start
-        while True:
-            st = look(p)
-            if st.st_uid not in (0, me):
-                return p, f"is owned by uid {st.st_uid}", f"chown root {p}"
-            mode = st.st_mode
-            if (mode & 0o022 and not stat.S_ISLNK(mode)
-                    and not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX)):
-                return (p, f"is writable by {'group' if mode & 0o020 else 'others'} "
-                        f"(mode {stat.S_IMODE(mode):o})", f"chmod go-w {p}")
-            parent = os.path.dirname(p)
-            if parent == p:
-                break
-            p = parent
+    """Why someone other than root and this user could change what PATH names, or None: the
+    path at fault, what is wrong with it ("is owned by uid N", "is writable by group (mode
+    775)") and the command that fixes it. It, each directory on its way, and each link
+    followed on the way, every link of a chain where it is, must be root's or this user's,
+    and none writable by group or others (a sticky directory, as /tmp, excepted):
+    unixsock.walk. OSError when PATH cannot be followed (missing, a file on the way, a loop
+    of links)."""
+    try:
+        found = walk(path)
+    except Replaceable as e:
+        fault = e.fault
+        if fault.kind == "links":
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), fault.step) from None
+        if fault.kind == "not a directory":
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), fault.step) from None
+        return fault.step, *fault.said(os.geteuid())
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     return None
+
+
+def keepers() -> str:
+    """Whose a file that root's commands trust may be, as messages say it."""
+    me = os.geteuid()
+    return "root's" if me == 0 else f"root's (or uid {me}'s)"
 
 
 def listed_before_failing(err: NitroError) -> list[EnclaveInfo] | None:
