@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -145,6 +146,23 @@ def test_a_test_root_ca_behind_a_link_others_could_repoint_is_refused(base: Path
     check = test_root_check(str(safe / "root.pem"))
     assert check.ok is False and f"{w} is writable by group (mode 777)" in check.detail, check
     assert f"chmod go-w {w}" in check.detail, check
+
+
+def test_the_fix_named_for_another_users_file_is_to_give_it_to_this_user(
+        monkeypatch, base: Path) -> None:
+    """It said `chown root FILE` whoever ran the check; as another user, what passes is a
+    file of their own (or root's), and they cannot give one to root."""
+    from wgvsock.roles.parent import test_root_check
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    (base / "root.pem").write_text("x")
+    os.chown(base / "root.pem", 65534, 65534)
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    check = test_root_check(str(base / "root.pem"))
+    assert check.ok is False and f"{base}/root.pem is owned by uid 65534" in check.detail
+    assert f"chown 4242 {base}/root.pem" in check.detail, check
+    assert "chown root" not in check.detail, check
 
 
 def test_the_test_root_is_read_after_its_check_and_must_be_a_certificate(base: Path) -> None:

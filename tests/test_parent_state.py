@@ -352,6 +352,22 @@ def test_a_link_in_the_chain_another_user_owns_is_refused(monkeypatch, tmp_path:
     assert f"chown -h root {w / 'l2'}" in text, text
 
 
+def test_the_fix_named_for_another_users_directory_is_to_give_it_to_this_user(
+        monkeypatch, state_dir: Path) -> None:
+    """`chown root DIR` was the advice whoever ran it: as another user, what passes is a
+    directory of their own (or root's), and they cannot give one to root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory away")
+    os.chown(state_dir, 65534, 65534)
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    with pytest.raises(StateFileError) as e:
+        state_mod.state_directory()
+    text = str(e.value)
+    assert f"{state_dir} is owned by uid 65534" in text, text
+    assert f"chown 4242 {state_dir}" in text and "chown root" not in text, text
+    assert "root's (or uid 4242's)" in text, text
+
+
 def test_the_state_directory_is_made_closed_with_any_missing_above(
         monkeypatch, tmp_path: Path) -> None:
     """Path.mkdir(parents=True) made the directories above with the umask's mode (0777

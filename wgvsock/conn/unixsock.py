@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
 import socket
 import stat
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class Fault:
         mode faults: the other two are no one's to fix by a chown or chmod."""
         assert self.st is not None
         if self.kind == "owner":
-            user = "root"
+            user = user_name(me)
             if stat.S_ISLNK(self.st.st_mode):
                 # chown without -h changes where the link leads, not the link.
                 return (f"is a symbolic link owned by uid {self.st.st_uid}",
@@ -95,6 +96,14 @@ class Replaceable(PermissionError):
     def __init__(self, fault: Fault) -> None:
         super().__init__(f"{fault.step}: {fault.kind}")
         self.fault = fault
+
+
+def user_name(uid: int) -> str:
+    """UID as chown takes it: its name where the host knows one."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def walk(path: str, *, make: bool = False) -> tuple[str, os.stat_result] | None:
