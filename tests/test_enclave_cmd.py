@@ -243,6 +243,86 @@ def test_a_tunnel_whose_data_path_is_stuck_stops_cmd(deaths, monkeypatch, tmp_pa
     assert set(device.asked_limits) == {30.0}
 
 
+class _Paused:
+    """The liveness thread's clock and waits, and a data path, for a process that may be
+    frozen (docker pause, the cgroup freezer, SIGSTOP, a paused VM whose clock ran on) and
+    resumed. Each wait of the liveness thread takes the next STEPS entry: (how long it took,
+    what the data path did meanwhile): "ran" (its threads came round before the liveness
+    thread looked), "late" (they come round just after it looked: the liveness thread was
+    scheduled first on resume) or "stuck". Then its STOP is set."""
+
+    def __init__(self, steps: list[tuple[float, str]]) -> None:
+        self.now = 1000.0
+        self.came_round = self.now  # when the timer thread and TUN reader last did
+        self.steps = list(steps)
+        self.late = False
+        self.asked: list[float] = []  # when the liveness thread looked
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.late:  # the data path runs right after the liveness thread looked
+            self.came_round, self.late = self.now, False
+        if not self.steps:
+            return True
+        took, data_path = self.steps.pop(0)
+        self.now += took
+        if data_path == "ran":
+            self.came_round = self.now
+        self.late = data_path == "late"
+        return False
+
+    def stalled(self, now: float, limit: float = 8.0) -> str | None:  # Device.stalled
+        self.asked.append(now)
+        if now - self.came_round > limit:
+            return (f"interface wg0: the TUN reader has not come round its loop for "
+                    f"{now - self.came_round:.0f} s (data path stuck)")
+        return None
+
+
+def _watch(monkeypatch, paused: _Paused) -> list[tuple[float, str]]:
+    """Runs the liveness thread's loop here on PAUSED's clock; (when, why) of each failure."""
+    import types
+
+    monkeypatch.setattr(enclave_mod, "time", types.SimpleNamespace(monotonic=paused.monotonic))
+    failed: list[tuple[float, str]] = []
+    enclave_mod._watch_liveness(paused, paused, lambda why: failed.append((paused.now, why)))
+    return failed
+
+
+def test_a_healthy_tunnel_is_not_judged_stuck_after_the_process_was_frozen(monkeypatch) -> None:
+    """Before: after `docker pause` (or SIGSTOP, or the cgroup freezer) for longer than
+    STUCK_AFTER, the liveness thread could run first on resume, before the timer thread and
+    TUN reader had come round, see a 61 s gap and stop a healthy app."""
+    paused = _Paused([(1.0, "ran")] * 5 + [(61.0, "late")] + [(1.0, "ran")] * 40)
+    assert _watch(monkeypatch, paused) == []
+    assert paused.asked[-1] == 1000.0 + 5 + 61 + 40  # it went on judging to the end
+
+
+def test_a_data_path_stuck_after_a_freeze_is_judged_from_the_resume(monkeypatch) -> None:
+    """A freeze gives the data path a fresh STUCK_AFTER, not a pass: one that does not come
+    round after the resume is still caught, STUCK_AFTER seconds after it."""
+    paused = _Paused([(1.0, "ran")] * 5 + [(61.0, "stuck")] + [(1.0, "stuck")] * 60)
+    resumed = 1000.0 + 5 + 61
+    failed = _watch(monkeypatch, paused)
+    assert len(failed) == 1, failed
+    when, why = failed[0]
+    assert resumed + enclave_mod.STUCK_AFTER < when <= resumed + enclave_mod.STUCK_AFTER + 2
+    assert why.startswith("the tunnel is stuck: interface wg0: the TUN reader has not come "
+                          "round its loop for"), why
+
+
+def test_a_liveness_thread_that_wakes_somewhat_late_still_judges(monkeypatch) -> None:
+    """Waits that end a little late (a loaded machine, the GIL) are no freeze: a stuck data
+    path is caught STUCK_AFTER after it last came round, as without any lateness."""
+    paused = _Paused([(1.0, "ran")] * 3 + [(2.5, "stuck")] * 40)
+    failed = _watch(monkeypatch, paused)
+    assert len(failed) == 1, failed
+    stuck_since = 1000.0 + 3
+    assert stuck_since + enclave_mod.STUCK_AFTER < failed[0][0] <= stuck_since + 33.0
+
+
 def test_stopping_does_not_warn_that_the_connection_to_the_parent_ended(monkeypatch,
                                                                         caplog) -> None:
     """Before: every clean stop (CMD ended, SIGTERM) logged "WARNING control: connection to

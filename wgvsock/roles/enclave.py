@@ -80,6 +80,13 @@ STOP_GRACE = 10.0
 # its app and a restart, so it waits longer. Looked at every LIVENESS_EVERY seconds.
 STUCK_AFTER = 30.0
 LIVENESS_EVERY = 1.0
+# A liveness wait that ends this much later than asked means the whole process did not run
+# meanwhile: frozen (docker pause, the cgroup freezer, SIGSTOP to all of it), or its VM paused
+# while its clock ran on. Then every thread is as far behind, and the liveness thread may run
+# first on resume: the data path is judged from the resume instead. Well under STUCK_AFTER,
+# so that no freeze long enough to matter goes unseen; well over a late wake on a loaded
+# machine, which judges as usual.
+FROZEN_AFTER = 5.0
 
 
 class EnclaveError(Exception):
@@ -149,9 +156,27 @@ def _signal_child(child: subprocess.Popen, signum: int) -> None:
 
 
 def _watch_liveness(device: Device, stop: threading.Event, fail) -> None:
-    """Calls FAIL(reason) once DEVICE's data path is stuck, unless STOP is set first."""
+    """Calls FAIL(reason) once DEVICE's data path is stuck, unless STOP is set first.
+
+    Measured on CLOCK_MONOTONIC, the device's own clock: its gaps are what `stalled` reads, and
+    any gap in it that the process did not run through shows here as a late wake. It stops
+    during a system suspend, so a suspended machine shows nothing to excuse; CLOCK_BOOTTIME,
+    which runs on, would make every suspend look like a stuck data path."""
+    last = time.monotonic()
+    resumed: float | None = None  # when the process last came back from a freeze
     while not stop.wait(LIVENESS_EVERY):
-        if (why := device.stalled(time.monotonic(), STUCK_AFTER)) is not None:
+        now = time.monotonic()
+        late, last = now - last - LIVENESS_EVERY, now
+        if late > FROZEN_AFTER:
+            log.info("the process did not run for %.0f s (frozen or paused); the tunnel's "
+                     "data path is given %.0f s from now", late, STUCK_AFTER)
+            resumed = now
+            continue
+        # Stuck since the resume at the earliest: what `stalled` counts from before it is
+        # the freeze, not the data path.
+        if resumed is not None and now - resumed <= STUCK_AFTER:
+            continue
+        if (why := device.stalled(now, STUCK_AFTER)) is not None:
             fail(f"the tunnel is stuck: {why}")
             return
 
