@@ -704,21 +704,72 @@ def test_the_attestation_state_is_logged_as_the_parent_s_word(monkeypatch, caplo
     assert "registered with the parent (the parent says attestation: attested)" in caplog.text
 
 
-def test_a_read_only_proc_sys_is_warned_about_and_the_tunnel_goes_on(monkeypatch,
-                                                                     caplog) -> None:
-    """`docker run` without --privileged mounts /proc/sys read-only: the image tried outside
-    an enclave still comes up, saying what it could not do."""
+def _read_only(ifname: str, netns: str | None = None) -> list[str]:
+    """firewall.refuse_router_messages where /proc/sys is read-only (`docker run` without
+    --privileged mounts it so)."""
     import errno
 
-    def read_only(ifname: str, netns: str | None = None) -> list[str]:
-        raise OSError(errno.EROFS, "Read-only file system")
+    raise OSError(errno.EROFS, "Read-only file system",
+                  f"/proc/sys/net/ipv6/conf/{ifname}/accept_ra")
 
-    monkeypatch.setattr(enclave_mod.firewall, "refuse_router_messages", read_only)
-    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+
+def test_outside_an_enclave_a_read_only_proc_sys_is_warned_about_and_the_tunnel_goes_on(
+        monkeypatch, caplog) -> None:
+    """`docker run` without --privileged mounts /proc/sys read-only: the image tried outside
+    an enclave (--outside-enclave) still comes up, saying what it could not do."""
+    monkeypatch.setattr(enclave_mod.firewall, "refuse_router_messages", _read_only)
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)), outside_enclave=True)
     e._refuse_router_messages()
     assert ("wg0: cannot refuse router advertisements and redirects from the parent (setting "
-            "its accept_ra, autoconf and accept_redirects to 0: Read-only file system)"
+            "its accept_ra, autoconf and accept_redirects to 0: "
+            "/proc/sys/net/ipv6/conf/wg0/accept_ra: Read-only file system (EROFS))"
             in caplog.text)
+
+
+def test_in_an_enclave_a_sysctl_that_cannot_be_set_stops_up_and_undoes_what_it_made(
+        monkeypatch, tmp_path: Path) -> None:
+    """Before: a failure to set the tunnel's accept_ra, autoconf or accept_redirects was only
+    warned about, wherever `enclave up` ran: inside an enclave the untrusted parent could then
+    give it addresses and routes (a default one among them) with router advertisements and
+    redirects, and the log line was all that said so. Now, without --outside-enclave, `up`
+    refuses before CMD runs, naming the sysctl and the error, with wg0 gone again.
+    End to end, with a read-only /proc/sys: tests/net/test_router_adverts.py."""
+    done: list[str] = []
+
+    class Device:
+        def __init__(self, name, bind, **kwargs) -> None:
+            done.append(f"made {name}")
+
+        def start(self) -> None:
+            done.append("started")
+
+        def close(self) -> None:
+            done.append("closed")
+
+    def record(name: str):
+        return lambda *args, **kwargs: done.append(name)
+
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes", lambda: [])
+    monkeypatch.setattr(enclave_mod, "attester", lambda: None)
+    monkeypatch.setattr(enclave_mod, "make_bind", lambda *a, **kw: object())
+    monkeypatch.setattr(enclave_mod, "Device", Device)
+    monkeypatch.setattr(enclave_mod.firewall, "refuse_router_messages", _read_only)
+    for name in ("link_up", "add_addresses", "add_routes", "write_resolv_conf"):
+        monkeypatch.setattr(enclave_mod.netconf, name, record(name))
+    monkeypatch.setattr(enclave_mod, "configure", record("configure"))
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)), resolv_conf=str(tmp_path / "resolv"))
+    with pytest.raises(enclave_mod.EnclaveError) as refused:
+        e.start()
+    message = str(refused.value)
+    assert message.startswith(
+        "wg0: cannot refuse router advertisements and redirects from the parent: setting its "
+        "accept_ra, autoconf and accept_redirects to 0 failed: "
+        "/proc/sys/net/ipv6/conf/wg0/accept_ra: Read-only file system (EROFS)"), message
+    assert "--outside-enclave" in message, message
+    # lo up (harmless: an enclave needs it), the device made and closed again, nothing more.
+    assert done == ["link_up", "made wg0", "started", "closed"]
+    assert e.device is None and e._thread is None
+    assert e.stop.is_set()
 
 
 def _host_route(monkeypatch, changed: list[str]) -> None:

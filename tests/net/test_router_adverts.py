@@ -24,7 +24,7 @@ from wgvsock.services import firewall
 
 from .netlab import SEND_RA, Namespace, run, wait_for
 from .test_ipv6 import DUAL_STACK_PROFILE
-from .test_roles import UNIX_TRANSPORT, World
+from .test_roles import UNIX_TRANSPORT, WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
 
@@ -139,3 +139,47 @@ def test_enclave_ignores_router_advertisements_from_the_parent(world: World) -> 
     assert w.enclave.run("sysctl", "-n", "net/ipv6/conf/wg0/hop_limit").stdout.strip() \
         == hop_limit
     assert enclave_sysctls(w) == ["0", "0", "0", "0"]
+
+
+# `enclave up` where /proc/sys is read-only, as `docker run` without --privileged mounts it:
+# in a mount namespace of its own, so nothing else sees it.
+READ_ONLY_PROC_SYS = ("unshare", "-m", "--propagation", "private", "--", "sh", "-c",
+                      'mount --bind /proc/sys /proc/sys && '
+                      'mount -o remount,bind,ro /proc/sys && exec "$@"', "read-only-proc-sys")
+
+
+def test_enclave_up_refuses_to_run_where_it_cannot_refuse_router_advertisements(
+        world: World) -> None:
+    """Before: `enclave up` warned and went on, CMD ran, and the untrusted parent could give
+    the enclave addresses and routes with router advertisements. Now it stops before CMD,
+    naming the sysctl and the error, and wg0 is gone again."""
+    w = world
+    w.parent_cmd("up")
+    proc = w.start_enclave(launcher=(*READ_ONLY_PROC_SYS, WGVSOCK, "enclave", "up"))
+    assert proc.wait(30) == 1
+    log = (w.lab.tmp / "enclave.log").read_text()
+    assert ("wgvsock enclave up: wg0: cannot refuse router advertisements and redirects from "
+            "the parent: setting its accept_ra, autoconf and accept_redirects to 0 failed: "
+            "/proc/sys/net/ipv6/conf/wg0/accept_ra: Read-only file system (EROFS)") in log, log
+    assert "--outside-enclave" in log, log
+    assert "Traceback" not in log and "tunnel to the parent is up" not in log, log
+    assert "wg0" not in w.enclave.ip("-o", "link", "show").stdout
+    assert w.enclave.ip("-4", "route", "show").stdout == ""
+
+
+def test_outside_an_enclave_a_read_only_proc_sys_is_warned_about(world: World) -> None:
+    """--outside-enclave (the image tried with `docker run`): the same warns and goes on."""
+    w = world
+    w.parent_cmd("up")
+    proc = w.start_enclave(launcher=(*READ_ONLY_PROC_SYS, WGVSOCK, "enclave", "up",
+                                     "--outside-enclave"))
+    wait_for(w.egress_works, 30, "the enclave to fetch a page through the parent's NAT")
+    log = (w.lab.tmp / "enclave.log").read_text()
+    assert ("WARNING wgvsock.enclave: wg0: cannot refuse router advertisements and redirects "
+            "from the parent "
+            "(setting its accept_ra, autoconf and accept_redirects to 0: "
+            "/proc/sys/net/ipv6/conf/wg0/accept_ra: Read-only file system (EROFS)); the parent "
+            "could set its routes") in " ".join(log.split()), log
+    assert enclave_sysctls(w)[0] != "0"  # as the warning says: accept_ra was left as it was
+    proc.terminate()
+    assert proc.wait(15) == 128 + 15

@@ -206,7 +206,9 @@ def enclave_main(argv: list[str]) -> int:
                     "(a container tried with `docker run`; an enclave has none). Without it "
                     "`up` refuses there, changing nothing: on a host it would replace the "
                     "host's default route (for good) and /etc/resolv.conf. With it, the "
-                    "replaced route is logged and /etc/resolv.conf put back when `up` ends")
+                    "replaced route is logged, /etc/resolv.conf put back when `up` ends, and "
+                    "a read-only /proc/sys (which leaves wg0 open to the parent's router "
+                    "advertisements) only warned about rather than refused")
     up.add_argument("-v", "--verbose", action="store_true")
     up.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)

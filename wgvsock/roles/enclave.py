@@ -350,16 +350,35 @@ class Enclave:
         """Keeps the parent from configuring our routing: before the link is up, the tunnel's
         accept_ra, autoconf and accept_redirects go to 0, so a router advertisement from the
         parent (its link-local source is inside ::/0, which the parent's peer is allowed) gives
-        no address, default route or hop limit, and a redirect no route."""
+        no address, default route or hop limit, and a redirect no route. EnclaveError where
+        they cannot be set, unless outside an enclave, where it only warns."""
         name = self.profile.interface
         try:
             firewall.refuse_router_messages(name)
         except OSError as e:
-            # A container's read-only /proc/sys (`docker run` without --privileged): the
-            # image tried outside an enclave, where the rest still works. An enclave has it.
-            log.warning("%s: cannot refuse router advertisements and redirects from the parent "
-                        "(setting its accept_ra, autoconf and accept_redirects to 0: %s); the "
-                        "parent could set its routes", name, e.strerror or e)
+            # The sysctl's file and the errno's name: "/proc/sys/net/ipv6/conf/wg0/accept_ra:
+            # Read-only file system (EROFS)".
+            why = f"{e.filename}: " if e.filename else ""
+            why += e.strerror or str(e)
+            if e.errno:
+                why += f" ({errno.errorcode.get(e.errno, e.errno)})"
+            if self.outside_enclave:
+                # A container's read-only /proc/sys (`docker run` without --privileged): the
+                # image tried outside an enclave, where the rest still works.
+                log.warning("%s: cannot refuse router advertisements and redirects from the "
+                            "parent (setting its accept_ra, autoconf and accept_redirects to "
+                            "0: %s); the parent could set its routes", name, why)
+                return
+            # In an enclave the parent is not trusted: going on would let it route our
+            # traffic, with a log line as the only trace. An enclave's /proc/sys is writable.
+            raise EnclaveError(
+                f"{name}: cannot refuse router advertisements and redirects from the parent: "
+                f"setting its accept_ra, autoconf and accept_redirects to 0 failed: {why}. "
+                "Without that the parent could give this enclave addresses and routes, a "
+                "default route among them, so `enclave up` stops here. An enclave's /proc/sys "
+                "is writable; a container's is read-only without --privileged: to try the "
+                "image in a throwaway container, pass --outside-enclave, which warns and goes "
+                "on.") from None
 
     def _routes(self) -> list:
         p = self.profile
