@@ -54,24 +54,42 @@ def _kill_later(pid_file: Path, after: float) -> threading.Timer:
     return t
 
 
+def _writes_its_pid(pid_file: Path) -> str:
+    """The start of a CMD script that writes its pid to PID_FILE, whole or not at all."""
+    return f"echo $$ > {pid_file}.new; mv {pid_file}.new {pid_file}; "
+
+
+def _when_cmd_runs(pid_file: Path, action: Callable[[], None]) -> None:
+    """Calls ACTION, in a thread of its own, once the CMD that writes PID_FILE runs."""
+
+    def run() -> None:
+        wait_for(pid_file.exists, 10, "CMD to start")
+        action()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def _run_up(command: list[str], pid_file: Path, give_up: float) -> tuple[int, float]:
+    """run_up's exit code with COMMAND and how long it took; the CMD whose pid PID_FILE
+    holds is killed after GIVE_UP seconds (_kill_later)."""
+    safety = _kill_later(pid_file, give_up)
+    t0 = time.monotonic()
+    try:
+        rc = enclave_mod.run_up(load_profile(str(PROFILE)), command, timeout=5)
+    finally:
+        safety.cancel()
+    return rc, time.monotonic() - t0
+
+
 def test_a_cmd_that_ignores_sigterm_is_killed_when_the_tunnel_breaks(
         deaths, monkeypatch, tmp_path: Path, capsys) -> None:
     """Before: the tunnel broke (a thread died), CMD got SIGTERM and ignored it, and `enclave
     up` waited for it for ever: the app ran on without a network and nothing said so."""
     monkeypatch.setattr(enclave_mod, "STOP_GRACE", 0.5)
     pid = tmp_path / "pid"
-    script = f"trap '' TERM; echo $$ > {pid}.new; mv {pid}.new {pid}; while :; do sleep 0.05; done"
-
-    def break_tunnel() -> None:
-        wait_for(pid.exists, 10, "CMD to start")
-        deaths[0]("thread tun-reader died: RuntimeError: boom")
-
-    threading.Thread(target=break_tunnel, daemon=True).start()
-    safety = _kill_later(pid, 20)
-    t0 = time.monotonic()
-    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
-    elapsed = time.monotonic() - t0
-    safety.cancel()
+    script = f"trap '' TERM; {_writes_its_pid(pid)}while :; do sleep 0.05; done"
+    _when_cmd_runs(pid, lambda: deaths[0]("thread tun-reader died: RuntimeError: boom"))
+    rc, elapsed = _run_up(["sh", "-c", script], pid, 20)
     err = capsys.readouterr().err
     assert rc == 1, err
     assert elapsed < 10, f"CMD was left running {elapsed:.0f} s after the tunnel broke"
@@ -102,11 +120,7 @@ def test_a_tunnel_that_breaks_while_cmd_is_being_started_stops_it(
 
     monkeypatch.setattr(enclave_mod.subprocess, "Popen", Popen)
     monkeypatch.setattr(enclave_mod, "_signal_child", signal_child)
-    safety = _kill_later(pid, 10)
-    t0 = time.monotonic()
-    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sleep", "30"], timeout=5)
-    elapsed = time.monotonic() - t0
-    safety.cancel()
+    rc, elapsed = _run_up(["sleep", "30"], pid, 10)
     err = capsys.readouterr().err
     assert rc == 1, err
     assert elapsed < 8, f"CMD ran on {elapsed:.0f} s without its tunnel"
@@ -222,18 +236,8 @@ def test_a_tunnel_whose_data_path_is_stuck_stops_cmd(deaths, monkeypatch, tmp_pa
     monkeypatch.setattr(enclave_mod.Enclave, "start", start)
     monkeypatch.setattr(enclave_mod, "LIVENESS_EVERY", 0.05)
     pid = tmp_path / "pid"
-    script = f"echo $$ > {pid}.new; mv {pid}.new {pid}; exec sleep 30"
-
-    def hang() -> None:
-        wait_for(pid.exists, 10, "CMD to start")
-        device.stuck.set()
-
-    threading.Thread(target=hang, daemon=True).start()
-    safety = _kill_later(pid, 8)
-    t0 = time.monotonic()
-    rc = enclave_mod.run_up(load_profile(str(PROFILE)), ["sh", "-c", script], timeout=5)
-    elapsed = time.monotonic() - t0
-    safety.cancel()
+    _when_cmd_runs(pid, device.stuck.set)
+    rc, elapsed = _run_up(["sh", "-c", f"{_writes_its_pid(pid)}exec sleep 30"], pid, 8)
     err = capsys.readouterr().err
     assert rc == 1, err
     assert elapsed < 6, f"CMD ran on {elapsed:.0f} s on a stuck tunnel"
