@@ -253,10 +253,12 @@ class _Paused:
     resumed. Each wait of the liveness thread takes the next STEPS entry: (how long it took,
     what the data path did meanwhile): "ran" (its threads came round before the liveness
     thread looked), "late" (they come round just after it looked: the liveness thread was
-    scheduled first on resume) or "stuck". Then its STOP is set."""
+    scheduled first on resume), "stuck", or "hogged" (stuck, with one thread using the CPU
+    all the while). Then its STOP is set."""
 
     def __init__(self, steps: list[tuple[float, str]]) -> None:
         self.now = 1000.0
+        self.cpu = 5.0  # the process's CPU time
         self.came_round = self.now  # when the timer thread and TUN reader last did
         self.steps = list(steps)
         self.late = False
@@ -265,6 +267,9 @@ class _Paused:
     def monotonic(self) -> float:
         return self.now
 
+    def process_time(self) -> float:
+        return self.cpu
+
     def wait(self, timeout: float | None = None) -> bool:
         if self.late:  # the data path runs right after the liveness thread looked
             self.came_round, self.late = self.now, False
@@ -272,6 +277,7 @@ class _Paused:
             return True
         took, data_path = self.steps.pop(0)
         self.now += took
+        self.cpu += took if data_path == "hogged" else 0.001
         if data_path == "ran":
             self.came_round = self.now
         self.late = data_path == "late"
@@ -289,7 +295,8 @@ def _watch(monkeypatch, paused: _Paused) -> list[tuple[float, str]]:
     """Runs the liveness thread's loop here on PAUSED's clock; (when, why) of each failure."""
     import types
 
-    monkeypatch.setattr(enclave_mod, "time", types.SimpleNamespace(monotonic=paused.monotonic))
+    monkeypatch.setattr(enclave_mod, "time", types.SimpleNamespace(
+        monotonic=paused.monotonic, process_time=paused.process_time))
     failed: list[tuple[float, str]] = []
     enclave_mod._watch_liveness(paused, paused, lambda why: failed.append((paused.now, why)))
     return failed
@@ -325,6 +332,17 @@ def test_a_liveness_thread_that_wakes_somewhat_late_still_judges(monkeypatch) ->
     assert len(failed) == 1, failed
     stuck_since = 1000.0 + 3
     assert stuck_since + enclave_mod.STUCK_AFTER < failed[0][0] <= stuck_since + 33.0
+
+
+def test_a_thread_that_holds_the_gil_for_seconds_is_no_freeze(monkeypatch) -> None:
+    """Before: each wake more than FROZEN_AFTER late was taken for a freeze, so a thread
+    holding the GIL for seconds at a time (a long C call) kept a stuck data path from ever
+    being judged. A frozen process uses no CPU; this one uses it all."""
+    paused = _Paused([(1.0, "ran")] * 3 + [(7.0, "hogged")] * 20)
+    failed = _watch(monkeypatch, paused)
+    assert len(failed) == 1, failed
+    stuck_since = 1000.0 + 3
+    assert stuck_since + enclave_mod.STUCK_AFTER < failed[0][0] <= stuck_since + 38.0
 
 
 def test_stopping_does_not_warn_that_the_connection_to_the_parent_ended(monkeypatch,

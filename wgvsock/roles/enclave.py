@@ -80,12 +80,12 @@ STOP_GRACE = 10.0
 # its app and a restart, so it waits longer. Looked at every LIVENESS_EVERY seconds.
 STUCK_AFTER = 30.0
 LIVENESS_EVERY = 1.0
-# A liveness wait that ends this much later than asked means the whole process did not run
-# meanwhile: frozen (docker pause, the cgroup freezer, SIGSTOP to all of it), or its VM paused
-# while its clock ran on. Then every thread is as far behind, and the liveness thread may run
-# first on resume: the data path is judged from the resume instead. Well under STUCK_AFTER,
-# so that no freeze long enough to matter goes unseen; well over a late wake on a loaded
-# machine, which judges as usual.
+# A liveness wait that ends this much later than asked, with the process's CPU time hardly
+# moved meanwhile, means the whole process did not run: frozen (docker pause, the cgroup
+# freezer, SIGSTOP to all of it), or its VM paused while its clock ran on. Then every thread
+# is as far behind, and the liveness thread may run first on resume: the data path is judged
+# from the resume instead. Well under STUCK_AFTER, so that no freeze long enough to matter
+# goes unseen; well over a late wake on a loaded machine, which judges as usual.
 FROZEN_AFTER = 5.0
 
 
@@ -162,12 +162,15 @@ def _watch_liveness(device: Device, stop: threading.Event, fail) -> None:
     any gap in it that the process did not run through shows here as a late wake. It stops
     during a system suspend, so a suspended machine shows nothing to excuse; CLOCK_BOOTTIME,
     which runs on, would make every suspend look like a stuck data path."""
-    last = time.monotonic()
+    last, cpu = time.monotonic(), time.process_time()
     resumed: float | None = None  # when the process last came back from a freeze
     while not stop.wait(LIVENESS_EVERY):
-        now = time.monotonic()
+        now, used = time.monotonic(), time.process_time()
         late, last = now - last - LIVENESS_EVERY, now
-        if late > FROZEN_AFTER:
+        ran, cpu = used - cpu, used
+        # A thread that holds the GIL for seconds at a time makes each wake as late, but the
+        # process runs all along: that is for `stalled` to judge, not a freeze to excuse.
+        if late > FROZEN_AFTER and ran < late / 2:
             log.info("the process did not run for %.0f s (frozen or paused); the tunnel's "
                      "data path is given %.0f s from now", late, STUCK_AFTER)
             resumed = now
