@@ -591,6 +591,16 @@ def test_an_image_another_user_could_replace_is_refused(fake: Fake, tmp_path: Pa
     d.chmod(0o777)
     ok, detail = _checks(launch)["enclave image"]
     assert not ok and f"{d} is writable by group (mode 777)" in detail
+    # A directory above the file, as a rule a home (nitro-cli builds where it runs): the fix
+    # first named is moving the file, not `chmod`/`chown` of someone's directory.
+    assert "move the file into a directory that is root's all the way up" in detail, detail
+    assert f"or, if {d} is meant to be, `chmod go-w {d}`" in detail, detail
+    d.chmod(0o755)
+    os.chown(d, 1000, 1000)
+    ok, detail = _checks(launch)["enclave image"]
+    assert not ok and f"{d} is owned by uid 1000" in detail, detail
+    assert "such as /var/lib/wgvsock, or, if" in detail and f"`chown root {d}`" in detail
+    os.chown(d, 0, 0)
     d.chmod(0o1777)  # sticky, as /tmp: others cannot replace root's file
     assert _checks(launch)["enclave image"][0] is True
     d.chmod(0o755)

@@ -106,6 +106,12 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
+def keepers() -> str:
+    """Whose a file that root's commands trust may be, as messages say it."""
+    me = os.geteuid()
+    return "root's" if me == 0 else f"root's (or uid {me}'s)"
+
+
 def walk(path: str, *, make: bool = False) -> tuple[str, os.stat_result] | None:
     """Where PATH leads and the lstat of what is there, found as the kernel finds it, one
     name and one link at a time from /, so that every directory and link on the way is

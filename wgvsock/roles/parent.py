@@ -106,7 +106,8 @@ def test_root_check(path: str) -> Check:
     """attestation.test_root_ca: documents its key signs pass for a genuine enclave's, so the
     file must be as safe from others as the parent's key (the EIF's rule,
     nitro.replaceable_at)."""
-    from ..services.nitro import keepers, replaceable_at
+    from ..conn.unixsock import keepers
+    from ..services.nitro import replaceable_at
 
     try:
         found = replaceable_at(path)
@@ -119,7 +120,7 @@ def test_root_check(path: str) -> Check:
         return Check("test root CA", False,
                      f"attestation.test_root_ca {path}: {where} {why}, and whoever can replace "
                      "it can sign documents the parent takes for a genuine enclave's: "
-                     f"`{fix}`. It, every directory on its way and every link there must be "
+                     f"{fix}. It, every directory on its way and every link there must be "
                      f"{keepers()} and writable by no one else")
     return Check("test root CA", True, f"attestation.test_root_ca {path} is trusted as a Nitro "
                  "root: for tests only, never on a real parent")

@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..conn.unixsock import Replaceable, walk
+from ..conn.unixsock import Replaceable, keepers, walk
 from ..services import firewall
-from ..services.nitro import keepers
 from .common import RoleError, is_alive, state_dir
 
 

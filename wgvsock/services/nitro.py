@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -40,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..conn.unixsock import Replaceable, walk
+from ..conn.unixsock import Replaceable, keepers, walk
 from ..threads import NamedThread
 from .profile import EnclaveLaunch
 
@@ -325,7 +326,7 @@ def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[st
         where, why, fix = found
         checks.append(("enclave image", False,
                        f"{where} {why}, so another user could replace the enclave's image "
-                       f"(parent.enclave.eif): `{fix}`. It, every directory on its way and "
+                       f"(parent.enclave.eif): {fix}. It, every directory on its way and "
                        f"every link there must be {keepers()} and writable by no one else"))
         return checks
     mib = size / (1 << 20)
@@ -360,16 +361,17 @@ def replaceable_at(path: str) -> tuple[str, str, str] | None:
             raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), fault.step) from None
         if fault.kind == "not a directory":
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), fault.step) from None
-        return fault.step, *fault.said(os.geteuid())
+        why, command = fault.said(os.geteuid())
+        if fault.st is not None and stat.S_ISDIR(fault.st.st_mode):
+            # A directory above the file, as a rule someone's home (nitro-cli builds the EIF
+            # where it is run): chown would take it from them, chmod open it to others' use.
+            return fault.step, why, (
+                f"move the file into a directory that is {keepers()} all the way up, such as "
+                f"/var/lib/wgvsock, or, if {fault.step} is meant to be, `{command}`")
+        return fault.step, why, f"`{command}`"
     if found is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     return None
-
-
-def keepers() -> str:
-    """Whose a file that root's commands trust may be, as messages say it."""
-    me = os.geteuid()
-    return "root's" if me == 0 else f"root's (or uid {me}'s)"
 
 
 def listed_before_failing(err: NitroError) -> list[EnclaveInfo] | None:
