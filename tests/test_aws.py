@@ -758,11 +758,24 @@ def test_credentials_refused_while_making_a_client_are_named_as_credentials(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing real, whatever
     session = boto3.Session(region_name=REGION)
     with pytest.raises(aws.AWSError) as info:
         aws.load_private_key("ssm:/wgvsock/key", session=session)
     assert str(info.value).startswith("ssm:/wgvsock/key: no AWS credentials found: ")
     assert "endpoint" not in str(info.value)
+
+
+def test_a_region_that_is_no_region_name_is_named_as_the_region(monkeypatch) -> None:
+    # InvalidRegionError is a ValueError too, and was told to check the endpoint settings.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    session = boto3.Session(region_name="us east 1")
+    with pytest.raises(aws.AWSError) as info:
+        aws.load_private_key("ssm:/wgvsock/key", session=session)
+    assert str(info.value).startswith("ssm:/wgvsock/key: Provided region_name 'us east 1' ")
+    assert "set AWS_REGION" in str(info.value) and "endpoint" not in str(info.value)
 
 
 def test_parent_doctor_command(

@@ -122,7 +122,7 @@ def walk(path: str, *, make: bool = False) -> tuple[str, os.stat_result] | None:
     directories excepted). Missing directories are made 0700, MAKE, each once the one it goes
     in has passed; not MAKE, None at the first missing name."""
     me = os.geteuid()
-    return _resolve(path, _names(path), me, make, last_any=True)
+    return _resolve(_names(path), me, make, last_any=True)
 
 
 def socket_dir(path: str, *, listable: bool = False, make: bool = True) -> None:
@@ -141,7 +141,7 @@ def socket_dir(path: str, *, listable: bool = False, make: bool = True) -> None:
     parts = _names(path)
     last = parts.pop() if parts and parts[-1] != ".." else None
     try:
-        found = _resolve(path, parts, me, make)
+        found = _resolve(parts, me, make)
     except Replaceable as e:
         raise PermissionError(_socket_words(path, e.fault, me)) from None
     if found is None:
@@ -188,13 +188,12 @@ def _unfit(path: str, st: os.stat_result, me: int, listable: bool) -> tuple[str,
     return "", ""
 
 
-def _resolve(path: str, parts: list[str], me: int, make: bool,
+def _resolve(parts: list[str], me: int, make: bool,
              last_any: bool = False) -> tuple[str, os.stat_result] | None:
     """The real path PARTS (from /) lead to and its lstat, each step checked (_check); None,
     not MAKE, at the first missing one, which MAKE makes (a directory, 0700). Links are
     followed by hand, so that every directory a link passes through is checked too. Each step
-    must be a directory but the last, LAST_ANY: that may be a file. PATH: what PARTS came
-    from, for errors."""
+    must be a directory but the last, LAST_ANY: that may be a file."""
     here = "/"
     st = os.lstat(here)
     _check(here, st, me)

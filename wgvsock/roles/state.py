@@ -181,7 +181,8 @@ def state_directory(make: bool = False) -> Path:
                             "directory: remove it or point WGVSOCK_STATE_DIR at a "
                             "directory") from None
     except OSError as e:
-        raise RoleError(f"cannot check the state directory {directory}: {e.strerror or e} "
+        raise RoleError(f"cannot make or check the state directory {directory}: "
+                        f"{e.strerror or e} "
                         f"({e.filename or directory})") from None
     if found is None:
         return directory

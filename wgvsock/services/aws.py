@@ -41,6 +41,7 @@ from botocore.exceptions import (
     EndpointResolutionError,
     InvalidEndpointConfigurationError,
     InvalidIMDSEndpointError,
+    InvalidRegionError,
     NoCredentialsError,
     NoRegionError,
     ParamValidationError,
@@ -337,6 +338,10 @@ def _client(session: boto3.Session, service: str, region: str | None, where: str
             f"{where}: no AWS region configured; set AWS_REGION (or AWS_DEFAULT_REGION), a "
             f"profile region, or use the full ARN as the name"
         ) from None
+    except InvalidRegionError as exc:  # a ValueError too: before the endpoints' branch
+        raise AWSError(f"{where}: {prose(str(exc), 200)}; set AWS_REGION (or "
+                       "AWS_DEFAULT_REGION, or the profile's region) to a region's name, "
+                       "such as us-east-1") from None
     except (InvalidIMDSEndpointError, InvalidEndpointConfigurationError,
             EndpointResolutionError, ValueError) as exc:
         # Endpoints botocore refuses while making the client (urllib's ValueError for

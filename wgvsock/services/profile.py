@@ -1976,8 +1976,8 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
                 f.write(new)
             os.replace(tmp, target)
         except OSError as e:
-            where = args.file if target == os.path.abspath(args.file) else \
-                f"{target} (what {args.file} links to)"
+            where = f"{target} (what {args.file} links to)" if os.path.islink(args.file) \
+                else args.file
             print(f"{prog}: cannot write {where}: {e.strerror or e}", file=sys.stderr)
             return 1
     print(f"{args.file}: parent.public_key: {key}"
