@@ -395,10 +395,12 @@ def test_cmd_inherits_no_descriptor_and_no_ignored_or_blocked_signal_of_the_daem
     assert kept == before | {signal.SIGUSR1, signal.SIGRTMIN}  # ours, put back after
     assert rc == 0
     blk, ign = (int(v, 16) for v in sigs.read_text().split()[1::2])
-    # Nothing blocked but glibc's own signals 32 and 33 (SIGCANCEL, SIGSETXID), which no
-    # program can block through glibc and a run in CI once showed blocked (32) in grep.
-    assert blk & ~((1 << 31) | (1 << 32)) == 0, hex(blk)
-    assert ign == 0, hex(ign)
+    # Nothing blocked or ignored but glibc's own signals 32 and 33 (SIGCANCEL, SIGSETXID),
+    # which glibc manages itself: a process started by posix_spawn, as make starts pytest in
+    # CI, has SIGCANCEL ignored, and passes that on through fork and exec, here to grep.
+    glibc = (1 << 31) | (1 << 32)
+    assert blk & ~glibc == 0, hex(blk)
+    assert ign & ~glibc == 0, hex(ign)
     held = dict((left.split()[-1], target) for left, target in
                 (line.split(" -> ", 1) for line in fds.read_text().splitlines() if " -> " in line))
     assert {fd: target for fd, target in held.items()
