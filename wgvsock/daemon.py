@@ -204,7 +204,7 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None, *,
-                   offload: bool | None = None) -> int:
+                   offload: bool = True) -> int:
     import time
 
     from .conn import make_bind
@@ -229,7 +229,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         bind = make_bind(network, dgram)
         device = Device(
             ifname, bind, run_dir=os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR,
-            offload=switch(ENV_OFFLOAD, True) if offload is None else offload,
+            offload=offload,
         )
         device.start()
     except (OSError, ValueError) as e:

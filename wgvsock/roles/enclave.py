@@ -69,7 +69,6 @@ ANSWERED_BACKOFF_MAX = 60.0
 # Passed on to CMD, as tini does; TERM, INT, HUP and QUIT before CMD runs stop `up` instead.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
-_STOPPING_SIGNALS = STOPPING
 # How long CMD has to end after the SIGTERM a broken tunnel sends it before it gets SIGKILL
 # (docker stop's default): an app that ignores SIGTERM would otherwise run on without its
 # network, and `up` wait for it for ever.
@@ -620,7 +619,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
             _signal_child(child, signum)
         elif starting:
             started_with.append(signum)
-        elif signum in _STOPPING_SIGNALS:
+        elif signum in STOPPING:
             enclave.signalled.append(signum)  # passed on to CMD once it runs
 
     for signum in FORWARDED_SIGNALS:

@@ -1398,10 +1398,10 @@ def down(profile) -> tuple[list[str], list[str]]:
             State.path_for(profile.name).unlink()
             done.append("removed state file")
     # `parent reload`'s lock and request, and temporary files of a writer that was killed.
-    leftovers = [] if unsafe_dir else [State.path_for(profile.name).with_suffix(s)
-                                       for s in (".reload.lock", ".reload-request",
-                                                 ".tmp-request")]
+    leftovers: list[Path] = []
     if not unsafe_dir:
+        leftovers += [State.path_for(profile.name).with_suffix(s)
+                      for s in (".reload.lock", ".reload-request", ".tmp-request")]
         leftovers += Path(state_dir()).glob(f".{profile.name}.*.tmp")
     for path in leftovers:
         with contextlib.suppress(FileNotFoundError):
