@@ -586,11 +586,12 @@ def test_an_image_another_user_could_replace_is_refused(fake: Fake, tmp_path: Pa
     assert _checks(launch)["enclave image"][0] is True
     eif.chmod(0o666)
     ok, detail = _checks(launch)["enclave image"]
-    assert not ok and f"{eif} is writable by group (mode 666)" in detail and "chmod go-w" in detail
+    assert not ok and "chmod go-w" in detail
+    assert f"{eif} is writable by group and others (mode 666)" in detail
     eif.chmod(0o644)
     d.chmod(0o777)
     ok, detail = _checks(launch)["enclave image"]
-    assert not ok and f"{d} is writable by group (mode 777)" in detail
+    assert not ok and f"{d} is writable by group and others (mode 777)" in detail
     # A directory above the file, as a rule a home (nitro-cli builds where it runs): the fix
     # first named is moving the file, not `chmod`/`chown` of someone's directory.
     assert "move the file into a directory that is root's all the way up" in detail, detail
@@ -631,7 +632,7 @@ def test_an_image_behind_a_link_others_could_repoint_is_refused(fake: Fake,
     assert _checks(launch)["enclave image"][0] is True
     w.chmod(0o777)
     ok, detail = _checks(launch)["enclave image"]
-    assert not ok and f"{w} is writable by group (mode 777)" in detail, detail
+    assert not ok and f"{w} is writable by group and others (mode 777)" in detail, detail
     assert f"chmod go-w {w}" in detail, detail
     w.chmod(0o1777)  # sticky: the link is ours, so only we may replace it
     assert _checks(launch)["enclave image"][0] is True

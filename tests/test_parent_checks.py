@@ -120,7 +120,8 @@ def test_a_test_root_ca_others_could_replace_is_refused(base: Path) -> None:
     open_dir.chmod(0o777)
     (open_dir / "root.pem").write_text("x")
     check = test_root_check(str(open_dir / "root.pem"))
-    assert check.ok is False and f"{open_dir} is writable by group (mode 777)" in check.detail
+    assert check.ok is False
+    assert f"{open_dir} is writable by group and others (mode 777)" in check.detail
     (safe / "root.pem").chmod(0o666)
     assert test_root_check(str(safe / "root.pem")).ok is False
     missing = test_root_check(str(base / "nowhere.pem"))
@@ -144,7 +145,8 @@ def test_a_test_root_ca_behind_a_link_others_could_repoint_is_refused(base: Path
     assert test_root_check(str(safe / "root.pem")).ok is True
     w.chmod(0o777)
     check = test_root_check(str(safe / "root.pem"))
-    assert check.ok is False and f"{w} is writable by group (mode 777)" in check.detail, check
+    assert check.ok is False, check
+    assert f"{w} is writable by group and others (mode 777)" in check.detail, check
     assert f"chmod go-w {w}" in check.detail, check
 
 

@@ -40,6 +40,7 @@ from wgvsock.conn.endpoint import Endpoint, format_endpoint
 from wgvsock.conn.framing import HEADER_SIZE, encode_frame
 from wgvsock.conn.stream import StreamBind, _Conn, redial_backoff
 from wgvsock.conn.unixsock import socket_dir
+from wgvsock.pathwalk import user_name
 
 TIMEOUT = 3.0
 # Fast redials so reconnect tests take milliseconds, not the production half second.
@@ -1563,12 +1564,12 @@ def test_a_socket_dir_under_a_dir_others_may_write_is_refused(unix_dir: str) -> 
     above = _made(unix_dir, "open", 0o777)
     d = os.path.join(above, "a", "sockets")
     assert _refused(d) == (
-        f"refusing to keep sockets in {d}: {above} above it has mode 0777: other users could "
-        f"swap what is in it for their own; `chmod go-w {above}`, or keep them under "
-        f"directories only {_ONLY} may change")
+        f"refusing to keep sockets in {d}: {above} above it is writable by group and others "
+        f"(mode 777): other users could swap what is in it for their own; "
+        f"`chmod go-w {above}`, or keep them under directories only {_ONLY} may change")
     assert os.listdir(above) == []  # nothing made below the directory refused
     os.chmod(above, 0o775)  # noqa: S103 - group-writable alone is as bad
-    assert f"{above} above it has mode 0775" in _refused(d)
+    assert f"{above} above it is writable by group (mode 775)" in _refused(d)
 
 
 @pytest.mark.root
@@ -1578,8 +1579,8 @@ def test_a_socket_dir_under_another_users_dir_is_refused(unix_dir: str) -> None:
     os.chown(above, 65534, 65534)
     assert _refused(d) == (
         f"refusing to keep sockets in {d}: {above} above it is owned by uid 65534, who could "
-        f"swap what is in it for their own; `chown {os.geteuid()} {above}`, or keep them under "
-        "directories only root may change")
+        f"swap what is in it for their own; `chown {user_name(os.geteuid())} {above}`, or keep "
+        "them under directories only root may change")
     # Sticky does not help: its owner may still move anything in it.
     os.chmod(above, 0o1777)  # noqa: S103 - the case under test
     assert f"{above} above it is owned by uid 65534" in _refused(d)
@@ -1617,14 +1618,16 @@ def test_links_on_the_way_are_followed_and_checked(unix_dir: str) -> None:
     assert _refused(os.path.join(theirs, "sockets")) == (
         f"refusing to keep sockets in {theirs}/sockets: {theirs} above it is a symbolic link "
         "owned by uid 65534, who could point it elsewhere; name the real directory instead, "
-        "or keep them under directories only root may change")
+        f"`chown -h {user_name(os.geteuid())} {theirs}`, or keep them under directories only "
+        "root may change")
     # A link to a link through an open directory: that directory is named, though the
     # sockets' real path (real/sockets) does not pass through it.
     hop_dir = _made(unix_dir, "hop", 0o777)
     os.symlink(real, os.path.join(hop_dir, "to-real"))
     via = os.path.join(unix_dir, "via")
     os.symlink(os.path.join(hop_dir, "to-real"), via)
-    assert f": {hop_dir} above it has mode 0777" in _refused(os.path.join(via, "sockets"))
+    said = _refused(os.path.join(via, "sockets"))
+    assert f": {hop_dir} above it is writable by group and others (mode 777)" in said
     assert os.listdir(d) == []
 
 

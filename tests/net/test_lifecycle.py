@@ -210,8 +210,9 @@ def test_start_refused_in_a_run_dir_others_could_change(lab: Lab, where: str) ->
                              "directory of its own (one that does not exist yet is made, "
                              "mode 0700)"), line
     else:
-        said = (f": refusing to keep sockets in {run_dir}: {open_dir} above it has mode 0777: "
-                f"other users could swap what is in it for their own; `chmod go-w {open_dir}`")
+        said = (f": refusing to keep sockets in {run_dir}: {open_dir} above it is writable by "
+                f"group and others (mode 777): other users could swap what is in it for their own; "
+                f"`chmod go-w {open_dir}`")
         assert said in line, line
     assert os.listdir(open_dir) == []
     assert not link_exists(ns, ifname)

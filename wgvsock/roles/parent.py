@@ -29,6 +29,7 @@ from ..conn.unixsock import remove_stale, socket_dir
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import netconf
 from ..device.device import Device
+from ..pathwalk import keepers
 from ..safetext import prose
 from ..sdnotify import Notifier, Watchdog
 from ..services import firewall
@@ -106,7 +107,6 @@ def test_root_check(path: str) -> Check:
     """attestation.test_root_ca: documents its key signs pass for a genuine enclave's, so the
     file must be as safe from others as the parent's key (the EIF's rule,
     nitro.replaceable_at)."""
-    from ..conn.unixsock import keepers
     from ..services.nitro import replaceable_at
 
     try:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..conn.unixsock import Replaceable, keepers, walk
+from ..pathwalk import Replaceable, keepers, walk
 from ..services import firewall
 from .common import RoleError, is_alive, state_dir
 
@@ -144,7 +144,7 @@ def state_directory(make: bool = False) -> Path:
     in it: it, every directory on its way from /, and every link followed there (each link of
     a chain where it is) are root's or this user's and writable by no one else (sticky
     directories above it excepted), as the EIF and attestation.test_root_ca must be, and the
-    socket directories are: unixsock.walk. Checking each state file is not enough: whoever
+    socket directories are: pathwalk.walk. Checking each state file is not enough: whoever
     may write the directory can swap a checked file for their own before the next read, or
     plant a forwarding record. The directory itself may not be shared even if sticky (as
     /tmp is): others could still add files to it.

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..conn.unixsock import Replaceable, keepers, walk
+from ..pathwalk import Replaceable, keepers, walk
 from ..threads import NamedThread
 from .profile import EnclaveLaunch
 
@@ -351,7 +351,7 @@ def replaceable_at(path: str) -> tuple[str, str, str] | None:
     775)") and the command that fixes it. It, each directory on its way, and each link
     followed on the way, every link of a chain where it is, must be root's or this user's,
     and none writable by group or others (a sticky directory, as /tmp, excepted):
-    unixsock.walk. OSError when PATH cannot be followed (missing, a file on the way, a loop
+    pathwalk.walk. OSError when PATH cannot be followed (missing, a file on the way, a loop
     of links)."""
     try:
         found = walk(path)
