@@ -69,7 +69,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         epilog=(
             f"Environment: {ENV_NETWORK} (default network, for wg-quick), {ENV_DGRAM}=1, "
             "LOG_LEVEL=debug|verbose|error|silent, "
-            f"{ENV_LOG_FILE} (where a background daemon logs), "
+            f"{ENV_LOG_FILE} (where a background daemon logs; else, with LOG_LEVEL set, to "
+            "the stderr it was started with), "
             "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock), "
             f"{ENV_OFFLOAD}=0 (no TCP super-packets: MTU-sized packets both ways, as from "
             "wireguard-go-vsock)."
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None, prog: str = "wireguard-go-vsock") -> int
         return 2
     if not args.foreground and ready_fd is None:
         rest = argv if argv is not None else sys.argv[1:]
-        return spawn_background(["-m", "wgvsock.daemon", "--foreground", *rest], prog)
+        return spawn_background(["-m", "wgvsock.daemon", "--foreground", *rest], prog,
+                                keep_stdio=True)
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
     return run_foreground(args.interface, network, dgram, ready_fd, offload=offload)
 
@@ -139,10 +141,13 @@ def take_ready_fd() -> int | None:
                    "unset it")
 
 
-def spawn_background(python_args: list[str], prog: str) -> int:
+def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = False) -> int:
     """Starts `python python_args...` detached and waits until it calls `report_ready` (exit
     0) or fails or dies (exit 1, printing its reason). Refused as the main process of a
-    Type=notify unit."""
+    Type=notify unit. Its stdout and stderr go to $WGVSOCK_LOG_FILE, else, KEEP_STDIO and
+    LOG_LEVEL set to anything but silent, stay ours (as wireguard-go's and the seed's do:
+    `LOG_LEVEL=debug wireguard-go-vsock wg0` logs where it was started), else are closed, so
+    that a caller capturing our output is not held up by the detached process."""
     pid = str(os.getpid())
     if os.environ.get("NOTIFY_SOCKET") and pid in (os.environ.get("SYSTEMD_EXEC_PID"),
                                                    os.environ.get("WATCHDOG_PID")):
@@ -159,8 +164,10 @@ def spawn_background(python_args: list[str], prog: str) -> int:
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env[_ENV_READY_FD] = str(w)
     log_file = os.environ.get(ENV_LOG_FILE)
+    keep = keep_stdio and logs_to_launcher()
     try:
-        out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+        out = (open(log_file, "ab") if log_file  # noqa: SIM115
+               else None if keep else subprocess.DEVNULL)
     except OSError as e:
         print(f"{prog}: cannot open {ENV_LOG_FILE}={log_file}: {e.strerror or e} (it is where "
               "the background process logs: give a file in an existing directory, or unset "
@@ -189,6 +196,14 @@ def spawn_background(python_args: list[str], prog: str) -> int:
     reason = report.decode(errors="replace").strip() or "the daemon exited during start-up"
     print(f"{prog}: {reason}", file=sys.stderr)
     return 1
+
+
+def logs_to_launcher() -> bool:
+    """Whether a background daemon logs to the stdout and stderr of the command that started
+    it: with LOG_LEVEL set to anything but silent and no $WGVSOCK_LOG_FILE, as wireguard-go's
+    and the seed's do."""
+    level = os.environ.get("LOG_LEVEL", "")
+    return bool(level) and level.lower() != "silent" and not os.environ.get(ENV_LOG_FILE)
 
 
 def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
@@ -239,7 +254,8 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
             # In the foreground logging goes to stderr too: say it once, at any LOG_LEVEL.
             print(reason, file=sys.stderr)
         else:
-            log.error("%s", reason)
+            if not logs_to_launcher():  # there the launcher says it, once
+                log.error("%s", reason)
             report_ready(ready_fd, reason)
         notifier.status(reason)
         wakeup.close()

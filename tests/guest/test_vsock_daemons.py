@@ -81,7 +81,9 @@ def test_vsock_datagram_is_refused_clearly_or_carries_traffic(lab: Lab) -> None:
     none) the daemon stops at start with one clear line; where it has one, traffic flows."""
     a = lab.netns("d")
     ia = lab.ifname("d")
-    res = a.run(DAEMON, "-d", ia, env=lab.env(), check=False, timeout=60)
+    # Logging to a file: with LOG_LEVEL set and none, a background daemon keeps our stdout.
+    res = a.run(DAEMON, "-d", ia, env=lab.env(WGVSOCK_LOG_FILE=str(lab.tmp / f"{ia}.log")),
+                check=False, timeout=60)
     if res.returncode != 0:
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, res.stderr

@@ -165,8 +165,10 @@ def test_sigterm_at_an_awkward_moment_stops_it_cleanly(lab: Lab, script: str) ->
 
 
 def _start_fails(lab: Lab, ns: Namespace, ifname: str, *args: str, **env: str) -> str:
-    res = ns.run(DAEMON, *args, "-n", "unix", ifname, env=lab.env(**env), check=False,
-                 timeout=20)
+    full = lab.env(**env)
+    if "LOG_LEVEL" not in env:  # set, the daemon's own log would come to our stderr too
+        del full["LOG_LEVEL"]
+    res = ns.run(DAEMON, *args, "-n", "unix", ifname, env=full, check=False, timeout=20)
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, res.stderr
@@ -301,6 +303,7 @@ def test_background_start_reports_only_when_ready(lab: Lab) -> None:
     ifname = lab.ifname("r")
     env = lab.env()
     env.pop("WGVSOCK_LOG_FILE", None)
+    env.pop("LOG_LEVEL", None)  # with it, the daemon would log to our stdout (test below)
     # The launcher's exit status is the readiness report; it returns with stdio closed so a
     # caller capturing its output (as wg-quick does) is not held up by the daemon.
     t0 = time.monotonic()
@@ -315,3 +318,41 @@ def test_background_start_reports_only_when_ready(lab: Lab) -> None:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     assert int(fields[3]) == pid  # session id: start_new_session
+
+
+@pytest.mark.parametrize("level", ["verbose", "silent", None])
+def test_a_background_daemon_logs_where_it_was_started_when_asked(lab: Lab,
+                                                                   level: str | None) -> None:
+    """As wireguard-go and the seed: `LOG_LEVEL=debug wireguard-go-vsock wg0` logs to the
+    stdout and stderr it was started with. Before, a background daemon logged only to
+    $WGVSOCK_LOG_FILE and closed both. Unset or silent, they are still closed."""
+    ns = lab.netns("g")
+    ifname = lab.ifname("g")
+    env = lab.env()
+    env.pop("WGVSOCK_LOG_FILE", None)
+    env.pop("LOG_LEVEL", None)
+    if level is not None:
+        env["LOG_LEVEL"] = level
+    out = lab.tmp / "started-with.log"
+    with open(out, "wb") as f:  # a file, not a pipe: the daemon would hold a pipe open
+        res = subprocess.run(["ip", "netns", "exec", ns.name, DAEMON, "-n", "unix", ifname],
+                             env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                             timeout=20, check=False)
+    assert res.returncode == 0, out.read_text()
+    pid = only_pid(ns)
+    where = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)}
+    if level == "verbose":
+        assert where == {str(out)}
+        assert f"interface {ifname} up: network unix" in out.read_text()
+    else:
+        assert where == {"/dev/null"}
+        assert out.read_text() == ""
+
+
+def test_a_start_failure_is_said_once_when_the_daemon_logs_where_it_was_started(
+        lab: Lab) -> None:
+    """The reason comes from the command that started it, not a second time in the daemon's
+    log on the same stderr."""
+    ns = lab.netns("o")
+    line = _start_fails(lab, ns, "wgvsocktoolong16", LOG_LEVEL="debug")
+    assert "1-15 bytes" in line

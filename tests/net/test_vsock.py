@@ -139,6 +139,7 @@ def test_vsock_datagram(lab: Lab) -> None:
     ifname = lab.ifname("d")
     env = lab.env()
     env.pop("WGVSOCK_LOG_FILE", None)
+    env.pop("LOG_LEVEL", None)  # with it, a background daemon would hold our stdout open
     for mode in ([], ["-f"]):
         res = ns.run(DAEMON, *mode, "-d", "-n", "vsock", ifname, env=env, check=False,
                      timeout=20)
