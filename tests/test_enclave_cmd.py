@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from wgvsock.conn.stream import StreamBind
+from wgvsock.device.device import Device
 from wgvsock.roles import enclave as enclave_mod
 from wgvsock.services.profile import load_profile
 from wgvsock.ui.nslab import wait_for
@@ -212,7 +216,7 @@ class _StuckDevice:
     def on_stop(self, hook) -> None:
         pass
 
-    def stalled(self, now: float, limit: float = 8.0) -> str | None:
+    def stalled(self, now: float, limit: float = 8.0, excused=None) -> str | None:
         self.asked_limits.append(limit)
         if self.stuck.is_set():
             return (f"interface wg0: the TUN reader has not come round its loop for "
@@ -283,11 +287,13 @@ class _Paused:
         self.late = data_path == "late"
         return False
 
-    def stalled(self, now: float, limit: float = 8.0) -> str | None:  # Device.stalled
-        self.asked.append(now)
-        if now - self.came_round > limit:
+    def stalled(self, now: float, limit: float = 8.0, excused=None) -> str | None:
+        self.asked.append(now)  # Device.stalled's judgment, on this clock
+        since = self.came_round
+        behind = now - since - (excused(since, now) if excused is not None else 0.0)
+        if behind > limit:
             return (f"interface wg0: the TUN reader has not come round its loop for "
-                    f"{now - self.came_round:.0f} s (data path stuck)")
+                    f"{behind:.0f} s (data path stuck)")
         return None
 
 
@@ -322,6 +328,44 @@ def test_a_data_path_stuck_after_a_freeze_is_judged_from_the_resume(monkeypatch)
     assert resumed + enclave_mod.STUCK_AFTER < when <= resumed + enclave_mod.STUCK_AFTER + 2
     assert why.startswith("the tunnel is stuck: interface wg0: the TUN reader has not come "
                           "round its loop for"), why
+
+
+def test_the_stuck_figure_does_not_count_a_freeze(monkeypatch) -> None:
+    """Before: a data path stuck across a freeze was judged on the time since the resume, but
+    the message gave the time since it last came round, the freeze included ("for 92 s" here,
+    61 of them frozen): the figure said was not the one judged."""
+    paused = _Paused([(1.0, "ran")] * 5 + [(61.0, "stuck")] + [(1.0, "stuck")] * 60)
+    failed = _watch(monkeypatch, paused)
+    assert len(failed) == 1, failed
+    assert failed[0][1] == ("the tunnel is stuck: interface wg0: the TUN reader has not come "
+                            "round its loop for 31 s (data path stuck)")
+
+
+def test_the_device_does_not_count_what_is_excused() -> None:
+    """Device.stalled judges, and says, the time its threads were behind less what EXCUSED
+    takes off (the liveness thread's freezes); the parent's watchdog excuses nothing."""
+    d = tempfile.mkdtemp(prefix="wgd", dir="/tmp")
+    bind = StreamBind("unix", unix_dir=d)
+    try:
+        dev = Device("wgstall0", bind, run_dir=os.path.join(d, "run"))
+        dev._threads = [threading.current_thread()]  # as once started
+        dev._ticked, dev._tun_passed = 990.0, 960.0  # the TUN reader 40 s behind at 1000
+        assert dev.stalled(1000.0, 30.0) == ("interface wgstall0: the TUN reader has not come "
+                                             "round its loop for 40 s (data path stuck)")
+        spans: list[tuple[float, float]] = []
+
+        def excused(since: float, now: float) -> float:
+            spans.append((since, now))
+            return 15.0 if since == 960.0 else 0.0
+
+        assert dev.stalled(1000.0, 30.0, excused=excused) is None
+        assert spans == [(990.0, 1000.0), (960.0, 1000.0)]
+        assert dev.stalled(1006.0, 30.0, excused=excused) == (
+            "interface wgstall0: the TUN reader has not come round its loop for 31 s "
+            "(data path stuck)")
+    finally:
+        bind.close()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_a_liveness_thread_that_wakes_somewhat_late_still_judges(monkeypatch) -> None:

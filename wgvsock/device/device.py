@@ -399,17 +399,20 @@ class Device:
             self.failed = True
         self.stop(reason)
 
-    def stalled(self, now: float, limit: float = STALL_LIMIT) -> str | None:
+    def stalled(self, now: float, limit: float = STALL_LIMIT,
+                excused: Callable[[float, float], float] | None = None) -> str | None:
         """Why the device counts as stuck at monotonic `now`, or None: its timer thread has not
         finished a tick, or its TUN reader has not come round its loop, within `limit` seconds
         (for systemd's watchdog). The transport's receiving threads are not judged: they wait
-        on their peers, which may be silent for any time."""
+        on their peers, which may be silent for any time. `excused(since, now)`: how much of
+        that span not to count (the process was frozen), in the judgment and the figure said."""
         if self._stopped.is_set() or not self._threads:
             return None
         for thread, since in (("timer thread has not finished a tick", self._ticked),
                               ("TUN reader has not come round its loop", self._tun_passed)):
-            if now - since > limit:
-                return (f"interface {self.ifname}: the {thread} for {now - since:.0f} s "
+            behind = now - since - (excused(since, now) if excused is not None else 0.0)
+            if behind > limit:
+                return (f"interface {self.ifname}: the {thread} for {behind:.0f} s "
                         "(data path stuck)")
         return None
 

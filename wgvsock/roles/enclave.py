@@ -163,6 +163,12 @@ def _watch_liveness(device: Device, stop: threading.Event, fail) -> None:
     which runs on, would make every suspend look like a stuck data path."""
     last, cpu = time.monotonic(), time.process_time()
     resumed: float | None = None  # when the process last came back from a freeze
+
+    def before_resume(since: float, now: float) -> float:
+        # Stuck since the resume at the earliest: what `stalled` counts from before it is the
+        # freeze, not the data path, in the judgment and in the figure it gives.
+        return max(0.0, resumed - since) if resumed is not None else 0.0
+
     while not stop.wait(LIVENESS_EVERY):
         now, used = time.monotonic(), time.process_time()
         late, last = now - last - LIVENESS_EVERY, now
@@ -174,11 +180,7 @@ def _watch_liveness(device: Device, stop: threading.Event, fail) -> None:
                      "data path is given %.0f s from now", late, STUCK_AFTER)
             resumed = now
             continue
-        # Stuck since the resume at the earliest: what `stalled` counts from before it is
-        # the freeze, not the data path.
-        if resumed is not None and now - resumed <= STUCK_AFTER:
-            continue
-        if (why := device.stalled(now, STUCK_AFTER)) is not None:
+        if (why := device.stalled(now, STUCK_AFTER, excused=before_resume)) is not None:
             fail(f"the tunnel is stuck: {why}")
             return
 
