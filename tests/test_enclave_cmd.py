@@ -318,8 +318,8 @@ def test_a_healthy_tunnel_is_not_judged_stuck_after_the_process_was_frozen(monke
 
 
 def test_a_data_path_stuck_after_a_freeze_is_judged_from_the_resume(monkeypatch) -> None:
-    """A freeze gives the data path a fresh STUCK_AFTER, not a pass: one that does not come
-    round after the resume is still caught, STUCK_AFTER seconds after it."""
+    """A freeze is not counted, but gives no pass: a data path that does not come round
+    after the resume is still caught, STUCK_AFTER seconds after it."""
     paused = _Paused([(1.0, "ran")] * 5 + [(61.0, "stuck")] + [(1.0, "stuck")] * 60)
     resumed = 1000.0 + 5 + 61
     failed = _watch(monkeypatch, paused)
@@ -366,6 +366,39 @@ def test_the_device_does_not_count_what_is_excused() -> None:
     finally:
         bind.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_data_path_stuck_across_many_freezes_is_judged_on_the_time_it_ran(monkeypatch) -> None:
+    """Before: each freeze gave the data path a fresh STUCK_AFTER from its resume, so one that
+    was stuck all along, with a freeze (docker pause, a paused VM) every 25 s, was never
+    judged and CMD ran on without a network. Now the time the process ran adds up across the
+    freezes: 15 s, frozen, 15 s, frozen, and the next second is one too many."""
+    cycle = [(1.0, "stuck")] * 15 + [(10.0, "stuck")]
+    paused = _Paused([(1.0, "ran")] * 5 + cycle * 10)
+    failed = _watch(monkeypatch, paused)
+    assert failed == [(1000.0 + 5 + 25 + 25 + 1,
+                       "the tunnel is stuck: interface wg0: the TUN reader has not come round "
+                       "its loop for 31 s (data path stuck)")], failed
+
+
+def test_a_healthy_data_path_is_not_judged_stuck_however_often_it_is_frozen(
+        monkeypatch) -> None:
+    """Freezes, each as long as STUCK_AFTER, between short runs of a path that comes round
+    just after the liveness thread looked: none of it counts."""
+    made: list[enclave_mod._Freezes] = []
+
+    class Freezes(enclave_mod._Freezes):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(enclave_mod, "_Freezes", Freezes)
+    cycle = [(1.0, "late")] * 3 + [(31.0, "late")]
+    paused = _Paused([(1.0, "ran")] * 5 + cycle * 50 + [(1.0, "ran")])
+    assert _watch(monkeypatch, paused) == []
+    assert paused.asked[-1] == 1000.0 + 5 + 34 * 50 + 1  # it went on judging to the end
+    # Only the freezes of the last STUCK_AFTER seconds of running are kept, not all 50.
+    assert len(made[0].spans) == 10, made[0].spans
 
 
 def test_a_liveness_thread_that_wakes_somewhat_late_still_judges(monkeypatch) -> None:

@@ -82,9 +82,9 @@ LIVENESS_EVERY = 1.0
 # A liveness wait that ends this much later than asked, with the process's CPU time hardly
 # moved meanwhile, means the whole process did not run: frozen (docker pause, the cgroup
 # freezer, SIGSTOP to all of it), or its VM paused while its clock ran on. Then every thread
-# is as far behind, and the liveness thread may run first on resume: the data path is judged
-# from the resume instead. Well under STUCK_AFTER, so that no freeze long enough to matter
-# goes unseen; well over a late wake on a loaded machine, which judges as usual.
+# is as far behind, and the liveness thread may run first on resume: that wait is not counted
+# as time the data path was stuck. Well under STUCK_AFTER, so that no freeze long enough to
+# matter goes unseen; well over a late wake on a loaded machine, which judges as usual.
 FROZEN_AFTER = 5.0
 
 
@@ -154,35 +154,65 @@ def _signal_child(child: subprocess.Popen, signum: int) -> None:
             os.kill(child.pid, signum)
 
 
+class _Freezes:
+    """The spans of CLOCK_MONOTONIC that the whole process did not run through, as one thread
+    that waits a known time again and again sees them: a wait that ends more than FROZEN_AFTER
+    late with the process's CPU time hardly moved meanwhile.
+
+    A span is the whole wait, the part of it the process may have run before the freeze
+    included (up to the time asked): that errs towards not counting time, never towards
+    stopping an app for a freeze."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self._at, self._cpu = time.monotonic(), time.process_time()
+
+    def waited(self, asked: float) -> tuple[float, float, bool]:
+        """To be called after each wait of ASKED seconds: the (start, end) of the time since
+        the last call (or since this was made), and whether it was a freeze."""
+        now, used = time.monotonic(), time.process_time()
+        start, late, ran = self._at, now - self._at - asked, used - self._cpu
+        self._at, self._cpu = now, used
+        # A thread that holds the GIL for seconds at a time makes each wake as late, but the
+        # process runs all along: no freeze to excuse.
+        frozen = late > FROZEN_AFTER and ran < late / 2
+        if frozen:
+            if self.spans and self.spans[-1][1] == start:  # frozen on: one span
+                self.spans[-1] = (self.spans[-1][0], now)
+            else:
+                self.spans.append((start, now))
+        return start, now, frozen
+
+    def within(self, since: float, now: float) -> float:
+        """How much of SINCE..NOW the process was frozen through."""
+        return sum(max(0.0, min(end, now) - max(start, since)) for start, end in self.spans)
+
+    def forget(self, now: float, limit: float) -> None:
+        """Drops the spans followed by more than LIMIT seconds of running time: a thread
+        behind since before one of them would have been judged stuck on LIMIT already."""
+        self.spans = [(start, end) for start, end in self.spans
+                      if now - end - self.within(end, now) <= limit]
+
+
 def _watch_liveness(device: Device, stop: threading.Event, fail) -> None:
-    """Calls FAIL(reason) once DEVICE's data path is stuck, unless STOP is set first.
+    """Calls FAIL(reason) once DEVICE's data path has been stuck for STUCK_AFTER seconds of
+    the time the process ran, unless STOP is set first. Freezes are not counted, however many
+    come between: a path stuck before a freeze and after it is judged on both parts.
 
     Measured on CLOCK_MONOTONIC, the device's own clock: its gaps are what `stalled` reads, and
     any gap in it that the process did not run through shows here as a late wake. It stops
     during a system suspend, so a suspended machine shows nothing to excuse; CLOCK_BOOTTIME,
     which runs on, would make every suspend look like a stuck data path."""
-    last, cpu = time.monotonic(), time.process_time()
-    resumed: float | None = None  # when the process last came back from a freeze
-
-    def before_resume(since: float, now: float) -> float:
-        # Stuck since the resume at the earliest: what `stalled` counts from before it is the
-        # freeze, not the data path, in the judgment and in the figure it gives.
-        return max(0.0, resumed - since) if resumed is not None else 0.0
-
+    freezes = _Freezes()
     while not stop.wait(LIVENESS_EVERY):
-        now, used = time.monotonic(), time.process_time()
-        late, last = now - last - LIVENESS_EVERY, now
-        ran, cpu = used - cpu, used
-        # A thread that holds the GIL for seconds at a time makes each wake as late, but the
-        # process runs all along: that is for `stalled` to judge, not a freeze to excuse.
-        if late > FROZEN_AFTER and ran < late / 2:
-            log.info("the process did not run for %.0f s (frozen or paused); the tunnel's "
-                     "data path is given %.0f s from now", late, STUCK_AFTER)
-            resumed = now
-            continue
-        if (why := device.stalled(now, STUCK_AFTER, excused=before_resume)) is not None:
+        start, now, frozen = freezes.waited(LIVENESS_EVERY)
+        if frozen:
+            log.info("the process did not run for %.0f s (frozen or paused); that time is not "
+                     "counted against the tunnel's data path", now - start - LIVENESS_EVERY)
+        if (why := device.stalled(now, STUCK_AFTER, excused=freezes.within)) is not None:
             fail(f"the tunnel is stuck: {why}")
             return
+        freezes.forget(now, STUCK_AFTER)
 
 
 def attester():
