@@ -134,6 +134,68 @@ def test_a_tunnel_that_breaks_while_cmd_is_being_started_stops_it(
     assert sent == [signal.SIGTERM]
 
 
+# `enclave up` with no network and its tunnel up at once, a grace of 3 s and freezes of 1 s
+# seen; the tunnel breaks once CMD has written its pid (argv: profile, pid file, CMD script).
+_GRACE_ACROSS_A_FREEZE = r"""
+import sys, threading
+from pathlib import Path
+from wgvsock.roles import enclave
+from wgvsock.services.profile import load_profile
+from wgvsock.ui.nslab import wait_for
+enclave.Enclave.start = lambda self: None
+enclave.Enclave.wait_connected = lambda self, t: None
+enclave.netconf.default_routes = list
+enclave.STOP_GRACE, enclave.FROZEN_AFTER, enclave.LIVENESS_EVERY = 3.0, 1.0, 0.1
+hooks = []
+enclave.on_thread_death = hooks.append
+def break_tunnel():
+    wait_for(Path(sys.argv[2]).exists, 10, "CMD to start")
+    hooks[0]("thread tun-reader died: RuntimeError: boom")
+threading.Thread(target=break_tunnel, daemon=True).start()
+sys.exit(enclave.run_up(load_profile(sys.argv[1]), ["sh", "-c", sys.argv[3]], timeout=5))
+"""
+
+
+def test_a_freeze_during_the_grace_after_sigterm_is_not_counted(tmp_path: Path) -> None:
+    """Before: the grace between the SIGTERM a broken tunnel sends CMD and the SIGKILL was
+    wall-clock time, so CMD, frozen with `up` (docker pause, a paused VM) for most of it, got
+    SIGKILL right after the resume with no time left to end cleanly. Now the freeze does not
+    count: CMD has what was left of its grace after the resume."""
+    import sys
+
+    pid, termed = tmp_path / "pid", tmp_path / "termed"
+    script = f"trap 'echo > {termed}' TERM; {_writes_its_pid(pid)}while :; do sleep 0.05; done"
+    up = subprocess.Popen([sys.executable, "-c", _GRACE_ACROSS_A_FREEZE, str(PROFILE),
+                           str(pid), script], stderr=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    try:
+        wait_for(termed.exists, 20, "CMD's SIGTERM")
+        got_term = time.monotonic()
+        cmd = int(pid.read_text())
+        for p in (up.pid, cmd):  # all of the container, as docker pause does
+            os.kill(p, signal.SIGSTOP)
+        time.sleep(2.0)  # the freeze itself: more than FROZEN_AFTER, less than the grace
+        resumed = time.monotonic()
+        for p in (up.pid, cmd):
+            os.kill(p, signal.SIGCONT)
+        _, err = up.communicate(timeout=20)
+        ended = time.monotonic()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if pid.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+    assert up.returncode == 1, err
+    assert "did not stop within 3 s of SIGTERM; killing it" in err, err
+    # Wall-clock, the SIGKILL came 3 s after the SIGTERM, under a second after the resume;
+    # now what is left of the 3 s after the resume (less up to 0.1 s: the wait that saw the
+    # freeze is not counted whole).
+    before_the_freeze = resumed - 2.0 - got_term
+    assert ended - resumed > 3.0 - before_the_freeze - 0.5, (ended - resumed, before_the_freeze)
+
+
 @pytest.mark.parametrize(("command", "code", "says"), [
     (["/nonexistent/app"], 127, "cannot run /nonexistent/app: No such file or directory"),
     (["no-such-app-here"], 127, "cannot run no-such-app-here: not found in PATH"),

@@ -71,7 +71,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 # How long CMD has to end after the SIGTERM a broken tunnel sends it before it gets SIGKILL
 # (docker stop's default): an app that ignores SIGTERM would otherwise run on without its
-# network, and `up` wait for it for ever.
+# network, and `up` wait for it for ever. Counted in time the process ran, as STUCK_AFTER is.
 STOP_GRACE = 10.0
 # The tunnel's data path counts as stuck (Device.stalled) when its timer thread or TUN reader
 # has not come round for this long; then CMD is stopped as for a dead thread. The parent has
@@ -213,6 +213,29 @@ def _watch_liveness(device: Device, stop: threading.Event, fail) -> None:
             fail(f"the tunnel is stuck: {why}")
             return
         freezes.forget(now, STUCK_AFTER)
+
+
+def _kill_after_grace(proc: subprocess.Popen, name: str, ended: threading.Event) -> None:
+    """SIGKILL to CMD (PROC, run as NAME) once the process has run for STOP_GRACE seconds
+    since its SIGTERM, unless ENDED is set first.
+
+    A freeze (docker pause, a paused VM) is not counted: CMD, in the same container or VM, was
+    frozen with us, and on wall-clock time would get SIGKILL at the resume, without the time
+    to end cleanly that SIGTERM promised. Where only this process was stopped, CMD gets that
+    much longer, which it has had anyway: nothing could kill it meanwhile."""
+    freezes = _Freezes()
+    ran = 0.0
+    while ran < STOP_GRACE:
+        step = min(LIVENESS_EVERY, STOP_GRACE - ran)
+        if ended.wait(step):
+            return
+        start, now, frozen = freezes.waited(step)
+        if not frozen:
+            ran += now - start
+    if proc.returncode is None:
+        print(f"wgvsock enclave: {name} did not stop within {STOP_GRACE:g} s of SIGTERM; "
+              "killing it", file=sys.stderr, flush=True)
+        _signal_child(proc, signal.SIGKILL)
 
 
 def attester():
@@ -662,23 +685,14 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
     # Taken by the main thread to publish CMD and by a failing thread to look for it, so
     # that CMD is stopped exactly once whichever comes first. Never by a signal handler.
     cmd_lock = threading.Lock()
-    killers: list[threading.Timer] = []
+    cmd_ended = threading.Event()  # ends the grace stop_cmd gives
 
     def stop_cmd(proc: subprocess.Popen) -> None:
         """SIGTERM to CMD after a failure, and SIGKILL if it has not ended STOP_GRACE
         seconds later."""
         _signal_child(proc, signal.SIGTERM)
-
-        def kill() -> None:
-            if proc.returncode is None:
-                print(f"wgvsock enclave: {command[0]} did not stop within {STOP_GRACE:g} s of "
-                      "SIGTERM; killing it", file=sys.stderr, flush=True)
-                _signal_child(proc, signal.SIGKILL)
-
-        killer = threading.Timer(STOP_GRACE, kill)
-        killer.name, killer.daemon = "cmd-killer", True
-        killer.start()
-        killers.append(killer)
+        NamedThread(target=_kill_after_grace, args=(proc, command[0], cmd_ended),
+                    name="cmd-killer", daemon=True).start()
 
     def on_death(reason: str) -> None:
         # A dead thread would leave the tunnel half working: stop, so the command ends and
@@ -748,7 +762,6 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
         print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        for killer in killers:
-            killer.cancel()
+        cmd_ended.set()
         enclave.close()
         wakeup.close()
