@@ -4,7 +4,7 @@ route (a host, an EC2 parent, a container) rather than an enclave, which has onl
 Once run on the development machine itself, it replaced the machine's default route with one
 through wg0 (gone for good with wg0) and overwrote /etc/resolv.conf. Now it refuses before it
 changes anything, unless told with --outside-enclave that this is meant; then it also puts
-resolv.conf back when it ends.
+the default routes it replaced and resolv.conf back when it ends.
 
 Every run here is in a namespace the test made, and its resolv.conf is the private copy that
 `ip netns exec` bind-mounts from /etc/netns/NAME/, never the machine's own.
@@ -13,6 +13,7 @@ Every run here is in a namespace the test made, and its resolv.conf is the priva
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from .netlab import Lab, Namespace, wait_for
-from .test_roles import WGVSOCK, World
+from .test_roles import UNIX_TRANSPORT, WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
 
@@ -98,14 +99,14 @@ def dump(ns: Namespace, resolv: Path) -> dict[str, str]:
 # The profile routes 0.0.0.0/0 (enclave.routes' default) and no ::/0.
 @pytest.mark.parametrize(("families", "found", "change"), [
     ((4,), "a default route (default via 192.0.2.1 dev eth0)",
-     "would replace it with a default route through wg0 (for good: it would not come back "
-     "when `enclave up` ends)"),
+     "would replace it with a default route through wg0 (until `enclave up` ends, and for "
+     "good should it be killed: then it would not be put back)"),
     ((6,), "a default route (default via fd00:77::1 dev eth0 metric 1024)",
      "would route 0.0.0.0/0 through wg0 beside it"),
     ((4, 6), "default routes (default via 192.0.2.1 dev eth0; "
              "default via fd00:77::1 dev eth0 metric 1024)",
-     "would replace the IPv4 one with a default route through wg0 (for good: it would not "
-     "come back when `enclave up` ends)"),
+     "would replace the IPv4 one with a default route through wg0 (until `enclave up` ends, "
+     "and for good should it be killed: then it would not be put back)"),
 ], ids=["ipv4", "ipv6-only", "both"])
 def test_a_namespace_with_a_default_route_is_refused_and_left_as_it_was(
         lab: Lab, families: tuple[int, ...], found: str, change: str) -> None:
@@ -162,3 +163,78 @@ def test_outside_enclave_comes_up_over_a_default_route_and_puts_resolv_conf_back
     assert world.resolv.read_text() == placeholder, log
     assert "put /etc/resolv.conf back as it was" in log, log
     assert "wg0" not in ns.ip("-o", "link", "show").stdout
+    assert ns.ip("-4", "route", "show", "default").stdout == "default via 192.0.2.1 dev eth0 \n"
+
+
+# Both families, the enclave's default routes through wg0 replacing the namespace's.
+DUAL_STACK = """\
+version: 1
+name: {name}
+interface: wg0
+transport:
+{transport}
+parent:
+  address: [10.77.0.1/30, fd77::1/126]
+  private_key: {key}
+enclave:
+  address: [10.77.0.2/30, fd77::2/126]
+"""
+
+
+def main_tables(ns: Namespace) -> dict[str, str]:
+    return {"routes4": ns.ip("-4", "route", "show").stdout,
+            "routes6": ns.ip("-6", "route", "show").stdout}
+
+
+@pytest.mark.parametrize("ending", ["cmd-exits", "sigterm"])
+def test_outside_enclave_puts_the_default_routes_it_replaced_back(world: World,
+                                                                  ending: str) -> None:
+    """Before: --outside-enclave replaced the namespace's default routes with the tunnel's and
+    logged that it did, but they stayed gone once `enclave up` ended, taking the container's
+    (or namespace's) way out with them. Now each comes back as it was, its gateway, device,
+    metric, onlink flag, MTU and router preference included, whether CMD ends or `up` is
+    stopped with SIGTERM; one the tunnel's routes left beside them stays as it was."""
+    ns = world.enclave
+    world.profile.write_text(DUAL_STACK.format(
+        name=world.name, transport=UNIX_TRANSPORT.format(sock=world.lab.tmp / "sock"),
+        key=world.lab.tmp / "parent.key"))
+    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+    ns.ip("addr", "add", "192.0.2.2/24", "dev", "eth0")
+    ns.ip("-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad")
+    ns.ip("link", "set", "eth0", "up")
+    ns.ip("link", "set", "eth1", "up")
+    ns.ip("route", "add", "default", "via", "192.0.2.1", "dev", "eth0", "onlink")
+    ns.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0", "metric", "300")
+    ns.ip("-6", "route", "add", "default", "via", "fd00:77::1", "dev", "eth0", "mtu", "1400",
+          "pref", "high")
+    before = main_tables(ns)
+    assert "default via fd00:77::1 dev eth0 metric 1024 mtu 1400 pref high" in before["routes6"]
+    assert world.parent_cmd("up").returncode == 0
+    ready, fifo = world.lab.tmp / "ready", world.lab.tmp / "fifo"
+    os.mkfifo(fifo)
+    log = world.lab.tmp / "enclave.log"
+    with open(log, "ab") as out:
+        proc = ns.popen(WGVSOCK, "enclave", "up", "--outside-enclave", "--profile",
+                        str(world.profile), "--timeout", "30", "--", "sh", "-c",
+                        f"echo > {ready}; read line < {fifo}",
+                        env=world.env_for("enclave"), stdout=out, stderr=out)
+    world.enclave_proc = proc
+    wait_for(ready.exists, 30, "the tunnel and CMD")
+    during = main_tables(ns)
+    assert "default dev wg0" in during["routes4"] and "default dev wg0" in during["routes6"]
+    assert "192.0.2.1" not in during["routes4"] and "fd00:77::1" not in during["routes6"]
+    assert "default via 192.0.2.254 dev eth0 metric 300" in during["routes4"]
+    if ending == "cmd-exits":
+        with open(fifo, "w") as f:
+            f.write("done\n")
+        expected = 0
+    else:
+        proc.send_signal(signal.SIGTERM)  # to `ip netns exec`, which execs: `enclave up` itself
+        expected = 128 + signal.SIGTERM
+    assert proc.wait(15) == expected, log.read_text()
+    assert main_tables(ns) == before, log.read_text()
+    text = log.read_text()
+    for route in ("default via 192.0.2.1 dev eth0", "default via fd00:77::1 dev eth0 metric 1024"):
+        assert f"put back this network namespace's default route ({route})" in text, text
+    assert "default route (default via 192.0.2.254 dev eth0 metric 300) stays" in text, text
+    assert "put back this network namespace's default route (default via 192.0.2.254" not in text

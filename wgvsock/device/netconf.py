@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -143,9 +143,18 @@ _ROUTE_TYPES = {2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "bl
 class DefaultRoute(NamedTuple):
     version: int  # 4 or 6
     text: str  # as `ip route` says it: "default via 192.0.2.1 dev eth0"
+    # The route as netlink gave it (its header's fields and its attributes, gateways, device,
+    # metric, nexthops and the rest), for put_back_route.
+    netlink: Mapping[str, Any] | None = None
 
     def __str__(self) -> str:
         return self.text
+
+
+# What the kernel sets itself and takes from no request.
+_READ_ONLY_ROUTE_ATTRS = frozenset({"RTA_TABLE", "RTA_CACHEINFO"})
+_ROUTE_HEADER = ("family", "dst_len", "src_len", "tos", "table", "proto", "scope", "type",
+                 "flags")
 
 
 def default_routes() -> list[DefaultRoute]:
@@ -184,11 +193,29 @@ def default_routes() -> list[DefaultRoute]:
                                                  nh.get_attr("RTA_VIA"), nh["oif"])
                     if metric := r.get_attr("RTA_PRIORITY"):
                         text += f" metric {metric}"
-                    found.append(DefaultRoute(4 if family == 2 else 6, text))
+                    netlink = {key: r[key] for key in _ROUTE_HEADER}
+                    netlink.update((name, value) for name, value in r["attrs"]
+                                   if name not in _READ_ONLY_ROUTE_ATTRS)
+                    found.append(DefaultRoute(4 if family == 2 else 6, text, netlink))
             return found
     except NetlinkError as e:
         raise NetconfError(f"listing this network namespace's routes: "
                            f"{e.args[1] if len(e.args) > 1 else e}") from e
+
+
+def put_back_route(route: DefaultRoute) -> None:
+    """Adds ROUTE, one of default_routes(), again as it was: its gateways, device, metric and
+    the rest. NetconfError where it cannot, one in its place already among the reasons."""
+    if route.netlink is None:
+        raise ValueError(f"default route {route}: not one default_routes() found")
+    try:
+        with IPRoute() as ipr:
+            ipr.route("add", **route.netlink)
+    except NetlinkError as e:
+        why = e.args[1] if len(e.args) > 1 else str(e)
+        if e.code == _EEXIST:
+            why = "another default route of the same metric is there in its place"
+        raise NetconfError(f"putting back default route {route}: {why}") from e
 
 
 def write_resolv_conf(nameservers: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address],

@@ -205,8 +205,8 @@ def enclave_main(argv: list[str]) -> int:
                     help="start even though this network namespace already has a default route "
                     "(a container tried with `docker run`; an enclave has none). Without it "
                     "`up` refuses there, changing nothing: on a host it would replace the "
-                    "host's default route (for good) and /etc/resolv.conf. With it, the "
-                    "replaced route is logged, /etc/resolv.conf put back when `up` ends, and "
+                    "host's default route and /etc/resolv.conf. With it, the replaced routes "
+                    "are logged, they and /etc/resolv.conf put back when `up` ends, and "
                     "a read-only /proc/sys (which leaves wg0 open to the parent's router "
                     "advertisements) only warned about rather than refused")
     up.add_argument("-v", "--verbose", action="store_true")

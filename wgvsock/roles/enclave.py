@@ -261,8 +261,10 @@ class Enclave:
         self.profile = profile
         self.resolv_conf = resolv_conf
         # Run where a default route is already (a container tried with `docker run`), as asked:
-        # resolv.conf is then put back at the end.
+        # the default routes the profile's replace and resolv.conf are then put back at the end.
         self.outside_enclave = outside_enclave
+        # The namespace's default routes before the profile's were added, for close().
+        self._defaults_before: list[netconf.DefaultRoute] = []
         # (the file written, its content before or None when there was none), to put back.
         self._resolv_before: tuple[str, bytes | None] | None = None
         self.key = generate_private_key()
@@ -314,6 +316,7 @@ class Enclave:
             configure(self.device, private_key=self.key)
             netconf.add_addresses(p.interface, p.enclave.addresses)
             netconf.link_up(p.interface, p.mtu)
+            self._defaults_before = defaults  # (should adding ours fail part-way, too)
             netconf.add_routes(p.interface, self._routes())
             if defaults:
                 self._say_what_became_of(defaults)
@@ -336,7 +339,8 @@ class Enclave:
         # A default route of the profile takes the place of the namespace's of its family.
         taken = {r.version for r in routes if r.prefixlen == 0}
         replaced = [d for d in defaults if d.version in taken]
-        gone = " (for good: it would not come back when `enclave up` ends)"
+        gone = (" (until `enclave up` ends, and for good should it be killed: then it would "
+                "not be put back)")
         if len(replaced) == len(defaults):
             change = (f"replace {'it' if one else 'them'} with a default route through "
                       f"{p.interface}{gone}")
@@ -359,7 +363,7 @@ class Enclave:
 
     def _say_what_became_of(self, defaults: list[netconf.DefaultRoute]) -> None:
         """Logs, under --outside-enclave, which of the namespace's DEFAULTS the profile's routes
-        replaced (gone for good once the tunnel's interface goes) and which are still there."""
+        replaced (put back by close()) and which are still there."""
         name = self.profile.interface
         try:
             now = {str(d) for d in netconf.default_routes()}
@@ -374,8 +378,30 @@ class Enclave:
                          "stays, beside the routes through %s", d, name)
             else:
                 log.warning("--outside-enclave: replaced this network namespace's default route "
-                            "(%s) with one through %s; it is not put back when `enclave up` "
-                            "ends", d, name)
+                            "(%s) with one through %s until `enclave up` ends", d, name)
+
+    def _put_back_default_routes(self) -> None:
+        """Adds again the namespace's default routes that the profile's replaced, once the
+        tunnel's interface, and with it the routes through it, is gone."""
+        before, self._defaults_before = self._defaults_before, []
+        if not before:
+            return
+        try:
+            now = {str(d) for d in netconf.default_routes()}
+        except OSError as e:
+            log.warning("cannot put back this network namespace's default routes (%s): %s",
+                        "; ".join(map(str, before)), e)
+            return
+        for d in before:
+            if str(d) in now:  # one the profile's routes left beside them
+                continue
+            try:
+                netconf.put_back_route(d)
+            except OSError as e:
+                log.warning("cannot put back this network namespace's default route as it was "
+                            "before `enclave up`: %s", e)
+            else:
+                log.info("put back this network namespace's default route (%s)", d)
 
     def _keep_resolv_conf(self) -> None:
         """Notes what resolv.conf holds before it is written, for close() to put back."""
@@ -645,6 +671,7 @@ class Enclave:
             self.device = None
         if self._unix_dir:
             shutil.rmtree(self._unix_dir, ignore_errors=True)
+        self._put_back_default_routes()
         self._put_back_resolv_conf()
 
 
