@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -20,6 +21,7 @@ import pytest
 
 from wgvsock.conn.stream import StreamBind
 from wgvsock.device.device import Device
+from wgvsock.roles import cmd
 from wgvsock.roles import enclave as enclave_mod
 from wgvsock.services.profile import load_profile
 from wgvsock.ui.nslab import wait_for
@@ -161,8 +163,6 @@ def test_a_freeze_during_the_grace_after_sigterm_is_not_counted(tmp_path: Path) 
     wall-clock time, so CMD, frozen with `up` (docker pause, a paused VM) for most of it, got
     SIGKILL right after the resume with no time left to end cleanly. Now the freeze does not
     count: CMD has what was left of its grace after the resume."""
-    import sys
-
     pid, termed = tmp_path / "pid", tmp_path / "termed"
     script = f"trap 'echo > {termed}' TERM; {_writes_its_pid(pid)}while :; do sleep 0.05; done"
     up = subprocess.Popen([sys.executable, "-c", _GRACE_ACROSS_A_FREEZE, str(PROFILE),
@@ -576,3 +576,51 @@ def test_as_pid_1_a_sigterm_while_starting_stops_it(tmp_path: Path) -> None:
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 128 + signal.SIGTERM, res.stdout + res.stderr
     assert "tunnel started" not in res.stdout
+
+
+def test_cmd_is_not_run_when_enclave_up_died_before_it_could_be_tied_to_it(
+        tmp_path: Path) -> None:
+    """The exec helper asks for the parent-death signal, then checks that its parent is still
+    the `enclave up` that started it: one that died before the prctl took has handed the
+    helper to another parent, and the signal would never come. Then CMD is not run at all.
+    (Here the helper names a parent it does not have, as it would after such a death.)"""
+    ran = tmp_path / "ran"
+    r, w = os.pipe()
+    try:
+        res = subprocess.run([sys.executable, "-I", "-S", "-c", cmd._HELPER, str(os.getpid() + 1),
+                              str(w), "sh", "-c", f"echo > {ran}"], pass_fds=(w,), timeout=30,
+                             check=False)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert res.returncode == -signal.SIGKILL
+    assert not ran.exists()
+
+
+def test_a_script_whose_interpreter_is_missing_exits_127(deaths, tmp_path: Path,
+                                                         capsys) -> None:
+    """What the check before the tunnel cannot see fails at the exec, in the helper that
+    starts CMD: reported through it as Popen reported it, the shell's 127."""
+    script = tmp_path / "app"
+    script.write_text("#!/nonexistent/interpreter\n")
+    script.chmod(0o755)
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), [str(script)], timeout=5)
+    err = capsys.readouterr().err
+    assert rc == 127, err
+    assert err == f"wgvsock enclave up: cannot run {script}: No such file or directory\n"
+
+
+def test_cmd_starts_with_no_signal_blocked_whatever_it_is(deaths, capfd) -> None:
+    """The test above sees the mask through `sh`, which clears it itself. Before: a CMD that
+    does not (grep here, run directly) started with the mask of the thread that started it."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        rc = enclave_mod.run_up(load_profile(str(PROFILE)),
+                                ["grep", "-E", "^SigBlk:", "/proc/self/status"], timeout=5)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert rc == 0
+    [line] = [x for x in capfd.readouterr().out.splitlines() if x.startswith("SigBlk:")]
+    blk = int(line.split()[1], 16)
+    glibc = (1 << 31) | (1 << 32)  # as above
+    assert blk & ~glibc == 0, hex(blk)

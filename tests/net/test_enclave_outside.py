@@ -238,3 +238,39 @@ def test_outside_enclave_puts_the_default_routes_it_replaced_back(world: World,
         assert f"put back this network namespace's default route ({route})" in text, text
     assert "default route (default via 192.0.2.254 dev eth0 metric 300) stays" in text, text
     assert "put back this network namespace's default route (default via 192.0.2.254" not in text
+
+
+def _running(pid: int) -> bool:
+    """Whether PID runs (a zombie does not: it has ended, its reaper has yet to look)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_cmd_does_not_outlive_a_killed_enclave_up(world: World) -> None:
+    """Before: outside Nitro, with `enclave up` SIGKILLed (the OOM killer, kill -9) where it
+    is not PID 1, CMD ran on, adopted by init, without its network and with nothing to stop
+    it. Now the kernel SIGKILLs it when `up` dies."""
+    assert world.parent_cmd("up").returncode == 0
+    pid_file = world.lab.tmp / "cmd.pid"
+    with open(world.lab.tmp / "enclave.log", "ab") as out:
+        proc = world.enclave.popen(
+            WGVSOCK, "enclave", "up", "--profile", str(world.profile), "--timeout", "30", "--",
+            "sh", "-c", f"echo $$ > {pid_file}.new; mv {pid_file}.new {pid_file}; exec sleep 600",
+            env=world.env_for("enclave"), stdout=out, stderr=out)
+    world.enclave_proc = proc
+    wait_for(pid_file.exists, 30, "the tunnel and CMD")
+    cmd = int(pid_file.read_text())
+    wait_for(lambda: Path(f"/proc/{cmd}/cmdline").read_bytes().startswith(b"sleep\0"), 5,
+             "CMD to exec sleep")
+    # (After the command line: state, then parent.) `up` is its parent.
+    assert Path(f"/proc/{cmd}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+    proc.kill()  # `ip netns exec` execs: this is `enclave up` itself
+    assert proc.wait(10) == -signal.SIGKILL
+    try:
+        wait_for(lambda: not _running(cmd), 10, "CMD to end with `enclave up`")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cmd, signal.SIGKILL)

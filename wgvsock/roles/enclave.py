@@ -43,6 +43,7 @@ from ..services.control import (
 )
 from ..signals import STOPPING, Wakeup
 from ..threads import NamedThread, on_thread_death
+from . import cmd
 from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
 
 log = logging.getLogger("wgvsock.enclave")
@@ -116,7 +117,7 @@ def _unrunnable(command: list[str]) -> tuple[int, str] | None:
     attestation, and as the status a parent that never answered gives."""
     name = command[0]
     if "/" not in name:
-        if shutil.which(name) is None:  # the search Popen makes
+        if shutil.which(name) is None:  # the search the exec makes
             path = os.environ.get("PATH", os.defpath)
             return 127, f"cannot run {name}: not found in PATH ({path})"
         return None
@@ -691,7 +692,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
         print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)
         return code
     child: subprocess.Popen | None = None
-    starting = False  # CMD is being started: it may run before Popen returns
+    starting = False  # CMD is being started: it may run before cmd.start returns
     started_with: list[int] = []  # signals taken meanwhile, for CMD
     wakeup = Wakeup()
 
@@ -759,9 +760,9 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
             return 0
         starting = True
         try:
-            # (Popen's defaults, stated: the app gets none of our descriptors, the TUN and
-            # the sockets among them, and SIGPIPE and SIGXFSZ back from Python's SIG_IGN.)
-            proc = subprocess.Popen(command, close_fds=True, restore_signals=True)
+            # From this (the main) thread: CMD gets SIGKILL when the thread that started it
+            # ends (wgvsock.roles.cmd).
+            proc = cmd.start(command)
         except OSError as e:  # what _unrunnable cannot see: a script's missing interpreter
             print(f"wgvsock enclave up: cannot run {command[0]}: {e.strerror}",
                   file=sys.stderr, flush=True)
