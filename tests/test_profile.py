@@ -426,6 +426,12 @@ BAD = [
     ("name: a\nparent:\n  address: 10.77.0.1/32\n", "parent.address", "no room", "address:"),
     ("name: a\nparent:\n  address: 10.77.0.0/30\n", "parent.address", "network address",
      "address:"),
+    # A /0 tunnel overlaps every network of every host: `parent up` refused it (check_host's
+    # overlap with one of this host's networks), `profile check` without --host passed it.
+    ("name: a\nparent:\n  address: 10.0.0.1/0\n", "parent.address",
+     "tunnel subnet 0.0.0.0/0 overlaps every network of this host", "address:"),
+    ("name: a\nenclave:\n  address: ['fd77::2/0']\n", "enclave.address[0]",
+     "tunnel subnet ::/0 overlaps every network of this host", "address:"),
     ("name: a\nparent:\n  address: {ip: 10.77.0.1/30}\n", "parent.address",
      "expected a list, got a mapping", "address:"),
     ("name: a\nparent:\n  address: []\n", "parent.address", "no address given", "address:"),

@@ -1026,6 +1026,14 @@ class _Builder(_Parser):
                              f"prefix /{a.network.prefixlen} leaves no room for the other side",
                              f"use /{limit} or wider, e.g. /30 for IPv4 or /126 for IPv6")
                 continue
+            if a.network.prefixlen == 0:
+                # check_host's overlap, true on every host: refused here, before `up` has
+                # changed anything, and by `profile check` without --host.
+                self.problem(_line(node), k, f"tunnel subnet {a.network} overlaps every "
+                             f"network of this host (it is every IPv{a.version} address)",
+                             "pick a subnet this host does not use, e.g. "
+                             f"{_tunnel_example(key.split('.')[0], a.version)}")
+                continue
             if a.version == 4 and a.network.prefixlen <= 30 and a.ip in (
                     a.network.network_address, a.network.broadcast_address):
                 which = "network" if a.ip == a.network.network_address else "broadcast"
