@@ -552,11 +552,11 @@ BAD = [
      "parent.metrics.listen", "is not ADDRESS:PORT", "listen"),
     # YAML 1.1 (PyYAML) reads a leading 0 as octal and digits between colons as base 60,
     # YAML 1.2 (other tools) as decimal and a string: neither may be what was meant.
-    ("name: a\nmtu: 01400\n", "mtu", "'01400' is 768 to YAML (a leading 0 makes it octal)",
-     "mtu:"),
+    ("name: a\nmtu: 01400\n", "mtu", "'01400' has a leading zero, which is not allowed "
+     "(YAML would read it as octal: 768)", "mtu:"),
     ("name: a\nparent:\n  ingress:\n    - {listen: 10:43}\n", "parent.ingress[0].listen",
      "'10:43' is 643 to YAML (numbers between colons are base 60)", "listen"),
-    ("name: a\ntransport:\n  port: 0777\n", "transport.port", "a leading 0 makes it octal",
+    ("name: a\ntransport:\n  port: 0777\n", "transport.port", "has a leading zero",
      " port:"),
     # Control and other unprintable characters in a path reach error messages, logs and the
     # file system (a line break in a directory `parent up` would make) as they are.
@@ -592,6 +592,18 @@ BAD = [
                          ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
 def test_bad_profile_is_refused(text, key, reason, needle):
     refused(text, key, reason, needle)
+
+
+@pytest.mark.parametrize(("value", "reason", "hint"), [
+    # "'00' is 0 to YAML (a leading 0 makes it octal)": true of YAML 1.1, odd to read.
+    ("00", "'00' has a leading zero, which is not allowed",
+     "write a number in 576..65535 without leading zeros"),
+    ("01420", "'01420' has a leading zero, which is not allowed (YAML would read it as "
+     "octal: 784)", "write 1420, not 01420"),
+])
+def test_a_number_with_a_leading_zero_is_refused_as_such(value, reason, hint):
+    p = refused(f"name: a\nmtu: {value}\n", "mtu", reason, "mtu:")
+    assert (p.reason, p.hint) == (reason, hint)
 
 
 def test_a_pcr_index_of_more_digits_than_int_reads_is_refused():

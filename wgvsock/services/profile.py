@@ -601,12 +601,20 @@ class _Parser:
         # YAML 1.1 (PyYAML's) reads 0777 as octal and 443:8443 as base 60: the number
         # used would not be the one written. Hex (0x) and binary (0b) say what they are.
         raw = node.value.replace("_", "")
-        if ":" in raw or _OCTAL.fullmatch(raw):
-            why = ("numbers between colons are base 60" if ":" in raw
-                   else "a leading 0 makes it octal")
-            self.problem(_line(node), key, f"'{node.value}' is {value} to YAML ({why})",
-                         f"write one number in {lo}..{hi} in decimal digits"
-                         + (", without the leading 0" if ":" not in raw else ""))
+        if ":" in raw:
+            self.problem(_line(node), key, f"'{node.value}' is {value} to YAML (numbers "
+                         "between colons are base 60)",
+                         f"write one number in {lo}..{hi} in decimal digits")
+            return None
+        if _OCTAL.fullmatch(raw):
+            # Said as a rule rather than as octal, which is news to most ('00' is 0 either
+            # way); YAML 1.2 tools would read 0777 as 777, so neither reading is safe.
+            meant = int(raw, 10)
+            octal = f" (YAML would read it as octal: {value})" if value != meant else ""
+            self.problem(_line(node), key,
+                         f"'{node.value}' has a leading zero, which is not allowed{octal}",
+                         f"write {meant}, not {node.value}" if lo <= meant <= hi
+                         else f"write a number in {lo}..{hi} without leading zeros")
             return None
         if not lo <= value <= hi:
             self.problem(_line(node), key, f"{value} is out of range{what}", f"use {lo}..{hi}")
