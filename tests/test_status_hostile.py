@@ -222,6 +222,28 @@ def test_what_is_not_a_socket_is_named_so_not_a_stale_socket(tmp_path: Path) -> 
     }
 
 
+def test_a_socket_of_another_kind_is_named_so(tmp_path: Path) -> None:
+    """A datagram or seqpacket socket in the run directory, which a process holds: connect()
+    answers EPROTOTYPE, which read "cannot read ...: Protocol wrong type for socket"."""
+    held = []
+    try:
+        for name, kind in (("wgdgram", socket.SOCK_DGRAM), ("wgseq", socket.SOCK_SEQPACKET)):
+            s = socket.socket(socket.AF_UNIX, kind)
+            held.append(s)
+            s.bind(str(tmp_path / f"{name}.sock"))
+        held[1].listen()
+        snap = st.Collector(None, str(tmp_path)).sample()
+    finally:
+        for s in held:
+            s.close()
+    errors = {i.name: i.error for i in snap.interfaces}
+    assert errors == {
+        name: f"not a UAPI socket: {tmp_path}/{name}.sock is a datagram or seqpacket socket, "
+              "not the stream socket a WireGuard daemon serves (another program's, still open)"
+        for name in ("wgdgram", "wgseq")
+    }
+
+
 @pytest.mark.parametrize("json_out", [False, True])
 def test_once_exits_1_when_the_run_directory_cannot_be_listed(tmp_path: Path, json_out: bool,
                                                               capsys) -> None:

@@ -329,6 +329,10 @@ def _error_words(exc: BaseException, path: str, timeout: float) -> str:
             return (f"not a socket: {path} is {kind}, which no daemon serves (remove it: a "
                     "daemon makes its own socket as it starts)")
         return f"stale socket: connection refused on {path} (no daemon is serving it)"
+    if isinstance(exc, OSError) and exc.errno == errno.EPROTOTYPE:
+        # Only a socket that is bound, so held by a process, answers so: not a leftover.
+        return (f"not a UAPI socket: {path} is a datagram or seqpacket socket, not the stream "
+                "socket a WireGuard daemon serves (another program's, still open)")
     if isinstance(exc, TimeoutError):
         return (f"no answer: {path} did not reply within {timeout:g} s (daemon hung? "
                 "--timeout waits longer)")
