@@ -28,6 +28,21 @@ def test_live_sockets_of_either_kind_answer(tmp_path: Path) -> None:
         dgram.close()
 
 
+@pytest.mark.parametrize("listening", [True, False])
+def test_a_live_seqpacket_socket_answers_and_stays(tmp_path: Path, listening: bool) -> None:
+    """Probed as stream and datagram only, each refused with EPROTOTYPE: taken for a
+    leftover, and a daemon starting on that name unlinked it ("removed stale UAPI socket")."""
+    path = tmp_path / "q.sock"
+    held = _bound(path, socket.SOCK_SEQPACKET)
+    try:
+        if listening:
+            held.listen()
+        assert answered(str(path))
+        assert not remove_stale(str(path)) and path.exists()
+    finally:
+        held.close()
+
+
 def test_leftovers_and_missing_paths_do_not(tmp_path: Path) -> None:
     for name, kind in (("s.sock", socket.SOCK_STREAM), ("d.dgram", socket.SOCK_DGRAM)):
         _bound(tmp_path / name, kind).close()  # the file stays, nobody behind it

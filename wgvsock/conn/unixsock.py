@@ -16,25 +16,25 @@ from ..pathwalk import MAX_LINKS, Fault, Replaceable, names, resolve
 
 
 def answered(path: str) -> bool:
-    """Whether a process answers on the Unix socket (stream or datagram) at PATH. False for
-    a leftover and for a path where no socket is; OSError for a path that cannot be probed."""
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        with socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC) as probe:
-            # A live listener whose backlog is full would hold a blocking connect for ever;
-            # with a timeout that is an EAGAIN at once.
-            probe.settimeout(1.0)
-            try:
-                probe.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                return False
-            except (BlockingIOError, TimeoutError):
-                return True
-            except OSError as e:
-                if e.errno == errno.EPROTOTYPE:  # a socket of the other kind
-                    continue
-                raise
+    """Whether a process answers on the Unix socket (of any kind) at PATH. False for a
+    leftover and for a path where no socket is; OSError for a path that cannot be probed."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        # A live listener whose backlog is full would hold a blocking connect for ever;
+        # with a timeout that is an EAGAIN at once.
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except (BlockingIOError, TimeoutError):
             return True
-    return False
+        except OSError as e:
+            # A socket of another kind (datagram, seqpacket) is bound there, which only a
+            # process holding it keeps so; a leftover file has none behind it (refused).
+            if e.errno == errno.EPROTOTYPE:
+                return True
+            raise
+        return True
 
 
 def remove_stale(path: str) -> bool:
