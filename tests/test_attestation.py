@@ -970,6 +970,21 @@ def test_cli_verify_garbage_and_usage_errors(files, tmp_path, capsys):
         assert err
 
 
+@pytest.mark.timeout(20)
+def test_cli_inputs_that_are_no_regular_file_are_refused_at_once(ca, files, tmp_path, capsys):
+    """A FIFO given as a document, PCR input, root or test root CA blocked in open()."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    said = "is a FIFO (named pipe), not a regular file (give - to read standard input)"
+    for argv, what in ((["verify", str(fifo)], "document"),
+                       (["verify", files["good"], "--root", str(fifo)], "--root"),
+                       (["pcrs", str(fifo)], "input")):
+        code, _, err = run(argv, capsys)
+        assert (code, err.strip()) == (2, f"wgvsock attest {argv[0]}: {what} {fifo}: {said}")
+    with pytest.raises(AttestationError, match="cannot be read: is a FIFO"):
+        trusted_root(str(fifo))
+
+
 _MEASUREMENTS = json.dumps({"Measurements": {
     "HashAlgorithm": "Sha384 { ... }",
     "PCR0": TEST_PCRS[0].hex(), "PCR1": TEST_PCRS[1].hex(), "PCR2": TEST_PCRS[2].hex()}},

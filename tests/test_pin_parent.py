@@ -152,6 +152,19 @@ def test_parent_key_file_mode_and_owner(tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.timeout(20)
+def test_a_key_file_or_profile_that_is_no_regular_file_is_refused_at_once(tmp_path, capsys):
+    """A FIFO (mode 0600, ours) passed the key file's checks and blocked the read for ever;
+    pin-parent opened the profile a second time, unchecked."""
+    fifo = tmp_path / "k.fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(RoleError, match=re.escape(f"private key {fifo}: is a FIFO (named "
+                                                  "pipe), not a regular file")):
+        load_parent_key(str(fifo))
+    assert cli.main(["profile", "pin-parent", str(fifo)]) == 1
+    assert "is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+
+
 _UNPRIVILEGED_BIND = r"""
 import errno, os, socket, sys
 os.setgid(65534)

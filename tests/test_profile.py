@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import builtins
 import ipaddress
+import os
 import textwrap
 from pathlib import Path
 
@@ -766,7 +766,7 @@ def test_load_directory(tmp_path):
 def test_load_permission_denied(tmp_path, monkeypatch):
     path = tmp_path / "p.yaml"
     path.write_text("name: a\n")
-    real_open = builtins.open
+    real_open = os.open
 
     def deny(file, *args, **kwargs):
         if str(file) == str(path):
@@ -774,9 +774,37 @@ def test_load_permission_denied(tmp_path, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     # Root reads any file, so chmod 000 proves nothing in CI: fake the refusal instead.
-    monkeypatch.setattr(builtins, "open", deny)
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(ProfileError, match="permission denied"):
         load_profile(path)
+
+
+@pytest.mark.timeout(20)
+def test_a_profile_that_is_no_regular_file_is_refused_at_once(tmp_path, capsys):
+    """A FIFO blocked `profile check` (and `parent up`) in open() until someone wrote to it;
+    /dev/null read as an empty profile."""
+    fifo = tmp_path / "p.fifo"
+    os.mkfifo(fifo)
+    for path, what in ((fifo, "a FIFO (named pipe)"), (Path("/dev/null"), "a character device"),
+                       (tmp_path, "a directory")):
+        assert main_check([str(path)]) == 1
+        assert capsys.readouterr().err == (
+            f"{path}: is {what}, not a regular file — a profile must be a regular file: give "
+            "the path of its YAML\n")
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_swapped_in_after_the_stat_is_refused_without_blocking(tmp_path, monkeypatch):
+    """What was opened is judged again (fstat), and opened O_NONBLOCK so that the open itself
+    does not wait for a writer."""
+    fifo, plain = tmp_path / "p.fifo", tmp_path / "p.yaml"
+    os.mkfifo(fifo)
+    plain.write_text("name: a\n")
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(plain if str(p) == str(fifo)
+                                                               else p, *a, **k))
+    with pytest.raises(ProfileError, match="is a FIFO"):
+        load_profile(fifo)
 
 
 def test_load_not_utf8(tmp_path):

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..argtypes import seconds
+from ..regular import NotRegularFile, read_regular
 from ..safetext import prose, quote
 from .verify import (
     AttestationError,
@@ -72,8 +73,9 @@ def _read_input(path: str, what: str) -> bytes:
         if path == "-":
             data = sys.stdin.buffer.read(MAX_INPUT + 1)
         else:
-            with open(path, "rb") as f:
-                data = f.read(MAX_INPUT + 1)
+            data = read_regular(path, MAX_INPUT + 1)
+    except NotRegularFile as e:
+        raise _Usage(f"{what} {path}: {e.strerror} (give - to read standard input)") from None
     except OSError as e:
         raise _Usage(f"{what} {path}: {e.strerror}") from None
     if len(data) > MAX_INPUT:

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from ..conn.bind import RateLimitedLog
+from ..regular import read_regular
 from ..safetext import prose, quote
 from ..services.control import Verdict
 
@@ -223,8 +224,7 @@ def trusted_root(test_root_ca: str | None = None) -> x509.Certificate:
     if not test_root_ca:
         return aws_root()
     try:
-        with open(test_root_ca, "rb") as f:
-            data = f.read(64 * 1024)
+        data = read_regular(test_root_ca, 64 * 1024)
     except OSError as e:
         # The reason goes to the registering peer: where the root lives stays in the log.
         log.error("attestation: attestation.test_root_ca %s cannot be read: %s", test_root_ca,

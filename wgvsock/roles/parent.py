@@ -30,6 +30,7 @@ from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64,
 from ..device import netconf
 from ..device.device import Device
 from ..pathwalk import keepers
+from ..regular import read_regular
 from ..safetext import prose
 from ..sdnotify import Notifier, Watchdog
 from ..services import firewall
@@ -325,7 +326,9 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
         raise RoleError(f"private key {path} is readable by others (mode {mode:o}): "
                         f"chmod 600 {path}")
     try:
-        return key_from_base64(path.read_text())
+        # A key is 45 bytes: a bound keeps /dev/zero and the like out, as the read of a
+        # regular file only keeps a FIFO from blocking the start.
+        return key_from_base64(read_regular(path, 4096).decode("ascii", "replace"))
     except KeyFormatError as e:
         raise RoleError(f"private key {path}: {e} (expected the output of `wg genkey`)") from e
     except OSError as e:

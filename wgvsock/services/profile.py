@@ -39,6 +39,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ..conn.framing import MAX_STREAM_MTU
+from ..regular import NotRegularFile, read_regular
 from ..safetext import prose
 from .egress.names import NamePattern, NameRule, NameRuleError, looks_like_name
 from .firewall import MAX_CONNECTIONS_LIMIT
@@ -1577,19 +1578,25 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
 def load_profile_digest(path: str | os.PathLike[str]) -> tuple[Profile, str]:
     """load_profile, and the SHA-256 of the bytes it parsed (so `parent reload` can tell
     which version of a file the parent applied)."""
+    data, text = _read_profile(path)
+    return parse_profile(text, str(path)), hashlib.sha256(data).hexdigest()
+
+
+def _read_profile(path: str | os.PathLike[str]) -> tuple[bytes, str]:
+    """The bytes of the profile at PATH and their text. Every failure is a ProfileError."""
     name = str(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PROFILE_BYTES + 1)
+        data = read_regular(path, MAX_PROFILE_BYTES + 1)
     except FileNotFoundError:
         raise ProfileError([Problem(name, 0, "", "no such file",
                                     "check the path (see parent/profile.example.yaml)")]) from None
     except PermissionError:
         raise ProfileError([Problem(name, 0, "", "permission denied",
                                     "run as a user that can read it, or fix its mode")]) from None
-    except IsADirectoryError:
-        raise ProfileError([Problem(name, 0, "", "is a directory",
-                                    "give the profile's YAML file")]) from None
+    except NotRegularFile as e:
+        raise ProfileError([Problem(name, 0, "", e.strerror,
+                                    "a profile must be a regular file: give the path of its "
+                                    "YAML")]) from None
     except OSError as e:
         raise ProfileError([Problem(name, 0, "", f"cannot read: {e.strerror or e}",
                                     "check the path")]) from None
@@ -1597,12 +1604,11 @@ def load_profile_digest(path: str | os.PathLike[str]) -> tuple[Profile, str]:
         raise ProfileError([Problem(name, 0, "", "larger than 1 MiB",
                                     "a profile is a few dozen lines; is this the right file?")])
     try:
-        text = data.decode("utf-8")
+        return data, data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ProfileError([Problem(name, line, "", "not UTF-8 text",
                                     "save the profile as UTF-8")]) from None
-    return parse_profile(text, name), hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1955,7 +1961,11 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     try:
-        profile = load_profile(args.file)
+        # One read for the check and the edit: the file cannot change (or turn into a FIFO)
+        # between them. Line ends as a text-mode read gives them, which the write keeps.
+        _, text = _read_profile(args.file)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        profile = parse_profile(text, args.file)
         if args.public_key is not None:
             try:
                 key = _public_key(args.public_key)
@@ -1973,8 +1983,6 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
                 print(f"{prog}: {e}", file=sys.stderr)
                 return 1
             key = key_to_base64(public_key(private))
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
         new = set_parent_public_key(text, key, args.file)
     except ProfileError as e:
         for p in e.problems:
