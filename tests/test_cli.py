@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from wgvsock import cli
+from wgvsock import cli, stdout
 
 
 def run_pubkey(data: bytes, monkeypatch, capsys) -> tuple[int, str, str]:
@@ -34,3 +38,81 @@ def test_pubkey_refuses_what_is_no_key_without_a_traceback(data, said, monkeypat
     code, out, err = run_pubkey(data, monkeypatch, capsys)
     assert (code, out) == (1, "")
     assert err.startswith("wgvsock pubkey: invalid private key on stdin: ") and said in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard output that cannot be written: said once, at the entry points, never a traceback
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = b"YOrfCzvvqgONhTTs2lwW+53ZtrRnlMbFbBuYShw8kUY=\n"
+# (argv after `python -m`, the program named in the error): every command that prints, through
+# both entry points ([project.scripts]) and status's own __main__.
+PRINTING = [
+    (["wgvsock.cli", "pubkey"], "wgvsock"),
+    (["wgvsock.cli", "genkey"], "wgvsock"),
+    (["wgvsock.cli", "version"], "wgvsock"),
+    (["wgvsock.cli", "--help"], "wgvsock"),
+    (["wgvsock.cli", "profile", "check", str(ROOT / "tests" / "data" / "profile-unix.yaml")],
+     "wgvsock"),
+    (["wgvsock.cli", "status", "--once", "--json", "--run-dir", "/nonexistent"], "wgvsock"),
+    (["wgvsock.cli", "status", "--json", "--interval", "0.1", "--run-dir", "/nonexistent"],
+     "wgvsock"),
+    (["wgvsock.cli", "daemon", "--help"], "wgvsock"),
+    (["wgvsock.cli", "attest", "--help"], "wgvsock"),
+    (["wgvsock.daemon", "--help"], "wireguard-go-vsock"),
+    (["wgvsock.ui.status", "--once", "--run-dir", "/nonexistent"], "wgvsock status"),
+]
+
+
+def run_with_stdout(argv: list[str], stdout, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *argv], input=KEY.decode(), stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=60, check=False, **kwargs)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize(("argv", "prog"), PRINTING, ids=[" ".join(a) for a, _ in PRINTING])
+def test_a_full_stdout_is_one_line_and_status_1(argv, prog):
+    """Before: a traceback ending in OSError: [Errno 28], status 1 or 120 ("Exception
+    ignored" when the last of it was flushed at exit)."""
+    with open("/dev/full", "w") as full:
+        res = run_with_stdout(argv, full)
+    assert (res.returncode, res.stderr) == (
+        1, f"{prog}: cannot write to standard output: No space left on device\n")
+
+
+@pytest.mark.parametrize(("argv", "prog"), PRINTING, ids=[" ".join(a) for a, _ in PRINTING])
+def test_a_stdout_whose_reader_is_gone_ends_quietly_with_141(argv, prog):
+    """`| head -c1`: exit 141 (128 + SIGPIPE, as a shell reports cat or grep killed by
+    SIGPIPE), nothing said. Before: a BrokenPipeError traceback, or status 0 (profile check,
+    status) as if all was printed."""
+    r, w = os.pipe()
+    os.close(r)  # the reader gone before the first write: no race
+    try:
+        res = run_with_stdout(argv, w)
+    finally:
+        os.close(w)
+    assert (res.returncode, res.stderr) == (141, "")
+
+
+@pytest.mark.parametrize(("argv", "prog"), PRINTING[:2], ids=["pubkey", "genkey"])
+def test_a_closed_stdout_is_said(argv, prog):
+    """Started with `>&-`: print() wrote to None without a word, and status 0."""
+    res = run_with_stdout(argv, subprocess.DEVNULL, preexec_fn=lambda: os.close(1))
+    assert (res.returncode, res.stderr) == (
+        1, f"{prog}: cannot write to standard output: not open (the command was started with "
+           "it closed)\n")
+
+
+def test_an_error_of_another_file_is_not_taken_for_stdout():
+    """Only what sys.stdout raises is said as standard output's: an OSError of another file
+    stays the command's own, and sys.stdout is given back as it was."""
+    before = sys.stdout
+
+    def fails() -> int:
+        print("on stdout")
+        raise OSError(errno.ENOSPC, "No space left on device", "/var/lib/x")
+
+    with pytest.raises(OSError) as info:
+        stdout.guarded("wgvsock", fails)
+    assert info.value.filename == "/var/lib/x" and not isinstance(info.value, BrokenPipeError)
+    assert sys.stdout is before

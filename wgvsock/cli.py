@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from . import __version__
+from .stdout import guarded
 
 USAGE = """usage: wgvsock COMMAND [ARGS...]
 
@@ -27,7 +28,10 @@ _MAX_KEY_INPUT = 4096
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    return guarded("wgvsock", _main, sys.argv[1:] if argv is None else argv)
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if args else 2

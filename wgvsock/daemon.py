@@ -22,6 +22,7 @@ import sys
 
 from . import __version__
 from .safetext import prose, quote
+from .stdout import guarded
 
 NETWORKS = ("vsock", "tcp", "tcp4", "tcp6", "udp", "unix")
 ENV_NETWORK = "WGVSOCK_NETWORK"
@@ -100,6 +101,10 @@ def setup_logging(level_name: str | None, ifname: str) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "wireguard-go-vsock") -> int:
+    return guarded(prog, _main, argv, prog)
+
+
+def _main(argv: list[str] | None, prog: str) -> int:
     args = _parser(prog).parse_args(argv)
     network = args.network or os.environ.get(ENV_NETWORK) or "vsock"
     if network not in NETWORKS:

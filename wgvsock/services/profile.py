@@ -1868,11 +1868,7 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
         print(f"{prog}: warning: attestation.test_root_ca is set: the parent trusts "
               f"{profile.attestation.test_root_ca} instead of AWS's root (for tests only)",
               file=sys.stderr)
-    try:
-        sys.stdout.write(dump_profile(profile))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
+    sys.stdout.write(dump_profile(profile))
     return 0
 
 

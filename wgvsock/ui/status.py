@@ -1010,7 +1010,7 @@ def _stream(collector: Collector, interval: float, as_json: bool, console: Conso
                     console.print(Dashboard(snap, lambda s: _footer(s, interval)))
                     console.print()
                     console.file.flush()
-    except (KeyboardInterrupt, BrokenPipeError):
+    except KeyboardInterrupt:
         pass
     return 0
 
@@ -1065,4 +1065,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..stdout import guarded
+
+    sys.exit(guarded("wgvsock status", main))
