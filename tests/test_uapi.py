@@ -812,7 +812,8 @@ def test_a_run_dir_under_a_dir_others_may_write_is_refused_and_not_made(run_dir:
     with pytest.raises(PermissionError) as info:
         UAPIServer("wgxe", Store(), run_dir=run_dir)
     assert str(info.value).startswith(
-        f"refusing to keep sockets in {run_dir}: {above} above it has mode 0777: other users "
+        f"refusing to keep sockets in {run_dir}: {above} above it is writable by group and others "
+        "(mode 777): other users "
         f"could swap what is in it for their own; `chmod go-w {above}`, or keep them under ")
     assert not os.path.lexists(run_dir)
 
