@@ -783,6 +783,80 @@ def test_spoofed_source_from_the_tunnel_is_dropped(world) -> None:
     assert probe(enclave, "tcp", INTERNET4, 80) == (0, f"internet {PARENT_UP4}")
 
 
+# One datagram from SRC:SPORT, an address this host does not have, to DST:DPORT; exit 5 when
+# the local output hook dropped it. IP_TRANSPARENT (IPV6_TRANSPARENT) lets a socket send
+# from any address; it needs NET_RAW, which a container has by default, or NET_ADMIN.
+_SEND_AS = r"""
+import socket, sys
+src, sport, dst, dport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+v6 = ":" in src
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, 75 if v6 else 19, 1)
+s.bind((src, sport))
+try:
+    s.sendto(b"?", (dst, dport))
+except PermissionError:
+    sys.exit(5)
+"""
+
+# A host beyond the parent: waits for one datagram; when one comes, asks its sender back and
+# prints the answer. Exit 3 when none came in time.
+_FAR_END = r"""
+import socket, sys
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+s.settimeout(timeout)
+print("ready", flush=True)
+try:
+    _, peer = s.recvfrom(2048)
+except TimeoutError:
+    sys.exit(3)
+s.sendto(b"?", peer)
+try:
+    print(s.recv(2048).decode().strip())
+except TimeoutError:
+    print("no answer")
+"""
+
+
+@pytest.mark.quiet  # mostly waits out dropped datagrams
+def test_the_enclaves_addresses_are_a_source_on_the_tunnel_only(world, lab: Lab) -> None:
+    """Review finding: a packet claiming the enclave's address came through the parent from
+    any other interface (a container on docker0 has NET_RAW), or from the parent host itself,
+    and was masqueraded like the enclave's own. Conntrack took it for the enclave's
+    connection: what the far end sent back reached the enclave as a reply on any port, not
+    an ingress port (here its UDP server on 7777), and the enclave's own packets on it
+    passed as established, past the deny rules. Such a packet is now dropped and counted."""
+    enclave, parent, internet = world
+    far = lab.netns("far")
+    near, far_if = lab.veth(parent, "192.0.2.1/24", far, "192.0.2.2/24")
+    parent.ip("addr", "add", "2001:db8:2::1/64", "dev", near, "nodad")
+    far.ip("addr", "add", "2001:db8:2::2/64", "dev", far_if, "nodad")
+    far.ip("route", "add", "default", "via", "192.0.2.1")
+    far.ip("-6", "route", "add", "default", "via", "2001:db8:2::1")
+    internet.ip("route", "add", "192.0.2.0/24", "via", PARENT_UP4)
+    internet.ip("-6", "route", "add", "2001:db8:2::/64", "via", PARENT_UP6)
+    start_server(enclave, "enclave", "udp:0.0.0.0:7777", "udp:[::]:7778")
+    start_server(internet, "internet", f"udp:{INTERNET4}:53")
+    firewall.apply(traffic_spec(), netns=parent.name)
+    with counted(parent, "spoofed_enclave") as gained:
+        for sender in (internet, parent):
+            for source, port, target in ((ENCLAVE4, "7777", "192.0.2.2"),
+                                         (ENCLAVE6, "7778", "2001:db8:2::2")):
+                end = far.popen(PY, "-c", _FAR_END, target, "9999", str(TIMEOUT),
+                                stdout=subprocess.PIPE, text=True)
+                assert end.stdout is not None and end.stdout.readline().strip() == "ready"
+                sent = sender.run(PY, "-c", _SEND_AS, source, port, target, "9999",
+                                  check=False)
+                assert sent.returncode in (0, 5), sent.stderr
+                answer = end.stdout.read().strip()
+                assert (end.wait(10), answer) == (3, ""), (sender.name, source, answer)
+    assert gained["spoofed_enclave"] >= 4
+    # The enclave's own traffic, which comes from the tunnel, passes as before.
+    assert probe(enclave, "udp", INTERNET4, 53) == (0, f"internet {PARENT_UP4}")
+
+
 # Counts, in the internet's namespace, packets that arrive for the enclave's addresses.
 _WATCH_ENCLAVE = f"""
 table inet wgvtest {{

@@ -21,6 +21,13 @@ Why the chains look the way they do
 * From the tunnel, the source must be one of the enclave's addresses (WireGuard's allowed-IPs
   already ensure it; this is a second line). Then established/related flows pass, deny rules
   drop, allow rules accept, and anything else is dropped: deny wins over allow.
+* The other way round, the enclave's addresses are a source on the tunnel only: a packet that
+  claims one and comes in on any other interface (a container on docker0, which has NET_RAW;
+  a neighbour routing through the parent) or from the parent host itself (a raw socket) is
+  dropped before conntrack takes it in. Otherwise it would open a connection in the
+  enclave's name: the answers, replies to it, would reach the enclave on any port (past
+  `to_enclave`), and the enclave's own packets on it would pass as established, past the
+  deny rules.
 * The parent's own addresses are destinations like the CIDR entries' others: a connection
   from the enclave to the parent (input hook) goes through the same deny/allow CIDR lists, so
   the parent's services are reachable from the enclave only where an allow CIDR covers them.
@@ -136,6 +143,7 @@ COUNTERS: tuple[str, ...] = (
     "ingress_blocked",    # anything else routed towards the enclave
     "parent_blocked",     # new flows from the parent host itself to a non-ingress port
     "dns_blocked",        # to the DNS forwarder's port, not through the tunnel
+    "spoofed_enclave",    # with an enclave address as source, not from the tunnel
 )
 
 #: Where the parent's DNS forwarder listens, on each of the spec's ``dns_forwarder`` addresses.
@@ -760,6 +768,23 @@ def render_ruleset(spec: FirewallSpec) -> str:
         "input",
         [*outside, f"iifname {tun} jump enclave_to_parent"],
         "type filter hook input priority filter - 1; policy accept;",
+    )
+    # The enclave's addresses as a source from anywhere but the tunnel (see the module
+    # notes). At priority raw, before conntrack: such a packet never makes an entry. No log
+    # rule: the enclave is not the sender.
+    out += _chain("impostor", [
+        f"{fam} saddr @{set_} counter name {_q('spoofed_enclave')} drop"
+        for fam, set_ in (("ip", "enclave_v4"), ("ip6", "enclave_v6"))
+    ])
+    out += _chain(
+        "arriving",
+        [f"iifname != {tun} jump impostor"],
+        "type filter hook prerouting priority raw; policy accept;",
+    )
+    out += _chain(
+        "leaving",
+        ["jump impostor"],
+        "type filter hook output priority raw; policy accept;",
     )
     out += _chain(
         "local_output",
