@@ -694,13 +694,16 @@ def render_ruleset(spec: FirewallSpec) -> str:
         "ip6 saddr { ::, fe80::/10 } icmpv6 type { mld-listener-report, mld2-listener-report }"
         " accept",
         "jump check_source",
-        "ct state established,related accept",
         # The parent's loopback services (its metrics page, say) are for the parent: with
         # route_localnet=1 (ECS, kube-proxy) the kernel would deliver there from the tunnel.
+        # Before the established/related accept: nothing from the tunnel to loopback is ever
+        # accepted, yet an ICMP error the enclave sends there, quoting one of the parent's
+        # own loopback flows, is `related` to it.
         *logged("ip daddr 127.0.0.0/8", "to parent"),
         f"ip daddr 127.0.0.0/8 counter name {_q('local_blocked')} drop",
         *logged("ip6 daddr ::1", "to parent"),
         f"ip6 daddr ::1 counter name {_q('local_blocked')} drop",
+        "ct state established,related accept",
         *limit,
         "icmp type echo-request accept",
         "icmpv6 type echo-request accept",
