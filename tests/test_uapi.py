@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import ipaddress
 import itertools
 import os
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -677,6 +680,55 @@ def test_server_too_many_clients(run_dir: str) -> None:
         finally:
             a.close()
             b.close()
+
+
+def _client_threads_ended(ifname: str) -> None:
+    """Waits for every thread serving a client of interface IFNAME to end: whatever they were
+    going to apply is applied by then."""
+    for t in threading.enumerate():
+        if t.name == f"uapi-{ifname}-c":
+            t.join(5)
+            assert not t.is_alive(), t
+
+
+def _wait_read_by_server(s: socket.socket) -> None:
+    """Waits until the server has read all that was sent on S (TIOCOUTQ: bytes still queued
+    at the peer)."""
+    deadline = time.monotonic() + 5
+    while struct.unpack("i", fcntl.ioctl(s, termios.TIOCOUTQ, b"\0" * 4))[0]:
+        assert time.monotonic() < deadline, "the server does not read"
+        time.sleep(0.01)
+
+
+def test_a_request_cut_off_by_the_server_is_not_applied(run_dir: str) -> None:
+    """Before: a client closed to make room for a newcomer had the lines it had sent so far
+    applied as if it had ended its request there: half a `wg setconf` (replace_peers=true and
+    the first peers) took every other peer away. Only a client's own end of the stream ends
+    its request."""
+    store = Store()
+    store.listen_port = 1000
+    with UAPIServer("wgxd", store, run_dir=run_dir, max_clients=1) as srv:
+        with _connect(srv.path) as half:
+            half.sendall(b"set=1\nreplace_peers=true\nlisten_port=1234\n")  # still writing
+            _wait_read_by_server(half)
+            with _connect(srv.path) as newcomer:  # takes the only place
+                newcomer.sendall(b"get=1\n\n")
+                assert _read_reply(newcomer).endswith("errno=0\n\n")
+            assert _at_eof(half)
+        _client_threads_ended("wgxd")
+        assert (store.sets, store.listen_port) == (0, 1000)
+
+
+def test_a_request_cut_off_by_close_is_not_applied(run_dir: str) -> None:
+    store = Store()
+    srv = UAPIServer("wgxe", store, run_dir=run_dir)
+    with _connect(srv.path) as half:
+        half.sendall(b"set=1\nlisten_port=1234\n")
+        _wait_read_by_server(half)  # the request is open when the daemon stops
+        srv.close()
+        assert _at_eof(half)
+    _client_threads_ended("wgxe")
+    assert store.sets == 0
 
 
 def test_server_replaces_stale_socket(run_dir: str) -> None:

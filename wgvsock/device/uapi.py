@@ -758,6 +758,12 @@ class UAPIServer:
                 self._clients.pop(conn, None)
             conn.close()
 
+    def _served(self, conn: socket.socket) -> bool:
+        """Whether CONN is still a client of ours (not closed by us to make room, nor by
+        close())."""
+        with self._state_lock:
+            return conn in self._clients and not self._closed
+
     def _mark(self, conn: socket.socket, *, busy: bool) -> None:
         with self._state_lock:
             if conn in self._clients:
@@ -796,6 +802,12 @@ class UAPIServer:
                 if line == "":
                     break
                 lines.append(line)
+            if eof and not self._served(conn):
+                # The end came from our side (the client was closed to make room, or the
+                # daemon stops), not the client's: what it sent is part of a request still
+                # being written, half a `wg setconf` perhaps, and applying it is no choice of
+                # the client's.
+                return False
             self._reply(conn, self._apply(lines))
             return not eof
         # Only the key: a set body sent without `set=1` starts `private_key=<hex>`.
