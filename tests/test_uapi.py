@@ -345,8 +345,18 @@ class Store:
         self.peers: dict[bytes, dict] = {}
         self.busy_port: int | None = None
         self.sets = 0
+        # The server calls handlers from every client's thread: they serialise themselves.
+        self._lock = threading.Lock()
 
     def uapi_get(self) -> DeviceStatus:
+        with self._lock:
+            return self._get()
+
+    def uapi_set(self, cfg: DeviceConfig) -> None:
+        with self._lock:
+            self._set(cfg)
+
+    def _get(self) -> DeviceStatus:
         return DeviceStatus(
             private_key=self.private_key,
             listen_port=self.listen_port,
@@ -365,7 +375,7 @@ class Store:
             ],
         )
 
-    def uapi_set(self, cfg: DeviceConfig) -> None:
+    def _set(self, cfg: DeviceConfig) -> None:
         self.sets += 1
         if cfg.listen_port is not None:
             if cfg.listen_port == self.busy_port:

@@ -6,9 +6,12 @@ nothing is ever sent: these tests are about configuration, not traffic.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
+import threading
+import time
 
 import pytest
 
@@ -324,3 +327,43 @@ def test_garbage_clients_do_not_disturb_others(lab: Lab) -> None:
         idle.close()
         half.close()
     assert "listening port: 43001" in ns.wg("show", ifname).stdout
+
+
+def test_a_name_being_resolved_holds_up_no_other_client(lab: Lab) -> None:
+    """An endpoint given as a name is resolved by the daemon (wireguard-go takes only
+    literals). Before: that happened under the lock every UAPI transaction takes, so while the
+    resolver waited for a nameserver that does not answer, `wg show` (and every other client)
+    waited with it, up to the resolver's timeout."""
+    from .test_enclave_outside import private_resolv_conf
+
+    ns = lab.netns("a")
+    ifname = lab.ifname("a")
+    # The nameserver is across a veth whose other end has no address: queries leave and
+    # nothing ever answers.
+    ns.ip("link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    ns.ip("addr", "add", "10.77.0.1/24", "dev", "d0")
+    ns.ip("neigh", "add", "10.77.0.53", "lladdr", "02:00:00:00:00:53", "dev", "d0")
+    for dev in ("d0", "d1"):
+        ns.ip("link", "set", dev, "up")
+    peer = Keys()
+    with private_resolv_conf(ns, "nameserver 10.77.0.53\noptions timeout:5 attempts:1\n"):
+        lab.start_daemon(ns, ifname, "udp")
+
+        def sent() -> int:
+            return int(ns.run("cat", "/sys/class/net/d0/statistics/tx_packets").stdout)
+
+        before = sent()
+        result: list[int] = []
+        setter = threading.Thread(target=lambda: result.append(uapi_set(
+            sock_path(ifname), f"public_key={peer.public_hex}\nendpoint=peer.example:51820\n",
+            timeout=30)))
+        setter.start()
+        try:
+            wait_for(lambda: sent() > before, 5, "the daemon to ask the nameserver")
+            start = time.monotonic()
+            ns.wg("show", ifname)
+            assert time.monotonic() - start < 2
+        finally:
+            setter.join(30)
+    # The name never resolved: the set is refused as wireguard-go refuses a name.
+    assert result == [-errno.EINVAL]

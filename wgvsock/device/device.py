@@ -248,6 +248,10 @@ class Device:
                              forget_source=without_source)
         self.engine.stop()  # until the link is up (_sync_link), as a new interface is down
         self._lock = threading.Lock()
+        # One configuration transaction at a time, whoever asks (a UAPI client, a role in
+        # process), as wireguard-go's ipcMutex: a set's steps (fwmark, port, engine) are never
+        # interleaved with another's, and a get never sees half of one.
+        self._config_lock = threading.Lock()
         self._offload_lock = threading.Lock()
         # Peers' connections come and go at their will, each one a switch.
         self._offload_log = RateLimitedLog(10.0, log, burst=5)
@@ -844,6 +848,10 @@ class Device:
     # -- UAPI ----------------------------------------------------------------------------
 
     def uapi_get(self) -> DeviceStatus:
+        with self._config_lock:  # never half of a set
+            return self._uapi_get()
+
+    def _uapi_get(self) -> DeviceStatus:
         fmt = self.bind.format_endpoint
         # Taken before the engine lock so the two locks are never held together, and so that
         # the hook (which may run nft) never stalls packets.
@@ -909,7 +917,8 @@ class Device:
 
     def uapi_set(self, cfg: DeviceConfig) -> None:
         # Validate everything that can fail before changing anything, so a bad request
-        # leaves the device as it was.
+        # leaves the device as it was. Endpoints first and outside the lock: a name waits for
+        # the resolver, and no other configuration client (`wg show`) need wait with it.
         endpoints: dict[int, Endpoint] = {}
         for i, pc in enumerate(cfg.peers):
             if pc.endpoint is not None:
@@ -917,6 +926,10 @@ class Device:
                     endpoints[i] = self.bind.parse_endpoint(pc.endpoint)
                 except ValueError as e:
                     raise UAPIError(errno.EINVAL, f"invalid endpoint {pc.endpoint!r}: {e}") from e
+        with self._config_lock:
+            self._uapi_set(cfg, endpoints)
+
+    def _uapi_set(self, cfg: DeviceConfig, endpoints: dict[int, Endpoint]) -> None:
         self._check_peer_count(cfg)
         new_port = cfg.listen_port if cfg.listen_port != self.port else None
         if new_port is not None:

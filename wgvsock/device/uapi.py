@@ -537,6 +537,8 @@ def uapi_set(path: str, text: str, timeout: float = 2.0) -> int:
 
 
 class UAPIHandler(Protocol):
+    """Called from several threads at once: an implementation serialises itself."""
+
     def uapi_get(self) -> DeviceStatus: ...
 
     def uapi_set(self, cfg: DeviceConfig) -> None: ...
@@ -612,9 +614,11 @@ class _LineReader:
 class UAPIServer:
     """Serves the UAPI socket ``<run_dir>/<ifname>.sock`` for one interface.
 
-    An accept thread plus one thread per client; handler calls are serialised by one lock
-    (as wireguard-go's ipcMutex does), so the handler need not guard against concurrent UAPI
-    transactions. The server starts serving when constructed.
+    An accept thread plus one thread per client. The handler is called from the clients'
+    threads at once and serialises its transactions itself (Device does, as wireguard-go's
+    ipcMutex), so that work it can do before taking its lock (resolving a name) holds no other
+    client up, and in-process callers queue with the clients. The server starts serving when
+    constructed.
     """
 
     def __init__(
@@ -639,7 +643,6 @@ class UAPIServer:
         self._max_line = max_line
         self._idle_timeout = idle_timeout
         self._max_clients = max_clients
-        self._handler_lock = threading.Lock()
         self._state_lock = threading.Lock()
         # Each client: whether it is amid a transaction, and since when (monotonic).
         self._clients: dict[socket.socket, tuple[bool, float]] = {}
@@ -780,8 +783,7 @@ class UAPIServer:
                 self._reply(conn, ERR_INVALID)
                 return False
             try:
-                with self._handler_lock:
-                    text = format_get(self._handler.uapi_get())
+                text = format_get(self._handler.uapi_get())
             except UAPIError as e:
                 log.warning("UAPI %s get: %s", self.ifname, e)
                 self._reply(conn, e.errno)
@@ -820,8 +822,7 @@ class UAPIServer:
             # With its operation line, which parse_set drops: a second `set=1` that opens the
             # body is then a bad device key, as wireguard-go has it, not dropped in its place.
             cfg = parse_set("set=1\n" + "".join(line + "\n" for line in lines))
-            with self._handler_lock:
-                self._handler.uapi_set(cfg)
+            self._handler.uapi_set(cfg)
         except UAPIError as e:
             log.warning("UAPI %s set: %s", self.ifname, e)
             return e.errno
