@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import fcntl
@@ -1102,3 +1103,35 @@ def test_a_malformed_request_never_puts_key_material_in_the_log(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert logged and _SECRET[:16] not in logged, logged
     assert "'private_key'" in logged or "'preshared_key'" in logged
+
+
+_SECRET_B64 = base64.b64encode(bytes.fromhex(_SECRET)).decode()
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    # A client that sends base64 where hex goes, and the wrong one of two keys.
+    (f"public_key={_SECRET_B64}", "public_key"),
+    (f"public_key={_SECRET}0", "public_key"),
+    # A template that fills fields in the wrong order.
+    (f"listen_port={_SECRET}", "listen_port"),
+    (f"public_key={'11' * 32}\npersistent_keepalive_interval={_SECRET_B64}",
+     "persistent_keepalive_interval"),
+    (f"public_key={'11' * 32}\nallowed_ip={_SECRET_B64}", "allowed_ip"),
+    (f"public_key={'11' * 32}\nprotocol_version={_SECRET}", "protocol_version"),
+    (f"replace_peers={_SECRET}", "replace_peers"),
+], ids=["public-base64", "public-65-hex", "port", "keepalive", "allowed-ip", "protocol", "flag"])
+def test_a_key_in_a_field_it_does_not_fit_is_not_logged(
+        server: tuple[UAPIServer, Store], line: str, field: str, caplog) -> None:
+    """Before: an invalid value was quoted in the log whatever it was, and where a value does
+    not fit its field it may well be a key that belongs in another (a private key for the
+    peer's public one). Now a value as long as a key is shown by its length only."""
+    import logging
+
+    srv, store = server
+    with caplog.at_level(logging.DEBUG, logger="wgvsock"):
+        assert uapi_set(srv.path, line + "\n") == ERR_INVALID
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert field in logged and "characters" in logged, logged
+    for secret in (_SECRET, _SECRET_B64):
+        assert secret[:16] not in logged, logged
+    assert store.sets == 0

@@ -158,24 +158,33 @@ class DeviceConfig:
     peers: list[PeerConfig] = field(default_factory=list)
 
 
+def _shown(value: str) -> str:
+    """VALUE as a message quotes it. These messages reach the log, and a value that does not fit
+    its field may be a key meant for another (a private key for the peer's public one): one as
+    long as a key (44 characters in base64) is not quoted. Every valid value is shorter."""
+    return repr(value) if len(value) < 40 else f"({len(value)} characters)"
+
+
 def _parse_key(key: str, value: str) -> bytes:
     if not _HEX_KEY.fullmatch(value):
-        # Secrets are never echoed: this message reaches the log.
-        shown = f"({len(value)} characters)" if key != "public_key" else repr(value)
+        # Secrets are never echoed, not even in part.
+        shown = f"({len(value)} characters)" if key != "public_key" else _shown(value)
         raise UAPIError(ERR_INVALID, f"invalid {key} {shown}: expected 64 hex digits")
     return bytes.fromhex(value)
 
 
 def _parse_uint(key: str, value: str, limit: int) -> int:
     if not _DECIMAL.fullmatch(value) or int(value) > limit:
-        raise UAPIError(ERR_INVALID, f"invalid {key} {value!r}: expected an integer 0..{limit}")
+        raise UAPIError(ERR_INVALID,
+                        f"invalid {key} {_shown(value)}: expected an integer 0..{limit}")
     return int(value)
 
 
 def _parse_true(key: str, value: str) -> bool:
     # wireguard-go accepts only "true"; "false" is an error, not a no-op.
     if value != "true":
-        raise UAPIError(ERR_INVALID, f"invalid {key} {value!r}: the only valid value is 'true'")
+        raise UAPIError(ERR_INVALID,
+                        f"invalid {key} {_shown(value)}: the only valid value is 'true'")
     return True
 
 
@@ -184,16 +193,16 @@ def _parse_prefix(value: str) -> IPNetwork:
     addr_text, slash, bits_text = value.partition("/")
     # Go takes no leading zero ("/024") and no sign.
     if not slash or not re.fullmatch(r"0|[1-9][0-9]{0,2}", bits_text):
-        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {value!r}: expected ADDRESS/BITS")
+        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {_shown(value)}: expected ADDRESS/BITS")
     try:
         if "%" in addr_text:  # Python takes IPv6 zones; a prefix cannot have one
             raise ValueError(addr_text)
         addr = ipaddress.ip_address(addr_text)
     except ValueError:
-        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {value!r}: bad address") from None
+        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {_shown(value)}: bad address") from None
     bits = int(bits_text)
     if bits > addr.max_prefixlen:
-        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {value!r}: prefix length too long")
+        raise UAPIError(ERR_INVALID, f"invalid allowed_ip {_shown(value)}: prefix length too long")
     return ipaddress.ip_network((addr, bits), strict=False)
 
 
@@ -274,7 +283,8 @@ def parse_set(text: str) -> DeviceConfig:
             peer.allowed_ips.append((_parse_prefix(value if add else value[1:]), add))
         elif key == "protocol_version":
             if value != "1":
-                raise UAPIError(ERR_INVALID, f"invalid protocol_version {value!r}: only 1 exists")
+                raise UAPIError(ERR_INVALID,
+                                f"invalid protocol_version {_shown(value)}: only 1 exists")
         else:
             raise UAPIError(ERR_INVALID, f"invalid UAPI peer key starting {_lead(key)}")
     return cfg
