@@ -149,3 +149,21 @@ def test_a_set_past_the_peer_limit_is_refused_whole() -> None:
     finally:
         bind.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_bad_endpoint_is_named_once() -> None:
+    """Before: "invalid endpoint 'x': invalid endpoint 'x': expected HOST:PORT", the value
+    quoted twice in the log (the transport's message already names it)."""
+    d = tempfile.mkdtemp(prefix="wgd", dir="/tmp")
+    bind = StreamBind("unix", unix_dir=d)
+    dev = Device("wgdset4", bind, run_dir=os.path.join(d, "run"))
+    them = public_key(generate_private_key())
+    try:
+        with pytest.raises(UAPIError) as e:
+            dev.uapi_set(parse_set(f"public_key={them.hex()}\nendpoint=nowhere\n"))
+        assert e.value.errno == -errno.EINVAL
+        assert e.value.message == "invalid endpoint 'nowhere': expected HOST:PORT"
+        assert not dev.engine.peers
+    finally:
+        bind.close()
+        shutil.rmtree(d, ignore_errors=True)

@@ -924,8 +924,8 @@ class Device:
             if pc.endpoint is not None:
                 try:
                     endpoints[i] = self.bind.parse_endpoint(pc.endpoint)
-                except ValueError as e:
-                    raise UAPIError(errno.EINVAL, f"invalid endpoint {pc.endpoint!r}: {e}") from e
+                except ValueError as e:  # which names the endpoint already
+                    raise UAPIError(errno.EINVAL, str(e)) from e
         with self._config_lock:
             self._uapi_set(cfg, endpoints)
 
