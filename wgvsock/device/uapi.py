@@ -5,12 +5,25 @@ stock `wg(8)` tool is the client that matters:
 
 * errno values on the wire are negative: -EINVAL for any bad key or value (unknown keys, keys in
   the wrong section and protocol_version other than 1 included), -EPROTO for a line without
-  ``=``, -EIO for device or I/O failures, -EADDRINUSE when the listen port is taken.
+  ``=``, -EIO for device or I/O failures and for a line or request over the size limits (as
+  Go's line scanner past 64 KiB; ours are 4 KiB a line, 16 MiB a request), -EADDRINUSE when
+  the listen port is taken. wireguard-go answers -EADDRINUSE for any failure to bind or to
+  set the fwmark; the device says what failed: -EIO for another bind failure, -EINVAL for a
+  port the transport cannot have, the failure's own errno (-EPERM) for the fwmark.
 * An unknown operation gets no transaction: the connection is closed (wireguard-go closes
   without a word; we first write ``errno=-EPROTO`` so that a reading client learns why - `wg`
   reports EPROTO either way).
-* A set request is validated completely before the handler sees it, so a bad line does not
-  leave a half-applied configuration (wireguard-go applies line by line).
+* A set request is validated completely before the handler sees it, and the device checks
+  what only it can before it changes anything, so a bad line leaves the configuration as it
+  was (wireguard-go applies line by line and keeps the lines before the bad one).
+* A set the client ends with EOF instead of a blank line is applied, as by wireguard-go; one
+  cut off by us (a client closed to make room, the daemon stopping) is not.
+* One connection may carry many transactions, also after a failed set (wireguard-go's reads
+  the rest of a failed request as operations and so hangs up). A client idle for 30 s is
+  closed (wireguard-go never closes one); `wg` and Go's wgctrl connect once per transaction.
+* More lenient: CRLF line ends, also on the operation line (wireguard-go hangs up on
+  ``get=1\\r``). Endpoint forms are the transport's (conn/endpoint.py): a name is resolved
+  (wireguard-go takes IP literals only), spaces around it are dropped, port 0 is refused.
 
 What `wg` accepts in a get reply (wireguard-tools ipc-uapi.h) constrains the formatter: it
 ignores unknown keys (so read-only extras are safe), but one unparsable endpoint, a listen_port
