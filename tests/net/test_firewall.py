@@ -226,7 +226,9 @@ def test_render_without_nat_or_ingress_has_no_nat_chains() -> None:
     assert "type nat" not in text
     assert "masquerade" not in text
     # With nothing allowed, the policy chain is empty and everything new is dropped.
-    assert "chain egress_policy {\n\t}" in text
+    assert "chain egress_deny {\n\t}" in text
+    assert "chain egress_policy {\n\t\tjump egress_deny\n\t}" in text
+    assert "chain parent_policy {\n\t\tjump egress_deny\n\t}" in text
 
 
 def test_profile_like_objects_are_accepted_structurally() -> None:
@@ -695,6 +697,38 @@ def world(lab: Lab) -> Iterator[tuple[Namespace, Namespace, Namespace]]:
             firewall.remove("lab", netns=parent.name)
         with contextlib.suppress(Exception):
             firewall.restore_forwarding(prev, parent.name)
+
+
+@pytest.mark.quiet  # mostly waits out refused probes: runs beside the QEMU guest
+def test_a_catch_all_allow_opens_the_internet_not_the_parents_own_ports(world) -> None:
+    """Before, the default `allow` (0.0.0.0/0 and ::/0) opened every port of the parent host
+    to the enclave, on its instance and tunnel addresses alike: its sshd, a container API on
+    TCP. A catch-all asks for the internet; the parent's ports open only to an entry narrower
+    than that, one that means the parent's network."""
+    enclave, parent, internet = world
+    start_server(internet, "internet", f"tcp:{INTERNET4}:22", f"tcp:[{INTERNET6}]:22")
+    start_server(parent, "parent", f"tcp:{PARENT_UP4}:22", f"tcp:{PARENT_TUN4}:22",
+                 f"tcp:[{PARENT_UP6}]:22", f"tcp:[{PARENT_TUN6}]:22", "tcp:0.0.0.0:2222")
+    spec = traffic_spec()
+    spec.allow = [Rule(n("0.0.0.0/0")), Rule(n("::/0"))]
+    firewall.apply(spec, netns=parent.name)
+    assert probe(enclave, "tcp", INTERNET4, 22) == (0, f"internet {PARENT_UP4}")
+    assert probe(enclave, "tcp", INTERNET6, 22) == (0, f"internet {PARENT_UP6}")
+    with counted(parent, "local_blocked") as gained:
+        for host in (PARENT_UP4, PARENT_TUN4, PARENT_UP6, PARENT_TUN6):
+            assert probe(enclave, "tcp", host, 22)[0] == 3, host
+    assert gained["local_blocked"] >= 4
+    enclave.run("ping", "-c", "1", "-W", "2", PARENT_TUN4)  # ping stays open
+
+    # An entry that names the parent's network (here its instance address, one port) opens
+    # that much, beside the catch-all.
+    spec.allow = [*spec.allow, Rule(n(f"{PARENT_UP4}/32"), (22, 22), "tcp")]
+    firewall.apply(spec, netns=parent.name)
+    assert probe(enclave, "tcp", PARENT_UP4, 22) == (0, f"parent {ENCLAVE4}")
+    with counted(parent, "local_blocked") as gained:
+        assert probe(enclave, "tcp", PARENT_UP4, 2222)[0] == 3
+        assert probe(enclave, "tcp", PARENT_TUN4, 22)[0] == 3
+    assert gained["local_blocked"] >= 2
 
 
 @pytest.mark.quiet  # mostly waits out refused probes: runs beside the QEMU guest

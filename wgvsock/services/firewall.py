@@ -631,23 +631,23 @@ def render_ruleset(spec: FirewallSpec) -> str:
             f"comment {_q(comment)}",
         ]
 
-    # The credential endpoints an allow entry names: that entry's ports and protocol only.
-    lifted: list[str] = []
-    for network in dict.fromkeys(r.network for r in s.lifted):
-        for r in s.lifted:
-            if r.network == network:
-                lifted.append(f"{_match(r)} counter name {_q('egress_allowed')} "
-                              f"{count(_describe('allow', r))} accept comment "
-                              f"{_q(_describe('allow', r))}")
-        lifted += denied(_Rule(network, None, None), credentials=True)
+    def allowed(r: _Rule) -> str:
+        return (f"{_match(r)} counter name {_q('egress_allowed')} "
+                f"{count(_describe('allow', r))} accept comment {_q(_describe('allow', r))}")
 
-    # The CIDR entries, shared by the forward path and the path to the parent itself.
-    policy = [line for r in s.deny for line in denied(r)] + lifted + [
-        f"{_match(r)} counter name {_q('egress_allowed')} {count(_describe('allow', r))} "
-        f"accept comment {_q(_describe('allow', r))}"
-        for r in s.allow
-    ]
-    out += _chain("egress_policy", policy)
+    # The deny entries, then the credential endpoints an allow entry names (that entry's
+    # ports and protocol only): before any allow entry, on both paths below.
+    denies = [line for r in s.deny for line in denied(r)]
+    for network in dict.fromkeys(r.network for r in s.lifted):
+        denies += [allowed(r) for r in s.lifted if r.network == network]
+        denies += denied(_Rule(network, None, None), credentials=True)
+    out += _chain("egress_deny", denies)
+    out += _chain("egress_policy", ["jump egress_deny", *map(allowed, s.allow)])
+    # The path to the parent itself: a catch-all (0.0.0.0/0, ::/0, the default) asks for the
+    # internet, not for the parent's sshd or container API, and opens none of its ports; an
+    # entry narrower than that, which means the parent's network, does.
+    out += _chain("parent_policy", ["jump egress_deny",
+                                    *(allowed(r) for r in s.allow if r.network.prefixlen)])
     # The name sets, on the forward path only: whoever controls an allowed name's DNS decides
     # what goes into them (the parent's own addresses, broadcast), and a DNS answer must not
     # open the parent's own ports. Reached only when egress_policy neither dropped nor
@@ -709,7 +709,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
         "icmpv6 type echo-request accept",
         *([f"{'ip' if a.version == 4 else 'ip6'} daddr {a} meta l4proto {{ tcp, udp }} "
            f"th dport {DNS_PORT} counter accept comment {_q('dns forwarder')}" for a in s.dns]),
-        "jump egress_policy",
+        "jump parent_policy",
         *logged("", "to parent"),
         f"counter name {_q('local_blocked')} drop",
     ])
