@@ -93,7 +93,8 @@ class Refusals:
             self._add("to-parent", where, "", lambda: (
                 f"enclave to the parent itself blocked: {where} (the parent takes ping and, "
                 "with host names in parent.egress, DNS; other ports only where a "
-                "parent.egress.allow CIDR entry covers the address, never for a host name)"))
+                "parent.egress.allow CIDR entry narrower than 0.0.0.0/0 or ::/0 covers the "
+                "address, never for a host name)"))
         elif prefix == PREFIX_LIMITED:
             self._add("limited", where, "", lambda: (
                 f"egress over the connection limit: {where} from the enclave was dropped "
