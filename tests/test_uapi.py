@@ -693,6 +693,18 @@ def test_server_too_many_clients(run_dir: str) -> None:
             b.close()
 
 
+def test_a_client_with_its_answer_is_already_idle(run_dir: str) -> None:
+    """The one idle longest makes room for a newcomer, so a client that has its answer must
+    count as idle from then on. Before, the server marked it idle only after sending the
+    answer: a newcomer arriving in between (test_server_too_many_clients, once in CI) could
+    find it still busy and close another client instead."""
+    with UAPIServer("wgxi", Store(), run_dir=run_dir) as srv, _connect(srv.path) as c:
+        for request in (b"get=1\n\n", b"set=1\nlisten_port=1000\n\n") * 100:
+            c.sendall(request)
+            assert _read_reply(c).endswith("\n\n")
+            assert [busy for busy, _ in srv._clients.values()] == [False]
+
+
 def _client_threads_ended(ifname: str) -> None:
     """Waits for every thread serving a client of interface IFNAME to end: whatever they were
     going to apply is applied by then."""

@@ -763,7 +763,6 @@ class UAPIServer:
                 try:
                     if not self._transaction(conn, reader):
                         return
-                    self._mark(conn, busy=False)
                 except _RequestTooLarge as e:
                     # Answered as wireguard-go does for an oversized line (-EIO), then hung
                     # up: after a line too long the next request cannot be found.
@@ -814,6 +813,7 @@ class UAPIServer:
                 log.exception("UAPI %s get failed", self.ifname)
                 self._reply(conn, ERR_IO)
             else:
+                self._mark(conn, busy=False)  # before the answer: see _reply
                 conn.sendall(text.encode())
             return True
         if op == "set=1":
@@ -854,8 +854,10 @@ class UAPIServer:
             return ERR_IO
         return 0
 
-    @staticmethod
-    def _reply(conn: socket.socket, code: int) -> None:
+    def _reply(self, conn: socket.socket, code: int) -> None:
+        # Idle from before the answer goes: a client that has it may send nothing more, and a
+        # newcomer that finds every place taken must find it the one idle longest.
+        self._mark(conn, busy=False)
         with contextlib.suppress(OSError):
             conn.sendall(f"errno={code}\n\n".encode())
 
