@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from .netlab import Lab, Namespace, wait_for
+from .test_ipv6 import DUAL_STACK_HEAD
 from .test_roles import UNIX_TRANSPORT, WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
@@ -167,15 +168,7 @@ def test_outside_enclave_comes_up_over_a_default_route_and_puts_resolv_conf_back
 
 
 # Both families, the enclave's default routes through wg0 replacing the namespace's.
-DUAL_STACK = """\
-version: 1
-name: {name}
-interface: wg0
-transport:
-{transport}
-parent:
-  address: [10.77.0.1/30, fd77::1/126]
-  private_key: {key}
+DUAL_STACK = DUAL_STACK_HEAD + """\
 enclave:
   address: [10.77.0.2/30, fd77::2/126]
 """
