@@ -281,6 +281,12 @@ def parse_set(text: str) -> DeviceConfig:
         elif key == "endpoint":
             if not value:
                 raise UAPIError(ERR_INVALID, "invalid endpoint '': empty")
+            if ":" not in value:
+                # Every endpoint has one (HOST:PORT, [ADDR]:PORT, unix:/PATH). A value without
+                # is none, and may be a key put in the wrong field: the transport's message
+                # would quote it whole.
+                raise UAPIError(ERR_INVALID,
+                                f"invalid endpoint {_shown(value)}: expected HOST:PORT")
             if "\r" in value or "\0" in value:
                 # No endpoint has them, and format_set could not write this one back.
                 raise UAPIError(ERR_INVALID, f"invalid endpoint {value!r}: control character")
