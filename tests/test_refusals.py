@@ -220,3 +220,24 @@ def test_the_dashboard_shows_refusals_escaped_and_the_json_all_of_them() -> None
     text = console.export_text()
     assert "refused blocked udp 198.51.100.2:5432, 14 times · 1 min ago" in text
     assert "(denied)" in text
+
+
+def test_the_readme_shows_the_log_lines_as_they_are(caplog) -> None:
+    """README's "What the parent refused" quotes the first line logged for each kind: each
+    must be the one the parent writes today (the to-parent line said 'a parent.egress.allow
+    CIDR entry covers the address' after 4cc3570 made a catch-all open none of the parent's
+    ports)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    r = Refusals()
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        r.packet("blocked", nflog.flow(ipv4(17, "198.51.100.2", PORTS)))
+        r.packet("deny 198.51.100.3/32", tcp_to("198.51.100.3", 80))
+        r.packet("credentials 169.254.169.254/32", tcp_to("169.254.169.254", 80))
+        r.packet("to parent", tcp_to("10.77.0.1", 22))
+        r.name("tracker.example", "not allowed")
+    lines = [f"WARNING wgvsock.refused: {rec.getMessage()}" for rec in caplog.records]
+    assert len(lines) == 5
+    for line in lines:
+        assert f"\n{line}\n" in readme, line
