@@ -20,7 +20,9 @@ Why the chains look the way they do
   chains so ``parent doctor`` can say so.
 * From the tunnel, the source must be one of the enclave's addresses (WireGuard's allowed-IPs
   already ensure it; this is a second line). Then established/related flows pass, deny rules
-  drop, allow rules accept, and anything else is dropped: deny wins over allow.
+  drop, allow rules accept, and anything else is dropped: deny wins over allow. To the
+  parent's loopback addresses nothing passes, established/related included (an ICMP error
+  the enclave sends there is `related` to the parent's own loopback flow it quotes).
 * The other way round, the enclave's addresses are a source on the tunnel only: a packet that
   claims one and comes in on any other interface (a container on docker0, which has NET_RAW;
   a neighbour routing through the parent) or from the parent host itself (a raw socket) is
@@ -29,8 +31,10 @@ Why the chains look the way they do
   `to_enclave`), and the enclave's own packets on it would pass as established, past the
   deny rules.
 * The parent's own addresses are destinations like the CIDR entries' others: a connection
-  from the enclave to the parent (input hook) goes through the same deny/allow CIDR lists, so
-  the parent's services are reachable from the enclave only where an allow CIDR covers them.
+  from the enclave to the parent (input hook) goes through the same deny entries
+  (``egress_deny``) and the allow CIDRs narrower than a catch-all (``parent_policy``), so the
+  parent's services are reachable from the enclave only where such an entry covers them:
+  ``0.0.0.0/0`` and ``::/0`` (the default) ask for the internet, not for the parent's sshd.
   Name sets never open them (see below). Only what the tunnel
   itself needs passes regardless: ICMP echo to the parent, IPv6 neighbour discovery (hop limit
   255) and MLD, and replies to connections the parent opened.
