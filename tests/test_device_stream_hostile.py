@@ -16,7 +16,7 @@ from wgvsock.conn.endpoint import Endpoint
 from wgvsock.conn.stream import StreamBind
 from wgvsock.core.crypto import generate_private_key, public_key
 from wgvsock.core.engine import SEND, Engine
-from wgvsock.device.device import _LOAD_CAPACITY, Device
+from wgvsock.device.device import _ANSWER_LIMIT, _LOAD_CAPACITY, Device
 from wgvsock.device.uapi import parse_set
 
 from .test_tun import in_netns, netns  # noqa: F401 - netns is a fixture
@@ -106,6 +106,60 @@ def test_a_cookie_holds_for_the_peers_next_connection(rig: _Rig) -> None:
     assert rig.peer.cookies.has_cookie
     loaded()
     assert rig.answer_to(rig.initiation(), again)[0] == RESPONSE
+
+
+def _stranger_initiation(device_key: bytes) -> bytes:
+    """An initiation from someone who knows the device's public key, and no more."""
+    stranger = Engine(generate_private_key())
+    them = stranger.add_peer(device_key)
+    them.endpoint = "the device"
+    ((_, _, msg),) = stranger.initiate_handshake(them, time.monotonic())
+    return bytes(msg)
+
+
+def test_under_load_a_window_answers_so_many_and_one_source_cannot_take_them_all(
+    rig: _Rig,
+) -> None:
+    """A cookie reply to every initiation that passes mac1 took the reader's whole time from
+    20000 a second on (tests/net/test_udp_hostile.py). Now a window answers _ANSWER_LIMIT
+    sources' first messages and _ANSWER_LIMIT more, first come; the rest go unanswered unless
+    they carry a valid mac2, so a peer that got a cookie comes through a flood, and a source
+    that floods alone leaves others theirs. (The transport does not matter here.)"""
+    dev = rig.dev
+    key = dev.engine.public_key
+    assert key is not None
+    peer_ep = Endpoint("inet", "192.0.2.7", 40001, 2)
+    flooder = Endpoint("inet", "192.0.2.9", 40000, 3)
+    other = Endpoint("inet", "192.0.2.10", 40000, 4)
+
+    def window() -> None:  # a new window, under load
+        dev._hs_window_start = time.monotonic() - 1.0
+        dev._load.note_queue(_LOAD_CAPACITY, _LOAD_CAPACITY, time.monotonic())
+
+    def answers(msg: bytes, ep: Endpoint) -> list[int]:
+        before = len(rig.sent)
+        dev._on_receive(msg, ep)
+        return [reply[0] for _, _, reply in rig.sent[before:]]
+
+    window()
+    assert answers(_stranger_initiation(key), flooder) == [COOKIE_REPLY]
+    assert answers(_stranger_initiation(key), flooder) == [COOKIE_REPLY]
+    dev._answered_again = _ANSWER_LIMIT  # as if the flooder had sent that many more
+    # Its next ones in this window, with no mac2 or a made-up one: nothing.
+    assert answers(_stranger_initiation(key), flooder) == []
+    assert answers(_stranger_initiation(key)[:-16] + os.urandom(16), flooder) == []
+    # Another source still gets its cookie, and a peer's retry with its cookie its response.
+    assert answers(_stranger_initiation(key), other) == [COOKIE_REPLY]
+    reply = rig.answer_to(rig.initiation(), peer_ep)
+    assert reply[0] == COOKIE_REPLY
+    rig.peer_engine.decapsulate(reply, peer_ep, time.monotonic())
+    assert rig.answer_to(rig.initiation(), peer_ep)[0] == RESPONSE
+    # The next window answers the flooder again.
+    window()
+    assert answers(_stranger_initiation(key), flooder) == [COOKIE_REPLY]
+    # As many sources as a window answers: a new one waits for the next window.
+    dev._answered.update(f"source {i}".encode() for i in range(_ANSWER_LIMIT))
+    assert answers(_stranger_initiation(key), other) == []
 
 
 @pytest.mark.root

@@ -65,6 +65,7 @@ Action = tuple[int, Any, Any]
 
 _HEADER: Final = struct.Struct("<IIQ")
 _INDEX_PAIR: Final = struct.Struct("<II")
+_NO_MAC2: Final = bytes(16)
 _KEEPALIVE_RECEIVE_LIMIT: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 
@@ -85,6 +86,16 @@ def _sending_keypair(peer: Peer, now: float) -> Keypair | None:
     ):
         return None
     return kp
+
+
+def _handshake_size(data: bytes) -> int:
+    """The size of an initiation or response, as `data`'s type says it is one; else -1."""
+    kind = data[:4]
+    if kind == TYPE_INITIATION:
+        return INITIATION_SIZE
+    if kind == TYPE_RESPONSE:
+        return RESPONSE_SIZE
+    return -1
 
 
 def _drop(reason: str, peer: Peer | None = None) -> list[Action]:
@@ -449,16 +460,17 @@ class Engine:
         so only such messages count towards being under load: junk of the right type byte is
         dropped for one hash, as _check_macs does."""
         checker = self._cookie_checker
-        if checker is None:
-            return False
-        kind = data[:4]
-        if kind == TYPE_INITIATION:
-            size = INITIATION_SIZE
-        elif kind == TYPE_RESPONSE:
-            size = RESPONSE_SIZE
-        else:
-            return False
-        return len(data) == size and checker.check_mac1(data)
+        return (checker is not None and len(data) == _handshake_size(data)
+                and checker.check_mac1(data))
+
+    def mac2_valid(self, data: bytes, src_key: bytes, now: float) -> bool:
+        """Whether `data` is an initiation or response of its size with a mac2 made with the
+        cookie we gave `src_key`: its sender receives at that address, and knows our public
+        key (mac1, which _check_macs checks too)."""
+        checker = self._cookie_checker
+        # An initiator without a cookie sends a zero mac2: that takes no hash to refuse.
+        return (checker is not None and len(data) == _handshake_size(data)
+                and data[-16:] != _NO_MAC2 and checker.check_mac2(data, src_key, now))
 
     def _check_macs(
         self, data: bytes, src: Any, keys: tuple[bytes, bytes], now: float, under_load: bool

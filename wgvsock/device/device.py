@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -64,6 +64,15 @@ _BUSY_TICK: Final = 0.05
 # processes handshakes from a 1024-deep queue and is under load at 1/8 of that.
 _LOAD_WINDOW: Final = 0.1
 _LOAD_CAPACITY: Final = 1024
+# Under load, how many handshake messages one window answers from sources it answered none of
+# yet (the first of each), and how many more from those it did, first come. The rest are
+# dropped unless they carry a valid mac2 (_on_receive), as wireguard-go's full queue drops what
+# comes: its workers answer a cookie in microseconds, our reader (the thread that carries the
+# tunnel's data too) in about 40 us, an XChaCha20-Poly1305 seal and a send, so these are a
+# tenth of its time. A source's first answer is kept apart, so one flooding source cannot use
+# them all up; its others are not refused outright, since a source address proves nothing
+# before mac2: whoever sent as a peer would then shut the peer out with a message a window.
+_ANSWER_LIMIT: Final = _LOAD_CAPACITY // 8
 # Packets the kernel may queue on the TUN for our reads. Its default, 500, overflowed when one
 # GSO send of the kernel's TCP arrived as 45 MTU-sized packets (offload off) faster than we
 # read them, and TCP took every drop as congestion: 1000-4000 retransmits per 4 s iperf3 run
@@ -108,11 +117,16 @@ def _limit_key(ep: Endpoint) -> bytes:
     """The handshake rate limit's source: the host (an IPv6 one by its /64, as wireguard-go),
     so a new port or connection from it is no new allowance."""
     if ep.kind == "inet":
-        ip = ipaddress.ip_address(str(ep.host).split("%", 1)[0])
-        return b"inet|" + (ip.packed[:8] if ip.version == 6 else ip.packed)
+        # inet_pton: an ipaddress object took 4 us, on every handshake message of a flood.
+        host = str(ep.host)
+        if ":" in host:
+            return b"inet|" + socket.inet_pton(socket.AF_INET6, host.partition("%")[0])[:8]
+        return b"inet|" + socket.inet_pton(socket.AF_INET, host)
     return f"{ep.kind}|{ep.host}".encode()
 
 
+_UNANSWERED: Final[list[Action]] = [
+    (DROP, None, "under load: past the handshake messages answered in this window")]
 _NO_LINK: Final = {"wgvsock_conn": "none"}
 # A dialler's own states, reduced to what an operator acts on: "backoff" means connects keep
 # failing, which is worth telling apart from a dial in progress.
@@ -283,6 +297,10 @@ class Device:
         self._load = LoadTracker()
         self._hs_window_start = 0.0
         self._hs_window_count = 0
+        # Under load, the sources (limit keys) this window answered a handshake message of,
+        # and how many more it answered from them.
+        self._answered: set[bytes] = set()
+        self._answered_again = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.max_peers = MAX_PEERS
         # Read-only keys the roles add to `get` (profile, role, attestation); `wg` ignores them.
@@ -667,15 +685,35 @@ class Device:
             if not self.engine.running:
                 self._perform(self._sync_link())
             with self._lock:
-                # Only a message with our mac1 counts towards being under load: junk with a
-                # handshake's type byte costs one hash, and counted it put a device under
-                # load for anyone, so that a peer's initiation got only a cookie reply.
-                vouched = self.engine.mac1_valid(data)
-                under_load = vouched and self._note_handshake(now)
-                actions = self.engine.decapsulate(
-                    data, src, now, src_key=_src_key(src), limit_key=_limit_key(src),
-                    under_load=under_load,
-                )
+                engine = self.engine
+                limit_key = _limit_key(src)
+                if self._answered_enough(limit_key, now):
+                    # A cookie reply to each message took the reader's whole time from 20000
+                    # a second on, and the tunnel's data waited behind them. Only a valid mac2
+                    # still passes (to the per-source limit), so a peer that got a cookie
+                    # comes through; refusing a made-up one takes a hash, as junk does. Each
+                    # counts towards the load unchecked: it comes after _ANSWER_LIMIT answered
+                    # in this window. (Not counted, the load ended after a second, and the next
+                    # 127 initiations each cost a DH before it began again.)
+                    self._note_handshake(now)
+                    vouched = engine.mac2_valid(data, _src_key(src), now)
+                    actions = engine.decapsulate(
+                        data, src, now, src_key=_src_key(src), limit_key=limit_key,
+                        under_load=True,
+                    ) if vouched else _UNANSWERED
+                else:
+                    # Only a message with our mac1 counts towards being under load: junk with
+                    # a handshake's type byte costs one hash, and counted it put a device
+                    # under load for anyone, so that a peer's initiation got only a cookie
+                    # reply.
+                    vouched = engine.mac1_valid(data)
+                    under_load = vouched and self._note_handshake(now)
+                    actions = engine.decapsulate(
+                        data, src, now, src_key=_src_key(src), limit_key=limit_key,
+                        under_load=under_load,
+                    )
+                    if under_load and actions and actions[0][0] == SEND:
+                        self._note_answer(limit_key)
             if vouched and src.conn_id:
                 self.bind.handshake_seen(src)
         else:
@@ -719,9 +757,27 @@ class Device:
         with self._lock:
             return any(p.endpoint == ep for p in self.engine.peers.values())
 
+    def _answered_enough(self, key: bytes, now: float) -> bool:
+        """Under load, whether this window answered as many handshake messages as it may from
+        sources answered already (when `key`, a limit key, is one of them), or else from
+        sources it had not answered (_ANSWER_LIMIT)."""
+        if now - self._hs_window_start > _LOAD_WINDOW or not self._load.under_load(now):
+            return False
+        if key in self._answered:
+            return self._answered_again >= _ANSWER_LIMIT
+        return len(self._answered) >= _ANSWER_LIMIT
+
+    def _note_answer(self, key: bytes) -> None:
+        if key in self._answered:
+            self._answered_again += 1
+        else:
+            self._answered.add(key)
+
     def _note_handshake(self, now: float) -> bool:
         if now - self._hs_window_start > _LOAD_WINDOW:
             self._hs_window_start, self._hs_window_count = now, 0
+            self._answered.clear()
+            self._answered_again = 0
         self._hs_window_count += 1
         self._load.note_queue(self._hs_window_count, _LOAD_CAPACITY, now)
         return self._load.under_load(now)
