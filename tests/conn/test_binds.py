@@ -216,6 +216,25 @@ def test_datagrams_queued_meanwhile_come_as_one_batch_in_order(binds: list[Bind]
         assert batches.get(timeout=TIMEOUT) == [msg(i) for i in range(1, 11)]
 
 
+def test_a_coalesced_datagram_is_cut_at_its_segment_size_whatever_the_sizes(
+    binds: list[Bind],
+) -> None:
+    """UDP GRO hands several datagrams over as one, with their size beside it (the last may
+    be shorter); a segmented send over loopback arrives that way, so a sender picks the
+    sizes: odd ones, one byte, 64 segments. Each piece is handed over alone, as sent."""
+    b = DatagramBind("udp")
+    batches: queue.Queue[list[bytes]] = queue.Queue()
+    b.receive_batch = lambda messages, ep: batches.put(list(messages))
+    binds.append(b)
+    port = b.open(0, lambda data, ep: batches.put([data]))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for size, count, tail in ((149, 3, 10), (33, 5, 0), (1, 40, 0), (1000, 63, 999)):
+            pieces = [os.urandom(size) for _ in range(count)] + ([os.urandom(tail)] * bool(tail))
+            s.sendmsg([b"".join(pieces)], [(17, 103, struct.pack("=H", size))], 0,
+                      ("127.0.0.1", port))  # UDP_SEGMENT
+            assert batches.get(timeout=TIMEOUT) == pieces
+
+
 def test_dgram_send_to_nobody_does_not_raise(binds: list[Bind], unix_dir: str) -> None:
     a, _a_in, _ = opened(binds, DatagramBind("unix", unix_dir=unix_dir))
     a.send(msg(1), a.parse_endpoint("127.0.0.1:9"))  # no such socket file

@@ -1,4 +1,5 @@
-"""Hostile datagrams on a daemon's UDP port, which anyone on the network can reach: a flood of
+"""Hostile datagrams on a daemon's UDP port, which anyone on the network can reach: junk of
+every size and type, replayed and forged messages from another address, and a flood of
 handshake initiations that pass mac1 (their sender knows only the daemon's public key).
 
 Namespaces: a and b run our daemons (`-n udp`) over a veth, c is the attacker, joined to b
@@ -28,6 +29,14 @@ pytestmark = [pytest.mark.root]
 
 B_ADDR = "192.168.78.2"
 B_PORT = 7002
+
+# argv: host, port; stdin: a JSON list of hex payloads, each sent once, in order.
+_SEND = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for h in json.load(sys.stdin):
+    s.sendto(bytes.fromhex(h), (sys.argv[1], int(sys.argv[2])))
+"""
 
 # argv: host, port, rate (messages a second), seconds; stdin: a JSON list of hex payloads,
 # sent round-robin from one socket. Prints "ready" once it starts, and at the end a JSON
@@ -66,6 +75,27 @@ print(json.dumps({"sent": sent, "replies": replies}), flush=True)
 """
 
 
+# argv: port. In the namespace of the daemon under attack: the payloads of the UDP datagrams
+# that arrive for `port` (IPv4), printed as a JSON list of hex once stdin closes.
+_SNIFF = r"""
+import json, select, socket, sys
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+seen = []
+print("ready", flush=True)
+while True:
+    ready = select.select([s, sys.stdin], [], [])[0]
+    if sys.stdin in ready:
+        break
+    pkt, addr = s.recvfrom(70000)
+    start = (pkt[0] & 15) * 4
+    if addr[2] != socket.PACKET_OUTGOING and pkt[9] == 17 and \
+            int.from_bytes(pkt[start + 2 : start + 4], "big") == port:
+        seen.append(pkt[start + 8 :].hex())
+print(json.dumps(seen), flush=True)
+"""
+
+
 def _lab(lab: Lab) -> tuple[Namespace, Namespace, Namespace, str, str]:
     """a and b joined by a tunnel (a dials b at 192.168.77.2), c beside b at 192.168.78.1."""
     a, b, c = lab.netns("a"), lab.netns("b"), lab.netns("c")
@@ -101,6 +131,68 @@ def _pings(ns: Namespace, addr: str, count: int) -> list[float]:
     """The round trips (ms) of those of `count` pings 0.1 s apart that came back."""
     out = ns.run("ping", "-c", str(count), "-i", "0.1", "-W", "1", addr, check=False).stdout
     return [float(t) for t in re.findall(r"time=([\d.]+) ms", out)]
+
+
+def _send(ns: Namespace, messages: list[bytes]) -> None:
+    ns.run(sys.executable, "-c", _SEND, B_ADDR, str(B_PORT),
+           input=json.dumps([m.hex() for m in messages]))
+
+
+def _peer_view(ns: Namespace, ifname: str) -> tuple[str, str]:
+    """The peer's endpoint and transfer counters as `wg` shows them."""
+    return (ns.wg("show", ifname, "endpoints").stdout, ns.wg("show", ifname, "transfer").stdout)
+
+
+def test_malformed_datagrams_are_dropped_without_a_word(lab: Lab) -> None:
+    """Every type (and reserved bytes set) at every wrong size, handshake sizes one byte off,
+    transport messages shorter than a header and a tag, 65507 bytes of each, an initiation
+    that passes mac1 from a stranger: each is dropped, without a line in the log (they come
+    as fast as anyone sends them), and the tunnel and the peer's endpoint stay as they were.
+    wireguard-go reads the type as a whole u32 too: a reserved byte set makes it unknown."""
+    a, b, c, _ia, ib = _lab(lab)
+    rng = random.Random(7)
+    junk: list[bytes] = [b""]
+    for kind in (0, 1, 2, 3, 4, 5, 255):
+        junk += [bytes([kind]) + bytes(n) for n in range(4)]  # 1-4 bytes
+        junk.append(bytes([kind, 0, 0, 0]) + rng.randbytes(65503))
+    for kind, size in ((1, 148), (2, 92), (3, 64), (4, 32)):
+        junk += [bytes([kind, 0, 0, 0]) + rng.randbytes(n - 4) for n in (size - 1, size, size + 1)]
+    junk += [bytes([4, 0, 0, 0]) + rng.randbytes(n) for n in (12, 27)]  # header; tag - 1
+    [stranger] = _initiations(_public_key(b, ib), 1)
+    junk += [stranger, stranger[:3] + b"\x01" + stranger[4:], stranger[:1] + b"\x01" + stranger[2:]]
+    before, log_before = _peer_view(b, ib), lab.log(ib)
+    _send(c, junk * 3)
+    ping(a, "10.99.0.2", count=2)  # after the junk: b's reader has taken it all
+    assert lab.log(ib) == log_before
+    endpoint, transfer = _peer_view(b, ib)
+    assert endpoint == before[0]
+    assert transfer != before[1]  # the pings, and nothing else, moved it
+
+
+def test_replayed_or_forged_messages_from_elsewhere_do_not_move_the_peer(lab: Lab) -> None:
+    """What a sent b (its initiation, its transport messages), sent again from c, and each
+    with a bit flipped: the initiation's timestamp does not grow, the transport counters were
+    seen, the flipped ones do not authenticate. None may point b's peer at c."""
+    a, b, c, ia, ib = _lab(lab)
+    sniffer = b.popen(sys.executable, "-c", _SNIFF, str(B_PORT),
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert sniffer.stdin is not None and sniffer.stdout is not None
+    assert sniffer.stdout.readline().strip() == "ready"
+    # A new handshake, and data, for the sniffer to see.
+    b_key = b.wg("show", ib, "public-key").stdout.strip()
+    a.wg("set", ia, "peer", b_key, "remove")
+    a.wg("set", ia, "peer", b_key, "allowed-ips", "10.99.0.2/32", "endpoint",
+         f"192.168.77.2:{B_PORT}")
+    ping(a, "10.99.0.2", count=2)
+    sniffer.stdin.close()
+    seen = [bytes.fromhex(h) for h in json.loads(sniffer.stdout.readline())]
+    assert {m[0] for m in seen} >= {1, 4}, [m[0] for m in seen]
+    flipped = [m[:-1] + bytes([m[-1] ^ 1]) for m in seen]
+    before = _peer_view(b, ib)
+    _send(c, seen + flipped)
+    ping(a, "10.99.0.2", count=1)
+    assert b.wg("show", ib, "endpoints").stdout == before[0]
+    assert b.wg("show", ib, "endpoints").stdout.split()[1] == "192.168.77.1:7001"
 
 
 def test_a_flood_of_initiations_that_pass_mac1_leaves_the_tunnel_its_data(lab: Lab) -> None:
