@@ -6,8 +6,9 @@ route, moves interfaces (and `default`, which a new interface starts from) to ac
 The tunnel must not be one of them: a router advertisement the enclave sent from a link-local
 address would give the parent a default route into the enclave. The profile refuses link-local
 tunnel addresses (tests/test_profile.py); here the parent is given one anyway, as an allowed IP
-and a source its table accepts (what a link-local enclave.address made of them), and the
-advertisement still changes nothing. The other way round, `enclave up` refuses them on its own
+and a source its table accepts (what a link-local enclave.address made of them), with an allow
+entry that lets it reach the parent (no catch-all does), and the advertisement still changes
+nothing. The other way round, `enclave up` refuses them on its own
 wg0: in Nitro's threat model the enclave does not trust the parent.
 
 The namespaces of test_roles.World with a dual-stack profile (test_ipv6.py's).
@@ -51,9 +52,17 @@ def ras_received(w: World, side: Namespace | None = None) -> int:
     raise AssertionError("no Icmp6InRouterAdvertisements in /proc/net/dev_snmp6/wg0")
 
 
+# All nodes, where an advertisement goes: the table opens no port of the parent's to a catch-all
+# allow entry (`::/0`), and this one reaches the parent's ICMPv6 only through an entry that
+# names it, as an operator could write.
+TO_ALL_NODES = DUAL_STACK_PROFILE.replace('allow: [0.0.0.0/0, "::/0"]',
+                                          'allow: [0.0.0.0/0, "::/0", "ff02::1/128"]')
+
+
 def test_parent_ignores_router_advertisements_from_the_enclave(world: World) -> None:
     w = world
-    w.profile.write_text(DUAL_STACK_PROFILE.format(
+    assert TO_ALL_NODES != DUAL_STACK_PROFILE
+    w.profile.write_text(TO_ALL_NODES.format(
         name=w.name, transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock"),
         key=w.lab.tmp / "parent.key"))
     w.parent_cmd("up")
