@@ -696,10 +696,10 @@ class Device:
                     # in this window. (Not counted, the load ended after a second, and the next
                     # 127 initiations each cost a DH before it began again.)
                     self._note_handshake(now)
-                    vouched = engine.mac2_valid(data, _src_key(src), now)
+                    src_key = _src_key(src)
+                    vouched = engine.mac2_valid(data, src_key, now)
                     actions = engine.decapsulate(
-                        data, src, now, src_key=_src_key(src), limit_key=limit_key,
-                        under_load=True,
+                        data, src, now, src_key=src_key, limit_key=limit_key, under_load=True,
                     ) if vouched else _UNANSWERED
                 else:
                     # Only a message with our mac1 counts towards being under load: junk with
