@@ -22,6 +22,7 @@ lives as long as the process. It does not reach what CMD starts itself, nor a se
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -40,8 +41,9 @@ if os.getppid() != parent:  # `enclave up` died before the prctl took: as its de
     os.kill(os.getpid(), signal.SIGKILL)
 os.set_inheritable(report, False)  # closed by the exec: `up` then knows CMD runs
 # Python ignores these, and an exec would pass that on (Popen's restore_signals, for CMD);
-# nor does CMD start with signals blocked.
-for s in (signal.SIGPIPE, signal.SIGXFSZ):
+# nor does CMD start with signals blocked. SIGINT came blocked (start): a Ctrl-C meanwhile
+# ends the helper by the default action, as it would have ended CMD.
+for s in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
     signal.signal(s, signal.SIG_DFL)
 signal.pthread_sigmask(signal.SIG_SETMASK, ())
 try:
@@ -59,6 +61,10 @@ def start(command: list[str]) -> subprocess.Popen:
     missing interpreter: FileNotFoundError) or a child that cannot be made (fork failed)."""
     report_r, report_w = os.pipe()
     try:
+        # A Ctrl-C reaches the helper too (the terminal signals the whole process group).
+        # Taken by the interpreter's own handler, it raised KeyboardInterrupt in the helper's
+        # code and printed a traceback; the helper inherits the mask and keeps it pending.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             # (Popen's defaults, stated: CMD gets none of our descriptors, the TUN and the
             # sockets among them.)
@@ -66,6 +72,7 @@ def start(command: list[str]) -> subprocess.Popen:
                 [sys.executable, "-I", "-S", "-c", _HELPER, str(os.getpid()), str(report_w),
                  *command], close_fds=True, restore_signals=True, pass_fds=(report_w,))
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(report_w)
         report = b""
         while chunk := os.read(report_r, 64):  # until the exec, or the helper's end
