@@ -1,0 +1,55 @@
+"""What the README tells a newcomer to run, checked against the code it runs."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from wgvsock.services.profile import parse_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _quick_start() -> str:
+    start = README.index("## Quick start on EC2")
+    return README[start : README.index("\n## ", start + 1)]
+
+
+def _step(n: int) -> str:
+    text = _quick_start()
+    start = text.index(f"\n{n}. **")
+    end = text.find(f"\n{n + 1}. **", start)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def _sh_lines(text: str) -> list[str]:
+    return [
+        line.strip()
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+
+
+def test_the_quick_start_profile_admits_its_debug_mode_enclave() -> None:
+    """Step 7 starts the enclave with --debug-mode, whose document has all-zero PCRs; the
+    parent refuses one unless attestation.allow_debug is true. Step 4 made the profile from
+    parent/profile.example.yaml as it is (allow_debug: false), so the first enclave a newcomer
+    ran was refused ("the enclave runs in debug mode") and never got its tunnel."""
+    assert "--debug-mode" in _step(7)
+    text = (ROOT / "parent" / "profile.example.yaml").read_text()
+    for line in _sh_lines(_step(4)):
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["sed", "-i"] and words[-1] == "parent/profile.example.yaml":
+            old, new = re.fullmatch(r"s/([^/]*)/([^/]*)/", words[2]).groups()
+            text = text.replace(old, new)
+    assert parse_profile(text, "parent/profile.example.yaml").attestation.allow_debug
+
+
+def test_the_quick_start_uses_only_what_it_installed() -> None:
+    """`wg` (wireguard-tools) is installed by no step: its `wg genkey` was `command not
+    found` on a fresh Amazon Linux instance; `wgvsock genkey` makes the same key."""
+    for line in _sh_lines(_quick_start()):
+        assert not re.search(r"(^|\||sudo)\s*wg\s", line), f"runs `wg`, never installed: {line}"
