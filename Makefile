@@ -26,14 +26,18 @@ APT_MARK := $(VENV)/.apt-done
 
 .PHONY: FORCE test demo bench fuzz soak lint apt venv compile clean lock wheelhouse image eif
 
-# Re-checked when this file changes, so a package added to the list gets installed.
+# Re-checked when this file changes, so a package added to the list gets installed. Without
+# apt-get (Amazon Linux, where README's Quick start runs `make eif`) nothing is installed: the
+# image and the EIF need none of these, and `make test` is for Debian.
 $(APT_MARK): Makefile
 	@mkdir -p $(VENV)
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@if ! command -v apt-get >/dev/null; then \
+	  echo "no apt-get here: not installing the apt packages (make test and make demo need them)"; \
+	else missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	fi; fi
 	@touch $@
 
 # Made again, from scratch, when pyproject.toml or the interpreter changes (.interpreter holds
