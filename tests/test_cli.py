@@ -116,3 +116,43 @@ def test_an_error_of_another_file_is_not_taken_for_stdout():
         stdout.guarded("wgvsock", fails)
     assert info.value.filename == "/var/lib/x" and not isinstance(info.value, BrokenPipeError)
     assert sys.stdout is before
+
+
+# ---------------------------------------------------------------------------------------------
+# --help: every command says what it does and what each of its options means
+
+
+@pytest.mark.parametrize("argv", [
+    ["parent", "up"], ["parent", "down"], ["parent", "reload"], ["parent", "doctor"],
+    ["enclave", "up"],
+])
+def test_role_help_explains_every_option(argv, capsys):
+    """`--profile` and `-v` had no words in `parent up --help`, and `enclave up --help` showed
+    its usage with the enclave parser's own usage glued in front ("[-- CMD [ARGS...]] up")."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: wgvsock {' '.join(argv)} ")
+    options = out[out.index("options:"):].splitlines()[1:]
+    for i, line in enumerate(options):
+        if line.strip().startswith("-"):
+            after = options[i + 1] if i + 1 < len(options) else ""
+            described = len(line.strip().split("  ")) > 1 or after.startswith(" " * 10)
+            assert described, f"{' '.join(argv)}: {line.strip()} is not explained"
+
+
+@pytest.mark.parametrize("command", ["genkey", "pubkey"])
+def test_key_commands_answer_help_with_their_usage(command, monkeypatch, capsys):
+    """`wgvsock genkey --help` printed a new private key, and `wgvsock pubkey --help` sat
+    waiting for a key on the terminal."""
+    monkeypatch.setattr(sys, "stdin", None)  # reading it would raise
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: wgvsock {command}")
+
+
+def test_key_commands_refuse_arguments(capsys):
+    assert cli.main(["genkey", "wg0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "usage: wgvsock genkey" in err

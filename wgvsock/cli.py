@@ -25,6 +25,12 @@ commands:
 """
 
 _MAX_KEY_INPUT = 4096
+_KEY_USAGE = {
+    "genkey": "usage: wgvsock genkey > KEYFILE\n\nPrint a new WireGuard private key (base64), as "
+              "`wg genkey` does.\n",
+    "pubkey": "usage: wgvsock pubkey < KEYFILE\n\nRead a private key (base64) on stdin and print "
+              "its public key, as `wg pubkey` does.\n",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +42,12 @@ def _main(args: list[str]) -> int:
         print(USAGE, end="")
         return 0 if args else 2
     cmd, rest = args[0], args[1:]
+    if cmd in _KEY_USAGE and rest:
+        # They take no arguments: "--help" would otherwise print a private key, or wait on a
+        # terminal for one.
+        wanted = rest[0] in ("-h", "--help")
+        print(_KEY_USAGE[cmd], end="", file=sys.stdout if wanted else sys.stderr)
+        return 0 if wanted else 2
     if cmd == "daemon":
         from .daemon import main as daemon_main
 

@@ -44,20 +44,25 @@ def _logging(verbose: bool) -> None:
         logging.getLogger(library).setLevel(max(level, logging.INFO))
 
 
+_PROFILE_HELP = "the profile (YAML), e.g. /etc/wgvsock/NAME.yaml"
+_VERBOSE_HELP = "log INFO lines too, not only warnings (LOG_LEVEL=debug: debug lines)"
+
+
 def parent_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="wgvsock parent", description="the EC2 host's side")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="bring the tunnel, NAT, ingress and control listener up")
-    up.add_argument("--profile", required=True)
+    up.add_argument("--profile", required=True, metavar="FILE", help=_PROFILE_HELP)
     up.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    up.add_argument("-v", "--verbose", action="store_true")
+    up.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     down = sub.add_parser("down", help="remove everything `up` made")
-    down.add_argument("--profile", required=True)
     reload = sub.add_parser("reload", help="apply a changed egress, ingress or attestation "
                             "policy to the running parent (the tunnel stays up)")
-    reload.add_argument("--profile", required=True)
     check = sub.add_parser("doctor", help="check this host is ready")
-    check.add_argument("--profile", required=True)
+    for p in (down, reload, check):
+        p.add_argument("--profile", required=True, metavar="FILE",
+                       help=_PROFILE_HELP + (" (the file the parent runs from)"
+                                             if p is reload else ""))
     args = ap.parse_args(argv)
     profile = _load(args.profile)
     if profile is None:
@@ -197,9 +202,14 @@ def enclave_main(argv: list[str]) -> int:
               "[-- CMD [ARGS...]]",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up")
-    up.add_argument("--profile", required=True)
-    up.add_argument("--timeout", type=seconds(86400, "a day"), default=60.0,
+    # prog: argparse would otherwise put the enclave parser's whole usage before "up".
+    up = sub.add_parser("up", prog="wgvsock enclave up",
+                        usage="wgvsock enclave up [-h] --profile FILE [--timeout S] "
+                        "[--outside-enclave] [-v] [-- CMD [ARGS...]]",
+                        help="bring the tunnel up, then run CMD as a child")
+    up.add_argument("--profile", required=True, metavar="FILE",
+                    help="the profile (YAML) baked into the image")
+    up.add_argument("--timeout", type=seconds(86400, "a day"), default=60.0, metavar="S",
                     help="seconds to wait for the parent (default 60)")
     up.add_argument("--outside-enclave", action="store_true",
                     help="start even though this network namespace already has a default route "
@@ -209,8 +219,10 @@ def enclave_main(argv: list[str]) -> int:
                     "are logged, they and /etc/resolv.conf put back when `up` ends, and "
                     "a read-only /proc/sys (which leaves wg0 open to the parent's router "
                     "advertisements) only warned about rather than refused")
-    up.add_argument("-v", "--verbose", action="store_true")
-    up.add_argument("command", nargs=argparse.REMAINDER)
+    up.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    up.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                    help="the app, started once the tunnel is up; its exit status is ours. "
+                    "Without it the tunnel stays up until signalled")
     args = ap.parse_args(argv)
     from ..signals import STOPPING, note
 
