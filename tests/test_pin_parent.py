@@ -107,6 +107,19 @@ def test_pin_parent_writes_through_a_symlink_to_the_profile(tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a file for another user")
+def test_pin_parent_under_sudo_leaves_the_profile_its_owners(tmp_path, capsys):
+    # README's Quick start pins the profile of the user's clone with sudo: the new file was
+    # root's, and the user's next edit of it (for production) was refused.
+    profile = tmp_path / "profile.example.yaml"
+    profile.write_text("name: a\n")
+    os.chown(profile, 1000, 1000)
+    assert cli.main(["profile", "pin-parent", str(profile), "--public-key", PUB]) == 0
+    assert parse_profile(profile.read_text()).parent.public_key == PUB
+    assert (profile.stat().st_uid, profile.stat().st_gid) == (1000, 1000)
+    capsys.readouterr()
+
+
 def test_pin_parent_cli_errors(tmp_path, capsys):
     profile = tmp_path / "p.yaml"
     profile.write_text(f"name: a\nparent: {{private_key: {tmp_path / 'none.key'}}}\n")

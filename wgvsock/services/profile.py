@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import difflib
 import hashlib
 import ipaddress
@@ -1990,8 +1991,13 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
         target = os.path.realpath(args.file)
         tmp = f"{target}.pin-parent.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                         os.stat(target).st_mode & 0o777)
+            st = os.stat(target)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, st.st_mode & 0o777)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                # Run with sudo on a user's file (README's Quick start), the new one would be
+                # root's, and the user's next edit refused. Unprivileged, it cannot be helped.
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, st.st_uid, st.st_gid)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(new)
             os.replace(tmp, target)
