@@ -518,7 +518,8 @@ BAD = [
     (f"name: a\nattestation:\n  require: true\n  pcrs:\n    1: {PCR}\n", "attestation.pcrs",
      "PCR0 (the image) is not pinned", "pcrs:"),
     # Issue 12, item 10: a stream frame cannot carry more.
-    ("name: a\nmtu: 65504\n", "mtu", "does not fit the vsock stream transport", "mtu:"),
+    ("name: a\nmtu: 65504\n", "mtu", "65504 is out of range for the vsock stream transport: "
+     "a frame holds 65535 bytes and WireGuard adds 32", "mtu:"),
     ("name: a\nparent:\n  public_key: abc\n", "parent.public_key",
      "not a WireGuard public key", "public_key:"),
     ("name: a\nattestation:\n  test_root_ca: root.pem\n", "attestation.test_root_ca",
@@ -597,7 +598,7 @@ def test_bad_profile_is_refused(text, key, reason, needle):
 @pytest.mark.parametrize(("value", "reason", "hint"), [
     # "'00' is 0 to YAML (a leading 0 makes it octal)": true of YAML 1.1, odd to read.
     ("00", "'00' has a leading zero, which is not allowed",
-     "write a number in 576..65535 without leading zeros"),
+     "write a number in 576..65503 without leading zeros"),
     ("01420", "'01420' has a leading zero, which is not allowed (YAML would read it as "
      "octal: 784)", "write 1420, not 01420"),
 ])
@@ -901,7 +902,7 @@ def test_main_check_bad_profile(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        f"{path}:2: mtu: 1 is out of range — use 576..65535",
+        f"{path}:2: mtu: 1 is out of range — use 576..65503",
         f"{path}:3: foo: unknown key 'foo' — known keys here: version, name, interface, mtu, "
         "transport, parent, enclave, attestation",
     ]

@@ -930,14 +930,15 @@ class _Builder(_Parser):
 
         mtu = DEFAULT_MTU
         if "mtu" in top:
-            m = self.integer(top["mtu"], "mtu", 576, 65535)
+            # Every transport is a stream: its range is the one to name in any hint (it said
+            # 576..65535, and refused 65504 on).
+            node = top["mtu"]
+            why = (f" for the {transport.kind} stream transport: a frame holds 65535 bytes and "
+                   "WireGuard adds 32" if isinstance(node, ScalarNode) and node.value.isdigit()
+                   and int(node.value) > STREAM_MTU_MAX else "")
+            m = self.integer(node, "mtu", 576, STREAM_MTU_MAX, why)
             if m is not None:
                 mtu = m
-        if mtu > STREAM_MTU_MAX:
-            self.problem(self.at("mtu"), "mtu",
-                         f"{mtu} does not fit the {transport.kind} stream transport: a frame "
-                         f"holds 65535 bytes and WireGuard adds 32",
-                         f"use at most {STREAM_MTU_MAX}")
         if any(a.version == 6 for a in [*parent_addrs, *enclave_addrs]) and mtu < 1280:
             self.problem(self.at("mtu"), "mtu", f"{mtu} is below 1280, the IPv6 minimum",
                          "use at least 1280, or drop the IPv6 addresses")
