@@ -686,3 +686,41 @@ def test_an_allowed_name_asked_in_another_class_is_refused_saying_so(h: Harness,
         assert dns.query.udp(q, LOOP, timeout=5, port=h.port).rcode() == dns.rcode.REFUSED
     assert [(r.what, r.rule) for r in h.refusals.recent()] == [("ok.test", "class CH")]
     assert "a query of class CH; only class IN is forwarded" in caplog.text
+
+
+def test_a_flood_of_refused_names_hides_no_other_refusal(h: Harness, caplog) -> None:
+    """The enclave can have the forwarder refuse thousands of names a second (REFUSED needs
+    no upstream). Before, they shared one record of 256 and one log budget with the
+    firewall's refusals: a try at the metadata service between two such floods left no log
+    line (its was suppressed) and no record (pushed out), only a counter. Each kind has a
+    record and a log budget of its own now, the credential endpoints apart from other
+    denies."""
+    import logging
+
+    from wgvsock.services import nflog
+    from wgvsock.services.egress.refusals import LIMIT
+
+    clock = [1000.0]  # frozen: no log budget comes back during the test
+    h.fwd.refusals = refusals = Refusals(clock=lambda: clock[0])
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+
+    def flood(first: int) -> None:
+        for i in range(first, first + LIMIT + 50):
+            u.sendto(dns.message.make_query(f"n{i}.example", "A").to_wire(), (LOOP, h.port))
+            assert dns.message.from_wire(u.recv(512)).rcode() == dns.rcode.REFUSED
+
+    imds = nflog.Flow("tcp", ipaddress.ip_address("10.77.0.2"),
+                      ipaddress.ip_address("169.254.169.254"), 80)
+    try:
+        with caplog.at_level(logging.WARNING, "wgvsock.refused"):
+            flood(0)
+            refusals.packet("credentials 169.254.169.254/32", imds)  # as the log reader does
+            flood(1000)
+    finally:
+        u.close()
+    assert h.fwd.stats.refused == 2 * (LIMIT + 50)
+    assert "tcp 169.254.169.254:80" in [r.what for r in refusals.recent(10 * LIMIT)]
+    assert "is a credential endpoint (169.254.169.254)" in caplog.text
+    assert len([r for r in refusals.recent(10 * LIMIT) if r.kind == "dns"]) == LIMIT
+    assert len(caplog.records) <= 21

@@ -16,7 +16,11 @@ Two sources feed :class:`Refusals`:
 
 Each distinct refusal (kind, destination or name, rule) is kept with a count and when it was
 first and last seen; the first sighting is logged once with what to change. Memory is bounded
-(:data:`LIMIT` entries, the least recently seen dropped first), and so is the log.
+(:data:`LIMIT` entries of each kind, the least recently seen dropped first), and so is the
+log. Each kind has its record and log budget to itself, and the credential endpoints have
+theirs apart from other denies: the enclave can have thousands of names refused a second, or
+packets to as many destinations blocked, and a flood of one kind must not push out or silence
+its try at the metadata service.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from ...conn.bind import RateLimitedLog
 from ...threads import NamedThread, Survivor
 from ..nflog import Flow, NflogSocket, flow
 
-LIMIT = 256
+LIMIT = 256  # of each kind (see _bucket)
 #: How many `wgvsock status` shows (UAPI keys wgvsock_refused_1 ... _N, newest first).
 SHOWN = 8
 # Log prefixes of the parent's table (services/firewall.py renders them).
@@ -64,11 +68,15 @@ class Refusals:
                  logger: logging.Logger | None = None) -> None:
         self._limit = limit
         self._clock = clock
+        # All of them, least recently seen first; and each bucket's keys in the same order,
+        # for what to drop when a bucket is full.
         self._entries: OrderedDict[tuple[str, str, str], Refusal] = OrderedDict()
+        self._buckets: dict[str, OrderedDict[tuple[str, str, str], None]] = {}
         self._lock = threading.Lock()
         self._log = logger or log
-        # A flood of distinct destinations must not flood the log: 20 at once, then 1 a second.
-        self._say = RateLimitedLog(1.0, self._log, burst=20)
+        # A flood of distinct destinations must not flood the log: 20 at once, then 1 a
+        # second, for each bucket.
+        self._says: dict[str, RateLimitedLog] = {}
 
     def packet(self, prefix: str, flow: Flow) -> None:
         """A packet the table logged under PREFIX."""
@@ -125,17 +133,25 @@ class Refusals:
     def _add(self, kind: str, what: str, rule: str, message: Callable[[], str]) -> None:
         now = self._clock()
         key = (kind, what, rule)
+        name = _bucket(kind, rule)
         with self._lock:
+            bucket = self._buckets.setdefault(name, OrderedDict())
             entry = self._entries.get(key)
             if entry is not None:
                 entry.count += 1
                 entry.last = now
                 self._entries.move_to_end(key)
+                bucket.move_to_end(key)
                 return
             self._entries[key] = Refusal(kind, what, rule, 1, now, now)
-            if len(self._entries) > self._limit:
-                self._entries.popitem(last=False)
-        self._say(logging.WARNING, "%s", message())
+            bucket[key] = None
+            if len(bucket) > self._limit:
+                del self._entries[bucket.popitem(last=False)[0]]
+            say = self._says.get(name)
+            if say is None:
+                say = self._says[name] = RateLimitedLog(1.0, self._log, burst=20,
+                                                        clock=self._clock)
+        say(logging.WARNING, "%s", message())
 
     def recent(self, n: int = SHOWN) -> list[Refusal]:
         """The N most recently seen, newest first (copies)."""
@@ -158,6 +174,12 @@ class Refusals:
                 text += f"; {r.rule}"
             keys[f"wgvsock_refused_{i}"] = text
         return keys
+
+
+def _bucket(kind: str, rule: str) -> str:
+    """Which record and log budget a refusal shares: its kind's, but a credential endpoint
+    (IMDS and the like) has its own, which a flood of other denies leaves alone."""
+    return "credentials" if kind == "denied" and rule.startswith(PREFIX_CREDENTIALS) else kind
 
 
 def _allow_entry(flow: Flow) -> str:
