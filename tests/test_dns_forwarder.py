@@ -724,3 +724,30 @@ def test_a_flood_of_refused_names_hides_no_other_refusal(h: Harness, caplog) -> 
     assert "is a credential endpoint (169.254.169.254)" in caplog.text
     assert len([r for r in refusals.recent(10 * LIMIT) if r.kind == "dns"]) == LIMIT
     assert len(caplog.records) <= 21
+
+
+def test_a_refusal_or_failure_says_why_to_a_client_that_speaks_edns(h: Harness) -> None:
+    """RFC 8914 Extended DNS Errors: `dig` and resolvers in the enclave show them, so whoever
+    runs the enclave's app learns that the parent's policy refused a name, not that DNS is
+    broken. Before, REFUSED and SERVFAIL came bare (the forwarder's EDE, left open by an
+    earlier review). A client without EDNS gets no OPT record, as before."""
+    from dns.edns import EDECode
+
+    def ede(name: str, rdclass: str = "IN") -> list[tuple[int, str | None]]:
+        q = dns.message.make_query(name, "A", rdclass=rdclass, use_edns=0)
+        r = dns.query.udp(q, LOOP, timeout=5, port=h.port)
+        return [(e.code, e.text) for e in r.extended_errors()]
+
+    assert ede("bad.test") == [(EDECode.BLOCKED, "denied by parent.egress.deny")]
+    assert ede("example.com") == [(EDECode.BLOCKED, "not in parent.egress.allow")]
+    assert ede("ok.test", "CH") == [(EDECode.NOT_SUPPORTED, "only class IN is forwarded")]
+    h.fwd.rebuild(lambda elements: None, policy=rules(["*.test"], ["end.test"]))
+    assert ede("alias.test") == [(EDECode.BLOCKED,
+                                  "alias of end.test, which parent.egress.deny names")]
+    h.upstream.silent = True
+    assert ede("ok.test") == [(EDECode.NETWORK_ERROR, "the parent's resolver did not answer")]
+    h.upstream.silent = False
+    h.fail_nft = True
+    assert ede("ok.test") == [(EDECode.OTHER, "the parent could not update its firewall")]
+    r = h.ask("example.com")  # no EDNS
+    assert r.rcode() == dns.rcode.REFUSED and r.edns == -1

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 import dns.asyncquery
+import dns.edns
 import dns.entropy
 import dns.exception
 import dns.flags
@@ -470,27 +471,33 @@ class Forwarder:
         question = query.question[0]
         generation, policy = self._rules
         labels = labels_of(question.name.labels)
-        if question.rdclass != dns.rdataclass.IN or not policy.resolves(labels):
-            if question.rdclass != dns.rdataclass.IN:
-                why = f"class {dns.rdataclass.to_text(question.rdclass)}"
-            else:
-                why = "denied" if policy.denied(labels) else "not allowed"
-            self._refused(question.name, why)
-            return self._reply(query, dns.rcode.REFUSED)
+        if question.rdclass != dns.rdataclass.IN:
+            self._refused(question.name, f"class {dns.rdataclass.to_text(question.rdclass)}")
+            return self._reply(query, dns.rcode.REFUSED, dns.edns.EDECode.NOT_SUPPORTED,
+                               "only class IN is forwarded")
+        if not policy.resolves(labels):
+            denied = policy.denied(labels)
+            self._refused(question.name, "denied" if denied else "not allowed")
+            return self._reply(query, dns.rcode.REFUSED, dns.edns.EDECode.BLOCKED,
+                               "denied by parent.egress.deny" if denied
+                               else "not in parent.egress.allow")
         # Empty for a name resolved only because every address is allowed: no set to fill.
         rules = policy.allowed_by(labels)
         response = await self._ask_upstream(query, tcp)
         if response is None:
             self.stats.upstream_failures += 1
-            return self._reply(query, dns.rcode.SERVFAIL)
+            return self._reply(query, dns.rcode.SERVFAIL, dns.edns.EDECode.NETWORK_ERROR,
+                               "the parent's resolver did not answer")
         if response.rcode() == dns.rcode.NOERROR:
             # An allowed name that is an alias of a denied one would reach the denied name's
             # addresses: the deny list holds along the whole chain.
             chain = cname_chain(response, question.name)
             via = [n for n in chain[1:] if policy.denied(labels_of(n.labels))]
             if via:
-                self._refused(question.name, f"alias of {via[0].to_text(omit_final_dot=True)}")
-                return self._reply(query, dns.rcode.REFUSED)
+                target = via[0].to_text(omit_final_dot=True)
+                self._refused(question.name, f"alias of {target}")
+                return self._reply(query, dns.rcode.REFUSED, dns.edns.EDECode.BLOCKED,
+                                   f"alias of {target}, which parent.egress.deny names")
             found = answer_addresses(response, question.name)
             kept = [(addr, ttl) for addr, ttl in found if not stays_local(addr)]
             if rules:
@@ -498,7 +505,8 @@ class Forwarder:
             found = kept
             answer = (labels, len(chain) > 1)
             if found and rules and not await self._allow(generation, rules, answer, found):
-                return self._reply(query, dns.rcode.SERVFAIL)
+                return self._reply(query, dns.rcode.SERVFAIL, dns.edns.EDECode.OTHER,
+                                   "the parent could not update its firewall")
         self.stats.forwarded += 1
         reply = self._skeleton(query)
         # AA, RA and AD are the resolver's to say; TC is ours (below), the rest the client's.
@@ -531,8 +539,16 @@ class Forwarder:
             reply.ednsflags |= query.ednsflags & dns.flags.DO
         return reply
 
-    def _reply(self, query: dns.message.Message, rcode: int) -> bytes:
+    def _reply(self, query: dns.message.Message, rcode: int,
+               ede: dns.edns.EDECode | None = None, why: str = "") -> bytes:
+        """An empty response with RCODE and, for a client that spoke EDNS, an Extended DNS
+        Error (RFC 8914) EDE saying WHY: `dig` and resolvers in the enclave show it, so its
+        app's operator reads that the parent's policy refused a name, not that DNS is broken.
+        (The resolver's own EDEs do not pass: they are about its exchange with us.)"""
         response = self._skeleton(query)
+        if ede is not None and query.edns >= 0:
+            response.use_edns(0, response.ednsflags, EDNS_PAYLOAD, query.payload,
+                              options=[dns.edns.EDEOption(ede, why)])
         response.set_rcode(rcode)
         return response.to_wire()
 
