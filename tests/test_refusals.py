@@ -241,3 +241,21 @@ def test_the_readme_shows_the_log_lines_as_they_are(caplog) -> None:
     assert len(lines) == 5
     for line in lines:
         assert f"\n{line}\n" in readme, line
+
+
+def test_blocked_dns_to_another_server_points_at_the_parent_s_forwarder(caplog) -> None:
+    """An enclave app with a resolver of its own (8.8.8.8) is blocked on port 53. Before, the
+    log advised only allowing 8.8.8.8/32:53/udp, which lets the enclave look up, past the
+    forwarder, names parent.egress does not allow (and tunnel data out in them)."""
+    r = Refusals()
+    dns_udp = nflog.flow(ipv4(17, "8.8.8.8", struct.pack("!HH", 40000, 53)))
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        r.packet("blocked", dns_udp)
+        r.packet("blocked", tcp_to("8.8.4.4", 53))
+        r.packet("blocked", tcp_to("203.0.113.5", 443))
+    [udp, tcp, other] = [rec.getMessage() for rec in caplog.records]
+    for line in (udp, tcp):
+        assert "port 53 is DNS: with host names in parent.egress" in line
+        assert "enclave.dns: parent" in line
+    assert "add 8.8.8.8/32:53/udp" in udp
+    assert "DNS" not in other

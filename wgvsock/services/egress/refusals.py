@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from ...conn.bind import RateLimitedLog
 from ...threads import NamedThread, Survivor
+from ..firewall import DNS_PORT
 from ..nflog import Flow, NflogSocket, flow
 
 LIMIT = 256  # of each kind (see _bucket)
@@ -82,10 +83,16 @@ class Refusals:
         """A packet the table logged under PREFIX."""
         where = flow.describe()
         if prefix == PREFIX_BLOCKED:
+            # Allowing another resolver would let the enclave look up, past the forwarder,
+            # names parent.egress does not allow (and carry data out in them).
+            dns = (" (port 53 is DNS: with host names in parent.egress, the enclave should "
+                   "ask the parent's forwarder, enclave.dns: parent, the default then; "
+                   "allowing another resolver lets it look up names parent.egress does not "
+                   "allow)") if flow.port == DNS_PORT and flow.protocol in ("tcp", "udp") else ""
             self._add("blocked", where, "", lambda: (
                 f"egress blocked: {where} from the enclave matches no parent.egress.allow "
                 f"entry; to allow it, add {_allow_entry(flow)} (or its host name) to "
-                "parent.egress.allow and run `wgvsock parent reload`"))
+                f"parent.egress.allow and run `wgvsock parent reload`{dns}"))
         elif prefix.startswith(PREFIX_CREDENTIALS):
             self._add("denied", where, prefix, lambda: (
                 f"egress denied: {where} from the enclave is a credential endpoint "
