@@ -965,6 +965,235 @@ def test_an_icmp_error_from_the_tunnel_never_reaches_the_parents_loopback(world)
     assert gained["local_blocked"] == 1
 
 
+# A flow that lasts: connects (TCP, or a connected UDP socket) to HOST:PORT, sends "?" and
+# prints its local port, for TCP the sequence number it sends next (TCP_REPAIR reads it: an
+# ICMP error about a TCP connection counts only when the quoted segment is inside the window)
+# and the answer or the error its socket took; then again for each line of input. IP_RECVERR
+# makes the kernel hand an established TCP connection any ICMP error at once.
+_FLOW = r"""
+import socket, sys
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+v6 = ":" in host
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                  socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, 25 if v6 else 11, 1)
+s.settimeout(5)
+s.connect((host, port))
+def exchange():
+    try:
+        s.send(b"?")
+        return s.recv(100).decode().split()[0]
+    except OSError as e:
+        return type(e).__name__
+answer, seq = exchange(), 0
+if proto == "tcp" and answer == "answer":
+    s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR on
+    s.setsockopt(socket.IPPROTO_TCP, 20, 2)  # TCP_REPAIR_QUEUE: the send queue
+    seq = s.getsockopt(socket.IPPROTO_TCP, 21) & 0xFFFFFFFF  # TCP_QUEUE_SEQ
+    s.setsockopt(socket.IPPROTO_TCP, 19, 0)
+print(s.getsockname()[1], seq, answer, flush=True)
+for _ in sys.stdin:
+    print(exchange(), flush=True)
+"""
+
+# Answers each TCP segment or UDP datagram it gets on HOST:PORT with "answer".
+_ANSWER = r"""
+import socket, sys, threading
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                  socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+def serve(c):
+    with c:
+        while c.recv(100):
+            c.sendall(b"answer\n")
+if proto == "tcp":
+    s.listen()
+print("ready", flush=True)
+while True:
+    if proto == "tcp":
+        threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+    else:
+        _, peer = s.recvfrom(100)
+        s.sendto(b"answer\n", peer)
+"""
+
+# Put straight onto the enclave's end of the cable (AF_PACKET, to the parent's MAC): an ICMP
+# (ICMPv6) port unreachable from SRC to DST quoting a packet of the flow QSRC:SPORT ->
+# QDST:DPORT (PROTO, for TCP with sequence number SEQ), as the enclave would send it.
+_FORGE = r"""
+import socket, struct, sys
+mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+src, dst, proto, qsrc, sport, qdst, dport, seq = sys.argv[2:]
+v6 = ":" in src
+number = 6 if proto == "tcp" else 17
+def checksum(b):
+    b += b"\0" * (len(b) % 2)
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    s = (s >> 16) + (s & 0xFFFF)
+    return ~(s + (s >> 16)) & 0xFFFF
+def ip(proto, source, destination, payload):
+    if v6:
+        return (struct.pack("!IHBB", 6 << 28, len(payload), proto, 64)
+                + socket.inet_pton(socket.AF_INET6, source)
+                + socket.inet_pton(socket.AF_INET6, destination) + payload)
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, proto, 0,
+                    socket.inet_aton(source), socket.inet_aton(destination))
+    return h[:10] + struct.pack("!H", checksum(h)) + h[12:] + payload
+if number == 6:
+    l4 = struct.pack("!HHIIHHHH", int(sport), int(dport), int(seq), 0, 0x5010, 512, 0, 0)
+else:
+    l4 = struct.pack("!HHHH", int(sport), int(dport), 9, 0) + b"?"
+quoted = ip(number, qsrc, qdst, l4)
+icmp = struct.pack("!BBHI", 1 if v6 else 3, 4 if v6 else 3, 0, 0) + quoted
+if v6:
+    pseudo = (socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+              + struct.pack("!I3xB", len(icmp), 58))
+    icmp = icmp[:2] + struct.pack("!H", checksum(pseudo + icmp)) + icmp[4:]
+else:
+    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+ethertype = b"\x86\xdd" if v6 else b"\x08\x00"
+s.send(mac + s.getsockname()[4] + ethertype + ip(58 if v6 else 1, src, dst, icmp))
+"""
+
+
+class Flow:
+    """_FLOW in a namespace: its local port, its TCP sequence number, its first answer (or
+    error), and exchange() for the next."""
+
+    def __init__(self, ns: Namespace, proto: str, host: str, port: int) -> None:
+        self.proc = ns.popen(PY, "-c", _FLOW, proto, host, str(port), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        assert len(line) == 3, f"flow to {host}:{port} did not start ({self.proc.poll()=})"
+        self.port, self.seq, self.first = int(line[0]), int(line[1]), line[2]
+
+    def exchange(self) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+
+def start_answering(ns: Namespace, proto: str, host: str, port: int) -> None:
+    p = ns.popen(PY, "-c", _ANSWER, proto, host, str(port), stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready", (ns.name, host)
+
+
+FAMILIES = {
+    4: dict(enclave=ENCLAVE4, parent=PARENT_UP4, tun=PARENT_TUN4, internet=INTERNET4,
+            far="192.0.2.2", any="0.0.0.0/0", host="/32"),
+    6: dict(enclave=ENCLAVE6, parent=PARENT_UP6, tun=PARENT_TUN6, internet=INTERNET6,
+            far="2001:db8:2::2", any="::/0", host="/128"),
+}
+
+
+def _far_end(lab: Lab, parent: Namespace, internet: Namespace) -> Namespace:
+    """A fourth namespace beyond the parent, which routes between it and the internet."""
+    far = lab.netns("far")
+    near, far_if = lab.veth(parent, "192.0.2.1/24", far, "192.0.2.2/24")
+    parent.ip("addr", "add", "2001:db8:2::1/64", "dev", near, "nodad")
+    far.ip("addr", "add", "2001:db8:2::2/64", "dev", far_if, "nodad")
+    far.ip("route", "add", "default", "via", "192.0.2.1")
+    far.ip("-6", "route", "add", "default", "via", "2001:db8:2::1")
+    internet.ip("route", "add", "192.0.2.0/24", "via", PARENT_UP4)
+    internet.ip("-6", "route", "add", "2001:db8:2::/64", "via", PARENT_UP6)
+    return far
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_enclave_cannot_send_icmp_errors_about_connections_it_is_not_party_to(
+        world, lab: Lab, family: int) -> None:
+    """Review finding: the enclave's `related` packets were accepted before any policy, and
+    conntrack marks an ICMP error related to whichever connection it quotes: the enclave,
+    guessing a 5-tuple (and for TCP the sequence number), could end the parent host's own
+    connections (here a TCP connection to the internet) and those of anyone the parent
+    routes for (a UDP flow between two other networks), IPv4 and IPv6 alike. Such an error
+    is now dropped and counted; the enclave's own flows keep theirs (the next test)."""
+    enclave, parent, internet = world
+    f = FAMILIES[family]
+    far = _far_end(lab, parent, internet)
+    spec = traffic_spec()
+    spec.allow = [Rule(n("0.0.0.0/0")), Rule(n("::/0"))]  # the default: no policy saves it
+    firewall.apply(spec, netns=parent.name)
+    start_answering(internet, "tcp", f["internet"], 80)
+    start_answering(internet, "udp", f["internet"], 53)
+    mac = parent.run("cat", f"/sys/class/net/{TUN}/address").stdout.strip()
+    own = Flow(parent, "tcp", f["internet"], 80)
+    routed = Flow(far, "udp", f["internet"], 53)
+    assert (own.first, routed.first) == ("answer", "answer")
+    with counted(parent, "local_blocked", "egress_blocked") as gained:
+        # The frames are handled before the sender's send() returns (veth, softirq).
+        enclave.run(PY, "-c", _FORGE, mac, f["enclave"], f["parent"], "tcp", f["parent"],
+                    str(own.port), f["internet"], "80", str(own.seq))
+        enclave.run(PY, "-c", _FORGE, mac, f["enclave"], f["far"], "udp", f["far"],
+                    str(routed.port), f["internet"], "53", "0")
+        assert own.exchange() == "answer"
+        assert routed.exchange() == "answer"
+    assert gained == {"local_blocked": 1, "egress_blocked": 1}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_icmp_errors_of_the_enclaves_own_flows_pass_both_ways(world, family: int) -> None:
+    """The other half of the test above: ICMP errors about connections the enclave is party
+    to still pass, through the NAT both ways: from the internet about the enclave's egress,
+    from the enclave about the internet's ingress and about its own egress, from the parent
+    about the enclave's connection to it and from the enclave about the parent's."""
+    enclave, parent, internet = world
+    f = FAMILIES[family]
+    spec = traffic_spec()
+    spec.allow = [Rule(n(f["any"])), Rule(n(f["tun"] + f["host"]), (9, 9), "udp")]
+    firewall.apply(spec, netns=parent.name)
+    # Nothing listens on these: each side's kernel answers port unreachable.
+    refused = "ConnectionRefusedError"
+    assert Flow(enclave, "udp", f["internet"], 9).first == refused  # the internet's, NATed
+    assert Flow(internet, "udp", f["parent"], 5353).first == refused  # the enclave's, DNATed
+    assert Flow(enclave, "udp", f["tun"], 9).first == refused  # the parent's, to the enclave
+    assert Flow(parent, "udp", f["enclave"], 53).first == refused  # the enclave's, to it
+    # The enclave's answer to a reply on a connection it opened and has closed since.
+    late = internet.popen(PY, "-c", _LATE_REPLY, f["internet"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+    assert late.stdin is not None and late.stdout is not None
+    assert late.stdout.readline().strip() == "ready"
+    enclave.run(PY, "-c", _SEND_ONCE, f["internet"])
+    assert late.stdout.readline().strip() == "got"
+    late.stdin.write("\n")
+    late.stdin.flush()
+    assert late.stdout.readline().strip() == "ConnectionRefusedError"
+
+
+# Waits for one datagram on HOST:53, then, told to on its input, answers it on a socket
+# connected to its sender and prints the error that socket takes.
+_LATE_REPLY = r"""
+import socket, sys
+host = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, 53))
+s.settimeout(10)
+print("ready", flush=True)
+_, peer = s.recvfrom(100)
+s.connect(peer)
+print("got", flush=True)
+sys.stdin.readline()
+s.send(b"late")
+try:
+    print(s.recv(100).decode(), flush=True)
+except OSError as e:
+    print(type(e).__name__, flush=True)
+"""
+
+_SEND_ONCE = r"""
+import socket, sys
+host = sys.argv[1]
+socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+              socket.SOCK_DGRAM).sendto(b"?", (host, 53))
+"""
+
+
 # Counts, in the internet's namespace, packets that arrive for the enclave's addresses.
 _WATCH_ENCLAVE = f"""
 table inet wgvtest {{

@@ -19,10 +19,14 @@ Why the chains look the way they do
   chain has applied the profile's policy by then). :func:`conflicting_forward_chains` finds such
   chains so ``parent doctor`` can say so.
 * From the tunnel, the source must be one of the enclave's addresses (WireGuard's allowed-IPs
-  already ensure it; this is a second line). Then established/related flows pass, deny rules
-  drop, allow rules accept, and anything else is dropped: deny wins over allow. To the
-  parent's loopback addresses nothing passes, established/related included (an ICMP error
-  the enclave sends there is `related` to the parent's own loopback flow it quotes).
+  already ensure it; this is a second line). Then established flows pass, and related
+  ones (ICMP errors) where they are about a connection the enclave is party to; a related
+  packet about anyone else's connection (the parent host's, one the parent routes for) is
+  dropped: conntrack relates an error to whatever connection it quotes, so an enclave that
+  guessed a 5-tuple could otherwise end it. Then deny rules drop, allow rules accept, and
+  anything else is dropped: deny wins over allow. To the parent's loopback addresses
+  nothing passes, established/related included (an ICMP error the enclave sends there is
+  `related` to the parent's own loopback flow it quotes).
 * The other way round, the enclave's addresses are a source on the tunnel only: a packet that
   claims one and comes in on any other interface (a container on docker0, which has NET_RAW;
   a neighbour routing through the parent) or from the parent host itself (a raw socket) is
@@ -681,9 +685,25 @@ def render_ruleset(spec: FirewallSpec) -> str:
         *logged("ip6 saddr != @enclave_v6", "spoofed"),
         f"ip6 saddr != @enclave_v6 counter name {_q('spoofed')} drop",
     ])
+    # An ICMP error is `related` to whichever connection it quotes, and takes that one's
+    # NAT: from the enclave it is accepted only about a connection the enclave is party to,
+    # its own (original source) or one DNATed to it (reply source). Any other, which the
+    # enclave could only have forged by guessing the 5-tuple, would end or mislead the
+    # parent host's own connections and those of whoever it routes for; it is dropped,
+    # before the policy (a catch-all allow would pass it) and not logged (allowing nothing
+    # would make it legitimate). Towards the enclave the same accept holds, as a second
+    # line: the kernel already relates an error to a connection only when it is addressed
+    # to that connection's end.
+    replies = [
+        "ct state established accept",
+        *(f"ct state related ct {end} {fam} saddr @{set_} accept"
+          for fam, set_ in (("ip", "enclave_v4"), ("ip6", "enclave_v6"))
+          for end in ("original", "reply")),
+    ]
     out += _chain("from_enclave", [
         "jump check_source",
-        "ct state established,related accept",
+        *replies,
+        f"ct state related counter name {_q('egress_blocked')} drop",
         *limit,
         "jump egress_policy",
         "jump egress_names",
@@ -707,7 +727,8 @@ def render_ruleset(spec: FirewallSpec) -> str:
         f"ip daddr 127.0.0.0/8 counter name {_q('local_blocked')} drop",
         *logged("ip6 daddr ::1", "to parent"),
         f"ip6 daddr ::1 counter name {_q('local_blocked')} drop",
-        "ct state established,related accept",
+        *replies,
+        f"ct state related counter name {_q('local_blocked')} drop",
         *limit,
         "icmp type echo-request accept",
         "icmpv6 type echo-request accept",
@@ -717,7 +738,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
         *logged("", "to parent"),
         f"counter name {_q('local_blocked')} drop",
     ])
-    to_enclave = ["ct state established,related accept"]
+    to_enclave = list(replies)
     # After prerouting DNAT the destination port is already `to`.
     for to, proto in dict.fromkeys((i.to, i.protocol) for i in s.ingress):
         to_enclave.append(
@@ -726,7 +747,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
     to_enclave.append(f"counter name {_q('ingress_blocked')} drop")
     out += _chain("to_enclave", to_enclave)
     parent_to_enclave = [
-        "ct state established,related accept",
+        *replies,
         # Link-scoped messages the kernel itself sends on the interface (no-ops on WireGuard).
         "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }"
         " ip6 hoplimit 255 accept",
