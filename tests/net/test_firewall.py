@@ -438,7 +438,8 @@ def test_conflicting_forward_chains(scratch: Namespace) -> None:
         "table ip filter {\n chain FORWARD {\n"
         "  type filter hook forward priority filter; policy drop;\n }\n}\n"
     ))
-    assert firewall.conflicting_forward_chains(netns=scratch.name) == ["ip filter FORWARD"]
+    assert firewall.conflicting_forward_chains(netns=scratch.name) == [
+        "ip filter FORWARD has policy drop"]
 
 
 DOCKER_FORWARD = (
@@ -471,8 +472,71 @@ def test_doctor_names_a_dropping_forward_chain_until_the_tunnel_is_accepted(
     scratch.run("nft", "add", "rule", "ip", "filter", "DOCKER-USER", "oifname", '"wgt5"',
                 "accept")
     assert forward_chain_check(profile, netns=scratch.name).ok is True
-    assert firewall.conflicting_forward_chains(netns=scratch.name) == ["ip filter FORWARD"]
+    assert firewall.conflicting_forward_chains(netns=scratch.name) == [
+        "ip filter FORWARD has policy drop"]
     firewall.remove("pay-ments", netns=scratch.name)
+
+
+# firewalld's forward chain (nftables backend) as it loads it: policy accept, but after its
+# zones a last rule that rejects whatever no zone accepted.
+FIREWALLD_FORWARD = (
+    "table inet firewalld {\n chain filter_FORWARD_ZONES {\n }\n chain filter_FORWARD {\n"
+    "  type filter hook forward priority filter + 10; policy accept;\n"
+    "  ct state { established, related } accept\n  ct status dnat accept\n"
+    "  jump filter_FORWARD_ZONES\n  reject with icmpx admin-prohibited\n }\n}\n"
+)
+
+
+def test_doctor_names_firewalld_s_last_reject_and_a_legacy_iptables_drop(
+        scratch: Namespace) -> None:
+    """Review finding: `parent doctor` looked only for nftables forward chains with policy
+    drop, so it called ready a host where firewalld's forward chain ends in a reject, or
+    where legacy iptables (its own tables, which nft does not list) has FORWARD policy DROP
+    or a last `-j REJECT` (RHEL's default): both drop the enclave's forwarded traffic
+    whatever our table accepts. Each is now named, with the rule, until the tunnel is
+    accepted there."""
+    from wgvsock.roles.parent import forward_chain_check
+    from wgvsock.services.profile import parse_profile
+
+    profile = parse_profile("name: x\ninterface: wgt5\n")
+    firewall.apply(typical(), netns=scratch.name)
+    assert forward_chain_check(profile, netns=scratch.name).ok is True
+    scratch.run("nft", "-f", "-", input=FIREWALLD_FORWARD)
+    check = forward_chain_check(profile, netns=scratch.name)
+    assert check.ok is False
+    assert ("inet firewalld filter_FORWARD ends with `reject with icmpx admin-prohibited`"
+            in check.detail)
+    assert "firewall-cmd --permanent --zone=trusted --add-interface=wgt5" in check.detail
+    # What `firewall-cmd --zone=trusted --add-interface=wgt5` adds: the way in goes to a
+    # chain that accepts; the way out is replies and DNAT, which the chain accepts first.
+    scratch.run("nft", "-f", "-", input=(
+        "table inet firewalld {\n chain filter_FWD_trusted {\n  accept\n }\n}\n"))
+    scratch.run("nft", "add", "rule", "inet", "firewalld", "filter_FORWARD_ZONES", "iifname",
+                '"wgt9"', "goto", "filter_FWD_trusted")
+    assert forward_chain_check(profile, netns=scratch.name).ok is False  # another interface
+    scratch.run("nft", "add", "rule", "inet", "firewalld", "filter_FORWARD_ZONES", "iifname",
+                '"wgt5"', "goto", "filter_FWD_trusted")
+    assert forward_chain_check(profile, netns=scratch.name).ok is True
+
+    for tool, what in (("iptables-legacy", "FORWARD has policy DROP"),
+                       ("ip6tables-legacy", "FORWARD has policy DROP")):
+        scratch.run(tool, "-P", "FORWARD", "DROP")
+        check = forward_chain_check(profile, netns=scratch.name)
+        assert check.ok is False
+        assert f"{tool} filter {what}" in check.detail
+        assert f"{tool} -I FORWARD -i wgt5 -j ACCEPT" in check.detail
+        scratch.run(tool, "-I", "FORWARD", "-i", "wgt5", "-j", "ACCEPT")
+        assert forward_chain_check(profile, netns=scratch.name).ok is False  # one way only
+        scratch.run(tool, "-I", "FORWARD", "-o", "wgt5", "-j", "ACCEPT")
+        assert forward_chain_check(profile, netns=scratch.name).ok is True
+    scratch.run("iptables-legacy", "-P", "FORWARD", "ACCEPT")
+    scratch.run("iptables-legacy", "-A", "FORWARD", "-j", "REJECT", "--reject-with",
+                "icmp-host-prohibited")
+    scratch.run("iptables-legacy", "-D", "FORWARD", "-o", "wgt5", "-j", "ACCEPT")
+    check = forward_chain_check(profile, netns=scratch.name)
+    assert check.ok is False
+    assert ("iptables-legacy filter FORWARD ends with "
+            "`-A FORWARD -j REJECT --reject-with icmp-host-prohibited`") in check.detail
 
 
 def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:

@@ -189,26 +189,36 @@ def _dns_check(profile) -> Check:
 
 
 def forward_chain_check(profile, netns: str | None = None) -> Check:
-    """Another table's forward chain with policy drop (Docker's `ip filter FORWARD`) drops
-    the enclave's forwarded traffic whatever our table accepts: an accept ends only its own
-    chain, a drop is final. Not in local_checks(): `parent up` warns rather than refuses."""
+    """Another table's forward chain that drops what it did not accept (Docker's `ip filter
+    FORWARD`, firewalld's last reject, legacy iptables' FORWARD policy) drops the enclave's
+    forwarded traffic whatever our table accepts: an accept ends only its own chain, a drop
+    is final. Not in local_checks(): `parent up` warns rather than refuses."""
     tun = profile.interface
     try:
         chains = firewall.conflicting_forward_chains(netns, tunnel=tun)
     except (firewall.FirewallError, OSError, ValueError) as e:
-        return Check("forward chains", None, f"cannot list the nftables chains: {e}")
+        return Check("forward chains", None, f"cannot list the forward chains: {e}")
     if not chains:
         return Check("forward chains", True, "no other table's forward chain drops the "
                      "enclave's traffic")
-    which = ", ".join(chains)
+    fixes = []
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        if any(c.startswith(f"{tool} ") for c in chains):
+            fixes.append(f"for {tool}, `{tool} -I FORWARD -i {tun} -j ACCEPT` and `{tool} -I "
+                         f"FORWARD -o {tun} -j ACCEPT` (in DOCKER-USER instead with Docker)")
+    if any(c.startswith("inet firewalld ") for c in chains):
+        fixes.append(f"for firewalld, `firewall-cmd --permanent --zone=trusted "
+                     f"--add-interface={tun}` and `firewall-cmd --reload`")
+    if any(not c.startswith(("iptables-legacy ", "ip6tables-legacy ", "inet firewalld "))
+           for c in chains):
+        fixes.append(f"with Docker, `iptables -I DOCKER-USER -i {tun} -j ACCEPT` and "
+                     f"`iptables -I DOCKER-USER -o {tun} -j ACCEPT` (ip6tables too for IPv6); "
+                     f"otherwise `nft insert rule FAMILY TABLE CHAIN iifname {tun} accept` "
+                     "and the same with oifname, for each chain named")
     return Check("forward chains", False,
-                 f"{which} {'has' if len(chains) == 1 else 'have'} policy drop and no accept "
-                 f"for {tun}: the enclave's forwarded traffic is dropped there whatever "
-                 f"wgvsock's table allows. Accept the tunnel before the drop: with Docker, "
-                 f"`iptables -I DOCKER-USER -i {tun} -j ACCEPT` and `iptables -I DOCKER-USER "
-                 f"-o {tun} -j ACCEPT` (ip6tables too for IPv6); otherwise `nft insert rule "
-                 f"FAMILY TABLE CHAIN iifname {tun} accept` and the same with oifname, for "
-                 "each chain named")
+                 f"{'; '.join(chains)}, with no accept for {tun}: the enclave's forwarded "
+                 f"traffic is dropped there whatever wgvsock's table allows. Accept the "
+                 f"tunnel before the drop: {'; '.join(fixes)}")
 
 
 CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")

@@ -981,46 +981,149 @@ def read_counters(name: str, netns: str | None = None) -> dict[str, Counter]:
 
 def conflicting_forward_chains(netns: str | None = None, *,
                                tunnel: str | None = None) -> list[str]:
-    """Other tables' forward chains whose policy is drop ("family table chain"): they drop
-    the enclave's forwarded traffic whatever our table accepts (see the module notes). With
-    TUNNEL, a table that accepts everything in and out of that interface (Docker's
-    `iptables -I DOCKER-USER -i wg0 -j ACCEPT` and `-o wg0`) is taken as fixed."""
-    found = [
-        c for item in _json(["list", "chains"], netns)
-        if (c := item.get("chain"))
-        and c.get("hook") == "forward"
-        and c.get("policy") == "drop"
-        and not c.get("table", "").startswith("wgvsock_")
-    ]
+    """What else drops the enclave's forwarded traffic whatever our table accepts (see the
+    module notes), each as "WHERE has policy drop" or "WHERE ends with `RULE`": other
+    nftables tables' forward chains with policy drop, or whose last rule drops or rejects
+    everything (firewalld's `reject with icmpx admin-prohibited`), and legacy iptables'
+    FORWARD chain (its tables are its own, which nft does not list) with policy DROP or a
+    last `-j DROP` or `-j REJECT`. With TUNNEL, a table that accepts all traffic in and out
+    of that interface (Docker's `iptables -I DOCKER-USER -i wg0 -j ACCEPT` and `-o wg0`;
+    firewalld's trusted zone) is taken as fixed."""
     fixed: dict[tuple[str, str], bool] = {}
     out = []
-    for c in found:
-        key = (c["family"], c["table"])
+    for item in _json(["list", "chains"], netns):
+        c = item.get("chain")
+        if not c or c.get("hook") != "forward" or c.get("table", "").startswith("wgvsock_"):
+            continue
+        key, where = (c["family"], c["table"]), f"{c['family']} {c['table']} {c['name']}"
+        if c.get("policy") == "drop":
+            why = "has policy drop"
+        elif (last := _final_drop(key, c["name"], netns)) is not None:
+            why = f"ends with `{last}`"
+        else:
+            continue
         if tunnel is not None and key not in fixed:
             fixed[key] = _accepts_interface(key, tunnel, netns)
         if not fixed.get(key):
-            out.append(f"{c['family']} {c['table']} {c['name']}")
-    return out
+            out.append(f"{where} {why}")
+    return out + _legacy_forward_drops(netns, tunnel)
+
+
+def _verdict(exprs: Sequence[dict]) -> str | None:
+    """The verdict of a rule that matches every packet (nothing in it but a counter or log
+    and the verdict), else None."""
+    rest = [e for e in exprs if not ({"counter", "log"} & e.keys())]
+    if len(rest) != 1:
+        return None
+    verdict = next(iter(rest[0]))
+    return verdict if verdict in ("accept", "drop", "reject") else None
+
+
+def _final_drop(table: tuple[str, str], chain: str, netns: str | None) -> str | None:
+    """CHAIN's last rule as nft prints it, when it drops or rejects every packet."""
+    rules = [item["rule"] for item in _json(["list", "chain", *table, chain], netns)
+             if "rule" in item]
+    if not rules or _verdict(rules[-1].get("expr", [])) not in ("drop", "reject"):
+        return None
+    handle = rules[-1].get("handle")
+    res = _nft(["-a", "list", "chain", *table, chain], netns)
+    for line in res.stdout.splitlines():
+        text, _, h = line.strip().rpartition(" # handle ")
+        if h == str(handle):
+            return text
+    return "its last rule"
 
 
 def _accepts_interface(table: tuple[str, str], ifname: str, netns: str | None) -> bool:
-    """Whether TABLE has rules that accept all traffic in and all traffic out of IFNAME:
-    nothing in them but the interface match, a counter and the accept (a narrower rule
-    lets only part of the enclave's traffic past the drop)."""
+    """Whether TABLE accepts all traffic in and all traffic out of IFNAME: a rule with
+    nothing in it but the interface match, a counter and the accept, or a jump (goto) to a
+    chain that ends in such an accept (firewalld's zone of the interface, when it is
+    `trusted`). A narrower rule lets only part of the enclave's traffic past the drop. The
+    way out needs none when the table's forward chain accepts established and related
+    packets and DNATed ones before anything else, as firewalld's does: all that is forwarded
+    to the tunnel is replies and ingress (our DNAT)."""
+    items = _json(["-t", "list", "table", *table], netns)
+    rules: dict[str, list[list[dict]]] = {}
+    for item in items:
+        if "rule" in item:
+            rules.setdefault(item["rule"]["chain"], []).append(item["rule"].get("expr", []))
     seen: set[str] = set()
-    for item in _json(["-t", "list", "table", *table], netns):
-        exprs = item.get("rule", {}).get("expr", [])
-        if not any("accept" in e for e in exprs):
-            continue
-        matches = [e["match"] for e in exprs if "match" in e]
-        if len(exprs) - len(matches) - sum("counter" in e for e in exprs) != 1:
-            continue  # something besides the matches, a counter and the accept
-        if (len(matches) == 1 and matches[0].get("op", "==") == "=="
-                and matches[0].get("right") == ifname
-                and (key := matches[0].get("left", {}).get("meta", {}).get("key"))
-                in ("iifname", "oifname")):
-            seen.add(key)
+    for chain_rules in rules.values():
+        for exprs in chain_rules:
+            matches = [e["match"] for e in exprs if "match" in e]
+            if len(matches) != 1 or matches[0].get("op", "==") != "==" \
+                    or matches[0].get("right") != ifname \
+                    or (key := matches[0].get("left", {}).get("meta", {}).get("key")) \
+                    not in ("iifname", "oifname"):
+                continue
+            rest = [e for e in exprs if "match" not in e]
+            target = (rest[0].get("jump") or rest[0].get("goto") or {}).get("target") \
+                if len(rest) == 1 else None
+            if _verdict(rest) == "accept" or (
+                    target and rules.get(target) and _verdict(rules[target][-1]) == "accept"):
+                seen.add(key)
+    if "iifname" in seen and "oifname" not in seen:
+        forward = [item["chain"]["name"] for item in items
+                   if item.get("chain", {}).get("hook") == "forward"]
+        if any(_replies_and_dnat_first(rules.get(name, [])) for name in forward):
+            seen.add("oifname")
     return seen == {"iifname", "oifname"}
+
+
+def _replies_and_dnat_first(chain_rules: Sequence[Sequence[dict]]) -> bool:
+    """Whether a chain starts by accepting established and related packets, and DNATed ones."""
+    first = set()
+    for exprs in chain_rules[:2]:
+        if not any("accept" in e for e in exprs) or len(exprs) != 2:
+            return False
+        m = exprs[0].get("match", {})
+        key = m.get("left", {}).get("ct", {}).get("key")
+        right = m.get("right")
+        values = set(right.get("set", [])) if isinstance(right, dict) else {right}
+        first.add((key, frozenset(values)))
+    return first == {("state", frozenset({"established", "related"})),
+                     ("status", frozenset({"dnat"}))}
+
+
+# Legacy iptables' tools, and the /proc/net file that lists the tables it has in use in the
+# reader's network namespace.
+_LEGACY_TOOLS = (("iptables-legacy", "ip_tables_names"), ("ip6tables-legacy", "ip6_tables_names"))
+
+
+def _legacy_forward_drops(netns: str | None, tunnel: str | None) -> list[str]:
+    out = []
+    for tool, names in _LEGACY_TOOLS:
+        # Only where legacy iptables has a filter table already: listing one that is not
+        # there would make it (and load ip_tables, on a kernel with modules).
+        if "filter" not in _proc_net(names, netns).split() or shutil.which(tool) is None:
+            continue
+        cmd = [tool, "-w", "5", "-t", "filter", "-S"]
+        lines = _run(["ip", "netns", "exec", netns, *cmd] if netns else cmd).splitlines()
+        if "-P FORWARD DROP" in lines:
+            why = "has policy DROP"
+        elif (forward := [ln for ln in lines if ln.startswith("-A FORWARD ")]) and re.fullmatch(
+                r"-A FORWARD -j (DROP|REJECT( --reject-with \S+)?)", forward[-1]):
+            why = f"ends with `{forward[-1]}`"
+        else:
+            continue
+        if tunnel is not None and all(
+                re.search(rf"^-A \S+ {flag} {re.escape(tunnel)} -j ACCEPT$", "\n".join(lines),
+                          re.M) for flag in ("-i", "-o")):
+            continue
+        out.append(f"{tool} filter FORWARD {why}")
+    return out
+
+
+def _proc_net(name: str, netns: str | None) -> str:
+    """/proc/net/NAME as NETNS sees it; empty when it does not exist."""
+    if netns is None:
+        try:
+            return Path("/proc/net", name).read_text()
+        except OSError:
+            return ""
+    res = subprocess.run(["ip", "netns", "exec", netns, "cat", f"/proc/net/{name}"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    return res.stdout if res.returncode == 0 else ""
 
 
 # -- forwarding sysctls ---------------------------------------------------------------------
