@@ -153,10 +153,16 @@ def test_the_forwarding_record_is_checked_too(state_dir: Path, monkeypatch) -> N
 def test_enable_forwarding_records_each_value_before_it_writes(monkeypatch) -> None:
     """Review finding: `up` recorded the values it replaced after writing them all."""
     values = {"net/ipv6/conf/all/forwarding": "0", "net/ipv6/conf/default/accept_ra": "1",
-              "net/ipv6/conf/eth0/accept_ra": "1", "net/ipv4/ip_forward": "0"}
+              "net/ipv6/conf/eth0/accept_ra": "1", "net/ipv4/ip_forward": "0",
+              "net/ipv4/conf/eth0/forwarding": "1"}
     events: list[tuple] = []
-    monkeypatch.setattr(firewall, "_sysctl_read", lambda keys, netns: [values[k] for k in keys])
+    # Each interface's forwarding is the global's, but eth0's IPv4 one (which the global's
+    # write changes too, and so is recorded with it).
+    monkeypatch.setattr(firewall, "_sysctl_read",
+                        lambda keys, netns: [values.get(k, "0") for k in keys])
     monkeypatch.setattr(firewall, "_ipv6_interfaces", lambda netns: ["eth0"])
+    monkeypatch.setattr(firewall, "_conf_names",
+                        lambda family, netns: ["all", "default", "eth0", "lo"])
 
     def write(key: str, value: str, netns: object) -> None:
         events.append(("write", key))
@@ -172,7 +178,9 @@ def test_enable_forwarding_records_each_value_before_it_writes(monkeypatch) -> N
             assert event[1] in recorded, f"{event[1]} written before it was recorded"
     assert recorded == prev == {"net/ipv6/conf/default/accept_ra": "1",
                                 "net/ipv6/conf/eth0/accept_ra": "1",
+                                "net/ipv4/conf/eth0/forwarding": "1",
                                 "net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"}
+    assert "net/ipv4/conf/eth0/forwarding" not in [e[1] for e in events if e[0] == "write"]
 
 
 def test_two_parents_stopping_at_once_decide_in_turn(state_dir: Path, monkeypatch) -> None:

@@ -575,6 +575,39 @@ def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:
     assert scratch.run("sysctl", "-n", *sysctl[:3]).stdout.split() == ["0", "0", "1"]
 
 
+def test_restoring_forwarding_puts_back_each_interface_s_own_value(
+        lab: Lab, scratch: Namespace) -> None:
+    """Review finding: writing a family's global forwarding sets every interface's (and
+    `default`'s) to the same value, so `parent down`, putting back ip_forward=0, also turned
+    off forwarding on an interface the admin had on by itself (IPv6 alike). The interfaces
+    whose value differed are now put back after the global; and a global someone changed
+    since `up` is left, with every interface's value, as they made it."""
+    other = lab.netns("fw2")
+    run("ip", "link", "add", "up0", "netns", scratch.name, "type", "veth", "peer", "name",
+        "x0", "netns", other.name)
+    keys = ["net/ipv4/ip_forward", "net/ipv4/conf/up0/forwarding",
+            "net/ipv4/conf/lo/forwarding", "net/ipv4/conf/default/forwarding",
+            "net/ipv6/conf/all/forwarding", "net/ipv6/conf/up0/forwarding",
+            "net/ipv6/conf/lo/forwarding", "net/ipv6/conf/default/forwarding"]
+
+    def values() -> list[str]:
+        return scratch.run("sysctl", "-n", *keys).stdout.split()
+
+    scratch.run("sysctl", "-qw", "net/ipv4/conf/up0/forwarding=1",
+                "net/ipv6/conf/up0/forwarding=1", "net/ipv6/conf/default/forwarding=1")
+    before = values()
+    assert before == ["0", "1", "0", "0", "0", "1", "0", "1"]
+    prev = firewall.enable_forwarding(scratch.name, ipv6=True)
+    assert values() == ["1"] * 8
+    firewall.restore_forwarding(prev, scratch.name)
+    assert values() == before
+    # The admin turned IPv4 forwarding off and `default`'s on since: theirs stands.
+    prev = firewall.enable_forwarding(scratch.name, ipv6=True)
+    scratch.run("sysctl", "-qw", "net/ipv4/ip_forward=0", "net/ipv4/conf/default/forwarding=1")
+    firewall.restore_forwarding(prev, scratch.name)
+    assert values() == ["0", "0", "0", "1", *before[4:]]
+
+
 def _ras_in(ns: Namespace, ifname: str) -> int:
     """Router advertisements NS's ICMPv6 took in on IFNAME, acted on or not."""
     for line in ns.run("cat", f"/proc/net/dev_snmp6/{ifname}").stdout.splitlines():

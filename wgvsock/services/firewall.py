@@ -1165,12 +1165,16 @@ def _proc_sys(key: str) -> Path:
     return Path("/proc/sys") / key
 
 
-def _ipv6_interfaces(netns: str | None) -> list[str]:
+def _conf_names(family: str, netns: str | None) -> list[str]:
+    """The directories of net/FAMILY/conf: every interface, `all` and `default`."""
     if netns is None:
-        names = [p.name for p in _proc_sys("net/ipv6/conf").iterdir()]
-    else:
-        names = _run(["ip", "netns", "exec", netns, "ls", "/proc/sys/net/ipv6/conf"]).split()
-    return sorted(n for n in names if n not in ("all", "default", "lo"))
+        return sorted(p.name for p in _proc_sys(f"net/{family}/conf").iterdir())
+    return sorted(_run(["ip", "netns", "exec", netns, "ls", f"/proc/sys/net/{family}/conf"])
+                  .split())
+
+
+def _ipv6_interfaces(netns: str | None) -> list[str]:
+    return [n for n in _conf_names("ipv6", netns) if n not in ("all", "default", "lo")]
 
 
 def enable_forwarding(netns: str | None = None, *, ipv6: bool = False,
@@ -1197,9 +1201,11 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False,
     before, stays at 0."""
     prev: dict[str, str] = {}
 
-    def change(found: dict[str, str], value: str) -> None:
+    def change(found: dict[str, str], value: str, also: dict[str, str] | None = None) -> None:
+        # ALSO: values the writes change as a side effect, recorded with them.
         if not found:
             return
+        prev.update(also or {})
         prev.update(found)
         if record is not None:
             record(dict(prev))
@@ -1215,30 +1221,48 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False,
         change(ones(["default"]), "2")
         change(ones(_ipv6_interfaces(netns)), "2")
     keys = [_IPV4_FORWARD, *([_IPV6_FORWARD] if ipv6 else [])]
-    change({k: v for k, v in zip(keys, _sysctl_read(keys, netns), strict=True) if v != "1"}, "1")
+    found = {k: v for k, v in zip(keys, _sysctl_read(keys, netns), strict=True) if v != "1"}
+    # Writing a family's global forwarding sets every interface's, and `default`'s, to the
+    # same value, and so does putting it back: those that differ from it now are recorded
+    # too, for restore_forwarding to put back after the global.
+    own: dict[str, str] = {}
+    for key, old in found.items():
+        family = "ipv4" if key == _IPV4_FORWARD else "ipv6"
+        names = [k for n in _conf_names(family, netns)
+                 if is_forwarding_sysctl(k := f"net/{family}/conf/{n}/forwarding")]
+        own.update({k: v for k, v in zip(names, _sysctl_read(names, netns), strict=True)
+                    if v != old and v in FORWARDING_VALUES})
+    change(found, "1", own)
     return prev
 
 
 _ACCEPT_RA_RE = re.compile(r"net/ipv6/conf/([^/]+)/accept_ra")
+_FORWARDING_RE = re.compile(r"net/(ipv[46])/conf/([^/]+)/forwarding")
 _KERNEL_IFNAME_RE = re.compile(r"[^/:\x00-\x20\x7f]+")
 # What enable_forwarding may have replaced: sysctls that hold one of these.
 FORWARDING_VALUES = ("0", "1", "2")
 
 
 def is_forwarding_sysctl(key: object) -> bool:
-    """Whether KEY is one :func:`enable_forwarding` writes (and so one a record of its old
-    values may name): IPv4 and IPv6 forwarding, and accept_ra of `default` or an interface."""
+    """Whether KEY is one :func:`enable_forwarding` changes (and so one a record of its old
+    values may name): IPv4 and IPv6 forwarding, accept_ra of `default` or an interface, and
+    the forwarding of `default` or an interface (which the global one's write sets)."""
     if not isinstance(key, str):
         return False
     if key in (_IPV4_FORWARD, _IPV6_FORWARD):
         return True
+    if m := _FORWARDING_RE.fullmatch(key):
+        return m.group(2) != "all" and _kernel_ifname(m.group(2))
     m = _ACCEPT_RA_RE.fullmatch(key)
+    return bool(m) and m.group(1) not in ("all", "lo") and _kernel_ifname(m.group(1))
+
+
+def _kernel_ifname(name: str) -> bool:
     # Any name the kernel takes for an interface (dev_valid_name: no '/', ':' or white
-    # space, at most 15 bytes), which cannot climb out of net/ipv6/conf: `#`, `~` or a
+    # space, at most 15 bytes), which cannot climb out of net/*/conf: `#`, `~` or a
     # non-ASCII name refused here made the record unreadable and forwarding never restored.
-    return bool(m) and m.group(1) not in (".", "..", "all", "lo") \
-        and _KERNEL_IFNAME_RE.fullmatch(m.group(1)) is not None \
-        and len(m.group(1).encode(errors="surrogateescape")) < 16
+    return name not in (".", "..") and _KERNEL_IFNAME_RE.fullmatch(name) is not None \
+        and len(name.encode(errors="surrogateescape")) < 16
 
 
 def check_forwarding_record(prev: object) -> dict[str, str]:
@@ -1258,13 +1282,30 @@ def check_forwarding_record(prev: object) -> dict[str, str]:
 def restore_forwarding(prev: Mapping[str, str], netns: str | None = None) -> None:
     """Puts back what :func:`enable_forwarding` changed (forwarding off before accept_ra).
 
+    A global forwarding that is no longer the 1 written is left, and so is every
+    interface's forwarding of that family: someone set it since, which set theirs, and
+    their values stand. Otherwise the global goes back (which sets every interface's to
+    it), then each interface's forwarding that differed from it.
+
     An interface that is gone by now (the profile's own tunnel, a detached ENI) is skipped:
     its accept_ra went with it. So is an accept_ra that is no longer the 2 written: someone
     set it since, and their value stands (a parent's tunnel, whose 0 must never become 1
     again while it is up, or a record an older wgvsock left with a tunnel in it)."""
     check_forwarding_record(prev)  # raises ValueError before anything is written
+    restored = set()
+    for key, value in prev.items():
+        if key in (_IPV4_FORWARD, _IPV6_FORWARD) and _sysctl_get(key, netns) == "1":
+            _sysctl_write(key, value, netns)
+            restored.add("ipv4" if key == _IPV4_FORWARD else "ipv6")
+    for key, value in prev.items():
+        if (m := _FORWARDING_RE.fullmatch(key)) and m.group(2) != "all" \
+                and m.group(1) in restored \
+                and _sysctl_get(key, netns) is not None:  # None: the interface is gone
+            _sysctl_write(key, value, netns)
     present: set[str] | None = None
     for key, value in reversed(list(prev.items())):
+        if key in (_IPV4_FORWARD, _IPV6_FORWARD) or _FORWARDING_RE.fullmatch(key):
+            continue
         if (m := _ACCEPT_RA_RE.fullmatch(key)) and m.group(1) != "default":
             if present is None:
                 present = set(_ipv6_interfaces(netns))
