@@ -754,6 +754,117 @@ def test_a_request_cut_off_by_close_is_not_applied(run_dir: str) -> None:
     assert store.sets == 0
 
 
+def _peer_lines(n: int, start: int = 0) -> bytes:
+    """N peers of about 100 bytes each, keys counted from START."""
+    return b"".join(
+        b"public_key=%064x\nallowed_ip=10.%d.%d.0/24\n" % (i, i >> 8 & 255, i & 255)
+        for i in range(start, start + n)
+    )
+
+
+class _Ordered(Store):
+    """A Store that notes the first peer key of each set it applies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.firsts: list[bytes] = []
+
+    def _set(self, cfg: DeviceConfig) -> None:
+        if cfg.peers:
+            self.firsts.append(cfg.peers[0].public_key)
+        super()._set(cfg)
+
+
+def test_large_sets_take_turns_and_small_ones_never_wait(run_dir: str, caplog) -> None:
+    """Before, every client's set was held whole, as text and again as lists and objects, all
+    at once: 32 clients could make the daemon hold 32 times 16 MiB several times over. Now a
+    set past 256 KiB is read only in one of MAX_LARGE turns; the others wait (their writes
+    with them) and go next; one that finds no turn within the wait gets -EBUSY, and the log
+    says why. A set under 256 KiB never waits."""
+    import logging
+
+    store = _Ordered()
+    big_a, big_b, big_c = _peer_lines(3000), _peer_lines(3000, 3000), _peer_lines(3000, 6000)
+    replies: dict[str, str] = {}
+
+    def send(name: str, s: socket.socket, request: bytes) -> threading.Thread:
+        def run() -> None:
+            s.sendall(request)
+            replies[name] = _read_reply(s)
+
+        t = threading.Thread(target=run)
+        t.start()
+        return t
+
+    with UAPIServer("wgxt", store, run_dir=run_dir, max_large=1) as srv:
+        with _connect(srv.path) as a, _connect(srv.path) as b:
+            a.sendall(b"set=1\n" + big_a)  # the request is open: it holds the only turn
+            _wait_read_by_server(a)
+            assert uapi_set(srv.path, "fwmark=7\n") == 0
+            tb = send("b", b, b"set=1\n" + big_b + b"\n")
+            a.sendall(b"\n")
+            assert _read_reply(a) == "errno=0\n\n"
+            tb.join(10)
+            assert replies["b"] == "errno=0\n\n"
+        assert len(store.peers) == 6000 and store.fwmark == 7
+        # b, complete first, was read only after a: in turn.
+        assert store.firsts == [(0).to_bytes(32, "big"), (3000).to_bytes(32, "big")]
+
+        srv._turns.wait = 0.2  # (the idle timeout, 30 s, by default)
+        with (
+            caplog.at_level(logging.WARNING, logger="wgvsock"),
+            _connect(srv.path) as a,
+            _connect(srv.path) as c,
+        ):
+            a.sendall(b"set=1\n" + big_a)
+            _wait_read_by_server(a)
+            tc = send("c", c, b"set=1\n" + big_c + b"\n")
+            tc.join(10)
+            assert replies["c"] == f"errno=-{errno.EBUSY}\n\n"
+            assert _at_eof(c)
+            a.sendall(b"\n")
+            assert _read_reply(a) == "errno=0\n\n"
+        assert "waited 0.2 s for one of the 1 turns" in caplog.text
+        assert len(store.peers) == 6000  # c's peers were not added
+
+
+def test_an_oversized_set_is_refused_with_the_limit_named(run_dir: str, caplog) -> None:
+    import logging
+
+    store = Store()
+    with (
+        caplog.at_level(logging.WARNING, logger="wgvsock"),
+        UAPIServer("wgxl", store, run_dir=run_dir, max_request=1 << 20) as srv,
+    ):
+        request = b"set=1\nlisten_port=9\n" + _peer_lines(11000) + b"\n"
+        with _connect(srv.path) as s:
+            s.sendall(request)
+            assert _read_reply(s) == f"errno=-{errno.EIO}\n\n"
+        assert uapi_set(srv.path, "fwmark=1\n") == 0
+    assert "set request larger than 1 MiB, the most one may be" in caplog.text
+    assert (store.sets, store.listen_port, store.peers) == (1, 0, {})
+
+
+def test_a_large_request_cut_off_by_the_server_is_not_applied(run_dir: str) -> None:
+    """As test_a_request_cut_off_by_the_server_is_not_applied, for one parsed as it arrives
+    and past its own allowance: nothing of it is applied, and its turn is given back."""
+    store = Store()
+    store.listen_port = 1000
+    with UAPIServer("wgxc", store, run_dir=run_dir, max_clients=1, max_large=1) as srv:
+        with _connect(srv.path) as half:
+            half.sendall(b"set=1\nreplace_peers=true\nlisten_port=1234\n" + _peer_lines(3000))
+            _wait_read_by_server(half)
+            with _connect(srv.path) as newcomer:  # takes the only place
+                newcomer.sendall(b"get=1\n\n")
+                assert _read_reply(newcomer).endswith("errno=0\n\n")
+            assert _at_eof(half)
+        _client_threads_ended("wgxc")
+        assert (store.sets, store.listen_port) == (0, 1000)
+        body = (b"listen_port=1235\n" + _peer_lines(3000)).decode()
+        assert uapi_set(srv.path, body, timeout=5) == 0
+        assert (store.listen_port, len(store.peers)) == (1235, 3000)
+
+
 def test_server_replaces_stale_socket(run_dir: str) -> None:
     os.makedirs(run_dir, mode=0o700)
     path = os.path.join(run_dir, "wgx5.sock")

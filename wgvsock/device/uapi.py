@@ -6,16 +6,20 @@ stock `wg(8)` tool is the client that matters:
 * errno values on the wire are negative: -EINVAL for any bad key or value (unknown keys, keys in
   the wrong section and protocol_version other than 1 included), -EPROTO for a line without
   ``=``, -EIO for device or I/O failures and for a line or request over the size limits (as
-  Go's line scanner past 64 KiB; ours are 4 KiB a line, 16 MiB a request), -EADDRINUSE when
-  the listen port is taken. wireguard-go answers -EADDRINUSE for any failure to bind or to
-  set the fwmark; the device says what failed: -EIO for another bind failure, -EINVAL for a
-  port the transport cannot have, the failure's own errno (-EPERM) for the fwmark.
+  Go's line scanner past 64 KiB; ours are 4 KiB a line, 16 MiB a request), -EBUSY for a
+  set past 256 KiB that found no turn within the idle timeout (two such are read at once;
+  wireguard-go has no such bound), -EADDRINUSE when the listen port is taken.
+  wireguard-go answers -EADDRINUSE for any failure to bind or to set the fwmark; the device
+  says what failed: -EIO for another bind failure, -EINVAL for a port the transport cannot
+  have, the failure's own errno (-EPERM) for the fwmark.
 * An unknown operation gets no transaction: the connection is closed (wireguard-go closes
   without a word; we first write ``errno=-EPROTO`` so that a reading client learns why - `wg`
   reports EPROTO either way).
 * A set request is validated completely before the handler sees it, and the device checks
   what only it can before it changes anything, so a bad line leaves the configuration as it
-  was (wireguard-go applies line by line and keeps the lines before the bad one).
+  was (wireguard-go applies line by line and keeps the lines before the bad one). Like
+  wireguard-go it is parsed line by line as it arrives, into a pending configuration of about
+  the request's size or less, never held as text.
 * A set the client ends with EOF instead of a blank line is applied, as by wireguard-go; one
   cut off by us (a client closed to make room, the daemon stopping) is not.
 * One connection may carry many transactions, also after a failed set (wireguard-go's reads
@@ -43,6 +47,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +65,8 @@ __all__ = [
     "IPNetwork",
     "PeerConfig",
     "PeerStatus",
+    "Prefixes",
+    "SetParser",
     "SocketInUseError",
     "UAPIError",
     "UAPIHandler",
@@ -144,7 +151,66 @@ class SocketInUseError(OSError):
 # Set side
 
 
-@dataclass
+class Prefixes:
+    """A peer's allowed_ip lines, in order, as (network, add) pairs, held packed: a set
+    request may carry hundreds of thousands, and as ipaddress objects each took some 400
+    bytes where its line took 25 (a 15 MiB request made the daemon's peak 460 MiB higher).
+    A network object is made only when the pair is read. Compares equal to a list of the
+    same pairs."""
+
+    __slots__ = ("_count", "_data")
+
+    # One record: a byte (bit 1: IPv6, bit 0: add), the prefix length, the masked address.
+    _V6, _ADD = 2, 1
+
+    def __init__(self, items: Iterable[tuple[IPNetwork, bool]] = ()) -> None:
+        self._data: bytes | bytearray = b""  # shared until the first append: a peer with none
+        self._count = 0
+        for item in items:
+            self.append(item)
+
+    def append(self, item: tuple[IPNetwork, bool]) -> None:
+        net, add = item
+        self._put(net.version, net.prefixlen, int(net.network_address), add)
+
+    def _put(self, version: int, bits: int, masked: int, add: bool) -> None:
+        if not self._data:
+            self._data = bytearray()
+        v6 = version == 6
+        self._data.append((self._V6 if v6 else 0) | (self._ADD if add else 0))
+        self._data.append(bits)
+        self._data += masked.to_bytes(16 if v6 else 4, "big")
+        self._count += 1
+
+    def clear(self) -> None:
+        self._data = b""
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[IPNetwork, bool]]:
+        data, i = self._data, 0
+        while i < len(data):
+            flags, bits = data[i], data[i + 1]
+            n = 16 if flags & self._V6 else 4
+            addr = int.from_bytes(data[i + 2 : i + 2 + n], "big")
+            net = (ipaddress.IPv6Network if n == 16 else ipaddress.IPv4Network)((addr, bits))
+            yield net, bool(flags & self._ADD)
+            i += 2 + n
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Prefixes | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Prefixes({list(self)!r})"
+
+
+@dataclass(slots=True)
 class PeerConfig:
     public_key: bytes
     remove: bool = False
@@ -156,10 +222,11 @@ class PeerConfig:
     persistent_keepalive: int | None = None
     replace_allowed_ips: bool = False
     # In order of appearance; add=False means remove this exact prefix (``allowed_ip=-P``).
-    allowed_ips: list[tuple[IPNetwork, bool]] = field(default_factory=list)
+    # parse_set gives a Prefixes; a list of pairs does as well.
+    allowed_ips: Prefixes | list[tuple[IPNetwork, bool]] = field(default_factory=Prefixes)
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceConfig:
     # None: unchanged. 32 zero bytes: remove the private key.
     private_key: bytes | None = None
@@ -201,8 +268,9 @@ def _parse_true(key: str, value: str) -> bool:
     return True
 
 
-def _parse_prefix(value: str) -> IPNetwork:
-    """Parse ADDR/BITS as Go's netip.ParsePrefix does (host bits allowed, then masked)."""
+def _parse_prefix(value: str) -> tuple[int, int, int]:
+    """Parse ADDR/BITS as Go's netip.ParsePrefix does (host bits allowed, then masked):
+    (IP version, BITS, the address masked to BITS as an integer)."""
     addr_text, slash, bits_text = value.partition("/")
     # Go takes no leading zero ("/024") and no sign.
     if not slash or not re.fullmatch(r"0|[1-9][0-9]{0,2}", bits_text):
@@ -216,7 +284,8 @@ def _parse_prefix(value: str) -> IPNetwork:
     bits = int(bits_text)
     if bits > addr.max_prefixlen:
         raise UAPIError(ERR_INVALID, f"invalid allowed_ip {_shown(value)}: prefix length too long")
-    return ipaddress.ip_network((addr, bits), strict=False)
+    width = addr.max_prefixlen
+    return addr.version, bits, int(addr) >> (width - bits) << (width - bits)
 
 
 def _split_line(line: str) -> tuple[str, str]:
@@ -249,17 +318,25 @@ def _request_lines(text: str) -> list[str]:
     return out
 
 
-def parse_set(text: str) -> DeviceConfig:
-    """Validate a set request body (the lines after ``set=1``) into a DeviceConfig.
+class SetParser:
+    """Takes a set request's lines (after ``set=1``) one at a time into `cfg`, so that a
+    request is never held as text: the server feeds it each line as it arrives.
 
-    Raises UAPIError with the errno wireguard-go would reply for the first bad line.
+    Raises UAPIError with the errno wireguard-go would reply for the first bad line; `cfg`
+    is then incomplete and must be dropped.
     """
-    cfg = DeviceConfig()
-    peer: PeerConfig | None = None
-    for line in _request_lines(text):
+
+    __slots__ = ("_peer", "cfg")
+
+    def __init__(self) -> None:
+        self.cfg = DeviceConfig()
+        self._peer: PeerConfig | None = None
+
+    def line(self, line: str) -> None:
         key, value = _split_line(line)
+        cfg, peer = self.cfg, self._peer
         if key == "public_key":
-            peer = PeerConfig(public_key=_parse_key(key, value))
+            peer = self._peer = PeerConfig(public_key=_parse_key(key, value))
             cfg.peers.append(peer)
         elif peer is None:
             if key == "private_key":
@@ -299,14 +376,30 @@ def parse_set(text: str) -> DeviceConfig:
             peer.allowed_ips.clear()
         elif key == "allowed_ip":
             add = not value.startswith("-")
-            peer.allowed_ips.append((_parse_prefix(value if add else value[1:]), add))
+            version, bits, masked = _parse_prefix(value if add else value[1:])
+            prefixes = peer.allowed_ips
+            if isinstance(prefixes, Prefixes):  # always, unless a caller set a list
+                prefixes._put(version, bits, masked, add)
+            else:
+                net_type = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+                prefixes.append((net_type((masked, bits)), add))
         elif key == "protocol_version":
             if value != "1":
                 raise UAPIError(ERR_INVALID,
                                 f"invalid protocol_version {_shown(value)}: only 1 exists")
         else:
             raise UAPIError(ERR_INVALID, f"invalid UAPI peer key starting {_lead(key)}")
-    return cfg
+
+
+def parse_set(text: str) -> DeviceConfig:
+    """Validate a set request body (the lines after ``set=1``) into a DeviceConfig.
+
+    Raises UAPIError with the errno wireguard-go would reply for the first bad line.
+    """
+    parser = SetParser()
+    for line in _request_lines(text):
+        parser.line(line)
+    return parser.cfg
 
 
 def format_set(cfg: DeviceConfig) -> str:
@@ -574,7 +667,12 @@ class UAPIHandler(Protocol):
 
 
 class _RequestTooLarge(Exception):
-    pass
+    """A request refused for its size: -EIO, as wireguard-go answers a line past its
+    scanner's limit, unless another code is given."""
+
+    def __init__(self, message: str, code: int = ERR_IO) -> None:
+        super().__init__(message)
+        self.errno = code
 
 
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # a request's end (CRLF tolerated, as by readline)
@@ -584,14 +682,72 @@ class _RequestOverBudget(_RequestTooLarge):
     """Well-formed lines, too many of them: the request's end can still be found."""
 
 
-class _LineReader:
-    """Reads '\\n'-terminated lines from a socket with a per-line and per-request byte cap."""
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and not n % (1 << 20) else f"{n} bytes"
 
-    def __init__(self, sock: socket.socket, max_line: int) -> None:
+
+class _Turns:
+    """Turns that requests past their own allowance (`own` bytes) take: at most `count` at
+    once. What a set holds pending is proportional to its bytes (SetParser: at most about
+    three times), so what N clients make the daemon hold is bounded by count * max_request
+    and N * own, not N * max_request. A request that needs a turn waits for one, and its
+    client's writes wait with it: concurrent large sets go one after another, where refusing
+    whoever found a shared budget spent refused them all when they came together."""
+
+    def __init__(self, count: int, own: int, wait: float) -> None:
+        self.count = count
+        self.own = own
+        self.wait = wait
+        self._free = threading.BoundedSemaphore(count)
+
+    def take(self, abandoned: Callable[[], bool]) -> bool:
+        """Whether a turn was had within `wait` seconds; ConnectionAbortedError once
+        `abandoned` (the client closed to make room, the server stopping)."""
+        deadline = time.monotonic() + self.wait
+        while not abandoned():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # In steps: nothing wakes a waiter when its client is closed.
+            if self._free.acquire(timeout=min(left, 0.25)):
+                return True
+        raise ConnectionAbortedError("closed while waiting for a turn")
+
+    def give(self) -> None:
+        self._free.release()
+
+
+class _LineReader:
+    """Reads '\\n'-terminated lines from a socket with a per-line and per-request byte cap,
+    and a share of a budget all connections draw on."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_line: int,
+        max_request: int,
+        turns: _Turns,
+        abandoned: Callable[[], bool],
+    ) -> None:
         self._sock = sock
         self._buf = bytearray()
         self._max_line = max_line
-        self.budget = 0  # bytes the current request may still use
+        self._max_request = max_request
+        self._turns = turns
+        self._abandoned = abandoned
+        self._used = 0  # bytes of the current request so far
+        self._turn = False  # whether the current request holds a turn
+
+    def start_request(self) -> None:
+        self.end_request()
+        self._used = 0
+
+    def end_request(self) -> None:
+        """Gives back the request's turn: once it is answered, what it held (the pending
+        configuration) is gone."""
+        if self._turn:
+            self._turns.give()
+            self._turn = False
 
     def readline(self) -> str | None:
         """The next line without its terminator, or None at EOF (a partial last line is
@@ -618,9 +774,22 @@ class _LineReader:
     def _charge(self, n: int) -> None:
         if n > self._max_line + 1:
             raise _RequestTooLarge(f"line longer than {self._max_line} bytes")
-        self.budget -= n
-        if self.budget < 0:
-            raise _RequestOverBudget("request too large (over max_request bytes)")
+        self._used += n
+        if self._used > self._max_request:
+            raise _RequestOverBudget(
+                f"set request larger than {_size(self._max_request)}, the most one may be; "
+                "refused whole (EIO)"
+            )
+        if self._used > self._turns.own and not self._turn:
+            if not self._turns.take(self._abandoned):
+                t = self._turns
+                raise _RequestOverBudget(
+                    f"a set request past {_size(t.own)} waited {t.wait:g} s for one of the "
+                    f"{t.count} turns such requests take at once; refused whole (EBUSY): send "
+                    "it again once the others are done",
+                    -_errno.EBUSY,
+                )
+            self._turn = True
 
     def skip_request(self) -> None:
         """Reads and drops the rest of the request, to its blank line or EOF: a client that
@@ -660,6 +829,7 @@ class UAPIServer:
         max_line: int = 4096,
         idle_timeout: float = 30.0,
         max_clients: int = 32,
+        max_large: int = 2,
     ) -> None:
         if not ifname or "/" in ifname or "\0" in ifname or ifname in (".", ".."):
             raise ValueError(f"invalid interface name {ifname!r}")
@@ -672,6 +842,8 @@ class UAPIServer:
         self._max_line = max_line
         self._idle_timeout = idle_timeout
         self._max_clients = max_clients
+        # A `wg set`, and a `wg setconf` of up to some 800 peers, never waits for a turn.
+        self._turns = _Turns(max_large, min(256 << 10, max_request), idle_timeout)
         self._state_lock = threading.Lock()
         # Each client: whether it is amid a transaction, and since when (monotonic).
         self._clients: dict[socket.socket, tuple[bool, float]] = {}
@@ -763,9 +935,15 @@ class UAPIServer:
     def _serve_client(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(self._idle_timeout)
-            reader = _LineReader(conn, self._max_line)
+            reader = _LineReader(
+                conn,
+                self._max_line,
+                self._max_request,
+                self._turns,
+                lambda: self._stop.is_set() or not self._served(conn),
+            )
             while not self._stop.is_set():
-                reader.budget = self._max_request
+                reader.start_request()
                 try:
                     if not self._transaction(conn, reader):
                         return
@@ -775,8 +953,10 @@ class UAPIServer:
                     log.warning("UAPI %s: %s", self.ifname, e)
                     if isinstance(e, _RequestOverBudget):
                         reader.skip_request()
-                    self._reply(conn, ERR_IO)
+                    self._reply(conn, e.errno)
                     return
+                finally:
+                    reader.end_request()
         except (TimeoutError, ConnectionError, BrokenPipeError):
             pass
         except OSError as e:
@@ -823,7 +1003,11 @@ class UAPIServer:
                 conn.sendall(text.encode())
             return True
         if op == "set=1":
-            lines: list[str] = []
+            # Parsed as it arrives, so the request is never held as text; checked whole
+            # before the handler sees any of it, so a request is applied whole or not at all.
+            # After a bad line the rest is read to the request's end (and dropped).
+            parser: SetParser | None = SetParser()
+            result: DeviceConfig | UAPIError
             eof = False
             while True:
                 line = reader.readline()
@@ -832,25 +1016,30 @@ class UAPIServer:
                     break
                 if line == "":
                     break
-                lines.append(line)
+                if parser is not None:
+                    try:
+                        parser.line(line)
+                    except UAPIError as e:
+                        result, parser = e, None
+            if parser is not None:
+                result = parser.cfg
             if eof and not self._served(conn):
                 # The end came from our side (the client was closed to make room, or the
                 # daemon stops), not the client's: what it sent is part of a request still
                 # being written, half a `wg setconf` perhaps, and applying it is no choice of
                 # the client's.
                 return False
-            self._reply(conn, self._apply(lines))
+            self._reply(conn, self._apply(result))
             return not eof
         # Only the key: a set body sent without `set=1` starts `private_key=<hex>`.
         log.warning("UAPI %s: invalid operation starting %s", self.ifname, _lead(op))
         self._reply(conn, ERR_PROTOCOL)
         return False
 
-    def _apply(self, lines: list[str]) -> int:
+    def _apply(self, cfg: DeviceConfig | UAPIError) -> int:
         try:
-            # With its operation line, which parse_set drops: a second `set=1` that opens the
-            # body is then a bad device key, as wireguard-go has it, not dropped in its place.
-            cfg = parse_set("set=1\n" + "".join(line + "\n" for line in lines))
+            if isinstance(cfg, UAPIError):
+                raise cfg
             self._handler.uapi_set(cfg)
         except UAPIError as e:
             log.warning("UAPI %s set: %s", self.ifname, e)
