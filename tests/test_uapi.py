@@ -865,6 +865,36 @@ def test_a_large_request_cut_off_by_the_server_is_not_applied(run_dir: str) -> N
         assert (store.listen_port, len(store.peers)) == (1235, 3000)
 
 
+def test_a_client_closed_to_make_room_gets_the_rest_of_its_answer(run_dir: str) -> None:
+    """A client whose answer is going out counts as idle (1cc0918), so with every other place
+    held by clients amid a request, a newcomer closes it. Before, that cut its answer off
+    (a `wg show` of a large interface failed); now its answer is sent to the end, and then
+    it is closed."""
+    store = Store()
+    for i in range(20000):  # an answer of some 5 MB: far more than a socket buffer holds
+        store.peers[i.to_bytes(32, "big")] = {
+            "psk": None, "endpoint": None, "keepalive": 0,
+            "allowed": [ipaddress.ip_network(f"10.{i >> 8 & 255}.{i & 255}.0/24")],
+            "rx": 0, "tx": 0,
+        }  # fmt: skip
+    with (
+        UAPIServer("wgxa", store, run_dir=run_dir, max_clients=1) as srv,
+        _connect(srv.path) as a,
+    ):
+        a.sendall(b"get=1\n\n")
+        deadline = time.monotonic() + 5
+        while not struct.unpack("i", fcntl.ioctl(a, termios.FIONREAD, b"\0" * 4))[0]:
+            assert time.monotonic() < deadline, "no answer begins"
+            time.sleep(0.01)
+        assert srv._sending  # the answer is on its way: it is larger than the buffer
+        assert len(uapi_get(srv.path, timeout=10)["peers"]) == 20000  # the newcomer
+        a.settimeout(10)
+        reply = _read_reply(a)
+        assert reply.endswith("\nerrno=0\n\n")
+        assert len(parse_get(reply)["peers"]) == 20000
+        assert _at_eof(a)
+
+
 def test_server_replaces_stale_socket(run_dir: str) -> None:
     os.makedirs(run_dir, mode=0o700)
     path = os.path.join(run_dir, "wgx5.sock")

@@ -847,6 +847,10 @@ class UAPIServer:
         self._state_lock = threading.Lock()
         # Each client: whether it is amid a transaction, and since when (monotonic).
         self._clients: dict[socket.socket, tuple[bool, float]] = {}
+        # Clients whose answer to a get is being sent; and those of them closed to make room,
+        # which still get the rest of their answer.
+        self._sending: set[socket.socket] = set()
+        self._leaving: set[socket.socket] = set()
         self._closed = False
         self._stop = threading.Event()
 
@@ -916,8 +920,14 @@ class UAPIServer:
                     # not lock wg(8) out, as refusing the newcomer did.
                     idle = min(self._clients, key=self._clients.__getitem__)
                     del self._clients[idle]
+                    how = socket.SHUT_RDWR  # its thread closes it
+                    if idle in self._sending and len(self._leaving) < self._max_clients:
+                        # Its answer was being sent: cut off, `wg show` failed. Its thread
+                        # sends the rest (within the idle timeout), then finds it closed.
+                        self._leaving.add(idle)
+                        how = socket.SHUT_RD
                     with contextlib.suppress(OSError):
-                        idle.shutdown(socket.SHUT_RDWR)  # its thread closes it
+                        idle.shutdown(how)
                     log.warning("UAPI %s: %d clients; closed the one idle longest",
                                 self.ifname, self._max_clients)
                 self._clients[conn] = (False, time.monotonic())
@@ -942,7 +952,9 @@ class UAPIServer:
                 self._turns,
                 lambda: self._stop.is_set() or not self._served(conn),
             )
-            while not self._stop.is_set():
+            # Not served any more once closed to make room (its answer may still have been
+            # going out): a request it sent before must not be taken.
+            while not self._stop.is_set() and self._served(conn):
                 reader.start_request()
                 try:
                     if not self._transaction(conn, reader):
@@ -967,6 +979,8 @@ class UAPIServer:
         finally:
             with self._state_lock:
                 self._clients.pop(conn, None)
+                self._sending.discard(conn)
+                self._leaving.discard(conn)
             conn.close()
 
     def _served(self, conn: socket.socket) -> bool:
@@ -975,10 +989,14 @@ class UAPIServer:
         with self._state_lock:
             return conn in self._clients and not self._closed
 
-    def _mark(self, conn: socket.socket, *, busy: bool) -> None:
+    def _mark(self, conn: socket.socket, *, busy: bool, sending: bool = False) -> None:
         with self._state_lock:
             if conn in self._clients:
                 self._clients[conn] = (busy, time.monotonic())
+            if sending:
+                self._sending.add(conn)
+            else:
+                self._sending.discard(conn)
 
     def _transaction(self, conn: socket.socket, reader: _LineReader) -> bool:
         """Serve one transaction; False when the connection should be closed."""
@@ -999,8 +1017,9 @@ class UAPIServer:
                 log.exception("UAPI %s get failed", self.ifname)
                 self._reply(conn, ERR_IO)
             else:
-                self._mark(conn, busy=False)  # before the answer: see _reply
+                self._mark(conn, busy=False, sending=True)  # before the answer: see _reply
                 conn.sendall(text.encode())
+                self._mark(conn, busy=False)
             return True
         if op == "set=1":
             # Parsed as it arrives, so the request is never held as text; checked whole
