@@ -174,12 +174,13 @@ class Prefixes:
         self._put(net.version, net.prefixlen, int(net.network_address), add)
 
     def _put(self, version: int, bits: int, masked: int, add: bool) -> None:
-        if not self._data:
-            self._data = bytearray()
+        data = self._data
+        if not isinstance(data, bytearray):
+            data = self._data = bytearray()
         v6 = version == 6
-        self._data.append((self._V6 if v6 else 0) | (self._ADD if add else 0))
-        self._data.append(bits)
-        self._data += masked.to_bytes(16 if v6 else 4, "big")
+        data.append((self._V6 if v6 else 0) | (self._ADD if add else 0))
+        data.append(bits)
+        data += masked.to_bytes(16 if v6 else 4, "big")
         self._count += 1
 
     def clear(self) -> None:
