@@ -31,6 +31,8 @@ ENV_LOG_FILE = "WGVSOCK_LOG_FILE"
 ENV_RUN_DIR = "WGVSOCK_RUN_DIR"
 ENV_OFFLOAD = "WGVSOCK_OFFLOAD"
 _ENV_READY_FD = "WGVSOCK_READY_FD"
+# wireguard-go's and the seed's: "1" (nothing else) keeps them in the foreground, as -f does.
+ENV_FOREGROUND = "WG_PROCESS_FOREGROUND"
 _READY = b"ready\n"
 
 LOG_LEVELS = {
@@ -69,7 +71,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         description="Userspace WireGuard over vsock, TCP, UDP or Unix sockets.",
         epilog=(
             f"Environment: {ENV_NETWORK} (default network, for wg-quick), {ENV_DGRAM}=1, "
-            "LOG_LEVEL=debug|verbose|error|silent, "
+            f"{ENV_FOREGROUND}=1 (as -f), LOG_LEVEL=debug|verbose|error|silent, "
             f"{ENV_LOG_FILE} (where a background daemon logs; else, with LOG_LEVEL set, to "
             "the stderr it was started with), "
             "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock), "
@@ -118,7 +120,8 @@ def _main(argv: list[str] | None, prog: str) -> int:
     except EnvError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    if not args.foreground and ready_fd is None:
+    foreground = args.foreground or os.environ.get(ENV_FOREGROUND) == "1"
+    if not foreground and ready_fd is None:
         rest = argv if argv is not None else sys.argv[1:]
         return spawn_background(["-m", "wgvsock.daemon", "--foreground", *rest], prog,
                                 keep_stdio=True)
