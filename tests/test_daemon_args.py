@@ -28,7 +28,8 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     monkeypatch.setattr(daemon, "run_foreground", record)
     monkeypatch.setattr(daemon, "setup_logging", lambda *args: None)
     for name in (daemon.ENV_DGRAM, daemon.ENV_OFFLOAD, daemon.ENV_LOG_FILE, daemon.ENV_NETWORK,
-                 "WGVSOCK_READY_FD", "NOTIFY_SOCKET", daemon.ENV_FOREGROUND):
+                 "WGVSOCK_READY_FD", "NOTIFY_SOCKET", daemon.ENV_FOREGROUND,
+                 *daemon.ENV_PASSED_FDS):
         monkeypatch.delenv(name, raising=False)
     return calls
 

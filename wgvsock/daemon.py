@@ -33,6 +33,9 @@ ENV_OFFLOAD = "WGVSOCK_OFFLOAD"
 _ENV_READY_FD = "WGVSOCK_READY_FD"
 # wireguard-go's and the seed's: "1" (nothing else) keeps them in the foreground, as -f does.
 ENV_FOREGROUND = "WG_PROCESS_FOREGROUND"
+# How wireguard-go and the seed hand the TUN and the UAPI socket to their background process.
+# Ours opens both by name; see refuse_passed_descriptors.
+ENV_PASSED_FDS = ("WG_TUN_FD", "WG_UAPI_FD")
 _READY = b"ready\n"
 
 LOG_LEVELS = {
@@ -116,6 +119,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     try:
         dgram = args.dgram or switch(ENV_DGRAM, False)
         offload = switch(ENV_OFFLOAD, True)
+        refuse_passed_descriptors()
         ready_fd = take_ready_fd()
     except EnvError as e:
         print(f"{prog}: {e}", file=sys.stderr)
@@ -127,6 +131,18 @@ def _main(argv: list[str] | None, prog: str) -> int:
                                 keep_stdio=True)
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
     return run_foreground(args.interface, network, dgram, ready_fd, offload=offload)
+
+
+def refuse_passed_descriptors() -> None:
+    """Raises EnvError when the launcher hands over a TUN or UAPI descriptor, as it may to the
+    seed: ours would make an interface of its own beside it (or fail on the name it holds)
+    and never serve the one the launcher set up."""
+    for name in ENV_PASSED_FDS:
+        if value := os.environ.get(name):
+            raise EnvError(f"{name}={quote(value, 40)} is set: this daemon creates the TUN and "
+                           "its UAPI socket itself, by the interface name, and takes no "
+                           "descriptor for them from the process that starts it; unset "
+                           f"{', '.join(ENV_PASSED_FDS)}")
 
 
 def take_ready_fd() -> int | None:
