@@ -114,7 +114,9 @@ def test_an_interface_name_is_shown_escaped(tmp_path: Path) -> None:
                           "wg\n\x1b[2J"], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert "\x1b" not in res.stderr and "wg\n" not in res.stderr
-    assert res.stderr.startswith("failed to start interface 'wg\\n\\x1b[2J' (unix): ")
+    # Named as the background launcher names it (before: no prefix in the foreground).
+    assert res.stderr.startswith(
+        "wireguard-go-vsock: failed to start interface 'wg\\n\\x1b[2J' (unix): ")
 
 
 def test_parent_up_refuses_a_ready_fd_that_is_not_a_launchers_pipe(tmp_path, no_spawn,

@@ -130,7 +130,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
         return spawn_background(["-m", "wgvsock.daemon", "--foreground", *rest], prog,
                                 keep_stdio=True)
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
-    return run_foreground(args.interface, network, dgram, ready_fd, offload=offload)
+    return run_foreground(args.interface, network, dgram, ready_fd, offload=offload, prog=prog)
 
 
 def refuse_passed_descriptors() -> None:
@@ -243,7 +243,7 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None, *,
-                   offload: bool = True) -> int:
+                   offload: bool = True, prog: str = "wireguard-go-vsock") -> int:
     import time
 
     from .conn import make_bind
@@ -275,8 +275,9 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         reason = (f"failed to start interface {quote(ifname, 40)} "
                   f"({network}{', dgram' if dgram else ''}): {e}")
         if ready_fd is None:
-            # In the foreground logging goes to stderr too: say it once, at any LOG_LEVEL.
-            print(reason, file=sys.stderr)
+            # In the foreground logging goes to stderr too: say it once, at any LOG_LEVEL,
+            # named as the launcher names it.
+            print(f"{prog}: {reason}", file=sys.stderr)
         else:
             if not logs_to_launcher():  # there the launcher says it, once
                 log.error("%s", reason)
