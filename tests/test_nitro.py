@@ -252,8 +252,9 @@ def test_run_describe_terminate(fake: Fake) -> None:
 def test_run_errors_carry_the_e_code(fake: Fake, tmp_path: Path) -> None:
     with pytest.raises(NitroError) as exc:
         fake.cli.run_enclave(EnclaveLaunch(str(tmp_path / "missing.eif")))
-    # nitro-cli exits with the error's number (common/mod.rs: exit(err.error_code as i32)).
-    assert exc.value.code == "E19" and exc.value.returncode == 19
+    # run-enclave's enclave process fails and tells the client, which then finds no answer
+    # and fails with E39: the cause's block comes first (main.rs, enclave_proc_comm.rs).
+    assert exc.value.code == "E19" and exc.value.returncode == 39
     assert "missing.eif" in str(exc.value)
     big = tmp_path / "big.eif"
     with open(big, "wb") as f:
@@ -261,7 +262,7 @@ def test_run_errors_carry_the_e_code(fake: Fake, tmp_path: Path) -> None:
     with pytest.raises(NitroError, match=r"^\[ E26 \] Insufficient memory requested") as exc:
         fake.cli.run_enclave(EnclaveLaunch(str(big), memory_mib=1024))
     assert "the minimum memory should be 2048 MB" in str(exc.value)
-    assert exc.value.returncode == 26
+    assert exc.value.returncode == 39
     fake.cli.run_enclave(fake.launch(cid=20))
     with pytest.raises(NitroError, match=r"^\[ E29 \]"):
         fake.cli.run_enclave(fake.launch(cid=20))
@@ -273,6 +274,28 @@ def test_run_errors_carry_the_e_code(fake: Fake, tmp_path: Path) -> None:
     res = subprocess.run([FAKE, "terminate-enclave", "--enclave-id"], env=fake.env,
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error: a value is required")
+    res = subprocess.run([FAKE, "run-enclave", "--eif-path", str(fake.eif), "--cpu-count", "2"],
+                         env=fake.env, capture_output=True, text=True)
+    assert res.returncode == 2 and "required arguments were not provided" in res.stderr
+    assert "--memory" in res.stderr
+    # The client itself refuses a well-known CID (commands_parser.rs): E03, its own status.
+    with pytest.raises(NitroError, match=r"^\[ E03 \]") as exc:
+        fake.cli.run_enclave(fake.launch(cid=3))
+    assert exc.value.returncode == 3
+
+
+def test_a_failed_run_enclave_prints_what_the_real_one_does(fake: Fake, tmp_path: Path
+                                                             ) -> None:
+    """The fake exited with the cause's own number (26, 36, ...) and printed its block alone;
+    the real client prints the enclave process's block, "Failed connections: 1" and E39's,
+    and exits 39 (aws-nitro-enclaves-cli issues 232, 516, 644 show such output)."""
+    res = subprocess.run([FAKE, *NitroCli.run_args(EnclaveLaunch(str(tmp_path / "no.eif")))],
+                         env=fake.env, capture_output=True, text=True)
+    assert res.returncode == 39 and res.stdout == ""
+    cause, _, rest = res.stderr.partition("Failed connections: 1\n")
+    assert cause.startswith("[ E19 ] File operation failure.") and "#E19" in cause
+    assert rest.startswith("[ E39 ] Enclave process connection failure.") and "#E39" in rest
+    assert parse_error(res.stderr, "", res.returncode).code == "E19"
 
 
 def test_missing_binary(tmp_path: Path) -> None:
@@ -797,7 +820,8 @@ def test_a_booting_enclave_is_not_listed_until_it_has_booted(fake: Fake, tmp_pat
         wait(lambda: booting(fake))
         fake.hook("fake-crash", booting(fake)[0]["EnclaveID"])
         _, err = run.communicate(timeout=10)
-        assert run.returncode == 36 and parse_error(err).code == "E36", err
+        assert run.returncode == 39 and parse_error(err).code == "E36", err
+        assert "[ E39 ]" in err
     finally:
         run.kill()
         run.wait()
