@@ -827,14 +827,18 @@ def test_a_booting_enclave_is_not_listed_until_it_has_booted(fake: Fake, tmp_pat
         run.wait()
 
 
-def test_stop_while_an_enclave_boots_returns_at_once_and_leaves_none(tmp_path: Path) -> None:
+def test_stop_while_an_enclave_boots_returns_at_once_and_leaves_none(tmp_path: Path,
+                                                                     caplog) -> None:
     """Before: stop() waited for run-enclave (up to its 300 s timeout), so `parent down` had
     to SIGKILL a parent stopped during a boot and its clean-up never ran (review finding).
     The enclave is not listed while it boots, so no clearing can find it: it goes at the end
-    of its boot, its run-enclave being gone (see tests/fakes/nitro-cli)."""
+    of its boot, its run-enclave being gone (see tests/fakes/nitro-cli). The run-enclave
+    stop() kills is no failure to log, nor one to retry (it said "run-enclave failed:
+    `nitro-cli run-enclave` was stopped (signal 9); retrying in 1.0 s" on every `down`)."""
     fake = Fake(tmp_path)
     gate = tmp_path / "booted"
     cli = NitroCli(FAKE, env={**fake.env, "FAKE_NITRO_BOOT_GATE": str(gate)}, run_timeout=120)
+    caplog.set_level(logging.INFO, logger="t")
     sup = EnclaveSupervisor(cli, fake.launch(), "wgvsock-x", None, logging.getLogger("t"),
                             poll_interval=0.05)
     sup.start()
@@ -845,6 +849,8 @@ def test_stop_while_an_enclave_boots_returns_at_once_and_leaves_none(tmp_path: P
     assert not sup._thread.is_alive()
     gate.touch()
     assert fake.enclaves() == [] and booting(fake) == []
+    assert "run-enclave failed" not in caplog.text and "retrying" not in caplog.text
+    assert sup.delays == []
 
 
 def test_an_enclave_that_boots_under_its_name_beside_its_own_is_terminated(

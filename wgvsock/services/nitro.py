@@ -523,6 +523,11 @@ class EnclaveSupervisor:
                 try:
                     info = self.nitro.run_enclave(self.launch, self.name)
                 except NitroError as e:
+                    if self._stop.is_set():
+                        # stop() killed it: no failure to report or retry. What it may have
+                        # started is cleared at the end.
+                        leftover = True
+                        break
                     self.last_reason = f"run-enclave failed: {e}"
                     self.log.error("enclave %s: %s; retrying in %s", self.name, self.last_reason,
                                    _secs(delay))
