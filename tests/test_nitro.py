@@ -948,3 +948,79 @@ def test_only_a_running_stray_is_terminated(tmp_path: Path, caplog) -> None:
     sup._terminate_strays(listed, mine, set())
     assert terminated == ["i-new"]
     assert "i-old" not in caplog.text
+
+
+def test_a_cid_someone_else_holds_is_named_with_the_fix(fake: Fake, caplog) -> None:
+    """run-enclave on a CID another enclave holds fails with nitro-cli's bare E29 (Ioctl
+    failure; the reason is only in its log): the operator learnt neither the cause nor the
+    fix. The supervisor now names the holder and what to change."""
+    other = fake.cli.run_enclave(fake.launch(cid=21, cpu_count=1), "someone-else")
+    sup = supervisor(fake, caplog)
+    sup.start()
+    try:
+        wait(lambda: len(sup.delays) >= 1)
+    finally:
+        sup.stop(timeout=10)
+    assert sup.starts == 0
+    assert (f"CID 21 is taken by enclave {other.enclave_id} (someone-else): terminate it "
+            f"(nitro-cli terminate-enclave --enclave-id {other.enclave_id}) or set another "
+            "parent.enclave.cid") in caplog.text
+    assert [e["EnclaveID"] for e in fake.enclaves()] == [other.enclave_id]
+
+
+@pytest.mark.parametrize(("code", "fix"), [
+    ("E22", "raise cpu_count in /etc/nitro_enclaves/allocator.yaml and restart "
+            "nitro-enclaves-allocator.service, or lower parent.enclave.cpu_count (2)"),
+    ("E27", "raise memory_mib in /etc/nitro_enclaves/allocator.yaml and restart "
+            "nitro-enclaves-allocator.service, or lower parent.enclave.memory_mib (256)"),
+    ("E36", "the enclave did not boot"),
+    ("E35", "not a valid enclave image"),
+])
+def test_run_enclave_failures_say_how_to_fix_them(fake: Fake, caplog, code: str,
+                                                  fix: str) -> None:
+    """nitro-cli's messages say what failed, not what to change on this host or in the
+    profile; the supervisor's line now ends with that."""
+    fake.hook("fake-fail-run", "1", code)
+    sup = supervisor(fake, caplog, launch=fake.launch())
+    sup.start()
+    try:
+        assert sup.wait_started() is not None
+    finally:
+        sup.stop(timeout=10)
+    line = next(r.getMessage() for r in caplog.records if "run-enclave failed" in r.getMessage())
+    assert f"[ {code} ]" in line and fix in line, line
+    assert "[ E39 ]" not in line  # the client's echo of its enclave process's failure
+    assert line.endswith("; retrying in 10 ms")
+
+
+def test_a_missing_eif_says_which_file_and_key(fake: Fake, caplog, tmp_path: Path) -> None:
+    gone = tmp_path / "gone.eif"
+    sup = supervisor(fake, caplog, launch=EnclaveLaunch(str(gone), memory_mib=256))
+    sup.start()
+    try:
+        wait(lambda: sup.delays)
+        reason = sup.last_reason
+    finally:
+        sup.stop(timeout=10)
+    assert f"cannot open {gone}: No such file or directory; set parent.enclave.eif " \
+        "to the image `make eif` built" in reason
+
+
+def test_fixes_for_a_device_or_an_image_nitro_cli_cannot_use(fake: Fake, tmp_path: Path
+                                                              ) -> None:
+    def fix(stderr: str, launch: EnclaveLaunch) -> str | None:
+        return nitro.run_failure_fix(parse_error(stderr), launch, fake.cli.enclaves, "wgvsock-x")
+
+    device = ("[ E19 ] File operation failure.\nFile: '/dev/nitro_enclaves', failing "
+              "operation: 'Open'.\n")
+    assert "no Nitro Enclaves device: enable enclaves on the instance" in fix(device,
+                                                                              fake.launch())
+    pool = ("[ E19 ] File operation failure.\nFile: '/sys/module/nitro_enclaves/parameters/"
+            "ne_cpus', failing operation: 'Open'.\n")
+    assert "systemctl enable --now nitro-enclaves-allocator.service" in fix(pool,
+                                                                            fake.launch())
+    # The image grew since `up` checked it.
+    with open(fake.eif, "wb") as f:
+        f.truncate(300 << 20)
+    assert fix(E26, fake.launch()) == ("set parent.enclave.memory_mib to at least 1200 (4x the "
+                                       "EIF's 300 MiB)")

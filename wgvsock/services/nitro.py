@@ -55,6 +55,8 @@ CALL_TIMEOUT = 60.0
 EIF_MEMORY_FACTOR = 4
 
 _ECODE_RE = re.compile(r"^\[ (E\d+) \]")
+_E39_ECHO_RE = re.compile(r"; \[ E39 \] [^;]*$")
+_FILE_RE = re.compile(r"File: '([^']*)', failing operation: '([^']*)'")
 _LOG_RE = re.compile(r'error log found at "([^"]+)"')
 _NOISE = ("For more details, please visit", "If you open a support ticket", "Failed connections:")
 
@@ -274,7 +276,16 @@ class NitroCli:
         return args
 
     def run_enclave(self, launch: EnclaveLaunch, name: str | None = None) -> EnclaveInfo:
-        out = self._call(self.run_args(launch, name), self.run_timeout)
+        try:
+            out = self._call(self.run_args(launch, name), self.run_timeout)
+        except NitroError as e:
+            # Its enclave process failed and sent no JSON, so the client adds E39 ("fails to
+            # connect to at least one enclave process ... description information"): an
+            # echo that misleads, after the cause.
+            if e.code is not None and e.code != "E39":
+                e.message = _E39_ECHO_RE.sub("", e.message)
+                e.args = (e.message,)
+            raise
         return EnclaveInfo.from_json(_json_from(out, dict))
 
     def describe_enclaves(self) -> list[dict]:
@@ -423,6 +434,83 @@ def terminate_leftovers(nitro: NitroCli, name: str,
     return done, failed
 
 
+ALLOCATOR = ("/etc/nitro_enclaves/allocator.yaml and restart "
+             "nitro-enclaves-allocator.service")
+
+
+def run_failure_fix(err: NitroError, launch: EnclaveLaunch,
+                    listed: Callable[[], list[EnclaveInfo]], ours: str) -> str | None:
+    """What to change when run-enclave failed with ERR: nitro-cli names what failed, not
+    what in the profile or on the host to change, and for a CID in use only says "Ioctl
+    failure". LISTED gives describe-enclaves' enclaves (asked only when they matter); OURS is
+    our enclave name (its leftovers are cleared anyway). None when there is nothing to add."""
+    code = err.code
+    logged = f"; nitro-cli's log {err.log_path} says more" if err.log_path else ""
+    if code == "E19":
+        m = _FILE_RE.search(err.message)
+        path = m.group(1) if m else launch.eif
+        if path == launch.eif:
+            # Not opened here: a FIFO put in its place would block the supervisor.
+            try:
+                os.stat(launch.eif)
+            except OSError as e:
+                return (f"cannot open {launch.eif}: {e.strerror}; set parent.enclave.eif to "
+                        "the image `make eif` built")
+            if not os.access(launch.eif, os.R_OK):
+                return f"{launch.eif} is not readable: it must be root's, mode 0644 or 0600"
+            return f"nitro-cli could not open {launch.eif} (parent up can read it){logged}"
+        if path.startswith("/dev/nitro_enclaves"):
+            return ("no Nitro Enclaves device: enable enclaves on the instance (its "
+                    "EnclaveOptions), install aws-nitro-enclaves-cli, `systemctl enable --now "
+                    "nitro-enclaves-allocator.service`, and run the parent as root or in the ne "
+                    "group")
+        if path.startswith("/sys/module/nitro_enclaves"):
+            return ("the nitro_enclaves driver has no CPU pool: `systemctl enable --now "
+                    "nitro-enclaves-allocator.service`")
+        return f"nitro-cli could not use {path}{logged}"
+    if code == "E22":
+        return (f"raise cpu_count in {ALLOCATOR}, or lower parent.enclave.cpu_count "
+                f"({launch.cpu_count})")
+    if code == "E26":
+        try:
+            size = os.stat(launch.eif).st_size
+        except OSError:
+            return None
+        need = -(-EIF_MEMORY_FACTOR * size // (1 << 20))
+        return (f"set parent.enclave.memory_mib to at least {need} ({EIF_MEMORY_FACTOR}x the "
+                f"EIF's {size / (1 << 20):.0f} MiB)")
+    if code in ("E27", "E29"):
+        try:
+            others = [e for e in listed() if not is_named(e.name, ours)]
+        except NitroError:
+            others = []
+        if code == "E29" and launch.cid is not None:
+            holder = next((e for e in others if e.cid == launch.cid), None)
+            if holder is not None:
+                return (f"CID {launch.cid} is taken by enclave {holder.enclave_id} "
+                        f"({holder.name or 'no name'}): terminate it (nitro-cli "
+                        f"terminate-enclave --enclave-id {holder.enclave_id}) or set another "
+                        "parent.enclave.cid")
+        beside = ", ".join(f"{e.enclave_id} ({e.name or 'no name'}: "
+                           f"{e.cpu_count or len(e.cpu_ids)} CPUs, {e.memory_mib} MiB)"
+                           for e in others)
+        if code == "E27":
+            return (f"raise memory_mib in {ALLOCATOR}, or lower parent.enclave.memory_mib "
+                    f"({launch.memory_mib})" + (f"; running beside: {beside}" if beside else ""))
+        if beside:
+            return (f"other enclaves may hold the pool's CPUs ({beside}): stop one, or raise "
+                    f"cpu_count in {ALLOCATOR}{logged}")
+        return logged[2:] or None
+    if code == "E35":
+        return ("the EIF is not a valid enclave image, or the hugepages to load it are not "
+                f"there: build it again (`make eif`) and check memory_mib in {ALLOCATOR}")
+    if code == "E36":
+        return ("the enclave did not boot: the EIF may be damaged, or memory_mib too small to "
+                "unpack it; with parent.enclave.debug: true, `nitro-cli console` shows its "
+                "kernel's messages" + logged)
+    return logged[2:] or None
+
+
 # -- the supervisor ------------------------------------------------------------------------------
 
 
@@ -528,7 +616,8 @@ class EnclaveSupervisor:
                         # started is cleared at the end.
                         leftover = True
                         break
-                    self.last_reason = f"run-enclave failed: {e}"
+                    fix = run_failure_fix(e, self.launch, self.nitro.enclaves, self.name)
+                    self.last_reason = f"run-enclave failed: {e}" + (f"; {fix}" if fix else "")
                     self.log.error("enclave %s: %s; retrying in %s", self.name, self.last_reason,
                                    _secs(delay))
                     # It may have started one before failing (output we could not read, a
