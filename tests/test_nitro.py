@@ -1024,3 +1024,19 @@ def test_fixes_for_a_device_or_an_image_nitro_cli_cannot_use(fake: Fake, tmp_pat
         f.truncate(300 << 20)
     assert fix(E26, fake.launch()) == ("set parent.enclave.memory_mib to at least 1200 (4x the "
                                        "EIF's 300 MiB)")
+
+
+def test_the_service_status_says_why_no_enclave_runs() -> None:
+    """systemd's status line said "waiting for the enclave to register" while every
+    run-enclave failed: `systemctl status` hid that the parent could not start it."""
+    from types import SimpleNamespace
+
+    from wgvsock.roles.parent import Parent
+
+    parent = Parent(parse_profile("name: a\nparent:\n  enclave: {eif: /x.eif}\n"))
+    assert parent.status_line(0) == "wg0 up; waiting for the enclave to register"
+    parent.supervisor = SimpleNamespace(info=None, last_reason="run-enclave failed: [ E27 ] x")
+    assert parent.status_line(0) == ("wg0 up; enclave not running: run-enclave failed: "
+                                     "[ E27 ] x")
+    parent.supervisor = SimpleNamespace(info=object(), last_reason="run-enclave failed: old")
+    assert parent.status_line(0) == "wg0 up; waiting for the enclave to register"

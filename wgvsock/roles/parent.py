@@ -1061,6 +1061,11 @@ class Parent:
 
     def status_line(self, now: float) -> str:
         """One line for `systemctl status` (sd_notify STATUS): changes only on events."""
+        sup = self.supervisor
+        if sup is not None and sup.info is None and sup.last_reason:
+            # Between an exit or a failed run-enclave and the next start: the reason (with
+            # its fix) is what the operator needs, not the tunnel of an enclave now gone.
+            return f"{self.profile.interface} up; enclave not running: {sup.last_reason}"
         if self.enclave_key is None or self.device is None:
             return f"{self.profile.interface} up; waiting for the enclave to register"
         attested = attestation_state(self.verdict) if self.verdict is not None else "false"
