@@ -18,16 +18,17 @@ from wgvsock.services.egress.refusals import Refusals
 from wgvsock.ui import status as st
 
 
-def ipv4(proto: int, dst: str, payload: bytes, *, frag: int = 0, ihl: int = 5) -> bytes:
+def ipv4(proto: int, dst: str, payload: bytes, *, frag: int = 0, ihl: int = 5,
+         src: str = "10.77.0.2") -> bytes:
     head = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(payload), 0, frag, 64, proto,
-                       0, ipaddress.IPv4Address("10.77.0.2").packed,
+                       0, ipaddress.IPv4Address(src).packed,
                        ipaddress.IPv4Address(dst).packed)
     return head + b"\0" * (ihl * 4 - 20) + payload
 
 
-def ipv6(next_header: int, dst: str, payload: bytes) -> bytes:
+def ipv6(next_header: int, dst: str, payload: bytes, *, src: str = "fd77::2") -> bytes:
     return (struct.pack("!IHBB", 0x60000000, len(payload), next_header, 64)
-            + ipaddress.IPv6Address("fd77::2").packed + ipaddress.IPv6Address(dst).packed
+            + ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
             + payload)
 
 
@@ -55,6 +56,46 @@ def test_flow_names_protocol_destination_and_port(packet: bytes, shown: str) -> 
                                     ipv4(6, "192.0.2.1", b"")[:20].replace(b"\x45", b"\x44", 1)])
 def test_what_is_no_ip_packet_is_none(packet: bytes) -> None:
     assert nflog.flow(packet) is None
+
+
+# ICMP port unreachable (ICMPv6 destination unreachable, code port) from the enclave to the
+# parent's 10.0.0.2 (2001:db8::2), quoting a TCP segment of the parent's connection
+# 10.0.0.2:41234 -> 198.51.100.2:80 ([2001:db8::2]:41234 -> [2001:db8::9]:80).
+SEGMENT = struct.pack("!HHI", 41234, 80, 7)
+FORGED4 = ipv4(1, "10.0.0.2", b"\x03\x03\0\0\0\0\0\0"
+               + ipv4(6, "198.51.100.2", SEGMENT, src="10.0.0.2"))
+FORGED6 = ipv6(58, "2001:db8::2", b"\x01\x04\0\0\0\0\0\0"
+               + ipv6(6, "2001:db8::9", SEGMENT, src="2001:db8::2"))
+
+
+@pytest.mark.parametrize(("packet", "quoted"), [
+    (FORGED4, "tcp 10.0.0.2:41234 -> 198.51.100.2:80"),
+    (FORGED6, "tcp [2001:db8::2]:41234 -> [2001:db8::9]:80"),
+    # Time exceeded about a ping; parameter problem about UDP behind a hop-by-hop header.
+    (ipv4(1, "10.0.0.2", b"\x0b\0\0\0\0\0\0\0"
+          + ipv4(1, "192.0.2.1", b"\x08\0", src="10.0.0.2")), "icmp 10.0.0.2 -> 192.0.2.1"),
+    (ipv6(58, "2001:db8::2", b"\x04\0\0\0\0\0\0\0" + ipv6(
+        0, "2001:db8::9", bytes([17, 0]) + b"\0" * 6 + PORTS, src="2001:db8::2")),
+     "udp [2001:db8::2]:40000 -> [2001:db8::9]:5432"),
+    # Cut where SNAPLEN_QUOTING would not cut: the quoted ports are gone.
+    (FORGED4[:48], "tcp 10.0.0.2 -> 198.51.100.2"),
+], ids=["v4", "v6", "time-exceeded", "v6-extension-header", "cut"])
+def test_an_icmp_error_names_the_packet_it_quotes(packet: bytes, quoted: str) -> None:
+    f = nflog.flow(packet)
+    assert f is not None and f.quoted is not None and f.quoted.connection() == quoted
+    assert f.quoted.quoted is None  # one level: an error about an error is not read on
+    assert len(FORGED6) <= nflog.SNAPLEN_QUOTING
+
+
+@pytest.mark.parametrize("packet", [
+    ipv4(1, "192.0.2.1", b"\x08\0\0\0\0\0\0\0" + ipv4(6, "198.51.100.2", SEGMENT)),  # echo
+    ipv6(58, "2001:db8::1", b"\x80\0\0\0\0\0\0\0" + ipv6(6, "2001:db8::9", SEGMENT)),
+    ipv4(6, "203.0.113.5", PORTS),
+    FORGED4[:28],  # the error's header only
+], ids=["echo", "echo6", "tcp", "header-only"])
+def test_what_is_no_icmp_error_quotes_nothing(packet: bytes) -> None:
+    f = nflog.flow(packet)
+    assert f is not None and f.quoted is None
 
 
 def test_short_transport_headers_give_no_port() -> None:
@@ -237,8 +278,9 @@ def test_the_readme_shows_the_log_lines_as_they_are(caplog) -> None:
         r.packet("credentials 169.254.169.254/32", tcp_to("169.254.169.254", 80))
         r.packet("to parent", tcp_to("10.77.0.1", 22))
         r.name("tracker.example", "not allowed")
+        r.packet("forged", nflog.flow(FORGED4))
     lines = [f"WARNING wgvsock.refused: {rec.getMessage()}" for rec in caplog.records]
-    assert len(lines) == 5
+    assert len(lines) == 6
     for line in lines:
         assert f"\n{line}\n" in readme, line
 
@@ -259,3 +301,37 @@ def test_blocked_dns_to_another_server_points_at_the_parent_s_forwarder(caplog) 
         assert "enclave.dns: parent" in line
     assert "add 8.8.8.8/32:53/udp" in udp
     assert "DNS" not in other
+
+
+def test_a_forged_icmp_error_is_named_with_what_it_quotes_and_no_entry_to_add(caplog) -> None:
+    """An ICMP error from the enclave about a connection it is not party to (the parent's,
+    one the parent routes for) is dropped; before, it was counted only, so an enclave that
+    probed for others' connections went unseen. It is a refusal of its own kind, with its
+    own bucket, and no allow entry is offered: none would make it legitimate."""
+    r = Refusals(limit=4)
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        for _ in range(2):
+            r.packet("forged", nflog.flow(FORGED4))
+        r.packet("forged", nflog.flow(FORGED6))
+        for i in range(10):  # a flood of another kind leaves them be
+            r.packet("blocked", tcp_to(str(ipaddress.IPv4Address("198.18.0.0") + i)))
+    forged = [(x.kind, x.what, x.rule, x.count) for x in r.recent(20) if x.kind == "forged"]
+    assert forged == [
+        ("forged", "ipv6-icmp 2001:db8::2 quoting tcp [2001:db8::2]:41234 -> [2001:db8::9]:80",
+         "", 1),
+        ("forged", "icmp 10.0.0.2 quoting tcp 10.0.0.2:41234 -> 198.51.100.2:80", "", 2)]
+    v4, v6 = [rec.getMessage() for rec in caplog.records[:2]]
+    assert v4.startswith(
+        "forged ICMP error dropped: the enclave sent an ICMP error about a connection it is "
+        "not party to (10.77.0.2 -> 10.0.0.2, quoting tcp 10.0.0.2:41234 -> "
+        "198.51.100.2:80)")
+    assert "(fd77::2 -> 2001:db8::2, quoting tcp [2001:db8::2]:41234" in v6
+    for line in (v4, v6):
+        assert "parent.egress.allow" not in line and "add " not in line
+        assert "probing" in line
+    # A related packet that quotes nothing (a conntrack helper's expected connection) is
+    # named by itself.
+    with caplog.at_level(logging.WARNING, logger="wgvsock.refused"):
+        r.packet("forged", tcp_to("198.51.100.2", 20))
+    assert r.recent(1)[0].what == "tcp 198.51.100.2:20"
+    assert "parent.egress.allow" not in caplog.records[-1].getMessage()

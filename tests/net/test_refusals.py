@@ -17,20 +17,29 @@ from collections.abc import Iterator
 import pytest
 
 from wgvsock.services import firewall
+from wgvsock.services.firewall import Rule
 
 from .netlab import Namespace, run, wait_for
 from .test_firewall import (
     _BOUND_CLIENT,
+    _FORGE,
     DENIED4,
     ENCLAVE4,
     ENCLAVE6,
+    FAMILIES,
     INTERNET4,
     INTERNET6,
     PARENT_TUN4,
     PARENT_UP4,
     PY,
+    TUN,
+    Flow,
     Holder,
+    _far_end,
+    counted,
+    n,
     probe,
+    start_answering,
     start_holder_server,
     start_server,
     traffic_spec,
@@ -168,6 +177,134 @@ def test_a_flood_is_logged_at_the_rule_s_rate_and_still_all_dropped(world) -> No
     # The burst and at most a few seconds' rate, not 2000 (the flood takes well under a
     # second; the reader was stopped a moment after).
     assert firewall.LOG_RATE <= len(reader.seen) <= 4 * firewall.LOG_RATE
+
+
+# The parent's refusal record as `parent up` keeps it: binds a free group, prints it, logs
+# what Refusals logs ("LOG " + the message), and for each line of input prints the record as
+# JSON ("RECORD " + [[kind, what, count], ...]).
+RECORD = r"""
+import json, logging, sys
+from wgvsock.services.egress.refusals import RefusalReader, Refusals
+from wgvsock.services.nflog import open_free_group
+logging.basicConfig(stream=sys.stdout, format="LOG %(message)s", level=logging.WARNING)
+refusals = Refusals()
+reader = RefusalReader(open_free_group("lab"), refusals)
+reader.start()
+print(reader.group, flush=True)
+for _ in sys.stdin:
+    print("RECORD " + json.dumps([[r.kind, r.what, r.count] for r in refusals.recent(100)]),
+          flush=True)
+reader.close()
+"""
+
+
+class Record:
+    """RECORD in NS: `logged` fills from its output on a thread; ask() returns the record."""
+
+    def __init__(self, ns: Namespace) -> None:
+        self.proc = ns.popen(PY, "-c", RECORD, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line.strip().isdigit(), f"the refusal reader did not start ({self.proc.poll()=})"
+        self.group = int(line)
+        self.logged: list[str] = []
+        self._records: list[list[list]] = []
+        self._got = threading.Condition()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            kind, _, rest = line.rstrip("\n").partition(" ")
+            with self._got:
+                if kind == "LOG":
+                    self.logged.append(rest)
+                else:
+                    self._records.append(json.loads(rest))
+                    self._got.notify_all()
+
+    def ask(self) -> list[list]:
+        assert self.proc.stdin is not None
+        with self._got:
+            n = len(self._records)
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            assert self._got.wait_for(lambda: len(self._records) > n, 10), "no record"
+            return self._records[n]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_forged_icmp_error_is_recorded_and_logged_once_and_a_genuine_one_is_not(
+        world, lab, family: int) -> None:  # noqa: F811
+    """test_firewall.py's forged errors (about the parent host's own connection and one it
+    routes for) were dropped and counted but not logged: the refusal record never named an
+    enclave probing for others' connections. Each is now recorded as `forged`, once, with
+    a log line that names what it quoted and offers no allow entry; the enclave's errors
+    about its own flows (to the internet through the DNAT, to the parent) pass unrecorded."""
+    enclave, parent, internet = world
+    f = FAMILIES[family]
+    far = _far_end(lab, parent, internet)
+    record = Record(parent)
+    try:
+        spec = traffic_spec()
+        spec.allow = [Rule(n("0.0.0.0/0")), Rule(n("::/0"))]
+        spec.log_group = record.group
+        firewall.apply(spec, netns=parent.name)
+        start_answering(internet, "tcp", f["internet"], 80)
+        start_answering(internet, "udp", f["internet"], 53)
+        mac = parent.run("cat", f"/sys/class/net/{TUN}/address").stdout.strip()
+        own = Flow(parent, "tcp", f["internet"], 80)
+        routed = Flow(far, "udp", f["internet"], 53)
+        assert (own.first, routed.first) == ("answer", "answer")
+        # A fresh veth's first neighbour resolution of the enclave's IPv6 address sometimes
+        # fails for its 3 s (address unreachable; seen with a bare DNAT and no table of ours
+        # too): resolved first, by a ping the table lets through and does not log.
+        wait_for(lambda: parent.run("ping", "-c1", "-W1", f["enclave"],
+                                    check=False).returncode == 0, 10, "the enclave's ping")
+        # The enclave's kernel answers these port unreachable: errors of its own flows.
+        refused = "ConnectionRefusedError"
+        assert Flow(internet, "udp", f["parent"], 5353).first == refused
+        assert Flow(parent, "udp", f["enclave"], 53).first == refused
+        with counted(parent, "local_blocked", "egress_blocked") as gained:
+            enclave.run(PY, "-c", _FORGE, mac, f["enclave"], f["parent"], "tcp", f["parent"],
+                        str(own.port), f["internet"], "80", str(own.seq))
+            enclave.run(PY, "-c", _FORGE, mac, f["enclave"], f["far"], "udp", f["far"],
+                        str(routed.port), f["internet"], "53", "0")
+            assert own.exchange() == "answer"
+            assert routed.exchange() == "answer"
+        assert gained == {"local_blocked": 1, "egress_blocked": 1}
+        icmp = "icmp" if family == 4 else "ipv6-icmp"
+
+        def end(host: str, port: int | str) -> str:
+            return f"[{host}]:{port}" if family == 6 else f"{host}:{port}"
+
+        quoting = {
+            f"{icmp} {f['parent']} quoting tcp {end(f['parent'], own.port)} -> "
+            f"{end(f['internet'], 80)}",
+            f"{icmp} {f['far']} quoting udp {end(f['far'], routed.port)} -> "
+            f"{end(f['internet'], 53)}",
+        }
+        wait_for(lambda: {w for k, w, _ in record.ask() if k == "forged"} == quoting, 10,
+                 "the forged errors to be recorded")
+        # Nothing else: the genuine errors (logged before the forged ones, if at all) are
+        # not there.
+        assert sorted(record.ask()) == sorted(["forged", w, 1] for w in quoting)
+        lines = [ln for ln in record.logged if ln.startswith("forged ICMP error dropped")]
+        assert len(lines) == 2 and len(record.logged) == 2, record.logged
+        assert any(f"({f['enclave']} -> {f['parent']}, quoting tcp "
+                   f"{end(f['parent'], own.port)} -> {end(f['internet'], 80)})" in ln
+                   for ln in lines), lines
+        assert not any("parent.egress.allow" in ln or "add " in ln for ln in lines)
+    finally:
+        record.close()
 
 
 @pytest.fixture

@@ -81,9 +81,11 @@ Why the chains look the way they do
   which the same transaction loads, so no metric goes backwards and no allowed name's
   address is missing for a moment.
 * With a log group, each drop of the enclave's traffic (a deny rule, ``blocked``, ``to
-  parent``, ``connection limit``, ``spoofed``) is preceded by a rule that logs the packet's
+  parent``, ``connection limit``, ``spoofed``, ``forged``: a related packet about a
+  connection the enclave is not party to) is preceded by a rule that logs the packet's
   headers to that nfnetlink_log group under a prefix naming the rule
-  (services/egress/refusals.py reads them). The log rule has no verdict and a rate limit
+  (services/egress/refusals.py reads them; for ``forged``, the headers of the packet the
+  ICMP error quotes too). The log rule has no verdict and a rate limit
   of its own, so a flood costs at most LOG_RATE messages a second per rule and never
   changes what is dropped.
 """
@@ -102,7 +104,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
-from .nflog import SNAPLEN
+from .nflog import SNAPLEN, SNAPLEN_QUOTING
 
 __all__ = [
     "COUNTERS",
@@ -610,13 +612,13 @@ def render_ruleset(spec: FirewallSpec) -> str:
         counted.add(comment)
         return f"counter packets {start.packets} bytes {start.bytes}" if start else "counter"
 
-    def logged(match: str, prefix: str) -> list[str]:
+    def logged(match: str, prefix: str, snaplen: int = SNAPLEN) -> list[str]:
         # A rule of its own: over the limit `limit` does not match, so a verdict after it
         # would not apply either.
         if s.log_group is None:
             return []
         return [f"{match + ' ' if match else ''}limit rate {LOG_RATE}/second burst "
-                f"{LOG_RATE} packets log group {s.log_group} snaplen {SNAPLEN} "
+                f"{LOG_RATE} packets log group {s.log_group} snaplen {snaplen} "
                 f"prefix {_q(prefix[:LOG_PREFIX_MAX])}"]
 
     def denied(r: _Rule, *, credentials: bool = False) -> list[str]:
@@ -690,8 +692,9 @@ def render_ruleset(spec: FirewallSpec) -> str:
     # its own (original source) or one DNATed to it (reply source). Any other, which the
     # enclave could only have forged by guessing the 5-tuple, would end or mislead the
     # parent host's own connections and those of whoever it routes for; it is dropped,
-    # before the policy (a catch-all allow would pass it) and not logged (allowing nothing
-    # would make it legitimate). Towards the enclave the same accept holds, as a second
+    # before the policy (a catch-all allow would pass it), and logged as `forged` with the
+    # packet it quotes (refusals.py offers no allow entry for it: none would make it
+    # legitimate). Towards the enclave the same accept holds, as a second
     # line: the kernel already relates an error to a connection only when it is addressed
     # to that connection's end.
     replies = [
@@ -700,9 +703,11 @@ def render_ruleset(spec: FirewallSpec) -> str:
           for fam, set_ in (("ip", "enclave_v4"), ("ip6", "enclave_v6"))
           for end in ("original", "reply")),
     ]
+    forged = logged("ct state related", "forged", SNAPLEN_QUOTING)
     out += _chain("from_enclave", [
         "jump check_source",
         *replies,
+        *forged,
         f"ct state related counter name {_q('egress_blocked')} drop",
         *limit,
         "jump egress_policy",
@@ -728,6 +733,7 @@ def render_ruleset(spec: FirewallSpec) -> str:
         *logged("ip6 daddr ::1", "to parent"),
         f"ip6 daddr ::1 counter name {_q('local_blocked')} drop",
         *replies,
+        *forged,
         f"ct state related counter name {_q('local_blocked')} drop",
         *limit,
         "icmp type echo-request accept",

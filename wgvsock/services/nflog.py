@@ -46,6 +46,10 @@ _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 #: Bytes copied of each logged packet: an IPv6 header (40) or an IPv4 header with options
 #: (up to 60), and the transport header's ports.
 SNAPLEN = 64
+#: Bytes copied of a logged ICMP error, which is read for the packet it quotes too: the
+#: error's IP and ICMP headers, then the quoted packet's IP header and ports (IPv4 with
+#: options on both 60 + 8 + 60 + 4, IPv6 40 + 8 + 40 + 4 with room for an extension header).
+SNAPLEN_QUOTING = 136
 #: Groups the parent tries, from one chosen by its profile name (so two profiles on one host
 #: usually start apart and rarely probe): 0x7767 ("wg") upwards.
 GROUP_BASE = 0x7767
@@ -67,22 +71,38 @@ class Logged:
 @dataclass(frozen=True, slots=True)
 class Flow:
     """What a logged packet was: protocol name, addresses, destination port (TCP, UDP, SCTP,
-    UDP-Lite) or ICMP type, else None."""
+    UDP-Lite) or ICMP type, else None; the source port likewise; and for an ICMP error, the
+    packet it quotes (as far as the copy reaches), else None."""
 
     protocol: str
     source: ipaddress.IPv4Address | ipaddress.IPv6Address
     destination: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int | None
+    source_port: int | None = None
+    quoted: Flow | None = None
 
     def describe(self) -> str:
         """``tcp 203.0.113.5:5432``, ``udp [2001:db8::1]:53``, ``icmp 192.0.2.1``."""
-        if self.port is None or self.protocol in ("icmp", "ipv6-icmp"):
-            return f"{self.protocol} {self.destination}"
-        host = f"[{self.destination}]" if self.destination.version == 6 else str(self.destination)
-        return f"{self.protocol} {host}:{self.port}"
+        return f"{self.protocol} {self._end(self.destination, self.port)}"
+
+    def connection(self) -> str:
+        """Both ends: ``tcp 10.0.0.2:41234 -> 198.51.100.2:80``, ``icmp 10.0.0.2 -> 192.0.2.1``."""
+        return (f"{self.protocol} {self._end(self.source, self.source_port)} -> "
+                f"{self._end(self.destination, self.port)}")
+
+    def _end(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+             port: int | None) -> str:
+        if port is None or self.protocol in ("icmp", "ipv6-icmp"):
+            return str(address)
+        return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite"}
+# ICMP types whose body quotes the packet they are about (those conntrack relates to its
+# connection): destination unreachable, source quench, redirect, time exceeded, parameter
+# problem; ICMPv6's destination unreachable, packet too big, time exceeded, parameter problem.
+_ERRORS = {1: (3, 4, 5, 11, 12), 58: (1, 2, 3, 4)}
+_ICMP_HEADER = 8
 _PORTED = (6, 17, 132, 136)
 # IPv6 extension headers a packet may carry before its transport header (hop-by-hop,
 # routing, destination options); a fragment or anything else ends the walk.
@@ -121,8 +141,12 @@ def _attributes(data: bytes, offset: int, end: int):
 
 
 def flow(packet: bytes) -> Flow | None:
-    """The protocol, addresses and port of PACKET (from its IP header); None if it is no
-    IPv4 or IPv6 packet this can read."""
+    """The protocol, addresses and ports of PACKET (from its IP header), and for an ICMP
+    error those of the packet it quotes; None if it is no IPv4 or IPv6 packet this can read."""
+    return _flow(packet, quoting=True)
+
+
+def _flow(packet: bytes, *, quoting: bool) -> Flow | None:
     if not packet:
         return None
     version = packet[0] >> 4
@@ -149,13 +173,16 @@ def flow(packet: bytes) -> Flow | None:
     else:
         return None
     name = _PROTOCOLS.get(proto, str(proto))
-    port = None
+    port = sport = quoted = None
     if transport is not None:
         if proto in _PORTED and transport + 4 <= len(packet):
-            port = struct.unpack_from("!H", packet, transport + 2)[0]
+            sport, port = struct.unpack_from("!HH", packet, transport)
         elif proto in (1, 58) and transport < len(packet):
             port = packet[transport]  # the ICMP type
-    return Flow(name, src, dst, port)
+            # One level only: an error about an error says nothing more.
+            if quoting and port in _ERRORS[proto] and proto == (1 if version == 4 else 58):
+                quoted = _flow(packet[transport + _ICMP_HEADER:], quoting=False)
+    return Flow(name, src, dst, port, sport, quoted)
 
 
 def _message(kind: int, group: int, attributes: bytes, seq: int) -> bytes:
@@ -185,8 +212,9 @@ class NflogSocket:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
             self._sock.bind((0, 0))
             self._request(_attribute(_CFG_CMD, bytes([_CMD_BIND])), 1)
-            self._request(_attribute(_CFG_MODE, struct.pack("!IBB", SNAPLEN, _COPY_PACKET, 0)),
-                          2)
+            # The most any rule asks for: each rule's own snaplen cuts its packets shorter.
+            self._request(_attribute(_CFG_MODE, struct.pack(
+                "!IBB", max(SNAPLEN, SNAPLEN_QUOTING), _COPY_PACKET, 0)), 2)
             self._sock.setblocking(False)
         except BaseException:
             self._sock.close()

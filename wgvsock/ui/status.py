@@ -241,7 +241,7 @@ class PeerView:
 class RefusalView:
     """One destination or name the parent refused the enclave lately."""
 
-    kind: str  # denied, blocked, to-parent, limited, spoofed, dns
+    kind: str  # denied, blocked, to-parent, limited, spoofed, forged, dns
     what: str  # "tcp 203.0.113.5:5432", "from 10.9.9.9", a DNS name
     rule: str  # the deny rule, the DNS reason, or ""
     count: int
@@ -773,7 +773,8 @@ def _counter_parts(iface: InterfaceView) -> list[Text]:
 
 def _refusal_parts(r: RefusalView) -> list[Text]:
     """``refused dns evil.example, 3 times (denied) · 5 s ago``."""
-    style = {"denied": "red", "spoofed": "bold red", "dns": "yellow"}.get(r.kind, "yellow")
+    style = {"denied": "red", "spoofed": "bold red", "forged": "bold red",
+             "dns": "yellow"}.get(r.kind, "yellow")
     line = Text("refused ", style="dim")
     line.append(f"{r.kind} ", style=style)
     line.append(r.what)

@@ -11,7 +11,8 @@ Two sources feed :class:`Refusals`:
   10.0.0.0/8``), ``credentials NETWORK`` (the built-in deny of a credential endpoint such
   as IMDS), ``to parent`` (the parent's own ports), ``connection limit`` (a new
   connection over parent.egress.max_connections), ``spoofed`` (a source address that
-  is not the enclave's);
+  is not the enclave's), ``forged`` (an ICMP error about a connection the enclave is not
+  party to);
 * the DNS forwarder reports each name it answered REFUSED, and why.
 
 Each distinct refusal (kind, destination or name, rule) is kept with a count and when it was
@@ -48,13 +49,14 @@ PREFIX_TO_PARENT = "to parent"
 PREFIX_SPOOFED = "spoofed"
 PREFIX_CREDENTIALS = "credentials "  # + the endpoint's network
 PREFIX_LIMITED = "connection limit"
+PREFIX_FORGED = "forged"
 
 log = logging.getLogger("wgvsock.refused")
 
 
 @dataclass(slots=True)
 class Refusal:
-    kind: str  # "denied", "blocked", "to-parent", "limited", "spoofed", "dns"
+    kind: str  # "denied", "blocked", "to-parent", "limited", "spoofed", "forged", "dns"
     what: str  # "tcp 203.0.113.5:5432", "from 10.9.9.9", a DNS name
     rule: str  # the deny rule ("deny 10.0.0.0/8"), the DNS reason, or ""
     count: int
@@ -122,6 +124,29 @@ class Refusals:
                 f"spoofed packet dropped: {flow.protocol} from {flow.source} to "
                 f"{flow.destination} came through the tunnel, but {flow.source} is not the "
                 "enclave's address (a misconfigured app or route in the enclave)"))
+        elif prefix == PREFIX_FORGED:
+            self._forged(flow)
+
+    def _forged(self, flow: Flow) -> None:
+        # No allow entry lets these through, and none should: conntrack relates an error to
+        # whichever connection it quotes, and this one's is the parent host's or that of a
+        # host the parent routes for, which it would end or mislead.
+        about = flow.quoted
+        if about is not None:
+            what = f"{flow.protocol} {flow.destination} quoting {about.connection()}"
+            head = ("forged ICMP error dropped: the enclave sent an ICMP error about a "
+                    f"connection it is not party to ({flow.source} -> {flow.destination}, "
+                    f"quoting {about.connection()})")
+        else:  # another related packet: a conntrack helper's expected connection
+            what = flow.describe()
+            head = (f"related packet dropped: the enclave sent {flow.connection()}, which "
+                    "conntrack relates to a connection the enclave is not party to")
+        self._add("forged", what, "", lambda: (
+            f"{head}; it would have ended or misled a connection of the parent host or of a "
+            "host the parent routes for. Nothing in the profile lets it through, and nothing "
+            "should: unless the enclave's app is meant to send such packets, it usually "
+            "means software in the enclave is probing for other hosts' connections or is "
+            "misbehaving"))
 
     def name(self, name: str, why: str) -> None:
         """A DNS query the forwarder answered REFUSED; WHY: "denied", "not allowed", "alias of
