@@ -539,6 +539,39 @@ def test_doctor_names_firewalld_s_last_reject_and_a_legacy_iptables_drop(
             "`-A FORWARD -j REJECT --reject-with icmp-host-prohibited`") in check.detail
 
 
+def test_a_legacy_iptables_accept_counts_only_where_forward_reaches_it(
+        scratch: Namespace) -> None:
+    """Review finding: `-i/-o wg0 -j ACCEPT` in any legacy iptables chain was taken as the
+    fix for a FORWARD that drops, though FORWARD may never jump there (a chain left over, one
+    that only docker0's traffic reaches): doctor called ready a host that drops the
+    enclave's traffic. The accepts count now in FORWARD and in the chains it jumps to
+    unconditionally, directly or through others (DOCKER-USER)."""
+    def conflicts() -> list[str]:
+        return [c for c in firewall.conflicting_forward_chains(netns=scratch.name,
+                                                                 tunnel="wgt5")
+                if c.startswith("iptables-legacy ")]
+
+    ipt = ["iptables-legacy", "-w", "5"]
+    scratch.run(*ipt, "-P", "FORWARD", "DROP")
+    dropping = ["iptables-legacy filter FORWARD has policy DROP"]
+    for chain in ("ELSEWHERE", "DOCKER-USER", "DOCKER-ISOLATION"):
+        scratch.run(*ipt, "-N", chain)
+    for flag in ("-i", "-o"):
+        scratch.run(*ipt, "-A", "ELSEWHERE", flag, "wgt5", "-j", "ACCEPT")
+    assert conflicts() == dropping  # nothing jumps to ELSEWHERE
+    scratch.run(*ipt, "-A", "FORWARD", "-i", "docker0", "-j", "ELSEWHERE")
+    assert conflicts() == dropping  # only docker0's traffic gets there
+    scratch.run(*ipt, "-A", "FORWARD", "-j", "DOCKER-USER")
+    scratch.run(*ipt, "-A", "DOCKER-USER", "-j", "DOCKER-ISOLATION")
+    assert conflicts() == dropping
+    scratch.run(*ipt, "-A", "DOCKER-ISOLATION", "-j", "ELSEWHERE")  # two jumps away
+    assert conflicts() == []
+    scratch.run(*ipt, "-D", "DOCKER-ISOLATION", "-j", "ELSEWHERE")
+    scratch.run(*ipt, "-I", "DOCKER-USER", "-i", "wgt5", "-j", "ACCEPT")
+    scratch.run(*ipt, "-I", "FORWARD", "-o", "wgt5", "-j", "ACCEPT")
+    assert conflicts() == []  # one way in FORWARD, the other in DOCKER-USER
+
+
 def test_enable_and_restore_forwarding(lab: Lab, scratch: Namespace) -> None:
     other = lab.netns("fw2")
     run("ip", "link", "add", "up0", "netns", scratch.name, "type", "veth", "peer", "name",

@@ -994,7 +994,8 @@ def conflicting_forward_chains(netns: str | None = None, *,
     FORWARD chain (its tables are its own, which nft does not list) with policy DROP or a
     last `-j DROP` or `-j REJECT`. With TUNNEL, a table that accepts all traffic in and out
     of that interface (Docker's `iptables -I DOCKER-USER -i wg0 -j ACCEPT` and `-o wg0`;
-    firewalld's trusted zone) is taken as fixed."""
+    firewalld's trusted zone) is taken as fixed; for legacy iptables, only where FORWARD's
+    packets get (see _legacy_accepts_tunnel)."""
     fixed: dict[tuple[str, str], bool] = {}
     out = []
     for item in _json(["list", "chains"], netns):
@@ -1112,12 +1113,32 @@ def _legacy_forward_drops(netns: str | None, tunnel: str | None) -> list[str]:
             why = f"ends with `{forward[-1]}`"
         else:
             continue
-        if tunnel is not None and all(
-                re.search(rf"^-A \S+ {flag} {re.escape(tunnel)} -j ACCEPT$", "\n".join(lines),
-                          re.M) for flag in ("-i", "-o")):
+        if tunnel is not None and _legacy_accepts_tunnel(lines, tunnel):
             continue
         out.append(f"{tool} filter FORWARD {why}")
     return out
+
+
+def _legacy_accepts_tunnel(lines: Sequence[str], tunnel: str) -> bool:
+    """Whether `iptables -S` LINES accept all traffic in and all out of TUNNEL where FORWARD's
+    packets get: in FORWARD, or in a chain it jumps to without a match of its own, directly
+    or through others (Docker's DOCKER-USER). An accept in a chain FORWARD never reaches, or
+    reaches only for some packets (`-i docker0 -j CHAIN`), lets nothing of ours past."""
+    jumps: dict[str, list[str]] = {}
+    accepts: dict[str, set[str]] = {}
+    for line in lines:
+        if m := re.fullmatch(r"-A (\S+) -[jg] (\S+)", line):
+            jumps.setdefault(m[1], []).append(m[2])
+        elif m := re.fullmatch(rf"-A (\S+) (-[io]) {re.escape(tunnel)} -j ACCEPT", line):
+            accepts.setdefault(m[1], set()).add(m[2])
+    reached: set[str] = set()
+    todo = ["FORWARD"]
+    while todo:
+        chain = todo.pop()
+        if chain not in reached:
+            reached.add(chain)
+            todo += jumps.get(chain, [])
+    return {"-i", "-o"} <= {flag for chain in reached for flag in accepts.get(chain, ())}
 
 
 def _proc_net(name: str, netns: str | None) -> str:
