@@ -263,8 +263,15 @@ def test_render_logs_before_each_drop_of_the_enclave_s_traffic_only_with_a_group
     ]:
         i = lines.index(logged)
         assert lines[i + 1].startswith(dropped), (logged, lines[i + 1])
+    # A forged ICMP error, from the enclave to beyond and to the parent: logged with room for
+    # the packet it quotes.
+    forged = ('ct state related limit rate 20/second burst 20 packets log group 30567 '
+              'snaplen 136 prefix "forged"')
+    assert [lines[i + 1] for i, x in enumerate(lines) if x == forged] == [
+        'ct state related counter name "egress_blocked" drop',
+        'ct state related counter name "local_blocked" drop']
     # Nothing towards the enclave is logged (the internet's scanners are not its doing).
-    assert sum(" log group " in x for x in lines) == 8
+    assert sum(" log group " in x for x in lines) == 10
 
 
 @pytest.mark.parametrize(
