@@ -1040,3 +1040,23 @@ def test_the_service_status_says_why_no_enclave_runs() -> None:
                                      "[ E27 ] x")
     parent.supervisor = SimpleNamespace(info=object(), last_reason="run-enclave failed: old")
     assert parent.status_line(0) == "wg0 up; waiting for the enclave to register"
+
+
+def test_run_enclave_waits_as_long_as_nitro_cli_waits_for_the_boot(tmp_path: Path) -> None:
+    """nitro-cli waits for a booting enclave's heartbeat 90 s for each started 6 GiB of EIF
+    plus 90 s for each started 100 GiB of its memory (resource_manager.rs,
+    calculate_necessary_timeout). Before: a fixed 300 s, so a 256 GiB enclave (or a 13 GiB
+    EIF), which nitro-cli gives 360 s, was killed mid-boot and started again, for ever."""
+    eif = tmp_path / "app.eif"
+    with eif.open("wb") as f:
+        f.truncate(100 << 20)  # sparse: 100 MiB
+    cli = NitroCli()
+    small = EnclaveLaunch(str(eif), 2, 1024)
+    assert cli.run_timeout_for(small) == nitro.RUN_TIMEOUT  # 180 s of boot wait, and margin
+    big = EnclaveLaunch(str(eif), 2, 256 << 10)
+    assert cli.run_timeout_for(big) >= 90 * (1 + 3) + 60
+    with eif.open("r+b") as f:
+        f.truncate(13 << 30)
+    assert cli.run_timeout_for(small) >= 90 * (3 + 1) + 60
+    # Asked for explicitly (tests, a caller that knows better), it stands.
+    assert NitroCli(run_timeout=0.5).run_timeout_for(big) == 0.5

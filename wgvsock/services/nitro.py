@@ -48,7 +48,12 @@ from .profile import EnclaveLaunch
 log = logging.getLogger("wgvsock.nitro")
 
 NITRO_CLI = "nitro-cli"
-RUN_TIMEOUT = 300.0  # booting a large EIF takes a while; nitro-cli waits for the enclave's ready
+# The least a run-enclave may take. nitro-cli loads the EIF, then waits for the enclave's
+# heartbeat 90 s for each started 6 GiB of EIF plus 90 s for each started 100 GiB of its
+# memory (resource_manager.rs, calculate_necessary_timeout): NitroCli.run_timeout_for.
+RUN_TIMEOUT = 300.0
+_BOOT_WAIT_UNIT = 90.0
+_BOOT_MARGIN = 120.0  # loading the EIF into the enclave's memory comes before the wait
 CALL_TIMEOUT = 60.0
 # run-enclave refuses (E26) unless the enclave's memory is at least 4x its EIF file's size in
 # bytes (resource_manager.rs, ENCLAVE_MEMORY_EIF_SIZE_RATIO; DESIGN.md §4).
@@ -217,7 +222,7 @@ class NitroCli:
     """`nitro-cli` run as a subprocess (never through a shell)."""
 
     def __init__(self, path: str = NITRO_CLI, *, env: dict[str, str] | None = None,
-                 run_timeout: float = RUN_TIMEOUT, timeout: float = CALL_TIMEOUT) -> None:
+                 run_timeout: float | None = None, timeout: float = CALL_TIMEOUT) -> None:
         self.path = path
         self.env = env
         self.run_timeout = run_timeout
@@ -275,9 +280,22 @@ class NitroCli:
             args += ["--enclave-name", name]
         return args
 
+    def run_timeout_for(self, launch: EnclaveLaunch) -> float:
+        """How long a run-enclave of LAUNCH may take: run_timeout when given, else what
+        nitro-cli itself waits for the boot, and the time to load the EIF before it; at least
+        RUN_TIMEOUT. (A fixed 300 s killed a large enclave mid-boot, and the next try too.)"""
+        if self.run_timeout is not None:
+            return self.run_timeout
+        try:
+            size = max(os.stat(launch.eif).st_size, 1)
+        except OSError:
+            return RUN_TIMEOUT  # run-enclave fails at once (E19)
+        units = -(-size // (6 << 30)) + -(-launch.memory_mib // (100 << 10))
+        return max(RUN_TIMEOUT, units * _BOOT_WAIT_UNIT + _BOOT_MARGIN)
+
     def run_enclave(self, launch: EnclaveLaunch, name: str | None = None) -> EnclaveInfo:
         try:
-            out = self._call(self.run_args(launch, name), self.run_timeout)
+            out = self._call(self.run_args(launch, name), self.run_timeout_for(launch))
         except NitroError as e:
             # Its enclave process failed and sent no JSON, so the client adds E39 ("fails to
             # connect to at least one enclave process ... description information"): an
