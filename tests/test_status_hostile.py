@@ -5,6 +5,7 @@ or make `q` wait. (Any process may put a socket in the run directory.)"""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -256,3 +257,17 @@ def test_once_exits_1_when_the_run_directory_cannot_be_listed(tmp_path: Path, js
     assert st.main(["--once", *extra, "--run-dir", str(not_a_dir)]) == 1
     assert f"cannot list {not_a_dir}: Not a directory" in " ".join(capsys.readouterr().out.split())
     assert st.main(["--once", *extra, "--run-dir", str(tmp_path / "missing")]) == 0
+
+
+def test_the_live_view_is_cropped_to_the_window_and_says_so(tmp_path: Path) -> None:
+    """rich's Live renders its renderable inside a Group, which hands it no height: the view
+    was laid out whole on every redraw (a daemon with thousands of peers cost a redraw
+    seconds) and cut at the window's bottom without the line saying there is more below, so
+    an interface past the bottom was simply not there."""
+    for n in range(30):  # each an unreadable interface: one line, no daemon needed
+        (tmp_path / f"wg{n:02d}.sock").write_text("")
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=10, force_terminal=True, color_system=None)
+    assert st.live(run_dir=str(tmp_path), console=console, stdin=io.StringIO(),
+                   duration=0.05) == 0
+    assert "… more lines below: enlarge the window, or use --json" in out.getvalue()

@@ -845,16 +845,22 @@ def render_lines(
 
 class Dashboard:
     """A rich renderable of the latest snapshot; it lays itself out anew for the width and
-    height it is given, which is how the live view follows terminal resizes."""
+    height it is given, which is how the live view follows terminal resizes. With `screen` it
+    fills the console's window when given no height: rich's Live renders it inside a Group,
+    which gives its parts none."""
 
-    def __init__(self, snapshot: Snapshot, footer: Callable[[Snapshot], str] | None = None):
+    def __init__(self, snapshot: Snapshot, footer: Callable[[Snapshot], str] | None = None,
+                 *, screen: bool = False):
         self.snapshot = snapshot
         self._footer = footer
+        self._screen = screen
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
         footer = self._footer(self.snapshot) if self._footer else None
         height = options.height
+        if height is None and self._screen:
+            height = console.size.height
         lines = render_lines(self.snapshot, console, width, footer, height)
         if height is not None and len(lines) > height:
             lines = [*lines[: height - 1],
@@ -974,7 +980,8 @@ def live(
         console = Console(_environ=env)
     collector = Collector(names, run_dir, timeout=timeout)
 
-    dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · q quits")
+    dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · q quits",
+                     screen=True)
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with _Keys(stdin or sys.stdin) as keys, Live(
