@@ -254,6 +254,24 @@ def test_live_view_quits_on_ctrl_c(lab: Lab, tmux: Tmux) -> None:
     assert "EXITED rc=0" in tmux.wait_screen("EXITED", "Ctrl-C to quit")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_live_view_gives_the_terminal_back_on_hangup_and_term(lab: Lab, tmux: Tmux,
+                                                              sig: signal.Signals) -> None:
+    """SIGHUP (the ssh session or the terminal went away, or `kill -HUP`) killed the view
+    where it stood: the terminal stayed in the alternate screen, cbreak and no echo."""
+    before, after, pidfile = lab.tmp / "stty.before", lab.tmp / "stty.after", lab.tmp / "pid"
+    view = (f"echo $$ > {pidfile}; exec {shlex.quote(WGVSOCK)} status --interval 0.5 "
+            f"--run-dir {lab.tmp}")
+    script = (f"stty -g > {before}; sh -c {shlex.quote(view)}; rc=$?; stty -g > {after}; "
+              "echo EXITED rc=$rc; sleep 600")
+    tmux.start(f"sh -c {shlex.quote(script)}")
+    tmux.wait_screen("no WireGuard interfaces under", "the empty state")
+    os.kill(int(pidfile.read_text()), sig)
+    assert "EXITED rc=0" in tmux.wait_screen("EXITED", f"{sig.name} to end the view")
+    assert tmux("display-message", "-p", "-t", tmux.session, "#{alternate_on}").strip() == "0"
+    assert before.read_text() == after.read_text()
+
+
 # -- other daemons and transports -------------------------------------------------------------
 
 

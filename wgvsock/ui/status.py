@@ -971,8 +971,8 @@ def live(
     duration: float | None = None,
     timeout: float = FETCH_TIMEOUT,
 ) -> int:
-    """The full-screen live view until `q`, Ctrl-C, SIGTERM or `duration` seconds. Usable from
-    other code (the demo) as well as from `main`."""
+    """The full-screen live view until `q`, Ctrl-C, SIGTERM, SIGHUP or `duration` seconds.
+    Usable from other code (the demo) as well as from `main`."""
     if console is None:
         # COLUMNS/LINES, when set (tmux exports them to panes it starts detached), would pin the
         # size; the live view must follow the terminal itself.
@@ -982,7 +982,12 @@ def live(
 
     dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · q quits",
                      screen=True)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGHUP as well: the terminal (an ssh session) went away, or `kill -HUP`. Their default
+    # kills the view where it stands, leaving the terminal in the alternate screen, in cbreak
+    # and without echo. One ignored (nohup) stays ignored.
+    old_handlers = {sig: signal.signal(sig, _raise_interrupt)
+                    for sig in (signal.SIGTERM, signal.SIGHUP)
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         with _Keys(stdin or sys.stdin) as keys, Live(
             dash, console=console, screen=True, auto_refresh=False,
@@ -1000,7 +1005,8 @@ def live(
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 
