@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -271,3 +272,44 @@ def test_the_live_view_is_cropped_to_the_window_and_says_so(tmp_path: Path) -> N
     assert st.live(run_dir=str(tmp_path), console=console, stdin=io.StringIO(),
                    duration=0.05) == 0
     assert "… more lines below: enlarge the window, or use --json" in out.getvalue()
+
+
+_LIVE = ("import io, sys; from rich.console import Console; from wgvsock.ui.status import live; "
+         "sys.exit(live(run_dir=sys.argv[1], timeout=30, stdin=io.StringIO(), "
+         "console=Console(file=io.StringIO(), force_terminal=True)))")
+
+
+@pytest.mark.parametrize("how", ["--once", "--json", "live"])
+def test_ctrl_c_while_daemons_hang_ends_at_once_and_quietly(tmp_path: Path, how: str) -> None:
+    """Ctrl-C while two daemons had not answered yet: the reads went on in the thread pool's
+    threads, which Python waits for at exit, so the dashboard stayed for the whole --timeout
+    (up to an hour); --once and the live view's first sample printed a KeyboardInterrupt
+    traceback as well."""
+    asked = [threading.Event(), threading.Event()]
+
+    def hang(event: threading.Event, conn: socket.socket, done: threading.Event) -> None:
+        event.set()
+        done.wait(60)
+
+    with contextlib.ExitStack() as stack:
+        for n, event in enumerate(asked):
+            stack.enter_context(raw_uapi(tmp_path / f"wghang{n}.sock",
+                                         lambda conn, done, e=event: hang(e, conn, done)))
+        cmd = ([sys.executable, "-c", _LIVE, str(tmp_path)] if how == "live" else
+               [sys.executable, "-m", "wgvsock.ui.status", how, "--timeout", "30",
+                "--run-dir", str(tmp_path)])
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert all(e.wait(20) for e in asked), "the dashboard never asked both daemons"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=60)
+            took = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+    assert took < 5, took
+    assert "Traceback" not in err, err
+    assert proc.returncode == (130 if how == "--once" else 0), err

@@ -26,16 +26,17 @@ import errno
 import ipaddress
 import json
 import os
+import queue
 import re
 import select
 import signal
 import stat
 import sys
 import termios
+import threading
 import time
 import tty
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from types import FrameType
@@ -534,20 +535,40 @@ class Collector:
             dev = e
         return name, path, dev, self._clock()
 
+    def _read_all(
+        self, names: list[str]
+    ) -> list[tuple[str, str, dict[str, Any] | BaseException, float]]:
+        """Every interface read, in parallel, so one hung daemon delays a refresh by at most
+        the timeout, not N times. The readers are daemon threads (a ThreadPoolExecutor's are
+        joined at exit): a Ctrl-C ends the dashboard at once, not when the reads under way
+        give up, which --timeout may make an hour."""
+        if len(names) <= 1:
+            return [self._read(n) for n in names]
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(names)):
+            todo.put(i)
+        results: list[Any] = [None] * len(names)
+
+        def reader() -> None:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    i = todo.get_nowait()
+                    results[i] = self._read(names[i])
+
+        threads = [threading.Thread(target=reader, name="status-read", daemon=True)
+                   for _ in range(min(16, len(names)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
     def sample(self) -> Snapshot:
         if self.names:
             names, listing_error = self.names, None
         else:
             names, listing_error = discover(self.run_dir)
-        # In parallel, so one hung daemon delays a refresh by at most the timeout, not N times.
-        if len(names) > 1:
-            pool = ThreadPoolExecutor(max_workers=min(16, len(names)))
-            try:
-                results = list(pool.map(self._read, names))
-            finally:  # Ctrl-C: no new reads; those under way end within the timeout
-                pool.shutdown(wait=False, cancel_futures=True)
-        else:
-            results = [self._read(n) for n in names]
+        results = self._read_all(names)
         snap = Snapshot(time=self._wall(), run_dir=self.run_dir, listing_error=listing_error,
                         named=bool(self.names))
         seen: dict[tuple[str, str], tuple[float, int, int]] = {}
@@ -979,9 +1000,6 @@ def live(
         env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
         console = Console(_environ=env)
     collector = Collector(names, run_dir, timeout=timeout)
-
-    dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · q quits",
-                     screen=True)
     # SIGHUP as well: the terminal (an ssh session) went away, or `kill -HUP`. Their default
     # kills the view where it stands, leaving the terminal in the alternate screen, in cbreak
     # and without echo. One ignored (nohup) stays ignored.
@@ -989,6 +1007,9 @@ def live(
                     for sig in (signal.SIGTERM, signal.SIGHUP)
                     if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
+        # Taken inside the try: a Ctrl-C while a daemon is slow to answer ends the view quietly.
+        dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · q quits",
+                         screen=True)
         with _Keys(stdin or sys.stdin) as keys, Live(
             dash, console=console, screen=True, auto_refresh=False,
             redirect_stdout=False, redirect_stderr=False,
@@ -1065,7 +1086,10 @@ def main(argv: list[str] | None = None) -> int:
     collector = Collector(args.ifnames, args.run_dir, timeout=args.timeout)
     console = Console()
     if args.once:
-        snap = collector.sample()
+        try:
+            snap = collector.sample()
+        except KeyboardInterrupt:  # nothing to show yet; 128 + SIGINT, as a shell reports
+            return 130
         if args.json:
             _print_json(snap, sys.stdout, pretty=True)
         else:
