@@ -101,7 +101,7 @@ _COUNT = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit takes "²"
 # Formatting
 
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
 def human_bytes(n: float) -> str:
