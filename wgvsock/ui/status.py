@@ -1056,8 +1056,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live view of WireGuard interfaces read from their UAPI sockets (read-only: "
         "only `get` is ever sent). Works with wgvsock, wireguard-go and wireguard-go-vsock.",
         epilog="Exit status with --once: 0 when every interface was read, 1 when one could not "
-        "be (or the run directory could not be listed). Rates are in bytes per second between "
-        "two samples.",
+        "be (or the run directory could not be listed), 130 when Ctrl-C ended it first. "
+        "Rates are in bytes per second between two samples.",
     )
     p.add_argument("ifnames", nargs="*", metavar="IFNAME",
                    help="interfaces to show (default: every socket in the run directory)")
