@@ -1060,3 +1060,29 @@ def test_run_enclave_waits_as_long_as_nitro_cli_waits_for_the_boot(tmp_path: Pat
     assert cli.run_timeout_for(small) >= 90 * (3 + 1) + 60
     # Asked for explicitly (tests, a caller that knows better), it stands.
     assert NitroCli(run_timeout=0.5).run_timeout_for(big) == 0.5
+
+
+
+def test_a_stop_that_lands_as_run_enclave_starts_still_stops_it(fake: Fake, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """stop() kills the nitro-cli calls in flight. Before: a run-enclave whose process was
+    being made when stop() came was not yet among them, and ran on, booting for minutes,
+    while `parent down` waited and then SIGKILLed the parent (nitro review)."""
+    gate = tmp_path / "never"  # the boot never ends by itself
+    cli = NitroCli(FAKE, env={**fake.env, "FAKE_NITRO_BOOT_GATE": str(gate)}, run_timeout=30)
+    sup = EnclaveSupervisor(cli, fake.launch(), "wgvsock-x", None, logging.getLogger("t"),
+                            poll_interval=0.05)
+    real = subprocess.Popen
+
+    def popen(cmd, *args, **kwargs):
+        if "run-enclave" in cmd:
+            sup.stop()  # lands here: the call is under way, its process not yet known
+        return real(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(nitro.subprocess, "Popen", popen)
+    started = time.monotonic()
+    sup.start()
+    sup._thread.join(25)
+    assert not sup._thread.is_alive()
+    assert time.monotonic() - started < 20
+    assert booting(fake) == [] and fake.enclaves() == []

@@ -230,7 +230,10 @@ class NitroCli:
         self._calls: set[subprocess.Popen] = set()  # in flight, for cancel()
         self._calls_lock = threading.Lock()
 
-    def _call(self, args: Sequence[str], timeout: float) -> str:
+    def _call(self, args: Sequence[str], timeout: float,
+              cancelled: Callable[[], bool] | None = None) -> str:
+        """Runs nitro-cli ARGS. CANCELLED, asked as its process is registered for cancel():
+        whether the caller was told to stop before then, when cancel() could not find it."""
         cmd = [self.path, *args]
         try:
             # errors="replace": bytes that are not UTF-8 must be a parse error, not a crash.
@@ -243,6 +246,8 @@ class NitroCli:
             raise NitroError(f"cannot run {self.path}: {e.strerror}") from None
         with self._calls_lock:
             self._calls.add(proc)
+            if cancelled is not None and cancelled():
+                proc.kill()
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -293,9 +298,11 @@ class NitroCli:
         units = -(-size // (6 << 30)) + -(-launch.memory_mib // (100 << 10))
         return max(RUN_TIMEOUT, units * _BOOT_WAIT_UNIT + _BOOT_MARGIN)
 
-    def run_enclave(self, launch: EnclaveLaunch, name: str | None = None) -> EnclaveInfo:
+    def run_enclave(self, launch: EnclaveLaunch, name: str | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> EnclaveInfo:
         try:
-            out = self._call(self.run_args(launch, name), self.run_timeout_for(launch))
+            out = self._call(self.run_args(launch, name), self.run_timeout_for(launch),
+                             cancelled)
         except NitroError as e:
             # Its enclave process failed and sent no JSON, so the client adds E39 ("fails to
             # connect to at least one enclave process ... description information"): an
@@ -627,7 +634,9 @@ class EnclaveSupervisor:
             self._clear_leftovers()
             while not self._stop.is_set():
                 try:
-                    info = self.nitro.run_enclave(self.launch, self.name)
+                    # stop() sets the event before it cancels the calls in flight: one whose
+                    # process it could not find yet is killed as it registers.
+                    info = self.nitro.run_enclave(self.launch, self.name, self._stop.is_set)
                 except NitroError as e:
                     if self._stop.is_set():
                         # stop() killed it: no failure to report or retry. What it may have
