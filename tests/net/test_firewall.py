@@ -484,6 +484,29 @@ def test_doctor_names_a_dropping_forward_chain_until_the_tunnel_is_accepted(
     firewall.remove("pay-ments", netns=scratch.name)
 
 
+def test_an_nft_accept_of_the_tunnel_counts_only_where_the_forward_chain_reaches_it(
+        scratch: Namespace) -> None:
+    """Before: an `iifname`/`oifname` accept in any chain of the dropping table counted as
+    the fix, in a chain the forward chain never jumps to as well, or jumps to only for some
+    packets; the doctor called ready a host that dropped all the enclave's forwarded
+    traffic. As with legacy iptables, it counts where the forward chain's packets get:
+    there, or in a chain it jumps or goes to unconditionally, directly or through others."""
+    from wgvsock.roles.parent import forward_chain_check
+    from wgvsock.services.profile import parse_profile
+
+    profile = parse_profile("name: x\ninterface: wgt5\n")
+    scratch.run("nft", "-f", "-", input=DOCKER_FORWARD + (
+        "table ip filter {\n chain ELSEWHERE {\n  iifname \"wgt5\" accept\n"
+        "  oifname \"wgt5\" accept\n }\n chain ONLY_DOCKER0 {\n }\n}\n"))
+    assert forward_chain_check(profile, netns=scratch.name).ok is False  # never reached
+    scratch.run("nft", "add", "rule", "ip", "filter", "FORWARD", "iifname", '"docker0"',
+                "jump", "ELSEWHERE")
+    assert forward_chain_check(profile, netns=scratch.name).ok is False  # reached for docker0
+    scratch.run("nft", "add", "rule", "ip", "filter", "DOCKER-USER", "jump", "ONLY_DOCKER0")
+    scratch.run("nft", "add", "rule", "ip", "filter", "ONLY_DOCKER0", "jump", "ELSEWHERE")
+    assert forward_chain_check(profile, netns=scratch.name).ok is True  # through two jumps
+
+
 # firewalld's forward chain (nftables backend) as it loads it: policy accept, but after its
 # zones a last rule that rejects whatever no zone accepted.
 FIREWALLD_FORWARD = (

@@ -1042,21 +1042,37 @@ def _final_drop(table: tuple[str, str], chain: str, netns: str | None) -> str | 
 
 
 def _accepts_interface(table: tuple[str, str], ifname: str, netns: str | None) -> bool:
-    """Whether TABLE accepts all traffic in and all traffic out of IFNAME: a rule with
-    nothing in it but the interface match, a counter and the accept, or a jump (goto) to a
-    chain that ends in such an accept (firewalld's zone of the interface, when it is
-    `trusted`). A narrower rule lets only part of the enclave's traffic past the drop. The
-    way out needs none when the table's forward chain accepts established and related
-    packets and DNATed ones before anything else, as firewalld's does: all that is forwarded
-    to the tunnel is replies and ingress (our DNAT)."""
+    """Whether TABLE accepts all traffic in and all traffic out of IFNAME where its forward
+    chain's packets get: a rule with nothing in it but the interface match, a counter and the
+    accept, or a jump (goto) to a chain that ends in such an accept (firewalld's zone of the
+    interface, when it is `trusted`). A narrower rule lets only part of the enclave's
+    traffic past the drop. The way out needs none when the table's forward chain accepts
+    established and related packets and DNATed ones before anything else, as firewalld's
+    does: all that is forwarded to the tunnel is replies and ingress (our DNAT)."""
     items = _json(["-t", "list", "table", *table], netns)
     rules: dict[str, list[list[dict]]] = {}
     for item in items:
         if "rule" in item:
             rules.setdefault(item["rule"]["chain"], []).append(item["rule"].get("expr", []))
+    forward = [item["chain"]["name"] for item in items
+               if item.get("chain", {}).get("hook") == "forward"]
+    # Only where the forward chain's packets get counts: it, and the chains it jumps or goes
+    # to with no match of its own, directly or through others (an accept elsewhere, or
+    # reached for some packets only, lets none of the enclave's past the drop).
+    reached: set[str] = set()
+    todo = list(forward)
+    while todo:
+        chain = todo.pop()
+        if chain in reached:
+            continue
+        reached.add(chain)
+        for exprs in rules.get(chain, []):
+            rest = [e for e in exprs if not ({"counter", "log"} & e.keys())]
+            if len(rest) == 1 and (to := rest[0].get("jump") or rest[0].get("goto")):
+                todo.append(to.get("target", ""))
     seen: set[str] = set()
-    for chain_rules in rules.values():
-        for exprs in chain_rules:
+    for chain in reached:
+        for exprs in rules.get(chain, []):
             matches = [e["match"] for e in exprs if "match" in e]
             if len(matches) != 1 or matches[0].get("op", "==") != "==" \
                     or matches[0].get("right") != ifname \
@@ -1069,11 +1085,9 @@ def _accepts_interface(table: tuple[str, str], ifname: str, netns: str | None) -
             if _verdict(rest) == "accept" or (
                     target and rules.get(target) and _verdict(rules[target][-1]) == "accept"):
                 seen.add(key)
-    if "iifname" in seen and "oifname" not in seen:
-        forward = [item["chain"]["name"] for item in items
-                   if item.get("chain", {}).get("hook") == "forward"]
-        if any(_replies_and_dnat_first(rules.get(name, [])) for name in forward):
-            seen.add("oifname")
+    if "iifname" in seen and "oifname" not in seen and any(
+            _replies_and_dnat_first(rules.get(name, [])) for name in forward):
+        seen.add("oifname")
     return seen == {"iifname", "oifname"}
 
 
