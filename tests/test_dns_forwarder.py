@@ -751,3 +751,18 @@ def test_a_refusal_or_failure_says_why_to_a_client_that_speaks_edns(h: Harness) 
     assert ede("ok.test") == [(EDECode.OTHER, "the parent could not update its firewall")]
     r = h.ask("example.com")  # no EDNS
     assert r.rcode() == dns.rcode.REFUSED and r.edns == -1
+
+
+def test_an_answer_too_big_for_any_datagram_is_truncated_not_lost(h: Harness,
+                                                                 monkeypatch) -> None:
+    """A client may offer an EDNS payload of up to 65535 bytes, more than a UDP datagram
+    holds (65507 over IPv4). Before: an answer between the two was cut to the client's
+    payload, sendto refused it (EMSGSIZE) and the client got nothing (egress review); now it
+    gets TC and asks again over TCP, as for any answer too big for it."""
+    texts = [f'huge.test. 60 IN TXT "{i:03d}{"x" * 247}"' for i in range(249)]
+    monkeypatch.setitem(RECORDS, "huge.test.", texts)
+    q = dns.message.make_query("huge.test", "TXT", use_edns=0, payload=65535)
+    r = dns.query.udp(q, LOOP, timeout=5, port=h.port)
+    assert r.flags & dns.flags.TC and not r.answer
+    whole = dns.query.tcp(q, LOOP, timeout=5, port=h.port)
+    assert len(whole.answer[0]) == 249 and 65507 < len(whole.to_wire()) <= 65535

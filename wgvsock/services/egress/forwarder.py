@@ -82,6 +82,7 @@ MAX_UDP_QUERY = 4096  # a real query is well under 512 bytes; bigger ones are no
 # an answer this size needs no IP fragments, which an off-path forger finds easier to fake.
 # A longer one comes over TCP.
 EDNS_PAYLOAD = 1232
+_UDP_MAX = 65507  # the most a UDP datagram carries over IPv4 (65527 over IPv6)
 MAX_CNAME_HOPS = 16
 MAX_TTL = 86400  # an absurd TTL must not pin an address in the set for years
 MAX_TRACKED = 65536  # (address, answer) pairs remembered, all sets together
@@ -515,7 +516,10 @@ class Forwarder:
         reply.answer = response.answer
         reply.authority = response.authority
         reply.additional = response.additional  # dnspython keeps OPT and TSIG apart
-        limit = 65535 if tcp else max(512, query.payload if query.edns >= 0 else 512)
+        # A client may offer up to 65535 bytes, more than a datagram holds: past that sendto
+        # refused the answer, and the client got nothing rather than TC.
+        limit = 65535 if tcp else max(512, min(query.payload, _UDP_MAX) if query.edns >= 0
+                                      else 512)
         try:
             return reply.to_wire(max_size=limit)
         except dns.exception.TooBig:
