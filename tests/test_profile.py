@@ -388,6 +388,9 @@ BAD = [
     ("name: a\nmtu: big\n", "mtu", "expected an integer", "mtu:"),
     ("name: a\nmtu: 575\n", "mtu", "out of range", "mtu:"),
     ("name: a\nmtu: 65536\n", "mtu", "out of range", "mtu:"),
+    # str.isdigit() takes it, int() does not: the stream transport's hint read it with int()
+    # and raised ValueError.
+    ("name: a\nmtu: \u00b2\n", "mtu", "expected an integer", "mtu:"),
     ("name: a\nmtu: 1279\nparent: {address: 'fd77::1/126'}\n", "mtu", "IPv6 minimum", "mtu:"),
     ("name: a\ninterface: wireguard-payments\n", "interface", "longer than 15", "interface:"),
     ("name: a\ninterface: 'wg 0'\n", "interface", "not a valid interface name", "interface:"),
@@ -605,6 +608,12 @@ def test_bad_profile_is_refused(text, key, reason, needle):
 def test_a_number_with_a_leading_zero_is_refused_as_such(value, reason, hint):
     p = refused(f"name: a\nmtu: {value}\n", "mtu", reason, "mtu:")
     assert (p.reason, p.hint) == (reason, hint)
+
+
+def test_an_mtu_of_more_digits_than_int_reads_is_refused():
+    # The stream transport's hint read it with int() too, which raised ValueError.
+    found = problems(f"name: a\nmtu: {'9' * 5000}\n")
+    assert [(p.key, p.line) for p in found] == [("mtu", 2)]
 
 
 def test_a_pcr_index_of_more_digits_than_int_reads_is_refused():

@@ -592,7 +592,10 @@ class _Parser:
             return None
         return node.value
 
-    def integer(self, node: Node, key: str, lo: int, hi: int, what: str = "") -> int | None:
+    def integer(self, node: Node, key: str, lo: int, hi: int, what: str = "", *,
+                above: str = "") -> int | None:
+        """NODE as an integer in LO..HI; WHAT follows "out of range" in the message, ABOVE
+        too for a value over HI."""
         value = self._scalar(node, key)
         if value is _FAIL:
             return None
@@ -619,7 +622,9 @@ class _Parser:
                          else f"write a number in {lo}..{hi} without leading zeros")
             return None
         if not lo <= value <= hi:
-            self.problem(_line(node), key, f"{value} is out of range{what}", f"use {lo}..{hi}")
+            self.problem(_line(node), key,
+                         f"{value} is out of range{what}{above if value > hi else ''}",
+                         f"use {lo}..{hi}")
             return None
         return value
 
@@ -932,11 +937,9 @@ class _Builder(_Parser):
         if "mtu" in top:
             # Every transport is a stream: its range is the one to name in any hint (it said
             # 576..65535, and refused 65504 on).
-            node = top["mtu"]
-            why = (f" for the {transport.kind} stream transport: a frame holds 65535 bytes and "
-                   "WireGuard adds 32" if isinstance(node, ScalarNode) and node.value.isdigit()
-                   and int(node.value) > STREAM_MTU_MAX else "")
-            m = self.integer(node, "mtu", 576, STREAM_MTU_MAX, why)
+            m = self.integer(top["mtu"], "mtu", 576, STREAM_MTU_MAX,
+                             above=f" for the {transport.kind} stream transport: a frame holds "
+                             "65535 bytes and WireGuard adds 32")
             if m is not None:
                 mtu = m
         if any(a.version == 6 for a in [*parent_addrs, *enclave_addrs]) and mtu < 1280:
