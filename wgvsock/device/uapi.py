@@ -327,17 +327,20 @@ class SetParser:
     is then incomplete and must be dropped.
     """
 
-    __slots__ = ("_peer", "cfg")
+    __slots__ = ("_peer", "_prefixes", "cfg")
 
     def __init__(self) -> None:
         self.cfg = DeviceConfig()
         self._peer: PeerConfig | None = None
+        self._prefixes = Prefixes()  # the peer's allowed_ips, as the type it is made with
 
     def line(self, line: str) -> None:
         key, value = _split_line(line)
         cfg, peer = self.cfg, self._peer
         if key == "public_key":
-            peer = self._peer = PeerConfig(public_key=_parse_key(key, value))
+            self._prefixes = Prefixes()
+            peer = self._peer = PeerConfig(public_key=_parse_key(key, value),
+                                           allowed_ips=self._prefixes)
             cfg.peers.append(peer)
         elif peer is None:
             if key == "private_key":
@@ -377,13 +380,7 @@ class SetParser:
             peer.allowed_ips.clear()
         elif key == "allowed_ip":
             add = not value.startswith("-")
-            version, bits, masked = _parse_prefix(value if add else value[1:])
-            prefixes = peer.allowed_ips
-            if isinstance(prefixes, Prefixes):  # always, unless a caller set a list
-                prefixes._put(version, bits, masked, add)
-            else:
-                net_type = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
-                prefixes.append((net_type((masked, bits)), add))
+            self._prefixes._put(*_parse_prefix(value if add else value[1:]), add)
         elif key == "protocol_version":
             if value != "1":
                 raise UAPIError(ERR_INVALID,
