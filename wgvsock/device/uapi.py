@@ -737,7 +737,6 @@ class _LineReader:
         self._turn = False  # whether the current request holds a turn
 
     def start_request(self) -> None:
-        self.end_request()
         self._used = 0
 
     def end_request(self) -> None:
