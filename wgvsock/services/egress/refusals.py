@@ -167,7 +167,9 @@ class Refusals:
         key = (kind, what, rule)
         name = _bucket(kind, rule)
         with self._lock:
-            bucket = self._buckets.setdefault(name, OrderedDict())
+            bucket = self._buckets.get(name)
+            if bucket is None:  # (not setdefault: a flood would make one per refusal)
+                bucket = self._buckets[name] = OrderedDict()
             entry = self._entries.get(key)
             if entry is not None:
                 entry.count += 1
