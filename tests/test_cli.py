@@ -156,3 +156,5 @@ def test_key_commands_refuse_arguments(capsys):
     assert cli.main(["genkey", "wg0"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "usage: wgvsock genkey" in err
+    # What is wrong, not only the usage.
+    assert "wgvsock genkey: takes no arguments, got 'wg0'" in err

@@ -45,9 +45,14 @@ def _main(args: list[str]) -> int:
     if cmd in _KEY_USAGE and rest:
         # They take no arguments: "--help" would otherwise print a private key, or wait on a
         # terminal for one.
-        wanted = rest[0] in ("-h", "--help")
-        print(_KEY_USAGE[cmd], end="", file=sys.stdout if wanted else sys.stderr)
-        return 0 if wanted else 2
+        if rest[0] in ("-h", "--help"):
+            print(_KEY_USAGE[cmd], end="")
+            return 0
+        from .safetext import quote
+
+        print(f"wgvsock {cmd}: takes no arguments, got {quote(rest[0])}\n{_KEY_USAGE[cmd]}",
+              end="", file=sys.stderr)
+        return 2
     if cmd == "daemon":
         from .daemon import main as daemon_main
 
