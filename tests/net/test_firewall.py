@@ -507,6 +507,24 @@ def test_an_nft_accept_of_the_tunnel_counts_only_where_the_forward_chain_reaches
     assert forward_chain_check(profile, netns=scratch.name).ok is True  # through two jumps
 
 
+def test_an_nft_jump_of_the_tunnel_to_an_accepting_chain_counts_with_a_counter(
+        scratch: Namespace) -> None:
+    """iptables-nft puts a counter in every rule (`-i wgt5 -j TRUSTED`): such a jump to a
+    chain that accepts was not taken as the fix, where the same rule without the counter
+    (firewalld's goto to its trusted zone) was, and doctor went on naming the drop."""
+    from wgvsock.roles.parent import forward_chain_check
+    from wgvsock.services.profile import parse_profile
+
+    profile = parse_profile("name: x\ninterface: wgt5\n")
+    scratch.run("nft", "-f", "-", input=DOCKER_FORWARD + (
+        "table ip filter {\n chain TRUSTED {\n  counter accept\n }\n}\n"))
+    for way in ("iifname", "oifname"):
+        assert forward_chain_check(profile, netns=scratch.name).ok is False
+        scratch.run("nft", "add", "rule", "ip", "filter", "DOCKER-USER", way, '"wgt5"',
+                    "counter", "jump", "TRUSTED")
+    assert forward_chain_check(profile, netns=scratch.name).ok is True
+
+
 # firewalld's forward chain (nftables backend) as it loads it: policy accept, but after its
 # zones a last rule that rejects whatever no zone accepted.
 FIREWALLD_FORWARD = (

@@ -1016,10 +1016,16 @@ def conflicting_forward_chains(netns: str | None = None, *,
     return out + _legacy_forward_drops(netns, tunnel)
 
 
+def _acting(exprs: Sequence[dict]) -> list[dict]:
+    """A rule's expressions but its counters and logs, which change nothing it does
+    (iptables-nft puts a counter in every rule)."""
+    return [e for e in exprs if not ({"counter", "log"} & e.keys())]
+
+
 def _verdict(exprs: Sequence[dict]) -> str | None:
     """The verdict of a rule that matches every packet (nothing in it but a counter or log
     and the verdict), else None."""
-    rest = [e for e in exprs if not ({"counter", "log"} & e.keys())]
+    rest = _acting(exprs)
     if len(rest) != 1:
         return None
     verdict = next(iter(rest[0]))
@@ -1067,7 +1073,7 @@ def _accepts_interface(table: tuple[str, str], ifname: str, netns: str | None) -
             continue
         reached.add(chain)
         for exprs in rules.get(chain, []):
-            rest = [e for e in exprs if not ({"counter", "log"} & e.keys())]
+            rest = _acting(exprs)
             if len(rest) == 1 and (to := rest[0].get("jump") or rest[0].get("goto")):
                 todo.append(to.get("target", ""))
     seen: set[str] = set()
@@ -1079,7 +1085,7 @@ def _accepts_interface(table: tuple[str, str], ifname: str, netns: str | None) -
                     or (key := matches[0].get("left", {}).get("meta", {}).get("key")) \
                     not in ("iifname", "oifname"):
                 continue
-            rest = [e for e in exprs if "match" not in e]
+            rest = [e for e in _acting(exprs) if "match" not in e]
             target = (rest[0].get("jump") or rest[0].get("goto") or {}).get("target") \
                 if len(rest) == 1 else None
             if _verdict(rest) == "accept" or (
