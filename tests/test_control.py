@@ -805,3 +805,73 @@ def test_the_limit_forgets_peers_that_have_their_burst_back():
     clock.now += 1.0
     assert limit.take("x") == 0.0 and list(limit._peers) == ["x"]
     assert limit.take(7) == 0.0  # a forgotten peer starts with its whole burst
+
+
+def test_the_last_refusals_are_kept_for_status_until_an_enclave_is_admitted():
+    """Before: a refusal was in the parent's log only, and `wgvsock status` showed a parent
+    with no peer as if no enclave had started. Now the server keeps its last refusals,
+    newest first, each with its kind, who, why, how many times and how long ago, for the
+    UAPI keys wgvsock_control_refused_N; admitting an enclave clears them."""
+    clock = FakeClock()
+    srv, rec, port = _tcp_server(clock=clock, accept_from=lambda addr: addr[0] != "127.0.0.3")
+    rec.accept, rec.reason = False, "attestation refused: PCR0 is aa..., expected bb..."
+    try:
+        for _ in range(3):
+            with _dial_tcp(port) as s:
+                assert _exchange(s, b"E" * 32)["type"] == "refused"
+        clock.now += 5
+        with _dial_tcp(port, "127.0.0.3") as s:
+            expect_closed(s)
+        clock.now += 2
+        assert srv.refusals.uapi_keys() == {
+            "wgvsock_control_refused_1": "connection 1 2 127.0.0.3; 127.0.0.3 is not the enclave",
+            "wgvsock_control_refused_2": "registration 3 7 127.0.0.1; attestation refused: "
+                                         "PCR0 is aa..., expected bb...",
+        }
+        # The same refusal again counts up and is the newest once more; a registration the
+        # per-peer limit turns away says so, in words that do not change each time.
+        for _ in range(5):  # its burst is back after 7 s
+            with _dial_tcp(port) as s:
+                assert _exchange(s, b"E" * 32)["type"] == "refused"
+        for _ in range(2):
+            with _dial_tcp(port) as s:
+                assert _exchange(s, b"E" * 32)["retry_after"] > 0
+        (first, second, third) = srv.refusals.recent()
+        assert (first.kind, first.count, first.who) == ("throttled", 2, "127.0.0.1")
+        assert first.reason == ("too many registrations (at most 5 at once, then one every "
+                                "1 s)")
+        assert (second.kind, second.count, second.reason) == ("registration", 8, rec.reason)
+        assert third.kind == "connection"
+        clock.now += 1
+        rec.accept = True
+        with _dial_tcp(port) as s:
+            assert _exchange(s, b"E" * 32)["type"] == "welcome"
+        assert srv.refusals.uapi_keys() == {} and srv.refusals.recent() == []
+    finally:
+        srv.close()
+
+
+def test_the_refusal_record_keeps_the_newest_few():
+    clock = FakeClock()
+    record = control.ControlRefusals(clock=clock)
+    for i in range(control.REFUSALS_KEPT + 3):
+        record.add("connection", f"CID {i}", f"CID {i} is not the enclave")
+        clock.now += 1
+    shown = record.recent()
+    assert [r.who for r in shown] == [f"CID {i}" for i in reversed(range(3, 3 + len(shown)))]
+    assert len(shown) == control.REFUSALS_KEPT
+    # Words from a peer are escaped (one line, no terminal escapes) and cut short.
+    record.add("registration", "CID 16", "bad\nline\x1b[2J" + "x" * 2000)
+    value = record.uapi_keys()["wgvsock_control_refused_1"]
+    assert "\n" not in value and "\x1b" not in value and len(value) < 700
+
+
+@pytest.mark.parametrize(("family", "addr", "peer", "who"), [
+    (socket.AF_VSOCK, (16, 1234), 16, "CID 16"),
+    (socket.AF_INET, ("10.0.0.2", 5555), "10.0.0.2", "10.0.0.2"),
+    (socket.AF_INET6, ("fd00::2", 5555, 0, 0), "fd00::2", "fd00::2"),
+    (socket.AF_UNIX, "", 4242, "pid 4242"),
+    (socket.AF_UNIX, "", None, "a local process"),
+])
+def test_who_is_on_the_other_end_is_named_as_an_operator_reads_it(family, addr, peer, who):
+    assert control.peer_name(SimpleNamespace(family=family), addr, peer) == who

@@ -603,3 +603,82 @@ def test_a_foreign_daemons_words_cannot_drive_the_terminal(
         for c in ("\x1b", "\x07", "\r"):
             assert c not in text, (c, text)
     assert "\\x1b[2J" in plain and "\\x1b[8m" in plain  # shown, not obeyed
+
+
+# -- the parent's control-channel refusals ------------------------------------------------------
+
+PCR_REASON = ("attestation refused: PCR0 is 2b90602f0a1b2c3d..., expected 7158862b0a1b2c3d... "
+              "(the image is not the one pinned)")
+
+
+def _refused_parent(extra: dict[str, str], peers: list | None = None) -> st.InterfaceView:
+    return st.interface_view(
+        "wg0", "/run/wireguard/wg0.sock",
+        {"private_key": generate_private_key(), "peers": peers or [],
+         "extra": {"wgvsock_role": "parent", "wgvsock_profile": "demo", **extra}}, NOW)
+
+
+def test_control_refusals_are_read_from_the_uapi_keys() -> None:
+    iface = _refused_parent({
+        "wgvsock_control_refused_1": f"registration 3 12 CID 16; {PCR_REASON}",
+        "wgvsock_control_refused_2": "throttled 2 13 CID 16; too many registrations (at most "
+                                     "5 at once, then one every 1 s); later",
+        "wgvsock_control_refused_3": "connection 1 40 CID 17; CID 17 is not the enclave",
+        "wgvsock_control_refused_4": "not one",
+        "wgvsock_control_refused_5": "connection 1 1 CID 18; after a gap: not read",
+    })
+    assert [(r.kind, r.count, r.age, r.who) for r in iface.control_refusals] == [
+        ("registration", 3, 12, "CID 16"), ("throttled", 2, 13, "CID 16"),
+        ("connection", 1, 40, "CID 17")]
+    assert iface.control_refusals[0].reason == PCR_REASON
+    # The reason's own "; " stays in it: only the first one ends who.
+    assert iface.control_refusals[1].reason.endswith("1 s); later")
+    as_json = st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]).to_json()
+    assert as_json["interfaces"][0]["control_refusals"][0] == {
+        "kind": "registration", "who": "CID 16", "reason": PCR_REASON, "count": 3, "age": 12}
+    # Other daemons say nothing of the kind.
+    assert st.interface_view("wg0", "/s", {"peers": [], "extra": {}}, NOW).control_refusals == []
+
+
+def test_a_refused_enclave_is_shown_where_its_peer_would_be() -> None:
+    """Before: "no peers configured", as if no enclave had started."""
+    iface = _refused_parent({
+        "wgvsock_control_refused_1": f"registration 3 12 CID 16; {PCR_REASON}",
+        "wgvsock_control_refused_2": "connection 1 65 CID 17; CID 17 is not the enclave",
+    })
+    plain, styled = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), 200)
+    lines = plain.splitlines()
+    head = next(n for n, line in enumerate(lines) if line.startswith("wg0"))
+    assert lines[head + 1] == "  no enclave admitted; the control port refused:"
+    assert lines[head + 2] == f"    enclave refused 3 times (last 12 s ago, CID 16): {PCR_REASON}"
+    assert lines[head + 3] == ("    connection refused (1 min ago, CID 17): CID 17 is not the "
+                               "enclave")
+    assert "no peers configured" not in plain
+    assert "\x1b[1;31menclave refused 3 times" in styled  # in bold red
+    # With the enclave's earlier peer still there (a restarted enclave refused): above its row.
+    peer = {"public_key": public_key(generate_private_key()), "allowed_ips": []}
+    iface = _refused_parent({"wgvsock_control_refused_1": f"registration 1 2 CID 16; {PCR_REASON}"},
+                            [peer])
+    lines = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), 200)[0].splitlines()
+    at = next(n for n, line in enumerate(lines) if "enclave refused (2 s ago, CID 16)" in line)
+    assert lines[at + 1].split()[:2] == ["peer", "endpoint"]
+    assert "no enclave admitted" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize("width", [80, 60, 40, 30])
+def test_control_refusals_fit_narrow_terminals(width: int) -> None:
+    iface = _refused_parent({
+        "wgvsock_control_refused_1": f"registration 12345 99999 CID 4294967295; {PCR_REASON}",
+        "wgvsock_control_refused_2": "throttled 2 1 pid 4242; " + "long " * 60,
+    })
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), width)
+    for line in plain.splitlines():
+        assert len(line) <= width, (width, line)
+    flat = " ".join(plain.split())
+    assert "enclave refused 12345 times (last 1 d ago, CID 4294967295):" in flat
+    assert PCR_REASON in flat
+
+
+def test_a_parent_that_refused_nobody_says_no_peers_as_before() -> None:
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[_refused_parent({})]))
+    assert "no peers configured" in plain and "refused" not in plain

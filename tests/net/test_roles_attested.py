@@ -10,6 +10,7 @@ is installed on the parent, and `enclave up` gives up at its --timeout naming th
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from wgvsock.core.crypto import key_to_base64
 from wgvsock.device.uapi import uapi_get
 
 from .fake_nsm_enclave import OTHER_IMAGE_PCR0
-from .netlab import Lab, wait_for
+from .netlab import RUN_DIR, Lab, wait_for
 from .test_metrics import PORT, with_metrics
 from .test_roles import WGVSOCK, World
 
@@ -114,6 +115,56 @@ def test_wrong_pcr_replayed_nonce_and_key_mismatch_are_refused(world: World,
     world.start_enclave(launcher=launcher(ca_dir, "good"))
     wait_for(world.egress_works, 30, "a correct enclave after the refused ones")
     assert uapi_get(str(world.parent_uapi()))["extra"].get("wgvsock_attested") == "true"
+
+
+@pytest.mark.quiet  # mostly waits for refusals: runs beside the QEMU guest
+def test_status_names_the_refusal_until_an_enclave_is_admitted(world: World,
+                                                               ca_dir: Path) -> None:
+    """A parent that refused its enclave showed "no peers configured" in `wgvsock status`,
+    as if no enclave had started; the reason was in its log only. Now the dashboard, its
+    --json and the UAPI say who was refused, how often and why, until an enclave is
+    admitted; `wg show` still reads the reply."""
+    assert world.parent_cmd("up").returncode == 0
+    proc = world.start_enclave(launcher=launcher(ca_dir, "wrong-pcr"), timeout=REFUSED_TIMEOUT,
+                               log_name="enclave-wrong-pcr.log")
+    assert proc.wait(REFUSED_TIMEOUT + 10) != 0
+    reason = f"attestation refused: {REFUSALS['wrong-pcr']}"
+
+    def status(*args: str) -> str:
+        res = world.parent.run(WGVSOCK, "status", "--once", *args,
+                               env={**world.env_for("parent"), "COLUMNS": "80"},
+                               check=False, timeout=30)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+        return res.stdout
+
+    shown = status()
+    flat = " ".join(shown.split())  # the reason is wrapped at 80 columns
+    assert "no enclave admitted" in flat, shown
+    assert "enclave refused " in flat and reason in flat, shown
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
+    (iface,) = json.loads(status("--json"))["interfaces"]
+    assert iface["peers"] == []
+    refusals = iface["control_refusals"]
+    assert any(r["kind"] == "registration" and reason in r["reason"] and r["count"] >= 1
+               and r["who"].startswith("pid ") for r in refusals), refusals
+    # The stock wg tool ignores the keys it does not know, these among them.
+    link = Path(RUN_DIR) / f"{world.lab.ifname('w')}.sock"
+    os.symlink(world.parent_uapi(), link)
+    try:
+        wg = world.parent.run("wg", "show", link.name[: -len(".sock")], check=False)
+    finally:
+        link.unlink()
+    assert wg.returncode == 0 and "listening port" in wg.stdout, wg.stderr
+
+    # An admitted enclave replaces the record.
+    world.start_enclave(launcher=launcher(ca_dir, "good"))
+    wait_for(world.egress_works, 30, "a correct enclave after the refused one")
+    shown = status()
+    assert "enclave refused" not in shown and "attested ✓" in shown, shown
+    (iface,) = json.loads(status("--json"))["interfaces"]
+    assert iface["control_refusals"] == [] and len(iface["peers"]) == 1, iface
+    assert not any(k.startswith("wgvsock_control_refused")
+                   for k in uapi_get(str(world.parent_uapi()))["extra"])
 
 
 @pytest.mark.quiet  # mostly waits for refusals: runs beside the QEMU guest

@@ -607,6 +607,8 @@ class Parent:
             self._table = True
             self.counters = ParentCounters(p.name, dns=self._dns)
             self.device.status_hook = self._status_keys
+            # Role and profile from the start: a parent with no enclave yet is still one.
+            self._show_verdict(None)
             count = firewall.rule_count(p.name)
             self._rules = count if count > 0 else None  # gone already: check_firewall acts
             forward = forward_chain_check(p)
@@ -682,9 +684,12 @@ class Parent:
         self._refusal_reader.start()
 
     def _status_keys(self) -> dict[str, str]:
-        """The device's read-only UAPI keys: the counters and the recent refusals."""
+        """The device's read-only UAPI keys: the counters, the recent refusals, and the
+        control port's (an enclave refused is otherwise only in the log)."""
         keys = self.counters.uapi_keys() if self.counters is not None else {}
         keys.update(self.refusals.uapi_keys())
+        if self.control is not None:
+            keys.update(self.control.refusals.uapi_keys())
         return keys
 
     def _dns(self) -> DnsCounters | None:
@@ -894,13 +899,12 @@ class Parent:
         self._registration = registration
         self._show_verdict(verdict)
 
-    def _show_verdict(self, verdict: Verdict) -> None:
+    def _show_verdict(self, verdict: Verdict | None) -> None:
+        """The device's read-only role keys; VERDICT None: no enclave judged yet."""
         assert self.device is not None
-        status = {
-            "wgvsock_profile": self.profile.name,
-            "wgvsock_role": "parent",
-            "wgvsock_attested": attestation_state(verdict),
-        }
+        status = {"wgvsock_profile": self.profile.name, "wgvsock_role": "parent"}
+        if verdict is not None:
+            status["wgvsock_attested"] = attestation_state(verdict)
         if self.enclave_key is not None:
             # Which peer the verdict is about: `wgvsock status` must not take a peer added by
             # hand (`wg set`) for the attested enclave. Hex, as the UAPI writes keys.

@@ -266,6 +266,80 @@ class RegistrationLimit:
             return wait
 
 
+#: How many refusals the parent keeps for `wgvsock status` (UAPI keys
+#: wgvsock_control_refused_1, newest, ... _N).
+REFUSALS_KEPT = 4
+# Longest reason kept: the log's limit for a verdict's.
+_REASON_LIMIT = 500
+
+
+@dataclass(slots=True)
+class ControlRefusal:
+    kind: str  # "registration" (the verdict), "throttled" (too often), "connection" (at the door)
+    who: str  # "CID 16", "10.0.0.2", "pid 4242" (see peer_name)
+    reason: str  # as the log says it
+    count: int  # the same refusal of the same peer, since the record was last cleared
+    first: float
+    last: float
+
+
+class ControlRefusals:
+    """The control port's last refusals, for `wgvsock status`: an operator whose parent shows
+    no enclave must tell "not started" from "refused, and why" without the log. The same
+    (kind, who, reason) again counts up and becomes the newest; only the newest
+    REFUSALS_KEPT are kept; an admitted enclave clears them (they are about its way in).
+    Thread-safe: the connection threads add, `get` on the UAPI reads."""
+
+    def __init__(self, *, limit: int = REFUSALS_KEPT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str, str], ControlRefusal] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, who: str, reason: str) -> None:
+        # Escaped here: the peer's words (its document's fields) reach a terminal from here.
+        key = (kind, prose(who, 100), prose(reason, _REASON_LIMIT))
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                entry = ControlRefusal(*key, 0, now, now)
+            entry.count += 1
+            entry.last = now
+            self._entries[key] = entry
+            while len(self._entries) > self._limit:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def recent(self) -> list[ControlRefusal]:
+        """Newest first (copies)."""
+        with self._lock:
+            return [ControlRefusal(r.kind, r.who, r.reason, r.count, r.first, r.last)
+                    for r in reversed(self._entries.values())]
+
+    def uapi_keys(self) -> dict[str, str]:
+        """``wgvsock_control_refused_1`` (newest) ...: "KIND COUNT AGE_SECONDS WHO; REASON"
+        (WHO never holds "; ")."""
+        now = self._clock()
+        return {f"wgvsock_control_refused_{i}":
+                f"{r.kind} {r.count} {max(0, int(now - r.last))} {r.who}; {r.reason}"
+                for i, r in enumerate(self.recent(), 1)}
+
+
+def peer_name(conn: socket.socket, addr: object, peer: object) -> str:
+    """Who is on the other end (PEER from peer_of), as an operator reads it: "CID 16",
+    "10.0.0.2", "pid 4242"; the source port changes with every connection, so it is left out."""
+    if conn.family == socket.AF_UNIX:
+        return f"pid {peer}" if peer is not None else "a local process"
+    if conn.family == getattr(socket, "AF_VSOCK", -1) and peer is not None:
+        return f"CID {peer}"
+    return str(peer) if peer is not None else prose(addr, 100)
+
+
 def peer_of(conn: socket.socket, addr: object) -> object:
     """Who is on the other end, for the per-peer limit: the CID (vsock), the IP address (TCP)
     or the process id (Unix, from SO_PEERCRED). None when it cannot be told."""
@@ -317,6 +391,8 @@ class ControlServer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._listener = listener
+        # What was refused lately, for `wgvsock status` (the parent's UAPI keys).
+        self.refusals = ControlRefusals(clock=clock)
         self._profile = profile
         self.public_key = public_key
         self.wg_port = wg_port
@@ -403,7 +479,7 @@ class ControlServer:
     def _admit(self, conn: socket.socket, addr: object) -> None:
         why = ""
         peer = peer_of(conn, addr)
-        who = f"pid {peer}" if conn.family == socket.AF_UNIX else repr(addr)
+        who = peer_name(conn, addr, peer)
         if self._accept_from is not None and not self._accept_from(addr):
             why = f"{who} is not the enclave"
         with self._lock:
@@ -416,6 +492,7 @@ class ControlServer:
                 self._pending[conn] = peer
         if why:
             self.refused_connections += 1
+            self.refusals.add("connection", who, why)
             conn.close()
             self._refusal_log(logging.WARNING, "control: refused a connection: %s", why)
             return
@@ -466,6 +543,9 @@ class ControlServer:
             retry_after = max(0.1, math.ceil(wait * 10 - _SLACK) / 10)
             self._throttle_log(logging.WARNING, "control: refused a registration from %s: "
                                "too many (%s)", who, self._register_rule)
+            # Without "try again in": the same refusal must count up, not fill the record.
+            self.refusals.add("throttled", who, f"too many registrations "
+                                                f"({self._register_rule})")
             self._settled(conn)
             _send(conn, {"type": "refused", "retry_after": retry_after,
                          "reason": f"too many registrations ({self._register_rule}); "
@@ -485,13 +565,20 @@ class ControlServer:
             # Built from the enclave's own document (certificate subjects, field values).
             reason = prose(verdict.reason, 500)
             self._verdict_log(logging.WARNING, "control: refused an enclave: %s", reason)
+            self.refusals.add("registration", who, reason)
             self._settled(conn)
             _send(conn, {"type": "refused", "reason": reason})
             return False
         with self._install_lock:
             if self._stop.is_set():
                 raise ControlError("shutting down")
-            self._install(public_key, verdict)
+            try:
+                self._install(public_key, verdict)
+            except ControlError as e:  # the installer's own refusal (a reloaded policy's)
+                self.refusals.add("registration", who, str(e))
+                raise
+            # An enclave is in: what kept it (or another) out before is history.
+            self.refusals.clear()
             self.registrations += 1
             before, self._registered = self._registered, (public_key, verdict.state)
             with self._lock:

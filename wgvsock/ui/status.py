@@ -9,7 +9,9 @@ sockets is all it needs. Our daemon adds read-only keys that `wg` ignores and th
 packet counters ``wgvsock_egress_allowed`` / ``_denied`` / ``_blocked`` / ``_limited`` (shown
 when not 0; older daemons leave it out) and, once it runs a DNS
 forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, what it refused lately
-``wgvsock_refused_1`` (newest) ... ``_8`` ("KIND COUNT AGE WHAT[; RULE]"), and per peer
+``wgvsock_refused_1`` (newest) ... ``_8`` ("KIND COUNT AGE WHAT[; RULE]"), whom its control
+port refused lately ``wgvsock_control_refused_1`` (newest) ... ``_4`` ("KIND COUNT AGE WHO;
+REASON", cleared when an enclave is admitted), and per peer
 ``wgvsock_endpoint`` (a readable endpoint), ``wgvsock_conn`` and ``wgvsock_reconnects`` (the
 stream transport's connection to that peer).
 
@@ -250,6 +252,17 @@ class RefusalView:
 
 
 @dataclass
+class ControlRefusalView:
+    """One refusal of the parent's control port: an enclave (or another peer) kept out."""
+
+    kind: str  # registration (the attestation verdict), throttled (too often), connection
+    who: str  # "CID 16", "10.0.0.2", "pid 4242"
+    reason: str  # as the parent's log says it
+    count: int  # the same refusal of the same peer, in a row since the last admission
+    age: int  # seconds since the last one, as the daemon counted when asked
+
+
+@dataclass
 class InterfaceView:
     name: str
     socket: str
@@ -268,6 +281,7 @@ class InterfaceView:
     egress: dict[str, int] | None = None
     dns: dict[str, int] | None = None  # queries, refused: only with a DNS forwarder
     refusals: list[RefusalView] = field(default_factory=list)  # newest first
+    control_refusals: list[ControlRefusalView] = field(default_factory=list)  # newest first
     peers: list[PeerView] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -383,6 +397,22 @@ def refusals_of(extra: dict[str, str]) -> list[RefusalView]:
     return out
 
 
+_CONTROL_REFUSAL = re.compile(r"([a-z][a-z-]{0,15}) (\d{1,18}) (\d{1,12}) ([^;]{1,100}); (.+)")
+CONTROL_REFUSALS_SHOWN = 4  # as many as the parent keeps
+
+
+def control_refusals_of(extra: dict[str, str]) -> list[ControlRefusalView]:
+    """wgvsock_control_refused_1, _2, ... while they parse; text escaped and cut."""
+    out = []
+    for i in range(1, 17):
+        m = _CONTROL_REFUSAL.fullmatch(extra.get(f"wgvsock_control_refused_{i}", ""))
+        if m is None:
+            break
+        out.append(ControlRefusalView(m.group(1), prose(m.group(4), 100), prose(m.group(5), 500),
+                                      int(m.group(2)), int(m.group(3))))
+    return out
+
+
 _ATTESTATION_OF_UAPI = {word: state for state, word in UAPI_ATTESTED.items()}
 
 
@@ -432,6 +462,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         egress=_egress(extra),
         dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
         refusals=refusals_of(extra),
+        control_refusals=control_refusals_of(extra),
         extra=dict(extra),
     )
     # The parent's verdict is about the key that registered, which it names: any other peer
@@ -629,12 +660,14 @@ def _row(cells: list[tuple[str | Text, int, str]], style: str = "") -> Text:
     return line
 
 
-def _wrapped(console: Console, text: Text, width: int, indent: int) -> list[Text]:
-    """`text` wrapped at spaces to `width`, every line indented by `indent`."""
+def _wrapped(console: Console, text: Text, width: int, indent: int, hang: int = 0) -> list[Text]:
+    """`text` wrapped at spaces to `width`, every line indented by `indent`, the lines after
+    the first by `hang` more."""
     out = []
-    for line in text.wrap(console, max(10, width - indent), overflow="fold"):
+    for n, line in enumerate(text.wrap(console, max(10, width - indent - hang),
+                                       overflow="fold")):
         line.rstrip()
-        out.append(Text(" " * indent) + line)
+        out.append(Text(" " * (indent + (hang if n else 0))) + line)
     return out
 
 
@@ -737,8 +770,16 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
         lines += _flow(console, counters, width, _INDENT)
     for r in iface.refusals[:REFUSALS_SHOWN]:
         lines += _flow(console, _refusal_parts(r), width, _INDENT + 2)
+    # Where the enclave's peer would be: why it is not there (or, beside an earlier one's
+    # peer, why its replacement was not let in).
+    if not iface.peers and iface.control_refusals:
+        lines += _wrapped(console, Text("no enclave admitted; the control port refused:",
+                                        style="bold"), width, _INDENT)
+    for c in iface.control_refusals[:CONTROL_REFUSALS_SHOWN]:
+        lines += _wrapped(console, _control_refusal_line(c), width, _INDENT + 2, hang=2)
     if not iface.peers:
-        lines.append(Text(" " * _INDENT + "no peers configured", style="dim"))
+        if not iface.control_refusals:
+            lines.append(Text(" " * _INDENT + "no peers configured", style="dim"))
         return lines
 
     wide = width >= WIDE_MIN
@@ -804,6 +845,20 @@ def _refusal_parts(r: RefusalView) -> list[Text]:
     if r.rule:
         line.append(f" ({r.rule})", style="dim")
     return [line, Text(human_age(r.age), style="dim")]
+
+
+def _control_refusal_line(r: ControlRefusalView) -> Text:
+    """``enclave refused 3 times (last 12 s ago, CID 16): REASON``: who was kept out, and why."""
+    what = "connection refused" if r.kind == "connection" else "enclave refused"
+    # Too often is the enclave's retries meeting the limit: the reason that matters is the
+    # refusal before them.
+    line = Text()  # no base style: it would be the reason's too
+    style = "yellow" if r.kind == "throttled" else "bold red"
+    line.append(what + (f" {r.count} times" if r.count > 1 else ""), style=style)
+    last = "last " if r.count > 1 else ""
+    line.append(f" ({last}{human_age(r.age)}, {r.who}): ", style="dim")
+    line.append(r.reason)
+    return line
 
 
 _ATTESTATION_SHOWN = {
