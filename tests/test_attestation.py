@@ -675,6 +675,26 @@ def test_parent_judge_uses_verify_enclave(ca, test_root):
     assert not judge(p, WG_KEY, document, NONCE, now=made + p.max_age + 60).accepted
 
 
+@pytest.mark.parametrize(("index", "fix"), [
+    (0, "a rebuilt enclave image has new PCRs: if this image is meant to run, pin its PCR0 "
+        "(`nitro-cli describe-eif --eif-path FILE` prints them) in attestation.pcrs and run "
+        "`wgvsock parent reload`"),
+    (3, "if its new value is meant, pin it in attestation.pcrs and run `wgvsock parent "
+        "reload`"),
+])
+def test_a_pcr_mismatch_says_what_to_change(ca, test_root, index, fix):
+    """Before: "PCR0 is X..., expected Y..." alone, in the log and in `wgvsock status`: an
+    operator learnt which value differed, not that a rebuilt image needs its new PCR0 pinned
+    and how."""
+    from wgvsock.roles.parent import judge
+
+    document = make_document(ca, nonce=attested_nonce(NONCE), public_key=WG_KEY)
+    v = judge(policy(test_root, pcrs={**PINS, index: "ab" * 48}), WG_KEY, document, NONCE)
+    assert not v.accepted and v.detail == {"code": "pcr-mismatch"}
+    assert v.reason.startswith(f"attestation refused: PCR{index} is ")
+    assert v.reason.endswith(f", expected abababababababab...: {fix}"), v.reason
+
+
 def test_the_parent_wants_the_attested_nonce_not_the_challenge(ca, test_root):
     """Before: the enclave had the NSM sign the control challenge itself, a nonce whoever
     answers on the control port chose. Now the document carries attested_nonce(challenge);

@@ -141,6 +141,7 @@ def test_status_names_the_refusal_until_an_enclave_is_admitted(world: World,
     flat = " ".join(shown.split())  # the reason is wrapped at 80 columns
     assert "no enclave admitted" in flat, shown
     assert "enclave refused " in flat and reason in flat, shown
+    assert "pin its PCR0" in flat and "`wgvsock parent reload`" in flat, shown  # the fix
     assert all(len(line) <= 80 for line in shown.splitlines()), shown
     (iface,) = json.loads(status("--json"))["interfaces"]
     assert iface["peers"] == []

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -363,6 +364,12 @@ def check_pinned_key(profile, key: bytes) -> None:
 # -- attestation policy ------------------------------------------------------------------------
 
 
+# The verifier's words for a pinned PCR the document does not match.
+_PCR_DIFFERS = re.compile(r"^attestation refused: PCR(\d{1,2}) is [0-9a-f.]+, expected ")
+# The PCRs an image's build gives (nitro-cli build-enclave, describe-eif); 8 with a signed one.
+_IMAGE_PCRS = (0, 1, 2, 8)
+
+
 def judge(policy, public_key: bytes, document: bytes | None, nonce: bytes, *,
           now: float | None = None, root=None) -> Verdict:
     """The verdict of attestation POLICY (a profile's `attestation`) on an enclave that
@@ -384,8 +391,20 @@ def judge(policy, public_key: bytes, document: bytes | None, nonce: bytes, *,
         return Verdict(True, attested=False, reason="attestation document not verified")
     verdict = verify_enclave(document, public_key=public_key, nonce=attested_nonce(nonce),
                              policy=policy, root=root, now=now)
-    if (verdict.detail or {}).get("code") == "nonce-mismatch" \
-            and _attests_the_challenge(document, nonce):
+    code = (verdict.detail or {}).get("code")
+    if code == "pcr-mismatch" and (m := _PCR_DIFFERS.search(verdict.reason)):
+        # The verifier says which value differs; the operator (log, `wgvsock status`) needs
+        # what to change, most often after a rebuilt image.
+        index = int(m.group(1))
+        if index in _IMAGE_PCRS:
+            fix = (f"a rebuilt enclave image has new PCRs: if this image is meant to run, pin "
+                   f"its PCR{index} (`nitro-cli describe-eif --eif-path FILE` prints them) in "
+                   "attestation.pcrs and run `wgvsock parent reload`")
+        else:
+            fix = ("if its new value is meant, pin it in attestation.pcrs and run `wgvsock "
+                   "parent reload`")
+        return replace(verdict, reason=f"{verdict.reason}: {fix}")
+    if code == "nonce-mismatch" and _attests_the_challenge(document, nonce):
         return replace(verdict, reason="attestation refused: the document's nonce is the control "
                        "challenge itself, as enclaves of wgvsock before the attested-nonce change "
                        "sent it: rebuild the enclave image with this wgvsock")
