@@ -84,7 +84,8 @@ def test_human_rate(rate: float | None, text: str) -> None:
     [
         (None, "never"),
         (0, "0 s ago"),
-        (-4.0, "0 s ago"),  # clock skew: never "-4 s ago"
+        (-1.5, "0 s ago"),  # the daemon's and our clock readings differ a little
+        (-4.0, "in future"),  # the wall clock was stepped back: never "0 s ago" in green
         (12.7, "12 s ago"),
         (59.99, "59 s ago"),
         (60, "1 min ago"),
@@ -101,8 +102,8 @@ def test_human_age(age: float | None, text: str) -> None:
 
 @pytest.mark.parametrize(
     ("age", "state"),
-    [(None, "never"), (0, "fresh"), (119.9, "fresh"), (120, "rekey"), (150, "rekey"),
-     (180, "rekey"), (180.5, "stale"), (10_000, "stale")],
+    [(None, "never"), (-1.5, "fresh"), (-2.5, "future"), (0, "fresh"), (119.9, "fresh"),
+     (120, "rekey"), (150, "rekey"), (180, "rekey"), (180.5, "stale"), (10_000, "stale")],
 )
 def test_health(age: float | None, state: str) -> None:
     assert st.health(age) == state
@@ -319,7 +320,40 @@ def test_view_is_cropped_to_the_screen_height() -> None:
     lines = list(console.render_lines(st.Dashboard(_snapshot()), opts))
     text = [("".join(seg.text for seg in line)).rstrip() for line in lines]
     assert len(text) == 8
-    assert text[-1].startswith("… ") and "more lines" in text[-1]
+    # It says what is hidden: before, only "more lines below".
+    assert text[-1].startswith("… 3 more peers, 1 more interface below"), text
+    # Only the lines of the last shown peer hidden: no peer or interface to count.
+    snap = st.Snapshot(time=NOW, run_dir="/r", interfaces=[_snapshot().interfaces[0]])
+    for height in range(4, 30):
+        opts = console.options.update(height=height)
+        rows = [("".join(seg.text for seg in line)).rstrip()
+                for line in console.render_lines(st.Dashboard(snap), opts)]
+        last = rows[-1]
+        if not last.startswith("… "):
+            continue
+        shown = sum(any(k in row for row in rows) for k in ("FRESHKEY", "REKEYKEY",
+                                                            "STALEKEY", "NEVERKEY"))
+        if shown == 4:
+            assert last.startswith("… more lines below"), (height, last)
+        else:
+            assert last.startswith(f"… {4 - shown} more peer"), (height, last)
+            head = any(row.startswith("wg0") for row in rows[:-1])
+            assert ("1 more interface" in last) != head, (height, rows)
+
+
+def test_a_handshake_in_the_future_is_said_so_not_shown_fresh() -> None:
+    """The wall clock stepped back (or the daemon's is ahead): before, "0 s ago" in green,
+    as if the tunnel had just shaken hands."""
+    iface = st.InterfaceView(name="wg0", socket="/s", peers=[
+        _peer("FUTUREKEYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", -300.0)])
+    plain, styled = _show(st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]))
+    row = next(line for line in plain.splitlines() if "FUTUREKE" in line)
+    assert re.search(r" in future +0 B +0 B", row), row
+    assert "handshake 5 min in the future (clock stepped back?)" in plain
+    assert "\x1b[32m" not in styled.split("FUTUREKE", 1)[1]  # no green anywhere on it
+    for width in (40, 60, 100):
+        assert all(len(x) <= width for x in _show(
+            st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]), width)[0].splitlines())
 
 
 # -- collection from real UAPI sockets ------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -158,7 +159,9 @@ def test_only_what_fits_the_window_is_laid_out() -> None:
     shown = ["".join(s.text for s in line).rstrip()
              for line in console.render_lines(st.Dashboard(snap), opts)]
     assert len(shown) == 30
-    assert shown[-1] == "… more lines below: enlarge the window, or use --json"
+    rows = sum(line.startswith("  000") for line in shown)
+    assert shown[-1] == (f"… {20_000 - rows} more peers below: enlarge the window, or use "
+                         "--json")
     # A peer's allowed IPs are counted past the first few (--json has them all).
     assert any("10.0.0.7/32 and 12 more" in line for line in shown), shown
 
@@ -271,7 +274,8 @@ def test_the_live_view_is_cropped_to_the_window_and_says_so(tmp_path: Path) -> N
     console = Console(file=out, width=60, height=10, force_terminal=True, color_system=None)
     assert st.live(run_dir=str(tmp_path), console=console, stdin=io.StringIO(),
                    duration=0.05) == 0
-    assert "… more lines below: enlarge the window, or use --json" in out.getvalue()
+    # Said whole in 60 columns: the advice after it is left out rather than cut.
+    assert re.search(r"\n… 2\d more interfaces below *(\x1b|$)", out.getvalue()), out.getvalue()
 
 
 _LIVE = ("import io, sys; from rich.console import Console; from wgvsock.ui.status import live; "

@@ -85,7 +85,11 @@ ALLOWED_IPS_SHOWN = 8
 
 # Health follows the protocol's own clocks: a session is rekeyed after REKEY_AFTER_TIME and its
 # keys are useless after REJECT_AFTER_TIME, so a handshake older than that means no live session.
-HEALTH_STYLES = {"fresh": "green", "rekey": "yellow", "stale": "red", "never": "dim"}
+HEALTH_STYLES = {"fresh": "green", "rekey": "yellow", "stale": "red", "never": "dim",
+                 "future": "bold yellow"}
+# A handshake dated this far after now is not our and the daemon's readings differing (our
+# daemon renews its wall-clock offset past 1 s) but a clock stepped back, or a daemon's ahead.
+FUTURE_SLACK = 2.0
 CONN_STYLES = {"connected": "green", "stalled": "red", "dialing": "yellow", "backoff": "red",
                "none": "dim"}
 
@@ -134,24 +138,32 @@ def human_rate(bytes_per_second: float | None) -> str:
 
 
 def human_age(seconds: float | None) -> str:
-    """``12 s ago``, ``3 min ago``, ``5 h ago``, ``2 d ago``; ``never`` for no handshake."""
+    """``12 s ago``, ``3 min ago``, ``5 h ago``, ``2 d ago``; ``never`` for no handshake;
+    ``in future`` past FUTURE_SLACK before now (it fits the handshake column)."""
     if seconds is None:
         return "never"
-    # A handshake "in the future" is clock skew between the daemon's and our reading.
-    s = max(0, int(seconds))
+    if seconds < -FUTURE_SLACK:
+        return "in future"
+    return _span(max(0, int(seconds))) + " ago"
+
+
+def _span(s: int) -> str:
     if s < 60:
-        return f"{s} s ago"
+        return f"{s} s"
     if s < 3600:
-        return f"{s // 60} min ago"
+        return f"{s // 60} min"
     if s < 86400:
-        return f"{s // 3600} h ago"
-    return f"{s // 86400} d ago"
+        return f"{s // 3600} h"
+    return f"{s // 86400} d"
 
 
 def health(age: float | None) -> str:
-    """``fresh`` (< 120 s), ``rekey`` (due for rekey, 120-180 s), ``stale`` (> 180 s), ``never``."""
+    """``fresh`` (< 120 s), ``rekey`` (due for rekey, 120-180 s), ``stale`` (> 180 s), ``never``;
+    ``future``: dated after now (see FUTURE_SLACK), so its age says nothing."""
     if age is None:
         return "never"
+    if age < -FUTURE_SLACK:
+        return "future"
     if age < REKEY_AFTER_TIME:
         return "fresh"
     if age <= REJECT_AFTER_TIME:
@@ -740,8 +752,10 @@ def _empty_lines(snap: Snapshot, console: Console, width: int) -> list[Text]:
 
 
 def _interface_lines(iface: InterfaceView, console: Console, width: int,
-                     max_lines: int | None = None) -> list[Text]:
-    """The interface's lines; once past `max_lines` no further peer is laid out."""
+                     max_lines: int | None = None, peer_rows: list[int] | None = None,
+                     ) -> list[Text]:
+    """The interface's lines; once past `max_lines` no further peer is laid out. `peer_rows`
+    gets the line each peer laid out begins on."""
     if iface.error is not None:
         line = Text.assemble(("✗ ", "bold red"), (prose(iface.name, 100), "bold"), "  ",
                              (iface.error, "red"))
@@ -801,6 +815,8 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
         if max_lines is not None and len(lines) > max_lines:
             break
         endpoint = _truncate_left(p.endpoint, ep_width) if p.endpoint else "(none)"
+        if peer_rows is not None:
+            peer_rows.append(len(lines))
         lines.append(
             row(
                 short_key(p.public_key),
@@ -874,6 +890,9 @@ def _details(p: PeerView, rates: bool = False) -> list[Text]:
     parts: list[Text] = []
     if rates:
         parts.append(Text(f"rx/s {human_rate(p.rx_rate)}  tx/s {human_rate(p.tx_rate)}"))
+    if p.health == "future" and p.handshake_age is not None:
+        parts.append(Text(f"handshake {_span(int(-p.handshake_age))} in the future (clock "
+                          "stepped back?)", style=HEALTH_STYLES["future"]))
     if p.label:
         label = Text(p.label, style="bold magenta")
         if p.cid is not None:
@@ -898,11 +917,12 @@ def _details(p: PeerView, rates: bool = False) -> list[Text]:
 
 def render_lines(
     snap: Snapshot, console: Console, width: int, footer: str | None = None,
-    max_lines: int | None = None,
+    max_lines: int | None = None, rows: list[tuple[str, int]] | None = None,
 ) -> list[Text]:
     """The whole view as physical lines of at most `width` cells; with `max_lines`, laid out
     only until there are more than that (a window shows no more, and a daemon with thousands
-    of peers would otherwise cost a redraw seconds)."""
+    of peers would otherwise cost a redraw seconds). `rows` gets ("interface", line) and
+    ("peer", line) for where each interface and peer laid out begins."""
     lines = _header_lines(snap, console, width, footer)
     if not snap.interfaces:
         lines.append(Text(""))
@@ -914,9 +934,26 @@ def render_lines(
         if max_lines is not None and len(lines) > max_lines:
             break
         lines.append(Text(""))
+        peers: list[int] = []
+        start = len(lines)
         lines += _interface_lines(
-            iface, console, width, None if max_lines is None else max_lines - len(lines))
+            iface, console, width, None if max_lines is None else max_lines - len(lines), peers)
+        if rows is not None:
+            rows.append(("interface", start))
+            rows += [("peer", start + n) for n in peers]
     return lines
+
+
+def _hidden(snap: Snapshot, rows: list[tuple[str, int]], shown: int) -> str:
+    """What the first `shown` lines leave out, as "3 more peers, 1 more interface" (a peer
+    whose row is shown counts as shown), or "more lines" when only details are."""
+    peers = sum(len(i.peers) for i in snap.interfaces) - sum(
+        kind == "peer" and at < shown for kind, at in rows)
+    interfaces = len(snap.interfaces) - sum(
+        kind == "interface" and at < shown for kind, at in rows)
+    said = [f"{n} more {what}{'s' if n != 1 else ''}"
+            for n, what in ((peers, "peer"), (interfaces, "interface")) if n > 0]
+    return ", ".join(said) or "more lines"
 
 
 class Dashboard:
@@ -937,10 +974,14 @@ class Dashboard:
         height = options.height
         if height is None and self._screen:
             height = console.size.height
-        lines = render_lines(self.snapshot, console, width, footer, height)
+        rows: list[tuple[str, int]] = []
+        lines = render_lines(self.snapshot, console, width, footer, height, rows)
         if height is not None and len(lines) > height:
+            more = f"… {_hidden(self.snapshot, rows, height - 1)} below"
+            advice = f"{more}: enlarge the window, or use --json"
+            # The count matters more than the advice: a narrow window keeps it whole.
             lines = [*lines[: height - 1],
-                     Text("… more lines below: enlarge the window, or use --json", style="dim")]
+                     Text(advice if len(advice) <= width else more, style="dim")]
         # Every line is already laid out for `width`; rich must crop, never re-wrap.
         for line in lines:
             line.truncate(width, overflow="crop")
