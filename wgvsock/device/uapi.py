@@ -995,6 +995,13 @@ class UAPIServer:
             else:
                 self._sending.discard(conn)
 
+    def _sent(self, conn: socket.socket) -> None:
+        """CONN's answer is out. Its idle time still counts from before the answer (as the
+        client sees it): marked again, it made a client that got its answer first look idle
+        for less time than one answered after it, and a newcomer closed the wrong one."""
+        with self._state_lock:
+            self._sending.discard(conn)
+
     def _transaction(self, conn: socket.socket, reader: _LineReader) -> bool:
         """Serve one transaction; False when the connection should be closed."""
         op = reader.readline()
@@ -1016,7 +1023,7 @@ class UAPIServer:
             else:
                 self._mark(conn, busy=False, sending=True)  # before the answer: see _reply
                 conn.sendall(text.encode())
-                self._mark(conn, busy=False)
+                self._sent(conn)
             return True
         if op == "set=1":
             # Parsed as it arrives, so the request is never held as text; checked whole
