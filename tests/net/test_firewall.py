@@ -1041,14 +1041,7 @@ def test_the_enclaves_addresses_are_a_source_on_the_tunnel_only(world, lab: Lab)
     an ingress port (here its UDP server on 7777), and the enclave's own packets on it
     passed as established, past the deny rules. Such a packet is now dropped and counted."""
     enclave, parent, internet = world
-    far = lab.netns("far")
-    near, far_if = lab.veth(parent, "192.0.2.1/24", far, "192.0.2.2/24")
-    parent.ip("addr", "add", "2001:db8:2::1/64", "dev", near, "nodad")
-    far.ip("addr", "add", "2001:db8:2::2/64", "dev", far_if, "nodad")
-    far.ip("route", "add", "default", "via", "192.0.2.1")
-    far.ip("-6", "route", "add", "default", "via", "2001:db8:2::1")
-    internet.ip("route", "add", "192.0.2.0/24", "via", PARENT_UP4)
-    internet.ip("-6", "route", "add", "2001:db8:2::/64", "via", PARENT_UP6)
+    far = _far_end(lab, parent, internet)
     start_server(enclave, "enclave", "udp:0.0.0.0:7777", "udp:[::]:7778")
     start_server(internet, "internet", f"udp:{INTERNET4}:53")
     firewall.apply(traffic_spec(), netns=parent.name)
@@ -1283,6 +1276,22 @@ def _far_end(lab: Lab, parent: Namespace, internet: Namespace) -> Namespace:
     return far
 
 
+def forge_errors_about(enclave: Namespace, parent: Namespace, mac: str, f: dict,
+                       own: Flow, routed: Flow) -> None:
+    """From the enclave, a port unreachable about the parent's own connection OWN and one
+    about the flow ROUTED between two other networks: both dropped and counted, once each,
+    and both connections carry on."""
+    with counted(parent, "local_blocked", "egress_blocked") as gained:
+        # The frames are handled before the sender's send() returns (veth, softirq).
+        enclave.run(PY, "-c", _FORGE, mac, f["enclave"], f["parent"], "tcp", f["parent"],
+                    str(own.port), f["internet"], "80", str(own.seq))
+        enclave.run(PY, "-c", _FORGE, mac, f["enclave"], f["far"], "udp", f["far"],
+                    str(routed.port), f["internet"], "53", "0")
+        assert own.exchange() == "answer"
+        assert routed.exchange() == "answer"
+    assert gained == {"local_blocked": 1, "egress_blocked": 1}
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_the_enclave_cannot_send_icmp_errors_about_connections_it_is_not_party_to(
         world, lab: Lab, family: int) -> None:
@@ -1304,15 +1313,7 @@ def test_the_enclave_cannot_send_icmp_errors_about_connections_it_is_not_party_t
     own = Flow(parent, "tcp", f["internet"], 80)
     routed = Flow(far, "udp", f["internet"], 53)
     assert (own.first, routed.first) == ("answer", "answer")
-    with counted(parent, "local_blocked", "egress_blocked") as gained:
-        # The frames are handled before the sender's send() returns (veth, softirq).
-        enclave.run(PY, "-c", _FORGE, mac, f["enclave"], f["parent"], "tcp", f["parent"],
-                    str(own.port), f["internet"], "80", str(own.seq))
-        enclave.run(PY, "-c", _FORGE, mac, f["enclave"], f["far"], "udp", f["far"],
-                    str(routed.port), f["internet"], "53", "0")
-        assert own.exchange() == "answer"
-        assert routed.exchange() == "answer"
-    assert gained == {"local_blocked": 1, "egress_blocked": 1}
+    forge_errors_about(enclave, parent, mac, f, own, routed)
 
 
 @pytest.mark.parametrize("family", [4, 6])
