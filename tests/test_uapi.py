@@ -717,8 +717,8 @@ def _client_threads_ended(ifname: str) -> None:
 
 def _wait_read_by_server(s: socket.socket) -> None:
     """Waits until the server has read all that was sent on S (TIOCOUTQ: bytes still queued
-    at the peer)."""
-    deadline = time.monotonic() + 5
+    at the peer); a bound of a minute, for a busy machine."""
+    deadline = time.monotonic() + 60
     while struct.unpack("i", fcntl.ioctl(s, termios.TIOCOUTQ, b"\0" * 4))[0]:
         assert time.monotonic() < deadline, "the server does not read"
         time.sleep(0.01)
@@ -776,6 +776,13 @@ class _Ordered(Store):
         super()._set(cfg)
 
 
+def _slow(s: socket.socket) -> socket.socket:
+    """S waiting up to a minute for an answer: a set of 3000 peers takes seconds to parse and
+    apply on a busy machine (over 3 s in CI)."""
+    s.settimeout(60)
+    return s
+
+
 def test_large_sets_take_turns_and_small_ones_never_wait(run_dir: str, caplog) -> None:
     """Before, every client's set was held whole, as text and again as lists and objects, all
     at once: 32 clients could make the daemon hold 32 times 16 MiB several times over. Now a
@@ -798,14 +805,14 @@ def test_large_sets_take_turns_and_small_ones_never_wait(run_dir: str, caplog) -
         return t
 
     with UAPIServer("wgxt", store, run_dir=run_dir, max_large=1) as srv:
-        with _connect(srv.path) as a, _connect(srv.path) as b:
+        with _slow(_connect(srv.path)) as a, _slow(_connect(srv.path)) as b:
             a.sendall(b"set=1\n" + big_a)  # the request is open: it holds the only turn
             _wait_read_by_server(a)
             assert uapi_set(srv.path, "fwmark=7\n") == 0
             tb = send("b", b, b"set=1\n" + big_b + b"\n")
             a.sendall(b"\n")
             assert _read_reply(a) == "errno=0\n\n"
-            tb.join(60)  # (its 3000 peers take seconds on a busy machine)
+            tb.join(60)
             assert replies["b"] == "errno=0\n\n"
         assert len(store.peers) == 6000 and store.fwmark == 7
         # b, complete first, was read only after a: in turn.
@@ -814,8 +821,8 @@ def test_large_sets_take_turns_and_small_ones_never_wait(run_dir: str, caplog) -
         srv._turns.wait = 0.2  # (the idle timeout, 30 s, by default)
         with (
             caplog.at_level(logging.WARNING, logger="wgvsock"),
-            _connect(srv.path) as a,
-            _connect(srv.path) as c,
+            _slow(_connect(srv.path)) as a,
+            _slow(_connect(srv.path)) as c,
         ):
             a.sendall(b"set=1\n" + big_a)
             _wait_read_by_server(a)
