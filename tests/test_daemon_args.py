@@ -29,7 +29,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     monkeypatch.setattr(daemon, "setup_logging", lambda *args: None)
     for name in (daemon.ENV_DGRAM, daemon.ENV_OFFLOAD, daemon.ENV_LOG_FILE, daemon.ENV_NETWORK,
                  "WGVSOCK_READY_FD", "NOTIFY_SOCKET", daemon.ENV_FOREGROUND,
-                 *daemon.ENV_PASSED_FDS):
+                 daemon.ENV_TUN_FD, daemon.ENV_UAPI_FD):
         monkeypatch.delenv(name, raising=False)
     return calls
 
@@ -152,3 +152,31 @@ def test_the_roles_warn_of_a_log_level_they_do_not_know(monkeypatch, capsys):
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.parametrize("name", ["WG_TUN_FD", "WG_UAPI_FD"])
+@pytest.mark.parametrize(("value", "why"), [
+    ("three", "is not a file descriptor number"),
+    ("-4", "is not a file descriptor number"),
+    ("0", "is standard input"),
+    ("999", "is not an open file descriptor"),
+    ("PIPE", "is not a "),
+])
+def test_a_passed_descriptor_that_is_no_tun_or_uapi_socket_is_refused(
+        name, value, why, started, no_spawn, monkeypatch, capsys):
+    # Both variables were refused whatever they held ("is set"); now a TUN and a listening
+    # unix socket are taken, and what is neither is refused before anything starts, in the
+    # foreground and before the background process is started.
+    r, w = os.pipe()
+    try:
+        value = value.replace("PIPE", str(r))
+        monkeypatch.setenv(name, value)
+        for argv in (["-f", "-n", "tcp", "wg0"], ["-n", "tcp", "wg0"]):
+            assert daemon.main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"wireguard-go-vsock: {name}={value!r} {why}"), err
+            assert "Traceback" not in err
+    finally:
+        os.close(r)
+        os.close(w)
+    assert started == []

@@ -33,9 +33,10 @@ ENV_OFFLOAD = "WGVSOCK_OFFLOAD"
 _ENV_READY_FD = "WGVSOCK_READY_FD"
 # wireguard-go's and the seed's: "1" (nothing else) keeps them in the foreground, as -f does.
 ENV_FOREGROUND = "WG_PROCESS_FOREGROUND"
-# How wireguard-go and the seed hand the TUN and the UAPI socket to their background process.
-# Ours opens both by name; see refuse_passed_descriptors.
-ENV_PASSED_FDS = ("WG_TUN_FD", "WG_UAPI_FD")
+# How wireguard-go and the seed hand the TUN and the UAPI socket to their background process,
+# and a launcher that makes them hands them to the daemon; see passed_descriptors.
+ENV_TUN_FD = "WG_TUN_FD"
+ENV_UAPI_FD = "WG_UAPI_FD"
 _READY = b"ready\n"
 
 LOG_LEVELS = {
@@ -79,7 +80,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             "the stderr it was started with), "
             "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock), "
             f"{ENV_OFFLOAD}=0 (no TCP super-packets: MTU-sized packets both ways, as from "
-            "wireguard-go-vsock)."
+            f"wireguard-go-vsock), {ENV_TUN_FD} (a /dev/net/tun descriptor attached to the "
+            f"interface, to serve instead of making the TUN), {ENV_UAPI_FD} (a listening "
+            "unix socket's descriptor, to serve instead of making the UAPI socket)."
         ),
     )
     p.add_argument("-f", "--foreground", action="store_true", help="do not fork to the background")
@@ -119,7 +122,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     try:
         dgram = args.dgram or switch(ENV_DGRAM, False)
         offload = switch(ENV_OFFLOAD, True)
-        refuse_passed_descriptors()
+        tun_fd, uapi_fd = passed_descriptors(args.interface)
         ready_fd = take_ready_fd()
     except EnvError as e:
         print(f"{prog}: {e}", file=sys.stderr)
@@ -127,22 +130,55 @@ def _main(argv: list[str] | None, prog: str) -> int:
     foreground = args.foreground or os.environ.get(ENV_FOREGROUND) == "1"
     if not foreground and ready_fd is None:
         rest = argv if argv is not None else sys.argv[1:]
+        # (Under the same numbers, which the variables name.)
         return spawn_background(["-m", "wgvsock.daemon", "--foreground", *rest], prog,
-                                keep_stdio=True)
+                                keep_stdio=True,
+                                keep_fds=tuple(fd for fd in (tun_fd, uapi_fd) if fd >= 0))
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
-    return run_foreground(args.interface, network, dgram, ready_fd, offload=offload, prog=prog)
+    return run_foreground(args.interface, network, dgram, ready_fd, offload=offload, prog=prog,
+                          tun_fd=tun_fd, uapi_fd=uapi_fd)
 
 
-def refuse_passed_descriptors() -> None:
-    """Raises EnvError when the launcher hands over a TUN or UAPI descriptor, as it may to the
-    seed: ours would make an interface of its own beside it (or fail on the name it holds)
-    and never serve the one the launcher set up."""
-    for name in ENV_PASSED_FDS:
-        if value := os.environ.get(name):
-            raise EnvError(f"{name}={quote(value, 40)} is set: this daemon creates the TUN and "
-                           "its UAPI socket itself, by the interface name, and takes no "
-                           "descriptor for them from the process that starts it; unset "
-                           f"{', '.join(ENV_PASSED_FDS)}")
+def passed_descriptors(ifname: str) -> tuple[int, int]:
+    """The TUN and the listening UAPI socket that the process starting us made and hands
+    over in WG_TUN_FD and WG_UAPI_FD, as wireguard-go's and the seed's launchers do (-1 for
+    a variable unset or empty). Raises EnvError naming the variable and what its descriptor
+    is instead: checked before anything is made, and before the background process starts."""
+    from .device.tun import adoptable
+    from .device.uapi import DEFAULT_RUN_DIR, listening_path, socket_path
+
+    run_dir = os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR
+    fds: list[int] = []
+    for name, check, what in (
+        (ENV_TUN_FD, lambda fd: adoptable(fd, ifname),
+         f"/dev/net/tun attached to interface {quote(ifname, 40)} with IFF_TUN|IFF_NO_PI "
+         "(IFF_VNET_HDR too for segmentation offload), or be unset for the daemon to "
+         "create the TUN"),
+        (ENV_UAPI_FD, listening_path,
+         "a listening unix stream socket, or be unset for the daemon to create "
+         f"{quote(socket_path(ifname, run_dir), 120)}"),
+    ):
+        value = os.environ.get(name, "")
+        if not value:
+            fds.append(-1)
+            continue
+        # (At most 9 digits: a C int, which the calls below want, holds any of them.)
+        if not (value.isascii() and value.isdigit() and len(value) <= 9):
+            why = "is not a file descriptor number"
+        elif int(value) <= 2:
+            # Our background process gets other ones in their place.
+            why = f"is standard {('input', 'output', 'error')[int(value)]}"
+        else:
+            try:
+                check(int(value))
+            except (OSError, ValueError) as e:
+                why = (e.strerror if isinstance(e, OSError) else None) or str(e)
+            else:
+                fds.append(int(value))
+                continue
+        raise EnvError(f"{name}={quote(value, 40)} {why}; it must name an open descriptor of "
+                       f"{what}")
+    return fds[0], fds[1]
 
 
 def take_ready_fd() -> int | None:
@@ -165,13 +201,15 @@ def take_ready_fd() -> int | None:
                    "unset it")
 
 
-def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = False) -> int:
+def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = False,
+                     keep_fds: tuple[int, ...] = ()) -> int:
     """Starts `python python_args...` detached and waits until it calls `report_ready` (exit
     0) or fails or dies (exit 1, printing its reason). Refused as the main process of a
     Type=notify unit. Its stdout and stderr go to $WGVSOCK_LOG_FILE, else, KEEP_STDIO and
     LOG_LEVEL set to anything but silent, stay ours (as wireguard-go's and the seed's do:
     `LOG_LEVEL=debug wireguard-go-vsock wg0` logs where it was started), else are closed, so
-    that a caller capturing our output is not held up by the detached process."""
+    that a caller capturing our output is not held up by the detached process. KEEP_FDS
+    stay open in it, under the same numbers."""
     pid = str(os.getpid())
     if os.environ.get("NOTIFY_SOCKET") and pid in (os.environ.get("SYSTEMD_EXEC_PID"),
                                                    os.environ.get("WATCHDOG_PID")):
@@ -203,7 +241,7 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
         subprocess.Popen(
             [sys.executable, *python_args],
             env=env,
-            pass_fds=(w,),
+            pass_fds=(w, *keep_fds),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -243,7 +281,8 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None, *,
-                   offload: bool = True, prog: str = "wireguard-go-vsock") -> int:
+                   offload: bool = True, prog: str = "wireguard-go-vsock", tun_fd: int = -1,
+                   uapi_fd: int = -1) -> int:
     import time
 
     from .conn import make_bind
@@ -268,7 +307,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         bind = make_bind(network, dgram)
         device = Device(
             ifname, bind, run_dir=os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR,
-            offload=offload,
+            offload=offload, tun_fd=tun_fd, uapi_fd=uapi_fd,
         )
         device.start()
     except (OSError, ValueError) as e:

@@ -249,11 +249,17 @@ class Device:
         mtu: int = DEFAULT_MTU,
         run_dir: str = DEFAULT_RUN_DIR,
         offload: bool = True,
+        tun_fd: int = -1,
+        uapi_fd: int = -1,
     ) -> None:
         self.ifname = ifname
         self.bind = bind
         self.run_dir = run_dir
         self.offload = offload
+        # The TUN and the listening UAPI socket the process that started us made, to serve
+        # instead of making our own (-1: none; see Tun.adopt and UAPIServer).
+        self._tun_fd = tun_fd
+        self._uapi_fd = uapi_fd
         self._initial_mtu = mtu
         self._wall_offset = time.time() - time.monotonic()
         # Fixed for the engine's handshake timestamps, which must only ever grow, whatever is
@@ -343,7 +349,7 @@ class Device:
                 self.bind.hello = encode_hello(flags, GSO_MAX_SIZE if super_packets else 0)
             self.port = self.bind.open(0, self._on_receive)
             self._caps_changed()
-            self.uapi = UAPIServer(self.ifname, self, self.run_dir)
+            self.uapi = UAPIServer(self.ifname, self, self.run_dir, fd=self._uapi_fd)
             self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         except BaseException:
             self.close()
@@ -367,12 +373,22 @@ class Device:
         # checksums them in C (one read instead of up to 47). Otherwise the kernel cuts and
         # checksums before we read, which costs a fraction of doing it in Python (split_tso
         # took 260 us per 64 KiB at MTU 1420, a Python checksum 126 us per 64 KiB).
-        tun = Tun.create(self.ifname, offload=True)
+        adopted = self._tun_fd >= 0
+        # A TUN handed over has the flags it was made with: without a virtio-net header it is
+        # read and written as one made where offload could not be set up.
+        tun = Tun.adopt(self._tun_fd, self.ifname) if adopted else Tun.create(self.ifname,
+                                                                               offload=True)
+        if not tun.vnet:
+            return tun
         try:
             tun.set_gso_max_size(GSO_MAX_SIZE)
             tun.set_offload(False)
         except OSError as e:
             log.warning("%s: cannot set up offload (%s); segmentation offload off", tun.name, e)
+            if adopted:  # one handed over cannot be made again without the header
+                self.offload = False
+                tun.set_offload(False)
+                return tun
             tun.close()
             return Tun.create(self.ifname)
         return tun

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 import threading
 from collections.abc import Sequence
@@ -23,11 +24,15 @@ from mypy_extensions import mypyc_attr
 __all__ = ["Tun", "TunError", "coalesce_tcp", "complete_checksum", "split_tso"]
 
 _TUN_PATH = "/dev/net/tun"
+# Its device number (a misc device, TUN_MINOR): only a descriptor of it is asked TUNGETIFF, a
+# number another driver may read as a request of its own.
+_TUN_DEVICE: Final = (10, 200)
 
 # From <linux/if_tun.h> and <linux/sockios.h>.
 _TUNSETIFF: Final = 0x400454CA
 _TUNGETIFF: Final = 0x800454D2
 _IFF_TUN: Final = 0x0001
+_IFF_TAP: Final = 0x0002
 _IFF_NO_PI: Final = 0x1000
 _IFF_VNET_HDR: Final = 0x4000
 _TUNSETOFFLOAD: Final = 0x400454D0
@@ -80,6 +85,13 @@ _IFF_UP: Final = 0x1
 _NLMSGHDR: Final = struct.Struct("=IHHII")
 _IFINFOMSG: Final = struct.Struct("=BxHiII")
 _RTATTR_U32: Final = struct.Struct("=HHI")
+_RTATTR: Final = struct.Struct("=HH")
+_RTM_GETLINK: Final = 18
+_IFLA_IFNAME: Final = 3
+_IFLA_LINKINFO: Final = 18
+_IFLA_INFO_DATA: Final = 2
+_IFLA_TUN_PI: Final = 4
+_NLA_TYPE_MASK: Final = 0x3FFF
 _RTM_NEWLINK: Final = 16
 _RTM_DELLINK: Final = 17
 _RTMGRP_LINK: Final = 0x1
@@ -444,6 +456,74 @@ def _encode_name(name: str) -> bytes:
     return raw
 
 
+def adoptable(fd: int, name: str) -> bool:
+    """Whether FD, a TUN descriptor attached to interface `name` as Tun reads it (IFF_TUN and
+    IFF_NO_PI: IP packets with no header before them), has a virtio-net header too
+    (IFF_VNET_HDR). Raises TunError saying what FD is instead, in words that follow "FD"."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise TunError(e.errno, "is not an open file descriptor") from e
+    if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev),
+                                         os.minor(st.st_rdev)) != _TUN_DEVICE:
+        raise TunError(errno.ENOTTY, f"is not a TUN device ({_TUN_PATH})")
+    try:
+        res = fcntl.ioctl(fd, _TUNGETIFF, bytes(40))
+    except OSError as e:
+        if e.errno == errno.EBADFD:
+            raise TunError(e.errno, f"is {_TUN_PATH} attached to no interface (TUNSETIFF was "
+                           "not done, or its interface was deleted)") from e
+        raise TunError(e.errno, f"is a TUN device that TUNGETIFF fails on: {e.strerror}") from e
+    raw, flags = struct.unpack(_IFREQ_SHORT, res)
+    actual = raw.rstrip(b"\0").decode(errors="surrogateescape")
+    if flags & _IFF_TAP:
+        why = "is a TAP device (Ethernet frames); create it with IFF_TUN, for IP packets"
+    elif actual != name:
+        why = (f"is the TUN of interface {actual!r}, not {name!r} as the command line names "
+               "it: name the interface the TUN was made for")
+    elif _packet_info(name):
+        why = ("is a TUN made without IFF_NO_PI (a packet information header before every "
+               "packet); create it with IFF_TUN|IFF_NO_PI")
+    else:
+        return bool(flags & _IFF_VNET_HDR)
+    raise TunError(errno.EINVAL, why)
+
+
+def _packet_info(name: str) -> bool:
+    """Whether the TUN interface NAME of the caller's namespace puts a packet information
+    header before every packet (rtnetlink's IFLA_TUN_PI, Linux 4.15 on; False where it is not
+    told). TUNGETIFF cannot say: it reports IFF_NOFILTER in IFF_NO_PI's bit."""
+    raw = name.encode(errors="surrogateescape") + b"\0"
+    attr = _RTATTR.pack(_RTATTR.size + len(raw), _IFLA_IFNAME) + raw
+    attr += bytes(-len(attr) % 4)
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr
+    msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_GETLINK, _NLM_F_REQUEST, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(5.0)
+        nl.sendto(msg, (0, 0))
+        reply = nl.recv(65536)
+    _, kind = struct.unpack_from("=IH", reply)
+    if kind != _RTM_NEWLINK:
+        return False
+    link = _rtattrs(reply[_NLMSGHDR.size + _IFINFOMSG.size :])
+    data = _rtattrs(_rtattrs(link.get(_IFLA_LINKINFO, b"")).get(_IFLA_INFO_DATA, b""))
+    return data.get(_IFLA_TUN_PI, b"\0")[:1] != b"\0"
+
+
+def _rtattrs(buf: bytes) -> dict[int, bytes]:
+    """Netlink attributes (struct rtattr) by type, nested ones as their bytes."""
+    out: dict[int, bytes] = {}
+    at = 0
+    while at + _RTATTR.size <= len(buf):
+        length, kind = _RTATTR.unpack_from(buf, at)
+        if length < _RTATTR.size:
+            break
+        out[kind & _NLA_TYPE_MASK] = buf[at + _RTATTR.size : at + length]
+        at += (length + 3) & ~3
+    return out
+
+
 class Tun:
     """An open TUN interface. Reads and writes are whole IP packets."""
 
@@ -510,6 +590,24 @@ class Tun:
             os.close(fd)
             raise
         return cls(fd, actual, ctl, vnet=offload)
+
+    @classmethod
+    def adopt(cls, fd: int, name: str) -> Tun:
+        """The TUN interface `name` from FD, /dev/net/tun attached to it by the process that
+        started us (WG_TUN_FD, as wireguard-go takes one); see adoptable(). The Tun owns FD:
+        closing it closes FD. The flags are the launcher's and cannot change: with a
+        virtio-net header (IFF_VNET_HDR) it is as create(offload=True) makes it, without as
+        create() does."""
+        vnet = adoptable(fd, name)
+        ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            if vnet:
+                fcntl.ioctl(fd, _TUNSETOFFLOAD, _OFFLOAD_ALL)
+            os.set_inheritable(fd, False)
+        except BaseException:
+            ctl.close()
+            raise
+        return cls(fd, name, ctl, vnet=vnet)
 
     def fileno(self) -> int:
         return self._fd

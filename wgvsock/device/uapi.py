@@ -806,8 +806,35 @@ class _LineReader:
                 return
 
 
+def listening_path(fd: int) -> str:
+    """The path of FD, a listening unix stream socket made by the process that started us
+    (WG_UAPI_FD, as wireguard-go takes one): '' when it has none, unnamed or abstract. Raises
+    ValueError saying what FD is instead, in words that follow "FD"."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        why = {_errno.EBADF: "is not an open file descriptor",
+               _errno.ENOTSOCK: "is not a socket"}.get(e.errno or 0, f"is unusable: {e}")
+        raise ValueError(why) from e
+    try:
+        if sock.family != socket.AF_UNIX:
+            why = f"is an {getattr(sock.family, 'name', sock.family)} socket, not a unix one"
+        elif sock.type != socket.SOCK_STREAM:
+            kind = {socket.SOCK_DGRAM: "a datagram", socket.SOCK_SEQPACKET: "a seqpacket"}
+            why = f"is {kind.get(sock.type, 'another kind of')} socket, not a stream one"
+        elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            why = "is a unix stream socket that is not listening: call listen() on it first"
+        else:
+            name = sock.getsockname()
+            return name if isinstance(name, str) else ""
+    finally:
+        sock.detach()
+    raise ValueError(why)
+
+
 class UAPIServer:
-    """Serves the UAPI socket ``<run_dir>/<ifname>.sock`` for one interface.
+    """Serves the UAPI socket ``<run_dir>/<ifname>.sock`` for one interface, or the listening
+    socket FD that the process which started us made (listening_path), where that one is.
 
     An accept thread plus one thread per client. The handler is called from the clients'
     threads at once and serialises its transactions itself (Device does, as wireguard-go's
@@ -827,12 +854,13 @@ class UAPIServer:
         idle_timeout: float = 30.0,
         max_clients: int = 32,
         max_large: int = 2,
+        fd: int = -1,
     ) -> None:
         if not ifname or "/" in ifname or "\0" in ifname or ifname in (".", ".."):
             raise ValueError(f"invalid interface name {ifname!r}")
         self.ifname = ifname
-        self.path = socket_path(ifname, run_dir)
-        if len(os.fsencode(self.path)) >= 108:
+        self.path = socket_path(ifname, run_dir) if fd < 0 else listening_path(fd)
+        if fd < 0 and len(os.fsencode(self.path)) >= 108:
             raise ValueError(f"UAPI socket path too long for AF_UNIX: {self.path}")
         self._handler = handler
         self._max_request = max_request
@@ -851,10 +879,21 @@ class UAPIServer:
         self._closed = False
         self._stop = threading.Event()
 
-        self._sock = self._bind(run_dir)
-        st = os.stat(self.path)
-        self._identity = (st.st_dev, st.st_ino)
-        self._sock.listen(16)
+        # The file we made, to remove at close (and, like one handed to us, to stop when it is
+        # removed or replaced).
+        self._owned = fd < 0
+        self._identity: tuple[int, int] | None = None
+        if fd < 0:
+            self._sock = self._bind(run_dir)
+            self._sock.listen(16)
+        else:
+            self._sock = socket.socket(fileno=fd)
+            self._sock.set_inheritable(False)
+            self._sock.setblocking(True)  # (the launcher's may be non-blocking)
+        with contextlib.suppress(OSError):  # a handed-over socket's file may be gone
+            st = os.stat(self.path) if self.path else None
+            if st is not None:
+                self._identity = (st.st_dev, st.st_ino)
         self._accept_thread = NamedThread(
             target=self._accept_loop, name=f"uapi-{ifname}", daemon=True
         )
@@ -1085,8 +1124,8 @@ class UAPIServer:
         """Whether the socket file was deleted or replaced by another file while we serve,
         which is how wireguard-go is told to shut down. The device asks on its timer thread's
         regular look at the interface, so no thread of its own wakes to poll the file."""
-        if self._closed:
-            return False  # close() removed it
+        if self._closed or self._identity is None:
+            return False  # close() removed it, or it has no file to watch
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -1102,7 +1141,8 @@ class UAPIServer:
         return self._closed
 
     def close(self) -> None:
-        """Stop serving, disconnect clients and remove the socket file if it is still ours."""
+        """Stop serving, disconnect clients and remove the socket file if it is still ours
+        (one handed to us is its maker's to remove)."""
         with self._state_lock:
             if self._closed:
                 return
@@ -1111,7 +1151,7 @@ class UAPIServer:
         self._stop.set()
         try:
             st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._identity:
+            if self._owned and (st.st_dev, st.st_ino) == self._identity:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
