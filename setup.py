@@ -52,14 +52,17 @@ def ext_modules() -> list:
         sys.exit("wgvsock: no OpenSSL headers to compile wgvsock/core/_transport_aead.c. "
                  "Install them (Debian: apt install libssl-dev), or build pure Python with "
                  "WGVSOCK_PURE=1 (slower: bench/README.md).")
+    # -g0 for the same reason as debug_level 0 below: Python's CFLAGS carry -g, and with it
+    # the build directory (a new temporary one for every wheelhouse) in the extension, so that
+    # every `make image` gave another image and another PCR0.
     # The transport messages' AEAD (transport_aead.py says why it is C), on the system's
     # OpenSSL 3.
     aead = Extension("wgvsock.core._transport_aead", ["wgvsock/core/_transport_aead.c"],
-                     libraries=["crypto"], extra_compile_args=["-O2"])
+                     libraries=["crypto"], extra_compile_args=["-O2", "-g0"])
     # TCP segmentation and checksums for TUN reads with offload (_segment.c says why it is C).
     # -O3: GCC vectorises the checksum's loop only there (3x faster than at -O2).
     segment = Extension("wgvsock.device._segment", ["wgvsock/device/_segment.c"],
-                        extra_compile_args=["-O3"])
+                        extra_compile_args=["-O3", "-g0"])
     return [aead, segment, *mypycify(compiled_modules(), opt_level="3", debug_level="0",
                             group_name="wgvsock_native", multi_file=True)]
 
