@@ -83,8 +83,42 @@ def wheel_platforms(arch: str | None = None) -> list[str]:
     return [f"manylinux_2_28_{arch}", f"manylinux2014_{arch}"]
 
 
+def python_version(python: str) -> str:
+    try:
+        res = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    except OSError as e:
+        raise BuildError(f"cannot run {python}: {e.strerror or e}") from None
+    if res.returncode != 0:
+        raise BuildError(f"{python} does not run: {res.stderr.strip()[-300:]}")
+    return res.stdout.strip()
+
+
+def wheel_build_env(arch: str | None = None) -> dict[str, str]:
+    """The environment of wgvsock's wheel build. The pip that installs the build's tools
+    (setuptools, mypy) is one that the outer pip starts, and --isolated does not pass on to
+    it: without PIP_* and pip.conf it finds the locked tools in the wheelhouse alone, not a
+    newer one in the machine's find-links or indexes (another wheel, image and PCR0)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull  # pip then reads no configuration file at all
+    env["SOURCE_DATE_EPOCH"] = WHEEL_EPOCH
+    if (arch or platform.machine()) != platform.machine():
+        env["WGVSOCK_PURE"] = "1"  # mypyc compiles for this machine only
+    return env
+
+
 def wheelhouse(out: Path, python: str = sys.executable, arch: str | None = None) -> Path:
     """Fills OUT (emptied first) with the locked wheels and wgvsock's own wheel."""
+    env = wheel_build_env(arch)
+    if env.get("WGVSOCK_PURE", "") in ("", "0") and (
+            version := python_version(python)) != IMAGE_PYTHON:
+        # mypyc and the C extensions compile for the Python that builds: a wheel the image's
+        # Python cannot install, and the locked mypy is not even there for this one.
+        raise BuildError(
+            f"this Python ({python}) is {version}, the image's is {IMAGE_PYTHON}, and "
+            f"wgvsock's compiled modules are built for the Python that builds the wheelhouse: "
+            f"run it with Python {IMAGE_PYTHON} (make image PYTHON=python{IMAGE_PYTHON}), or "
+            f"set WGVSOCK_PURE=1 for a pure-Python wgvsock (slower: bench/README.md)")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -107,9 +141,6 @@ def wheelhouse(out: Path, python: str = sys.executable, arch: str | None = None)
         shutil.copytree(ROOT / "wgvsock", src / "wgvsock",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         # Build isolation gets setuptools and mypy from the wheelhouse only: the locked ones.
-        env = {**os.environ, "SOURCE_DATE_EPOCH": WHEEL_EPOCH}
-        if (arch or platform.machine()) != platform.machine():
-            env["WGVSOCK_PURE"] = "1"  # mypyc compiles for this machine only
         run([*pip, "wheel", "-q", "--no-deps", "--no-index", "--find-links", str(out),
              "-w", str(out), str(src)], env=env)
     shutil.copy2(LOCKS[0], out / "requirements.lock")

@@ -463,3 +463,72 @@ def test_lock_pins_the_enclave_dependencies() -> None:
     assert {"pip", "setuptools", "mypy"} <= {ln.split("==")[0] for ln in build_lock.splitlines()
                                      if "==" in ln}
 
+
+
+def _bogus_setuptools(links: Path) -> None:
+    """A setuptools wheel newer than the locked one, with nothing in it."""
+    import zipfile
+
+    links.mkdir()
+    info = "setuptools-999.0.dist-info"
+    with zipfile.ZipFile(links / "setuptools-999.0-py3-none-any.whl", "w") as z:
+        z.writestr("setuptools/__init__.py", "")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: setuptools\nVersion: 999.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                    "Tag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+
+
+def test_wheelhouse_builds_with_the_locked_tools_only(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's pip settings (PIP_* variables, pip.conf) do not reach the build of
+    wgvsock's wheel. Before, pip's --isolated held for the outer pip only: the pip that
+    installs the build's own tools read PIP_FIND_LINKS and pip.conf, took from there any
+    setuptools or mypy newer than the locked ones, and so built another wheel (another image,
+    another PCR0) or none (review finding)."""
+    links = tmp_path / "links"
+    _bogus_setuptools(links)
+    config = tmp_path / "pip.conf"
+    config.write_text(f"[global]\nfind-links = {links}\n")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    monkeypatch.setenv("WGVSOCK_PURE", "1")  # the tools are the point, not the compiling
+    out = build.wheelhouse(tmp_path / "wheels", python=sys.executable)
+    [wheel] = out.glob("wgvsock-*.whl")
+    locked = next(ln.split("==")[1].split()[0] for ln in build.LOCKS[1].read_text().splitlines()
+                  if ln.startswith("setuptools=="))
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        generator = z.read("wgvsock-0.1.0.dist-info/WHEEL").decode()
+    assert f"Generator: setuptools ({locked})" in generator, generator
+
+
+def _other_python() -> str | None:
+    """A CPython other than the image's 3.11 on this machine, if there is one."""
+    found = [shutil.which(f"python3.{minor}") for minor in range(12, 16)]
+    found += [str(p) for p in sorted(Path("/root/.pyenv/versions").glob("3.1[2-9]*/bin/python3"))]
+    for python in filter(None, found):
+        res = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2] != (3, 11))"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        if res.returncode == 0 and res.stdout.strip() == "True":
+            return python
+    return None
+
+
+def test_wheelhouse_from_another_python_says_which_to_use(tmp_path: Path) -> None:
+    """`make image` from a venv of another Python (Ubuntu 24.04's python3 is 3.12) compiles
+    wgvsock for that Python, which the image's 3.11 cannot install. Before, pip's own error
+    from deep inside the wheel build (no mypy for it in the wheelhouse) was all it said."""
+    python = _other_python()
+    if python is None:
+        pytest.skip("no CPython other than 3.11 here")
+    env = {k: v for k, v in os.environ.items() if k != "WGVSOCK_PURE"}
+    res = subprocess.run([python, str(ROOT / "docker/build.py"), "wheelhouse",
+                          "--out", str(tmp_path / "wheels")],
+                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    last = res.stderr.strip().splitlines()[-1]
+    assert "the image's is 3.11" in last and "PYTHON=" in last and "WGVSOCK_PURE=1" in last, last
+    assert not (tmp_path / "wheels").exists()  # said before anything was downloaded
