@@ -309,6 +309,26 @@ def test_staged_files_carry_the_epoch_whatever_the_engine_clamps(image: Image) -
         podman("image", "unmount", ref, check=False)
 
 
+@pytest.mark.timeout(900)
+def test_byte_code_follows_a_replaced_source(image: Image, tmp_path: Path) -> None:
+    """An app image `FROM wgvsock-enclave` that replaces an installed module's source (a
+    patched file; an upgrade, with pip --no-compile or PYTHONDONTWRITEBYTECODE, of a package
+    the image shares with wgvsock, such as idna or pyyaml) runs the new source. Before, the
+    image's pyc files were unchecked-hash ones, which Python uses without looking at the
+    source: the old code ran on, silently (review finding)."""
+    assert image.mountpoint is not None
+    site = image.mountpoint / "usr/local/lib/python3.11/dist-packages"
+    copy = tmp_path / "site"
+    shutil.copytree(site / "idna", copy / "idna")  # with the image's __pycache__
+    (copy / "idna/package_data.py").write_text('__version__ = "replaced"\n')
+    code = f"import sys; sys.path.insert(0, {str(copy)!r}); import idna; print(idna.__version__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert sys.version_info[:2] == (3, 11)  # the image's byte code is for its 3.11
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "replaced"
+
+
 def _enclave_script() -> str:
     """Runs in the enclave's network namespace and a private mount namespace: builds the root
     as Nitro's init finds it, then execs the command in a chroot with only the given env."""
