@@ -5,6 +5,7 @@ seed's vsock mode would dial out of this VM), so the seed shows what a drop-in m
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,30 @@ def test_a_descriptor_that_cannot_be_served_is_refused(lab: Lab, seed: Path, kin
         assert code == 2, err
         assert err.startswith(f"wireguard-go-vsock: {name}="), err
         assert why in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("same_name", [False, True], ids=["none-here", "another-here"])
+def test_a_tun_of_another_namespace_is_refused(lab: Lab, same_name: bool) -> None:
+    # The launcher makes the TUN in its namespace and starts the daemon in another. TUNGETIFF
+    # names the interface all the same, so ours took it and configured that name where it
+    # runs: an interface of that name there (here a veth), or none. It is now refused
+    # before anything is made (exit 2), naming the variable and what to do.
+    a, b = lab.netns("hMa"), lab.netns("hMb")
+    ifname = lab.ifname("n")
+    if same_name:
+        b.ip("link", "add", ifname, "type", "veth", "peer", "name", "hMpeer")
+    log = lab.tmp / "launcher.log"
+    with open(log, "ab") as out:
+        proc = _launch(a, f"tun:{IFF_TUN | IFF_NO_PI:#x}:{ifname}", "", "exec",
+                       shutil.which("ip") or "ip", "netns", "exec", b.name, DAEMON, "-f",
+                       "-n", "tcp", ifname, env=lab.env(LOG_LEVEL="error"),
+                       stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        code = proc.wait(30)
+    err = log.read_text()
+    assert code == 2, err
+    assert err.startswith("wireguard-go-vsock: WG_TUN_FD="), err
+    assert "another network namespace" in err and "Traceback" not in err, err
+    assert not os.path.exists(sock_path(ifname))
+    assert link_exists(b, ifname) == same_name
+    assert not link_exists(a, ifname)
+    assert a.pids() == [] and b.pids() == []

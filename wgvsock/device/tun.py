@@ -31,6 +31,7 @@ _TUN_DEVICE: Final = (10, 200)
 # From <linux/if_tun.h> and <linux/sockios.h>.
 _TUNSETIFF: Final = 0x400454CA
 _TUNGETIFF: Final = 0x800454D2
+_TUNGETDEVNETNS: Final = 0x54E3
 _IFF_TUN: Final = 0x0001
 _IFF_TAP: Final = 0x0002
 _IFF_NO_PI: Final = 0x1000
@@ -478,6 +479,12 @@ def adoptable(fd: int, name: str) -> bool:
     actual = raw.rstrip(b"\0").decode(errors="surrogateescape")
     if flags & _IFF_TAP:
         why = "is a TAP device (Ethernet frames); create it with IFF_TUN, for IP packets"
+    elif _elsewhere(fd):
+        # TUNGETIFF names it all the same, and that name would be configured here: another
+        # interface of that name, or none.
+        why = (f"is the TUN of interface {actual!r} in another network namespace than this "
+               "process's; start the daemon in the namespace the TUN was made in (e.g. "
+               "ip netns exec NS), or make the TUN in the daemon's")
     elif actual != name:
         why = (f"is the TUN of interface {actual!r}, not {name!r} as the command line names "
                "it: name the interface the TUN was made for")
@@ -487,6 +494,23 @@ def adoptable(fd: int, name: str) -> bool:
     else:
         return bool(flags & _IFF_VNET_HDR)
     raise TunError(errno.EINVAL, why)
+
+
+def _elsewhere(fd: int) -> bool:
+    """Whether the TUN on FD belongs to another network namespace than the calling thread
+    (which the control socket and netlink queries are opened in)."""
+    try:
+        ns = fcntl.ioctl(fd, _TUNGETDEVNETNS)
+    except OSError:
+        # Linux before 5.2 (ENOTTY, EINVAL), or no CAP_NET_ADMIN over the device's namespace
+        # (EPERM: an unprivileged daemon, in ours too): it cannot be told, as before.
+        return False
+    try:
+        theirs = os.fstat(ns)
+    finally:
+        os.close(ns)
+    ours = os.stat("/proc/thread-self/ns/net")
+    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
 
 
 def _packet_info(name: str) -> bool:
