@@ -444,7 +444,8 @@ def test_a_flood_with_slow_attestation_cannot_lock_the_enclave_out():
 
 
 def test_only_the_enclave_address_is_admitted():
-    srv, rec, port = _tcp_server(accept_from=lambda addr: addr[0] == "127.0.0.1")
+    srv, rec, port = _tcp_server(
+        refuse_from=lambda addr: None if addr[0] == "127.0.0.1" else "expected 127.0.0.1")
     try:
         with _dial_tcp(port, "127.0.0.2") as s:
             expect_closed(s)  # no challenge at all
@@ -601,18 +602,49 @@ def test_the_parent_admits_only_the_enclaves_cid():
     from wgvsock.services.profile import parse_profile
 
     named = Parent(parse_profile("name: a\nparent:\n  enclave_cid: 16\n"))._enclave_filter()
-    assert named is not None and named((16, 1234)) and not named((3, 1234))
+    assert named is not None and named((16, 1234)) is None and named((3, 1234))
     fixed = Parent(parse_profile(
         "name: a\nparent:\n  enclave: {eif: /x.eif, cid: 20}\n"))._enclave_filter()
-    assert fixed is not None and fixed((20, 1)) and not fixed((16, 1))
+    assert fixed is not None and fixed((20, 1)) is None and fixed((16, 1))
     launched = Parent(parse_profile("name: a\nparent:\n  enclave: {eif: /x.eif}\n"))
     check = launched._enclave_filter()
-    assert check is not None and not check((16, 1))  # not started yet: nobody
+    assert check is not None and check((16, 1))  # not started yet: nobody
     launched.supervisor = SimpleNamespace(info=SimpleNamespace(cid=16))  # as nitro-cli said
-    assert check((16, 1)) and not check((17, 1))
+    assert check((16, 1)) is None and check((17, 1))
     assert Parent(parse_profile("name: a\n"))._enclave_filter() is None  # unknown: anyone
     unix = "name: a\ntransport: {kind: unix}\nparent:\n  enclave_cid: 16\n"
     assert Parent(parse_profile(unix))._enclave_filter() is None  # a stand-in: no CIDs
+
+
+def test_a_refused_cid_is_told_the_cid_expected_and_where_it_comes_from():
+    """Before: 'CID 17 is not the enclave', in the log and `wgvsock status` alike, which did
+    not say which CID the parent lets in, nor whether the profile or nitro-cli said so."""
+    from wgvsock.roles.parent import Parent
+    from wgvsock.services.profile import parse_profile
+
+    def said(profile: str, cid: int | None = None) -> str:
+        parent = Parent(parse_profile(profile))
+        if cid is not None:
+            parent.supervisor = SimpleNamespace(info=SimpleNamespace(cid=cid))
+        srv, _rec, port = _tcp_server(refuse_from=parent._enclave_filter())
+        try:
+            # (The TCP stand-in's address is no CID: refused as another CID's would be.)
+            with _dial_tcp(port) as s:
+                expect_closed(s)
+            return srv.refusals.uapi_keys()["wgvsock_control_refused_1"]
+        finally:
+            srv.close()
+
+    assert said("name: a\nparent:\n  enclave_cid: 16\n").endswith(
+        "127.0.0.1 is not the enclave (expected CID 16, the profile's parent.enclave_cid)")
+    assert said("name: a\nparent:\n  enclave: {eif: /x.eif, cid: 20}\n").endswith(
+        "(expected CID 20, the profile's parent.enclave.cid)")
+    launched = "name: a\nparent:\n  enclave: {eif: /x.eif}\n"
+    assert said(launched, 18).endswith(
+        "(expected CID 18, which nitro-cli reported for the enclave this parent started)")
+    assert said(launched).endswith(
+        "(expected none: the enclave this parent starts is not running, and only the CID "
+        "nitro-cli reports for it is let in)")
 
 
 def test_refusals_are_logged_a_few_at_a_time(tmp_path, request, caplog):
@@ -813,7 +845,8 @@ def test_the_last_refusals_are_kept_for_status_until_an_enclave_is_admitted():
     newest first, each with its kind, who, why, how many times and how long ago, for the
     UAPI keys wgvsock_control_refused_N; admitting an enclave clears them."""
     clock = FakeClock()
-    srv, rec, port = _tcp_server(clock=clock, accept_from=lambda addr: addr[0] != "127.0.0.3")
+    srv, rec, port = _tcp_server(clock=clock, refuse_from=lambda addr: (
+        "expected another" if addr[0] == "127.0.0.3" else None))
     rec.accept, rec.reason = False, "attestation refused: PCR0 is aa..., expected bb..."
     try:
         for _ in range(3):
@@ -824,7 +857,8 @@ def test_the_last_refusals_are_kept_for_status_until_an_enclave_is_admitted():
             expect_closed(s)
         clock.now += 2
         assert srv.refusals.uapi_keys() == {
-            "wgvsock_control_refused_1": "connection 1 2 127.0.0.3; 127.0.0.3 is not the enclave",
+            "wgvsock_control_refused_1": ("connection 1 2 127.0.0.3; 127.0.0.3 is not the enclave "
+                                          "(expected another)"),
             "wgvsock_control_refused_2": "registration 3 7 127.0.0.1; attestation refused: "
                                          "PCR0 is aa..., expected bb...",
         }

@@ -642,7 +642,7 @@ class Parent:
             self.control = ControlServer(
                 listener, profile=p.name, public_key=public_key(key), wg_port=t.port,
                 verify=self._verify, install=self._install_enclave,
-                accept_from=self._enclave_filter(),
+                refuse_from=self._enclave_filter(),
             )
             self.control.start()
             self._start_metrics()
@@ -746,22 +746,34 @@ class Parent:
                                                m.cloudwatch.interval, self.profile.name)
             self.cloudwatch.start()
 
-    def _enclave_filter(self):
+    def _enclave_filter(self) -> Callable[[object], str | None] | None:
         """Which vsock peers may use the control port: the enclave's CID when it is known
-        (the profile names it, or `up` starts the enclave and learns it); anyone otherwise."""
+        (the profile names it, or `up` starts the enclave and learns it); anyone otherwise.
+        For another, what it says is the CID expected and where that comes from."""
         p = self.profile
         if p.transport.kind != "vsock":
             return None  # the stand-ins: the socket's directory or bind address is the fence
         if p.parent.enclave_cid is not None:
-            fixed = p.parent.enclave_cid
+            fixed, source = p.parent.enclave_cid, "the profile's parent.enclave_cid"
         elif p.parent.enclave is not None:
-            fixed = p.parent.enclave.cid
+            fixed, source = p.parent.enclave.cid, "the profile's parent.enclave.cid"
         else:
             return None
-        # Launched by us without a fixed CID: only the CID nitro-cli reported for the enclave
-        # running now (the supervisor's); none before it starts or after it exits, when
-        # nitro-cli may give that CID to another enclave.
-        return lambda addr: addr[0] == (fixed if fixed is not None else self._running_cid())
+
+        def refuse(addr: object) -> str | None:
+            # Launched by us without a fixed CID: only the CID nitro-cli reported for the
+            # enclave running now (the supervisor's); none before it starts or after it
+            # exits, when nitro-cli may give that CID to another enclave.
+            cid = fixed if fixed is not None else self._running_cid()
+            if isinstance(addr, tuple) and addr[:1] == (cid,):
+                return None
+            if cid is None:
+                return ("expected none: the enclave this parent starts is not running, "
+                        "and only the CID nitro-cli reports for it is let in")
+            return (f"expected CID {cid}, " + (source if fixed is not None else
+                    "which nitro-cli reported for the enclave this parent started"))
+
+        return refuse
 
     def _running_cid(self) -> int | None:
         info = self.supervisor.info if self.supervisor is not None else None

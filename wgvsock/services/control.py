@@ -363,8 +363,9 @@ class ControlServer:
     first handshake finds its key installed. Installs never run concurrently, and the last one
     installed is always the connection being held.
 
-    Admission: `accept_from(addr)`, when given, must approve the accept() address (the parent
-    passes "is this the enclave's CID"); a peer may have MAX_PENDING_PER_PEER connections in
+    Admission: `refuse_from(addr)`, when given, says why the accept() address is not let in
+    (the parent passes "not the enclave's CID", naming the CID it expects and where that comes
+    from), or None to let it in; a peer may have MAX_PENDING_PER_PEER connections in
     their exchange, and may register `register_burst` times at once, then once per
     `register_interval` seconds (the rest are refused, unverified, with a retry_after); and
     when `max_clients` connections are open, newcomers are refused. A
@@ -385,7 +386,7 @@ class ControlServer:
         timeout: float = EXCHANGE_TIMEOUT,
         max_clients: int = 16,
         max_per_peer: int = MAX_PENDING_PER_PEER,
-        accept_from: Callable[[object], bool] | None = None,
+        refuse_from: Callable[[object], str | None] | None = None,
         register_burst: int = REGISTER_BURST,
         register_interval: float = REGISTER_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
@@ -402,7 +403,7 @@ class ControlServer:
         self._timeout = timeout
         self._max_clients = max_clients
         self._max_per_peer = max_per_peer
-        self._accept_from = accept_from
+        self._refuse_from = refuse_from
         # The clock is for the rate limits only (tests pass their own); the exchange's
         # deadlines are real.
         self._register_limit = RegistrationLimit(register_burst, register_interval, clock)
@@ -480,8 +481,9 @@ class ControlServer:
         why = ""
         peer = peer_of(conn, addr)
         who = peer_name(conn, addr, peer)
-        if self._accept_from is not None and not self._accept_from(addr):
-            why = f"{who} is not the enclave"
+        expected = self._refuse_from(addr) if self._refuse_from is not None else None
+        if expected is not None:
+            why = f"{who} is not the enclave ({expected})"
         with self._lock:
             if not why and len(self._clients) >= self._max_clients:
                 why = f"{len(self._clients)} connections already"
