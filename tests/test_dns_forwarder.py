@@ -766,3 +766,26 @@ def test_an_answer_too_big_for_any_datagram_is_truncated_not_lost(h: Harness,
     assert r.flags & dns.flags.TC and not r.answer
     whole = dns.query.tcp(q, LOOP, timeout=5, port=h.port)
     assert len(whole.answer[0]) == 249 and 65507 < len(whole.to_wire()) <= 65535
+
+
+def test_a_refusal_fits_the_clients_payload_with_its_ede_cut(h: Harness, monkeypatch) -> None:
+    """A long name refused as the alias of a long denied one: the EDE (which names the
+    target) made the reply over 512 bytes, past a client that offered 512, which then had to
+    drop it or ask again over TCP. Now the text is cut to fit (or left out), the rcode kept."""
+    long = ".".join(["a" * 60] * 4) + ".test"  # 250 bytes on the wire
+    target = ".".join(["b" * 60] * 4) + ".test"
+    monkeypatch.setitem(RECORDS, f"{long}.", [f"{long}. 60 IN CNAME {target}.",
+                                              f"{target}. 60 IN A 192.0.2.9"])
+    h.fwd.rebuild(lambda elements: None, policy=rules(["*.test"], [target]))
+    q = dns.message.make_query(long, "A", use_edns=0, payload=512)
+    wire = dns.query.udp(q, LOOP, timeout=5, port=h.port, ignore_trailing=True).to_wire()
+    assert len(wire) <= 512, len(wire)
+    r = dns.message.from_wire(wire)
+    assert r.rcode() == dns.rcode.REFUSED and r.edns == 0 and not r.flags & dns.flags.TC
+    [ede] = r.extended_errors()
+    assert ede.text is not None and f"alias of {target[:150]}" in ede.text
+    assert ede.text.endswith("..."), ede.text
+    # With room for it, the whole text.
+    q = dns.message.make_query(long, "A", use_edns=0, payload=1232)
+    [ede] = dns.query.udp(q, LOOP, timeout=5, port=h.port).extended_errors()
+    assert ede.text == f"alias of {target}, which parent.egress.deny names"

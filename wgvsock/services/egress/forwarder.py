@@ -90,6 +90,12 @@ MAX_ANSWERS = 16  # answers remembered per address (different names that share i
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux's value; Python 3.11 lacks the name
 
 
+def _udp_limit(query: dns.message.Message) -> int:
+    """The most a reply to QUERY over UDP may hold: its EDNS payload (RFC 6891 reads one under
+    512 as 512), and no more than a datagram carries."""
+    return max(512, min(query.payload, _UDP_MAX) if query.edns >= 0 else 512)
+
+
 @dataclass
 class Stats:
     """The forwarder's counters since `parent up`. Plain ints, updated on the forwarder's
@@ -518,8 +524,7 @@ class Forwarder:
         reply.additional = response.additional  # dnspython keeps OPT and TSIG apart
         # A client may offer up to 65535 bytes, more than a datagram holds: past that sendto
         # refused the answer, and the client got nothing rather than TC.
-        limit = 65535 if tcp else max(512, min(query.payload, _UDP_MAX) if query.edns >= 0
-                                      else 512)
+        limit = 65535 if tcp else _udp_limit(query)
         try:
             return reply.to_wire(max_size=limit)
         except dns.exception.TooBig:
@@ -550,11 +555,24 @@ class Forwarder:
         app's operator reads that the parent's policy refused a name, not that DNS is broken.
         (The resolver's own EDEs do not pass: they are about its exchange with us.)"""
         response = self._skeleton(query)
-        if ede is not None and query.edns >= 0:
-            response.use_edns(0, response.ednsflags, EDNS_PAYLOAD, query.payload,
-                              options=[dns.edns.EDEOption(ede, why)])
         response.set_rcode(rcode)
-        return response.to_wire()
+        if ede is None or query.edns < 0:
+            return response.to_wire()
+        limit = _udp_limit(query)
+        # A long name and an alias target in WHY may not fit the client's payload: dnspython
+        # then raised TooBig and the client got no answer at all. WHY is cut to fit, with
+        # "..." for what is missing, or left out when too little of it would be left. (Over
+        # TCP too: the client's payload is what it said it takes.)
+        text = why
+        while True:
+            response.use_edns(0, response.ednsflags, EDNS_PAYLOAD, query.payload,
+                              options=[dns.edns.EDEOption(ede, text)] if text else [])
+            wire = response.to_wire(max_size=65535)
+            over = len(wire) - limit
+            if over <= 0 or not text:
+                return wire
+            keep = len(text.encode()) - over - 3
+            text = (text.encode()[:keep].decode(errors="ignore") + "...") if keep >= 16 else ""
 
     async def _ask_upstream(self, query: dns.message.Message,
                             tcp: bool) -> dns.message.Message | None:
