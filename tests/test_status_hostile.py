@@ -65,6 +65,25 @@ def test_a_reply_the_view_cannot_take_costs_only_its_own_interface(tmp_path: Pat
     assert ok.error is None and ok.listen_port == 1
 
 
+@pytest.mark.parametrize("names", [["wgbad"], ["wgbad", "wgok"]], ids=["alone", "threads"])
+def test_an_unexpected_error_reading_one_interface_is_its_error_row(tmp_path: Path,
+                                                                    names: list[str]) -> None:
+    """Before: an exception _read does not expect (a bug in the UAPI client, say) left that
+    interface's slot empty when read by a thread, and sample() failed later with a TypeError
+    about unpacking None, or went up from sample() as it was when alone; now it is that
+    interface's error, as an unreachable daemon's is."""
+    def fetch(path: str, timeout: float) -> dict:
+        if path.endswith("wgbad.sock"):
+            raise RuntimeError("boom")
+        return {"listen_port": 1, "peers": [], "extra": {}}
+
+    snap = st.Collector(names, str(tmp_path), fetch=fetch).sample()
+    assert [i.name for i in snap.interfaces] == names
+    bad = snap.interfaces[0]
+    assert bad.error == f"cannot read {tmp_path}/wgbad.sock: RuntimeError('boom')"
+    assert all(i.error is None and i.listen_port == 1 for i in snap.interfaces[1:])
+
+
 def test_a_reply_dripped_a_byte_at_a_time_is_cut_off_at_the_timeout(tmp_path: Path) -> None:
     """The timeout bounds the whole exchange: before, it bounded each read, and a socket that
     sent a byte every 100 ms held the dashboard (and its Ctrl-C) for as long as it liked."""

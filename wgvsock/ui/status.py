@@ -368,7 +368,9 @@ def _error_words(exc: BaseException, path: str, timeout: float) -> str:
     if isinstance(exc, OSError):
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
         return f"cannot read {path}: {reason}"
-    return f"cannot read {path}: {exc}"
+    if isinstance(exc, ValueError):
+        return f"cannot read {path}: {exc}"
+    return f"cannot read {path}: {exc!r}"  # not one we expect: its type says more
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -574,7 +576,10 @@ class Collector:
         path = socket_path(name, self.run_dir)
         try:
             dev: dict[str, Any] | BaseException = self._fetch(path, self._timeout)
-        except (OSError, UAPIError, ValueError) as e:
+        except Exception as e:
+            # OSError, UAPIError and ValueError say what is wrong with the daemon; anything
+            # else is a bug, which must cost this interface's row only (in a reader thread
+            # it left its slot empty, and sample() failed later on the None).
             dev = e
         return name, path, dev, self._clock()
 
