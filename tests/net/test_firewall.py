@@ -587,6 +587,32 @@ def test_doctor_names_firewalld_s_last_reject_and_a_legacy_iptables_drop(
             "`-A FORWARD -j REJECT --reject-with icmp-host-prohibited`") in check.detail
 
 
+@pytest.mark.parametrize("tool", ["iptables-legacy", "cat"])
+def test_a_hung_tool_is_a_failed_check_naming_it_not_a_traceback(
+        scratch: Namespace, tmp_path, monkeypatch, tool: str) -> None:
+    """A hung `iptables-legacy` (or the `cat` of /proc/net that tells whether legacy iptables
+    has a filter table, run in the namespace) raised subprocess.TimeoutExpired, which went up
+    from `parent doctor` and `parent up` as a traceback; now the forward-chain check fails,
+    naming the command and how long it was given."""
+    import os
+
+    from wgvsock.roles.parent import forward_chain_check
+    from wgvsock.services.profile import parse_profile
+
+    scratch.run("iptables-legacy", "-P", "FORWARD", "ACCEPT")  # a legacy filter table to list
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / tool).write_text("#!/bin/sh\nexec sleep 60\n")
+    (fake / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(firewall, "_TOOL_TIMEOUT", 0.5, raising=False)
+    check = forward_chain_check(parse_profile("name: x\ninterface: wgt5\n"), netns=scratch.name)
+    cmd = ("iptables-legacy -w 5 -t filter -S" if tool != "cat"
+           else "cat /proc/net/ip_tables_names")
+    assert check.ok is False, check
+    assert f"`ip netns exec {scratch.name} {cmd}` did not finish within 0.5 s" in check.detail
+
+
 def test_a_legacy_iptables_accept_counts_only_where_forward_reaches_it(
         scratch: Namespace) -> None:
     """Review finding: `-i/-o wg0 -j ACCEPT` in any legacy iptables chain was taken as the

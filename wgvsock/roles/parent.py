@@ -197,6 +197,9 @@ def forward_chain_check(profile, netns: str | None = None) -> Check:
     tun = profile.interface
     try:
         chains = firewall.conflicting_forward_chains(netns, tunnel=tun)
+    except firewall.FirewallTimeout as e:
+        # Not "cannot tell here": a hung tool is the host's to look at.
+        return Check("forward chains", False, f"cannot list the forward chains: {e}")
     except (firewall.FirewallError, OSError, ValueError) as e:
         return Check("forward chains", None, f"cannot list the forward chains: {e}")
     if not chains:

@@ -113,6 +113,7 @@ __all__ = [
     "Counter",
     "FirewallError",
     "FirewallSpec",
+    "FirewallTimeout",
     "Ingress",
     "IngressLike",
     "Rule",
@@ -168,6 +169,14 @@ _IFNAME_RE = re.compile(r"[A-Za-z0-9_.@+-]{1,15}")
 
 class FirewallError(RuntimeError):
     """nft is missing or refused a script; the message carries nft's own explanation."""
+
+
+class FirewallTimeout(FirewallError):
+    """A tool (nft, iptables-legacy, sysctl, ...) hung: ran past _TOOL_TIMEOUT."""
+
+
+# Seconds any one run of a tool may take.
+_TOOL_TIMEOUT = 30.0
 
 
 class RuleLike(Protocol):
@@ -874,12 +883,18 @@ def _nft(
     cmd = ["nft", *args]
     if netns is not None:
         cmd = ["ip", "netns", "exec", netns, *cmd]
+    return _tool(cmd, script)
+
+
+def _tool(cmd: Sequence[str], script: str | None = None) -> subprocess.CompletedProcess[str]:
+    """CMD run to its end, with SCRIPT as its input. Raises FirewallTimeout naming it when it
+    hangs: a TimeoutExpired went up from `parent doctor` as a traceback."""
     try:
-        return subprocess.run(
-            cmd, input=script, capture_output=True, text=True, timeout=30, check=False
-        )
+        return subprocess.run(list(cmd), input=script, capture_output=True, text=True,
+                              timeout=_TOOL_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
-        raise FirewallError(f"`{' '.join(cmd)}` did not finish within 30 s") from None
+        raise FirewallTimeout(f"`{' '.join(cmd)}` did not finish within {_TOOL_TIMEOUT:g} s") \
+            from None
 
 
 def _load(script: str, netns: str | None, *, dry_run: bool = False) -> None:
@@ -1168,8 +1183,7 @@ def _proc_net(name: str, netns: str | None) -> str:
             return Path("/proc/net", name).read_text()
         except OSError:
             return ""
-    res = subprocess.run(["ip", "netns", "exec", netns, "cat", f"/proc/net/{name}"],
-                         capture_output=True, text=True, timeout=30, check=False)
+    res = _tool(["ip", "netns", "exec", netns, "cat", f"/proc/net/{name}"])
     return res.stdout if res.returncode == 0 else ""
 
 
@@ -1180,7 +1194,7 @@ _IPV6_FORWARD = "net/ipv6/conf/all/forwarding"
 
 
 def _run(cmd: Sequence[str]) -> str:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    res = _tool(cmd)
     if res.returncode != 0:
         raise FirewallError(f"`{' '.join(cmd)}` failed: {(res.stderr or res.stdout).strip()}")
     return res.stdout
