@@ -1302,6 +1302,27 @@ def _far_end(lab: Lab, parent: Namespace, internet: Namespace) -> Namespace:
     return far
 
 
+def forgery_scene(world, lab: Lab, f: dict, log_group: int | None = None
+                  ) -> tuple[str, Flow, Flow]:
+    """The table with the default catch-all allow (no policy saves it) and LOG_GROUP, a
+    network beyond the parent, and two live flows the enclave is not party to: the parent's
+    own TCP connection to the internet and a UDP flow the parent routes. The parent's MAC on
+    the tunnel cable and the two flows."""
+    _, parent, internet = world
+    far = _far_end(lab, parent, internet)
+    spec = traffic_spec()
+    spec.allow = [Rule(n("0.0.0.0/0")), Rule(n("::/0"))]
+    spec.log_group = log_group
+    firewall.apply(spec, netns=parent.name)
+    start_answering(internet, "tcp", f["internet"], 80)
+    start_answering(internet, "udp", f["internet"], 53)
+    mac = parent.run("cat", f"/sys/class/net/{TUN}/address").stdout.strip()
+    own = Flow(parent, "tcp", f["internet"], 80)
+    routed = Flow(far, "udp", f["internet"], 53)
+    assert (own.first, routed.first) == ("answer", "answer")
+    return mac, own, routed
+
+
 def forge_errors_about(enclave: Namespace, parent: Namespace, mac: str, f: dict,
                        own: Flow, routed: Flow) -> None:
     """From the enclave, a port unreachable about the parent's own connection OWN and one
@@ -1327,18 +1348,9 @@ def test_the_enclave_cannot_send_icmp_errors_about_connections_it_is_not_party_t
     connections (here a TCP connection to the internet) and those of anyone the parent
     routes for (a UDP flow between two other networks), IPv4 and IPv6 alike. Such an error
     is now dropped and counted; the enclave's own flows keep theirs (the next test)."""
-    enclave, parent, internet = world
+    enclave, parent, _ = world
     f = FAMILIES[family]
-    far = _far_end(lab, parent, internet)
-    spec = traffic_spec()
-    spec.allow = [Rule(n("0.0.0.0/0")), Rule(n("::/0"))]  # the default: no policy saves it
-    firewall.apply(spec, netns=parent.name)
-    start_answering(internet, "tcp", f["internet"], 80)
-    start_answering(internet, "udp", f["internet"], 53)
-    mac = parent.run("cat", f"/sys/class/net/{TUN}/address").stdout.strip()
-    own = Flow(parent, "tcp", f["internet"], 80)
-    routed = Flow(far, "udp", f["internet"], 53)
-    assert (own.first, routed.first) == ("answer", "answer")
+    mac, own, routed = forgery_scene(world, lab, f)
     forge_errors_about(enclave, parent, mac, f, own, routed)
 
 

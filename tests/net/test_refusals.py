@@ -17,7 +17,6 @@ from collections.abc import Iterator
 import pytest
 
 from wgvsock.services import firewall
-from wgvsock.services.firewall import Rule
 
 from .netlab import Namespace, run, wait_for
 from .test_firewall import (
@@ -31,14 +30,11 @@ from .test_firewall import (
     PARENT_TUN4,
     PARENT_UP4,
     PY,
-    TUN,
     Flow,
     Holder,
-    _far_end,
     forge_errors_about,
-    n,
+    forgery_scene,
     probe,
-    start_answering,
     start_holder_server,
     start_server,
     traffic_spec,
@@ -250,19 +246,9 @@ def test_a_forged_icmp_error_is_recorded_and_logged_once_and_a_genuine_one_is_no
     about its own flows (to the internet through the DNAT, to the parent) pass unrecorded."""
     enclave, parent, internet = world
     f = FAMILIES[family]
-    far = _far_end(lab, parent, internet)
     record = Record(parent)
     try:
-        spec = traffic_spec()
-        spec.allow = [Rule(n("0.0.0.0/0")), Rule(n("::/0"))]
-        spec.log_group = record.group
-        firewall.apply(spec, netns=parent.name)
-        start_answering(internet, "tcp", f["internet"], 80)
-        start_answering(internet, "udp", f["internet"], 53)
-        mac = parent.run("cat", f"/sys/class/net/{TUN}/address").stdout.strip()
-        own = Flow(parent, "tcp", f["internet"], 80)
-        routed = Flow(far, "udp", f["internet"], 53)
-        assert (own.first, routed.first) == ("answer", "answer")
+        mac, own, routed = forgery_scene(world, lab, f, record.group)
         # A fresh veth's first neighbour resolution of the enclave's IPv6 address sometimes
         # fails for its 3 s (address unreachable; seen with a bare DNAT and no table of ours
         # too): resolved first, by a ping the table lets through and does not log.
