@@ -971,6 +971,28 @@ def test_socket_not_removed_by_close(run_dir: str) -> None:
     assert not srv.socket_removed()
 
 
+def test_closing_a_handed_over_socket_whose_path_cannot_be_looked_at(run_dir: str) -> None:
+    # The launcher's socket (WG_UAPI_FD) may be bound where the daemon cannot look: a
+    # directory it may not search (EACCES), or no directory any more (ENOTDIR here). close()
+    # looked all the same, for a file it never removes, and the error went up from it: the
+    # socket and clients stayed open and the device's close stopped there.
+    os.mkdir(run_dir)
+    where = os.path.join(run_dir, "launcher")
+    os.mkdir(where)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(where, "wgxh.sock"))
+    listener.listen()
+    srv = UAPIServer("wgxh", Store(), run_dir=run_dir, fd=listener.detach())
+    conn = _connect(srv.path)
+    os.rename(where, where + ".old")
+    Path(where).write_text("not a directory")
+    srv.close()
+    assert srv.closed
+    assert _at_eof(conn)
+    conn.close()
+    assert os.path.exists(os.path.join(where + ".old", "wgxh.sock"))  # the launcher's
+
+
 def _run_dir_made(run_dir: str, mode: int, uid: int | None = None) -> None:
     os.mkdir(run_dir)
     os.chmod(run_dir, mode)  # mkdir's mode is cut by the umask

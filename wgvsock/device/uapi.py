@@ -1149,12 +1149,15 @@ class UAPIServer:
             self._closed = True
             clients = list(self._clients)
         self._stop.set()
-        try:
-            st = os.stat(self.path)
-            if self._owned and (st.st_dev, st.st_ino) == self._identity:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        # Only our own file is looked at: a handed-over socket's path may be where we cannot
+        # look (EACCES, ENOTDIR), and an error here left the socket and clients open.
+        if self._owned:
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._identity:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
         # shutdown() wakes the thread blocked in accept()/recv(); close() alone does not.
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
