@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
 import json
 import os
@@ -285,6 +286,35 @@ def test_gso_max_size_goes_to_the_interface(netns: str) -> None:
             in_netns(netns, lambda: dev.set_gso_max_size(1 << 31))
     finally:
         dev.close()
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("size", [10, 12])
+def test_a_tun_handed_over_with_another_vnet_header_size_is_refused(netns: str,
+                                                                    size: int) -> None:
+    # A launcher's TUN (WG_TUN_FD) with IFF_VNET_HDR may have had its header size set
+    # (TUNSETVNETHDRSZ, e.g. 12 for virtio_net_hdr_mrg_rxbuf): Tun reads and writes 10 bytes
+    # of it, so every packet was taken 2 bytes off, and it was adopted all the same.
+    def made() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", b"wgtunv", 0x1 | 0x1000 | 0x4000))
+            fcntl.ioctl(fd, 0x400454D8, struct.pack("=i", size))  # TUNSETVNETHDRSZ
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    fd = in_netns(netns, made)
+    try:
+        if size == tun_mod.VNET_HDR_LEN:
+            assert in_netns(netns, lambda: tun_mod.adoptable(fd, "wgtunv")) is True
+        else:
+            with pytest.raises(TunError, match="virtio-net header is 12 bytes"):
+                in_netns(netns, lambda: tun_mod.adoptable(fd, "wgtunv"))
+    finally:
+        os.close(fd)
 
 
 def test_txqueuelen_is_read_and_set(tun_in_ns: tuple[str, Tun]) -> None:

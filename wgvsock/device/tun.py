@@ -32,6 +32,7 @@ _TUN_DEVICE: Final = (10, 200)
 _TUNSETIFF: Final = 0x400454CA
 _TUNGETIFF: Final = 0x800454D2
 _TUNGETDEVNETNS: Final = 0x54E3
+_TUNGETVNETHDRSZ: Final = 0x800454D7
 _IFF_TUN: Final = 0x0001
 _IFF_TAP: Final = 0x0002
 _IFF_NO_PI: Final = 0x1000
@@ -491,9 +492,18 @@ def adoptable(fd: int, name: str) -> bool:
     elif _packet_info(name):
         why = ("is a TUN made without IFF_NO_PI (a packet information header before every "
                "packet); create it with IFF_TUN|IFF_NO_PI")
+    elif flags & _IFF_VNET_HDR and (size := _vnet_hdr_size(fd)) != VNET_HDR_LEN:
+        # Read and written as VNET_HDR_LEN bytes: every packet would be taken off by the rest.
+        why = (f"is a TUN whose virtio-net header is {size} bytes (TUNSETVNETHDRSZ), not "
+               f"{VNET_HDR_LEN}; leave it at its default")
     else:
         return bool(flags & _IFF_VNET_HDR)
     raise TunError(errno.EINVAL, why)
+
+
+def _vnet_hdr_size(fd: int) -> int:
+    res = fcntl.ioctl(fd, _TUNGETVNETHDRSZ, bytes(4))
+    return int(struct.unpack("=i", res)[0])
 
 
 def _elsewhere(fd: int) -> bool:
