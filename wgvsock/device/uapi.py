@@ -1156,8 +1156,8 @@ class UAPIServer:
                 st = os.stat(self.path)
                 if (st.st_dev, st.st_ino) == self._identity:
                     os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # gone already (or unlookable): the socket and clients still close
         # shutdown() wakes the thread blocked in accept()/recv(); close() alone does not.
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
