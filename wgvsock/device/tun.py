@@ -530,19 +530,25 @@ def _packet_info(name: str) -> bool:
     raw = name.encode(errors="surrogateescape") + b"\0"
     attr = _RTATTR.pack(_RTATTR.size + len(raw), _IFLA_IFNAME) + raw
     attr += bytes(-len(attr) % 4)
-    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr
-    msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_GETLINK, _NLM_F_REQUEST, 1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       socket.NETLINK_ROUTE) as nl:
-        nl.settimeout(5.0)
-        nl.sendto(msg, (0, 0))
-        reply = nl.recv(65536)
+    reply = _rtnl(_RTM_GETLINK, _NLM_F_REQUEST,
+                  _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr)
     _, kind = struct.unpack_from("=IH", reply)
     if kind != _RTM_NEWLINK:
         return False
     link = _rtattrs(reply[_NLMSGHDR.size + _IFINFOMSG.size :])
     data = _rtattrs(_rtattrs(link.get(_IFLA_LINKINFO, b"")).get(_IFLA_INFO_DATA, b""))
     return data.get(_IFLA_TUN_PI, b"\0")[:1] != b"\0"
+
+
+def _rtnl(kind: int, flags: int, body: bytes) -> bytes:
+    """One rtnetlink request from the caller's namespace and the first reply to it: straight
+    netlink rather than pyroute2, whose import alone would cost the daemon about 20 MiB."""
+    msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(5.0)
+        nl.sendto(msg, (0, 0))
+        return nl.recv(65536)
 
 
 def _rtattrs(buf: bytes) -> dict[int, bytes]:
@@ -775,17 +781,10 @@ class Tun:
 
     def set_gso_max_size(self, size: int) -> None:
         """Caps the kernel's super-packets for this interface (IFLA_GSO_MAX_SIZE), with one
-        rtnetlink request from the caller's namespace. Straight netlink rather than pyroute2,
-        whose import alone would cost the daemon about 20 MiB of RSS."""
+        rtnetlink request (_rtnl)."""
         req = _RTATTR_U32.pack(_RTATTR_U32.size, _IFLA_GSO_MAX_SIZE, size)
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, self.ifindex(), 0, 0) + req
-        msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_NEWLINK,
-                             _NLM_F_REQUEST | _NLM_F_ACK, 1, 0) + body
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                           socket.NETLINK_ROUTE) as nl:
-            nl.settimeout(5.0)
-            nl.sendto(msg, (0, 0))
-            reply = nl.recv(4096)
+        reply = _rtnl(_RTM_NEWLINK, _NLM_F_REQUEST | _NLM_F_ACK,
+                      _IFINFOMSG.pack(socket.AF_UNSPEC, 0, self.ifindex(), 0, 0) + req)
         _, kind = struct.unpack_from("=IH", reply)
         if kind != _NLMSG_ERROR or len(reply) < _NLMSGHDR.size + 4:
             raise OSError(errno.EPROTO, f"setting gso_max_size on {self.name}: odd reply")
