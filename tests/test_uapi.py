@@ -724,6 +724,18 @@ def _wait_read_by_server(s: socket.socket) -> None:
         time.sleep(0.01)
 
 
+def _cut_off_by_a_newcomer(srv: UAPIServer, more: bytes) -> None:
+    """A set (replace_peers, listen_port 1234, then MORE) still being written when a
+    newcomer takes the only place; the newcomer is served and the writer is closed."""
+    with _connect(srv.path) as half:
+        half.sendall(b"set=1\nreplace_peers=true\nlisten_port=1234\n" + more)
+        _wait_read_by_server(half)
+        with _connect(srv.path) as newcomer:  # takes the only place
+            newcomer.sendall(b"get=1\n\n")
+            assert _read_reply(newcomer).endswith("errno=0\n\n")
+        assert _at_eof(half)
+
+
 def test_a_request_cut_off_by_the_server_is_not_applied(run_dir: str) -> None:
     """Before: a client closed to make room for a newcomer had the lines it had sent so far
     applied as if it had ended its request there: half a `wg setconf` (replace_peers=true and
@@ -732,13 +744,7 @@ def test_a_request_cut_off_by_the_server_is_not_applied(run_dir: str) -> None:
     store = Store()
     store.listen_port = 1000
     with UAPIServer("wgxd", store, run_dir=run_dir, max_clients=1) as srv:
-        with _connect(srv.path) as half:
-            half.sendall(b"set=1\nreplace_peers=true\nlisten_port=1234\n")  # still writing
-            _wait_read_by_server(half)
-            with _connect(srv.path) as newcomer:  # takes the only place
-                newcomer.sendall(b"get=1\n\n")
-                assert _read_reply(newcomer).endswith("errno=0\n\n")
-            assert _at_eof(half)
+        _cut_off_by_a_newcomer(srv, b"")  # still writing
         _client_threads_ended("wgxd")
         assert (store.sets, store.listen_port) == (0, 1000)
 
@@ -859,13 +865,7 @@ def test_a_large_request_cut_off_by_the_server_is_not_applied(run_dir: str) -> N
     store = Store()
     store.listen_port = 1000
     with UAPIServer("wgxc", store, run_dir=run_dir, max_clients=1, max_large=1) as srv:
-        with _connect(srv.path) as half:
-            half.sendall(b"set=1\nreplace_peers=true\nlisten_port=1234\n" + _peer_lines(3000))
-            _wait_read_by_server(half)
-            with _connect(srv.path) as newcomer:  # takes the only place
-                newcomer.sendall(b"get=1\n\n")
-                assert _read_reply(newcomer).endswith("errno=0\n\n")
-            assert _at_eof(half)
+        _cut_off_by_a_newcomer(srv, _peer_lines(3000))
         _client_threads_ended("wgxc")
         assert (store.sets, store.listen_port) == (0, 1000)
         body = (b"listen_port=1235\n" + _peer_lines(3000)).decode()
