@@ -156,6 +156,18 @@ def test_unresolvable_host_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> 
         parse_endpoint("peer.example:51820", "udp")
 
 
+@pytest.mark.parametrize("host", ["010.0.0.1", "01.2.3.4", "127.1", "1.2.3", "2130706433",
+                                  "0x7f.0.0.1", "1.2.3.4 x"])
+@pytest.mark.parametrize("network", ["udp", "tcp", "tcp4"])
+def test_a_numeric_address_in_a_form_other_than_dotted_quad_is_refused(
+    host: str, network: str
+) -> None:
+    """glibc's resolver reads 010.0.0.1 as 8.0.0.1 (octal) and 127.1 as 127.0.0.1: an endpoint
+    that silently lands elsewhere. The seed (Go) refuses these; so do we, saying how to write it."""
+    with pytest.raises(ValueError, match=r"not an IPv4 address as A\.B\.C\.D"):
+        parse_endpoint(f"{host}:5", network)
+
+
 def test_inet_format_round_trips() -> None:
     for text, network in (("1.2.3.4:5", "udp"), ("[fe80::1]:51820", "tcp"), ("[::1]:9", "tcp6")):
         ep = parse_endpoint(text, network)

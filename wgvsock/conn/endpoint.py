@@ -181,6 +181,14 @@ def _resolve(host: str, network: str, text: str) -> ipaddress.IPv4Address | ipad
     return ipaddress.ip_address(sockaddr[0])
 
 
+def _inet_aton_reads(host: str) -> bool:
+    try:
+        socket.inet_aton(host)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return False
+    return True
+
+
 def _parse_inet(text: str, network: str) -> Endpoint:
     host, port_text = _split_host_port(text)
     port = _parse_port(port_text, text, 0xFFFF)
@@ -190,6 +198,13 @@ def _parse_inet(text: str, network: str) -> Endpoint:
         if text.startswith("["):
             raise ValueError(
                 f"invalid endpoint {text!r}: {host!r} is not an IPv6 address"
+            ) from None
+        if _inet_aton_reads(host):
+            # glibc's resolver would read 010.0.0.1 as 8.0.0.1 (octal) and 127.1 as 127.0.0.1:
+            # a peer silently elsewhere. Go (the seed, wireguard-go) refuses these forms.
+            raise ValueError(
+                f"invalid endpoint {text!r}: {host!r} is not an IPv4 address as A.B.C.D "
+                "(four decimal numbers 0-255 without leading zeros)"
             ) from None
         ip = _resolve(host, network, text)
     if text.startswith("[") and ip.version != 6:
