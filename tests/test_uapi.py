@@ -993,6 +993,30 @@ def test_closing_a_handed_over_socket_whose_path_cannot_be_looked_at(run_dir: st
     assert os.path.exists(os.path.join(where + ".old", "wgxh.sock"))  # the launcher's
 
 
+def test_a_handed_over_socket_still_listens_for_its_launcher_after_close(run_dir: str) -> None:
+    # The launcher keeps its own descriptor of the socket it handed over (WG_UAPI_FD), to
+    # hand to the next daemon, as wireguard-go's callers may. close() shut the socket down,
+    # and shutdown() acts on the socket, not on our descriptor: every later accept(), the
+    # launcher's included, failed with EINVAL. wireguard-go only closes its copy.
+    os.mkdir(run_dir)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(run_dir, "wgxk.sock"))
+    listener.listen()
+    srv = UAPIServer("wgxk", Store(), run_dir=run_dir, fd=os.dup(listener.fileno()))
+    assert uapi_get(srv.path)["listen_port"] == 0
+    srv.close()
+    assert srv.closed
+    listener.settimeout(30)
+    with _connect(srv.path) as client:
+        conn, _ = listener.accept()  # EINVAL before
+        conn.close()
+        assert _at_eof(client)
+    # ... and the next daemon serves it.
+    with UAPIServer("wgxk", Store(), run_dir=run_dir, fd=os.dup(listener.fileno())) as srv2:
+        assert uapi_get(srv2.path)["listen_port"] == 0
+    listener.close()
+
+
 def _run_dir_made(run_dir: str, mode: int, uid: int | None = None) -> None:
     os.mkdir(run_dir)
     os.chmod(run_dir, mode)  # mkdir's mode is cut by the umask

@@ -44,6 +44,7 @@ import ipaddress
 import logging
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -890,6 +891,10 @@ class UAPIServer:
             self._sock = socket.socket(fileno=fd)
             self._sock.set_inheritable(False)
             self._sock.setblocking(True)  # (the launcher's may be non-blocking)
+        # close() wakes the accept thread through this pipe. shutdown() would too, but it acts
+        # on the socket, not on our descriptor: a handed-over one would refuse its launcher
+        # (and the next daemon it hands the socket to) for good.
+        self._wake_r, self._wake_w = os.pipe()
         with contextlib.suppress(OSError):  # a handed-over socket's file may be gone
             st = os.stat(self.path) if self.path else None
             if st is not None:
@@ -937,8 +942,13 @@ class UAPIServer:
     # -- serving --------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
             try:
+                if not any(fd != self._wake_r for fd, _ in poller.poll()):
+                    continue  # woken: the loop's test ends it
                 conn, _ = self._sock.accept()
             except OSError:
                 if self._stop.is_set():
@@ -1158,15 +1168,17 @@ class UAPIServer:
                     os.unlink(self.path)
             except OSError:
                 pass  # gone already (or unlookable): the socket and clients still close
-        # shutdown() wakes the thread blocked in accept()/recv(); close() alone does not.
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+        # shutdown() wakes the client threads blocked in recv(); close() alone does not.
+        os.write(self._wake_w, b"\0")
         for c in clients:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
         if threading.current_thread() is not self._accept_thread:
             self._accept_thread.join(2.0)
         self._sock.close()
+        if not self._accept_thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def __enter__(self) -> UAPIServer:
         return self
