@@ -18,8 +18,9 @@ clear so that it validates DNSSEC), and the enclave gets the resolver's records 
 of ours to its own query. Memory and concurrency are bounded (queries in flight, TCP clients,
 TCP idle time, tracked addresses) and every upstream query has a timeout.
 
-The forwarder is an asyncio loop in one thread of `parent up`; nft runs in a small thread
-pool so that a slow nft never stalls the loop. :class:`Stats` holds the counters that
+The forwarder is an asyncio loop in one thread of `parent up`; nft runs in a thread of its
+own so that a slow nft never stalls the loop, one run for all the answers that came while the
+previous run went on. :class:`Stats` holds the counters that
 `wgvsock status` and the metrics read.
 
 The forwarder remembers, for each address it put into a set, the answers that put it there
@@ -191,6 +192,22 @@ def _seconds(span: float) -> int:
     return math.ceil(round(span, 6))
 
 
+#: A set update: (the rules' generation it was computed under, the (set, address, TTL)
+#: elements it wants, the answer that vouches for them).
+_Update = tuple[int, list[Element], Answer]
+
+
+def _settle(futures: list[asyncio.Future[int | None]],
+            outcome: list[int | None] | Exception) -> None:
+    for n, f in enumerate(futures):
+        if f.done():  # its query was cancelled (the forwarder closing)
+            continue
+        if isinstance(outcome, Exception):
+            f.set_exception(outcome)
+        else:
+            f.set_result(outcome[n])
+
+
 class _Udp(asyncio.DatagramProtocol):
     def __init__(self, fwd: Forwarder) -> None:
         self.fwd = fwd
@@ -256,7 +273,13 @@ class Forwarder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closers: list[Callable[[], object]] = []
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dns-nft")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dns-nft")
+        # Set updates waiting for nft, and whether a drain of them is under way: the answers
+        # that come while nft runs go to it together in the next run (one run costs a
+        # process, some 10 ms; one per answer capped the fresh names a second).
+        self._queue: list[tuple[_Update, asyncio.Future[int | None]]] = []
+        self._queue_lock = threading.Lock()
+        self._draining = False
         self._warned: set[str] = set()
 
     # -- life cycle -------------------------------------------------------------------------
@@ -624,9 +647,19 @@ class Forwarder:
         wanted = [(name_set(i, addr.version), addr, min(ttl, MAX_TTL))
                   for addr, ttl in found for i in rules]
         loop = asyncio.get_running_loop()
+        done: asyncio.Future[int | None] = loop.create_future()
+        with self._queue_lock:
+            self._queue.append(((generation, wanted, answer), done))
+            start, self._draining = not self._draining, True
+        if start:
+            try:
+                self._pool.submit(self._drain, loop)
+            except RuntimeError:  # the pool was shut down: the forwarder is closing
+                with self._queue_lock:
+                    self._draining = False
+                return False
         try:
-            added = await loop.run_in_executor(self._pool, self._commit, generation, wanted,
-                                               answer)
+            added = await done
         except Exception as e:  # FirewallError, or nft missing: the answer would be useless
             self.stats.set_failures += 1
             self._warn_once("nft", "DNS forwarder: cannot add addresses to the nft sets: %s", e)
@@ -636,43 +669,76 @@ class Forwarder:
         self.stats.addresses_added += added
         return True
 
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hands what waits for nft to it, one run for all that waited, until nothing does.
+        Runs in the nft pool."""
+        while True:
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._draining = False
+                    return
+            try:
+                outcome: list[int | None] | Exception = self._commit_all([u for u, _ in batch])
+            except Exception as e:
+                outcome = e
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(_settle, [f for _, f in batch], outcome)
+
     def _commit(self, generation: int, wanted: list[tuple[str, IPAddress, int]],
                 answer: Answer) -> int | None:
-        """Remembers that ANSWER vouches for each (set, address, TTL) of WANTED until its TTL
-        runs out (counted from now: nft may have kept us waiting), and has nft add or refresh
-        each element that would otherwise die before that end plus half the grace (so
-        repeated answers cost no nft run each), to the latest end any remembered answer gives
-        it plus the grace. None when the table was replaced after WANTED was chosen: its set
-        names would mean other rules now. Else how many elements went to nft. Runs in the nft
-        pool."""
+        """_commit_all of one update."""
+        return self._commit_all([(generation, wanted, answer)])[0]
+
+    def _commit_all(self, updates: list[_Update]) -> list[int | None]:
+        """For each update (GENERATION, WANTED, ANSWER): remembers that ANSWER vouches for
+        each (set, address, TTL) of WANTED until its TTL runs out (counted from now: nft may
+        have kept us waiting), and has nft add or refresh each element that would otherwise
+        die before that end plus half the grace (so repeated answers cost no nft run each),
+        to the latest end any remembered answer gives it plus the grace; one nft run for all
+        the updates. For each, None when the table was replaced after WANTED was chosen (its
+        set names would mean other rules now), else how many elements went to nft for it.
+        Raises what nft raised, for all. Runs in the nft pool (tests: anywhere)."""
         with self._sets_lock:
-            if generation != self._rules[0]:
-                return None
             now = self._clock()
+            current = [u[0] == self._rules[0] for u in updates]
+            # (set, address) -> the end an update gives it, per update and over all of them.
+            each: list[dict[tuple[str, IPAddress], float]] = []
             ends: dict[tuple[str, IPAddress], float] = {}
-            for set_, addr, ttl in wanted:  # an address twice in one answer: its longest TTL
-                ends[set_, addr] = max(ends.get((set_, addr), 0.0), now + ttl)
+            owner: dict[tuple[str, IPAddress], int] = {}  # the update an element counts for
+            for n, ((_, wanted, _), ok) in enumerate(zip(updates, current, strict=True)):
+                mine: dict[tuple[str, IPAddress], float] = {}
+                if ok:
+                    for set_, addr, ttl in wanted:  # an address twice: its longest TTL
+                        mine[set_, addr] = max(mine.get((set_, addr), 0.0), now + ttl)
+                    for key, end in mine.items():
+                        ends[key] = max(ends.get(key, 0.0), end)
+                        owner.setdefault(key, n)
+                each.append(mine)
             elements: list[Element] = []
+            added = [0] * len(updates)
             for key, end in ends.items():
                 if self._written.get(key, 0.0) < end + self.grace / 2:
                     known = max(self._live.get(key, {}).values(), default=0.0)
                     expiry = max(known, end) + self.grace
                     elements.append((key[0], key[1], max(1, _seconds(expiry - now))))
+                    added[owner[key]] += 1
             if elements:
                 self.update_sets(elements)
             if self._pairs + len(ends) > MAX_TRACKED:
                 self._forget_expired(now)
             for set_, addr, timeout in elements:
                 self._written[set_, addr] = now + timeout
-            for key, end in ends.items():
-                answers = self._live.setdefault(key, {})
-                if answer not in answers:
-                    self._pairs += 1
-                answers[answer] = max(answers.get(answer, 0.0), end)
-                if len(answers) > MAX_ANSWERS:
-                    del answers[min(answers, key=answers.__getitem__)]
-                    self._pairs -= 1
-        return len(elements)
+            for (_, _, answer), mine in zip(updates, each, strict=True):
+                for key, end in mine.items():
+                    answers = self._live.setdefault(key, {})
+                    if answer not in answers:
+                        self._pairs += 1
+                    answers[answer] = max(answers.get(answer, 0.0), end)
+                    if len(answers) > MAX_ANSWERS:
+                        del answers[min(answers, key=answers.__getitem__)]
+                        self._pairs -= 1
+        return [n if ok else None for n, ok in zip(added, current, strict=True)]
 
     def _forget_expired(self, now: float) -> None:
         """Drops the answers of elements that have expired; if that is not enough, all of
