@@ -597,6 +597,53 @@ def test_launch_checks(fake: Fake, tmp_path: Path) -> None:
     assert _checks(EnclaveLaunch(str(big), memory_mib=1200))["enclave memory"][0] is True
 
 
+def _sysfs(root: Path, ne_cpus: str | None, hugepages: dict[int, int]) -> str:
+    """A /sys as the nitro_enclaves driver and the allocator leave it: the driver's CPU pool
+    (ne_cpus, a cpulist; empty before the allocator ran) and the huge pages reserved, by
+    size in kB."""
+    if ne_cpus is not None:
+        params = root / "module/nitro_enclaves/parameters"
+        params.mkdir(parents=True)
+        (params / "ne_cpus").write_text(ne_cpus + "\n")
+    for kb, count in hugepages.items():
+        d = root / f"kernel/mm/hugepages/hugepages-{kb}kB"
+        d.mkdir(parents=True)
+        (d / "nr_hugepages").write_text(f"{count}\n")
+    return str(root)
+
+
+def test_launch_checks_compare_the_profile_with_the_enclave_pool(fake: Fake,
+                                                                 tmp_path: Path) -> None:
+    """`parent up` started run-enclave whatever the pool held, and a profile asking for more
+    CPUs or memory than the allocator reserved failed at every restart (E22, E27) with its
+    backoff; `parent doctor` said nothing. Now the pool is read where the driver keeps it."""
+    launch = EnclaveLaunch(str(fake.eif), cpu_count=4, memory_mib=3072)
+
+    def pool(ne_cpus: str | None, hugepages: dict[int, int]) -> dict[str, tuple[bool, str]]:
+        root = tmp_path / f"sys{len(list(tmp_path.iterdir()))}"
+        return {name: (ok, detail) for name, ok, detail in
+                launch_checks(launch, FAKE, sys_root=_sysfs(root, ne_cpus, hugepages))}
+
+    fits = pool("1-3,5", {2048: 1024, 1048576: 1})  # 4 CPUs, 2048 + 1024 MiB
+    assert fits["enclave CPU pool"] == (True, "4 CPUs (ne_cpus 1-3,5)")
+    assert fits["enclave memory pool"] == (True, "3072 MiB of huge pages")
+    few = pool("1,3", {2048: 1024})
+    assert few["enclave CPU pool"] == (
+        False, "parent.enclave.cpu_count 4 is more than the pool's 2 CPUs (ne_cpus 1,3): "
+        "raise cpu_count in /etc/nitro_enclaves/allocator.yaml and restart "
+        "nitro-enclaves-allocator.service, or lower parent.enclave.cpu_count")
+    assert few["enclave memory pool"] == (
+        False, "parent.enclave.memory_mib 3072 is more than the 2048 MiB of huge pages "
+        "reserved: raise memory_mib in /etc/nitro_enclaves/allocator.yaml and restart "
+        "nitro-enclaves-allocator.service, or lower parent.enclave.memory_mib")
+    empty = pool("", {})
+    assert empty["enclave CPU pool"][0] is False
+    assert "no CPU pool: `systemctl enable --now nitro-enclaves-allocator.service`" in \
+        empty["enclave CPU pool"][1]
+    # Without the driver (nitro-cli says what is missing) neither is checked.
+    assert "enclave CPU pool" not in pool(None, {2048: 1024})
+
+
 def test_an_image_another_user_could_replace_is_refused(fake: Fake, tmp_path: Path) -> None:
     """The EIF decides what runs under the CID the control port admits, yet any user who
     could write it (or a directory above it) got their image started at the next restart;

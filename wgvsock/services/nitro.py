@@ -334,9 +334,72 @@ class NitroCli:
 # -- checks ------------------------------------------------------------------------------------
 
 
-def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI) -> list[tuple[str, bool, str]]:
+ALLOCATOR_FILE = "/etc/nitro_enclaves/allocator.yaml"
+ALLOCATOR = f"{ALLOCATOR_FILE} and restart nitro-enclaves-allocator.service"
+
+
+def launch_checks(launch: EnclaveLaunch, path: str = NITRO_CLI, *,
+                  sys_root: str = "/sys") -> list[tuple[str, bool, str]]:
     """What `parent doctor` (and `parent up`, before it changes anything) checks when the
-    profile starts the enclave: (name, ok, detail)."""
+    profile starts the enclave: (name, ok, detail). SYS_ROOT is where sysfs is."""
+    return _image_checks(launch, path) + _pool_checks(launch, sys_root)
+
+
+def _pool_checks(launch: EnclaveLaunch, sys_root: str) -> list[tuple[str, bool, str]]:
+    """The profile's CPUs and memory against what the allocator reserved: the driver's CPU
+    pool (its ne_cpus parameter) and the huge pages, all sizes and nodes together (the least
+    the pool can hold is what is left after other uses of huge pages, so only a definite
+    shortfall fails). Nothing where the driver is not loaded: nitro-cli then says so."""
+    try:
+        with open(f"{sys_root}/module/nitro_enclaves/parameters/ne_cpus") as f:
+            cpus = f.read().strip()
+    except OSError:
+        return []
+    checks = []
+    count = _cpulist_len(cpus)
+    if not count:
+        checks.append(("enclave CPU pool", False,
+                       "the nitro_enclaves driver has no CPU pool: `systemctl enable --now "
+                       f"nitro-enclaves-allocator.service` (cpu_count in {ALLOCATOR_FILE})"))
+    elif launch.cpu_count > count:
+        checks.append(("enclave CPU pool", False,
+                       f"parent.enclave.cpu_count {launch.cpu_count} is more than the pool's "
+                       f"{count} CPUs (ne_cpus {cpus}): raise cpu_count in {ALLOCATOR}, or "
+                       "lower parent.enclave.cpu_count"))
+    else:
+        checks.append(("enclave CPU pool", True, f"{count} CPUs (ne_cpus {cpus})"))
+    mib = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(f"{sys_root}/kernel/mm/hugepages"):
+            m = re.fullmatch(r"hugepages-(\d+)kB", entry.name)
+            if m:
+                with open(f"{entry.path}/nr_hugepages") as f:
+                    mib += int(f.read()) * int(m.group(1)) // 1024
+    if launch.memory_mib > mib:
+        checks.append(("enclave memory pool", False,
+                       f"parent.enclave.memory_mib {launch.memory_mib} is more than the {mib} "
+                       f"MiB of huge pages reserved: raise memory_mib in {ALLOCATOR}, or lower "
+                       "parent.enclave.memory_mib"))
+    else:
+        checks.append(("enclave memory pool", True, f"{mib} MiB of huge pages"))
+    return checks
+
+
+def _cpulist_len(text: str) -> int:
+    """How many CPUs a cpulist ("1-3,5") names; 0 for one that does not parse."""
+    count = 0
+    for part in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not m:
+            return 0
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last < first:
+            return 0
+        count += last - first + 1
+    return count
+
+
+def _image_checks(launch: EnclaveLaunch, path: str) -> list[tuple[str, bool, str]]:
     found = shutil.which(path)
     checks = [("nitro-cli", found is not None,
                f"{found}" if found else f"{path} not found on PATH: install "
@@ -457,10 +520,6 @@ def terminate_leftovers(nitro: NitroCli, name: str,
             failed.append(f"could not terminate enclave {enclave_id}: {e}; try `nitro-cli "
                           f"terminate-enclave --enclave-id {enclave_id}`")
     return done, failed
-
-
-ALLOCATOR = ("/etc/nitro_enclaves/allocator.yaml and restart "
-             "nitro-enclaves-allocator.service")
 
 
 def run_failure_fix(err: NitroError, launch: EnclaveLaunch,
