@@ -1832,7 +1832,8 @@ def dump_profile(profile: Profile) -> str:
     """PROFILE as YAML with every default spelled out; parse_profile() reads it back equal."""
     body = yaml.safe_dump(_to_data(profile), sort_keys=False, default_flow_style=False,
                           allow_unicode=True, width=100)
-    return (f"# {profile.path}, resolved: every default filled in\n"
+    return (f"# {profile.path}, resolved: every default that applies filled in (the egress\n"
+            "# resolver and connection limit appear when set, the DNS grace with name rules)\n"
             "# parent.egress.deny is the effective list: the metadata and credential endpoints\n"
             "# (IMDS, ECS, EKS) are always in it unless an allow rule names them, and then only\n"
             "# that rule's ports and protocol reach the endpoint\n"
