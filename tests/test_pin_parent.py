@@ -209,3 +209,30 @@ def test_default_vsock_ports_cannot_be_bound_by_an_unprivileged_process():
                          check=False)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:2] == [f"{t.port} EACCES", f"{t.control_port} EACCES"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a file for another user")
+def test_pin_parent_under_sudo_follows_no_link_planted_at_its_temporary_file(tmp_path, capsys):
+    """With sudo on a user's profile, the temporary file was a fixed name beside the profile,
+    opened O_CREAT|O_TRUNC (links followed) and then chowned to the profile's owner: a link
+    the user put there in advance had root truncate the file it names, write the profile into
+    it and give it to the user (/etc/shadow, say). The temporary file is now a new one."""
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 4242, 4242)  # the user's own directory, not sticky: links are followed
+    profile = home / "profile.yaml"
+    profile.write_text("name: a\n")
+    os.chown(profile, 4242, 4242)
+    victim = tmp_path / "root-only"
+    victim.write_text("root's secret\n")
+    os.chmod(victim, 0o600)
+    (home / "profile.yaml.pin-parent.tmp").symlink_to(victim)
+    assert cli.main(["profile", "pin-parent", str(profile), "--public-key", PUB]) == 0
+    capsys.readouterr()
+    assert victim.read_text() == "root's secret\n"
+    assert (victim.stat().st_uid, victim.stat().st_mode & 0o777) == (0, 0o600)
+    assert parse_profile(profile.read_text()).parent.public_key == PUB
+    assert (profile.stat().st_uid, profile.stat().st_gid) == (4242, 4242)
+    # The planted link is the user's to remove; nothing of ours is left beside it.
+    assert sorted(p.name for p in home.iterdir()) == ["profile.yaml",
+                                                     "profile.yaml.pin-parent.tmp"]

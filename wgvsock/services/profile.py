@@ -24,6 +24,7 @@ import ipaddress
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import (
@@ -1994,19 +1995,30 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
         # Through a symlink to the file itself: replacing the link would leave the profile it
         # names (the one the image is built from, as a rule) unpinned.
         target = os.path.realpath(args.file)
-        tmp = f"{target}.pin-parent.tmp"
+        tmp: str | None = None
         try:
             st = os.stat(target)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, st.st_mode & 0o777)
-            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                # Run with sudo on a user's file (README's Quick start), the new one would be
-                # root's, and the user's next edit refused. Unprivileged, it cannot be helped.
-                with contextlib.suppress(PermissionError):
-                    os.fchown(fd, st.st_uid, st.st_gid)
+            # A new file of a name no one could foresee (O_EXCL: no link followed). The
+            # directory may be a user's, under sudo: a fixed name there was a link they
+            # could plant to a file of root's, which the chown below then gave them.
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
+                                       suffix=".pin-parent.tmp",
+                                       dir=os.path.dirname(target))
             with os.fdopen(fd, "w", encoding="utf-8") as f:
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                    # Run with sudo on a user's file (README's Quick start), the new one would
+                    # be root's, and the user's next edit refused. Unprivileged, it cannot be
+                    # helped.
+                    with contextlib.suppress(PermissionError):
+                        os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                os.fchmod(f.fileno(), st.st_mode & 0o777)
                 f.write(new)
             os.replace(tmp, target)
+            tmp = None
         except OSError as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             where = f"{target} (what {args.file} links to)" if os.path.islink(args.file) \
                 else args.file
             print(f"{prog}: cannot write {where}: {e.strerror or e}", file=sys.stderr)
