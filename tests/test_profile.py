@@ -1033,3 +1033,39 @@ def test_bad_max_connections_is_refused(value, reason):
     p = refused(f"name: a\nparent:\n  egress:\n    max_connections: {value}\n",
                 "parent.egress.max_connections", reason, "max_connections:")
     assert "1..16777216" in p.hint
+
+
+# A private key of `wg genkey`'s, and the same 32 bytes as UAPI's hex.
+_KEY_B64 = "YKdPpRgb+pWQFfkUa9KXSyvzKfHhS8nuzQJmzlniImI="
+_KEY_HEX = "60a74fa5181bfa959015f9146bd2974b2bf329f1e14bc9eecd0266ce59e22262"
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    # The key itself where its file's path belongs: the message quoted it, and `parent up`
+    # under systemd put it in the journal.
+    (f"  private_key: {_KEY_B64}\n", "is not an absolute path"),
+    (f"  private_key: {_KEY_HEX}\n", "is not an absolute path"),
+    (f"  private_key: 'file:{_KEY_B64}'\n", "is not an absolute path"),
+    (f'  private_key: "{_KEY_B64}\\t"\n', "is not an absolute path"),
+    (f"  private_key: !!int {_KEY_B64}\n", "cannot read a value of 44 characters"),
+    # One character off, in the public key's place.
+    (f"  public_key: {_KEY_B64}x\n", "is not a WireGuard public key"),
+    (f"  public_key: {_KEY_B64[:-1]}\n", "is not a WireGuard public key"),
+])
+def test_a_key_in_a_profile_is_never_quoted_by_its_refusal(line, reason):
+    key = "public_key" if "public_key" in line else "private_key"
+    p = refused(f"name: a\nparent:\n{line}", f"parent.{key}", reason, f"{key}:")
+    # Not in whole nor in part (any 8 characters of it).
+    for secret in (_KEY_B64, _KEY_HEX):
+        assert not any(secret[i:i + 8] in str(p) for i in range(len(secret) - 8)), str(p)
+    assert "characters" in p.reason
+    if key == "private_key" and "!!int" not in line:
+        assert "never the key itself" in p.hint and "make a new key" in p.hint
+
+
+def test_a_path_or_name_that_is_no_key_is_still_quoted():
+    p = refused("name: a\nparent:\n  private_key: keys/a.key\n", "parent.private_key",
+                "'keys/a.key' is not an absolute path")
+    assert "e.g. /etc/wgvsock/NAME.key" in p.hint
+    refused("name: a\nparent:\n  public_key: abc\n", "parent.public_key",
+            "'abc' is not a WireGuard public key")

@@ -650,8 +650,13 @@ class _Parser:
             # (!!int 0x), KeyError (!!bool x), AttributeError (!!timestamp x)
             detail = str(e).splitlines()[0] if isinstance(e, yaml.YAMLError | ValueError) else ""
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            shown = _withheld(node.value)
+            if shown is None:
+                shown = f"'{node.value}'"
+            else:
+                detail = ""  # int()'s and the like quote the value
             self.problem(_line(node), key,
-                         f"cannot read '{node.value}' as {tag}"
+                         f"cannot read {shown} as {tag}"
                          + (f" ({detail})" if detail else ""),
                          "drop the explicit tag or fix the value"
                          if getattr(node, "explicit_tag", False) else "fix the value")
@@ -747,13 +752,40 @@ def _printable(text: str) -> None:
     (a directory `parent up` makes) and other programs' command lines as it is."""
     if not text.isprintable():
         bad = next(c for c in text if not c.isprintable())
-        raise _Invalid(f"'{prose(text, 200)}' contains an unprintable character "
+        shown = _withheld(text) or f"'{prose(text, 200)}'"
+        raise _Invalid(f"{shown} contains an unprintable character "
                        f"({bad!a})", "write it without that character (in double quotes "
                        "YAML reads \\n, \\t, \\e and \\0 as control characters: use single "
                        "quotes or none)")
 
 
+# A run of base64 (or hex) as long as a key's: 44 characters of base64 are a WireGuard key, 64
+# hex digits one as UAPI writes it. No path, parameter name or public key has a reason to hold
+# one where a private key was due.
+_KEYLIKE = re.compile(r"[A-Za-z0-9+/]{40,}")
+
+
+def _withheld(text: str) -> str | None:
+    """What a message says in place of TEXT, a value where a private key's place is named,
+    when TEXT holds what may be the key itself; None when TEXT may be quoted. These messages
+    reach the terminal, the journal and CI logs: a key is never quoted, not even in part."""
+    if _KEYLIKE.search(text) is None:
+        return None
+    return f"a value of {len(text)} characters (not shown: it may hold a key)"
+
+
+_INLINE_KEY_HINT = ("the profile says where the private key is, never the key itself (the "
+                    "profile goes into the enclave image): make a new key, since this one was "
+                    "written where others may read it (`wg genkey > /etc/wgvsock/NAME.key`, "
+                    "mode 0600), and write that file's absolute path, ssm:NAME or "
+                    "secretsmanager:NAME")
+
+
 def _private_key(text: str) -> str:
+    if (shown := _withheld(text)) is not None and not text.startswith(
+            ("/", "ssm:", "secretsmanager:")):
+        raise _Invalid(f"{shown} is not an absolute path, ssm:NAME or secretsmanager:NAME",
+                       _INLINE_KEY_HINT)
     _printable(text)
     for scheme in ("ssm:", "secretsmanager:"):
         if text.startswith(scheme):
@@ -803,7 +835,10 @@ def _public_key(text: str) -> str:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != WG_KEY_LEN:
-        raise _Invalid(f"'{value}' is not a WireGuard public key (44 characters of base64)",
+        # Quoted only when shorter than a key: what is wrong with a key-long value may be a
+        # private key pasted here, one character off.
+        shown = f"'{value}'" if len(value) < 40 else f"a value of {len(value)} characters"
+        raise _Invalid(f"{shown} is not a WireGuard public key (44 characters of base64)",
                        "fill it in with `wgvsock profile pin-parent FILE`, or write the output "
                        "of `wg pubkey`")
     return base64.b64encode(raw).decode()
