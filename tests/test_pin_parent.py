@@ -236,3 +236,16 @@ def test_pin_parent_under_sudo_follows_no_link_planted_at_its_temporary_file(tmp
     # The planted link is the user's to remove; nothing of ours is left beside it.
     assert sorted(p.name for p in home.iterdir()) == ["profile.yaml",
                                                      "profile.yaml.pin-parent.tmp"]
+
+
+def test_a_private_key_pinned_as_the_parents_public_key_is_refused_unquoted():
+    """parent.public_key holding the private key itself (pasted in the wrong place): the
+    refusal quoted the pinned value, and so put the private key in the journal."""
+    private_b64 = key_to_base64(PRIVATE)
+    profile = parse_profile(f"name: a\nparent: {{public_key: '{private_b64}'}}\n", "p.yaml")
+    with pytest.raises(RoleError) as info:
+        check_pinned_key(profile, PRIVATE)
+    message = str(info.value)
+    assert "is the private key of /etc/wgvsock/a.key itself, not its public key" in message
+    assert "Make a new key" in message
+    assert not any(private_b64[i:i + 8] in message for i in range(len(private_b64) - 8))

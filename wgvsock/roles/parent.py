@@ -357,6 +357,14 @@ def check_pinned_key(profile, key: bytes) -> None:
     from ..core.crypto import public_key
 
     own = key_to_base64(public_key(key))
+    if pinned == key_to_base64(key):
+        # Said without either key: this message goes to the journal, and the value pinned is
+        # the private key itself, pasted in the wrong place.
+        raise RoleError(f"parent.public_key in {profile.path} is the private key of "
+                        f"{profile.parent.private_key} itself, not its public key: anyone who "
+                        "reads the profile (or the enclave image built from it) has the key. "
+                        "Make a new key, then pin its public key with "
+                        f"`wgvsock profile pin-parent {profile.path}` and rebuild the image")
     if own != pinned:
         raise RoleError(f"the private key {profile.parent.private_key} has public key {own}, "
                         f"but the profile pins parent.public_key {pinned}: the enclave would "
