@@ -249,3 +249,21 @@ def test_a_private_key_pinned_as_the_parents_public_key_is_refused_unquoted():
     assert "is the private key of /etc/wgvsock/a.key itself, not its public key" in message
     assert "Make a new key" in message
     assert not any(private_b64[i:i + 8] in message for i in range(len(private_b64) - 8))
+
+
+def test_a_new_key_file_and_every_directory_made_for_it_are_private_whatever_the_umask(tmp_path):
+    """`parent up` makes a missing key file and the directories it is to be in. Path.mkdir
+    gives the mode only to the last of them (the others get 0777 less the umask): under umask
+    0 /etc/wgvsock in /etc/wgvsock/keys/a.key was writable by everyone, who could then put a
+    directory of their own in the key's way."""
+    key = tmp_path / "etc" / "wgvsock" / "keys" / "a.key"
+    old = os.umask(0)
+    try:
+        created = load_parent_key(str(key))
+    finally:
+        os.umask(old)
+    assert len(created) == 32
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for p in (key.parents[2], key.parents[1], key.parent, key)}
+    assert modes == {"etc": 0o700, "etc/wgvsock": 0o700, "etc/wgvsock/keys": 0o700,
+                     "etc/wgvsock/keys/a.key": 0o600}

@@ -325,7 +325,13 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
         if not create:
             raise RoleError(f"private key {path} does not exist (create it with `wg genkey`, "
                             "or let `wgvsock parent up` create it)")
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Each missing directory 0700, not only the last (Path.mkdir's parents= makes the
+        # others 0777 less the umask): one others may write lets them put a directory of
+        # their own in the key's way.
+        for directory in [*reversed(path.parents)]:
+            if not directory.exists():
+                with contextlib.suppress(FileExistsError):
+                    directory.mkdir(mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key_to_base64(generate_private_key()) + "\n")
