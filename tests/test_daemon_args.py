@@ -180,3 +180,27 @@ def test_a_passed_descriptor_that_is_no_tun_or_uapi_socket_is_refused(
         os.close(r)
         os.close(w)
     assert started == []
+
+
+def test_a_log_file_the_launcher_makes_is_its_owners_alone_whatever_the_umask(
+        tmp_path, started, monkeypatch):
+    """$WGVSOCK_LOG_FILE was made 0666 less the umask: 0644 as a rule, 0666 under umask 0,
+    where anyone could write lines of their own into a root daemon's log."""
+    path = tmp_path / "daemon.log"
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+
+    class Child:
+        def __init__(self, args: list[str], *, env: dict[str, str], **kwargs: Any) -> None:
+            os.write(int(env["WGVSOCK_READY_FD"]), b"ready\n")
+
+    monkeypatch.setattr(daemon.subprocess, "Popen", Child)
+    old = os.umask(0)
+    try:
+        assert daemon.main(["-n", "unix", "wg0"]) == 0
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+    # One already there keeps its mode: the operator chose it.
+    os.chmod(path, 0o640)
+    assert daemon.main(["-n", "unix", "wg0"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o640

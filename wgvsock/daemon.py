@@ -228,7 +228,9 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
     log_file = os.environ.get(ENV_LOG_FILE)
     keep = keep_stdio and logs_to_launcher()
     try:
-        out = (open(log_file, "ab") if log_file  # noqa: SIM115
+        # Made 0600: a root daemon's log is for its owner to open to others, if at all.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        out = (open(os.open(log_file, flags, 0o600), "ab") if log_file  # noqa: SIM115
                else None if keep else subprocess.DEVNULL)
     except OSError as e:
         print(f"{prog}: cannot open {ENV_LOG_FILE}={log_file}: {e.strerror or e} (it is where "
