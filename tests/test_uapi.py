@@ -1339,3 +1339,22 @@ def test_a_key_in_a_field_it_does_not_fit_is_not_logged(
     for secret in (_SECRET, _SECRET_B64):
         assert secret[:16] not in logged, logged
     assert store.sets == 0
+
+
+def test_the_repr_of_a_configuration_or_status_shows_no_secret_key():
+    """A DeviceConfig, PeerConfig, DeviceStatus or PeerStatus is what a traceback's locals, a
+    debugger, a failed assertion or a `%r` in a log line shows: its default repr held the
+    private and preshared keys as bytes."""
+    private, psk, peer = bytes(range(32)), bytes(range(32, 64)), bytes(range(64, 96))
+    config = parse_set(f"private_key={private.hex()}\npublic_key={peer.hex()}\n"
+                       f"preshared_key={psk.hex()}\n")
+    status = DeviceStatus(private_key=private,
+                          peers=[PeerStatus(public_key=peer, preshared_key=psk)])
+    for obj in (config, config.peers[0], status, status.peers[0]):
+        text = repr(obj)
+        for secret in (private, psk):
+            assert repr(secret) not in text and secret.hex() not in text, text
+    assert repr(peer) in repr(config.peers[0])  # the public key still says which peer
+    # The fields are still there, and compared.
+    assert config.private_key == private and config.peers[0].preshared_key == psk
+    assert parse_set(f"private_key={private.hex()}\n") != parse_set(f"private_key={psk.hex()}\n")

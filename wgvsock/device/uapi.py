@@ -217,8 +217,9 @@ class PeerConfig:
     public_key: bytes
     remove: bool = False
     update_only: bool = False
-    # None: unchanged. 32 zero bytes: clear the preshared key.
-    preshared_key: bytes | None = None
+    # None: unchanged. 32 zero bytes: clear the preshared key. Left out of the repr, as every
+    # secret key here is: a repr is what a traceback's locals, a debugger or a `%r` shows.
+    preshared_key: bytes | None = field(default=None, repr=False)
     # Raw text; only the device's transport knows which endpoint forms are valid.
     endpoint: str | None = None
     persistent_keepalive: int | None = None
@@ -231,7 +232,7 @@ class PeerConfig:
 @dataclass(slots=True)
 class DeviceConfig:
     # None: unchanged. 32 zero bytes: remove the private key.
-    private_key: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
     # The full u32 range is accepted so the vsock transport can use 32-bit ports; the device
     # refuses what its transport cannot bind.
     listen_port: int | None = None
@@ -439,7 +440,7 @@ def format_set(cfg: DeviceConfig) -> str:
 @dataclass
 class PeerStatus:
     public_key: bytes
-    preshared_key: bytes | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)
     # Already formatted for `wg`; None leaves the line out (wg fails on endpoints it can't parse).
     endpoint: str | None = None
     last_handshake_time_sec: int = 0
@@ -454,7 +455,7 @@ class PeerStatus:
 
 @dataclass
 class DeviceStatus:
-    private_key: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
     # Ports above 65535 (vsock) are left out of the reply, since `wg` rejects the whole
     # reply for them; the device can report such a port in `extra`.
     listen_port: int = 0
