@@ -158,3 +158,24 @@ def test_key_commands_refuse_arguments(capsys):
     assert out == "" and "usage: wgvsock genkey" in err
     # What is wrong, not only the usage.
     assert "wgvsock genkey: takes no arguments, got 'wg0'" in err
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o606, True), (0o640, False),
+                                              (0o600, False)])
+def test_genkey_into_a_file_others_may_read_warns(tmp_path, mode, warned):
+    """`wgvsock genkey > key` under the usual umask 022 wrote a private key everyone could
+    read, without a word; wg(8)'s genkey warns (as it does, others' bits only)."""
+    path = tmp_path / "key"
+    path.touch(mode)
+    os.chmod(path, mode)
+    with open(path, "w") as out:
+        res = run_with_stdout(["wgvsock.cli", "genkey"], out)
+    assert res.returncode == 0 and len(path.read_text()) == 45  # the key is written all the same
+    if warned:
+        assert res.stderr == (f"wgvsock genkey: warning: {path} is open to other users (mode "
+                              f"{mode:o}): they can read the private key written to it; set "
+                              "`umask 077` and make it again\n")
+    else:
+        assert res.stderr == ""
+    # Not a regular file (a pipe, a terminal): nothing to say.
+    assert run_with_stdout(["wgvsock.cli", "genkey"], subprocess.PIPE).stderr == ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 
 from . import __version__
@@ -37,6 +39,26 @@ def main(argv: list[str] | None = None) -> int:
     return guarded("wgvsock", _main, sys.argv[1:] if argv is None else argv)
 
 
+def _warn_if_others_may_read_stdout() -> None:
+    """`genkey > FILE` under the usual umask 022 makes FILE readable by everyone: warned as
+    wg(8)'s genkey does (others' bits only). The key is written all the same."""
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return  # closed or not a file: the write says so
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IRWXO:
+        return
+    from .safetext import prose
+
+    try:
+        where = prose(os.readlink(f"/proc/self/fd/{sys.stdout.fileno()}"), 300)
+    except OSError:
+        where = "standard output"
+    print(f"wgvsock genkey: warning: {where} is open to other users (mode "
+          f"{stat.S_IMODE(st.st_mode):o}): they can read the private key written to it; set "
+          "`umask 077` and make it again", file=sys.stderr)
+
+
 def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
@@ -60,6 +82,7 @@ def _main(args: list[str]) -> int:
     if cmd == "genkey":
         from .core.crypto import generate_private_key, key_to_base64
 
+        _warn_if_others_may_read_stdout()
         print(key_to_base64(generate_private_key()))
         return 0
     if cmd == "pubkey":
