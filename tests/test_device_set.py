@@ -185,3 +185,29 @@ def test_a_key_given_as_an_endpoint_is_not_quoted(key: str) -> None:
     "invalid endpoint '<the key>': expected HOST:PORT", and it went into the daemon's log,
     where every other field shows a value as long as a key by its length only."""
     assert _endpoint_refused(key) == f"invalid endpoint ({len(key)} characters): expected HOST:PORT"
+
+
+@pytest.mark.parametrize("form", ["{}:51820", "[{}]:51820", "vsock://{}:5000", "{}:1"])
+@pytest.mark.parametrize("key", [
+    "a8" * 16 + "5c" * 16,
+    "qKioqKioqKioqKioqKioqFxcXFxcXFxcXFxcXFxcXFw=",
+], ids=["hex", "base64"])
+def test_a_key_with_a_port_after_it_given_as_an_endpoint_is_not_quoted(key: str,
+                                                                       form: str) -> None:
+    """The colon check above let KEY:PORT through to the transport: TCP's and UDP's message
+    quoted it ("invalid endpoint '<the key>:51820': cannot resolve '<the key>'") into the log,
+    and the Unix stand-in took it as port 51820 of its directory, to show it in `wg show`."""
+    endpoint = form.format(key)
+    message = _endpoint_refused(endpoint)
+    assert message == (f"invalid endpoint ({len(endpoint)} characters, not shown: it holds "
+                       "what looks like a key): expected HOST:PORT")
+
+
+@pytest.mark.parametrize("endpoint", [
+    "ec2-203-0-113-25.compute-1.amazonaws.com:51820",  # a host name as long as a key
+    "[2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff]:51820",
+    "unix:/run/containers/" + "ab" * 32 + "/51820.sock",  # a path may hold a digest
+])
+def test_a_long_endpoint_that_holds_no_key_is_taken(endpoint: str) -> None:
+    assert parse_set(f"public_key={'11' * 32}\nendpoint={endpoint}\n").peers[0].endpoint \
+        == endpoint

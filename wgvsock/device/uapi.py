@@ -241,6 +241,10 @@ class DeviceConfig:
     peers: list[PeerConfig] = field(default_factory=list)
 
 
+# A whole key as wg(8) (base64) or UAPI (hex) writes it.
+_WHOLE_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=|[0-9a-fA-F]{64}")
+
+
 def _shown(value: str) -> str:
     """VALUE as a message quotes it. These messages reach the log, and a value that does not fit
     its field may be a key meant for another (a private key for the peer's public one): one as
@@ -370,6 +374,11 @@ class SetParser:
                 # would quote it whole.
                 raise UAPIError(ERR_INVALID,
                                 f"invalid endpoint {_shown(value)}: expected HOST:PORT")
+            if not value.startswith("unix:") and _WHOLE_KEY.search(value):
+                # A key with a port after it has the colon, and reached the transport, whose
+                # message quoted it whole. No host name, address or CID holds a key's text.
+                raise UAPIError(ERR_INVALID, f"invalid endpoint ({len(value)} characters, not "
+                                "shown: it holds what looks like a key): expected HOST:PORT")
             if "\r" in value or "\0" in value:
                 # No endpoint has them, and format_set could not write this one back.
                 raise UAPIError(ERR_INVALID, f"invalid endpoint {value!r}: control character")
