@@ -290,6 +290,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     from .conn import make_bind
     from .device.device import Device
     from .device.uapi import DEFAULT_RUN_DIR
+    from .nodump import forbid_core_dumps
     from .sdnotify import Notifier, Watchdog
     from .signals import Wakeup
     from .threads import enable_stack_dumps, on_thread_death
@@ -298,6 +299,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     # exist, the watchdog while the timer thread ticks, every thread's stack on SIGABRT.
     notifier = Notifier.from_environ()
     enable_stack_dumps()
+    forbid_core_dumps()  # before any key comes in
     # The handler only notes the signal; the loop below acts on it (wgvsock.signals). Set
     # before the start, which makes the UAPI socket: a SIGTERM sent as soon as it appears
     # must stop us cleanly, not kill us with the interface half made.

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -47,6 +49,44 @@ def _assert_all_gone(lab: Lab, ns: Namespace, ifname: str, pid: int, reason: str
     assert all(process_gone(p) for p in ns.pids())
     assert f"shutting down: {reason}" in lab.log(ifname)
     assert f"{ifname}: stopped ({reason})" in lab.log(ifname)
+
+
+def _dumps_core_on_abort(lab: Lab, command: list[str], ready: Callable[[], bool]) -> bool:
+    """Whether COMMAND, started with core dumps allowed (RLIMIT_CORE unlimited, its working
+    directory ours) and aborted (SIGABRT, as systemd's watchdog does) once READY, is dumped:
+    the core flag of its wait status, however the host's core_pattern stores dumps."""
+    cwd = lab.tmp / "cores"
+    cwd.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=lab.env(WGVSOCK_LOG_FILE=str(lab.tmp / "aborted.log")),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,
+                                                                      resource.RLIM_INFINITY)))
+    try:
+        wait_for(ready, 30, f"{command} to be ready")
+        os.kill(proc.pid, signal.SIGABRT)
+        _, status = os.waitpid(proc.pid, 0)
+        proc.returncode = -signal.SIGABRT  # reaped here, to read the core flag
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGABRT, status
+        return os.WCOREDUMP(status)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+        for core in cwd.iterdir():
+            core.unlink()
+
+
+def test_the_daemon_is_kept_out_of_core_dumps(lab: Lab) -> None:
+    """It holds the private key and every session key: the watchdog's SIGABRT (or a crash)
+    had them written to disk (systemd-coredump keeps dumps), and any process of its user
+    could read its memory. Like ssh-agent, it makes itself non-dumpable."""
+    assert _dumps_core_on_abort(lab, ["sleep", "60"], lambda: True)  # the probe tells
+    ns = lab.netns("a")
+    ifname = lab.ifname("a")
+    assert not _dumps_core_on_abort(
+        lab, ["ip", "netns", "exec", ns.name, DAEMON, "-f", "-n", "unix", ifname],
+        lambda: os.path.exists(sock_path(ifname)))
 
 
 @pytest.mark.parametrize("how", ["ip-link-del", "rm-socket", "sigterm", "sigint"])

@@ -32,6 +32,7 @@ from ..conn.stream import redial_backoff
 from ..core.crypto import dh, generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
+from ..nodump import forbid_core_dumps
 from ..services import firewall
 from ..services.control import (
     ControlError,
@@ -680,6 +681,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
            signalled: list[int] | None = None, outside_enclave: bool = False) -> int:
     """SIGNALLED: the stopping signals that came before this was called (signals.note).
     OUTSIDE_ENCLAVE: start even where a default route is already (Enclave.start)."""
+    forbid_core_dumps()  # before the key is made
     enclave = Enclave(profile, outside_enclave=outside_enclave)
     try:
         # First: on a host by mistake, CMD may be missing too, and the refusal matters more.

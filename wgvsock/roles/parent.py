@@ -30,6 +30,7 @@ from ..conn.unixsock import remove_stale, socket_dir
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import netconf
 from ..device.device import Device
+from ..nodump import forbid_core_dumps
 from ..pathwalk import keepers
 from ..regular import read_regular
 from ..safetext import prose
@@ -1206,6 +1207,7 @@ def run_up(profile, ready_fd: int | None) -> int:
     # dump of every thread's stack to the journal when the watchdog's SIGABRT comes.
     notifier = Notifier.from_environ()
     enable_stack_dumps()
+    forbid_core_dumps()  # before the key is read
     parent = Parent(profile)
     # The handler only notes what was asked, and the loop waits on a Wakeup (wgvsock.signals
     # says why). Installed before `start`, which writes the state file: from then on `parent
