@@ -185,3 +185,44 @@ def test_the_test_root_is_read_after_its_check_and_must_be_a_certificate(base: P
     safe.chmod(0o777)
     with pytest.raises(RoleError, match=f"{safe} is writable by group"):
         read_test_root(path)
+
+
+# -- the doctor's check of the parent's key ----------------------------------------------------
+
+
+def test_the_doctor_checks_the_parents_key_as_up_would_take_it(base: Path) -> None:
+    """`parent doctor` said nothing of parent.private_key: a key file others could read, one
+    of another user, one that is no key or that the pin refuses passed the doctor and failed
+    `parent up`. The doctor judges it as `up` does, and never creates it."""
+    from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+    from wgvsock.roles.parent import parent_key_check
+
+    key_file = base / "parent.key"
+    key = generate_private_key()
+
+    def check(pin: bytes | None = None):
+        pinned = f"  public_key: {key_to_base64(pin)}\n" if pin is not None else ""
+        return parent_key_check(_parent(f"  private_key: {key_file}\n{pinned}"))
+
+    c = check()
+    assert c.ok is True and "does not exist yet: `parent up` creates it" in c.detail, c
+    assert not key_file.exists()
+    c = check(public_key(key))
+    assert c.ok is False and "parent.public_key is pinned" in c.detail, c
+    key_file.write_text(key_to_base64(key) + "\n")
+    key_file.chmod(0o644)
+    c = check()
+    assert c.ok is False and f"chmod 600 {key_file}" in c.detail, c
+    key_file.chmod(0o600)
+    c = check(public_key(key))
+    assert c.ok is True and "matches parent.public_key" in c.detail, c
+    c = check(public_key(generate_private_key()))
+    assert c.ok is False and "the enclave would refuse this parent" in c.detail, c
+    assert key_to_base64(key) not in c.detail
+    os.chown(key_file, 65534, 65534)
+    c = check()
+    assert c.ok is False and "owned by uid 65534" in c.detail, c
+    os.chown(key_file, 0, 0)
+    key_file.write_text("not a key\n")
+    c = check()
+    assert c.ok is False and "expected the output of `wg genkey`" in c.detail, c

@@ -143,9 +143,11 @@ def doctor(profile) -> int:
         forward_chain_check,
         local_checks,
         metrics_port_check,
+        parent_key_check,
     )
 
     checks = local_checks(profile)
+    checks.append(parent_key_check(profile))
     problems = check_host(profile, local_networks(exclude_interface=profile.interface))
     checks.append(Check("profile", not problems,
                         "valid, no overlap with this host's networks" if not problems

@@ -379,6 +379,30 @@ def check_pinned_key(profile, key: bytes) -> None:
                         f"`wgvsock profile pin-parent {profile.path}` and rebuild the image")
 
 
+def parent_key_check(profile) -> Check:
+    """What `parent up` will make of parent.private_key, without creating or changing it. Not
+    in local_checks(): `up` loads the key itself, refusing with the same words."""
+    spec = profile.parent.private_key
+    pinned = profile.parent.public_key is not None
+    if not spec.startswith(("ssm:", "secretsmanager:")) and not os.path.lexists(spec):
+        if not pinned:
+            return Check("parent key", True,
+                         f"{spec} does not exist yet: `parent up` creates it (0600)")
+        return Check("parent key", False,
+                     f"{spec} does not exist, and parent.public_key is pinned: `parent up` "
+                     "makes no new key, which could not match the pin. Restore the key "
+                     "file, or make a new key there and pin it with `wgvsock profile "
+                     f"pin-parent {profile.path}` (then rebuild the enclave image)")
+    try:
+        check_pinned_key(profile, load_parent_key(spec, create=False))
+    except RoleError as e:
+        return Check("parent key", False, str(e))
+    except OSError as e:  # stat() of a path under a directory we may not search
+        return Check("parent key", False, f"private key {spec}: {e.strerror or e}")
+    return Check("parent key", True,
+                 spec + (", matches parent.public_key" if pinned else " (no public key pinned)"))
+
+
 # -- attestation policy ------------------------------------------------------------------------
 
 
