@@ -29,6 +29,9 @@ _serial = itertools.count()
 # Under the test guest's emulated CPU (tests/guest) every command takes several times longer:
 # there, command time limits stretch by this factor (the bounds tests assert do not).
 SLOWDOWN = float(os.environ.get("WGVSOCK_TEST_SLOWDOWN") or 1)
+# Put before the names of the namespaces and interfaces a lab makes (and of the profiles the
+# role tests write), so that several people testing on one machine can tell theirs apart.
+PREFIX = os.environ.get("WGVSOCK_LAB_PREFIX", "")
 
 
 # A router advertisement (argv: interface, link-local source, prefix) to all nodes, hop limit
@@ -105,7 +108,7 @@ class Lab:
     # -- building ------------------------------------------------------------------------
 
     def netns(self, label: str) -> Namespace:
-        name = f"wgv{self.tag}{label}"
+        name = f"{PREFIX}wgv{self.tag}{label}"
         run("ip", "netns", "add", name)
         ns = Namespace(self, name)
         self.namespaces.append(ns)
@@ -124,7 +127,7 @@ class Lab:
 
     def ifname(self, label: str) -> str:
         """A unique interface name: every daemon's UAPI socket shares /var/run/wireguard."""
-        name = f"wg{self.tag}{label}"[:15]
+        name = f"{PREFIX}wg{self.tag}{label}"[:15]
         self._ifnames.append(name)
         return name
 

@@ -24,7 +24,7 @@ import pytest
 
 from wgvsock.services import firewall
 
-from .netlab import SLOWDOWN, Lab, Namespace, wait_for
+from .netlab import PREFIX, SLOWDOWN, Lab, Namespace, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -73,7 +73,7 @@ class World:
                  parent_env: Mapping[str, str] | None = None,
                  transport: str = UNIX_TRANSPORT, parent_extra: str = "") -> None:
         self.lab = lab
-        self.name = f"e2e{lab.tag.replace('x', '')}"[:20]
+        self.name = f"{PREFIX}e2e{lab.tag.replace('x', '')}"[:20]
         self.enclave = lab.netns("e")
         self.parent = lab.netns("p")
         self.internet = lab.netns("i")
