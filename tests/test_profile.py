@@ -857,6 +857,24 @@ def test_check_host_clean_and_ipv6():
     assert found[0].line == 2
 
 
+def test_check_host_counts_routes_as_taken_too():
+    # A route through the host's gateway (VPC peering, VPN) with no address of the host in
+    # it: the tunnel's route and it would take each other's traffic. It was not looked at.
+    p = parse_profile("name: a\nparent:\n  address: 10.77.0.1/30\n", FILE)
+    found = check_host(p, [net("192.0.2.0/24")],
+                       [net("0.0.0.0/0"), net("192.0.2.0/24"), net("10.77.0.0/16")])
+    [problem] = found
+    assert (problem.line, problem.key) == (3, "parent.address")
+    assert problem.reason == ("tunnel subnet 10.77.0.0/30 overlaps 10.77.0.0/16, where a "
+                              "route of this host goes")
+    assert "e.g. 10.99.0.0/30" in problem.hint  # outside the route as well
+    # The default route overlaps every subnet and is no clash; a route that is one of the
+    # host's networks is said once, as the network.
+    assert check_host(p, [net("192.0.2.0/24")], [net("0.0.0.0/0"), net("::/0")]) == []
+    [problem] = check_host(p, [net("10.77.0.0/24")], [net("10.77.0.0/24")])
+    assert problem.reason.endswith("a network of this host")
+
+
 def test_check_routes_explains_a_missing_ipv6_default_route():
     text = 'name: a\nparent: {address: [10.77.0.1/30, "fd77::1/126"]}\n'
     p = parse_profile(text, FILE)  # routes default to 0.0.0.0/0 and ::/0

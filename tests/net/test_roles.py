@@ -281,6 +281,28 @@ def test_bad_profiles_are_refused_and_the_host_is_unchanged(world: World, kind: 
     assert not (world.lab.tmp / "state").exists()
 
 
+def test_a_tunnel_subnet_a_host_route_covers_is_refused(world: World) -> None:
+    """A route of the host (a VPC peering, VPN or Transit Gateway route through its gateway)
+    that overlaps the tunnel subnet is a clash as much as an address of the host is: the
+    tunnel's own route, more specific, would take the host's traffic for 10.77.0.0/30 into
+    the tunnel (or the host's, more specific, the enclave's traffic away from it). It used to
+    be compared with the host's addresses only, and `up` came up."""
+    world.parent.ip("route", "add", "10.77.0.0/16", "via", "198.51.100.2")
+    before_links = world.parent.ip("-o", "link", "show").stdout
+    before_rules = world.parent.run("nft", "list", "ruleset").stdout
+    check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                             env=world.env_for("parent"), check=False)
+    res = world.parent_cmd("up", check=False)
+    for out in (check, res):
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert (f"{world.profile}:9: parent.address: tunnel subnet 10.77.0.0/30 overlaps "
+                "10.77.0.0/16, where a route of this host goes") in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    assert world.parent.ip("-o", "link", "show").stdout == before_links
+    assert world.parent.run("nft", "list", "ruleset").stdout == before_rules
+    assert not (world.lab.tmp / "state").exists()
+
+
 def test_a_flushed_ruleset_is_put_back(world: World) -> None:
     """Issue 12.9: `nft flush ruleset` (or a firewall reload) used to leave the enclave
     forwarded unfiltered until the next `parent up`; the parent now puts its table back."""

@@ -108,7 +108,8 @@ def parent_main(argv: list[str]) -> int:
             print(f"{profile.name} is already up (pid {pid})")
             return 0
         # Checked before anything is made, so a clash with the host changes nothing.
-        problems = check_host(profile, local_networks(exclude_interface=profile.interface))
+        problems = check_host(profile, local_networks(exclude_interface=profile.interface),
+                              local_routes(exclude_interface=profile.interface))
         if problems:
             print("refusing to start:\n" + "\n".join(str(p) for p in problems), file=sys.stderr)
             return 1
@@ -148,9 +149,10 @@ def doctor(profile) -> int:
 
     checks = local_checks(profile)
     checks.append(parent_key_check(profile))
-    problems = check_host(profile, local_networks(exclude_interface=profile.interface))
+    problems = check_host(profile, local_networks(exclude_interface=profile.interface),
+                          local_routes(exclude_interface=profile.interface))
     checks.append(Check("profile", not problems,
-                        "valid, no overlap with this host's networks" if not problems
+                        "valid, no overlap with this host's networks and routes" if not problems
                         else "; ".join(str(p) for p in problems)))
     problems = check_routes(profile, local_routes(exclude_interface=profile.interface))
     checks.append(Check("routes", not problems,

@@ -1672,28 +1672,36 @@ def _free_subnet(prefixlen: int, version: int, taken: Iterable[IPNetwork]) -> IP
     return None
 
 
-def check_host(profile: Profile, host_networks: Iterable[IPNetwork]) -> list[Problem]:
-    """Problems with PROFILE on a host whose own networks are HOST_NETWORKS.
+def check_host(profile: Profile, host_networks: Iterable[IPNetwork],
+               host_routes: Iterable[IPNetwork] = ()) -> list[Problem]:
+    """Problems with PROFILE on a host whose own networks are HOST_NETWORKS and whose routes
+    go to HOST_ROUTES (local_routes()).
 
     A tunnel subnet that overlaps a network the parent already has would make the kernel route
     the enclave's traffic (or the host's) the wrong way, so it is refused before anything is set.
+    So does one that overlaps a route of the host (a VPC peering, VPN or Transit Gateway route
+    through its gateway, with no address of the host in it): the more specific of the two takes
+    the other's traffic. Default routes are left out: every subnet is inside them.
     """
     host_networks = list(host_networks)
+    routes = [r for r in host_routes if r.prefixlen > 0 and r not in host_networks]
+    taken = [*host_networks, *routes]
     problems = []
     addrs = profile.parent.addresses
     for i, iface in enumerate(addrs):
         tunnel = iface.network
         key = "parent.address" if len(addrs) == 1 else f"parent.address[{i}]"
-        for net in host_networks:
+        for net in taken:
             if net.version != tunnel.version or not tunnel.overlaps(net):  # type: ignore[arg-type]
                 continue
-            free = _free_subnet(tunnel.prefixlen, tunnel.version, host_networks)
+            free = _free_subnet(tunnel.prefixlen, tunnel.version, taken)
             hint = (f"pick a subnet this host does not use, e.g. {free}" if free
                     else "pick a subnet this host does not use")
             hint += " (and move enclave.address with it)"
+            what = ("a network of this host" if net in host_networks
+                    else "where a route of this host goes")
             problems.append(Problem(profile.path, profile.line_of(key), key,
-                                    f"tunnel subnet {tunnel} overlaps {net}, "
-                                    "a network of this host", hint))
+                                    f"tunnel subnet {tunnel} overlaps {net}, {what}", hint))
     return problems
 
 
@@ -1901,7 +1909,7 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
         except Exception as e:  # netlink failures come in many types; none deserves a traceback
             print(f"{prog}: cannot list this host's networks: {e}", file=sys.stderr)
             return 1
-        problems = check_host(profile, networks) + check_routes(profile, routes)
+        problems = check_host(profile, networks, routes) + check_routes(profile, routes)
         if problems:
             for p in problems:
                 print(p, file=sys.stderr)
