@@ -909,3 +909,20 @@ def test_the_refusal_record_keeps_the_newest_few():
 ])
 def test_who_is_on_the_other_end_is_named_as_an_operator_reads_it(family, addr, peer, who):
     assert control.peer_name(SimpleNamespace(family=family), addr, peer) == who
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_tcp_stand_in_s_control_port_takes_either_family(host):
+    """transport.host may be IPv6 (the profile takes it, and the WireGuard stream listens on
+    both families): the control port used to be an AF_INET socket, so `parent up` failed
+    binding it, after making the tunnel, and `enclave up` could never dial it."""
+    from wgvsock.roles.common import control_listener, dial_control
+
+    transport = types.SimpleNamespace(kind="tcp", host=host, control_port=0)
+    with contextlib.closing(control_listener(transport)) as listener:
+        assert listener.getsockname()[0] == host
+        transport.control_port = listener.getsockname()[1]
+        with contextlib.closing(dial_control(transport)) as s:
+            peer, _ = listener.accept()
+            peer.close()
+            assert s.getpeername()[:2] == (host, transport.control_port)

@@ -45,6 +45,11 @@ def parent_wg_endpoint(transport, port: int) -> Endpoint:
     return Endpoint("inet", str(transport.host), port)
 
 
+def _inet_family(host: object) -> socket.AddressFamily:
+    """transport.host's family: the profile takes an IPv6 address as well as an IPv4 one."""
+    return socket.AF_INET6 if ":" in str(host) else socket.AF_INET
+
+
 def control_listener(transport) -> socket.socket:
     """The parent's control socket. Its Unix form lives beside the WireGuard socket."""
     port = transport.control_port
@@ -63,7 +68,7 @@ def control_listener(transport) -> socket.socket:
         finally:
             os.umask(old)
     else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(_inet_family(transport.host), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Only where the enclave reaches us: anyone who can connect may try to register.
         sock.bind((str(transport.host), port))
@@ -81,7 +86,7 @@ def dial_control(transport, timeout: float = 5.0) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address = unix_socket_path(transport.path, port)
     else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(_inet_family(transport.host), socket.SOCK_STREAM)
         address = (str(transport.host), port)
     sock.settimeout(timeout)
     try:
