@@ -1087,3 +1087,97 @@ def test_a_path_or_name_that_is_no_key_is_still_quoted():
     assert "e.g. /etc/wgvsock/NAME.key" in p.hint
     refused("name: a\nparent:\n  public_key: abc\n", "parent.public_key",
             "'abc' is not a WireGuard public key")
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles `profile check` passed that `up` could not serve (review rev-profile)
+
+
+def test_an_enclave_at_the_ipv6_subnet_router_anycast_address_is_refused():
+    # With forwarding on (`parent up` turns it on), the parent's kernel makes the all-zero
+    # host of each on-link IPv6 prefix its own anycast address: packets for an enclave at
+    # fd77:: are delivered to the parent, never into the tunnel.
+    text = y("""
+        name: a
+        parent: {address: "fd77::1/126"}
+        enclave: {address: "fd77::/126"}
+    """)
+    p = refused(text, "enclave.address", "subnet-router anycast", 'enclave: {address')
+    assert "fd77::2/126" in p.hint
+    # /127 has no such address (RFC 6164; Linux adds none), and the parent may be it.
+    parse_profile('name: a\nparent: {address: "fd77::1/127"}\nenclave: {address: "fd77::/127"}\n',
+                  FILE)
+    parse_profile('name: a\nparent: {address: "fd77::/126"}\n', FILE)
+
+
+@pytest.mark.parametrize("address", ["169.0.0.1/8", "128.0.0.1/1", "160.0.0.1/4"])
+def test_a_tunnel_subnet_over_the_instance_s_link_local_services_is_refused(address):
+    # The tunnel's route would take the host's (and the enclave's) traffic for IMDS, the VPC
+    # resolver and the time and credential endpoints.
+    text = f"name: a\nparent:\n  address: {address}\n"
+    p = refused(text, "parent.address", "169.254.0.0/16", "address:")
+    assert "IMDS" in p.reason
+
+
+def test_an_ipv6_tunnel_subnet_in_ec2_s_service_range_is_refused():
+    text = y("""
+        name: a
+        parent: {address: "fd00:ec2::251/125"}
+        enclave: {address: "fd00:ec2::252/125"}
+    """)
+    found = problems(text)
+    assert [p.key for p in found] == ["parent.address"]
+    assert "fd00:ec2::/32" in found[0].reason and "e.g. fd77::/126" in found[0].hint
+
+
+@pytest.mark.parametrize(("resolver", "why"), [
+    ("10.77.0.2", "in the tunnel subnet"),  # the enclave would answer the parent's queries
+    ("10.77.0.1", "in the tunnel subnet"),  # the forwarder asking itself
+    ("0.0.0.0", "unspecified"),
+    ("224.0.0.251", "multicast"),
+])
+def test_a_resolver_the_forwarder_cannot_ask_is_refused(resolver, why):
+    text = y(f"""
+        name: a
+        parent:
+          egress:
+            allow: [api.example.com]
+            resolver: [192.0.2.53, {resolver}]
+    """)
+    refused(text, "parent.egress.resolver[1]", why, "resolver:")
+
+
+def test_an_enclave_resolver_inside_the_tunnel_but_at_neither_end_is_refused():
+    text = y("""
+        name: a
+        parent: {address: 10.77.0.1/24}
+        enclave:
+          dns: [10.77.0.53]
+    """)
+    refused(text, "enclave.dns[0]", "no host there", "dns:")
+    # Either end may answer: the parent's forwarder, or a resolver the enclave runs itself.
+    parse_profile("name: a\nparent: {address: 10.77.0.1/24}\nenclave: {dns: [10.77.0.2]}\n",
+                  FILE)
+
+
+def test_a_tcp_transport_host_inside_the_tunnel_is_refused():
+    # The enclave reaches the parent over this address to bring the tunnel up.
+    text = "name: a\ntransport: {kind: tcp, host: 10.77.0.1}\n"
+    refused(text, "transport.host", "inside the tunnel subnet", "host:")
+    refused("name: a\ntransport: {kind: tcp, host: 0.0.0.0}\n", "transport.host",
+            "unspecified", "host:")
+
+
+def test_metrics_on_an_ingress_port_is_refused():
+    # Ingress DNATs the port on every address of the host but loopback: scrapes would reach
+    # the enclave, which could answer them.
+    text = y("""
+        name: a
+        parent:
+          ingress: [{listen: 9586, to: 80}]
+          metrics: {listen: "0.0.0.0:9586"}
+    """)
+    refused(text, "parent.metrics.listen", "parent.ingress[0]", "metrics:")
+    parse_profile(text.replace("0.0.0.0:9586", "127.0.0.1:9586"), FILE)
+    parse_profile(text.replace("{listen: 9586, to: 80}", "{listen: 9586, protocol: udp}"),
+                  FILE)

@@ -878,6 +878,10 @@ def _usable_hosts_note(iface: IPInterface) -> str:
 
 
 _LIMITED_BROADCAST = IPv4Address("255.255.255.255")
+# Where EC2 puts the instance's own services, IMDS, the VPC resolver, the time server and the
+# credential endpoints among them: a tunnel subnet over them routes them into the tunnel.
+_INSTANCE_SERVICES: dict[int, IPNetwork] = {4: _LINK_LOCAL_V4,
+                                            6: IPv6Network("fd00:ec2::/32")}
 
 
 def _not_for_a_tunnel(ip: IPAddress) -> str | None:
@@ -903,6 +907,31 @@ def _not_for_a_tunnel(ip: IPAddress) -> str | None:
         return "the unspecified address, which names no host"
     if ip == _LIMITED_BROADCAST:
         return "the limited broadcast address, which names every host on a link"
+    return None
+
+
+def _not_a_server(ip: IPAddress) -> str | None:
+    """Why nothing can be asked at IP (a resolver, the parent over TCP), or None."""
+    if ip.is_unspecified:
+        return "the unspecified address, which names no host (to a client, its own)"
+    if ip.is_multicast:
+        return "a multicast address, a group and not one host"
+    if ip == _LIMITED_BROADCAST:
+        return "the limited broadcast address, which names every host on a link"
+    return None
+
+
+def _in_tunnel(ip: IPAddress, parent: Sequence[IPInterface], enclave: Sequence[IPInterface]
+               ) -> tuple[IPNetwork, str] | None:
+    """The tunnel subnet IP is in and which end it is ("parent", "enclave" or "" for
+    neither, where no host is), or None outside the tunnel."""
+    for a in parent:
+        if a.version == ip.version and ip in a.network:
+            if ip == a.ip:
+                return a.network, "parent"
+            if any(ip == e.ip for e in enclave):
+                return a.network, "enclave"
+            return a.network, ""
     return None
 
 
@@ -956,7 +985,17 @@ class _Builder(_Parser):
         parent_map = self.mapping(top.get("parent"), "parent", _PARENT_KEYS)
         enclave_map = self.mapping(top.get("enclave"), "enclave", _ENCLAVE_KEYS)
         parent_addrs, enclave_addrs = self.addresses(parent_map, enclave_map)
-        parent = self.parent(parent_map, name, enclave_addrs, transport)
+        parent = self.parent(parent_map, name, parent_addrs, enclave_addrs, transport)
+        if transport.host is not None and self.ok("transport.host"):
+            where = _in_tunnel(ipaddress.ip_address(transport.host), parent_addrs,
+                               enclave_addrs)
+            if where is not None:
+                self.problem(self.at("transport.host"), "transport.host",
+                             f"{transport.host} is inside the tunnel subnet {where[0]}, which "
+                             "the enclave reaches only once the tunnel is up, and the enclave "
+                             "dials this address to bring it up",
+                             "give the parent's address on the network the enclave shares "
+                             "with it, outside the tunnel")
         if parent.egress.interface == interface:
             # The firewall would refuse it only at `parent up`: masquerading the enclave's
             # traffic back into the tunnel sends it nowhere.
@@ -1038,6 +1077,11 @@ class _Builder(_Parser):
         host: str | None = None
         if "host" in m:
             h = self.parsed(m["host"], "transport.host", "192.0.2.1", _ip)
+            if h is not None and (why := _not_a_server(h)) is not None:
+                self.problem(_line(m["host"]), "transport.host", f"{h} is {why}",
+                             "give the parent's IP address as the enclave sees it, "
+                             "e.g. host: 192.0.2.1")
+                h = None
             host = str(h) if h is not None else None
         if kind == "tcp" and host is None and self.ok("transport.host"):
             self.problem(self.at("transport.host") if "host" in m else self.at("transport"),
@@ -1097,6 +1141,42 @@ class _Builder(_Parser):
                   ) -> tuple[list[IPInterface], list[IPInterface]]:
         pk = self.address_list(parent, "parent.address")
         ek = self.address_list(enclave, "enclave.address")
+        p, e = self.paired(pk, ek)
+        if not self.ok("parent.address", "enclave.address"):
+            return p, e
+        # Said at the address the file gives for the subnet: the parent's, or the enclave's
+        # when the parent's is left out (derived from it).
+        written = {a.version: k for k, a in [*(ek or []), *(pk or [])]}
+        for a in p:
+            services = _INSTANCE_SERVICES[a.version]
+            if a.network.overlaps(services):  # type: ignore[arg-type]
+                k = written.get(a.version, "parent.address")
+                side = k.split(".")[0]
+                self.problem(self.at(k), k,
+                             f"tunnel subnet {a.network} overlaps {services}, where EC2 "
+                             "answers the instance (IMDS, the VPC's DNS resolver, the time "
+                             "server, the ECS and EKS credential endpoints): the tunnel's route "
+                             "would take the host's and the enclave's traffic for them",
+                             f"use a subnet outside {services}, e.g. "
+                             f"{_tunnel_example(side, a.version).network}")
+        for k, a in ek or []:
+            pa = next((x for x in p if x.version == a.version), None)
+            if (a.version == 6 and pa is not None and a.network.prefixlen <= 126
+                    and a.ip == a.network.network_address):
+                # Linux joins it on every interface of a forwarding host (not for /127,
+                # RFC 6164), and `parent up` turns forwarding on.
+                self.problem(self.at(k), k,
+                             f"{a.ip} is the subnet-router anycast address of {a.network}, "
+                             "which the parent, forwarding, takes for its own: packets for "
+                             "the enclave would be delivered to the parent, never into the "
+                             "tunnel",
+                             f"pick another address in {a.network}, {_usable_hosts_note(pa)}")
+        return p, e
+
+    def paired(self, pk: list[tuple[str, IPInterface]] | None,
+               ek: list[tuple[str, IPInterface]] | None
+               ) -> tuple[list[IPInterface], list[IPInterface]]:
+        """Both sides' addresses, one side's derived from the other's when left out."""
         p = None if pk is None else [a for _, a in pk]
         e = None if ek is None else [a for _, a in ek]
         self.tunnel_ends(pk or [], ek or [])
@@ -1183,8 +1263,8 @@ class _Builder(_Parser):
 
     # -- parent ----------------------------------------------------------------------------------
 
-    def parent(self, m: Mapping[str, Node], name: str, enclave_addrs: list[IPInterface],
-               transport: Transport) -> _ParentParts:
+    def parent(self, m: Mapping[str, Node], name: str, parent_addrs: list[IPInterface],
+               enclave_addrs: list[IPInterface], transport: Transport) -> _ParentParts:
         private_key = f"/etc/wgvsock/{name}.key"
         if "private_key" in m:
             k = self.parsed(m["private_key"], "parent.private_key", private_key, _private_key)
@@ -1193,10 +1273,23 @@ class _Builder(_Parser):
         if "public_key" in m:
             public_key = self.parsed(m["public_key"], "parent.public_key",
                                      "the output of `wg pubkey`", _public_key)
-        egress = self.egress(m.get("egress"), enclave_addrs)
+        egress = self.egress(m.get("egress"), parent_addrs, enclave_addrs)
         ingress = self.ingress(m.get("ingress"), transport)
         launch = self.launch(m.get("enclave"))
         metrics = self.metrics(m.get("metrics"))
+        if metrics.listen is not None and not metrics.listen[0].is_loopback:
+            # Ingress DNATs its port on every address of the host but loopback, the host's
+            # own connections included: the scrapes would reach the enclave, which could
+            # answer them with numbers of its choosing.
+            for i, ing in enumerate(ingress):
+                if ing.protocol == "tcp" and ing.listen == metrics.listen[1]:
+                    key = "parent.metrics.listen"
+                    self.problem(self.at(key), key,
+                                 f"port {ing.listen} is parent.ingress[{i}]'s listen port, "
+                                 "which is forwarded to the enclave on every address of the "
+                                 "host but loopback: scrapes would reach the enclave",
+                                 "choose another port, or listen on 127.0.0.1")
+                    break
         return _ParentParts(private_key, public_key, egress, ingress, launch, metrics)
 
     def enclave_cid(self, m: Mapping[str, Node], launch: EnclaveLaunch | None) -> int | None:
@@ -1239,7 +1332,8 @@ class _Builder(_Parser):
                 out.append(r)
         return out, names
 
-    def egress(self, node: Node | None, enclave_addrs: list[IPInterface]) -> Egress:
+    def egress(self, node: Node | None, parent_addrs: list[IPInterface],
+               enclave_addrs: list[IPInterface]) -> Egress:
         m = self.mapping(node, "parent.egress", _EGRESS_KEYS)
         nat = True
         if "nat" in m:
@@ -1289,8 +1383,23 @@ class _Builder(_Parser):
         for k, rnode in self.items(m.get("resolver"), "parent.egress.resolver",
                                    "10.0.0.2") or []:
             r = self.parsed(rnode, k, "10.0.0.2", _ip)
-            if r is not None:
-                resolver.append(r)
+            if r is None:
+                continue
+            fix = ("name a resolver outside the tunnel, e.g. 169.254.169.253 (the VPC's), or "
+                   "leave resolver out to use the nameserver lines of /etc/resolv.conf")
+            if (why := _not_a_server(r)) is not None:
+                self.problem(_line(rnode), k, f"{r} is {why}", fix)
+                continue
+            if (where := _in_tunnel(r, parent_addrs, enclave_addrs)) is not None:
+                net, end = where
+                why = {"enclave": "the enclave's own address: it would answer the queries "
+                       "whose answers decide which addresses parent.egress opens to it",
+                       "parent": "the parent's own, where the forwarder listens: it would "
+                       "ask itself, and it answers only the enclave"}.get(
+                           end, "no host there: the tunnel has two ends")
+                self.problem(_line(rnode), k, f"{r} is in the tunnel subnet {net}, {why}", fix)
+                continue
+            resolver.append(r)
         grace = DEFAULT_DNS_GRACE
         if "dns_grace" in m:
             grace = self.integer(m["dns_grace"], "parent.egress.dns_grace", DEFAULT_DNS_GRACE,
@@ -1439,9 +1548,19 @@ class _Builder(_Parser):
                     dns_keys += [k] * len(forwarder)
                     continue
                 d = self.parsed(node, k, "169.254.169.253 or parent", _ip)
-                if d is not None:
-                    dns.append(d)
-                    dns_keys.append(k)
+                if d is None:
+                    continue
+                where = _in_tunnel(d, parent_addrs, addrs)
+                if where is not None and not where[1]:
+                    # Either end may answer (the parent's forwarder, a resolver the enclave
+                    # runs itself); elsewhere in the subnet nothing does.
+                    self.problem(_line(node), k, f"{d} is in the tunnel subnet {where[0]}, "
+                                 "but at neither end of it: no host there answers",
+                                 "write `parent` for the parent's DNS forwarder, or give a "
+                                 "resolver such as 169.254.169.253")
+                    continue
+                dns.append(d)
+                dns_keys.append(k)
             if names and not any(d in forwarder for d in dns) and self.ok("enclave.dns"):
                 self.problem(self.at("enclave.dns"), "enclave.dns",
                              "parent.egress names host names, which only the parent's DNS "
