@@ -1392,8 +1392,9 @@ class _Builder(_Parser):
                 continue
             if (where := _in_tunnel(r, parent_addrs, enclave_addrs)) is not None:
                 net, end = where
-                why = {"enclave": "the enclave's own address: it would answer the queries "
-                       "whose answers decide which addresses parent.egress opens to it",
+                why = {"enclave": "the enclave's own address: the forwarder must not ask "
+                       "the enclave, whose answers would decide which addresses "
+                       "parent.egress opens to it",
                        "parent": "the parent's own, where the forwarder listens: it would "
                        "ask itself, and it answers only the enclave"}.get(
                            end, "no host there: the tunnel has two ends")
