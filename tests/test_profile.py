@@ -171,8 +171,16 @@ def test_own_deny_list_keeps_the_credential_endpoints_denied(deny):
 
 
 def test_explicit_deny_is_kept_even_when_allow_names_the_metadata_service():
-    text = "name: a\nparent: {egress: {allow: [169.254.169.254/32], deny: [169.254.169.254/32]}}\n"
-    assert [str(r) for r in parse_profile(text).parent.egress.deny] == CREDENTIALS
+    text = ("name: a\nparent: {egress: {allow: [169.254.0.0/16:80/tcp], "
+            "deny: [169.254.169.254/32]}}\n")
+    egress = parse_profile(text).parent.egress
+    assert "169.254.169.254/32" in [str(r) for r in egress.deny]
+    assert [str(r) for r in egress.lifted] == ["169.254.170.2/32:80/tcp",
+                                               "169.254.170.23/32:80/tcp"]
+    # Allowing exactly what deny names says two things: refused, naming both.
+    [problem] = problems("name: a\nparent: {egress: {allow: [169.254.169.254/32], "
+                         "deny: [169.254.169.254/32]}}\n")
+    assert problem.key == "parent.egress.allow[0]" and "deny[0]" in problem.reason
 
 
 def test_profile_check_prints_the_effective_deny_list(tmp_path, capsys):
@@ -1180,4 +1188,56 @@ def test_metrics_on_an_ingress_port_is_refused():
     refused(text, "parent.metrics.listen", "parent.ingress[0]", "metrics:")
     parse_profile(text.replace("0.0.0.0:9586", "127.0.0.1:9586"), FILE)
     parse_profile(text.replace("{listen: 9586, to: 80}", "{listen: 9586, protocol: udp}"),
+                  FILE)
+
+
+def test_an_allow_entry_a_deny_entry_wholly_covers_is_refused():
+    # Deny is checked first: the allow entry can never let anything through, so the profile
+    # says two things and only one of them holds.
+    text = y("""
+        name: a
+        parent:
+          egress:
+            allow: [198.51.100.0/24:443/tcp, 192.0.2.0/24]
+            deny: [198.51.100.0/23]
+    """)
+    p = refused(text, "parent.egress.allow[0]", "never allowed", "allow:")
+    assert "parent.egress.deny[0]" in p.reason and "198.51.100.0/23" in p.reason
+    for deny in ("198.51.100.0/24:443", "198.51.100.0/24/tcp", "198.51.100.0/24:400-500/tcp"):
+        refused(text.replace("198.51.100.0/23", deny), "parent.egress.allow[0]",
+                "never allowed")
+    # Partly covered is a carve-out, which is what deny is for.
+    for deny in ("198.51.100.0/25", "198.51.100.0/24:80", "198.51.100.0/24/udp",
+                 "198.51.100.0/24:444-500"):
+        parse_profile(text.replace("198.51.100.0/23", deny), FILE)
+    parse_profile(text.replace("allow: [198.51.100.0/24:443/tcp, ", "allow: ["), FILE)
+
+
+def test_an_allow_list_aliased_as_the_deny_list_is_refused():
+    text = "name: a\nparent:\n  egress:\n    allow: &x [10.0.0.0/8, 10.1.0.0/16]\n    deny: *x\n"
+    found = problems(text)
+    assert [p.key for p in found] == ["parent.egress.allow[0]", "parent.egress.allow[1]"]
+
+
+@pytest.mark.parametrize(("allow", "deny"), [
+    ("api.example.com:443/tcp", "api.example.com"),
+    ("api.example.com", '"*.example.com"'),
+    ('"*.api.example.com"', '"*.example.com"'),
+    ('"*.example.com"', '"*.example.com"'),
+])
+def test_an_allow_name_a_deny_name_wholly_covers_is_refused(allow, deny):
+    text = y(f"""
+        name: a
+        parent:
+          egress:
+            allow: [other.example.org, {allow}]
+            deny: [{deny}]
+    """)
+    refused(text, "parent.egress.allow[1]", "never allowed", "allow:")
+
+
+def test_a_deny_name_below_an_allow_wildcard_is_a_carve_out():
+    parse_profile('name: a\nparent: {egress: {allow: ["*.example.com"], deny: [a.example.com, '
+                  '"*.b.example.com"]}}\n', FILE)
+    parse_profile('name: a\nparent: {egress: {allow: [example.com], deny: ["*.example.com"]}}\n',
                   FILE)

@@ -495,6 +495,9 @@ class _Parser:
         self.file = file
         self.problems: list[Problem] = []
         self.lines: dict[str, int] = {}
+        # The key each parsed egress entry was written under (by id: equal entries written
+        # twice are two entries), for problems found by comparing the lists.
+        self.entry_keys: dict[int, str] = {}
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -1328,9 +1331,49 @@ class _Builder(_Parser):
                                  "as a CIDR with the port")
                     continue
                 names.append(r)
+                self.entry_keys[id(r)] = k
             elif r is not None:
                 out.append(r)
+                self.entry_keys[id(r)] = k
         return out, names
+
+    def dead_allows(self, allow: list[Rule], deny: list[Rule], names_allowed: list[NameRule],
+                    names_denied: list[NameRule]) -> None:
+        """Refuses each allow entry a deny entry covers whole (network, ports and protocol,
+        or name): deny is checked first, so it could never let anything through. A deny that
+        covers part of one is a carve-out, which is what deny is for."""
+        by_net: dict[IPNetwork, list[Rule]] = {}
+        for d in deny:
+            by_net.setdefault(d.network, []).append(d)
+        # Only the prefix lengths deny has: a long allow list against a long deny list stays
+        # linear (every supernet of every entry would be 33 or 129 lookups each).
+        lengths = sorted({(d.network.version, d.network.prefixlen) for d in deny})
+        for a in allow:
+            net = a.network
+            covering = (d for v, n in lengths if v == net.version and n <= net.prefixlen
+                        for d in by_net.get(net.supernet(new_prefix=n), ()))
+            for d in covering:
+                if ((d.protocol is None or d.protocol == a.protocol)
+                        and (d.ports is None or (a.ports is not None and d.ports[0]
+                                                 <= a.ports[0] and a.ports[1] <= d.ports[1]))):
+                    self.never_allowed(a, d)
+                    break
+        # "*.example.com" is every name below example.com, not example.com itself: it covers
+        # the names and wildcards below, and itself.
+        denied = {(dn.pattern.labels, dn.pattern.wildcard): dn for dn in reversed(names_denied)}
+        for an in names_allowed:
+            labels = an.pattern.labels
+            found = denied.get((labels, an.pattern.wildcard))
+            for n in range(1, len(labels)):
+                found = found or denied.get((labels[n:], True))
+            if found is not None:
+                self.never_allowed(an, found)
+
+    def never_allowed(self, a: Rule | NameRule, d: Rule | NameRule) -> None:
+        k, dk = self.entry_keys[id(a)], self.entry_keys[id(d)]
+        self.problem(self.at(k), k, f"'{a}' is never allowed: {dk} ('{d}') denies all of it, "
+                     "and deny is checked first",
+                     "drop it from parent.egress.allow, or narrow the deny entry")
 
     def egress(self, node: Node | None, parent_addrs: list[IPInterface],
                enclave_addrs: list[IPInterface]) -> Egress:
@@ -1358,6 +1401,8 @@ class _Builder(_Parser):
             allow, names_allowed = parsed
         deny, names_denied = (self.rules(m, "parent.egress.deny", name_ports=False)
                               or ([], []))
+        if parsed is not None:  # the default allows what it allows: deny is the carve-out
+            self.dead_allows(allow, deny, names_allowed, names_denied)
         if names_denied and not names_allowed and not allows_every_address(allow):
             self.problem(self.at("parent.egress.deny"), "parent.egress.deny",
                          "host names here with none in parent.egress.allow and no allow "
