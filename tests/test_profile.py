@@ -1241,3 +1241,26 @@ def test_a_deny_name_below_an_allow_wildcard_is_a_carve_out():
                   '"*.b.example.com"]}}\n', FILE)
     parse_profile('name: a\nparent: {egress: {allow: [example.com], deny: ["*.example.com"]}}\n',
                   FILE)
+
+
+@pytest.mark.parametrize("value", ["0820", "0999", "08"])
+def test_a_leading_zero_that_is_not_octal_is_named_as_such(value):
+    # YAML 1.1 reads 0820 as text (8 is no octal digit): the refusal said "got a string",
+    # and "write a number without quotes" of a number written without quotes.
+    p = refused(f"name: a\ntransport:\n  port: {value}\n", "transport.port", "leading zero",
+                "  port:")
+    assert p.hint == f"write {int(value)}, not {value}"
+    # Quoted, it is a string, and that is what to say.
+    p = refused(f'name: a\ntransport:\n  port: "{value}"\n', "transport.port", "got a string")
+    assert "without quotes" in p.hint
+
+
+def test_a_problem_with_an_aliased_value_points_at_the_alias():
+    # An alias is the anchored node itself, with the anchor's line: the problem pointed there.
+    text = y("""
+        name: a
+        transport:
+          port: &p 820
+          control_port: *p
+    """)
+    refused(text, "transport.control_port", "equals port", "control_port:")

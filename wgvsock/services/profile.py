@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import copy
 import difflib
 import hashlib
 import ipaddress
@@ -603,6 +604,18 @@ class _Parser:
         value = self._scalar(node, key)
         if value is _FAIL:
             return None
+        if (type(value) is str and node.style is None and not getattr(node, "explicit_tag", False)
+                and _LEADING_ZERO.fullmatch(node.value.replace("_", ""))):
+            # Written without quotes, but not octal (0820): YAML 1.1 reads it as text, and
+            # "got a string" would not tell the writer what is wrong.
+            raw = node.value.replace("_", "")
+            meant = int(raw, 10)
+            self.problem(_line(node), key,
+                         f"'{node.value}' has a leading zero, which is not allowed (to YAML "
+                         "it is not a number at all)",
+                         f"write {meant}, not {node.value}" if lo <= meant <= hi
+                         else f"write a number in {lo}..{hi} without leading zeros")
+            return None
         if type(value) is not int:
             self.problem(_line(node), key, f"expected an integer, got {_describe(node)}",
                          f"write a number in {lo}..{hi} without quotes")
@@ -726,6 +739,7 @@ class _Parser:
 
 _FAIL = object()
 _OCTAL = re.compile(r"[-+]?0[0-7]+")
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9]+")
 
 
 def _address(text: str) -> IPInterface:
@@ -1738,6 +1752,17 @@ MAX_FLOW_DEPTH = 32
 
 
 class _Loader(yaml.SafeLoader):
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        # An alias is the anchored node itself, marks and all: a problem with the value the
+        # alias stands for would point at the anchor's line. A shallow copy with the alias's
+        # marks points at the line that used it (and costs the same for an alias bomb).
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            node = copy.copy(super().compose_node(parent, index))
+            node.start_mark, node.end_mark = event.start_mark, event.end_mark
+            return node
+        return super().compose_node(parent, index)
+
     def compose_scalar_node(self, anchor: str | None) -> ScalarNode:
         # Whether the tag was written (`!!int abc`) or guessed from the value (2024-02-30 is a
         # date to YAML 1.1): only a written one must fit a value read as text.
