@@ -454,3 +454,15 @@ class Control:
             return True
         remove()
         return False
+
+
+def test_a_reload_to_an_egress_interface_the_host_lacks_changes_nothing(monkeypatch) -> None:
+    """nft takes any `oifname`: the new table would have masqueraded nothing."""
+    p = Parent(profile())
+    monkeypatch.setattr(Parent, "_reload_firewall",
+                        lambda *a: pytest.fail("the table must not be replaced"))
+    new = profile(**{"  egress:\n": "  egress:\n    interface: h3none0\n"})
+    with pytest.raises(RoleError, match=r"not reloaded: pay.yaml:9: parent.egress.interface: "
+                       r"this host has no interface h3none0"):
+        p.reload(new)
+    assert p.profile.parent.egress.interface is None

@@ -303,6 +303,27 @@ def test_a_tunnel_subnet_a_host_route_covers_is_refused(world: World) -> None:
     assert not (world.lab.tmp / "state").exists()
 
 
+def test_an_egress_interface_the_host_does_not_have_is_refused(world: World) -> None:
+    """parent.egress.interface names the interface to masquerade out of; nft takes any name
+    (`oifname` compares strings), so a typo came up with a table that masquerades nothing,
+    and the enclave's traffic left with its tunnel address as the source, to be dropped by
+    the first router."""
+    world.profile.write_text(world.profile.read_text().replace(
+        "  egress:\n", "  egress:\n    interface: ens9\n"))
+    before_links = world.parent.ip("-o", "link", "show").stdout
+    before_rules = world.parent.run("nft", "list", "ruleset").stdout
+    res = world.parent_cmd("up", check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "parent.egress.interface: this host has no interface ens9" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert world.parent.ip("-o", "link", "show").stdout == before_links
+    assert world.parent.run("nft", "list", "ruleset").stdout == before_rules
+    doctor = world.parent_cmd("doctor", check=False)
+    assert doctor.returncode == 1
+    assert any("egress interface" in line and "NOT READY" in line
+               for line in doctor.stdout.splitlines()), doctor.stdout
+
+
 def test_a_flushed_ruleset_is_put_back(world: World) -> None:
     """Issue 12.9: `nft flush ruleset` (or a firewall reload) used to leave the enclave
     forwarded unfiltered until the next `parent up`; the parent now puts its table back."""

@@ -97,6 +97,8 @@ def local_checks(profile) -> list[Check]:
         checks.append(Check("vsock", None, f"transport is {profile.transport.kind}"))
     checks.append(_socket_dirs_check(profile))
     checks.append(state_dir_check())
+    if profile.parent.egress.interface:
+        checks.append(egress_interface_check(profile))
     if profile.attestation.test_root_ca:
         checks.append(test_root_check(profile.attestation.test_root_ca))
     if profile.parent.enclave is not None:
@@ -104,6 +106,22 @@ def local_checks(profile) -> list[Check]:
 
         checks += [Check(*c) for c in launch_checks(profile.parent.enclave)]
     return checks
+
+
+def egress_interface_check(profile) -> Check:
+    """parent.egress.interface must be an interface of this host: nft compares `oifname` as
+    a string, so a name no interface has (a typo, another instance type's ens5) loads fine and
+    masquerades nothing, and the enclave's traffic leaves with its tunnel address."""
+    name = profile.parent.egress.interface
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return Check("egress interface", False,
+                     f"{profile.path}:{profile.line_of('parent.egress.interface')}: "
+                     f"parent.egress.interface: this host has no interface {name}, so nothing "
+                     "would be masqueraded — name the one the enclave's traffic leaves by "
+                     "(`ip -br link`), or remove the key to use the default route's")
+    return Check("egress interface", True, f"masquerades out of {name}")
 
 
 def test_root_check(path: str) -> Check:
@@ -1000,6 +1018,10 @@ class Parent:
                 "not reloaded: " + ", ".join(f"{k} (line {new.line_of(k)})" for k in fixed)
                 + " changed, which a running parent cannot take. Put the old value back, or "
                 "run `wgvsock parent down` and `up` (the enclave registers again)")
+        if "parent.egress.interface" in changed and new.parent.egress.interface:
+            check = egress_interface_check(new)
+            if check.ok is False:
+                raise RoleError(f"not reloaded: {check.detail}")
         # Read again at each reload, changed or not: the file is what the operator edits.
         try:
             root = read_test_root(new.attestation.test_root_ca)
