@@ -1264,3 +1264,16 @@ def test_a_problem_with_an_aliased_value_points_at_the_alias():
           control_port: *p
     """)
     refused(text, "transport.control_port", "equals port", "control_port:")
+
+
+@pytest.mark.parametrize(("value", "got"), [
+    ("8.2e2", "a string"),  # not a float to YAML 1.1, which wants a sign in the exponent
+    ("820.0", "a number"),
+    (".inf", "a number"),
+    ("yes", "true/false"),
+])
+def test_a_plain_value_that_is_no_integer_is_not_told_to_drop_quotes(value, got):
+    p = refused(f"name: a\ntransport:\n  port: {value}\n", "transport.port", f"got {got}",
+                "  port:")
+    assert value in p.reason and "quotes" not in p.hint
+    assert p.hint == "write a whole number in 1..4294967294"

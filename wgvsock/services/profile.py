@@ -617,8 +617,12 @@ class _Parser:
                          else f"write a number in {lo}..{hi} without leading zeros")
             return None
         if type(value) is not int:
-            self.problem(_line(node), key, f"expected an integer, got {_describe(node)}",
-                         f"write a number in {lo}..{hi} without quotes")
+            if node.style in ("'", '"'):
+                self.problem(_line(node), key, f"expected an integer, got {_describe(node)}",
+                             f"write a number in {lo}..{hi} without quotes")
+            else:  # written plain: quotes are not what is wrong with it
+                self.problem(_line(node), key, f"expected an integer, got {_describe(node)} "
+                             f"('{node.value}')", f"write a whole number in {lo}..{hi}")
             return None
         # YAML 1.1 (PyYAML's) reads 0777 as octal and 443:8443 as base 60: the number
         # used would not be the one written. Hex (0x) and binary (0b) say what they are.
