@@ -926,3 +926,29 @@ def test_the_tcp_stand_in_s_control_port_takes_either_family(host):
             peer, _ = listener.accept()
             peer.close()
             assert s.getpeername()[:2] == (host, transport.control_port)
+
+
+def test_a_control_socket_another_parent_answers_on_is_left_alone(tmp_path):
+    """Two profiles given one transport.path and control_port: the second `up` unlinked the
+    first's live control socket and bound its own, and the first's enclave registered with
+    the second parent from then on. The WireGuard socket beside it was already kept (a
+    socket someone answers on is never removed); the control socket now is too."""
+    from wgvsock.roles.common import RoleError, control_listener
+
+    own = tmp_path / "own"
+    first = control_listener(types.SimpleNamespace(kind="unix", path=str(own),
+                                                   control_port=5100))
+    try:
+        transport = types.SimpleNamespace(kind="unix", path=str(own), control_port=5100)
+        with pytest.raises(RoleError, match=rf"{own}/5100.sock is another running parent's "
+                           r"control socket.*transport.control_port"):
+            control_listener(transport)
+        with contextlib.closing(socket.socket(socket.AF_UNIX)) as s:
+            s.connect(str(own / "5100.sock"))  # still the first's
+            peer, _ = first.accept()
+            peer.close()
+    finally:
+        first.close()
+    # A socket nobody answers on (a parent killed with -9) is taken over as before.
+    with contextlib.closing(control_listener(transport)) as listener:
+        assert listener.getsockname() == str(own / "5100.sock")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
@@ -10,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from ..conn.endpoint import VMADDR_CID_ANY, Endpoint
-from ..conn.unixsock import socket_dir
+from ..conn.unixsock import remove_stale, socket_dir
 from ..device.device import Device
 from ..device.uapi import DEFAULT_RUN_DIR, DeviceConfig, PeerConfig
 
@@ -59,8 +58,13 @@ def control_listener(transport) -> socket.socket:
     elif transport.kind == "unix":
         socket_dir(transport.path)
         path = unix_socket_path(transport.path, port)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # only a dead parent leaves one: `up` refuses while one runs
+        # A dead parent's is removed. One that answers is another running parent's (another
+        # profile given the same path and port: this profile's own `up` refuses while one
+        # runs): taking its place would hand that parent's enclave to this one.
+        if not remove_stale(path):
+            raise RoleError(f"{path} is another running parent's control socket: give this "
+                            "profile a transport.path of its own, or another "
+                            "transport.control_port")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
