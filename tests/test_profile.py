@@ -1277,3 +1277,16 @@ def test_a_plain_value_that_is_no_integer_is_not_told_to_drop_quotes(value, got)
                 "  port:")
     assert value in p.reason and "quotes" not in p.hint
     assert p.hint == "write a whole number in 1..4294967294"
+
+
+@pytest.mark.parametrize(("dns", "why"), [
+    ('"fe80::1"', "link-local"),  # resolv.conf cannot say which link, and the profile no scope
+    ("0.0.0.0", "unspecified"),
+    ("224.0.0.251", "multicast"),
+])
+def test_an_enclave_resolver_nothing_can_be_asked_at_is_refused(dns, why):
+    text = (f'name: a\nparent: {{address: [10.77.0.1/30, "fd77::1/126"]}}\n'
+            f'enclave:\n  dns: [{dns}]\n')
+    refused(text, "enclave.dns[0]", why, "dns:")
+    # The enclave's own loopback is a resolver it runs itself.
+    parse_profile(text.replace(dns, "127.0.0.1"), FILE)

@@ -1614,6 +1614,15 @@ class _Builder(_Parser):
                 d = self.parsed(node, k, "169.254.169.253 or parent", _ip)
                 if d is None:
                     continue
+                why = _not_a_server(d)
+                if why is None and d.version == 6 and d.is_link_local:
+                    why = ("link-local (fe80::/10), which means nothing without the link, and "
+                           "neither the profile nor the tunnel can name one")
+                if why is not None:
+                    self.problem(_line(node), k, f"{d} is {why}",
+                                 "give a resolver the enclave can reach, such as "
+                                 "169.254.169.253, or `parent` for the parent's DNS forwarder")
+                    continue
                 where = _in_tunnel(d, parent_addrs, addrs)
                 if where is not None and not where[1]:
                     # Either end may answer (the parent's forwarder, a resolver the enclave
