@@ -156,6 +156,14 @@ def test_reload_refuses_what_it_cannot_apply(world: World) -> None:
     before = table(world)
     pid = parent_pid(world)
 
+    def rest() -> tuple[str, str, list]:
+        """The running state besides the table: addresses, routes and the enclave's peer."""
+        return (world.parent.ip("-o", "addr", "show").stdout,
+                world.parent.ip("route", "show", "table", "all").stdout,
+                [(p["public_key"], p["allowed_ips"])
+                 for p in uapi_get(str(world.parent_uapi()))["peers"]])
+
+    others = rest()
     # Keys the running parent cannot change: each named with its line; nothing changes.
     world.profile.write_text(good.replace("interface: wg0", "interface: wg9")
                              + "mtu: 1380\n")
@@ -171,12 +179,19 @@ def test_reload_refuses_what_it_cannot_apply(world: World) -> None:
     assert str(world.profile) in res.stderr and "parent.egress.allow" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
     assert table(world) == before
+    # An egress interface the host does not have: nft would take it and masquerade nothing.
+    world.profile.write_text(good.replace("  egress:\n", "  egress:\n    interface: ens9\n"))
+    res = reload(world)
+    assert res.returncode == 1
+    assert "parent.egress.interface: this host has no interface ens9" in res.stderr, res.stderr
+    assert table(world) == before and rest() == others
     # The reload of another file than the one the parent runs from is refused.
     world.profile.write_text(good)
     copy = world.lab.tmp / "copy.yaml"
     copy.write_text(good)
     res = reload(world, copy)
     assert res.returncode == 1 and f"reads {world.profile}" in res.stderr, res.stderr
+    assert rest() == others
     # The parent served on throughout.
     assert parent_pid(world) == pid
     assert world.egress_works() and world.ingress_works()
