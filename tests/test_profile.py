@@ -1290,3 +1290,14 @@ def test_an_enclave_resolver_nothing_can_be_asked_at_is_refused(dns, why):
     refused(text, "enclave.dns[0]", why, "dns:")
     # The enclave's own loopback is a resolver it runs itself.
     parse_profile(text.replace(dns, "127.0.0.1"), FILE)
+
+
+def test_a_deny_of_all_the_default_allow_lets_through_is_refused():
+    # With allow left to its default, `deny: [0.0.0.0/0]` passed, and `profile check` printed
+    # allow: [0.0.0.0/0] beside it: a dump that its own check refused.
+    text = "name: a\nparent:\n  egress:\n    deny: [0.0.0.0/0]\n"
+    p = refused(text, "parent.egress.deny[0]", "the default allow entry 0.0.0.0/0", "deny:")
+    assert "allow: []" in p.hint
+    text = "name: a\nparent:\n  egress:\n    deny: [0.0.0.0/1, 10.0.0.0/8]\n"
+    parsed = parse_profile(text, FILE)
+    assert parse_profile(dump_profile(parsed), FILE) == parsed

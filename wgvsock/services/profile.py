@@ -1388,7 +1388,14 @@ class _Builder(_Parser):
                 self.never_allowed(an, found)
 
     def never_allowed(self, a: Rule | NameRule, d: Rule | NameRule) -> None:
-        k, dk = self.entry_keys[id(a)], self.entry_keys[id(d)]
+        dk = self.entry_keys[id(d)]
+        if id(a) not in self.entry_keys:  # allow left to its default
+            self.problem(self.at(dk), dk, f"'{d}' denies all that the default allow entry "
+                         f"{a} lets through: no egress to that family at all",
+                         "write the allow list out (allow: [] allows nothing), or narrow the "
+                         "deny entry")
+            return
+        k = self.entry_keys[id(a)]
         self.problem(self.at(k), k, f"'{a}' is never allowed: {dk} ('{d}') denies all of it, "
                      "and deny is checked first",
                      "drop it from parent.egress.allow, or narrow the deny entry")
@@ -1419,8 +1426,7 @@ class _Builder(_Parser):
             allow, names_allowed = parsed
         deny, names_denied = (self.rules(m, "parent.egress.deny", name_ports=False)
                               or ([], []))
-        if parsed is not None:  # the default allows what it allows: deny is the carve-out
-            self.dead_allows(allow, deny, names_allowed, names_denied)
+        self.dead_allows(allow, deny, names_allowed, names_denied)
         if names_denied and not names_allowed and not allows_every_address(allow):
             self.problem(self.at("parent.egress.deny"), "parent.egress.deny",
                          "host names here with none in parent.egress.allow and no allow "
