@@ -1301,3 +1301,23 @@ def test_a_deny_of_all_the_default_allow_lets_through_is_refused():
     text = "name: a\nparent:\n  egress:\n    deny: [0.0.0.0/1, 10.0.0.0/8]\n"
     parsed = parse_profile(text, FILE)
     assert parse_profile(dump_profile(parsed), FILE) == parsed
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_an_all_zero_image_pcr_pin_is_refused(index):
+    # All zeros is what a debug-mode enclave reports for PCR0-2, never a measurement: pinned,
+    # it refused every enclave (a debug one is refused without allow_debug, and with it those
+    # PCRs are not compared), or, without require, reported none as attested.
+    text = f"name: a\nattestation:\n  require: true\n  pcrs:\n    0: {PCR}\n"
+    text = text.replace(f"    0: {PCR}\n", f"    0: {PCR}\n    {index}: {'0' * 96}\n") \
+        if index else text.replace(PCR, "0" * 96)
+    refused(text, f"attestation.pcrs.{index}", "debug-mode", f"{index}: 000")
+    # PCR8 is all zeros for an image that is not signed: a pin that says so is meaningful.
+    parse_profile(f"name: a\nattestation:\n  pcrs:\n    0: {PCR}\n    8: {'0' * 96}\n", FILE)
+
+
+def test_metrics_in_the_tunnel_on_an_address_the_parent_lacks_is_refused():
+    # `up` made the tunnel, the table and the forwarding, then failed binding it.
+    text = 'name: a\nparent:\n  metrics: {listen: "10.77.0.2:9586"}\n'
+    refused(text, "parent.metrics.listen", "not the parent's", "metrics:")
+    parse_profile(text.replace("10.77.0.2", "10.77.0.1"), FILE)

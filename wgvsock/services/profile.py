@@ -73,6 +73,9 @@ WG_KEY_LEN = 32
 # Every profile transport is a stream, whose frames limit the MTU.
 STREAM_MTU_MAX = MAX_STREAM_MTU
 PCR_MAX_INDEX = 31
+# Image, kernel and application: all zeros in a debug-mode enclave's document (PCR8, the
+# signing certificate, is all zeros for an unsigned image too, so pinning that means something).
+_DEBUG_PCRS = (0, 1, 2)
 MAX_PROFILE_BYTES = 1 << 20
 # A port or an index: ASCII digits only, since str.isdigit() also takes superscript two,
 # which int() refuses, and Arabic-Indic or fullwidth four, which int() reads as 4 (a number
@@ -1298,6 +1301,15 @@ class _Builder(_Parser):
         ingress = self.ingress(m.get("ingress"), transport)
         launch = self.launch(m.get("enclave"))
         metrics = self.metrics(m.get("metrics"))
+        where = (_in_tunnel(metrics.listen[0], parent_addrs, enclave_addrs)
+                 if metrics.listen is not None else None)
+        if where is not None and where[1] != "parent":
+            # `up` would make the tunnel, the table and forwarding, then fail binding it.
+            key = "parent.metrics.listen"
+            self.problem(self.at(key), key, f"{metrics.listen[0]} is in the tunnel subnet "  # type: ignore[index]
+                         f"{where[0]} but not the parent's address there, so the parent "
+                         "cannot listen on it",
+                         "listen on an address of the parent, e.g. 127.0.0.1")
         if metrics.listen is not None and not metrics.listen[0].is_loopback:
             # Ingress DNATs its port on every address of the host but loopback, the host's
             # own connections included: the scrapes would reach the enclave, which could
@@ -1719,6 +1731,13 @@ class _Builder(_Parser):
                     continue
                 self.lines[key] = _line(knode)
                 value = self.parsed(vnode, key, "96 hex digits", _pcr_value)
+                if value is not None and i in _DEBUG_PCRS and not value.strip("0"):
+                    self.problem(_line(vnode), key, f"PCR{i} all zeros is what a debug-mode "
+                                 "enclave reports, never an image's measurement: pinned, it "
+                                 "lets no enclave be attested",
+                                 "pin the value `nitro-cli describe-eif` prints, or leave it out "
+                                 "(attestation.allow_debug admits debug-mode enclaves)")
+                    continue
                 if value is not None:
                     pcrs[i] = value
             pcrs = dict(sorted(pcrs.items()))
