@@ -464,3 +464,28 @@ def test_the_enclave_stops_with_its_app_when_its_tunnel_device_goes(world: World
     log = (world.lab.tmp / "enclave.log").read_text()
     assert "stopped: the tunnel device stopped" in log, log
     assert world.enclave.pids() == []  # CMD (the HTTP server) ended with it
+
+
+TCP6_TRANSPORT = """\
+  kind: tcp
+  port: 51820
+  host: "fd99::1\""""
+
+
+def test_the_tcp_stand_in_over_ipv6(lab: Lab) -> None:
+    """transport.host may be an IPv6 address: the profile takes one and the WireGuard stream
+    listens on both families, but the control port was IPv4 only, so `parent up` failed (and
+    undid the tunnel) binding it."""
+    with World(lab, transport=TCP6_TRANSPORT) as w:
+        w.env["TMPDIR"] = str(lab.tmp)
+        # The enclave reaches the parent over a cable of their own (a vsock stand-in).
+        lab.veth(w.parent, "192.0.2.1/30", w.enclave, "192.0.2.2/30")
+        w.parent.ip("-6", "addr", "add", "fd99::1/64", "dev", "va1", "nodad")
+        w.enclave.ip("-6", "addr", "add", "fd99::2/64", "dev", "vb1", "nodad")
+        res = w.parent_cmd("up", check=False)
+        assert res.returncode == 0, res.stderr
+        w.start_enclave()
+        wait_for(w.egress_works, 30, "the enclave's egress over a tunnel carried by IPv6 TCP")
+        wait_for(w.ingress_works, 10, "ingress 8443 over a tunnel carried by IPv6 TCP")
+        listening = w.parent.run("ss", "-Hltn", "sport = :51821").stdout
+        assert "[fd99::1]:51821" in listening, listening
