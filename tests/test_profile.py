@@ -1321,3 +1321,13 @@ def test_metrics_in_the_tunnel_on_an_address_the_parent_lacks_is_refused():
     text = 'name: a\nparent:\n  metrics: {listen: "10.77.0.2:9586"}\n'
     refused(text, "parent.metrics.listen", "not the parent's", "metrics:")
     parse_profile(text.replace("10.77.0.2", "10.77.0.1"), FILE)
+
+
+@pytest.mark.parametrize("port", [51820, 51821])
+def test_metrics_on_the_tcp_stand_in_s_own_port_is_refused(port):
+    # `up` took the port for the tunnel, then warned that "another process" held the
+    # metrics port, and tried it again every 5 s for ever.
+    text = ("name: a\ntransport: {kind: tcp, host: 192.0.2.1, port: 51820}\n"
+            f'parent:\n  metrics: {{listen: "127.0.0.1:{port}"}}\n')
+    refused(text, "parent.metrics.listen", "transport", "metrics:")
+    parse_profile(text.replace("kind: tcp", "kind: unix"), FILE)

@@ -1310,6 +1310,15 @@ class _Builder(_Parser):
                          f"{where[0]} but not the parent's address there, so the parent "
                          "cannot listen on it",
                          "listen on an address of the parent, e.g. 127.0.0.1")
+        if (metrics.listen is not None and transport.kind == "tcp"
+                and metrics.listen[1] in (transport.port, transport.control_port)):
+            # The tunnel's stream listens on every address: `up` would find the port "taken
+            # by another process" and try it again for ever.
+            key = "parent.metrics.listen"
+            which = "port" if metrics.listen[1] == transport.port else "control_port"
+            self.problem(self.at(key), key, f"port {metrics.listen[1]} is transport.{which}, "
+                         "which the tcp stand-in listens on itself",
+                         "choose another port for the metrics")
         if metrics.listen is not None and not metrics.listen[0].is_loopback:
             # Ingress DNATs its port on every address of the host but loopback, the host's
             # own connections included: the scrapes would reach the enclave, which could
