@@ -1331,3 +1331,24 @@ def test_metrics_on_the_tcp_stand_in_s_own_port_is_refused(port):
             f'parent:\n  metrics: {{listen: "127.0.0.1:{port}"}}\n')
     refused(text, "parent.metrics.listen", "transport", "metrics:")
     parse_profile(text.replace("kind: tcp", "kind: unix"), FILE)
+
+
+def test_a_file_of_many_mistakes_is_refused_in_a_screenful():
+    # A large file that is not a profile (60000 unknown keys): every problem, one a line.
+    text = "name: a\n" + "".join(f"k{i}: {i}\n" for i in range(5000))
+    with pytest.raises(ProfileError) as info:
+        parse_profile(text, FILE)
+    assert len(info.value.problems) == 5000  # all of them are still there to read
+    lines = str(info.value).splitlines()
+    assert len(lines) <= 51
+    assert lines[0].startswith(f"{FILE}:2: k0: unknown key")
+    assert lines[-1] == (f"{FILE}: and 4950 more problems — is this the right file? Fix the "
+                         "ones above first")
+
+
+def test_main_check_shows_a_screenful_of_a_file_of_many_mistakes(tmp_path, capsys):
+    path = tmp_path / "big.yaml"
+    path.write_text("name: a\n" + "".join(f"k{i}: {i}\n" for i in range(5000)))
+    assert main_check([str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 51 and err[-1].startswith(f"{path}: and 4950 more problems")

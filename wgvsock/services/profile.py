@@ -167,12 +167,23 @@ class Problem:
         return prose(f"{where}:{key} {self.reason}{hint}", 2000)
 
 
+# Problems str(ProfileError) shows: a file of thousands of mistakes is no profile, and a
+# screen of them says so better than every one would.
+MAX_SHOWN_PROBLEMS = 50
+
+
 class ProfileError(ValueError):
-    """A profile was refused. str() lists every problem, one per line."""
+    """A profile was refused. str() lists the problems, one per line (at most
+    MAX_SHOWN_PROBLEMS, then how many more there are); .problems holds every one."""
 
     def __init__(self, problems: Sequence[Problem]):
         self.problems: list[Problem] = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+        shown = [str(p) for p in self.problems[:MAX_SHOWN_PROBLEMS]]
+        if len(self.problems) > MAX_SHOWN_PROBLEMS:
+            more = len(self.problems) - MAX_SHOWN_PROBLEMS
+            shown.append(f"{self.problems[0].file}: and {more} more problems — is this the "
+                         "right file? Fix the ones above first")
+        super().__init__("\n".join(shown))
 
 
 class _Invalid(ValueError):
@@ -2136,8 +2147,7 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
     try:
         profile = load_profile(args.file)
     except ProfileError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
+        print(e, file=sys.stderr)
         return 1
     if args.host:
         try:
@@ -2268,8 +2278,7 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
             key = key_to_base64(public_key(private))
         new = set_parent_public_key(text, key, args.file)
     except ProfileError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
+        print(e, file=sys.stderr)
         return 1
     if new != text:
         # Through a symlink to the file itself: replacing the link would leave the profile it
