@@ -88,6 +88,19 @@ def test_enclave_only_keys_are_reported_not_applied() -> None:
                     "the parent; they take effect with a new image"]
 
 
+def test_a_reload_says_the_profiles_warnings() -> None:
+    # An allow entry a deny entry covers whole is taken (deny wins) with a warning, which
+    # `profile check` prints and a reload, whose outcome is all the operator sees, says.
+    shadowed = {"    allow: [0.0.0.0/0]": "    allow: [0.0.0.0/0, 192.0.2.0/24:443/tcp]\n"
+                                           "    deny: [192.0.2.0/24]"}
+    p = Parent(profile(**shadowed))
+    new = profile(**shadowed, **{"  address: 10.77.0.2/30": "  address: 10.77.0.2/30\n"
+                                                            "  dns: [10.0.0.2]"})
+    done = p.reload(new)
+    assert len(done) == 2 and done[1].startswith("warning: pay.yaml:9: parent.egress.allow[1]:")
+    assert "never allowed" in done[1]
+
+
 def test_an_enclave_verified_under_a_policy_a_reload_replaced_is_judged_again() -> None:
     """A registration's verdict and its install are apart in time; a reload may tighten the
     policy in between (installs and the reload's check of the running enclave take turns, but

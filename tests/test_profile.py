@@ -61,6 +61,19 @@ def problems(text: str) -> list[Problem]:
     return err.problems
 
 
+def warned(text: str, key: str, reason: str, needle: str | None = None) -> Problem:
+    """Assert TEXT is taken with exactly one warning about KEY, on NEEDLE's line."""
+    found = parse_profile(text, FILE).warnings
+    assert len(found) == 1, "\n".join(map(str, found))
+    p = found[0]
+    assert p.key == key
+    assert reason in p.reason, str(p)
+    if needle is not None:
+        assert p.line == line_with(text, needle), str(p)
+    assert " — " in str(p)  # every warning says what to do
+    return p
+
+
 def refused(text: str, key: str, reason: str, needle: str | None = None) -> Problem:
     """Assert TEXT is refused with exactly one problem about KEY, on NEEDLE's line."""
     found = problems(text)
@@ -177,10 +190,11 @@ def test_explicit_deny_is_kept_even_when_allow_names_the_metadata_service():
     assert "169.254.169.254/32" in [str(r) for r in egress.deny]
     assert [str(r) for r in egress.lifted] == ["169.254.170.2/32:80/tcp",
                                                "169.254.170.23/32:80/tcp"]
-    # Allowing exactly what deny names says two things: refused, naming both.
-    [problem] = problems("name: a\nparent: {egress: {allow: [169.254.169.254/32], "
-                         "deny: [169.254.169.254/32]}}\n")
-    assert problem.key == "parent.egress.allow[0]" and "deny[0]" in problem.reason
+    # Allowing exactly what deny names: deny wins, as it says, and a warning names both.
+    text = "name: a\nparent: {egress: {allow: [169.254.169.254/32], deny: [169.254.169.254/32]}}\n"
+    assert [str(r) for r in parse_profile(text).parent.egress.deny] == CREDENTIALS
+    p = warned(text, "parent.egress.allow[0]", "never allowed")
+    assert "deny[0]" in p.reason
 
 
 def test_profile_check_prints_the_effective_deny_list(tmp_path, capsys):
@@ -1191,9 +1205,10 @@ def test_metrics_on_an_ingress_port_is_refused():
                   FILE)
 
 
-def test_an_allow_entry_a_deny_entry_wholly_covers_is_refused():
+def test_an_allow_entry_a_deny_entry_wholly_covers_is_warned_of():
     # Deny is checked first: the allow entry can never let anything through, so the profile
-    # says two things and only one of them holds.
+    # says two things and only one of them holds. Taken (deny wins, as the rule says), with a
+    # warning naming both: `profile check` prints it, `parent up` and `reload` log it.
     text = y("""
         name: a
         parent:
@@ -1201,21 +1216,22 @@ def test_an_allow_entry_a_deny_entry_wholly_covers_is_refused():
             allow: [198.51.100.0/24:443/tcp, 192.0.2.0/24]
             deny: [198.51.100.0/23]
     """)
-    p = refused(text, "parent.egress.allow[0]", "never allowed", "allow:")
+    p = warned(text, "parent.egress.allow[0]", "never allowed", "allow:")
     assert "parent.egress.deny[0]" in p.reason and "198.51.100.0/23" in p.reason
     for deny in ("198.51.100.0/24:443", "198.51.100.0/24/tcp", "198.51.100.0/24:400-500/tcp"):
-        refused(text.replace("198.51.100.0/23", deny), "parent.egress.allow[0]",
-                "never allowed")
+        warned(text.replace("198.51.100.0/23", deny), "parent.egress.allow[0]",
+               "never allowed")
     # Partly covered is a carve-out, which is what deny is for.
     for deny in ("198.51.100.0/25", "198.51.100.0/24:80", "198.51.100.0/24/udp",
                  "198.51.100.0/24:444-500"):
-        parse_profile(text.replace("198.51.100.0/23", deny), FILE)
-    parse_profile(text.replace("allow: [198.51.100.0/24:443/tcp, ", "allow: ["), FILE)
+        assert parse_profile(text.replace("198.51.100.0/23", deny), FILE).warnings == []
+    assert parse_profile(text.replace("allow: [198.51.100.0/24:443/tcp, ", "allow: ["),
+                         FILE).warnings == []
 
 
-def test_an_allow_list_aliased_as_the_deny_list_is_refused():
+def test_an_allow_list_aliased_as_the_deny_list_is_warned_of():
     text = "name: a\nparent:\n  egress:\n    allow: &x [10.0.0.0/8, 10.1.0.0/16]\n    deny: *x\n"
-    found = problems(text)
+    found = parse_profile(text, FILE).warnings
     assert [p.key for p in found] == ["parent.egress.allow[0]", "parent.egress.allow[1]"]
 
 
@@ -1225,7 +1241,7 @@ def test_an_allow_list_aliased_as_the_deny_list_is_refused():
     ('"*.api.example.com"', '"*.example.com"'),
     ('"*.example.com"', '"*.example.com"'),
 ])
-def test_an_allow_name_a_deny_name_wholly_covers_is_refused(allow, deny):
+def test_an_allow_name_a_deny_name_wholly_covers_is_warned_of(allow, deny):
     text = y(f"""
         name: a
         parent:
@@ -1233,7 +1249,7 @@ def test_an_allow_name_a_deny_name_wholly_covers_is_refused(allow, deny):
             allow: [other.example.org, {allow}]
             deny: [{deny}]
     """)
-    refused(text, "parent.egress.allow[1]", "never allowed", "allow:")
+    warned(text, "parent.egress.allow[1]", "never allowed", "allow:")
 
 
 def test_a_deny_name_below_an_allow_wildcard_is_a_carve_out():
@@ -1292,12 +1308,18 @@ def test_an_enclave_resolver_nothing_can_be_asked_at_is_refused(dns, why):
     parse_profile(text.replace(dns, "127.0.0.1"), FILE)
 
 
-def test_a_deny_of_all_the_default_allow_lets_through_is_refused():
-    # With allow left to its default, `deny: [0.0.0.0/0]` passed, and `profile check` printed
-    # allow: [0.0.0.0/0] beside it: a dump that its own check refused.
+def test_a_deny_of_all_the_default_allow_lets_through_is_warned_of(tmp_path, capsys):
+    # `deny: [0.0.0.0/0]` under the default allow: no IPv4 egress, as it says; a warning
+    # says allow can say so, and `profile check` prints it and a dump that reads back.
     text = "name: a\nparent:\n  egress:\n    deny: [0.0.0.0/0]\n"
-    p = refused(text, "parent.egress.deny[0]", "the default allow entry 0.0.0.0/0", "deny:")
+    p = warned(text, "parent.egress.deny[0]", "the default allow entry 0.0.0.0/0", "deny:")
     assert "allow: []" in p.hint
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    assert main_check([str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: {path}:4: parent.egress.deny[0]: " in err, err
+    assert parse_profile(out, str(path)) == parse_profile(text, str(path))
     text = "name: a\nparent:\n  egress:\n    deny: [0.0.0.0/1, 10.0.0.0/8]\n"
     parsed = parse_profile(text, FILE)
     assert parse_profile(dump_profile(parsed), FILE) == parsed

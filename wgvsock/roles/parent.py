@@ -648,6 +648,8 @@ class Parent:
     def start(self) -> None:
         p = self.profile
         t = p.transport
+        for w in p.warnings:
+            log.warning("%s", w)
         failed = [c for c in local_checks(p) if c.ok is False]
         if failed:
             raise RoleError("; ".join(f"{c.name}: {c.detail}" for c in failed))
@@ -1057,7 +1059,7 @@ class Parent:
         if only := [k for k in changed if k.startswith(_ENCLAVE_ONLY_KEYS)]:
             done.append(f"{', '.join(only)}: read by the enclave from the profile in its image, "
                         "not by the parent; they take effect with a new image")
-        return done
+        return done + [f"warning: {w}" for w in new.warnings]
 
     def _reload_firewall(self, new, changed: list[str]) -> str:
         """The table for NEW, and the DNS forwarder started, updated or stopped to match."""

@@ -450,6 +450,9 @@ class Profile:
     # Dotted key -> line, so later checks (check_host, the roles) can point into the file too.
     # Not part of equality: the same profile written differently is still the same profile.
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    # What is valid but very likely not what the writer meant (an allow entry a deny entry
+    # covers whole): `profile check` prints them, `parent up` and `reload` log them.
+    warnings: list[Problem] = field(default_factory=list, compare=False, repr=False)
 
     def line_of(self, key: str) -> int:
         return _line_of(self.lines, key)
@@ -509,6 +512,7 @@ class _Parser:
     def __init__(self, file: str):
         self.file = file
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
         self.lines: dict[str, int] = {}
         # The key each parsed egress entry was written under (by id: equal entries written
         # twice are two entries), for problems found by comparing the lists.
@@ -518,6 +522,9 @@ class _Parser:
 
     def problem(self, line: int, key: str, reason: str, hint: str = "") -> None:
         self.problems.append(Problem(self.file, line, key, reason, hint))
+
+    def warn(self, line: int, key: str, reason: str, hint: str = "") -> None:
+        self.warnings.append(Problem(self.file, line, key, reason, hint))
 
     def at(self, key: str) -> int:
         return _line_of(self.lines, key)
@@ -1062,7 +1069,7 @@ class _Builder(_Parser):
                        ParentSide(parent_addrs, parent.private_key, parent.egress,
                                   parent.ingress, parent.enclave, parent.public_key,
                                   metrics=parent.metrics, enclave_cid=enclave_cid),
-                       enclave, attestation, path, dict(self.lines))
+                       enclave, attestation, path, dict(self.lines), list(self.warnings))
 
     # -- transport -------------------------------------------------------------------------------
 
@@ -1389,9 +1396,11 @@ class _Builder(_Parser):
 
     def dead_allows(self, allow: list[Rule], deny: list[Rule], names_allowed: list[NameRule],
                     names_denied: list[NameRule]) -> None:
-        """Refuses each allow entry a deny entry covers whole (network, ports and protocol,
-        or name): deny is checked first, so it could never let anything through. A deny that
-        covers part of one is a carve-out, which is what deny is for."""
+        """Warns of each allow entry a deny entry covers whole (network, ports and protocol,
+        or name): deny is checked first, so it can never let anything through. Not refused:
+        "deny wins" is the rule, and a profile that says it twice (an IMDS allow beside an
+        explicit IMDS deny, `deny: [0.0.0.0/0]` under the default allow) does what it says. A
+        deny that covers part of one is a carve-out, which is what deny is for."""
         by_net: dict[IPNetwork, list[Rule]] = {}
         for d in deny:
             by_net.setdefault(d.network, []).append(d)
@@ -1422,15 +1431,14 @@ class _Builder(_Parser):
     def never_allowed(self, a: Rule | NameRule, d: Rule | NameRule) -> None:
         dk = self.entry_keys[id(d)]
         if id(a) not in self.entry_keys:  # allow left to its default
-            self.problem(self.at(dk), dk, f"'{d}' denies all that the default allow entry "
-                         f"{a} lets through: no egress to that family at all",
-                         "write the allow list out (allow: [] allows nothing), or narrow the "
-                         "deny entry")
+            self.warn(self.at(dk), dk, f"'{d}' denies all that the default allow entry {a} "
+                      "lets through: no egress to that family at all",
+                      "if that is meant, say it with allow (allow: [] allows nothing)")
             return
         k = self.entry_keys[id(a)]
-        self.problem(self.at(k), k, f"'{a}' is never allowed: {dk} ('{d}') denies all of it, "
-                     "and deny is checked first",
-                     "drop it from parent.egress.allow, or narrow the deny entry")
+        self.warn(self.at(k), k, f"'{a}' is never allowed: {dk} ('{d}') denies all of it, "
+                  "and deny is checked first",
+                  "drop it from parent.egress.allow, or narrow the deny entry")
 
     def egress(self, node: Node | None, parent_addrs: list[IPInterface],
                enclave_addrs: list[IPInterface]) -> Egress:
@@ -2161,6 +2169,8 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
             for p in problems:
                 print(p, file=sys.stderr)
             return 1
+    for w in profile.warnings:
+        print(f"{prog}: warning: {w}", file=sys.stderr)
     if profile.attestation.test_root_ca:
         print(f"{prog}: warning: attestation.test_root_ca is set: the parent trusts "
               f"{profile.attestation.test_root_ca} instead of AWS's root (for tests only)",
