@@ -952,3 +952,130 @@ def test_a_control_socket_another_parent_answers_on_is_left_alone(tmp_path):
     # A socket nobody answers on (a parent killed with -9) is taken over as before.
     with contextlib.closing(control_listener(transport)) as listener:
         assert listener.getsockname() == str(own / "5100.sock")
+
+
+# -- versions: an enclave image is immutable, so a parent meets enclaves of older (and, after a
+# downgrade, newer) wgvsock releases for as long as they run.
+
+def _challenge(**fields) -> dict:
+    return {"v": 1, "type": "challenge", "profile": "demo",
+            "nonce": base64.b64encode(b"n" * 32).decode(), **fields}
+
+
+def test_fields_and_messages_a_side_does_not_know_are_ignored(server):
+    # What a newer release adds to a message (a field, a message type while the connection is
+    # held) must not break an older one: both sides read only the fields they know.
+    path, _srv, rec = server
+    with dial(path) as s:
+        challenge = read_message(s, time.monotonic() + 2)
+        s.sendall(encode({"type": "register", "nonce": challenge["nonce"],
+                          "public_key": base64.b64encode(b"E" * 32).decode(),
+                          "attestation": None, "tomorrow": {"x": [1, 2]}}))
+        assert read_message(s, time.monotonic() + 2)["type"] == "welcome"
+        s.sendall(encode({"type": "news", "what": "from a newer enclave"}))
+        s.sendall(encode({"type": "ping"}))
+        assert read_message(s, time.monotonic() + 12)["type"] == "ping"
+    assert rec.installed == [b"E" * 32]
+    parent, enclave = socket.socketpair()
+    with parent, enclave:
+        parent.sendall(frame(_challenge(tomorrow=True)))
+        parent.sendall(frame({"v": 1, "type": "welcome", "wg_port": 51820, "attested": False,
+                              "public_key": base64.b64encode(b"P" * 32).decode(),
+                              "tomorrow": "x"}))
+        assert register(enclave, b"E" * 32, timeout=5).wg_port == 51820
+
+
+def test_the_challenge_says_which_versions_the_parent_speaks(server):
+    path, _srv, _rec = server
+    with dial(path) as s:
+        assert read_message(s, time.monotonic() + 2)["versions"] == [1]
+
+
+@pytest.mark.parametrize("fields", [{"v": 2}, {"v": 2, "versions": [2, 3]},
+                                    {"v": 1, "versions": [2]}])
+def test_a_parent_that_no_longer_speaks_this_enclaves_version_is_named_as_such(fields):
+    # Before: "unsupported protocol version 2 (this side speaks 1)", retried at the pace of a
+    # parent that is not there (every second on vsock, for ever), without saying which side
+    # is which or what to upgrade.
+    parent, enclave = socket.socketpair()
+    with parent, enclave:
+        parent.sendall(frame(_challenge(**fields)))
+        with pytest.raises(control.Refused) as e:
+            register(enclave, b"E" * 32, timeout=5)
+        enclave.close()
+        # No register (nor attestation) was sent: a refusal saying why, for the parent's log.
+        said = read_message(parent, time.monotonic() + 5, any_version=True)
+        assert said["type"] == "refused" and said["reason"] == str(e.value)
+        parent.settimeout(2)
+        assert parent.recv(100) == b""
+    text = str(e.value)
+    speaks = "version 2" if fields.get("versions") in (None, [2]) else "versions 2, 3"
+    assert f"the parent speaks control protocol {speaks} and" in text
+    assert "this enclave speaks version 1" in text
+    assert "rebuild the enclave image with the parent's wgvsock" in text
+
+
+def test_an_older_parent_is_named_as_the_side_to_upgrade(monkeypatch):
+    # An enclave image of a later release (version 2 only) meets this release's parent.
+    monkeypatch.setattr(control, "PROTOCOL_VERSION", 2)
+    parent, enclave = socket.socketpair()
+    with parent, enclave:
+        parent.sendall(frame(_challenge(versions=[1])))
+        with pytest.raises(control.Refused) as e:
+            register(enclave, b"E" * 32, timeout=5)
+    assert str(e.value).startswith("the parent speaks control protocol version 1 and this "
+                                   "enclave speaks version 2")
+    assert "upgrade wgvsock on the parent" in str(e.value)
+
+
+def test_an_enclaves_refusal_of_the_parent_is_logged_and_kept_for_status(server, caplog):
+    path, srv, rec = server
+    with caplog.at_level(logging.WARNING, logger="wgvsock.control"), dial(path) as s:
+        read_message(s, time.monotonic() + 2)
+        s.sendall(frame({"v": 2, "type": "refused", "reason": "upgrade\nyourself"}))
+        expect_closed(s)
+    assert rec.installed == []
+    said = "the enclave refused this parent: upgrade\\nyourself"
+    assert said in " ".join(r.getMessage() for r in caplog.records)
+    assert srv.refusals.recent()[0].reason == said
+
+
+def test_a_newer_parent_that_still_speaks_this_enclaves_version_is_answered():
+    parent, enclave = socket.socketpair()
+    with parent, enclave:
+        parent.sendall(frame(_challenge(v=2, versions=[1, 2])))
+        parent.sendall(frame({"v": 1, "type": "welcome", "wg_port": 51820, "attested": False,
+                              "public_key": base64.b64encode(b"P" * 32).decode()}))
+        assert register(enclave, b"E" * 32, timeout=5).wg_port == 51820
+        parent.settimeout(2)
+        (length,) = struct.unpack(">I", parent.recv(4))
+        assert json.loads(parent.recv(length))["v"] == 1
+
+
+def test_a_refusal_is_read_whatever_version_it_carries():
+    # A refusal is how either side says why; one of another version still says it.
+    parent, enclave = socket.socketpair()
+    with parent, enclave:
+        parent.sendall(frame(_challenge()))
+        parent.sendall(frame({"v": 2, "type": "refused", "reason": "the reason"}))
+        with pytest.raises(control.Refused, match="parent refused this enclave: the reason"):
+            register(enclave, b"E" * 32, timeout=5)
+
+
+def test_an_enclave_of_a_newer_version_is_told_to_upgrade_the_parent(server, caplog):
+    # Before: the connection was closed without a word; the enclave saw "connection closed"
+    # and the parent logged "unsupported protocol version 2 (this side speaks 1)".
+    path, srv, rec = server
+    with caplog.at_level(logging.WARNING, logger="wgvsock.control"), dial(path) as s:
+        challenge = read_message(s, time.monotonic() + 2)
+        s.sendall(frame({"v": 2, "type": "register", "nonce": challenge["nonce"],
+                         "public_key": base64.b64encode(b"E" * 32).decode()}))
+        reply = read_message(s, time.monotonic() + 2)
+        expect_closed(s)
+    assert reply["type"] == "refused" and reply["versions"] == [1]
+    assert ("this parent speaks control protocol version 1 and the enclave version 2: upgrade "
+            "wgvsock on the parent") in reply["reason"]
+    assert rec.installed == []
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "version 2" in logged and "upgrade wgvsock on the parent" in logged
+    assert "upgrade wgvsock on the parent" in srv.refusals.recent()[0].reason

@@ -4,7 +4,8 @@ One stream connection (vsock, or the Unix/TCP stand-in) from the enclave to the 
 control port. Every message is a frame: a u32 big-endian length, then a UTF-8 JSON object of
 at most MAX_MESSAGE bytes with `"v": 1` and a `"type"`:
 
-    parent  -> enclave  {"v":1, "type":"challenge", "nonce": B64(32 random bytes), "profile": NAME}
+    parent  -> enclave  {"v":1, "type":"challenge", "nonce": B64(32 random bytes), "profile": NAME,
+                         "versions": [1]}
     enclave -> parent   {"v":1, "type":"register", "nonce": <the challenge's>,
                          "public_key": B64(32), "attestation": B64(COSE_Sign1) | null}
     parent  -> enclave  {"v":1, "type":"welcome", "public_key": B64(32), "wg_port": N,
@@ -21,6 +22,16 @@ hears nothing for 3 intervals, or sees the connection close, knows the other res
 enclave then registers again (with the same key) and the parent keeps the peer until a new
 enclave replaces it. The nonce is fresh per connection and single-use, so a recorded register
 message (or attestation document) cannot be replayed on another connection.
+
+Versions. An enclave image is immutable (the parent pins its PCR0), so a parent meets enclaves
+built with older wgvsock releases, and after a downgrade newer ones. Each side reads only the
+fields and, on a held connection, the message types it knows, so a release may add either
+without a new version. One that must change what a message means raises PROTOCOL_VERSION, and
+a parent keeps speaking every version it did (its challenge's "versions" lists them; the
+challenge itself stays readable by version 1): the enclave answers in its own, which the parent
+then speaks on that connection. A side that cannot speak the other's version says so, naming
+both and what to upgrade (IncompatibleParent on the enclave, a `refused` from the parent), and
+a `refused` is read whatever version it carries, since it says why.
 
 The attestation document's nonce is not the challenge's but attested_nonce(challenge), a hash
 under a label of this protocol's: whoever answers on the control port (the parent, or anything
@@ -56,6 +67,8 @@ from ..threads import NamedThread, Survivor
 log = logging.getLogger("wgvsock.control")
 
 PROTOCOL_VERSION = 1
+#: The versions a parent of this release speaks (its challenge says them), oldest first.
+VERSIONS = (1,)
 MAX_MESSAGE = 64 * 1024
 EXCHANGE_TIMEOUT = 10.0
 PING_INTERVAL = 10.0
@@ -77,6 +90,11 @@ class ControlError(Exception):
 
 class Refused(ControlError):
     """The parent answered and refused this enclave (its policy, or its verifier)."""
+
+
+class IncompatibleParent(Refused):
+    """The parent answered, but speaks no version of the protocol this enclave does: retried
+    as a refusal is (the parent's wgvsock may be changed back), and its reason kept."""
 
 
 class Throttled(Refused):
@@ -162,7 +180,9 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return bytes(buf)
 
 
-def read_message(sock: socket.socket, deadline: float) -> dict:
+def read_message(sock: socket.socket, deadline: float, any_version: bool = False) -> dict:
+    """The next message. ANY_VERSION: one of another version is returned too (its "v" a
+    positive integer), for the caller to answer or refuse; otherwise it is a ControlError."""
     (length,) = _LEN.unpack(_recv_exact(sock, 4, deadline))
     if length == 0 or length > MAX_MESSAGE:
         raise ControlError(f"message length {length} outside 1..{MAX_MESSAGE}")
@@ -177,7 +197,8 @@ def read_message(sock: socket.socket, deadline: float) -> dict:
         raise ControlError("message is not a JSON object")
     version = msg.get("v")
     # `type(...) is int`: 1.0 and true compare equal to 1 but are not the version.
-    if type(version) is not int or version != PROTOCOL_VERSION:
+    if type(version) is not int or (version != PROTOCOL_VERSION
+                                    and not (any_version and 0 < version < 2**31)):
         raise ControlError(f"unsupported protocol version {quote(version)} (this side "
                            f"speaks {PROTOCOL_VERSION})")
     if not isinstance(msg.get("type"), str):
@@ -531,8 +552,27 @@ class ControlServer:
     def _exchange(self, conn: socket.socket, peer: object = None, who: str = "?") -> bool:
         deadline = time.monotonic() + self._timeout
         nonce = self._rng(NONCE_LEN)
-        _send(conn, {"type": "challenge", "nonce": _text(nonce), "profile": self._profile})
-        msg = read_message(conn, deadline)
+        _send(conn, {"type": "challenge", "nonce": _text(nonce), "profile": self._profile,
+                     "versions": list(VERSIONS)})
+        msg = read_message(conn, deadline, any_version=True)
+        if msg["type"] == "refused":
+            # The enclave cannot speak with this parent (another version), and says why.
+            reason = f"the enclave refused this parent: {prose(msg.get('reason', '?'), 500)}"
+            self._verdict_log(logging.WARNING, "control: %s: %s", who, reason)
+            self.refusals.add("registration", who, reason)
+            return False
+        if msg["v"] not in VERSIONS:
+            # An enclave image built with a newer wgvsock than the parent's: the parent is the
+            # side to upgrade (a parent serves enclave images of its release and older ones).
+            reason = (f"this parent speaks control protocol {_versions(VERSIONS)} and the "
+                      f"enclave version {msg['v']}: upgrade "
+                      f"wgvsock on the parent to the release the enclave image was built "
+                      f"with, or a newer one")
+            self._verdict_log(logging.WARNING, "control: refused %s: %s", who, reason)
+            self.refusals.add("registration", who, reason)
+            self._settled(conn)
+            _send(conn, {"type": "refused", "reason": reason, "versions": list(VERSIONS)})
+            return False
         if msg["type"] != "register":
             raise ControlError(f"expected register, got {quote(msg['type'])}")
         echoed = _b64(msg, "nonce", NONCE_LEN)
@@ -698,6 +738,24 @@ def hold_connection(conn: socket.socket, stop: threading.Event,
 
 # -- enclave side --------------------------------------------------------------------------
 
+
+def _versions(versions: list | tuple) -> str:
+    """ "version 1", "versions 1, 2" (at most 8 named: the other side may have sent them)."""
+    return (f"version{'s' if len(versions) > 1 else ''} "
+            + ", ".join(quote(v) for v in versions[:8]) + (", ..." if len(versions) > 8 else ""))
+
+
+def _refused(msg: dict) -> None:
+    """Raises the Refused (or Throttled) that the parent's `refused` message says."""
+    text = f"parent refused this enclave: {prose(msg.get('reason', '?'), 1000)}"
+    retry_after = msg.get("retry_after")
+    # Only a number of seconds counts (bool is an int; json reads NaN and Infinity); the
+    # caller bounds it, since whoever answers on the control port may have sent it.
+    if (type(retry_after) in (int, float) and math.isfinite(retry_after)
+            and retry_after >= 0):
+        raise Throttled(text, float(retry_after))
+    raise Refused(text)
+
 Attester = Callable[[bytes, bytes], bytes | None]
 
 
@@ -707,9 +765,32 @@ def register(
 ) -> Welcome:
     """Runs the enclave's half of the exchange on a connected socket."""
     deadline = time.monotonic() + timeout
-    msg = read_message(conn, deadline)
+    msg = read_message(conn, deadline, any_version=True)
     if msg["type"] != "challenge":
+        if msg["type"] == "refused":
+            _refused(msg)
         raise ControlError(f"expected challenge, got {quote(msg['type'])}")
+    versions = msg.get("versions")
+    if not (isinstance(versions, list) and versions
+            and all(type(v) is int for v in versions)):
+        versions = [msg["v"]]  # a parent before "versions" speaks only the one it sends
+    if PROTOCOL_VERSION not in versions:
+        speaks = (f"the parent speaks control protocol {_versions(versions)} and this "
+                  f"enclave speaks version {PROTOCOL_VERSION}")
+        if max(versions) < PROTOCOL_VERSION:
+            why = (f"{speaks}: the parent's wgvsock is older than the one this enclave image "
+                   f"was built with; upgrade wgvsock on the parent to that release or a newer "
+                   f"one")
+        else:
+            why = (f"{speaks}: the parent's wgvsock no longer serves enclave images built with "
+                   f"this one; rebuild the enclave image with the parent's wgvsock (a new "
+                   f"image means a new PCR0: update attestation.pcrs), or run a parent wgvsock "
+                   f"that still speaks version {PROTOCOL_VERSION}")
+        # The parent's operator reads it there (its log, `wgvsock status`): a refusal is read
+        # whatever its version.
+        with contextlib.suppress(OSError, ControlError):
+            _send(conn, {"type": "refused", "reason": why})
+        raise IncompatibleParent(why)
     nonce = _b64(msg, "nonce", NONCE_LEN)
     assert nonce is not None
     document = attest(attested_nonce(nonce), public_key) if attest is not None else None
@@ -719,16 +800,13 @@ def register(
         "public_key": _text(public_key),
         "attestation": _text(document) if document else None,
     })
-    msg = read_message(conn, deadline)
+    msg = read_message(conn, deadline, any_version=True)
     if msg["type"] == "refused":
-        text = f"parent refused this enclave: {prose(msg.get('reason', '?'), 1000)}"
-        retry_after = msg.get("retry_after")
-        # Only a number of seconds counts (bool is an int; json reads NaN and Infinity); the
-        # caller bounds it, since whoever answers on the control port may have sent it.
-        if (type(retry_after) in (int, float) and math.isfinite(retry_after)
-                and retry_after >= 0):
-            raise Throttled(text, float(retry_after))
-        raise Refused(text)
+        _refused(msg)
+    if msg["v"] != PROTOCOL_VERSION:
+        raise ControlError(f"the parent answered in control protocol version "
+                           f"{quote(msg['v'])}, not the version {PROTOCOL_VERSION} this "
+                           f"enclave registered in")
     if msg["type"] != "welcome":
         raise ControlError(f"expected welcome, got {quote(msg['type'])}")
     parent_key = _b64(msg, "public_key", 32)
