@@ -57,6 +57,22 @@ def test_a_state_file_wgvsock_wrote_loads(state_dir: Path) -> None:
     assert State.load("pay").forwarding == odd
 
 
+def test_a_later_releases_state_file_loads_naming_the_fields_this_one_does_not_know(
+        state_dir: Path) -> None:
+    # A downgrade: the parent a later release started writes fields this one does not know.
+    # Before, the file was refused as "not one `wgvsock parent up` wrote", and `down` left
+    # that parent running. Fields are only added, never renamed or given another meaning.
+    _write(state_dir, {**GOOD, "tomorrow": {"x": 1}, "also": 2})
+    s = State.load("pay")
+    assert s is not None and s.pid == 4242 and s.forwarding == GOOD["forwarding"]
+    assert s.newer_fields == ["also", "tomorrow"]
+    assert "'also', 'tomorrow'" in s.newer_note() and "newer wgvsock" in s.newer_note()
+    # Its own record never carries another release's fields.
+    s.save()
+    assert "tomorrow" not in json.loads((state_dir / "pay.json").read_text())
+    assert State.load("pay").newer_fields == [] and State.load("pay").newer_note() == ""
+
+
 BAD = {
     "pid text": ({"pid": "abc"}, "'pid'"),
     "pid fraction": ({"pid": 1.5}, "'pid'"),
@@ -80,7 +96,6 @@ BAD = {
     "enclave": ({"enclave": {"id": 5}}, "'enclave'"),
     "reload": ({"reload": []}, "'reload'"),
     "started": ({"started": "soon"}, "'started'"),
-    "unknown field": ({"extra": 1}, "'extra'"),
     "no interface": ({"interface": None}, "'interface'"),
 }
 
@@ -482,8 +497,8 @@ def live_parent() -> Iterator[int]:
 
 
 DAMAGED = {
-    "unknown field": (lambda d, pid: _write(d, {**GOOD, "name": "b", "pid": pid, "x": 1},
-                                            name="b"), "unknown field 'x'"),
+    "damaged field": (lambda d, pid: _write(d, {**GOOD, "name": "b", "pid": pid,
+                                                "enclave": []}, name="b"), "field 'enclave'"),
     "not JSON": (lambda d, pid: _write(d, "{", name="b"), "not valid JSON"),
     "writable by others": (lambda d, pid: _write(d, {**GOOD, "name": "b", "pid": pid},
                                                  name="b", mode=0o666), "writable by others"),
@@ -512,10 +527,10 @@ def test_a_damaged_state_file_whose_pid_is_gone_does_not_count(
         state_dir: Path, monkeypatch, live_parent: int) -> None:
     restored: list[dict] = []
     monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
-    # Another version's file (a field this one does not know), trusted, naming a pid that no
-    # wgvsock runs as, or the live one with another start time (its pid reused).
-    _write(state_dir, {**GOOD, "name": "b", "pid": 4194304, "x": 1}, name="b")
-    _write(state_dir, {**GOOD, "name": "c", "pid": live_parent, "x": 1,
+    # A damaged file, trusted, naming a pid that no wgvsock runs as, or the live one with
+    # another start time (its pid reused).
+    _write(state_dir, {**GOOD, "name": "b", "pid": 4194304, "enclave": []}, name="b")
+    _write(state_dir, {**GOOD, "name": "c", "pid": live_parent, "enclave": [],
                        "started": (state_mod.start_time(live_parent) or 0) + 1}, name="c")
     assert state_mod.others_running("a") == {}
     assert state_mod.restore_forwarding("a", {"net/ipv4/ip_forward": "0"}) is None
@@ -540,7 +555,7 @@ def test_down_says_a_damaged_state_file_kept_forwarding_on(
     restored: list[dict] = []
     monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
     _write(state_dir, GOOD)  # pay's parent crashed (pid 4242 is no wgvsock)
-    _write(state_dir, {**GOOD, "name": "b", "pid": live_parent, "x": 1}, name="b")
+    _write(state_dir, {**GOOD, "name": "b", "pid": live_parent, "enclave": []}, name="b")
     profile = parse_profile("name: pay\nenclave:\n  address: 10.77.0.2/30\n")
     done, failed = parent.down(profile)
     assert restored == []

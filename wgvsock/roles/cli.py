@@ -106,6 +106,8 @@ def parent_main(argv: list[str]) -> int:
             return 1
         if pid is not None:
             print(f"{profile.name} is already up (pid {pid})")
+            if note := state.running_code_note(profile):
+                print(note)
             return 0
         # Checked before anything is made, so a clash with the host changes nothing.
         problems = check_host(profile, local_networks(exclude_interface=profile.interface),

@@ -742,6 +742,11 @@ class Parent:
         state = State.load(self.profile.name)
         if state is None or state.pid == os.getpid() or state.running():
             return {}
+        if state.newer_fields:
+            # Taking it over would lose the record of what only that release can undo.
+            raise RoleError(f"{state.newer_note()} yet, and its parent (pid {state.pid}) is "
+                            f"gone: run `wgvsock parent down --profile {self.profile.path}` "
+                            f"first, which undoes what it knows of and names the rest")
         return dict(state.forwarding)
 
     def _save_state(self) -> None:
@@ -1508,6 +1513,11 @@ def down(profile) -> tuple[list[str], list[str]]:
         # interface of the same name, a parent started since), whoever bound it first.
         if os.path.lexists(path) and _remove_stale(path):
             done.append(f"removed {path}")
+    if ours and state is not None and state.newer_fields:
+        # A newer release's parent that did not remove its file (it crashed): all this one
+        # knows of is undone above; the rest is for the operator.
+        failed.append(f"{state.newer_note()}. Run `wgvsock parent down` of that release, or "
+                      "check by hand what it may have left")
     if unusable:
         pass  # said above: the operator looks at it and removes it
     elif keep_state:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..pathwalk import Replaceable, keepers, walk
@@ -41,6 +41,12 @@ class State:
     # another process after a crash must never be signalled as ours. 0: not recorded.
     started: int = 0
 
+    # Fields are only ever added, never renamed or given another meaning: a release reads the
+    # ones it knows in a file a later one wrote (a downgrade), and lists the others in
+    # `newer_fields` (set by load, never saved): what they record, it cannot undo.
+    def __post_init__(self) -> None:
+        self.newer_fields: list[str] = []
+
     @staticmethod
     def path_for(name: str) -> Path:
         return Path(state_dir()) / f"{name}.json"
@@ -51,7 +57,7 @@ class State:
         # The main thread (a reload) and the enclave supervisor's thread may save at once:
         # one at a time, each from the state as it is then, so neither undoes the other.
         with _SAVE_LOCK:
-            text = json.dumps(self.__dict__, indent=2)
+            text = json.dumps(asdict(self), indent=2)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{self.name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w") as f:
@@ -94,9 +100,7 @@ class State:
         if not isinstance(raw, dict):
             raise bad(f"holds {type(raw).__name__}, not an object")
         known = {f.name for f in fields(cls)}
-        for key in raw:
-            if key not in known:
-                raise bad(f"unknown field {key!r}")
+        newer = sorted(key for key in raw if key not in known)
         for key in ("name", "pid", "interface", "profile"):
             if key not in raw:
                 raise bad(f"field {key!r} is missing")
@@ -127,7 +131,33 @@ class State:
         reload = raw.get("reload", {"seq": 0})
         if not isinstance(reload, dict) or type(reload.get("seq", 0)) is not int:
             raise bad(f"field 'reload' is {reload!r}, not {{seq, ...}}")
-        return cls(**raw)
+        state = cls(**{key: value for key, value in raw.items() if key in known})
+        state.newer_fields = newer
+        return state
+
+    def newer_note(self) -> str:
+        """What this release cannot do about a state file a later one wrote ("" if none)."""
+        if not self.newer_fields:
+            return ""
+        names = ", ".join(repr(n) for n in self.newer_fields[:10])
+        return (f"state file {self.path_for(self.name)} holds {names}, which a newer wgvsock "
+                f"wrote and this one does not know: what that records was not undone")
+
+    def code_replaced(self, package: Path | None = None) -> bool:
+        """Whether wgvsock's files (PACKAGE: this process's) changed after this parent started:
+        it runs the code it imported then (a package upgraded, or downgraded, without a
+        restart). Their ctime, which no installer can set back. False when unknown."""
+        began = started_at(self.pid, self.started)
+        if began is None:
+            return False
+        package = package or Path(__file__).resolve().parents[1]
+        newest = 0.0
+        for pattern in ("*.py", "*.so"):
+            for path in package.rglob(pattern):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, path.stat().st_ctime)
+        # The start time is known to the second at best (the boot time it counts from).
+        return newest > began + 2.0
 
 
 class StateFileError(RoleError):
@@ -265,6 +295,19 @@ def start_time(pid: int) -> int | None:
         return int(stat[stat.rindex(b")") + 2:].split()[19])
     except (ValueError, IndexError):
         return None
+
+
+def started_at(pid: int, started: int) -> float | None:
+    """The wall-clock time process PID started, if it still runs with start time STARTED
+    (clock ticks since boot)."""
+    if not started or start_time(pid) != started:
+        return None
+    try:
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return boot + started / os.sysconf("SC_CLK_TCK")
 
 
 def request_path(name: str) -> Path:
@@ -492,3 +535,17 @@ def already_up(profile) -> int | None:
     if state is not None and state.running():
         return state.pid
     return None
+
+
+def running_code_note(profile) -> str:
+    """For `up` that finds PROFILE's parent running: when wgvsock's files changed after it
+    started, that it still runs the old code and how to switch ("" otherwise)."""
+    with contextlib.suppress(RoleError):
+        state = State.load(profile.name)
+        if state is not None and state.running() and state.code_replaced():
+            return (f"note: wgvsock's files changed after pid {state.pid} started (an upgrade or "
+                    f"downgrade): it still runs the wgvsock it started with. To run this one, "
+                    f"restart it: `wgvsock parent down --profile {profile.path}` and `up` "
+                    f"again, or `systemctl restart wgvsock-parent@{profile.name}` under "
+                    f"systemd; the enclave registers again within seconds")
+    return ""

@@ -1,0 +1,116 @@
+"""Upgrades and mixed versions with real `parent up`/`down` in namespaces (test_roles.World):
+wgvsock's files replaced under a running parent (a package upgrade without a restart), and a
+state file written by a newer release read by this one (a downgrade)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import wgvsock
+from wgvsock.services import firewall
+
+from .netlab import wait_for
+from .test_roles import World
+
+pytestmark = [pytest.mark.root]
+
+
+def _install(where: Path) -> str:
+    """A pure-Python copy of this wgvsock under WHERE, as a package manager would lay it out;
+    returns the PYTHONPATH that runs it."""
+    shutil.copytree(Path(wgvsock.__file__).parent, where / "wgvsock",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
+    return str(where)
+
+
+def _state(w: World) -> Path:
+    return w.lab.tmp / "state" / f"{w.name}.json"
+
+
+def _nothing_left(w: World) -> None:
+    assert "wg0" not in w.parent.ip("-o", "link", "show").stdout
+    assert not firewall.exists(w.name, netns=w.parent.name)
+    assert list((w.lab.tmp / "sock").glob("*")) == []
+    assert list((w.lab.tmp / "run-parent").glob("*")) == []
+    assert not _state(w).exists()
+    assert w.parent.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
+
+
+def test_up_after_an_upgrade_names_the_parent_that_runs_the_old_code(world: World) -> None:
+    """A package upgrade replaces wgvsock's files under a running parent; `up` (as a post-
+    install script might run it) leaves that parent alone, as it should, but said only
+    'already up (pid N)': nothing told that the old code still runs, nor how to switch."""
+    w = world
+    w.parent_env["PYTHONPATH"] = _install(w.lab.tmp / "old")
+    assert w.parent_cmd("up").returncode == 0
+    w.start_enclave()
+    wait_for(w.egress_works, 30, "the tunnel through the old parent")
+    pid = json.loads(_state(w).read_text())["pid"]
+    # The parent started before its state file was written. A start time is known to the
+    # second (the kernel's boot time, which it counts from, is whole seconds).
+    written = os.stat(_state(w)).st_mtime
+    wait_for(lambda: time.time() > written + 2.5, 10, "the upgrade to come later")
+    w.parent_env["PYTHONPATH"] = _install(w.lab.tmp / "new")  # the upgrade
+    up = w.parent_cmd("up")
+    assert f"is already up (pid {pid})" in up.stdout, up.stdout
+    assert "still runs the wgvsock it started with" in up.stdout, up.stdout
+    assert f"systemctl restart wgvsock-parent@{w.name}" in up.stdout, up.stdout
+    assert w.egress_works()  # the old parent was left serving
+    # The new release's `down` stops the old parent and removes all it made.
+    down = w.parent_cmd("down")
+    assert f"stopped pid {pid}" in down.stdout, down.stdout
+    _nothing_left(w)
+    assert w.parent_cmd("up").returncode == 0
+    wait_for(w.egress_works, 30, "the tunnel through the new parent")
+    assert "still runs" not in w.parent_cmd("up").stdout  # it runs the files that are there
+
+
+def _newer(w: World) -> dict:
+    """The running parent's state file as a later release might write it: a field this one
+    does not know (a frozen copy would do as well; only the field's name matters)."""
+    state = json.loads(_state(w).read_text())
+    newer = {**state, "tomorrow": {"undo": ["something"]}}
+    _state(w).write_text(json.dumps(newer))
+    _state(w).chmod(0o600)
+    return state
+
+
+def test_a_newer_releases_running_parent_is_stopped_by_down(world: World) -> None:
+    """After a downgrade, the newer parent still runs. Before, its state file was refused
+    ("unknown field 'tomorrow'; it is not one `wgvsock parent up` wrote"): `up` failed and
+    `down` stopped nothing, left the interface, the table and the sockets, and exit 1."""
+    w = world
+    assert w.parent_cmd("up").returncode == 0
+    pid = _newer(w)["pid"]
+    up = w.parent_cmd("up")
+    assert f"is already up (pid {pid})" in up.stdout, up.stdout
+    down = w.parent_cmd("down")
+    assert f"stopped pid {pid}" in down.stdout and down.stderr == "", down.stderr
+    _nothing_left(w)
+
+
+def test_a_newer_releases_crashed_parent_is_cleaned_up_naming_what_it_cannot_undo(
+        world: World) -> None:
+    w = world
+    assert w.parent_cmd("up").returncode == 0
+    pid = _newer(w)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the parent to die")
+    # `up` would replace the record of what only the newer release knows how to undo.
+    up = w.parent_cmd("up", check=False)
+    assert up.returncode == 1 and "Traceback" not in up.stderr, up.stderr
+    assert "'tomorrow'" in up.stderr and "newer wgvsock" in up.stderr, up.stderr
+    assert "wgvsock parent down" in up.stderr, up.stderr
+    down = w.parent_cmd("down", check=False)
+    assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
+    assert "'tomorrow'" in down.stderr and "newer wgvsock" in down.stderr, down.stderr
+    _nothing_left(w)  # what it knows of is undone, forwarding included
+    assert w.parent_cmd("down").returncode == 0
+    assert w.parent_cmd("up").returncode == 0
