@@ -381,6 +381,17 @@ def test_rule_parse_refuses(text, reason):
 # Refusals: every one names file, line, key and reason
 
 
+def test_a_later_releases_profile_says_to_upgrade_not_to_change_the_version():
+    # Before: "version 2 is not supported — this wgvsock reads version 1; write version: 1",
+    # which would have this release read a later format as if it were its own.
+    p = refused("name: a\nversion: 2\n", "version", "a later wgvsock's profile format",
+                "version:")
+    assert "upgrade it" in p.hint and "write version" not in p.hint
+    # A key a later release added: the hint says so beside the keys this one knows.
+    p = refused("name: a\nparent:\n  tomorrow: 1\n", "parent.tomorrow", "unknown key")
+    assert "known keys here" in p.hint and "later wgvsock" in p.hint
+
+
 def test_unknown_key_suggests_the_closest():
     text = "name: a\ninterfce: wg1\n"
     p = refused(text, "interfce", "unknown key 'interfce'", "interfce")
@@ -405,7 +416,7 @@ BAD = [
     ("name: forwarding\n", "name", "'forwarding' is reserved", "name:"),
     (f"name: {'a' * 32}\n", "name", "not a valid name", "name:"),
     ("name: [a]\n", "name", "expected a string, got a list", "name:"),
-    ("name: a\nversion: 2\n", "version", "not supported", "version:"),
+    ("name: a\nversion: 0\n", "version", "not supported", "version:"),
     ("name: a\nversion: '1'\n", "version", "expected an integer, got a string", "version:"),
     ("name: a\nmtu: big\n", "mtu", "expected an integer", "mtu:"),
     ("name: a\nmtu: 575\n", "mtu", "out of range", "mtu:"),
@@ -953,7 +964,8 @@ def test_main_check_bad_profile(tmp_path, capsys):
     assert err.splitlines() == [
         f"{path}:2: mtu: 1 is out of range — use 576..65503",
         f"{path}:3: foo: unknown key 'foo' — known keys here: version, name, interface, mtu, "
-        "transport, parent, enclave, attestation",
+        "transport, parent, enclave, attestation (a key added by a later wgvsock needs that "
+        "wgvsock)",
     ]
 
 

@@ -568,8 +568,11 @@ class _Parser:
                 continue
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
+                # Keys are only ever added: one this release does not know may be a later
+                # one's (a profile written for the upgraded parent, read by an older wgvsock).
                 hint = (f"did you mean '{close[0]}'?" if close
-                        else f"known keys here: {', '.join(known)}")
+                        else f"known keys here: {', '.join(known)} (a key added by a later "
+                             f"wgvsock needs that wgvsock)")
                 self.problem(_line(knode), dotted, f"unknown key '{name}'", hint)
                 continue
             if name in seen:
@@ -995,7 +998,14 @@ class _Builder(_Parser):
         version = VERSION
         if "version" in top:
             v = self.integer(top["version"], "version", 0, 2**31)
-            if v is not None and v != VERSION:
+            if v is not None and v > VERSION:
+                # Another number would not make this wgvsock read it as its writer meant.
+                self.problem(_line(top["version"]), "version",
+                             f"version {v} is a later wgvsock's profile format",
+                             f"this wgvsock reads version {VERSION}: upgrade it to the release "
+                             f"the profile was written for (for the enclave, build its image "
+                             f"with that release)")
+            elif v is not None and v != VERSION:
                 self.problem(_line(top["version"]), "version", f"version {v} is not supported",
                              f"this wgvsock reads version {VERSION}; write version: {VERSION}")
         name = "profile"
