@@ -1303,6 +1303,13 @@ def test_capability_hello_is_seen_per_connection_and_never_delivered(
     assert b.status()["framing_errors"] == 0 and b.status()["accepted"] == 1
 
 
+def test_a_later_releases_hello_is_read_for_what_this_one_knows() -> None:
+    # Releases extend the hello in place, never by length (another length is no hello): the
+    # 16 reserved bytes and flag bits this release does not know are ignored, not refused.
+    later = encode_hello(CAP_SUPER | 0x40000000, 65000)[:16] + bytes(range(1, 17))
+    assert parse_hello(later) == (CAP_SUPER | 0x40000000, 65000)
+
+
 def test_hello_like_frames_that_are_not_hellos_are_delivered(binds: list[Bind]) -> None:
     a, _a_in, _ = opened(binds, StreamBind("tcp4"))
     b, b_in, b_port = opened(binds, StreamBind("tcp4"))

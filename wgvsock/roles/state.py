@@ -317,7 +317,7 @@ def request_path(name: str) -> Path:
 def others_running(name: str) -> dict[str, str]:
     """The profiles other than NAME whose parent runs on this host, or may: by their state
     files. Each maps to "" when its file was read and names a running parent, and to what is
-    wrong with its file when that cannot be used (damaged, another version's, not to be
+    wrong with its file when that cannot be used (damaged, or not to be
     trusted): such a parent counts as running unless the pid its file names shows otherwise,
     since taking it for stopped would put forwarding back under it."""
     out = {}
