@@ -63,6 +63,9 @@ def test_up_after_an_upgrade_names_the_parent_that_runs_the_old_code(world: Worl
     assert "still runs the wgvsock it started with" in up.stdout, up.stdout
     assert f"systemctl restart wgvsock-parent@{w.name}" in up.stdout, up.stdout
     assert w.egress_works()  # the old parent was left serving
+    # A reload is applied by the code that runs: the note says which that is.
+    reload = w.parent_cmd("reload")
+    assert "still runs the wgvsock it started with" in reload.stderr, reload.stderr
     # The new release's `down` stops the old parent and removes all it made.
     down = w.parent_cmd("down")
     assert f"stopped pid {pid}" in down.stdout, down.stdout

@@ -89,6 +89,10 @@ def parent_main(argv: list[str]) -> int:
             print(f"wgvsock parent reload: {e}", file=sys.stderr)
             return 1
         print(message, file=sys.stdout if ok else sys.stderr)
+        # The running parent read the profile with the code it started with: after an upgrade
+        # a key only the new release knows is refused there, while `profile check` takes it.
+        if note := state.running_code_note(profile):
+            print(note, file=sys.stderr)
         return 0 if ok else 1
     from ..daemon import EnvError, spawn_background, take_ready_fd
     from ..services.profile import check_host, check_routes, local_networks, local_routes
