@@ -563,3 +563,19 @@ def test_down_says_a_damaged_state_file_kept_forwarding_on(
                for line in failed), (done, failed)
     assert "removed state file" in done  # its values are in the host's record now
     assert json.loads((state_dir / "forwarding.json").read_text()) == GOOD["forwarding"]
+
+
+def test_a_parent_is_known_to_run_replaced_code_when_the_files_changed_after_it_started(
+        tmp_path: Path) -> None:
+    # pid 1 started at boot, long before the file below; a release before `started` was
+    # recorded (0) is judged by the pid's own start time.
+    package = tmp_path / "wgvsock"
+    package.mkdir()
+    (package / "cli.py").write_text("# upgraded\n")
+    boot = state_mod.start_time(1)
+    assert boot is not None
+    for started in (boot, 0):
+        assert State("pay", 1, "wg0", "/p.yaml", started=started).code_replaced(package)
+    # Another process under that pid (its start time differs): nothing is known.
+    assert not State("pay", 1, "wg0", "/p.yaml", started=boot + 1).code_replaced(package)
+    assert not State("pay", 1, "wg0", "/p.yaml", started=boot).code_replaced(tmp_path / "none")

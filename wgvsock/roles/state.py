@@ -299,9 +299,12 @@ def start_time(pid: int) -> int | None:
 
 def started_at(pid: int, started: int) -> float | None:
     """The wall-clock time process PID started, if it still runs with start time STARTED
-    (clock ticks since boot)."""
-    if not started or start_time(pid) != started:
+    (clock ticks since boot; 0: not recorded, as by releases before it was, and then the pid's
+    own)."""
+    now = start_time(pid)
+    if now is None or (started and now != started):
         return None
+    started = now
     try:
         with open("/proc/stat", "rb") as f:
             boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
