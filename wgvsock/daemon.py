@@ -241,7 +241,10 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
         return 1
     try:
         subprocess.Popen(
-            [sys.executable, *python_args],
+            # -P: -m would put the working directory first on sys.path, and the background
+            # process would run a `wgvsock` found there (another release's checkout; as root
+            # in /tmp, anyone's) rather than the one that started it.
+            [sys.executable, "-P", *python_args],
             env=env,
             pass_fds=(w, *keep_fds),
             stdin=subprocess.DEVNULL,

@@ -17,7 +17,7 @@ import wgvsock
 from wgvsock.services import firewall
 
 from .netlab import wait_for
-from .test_roles import World
+from .test_roles import WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
 
@@ -75,6 +75,25 @@ def test_up_after_an_upgrade_names_the_parent_that_runs_the_old_code(world: Worl
     assert "still runs" not in w.parent_cmd("up").stdout  # it runs the files that are there
 
 
+def test_the_background_parent_runs_the_installed_wgvsock_not_the_working_directorys(
+        world: World) -> None:
+    """`parent up` starts its background process as `python -m wgvsock.cli`, and -m puts the
+    working directory first on sys.path: run from a checkout of another release, the parent
+    ran that release (not the one `wgvsock` is), and run as root from a directory others may
+    write (/tmp), it imported whatever wgvsock package they had put there."""
+    w = world
+    cwd = w.lab.tmp / "cwd"
+    (cwd / "wgvsock").mkdir(parents=True)
+    marker = w.lab.tmp / "planted"
+    (cwd / "wgvsock" / "__init__.py").write_text(
+        f"import os\nopen({str(marker)!r}, 'w').write('ran')\nos._exit(3)\n")
+    up = w.parent.run(WGVSOCK, "parent", "up", "--profile", str(w.profile),
+                      env=w.env_for("parent"), cwd=str(cwd), check=False, timeout=60)
+    assert not marker.exists(), up.stderr
+    assert up.returncode == 0, up.stderr
+    assert w.parent_cmd("down").returncode == 0
+
+
 def _newer(w: World) -> dict:
     """The running parent's state file as a later release might write it: a field this one
     does not know (a frozen copy would do as well; only the field's name matters)."""
@@ -117,3 +136,5 @@ def test_a_newer_releases_crashed_parent_is_cleaned_up_naming_what_it_cannot_und
     _nothing_left(w)  # what it knows of is undone, forwarding included
     assert w.parent_cmd("down").returncode == 0
     assert w.parent_cmd("up").returncode == 0
+
+
