@@ -1253,8 +1253,30 @@ def _interface_taken(profile) -> str:
             f"give this profile another `interface`")
 
 
+# What a running parent imports only when it first needs it (a registration with a document,
+# a reload that brings in host names or a nitro-cli call, the metrics), relative to this
+# package. run_up imports them at the start: a package upgraded under a running parent would
+# otherwise hand it the next release's module (or none, half installed) at that moment.
+_LATER_MODULES = ("attestation", "attestation.verify", "services.egress.names",
+                  "services.egress.forwarder", "services.metrics.prometheus",
+                  "services.metrics.cloudwatch", "services.nitro", "services.aws")
+
+
+def _import_what_it_may_need() -> None:
+    import importlib
+
+    package = __name__.rsplit(".", 2)[0]
+    for name in _LATER_MODULES:
+        # One that cannot be imported (attestation without its dependencies) is said where
+        # it is needed (judge: "this version cannot verify"), as before.
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"{package}.{name}")
+
+
 def run_up(profile, ready_fd: int | None) -> int:
     from ..daemon import report_ready
+
+    _import_what_it_may_need()
 
     # Under a Type=notify unit: READY=1 once up, the watchdog while the data path moves, and a
     # dump of every thread's stack to the journal when the watchdog's SIGABRT comes.
