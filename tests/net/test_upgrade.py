@@ -154,6 +154,7 @@ def test_a_parent_whose_files_are_replaced_under_it_runs_on_its_own_code(lab) ->
     ca_dir = lab.tmp / "ca"
     make_test_ca().save(ca_dir)  # not AWS's root: its documents do not verify here
     with World(lab) as w:
+        w.env["TMPDIR"] = str(lab.tmp)  # the enclave's scratch files stay in the lab
         installed = Path(_install(lab.tmp / "installed"))
         w.parent_env["PYTHONPATH"] = str(installed)
         assert w.parent_cmd("up").returncode == 0
