@@ -1254,19 +1254,32 @@ def _interface_taken(profile) -> str:
 
 
 # What a running parent imports only when it first needs it (a registration with a document,
-# a reload that brings in host names or a nitro-cli call, the metrics), relative to this
-# package. run_up imports them at the start: a package upgraded under a running parent would
-# otherwise hand it the next release's module (or none, half installed) at that moment.
+# a reload that brings in host names), relative to this package. run_up imports them at the
+# start: a package upgraded under a running parent would otherwise hand it the next release's
+# module (or none, half installed) at that moment.
 _LATER_MODULES = ("attestation", "attestation.verify", "services.egress.names",
-                  "services.egress.forwarder", "services.metrics.prometheus",
-                  "services.metrics.cloudwatch", "services.nitro", "services.aws")
+                  "services.egress.forwarder")
 
 
-def _import_what_it_may_need() -> None:
+def _import_what_it_may_need(profile) -> None:
+    """_LATER_MODULES, and those the profile's settings that `up` alone reads call for (the
+    metrics, nitro-cli's, AWS's): the others cost a parent that never uses them memory (boto3
+    alone some 8 MiB)."""
     import importlib
 
+    names = list(_LATER_MODULES)
+    metrics = profile.parent.metrics
+    if metrics.listen is not None:
+        names.append("services.metrics.prometheus")
+    if metrics.cloudwatch is not None:
+        names.append("services.metrics.cloudwatch")
+    if metrics.cloudwatch is not None or profile.parent.private_key.startswith(
+            ("ssm:", "secretsmanager:")):
+        names.append("services.aws")
+    if profile.parent.enclave is not None:
+        names.append("services.nitro")
     package = __name__.rsplit(".", 2)[0]
-    for name in _LATER_MODULES:
+    for name in names:
         # One that cannot be imported (attestation without its dependencies) is said where
         # it is needed (judge: "this version cannot verify"), as before.
         with contextlib.suppress(ImportError):
@@ -1276,7 +1289,7 @@ def _import_what_it_may_need() -> None:
 def run_up(profile, ready_fd: int | None) -> int:
     from ..daemon import report_ready
 
-    _import_what_it_may_need()
+    _import_what_it_may_need(profile)
 
     # Under a Type=notify unit: READY=1 once up, the watchdog while the data path moves, and a
     # dump of every thread's stack to the journal when the watchdog's SIGABRT comes.
