@@ -19,6 +19,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any, TypeAlias
 
 from ..threads import NamedThread
@@ -177,9 +178,11 @@ class Bind(ABC):
         while when it has to close one to make room."""
         return
 
-    def peers_changed(self) -> None:
-        """The owner's peers or their endpoints were set anew (a UAPI set): a stream transport
-        counts again which of its connections are peers' (StreamBind._set_patience)."""
+    def peers_changed(self, endpoints: AbstractSet[Endpoint]) -> None:
+        """The owner's peers or their endpoints were set anew (a UAPI set); `endpoints` are
+        those its peers have now or were configured with. A stream transport counts again
+        which of its connections are peers' (StreamBind._set_patience), and stops dialling
+        (and closes what it dialled) where no peer is any more."""
         return
 
     @abstractmethod

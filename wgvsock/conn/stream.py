@@ -36,6 +36,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
 from ..threads import Survivor
@@ -372,6 +373,7 @@ class _Dialer:
         "pending",
         "quick_drops",
         "reconnects",
+        "retired",
         "sock",
         "state",
     )
@@ -389,6 +391,9 @@ class _Dialer:
         self.active_at = time.monotonic()
         self.sock: socket.socket | None = None  # while connecting
         self.conn: _Conn | None = None  # from connect until the connection is gone
+        # Set when no peer has the endpoint any more (StreamBind.peers_changed) or the bind
+        # closes: the dialler stops, whatever it was waiting for.
+        self.retired = threading.Event()
 
 
 class StreamBind(SocketBind):
@@ -575,6 +580,8 @@ class StreamBind(SocketBind):
             self._closed.set()
             conns = list(self._conns.values())
             dialers = list(self._dialers.values())
+            for d in dialers:  # (under the lock: no dialler publishes a connection after)
+                d.retired.set()
             listener, self._listener = self._listener, None
         if self._wake_w >= 0:
             os.write(self._wake_w, b"x")
@@ -1063,14 +1070,15 @@ class StreamBind(SocketBind):
 
     def _dial_loop(self, d: _Dialer) -> None:
         name = display_endpoint(d.ep)
+        retired = d.retired
         try:
-            while not self._closed.is_set():
+            while not retired.is_set():
                 if d.failures:
                     d.state = "backoff"
-                    if self._closed.wait(self._backoff(d.failures)):
+                    if retired.wait(self._backoff(d.failures)):
                         break
                 with self._lock:
-                    closing = self._closed.is_set()
+                    closing = self._closed.is_set() or retired.is_set()
                     # Messages older than redial_idle are stale; nobody is waiting on them.
                     if not closing and time.monotonic() - d.active_at > self.redial_idle:
                         del self._dialers[d.ep]
@@ -1085,7 +1093,7 @@ class StreamBind(SocketBind):
                     sock = self._dial(d)
                 # Unreachable or unusable (OverflowError: a port no socket takes).
                 except (OSError, ValueError, TypeError, OverflowError) as exc:
-                    if self._closed.is_set():
+                    if retired.is_set():
                         break
                     d.failures += 1
                     d.last_error = str(exc)
@@ -1112,7 +1120,7 @@ class StreamBind(SocketBind):
                         self._notify_caps()
                 conn.done.wait()
                 d.conn = None
-                if self._closed.is_set():
+                if retired.is_set():
                     break
                 d.reconnects += 1
                 d.active_at = time.monotonic()
@@ -1142,8 +1150,31 @@ class StreamBind(SocketBind):
         self._conns[conn.ep] = conn
         self._recount = self._recount or conn.trusted
 
-    def peers_changed(self) -> None:
+    def peers_changed(self, endpoints: AbstractSet[Endpoint]) -> None:
+        """A dialler whose endpoint is not in `endpoints` stops, dropping what it queued
+        (sealed for a peer since removed, or moved elsewhere), and a connection we dialled
+        to one is closed: else they stayed, redialled when closed, until the other end had
+        been away for redial_idle. Inbound connections stay: their peers dialled them, and
+        a table of them is kept full by _make_room alone."""
         self._recount = True
+        with self._lock:
+            if self._closed.is_set():
+                return
+            retired = [d for ep, d in self._dialers.items() if ep not in endpoints]
+            for d in retired:
+                del self._dialers[d.ep]
+                d.pending.clear()
+                d.retired.set()
+            conns = [c for c in self._conns.values() if c.outbound and c.ep not in endpoints]
+        for d in retired:
+            s, c = d.sock, d.conn
+            if s is not None:  # still connecting
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            if c is not None:  # may be draining the queue, not yet in _conns
+                conns.append(c)
+        for c in conns:
+            c.shutdown("no peer has this endpoint any more")
 
     def _set_patience(self) -> None:
         """A waiting send waits the whole send timeout while one peer has a connection, and
@@ -1164,7 +1195,7 @@ class StreamBind(SocketBind):
         """Send what queued up while dialling, then publish the connection for direct sends."""
         while True:
             with self._lock:
-                if self._closed.is_set() or conn.closed:
+                if d.retired.is_set() or self._closed.is_set() or conn.closed:
                     conn.shutdown(conn.reason or "bind closed")
                     return False
                 if not d.pending:

@@ -309,6 +309,10 @@ class Device:
         self._answered_again = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.max_peers = MAX_PEERS
+        # Every endpoint each peer was configured with (a UAPI set, connect_peer), kept while
+        # the peer is: it may have roamed from one, or be reached on a connection it has kept
+        # to one it was given before (_peers_changed).
+        self._configured: dict[Peer, dict[Endpoint, None]] = {}
         # Read-only keys the roles add to `get` (profile, role, attestation); `wg` ignores them.
         self.extra_status: dict[str, str] = {}
         # More such keys, computed at each `get` (the parent's firewall counters).
@@ -1055,6 +1059,7 @@ class Device:
                     peer.preshared_key = pc.preshared_key
                 if i in endpoints:
                     peer.endpoint = endpoints[i]
+                    self._configured.setdefault(peer, {})[peer.endpoint] = None
                 if pc.persistent_keepalive is not None:
                     was = peer.timers.persistent_keepalive_interval
                     peer.timers.persistent_keepalive_interval = pc.persistent_keepalive
@@ -1074,14 +1079,29 @@ class Device:
                     # Not one removed (or replaced) later in the same request.
                     if engine.peers.get(kept.public_key) is kept:
                         actions += engine.send_keepalive(kept, now)
-        if cfg.peers or cfg.replace_peers:
-            self.bind.peers_changed()
+            if cfg.peers or cfg.replace_peers or cfg.private_key is not None:
+                self._peers_changed()
         if actions:
             # Sent from a thread of their own: a send may wait for a stream peer that stopped
             # reading, up to the send timeout, and every other UAPI client would wait with it
             # (wireguard-go's IpcSet only queues the keepalive).
             NamedThread(target=self._perform, args=(actions,), name=f"{self.ifname}-uapi-send",
                         daemon=True).start()
+
+    def _peers_changed(self) -> None:
+        """Under _lock: tells the transport which endpoints the peers have now or were
+        configured with, so it lets those of removed peers go (Bind.peers_changed). An
+        endpoint a peer was given before stays: the other side may reach us only over the
+        connection we keep to it, as a peer that dialled us too and roamed there does. Under
+        the lock, so that two changes (a set, connect_peer) reach it in the order made."""
+        peers = self.engine.peers
+        configured = {peer: eps for peer, eps in self._configured.items()
+                      if peers.get(peer.public_key) is peer}
+        self._configured = configured
+        wanted = {peer.endpoint for peer in peers.values() if peer.endpoint is not None}
+        for eps in configured.values():
+            wanted.update(eps)
+        self.bind.peers_changed(wanted)
 
     def _check_peer_count(self, cfg: DeviceConfig) -> None:
         """EINVAL, before anything changes, for a set that would leave more than max_peers
@@ -1107,11 +1127,12 @@ class Device:
         with self._lock:
             peer = self.engine.peers[public_key]
             peer.endpoint = endpoint
+            self._configured.setdefault(peer, {})[endpoint] = None
             # An attempt made before the peer had an endpoint (a keepalive being configured)
             # went nowhere; it must not hold this one back for RekeyTimeout.
             peer.handshake.last_sent = None
             actions = self.engine.initiate_handshake(peer, time.monotonic())
-        self.bind.peers_changed()
+            self._peers_changed()
         self._perform(actions)
 
     def has_peer(self, public_key: bytes) -> bool:
