@@ -9,7 +9,8 @@ import pytest
 
 from wgvsock.device.tun import NATIVE_SEGMENTATION
 
-from .netlab import Lab, Namespace, connect_pair, csum_errors, ping, wait_for
+from .daemonctl import only_pid
+from .netlab import Keys, Lab, Namespace, connect_pair, csum_errors, ping, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -192,3 +193,29 @@ def test_bulk_both_ways_at_once_does_not_stall(lab: Lab, network: str) -> None:
     assert len(moved) == 2 and min(moved) > 40 * 1024 * 1024, moved
     for ifname in (ia, ib):
         assert "send timed out" not in lab.log(ifname), lab.log(ifname)
+
+
+def _threads(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+@pytest.mark.parametrize("network", ["unix", "tcp"])
+def test_peers_added_and_removed_with_wg_leave_no_dialler_behind(lab: Lab, network: str) -> None:
+    """Peers with endpoints that do not answer (yet), each with a handshake queued for it,
+    added and removed with wg(8) while the tunnel carries traffic. Before, each removed
+    peer's dialler went on redialling (and would have sent its initiation to whatever came to
+    listen there) for redial_idle, 300 s: 50 peers left 50 threads behind."""
+    a, _, ia, _ = _pair(lab, network)
+    pid = only_pid(a)
+    host = "192.168.77.2" if network == "tcp" else "127.0.0.1"
+    keys = [Keys().public_b64 for _ in range(50)]
+    ping(a, "10.99.0.2")
+    baseline = _threads(pid)
+    for _ in range(2):
+        add = [x for i, k in enumerate(keys) for x in (
+            "peer", k, "endpoint", f"{host}:{7100 + i}", "persistent-keepalive", "1")]
+        a.wg("set", ia, *add)
+        wait_for(lambda: _threads(pid) >= baseline + len(keys), 10, "a dialler for each peer")
+        a.wg("set", ia, *[x for k in keys for x in ("peer", k, "remove")])
+        wait_for(lambda: _threads(pid) <= baseline, 10, "the removed peers' diallers to stop")
+        ping(a, "10.99.0.2")
