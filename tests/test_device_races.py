@@ -141,3 +141,17 @@ def test_a_peer_keeps_its_connections_while_it_is_and_they_go_with_it(scene) -> 
             dev.uapi_set(parse_set(f"public_key={them.hex()}\nremove=true\n"))
             _read_until_closed(old)
             _read_until_closed(new)
+
+
+def test_a_link_gone_down_sends_nothing_it_queued_before(scene) -> None:
+    """Before: the handshake initiation a dialler held for a peer that did not answer yet
+    went out on the first connection made after `ip link set down`, whose sessions it had
+    been made for were ended, and the dialler went on redialling while the link was down."""
+    dev, bind, _ = scene
+    them = public_key(generate_private_key())
+    dev.uapi_set(parse_set(f"public_key={them.hex()}\nendpoint=127.0.0.1:7305\n"
+                           "persistent_keepalive_interval=1\n"))
+    wait_for(lambda: _dialers(bind), TIMEOUT, "a dialler for the peer's endpoint")
+    dev._set_link(False, [])  # as _sync_link does when the kernel says the link went down
+    wait_for(lambda: not _dialers(bind) and not _dial_threads(), TIMEOUT,
+             "the dialler to stop")

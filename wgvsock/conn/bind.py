@@ -185,6 +185,12 @@ class Bind(ABC):
         (and closes what it dialled) where no peer is any more."""
         return
 
+    def link_down(self) -> None:
+        """The owner's link went down, its sessions ended: nothing may be sent until it is up
+        again. A stream transport stops the diallers that have no connection, dropping what
+        they queued."""
+        return
+
     @abstractmethod
     def set_mark(self, mark: int) -> None:
         """The fwmark (SO_MARK) of this transport's IP sockets, now and later ones: wg-quick

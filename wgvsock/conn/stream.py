@@ -1150,6 +1150,30 @@ class StreamBind(SocketBind):
         self._conns[conn.ep] = conn
         self._recount = self._recount or conn.trusted
 
+    def link_down(self) -> None:
+        """A dialler without a connection holds messages sealed with sessions the link's
+        going down ended: they must not go out on the connection it would make later. One
+        that is connected has nothing queued: it stays, as the other side may reach us only
+        on its connection once the link is up again."""
+        with self._lock:
+            conns = self._retire([d for ep, d in self._dialers.items()
+                                  if d.conn is None or self._conns.get(ep) is not d.conn])
+        for c in conns:  # still sending what was queued
+            c.shutdown("link down")
+
+    def _retire(self, dialers: list[_Dialer]) -> list[_Conn]:
+        """Under self._lock: DIALERS stop and drop what they queued; returns their
+        connections not yet published (the dial loop closes those, seeing them retired)."""
+        for d in dialers:
+            del self._dialers[d.ep]
+            d.pending.clear()
+            d.retired.set()
+            s = d.sock
+            if s is not None:  # still connecting
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+        return [c for d in dialers if (c := d.conn) is not None]
+
     def peers_changed(self, endpoints: AbstractSet[Endpoint]) -> None:
         """A dialler whose endpoint is not in `endpoints` stops, dropping what it queued
         (sealed for a peer since removed, or moved elsewhere), and a connection we dialled
@@ -1160,19 +1184,8 @@ class StreamBind(SocketBind):
         with self._lock:
             if self._closed.is_set():
                 return
-            retired = [d for ep, d in self._dialers.items() if ep not in endpoints]
-            for d in retired:
-                del self._dialers[d.ep]
-                d.pending.clear()
-                d.retired.set()
-            conns = [c for c in self._conns.values() if c.outbound and c.ep not in endpoints]
-        for d in retired:
-            s, c = d.sock, d.conn
-            if s is not None:  # still connecting
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            if c is not None:  # may be draining the queue, not yet in _conns
-                conns.append(c)
+            conns = self._retire([d for ep, d in self._dialers.items() if ep not in endpoints])
+            conns += [c for c in self._conns.values() if c.outbound and c.ep not in endpoints]
         for c in conns:
             c.shutdown("no peer has this endpoint any more")
 

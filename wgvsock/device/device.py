@@ -916,6 +916,7 @@ class Device:
                 actions = actions + engine.start(time.monotonic())
             else:
                 engine.stop()
+                self.bind.link_down()  # nor what the transport queued
                 actions = []  # sealed with keys just forgotten: nothing to send any more
         log.info("%s: link %s%s", self.ifname, "up" if up else "down",
                  "" if up else "; sessions ended")
