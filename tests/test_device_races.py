@@ -155,3 +155,17 @@ def test_a_link_gone_down_sends_nothing_it_queued_before(scene) -> None:
     dev._set_link(False, [])  # as _sync_link does when the kernel says the link went down
     wait_for(lambda: not _dialers(bind) and not _dial_threads(), TIMEOUT,
              "the dialler to stop")
+
+
+def test_a_new_private_key_sends_nothing_made_with_the_old_one(scene) -> None:
+    """Before: the handshake initiation a dialler held for a peer that did not answer yet,
+    made with the old private key, went out on the first connection made after the key was
+    changed."""
+    dev, bind, _ = scene
+    them = public_key(generate_private_key())
+    dev.uapi_set(parse_set(f"public_key={them.hex()}\nendpoint=127.0.0.1:7306\n"
+                           "persistent_keepalive_interval=1\n"))
+    wait_for(lambda: _dialers(bind), TIMEOUT, "a dialler for the peer's endpoint")
+    dev.uapi_set(parse_set(f"private_key={generate_private_key().hex()}\n"))
+    wait_for(lambda: not _dialers(bind) and not _dial_threads(), TIMEOUT,
+             "the dialler to stop")

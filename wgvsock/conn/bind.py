@@ -185,10 +185,10 @@ class Bind(ABC):
         (and closes what it dialled) where no peer is any more."""
         return
 
-    def link_down(self) -> None:
-        """The owner's link went down, its sessions ended: nothing may be sent until it is up
-        again. A stream transport stops the diallers that have no connection, dropping what
-        they queued."""
+    def sessions_ended(self) -> None:
+        """The owner's sessions ended (its link went down, its private key changed): nothing
+        made with them may be sent. A stream transport stops the diallers that have no
+        connection, dropping what they queued; the next send starts a new one."""
         return
 
     @abstractmethod

@@ -1150,16 +1150,16 @@ class StreamBind(SocketBind):
         self._conns[conn.ep] = conn
         self._recount = self._recount or conn.trusted
 
-    def link_down(self) -> None:
-        """A dialler without a connection holds messages sealed with sessions the link's
-        going down ended: they must not go out on the connection it would make later. One
+    def sessions_ended(self) -> None:
+        """A dialler without a connection holds messages made with sessions (and a private
+        key) that are gone: they must not go out on the connection it would make later. One
         that is connected has nothing queued: it stays, as the other side may reach us only
         on its connection once the link is up again."""
         with self._lock:
             conns = self._retire([d for ep, d in self._dialers.items()
                                   if d.conn is None or self._conns.get(ep) is not d.conn])
         for c in conns:  # still sending what was queued
-            c.shutdown("link down")
+            c.shutdown("sessions ended")
 
     def _retire(self, dialers: list[_Dialer]) -> list[_Conn]:
         """Under self._lock: DIALERS stop and drop what they queued; returns their

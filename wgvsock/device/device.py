@@ -916,7 +916,7 @@ class Device:
                 actions = actions + engine.start(time.monotonic())
             else:
                 engine.stop()
-                self.bind.link_down()  # nor what the transport queued
+                self.bind.sessions_ended()  # nor what the transport queued
                 actions = []  # sealed with keys just forgotten: nothing to send any more
         log.info("%s: link %s%s", self.ifname, "up" if up else "down",
                  "" if up else "; sessions ended")
@@ -1038,7 +1038,10 @@ class Device:
         with self._lock:
             engine = self.engine
             if cfg.private_key is not None:
+                old_key = engine.private_key
                 engine.set_private_key(cfg.private_key if any(cfg.private_key) else None)
+                if engine.private_key != old_key:
+                    self.bind.sessions_ended()
                 if engine.public_key is not None:
                     # wireguard-go ignores a peer whose key is our own; drop it likewise.
                     engine.remove_peer(engine.public_key)
