@@ -391,8 +391,9 @@ class _Dialer:
         self.active_at = time.monotonic()
         self.sock: socket.socket | None = None  # while connecting
         self.conn: _Conn | None = None  # from connect until the connection is gone
-        # Set when no peer has the endpoint any more (StreamBind.peers_changed) or the bind
-        # closes: the dialler stops, whatever it was waiting for.
+        # Set when no peer has the endpoint any more (StreamBind.peers_changed), when what it
+        # queued was made with sessions that ended (sessions_ended) or the bind closes: the
+        # dialler stops, whatever it was waiting for.
         self.retired = threading.Event()
 
 
@@ -1176,10 +1177,10 @@ class StreamBind(SocketBind):
 
     def peers_changed(self, endpoints: AbstractSet[Endpoint]) -> None:
         """A dialler whose endpoint is not in `endpoints` stops, dropping what it queued
-        (sealed for a peer since removed, or moved elsewhere), and a connection we dialled
-        to one is closed: else they stayed, redialled when closed, until the other end had
-        been away for redial_idle. Inbound connections stay: their peers dialled them, and
-        a table of them is kept full by _make_room alone."""
+        (made for a peer since removed), and a connection we dialled to one is closed: else
+        they stayed, redialled when closed, until the other end had been away for
+        redial_idle. Inbound connections stay: their peers dialled them, and a table of them
+        is kept full by _make_room alone."""
         self._recount = True
         with self._lock:
             if self._closed.is_set():
