@@ -8,6 +8,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -169,3 +170,36 @@ def test_a_new_private_key_sends_nothing_made_with_the_old_one(scene) -> None:
     dev.uapi_set(parse_set(f"private_key={generate_private_key().hex()}\n"))
     wait_for(lambda: not _dialers(bind) and not _dial_threads(), TIMEOUT,
              "the dialler to stop")
+
+
+def test_connecting_a_peer_a_set_removes_meanwhile_says_so(scene) -> None:
+    """The enclave checks has_peer, then calls connect_peer; a `wg set ... remove` may come
+    between. Before, connect_peer raised KeyError then, which the enclave's control loop
+    logged as an unexpected error with a traceback. Now it answers False: no such peer."""
+    dev, _, _ = scene
+    them = public_key(generate_private_key())
+    add = parse_set(f"public_key={them.hex()}\n")
+    remove = parse_set(f"public_key={them.hex()}\nremove=true\n")
+    endpoint = dev.bind.parse_endpoint("127.0.0.1:7307")
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            dev.uapi_set(add)
+            dev.uapi_set(remove)
+
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    answers: set[bool] = set()
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        # Both answers come within a few hundred tries here; bounded in time all the same.
+        while answers != {True, False} and time.monotonic() < deadline:
+            if dev.has_peer(them):
+                time.sleep(0)  # another thread's turn: the set comes between here
+                answers.add(dev.connect_peer(them, endpoint))
+    finally:
+        stop.set()
+        churner.join(TIMEOUT)
+    assert False in answers, "no set came between has_peer and connect_peer (try again)"
+    assert not dev.connect_peer(them, endpoint) or dev.has_peer(them)

@@ -604,10 +604,11 @@ class _PeerDevice:
     def has_peer(self, key: bytes) -> bool:
         return key in self.peers
 
-    def connect_peer(self, key: bytes, endpoint) -> None:
+    def connect_peer(self, key: bytes, endpoint) -> bool:
         if key not in self.peers:
-            raise KeyError(key)
+            return False
         self.connected.append(key)
+        return True
 
     def close(self) -> None:
         pass
@@ -649,6 +650,31 @@ def test_a_welcome_that_fails_part_way_is_not_taken_for_the_peer_in_place() -> N
     del device.connect_peer
     e._apply(Welcome(old, 51820, False))
     assert device.peers == {old} and e.parent_key == old
+    e.device = None
+
+
+def test_a_parent_peer_removed_as_it_is_installed_is_a_control_error() -> None:
+    """A `wg set wg0 peer ... remove` between the welcome's set and its connect_peer: before,
+    connect_peer's KeyError reached the control loop as an unexpected error, logged with a
+    traceback. Now the welcome fails as any other control error does, and the next one
+    installs the peer again."""
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    device = _PeerDevice(e.public_key)
+    e.device = device  # type: ignore[assignment]
+    parent = b"P" * 32
+    installed = device.uapi_set
+
+    def removed_at_once(cfg) -> None:
+        installed(cfg)
+        device.peers.clear()
+
+    device.uapi_set = removed_at_once  # type: ignore[method-assign]
+    with pytest.raises(enclave_mod.ControlError, match="removed as it was being installed"):
+        e._apply(Welcome(parent, 51820, False))
+    assert e.parent_key is None
+    del device.uapi_set
+    e._apply(Welcome(parent, 51820, False))
+    assert device.peers == {parent} and e.parent_key == parent
     e.device = None
 
 

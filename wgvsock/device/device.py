@@ -1123,13 +1123,16 @@ class Device:
             raise UAPIError(errno.EINVAL, f"too many peers: the set would leave {len(keys)}, "
                             f"and an interface takes at most {self.max_peers}")
 
-    def connect_peer(self, public_key: bytes, endpoint: Endpoint) -> None:
+    def connect_peer(self, public_key: bytes, endpoint: Endpoint) -> bool:
         """Points a configured peer at `endpoint` and starts a handshake with it now (once
-        the link is up)."""
+        the link is up). False when there is no such peer: a set (a UAPI client's) may have
+        removed it since the caller looked (has_peer, or its own set)."""
         if not self.engine.running:
             self._perform(self._sync_link())
         with self._lock:
-            peer = self.engine.peers[public_key]
+            peer = self.engine.peers.get(public_key)
+            if peer is None:
+                return False
             peer.endpoint = endpoint
             self._configured.setdefault(peer, {})[endpoint] = None
             # An attempt made before the peer had an endpoint (a keepalive being configured)
@@ -1138,6 +1141,7 @@ class Device:
             actions = self.engine.initiate_handshake(peer, time.monotonic())
             self._peers_changed()
         self._perform(actions)
+        return True
 
     def has_peer(self, public_key: bytes) -> bool:
         """Whether a peer with this key is configured (read without the engine lock, as

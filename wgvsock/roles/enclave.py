@@ -511,11 +511,10 @@ class Enclave:
         # The endpoint is given as an object: its Unix form is a path outside our unix_dir,
         # which the transport's text parser would not accept.
         endpoint = parent_wg_endpoint(t, welcome.wg_port)
-        if key == self.parent_key and self.device.has_peer(key):
+        if key == self.parent_key and self.device.connect_peer(key, endpoint):
             # Same parent key (the control connection dropped, or the parent restarted with
-            # its key file): keep the peer and just handshake again — a restarted parent has
-            # forgotten our session.
-            self.device.connect_peer(key, endpoint)
+            # its key file): the peer is kept and just handshakes again — a restarted parent
+            # has forgotten our session. (Gone, it is installed again below.)
             return
         # Forgotten first: should what follows fail part-way (the old peer gone, the new one
         # not connected), the next welcome builds the peer again rather than take the
@@ -528,7 +527,9 @@ class Enclave:
             "replace_allowed_ips": True,
             "allowed_ips": self._allowed_ips(),
         }])
-        self.device.connect_peer(key, endpoint)
+        if not self.device.connect_peer(key, endpoint):
+            raise ControlError("the parent's peer was removed as it was being installed (a "
+                               "`wg set` meanwhile?); registering again")
         self.parent_key = key
 
     def _control_loop(self) -> None:
