@@ -164,3 +164,39 @@ def test_vsock_datagram(lab: Lab) -> None:
         assert ns.ip("link", "show", "dev", ifname, check=False).returncode != 0
         # The background child may still be on its way out after reporting the failure.
         wait_for(lambda: all(process_gone(p) for p in ns.pids()), 5, "the failed daemon to exit")
+
+
+def test_the_control_server_stops_on_a_vsock_listener_and_frees_its_port() -> None:
+    """shutdown() does not wake accept() on an AF_VSOCK listener (the kernel answers ENOTCONN
+    and wakes nobody; a TCP or Unix listener's accept returns): the parent's control server,
+    closed as `parent down` or a failed `up` closes it, must still stop its accept thread and
+    let go of the port, or a new listener there (the next `up` in this process) is refused
+    with EADDRINUSE and the close waits out its join. Only bind and listen: no connect."""
+    _vsock_or_skip()
+    from wgvsock.services.control import ControlServer, Verdict
+
+    listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    listener.bind((VMADDR_CID_ANY, VMADDR_PORT_ANY))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    server = ControlServer(listener, profile="t", public_key=b"P" * 32, wg_port=1,
+                           verify=lambda *_: Verdict(False, reason="test"),
+                           install=lambda *_: None)
+    server.start()
+    thread = server._thread
+    # Blocked in the kernel before it is closed (not yet in its loop, it would just see the
+    # stop): in accept4, or in a poll() that waits on the listener and something else.
+    syscall = f"/proc/self/task/{thread.native_id}/syscall"
+
+    def waiting() -> bool:
+        with open(syscall) as f:
+            return f.read().split(" ", 1)[0] in ("288", "7")  # x86-64: accept4, poll
+
+    wait_for(waiting, 10, "the accept thread to wait for a connection")
+    server.close()
+    wait_for(lambda: not thread.is_alive(), 10, "the control server's accept thread to end")
+    again = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        again.bind((VMADDR_CID_ANY, port))  # the port is free again
+    finally:
+        again.close()

@@ -463,26 +463,50 @@ class ControlServer:
         self._again_log = RateLimitedLog(60.0, logger=log, burst=3, clock=clock)
         self._survivor = Survivor("control: accept")
         self._thread = NamedThread(target=self._accept_loop, name="control", daemon=True)
+        # The accept thread waits in poll() on the listener and this pipe, which close()
+        # writes: shutdown() wakes no accept() on an AF_VSOCK listener (the kernel answers
+        # ENOTCONN for a socket not connected), and close() wakes none on any socket. A thread
+        # left in accept() would keep the port bound until the process ends.
+        self._wake_r, self._wake_w = os.pipe()
 
     def start(self) -> None:
+        # Not blocking: a connection reset between poll() and accept() must not leave the
+        # thread in an accept() that nothing wakes.
+        self._listener.setblocking(False)
         self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
         with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
+            os.write(self._wake_w, b"x")
         with self._lock:
             clients = list(self._clients)
         for c in clients:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-        self._thread.join(2.0)
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+        # Closed once the thread no longer polls them (a number reused meanwhile would be
+        # polled in their place); one still running was told to stop and holds them alone.
+        if not self._thread.is_alive():
+            self._listener.close()
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     def _accept_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
+            poller.poll()
+            if self._stop.is_set():
+                return
             try:
                 conn, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # taken back before we got to it
             except OSError:
                 if self._stop.is_set():
                     return
