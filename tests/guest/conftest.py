@@ -38,6 +38,7 @@ GUEST_TIMEOUT = 1800.0
 GUEST_TEST_TIMEOUT = 900
 SLOWDOWN = 4  # command time limits in the guest (tests/net/netlab.py): TCG is 15-65x slower
 BESIDE_NICE = 19  # QEMU's nice value while host tests run beside it
+CARRIED_ENV = ("PYTHONPATH", "WGVSOCK_SHARED")
 
 
 class GuestRunner:
@@ -87,10 +88,15 @@ class GuestRunner:
         # seconds to start under TCG), so the tests find the venv's console scripts beside it.
         python = sys.executable
         venv = Path(sys.executable).parent.parent
+        # The guest's PID 1 starts with an empty environment: what picks the code under test
+        # (PYTHONPATH, for a worktree beside the checkout the venv was installed from) is
+        # carried in, or the guest's daemons would run the venv's checkout.
+        carried = "".join(f" {name}={shlex.quote(os.environ[name])}"
+                          for name in CARRIED_ENV if os.environ.get(name))
         command = (
             f"export VIRTUAL_ENV={shlex.quote(str(venv))} "
             f"PATH={shlex.quote(str(venv / 'bin'))}:$PATH PYTHONDONTWRITEBYTECODE=1 "
-            f"WGVSOCK_TEST_SLOWDOWN={SLOWDOWN:g}\n"
+            f"WGVSOCK_TEST_SLOWDOWN={SLOWDOWN:g}{carried}\n"
             # Reads the daemon's modules over 9p once, so the first test's daemon starts as
             # quickly as the others.
             f"{shlex.quote(python)} -c 'import wgvsock.daemon, wgvsock.roles.cli'\n"
