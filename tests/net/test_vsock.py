@@ -200,3 +200,31 @@ def test_the_control_server_stops_on_a_vsock_listener_and_frees_its_port() -> No
         again.bind((VMADDR_CID_ANY, port))  # the port is free again
     finally:
         again.close()
+
+
+def test_a_control_port_held_by_another_process_is_named() -> None:
+    """vsock ports are the whole host's, not a network namespace's: another profile's parent
+    (in any namespace) or a vsock-proxy may hold the control port. `parent up` then says which
+    port of the profile it could not have and what to do, not a bare "[Errno 98] Address
+    already in use", and closes the socket it made. Only bind and listen: no connect."""
+    _vsock_or_skip()
+    from types import SimpleNamespace
+
+    from wgvsock.roles.common import RoleError, control_listener
+
+    holder = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        holder.bind((VMADDR_CID_ANY, VMADDR_PORT_ANY))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        before = set(os.listdir("/proc/self/fd"))
+        transport = SimpleNamespace(kind="vsock", control_port=port, parent_cid=3)
+        with pytest.raises(RoleError) as caught:
+            control_listener(transport)
+        text = str(caught.value)
+        assert f"control port {port}" in text and "vsock" in text, text
+        assert "transport.control_port" in text, text
+        assert "Address already in use" in text, text
+        assert set(os.listdir("/proc/self/fd")) == before  # nothing left open
+    finally:
+        holder.close()

@@ -50,12 +50,10 @@ def _inet_family(host: object) -> socket.AddressFamily:
 
 
 def control_listener(transport) -> socket.socket:
-    """The parent's control socket. Its Unix form lives beside the WireGuard socket."""
+    """The parent's control socket. Its Unix form lives beside the WireGuard socket.
+    RoleError, naming the port, when it cannot be had."""
     port = transport.control_port
-    if transport.kind == "vsock":
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        sock.bind((VMADDR_CID_ANY, port))
-    elif transport.kind == "unix":
+    if transport.kind == "unix":
         socket_dir(transport.path)
         path = unix_socket_path(transport.path, port)
         # A dead parent's is removed. One that answers is another running parent's (another
@@ -66,17 +64,35 @@ def control_listener(transport) -> socket.socket:
                             "profile a transport.path of its own, or another "
                             "transport.control_port")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
+    elif transport.kind == "vsock":
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     else:
         sock = socket.socket(_inet_family(transport.host), socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Only where the enclave reaches us: anyone who can connect may try to register.
-        sock.bind((str(transport.host), port))
-    sock.listen(8)
+    try:
+        if transport.kind == "vsock":
+            sock.bind((VMADDR_CID_ANY, port))
+        elif transport.kind == "unix":
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Only where the enclave reaches us: anyone who can connect may try to register.
+            sock.bind((str(transport.host), port))
+        sock.listen(8)
+    except OSError as e:
+        sock.close()
+        # vsock ports are the whole host's, whatever network namespace binds them: another
+        # profile's parent or a vsock-proxy may hold this one.
+        held = (": another process holds it (another profile's `parent up`, a vsock-proxy); "
+                "free it, or choose another transport.control_port"
+                if e.errno == errno.EADDRINUSE else
+                ": check transport.control_port" + ("" if transport.kind == "vsock"
+                                                    else " and transport.host"))
+        raise RoleError(f"cannot listen on the control port {port} ({transport.kind}): "
+                        f"{e.strerror or e}{held}") from None
     return sock
 
 
