@@ -862,3 +862,32 @@ def test_outside_enclave_puts_resolv_conf_back(tmp_path: Path, before: bytes | N
     e.close()
     assert link.is_symlink()
     assert (target.read_bytes() if target.exists() else None) == before
+
+
+def test_a_parent_never_reached_is_named_with_the_last_connect_error(monkeypatch) -> None:
+    """Before: "no answer from the parent's control port within 1 s (is `wgvsock parent up`
+    running with the same profile?)", whatever the dials said. Over vsock a wrong
+    transport.parent_cid fails every dial with ENODEV (no transport reaches that CID; a CID
+    nobody listens on answers ECONNRESET instead: both seen in the QEMU guest), which only
+    the enclave's log said, once."""
+    text = PROFILE.read_text().replace(
+        "  kind: unix\n  port: 51820\n  control_port: 51821\n  path: /run/wgvsock/e2e\n",
+        "  kind: vsock\n  port: 51820\n  control_port: 51821\n  parent_cid: 5\n")
+    e = enclave_mod.Enclave(parse_profile(text, "vsock.yaml"))
+
+    def dial(t):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(enclave_mod, "dial_control", dial)
+    t = threading.Thread(target=e._control_loop, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(enclave_mod.EnclaveError) as caught:
+            e.wait_connected(1.0)
+    finally:
+        e.stop.set()
+        t.join(5)
+    message = str(caught.value)
+    assert "vsock CID 5 port 51821" in message, message
+    assert "No such device" in message, message
+    assert "transport.parent_cid" in message, message

@@ -96,6 +96,15 @@ def control_listener(transport) -> socket.socket:
     return sock
 
 
+def control_address(transport) -> str:
+    """Where the enclave dials the parent's control port, as an operator reads it."""
+    if transport.kind == "vsock":
+        return f"vsock CID {transport.parent_cid} port {transport.control_port}"
+    if transport.kind == "unix":
+        return unix_socket_path(transport.path, transport.control_port)
+    return f"{transport.kind} {transport.host} port {transport.control_port}"
+
+
 def dial_control(transport, timeout: float = 5.0) -> socket.socket:
     """The enclave's connection to the parent's control port (on Nitro: vsock to CID 3)."""
     port = transport.control_port

@@ -45,7 +45,14 @@ from ..services.control import (
 from ..signals import STOPPING, Wakeup
 from ..threads import NamedThread, on_thread_death
 from . import cmd
-from .common import configure, dial_control, parent_wg_endpoint, run_dir, wait_until
+from .common import (
+    configure,
+    control_address,
+    dial_control,
+    parent_wg_endpoint,
+    run_dir,
+    wait_until,
+)
 
 log = logging.getLogger("wgvsock.enclave")
 
@@ -283,6 +290,9 @@ class Enclave:
         # refused this enclave: REASON", or a broken exchange), for wait_connected's error.
         # None until then, and again after each registration.
         self.last_failure: str | None = None
+        # The last dial's error while the parent has not answered (ECONNRESET: nobody listens
+        # on that vsock port; ENODEV: no transport reaches that CID), for the same message.
+        self.last_dial_error: OSError | None = None
         self._unix_dir: str | None = None
         self._thread: threading.Thread | None = None
         self._attest = None
@@ -568,6 +578,7 @@ class Enclave:
             try:
                 conn = dial_control(t)
             except OSError as e:
+                self.last_dial_error = e
                 # Once per outage at info: a parent away for minutes is redialled every second.
                 level = logging.INFO if delay == backoff_min else logging.DEBUG
                 log.log(level, "control: parent not answering (%s); retrying", e)
@@ -647,8 +658,7 @@ class Enclave:
             if self.last_failure is not None:
                 raise EnclaveError(f"could not register with the parent within {timeout:.0f} s:"
                                    f" {self.last_failure}")
-            raise EnclaveError(f"no answer from the parent's control port within {timeout:.0f} s "
-                               "(is `wgvsock parent up` running with the same profile?)")
+            raise EnclaveError(self._no_answer(timeout))
 
         def handshaken() -> bool:
             assert self.device is not None
@@ -661,6 +671,20 @@ class Enclave:
                 return
             raise EnclaveError(f"registered, but no WireGuard handshake with the parent within "
                                f"{timeout:.0f} s (check the transport and port in the profile)")
+
+    def _no_answer(self, timeout: float) -> str:
+        """Why wait_connected gave up on a parent that never answered: where it was sought,
+        what the last dial said, and what to check."""
+        t = self.profile.transport
+        where = control_address(t)
+        err = self.last_dial_error
+        said = f": {err.strerror or err}" if err is not None else ""
+        hint = "is `wgvsock parent up` running with the same profile?"
+        if t.kind == "vsock" and err is not None and err.errno == errno.ENODEV:
+            hint = (f"no vsock transport reaches CID {t.parent_cid}: is transport.parent_cid "
+                    "the parent's CID (3 on Nitro)?")
+        return (f"no answer from the parent's control port ({where}) within {timeout:.0f} s"
+                f"{said} ({hint})")
 
     def stopping(self) -> bool:
         return self.stop.is_set() or bool(self.signalled)
