@@ -254,6 +254,20 @@ def test_live_view_quits_on_ctrl_c(lab: Lab, tmux: Tmux) -> None:
     assert "EXITED rc=0" in tmux.wait_screen("EXITED", "Ctrl-C to quit")
 
 
+def test_on_a_dumb_terminal_snapshots_are_printed(lab: Lab, tmux: Tmux) -> None:
+    """TERM=dumb: rich draws a live view only where it can move the cursor, so the live view
+    showed an empty screen until q. There a snapshot is printed every interval instead, as
+    to a pipe, and q still ends it."""
+    view = (f"TERM=dumb {shlex.quote(WGVSOCK)} status --interval 0.5 --run-dir {lab.tmp}; "
+            "echo EXITED rc=$?; sleep 600")
+    tmux.start(f"sh -c {shlex.quote(view)}")
+    screen = tmux.wait_screen(r"(?s)no WireGuard interfaces under.*no WireGuard interfaces",
+                              "two snapshots", timeout=15)
+    assert "q quits" not in screen
+    tmux("send-keys", "-t", tmux.session, "q")
+    assert "EXITED rc=0" in tmux.wait_screen("EXITED", "q to end the snapshots")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
 def test_live_view_gives_the_terminal_back_on_hangup_and_term(lab: Lab, tmux: Tmux,
                                                               sig: signal.Signals) -> None:

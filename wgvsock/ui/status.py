@@ -1133,7 +1133,8 @@ def live(
 
 
 def _stream(collector: Collector, interval: float, as_json: bool, console: Console) -> int:
-    """Not a terminal and not --once: one snapshot per interval, for logs and pipelines."""
+    """Not a terminal (or a dumb one) and not --once: one snapshot per interval, for logs and
+    pipelines."""
     try:
         with _Keys(sys.stdin) as keys:
             for sample in _ticks(interval, keys):
@@ -1197,7 +1198,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(Dashboard(snap, lambda s: _footer(s, None)))
         # A run directory that cannot be listed is an interface not read, too.
         return 1 if snap.listing_error or any(i.error for i in snap.interfaces) else 0
-    if args.json or not console.is_terminal:
+    # is_interactive: a terminal that can move the cursor; on TERM=dumb the live view would
+    # draw nothing until it ended.
+    if args.json or not console.is_interactive:
         return _stream(collector, args.interval, args.json, console)
     return live(args.ifnames, interval=args.interval, run_dir=args.run_dir,
                 timeout=args.timeout)
