@@ -1,28 +1,41 @@
-"""`make demo` (python -m wgvsock.ui.demo) end to end, as the README's first command runs it,
-without a terminal: every stage reports success and nothing is left behind."""
+"""`make demo` (python -m wgvsock.ui.demo) end to end, as the README's first command runs it:
+without a terminal, every stage reports success and nothing is left behind; in a terminal
+(tmux), what a newcomer reads fits the terminal and the dashboard is the one promised."""
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from wgvsock.ui.demo import NAMESPACES
 
-from .netlab import run
+from .netlab import run, wait_for
 
 pytestmark = [pytest.mark.root]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _nothing_left() -> None:
+    listed = run("ip", "netns", "list").stdout.split()
+    assert not [n for n in NAMESPACES if n in listed]
+    assert not [n for n in NAMESPACES if (Path("/etc/netns") / n).exists()]
 
 
 def test_the_demo_runs_every_stage_and_leaves_nothing() -> None:
     res = subprocess.run([sys.executable, "-m", "wgvsock.ui.demo", "--iperf-seconds", "1"],
-                         capture_output=True, text=True, timeout=240,
-                         cwd=Path(__file__).resolve().parents[2])
+                         capture_output=True, text=True, timeout=240, cwd=REPO)
     out = res.stdout
     assert res.returncode == 0, res.stderr + out[-3000:]
     for line in (
+        "Ctrl-C stops it at any point",  # how to stop, said before anything starts
         "hello from the internet",  # egress through the parent's NAT
         "hello from the enclave",  # ingress through the parent's port
         "-> BLOCKED (no answer within 2 s)",  # the deny list
@@ -31,9 +44,97 @@ def test_the_demo_runs_every_stage_and_leaves_nothing() -> None:
         "Mbit/s",  # iperf3 both ways
         "wg0@parent  parent (profile demo)",  # the dashboard
         "nothing left behind",
+        "== What next",
+        "--live 600",
     ):
         assert line in out, line
+    # Where the logs are while it runs (they go with the temporary directory).
+    assert re.search(r"logs: /tmp/wgvsock-demo-\S+/\{parent,enclave,internet,dnsmasq\}\.log",
+                     out), out
     assert "WARNING" not in out
-    listed = run("ip", "netns", "list").stdout.split()
-    assert not [n for n in NAMESPACES if n in listed]
-    assert not [n for n in NAMESPACES if (Path("/etc/netns") / n).exists()]
+    _nothing_left()
+
+
+def test_what_the_demo_says_of_the_enclave_it_stopped() -> None:
+    """It said "it passed it to its app" whatever happened, also when SIGTERM came before the
+    app was started (exit 143) or before `enclave up` could take it (killed, -15)."""
+    from wgvsock.ui.demo import enclave_stop_note
+
+    assert enclave_stop_note(143, app_started=True) == \
+        "it passed it to its app and exited 143 (128 + SIGTERM, as its app did)"
+    assert enclave_stop_note(143, app_started=False) == \
+        "it stopped before starting its app and exited 143"
+    assert enclave_stop_note(-15, app_started=False) == \
+        "SIGTERM ended it before it could take the signal (it had started nothing yet)"
+    assert enclave_stop_note(1, app_started=True) == "it exited 1"
+
+
+class _Tmux:
+    """A private tmux server (its own socket), so that nobody else's sessions are touched."""
+
+    def __init__(self) -> None:
+        self.server = f"wgvsock-test-demo-{os.getpid()}"
+        self.socket_path = ""
+
+    def __call__(self, *args: str, check: bool = True) -> str:
+        return run("tmux", "-L", self.server, *args, check=check).stdout
+
+    def start(self, command: str, width: int, height: int) -> None:
+        self("new-session", "-d", "-s", "demo", "-x", str(width), "-y", str(height), command)
+        self.socket_path = self("display-message", "-p", "#{socket_path}").strip()
+
+    def history(self) -> str:
+        # -J joins the lines the terminal wrapped: what was printed, line by line.
+        return self("capture-pane", "-p", "-J", "-S", "-", "-t", "demo", check=False)
+
+    def kill(self) -> None:
+        self("kill-server", check=False)
+        if self.socket_path:
+            Path(self.socket_path).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def tmux() -> Iterator[_Tmux]:
+    t = _Tmux()
+    try:
+        yield t
+    finally:
+        t.kill()
+        # A demo still running when the server went got SIGHUP; its clean-up is awaited.
+        wait_for(lambda: not [n for n in NAMESPACES
+                              if n in run("ip", "netns", "list").stdout.split()],
+                 60, "the demo's clean-up")
+
+
+def _demo_in_tmux(tmux: _Tmux, width: int, height: int, *env: str) -> str:
+    """The demo in a terminal of WIDTH x HEIGHT; everything it printed, once it exited 0."""
+    demo = shlex.join(["env", *env, sys.executable, "-m", "wgvsock.ui.demo", "--live", "2",
+                       "--iperf-seconds", "0"])
+    tmux.start(f"sh -c {shlex.quote(f'cd {REPO} && {demo}; echo EXITED rc=$?; sleep 600')}",
+               width, height)
+    out = wait_for(lambda: (h := tmux.history()) and "EXITED" in h and h, 180,
+                   "the demo to end")
+    assert "EXITED rc=0" in out, out[-3000:]
+    return out
+
+
+def test_in_an_80_column_terminal_the_narration_fits(tmux: _Tmux) -> None:
+    """Its lines were written for a wide terminal: at 80 columns the terminal cut them
+    anywhere ("masque|rade", "198.|51.100.2") and every continuation began at column 0."""
+    out = _demo_in_tmux(tmux, 80, 24)
+    narration = out.split("== The dashboard")[0] + out.split("== Cleaning up")[1]
+    too_long = [line for line in narration.splitlines() if len(line) > 80]
+    assert not too_long, "\n".join(too_long)
+    # Wrapped, not cut: a continuation is indented under its line, words are whole.
+    assert "masquerade" in narration and "it saw the parent's address" in narration
+    _nothing_left()
+
+
+def test_on_a_dumb_terminal_the_dashboard_is_printed_not_live(tmux: _Tmux) -> None:
+    """With TERM=dumb the live view draws nothing (rich renders only to terminals that can
+    move the cursor): the demo announced it "for 2 s (q or Ctrl-C ends it)" and showed an
+    unchanged screen until then. There it prints its two snapshots, as without a terminal."""
+    out = _demo_in_tmux(tmux, 160, 48, "TERM=dumb")
+    assert "== The dashboard: wgvsock status, both sides (two snapshots)" in out, out[-3000:]
+    assert len(re.findall(r"^wg0@parent  parent \(profile demo\)", out, re.M)) == 2
+    _nothing_left()

@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,29 @@ REQUIRED_TOOLS = ("ip", "ss", "nft", "curl", "ping", "dnsmasq")
 DASH_NAMES = ("wg0@parent", "wg0@enclave")
 
 
+def _columns() -> int | None:
+    """The terminal's width, asked anew each time (it may be resized); None when stdout is
+    not a terminal: a pipe or a file gets whole lines."""
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() \
+            else None
+    except (OSError, ValueError):
+        return None
+
+
+def _fit(line: str, width: int | None) -> str:
+    """LINE wrapped at word boundaries to WIDTH, continuations indented under it. Left alone,
+    the terminal cuts a long line at any character and goes on at column 0."""
+    if width is None or len(line) <= width or width < 20:
+        return line
+    indent = len(line) - len(line.lstrip(" "))
+    return textwrap.fill(line, width, subsequent_indent=" " * min(indent + 2, width // 4),
+                         break_on_hyphens=False)
+
+
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    width = _columns()
+    print("\n".join(_fit(line, width) for line in text.split("\n")), flush=True)
 
 
 def heading(text: str) -> None:
@@ -108,8 +130,9 @@ def clear_leftovers() -> str | None:
             say(f"   (removed {etc} left by an earlier run)")
     tmp = state.get("tmp")
     if isinstance(tmp, str) and Path(tmp).name.startswith(TMP_PREFIX) and \
-            Path(tmp).parent == Path(tempfile.gettempdir()):
+            Path(tmp).parent == Path(tempfile.gettempdir()) and Path(tmp).is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
+        say(f"   (removed {tmp} left by an earlier run)")
     STATE_FILE.unlink(missing_ok=True)
     return None
 
@@ -148,6 +171,17 @@ def _last_log_line(path: Path, needle: str) -> str | None:
     return None
 
 
+def enclave_stop_note(code: int, app_started: bool) -> str:
+    """What `enclave up` did with the SIGTERM that stopped it, from its exit status."""
+    if code == -signal.SIGTERM:
+        return "SIGTERM ended it before it could take the signal (it had started nothing yet)"
+    if code == 128 + signal.SIGTERM:
+        if app_started:
+            return f"it passed it to its app and exited {code} (128 + SIGTERM, as its app did)"
+        return f"it stopped before starting its app and exited {code}"
+    return f"it exited {code}"
+
+
 def _tail(path: Path, chars: int = 1500) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -163,6 +197,7 @@ class Demo:
         self.profile_path = self.tmp / "profile.yaml"
         self.profile: Profile | None = None
         self.enclave_proc: subprocess.Popen | None = None
+        self.app_started = False
         self.parent_pid: int | None = None
         self.timings: list[tuple[str, float]] = []
         self.cleanup_announced = False
@@ -255,6 +290,9 @@ class Demo:
         say(f"   {NS_ENCLAVE:<16} the enclave: no interface but lo, and lo is down (as at boot)")
         say("   parent and enclave share no link: their only path is Unix sockets in")
         say(f"   {self.tmp / 'sock'}, the stand-in for vsock (same stream framing code)")
+        say(f"   logs: {self.tmp}/{{parent,enclave,internet,dnsmasq}}.log (removed at the end "
+            "with the rest; a step that fails prints the last lines of the parent's and the "
+            "enclave's)")
 
     # -- the profile -------------------------------------------------------------------------
 
@@ -372,8 +410,8 @@ class Demo:
             proc.kill()
             code = proc.wait(5)
         with contextlib.suppress(OSError):
-            say(f"   [{NS_ENCLAVE}] SIGTERM to wgvsock enclave up: it passed it to its app and "
-                f"exited {code}")
+            say(f"   [{NS_ENCLAVE}] SIGTERM to wgvsock enclave up: "
+                f"{enclave_stop_note(code, self.app_started)}")
 
     def enclave_up(self) -> None:
         assert self.profile is not None
@@ -396,6 +434,8 @@ class Demo:
             return ready in _tail(self.log("enclave"), 1 << 20)
 
         wait_for(up, 40, "the enclave's tunnel")
+        # It starts its app right after saying so.
+        self.app_started = True
         took = time.monotonic() - start
         self.timings.append(("enclave up (until the tunnel is up)", took))
         say("   it brought lo up, made a key in memory, made wg0 "
@@ -593,7 +633,10 @@ class Demo:
         for name, side in zip(DASH_NAMES, ("parent", "enclave"), strict=True):
             (dash / f"{name}.sock").symlink_to(self.run_dir(side) / "wg0.sock")
         names = list(DASH_NAMES)
-        tty = sys.stdout.isatty()
+        console = Console()
+        # Not merely a terminal: one that can move the cursor. On TERM=dumb the live view
+        # draws nothing at all until it ends.
+        tty = console.is_interactive
         secs = self.args.live
         heading("The dashboard: wgvsock status, both sides" +
                 (f", for {secs:g} s (q or Ctrl-C ends it)" if tty else " (two snapshots)"))
@@ -601,7 +644,6 @@ class Demo:
             "sockets;")
         say(f"   a ping from the enclave to {WEB} keeps the counters moving")
         pinger = self.popen(self.enclave, "ping", "-q", "-n", "-s", "1200", "-i", "0.05", WEB)
-        console = Console()
         try:
             if tty:
                 time.sleep(1.0)  # so the view opens with a rate, not "-"
@@ -641,12 +683,22 @@ def _at(snapshot: Any) -> str:
     return f"at {time.strftime('%H:%M:%S', time.localtime(snapshot.time))} · rates in bytes/s"
 
 
+def what_next() -> None:
+    heading("What next")
+    say(f"   to look around yourself: {sys.executable} -m wgvsock.ui.demo --live 600")
+    say("   keeps the dashboard up for 10 minutes (q ends it); meanwhile, in another terminal:")
+    say(f"     ip netns exec {NS_ENCLAVE} curl http://{NAME_OK}/")
+    say(f"     ip netns exec {NS_PARENT} nft list table inet {firewall.table_name(PROFILE_NAME)}")
+    say(f"     ip netns exec {NS_INTERNET} curl http://{PARENT_WAN}:{INGRESS_PORT}/")
+    say("   on EC2 with a Nitro Enclave: README.md, \"Quick start on EC2\"")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wgvsock.ui.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--live", type=float, default=8.0, metavar="SECONDS",
                     help="how long to show the live dashboard (0: skip it); when stdout is not "
-                    "a terminal, two snapshots are printed instead")
+                    "a terminal (or TERM=dumb), two snapshots are printed instead")
     ap.add_argument("--iperf-seconds", type=float, default=2.0, metavar="S",
                     help="iperf3 time per direction (0: skip)")
     args = ap.parse_args(argv)
@@ -661,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason := clear_leftovers():
         print(f"demo: refusing to run: {reason}", file=sys.stderr)
         return 2
+    say("   Ctrl-C stops it at any point and removes everything it made")
 
     code = 0
     with interrupts_raise():
@@ -701,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
                 for what, secs in demo.timings:
                     say(f"   {what}: {secs:.1f} s")
                 say(f"   whole demo: {time.monotonic() - args.t0:.1f} s")
+                if code == 0 and not left:
+                    what_next()
             if left:
                 code = code or 1
     return code
