@@ -4,9 +4,11 @@ without a terminal, every stage reports success and nothing is left behind; in a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wgvsock.ui.demo import NAMESPACES
+from wgvsock.ui.demo import NAMESPACES, STATE_FILE
 
 from .netlab import run, wait_for
 
@@ -137,4 +139,22 @@ def test_on_a_dumb_terminal_the_dashboard_is_printed_not_live(tmux: _Tmux) -> No
     out = _demo_in_tmux(tmux, 160, 48, "TERM=dumb")
     assert "== The dashboard: wgvsock status, both sides (two snapshots)" in out, out[-3000:]
     assert len(re.findall(r"^wg0@parent  parent \(profile demo\)", out, re.M)) == 2
+    _nothing_left()
+
+
+def test_sigterm_in_the_dashboard_stops_the_demo(tmux: _Tmux) -> None:
+    """SIGTERM (`kill`, a supervisor's stop) ended only the live view: the demo went on to its
+    last frame and exited 0, where at any other moment SIGTERM interrupts it (130)."""
+    demo = shlex.join([sys.executable, "-m", "wgvsock.ui.demo", "--live", "120",
+                       "--iperf-seconds", "0"])
+    tmux.start(f"sh -c {shlex.quote(f'cd {REPO} && {demo}; echo EXITED rc=$?; sleep 600')}",
+               160, 48)
+    wait_for(lambda: "q quits" in tmux("capture-pane", "-p", "-t", "demo"), 120,
+             "the live dashboard")
+    pid = json.loads(STATE_FILE.read_text())["pid"]
+    os.kill(pid, signal.SIGTERM)
+    out = wait_for(lambda: (h := tmux.history()) and "EXITED" in h and h, 60, "the demo to end")
+    assert "EXITED rc=130" in out, out[-3000:]
+    assert "interrupted" in out and "last frame" not in out
+    assert "nothing left behind" in out
     _nothing_left()

@@ -647,7 +647,11 @@ class Demo:
         try:
             if tty:
                 time.sleep(1.0)  # so the view opens with a rate, not "-"
-                live(names, interval=1.0, run_dir=str(dash), duration=secs)
+                stopped_by: list[int] = []
+                live(names, interval=1.0, run_dir=str(dash), duration=secs,
+                     stopped_by=stopped_by)
+                if stopped_by:  # SIGTERM or SIGHUP: for the demo, not only for the view
+                    raise KeyboardInterrupt(signal.Signals(stopped_by[0]).name)
                 say("   last frame:")
                 collector = Collector(names, str(dash))
                 collector.sample()

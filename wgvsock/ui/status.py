@@ -1057,10 +1057,6 @@ def _footer(snap: Snapshot, interval: float | None) -> str:
     return at if interval is None else f"{at} · every {interval:g} s · rates in bytes/s"
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def _print_json(snap: Snapshot, out: TextIO, pretty: bool) -> None:
     out.write(json.dumps(snap.to_json(), indent=2 if pretty else None, sort_keys=False) + "\n")
     out.flush()
@@ -1092,9 +1088,11 @@ def live(
     stdin: TextIO | None = None,
     duration: float | None = None,
     timeout: float = FETCH_TIMEOUT,
+    stopped_by: list[int] | None = None,
 ) -> int:
     """The full-screen live view until `q`, Ctrl-C, SIGTERM, SIGHUP or `duration` seconds.
-    Usable from other code (the demo) as well as from `main`."""
+    Usable from other code (the demo) as well as from `main`. STOPPED_BY, when given, gets
+    the signal (SIGTERM, SIGHUP) that ended the view: the caller was asked to stop, too."""
     if console is None:
         # COLUMNS/LINES, when set (tmux exports them to panes it starts detached), would pin the
         # size; the live view must follow the terminal itself.
@@ -1104,7 +1102,12 @@ def live(
     # SIGHUP as well: the terminal (an ssh session) went away, or `kill -HUP`. Their default
     # kills the view where it stands, leaving the terminal in the alternate screen, in cbreak
     # and without echo. One ignored (nohup) stays ignored.
-    old_handlers = {sig: signal.signal(sig, _raise_interrupt)
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stopped_by is not None:
+            stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    old_handlers = {sig: signal.signal(sig, on_signal)
                     for sig in (signal.SIGTERM, signal.SIGHUP)
                     if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
