@@ -4,13 +4,16 @@ without a terminal, every stage reports success and nothing is left behind; in a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,4 +160,83 @@ def test_sigterm_in_the_dashboard_stops_the_demo(tmux: _Tmux) -> None:
     assert "EXITED rc=130" in out, out[-3000:]
     assert "interrupted" in out and "last frame" not in out
     assert "nothing left behind" in out
+    _nothing_left()
+
+
+def _remove_leftovers() -> None:
+    """What a demo killed in a test may leave, removed whatever the demo does next."""
+    listed = run("ip", "netns", "list", check=False).stdout.split()
+    for name in NAMESPACES:
+        if name in listed:
+            for pid in run("ip", "netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            run("ip", "netns", "del", name, check=False)
+        shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+    with contextlib.suppress(OSError, ValueError):
+        tmp = Path(json.loads(STATE_FILE.read_text())["tmp"])
+        if tmp.name.startswith("wgvsock-demo-"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    STATE_FILE.unlink(missing_ok=True)
+
+
+# Two demos held at the gate (a file appearing) and let go together.
+_AT_THE_GATE = """\
+import sys, time
+from pathlib import Path
+from wgvsock.ui import demo
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.001)
+sys.exit(demo.main(["--live", "0", "--iperf-seconds", "0"]))
+"""
+
+
+def test_two_demos_started_together_one_runs_the_other_refuses(tmp_path: Path) -> None:
+    """Each looked for a running demo, found none and went on: the later one failed on
+    `ip netns add` ("File exists"), warned that the other's namespace was "still present",
+    and removed the other's state file, so that a third run would take the running demo's
+    namespaces for leftovers and remove them."""
+    gate = tmp_path / "go"
+    procs: list[subprocess.Popen] = []
+    try:
+        procs += [subprocess.Popen([sys.executable, "-c", _AT_THE_GATE, str(gate)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  cwd=REPO) for _ in range(2)]
+        time.sleep(2)  # both imported and waiting (a late one would only refuse more surely)
+        gate.touch()
+        results = sorted((p.wait(180), p.communicate()[0]) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+        _remove_leftovers()
+    (ran, out_ran), (refused, out_refused) = results
+    assert (ran, refused) == (0, 2), f"exits {ran}, {refused}\n{out_ran[-1500:]}\n{out_refused}"
+    assert "nothing left behind" in out_ran and "WARNING" not in out_ran
+    # (Without its pid when it looked in the instant between the other's lock and its write.)
+    assert re.search(r"^demo: refusing to run: another demo is running( \(pid \d+\))?$",
+                     out_refused, re.M), out_refused
+    _nothing_left()
+
+
+def test_a_demo_killed_with_sigkill_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    killed = subprocess.Popen([sys.executable, "-m", "wgvsock.ui.demo", "--live", "0",
+                               "--iperf-seconds", "0"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        wait_for(lambda: "wgdemo-enclave" in run("ip", "netns", "list").stdout, 60,
+                 "the demo's namespaces")
+        tmp = Path(json.loads(STATE_FILE.read_text())["tmp"])
+        killed.kill()
+        killed.wait(10)
+        res = subprocess.run([sys.executable, "-m", "wgvsock.ui.demo", "--live", "0",
+                              "--iperf-seconds", "0"], capture_output=True, text=True,
+                             timeout=240, cwd=REPO)
+    finally:
+        killed.kill()
+        _remove_leftovers()
+    assert res.returncode == 0, res.stderr + res.stdout[-3000:]
+    for name in NAMESPACES:
+        assert f"(removed namespace {name} left by an earlier run)" in res.stdout
+    assert f"(removed {tmp} left by an earlier run)" in res.stdout
+    assert not tmp.exists()
     _nothing_left()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -56,7 +57,8 @@ INGRESS_PORT, APP_PORT = 8443, 8080
 METRICS = "127.0.0.1:9586"  # parent.metrics.listen, inside the parent's namespace
 PROFILE_NAME = "demo"
 EXAMPLE = Path(__file__).resolve().parents[2] / "enclave" / "profile.example.yaml"
-# Who owns the fixed names above, so that the next run can tell a live demo from leftovers.
+# Who owns the fixed names above, so that the next run can tell a live demo from leftovers:
+# locked while its demo runs (claim), left behind only by one that was killed.
 STATE_FILE = Path("/run/wgvsock-demo.json")
 TMP_PREFIX = "wgvsock-demo-"
 REQUIRED_TOOLS = ("ip", "ss", "nft", "curl", "ping", "dnsmasq")
@@ -94,28 +96,61 @@ def heading(text: str) -> None:
     say(f"== {text}")
 
 
-def _demo_alive(pid: int) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    # The pid may have been reused by an unrelated process since the state file was written.
-    return b"wgvsock.ui.demo" in argv
+def _write_state(fd: int, state: dict[str, Any]) -> None:
+    data = json.dumps(state).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
 
 
-def clear_leftovers() -> str | None:
-    """Removes what an earlier demo killed with SIGKILL left behind; refuses (returns why)
-    if a demo is still running.
+def claim() -> tuple[int, dict[str, Any]] | str:
+    """Takes the state file for this demo: (its descriptor, what an earlier run that did not
+    end wrote in it), or why not (another demo is running).
+
+    The file stays locked (flock) while the descriptor is open: the lock, not a pid, says that
+    a demo runs, so two started together cannot both go on (each found no pid and went on,
+    and the later one took the other's namespaces for its own), and one killed with SIGKILL
+    holds it no more. Our pid goes in at once, for the message of the one refused."""
+    while True:
+        fd = os.open(STATE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = json.loads(os.pread(fd, 4096, 0)).get("pid")
+            except (OSError, ValueError, AttributeError):
+                pid = None
+            os.close(fd)
+            return "another demo is running" + (f" (pid {pid})" if isinstance(pid, int) else "")
+        # Its owner removes the file before letting go of it: a lock on a removed file is
+        # nobody's, and the next open makes a new one.
+        try:
+            ours = os.path.samestat(os.fstat(fd), os.stat(STATE_FILE))
+        except FileNotFoundError:
+            ours = False
+        if not ours:
+            os.close(fd)
+            continue
+        try:
+            state = json.loads(os.pread(fd, 4096, 0))
+        except (OSError, ValueError):
+            state = None
+        _write_state(fd, {"pid": os.getpid()})
+        return fd, state if isinstance(state, dict) else {}
+
+
+def release(fd: int) -> None:
+    """Removes the state file, then lets go of it (see claim)."""
+    STATE_FILE.unlink(missing_ok=True)
+    os.close(fd)
+
+
+def clear_leftovers(state: dict[str, Any]) -> None:
+    """Removes what an earlier demo killed with SIGKILL left behind (STATE: what it wrote in
+    the state file).
 
     Fixed names let users poke at the namespaces while the demo runs. Everything the demo
     makes lives in those namespaces (the daemons, the nftables table, forwarding), in
     /etc/netns/<one of them> or in its temporary directory, so removing those removes all."""
-    try:
-        state = json.loads(STATE_FILE.read_text())
-    except (OSError, ValueError):
-        state = {}
-    if isinstance(state.get("pid"), int) and _demo_alive(state["pid"]):
-        return f"another demo is running (pid {state['pid']})"
     existing = set(run("ip", "netns", "list", check=False).stdout.split())
     for name in NAMESPACES:
         if name in existing:
@@ -133,8 +168,6 @@ def clear_leftovers() -> str | None:
             Path(tmp).parent == Path(tempfile.gettempdir()) and Path(tmp).is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
         say(f"   (removed {tmp} left by an earlier run)")
-    STATE_FILE.unlink(missing_ok=True)
-    return None
 
 
 def wgvsock_command() -> list[str]:
@@ -714,17 +747,27 @@ def main(argv: list[str] | None = None) -> int:
                            "try: sudo make demo", REQUIRED_TOOLS):
         print(f"demo: refusing to run: {reason}", file=sys.stderr)
         return 2
-    if reason := clear_leftovers():
-        print(f"demo: refusing to run: {reason}", file=sys.stderr)
+    claimed = claim()
+    if isinstance(claimed, str):
+        print(f"demo: refusing to run: {claimed}", file=sys.stderr)
         return 2
-    say("   Ctrl-C stops it at any point and removes everything it made")
+    fd, earlier = claimed
+    try:
+        return _run(args, fd, earlier)
+    finally:
+        release(fd)
 
+
+def _run(args: argparse.Namespace, fd: int, earlier: dict[str, Any]) -> int:
+    """The demo, once the state file is ours (FD; EARLIER: what a run that did not end left)."""
     code = 0
     with interrupts_raise():
         lab = Lab(TMP_PREFIX)
         demo = Demo(lab, args)
         try:
-            STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "tmp": str(lab.tmp)}))
+            clear_leftovers(earlier)
+            say("   Ctrl-C stops it at any point and removes everything it made")
+            _write_state(fd, {"pid": os.getpid(), "tmp": str(lab.tmp)})
             demo.run()
         except KeyboardInterrupt:
             with contextlib.suppress(OSError):
@@ -741,7 +784,6 @@ def main(argv: list[str] | None = None) -> int:
             # Printing can fail (a closed pipe, say): it must not stop the clean-up. close()
             # runs `parent down` (which stops the enclave first), then removes the rest.
             lab.close()
-            STATE_FILE.unlink(missing_ok=True)
             listed = run("ip", "netns", "list", check=False).stdout.split()
             left = [n for n in NAMESPACES if n in listed]
             left += [str(p) for p in (Path("/etc/netns") / n for n in NAMESPACES) if p.exists()]
