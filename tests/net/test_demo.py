@@ -213,7 +213,8 @@ def test_two_demos_started_together_one_runs_the_other_refuses(tmp_path: Path) -
     assert (ran, refused) == (0, 2), f"exits {ran}, {refused}\n{out_ran[-1500:]}\n{out_refused}"
     assert "nothing left behind" in out_ran and "WARNING" not in out_ran
     # (Without its pid when it looked in the instant between the other's lock and its write.)
-    assert re.search(r"^demo: refusing to run: another demo is running( \(pid \d+\))?$",
+    assert re.search(r"^demo: refusing to run: another demo is running( \(pid \d+\))?; "
+                     r"one at a time: Ctrl-C in its terminal stops it",
                      out_refused, re.M), out_refused
     _nothing_left()
 

@@ -120,7 +120,8 @@ def claim() -> tuple[int, dict[str, Any]] | str:
             except (OSError, ValueError, AttributeError):
                 pid = None
             os.close(fd)
-            return "another demo is running" + (f" (pid {pid})" if isinstance(pid, int) else "")
+            return ("another demo is running" + (f" (pid {pid})" if isinstance(pid, int) else "")
+                    + "; one at a time: Ctrl-C in its terminal stops it, and removes what it made")
         # Its owner removes the file before letting go of it: a lock on a removed file is
         # nobody's, and the next open makes a new one.
         try:
