@@ -16,8 +16,9 @@ DESIGN.md §5) and its paths moved into a private temporary directory, drives bo
 enclave reaching the internet through the parent's NAT, the internet reaching the enclave's app
 through the parent's ingress port, egress by host name (a name allowed, names refused, through
 the parent's DNS forwarder; dnsmasq plays the parent's resolver in the "internet"), the deny
-list holding and what the parent recorded it refused, a short iperf3, and ends in the
-`wgvsock status` dashboard of both sides. Everything is removed on exit, on Ctrl-C and on error.
+list holding and what the parent recorded it refused, the parent's metrics page, a short
+iperf3, and ends in the `wgvsock status` dashboard of both sides and what to try next.
+Everything is removed on exit, on Ctrl-C and on error.
 """
 
 from __future__ import annotations
