@@ -767,9 +767,10 @@ def _run(args: argparse.Namespace, fd: int, earlier: dict[str, Any]) -> int:
         lab = Lab(TMP_PREFIX)
         demo = Demo(lab, args)
         try:
+            # At once: a run killed from here on leaves its temporary directory to the next.
+            _write_state(fd, {"pid": os.getpid(), "tmp": str(lab.tmp)})
             clear_leftovers(earlier)
             say("   Ctrl-C stops it at any point and removes everything it made")
-            _write_state(fd, {"pid": os.getpid(), "tmp": str(lab.tmp)})
             demo.run()
         except KeyboardInterrupt:
             with contextlib.suppress(OSError):
