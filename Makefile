@@ -19,26 +19,37 @@ PY     := $(VENV)/bin/python
 # "internet" resolver of tests/net/test_egress_names.py (egress by host name). gcc and python3-dev
 # compile the per-packet modules with mypyc (setup.py); libssl-dev has the OpenSSL headers of
 # wgvsock/core/_transport_aead.c. python3-venv lets Debian's python3 (PYTHON below) make the venv.
-APT_PACKAGES := wireguard-go wireguard-tools iperf3 nftables socat tmux iputils-ping curl iproute2 procps kmod \
+# `make demo` needs only the first list (the demo's tools, the venv and the compile): a first
+# demo does not wait for qemu, podman, a kernel image and the rest that only the tests use.
+DEMO_APT_PACKAGES := iperf3 nftables iputils-ping curl iproute2 procps kmod dnsmasq-base \
+                     gcc python3-dev python3-venv libssl-dev
+APT_PACKAGES := $(DEMO_APT_PACKAGES) wireguard-go wireguard-tools socat tmux \
                 podman debootstrap systemd systemd-container qemu-system-x86 linux-image-amd64 busybox-static cpio \
-                dnsmasq-base gcc python3-dev python3-venv libssl-dev valgrind
+                valgrind
 APT_MARK := $(VENV)/.apt-done
+DEMO_APT_MARK := $(VENV)/.apt-demo-done
 
-.PHONY: FORCE test demo bench fuzz soak lint apt venv compile clean lock wheelhouse image eif
+.PHONY: FORCE test demo bench fuzz soak lint apt apt-demo venv compile clean lock wheelhouse image eif
 
 # Re-checked when this file changes, so a package added to the list gets installed. Without
 # apt-get (Amazon Linux, where README's Quick start runs `make eif`) nothing is installed: the
 # image and the EIF need none of these, and `make test` is for Debian.
-$(APT_MARK): Makefile
+define apt_install
 	@mkdir -p $(VENV)
 	@if ! command -v apt-get >/dev/null; then \
 	  echo "no apt-get here: not installing the apt packages (make test and make demo need them)"; \
-	else missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	else missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi; fi
 	@touch $@
+endef
+$(APT_MARK): Makefile
+	$(call apt_install,$(APT_PACKAGES))
+	@touch $(DEMO_APT_MARK)
+$(DEMO_APT_MARK): Makefile
+	$(call apt_install,$(DEMO_APT_PACKAGES))
 
 # Made again, from scratch, when pyproject.toml or the interpreter changes (.interpreter holds
 # its path, rewritten only when it differs). Debian's python3-venv comes with the apt packages,
@@ -47,7 +58,7 @@ $(VENV)/.interpreter: FORCE
 	@mkdir -p $(VENV)
 	@echo '$(PYTHON)' | cmp -s - $@ || echo '$(PYTHON)' > $@
 
-$(VENV)/.venv-done: pyproject.toml $(VENV)/.interpreter | $(APT_MARK)
+$(VENV)/.venv-done: pyproject.toml $(VENV)/.interpreter | $(DEMO_APT_MARK)
 	@test -n '$(PYTHON)' || { echo "wgvsock needs Python 3.11 or newer: neither /usr/bin/python3 \
 	nor python3 on PATH is; install one, or name it with make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv --clear $(VENV)
@@ -68,6 +79,7 @@ $(VENV)/.built-$(BUILD_KIND): $(VENV)/.venv-done setup.py build_backend.py \
 	@touch $@
 
 apt: $(APT_MARK)
+apt-demo: $(DEMO_APT_MARK)
 venv: $(VENV)/.venv-done
 compile: $(VENV)/.built-$(BUILD_KIND)
 
@@ -78,7 +90,7 @@ test: apt venv compile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
-demo: apt venv compile
+demo: apt-demo venv compile
 	$(PY) -m wgvsock.ui.demo
 
 bench: apt venv compile

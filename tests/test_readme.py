@@ -79,3 +79,34 @@ def test_make_eif_needs_no_apt_on_amazon_linux(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / ".venv" / ".apt-done").exists()
     assert "no apt-get" in res.stdout
+
+
+def test_make_demo_installs_only_what_the_demo_needs(tmp_path: Path) -> None:
+    """`make demo` installed the whole test suite's apt packages (qemu, a kernel image,
+    podman, debootstrap, systemd-container...) before a first demo; it needs a few tools, the
+    venv and the compiler. `make test` still installs everything."""
+    import shutil
+    import subprocess
+
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    make = shutil.which("make")
+    assert make is not None
+
+    def dry(target: str) -> set[str]:
+        """The packages TARGET's recipe checks and installs."""
+        res = subprocess.run([make, "-C", str(tmp_path), "-n", target], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+        found = re.search(r"for p in ([^;]*); do", res.stdout)
+        assert found, res.stdout
+        return set(found.group(1).split())
+
+    # What `demo` and `test` wait for (their other prerequisites need the whole checkout).
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo: apt-demo venv compile$", makefile, re.M)
+    assert re.search(r"^test: apt venv compile$", makefile, re.M)
+    demo, test = dry(".venv/.apt-demo-done"), dry(".venv/.apt-done")
+    assert {"iperf3", "nftables", "curl", "dnsmasq-base", "gcc", "python3-venv"} <= demo
+    assert demo < test
+    assert not demo & {"qemu-system-x86", "linux-image-amd64", "podman", "debootstrap",
+                       "systemd-container", "valgrind"}
