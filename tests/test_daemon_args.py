@@ -204,3 +204,25 @@ def test_a_log_file_the_launcher_makes_is_its_owners_alone_whatever_the_umask(
     os.chmod(path, 0o640)
     assert daemon.main(["-n", "unix", "wg0"]) == 0
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("argv", [["--version", "wg0"], ["wg0", "--version"],
+                                  ["-n", "unix", "--version", "wg0"]])
+def test_version_with_an_interface_name_is_refused(argv, started, no_spawn, capsys):
+    # The README promises exit 2 for `--version` with a name (the seed answers it with its
+    # usage); argparse's version action printed the version and exited 0 wherever it stood.
+    with pytest.raises(SystemExit) as e:
+        daemon.main(argv)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "--version takes no interface name" in captured.err
+    assert "wgvsock" not in captured.out
+    assert started == []
+
+
+def test_version_alone_prints_the_version(started, no_spawn, capsys):
+    from wgvsock import __version__
+
+    assert daemon.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"wgvsock {__version__}\n"
+    assert started == []

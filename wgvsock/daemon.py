@@ -88,7 +88,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="do not fork to the background")
     p.add_argument("-d", "--dgram", action="store_true", help="datagram sockets (vsock, unix)")
     p.add_argument("-n", "--network", choices=NETWORKS, help="transport (default vsock)")
-    p.add_argument("--version", action="version", version=f"wgvsock {__version__}")
+    # Not argparse's version action, which prints and exits 0 wherever the flag stands: with
+    # an interface name too, the command line is a mistake (the seed answers it with usage).
+    p.add_argument("--version", action="store_true",
+                   help="print the version and exit (given alone)")
     p.add_argument("interface", help="interface name, e.g. wg0")
     return p
 
@@ -113,7 +116,13 @@ def main(argv: list[str] | None = None, prog: str = "wireguard-go-vsock") -> int
 
 
 def _main(argv: list[str] | None, prog: str) -> int:
-    args = _parser(prog).parse_args(argv)
+    if (argv if argv is not None else sys.argv[1:]) == ["--version"]:
+        print(f"wgvsock {__version__}")
+        return 0
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.version:
+        parser.error("--version takes no interface name or other argument: run it alone")
     network = args.network or os.environ.get(ENV_NETWORK) or "vsock"
     if network not in NETWORKS:
         print(f"{prog}: {ENV_NETWORK}={network!r} is not one of {', '.join(NETWORKS)}",
