@@ -153,6 +153,12 @@ def test_parent_key_file_mode_and_owner(tmp_path):
     key = write_key(tmp_path / "k", mode=0o640)
     with pytest.raises(RoleError, match="readable by others"):
         load_parent_key(str(key))
+    # A mode that lets others write but not read said "readable by others" all the same.
+    for mode, how in ((0o620, "writable"), (0o602, "writable"), (0o660, "readable and writable"),
+                      (0o610, "open")):
+        os.chmod(key, mode)
+        with pytest.raises(RoleError, match=f"is {how} by others \\(mode {mode:o}\\)"):
+            load_parent_key(str(key))
     os.chmod(key, 0o600)
     assert load_parent_key(str(key)) == PRIVATE
     if os.geteuid() != 0:

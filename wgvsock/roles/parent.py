@@ -362,7 +362,11 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
                         "that the key in it is yours")
     mode = st.st_mode & 0o777
     if mode & 0o077:
-        raise RoleError(f"private key {path} is readable by others (mode {mode:o}): "
+        # Named as it is: a key others may write (0620) is not one they may read, but whoever
+        # writes it chooses the parent's identity.
+        how = " and ".join(w for bits, w in ((0o044, "readable"), (0o022, "writable"))
+                           if mode & bits) or "open"
+        raise RoleError(f"private key {path} is {how} by others (mode {mode:o}): "
                         f"chmod 600 {path}")
     try:
         # A key is 45 bytes: a bound keeps /dev/zero and the like out, as the read of a
