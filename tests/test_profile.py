@@ -408,6 +408,16 @@ def test_unknown_key_suggests_the_closest():
     assert "known keys here" in p.hint
 
 
+
+@pytest.mark.parametrize("name", ["-wg0", ".wg0"])
+def test_an_interface_name_starting_with_dash_or_dot_is_refused_saying_why(name):
+    # The hint listed the characters allowed ('.' and '-' among them) and not that the first
+    # may be neither, so `.wg0`, all of those characters, was refused with no reason to see.
+    p = refused(f"name: a\ninterface: '{name}'\n", "interface", "not a valid interface name",
+                "interface:")
+    assert "starting with a letter, a digit or '_'" in p.hint
+
+
 BAD = [
     # (yaml, key, reason, needle naming the line)
     ("interface: wg0\n", "name", "missing", None),

@@ -750,7 +750,8 @@ class _Parser:
                          "Linux limits interface names to 15 characters; shorten it")
         elif not IFNAME_RE.fullmatch(name):
             self.problem(_line(node), key, f"'{name}' is not a valid interface name",
-                         "use letters, digits, '_', '.' and '-', e.g. wg0")
+                         "use letters, digits, '_', '.' and '-', starting with a letter, a "
+                         "digit or '_', e.g. wg0")
         elif name in ("all", "default"):
             # The kernel refuses them (EINVAL): they are the names of the per-interface
             # sysctl directories net.ipv4.conf.all and .default.
