@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 from wgvsock.services.profile import parse_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +112,115 @@ def test_make_demo_installs_only_what_the_demo_needs(tmp_path: Path) -> None:
     assert demo < test
     assert not demo & {"qemu-system-x86", "linux-image-amd64", "podman", "debootstrap",
                        "systemd-container", "valgrind"}
+
+
+# -- the profile reference table ----------------------------------------------------------------
+
+
+def _profile_table() -> dict[str, tuple[str, str]]:
+    """The rows of "## Profile reference": key -> (default cell, meaning cell)."""
+    start = README.index("## Profile reference")
+    section = README[start : README.index("\n### ", start)]
+    rows: dict[str, tuple[str, str]] = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `([a-z_.]+)` \| (.*?) \| (.*) \|$", line)
+        if m:
+            rows[m[1]] = (m[2], m[3])
+    return rows
+
+
+def _schema_keys() -> set[str]:
+    """Every key of the profile that the table should document, from the parser's own lists."""
+    from wgvsock.services import profile as p
+
+    keys = {k for k in p._TOP_KEYS if k not in ("transport", "parent", "enclave", "attestation")}
+    keys |= {f"transport.{k}" for k in p._TRANSPORT_KEYS}
+    keys |= {f"parent.{k}" for k in p._PARENT_KEYS if k not in ("egress", "metrics")}
+    keys |= {f"parent.egress.{k}" for k in p._EGRESS_KEYS}
+    keys |= {f"parent.enclave.{k}" for k in p._LAUNCH_KEYS}
+    keys |= {f"parent.metrics.{k}" for k in p._METRICS_KEYS}
+    keys |= {f"parent.metrics.cloudwatch.{k}" for k in p._CLOUDWATCH_KEYS}
+    keys |= {f"enclave.{k}" for k in p._ENCLAVE_KEYS}
+    keys |= {f"attestation.{k}" for k in p._ATTEST_KEYS}
+    return keys  # parent.ingress's listen/to/protocol are described in its own row
+
+
+def test_the_profile_table_documents_every_key_and_no_other() -> None:
+    assert set(_profile_table()) == _schema_keys()
+
+
+_MISSING = object()
+
+
+def _resolved(text: str) -> dict:
+    import yaml
+
+    from wgvsock.services.profile import dump_profile
+
+    return yaml.safe_load(dump_profile(parse_profile(text)))
+
+
+def _at(data: object, key: str) -> object:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def test_the_profile_tables_defaults_are_the_parsers() -> None:
+    """Each default the table gives as a value (its cell starting with one) is what `profile
+    check` fills in: first in a profile of `name` alone, then, for keys that exist only
+    under another (parent.enclave, the CloudWatch block, the DNS grace of name rules), in
+    one that has it."""
+    import yaml
+
+    minimal = _resolved("name: a\n")
+    fuller = _resolved("name: a\nparent: {enclave: {eif: /x.eif}, "
+                       "metrics: {cloudwatch: {namespace: ns}}}\n")
+    names = _resolved("name: a\nparent: {egress: {allow: [example.com]}}\n")
+    checked = []
+    for key, (default, _) in _profile_table().items():
+        tokens = re.findall(r"`([^`]*)`", default)
+        if not default.startswith("`") or key == "parent.egress.deny":
+            continue  # words, not a value; deny's default is [] plus the built-in entries
+        token = next(t for t in tokens if " " not in t)  # `port + 1` (`821`): the value
+        want = yaml.safe_load(token.replace("NAME", "a"))
+        got = next((v for v in (_at(d, key) for d in (minimal, fuller, names))
+                    if v is not _MISSING), _MISSING)
+        if got is _MISSING and key in ("parent.egress.resolver", "parent.egress.test_dns_grace"):
+            continue  # shown only when set (the check's header says so)
+        if isinstance(got, list) and not isinstance(want, list):
+            want = [want]  # a lone address stands for the list of one
+        assert got == want, f"{key}: the README says {token}, profile check fills in {got!r}"
+        checked.append(key)
+    assert len(checked) >= 25, checked
+
+
+# key -> (a profile that sets it to {}, given the README's range lo..hi)
+_RANGED = {
+    "mtu": "name: a\nmtu: {}\n",
+    "transport.port": "name: a\ntransport: {{port: {}, control_port: 2}}\n",
+    "parent.egress.dns_grace": "name: a\nparent: {{egress: {{allow: [example.com], "
+                               "dns_grace: {}}}}}\n",
+    "parent.egress.max_connections": "name: a\nparent: {{egress: {{max_connections: {}}}}}\n",
+    "parent.metrics.cloudwatch.interval": "name: a\nparent: {{metrics: {{cloudwatch: "
+                                          "{{namespace: ns, interval: {}}}}}}}\n",
+}
+
+
+@pytest.mark.parametrize("key", sorted(_RANGED))
+def test_the_profile_tables_ranges_are_the_parsers(key: str) -> None:
+    from wgvsock.services.profile import ProfileError
+
+    meaning = _profile_table()[key][1]
+    m = re.search(r"(\d+)\u2013(\d+)", meaning)  # an en dash, as the README writes ranges
+    assert m, f"{key}: no range in the README"
+    lo, hi = int(m[1]), int(m[2])
+    for value in (lo, hi):
+        if key == "transport.port" and value == 2:
+            continue
+        parse_profile(_RANGED[key].format(value))
+    for value in (lo - 1, hi + 1):
+        with pytest.raises(ProfileError, match=f"{value} is out of range"):
+            parse_profile(_RANGED[key].format(value))
