@@ -224,3 +224,13 @@ def test_the_profile_tables_ranges_are_the_parsers(key: str) -> None:
     for value in (lo - 1, hi + 1):
         with pytest.raises(ProfileError, match=f"{value} is out of range"):
             parse_profile(_RANGED[key].format(value))
+
+
+def test_the_table_says_the_parent_address_follows_a_given_enclave_address() -> None:
+    """With only enclave.address written, the parent takes the other host of its subnet (so
+    10.78.0.2/30 gives 10.78.0.1/30); the table gave 10.77.0.1/30 alone as the default, which
+    would have been refused as outside the enclave's subnet."""
+    derived = _resolved("name: a\nenclave: {address: 10.78.0.2/30}\n")
+    assert _at(derived, "parent.address") == ["10.78.0.1/30"]
+    default = _profile_table()["parent.address"][0]
+    assert "with `enclave.address` given, the other host of each of its subnets" in default
