@@ -292,6 +292,9 @@ def test_a_state_directory_others_may_write_is_refused(state_dir: Path, mode: in
         assert (f"{state_dir} is shared (mode 1777)" if mode & 0o1000 else
                 f"{state_dir} is writable by {kind} (mode {mode:o})") in text, text
         assert f"chmod go-w {state_dir}" in text, text
+        # It ended "or point WGVSOCK_STATE_DIR at a directory that is", which read as cut off.
+        assert text.endswith("or point WGVSOCK_STATE_DIR at a directory that already is so"), \
+            text
     assert sorted(p.name for p in state_dir.iterdir()) == ["pay.json"]  # nothing written
 
 

@@ -194,7 +194,7 @@ def state_directory(make: bool = False) -> Path:
             f"state files in it, which choose the sysctls `parent down` writes and the "
             f"processes it signals. Nothing was read from it or written to it. Make it, every "
             f"directory on its way and every link there {keepers()} and writable by no one "
-            f"else ({fix}), or point WGVSOCK_STATE_DIR at a directory that is")
+            f"else ({fix}), or point WGVSOCK_STATE_DIR at a directory that already is so")
 
     try:
         found = walk(str(directory), make=make)
