@@ -273,3 +273,35 @@ def test_a_new_key_file_and_every_directory_made_for_it_are_private_whatever_the
              for p in (key.parents[2], key.parents[1], key.parent, key)}
     assert modes == {"etc": 0o700, "etc/wgvsock": 0o700, "etc/wgvsock/keys": 0o700,
                      "etc/wgvsock/keys/a.key": 0o600}
+
+
+def test_parent_up_with_its_pinned_key_missing_says_it_makes_none(tmp_path, monkeypatch):
+    # `up` said "does not exist (create it with `wg genkey`, or let `wgvsock parent up` create
+    # it)", which a pinned profile's `up` never does; doctor said why. Nothing is made either
+    # way: make_bind stands in for the first thing `up` would make.
+    import wgvsock.roles.parent as parent_mod
+
+    def made(*args, **kwargs):
+        raise AssertionError("parent up went on to make its transport")
+
+    monkeypatch.setattr(parent_mod, "local_checks", lambda profile: [])
+    monkeypatch.setattr(parent_mod, "make_bind", made)
+    key = tmp_path / "parent.key"
+    profile = parse_profile(f"name: a\ntransport: {{kind: unix, path: {tmp_path}/s}}\n"
+                            f"parent: {{private_key: {key}, public_key: {PUB}}}\n")
+    with pytest.raises(RoleError) as e:
+        parent_mod.Parent(profile).start()
+    assert "parent.public_key is pinned: `parent up` makes no new key" in str(e.value)
+    assert "create it" not in str(e.value)
+    assert str(e.value) == parent_mod.parent_key_check(profile).detail  # doctor's words
+    assert not key.exists()
+
+
+def test_a_missing_key_file_is_made_with_wgvsock_genkey(tmp_path):
+    # It said "create it with `wg genkey`": wireguard-tools is installed by nothing wgvsock
+    # needs (the quick start makes keys with `wgvsock genkey`).
+    key = tmp_path / "parent.key"
+    with pytest.raises(RoleError) as e:
+        load_parent_key(str(key), create=False)
+    assert f"`wgvsock genkey | install -m 0600 /dev/stdin {key}`" in str(e.value)
+    assert "wg genkey" not in str(e.value).replace("wgvsock genkey", "")

@@ -342,8 +342,10 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
     path = Path(spec)
     if not path.exists():
         if not create:
-            raise RoleError(f"private key {path} does not exist (create it with `wg genkey`, "
-                            "or let `wgvsock parent up` create it)")
+            # `wgvsock genkey`, not `wg genkey`: wireguard-tools need not be installed.
+            raise RoleError(f"private key {path} does not exist (make one with `wgvsock genkey "
+                            f"| install -m 0600 /dev/stdin {path}`, or let `wgvsock parent up` "
+                            "create it)")
         # Each missing directory 0700, not only the last (Path.mkdir's parents= makes the
         # others 0777 less the umask): one others may write lets them put a directory of
         # their own in the key's way.
@@ -401,6 +403,13 @@ def check_pinned_key(profile, key: bytes) -> None:
                         f"`wgvsock profile pin-parent {profile.path}` and rebuild the image")
 
 
+def _missing_pinned_key(profile) -> str:
+    return (f"{profile.parent.private_key} does not exist, and parent.public_key is pinned: "
+            "`parent up` makes no new key, which could not match the pin. Restore the key "
+            "file, or make a new key there and pin it with `wgvsock profile "
+            f"pin-parent {profile.path}` (then rebuild the enclave image)")
+
+
 def parent_key_check(profile) -> Check:
     """What `parent up` will make of parent.private_key, without creating or changing it. Not
     in local_checks(): `up` loads the key itself, refusing with the same words."""
@@ -410,11 +419,7 @@ def parent_key_check(profile) -> Check:
         if not pinned:
             return Check("parent key", True,
                          f"{spec} does not exist yet: `parent up` creates it (0600)")
-        return Check("parent key", False,
-                     f"{spec} does not exist, and parent.public_key is pinned: `parent up` "
-                     "makes no new key, which could not match the pin. Restore the key "
-                     "file, or make a new key there and pin it with `wgvsock profile "
-                     f"pin-parent {profile.path}` (then rebuild the enclave image)")
+        return Check("parent key", False, _missing_pinned_key(profile))
     try:
         check_pinned_key(profile, load_parent_key(spec, create=False))
     except RoleError as e:
@@ -658,8 +663,14 @@ class Parent:
         if failed:
             raise RoleError("; ".join(f"{c.name}: {c.detail}" for c in failed))
         self.load_test_root()
-        # With a pinned key, never make a new one: it could not match the pin.
-        key = load_parent_key(p.parent.private_key, create=p.parent.public_key is None)
+        # With a pinned key, never make a new one: it could not match the pin. Said as doctor
+        # says it: load_parent_key's own words ("let `wgvsock parent up` create it") are
+        # wrong here.
+        spec = p.parent.private_key
+        if (p.parent.public_key is not None and not spec.startswith(("ssm:", "secretsmanager:"))
+                and not os.path.lexists(spec)):
+            raise RoleError(_missing_pinned_key(p))
+        key = load_parent_key(spec, create=p.parent.public_key is None)
         check_pinned_key(p, key)
         try:
             bind = make_bind(t.kind, False, unix_dir=t.path if t.kind == "unix" else None)
