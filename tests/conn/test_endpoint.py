@@ -287,3 +287,14 @@ def test_an_ipv6_zone_is_kept_as_its_index_however_it_was_written() -> None:
 def test_an_ipv6_zone_number_must_name_an_interface(zone: str) -> None:
     with pytest.raises(ValueError, match=f"no interface '{zone}' on this host"):
         parse_endpoint(f"[fe80::1%{zone}]:51820", "udp")
+
+
+def test_a_vsock_port_out_of_range_names_the_range_taken() -> None:
+    # It said "out of range 1-4294967295", and 4294967295 (VMADDR_PORT_ANY) is refused too.
+    with pytest.raises(ValueError, match=r"port 0 is out of range 1-4294967294$"):
+        parse_endpoint("16:0", "vsock")
+    with pytest.raises(ValueError, match="VMADDR_PORT_ANY is not a destination"):
+        parse_endpoint("16:4294967295", "vsock")
+    with pytest.raises(ValueError, match=r"port 4294967296 is out of range 1-4294967294$"):
+        parse_endpoint("vsock://16:4294967296", "vsock")
+    assert parse_endpoint("16:4294967294", "vsock").port == 4294967294

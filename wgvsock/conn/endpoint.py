@@ -160,9 +160,10 @@ def _parse_vsock(text: str) -> Endpoint:
         raise ValueError(f"invalid endpoint {text!r}: CID {cid} does not fit in 32 bits")
     if cid == VMADDR_CID_ANY:
         raise ValueError(f"invalid endpoint {text!r}: VMADDR_CID_ANY is not a destination")
-    port = _parse_port(port_text, text, _U32_MAX)
-    if port == VMADDR_PORT_ANY:
+    if _DIGITS_RE.fullmatch(port_text) and int(port_text) == VMADDR_PORT_ANY:
         raise ValueError(f"invalid endpoint {text!r}: VMADDR_PORT_ANY is not a destination")
+    # The range said is the one taken: VMADDR_PORT_ANY (2^32-1) is refused above.
+    port = _parse_port(port_text, text, VMADDR_PORT_ANY - 1)
     return Endpoint("vsock", cid, port)
 
 
