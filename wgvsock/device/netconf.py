@@ -155,6 +155,12 @@ class DefaultRoute(NamedTuple):
 _READ_ONLY_ROUTE_ATTRS = frozenset({"RTA_TABLE", "RTA_CACHEINFO"})
 _ROUTE_HEADER = ("family", "dst_len", "src_len", "tos", "table", "proto", "scope", "type",
                  "flags")
+# Next-hop states the kernel reports and refuses in a request (EINVAL: "can not contain DEAD or
+# LINKDOWN"): a default route through a link that is down (a veth whose peer is down, a cable
+# out) could not be put back.
+_RTNH_F_DEAD = 1
+_RTNH_F_LINKDOWN = 16
+_KERNEL_NEXTHOP_FLAGS = _RTNH_F_DEAD | _RTNH_F_LINKDOWN
 
 
 def default_routes() -> list[DefaultRoute]:
@@ -194,8 +200,11 @@ def default_routes() -> list[DefaultRoute]:
                     if metric := r.get_attr("RTA_PRIORITY"):
                         text += f" metric {metric}"
                     netlink = {key: r[key] for key in _ROUTE_HEADER}
+                    netlink["flags"] &= ~_KERNEL_NEXTHOP_FLAGS
                     netlink.update((name, value) for name, value in r["attrs"]
                                    if name not in _READ_ONLY_ROUTE_ATTRS)
+                    for nh in netlink.get("RTA_MULTIPATH") or ():
+                        nh["flags"] &= ~_KERNEL_NEXTHOP_FLAGS
                     found.append(DefaultRoute(4 if family == 2 else 6, text, netlink))
             return found
     except NetlinkError as e:
