@@ -891,3 +891,26 @@ def test_a_parent_never_reached_is_named_with_the_last_connect_error(monkeypatch
     assert "vsock CID 5 port 51821" in message, message
     assert "No such device" in message, message
     assert "transport.parent_cid" in message, message
+
+
+def test_no_handshake_after_registering_names_the_port_the_parent_named() -> None:
+    """The enclave sends to the WireGuard port the parent's welcome names, whatever its own
+    profile's transport.port says; the error said "check the transport and port in the
+    profile" (and the README blamed transport.port differing between the two profiles),
+    which changes nothing."""
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))  # transport.port 51820
+
+    class Device(_PeerDevice):
+        def last_handshake(self, key):
+            return None
+
+    e.device = Device(e.public_key)  # type: ignore[assignment]
+    e._apply(Welcome(b"P" * 32, 40000, False))
+    e.registered.set()
+    with pytest.raises(enclave_mod.EnclaveError) as info:
+        e.wait_connected(0.2)
+    text = str(info.value)
+    assert "registered, but no WireGuard handshake with the parent within 0 s" in text, text
+    assert "(/run/wgvsock/e2e/40000.sock, as its welcome named it) did not answer" in text, text
+    assert "in the profile" not in text
+    e.device = None

@@ -234,3 +234,15 @@ def test_the_table_says_the_parent_address_follows_a_given_enclave_address() -> 
     assert _at(derived, "parent.address") == ["10.78.0.1/30"]
     default = _profile_table()["parent.address"][0]
     assert "with `enclave.address` given, the other host of each of its subnets" in default
+
+
+def test_troubleshooting_does_not_blame_a_port_the_enclave_does_not_use() -> None:
+    """The enclave sends to the port the parent's welcome names (roles/enclave.py _apply), so
+    a transport.port that differs between the two profiles cannot be why no handshake came;
+    the README said it was."""
+    start = README.index("## Troubleshooting")
+    text = " ".join(README[start : README.index("\n## ", start + 1)].split())
+    line = text[text.index("`registered, but no WireGuard handshake`"):]
+    line = line[: line.index(" - ")]
+    assert "differs between the two profiles" not in line
+    assert "whatever its own profile says" in line

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 
 from ..conn import make_bind
 from ..conn.bind import RateLimitedLog
@@ -293,6 +294,9 @@ class Enclave:
         # The last dial's error while the parent has not answered (ECONNRESET: nobody listens
         # on that vsock port; ENODEV: no transport reaches that CID), for the same message.
         self.last_dial_error: OSError | None = None
+        # Where the parent's welcome said its WireGuard port is, as an operator reads it: the
+        # enclave sends there whatever its own profile's transport.port says.
+        self.parent_wg_address: str | None = None
         self._unix_dir: str | None = None
         self._thread: threading.Thread | None = None
         self._attest = None
@@ -521,6 +525,7 @@ class Enclave:
         # The endpoint is given as an object: its Unix form is a path outside our unix_dir,
         # which the transport's text parser would not accept.
         endpoint = parent_wg_endpoint(t, welcome.wg_port)
+        self.parent_wg_address = control_address(replace(t, control_port=welcome.wg_port))
         if key == self.parent_key and self.device.connect_peer(key, endpoint):
             # Same parent key (the control connection dropped, or the parent restarted with
             # its key file): the peer is kept and just handshakes again — a restarted parent
@@ -669,8 +674,12 @@ class Enclave:
         if not wait_until(handshaken, deadline - time.monotonic(), self.stopping):
             if self.stopping():
                 return
+            # Not the profile's port: the enclave uses the one the parent's welcome names.
             raise EnclaveError(f"registered, but no WireGuard handshake with the parent within "
-                               f"{timeout:.0f} s (check the transport and port in the profile)")
+                               f"{timeout:.0f} s: its WireGuard port ({self.parent_wg_address}, "
+                               "as its welcome named it) did not answer (over TCP, a firewall "
+                               "that passes the control port but not that one; otherwise the "
+                               "parent's log says why its data path did not)")
 
     def _no_answer(self, timeout: float) -> str:
         """Why wait_connected gave up on a parent that never answered: where it was sought,
