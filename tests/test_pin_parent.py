@@ -128,7 +128,9 @@ def test_pin_parent_cli_errors(tmp_path, capsys):
     assert "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "none.key").exists()  # never creates a key to pin
     assert cli.main(["profile", "pin-parent", str(profile), "--public-key", "zz"]) == 2
-    assert "not a WireGuard public key" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a WireGuard public key" in err and "wgvsock pubkey < KEYFILE" in err, err
+    assert "fill it in with" not in err  # the command it was given
 
 
 def test_parent_refuses_a_key_that_does_not_match_the_pin(tmp_path):

@@ -2284,7 +2284,10 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
             try:
                 key = _public_key(args.public_key)
             except _Invalid as e:
-                print(f"{prog}: --public-key: {e}", file=sys.stderr)
+                # Not _Invalid's hint, which sends the writer of a profile to this command.
+                print(f"{prog}: --public-key: {e.reason}: give the parent's public key, as "
+                      "`wgvsock pubkey < KEYFILE` prints it, or --key-file KEYFILE",
+                      file=sys.stderr)
                 return 2
         else:
             from ..core.crypto import key_to_base64, public_key
