@@ -226,3 +226,44 @@ def test_version_alone_prints_the_version(started, no_spawn, capsys):
     assert daemon.main(["--version"]) == 0
     assert capsys.readouterr().out == f"wgvsock {__version__}\n"
     assert started == []
+
+
+# The background process reports which wgvsock it imported, as its failure to start.
+_REPORT_WHICH = ("import wgvsock; from wgvsock.daemon import report_ready, take_ready_fd; "
+                 "report_ready(take_ready_fd(), 'imported ' + wgvsock.__file__)")
+_LAUNCH = ("import sys, wgvsock; from wgvsock.daemon import spawn_background; "
+           f"sys.exit(spawn_background(['-c', {_REPORT_WHICH!r}], 'probe'))")
+
+
+def _launched_from(cwd: Path, *python_flags: str) -> tuple[str, str]:
+    """(the launcher's wgvsock, the background process's), the launcher started as
+    `python FLAGS -c ...` in CWD with the test's environment."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WGVSOCK_READY_FD", "NOTIFY_SOCKET", daemon.ENV_LOG_FILE)}
+    which = subprocess.run([sys.executable, *python_flags, "-c",
+                            "import wgvsock; print(wgvsock.__file__)"],
+                           cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, *python_flags, "-c", _LAUNCH], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.stderr.startswith("probe: imported "), run.stderr
+    return which.stdout.strip(), run.stderr.removeprefix("probe: imported ").strip()
+
+
+def test_the_background_process_imports_the_wgvsock_that_started_it(tmp_path: Path) -> None:
+    """-P keeps the working directory off the background process's path (1bfda7b), but when
+    the launcher's own wgvsock came from there (`python -m wgvsock.cli` in a checkout), the
+    background process imported another one (the installed release, or the one on
+    PYTHONPATH), or none: not 'the wgvsock that started it', as README says it does."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(daemon.__file__).parent, checkout / "wgvsock",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
+    launcher, background = _launched_from(checkout)
+    assert launcher == str(checkout / "wgvsock" / "__init__.py")
+    assert background == launcher
+    # Started another way (a console script: the working directory is not on its path), a
+    # wgvsock in the working directory is still not what the background process imports.
+    launcher, background = _launched_from(checkout, "-P")
+    assert launcher != str(checkout / "wgvsock" / "__init__.py")
+    assert background == launcher

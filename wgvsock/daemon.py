@@ -210,6 +210,18 @@ def take_ready_fd() -> int | None:
                    "unset it")
 
 
+def _own_path_entry() -> str | None:
+    """The directory this wgvsock was imported from, when only the entry the interpreter put
+    first on sys.path (the working directory, for -m and -c) gave it: the background process,
+    started with -P, would import another wgvsock (the installed one) or none. None when
+    the rest of sys.path, which it keeps, finds this one."""
+    if sys.flags.safe_path or not sys.path:
+        return None
+    own = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    first, *rest = (os.path.realpath(p or os.curdir) for p in sys.path)
+    return own if first == own and own not in rest else None
+
+
 def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = False,
                      keep_fds: tuple[int, ...] = ()) -> int:
     """Starts `python python_args...` detached and waits until it calls `report_ready` (exit
@@ -234,6 +246,8 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
     env = {k: v for k, v in os.environ.items()
            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env[_ENV_READY_FD] = str(w)
+    if (own := _own_path_entry()) is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (own, env.get("PYTHONPATH"))))
     log_file = os.environ.get(ENV_LOG_FILE)
     keep = keep_stdio and logs_to_launcher()
     try:
