@@ -226,3 +226,29 @@ def test_the_doctor_checks_the_parents_key_as_up_would_take_it(base: Path) -> No
     key_file.write_text("not a key\n")
     c = check()
     assert c.ok is False and "expected the output of `wg genkey`" in c.detail, c
+
+
+def test_up_in_the_background_shows_the_profiles_warnings(base: Path, monkeypatch,
+                                                           capsys) -> None:
+    """An allow entry a deny entry covers whole is a warning that `parent up` logs (5e1e9b7),
+    but `up` started in the background logs nowhere the operator looks (its output goes to
+    /dev/null without $WGVSOCK_LOG_FILE): the warning was shown to nobody. The command that
+    starts it prints it, as it prints the route warnings."""
+    from wgvsock import daemon
+    from wgvsock.roles import cli, state
+    from wgvsock.services import profile as profile_mod
+
+    path = base / "p.yaml"
+    path.write_text("name: x\nparent:\n  egress:\n    allow: [10.1.0.0/16]\n"
+                    "    deny: [10.0.0.0/8]\n")
+    started: list[list[str]] = []
+    monkeypatch.setattr(state, "already_up", lambda profile: None)
+    for name in ("local_networks", "local_routes"):
+        monkeypatch.setattr(profile_mod, name, lambda exclude_interface=None: [])
+    monkeypatch.delenv("WGVSOCK_READY_FD", raising=False)
+    monkeypatch.setattr(daemon, "spawn_background",
+                        lambda args, prog, **kw: started.append(args) or 0)
+    assert cli.parent_main(["up", "--profile", str(path)]) == 0
+    assert started
+    err = capsys.readouterr().err
+    assert "warning: " in err and "'10.1.0.0/16' is never allowed" in err, err

@@ -128,6 +128,10 @@ def parent_main(argv: list[str]) -> int:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not args.foreground:
+            # The background process logs them (Parent.start), where nobody may look: its
+            # output goes nowhere without $WGVSOCK_LOG_FILE. In the foreground the log is here.
+            for w in profile.warnings:
+                print(f"warning: {w}", file=sys.stderr)
             extra = ["-v"] if args.verbose else []
             return spawn_background(
                 ["-m", "wgvsock.cli", "parent", "up", "--profile", args.profile, "-f", *extra],
