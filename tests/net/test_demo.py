@@ -204,7 +204,9 @@ def test_two_demos_started_together_one_runs_the_other_refuses(tmp_path: Path) -
                                   cwd=REPO) for _ in range(2)]
         time.sleep(2)  # both imported and waiting (a late one would only refuse more surely)
         gate.touch()
-        results = sorted((p.wait(180), p.communicate()[0]) for p in procs)
+        # communicate, not wait: a demo whose output filled the pipe would never end.
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+        results = sorted((p.returncode, out) for p, out in zip(procs, outs, strict=True))
     finally:
         for p in procs:
             p.kill()

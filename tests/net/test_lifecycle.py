@@ -81,7 +81,10 @@ def test_the_daemon_is_kept_out_of_core_dumps(lab: Lab) -> None:
     """It holds the private key and every session key: the watchdog's SIGABRT (or a crash)
     had them written to disk (systemd-coredump keeps dumps), and any process of its user
     could read its memory. Like ssh-agent, it makes itself non-dumpable."""
-    assert _dumps_core_on_abort(lab, ["sleep", "60"], lambda: True)  # the probe tells
+    # The probe: where the host's core_pattern hands dumps to a helper that is missing or
+    # declines, nothing is dumped, and this host cannot tell.
+    if not _dumps_core_on_abort(lab, ["sleep", "60"], lambda: True):
+        pytest.skip("this host writes no core dumps (kernel.core_pattern), not even sleep's")
     ns = lab.netns("a")
     ifname = lab.ifname("a")
     assert not _dumps_core_on_abort(

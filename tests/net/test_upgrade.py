@@ -138,7 +138,6 @@ def test_a_newer_releases_crashed_parent_is_cleaned_up_naming_what_it_cannot_und
     assert w.parent_cmd("up").returncode == 0
 
 
-
 def test_a_parent_whose_files_are_replaced_under_it_runs_on_its_own_code(lab) -> None:
     """A package upgrade swaps wgvsock's files while the parent runs. Before, the parent
     imported some modules only when first needed (the attestation verifier at the first
@@ -172,4 +171,3 @@ def test_a_parent_whose_files_are_replaced_under_it_runs_on_its_own_code(lab) ->
         wait_for(lambda: refused in log() or "tunnel up" in log(), 30, "the parent's verdict")
         assert "tunnel up" not in log(), log()
         assert enclave.wait(60) == 1, log()
-        print("H6LOG", log)
