@@ -1082,3 +1082,36 @@ def test_an_enclave_of_a_newer_version_is_told_to_upgrade_the_parent(server, cap
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "version 2" in logged and "upgrade wgvsock on the parent" in logged
     assert "upgrade wgvsock on the parent" in srv.refusals.recent()[0].reason
+
+
+def test_a_close_that_outwaits_its_join_still_frees_the_port_once_the_thread_ends(tmp_path):
+    """close() waits 2 s for the accept thread, and then left the listener and the wake pipe
+    open "for the thread": on a loaded machine a thread a little late (here: one amid a
+    connection's admission) kept the control port bound, and the pipe open, until the
+    process ended. The thread now lets go of them itself when it ends after such a close."""
+    srv, _rec = make_server(str(tmp_path / "control.sock"))
+    admitting, go_on = threading.Event(), threading.Event()
+
+    def slow_admit(conn, addr):
+        admitting.set()
+        go_on.wait(60)
+        conn.close()
+
+    srv._admit = slow_admit
+    listener, thread = srv._listener, srv._thread
+    pipe = [os.fstat(fd) for fd in (srv._wake_r, srv._wake_w)]
+    fds = (srv._wake_r, srv._wake_w)
+    with dial(str(tmp_path / "control.sock")):
+        assert admitting.wait(WAIT)
+        srv.close()  # gives up on the thread after its join
+        assert thread.is_alive()
+        go_on.set()
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    assert listener.fileno() == -1
+    for fd, st in zip(fds, pipe, strict=True):
+        try:
+            now = os.fstat(fd)
+        except OSError:
+            continue  # closed
+        assert (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino), "wake pipe left open"

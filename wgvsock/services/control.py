@@ -468,12 +468,20 @@ class ControlServer:
         # ENOTCONN for a socket not connected), and close() wakes none on any socket. A thread
         # left in accept() would keep the port bound until the process ends.
         self._wake_r, self._wake_w = os.pipe()
+        # Whether the accept thread runs (polling the two above), and whether close() came:
+        # whichever of the two sees the other done releases them (under _lock).
+        self._accepting = self._closing = False
 
     def start(self) -> None:
         # Not blocking: a connection reset between poll() and accept() must not leave the
         # thread in an accept() that nothing wakes.
         self._listener.setblocking(False)
-        self._thread.start()
+        self._accepting = True
+        try:
+            self._thread.start()
+        except BaseException:  # no thread to be had: close() releases all
+            self._accepting = False
+            raise
 
     def close(self) -> None:
         self._stop.set()
@@ -487,15 +495,32 @@ class ControlServer:
         if self._thread.is_alive():
             self._thread.join(2.0)
         # Closed once the thread no longer polls them (a number reused meanwhile would be
-        # polled in their place); one still running was told to stop and holds them alone.
-        if not self._thread.is_alive():
-            self._listener.close()
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
+        # polled in their place): here, or by the thread as it ends, when it outlasts the
+        # join (a loaded machine); else the port stayed bound until the process ended.
+        with self._lock:
+            self._closing = True
+            ours = not self._accepting
+        if ours:
+            self._release()
+
+    def _release(self) -> None:
+        self._listener.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     def _accept_loop(self) -> None:
+        try:
+            self._accept_until_stopped()
+        finally:
+            with self._lock:
+                self._accepting = False
+                release = self._closing
+            if release:  # close() gave up waiting for us: its release is ours
+                self._release()
+
+    def _accept_until_stopped(self) -> None:
         poller = select.poll()
         poller.register(self._listener, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
