@@ -1358,3 +1358,41 @@ def test_the_repr_of_a_configuration_or_status_shows_no_secret_key():
     # The fields are still there, and compared.
     assert config.private_key == private and config.peers[0].preshared_key == psk
     assert parse_set(f"private_key={private.hex()}\n") != parse_set(f"private_key={psk.hex()}\n")
+
+
+def test_a_close_that_outwaits_its_join_leaves_nothing_open_once_the_thread_ends(
+        run_dir: str) -> None:
+    """close() waits 2 s for the accept thread; past that it left the wake pipe open for good
+    (a loaded machine, a thread a little late). A thread that outlasts the join now closes it
+    as it ends."""
+    srv = UAPIServer("wgxo", Store(), run_dir=run_dir)
+    accepting, go_on = threading.Event(), threading.Event()
+    real = srv._sock
+
+    class Slow:  # the accept thread held up between poll() and accept()
+        def accept(self):
+            accepting.set()
+            go_on.wait(60)
+            return real.accept()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    srv._sock = Slow()  # type: ignore[assignment]
+    thread = srv._accept_thread
+    fds = (srv._wake_r, srv._wake_w)
+    pipe = [os.fstat(fd) for fd in fds]
+    with _connect(srv.path):
+        assert accepting.wait(30)
+        srv.close()  # gives up on the thread after its join
+        assert thread.is_alive()
+        go_on.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert real.fileno() == -1
+    for fd, st in zip(fds, pipe, strict=True):
+        try:
+            now = os.fstat(fd)
+        except OSError:
+            continue  # closed
+        assert (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino), "wake pipe left open"

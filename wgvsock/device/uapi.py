@@ -912,6 +912,9 @@ class UAPIServer:
         self._accept_thread = NamedThread(
             target=self._accept_loop, name=f"uapi-{ifname}", daemon=True
         )
+        # Whether the accept thread runs, and whether close() left the pipe to it (under
+        # _state_lock): whichever of the two finishes last closes the pipe.
+        self._accepting, self._pipe_left = True, False
         self._accept_thread.start()
 
     # -- setup ----------------------------------------------------------------------------
@@ -952,6 +955,16 @@ class UAPIServer:
     # -- serving --------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
+        try:
+            self._accept_until_stopped()
+        finally:
+            with self._state_lock:
+                self._accepting = False
+                ours = self._pipe_left
+            if ours:  # close() gave up waiting for us
+                self._close_pipe()
+
+    def _accept_until_stopped(self) -> None:
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -1186,9 +1199,17 @@ class UAPIServer:
         if threading.current_thread() is not self._accept_thread:
             self._accept_thread.join(2.0)
         self._sock.close()
-        if not self._accept_thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+        # The pipe is closed once the thread no longer polls it: here, or by the thread as it
+        # ends when it outlasts the join (a loaded machine); else it stayed open for good.
+        with self._state_lock:
+            self._pipe_left = self._accepting
+        if not self._pipe_left:
+            self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> UAPIServer:
         return self
