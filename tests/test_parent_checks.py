@@ -228,6 +228,39 @@ def test_the_doctor_checks_the_parents_key_as_up_would_take_it(base: Path) -> No
     assert c.ok is False and "expected the output of `wg genkey`" in c.detail, c
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory only root may "
+                    "search, and to run the check as another user")
+def test_the_doctor_as_another_user_does_not_take_a_key_it_cannot_see_for_a_missing_one(
+        base: Path) -> None:
+    """`parent up` makes the directories of a new key 0700 (51eb259); the doctor run without
+    root then could not look in them, took the key for missing, and said "does not exist
+    yet: `parent up` creates it" (passed), or with a pin "does not exist ... Restore the key
+    file": of a key that is there."""
+    import subprocess
+    import sys
+
+    from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+
+    keys = base / "wgvsock"
+    keys.mkdir(mode=0o700)
+    key = generate_private_key()
+    (keys / "a.key").write_text(key_to_base64(key) + "\n")
+    (keys / "a.key").chmod(0o600)
+    probe = (
+        "import sys\n"
+        "from wgvsock.roles.parent import parent_key_check\n"
+        "from wgvsock.services.profile import parse_profile\n"
+        "c = parent_key_check(parse_profile(sys.argv[1]))\n"
+        "print(c.ok, c.detail)\n")
+    for pinned in ("", f"  public_key: {key_to_base64(public_key(key))}\n"):
+        text = f"name: a\nparent:\n  private_key: {keys / 'a.key'}\n{pinned}"
+        out = subprocess.run([sys.executable, "-c", probe, text], capture_output=True,
+                             text=True, timeout=60, user=65534, group=65534,
+                             env={**os.environ}).stdout
+        assert out.startswith("False "), out
+        assert "does not exist" not in out and "Permission denied" in out, out
+
+
 def test_up_in_the_background_shows_the_profiles_warnings(base: Path, monkeypatch,
                                                            capsys) -> None:
     """An allow entry a deny entry covers whole is a warning that `parent up` logs (5e1e9b7),

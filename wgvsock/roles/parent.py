@@ -415,7 +415,18 @@ def parent_key_check(profile) -> Check:
     in local_checks(): `up` loads the key itself, refusing with the same words."""
     spec = profile.parent.private_key
     pinned = profile.parent.public_key is not None
-    if not spec.startswith(("ssm:", "secretsmanager:")) and not os.path.lexists(spec):
+    missing = False
+    if not spec.startswith(("ssm:", "secretsmanager:")):
+        try:
+            os.lstat(spec)
+        except FileNotFoundError:
+            missing = True
+        except OSError as e:
+            # Not lexists(), which says False here too: a key in a directory this user may
+            # not search (`up` makes them 0700) is not a missing one.
+            return Check("parent key", False, f"private key {spec}: {e.strerror or e} (run "
+                         "the doctor as the user `parent up` runs as, root as a rule)")
+    if missing:
         if not pinned:
             return Check("parent key", True,
                          f"{spec} does not exist yet: `parent up` creates it (0600)")
