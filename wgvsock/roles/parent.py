@@ -424,8 +424,9 @@ def parent_key_check(profile) -> Check:
         except OSError as e:
             # Not lexists(), which says False here too: a key in a directory this user may
             # not search (`up` makes them 0700) is not a missing one.
-            return Check("parent key", False, f"private key {spec}: {e.strerror or e} (run "
-                         "the doctor as the user `parent up` runs as, root as a rule)")
+            hint = (" (run the doctor as the user `parent up` runs as, root as a rule)"
+                    if isinstance(e, PermissionError) else "")
+            return Check("parent key", False, f"private key {spec}: {e.strerror or e}{hint}")
     if missing:
         if not pinned:
             return Check("parent key", True,
