@@ -882,6 +882,11 @@ def test_a_parent_never_reached_is_named_with_the_last_connect_error(monkeypatch
     t = threading.Thread(target=e._control_loop, daemon=True)
     t.start()
     try:
+        # The 1 s below is the enclave's to give up in; the first dial must have come by then,
+        # which on a loaded machine is not a given.
+        from wgvsock.ui.nslab import wait_for
+
+        wait_for(lambda: e.last_dial_error is not None, 30, "the enclave's first dial")
         with pytest.raises(enclave_mod.EnclaveError) as caught:
             e.wait_connected(1.0)
     finally:
