@@ -1099,8 +1099,8 @@ def test_a_close_that_outwaits_its_join_still_frees_the_port_once_the_thread_end
 
     srv._admit = slow_admit
     listener, thread = srv._listener, srv._thread
-    pipe = [os.fstat(fd) for fd in (srv._wake_r, srv._wake_w)]
-    fds = (srv._wake_r, srv._wake_w)
+    pipe = [os.fstat(fd) for fd in (srv._waiting._r, srv._waiting._w)]
+    fds = (srv._waiting._r, srv._waiting._w)
     with dial(str(tmp_path / "control.sock")):
         assert admitting.wait(WAIT)
         srv.close()  # gives up on the thread after its join

@@ -1380,7 +1380,7 @@ def test_a_close_that_outwaits_its_join_leaves_nothing_open_once_the_thread_ends
 
     srv._sock = Slow()  # type: ignore[assignment]
     thread = srv._accept_thread
-    fds = (srv._wake_r, srv._wake_w)
+    fds = (srv._waiting._r, srv._waiting._w)
     pipe = [os.fstat(fd) for fd in fds]
     with _connect(srv.path):
         assert accepting.wait(30)

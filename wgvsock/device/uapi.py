@@ -44,7 +44,6 @@ import ipaddress
 import logging
 import os
 import re
-import select
 import socket
 import threading
 import time
@@ -52,6 +51,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..acceptwait import AcceptWait
 from ..conn.unixsock import remove_stale, socket_dir
 from ..threads import NamedThread
 
@@ -901,10 +901,7 @@ class UAPIServer:
             self._sock = socket.socket(fileno=fd)
             self._sock.set_inheritable(False)
             self._sock.setblocking(True)  # (the launcher's may be non-blocking)
-        # close() wakes the accept thread through this pipe. shutdown() would too, but it acts
-        # on the socket, not on our descriptor: a handed-over one would refuse its launcher
-        # (and the next daemon it hands the socket to) for good.
-        self._wake_r, self._wake_w = os.pipe()
+        self._waiting = AcceptWait(self._sock)
         with contextlib.suppress(OSError):  # a handed-over socket's file may be gone
             st = os.stat(self.path) if self.path else None
             if st is not None:
@@ -912,10 +909,13 @@ class UAPIServer:
         self._accept_thread = NamedThread(
             target=self._accept_loop, name=f"uapi-{ifname}", daemon=True
         )
-        # Whether the accept thread runs, and whether close() left the pipe to it (under
-        # _state_lock): whichever of the two finishes last closes the pipe.
-        self._accepting, self._pipe_left = True, False
-        self._accept_thread.start()
+        self._waiting.begin()
+        try:
+            self._accept_thread.start()
+        except BaseException:  # no thread to be had: nothing is left open
+            self._waiting.ended()
+            self._waiting.close()
+            raise
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -958,19 +958,12 @@ class UAPIServer:
         try:
             self._accept_until_stopped()
         finally:
-            with self._state_lock:
-                self._accepting = False
-                ours = self._pipe_left
-            if ours:  # close() gave up waiting for us
-                self._close_pipe()
+            self._waiting.ended()
 
     def _accept_until_stopped(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
             try:
-                if not any(fd != self._wake_r for fd, _ in poller.poll()):
+                if not self._waiting.wait():
                     continue  # woken: the loop's test ends it
                 conn, _ = self._sock.accept()
             except OSError:
@@ -1191,25 +1184,14 @@ class UAPIServer:
                     os.unlink(self.path)
             except OSError:
                 pass  # gone already (or unlookable): the socket and clients still close
+        self._waiting.wake()
         # shutdown() wakes the client threads blocked in recv(); close() alone does not.
-        os.write(self._wake_w, b"\0")
         for c in clients:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
         if threading.current_thread() is not self._accept_thread:
             self._accept_thread.join(2.0)
-        self._sock.close()
-        # The pipe is closed once the thread no longer polls it: here, or by the thread as it
-        # ends when it outlasts the join (a loaded machine); else it stayed open for good.
-        with self._state_lock:
-            self._pipe_left = self._accepting
-        if not self._pipe_left:
-            self._close_pipe()
-
-    def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._waiting.close()  # (or the thread, as it ends, if it outlasted the join)
 
     def __enter__(self) -> UAPIServer:
         return self

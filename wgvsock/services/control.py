@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..acceptwait import AcceptWait
 from ..conn.bind import RateLimitedLog
 from ..safetext import prose, quote
 from ..threads import NamedThread, Survivor
@@ -463,30 +464,22 @@ class ControlServer:
         self._again_log = RateLimitedLog(60.0, logger=log, burst=3, clock=clock)
         self._survivor = Survivor("control: accept")
         self._thread = NamedThread(target=self._accept_loop, name="control", daemon=True)
-        # The accept thread waits in poll() on the listener and this pipe, which close()
-        # writes: shutdown() wakes no accept() on an AF_VSOCK listener (the kernel answers
-        # ENOTCONN for a socket not connected), and close() wakes none on any socket. A thread
-        # left in accept() would keep the port bound until the process ends.
-        self._wake_r, self._wake_w = os.pipe()
-        # Whether the accept thread runs (polling the two above), and whether close() came:
-        # whichever of the two sees the other done releases them (under _lock).
-        self._accepting = self._closing = False
+        self._waiting = AcceptWait(listener)
 
     def start(self) -> None:
         # Not blocking: a connection reset between poll() and accept() must not leave the
         # thread in an accept() that nothing wakes.
         self._listener.setblocking(False)
-        self._accepting = True
+        self._waiting.begin()
         try:
             self._thread.start()
         except BaseException:  # no thread to be had: close() releases all
-            self._accepting = False
+            self._waiting.ended()
             raise
 
     def close(self) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self._waiting.wake()
         with self._lock:
             clients = list(self._clients)
         for c in clients:
@@ -494,38 +487,17 @@ class ControlServer:
                 c.shutdown(socket.SHUT_RDWR)
         if self._thread.is_alive():
             self._thread.join(2.0)
-        # Closed once the thread no longer polls them (a number reused meanwhile would be
-        # polled in their place): here, or by the thread as it ends, when it outlasts the
-        # join (a loaded machine); else the port stayed bound until the process ended.
-        with self._lock:
-            self._closing = True
-            ours = not self._accepting
-        if ours:
-            self._release()
-
-    def _release(self) -> None:
-        self._listener.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        self._waiting.close()  # (or the thread, as it ends, if it outlasted the join)
 
     def _accept_loop(self) -> None:
         try:
             self._accept_until_stopped()
         finally:
-            with self._lock:
-                self._accepting = False
-                release = self._closing
-            if release:  # close() gave up waiting for us: its release is ours
-                self._release()
+            self._waiting.ended()
 
     def _accept_until_stopped(self) -> None:
-        poller = select.poll()
-        poller.register(self._listener, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
-            poller.poll()
+            self._waiting.wait()
             if self._stop.is_set():
                 return
             try:
