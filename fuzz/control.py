@@ -143,10 +143,11 @@ def parse_frames(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
-def read_messages(data: bytes, limit: int) -> list[dict[str, Any]]:
+def read_messages(data: bytes, limit: int, any_version: bool = False) -> list[dict[str, Any]]:
     """The first `limit` messages at the start of `data` that the receiving side accepts (the
     rules of control.read_message: a length of 1..MAX_MESSAGE, a whole body, a JSON object, an
-    integer version 1 and a string type), up to the first it does not."""
+    integer version 1 (ANY_VERSION: 1..2**31-1) and a string type), up to the first it does
+    not."""
     out: list[dict[str, Any]] = []
     pos = 0
     while len(data) - pos >= 4 and len(out) < limit:
@@ -158,7 +159,8 @@ def read_messages(data: bytes, limit: int) -> list[dict[str, Any]]:
             msg = json.loads(body)
         except (ValueError, RecursionError):
             break
-        if not (isinstance(msg, dict) and type(msg.get("v")) is int and msg["v"] == 1
+        if not (isinstance(msg, dict) and type(msg.get("v")) is int
+                and (msg["v"] == 1 or (any_version and 0 < msg["v"] < 2**31))
                 and isinstance(msg.get("type"), str)):
             break
         out.append(msg)
@@ -320,7 +322,18 @@ class ControlParentTarget(Target):
         types = [m.get("type") for m in messages]
         assert types[:1] == ["challenge"], f"server began with {types[:1]}"
         assert messages[0]["nonce"] == b64(NONCE), "a challenge with another nonce"
-        first = read_messages(data, 1)
+        # The first message is read in any version: a refusal (an enclave that speaks no
+        # version of this parent's) ends the exchange unanswered; another version than 1 is
+        # answered with a refusal that names both.
+        first = read_messages(data, 1, any_version=True)
+        if first and first[0]["type"] == "refused":
+            assert types == ["challenge"], f"{types} for an enclave's refusal"
+            assert not self.verified and not self.installed, "verified or installed anyway"
+            return
+        if first and first[0]["v"] != 1:
+            assert types == ["challenge", "refused"], f"{types} for version {first[0]['v']}"
+            assert not self.verified and not self.installed, "verified or installed anyway"
+            return
         reg = registration(first[0]) if first else None
         if reg is None:
             assert types == ["challenge"], f"{types} for a first message that is no register"
@@ -425,9 +438,22 @@ class ControlEnclaveTarget(Target):
             enclave.shutdown(socket.SHUT_WR)
             sent = parse_frames(_read_all(parent))
 
-        messages = read_messages(data, 2)  # the challenge and the answer
+        # The challenge and the answer, read in any version: a challenge of any version whose
+        # "versions" (else its own version) holds 1 is taken; one that does not is refused,
+        # saying so to the parent; an answer that is no refusal must be of version 1.
+        messages = read_messages(data, 2, any_version=True)
         nonce = None
         if messages and messages[0]["type"] == "challenge":
+            versions = messages[0].get("versions")
+            if not (isinstance(versions, list) and versions
+                    and all(type(v) is int for v in versions)):
+                versions = [messages[0]["v"]]
+            if 1 not in versions:
+                assert not attested, "attested for a parent of another version"
+                assert [m.get("type") for m in sent] == ["refused"], (
+                    f"{[m.get('type') for m in sent]} to a parent of versions {versions}")
+                assert refusal is not None, "registered with a parent of another version"
+                raise refusal
             nonce = strict_b64(messages[0].get("nonce"), NONCE_LEN)
         if nonce is None:
             assert not attested and not sent, "attested or sent without a challenge"
@@ -441,7 +467,7 @@ class ControlEnclaveTarget(Target):
                              "public_key": b64(ENCLAVE_KEY),
                              "attestation": None if document is None else b64(document)}], (
             f"the register is not the challenge's nonce, the key and the document: {sent[:1]}")
-        expected = messages[1] if len(messages) > 1 else {}
+        expected = messages[1] if len(messages) > 1 and messages[1]["v"] == 1 else {}
         parent_key = strict_b64(expected.get("public_key"), 32)
         port, verdict = expected.get("wg_port"), expected.get("attested")
         if (expected.get("type") != "welcome" or parent_key is None or type(port) is not int
