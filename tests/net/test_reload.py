@@ -8,6 +8,7 @@ NSM and a test CA) and test_egress_names.py's (dnsmasq and name rules).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -156,12 +157,18 @@ def test_reload_refuses_what_it_cannot_apply(world: World) -> None:
     before = table(world)
     pid = parent_pid(world)
 
-    def rest() -> tuple[str, str, list]:
-        """The running state besides the table: addresses, routes and the enclave's peer."""
-        return (world.parent.ip("-o", "addr", "show").stdout,
-                world.parent.ip("route", "show", "table", "all").stdout,
-                [(p["public_key"], p["allowed_ips"])
-                 for p in uapi_get(str(world.parent_uapi()))["peers"]])
+    def rest() -> tuple[list, list, list]:
+        """The running state besides the table: addresses, routes and the enclave's peer.
+        Not the kernel's own IPv6 link-local addresses and routes: their duplicate address
+        detection may end between two looks (the flag "tentative" goes, routes come)."""
+        addrs = sorted((link["ifname"], a["local"], a["prefixlen"])
+                       for link in json.loads(world.parent.ip("-j", "addr", "show").stdout)
+                       for a in link.get("addr_info", []) if a.get("scope") != "link")
+        routes = sorted(line for line in world.parent.ip("route", "show", "table",
+                                                         "all").stdout.splitlines()
+                        if "fe80:" not in line and "ff00::/8" not in line)
+        return (addrs, routes, [(p["public_key"], p["allowed_ips"])
+                                for p in uapi_get(str(world.parent_uapi()))["peers"]])
 
     others = rest()
     # Keys the running parent cannot change: each named with its line; nothing changes.
