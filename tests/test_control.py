@@ -1115,3 +1115,51 @@ def test_a_close_that_outwaits_its_join_still_frees_the_port_once_the_thread_end
         except OSError:
             continue  # closed
         assert (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino), "wake pipe left open"
+
+
+def test_a_second_close_writes_nothing_into_a_descriptor_reused_meanwhile(tmp_path):
+    """close() released the wake pipe; a second close() (ControlServer's is not guarded, and
+    before AcceptWait it wrote to -1) woke the thread again by writing a byte to the pipe's old
+    number, which the process may have handed out since: here a pipe of someone else's got it."""
+    srv, _rec = make_server(str(tmp_path / "control.sock"))
+    old_w = srv._waiting._w
+    srv.close()
+    assert not srv._thread.is_alive()
+    r, w = os.pipe()
+    try:
+        os.dup2(w, old_w)  # the number reused by another part of the process
+        srv.close()
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+    finally:
+        for fd in (r, w, old_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def test_a_close_from_the_accept_thread_itself_frees_the_port_as_the_thread_ends(tmp_path):
+    """A close() called on the accept thread (from what it runs, as the UAPI server allows)
+    joined the thread it ran on: RuntimeError, before the release was handed to the thread, so
+    the listener and the wake pipe stayed open for good."""
+    srv, _rec = make_server(str(tmp_path / "control.sock"))
+    closed = threading.Event()
+    failed: list[BaseException] = []
+
+    def admit_and_close(conn, addr):
+        conn.close()
+        try:
+            srv.close()
+        except BaseException as e:
+            failed.append(e)
+        closed.set()
+
+    srv._admit = admit_and_close
+    listener, thread = srv._listener, srv._thread
+    with dial(str(tmp_path / "control.sock")):
+        assert closed.wait(WAIT)
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert failed == []
+    assert listener.fileno() == -1
+    assert srv._waiting._released

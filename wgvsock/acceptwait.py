@@ -23,12 +23,15 @@ import threading
 class AcceptWait:
     """The owner calls `begin()` before it starts the accept thread (and `ended()` if it could
     not start one); the thread loops on `wait()` and calls `ended()` as it ends (in a finally);
-    the owner's close calls `wake()`, joins the thread for as long as it will wait, then
-    `close()`."""
+    the owner's close calls `wake()`, then `join_and_close()` (its join is bounded; the thread
+    releases all as it ends if it outlasts it)."""
 
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
         self._r, self._w = os.pipe()
+        # wake() writes holding the lock (below), so it must never block there: a full pipe
+        # has woken the thread already.
+        os.set_blocking(self._w, False)
         self._poller = select.poll()
         self._poller.register(listener, select.POLLIN)
         self._poller.register(self._r, select.POLLIN)
@@ -43,8 +46,13 @@ class AcceptWait:
         return any(fd != self._r for fd, _ in self._poller.poll())
 
     def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._w, b"\0")
+        # Under the lock, and not once released: the pipe's number may be another file's by
+        # then (a second close() of the owner), which the byte would go into.
+        with self._lock:
+            if self._released:
+                return
+            with contextlib.suppress(OSError):
+                os.write(self._w, b"\0")
 
     def ended(self) -> None:
         with self._lock:
@@ -52,6 +60,14 @@ class AcceptWait:
             release = self._closing
         if release:  # close() came, and left the release to us
             self._release()
+
+    def join_and_close(self, thread: threading.Thread, timeout: float = 2.0) -> None:
+        """The owner's close, after `wake()`: waits up to `timeout` for the accept thread to
+        end, but not on the thread itself (a close() from what it runs), which cannot join
+        itself; then `close()`."""
+        if thread.is_alive() and threading.current_thread() is not thread:
+            thread.join(timeout)
+        self.close()
 
     def close(self) -> None:
         with self._lock:

@@ -1189,9 +1189,8 @@ class UAPIServer:
         for c in clients:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-        if threading.current_thread() is not self._accept_thread:
-            self._accept_thread.join(2.0)
-        self._waiting.close()  # (or the thread, as it ends, if it outlasted the join)
+        # (Released by the thread as it ends if it outlasts the join, or if this is that thread.)
+        self._waiting.join_and_close(self._accept_thread)
 
     def __enter__(self) -> UAPIServer:
         return self

@@ -485,9 +485,8 @@ class ControlServer:
         for c in clients:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-        if self._thread.is_alive():
-            self._thread.join(2.0)
-        self._waiting.close()  # (or the thread, as it ends, if it outlasted the join)
+        # (Released by the thread as it ends if it outlasts the join, or if this is that thread.)
+        self._waiting.join_and_close(self._thread)
 
     def _accept_loop(self) -> None:
         try:
