@@ -33,12 +33,16 @@ DEMO_APT_MARK := $(VENV)/.apt-demo-done
 
 # Re-checked when this file changes, so a package added to the list gets installed. Without
 # apt-get (Amazon Linux, where README's Quick start runs `make eif`) nothing is installed: the
-# image and the EIF need none of these, and `make test` is for Debian.
+# image and the EIF need none of these, and `make test` is for Debian. One list at a time, under
+# a lock on this file (flock, util-linux): under make -j the demo's mark, which the venv waits
+# for, is made beside the whole list's, and a second apt-get at once fails on apt's lock; the
+# one that waited looks for what is missing after the first is done.
+APT_LOCK := $(abspath $(lastword $(MAKEFILE_LIST)))
 define apt_install
 	@mkdir -p $(VENV)
 	@if ! command -v apt-get >/dev/null; then \
 	  echo "no apt-get here: not installing the apt packages (make test and make demo need them)"; \
-	else missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	else exec 9<'$(APT_LOCK)' && flock 9 || exit 1; missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -114,6 +114,55 @@ def test_make_demo_installs_only_what_the_demo_needs(tmp_path: Path) -> None:
                        "systemd-container", "valgrind"}
 
 
+
+def test_make_j_never_runs_two_apt_gets_at_once(tmp_path: Path) -> None:
+    """`make -j2 test` (or MAKEFLAGS=-j2) on a fresh machine made the demo's apt mark, which
+    the venv waits for, beside the whole suite's: two apt-gets at once, and the second stops on
+    apt's lock ("Could not get lock /var/lib/dpkg/lock-frontend"), failing make. One list only
+    (`make test` installed through one mark) never did. Whatever runs second now finds its
+    packages installed, or installs only the rest, after the first."""
+    import os
+    import shutil
+    import subprocess
+
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    installed, log = tmp_path / "installed", tmp_path / "log"
+    installed.touch()
+    # apt-get that records an overlap (where the real one stops on its lock) and holds its
+    # turn a moment, so that a second one started meanwhile is seen.
+    (stubs / "apt-get").write_text(
+        "#!/bin/sh\n"
+        f'mkdir "{tmp_path}/busy" 2>/dev/null || {{ echo overlap >> "{log}"; exit 100; }}\n'
+        f'echo "$1" >> "{log}"\n'
+        f'if [ "$1" = install ]; then shift 4; printf "%s\\n" "$@" >> "{installed}"; fi\n'
+        "sleep 1\n"
+        f'rmdir "{tmp_path}/busy"\n')
+    (stubs / "dpkg-query").write_text(
+        "#!/bin/sh\n"
+        'for p; do :; done\n'
+        f'grep -qx "$p" "{installed}" && echo "install ok installed"\n'
+        "exit 0\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    make = shutil.which("make")
+    assert make is not None
+    env = {"PATH": f"{stubs}:{os.environ['PATH']}"}
+    res = subprocess.run([make, "-C", str(tmp_path), "-j2", ".venv/.apt-done",
+                          ".venv/.apt-demo-done"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    ran = log.read_text()
+    assert "overlap" not in ran, ran + res.stdout + res.stderr
+    assert res.returncode == 0, res.stdout + res.stderr
+    listed = subprocess.run([make, "-s", "-C", str(tmp_path), "--no-print-directory", "--eval",
+                             "listed: ; @echo $(APT_PACKAGES)", "listed"],
+                            capture_output=True, text=True, timeout=60)
+    wanted = set(listed.stdout.split())
+    assert "qemu-system-x86" in wanted and "iperf3" in wanted, listed.stdout + listed.stderr
+    assert set(installed.read_text().split()) == wanted
+
+
 # -- the profile reference table ----------------------------------------------------------------
 
 
