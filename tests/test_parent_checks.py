@@ -261,6 +261,49 @@ def test_the_doctor_as_another_user_does_not_take_a_key_it_cannot_see_for_a_miss
         assert "does not exist" not in out and "Permission denied" in out, out
 
 
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory only root may "
+                    "search, and to run up as another user")
+def test_up_as_another_user_does_not_take_a_pinned_key_it_cannot_see_for_a_missing_one(
+        base: Path) -> None:
+    """The doctor learnt that a key in a directory its user may not search is not a missing
+    one (bc0371b); `parent up` with a pinned key still asked lexists(), and said "does not
+    exist ... Restore the key file" of a key that is there. It now says what it could not do,
+    in the doctor's words."""
+    import subprocess
+    import sys
+
+    from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+
+    keys = base / "wgvsock"
+    keys.mkdir(mode=0o700)
+    key = generate_private_key()
+    (keys / "a.key").write_text(key_to_base64(key) + "\n")
+    (keys / "a.key").chmod(0o600)
+    probe = (
+        "import sys\n"
+        "import wgvsock.roles.parent as parent\n"
+        "from wgvsock.services.profile import parse_profile\n"
+        "def made(*args, **kwargs):\n"
+        "    raise AssertionError('up went on to make its transport')\n"
+        "parent.local_checks = lambda profile: []\n"
+        "parent.make_bind = made\n"
+        "profile = parse_profile(sys.argv[1])\n"
+        "try:\n"
+        "    parent.Parent(profile).start()\n"
+        "except parent.RoleError as e:\n"
+        "    print('up:', e)\n"
+        "print('doctor:', parent.parent_key_check(profile).detail)\n")
+    text = (f"name: a\ntransport: {{kind: unix, path: {base}/s}}\nparent:\n"
+            f"  private_key: {keys / 'a.key'}\n"
+            f"  public_key: {key_to_base64(public_key(key))}\n")
+    res = subprocess.run([sys.executable, "-c", probe, text], capture_output=True, text=True,
+                         timeout=60, user=65534, group=65534, env={**os.environ})
+    up = [line for line in res.stdout.splitlines() if line.startswith("up: ")]
+    assert up, res.stdout + res.stderr
+    assert "does not exist" not in up[0] and "Permission denied" in up[0], up[0]
+
+
 def test_up_in_the_background_shows_the_profiles_warnings(base: Path, monkeypatch,
                                                            capsys) -> None:
     """An allow entry a deny entry covers whole is a warning that `parent up` logs (5e1e9b7),

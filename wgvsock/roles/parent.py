@@ -410,23 +410,33 @@ def _missing_pinned_key(profile) -> str:
             f"pin-parent {profile.path}` (then rebuild the enclave image)")
 
 
+def _key_file_missing(spec: str, hint: str) -> bool:
+    """Whether parent.private_key names a file that is not there (never an ssm: or
+    secretsmanager: key). Not lexists(), which says False too of a key in a directory this user
+    may not search (`up` makes them 0700): that one is there, and RoleError says so, with
+    `hint` (who to run as) when it is a permission error."""
+    if spec.startswith(("ssm:", "secretsmanager:")):
+        return False
+    try:
+        os.lstat(spec)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        raise RoleError(f"private key {spec}: {e.strerror or e}"
+                        f"{hint if isinstance(e, PermissionError) else ''}") from e
+    return False
+
+
 def parent_key_check(profile) -> Check:
     """What `parent up` will make of parent.private_key, without creating or changing it. Not
     in local_checks(): `up` loads the key itself, refusing with the same words."""
     spec = profile.parent.private_key
     pinned = profile.parent.public_key is not None
-    missing = False
-    if not spec.startswith(("ssm:", "secretsmanager:")):
-        try:
-            os.lstat(spec)
-        except FileNotFoundError:
-            missing = True
-        except OSError as e:
-            # Not lexists(), which says False here too: a key in a directory this user may
-            # not search (`up` makes them 0700) is not a missing one.
-            hint = (" (run the doctor as the user `parent up` runs as, root as a rule)"
-                    if isinstance(e, PermissionError) else "")
-            return Check("parent key", False, f"private key {spec}: {e.strerror or e}{hint}")
+    try:
+        missing = _key_file_missing(
+            spec, " (run the doctor as the user `parent up` runs as, root as a rule)")
+    except RoleError as e:
+        return Check("parent key", False, str(e))
     if missing:
         if not pinned:
             return Check("parent key", True,
@@ -679,8 +689,8 @@ class Parent:
         # says it: load_parent_key's own words ("let `wgvsock parent up` create it") are
         # wrong here.
         spec = p.parent.private_key
-        if (p.parent.public_key is not None and not spec.startswith(("ssm:", "secretsmanager:"))
-                and not os.path.lexists(spec)):
+        if p.parent.public_key is not None and _key_file_missing(
+                spec, " (`parent up` runs as root as a rule)"):
             raise RoleError(_missing_pinned_key(p))
         key = load_parent_key(spec, create=p.parent.public_key is None)
         check_pinned_key(p, key)
