@@ -307,3 +307,32 @@ def test_a_missing_key_file_is_made_with_wgvsock_genkey(tmp_path):
         load_parent_key(str(key), create=False)
     assert f"`wgvsock genkey | install -m 0600 /dev/stdin {key}`" in str(e.value)
     assert "wg genkey" not in str(e.value).replace("wgvsock genkey", "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory only root may "
+                    "search, and to run pin-parent as another user")
+def test_pin_parent_with_a_key_it_may_not_look_at_says_so_without_a_traceback():
+    # Path.exists() raises PermissionError for a key in a directory this user may not search
+    # (`parent up` makes them 0700): pin-parent run without root ended in a traceback.
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="wgvsock-pin-", dir="/tmp"))
+    try:
+        keys = base / "keys"
+        keys.mkdir(mode=0o700)
+        write_key(keys / "a.key", mode=0o600)
+        base.chmod(0o755)
+        profile = base / "p.yaml"
+        profile.write_text(f"name: a\nparent:\n  private_key: {keys / 'a.key'}\n")
+        profile.chmod(0o666)
+        res = subprocess.run([sys.executable, "-m", "wgvsock.cli", "profile", "pin-parent",
+                              str(profile)], capture_output=True, text=True, timeout=60,
+                             user=65534, group=65534, env={**os.environ})
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr, res.stderr
+        assert f"private key {keys / 'a.key'}: Permission denied" in res.stderr, res.stderr
+        assert "public_key" not in profile.read_text()
+    finally:
+        import shutil
+
+        shutil.rmtree(base)

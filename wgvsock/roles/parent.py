@@ -340,7 +340,14 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
         except aws.AWSError as e:
             raise RoleError(f"parent key {spec}: {e}") from e
     path = Path(spec)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:
+        # EACCES: a directory on the way this user may not search (`up` makes them 0700).
+        # Path.exists() raises it, and pin-parent, which catches RoleError, ended in a
+        # traceback.
+        raise RoleError(f"private key {path}: {e.strerror or e}") from e
+    if not exists:
         if not create:
             # `wgvsock genkey`, not `wg genkey`: wireguard-tools need not be installed.
             raise RoleError(f"private key {path} does not exist (make one with `wgvsock genkey "
