@@ -295,3 +295,14 @@ def test_troubleshooting_does_not_blame_a_port_the_enclave_does_not_use() -> Non
     line = line[: line.index(" - ")]
     assert "differs between the two profiles" not in line
     assert "whatever its own profile says" in line
+
+
+def test_the_readme_names_every_package_make_test_installs() -> None:
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    names = set()
+    for var in ("DEMO_APT_PACKAGES", "APT_PACKAGES"):
+        found = re.search(rf"^{var} := (.*)$", makefile, re.M)
+        assert found, var
+        names |= {n for n in found.group(1).split() if not n.startswith("$(")}
+    intro = README.split("`make test` installs what it needs", 1)[1].split("creates `.venv`")[0]
+    assert {n for n in names if f"`{n}`" not in intro} == set()
