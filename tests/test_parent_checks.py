@@ -228,6 +228,19 @@ def test_the_doctor_checks_the_parents_key_as_up_would_take_it(base: Path) -> No
     assert c.ok is False and "expected the output of `wg genkey`" in c.detail, c
 
 
+
+def _key_in_a_root_only_directory(base: Path) -> tuple[Path, bytes]:
+    """A parent key in a directory made as `parent up` makes it (0700, root's): the directory
+    and the key."""
+    from wgvsock.core.crypto import generate_private_key, key_to_base64
+
+    keys = base / "wgvsock"
+    keys.mkdir(mode=0o700)
+    key = generate_private_key()
+    (keys / "a.key").write_text(key_to_base64(key) + "\n")
+    (keys / "a.key").chmod(0o600)
+    return keys, key
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory only root may "
                     "search, and to run the check as another user")
 def test_the_doctor_as_another_user_does_not_take_a_key_it_cannot_see_for_a_missing_one(
@@ -239,13 +252,9 @@ def test_the_doctor_as_another_user_does_not_take_a_key_it_cannot_see_for_a_miss
     import subprocess
     import sys
 
-    from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+    from wgvsock.core.crypto import key_to_base64, public_key
 
-    keys = base / "wgvsock"
-    keys.mkdir(mode=0o700)
-    key = generate_private_key()
-    (keys / "a.key").write_text(key_to_base64(key) + "\n")
-    (keys / "a.key").chmod(0o600)
+    keys, key = _key_in_a_root_only_directory(base)
     probe = (
         "import sys\n"
         "from wgvsock.roles.parent import parent_key_check\n"
@@ -273,13 +282,9 @@ def test_up_as_another_user_does_not_take_a_pinned_key_it_cannot_see_for_a_missi
     import subprocess
     import sys
 
-    from wgvsock.core.crypto import generate_private_key, key_to_base64, public_key
+    from wgvsock.core.crypto import key_to_base64, public_key
 
-    keys = base / "wgvsock"
-    keys.mkdir(mode=0o700)
-    key = generate_private_key()
-    (keys / "a.key").write_text(key_to_base64(key) + "\n")
-    (keys / "a.key").chmod(0o600)
+    keys, key = _key_in_a_root_only_directory(base)
     probe = (
         "import sys\n"
         "import wgvsock.roles.parent as parent\n"
