@@ -228,7 +228,6 @@ def test_the_doctor_checks_the_parents_key_as_up_would_take_it(base: Path) -> No
     assert c.ok is False and "expected the output of `wg genkey`" in c.detail, c
 
 
-
 def _key_in_a_root_only_directory(base: Path) -> tuple[Path, bytes]:
     """A parent key in a directory made as `parent up` makes it (0700, root's): the directory
     and the key."""
@@ -240,6 +239,7 @@ def _key_in_a_root_only_directory(base: Path) -> tuple[Path, bytes]:
     (keys / "a.key").write_text(key_to_base64(key) + "\n")
     (keys / "a.key").chmod(0o600)
     return keys, key
+
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory only root may "
                     "search, and to run the check as another user")
