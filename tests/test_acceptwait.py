@@ -24,6 +24,24 @@ def listener(tmp_path):
     s.close()
 
 
+def wake_pipe(w: AcceptWait) -> list[tuple[int, os.stat_result]]:
+    """W's wake pipe's descriptors and what they are now, for pipe_released (the servers'
+    tests use them too)."""
+    return [(fd, os.fstat(fd)) for fd in (w._r, w._w)]
+
+
+def pipe_released(pipe: list[tuple[int, os.stat_result]]) -> bool:
+    """Whether none of PIPE's descriptors is still the pipe (closed, or another file's now)."""
+    for fd, was in pipe:
+        try:
+            now = os.fstat(fd)
+        except OSError:
+            continue  # closed
+        if (now.st_dev, now.st_ino) == (was.st_dev, was.st_ino):
+            return False
+    return True
+
+
 def _open(fd: int) -> bool:
     try:
         os.fstat(fd)

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.test_acceptwait import pipe_released, wake_pipe
 from wgvsock.services import control
 from wgvsock.services.control import (
     ControlError,
@@ -1099,8 +1100,7 @@ def test_a_close_that_outwaits_its_join_still_frees_the_port_once_the_thread_end
 
     srv._admit = slow_admit
     listener, thread = srv._listener, srv._thread
-    pipe = [os.fstat(fd) for fd in (srv._waiting._r, srv._waiting._w)]
-    fds = (srv._waiting._r, srv._waiting._w)
+    pipe = wake_pipe(srv._waiting)
     with dial(str(tmp_path / "control.sock")):
         assert admitting.wait(WAIT)
         srv.close()  # gives up on the thread after its join
@@ -1109,12 +1109,7 @@ def test_a_close_that_outwaits_its_join_still_frees_the_port_once_the_thread_end
         thread.join(WAIT)
     assert not thread.is_alive()
     assert listener.fileno() == -1
-    for fd, st in zip(fds, pipe, strict=True):
-        try:
-            now = os.fstat(fd)
-        except OSError:
-            continue  # closed
-        assert (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino), "wake pipe left open"
+    assert pipe_released(pipe), "wake pipe left open"
 
 
 def test_a_second_close_writes_nothing_into_a_descriptor_reused_meanwhile(tmp_path):

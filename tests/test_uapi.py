@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_acceptwait import pipe_released, wake_pipe
 from wgvsock.device import uapi
 from wgvsock.device.uapi import (
     ERR_INVALID,
@@ -1380,8 +1381,7 @@ def test_a_close_that_outwaits_its_join_leaves_nothing_open_once_the_thread_ends
 
     srv._sock = Slow()  # type: ignore[assignment]
     thread = srv._accept_thread
-    fds = (srv._waiting._r, srv._waiting._w)
-    pipe = [os.fstat(fd) for fd in fds]
+    pipe = wake_pipe(srv._waiting)
     with _connect(srv.path):
         assert accepting.wait(30)
         srv.close()  # gives up on the thread after its join
@@ -1390,9 +1390,4 @@ def test_a_close_that_outwaits_its_join_leaves_nothing_open_once_the_thread_ends
         thread.join(30)
     assert not thread.is_alive()
     assert real.fileno() == -1
-    for fd, st in zip(fds, pipe, strict=True):
-        try:
-            now = os.fstat(fd)
-        except OSError:
-            continue  # closed
-        assert (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino), "wake pipe left open"
+    assert pipe_released(pipe), "wake pipe left open"
