@@ -375,3 +375,61 @@ def test_egress_by_name_over_ipv6(lab: Lab) -> None:
         assert w6.counters()["allow ok6.test"].packets > 0
     finally:
         w.close()
+
+
+# A TCP sink that answers how many bytes it took, and a client that sends N bytes to it.
+TCP_SINK = """\
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 9000))
+s.listen()
+while True:
+    c, _ = s.accept()
+    n = 0
+    while data := c.recv(65536):
+        n += len(data)
+    c.sendall(str(n).encode())
+    c.close()
+"""
+
+TCP_SEND = """\
+import socket, sys
+c = socket.create_connection((sys.argv[1], 9000), timeout=float(sys.argv[3]))
+c.sendall(b"x" * int(sys.argv[2]))
+c.shutdown(socket.SHUT_WR)
+print(c.recv(100).decode())
+"""
+
+FAR = "2001:db8:400::2"
+
+
+def test_path_mtu_discovery_through_the_tunnel(world6: World6) -> None:
+    """A bulk upload from the enclave to a host behind a 1280-byte link: the internet's router
+    sends "packet too big" to the parent's address, the parent's NAT hands it to the enclave,
+    whose kernel then sends smaller segments (and TSO super-packets of them). Before, the
+    enclave's super-packets crossed the tunnel without their segment size and the parent cut
+    them at the tunnel's MTU again: every one too big for the path, the upload stalled."""
+    w, lab = world6.w, world6.w.lab
+    far = lab.netns("f")
+    for ns in (w.internet, far):
+        ns.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+    w.internet.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    router_side, _ = lab.veth(w.internet, "2001:db8:400::1/64", far, f"{FAR}/64")
+    far.ip("-6", "route", "add", "default", "via", "2001:db8:400::1")
+    far.popen(sys.executable, "-c", TCP_SINK, FAR)
+
+    def send(ns: Namespace, n: int, timeout: float) -> str | None:
+        res = ns.run(sys.executable, "-c", TCP_SEND, FAR, str(n), str(timeout), check=False,
+                     timeout=timeout + 30)
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    wait_for(lambda: send(w.parent, 10, 2) == "10", 10, "the far host's sink, from the parent")
+    w.parent_cmd("up")
+    w.start_enclave()
+    wait_for(world6.egress6_works, 30, "the enclave's IPv6 egress")
+    w.internet.ip("link", "set", router_side, "mtu", "1280")
+    n = 4 << 20
+    assert send(w.enclave, n, 60) == str(n)
+    # The enclave learnt the path's MTU from the router's ICMPv6 error.
+    assert "mtu 1280" in w.enclave.ip("-6", "route", "get", FAR).stdout

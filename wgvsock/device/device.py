@@ -692,7 +692,12 @@ class Device:
         # between them.
         v = packet[0]
         plain = offset == 16 and start == ((v & 0x0F) * 4 if v >> 4 == 4 else 40)
-        if mss and not (flags & CAP_SUPER and len(packet) <= max_packet and plain):
+        # The receiver cuts a super-packet at its own MTU (Tun.write): the segment size is not
+        # sent. One the kernel cut finer (a path MTU an ICMP "packet too big" taught it, a
+        # peer's small MSS) is cut here in its own size, else every segment beyond the parent
+        # is too big for the path again and the connection stalls: a PMTU black hole.
+        if mss and not (flags & CAP_SUPER and len(packet) <= max_packet and plain
+                        and mss + start + (packet[start + 12] >> 4) * 4 >= tun.mtu_hint):
             return split_tso(packet, start, mss)
         if flags & CAP_PARTIAL_CSUM and plain:
             return (packet,)
