@@ -433,3 +433,53 @@ def test_path_mtu_discovery_through_the_tunnel(world6: World6) -> None:
     assert send(w.enclave, n, 60) == str(n)
     # The enclave learnt the path's MTU from the router's ICMPv6 error.
     assert "mtu 1280" in w.enclave.ip("-6", "route", "get", FAR).stdout
+
+
+# Prints the source, type and code of each ICMPv6 message that reaches this namespace.
+ICMP6_SINK = """\
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+while True:
+    data, peer = s.recvfrom(4096)
+    print(peer[0], data[0], data[1], flush=True)
+"""
+
+# An ICMPv6 port unreachable from argv[1] to argv[2], quoting a UDP packet argv[2] never
+# sent: no connection has it, so conntrack relates it to nothing (ct state invalid).
+FORGE_UNREACHABLE = """\
+import socket, struct, sys
+src, dst = (socket.inet_pton(socket.AF_INET6, a) for a in sys.argv[1:3])
+udp = struct.pack("!HHHH", 40000, 9999, 8, 0)
+quoted = struct.pack("!IHBB", 0x60000000, len(udp), 17, 64) + dst + src + udp
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.sendto(struct.pack("!BBHI", 1, 4, 0, 0) + quoted, (sys.argv[2], 0))
+"""
+
+
+def test_packets_conntrack_cannot_place_do_not_leave_unnatted(world6: World6) -> None:
+    """A packet from the enclave that conntrack relates to no connection (ct state invalid:
+    here an ICMPv6 error quoting a flow that never was) gets no NAT. Before, `allow ::/0`
+    passed it, and it reached the internet from fd77::2, the enclave's own tunnel address.
+    Now it is dropped and counted as blocked; a ping, which conntrack tracks, still goes."""
+    w = world6.w
+    out = w.lab.tmp / "icmp6-sink.txt"
+    with out.open("w") as f:
+        w.internet.popen(sys.executable, "-c", ICMP6_SINK, stdout=f)
+    w.parent_cmd("up")
+    w.start_enclave()
+    wait_for(world6.egress6_works, 30, "the enclave's IPv6 egress")
+    # The sink is up once it has seen a ping's echo request (type 128), masqueraded.
+    wait_for(lambda: w.enclave.run("ping", "-6", "-c1", "-W1", SERVER, check=False)
+             .returncode == 0 and f"{PARENT} 128 0" in out.read_text(), 10,
+             "the internet's ICMPv6 sink to see the enclave's ping")
+    before = world6.counters()["egress_blocked"].packets
+    for _ in range(3):
+        w.enclave.run(sys.executable, "-c", FORGE_UNREACHABLE, "fd77::2", SERVER)
+    # A ping after them, through the same path: when its request is seen, so would they be.
+    assert w.enclave.run("ping", "-6", "-c1", "-W5", SERVER, check=False).returncode == 0
+    wait_for(lambda: out.read_text().count(f"{PARENT} 128 0") >= 2, 10,
+             "the internet's ICMPv6 sink to see the second ping")
+    seen = out.read_text().splitlines()
+    assert not [line for line in seen if line.split()[1] == "1"], seen
+    assert not [line for line in seen if line.startswith("fd77:")], seen
+    assert world6.counters()["egress_blocked"].packets >= before + 3

@@ -23,8 +23,10 @@ Why the chains look the way they do
   ones (ICMP errors) where they are about a connection the enclave is party to; a related
   packet about anyone else's connection (the parent host's, one the parent routes for) is
   dropped: conntrack relates an error to whatever connection it quotes, so an enclave that
-  guessed a 5-tuple could otherwise end it. Then deny rules drop, allow rules accept, and
-  anything else is dropped: deny wins over allow. To the parent's loopback addresses
+  guessed a 5-tuple could otherwise end it. A packet conntrack places in no connection
+  (``ct state invalid``) is dropped too: without a connection it gets no NAT, and would
+  leave with the enclave's tunnel address as its source. Then deny rules drop, allow rules
+  accept, and anything else is dropped: deny wins over allow. To the parent's loopback addresses
   nothing passes, established/related included (an ICMP error the enclave sends there is
   `related` to the parent's own loopback flow it quotes).
 * The other way round, the enclave's addresses are a source on the tunnel only: a packet that
@@ -718,6 +720,11 @@ def render_ruleset(spec: FirewallSpec) -> str:
         *replies,
         *forged,
         f"ct state related counter name {_q('egress_blocked')} drop",
+        # What conntrack could not place (an ICMP error quoting no connection, a TCP segment
+        # in no window) has no connection, so no NAT either: a catch-all allow would pass it
+        # out with the enclave's own tunnel address as its source (fd77::2, 10.77.0.2), to
+        # the internet. No log rule: the drop names nothing the profile could change.
+        f"ct state invalid counter name {_q('egress_blocked')} drop",
         *limit,
         "jump egress_policy",
         "jump egress_names",
