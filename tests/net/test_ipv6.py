@@ -380,9 +380,10 @@ def test_egress_by_name_over_ipv6(lab: Lab) -> None:
 # A TCP sink that answers how many bytes it took, and a client that sends N bytes to it.
 TCP_SINK = """\
 import socket, sys
-s = socket.socket(socket.AF_INET6)
+s = socket.socket(socket.AF_INET6)  # and IPv4, mapped
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 9000))
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 9000))
 s.listen()
 while True:
     c, _ = s.accept()
@@ -402,6 +403,7 @@ print(c.recv(100).decode())
 """
 
 FAR = "2001:db8:400::2"
+FAR4 = "203.0.113.2"
 
 
 def test_path_mtu_discovery_through_the_tunnel(world6: World6) -> None:
@@ -409,22 +411,28 @@ def test_path_mtu_discovery_through_the_tunnel(world6: World6) -> None:
     sends "packet too big" to the parent's address, the parent's NAT hands it to the enclave,
     whose kernel then sends smaller segments (and TSO super-packets of them). Before, the
     enclave's super-packets crossed the tunnel without their segment size and the parent cut
-    them at the tunnel's MTU again: every one too big for the path, the upload stalled."""
+    them at the tunnel's MTU again: every one too big for the path, the upload stalled.
+    IPv4 likewise, with ICMP "fragmentation needed" (TCP sets DF)."""
     w, lab = world6.w, world6.w.lab
     far = lab.netns("f")
     for ns in (w.internet, far):
         ns.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
-    w.internet.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-    router_side, _ = lab.veth(w.internet, "2001:db8:400::1/64", far, f"{FAR}/64")
+    w.internet.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1")
+    router_side, far_side = lab.veth(w.internet, "2001:db8:400::1/64", far, f"{FAR}/64")
+    w.internet.ip("addr", "add", "203.0.113.1/24", "dev", router_side)
+    far.ip("addr", "add", f"{FAR4}/24", "dev", far_side)
     far.ip("-6", "route", "add", "default", "via", "2001:db8:400::1")
-    far.popen(sys.executable, "-c", TCP_SINK, FAR)
+    far.ip("route", "add", "default", "via", "203.0.113.1")
+    far.popen(sys.executable, "-c", TCP_SINK)
 
-    def send(ns: Namespace, n: int, timeout: float) -> str | None:
-        res = ns.run(sys.executable, "-c", TCP_SEND, FAR, str(n), str(timeout), check=False,
+    def send(ns: Namespace, n: int, timeout: float, to: str = FAR) -> str | None:
+        res = ns.run(sys.executable, "-c", TCP_SEND, to, str(n), str(timeout), check=False,
                      timeout=timeout + 30)
         return res.stdout.strip() if res.returncode == 0 else None
 
-    wait_for(lambda: send(w.parent, 10, 2) == "10", 10, "the far host's sink, from the parent")
+    for to in (FAR, FAR4):
+        wait_for(lambda t=to: send(w.parent, 10, 2, t) == "10", 10,
+                 f"the far host's sink on {to}, from the parent")
     w.parent_cmd("up")
     w.start_enclave()
     wait_for(world6.egress6_works, 30, "the enclave's IPv6 egress")
@@ -433,6 +441,8 @@ def test_path_mtu_discovery_through_the_tunnel(world6: World6) -> None:
     assert send(w.enclave, n, 60) == str(n)
     # The enclave learnt the path's MTU from the router's ICMPv6 error.
     assert "mtu 1280" in w.enclave.ip("-6", "route", "get", FAR).stdout
+    assert send(w.enclave, n, 60, FAR4) == str(n)
+    assert "mtu 1280" in w.enclave.ip("route", "get", FAR4).stdout
 
 
 # Prints the source, type and code of each ICMPv6 message that reaches this namespace.
