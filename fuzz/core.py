@@ -45,11 +45,12 @@ from pathlib import Path
 from typing import Any
 
 from wgvsock.core.crypto import hash_, mac
-from wgvsock.core.engine import DROP, SEND, TUNNEL, Engine, inner_length
+from wgvsock.core.engine import DROP, SEGMENTED, SEND, TUNNEL, Engine, inner_length
 from wgvsock.core.keypair import Keypair
 from wgvsock.core.messages import (
     INITIATION_SIZE,
     LABEL_MAC1,
+    MIN_SEGMENT_SIZE,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_TIMEOUT,
@@ -250,6 +251,12 @@ class CoreTarget(Target):
                 continue
             if kind == TUNNEL:
                 self._check_tunnel(origin, target, data, bad)
+                continue
+            if kind == SEGMENTED:
+                # A sealed plaintext with a segment-size trailer after its IP packet.
+                assert isinstance(target, int) and MIN_SEGMENT_SIZE <= target <= 0xFFFF, (
+                    f"segment size {target!r}")
+                self._check_tunnel(origin, self.peers[origin], data, bad)
                 continue
             assert kind == SEND, f"unknown action kind {kind!r}"
             assert isinstance(data, bytes) and data[:4] in TYPES, f"sent {data[:8]!r}"

@@ -336,6 +336,48 @@ def test_merged_super_packets_are_cut_at_the_mtu() -> None:
         os.close(r)
 
 
+def test_a_super_packet_is_cut_in_the_segment_size_it_came_with() -> None:
+    """A super-packet whose sender gave its segment size (CAP_SEGMENT_SIZE) is cut in that
+    size, whatever the receiving MTU. Before, it was cut at the MTU: beyond a parent whose
+    tunnel MTU is larger than the path's, every segment was too big again (PMTU black
+    hole, tests/net/test_ipv6.py)."""
+    dev, r = _pipe_tun()
+    dev.mtu_hint = 65000
+    try:
+        # (A path MTU of 1280 the sender's kernel learnt: 1240 bytes past the headers.)
+        dev.write(_v4(_tcp(1000, _ACK, b"a" * 5000)), True, 1240)
+        header = os.read(r, 10)
+        _flags, gso_type, hlen, got, start, offset = struct.unpack("<BBHHHH", header)
+        assert (gso_type, hlen, start, offset) == (1, 40, 20, 16)
+        assert got == 1240
+    finally:
+        dev.close()
+        os.close(r)
+
+
+def test_a_segment_size_above_the_mtu_is_cut_at_the_mtu() -> None:
+    """(An honest sender gives none: it gives a size only when finer than its MTU.)"""
+    dev, r = _pipe_tun()
+    try:
+        dev.write(_v6(_tcp(1000, _ACK, b"a" * 5000)), True, 9000)
+        _flags, gso_type, hlen, got, _start, _offset = struct.unpack("<BBHHHH", os.read(r, 10))
+        assert (gso_type, hlen, got) == (4, 60, 1420 - 60)
+    finally:
+        dev.close()
+        os.close(r)
+
+
+def test_a_packet_of_one_segment_is_no_segmentation_job() -> None:
+    dev, r = _pipe_tun()
+    try:
+        dev.write(_v4(_tcp(1000, _ACK, b"a" * 1000)), False, 1208)
+        _flags, gso_type, _hlen, got, _start, _offset = struct.unpack("<BBHHHH", os.read(r, 10))
+        assert (gso_type, got) == (0, 0)
+    finally:
+        dev.close()
+        os.close(r)
+
+
 def test_a_packet_the_kernel_refuses_costs_only_itself() -> None:
     """Before, the first failed write of a batch lost every packet after it (review
     finding); now each is tried and the first error raised after."""

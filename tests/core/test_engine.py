@@ -2,16 +2,21 @@
 
 import itertools
 
+import pytest
+
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.core.engine import DROP, SEND, TUNNEL, Engine
+from wgvsock.core.engine import DROP, SEGMENTED, SEND, TUNNEL, Engine
 from wgvsock.core.messages import (
     INITIATION_SIZE,
+    MIN_SEGMENT_SIZE,
     REJECT_AFTER_MESSAGES,
     RESPONSE_SIZE,
+    SEGMENT_TRAILER_MAGIC,
     TYPE_COOKIE_REPLY,
     TYPE_INITIATION,
     TYPE_RESPONSE,
     TYPE_TRANSPORT,
+    segment_trailer,
 )
 
 from .wire import Pair, ip4
@@ -513,3 +518,36 @@ def test_going_down_ends_every_session_and_coming_up_starts_afresh():
     assert p.a.start(p.now) == []  # already up
     p.a_to_b()
     assert p.tun["B"][-1] == ip4("10.0.0.1", "10.0.0.2")
+
+
+def _deliver_sealed(p: Pair, plaintext: bytes) -> list:
+    """B's actions for A's message carrying `plaintext` (the session up already)."""
+    [(kind, _, msg)] = p.a.encapsulate(plaintext, p.now)
+    assert kind == SEND
+    return p.b.decapsulate(msg, "A", p.now)
+
+
+def test_a_segment_size_trailer_comes_out_with_its_packet() -> None:
+    """A super-packet sent with its segment size (CAP_SEGMENT_SIZE): the size comes out with
+    the packet, the trailer is gone from it, and the source check still applies."""
+    p = Pair()
+    p.a_to_b()
+    packet = ip4("10.0.0.1", "10.0.0.2", b"t" * 3000)
+    assert _deliver_sealed(p, packet + segment_trailer(1208)) == [(SEGMENTED, 1208, packet)]
+    # Zero padding, as every WireGuard sender has, is no trailer.
+    assert _deliver_sealed(p, packet + bytes(4)) == [(TUNNEL, p.pb, packet)]
+    forged = ip4("10.9.9.9", "10.0.0.2", b"t" * 3000) + segment_trailer(1208)
+    assert [a[0] for a in _deliver_sealed(p, forged)] == [DROP]
+
+
+@pytest.mark.parametrize("tail", [
+    segment_trailer(MIN_SEGMENT_SIZE - 1),  # would cut one packet into thousands
+    segment_trailer(0),
+    SEGMENT_TRAILER_MAGIC[:1],  # cut short by the end of the plaintext
+    SEGMENT_TRAILER_MAGIC[:1] + b"\x00\x00\x05",  # not the magic
+])
+def test_a_trailer_out_of_range_or_cut_short_is_ignored(tail: bytes) -> None:
+    p = Pair()
+    p.a_to_b()
+    packet = ip4("10.0.0.1", "10.0.0.2", b"t" * 3000)
+    assert _deliver_sealed(p, packet + tail) == [(TUNNEL, p.pb, packet)]

@@ -6,7 +6,7 @@ import random
 import struct
 
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.core.engine import DROP, SEND, TUNNEL, Engine
+from wgvsock.core.engine import DROP, SEGMENTED, SEND, TUNNEL, Engine
 
 
 def ip4(src: str, dst: str, payload: bytes = b"p" * 20) -> bytes:
@@ -55,7 +55,7 @@ class Pair:
         queue = [(side, a) for a in actions]
         while queue:
             origin, (kind, target, data) = queue.pop(0)
-            if kind == TUNNEL:
+            if kind in (TUNNEL, SEGMENTED):
                 self.tun[origin].append(data)
             elif kind == DROP:
                 self.drops[origin].append(data)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from wgvsock.device.uapi import uapi_get
 from wgvsock.services import firewall
 
 from .netlab import Lab, Namespace, run, wait_for
@@ -406,13 +407,18 @@ FAR = "2001:db8:400::2"
 FAR4 = "203.0.113.2"
 
 
+def received(w: World) -> int:
+    """Bytes the parent's wg0 received from its peers so far (WireGuard messages, all told)."""
+    return sum(p["rx_bytes"] for p in uapi_get(str(w.parent_uapi()))["peers"])
+
 def test_path_mtu_discovery_through_the_tunnel(world6: World6) -> None:
     """A bulk upload from the enclave to a host behind a 1280-byte link: the internet's router
     sends "packet too big" to the parent's address, the parent's NAT hands it to the enclave,
     whose kernel then sends smaller segments (and TSO super-packets of them). Before, the
     enclave's super-packets crossed the tunnel without their segment size and the parent cut
     them at the tunnel's MTU again: every one too big for the path, the upload stalled.
-    IPv4 likewise, with ICMP "fragmentation needed" (TCP sets DF)."""
+    IPv4 likewise, with ICMP "fragmentation needed" (TCP sets DF). Then the super-packets
+    cut finer than the tunnel's MTU must still cross whole, with their segment size."""
     w, lab = world6.w, world6.w.lab
     far = lab.netns("f")
     for ns in (w.internet, far):
@@ -443,6 +449,15 @@ def test_path_mtu_discovery_through_the_tunnel(world6: World6) -> None:
     assert "mtu 1280" in w.enclave.ip("-6", "route", "get", FAR).stdout
     assert send(w.enclave, n, 60, FAR4) == str(n)
     assert "mtu 1280" in w.enclave.ip("route", "get", FAR4).stdout
+    # Now the path's MTU is known: the enclave's super-packets of 1208/1228-byte segments
+    # cross the tunnel whole, with their segment size (CAP_SEGMENT_SIZE), and the parent's
+    # kernel cuts them. What the parent's wg0 received per byte sent shows it: 1.002 for
+    # both families. Before, they crossed one segment per message, each with its own IP and
+    # TCP headers and 32 bytes of WireGuard: 1.086 (IPv6) and 1.069 (IPv4).
+    for to in (FAR, FAR4):
+        before = received(w)
+        assert send(w.enclave, n, 60, to) == str(n)
+        assert (received(w) - before) / n < 1.04, to
 
 
 # Prints the source, type and code of each ICMPv6 message that reaches this namespace.

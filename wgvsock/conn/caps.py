@@ -24,6 +24,7 @@ from typing import Final
 
 __all__ = [
     "CAP_PARTIAL_CSUM",
+    "CAP_SEGMENT_SIZE",
     "CAP_SUPER",
     "CAP_UNCHECKED_TRANSPORT",
     "HELLO_MAGIC",
@@ -46,6 +47,13 @@ CAP_PARTIAL_CSUM: Final = 0x2
 # the sender then spares a CRC pass over each message (16 us per 64 KiB). The Go seed checks
 # every CRC, so it never sends this and always gets them.
 CAP_UNCHECKED_TRANSPORT: Final = 0x4
+# "A super-packet whose segments are finer than the MTU may carry their size (the trailer of
+# core.messages.SEGMENT_TRAILER_MAGIC, after the IP packet inside the encryption): I have my
+# kernel cut it in that size." Without it such a super-packet is cut into segments by the
+# sender, since a receiver cuts super-packets at its own MTU: the segments of a path MTU that
+# an ICMP "packet too big" taught the sender, or of a far end's small MSS, would then be too
+# big for that path again. Offered with CAP_SUPER only.
+CAP_SEGMENT_SIZE: Final = 0x8
 
 
 def encode_hello(flags: int, max_packet: int) -> bytes:

@@ -6,6 +6,8 @@ seconds). Each call returns a list of actions, tuples whose first item says what
 
     (SEND, endpoint, message)   write `message` to the transport at `endpoint`
     (TUNNEL, peer, packet)      write the inner IP `packet` to the TUN device
+    (SEGMENTED, mss, packet)    the same for a TCP super-packet the peer sent with its segment
+                                size (messages.SEGMENT_TRAILER_MAGIC): cut it in `mss` bytes
     (DROP, peer_or_None, reason) nothing to do; `reason` says why, for logs and tests
 
 Nothing here raises on hostile input: every malformed, truncated, replayed or unauthenticated
@@ -32,12 +34,15 @@ from .messages import (
     INITIATION_SIZE,
     KEEPALIVE_TIMEOUT,
     MAX_TIMER_HANDSHAKES,
+    MIN_SEGMENT_SIZE,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
     RESPONSE_SIZE,
+    SEGMENT_TRAILER_MAGIC,
+    SEGMENT_TRAILER_SIZE,
     TRANSPORT_MIN_SIZE,
     TYPE_COOKIE_REPLY,
     TYPE_INITIATION,
@@ -60,12 +65,15 @@ from .timers import (
 SEND: Final = 0
 TUNNEL: Final = 1
 DROP: Final = 2
+SEGMENTED: Final = 3
 
 Action = tuple[int, Any, Any]
 
 _HEADER: Final = struct.Struct("<IIQ")
 _INDEX_PAIR: Final = struct.Struct("<II")
 _NO_MAC2: Final = bytes(16)
+_TRAILER_0: Final = SEGMENT_TRAILER_MAGIC[0]
+_TRAILER_1: Final = SEGMENT_TRAILER_MAGIC[1]
 _KEEPALIVE_RECEIVE_LIMIT: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 
@@ -446,12 +454,21 @@ class Engine:
         if length < 0:
             out.append((DROP, peer, "inner packet is not IPv4 or IPv6"))
             return out
+        mss = 0
         if length != len(packet):
+            # Zero padding, or a segment-size trailer and then padding. (An out-of-range size
+            # is ignored: the packet is cut at the MTU, as one that came without it.)
+            # (Byte by byte: most padded packets are ACKs, and a zero first byte ends it.)
+            if (packet[length] == _TRAILER_0 and len(packet) - length >= SEGMENT_TRAILER_SIZE
+                    and packet[length + 1] == _TRAILER_1):
+                mss = packet[length + 2] | packet[length + 3] << 8
+                if mss < MIN_SEGMENT_SIZE:
+                    mss = 0
             packet = packet[:length]
         if self.allowed_ips.lookup_packet_src(packet) is not peer:
             out.append((DROP, peer, "inner source address not allowed for this peer"))
             return out
-        out.append((TUNNEL, peer, packet))
+        out.append((SEGMENTED, mss, packet) if mss else (TUNNEL, peer, packet))
         return out
 
     def mac1_valid(self, data: bytes) -> bool:

@@ -38,8 +38,26 @@ ZERO_KEY_MATERIAL_AFTER: Final = REJECT_AFTER_TIME * 3
 MAX_STAGED_PACKETS: Final = 128
 PADDING_MULTIPLE: Final = 16
 
+# wgvsock's segment-size trailer (conn.caps.CAP_SEGMENT_SIZE): a TCP super-packet whose segments
+# are finer than the tunnel's MTU carries their size in 4 bytes right after the IP packet,
+# inside the encryption, where WireGuard has only zero padding: the magic, then the segment
+# size (u16 little-endian). The receiver has its kernel cut the packet in that size; without
+# it the receiver cuts at its own MTU, and every segment is again too big for the path the
+# sender's kernel had learnt (or the far end's MSS). A zero first byte is padding, so no
+# standard WireGuard message is ever read as one.
+SEGMENT_TRAILER_MAGIC: Final = b"\xfe\x53"
+SEGMENT_TRAILER_SIZE: Final = 4
+# The smallest segment size a trailer may give: below it the receiver's kernel would cut one
+# packet into thousands (IPv4's minimum MTU of 68 leaves 8 bytes past 60 of headers).
+MIN_SEGMENT_SIZE: Final = 64
+
 LABEL_MAC1: Final = b"mac1----"
 LABEL_COOKIE: Final = b"cookie--"
+
+
+def segment_trailer(mss: int) -> bytes:
+    """The trailer that gives a super-packet's segment size `mss` (SEGMENT_TRAILER_MAGIC)."""
+    return SEGMENT_TRAILER_MAGIC + mss.to_bytes(2, "little")
 
 
 def padding_size(packet_size: int, mtu: int) -> int:

@@ -30,10 +30,17 @@ from typing import Any, Final
 from mypy_extensions import mypyc_attr
 
 from ..conn.bind import Bind, Message, RateLimitedLog, SharedFile
-from ..conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
+from ..conn.caps import (
+    CAP_PARTIAL_CSUM,
+    CAP_SEGMENT_SIZE,
+    CAP_SUPER,
+    CAP_UNCHECKED_TRANSPORT,
+    encode_hello,
+)
 from ..conn.endpoint import Endpoint, display_endpoint, without_source
 from ..conn.framing import MAX_STREAM_MTU
-from ..core.engine import DROP, SEND, TUNNEL, Action, Engine
+from ..core.engine import DROP, SEGMENTED, SEND, TUNNEL, Action, Engine
+from ..core.messages import segment_trailer
 from ..core.peer import Peer
 from ..core.ratelimit import LoadTracker
 from ..threads import NamedThread, Survivor
@@ -349,7 +356,7 @@ class Device:
                 flags = CAP_UNCHECKED_TRANSPORT
                 super_packets = self.offload and self.tun.vnet
                 if super_packets:
-                    flags |= CAP_SUPER | CAP_PARTIAL_CSUM
+                    flags |= CAP_SUPER | CAP_PARTIAL_CSUM | CAP_SEGMENT_SIZE
                 self.bind.hello = encode_hello(flags, GSO_MAX_SIZE if super_packets else 0)
             self.port = self.bind.open(0, self._on_receive)
             self._caps_changed()
@@ -494,9 +501,9 @@ class Device:
         for kind, target, data in actions:
             if kind == SEND:
                 self.bind.send(data, target)
-            elif kind == TUNNEL:
+            elif kind in (TUNNEL, SEGMENTED):
                 try:
-                    self.tun.write(data)  # type: ignore[union-attr]
+                    self.tun.write(data, True, target if kind == SEGMENTED else 0)  # type: ignore[union-attr]
                 except OSError as e:
                     if self._debug:
                         log.debug("%s: TUN write failed: %s", self.ifname, e)
@@ -692,16 +699,24 @@ class Device:
         # between them.
         v = packet[0]
         plain = offset == 16 and start == ((v & 0x0F) * 4 if v >> 4 == 4 else 40)
-        # The receiver cuts a super-packet at its own MTU (Tun.write): the segment size is not
-        # sent. One the kernel cut finer (a path MTU an ICMP "packet too big" taught it, a
-        # peer's small MSS) is cut here in its own size, else every segment beyond the parent
-        # is too big for the path again and the connection stalls: a PMTU black hole.
-        if mss and not (flags & CAP_SUPER and len(packet) <= max_packet and plain
-                        and mss + start + (packet[start + 12] >> 4) * 4 >= tun.mtu_hint):
+        if mss and not (flags & CAP_SUPER and len(packet) <= max_packet and plain):
             return split_tso(packet, start, mss)
-        if flags & CAP_PARTIAL_CSUM and plain:
-            return (packet,)
-        return (complete_checksum(packet, start, offset),)
+        # A receiver cuts a super-packet at its own MTU (Tun.write). One the kernel cut finer
+        # (a path MTU an ICMP "packet too big" taught it, a far end's small MSS) crosses with
+        # its segment size if the peer takes that, else it is cut here in its own size:
+        # beyond the parent every segment would be too big for the path again, and the
+        # connection would stall (a PMTU black hole).
+        finer = mss > 0 and mss + start + (packet[start + 12] >> 4) * 4 < tun.mtu_hint
+        if finer and not flags & CAP_SEGMENT_SIZE:
+            return split_tso(packet, start, mss)
+        out: bytes | bytearray | memoryview = packet
+        if not (flags & CAP_PARTIAL_CSUM and plain):
+            out = complete_checksum(packet, start, offset)
+        if finer:
+            # (A copy of up to 64 KiB, about 4 us: cutting it here cost one message per
+            # segment.)
+            return (b"".join((out, segment_trailer(mss))),)
+        return (out,)
 
     def _on_receive(self, data: Message, src: Endpoint) -> None:
         now = _monotonic()
@@ -766,10 +781,39 @@ class Device:
             lock.release()
         packets = [data for kind, _, data in actions if kind == TUNNEL]
         if len(packets) != len(actions):
+            if any(a[0] == SEGMENTED for a in actions):
+                self._write_in_order(actions, src)
+                return
             self._perform(a for a in actions if a[0] != TUNNEL)
         # Only a sender whose hello offered CAP_PARTIAL_CSUM (our daemon, offload on) leaves
         # TCP checksums partial; the Go seed's packets, or a UDP peer's, need no looking at.
+        self._write_batch(packets, bool(self.bind.peer_caps(src)[0] & CAP_PARTIAL_CSUM))
+
+    def _write_in_order(self, actions: list[Action], src: Endpoint) -> None:
+        """_on_receive_batch's writes when some packets came with their segment size: each of
+        those goes alone, between the runs of the others, so that no TCP flow is reordered."""
         partial_csum = bool(self.bind.peer_caps(src)[0] & CAP_PARTIAL_CSUM)
+        run: list[bytes] = []
+        for action in actions:
+            kind, target, data = action
+            if kind == TUNNEL:
+                run.append(data)
+                continue
+            if run:
+                self._write_batch(run, partial_csum)
+                run = []
+            if kind == SEGMENTED:
+                try:
+                    self.tun.write(data, partial_csum, target)  # type: ignore[union-attr]
+                except OSError as e:
+                    if self._debug:
+                        log.debug("%s: TUN write failed: %s", self.ifname, e)
+            else:
+                self._perform((action,))
+        if run:
+            self._write_batch(run, partial_csum)
+
+    def _write_batch(self, packets: list[bytes], partial_csum: bool) -> None:
         try:
             self.tun.write_batch(packets, partial_csum)  # type: ignore[union-attr]
         except OSError as e:

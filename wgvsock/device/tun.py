@@ -383,7 +383,8 @@ def _offload_header(
     packet: bytes | bytearray, mtu: int, mss: int = 0, length: int = 0
 ) -> list[bytes | bytearray | memoryview] | None:
     """What to write, after a virtio-net header, for a TCP packet the kernel must finish: one
-    longer than the MTU becomes a segmentation job cut into MTU-sized segments, as the kernel
+    longer than the MTU, or than one segment of `mss` payload bytes when given, becomes a
+    segmentation job cut into segments of that size (never above the MTU), as the kernel
     does with its own TSO packets; one whose checksum field holds the pseudo-header sum (a
     peer that negotiated CAP_PARTIAL_CSUM left it partial) gets the checksum computed by the
     kernel. The header first, then the packet (its headers copied and changed where need be,
@@ -407,9 +408,13 @@ def _offload_header(
             return None
         return [_VNET_HEADER.pack(_VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, 16), packet]
     thl = (packet[ihl + 12] >> 4) * 4
-    mss = mss or mtu - ihl - thl
+    mss = min(mss, mtu - ihl - thl) if mss else mtu - ihl - thl
     if mss <= 0:
         return None
+    if length <= ihl + thl + mss:  # one segment: nothing to cut
+        if not partial:
+            return None
+        return [_VNET_HEADER.pack(_VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, 16), packet]
     gso_type = _GSO_TCPV4 if packet[0] >> 4 == 4 else _GSO_TCPV6
     if packet[ihl + 13] & _TCP_CWR:
         gso_type |= _GSO_ECN
@@ -695,17 +700,19 @@ class Tun:
             return [_complete_checksum(buf, VNET_HDR_LEN, start, offset)]
         return [buf[VNET_HDR_LEN:]]
 
-    def write(self, packet: bytes | bytearray, partial_csum: bool = True) -> None:
+    def write(self, packet: bytes | bytearray, partial_csum: bool = True, mss: int = 0) -> None:
         """Writes one packet. With offload, a TCP packet whose checksum was left partial is
-        marked for the kernel to finish, and one above the MTU for the kernel to segment.
+        marked for the kernel to finish, and one above the MTU for the kernel to segment:
+        in segments of `mss` payload bytes when given (the sender's, which may be finer than
+        the MTU; never coarser), else as large as the MTU allows.
         `partial_csum=False` says the sender never leaves a checksum partial (its hello did
         not offer CAP_PARTIAL_CSUM, or it sent none): a packet that fits the MTU then goes
         as it is, without the header parsing and pseudo-header sum that finding one takes."""
         if not self.vnet:
             _write(self._fd, packet)
-        elif not partial_csum and len(packet) <= self.mtu_hint:
+        elif not partial_csum and not mss and len(packet) <= self.mtu_hint:
             _writev(self._fd, (_VNET_PLAIN, packet))
-        elif iov := _offload_header(packet, self.mtu_hint):
+        elif iov := _offload_header(packet, self.mtu_hint, mss):
             _writev(self._fd, iov)
         else:
             _writev(self._fd, (_VNET_PLAIN, packet))
@@ -730,9 +737,9 @@ class Tun:
                 if not payloads:
                     self.write(head, partial_csum)
                     continue
-                # Super-packets merged (a peer that sends them) are longer than the MTU: the
-                # kernel must cut the run at the MTU, or forwarding refuses it (too big).
-                mss = min(mss, self.mtu_hint - len(head))
+                # (Super-packets merged, from a peer that sends them, have a segment size
+                # above the MTU: _offload_header cuts them at the MTU, or forwarding would
+                # refuse them as too big.)
                 iov = _offload_header(head, self.mtu_hint, mss,
                                       len(head) + sum(map(len, payloads)))
                 if iov is None:  # an MTU below the headers: nothing fits it, so it is dropped
