@@ -54,6 +54,8 @@ IPERF_PORT = 5201
 _PING_TIME = re.compile(r"time=([\d.]+) ms")
 TOOLS = ("ip", "wg", "iperf3", "ping", "ss", "wireguard-go")
 VETH_A, VETH_B = "192.168.201.1", "192.168.201.2"
+# --forward: a third namespace behind b, as the internet is behind a parent that forwards.
+FAR_NET, FAR_B, FAR_C = "192.168.202.0/24", "192.168.202.1", "192.168.202.2"
 OFFLOAD_OFF = {"WGVSOCK_OFFLOAD": "0"}
 
 
@@ -189,7 +191,7 @@ class Tunnel:
 
 
 def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: int,
-             seed: Path | None) -> Tunnel:
+             seed: Path | None, forward: bool = False) -> Tunnel:
     tag = f"{os.getpid() % 100000}"
     if_a, if_b = f"wgb{tag}{index}a"[:15], f"wgb{tag}{index}b"[:15]
     # Its own subnet and ports per case: all cases of one MTU are up at once.
@@ -208,8 +210,8 @@ def bring_up(lab: Lab, a: Namespace, b: Namespace, case: Case, mtu: int, index: 
             # The unix transport ignores the host: port N names <unix_dir>/N.sock.
             host = "127.0.0.1" if case.network == "unix" else VETH_B
             ka, kb = Keys(), Keys()
-            lab.configure(if_a, ka, kb, f"{tun_b}/32", listen_port=port_a,
-                          endpoint=f"{host}:{port_b}")
+            lab.configure(if_a, ka, kb, f"{tun_b}/32,{FAR_NET}" if forward else f"{tun_b}/32",
+                          listen_port=port_a, endpoint=f"{host}:{port_b}")
             # b learns a's endpoint from the first handshake, as a parent does from its enclave.
             lab.configure(if_b, kb, ka, f"{tun_a}/32", listen_port=port_b)
         lab.address(a, if_a, f"{tun_a}/24", mtu)
@@ -252,18 +254,23 @@ def ping_round(a: Namespace, tunnels: list[Tunnel], round_index: int) -> None:
 
 
 def measure(a: Namespace, b: Namespace, t: Tunnel, index: int, seconds: float,
-            profile: Path | None = None, iperf_args: tuple[str, ...] = ()) -> None:
+            profile: Path | None = None, iperf_args: tuple[str, ...] = (),
+            far: Namespace | None = None) -> None:
     """One case's iperf3 runs of a round, a->b and b->a (under py-spy when `profile` is a
-    folder; `iperf_args` go to each iperf3 client)."""
+    folder; `iperf_args` go to each iperf3 client). With `far` (--forward) the other end is
+    that namespace behind b, reached through this case's tunnel."""
     r = t.result
     if r.error:
         return
+    server, addr = (b, t.tun_b) if far is None else (far, FAR_C)
     try:
+        if far is not None:
+            a.ip("route", "replace", FAR_NET, "dev", t.if_a)
         port = IPERF_PORT + 2 * index
         with _profiled(t, profile, "a2b", seconds):
-            r.mbps_a_to_b.append(iperf(a, b, t.tun_b, port, seconds, False, *iperf_args))
+            r.mbps_a_to_b.append(iperf(a, server, addr, port, seconds, False, *iperf_args))
         with _profiled(t, profile, "b2a", seconds):
-            r.mbps_b_to_a.append(iperf(a, b, t.tun_b, port + 1, seconds, True, *iperf_args))
+            r.mbps_b_to_a.append(iperf(a, server, addr, port + 1, seconds, True, *iperf_args))
     except (LabError, subprocess.TimeoutExpired) as e:
         # One failed run (the machine is shared) leaves a round out, not the whole row.
         r.notes.append(f"a round failed: {e}")
@@ -430,12 +437,14 @@ def _pair_ratio(r: Result, base: Result | None) -> str:
 
 
 def print_table(results: list[Result], seconds: float, rounds: int, congestion: str,
-                split: str = "") -> None:
+                split: str = "", forward: bool = False) -> None:
     print(f"\nMedians of {rounds} rounds: iperf3 one TCP stream {seconds:g} s each way "
           f"(congestion control {congestion}); ping {PING_SLICES}x{PING_COUNT} a round at "
           f"-i {PING_INTERVAL:g}, the cases in turn: median (p50) and mean of every reply; "
           "veth MTU 1500; RSS after the last round.\n"
-          + (f"Each side on its own CPUs ({split}).\n" if split else "") +
+          + (f"Each side on its own CPUs ({split}).\n" if split else "")
+          + ("iperf3 between a and a third namespace c behind b (veth MTU 1500), b "
+             "forwarding: the parent's NAT case; ping a to b.\n" if forward else "") +
           "x seed / x wg-go: this row's a->b/b->a over the seed's (tcp) or wireguard-go's "
           "(udp) at the same MTU; rtt x seed: its ping p50 over the seed's. Shared, noisy "
           "machine: read the ratios.\n")
@@ -484,6 +493,10 @@ def main() -> int:
     ap.add_argument("--case", action="append", choices=[c.key for c in CASES],
                     help="only these cases (default all)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    ap.add_argument("--forward", action="store_true",
+                    help="iperf3 to a third namespace behind b (veth MTU 1500), which b "
+                         "forwards to through each tunnel, as a parent forwards its "
+                         "enclave's traffic: the far end's MSS (1460) is below the tunnel's")
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run our cases with the wgvsock package from this checkout "
                          "(PYTHONPATH) and its venv's interpreter, interleaved with the rest: "
@@ -540,11 +553,18 @@ def main() -> int:
         tag = f"{os.getpid() % 100000}"
         a, b = lab.netns(f"wgbench{tag}a"), lab.netns(f"wgbench{tag}b")
         lab.veth(a, f"vb{tag}a", f"{VETH_A}/24", b, f"vb{tag}b", f"{VETH_B}/24")
+        far = None
+        if args.forward:
+            far = lab.netns(f"wgbench{tag}c")
+            lab.veth(b, f"vf{tag}b", f"{FAR_B}/24", far, f"vf{tag}c", f"{FAR_C}/24")
+            b.run("sysctl", "-qw", "net.ipv4.ip_forward=1")  # b's namespace only
+            far.ip("route", "add", "10.201.0.0/16", "via", FAR_B)
         # Per MTU, every case is up at once and the rounds go round the cases, so that
         # each case sees the same mix of load from whatever else shares the machine.
         for mtu in mtus:
             print(f"MTU {mtu}: starting {len(cases)} tunnels ...", flush=True)
-            tunnels = [bring_up(lab, a, b, c, mtu, i, seed) for i, c in enumerate(cases)]
+            tunnels = [bring_up(lab, a, b, c, mtu, i, seed, args.forward)
+                       for i, c in enumerate(cases)]
             try:
                 if args.split_cores:
                     for t in tunnels:
@@ -557,7 +577,7 @@ def main() -> int:
                               flush=True)
                         last = n == args.rounds - 1
                         measure(a, b, t, i, args.seconds, profile if last else None,
-                                iperf_args)
+                                iperf_args, far)
             finally:
                 for t in tunnels:
                     tear_down(lab, a, b, t)
@@ -566,7 +586,7 @@ def main() -> int:
 
     if code := run_in_lab("tunnel_bench", "wgvsock-bench-", bench):
         return code
-    print_table(results, args.seconds, args.rounds, congestion, split)
+    print_table(results, args.seconds, args.rounds, congestion, split, args.forward)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seconds": args.seconds, "rounds": args.rounds, "mtus": mtus,

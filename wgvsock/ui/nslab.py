@@ -335,7 +335,8 @@ class Lab:
                   listen_port: int | None = None, endpoint: str | None = None,
                   keepalive: int | None = None, timeout: float = 2.0) -> None:
         """Keys, port and one peer through the UAPI — the same request `wg set` would make.
-        `timeout` for the reply: longer for a daemon under valgrind."""
+        `peer_ip`: the peer's allowed IPs, comma-separated as `wg` takes them. `timeout` for
+        the reply: longer for a daemon under valgrind."""
         cfg = DeviceConfig(
             private_key=keys.private,
             listen_port=listen_port,
@@ -345,7 +346,7 @@ class Lab:
                 endpoint=endpoint,
                 persistent_keepalive=keepalive,
                 replace_allowed_ips=True,
-                allowed_ips=[(ip_network(peer_ip), True)],
+                allowed_ips=[(ip_network(ip), True) for ip in peer_ip.split(",")],
             )],
         )
         err = uapi_set(f"{RUN_DIR}/{ifname}.sock", format_set(cfg), timeout)
