@@ -80,6 +80,29 @@ def test_a_log_file_that_cannot_be_opened_is_refused_before_starting(where, tmp_
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_log_file_that_is_a_symbolic_link_is_refused_before_starting(
+        dangling, tmp_path, started, no_spawn, monkeypatch, capsys):
+    """The launcher runs as root and appends to $WGVSOCK_LOG_FILE: a link planted there, in
+    a directory another user may write, made root append to (or, dangling, create) whatever
+    file it names."""
+    victim = tmp_path / "victim"
+    if not dangling:
+        victim.write_text("precious\n")
+    link = tmp_path / "daemon.log"
+    link.symlink_to(victim)
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(link))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={link} is a symbolic "
+                          "link")
+    assert "Traceback" not in err and "Give the path of the file itself" in err
+    if dangling:
+        assert not victim.exists()
+    else:
+        assert victim.read_text() == "precious\n"
+
+
 @pytest.mark.parametrize("value", ["abc", "-1", "99999", "1", " 7", "9" * 20])
 def test_a_ready_fd_that_is_not_a_launchers_pipe_is_refused(value, started, no_spawn,
                                                            monkeypatch, capsys):

@@ -13,6 +13,7 @@ already run threads is unsafe in Python.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -251,10 +252,13 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
     log_file = os.environ.get(ENV_LOG_FILE)
     keep = keep_stdio and logs_to_launcher()
     try:
-        # Made 0600: a root daemon's log is for its owner to open to others, if at all.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        out = (open(os.open(log_file, flags, 0o600), "ab") if log_file  # noqa: SIM115
+        out = (open(open_log(log_file), "ab") if log_file  # noqa: SIM115
                else None if keep else subprocess.DEVNULL)
+    except LogLinkError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        os.close(r)
+        os.close(w)
+        return 1
     except OSError as e:
         print(f"{prog}: cannot open {ENV_LOG_FILE}={log_file}: {e.strerror or e} (it is where "
               "the background process logs: give a file in an existing directory, or unset "
@@ -286,6 +290,33 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
     reason = report.decode(errors="replace").strip() or "the daemon exited during start-up"
     print(f"{prog}: {reason}", file=sys.stderr)
     return 1
+
+
+class LogLinkError(Exception):
+    """$WGVSOCK_LOG_FILE is a symbolic link: the message says where it leads and what to do."""
+
+
+def open_log(path: str) -> int:
+    """A descriptor appending to the log file PATH, made 0600 when new (a root daemon's log is
+    for its owner to open to others, if at all). A symbolic link there is refused
+    (LogLinkError), not followed: the launcher runs as root, and a link planted at PATH by
+    whoever may write its directory would make root append to, or create, any file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as e:
+        # ELOOP is also "too many links" on the way: only a link at PATH itself is said so.
+        if e.errno != errno.ELOOP or not os.path.islink(path):
+            raise
+        try:
+            target = prose(os.readlink(path), 200)
+        except OSError:
+            target = "?"
+        raise LogLinkError(
+            f"{ENV_LOG_FILE}={prose(path, 200)} is a symbolic link (to {target}), "
+            "which is not followed: root would append its log to whatever file the link "
+            "names, chosen by whoever made it. Give the path of the file itself, or remove "
+            "the link and let the daemon create the file (0600)") from None
 
 
 def logs_to_launcher() -> bool:
