@@ -820,3 +820,80 @@ def test_parent_doctor_prints_aws_words_as_text_not_markup(
     code = cli.main(["parent", "doctor", "--profile", str(profile)])
     out = capsys.readouterr().out
     assert code == 1 and "[/red][link=http://x]boom[/link]\\nroot  ready" in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoint URLs with a user name and password in them (https://user:pass@host/)
+
+SECRET = "s3cr3t-pw"  # noqa: S105 - a marker to look for in messages
+
+
+def _no_userinfo(text: str) -> None:
+    assert SECRET not in text and "user:" not in text, text
+
+
+def test_an_unreachable_endpoint_is_named_without_its_password(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # botocore takes an endpoint with user info; the message naming the unreachable one
+    # printed it whole, password included, to the terminal and the journal.
+    port = _closed_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://user:{SECRET}@127.0.0.1:{port}")
+    with pytest.raises(aws.AWSError, match="cannot reach the ssm endpoint") as info:
+        aws.load_private_key(f"ssm:{PARAM}")
+    _no_userinfo(str(info.value))
+    assert f"http://***@127.0.0.1:{port}/" in str(info.value)
+    # And the doctor's instance-type line, which quoted botocore's own words unfiltered.
+    check = aws.check_instance_type("m5.xlarge", REGION, session=boto3.Session())
+    assert check.ok is None and f"127.0.0.1:{port}" in check.detail
+    _no_userinfo(check.detail)
+
+
+def test_an_endpoint_with_user_info_still_works(moto: Moto,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only messages change: botocore keeps taking such an endpoint.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url.replace("://", f"://user:{SECRET}@"))
+    assert aws.load_private_key(f"ssm:{PARAM}") == moto.key
+
+
+@pytest.mark.parametrize("variable", ["AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_ENDPOINT_URL"])
+def test_a_client_set_up_failure_shows_the_endpoint_without_its_password(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, f"http://user:{SECRET}@[::1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with pytest.raises(aws.AWSError) as info:
+        aws.load_private_key("ssm:/wgvsock/key", session=boto3.Session(region_name=REGION))
+    assert f"{variable}='http://***@[::1'" in str(info.value)
+    _no_userinfo(str(info.value))
+
+
+@pytest.mark.parametrize("endpoint", ["http://user:{}@127.0.0.1:{}", "ftp://user:{}@x:{}",
+                                      "http://user:{}@[::1:{}"])
+def test_an_imds_endpoint_with_user_info_is_refused_without_echoing_it(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # IMDS takes no password; urllib took "user:pw@127.0.0.1" for a host name to look up,
+    # and every message (doctor's line, the CloudWatch sender's warning) printed it.
+    url = endpoint.format(SECRET, _closed_port())
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", url)
+    [check] = aws.doctor_checks()
+    assert (check.name, check.ok) == ("EC2 instance", False)
+    assert check.detail.startswith("AWS_EC2_METADATA_SERVICE_ENDPOINT='")
+    _no_userinfo(check.detail)
+    if url.startswith("http://") and "[" not in url:
+        assert "holds a user name or password" in check.detail
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("at https://user:pw@host:443/x and http://h/", "at https://***@host:443/x and http://h/"),
+    ("'http://a:b@c@d/e'", "'http://***@d/e'"),
+    ("http://token@h", "http://***@h"),
+    ("no url: user@example.com, arn:aws:iam::1:user/x", "no url: user@example.com, "
+     "arn:aws:iam::1:user/x"),
+    ("https://host/path@v2", "https://host/path@v2"),
+])
+def test_userinfo_is_cut_from_any_url_in_a_message(text: str, shown: str) -> None:
+    assert str(aws.AWSError(text)) == shown
+    assert aws.Check("x", None, text).detail == shown

@@ -210,6 +210,24 @@ def test_sender_thread_starts_and_stops(moto: Moto, imds: FakeImds) -> None:
     assert sender._thread is not None and not sender._thread.is_alive()
 
 
+def test_an_unexpected_failure_is_logged_without_an_endpoints_password(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # What put_metric_data does not turn into a CloudWatchError was logged as it was said,
+    # an endpoint URL with its user name and password included.
+    reg, _ = _registry(["k0"])
+    sender = cw.CloudWatchSender(reg, "wgvsock-t9", 60, "demo")
+
+    def fail() -> int:
+        raise ValueError("cannot send to https://user:s3cr3t-pw@monitoring.example/")
+
+    monkeypatch.setattr(sender, "send", fail)
+    sender._stop.set()  # one round
+    with caplog.at_level(logging.ERROR, logger="wgvsock.metrics"):
+        sender._run()
+    assert "CloudWatch: ValueError: cannot send to https://***@monitoring.example/" in caplog.text
+    assert "s3cr3t-pw" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # parent doctor
 

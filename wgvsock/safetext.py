@@ -10,6 +10,10 @@ one for each kind of value:
 - `prose(value)`: a sentence (a reason, a name) as it reads, with every control or otherwise
   unprintable character escaped, cut short.
 
+A third, `without_userinfo(text)`, cuts the user name and password out of every URL in a
+text (https://user:pass@host/ is shown https://***@host/): an endpoint the operator set may
+carry them, and a message naming it goes to the terminal and the journal.
+
 Both keep the length of what was cut, so a log still shows that something was long. A
 container (list, tuple, dict, set, any mapping or sequence) is written only as far as
 _WALK characters and _DEPTH levels, never repr()'d whole: a structure that shares its parts
@@ -24,10 +28,11 @@ import decimal
 import enum
 import fractions
 import ipaddress
+import re
 import uuid
 from collections.abc import Mapping, Sequence, Set
 
-__all__ = ["prose", "quote"]
+__all__ = ["prose", "quote", "without_userinfo"]
 
 # How much of a container is written before it is cut, in characters and levels.
 _WALK = 4096
@@ -146,3 +151,15 @@ def prose(value: object, limit: int = 300) -> str:
     if not text.isprintable():
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return _cut(text, limit, whole)
+
+
+# A URL's scheme and authority up to the last "@" before its path, query or fragment: the
+# user info (RFC 3986 3.2.1), a raw "@" in a password included, as urlsplit takes it. Not
+# urlsplit itself: the URLs sit inside messages, and some (an "http://[::1" botocore refused)
+# do not parse.
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/?#]*@")
+
+
+def without_userinfo(text: str) -> str:
+    """TEXT with the user name and password of each URL in it replaced by ***."""
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text

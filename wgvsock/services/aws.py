@@ -50,7 +50,7 @@ from botocore.exceptions import (
 )
 
 from wgvsock.core.crypto import KeyFormatError, key_from_base64
-from wgvsock.safetext import prose
+from wgvsock.safetext import prose, without_userinfo
 
 __all__ = [
     "AWSError",
@@ -140,8 +140,10 @@ class AWSError(Exception):
 
     def __init__(self, message: str) -> None:
         # The message quotes what the service (or a proxy in front of it) said: escaped and
-        # cut short here, once, after the raw text was matched for codes and ARNs.
-        super().__init__(prose(message, 2000))
+        # cut short here, once, after the raw text was matched for codes and ARNs. An endpoint
+        # it names (botocore's words, the environment's value) loses its user name and
+        # password first: https://user:pass@host/ is a valid AWS_ENDPOINT_URL.
+        super().__init__(prose(without_userinfo(message), 2000))
 
 
 class CloudWatchError(AWSError):
@@ -164,6 +166,10 @@ class Check:
     name: str
     ok: bool | None
     detail: str
+
+    def __post_init__(self) -> None:
+        # Some details quote botocore's words directly, which name the endpoint URL whole.
+        object.__setattr__(self, "detail", without_userinfo(self.detail))
 
 
 @dataclass(frozen=True)
@@ -516,6 +522,13 @@ class Imds:
             url.port  # noqa: B018 - raises ValueError for a port out of range
         except ValueError:
             ok = False
+        if ok and "@" in url.netloc:
+            # IMDS takes no password, and urllib took "user:pw@host" for a host name to look
+            # up. Shown without it (AWSError).
+            raise AWSError(f"{IMDS_ENDPOINT_ENV}={prose(self.endpoint, 200)!r} holds a user "
+                           "name or password (before the @), which the instance metadata "
+                           f"service takes none of: write it like {DEFAULT_IMDS_ENDPOINT}, or "
+                           "unset it")
         if not ok:
             raise AWSError(f"{IMDS_ENDPOINT_ENV}={prose(self.endpoint, 200)!r} is not an http:// "
                            f"or https:// URL: write it like {DEFAULT_IMDS_ENDPOINT} (EC2's own "
