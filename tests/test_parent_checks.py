@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -333,3 +334,116 @@ def test_up_in_the_background_shows_the_profiles_warnings(base: Path, monkeypatc
     assert started
     err = capsys.readouterr().err
     assert "warning: " in err and "'10.1.0.0/16' is never allowed" in err, err
+
+
+# -- a key another user could swap: a warning ---------------------------------------------------
+
+
+def _key_under_another_users_directory(base: Path) -> tuple[Path, bytes]:
+    """A root-owned 0600 key in root's 0700 directory, under a directory uid 65534 owns (a
+    home, as a rule): the key, and the key in it."""
+    from wgvsock.core.crypto import generate_private_key, key_to_base64
+
+    home = base / "home"
+    home.mkdir(mode=0o755)
+    os.chown(home, 65534, 65534)
+    keys = home / "wg"
+    keys.mkdir(mode=0o700)
+    key = generate_private_key()
+    (keys / "a.key").write_text(key_to_base64(key) + "\n")
+    (keys / "a.key").chmod(0o600)
+    return keys / "a.key", key
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_a_key_another_user_could_swap_is_a_warning_not_a_refusal(base: Path) -> None:
+    """The socket directories, the state directory, the EIF and the test root are walked
+    from / and refused when a user other than root could swap what they name; the parent's
+    key was not: uid 65534, owner of a directory on its way, could rename `wg` away and put a
+    key of their own there, which root's `parent up` would take on. Said by the doctor as a
+    warning; the key still loads (existing setups keep working)."""
+    from wgvsock.roles.parent import key_path_warning, load_parent_key, parent_key_check
+
+    key_file, key = _key_under_another_users_directory(base)
+    c = parent_key_check(_parent(f"  private_key: {key_file}\n"))
+    assert c.ok is True and c.warning, c
+    assert f"{base}/home is owned by uid 65534" in c.detail, c
+    assert "replace the key" in c.detail and "/etc/wgvsock" in c.detail, c
+    assert f"chown root {base}/home" in c.detail, c
+    assert load_parent_key(str(key_file), create=False) == key
+    # One not made yet would be made there: the same.
+    assert f"{base}/home is owned by uid 65534" in (
+        key_path_warning(str(key_file.with_name("new.key"))) or "")
+    # A link others own on the way, where the key is safe.
+    safe, _ = _key_in_a_root_only_directory(base)
+    link = base / "link.key"
+    link.symlink_to(safe / "a.key")
+    os.lchown(link, 65534, 65534)
+    assert f"{link} is a symbolic link owned by uid 65534" in (key_path_warning(str(link)) or "")
+    os.lchown(link, 0, 0)
+    # Root's all the way: nothing to say; nor of ssm: keys, nor of the key file's own faults,
+    # which load_parent_key refuses in its own words.
+    c = parent_key_check(_parent(f"  private_key: {safe / 'a.key'}\n"))
+    assert c.ok is True and not c.warning, c
+    assert key_path_warning(str(link)) is None
+    assert key_path_warning("ssm:/wgvsock/key") is None
+    (safe / "a.key").chmod(0o640)
+    assert key_path_warning(str(safe / "a.key")) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_up_logs_and_the_background_launcher_prints_a_key_others_could_swap(
+        base: Path, monkeypatch, capsys, caplog) -> None:
+    import logging
+
+    from wgvsock import daemon
+    from wgvsock.roles import cli, parent, state
+    from wgvsock.services import profile as profile_mod
+
+    key_file, _ = _key_under_another_users_directory(base)
+    path = base / "p.yaml"
+    path.write_text(f"name: x\ntransport: {{kind: unix, path: {base}/s}}\n"
+                    f"parent:\n  private_key: {key_file}\n")
+    # The launcher: the background process logs where nobody may look.
+    monkeypatch.setattr(state, "already_up", lambda profile: None)
+    for name in ("local_networks", "local_routes"):
+        monkeypatch.setattr(profile_mod, name, lambda exclude_interface=None: [])
+    monkeypatch.delenv("WGVSOCK_READY_FD", raising=False)
+    monkeypatch.setattr(daemon, "spawn_background", lambda args, prog, **kw: 0)
+    assert cli.parent_main(["up", "--profile", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: private key {key_file}: {base}/home is owned by uid 65534" in err, err
+
+    # `up` itself, in its log: stopped where it would make its transport.
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(parent, "local_checks", lambda profile: [])
+    monkeypatch.setattr(parent, "make_bind", stop)
+    with caplog.at_level(logging.WARNING, logger="wgvsock.parent"), pytest.raises(Stop):
+        parent.Parent(profile_mod.load_profile(str(path))).start()
+    assert f"private key {key_file}: {base}/home is owned by uid 65534" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_profile_check_host_warns_of_a_key_others_could_swap(base: Path, monkeypatch,
+                                                              capsys) -> None:
+    from wgvsock import cli as main_cli
+    from wgvsock.services import profile as profile_mod
+
+    key_file, _ = _key_under_another_users_directory(base)
+    path = base / "p.yaml"
+    path.write_text(f"name: x\nparent:\n  private_key: {key_file}\n"
+                    "enclave:\n  address: 10.77.0.2/30\n")
+    monkeypatch.setattr(profile_mod, "local_networks", lambda exclude_interface=None: [])
+    monkeypatch.setattr(profile_mod, "local_routes",
+                        lambda exclude_interface=None: [ipaddress.ip_network("0.0.0.0/0")])
+    assert main_cli.main(["profile", "check", str(path), "--host"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: private key {key_file}: {base}/home is owned by uid 65534" in err, err
+    # Without --host, the file alone is checked, as before.
+    assert main_cli.main(["profile", "check", str(path)]) == 0
+    assert "private key" not in capsys.readouterr().err

@@ -132,6 +132,8 @@ def parent_main(argv: list[str]) -> int:
             # output goes nowhere without $WGVSOCK_LOG_FILE. In the foreground the log is here.
             for w in profile.warnings:
                 print(f"warning: {w}", file=sys.stderr)
+            if key_warning := parent.key_path_warning(profile.parent.private_key):
+                print(f"warning: {key_warning}", file=sys.stderr)
             extra = ["-v"] if args.verbose else []
             return spawn_background(
                 ["-m", "wgvsock.cli", "parent", "up", "--profile", args.profile, "-f", *extra],
@@ -188,7 +190,8 @@ def doctor(profile) -> int:
     for c in checks:
         # Text, not markup: a detail quotes AWS's and the OS's words, where "[/red]" would
         # stop the table with a MarkupError and "[link=...]" would render.
-        table.add_row(c.name, marks[c.ok], Text(prose(c.detail, 2000)))
+        mark = "[yellow]WARNING[/]" if c.ok is True and c.warning else marks[c.ok]
+        table.add_row(c.name, mark, Text(prose(c.detail, 2000)))
     Console().print(table)
     return 1 if any(c.ok is False for c in checks) else 0
 

@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64,
 from ..device import netconf
 from ..device.device import Device
 from ..nodump import forbid_core_dumps
-from ..pathwalk import keepers
+from ..pathwalk import Replaceable, keepers, walk
 from ..regular import read_regular
 from ..safetext import prose
 from ..sdnotify import Notifier, Watchdog
@@ -72,6 +73,8 @@ class Check:
     name: str
     ok: bool | None  # None: not applicable here
     detail: str
+    # Passes, with something to say that `up` only warns of (the doctor marks it so).
+    warning: bool = False
 
 
 def local_checks(profile) -> list[Check]:
@@ -434,9 +437,55 @@ def _key_file_missing(spec: str, hint: str) -> bool:
     return False
 
 
+def key_path_warning(spec: str) -> str | None:
+    """Why a user other than root and this one could put a key of their own at SPEC, a key
+    file (made there by `up` when missing), before `parent up` reads it; None when none could,
+    when SPEC is an ssm: or secretsmanager: key, or when the walk cannot tell (a directory
+    this user may not search: parent_key_check says so). SPEC is walked from / as the socket
+    directories, the state directory, the EIF and the test root are (pathwalk.walk).
+
+    Only a warning, never a refusal: keys have lived in such places (a home directory) with
+    releases that did not look, and a pinned parent.public_key already turns a swapped key
+    into a refusal. Faults of the key file itself (its owner, its mode) are not said here:
+    load_parent_key refuses them in its own words."""
+    if spec.startswith(("ssm:", "secretsmanager:")):
+        return None
+    try:
+        walk(spec)
+    except Replaceable as e:
+        fault = e.fault
+        if fault.st is None or stat.S_ISREG(fault.st.st_mode):
+            return None  # a loop of links, a file on the way, the key's own owner or mode
+        why, command = fault.said(os.geteuid())
+        if stat.S_ISDIR(fault.st.st_mode):
+            # As a rule someone's home: chown would take it from them.
+            fix = (f"move the key into a directory that is {keepers()} all the way up, as "
+                   f"/etc/wgvsock (the default) is, and set parent.private_key to it; or, where "
+                   f"that suits {fault.step}, `{command}`")
+        else:
+            fix = f"`{command}`"
+        return (f"private key {spec}: {fault.step} {why}, so that user could replace the key "
+                "file (or the directory it is in) with their own before `parent up` reads "
+                "it, and the parent would use a key they know (with parent.public_key pinned "
+                f"it refuses to start instead). Fix: {fix}")
+    except OSError:
+        return None
+    return None
+
+
 def parent_key_check(profile) -> Check:
     """What `parent up` will make of parent.private_key, without creating or changing it. Not
-    in local_checks(): `up` loads the key itself, refusing with the same words."""
+    in local_checks(): `up` loads the key itself, refusing with the same words. A key another
+    user could swap (key_path_warning) passes with a warning, as `up` logs it."""
+    check = _parent_key_check(profile)
+    warning = key_path_warning(profile.parent.private_key)
+    if warning is None:
+        return check
+    return Check(check.name, check.ok, f"{check.detail}; warning: {warning}",
+                 warning=check.ok is True)
+
+
+def _parent_key_check(profile) -> Check:
     spec = profile.parent.private_key
     pinned = profile.parent.public_key is not None
     try:
@@ -701,6 +750,8 @@ class Parent:
             raise RoleError(_missing_pinned_key(p))
         key = load_parent_key(spec, create=p.parent.public_key is None)
         check_pinned_key(p, key)
+        if warning := key_path_warning(spec):
+            log.warning("%s", warning)
         try:
             bind = make_bind(t.kind, False, unix_dir=t.path if t.kind == "unix" else None)
             self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir())

@@ -2158,7 +2158,8 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
     ap.add_argument("file", help="the profile (YAML)")
     ap.add_argument("--host", action="store_true",
                     help="also check the tunnel subnet against this host's own networks, and "
-                    "that this host has routes for enclave.routes")
+                    "that this host has routes for enclave.routes; warn of a "
+                    "parent.private_key another user could replace")
     try:
         args = ap.parse_args(list(argv))
     except SystemExit as e:  # argparse has already printed usage; keep our int contract
@@ -2180,6 +2181,11 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
             for p in problems:
                 print(p, file=sys.stderr)
             return 1
+        # Judged as the user running this, who should be the one `parent up` runs as (root).
+        from ..roles.parent import key_path_warning
+
+        if key_warning := key_path_warning(profile.parent.private_key):
+            print(f"{prog}: warning: {key_warning}", file=sys.stderr)
     for w in profile.warnings:
         print(f"{prog}: warning: {w}", file=sys.stderr)
     if profile.attestation.test_root_ca:
