@@ -897,3 +897,23 @@ def test_an_imds_endpoint_with_user_info_is_refused_without_echoing_it(
 def test_userinfo_is_cut_from_any_url_in_a_message(text: str, shown: str) -> None:
     assert str(aws.AWSError(text)) == shown
     assert aws.Check("x", None, text).detail == shown
+
+
+def test_the_doctor_on_an_endpoint_botocore_refuses_says_so(
+    imds: FakeImds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The doctor made its STS and EC2 clients itself, and botocore's ValueError for such an
+    # endpoint was a traceback from `parent doctor`.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://user:{SECRET}@[::1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    checks = {c.name: c for c in aws.doctor_checks(aws.Imds(imds.url),
+                                                   boto3.Session(region_name=REGION))}
+    creds = checks["AWS credentials"]
+    assert creds.ok is False and "AWS_ENDPOINT_URL='http://***@[::1'" in creds.detail, creds
+    _no_userinfo(creds.detail)
+    check = aws.check_enclave_support("i-0123456789abcdef0", REGION,
+                                      session=boto3.Session(region_name=REGION))
+    assert check.ok is False and "cannot set up the ec2 client" in check.detail, check
+    check = aws.check_instance_type("m5.xlarge", REGION, session=boto3.Session(region_name=REGION))
+    assert check.ok is None and "cannot set up the ec2 client" in check.detail, check

@@ -639,8 +639,10 @@ def check_enclave_support(
     name = "Enclave support"
     session = session or boto3.Session()
     try:
-        client = session.client("ec2", region_name=region, config=_CLIENT_CONFIG)
+        client = _client(session, "ec2", region, "ec2")
         resp = client.describe_instances(InstanceIds=[instance_id])
+    except AWSError as exc:
+        return Check(name, False, str(exc))
     except ClientError as exc:
         if _code(exc) in _DENIED_CODES:
             return Check(name, False, _denied_detail(exc, "ec2:DescribeInstances"))
@@ -677,8 +679,10 @@ def check_instance_type(
         return Check(name, None, "instance type unknown")
     session = session or boto3.Session()
     try:
-        client = session.client("ec2", region_name=region, config=_CLIENT_CONFIG)
+        client = _client(session, "ec2", region, "ec2")
         resp = client.describe_instance_types(InstanceTypes=[instance_type])
+    except AWSError as exc:
+        return Check(name, None, f"{instance_type}: could not check ({exc})")
     except ClientError as exc:
         if _code(exc) in _DENIED_CODES:
             # Informational only: enclave support being enabled already proves the type.
@@ -706,8 +710,10 @@ def check_credentials(region: str, *, session: boto3.Session | None = None) -> C
     name = "AWS credentials"
     session = session or boto3.Session()
     try:
-        client = session.client("sts", region_name=region, config=_CLIENT_CONFIG)
+        client = _client(session, "sts", region, "sts")
         resp = client.get_caller_identity()
+    except AWSError as exc:  # the client could not be made: the environment's endpoint
+        return Check(name, False, str(exc))
     except ClientError as exc:
         return Check(name, False, str(_generic_client_error(exc, "sts")))
     except BotoCoreError as exc:
