@@ -516,3 +516,26 @@ def test_gzip_is_a_page_of_its_own(counting: tuple[_Counting, Exporter]) -> None
 def _get_path(port: int, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as res:
         return res.read().decode()
+
+
+def test_the_connections_the_transport_refused_at_accept_are_counted() -> None:
+    """Connections the parent's WireGuard port closed at accept (vsock: not the enclave's CID)
+    are a counter beside the accepted ones; a transport with no such count (datagrams) has
+    neither."""
+    from types import SimpleNamespace
+
+    from wgvsock.services.metrics.prometheus import ParentCollector
+
+    def collected(transport: dict[str, Any]) -> dict[str, float]:
+        device = SimpleNamespace(ifname="wg0", uapi_get=lambda: SimpleNamespace(peers=[]),
+                                 bind=SimpleNamespace(status=lambda: transport))
+        parent = SimpleNamespace(profile=None, device=device, enclave_key=None, verdict=None,
+                                 counters=None)
+        return {s.name: s.value for m in ParentCollector(parent).collect()
+                for s in m.samples if s.name.startswith("wgvsock_transport_")}
+
+    assert collected({"accepted": 3, "refused": 2}) == {
+        "wgvsock_transport_accepted_connections_total": 3,
+        "wgvsock_transport_refused_connections_total": 2,
+    }
+    assert collected({}) == {}

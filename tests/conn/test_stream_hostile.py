@@ -300,3 +300,100 @@ def test_an_unauthenticated_connection_goes_at_its_deadline_however_it_trickles(
     finally:
         s.close()
         b.close()
+
+
+class _CidListener(socket.socket):
+    """A Unix stream listener whose accept() reports each connection as vsock would, from the
+    next of `cids` (the test's stand-in for other enclaves and VMs: this machine must never
+    connect AF_VSOCK)."""
+
+    cids: list[int]
+
+    def accept(self) -> tuple[socket.socket, tuple[int, int]]:
+        sock, _ = super().accept()
+        cid = self.cids.pop(0)
+        return sock, (cid, 40000 + cid)
+
+
+def test_a_vsock_connection_from_a_cid_the_owner_refuses_is_closed_at_accept(
+    monkeypatch, tmp_path
+) -> None:
+    """Before: refuse_from did not exist, and the parent's WireGuard port kept a connection
+    from any CID (another enclave or VM on the host) for 30 s, with a reader thread and a
+    buffer, while its control port already let in only the enclave's CID."""
+    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.cids = [7, 16, 7]
+    path = str(tmp_path / "wg.sock")
+    listener.bind(path)
+    listener.listen(8)
+    listener.setblocking(False)
+    received: list[tuple[bytes, Endpoint]] = []
+    asked: list[object] = []
+    b = StreamBind("vsock")
+
+    def refuse(addr: object) -> str | None:
+        asked.append(addr)
+        return None if isinstance(addr, tuple) and addr[0] == 16 else "expected CID 16"
+
+    b.refuse_from = refuse
+    monkeypatch.setattr(b, "_listen", lambda port: (listener, 5000))
+    b.open(0, lambda d, ep: received.append((bytes(d), ep)))
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(c)
+            c.settimeout(10.0)
+            c.connect(path)
+            c.sendall(encode_frame(DATA))
+        stranger, enclave, stranger_again = clients
+        # Closed at once: an end of stream (or a reset), not the 30 s first-frame deadline.
+        for s in (stranger, stranger_again):
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(1) == b""
+        wait_for(lambda: received, 10, "the allowed CID's frame")
+        assert received == [(DATA, received[0][1])]
+        assert (received[0][1].kind, received[0][1].host) == ("vsock", 16)
+        assert _still_open(enclave)
+        status = b.status()
+        assert (status["accepted"], status["refused"]) == (1, 2)
+        assert [c["endpoint"] for c in status["connections"]] == ["vsock://16:40016"]
+        assert asked == [(7, 40007), (16, 40016), (7, 40007)]
+    finally:
+        for c in clients:
+            c.close()
+        b.close()
+
+
+def test_an_admission_check_that_fails_refuses(monkeypatch, tmp_path, caplog) -> None:
+    """The check is the fence: one that raises must not let the stranger in (nor stop the
+    accept thread), and says so as an error (it would keep the enclave out too)."""
+    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.cids = [7, 7]
+    path = str(tmp_path / "wg.sock")
+    listener.bind(path)
+    listener.listen(8)
+    listener.setblocking(False)
+    b = StreamBind("vsock")
+    calls = [0]
+
+    def broken(addr: object) -> str | None:
+        calls[0] += 1
+        raise RuntimeError("no CID yet")
+
+    b.refuse_from = broken
+    monkeypatch.setattr(b, "_listen", lambda port: (listener, 5000))
+    b.open(0, lambda d, ep: None)
+    try:
+        for n in (1, 2):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.settimeout(10.0)
+                c.connect(path)
+                with contextlib.suppress(ConnectionResetError):
+                    assert c.recv(1) == b""
+            assert calls[0] == n and b.status()["refused"] == n
+        assert b.status()["accepted"] == 0
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors and "admission check failed (RuntimeError: no CID yet)" in errors[0]
+    finally:
+        b.close()

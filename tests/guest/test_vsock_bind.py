@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -119,3 +119,47 @@ def test_a_peer_not_reading_is_closed_after_the_send_timeout(binds: list[Bind]) 
         for conn in kept:
             conn.close()
         deaf.close()
+
+
+def test_only_the_cids_the_owner_admits_get_in(
+    binds: list[Bind], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """refuse_from on real vsock: the accept() address carries the peer's CID (here every
+    connection comes from CID 1, the loopback). A bind that admits only CID 16 closes the
+    connection at once (not at the first-frame deadline, pushed out of reach here), counted;
+    one that admits CID 1 carries messages both ways."""
+    import wgvsock.conn.stream as stream
+
+    monkeypatch.setattr(stream, "FIRST_FRAME_TIMEOUT", 600.0)
+    seen: list[object] = []
+
+    def only(cid: int) -> Callable[[object], str | None]:
+        def refuse(addr: object) -> str | None:
+            seen.append(addr)
+            return None if isinstance(addr, tuple) and addr[0] == cid else f"expected CID {cid}"
+        return refuse
+
+    fenced = StreamBind("vsock")
+    fenced.refuse_from = only(16)
+    fenced, fenced_in, fenced_port = opened(binds, fenced)
+    with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as stranger:
+        stranger.settimeout(WAIT)
+        stranger.connect((LOOPBACK_CID, fenced_port))
+        # Silent: only the fence can close it before WAIT (a frame could end it for framing).
+        with contextlib.suppress(ConnectionResetError):  # vsock's reset, or an end of stream
+            assert stranger.recv(1) == b""
+    assert seen and isinstance(seen[0], tuple) and seen[0][0] == LOOPBACK_CID, seen
+    status = fenced.status()
+    assert (status["refused"], status["accepted"], status["connections"]) == (1, 0, [])
+    assert fenced_in.empty_for(0.5)
+
+    admitting = StreamBind("vsock")
+    admitting.refuse_from = only(LOOPBACK_CID)
+    b, b_in, b_port = opened(binds, admitting)
+    a, a_in, _ = opened(binds, StreamBind("vsock", **FAST))
+    a.send(_message(1, 64), a.parse_endpoint(f"vsock://{LOOPBACK_CID}:{b_port}"))
+    data, from_a = b_in.get(WAIT)
+    assert data == _message(1, 64) and (from_a.kind, from_a.host) == ("vsock", LOOPBACK_CID)
+    b.send(_message(2, 64), from_a)
+    assert a_in.get(WAIT)[0] == _message(2, 64)
+    assert (b.status()["refused"], b.status()["accepted"]) == (0, 1)

@@ -16,9 +16,11 @@ parent restarted under the running enclave; the enclave killed outright and star
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -200,5 +202,27 @@ def test_control_port_refuses_a_cid_other_than_the_named_enclave(lab: Lab) -> No
         # The parent keeps serving: its control port still listens. (The admitted path is the
         # test above; a matching CID cannot be had here, CID 1 is no enclave CID.)
         assert f":{CONTROL_PORT}" in _vsock_listeners(world)
+    finally:
+        world.close()
+
+
+def test_wireguard_port_refuses_a_cid_other_than_the_named_enclave(lab: Lab) -> None:
+    """`parent.enclave_cid` fences the WireGuard port as it does the control port: a
+    connection from another CID (CID 1, the guest's loopback) is closed at accept. Before,
+    the WireGuard port kept it, with a reader thread and a buffer, until the first-frame
+    deadline (30 s) passed with no authenticated message."""
+    world = World(lab, transport=VSOCK_TRANSPORT, parent_extra="  enclave_cid: 5\n")
+    try:
+        assert world.parent_cmd("up").returncode == 0
+        assert f":{WG_PORT}" in _vsock_listeners(world)
+        with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as stranger:
+            # Well below the 30 s deadline that would close it without the fence too.
+            stranger.settimeout(20.0)
+            stranger.connect((1, WG_PORT))
+            with contextlib.suppress(ConnectionResetError):  # vsock's reset, or an end
+                assert stranger.recv(1) == b""
+        # The parent serves on: both ports still listen.
+        listening = _vsock_listeners(world)
+        assert f":{WG_PORT}" in listening and f":{CONTROL_PORT}" in listening, listening
     finally:
         world.close()

@@ -127,6 +127,11 @@ class Bind(ABC):
     # Set by the owner before open(): see SharedFile. A transport that cannot serve it from a
     # reader of its own leaves it alone, and the owner keeps serving it.
     shared: SharedFile | None = None
+    # Set by the owner before open(): why a stream connection from this accept() address
+    # (vsock: (CID, port)) may not come in, or None to let it in. Asked once per connection at
+    # accept, before it gets a reader thread or a buffer; a refused one is closed at once. The
+    # parent passes its enclave's CID check, the control port's. Datagram binds do not ask.
+    refuse_from: Callable[[Any], str | None] | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:

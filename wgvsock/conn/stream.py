@@ -440,6 +440,8 @@ class StreamBind(SocketBind):
         # The connections changed since the sends' patience was last set (_set_patience).
         self._recount = False
         self._accepted = 0
+        # Connections refuse_from turned away at accept (the enclave's CID check).
+        self._refused = 0
         self._framing_errors = 0
         self._send_failures = 0
         self._dropped_no_conn = 0
@@ -450,6 +452,9 @@ class StreamBind(SocketBind):
         self._churn_log = RateLimitedLog(CHURN_LOG_INTERVAL, burst=CHURN_LOG_BURST)
         # A full table, when a flood causes it, must not use up _misc_log's other warnings.
         self._room_log = RateLimitedLog()
+        # Connections refuse_from turns away: at DEBUG only (anyone who can reach the port can
+        # make them, the count is in status()), and limited as the churn lines are.
+        self._door_log = RateLimitedLog(CHURN_LOG_INTERVAL, burst=CHURN_LOG_BURST)
 
     # -- open / close ------------------------------------------------------------------------
 
@@ -780,6 +785,9 @@ class StreamBind(SocketBind):
                 self._misc_log(logging.WARNING, "%s: accept failed: %s", self.network, exc)
                 self._closed.wait(0.1)
                 continue
+            if self.refuse_from is not None and self._refused_at_door(addr):
+                sock.close()  # before it costs a thread, a buffer or a slot in the table
+                continue
             try:
                 self._configure(sock)
             except OSError:
@@ -811,6 +819,28 @@ class StreamBind(SocketBind):
                 with self._lock:
                     self._conns.pop(conn.ep, None)
                 sock.close()
+
+    def _refused_at_door(self, addr: Any) -> bool:
+        """Whether refuse_from turns away a connection from `addr` (counted and logged here).
+        A check that fails refuses (it is the fence), said as an error: it is a bug, and it
+        would keep the enclave out too."""
+        refuse = self.refuse_from
+        if refuse is None:
+            return False
+        try:
+            why = refuse(addr)
+        except Exception as exc:
+            why = f"the admission check failed ({type(exc).__name__}: {exc})"
+            self._misc_log(logging.ERROR, "%s: %s; refusing the connection", self.network, why)
+            log.debug("admission check failure", exc_info=True)
+        if why is None:
+            return False
+        self._refused += 1
+        who = (f"CID {addr[0]}" if self._kind == "vsock" and isinstance(addr, tuple) and addr
+               else repr(addr))
+        self._door_log(logging.DEBUG, "%s: refused a connection from %s: %s", self.network,
+                       who, why)
+        return True
 
     def _make_room(self, newcomer: Endpoint) -> bool:
         """Below MAX_INBOUND, or an inbound connection was closed to make room for one from
@@ -1262,6 +1292,7 @@ class StreamBind(SocketBind):
             "connections": conns,
             "dialers": dialers,
             "accepted": self._accepted,
+            "refused": self._refused,
             "framing_errors": self._framing_errors,
             "send_failures": self._send_failures,
             "dropped_no_connection": self._dropped_no_conn,

@@ -752,8 +752,12 @@ class Parent:
         check_pinned_key(p, key)
         if warning := key_path_warning(spec):
             log.warning("%s", warning)
+        # One check for both ports: the WireGuard port lets in only the CID the control port
+        # does, so another enclave or VM on this host costs it no reader and no buffer.
+        enclave_only = self._enclave_filter()
         try:
             bind = make_bind(t.kind, False, unix_dir=t.path if t.kind == "unix" else None)
+            bind.refuse_from = enclave_only
             self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir())
             try:
                 self.device.start()
@@ -799,7 +803,7 @@ class Parent:
             self.control = ControlServer(
                 listener, profile=p.name, public_key=public_key(key), wg_port=t.port,
                 verify=self._verify, install=self._install_enclave,
-                refuse_from=self._enclave_filter(),
+                refuse_from=enclave_only,
             )
             self.control.start()
             self._start_metrics()
@@ -909,9 +913,11 @@ class Parent:
             self.cloudwatch.start()
 
     def _enclave_filter(self) -> Callable[[object], str | None] | None:
-        """Which vsock peers may use the control port: the enclave's CID when it is known
-        (the profile names it, or `up` starts the enclave and learns it); anyone otherwise.
-        For another, what it says is the CID expected and where that comes from."""
+        """Which vsock peers may use the control and WireGuard ports: the enclave's CID when
+        it is known (the profile names it, or `up` starts the enclave and learns it); anyone
+        otherwise. For another, what it says is the CID expected and where that comes from.
+        Asked at each accept, so a CID nitro-cli reports later (or anew, for a restarted
+        enclave) counts from then on."""
         p = self.profile
         if p.transport.kind != "vsock":
             return None  # the stand-ins: the socket's directory or bind address is the fence

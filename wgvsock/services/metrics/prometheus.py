@@ -128,13 +128,22 @@ class ParentCollector(Collector):
                 for s in ATTESTATION_STATES:
                     attestation.add_metric([ifname, key, s], 1 if now == s else 0)
         yield from (sent, received, handshake, state, reconnects, attested, attestation)
-        accepted = device.bind.status().get("accepted")
+        transport = device.bind.status()
+        accepted = transport.get("accepted")
         if accepted is not None:
             c = CounterMetricFamily(
                 "wgvsock_transport_accepted_connections_total",
                 "Stream connections the transport accepted; on the parent, each time the "
                 "enclave (re)connects", labels=["interface"])
             c.add_metric([ifname], accepted)
+            yield c
+        refused = transport.get("refused")
+        if refused is not None:
+            c = CounterMetricFamily(
+                "wgvsock_transport_refused_connections_total",
+                "Stream connections the transport closed as it accepted them: on the parent "
+                "over vsock, those from a CID that is not the enclave's", labels=["interface"])
+            c.add_metric([ifname], refused)
             yield c
 
     def _profile(self) -> Iterator[Metric]:
