@@ -80,6 +80,18 @@ def test_a_reload_refuses_keys_it_cannot_change_and_changes_nothing() -> None:
     assert p.reload(profile()) == ["nothing changed"]
 
 
+def test_a_reload_that_adds_an_address_family_is_refused() -> None:
+    """`up` turns on forwarding only for the tunnel's families (Parent._enable_forwarding):
+    a reload must not give the tunnel a family whose forwarding is off. The addresses are
+    not live keys, so it refuses, naming them, and `down`/`up` turns the new family on."""
+    p = Parent(profile())
+    new = profile(**{"address: 10.77.0.1/30": "address: [10.77.0.1/30, fd77::1/126]",
+                     "address: 10.77.0.2/30": "address: [10.77.0.2/30, fd77::2/126]"})
+    with pytest.raises(RoleError, match=r"parent\.address.*enclave\.address.*`up`"):
+        p.reload(new)
+    assert p.profile.enclave.addresses == profile().enclave.addresses
+
+
 def test_enclave_only_keys_are_reported_not_applied() -> None:
     p = Parent(profile())
     new = profile(**{"  address: 10.77.0.2/30": "  address: 10.77.0.2/30\n  dns: [10.0.0.2]"})

@@ -291,6 +291,36 @@ parent:
 """
 
 
+FORWARDING = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"]
+
+
+@pytest.mark.parametrize("families", ["ipv6", "ipv4", "dual"])
+def test_up_turns_on_forwarding_only_for_the_tunnel_s_families(world: World,
+                                                                families: str) -> None:
+    """Review finding: `parent up` of an IPv6-only profile turned on IPv4 forwarding too,
+    making the host a router for IPv4 that nothing of wgvsock's needed. Each family goes on
+    only when the tunnel has an address of it, and `down` puts back what went on."""
+    w = world
+    profile = {"ipv6": IPV6_ONLY_PROFILE, "dual": DUAL_STACK_PROFILE}.get(families)
+    if profile is not None:  # "ipv4": World's own profile
+        w.profile.write_text(profile.format(
+            name=w.name, transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock"),
+            key=w.lab.tmp / "parent.key"))
+
+    def values() -> list[str]:
+        return w.parent.run("sysctl", "-n", *FORWARDING).stdout.split()
+
+    assert values() == ["0", "0"]
+    w.parent_cmd("up")
+    assert values() == {"ipv6": ["0", "1"], "ipv4": ["1", "0"], "dual": ["1", "1"]}[families]
+    state = json.loads((w.lab.tmp / "state" / f"{w.name}.json").read_text())
+    recorded = {k.split("/")[1] for k in state["forwarding"]
+                if k in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")}
+    assert recorded == ({"ipv4", "ipv6"} if families == "dual" else {families})
+    w.parent_cmd("down")
+    assert values() == ["0", "0"]
+
+
 def test_ipv6_only_tunnel(lab: Lab) -> None:
     """An enclave with an IPv6 address only: the defaults (enclave address, ::/0, allow ::/0,
     the IPv6 resolver) make a working tunnel, and IPv4 goes nowhere."""

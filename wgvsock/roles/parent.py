@@ -781,7 +781,7 @@ class Parent:
             netconf.add_addresses(p.interface, p.parent.addresses)
             netconf.link_up(p.interface, p.mtu)
             self._route_enclave()
-            self._enable_forwarding(any(a.version == 6 for a in p.enclave.addresses))
+            self._enable_forwarding({a.version for a in p.enclave.addresses})
             self._start_refusal_reader()
             firewall.apply(self.spec())
             self._table = True
@@ -815,11 +815,14 @@ class Parent:
         log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
                  t.port, t.control_port)
 
-    def _enable_forwarding(self, ipv6: bool) -> None:
-        """Turns forwarding on, with the values it replaces in the state file before each
-        write: `down` after a kill at any point puts back what was changed. Under the lock a
-        stopping parent decides in (state.restore_forwarding) and with our state file written
-        first, so a parent stopping meanwhile counts this one and leaves forwarding on."""
+    def _enable_forwarding(self, versions: set[int]) -> None:
+        """Turns forwarding on for the IP VERSIONS the tunnel has addresses of (only those:
+        an IPv6-only tunnel leaves IPv4 forwarding as it found it; reload cannot add a
+        family, the addresses are not live keys), with the values it replaces in the state
+        file before each write: `down` after a kill at any point puts back what was changed.
+        Under the lock a stopping parent decides in (state.restore_forwarding) and with our
+        state file written first, so a parent stopping meanwhile counts this one and leaves
+        forwarding on."""
         # A parent of this profile that crashed left forwarding on and, in its state file,
         # the values from before it: those are what to put back, not the "1"s found now,
         # which would leave the host routing for good after the next `down`.
@@ -833,7 +836,8 @@ class Parent:
             self._forwarding = dict(before)
             self._forwarding_on = True  # from here close() puts back what the record holds
             self._save_state()
-            record(firewall.enable_forwarding(ipv6=ipv6, record=record))
+            record(firewall.enable_forwarding(ipv4=4 in versions, ipv6=6 in versions,
+                                              record=record))
 
     def _crashed_forwarding(self) -> dict:
         """The forwarding values from before a parent of this profile that died without

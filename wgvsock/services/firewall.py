@@ -1245,9 +1245,11 @@ def _ipv6_interfaces(netns: str | None) -> list[str]:
     return [n for n in _conf_names("ipv6", netns) if n not in ("all", "default", "lo")]
 
 
-def enable_forwarding(netns: str | None = None, *, ipv6: bool = False,
+def enable_forwarding(netns: str | None = None, *, ipv4: bool = True, ipv6: bool = False,
                       record: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
-    """Turns on IPv4 (and with `ipv6`, IPv6) forwarding; returns the values it replaced, in
+    """Turns on forwarding of the families asked for (`ipv4`, `ipv6`: those the tunnel has
+    addresses of; a family it has none of is left as it is, since turning it on would make the
+    host a router for traffic no enclave sends); returns the values it replaced, in
     the order it changed them, for :func:`restore_forwarding`. Before each write, RECORD (if
     given) gets every value to be replaced so far, the ones about to be written included: a
     caller that keeps it on disk (the parent's state file) then never has a changed setting
@@ -1288,7 +1290,7 @@ def enable_forwarding(netns: str | None = None, *, ipv6: bool = False,
     if ipv6 and _sysctl_read([_IPV6_FORWARD], netns) != ["1"]:
         change(ones(["default"]), "2")
         change(ones(_ipv6_interfaces(netns)), "2")
-    keys = [_IPV4_FORWARD, *([_IPV6_FORWARD] if ipv6 else [])]
+    keys = [*([_IPV4_FORWARD] if ipv4 else []), *([_IPV6_FORWARD] if ipv6 else [])]
     found = {k: v for k, v in zip(keys, _sysctl_read(keys, netns), strict=True) if v != "1"}
     # Writing a family's global forwarding sets every interface's, and `default`'s, to the
     # same value, and so does putting it back: those that differ from it now are recorded
