@@ -1396,3 +1396,36 @@ def test_main_check_shows_a_screenful_of_a_file_of_many_mistakes(tmp_path, capsy
     assert main_check([str(path)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 51 and err[-1].startswith(f"{path}: and 4950 more problems")
+
+
+@pytest.mark.parametrize(("parent", "enclave", "needle"), [
+    ("8.8.8.1/24", None, "address: 8.8.8.1/24"),
+    ("11.0.0.1/7", None, "address: 11.0.0.1/7"),  # 10.0.0.0/7: private at one end only
+    (None, '"2600::2/126"', 'address: "2600::2/126"'),  # the parent's derived from it
+])
+def test_a_public_tunnel_subnet_is_warned_of(parent, enclave, needle):
+    """Review finding: a globally routable tunnel subnet was taken silently, though its route
+    on the parent takes that public range's traffic. A warning, not a refusal: the range may
+    be the operator's own."""
+    text = "name: a\n" + (f"parent:\n  address: {parent}\n" if parent else "") \
+        + (f"enclave:\n  address: {enclave}\n" if enclave else "")
+    key = "parent.address" if parent else "enclave.address"
+    p = warned(text, key, "public (globally routable)", needle)
+    net = str(parse_profile(text, FILE).parent.addresses[0].network)
+    assert f"takes all traffic for {net}" in p.reason
+    assert "e.g. 10.77.0.0/30" in p.hint or "e.g. fd77::/126" in p.hint
+
+
+@pytest.mark.parametrize("address", [
+    "10.77.0.1/30", "172.31.255.1/30", "192.168.7.1/24", "100.64.0.1/30", "198.51.100.1/30",
+    '"fd77::1/126"', '"2001:db8::1/126"', "240.0.0.1/30"])
+def test_a_private_tunnel_subnet_is_not_warned_of(address):
+    assert parse_profile(f"name: a\nparent:\n  address: {address}\n", FILE).warnings == []
+
+
+def test_profile_check_prints_the_public_subnet_warning(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: a\nparent:\n  address: 8.8.8.1/24\n")
+    assert main_check([str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "8.8.8.0/24 is public" in err and "p.yaml:3" in err

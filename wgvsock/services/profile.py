@@ -930,6 +930,27 @@ _INSTANCE_SERVICES: dict[int, IPNetwork] = {4: _LINK_LOCAL_V4,
                                             6: IPv6Network("fd00:ec2::/32")}
 
 
+# Address space no one routes on the internet (RFC 6890's registries, not globally reachable):
+# a tunnel subnet inside one of these takes no one else's traffic. Shared space (RFC 6598's
+# 100.64.0.0/10) and 240.0.0.0/4 are in, as tunnels commonly use them.
+_NOT_PUBLIC: dict[int, tuple[IPNetwork, ...]] = {
+    4: tuple(IPv4Network(n) for n in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15",
+        "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4")),
+    6: tuple(IPv6Network(n) for n in (
+        "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001:db8::/32", "fc00::/7",
+        "fe80::/10")),
+}
+
+
+def _public(net: IPNetwork) -> bool:
+    """Whether NET holds globally routable addresses (is not all inside one block of
+    _NOT_PUBLIC)."""
+    return not any(net.subnet_of(b) for b in _NOT_PUBLIC[net.version]  # type: ignore[arg-type]
+                   if b.version == net.version)
+
+
 def _not_for_a_tunnel(ip: IPAddress) -> str | None:
     """Why IP cannot be an end of the tunnel, or None when it can. The enclave's address is
     also the one source the parent accepts from it (its allowed IP and the table's), so this
@@ -1212,6 +1233,21 @@ class _Builder(_Parser):
                              "would take the host's and the enclave's traffic for them",
                              f"use a subnet outside {services}, e.g. "
                              f"{_tunnel_example(side, a.version).network}")
+            elif _public(a.network):
+                # A warning, not a refusal: the range may be the operator's own, unused
+                # anywhere else.
+                k = written.get(a.version, "parent.address")
+                private = "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16" if a.version == 4 \
+                    else "fd00::/8"
+                self.warn(self.at(k), k,
+                          f"tunnel subnet {a.network} is public (globally routable) address "
+                          f"space: the tunnel's route on the parent takes all traffic for "
+                          f"{a.network}, so the parent and the enclave reach the tunnel "
+                          "instead of the internet's hosts at those addresses",
+                          f"use a private subnet ({private}), e.g. "
+                          f"{_tunnel_example(k.split('.')[0], a.version).network}: the parent "
+                          "masquerades the tunnel, so it never needs to be routable; keep "
+                          f"{a.network} only if it is yours and used nowhere else")
         for k, a in ek or []:
             pa = next((x for x in p if x.version == a.version), None)
             if (a.version == 6 and pa is not None and a.network.prefixlen <= 126
