@@ -1429,3 +1429,15 @@ def test_profile_check_prints_the_public_subnet_warning(tmp_path, capsys):
     assert main_check([str(path)]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "8.8.8.0/24 is public" in err and "p.yaml:3" in err
+
+
+@pytest.mark.parametrize("transport", [
+    "{kind: unix, path: /run/wgvsock/a}", "{kind: tcp, host: 192.0.2.1}"])
+def test_enclave_cid_on_a_stand_in_transport_is_warned_of(transport):
+    """Review finding: parent.enclave_cid was silently ignored on the unix and tcp stand-ins
+    (Parent._enclave_filter fences vsock peers only), so a profile seemed to pin the
+    enclave's CID while the control port took any peer."""
+    text = f"name: a\ntransport: {transport}\nparent:\n  enclave_cid: 16\n"
+    p = warned(text, "parent.enclave_cid", "ignored with transport.kind", "enclave_cid:")
+    assert ("transport.path" in p.reason) == ("unix" in transport)
+    assert parse_profile("name: a\nparent:\n  enclave_cid: 16\n", FILE).warnings == []

@@ -1080,7 +1080,7 @@ class _Builder(_Parser):
         enclave = self.enclave(enclave_map, enclave_addrs, parent_addrs,
                                parent.egress.uses_names)
         attestation = self.attestation(top.get("attestation"), parent.enclave)
-        enclave_cid = self.enclave_cid(parent_map, parent.enclave)
+        enclave_cid = self.enclave_cid(parent_map, parent.enclave, transport.kind)
 
         mtu = DEFAULT_MTU
         if "mtu" in top:
@@ -1399,7 +1399,8 @@ class _Builder(_Parser):
                     break
         return _ParentParts(private_key, public_key, egress, ingress, launch, metrics)
 
-    def enclave_cid(self, m: Mapping[str, Node], launch: EnclaveLaunch | None) -> int | None:
+    def enclave_cid(self, m: Mapping[str, Node], launch: EnclaveLaunch | None,
+                    kind: str) -> int | None:
         if _is_null(m.get("enclave_cid")):
             return None
         key = "parent.enclave_cid"
@@ -1410,6 +1411,16 @@ class _Builder(_Parser):
                          "set together with parent.enclave, which starts the enclave itself",
                          "drop parent.enclave_cid; give parent.enclave.cid to fix the CID")
             return None
+        if cid is not None and kind != "vsock":
+            # A warning, not a refusal: the same profile may move between the stand-in and
+            # vsock; but whoever reads it must not think the control port is fenced by it.
+            fence = ("the socket directory's permissions (transport.path)" if kind == "unix"
+                     else "who can reach transport.port and control_port on the network")
+            self.warn(_line(m["enclave_cid"]), key,
+                      f"ignored with transport.kind {kind}: a CID exists on vsock only, so "
+                      f"the control port takes any peer, and {fence} decide who registers",
+                      "remove parent.enclave_cid, or use transport.kind vsock for it to "
+                      "apply")
         return cid
 
     def rules(self, m: Mapping[str, Node], key: str, *,
