@@ -582,3 +582,53 @@ def test_a_parent_is_known_to_run_replaced_code_when_the_files_changed_after_it_
     # Another process under that pid (its start time differs): nothing is known.
     assert not State("pay", 1, "wg0", "/p.yaml", started=boot + 1).code_replaced(package)
     assert not State("pay", 1, "wg0", "/p.yaml", started=boot).code_replaced(tmp_path / "none")
+
+
+def test_a_chmod_or_chown_of_the_package_is_no_replacement_but_a_rename_over_it_is(
+        tmp_path: Path) -> None:
+    """Review finding: code_replaced() compared the files' ctime with the parent's start, so
+    a `chmod -R` or `chown -R` of the package (ctime moves) said the parent ran replaced
+    code. It compares what the parent recorded at start (inode, mtime, size) instead."""
+    package = tmp_path / "wgvsock"
+    (package / "core").mkdir(parents=True)
+    (package / "cli.py").write_text("# this release\n")
+    (package / "core" / "x.so").write_bytes(b"\x7fELF")
+    boot = state_mod.start_time(1)
+    assert boot is not None
+
+    def parent() -> State:  # pid 1, started before all of this, as the parent records it
+        return State("pay", 1, "wg0", "/p.yaml", started=boot,
+                     code=state_mod.code_fingerprint(package))
+
+    running = parent()
+    assert not running.code_replaced(package)
+    for path in (package, package / "cli.py", package / "core" / "x.so"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+        os.chown(path, os.getuid(), os.getgid())  # a chown to the same owner moves ctime too
+        if os.geteuid() == 0:
+            os.chown(path, 65534, 65534)
+    assert not running.code_replaced(package)
+    # As pip, dpkg and rpm install: a new file renamed over the old, here with the same
+    # bytes and the old mtime put back (dpkg and rpm set the package's).
+    old = (package / "core" / "x.so").stat()
+    new = package / "core" / ".x.so.new"
+    new.write_bytes(b"\x7fELF")
+    os.utime(new, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(new, package / "core" / "x.so")
+    assert running.code_replaced(package)
+    # An edit in place (same inode) and a file added count too.
+    running = parent()
+    (package / "cli.py").write_text("# edited\n")
+    assert running.code_replaced(package)
+    running = parent()
+    (package / "core" / "added.py").write_text("")
+    assert running.code_replaced(package)
+
+
+def test_a_state_file_s_code_must_be_a_string(state_dir: Path) -> None:
+    _write(state_dir, {**GOOD, "code": 5})
+    with pytest.raises(StateFileError, match="field 'code' is 5, not a string"):
+        State.load("pay")
+    _write(state_dir, {**GOOD, "code": "ab" * 32})
+    state = State.load("pay")
+    assert state is not None and state.code == "ab" * 32 and state.newer_fields == []

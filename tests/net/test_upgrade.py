@@ -75,6 +75,32 @@ def test_up_after_an_upgrade_names_the_parent_that_runs_the_old_code(world: Worl
     assert "still runs" not in w.parent_cmd("up").stdout  # it runs the files that are there
 
 
+def test_a_chmod_or_chown_of_the_package_under_a_running_parent_is_no_upgrade(
+        world: World) -> None:
+    """Review finding: the files' ctime against the parent's start said whether they were
+    replaced, so `chmod -R` or `chown -R` of the package made `up` and `reload` say the
+    parent still ran the old code and should be restarted. A file renamed over one of them,
+    as installers do, still says so."""
+    w = world
+    installed = Path(_install(w.lab.tmp / "installed"))
+    w.parent_env["PYTHONPATH"] = str(installed)
+    assert w.parent_cmd("up").returncode == 0
+    pid = json.loads(_state(w).read_text())["pid"]
+    written = os.stat(_state(w)).st_mtime
+    wait_for(lambda: time.time() > written + 2.5, 10, "the chmod to come later")
+    w.parent.run("chmod", "-R", "go-w", str(installed))
+    w.parent.run("chown", "-R", "65534:65534", str(installed))
+    up = w.parent_cmd("up")
+    assert f"is already up (pid {pid})" in up.stdout, up.stdout
+    assert "still runs" not in up.stdout, up.stdout
+    assert "still runs" not in w.parent_cmd("reload").stderr
+    module = installed / "wgvsock" / "safetext.py"
+    shutil.copy2(module, module.with_suffix(".new"))  # same bytes, same mtime
+    os.replace(module.with_suffix(".new"), module)
+    assert "still runs the wgvsock it started with" in w.parent_cmd("up").stdout
+    assert w.parent_cmd("down").returncode == 0
+
+
 def test_the_background_parent_runs_the_installed_wgvsock_not_the_working_directorys(
         world: World) -> None:
     """`parent up` starts its background process as `python -m wgvsock.cli`, and -m puts the

@@ -55,6 +55,7 @@ from .state import (
     State,
     StateDirError,
     StateFileError,
+    code_fingerprint,
     forwarding_lock,
     request_path,
     restore_forwarding,
@@ -857,7 +858,8 @@ class Parent:
         if self._state is None:
             self._state = State(p.name, os.getpid(), p.interface, os.path.abspath(p.path),
                                 self._forwarding, self._sockets,
-                                started=start_time(os.getpid()) or 0)
+                                started=start_time(os.getpid()) or 0,
+                                code=code_fingerprint())
         self._state.forwarding, self._state.sockets = self._forwarding, self._sockets
         self._state.save()
 
