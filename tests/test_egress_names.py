@@ -3,6 +3,8 @@ into the parent's nftables table (no root needed)."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from wgvsock.services import firewall
@@ -304,3 +306,38 @@ def test_doctor_checks_the_forwarders_resolver(monkeypatch) -> None:
     monkeypatch.setattr(forwarder, "system_resolvers", lambda exclude=(): [])
     check = dns_check("    allow: [a.example]\n")
     assert check.ok is False and "set parent.egress.resolver" in check.detail
+
+
+def test_resolv_conf_resolvers_in_the_tunnel_are_left_out_and_said(monkeypatch, caplog) -> None:
+    """Review finding: of /etc/resolv.conf's nameservers only the parent's own addresses were
+    left out, while parent.egress.resolver may name none in the tunnel subnet: a resolv.conf
+    naming the enclave's address made the forwarder ask the enclave, whose answers decide
+    which addresses its names open. Loopback ones (systemd-resolved's 127.0.0.53) stay: the
+    forwarder runs on the parent and asks from there, and the enclave never gets them."""
+    import logging
+
+    from wgvsock.roles import parent as parent_mod
+    from wgvsock.roles.common import RoleError
+    from wgvsock.services.egress import forwarder
+
+    conf = ["10.77.0.1", "10.77.0.2", "127.0.0.53", "10.77.0.3", "::1"]
+    monkeypatch.setattr(forwarder, "system_resolvers", lambda exclude=(): [
+        ipaddress.ip_address(a) for a in conf if ipaddress.ip_address(a) not in exclude])
+    p = parse_profile(profile("    allow: [a.example]\n"))
+    check = {c.name: c for c in parent_mod.local_checks(p)}["DNS forwarder"]
+    assert check.ok, check.detail
+    assert check.detail.startswith("forwards allowed names to 127.0.0.53, ::1; left out of "
+                                   "/etc/resolv.conf's nameservers: 10.77.0.2 is in the tunnel "
+                                   "subnet 10.77.0.0/30, the enclave's own address"), check.detail
+    assert "10.77.0.3 is in the tunnel subnet 10.77.0.0/30, no host there" in check.detail
+    with caplog.at_level(logging.WARNING, logger="wgvsock.parent"):
+        assert parent_mod._upstream(p) == [ipaddress.ip_address("127.0.0.53"),
+                                           ipaddress.ip_address("::1")]
+    assert "10.77.0.2 is in the tunnel subnet" in caplog.text
+    conf = ["10.77.0.2"]
+    check = {c.name: c for c in parent_mod.local_checks(p)}["DNS forwarder"]
+    assert check.ok is False and "names no resolver the DNS forwarder may ask" in check.detail
+    assert "10.77.0.2 is in the tunnel subnet" in check.detail
+    assert check.detail.endswith("set parent.egress.resolver")
+    with pytest.raises(RoleError, match=r"enclave's own address.*set parent\.egress\.resolver"):
+        parent_mod._upstream(p)

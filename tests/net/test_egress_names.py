@@ -29,7 +29,7 @@ from wgvsock.services import firewall
 
 from .netlab import Lab, Namespace, wait_for
 from .test_firewall import probe, start_server
-from .test_roles import World
+from .test_roles import WGVSOCK, World
 
 pytestmark = [pytest.mark.root]
 
@@ -279,3 +279,45 @@ def test_table_put_back_gets_its_addresses_again(named: World) -> None:
     assert "198.51.100.2" in elements(w, 0)
     # By address, with no new lookup: the address came back with the table.
     assert probe(e, "tcp", "198.51.100.2", PORT) == (0, "srv 198.51.100.1")
+
+
+def test_a_loopback_resolver_in_the_parent_s_resolv_conf_answers_for_the_enclave(
+        lab: Lab) -> None:
+    """Review question: of the parent's /etc/resolv.conf nameservers only its own addresses
+    are left out, so systemd-resolved's stub 127.0.0.53 is kept, though the enclave cannot
+    reach the parent's loopback. It need not: the DNS forwarder runs on the parent and asks
+    from there, and the enclave is given the forwarder's tunnel address, never these."""
+    with World(lab, parent_env={"WGVSOCK_LOG_FILE": str(lab.tmp / "parent.log")}) as w:
+        start_dnsmasq(lab, w.internet)
+        # The stub: listening on 127.0.0.53 only, asking the internet's dnsmasq.
+        stub_log = open(lab.tmp / "stub.log", "ab")  # noqa: SIM115 - closed by the process
+        w.parent.popen(
+            shutil.which("dnsmasq") or "dnsmasq", "--keep-in-foreground",
+            "--conf-file=/dev/null", "--no-hosts", "--no-resolv", "--no-poll", "--pid-file",
+            "--user=root", "--listen-address=127.0.0.53", "--bind-interfaces", "--port=53",
+            f"--server={DNS}", "--log-facility=-", "--log-queries",
+            stdout=stub_log, stderr=stub_log)
+        stub_log.close()
+        wait_for(lambda: "127.0.0.53:53" in w.parent.run("ss", "-lunH", check=False).stdout,
+                 10, "the stub resolver to listen")
+        w.profile.write_text(PROFILE.format(name=w.name, sock=lab.tmp / "sock",
+                                            key=lab.tmp / "parent.key", dns=DNS, port=PORT)
+                             .replace(f"    resolver: {DNS}\n", ""))
+        assert "resolver:" not in w.profile.read_text()
+        conf = lab.tmp / "parent-resolv.conf"
+        conf.write_text("nameserver 127.0.0.53\n")
+        # The parent's own resolv.conf, in a mount namespace of its own (bound over
+        # /etc/resolv.conf there only); the background parent stays in it.
+        up = w.parent.run("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(conf),
+                          WGVSOCK, "parent", "up", "--profile", str(w.profile),
+                          env=w.env_for("parent"), check=False, timeout=60)
+        assert up.returncode == 0, up.stderr
+        w.start_enclave()
+        wait_for(lambda: "nameserver 10.77.0.1" in w.resolv.read_text(), 30,
+                 "the enclave to write resolv.conf")
+        assert query(w.enclave, "ok.test") == {"rcode": "NOERROR",
+                                               "addresses": ["198.51.100.2"]}
+        assert "ok.test" in (lab.tmp / "stub.log").read_text()  # asked through the stub
+        assert "upstream 127.0.0.53" in (lab.tmp / "parent.log").read_text()
+        assert w.parent_cmd("down").returncode == 0

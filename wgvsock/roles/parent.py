@@ -199,17 +199,44 @@ def _socket_dirs_check(profile) -> Check:
 
 def _dns_check(profile) -> Check:
     """Host names in parent.egress need a resolver for the parent's DNS forwarder."""
-    from ..services.egress.forwarder import system_resolvers
-
     if profile.parent.egress.resolver:
-        upstream = profile.parent.egress.resolver
+        upstream, left_out = profile.parent.egress.resolver, []
     else:
-        upstream = system_resolvers(exclude=[a.ip for a in profile.parent.addresses])
+        upstream, left_out = _system_upstream(profile)
     if not upstream:
-        return Check("DNS forwarder", False, "parent.egress has host names but /etc/resolv.conf "
-                     "names no resolver: set parent.egress.resolver")
+        return Check("DNS forwarder", False, _no_resolver(left_out))
     return Check("DNS forwarder", True, "forwards allowed names to "
-                 + ", ".join(map(str, upstream)))
+                 + ", ".join(map(str, upstream)) + _left_out_note(left_out))
+
+
+def _system_upstream(profile) -> tuple[list, list[str]]:
+    """The nameservers of this host's /etc/resolv.conf that PROFILE's DNS forwarder may ask,
+    and why each other one may not: one in the tunnel subnet, which parent.egress.resolver
+    may not name either (before, only the parent's own addresses were taken out, so a
+    resolv.conf that named the enclave's address made the enclave the judge of what its
+    names resolve to). The parent's own tunnel addresses are left out silently, as ever."""
+    from ..services.egress.forwarder import system_resolvers
+    from ..services.profile import resolver_in_tunnel
+
+    ours, theirs = profile.parent.addresses, profile.enclave.addresses
+    kept, left_out = [], []
+    for r in system_resolvers(exclude=[a.ip for a in ours]):
+        if (why := resolver_in_tunnel(r, ours, theirs)) is None:
+            kept.append(r)
+        else:
+            left_out.append(why)
+    return kept, left_out
+
+
+def _left_out_note(left_out: list[str]) -> str:
+    return ("; left out of /etc/resolv.conf's nameservers: " + "; ".join(left_out)
+            if left_out else "")
+
+
+def _no_resolver(left_out: list[str]) -> str:
+    return ("parent.egress has host names but /etc/resolv.conf names no resolver"
+            + (" the DNS forwarder may ask" + _left_out_note(left_out) if left_out else "")
+            + ": set parent.egress.resolver")
 
 
 def forward_chain_check(profile, netns: str | None = None) -> Check:
@@ -603,13 +630,14 @@ def _name_policy(profile):
 def _upstream(profile) -> list:
     """Where the DNS forwarder sends PROFILE's allowed names: parent.egress.resolver, else
     this host's resolvers (never our own tunnel addresses: that would loop)."""
-    from ..services.egress.forwarder import system_resolvers
-
-    own = [a.ip for a in profile.parent.addresses]
-    upstream = list(profile.parent.egress.resolver) or system_resolvers(exclude=own)
+    if profile.parent.egress.resolver:
+        return list(profile.parent.egress.resolver)
+    upstream, left_out = _system_upstream(profile)
     if not upstream:  # local_checks() says so before `up`; resolv.conf may change later
-        raise RoleError("parent.egress has host names but /etc/resolv.conf names no "
-                        "resolver: set parent.egress.resolver")
+        raise RoleError(_no_resolver(left_out))
+    if left_out:
+        log.warning("parent %s: DNS forwarder: %s", profile.name,
+                    _left_out_note(left_out).removeprefix("; "))
     return upstream
 
 

@@ -1002,6 +1002,25 @@ def _in_tunnel(ip: IPAddress, parent: Sequence[IPInterface], enclave: Sequence[I
     return None
 
 
+def resolver_in_tunnel(r: IPAddress, parent: Sequence[IPInterface],
+                       enclave: Sequence[IPInterface]) -> str | None:
+    """Why the parent's DNS forwarder must not ask R, an address in the tunnel subnet
+    (parent.egress.resolver, or a nameserver line of the parent's /etc/resolv.conf), or None
+    outside it. A loopback resolver (systemd-resolved's 127.0.0.53) is fine: the forwarder
+    runs on the parent and asks from there; the enclave never gets these resolvers, only the
+    forwarder's address."""
+    if (where := _in_tunnel(r, parent, enclave)) is not None:
+        net, end = where
+        why = {"enclave": "the enclave's own address: the forwarder must not ask "
+               "the enclave, whose answers would decide which addresses "
+               "parent.egress opens to it",
+               "parent": "the parent's own, where the forwarder listens: it would "
+               "ask itself, and it answers only the enclave"}.get(
+                   end, "no host there: the tunnel has two ends")
+        return f"{r} is in the tunnel subnet {net}, {why}"
+    return None
+
+
 def _tunnel_example(side: str, version: int) -> IPInterface:
     if version == 4:
         return DEFAULT_PARENT_V4 if side == "parent" else DEFAULT_ENCLAVE_V4
@@ -1557,15 +1576,8 @@ class _Builder(_Parser):
             if (why := _not_a_server(r)) is not None:
                 self.problem(_line(rnode), k, f"{r} is {why}", fix)
                 continue
-            if (where := _in_tunnel(r, parent_addrs, enclave_addrs)) is not None:
-                net, end = where
-                why = {"enclave": "the enclave's own address: the forwarder must not ask "
-                       "the enclave, whose answers would decide which addresses "
-                       "parent.egress opens to it",
-                       "parent": "the parent's own, where the forwarder listens: it would "
-                       "ask itself, and it answers only the enclave"}.get(
-                           end, "no host there: the tunnel has two ends")
-                self.problem(_line(rnode), k, f"{r} is in the tunnel subnet {net}, {why}", fix)
+            if (why := resolver_in_tunnel(r, parent_addrs, enclave_addrs)) is not None:
+                self.problem(_line(rnode), k, why, fix)
                 continue
             resolver.append(r)
         grace = DEFAULT_DNS_GRACE
