@@ -617,6 +617,34 @@ def test_the_parent_admits_only_the_enclaves_cid():
     assert Parent(parse_profile(unix))._enclave_filter() is None  # a stand-in: no CIDs
 
 
+def test_the_enclave_check_racing_close_does_not_fail():
+    """Before: the check read Parent.supervisor twice, and close() sets it to None after
+    stopping the enclave while both ports still accept: a connection between the two reads
+    made the check raise AttributeError ('NoneType' object has no attribute 'info'), an ERROR
+    line from the WireGuard port and a failure the control port's accept loop counts."""
+    from wgvsock.roles.parent import Parent
+    from wgvsock.services.profile import parse_profile
+
+    class Closing(Parent):
+        # The supervisor as close() leaves it mid-check: there at the first read, gone after.
+        @property
+        def supervisor(self):
+            got, self._reads = self._reads[:1], self._reads[1:]
+            return got[0] if got else None
+
+        @supervisor.setter
+        def supervisor(self, value) -> None:
+            self._reads = [value]
+
+    parent = Closing(parse_profile("name: a\nparent:\n  enclave: {eif: /x.eif}\n"))
+    check = parent._enclave_filter()
+    assert check is not None
+    parent.supervisor = SimpleNamespace(info=SimpleNamespace(cid=16))
+    assert check((16, 1)) is None  # running when the check began: let in, as a moment before
+    parent.supervisor = SimpleNamespace(info=SimpleNamespace(cid=16))
+    assert "expected CID 16" in (check((17, 1)) or "")
+
+
 def test_a_refused_cid_is_told_the_cid_expected_and_where_it_comes_from():
     """Before: 'CID 17 is not the enclave', in the log and `wgvsock status` alike, which did
     not say which CID the parent lets in, nor whether the profile or nitro-cli said so."""

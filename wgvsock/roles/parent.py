@@ -978,7 +978,10 @@ class Parent:
         return refuse
 
     def _running_cid(self) -> int | None:
-        info = self.supervisor.info if self.supervisor is not None else None
+        # Read once: close() sets supervisor to None while both ports still accept (on their
+        # own threads), and a second read could then find None.
+        sup = self.supervisor
+        info = sup.info if sup is not None else None
         return info.cid if info is not None else None
 
     def check_firewall(self) -> None:
