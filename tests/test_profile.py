@@ -1440,4 +1440,7 @@ def test_enclave_cid_on_a_stand_in_transport_is_warned_of(transport):
     text = f"name: a\ntransport: {transport}\nparent:\n  enclave_cid: 16\n"
     p = warned(text, "parent.enclave_cid", "ignored with transport.kind", "enclave_cid:")
     assert ("transport.path" in p.reason) == ("unix" in transport)
+    # Since 41344ce the CID fences the WireGuard port over vsock too: the warning said only
+    # "the control port takes any peer".
+    assert "control and WireGuard ports take any peer" in p.reason, p.reason
     assert parse_profile("name: a\nparent:\n  enclave_cid: 16\n", FILE).warnings == []

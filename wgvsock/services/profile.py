@@ -1437,7 +1437,8 @@ class _Builder(_Parser):
                      else "who can reach transport.port and control_port on the network")
             self.warn(_line(m["enclave_cid"]), key,
                       f"ignored with transport.kind {kind}: a CID exists on vsock only, so "
-                      f"the control port takes any peer, and {fence} decide who registers",
+                      f"the control and WireGuard ports take any peer, and {fence} decide "
+                      "who connects",
                       "remove parent.enclave_cid, or use transport.kind vsock for it to "
                       "apply")
         return cid
