@@ -47,6 +47,7 @@ from ..threads import NamedThread, Survivor
 from .tun import (
     GSO_MAX_SIZE,
     NATIVE_SEGMENTATION,
+    READ_GSO_MAX_SIZE,
     LinkEvents,
     Tun,
     complete_checksum,
@@ -392,7 +393,7 @@ class Device:
         if not tun.vnet:
             return tun
         try:
-            tun.set_gso_max_size(GSO_MAX_SIZE)
+            tun.set_gso_max_size(READ_GSO_MAX_SIZE)
             tun.set_offload(False)
         except OSError as e:
             log.warning("%s: cannot set up offload (%s); segmentation offload off", tun.name, e)
@@ -699,16 +700,27 @@ class Device:
         # between them.
         v = packet[0]
         plain = offset == 16 and start == ((v & 0x0F) * 4 if v >> 4 == 4 else 40)
-        if mss and not (flags & CAP_SUPER and len(packet) <= max_packet and plain):
+        if mss and not (flags & CAP_SUPER and plain):
             return split_tso(packet, start, mss)
         # A receiver cuts a super-packet at its own MTU (Tun.write). One the kernel cut finer
         # (a path MTU an ICMP "packet too big" taught it, a far end's small MSS) crosses with
         # its segment size if the peer takes that, else it is cut here in its own size:
         # beyond the parent every segment would be too big for the path again, and the
         # connection would stall (a PMTU black hole).
-        finer = mss > 0 and mss + start + (packet[start + 12] >> 4) * 4 < tun.mtu_hint
-        if finer and not flags & CAP_SEGMENT_SIZE:
+        headers = start + (packet[start + 12] >> 4) * 4 if mss else 0
+        finer = mss > 0 and mss + headers < tun.mtu_hint
+        longer = mss > 0 and len(packet) > max_packet
+        if (finer or longer) and not flags & CAP_SEGMENT_SIZE:
             return split_tso(packet, start, mss)
+        if longer:
+            # Longer than the peer takes (the kernel hands us up to 64 KiB, READ_GSO_MAX_SIZE,
+            # a message carries 65000): cut in whole segments into super-packets that fit.
+            pieces = split_tso(packet, start, max((max_packet - headers) // mss, 1) * mss)
+            if finer:
+                trailer = segment_trailer(mss)
+                for piece in pieces:
+                    piece += trailer
+            return pieces
         out: bytes | bytearray | memoryview = packet
         if not (flags & CAP_PARTIAL_CSUM and plain):
             out = complete_checksum(packet, start, offset)

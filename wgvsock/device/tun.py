@@ -75,6 +75,12 @@ _U16_TRIPLE: Final = struct.Struct("<HHH")
 # Inner packets must fit a WireGuard message in one 65535-byte stream frame (16-byte header,
 # up to 15 bytes of padding, 16-byte tag).
 GSO_MAX_SIZE: Final = 65000
+# The TUN's gso_max_size: as large as the kernel's super-packets get (GSO_LEGACY_MAX_SIZE), so
+# that it hands over whole what it forwards to us (a NIC's GRO, a veth, make them up to 64 KiB).
+# At GSO_MAX_SIZE it cut every larger one into segments before our read: the parent's
+# downloads took the per-packet path (bench/README.md, thirty-second round). What does not fit
+# a message is cut into super-packets that do (Device._read_for_peer).
+READ_GSO_MAX_SIZE: Final = 65536
 _SIOCGIFFLAGS: Final = 0x8913
 _SIOCSIFFLAGS: Final = 0x8914
 _SIOCGIFMTU: Final = 0x8921
