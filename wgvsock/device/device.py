@@ -40,7 +40,7 @@ from ..conn.caps import (
 from ..conn.endpoint import Endpoint, display_endpoint, without_source
 from ..conn.framing import MAX_STREAM_MTU
 from ..core.engine import DROP, SEGMENTED, SEND, TUNNEL, Action, Engine
-from ..core.messages import segment_trailer
+from ..core.messages import MIN_SEGMENT_SIZE, segment_trailer
 from ..core.peer import Peer
 from ..core.ratelimit import LoadTracker
 from ..threads import NamedThread, Survivor
@@ -707,10 +707,13 @@ class Device:
         # its segment size if the peer takes that, else it is cut here in its own size:
         # beyond the parent every segment would be too big for the path again, and the
         # connection would stall (a PMTU black hole).
+        # (A size below MIN_SEGMENT_SIZE, from a far end's MSS of 48-75, a receiver ignores:
+        # it would cut at its own MTU, and at 65000 its forwarding refused every packet as too
+        # big. Such segments are cut here too.)
         headers = start + (packet[start + 12] >> 4) * 4 if mss else 0
         finer = mss > 0 and mss + headers < tun.mtu_hint
         longer = mss > 0 and len(packet) > max_packet
-        if (finer or longer) and not flags & CAP_SEGMENT_SIZE:
+        if (finer or longer) and (not flags & CAP_SEGMENT_SIZE or mss < MIN_SEGMENT_SIZE):
             return split_tso(packet, start, mss)
         if longer:
             # Longer than the peer takes (the kernel hands us up to 64 KiB, READ_GSO_MAX_SIZE,
