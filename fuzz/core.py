@@ -55,11 +55,14 @@ from wgvsock.core.messages import (
     REJECT_AFTER_TIME,
     REKEY_TIMEOUT,
     RESPONSE_SIZE,
+    SEGMENT_TRAILER_MAGIC,
+    SEGMENT_TRAILER_SIZE,
     TYPE_COOKIE_REPLY,
     TYPE_INITIATION,
     TYPE_RESPONSE,
     TYPE_TRANSPORT,
     padding_size,
+    segment_trailer,
 )
 
 from .harness import Target
@@ -172,6 +175,10 @@ class CoreTarget(Target):
             self.routes.append(sorted(nets, key=lambda n: -n[0].prefixlen))
         self.mac1_keys = [hash_(LABEL_MAC1, e.public_key) for e in self.engines]  # type: ignore[arg-type]
         self.delivered: list[set[bytes]] = [set(), set()]  # inner packets each side sent
+        # The segment sizes each of those may come out with (0: none; a TUNNEL action),
+        # from the trailer sealed after it, and how many came out with one.
+        self.sizes: list[dict[bytes, set[int]]] = [{}, {}]
+        self.segmented = 0
         # Every message the engines sent each other, oldest dropped: the mutation seeds, kept
         # fresh so that their receiver indices name live sessions.
         self.wire: deque[tuple[bytes, int]] = deque(maxlen=WIRE_SEEDS)
@@ -212,6 +219,7 @@ class CoreTarget(Target):
         pkt = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, _addr(src), _addr(dst))
         pkt += b"fuzzseed"
         self.delivered[side].add(pkt)
+        self.sizes[side].setdefault(pkt, set()).add(0)
         return pkt
 
     def _made(self, msg: bytes) -> None:
@@ -251,12 +259,17 @@ class CoreTarget(Target):
                 continue
             if kind == TUNNEL:
                 self._check_tunnel(origin, target, data, bad)
+                assert 0 in self.sizes[1 - origin][data], (
+                    "a segment-size trailer sealed with the packet was lost")
                 continue
             if kind == SEGMENTED:
                 # A sealed plaintext with a segment-size trailer after its IP packet.
                 assert isinstance(target, int) and MIN_SEGMENT_SIZE <= target <= 0xFFFF, (
                     f"segment size {target!r}")
                 self._check_tunnel(origin, self.peers[origin], data, bad)
+                assert target in self.sizes[1 - origin][data], (
+                    f"segment size {target} was not the one sealed with the packet")
+                self.segmented += 1
                 continue
             assert kind == SEND, f"unknown action kind {kind!r}"
             assert isinstance(data, bytes) and data[:4] in TYPES, f"sent {data[:8]!r}"
@@ -425,6 +438,13 @@ class CoreTarget(Target):
 
     def _inner(self, rng: random.Random) -> bytes:
         r = rng.random()
+        if r < 0.1:
+            # A super-packet's segment size after it (CAP_SEGMENT_SIZE), maybe out of range,
+            # cut short, or with more bytes after it.
+            tail = segment_trailer(rng.choice((0, MIN_SEGMENT_SIZE - 1, MIN_SEGMENT_SIZE,
+                                               1208, 0xFFFF)))
+            return ip_packet(rng) + tail[:rng.choice((1, 3, 4, 4, 4))] + rng.choice(
+                (b"", b"", bytes(12), rng.randbytes(5)))
         if r < 0.5:
             return ip_packet(rng)
         if r < 0.85:
@@ -440,6 +460,11 @@ class CoreTarget(Target):
         length = inner_length(padded) if padded else -1
         if length >= 0:
             self.delivered[side].add(padded[:length])
+            tail = padded[length:length + SEGMENT_TRAILER_SIZE]
+            mss = int.from_bytes(tail[2:], "little") if (
+                tail[:2] == SEGMENT_TRAILER_MAGIC and len(tail) == SEGMENT_TRAILER_SIZE) else 0
+            self.sizes[side].setdefault(padded[:length], set()).add(
+                mss if mss >= MIN_SEGMENT_SIZE else 0)
 
     # -- running -------------------------------------------------------------------------
 

@@ -116,3 +116,19 @@ def test_cli_counts_and_replay(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "-m", "fuzz", "--replay", str(fake)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "no longer fails" in again.stdout
+
+
+def test_the_core_target_checks_segment_sizes(tmp_path: Path) -> None:
+    """Inner packets sealed with a segment-size trailer (CAP_SEGMENT_SIZE) come out of the
+    engine as SEGMENTED actions, whose size the oracle compares with the one sealed. Before,
+    the generator never made a trailer (a short run reached SEGMENTED only if havoc happened
+    to write one) and the oracle took any size in range."""
+    cls = all_targets()["core"]
+    rng = random.Random(f"{SEED}:core:segments")
+    fixture = cls(rng, tmp_path)
+    try:
+        for _ in range(3000):
+            fixture.run(fixture.generate(rng)[1])
+        assert fixture.segmented > 0
+    finally:
+        fixture.close()
