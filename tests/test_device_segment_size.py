@@ -142,3 +142,17 @@ def test_a_segment_size_below_what_a_receiver_takes_is_cut_here(rig, mss: int) -
     out = rig.read(_ALL, mss, 500)
     assert len(out) == -(-500 // mss)
     assert all(len(p) - 40 <= mss for p in out)
+
+
+def test_a_super_packet_longer_than_a_message_carries_is_cut_into_ones_that_fit(rig) -> None:
+    """The kernel hands the TUN super-packets of up to 64 KiB (READ_GSO_MAX_SIZE: before, it
+    cut every forwarded one above 65000 bytes into segments before our read). One longer
+    than the peer takes is cut in whole segments into super-packets that fit, each with its
+    segment size; a peer that takes no size gets the segments."""
+    payload = 45 * 1448  # what a veth's or a NIC's GRO makes at MSS 1448: 65200 bytes
+    first, second = rig.read(_ALL, 1448, payload)
+    trailer = SEGMENT_TRAILER_MAGIC + (1448).to_bytes(2, "little")
+    assert (len(first), len(second)) == (40 + 44 * 1448 + 4, 40 + 1448 + 4)
+    assert first[-4:] == second[-4:] == trailer
+    assert len(first) - 4 <= GSO_MAX_SIZE
+    assert len(rig.read(CAP_SUPER | CAP_PARTIAL_CSUM, 1448, payload)) == 45
