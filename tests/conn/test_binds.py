@@ -1474,6 +1474,9 @@ def test_fwmark_reaches_every_ip_socket_now_and_later(network: str) -> None:
         with pytest.raises(ValueError, match="32-bit"):
             a.set_mark(1 << 32)
         assert a.mark == 0x1234
+        # The top bit too (getsockopt gives the u32 back as a C int): wg takes 0xffffffff.
+        a.set_mark(0xFFFFFFFF)
+        assert all(s.getsockopt(socket.SOL_SOCKET, 36) == -1 for s in a._marked_sockets())
     finally:
         a.close()
         b.close()

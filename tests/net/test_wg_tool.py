@@ -255,6 +255,26 @@ def test_listen_port_in_use(lab: Lab) -> None:
     assert "listening port: 41001" in ns.wg("show", ifname).stdout
 
 
+@pytest.mark.parametrize("mark", ["0x80000000", "0xffffffff"])
+def test_a_fwmark_with_the_top_bit_set_is_taken(lab: Lab, mark: str) -> None:
+    """wg(8), the kernel and wireguard-go take any fwmark up to 0xffffffff; ours refused
+    those from 0x80000000 up with EIO ("Unable to modify interface: Input/output error"):
+    Python's setsockopt takes an int only as a signed 32-bit one."""
+    ns, ifname = _daemon(lab)
+    ns.wg("set", ifname, "listen-port", "42100")
+    res = ns.wg("set", ifname, "fwmark", mark, check=False)
+    assert res.returncode == 0, res.stderr
+    assert ns.wg("show", ifname, "fwmark").stdout.strip() == mark
+    # The daemon's socket carries it (ss shows a socket's mark to root, in hex).
+    sockets = ns.run("ss", "-uanepH", "sport", "= :42100").stdout
+    assert f"fwmark:{mark}" in sockets, sockets
+    # Setting it again (the socket already has it) and back to off work too.
+    ns.wg("set", ifname, "fwmark", mark)
+    ns.wg("set", ifname, "fwmark", "off")
+    assert ns.wg("show", ifname, "fwmark").stdout.strip() == "off"
+    assert "fwmark:" not in ns.run("ss", "-uanepH", "sport", "= :42100").stdout
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "expect"),
     [

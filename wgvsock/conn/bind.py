@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -394,8 +395,11 @@ class SocketBind(Bind):
         """Gives an IP socket the current fwmark, if it does not have it (setting one, even
         0, needs CAP_NET_ADMIN: an unprivileged daemon without a mark never asks)."""
         if self.network in INET_NETWORKS and \
-                sock.getsockopt(socket.SOL_SOCKET, _SO_MARK) != self.mark:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, self.mark)
+                sock.getsockopt(socket.SOL_SOCKET, _SO_MARK) & 0xFFFFFFFF != self.mark:
+            # The kernel's mark is a u32 that getsockopt gives back as a C int, and an int
+            # argument must fit a C int: marks from 0x80000000 up (wg takes up to 0xffffffff)
+            # go as the 4 bytes of a native u32 instead.
+            sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, self.mark.to_bytes(4, sys.byteorder))
 
     # -- lifecycle helpers -------------------------------------------------------------------
 
