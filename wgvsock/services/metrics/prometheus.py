@@ -59,6 +59,15 @@ class ParentLike(Protocol):
     counters: ParentCounters | None
 
 
+# The stream transport's connection counts (its status()), as counters.
+_TRANSPORT_CONNECTIONS = (
+    ("accepted", "Stream connections the transport accepted; on the parent, each time the "
+                 "enclave (re)connects"),
+    ("refused", "Stream connections the transport closed as it accepted them: on the parent "
+                "over vsock, those from a CID that is not the enclave's"),
+)
+
+
 class ParentCollector(Collector):
     def __init__(self, parent: ParentLike) -> None:
         self.parent = parent
@@ -129,22 +138,13 @@ class ParentCollector(Collector):
                     attestation.add_metric([ifname, key, s], 1 if now == s else 0)
         yield from (sent, received, handshake, state, reconnects, attested, attestation)
         transport = device.bind.status()
-        accepted = transport.get("accepted")
-        if accepted is not None:
-            c = CounterMetricFamily(
-                "wgvsock_transport_accepted_connections_total",
-                "Stream connections the transport accepted; on the parent, each time the "
-                "enclave (re)connects", labels=["interface"])
-            c.add_metric([ifname], accepted)
-            yield c
-        refused = transport.get("refused")
-        if refused is not None:
-            c = CounterMetricFamily(
-                "wgvsock_transport_refused_connections_total",
-                "Stream connections the transport closed as it accepted them: on the parent "
-                "over vsock, those from a CID that is not the enclave's", labels=["interface"])
-            c.add_metric([ifname], refused)
-            yield c
+        for key, help_text in _TRANSPORT_CONNECTIONS:
+            count = transport.get(key)
+            if count is not None:
+                c = CounterMetricFamily(f"wgvsock_transport_{key}_connections_total",
+                                        help_text, labels=["interface"])
+                c.add_metric([ifname], count)
+                yield c
 
     def _profile(self) -> Iterator[Metric]:
         counters = self.parent.counters
