@@ -591,6 +591,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"seconds": args.seconds, "rounds": args.rounds, "mtus": mtus,
                        "congestion": congestion, "split_cores": split or None,
+                       "forward": args.forward,
                        "ping_count": PING_COUNT, "ping_slices": PING_SLICES,
                        "ping_interval": PING_INTERVAL,
                        "results": [asdict(r) for r in results]}, f, indent=2)
