@@ -931,7 +931,32 @@ def _json(args: Sequence[str], netns: str | None) -> list[dict]:
     res = _nft(["-j", *args], netns)
     if res.returncode != 0:
         raise FirewallError(f"nft {' '.join(args)}: {(res.stderr or res.stdout).strip()}")
-    return json.loads(res.stdout).get("nftables", [])
+    return _items(res.stdout, args)
+
+
+def _items(stdout: str, args: Sequence[str]) -> list[dict]:
+    """The objects of `nft -j ARGS` output. Output of another shape (another nft's, or none
+    at all) is a FirewallError naming the command, never a KeyError from deep inside a caller:
+    the parent's `get`, and so `wgvsock status`, reads the counters through here."""
+    try:
+        doc = json.loads(stdout)
+    except ValueError as e:
+        raise FirewallError(f"nft -j {' '.join(args)}: output is not JSON ({e})") from None
+    items = doc.get("nftables", []) if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise FirewallError(f"nft -j {' '.join(args)}: output is not the JSON this version of "
+                            "wgvsock knows (no \"nftables\" list)")
+    return [item for item in items if isinstance(item, dict)]
+
+
+def _count(c: object) -> Counter | None:
+    """A counter object of nft's JSON as a Counter; None when it lacks a number."""
+    if not isinstance(c, dict):
+        return None
+    packets, nbytes = c.get("packets"), c.get("bytes")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in (packets, nbytes)):
+        return None
+    return Counter(packets, nbytes)  # type: ignore[arg-type]
 
 
 def add_to_sets(name: str, elements: Sequence[tuple[str, IPAddress, int]],
@@ -958,16 +983,23 @@ def set_elements(name: str, set_: str, netns: str | None = None) -> dict[str, tu
     """A name set's live elements: address -> (timeout, seconds until it expires)."""
     out: dict[str, tuple[int, int]] = {}
     for item in _json(["list", "set", "inet", table_name(name), set_], netns):
-        for e in item.get("set", {}).get("elem", []):
+        found = item.get("set")
+        elems = found.get("elem", []) if isinstance(found, dict) else []
+        for e in elems if isinstance(elems, list) else []:
             e = e.get("elem", e) if isinstance(e, dict) else {"val": e}
-            out[str(e["val"])] = (int(e.get("timeout", 0)), int(e.get("expires", 0)))
+            if not isinstance(e, dict) or "val" not in e:
+                continue  # of a shape this release does not know: the others still count
+            timeout, expires = e.get("timeout", 0), e.get("expires", 0)
+            out[str(e["val"])] = (timeout if isinstance(timeout, int) else 0,
+                                  expires if isinstance(expires, int) else 0)
     return out
 
 
 def exists(name: str, netns: str | None = None) -> bool:
     table = table_name(name)
     return any(
-        item.get("table", {}).get("family") == "inet" and item["table"].get("name") == table
+        isinstance(t := item.get("table"), dict) and t.get("family") == "inet"
+        and t.get("name") == table
         for item in _json(["list", "tables"], netns)
     )
 
@@ -984,7 +1016,8 @@ def rule_count(name: str, netns: str | None = None) -> int:
         if "No such file or directory" in res.stderr:
             return -1
         raise FirewallError(f"nft list table inet {table}: {(res.stderr or res.stdout).strip()}")
-    return sum(1 for item in json.loads(res.stdout).get("nftables", []) if "rule" in item)
+    return sum(1 for item in _items(res.stdout, ["-t", "list", "table", "inet", table])
+               if "rule" in item)
 
 
 def read_counters(name: str, netns: str | None = None) -> dict[str, Counter]:
@@ -992,18 +1025,24 @@ def read_counters(name: str, netns: str | None = None) -> dict[str, Counter]:
     its comment (e.g. ``"deny 169.254.169.254/32"``). Raises FirewallError without a table."""
     table = table_name(name)
     counters: dict[str, Counter] = {}
+    # An object of a shape this release does not know is left out, and only it: callers
+    # show a counter that is not there as unknown ("-"), not the whole table as unreadable.
     for item in _json(["-t", "list", "table", "inet", table], netns):  # no set elements
         if "counter" in item:
             c = item["counter"]
-            counters[c["name"]] = Counter(c["packets"], c["bytes"])
-        elif "rule" in item and "comment" in item["rule"]:
-            for expr in item["rule"].get("expr", []):
-                c = expr.get("counter")
-                if isinstance(c, dict):  # anonymous; a named one is referenced by its name
-                    old = counters.get(item["rule"]["comment"], Counter(0, 0))
-                    counters[item["rule"]["comment"]] = Counter(
-                        old.packets + c["packets"], old.bytes + c["bytes"]
-                    )
+            name_ = c.get("name") if isinstance(c, dict) else None
+            if isinstance(name_, str) and (value := _count(c)) is not None:
+                counters[name_] = value
+        elif isinstance(rule := item.get("rule"), dict) and \
+                isinstance(comment := rule.get("comment"), str):
+            exprs = rule.get("expr", [])
+            for expr in exprs if isinstance(exprs, list) else []:
+                c = expr.get("counter") if isinstance(expr, dict) else None
+                # A dict is an anonymous counter; a named one is referenced by its name.
+                if isinstance(c, dict) and (value := _count(c)) is not None:
+                    old = counters.get(comment, Counter(0, 0))
+                    counters[comment] = Counter(old.packets + value.packets,
+                                                old.bytes + value.bytes)
     return counters
 
 

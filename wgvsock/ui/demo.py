@@ -217,6 +217,35 @@ def enclave_stop_note(code: int, app_started: bool) -> str:
     return f"it exited {code}"
 
 
+def _packets(counters: dict[str, firewall.Counter], name: str) -> str:
+    """A counter's packets, or "-" when the table has no such counter (another nft may name
+    or shape them otherwise): one number unknown, not the demo ended by a KeyError."""
+    c = counters.get(name)
+    return "-" if c is None else str(c.packets)
+
+
+_UNKNOWN_NOTE = "  (-: no such counter in the table; `nft list table` shows what is there)"
+
+
+def _shown(counters: dict[str, firewall.Counter], names: dict[str, str]) -> str:
+    """NAMES (label -> counter name) as "label N, ...", with a note for any not there."""
+    line = ", ".join(f"{label} {_packets(counters, n)}" for label, n in names.items())
+    return line + (_UNKNOWN_NOTE if any(n not in counters for n in names.values()) else "")
+
+
+def names_counter_line(counters: dict[str, firewall.Counter]) -> str:
+    return "     packets: " + _shown(counters, {f"'allow {NAME_OK}'": f"allow {NAME_OK}",
+                                                "to the forwarder": "dns forwarder"})
+
+
+def deny_counter_lines(counters: dict[str, firewall.Counter]) -> list[str]:
+    denied = [f"{k}: {v.packets}" for k, v in counters.items() if k.startswith("deny ")]
+    return [f"   [{NS_PARENT}] nftables counters (packets): "
+            f"{', '.join(denied) or '- (no deny rule counters in the table)'}",
+            "     " + _shown(counters, {n: n for n in ("egress_allowed", "egress_denied",
+                                                        "ingress_accepted")})]
+
+
 def _tail(path: Path, chars: int = 1500) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -537,14 +566,13 @@ class Demo:
             elements = firewall.set_elements(PROFILE_NAME, firewall.name_set(0, 4),
                                              netns=NS_PARENT)
             c = firewall.read_counters(PROFILE_NAME, netns=NS_PARENT)
-        except firewall.FirewallError as e:
+        except (firewall.FirewallError, OSError) as e:
             say(f"   (could not read the nftables set: {e})")
             return
         shown = ", ".join(f"{a} (timeout {t} s, expires in {e} s)"
                           for a, (t, e) in elements.items())
         say(f"   [{NS_PARENT}] set {firewall.name_set(0, 4)} ({NAME_OK}): {shown or 'empty'}")
-        say(f"     packets: 'allow {NAME_OK}' {c[f'allow {NAME_OK}'].packets}, "
-            f"to the forwarder {c['dns forwarder'].packets}")
+        say(names_counter_line(c))
 
     def deny(self) -> None:
         heading("The deny list holds")
@@ -573,13 +601,11 @@ class Demo:
         say("    the counters show that the parent dropped those packets)")
         try:
             c = firewall.read_counters(PROFILE_NAME, netns=NS_PARENT)
-        except firewall.FirewallError as e:
+        except (firewall.FirewallError, OSError) as e:
             say(f"   (could not read the nftables counters: {e})")
             return
-        denied = [f"{k}: {v.packets}" for k, v in c.items() if k.startswith("deny ")]
-        say(f"   [{NS_PARENT}] nftables counters (packets): {', '.join(denied)}")
-        say(f"     egress_allowed {c['egress_allowed'].packets}, egress_denied "
-            f"{c['egress_denied'].packets}, ingress_accepted {c['ingress_accepted'].packets}")
+        for line in deny_counter_lines(c):
+            say(line)
         # The parent names what it refused (its table logs the first packets of each).
         try:
             extra = wait_for(lambda: self._refused_keys(3), 5, "the parent's refusal record")

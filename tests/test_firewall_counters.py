@@ -1,0 +1,98 @@
+"""Reading the parent's nftables counters from `nft -j` output of any shape: what `wgvsock
+status` (through the parent's UAPI keys), the metrics and `make demo` show. A counter that is
+missing or malformed must cost that counter only, never a traceback (nft's JSON differs between
+versions, and a table edited by hand can hold anything)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from wgvsock.services import firewall
+from wgvsock.services.metrics.counters import ParentCounters
+
+
+def _fake_nft(monkeypatch: pytest.MonkeyPatch, doc: Any) -> None:
+    out = doc if isinstance(doc, str) else json.dumps(doc)
+
+    def nft(args: list[str], netns: str | None,
+            script: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(["nft", *args], 0, out, "")
+
+    monkeypatch.setattr(firewall, "_nft", nft)
+
+
+GOOD = {"counter": {"family": "inet", "table": "wgvsock_x", "name": "egress_allowed",
+                    "handle": 3, "packets": 7, "bytes": 420}}
+RULE = {"rule": {"family": "inet", "table": "wgvsock_x", "chain": "forward", "handle": 9,
+                 "comment": "deny 10.0.0.0/8",
+                 "expr": [{"match": {}}, {"counter": {"packets": 2, "bytes": 120}},
+                          {"drop": None}]}}
+
+ODD_ITEMS = [
+    {"counter": {"name": "egress_denied", "bytes": 0}},  # no packets
+    {"counter": {"name": "egress_blocked", "packets": "5", "bytes": 0}},  # not a number
+    {"counter": {"packets": 1, "bytes": 1}},  # no name
+    {"counter": None},
+    {"counter": [1, 2]},
+    {"rule": {"comment": "deny 192.0.2.0/24", "expr": [{"counter": {"packets": 1}}]}},
+    {"rule": {"comment": "deny 198.51.100.0/24", "expr": "counter"}},
+    {"rule": {"comment": ["not", "text"], "expr": [{"counter": {"packets": 1, "bytes": 1}}]}},
+    {"rule": None},
+    "a string",
+    7,
+]
+
+
+@pytest.mark.parametrize("odd", ODD_ITEMS, ids=lambda o: json.dumps(o)[:60])
+def test_a_malformed_counter_costs_that_counter_only(monkeypatch: pytest.MonkeyPatch,
+                                                     odd: Any) -> None:
+    _fake_nft(monkeypatch, {"nftables": [{"metainfo": {"json_schema_version": 1}}, GOOD, odd,
+                                         RULE]})
+    got = firewall.read_counters("x")
+    assert got["egress_allowed"] == firewall.Counter(7, 420)
+    assert got["deny 10.0.0.0/8"] == firewall.Counter(2, 120)
+    assert all(isinstance(c.packets, int) and isinstance(c.bytes, int) for c in got.values())
+
+
+@pytest.mark.parametrize("doc", ["", "not json", "[]", "[1, 2]", "null", '"text"',
+                                 '{"nftables": 5}', '{"nftables": {"counter": {}}}'])
+def test_output_of_another_shape_is_a_firewall_error(monkeypatch: pytest.MonkeyPatch,
+                                                     doc: str) -> None:
+    _fake_nft(monkeypatch, doc)
+    with pytest.raises(firewall.FirewallError, match="nft"):
+        firewall.read_counters("x")
+
+
+@pytest.mark.parametrize("doc", ['{"nftables": [{"set": {"elem": [{"elem": {}}]}}]}',
+                                 '{"nftables": [{"set": {"elem": 3}}]}',
+                                 '{"nftables": [{"set": {"elem": [{"elem": {"val": "192.0.2.1",'
+                                 ' "timeout": "x"}}]}}]}',
+                                 '[]'])
+def test_set_elements_of_another_shape_do_not_raise_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, doc: str) -> None:
+    _fake_nft(monkeypatch, doc)
+    try:
+        got = firewall.set_elements("x", "name0_v4")
+    except firewall.FirewallError:
+        return
+    assert all(isinstance(v, tuple) for v in got.values())
+
+
+@pytest.mark.parametrize("odd", ODD_ITEMS[:3], ids=lambda o: json.dumps(o)[:60])
+def test_the_parents_status_keys_survive_a_malformed_counter(
+        monkeypatch: pytest.MonkeyPatch, odd: Any) -> None:
+    """The parent's UAPI `get` carries these keys: an exception here failed the whole `get`,
+    so `wgvsock status` and `wg show` lost the parent, not one number."""
+    _fake_nft(monkeypatch, {"nftables": [GOOD, odd]})
+    keys = ParentCounters("x").uapi_keys()
+    assert keys["wgvsock_egress_allowed"] == "7"
+
+
+def test_the_parents_status_keys_survive_nft_output_of_another_shape(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_nft(monkeypatch, "[1, 2]")
+    assert ParentCounters("x").uapi_keys() == {}
