@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from wgvsock.services.firewall import Counter
 from wgvsock.ui import demo
 
@@ -26,3 +28,17 @@ def test_counters_the_table_has_are_shown_as_before() -> None:
         "     egress_allowed 9, egress_denied 4, ingress_accepted 1",
     ]
     assert demo.names_counter_line(c) == "     packets: 'allow www.demo.test' 2, to the forwarder 3"
+
+
+def test_the_dashboard_heading_says_q_only_when_a_key_can_reach_it() -> None:
+    """`make demo < /dev/null` in a terminal said "(q or Ctrl-C ends it)": q cannot."""
+    with open(os.devnull) as devnull:
+        assert demo.how_to_end_live(devnull) == f"Ctrl-C or `kill {os.getpid()}` ends it"
+    assert demo.how_to_end_live(None) == f"Ctrl-C or `kill {os.getpid()}` ends it"
+    controller, terminal = os.openpty()
+    try:
+        with open(terminal, closefd=False) as tty:
+            assert demo.how_to_end_live(tty) == "q or Ctrl-C ends it"
+    finally:
+        os.close(controller)
+        os.close(terminal)

@@ -336,3 +336,32 @@ def test_ctrl_c_while_daemons_hang_ends_at_once_and_quietly(tmp_path: Path, how:
     assert took < 5, took
     assert "Traceback" not in err, err
     assert proc.returncode == (130 if how == "--once" else 0), err
+
+
+def _live_footer(tmp_path: Path, stdin: object) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=100, height=12, force_terminal=True, color_system=None)
+    assert st.live(run_dir=str(tmp_path), console=console, stdin=stdin,  # type: ignore[arg-type]
+                   duration=0.05) == 0
+    return out.getvalue()
+
+
+def test_without_a_terminal_on_stdin_the_view_does_not_promise_that_q_quits(
+        tmp_path: Path) -> None:
+    """`wgvsock status < /dev/null` (or run by a script, or the demo under one) said "q quits",
+    but with no terminal on stdin no key reaches it: it must say how to stop it instead."""
+    with open(os.devnull) as devnull:
+        shown = _live_footer(tmp_path, devnull)
+    assert "q quits" not in shown, shown
+    assert f"Ctrl-C or `kill {os.getpid()}` quits" in shown, shown
+
+
+def test_with_a_terminal_on_stdin_q_quits(tmp_path: Path) -> None:
+    controller, terminal = os.openpty()
+    try:
+        with open(terminal, closefd=False) as stdin:
+            shown = _live_footer(tmp_path, stdin)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "q quits" in shown and "Ctrl-C" not in shown, shown

@@ -700,7 +700,8 @@ class Demo:
         tty = console.is_interactive
         secs = self.args.live
         heading("The dashboard: wgvsock status, both sides" +
-                (f", for {secs:g} s (q or Ctrl-C ends it)" if tty else " (two snapshots)"))
+                (f", for {secs:g} s ({how_to_end_live(sys.stdin)})" if tty
+                 else " (two snapshots)"))
         say("   what `wgvsock status` shows on the parent, here reading both sides' UAPI "
             "sockets;")
         say(f"   a ping from the enclave to {WEB} keeps the counters moving")
@@ -742,6 +743,16 @@ class Demo:
         self.throughput()
         if self.args.live > 0:
             self.dashboard()
+
+
+def how_to_end_live(stdin: Any) -> str:
+    """How the live dashboard can be ended early: q only reaches it from a terminal on stdin
+    (`make demo < /dev/null` in a terminal shows the view, but no key reaches it)."""
+    try:
+        keys = stdin is not None and stdin.isatty()
+    except (OSError, ValueError):  # closed
+        keys = False
+    return "q or Ctrl-C ends it" if keys else f"Ctrl-C or `kill {os.getpid()}` ends it"
 
 
 def _at(snapshot: Any) -> str:

@@ -1014,6 +1014,11 @@ class _Keys:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old_winch: Any = None
 
+    @property
+    def reads_keys(self) -> bool:
+        """Whether a key pressed can reach the view (stdin is a terminal we put in cbreak)."""
+        return self._fd is not None
+
     def __enter__(self) -> _Keys:
         if self._fd is not None:
             try:
@@ -1111,22 +1116,25 @@ def live(
                     for sig in (signal.SIGTERM, signal.SIGHUP)
                     if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
-        # Taken inside the try: a Ctrl-C while a daemon is slow to answer ends the view quietly.
-        dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · q quits",
-                         screen=True)
-        with _Keys(stdin or sys.stdin) as keys, Live(
-            dash, console=console, screen=True, auto_refresh=False,
-            redirect_stdout=False, redirect_stderr=False,
-        ) as view:
-            first = True
-            end = None if duration is None else time.monotonic() + duration
-            for sample in _ticks(interval, keys):
-                if end is not None and time.monotonic() >= end:
-                    break
-                if sample and not first:
-                    dash.snapshot = collector.sample()
-                first = False
-                view.refresh()
+        with _Keys(stdin or sys.stdin) as keys:
+            # Stdin not a terminal (`< /dev/null`, a service, a pipe): no key reaches the view,
+            # so "q quits" would be a promise it cannot keep.
+            stop = "q quits" if keys.reads_keys else f"Ctrl-C or `kill {os.getpid()}` quits"
+            # Taken inside the try: a Ctrl-C while a daemon is slow to answer ends the view
+            # quietly.
+            dash = Dashboard(collector.sample(), lambda s: f"{_footer(s, interval)} · {stop}",
+                             screen=True)
+            with Live(dash, console=console, screen=True, auto_refresh=False,
+                      redirect_stdout=False, redirect_stderr=False) as view:
+                first = True
+                end = None if duration is None else time.monotonic() + duration
+                for sample in _ticks(interval, keys):
+                    if end is not None and time.monotonic() >= end:
+                        break
+                    if sample and not first:
+                        dash.snapshot = collector.sample()
+                    first = False
+                    view.refresh()
     except KeyboardInterrupt:
         pass
     finally:
