@@ -281,7 +281,7 @@ def test_a_reload_never_signals_an_older_parent_or_a_reused_pid(fake_parent) -> 
     data["reload"] = {"seq": 0}
     data["started"] = data["started"] + 1
     state.write_text(json.dumps(data))
-    with pytest.raises(RoleError, match="is not up"):
+    with pytest.raises(RoleError, match="profile 'pay' is not up"):
         request_reload(p, timeout=5)
     assert proc.poll() is None  # never signalled
 
@@ -417,7 +417,9 @@ def test_a_start_failure_of_any_kind_reaches_the_launcher(monkeypatch) -> None:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
     with os.fdopen(r, "rb") as pipe:
-        assert b"nft refused the ruleset: no such table" in pipe.read()
+        # The profile named as one: "parent up pay: ..." read as if `pay` were a command.
+        assert b"parent up (profile 'pay'): nft refused the ruleset: no such table" in \
+            pipe.read()
 
 
 def test_the_test_root_is_the_one_read_at_up_until_a_reload_reads_it_again(tmp_path) -> None:

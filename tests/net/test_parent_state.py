@@ -250,4 +250,4 @@ def test_a_second_parent_on_the_same_interface_says_which_runs_it(world: World) 
     assert "wg0" in res.stderr and f"profile {w.name}" in res.stderr, res.stderr
     assert "already" in res.stderr, res.stderr
     # The running one is untouched.
-    assert w.parent_cmd("up").stdout.startswith(f"{w.name} is already up")
+    assert w.parent_cmd("up").stdout.startswith(f"profile '{w.name}' is already up")

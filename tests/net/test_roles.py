@@ -246,7 +246,7 @@ def test_parent_down_leaves_nothing(world: World) -> None:
         if Path(f"/proc/{p}/cmdline").exists()
     )
     # and down again has nothing to do
-    assert "nothing to remove" in world.parent_cmd("down").stdout
+    assert f"profile '{world.name}': nothing to remove" in world.parent_cmd("down").stdout
 
 
 BAD_PROFILES = {

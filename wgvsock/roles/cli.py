@@ -68,6 +68,7 @@ def parent_main(argv: list[str]) -> int:
     if profile is None:
         return 1
     from . import parent, state
+    from .common import named
 
     if args.cmd == "down":
         try:
@@ -76,7 +77,7 @@ def parent_main(argv: list[str]) -> int:
             print(f"wgvsock parent down: {e}", file=sys.stderr)
             return 1
         if done or not failed:
-            print("\n".join(done) if done else f"{profile.name}: nothing to remove")
+            print("\n".join(done) if done else f"{named(profile.name)}: nothing to remove")
         for line in failed:
             print(f"wgvsock parent down: {line}", file=sys.stderr)
         return 1 if failed else 0
@@ -109,7 +110,7 @@ def parent_main(argv: list[str]) -> int:
             print(f"wgvsock parent up: {e}", file=sys.stderr)
             return 1
         if pid is not None:
-            print(f"{profile.name} is already up (pid {pid})")
+            print(f"{named(profile.name)} is already up (pid {pid})")
             if note := state.running_code_note(profile):
                 print(note)
             return 0

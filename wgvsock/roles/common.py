@@ -22,6 +22,13 @@ class RoleError(Exception):
     """A problem the user can fix; its text says what and how."""
 
 
+def named(name: str) -> str:
+    """How a message names a profile: "profile 'demo'". Alone, the name reads as the
+    program's own word or as its name: `make demo`'s profile is called demo, and
+    "demo: nothing to remove" looked like the demo saying it."""
+    return f"profile '{name}'"
+
+
 def run_dir() -> str:
     return os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR
 

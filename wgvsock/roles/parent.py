@@ -49,7 +49,15 @@ from ..services.metrics.counters import DnsCounters, ParentCounters
 from ..services.nflog import open_free_group
 from ..signals import Wakeup
 from ..threads import enable_stack_dumps, on_thread_death
-from .common import RoleError, configure, control_listener, run_dir, state_dir, unix_socket_path
+from .common import (
+    RoleError,
+    configure,
+    control_listener,
+    named,
+    run_dir,
+    state_dir,
+    unix_socket_path,
+)
 from .state import (
     LeftOn,
     State,
@@ -1469,7 +1477,7 @@ def run_up(profile, ready_fd: int | None) -> int:
         try:
             parent.start()
         except Exception as e:  # start() has undone what it made; say why, wherever asked
-            msg = f"parent up {profile.name}: {e}"
+            msg = f"parent up ({named(profile.name)}): {e}"
             if isinstance(e, RoleError | OSError | ValueError | firewall.FirewallError):
                 log.error("%s", msg)
             else:  # e.g. botocore's own errors: a traceback helps
@@ -1482,8 +1490,8 @@ def run_up(profile, ready_fd: int | None) -> int:
             parent.device.on_stop(wakeup.wake)
         try:
             if asked["stop"]:  # SIGTERM while starting (`parent down`): never claim to be up
-                report_ready(ready_fd, f"parent up {profile.name}: stopped by a signal while "
-                             "starting")
+                report_ready(ready_fd, f"parent up ({named(profile.name)}): stopped by a "
+                             "signal while starting")
             else:
                 report_ready(ready_fd)
                 notifier.ready(parent.status_line(time.monotonic()))
@@ -1645,19 +1653,19 @@ def down(profile) -> tuple[list[str], list[str]]:
                           "known")
         elif not ours_alive:
             done.append(f"left interface {profile.interface} alone: no parent of "
-                        f"{profile.name} holds it")
+                        f"{named(profile.name)} holds it")
         elif attempt(f"delete interface {profile.interface} (pid {state.pid} still holds it)",
                      lambda: netconf.delete_interface(profile.interface)):
             done.append(f"deleted interface {profile.interface}")
         else:
             unfiltered = True
     if unfiltered:
-        failed.append(f"left the nftables table for {profile.name} in place: the enclave's "
-                      f"interface {profile.interface} is still up")
+        failed.append(f"left the nftables table of {named(profile.name)} in place: the "
+                      f"enclave's interface {profile.interface} is still up")
     elif firewall.exists(profile.name) and attempt(
-            f"remove the nftables table for {profile.name}",
+            f"remove the nftables table of {named(profile.name)}",
             lambda: firewall.remove(profile.name)):
-        done.append(f"removed nftables table for {profile.name}")
+        done.append(f"removed the nftables table of {named(profile.name)}")
     # A parent that stopped cleanly has restored them and removed its state file itself.
     keep_state = ours_alive or unusable  # its record is all that says what to put back later
     # Also when only the host's record is left (the values of parents that stopped while

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..pathwalk import Replaceable, keepers, walk
 from ..services import firewall
-from .common import RoleError, is_alive, state_dir
+from .common import RoleError, is_alive, named, state_dir
 
 
 @dataclass
@@ -510,19 +510,19 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
                             f"{other.name!r}; the file now names {profile.name!r} (line "
                             f"{profile.line_of('name')}): a new name needs `wgvsock parent "
                             f"down` and `up`, or put the old name back")
-        raise RoleError(f"profile {profile.name} is not up: start it with "
+        raise RoleError(f"{named(profile.name)} is not up: start it with "
                         f"`wgvsock parent up --profile {profile.path}`")
     if os.path.realpath(state.profile) != os.path.realpath(profile.path):
-        raise RoleError(f"the running parent of {profile.name} reads {state.profile}, not "
-                        f"{profile.path}: edit that file and reload, or run `parent down` "
+        raise RoleError(f"the running parent of {named(profile.name)} reads {state.profile}, "
+                        f"not {profile.path}: edit that file and reload, or run `parent down` "
                         "and `up` with this one")
     try:
         raw = json.loads(State.path_for(profile.name).read_text())
     except (OSError, ValueError) as e:
         raise RoleError(f"cannot read {State.path_for(profile.name)}: {e}") from None
     if "reload" not in raw:
-        raise RoleError(f"the running parent of {profile.name} (pid {state.pid}) is an older "
-                        "version that cannot reload (SIGHUP would stop it): restart it with "
+        raise RoleError(f"the running parent of {named(profile.name)} (pid {state.pid}) is an "
+                        "older version that cannot reload (SIGHUP would stop it): restart it with "
                         "`wgvsock parent down` and `up` once, then reload")
     lock = State.path_for(profile.name).with_suffix(".reload.lock")
     with open(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)) as held:
@@ -545,13 +545,14 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
         try:
             os.kill(state.pid, signal.SIGHUP)
         except ProcessLookupError:
-            raise RoleError(f"the parent of {profile.name} (pid {state.pid}) stopped") from None
+            raise RoleError(f"the parent of {named(profile.name)} (pid {state.pid}) "
+                            "stopped") from None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(0.05)
             now = State.load(profile.name)
             if now is None or not state.running():
-                raise RoleError(f"the parent of {profile.name} (pid {state.pid}) stopped")
+                raise RoleError(f"the parent of {named(profile.name)} (pid {state.pid}) stopped")
             outcome = now.reload
             # A parent of a build before request ids echoes none: then any newer outcome.
             if outcome.get("request", request if outcome.get("seq", 0) > seq else None) \
@@ -561,8 +562,8 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
                     message += (f"\n(note: {profile.path} changed while it was reloaded; the "
                                 "parent applied the version it read then)")
                 return bool(outcome.get("ok")), message
-    raise RoleError(f"the parent of {profile.name} (pid {state.pid}) did not answer within "
-                    f"{timeout:.0f} s; see its log")
+    raise RoleError(f"the parent of {named(profile.name)} (pid {state.pid}) did not answer "
+                    f"within {timeout:.0f} s; see its log")
 
 
 def already_up(profile) -> int | None:
