@@ -713,6 +713,26 @@ def test_control_refusals_fit_narrow_terminals(width: int) -> None:
     assert PCR_REASON in flat
 
 
-def test_a_parent_that_refused_nobody_says_no_peers_as_before() -> None:
+def test_a_parent_whose_enclave_never_registered_says_it_waits_for_one() -> None:
+    """It said "no peers configured", which reads as a mistake in the profile: a parent's
+    only peer is its enclave, added when the enclave registers."""
     plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[_refused_parent({})]))
-    assert "no peers configured" in plain and "refused" not in plain
+    assert "no peers configured" not in plain and "refused" not in plain
+    assert "  no enclave yet: the parent adds it as its peer when `wgvsock enclave up`\n" \
+        "    registers on the control port\n" in plain, plain
+    # Another daemon's interface (no role) has peers configured by hand, or none.
+    other = st.interface_view("wg0", "/s", {"private_key": generate_private_key(), "peers": [],
+                                            "extra": {}}, NOW)
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[other]))
+    assert "  no peers configured" in plain and "enclave" not in plain
+
+
+def test_a_peer_without_a_connection_says_so_in_words() -> None:
+    """The enclave gone, the parent's peer showed "· none ·" among its details: none of what?"""
+    peer = {"public_key": public_key(generate_private_key()), "allowed_ips": [],
+            "extra": {"wgvsock_conn": "none"}}
+    iface = _refused_parent({}, [peer])
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), 100)
+    assert "not connected · keepalive off" in plain and "none ·" not in plain, plain
+    # --json keeps the daemon's own word.
+    assert iface.peers[0].connection == "none"

@@ -242,7 +242,8 @@ def test_what_is_not_a_socket_is_named_so_not_a_stale_socket(tmp_path: Path) -> 
         "wgfile": f"not a socket: {tmp_path}/wgfile.sock is a regular file, which no daemon "
                   "serves (remove it: a daemon makes its own socket as it starts)",
         "wgstale": f"stale socket: connection refused on {tmp_path}/wgstale.sock (no daemon "
-                   "is serving it)",
+                   "is serving it: its daemon stopped without removing it, as after a crash; "
+                   "started again, it replaces the socket)",
     }
 
 
@@ -365,3 +366,23 @@ def test_with_a_terminal_on_stdin_q_quits(tmp_path: Path) -> None:
         os.close(controller)
         os.close(terminal)
     assert "q quits" in shown and "Ctrl-C" not in shown, shown
+
+
+@pytest.mark.parametrize("searchable", [True, False])
+def test_a_run_directory_that_cannot_be_listed_gives_advice_that_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, searchable: bool) -> None:
+    """Not root, with a run directory of mode 0700 (`WGVSOCK_RUN_DIR` under a private one):
+    it advised "or name the interfaces to read", which then failed as well, since a
+    directory that cannot be searched lets no socket in it be reached."""
+    def listdir(path: str) -> list[str]:
+        raise PermissionError(13, "Permission denied", path)
+
+    real_access = os.access
+    monkeypatch.setattr(st.os, "listdir", listdir)
+    monkeypatch.setattr(st.os, "access", lambda path, mode, **kw: searchable
+                        if str(path) == str(tmp_path) and mode == os.X_OK
+                        else real_access(path, mode, **kw))
+    names, error = st.discover(str(tmp_path))
+    assert names == []
+    assert error == (f"cannot list {tmp_path}: permission denied (run as root"
+                     + (", or name the interfaces to read)" if searchable else ")"))

@@ -92,6 +92,9 @@ HEALTH_STYLES = {"fresh": "green", "rekey": "yellow", "stale": "red", "never": "
 FUTURE_SLACK = 2.0
 CONN_STYLES = {"connected": "green", "stalled": "red", "dialing": "yellow", "backoff": "red",
                "none": "dim"}
+# wgvsock_conn's words as the dashboard shows them; a bare "none" among the peer's details
+# said nothing of what there is none of. (--json keeps the daemon's word.)
+_CONN_SHOWN = {"none": "not connected"}
 
 EMPTY_HINT = (
     "start one with `wgvsock parent up --profile FILE` or `wireguard-go-vsock wg0`, "
@@ -355,7 +358,9 @@ def _error_words(exc: BaseException, path: str, timeout: float) -> str:
                     else "a regular file" if stat.S_ISREG(mode) else "a device or other file")
             return (f"not a socket: {path} is {kind}, which no daemon serves (remove it: a "
                     "daemon makes its own socket as it starts)")
-        return f"stale socket: connection refused on {path} (no daemon is serving it)"
+        return (f"stale socket: connection refused on {path} (no daemon is serving it: "
+                "its daemon stopped without removing it, as after a crash; started again, "
+                "it replaces the socket)")
     if isinstance(exc, OSError) and exc.errno == errno.EPROTOTYPE:
         # Only a socket that is bound, so held by a process, answers so: not a leftover.
         return (f"not a UAPI socket: {path} is a datagram or seqpacket socket, not the stream "
@@ -539,8 +544,11 @@ def discover(run_dir: str) -> tuple[list[str], str | None]:
     except FileNotFoundError:
         return [], None
     except PermissionError:
-        return [], (f"cannot list {run_dir}: permission denied "
-                    "(run as root, or name the interfaces to read)")
+        # Naming the interfaces helps only where the sockets can be reached: a directory that
+        # may be searched but not read. One that may not be searched (mode 0700) keeps them
+        # all out, and the advice sent a newcomer on to "permission denied" once more.
+        named = ", or name the interfaces to read" if os.access(run_dir, os.X_OK) else ""
+        return [], f"cannot list {run_dir}: permission denied (run as root{named})"
     except OSError as e:
         return [], f"cannot list {run_dir}: {e.strerror or e}"
     return sorted(e[: -len(".sock")] for e in entries if e.endswith(".sock") and len(e) > 5), None
@@ -798,7 +806,7 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
         lines += _wrapped(console, _control_refusal_line(c), width, _INDENT + 2, hang=2)
     if not iface.peers:
         if not iface.control_refusals:
-            lines.append(Text(" " * _INDENT + "no peers configured", style="dim"))
+            lines += _wrapped(console, _no_peers(iface), width, _INDENT, hang=2)
         return lines
 
     wide = width >= WIDE_MIN
@@ -835,6 +843,15 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
         )
         lines += _flow(console, _details(p, rates=not wide), width, _DETAIL_INDENT)
     return lines
+
+
+def _no_peers(iface: InterfaceView) -> Text:
+    """What an interface without peers waits for. A parent's peer is its enclave, added when
+    the enclave registers: "no peers configured" read as a mistake in the profile."""
+    if iface.role == "parent":
+        return Text("no enclave yet: the parent adds it as its peer when `wgvsock enclave "
+                    "up` registers on the control port", style="yellow")
+    return Text("no peers configured", style="dim")
 
 
 def _counter_parts(iface: InterfaceView) -> list[Text]:
@@ -906,7 +923,8 @@ def _details(p: PeerView, rates: bool = False) -> list[Text]:
     if p.attestation in _ATTESTATION_SHOWN:
         parts.append(Text(*_ATTESTATION_SHOWN[p.attestation]))
     if p.connection:
-        conn = Text(p.connection, style=CONN_STYLES.get(p.connection, ""))
+        conn = Text(_CONN_SHOWN.get(p.connection, p.connection),
+                    style=CONN_STYLES.get(p.connection, ""))
         if p.reconnects:
             conn.append(f", {p.reconnects} reconnect{'s' if p.reconnects != 1 else ''}",
                         style="yellow")
