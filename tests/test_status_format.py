@@ -736,3 +736,50 @@ def test_a_peer_without_a_connection_says_so_in_words() -> None:
     assert "not connected · keepalive off" in plain and "none ·" not in plain, plain
     # --json keeps the daemon's own word.
     assert iface.peers[0].connection == "none"
+
+
+# As long as nitro-cli's own words make it: the fix at its end must not be cut off.
+RUN_FAILED = ("run-enclave failed: [ E26 ] Insufficient memory requested. User provided "
+              "`memory` is 256 MB, but based on the EIF file size, the minimum memory should "
+              "be 512 MB; set parent.enclave.memory_mib to at least 512 (or make the image "
+              "smaller)")
+
+
+def test_why_the_parents_enclave_is_not_running_is_shown_where_its_peer_would_be() -> None:
+    """A parent that starts its enclave (parent.enclave) and whose run-enclave failed said
+    only that no enclave had registered: the reason, with its fix, was in its log alone."""
+    iface = _refused_parent({"wgvsock_enclave_down": RUN_FAILED})
+    assert iface.enclave_down == RUN_FAILED
+    plain, styled = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), 400)
+    assert f"  enclave not running: {RUN_FAILED}\n" in plain, plain
+    assert "no enclave yet" not in plain
+    # Said in bold red; the reason in plain text, as the control port's refusals are.
+    assert "\x1b[1;31menclave not running: \x1b[0mrun-enclave failed" in styled, styled
+    # Wrapped to a narrow window, words whole.
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), 40)
+    assert all(len(line) <= 40 for line in plain.splitlines()), plain
+    assert "memory_mib to at least 512" in " ".join(plain.split())
+    # What another daemon (no parent role) says of it is not taken for a parent's word.
+    other = st.interface_view("wg0", "/s", {"peers": [], "extra": {
+        "wgvsock_enclave_down": RUN_FAILED}}, NOW)
+    assert other.enclave_down is None
+
+
+def test_a_parents_word_on_its_enclave_cannot_drive_the_terminal() -> None:
+    iface = _refused_parent({"wgvsock_enclave_down": "exited\x1b[2J\x1b]0;owned\x07 badly"})
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), 200)
+    assert "\x1b" not in plain and "\x07" not in plain
+
+
+def test_the_parent_says_why_its_enclave_is_not_running_in_its_status_keys() -> None:
+    from types import SimpleNamespace
+
+    from wgvsock.roles.parent import Parent
+    from wgvsock.services.profile import parse_profile
+
+    parent = Parent(parse_profile("name: a\nparent:\n  enclave: {eif: /x.eif}\n"))
+    assert "wgvsock_enclave_down" not in parent._status_keys()  # no supervisor yet
+    parent.supervisor = SimpleNamespace(info=None, last_reason=RUN_FAILED + "\nsecond line")
+    assert parent._status_keys()["wgvsock_enclave_down"] == RUN_FAILED + " second line"
+    parent.supervisor = SimpleNamespace(info=object(), last_reason=RUN_FAILED)  # runs again
+    assert "wgvsock_enclave_down" not in parent._status_keys()

@@ -154,3 +154,20 @@ def test_up_refuses_a_missing_eif_before_changing_anything(lab: Lab) -> None:
     assert "wg0" not in host.ns.ip("-o", "link", "show").stdout
     assert host.enclaves() == []
     assert not host.state_dir.exists() or list(host.state_dir.glob("*")) == []
+
+
+def test_status_says_why_the_enclave_the_parent_starts_is_not_running(host: Host) -> None:
+    """run-enclave failing (here: E26, not enough memory) left `wgvsock status` saying only
+    that no enclave had registered; the reason and its fix were in the parent's log."""
+    host.nitro("fake-fail-run", "1000", "E26")
+    host.up()
+    wait_for(lambda: "run-enclave failed" in host.log.read_text(), 20,
+             "the parent to try run-enclave")
+
+    def shown() -> str | None:
+        res = host.ns.run(WGVSOCK, "status", "--once", env={**host.env, "COLUMNS": "300"},
+                          check=False)
+        return res.stdout if "enclave not running: run-enclave failed" in res.stdout else None
+
+    out = wait_for(shown, 20, "the dashboard to say why")
+    assert "E26" in out and "no enclave yet" not in out, out

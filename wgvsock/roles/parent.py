@@ -917,6 +917,12 @@ class Parent:
         keys.update(self.refusals.uapi_keys())
         if self.control is not None:
             keys.update(self.control.refusals.uapi_keys())
+        sup = self.supervisor
+        if sup is not None and sup.info is None and sup.last_reason:
+            # As status_line says it: without it the dashboard showed only that no enclave
+            # had registered, while the reason (run-enclave failed, with its fix) was in the
+            # log. One line: a UAPI value ends at the newline.
+            keys["wgvsock_enclave_down"] = " ".join(sup.last_reason.split())
         return keys
 
     def _dns(self) -> DnsCounters | None:

@@ -11,7 +11,8 @@ when not 0; older daemons leave it out) and, once it runs a DNS
 forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, what it refused lately
 ``wgvsock_refused_1`` (newest) ... ``_8`` ("KIND COUNT AGE WHAT[; RULE]"), whom its control
 port refused lately ``wgvsock_control_refused_1`` (newest) ... ``_4`` ("KIND COUNT AGE WHO;
-REASON", cleared when an enclave is admitted), and per peer
+REASON", cleared when an enclave is admitted), why the enclave it starts itself is not
+running ``wgvsock_enclave_down`` (only while it is not), and per peer
 ``wgvsock_endpoint`` (a readable endpoint), ``wgvsock_conn`` and ``wgvsock_reconnects`` (the
 stream transport's connection to that peer).
 
@@ -297,6 +298,9 @@ class InterfaceView:
     dns: dict[str, int] | None = None  # queries, refused: only with a DNS forwarder
     refusals: list[RefusalView] = field(default_factory=list)  # newest first
     control_refusals: list[ControlRefusalView] = field(default_factory=list)  # newest first
+    # Why the enclave the parent starts itself (parent.enclave) is not running; None: it is,
+    # or the parent does not start one.
+    enclave_down: str | None = None
     peers: list[PeerView] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -482,6 +486,9 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
         refusals=refusals_of(extra),
         control_refusals=control_refusals_of(extra),
+        # Longer than other words a daemon says: its end is the fix (run_failure_fix).
+        enclave_down=prose(extra["wgvsock_enclave_down"], 600)
+        if role == "parent" and extra.get("wgvsock_enclave_down") else None,
         extra=dict(extra),
     )
     # The parent's verdict is about the key that registered, which it names: any other peer
@@ -797,6 +804,11 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
         lines += _flow(console, counters, width, _INDENT)
     for r in iface.refusals[:REFUSALS_SHOWN]:
         lines += _flow(console, _refusal_parts(r), width, _INDENT + 2)
+    if iface.enclave_down:
+        line = Text()  # no base style: it would be the reason's too
+        line.append("enclave not running: ", style="bold red")
+        line.append(iface.enclave_down)
+        lines += _wrapped(console, line, width, _INDENT, hang=2)
     # Where the enclave's peer would be: why it is not there (or, beside an earlier one's
     # peer, why its replacement was not let in).
     if not iface.peers and iface.control_refusals:
@@ -805,7 +817,7 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
     for c in iface.control_refusals[:CONTROL_REFUSALS_SHOWN]:
         lines += _wrapped(console, _control_refusal_line(c), width, _INDENT + 2, hang=2)
     if not iface.peers:
-        if not iface.control_refusals:
+        if not iface.control_refusals and not iface.enclave_down:
             lines += _wrapped(console, _no_peers(iface), width, _INDENT, hang=2)
         return lines
 
