@@ -92,7 +92,21 @@ def test_the_parents_status_keys_survive_a_malformed_counter(
     assert keys["wgvsock_egress_allowed"] == "7"
 
 
-def test_the_parents_status_keys_survive_nft_output_of_another_shape(
+def test_a_counter_the_table_lacks_is_left_out_of_the_status_keys_not_said_to_be_0(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """egress() fills a missing counter with 0 (Prometheus needs a number); the dashboard
+    must not show as 0 what nobody counted: the key is left out, and shown as "-"."""
+    _fake_nft(monkeypatch, {"nftables": [GOOD, {"counter": {"name": "egress_denied",
+                                                            "bytes": 0}}]})
+    keys = ParentCounters("x").uapi_keys()
+    assert keys["wgvsock_egress_allowed"] == "7"
+    assert "wgvsock_egress_denied" not in keys and "wgvsock_egress_blocked" not in keys
+
+
+def test_nft_output_that_cannot_be_read_is_said_in_the_status_keys(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The egress line then went missing from the dashboard without a word."""
     _fake_nft(monkeypatch, "[1, 2]")
-    assert ParentCounters("x").uapi_keys() == {}
+    keys = ParentCounters("x").uapi_keys()
+    assert keys == {"wgvsock_egress_error": "nft -j -t list table inet wgvsock_x: output is not "
+                    "the JSON this version of wgvsock knows (no \"nftables\" list)"}

@@ -83,3 +83,24 @@ def test_counter_line_styles_and_narrow_width() -> None:
     assert all(len(line) <= 40 for line in plain.splitlines())
     assert "\x1b[1;31mdenied 4" in styled  # denials stand out
     assert "\x1b[2mblocked 0" in styled  # zero is dim
+
+
+def test_a_counter_the_parent_did_not_give_is_shown_as_unknown() -> None:
+    """A parent leaves out a counter its nftables table lacks: shown as "-", with what that
+    means, where the whole egress line went missing."""
+    iface = st.interface_view("wg0", "/s", {"peers": [], "extra": {
+        "wgvsock_role": "parent", "wgvsock_egress_allowed": "5"}}, 0.0)
+    assert iface.egress == {"allowed": 5, "denied": None, "blocked": None}
+    plain, _ = _show(st.Snapshot(time=0.0, run_dir="/run", interfaces=[iface]), 100)
+    assert "egress allowed 5 · denied - · blocked - · -: not in the parent's nftables " \
+        "table" in " ".join(plain.split()), plain
+
+
+def test_counters_the_parent_could_not_read_are_said_to_be_unavailable() -> None:
+    why = "nft -j -t list table inet wgvsock_demo: output is not JSON (Expecting value)"
+    iface = st.interface_view("wg0", "/s", {"peers": [], "extra": {
+        "wgvsock_role": "parent", "wgvsock_egress_error": why + "\x1b[2J"}}, 0.0)
+    assert iface.egress is None
+    plain, _ = _show(st.Snapshot(time=0.0, run_dir="/run", interfaces=[iface]), 200)
+    assert f"  egress counters unavailable: {why}" in plain, plain
+    assert "\x1b" not in plain

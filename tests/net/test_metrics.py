@@ -302,7 +302,8 @@ class _NoDevice:
 
 def test_dns_counters_feed_status_keys_and_metrics(lab: Lab, caplog) -> None:
     """The hook part 1's forwarder plugs into: its counts appear as UAPI keys and series; a
-    missing table is logged once and leaves the egress numbers out instead of failing."""
+    missing table is logged once and leaves the egress numbers out instead of failing, with
+    nft's reason in their place (the dashboard says it)."""
     from prometheus_client import generate_latest
 
     from wgvsock.services.metrics.counters import DnsCounters, ParentCounters
@@ -313,7 +314,12 @@ def test_dns_counters_feed_status_keys_and_metrics(lab: Lab, caplog) -> None:
     counters = ParentCounters("mdns", dns=lambda: DnsCounters(5, 2), netns=ns.name,
                               clock=lambda: next(ticks))
     with caplog.at_level("WARNING", logger="wgvsock.services.metrics"):
-        assert counters.uapi_keys() == {"wgvsock_dns_queries": "5", "wgvsock_dns_refused": "2"}
+        keys = counters.uapi_keys()
+        why = keys.pop("wgvsock_egress_error")
+        assert keys == {"wgvsock_dns_queries": "5", "wgvsock_dns_refused": "2"}
+        # nft's first line only (the others point at the command with ^^^).
+        assert why.startswith("nft -t list table inet wgvsock_mdns: ") and "^" not in why, why
+        assert "No such file or directory" in why, why
         counters.read()
     assert caplog.text.count("cannot read the firewall counters of mdns") == 1
     firewall.apply(firewall.FirewallSpec(name="mdns", tunnel_interface="wg0",

@@ -7,7 +7,8 @@ sockets is all it needs. Our daemon adds read-only keys that `wg` ignores and th
 ``wgvsock_link`` (``down``: the interface is down, and with it every session),
 ``wgvsock_profile`` / ``wgvsock_role`` / ``wgvsock_attested`` (set by the roles), the parent's
 packet counters ``wgvsock_egress_allowed`` / ``_denied`` / ``_blocked`` / ``_limited`` (shown
-when not 0; older daemons leave it out) and, once it runs a DNS
+when not 0; older daemons leave it out; one its table lacks is left out and shown as "-"),
+or ``wgvsock_egress_error`` when it could not read them, and, once it runs a DNS
 forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, what it refused lately
 ``wgvsock_refused_1`` (newest) ... ``_8`` ("KIND COUNT AGE WHAT[; RULE]"), whom its control
 port refused lately ``wgvsock_control_refused_1`` (newest) ... ``_4`` ("KIND COUNT AGE WHO;
@@ -293,9 +294,11 @@ class InterfaceView:
     attested: bool | None = None
     debug: bool = False
     attestation: str | None = None
-    # The parent's packets per egress verdict (allowed, denied, blocked); None when not given.
-    egress: dict[str, int] | None = None
-    dns: dict[str, int] | None = None  # queries, refused: only with a DNS forwarder
+    # The parent's packets per egress verdict (allowed, denied, blocked); None when not given,
+    # and within it None for one the parent did not give (its table lacks the counter).
+    egress: dict[str, int | None] | None = None
+    egress_error: str | None = None  # why the parent could not read its counters
+    dns: dict[str, int | None] | None = None  # queries, refused: only with a DNS forwarder
     refusals: list[RefusalView] = field(default_factory=list)  # newest first
     control_refusals: list[ControlRefusalView] = field(default_factory=list)  # newest first
     # Why the enclave the parent starts itself (parent.enclave) is not running; None: it is,
@@ -386,21 +389,30 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value is not None and _COUNT.fullmatch(value) else None
 
 
-def _counters(extra: dict[str, str], prefix: str, names: tuple[str, ...]) -> dict[str, int] | None:
-    """The named counters under PREFIX, or None unless every one is there and a number."""
+def _counters(extra: dict[str, str], prefix: str,
+              names: tuple[str, ...]) -> dict[str, int | None] | None:
+    """The named counters under PREFIX, None for each that is not there or not a number;
+    None when none is."""
     values = {n: _int_or_none(extra.get(prefix + n)) for n in names}
-    if any(v is None for v in values.values()):
+    if all(v is None for v in values.values()):
         return None
-    return values  # type: ignore[return-value]
+    return values
 
 
-def _egress(extra: dict[str, str]) -> dict[str, int] | None:
+def _egress(extra: dict[str, str]) -> dict[str, int | None] | None:
     """The parent's verdict counters; `limited` only from a daemon that sends it."""
     egress = _counters(extra, "wgvsock_egress_", ("allowed", "denied", "blocked"))
     limited = _int_or_none(extra.get("wgvsock_egress_limited"))
     if egress is not None and limited is not None:
         egress["limited"] = limited
     return egress
+
+
+def _dns(extra: dict[str, str]) -> dict[str, int | None] | None:
+    """The DNS forwarder's counts: both or none (the forwarder gives both, from its own
+    counters, not the table's)."""
+    dns = _counters(extra, "wgvsock_dns_", ("queries", "refused"))
+    return None if dns is None or None in dns.values() else dns
 
 
 _REFUSAL = re.compile(r"([a-z][a-z-]{0,15}) (\d{1,18}) (\d{1,12}) (.+)")
@@ -483,7 +495,9 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         debug=debug,
         attestation=attestation,
         egress=_egress(extra),
-        dns=_counters(extra, "wgvsock_dns_", ("queries", "refused")),
+        egress_error=prose(extra["wgvsock_egress_error"], 500)
+        if role == "parent" and extra.get("wgvsock_egress_error") else None,
+        dns=_dns(extra),
         refusals=refusals_of(extra),
         control_refusals=control_refusals_of(extra),
         # Longer than other words a daemon says: its end is the fix (run_failure_fix).
@@ -871,16 +885,26 @@ def _counter_parts(iface: InterfaceView) -> list[Text]:
     parts: list[Text] = []
     if iface.egress is not None:
         e = iface.egress
-        parts.append(Text(f"egress allowed {e['allowed']}", style="green"))
-        parts.append(Text(f"denied {e['denied']}", style="bold red" if e["denied"] else "dim"))
-        parts.append(Text(f"blocked {e['blocked']}", style="yellow" if e["blocked"] else "dim"))
+        parts.append(Text(f"egress allowed {_n(e['allowed'])}",
+                          style="green" if e["allowed"] is not None else "dim"))
+        parts.append(Text(f"denied {_n(e['denied'])}", style="bold red" if e["denied"] else "dim"))
+        parts.append(Text(f"blocked {_n(e['blocked'])}",
+                          style="yellow" if e["blocked"] else "dim"))
         if e.get("limited"):  # off by default (parent.egress.max_connections): no "limited 0"
             parts.append(Text(f"limited {e['limited']}", style="yellow"))
+    elif iface.egress_error:
+        parts.append(Text(f"egress counters unavailable: {iface.egress_error}", style="yellow"))
     if iface.dns is not None:
         d = iface.dns
         parts.append(Text(f"dns {d['queries']} quer{'ies' if d['queries'] != 1 else 'y'}"))
         parts.append(Text(f"refused {d['refused']}", style="bold red" if d["refused"] else "dim"))
+    if iface.egress is not None and None in iface.egress.values():
+        parts.append(Text("-: not in the parent's nftables table", style="dim"))
     return parts
+
+
+def _n(count: int | None) -> str:
+    return "-" if count is None else str(count)
 
 
 def _refusal_parts(r: RefusalView) -> list[Text]:

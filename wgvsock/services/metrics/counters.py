@@ -29,6 +29,15 @@ log = logging.getLogger("wgvsock.metrics")
 CACHE_SECONDS = 1.0
 
 
+#: The table's named counters (firewall.COUNTERS) that make each egress verdict.
+EGRESS_VERDICTS: dict[str, tuple[str, ...]] = {
+    "allowed": ("egress_allowed",),
+    "denied": ("egress_denied",),
+    "blocked": ("egress_blocked", "local_blocked"),
+    "limited": ("egress_limited",),
+}
+
+
 class DnsCounters(NamedTuple):
     queries: int  # queries the forwarder received from the enclave
     refused: int  # answered REFUSED: a denied name or one that no allow entry names
@@ -52,12 +61,17 @@ class Reading:
             return None
         c = self.firewall
         zero = Counter(0, 0)
-        return {
-            "allowed": c.get("egress_allowed", zero).packets,
-            "denied": c.get("egress_denied", zero).packets,
-            "blocked": c.get("egress_blocked", zero).packets + c.get("local_blocked", zero).packets,
-            "limited": c.get("egress_limited", zero).packets,
-        }
+        return {verdict: sum(c.get(n, zero).packets for n in names)
+                for verdict, names in EGRESS_VERDICTS.items()}
+
+    def egress_counted(self) -> dict[str, int] | None:
+        """egress() without the verdicts none of whose counters the table has: a number
+        nobody counted, where a person reads it, is not 0 but unknown."""
+        egress = self.egress()
+        if egress is None or self.firewall is None:
+            return egress
+        return {verdict: n for verdict, n in egress.items()
+                if any(name in self.firewall for name in EGRESS_VERDICTS[verdict])}
 
     def rules(self) -> dict[str, Counter]:
         """Each allow/deny entry's own counter, under the rule's nft comment ("deny 10.0.0.0/8")."""
@@ -137,9 +151,15 @@ class ParentCounters:
 
     def uapi_keys(self) -> dict[str, str]:
         """The read-only device keys of `get`: wgvsock_egress_{allowed,denied,blocked,limited}
-        and, with a forwarder, wgvsock_dns_{queries,refused}."""
+        (each only when the table has its counters), or wgvsock_egress_error when the table
+        could not be read, and, with a forwarder, wgvsock_dns_{queries,refused}."""
         r = self.read()
-        keys = {f"wgvsock_egress_{k}": str(v) for k, v in (r.egress() or {}).items()}
+        keys = {f"wgvsock_egress_{k}": str(v) for k, v in (r.egress_counted() or {}).items()}
+        if r.firewall is None and r.error:
+            # Else the dashboard's egress line went missing without a word. One line: a UAPI
+            # value ends at the newline, and nft's lines after its first only point (^^^) at
+            # the command.
+            keys["wgvsock_egress_error"] = " ".join(r.error.splitlines()[0].split())[:400]
         if r.dns is not None:
             keys["wgvsock_dns_queries"] = str(r.dns.queries)
             keys["wgvsock_dns_refused"] = str(r.dns.refused)
