@@ -110,3 +110,15 @@ def test_nft_output_that_cannot_be_read_is_said_in_the_status_keys(
     keys = ParentCounters("x").uapi_keys()
     assert keys == {"wgvsock_egress_error": "nft -j -t list table inet wgvsock_x: output is not "
                     "the JSON this version of wgvsock knows (no \"nftables\" list)"}
+
+
+def test_nfts_error_is_one_line_the_device_can_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NUL or a second line in a UAPI value makes the device refuse the whole `get`."""
+    def nft(args: list[str], netns: str | None,
+            script: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(["nft", *args], 1, "",
+                                           "Error: odd\0table\nlist table\n^^^^^\n")
+
+    monkeypatch.setattr(firewall, "_nft", nft)
+    assert ParentCounters("x").uapi_keys() == {
+        "wgvsock_egress_error": "nft -t list table inet wgvsock_x: Error: odd table"}

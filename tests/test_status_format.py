@@ -779,7 +779,7 @@ def test_the_parent_says_why_its_enclave_is_not_running_in_its_status_keys() -> 
 
     parent = Parent(parse_profile("name: a\nparent:\n  enclave: {eif: /x.eif}\n"))
     assert "wgvsock_enclave_down" not in parent._status_keys()  # no supervisor yet
-    parent.supervisor = SimpleNamespace(info=None, last_reason=RUN_FAILED + "\nsecond line")
+    parent.supervisor = SimpleNamespace(info=None, last_reason=RUN_FAILED + "\nsecond\r\0line")
     assert parent._status_keys()["wgvsock_enclave_down"] == RUN_FAILED + " second line"
     parent.supervisor = SimpleNamespace(info=object(), last_reason=RUN_FAILED)  # runs again
     assert "wgvsock_enclave_down" not in parent._status_keys()

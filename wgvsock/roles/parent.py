@@ -921,8 +921,8 @@ class Parent:
         if sup is not None and sup.info is None and sup.last_reason:
             # As status_line says it: without it the dashboard showed only that no enclave
             # had registered, while the reason (run-enclave failed, with its fix) was in the
-            # log. One line: a UAPI value ends at the newline.
-            keys["wgvsock_enclave_down"] = " ".join(sup.last_reason.split())
+            # log. One line without NULs, or the device refuses the whole `get`.
+            keys["wgvsock_enclave_down"] = " ".join(sup.last_reason.replace("\0", " ").split())
         return keys
 
     def _dns(self) -> DnsCounters | None:

@@ -156,10 +156,11 @@ class ParentCounters:
         r = self.read()
         keys = {f"wgvsock_egress_{k}": str(v) for k, v in (r.egress_counted() or {}).items()}
         if r.firewall is None and r.error:
-            # Else the dashboard's egress line went missing without a word. One line: a UAPI
-            # value ends at the newline, and nft's lines after its first only point (^^^) at
-            # the command.
-            keys["wgvsock_egress_error"] = " ".join(r.error.splitlines()[0].split())[:400]
+            # Else the dashboard's egress line went missing without a word. One line without
+            # NULs, or the device refuses the whole `get`; nft's lines after its first only
+            # point (^^^) at the command.
+            first = (r.error.splitlines() or [""])[0].replace("\0", " ")
+            keys["wgvsock_egress_error"] = " ".join(first.split())[:400] or "unknown error"
         if r.dns is not None:
             keys["wgvsock_dns_queries"] = str(r.dns.queries)
             keys["wgvsock_dns_refused"] = str(r.dns.refused)
