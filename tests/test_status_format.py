@@ -783,3 +783,25 @@ def test_the_parent_says_why_its_enclave_is_not_running_in_its_status_keys() -> 
     assert parent._status_keys()["wgvsock_enclave_down"] == RUN_FAILED + " second line"
     parent.supervisor = SimpleNamespace(info=object(), last_reason=RUN_FAILED)  # runs again
     assert "wgvsock_enclave_down" not in parent._status_keys()
+
+
+@pytest.mark.parametrize("columns", ["120", "60"])
+def test_once_leaves_out_the_rates_it_can_never_have(
+        run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        columns: str) -> None:
+    """A rate needs two samples: --once showed "-" in both rate columns (or "rx/s -  tx/s -"
+    on each peer's detail line in a narrow terminal), which nothing in it could ever fill."""
+    monkeypatch.setenv("COLUMNS", columns)
+    status = DeviceStatus(private_key=generate_private_key(), listen_port=51820, peers=[
+        PeerStatus(public_key=public_key(generate_private_key()), endpoint="192.0.2.1:51820",
+                   rx_bytes=7, tx_bytes=9, allowed_ips=["10.9.0.0/24"])])
+    server, _ = _serve(run_dir, "wgm", status)
+    try:
+        assert st.main(["--once", "--run-dir", str(run_dir)]) == 0
+        out = capsys.readouterr().out
+    finally:
+        server.close()
+    assert "rx/s" not in out and "tx/s" not in out, out
+    header = next(line for line in out.splitlines() if line.split()[:2] == ["peer", "endpoint"])
+    assert header.split() == ["peer", "endpoint", "handshake", "rx", "tx"]
+    assert all(len(line) <= int(columns) for line in out.splitlines()), out

@@ -787,9 +787,9 @@ def _empty_lines(snap: Snapshot, console: Console, width: int) -> list[Text]:
 
 def _interface_lines(iface: InterfaceView, console: Console, width: int,
                      max_lines: int | None = None, peer_rows: list[int] | None = None,
-                     ) -> list[Text]:
+                     rates: bool = True) -> list[Text]:
     """The interface's lines; once past `max_lines` no further peer is laid out. `peer_rows`
-    gets the line each peer laid out begins on."""
+    gets the line each peer laid out begins on. Without `rates`, none are shown."""
     if iface.error is not None:
         line = Text.assemble(("✗ ", "bold red"), (prose(iface.name, 100), "bold"), "  ",
                              (iface.error, "red"))
@@ -835,7 +835,7 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
             lines += _wrapped(console, _no_peers(iface), width, _INDENT, hang=2)
         return lines
 
-    wide = width >= WIDE_MIN
+    wide = rates and width >= WIDE_MIN
     ep_width = max(_MIN_ENDPOINT, min(_MAX_ENDPOINT,
                                       width - (_WIDE_FIXED if wide else _NARROW_FIXED)))
 
@@ -867,7 +867,7 @@ def _interface_lines(iface: InterfaceView, console: Console, width: int,
                 human_rate(p.tx_rate),
             )
         )
-        lines += _flow(console, _details(p, rates=not wide), width, _DETAIL_INDENT)
+        lines += _flow(console, _details(p, rates=rates and not wide), width, _DETAIL_INDENT)
     return lines
 
 
@@ -977,11 +977,13 @@ def _details(p: PeerView, rates: bool = False) -> list[Text]:
 def render_lines(
     snap: Snapshot, console: Console, width: int, footer: str | None = None,
     max_lines: int | None = None, rows: list[tuple[str, int]] | None = None,
+    rates: bool = True,
 ) -> list[Text]:
     """The whole view as physical lines of at most `width` cells; with `max_lines`, laid out
     only until there are more than that (a window shows no more, and a daemon with thousands
     of peers would otherwise cost a redraw seconds). `rows` gets ("interface", line) and
-    ("peer", line) for where each interface and peer laid out begins."""
+    ("peer", line) for where each interface and peer laid out begins. Without `rates` (one
+    snapshot, which can have none) the rate columns are left out."""
     lines = _header_lines(snap, console, width, footer)
     if not snap.interfaces:
         lines.append(Text(""))
@@ -996,7 +998,8 @@ def render_lines(
         peers: list[int] = []
         start = len(lines)
         lines += _interface_lines(
-            iface, console, width, None if max_lines is None else max_lines - len(lines), peers)
+            iface, console, width, None if max_lines is None else max_lines - len(lines), peers,
+            rates)
         if rows is not None:
             rows.append(("interface", start))
             rows += [("peer", start + n) for n in peers]
@@ -1022,10 +1025,11 @@ class Dashboard:
     which gives its parts none."""
 
     def __init__(self, snapshot: Snapshot, footer: Callable[[Snapshot], str] | None = None,
-                 *, screen: bool = False):
+                 *, screen: bool = False, rates: bool = True):
         self.snapshot = snapshot
         self._footer = footer
         self._screen = screen
+        self._rates = rates
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
@@ -1034,7 +1038,7 @@ class Dashboard:
         if height is None and self._screen:
             height = console.size.height
         rows: list[tuple[str, int]] = []
-        lines = render_lines(self.snapshot, console, width, footer, height, rows)
+        lines = render_lines(self.snapshot, console, width, footer, height, rows, self._rates)
         if height is not None and len(lines) > height:
             more = f"… {_hidden(self.snapshot, rows, height - 1)} below"
             advice = f"{more}: enlarge the window, or use --json"
@@ -1260,7 +1264,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             _print_json(snap, sys.stdout, pretty=True)
         else:
-            console.print(Dashboard(snap, lambda s: _footer(s, None)))
+            # A rate needs two samples: --once would show "-" in every rate cell.
+            console.print(Dashboard(snap, lambda s: _footer(s, None), rates=False))
         # A run directory that cannot be listed is an interface not read, too.
         return 1 if snap.listing_error or any(i.error for i in snap.interfaces) else 0
     # is_interactive: a terminal that can move the cursor; on TERM=dumb the live view would
