@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from wgvsock.conn.endpoint import Endpoint
+from wgvsock.conn.endpoint import Endpoint, display_endpoint
 from wgvsock.conn.stream import StreamBind
 from wgvsock.core.crypto import generate_private_key, public_key
 from wgvsock.device.device import Device
@@ -58,6 +58,15 @@ def _listener(d: str, port: int) -> socket.socket:
 
 def _dialers(bind: StreamBind) -> list[str]:
     return [x["endpoint"] for x in bind.status()["dialers"]]
+
+
+def _shown(bind: StreamBind, port: int) -> str:
+    """How status() names the endpoint 127.0.0.1:PORT (here the socket file's path)."""
+    return display_endpoint(bind.parse_endpoint(f"127.0.0.1:{port}"))
+
+
+def _connections(bind: StreamBind) -> list[str]:
+    return [x["endpoint"] for x in bind.status()["connections"]]
 
 
 def _dial_threads() -> list[threading.Thread]:
@@ -128,6 +137,10 @@ def test_a_peer_keeps_its_connections_while_it_is_and_they_go_with_it(scene) -> 
         dev.uapi_set(parse_set(f"public_key={them.hex()}\nendpoint=127.0.0.1:7303\n"
                                "persistent_keepalive_interval=1\n"))
         old, _ = first.accept()
+        # Up on our side too (accept() may return before our connect() does): an endpoint
+        # given before is kept while a connection we dialled there is.
+        wait_for(lambda: _shown(bind, 7303) in _connections(bind), TIMEOUT,
+                 "the connection to 127.0.0.1:7303 to be up")
         with dev._lock:  # as the engine roams a peer to where it last heard from it
             dev.engine.peers[them].endpoint = Endpoint("unix", "", 0, conn_id=99)
         dev.uapi_set(parse_set(f"public_key={other.hex()}\n"))
@@ -204,3 +217,32 @@ def test_connecting_a_peer_a_set_removes_meanwhile_says_so(scene) -> None:
         churner.join(TIMEOUT)
     assert False in answers, "no set came between has_peer and connect_peer (try again)"
     assert not dev.connect_peer(them, endpoint) or dev.has_peer(them)
+
+
+def test_a_peer_re_pointed_many_times_keeps_only_what_it_may_need(scene) -> None:
+    """A long-running daemon re-pointed at new endpoints (`wg set ... endpoint` in a loop, an
+    enclave's parent reconfigured: connect_peer). Before, the device remembered every endpoint
+    a peer was ever given, and told the transport to keep them all: each one that did not
+    answer kept a dialler (a thread) redialling it for redial_idle, and the memory grew with
+    every change. An endpoint given before is kept only while a connection we dialled to it
+    is up (test_a_peer_keeps_its_connections_while_it_is_and_they_go_with_it)."""
+    dev, bind, _ = scene
+    them = public_key(generate_private_key())
+    dev.uapi_set(parse_set(f"public_key={them.hex()}\n"))
+    changes = 60
+    for i in range(changes):
+        port = 7400 + i
+        if i % 2:
+            dev.uapi_set(parse_set(f"public_key={them.hex()}\nendpoint=127.0.0.1:{port}\n"))
+        else:  # and a handshake initiation to it at once, so that the transport dials it
+            assert dev.connect_peer(them, bind.parse_endpoint(f"127.0.0.1:{port}"))
+    last = 7400 + changes - 1
+    assert len(dev._configured[dev.engine.peers[them]]) <= 2, \
+        "the device remembers every endpoint the peer was ever given"
+    # Nothing ever answered at the earlier ones: nobody reaches us there, none is dialled.
+    wait_for(lambda: set(_dialers(bind)) <= {_shown(bind, last)} and len(_dial_threads()) <= 1,
+             TIMEOUT, "the diallers of the endpoints given before to stop")
+    assert dev.engine.peers[them].endpoint == bind.parse_endpoint(f"127.0.0.1:{last}")
+    # The one it is configured with now is dialled when there is something to send.
+    assert dev.connect_peer(them, bind.parse_endpoint(f"127.0.0.1:{last}"))
+    assert _dialers(bind) == [_shown(bind, last)]

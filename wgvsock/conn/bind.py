@@ -184,12 +184,16 @@ class Bind(ABC):
         while when it has to close one to make room."""
         return
 
-    def peers_changed(self, endpoints: AbstractSet[Endpoint]) -> None:
+    def peers_changed(self, endpoints: AbstractSet[Endpoint],
+                      earlier: AbstractSet[Endpoint] = frozenset()) -> AbstractSet[Endpoint]:
         """The owner's peers or their endpoints were set anew (a UAPI set); `endpoints` are
-        those its peers have now or were configured with. A stream transport counts again
-        which of its connections are peers' (StreamBind._set_patience), and stops dialling
-        (and closes what it dialled) where no peer is any more."""
-        return
+        those its peers have now or are configured with, `earlier` those they were configured
+        with before. A stream transport counts again which of its connections are peers'
+        (StreamBind._set_patience), and stops dialling (and closes what it dialled) where no
+        peer is any more, and at an earlier endpoint unless a connection it dialled there is
+        up. Returns the earlier endpoints it keeps: the owner forgets the others, so that a
+        peer re-pointed without end costs no more than the connections that stay."""
+        return frozenset()  # no connections: nobody reaches us at an earlier endpoint
 
     def sessions_ended(self) -> None:
         """The owner's sessions ended (its link went down, its private key changed): nothing

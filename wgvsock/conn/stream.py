@@ -1205,20 +1205,30 @@ class StreamBind(SocketBind):
                     s.shutdown(socket.SHUT_RDWR)
         return [c for d in dialers if (c := d.conn) is not None]
 
-    def peers_changed(self, endpoints: AbstractSet[Endpoint]) -> None:
+    def peers_changed(self, endpoints: AbstractSet[Endpoint],
+                      earlier: AbstractSet[Endpoint] = frozenset()) -> AbstractSet[Endpoint]:
         """A dialler whose endpoint is not in `endpoints` stops, dropping what it queued
         (made for a peer since removed), and a connection we dialled to one is closed: else
         they stayed, redialled when closed, until the other end had been away for
-        redial_idle. Inbound connections stay: their peers dialled them, and a table of them
-        is kept full by _make_room alone."""
+        redial_idle. One in `earlier` (a peer's endpoint before it was re-pointed) stays
+        while its connection is up, as the other side may reach us only there; one still
+        dialling there has reached nobody, and stops. Inbound connections stay: their peers
+        dialled them, and a table of them is kept full by _make_room alone."""
         self._recount = True
         with self._lock:
             if self._closed.is_set():
-                return
-            conns = self._retire([d for ep, d in self._dialers.items() if ep not in endpoints])
-            conns += [c for c in self._conns.values() if c.outbound and c.ep not in endpoints]
+                return frozenset()
+            # Every connection we dialled is its dialler's (d.conn), published or still
+            # sending what was queued.
+            kept = {ep for ep in earlier if (d := self._dialers.get(ep)) is not None
+                    and (c := d.conn) is not None and not c.closed}
+            conns = self._retire([d for ep, d in self._dialers.items()
+                                  if ep not in endpoints and ep not in kept])
+            conns += [c for c in self._conns.values()
+                      if c.outbound and c.ep not in endpoints and c.ep not in kept]
         for c in conns:
             c.shutdown("no peer has this endpoint any more")
+        return kept
 
     def _set_patience(self) -> None:
         """A waiting send waits the whole send timeout while one peer has a connection, and

@@ -317,9 +317,11 @@ class Device:
         self._answered_again = 0
         self._debug = log.isEnabledFor(logging.DEBUG)
         self.max_peers = MAX_PEERS
-        # Every endpoint each peer was configured with (a UAPI set, connect_peer), kept while
-        # the peer is: it may have roamed from one, or be reached on a connection it has kept
-        # to one it was given before (_peers_changed).
+        # The endpoints each peer was configured with (a UAPI set, connect_peer), the current
+        # one last, kept while the peer is: it may have roamed from the current one, or be
+        # reached on a connection we keep to one it was given before. An earlier one is
+        # forgotten once the transport lets it go (_peers_changed), so that a peer re-pointed
+        # without end does not grow this without end.
         self._configured: dict[Peer, dict[Endpoint, None]] = {}
         # Read-only keys the roles add to `get` (profile, role, attestation); `wg` ignores them.
         self.extra_status: dict[str, str] = {}
@@ -1127,7 +1129,7 @@ class Device:
                     peer.preshared_key = pc.preshared_key
                 if i in endpoints:
                     peer.endpoint = endpoints[i]
-                    self._configured.setdefault(peer, {})[peer.endpoint] = None
+                    self._configure_endpoint(peer, peer.endpoint)
                 if pc.persistent_keepalive is not None:
                     was = peer.timers.persistent_keepalive_interval
                     peer.timers.persistent_keepalive_interval = pc.persistent_keepalive
@@ -1156,20 +1158,37 @@ class Device:
             NamedThread(target=self._perform, args=(actions,), name=f"{self.ifname}-uapi-send",
                         daemon=True).start()
 
+    def _configure_endpoint(self, peer: Peer, endpoint: Endpoint) -> None:
+        """Under _lock: `endpoint` is the one `peer` is configured with now (moved last)."""
+        eps = self._configured.setdefault(peer, {})
+        eps.pop(endpoint, None)
+        eps[endpoint] = None
+
     def _peers_changed(self) -> None:
-        """Under _lock: tells the transport which endpoints the peers have now or were
-        configured with, so it lets those of removed peers go (Bind.peers_changed). An
-        endpoint a peer was given before stays: the other side may reach us only over the
-        connection we keep to it, as a peer that dialled us too and roamed there does. Under
+        """Under _lock: tells the transport which endpoints the peers have now or are
+        configured with, so it lets those of removed peers go (Bind.peers_changed). The one a
+        peer is configured with stays, though it roamed elsewhere (say to a connection it
+        dialled itself); one it was given before stays while the transport keeps a
+        connection it dialled there up, as the other side may reach us only over it. Under
         the lock, so that two changes (a set, connect_peer) reach it in the order made."""
         peers = self.engine.peers
         configured = {peer: eps for peer, eps in self._configured.items()
                       if peers.get(peer.public_key) is peer}
-        self._configured = configured
         wanted = {peer.endpoint for peer in peers.values() if peer.endpoint is not None}
+        earlier: set[Endpoint] = set()
         for eps in configured.values():
-            wanted.update(eps)
-        self.bind.peers_changed(wanted)
+            given = list(eps)
+            wanted.add(given[-1])
+            earlier.update(given[:-1])
+        earlier -= wanted
+        kept = self.bind.peers_changed(wanted, earlier)
+        # What is left: each peer's current endpoint, and those the transport kept or some
+        # peer has now (at most the peers' endpoints and the connections that stay up).
+        self._configured = {
+            peer: eps if len(eps) == 1 else
+            {ep: None for ep in eps if ep in kept or ep in wanted}
+            for peer, eps in configured.items()
+        }
 
     def _check_peer_count(self, cfg: DeviceConfig) -> None:
         """EINVAL, before anything changes, for a set that would leave more than max_peers
@@ -1198,7 +1217,7 @@ class Device:
             if peer is None:
                 return False
             peer.endpoint = endpoint
-            self._configured.setdefault(peer, {})[endpoint] = None
+            self._configure_endpoint(peer, endpoint)
             # An attempt made before the peer had an endpoint (a keepalive being configured)
             # went nowhere; it must not hold this one back for RekeyTimeout.
             peer.handshake.last_sent = None
