@@ -805,3 +805,44 @@ def test_once_leaves_out_the_rates_it_can_never_have(
     header = next(line for line in out.splitlines() if line.split()[:2] == ["peer", "endpoint"])
     assert header.split() == ["peer", "endpoint", "handshake", "rx", "tx"]
     assert all(len(line) <= int(columns) for line in out.splitlines()), out
+
+
+# -- the WireGuard port's refusals (the transport's admission check) ---------------------------
+
+
+def test_the_wireguard_ports_refusals_are_counted_beside_the_control_ports() -> None:
+    """Before: connections the parent's WireGuard port closed at accept (another enclave or
+    VM's CID: Bind.refuse_from) were only in the metrics and in the log at DEBUG, while the
+    control port's refusals showed; the dashboard said nothing of them."""
+    iface = _refused_parent({"wgvsock_transport_refused": "3"})
+    assert iface.transport_refused == 3
+    plain, styled = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]))
+    lines = plain.splitlines()
+    head = next(n for n, line in enumerate(lines) if line.startswith("wg0"))
+    assert lines[head + 1] == "  WireGuard port refused 3 connections"
+    assert "\x1b[1;31mWireGuard port refused 3 connections" in styled  # in bold red
+    assert st.Snapshot(time=NOW, run_dir="/r", interfaces=[iface]).to_json()[
+        "interfaces"][0]["transport_refused"] == 3
+    # Beside the egress counters, on their line; one refusal is one connection.
+    iface = _refused_parent({"wgvsock_transport_refused": "1", "wgvsock_egress_allowed": "5",
+                             "wgvsock_egress_denied": "0", "wgvsock_egress_blocked": "0"})
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]))
+    assert re.search(r"^  egress allowed 5 .* WireGuard port refused 1 connection$", plain,
+                     re.M), plain
+    # None refused: nothing said (the count is in --json); a daemon that does not count
+    # (wireguard-go, an enclave, a stand-in with no check) or a count that is not one: None.
+    iface = _refused_parent({"wgvsock_transport_refused": "0"})
+    assert iface.transport_refused == 0
+    assert "refused" not in _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]))[0]
+    for extra in ({}, {"wgvsock_transport_refused": "²"}, {"wgvsock_transport_refused": "-1"}):
+        assert _refused_parent(extra).transport_refused is None
+
+
+@pytest.mark.parametrize("width", [80, 40, 30])
+def test_the_wireguard_ports_refusals_fit_narrow_terminals(width: int) -> None:
+    iface = _refused_parent({"wgvsock_transport_refused": str(10**18),
+                             "wgvsock_dns_queries": "12345", "wgvsock_dns_refused": "7"})
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), width)
+    for line in plain.splitlines():
+        assert len(line) <= width, (width, line)
+    assert f"WireGuard port refused {10**18} connections" in " ".join(plain.split())

@@ -373,3 +373,49 @@ def test_roles_label_parent_and_enclave(lab: Lab) -> None:
     assert to_enclave["connection"] == to_parent["connection"] == "connected"
     assert to_enclave["public_key"] == enclave["public_key"]
     assert to_parent["public_key"] == parent["public_key"]
+
+
+def test_the_wireguard_ports_refusals_show_in_the_live_view(lab: Lab, tmux: Tmux) -> None:
+    """Connections the WireGuard port closes at accept (Bind.refuse_from; on the parent over
+    vsock, another enclave or VM's CID) are counted in the device's `get`
+    (wgvsock_transport_refused) and shown live, as the control port's refusals are. Before,
+    only the metrics and the log at DEBUG had them. A device in this process, on the Unix
+    stand-in with a check that admits nobody: this machine must never connect AF_VSOCK."""
+    from wgvsock.conn.stream import StreamBind
+    from wgvsock.device.device import Device
+    from wgvsock.device.uapi import UAPIServer
+
+    run_dir, unix_dir = lab.tmp / "run-door", lab.tmp / "unix-door"
+    run_dir.mkdir()
+    unix_dir.mkdir(mode=0o700)
+    bind = StreamBind("unix", unix_dir=str(unix_dir))
+    bind.refuse_from = lambda addr: "not the enclave (the test admits nobody)"
+    ifname = lab.ifname("door")
+    dev = Device(ifname, bind, run_dir=str(run_dir))
+    bind.open(7101, lambda data, ep: None)
+    server = UAPIServer(ifname, dev, str(run_dir))
+
+    def knock(times: int) -> None:
+        for _ in range(times):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(str(unix_dir / "7101.sock"))
+                assert s.recv(1) == b"", "a refused connection is closed at once"
+
+    try:
+        knock(3)
+        wait_for(lambda: bind.status()["refused"] == 3, 10, "three refusals counted")
+        assert dev.uapi_get().extra["wgvsock_transport_refused"] == "3"
+        (iface,) = status_json("--run-dir", str(run_dir))["interfaces"]
+        assert iface["transport_refused"] == 3
+        script = f"{shlex.quote(WGVSOCK)} status --interval 0.5 --run-dir {run_dir}"
+        tmux.start(f"sh -c {shlex.quote(script + '; sleep 600')}")
+        tmux.wait_screen(r"^  WireGuard port refused 3 connections$", "the count on screen")
+        knock(1)  # and it follows
+        tmux.wait_screen(r"^  WireGuard port refused 4 connections$", "the new count")
+    finally:
+        server.close()
+        bind.close()
+    # A transport that checks nobody says nothing of it: nothing to count.
+    plain = Device("wgplain", StreamBind("unix", unix_dir=str(unix_dir)), run_dir=str(run_dir))
+    assert "wgvsock_transport_refused" not in plain.uapi_get().extra

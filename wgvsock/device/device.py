@@ -998,9 +998,15 @@ class Device:
         fmt = self.bind.format_endpoint
         # Taken before the engine lock so the two locks are never held together, and so that
         # the hook (which may run nft) never stalls packets.
-        links = _link_states(self.bind.status())
+        transport = self.bind.status()
+        links = _link_states(transport)
         hook = self.status_hook
         dynamic = hook() if hook is not None else {}
+        # Connections the port closed at accept (the parent's enclave CID check), for the
+        # dashboard beside the control port's refusals; only where something is checked.
+        door: dict[str, str] = {}
+        if self.bind.refuse_from is not None and "refused" in transport:
+            door["wgvsock_transport_refused"] = str(transport["refused"])
         # The wall clock now, not at start: it may have been stepped since (chrony's makestep),
         # and `wg show` and the dashboard give ages from it. Taken afresh only past a second's
         # difference, so that an unchanged handshake reads the same on every `get`.
@@ -1053,6 +1059,7 @@ class Device:
                     # Whether the tunnel runs: down, it has no sessions and answers nothing.
                     "wgvsock_link": "up" if engine.running else "down",
                     "wgvsock_port": str(self.port),
+                    **door,
                     **self.extra_status,
                     **dynamic,
                 },

@@ -13,9 +13,10 @@ forwarder, ``wgvsock_dns_queries`` / ``wgvsock_dns_refused``, what it refused la
 ``wgvsock_refused_1`` (newest) ... ``_8`` ("KIND COUNT AGE WHAT[; RULE]"), whom its control
 port refused lately ``wgvsock_control_refused_1`` (newest) ... ``_4`` ("KIND COUNT AGE WHO;
 REASON", cleared when an enclave is admitted), why the enclave it starts itself is not
-running ``wgvsock_enclave_down`` (only while it is not), and per peer
-``wgvsock_endpoint`` (a readable endpoint), ``wgvsock_conn`` and ``wgvsock_reconnects`` (the
-stream transport's connection to that peer).
+running ``wgvsock_enclave_down`` (only while it is not), how many connections its WireGuard
+port refused at accept ``wgvsock_transport_refused`` (another CID than the enclave's), and
+per peer ``wgvsock_endpoint`` (a readable endpoint), ``wgvsock_conn`` and
+``wgvsock_reconnects`` (the stream transport's connection to that peer).
 
 The layout is built line by line for the console's current width on every refresh (rather than
 with a rich Table) so that each peer gets one aligned row of numbers plus a wrapped detail line,
@@ -304,6 +305,9 @@ class InterfaceView:
     # Why the enclave the parent starts itself (parent.enclave) is not running; None: it is,
     # or the parent does not start one.
     enclave_down: str | None = None
+    # Connections the WireGuard port closed at accept (Bind.refuse_from: on the parent over
+    # vsock, a CID that is not the enclave's); None when the daemon has no such check.
+    transport_refused: int | None = None
     peers: list[PeerView] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -503,6 +507,7 @@ def interface_view(name: str, path: str, dev: dict[str, Any], now: float) -> Int
         # Longer than other words a daemon says: its end is the fix (run_failure_fix).
         enclave_down=prose(extra["wgvsock_enclave_down"], 600)
         if role == "parent" and extra.get("wgvsock_enclave_down") else None,
+        transport_refused=_int_or_none(extra.get("wgvsock_transport_refused")),
         extra=dict(extra),
     )
     # The parent's verdict is about the key that registered, which it names: any other peer
@@ -881,7 +886,8 @@ def _no_peers(iface: InterfaceView) -> Text:
 
 
 def _counter_parts(iface: InterfaceView) -> list[Text]:
-    """The parent's egress verdicts and DNS forwarder counts, in packets and queries."""
+    """The parent's egress verdicts and DNS forwarder counts, in packets and queries, and the
+    connections its WireGuard port refused."""
     parts: list[Text] = []
     if iface.egress is not None:
         e = iface.egress
@@ -900,6 +906,12 @@ def _counter_parts(iface: InterfaceView) -> list[Text]:
         parts.append(Text(f"refused {d['refused']}", style="bold red" if d["refused"] else "dim"))
     if iface.egress is not None and None in iface.egress.values():
         parts.append(Text("-: not in the parent's nftables table", style="dim"))
+    # Only once there is one, as `limited`: the check is on wherever the enclave's CID is
+    # known, and "refused 0" on every parent would be noise. Who it was is not kept (anyone
+    # on the host can knock): the log says, at DEBUG.
+    if n := iface.transport_refused:
+        parts.append(Text(f"WireGuard port refused {n} connection{'s' if n != 1 else ''}",
+                          style="bold red"))
     return parts
 
 
