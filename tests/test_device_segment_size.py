@@ -5,6 +5,7 @@ from a pipe, and the transport is a stand-in that answers the peer's hello flags
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -17,8 +18,14 @@ import pytest
 from wgvsock.conn.bind import Bind
 from wgvsock.conn.caps import CAP_PARTIAL_CSUM, CAP_SEGMENT_SIZE, CAP_SUPER
 from wgvsock.conn.endpoint import Endpoint
+from wgvsock.conn.framing import MAX_PAYLOAD
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.core.messages import MIN_SEGMENT_SIZE, SEGMENT_TRAILER_MAGIC
+from wgvsock.core.messages import (
+    MIN_SEGMENT_SIZE,
+    SEGMENT_TRAILER_MAGIC,
+    SEGMENT_TRAILER_SIZE,
+    padding_size,
+)
 from wgvsock.device import tun as tun_mod
 from wgvsock.device.device import Device
 from wgvsock.device.tun import GSO_MAX_SIZE
@@ -27,6 +34,8 @@ from wgvsock.device.uapi import parse_set
 _ACK = 0x10
 _GSO_TCPV4 = 1
 _ALL = CAP_SUPER | CAP_PARTIAL_CSUM | CAP_SEGMENT_SIZE
+# fcntl.F_SETPIPE_SZ (Python 3.10+ names it, but not on every platform's build).
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class _HelloBind(Bind):
@@ -36,6 +45,7 @@ class _HelloBind(Bind):
 
     def __init__(self) -> None:
         self.flags = 0
+        self.max_packet = GSO_MAX_SIZE
 
     def open(self, port, receive):
         return 1
@@ -68,7 +78,7 @@ class _HelloBind(Bind):
         return {}
 
     def peer_caps(self, ep):
-        return (self.flags, GSO_MAX_SIZE)
+        return (self.flags, self.max_packet)
 
 
 class _Rig:
@@ -80,14 +90,20 @@ class _Rig:
         self.dev.uapi_set(parse_set(f"public_key={peer.hex()}\nallowed_ip=10.0.0.0/24\n"))
         self.dev.engine.peers[peer].endpoint = Endpoint("unix", "peer", 1)
         self.r, self.w = os.pipe()
+        # Room for a whole 64 KiB read (65535 bytes and the virtio-net header) in one write:
+        # a pipe holds 64 KiB by default.
+        fcntl.fcntl(self.w, _F_SETPIPE_SZ, 1 << 17)
         self.ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.dev.tun = tun_mod.Tun(self.r, "pipe0", self.ctl, vnet=True)
         self.dev.tun.mtu_hint = mtu
 
-    def read(self, flags: int, mss: int, payload: int) -> list[bytes]:
+    def read(self, flags: int, mss: int, payload: int,
+             max_packet: int = GSO_MAX_SIZE) -> list[bytes]:
         """What _read_for_peer gives for an IPv4 super-packet of `payload` bytes in segments
-        of `mss`, its checksum partial, for a peer whose hello said `flags`."""
+        of `mss`, its checksum partial, for a peer whose hello said `flags` and
+        `max_packet`."""
         self.bind.flags = flags
+        self.bind.max_packet = max_packet
         tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1000, 7, 5 << 4, _ACK, 512, 0, 0)
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + payload, 1, 0x4000, 64, 6, 0,
                          bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
@@ -156,3 +172,44 @@ def test_a_super_packet_longer_than_a_message_carries_is_cut_into_ones_that_fit(
     assert first[-4:] == second[-4:] == trailer
     assert len(first) - 4 <= GSO_MAX_SIZE
     assert len(rig.read(CAP_SUPER | CAP_PARTIAL_CSUM, 1448, payload)) == 45
+
+
+def _payloads(pieces: list[bytes], trailer: bool) -> tuple[bytes, list[int]]:
+    """The TCP payload the pieces carry, joined, and each piece's sequence number (IPv4 and
+    TCP headers of 20 bytes each, as _Rig.read makes them)."""
+    end = -SEGMENT_TRAILER_SIZE if trailer else None
+    return (b"".join(p[40:end] for p in pieces),
+            [int.from_bytes(p[24:28], "big") for p in pieces])
+
+
+@pytest.mark.parametrize("mss", [1448, 1000])
+@pytest.mark.parametrize("max_packet", [65001, 65535, 0xFFFFFFFF])
+def test_a_hello_naming_more_than_a_message_carries_gets_what_a_frame_holds(
+    rig, max_packet: int, mss: int
+) -> None:
+    """A hello's max_packet is the peer's word, unchecked (and unauthenticated: conn.caps).
+    Before, one above GSO_MAX_SIZE let a 65535-byte read (READ_GSO_MAX_SIZE) go whole, 65539
+    bytes with its segment size: a message of 65584 bytes, which no frame holds (65535), so
+    the transport dropped it, and again each time TCP sent it anew."""
+    payload = 65535 - 40
+    pieces = rig.read(_ALL, mss, payload, max_packet)
+    for p in pieces:
+        assert len(p) <= GSO_MAX_SIZE + SEGMENT_TRAILER_SIZE
+        assert 16 + len(p) + padding_size(len(p), 65000) + 16 <= MAX_PAYLOAD
+        assert p[-4:] == SEGMENT_TRAILER_MAGIC + mss.to_bytes(2, "little")
+    data, seqs = _payloads(pieces, trailer=True)
+    assert data == b"a" * payload
+    assert len(pieces) == 2 and seqs[1] - seqs[0] == len(pieces[0]) - 44
+
+
+@pytest.mark.parametrize("max_packet", [0, 1, 40, 1000])
+def test_a_hello_naming_less_than_a_segment_gets_segments(rig, max_packet: int) -> None:
+    """No exception and nothing lost for a hello whose max_packet is below one segment: it
+    gets one segment per message, each with its size."""
+    payload = 65535 - 40
+    pieces = rig.read(_ALL, 1448, payload, max_packet)
+    assert len(pieces) == -(-payload // 1448)
+    data, seqs = _payloads(pieces, trailer=True)
+    assert data == b"a" * payload
+    assert seqs == [1000 + i * 1448 for i in range(len(pieces))]
+

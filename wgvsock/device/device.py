@@ -697,6 +697,10 @@ class Device:
             flags = max_packet = 0  # staged or dropped: the conservative form
         else:
             flags, max_packet = self.bind.peer_caps(ep)
+            # The hello's word, unchecked: what a frame holds caps it. Above GSO_MAX_SIZE a
+            # 64 KiB read (READ_GSO_MAX_SIZE) went whole, with its segment size a message of
+            # up to 65584 bytes that the transport dropped, and again at each retransmission.
+            max_packet = min(max_packet, GSO_MAX_SIZE)
         # What the receiving side can finish (Tun.write) is a plain TCP packet: TCP (the
         # kernel's checksum at offset 16) right after the IP header, no IPv6 extension header
         # between them.
