@@ -213,3 +213,18 @@ def test_a_hello_naming_less_than_a_segment_gets_segments(rig, max_packet: int) 
     assert data == b"a" * payload
     assert seqs == [1000 + i * 1448 for i in range(len(pieces))]
 
+
+def test_an_older_peer_gets_a_longer_super_packet_at_the_mtu_as_ones_that_fit() -> None:
+    """A peer that takes super-packets but no segment size (wgvsock before CAP_SEGMENT_SIZE)
+    cuts one at its MTU: one longer than it takes (max_packet) whose segments are the
+    tunnel's own size needs no size to cross, only cutting into super-packets that fit.
+    Before, it was cut into its 45 segments, one message each."""
+    r = _Rig(1488)  # 1448 bytes of payload and 40 of headers: segments of the MTU
+    try:
+        payload = 45 * 1448
+        pieces = r.read(CAP_SUPER | CAP_PARTIAL_CSUM, 1448, payload)
+        assert [len(p) for p in pieces] == [40 + 44 * 1448, 40 + 1448]
+        data, _ = _payloads(pieces, trailer=False)
+        assert data == b"a" * payload
+    finally:
+        r.close()

@@ -719,11 +719,13 @@ class Device:
         headers = start + (packet[start + 12] >> 4) * 4 if mss else 0
         finer = mss > 0 and mss + headers < tun.mtu_hint
         longer = mss > 0 and len(packet) > max_packet
-        if (finer or longer) and (not flags & CAP_SEGMENT_SIZE or mss < MIN_SEGMENT_SIZE):
+        if finer and (not flags & CAP_SEGMENT_SIZE or mss < MIN_SEGMENT_SIZE):
             return split_tso(packet, start, mss)
         if longer:
             # Longer than the peer takes (the kernel hands us up to 64 KiB, READ_GSO_MAX_SIZE,
             # a message carries 65000): cut in whole segments into super-packets that fit.
+            # Segments of the MTU need no size to cross, so a peer that takes none (wgvsock
+            # before CAP_SEGMENT_SIZE) gets these too, not one message per segment.
             pieces = split_tso(packet, start, max((max_packet - headers) // mss, 1) * mss)
             if finer:
                 trailer = segment_trailer(mss)
