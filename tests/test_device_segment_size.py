@@ -228,3 +228,26 @@ def test_an_older_peer_gets_a_longer_super_packet_at_the_mtu_as_ones_that_fit() 
         assert data == b"a" * payload
     finally:
         r.close()
+
+
+def _ipv4_header_sum_ok(packet: bytes) -> bool:
+    header = packet[:(packet[0] & 0x0F) * 4]
+    total = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
+@pytest.mark.parametrize("flags", [_ALL, CAP_SUPER | CAP_PARTIAL_CSUM])
+def test_the_pieces_of_a_longer_super_packet_keep_their_segments_ipv4_ids(flags: int) -> None:
+    """The receiver's kernel numbers each piece's segments on from the piece's IPv4 ID, so
+    the second piece must start where the first one's segments end (the ID of its first
+    segment in the super-packet the kernel handed us). Before, split_tso numbered the
+    pieces 1 and 2, and the two pieces' segments went out with IDs 1-44 and 2-45."""
+    r = _Rig(1488)
+    try:
+        pieces = r.read(flags, 1448, 45 * 1448)
+        assert [int.from_bytes(p[4:6], "big") for p in pieces] == [1, 1 + 44]
+        assert all(_ipv4_header_sum_ok(p) for p in pieces)
+    finally:
+        r.close()

@@ -51,6 +51,7 @@ from .tun import (
     LinkEvents,
     Tun,
     complete_checksum,
+    space_ipv4_ids,
     split_tso,
 )
 from .uapi import DEFAULT_RUN_DIR, DeviceConfig, DeviceStatus, PeerStatus, UAPIError, UAPIServer
@@ -726,7 +727,9 @@ class Device:
             # a message carries 65000): cut in whole segments into super-packets that fit.
             # Segments of the MTU need no size to cross, so a peer that takes none (wgvsock
             # before CAP_SEGMENT_SIZE) gets these too, not one message per segment.
-            pieces = split_tso(packet, start, max((max_packet - headers) // mss, 1) * mss)
+            segments = max((max_packet - headers) // mss, 1)
+            pieces = split_tso(packet, start, segments * mss)
+            space_ipv4_ids(pieces, segments)
             if finer:
                 trailer = segment_trailer(mss)
                 for piece in pieces:

@@ -174,6 +174,26 @@ def split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list
     return py_split_tso(packet, l4, mss)
 
 
+def space_ipv4_ids(pieces: list[bytearray], segments: int) -> None:
+    """Gives the IPv4 super-packets that split_tso cut from one in runs of `segments` whole
+    segments the IDs their segments had: split_tso numbers its pieces one apart, as it does
+    segments, but the receiver's kernel numbers a piece's segments on from the piece's ID, so
+    piece i must start at the first's plus i * segments. One apart, the segments of
+    neighbouring pieces went out with the same IDs (only harmless while DF is set: without
+    it a fragment of one could be reassembled with another's)."""
+    if segments < 2 or len(pieces) < 2 or pieces[0][0] >> 4 != 4:
+        return
+    first = (pieces[0][4] << 8) | pieces[0][5]
+    ihl = (pieces[0][0] & 0x0F) * 4
+    for i in range(1, len(pieces)):
+        p = pieces[i]
+        ip_id = (first + i * segments) & 0xFFFF
+        p[4] = ip_id >> 8
+        p[5] = ip_id & 0xFF
+        p[10] = p[11] = 0
+        p[10:12] = _fold(int.from_bytes(p[:ihl], "big")).to_bytes(2, "big")
+
+
 def py_split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list[bytearray]:
     """Cuts a TCP super-packet (IPv4 or IPv6, TCP header at offset `l4`) into packets of at
     most `mss` payload bytes, as the kernel's own segmentation would: each gets its own length,
