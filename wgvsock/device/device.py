@@ -506,11 +506,7 @@ class Device:
             if kind == SEND:
                 self.bind.send(data, target)
             elif kind in (TUNNEL, SEGMENTED):
-                try:
-                    self.tun.write(data, True, target if kind == SEGMENTED else 0)  # type: ignore[union-attr]
-                except OSError as e:
-                    if self._debug:
-                        log.debug("%s: TUN write failed: %s", self.ifname, e)
+                self._write(data, True, target if kind == SEGMENTED else 0)
             elif kind == DROP and self._debug:
                 log.debug("%s: dropped: %s (%s)", self.ifname, data, target)
 
@@ -829,15 +825,18 @@ class Device:
                 self._write_batch(run, partial_csum)
                 run = []
             if kind == SEGMENTED:
-                try:
-                    self.tun.write(data, partial_csum, target)  # type: ignore[union-attr]
-                except OSError as e:
-                    if self._debug:
-                        log.debug("%s: TUN write failed: %s", self.ifname, e)
+                self._write(data, partial_csum, target)
             else:
                 self._perform((action,))
         if run:
             self._write_batch(run, partial_csum)
+
+    def _write(self, packet: bytes, partial_csum: bool, mss: int) -> None:
+        try:
+            self.tun.write(packet, partial_csum, mss)  # type: ignore[union-attr]
+        except OSError as e:
+            if self._debug:
+                log.debug("%s: TUN write failed: %s", self.ifname, e)
 
     def _write_batch(self, packets: list[bytes], partial_csum: bool) -> None:
         try:
