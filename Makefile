@@ -97,9 +97,13 @@ test: apt venv compile
 demo: apt-demo venv compile
 	$(PY) -m wgvsock.ui.demo
 
+# Two tables: the direct one (README's Speed section), then the parent's forwarding case, an
+# enclave's uploads and downloads through a parent to a third namespace (ours, ours -> seed,
+# the seed; bench/README.md, thirty-second round).
 bench: apt venv compile
 	$(PY) bench/core_bench.py
 	$(PY) bench/tunnel_bench.py
+	$(PY) bench/tunnel_bench.py --forward --case ours-tcp --case ours-seed-tcp --case seed-tcp
 
 # Not part of `make test` (which runs a short version, tests/test_fuzz_targets.py): >= 10^6
 # inputs into the core and >= 10^4 into each parser, on 2 processes. FUZZ_SEED=N or =random.
