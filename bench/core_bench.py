@@ -29,7 +29,7 @@ def connected_pair(mtu: int) -> tuple[Engine, Engine]:
     b.allowed_ips.insert("10.0.0.1/32", pb)
     queue = [("A", x) for x in a.initiate_handshake(pa, 0.0)]
     while queue:
-        side, (kind, _ep, data) = queue.pop()
+        side, (kind, _peer, data) = queue.pop()
         if kind == SEND:
             dest, origin = (b, "A") if side == "A" else (a, "B")
             queue += [("B" if dest is b else "A", x) for x in dest.decapsulate(data, origin, 0.0)]

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from wgvsock.core.crypto import hash_, mac
-from wgvsock.core.engine import DROP, SEGMENTED, SEND, TUNNEL, Engine, inner_length
+from wgvsock.core.engine import DROP, REPLY, SEGMENTED, SEND, TUNNEL, Engine, inner_length
 from wgvsock.core.keypair import Keypair
 from wgvsock.core.messages import (
     INITIATION_SIZE,
@@ -271,7 +271,10 @@ class CoreTarget(Target):
                     f"segment size {target} was not the one sealed with the packet")
                 self.segmented += 1
                 continue
-            assert kind == SEND, f"unknown action kind {kind!r}"
+            assert kind in (SEND, REPLY), f"unknown action kind {kind!r}"
+            if kind == SEND:  # a peer's message, to where the peer is now
+                assert target is self.peers[origin], f"sent for {target!r}"
+                target = target.endpoint
             assert isinstance(data, bytes) and data[:4] in TYPES, f"sent {data[:8]!r}"
             dest = NAMES.index(target) if target in NAMES else None
             if dest is None or dest == origin:

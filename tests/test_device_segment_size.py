@@ -60,7 +60,7 @@ class _HelloBind(Bind):
         return None
 
     def send(self, data, ep):
-        return None
+        return 0
 
     def close(self):
         return None

@@ -15,7 +15,7 @@ import pytest
 from wgvsock.conn.endpoint import Endpoint
 from wgvsock.conn.stream import StreamBind
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.core.engine import SEND, Engine
+from wgvsock.core.engine import REPLY, SEND, Engine
 from wgvsock.device.device import _ANSWER_LIMIT, _LOAD_CAPACITY, Device
 from wgvsock.device.uapi import parse_set
 
@@ -35,7 +35,7 @@ class _Rig:
                 return True
 
             def _perform(self, actions) -> None:
-                sent.extend(a for a in actions if a[0] == SEND)
+                sent.extend(a for a in actions if a[0] in (SEND, REPLY))
 
         self.bind = StreamBind("tcp4")
         self.dev = Up("wgdload0", self.bind, run_dir=os.path.join(d, "run"))
@@ -58,8 +58,9 @@ class _Rig:
         """What the device sends back for `msg` from `ep`."""
         before = len(self.sent)
         self.dev._on_receive(msg, ep)
-        [(_, to, reply)] = self.sent[before:]
-        assert to == ep
+        [(kind, to, reply)] = self.sent[before:]
+        # A response is the peer's (to where it is now), a cookie reply the source's.
+        assert (to.endpoint if kind == SEND else to) == ep
         return bytes(reply)
 
 

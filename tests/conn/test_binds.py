@@ -237,11 +237,18 @@ def test_a_coalesced_datagram_is_cut_at_its_segment_size_whatever_the_sizes(
 
 def test_dgram_send_to_nobody_does_not_raise(binds: list[Bind], unix_dir: str) -> None:
     a, _a_in, _ = opened(binds, DatagramBind("unix", unix_dir=unix_dir))
-    a.send(msg(1), a.parse_endpoint("127.0.0.1:9"))  # no such socket file
-    a.send(msg(1), Endpoint("unix", "", 0))  # an unnamed sender cannot be answered
-    a.send(msg(1), Endpoint("inet", "127.0.0.1", 9))  # wrong kind for this bind
+    # Nothing went, and each send says so (0 bytes: the owner counts no tx_bytes for it).
+    assert a.send(msg(1), a.parse_endpoint("127.0.0.1:9")) == 0  # no such socket file
+    assert a.send(msg(1), Endpoint("unix", "", 0)) == 0  # an unnamed sender cannot be answered
+    assert a.send(msg(1), Endpoint("inet", "127.0.0.1", 9)) == 0  # wrong kind for this bind
     st = a.status()
     assert st["send_errors"] == 1 and st["unroutable"] == 2
+    assert a.send_batch([msg(2), msg(3)], a.parse_endpoint("127.0.0.1:9")) == 0
+    _b, b_in, b_port = opened(binds, DatagramBind("unix", unix_dir=unix_dir))
+    b_ep = a.parse_endpoint(f"127.0.0.1:{b_port}")
+    assert a.send(msg(4), b_ep) == len(msg(4))
+    assert a.send_batch([msg(5), msg(6)], b_ep) == 2 * len(msg(5))
+    assert [b_in.get()[0] for _ in range(3)] == [msg(4), msg(5), msg(6)]
 
 
 # -- the source of UDP replies ----------------------------------------------------------------
@@ -362,6 +369,34 @@ def test_queue_while_unreachable_keeps_the_newest(binds: list[Bind], unix_dir: s
     _b, b_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir), 4343)
     assert [b_in.get()[0] for _ in range(16)] == [msg(i) for i in range(4, 20)]
     assert b_in.empty_for(0.05)
+
+
+def test_a_send_says_what_went_and_a_dialler_what_went_later(binds: list[Bind],
+                                                              unix_dir: str) -> None:
+    """The owner counts a peer's tx_bytes from these, as wireguard-go counts what its bind
+    sent. Before, send() said nothing and the engine counted what it sealed: an enclave whose
+    parent was away showed sent what waited in the dialler's queue, or fell out of it."""
+    a, _a_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir, **FAST))
+    later: list[tuple[Endpoint, int]] = []
+    a.sent_later = lambda ep, n: later.append((ep, n))
+    b_ep = a.parse_endpoint("127.0.0.1:4344")
+    # Nobody listens yet: queued for the dialler (16 kept, the oldest 4 dropped), not counted.
+    assert a.send(msg(0), b_ep) == 0
+    assert a.send_batch([msg(i) for i in range(1, 20)], b_ep) == 0
+    wait_until(lambda: a.status()["dialers"][0]["failures"] >= 1)
+    assert later == []
+    _b, b_in, _ = opened(binds, StreamBind("unix", unix_dir=unix_dir), 4344)
+    assert [b_in.get()[0] for _ in range(16)] == [msg(i) for i in range(4, 20)]
+    wait_until(lambda: later and a.status()["connections"])
+    assert later == [(b_ep, 16 * len(msg(0)))]  # what went, when it went
+    # Connected: counted as they go, a frame header not among them.
+    assert a.send(msg(20), b_ep) == len(msg(20))
+    assert a.send_batch([msg(21), msg(22, 300)], b_ep) == len(msg(21)) + 300
+    assert [b_in.get()[0] for _ in range(3)] == [msg(20), msg(21), msg(22, 300)]
+    # An inbound connection that is gone has nobody to dial: dropped, not counted.
+    gone = Endpoint("unix", "", 0, conn_id=99)
+    assert a.send(msg(23), gone) == 0 and a.send_batch([msg(24), msg(25)], gone) == 0
+    assert later == [(b_ep, 16 * len(msg(0)))]
 
 
 # -- hostile input ---------------------------------------------------------------------------
@@ -1685,13 +1720,13 @@ def test_einval_from_a_segmented_send_is_this_paths_alone() -> None:
     bind._gso = True  # as open() leaves a UDP bind
     far, near = Endpoint("inet", "192.0.2.1", 51820), Endpoint("inet", "192.0.2.2", 51820)
     run = [bytes(1400)] * 4
-    assert not bind._send_gso(Refusing(errno.EINVAL), run, 1400, (("192.0.2.1", 51820), ()),
-                              far)
+    assert bind._send_gso(Refusing(errno.EINVAL), run, 1400, (("192.0.2.1", 51820), ()),
+                          far) == -1  # sent one by one instead
     assert bind._gso and bind._gso_too_big == {far: 1400}
     assert near not in bind._gso_too_big
     # A device without checksum offload (EIO) is the whole socket's.
-    assert not bind._send_gso(Refusing(errno.EIO), run, 1400, (("192.0.2.2", 51820), ()),
-                              near)
+    assert bind._send_gso(Refusing(errno.EIO), run, 1400, (("192.0.2.2", 51820), ()),
+                          near) == -1
     assert not bind._gso
 
 
@@ -1713,7 +1748,7 @@ def test_a_segment_too_large_with_a_source_keeps_the_source() -> None:
     source = ((socket.IPPROTO_IP, 8, bytes(12)),)
     dest = (("192.0.2.1", 51820), source)
     bind._addr_cache[ep] = dest
-    assert not bind._send_gso(Refusing(), [bytes(1400)] * 4, 1400, dest, ep)
+    assert bind._send_gso(Refusing(), [bytes(1400)] * 4, 1400, dest, ep) == -1
     assert len(Refusing.calls) == 2  # with the source, then without it
     assert bind._gso_too_big == {ep: 1400}
     assert bind._addr_cache[ep] == dest  # the source stays

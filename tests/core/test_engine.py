@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.core.engine import DROP, SEGMENTED, SEND, TUNNEL, Engine
+from wgvsock.core.engine import DROP, REPLY, SEGMENTED, SEND, TUNNEL, Engine
 from wgvsock.core.messages import (
     INITIATION_SIZE,
     MIN_SEGMENT_SIZE,
@@ -225,7 +225,8 @@ def test_mac2_from_another_source_is_not_accepted():
     p.a_to_b()
     init = p.a._create_initiation(p.pa, p.now + 6)  # carries the cookie made for source "A"
     out = p.b.decapsulate(init, "X", p.now + 6, src_key=b"X", under_load=True)
-    assert out[0][0] == SEND and out[0][2][:4] == TYPE_COOKIE_REPLY
+    # A cookie reply is nobody's message: to the source, counted for no peer.
+    assert out[0][:2] == (REPLY, "X") and out[0][2][:4] == TYPE_COOKIE_REPLY
 
 
 def test_psk_mismatch_fails_and_matching_psk_works():
@@ -301,8 +302,8 @@ def test_roaming_follows_last_authenticated_packet():
     p = Pair()
     p.a_to_b()
     pkt = ip4("10.0.0.1", "10.0.0.2")
-    (_, ep, msg), = p.a.encapsulate(pkt, p.now)
-    assert ep == "B"
+    (_, peer, msg), = p.a.encapsulate(pkt, p.now)
+    assert peer is p.pa and peer.endpoint == "B"
     p.b.decapsulate(msg, "A-moved", p.now)
     assert p.pb.endpoint == "A-moved"
     # an unauthenticated packet from elsewhere does not move it
@@ -364,7 +365,7 @@ def test_staged_packets_follow_the_peer_to_its_new_endpoint():
     p.b.encapsulate(ip4("10.0.0.2", "10.0.0.1"), p.now)  # staged at b
     keepalive = p.a.decapsulate(resp, "B", p.now)[0][2]
     out = p.b.decapsulate(keepalive, "A-moved", p.now)
-    assert [(k, ep) for k, ep, _ in out] == [(SEND, "A-moved")]
+    assert [(k, peer.endpoint) for k, peer, _ in out] == [(SEND, "A-moved")]
 
 
 def test_messages_may_come_as_views_into_a_reused_buffer():

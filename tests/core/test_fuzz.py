@@ -3,7 +3,7 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wgvsock.core.engine import DROP, SEGMENTED, SEND, TUNNEL
+from wgvsock.core.engine import DROP, REPLY, SEGMENTED, SEND, TUNNEL
 from wgvsock.core.messages import TYPE_COOKIE_REPLY, TYPE_INITIATION, TYPE_RESPONSE, TYPE_TRANSPORT
 
 from .wire import Pair, ip4
@@ -28,7 +28,7 @@ PAIR, VALID = _valid_messages()
 def _check(out):
     assert isinstance(out, list)
     for kind, _target, data in out:
-        assert kind in (SEND, TUNNEL, SEGMENTED, DROP)
+        assert kind in (SEND, REPLY, TUNNEL, SEGMENTED, DROP)
         assert isinstance(data, (bytes, str))
 
 

@@ -6,7 +6,7 @@ import random
 import struct
 
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.core.engine import DROP, SEGMENTED, SEND, TUNNEL, Engine
+from wgvsock.core.engine import DROP, REPLY, SEGMENTED, SEND, TUNNEL, Engine
 
 
 def ip4(src: str, dst: str, payload: bytes = b"p" * 20) -> bytes:
@@ -59,8 +59,11 @@ class Pair:
                 self.tun[origin].append(data)
             elif kind == DROP:
                 self.drops[origin].append(data)
-            elif kind == SEND:
+            elif kind in (SEND, REPLY):
                 self.sent[origin].append(data)
+                if kind == SEND:  # a peer's message: to its endpoint, counted as the device does
+                    target.tx_bytes += len(data)
+                    target = target.endpoint
                 if self.cut:
                     continue
                 dest = target

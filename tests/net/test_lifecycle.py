@@ -341,6 +341,32 @@ def test_mtu_change_is_respected(lab: Lab) -> None:
     assert counters()[0] - tx1 == 16 + 1400 + 16
 
 
+def test_what_the_transport_drops_is_not_counted_as_sent(lab: Lab) -> None:
+    """tx_bytes counts what the transport took, as wireguard-go's does. Before, the engine
+    counted every message it sealed: b, which a had dialled, went on counting its pings to a
+    after a was gone, though with no connection to a (and no endpoint to dial) each was
+    dropped. A stream dialler's queue is counted when it goes (the bind tests)."""
+    a, b = lab.netns("a"), lab.netns("b")
+    ia, ib = lab.ifname("a"), lab.ifname("b")
+    lab.start_daemon(a, ia, "unix")
+    lab.start_daemon(b, ib, "unix")
+    connect_pair(lab, a, ia, "127.0.0.1:7312", b, ib, None, a_port=7311, b_port=7312)
+    ping(a, "10.99.0.2", count=1)
+
+    def peer(ifname: str) -> dict:
+        return lab.uapi(ifname)["peers"][0]
+
+    sent = peer(ib)["tx_bytes"]
+    assert sent > 0 and sent == peer(ia)["rx_bytes"]
+    pid = only_pid(a)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: peer(ib)["extra"].get("wgvsock_conn") == "none", 10,
+             "b to see a's connection go")
+    res = b.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "10.99.0.1", check=False)
+    assert res.returncode != 0  # nobody there
+    assert peer(ib)["tx_bytes"] == sent
+
+
 def test_background_start_reports_only_when_ready(lab: Lab) -> None:
     ns = lab.netns("r")
     ifname = lab.ifname("r")

@@ -133,6 +133,10 @@ class Bind(ABC):
     # accept, before it gets a reader thread or a buffer; a refused one is closed at once. The
     # parent passes its enclave's CID check, the control port's. Datagram binds do not ask.
     refuse_from: Callable[[Any], str | None] | None = None
+    # Set by the owner before open(): called with an endpoint and a byte count when messages
+    # a stream transport queued while it dialled that endpoint went out on the connection it
+    # made (send() did not count them: they might never have gone).
+    sent_later: Callable[[Endpoint, int], None] | None = None
 
     @abstractmethod
     def open(self, port: int, receive: Receiver) -> int:
@@ -153,14 +157,20 @@ class Bind(ABC):
         caller refuse a port before it closes the listener it has."""
 
     @abstractmethod
-    def send(self, data: bytes, ep: Endpoint) -> None:
-        """Send one WireGuard message. Never raises for network trouble: queues or drops."""
+    def send(self, data: bytes, ep: Endpoint) -> int:
+        """Send one WireGuard message. Never raises for network trouble: queues or drops.
+        Returns len(data) when the message went to the kernel (or behind what a connection is
+        sending), else 0: dropped, or queued for a connection still being made, whose sending
+        `sent_later` reports."""
 
-    def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
-        """Send several messages to one endpoint, in order. Transports that can hand them to
-        the kernel in one system call override this."""
+    def send_batch(self, messages: list[bytes], ep: Endpoint) -> int:
+        """Send several messages to one endpoint, in order; returns the bytes of those that
+        went, as send() counts them. Transports that can hand them to the kernel in one system
+        call override this."""
+        sent = 0
         for data in messages:
-            self.send(data, ep)
+            sent += self.send(data, ep)
+        return sent
 
     def flush(self) -> None:
         """Sends what sends from the thread serving `shared` left queued (they never wait;

@@ -254,24 +254,24 @@ class DatagramBind(SocketBind):
         self._addr_cache[ep] = dest
         return dest
 
-    def send(self, data: bytes, ep: Endpoint) -> None:
+    def send(self, data: bytes, ep: Endpoint) -> int:
         sock = self._sock
         if sock is None:
-            return
+            return 0
         dest = self._addr_cache.get(ep) or self._resolve(ep)
         if dest is None:
-            return
+            return 0
         addr, cmsg = dest
         try:
             if cmsg:
                 sock.sendmsg((data,), cmsg, socket.MSG_DONTWAIT, addr)
             else:
                 sock.sendto(data, socket.MSG_DONTWAIT, addr)
-            return
+            return len(data)
         except OSError as exc:
             if not (cmsg and exc.errno in _SOURCE_REFUSED):
                 self._send_failed(ep, exc)
-                return
+                return 0
             refused = exc
         # Whether the source was the trouble shows only when the route's choice does better:
         # the same errnos also say the peer is unreachable from anywhere.
@@ -279,8 +279,9 @@ class DatagramBind(SocketBind):
             sock.sendto(data, socket.MSG_DONTWAIT, addr)
         except OSError as exc:
             self._send_failed(ep, exc)
-            return
+            return 0
         self._unstick(ep, addr, refused)
+        return len(data)
 
     def _send_failed(self, ep: Endpoint, exc: OSError) -> None:
         self._send_errors += 1
@@ -300,15 +301,16 @@ class DatagramBind(SocketBind):
                       "address the route gives", self.network, display_endpoint(ep), ep.src,
                       exc.strerror or exc)
 
-    def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
+    def send_batch(self, messages: list[bytes], ep: Endpoint) -> int:
         sock = self._sock
+        sent = 0
         if not self._gso or len(messages) < 2 or sock is None:
             for data in messages:
-                self.send(data, ep)
-            return
+                sent += self.send(data, ep)
+            return sent
         dest = self._addr_cache.get(ep) or self._resolve(ep)
         if dest is None:
-            return
+            return 0
         # The kernel cuts a GSO send into datagrams of the first one's size, the last may be
         # shorter: so a run ends after a shorter message, or at the per-send limits.
         i, n = 0, len(messages)
@@ -321,19 +323,26 @@ class DatagramBind(SocketBind):
             if j < n and j - i < limit and len(messages[j]) < size:
                 j += 1
             if j - i == 1:
-                self.send(messages[i], ep)
-            elif size >= self._gso_too_big.get(ep, _NO_LIMIT) or not self._send_gso(
+                sent += self.send(messages[i], ep)
+                i = j
+                continue
+            went = -1
+            if size < self._gso_too_big.get(ep, _NO_LIMIT):
                 # (A run before may have found the source refused: _unstick changed it.)
-                sock, messages[i:j], size, self._addr_cache.get(ep, dest), ep
-            ):
+                went = self._send_gso(sock, messages[i:j], size,
+                                      self._addr_cache.get(ep, dest), ep)
+            if went < 0:
                 for data in messages[i:j]:
-                    self.send(data, ep)
+                    sent += self.send(data, ep)
+            else:
+                sent += went
             i = j
+        return sent
 
     def _send_gso(self, sock: socket.socket, run: list[bytes], size: int, dest: Destination,
-                  ep: Endpoint) -> bool:
-        """False when the kernel refused segmentation itself (the caller then sends one by
-        one); other failures count as a dropped send, as in send()."""
+                  ep: Endpoint) -> int:
+        """The bytes sent; -1 when the kernel refused segmentation itself (the caller then
+        sends one by one); other failures count as a dropped send (0), as in send()."""
         addr, source = dest
         segment = (_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))
         data = b"".join(run)
@@ -348,13 +357,14 @@ class DatagramBind(SocketBind):
                     # same errnos say below (EINVAL: a segment too large on older kernels).
                     refused, source = exc, _NO_CMSG
                     continue
-                return self._gso_failed(ep, size, exc)
+                return 0 if self._gso_failed(ep, size, exc) else -1
             if refused is not None:
                 self._unstick(ep, addr, refused)
-            return True
+            return len(data)
 
     def _gso_failed(self, ep: Endpoint, size: int, exc: OSError) -> bool:
-        """_send_gso's answer for a send the kernel refused (the source aside)."""
+        """_send_gso's answer for a send the kernel refused (the source aside): whether it
+        counts as dropped (else the caller sends one by one)."""
         # A segment larger than the path allows: EMSGSIZE, and EINVAL from kernels before
         # 6.13 (and 6.1.129). Only this endpoint's path; other peers keep segmentation.
         if exc.errno in (errno.EMSGSIZE, errno.EINVAL):

@@ -62,7 +62,14 @@ from .endpoint import (
     inet_host,
     inet_sockaddr,
 )
-from .framing import MAX_PAYLOAD, FrameDecoder, FramingError, encode_frame, frame_header
+from .framing import (
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    FrameDecoder,
+    FramingError,
+    encode_frame,
+    frame_header,
+)
 
 __all__ = ["STREAM_NETWORKS", "StreamBind", "redial_backoff"]
 
@@ -114,6 +121,12 @@ UNTRUSTED_BUFFER = 4096
 STALL_PATIENCE = 0.25
 TCP_KEEPALIVE: Final = 15  # seconds: idle before the first probe, and between probes
 _NO_CAPS: Final = (0, 0)
+# What _Conn.send_iov did: FAILED (the connection failed or is closed) is false, so that `not
+# send_iov(...)` says the connection is gone; DROPPED (it is stalled: see _send_stalled) and
+# SENT (to the kernel, or behind what it is sending) are true.
+FAILED: Final = 0
+SENT: Final = 1
+DROPPED: Final = 2
 _HELLO_BYTE: Final = HELLO_MAGIC[0]
 
 
@@ -257,13 +270,13 @@ class _Conn:
         self.tail: list[bytes | memoryview] = []
         self.tail_lock = threading.Lock()
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: bytes) -> int:
         return self.send_iov([frame])
 
-    def send_iov(self, bufs: list[bytes | memoryview], wait: bool = True) -> bool:
+    def send_iov(self, bufs: list[bytes | memoryview], wait: bool = True) -> int:
         """Sends the buffers in order, in as few sendmsg() calls as the kernel allows (no
-        joined copy; a short write is continued where it stopped). False when the connection
-        failed or is closed.
+        joined copy; a short write is continued where it stopped). SENT, DROPPED while the
+        connection is stalled, FAILED when it failed or is closed.
 
         Without `wait` (the thread serving the bind's SharedFile, which must never block while
         its own socket goes unread: two daemons each blocked in a send to the other would
@@ -276,15 +289,15 @@ class _Conn:
         if not self.send_lock.acquire(False):  # a waiting send is under way: queue behind it
             with self.tail_lock:
                 self.tail += bufs
-            return not self.closed
+            return FAILED if self.closed else SENT
         try:
             return self._send(bufs, False)
         finally:
             self.send_lock.release()
 
-    def _send(self, bufs: list[bytes | memoryview], wait: bool) -> bool:
+    def _send(self, bufs: list[bytes | memoryview], wait: bool) -> int:
         if self.closed:
-            return False
+            return FAILED
         if self.stalled_at:
             return self._send_stalled(bufs, wait)
         if self.tail:
@@ -292,7 +305,7 @@ class _Conn:
                 bufs = self.tail + bufs
                 self.tail = []
         if not bufs:
-            return True
+            return SENT
         try:
             if wait:
                 patience = self.patience
@@ -309,13 +322,13 @@ class _Conn:
             elif rest := _send_some(self.sock, bufs):
                 with self.tail_lock:
                     self.tail = rest + self.tail
-            return True
+            return SENT
         except OSError as exc:
             timed_out = isinstance(exc, TimeoutError | BlockingIOError)
             self.shutdown("send timed out (peer not reading)" if timed_out else f"send: {exc}")
-            return False
+            return FAILED
 
-    def _send_stalled(self, bufs: list[bytes | memoryview], wait: bool) -> bool:
+    def _send_stalled(self, bufs: list[bytes | memoryview], wait: bool) -> int:
         """A send on a stalled connection: nothing waits. What is left of the send that
         stalled goes first and whole (a frame begun must end); while any is left, BUFS are
         dropped."""
@@ -339,16 +352,17 @@ class _Conn:
                     bufs = []
         except OSError as exc:
             self.shutdown(f"send: {exc}")
-            return False
+            return FAILED
         if pending:
             with self.tail_lock:
                 self.tail = pending + self.tail
             if now - self.progress_at >= self.send_timeout:
                 self.shutdown("send timed out (peer not reading)")
-                return False
+                return FAILED
         if bufs:
             self.dropped += 1
-        return True
+            return DROPPED
+        return SENT
 
     def shutdown(self, reason: str) -> None:
         """Wake the reader and any sender; the reader then closes the socket."""
@@ -615,22 +629,26 @@ class StreamBind(SocketBind):
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send(self, data: bytes, ep: Endpoint) -> None:
+    def send(self, data: bytes, ep: Endpoint) -> int:
         conn = self._conns.get(ep)
         if conn is None:
-            self.send_batch([data], ep)
-            return
+            return self.send_batch([data], ep)
         try:
             header = frame_header(data, conn.caps[0] & CAP_UNCHECKED_TRANSPORT != 0)
         except ValueError as exc:
             self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
-            return
-        if not self._send_iov(conn, [header, data]):
-            self._send_slow(encode_frame(data), ep)
+            return 0
+        went = self._send_iov(conn, [header, data])
+        if went == SENT:
+            return len(data)
+        if went == FAILED:
+            return self._send_slow(encode_frame(data), ep)
+        return 0
 
-    def send_batch(self, messages: list[bytes], ep: Endpoint) -> None:
+    def send_batch(self, messages: list[bytes], ep: Endpoint) -> int:
         """Several messages in one sendmsg(): frame headers and payloads as an iovec."""
         conn = self._conns.get(ep)
+        sent = 0
         if conn is None:
             for data in messages:
                 try:
@@ -639,8 +657,8 @@ class StreamBind(SocketBind):
                     self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network,
                                    exc)
                     continue
-                self._send_slow(frame, ep)
-            return
+                sent += self._send_slow(frame, ep)
+            return sent
         unchecked = conn.caps[0] & CAP_UNCHECKED_TRANSPORT != 0
         bufs: list[bytes | memoryview] = []
         for data in messages:
@@ -650,22 +668,30 @@ class StreamBind(SocketBind):
                 self._misc_log(logging.WARNING, "%s: dropping message: %s", self.network, exc)
                 continue
             bufs.append(data)
-        if bufs and not self._send_iov(conn, bufs):
+            sent += len(data)
+        if not bufs:
+            return 0
+        went = self._send_iov(conn, bufs)
+        if went == SENT:
+            return sent
+        sent = 0
+        if went == FAILED:
             # The connection failed (and is closing): what it did not take goes the slow way,
             # to a connection whose peer may check every CRC; a message sent twice is dropped
             # by the peer's replay check.
             for i in range(1, len(bufs), 2):
-                self._send_slow(encode_frame(bufs[i]), ep)
+                sent += self._send_slow(encode_frame(bufs[i]), ep)
+        return sent
 
-    def _send_iov(self, conn: _Conn, bufs: list[bytes | memoryview]) -> bool:
+    def _send_iov(self, conn: _Conn, bufs: list[bytes | memoryview]) -> int:
         if self._recount:
             self._set_patience()
         if threading.get_ident() != self._serving:
             return conn.send_iov(bufs)
-        sent = conn.send_iov(bufs, wait=False)
-        if sent and conn.tail and not conn.stalled_at:  # a stalled one's tail waits for it
+        went = conn.send_iov(bufs, wait=False)
+        if went and conn.tail and not conn.stalled_at:  # a stalled one's tail waits for it
             self.congested = True
-        return sent
+        return went
 
     def flush(self) -> None:
         for conn in list(self._conns.values()):
@@ -673,21 +699,24 @@ class StreamBind(SocketBind):
                 conn.send_iov([])
         self.congested = False
 
-    def _send_slow(self, frame: bytes, ep: Endpoint) -> None:
+    def _send_slow(self, frame: bytes, ep: Endpoint) -> int:
+        """Sends a frame to an endpoint with no connection: queued for its dialler, which
+        reports it to sent_later when it goes. Returns the message's size if it went at once
+        (a connection came meanwhile), else 0."""
         if self._closed.is_set():
-            return
+            return 0
         if ep.conn_id:
             # An inbound connection that is gone: only its dialler can bring it back.
             self._dropped_no_conn += 1
-            return
+            return 0
         if ep.kind != self._kind:
             self._misc_log(logging.WARNING, "%s: cannot send to %s endpoint %s", self.network,
                            ep.kind, display_endpoint(ep))
-            return
+            return 0
         start = None
         with self._lock:
             if self._closed.is_set():
-                return
+                return 0
             conn = self._conns.get(ep)
             if conn is None or conn.closed:
                 conn = None
@@ -708,8 +737,10 @@ class StreamBind(SocketBind):
                         del self._dialers[ep]
                 self._misc_log(logging.WARNING, "%s: cannot start dialling %s: %s",
                                self.network, display_endpoint(ep), exc)
-        elif conn is not None:
-            self._send_iov(conn, [frame])  # registered while we looked; one try, no requeue
+        # A connection registered while we looked: one try, no requeue.
+        elif conn is not None and self._send_iov(conn, [frame]) == SENT:
+            return len(frame) - HEADER_SIZE
+        return 0
 
     def peer_caps(self, ep: Endpoint) -> tuple[int, int]:
         conn = self._conns.get(ep)
@@ -1257,14 +1288,25 @@ class StreamBind(SocketBind):
                     return True
                 batch = list(d.pending)
                 d.pending.clear()
+            sent = 0
             for i, frame in enumerate(batch):
-                if not conn.send(frame):
+                went = conn.send(frame)
+                if went == SENT:
+                    sent += len(frame) - HEADER_SIZE
+                elif not went:
                     with self._lock:
                         # Keep the unsent ones for the next connection, newest winning.
                         rest = batch[i:] + list(d.pending)
                         d.pending.clear()
                         d.pending.extend(rest)
+                    self._report_sent(d.ep, sent)
                     return False
+            self._report_sent(d.ep, sent)
+
+    def _report_sent(self, ep: Endpoint, size: int) -> None:
+        report = self.sent_later
+        if size and report is not None:
+            report(ep, size)
 
     # -- status ------------------------------------------------------------------------------
 

@@ -4,7 +4,10 @@ The device feeds it packets from the TUN (`encapsulate`), messages from the netw
 (`decapsulate`) and the passage of time (`update_timers`), always with `now` (monotonic
 seconds). Each call returns a list of actions, tuples whose first item says what to do:
 
-    (SEND, endpoint, message)   write `message` to the transport at `endpoint`
+    (SEND, peer, message)       write `message` to the transport at the peer's endpoint, and
+                                count in its tx_bytes what the transport takes (the device
+                                does: only it knows what was sent, as in wireguard-go)
+    (REPLY, endpoint, message)  write `message` (a cookie reply: nobody's) to `endpoint`
     (TUNNEL, peer, packet)      write the inner IP `packet` to the TUN device
     (SEGMENTED, mss, packet)    the same for a TCP super-packet the peer sent with its segment
                                 size (messages.SEGMENT_TRAILER_MAGIC): cut it in `mss` bytes
@@ -66,6 +69,7 @@ SEND: Final = 0
 TUNNEL: Final = 1
 DROP: Final = 2
 SEGMENTED: Final = 3
+REPLY: Final = 4
 
 Action = tuple[int, Any, Any]
 
@@ -318,8 +322,7 @@ class Engine:
         peer.timers.transport_sent(now, bool(packet))
         if peer.endpoint is None:
             return (DROP, peer, "peer has no endpoint")
-        peer.tx_bytes += len(msg)
-        return (SEND, peer.endpoint, msg)
+        return (SEND, peer, msg)
 
     def _send_staged(self, peer: Peer, now: float) -> list[Action]:
         out: list[Action] = []
@@ -350,8 +353,7 @@ class Engine:
         timers.handshake_initiated(now)
         if peer.endpoint is None:
             return _drop("peer has no endpoint", peer)
-        peer.tx_bytes += len(msg)
-        return [(SEND, peer.endpoint, msg)]
+        return [(SEND, peer, msg)]
 
     def _create_initiation(self, peer: Peer, now: float) -> bytes:
         assert self.private_key is not None
@@ -502,7 +504,7 @@ class Engine:
             src_key, limit_key = keys
             if not checker.check_mac2(data, src_key, now):
                 sender = int.from_bytes(data[4:8], "little")
-                return [(SEND, src, checker.create_reply(data, sender, src_key, now))]
+                return [(REPLY, src, checker.create_reply(data, sender, src_key, now))]
             if not self._source_limiter.allow(limit_key, now):
                 return _drop("handshake rate limit for this source")
         return None
@@ -576,8 +578,7 @@ class Engine:
         timers.session_derived(now)
         timers.any_authenticated_packet_traversal(now)
         timers.any_authenticated_packet_sent()
-        peer.tx_bytes += len(msg)
-        return [(SEND, src, bytes(msg))]
+        return [(SEND, peer, bytes(msg))]  # to src: _roam made it the peer's endpoint
 
     def _on_response(
         self, data: bytes, src: Any, keys: tuple[bytes, bytes], now: float, under_load: bool

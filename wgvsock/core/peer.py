@@ -82,6 +82,8 @@ class Peer:
         self.static_static: bytes | None = None
         self.staged: deque[bytes | bytearray | memoryview] = deque(maxlen=MAX_STAGED_PACKETS)
         self.rx_bytes = 0
+        # Counted by the device, of what the transport took (engine.SEND): not what was
+        # sealed, some of which a transport with no connection drops.
         self.tx_bytes = 0
         # Times the endpoint moved to another one: on a stream transport, each new connection
         # the peer came back on (the listening side's count of its reconnects).

@@ -39,7 +39,7 @@ from ..conn.caps import (
 )
 from ..conn.endpoint import Endpoint, display_endpoint, without_source
 from ..conn.framing import MAX_STREAM_MTU
-from ..core.engine import DROP, SEGMENTED, SEND, TUNNEL, Action, Engine
+from ..core.engine import DROP, REPLY, SEGMENTED, SEND, TUNNEL, Action, Engine
 from ..core.messages import MIN_SEGMENT_SIZE, segment_trailer
 from ..core.peer import Peer
 from ..core.ratelimit import LoadTracker
@@ -353,6 +353,7 @@ class Device:
             self.bind.receive_batch = self._on_receive_batch
             self.bind.authenticated = self._authenticated
             self.bind.caps_changed = self._caps_changed
+            self.bind.sent_later = self._sent_later
             if self.bind.stream:
                 # Tells each stream peer what it may send us: transport frames without a CRC
                 # always; with offload, also super-packets and partial checksums, which our
@@ -504,6 +505,11 @@ class Device:
     def _perform(self, actions: Iterable[Action]) -> None:
         for kind, target, data in actions:
             if kind == SEND:
+                peer: Peer = target
+                ep = peer.endpoint  # see _send
+                if ep is not None:
+                    peer.tx_bytes += self.bind.send(data, ep)
+            elif kind == REPLY:
                 self.bind.send(data, target)
             elif kind in (TUNNEL, SEGMENTED):
                 self._write(data, True, target if kind == SEGMENTED else 0)
@@ -511,25 +517,43 @@ class Device:
                 log.debug("%s: dropped: %s (%s)", self.ifname, data, target)
 
     def _perform_batch(self, actions: list[Action]) -> None:
-        """_perform for the actions of many packets: consecutive messages to one endpoint go
-        to the transport together, so it can send them in one system call."""
+        """_perform for the actions of many packets: consecutive messages to one peer go to
+        the transport together, so it can send them in one system call."""
         batch: list[bytes] = []
         dest: Any = None
         for action in actions:
             kind, target, data = action
             if kind == SEND:
-                if batch and target != dest:
-                    self.bind.send_batch(batch, dest)
+                if batch and target is not dest:
+                    self._send(dest, batch)
                     batch = []
                 dest = target
                 batch.append(data)
                 continue
             if batch:
-                self.bind.send_batch(batch, dest)
+                self._send(dest, batch)
                 batch = []
             self._perform((action,))
         if batch:
-            self.bind.send_batch(batch, dest)
+            self._send(dest, batch)
+
+    def _send(self, peer: Peer, messages: list[bytes]) -> None:
+        """Sends a peer's messages to its endpoint, where it is now (a message that roamed it
+        may have come since they were sealed), and counts in its tx_bytes what the transport
+        took, as wireguard-go does: not what it dropped, for want of a connection, say.
+        (Outside the lock: an integer attribute's update does not let another thread in.)"""
+        ep = peer.endpoint
+        if ep is not None:
+            peer.tx_bytes += self.bind.send_batch(messages, ep)
+
+    def _sent_later(self, ep: Endpoint, size: int) -> None:
+        """Messages a stream transport queued while it dialled `ep` went out on the connection
+        it made (Bind.sent_later): counted for the peer there."""
+        with self._lock:
+            for peer in self.engine.peers.values():
+                if peer.endpoint == ep:
+                    peer.tx_bytes += size
+                    return
 
     def _tun_loop(self) -> None:
         survivor = Survivor(f"{self.ifname}: TUN reader")
@@ -774,7 +798,7 @@ class Device:
                         data, src, now, src_key=_src_key(src), limit_key=limit_key,
                         under_load=under_load,
                     )
-                    if under_load and actions and actions[0][0] == SEND:
+                    if under_load and actions and actions[0][0] in (SEND, REPLY):
                         self._note_answer(limit_key)
             if vouched and src.conn_id:
                 self.bind.handshake_seen(src)
