@@ -399,3 +399,46 @@ def test_an_admission_check_that_fails_refuses(monkeypatch, tmp_path, caplog) ->
         assert errors and "admission check failed (RuntimeError: no CID yet)" in errors[0]
     finally:
         b.close()
+
+
+def test_a_failing_admission_check_logs_one_line_not_a_traceback_per_connection(
+    monkeypatch, tmp_path, caplog
+) -> None:
+    """Before: besides the rate-limited error, each refused connection logged the check's
+    traceback at DEBUG, unlimited: anyone who could reach the port could fill the log."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="wgvsock")
+    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.cids = [7, 7, 7]
+    path = str(tmp_path / "wg.sock")
+    listener.bind(path)
+    listener.listen(8)
+    listener.setblocking(False)
+    b = StreamBind("vsock")
+
+    def broken(addr: object) -> str | None:
+        raise RuntimeError("no CID yet")
+
+    b.refuse_from = broken
+    monkeypatch.setattr(b, "_listen", lambda port: (listener, 5000))
+    b.open(0, lambda d, ep: None)
+    try:
+        for n in (1, 2, 3):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.settimeout(10.0)
+                c.connect(path)
+                with contextlib.suppress(ConnectionResetError):
+                    assert c.recv(1) == b""
+            wait_for(lambda n=n: b.status()["refused"] == n, 10, f"refusal {n}")
+    finally:
+        b.close()
+    records = [r for r in caplog.records if "admission" in r.getMessage()]
+    assert records and not any(r.exc_info for r in records), \
+        [r.getMessage() for r in records if r.exc_info]
+    assert all("\n" not in r.getMessage() for r in records)
+    errors = [r.getMessage() for r in records if r.levelno == logging.ERROR]
+    # The bind's limit: one error line for the three, saying where the check raised.
+    assert len(errors) == 1
+    assert "admission check failed (RuntimeError: no CID yet) at test_stream_hostile.py:" \
+        in errors[0] and " in broken; refusing the connection" in errors[0]

@@ -411,6 +411,17 @@ class _Dialer:
         self.retired = threading.Event()
 
 
+def _raised_at(exc: BaseException) -> str:
+    """Where EXC was raised, " at FILE:LINE in FUNCTION" (its innermost frame), or ""."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f" at {os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
+
+
 class StreamBind(SocketBind):
     stream = True
 
@@ -861,9 +872,11 @@ class StreamBind(SocketBind):
         try:
             why = refuse(addr)
         except Exception as exc:
-            why = f"the admission check failed ({type(exc).__name__}: {exc})"
+            # One line, limited as the other refusals are: a check that fails does so for
+            # every connection, a traceback each time at DEBUG included. Where it was raised
+            # is what finding the bug needs.
+            why = f"the admission check failed ({type(exc).__name__}: {exc}){_raised_at(exc)}"
             self._misc_log(logging.ERROR, "%s: %s; refusing the connection", self.network, why)
-            log.debug("admission check failure", exc_info=True)
         if why is None:
             return False
         self._refused += 1
