@@ -13,6 +13,8 @@ import pytest
 
 from wgvsock import daemon
 
+ADMIT = "WGVSOCK_ADMIT_CIDS"
+
 
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
@@ -29,7 +31,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     monkeypatch.setattr(daemon, "setup_logging", lambda *args: None)
     for name in (daemon.ENV_DGRAM, daemon.ENV_OFFLOAD, daemon.ENV_LOG_FILE, daemon.ENV_NETWORK,
                  "WGVSOCK_READY_FD", "NOTIFY_SOCKET", daemon.ENV_FOREGROUND,
-                 daemon.ENV_TUN_FD, daemon.ENV_UAPI_FD):
+                 daemon.ENV_TUN_FD, daemon.ENV_UAPI_FD, ADMIT):
         monkeypatch.delenv(name, raising=False)
     return calls
 
@@ -290,3 +292,84 @@ def test_the_background_process_imports_the_wgvsock_that_started_it(tmp_path: Pa
     launcher, background = _launched_from(checkout, "-P")
     assert launcher != str(checkout / "wgvsock" / "__init__.py")
     assert background == launcher
+
+
+def test_admit_cids_reaches_the_daemon_as_a_set_and_unset_is_no_fence(started, monkeypatch):
+    assert daemon.main(["-f", "wg0"]) == 0
+    monkeypatch.setenv(ADMIT, " 16, 17,16,0, 4294967294 ")
+    assert daemon.main(["-f", "-n", "vsock", "wg0"]) == 0
+    assert [c.get("admit_cids") for c in started] == [None, frozenset({0, 16, 17, 4294967294})]
+
+
+@pytest.mark.parametrize(("value", "item"), [
+    ("sixteen", "'sixteen' is not a CID"),
+    ("16,x17", "'x17' is not a CID"),
+    ("16;17", "'16;17' is not a CID"),
+    ("-3", "'-3' is not a CID"),
+    ("0x10", "'0x10' is not a CID"),
+    ("4294967295", "'4294967295' is not a CID"),  # VMADDR_CID_ANY
+    ("9" * 30, f"'{'9' * 30}' is not a CID"),
+    ("16,,17", "an item is empty"),
+    ("16,", "an item is empty"),
+    ("\uff11\uff16", "'\uff11\uff16' is not a CID"),  # fullwidth digits, which isdigit() takes
+])
+def test_a_malformed_admit_cids_is_refused_before_anything_starts(value, item, started,
+                                                                   no_spawn, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setenv(ADMIT, value)
+    for argv in (["-f", "wg0"], ["wg0"]):
+        assert daemon.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"wireguard-go-vsock: {ADMIT}={value!r}: {item}; "), err
+        assert err.rstrip().endswith(f"e.g. {ADMIT}=16,17, or unset it to let in any CID")
+    assert started == []
+
+
+@pytest.mark.parametrize("value", ["", " ", ","])
+def test_an_empty_admit_cids_is_refused_not_read_as_unset(value, started, no_spawn,
+                                                          monkeypatch, capsys):
+    # A fence that came out empty (a script's unset variable) must not open the port to all.
+    monkeypatch.setenv(ADMIT, value)
+    assert daemon.main(["-f", "wg0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ADMIT in err and "unset it to let in any CID" in err
+    assert started == []
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (["-n", "tcp", "wg0"], "network tcp has none: unset it (fence tcp with a firewall)"),
+    (["-n", "udp", "wg0"], "network udp has none"),
+    (["-n", "unix", "wg0"], "(fence unix with the socket directory's permissions)"),
+    (["-d", "wg0"], "not to datagram sockets (-d)"),
+])
+def test_admit_cids_on_a_listener_without_cids_is_refused_not_ignored(argv, why, started,
+                                                                       no_spawn, monkeypatch,
+                                                                       capsys):
+    # Ignored, it would leave whoever set it believing in a fence that is not there.
+    monkeypatch.setenv(ADMIT, "16")
+    for foreground in ([], ["-f"]):
+        assert daemon.main(foreground + argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"wireguard-go-vsock: {ADMIT} ") and why in err, err
+        assert err.count("\n") == 1
+    assert started == []
+
+
+@pytest.mark.parametrize("module", [["wgvsock.daemon"], ["wgvsock.cli", "daemon"]])
+def test_a_malformed_admit_cids_is_one_line_from_the_command(module, tmp_path):
+    # The command as run, in the foreground and as the launcher of a background daemon. (The
+    # name is one the TUN refuses: a start that got past the check would make nothing.)
+    env = dict(os.environ, WGVSOCK_RUN_DIR=str(tmp_path / "run"), LOG_LEVEL="debug",
+               **{ADMIT: "16,seventeen"})
+    env.pop("WG_PROCESS_FOREGROUND", None)
+    prog = "wireguard-go-vsock" if module == ["wgvsock.daemon"] else "wgvsock daemon"
+    for flags in (["-f"], []):
+        res = subprocess.run([sys.executable, "-m", *module, *flags, "x" * 20], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert (res.returncode, res.stdout) == (2, "")
+        assert res.stderr == (
+            f"{prog}: {ADMIT}='16,seventeen': 'seventeen' is not a CID; give decimal CIDs "
+            f"(0 to 4294967294) separated by commas, e.g. {ADMIT}=16,17, or unset it to let "
+            "in any CID\n")
+        assert not (tmp_path / "run").exists()

@@ -20,10 +20,15 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .safetext import prose, quote
 from .stdout import guarded
+
+if TYPE_CHECKING:
+    from .conn.bind import Bind
 
 NETWORKS = ("vsock", "tcp", "tcp4", "tcp6", "udp", "unix")
 ENV_NETWORK = "WGVSOCK_NETWORK"
@@ -31,6 +36,8 @@ ENV_DGRAM = "WGVSOCK_DGRAM"
 ENV_LOG_FILE = "WGVSOCK_LOG_FILE"
 ENV_RUN_DIR = "WGVSOCK_RUN_DIR"
 ENV_OFFLOAD = "WGVSOCK_OFFLOAD"
+# The CIDs a vsock listener lets in: the Go program's command line has no room for it.
+ENV_ADMIT_CIDS = "WGVSOCK_ADMIT_CIDS"
 _ENV_READY_FD = "WGVSOCK_READY_FD"
 # wireguard-go's and the seed's: "1" (nothing else) keeps them in the foreground, as -f does.
 ENV_FOREGROUND = "WG_PROCESS_FOREGROUND"
@@ -81,7 +88,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             "the stderr it was started with), "
             "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock), "
             f"{ENV_OFFLOAD}=0 (no TCP super-packets: MTU-sized packets both ways, as from "
-            f"wireguard-go-vsock), {ENV_TUN_FD} (a /dev/net/tun descriptor attached to the "
+            f"wireguard-go-vsock), {ENV_ADMIT_CIDS}=CID,... (a vsock listener lets in "
+            f"only these CIDs), {ENV_TUN_FD} (a /dev/net/tun descriptor attached to the "
             f"interface, to serve instead of making the TUN), {ENV_UAPI_FD} (a listening "
             "unix socket's descriptor, to serve instead of making the UAPI socket)."
         ),
@@ -132,6 +140,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     try:
         dgram = args.dgram or switch(ENV_DGRAM, False)
         offload = switch(ENV_OFFLOAD, True)
+        admit = admitted_cids(network, dgram)
         tun_fd, uapi_fd = passed_descriptors(args.interface)
         ready_fd = take_ready_fd()
     except EnvError as e:
@@ -146,7 +155,78 @@ def _main(argv: list[str] | None, prog: str) -> int:
                                 keep_fds=tuple(fd for fd in (tun_fd, uapi_fd) if fd >= 0))
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
     return run_foreground(args.interface, network, dgram, ready_fd, offload=offload, prog=prog,
-                          tun_fd=tun_fd, uapi_fd=uapi_fd)
+                          tun_fd=tun_fd, uapi_fd=uapi_fd, admit_cids=admit)
+
+
+_CID_MAX = 0xFFFFFFFE  # 2^32-1 is VMADDR_CID_ANY, which no connection comes from
+
+
+def admitted_cids(network: str, dgram: bool) -> frozenset[int] | None:
+    """The CIDs $WGVSOCK_ADMIT_CIDS (comma-separated) lets in, None when it is unset. Raises
+    EnvError for a value it cannot use, before anything is made and before the background
+    process starts: a fence that is set but read as no fence would let everyone in."""
+    value = os.environ.get(ENV_ADMIT_CIDS)
+    if value is None:
+        return None
+    fix = ("give decimal CIDs (0 to 4294967294) separated by commas, e.g. "
+           f"{ENV_ADMIT_CIDS}=16,17, or unset it to let in any CID")
+    if not value.strip():
+        # (Not "unset", as empty is for the on/off variables: a list that came out empty,
+        # say from a script's unset variable, must not open the port to everyone.)
+        raise EnvError(f"{ENV_ADMIT_CIDS} is set but empty; {fix}")
+    cids: set[int] = set()
+    for item in value.split(","):
+        text = item.strip()
+        # (At most 10 digits: int() of a long string is slow, and none of them is a CID.)
+        if not (text.isascii() and text.isdigit() and len(text) <= 10
+                and int(text) <= _CID_MAX):
+            what = f"{quote(text, 40)} is not a CID" if text else "an item is empty"
+            raise EnvError(f"{ENV_ADMIT_CIDS}={quote(value, 80)}: {what}; {fix}")
+        cids.add(int(text))
+    # Refused rather than ignored: whoever set it expects a fence, and a listener it does
+    # not apply to would let in everyone who can reach it.
+    if network != "vsock":
+        raise EnvError(f"{ENV_ADMIT_CIDS} lets in vsock connections by CID, and network "
+                       f"{network} has none: unset it (fence {network} with "
+                       + ("the socket directory's permissions" if network == "unix"
+                          else "a firewall") + ")")
+    if dgram:
+        raise EnvError(f"{ENV_ADMIT_CIDS} applies to vsock stream listeners, not to datagram "
+                       "sockets (-d): unset it, or use stream sockets")
+    return frozenset(cids)
+
+
+def daemon_bind(network: str, dgram: bool, admit_cids: frozenset[int] | None = None) -> Bind:
+    """The transport for -n NETWORK and -d; with ADMIT_CIDS (see admitted_cids) its listener
+    lets in only those CIDs."""
+    from .conn import make_bind
+
+    bind = make_bind(network, dgram)
+    if admit_cids is not None:
+        # At accept, before a connection costs a reader thread or an inbound slot.
+        bind.refuse_from = cid_fence(admit_cids)
+        log.info("%s: letting in only CIDs %s (%s)", network, _cid_list(admit_cids),
+                 ENV_ADMIT_CIDS)
+    return bind
+
+
+def _cid_list(cids: frozenset[int]) -> str:
+    """CIDS for a log line, the first few of a long list."""
+    first = sorted(cids)[:8]
+    return ",".join(map(str, first)) + (",..." if len(cids) > len(first) else "")
+
+
+def cid_fence(cids: frozenset[int]) -> Callable[[object], str | None]:
+    """A stream bind's refuse_from that lets in only CIDS (vsock's accept() address is
+    (CID, port))."""
+    why = f"not in {ENV_ADMIT_CIDS}={_cid_list(cids)}"
+
+    def refuse(addr: object) -> str | None:
+        if isinstance(addr, tuple) and addr and isinstance(addr[0], int) and addr[0] in cids:
+            return None
+        return why
+
+    return refuse
 
 
 def passed_descriptors(ifname: str) -> tuple[int, int]:
@@ -341,10 +421,9 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None, *,
                    offload: bool = True, prog: str = "wireguard-go-vsock", tun_fd: int = -1,
-                   uapi_fd: int = -1) -> int:
+                   uapi_fd: int = -1, admit_cids: frozenset[int] | None = None) -> int:
     import time
 
-    from .conn import make_bind
     from .device.device import Device
     from .device.uapi import DEFAULT_RUN_DIR
     from .nodump import forbid_core_dumps
@@ -365,7 +444,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
     signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
     signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
     try:
-        bind = make_bind(network, dgram)
+        bind = daemon_bind(network, dgram, admit_cids)
         device = Device(
             ifname, bind, run_dir=os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR,
             offload=offload, tun_fd=tun_fd, uapi_fd=uapi_fd,

@@ -367,6 +367,56 @@ def test_a_vsock_connection_from_a_cid_the_owner_refuses_is_closed_at_accept(
         b.close()
 
 
+def test_the_daemon_s_admit_cids_closes_other_cids_at_accept(monkeypatch, tmp_path,
+                                                             caplog) -> None:
+    """Before: the wireguard-go-vsock drop-in had no fence: a connection from any VM or
+    enclave on the host held a reader thread and an inbound slot until the first-frame
+    deadline. WGVSOCK_ADMIT_CIDS (its command line is the Go program's) makes its listener
+    close any other CID at accept, as the parent's enclave check does."""
+    import logging
+
+    from wgvsock import daemon
+
+    caplog.set_level(logging.DEBUG, logger="wgvsock")
+    monkeypatch.setenv("WGVSOCK_ADMIT_CIDS", "17,16")
+    b = daemon.daemon_bind("vsock", False, daemon.admitted_cids("vsock", False))
+    assert isinstance(b, StreamBind)
+    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.cids = [7, 16, 3, 17]
+    path = str(tmp_path / "wg.sock")
+    listener.bind(path)
+    listener.listen(8)
+    listener.setblocking(False)
+    received: list[Endpoint] = []
+    monkeypatch.setattr(b, "_listen", lambda port: (listener, 5000))
+    b.open(0, lambda d, ep: received.append(ep))
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(c)
+            c.settimeout(10.0)
+            c.connect(path)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                c.sendall(encode_frame(DATA))
+        for refused in (clients[0], clients[2]):
+            # Closed at once: an end of stream (or a reset), not the first-frame deadline.
+            with contextlib.suppress(ConnectionResetError):
+                assert refused.recv(1) == b""
+        wait_for(lambda: len(received) == 2, 10, "the admitted CIDs' frames")
+        assert sorted(ep.host for ep in received) == [16, 17]
+        assert all(_still_open(c) for c in (clients[1], clients[3]))
+        status = b.status()
+        assert (status["accepted"], status["refused"]) == (2, 2)
+    finally:
+        for c in clients:
+            c.close()
+        b.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert "vsock: letting in only CIDs 16,17 (WGVSOCK_ADMIT_CIDS)" in lines
+    assert "vsock: refused a connection from CID 7: not in WGVSOCK_ADMIT_CIDS=16,17" in lines
+
+
 def test_an_admission_check_that_fails_refuses(monkeypatch, tmp_path, caplog) -> None:
     """The check is the fence: one that raises must not let the stranger in (nor stop the
     accept thread), and says so as an error (it would keep the enclave out too)."""
