@@ -259,7 +259,7 @@ def test_the_dashboard_shows_refusals_escaped_and_the_json_all_of_them() -> None
     for line in st._interface_lines(view, console, 80):
         console.print(line)
     text = console.export_text()
-    assert "refused blocked udp 198.51.100.2:5432, 14 times · 1 min ago" in text
+    assert "blocked udp 198.51.100.2:5432, 14 times (no allow entry) · 1 min ago" in text
     assert "(denied)" in text
 
 

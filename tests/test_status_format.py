@@ -738,6 +738,45 @@ def test_a_peer_without_a_connection_says_so_in_words() -> None:
     assert iface.peers[0].connection == "none"
 
 
+def _refusal_lines(*raw: str) -> list[str]:
+    extra = {f"wgvsock_refused_{i}": r for i, r in enumerate(raw, 1)}
+    view = st.interface_view("wg0", "/run/wg0.sock", {"extra": extra, "peers": []}, NOW)
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[view]), 120)
+    return [line.strip() for line in plain.splitlines() if " ago" in line]
+
+
+def test_each_kind_of_refusal_reads_as_what_happened() -> None:
+    """The line was "refused KIND WHAT": "refused denied tcp ...", a stutter, and "refused
+    to-parent tcp ...", a category rather than what became of the packet."""
+    assert _refusal_lines(
+        "denied 3 9 tcp 198.51.100.3:80; deny 198.51.100.3/32",
+        "denied 1 9 tcp 169.254.169.254:80; credentials 169.254.169.254/32",
+        "blocked 3 2 udp 198.51.100.2:5432",
+        "to-parent 1 5 tcp 10.77.0.1:22",
+        "limited 2 5 tcp 203.0.113.9:443",
+    ) == [
+        "denied tcp 198.51.100.3:80, 3 times (deny 198.51.100.3/32) · 9 s ago",
+        "denied tcp 169.254.169.254:80 (credentials 169.254.169.254/32) · 9 s ago",
+        "blocked udp 198.51.100.2:5432, 3 times (no allow entry) · 2 s ago",
+        "blocked tcp 10.77.0.1:22 (a port of the parent itself) · 5 s ago",
+        "dropped tcp 203.0.113.9:443, 2 times (over parent.egress.max_connections) · 5 s ago",
+    ]
+    assert _refusal_lines(  # (the dashboard shows 5)
+        "spoofed 4 5 from 10.9.9.9",
+        "forged 1 5 icmp 10.0.0.2 quoting tcp 10.0.0.2:41234 -> 198.51.100.2:80",
+        "dns 1 60 tracker.example; not allowed",
+    ) == [
+        "spoofed packet from 10.9.9.9, 4 times · 5 s ago",
+        "forged icmp 10.0.0.2 quoting tcp 10.0.0.2:41234 -> 198.51.100.2:80 · 5 s ago",
+        "DNS refused tracker.example (not allowed) · 1 min ago",
+    ]
+
+
+def test_a_refusal_of_a_kind_this_release_does_not_know_says_refused() -> None:
+    assert _refusal_lines("throttled 2 5 tcp 203.0.113.9:443") == [
+        "refused throttled tcp 203.0.113.9:443, 2 times · 5 s ago"]
+
+
 # As long as nitro-cli's own words make it: the fix at its end must not be cut off.
 RUN_FAILED = ("run-enclave failed: [ E26 ] Insufficient memory requested. User provided "
               "`memory` is 256 MB, but based on the EIF file size, the minimum memory should "

@@ -613,10 +613,13 @@ class Demo:
             extra = self._refused_keys(0)
         say(f"   [{NS_PARENT}] what the parent refused lately (`wgvsock status`; its log says "
             "what would allow each):")
-        for r in extra:
+        from .status import refusal_words
+
+        for r in extra:  # in the dashboard's words
+            verb, note = refusal_words(r)
             times = f", {r.count} times" if r.count > 1 else ""
-            rule = f" ({r.rule})" if r.rule else ""
-            say(f"     {r.kind} {r.what}{times}{rule}, {r.age} s ago")
+            note = f" ({note})" if note else ""
+            say(f"     {verb} {r.what}{times}{note}, {r.age} s ago")
 
     def _refused_keys(self, at_least: int) -> list:
         """The parent's refusals (status.RefusalView), once there are AT_LEAST of them."""

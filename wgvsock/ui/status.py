@@ -72,6 +72,7 @@ __all__ = [
     "human_rate",
     "main",
     "readable_endpoint",
+    "refusal_words",
     "render_lines",
 ]
 
@@ -919,17 +920,40 @@ def _n(count: int | None) -> str:
     return "-" if count is None else str(count)
 
 
+# What each kind of refusal says at the head of its line, and in brackets when the refusal
+# names no rule. The kind alone after "refused" stuttered ("refused denied tcp ...") and named
+# a category ("refused to-parent") rather than what happened to the packet.
+_REFUSAL_SAID: dict[str, tuple[str, str]] = {
+    "denied": ("denied", ""),  # always with its rule: the deny entry, or the credential one
+    "blocked": ("blocked", "no allow entry"),
+    "to-parent": ("blocked", "a port of the parent itself"),
+    "limited": ("dropped", "over parent.egress.max_connections"),
+    "spoofed": ("spoofed packet", ""),  # its `what` is "from ADDRESS"
+    "forged": ("forged", ""),
+    "dns": ("DNS refused", ""),
+}
+_REFUSAL_STYLES = {"denied": "red", "spoofed": "bold red", "forged": "bold red"}
+
+
+def refusal_words(r: RefusalView) -> tuple[str, str]:
+    """What happened, as the line's first words, and what to say in brackets after what it
+    names (the rule, or what the kind means): ("denied", "deny 10.0.0.0/8"), ("DNS refused",
+    "not allowed"), ("blocked", "no allow entry"). A kind a later parent reports is shown
+    as it is: "refused KIND"."""
+    verb, note = _REFUSAL_SAID.get(r.kind, (f"refused {r.kind}", ""))
+    return verb, r.rule or note
+
+
 def _refusal_parts(r: RefusalView) -> list[Text]:
-    """``refused dns evil.example, 3 times (denied) · 5 s ago``."""
-    style = {"denied": "red", "spoofed": "bold red", "forged": "bold red",
-             "dns": "yellow"}.get(r.kind, "yellow")
-    line = Text("refused ", style="dim")
-    line.append(f"{r.kind} ", style=style)
-    line.append(r.what)
+    """``denied tcp 203.0.113.5:5432, 3 times (deny 203.0.113.0/24) · 5 s ago``."""
+    verb, note = refusal_words(r)
+    line = Text()  # no base style: it would be the rest's too
+    line.append(verb, style=_REFUSAL_STYLES.get(r.kind, "yellow"))
+    line.append(f" {r.what}")
     if r.count > 1:
         line.append(f", {r.count} times")
-    if r.rule:
-        line.append(f" ({r.rule})", style="dim")
+    if note:
+        line.append(f" ({note})", style="dim")
     return [line, Text(human_age(r.age), style="dim")]
 
 
