@@ -244,7 +244,7 @@ def test_dashboard_rows_units_and_labels() -> None:
     # A long endpoint keeps its distinctive tail.
     assert re.search(r"…[a-z/]*7002\.sock", plain)
     assert "2 min ago" in plain and "3 min ago" in plain and "never" in plain
-    assert "backoff" in plain
+    assert "connection failed, retrying" in plain
     # Rates are "-" until a second sample exists.
     never = next(line for line in lines if "NEVERKEY" in line)
     assert never.split()[-2:] == ["-", "-"]
@@ -736,6 +736,23 @@ def test_a_peer_without_a_connection_says_so_in_words() -> None:
     assert "not connected · keepalive off" in plain and "none ·" not in plain, plain
     # --json keeps the daemon's own word.
     assert iface.peers[0].connection == "none"
+
+
+@pytest.mark.parametrize(("state", "shown"), [
+    ("backoff", "connection failed, retrying"),
+    ("stalled", "stalled: the peer stopped reading"),
+    ("dialing", "dialing"),
+])
+def test_a_connection_state_is_said_in_an_operators_words(state: str, shown: str) -> None:
+    """"backoff" was jargon: the dialler waits to try again after its connects failed (or a
+    connection died young). "stalled" did not say whose side stopped."""
+    peer = {"public_key": public_key(generate_private_key()), "allowed_ips": [],
+            "extra": {"wgvsock_conn": state, "wgvsock_reconnects": "3"}}
+    iface = _refused_parent({}, [peer])
+    plain, _ = _show(st.Snapshot(time=NOW, run_dir="/run", interfaces=[iface]), 120)
+    assert f"{shown}, 3 reconnects · keepalive off" in plain, plain
+    assert "backoff" not in plain
+    assert iface.peers[0].connection == state  # --json keeps the daemon's word
 
 
 def _refusal_lines(*raw: str) -> list[str]:

@@ -130,7 +130,9 @@ def test_peer_gone_shows_reconnects_and_a_stale_socket(lab: Lab) -> None:
     err = doc["interfaces"][1]["error"]
     assert "connection refused" in err and "stale socket" in err
     text = status_text(ia, ib)
-    assert re.search(r"(dialing|backoff), \d+ reconnects?", text), text
+    # In words: "backoff" was the dialler's jargon for waiting to try again.
+    assert re.search(r"(dialing|connection failed, retrying), \d+ reconnects?", text), text
+    assert "backoff" not in text
     assert f"✗ {ib}  stale socket: connection refused" in text
     assert kb.public_b64[:8] in text  # the readable interface keeps its rows
 

@@ -586,7 +586,10 @@ class Enclave:
                 self.last_dial_error = e
                 # Once per outage at info: a parent away for minutes is redialled every second.
                 level = logging.INFO if delay == backoff_min else logging.DEBUG
-                log.log(level, "control: parent not answering (%s); retrying", e)
+                # How often, not "backoff": an operator waiting on the parent wants to know
+                # how soon a parent that comes back is found.
+                log.log(level, "control: parent not answering (%s); retrying, at most %g s "
+                        "apart", e, backoff_max)
                 pause()
                 continue
             try:

@@ -97,8 +97,11 @@ FUTURE_SLACK = 2.0
 CONN_STYLES = {"connected": "green", "stalled": "red", "dialing": "yellow", "backoff": "red",
                "none": "dim"}
 # wgvsock_conn's words as the dashboard shows them; a bare "none" among the peer's details
-# said nothing of what there is none of. (--json keeps the daemon's word.)
-_CONN_SHOWN = {"none": "not connected"}
+# said nothing of what there is none of, "backoff" was jargon for waiting to try again after
+# connects failed (or a connection that died young), and "stalled" did not say whose fault.
+# (--json keeps the daemon's word.)
+_CONN_SHOWN = {"none": "not connected", "backoff": "connection failed, retrying",
+               "stalled": "stalled: the peer stopped reading"}
 
 EMPTY_HINT = (
     "start one with `wgvsock parent up --profile FILE` or `wireguard-go-vsock wg0`, "
