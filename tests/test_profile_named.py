@@ -46,3 +46,41 @@ def test_up_of_a_running_profile_names_the_profile(
     monkeypatch.setattr(state, "running_code_note", lambda profile: None)
     assert cli.parent_main(["up", "--profile", profile_file]) == 0
     assert capsys.readouterr().out == "profile 'demo' is already up (pid 4242)\n"
+
+
+def test_the_parents_log_names_the_profile_as_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What `parent up/down/reload` print named the profile as one since 73095ca, but the
+    parent's log went on with "parent demo: nftables table wgvsock_demo was deleted ...",
+    "parent demo reloaded from ...": the profile's name read as part of the sentence."""
+    import logging
+
+    from wgvsock.services import firewall
+    from wgvsock.services.profile import parse_profile
+
+    path = tmp_path / "demo.yaml"
+    path.write_text(PROFILE)
+    p = parent.Parent(parse_profile(PROFILE, str(path)))
+    p._state = state.State("demo", 1, "wg0", str(path))
+
+    def full(self) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state.State, "save", full)
+    monkeypatch.setattr(p, "_replace_table", lambda profile, *, keep_counters: 0)
+    monkeypatch.setattr(firewall, "rule_count", lambda name, netns=None: -1)
+    p._table, p._rules = True, 42
+    with caplog.at_level(logging.INFO, logger="wgvsock.parent"):
+        assert parent.reload_from_file(p) is True
+        p.check_firewall()
+    said = [r.getMessage() for r in caplog.records]
+    assert f"profile 'demo' reloaded from {path}: nothing changed" in said, said
+    assert any(m.startswith("profile 'demo': cannot record the reload's outcome in ")
+               for m in said), said
+    assert ("profile 'demo': nftables table wgvsock_demo was deleted or changed by someone "
+            "else; putting it back") in said, said
+    assert not [m for m in said if m.startswith("parent demo")], said
+    # and every other line of the parent's log that names the profile
+    source = Path(parent.__file__).read_text()
+    assert '"parent %s' not in source

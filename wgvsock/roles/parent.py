@@ -644,7 +644,7 @@ def _upstream(profile) -> list:
     if not upstream:  # local_checks() says so before `up`; resolv.conf may change later
         raise RoleError(_no_resolver(left_out))
     if left_out:
-        log.warning("parent %s: DNS forwarder: %s", profile.name,
+        log.warning("%s: DNS forwarder: %s", named(profile.name),
                     _left_out_note(left_out).removeprefix("; "))
     return upstream
 
@@ -749,8 +749,8 @@ class Parent:
                 try:
                     counters = firewall.read_counters(profile.name)
                 except (firewall.FirewallError, OSError, ValueError) as e:
-                    log.warning("parent %s: cannot read the counters to carry them over "
-                                "(%s); they start from zero", profile.name, e)
+                    log.warning("%s: cannot read the counters to carry them over "
+                                "(%s); they start from zero", named(profile.name), e)
             firewall.apply(self.spec(profile, counters=counters, elements=elements))
 
         carried = 0
@@ -762,7 +762,7 @@ class Parent:
         try:
             count = firewall.rule_count(profile.name)
         except (firewall.FirewallError, OSError, ValueError) as e:
-            log.warning("parent %s: cannot count the new table's rules: %s", profile.name, e)
+            log.warning("%s: cannot count the new table's rules: %s", named(profile.name), e)
             count = 0
         # The new table is in. A count that failed (or found it gone already) is no baseline:
         # check_firewall counts again rather than take it for someone else's change.
@@ -830,7 +830,7 @@ class Parent:
             self._rules = count if count > 0 else None  # gone already: check_firewall acts
             forward = forward_chain_check(p)
             if forward.ok is False:  # the tunnel is up either way; the operator must act
-                log.warning("parent %s: %s", p.name, forward.detail)
+                log.warning("%s: %s", named(p.name), forward.detail)
             self._start_dns()
             listener = control_listener(t)
             if t.kind == "unix":
@@ -849,8 +849,8 @@ class Parent:
         except BaseException:
             self.close()
             raise
-        log.info("parent %s up on %s (%s port %d, control %d)", p.name, p.interface, t.kind,
-                 t.port, t.control_port)
+        log.info("the parent of %s is up on %s (%s port %d, control %d)", named(p.name),
+                 p.interface, t.kind, t.port, t.control_port)
 
     def _enable_forwarding(self, versions: set[int]) -> None:
         """Turns forwarding on for the IP VERSIONS the tunnel has addresses of (only those:
@@ -903,8 +903,8 @@ class Parent:
         try:
             sock = open_free_group(self.profile.name)
         except OSError as e:  # a kernel without nfnetlink_log: the counters still count
-            log.warning("parent %s: refused destinations will not be named in the log or "
-                        "`wgvsock status` (no nfnetlink_log group: %s)", self.profile.name,
+            log.warning("%s: refused destinations will not be named in the log or "
+                        "`wgvsock status` (no nfnetlink_log group: %s)", named(self.profile.name),
                         e.strerror or e)
             return
         self._refusal_reader = RefusalReader(sock, self.refusals)
@@ -946,11 +946,11 @@ class Parent:
                                     "this host") from None
                 # Taken: any local user may bind a port above 1023, and the tunnel must not
                 # stay down for it (nor restart until systemd gives up).
-                log.warning("parent %s: parent.metrics.listen %s port %d is taken by another "
+                log.warning("%s: parent.metrics.listen %s port %d is taken by another "
                             "process; the tunnel comes up without metrics and the port is "
                             "tried again every %.0f s. Whatever answers there meanwhile is not "
-                            "wgvsock: a port below 1024 only root may take", self.profile.name,
-                            host, port, _METRICS_RETRY)
+                            "wgvsock: a port below 1024 only root may take",
+                            named(self.profile.name), host, port, _METRICS_RETRY)
                 self._metrics_waiting = (registry, host, port,
                                          time.monotonic() + _METRICS_RETRY)
         if m.cloudwatch is not None:
@@ -1013,8 +1013,8 @@ class Parent:
                 return
             if count == self._rules:
                 return
-            log.warning("parent %s: nftables table %s was deleted or changed by someone else; "
-                        "putting it back", name, firewall.table_name(name))
+            log.warning("%s: nftables table %s was deleted or changed by someone else; "
+                        "putting it back", named(name), firewall.table_name(name))
             # The name sets' addresses come back with it; the counters start again from zero.
             self._replace_table(self.profile, keep_counters=False)
         except (firewall.FirewallError, OSError, ValueError) as e:
@@ -1034,8 +1034,8 @@ class Parent:
             self.exporter = Exporter(registry, host, port)
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
-                log.warning("parent %s: parent.metrics.listen %s port %d: %s",
-                            self.profile.name, host, port, e.strerror or e)
+                log.warning("%s: parent.metrics.listen %s port %d: %s",
+                            named(self.profile.name), host, port, e.strerror or e)
             self._metrics_waiting = (registry, host, port, time.monotonic() + _METRICS_RETRY)
             return
         self._metrics_waiting = None
@@ -1050,15 +1050,15 @@ class Parent:
             changed = firewall.refuse_router_messages(self.profile.interface)
         except (firewall.FirewallError, OSError, ValueError) as e:
             if not self._tunnel_check_failed:
-                log.warning("parent %s: cannot keep %s from taking router advertisements and "
-                            "redirects from the enclave: %s", self.profile.name,
+                log.warning("%s: cannot keep %s from taking router advertisements and "
+                            "redirects from the enclave: %s", named(self.profile.name),
                             self.profile.interface, e)
             self._tunnel_check_failed = True
             return
         self._tunnel_check_failed = False
         if changed:
-            log.warning("parent %s: %s set to 0 again: the enclave must not configure the "
-                        "parent's routing", self.profile.name,
+            log.warning("%s: %s set to 0 again: the enclave must not configure the "
+                        "parent's routing", named(self.profile.name),
                         ", ".join(k.replace("/", ".") for k in changed))
 
     def _start_dns(self) -> None:
@@ -1209,7 +1209,7 @@ class Parent:
                 with self._trust_lock:
                     self.profile = replace(new, attestation=old.attestation)
                     self._test_root = old_root
-                log.exception("parent %s: attestation re-check failed", new.name)
+                log.exception("%s: attestation re-check failed", named(new.name))
                 raise RoleError("partly reloaded: " + "; ".join(done or ["nothing else"])
                                 + f"; but the new attestation policy was not applied: asking "
                                 f"it about the running enclave failed ({e})") from None
@@ -1289,8 +1289,8 @@ class Parent:
             return ("attestation: the running enclave meets the new policy (attested: "
                     f"{attestation_state(self.verdict)})")  # type: ignore[arg-type]
         why = prose(refusal[0] if refusal else "refused", 300)
-        log.warning("parent %s: removed the running enclave: the new attestation policy "
-                    "refuses it (%s)", self.profile.name, why)
+        log.warning("%s: removed the running enclave: the new attestation policy "
+                    "refuses it (%s)", named(self.profile.name), why)
         return (f"attestation: removed the running enclave, which the new policy refuses "
                 f"({why}); it is refused when it registers again")
 
@@ -1368,12 +1368,12 @@ class Parent:
             try:
                 if (left := restore_forwarding(self.profile.name, self._forwarding)) is not None:
                     log.log(logging.WARNING if left.uncertain else logging.INFO,
-                            "parent %s: %s", self.profile.name, left)
+                            "%s: %s", named(self.profile.name), left)
             except (RoleError, OSError, ValueError, firewall.FirewallError) as e:
                 # The values are in the host's record (state.py): the next parent to stop, or
                 # `parent down`, tries again.
-                log.error("parent %s: could not put back the IP forwarding settings: %s",
-                          self.profile.name, e)
+                log.error("%s: could not put back the IP forwarding settings: %s",
+                          named(self.profile.name), e)
             self._forwarding, self._forwarding_on = {}, False
         for path in self._sockets:
             with contextlib.suppress(FileNotFoundError):
@@ -1517,7 +1517,7 @@ def run_up(profile, ready_fd: int | None) -> int:
                 notifier.status(f"stuck: {stalled}" if stalled else
                                 "; ".join(filter(None, (parent.status_line(now), reloaded))))
                 if parent.device is not None and parent.device.wait(0):
-                    log.error("parent %s: %s", profile.name, parent.device.stop_reason)
+                    log.error("%s: %s", named(profile.name), parent.device.stop_reason)
                     # Stopping on its own is a failure, whatever the reason: the unit's
                     # Restart=on-failure then brings it back.
                     failures.append(parent.device.stop_reason or "the device stopped")
@@ -1538,7 +1538,7 @@ def run_up(profile, ready_fd: int | None) -> int:
         wakeup.close()
     if failures:
         # Non-zero, so systemd restarts us: a part of the data path is gone.
-        log.error("parent %s stopped: %s", profile.name, failures[0])
+        log.error("the parent of %s stopped: %s", named(profile.name), failures[0])
         return 1
     return 0
 
@@ -1568,16 +1568,16 @@ def reload_from_file(parent: Parent, notifier: Notifier | None = None) -> bool:
                             "`wgvsock parent down` and `up`")
         done = parent.reload(new)
         ok, message = True, "\n".join(done)
-        log.info("parent %s reloaded from %s: %s", name, path, "; ".join(done))
+        log.info("%s reloaded from %s: %s", named(name), path, "; ".join(done))
     except ProfileError as e:
         ok, message = False, f"not reloaded: {path} is not a valid profile:\n{e}"
     except RoleError as e:
         ok, message = False, str(e)
     except Exception as e:  # a bug in one reload must not stop the parent
-        log.exception("parent %s: reload failed", name)
+        log.exception("%s: reload failed", named(name))
         ok, message = False, f"not reloaded: internal error: {e}"
     if not ok:
-        log.error("parent %s: %s", name, message)
+        log.error("%s: %s", named(name), message)
     if notifier is not None:
         first = message.splitlines()[0] if message else ""
         notifier.ready(("reloaded: " if ok else "") + prose(first, 200))
@@ -1588,7 +1588,7 @@ def reload_from_file(parent: Parent, notifier: Notifier | None = None) -> bool:
         try:
             state.save()
         except (OSError, RoleError) as e:  # `parent reload` times out, saying to read the log
-            log.error("parent %s: cannot record the reload's outcome in %s: %s", name,
+            log.error("%s: cannot record the reload's outcome in %s: %s", named(name),
                       State.path_for(name), e)
     return ok
 
