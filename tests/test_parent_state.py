@@ -564,7 +564,8 @@ def test_down_says_a_damaged_state_file_kept_forwarding_on(
     assert restored == []
     assert any("IP forwarding left on" in line and str(state_dir / "b.json") in line
                for line in failed), (done, failed)
-    assert "removed state file" in done  # its values are in the host's record now
+    # its values are in the host's record now; named, as what down did to the rest is
+    assert f"removed the state file {state_dir / 'pay.json'}" in done
     assert json.loads((state_dir / "forwarding.json").read_text()) == GOOD["forwarding"]
 
 

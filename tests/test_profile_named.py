@@ -4,6 +4,7 @@ line rather than as the state of a profile."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,26 @@ def test_the_parents_log_names_the_profile_as_one(
     # and every other line of the parent's log that names the profile
     source = Path(parent.__file__).read_text()
     assert '"parent %s' not in source
+
+
+def test_the_doctors_table_names_the_profile_as_one(
+        profile_file: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Its title was "wgvsock parent doctor — demo", where every other message of the
+    parent's commands says "profile 'demo'"."""
+    from wgvsock.services import profile as profile_mod
+
+    ok = parent.Check("x", True, "fine")
+    for check in ("parent_key_check", "forward_chain_check", "metrics_port_check",
+                  "connection_limit_check"):
+        monkeypatch.setattr(parent, check, lambda profile: ok)
+    monkeypatch.setattr(parent, "local_checks", lambda profile: [])
+    monkeypatch.setattr(cli, "_refusal_log_check", lambda profile: ok)
+    monkeypatch.setattr(profile_mod, "check_host", lambda *a: [])
+    monkeypatch.setattr(profile_mod, "check_routes", lambda *a: [])
+    monkeypatch.setattr(profile_mod, "local_networks", lambda **k: [])
+    monkeypatch.setattr(profile_mod, "local_routes", lambda **k: [])
+    monkeypatch.setitem(sys.modules, "wgvsock.services.aws", None)  # no AWS here
+    monkeypatch.setenv("COLUMNS", "120")
+    assert cli.parent_main(["doctor", "--profile", profile_file]) == 0
+    assert "wgvsock parent doctor — profile 'demo'" in capsys.readouterr().out

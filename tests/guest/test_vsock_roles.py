@@ -176,7 +176,7 @@ def _run(world: World, ca_dir: Path) -> None:
 
     # `parent down` leaves nothing behind: no interface, table, sockets, state, listeners.
     res = world.parent_cmd("down")
-    assert res.returncode == 0 and "stopped pid" in res.stdout, res.stdout
+    assert res.returncode == 0 and "stopped the parent (pid " in res.stdout, res.stdout
     assert "wg0" not in world.parent.ip("-o", "link", "show").stdout
     assert not firewall.exists(world.name, netns=world.parent.name)
     assert list((world.lab.tmp / "run-parent").glob("*")) == []

@@ -127,7 +127,7 @@ def test_parent_runs_restarts_and_terminates_the_enclave(host: Host) -> None:
 
     res = host.cmd("down")
     assert res.returncode == 0, res.stderr
-    assert "stopped pid" in res.stdout, host.log.read_text()
+    assert "stopped the parent (pid " in res.stdout, host.log.read_text()
     assert host.enclaves() == []
     assert process_gone(pid)
     assert list(host.state_dir.glob("*")) == []

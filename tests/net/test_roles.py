@@ -235,7 +235,7 @@ def test_parent_down_leaves_nothing(world: World) -> None:
     world.start_enclave()
     wait_for(world.egress_works, 30, "the tunnel")
     res = world.parent_cmd("down")
-    assert res.returncode == 0 and "stopped pid" in res.stdout
+    assert res.returncode == 0 and "stopped the parent (pid " in res.stdout
     assert "wg0" not in world.parent.ip("-o", "link", "show").stdout
     assert not firewall.exists(world.name, netns=world.parent.name)
     assert list((world.lab.tmp / "sock").glob("*")) == []

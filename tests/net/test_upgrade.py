@@ -68,7 +68,7 @@ def test_up_after_an_upgrade_names_the_parent_that_runs_the_old_code(world: Worl
     assert "still runs the wgvsock it started with" in reload.stderr, reload.stderr
     # The new release's `down` stops the old parent and removes all it made.
     down = w.parent_cmd("down")
-    assert f"stopped pid {pid}" in down.stdout, down.stdout
+    assert f"stopped the parent (pid {pid})" in down.stdout, down.stdout
     _nothing_left(w)
     assert w.parent_cmd("up").returncode == 0
     wait_for(w.egress_works, 30, "the tunnel through the new parent")
@@ -140,7 +140,7 @@ def test_a_newer_releases_running_parent_is_stopped_by_down(world: World) -> Non
     up = w.parent_cmd("up")
     assert f"is already up (pid {pid})" in up.stdout, up.stdout
     down = w.parent_cmd("down")
-    assert f"stopped pid {pid}" in down.stdout and down.stderr == "", down.stderr
+    assert f"stopped the parent (pid {pid})" in down.stdout and down.stderr == "", down.stderr
     _nothing_left(w)
 
 

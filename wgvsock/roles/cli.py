@@ -151,6 +151,7 @@ def doctor(profile) -> int:
 
     from ..safetext import prose
     from ..services.profile import check_host, check_routes, local_networks, local_routes
+    from .common import named
     from .parent import (
         Check,
         connection_limit_check,
@@ -183,7 +184,7 @@ def doctor(profile) -> int:
             cloudwatch=(cw.namespace, profile.name) if cw is not None else None)]
     except ImportError:
         checks.append(Check("AWS", None, "AWS checks are not available in this version"))
-    table = Table(title=f"wgvsock parent doctor — {profile.name}")
+    table = Table(title=f"wgvsock parent doctor — {named(profile.name)}")
     table.add_column("check")
     table.add_column("state")
     table.add_column("detail", overflow="fold")

@@ -1630,11 +1630,11 @@ def down(profile) -> tuple[list[str], list[str]]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.pid, signal.SIGTERM)
         if _wait_gone(state, 15):
-            done.append(f"stopped pid {state.pid}")
+            done.append(f"stopped the parent (pid {state.pid})")
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.pid, signal.SIGKILL)
-            done.append(f"killed pid {state.pid} (did not stop within 15 s)")
+            done.append(f"killed the parent (pid {state.pid}): it did not stop within 15 s")
             ours_alive = not _wait_gone(state, 5)
     # Whatever a crashed `up` may have left behind:
     if profile.parent.enclave is not None:
@@ -1713,7 +1713,7 @@ def down(profile) -> tuple[list[str], list[str]]:
     else:
         with contextlib.suppress(FileNotFoundError):
             State.path_for(profile.name).unlink()
-            done.append("removed state file")
+            done.append(f"removed the state file {State.path_for(profile.name)}")
     # `parent reload`'s lock and request, and temporary files of a writer that was killed.
     leftovers: list[Path] = []
     if not unsafe_dir:
