@@ -42,7 +42,9 @@ from wgvsock.conn.stream import StreamBind, _Conn, redial_backoff
 from wgvsock.conn.unixsock import socket_dir
 from wgvsock.pathwalk import user_name
 
-TIMEOUT = 3.0
+# How long a test waits for what must happen (a message, a dial, a thread): generous, since CI
+# runs these on two busy cores and again in pure Python; a passing test never waits it out.
+TIMEOUT = 10.0
 # Fast redials so reconnect tests take milliseconds, not the production half second.
 FAST = {"backoff_min": 0.01, "backoff_max": 0.05}
 
@@ -649,7 +651,9 @@ def test_a_peer_not_reading_holds_up_sends_to_other_peers_only_briefly(
             a.send(msg(4, 60 + i % 200), b_ep)  # the healthy peer's gets through meanwhile
             assert b_in.get()[0] == msg(4, 60 + i % 200)
             stalled = stalled or any(c.get("stalled") for c in a.status()["connections"])
-        assert worst < STALL_PATIENCE + 0.3, f"a send to the deaf peer took {worst:.2f} s"
+        # Well short of the send timeout (2 s) that a send waited before, with room for a
+        # busy machine beside the patience (0.25 s): 0.26-0.28 s here under load.
+        assert worst < STALL_PATIENCE + 1.0, f"a send to the deaf peer took {worst:.2f} s"
         assert stalled
         deaf_conn = [c for c in a.status()["connections"] if c["stalled"]]
         assert deaf_conn and deaf_conn[0]["dropped"] > 0
@@ -689,7 +693,9 @@ def test_a_send_that_may_not_wait_never_waits_when_a_stall_ends() -> None:
         conn.patience = 0.3  # the other peers went: a waiting send would wait it all
         t0 = time.monotonic()
         assert conn.send_iov([bytes(400_000)], wait=False)
-        assert time.monotonic() - t0 < 0.05 and not conn.closed
+        # A waiting send would wait the patience (0.3 s), time out and close the connection;
+        # the bound leaves room for a busy machine to hold this thread up for a moment.
+        assert time.monotonic() - t0 < 0.2 and not conn.closed
         assert conn.tail  # what did not fit waits for the next waiting send, as before
     finally:
         ours.close()
