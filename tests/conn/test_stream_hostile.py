@@ -41,7 +41,9 @@ def test_a_listener_that_sends_a_frame_and_hangs_up_is_redialled_with_backoff() 
             except TimeoutError:
                 continue
             accepts[0] += 1
-            c.sendall(encode_frame(b"\x05" + b"j" * 31))
+            # The bind may hang up first (its close() at the end): this thread must not die.
+            with contextlib.suppress(OSError):
+                c.sendall(encode_frame(b"\x05" + b"j" * 31))
             c.close()
 
     t = threading.Thread(target=serve, daemon=True)
@@ -287,7 +289,7 @@ def test_an_unauthenticated_connection_goes_at_its_deadline_however_it_trickles(
         t0 = time.monotonic()
         s.sendall(struct.pack("<HI", 0xFFFF, 0))
         closed = False
-        while time.monotonic() - t0 < 4 and not closed:
+        while time.monotonic() - t0 < 6 and not closed:
             time.sleep(0.2)
             try:
                 s.sendall(b"x")
@@ -295,8 +297,12 @@ def test_an_unauthenticated_connection_goes_at_its_deadline_however_it_trickles(
                 closed = True
             closed = closed or not _still_open(s)
         took = time.monotonic() - t0
-        assert closed, "still open after 4 s"
-        assert took < 2.0, took
+        # A byte every 0.2 s renewed a per-read timeout for as long as it came (open after
+        # the whole 6 s); the deadline closes it about 1 s in (1.04-1.2 s here under load).
+        # The bound leaves a busy machine room to wake the reader late, and is still half the
+        # trickle's time.
+        assert closed, "still open after 6 s"
+        assert took < 3.0, took
     finally:
         s.close()
         b.close()
