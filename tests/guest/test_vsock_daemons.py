@@ -7,9 +7,11 @@ not per namespace, so each test picks its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 
 import pytest
 
@@ -24,10 +26,13 @@ LOOPBACK_CID = 1
 
 
 def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
+    """b lets in only CID 1 (WGVSOCK_ADMIT_CIDS), where every connection here comes from; a
+    third daemon that lets in only CID 16 closes one from CID 1 at accept."""
     a, b = lab.netns("a"), lab.netns("b")
     ia, ib = lab.ifname("a"), lab.ifname("b")
+    admit = {"WGVSOCK_ADMIT_CIDS": str(LOOPBACK_CID)}
     lab.start_daemon(a, ia, "vsock")
-    lab.start_daemon(b, ib, "vsock")
+    lab.start_daemon(b, ib, "vsock", **admit)
     # a dials b in the IPv4-CID form, the one wg(8) can send (32-bit ports: test_vsock_roles).
     b_port = 50102
     connect_pair(lab, a, ia, f"0.0.0.{LOOPBACK_CID}:{b_port}", b, ib, None, a_port=50101,
@@ -63,7 +68,7 @@ def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
     pid = only_pid(b)
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: process_gone(pid), 30, "the listener's daemon to stop")
-    lab.start_daemon(b, ib, "vsock")
+    lab.start_daemon(b, ib, "vsock", **admit)
     b_keys_file = lab.tmp / f"{ib}.key"
     a_pub = a.wg("show", ia, "public-key").stdout.strip()
     b.wg("set", ib, "private-key", str(b_keys_file), "listen-port", str(b_port),
@@ -74,6 +79,18 @@ def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
     wait_for(lambda: ping(a, "10.99.0.2", count=1, check=False).returncode == 0, 30,
              "a ping through the re-established vsock connection")
     ping(b, "10.99.0.1")
+    assert lab.uapi(ib)["extra"]["wgvsock_transport_refused"] == "0"
+
+    c = lab.netns("c")
+    ic = lab.ifname("c")
+    lab.start_daemon(c, ic, "vsock", WGVSOCK_ADMIT_CIDS="16")
+    c.wg("set", ic, "listen-port", "50105")
+    with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as stranger:
+        stranger.settimeout(20.0)  # well below the 30 s first-frame deadline
+        stranger.connect((LOOPBACK_CID, 50105))
+        with contextlib.suppress(ConnectionResetError):  # vsock's reset, or an end
+            assert stranger.recv(1) == b""
+    assert lab.uapi(ic)["extra"]["wgvsock_transport_refused"] == "1"
 
 
 def test_vsock_datagram_is_refused_clearly_or_carries_traffic(lab: Lab) -> None:
