@@ -633,3 +633,70 @@ def test_a_state_file_s_code_must_be_a_string(state_dir: Path) -> None:
     _write(state_dir, {**GOOD, "code": "ab" * 32})
     state = State.load("pay")
     assert state is not None and state.code == "ab" * 32 and state.newer_fields == []
+
+
+# -- families --------------------------------------------------------------------------------
+# The host's record was one for both families: after an IPv4-only parent stopped while an
+# IPv6-only one ran, IPv4 forwarding stayed on until that one stopped too.
+
+V4 = {"net/ipv4/ip_forward": "0", "net/ipv4/conf/eth0/forwarding": "1"}
+V6 = {"net/ipv6/conf/eth0/accept_ra": "1", "net/ipv6/conf/all/forwarding": "0"}
+
+
+@pytest.mark.parametrize(("mine", "theirs"), [(V4, ["ipv6"]), (V6, ["ipv4"])],
+                         ids=["ipv4-stops", "ipv6-stops"])
+def test_a_family_no_other_parent_needs_is_put_back_when_its_parent_stops(
+        state_dir: Path, monkeypatch, live_parent: int, mine: dict, theirs: list) -> None:
+    restored: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
+    other = V6 if mine is V4 else V4
+    _write(state_dir, {**GOOD, "name": "b", "pid": live_parent, "forwarding": other,
+                       "families": theirs}, name="b")
+    left = state_mod.restore_forwarding("a", mine)
+    assert restored == [mine]
+    assert not (state_dir / "forwarding.json").exists()
+    mine_name, theirs_name = ("IPv4", "IPv6") if mine is V4 else ("IPv6", "IPv4")
+    assert left is not None and not left.uncertain
+    assert f"left on for {theirs_name} ({mine_name} forwarding put back" in str(left), left
+    # The other parent's own family goes back when it stops, as ever.
+    (state_dir / "b.json").unlink()
+    assert state_mod.restore_forwarding("b", other) is None
+    assert restored == [mine, other]
+
+
+def test_a_family_another_parent_needs_stays_on_and_in_the_record(
+        state_dir: Path, monkeypatch, live_parent: int) -> None:
+    restored: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
+    # b (IPv4 only) runs; a (dual stack) turned both on and stops: IPv6 goes back, IPv4
+    # waits in the record for b.
+    _write(state_dir, {**GOOD, "name": "b", "pid": live_parent, "families": ["ipv4"]},
+           name="b")
+    left = state_mod.restore_forwarding("a", {**V4, **V6})
+    assert restored == [V6]
+    assert left is not None and not left.uncertain
+    assert "IP forwarding left on for IPv4 (IPv6 forwarding put back" in str(left), left
+    assert json.loads((state_dir / "forwarding.json").read_text()) == V4
+
+
+@pytest.mark.parametrize("families", ["absent", "null"])
+def test_a_parent_that_recorded_no_families_needs_both(
+        state_dir: Path, monkeypatch, live_parent: int, families: str) -> None:
+    # A parent of a release before `families` was recorded.
+    restored: list[dict] = []
+    monkeypatch.setattr(firewall, "restore_forwarding", lambda prev: restored.append(prev))
+    raw = {**GOOD, "name": "b", "pid": live_parent}
+    if families == "null":
+        raw["families"] = None
+    _write(state_dir, raw, name="b")
+    left = state_mod.restore_forwarding("a", {**V4, **V6})
+    assert restored == [] and left is not None
+    assert "left on for IPv4 and IPv6:" in str(left), left
+    assert json.loads((state_dir / "forwarding.json").read_text()) == {**V4, **V6}
+
+
+@pytest.mark.parametrize("families", ["ipv4", ["ipv5"], [4]])
+def test_a_state_file_with_other_families_is_refused(state_dir: Path, families) -> None:
+    _write(state_dir, {**GOOD, "families": families})
+    with pytest.raises(StateFileError, match="field 'families'"):
+        State.load("pay")

@@ -17,7 +17,7 @@ import pytest
 from wgvsock.services import firewall
 
 from .netlab import wait_for
-from .test_ipv6 import DUAL_STACK_PROFILE
+from .test_ipv6 import DUAL_STACK_PROFILE, IPV6_ONLY_PROFILE
 from .test_roles import PROFILE, UNIX_TRANSPORT, World
 
 pytestmark = [pytest.mark.root]
@@ -156,6 +156,42 @@ def test_two_parents_stopping_at_once_put_forwarding_back(world: World) -> None:
     assert all(m.exists() for m in marks), logs
     assert settings(w)["net/ipv4/ip_forward"] == "0", logs
     assert [p.returncode for p in procs] == [0, 0], logs
+
+
+def test_each_family_goes_back_when_the_last_parent_needing_it_stops(world: World) -> None:
+    """Review finding: the host's record of what stopped parents turned on was one for both
+    IP versions, so an IPv4-only parent stopping beside an IPv6-only one left IPv4
+    forwarding on until that one stopped too."""
+    w = world  # its profile: IPv4 only
+    second = w.lab.tmp / "v6.yaml"
+    second.write_text(IPV6_ONLY_PROFILE.format(
+        name=f"{w.name}b", transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock2"),
+        key=w.lab.tmp / "parent2.key")
+        .replace("interface: wg0", "interface: wg1").replace("listen: 8443", "listen: 8444"))
+
+    def second_cmd(what: str, check: bool = True) -> subprocess.CompletedProcess:
+        res = w.parent.run(PY, "-m", "wgvsock.cli", "parent", what, "--profile", str(second),
+                           env=w.env_for("parent"), check=False, timeout=60)
+        assert not check or res.returncode == 0, res.stderr
+        return res
+
+    def forwarding() -> tuple[str, str]:
+        s = settings(w)
+        return s["net/ipv4/ip_forward"], s["net/ipv6/conf/all/forwarding"]
+
+    assert forwarding() == ("0", "0")
+    try:
+        w.parent_cmd("up")
+        second_cmd("up")
+        assert forwarding() == ("1", "1")
+        down = w.parent_cmd("down")
+        assert forwarding() == ("0", "1"), down.stdout
+        assert not (w.lab.tmp / "state" / "forwarding.json").exists()
+        second_cmd("down")
+        assert forwarding() == ("0", "0")
+    finally:
+        w.parent_cmd("down", check=False)
+        second_cmd("down", check=False)
 
 
 def _crash(w: World) -> dict:

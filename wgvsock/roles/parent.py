@@ -895,7 +895,9 @@ class Parent:
             self._state = State(p.name, os.getpid(), p.interface, os.path.abspath(p.path),
                                 self._forwarding, self._sockets,
                                 started=start_time(os.getpid()) or 0,
-                                code=code_fingerprint())
+                                code=code_fingerprint(),
+                                families=sorted({f"ipv{a.version}"
+                                                 for a in p.enclave.addresses}))
         self._state.forwarding, self._state.sockets = self._forwarding, self._sockets
         self._state.save()
 

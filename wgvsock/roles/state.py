@@ -44,6 +44,10 @@ class State:
     # code_fingerprint() of wgvsock's files when the parent started ("": not recorded, by a
     # release before it was): code_replaced() compares the files now with it.
     code: str = ""
+    # The IP families whose forwarding this parent needs ("ipv4", "ipv6": those its tunnel
+    # has addresses of). None: not recorded (a release before it was), taken as both. A
+    # parent stopping puts back a family's forwarding once no other parent needs it.
+    families: list[str] | None = None
 
     # Fields are only ever added, never renamed or given another meaning: a release reads the
     # ones it knows in a file a later one wrote (a downgrade), and lists the others in
@@ -134,6 +138,11 @@ class State:
             raise bad(f"field 'enclave' is {enclave!r}, not {{id, cid, name}}")
         if not isinstance(raw.get("code", ""), str):
             raise bad(f"field 'code' is {raw['code']!r}, not a string")
+        families = raw.get("families")
+        if families is not None and (not isinstance(families, list)
+                                     or not all(f in FAMILIES for f in families)):
+            raise bad(f"field 'families' is {families!r}, not a list of "
+                      + " and ".join(repr(f) for f in FAMILIES))
         reload = raw.get("reload", {"seq": 0})
         if not isinstance(reload, dict) or type(reload.get("seq", 0)) is not int:
             raise bad(f"field 'reload' is {reload!r}, not {{seq, ...}}")
@@ -265,6 +274,8 @@ _ADVICE = ("it is not one `wgvsock parent up` wrote. `parent down` removes what 
            "it but cannot put back the IP forwarding settings it recorded: check them "
            "(sysctl net.ipv4.ip_forward net.ipv6.conf.all.forwarding and accept_ra), then "
            "remove the file")
+# What State.families may hold: the families enable_forwarding turns on.
+FAMILIES = ("ipv4", "ipv6")
 # Linux's largest pid (PID_MAX_LIMIT, 2^22 on 64-bit).
 PID_MAX = 4194304
 # The host's record of the forwarding values stopped parents replaced (restore_forwarding),
@@ -436,9 +447,10 @@ def _forwarding_record(path: Path) -> dict[str, str]:
 
 def restore_forwarding(name: str, previous: dict) -> LeftOn | None:
     """Puts back the forwarding sysctls parent NAME changed (PREVIOUS: their values before),
-    unless another parent still runs, or may (others_running): it needs them on, and found
-    them on, so it recorded nothing to restore. PREVIOUS goes to the host's record first,
-    which the last parent to stop puts back. Returns why they were left on, or None.
+    of each family (IPv4, IPv6) no other parent that still runs, or may (others_running),
+    needs: such a parent found that family's forwarding on, so it recorded nothing of it to
+    restore. PREVIOUS goes to the host's record first, which holds a family's values until
+    the last parent needing it stops. Returns why some were left on, or None.
 
     Under forwarding_lock(), and a parent stopping (this process's own state file) removes
     its state file there before it looks for others: two parents stopping at once each saw
@@ -448,25 +460,59 @@ def restore_forwarding(name: str, previous: dict) -> LeftOn | None:
         record = _forwarding_record(path)
         merged = {**previous, **record}  # the earliest value before any parent wins
         if merged != record:
-            tmp = path.with_suffix(".tmp")
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                              | os.O_CLOEXEC, 0o600), "w") as f:
-                f.write(json.dumps(merged))
-            os.replace(tmp, path)
+            _write_record(path, merged)
         with contextlib.suppress(RoleError):
             own = State.load(name)
             if own is not None and own.pid == os.getpid():
                 State.path_for(name).unlink(missing_ok=True)
         others = others_running(name)
-        if others:
-            return _left_on(others)
-        if merged:
-            firewall.restore_forwarding(merged)
-        path.unlink(missing_ok=True)
+        needed = _families_needed(others)
+        # An IPv4-only parent's values were kept until an IPv6-only one stopped too: the
+        # record was one, whatever family each value was of.
+        back = {k: v for k, v in merged.items() if _family(k) not in needed}
+        kept = {k: v for k, v in merged.items() if _family(k) in needed}
+        if back:
+            firewall.restore_forwarding(back)
+        if kept:
+            if kept != merged:
+                _write_record(path, kept)
+        else:
+            path.unlink(missing_ok=True)
+        if others and needed:
+            return _left_on(others, needed, {_family(k) for k in back})
     return None
 
 
-def _left_on(others: dict[str, str]) -> LeftOn:
+def _write_record(path: Path, record: dict[str, str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o600), "w") as f:
+        f.write(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def _family(key: str) -> str:
+    # accept_ra is IPv6's: it went to 2 because IPv6 forwarding came on.
+    return "ipv4" if key.startswith("net/ipv4/") else "ipv6"
+
+
+def _families_needed(others: dict[str, str]) -> set[str]:
+    """The families whose forwarding the parents OTHERS (others_running) need. One whose
+    state file cannot be used, or names no families (an older release), needs both."""
+    needed: set[str] = set()
+    for other, why in others.items():
+        families: list[str] | None = None
+        if not why:
+            with contextlib.suppress(RoleError):
+                state = State.load(other)
+                if state is None:  # stopped meanwhile, and removed its file
+                    continue
+                families = state.families
+        needed.update(FAMILIES if families is None else families)
+    return needed
+
+
+def _left_on(others: dict[str, str], needed: set[str], put_back: set[str]) -> LeftOn:
     running = [other for other, why in others.items() if not why]
     parts = [f"the parent of {', '.join(running)} still runs and needs it"] if running else []
     parts += [f"the parent of {other} may still run and need it, and is counted as running: "
@@ -474,8 +520,14 @@ def _left_on(others: dict[str, str]) -> LeftOn:
               f"with its profile says what to check; remove that file, and the next `parent "
               f"down` puts these settings back"
               for other, why in others.items() if why]
-    return LeftOn("IP forwarding left on: " + "; ".join(parts),
+    which = " and ".join(_FAMILY_NAMES[f] for f in FAMILIES if f in needed)
+    back = " and ".join(_FAMILY_NAMES[f] for f in FAMILIES if f in put_back)
+    also = f" ({back} forwarding put back: no parent left needs it)" if back else ""
+    return LeftOn(f"IP forwarding left on for {which}{also}: " + "; ".join(parts),
                   uncertain=len(running) < len(others))
+
+
+_FAMILY_NAMES = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
 def _first_clause(why: str) -> str:
