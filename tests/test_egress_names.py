@@ -341,3 +341,42 @@ def test_resolv_conf_resolvers_in_the_tunnel_are_left_out_and_said(monkeypatch, 
     assert check.detail.endswith("set parent.egress.resolver")
     with pytest.raises(RoleError, match=r"enclave's own address.*set parent\.egress\.resolver"):
         parent_mod._upstream(p)
+
+
+def test_resolv_conf_resolvers_that_name_no_host_are_left_out_and_said(monkeypatch,
+                                                                        caplog) -> None:
+    """Review finding: unspecified and multicast nameservers of /etc/resolv.conf were kept,
+    while parent.egress.resolver may name neither. To 0.0.0.0 or :: the kernel sends to
+    loopback, whose answer dnspython drops as from another address (a 2 s timeout per
+    query); to a multicast group, dnspython takes an answer from any host in it, and those
+    answers open addresses to the enclave."""
+    import logging
+
+    from wgvsock.roles import parent as parent_mod
+    from wgvsock.roles.common import RoleError
+    from wgvsock.services.egress import forwarder
+
+    conf = ["0.0.0.0", "224.0.0.251", "127.0.0.53", "::", "ff02::fb", "255.255.255.255",
+            "10.0.0.2"]
+    monkeypatch.setattr(forwarder, "system_resolvers", lambda exclude=(): [
+        ipaddress.ip_address(a) for a in conf if ipaddress.ip_address(a) not in exclude])
+    p = parse_profile(profile("    allow: [a.example]\n"))
+    check = {c.name: c for c in parent_mod.local_checks(p)}["DNS forwarder"]
+    assert check.ok, check.detail
+    assert check.detail.startswith("forwards allowed names to 127.0.0.53, 10.0.0.2; left out "
+                                   "of /etc/resolv.conf's nameservers: 0.0.0.0 is the "
+                                   "unspecified address"), check.detail
+    for said in ("224.0.0.251 is a multicast address", ":: is the unspecified address",
+                 "ff02::fb is a multicast address",
+                 "255.255.255.255 is the limited broadcast address"):
+        assert said in check.detail, check.detail
+    with caplog.at_level(logging.WARNING, logger="wgvsock.parent"):
+        assert parent_mod._upstream(p) == [ipaddress.ip_address("127.0.0.53"),
+                                           ipaddress.ip_address("10.0.0.2")]
+    assert "0.0.0.0 is the unspecified address" in caplog.text
+    conf = ["0.0.0.0", "ff02::fb"]
+    check = {c.name: c for c in parent_mod.local_checks(p)}["DNS forwarder"]
+    assert check.ok is False and "names no resolver the DNS forwarder may ask" in check.detail
+    assert check.detail.endswith("set parent.egress.resolver"), check.detail
+    with pytest.raises(RoleError, match=r"unspecified address.*set parent\.egress\.resolver"):
+        parent_mod._upstream(p)

@@ -219,17 +219,18 @@ def _dns_check(profile) -> Check:
 
 def _system_upstream(profile) -> tuple[list, list[str]]:
     """The nameservers of this host's /etc/resolv.conf that PROFILE's DNS forwarder may ask,
-    and why each other one may not: one in the tunnel subnet, which parent.egress.resolver
-    may not name either (before, only the parent's own addresses were taken out, so a
+    and why each other one may not: what parent.egress.resolver may not name either, one in
+    the tunnel subnet (before, only the parent's own addresses were taken out, so a
     resolv.conf that named the enclave's address made the enclave the judge of what its
-    names resolve to). The parent's own tunnel addresses are left out silently, as ever."""
+    names resolve to), unspecified or multicast (resolver_unusable). The parent's own tunnel
+    addresses are left out silently, as ever."""
     from ..services.egress.forwarder import system_resolvers
-    from ..services.profile import resolver_in_tunnel
+    from ..services.profile import resolver_unusable
 
     ours, theirs = profile.parent.addresses, profile.enclave.addresses
     kept, left_out = [], []
     for r in system_resolvers(exclude=[a.ip for a in ours]):
-        if (why := resolver_in_tunnel(r, ours, theirs)) is None:
+        if (why := resolver_unusable(r, ours, theirs)) is None:
             kept.append(r)
         else:
             left_out.append(why)

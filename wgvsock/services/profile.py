@@ -1021,6 +1021,18 @@ def resolver_in_tunnel(r: IPAddress, parent: Sequence[IPInterface],
     return None
 
 
+def resolver_unusable(r: IPAddress, parent: Sequence[IPInterface],
+                      enclave: Sequence[IPInterface]) -> str | None:
+    """Why the parent's DNS forwarder must not ask R, a nameserver line of the parent's
+    /etc/resolv.conf, or None: what parent.egress.resolver may not name either. Unspecified
+    (the kernel sends to loopback, whose answer dnspython drops as from another address: a
+    2 s timeout per query), multicast (dnspython takes an answer from any host in the group,
+    and these answers open addresses to the enclave), limited broadcast, or in the tunnel."""
+    if (why := _not_a_server(r)) is not None:
+        return f"{r} is {why}"
+    return resolver_in_tunnel(r, parent, enclave)
+
+
 def _tunnel_example(side: str, version: int) -> IPInterface:
     if version == 4:
         return DEFAULT_PARENT_V4 if side == "parent" else DEFAULT_ENCLAVE_V4
