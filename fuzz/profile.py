@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from wgvsock.services.profile import (
+    MAX_PROFILE_BYTES,
     Profile,
     ProfileError,
     dump_profile,
@@ -215,7 +216,7 @@ class ProfileTarget(Target):
         raw = self.example.encode()
         raw = havoc(rng, raw, max_len=8192) if rng.random() < 0.7 else random_bytes(rng, 3000)
         if rng.random() < 0.05:
-            raw = raw * (1 + (1 << 20) // max(1, len(raw)))  # over the 1 MiB cap
+            raw = raw * (1 + MAX_PROFILE_BYTES // max(1, len(raw)))  # over the cap
         return "file", b"F" + raw
 
     def run(self, data: bytes) -> None:

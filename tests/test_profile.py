@@ -811,6 +811,35 @@ def test_load_missing_file(tmp_path):
     assert info.value.problems[0].file == str(tmp_path / "nope.yaml")
 
 
+def test_a_profile_over_64_kib_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """Review finding: a 1 MiB profile of flow collections or thousands of keys took 3-15 s
+    to parse (PyYAML's pure-Python composer) before it was refused for what it held."""
+    import wgvsock.services.profile as profile_module
+
+    parsed: list[str] = []
+    real = profile_module.parse_profile
+    monkeypatch.setattr(profile_module, "parse_profile",
+                        lambda text, path="<string>": parsed.append(path) or real(text, path))
+    path = tmp_path / "big.yaml"
+    # What took longest: a flow list nested 31 deep (15 s at 1 MiB here).
+    path.write_text("[" * 31 + "a," * (100 << 10) + "a" + "]" * 31)
+    size = path.stat().st_size
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert parsed == []
+    text = str(info.value)
+    assert text.startswith(f"{path}: {size} bytes, larger than the 64 KiB a profile may be"), \
+        text
+    assert "is this the right file?" in text and "under 64 KiB" in text, text
+    # A profile with every option commented, at the limit, is read.
+    example = Path(__file__).resolve().parents[1] / "parent" / "profile.example.yaml"
+    body = example.read_text()
+    path.write_text(body + "#" * (64 * 1024 - len(body.encode()) - 1) + "\n")
+    assert path.stat().st_size == 64 * 1024
+    load_profile(path)
+    assert parsed == [str(path)]
+
+
 def test_load_directory(tmp_path):
     with pytest.raises(ProfileError, match="is a directory"):
         load_profile(tmp_path)

@@ -76,7 +76,11 @@ PCR_MAX_INDEX = 31
 # Image, kernel and application: all zeros in a debug-mode enclave's document (PCR8, the
 # signing certificate, is all zeros for an unsigned image too, so pinning that means something).
 _DEBUG_PCRS = (0, 1, 2)
-MAX_PROFILE_BYTES = 1 << 20
+# A profile is a few dozen lines: parent/profile.example.yaml, every option with comments, is
+# 7 KiB. PyYAML's pure-Python composer costs 5-8 us a byte on adversarial input (flow
+# collections nested MAX_FLOW_DEPTH deep, thousands of keys or aliases): 15 s at the 1 MiB
+# limit this was, 0.5 s here; 64 KiB still holds some 1500 parent.egress entries.
+MAX_PROFILE_BYTES = 64 << 10
 # A port or an index: ASCII digits only, since str.isdigit() also takes superscript two,
 # which int() refuses, and Arabic-Indic or fullwidth four, which int() reads as 4 (a number
 # written so is a mistake or a disguise); and few of them, since int() refuses over 4300.
@@ -1981,8 +1985,16 @@ def _read_profile(path: str | os.PathLike[str]) -> tuple[bytes, str]:
         raise ProfileError([Problem(name, 0, "", f"cannot read: {e.strerror or e}",
                                     "check the path")]) from None
     if len(data) > MAX_PROFILE_BYTES:
-        raise ProfileError([Problem(name, 0, "", "larger than 1 MiB",
-                                    "a profile is a few dozen lines; is this the right file?")])
+        try:  # read_regular stopped one byte over the limit
+            size = f"{os.stat(path).st_size} bytes"
+        except OSError:
+            size = "over that"
+        raise ProfileError([Problem(
+            name, 0, "", f"{size}, larger than the {MAX_PROFILE_BYTES >> 10} KiB a profile may "
+            "be (not parsed)",
+            f"a profile is a few dozen lines (parent/profile.example.yaml, every option with "
+            f"its comments, is 7 KiB): is this the right file? If so, cut comments or merge "
+            f"parent.egress entries to bring it under {MAX_PROFILE_BYTES >> 10} KiB")])
     try:
         return data, data.decode("utf-8")
     except UnicodeDecodeError as e:
