@@ -489,3 +489,32 @@ def test_the_tcp_stand_in_over_ipv6(lab: Lab) -> None:
         wait_for(w.ingress_works, 10, "ingress 8443 over a tunnel carried by IPv6 TCP")
         listening = w.parent.run("ss", "-Hltn", "sport = :51821").stdout
         assert "[fd99::1]:51821" in listening, listening
+
+
+TCP_TRANSPORT = """\
+  kind: tcp
+  port: 51820
+  host: 192.0.2.1"""
+
+
+def test_an_enclave_route_equal_to_the_stand_in_s_subnet_keeps_its_connected_route(
+        lab: Lab) -> None:
+    """Review finding: `enclave up` replaced each route of enclave.routes, so a prefix equal
+    to the subnet of the enclave's link to the parent (the tcp stand-in's) took the kernel's
+    connected route's place: the transport went into the tunnel it carries, which never came
+    up. The connected route stays now, said in the log; in an enclave no other interface has
+    routes."""
+    with World(lab, transport=TCP_TRANSPORT) as w:
+        w.profile.write_text(w.profile.read_text().replace(
+            "  dns: [198.51.100.53]\n",
+            "  dns: [198.51.100.53]\n  routes: [0.0.0.0/0, 192.0.2.0/30]\n"))
+        _, link = lab.veth(w.parent, "192.0.2.1/30", w.enclave, "192.0.2.2/30")
+        w.parent_cmd("up")
+        w.start_enclave()
+        wait_for(w.egress_works, 30, "the enclave's egress over the tcp stand-in")
+        route = w.enclave.run("ip", "-4", "route", "show", "192.0.2.0/30").stdout
+        assert f"dev {link}" in route and "proto kernel" in route, route
+        log = (lab.tmp / "enclave.log").read_text()
+        assert f"enclave.routes: 192.0.2.0/30 is routed dev {link} in this network namespace " \
+            "already" in log, log
+

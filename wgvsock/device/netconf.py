@@ -78,6 +78,40 @@ def add_routes(ifname: str, networks: Iterable[IPNetwork], *, replace: bool = Tr
                 raise NetconfError(f"adding route {net} via {ifname}: {e}") from e
 
 
+def routed_elsewhere(ifname: str, networks: Iterable[IPNetwork]) -> dict[IPNetwork, str]:
+    """Those of NETWORKS (none a default route) that this namespace's main table already
+    routes through an interface other than IFNAME, each with where it goes ("dev vb1", "via
+    192.0.2.1 dev eth0"): same prefix, so add_routes' replace would take that route's place,
+    a connected subnet's included, and nothing would put it back."""
+    wanted = {(n.version, int(n.network_address), n.prefixlen): n for n in networks}
+    found: dict[IPNetwork, str] = {}
+    try:
+        with IPRoute() as ipr:
+            own = ipr.link_lookup(ifname=ifname)
+            for family in (2, 10):
+                for r in ipr.get_routes(family=family, table=_MAIN_TABLE):
+                    dst = r.get_attr("RTA_DST")
+                    if r["type"] != _RTN_UNICAST or dst is None:
+                        continue
+                    v = 4 if family == 2 else 6
+                    net = wanted.get((v, int(ipaddress.ip_address(dst)), r["dst_len"]))
+                    oif = r.get_attr("RTA_OIF")
+                    if net is None or net in found or (oif and oif in own):
+                        continue
+                    gateway = r.get_attr("RTA_GATEWAY")
+                    links = ipr.get_links(oif) if oif else []
+                    dev = (links[0].get_attr("IFLA_IFNAME") if links else None) \
+                        or (f"if{oif}" if oif else "")
+                    found[net] = " ".join(filter(None, (
+                        f"via {gateway}" if gateway else "",
+                        f"dev {dev}" if dev else "",
+                        "" if oif else "(multipath)")))
+    except NetlinkError as e:
+        raise NetconfError(f"listing this network namespace's routes: "
+                           f"{e.args[1] if len(e.args) > 1 else e}") from e
+    return found
+
+
 def interface_exists(ifname: str) -> bool:
     with IPRoute() as ipr:
         return bool(ipr.link_lookup(ifname=ifname))

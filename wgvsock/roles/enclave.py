@@ -333,7 +333,7 @@ class Enclave:
             netconf.add_addresses(p.interface, p.enclave.addresses)
             netconf.link_up(p.interface, p.mtu)
             self._defaults_before = defaults  # (should adding ours fail part-way, too)
-            netconf.add_routes(p.interface, self._routes())
+            netconf.add_routes(p.interface, self._routes_to_add())
             if defaults:
                 self._say_what_became_of(defaults)
             if p.enclave.dns:
@@ -486,6 +486,25 @@ class Enclave:
             if not any(a.ip in r for r in routes):
                 routes.append(a.network)
         return routes
+
+    def _routes_to_add(self) -> list:
+        """_routes() but those this namespace already routes elsewhere by the same prefix (a
+        default route excepted, which the profile's replaces), said in the log. There the
+        replace took the route's place: for the subnet of the link to the parent (the tcp
+        stand-in, --outside-enclave in a container) that sent the transport itself into the
+        tunnel, which never came up, and nothing put the route back. In an enclave only the
+        tunnel has routes, so this keeps nothing."""
+        p = self.profile
+        routes = self._routes()
+        kept = netconf.routed_elsewhere(p.interface, [r for r in routes if r.prefixlen])
+        for net, where in kept.items():
+            log.warning("enclave.routes: %s is routed %s in this network namespace already (a "
+                        "connected subnet, or a route of its own): that route stays, so "
+                        "traffic for %s does not go through %s here. In an enclave no other "
+                        "interface has routes; off Nitro, leave %s out of enclave.routes if "
+                        "that link is the way to the parent", net, where, net, p.interface,
+                        net)
+        return [r for r in routes if r not in kept]
 
     def _allowed_ips(self) -> list:
         return [(r, True) for r in self._routes()]
