@@ -209,6 +209,31 @@ def test_profile_check_prints_the_effective_deny_list(tmp_path, capsys):
     assert parse_profile(out, str(path)) == parse_profile(path.read_text(), str(path))
 
 
+def test_the_effective_deny_list_shows_an_endpoint_lifted_for_one_port_as_denied_for_the_rest(
+        tmp_path, capsys):
+    """Review finding: the effective deny list shown (`profile check`, the demo) left out a
+    credential endpoint an allow entry lifts for one port, as if the enclave could reach all
+    of it: the table drops the rest of its traffic."""
+    text = ('name: a\nparent: {egress: {allow: [0.0.0.0/0, "169.254.169.254/32:80/tcp", '
+            '"169.254.170.2/32:80", "169.254.170.2/32:8080-8090/udp", 169.254.170.23/32]}}\n')
+    egress = parse_profile(text).parent.egress
+    assert egress.effective_deny() == [
+        "fd00:ec2::254/128", "fd00:ec2::23/128",
+        "169.254.169.254/32 (all but tcp port 80, which parent.egress.allow names)",
+        "169.254.170.2/32 (all but port 80 or udp ports 8080-8090, which parent.egress.allow "
+        "names)"]  # 169.254.170.23 is lifted whole
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    assert main_check([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("# denied too, but for what an allow rule names:\n"
+            "#   169.254.169.254/32 (all but tcp port 80, which parent.egress.allow names)\n"
+            ) in out, out
+    # Said in a comment, not in deny, where it would read back as denied whole.
+    assert parse_profile(out, str(path)) == parse_profile(text, str(path))
+    assert parse_profile("name: a\n").parent.egress.effective_deny() == CREDENTIALS
+
+
 def test_full_profile():
     text = y(f"""
         version: 1

@@ -368,12 +368,41 @@ class Egress:
     def uses_names(self) -> bool:
         return bool(self.allow_names or self.deny_names)
 
+    def partly_denied(self) -> list[str]:
+        """The credential endpoints an allow entry lifts for some ports or a protocol only,
+        each with what reaches it ("169.254.169.254/32 (all but tcp port 80, which
+        parent.egress.allow names)"): denied for the rest, though not in `deny`, which
+        holds what is denied whole. One lifted whole is not among them."""
+        out = []
+        for network in dict.fromkeys(r.network for r in self.lifted):
+            rules = [r for r in self.lifted if r.network == network]
+            if any(r.ports is None and r.protocol is None for r in rules):
+                continue
+            reach = " or ".join(dict.fromkeys(_reach(r) for r in rules))
+            out.append(f"{network} (all but {reach}, which parent.egress.allow names)")
+        return out
+
+    def effective_deny(self) -> list[str]:
+        """What the enclave may not reach, as shown to the user: `deny`, the host names of
+        deny, and the credential endpoints denied but for what an allow entry names."""
+        return [*map(str, self.deny), *map(str, self.deny_names), *self.partly_denied()]
+
     @property
     def resolves_every_name(self) -> bool:
         """Whether the DNS forwarder answers names no allow entry lists: with every address
         allowed (0.0.0.0/0 or ::/0 on any port), refusing a name protects nothing, so deny
         names work as a block list."""
         return allows_every_address(self.allow)
+
+
+def _reach(rule: Rule) -> str:
+    """What of its network RULE lets through: "tcp port 80", "udp ports 1-9", "port 53"
+    (both protocols), "tcp" (every port)."""
+    if rule.ports is None:
+        return str(rule.protocol)
+    lo, hi = rule.ports
+    port = f"port {lo}" if lo == hi else f"ports {lo}-{hi}"
+    return f"{rule.protocol} {port}" if rule.protocol else port
 
 
 @dataclass(frozen=True)
@@ -2227,12 +2256,16 @@ def dump_profile(profile: Profile) -> str:
     """PROFILE as YAML with every default spelled out; parse_profile() reads it back equal."""
     body = yaml.safe_dump(_to_data(profile), sort_keys=False, default_flow_style=False,
                           allow_unicode=True, width=100)
+    # Not in deny, where it would read back as denied whole: said here instead.
+    partly = "".join(f"#   {p}\n" for p in profile.parent.egress.partly_denied())
+    if partly:
+        partly = "# denied too, but for what an allow rule names:\n" + partly
     return (f"# {profile.path}, resolved: every default that applies filled in (the egress\n"
             "# resolver and connection limit appear when set, the DNS grace with name rules)\n"
             "# parent.egress.deny is the effective list: the metadata and credential endpoints\n"
             "# (IMDS, ECS, EKS) are always in it unless an allow rule names them, and then only\n"
             "# that rule's ports and protocol reach the endpoint\n"
-            f"{body}")
+            f"{partly}{body}")
 
 
 def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:

@@ -408,8 +408,7 @@ class Demo:
         addrs = lambda xs: ", ".join(str(x) for x in xs)  # noqa: E731
         say(f"   kept: tunnel {addrs(p.parent.addresses)} <-> {addrs(p.enclave.addresses)}, "
             f"mtu {p.mtu}, port {p.transport.port}, control {p.transport.control_port}")
-        say(f"         egress deny (effective) "
-            f"{addrs(p.parent.egress.deny + p.parent.egress.deny_names)}")
+        say(f"         egress deny (effective) {', '.join(p.parent.egress.effective_deny())}")
         say(f"         egress allow {addrs(p.parent.egress.allow + p.parent.egress.allow_names)}"
             f" with NAT "
             f"{'on' if p.parent.egress.nat else 'off'}, enclave dns {addrs(p.enclave.dns)}, "
