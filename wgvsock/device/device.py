@@ -508,7 +508,9 @@ class Device:
                 peer: Peer = target
                 ep = peer.endpoint  # see _send
                 if ep is not None:
-                    peer.tx_bytes += self.bind.send(data, ep)
+                    sent = self.bind.send(data, ep)
+                    if sent:
+                        peer.tx_bytes += sent
             elif kind == REPLY:
                 self.bind.send(data, target)
             elif kind in (TUNNEL, SEGMENTED):
@@ -541,10 +543,15 @@ class Device:
         """Sends a peer's messages to its endpoint, where it is now (a message that roamed it
         may have come since they were sealed), and counts in its tx_bytes what the transport
         took, as wireguard-go does: not what it dropped, for want of a connection, say.
-        (Outside the lock: an integer attribute's update does not let another thread in.)"""
+        Outside the lock: an integer attribute's update does not let another thread in, but
+        a send does, and may wait for a stream peer's socket while other threads send to
+        the peer. So the count is read after the send: `tx_bytes += send(...)` read it
+        before, and wrote back over what they counted meanwhile."""
         ep = peer.endpoint
         if ep is not None:
-            peer.tx_bytes += self.bind.send_batch(messages, ep)
+            sent = self.bind.send_batch(messages, ep)
+            if sent:
+                peer.tx_bytes += sent
 
     def _sent_later(self, ep: Endpoint, size: int) -> None:
         """Messages a stream transport queued while it dialled `ep` went out on the connection

@@ -1,0 +1,146 @@
+"""How a device counts a peer's tx_bytes (Device._perform, _perform_batch, _sent_later): what
+the transport took, added by whichever thread sent it. Sends to one peer from several threads
+(the TUN reader, a connection's reader answering, the timer) overlap, and a stream send may
+wait a long time for the socket. No TUN device; the transport is a stand-in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from wgvsock.conn.bind import Bind
+from wgvsock.conn.endpoint import Endpoint
+from wgvsock.core.crypto import generate_private_key, public_key
+from wgvsock.core.engine import SEND
+from wgvsock.core.peer import Peer
+from wgvsock.device.device import Device
+from wgvsock.device.uapi import parse_set
+
+_EP = Endpoint("unix", "peer", 1)
+
+
+class _SlowBind(Bind):
+    """Takes every message; the first send waits for `release` (a socket with no room) and
+    says when it is inside (`waiting`)."""
+
+    stream = True
+
+    def __init__(self) -> None:
+        self.waiting = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def _wait_once(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.waiting.set()
+            assert self.release.wait(10)
+
+    def open(self, port, receive):
+        return 1
+
+    def is_open(self):
+        return True
+
+    def change_port(self, port):
+        return port
+
+    def check_port(self, port):
+        return None
+
+    def send(self, data, ep):
+        self._wait_once()
+        return len(data)
+
+    def send_batch(self, messages, ep):
+        self._wait_once()
+        return sum(map(len, messages))
+
+    def close(self):
+        return None
+
+    def format_endpoint(self, ep):
+        return str(ep)
+
+    def parse_endpoint(self, text):
+        return _EP
+
+    def set_mark(self, mark):
+        return None
+
+    def status(self):
+        return {}
+
+
+class _Rig:
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wgtx")
+        self.bind = _SlowBind()
+        self.dev = Device("wgtxbytes", self.bind, run_dir=os.path.join(self.dir, "run"))
+        key = public_key(generate_private_key())
+        self.dev.uapi_set(parse_set(f"public_key={key.hex()}\nallowed_ip=10.0.0.0/24\n"))
+        self.peer: Peer = self.dev.engine.peers[key]
+        self.peer.endpoint = _EP
+
+    def close(self) -> None:
+        self.bind.release.set()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def rig() -> Iterator[_Rig]:
+    r = _Rig()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _while_a_send_waits(rig: _Rig, first: list, meanwhile) -> None:
+    """`first` sent by a thread whose send waits; `meanwhile` run while it waits."""
+    dev = rig.dev
+    t = threading.Thread(target=dev._perform_batch if len(first) > 1 else dev._perform,
+                         args=(first,))
+    t.start()
+    try:
+        assert rig.bind.waiting.wait(10), "the first send never started"
+        meanwhile()
+    finally:
+        rig.bind.release.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_sends_that_overlap_are_all_counted(rig: _Rig, batch: bool) -> None:
+    """A thread read tx_bytes before it sent and wrote it back after: a keepalive another
+    thread sent to the peer meanwhile (a reader answering a handshake response, while the TUN
+    reader waited for room on the connection) was written over, lost from `wg show`."""
+    peer = rig.peer
+    first = [(SEND, peer, bytes(100))] + ([(SEND, peer, bytes(200))] if batch else [])
+
+    def meanwhile() -> None:
+        rig.dev._perform([(SEND, peer, bytes(32))])
+        rig.dev._perform_batch([(SEND, peer, bytes(48)), (SEND, peer, bytes(64))])
+        assert peer.tx_bytes == 32 + 48 + 64
+
+    _while_a_send_waits(rig, first, meanwhile)
+    assert peer.tx_bytes == (300 if batch else 100) + 32 + 48 + 64
+
+
+def test_a_dialler_queue_counted_while_a_send_waits(rig: _Rig) -> None:
+    """What a stream dialler reports it sent (sent_later, under the device's lock) while
+    another send to the peer waits is kept too."""
+    peer = rig.peer
+
+    def meanwhile() -> None:
+        rig.dev._sent_later(_EP, 500)
+        assert peer.tx_bytes == 500
+
+    _while_a_send_waits(rig, [(SEND, peer, bytes(100))], meanwhile)
+    assert peer.tx_bytes == 600
