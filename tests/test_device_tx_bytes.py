@@ -22,6 +22,7 @@ from wgvsock.device.device import Device
 from wgvsock.device.uapi import parse_set
 
 _EP = Endpoint("unix", "peer", 1)
+_INBOUND = Endpoint("unix", "", 0, conn_id=7)  # a connection the peer dialled
 
 
 class _SlowBind(Bind):
@@ -68,7 +69,10 @@ class _SlowBind(Bind):
         return str(ep)
 
     def parse_endpoint(self, text):
-        return _EP
+        return Endpoint("unix", text.split(":")[0], 1)
+
+    def peers_changed(self, endpoints, earlier=frozenset()):
+        return earlier  # a connection dialled to each is up
 
     def set_mark(self, mark):
         return None
@@ -83,9 +87,14 @@ class _Rig:
         self.bind = _SlowBind()
         self.dev = Device("wgtxbytes", self.bind, run_dir=os.path.join(self.dir, "run"))
         key = public_key(generate_private_key())
-        self.dev.uapi_set(parse_set(f"public_key={key.hex()}\nallowed_ip=10.0.0.0/24\n"))
+        self.key = key
+        self.set_endpoint("peer:1")
         self.peer: Peer = self.dev.engine.peers[key]
-        self.peer.endpoint = _EP
+        assert self.peer.endpoint == _EP
+
+    def set_endpoint(self, text: str) -> None:
+        self.dev.uapi_set(parse_set(f"public_key={self.key.hex()}\nendpoint={text}\n"
+                                    "allowed_ip=10.0.0.0/24\n"))
 
     def close(self) -> None:
         self.bind.release.set()
@@ -144,3 +153,26 @@ def test_a_dialler_queue_counted_while_a_send_waits(rig: _Rig) -> None:
 
     _while_a_send_waits(rig, [(SEND, peer, bytes(100))], meanwhile)
     assert peer.tx_bytes == 600
+
+
+def test_a_dialler_queue_is_counted_for_its_peer_that_moved_on(rig: _Rig) -> None:
+    """A dialler's queue is reported by its endpoint when it goes (sent_later), which may be
+    after the peer moved on: to a connection the other side dialled us on (both sides
+    configured with an endpoint, and ours came up first: our initiation waited in the
+    queue), or re-pointed while the queue drained. Counted for no peer before, though the
+    other side received (and counted) it."""
+    peer = rig.peer
+    peer.endpoint = _INBOUND  # roamed
+    rig.dev._sent_later(_EP, 148)
+    assert peer.tx_bytes == 148
+    rig.set_endpoint("elsewhere:1")  # re-pointed
+    rig.dev._sent_later(_EP, 32)
+    assert peer.tx_bytes == 148 + 32
+    # The current endpoint's peer first: another may have been configured with it before.
+    other = public_key(generate_private_key())
+    rig.dev.uapi_set(parse_set(f"public_key={other.hex()}\nendpoint=peer:1\n"))
+    rig.dev._sent_later(_EP, 64)
+    assert rig.dev.engine.peers[other].tx_bytes == 64 and peer.tx_bytes == 148 + 32
+    # An endpoint no peer has, or was configured with: nobody's.
+    rig.dev._sent_later(Endpoint("unix", "nobody", 1), 100)
+    assert peer.tx_bytes == 148 + 32 and rig.dev.engine.peers[other].tx_bytes == 64

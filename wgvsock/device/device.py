@@ -555,10 +555,18 @@ class Device:
 
     def _sent_later(self, ep: Endpoint, size: int) -> None:
         """Messages a stream transport queued while it dialled `ep` went out on the connection
-        it made (Bind.sent_later): counted for the peer there."""
+        it made (Bind.sent_later): counted for the peer there, or else for the one configured
+        with `ep`, which has moved on since it queued them: to a connection the other side
+        dialled (both sides have an endpoint, and the other's dialler came first), or
+        re-pointed while the queue drained (Bind.peers_changed keeps a connection up)."""
         with self._lock:
-            for peer in self.engine.peers.values():
+            peers = self.engine.peers
+            for peer in peers.values():
                 if peer.endpoint == ep:
+                    peer.tx_bytes += size
+                    return
+            for peer, eps in self._configured.items():
+                if ep in eps and peers.get(peer.public_key) is peer:
                     peer.tx_bytes += size
                     return
 
