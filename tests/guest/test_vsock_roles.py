@@ -81,19 +81,29 @@ def _attested_key(ca_dir: Path) -> str:
     return (ca_dir / "keys").read_text().split()[-1]
 
 
+def _parent_log(world: World) -> str:
+    path = world.lab.tmp / "parent.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def _comes_back(world: World, after: str) -> None:
     try:
         wait_for(world.egress_works, BACK_WITHIN, f"egress {after}")
         wait_for(world.ingress_works, BACK_WITHIN, f"ingress {after}")
     except TimeoutError as e:
+        # Both sides' words: a CI run under load once lost ingress here with only the
+        # enclave's to read (the parent had closed both connections).
         raise AssertionError(f"{e}\n--- enclave log (tail) ---\n"
-                             + "\n".join(_enclave_log(world).splitlines()[-40:])) from None
+                             + "\n".join(_enclave_log(world).splitlines()[-40:])
+                             + "\n--- parent log (tail) ---\n"
+                             + "\n".join(_parent_log(world).splitlines()[-60:])) from None
 
 
 def test_parent_and_enclave_over_vsock(lab: Lab) -> None:
     ca_dir = lab.tmp / "ca"
     make_test_ca().save(ca_dir)
-    world = World(lab, transport=VSOCK_TRANSPORT, profile_extra=_attested_profile(ca_dir))
+    world = World(lab, transport=VSOCK_TRANSPORT, profile_extra=_attested_profile(ca_dir),
+                  parent_env={"WGVSOCK_LOG_FILE": str(lab.tmp / "parent.log")})
     try:
         _run(world, ca_dir)
     finally:

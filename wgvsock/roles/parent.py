@@ -621,6 +621,10 @@ _METRICS_RETRY = 5.0
 # firewall, notices a stopped device and SIGTERM) before systemd's watchdog is no longer fed:
 # well above a slow nft or a re-check of the enclave's attestation in a reload.
 _MAIN_LOOP_LIMIT = 30.0
+# How long our nftables table may go unread (nft failing or timing out: a host under load)
+# before the parent stops as it would for a table it cannot put back. Not knowing whether the
+# table is there is not knowing that it is gone; a slow nft in a loaded CI guest stopped it.
+_FIREWALL_UNREADABLE_LIMIT = 120.0
 
 # What a running parent can change (`reload`); any other key needs `down` and `up`.
 _LIVE_KEYS = ("parent.egress.", "parent.ingress", "attestation.")
@@ -680,6 +684,9 @@ class Parent:
         # Of the enclave the supervisor started, while it runs (None once it has exited).
         # Rules in our nftables table right after we loaded it (None: not counted yet).
         self._rules: int | None = 0
+        # Since when (monotonic) check_firewall has failed to read the table, and the first
+        # failure's reason; None while it reads.
+        self._unreadable: tuple[float, str] | None = None
         # The DNS forwarder when the profile allows egress by name; its .stats holds the
         # refused-name and query counters, kept for one started again after a reload.
         self.dns = None
@@ -1011,6 +1018,13 @@ class Parent:
         name = self.profile.name
         try:
             count = firewall.rule_count(name)
+        except (firewall.FirewallError, OSError, ValueError) as e:
+            self._table_unreadable(name, e)
+            return
+        if self._unreadable is not None:
+            log.info("%s: nftables table %s read again", named(name), firewall.table_name(name))
+            self._unreadable = None
+        try:
             if self._rules is None and count > 0:  # our table always has rules
                 self._rules = count
                 return
@@ -1023,6 +1037,24 @@ class Parent:
         except (firewall.FirewallError, OSError, ValueError) as e:
             raise RoleError(f"nftables table {firewall.table_name(name)} is gone and cannot be "
                             f"put back ({e}); stopping so the enclave is not left "
+                            "unfiltered") from e
+
+    def _table_unreadable(self, name: str, e: Exception) -> None:
+        """check_firewall could not read the table: said once, tried again each second, and
+        after _FIREWALL_UNREADABLE_LIMIT a RoleError, as for a table that cannot be put back
+        (nothing then shows the enclave's traffic is still filtered)."""
+        now = time.monotonic()
+        table = firewall.table_name(name)
+        if self._unreadable is None:
+            self._unreadable = (now, str(e))
+            log.warning("%s: cannot read nftables table %s to check it is there (%s); trying "
+                        "again, and stopping if it stays unreadable for %.0f s", named(name),
+                        table, e, _FIREWALL_UNREADABLE_LIMIT)
+            return
+        since, first = self._unreadable
+        if now - since >= _FIREWALL_UNREADABLE_LIMIT:
+            raise RoleError(f"nftables table {table} could not be read for {now - since:.0f} s "
+                            f"({e}; first: {first}); stopping so the enclave is not left "
                             "unfiltered") from e
 
     def check_metrics(self) -> None:
