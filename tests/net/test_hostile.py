@@ -216,9 +216,11 @@ def test_cut_stream_redials_and_keeps_the_session(lab: Lab, network: str) -> Non
              "a to see its connection drop")
     wait_for(lambda: _log_line(lab, ib, "inbound connection", "closed: "), 5,
              "b to see its connection drop")
-    # a redials at once, finds nobody, and backs off (0.5 s, then doubling up to 30 s).
-    wait_for(lambda: _log_line(lab, ia, "cannot connect to", "(attempt 1)"), 5,
-             "a's first failed redial")
+    # a redials at once, finds nobody, and backs off (TCP: 0.5 s, then doubling up to 30 s;
+    # Unix: 0.1 up to 1 s), saying so.
+    apart = "0.5 to 30 s apart" if network == "tcp" else "0.1 to 1 s apart"
+    wait_for(lambda: _log_line(lab, ia, "cannot connect to", f"(attempt 1); trying again, {apart}"),
+             5, "a's first failed redial, saying when it tries again")
     # Traffic meanwhile waits in a's small queue (or is dropped): the session is not touched.
     a.run("ping", "-c", "1", "-W", "1", "10.99.0.2", check=False)
 

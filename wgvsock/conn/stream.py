@@ -1172,9 +1172,13 @@ class StreamBind(SocketBind):
                         break
                     d.failures += 1
                     d.last_error = str(exc)
-                    level = logging.INFO if d.failures == 1 else logging.DEBUG
-                    log.log(level, "%s: cannot connect to %s: %s (attempt %d)", self.network,
-                            name, exc, d.failures)
+                    if d.failures == 1:
+                        log.info("%s: cannot connect to %s: %s (attempt 1); trying again, "
+                                 "%g to %g s apart, while there is something to send",
+                                 self.network, name, exc, self.backoff_min, self.backoff_max)
+                    else:
+                        log.debug("%s: cannot connect to %s: %s (attempt %d)", self.network,
+                                  name, exc, d.failures)
                     continue
                 conn = d.conn = _Conn(sock, d.ep, outbound=True, send_timeout=self.send_timeout)
                 try:
