@@ -91,13 +91,16 @@ def test_a_reply_dripped_a_byte_at_a_time_is_cut_off_at_the_timeout(tmp_path: Pa
         while not done.wait(0.1):
             conn.sendall(b"x")
 
+    # Longer than uapi_get's 2 s default, which must not be what ends it; a timeout per read
+    # would never end. The bound above it leaves a busy CI's pauses room.
+    timeout = 3.0
     path = tmp_path / "wgdrip.sock"
     with raw_uapi(path, drip):
         started = time.monotonic()
         with pytest.raises(TimeoutError):
-            uapi_get(str(path), timeout=1.0)
+            uapi_get(str(path), timeout=timeout)
         took = time.monotonic() - started
-    assert took < 2.5, took
+    assert timeout <= took < timeout + 3, took
     words = st._describe_error(TimeoutError(), str(path))
     assert words == (f"no answer: {path} did not reply within 2 s (daemon hung? --timeout "
                      "waits longer)")
