@@ -63,9 +63,10 @@ def test_the_watchdog_is_fed_while_idle_and_starved_by_a_hung_tun_reader(lab: La
         tun = [int(t.name) for t in Path(f"/proc/{proc.pid}/task").iterdir()
                if (t / "comm").read_text().strip() == f"{ifname}-tun"]
         assert len(tun) == 1
+        # Before the stop: the time taken stopping it must not count as the stall's.
+        hung = time.monotonic()
         stuck = StuckThread(tun[0])
         try:
-            hung = time.monotonic()
             # The pings stop once the reader has not come round for STALL_LIMIT.
             wait_for(lambda: "the TUN reader has not come round its loop" in log.read_text(),
                      STALL_LIMIT + 5, "the stall to be logged")
@@ -79,7 +80,9 @@ def test_the_watchdog_is_fed_while_idle_and_starved_by_a_hung_tun_reader(lab: La
             assert not pings(sock, time.monotonic() + 2.5)
         finally:
             stuck.release()
-        assert STALL_LIMIT - 1 <= stalled_after <= STALL_LIMIT + 3
+        # The stall counts from the reader's last pass, which came up to a second before it
+        # was stopped when idle (later on a busy machine: seen at 7.13 s here, with -1).
+        assert STALL_LIMIT - 1.5 <= stalled_after <= STALL_LIMIT + 3, stalled_after
         assert f"not confirming liveness to systemd's watchdog: interface {ifname}: the TUN " \
             "reader has not come round its loop for" in log.read_text()
         # Moving again: pinged again, and said so.
