@@ -42,7 +42,9 @@ def _start(lab: Lab, label: str = "a") -> tuple[Namespace, str, int]:
 
 
 def _assert_all_gone(lab: Lab, ns: Namespace, ifname: str, pid: int, reason: str) -> None:
-    wait_for(lambda: process_gone(pid), STOP_WITHIN, f"the daemon to exit after {reason}")
+    # Looked for often: the time test_stop measures is the daemon's, not this loop's.
+    wait_for(lambda: process_gone(pid), STOP_WITHIN, f"the daemon to exit after {reason}",
+             max_delay=0.02)
     assert not os.path.exists(sock_path(ifname))
     assert not link_exists(ns, ifname)
     assert _unix_files(lab) == []
@@ -112,8 +114,10 @@ def test_stop(lab: Lab, how: str) -> None:
     _assert_all_gone(lab, ns, ifname, pid, reason)
     elapsed = time.monotonic() - t0
     # Polling notices within 0.5 s; a signal at once. Shutdown itself must not hang on the
-    # TUN reader (it used to wait out a 2 s join on a read() that close() does not wake).
-    assert elapsed < (1.5 if how.startswith("sig") else 1.8), elapsed
+    # TUN reader (it used to wait out a 2 s join on a read() that close() does not wake): that
+    # join alone would take the 2 s this stays short of, the rest is room for a busy machine
+    # (typically 0.05 s for a signal, 0.5 s for polling).
+    assert elapsed < 1.9, elapsed
 
 
 def test_socket_replaced_by_other_file_stops(lab: Lab) -> None:
