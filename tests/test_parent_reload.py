@@ -102,6 +102,16 @@ def test_enclave_only_keys_are_reported_not_applied() -> None:
                     "the parent; they take effect with a new image"]
 
 
+def test_enclave_user_is_reported_not_applied() -> None:
+    """Before the parent knew it as the enclave's, a changed enclave.user was refused as a key
+    a running parent cannot take, asking for `parent down` and `up` for nothing."""
+    p = Parent(profile())
+    new = profile(**{"  address: 10.77.0.2/30": "  address: 10.77.0.2/30\n  user: app"})
+    assert changed_keys(p.profile, new) == ["enclave.user"]
+    assert p.reload(new) == ["enclave.user: read by the enclave from the profile in its "
+                             "image, not by the parent; they take effect with a new image"]
+
+
 def test_a_reload_says_the_profiles_warnings() -> None:
     # An allow entry a deny entry covers whole is taken (deny wins) with a warning, which
     # `profile check` prints and a reload, whose outcome is all the operator sees, says.

@@ -15,6 +15,7 @@ from wgvsock.services.profile import (
     DEFAULT_MAX_CONNECTIONS,
     Attestation,
     EnclaveLaunch,
+    EnclaveUser,
     Ingress,
     Problem,
     Profile,
@@ -1498,3 +1499,63 @@ def test_enclave_cid_on_a_stand_in_transport_is_warned_of(transport):
     # "the control port takes any peer".
     assert "control and WireGuard ports take any peer" in p.reason, p.reason
     assert parse_profile("name: a\nparent:\n  enclave_cid: 16\n", FILE).warnings == []
+
+
+# ---------------------------------------------------------------------------------------------
+# enclave.user: its syntax here; the name is looked up by `enclave up`, in the image
+
+
+@pytest.mark.parametrize(("value", "user"), [
+    ("app", EnclaveUser(name="app")),
+    ("_svc-1.x", EnclaveUser(name="_svc-1.x")),
+    ("host$", EnclaveUser(name="host$")),
+    ("1000", EnclaveUser(uid=1000)),
+    # Unquoted, base 60 to YAML 1.1 (61000): the text as written is what counts.
+    ("1000:1000", EnclaveUser(uid=1000, gid=1000)),
+    ('"1000:50"', EnclaveUser(uid=1000, gid=50)),
+    ("4294967294:4294967294", EnclaveUser(uid=2**32 - 2, gid=2**32 - 2)),
+    ("null", None),
+])
+def test_enclave_user_is_a_name_or_numbers(value, user):
+    p = parse_profile(f"name: a\nenclave:\n  user: {value}\n", FILE)
+    assert p.enclave.user == user
+    assert p.warnings == []
+    assert parse_profile(dump_profile(p), FILE) == p
+
+
+def test_enclave_user_is_unset_by_default():
+    assert parse_profile("name: a\n").enclave.user is None
+    assert "  user: null\n" in dump_profile(parse_profile("name: a\n"))
+
+
+@pytest.mark.parametrize(("value", "reason", "hint"), [
+    ("app:staff", "'app:staff' is neither a user name nor UID or UID:GID",
+     "a group goes with numbers only, UID:GID"),
+    ("1000:staff", "is neither a user name nor UID or UID:GID", "UID:GID"),
+    ("1a", "'1a' is neither a user name nor UID or UID:GID", "e.g. app"),
+    ("'-app'", "is neither", "e.g. app"),
+    ("'a b'", "is neither", "e.g. app"),
+    ("'" + "a" * 33 + "'", "is neither", "e.g. app"),
+    ('""', "'' is neither", "e.g. app"),
+    ("4294967295", "UID 4294967295 is out of range", "use 0..4294967294"),
+    ('"1000:4294967295"', "GID 4294967295 is out of range", "use 0..4294967294"),
+    ("[app]", "expected a string, got a list", "e.g. app"),
+])
+def test_a_bad_enclave_user_is_refused(value, reason, hint):
+    p = refused(f"name: a\nenclave:\n  user: {value}\n", "enclave.user", reason, "user:")
+    assert hint in p.hint, str(p)
+
+
+@pytest.mark.parametrize("value", ["0", '"0:1000"', "root"])
+def test_root_as_enclave_user_is_taken_with_a_warning(value):
+    p = warned(f"name: a\nenclave:\n  user: {value}\n", "enclave.user",
+               "is root: CMD runs as root, as without the key", "user:")
+    assert "private key" in p.reason and "remove the key" in p.hint
+
+
+def test_profile_check_validates_enclave_user_without_looking_it_up(tmp_path, capsys):
+    """`profile check` runs on the parent, whose users are not the image's."""
+    f = tmp_path / "p.yaml"
+    f.write_text("name: a\nenclave:\n  user: no-such-user-here\n")
+    assert main_check([str(f)]) == 0
+    assert "  user: no-such-user-here\n" in capsys.readouterr().out

@@ -629,7 +629,7 @@ _FIREWALL_UNREADABLE_LIMIT = 120.0
 # What a running parent can change (`reload`); any other key needs `down` and `up`.
 _LIVE_KEYS = ("parent.egress.", "parent.ingress", "attestation.")
 # Read by the enclave from the profile in its image, never by the parent.
-_ENCLAVE_ONLY_KEYS = ("enclave.dns", "enclave.routes")
+_ENCLAVE_ONLY_KEYS = ("enclave.dns", "enclave.routes", "enclave.user")
 
 
 def _name_policy(profile):

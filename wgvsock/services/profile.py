@@ -85,6 +85,12 @@ MAX_PROFILE_BYTES = 64 << 10
 # which int() refuses, and Arabic-Indic or fullwidth four, which int() reads as 4 (a number
 # written so is a mistake or a disguise); and few of them, since int() refuses over 4300.
 _DIGITS = re.compile(r"[0-9]{1,10}")
+# enclave.user: UID or UID:GID in ASCII digits, or a name as useradd takes one by default
+# (Debian's and shadow's NAME_REGEX, with upper case and '.' as most systems allow; a
+# trailing '$' for machine accounts), at most 32 characters. Not all digits: that is a UID.
+_USER_IDS = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
+USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?")
+ID_MAX = 2**32 - 2
 
 DEFAULT_INTERFACE = "wg0"
 DEFAULT_MTU = 1420
@@ -451,10 +457,26 @@ class ParentSide:
 
 
 @dataclass(frozen=True)
+class EnclaveUser:
+    """enclave.user: whom `enclave up` runs CMD as. NAME is looked up in the image's
+    /etc/passwd when `enclave up` runs (the parent, where the profile is also read, has other
+    users); otherwise UID, and GID when given."""
+    name: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    def __str__(self) -> str:
+        if self.name is not None:
+            return self.name
+        return f"{self.uid}" if self.gid is None else f"{self.uid}:{self.gid}"
+
+
+@dataclass(frozen=True)
 class EnclaveSide:
     addresses: list[IPInterface]
     dns: list[IPAddress]
     routes: list[IPNetwork]
+    user: EnclaveUser | None = None
 
 
 @dataclass(frozen=True)
@@ -512,7 +534,7 @@ _EGRESS_KEYS = ("nat", "interface", "allow", "deny", "resolver", "dns_grace", "t
                 "max_connections")
 _INGRESS_KEYS = ("listen", "to", "protocol")
 _LAUNCH_KEYS = ("eif", "cpu_count", "memory_mib", "cid", "debug")
-_ENCLAVE_KEYS = ("address", "dns", "routes")
+_ENCLAVE_KEYS = ("address", "dns", "routes", "user")
 _ATTEST_KEYS = ("require", "pcrs", "max_age", "allow_debug", "test_root_ca")
 _METRICS_KEYS = ("listen", "cloudwatch")
 _CLOUDWATCH_KEYS = ("namespace", "interval")
@@ -895,6 +917,23 @@ def _listen(text: str) -> tuple[IPAddress, int]:
     except ValueError:
         raise _Invalid(f"{host!r} in {text!r} is not an IP address",
                        'listen on an address of this host, e.g. "127.0.0.1:9586"') from None
+
+
+def _enclave_user(text: str) -> EnclaveUser:
+    if m := _USER_IDS.fullmatch(text):
+        uid, gid = (None if g is None else int(g) for g in m.groups())
+        for n, what in ((uid, "UID"), (gid, "GID")):
+            # (uid_t)-1 is not an id: to setresuid() it means "leave as it is".
+            if n is not None and n > ID_MAX:
+                raise _Invalid(f"{what} {n} is out of range", f"use 0..{ID_MAX}")
+        return EnclaveUser(uid=uid, gid=gid)
+    if USER_NAME_RE.fullmatch(text):
+        return EnclaveUser(name=text)
+    hint = "write a user name of the image's /etc/passwd (e.g. app), or numbers: 1000 or 1000:1000"
+    if ":" in text:
+        hint = ("a group goes with numbers only, UID:GID (e.g. 1000:1000); a named user's "
+                "groups are its own, from the image's /etc/passwd and /etc/group")
+    raise _Invalid(f"{text!r} is neither a user name nor UID or UID:GID", hint)
 
 
 def _namespace(text: str) -> str:
@@ -1825,7 +1864,18 @@ class _Builder(_Parser):
                     self.problem(self.at(k), k,
                                  f"{d} is not reachable: no enclave route covers it",
                                  "add a route for it to enclave.routes")
-        return EnclaveSide(addrs, dns, routes)
+        user = None
+        if not _is_null(m.get("user")):
+            node = m["user"]
+            # The raw text (self.text): `user: 1000:1000` unquoted is base 60 to YAML 1.1.
+            user = self.parsed(node, "enclave.user", "app", _enclave_user)
+            if user is not None and (user.uid == 0 or user.name == "root"):
+                self.warn(_line(node), "enclave.user",
+                          f"'{user}' is root: CMD runs as root, as without the key, keeping "
+                          "every capability and the means to read the tunnel's private key "
+                          "(through wg0's UAPI socket) and to change wg0, the routes and DNS",
+                          "name a user without privileges, or remove the key")
+        return EnclaveSide(addrs, dns, routes, user)
 
     # -- attestation -----------------------------------------------------------------------------
 
@@ -2226,7 +2276,8 @@ def _to_data(profile: Profile) -> dict[str, Any]:
             },
         },
         "enclave": {"address": [str(x) for x in e.addresses], "dns": [str(x) for x in e.dns],
-                    "routes": [str(x) for x in e.routes]},
+                    "routes": [str(x) for x in e.routes],
+                    "user": None if e.user is None else str(e.user)},
         "attestation": {"require": a.require, "pcrs": dict(a.pcrs), "max_age": a.max_age,
                         "allow_debug": a.allow_debug, "test_root_ca": a.test_root_ca},
     }
