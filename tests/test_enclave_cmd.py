@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from wgvsock.conn.stream import StreamBind
 from wgvsock.device.device import Device
 from wgvsock.roles import cmd
 from wgvsock.roles import enclave as enclave_mod
-from wgvsock.services.profile import load_profile
+from wgvsock.services.profile import EnclaveUser, load_profile
 from wgvsock.ui.nslab import wait_for
 
 PROFILE = Path(__file__).resolve().parent / "data" / "profile-unix.yaml"
@@ -588,7 +590,7 @@ def test_cmd_is_not_run_when_enclave_up_died_before_it_could_be_tied_to_it(
     r, w = os.pipe()
     try:
         res = subprocess.run([sys.executable, "-I", "-S", "-c", cmd._HELPER, str(os.getpid() + 1),
-                              str(w), "sh", "-c", f"echo > {ran}"], pass_fds=(w,), timeout=30,
+                              str(w), "", "sh", "-c", f"echo > {ran}"], pass_fds=(w,), timeout=30,
                              check=False)
     finally:
         os.close(r)
@@ -649,3 +651,170 @@ def test_ctrl_c_while_cmd_is_being_started_prints_no_traceback() -> None:
                              cwd=Path(__file__).resolve().parents[1])
         assert res.returncode in (0, signal.SIGINT), res.stderr
         assert res.stderr == "", f"a press {i / 2} ms after the start"
+
+
+# ---------------------------------------------------------------------------------------------
+# enclave.user (the namespace tests run it whole: tests/net/test_enclave_user.py)
+
+
+def _passwd(name: str, uid: int, gid: int, home: str) -> pwd.struct_passwd:
+    return pwd.struct_passwd((name, "x", uid, gid, "", home, "/bin/sh"))
+
+
+def test_a_named_user_takes_its_ids_groups_and_home_from_the_image(monkeypatch) -> None:
+    monkeypatch.setattr(cmd.pwd, "getpwnam", lambda n: {
+        "app": _passwd("app", 1000, 1001, "/home/app")}[n])
+    monkeypatch.setattr(cmd.os, "getgrouplist", lambda n, g: [g, 27, g, 1002])
+    got = cmd.credentials(EnclaveUser(name="app"))
+    assert got == cmd.Credentials(1000, 1001, (1001, 27, 1002),
+                                  {"HOME": "/home/app", "USER": "app", "LOGNAME": "app"})
+    assert str(got) == "1000:1001:1001,27,1002"  # what the exec helper is given
+
+
+def test_numbers_take_no_supplementary_groups_and_a_uid_alone_its_own_group(
+        monkeypatch) -> None:
+    """A UID alone: its passwd entry's group where it has one, else the same number, never
+    0 (root's group, which docker's --user 1000 gives)."""
+    known = {1000: _passwd("app", 1000, 50, "/home/app")}
+    monkeypatch.setattr(cmd.pwd, "getpwuid", lambda u: known[u])
+    assert cmd.credentials(EnclaveUser(uid=1000)) == cmd.Credentials(1000, 50)
+    assert cmd.credentials(EnclaveUser(uid=4242)) == cmd.Credentials(4242, 4242)
+    assert cmd.credentials(EnclaveUser(uid=4242, gid=7)) == cmd.Credentials(4242, 7)
+    assert str(cmd.Credentials(4242, 7)) == "4242:7:"
+
+
+def test_an_unknown_user_is_refused_in_one_line_before_the_tunnel_comes_up(
+        monkeypatch, capsys) -> None:
+    started: list[bool] = []
+    monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: started.append(True))
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes", list)  # as in an enclave
+    monkeypatch.setattr(cmd.pwd, "getpwnam", lambda n: (_ for _ in ()).throw(KeyError(n)))
+    profile = replace(load_profile(str(PROFILE)), enclave=replace(
+        load_profile(str(PROFILE)).enclave, user=EnclaveUser(name="app")))
+    rc = enclave_mod.run_up(profile, ["true"], timeout=5)
+    assert rc == 1
+    assert capsys.readouterr().err == (
+        "wgvsock enclave up: enclave.user: there is no user 'app' in this image's /etc/passwd "
+        "(add one to the image, or give UID or UID:GID numbers)\n")
+    assert started == []
+
+
+_RUN_AS = r"""
+import sys
+from wgvsock.roles import cmd
+from wgvsock.services.profile import EnclaveUser
+user = cmd.credentials(EnclaveUser(uid=4242, gid=4243))
+sys.exit(cmd.start(sys.argv[1:], user).wait())
+"""
+
+
+@pytest.mark.root
+def test_numbers_run_cmd_with_those_ids_no_groups_and_no_capabilities() -> None:
+    res = subprocess.run([sys.executable, "-c", _RUN_AS, "sh", "-c",
+                          "id; grep -E '^(CapPrm|CapEff|CapAmb|NoNewPrivs):' /proc/self/status"],
+                         capture_output=True, text=True, timeout=30,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split("\n")
+    assert lines[0] == "uid=4242 gid=4243 groups=4243"
+    assert [line.split() for line in lines[1:-1]] == [
+        ["CapPrm:", "0" * 16], ["CapEff:", "0" * 16], ["CapAmb:", "0" * 16],
+        ["NoNewPrivs:", "1"]]
+
+
+# The process that runs `enclave up`'s part: starts CMD (as the user, with argv[1] "user"),
+# says CMD's pid, waits.
+_UP_WITH_USER = r"""
+import sys, time
+from wgvsock.roles import cmd
+from wgvsock.services.profile import EnclaveUser
+user = cmd.credentials(EnclaveUser(uid=4242, gid=4242)) if sys.argv[1] == "user" else None
+proc = cmd.start(sys.argv[2:], user)
+print(proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["enclave.user", "setpriv"])
+def test_cmd_run_as_the_user_still_dies_with_enclave_up(how: str) -> None:
+    """The kernel clears the parent-death signal when a process changes its ids: the helper
+    asks for it after the change. CMD changing them itself (`-- setpriv --reuid ...`) loses
+    it: shown here as what the README says of it."""
+    command = ["sleep", "600"]
+    if how == "setpriv":
+        command = ["setpriv", "--reuid", "4242", "--regid", "4242", "--clear-groups", *command]
+    up = subprocess.Popen([sys.executable, "-c", _UP_WITH_USER,
+                           "user" if how == "enclave.user" else "", *command],
+                          stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    pid = 0
+    try:
+        assert up.stdout is not None
+        pid = int(up.stdout.readline())
+        wait_for(lambda: _uid_of(pid) == 4242 and _comm(pid) == "sleep", 10, "CMD to run")
+        up.kill()
+        up.wait(10)
+        died = _gone_within(pid, 5 if how == "setpriv" else 10)
+        assert died == (how == "enclave.user")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _uid_of(pid: int) -> int | None:
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    return None
+
+
+def _comm(pid: int) -> str:
+    with contextlib.suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return ""
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether PID ended (or is a zombie) within SECONDS."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+_HELPER_NOT_ROOT = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+
+@pytest.mark.root
+def test_cmd_is_not_run_when_the_user_s_ids_cannot_be_taken(tmp_path: Path) -> None:
+    """The helper runs CMD as the user or not at all: never as whoever started it. (Here a
+    helper that is not root, which may not take another's ids.)"""
+    ran = tmp_path / "ran"
+    os.chmod(tmp_path, 0o777)  # noqa: S103 - so that a CMD run wrongly could say so
+    r, w = os.pipe()
+    try:
+        res = subprocess.run([*_HELPER_NOT_ROOT, sys.executable, "-I", "-S", "-c", cmd._HELPER,
+                              str(os.getpid()), str(w), "4242:4242:", "sh", "-c",
+                              f"echo > {ran}"], pass_fds=(w,), timeout=30, check=False)
+        os.close(w)
+        w = -1
+        report = os.read(r, 4096)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert res.returncode == 126
+    assert report == b"user setgroups: Operation not permitted"
+    assert not ran.exists()

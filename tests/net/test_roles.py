@@ -129,16 +129,18 @@ class World:
         return res
 
     def start_enclave(self, *, launcher: Sequence[str] = (WGVSOCK, "enclave", "up"),
-                      timeout: float = 30, log_name: str = "enclave.log") -> subprocess.Popen:
-        """`wgvsock enclave up` serving self.app on 8080 as its CMD; `launcher` is what runs
-        in place of `wgvsock enclave up` (given the same arguments), its output goes to
-        `log_name` in the lab's directory."""
+                      timeout: float = 30, log_name: str = "enclave.log",
+                      command: Sequence[str] | None = None) -> subprocess.Popen:
+        """`wgvsock enclave up` serving self.app on 8080 as its CMD (or running `command`);
+        `launcher` is what runs in place of `wgvsock enclave up` (given the same arguments),
+        its output goes to `log_name` in the lab's directory."""
+        if command is None:
+            # "::" serves both families (http.server alone binds 0.0.0.0 only).
+            command = ("python3", "-m", "http.server", "-d", str(self.app), "-b", "::", "8080")
         log = open(self.lab.tmp / log_name, "ab")  # noqa: SIM115 - closed by the process
         proc = self.enclave.popen(
             *launcher, "--profile", str(self.profile), "--timeout", f"{timeout:g}", "--",
-            # "::" serves both families (http.server alone binds 0.0.0.0 only).
-            "python3", "-m", "http.server", "-d", str(self.app), "-b", "::", "8080",
-            env=self.env_for("enclave"), stdout=log, stderr=log,
+            *command, env=self.env_for("enclave"), stdout=log, stderr=log,
         )
         log.close()
         self.enclave_proc = proc

@@ -17,23 +17,69 @@ then never comes), and execs CMD in its place, with the same pid. The kernel sen
 when the thread that started the helper ends: `run_up` starts it from the main thread, which
 lives as long as the process. It does not reach what CMD starts itself, nor a set-user-ID CMD
 (the kernel clears it at such an exec).
+
+With enclave.user the helper also takes the user's ids before the exec. The kernel clears the
+parent-death signal at every change of credentials (prctl(2)), so it is asked for after the
+change, not before: what `-- setpriv --reuid ...` cannot do, since setpriv changes them after
+the helper asked. It then sets no_new_privs: neither a set-user-ID program of the image (su,
+mount) nor file capabilities give CMD back what the change took, and none of them can clear
+the parent-death signal either.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
-# argv: `up`'s pid, the descriptor to report an exec failure on, CMD and its arguments. Run
-# with -I -S: neither PYTHON* variables nor site-packages of the app's image have a say in it.
-# CMD gets the environment as `up` has it.
+from ..services.profile import EnclaveUser
+
+# argv: `up`'s pid, the descriptor to report a failure on, the ids to take ("" for none, else
+# UID:GID:GROUPS, GROUPS comma-separated), CMD and its arguments. Run with -I -S: neither
+# PYTHON* variables nor site-packages of the app's image have a say in it. CMD gets the
+# environment the helper is given. A failure is reported as "exec ERRNO" (the exec) or
+# "user WHAT" (the change of ids; CMD is never run as anyone else).
 _HELPER = r"""
 import ctypes, os, signal, sys
-parent, report, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-PR_SET_PDEATHSIG = 1
-if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+parent, report, ids, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 38, 47, 4
+def refuse(what):
+    os.write(report, f"user {what}".encode())
+    os._exit(126)
+if ids:
+    uid, gid, groups = ids.split(":")
+    uid, gid = int(uid), int(gid)
+    step = "setgroups"
+    try:
+        os.setgroups([int(g) for g in groups.split(",") if g])
+        step = "setresgid"
+        os.setresgid(gid, gid, gid)
+        # Ambient capabilities would survive the exec; setresuid from root to another uid
+        # clears them with the rest, unless a securebit says otherwise: cleared here anyway,
+        # and all of them checked below. (EINVAL: a kernel without them, before 4.3.)
+        step = "clearing the ambient capabilities"
+        if (libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0
+                and ctypes.get_errno() != 22):
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        step = "setresuid"
+        os.setresuid(uid, uid, uid)
+    except OSError as e:
+        refuse(f"{step}: {e.strerror}")
+    if uid != 0:
+        with open("/proc/self/status") as f:
+            kept = [line.split()[0].rstrip(":") for line in f
+                    if line.startswith(("CapPrm:", "CapEff:", "CapAmb:"))
+                    and int(line.split()[1], 16) != 0]
+        if kept:  # SECBIT_KEEP_CAPS or SECBIT_NO_SETUID_FIXUP, set by whatever started `up`
+            refuse("capabilities kept after the change of user (" + ", ".join(kept) + ")")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        refuse(f"no_new_privs: {os.strerror(ctypes.get_errno())}")
+# After the change of ids, which clears it.
+if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
     print(f"wgvsock enclave up: {args[0]} would not be stopped should `enclave up` be killed "
           f"(prctl: {os.strerror(ctypes.get_errno())}); running it all the same",
           file=sys.stderr, flush=True)
@@ -49,16 +95,64 @@ signal.pthread_sigmask(signal.SIG_SETMASK, ())
 try:
     os.execvp(args[0], args)
 except OSError as e:
-    os.write(report, str(e.errno or 0).encode())
+    os.write(report, f"exec {e.errno or 0}".encode())
     os._exit(127)
 """
 
 
-def start(command: list[str]) -> subprocess.Popen:
-    """Runs COMMAND as a child that is SIGKILLed should this process die, and returns once
-    COMMAND itself runs, so that a signal passed on to the child reaches COMMAND rather than
-    the helper. Raises OSError as Popen does for a COMMAND that cannot be run (a script's
-    missing interpreter: FileNotFoundError) or a child that cannot be made (fork failed)."""
+class UserError(Exception):
+    """enclave.user names no one this image knows, or its ids could not be taken."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What CMD runs as: the ids and, for a named user, HOME, USER and LOGNAME."""
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.uid}:{self.gid}:{','.join(map(str, self.groups))}"
+
+
+def credentials(user: EnclaveUser) -> Credentials:
+    """USER's ids, looked up in this image (as initgroups does for a name). A UID alone takes
+    the primary group its /etc/passwd entry gives, or, with none, the group of the same
+    number (not 0, as docker's --user gives: that would be root's group). Numbers get no
+    supplementary groups and leave HOME and the rest as they are. UserError if the name is
+    unknown."""
+    if user.name is not None:
+        try:
+            pw = pwd.getpwnam(user.name)
+        except KeyError:
+            raise UserError(f"enclave.user: there is no user '{user.name}' in this image's "
+                            "/etc/passwd (add one to the image, or give UID or UID:GID "
+                            "numbers)") from None
+        try:
+            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        except OSError as e:
+            raise UserError(f"enclave.user: cannot list the groups of '{user.name}': "
+                            f"{e.strerror}") from None
+        return Credentials(pw.pw_uid, pw.pw_gid, tuple(dict.fromkeys(groups)),
+                           {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name})
+    assert user.uid is not None
+    gid = user.gid
+    if gid is None:
+        try:
+            gid = pwd.getpwuid(user.uid).pw_gid
+        except KeyError:
+            gid = user.uid
+    return Credentials(user.uid, gid)
+
+
+def start(command: list[str], user: Credentials | None = None) -> subprocess.Popen:
+    """Runs COMMAND as a child that is SIGKILLed should this process die, as USER if given,
+    and returns once COMMAND itself runs, so that a signal passed on to the child reaches
+    COMMAND rather than the helper. Raises OSError as Popen does for a COMMAND that cannot be
+    run (a script's missing interpreter: FileNotFoundError) or a child that cannot be made
+    (fork failed), UserError when USER's ids could not be taken (COMMAND did not run)."""
+    env = None if user is None or not user.env else {**os.environ, **user.env}
     report_r, report_w = os.pipe()
     try:
         # A Ctrl-C reaches the helper too (the terminal signals the whole process group).
@@ -70,7 +164,8 @@ def start(command: list[str]) -> subprocess.Popen:
             # sockets among them.)
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _HELPER, str(os.getpid()), str(report_w),
-                 *command], close_fds=True, restore_signals=True, pass_fds=(report_w,))
+                 "" if user is None else str(user), *command],
+                close_fds=True, restore_signals=True, pass_fds=(report_w,), env=env)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(report_w)
@@ -81,6 +176,9 @@ def start(command: list[str]) -> subprocess.Popen:
         os.close(report_r)
     if report:
         proc.wait()
-        code = int(report)
+        kind, _, what = report.decode(errors="replace").partition(" ")
+        if kind == "user":
+            raise UserError(f"cannot run {command[0]} as enclave.user: {what}")
+        code = int(what)
         raise OSError(code, os.strerror(code), command[0])
     return proc

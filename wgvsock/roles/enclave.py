@@ -745,6 +745,19 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
     except (EnclaveError, OSError) as e:
         print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
         return 1
+    user: cmd.Credentials | None = None
+    if profile.enclave.user is not None:
+        # Here, in the image, not in `profile check`: the parent has other users. Without a
+        # CMD too, so that an image whose CMD is added later does not fail only then.
+        try:
+            user = cmd.credentials(profile.enclave.user)
+        except cmd.UserError as e:
+            print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
+            return 1
+        if user.uid == 0:
+            print(f"wgvsock enclave up: warning: enclave.user {profile.enclave.user} is root: "
+                  "CMD runs with every capability, as without the key", file=sys.stderr,
+                  flush=True)
     if command and (unrunnable := _unrunnable(command)) is not None:
         code, why = unrunnable
         print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)
@@ -820,7 +833,10 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
         try:
             # From this (the main) thread: CMD gets SIGKILL when the thread that started it
             # ends (wgvsock.roles.cmd).
-            proc = cmd.start(command)
+            proc = cmd.start(command, user)
+        except cmd.UserError as e:  # not run as root in its place
+            print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
+            return 1
         except OSError as e:  # what _unrunnable cannot see: a script's missing interpreter
             print(f"wgvsock enclave up: cannot run {command[0]}: {e.strerror}",
                   file=sys.stderr, flush=True)

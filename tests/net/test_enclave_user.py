@@ -1,0 +1,172 @@
+"""`enclave up` with `enclave.user`: CMD runs as that user, without the capabilities `up` keeps
+for the tunnel, and still dies with `up`.
+
+`up` must be root: it made wg0, the routes and resolv.conf, and serves wg0's UAPI socket, whose
+`get` answers with the enclave's private key (the key the attestation binds). Before, CMD ran
+as root beside it and could read that key or reconfigure the tunnel.
+
+The user is one of the test's own, in a passwd and group of its own that a mount namespace
+binds over /etc/passwd and /etc/group for `up` and its CMD only (the machine's stay as they
+are).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .netlab import SLOWDOWN, Lab, wait_for
+from .test_enclave_outside import PROFILE, private_resolv_conf
+from .test_roles import WGVSOCK, World
+
+pytestmark = [pytest.mark.root]
+
+UID, GID, EXTRA_GID = 4242, 4243, 4244
+
+# What CMD reports of itself, one `key: value` line each. The UAPI socket is connected to as
+# `wg show` would, and asked for its configuration, the private key among it.
+APP = r"""#!/bin/sh
+echo "id: $(id)"
+echo "env: HOME=$HOME USER=$USER LOGNAME=$LOGNAME"
+grep -E '^(CapPrm|CapEff|CapAmb|NoNewPrivs):' /proc/self/status | tr -s ' \t' ' ' \
+    | sed 's/^/status: /'
+test -S "$WGVSOCK_RUN_DIR/wg0.sock" && echo "socket: present"
+python3 -I -c '
+import errno, os, socket
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(os.path.join(os.environ["WGVSOCK_RUN_DIR"], "wg0.sock"))
+    s.sendall(b"get=1\n\n")
+    print("uapi: answered", b"private_key" in s.recv(65536))
+except OSError as e:
+    print("uapi:", errno.errorcode[e.errno])
+'
+ip link set wg0 down 2>/dev/null; echo "link-down: $?"
+(echo "nameserver 192.0.2.66" >> /etc/resolv.conf) 2>/dev/null; echo "resolv-write: $?"
+"""
+
+
+def _users(lab: Lab) -> tuple[Path, Path]:
+    """The machine's passwd and group with the test's user `wgvapp` added: primary group
+    `wgvapp`, and `wgvextra` beside it."""
+    passwd, group = lab.tmp / "passwd", lab.tmp / "group"
+    passwd.write_text(Path("/etc/passwd").read_text()
+                      + f"wgvapp:x:{UID}:{GID}:wgvsock test app:/home/wgvapp:/bin/sh\n")
+    group.write_text(Path("/etc/group").read_text()
+                     + f"wgvapp:x:{GID}:\nwgvextra:x:{EXTRA_GID}:wgvapp\n")
+    for f in (passwd, group):
+        f.chmod(0o644)
+    return passwd, group
+
+
+def _launcher(lab: Lab) -> tuple[str, ...]:
+    """`wgvsock enclave up` in a mount namespace of its own where the test's passwd and group
+    are /etc's, each process exec'd in place of the last: the pid `popen` gives is `up`'s."""
+    passwd, group = _users(lab)
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/group && shift 2 '
+            '&& exec "$@"', "sh", str(passwd), str(group), WGVSOCK, "enclave", "up")
+
+
+@pytest.fixture
+def world(lab: Lab) -> Iterator[World]:
+    with World(lab, profile_extra="  user: wgvapp\n") as w:
+        w.env["TMPDIR"] = str(lab.tmp)
+        # The user must reach its CMD. The run directory `up` makes is 0700, which alone
+        # keeps the user out; one that is there already may be 0755 (wireguard-go makes
+        # /var/run/wireguard so, for wg(8)): then the socket's own mode must.
+        os.chmod(lab.tmp, 0o755)  # noqa: S103
+        (lab.tmp / "run-enclave").mkdir()
+        os.chmod(lab.tmp / "run-enclave", 0o755)  # noqa: S103
+        yield w
+
+
+def _report(log: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in log.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and re.fullmatch(r"[a-z-]+", key):
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_cmd_runs_as_the_user_and_cannot_reach_the_tunnel_s_key(world: World) -> None:
+    """Before: CMD ran as root with every capability: its `get` on the UAPI socket answered
+    with the enclave's private key, and it could take wg0 down and rewrite resolv.conf."""
+    app = world.lab.tmp / "app.sh"
+    app.write_text(APP)
+    app.chmod(0o755)
+    assert world.parent_cmd("up").returncode == 0
+    proc = world.start_enclave(launcher=_launcher(world.lab), command=[str(app)])
+    assert proc.wait(60 * SLOWDOWN) == 0
+    log = (world.lab.tmp / "enclave.log").read_text()
+    report = _report(log)
+    assert report.get("id") == [f"uid={UID}(wgvapp) gid={GID}(wgvapp) "
+                            f"groups={GID}(wgvapp),{EXTRA_GID}(wgvextra)"], log
+    assert report.get("env") == ["HOME=/home/wgvapp USER=wgvapp LOGNAME=wgvapp"], log
+    assert sorted(report.get("status")) == ["CapAmb: 0000000000000000", "CapEff: 0000000000000000",
+                                        "CapPrm: 0000000000000000", "NoNewPrivs: 1"], log
+    assert report.get("socket") == ["present"], log  # there while CMD ran, and the user sees it
+    assert report.get("uapi") == ["EACCES"], log
+    assert report.get("link-down") != ["0"], log
+    assert report.get("resolv-write") != ["0"], log
+    assert "nameserver 192.0.2.66" not in world.resolv.read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_cmd_run_as_the_user_dies_when_enclave_up_is_killed(world: World) -> None:
+    """The kernel clears the parent-death signal when a process changes its ids (prctl(2)):
+    asked for before the change, as `-- setpriv --reuid ...` after `up` would have it, CMD
+    ran on after a SIGKILL of `up`, with no network and nothing to stop it."""
+    assert world.parent_cmd("up").returncode == 0
+    proc = world.start_enclave(launcher=_launcher(world.lab),
+                               command=["sh", "-c", 'echo "cmd: $$"; exec sleep 600'])
+    log = world.lab.tmp / "enclave.log"
+    wait_for(lambda: "cmd" in _report(log.read_text()), 60, "CMD to run")
+    [pid] = map(int, _report(log.read_text())["cmd"])
+    uids = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("Uid:")]
+    assert uids == [f"Uid:\t{UID}\t{UID}\t{UID}\t{UID}"]
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL
+    wait_for(lambda: not _alive(pid), 10, "CMD to die with `enclave up`")
+    assert world.enclave.pids() == []
+
+
+@pytest.mark.parametrize(("user", "says"), [
+    ("nosuch", "wgvsock enclave up: enclave.user: there is no user 'nosuch' in this image's "
+               "/etc/passwd (add one to the image, or give UID or UID:GID numbers)"),
+    ("'app:staff'", "enclave.user: 'app:staff' is neither a user name nor UID or UID:GID"),
+])
+def test_a_user_the_image_does_not_have_is_refused_before_anything_changes(
+        lab: Lab, user: str, says: str) -> None:
+    ns = lab.netns("e")
+    profile = lab.tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key")
+                       + f"  user: {user}\n")
+    env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
+    ns.ip("link", "set", "lo", "down")  # as at an enclave's boot: `up` brings it up first
+    before = ns.ip("-d", "link", "show").stdout
+    with private_resolv_conf(ns, "# the image's own\n") as resolv:
+        res = ns.run(WGVSOCK, "enclave", "up", "--profile", str(profile), "--timeout", "3",
+                     "--", "true", env=env, check=False, timeout=60)
+        assert resolv.read_text() == "# the image's own\n"
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert says in res.stderr, res.stderr
+    if user == "nosuch":
+        assert res.stderr == says + "\n"
+    assert ns.ip("-d", "link", "show").stdout == before
+    assert not (lab.tmp / "run").exists() or not any((lab.tmp / "run").iterdir())
