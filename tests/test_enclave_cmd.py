@@ -699,6 +699,34 @@ def test_an_unknown_user_is_refused_in_one_line_before_the_tunnel_comes_up(
     assert started == []
 
 
+def test_a_cmd_the_user_may_not_execute_is_refused_before_the_tunnel_comes_up(
+        monkeypatch, capsys, tmp_path) -> None:
+    """Before: the check was root's (os.access), so a CMD only root may execute passed, the
+    tunnel came up, and the exec as enclave.user then failed (126) with the app never run."""
+    started: list[bool] = []
+    monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: started.append(True))
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes", list)  # as in an enclave
+    app = tmp_path / "app"
+    app.write_text("#!/bin/sh\n")
+    app.chmod(0o700)  # root's (the test's owner) only
+    owner = app.stat()
+    profile = replace(load_profile(str(PROFILE)), enclave=replace(
+        load_profile(str(PROFILE)).enclave, user=EnclaveUser(uid=4242, gid=4243)))
+    rc = enclave_mod.run_up(profile, [str(app)], timeout=5)
+    assert rc == 126 and started == []
+    assert capsys.readouterr().err == (
+        f"wgvsock enclave up: cannot run {app}: {app} (mode 0700, owner {owner.st_uid}:"
+        f"{owner.st_gid}) is not executable by enclave.user (4242:4243); chmod it or give it "
+        "to that user in the image\n")
+    # Executable by others: it passes (the Enclave.start stand-in is reached).
+    app.chmod(0o755)
+    monkeypatch.setattr(enclave_mod.Enclave, "start",
+                        lambda self: (started.append(True), (_ for _ in ()).throw(
+                            enclave_mod.EnclaveError("stop here")))[1])
+    enclave_mod.run_up(profile, [str(app)], timeout=5)
+    assert started == [True]
+
+
 _RUN_AS = r"""
 import sys
 from wgvsock.roles import cmd

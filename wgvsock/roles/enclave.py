@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -119,24 +120,50 @@ def _stopped(failures: list[str], signalled: list[int]) -> int:
     return 128 + (signalled[0] if signalled else signal.SIGTERM)
 
 
-def _unrunnable(command: list[str]) -> tuple[int, str] | None:
+def _unrunnable(command: list[str],
+                user: cmd.Credentials | None = None) -> tuple[int, str] | None:
     """Why CMD cannot be run, as the status a shell gives for it (127 not found, 126 found but
     not runnable) and what to say, or None. Checked before the tunnel comes up: a wrong CMD
     line would otherwise show only after the wait for the parent, a registration and an
-    attestation, and as the status a parent that never answered gives."""
+    attestation, and as the status a parent that never answered gives. With `user`
+    (enclave.user), also whether its mode lets that user run it."""
     name = command[0]
     if "/" not in name:
-        if shutil.which(name) is None:  # the search the exec makes
+        found = shutil.which(name)  # the search the exec makes
+        if found is None:
             path = os.environ.get("PATH", os.defpath)
             return 127, f"cannot run {name}: not found in PATH ({path})"
-        return None
+        return _not_theirs(name, found, user)
     if not os.path.lexists(name):
         return 127, f"cannot run {name}: No such file or directory"
     if os.path.isdir(name):
         return 126, f"cannot run {name}: is a directory"
     if not os.access(name, os.X_OK):
         return 126, f"cannot run {name}: not executable"
-    return None
+    return _not_theirs(name, name, user)
+
+
+def _not_theirs(name: str, path: str, user: cmd.Credentials | None) -> tuple[int, str] | None:
+    """126 and why when `path`'s mode does not let enclave.user execute it (root may: the
+    check above is root's), else None. The mode bits only, as the kernel reads them for a
+    user without capabilities; an ACL could say more, and the exec then has the last word."""
+    if user is None or user.uid == 0:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # the exec will say
+    if st.st_uid == user.uid:
+        bit = stat.S_IXUSR
+    elif st.st_gid == user.gid or st.st_gid in user.groups:
+        bit = stat.S_IXGRP
+    else:
+        bit = stat.S_IXOTH
+    if st.st_mode & bit:
+        return None
+    return 126, (f"cannot run {name}: {path} (mode {stat.S_IMODE(st.st_mode):04o}, owner "
+                 f"{st.st_uid}:{st.st_gid}) is not executable by enclave.user ({user.uid}:"
+                 f"{user.gid}); chmod it or give it to that user in the image")
 
 
 def _wait_child(child: subprocess.Popen) -> int:
@@ -758,7 +785,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
             print(f"wgvsock enclave up: warning: enclave.user {profile.enclave.user} is root: "
                   "CMD runs with every capability, as without the key", file=sys.stderr,
                   flush=True)
-    if command and (unrunnable := _unrunnable(command)) is not None:
+    if command and (unrunnable := _unrunnable(command, user)) is not None:
         code, why = unrunnable
         print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)
         return code
