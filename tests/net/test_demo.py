@@ -45,7 +45,7 @@ def test_the_demo_runs_every_stage_and_leaves_nothing() -> None:
         "hello from the enclave",  # ingress through the parent's port
         "-> BLOCKED (no answer within 2 s)",  # the deny list
         "denied tcp 198.51.100.3:80",  # what the parent recorded it refused
-        "dns ads.demo.test",
+        "DNS refused ads.demo.test",  # the name the parent's DNS forwarder refused
         "Mbit/s",  # iperf3 both ways
         "wg0@parent  parent (profile demo)",  # the dashboard
         "nothing left behind",
