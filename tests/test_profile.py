@@ -1559,3 +1559,20 @@ def test_profile_check_validates_enclave_user_without_looking_it_up(tmp_path, ca
     f.write_text("name: a\nenclave:\n  user: no-such-user-here\n")
     assert main_check([str(f)]) == 0
     assert "  user: no-such-user-here\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("value", "reason", "hint"), [
+    # YAML 1.1 reads 010 as octal 8, YAML 1.2 as 10: CMD would run as whichever of two users
+    # the reader took it for (taken as 10, silently, before).
+    ("010", "UID '010' has a leading zero, which is not allowed", "write 10, not 010"),
+    ('"0755"', "UID '0755' has a leading zero", "write 755, not 0755"),
+    ('"1000:0100"', "GID '0100' has a leading zero", "write 100, not 0100"),
+    ("'00'", "UID '00' has a leading zero", "write 0, not 00"),
+    # Numbers, out of range: not "neither a user name nor UID" (before), nor int()'s limit.
+    ("99999999999", "UID 99999999999 is out of range", "use 0..4294967294"),
+    ('"1000:12345678901"', "GID 12345678901 is out of range", "use 0..4294967294"),
+    ("'" + "9" * 5000 + "'", "UID 999999", "use 0..4294967294"),
+])
+def test_enclave_user_numbers_are_plain_decimal_in_range(value, reason, hint):
+    p = refused(f"name: a\nenclave:\n  user: {value}\n", "enclave.user", reason, "user:")
+    assert hint in p.hint, str(p)

@@ -88,7 +88,8 @@ _DIGITS = re.compile(r"[0-9]{1,10}")
 # enclave.user: UID or UID:GID in ASCII digits, or a name as useradd takes one by default
 # (Debian's and shadow's NAME_REGEX, with upper case and '.' as most systems allow; a
 # trailing '$' for machine accounts), at most 32 characters. Not all digits: that is a UID.
-_USER_IDS = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
+# Any count of digits: one too many is "out of range", not "neither a name nor a UID".
+_USER_IDS = re.compile(r"([0-9]+)(?::([0-9]+))?")
 USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?")
 ID_MAX = 2**32 - 2
 
@@ -921,11 +922,22 @@ def _listen(text: str) -> tuple[IPAddress, int]:
 
 def _enclave_user(text: str) -> EnclaveUser:
     if m := _USER_IDS.fullmatch(text):
+        for digits, what in zip(m.groups(), ("UID", "GID"), strict=True):
+            if digits is None:
+                continue
+            # As for every number of a profile: YAML 1.1 reads 010 as octal (8), YAML 1.2 and
+            # int() as 10, and CMD would run as whichever user the reader took it for.
+            if len(digits) > 1 and digits[0] == "0":
+                meant = int(digits) if len(digits) <= 11 else ID_MAX + 1
+                raise _Invalid(f"{what} '{digits[:20]}' has a leading zero, which is not "
+                               "allowed", f"write {meant}, not {digits}" if meant <= ID_MAX
+                               else f"use 0..{ID_MAX} without leading zeros")
+            # (uid_t)-1 is not an id: to setresuid() it means "leave as it is". Compared as
+            # text first: int() refuses over 4300 digits.
+            if len(digits) > 10 or int(digits) > ID_MAX:
+                shown = digits if len(digits) <= 20 else f"{digits[:20]}... ({len(digits)} digits)"
+                raise _Invalid(f"{what} {shown} is out of range", f"use 0..{ID_MAX}")
         uid, gid = (None if g is None else int(g) for g in m.groups())
-        for n, what in ((uid, "UID"), (gid, "GID")):
-            # (uid_t)-1 is not an id: to setresuid() it means "leave as it is".
-            if n is not None and n > ID_MAX:
-                raise _Invalid(f"{what} {n} is out of range", f"use 0..{ID_MAX}")
         return EnclaveUser(uid=uid, gid=gid)
     if USER_NAME_RE.fullmatch(text):
         return EnclaveUser(name=text)
