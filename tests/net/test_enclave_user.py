@@ -170,3 +170,54 @@ def test_a_user_the_image_does_not_have_is_refused_before_anything_changes(
         assert res.stderr == says + "\n"
     assert ns.ip("-d", "link", "show").stdout == before
     assert not (lab.tmp / "run").exists() or not any((lab.tmp / "run").iterdir())
+
+
+# Runs the rest of its arguments with a new pty as controlling terminal and stdin, as an
+# `enclave up` started by hand from a root shell has (`docker exec -it ... sh`, outside Nitro).
+# The master stays open in the processes the exec makes, so that the terminal is not hung up.
+_ON_A_TERMINAL = r"""
+import fcntl, os, sys, termios
+os.setsid()
+master, slave = os.openpty()
+fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+os.dup2(slave, 0)
+os.set_inheritable(master, True)
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+# What CMD can do with the terminal it was given. TIOCSTI pushes bytes into the terminal's
+# input: the root shell that started `up` reads them as typed once `up` has ended (the escape
+# su, runuser and sudo close with a session of the child's own).
+_TERMINAL_APP = r"""
+import errno, fcntl, os, termios
+try:
+    os.close(os.open("/dev/tty", os.O_RDWR))
+    print("ctty: yes")
+except OSError as e:
+    print("ctty:", errno.errorcode[e.errno])
+try:
+    fcntl.ioctl(0, termios.TIOCSTI, b"#")
+    print("tiocsti: pushed")
+except OSError as e:
+    print("tiocsti:", errno.errorcode[e.errno])
+print("session:", os.getsid(0) == os.getpid())
+"""
+
+
+def test_cmd_run_as_the_user_has_no_controlling_terminal_to_push_root_s_input_into(
+        world: World) -> None:
+    """Before: CMD stayed in `up`'s session, the terminal its controlling one: as the user it
+    could TIOCSTI commands into the input of the root shell that ran `up`."""
+    app = world.lab.tmp / "tty.py"
+    app.write_text(_TERMINAL_APP)
+    app.chmod(0o644)
+    assert world.parent_cmd("up").returncode == 0
+    proc = world.start_enclave(
+        launcher=("python3", "-I", "-c", _ON_A_TERMINAL, *_launcher(world.lab)),
+        command=["python3", "-I", str(app)])
+    assert proc.wait(60 * SLOWDOWN) == 0
+    log = (world.lab.tmp / "enclave.log").read_text()
+    report = _report(log)
+    assert report.get("ctty") == ["ENXIO"], log
+    assert report.get("tiocsti") in (["EPERM"], ["EIO"]), log  # (EIO: TIOCSTI off altogether)
+    assert report.get("session") == ["True"], log

@@ -23,7 +23,9 @@ parent-death signal at every change of credentials (prctl(2)), so it is asked fo
 change, not before: what `-- setpriv --reuid ...` cannot do, since setpriv changes them after
 the helper asked. It then sets no_new_privs: neither a set-user-ID program of the image (su,
 mount) nor file capabilities give CMD back what the change took, and none of them can clear
-the parent-death signal either.
+the parent-death signal either. It also starts a session of its own first, as su --pty,
+runuser and sudo's use_pty do: the terminal `up` may have (a root shell's) is then not CMD's
+controlling one, and the user cannot type into that shell with TIOCSTI.
 """
 
 from __future__ import annotations
@@ -53,8 +55,13 @@ def refuse(what):
 if ids:
     uid, gid, groups = ids.split(":")
     uid, gid = int(uid), int(gid)
-    step = "setgroups"
+    # A session of its own, without `up`'s controlling terminal: there the user could push
+    # input (TIOCSTI) that the root shell which ran `up` reads once it ends. Signals from the
+    # terminal reach CMD as `up` passes them on.
+    step = "setsid"
     try:
+        os.setsid()
+        step = "setgroups"
         os.setgroups([int(g) for g in groups.split(",") if g])
         step = "setresgid"
         os.setresgid(gid, gid, gid)
