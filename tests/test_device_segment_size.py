@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from wgvsock.conn.bind import Bind
 from wgvsock.conn.caps import CAP_PARTIAL_CSUM, CAP_SEGMENT_SIZE, CAP_SUPER
 from wgvsock.conn.endpoint import Endpoint
 from wgvsock.conn.framing import MAX_PAYLOAD
@@ -31,6 +30,8 @@ from wgvsock.device.device import Device
 from wgvsock.device.tun import GSO_MAX_SIZE
 from wgvsock.device.uapi import parse_set
 
+from .stubbind import StubBind
+
 _ACK = 0x10
 _GSO_TCPV4 = 1
 _ALL = CAP_SUPER | CAP_PARTIAL_CSUM | CAP_SEGMENT_SIZE
@@ -38,44 +39,15 @@ _ALL = CAP_SUPER | CAP_PARTIAL_CSUM | CAP_SEGMENT_SIZE
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-class _HelloBind(Bind):
+class _HelloBind(StubBind):
     """A stream transport whose every peer's hello said `flags`; it sends nothing."""
-
-    stream = True
 
     def __init__(self) -> None:
         self.flags = 0
         self.max_packet = GSO_MAX_SIZE
 
-    def open(self, port, receive):
-        return 1
-
-    def is_open(self):
-        return True
-
-    def change_port(self, port):
-        return port
-
-    def check_port(self, port):
-        return None
-
     def send(self, data, ep):
         return 0
-
-    def close(self):
-        return None
-
-    def format_endpoint(self, ep):
-        return str(ep)
-
-    def parse_endpoint(self, text):
-        return Endpoint("unix", text, 0)
-
-    def set_mark(self, mark):
-        return None
-
-    def status(self):
-        return {}
 
     def peer_caps(self, ep):
         return (self.flags, self.max_packet)

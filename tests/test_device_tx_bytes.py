@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from wgvsock.conn.bind import Bind
 from wgvsock.conn.endpoint import Endpoint
 from wgvsock.core.crypto import generate_private_key, public_key
 from wgvsock.core.engine import SEND
@@ -21,15 +20,15 @@ from wgvsock.core.peer import Peer
 from wgvsock.device.device import Device
 from wgvsock.device.uapi import parse_set
 
+from .stubbind import StubBind
+
 _EP = Endpoint("unix", "peer", 1)
 _INBOUND = Endpoint("unix", "", 0, conn_id=7)  # a connection the peer dialled
 
 
-class _SlowBind(Bind):
+class _SlowBind(StubBind):
     """Takes every message; the first send waits for `release` (a socket with no room) and
     says when it is inside (`waiting`)."""
-
-    stream = True
 
     def __init__(self) -> None:
         self.waiting = threading.Event()
@@ -42,18 +41,6 @@ class _SlowBind(Bind):
             self.waiting.set()
             assert self.release.wait(10)
 
-    def open(self, port, receive):
-        return 1
-
-    def is_open(self):
-        return True
-
-    def change_port(self, port):
-        return port
-
-    def check_port(self, port):
-        return None
-
     def send(self, data, ep):
         self._wait_once()
         return len(data)
@@ -62,23 +49,11 @@ class _SlowBind(Bind):
         self._wait_once()
         return sum(map(len, messages))
 
-    def close(self):
-        return None
-
-    def format_endpoint(self, ep):
-        return str(ep)
-
     def parse_endpoint(self, text):
         return Endpoint("unix", text.split(":")[0], 1)
 
     def peers_changed(self, endpoints, earlier=frozenset()):
         return earlier  # a connection dialled to each is up
-
-    def set_mark(self, mark):
-        return None
-
-    def status(self):
-        return {}
 
 
 class _Rig:

@@ -321,18 +321,35 @@ class _CidListener(socket.socket):
         return sock, (cid, 40000 + cid)
 
 
+def _cid_listener(tmp_path, cids: list[int]) -> tuple[_CidListener, str]:
+    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.cids = cids
+    path = str(tmp_path / "wg.sock")
+    listener.bind(path)
+    listener.listen(8)
+    listener.setblocking(False)
+    return listener, path
+
+
+def _dial_with_a_frame(path: str, clients: list[socket.socket], n: int) -> None:
+    """N connections to `path` (into `clients`, for the caller to close), each sending one
+    frame. A refused one may already be closed by the time its frame goes out."""
+    for _ in range(n):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        clients.append(c)
+        c.settimeout(10.0)
+        c.connect(path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            c.sendall(encode_frame(DATA))
+
+
 def test_a_vsock_connection_from_a_cid_the_owner_refuses_is_closed_at_accept(
     monkeypatch, tmp_path
 ) -> None:
     """Before: refuse_from did not exist, and the parent's WireGuard port kept a connection
     from any CID (another enclave or VM on the host) for 30 s, with a reader thread and a
     buffer, while its control port already let in only the enclave's CID."""
-    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.cids = [7, 16, 7]
-    path = str(tmp_path / "wg.sock")
-    listener.bind(path)
-    listener.listen(8)
-    listener.setblocking(False)
+    listener, path = _cid_listener(tmp_path, [7, 16, 7])
     received: list[tuple[bytes, Endpoint]] = []
     asked: list[object] = []
     b = StreamBind("vsock")
@@ -346,14 +363,7 @@ def test_a_vsock_connection_from_a_cid_the_owner_refuses_is_closed_at_accept(
     b.open(0, lambda d, ep: received.append((bytes(d), ep)))
     clients: list[socket.socket] = []
     try:
-        for _ in range(3):
-            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            clients.append(c)
-            c.settimeout(10.0)
-            c.connect(path)
-            # A refused connection may already be closed by the time its frame goes out.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                c.sendall(encode_frame(DATA))
+        _dial_with_a_frame(path, clients, 3)
         stranger, enclave, stranger_again = clients
         # Closed at once: an end of stream (or a reset), not the 30 s first-frame deadline.
         for s in (stranger, stranger_again):
@@ -387,24 +397,13 @@ def test_the_daemon_s_admit_cids_closes_other_cids_at_accept(monkeypatch, tmp_pa
     monkeypatch.setenv("WGVSOCK_ADMIT_CIDS", "17,16")
     b = daemon.daemon_bind("vsock", False, daemon.admitted_cids("vsock", False))
     assert isinstance(b, StreamBind)
-    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.cids = [7, 16, 3, 17]
-    path = str(tmp_path / "wg.sock")
-    listener.bind(path)
-    listener.listen(8)
-    listener.setblocking(False)
+    listener, path = _cid_listener(tmp_path, [7, 16, 3, 17])
     received: list[Endpoint] = []
     monkeypatch.setattr(b, "_listen", lambda port: (listener, 5000))
     b.open(0, lambda d, ep: received.append(ep))
     clients: list[socket.socket] = []
     try:
-        for _ in range(4):
-            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            clients.append(c)
-            c.settimeout(10.0)
-            c.connect(path)
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                c.sendall(encode_frame(DATA))
+        _dial_with_a_frame(path, clients, 4)
         for refused in (clients[0], clients[2]):
             # Closed at once: an end of stream (or a reset), not the first-frame deadline.
             with contextlib.suppress(ConnectionResetError):
@@ -426,12 +425,7 @@ def test_the_daemon_s_admit_cids_closes_other_cids_at_accept(monkeypatch, tmp_pa
 def test_an_admission_check_that_fails_refuses(monkeypatch, tmp_path, caplog) -> None:
     """The check is the fence: one that raises must not let the stranger in (nor stop the
     accept thread), and says so as an error (it would keep the enclave out too)."""
-    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.cids = [7, 7]
-    path = str(tmp_path / "wg.sock")
-    listener.bind(path)
-    listener.listen(8)
-    listener.setblocking(False)
+    listener, path = _cid_listener(tmp_path, [7, 7])
     b = StreamBind("vsock")
     calls = [0]
 
@@ -465,12 +459,7 @@ def test_a_failing_admission_check_logs_one_line_not_a_traceback_per_connection(
     import logging
 
     caplog.set_level(logging.DEBUG, logger="wgvsock")
-    listener = _CidListener(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.cids = [7, 7, 7]
-    path = str(tmp_path / "wg.sock")
-    listener.bind(path)
-    listener.listen(8)
-    listener.setblocking(False)
+    listener, path = _cid_listener(tmp_path, [7, 7, 7])
     b = StreamBind("vsock")
 
     def broken(addr: object) -> str | None:
