@@ -750,6 +750,32 @@ def test_numbers_run_cmd_with_those_ids_no_groups_and_no_capabilities() -> None:
         ["NoNewPrivs:", "1"]]
 
 
+_RUN_AS_NO_PROC = r"""
+import sys
+from wgvsock.roles import cmd
+from wgvsock.services.profile import EnclaveUser
+user = cmd.credentials(EnclaveUser(uid=4242, gid=4243))
+try:
+    cmd.start(["true"], user)
+except cmd.UserError as e:
+    print(e)
+"""
+
+
+@pytest.mark.root
+def test_without_proc_cmd_is_refused_in_one_line_not_a_traceback() -> None:
+    """Before: the helper's check of the capabilities left (/proc/self/status) raised, and a
+    traceback was all `up` got; CMD never ran, as now."""
+    res = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'umount -l /proc && exec "$@"', "sh", sys.executable, "-c", _RUN_AS_NO_PROC],
+        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ("cannot run true as enclave.user: cannot check the capabilities "
+                          "left (/proc/self/status: No such file or directory)\n"), res.stdout
+    assert "Traceback" not in res.stderr, res.stderr
+
+
 # The process that runs `enclave up`'s part: starts CMD (as the user, with argv[1] "user"),
 # says CMD's pid, waits.
 _UP_WITH_USER = r"""

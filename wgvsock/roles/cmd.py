@@ -77,10 +77,13 @@ if ids:
     except OSError as e:
         refuse(f"{step}: {e.strerror}")
     if uid != 0:
-        with open("/proc/self/status") as f:
-            kept = [line.split()[0].rstrip(":") for line in f
-                    if line.startswith(("CapPrm:", "CapEff:", "CapAmb:"))
-                    and int(line.split()[1], 16) != 0]
+        try:
+            with open("/proc/self/status") as f:
+                kept = [line.split()[0].rstrip(":") for line in f
+                        if line.startswith(("CapPrm:", "CapEff:", "CapAmb:"))
+                        and int(line.split()[1], 16) != 0]
+        except OSError as e:  # no /proc: nothing shows what was kept, so CMD does not run
+            refuse(f"cannot check the capabilities left ({e.filename}: {e.strerror})")
         if kept:  # SECBIT_KEEP_CAPS or SECBIT_NO_SETUID_FIXUP, set by whatever started `up`
             refuse("capabilities kept after the change of user (" + ", ".join(kept) + ")")
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
