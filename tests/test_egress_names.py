@@ -292,19 +292,28 @@ def test_add_to_sets_refuses_what_is_not_a_name_set() -> None:
         firewall.add_to_sets("x", [("enclave_v4", "10.0.0.1", 5)])  # type: ignore[list-item]
 
 
-def test_doctor_checks_the_forwarders_resolver(monkeypatch) -> None:
+def _dns_check(egress: str):
+    """`parent doctor`'s DNS forwarder line for a profile with this egress section."""
     from wgvsock.roles.parent import local_checks
+
+    return {c.name: c for c in local_checks(parse_profile(profile(egress)))}.get(
+        "DNS forwarder")
+
+
+def _resolv_conf(monkeypatch, conf: list[str]) -> None:
+    """/etc/resolv.conf's nameservers are `conf`, as it is at each look (change it in place)."""
     from wgvsock.services.egress import forwarder
 
-    def dns_check(egress: str):
-        return {c.name: c for c in local_checks(parse_profile(profile(egress)))}.get(
-            "DNS forwarder")
+    monkeypatch.setattr(forwarder, "system_resolvers", lambda exclude=(): [
+        ipaddress.ip_address(a) for a in conf if ipaddress.ip_address(a) not in exclude])
 
-    assert dns_check("    allow: [10.0.0.0/8]\n") is None
-    check = dns_check("    allow: [a.example]\n    resolver: 10.0.0.2\n")
+
+def test_doctor_checks_the_forwarders_resolver(monkeypatch) -> None:
+    assert _dns_check("    allow: [10.0.0.0/8]\n") is None
+    check = _dns_check("    allow: [a.example]\n    resolver: 10.0.0.2\n")
     assert check.ok and check.detail == "forwards allowed names to 10.0.0.2"
-    monkeypatch.setattr(forwarder, "system_resolvers", lambda exclude=(): [])
-    check = dns_check("    allow: [a.example]\n")
+    _resolv_conf(monkeypatch, [])
+    check = _dns_check("    allow: [a.example]\n")
     assert check.ok is False and "set parent.egress.resolver" in check.detail
 
 
@@ -318,13 +327,11 @@ def test_resolv_conf_resolvers_in_the_tunnel_are_left_out_and_said(monkeypatch, 
 
     from wgvsock.roles import parent as parent_mod
     from wgvsock.roles.common import RoleError
-    from wgvsock.services.egress import forwarder
 
     conf = ["10.77.0.1", "10.77.0.2", "127.0.0.53", "10.77.0.3", "::1"]
-    monkeypatch.setattr(forwarder, "system_resolvers", lambda exclude=(): [
-        ipaddress.ip_address(a) for a in conf if ipaddress.ip_address(a) not in exclude])
+    _resolv_conf(monkeypatch, conf)
     p = parse_profile(profile("    allow: [a.example]\n"))
-    check = {c.name: c for c in parent_mod.local_checks(p)}["DNS forwarder"]
+    check = _dns_check("    allow: [a.example]\n")
     assert check.ok, check.detail
     assert check.detail.startswith("forwards allowed names to 127.0.0.53, ::1; left out of "
                                    "/etc/resolv.conf's nameservers: 10.77.0.2 is in the tunnel "
@@ -334,8 +341,8 @@ def test_resolv_conf_resolvers_in_the_tunnel_are_left_out_and_said(monkeypatch, 
         assert parent_mod._upstream(p) == [ipaddress.ip_address("127.0.0.53"),
                                            ipaddress.ip_address("::1")]
     assert "10.77.0.2 is in the tunnel subnet" in caplog.text
-    conf = ["10.77.0.2"]
-    check = {c.name: c for c in parent_mod.local_checks(p)}["DNS forwarder"]
+    conf[:] = ["10.77.0.2"]
+    check = _dns_check("    allow: [a.example]\n")
     assert check.ok is False and "names no resolver the DNS forwarder may ask" in check.detail
     assert "10.77.0.2 is in the tunnel subnet" in check.detail
     assert check.detail.endswith("set parent.egress.resolver")
@@ -354,14 +361,12 @@ def test_resolv_conf_resolvers_that_name_no_host_are_left_out_and_said(monkeypat
 
     from wgvsock.roles import parent as parent_mod
     from wgvsock.roles.common import RoleError
-    from wgvsock.services.egress import forwarder
 
     conf = ["0.0.0.0", "224.0.0.251", "127.0.0.53", "::", "ff02::fb", "255.255.255.255",
             "10.0.0.2"]
-    monkeypatch.setattr(forwarder, "system_resolvers", lambda exclude=(): [
-        ipaddress.ip_address(a) for a in conf if ipaddress.ip_address(a) not in exclude])
+    _resolv_conf(monkeypatch, conf)
     p = parse_profile(profile("    allow: [a.example]\n"))
-    check = {c.name: c for c in parent_mod.local_checks(p)}["DNS forwarder"]
+    check = _dns_check("    allow: [a.example]\n")
     assert check.ok, check.detail
     assert check.detail.startswith("forwards allowed names to 127.0.0.53, 10.0.0.2; left out "
                                    "of /etc/resolv.conf's nameservers: 0.0.0.0 is the "
@@ -374,8 +379,8 @@ def test_resolv_conf_resolvers_that_name_no_host_are_left_out_and_said(monkeypat
         assert parent_mod._upstream(p) == [ipaddress.ip_address("127.0.0.53"),
                                            ipaddress.ip_address("10.0.0.2")]
     assert "0.0.0.0 is the unspecified address" in caplog.text
-    conf = ["0.0.0.0", "ff02::fb"]
-    check = {c.name: c for c in parent_mod.local_checks(p)}["DNS forwarder"]
+    conf[:] = ["0.0.0.0", "ff02::fb"]
+    check = _dns_check("    allow: [a.example]\n")
     assert check.ok is False and "names no resolver the DNS forwarder may ask" in check.detail
     assert check.detail.endswith("set parent.egress.resolver"), check.detail
     with pytest.raises(RoleError, match=r"unspecified address.*set parent\.egress\.resolver"):
