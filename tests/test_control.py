@@ -656,6 +656,59 @@ def test_the_enclave_check_racing_close_does_not_fail():
     assert "expected CID 16" in (check((17, 1)) or "")
 
 
+def test_an_admission_check_that_raises_refuses_without_stopping_the_listener(caplog):
+    """Before: a refuse_from that raised went to the accept loop's Survivor: a traceback for
+    the first connection, and the 21st within 10 s stopped the listener (and with it the
+    parent), so anyone who could reach the port while the check was broken could stop it.
+    Now it refuses, as the WireGuard port's bind does: counted, kept for status, one
+    rate-limited error line saying where the check raised."""
+    broken = [True]
+
+    def check(addr: object) -> str | None:
+        if broken[0]:
+            raise RuntimeError("no CID yet")
+        return None
+
+    clock = FakeClock()  # the log's limit stays in its first 10 s whatever CI's pace
+    srv, rec, port = _tcp_server(refuse_from=check, clock=clock)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="wgvsock"):
+            for _ in range(30):
+                with _dial_tcp(port) as s:
+                    expect_closed(s)  # no challenge at all
+            broken[0] = False
+            with _dial_tcp(port) as s:
+                assert register(s, b"E" * 32).wg_port == 51820
+    finally:
+        srv.close()
+    assert rec.installed == [b"E" * 32]
+    assert srv.refused_connections == 30
+    records = [r for r in caplog.records if r.name.startswith("wgvsock")]
+    assert not any(r.exc_info for r in records), [r.getMessage() for r in records if r.exc_info]
+    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("control: the admission check failed (RuntimeError: no CID "
+                                "yet) at test_control.py:")
+    assert errors[0].endswith(" in check; refused a connection from 127.0.0.1")
+
+
+def test_an_admission_check_that_raises_is_kept_for_status():
+    def check(addr: object) -> str | None:
+        raise RuntimeError("no CID yet")
+
+    srv, _rec, port = _tcp_server(refuse_from=check)
+    try:
+        for _ in range(3):
+            with _dial_tcp(port) as s:
+                expect_closed(s)
+        (refusal,) = srv.refusals.recent()
+    finally:
+        srv.close()
+    assert (refusal.kind, refusal.who, refusal.count) == ("connection", "127.0.0.1", 3)
+    assert refusal.reason.startswith("the admission check failed (RuntimeError: no CID yet) "
+                                     "at test_control.py:")
+
+
 def test_a_refused_cid_is_told_the_cid_expected_and_where_it_comes_from():
     """Before: 'CID 17 is not the enclave', in the log and `wgvsock status` alike, which did
     not say which CID the parent lets in, nor whether the profile or nitro-cli said so."""

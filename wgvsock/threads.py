@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import faulthandler
 import logging
+import os
 import signal
 import threading
 import time
@@ -117,6 +118,18 @@ class Survivor:
         else:
             self._suppressed += 1
         return True
+
+
+def raised_at(exc: BaseException) -> str:
+    """Where EXC was raised, " at FILE:LINE in FUNCTION" (its innermost frame), or "": for a
+    line that stands in for a traceback where one per occurrence would flood the log."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f" at {os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
 
 
 def on_thread_death(stop: Callable[[str], None]) -> None:

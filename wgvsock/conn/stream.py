@@ -39,7 +39,7 @@ import time
 from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
-from ..threads import Survivor
+from ..threads import Survivor, raised_at
 from .bind import (
     SHARED_POLL_MS,
     Message,
@@ -409,17 +409,6 @@ class _Dialer:
         # queued was made with sessions that ended (sessions_ended) or the bind closes: the
         # dialler stops, whatever it was waiting for.
         self.retired = threading.Event()
-
-
-def _raised_at(exc: BaseException) -> str:
-    """Where EXC was raised, " at FILE:LINE in FUNCTION" (its innermost frame), or ""."""
-    tb = exc.__traceback__
-    if tb is None:
-        return ""
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    return f" at {os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
 
 
 class StreamBind(SocketBind):
@@ -875,7 +864,7 @@ class StreamBind(SocketBind):
             # One line, limited as the other refusals are: a check that fails does so for
             # every connection, a traceback each time at DEBUG included. Where it was raised
             # is what finding the bug needs.
-            why = f"the admission check failed ({type(exc).__name__}: {exc}){_raised_at(exc)}"
+            why = f"the admission check failed ({type(exc).__name__}: {exc}){raised_at(exc)}"
             self._misc_log(logging.ERROR, "%s: %s; refusing the connection", self.network, why)
         if why is None:
             return False

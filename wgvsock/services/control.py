@@ -63,7 +63,7 @@ from typing import Any
 from ..acceptwait import AcceptWait
 from ..conn.bind import RateLimitedLog
 from ..safetext import prose, quote
-from ..threads import NamedThread, Survivor
+from ..threads import NamedThread, Survivor, raised_at
 
 log = logging.getLogger("wgvsock.control")
 
@@ -387,12 +387,12 @@ class ControlServer:
 
     Admission: `refuse_from(addr)`, when given, says why the accept() address is not let in
     (the parent passes "not the enclave's CID", naming the CID it expects and where that comes
-    from), or None to let it in; a peer may have MAX_PENDING_PER_PEER connections in
-    their exchange, and may register `register_burst` times at once, then once per
-    `register_interval` seconds (the rest are refused, unverified, with a retry_after); and
-    when `max_clients` connections are open, newcomers are refused. A
-    connection that was sent its challenge is never dropped to make room: that would let a
-    flood of connections push out the real enclave's exchange (issue 12).
+    from), or None to let it in (one that raises refuses: it is the fence); a peer may have
+    MAX_PENDING_PER_PEER connections in their exchange, and may register `register_burst`
+    times at once, then once per `register_interval` seconds (the rest are refused,
+    unverified, with a retry_after); and when `max_clients` connections are open, newcomers
+    are refused. A connection that was sent its challenge is never dropped to make room: that
+    would let a flood of connections push out the real enclave's exchange (issue 12).
     """
 
     def __init__(
@@ -447,6 +447,8 @@ class ControlServer:
         # is logged at INFO when it changes that, or follows a start or a removal.
         self._registered: tuple[bytes, str] | None = None
         self._refusal_log = RateLimitedLog(logger=log, clock=clock)
+        # An admission check that fails: a bug, which strangers' refusals must not hide.
+        self._check_log = RateLimitedLog(logger=log, clock=clock)
         # Verdicts: a refused enclave registers again (at most every minute, but several
         # enclaves of one profile, or a policy that refuses them all, add up).
         self._verdict_log = RateLimitedLog(10.0, logger=log, burst=5, clock=clock)
@@ -522,7 +524,18 @@ class ControlServer:
         why = ""
         peer = peer_of(conn, addr)
         who = peer_name(conn, addr, peer)
-        expected = self._refuse_from(addr) if self._refuse_from is not None else None
+        try:
+            expected = self._refuse_from(addr) if self._refuse_from is not None else None
+        except Exception as exc:
+            # The check is the fence: one that fails refuses, as the WireGuard port's does. Not
+            # the accept loop's Survivor: it fails for every connection, so a traceback each
+            # time and, after 20, a stopped parent would be anyone's to cause. Where it was
+            # raised is what finding the bug needs.
+            why = (f"the admission check failed ({type(exc).__name__}: {exc})"
+                   f"{raised_at(exc)}")
+            self._refused(conn, who, why)
+            self._check_log(logging.ERROR, "control: %s; refused a connection from %s", why, who)
+            return
         if expected is not None:
             why = f"{who} is not the enclave ({expected})"
         with self._lock:
@@ -534,9 +547,7 @@ class ControlServer:
                 self._clients.add(conn)
                 self._pending[conn] = peer
         if why:
-            self.refused_connections += 1
-            self.refusals.add("connection", who, why)
-            conn.close()
+            self._refused(conn, who, why)
             self._refusal_log(logging.WARNING, "control: refused a connection: %s", why)
             return
         try:
@@ -547,6 +558,12 @@ class ControlServer:
                 self._clients.discard(conn)
                 self._pending.pop(conn, None)
             raise
+
+    def _refused(self, conn: socket.socket, who: str, why: str) -> None:
+        """Counts and closes a connection turned away at the door; the caller logs it."""
+        self.refused_connections += 1
+        self.refusals.add("connection", who, why)
+        conn.close()
 
     def _serve(self, conn: socket.socket, peer: object = None, who: str = "?") -> None:
         try:
