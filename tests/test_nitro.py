@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -566,6 +567,101 @@ def test_the_control_port_forgets_the_cid_of_an_enclave_that_exited(fake: Fake, 
         assert check((info.cid, 1))
     finally:
         p.supervisor.stop()
+
+
+@pytest.fixture
+def processes(fake: Fake, monkeypatch) -> Fake:
+    """The fake with a real process for each enclave's nitro-cli enclave process."""
+    fake.env["FAKE_NITRO_ENCLAVE_PROCESS"] = "1"
+    monkeypatch.setenv("FAKE_NITRO_ENCLAVE_PROCESS", "1")
+    return fake
+
+
+def test_the_old_cid_is_refused_as_soon_as_the_enclave_process_ends(processes: Fake,
+                                                                     monkeypatch) -> None:
+    """Before: the check admitted an exited enclave's CID until the describe-enclaves poll
+    (every 2 s) found it gone, while nitro-cli could give that CID to another enclave. Its
+    nitro-cli enclave process ends with it, before the CID is free: the check now asks that
+    process (a pidfd), so the CID is refused at once; here the poll is an hour away."""
+    from functools import partial
+
+    from wgvsock.roles.parent import Parent
+
+    fake = processes
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("FAKE_NITRO_STATE", str(fake.state))
+    monkeypatch.setattr(nitro, "EnclaveSupervisor",
+                        partial(EnclaveSupervisor, poll_interval=3600.0, backoff_min=3600.0))
+    p = Parent(parse_profile(f"name: cidtest\nparent:\n  enclave: {{eif: {fake.eif}, "
+                             "memory_mib: 256}\n", "p.yaml"))
+    check = p._enclave_filter()
+    assert check is not None
+    p._start_enclave()
+    try:
+        info = p.supervisor.wait_started()
+        assert info is not None and check((info.cid, 1)) is None
+        fake.hook("fake-crash", info.enclave_id)  # returns once its process has ended
+        assert "expected none" in (check((info.cid, 1)) or "")
+    finally:
+        p.supervisor.stop()
+
+
+def test_the_supervisor_learns_of_an_exit_from_the_enclave_process(processes: Fake,
+                                                                   caplog) -> None:
+    """Before: only the describe-enclaves poll told it, up to poll_interval later."""
+    fake = processes
+    sup = supervisor(fake, caplog, launch=fake.launch(), poll_interval=3600.0)
+    sup.start()
+    try:
+        first = sup.wait_started()
+        assert first is not None and first.process_id
+        fake.hook("fake-crash", first.enclave_id)
+        assert sup.info is None
+        second = sup.wait_started(2)
+        assert second is not None and second.enclave_id != first.enclave_id
+        assert sup.last_reason == f"exited (its enclave process {first.process_id} ended)"
+        assert sup.info == second
+    finally:
+        sup.stop(timeout=10)
+    assert fake.enclaves() == []
+
+
+def test_a_process_id_that_is_not_the_enclaves_leaves_the_watch_to_the_poll(processes: Fake,
+                                                                           caplog) -> None:
+    """ProcessID names a process that ends while nitro-cli still lists the enclave (nitro-cli
+    run in another PID namespace, say): refused meanwhile, the enclave is kept, and the poll
+    alone tells from then on."""
+    fake = processes
+    sup = supervisor(fake, caplog, poll_interval=0.2)
+    sup.start()
+    try:
+        info = sup.wait_started()
+        assert info is not None and info.process_id
+        os.kill(info.process_id, signal.SIGKILL)  # the process alone: the enclave stays listed
+        wait(lambda: "but nitro-cli still lists" in caplog.text)
+        assert sup.info == info and sup.starts == 1
+        assert f"process {info.process_id} ended, but nitro-cli still lists " \
+               f"{info.enclave_id} as running: watching it by describe-enclaves only, " \
+               "every 0.2 s" in caplog.text
+        fake.hook("fake-crash", info.enclave_id)
+        assert sup.wait_started(2) is not None
+        assert sup.last_reason == "exited (describe-enclaves no longer lists it)"
+    finally:
+        sup.stop(timeout=10)
+
+
+def test_without_a_process_to_watch_the_poll_tells(fake: Fake, caplog) -> None:
+    """nitro-cli before 1.0 prints no ProcessID; a kernel before 5.3 has no pidfd."""
+    assert nitro.EnclaveProcess.open(None) is None
+    assert nitro.EnclaveProcess.open(1 << 22) is None  # no such process
+    sup = supervisor(fake, caplog)
+    sup.start()
+    try:
+        info = sup.wait_started()
+        assert info is not None and sup._process is None
+        assert sup.info == info
+    finally:
+        sup.stop(timeout=10)
 
 
 # -- checks (doctor and `parent up`) ---------------------------------------------------------

@@ -2,8 +2,9 @@
 
 When a profile has `parent.enclave: {eif, cpu_count, memory_mib, cid, debug}`, `wgvsock parent
 up` starts the enclave itself with `nitro-cli run-enclave`, reads the enclave's ID and CID back
-from the JSON that command prints, watches it with `nitro-cli describe-enclaves` and starts it
-again (with exponential backoff) when it is gone, logging why. `parent down` terminates it.
+from the JSON that command prints, watches it with `nitro-cli describe-enclaves` and its
+nitro-cli enclave process (EnclaveProcess), and starts it again (with exponential backoff) when
+it is gone, logging why. `parent down` terminates it.
 
 What nitro-cli prints (aws-nitro-enclaves-cli, src/common/json_output.rs and the AWS user guide's
 command reference):
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import stat
 import subprocess
@@ -597,9 +599,65 @@ def run_failure_fix(err: NitroError, launch: EnclaveLaunch,
 
 # -- the supervisor ------------------------------------------------------------------------------
 
+# How often the watch asks whether the enclave's nitro-cli process has ended (a poll() of its
+# pidfd, no nitro-cli call).
+PROCESS_CHECK = 0.1
+
+
+class EnclaveProcess:
+    """nitro-cli's enclave process of one enclave (run-enclave's ProcessID), through a pidfd.
+
+    That process holds the enclave's device file and exits as soon as the driver reports the
+    enclave ended (a hang-up on that file: enclave_proc/mod.rs, process_event_loop). Its exit
+    closes the file, and only that frees the enclave's slot, and with it its CID, for another
+    enclave (the driver's ne_enclave_release). So its end is known before an enclave given
+    that CID next could connect from it (that one has yet to load and boot), where the
+    describe-enclaves poll learns of the exit up to a poll interval later.
+
+    Opened after run-enclave returned: had the process ended before that and its number gone to
+    another process, the enclave ended with it, so a pidfd that reads as ended never says so of
+    a running enclave; one that does not is checked by the poll as before. (The exception, a
+    ProcessID of another PID namespace, is caught by that poll too: EnclaveSupervisor._watch.)
+    """
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid = pid
+        self._fd = fd
+        # ended() polls under it and close() takes the number under it: a number closed and
+        # reused meanwhile (another file's) would be polled in its place.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, pid: int | None) -> EnclaveProcess | None:
+        """None where it cannot be watched: no ProcessID (nitro-cli before 1.0 prints none), no
+        such process (ended already, or another PID namespace's), no pidfd_open (Linux before
+        5.3). The describe-enclaves poll is then all there is."""
+        if not pid or pid <= 0:
+            return None
+        try:
+            return cls(pid, os.pidfd_open(pid))
+        except (OSError, AttributeError):
+            return None
+
+    def ended(self) -> bool:
+        with self._lock:
+            if self._fd < 0:
+                return True  # closed: the supervisor is done with this enclave
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            return bool(poller.poll(0))
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
 
 class EnclaveSupervisor:
-    """Keeps one enclave running: starts it, polls describe-enclaves, restarts it when it is gone.
+    """Keeps one enclave running: starts it, polls describe-enclaves (and, between polls, its
+    enclave process: EnclaveProcess), restarts it when it is gone.
 
     Restarts back off exponentially from `backoff_min` to `backoff_max` seconds, counting failed
     `run-enclave` calls and enclaves that exit too; the delay resets once an enclave has run
@@ -633,7 +691,8 @@ class EnclaveSupervisor:
         self.stable_after = stable_after
         self.clock = clock
         self.stop_timeout = stop_timeout
-        self.info: EnclaveInfo | None = None  # the enclave running now, if any
+        self._info: EnclaveInfo | None = None  # see `info`
+        self._process: EnclaveProcess | None = None  # its nitro-cli enclave process
         self.starts = 0  # successful run-enclave calls
         self.delays: list[float] = []  # every backoff delay waited, in order
         self.last_reason: str | None = None  # why the last enclave went away / failed to start
@@ -671,6 +730,17 @@ class EnclaveSupervisor:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def info(self) -> EnclaveInfo | None:
+        """The enclave running now, if any: the one run-enclave last started, until the watch
+        finds it gone, or at once when its nitro-cli enclave process has ended (the parent's
+        CID check asks this at each accept, and the CID may be another enclave's soon after)."""
+        with self._started:
+            info, process = self._info, self._process
+        if info is None or (process is not None and process.ended()):
+            return None
+        return info
+
     def wait_started(self, count: int = 1, timeout: float = 10.0) -> EnclaveInfo | None:
         """Waits until run-enclave has succeeded `count` times in all; returns the enclave."""
         deadline = time.monotonic() + timeout
@@ -680,7 +750,7 @@ class EnclaveSupervisor:
                 if left <= 0:
                     return None
                 self._started.wait(left)
-            return self.info if self.starts >= count else None
+            return self._info if self.starts >= count else None
 
     # -- the thread -----------------------------------------------------------------------------
 
@@ -715,8 +785,9 @@ class EnclaveSupervisor:
                     delay = min(delay * 2, self.backoff_max)
                     continue
                 started_at = self.clock()
+                process = EnclaveProcess.open(info.process_id)
                 with self._started:
-                    self.info = info
+                    self._info, self._process = info, process
                     self.starts += 1
                     self._started.notify_all()
                 if self._stop.is_set():
@@ -726,8 +797,7 @@ class EnclaveSupervisor:
                 if reason is None:
                     break
                 ran = self.clock() - started_at
-                with self._started:
-                    self.info = None
+                self._forget()
                 if ran >= self.stable_after:
                     delay = self.backoff_min
                 self.last_reason = reason
@@ -772,10 +842,15 @@ class EnclaveSupervisor:
         """Polls until the enclave is gone (returns why) or stop() is called (returns None)."""
         failures = 0
         strays: set[str] = set()
-        while not self._stop.wait(self.poll_interval):
+        while not self._wait_poll():
+            process = self._process
+            ended = process is not None and process.ended()
+            gone = f"exited (its enclave process {process.pid} ended)" if process else ""
             try:
                 listed = self.nitro.enclaves()
             except NitroError as e:
+                if ended:
+                    return gone  # and the enclave with it: nothing to poll for
                 failures += 1
                 if failures == 1 or failures % 30 == 0:
                     self.log.warning("enclave %s: describe-enclaves failed (%d in a row): %s",
@@ -784,11 +859,36 @@ class EnclaveSupervisor:
             failures = 0
             mine = next((e for e in listed if e.enclave_id == info.enclave_id), None)
             if mine is None:
-                return "exited (describe-enclaves no longer lists it)"
+                return gone if ended else "exited (describe-enclaves no longer lists it)"
             if mine.state and mine.state.upper() != "RUNNING":
                 return f"is {mine.state.lower()}"
+            if ended and process is not None:
+                # Listed, so its enclave process answered: ProcessID named another (nitro-cli
+                # run in another PID namespace, say). The poll alone tells from now on.
+                self.log.warning("enclave %s: process %d ended, but nitro-cli still lists %s "
+                                 "as running: watching it by describe-enclaves only, every %s",
+                                 self.name, process.pid, info.enclave_id,
+                                 _secs(self.poll_interval))
+                with self._started:
+                    self._process = None
+                process.close()
             self._terminate_strays(listed, info, strays)
         return None
+
+    def _wait_poll(self) -> bool:
+        """Waits for the next poll: poll_interval, or less once the enclave's nitro-cli process
+        has ended. True if stop() came first."""
+        process = self._process
+        if process is None:
+            return self._stop.wait(self.poll_interval)
+        deadline = time.monotonic() + self.poll_interval
+        while not process.ended():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if self._stop.wait(min(left, PROCESS_CHECK)):
+                return True
+        return self._stop.is_set()
 
     def _terminate_strays(self, listed: list[EnclaveInfo], mine: EnclaveInfo,
                           tried: set[str]) -> None:
@@ -841,9 +941,17 @@ class EnclaveSupervisor:
                                    e.enclave_id, err)
         return cleared
 
-    def _terminate_current(self) -> None:
+    def _forget(self) -> EnclaveInfo | None:
+        """Ends what the supervisor knew of the enclave it ran; returns that enclave."""
         with self._started:
-            info, self.info = self.info, None
+            info, self._info = self._info, None
+            process, self._process = self._process, None
+        if process is not None:
+            process.close()
+        return info
+
+    def _terminate_current(self) -> None:
+        info = self._forget()
         if info is None:
             return
         try:
