@@ -520,3 +520,53 @@ def test_an_enclave_route_equal_to_the_stand_in_s_subnet_keeps_its_connected_rou
         assert f"enclave.routes: 192.0.2.0/30 is routed dev {link} in this network namespace " \
             "already" in log, log
 
+
+
+def test_a_route_of_the_host_to_the_enclave_s_address_is_refused_and_left_alone(
+        world: World) -> None:
+    """A route this host already has to the enclave's address through another interface (a
+    docker bridge, another parent's tunnel, a VPC route) is someone else's: `profile check
+    --host`, `parent doctor` and `parent up` refuse before anything is made, naming the route,
+    where it goes and the profile's line; the refusal named no interface, so whose route it
+    was took a look at `ip route`. The route is as it was after the refusal, and after an `up`,
+    a crash, an `up` again and a `down` with it added meanwhile: the parent removes only its
+    own (they go with its interface)."""
+    other, _ = world.lab.veth(world.parent, "192.0.2.1/30", world.internet, "192.0.2.2/30")
+    world.parent.ip("route", "add", "10.77.0.2/32", "dev", other)
+    before_routes = world.parent.ip("-4", "route", "show").stdout
+    before_links = world.parent.ip("-o", "link", "show").stdout
+    before_rules = world.parent.run("nft", "list", "ruleset").stdout
+    wide = {**world.env_for("parent"), "COLUMNS": "500"}  # doctor's table on one line a row
+    said = (f"{world.profile}:9: parent.address: tunnel subnet 10.77.0.0/30 overlaps "
+            f"10.77.0.2/32, where a route of this host goes (dev {other})")
+    doctor = world.parent.run(WGVSOCK, "parent", "doctor", "--profile", str(world.profile),
+                              env=wide, check=False)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert any(line.split()[1:2] == ["profile"] and "NOT READY" in line and said in line
+               for line in doctor.stdout.splitlines()), doctor.stdout
+    check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                             env=world.env_for("parent"), check=False)
+    res = world.parent_cmd("up", check=False)
+    for out in (check, res):
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert said in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert world.parent.ip("-4", "route", "show").stdout == before_routes
+    assert world.parent.ip("-o", "link", "show").stdout == before_links
+    assert world.parent.run("nft", "list", "ruleset").stdout == before_rules
+    assert not (world.lab.tmp / "state").exists()
+    assert world.parent_cmd("down").returncode == 0
+    assert world.parent.ip("-4", "route", "show").stdout == before_routes
+
+    # Its own route, left by a parent killed before `down`, does not stop the next `up`.
+    world.parent.ip("route", "del", "10.77.0.2/32", "dev", other)
+    world.parent_cmd("up")
+    state = json.loads((world.lab.tmp / "state" / f"{world.name}.json").read_text())
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{state['pid']}").exists(), 10, "the parent to die")
+    world.parent_cmd("up")
+    assert "10.77.0.0/30 dev wg0 proto kernel" in world.parent.ip("-4", "route", "show").stdout
+    # Someone else's, added while the parent runs, stays at `down`.
+    world.parent.ip("route", "add", "10.77.0.2/32", "dev", other)
+    assert world.parent_cmd("down").returncode == 0
+    assert world.parent.ip("-4", "route", "show").stdout == before_routes
+

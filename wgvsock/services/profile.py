@@ -2115,17 +2115,21 @@ def _free_subnet(prefixlen: int, version: int, taken: Iterable[IPNetwork]) -> IP
 
 
 def check_host(profile: Profile, host_networks: Iterable[IPNetwork],
-               host_routes: Iterable[IPNetwork] = ()) -> list[Problem]:
+               host_routes: Iterable[IPNetwork] | Mapping[IPNetwork, str] = ()
+               ) -> list[Problem]:
     """Problems with PROFILE on a host whose own networks are HOST_NETWORKS and whose routes
-    go to HOST_ROUTES (local_routes()).
+    go to HOST_ROUTES (local_routes(); given as its mapping, a problem names where the route
+    goes).
 
     A tunnel subnet that overlaps a network the parent already has would make the kernel route
     the enclave's traffic (or the host's) the wrong way, so it is refused before anything is set.
     So does one that overlaps a route of the host (a VPC peering, VPN or Transit Gateway route
-    through its gateway, with no address of the host in it): the more specific of the two takes
+    through its gateway, with no address of the host in it; a route to the enclave's address
+    through a docker bridge or another parent's tunnel): the more specific of the two takes
     the other's traffic. Default routes are left out: every subnet is inside them.
     """
     host_networks = list(host_networks)
+    where = dict(host_routes) if isinstance(host_routes, Mapping) else {}
     routes = [r for r in host_routes if r.prefixlen > 0 and r not in host_networks]
     taken = [*host_networks, *routes]
     problems = []
@@ -2142,6 +2146,8 @@ def check_host(profile: Profile, host_networks: Iterable[IPNetwork],
             hint += " (and move enclave.address with it)"
             what = ("a network of this host" if net in host_networks
                     else "where a route of this host goes")
+            if net not in host_networks and where.get(net):
+                what += f" ({where[net]})"
             problems.append(Problem(profile.path, profile.line_of(key), key,
                                     f"tunnel subnet {tunnel} overlaps {net}, {what}", hint))
     return problems
@@ -2179,22 +2185,26 @@ def check_routes(profile: Profile, host_routes: Iterable[IPNetwork]) -> list[Pro
     return problems
 
 
-def local_routes(exclude_interface: str | None = None) -> list[IPNetwork]:
+def local_routes(exclude_interface: str | None = None) -> dict[IPNetwork, str]:
     """The destinations of this namespace's unicast routes in the main table, minus those
-    through loopback or EXCLUDE_INTERFACE (the profile's own tunnel)."""
+    through loopback or EXCLUDE_INTERFACE (the profile's own tunnel), each with where the
+    first route to it goes as `ip route` says it ("via 192.0.2.1 dev eth0", "dev docker0"):
+    a clash names the interface, so the operator can tell whose route it is."""
     from pyroute2 import IPRoute
 
     rt_table_main, rtn_unicast = 254, 1
-    nets: list[IPNetwork] = []
+    nets: dict[IPNetwork, str] = {}
     with IPRoute() as ipr:
-        skip = {link["index"] for link in ipr.get_links()
-                if link.get("IFLA_IFNAME") in ("lo", exclude_interface)}
+        names = {link["index"]: link.get("IFLA_IFNAME") or f"if{link['index']}"
+                 for link in ipr.get_links()}
+        skip = {index for index, name in names.items() if name in ("lo", exclude_interface)}
         for msg in ipr.get_routes():
             if msg["family"] not in (2, 10) or msg["type"] != rtn_unicast:
                 continue
             if (msg.get("RTA_TABLE") or msg["table"]) != rt_table_main:
                 continue
-            if msg.get("RTA_OIF") in skip:
+            oif = msg.get("RTA_OIF")
+            if oif in skip:
                 continue
             dst = msg.get("RTA_DST")
             net: IPNetwork
@@ -2203,7 +2213,10 @@ def local_routes(exclude_interface: str | None = None) -> list[IPNetwork]:
             else:
                 net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
             if net not in nets:
-                nets.append(net)
+                gateway = msg.get("RTA_GATEWAY")
+                nets[net] = " ".join(filter(None, (
+                    f"via {gateway}" if gateway else "",
+                    f"dev {names.get(oif, f'if{oif}')}" if oif else "multipath")))
     return nets
 
 
