@@ -866,6 +866,35 @@ def test_a_profile_over_64_kib_is_refused_before_it_is_parsed(tmp_path, monkeypa
     assert parsed == [str(path)]
 
 
+def test_flow_nesting_is_capped_at_twice_what_a_profile_needs(tmp_path):
+    """A crafted profile's parse cost grows with its flow nesting (64 KiB of "[[[a]]]," inside
+    28 levels took 2.5 s at the old cap of 32). A profile goes 4 deep at most, written wholly as
+    JSON: that parses, 8 levels pass the scanner, and the ninth is refused naming the file,
+    the line and the cap."""
+    import json
+
+    deepest = {"version": 1, "name": "a", "parent": {
+        "address": "10.77.0.1/30",
+        "egress": {"allow": ["0.0.0.0/0"], "deny": ["10.0.0.0/8"]},
+        "ingress": [{"listen": 8443, "to": 8080, "protocol": "tcp"}],
+        "metrics": {"cloudwatch": {"namespace": "ns", "interval": 60}}}}
+    path = tmp_path / "p.json.yaml"
+    path.write_text(json.dumps(deepest) + "\n")
+    p = load_profile(path)
+    assert p.parent.metrics.cloudwatch.namespace == "ns" and p.parent.ingress[0].to == 8080
+
+    with pytest.raises(ProfileError) as info:
+        parse_profile("name: a\nparent:\n  egress:\n    allow: " + "[" * 8 + "]" * 8 + "\n",
+                      FILE)
+    assert "nested more than" not in str(info.value), info.value  # refused for what it holds
+    path.write_text("name: a\nparent:\n  egress:\n    allow: " + "[" * 9 + "]" * 9 + "\n")
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert str(info.value) == (
+        f"{path}:4: [...] or {{...}} nested more than 8 deep, where a profile goes 4 deep at "
+        "most — write the settings as indented `key: value` lines; is this the right file?")
+
+
 def test_load_directory(tmp_path):
     with pytest.raises(ProfileError, match="is a directory"):
         load_profile(tmp_path)

@@ -1990,9 +1990,17 @@ def _yaml_problem(file: str, e: yaml.YAMLError) -> Problem:
 
 
 # PyYAML's scanner spends time on every open '[' or '{' for each token, so a line of them costs
-# the square of its length (a 1 MiB file of "[[[..]]]" takes minutes); no profile needs more
-# than a few levels.
-MAX_FLOW_DEPTH = 32
+# the square of its length (a 1 MiB file of "[[[..]]]" takes minutes). A profile needs 4 levels
+# at most, written wholly in flow style or as JSON: {parent: {metrics: {cloudwatch: {...}}}},
+# {parent: {ingress: [{...}]}}; twice that leaves room. At 32, 64 KiB of "[[[a]]]," inside 28
+# levels took over 2 s to parse; at 8 the worst found takes 0.5 s, as a flat list of 64 KiB
+# does (MAX_PROFILE_BYTES' bound).
+MAX_FLOW_DEPTH = 8
+PROFILE_FLOW_DEPTH = 4
+
+
+class _TooDeep(yaml.scanner.ScannerError):
+    pass
 
 
 class _Loader(yaml.SafeLoader):
@@ -2017,9 +2025,7 @@ class _Loader(yaml.SafeLoader):
 
     def fetch_flow_collection_start(self, TokenClass: Any) -> None:
         if self.flow_level >= MAX_FLOW_DEPTH:
-            raise yaml.scanner.ScannerError(
-                None, None, f"[...] or {{...}} nested more than {MAX_FLOW_DEPTH} deep",
-                self.get_mark())
+            raise _TooDeep(None, None, None, self.get_mark())
         super().fetch_flow_collection_start(TokenClass)
 
 
@@ -2027,6 +2033,14 @@ def parse_profile(text: str, path: str = "<string>") -> Profile:
     """Parse and validate a profile, filling in every default. Raises ProfileError."""
     try:
         root = yaml.compose(text, Loader=_Loader)
+    except _TooDeep as e:
+        # Valid YAML, so neither "not valid YAML" nor "fix the YAML syntax".
+        raise ProfileError([Problem(
+            path, e.problem_mark.line + 1 if e.problem_mark else 0, "",
+            f"[...] or {{...}} nested more than {MAX_FLOW_DEPTH} deep, where a profile "
+            f"goes {PROFILE_FLOW_DEPTH} deep at most",
+            "write the settings as indented `key: value` lines; is this the right file?")]
+        ) from None
     except yaml.YAMLError as e:
         raise ProfileError([_yaml_problem(path, e)]) from None
     except RecursionError:
