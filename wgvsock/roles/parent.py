@@ -824,8 +824,11 @@ class Parent:
                                 f"and accept_redirects): {e.strerror or e}: `parent up` needs to "
                                 "write /proc/sys/net") from None
             netconf.add_addresses(p.interface, p.parent.addresses)
+            # No route of our own: the profile keeps the enclave's address in the parent's
+            # subnet (one address a family), whose connected route the kernel adds with the
+            # address and takes away with the interface, and which check_host has already
+            # found clear of the host's routes.
             netconf.link_up(p.interface, p.mtu)
-            self._route_enclave()
             self._enable_forwarding({a.version for a in p.enclave.addresses})
             self._start_refusal_reader()
             firewall.apply(self.spec())
@@ -1118,17 +1121,6 @@ class Parent:
             stats=self._dns_stats,  # names back after a reload: the counters go on
             refusals=self.refusals,
         )
-
-    def _route_enclave(self) -> None:
-        # The parent's own address usually covers the enclave's (same subnet); only prefixes
-        # outside it need a route.
-        p = self.profile
-        own = [a.network for a in p.parent.addresses]
-        extra = [a.network if a.network.prefixlen == a.max_prefixlen else
-                 type(a.network)(f"{a.ip}/{a.max_prefixlen}")
-                 for a in p.enclave.addresses if not any(a.ip in n for n in own)]
-        if extra:
-            netconf.add_routes(p.interface, extra)
 
     def load_test_root(self) -> None:
         """Reads the profile's attestation.test_root_ca, after its check, for every
