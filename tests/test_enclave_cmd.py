@@ -677,10 +677,29 @@ def test_numbers_take_no_supplementary_groups_and_a_uid_alone_its_own_group(
     0 (root's group, which docker's --user 1000 gives)."""
     known = {1000: _passwd("app", 1000, 50, "/home/app")}
     monkeypatch.setattr(cmd.pwd, "getpwuid", lambda u: known[u])
-    assert cmd.credentials(EnclaveUser(uid=1000)) == cmd.Credentials(1000, 50)
-    assert cmd.credentials(EnclaveUser(uid=4242)) == cmd.Credentials(4242, 4242)
-    assert cmd.credentials(EnclaveUser(uid=4242, gid=7)) == cmd.Credentials(4242, 7)
+    assert cmd.credentials(EnclaveUser(uid=1000)).gid == 50
+    assert cmd.credentials(EnclaveUser(uid=1000)).groups == ()
+    assert cmd.credentials(EnclaveUser(uid=4242)).gid == 4242
+    assert cmd.credentials(EnclaveUser(uid=4242, gid=7)).gid == 7
     assert str(cmd.Credentials(4242, 7)) == "4242:7:"
+
+
+def test_numbers_get_the_home_of_their_passwd_entry_or_slash_without_one(
+        monkeypatch) -> None:
+    """Before: numbers left the environment as `enclave up` had it, root's: CMD as 1000 got
+    HOME=/root (which it cannot write; an app writing its cache or config under ~ failed or
+    looked in root's), and USER=root. As runc does for a uid with no passwd entry, HOME=/;
+    USER and LOGNAME, which would name root, go. With an entry, what a name gets."""
+    known = {1000: _passwd("app", 1000, 50, "/home/app")}
+    monkeypatch.setattr(cmd.pwd, "getpwuid", lambda u: known[u])
+    for user in (EnclaveUser(uid=1000), EnclaveUser(uid=1000, gid=1000)):
+        got = cmd.credentials(user)
+        assert got.env == {"HOME": "/home/app", "USER": "app", "LOGNAME": "app"}, user
+        assert got.unset == ()
+    for user in (EnclaveUser(uid=4242), EnclaveUser(uid=4242, gid=4243)):
+        got = cmd.credentials(user)
+        assert got.env == {"HOME": "/"}, user
+        assert got.unset == ("USER", "LOGNAME")
 
 
 def test_an_unknown_user_is_refused_in_one_line_before_the_tunnel_comes_up(

@@ -12,6 +12,7 @@ are).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -73,16 +74,24 @@ def _launcher(lab: Lab) -> tuple[str, ...]:
             '&& exec "$@"', "sh", str(passwd), str(group), WGVSOCK, "enclave", "up")
 
 
-@pytest.fixture
-def world(lab: Lab) -> Iterator[World]:
-    with World(lab, profile_extra="  user: wgvapp\n") as w:
+@contextlib.contextmanager
+def _world(lab: Lab, user: str = "wgvapp") -> Iterator[World]:
+    with World(lab, profile_extra=f"  user: {user}\n") as w:
         w.env["TMPDIR"] = str(lab.tmp)
+        # `enclave up`'s environment as a root shell gives it, whatever runs the tests.
+        w.env.update(HOME="/root", USER="root", LOGNAME="root")
         # The user must reach its CMD. The run directory `up` makes is 0700, which alone
         # keeps the user out; one that is there already may be 0755 (wireguard-go makes
         # /var/run/wireguard so, for wg(8)): then the socket's own mode must.
         os.chmod(lab.tmp, 0o755)  # noqa: S103
         (lab.tmp / "run-enclave").mkdir()
         os.chmod(lab.tmp / "run-enclave", 0o755)  # noqa: S103
+        yield w
+
+
+@pytest.fixture
+def world(lab: Lab) -> Iterator[World]:
+    with _world(lab) as w:
         yield w
 
 
@@ -221,3 +230,27 @@ def test_cmd_run_as_the_user_has_no_controlling_terminal_to_push_root_s_input_in
     assert report.get("ctty") == ["ENXIO"], log
     assert report.get("tiocsti") in (["EPERM"], ["EIO"]), log  # (EIO: TIOCSTI off altogether)
     assert report.get("session") == ["True"], log
+
+
+@pytest.mark.parametrize(("user", "ids", "env"), [
+    # wgvapp's uid: its passwd entry gives the group, HOME, USER and LOGNAME, as for the name.
+    ("4242", f"uid={UID}(wgvapp) gid={GID}(wgvapp) groups={GID}(wgvapp)",
+     "HOME=/home/wgvapp USER=wgvapp LOGNAME=wgvapp"),
+    # No passwd entry: HOME=/, as runc gives; no USER or LOGNAME rather than root's.
+    ('"4250:4251"', "uid=4250 gid=4251 groups=4251", "HOME=/ USER= LOGNAME="),
+])
+def test_numbers_get_home_from_their_passwd_entry_or_slash_not_root_s(
+        lab: Lab, user: str, ids: str, env: str) -> None:
+    """Before: numbers left the environment as `enclave up` had it: CMD as 4250 got
+    HOME=/root, USER=root and LOGNAME=root."""
+    with _world(lab, user) as world:
+        app = world.lab.tmp / "app.sh"
+        app.write_text(APP)
+        app.chmod(0o755)
+        assert world.parent_cmd("up").returncode == 0
+        proc = world.start_enclave(launcher=_launcher(world.lab), command=[str(app)])
+        assert proc.wait(60 * SLOWDOWN) == 0
+        log = (world.lab.tmp / "enclave.log").read_text()
+        report = _report(log)
+        assert report.get("id") == [ids], log
+        assert report.get("env") == [env], log

@@ -116,22 +116,29 @@ class UserError(Exception):
 
 @dataclass(frozen=True)
 class Credentials:
-    """What CMD runs as: the ids and, for a named user, HOME, USER and LOGNAME."""
+    """What CMD runs as: the ids, and what of HOME, USER and LOGNAME to set (`env`) or take
+    away (`unset`)."""
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    unset: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.uid}:{self.gid}:{','.join(map(str, self.groups))}"
+
+
+def _passwd_env(pw: pwd.struct_passwd) -> dict[str, str]:
+    return {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
 
 
 def credentials(user: EnclaveUser) -> Credentials:
     """USER's ids, looked up in this image (as initgroups does for a name). A UID alone takes
     the primary group its /etc/passwd entry gives, or, with none, the group of the same
     number (not 0, as docker's --user gives: that would be root's group). Numbers get no
-    supplementary groups and leave HOME and the rest as they are. UserError if the name is
-    unknown."""
+    supplementary groups. HOME, USER and LOGNAME come from the passwd entry, a UID's too;
+    a UID with none gets HOME=/ (as runc gives such a user) and no USER or LOGNAME: what
+    `enclave up` has would be root's (/root, root). UserError if the name is unknown."""
     if user.name is not None:
         try:
             pw = pwd.getpwnam(user.name)
@@ -144,16 +151,15 @@ def credentials(user: EnclaveUser) -> Credentials:
         except OSError as e:
             raise UserError(f"enclave.user: cannot list the groups of '{user.name}': "
                             f"{e.strerror}") from None
-        return Credentials(pw.pw_uid, pw.pw_gid, tuple(dict.fromkeys(groups)),
-                           {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name})
+        return Credentials(pw.pw_uid, pw.pw_gid, tuple(dict.fromkeys(groups)), _passwd_env(pw))
     assert user.uid is not None
-    gid = user.gid
-    if gid is None:
-        try:
-            gid = pwd.getpwuid(user.uid).pw_gid
-        except KeyError:
-            gid = user.uid
-    return Credentials(user.uid, gid)
+    try:
+        pw = pwd.getpwuid(user.uid)
+    except KeyError:
+        return Credentials(user.uid, user.uid if user.gid is None else user.gid,
+                           env={"HOME": "/"}, unset=("USER", "LOGNAME"))
+    return Credentials(user.uid, pw.pw_gid if user.gid is None else user.gid,
+                       env=_passwd_env(pw))
 
 
 def start(command: list[str], user: Credentials | None = None) -> subprocess.Popen:
@@ -162,7 +168,9 @@ def start(command: list[str], user: Credentials | None = None) -> subprocess.Pop
     COMMAND rather than the helper. Raises OSError as Popen does for a COMMAND that cannot be
     run (a script's missing interpreter: FileNotFoundError) or a child that cannot be made
     (fork failed), UserError when USER's ids could not be taken (COMMAND did not run)."""
-    env = None if user is None or not user.env else {**os.environ, **user.env}
+    env = None
+    if user is not None and (user.env or user.unset):
+        env = {k: v for k, v in {**os.environ, **user.env}.items() if k not in user.unset}
     report_r, report_w = os.pipe()
     try:
         # A Ctrl-C reaches the helper too (the terminal signals the whole process group).
