@@ -746,6 +746,76 @@ def test_a_cmd_the_user_may_not_execute_is_refused_before_the_tunnel_comes_up(
     assert started == [True]
 
 
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    """A directory any user may search, on a path any user may search: tmp_path is under
+    pytest's /tmp/pytest-of-root, which is root's only."""
+    d = Path(tempfile.mkdtemp(prefix="wgvsock-user-"))
+    try:
+        d.chmod(0o755)
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def _up_as(monkeypatch, user: EnclaveUser, command: list[str]) -> tuple[int, list[bool]]:
+    """run_up as USER with no tunnel, stopped where the tunnel would start: its status, and
+    whether it got there ([True]) or stopped before ([])."""
+    started: list[bool] = []
+
+    def start(self) -> None:
+        started.append(True)
+        raise enclave_mod.EnclaveError("stop here")
+
+    monkeypatch.setattr(enclave_mod.Enclave, "start", start)
+    monkeypatch.setattr(enclave_mod.netconf, "default_routes", list)  # as in an enclave
+    profile = replace(load_profile(str(PROFILE)), enclave=replace(
+        load_profile(str(PROFILE)).enclave, user=user))
+    return enclave_mod.run_up(profile, command, timeout=5), started
+
+
+def _script(path: Path, mode: int) -> Path:
+    path.write_text("#!/bin/sh\n")
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize(("user", "entry", "groups", "says"), [
+    (EnclaveUser(name="app"), (1000, 1000), [1000, 0],
+     "warning: enclave.user app is in root's group (GID 0, as a supplementary group): CMD can "
+     "read and write whatever the image leaves to group root; give the user a primary group of "
+     "its own and take it out of group root in the image's /etc/passwd and /etc/group"),
+    (EnclaveUser(name="app"), (1000, 0), [0],
+     "warning: enclave.user app is in root's group (GID 0, as its primary group)"),
+    (EnclaveUser(uid=1000), (1000, 0), [],
+     "warning: enclave.user 1000 is in root's group (GID 0, as its primary group): CMD can read "
+     "and write whatever the image leaves to group root; give it a group of its own: "
+     "1000:GID, GID other than 0"),
+    (EnclaveUser(uid=1000, gid=0), None, [], "warning: enclave.user 1000:0 is in root's group"),
+])
+def test_root_s_group_is_warned_of_when_enclave_up_starts(
+        monkeypatch, capsys, reachable, user, entry, groups, says) -> None:
+    """Before: `user: "1000:0"`, or a user whose passwd or group entries put it in group 0,
+    ran CMD with group root's access to the image's files, and nothing said so. Warned of, as
+    root itself is: taken, since the uid alone keeps the tunnel's key out of reach."""
+    def getpw(_key):
+        if entry is None:
+            raise KeyError(_key)
+        return _passwd("app", *entry, "/home/app")
+    monkeypatch.setattr(cmd.pwd, "getpwnam", getpw)
+    monkeypatch.setattr(cmd.pwd, "getpwuid", getpw)
+    monkeypatch.setattr(cmd.os, "getgrouplist", lambda n, g: groups)
+    app = _script(reachable / "app", 0o755)
+    assert _up_as(monkeypatch, user, [str(app)])[1] == [True]
+    err = capsys.readouterr().err
+    assert f"wgvsock enclave up: {says}" in err, err
+    assert err.count("warning") == 1, err
+    # A group of its own: no word of it.
+    monkeypatch.setattr(cmd.os, "getgrouplist", lambda n, g: [1000])
+    _up_as(monkeypatch, EnclaveUser(uid=1000, gid=1000), [str(app)])
+    assert "warning" not in capsys.readouterr().err
+
+
 _RUN_AS = r"""
 import sys
 from wgvsock.roles import cmd

@@ -1582,6 +1582,17 @@ def test_root_as_enclave_user_is_taken_with_a_warning(value):
     assert "private key" in p.reason and "remove the key" in p.hint
 
 
+@pytest.mark.parametrize("value", ['"1000:0"', "1000:0"])
+def test_root_s_group_as_enclave_user_s_group_is_taken_with_a_warning(value):
+    """Before: taken with no word, and CMD ran with group root's access to the image's files.
+    Taken, as root is (the uid alone keeps the tunnel's key out of reach), with a warning."""
+    p = warned(f"name: a\nenclave:\n  user: {value}\n", "enclave.user",
+               "'1000:0' puts CMD in root's group (GID 0)", "user:")
+    assert p.hint == "give it a group of its own, e.g. 1000:1000"
+    # Root's own uid is warned of once, as root.
+    warned('name: a\nenclave:\n  user: "0:0"\n', "enclave.user", "is root")
+
+
 def test_profile_check_validates_enclave_user_without_looking_it_up(tmp_path, capsys):
     """`profile check` runs on the parent, whose users are not the image's."""
     f = tmp_path / "p.yaml"

@@ -238,11 +238,13 @@ def test_cmd_run_as_the_user_has_no_controlling_terminal_to_push_root_s_input_in
      "HOME=/home/wgvapp USER=wgvapp LOGNAME=wgvapp"),
     # No passwd entry: HOME=/, as runc gives; no USER or LOGNAME rather than root's.
     ('"4250:4251"', "uid=4250 gid=4251 groups=4251", "HOME=/ USER= LOGNAME="),
+    # Root's group: taken, with a warning naming the setting and the fix.
+    ('"4250:0"', "uid=4250 gid=0(root) groups=0(root)", "HOME=/ USER= LOGNAME="),
 ])
 def test_numbers_get_home_from_their_passwd_entry_or_slash_not_root_s(
         lab: Lab, user: str, ids: str, env: str) -> None:
     """Before: numbers left the environment as `enclave up` had it: CMD as 4250 got
-    HOME=/root, USER=root and LOGNAME=root."""
+    HOME=/root, USER=root and LOGNAME=root, and with group 0 nothing said so."""
     with _world(lab, user) as world:
         app = world.lab.tmp / "app.sh"
         app.write_text(APP)
@@ -254,3 +256,6 @@ def test_numbers_get_home_from_their_passwd_entry_or_slash_not_root_s(
         report = _report(log)
         assert report.get("id") == [ids], log
         assert report.get("env") == [env], log
+        warned = ("wgvsock enclave up: warning: enclave.user 4250:0 is in root's group (GID 0, "
+                  "as its primary group)")
+        assert (warned in log) == user.endswith(':0"'), log

@@ -127,6 +127,12 @@ class Credentials:
     def __str__(self) -> str:
         return f"{self.uid}:{self.gid}:{','.join(map(str, self.groups))}"
 
+    @property
+    def root_group(self) -> bool:
+        """In group 0, primary or supplementary: what the image leaves to root's group (files
+        root:root 0640 or 0660, directories 0770) is then CMD's too."""
+        return self.gid == 0 or 0 in self.groups
+
 
 def _passwd_env(pw: pwd.struct_passwd) -> dict[str, str]:
     return {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}

@@ -785,6 +785,16 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
             print(f"wgvsock enclave up: warning: enclave.user {profile.enclave.user} is root: "
                   "CMD runs with every capability, as without the key", file=sys.stderr,
                   flush=True)
+        elif user.root_group:
+            # Known here only: a name's groups, or a UID's primary one, are the image's.
+            how = ("as its primary group" if user.gid == 0 else "as a supplementary group")
+            fix = (f"give it a group of its own: {user.uid}:GID, GID other than 0"
+                   if profile.enclave.user.name is None
+                   else "give the user a primary group of its own and take it out of group "
+                   "root in the image's /etc/passwd and /etc/group")
+            print(f"wgvsock enclave up: warning: enclave.user {profile.enclave.user} is in "
+                  f"root's group (GID 0, {how}): CMD can read and write whatever the image "
+                  f"leaves to group root; {fix}", file=sys.stderr, flush=True)
     if command and (unrunnable := _unrunnable(command, user)) is not None:
         code, why = unrunnable
         print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)

@@ -1887,6 +1887,14 @@ class _Builder(_Parser):
                           "every capability and the means to read the tunnel's private key "
                           "(through wg0's UAPI socket) and to change wg0, the routes and DNS",
                           "name a user without privileges, or remove the key")
+            elif user is not None and user.gid == 0:
+                # Taken, as root is: the uid alone keeps the tunnel's key out of reach. A
+                # name's groups are the image's, which `enclave up` warns of.
+                self.warn(_line(node), "enclave.user",
+                          f"'{user}' puts CMD in root's group (GID 0): it can read, and write, "
+                          "whatever the image leaves to group root (root:root files of mode "
+                          "0640 or 0660, directories of mode 0770)",
+                          f"give it a group of its own, e.g. {user.uid}:{user.uid}")
         return EnclaveSide(addrs, dns, routes, user)
 
     # -- attestation -----------------------------------------------------------------------------
