@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -718,34 +719,6 @@ def test_an_unknown_user_is_refused_in_one_line_before_the_tunnel_comes_up(
     assert started == []
 
 
-def test_a_cmd_the_user_may_not_execute_is_refused_before_the_tunnel_comes_up(
-        monkeypatch, capsys, tmp_path) -> None:
-    """Before: the check was root's (os.access), so a CMD only root may execute passed, the
-    tunnel came up, and the exec as enclave.user then failed (126) with the app never run."""
-    started: list[bool] = []
-    monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: started.append(True))
-    monkeypatch.setattr(enclave_mod.netconf, "default_routes", list)  # as in an enclave
-    app = tmp_path / "app"
-    app.write_text("#!/bin/sh\n")
-    app.chmod(0o700)  # root's (the test's owner) only
-    owner = app.stat()
-    profile = replace(load_profile(str(PROFILE)), enclave=replace(
-        load_profile(str(PROFILE)).enclave, user=EnclaveUser(uid=4242, gid=4243)))
-    rc = enclave_mod.run_up(profile, [str(app)], timeout=5)
-    assert rc == 126 and started == []
-    assert capsys.readouterr().err == (
-        f"wgvsock enclave up: cannot run {app}: {app} (mode 0700, owner {owner.st_uid}:"
-        f"{owner.st_gid}) is not executable by enclave.user (4242:4243); chmod it or give it "
-        "to that user in the image\n")
-    # Executable by others: it passes (the Enclave.start stand-in is reached).
-    app.chmod(0o755)
-    monkeypatch.setattr(enclave_mod.Enclave, "start",
-                        lambda self: (started.append(True), (_ for _ in ()).throw(
-                            enclave_mod.EnclaveError("stop here")))[1])
-    enclave_mod.run_up(profile, [str(app)], timeout=5)
-    assert started == [True]
-
-
 @pytest.fixture
 def reachable() -> Iterator[Path]:
     """A directory any user may search, on a path any user may search: tmp_path is under
@@ -778,6 +751,132 @@ def _script(path: Path, mode: int) -> Path:
     path.write_text("#!/bin/sh\n")
     path.chmod(mode)
     return path
+
+
+def test_a_cmd_the_user_may_not_execute_is_refused_before_the_tunnel_comes_up(
+        monkeypatch, capsys, reachable) -> None:
+    """Before: the check was root's (os.access), so a CMD only root may execute passed, the
+    tunnel came up, and the exec as enclave.user then failed (126) with the app never run."""
+    app = _script(reachable / "app", 0o700)  # root's (the test's owner) only
+    owner = app.stat()
+    rc, started = _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), [str(app)])
+    assert rc == 126 and started == []
+    assert capsys.readouterr().err == (
+        f"wgvsock enclave up: cannot run {app}: {app} (mode 0700, owner {owner.st_uid}:"
+        f"{owner.st_gid}) is not executable by enclave.user (4242:4243); in the image, chmod "
+        f"o+x {app}, or give it to that user\n")
+    # Executable by others: it passes (the Enclave.start stand-in is reached).
+    app.chmod(0o755)
+    assert _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), [str(app)])[1] == [True]
+
+
+@pytest.mark.root
+def test_a_directory_the_user_may_not_search_is_refused_before_the_tunnel_comes_up(
+        monkeypatch, capsys, reachable) -> None:
+    """Before: root may search any directory, so an executable the user cannot reach (CMD
+    itself, or found on PATH, in a directory of mode 0700) passed, the tunnel came up, and
+    the exec as enclave.user failed late (126, Permission denied)."""
+    private = reachable / "private"
+    private.mkdir(mode=0o700)
+    app = _script(private / "app", 0o755)
+    monkeypatch.setenv("PATH", str(private))
+    owner = private.stat()
+    for command in (str(app), "app"):
+        rc, started = _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), [command])
+        assert rc == 126 and started == [], command
+        assert capsys.readouterr().err == (
+            f"wgvsock enclave up: cannot run {command}: directory {private} (mode 0700, owner "
+            f"{owner.st_uid}:{owner.st_gid}) is not searchable by enclave.user (4242:4243); "
+            f"in the image, chmod o+x {private}, or put CMD where that user can reach it\n")
+    # The group's bit counts for a member, a supplementary group too.
+    os.chown(private, 0, 4244)
+    private.chmod(0o710)
+    assert _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), ["app"])[1] == [], "not a member"
+    monkeypatch.setattr(cmd.pwd, "getpwnam", lambda n: _passwd("app", 4242, 4243, "/"))
+    monkeypatch.setattr(cmd.os, "getgrouplist", lambda n, g: [g, 4244])
+    assert _up_as(monkeypatch, EnclaveUser(name="app"), ["app"])[1] == [True]
+
+
+def test_path_is_searched_as_the_user_s_exec_searches_it(
+        monkeypatch, capsys, reachable) -> None:
+    """A file on PATH the user may not run is passed over for the next, as the exec helper's
+    execvp passes it over. Before: root's `which` found the first, only root's, and `up`
+    refused a CMD the user would have run from the next directory."""
+    for d in ("first", "second"):
+        (reachable / d).mkdir(mode=0o755)
+    _script(reachable / "first" / "app", 0o700)
+    second = _script(reachable / "second" / "app", 0o755)
+    monkeypatch.setenv("PATH", f"{reachable / 'first'}:{reachable / 'second'}")
+    assert _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), ["app"])[1] == [True]
+    # None left: the first refusal stands, and says which file.
+    second.chmod(0o744)
+    rc, started = _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), ["app"])
+    assert rc == 126 and started == []
+    assert f"cannot run app: {reachable / 'first' / 'app'} (mode 0700, " in capsys.readouterr().err
+    # Nowhere: not found, as for root.
+    rc, started = _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), ["nosuch"])
+    assert rc == 127 and started == []
+    assert capsys.readouterr().err == (
+        "wgvsock enclave up: cannot run nosuch: not found in PATH "
+        f"({reachable / 'first'}:{reachable / 'second'})\n")
+
+
+def _grant(path: Path, uid: int, perm: int) -> None:
+    """A POSIX ACL on PATH giving UID PERM (setfacl -m u:UID:PERM), written as the kernel
+    takes it: version 2, then (tag, perm, id) entries."""
+    def entry(tag: int, p: int, i: int = 0xFFFFFFFF) -> bytes:
+        return struct.pack("<HHI", tag, p, i)
+
+    owner = (path.stat().st_mode >> 6) & 7
+    blob = (struct.pack("<I", 2) + entry(0x01, owner) + entry(0x02, perm, uid)
+            + entry(0x04, 0) + entry(0x10, perm) + entry(0x20, 0))
+    try:
+        os.setxattr(path, "system.posix_acl_access", blob)
+    except OSError as e:
+        pytest.skip(f"no POSIX ACLs here: {e.strerror}")
+
+
+@pytest.mark.root
+def test_what_an_acl_grants_the_user_is_left_to_the_exec(monkeypatch, reachable) -> None:
+    """The mode bits are not all there is: an ACL may let the user in where they would not.
+    Before: a CMD that only an ACL lets the user execute was refused (126) by the mode bits
+    alone. Its entries are not judged here: the exec has the last word."""
+    private = reachable / "private"
+    private.mkdir(mode=0o700)
+    app = _script(private / "app", 0o700)
+    _grant(private, 4242, 5)
+    _grant(app, 4242, 5)
+    assert _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), [str(app)])[1] == [True]
+    # ... as the exec, as that user, agrees.
+    res = subprocess.run(["setpriv", "--reuid", "4242", "--regid", "4243", "--clear-groups",
+                          str(app)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+def _stat(mode: int, uid: int, gid: int) -> os.stat_result:
+    return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+
+@pytest.mark.parametrize(("mode", "owner", "want", "allowed"), [
+    (0o100755, (4242, 4243), os.X_OK, True),
+    (0o100075, (4242, 4243), os.X_OK, False),  # the owner's bits only, whatever the rest say
+    (0o100705, (1, 4243), os.X_OK, False),  # the group's only, for a member
+    (0o100705, (1, 4244), os.X_OK, False),  # a supplementary group is a member too
+    (0o100770, (1, 2), os.X_OK, False),  # the others'
+    (0o100771, (1, 2), os.X_OK, True),
+    (0o100664, (1, 4244), os.R_OK | os.W_OK, True),
+    (0o100644, (1, 4244), os.R_OK | os.W_OK, False),
+])
+def test_the_user_s_permission_is_the_class_that_matches_it(mode, owner, want, allowed):
+    assert cmd.allows(_stat(mode, *owner), cmd.Credentials(4242, 4243, (4243, 4244)),
+                      want) is allowed
+
+
+def test_uid_0_without_capabilities_is_no_one_special():
+    """os.access as root says yes to any directory and to any file with an x bit: CMD has
+    no CAP_DAC_OVERRIDE, whatever its uid."""
+    assert not cmd.allows(_stat(0o040700, 1000, 1000), cmd.Credentials(0, 0), os.X_OK)
+    assert cmd.allows(_stat(0o040070, 1000, 0), cmd.Credentials(0, 0), os.X_OK)
 
 
 @pytest.mark.parametrize(("user", "entry", "groups", "says"), [

@@ -259,3 +259,53 @@ def test_numbers_get_home_from_their_passwd_entry_or_slash_not_root_s(
         warned = ("wgvsock enclave up: warning: enclave.user 4250:0 is in root's group (GID 0, "
                   "as its primary group)")
         assert (warned in log) == user.endswith(':0"'), log
+
+
+def test_cmd_is_looked_up_on_path_as_the_user_looks_it_up(world: World) -> None:
+    """A CMD on PATH that only root may run is passed over for the next one, as the user's
+    exec passes it over. Before: `up` judged the one root's lookup found, and refused (126)
+    a CMD the user would have run."""
+    for d, mode in (("first", 0o700), ("second", 0o755)):
+        (world.lab.tmp / d).mkdir(mode=0o755)
+        app = world.lab.tmp / d / "wgv-app"
+        app.write_text(f"#!/bin/sh\necho 'ran: {d}'\nid -u\n")
+        app.chmod(mode)
+    world.env["PATH"] = f"{world.lab.tmp / 'first'}:{world.lab.tmp / 'second'}:{os.environ['PATH']}"
+    assert world.parent_cmd("up").returncode == 0
+    proc = world.start_enclave(launcher=_launcher(world.lab), command=["wgv-app"])
+    assert proc.wait(60 * SLOWDOWN) == 0, (world.lab.tmp / "enclave.log").read_text()
+    log = (world.lab.tmp / "enclave.log").read_text()
+    assert _report(log).get("ran") == ["second"], log
+    assert f"\n{UID}\n" in log, log
+
+
+def test_cmd_in_a_directory_the_user_cannot_search_is_refused_before_anything_changes(
+        lab: Lab) -> None:
+    """Before: root may search any directory, so the early check passed a CMD in a 0700
+    one; `up` brought the network up and waited for the parent, and only the exec as the
+    user, after it all, failed (Permission denied)."""
+    ns = lab.netns("e")
+    os.chmod(lab.tmp, 0o755)  # noqa: S103
+    private = lab.tmp / "private"
+    private.mkdir(mode=0o700)
+    app = private / "app.sh"
+    app.write_text("#!/bin/sh\n")
+    app.chmod(0o755)
+    profile = lab.tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key")
+                       + "  user: wgvapp\n")
+    env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
+    ns.ip("link", "set", "lo", "down")  # as at an enclave's boot: `up` brings it up first
+    before = ns.ip("-d", "link", "show").stdout
+    with private_resolv_conf(ns, "# the image's own\n") as resolv:
+        res = ns.run(*_launcher(lab), "--profile", str(profile), "--timeout", "3",
+                     "--", str(app), env=env, check=False, timeout=60)
+        assert resolv.read_text() == "# the image's own\n"
+    owner = private.stat()
+    assert res.returncode == 126, res.stderr
+    assert res.stderr == (
+        f"wgvsock enclave up: cannot run {app}: directory {private} (mode 0700, owner "
+        f"{owner.st_uid}:{owner.st_gid}) is not searchable by enclave.user ({UID}:{GID}, groups "
+        f"{GID},{EXTRA_GID}); in the image, chmod o+x {private}, or put CMD where that user can "
+        "reach it\n")
+    assert ns.ip("-d", "link", "show").stdout == before

@@ -134,6 +134,22 @@ class Credentials:
         return self.gid == 0 or 0 in self.groups
 
 
+def allows(st: os.stat_result, user: Credentials, want: int) -> bool:
+    """Whether ST's mode bits grant USER what WANT asks (os.R_OK, W_OK, X_OK, or'ed), as the
+    kernel reads them for a process without capabilities, as CMD is: the owner's bits for
+    the owner, else the group's for a member of the file's group, else the others'. Only
+    the class that matches counts: an owner whose bits say no is refused, whatever the
+    others may. The same for uid 0, which without CAP_DAC_OVERRIDE is no one special.
+    (os.access cannot say: it asks for the ids of this process, root.)"""
+    if st.st_uid == user.uid:
+        shift = 6
+    elif st.st_gid == user.gid or st.st_gid in user.groups:
+        shift = 3
+    else:
+        shift = 0
+    return (st.st_mode >> shift) & want == want
+
+
 def _passwd_env(pw: pwd.struct_passwd) -> dict[str, str]:
     return {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
 

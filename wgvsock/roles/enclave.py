@@ -126,44 +126,120 @@ def _unrunnable(command: list[str],
     not runnable) and what to say, or None. Checked before the tunnel comes up: a wrong CMD
     line would otherwise show only after the wait for the parent, a registration and an
     attestation, and as the status a parent that never answered gives. With `user`
-    (enclave.user), also whether its mode lets that user run it."""
+    (enclave.user) other than root, judged as that user finds and runs it."""
     name = command[0]
+    if user is not None and user.uid != 0:
+        return _unrunnable_by(name, user)
     if "/" not in name:
         found = shutil.which(name)  # the search the exec makes
         if found is None:
             path = os.environ.get("PATH", os.defpath)
             return 127, f"cannot run {name}: not found in PATH ({path})"
-        return _not_theirs(name, found, user)
+        return None
     if not os.path.lexists(name):
         return 127, f"cannot run {name}: No such file or directory"
     if os.path.isdir(name):
         return 126, f"cannot run {name}: is a directory"
     if not os.access(name, os.X_OK):
         return 126, f"cannot run {name}: not executable"
-    return _not_theirs(name, name, user)
+    return None
 
 
-def _not_theirs(name: str, path: str, user: cmd.Credentials | None) -> tuple[int, str] | None:
-    """126 and why when `path`'s mode does not let enclave.user execute it (root may: the
-    check above is root's), else None. The mode bits only, as the kernel reads them for a
-    user without capabilities; an ACL could say more, and the exec then has the last word."""
-    if user is None or user.uid == 0:
-        return None
+def _unrunnable_by(name: str, user: cmd.Credentials) -> tuple[int, str] | None:
+    """_unrunnable for a USER who is not root. What root finds may not be theirs: a
+    directory they may not search, a file only root may execute. A name without a slash is
+    looked up along PATH as the exec helper's execvp does: a file there the user may not run
+    is passed over for the next one, and only when none is left does the first refusal
+    stand."""
+    if "/" in name:
+        if not os.path.lexists(name):
+            return 127, f"cannot run {name}: No such file or directory"
+        if os.path.isdir(name):
+            return 126, f"cannot run {name}: is a directory"
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d, name) for d in os.get_exec_path()]
+    refused = ""
+    for path in candidates:
+        why = _barred(path, user)
+        if why is None:
+            return None
+        refused = refused or why
+    if refused:
+        return 126, f"cannot run {name}: {refused}"
+    if "/" in name:  # a link to nothing
+        return 127, f"cannot run {name}: No such file or directory"
+    return 127, f"cannot run {name}: not found in PATH ({os.environ.get('PATH', os.defpath)})"
+
+
+def _barred(path: str, user: cmd.Credentials) -> str | None:
+    """Why USER may not execute PATH, "" when there is nothing there to execute (no such
+    file, or a directory), None when the modes let them (or cannot be read: the exec will
+    say). The mode bits only, as the kernel reads them for a process without capabilities
+    (cmd.allows); a file or directory with an ACL is left to the exec, whose word is the
+    last anyway."""
     try:
         st = os.stat(path)
+    except OSError as e:
+        return "" if e.errno in (errno.ENOENT, errno.ENOTDIR) else None
+    if stat.S_ISDIR(st.st_mode):
+        return ""
+    who = f"enclave.user ({user.uid}:{user.gid}"
+    who += f", groups {','.join(map(str, user.groups))})" if user.groups else ")"
+    for d in _searched(path):
+        try:
+            dst = os.stat(d)
+        except OSError:
+            return None
+        if not cmd.allows(dst, user, os.X_OK) and not _has_acl(d):
+            return (f"directory {d} ({_mode(dst)}) is not searchable by {who}; in the image, "
+                    f"chmod {_class(dst, user)}+x {d}, or put CMD where that user can reach it")
+    if not cmd.allows(st, user, os.X_OK) and not _has_acl(path):
+        return (f"{path} ({_mode(st)}) is not executable by {who}; in the image, chmod "
+                f"{_class(st, user)}+x {path}, or give it to that user")
+    return None
+
+
+def _searched(path: str) -> list[str]:
+    """The directories the kernel searches on the way to PATH: those it names, from / or the
+    working directory, and those on the way to where its links lead (for a relative PATH,
+    only those below the working directory: a relative lookup does not search its
+    ancestors)."""
+    base = "/" if path.startswith("/") else "."
+    named, d = [base], base
+    for part in path.split("/")[:-1]:
+        if part:
+            d = os.path.join(d, part)
+            named.append(d)
+    here = os.path.realpath(".")
+    chain, d = [], os.path.dirname(os.path.realpath(path))
+    while True:
+        chain.append(d)
+        if d == "/":
+            break
+        d = os.path.dirname(d)
+    linked = [d for d in reversed(chain) if base == "/" or d == here
+              or d.startswith(here.rstrip("/") + "/")]
+    return list(dict.fromkeys(named + linked))
+
+
+def _has_acl(path: str) -> bool:
+    try:
+        os.getxattr(path, "system.posix_acl_access")
     except OSError:
-        return None  # the exec will say
+        return False
+    return True
+
+
+def _mode(st: os.stat_result) -> str:
+    return f"mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid}"
+
+
+def _class(st: os.stat_result, user: cmd.Credentials) -> str:
+    """chmod's letter for the bits that apply to USER (cmd.allows)."""
     if st.st_uid == user.uid:
-        bit = stat.S_IXUSR
-    elif st.st_gid == user.gid or st.st_gid in user.groups:
-        bit = stat.S_IXGRP
-    else:
-        bit = stat.S_IXOTH
-    if st.st_mode & bit:
-        return None
-    return 126, (f"cannot run {name}: {path} (mode {stat.S_IMODE(st.st_mode):04o}, owner "
-                 f"{st.st_uid}:{st.st_gid}) is not executable by enclave.user ({user.uid}:"
-                 f"{user.gid}); chmod it or give it to that user in the image")
+        return "u"
+    return "g" if st.st_gid == user.gid or st.st_gid in user.groups else "o"
 
 
 def _wait_child(child: subprocess.Popen) -> int:
