@@ -1,7 +1,7 @@
 """CPU per megabyte of the tunnel daemons at a fixed rate, cases side by side.
 
 Run as root: .venv/bin/python bench/cpu_bench.py [--case KEY ...] [--baseline DIR] [--mtu M]
-             [--rate R] [--cycles N] [--seconds S]
+             [--rate R] [--cycles N] [--seconds S] [--forward]
 
 The cases (tunnel_bench.py's keys; default ours-tcp and seed-tcp) are all up at once on one veth.
 Each cycle runs iperf3 with one TCP stream at a fixed rate (-b R) through every case in turn,
@@ -84,11 +84,14 @@ def _pair(a: list[float], b: list[float]) -> str:
 
 
 def run_once(a: Namespace, b: Namespace, t: tb.Tunnel, port: int, rate: str,
-             seconds: float, reverse: bool, row: Row) -> None:
+             seconds: float, reverse: bool, row: Row, far: Namespace | None = None) -> None:
     pids = [p for p in t.pids.values() if p is not None]
+    server, addr = (b, t.tun_b) if far is None else (far, tb.FAR_C)
+    if far is not None:
+        a.ip("route", "replace", tb.FAR_NET, "dev", t.if_a)
     before = {p: _tasks(p) for p in pids}
     m0 = _machine()
-    data = tb.iperf_json(a, b, t.tun_b, port, seconds, reverse, "-b", rate)
+    data = tb.iperf_json(a, server, addr, port, seconds, reverse, "-b", rate)
     m1 = _machine()
     after = {p: _tasks(p) for p in pids}
     moved = data["end"]["sum_received"]["bytes"]
@@ -120,6 +123,9 @@ def main() -> int:
     ap.add_argument("--rate", default="3G",
                     help="iperf3 -b: a rate every case reaches (default 3G)")
     ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 time per run")
+    ap.add_argument("--forward", action="store_true",
+                    help="iperf3 between a and a third namespace behind b, which forwards "
+                         "(tunnel_bench.py --forward's case)")
     args = ap.parse_args()
     if reason := preflight("network namespaces, TUN", tb.TOOLS):
         print(f"cpu_bench: {reason}", file=sys.stderr)
@@ -128,22 +134,24 @@ def main() -> int:
     rows = {(c.label, d): Row(c.label) for c in cases for d in ("a->b", "b->a")}
 
     def bench(lab: Lab) -> int:
-        with tb.tunnels_up(lab, cases, args.mtu, "cpu") as (a, b, tunnels):
+        with tb.tunnels_up(lab, cases, args.mtu, "cpu", args.forward) as (a, b, tunnels):
             if failed := [f"{t.case.label}: {t.result.error}" for t in tunnels if t.result.error]:
                 raise LabError("; ".join(failed))
+            far = tb.far_side(lab, b, "cpu") if args.forward else None
             order = list(enumerate(tunnels))
             for cycle in range(args.cycles):
                 for i, t in order if cycle % 2 == 0 else order[::-1]:
                     port = tb.IPERF_PORT + 2 * i
                     for reverse, d in ((False, "a->b"), (True, "b->a")):
                         run_once(a, b, t, port + reverse, args.rate, args.seconds, reverse,
-                                 rows[t.case.label, d])
+                                 rows[t.case.label, d], far)
         return 0
 
     if code := run_in_lab("cpu_bench", "wgvsock-cpu-", bench):
         return code
     print(f"MTU {args.mtu}: {args.cycles} cycles of iperf3 -b {args.rate} for {args.seconds:g} s "
-          f"each way, cases in turn; medians")
+          f"each way, cases in turn; medians"
+          + ("; a to a third namespace behind b, which forwards" if args.forward else ""))
     print(f"{'tunnel':<30}{'dir':>5}{'Mbit/s':>8}{'CPU us/MB':>11}{'a / b':>14}{'busiest %':>11}"
           f"{'idle %':>8}{'sleeps/MB a / b':>17}{'queued % a / b':>16}{'x ' + cases[-1].label:>18}")
     for (label, d), row in rows.items():

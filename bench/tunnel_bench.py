@@ -377,10 +377,11 @@ def compared_cases(args: argparse.Namespace) -> list[Case]:
 
 
 @contextlib.contextmanager
-def tunnels_up(lab: Lab, cases: list[Case], mtu: int,
-               name: str) -> Iterator[tuple[Namespace, Namespace, list[Tunnel]]]:
+def tunnels_up(lab: Lab, cases: list[Case], mtu: int, name: str,
+               forward: bool = False) -> Iterator[tuple[Namespace, Namespace, list[Tunnel]]]:
     """Two namespaces on a veth and every case's tunnel up at `mtu` (`name` tells the
-    namespaces apart from other runs'); all torn down on leaving."""
+    namespaces apart from other runs'; `forward`: a's side routes FAR_NET into each tunnel,
+    see far_side); all torn down on leaving."""
     seed, why = seed_binary(lab.tmp)
     if seed is None and any("seed" in (c.impl_a, c.impl_b) for c in cases):
         raise LabError(why)
@@ -390,11 +391,22 @@ def tunnels_up(lab: Lab, cases: list[Case], mtu: int,
     tunnels: list[Tunnel] = []
     try:
         for i, c in enumerate(cases):
-            tunnels.append(bring_up(lab, a, b, c, mtu, i, seed))
+            tunnels.append(bring_up(lab, a, b, c, mtu, i, seed, forward))
         yield a, b, tunnels
     finally:
         for t in tunnels:
             tear_down(lab, a, b, t)
+
+
+def far_side(lab: Lab, b: Namespace, name: str) -> Namespace:
+    """--forward's third namespace (FAR_C) behind b (veth MTU 1500, b forwarding), as the
+    internet is behind a parent."""
+    tag = f"{os.getpid() % 100000}"
+    far = lab.netns(f"wg{name}{tag}c")
+    lab.veth(b, f"vf{tag}b", f"{FAR_B}/24", far, f"vf{tag}c", f"{FAR_C}/24")
+    b.run("sysctl", "-qw", "net.ipv4.ip_forward=1")  # b's namespace only
+    far.ip("route", "add", "10.201.0.0/16", "via", FAR_B)
+    return far
 
 
 def _wait_listening(ns: Namespace, addr: str, port: int, timeout: float = 10.0) -> None:
