@@ -16,6 +16,7 @@ from wgvsock.core.messages import (
     TYPE_INITIATION,
     TYPE_RESPONSE,
     TYPE_TRANSPORT,
+    padding_size,
     segment_trailer,
 )
 
@@ -539,6 +540,26 @@ def test_a_segment_size_trailer_comes_out_with_its_packet() -> None:
     assert _deliver_sealed(p, packet + bytes(4)) == [(TUNNEL, p.pb, packet)]
     forged = ip4("10.9.9.9", "10.0.0.2", b"t" * 3000) + segment_trailer(1208)
     assert [a[0] for a in _deliver_sealed(p, forged)] == [DROP]
+
+
+def test_a_tail_is_sealed_after_its_packet_as_if_joined() -> None:
+    """encapsulate(packet, now, tail): the device's segment-size trailer, sealed without
+    joining it to a super-packet of up to 64 KiB. It arrives as if joined, padded over both;
+    staged before a handshake, it goes joined."""
+    p = Pair()
+    packet = ip4("10.0.0.1", "10.0.0.2", b"t" * 64000)
+    trailer = segment_trailer(1448)
+    # Staged: no keypair yet, so an initiation goes and the packet waits, trailer and all.
+    [(kind, _, init)] = p.a.encapsulate(packet, p.now, trailer)
+    assert kind == SEND and init[:4] == TYPE_INITIATION
+    [(_, _, resp)] = p.b.decapsulate(init, "A", p.now)
+    [(kind, _, msg)] = p.a.decapsulate(resp, "B", p.now)
+    assert p.b.decapsulate(msg, "A", p.now) == [(SEGMENTED, 1448, packet)]
+    # With the session up.
+    [(kind, _, msg)] = p.a.encapsulate(packet, p.now, trailer)
+    joined = packet + trailer
+    assert len(msg) == 16 + len(joined) + padding_size(len(joined), p.a.mtu) + 16
+    assert p.b.decapsulate(msg, "A", p.now) == [(SEGMENTED, 1448, packet)]
 
 
 @pytest.mark.parametrize("tail", [

@@ -77,31 +77,38 @@ static PyObject *transport_key_new(PyTypeObject *type, PyObject *args, PyObject 
     return (PyObject *)self;
 }
 
-/* One message through `ctx`, whose key is set: the nonce, the data, for sealing `pad` zero
- * bytes after it, then the tag (written for sealing, checked for opening). 1 on success. */
+/* One message through `ctx`, whose key is set: the nonce, the data, for sealing the `tail`
+ * bytes and `pad` zero bytes after it, then the tag (written for sealing, checked for
+ * opening). 1 on success. */
 static int run(EVP_CIPHER_CTX *ctx, int enc, const unsigned char *nonce, unsigned char *out,
-               const unsigned char *in, int len, int pad, unsigned char *tag) {
+               const unsigned char *in, int len, const unsigned char *tail, int tail_len,
+               int pad, unsigned char *tag) {
     static const unsigned char zeros[MAX_PAD];
     int n;
     if (!EVP_CipherInit_ex2(ctx, NULL, NULL, nonce, enc, NULL))
         return 0;
     if (len > 0 && (!EVP_CipherUpdate(ctx, out, &n, in, len) || n != len))
         return 0;
-    if (pad > 0 && (!EVP_CipherUpdate(ctx, out + len, &n, zeros, pad) || n != pad))
+    out += len;
+    if (tail_len > 0 && (!EVP_CipherUpdate(ctx, out, &n, tail, tail_len) || n != tail_len))
+        return 0;
+    out += tail_len;
+    if (pad > 0 && (!EVP_CipherUpdate(ctx, out, &n, zeros, pad) || n != pad))
         return 0;
     if (!enc && !EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, tag))
         return 0;
-    if (EVP_CipherFinal_ex(ctx, out + len + pad, &n) <= 0)
+    if (EVP_CipherFinal_ex(ctx, out + pad, &n) <= 0)
         return 0;
     return !enc || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, tag) > 0;
 }
 
 /* run() on `base` with the GIL held, or on a copy of it with the GIL released. */
 static int run_with(EVP_CIPHER_CTX *base, int enc, const unsigned char *nonce,
-                    unsigned char *out, const unsigned char *in, int len, int pad,
-                    unsigned char *tag, int *copy_failed) {
+                    unsigned char *out, const unsigned char *in, int len,
+                    const unsigned char *tail, int tail_len, int pad, unsigned char *tag,
+                    int *copy_failed) {
     if (len < UNLOCKED_MIN)
-        return run(base, enc, nonce, out, in, len, pad, tag);
+        return run(base, enc, nonce, out, in, len, tail, tail_len, pad, tag);
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     if (ctx == NULL || !EVP_CIPHER_CTX_copy(ctx, base)) {
         EVP_CIPHER_CTX_free(ctx);
@@ -110,20 +117,21 @@ static int run_with(EVP_CIPHER_CTX *base, int enc, const unsigned char *nonce,
     }
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = run(ctx, enc, nonce, out, in, len, pad, tag);
+    ok = run(ctx, enc, nonce, out, in, len, tail, tail_len, pad, tag);
     Py_END_ALLOW_THREADS
     EVP_CIPHER_CTX_free(ctx);
     return ok;
 }
 
 PyDoc_STRVAR(seal_doc,
-"seal(header, counter, packet, pad, /) -> bytes\n\n"
-"The transport message: the 8-byte header, the counter (little-endian), then `packet` and\n"
-"`pad` zero bytes (0-15) encrypted, then the tag.");
+"seal(header, counter, packet, pad, tail=b'', /) -> bytes\n\n"
+"The transport message: the 8-byte header, the counter (little-endian), then `packet`,\n"
+"`tail` and `pad` zero bytes (0-15) encrypted, then the tag. `tail` is sealed as if joined\n"
+"to `packet`, which spares the caller that copy (a segment-size trailer after 64 KiB).");
 
 static PyObject *transport_key_seal(TransportKey *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "seal() takes 4 arguments (%zd given)", nargs);
+    if (nargs != 4 && nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "seal() takes 4 or 5 arguments (%zd given)", nargs);
         return NULL;
     }
     unsigned long long counter = PyLong_AsUnsignedLongLong(args[1]);
@@ -136,7 +144,7 @@ static PyObject *transport_key_seal(TransportKey *self, PyObject *const *args, P
         PyErr_Format(PyExc_ValueError, "padding is 0-%d bytes, not %zd", MAX_PAD, pad);
         return NULL;
     }
-    Py_buffer header, packet;
+    Py_buffer header, packet, tail = {0};
     if (PyObject_GetBuffer(args[0], &header, PyBUF_SIMPLE) < 0)
         return NULL;
     if (header.len != HEADER_LEN) {
@@ -149,13 +157,19 @@ static PyObject *transport_key_seal(TransportKey *self, PyObject *const *args, P
         PyBuffer_Release(&header);
         return NULL;
     }
+    if (nargs == 5 && PyObject_GetBuffer(args[4], &tail, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&header);
+        PyBuffer_Release(&packet);
+        return NULL;
+    }
     PyObject *msg = NULL;
-    if (packet.len > INT_MAX - MAX_PAD - PREFIX_LEN - TAG_LEN) {
-        PyErr_Format(PyExc_ValueError, "a packet of %zd bytes is too large to seal", packet.len);
+    if (packet.len > INT_MAX - MAX_PAD - PREFIX_LEN - TAG_LEN - tail.len) {
+        PyErr_Format(PyExc_ValueError, "a packet of %zd bytes is too large to seal",
+                     packet.len + tail.len);
         goto done;
     }
-    int len = (int)packet.len;
-    msg = PyBytes_FromStringAndSize(NULL, PREFIX_LEN + len + pad + TAG_LEN);
+    int len = (int)packet.len, tail_len = (int)tail.len;
+    msg = PyBytes_FromStringAndSize(NULL, PREFIX_LEN + len + tail_len + pad + TAG_LEN);
     if (msg == NULL)
         goto done;
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(msg);
@@ -164,8 +178,8 @@ static PyObject *transport_key_seal(TransportKey *self, PyObject *const *args, P
     for (int i = 0; i < 8; i++)
         out[HEADER_LEN + i] = nonce[4 + i] = (unsigned char)(counter >> (8 * i));
     int copy_failed = 0;
-    if (!run_with(self->seal_ctx, 1, nonce, out + PREFIX_LEN, packet.buf, len, (int)pad,
-                  out + PREFIX_LEN + len + pad, &copy_failed)) {
+    if (!run_with(self->seal_ctx, 1, nonce, out + PREFIX_LEN, packet.buf, len, tail.buf,
+                  tail_len, (int)pad, out + PREFIX_LEN + len + tail_len + pad, &copy_failed)) {
         Py_CLEAR(msg);
         if (copy_failed)
             PyErr_NoMemory();
@@ -175,6 +189,8 @@ static PyObject *transport_key_seal(TransportKey *self, PyObject *const *args, P
 done:
     PyBuffer_Release(&header);
     PyBuffer_Release(&packet);
+    if (nargs == 5)
+        PyBuffer_Release(&tail);
     return msg;
 }
 
@@ -202,7 +218,7 @@ static PyObject *transport_key_open(TransportKey *self, PyObject *message) {
         goto done;
     int copy_failed = 0;
     if (!run_with(self->open_ctx, 0, nonce, (unsigned char *)PyBytes_AS_STRING(plain),
-                  data + PREFIX_LEN, len, 0, tag, &copy_failed)) {
+                  data + PREFIX_LEN, len, NULL, 0, 0, tag, &copy_failed)) {
         Py_DECREF(plain);
         plain = copy_failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
     }

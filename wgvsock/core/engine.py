@@ -278,23 +278,26 @@ class Engine:
 
     # -- outgoing ------------------------------------------------------------------------
 
-    def encapsulate(self, packet: bytes | bytearray | memoryview, now: float) -> list[Action]:
-        """A packet read from the TUN device: route it by allowed IPs and seal it."""
+    def encapsulate(
+        self, packet: bytes | bytearray | memoryview, now: float, tail: bytes = b""
+    ) -> list[Action]:
+        """A packet read from the TUN device: route it by allowed IPs and seal it, `tail`
+        (a segment-size trailer) sealed right after it as if joined to it."""
         if not self.running:
             return _drop("interface is down")
         peer = self.allowed_ips.lookup_packet_dst(packet)
         if peer is None:
             return _drop("no peer has an allowed IP for the destination")
-        return self.send_data(peer, packet, now)
+        return self.send_data(peer, packet, now, tail)
 
     def send_data(
-        self, peer: Peer, packet: bytes | bytearray | memoryview, now: float
+        self, peer: Peer, packet: bytes | bytearray | memoryview, now: float, tail: bytes = b""
     ) -> list[Action]:
         kp = _sending_keypair(peer, now)
         if kp is None:
-            peer.staged.append(packet)
+            peer.staged.append(b"".join((packet, tail)) if tail else packet)
             return self._initiate(peer, now, retry=False)
-        out = [self._seal(peer, kp, packet, now)]
+        out = [self._seal(peer, kp, packet, now, tail)]
         if kp.send_nonce > REKEY_AFTER_MESSAGES or (
             kp.is_initiator and now - kp.created > REKEY_AFTER_TIME
         ):
@@ -314,11 +317,16 @@ class Engine:
         return self._initiate(peer, now, retry=False)
 
     def _seal(
-        self, peer: Peer, kp: Keypair, packet: bytes | bytearray | memoryview, now: float
+        self, peer: Peer, kp: Keypair, packet: bytes | bytearray | memoryview, now: float,
+        tail: bytes = b"",
     ) -> Action:
         counter = kp.send_nonce
         kp.send_nonce = counter + 1
-        msg = kp.send.seal(kp.header, counter, packet, padding_size(len(packet), self.mtu))
+        if tail:
+            size = len(packet) + len(tail)
+            msg = kp.send.seal(kp.header, counter, packet, padding_size(size, self.mtu), tail)
+        else:
+            msg = kp.send.seal(kp.header, counter, packet, padding_size(len(packet), self.mtu))
         peer.timers.transport_sent(now, bool(packet))
         if peer.endpoint is None:
             return (DROP, peer, "peer has no endpoint")

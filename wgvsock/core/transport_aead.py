@@ -1,10 +1,11 @@
 """ChaCha20-Poly1305 for transport messages: `TransportKey`, one per direction of a keypair.
 
-`seal(header, counter, packet, pad)` returns the whole message (header, counter, ciphertext of
-the packet and `pad` zero bytes, tag); `open(message)` returns the plaintext or None. A
-compiled build uses the C extension `_transport_aead` (OpenSSL with one context per key: half
-the cost of `cryptography` per 1420-byte message, bench/README.md fifteenth round); a pure
-build (WGVSOCK_PURE=1) uses `PureTransportKey` below, the same on `cryptography`.
+`seal(header, counter, packet, pad, tail=b"")` returns the whole message (header, counter,
+ciphertext of the packet, the tail and `pad` zero bytes, tag: the tail sealed as if joined to
+the packet, which the compiled build never joins); `open(message)` returns the plaintext or
+None. A compiled build uses the C extension `_transport_aead` (OpenSSL with one context per
+key: half the cost of `cryptography` per 1420-byte message, bench/README.md fifteenth round);
+a pure build (WGVSOCK_PURE=1) uses `PureTransportKey` below, the same on `cryptography`.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ class PureTransportKey:
         self._aead = ChaCha20Poly1305(key)
 
     def seal(self, header: bytes, counter: int, packet: bytes | bytearray | memoryview,
-             pad: int, /) -> bytes:
+             pad: int, tail: bytes | bytearray | memoryview = b"", /) -> bytes:
         if len(header) != 8:
             raise ValueError(f"a transport header is 8 bytes, not {len(header)}")
         if not 0 <= pad <= 15:
             raise ValueError(f"padding is 0-15 bytes, not {pad}")
         counter_le = counter.to_bytes(8, "little")
-        if pad:
-            packet = bytes(packet) + bytes(pad)
+        # (cryptography takes one buffer: here the tail costs the copy the C seal spares.)
+        if pad or tail:
+            packet = b"".join((packet, tail, bytes(pad)))
         return header + counter_le + self._aead.encrypt(_NONCE_PREFIX + counter_le, packet, None)
 
     def open(self, message: bytes | bytearray | memoryview, /) -> bytes | None:

@@ -112,6 +112,27 @@ _TUN_POLL_MS: Final = 1000
 _monotonic: Final = time.monotonic
 
 
+class Trailed:
+    """A packet read from the TUN and the segment-size trailer to seal right after it
+    (Engine.encapsulate's `tail`): joining the two cost a copy of up to 64 KiB per
+    super-packet finer than the MTU (bench/README.md, "the trailer sealed as a tail")."""
+
+    def __init__(self, packet: bytes | bytearray | memoryview, tail: bytes) -> None:
+        self.packet = packet
+        self.tail = tail
+
+    def __len__(self) -> int:
+        return len(self.packet) + len(self.tail)
+
+    def joined(self) -> bytes:
+        """The packet as it is sealed (for tests)."""
+        return b"".join((self.packet, self.tail))
+
+
+# What one TUN read gives (Device._tun_reader).
+TunRead = Sequence[bytes | bytearray | memoryview | Trailed]
+
+
 def _src_key(ep: Endpoint) -> bytes:
     """A cookie's source: the address and port, as wireguard-go binds it to a datagram's; for
     an inbound stream connection the host alone. Its port, or the connection, is new each
@@ -305,7 +326,7 @@ class Device:
         # Wakes the TUN reader at shutdown: closing a fd does not wake a read() blocked on it.
         self._wake_r = self._wake_w = -1
         # How the TUN is read (_tun_reader), and the TUN as the stream transport's SharedFile.
-        self._tun_read: Callable[[], Sequence[bytes | bytearray | memoryview]] = tuple
+        self._tun_read: Callable[[], TunRead] = tuple
         # Whether the TUN holds a packet now (poll with no wait), asked before a pass reads on.
         self._tun_queued = select.poll()
         self._share: _TunShare | None = None
@@ -579,7 +600,7 @@ class Device:
                 if not survivor.survive(e):
                     raise  # to the thread-death hook, which stops the daemon
 
-    def _tun_reader(self, tun: Tun) -> Callable[[], Sequence[bytes | bytearray | memoryview]]:
+    def _tun_reader(self, tun: Tun) -> Callable[[], TunRead]:
         """How the TUN is read for this transport. Datagram transports take a TCP
         super-packet as MTU-sized packets; stream transports whole where the peer said it
         takes them."""
@@ -678,7 +699,7 @@ class Device:
             # queue empty would cost an exception, and compiled code a traceback entry per frame.
             return True
         # An error other than EAGAIN shows up on the next read.
-        batch: list[bytes | bytearray | memoryview] = []
+        batch: list[bytes | bytearray | memoryview | Trailed] = []
         size = 0
         drained = False
         try:
@@ -696,7 +717,7 @@ class Device:
             self._perform_batch(self._seal_all(batch))
         return drained
 
-    def _seal_all(self, packets: Sequence[bytes | bytearray | memoryview]) -> list[Action]:
+    def _seal_all(self, packets: TunRead) -> list[Action]:
         """The engine's actions for packets read from the TUN, under one hold of the lock;
         notes the pass's time. acquire() and release() rather than `with`: compiled, a
         with-statement on a lock looks up and binds __enter__ and __exit__ each time."""
@@ -707,15 +728,21 @@ class Device:
         try:
             now = self._tun_passed = _monotonic()
             if len(packets) == 1:
-                return engine.encapsulate(packets[0], now)
+                packet = packets[0]
+                if isinstance(packet, Trailed):
+                    return engine.encapsulate(packet.packet, now, packet.tail)
+                return engine.encapsulate(packet, now)
             actions: list[Action] = []
             for packet in packets:
-                actions += engine.encapsulate(packet, now)
+                if isinstance(packet, Trailed):
+                    actions += engine.encapsulate(packet.packet, now, packet.tail)
+                else:
+                    actions += engine.encapsulate(packet, now)
             return actions
         finally:
             lock.release()
 
-    def _read_for_peer(self) -> tuple[bytes | bytearray | memoryview, ...] | list[bytearray]:
+    def _read_for_peer(self) -> TunRead:
         """A packet from the TUN (with offload, on a stream transport) in the shape the peer
         it is routed to takes: a TCP super-packet whole only if the peer's hello said it takes
         super-packets, else cut into MTU-sized segments (the Go seed, or our daemon with offload
@@ -767,16 +794,13 @@ class Device:
             space_ipv4_ids(pieces, segments)
             if finer:
                 trailer = segment_trailer(mss)
-                for piece in pieces:
-                    piece += trailer
+                return [Trailed(piece, trailer) for piece in pieces]
             return pieces
         out: bytes | bytearray | memoryview = packet
         if not (flags & CAP_PARTIAL_CSUM and plain):
             out = complete_checksum(packet, start, offset)
         if finer:
-            # (A copy of up to 64 KiB, about 4 us: cutting it here cost one message per
-            # segment.)
-            return (b"".join((out, segment_trailer(mss))),)
+            return (Trailed(out, segment_trailer(mss)),)
         return (out,)
 
     def _on_receive(self, data: Message, src: Endpoint) -> None:
