@@ -246,3 +246,51 @@ def test_a_finer_super_packet_and_its_trailer_are_never_joined(rig) -> None:
             assert p.tail == SEGMENT_TRAILER_MAGIC + (1448).to_bytes(2, "little")
             assert len(p) == len(p.packet) + SEGMENT_TRAILER_SIZE
             assert bytes(p.packet[-4:]) == b"aaaa"
+
+
+def _tcp_sum(packet: bytes) -> tuple[int, int]:
+    """(the TCP checksum field, the pseudo-header's sum) of an IPv4 packet as _Rig makes it,
+    both modulo 0xFFFF."""
+    pseudo = packet[12:20] + struct.pack("!HH", 6, len(packet) - 20)
+    total = sum(int.from_bytes(pseudo[i:i + 2], "big") for i in range(0, len(pseudo), 2))
+    return int.from_bytes(packet[36:38], "big") % 0xFFFF, total % 0xFFFF
+
+
+# At 65000 the segments are finer than the MTU (a trailer); at 1488 they are the MTU's.
+@pytest.mark.parametrize(("mtu", "flags"), [
+    (65000, _ALL), (1488, _ALL), (1488, CAP_SUPER | CAP_PARTIAL_CSUM), (1488, CAP_SUPER)])
+def test_the_pieces_of_a_longer_super_packet_keep_checksums_partial_where_finished(
+    flags: int, mtu: int
+) -> None:
+    """A super-packet cut to fit a message, for a peer that has its kernel finish partial
+    checksums (CAP_PARTIAL_CSUM): each piece's TCP checksum stays partial (its pseudo-header
+    sum, as the kernel left the whole one), which that peer's Tun.write marks NEEDS_CSUM,
+    so no pass over the payload here. Before, split_tso summed every piece's payload.
+    A peer that does not finish them gets complete checksums. The segment-size trailer goes
+    beside the piece (Trailed), never copied onto it."""
+    r = _Rig(mtu)
+    try:
+        r.bind.flags = flags
+        tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1000, 7, 5 << 4, _ACK, 512, 0, 0)
+        payload = 45 * 1448
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + payload, 1, 0x4000, 64, 6, 0,
+                         bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+        os.write(r.w, struct.pack("<BBHHHH", 1, _GSO_TCPV4, 40, 1448, 20, 16) + ip + tcp
+                 + os.urandom(payload))
+        pieces = r.dev._read_for_peer()
+        assert len(pieces) == 2
+        assert all(isinstance(p, Trailed) == (mtu == 65000) for p in pieces)
+        for p in pieces:
+            packet = bytes(p.packet if isinstance(p, Trailed) else p)
+            field, pseudo = _tcp_sum(packet)
+            if flags & CAP_PARTIAL_CSUM:
+                assert field == pseudo
+            else:
+                assert tun_mod.complete_checksum(
+                    _with_field(packet, pseudo), 20, 16) == packet
+    finally:
+        r.close()
+
+
+def _with_field(packet: bytes, value: int) -> bytes:
+    return packet[:36] + value.to_bytes(2, "big") + packet[38:]

@@ -155,3 +155,32 @@ def test_bulk_tcp_forwarded_to_a_third_namespace(
     _ping_from_dialer_first(a, b, side)
     ping(a.ns, T_VETH)
     _bulk_both_ways(t, a.ns, T_VETH)
+
+
+def test_super_packets_cut_to_fit_a_message_leave_the_forwarder_with_good_checksums(
+    lab: Lab,
+) -> None:
+    """a (ours) -- tunnel MTU 65000 -- b (ours, forwarding) -- veth MTU 1500 -- t. a's uploads
+    to t are TCP super-packets of 45 segments of t's MSS (65232 bytes), longer than a message
+    carries: a cuts each into two that fit and sends them with their segment size, their TCP
+    checksums left partial (b takes CAP_PARTIAL_CSUM). b's kernel cuts them and finishes each
+    segment's checksum from that partial one as it forwards them to t, whose kernel checks
+    every segment: a wrong partial sum shows as t's checksum errors and a stalled upload."""
+    a, b = _pair(lab, Path(), "ours", "ours", "b")  # (no seed in this one)
+    for side in (a, b):
+        side.ns.ip("link", "set", side.ifname, "mtu", "65000")
+    t = lab.netns("t")
+    lab.veth(b.ns, f"{F_VETH}/24", t, f"{T_VETH}/24")
+    b.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    b.ns.run("nft", "-f", "-", input=(
+        "table ip wgvnat {\n  chain post {\n    type nat hook postrouting priority 100;\n"
+        f"    ip saddr {A_TUN} ip daddr {T_VETH} masquerade\n  }}\n}}\n"
+    ))
+    b_pub = b.ns.wg("show", b.ifname, "public-key").stdout.strip()
+    a.ns.wg("set", a.ifname, "peer", b_pub, "allowed-ips", f"{B_TUN}/32,{T_VETH}/32")
+    a.ns.ip("route", "add", f"{T_VETH}/32", "dev", a.ifname)
+    _ping_from_dialer_first(a, b, "b")
+    ping(a.ns, T_VETH)
+    _bulk_both_ways(t, a.ns, T_VETH)
+    assert csum_errors(t) == 0
+    assert csum_errors(a.ns) == 0

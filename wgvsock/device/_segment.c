@@ -121,7 +121,8 @@ static const uint8_t *final_destination(const uint8_t *in, Py_ssize_t l4) {
 static PyObject *split_tso(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t l4, mss;
-    if (!PyArg_ParseTuple(args, "y*nn:split_tso", &view, &l4, &mss))
+    int partial = 0;
+    if (!PyArg_ParseTuple(args, "y*nn|p:split_tso", &view, &l4, &mss, &partial))
         return NULL;
     const uint8_t *in = view.buf;
     Py_ssize_t len = view.len;
@@ -186,11 +187,15 @@ static PyObject *split_tso(PyObject *self, PyObject *args) {
         if (i != count - 1)
             f &= (uint8_t)~TCP_FIN_PSH;
         s[l4 + 13] = f;
-        put16(s + l4 + 16, 0);
         Py_ssize_t tcp_len = total - l4;
-        uint64_t sum = (uint64_t)addresses + IPPROTO_TCP_ + (uint64_t)tcp_len +
-                       sum_be(s + l4, tcp_len);
-        put16(s + l4 + 16, field(sum));
+        uint64_t pseudo = (uint64_t)addresses + IPPROTO_TCP_ + (uint64_t)tcp_len;
+        if (partial) {
+            /* As the kernel leaves it (CHECKSUM_PARTIAL): the pseudo-header's sum, folded. */
+            put16(s + l4 + 16, fold(pseudo));
+        } else {
+            put16(s + l4 + 16, 0);
+            put16(s + l4 + 16, field(pseudo + sum_be(s + l4, tcp_len)));
+        }
         PyList_SET_ITEM(out, i, seg);
     }
 done:
@@ -200,7 +205,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"split_tso", split_tso, METH_VARARGS,
-     "split_tso(packet, l4, mss) -> list[bytearray]: as tun.split_tso."},
+     "split_tso(packet, l4, mss, partial=False) -> list[bytearray]: as tun.split_tso."},
     {"complete_checksum", complete_checksum, METH_VARARGS,
      "complete_checksum(packet, start, offset) -> bytearray: as tun.complete_checksum."},
     {NULL, NULL, 0, NULL},

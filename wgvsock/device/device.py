@@ -789,8 +789,12 @@ class Device:
             # a message carries 65000): cut in whole segments into super-packets that fit.
             # Segments of the MTU need no size to cross, so a peer that takes none (wgvsock
             # before CAP_SEGMENT_SIZE) gets these too, not one message per segment.
+            # Their TCP checksums stay partial for a peer that has its kernel finish them: it
+            # writes every piece to its TUN as NEEDS_CSUM (Tun.write: a partial checksum is
+            # known by its value, and a super-packet gets one anyway), so a sum over the
+            # payload here would be thrown away. (`plain` holds here: checked above.)
             segments = max((max_packet - headers) // mss, 1)
-            pieces = split_tso(packet, start, segments * mss)
+            pieces = split_tso(packet, start, segments * mss, bool(flags & CAP_PARTIAL_CSUM))
             space_ipv4_ids(pieces, segments)
             if finer:
                 trailer = segment_trailer(mss)

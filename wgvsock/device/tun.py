@@ -167,11 +167,13 @@ def _fold(total: int) -> int:
     return ~(total % 0xFFFF) & 0xFFFF
 
 
-def split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list[bytearray]:
+def split_tso(
+    packet: bytes | bytearray | memoryview, l4: int, mss: int, partial: bool = False
+) -> list[bytearray]:
     """py_split_tso's result, from C when built (_segment.c)."""
     if _native is not None:
-        return _native.split_tso(packet, l4, mss)
-    return py_split_tso(packet, l4, mss)
+        return _native.split_tso(packet, l4, mss, partial)
+    return py_split_tso(packet, l4, mss, partial)
 
 
 def space_ipv4_ids(pieces: list[bytearray], segments: int) -> None:
@@ -194,11 +196,19 @@ def space_ipv4_ids(pieces: list[bytearray], segments: int) -> None:
         p[10:12] = _fold(int.from_bytes(p[:ihl], "big")).to_bytes(2, "big")
 
 
-def py_split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> list[bytearray]:
+def py_split_tso(
+    packet: bytes | bytearray | memoryview, l4: int, mss: int, partial: bool = False
+) -> list[bytearray]:
     """Cuts a TCP super-packet (IPv4 or IPv6, TCP header at offset `l4`) into packets of at
     most `mss` payload bytes, as the kernel's own segmentation would: each gets its own length,
     IPv4 ID and header checksum, sequence number and a complete TCP checksum, so it is valid
     on its own. FIN and PSH stay on the last segment only, CWR on the first only.
+
+    `partial`: each piece's TCP checksum is left partial instead (the pseudo-header's sum for
+    its length, as the kernel leaves it), for a receiver that has its kernel finish it
+    (CAP_PARTIAL_CSUM): the pieces of a super-packet cut to fit a message, which such a peer
+    writes to its TUN with VIRTIO_NET_HDR_F_NEEDS_CSUM (Tun.write), so a pass over the
+    payload here would be thrown away.
 
     The incoming TCP checksum is ignored (with TSO the kernel leaves it partial).
     """
@@ -241,12 +251,15 @@ def py_split_tso(packet: bytes | bytearray | memoryview, l4: int, mss: int) -> l
         if i != last:
             f &= ~_TCP_FIN_PSH
         seg[l4 + 13] = f
-        tcp = memoryview(seg)[l4:]
-        tcp_len = len(tcp)
+        tcp_len = total - l4
         # Pseudo-header (addresses, protocol, length) plus the segment, all modulo 0xFFFF.
         s = addresses + _IPPROTO_TCP + tcp_len
-        s += int.from_bytes(tcp, "big") << (8 * (tcp_len & 1))
-        seg[l4 + 16 : l4 + 18] = _fold(s).to_bytes(2, "big")
+        if partial:
+            value = s % 0xFFFF or 0xFFFF  # the sum itself, folded as _segment.c folds it
+        else:
+            tcp = memoryview(seg)[l4:]
+            value = _fold(s + (int.from_bytes(tcp, "big") << (8 * (tcp_len & 1))))
+        seg[l4 + 16 : l4 + 18] = value.to_bytes(2, "big")
         out.append(seg)
     return out
 
