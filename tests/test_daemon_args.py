@@ -105,6 +105,131 @@ def test_a_log_file_that_is_a_symbolic_link_is_refused_before_starting(
         assert victim.read_text() == "precious\n"
 
 
+NOBODY = 65534
+
+
+class _Child:
+    """Popen's stand-in: the background process that reports ready at once."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str], **kwargs: Any) -> None:
+        os.write(int(env["WGVSOCK_READY_FD"]), b"ready\n")
+
+
+@pytest.mark.parametrize("how", ["owner", "mode", "link", "above"])
+def test_a_log_file_under_a_directory_another_user_may_change_is_refused_before_starting(
+        how, tmp_path, started, no_spawn, monkeypatch, capsys):
+    """The launcher runs as root and appends to $WGVSOCK_LOG_FILE. Only a link at its last
+    component was refused: the user who may change a directory on its way (their home, say)
+    could swap it for a link to /etc after the operator looked, and root appended its log to,
+    or created, a file there. Now the way is walked as the socket and state directories are."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "wg.log"
+    if how == "owner":
+        os.chown(logs, NOBODY, NOBODY)
+        step, why, fix = logs, f"is owned by uid {NOBODY}", f"`chown root {logs}`"
+    elif how == "mode":
+        os.chmod(logs, 0o777)  # noqa: S103 - the unsafe case
+        step, why, fix = logs, "is writable by group and others (mode 777)", \
+            f"`chmod go-w {logs}`"
+    elif how == "link":
+        # The operator names the link; the user who owns it can point it anywhere.
+        (tmp_path / "via").symlink_to(logs)
+        os.lchown(tmp_path / "via", NOBODY, NOBODY)
+        step = tmp_path / "via"
+        path = step / "wg.log"
+        why, fix = f"is a symbolic link owned by uid {NOBODY}", f"`chown -h root {step}`"
+    else:  # a root-owned directory in one of another user's
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / "logs").mkdir()
+        os.chown(home, NOBODY, NOBODY)
+        path = home / "logs" / "wg.log"
+        step, why, fix = home, f"is owned by uid {NOBODY}", f"`chown root {home}`"
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={path}: {step} on its "
+                          f"way {why}"), err
+    assert "root would append its log to (or create) a file of their choosing" in err
+    assert fix in err and "/var/log/wgvsock.log" in err
+    assert err.rstrip().endswith("nothing was started")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not os.path.lexists(path)
+
+
+@pytest.mark.parametrize("how", ["root's own", "sticky, as /tmp"])
+def test_a_log_file_under_directories_only_root_may_change_is_opened(
+        how, tmp_path, started, monkeypatch):
+    """A sticky directory (as /tmp) passes, as it does for the socket and state directories'
+    ways: others may add names to it but not move root's."""
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    if how != "root's own":
+        os.chmod(logs, 0o1777)  # noqa: S103 - as /tmp
+    path = logs / "wg.log"
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    monkeypatch.setattr(daemon.subprocess, "Popen", _Child)
+    assert daemon.main(["-n", "unix", "wg0"]) == 0
+    assert path.is_file() and path.stat().st_uid == 0
+    # Relative to the working directory too.
+    monkeypatch.chdir(logs)
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, "wg.log")
+    assert daemon.main(["-n", "unix", "wg0"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_log_file_another_user_planted_in_a_sticky_directory_is_refused(
+        kind, tmp_path, started, no_spawn, monkeypatch, capsys):
+    """In a sticky directory (as /tmp) anyone may make the log's name first: root appended its
+    log to their file where fs.protected_regular is off, and a FIFO held the launcher for
+    ever (nobody reads it)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # noqa: S103 - as /tmp
+    path = shared / "wg.log"
+    if kind == "file":
+        path.write_text("theirs\n")
+    else:
+        os.mkfifo(path)
+    os.chown(path, NOBODY, NOBODY)
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    if kind == "file":
+        assert err.startswith(f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={path} is owned by "
+                              f"uid {NOBODY}, not root"), err
+        assert "Remove it" in err and err.rstrip().endswith("nothing was started")
+        assert path.read_text() == "theirs\n"
+    else:
+        assert err.startswith(f"wireguard-go-vsock: cannot open {daemon.ENV_LOG_FILE}={path}: "
+                              "No such device or address"), err
+    assert "Traceback" not in err
+
+
+def test_a_directory_swapped_after_the_check_does_not_redirect_the_log(
+        tmp_path, started, no_spawn, monkeypatch, capsys):
+    """The open is made in the directory that was judged, not by its name again: a link put
+    in its place after the walk (here by the test, as root) leads nowhere."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    victim = tmp_path / "etc"
+    victim.mkdir()
+    real = daemon.resolve
+
+    def then_swap(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        logs.rename(tmp_path / "moved")
+        logs.symlink_to(victim)
+        return found
+
+    monkeypatch.setattr(daemon, "resolve", then_swap)
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(logs / "wg.log"))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert list(victim.iterdir()) == []
+
+
 @pytest.mark.parametrize("value", ["abc", "-1", "99999", "1", " 7", "9" * 20])
 def test_a_ready_fd_that_is_not_a_launchers_pipe_is_refused(value, started, no_spawn,
                                                            monkeypatch, capsys):

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .pathwalk import Fault, Replaceable, names, resolve, user_name
 from .safetext import prose, quote
 from .stdout import guarded
 
@@ -334,8 +335,8 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
     try:
         out = (open(open_log(log_file), "ab") if log_file  # noqa: SIM115
                else None if keep else subprocess.DEVNULL)
-    except LogLinkError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+    except LogPathError as e:
+        print(f"{prog}: {e}; nothing was started", file=sys.stderr)
         os.close(r)
         os.close(w)
         return 1
@@ -372,31 +373,115 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
     return 1
 
 
-class LogLinkError(Exception):
+class LogPathError(Exception):
+    """$WGVSOCK_LOG_FILE is a path this process must not append to: the message says why and
+    what to do."""
+
+
+class LogLinkError(LogPathError):
     """$WGVSOCK_LOG_FILE is a symbolic link: the message says where it leads and what to do."""
 
 
 def open_log(path: str) -> int:
     """A descriptor appending to the log file PATH, made 0600 when new (a root daemon's log is
-    for its owner to open to others, if at all). A symbolic link there is refused
-    (LogLinkError), not followed: the launcher runs as root, and a link planted at PATH by
-    whoever may write its directory would make root append to, or create, any file."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    for its owner to open to others, if at all). The launcher runs as root: whoever could
+    change a directory on the way could swap it for a link to /etc between a check and the
+    open, and a link at PATH itself would name any file, so root would append to, or create,
+    a file of their choosing. So every directory and link from / to PATH's directory must be
+    one no user but root and us could change (pathwalk: sticky directories, as /tmp, pass),
+    else LogPathError; the file is then opened in the directory the walk found, by a
+    descriptor of it, so a swap after the walk cannot redirect the open; a link at PATH is
+    refused (LogLinkError), not followed; and a file there another user owns (planted in a
+    sticky directory, where fs.protected_regular may be off) is refused too."""
+    me = os.geteuid()
+    parts = names(path)
+    last = parts.pop() if parts else "."
     try:
-        return os.open(path, flags, 0o600)
+        found = resolve(parts, make=False)
+    except Replaceable as e:
+        fault = e.fault
+        if fault.kind == "links":
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), fault.step) from None
+        if fault.kind == "not a directory":
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                     fault.step) from None
+        raise LogPathError(_log_path_words(path, fault, me)) from None
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    where, st = found
+    # `where` has no link in it and only root or we could change any step of it: the
+    # descriptor is of the directory that was judged, which the device and inode confirm.
+    dir_fd = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        held = os.fstat(dir_fd)
+        if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+            raise LogPathError(f"{ENV_LOG_FILE}={prose(path, 200)}: {prose(where, 200)} "
+                               "changed while it was being checked; try again")
+        return _open_in(path, dir_fd, last, me)
+    finally:
+        os.close(dir_fd)
+
+
+def _open_in(path: str, dir_fd: int, name: str, me: int) -> int:
+    """NAME in the directory DIR_FD, opened to append as open_log says."""
+    # O_NONBLOCK: a FIFO planted in a shared directory fails at once (ENXIO) rather than
+    # holding the launcher until someone reads it; it is cleared below for the file.
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+             | os.O_NONBLOCK)
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     except OSError as e:
-        # ELOOP is also "too many links" on the way: only a link at PATH itself is said so.
-        if e.errno != errno.ELOOP or not os.path.islink(path):
+        # ELOOP is also "too many links": only a link at PATH itself is said so.
+        if e.errno != errno.ELOOP:
             raise
         try:
-            target = prose(os.readlink(path), 200)
+            target = prose(os.readlink(name, dir_fd=dir_fd), 200)
         except OSError:
-            target = "?"
+            raise e from None
         raise LogLinkError(
             f"{ENV_LOG_FILE}={prose(path, 200)} is a symbolic link (to {target}), "
             "which is not followed: root would append its log to whatever file the link "
             "names, chosen by whoever made it. Give the path of the file itself, or remove "
             "the link and let the daemon create the file (0600)") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in (0, me):
+            raise LogPathError(
+                f"{ENV_LOG_FILE}={prose(path, 200)} is owned by uid {st.st_uid}, not "
+                f"{_who(me)}: a file another user made there, as they may in a shared "
+                "directory such as /tmp, would get root's log. Remove it and let the daemon "
+                "create the file (0600), or keep the log in a directory of root's own such "
+                "as /var/log")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _who(me: int) -> str:
+    return "root" if me == 0 else f"root or uid {me}"
+
+
+def _log_path_words(path: str, fault: Fault, me: int) -> str:
+    """FAULT, a directory or link on the way to the log file PATH, as open_log says it."""
+    assert fault.st is not None
+    why, fix = fault.said(me)
+    step = prose(fault.step, 200)
+    head = f"{ENV_LOG_FILE}={prose(path, 200)}: {step} on its way {why}"
+    harm = ("root" if me == 0 else f"this process (uid {me})") + (
+        " would append its log to (or create) a file of their choosing, such as one in /etc")
+    elsewhere = (f"keep the log under directories only {_who(me)} may change, such as "
+                 "/var/log/wgvsock.log")
+    if stat.S_ISLNK(fault.st.st_mode):  # only its owner is judged: see pathwalk._check
+        return (f"{head}, who could point it elsewhere and {harm}: give the real directory "
+                f"instead, `{fix}`, or {elsewhere}")
+    if fault.kind == "owner":
+        # As a rule someone's home: chown would take it from them.
+        return (f"{head}, who could swap it for a link elsewhere and {harm}: {elsewhere}, "
+                f"or, if {step} is meant to be {user_name(me)}'s, `{fix}`")
+    return (f"{head}: other users could swap what is in it for a link elsewhere and {harm}: "
+            f"`{fix}`, or {elsewhere}")
 
 
 def logs_to_launcher() -> bool:
