@@ -151,7 +151,7 @@ def test_a_log_file_under_a_directory_another_user_may_change_is_refused_before_
     err = capsys.readouterr().err
     assert err.startswith(f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={path}: {step} on its "
                           f"way {why}"), err
-    assert "root would append its log to (or create) a file of their choosing" in err
+    assert "so that root would append its log to (or create) a file of their choosing" in err
     assert fix in err and "/var/log/wgvsock.log" in err
     assert err.rstrip().endswith("nothing was started")
     assert err.count("\n") == 1 and "Traceback" not in err

@@ -449,7 +449,7 @@ def _open_in(path: str, dir_fd: int, name: str, me: int) -> int:
             raise LogPathError(
                 f"{ENV_LOG_FILE}={prose(path, 200)} is owned by uid {st.st_uid}, not "
                 f"{_who(me)}: a file another user made there, as they may in a shared "
-                "directory such as /tmp, would get root's log. Remove it and let the daemon "
+                "directory such as /tmp, would get this log. Remove it and let the daemon "
                 "create the file (0600), or keep the log in a directory of root's own such "
                 "as /var/log")
         os.set_blocking(fd, True)
@@ -469,18 +469,20 @@ def _log_path_words(path: str, fault: Fault, me: int) -> str:
     why, fix = fault.said(me)
     step = prose(fault.step, 200)
     head = f"{ENV_LOG_FILE}={prose(path, 200)}: {step} on its way {why}"
-    harm = ("root" if me == 0 else f"this process (uid {me})") + (
-        " would append its log to (or create) a file of their choosing, such as one in /etc")
-    elsewhere = (f"keep the log under directories only {_who(me)} may change, such as "
-                 "/var/log/wgvsock.log")
+    # A process not root's can be made to spoil only files it may write: its own, not /etc's.
+    harm = ("so that root would append its log to (or create) a file of their choosing, such "
+            "as one in /etc" if me == 0 else f"so that this process (uid {me}) would append "
+            "its log to (or create) a file of their choosing, such as one of its own")
+    elsewhere = f"keep the log under directories only {_who(me)} may change" + (
+        ", such as /var/log/wgvsock.log" if me == 0 else "")
     if stat.S_ISLNK(fault.st.st_mode):  # only its owner is judged: see pathwalk._check
-        return (f"{head}, who could point it elsewhere and {harm}: give the real directory "
+        return (f"{head}, who could point it elsewhere, {harm}: give the real directory "
                 f"instead, `{fix}`, or {elsewhere}")
     if fault.kind == "owner":
         # As a rule someone's home: chown would take it from them.
-        return (f"{head}, who could swap it for a link elsewhere and {harm}: {elsewhere}, "
+        return (f"{head}, who could swap it for a link elsewhere, {harm}: {elsewhere}, "
                 f"or, if {step} is meant to be {user_name(me)}'s, `{fix}`")
-    return (f"{head}: other users could swap what is in it for a link elsewhere and {harm}: "
+    return (f"{head}: other users could swap what is in it for a link elsewhere, {harm}: "
             f"`{fix}`, or {elsewhere}")
 
 
