@@ -269,6 +269,41 @@ def test_start_refused_in_a_run_dir_others_could_change(lab: Lab, where: str) ->
     assert _unix_files(lab) == []
 
 
+def test_start_refused_with_a_log_file_under_a_directory_others_could_change(lab: Lab) -> None:
+    """The launcher, as root, appends to $WGVSOCK_LOG_FILE. Before, only a link at its last
+    component was refused: the owner of a directory on its way (their home) could swap it for
+    a link to /etc once the operator had looked. Now nothing starts, in one line saying where
+    and the fix; a root-owned sticky directory, as /tmp, still takes the log."""
+    ns = lab.netns("l")
+    ifname = lab.ifname("l")
+    home = lab.tmp / "home"
+    (home / "logs").mkdir(parents=True)
+    os.chown(home, 65534, 65534)
+    log = home / "logs" / "wg.log"
+    env = lab.env(WGVSOCK_LOG_FILE=str(log))
+    del env["LOG_LEVEL"]
+    res = ns.run(DAEMON, "-n", "unix", ifname, env=env, check=False, timeout=20)
+    assert res.returncode == 1
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"wireguard-go-vsock: WGVSOCK_LOG_FILE={log}: {home} on its way "
+                               "is owned by uid 65534, who could swap it"), lines[0]
+    assert f"`chown root {home}`" in lines[0] and lines[0].endswith("nothing was started")
+    assert not log.exists()
+    assert not link_exists(ns, ifname)
+    assert ns.pids() == []
+    assert _unix_files(lab) == []
+
+    shared = lab.tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    log = shared / "wg.log"
+    res = ns.run(DAEMON, "-n", "unix", ifname, env=lab.env(WGVSOCK_LOG_FILE=str(log)),
+                 check=False, timeout=20)
+    assert res.returncode == 0, res.stderr
+    assert f"interface {ifname} up" in log.read_text()
+
+
 def test_second_daemon_on_the_same_name(lab: Lab) -> None:
     ns, ifname, pid = _start(lab)
     files = _unix_files(lab)
