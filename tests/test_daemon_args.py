@@ -207,6 +207,21 @@ def test_a_log_file_another_user_planted_in_a_sticky_directory_is_refused(
     assert "Traceback" not in err
 
 
+def test_a_log_another_user_owns_in_a_directory_of_root_s_own_is_used(
+        tmp_path, started, monkeypatch):
+    """Only root could have made a file in a directory of root's own, so another owner is
+    root's choice there (logrotate's `create 0640 syslog adm`), not a plant: appended to."""
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    path = logs / "wg.log"
+    path.write_text("rotated\n")
+    os.chown(path, NOBODY, NOBODY)
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    monkeypatch.setattr(daemon.subprocess, "Popen", _Child)
+    assert daemon.main(["-n", "unix", "wg0"]) == 0
+    assert path.stat().st_uid == NOBODY
+
+
 def test_a_directory_swapped_after_the_check_does_not_redirect_the_log(
         tmp_path, started, no_spawn, monkeypatch, capsys):
     """The open is made in the directory that was judged, not by its name again: a link put

@@ -391,8 +391,8 @@ def open_log(path: str) -> int:
     one no user but root and us could change (pathwalk: sticky directories, as /tmp, pass),
     else LogPathError; the file is then opened in the directory the walk found, by a
     descriptor of it, so a swap after the walk cannot redirect the open; a link at PATH is
-    refused (LogLinkError), not followed; and a file there another user owns (planted in a
-    sticky directory, where fs.protected_regular may be off) is refused too."""
+    refused (LogLinkError), not followed; and in a directory others may write (a sticky one),
+    a file there another user owns (planted, where fs.protected_regular is off) is refused."""
     me = os.geteuid()
     parts = names(path)
     last = parts.pop() if parts else "."
@@ -417,13 +417,18 @@ def open_log(path: str) -> int:
         if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
             raise LogPathError(f"{ENV_LOG_FILE}={prose(path, 200)}: {prose(where, 200)} "
                                "changed while it was being checked; try again")
-        return _open_in(path, dir_fd, last, me)
+        # Only where others may make files (a sticky directory) can a file there be a
+        # plant; in a directory of root's own another owner is root's choice (logrotate's
+        # `create 0640 syslog adm`).
+        shared = bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+        return _open_in(path, dir_fd, last, me, shared)
     finally:
         os.close(dir_fd)
 
 
-def _open_in(path: str, dir_fd: int, name: str, me: int) -> int:
-    """NAME in the directory DIR_FD, opened to append as open_log says."""
+def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
+    """NAME in the directory DIR_FD, opened to append as open_log says; in a SHARED
+    directory, refused when another user owns it."""
     # O_NONBLOCK: a FIFO planted in a shared directory fails at once (ENXIO) rather than
     # holding the launcher until someone reads it; it is cleared below for the file.
     flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -445,7 +450,7 @@ def _open_in(path: str, dir_fd: int, name: str, me: int) -> int:
             "the link and let the daemon create the file (0600)") from None
     try:
         st = os.fstat(fd)
-        if st.st_uid not in (0, me):
+        if shared and st.st_uid not in (0, me):
             raise LogPathError(
                 f"{ENV_LOG_FILE}={prose(path, 200)} is owned by uid {st.st_uid}, not "
                 f"{_who(me)}: a file another user made there, as they may in a shared "
