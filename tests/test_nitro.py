@@ -664,6 +664,28 @@ def test_without_a_process_to_watch_the_poll_tells(fake: Fake, caplog) -> None:
         sup.stop(timeout=10)
 
 
+def test_a_process_id_no_pid_can_have_leaves_the_watch_to_the_poll(fake: Fake, caplog,
+                                                                   tmp_path: Path) -> None:
+    """Before: a ProcessID above 2**31 - 1 (nitro-cli's is a u32; the kernel's pids stop at
+    2**22) made pidfd_open raise OverflowError, which nothing caught: the supervisor's thread
+    died before it published the enclave, and with it `parent up` (the thread-death hook)."""
+    cli = script(tmp_path, f'if [ "$1" = run-enclave ]; then "{FAKE}" "$@" | sed '
+                 "'s/\"ProcessID\": [0-9]*/\"ProcessID\": 4294967295/'; "
+                 f'else exec "{FAKE}" "$@"; fi')
+    assert nitro.EnclaveProcess.open(4294967295) is None
+    sup = supervisor(fake, caplog)
+    sup.nitro = NitroCli(cli, env=fake.env)
+    sup.start()
+    try:
+        info = sup.wait_started(timeout=5)
+        assert info is not None and info.process_id == 4294967295
+        assert sup._process is None and sup.info == info
+    finally:
+        sup.stop(timeout=10)
+    assert "supervisor failed" not in caplog.text
+    assert fake.enclaves() == []
+
+
 # -- checks (doctor and `parent up`) ---------------------------------------------------------
 
 

@@ -636,7 +636,9 @@ class EnclaveProcess:
             return None
         try:
             return cls(pid, os.pidfd_open(pid))
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, OverflowError):
+            # OverflowError: a ProcessID past a C int (nitro-cli's is a u32) is no process,
+            # and must not end the supervisor's thread, and with it `parent up`.
             return None
 
     def ended(self) -> bool:
