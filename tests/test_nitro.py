@@ -650,6 +650,42 @@ def test_a_process_id_that_is_not_the_enclaves_leaves_the_watch_to_the_poll(proc
         sup.stop(timeout=10)
 
 
+def test_an_enclave_process_gone_before_the_watch_is_polled_at_once(processes: Fake, caplog,
+                                                                    tmp_path: Path) -> None:
+    """The enclave ends (its process with it) between run-enclave's JSON and pidfd_open.
+    Before: "no such process" read as "cannot be watched": its CID was let in, and the exit
+    learnt, only at the next describe-enclaves poll, poll_interval later (here an hour), while
+    nitro-cli could give the CID to another enclave. Now, with nothing to watch, the first
+    poll is made at once."""
+    fake = processes
+    once = tmp_path / "crashed"
+    # The first enclave ends before run-enclave's JSON is read, its process reaped (where
+    # init reaps; here it may stay a zombie, which reads as ended): a ProcessID of no process.
+    body = r"""out=$("FAKE" "$@") || exit $?
+if [ "$1" = run-enclave ] && [ ! -e "ONCE" ]; then
+  touch "ONCE"
+  id=$(printf '%s' "$out" | sed -n 's/.*"EnclaveID": "\([^"]*\)".*/\1/p')
+  "FAKE" fake-crash "$id" >/dev/null
+  out=$(printf '%s' "$out" | sed 's/"ProcessID": [0-9]*/"ProcessID": 4194304/')
+fi
+printf '%s\n' "$out"
+"""
+    cli = script(tmp_path, body.replace("FAKE", FAKE).replace("ONCE", str(once)))
+    sup = supervisor(fake, caplog, launch=fake.launch(), poll_interval=3600.0)
+    sup.nitro = NitroCli(cli, env=fake.env)
+    sup.start()
+    try:
+        first = sup.wait_started()
+        assert first is not None and first.process_id == 1 << 22
+        second = sup.wait_started(2, timeout=5)
+        assert second is not None and second.enclave_id != first.enclave_id
+        assert sup.last_reason == "exited (describe-enclaves no longer lists it)"
+        assert sup.info == second and sup._process is not None  # watched: it has its process
+    finally:
+        sup.stop(timeout=10)
+    assert fake.enclaves() == []
+
+
 def test_without_a_process_to_watch_the_poll_tells(fake: Fake, caplog) -> None:
     """nitro-cli before 1.0 prints no ProcessID; a kernel before 5.3 has no pidfd."""
     assert nitro.EnclaveProcess.open(None) is None

@@ -631,7 +631,7 @@ class EnclaveProcess:
     def open(cls, pid: int | None) -> EnclaveProcess | None:
         """None where it cannot be watched: no ProcessID (nitro-cli before 1.0 prints none), no
         such process (ended already, or another PID namespace's), no pidfd_open (Linux before
-        5.3). The describe-enclaves poll is then all there is."""
+        5.3). The describe-enclaves poll is then all there is (its first made at once)."""
         if not pid or pid <= 0:
             return None
         try:
@@ -844,7 +844,12 @@ class EnclaveSupervisor:
         """Polls until the enclave is gone (returns why) or stop() is called (returns None)."""
         failures = 0
         strays: set[str] = set()
-        while not self._wait_poll():
+        # Nothing to watch: the first poll at once. An enclave gone by the time run-enclave's
+        # ProcessID was looked up (so "no such process") would otherwise be let in for a whole
+        # interval, while nitro-cli could give its CID to another enclave.
+        at_once = self._process is None
+        while not (self._stop.is_set() if at_once else self._wait_poll()):
+            at_once = False
             process = self._process
             ended = process is not None and process.ended()
             gone = f"exited (its enclave process {process.pid} ended)" if process else ""
