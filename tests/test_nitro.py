@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -570,11 +571,14 @@ def test_the_control_port_forgets_the_cid_of_an_enclave_that_exited(fake: Fake, 
 
 
 @pytest.fixture
-def processes(fake: Fake, monkeypatch) -> Fake:
+def processes(fake: Fake, monkeypatch) -> Iterator[Fake]:
     """The fake with a real process for each enclave's nitro-cli enclave process."""
     fake.env["FAKE_NITRO_ENCLAVE_PROCESS"] = "1"
     monkeypatch.setenv("FAKE_NITRO_ENCLAVE_PROCESS", "1")
-    return fake
+    yield fake
+    # A test that failed before its supervisor terminated them (or a supervisor that died)
+    # would leave their stand-in processes sleeping for 10 minutes.
+    fake.hook("fake-crash", "all")
 
 
 def test_the_old_cid_is_refused_as_soon_as_the_enclave_process_ends(processes: Fake,
