@@ -610,6 +610,49 @@ def test_the_old_cid_is_refused_as_soon_as_the_enclave_process_ends(processes: F
         p.supervisor.stop()
 
 
+def test_the_status_says_why_as_soon_as_the_enclave_process_ends(processes: Fake, monkeypatch,
+                                                                 tmp_path: Path) -> None:
+    """Before: from the enclave process's end until the supervisor's describe-enclaves call
+    returned (at most its timeout), `info` was None but last_reason still the one before:
+    systemd's status line and `wgvsock status` said "enclave not running: run-enclave failed:
+    ... set parent.enclave.memory_mib ..." of a failure long fixed."""
+    from functools import partial
+
+    from wgvsock.roles.parent import Parent
+
+    fake = processes
+    hold = tmp_path / "hold-describe"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "nitro-cli"
+    # describe-enclaves waits while HOLD exists: the supervisor's call after the exit, held.
+    wrapper.write_text(f'#!/bin/sh\nif [ "$1" = describe-enclaves ]; then\n'
+                       f'  while [ -e "{hold}" ]; do sleep 0.02; done\nfi\n'
+                       f'exec "{FAKE}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("FAKE_NITRO_STATE", str(fake.state))
+    monkeypatch.setattr(nitro, "EnclaveSupervisor",
+                        partial(EnclaveSupervisor, poll_interval=3600.0, backoff_min=0.01))
+    p = Parent(parse_profile(f"name: cidtest\nparent:\n  enclave: {{eif: {fake.eif}, "
+                             "memory_mib: 256}\n", "p.yaml"))
+    fake.hook("fake-fail-run", "1", "E27")
+    p._start_enclave()
+    try:
+        info = p.supervisor.wait_started()
+        assert info is not None and p.supervisor.last_reason.startswith("run-enclave failed")
+        hold.touch()
+        fake.hook("fake-crash", info.enclave_id)  # returns once its process has ended
+        assert p.supervisor.info is None
+        assert p.status_line(0) == ("wg0 up; enclave not running: exited (its enclave process "
+                                    f"{info.process_id} ended)")
+        assert p._status_keys()["wgvsock_enclave_down"] == \
+            f"exited (its enclave process {info.process_id} ended)"
+    finally:
+        hold.unlink(missing_ok=True)
+        p.supervisor.stop()
+
+
 def test_the_supervisor_learns_of_an_exit_from_the_enclave_process(processes: Fake,
                                                                    caplog) -> None:
     """Before: only the describe-enclaves poll told it, up to poll_interval later."""

@@ -697,7 +697,7 @@ class EnclaveSupervisor:
         self._process: EnclaveProcess | None = None  # its nitro-cli enclave process
         self.starts = 0  # successful run-enclave calls
         self.delays: list[float] = []  # every backoff delay waited, in order
-        self.last_reason: str | None = None  # why the last enclave went away / failed to start
+        self._last_reason: str | None = None  # see `last_reason`
         self._stop = threading.Event()
         self._started = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -742,6 +742,21 @@ class EnclaveSupervisor:
         if info is None or (process is not None and process.ended()):
             return None
         return info
+
+    @property
+    def last_reason(self) -> str | None:
+        """Why the last enclave went away or failed to start: the running one's as soon as its
+        enclave process has ended, when `info` reads None (status shows both together), not
+        the reason of the one before, which the watch replaces only after its next poll."""
+        with self._started:
+            info, process = self._info, self._process
+        if info is not None and process is not None and process.ended():
+            return _process_ended(process)
+        return self._last_reason
+
+    @last_reason.setter
+    def last_reason(self, reason: str | None) -> None:
+        self._last_reason = reason
 
     def wait_started(self, count: int = 1, timeout: float = 10.0) -> EnclaveInfo | None:
         """Waits until run-enclave has succeeded `count` times in all; returns the enclave."""
@@ -799,10 +814,10 @@ class EnclaveSupervisor:
                 if reason is None:
                     break
                 ran = self.clock() - started_at
+                self.last_reason = reason  # before _forget: `info` None with the old reason
                 self._forget()
                 if ran >= self.stable_after:
                     delay = self.backoff_min
-                self.last_reason = reason
                 self.log.warning("enclave %s (%s, CID %d) %s after %s; restarting in %s",
                                  self.name, info.enclave_id, info.cid, reason, _secs(ran),
                                  _secs(delay))
@@ -852,7 +867,7 @@ class EnclaveSupervisor:
             at_once = False
             process = self._process
             ended = process is not None and process.ended()
-            gone = f"exited (its enclave process {process.pid} ended)" if process else ""
+            gone = _process_ended(process) if process else ""
             try:
                 listed = self.nitro.enclaves()
             except NitroError as e:
@@ -967,6 +982,10 @@ class EnclaveSupervisor:
         except NitroError as e:
             self.log.warning("enclave %s: terminate-enclave %s: %s", self.name,
                              info.enclave_id, e)
+
+
+def _process_ended(process: EnclaveProcess) -> str:
+    return f"exited (its enclave process {process.pid} ended)"
 
 
 def _secs(s: float) -> str:
