@@ -677,15 +677,26 @@ def test_a_process_id_that_is_not_the_enclaves_leaves_the_watch_to_the_poll(proc
                                                                            caplog) -> None:
     """ProcessID names a process that ends while nitro-cli still lists the enclave (nitro-cli
     run in another PID namespace, say): refused meanwhile, the enclave is kept, and the poll
-    alone tells from then on."""
+    alone tells from then on. Before: the warning came before the watch was dropped, so one
+    who read it (this test) could still find the enclave refused."""
     fake = processes
     sup = supervisor(fake, caplog, poll_interval=0.2)
+    said: list[EnclaveInfo | None] = []
+
+    class AtTheWarning(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "but nitro-cli still lists" in record.getMessage():
+                said.append(sup.info)  # what an accept would find as the line is written
+
+    handler = AtTheWarning()
+    sup.log.addHandler(handler)
     sup.start()
     try:
         info = sup.wait_started()
         assert info is not None and info.process_id
         os.kill(info.process_id, signal.SIGKILL)  # the process alone: the enclave stays listed
-        wait(lambda: "but nitro-cli still lists" in caplog.text)
+        wait(lambda: said)
+        assert said == [info]
         assert sup.info == info and sup.starts == 1
         assert f"process {info.process_id} ended, but nitro-cli still lists " \
                f"{info.enclave_id} as running: watching it by describe-enclaves only, " \
@@ -694,6 +705,7 @@ def test_a_process_id_that_is_not_the_enclaves_leaves_the_watch_to_the_poll(proc
         assert sup.wait_started(2) is not None
         assert sup.last_reason == "exited (describe-enclaves no longer lists it)"
     finally:
+        sup.log.removeHandler(handler)
         sup.stop(timeout=10)
 
 

@@ -886,14 +886,15 @@ class EnclaveSupervisor:
                 return f"is {mine.state.lower()}"
             if ended and process is not None:
                 # Listed, so its enclave process answered: ProcessID named another (nitro-cli
-                # run in another PID namespace, say). The poll alone tells from now on.
+                # run in another PID namespace, say). The poll alone tells from now on. Dropped
+                # before it is said: the line must not come while the CID is still refused.
+                with self._started:
+                    self._process = None
+                process.close()
                 self.log.warning("enclave %s: process %d ended, but nitro-cli still lists %s "
                                  "as running: watching it by describe-enclaves only, every %s",
                                  self.name, process.pid, info.enclave_id,
                                  _secs(self.poll_interval))
-                with self._started:
-                    self._process = None
-                process.close()
             self._terminate_strays(listed, info, strays)
         return None
 
