@@ -16,13 +16,16 @@ from wgvsock.services.profile import (
     Attestation,
     EnclaveLaunch,
     EnclaveUser,
+    HostRoutes,
     Ingress,
+    IPRule,
     Problem,
     Profile,
     ProfileError,
     Rule,
     Transport,
     check_host,
+    check_host_warnings,
     check_routes,
     dump_profile,
     load_profile,
@@ -1022,6 +1025,70 @@ def test_check_routes_specific_prefixes_and_the_tunnel():
     [problem] = check_routes(p, [net("10.0.0.0/9"), net("::/0")])
     assert problem.line == 5 and problem.key == "enclave.routes"
     assert "no route to 10.0.0.0/8" in problem.reason
+
+
+def _rule(priority: int, table: int, src: str | None = None, dst: str | None = None, *,
+          version: int = 4, some: bool = False, suppress: int | None = None) -> IPRule:
+    return IPRule(version, priority, net(src) if src else None, net(dst) if dst else None,
+                  table, None, some, suppress, f"{priority}: rule")
+
+
+def _main(version: int = 4) -> list[IPRule]:
+    return [_rule(32766, 254, version=version), _rule(32767, 253, version=version)]
+
+
+def test_check_host_judges_policy_routing_by_what_reaches_the_main_table_first():
+    """The kernel looks up the tables in the rules' order and takes the first route found:
+    a rule ahead of main sends the tunnel's traffic away only where its table has a route for
+    the subnet that no throw route passes on, and a rule that has main looked up earlier for
+    the whole subnet (wg-quick's suppress_prefixlength 0, a `to SUBNET lookup main`) keeps
+    it. Each family by its own rules; the rules after main (the default table's) never."""
+    p = parse_profile('name: a\nparent: {address: [10.77.0.1/30, "fd77::1/126"]}\n', FILE)
+    default4, default6 = net("0.0.0.0/0"), net("::/0")
+    everything = {7: [(default4, "via 192.0.2.1 dev eth1"), (default6, "dev eth1")]}
+    wg_quick = HostRoutes(rules=[_rule(32764, 254, suppress=0), _rule(32765, 7, some=True),
+                                 _rule(32764, 254, version=6, suppress=0),
+                                 _rule(32765, 7, version=6, some=True), *_main(), *_main(6)],
+                          tables=everything)
+    assert check_host(p, [], wg_quick) == [] and check_host_warnings(p, wg_quick) == []
+    # Without the suppress rule, the mark rule takes some of it: both families warned of.
+    marked = HostRoutes(rules=[_rule(32765, 7, some=True), _rule(32765, 7, version=6,
+                                                                   some=True), *_main()],
+                        tables=everything)
+    assert check_host(p, [], marked) == []
+    assert [w.key for w in check_host_warnings(p, marked)] == ["parent.address[0]",
+                                                               "parent.address[1]"]
+    # A rule for all traffic to the subnet is refused; one for other sources is none of its
+    # business, nor is a table without a route for the subnet, or one that throws it back.
+    for table, refused in (([(net("10.0.0.0/8"), "dev eth1")], True),
+                           ([(net("192.0.2.0/24"), "dev eth1")], False),
+                           ([(default4, "dev eth1"), (net("10.77.0.0/16"), "throw")], False),
+                           ([(default4, "dev eth1"), (net("10.77.0.0/29"), "throw"),
+                             (net("10.77.0.2/32"), "blackhole")], True)):
+        host = HostRoutes(rules=[_rule(100, 7), _rule(101, 8, src="10.1.0.0/16"), *_main()],
+                          tables={7: table, 8: [(default4, "dev eth1")]})
+        assert bool(check_host(p, [], host)) is refused, table
+        assert check_host_warnings(p, host) == []
+    # Rescued by a rule that looks main up first for the whole subnet, not half of it.
+    for rescue, refused in ((_rule(99, 254, dst="10.77.0.0/30"), False),
+                            (_rule(99, 254, dst="10.77.0.0/31"), True),
+                            (_rule(101, 254, dst="10.77.0.0/30"), True)):
+        host = HostRoutes(rules=[rescue, _rule(100, 7), *_main()], tables=everything)
+        assert bool(check_host(p, [], host)) is refused, rescue
+    # A plain list of routes (as tests and older callers give) has no rules to judge.
+    assert check_host_warnings(p, [net("0.0.0.0/0")]) == []
+
+
+def test_check_host_drop_routes_inside_are_refused_around_are_warned_of():
+    p = parse_profile("name: a\nparent:\n  address: 10.77.0.1/30\n", FILE)
+    for dropping, refused, warned in (({net("10.77.0.0/30"): "prohibit"}, 1, 0),
+                                      ({net("10.0.0.0/8"): "unreachable"}, 0, 1),
+                                      ({net("0.0.0.0/0"): "unreachable"}, 0, 0),
+                                      ({net("10.78.0.0/16"): "blackhole"}, 0, 0),
+                                      ({net("fd77::/16"): "blackhole"}, 0, 0)):
+        host = HostRoutes(dropping=dropping, rules=_main())
+        assert (len(check_host(p, [], host)), len(check_host_warnings(p, host))) == (
+            refused, warned), dropping
 
 
 def test_check_host_with_defaulted_address_points_at_the_file():

@@ -570,3 +570,150 @@ def test_a_route_of_the_host_to_the_enclave_s_address_is_refused_and_left_alone(
     assert world.parent_cmd("down").returncode == 0
     assert world.parent.ip("-4", "route", "show").stdout == before_routes
 
+
+
+def _routing(ns: Namespace) -> str:
+    """What the host checks read and must leave alone: every table's IPv4 routes (the
+    profile's family; IPv6 link-local ones come as the veth's address does), both families'
+    rules, links and the ruleset."""
+    return "\n".join(out for args in (("-4", "route", "show", "table", "all"),
+                                      ("rule",), ("-6", "rule"), ("-o", "link", "show"))
+                     for out in [ns.ip(*args).stdout]) + ns.run("nft", "list", "ruleset").stdout
+
+
+def _profile_row(world: World) -> tuple[int, str]:
+    """`parent doctor`'s exit code and its "profile" row, on one line."""
+    wide = {**world.env_for("parent"), "COLUMNS": "1000"}
+    doctor = world.parent.run(WGVSOCK, "parent", "doctor", "--profile", str(world.profile),
+                              env=wide, check=False)
+    rows = [line for line in doctor.stdout.splitlines() if line.split()[1:2] == ["profile"]]
+    assert len(rows) == 1, doctor.stdout + doctor.stderr
+    return doctor.returncode, rows[0]
+
+
+# Routes and rules that make the tunnel dead, and what `check --host`, `doctor` and `up` say.
+DEAD_TUNNELS = {
+    "a blackhole for the enclave's address": (
+        [("route", "add", "blackhole", "10.77.0.2/32")],
+        "tunnel subnet 10.77.0.0/30 overlaps 10.77.0.2/32, where a route of this host drops "
+        "traffic (blackhole) — pick a subnet this host does not use, e.g. 10.77.0.4/30 (and "
+        "move enclave.address with it), or delete that route if nothing needs it: `ip route "
+        "del blackhole 10.77.0.2/32`"),
+    "a rule to another table ahead of main": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "to", "10.77.0.0/16", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: ip rule `100: from all to 10.77.0.0/16 lookup 7` comes "
+        "before the main table, where the tunnel's route goes, and sends traffic for it to "
+        "table 7's route default (via 198.51.100.2 dev va0) — pick a subnet this host does not "
+        "use, e.g. 10.99.0.0/30 (and move enclave.address with it), or have the main table "
+        "looked up first for it: `ip rule add pref 99 to 10.77.0.0/30 lookup main`"),
+    "a rule that drops it": (
+        [("rule", "add", "pref", "200", "to", "10.0.0.0/8", "unreachable")],
+        "tunnel subnet 10.77.0.0/30: ip rule `200: from all to 10.0.0.0/8 unreachable` comes "
+        "before the main table, where the tunnel's route goes, and drops traffic for it "
+        "(unreachable) — pick a subnet this host does not use, e.g. 172.30.0.0/30"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DEAD_TUNNELS))
+def test_a_route_or_rule_that_leaves_the_tunnel_dead_is_refused_and_left_alone(
+        world: World, kind: str) -> None:
+    """Only the main table's unicast routes were compared with the tunnel subnet: a
+    blackhole for the enclave's address, or an `ip rule` ahead of the main table's that
+    sends the subnet to another table (policy routing, as EKS nodes and VPNs have) or drops
+    it, passed `check --host`, the doctor and `up`, and the tunnel came up dead for the
+    enclave with no word. Refused now before anything is made, naming the route or rule."""
+    setup, said = DEAD_TUNNELS[kind]
+    for args in setup:
+        world.parent.ip(*args)
+    before = _routing(world.parent)
+    code, row = _profile_row(world)
+    assert code == 1 and "NOT READY" in row and said in row, row
+    check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                             env=world.env_for("parent"), check=False)
+    res = world.parent_cmd("up", check=False)
+    for out in (check, res):
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"{world.profile}:9: parent.address: {said}" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    assert _routing(world.parent) == before
+    assert not (world.lab.tmp / "state").exists()
+
+
+# Routes and rules that take only part of the tunnel's traffic, or none it needs.
+PARTLY = {
+    "an unreachable route around the subnet": (
+        [("route", "add", "unreachable", "10.0.0.0/8")],
+        "tunnel subnet 10.77.0.0/30 is inside 10.0.0.0/8, where a route of this host drops "
+        "traffic (unreachable): the tunnel's route, more specific, takes 10.77.0.0/30 out of "
+        "it — pick a subnet this host does not use, e.g. 172.30.0.0/30"),
+    "a rule for the tunnel's sources": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "from", "10.77.0.0/30", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: ip rule `100: from 10.77.0.0/30 lookup 7` comes before "
+        "the main table, where the tunnel's route goes, and sends traffic for it from "
+        "10.77.0.0/30 (the parent's own) to table 7's route default (via 198.51.100.2 dev va0)"),
+    "a rule by mark": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "fwmark", "0x7", "lookup", "7")],
+        "ip rule `100: from all fwmark 0x7 lookup 7` comes before the main table, where the "
+        "tunnel's route goes, and sends some traffic for it to table 7's route default (via "
+        "198.51.100.2 dev va0) — have the main table looked up first for it: `ip rule add "
+        "pref 99 to 10.77.0.0/30 lookup main`"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PARTLY))
+def test_a_route_or_rule_that_takes_part_of_the_tunnel_s_traffic_is_a_warning(
+        world: World, kind: str) -> None:
+    """An operator's `unreachable 10.0.0.0/8` that the tunnel's more specific route
+    overrides for its subnet, or a rule that takes only the tunnel's sources or only marked
+    packets elsewhere (which may be meant: the enclave's egress out of a chosen interface),
+    leaves the tunnel working, but not as the host's routing says: warned of by `check
+    --host`, the doctor and `up`, which comes up. Nothing said before."""
+    setup, said = PARTLY[kind]
+    for args in setup:
+        world.parent.ip(*args)
+    _, row = _profile_row(world)
+    assert "NOT READY" not in row, row
+    assert "WARNING" in row and said in row, row
+    check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                             env=world.env_for("parent"), check=False)
+    assert check.returncode == 0, check.stderr
+    assert "wgvsock profile check: warning: " in check.stderr and said in check.stderr, \
+        check.stderr
+    res = world.parent_cmd("up")
+    assert "warning: " in res.stderr and said in res.stderr, res.stderr
+    assert "10.77.0.0/30 dev wg0 proto kernel" in world.parent.ip("-4", "route").stdout
+
+
+def test_default_rules_the_local_table_and_harmless_policy_routing_pass(world: World) -> None:
+    """Every host has `ip rule`s (local 0, main 32766, default 32767) and a local table with
+    its own addresses, and the checks read them now: none of them is a clash, nor is policy
+    routing that leaves the tunnel's subnet to the main table (wg-quick's `lookup main
+    suppress_prefixlength 0` ahead of its default route's table; an EKS node's per-ENI rule
+    for a pod's source; a table with no route for the subnet; a throw route)."""
+    def passes() -> None:
+        _, row = _profile_row(world)
+        assert "ready" in row and "WARNING" not in row and "NOT READY" not in row, row
+        assert "valid, no overlap with this host's networks, routes and ip rules" in row, row
+        check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                                 env=world.env_for("parent"), check=False)
+        assert check.returncode == 0 and check.stderr == "", check.stderr
+
+    passes()
+    for args in [("route", "add", "default", "dev", "va0", "table", "51820"),
+                 ("rule", "add", "pref", "32765", "not", "fwmark", "0xca6c", "lookup", "51820"),
+                 ("rule", "add", "pref", "32764", "lookup", "main", "suppress_prefixlength",
+                  "0"),
+                 ("route", "add", "default", "via", "198.51.100.2", "table", "2"),
+                 ("rule", "add", "pref", "1536", "from", "198.51.100.7", "lookup", "2"),
+                 ("route", "add", "192.0.2.0/24", "via", "198.51.100.2", "table", "3"),
+                 ("rule", "add", "pref", "1537", "lookup", "3"),
+                 ("route", "add", "default", "via", "198.51.100.2", "table", "4"),
+                 ("route", "add", "throw", "10.77.0.0/16", "table", "4"),
+                 ("rule", "add", "pref", "1538", "lookup", "4")]:
+        world.parent.ip(*args)
+    passes()
+    res = world.parent_cmd("up")
+    assert "warning" not in res.stderr, res.stderr

@@ -96,7 +96,13 @@ def parent_main(argv: list[str]) -> int:
             print(note, file=sys.stderr)
         return 0 if ok else 1
     from ..daemon import EnvError, spawn_background, take_ready_fd
-    from ..services.profile import check_host, check_routes, local_networks, local_routes
+    from ..services.profile import (
+        check_host,
+        check_host_warnings,
+        check_routes,
+        local_networks,
+        local_routes,
+    )
 
     try:
         ready_fd = take_ready_fd()
@@ -115,17 +121,16 @@ def parent_main(argv: list[str]) -> int:
                 print(note)
             return 0
         # Checked before anything is made, so a clash with the host changes nothing.
+        routes = local_routes(exclude_interface=profile.interface)
         problems = check_host(profile, local_networks(exclude_interface=profile.interface),
-                              local_routes(exclude_interface=profile.interface))
+                              routes)
         if problems:
             print("refusing to start:\n" + "\n".join(str(p) for p in problems), file=sys.stderr)
             return 1
         # Only a warning: the rest of the tunnel works, and the host may get its route later
         # (an IPv6 default route comes by router advertisement).
-        try:
-            warnings = check_routes(profile, local_routes(exclude_interface=profile.interface))
-        except Exception as e:  # netlink failures come in many types; this is advice only
-            warnings = [f"cannot list this host's routes: {e}"]
+        warnings: list[object] = [*check_host_warnings(profile, routes),
+                                  *check_routes(profile, routes)]
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not args.foreground:
@@ -150,7 +155,13 @@ def doctor(profile) -> int:
     from rich.text import Text
 
     from ..safetext import prose
-    from ..services.profile import check_host, check_routes, local_networks, local_routes
+    from ..services.profile import (
+        check_host,
+        check_host_warnings,
+        check_routes,
+        local_networks,
+        local_routes,
+    )
     from .common import named
     from .parent import (
         Check,
@@ -163,12 +174,14 @@ def doctor(profile) -> int:
 
     checks = local_checks(profile)
     checks.append(parent_key_check(profile))
-    problems = check_host(profile, local_networks(exclude_interface=profile.interface),
-                          local_routes(exclude_interface=profile.interface))
+    routes = local_routes(exclude_interface=profile.interface)
+    problems = check_host(profile, local_networks(exclude_interface=profile.interface), routes)
+    warnings = check_host_warnings(profile, routes) if not problems else []
     checks.append(Check("profile", not problems,
-                        "valid, no overlap with this host's networks and routes" if not problems
-                        else "; ".join(str(p) for p in problems)))
-    problems = check_routes(profile, local_routes(exclude_interface=profile.interface))
+                        "; ".join(str(p) for p in problems or warnings)
+                        or "valid, no overlap with this host's networks, routes and ip rules",
+                        warning=bool(warnings)))
+    problems = check_routes(profile, routes)
     checks.append(Check("routes", not problems,
                         "this host has a route for each of enclave.routes" if not problems
                         else "; ".join(str(p) for p in problems)))

@@ -3,9 +3,9 @@
 The same file is installed on the parent and baked into the enclave image, so both sides resolve
 the same defaults from it. Validation here is pure — parse_profile() never looks at the host — so
 every role can refuse a bad profile before it changes anything, and tests need no root. What does
-depend on the host (the tunnel subnet clashing with the host's own networks) is check_host(), fed
-by local_networks(), and check_routes() (enclave routes the host has no route for), fed by
-local_routes().
+depend on the host (the tunnel subnet clashing with the host's own networks, routes and rules) is
+check_host() and check_host_warnings(), fed by local_networks() and local_routes(), and
+check_routes() (enclave routes the host has no route for), fed by local_routes().
 
 Errors read `FILE:LINE: KEY: reason — how to fix`. Line numbers come from the YAML node marks,
 which is why the document is composed into nodes and walked by hand instead of safe_load()ed:
@@ -2149,30 +2149,139 @@ def check_host(profile: Profile, host_networks: Iterable[IPNetwork],
     through its gateway, with no address of the host in it; a route to the enclave's address
     through a docker bridge or another parent's tunnel): the more specific of the two takes
     the other's traffic. Default routes are left out: every subnet is inside them.
+
+    Given HostRoutes, also a blackhole, unreachable or prohibit route inside the tunnel subnet
+    (the tunnel would come up with the enclave's address dropped), and an `ip rule` ahead of
+    the main table's, where the tunnel's route goes, that sends all traffic for the subnet
+    elsewhere (to another table's route, or drops it). check_host_warnings() says the rest.
     """
+    return _host_clashes(profile, host_networks, host_routes)[0]
+
+
+def check_host_warnings(profile: Profile,
+                        host_routes: Iterable[IPNetwork] | Mapping[IPNetwork, str] = ()
+                        ) -> list[Problem]:
+    """What `parent up`, `parent doctor` and `profile check --host` warn of, with HOST_ROUTES
+    as local_routes() gives them: a tunnel subnet inside a route that drops traffic (an
+    operator's `unreachable 10.0.0.0/8`), which the tunnel's more specific route then carries
+    for that range after all; and an `ip rule` ahead of the main table's that sends some of
+    the tunnel's traffic elsewhere, as one that selects by a mark or an interface too, or by
+    the source (`from 10.77.0.0/30` takes the parent's own traffic to the enclave, and the
+    enclave's egress, which may be what the operator meant)."""
+    return _host_clashes(profile, (), host_routes)[1]
+
+
+def _host_clashes(profile: Profile, host_networks: Iterable[IPNetwork],
+                  host_routes: Iterable[IPNetwork] | Mapping[IPNetwork, str]
+                  ) -> tuple[list[Problem], list[Problem]]:
     host_networks = list(host_networks)
     where = dict(host_routes) if isinstance(host_routes, Mapping) else {}
     routes = [r for r in host_routes if r.prefixlen > 0 and r not in host_networks]
+    extra = host_routes if isinstance(host_routes, HostRoutes) else HostRoutes()
+    dropping = [n for n in extra.dropping if n.prefixlen > 0]
     taken = [*host_networks, *routes]
-    problems = []
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
     addrs = profile.parent.addresses
     for i, iface in enumerate(addrs):
         tunnel = iface.network
         key = "parent.address" if len(addrs) == 1 else f"parent.address[{i}]"
+        # Refused (else a warning)?, what, whether another subnet would do, how else to fix.
+        clashes: list[tuple[bool, str, bool, str]] = []
         for net in taken:
             if net.version != tunnel.version or not tunnel.overlaps(net):  # type: ignore[arg-type]
                 continue
-            free = _free_subnet(tunnel.prefixlen, tunnel.version, taken)
-            hint = (f"pick a subnet this host does not use, e.g. {free}" if free
-                    else "pick a subnet this host does not use")
-            hint += " (and move enclave.address with it)"
             what = ("a network of this host" if net in host_networks
                     else "where a route of this host goes")
             if net not in host_networks and where.get(net):
                 what += f" ({where[net]})"
-            problems.append(Problem(profile.path, profile.line_of(key), key,
-                                    f"tunnel subnet {tunnel} overlaps {net}, {what}", hint))
-    return problems
+            clashes.append((True, f"tunnel subnet {tunnel} overlaps {net}, {what}", True, ""))
+        for net in dropping:
+            if net.version != tunnel.version or not tunnel.overlaps(net):  # type: ignore[arg-type]
+                continue
+            kind = extra.dropping[net]
+            if net.subnet_of(tunnel):  # type: ignore[arg-type]
+                clashes.append((True, f"tunnel subnet {tunnel} overlaps {net}, where a route "
+                                f"of this host drops traffic ({kind})", True,
+                                f", or delete that route if nothing needs it: `ip route del "
+                                f"{kind} {net}`"))
+            else:
+                clashes.append((False, f"tunnel subnet {tunnel} is inside {net}, where a route "
+                                f"of this host drops traffic ({kind}): the tunnel's route, more "
+                                f"specific, takes {tunnel} out of it", True, ""))
+        policy = _rules_against(tunnel, extra)
+        for rule, to, hits in policy:
+            if rule.drop:
+                sends = f"drops {'some ' if rule.some else ''}traffic for it ({rule.drop})"
+            else:
+                whose = ("traffic for it" if not rule.some and rule.src is None
+                         else f"traffic for it from {rule.src} (the parent's own)"
+                         if not rule.some else "some traffic for it")
+                sends = f"sends {whose} to {to}"
+            # Any subnet would do as badly where the rule takes all traffic there.
+            everywhere = rule.src is None and rule.dst is None and (
+                not hits or any(n.prefixlen == 0 for n in hits))
+            fix = (f"have the main table looked up first for it: `ip rule add pref "
+                   f"{rule.priority - 1} to {tunnel} lookup main`" if rule.priority > 0 else "")
+            clashes.append((not rule.some and rule.src is None,
+                            f"tunnel subnet {tunnel}: ip rule `{rule.text}` comes before the "
+                            f"main table, where the tunnel's route goes, and {sends}",
+                            not everywhere, f", or {fix}" if fix and not everywhere else fix))
+        if not clashes:
+            continue
+        # The suggestion keeps clear of what would clash with it again.
+        avoid = [*taken, *dropping, *(n for rule, _, hits in policy
+                                     for n in (rule.src, rule.dst, *hits)
+                                     if n is not None and n.prefixlen)]
+        free = _free_subnet(tunnel.prefixlen, tunnel.version, avoid)
+        for refused, reason, pick, fix in clashes:
+            hint = fix
+            if pick:
+                hint = (f"pick a subnet this host does not use, e.g. {free}" if free
+                        else "pick a subnet this host does not use")
+                hint += f" (and move enclave.address with it){fix}"
+            (problems if refused else warnings).append(
+                Problem(profile.path, profile.line_of(key), key, reason, hint))
+    return problems, warnings
+
+
+def _rules_against(tunnel: IPNetwork, host: HostRoutes
+                   ) -> list[tuple[IPRule, str, list[IPNetwork]]]:
+    """The rules ahead of the first that has the main table looked up for all of TUNNEL (where
+    its route goes) that would route traffic to or from it elsewhere: each with where to (a
+    table's route, as `table 7's route default (via 192.0.2.1 dev eth1)`) and the routes.
+
+    A rule to a table that has no route for the subnet passes the traffic on to the next rule,
+    as does a `throw` route; so does the main table when its suppress_prefixlength is below
+    the subnet's prefix (wg-quick's `lookup main suppress_prefixlength 0`)."""
+    rules = [r for r in host.rules if r.version == tunnel.version]
+    main = min((r.priority for r in rules if r.takes_main_first
+                and (r.dst is None or tunnel.subnet_of(r.dst))  # type: ignore[arg-type]
+                and (r.suppress is None or r.suppress < tunnel.prefixlen)), default=1 << 32)
+    found = []
+    for rule in rules:
+        if rule.priority >= main or rule.table == _TABLE_MAIN:
+            continue
+        ends_match = all(end is None or end.overlaps(tunnel)  # type: ignore[arg-type]
+                         for end in (rule.src, rule.dst))
+        if not ends_match and not rule.some:  # with `not`, the ends may select the others
+            continue
+        if rule.drop:
+            found.append((rule, rule.drop, []))
+            continue
+        table = [(n, w) for n, w in host.tables.get(rule.table, ())
+                 if n.version == tunnel.version and n.overlaps(tunnel)]  # type: ignore[arg-type]
+        throws = [n for n, w in table if w == "throw" and tunnel.subnet_of(n)]  # type: ignore[arg-type]
+        hits = [(n, w) for n, w in table if w != "throw"
+                and not any(t.prefixlen > n.prefixlen for t in throws)]
+        if not hits:
+            continue
+        net, to = hits[0]
+        shown = "default" if net.prefixlen == 0 else str(net)
+        text = (f"table {rule.table}'s {to} route {shown}, which drops it" if to in _DROPS.values()
+                else f"table {rule.table}'s route {shown} ({to})")
+        found.append((rule, text, [n for n, _ in hits]))
+    return found
 
 
 def check_routes(profile: Profile, host_routes: Iterable[IPNetwork]) -> list[Problem]:
@@ -2207,26 +2316,115 @@ def check_routes(profile: Profile, host_routes: Iterable[IPNetwork]) -> list[Pro
     return problems
 
 
-def local_routes(exclude_interface: str | None = None) -> dict[IPNetwork, str]:
-    """The destinations of this namespace's unicast routes in the main table, minus those
-    through loopback or EXCLUDE_INTERFACE (the profile's own tunnel), each with where the
-    first route to it goes as `ip route` says it ("via 192.0.2.1 dev eth0", "dev docker0"):
-    a clash names the interface, so the operator can tell whose route it is."""
+# Route types and rule actions as `ip route` and `ip rule` name them; tables and flags.
+_RTN_UNICAST, _RTN_THROW = 1, 9
+_DROPS = {6: "blackhole", 7: "unreachable", 8: "prohibit"}
+_FR_ACT_TO_TBL = 1
+_TABLE_MAIN, _TABLE_LOCAL = 254, 255
+_TABLE_NAMES = {253: "default", 254: "main"}
+_FIB_RULE_INVERT = 2
+_NO_SUPPRESS = 0xFFFFFFFF
+# What a rule may select packets by besides their source and destination: a mark, an
+# interface, a user, a protocol or port, a TOS (in the header), a VRF, a tunnel id. A rule
+# with one matches only some of the packets from its source to its destination.
+_SELECTORS = ("FRA_FWMARK", "FRA_FWMASK", "FRA_IIFNAME", "FRA_OIFNAME", "FRA_UID_RANGE",
+              "FRA_IP_PROTO", "FRA_SPORT_RANGE", "FRA_DPORT_RANGE", "FRA_L3MDEV", "FRA_TUN_ID")
+
+
+@dataclass(frozen=True)
+class IPRule:
+    """An `ip rule` other than the local table's (see HostRoutes)."""
+
+    version: int
+    priority: int
+    src: IPNetwork | None  # None: from all
+    dst: IPNetwork | None
+    table: int  # 0 for a rule that drops what it matches itself
+    drop: str | None  # "blackhole", "unreachable" or "prohibit" for such a rule
+    some: bool  # selects by more than source and destination (a mark, an interface, `not`)
+    suppress: int | None  # suppress_prefixlength
+    text: str  # as `ip rule` shows it (its mark and interfaces; "..." for other selectors)
+
+    @property
+    def takes_main_first(self) -> bool:
+        return (self.table == _TABLE_MAIN and not self.drop and not self.some
+                and self.src is None)
+
+
+class HostRoutes(dict[IPNetwork, str]):
+    """What local_routes() found. As a mapping, the destinations of this namespace's unicast
+    routes in the main table, each with where the first route to it goes, as before. Besides,
+    what else decides where the tunnel's traffic goes, for check_host: DROPPING, the main
+    table's blackhole, unreachable and prohibit routes, each with its type; RULES, the `ip
+    rule`s of both families by priority, the local table's left out (every host has it first,
+    and its routes are the host's own addresses, found by local_networks()); TABLES, the
+    routes of each other table a rule looks up, as (destination, where it goes or its type)."""
+
+    def __init__(self, routes: Mapping[IPNetwork, str] = (), *,  # type: ignore[assignment]
+                 dropping: Mapping[IPNetwork, str] | None = None, rules: Sequence[IPRule] = (),
+                 tables: Mapping[int, Sequence[tuple[IPNetwork, str]]] | None = None) -> None:
+        super().__init__(routes)
+        self.dropping = dict(dropping or {})
+        self.rules = sorted(rules, key=lambda r: r.priority)
+        self.tables = {t: list(rs) for t, rs in (tables or {}).items()}
+
+
+def local_routes(exclude_interface: str | None = None) -> HostRoutes:
+    """This namespace's routes and rules as HostRoutes says, from one dump of each: routes
+    through loopback or EXCLUDE_INTERFACE (the profile's own tunnel, and a crashed parent's
+    went with it) left out. A unicast route names where it goes as `ip route` says it ("via
+    192.0.2.1 dev eth0", "dev docker0"): a clash names the interface, so the operator can
+    tell whose route it is."""
     from pyroute2 import IPRoute
 
-    rt_table_main, rtn_unicast = 254, 1
-    nets: dict[IPNetwork, str] = {}
     with IPRoute() as ipr:
         names = {link["index"]: link.get("IFLA_IFNAME") or f"if{link['index']}"
                  for link in ipr.get_links()}
         skip = {index for index, name in names.items() if name in ("lo", exclude_interface)}
-        for msg in ipr.get_routes():
-            if msg["family"] not in (2, 10) or msg["type"] != rtn_unicast:
+        rules = []
+        for msg in ipr.get_rules(family=0):
+            if msg["family"] not in (2, 10):
                 continue
-            if (msg.get("RTA_TABLE") or msg["table"]) != rt_table_main:
+            table = msg.get("FRA_TABLE") or msg["table"]
+            if table == _TABLE_LOCAL or msg["action"] not in (_FR_ACT_TO_TBL, *_DROPS):
+                continue  # the local table, and goto and nop, which route nothing
+            ends = {}
+            for side in ("src", "dst"):
+                addr = msg.get(f"FRA_{side.upper()}")
+                ends[side] = (ipaddress.ip_network(f"{addr}/{msg[f'{side}_len']}", strict=False)
+                              if addr is not None else None)
+            invert = bool(msg["flags"] & _FIB_RULE_INVERT)
+            some = invert or bool(msg["tos"]) or any(msg.get(a) for a in _SELECTORS)
+            drop = _DROPS.get(msg["action"])
+            suppress = msg.get("FRA_SUPPRESS_PREFIXLEN")
+            priority = msg.get("FRA_PRIORITY") or 0
+            mark, mask = msg.get("FRA_FWMARK"), msg.get("FRA_FWMASK")
+            shown = {"FRA_FWMARK", "FRA_FWMASK", "FRA_IIFNAME", "FRA_OIFNAME"}
+            text = " ".join(filter(None, (
+                f"{priority}:", "not" if invert else "", f"from {ends['src'] or 'all'}",
+                f"to {ends['dst']}" if ends["dst"] else "",
+                f"fwmark {mark or 0:#x}" + (f"/{mask:#x}" if mask not in (None, 0xFFFFFFFF)
+                                            else "") if mark or mask else "",
+                f"iif {msg.get('FRA_IIFNAME')}" if msg.get("FRA_IIFNAME") else "",
+                f"oif {msg.get('FRA_OIFNAME')}" if msg.get("FRA_OIFNAME") else "",
+                "..." if msg["tos"] or any(msg.get(a) for a in _SELECTORS if a not in shown)
+                else "",
+                drop or f"lookup {_TABLE_NAMES.get(table, table)}")))
+            rules.append(IPRule(4 if msg["family"] == 2 else 6, priority, ends["src"],
+                              ends["dst"], 0 if drop else table, drop, some,
+                              None if suppress in (None, _NO_SUPPRESS) else suppress, text))
+        looked_up = {r.table for r in rules if r.table and r.table != _TABLE_MAIN}
+        nets = HostRoutes(rules=rules)
+        for msg in ipr.get_routes():
+            if msg["family"] not in (2, 10):
+                continue
+            table = msg.get("RTA_TABLE") or msg["table"]
+            kind = msg["type"]
+            if not (kind in (_RTN_UNICAST, *_DROPS) if table == _TABLE_MAIN
+                    else table in looked_up and kind in (_RTN_UNICAST, _RTN_THROW, *_DROPS)):
                 continue
             oif = msg.get("RTA_OIF")
-            if oif in skip:
+            if kind == _RTN_UNICAST and oif in skip:
                 continue
             dst = msg.get("RTA_DST")
             net: IPNetwork
@@ -2234,11 +2432,19 @@ def local_routes(exclude_interface: str | None = None) -> dict[IPNetwork, str]:
                 net = IPv4Network((0, 0)) if msg["family"] == 2 else IPv6Network((0, 0))
             else:
                 net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-            if net not in nets:
+            if kind == _RTN_UNICAST:
                 gateway = msg.get("RTA_GATEWAY")
-                nets[net] = " ".join(filter(None, (
+                where = " ".join(filter(None, (
                     f"via {gateway}" if gateway else "",
                     f"dev {names.get(oif, f'if{oif}')}" if oif else "multipath")))
+            else:
+                where = "throw" if kind == _RTN_THROW else _DROPS[kind]
+            if table != _TABLE_MAIN:
+                nets.tables.setdefault(table, []).append((net, where))
+            elif kind != _RTN_UNICAST:
+                nets.dropping.setdefault(net, where)
+            elif net not in nets:
+                nets[net] = where
     return nets
 
 
@@ -2396,6 +2602,8 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
             for p in problems:
                 print(p, file=sys.stderr)
             return 1
+        for w in check_host_warnings(profile, routes):
+            print(f"{prog}: warning: {w}", file=sys.stderr)
         # Judged as the user running this, who should be the one `parent up` runs as (root).
         from ..roles.parent import key_path_warning
 
