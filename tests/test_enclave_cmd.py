@@ -853,6 +853,42 @@ def test_what_an_acl_grants_the_user_is_left_to_the_exec(monkeypatch, reachable)
     assert res.returncode == 0, res.stderr
 
 
+# `enclave up` as USER (argv: profile, UID:GID, CMD...) with no network and its tunnel up at once.
+_UP_AS = r"""
+import sys
+from dataclasses import replace
+from wgvsock.roles import enclave
+from wgvsock.services.profile import EnclaveUser, load_profile
+enclave.Enclave.start = lambda self: None
+enclave.Enclave.wait_connected = lambda self, t: None
+enclave.netconf.default_routes = list
+p = load_profile(sys.argv[1])
+uid, gid = map(int, sys.argv[2].split(":"))
+p = replace(p, enclave=replace(p.enclave, user=EnclaveUser(uid=uid, gid=gid)))
+sys.exit(enclave.run_up(p, sys.argv[3:], timeout=5))
+"""
+
+
+@pytest.mark.root
+def test_a_cmd_root_may_not_look_at_is_left_to_the_user_s_exec(reachable) -> None:
+    """`up` as root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (a container that drops
+    them; a root-squashed mount does the same) cannot look into the user's own directory of
+    mode 0700. Before: lexists said no, and a CMD the user runs was refused as "No such
+    file or directory" (127) before the tunnel came up."""
+    home = reachable / "home"
+    home.mkdir(mode=0o700)
+    app = home / "app"
+    app.write_text("#!/bin/sh\nexit 7\n")
+    app.chmod(0o755)
+    for p in (home, app):
+        os.chown(p, 4242, 4243)
+    res = subprocess.run(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable,
+         "-c", _UP_AS, str(PROFILE), "4242:4243", str(app)],
+        capture_output=True, text=True, timeout=60)
+    assert res.returncode == 7, res.stderr  # CMD's own status: it ran
+
+
 def _stat(mode: int, uid: int, gid: int) -> os.stat_result:
     return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
 

@@ -152,8 +152,14 @@ def _unrunnable_by(name: str, user: cmd.Credentials) -> tuple[int, str] | None:
     is passed over for the next one, and only when none is left does the first refusal
     stand."""
     if "/" in name:
-        if not os.path.lexists(name):
-            return 127, f"cannot run {name}: No such file or directory"
+        try:
+            os.lstat(name)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return 127, f"cannot run {name}: No such file or directory"
+            # Root may be the one kept out (no CAP_DAC_READ_SEARCH, a root-squashed mount)
+            # where the user is let in: the user's exec will say.
+            return None
         if os.path.isdir(name):
             return 126, f"cannot run {name}: is a directory"
         candidates = [name]
