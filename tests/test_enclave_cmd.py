@@ -703,6 +703,17 @@ def test_numbers_get_the_home_of_their_passwd_entry_or_slash_without_one(
         assert got.unset == ("USER", "LOGNAME")
 
 
+def test_a_passwd_entry_with_an_empty_home_gives_home_slash(monkeypatch) -> None:
+    """Before: HOME was set to the empty field (HOME=), with which `cd` stays put and
+    Python's expanduser makes ~/.cache /.cache; as login(1), and as a uid without an entry
+    gets here, HOME=/."""
+    monkeypatch.setattr(cmd.pwd, "getpwuid", lambda u: _passwd("app", 1000, 50, ""))
+    monkeypatch.setattr(cmd.pwd, "getpwnam", lambda n: _passwd("app", 1000, 50, ""))
+    monkeypatch.setattr(cmd.os, "getgrouplist", lambda n, g: [g])
+    for user in (EnclaveUser(uid=1000), EnclaveUser(name="app")):
+        assert cmd.credentials(user).env == {"HOME": "/", "USER": "app", "LOGNAME": "app"}
+
+
 def test_an_unknown_user_is_refused_in_one_line_before_the_tunnel_comes_up(
         monkeypatch, capsys) -> None:
     started: list[bool] = []

@@ -151,7 +151,9 @@ def allows(st: os.stat_result, user: Credentials, want: int) -> bool:
 
 
 def _passwd_env(pw: pwd.struct_passwd) -> dict[str, str]:
-    return {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
+    # An entry with an empty home field gets /, as login(1) gives it: an empty HOME makes
+    # ~/x the absolute /x for some (Python's expanduser) and nothing at all for others.
+    return {"HOME": pw.pw_dir or "/", "USER": pw.pw_name, "LOGNAME": pw.pw_name}
 
 
 def credentials(user: EnclaveUser) -> Credentials:
