@@ -832,6 +832,34 @@ def test_path_is_searched_as_the_user_s_exec_searches_it(
         f"({reachable / 'first'}:{reachable / 'second'})\n")
 
 
+@pytest.mark.root
+def test_a_relative_cmd_through_a_link_to_an_absolute_path_is_judged_where_it_leads(
+        monkeypatch, capsys, reachable) -> None:
+    """A relative CMD searches from the working directory, but a link on its way to an
+    absolute path searches from / again, and every directory down to its target. Before:
+    only those below the working directory were judged, so `./app`, a link to a file in a
+    directory of mode 0700, passed, the tunnel came up and the exec failed (126)."""
+    private, work = reachable / "private", reachable / "work"
+    private.mkdir(mode=0o700)
+    work.mkdir(mode=0o755)
+    _script(private / "app", 0o755)
+    (work / "app").symlink_to(private / "app")
+    monkeypatch.chdir(work)
+    owner = private.stat()
+    rc, started = _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), ["./app"])
+    assert rc == 126 and started == []
+    assert capsys.readouterr().err == (
+        f"wgvsock enclave up: cannot run ./app: directory {private} (mode 0700, owner "
+        f"{owner.st_uid}:{owner.st_gid}) is not searchable by enclave.user (4242:4243); "
+        f"in the image, chmod o+x {private}, or put CMD where that user can reach it\n")
+    # ... as the exec helper, as that user, agrees.
+    with pytest.raises(PermissionError):
+        cmd.start(["./app"], cmd.Credentials(4242, 4243))
+    # Searchable: it passes.
+    private.chmod(0o711)
+    assert _up_as(monkeypatch, EnclaveUser(uid=4242, gid=4243), ["./app"])[1] == [True]
+
+
 def _grant(path: Path, uid: int, perm: int) -> None:
     """A POSIX ACL on PATH giving UID PERM (setfacl -m u:UID:PERM), written as the kernel
     takes it: version 2, then (tag, perm, id) entries."""

@@ -192,7 +192,11 @@ def _barred(path: str, user: cmd.Credentials) -> str | None:
         return ""
     who = f"enclave.user ({user.uid}:{user.gid}"
     who += f", groups {','.join(map(str, user.groups))})" if user.groups else ")"
-    for d in _searched(path):
+    try:
+        searched = _searched(path)
+    except OSError:
+        return None
+    for d in searched:
         try:
             dst = os.stat(d)
         except OSError:
@@ -207,26 +211,31 @@ def _barred(path: str, user: cmd.Credentials) -> str | None:
 
 
 def _searched(path: str) -> list[str]:
-    """The directories the kernel searches on the way to PATH: those it names, from / or the
-    working directory, and those on the way to where its links lead (for a relative PATH,
-    only those below the working directory: a relative lookup does not search its
-    ancestors)."""
-    base = "/" if path.startswith("/") else "."
-    named, d = [base], base
-    for part in path.split("/")[:-1]:
-        if part:
-            d = os.path.join(d, part)
-            named.append(d)
-    here = os.path.realpath(".")
-    chain, d = [], os.path.dirname(os.path.realpath(path))
-    while True:
-        chain.append(d)
-        if d == "/":
-            break
-        d = os.path.dirname(d)
-    linked = [d for d in reversed(chain) if base == "/" or d == here
-              or d.startswith(here.rstrip("/") + "/")]
-    return list(dict.fromkeys(named + linked))
+    """The directories the kernel looks a name up in on the way to PATH, each of which the
+    user must be let search: from / or the working directory, a component at a time, each
+    link followed from where it is, `..` going up from where a link led. As real paths,
+    which a chmod in the image takes. (A relative PATH does not search the working
+    directory's ancestors, but a link in it to an absolute path searches from /.)"""
+    out: list[str] = []
+
+    def walk(here: str, rest: str, links: int) -> str:
+        if rest.startswith("/"):
+            here = "/"
+        for part in [p for p in rest.split("/") if p]:
+            out.append(here)
+            if part == "..":
+                here = os.path.dirname(here)
+            elif part != ".":
+                step = os.path.join(here, part)
+                if os.path.islink(step):
+                    if links >= 40:  # the kernel's own limit (ELOOP)
+                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                    step = walk(here, os.readlink(step), links + 1)
+                here = step
+        return here
+
+    walk(os.getcwd(), path, 0)
+    return list(dict.fromkeys(out))
 
 
 def _has_acl(path: str) -> bool:
