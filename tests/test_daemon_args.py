@@ -207,6 +207,29 @@ def test_a_log_file_another_user_planted_in_a_sticky_directory_is_refused(
     assert "Traceback" not in err
 
 
+def test_a_hard_link_to_root_s_file_planted_in_a_sticky_directory_is_refused(
+        tmp_path, started, no_spawn, monkeypatch, capsys):
+    """Where fs.protected_hardlinks is off, anyone may link a file of root's (/etc/shadow, on
+    the same file system) in under the log's name in a sticky directory: it is root's, so the
+    owner check passed it, and root appended its log to that file. A link there is root's
+    inode, which the user who made it cannot remove, so its second name shows."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # noqa: S103 - as /tmp
+    victim = tmp_path / "shadow"
+    victim.write_text("precious\n")
+    path = shared / "wg.log"
+    os.link(victim, path)  # by the test, as root; a user may where protected_hardlinks=0
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={path} has 2 names "
+                          "(hard links)"), err
+    assert "Remove it" in err and err.rstrip().endswith("nothing was started")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert victim.read_text() == "precious\n"
+
+
 def test_a_log_another_user_owns_in_a_directory_of_root_s_own_is_used(
         tmp_path, started, monkeypatch):
     """Only root could have made a file in a directory of root's own, so another owner is

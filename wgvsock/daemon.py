@@ -392,7 +392,8 @@ def open_log(path: str) -> int:
     else LogPathError; the file is then opened in the directory the walk found, by a
     descriptor of it, so a swap after the walk cannot redirect the open; a link at PATH is
     refused (LogLinkError), not followed; and in a directory others may write (a sticky one),
-    a file there another user owns (planted, where fs.protected_regular is off) is refused."""
+    a file there another user owns (planted, where fs.protected_regular is off) or with more
+    than one name (a hard link to root's, where fs.protected_hardlinks is off) is refused."""
     me = os.geteuid()
     parts = names(path)
     last = parts.pop() if parts else "."
@@ -457,6 +458,16 @@ def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
                 "directory such as /tmp, would get this log. Remove it and let the daemon "
                 "create the file (0600), or keep the log in a directory of root's own such "
                 "as /var/log")
+        # A second name of a file of root's, made in a shared directory where
+        # fs.protected_hardlinks is off: the file is /etc/shadow, or any other of root's. Its
+        # maker cannot remove it there (sticky: the inode is root's), so the count holds.
+        if shared and st.st_nlink > 1:
+            raise LogPathError(
+                f"{ENV_LOG_FILE}={prose(path, 200)} has {st.st_nlink} names (hard links): "
+                "another may be a file elsewhere that a user linked in here, as they may in a "
+                "shared directory such as /tmp, and root would append its log to it. Remove it "
+                "and let the daemon create the file (0600), or keep the log in a directory of "
+                "root's own such as /var/log")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
