@@ -245,6 +245,41 @@ def test_a_log_another_user_owns_in_a_directory_of_root_s_own_is_used(
     assert path.stat().st_uid == NOBODY
 
 
+def test_a_log_file_in_a_directory_of_root_s_its_group_may_write_is_opened(
+        tmp_path, started, monkeypatch, capsys):
+    """Ubuntu's /var/log is root:syslog 0775: /var/log/wgvsock.log, which the README and the
+    refusals themselves offer, was refused as "writable by group". The directory is held
+    by a descriptor, so its group may change only the names in it, which are judged as in a
+    sticky one (no link, no other owner's file, no second name), where fs.protected_hardlinks
+    keeps a user from linking in a file of root's they could not write anyway."""
+    logs = tmp_path / "log"
+    logs.mkdir()
+    os.chown(logs, 0, NOBODY)
+    os.chmod(logs, 0o775)  # noqa: S103 - as Ubuntu's /var/log
+    path = logs / "wgvsock.log"
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    monkeypatch.setattr(daemon.subprocess, "Popen", _Child)
+    hardlinks = tmp_path / "protected_hardlinks"
+    monkeypatch.setattr(daemon, "PROTECTED_HARDLINKS", str(hardlinks))
+    hardlinks.write_text("1\n")
+    assert daemon.main(["-n", "unix", "wg0"]) == 0, capsys.readouterr().err
+    assert path.stat().st_uid == 0 and path.stat().st_mode & 0o777 == 0o600
+    # The group's members may make names there: a file of theirs is refused, as in /tmp.
+    path.unlink()
+    path.write_text("theirs\n")
+    os.chown(path, NOBODY, NOBODY)
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    assert f"is owned by uid {NOBODY}, not root" in capsys.readouterr().err
+    # Where they could link in any file of root's, the directory is refused as before.
+    path.unlink()
+    hardlinks.write_text("0\n")
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={path}: {logs} on its "
+                          "way is writable by group (mode 775)"), err
+    assert not path.exists()
+
+
 def test_a_directory_swapped_after_the_check_does_not_redirect_the_log(
         tmp_path, started, no_spawn, monkeypatch, capsys):
     """The open is made in the directory that was judged, not by its name again: a link put

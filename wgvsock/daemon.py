@@ -398,7 +398,12 @@ def open_log(path: str) -> int:
     parts = names(path)
     last = parts.pop() if parts else "."
     try:
-        found = resolve(parts, make=False)
+        # The log's own directory may be writable by its group (Ubuntu's /var/log is
+        # root:syslog 0775): it is held by a descriptor below, so its group can change only
+        # the names in it, judged as in a sticky one. Not sticky, they could also remove a
+        # hard link they made to a file of root's once it passed the count (_open_in): only
+        # where the kernel keeps them from linking one they may not write.
+        found = resolve(parts, make=False, last_group=_hardlinks_protected())
     except Replaceable as e:
         fault = e.fault
         if fault.kind == "links":
@@ -460,7 +465,8 @@ def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
                 "as /var/log")
         # A second name of a file of root's, made in a shared directory where
         # fs.protected_hardlinks is off: the file is /etc/shadow, or any other of root's. Its
-        # maker cannot remove it there (sticky: the inode is root's), so the count holds.
+        # maker cannot remove it from a sticky directory (the inode is root's), so the count
+        # holds there; one only its group may write is taken only with protected_hardlinks.
         if shared and st.st_nlink > 1:
             raise LogPathError(
                 f"{ENV_LOG_FILE}={prose(path, 200)} has {st.st_nlink} names (hard links): "
@@ -473,6 +479,18 @@ def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# 1: a user may hard-link only a file of their own or one they may read and write.
+PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
+
+
+def _hardlinks_protected() -> bool:
+    try:
+        with open(PROTECTED_HARDLINKS) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def _who(me: int) -> str:

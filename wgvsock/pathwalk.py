@@ -86,12 +86,13 @@ def names(path: str) -> list[str]:
     return [p for p in full.split("/") if p not in ("", ".")]
 
 
-def resolve(parts: list[str], *, make: bool,
-            last_any: bool = False) -> tuple[str, os.stat_result] | None:
+def resolve(parts: list[str], *, make: bool, last_any: bool = False,
+            last_group: bool = False) -> tuple[str, os.stat_result] | None:
     """The real path PARTS (from /) lead to and its lstat, each step checked (_check); None,
     not MAKE, at the first missing one, which MAKE makes (a directory, 0700). Links are
     followed by hand, so that every directory a link passes through is checked too. Each step
-    must be a directory but the last, LAST_ANY: that may be a file."""
+    must be a directory but the last, LAST_ANY: that may be a file. LAST_GROUP: the last, a
+    directory, may be writable by its group, for a caller that judges the names in it."""
     me = os.geteuid()
     here = "/"
     st = os.lstat(here)
@@ -129,15 +130,16 @@ def resolve(parts: list[str], *, make: bool,
                 st = os.lstat(here)
             todo.extend(p for p in target.split("/")[::-1] if p not in ("", "."))
             continue
-        _check(step, st, me, any_kind=last_any and not todo)
+        _check(step, st, me, any_kind=last_any and not todo, group=last_group and not todo)
         here = step
     return here, st
 
 
-def _check(step: str, st: os.stat_result, me: int, any_kind: bool = False) -> None:
+def _check(step: str, st: os.stat_result, me: int, any_kind: bool = False,
+           group: bool = False) -> None:
     """Raises Replaceable when STEP, a directory or link on the way to a path (or, ANY_KIND,
     what the path names, of any kind), is one a user other than root and us could swap, or
-    swap what is in it."""
+    swap what is in it (but, GROUP, by its group: a directory the caller holds)."""
     if st.st_uid not in (0, me):
         raise Replaceable(Fault(step, "owner", st))
     if stat.S_ISLNK(st.st_mode):
@@ -146,5 +148,6 @@ def _check(step: str, st: os.stat_result, me: int, any_kind: bool = False) -> No
     if not is_dir and not any_kind:
         raise Replaceable(Fault(step, "not a directory", st))
     # Sticky (as /tmp): others may add entries, but only an entry's owner may move it.
-    if st.st_mode & 0o022 and not (is_dir and st.st_mode & stat.S_ISVTX):
+    writers = 0o002 if group and is_dir else 0o022
+    if st.st_mode & writers and not (is_dir and st.st_mode & stat.S_ISVTX):
         raise Replaceable(Fault(step, "mode", st))
