@@ -82,6 +82,19 @@ def test_a_log_file_that_cannot_be_opened_is_refused_before_starting(where, tmp_
     assert "Traceback" not in err
 
 
+def test_a_log_file_that_cannot_be_opened_is_named_on_one_line(tmp_path, started, no_spawn,
+                                                              monkeypatch, capsys):
+    # Its refusals named it escaped, but "cannot open" printed it raw: a line break in the
+    # path split the message, a terminal escape reached the terminal.
+    path = tmp_path / "no\nsuch\x1b[2J" / "daemon.log"
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wireguard-go-vsock: cannot open {daemon.ENV_LOG_FILE}={tmp_path}/"
+                          "no\\nsuch\\x1b[2J/daemon.log: No such file or directory"), err
+    assert err.count("\n") == 1 and "\x1b" not in err
+
+
 @pytest.mark.parametrize("dangling", [False, True])
 def test_a_log_file_that_is_a_symbolic_link_is_refused_before_starting(
         dangling, tmp_path, started, no_spawn, monkeypatch, capsys):

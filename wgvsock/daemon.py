@@ -341,7 +341,8 @@ def spawn_background(python_args: list[str], prog: str, *, keep_stdio: bool = Fa
         os.close(w)
         return 1
     except OSError as e:
-        print(f"{prog}: cannot open {ENV_LOG_FILE}={log_file}: {e.strerror or e} (it is where "
+        print(f"{prog}: cannot open {ENV_LOG_FILE}={prose(log_file, 200)}: "
+              f"{e.strerror or prose(e)} (it is where "
               "the background process logs: give a file in an existing directory, or unset "
               "it)", file=sys.stderr)
         os.close(r)
