@@ -389,12 +389,13 @@ def open_log(path: str) -> int:
     change a directory on the way could swap it for a link to /etc between a check and the
     open, and a link at PATH itself would name any file, so root would append to, or create,
     a file of their choosing. So every directory and link from / to PATH's directory must be
-    one no user but root and us could change (pathwalk: sticky directories, as /tmp, pass),
-    else LogPathError; the file is then opened in the directory the walk found, by a
-    descriptor of it, so a swap after the walk cannot redirect the open; a link at PATH is
-    refused (LogLinkError), not followed; and in a directory others may write (a sticky one),
-    a file there another user owns (planted, where fs.protected_regular is off) or with more
-    than one name (a hard link to root's, where fs.protected_hardlinks is off) is refused."""
+    one no user but root and us could change (pathwalk: sticky directories, as /tmp, pass,
+    and PATH's own may be its group's), else LogPathError; the file is then opened in the
+    directory the walk found, by a descriptor of it, so a swap after the walk cannot redirect
+    the open; a link at PATH is refused (LogLinkError), not followed; and in a directory
+    others may write (a sticky one, or its group's), a file there another user owns (planted,
+    where fs.protected_regular is off) or with more than one name (a hard link to root's,
+    where fs.protected_hardlinks is off) is refused."""
     me = os.geteuid()
     parts = names(path)
     last = parts.pop() if parts else "."
