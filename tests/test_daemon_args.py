@@ -293,6 +293,38 @@ def test_a_log_file_in_a_directory_of_root_s_its_group_may_write_is_opened(
     assert not path.exists()
 
 
+def test_a_log_directory_under_one_of_root_s_its_group_may_write_is_opened(
+        tmp_path, started, monkeypatch, capsys):
+    """/var/log/wgvsock/parent.log (systemd's LogsDirectory=) under Ubuntu's root:syslog 0775
+    /var/log was refused, and the refusal said `chmod go-w` /var/log, which breaks rsyslog.
+    Its group could move only root's directories about in it (one of theirs is refused by
+    its owner), and the log's directory is held by a descriptor once judged. Others' write
+    on the way is still refused."""
+    var_log = tmp_path / "log"
+    var_log.mkdir()
+    os.chown(var_log, 0, NOBODY)
+    os.chmod(var_log, 0o775)  # noqa: S103 - as Ubuntu's /var/log
+    logs = var_log / "wgvsock"
+    logs.mkdir(mode=0o755)
+    path = logs / "parent.log"
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    monkeypatch.setattr(daemon.subprocess, "Popen", _Child)
+    assert daemon.main(["-n", "unix", "wg0"]) == 0, capsys.readouterr().err
+    assert path.stat().st_uid == 0
+    # A directory of theirs in its place is refused by its owner.
+    logs.rename(var_log / "moved")
+    logs.mkdir(mode=0o755)
+    os.chown(logs, NOBODY, NOBODY)
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    assert f"{logs} on its way is owned by" in capsys.readouterr().err
+    os.rmdir(logs)
+    (var_log / "moved").rename(logs)
+    os.chmod(var_log, 0o777)  # noqa: S103 - writable by others, not sticky
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert "on its way is writable by group and others (mode 777)" in err, err
+
+
 def test_a_directory_swapped_after_the_check_does_not_redirect_the_log(
         tmp_path, started, no_spawn, monkeypatch, capsys):
     """The open is made in the directory that was judged, not by its name again: a link put

@@ -404,8 +404,10 @@ def open_log(path: str) -> int:
         # root:syslog 0775): it is held by a descriptor below, so its group can change only
         # the names in it, judged as in a sticky one. Not sticky, they could also remove a
         # hard link they made to a file of root's once it passed the count (_open_in): only
-        # where the kernel keeps them from linking one they may not write.
-        found = resolve(parts, make=False, last_group=_hardlinks_protected())
+        # where the kernel keeps them from linking one they may not write. The directories
+        # on the way may be their group's too (/var/log/wgvsock under Ubuntu's /var/log):
+        # what the walk ends at is held by a descriptor and checked to be the one judged.
+        found = resolve(parts, make=False, last_group=_hardlinks_protected(), way_group=True)
     except Replaceable as e:
         fault = e.fault
         if fault.kind == "links":

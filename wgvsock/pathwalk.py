@@ -87,12 +87,16 @@ def names(path: str) -> list[str]:
 
 
 def resolve(parts: list[str], *, make: bool, last_any: bool = False,
-            last_group: bool = False) -> tuple[str, os.stat_result] | None:
+            last_group: bool = False, way_group: bool = False
+            ) -> tuple[str, os.stat_result] | None:
     """The real path PARTS (from /) lead to and its lstat, each step checked (_check); None,
     not MAKE, at the first missing one, which MAKE makes (a directory, 0700). Links are
     followed by hand, so that every directory a link passes through is checked too. Each step
     must be a directory but the last, LAST_ANY: that may be a file. LAST_GROUP: the last, a
-    directory, may be writable by its group, for a caller that judges the names in it."""
+    directory, may be writable by its group, for a caller that judges the names in it.
+    WAY_GROUP: so may the directories on the way to it, for a caller that then holds the
+    last by a descriptor and checks it is the one judged (their group could only move root's
+    and our directories about among those it may write: any other is refused by its owner)."""
     me = os.geteuid()
     here = "/"
     st = os.lstat(here)
@@ -130,7 +134,8 @@ def resolve(parts: list[str], *, make: bool, last_any: bool = False,
                 st = os.lstat(here)
             todo.extend(p for p in target.split("/")[::-1] if p not in ("", "."))
             continue
-        _check(step, st, me, any_kind=last_any and not todo, group=last_group and not todo)
+        _check(step, st, me, any_kind=last_any and not todo,
+               group=last_group if not todo else way_group)
         here = step
     return here, st
 
