@@ -717,3 +717,28 @@ def test_default_rules_the_local_table_and_harmless_policy_routing_pass(world: W
     passes()
     res = world.parent_cmd("up")
     assert "warning" not in res.stderr, res.stderr
+
+
+
+def _passes_quietly(world: World) -> None:
+    """The doctor's "profile" row is ready with no warning, `check --host` says nothing."""
+    _, row = _profile_row(world)
+    assert "ready" in row and "WARNING" not in row and "NOT READY" not in row, row
+    check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                             env=world.env_for("parent"), check=False)
+    assert check.returncode == 0 and check.stderr == "", check.stderr
+
+
+def test_a_rule_for_other_sources_or_destinations_by_a_mark_or_protocol_passes(
+        world: World) -> None:
+    """A rule for another source or destination that selects by a mark or a protocol as well
+    (`from 198.51.100.7 fwmark 0x1`, `to 192.0.2.9 ipproto udp`) was warned of as taking some
+    of the tunnel's traffic, with a subnet to move to that was the tunnel's own: only `not`
+    makes a rule match beyond its ends, and the tunnel's traffic never matches these."""
+    for args in [("route", "add", "default", "via", "198.51.100.2", "table", "2"),
+                 ("rule", "add", "pref", "1536", "from", "198.51.100.7", "fwmark", "0x1",
+                  "lookup", "2"),
+                 ("rule", "add", "pref", "1537", "to", "192.0.2.9", "ipproto", "udp", "lookup",
+                  "2")]:
+        world.parent.ip(*args)
+    _passes_quietly(world)

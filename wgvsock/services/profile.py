@@ -2264,7 +2264,7 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes
             continue
         ends_match = all(end is None or end.overlaps(tunnel)  # type: ignore[arg-type]
                          for end in (rule.src, rule.dst))
-        if not ends_match and not rule.some:  # with `not`, the ends may select the others
+        if not ends_match and not rule.invert:  # with `not`, the ends may select the others
             continue
         if rule.drop:
             found.append((rule, rule.drop, []))
@@ -2344,6 +2344,7 @@ class IPRule:
     some: bool  # selects by more than source and destination (a mark, an interface, `not`)
     suppress: int | None  # suppress_prefixlength
     text: str  # as `ip rule` shows it (its mark and interfaces; "..." for other selectors)
+    invert: bool = False  # `not`: matches what its selectors, ends included, do not
 
     @property
     def takes_main_first(self) -> bool:
@@ -2412,7 +2413,8 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                 drop or f"lookup {_TABLE_NAMES.get(table, table)}")))
             rules.append(IPRule(4 if msg["family"] == 2 else 6, priority, ends["src"],
                               ends["dst"], 0 if drop else table, drop, some,
-                              None if suppress in (None, _NO_SUPPRESS) else suppress, text))
+                              None if suppress in (None, _NO_SUPPRESS) else suppress, text,
+                              invert))
         looked_up = {r.table for r in rules if r.table and r.table != _TABLE_MAIN}
         nets = HostRoutes(rules=rules)
         for msg in ipr.get_routes():
