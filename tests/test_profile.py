@@ -1093,6 +1093,25 @@ def test_check_host_a_rule_with_a_mark_for_other_ends_takes_none_of_the_tunnel()
         assert check_host(p, [], host) == []
         assert len(check_host_warnings(p, host)) == warned, rule
 
+
+def test_check_host_a_rule_after_one_with_main_for_the_same_packets_takes_none():
+    """Tailscale's marked packets look up main (5210) before its unreachable rule (5250)."""
+    p = parse_profile("name: a\nparent:\n  address: 10.77.0.1/30\n", FILE)
+    mark = frozenset({"FRA_FWMARK=524288", "FRA_FWMASK=16711680"})
+
+    def rule(priority: int, table: int, drop: str | None = None, match=mark,
+             src: str | None = None) -> IPRule:
+        return IPRule(4, priority, net(src) if src else None, None, table, drop, True, None,
+                      f"{priority}: rule", False, match)
+
+    drop = rule(5250, 0, "unreachable")
+    for before, warned in (([rule(5210, 254)], 0), ([rule(5210, 254, src="10.77.0.0/29")], 1),
+                           ([rule(5210, 254, match=frozenset({"FRA_FWMARK=1"}))], 1),
+                           ([], 1), ([rule(5260, 254)], 1)):
+        host = HostRoutes(rules=[*before, drop, *_main()])
+        assert check_host(p, [], host) == []
+        assert len(check_host_warnings(p, host)) == warned, before
+
 def test_check_host_drop_routes_inside_are_refused_around_are_warned_of():
     p = parse_profile("name: a\nparent:\n  address: 10.77.0.1/30\n", FILE)
     for dropping, refused, warned in (({net("10.77.0.0/30"): "prohibit"}, 1, 0),

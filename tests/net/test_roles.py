@@ -742,3 +742,21 @@ def test_a_rule_for_other_sources_or_destinations_by_a_mark_or_protocol_passes(
                   "2")]:
         world.parent.ip(*args)
     _passes_quietly(world)
+
+
+def test_tailscale_s_rules_pass(world: World) -> None:
+    """Tailscale's rules (as `tailscale up` makes them, without an exit node) were warned
+    of: its `fwmark 0x80000/0xff0000 unreachable` (5250) drops only its own marked packets
+    that no table routed, and those have looked up the main table, where the tunnel's route
+    goes, at 5210 under the same mark. Its table 52 has no route for the subnet."""
+    world.parent.ip("tuntap", "add", "ts0", "mode", "tun")
+    mark = ("fwmark", "0x80000/0xff0000")
+    for args in [("link", "set", "ts0", "up"),
+                 ("route", "add", "100.64.0.0/10", "dev", "ts0", "table", "52"),
+                 ("route", "add", "throw", "127.0.0.0/8", "table", "52"),
+                 ("rule", "add", "pref", "5210", *mark, "lookup", "main"),
+                 ("rule", "add", "pref", "5230", *mark, "lookup", "default"),
+                 ("rule", "add", "pref", "5250", *mark, "unreachable"),
+                 ("rule", "add", "pref", "5270", "lookup", "52")]:
+        world.parent.ip(*args)
+    _passes_quietly(world)

@@ -2253,14 +2253,29 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes
 
     A rule to a table that has no route for the subnet passes the traffic on to the next rule,
     as does a `throw` route; so does the main table when its suppress_prefixlength is below
-    the subnet's prefix (wg-quick's `lookup main suppress_prefixlength 0`)."""
+    the subnet's prefix (wg-quick's `lookup main suppress_prefixlength 0`). A rule that
+    selects only what an earlier one with main looked up did (same mark, interface...; no
+    narrower source) gets nothing of the subnet: Tailscale's `fwmark 0x80000/0xff0000
+    unreachable` after its `fwmark 0x80000/0xff0000 lookup main`."""
     rules = [r for r in host.rules if r.version == tunnel.version]
     main = min((r.priority for r in rules if r.takes_main_first
                 and (r.dst is None or tunnel.subnet_of(r.dst))  # type: ignore[arg-type]
                 and (r.suppress is None or r.suppress < tunnel.prefixlen)), default=1 << 32)
     found = []
+    mains: list[IPRule] = []  # the earlier rules with main looked up for some of it
     for rule in rules:
-        if rule.priority >= main or rule.table == _TABLE_MAIN:
+        if rule.priority >= main:
+            continue
+        if rule.table == _TABLE_MAIN:
+            if ((rule.match or not rule.some) and not rule.invert
+                    and (rule.dst is None or tunnel.subnet_of(rule.dst))  # type: ignore[arg-type]
+                    and (rule.suppress is None or rule.suppress < tunnel.prefixlen)):
+                mains.append(rule)
+            continue
+        if not rule.invert and any(
+                m.match <= rule.match and (m.src is None or (
+                    rule.src is not None and rule.src.subnet_of(m.src)))  # type: ignore[arg-type]
+                for m in mains):
             continue
         ends_match = all(end is None or end.overlaps(tunnel)  # type: ignore[arg-type]
                          for end in (rule.src, rule.dst))
@@ -2345,6 +2360,9 @@ class IPRule:
     suppress: int | None  # suppress_prefixlength
     text: str  # as `ip rule` shows it (its mark and interfaces; "..." for other selectors)
     invert: bool = False  # `not`: matches what its selectors, ends included, do not
+    # Its selectors other than the ends, as "FRA_FWMARK=524288", to tell whether an earlier
+    # rule matches all this one does; empty for one with none (or whose are not known).
+    match: frozenset[str] = frozenset()
 
     @property
     def takes_main_first(self) -> bool:
@@ -2414,7 +2432,9 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
             rules.append(IPRule(4 if msg["family"] == 2 else 6, priority, ends["src"],
                               ends["dst"], 0 if drop else table, drop, some,
                               None if suppress in (None, _NO_SUPPRESS) else suppress, text,
-                              invert))
+                              invert, frozenset(
+                                  [f"{a}={msg.get(a)}" for a in _SELECTORS if msg.get(a)]
+                                  + ([f"tos={msg['tos']}"] if msg["tos"] else []))))
         looked_up = {r.table for r in rules if r.table and r.table != _TABLE_MAIN}
         nets = HostRoutes(rules=rules)
         for msg in ipr.get_routes():
