@@ -760,3 +760,26 @@ def test_tailscale_s_rules_pass(world: World) -> None:
                  ("rule", "add", "pref", "5270", "lookup", "52")]:
         world.parent.ip(*args)
     _passes_quietly(world)
+
+
+def test_no_rule_is_suggested_ahead_of_the_local_table_s(world: World) -> None:
+    """Cilium (and VRF setups) move the local table's rule back (to 100), so a rule it adds
+    at 1 (its WireGuard mark) comes first; the warning suggested `ip rule add pref 0 to
+    10.77.0.0/30 lookup main`, which would come before the local table too, and send what
+    reaches the parent's own tunnel address out of the tunnel. No such rule is suggested now;
+    one after the local table's still is."""
+    for args in [("rule", "add", "pref", "100", "lookup", "local"),
+                 ("rule", "del", "pref", "0"),
+                 ("route", "add", "default", "via", "198.51.100.2", "table", "201"),
+                 ("rule", "add", "pref", "1", "fwmark", "0xe00/0xf00", "lookup", "201")]:
+        world.parent.ip(*args)
+    check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                             env=world.env_for("parent"), check=False)
+    assert check.returncode == 0, check.stderr
+    assert "ip rule `1: from all fwmark 0xe00/0xf00 lookup 201`" in check.stderr, check.stderr
+    assert "ip rule add" not in check.stderr, check.stderr
+    world.parent.ip("rule", "add", "pref", "200", "fwmark", "0x7", "lookup", "201")
+    check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                             env=world.env_for("parent"), check=False)
+    assert "`ip rule add pref 199 to 10.77.0.0/30 lookup main`" in check.stderr, check.stderr
+    assert "ip rule add pref 0 " not in check.stderr, check.stderr

@@ -2221,8 +2221,11 @@ def _host_clashes(profile: Profile, host_networks: Iterable[IPNetwork],
             # Any subnet would do as badly where the rule takes all traffic there.
             everywhere = rule.src is None and rule.dst is None and (
                 not hits or any(n.prefixlen == 0 for n in hits))
+            # Not ahead of the local table's rule (Cilium's and VRF hosts' come later): the
+            # parent's own address in the subnet would be routed out of the tunnel.
             fix = (f"have the main table looked up first for it: `ip rule add pref "
-                   f"{rule.priority - 1} to {tunnel} lookup main`" if rule.priority > 0 else "")
+                   f"{rule.priority - 1} to {tunnel} lookup main`"
+                   if rule.priority > extra.local_first.get(tunnel.version, 0) else "")
             clashes.append((not rule.some and rule.src is None,
                             f"tunnel subnet {tunnel}: ip rule `{rule.text}` comes before the "
                             f"main table, where the tunnel's route goes, and {sends}",
@@ -2377,15 +2380,18 @@ class HostRoutes(dict[IPNetwork, str]):
     table's blackhole, unreachable and prohibit routes, each with its type; RULES, the `ip
     rule`s of both families by priority, the local table's left out (every host has it first,
     and its routes are the host's own addresses, found by local_networks()); TABLES, the
-    routes of each other table a rule looks up, as (destination, where it goes or its type)."""
+    routes of each other table a rule looks up, as (destination, where it goes or its type);
+    LOCAL_FIRST, the priority of the local table's rule by IP version where it is not 0."""
 
     def __init__(self, routes: Mapping[IPNetwork, str] = (), *,  # type: ignore[assignment]
                  dropping: Mapping[IPNetwork, str] | None = None, rules: Sequence[IPRule] = (),
-                 tables: Mapping[int, Sequence[tuple[IPNetwork, str]]] | None = None) -> None:
+                 tables: Mapping[int, Sequence[tuple[IPNetwork, str]]] | None = None,
+                 local_first: Mapping[int, int] | None = None) -> None:
         super().__init__(routes)
         self.dropping = dict(dropping or {})
         self.rules = sorted(rules, key=lambda r: r.priority)
         self.tables = {t: list(rs) for t, rs in (tables or {}).items()}
+        self.local_first = dict(local_first or {})
 
 
 def local_routes(exclude_interface: str | None = None) -> HostRoutes:
@@ -2401,10 +2407,14 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                  for link in ipr.get_links()}
         skip = {index for index, name in names.items() if name in ("lo", exclude_interface)}
         rules = []
+        local_first: dict[int, int] = {}
         for msg in ipr.get_rules(family=0):
             if msg["family"] not in (2, 10):
                 continue
             table = msg.get("FRA_TABLE") or msg["table"]
+            if table == _TABLE_LOCAL:
+                local_first.setdefault(4 if msg["family"] == 2 else 6,
+                                       msg.get("FRA_PRIORITY") or 0)
             if table == _TABLE_LOCAL or msg["action"] not in (_FR_ACT_TO_TBL, *_DROPS):
                 continue  # the local table, and goto and nop, which route nothing
             ends = {}
@@ -2436,7 +2446,7 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                                   [f"{a}={msg.get(a)}" for a in _SELECTORS if msg.get(a)]
                                   + ([f"tos={msg['tos']}"] if msg["tos"] else []))))
         looked_up = {r.table for r in rules if r.table and r.table != _TABLE_MAIN}
-        nets = HostRoutes(rules=rules)
+        nets = HostRoutes(rules=rules, local_first=local_first)
         for msg in ipr.get_routes():
             if msg["family"] not in (2, 10):
                 continue
