@@ -783,3 +783,19 @@ def test_no_rule_is_suggested_ahead_of_the_local_table_s(world: World) -> None:
                              env=world.env_for("parent"), check=False)
     assert "`ip rule add pref 199 to 10.77.0.0/30 lookup main`" in check.stderr, check.stderr
     assert "ip rule add pref 0 " not in check.stderr, check.stderr
+
+
+def test_a_rule_for_what_comes_in_by_the_tunnel_passes(world: World) -> None:
+    """`iif wg0 lookup 2` sends the enclave's egress out of a chosen interface (a second
+    ENI): what comes in by the tunnel for the tunnel's subnet is for the parent's own
+    address, which the local table, looked up first, takes. It was warned of as taking some
+    of the tunnel's traffic."""
+    for args in [("route", "add", "default", "via", "198.51.100.2", "table", "2"),
+                 ("rule", "add", "pref", "1000", "iif", "wg0", "lookup", "2"),
+                 ("-6", "rule", "add", "pref", "1000", "iif", "wg0", "lookup", "2")]:
+        world.parent.ip(*args)
+    _passes_quietly(world)
+    res = world.parent_cmd("up")
+    assert "warning" not in res.stderr, res.stderr
+    route = world.parent.ip("route", "get", "192.0.2.9", "from", "10.77.0.2", "iif", "wg0")
+    assert "via 198.51.100.2 dev va0 table 2" in route.stdout, route.stdout

@@ -2417,16 +2417,22 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                                        msg.get("FRA_PRIORITY") or 0)
             if table == _TABLE_LOCAL or msg["action"] not in (_FR_ACT_TO_TBL, *_DROPS):
                 continue  # the local table, and goto and nop, which route nothing
+            priority = msg.get("FRA_PRIORITY") or 0
+            invert = bool(msg["flags"] & _FIB_RULE_INVERT)
+            if (exclude_interface and msg.get("FRA_IIFNAME") == exclude_interface
+                    and not invert and priority > local_first.get(
+                        4 if msg["family"] == 2 else 6, 0)):
+                # What the tunnel brings for its own subnet is for the parent's address, which
+                # the local table takes first: such a rule routes the enclave's egress only.
+                continue
             ends = {}
             for side in ("src", "dst"):
                 addr = msg.get(f"FRA_{side.upper()}")
                 ends[side] = (ipaddress.ip_network(f"{addr}/{msg[f'{side}_len']}", strict=False)
                               if addr is not None else None)
-            invert = bool(msg["flags"] & _FIB_RULE_INVERT)
             some = invert or bool(msg["tos"]) or any(msg.get(a) for a in _SELECTORS)
             drop = _DROPS.get(msg["action"])
             suppress = msg.get("FRA_SUPPRESS_PREFIXLEN")
-            priority = msg.get("FRA_PRIORITY") or 0
             mark, mask = msg.get("FRA_FWMARK"), msg.get("FRA_FWMASK")
             shown = {"FRA_FWMARK", "FRA_FWMASK", "FRA_IIFNAME", "FRA_OIFNAME"}
             text = " ".join(filter(None, (
