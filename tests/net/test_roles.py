@@ -799,3 +799,30 @@ def test_a_rule_for_what_comes_in_by_the_tunnel_passes(world: World) -> None:
     assert "warning" not in res.stderr, res.stderr
     route = world.parent.ip("route", "get", "192.0.2.9", "from", "10.77.0.2", "iif", "wg0")
     assert "via 198.51.100.2 dev va0 table 2" in route.stdout, route.stdout
+
+
+# An `ip rule ... dscp 46 lookup 2` as the kernel takes it (FRA_DSCP, Linux 6.13), sent raw:
+# the iproute2 and pyroute2 here know no such selector.
+_DSCP_RULE = """
+import socket, struct
+def attr(kind, data):
+    return struct.pack("HH", 4 + len(data), kind) + data + bytes(-len(data) % 4)
+body = struct.pack("BBBBBBBBI", 2, 0, 0, 0, 0, 0, 0, 1, 0) + attr(6, struct.pack("I", 100)) \\
+    + attr(15, struct.pack("I", 2)) + attr(25, bytes([46]))
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+s.send(struct.pack("IHHII", 16 + len(body), 32, 0x1 | 0x4 | 0x400 | 0x200, 1, 0) + body)
+assert struct.unpack("i", s.recv(4096)[16:20])[0] == 0
+"""
+
+
+def test_a_rule_by_a_selector_pyroute2_does_not_know_is_a_warning(world: World) -> None:
+    """A rule by a selector newer than pyroute2 (the DSCP, the IPv6 flow label) read as one
+    for all traffic: `dscp 46 lookup 2` with a default route in table 2 refused the tunnel.
+    It takes only some traffic, so it is a warning."""
+    world.parent.ip("route", "add", "default", "via", "198.51.100.2", "table", "2")
+    world.parent.run("python3", "-c", _DSCP_RULE)
+    check = world.parent.run(WGVSOCK, "profile", "check", "--host", str(world.profile),
+                             env=world.env_for("parent"), check=False)
+    assert check.returncode == 0, check.stderr
+    assert "ip rule `100: from all ... lookup 2`" in check.stderr, check.stderr
+    assert "sends some traffic for it to table 2's route default" in check.stderr, check.stderr

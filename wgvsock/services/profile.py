@@ -2270,7 +2270,8 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes
         if rule.priority >= main:
             continue
         if rule.table == _TABLE_MAIN:
-            if ((rule.match or not rule.some) and not rule.invert
+            if ((rule.match or not rule.some) and not rule.invert  # nor by values unknown
+                    and not any(m.startswith("?") for m in rule.match)
                     and (rule.dst is None or tunnel.subnet_of(rule.dst))  # type: ignore[arg-type]
                     and (rule.suppress is None or rule.suppress < tunnel.prefixlen)):
                 mains.append(rule)
@@ -2430,7 +2431,12 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                 addr = msg.get(f"FRA_{side.upper()}")
                 ends[side] = (ipaddress.ip_network(f"{addr}/{msg[f'{side}_len']}", strict=False)
                               if addr is not None else None)
-            some = invert or bool(msg["tos"]) or any(msg.get(a) for a in _SELECTORS)
+            # Attributes newer than pyroute2 (FRA_DSCP, FRA_FLOWLABEL) come as UNKNOWN: the
+            # kernel sends them only set, so they select too, by what is not known.
+            unknown = [f"?{a[1].get('header', {}).get('type')}" if isinstance(a[1], dict)
+                       else "?" for a in msg["attrs"] if a[0] == "UNKNOWN"]
+            some = (invert or bool(msg["tos"]) or bool(unknown)
+                    or any(msg.get(a) for a in _SELECTORS))
             drop = _DROPS.get(msg["action"])
             suppress = msg.get("FRA_SUPPRESS_PREFIXLEN")
             mark, mask = msg.get("FRA_FWMARK"), msg.get("FRA_FWMASK")
@@ -2442,7 +2448,8 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                                             else "") if mark or mask else "",
                 f"iif {msg.get('FRA_IIFNAME')}" if msg.get("FRA_IIFNAME") else "",
                 f"oif {msg.get('FRA_OIFNAME')}" if msg.get("FRA_OIFNAME") else "",
-                "..." if msg["tos"] or any(msg.get(a) for a in _SELECTORS if a not in shown)
+                "..." if msg["tos"] or unknown
+                or any(msg.get(a) for a in _SELECTORS if a not in shown)
                 else "",
                 drop or f"lookup {_TABLE_NAMES.get(table, table)}")))
             rules.append(IPRule(4 if msg["family"] == 2 else 6, priority, ends["src"],
@@ -2450,7 +2457,7 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                               None if suppress in (None, _NO_SUPPRESS) else suppress, text,
                               invert, frozenset(
                                   [f"{a}={msg.get(a)}" for a in _SELECTORS if msg.get(a)]
-                                  + ([f"tos={msg['tos']}"] if msg["tos"] else []))))
+                                  + ([f"tos={msg['tos']}"] if msg["tos"] else []) + unknown)))
         looked_up = {r.table for r in rules if r.table and r.table != _TABLE_MAIN}
         nets = HostRoutes(rules=rules, local_first=local_first)
         for msg in ipr.get_routes():
