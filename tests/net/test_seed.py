@@ -157,19 +157,23 @@ def test_bulk_tcp_forwarded_to_a_third_namespace(
     _bulk_both_ways(t, a.ns, T_VETH)
 
 
+# 65000: the pieces' segments are finer than the MTU, so they cross with their segment size;
+# 1500: they are the MTU's, so the second piece (one segment) is written as a plain packet.
+@pytest.mark.parametrize("mtu", ["65000", "1500"])
 def test_super_packets_cut_to_fit_a_message_leave_the_forwarder_with_good_checksums(
-    lab: Lab,
+    lab: Lab, mtu: str
 ) -> None:
-    """a (ours) -- tunnel MTU 65000 -- b (ours, forwarding) -- veth MTU 1500 -- t. a's uploads
-    to t are TCP super-packets of 45 segments of t's MSS (65232 bytes), longer than a message
-    carries: a cuts each into two that fit and sends them with their segment size, their TCP
-    checksums left partial (b takes CAP_PARTIAL_CSUM). b's kernel finishes each segment's
-    checksum from that partial one as it forwards them to t. With the partial sum made wrong
-    on purpose, t's kernel counted 290 bad checksums in one run (the uploads still completed,
-    by retransmissions)."""
+    """a (ours) -- tunnel MTU 65000 or 1500 -- b (ours, forwarding) -- veth MTU 1500 -- t.
+    a's uploads to t are TCP super-packets of 45 segments of t's MSS (65232 bytes), longer
+    than a message carries: a cuts each into two that fit, at 65000 with their segment size,
+    their TCP checksums left partial (b takes CAP_PARTIAL_CSUM). b's kernel finishes each
+    segment's checksum from that partial one as it forwards them to t. With the partial sum
+    made wrong on purpose, t's kernel counted 290 bad checksums in one run (the uploads still
+    completed, by retransmissions). At 1500 the one-segment piece goes to b's TUN as no
+    segmentation job: only its NEEDS_CSUM has b's kernel finish it."""
     a, b = _pair(lab, Path(), "ours", "ours", "b")  # (no seed in this one)
     for side in (a, b):
-        side.ns.ip("link", "set", side.ifname, "mtu", "65000")
+        side.ns.ip("link", "set", side.ifname, "mtu", mtu)
     t = lab.netns("t")
     lab.veth(b.ns, f"{F_VETH}/24", t, f"{T_VETH}/24")
     b.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
