@@ -36,7 +36,9 @@ class PureTransportKey:
             raise ValueError(f"padding is 0-15 bytes, not {pad}")
         counter_le = counter.to_bytes(8, "little")
         # (cryptography takes one buffer: here the tail costs the copy the C seal spares.)
-        if pad or tail:
+        # A tail other than bytes goes to the join too, which refuses a non-buffer (None, a
+        # str) as the C seal does, however falsy.
+        if pad or tail or tail.__class__ is not bytes:
             packet = b"".join((packet, tail, bytes(pad)))
         return header + counter_le + self._aead.encrypt(_NONCE_PREFIX + counter_le, packet, None)
 
