@@ -319,30 +319,35 @@ def test_encode_refuses_oversized_messages():
 def test_held_connection_stays_in_step_when_a_message_arrives_in_pieces(monkeypatch):
     """A ping whose body arrives after the holder's next deadline must still be read whole;
     reading it in two halves used to leave the stream out of step (a length of '{"v"')."""
-    # The holder's deadlines come every 0.15 s, and it gives up after 0.45 s of silence: a
-    # message completed every 0.25 s keeps it (CI once saw 0.1 s and 0.3 s fail that, a busy
-    # machine taking the 50 ms of slack).
+    # The holder's deadlines come every 0.15 s, and it gives up after 0.45 s of silence. Each
+    # body comes 0.25 s after its length, past a deadline; the next length comes with it, so
+    # that a pause of this thread anywhere never reads as silence (CI once saw 0.1 s and 0.3 s
+    # fail, a busy machine taking the 50 ms of slack, and later a pause between messages).
     monkeypatch.setattr(control, "PING_INTERVAL", 0.15)
     ours, theirs = socket.socketpair()
     stop = threading.Event()
     result: list[str] = []
     holder = threading.Thread(target=lambda: result.append(control.hold_connection(ours, stop)))
+    ping = encode({"type": "ping"})
+    theirs.sendall(ping[:4])  # before the holder starts: its silence timer starts with it
     holder.start()
     try:
-        ping = encode({"type": "ping"})
-        for _ in range(3):
-            theirs.sendall(ping[:4])
+        for _ in range(2):
             time.sleep(0.25)  # the slow sender is the scenario: past the holder's deadline
-            theirs.sendall(ping[4:])
-        theirs.sendall(ping)
-        holder.join(0.1)  # an out-of-step read fails at once
-        assert holder.is_alive(), result  # still in step: no "message length ..." error
+            theirs.sendall(ping[4:] + ping[:4])
+        time.sleep(0.25)
+        # While the third is half-read: the holder ends once it has the body. An out-of-step
+        # read ended it at the first body already ("message length ...").
+        stop.set()
+        theirs.sendall(ping[4:])
     finally:
         stop.set()
-        holder.join(3.0)
+        # It notices within a second; the bound is for a machine that stalls the process
+        # (3 s once ran out there, the holder not yet ended).
+        holder.join(WAIT)
         ours.close()
         theirs.close()
-    assert result == ["stopped"]
+    assert not holder.is_alive() and result == ["stopped"], result
 
 
 def test_held_connection_on_a_descriptor_above_1024():
