@@ -178,9 +178,11 @@ class World:
                 self.enclave_proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.enclave_proc.kill()
-        self.parent_cmd("down", check=False)
-        self.resolv.unlink(missing_ok=True)
-        self.resolv.parent.rmdir()
+        try:
+            self.parent_cmd("down", check=False)
+        finally:  # a `down` that timed out must not leave a directory of ours in /etc
+            self.resolv.unlink(missing_ok=True)
+            self.resolv.parent.rmdir()
 
 
 def test_enclave_reaches_internet_and_internet_reaches_enclave(world: World) -> None:
