@@ -25,6 +25,7 @@ Unix stand-in, and its app is never restarted. What is checked:
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -100,6 +101,11 @@ def rig(lab: Lab) -> Iterator[Rig]:
         # Installed as parent/README.md says (the empty /etc lacks the directory).
         box.run("install", "-D", "-m", "0644", f"/opt/wgvsock/src/parent/{UNIT_FILE.name}",
                 f"/etc/systemd/system/{UNIT_FILE.name}", check=True)
+        # The profile's key and transport.path are in `home`, outside what the unit lets the
+        # parent write: added with a drop-in, as parent/README.md says for such paths.
+        box.run("mkdir", "-p", f"/etc/systemd/system/{UNIT_FILE.name}.d", check=True)
+        box.run("sh", "-c", 'printf "[Service]\\nReadWritePaths=%s\\n" "$1" > "$2"', "-",
+                str(home), f"/etc/systemd/system/{UNIT_FILE.name}.d/home.conf", check=True)
         box.systemctl("daemon-reload", check=True)
         unit = f"wgvsock-parent@{world.name}.service"
         yield Rig(world, box, unit, home)
@@ -311,3 +317,93 @@ def test_the_daemon_says_ready_when_its_uapi_socket_answers(rig: Rig) -> None:
         "ActiveState": "active", "MainPID": s["MainPID"]}
     box.systemctl("stop", "wgt.service", check=True)
     assert box.run("ip", "link", "show", "wgt0").returncode != 0
+
+
+# What a command of the unit may do, found out from inside its sandbox: run as an ExecStartPre=,
+# which systemd starts in the same sandbox as ExecStart=. One line of JSON: each attempt's
+# errno name, or "ok".
+PROBE = r"""
+import ctypes, errno, json, mmap, os, socket, sys
+out = {}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+def write(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    os.unlink(path)
+for d in ("/usr", "/etc", "/var", "/run", "/run/wgvsock", "/run/wireguard", "/etc/wgvsock"):
+    attempt("write " + d, lambda d=d: write(d + "/wgvsock-probe"))
+attempt("open /dev/net/tun", lambda: os.close(os.open("/dev/net/tun", os.O_RDWR)))
+attempt("socket AF_PACKET", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close())
+attempt("socket AF_VSOCK", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close())
+attempt("mmap write+exec", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                                           | mmap.PROT_EXEC).close())
+libc = ctypes.CDLL(None, use_errno=True)
+def unshare():
+    if libc.unshare(0x04000000) != 0:  # CLONE_NEWUTS
+        raise OSError(ctypes.get_errno(), "unshare")
+attempt("unshare", unshare)
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines()
+              if ":\t" in line)
+out["CapBnd"] = status["CapBnd"].strip()
+out["NoNewPrivs"] = status["NoNewPrivs"].strip()
+out["Seccomp"] = status["Seccomp"].strip()
+out["umask"] = oct(os.umask(0o077))
+with open(sys.argv[1], "w") as f:
+    json.dump(out, f)
+"""
+
+CAP_NET_BIND_SERVICE, CAP_NET_ADMIN = 10, 12
+SANDBOX_CAPS = f"{(1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_ADMIN):016x}"
+
+
+def test_the_unit_sandboxes_the_parent(rig: Rig) -> None:
+    box = rig.box
+    (rig.home / "probe.py").write_text(PROBE)
+    result = rig.home / "probe.json"
+    box.run("sh", "-c", 'printf "%s\\n" "$1" > "$2"', "-",
+            f"[Service]\nExecStartPre=/usr/bin/python3 -I {rig.home}/probe.py {result}",
+            f"/etc/systemd/system/{UNIT_FILE.name}.d/probe.conf", check=True)
+    box.systemctl("daemon-reload", check=True)
+    start(rig)
+    got = json.loads(result.read_text())
+    # Everything read-only but its own directories (/etc/wgvsock is read-only in this
+    # container only: the rig binds it so; ReadWritePaths= cannot open a read-only mount).
+    assert got == {
+        "write /usr": "EROFS", "write /etc": "EROFS", "write /var": "EROFS",
+        "write /run": "EROFS", "write /run/wgvsock": "ok", "write /run/wireguard": "ok",
+        "write /etc/wgvsock": "EROFS",
+        "open /dev/net/tun": "ok",
+        "socket AF_PACKET": "EAFNOSUPPORT", "socket AF_VSOCK": got["socket AF_VSOCK"],
+        "mmap write+exec": "EPERM", "unshare": "EPERM",
+        "CapBnd": SANDBOX_CAPS, "NoNewPrivs": "1", "Seccomp": "2", "umask": "0o77",
+    }, got
+    # Let through (EAFNOSUPPORT would be the sandbox's answer too, but this machine may have
+    # no vsock at all: the kernel's own answer then).
+    assert got["socket AF_VSOCK"] == "ok" or not Path("/dev/vsock").exists()
+    # The parent itself, as this machine sees it.
+    status = Path(f"/proc/{box.host_pid(rig.main_pid())}/status").read_text()
+    assert f"CapBnd:\t{SANDBOX_CAPS}" in status and "NoNewPrivs:\t1" in status
+    assert "Seccomp:\t2" in status
+    # What the probe cannot see from inside.
+    props = rig.show("ProtectSystem", "ProtectKernelModules", "ProtectKernelLogs",
+                     "ProtectControlGroups", "ProtectClock", "ProtectHostname",
+                     "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality",
+                     "MemoryDenyWriteExecute", "SystemCallArchitectures", "DevicePolicy",
+                     "RuntimeDirectoryPreserve", "PrivateMounts", "RestrictNamespaces",
+                     "RestrictAddressFamilies")
+    assert props == {
+        "ProtectSystem": "strict", "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
+        "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes", "SystemCallArchitectures": "native",
+        "DevicePolicy": "closed", "RuntimeDirectoryPreserve": "yes", "PrivateMounts": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_NETLINK AF_UNIX AF_VSOCK"}, props
+    rig.box.systemctl("stop", rig.unit, check=True)
+    assert rig.show("Result") == {"Result": "success"}
+
