@@ -18,6 +18,10 @@ Unix stand-in, and its app is never restarted. What is checked:
   thread's stack, the unit restarts it and the tunnel comes back;
 - `parent up` without -f under Type=notify: refused at once, saying to add -f;
 - the log: errors at priority err in the journal (`journalctl -p err`);
+- the sandbox (the unit's [Service] hardening): a probe run as ExecStartPre=, in the same
+  sandbox as the parent, finds the system read-only but its own directories, two capabilities,
+  no AF_PACKET, no writable and executable memory, no namespaces; the DNS forwarder, the metrics
+  exporter and parent.enclave (tests/fakes/nitro-cli) work under it;
 - `wgvsock daemon -f` (the wireguard-go-vsock drop-in) in a Type=notify unit of its own: its
   UAPI socket answers as soon as `systemctl start` returns; SIGUSR1 writes each thread's stack
   to the journal and leaves it running.
@@ -36,6 +40,7 @@ import pytest
 
 from .netlab import Lab, wait_for
 from .systemd_rig import NSPAWN, Container, StuckThread
+from .test_egress_names import DNS, query, start_dnsmasq
 from .test_recovery import RECOVERY_BOUND, app_pid
 from .test_roles import World
 
@@ -406,4 +411,63 @@ def test_the_unit_sandboxes_the_parent(rig: Rig) -> None:
         "RestrictAddressFamilies": "AF_INET AF_INET6 AF_NETLINK AF_UNIX AF_VSOCK"}, props
     rig.box.systemctl("stop", rig.unit, check=True)
     assert rig.show("Result") == {"Result": "success"}
+
+
+NITRO_ENV = ("[Service]\n"
+             # tests/fakes/nitro-cli first on the parent's PATH; its state file where the real
+             # one keeps its sockets, one of the unit's ReadWritePaths=.
+             "Environment=PATH=/opt/wgvsock/src/tests/fakes:/usr/local/sbin:/usr/local/bin:"
+             "/usr/sbin:/usr/bin:/sbin:/bin\n"
+             "Environment=FAKE_NITRO_STATE=/run/nitro_enclaves/fake-nitro.json\n"
+             "Environment=FAKE_NITRO_ENCLAVE_PROCESS=1\n")
+
+
+def test_the_parent_s_services_run_in_the_sandbox(rig: Rig) -> None:
+    """What test_the_unit_starts_... does not use, under the sandbox: the DNS forwarder (port
+    53), the metrics exporter, and parent.enclave starting the enclave with nitro-cli (the fake,
+    whose enclave process stays in the unit as the real one's does) and `down` ending it."""
+    world, box = rig.world, rig.box
+    start_dnsmasq(world.lab, world.internet)
+    (rig.home / "app.eif").write_bytes(b"EIF" * 1000)
+    text = world.profile.read_text()
+    text = text.replace("    allow: [0.0.0.0/0]\n",
+                        f"    allow: [0.0.0.0/0, ok.test]\n    resolver: {DNS}\n")
+    text = text.replace("  ingress:\n", f"  metrics:\n    listen: 127.0.0.1:9586\n  enclave:\n"
+                        f"    eif: {rig.home}/app.eif\n    cpu_count: 2\n    memory_mib: 256\n"
+                        "    cid: 23\n  ingress:\n", 1)
+    world.profile.write_text(text.replace("  dns: [198.51.100.53]\n", ""))
+    # What the aws-nitro-enclaves-cli package makes (its tmpfiles.d and %post).
+    box.run("install", "-d", "-m", "0775", "/run/nitro_enclaves", "/var/log/nitro_enclaves",
+            check=True)
+    box.run("sh", "-c", 'printf "%s" "$1" > "$2"', "-", NITRO_ENV,
+            f"/etc/systemd/system/{UNIT_FILE.name}.d/nitro.conf", check=True)
+    box.systemctl("daemon-reload", check=True)
+    start(rig)
+
+    def nitro(*args: str) -> str:
+        return box.run("env", "FAKE_NITRO_STATE=/run/nitro_enclaves/fake-nitro.json",
+                       "/opt/wgvsock/src/tests/fakes/nitro-cli", *args, check=True).stdout
+
+    running = wait_for(lambda: json.loads(nitro("describe-enclaves")), 30,
+                       "the parent to start the enclave with nitro-cli")
+    assert running[0]["EnclaveCID"] == 23 and running[0]["State"] == "RUNNING"
+    # The enclave process nitro-cli left behind is the unit's, in its sandbox.
+    enclave_process = box.host_pid(running[0]["ProcessID"])
+    status = Path(f"/proc/{enclave_process}/status").read_text()
+    assert f"CapBnd:\t{SANDBOX_CAPS}" in status and "Seccomp:\t2" in status
+
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the tunnel")
+    # The forwarder on the parent's tunnel address, port 53, asking the resolver outside.
+    assert query(world.enclave, "ok.test") == {"rcode": "NOERROR",
+                                               "addresses": ["198.51.100.2"]}
+    assert query(world.enclave, "ok.test", proto="tcp")["addresses"] == ["198.51.100.2"]
+    page = world.parent.run("curl", "-sf", "--max-time", "5", "http://127.0.0.1:9586/metrics",
+                            check=True).stdout
+    assert "wgvsock_peer_attested" in page, page[:500]
+
+    rig.box.systemctl("stop", rig.unit, check=True)
+    assert rig.show("Result") == {"Result": "success"}
+    assert json.loads(nitro("describe-enclaves")) == []
+    assert "terminate-enclave" in nitro("fake-state")
 
