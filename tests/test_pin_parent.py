@@ -336,3 +336,36 @@ def test_pin_parent_with_a_key_it_may_not_look_at_says_so_without_a_traceback():
         import shutil
 
         shutil.rmtree(base)
+
+
+_CREATE_ON_READ_ONLY = """
+import sys
+from wgvsock.roles.parent import RoleError, load_parent_key
+try:
+    load_parent_key(sys.argv[1], create=True)
+except RoleError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only mount needs root")
+def test_a_key_that_cannot_be_created_on_a_read_only_file_system_says_how_to_fix_it(tmp_path):
+    """The unit's ProtectSystem=strict leaves only /etc/wgvsock writable: a key elsewhere that
+    `up` has to make failed with a bare "[Errno 30] Read-only file system". Now one line says
+    where keys may go under the unit and how to add a directory. A real read-only mount, in a
+    mount namespace of the test's own."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    key = ro / "keys" / "parent.key"
+    res = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount -t tmpfs -o ro tmpfs "$1" && exec "$2" -c "$3" "$4"', "sh", str(ro),
+         sys.executable, _CREATE_ON_READ_ONLY, str(key)],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == (
+        f"cannot create private key {key}: Read-only file system (under "
+        "wgvsock-parent@.service only /etc/wgvsock is writable: keep the key there, or add "
+        f"`ReadWritePaths={key.parent}` with `systemctl edit wgvsock-parent@NAME`)\n"), res
+    assert not key.exists()

@@ -396,13 +396,22 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
         # Each missing directory 0700, not only the last (Path.mkdir's parents= makes the
         # others 0777 less the umask): one others may write lets them put a directory of
         # their own in the key's way.
-        for directory in [*reversed(path.parents)]:
-            if not directory.exists():
-                with contextlib.suppress(FileExistsError):
-                    directory.mkdir(mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key_to_base64(generate_private_key()) + "\n")
+        try:
+            for directory in [*reversed(path.parents)]:
+                if not directory.exists():
+                    with contextlib.suppress(FileExistsError):
+                        directory.mkdir(mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(key_to_base64(generate_private_key()) + "\n")
+        except OSError as e:
+            why = f"cannot create private key {path}: {e.strerror or e}"
+            if e.errno == errno.EROFS:
+                # As a rule the unit's sandbox (ProtectSystem=strict), not a read-only disk.
+                why += (" (under wgvsock-parent@.service only /etc/wgvsock is writable: keep "
+                        f"the key there, or add `ReadWritePaths={path.parent}` with `systemctl "
+                        "edit wgvsock-parent@NAME`)")
+            raise RoleError(why) from e
         log.info("created a new private key at %s", path)
     st = path.stat()
     if st.st_uid not in (0, os.geteuid()):
