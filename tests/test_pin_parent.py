@@ -359,7 +359,7 @@ def test_a_key_that_cannot_be_created_on_a_read_only_file_system_says_how_to_fix
     key = ro / "keys" / "parent.key"
     res = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f'mount -t tmpfs -o ro tmpfs "$1" && exec "$2" -c "$3" "$4"', "sh", str(ro),
+         'mount -t tmpfs -o ro tmpfs "$1" && exec "$2" -c "$3" "$4"', "sh", str(ro),
          sys.executable, _CREATE_ON_READ_ONLY, str(key)],
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
