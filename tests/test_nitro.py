@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -541,21 +542,26 @@ def test_an_on_started_error_is_logged_not_fatal(fake: Fake, caplog) -> None:
         sup.stop(timeout=10)
 
 
-def test_the_control_port_forgets_the_cid_of_an_enclave_that_exited(fake: Fake, monkeypatch
-                                                                    ) -> None:
-    """Without a fixed CID the control port takes the CID nitro-cli reported. Once that enclave
-    has exited, the CID is free for another enclave during the restart's backoff: refuse it."""
+def _launching_parent(fake: Fake, monkeypatch, bin_dir: Path, **supervisor: float) -> Any:
+    """A Parent whose profile has it launch the enclave, through the nitro-cli found first in
+    BIN_DIR (the fake, or a wrapper of it), its supervisor's timings SUPERVISOR."""
     from functools import partial
 
     from wgvsock.roles.parent import Parent
 
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("FAKE_NITRO_STATE", str(fake.state))
-    monkeypatch.setattr(nitro, "EnclaveSupervisor",
-                        partial(EnclaveSupervisor, poll_interval=0.05, backoff_min=0.05,
-                                backoff_max=0.05))
-    p = Parent(parse_profile(f"name: cidtest\nparent:\n  enclave: {{eif: {fake.eif}, "
-                             "memory_mib: 256}\n", "p.yaml"))
+    monkeypatch.setattr(nitro, "EnclaveSupervisor", partial(EnclaveSupervisor, **supervisor))
+    return Parent(parse_profile(f"name: cidtest\nparent:\n  enclave: {{eif: {fake.eif}, "
+                                "memory_mib: 256}\n", "p.yaml"))
+
+
+def test_the_control_port_forgets_the_cid_of_an_enclave_that_exited(fake: Fake, monkeypatch
+                                                                    ) -> None:
+    """Without a fixed CID the control port takes the CID nitro-cli reported. Once that enclave
+    has exited, the CID is free for another enclave during the restart's backoff: refuse it."""
+    p = _launching_parent(fake, monkeypatch, FAKES, poll_interval=0.05, backoff_min=0.05,
+                          backoff_max=0.05)
     check = p._enclave_filter()
     assert check is not None
     p._start_enclave()
@@ -587,17 +593,8 @@ def test_the_old_cid_is_refused_as_soon_as_the_enclave_process_ends(processes: F
     (every 2 s) found it gone, while nitro-cli could give that CID to another enclave. Its
     nitro-cli enclave process ends with it, before the CID is free: the check now asks that
     process (a pidfd), so the CID is refused at once; here the poll is an hour away."""
-    from functools import partial
-
-    from wgvsock.roles.parent import Parent
-
     fake = processes
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("FAKE_NITRO_STATE", str(fake.state))
-    monkeypatch.setattr(nitro, "EnclaveSupervisor",
-                        partial(EnclaveSupervisor, poll_interval=3600.0, backoff_min=3600.0))
-    p = Parent(parse_profile(f"name: cidtest\nparent:\n  enclave: {{eif: {fake.eif}, "
-                             "memory_mib: 256}\n", "p.yaml"))
+    p = _launching_parent(fake, monkeypatch, FAKES, poll_interval=3600.0, backoff_min=3600.0)
     check = p._enclave_filter()
     assert check is not None
     p._start_enclave()
@@ -616,10 +613,6 @@ def test_the_status_says_why_as_soon_as_the_enclave_process_ends(processes: Fake
     returned (at most its timeout), `info` was None but last_reason still the one before:
     systemd's status line and `wgvsock status` said "enclave not running: run-enclave failed:
     ... set parent.enclave.memory_mib ..." of a failure long fixed."""
-    from functools import partial
-
-    from wgvsock.roles.parent import Parent
-
     fake = processes
     hold = tmp_path / "hold-describe"
     bin_dir = tmp_path / "bin"
@@ -630,12 +623,7 @@ def test_the_status_says_why_as_soon_as_the_enclave_process_ends(processes: Fake
                        f'  while [ -e "{hold}" ]; do sleep 0.02; done\nfi\n'
                        f'exec "{FAKE}" "$@"\n')
     wrapper.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("FAKE_NITRO_STATE", str(fake.state))
-    monkeypatch.setattr(nitro, "EnclaveSupervisor",
-                        partial(EnclaveSupervisor, poll_interval=3600.0, backoff_min=0.01))
-    p = Parent(parse_profile(f"name: cidtest\nparent:\n  enclave: {{eif: {fake.eif}, "
-                             "memory_mib: 256}\n", "p.yaml"))
+    p = _launching_parent(fake, monkeypatch, bin_dir, poll_interval=3600.0, backoff_min=0.01)
     fake.hook("fake-fail-run", "1", "E27")
     p._start_enclave()
     try:

@@ -133,15 +133,9 @@ FORWARDING = {
 }
 
 
-@pytest.mark.parametrize("listener", ["forwarder", "sender"])
-@pytest.mark.parametrize("case", list(FORWARDING))
-def test_bulk_tcp_forwarded_to_a_third_namespace(
-    lab: Lab, seed: Path, case: str, listener: str
-) -> None:
-    """a -- tunnel -- b (forwards, masquerading, as a parent does) -- veth MTU 1500 -- t."""
-    a_kind, b_kind = FORWARDING[case]
-    side = "b" if listener == "forwarder" else "a"
-    a, b = _pair(lab, seed, a_kind, b_kind, side)
+def _forwarding_to_t(lab: Lab, a: Side, b: Side) -> Namespace:
+    """t, a third namespace behind b on a veth of MTU 1500, which b forwards a's traffic to,
+    masquerading, as a parent does; a routes t's address through the tunnel."""
     t = lab.netns("t")
     lab.veth(b.ns, f"{F_VETH}/24", t, f"{T_VETH}/24")
     b.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -152,6 +146,19 @@ def test_bulk_tcp_forwarded_to_a_third_namespace(
     b_pub = b.ns.wg("show", b.ifname, "public-key").stdout.strip()
     a.ns.wg("set", a.ifname, "peer", b_pub, "allowed-ips", f"{B_TUN}/32,{T_VETH}/32")
     a.ns.ip("route", "add", f"{T_VETH}/32", "dev", a.ifname)
+    return t
+
+
+@pytest.mark.parametrize("listener", ["forwarder", "sender"])
+@pytest.mark.parametrize("case", list(FORWARDING))
+def test_bulk_tcp_forwarded_to_a_third_namespace(
+    lab: Lab, seed: Path, case: str, listener: str
+) -> None:
+    """a -- tunnel -- b (forwards, masquerading, as a parent does) -- veth MTU 1500 -- t."""
+    a_kind, b_kind = FORWARDING[case]
+    side = "b" if listener == "forwarder" else "a"
+    a, b = _pair(lab, seed, a_kind, b_kind, side)
+    t = _forwarding_to_t(lab, a, b)
     _ping_from_dialer_first(a, b, side)
     ping(a.ns, T_VETH)
     _bulk_both_ways(t, a.ns, T_VETH)
@@ -174,16 +181,7 @@ def test_super_packets_cut_to_fit_a_message_leave_the_forwarder_with_good_checks
     a, b = _pair(lab, Path(), "ours", "ours", "b")  # (no seed in this one)
     for side in (a, b):
         side.ns.ip("link", "set", side.ifname, "mtu", mtu)
-    t = lab.netns("t")
-    lab.veth(b.ns, f"{F_VETH}/24", t, f"{T_VETH}/24")
-    b.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-    b.ns.run("nft", "-f", "-", input=(
-        "table ip wgvnat {\n  chain post {\n    type nat hook postrouting priority 100;\n"
-        f"    ip saddr {A_TUN} ip daddr {T_VETH} masquerade\n  }}\n}}\n"
-    ))
-    b_pub = b.ns.wg("show", b.ifname, "public-key").stdout.strip()
-    a.ns.wg("set", a.ifname, "peer", b_pub, "allowed-ips", f"{B_TUN}/32,{T_VETH}/32")
-    a.ns.ip("route", "add", f"{T_VETH}/32", "dev", a.ifname)
+    t = _forwarding_to_t(lab, a, b)
     _ping_from_dialer_first(a, b, "b")
     ping(a.ns, T_VETH)
     _bulk_both_ways(t, a.ns, T_VETH)
