@@ -104,9 +104,9 @@ def _report(log: str) -> dict[str, list[str]]:
     return out
 
 
-def test_cmd_runs_as_the_user_and_cannot_reach_the_tunnel_s_key(world: World) -> None:
-    """Before: CMD ran as root with every capability: its `get` on the UAPI socket answered
-    with the enclave's private key, and it could take wg0 down and rewrite resolv.conf."""
+def _run_app(world: World) -> tuple[str, dict[str, list[str]]]:
+    """The parent up and APP run as CMD by `enclave up` to its end: the enclave's log, and
+    what APP reported in it (_report)."""
     app = world.lab.tmp / "app.sh"
     app.write_text(APP)
     app.chmod(0o755)
@@ -114,7 +114,13 @@ def test_cmd_runs_as_the_user_and_cannot_reach_the_tunnel_s_key(world: World) ->
     proc = world.start_enclave(launcher=_launcher(world.lab), command=[str(app)])
     assert proc.wait(60 * SLOWDOWN) == 0
     log = (world.lab.tmp / "enclave.log").read_text()
-    report = _report(log)
+    return log, _report(log)
+
+
+def test_cmd_runs_as_the_user_and_cannot_reach_the_tunnel_s_key(world: World) -> None:
+    """Before: CMD ran as root with every capability: its `get` on the UAPI socket answered
+    with the enclave's private key, and it could take wg0 down and rewrite resolv.conf."""
+    log, report = _run_app(world)
     assert report.get("id") == [f"uid={UID}(wgvapp) gid={GID}(wgvapp) "
                             f"groups={GID}(wgvapp),{EXTRA_GID}(wgvextra)"], log
     assert report.get("env") == ["HOME=/home/wgvapp USER=wgvapp LOGNAME=wgvapp"], log
@@ -246,14 +252,7 @@ def test_numbers_get_home_from_their_passwd_entry_or_slash_not_root_s(
     """Before: numbers left the environment as `enclave up` had it: CMD as 4250 got
     HOME=/root, USER=root and LOGNAME=root, and with group 0 nothing said so."""
     with _world(lab, user) as world:
-        app = world.lab.tmp / "app.sh"
-        app.write_text(APP)
-        app.chmod(0o755)
-        assert world.parent_cmd("up").returncode == 0
-        proc = world.start_enclave(launcher=_launcher(world.lab), command=[str(app)])
-        assert proc.wait(60 * SLOWDOWN) == 0
-        log = (world.lab.tmp / "enclave.log").read_text()
-        report = _report(log)
+        log, report = _run_app(world)
         assert report.get("id") == [ids], log
         assert report.get("env") == [env], log
         warned = ("wgvsock enclave up: warning: enclave.user 4250:0 is in root's group (GID 0, "
