@@ -745,6 +745,13 @@ def reachable() -> Iterator[Path]:
 def _up_as(monkeypatch, user: EnclaveUser, command: list[str]) -> tuple[int, list[bool]]:
     """run_up as USER with no tunnel, stopped where the tunnel would start: its status, and
     whether it got there ([True]) or stopped before ([])."""
+    profile = replace(load_profile(str(PROFILE)), enclave=replace(
+        load_profile(str(PROFILE)).enclave, user=user))
+    return _up_with(monkeypatch, profile, command)
+
+
+def _up_with(monkeypatch, profile, command: list[str]) -> tuple[int, list[bool]]:
+    """_up_as with PROFILE as it was loaded."""
     started: list[bool] = []
 
     def start(self) -> None:
@@ -753,8 +760,6 @@ def _up_as(monkeypatch, user: EnclaveUser, command: list[str]) -> tuple[int, lis
 
     monkeypatch.setattr(enclave_mod.Enclave, "start", start)
     monkeypatch.setattr(enclave_mod.netconf, "default_routes", list)  # as in an enclave
-    profile = replace(load_profile(str(PROFILE)), enclave=replace(
-        load_profile(str(PROFILE)).enclave, user=user))
     return enclave_mod.run_up(profile, command, timeout=5), started
 
 
@@ -988,6 +993,42 @@ def test_root_s_group_is_warned_of_when_enclave_up_starts(
     monkeypatch.setattr(cmd.os, "getgrouplist", lambda n, g: [1000])
     _up_as(monkeypatch, EnclaveUser(uid=1000, gid=1000), [str(app)])
     assert "warning" not in capsys.readouterr().err
+
+
+def _profile_with(tmp_path: Path, user: str) -> Path:
+    """PROFILE with enclave.user USER and parent.enclave_cid, which the unix transport
+    ignores: two warnings of the profile's."""
+    text = PROFILE.read_text().replace(
+        "  private_key: /run/wgvsock/e2e.key\n",
+        "  private_key: /run/wgvsock/e2e.key\n  enclave_cid: 16\n").replace(
+        "  routes: [0.0.0.0/0]\n", f"  routes: [0.0.0.0/0]\n  user: {user}\n")
+    path = tmp_path / "profile.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("user", ['"4242:0"', "root", "'0'"])
+def test_enclave_up_says_the_profile_s_warnings_as_profile_check_does(
+        monkeypatch, capsys, tmp_path, reachable, user) -> None:
+    """Before: `profile check`, `parent up` and `parent reload` said the profile's warnings,
+    `enclave up`, which reads the profile in the image, none of them: only its own of
+    enclave.user. Each now once, the profile's word on root or GID 0 not said again."""
+    path = _profile_with(tmp_path, user)
+    profile = load_profile(str(path))
+    assert sorted(w.key for w in profile.warnings) == ["enclave.user", "parent.enclave_cid"]
+    app = _script(reachable / "app", 0o755)
+    monkeypatch.setattr(cmd.pwd, "getpwuid", lambda u: (_ for _ in ()).throw(KeyError(u)))
+    assert _up_with(monkeypatch, profile, [str(app)])[1] == [True]
+    err = capsys.readouterr().err
+    # (The warning lines, as `profile check` prints them with its own name before them.)
+    *said, stopped = err.splitlines()
+    assert said == [f"wgvsock enclave up: warning: {w}" for w in profile.warnings], err
+    assert "stop here" in stopped  # (the stand-in for the tunnel)
+    res = subprocess.run([sys.executable, "-m", "wgvsock.cli", "profile", "check", str(path)],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    checked = [line.split(": warning: ", 1)[1] for line in res.stderr.splitlines()]
+    assert checked == [line.split(": warning: ", 1)[1] for line in said], res.stderr
 
 
 _RUN_AS = r"""

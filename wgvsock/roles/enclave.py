@@ -111,6 +111,12 @@ class UnusableParentKey(ControlError):
     """The parent's key is one no parent can have: the enclave's own, or a low-order point."""
 
 
+def _warn(text: str) -> None:
+    """One warning of `enclave up`'s, the profile's and its own alike, said as `profile
+    check` says them."""
+    print(f"wgvsock enclave up: warning: {text}", file=sys.stderr, flush=True)
+
+
 def _stopped(failures: list[str], signalled: list[int]) -> int:
     """`enclave up`'s status when it stopped before CMD ran: 1 after a failure, else
     128 + the signal that stopped it."""
@@ -863,6 +869,10 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
     except (EnclaveError, OSError) as e:
         print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
         return 1
+    # The profile's own, as `profile check` and `parent up` print them: `enclave up` is
+    # where an image's profile is read, and its console may be all anyone looks at.
+    for w in profile.warnings:
+        _warn(str(w))
     user: cmd.Credentials | None = None
     if profile.enclave.user is not None:
         # Here, in the image, not in `profile check`: the parent has other users. Without a
@@ -872,10 +882,11 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
         except cmd.UserError as e:
             print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
             return 1
-        if user.uid == 0:
-            print(f"wgvsock enclave up: warning: enclave.user {profile.enclave.user} is root: "
-                  "CMD runs with every capability, as without the key", file=sys.stderr,
-                  flush=True)
+        if any(w.key == "enclave.user" for w in profile.warnings):
+            pass  # the profile said it (root, or GID 0 given), just above: not said twice
+        elif user.uid == 0:
+            _warn(f"enclave.user {profile.enclave.user} is root: CMD runs with every "
+                  "capability, as without the key")
         elif user.root_group:
             # Known here only: a name's groups, or a UID's primary one, are the image's.
             how = ("as its primary group" if user.gid == 0 else "as a supplementary group")
@@ -883,9 +894,8 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
                    if profile.enclave.user.name is None
                    else "give the user a primary group of its own and take it out of group "
                    "root in the image's /etc/passwd and /etc/group")
-            print(f"wgvsock enclave up: warning: enclave.user {profile.enclave.user} is in "
-                  f"root's group (GID 0, {how}): CMD can read and write whatever the image "
-                  f"leaves to group root; {fix}", file=sys.stderr, flush=True)
+            _warn(f"enclave.user {profile.enclave.user} is in root's group (GID 0, {how}): CMD "
+                  f"can read and write whatever the image leaves to group root; {fix}")
     if command and (unrunnable := _unrunnable(command, user)) is not None:
         code, why = unrunnable
         print(f"wgvsock enclave up: {why}", file=sys.stderr, flush=True)
