@@ -672,17 +672,31 @@ def test_a_named_user_takes_its_ids_groups_and_home_from_the_image(monkeypatch) 
     assert str(got) == "1000:1001:1001,27,1002"  # what the exec helper is given
 
 
-def test_numbers_take_no_supplementary_groups_and_a_uid_alone_its_own_group(
+def test_a_uid_alone_is_its_passwd_entry_s_user_and_uid_gid_takes_no_groups(
         monkeypatch) -> None:
-    """A UID alone: its passwd entry's group where it has one, else the same number, never
-    0 (root's group, which docker's --user 1000 gives)."""
+    """As runc's GetExecUser: a UID alone with a passwd entry is that entry's user, with its
+    group and the groups that list its name; without one, the group of the same number,
+    never 0 (root's group, which docker's --user 1000 gives). UID:GID takes no
+    supplementary groups. Before: a UID alone got none (tests/net/test_enclave_user.py
+    shows it on a real CMD)."""
     known = {1000: _passwd("app", 1000, 50, "/home/app")}
     monkeypatch.setattr(cmd.pwd, "getpwuid", lambda u: known[u])
+    monkeypatch.setattr(cmd.os, "getgrouplist",
+                        lambda n, g: {"app": [g, 27, g]}[n])
     assert cmd.credentials(EnclaveUser(uid=1000)).gid == 50
-    assert cmd.credentials(EnclaveUser(uid=1000)).groups == ()
+    assert cmd.credentials(EnclaveUser(uid=1000)).groups == (50, 27)
+    assert cmd.credentials(EnclaveUser(uid=1000, gid=1000)).groups == ()
     assert cmd.credentials(EnclaveUser(uid=4242)).gid == 4242
+    assert cmd.credentials(EnclaveUser(uid=4242)).groups == ()
     assert cmd.credentials(EnclaveUser(uid=4242, gid=7)).gid == 7
     assert str(cmd.Credentials(4242, 7)) == "4242:7:"
+    # Groups that cannot be listed: one line naming the entry, as for a name.
+    monkeypatch.setattr(cmd.os, "getgrouplist",
+                        lambda n, g: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(cmd.UserError) as e:
+        cmd.credentials(EnclaveUser(uid=1000))
+    assert str(e.value) == ("enclave.user: cannot list the groups of 1000 ('app'): "
+                            "Input/output error")
 
 
 def test_numbers_get_the_home_of_their_passwd_entry_or_slash_without_one(

@@ -33,6 +33,7 @@ UID, GID, EXTRA_GID = 4242, 4243, 4244
 # `wg show` would, and asked for its configuration, the private key among it.
 APP = r"""#!/bin/sh
 echo "id: $(id)"
+echo "groups: [$(awk '/^Groups:/ { $1 = ""; print }' /proc/self/status | xargs)]"
 echo "env: HOME=$HOME USER=$USER LOGNAME=$LOGNAME"
 grep -E '^(CapPrm|CapEff|CapAmb|NoNewPrivs):' /proc/self/status | tr -s ' \t' ' ' \
     | sed 's/^/status: /'
@@ -123,6 +124,7 @@ def test_cmd_runs_as_the_user_and_cannot_reach_the_tunnel_s_key(world: World) ->
     log, report = _run_app(world)
     assert report.get("id") == [f"uid={UID}(wgvapp) gid={GID}(wgvapp) "
                             f"groups={GID}(wgvapp),{EXTRA_GID}(wgvextra)"], log
+    assert report.get("groups") == [f"[{GID} {EXTRA_GID}]"], log  # what setgroups set
     assert report.get("env") == ["HOME=/home/wgvapp USER=wgvapp LOGNAME=wgvapp"], log
     assert sorted(report.get("status")) == ["CapAmb: 0000000000000000", "CapEff: 0000000000000000",
                                         "CapPrm: 0000000000000000", "NoNewPrivs: 1"], log
@@ -238,22 +240,30 @@ def test_cmd_run_as_the_user_has_no_controlling_terminal_to_push_root_s_input_in
     assert report.get("session") == ["True"], log
 
 
-@pytest.mark.parametrize(("user", "ids", "env"), [
-    # wgvapp's uid: its passwd entry gives the group, HOME, USER and LOGNAME, as for the name.
-    ("4242", f"uid={UID}(wgvapp) gid={GID}(wgvapp) groups={GID}(wgvapp)",
+@pytest.mark.parametrize(("user", "ids", "groups", "env"), [
+    # wgvapp's uid: its passwd entry gives the group, the supplementary groups /etc/group
+    # lists wgvapp in, HOME, USER and LOGNAME, as for the name (and as runc gives a uid).
+    ("4242", f"uid={UID}(wgvapp) gid={GID}(wgvapp) groups={GID}(wgvapp),{EXTRA_GID}(wgvextra)",
+     f"[{GID} {EXTRA_GID}]", "HOME=/home/wgvapp USER=wgvapp LOGNAME=wgvapp"),
+    # A group given: no supplementary groups, as runc gives none for UID:GID.
+    (f'"{UID}:{GID}"', f"uid={UID}(wgvapp) gid={GID}(wgvapp) groups={GID}(wgvapp)", "[]",
      "HOME=/home/wgvapp USER=wgvapp LOGNAME=wgvapp"),
     # No passwd entry: HOME=/, as runc gives; no USER or LOGNAME rather than root's.
-    ('"4250:4251"', "uid=4250 gid=4251 groups=4251", "HOME=/ USER= LOGNAME="),
+    ('"4250:4251"', "uid=4250 gid=4251 groups=4251", "[]", "HOME=/ USER= LOGNAME="),
+    ("4250", "uid=4250 gid=4250 groups=4250", "[]", "HOME=/ USER= LOGNAME="),
     # Root's group: taken, with a warning naming the setting and the fix.
-    ('"4250:0"', "uid=4250 gid=0(root) groups=0(root)", "HOME=/ USER= LOGNAME="),
+    ('"4250:0"', "uid=4250 gid=0(root) groups=0(root)", "[]", "HOME=/ USER= LOGNAME="),
 ])
 def test_numbers_get_home_from_their_passwd_entry_or_slash_not_root_s(
-        lab: Lab, user: str, ids: str, env: str) -> None:
+        lab: Lab, user: str, ids: str, groups: str, env: str) -> None:
     """Before: numbers left the environment as `enclave up` had it: CMD as 4250 got
-    HOME=/root, USER=root and LOGNAME=root, and with group 0 nothing said so."""
+    HOME=/root, USER=root and LOGNAME=root, and with group 0 nothing said so. And a uid with
+    a passwd entry got none of its supplementary groups, which runc gives it: CMD as 4242
+    was kept out of what the image leaves to wgvextra."""
     with _world(lab, user) as world:
         log, report = _run_app(world)
         assert report.get("id") == [ids], log
+        assert report.get("groups") == [groups], log  # /proc/self/status: what CMD has
         assert report.get("env") == [env], log
         # The profile's warning, once: `enclave up` does not say it again in its own words.
         warned = "enclave.user: '4250:0' puts CMD in root's group (GID 0)"

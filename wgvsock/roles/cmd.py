@@ -156,12 +156,25 @@ def _passwd_env(pw: pwd.struct_passwd) -> dict[str, str]:
     return {"HOME": pw.pw_dir or "/", "USER": pw.pw_name, "LOGNAME": pw.pw_name}
 
 
+def _groups(pw: pwd.struct_passwd, user: EnclaveUser) -> tuple[int, ...]:
+    # getgrouplist: the groups of /etc/group that list the name, and the primary one first.
+    try:
+        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    except OSError as e:
+        who = f"'{user}'" if user.name is not None else f"{user} ('{pw.pw_name}')"
+        raise UserError(f"enclave.user: cannot list the groups of {who}: {e.strerror}") from None
+    return tuple(dict.fromkeys(groups))
+
+
 def credentials(user: EnclaveUser) -> Credentials:
-    """USER's ids, looked up in this image (as initgroups does for a name). A UID alone takes
-    the primary group its /etc/passwd entry gives, or, with none, the group of the same
-    number (not 0, as docker's --user gives: that would be root's group). Numbers get no
-    supplementary groups. HOME, USER and LOGNAME come from the passwd entry, a UID's too;
-    a UID with none gets HOME=/ (as runc gives such a user) and no USER or LOGNAME: what
+    """USER's ids, looked up in this image as runc's GetExecUser looks up an image's USER. A
+    name, or a UID alone that has a passwd entry, is that entry's user: its uid, its primary
+    group and the supplementary groups of /etc/group that list its name (initgroups'; runc
+    sets these, Docker adds the primary group to them as here). A UID alone with no entry
+    takes the group of the same number (not 0, as docker's --user gives: that would be
+    root's group). UID:GID takes GID and no supplementary groups, as runc gives "the
+    implicit form" only. HOME, USER and LOGNAME come from the passwd entry, a UID's too; a
+    UID with none gets HOME=/ (as runc gives such a user) and no USER or LOGNAME: what
     `enclave up` has would be root's (/root, root). UserError if the name is unknown."""
     if user.name is not None:
         try:
@@ -170,20 +183,16 @@ def credentials(user: EnclaveUser) -> Credentials:
             raise UserError(f"enclave.user: there is no user '{user.name}' in this image's "
                             "/etc/passwd (add one to the image, or give UID or UID:GID "
                             "numbers)") from None
-        try:
-            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
-        except OSError as e:
-            raise UserError(f"enclave.user: cannot list the groups of '{user.name}': "
-                            f"{e.strerror}") from None
-        return Credentials(pw.pw_uid, pw.pw_gid, tuple(dict.fromkeys(groups)), _passwd_env(pw))
+        return Credentials(pw.pw_uid, pw.pw_gid, _groups(pw, user), _passwd_env(pw))
     assert user.uid is not None
     try:
         pw = pwd.getpwuid(user.uid)
     except KeyError:
         return Credentials(user.uid, user.uid if user.gid is None else user.gid,
                            env={"HOME": "/"}, unset=("USER", "LOGNAME"))
-    return Credentials(user.uid, pw.pw_gid if user.gid is None else user.gid,
-                       env=_passwd_env(pw))
+    if user.gid is None:
+        return Credentials(user.uid, pw.pw_gid, _groups(pw, user), _passwd_env(pw))
+    return Credentials(user.uid, user.gid, env=_passwd_env(pw))
 
 
 def start(command: list[str], user: Credentials | None = None) -> subprocess.Popen:
