@@ -888,7 +888,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
             _warn(f"enclave.user {profile.enclave.user} is root: CMD runs with every "
                   "capability, as without the key")
         elif user.root_group:
-            # Known here only: a name's groups, or a UID's primary one, are the image's.
+            # Known here only: the groups of a name, or of a UID alone, are the image's.
             how = ("as its primary group" if user.gid == 0 else "as a supplementary group")
             fix = (f"give it a group of its own: {user.uid}:GID, GID other than 0"
                    if profile.enclave.user.name is None
