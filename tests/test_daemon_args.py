@@ -348,6 +348,31 @@ def test_a_directory_swapped_after_the_check_does_not_redirect_the_log(
     assert list(victim.iterdir()) == []
 
 
+def test_a_directory_replaced_between_the_walk_and_the_open_is_refused_in_one_line(
+        tmp_path, started, no_spawn, monkeypatch, capsys):
+    """The walk judged one directory; another (a real one, not a link, so the open by name
+    follows no link) is in its place when it is opened: its device and inode tell, and the
+    refusal says so in one line rather than logging into a directory nobody judged."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    real = daemon.resolve
+
+    def then_swap(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        logs.rename(tmp_path / "judged")
+        logs.mkdir()
+        return found
+
+    monkeypatch.setattr(daemon, "resolve", then_swap)
+    path = logs / "wg.log"
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={path}: {logs} changed while "
+                   "it was being checked; try again; nothing was started\n"), err
+    assert list(logs.iterdir()) == [] and list((tmp_path / "judged").iterdir()) == []
+
+
 @pytest.mark.parametrize("value", ["abc", "-1", "99999", "1", " 7", "9" * 20])
 def test_a_ready_fd_that_is_not_a_launchers_pipe_is_refused(value, started, no_spawn,
                                                            monkeypatch, capsys):
