@@ -3,7 +3,9 @@ interface is made here (run_foreground and the launcher's Popen are stand-ins th
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -371,6 +373,64 @@ def test_a_directory_replaced_between_the_walk_and_the_open_is_refused_in_one_li
     assert err == (f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={path}: {logs} changed while "
                    "it was being checked; try again; nothing was started\n"), err
     assert list(logs.iterdir()) == [] and list((tmp_path / "judged").iterdir()) == []
+
+
+def _gid(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        pytest.skip(f"no group {name} on this host")
+
+
+@pytest.mark.parametrize(("mode", "group", "who", "chmod"), [
+    (0o666, "root", "others", "o"),
+    (0o646, "root", "others", "o"),
+    (0o660, "adm", "group adm", "g"),
+    (0o662, "adm", "group adm and others", "go"),
+])
+def test_a_log_file_others_may_write_is_refused(mode, group, who, chmod, tmp_path, started,
+                                                no_spawn, monkeypatch, capsys):
+    """An existing log's own mode was not looked at: a 0666 one (a `touch` under umask 0, a
+    chmod) was appended to, and anyone could write lines into a root daemon's log or empty
+    it. Group adm's members read Debian's and Ubuntu's logs (0640); they do not write them.
+    Root's group, which only root is in, is no one else: see the next test."""
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    path = logs / "wg.log"
+    path.write_text("ours\n")
+    os.chown(path, 0, _gid(group))
+    os.chmod(path, mode)
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"wireguard-go-vsock: {daemon.ENV_LOG_FILE}={path} is writable by {who} "
+                   f"(mode {mode:o}): they could write lines of their own into this daemon's "
+                   "log, or empty it, and so forge or erase what it records. "
+                   f"`chmod {chmod}-w {path}`; nothing was started\n"), err
+    assert path.read_text() == "ours\n" and path.stat().st_mode & 0o777 == mode
+
+
+def test_a_log_file_only_its_owner_may_write_is_used(tmp_path, started, monkeypatch, capsys):
+    """Group-writable by a group only its owner is in (a user private group, as umask 002
+    leaves a user's files on Debian; root's own), it is no one else's to write, as Debian's
+    sshd takes it; a device open to all, /dev/null, records nothing to forge."""
+    monkeypatch.setattr(daemon.subprocess, "Popen", _Child)
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    path = logs / "wg.log"
+    path.write_text("")
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
+    for uid, gid in ((0, 0), (NOBODY, pwd.getpwuid(NOBODY).pw_gid)):
+        os.chown(path, uid, gid)
+        os.chmod(path, 0o664)
+        assert daemon.main(["-n", "unix", "wg0"]) == 0, capsys.readouterr().err
+    # Another user's private group is not the owner's.
+    os.chown(path, 0, pwd.getpwuid(NOBODY).pw_gid)
+    os.chmod(path, 0o664)
+    assert daemon.main(["-n", "unix", "wg0"]) == 1
+    assert "is writable by group " in capsys.readouterr().err
+    monkeypatch.setenv(daemon.ENV_LOG_FILE, os.devnull)
+    assert daemon.main(["-n", "unix", "wg0"]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "99999", "1", " 7", "9" * 20])

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import grp
 import logging
 import os
+import pwd
 import signal
 import stat
 import subprocess
@@ -395,7 +397,9 @@ def open_log(path: str) -> int:
     the open; a link at PATH is refused (LogLinkError), not followed; and in a directory
     others may write (a sticky one, or its group's), a file there another user owns (planted,
     where fs.protected_regular is off) or with more than one name (a hard link to root's,
-    where fs.protected_hardlinks is off) is refused."""
+    where fs.protected_hardlinks is off) is refused. So is a log file anyone but its owner
+    may write (_others_may_write: a 0666 one, from a `touch` under umask 0 or a chmod), where
+    they would forge or erase its lines; one already there otherwise keeps its mode."""
     me = os.geteuid()
     parts = names(path)
     last = parts.pop() if parts else "."
@@ -478,11 +482,59 @@ def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
                 "shared directory such as /tmp, and root would append its log to it. Remove it "
                 "and let the daemon create the file (0600), or keep the log in a directory of "
                 "root's own such as /var/log")
+        if (why := _others_may_write(st)) is not None:
+            raise LogPathError(
+                f"{ENV_LOG_FILE}={prose(path, 200)} is writable by {why} (mode "
+                f"{stat.S_IMODE(st.st_mode):o}): they could write lines of their own into "
+                "this daemon's log, or empty it, and so forge or erase what it records. "
+                f"`chmod {_chmod_bits(st, why)}-w {prose(path, 200)}`")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _others_may_write(st: os.stat_result) -> str | None:
+    """Who besides the owner may write the log file ST, as "others", "group adm", "group adm
+    and others"; None when no one may. Only regular files: a device such as /dev/null, open to
+    all, records nothing. As sshd's StrictModes (Debian's), a group only the owner is in (a
+    user private group: its primary group, no other member listed; root's own gid 0 on
+    Debian and Ubuntu) is no other user: a log made by a user under umask 002 passes. Any
+    other group is refused, adm and syslog too: Debian's and Ubuntu's text logs are theirs to
+    read (0640), and those their group may write (wtmp, btmp: root:utmp) are records setgid
+    programs keep, not logs."""
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    who = []
+    if st.st_mode & stat.S_IWGRP and not _private_group(st.st_uid, st.st_gid):
+        who.append(f"group {_group_name(st.st_gid)}")
+    if st.st_mode & stat.S_IWOTH:
+        who.append("others")
+    return " and ".join(who) or None
+
+
+def _chmod_bits(st: os.stat_result, why: str) -> str:
+    """chmod's who for what _others_may_write found: g, o or go."""
+    return ("g" if why.startswith("group") else "") + ("o" if st.st_mode & stat.S_IWOTH else "")
+
+
+def _private_group(uid: int, gid: int) -> bool:
+    """Whether GID is UID's primary group with no member listed but UID's user: a group no
+    other user is in (one that names UID's user as its member is still only UID's)."""
+    try:
+        user = pwd.getpwuid(uid)
+        members = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+    return user.pw_gid == gid and all(m == user.pw_name for m in members)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 # 1: a user may hard-link only a file of their own or one they may read and write.
