@@ -285,6 +285,43 @@ def test_bad_profiles_are_refused_and_the_host_is_unchanged(world: World, kind: 
     assert not (world.lab.tmp / "state").exists()
 
 
+# A read-only tmpfs at $1 in a mount namespace of the command's own ($2...), as the unit's
+# ProtectSystem=strict leaves what it does not list; with $SOCK_DIR, one made there first.
+_READ_ONLY = ('mount -t tmpfs -o mode=0755 tmpfs "$1" && { [ -z "$SOCK_DIR" ] || '
+              'mkdir -m 0700 "$SOCK_DIR"; } && mount -o remount,ro "$1" && shift && exec "$@"')
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_a_socket_directory_on_a_read_only_file_system_says_how_to_fix_it(
+        world: World, made: bool) -> None:
+    """Under the unit (ProtectSystem=strict) a transport.path outside its writable directories
+    failed with a bare "[Errno 30] Read-only file system", naming neither the path nor what to
+    do, once the interface was made. Now `up` refuses first, in one line, with the fix, as for
+    the private key. A real read-only mount, in a mount namespace of the test's own, the
+    directory missing (its mkdir fails) or there (the bind would)."""
+    ro = world.lab.tmp / "ro"
+    ro.mkdir()
+    sock = ro / "sock"
+    profile = world.lab.tmp / "ro.yaml"
+    profile.write_text(world.profile.read_text().replace(
+        f"path: {world.lab.tmp / 'sock'}", f"path: {sock}"))
+    before_links = world.parent.ip("-o", "link", "show").stdout
+    env = {**world.env_for("parent"), "SOCK_DIR": str(sock) if made else ""}
+    res = world.parent.run("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           _READ_ONLY, "sh", str(ro), WGVSOCK, "parent", "up", "-f",
+                           "--profile", str(profile), env=env, check=False, timeout=60)
+    assert res.returncode == 1, res.stderr
+    there = sock if made else ro
+    fix = (f"transport.path {sock} is on a read-only file system, where the parent cannot make "
+           "its sockets (under wgvsock-parent@.service sockets may go under /run/wgvsock: "
+           f"leave transport.path out (its default is /run/wgvsock/{world.name}), or add "
+           f"`ReadWritePaths={there}` with `systemctl edit wgvsock-parent@NAME`)")
+    errors = [line for line in res.stderr.splitlines() if "Read-only" in line or fix in line]
+    assert len(errors) == 1 and errors[0].endswith(fix), res.stderr
+    assert "Traceback" not in res.stderr
+    assert world.parent.ip("-o", "link", "show").stdout == before_links
+
+
 def test_a_tunnel_subnet_a_host_route_covers_is_refused(world: World) -> None:
     """A route of the host (a VPC peering, VPN or Transit Gateway route through its gateway)
     that overlaps the tunnel subnet is a clash as much as an address of the host is: the

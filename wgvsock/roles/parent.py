@@ -368,6 +368,39 @@ def connection_limit_check(profile) -> Check:
 # -- keys ------------------------------------------------------------------------------------
 
 
+def _read_only_fix(instead: str, where: Path) -> str:
+    """What to do about a read-only file system at WHERE, which as a rule is the unit's
+    sandbox (ProtectSystem=strict), not a read-only disk: INSTEAD, or ReadWritePaths=."""
+    return (f" (under wgvsock-parent@.service {instead}, or add `ReadWritePaths={where}` with "
+            "`systemctl edit wgvsock-parent@NAME`)")
+
+
+def _unix_sockets_writable(profile) -> None:
+    """Makes the Unix stand-in's socket directory (transport.path) as the sockets' servers
+    would, and RoleError, in one line, when it is on a read-only file system: the unit's
+    ProtectSystem=strict makes everything so but its own directories, and the bind of the
+    first socket failed with a bare "[Errno 30] Read-only file system", naming neither the
+    path nor the fix, after the interface was made."""
+    path = Path(profile.transport.path)
+    try:
+        socket_dir(str(path))
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        if e.errno is None:  # socket_dir's own refusal, said in full
+            raise RoleError(str(e)) from None
+        if e.errno != errno.EROFS:
+            raise RoleError(f"transport.path {path}: {e.strerror or e}") from None
+        read_only = True
+    if read_only:
+        # ReadWritePaths= of a missing directory fails the unit: name the first that exists.
+        there = next(d for d in (path, *path.parents) if d.exists())
+        raise RoleError(
+            f"transport.path {path} is on a read-only file system, where the parent cannot "
+            "make its sockets"
+            + _read_only_fix(f"sockets may go under /run/wgvsock: leave transport.path out "
+                             f"(its default is /run/wgvsock/{profile.name})", there))
+
+
 def load_parent_key(spec: str, *, create: bool = True) -> bytes:
     """The parent's private key from SPEC (a file, ssm:NAME or secretsmanager:NAME). A missing
     file is created with a new key when CREATE. The file must be 0600 (or stricter) and owned
@@ -407,10 +440,8 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
         except OSError as e:
             why = f"cannot create private key {path}: {e.strerror or e}"
             if e.errno == errno.EROFS:
-                # As a rule the unit's sandbox (ProtectSystem=strict), not a read-only disk.
-                why += (" (under wgvsock-parent@.service only /etc/wgvsock is writable: keep "
-                        f"the key there, or add `ReadWritePaths={path.parent}` with `systemctl "
-                        "edit wgvsock-parent@NAME`)")
+                why += _read_only_fix("only /etc/wgvsock is writable: keep the key there",
+                                      path.parent)
             raise RoleError(why) from e
         log.info("created a new private key at %s", path)
     st = path.stat()
@@ -809,6 +840,8 @@ class Parent:
         # One check for both ports: the WireGuard port lets in only the CID the control port
         # does, so another enclave or VM on this host costs it no reader and no buffer.
         enclave_only = self._enclave_filter()
+        if t.kind == "unix":
+            _unix_sockets_writable(p)
         try:
             bind = make_bind(t.kind, False, unix_dir=t.path if t.kind == "unix" else None)
             bind.refuse_from = enclave_only
