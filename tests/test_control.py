@@ -697,6 +697,40 @@ def test_an_admission_check_that_raises_refuses_without_stopping_the_listener(ca
     assert errors[0].endswith(" in check; refused a connection from 127.0.0.1")
 
 
+class _Unsayable(Exception):
+    """An exception whose message cannot be made: its __str__ raises."""
+
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+def test_an_admission_check_whose_exception_cannot_be_said_still_refuses(caplog):
+    """Before: the refusal's reason took str() of the check's exception, which raised again
+    inside the handler, so the connection went uncounted to the accept loop's Survivor (a
+    traceback; its 21st within 10 s stopped the control port and the parent). Now it is
+    refused, counted and logged in one line like any failing check's."""
+
+    def check(addr: object) -> str | None:
+        raise _Unsayable
+
+    srv, _rec, port = _tcp_server(refuse_from=check, clock=FakeClock())
+    try:
+        with caplog.at_level(logging.DEBUG, logger="wgvsock"):
+            for _ in range(25):
+                with _dial_tcp(port) as s:
+                    expect_closed(s)
+        (refusal,) = srv.refusals.recent()
+    finally:
+        srv.close()
+    assert srv.refused_connections == 25
+    assert refusal.reason.startswith("the admission check failed (_Unsayable (its message "
+                                     "cannot be shown: ValueError)) at test_control.py:")
+    records = [r for r in caplog.records if r.name.startswith("wgvsock")]
+    assert not any(r.exc_info for r in records), [r.getMessage() for r in records if r.exc_info]
+    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+
+
 def test_an_admission_check_that_raises_is_kept_for_status():
     def check(addr: object) -> str | None:
         raise RuntimeError("no CID yet")

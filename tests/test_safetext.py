@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from wgvsock.safetext import prose, quote
+from wgvsock.safetext import error, prose, quote
 
 
 def test_prose_keeps_a_plain_sentence_as_it_reads() -> None:
@@ -36,6 +36,19 @@ def test_quote_is_a_cut_repr() -> None:
     assert quote(b"x" * 100, 12) == "b'xxxxxxxxxx... (103 chars)"
 
 
+def test_error_is_type_and_message_in_one_line_whatever_its_str_does() -> None:
+    class Unsayable(Exception):
+        def __str__(self) -> str:
+            raise ValueError("no message")
+
+    assert error(RuntimeError("no CID yet")) == "RuntimeError: no CID yet"
+    assert error(RuntimeError()) == "RuntimeError"
+    assert error(OSError("a\nforged line\x1b[2J")) == "OSError: a\\nforged line\\x1b[2J"
+    assert error(ValueError("x" * 1000), 10) == "ValueError: xxxxxxxxxx... (1000 chars)"
+    assert error(Unsayable()) == "Unsayable (its message cannot be shown: ValueError)"
+    assert error(type("bad\nname", (Exception,), {})()) == "bad\\nname"
+
+
 def _bounded(code: str, timeout: float = 30.0) -> str:
     """Runs `code` in a child process (repr() of a big structure holds the GIL in C, so no
     thread could stop it): a regression fails at `timeout` instead of hanging the run."""
@@ -60,7 +73,7 @@ def test_quote_and_prose_of_a_shared_structure_do_not_walk_it_all() -> None:
     """Review finding: quote() called repr() and cut afterwards; a DAG of 64 levels (a few
     hundred bytes of CBOR value sharing) has 2^64 paths, so the repr never ended."""
     out = _bounded(
-        "from wgvsock.safetext import prose, quote\n"
+        "from wgvsock.safetext import error, prose, quote\n"
         "a = [0]\n"
         "for _ in range(64):\n"
         "    a = [a, a]\n"

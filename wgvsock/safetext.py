@@ -10,7 +10,12 @@ one for each kind of value:
 - `prose(value)`: a sentence (a reason, a name) as it reads, with every control or otherwise
   unprintable character escaped, cut short.
 
-A third, `without_userinfo(text)`, cuts the user name and password out of every URL in a
+A third, `error(exc)`, is an exception as "Type: message" in the same way, whatever its
+`__str__` does: a check or a library of ours may raise one whose message cannot be made (its
+`__str__` raises), and a refusal or a log line built from it must still be one line, not a
+second exception where the first was being handled.
+
+A fourth, `without_userinfo(text)`, cuts the user name and password out of every URL in a
 text (https://user:pass@host/ is shown https://***@host/): an endpoint the operator set may
 carry them, and a message naming it goes to the terminal and the journal.
 
@@ -32,7 +37,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence, Set
 
-__all__ = ["prose", "quote", "without_userinfo"]
+__all__ = ["error", "prose", "quote", "without_userinfo"]
 
 # How much of a container is written before it is cut, in characters and levels.
 _WALK = 4096
@@ -151,6 +156,17 @@ def prose(value: object, limit: int = 300) -> str:
     if not text.isprintable():
         text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return _cut(text, limit, whole)
+
+
+def error(exc: BaseException, limit: int = 300) -> str:
+    """`EXC` as "Type: message" (its `str()` through `prose`), or "Type" when the message is
+    empty; "Type (its message cannot be shown: Other)" when `str(exc)` itself raises Other."""
+    name = prose(type(exc).__name__, 80)  # (a class made with type() may be named anything)
+    try:
+        text = str(exc)
+    except Exception as e:
+        return f"{name} (its message cannot be shown: {prose(type(e).__name__, 80)})"
+    return f"{name}: {prose(text, limit)}" if text else name
 
 
 # A URL's scheme and authority up to the last "@" before its path, query or fragment: the

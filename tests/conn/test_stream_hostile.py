@@ -451,6 +451,51 @@ def test_an_admission_check_that_fails_refuses(monkeypatch, tmp_path, caplog) ->
         b.close()
 
 
+class _Unsayable(Exception):
+    """An exception whose message cannot be made: its __str__ raises."""
+
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+def test_an_admission_check_whose_exception_cannot_be_said_still_refuses(
+    monkeypatch, tmp_path, caplog
+) -> None:
+    """Before: the refusal's line took str() of the check's exception, which raised again, so
+    the connection went uncounted to the accept loop's Survivor (a traceback, and its 21st
+    within 10 s stopped the WireGuard port). Now it is refused with one line like any
+    failing check's, the message said to be unshowable."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="wgvsock")
+    listener, path = _cid_listener(tmp_path, [7, 7])
+    b = StreamBind("vsock")
+
+    def broken(addr: object) -> str | None:
+        raise _Unsayable
+
+    b.refuse_from = broken
+    monkeypatch.setattr(b, "_listen", lambda port: (listener, 5000))
+    b.open(0, lambda d, ep: None)
+    try:
+        for n in (1, 2):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.settimeout(10.0)
+                c.connect(path)
+                with contextlib.suppress(ConnectionResetError):
+                    assert c.recv(1) == b""
+            wait_for(lambda n=n: b.status()["refused"] == n, 10, f"refusal {n}")
+        assert b.status()["accepted"] == 0
+    finally:
+        b.close()
+    records = [r for r in caplog.records if r.name.startswith("wgvsock")]
+    assert not any(r.exc_info for r in records), [r.getMessage() for r in records if r.exc_info]
+    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert ("admission check failed (_Unsayable (its message cannot be shown: ValueError)) "
+            "at test_stream_hostile.py:") in errors[0]
+
+
 def test_a_failing_admission_check_logs_one_line_not_a_traceback_per_connection(
     monkeypatch, tmp_path, caplog
 ) -> None:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
+from ..safetext import error
 from ..threads import Survivor, raised_at
 from .bind import (
     SHARED_POLL_MS,
@@ -864,7 +865,8 @@ class StreamBind(SocketBind):
             # One line, limited as the other refusals are: a check that fails does so for
             # every connection, a traceback each time at DEBUG included. Where it was raised
             # is what finding the bug needs.
-            why = f"the admission check failed ({type(exc).__name__}: {exc}){raised_at(exc)}"
+            # (safetext.error: a message that cannot be made must not escape to the Survivor.)
+            why = f"the admission check failed ({error(exc)}){raised_at(exc)}"
             self._misc_log(logging.ERROR, "%s: %s; refusing the connection", self.network, why)
         if why is None:
             return False

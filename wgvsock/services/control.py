@@ -62,7 +62,7 @@ from typing import Any
 
 from ..acceptwait import AcceptWait
 from ..conn.bind import RateLimitedLog
-from ..safetext import prose, quote
+from ..safetext import error, prose, quote
 from ..threads import NamedThread, Survivor, raised_at
 
 log = logging.getLogger("wgvsock.control")
@@ -531,8 +531,7 @@ class ControlServer:
             # the accept loop's Survivor: it fails for every connection, so a traceback each
             # time and, after 20, a stopped parent would be anyone's to cause. Where it was
             # raised is what finding the bug needs.
-            why = (f"the admission check failed ({type(exc).__name__}: {exc})"
-                   f"{raised_at(exc)}")
+            why = f"the admission check failed ({error(exc)}){raised_at(exc)}"
             self._refused(conn, who, why)
             self._check_log(logging.ERROR, "control: %s; refused a connection from %s", why, who)
             return
