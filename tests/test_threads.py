@@ -41,6 +41,28 @@ def test_a_dying_thread_stops_the_daemon_with_its_reason(monkeypatch: pytest.Mon
     assert "thread worker died" in caplog.text and "Traceback" in caplog.text
 
 
+def test_a_thread_dying_of_an_exception_that_cannot_be_said_still_stops_the_daemon(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """Before: the hook made the stop reason with str() of the exception, which raised again
+    inside the hook, so stop() was never called: the daemon ran on without the thread."""
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored afterwards
+    reasons: list[str] = []
+    on_thread_death(reasons.append)
+
+    class Unsayable(Exception):
+        def __str__(self) -> str:
+            raise ValueError("no message")
+
+    def boom() -> None:
+        raise Unsayable
+
+    t = threading.Thread(target=boom, name="worker")
+    t.start()
+    t.join()
+    assert reasons == ["thread worker died: Unsayable (its message cannot be shown: "
+                       "ValueError)"]
+
+
 def test_named_threads_carry_their_name_to_the_kernel() -> None:
     seen: list[str] = []
 

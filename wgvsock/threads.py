@@ -29,6 +29,8 @@ import time
 import types
 from collections.abc import Callable
 
+from .safetext import error
+
 log = logging.getLogger("wgvsock.threads")
 
 _PR_SET_NAME = 15
@@ -140,6 +142,9 @@ def on_thread_death(stop: Callable[[str], None]) -> None:
             return
         name = args.thread.name if args.thread is not None else "?"
         log.critical("thread %s died", name, exc_info=args.exc_value)
-        stop(f"thread {name} died: {args.exc_type.__name__}: {args.exc_value}")
+        # (safetext.error: a hook that raised on an unsayable message would leave the daemon
+        # running without the thread, which is what this hook is for.)
+        what = error(args.exc_value) if args.exc_value is not None else args.exc_type.__name__
+        stop(f"thread {name} died: {what}")
 
     threading.excepthook = hook
