@@ -539,3 +539,27 @@ def test_the_connections_the_transport_refused_at_accept_are_counted() -> None:
         "wgvsock_transport_refused_connections_total": 2,
     }
     assert collected({}) == {}
+
+
+def test_the_connections_the_control_port_refused_are_counted() -> None:
+    """The control port's refused_connections as a counter of the profile, read from a real
+    server that refused one; absent while the parent has no control port."""
+    from types import SimpleNamespace
+
+    from tests.test_control import _dial_tcp, _tcp_server, expect_closed
+    from wgvsock.services.metrics.prometheus import ParentCollector
+
+    def collected(control: object) -> dict[str, float]:
+        parent = SimpleNamespace(profile=SimpleNamespace(name="p1"), device=None,
+                                 enclave_key=None, verdict=None, counters=None, control=control)
+        return {s.name: s.value for m in ParentCollector(parent).collect()
+                for s in m.samples if s.name.startswith("wgvsock_control_")}
+
+    assert collected(None) == {}
+    srv, _rec, port = _tcp_server(refuse_from=lambda addr: "not the enclave (a test)")
+    try:
+        with _dial_tcp(port) as s:
+            expect_closed(s)
+        assert collected(srv) == {"wgvsock_control_refused_connections_total": 1}
+    finally:
+        srv.close()

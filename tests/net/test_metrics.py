@@ -176,6 +176,40 @@ def test_the_name_filter_serves_the_named_families(world: World) -> None:
     assert filtered("wgvsock_no_such_metric") == ""
 
 
+def test_the_control_port_s_refused_connections_are_counted(world: World) -> None:
+    """Before: the control port counted the connections it turned away (refused_connections)
+    but no metric said so, where the WireGuard port's are
+    wgvsock_transport_refused_connections_total. Here a peer's third connection while its
+    two registrations are in progress (MAX_PENDING_PER_PEER) is the one refused: the Unix
+    stand-in has no CID to refuse by."""
+    from wgvsock.roles.common import unix_socket_path
+    from wgvsock.services.control import MAX_PENDING_PER_PEER, read_message
+    from wgvsock.services.profile import parse_profile
+
+    world.parent_cmd("up")
+    t = parse_profile(world.profile.read_text()).transport
+    path = unix_socket_path(t.path, t.control_port)
+    assert one(scrape(world)["wgvsock_control_refused_connections"], profile=world.name) == 0
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_PENDING_PER_PEER):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            held.append(s)
+            s.connect(path)
+            # Its challenge: admitted and in its exchange before the next one comes.
+            assert read_message(s, time.monotonic() + 10)["type"] == "challenge"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as refused:
+            refused.settimeout(10)
+            refused.connect(path)
+            assert refused.recv(1) == b""  # closed without a challenge
+        # (A page is served for up to MAX_AGE after it was collected.)
+        wait_for(lambda: one(scrape(world)["wgvsock_control_refused_connections"],
+                             profile=world.name) == 1, 10, "the refusal on /metrics")
+    finally:
+        for s in held:
+            s.close()
+
+
 def doctor_says(world: World, check: str) -> tuple[str, str]:
     """(state, detail) of CHECK in `wgvsock parent doctor`'s table, run in the parent."""
     world.parent_env["COLUMNS"] = "400"  # a row per check

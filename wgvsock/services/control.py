@@ -441,6 +441,8 @@ class ControlServer:
         self._stop = threading.Event()
         self._current: socket.socket | None = None
         self.registrations = 0
+        # Read by the metrics exporter's thread (wgvsock_control_refused_connections_total);
+        # written under _lock, as the connection table it is a count of turning away from.
         self.refused_connections = 0
         self.last_verdict: Verdict | None = None
         # What the last installed registration was (key, attestation state): a registration
@@ -560,7 +562,8 @@ class ControlServer:
 
     def _refused(self, conn: socket.socket, who: str, why: str) -> None:
         """Counts and closes a connection turned away at the door; the caller logs it."""
-        self.refused_connections += 1
+        with self._lock:
+            self.refused_connections += 1
         self.refusals.add("connection", who, why)
         conn.close()
 

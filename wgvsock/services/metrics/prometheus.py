@@ -57,6 +57,7 @@ class ParentLike(Protocol):
     enclave_key: bytes | None
     verdict: Any
     counters: ParentCounters | None
+    control: Any  # (optional: a ControlServer, or None before `up` starts one)
 
 
 # The stream transport's connection counts (its status()), as counters.
@@ -79,6 +80,7 @@ class ParentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._peers()
         yield from self._profile()
+        yield from self._control()
 
     def _peers(self) -> Iterator[Metric]:
         device = self.parent.device
@@ -194,6 +196,22 @@ class ParentCollector(Collector):
             r.add_metric([name], reading.dns.refused)
             yield q
             yield r
+
+
+    def _control(self) -> Iterator[Metric]:
+        # (getattr: the parent has no control port before `up` starts one, nor do the
+        # collector's stand-ins in tests that read the other series.)
+        control = getattr(self.parent, "control", None)
+        if control is None:
+            return
+        c = CounterMetricFamily(
+            "wgvsock_control_refused_connections_total",
+            "Connections the control port closed before their exchange: over vsock, those "
+            "from a CID that is not the enclave's; also those over its limits (connections "
+            "open, registrations in progress from one peer) and those a failing admission "
+            "check refused", labels=["profile"])
+        c.add_metric([self.parent.profile.name], control.refused_connections)
+        yield c
 
 
 class _Registry(CollectorRegistry):
