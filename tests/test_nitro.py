@@ -747,6 +747,87 @@ def test_without_a_process_to_watch_the_poll_tells(fake: Fake, caplog) -> None:
         sup.stop(timeout=10)
 
 
+def test_a_process_id_that_names_an_unrelated_process_is_not_watched(processes: Fake,
+                                                                     caplog,
+                                                                     tmp_path: Path) -> None:
+    """ProcessID of another PID namespace (nitro-cli run by a wrapper in a container) names
+    some unrelated process here. Before: that process was watched as the enclave's, so when
+    it ended the enclave's CID was refused at once and, describe-enclaves failing meanwhile,
+    the healthy enclave was restarted. Now a process is watched only if its command line
+    carries our run-enclave's arguments (nitro-cli forks its enclave process from run-enclave
+    without an exec); this one is not, and the poll alone tells, as a line says."""
+    fake = processes
+    stranger = subprocess.Popen(["sleep", "600"])
+    failures = tmp_path / "describe-failures"
+    try:
+        cli = script(tmp_path, f'if [ "$1" = run-enclave ]; then "{FAKE}" "$@" | sed '
+                     f"'s/\"ProcessID\": [0-9]*/\"ProcessID\": {stranger.pid}/'; "
+                     f'else exec "{FAKE}" "$@"; fi')
+        failing = tmp_path / "failing"
+        failing.write_text(f"#!/bin/sh\necho x >> {failures}\n"
+                           "echo '[ E39 ] Enclave process connection failure.' >&2; exit 1\n")
+        failing.chmod(0o755)
+        sup = supervisor(fake, caplog, launch=fake.launch(), poll_interval=0.05)
+        sup.nitro = NitroCli(cli, env=fake.env)
+        sup.start()
+        try:
+            info = sup.wait_started()
+            assert info is not None and info.process_id == stranger.pid
+            assert sup._process is None
+            said = (f"enclave wgvsock-sup: its exit is known by describe-enclaves only, every "
+                    f"50 ms: process {stranger.pid} (sleep) is not the enclave process of our "
+                    "run-enclave (nitro-cli runs in another PID namespace?)")
+            wait(lambda: said in caplog.text)  # (it follows the start's own line)
+            sup.nitro = NitroCli(str(failing))
+            wait(lambda: failures.exists())
+            stranger.kill()
+            stranger.wait()
+            seen = len(failures.read_text().splitlines())
+            # Two polls after the end: the first could have begun before it.
+            wait(lambda: len(failures.read_text().splitlines()) >= seen + 2)
+            assert sup.info == info and sup.starts == 1 and sup.last_reason is None
+            sup.nitro = fake.cli
+        finally:
+            sup.stop(timeout=10)
+    finally:
+        stranger.kill()
+        stranger.wait()
+    assert fake.enclaves() == []
+
+
+def test_a_run_enclave_without_a_process_id_is_watched_by_the_poll(fake: Fake, caplog,
+                                                                   tmp_path: Path) -> None:
+    """nitro-cli before 1.0 prints no ProcessID: the enclave runs, its exit is learnt from
+    describe-enclaves, and one line says so. Before: the same, but nothing said why the exit
+    was known only a poll later."""
+    cli = script(tmp_path, f'if [ "$1" = run-enclave ]; then "{FAKE}" "$@" | '
+                 "sed '/\"ProcessID\"/d'; "
+                 f'else exec "{FAKE}" "$@"; fi')
+    sup = supervisor(fake, caplog, launch=fake.launch(), poll_interval=0.05)
+    sup.nitro = NitroCli(cli, env=fake.env)
+    sup.start()
+    try:
+        first = sup.wait_started()
+        assert first is not None and first.process_id is None and first.cid == 16
+        assert sup._process is None and sup.info == first
+        fake.hook("fake-crash", first.enclave_id)
+        second = sup.wait_started(2)
+        assert second is not None and second.enclave_id != first.enclave_id
+        assert sup.last_reason == "exited (describe-enclaves no longer lists it)"
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "ProcessID" in r.getMessage()]
+
+        wait(lambda: len(lines()) == 2)  # one for each enclave started
+    finally:
+        sup.stop(timeout=10)
+    assert lines()[0] == ("enclave wgvsock-sup: its exit is known by describe-enclaves only, "
+                          "every 50 ms: nitro-cli printed no ProcessID (nitro-cli before 1.0 "
+                          "prints none)")
+    assert len(lines()) == 2
+    assert fake.enclaves() == []
+
+
 def test_a_process_id_no_pid_can_have_leaves_the_watch_to_the_poll(fake: Fake, caplog,
                                                                    tmp_path: Path) -> None:
     """Before: a ProcessID above 2**31 - 1 (nitro-cli's is a u32; the kernel's pids stop at

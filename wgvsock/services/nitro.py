@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..pathwalk import Replaceable, keepers, walk
+from ..safetext import prose
 from ..threads import NamedThread
 from .profile import EnclaveLaunch
 
@@ -599,6 +600,9 @@ def run_failure_fix(err: NitroError, launch: EnclaveLaunch,
 
 # -- the supervisor ------------------------------------------------------------------------------
 
+# The most of an enclave process's command line read: run-enclave's arguments are a few
+# hundred bytes (an EIF path at most PATH_MAX).
+_CMDLINE_MAX = 16384
 # How often the watch asks whether the enclave's nitro-cli process has ended (a poll() of its
 # pidfd, no nitro-cli call).
 PROCESS_CHECK = 0.1
@@ -616,8 +620,18 @@ class EnclaveProcess:
 
     Opened after run-enclave returned: had the process ended before that and its number gone to
     another process, the enclave ended with it, so a pidfd that reads as ended never says so of
-    a running enclave; one that does not is checked by the poll as before. (The exception, a
-    ProcessID of another PID namespace, is caught by that poll too: EnclaveSupervisor._watch.)
+    a running enclave; one that does not is checked by the poll as before.
+
+    The exception is a ProcessID of another PID namespace (nitro-cli run by a wrapper in a
+    container): here that number is any process, or none. So `watch` takes a process only if
+    its command line carries run-enclave's arguments: nitro-cli forks its enclave process from
+    the run-enclave client without an exec (enclave_proc_comm.rs, enclave_proc_spawn; then
+    daemon()), so its /proc/PID/cmdline is that client's. Read between pidfd_open and a check
+    that the pidfd's process is still there, the command line is that process's and no later
+    holder's of its number. An unrelated process that ended would otherwise read as the
+    enclave's exit: its CID refused at once and, when describe-enclaves failed too, a healthy
+    enclave restarted. (One that passed the check and ended while the enclave is still listed
+    is caught by the poll: EnclaveSupervisor._watch.)
     """
 
     def __init__(self, pid: int, fd: int) -> None:
@@ -628,18 +642,57 @@ class EnclaveProcess:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, pid: int | None) -> EnclaveProcess | None:
-        """None where it cannot be watched: no ProcessID (nitro-cli before 1.0 prints none), no
-        such process (ended already, or another PID namespace's), no pidfd_open (Linux before
-        5.3). The describe-enclaves poll is then all there is (its first made at once)."""
-        if not pid or pid <= 0:
-            return None
+    def open(cls, pid: int | None, command: Sequence[str] | None = None
+             ) -> EnclaveProcess | None:
+        """`watch`'s process alone."""
+        return cls.watch(pid, command)[0]
+
+    @classmethod
+    def watch(cls, pid: int | None, command: Sequence[str] | None = None
+              ) -> tuple[EnclaveProcess | None, str]:
+        """The process PID, when it can be watched and (given COMMAND, run-enclave's
+        arguments) is the enclave process of that run-enclave; else None and why, in words
+        that follow "its exit is known by describe-enclaves only: ". None where there is no
+        ProcessID (nitro-cli before 1.0 prints none), no such process (ended already, or
+        another PID namespace's), another process (another PID namespace's number), or no
+        pidfd_open (Linux before 5.3). The describe-enclaves poll is then all there is (its
+        first made at once)."""
+        if pid is None:
+            return None, "nitro-cli printed no ProcessID (nitro-cli before 1.0 prints none)"
+        if pid <= 0:
+            return None, f"nitro-cli's ProcessID {pid} is no process's"
         try:
-            return cls(pid, os.pidfd_open(pid))
-        except (OSError, AttributeError, OverflowError):
-            # OverflowError: a ProcessID past a C int (nitro-cli's is a u32) is no process,
-            # and must not end the supervisor's thread, and with it `parent up`.
-            return None
+            process = cls(pid, os.pidfd_open(pid))
+        except AttributeError:
+            return None, "no pidfd_open here (Python built for Linux before 5.3)"
+        except OverflowError:
+            # A ProcessID past a C int (nitro-cli's is a u32) is no process, and must not end
+            # the supervisor's thread, and with it `parent up`.
+            return None, f"nitro-cli's ProcessID {pid} is no process's"
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                return None, (f"no process {pid} (ended already, or nitro-cli runs in "
+                              "another PID namespace)")
+            return None, f"cannot watch process {pid}: {e.strerror or e}"
+        if command is None:
+            return process, ""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read(_CMDLINE_MAX).split(b"\0")
+        except OSError:
+            argv = []
+        if process.ended():
+            # What was read may be a later holder's of its number.
+            process.close()
+            return None, f"process {pid} ended as it was looked at"
+        want = [os.fsencode(a) for a in command]
+        if any(argv[i:i + len(want)] == want for i in range(len(argv) - len(want) + 1)):
+            return process, ""
+        process.close()
+        # Its program only: the rest of another process's command line may be a secret.
+        program = os.path.basename(argv[0].decode("utf-8", "replace")) if argv and argv[0] else "?"
+        return None, (f"process {pid} ({prose(program, 60)}) is not the enclave process of "
+                      "our run-enclave (nitro-cli runs in another PID namespace?)")
 
     def ended(self) -> bool:
         with self._lock:
@@ -802,7 +855,8 @@ class EnclaveSupervisor:
                     delay = min(delay * 2, self.backoff_max)
                     continue
                 started_at = self.clock()
-                process = EnclaveProcess.open(info.process_id)
+                process, unwatched = EnclaveProcess.watch(
+                    info.process_id, NitroCli.run_args(self.launch, self.name))
                 with self._started:
                     self._info, self._process = info, process
                     self.starts += 1
@@ -810,6 +864,10 @@ class EnclaveSupervisor:
                 if self._stop.is_set():
                     break  # stop() came while run-enclave ran: the finally terminates it
                 self._announce(info)
+                if process is None:
+                    self.log.info("enclave %s: its exit is known by describe-enclaves only, "
+                                  "every %s: %s", self.name, _secs(self.poll_interval),
+                                  unwatched)
                 reason = self._watch(info)
                 if reason is None:
                     break
