@@ -1082,15 +1082,21 @@ def test_check_host_judges_policy_routing_by_what_reaches_the_main_table_first()
 
 def test_check_host_a_rule_with_a_mark_for_other_ends_takes_none_of_the_tunnel():
     """A mark, protocol or interface narrows a rule further; only `not` widens it past its
-    source and destination."""
+    source and destination: `not from 10.1.0.9 fwmark 0x1` takes all but the marked packets
+    from 10.1.0.9, the parent's own connections (looked up from 0.0.0.0) among them."""
     p = parse_profile("name: a\nparent:\n  address: 10.77.0.1/30\n", FILE)
     tables = {7: [(net("0.0.0.0/0"), "dev eth1")]}
-    for rule, warned in ((_rule(100, 7, src="10.1.0.9/32", some=True), 0),
-                         (_rule(100, 7, dst="192.0.2.9/32", some=True), 0),
-                         (IPRule(4, 100, net("10.1.0.9/32"), None, 7, None, True, None,
-                                 "100: not from 10.1.0.9 fwmark 0x1 lookup 7", True), 1)):
+    for rule, refused, warned in (
+            (_rule(100, 7, src="10.1.0.9/32", some=True), 0, 0),
+            (_rule(100, 7, dst="192.0.2.9/32", some=True), 0, 0),
+            (IPRule(4, 100, net("10.1.0.9/32"), None, 7, None, True, None,
+                    "100: not from 10.1.0.9 fwmark 0x1 lookup 7", True), 1, 0),
+            (IPRule(4, 100, net("0.0.0.0/1"), None, 7, None, True, None,
+                    "100: not from 0.0.0.0/1 lookup 7", True), 0, 1),
+            (IPRule(4, 100, None, net("10.77.0.0/16"), 7, None, True, None,
+                    "100: not from all to 10.77.0.0/16 lookup 7", True), 0, 0)):
         host = HostRoutes(rules=[rule, *_main()], tables=tables)
-        assert check_host(p, [], host) == []
+        assert len(check_host(p, [], host)) == refused, rule
         assert len(check_host_warnings(p, host)) == warned, rule
 
 

@@ -651,6 +651,44 @@ DEAD_TUNNELS = {
         "tunnel subnet 10.77.0.0/30: ip rule `200: from all to 10.0.0.0/8 unreachable` comes "
         "before the main table, where the tunnel's route goes, and drops traffic for it "
         "(unreachable) — pick a subnet this host does not use, e.g. 172.30.0.0/30"),
+    "a `not from` rule": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "not", "from", "10.0.0.0/8", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: ip rule `100: not from 10.0.0.0/8 lookup 7` comes before "
+        "the main table, where the tunnel's route goes, and sends traffic for it from all but "
+        "10.0.0.0/8 (the parent's own connections too) to table 7's route default (via "
+        "198.51.100.2 dev va0) — have the main table looked up first for it: `ip rule add pref "
+        "99 to 10.77.0.0/30 lookup main`"),
+    "a `not fwmark` rule": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "not", "fwmark", "0x10/0x10", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: "
+        "ip rule `100: not from all fwmark 0x10/0x10 lookup 7` comes before the main table, "
+        "where the tunnel's route goes, and sends traffic for it but what has fwmark 0x10/0x10 "
+        "to table 7's route default (via 198.51.100.2 dev va0)"),
+    "a goto past the main table": (
+        [("rule", "add", "pref", "100", "to", "10.77.0.0/16", "goto", "32767")],
+        "tunnel subnet 10.77.0.0/30: ip rule `100: from all to 10.77.0.0/16 goto 32767` comes "
+        "before the main table, where the tunnel's route goes, and jumps past it to where no "
+        "table routes traffic for it — pick a subnet this host does not use, e.g. "
+        "10.99.0.0/30 (and move enclave.address with it), or have the main table looked up "
+        "first for it: `ip rule add pref 99 to 10.77.0.0/30 lookup main`"),
+    "a goto past the main table to a table that routes it": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "to", "10.77.0.0/16", "goto", "200"),
+         ("rule", "add", "pref", "150", "to", "10.77.0.0/16", "lookup", "main"),
+         ("rule", "add", "pref", "200", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: "
+        "ip rule `100: from all to 10.77.0.0/16 goto 200` comes before the main table, where "
+        "the tunnel's route goes, and jumps past it to `200: from all lookup 7`, which sends "
+        "traffic for it to table 7's route default (via 198.51.100.2 dev va0)"),
+    "a main table whose lookup ignores the tunnel's interface": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "lookup", "main", "suppress_ifgroup", "default"),
+         ("rule", "add", "pref", "200", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: "
+        "ip rule `200: from all lookup 7` comes before the main table, where the tunnel's "
+        "route goes, and sends traffic for it to table 7's route default"),
 }
 
 
@@ -699,6 +737,18 @@ PARTLY = {
         "tunnel's route goes, and sends some traffic for it to table 7's route default (via "
         "198.51.100.2 dev va0) — have the main table looked up first for it: `ip rule add "
         "pref 99 to 10.77.0.0/30 lookup main`"),
+    "a rule for part of the subnet, not the enclave's address": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "to", "10.77.0.0/31", "lookup", "7")],
+        "ip rule `100: from all to 10.77.0.0/31 lookup 7` comes before the main table, where "
+        "the tunnel's route goes, and sends traffic for 10.77.0.0/31 of it (not the enclave's "
+        "10.77.0.2) to table 7's route default (via 198.51.100.2 dev va0)"),
+    "a table with a route for part of the subnet, not the enclave's address": (
+        [("route", "add", "10.77.0.0/31", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "lookup", "7")],
+        "ip rule `100: from all lookup 7` comes before the main table, where the tunnel's "
+        "route goes, and sends traffic for 10.77.0.0/31 of it (not the enclave's 10.77.0.2) "
+        "to table 7's route 10.77.0.0/31 (via 198.51.100.2 dev va0)"),
 }
 
 
@@ -822,6 +872,28 @@ def test_no_rule_is_suggested_ahead_of_the_local_table_s(world: World) -> None:
                              env=world.env_for("parent"), check=False)
     assert "`ip rule add pref 199 to 10.77.0.0/30 lookup main`" in check.stderr, check.stderr
     assert "ip rule add pref 0 " not in check.stderr, check.stderr
+
+
+def test_rules_that_leave_the_enclave_s_address_to_the_main_table_pass(world: World) -> None:
+    """Rules whose lookups the kernel passes over for the tunnel's traffic were read as taking
+    it: a goto over a rule that would (refused before), a table whose route for it a
+    suppress_prefixlength or suppress_ifgroup makes the lookup ignore (refused before), and
+    `not to` a range the enclave's address is in (warned of before)."""
+    for args in [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+                 ("rule", "add", "pref", "50", "to", "10.77.0.0/30", "goto", "32766"),
+                 ("rule", "add", "pref", "100", "to", "10.77.0.0/16", "lookup", "7"),
+                 ("rule", "add", "pref", "101", "lookup", "7", "suppress_prefixlength", "0"),
+                 ("rule", "add", "pref", "102", "lookup", "7", "suppress_ifgroup", "default"),
+                 ("rule", "add", "pref", "103", "not", "to", "10.77.0.0/16", "lookup", "7")]:
+        world.parent.ip(*args)
+    _passes_quietly(world)
+    world.parent.ip("rule", "del", "pref", "50")
+    world.parent.ip("rule", "del", "pref", "100")
+    _passes_quietly(world)
+    res = world.parent_cmd("up")
+    assert "warning" not in res.stderr, res.stderr
+    route = world.parent.ip("route", "get", "10.77.0.2")
+    assert "dev wg0" in route.stdout, route.stdout
 
 
 def test_a_rule_for_what_comes_in_by_the_tunnel_passes(world: World) -> None:

@@ -2152,8 +2152,10 @@ def check_host(profile: Profile, host_networks: Iterable[IPNetwork],
 
     Given HostRoutes, also a blackhole, unreachable or prohibit route inside the tunnel subnet
     (the tunnel would come up with the enclave's address dropped), and an `ip rule` ahead of
-    the main table's, where the tunnel's route goes, that sends all traffic for the subnet
-    elsewhere (to another table's route, or drops it). check_host_warnings() says the rest.
+    the main table's, where the tunnel's route goes, that sends all traffic for the enclave's
+    address elsewhere (to another table's route, or drops it; a goto that jumps past main;
+    `not from 10.0.0.0/8`, which takes the parent's own connections and all from elsewhere).
+    check_host_warnings() says the rest (_rules_against says how rules are judged).
     """
     return _host_clashes(profile, host_networks, host_routes)[0]
 
@@ -2167,7 +2169,8 @@ def check_host_warnings(profile: Profile,
     for that range after all; and an `ip rule` ahead of the main table's that sends some of
     the tunnel's traffic elsewhere, as one that selects by a mark or an interface too, or by
     the source (`from 10.77.0.0/30` takes the parent's own traffic to the enclave, and the
-    enclave's egress, which may be what the operator meant)."""
+    enclave's egress, which may be what the operator meant), or only the subnet's addresses
+    other than the enclave's."""
     return _host_clashes(profile, (), host_routes)[1]
 
 
@@ -2209,32 +2212,28 @@ def _host_clashes(profile: Profile, host_networks: Iterable[IPNetwork],
                 clashes.append((False, f"tunnel subnet {tunnel} is inside {net}, where a route "
                                 f"of this host drops traffic ({kind}): the tunnel's route, more "
                                 f"specific, takes {tunnel} out of it", True, ""))
-        policy = _rules_against(tunnel, extra)
-        for rule, to, hits in policy:
-            if rule.drop:
-                sends = f"drops {'some ' if rule.some else ''}traffic for it ({rule.drop})"
-            else:
-                whose = ("traffic for it" if not rule.some and rule.src is None
-                         else f"traffic for it from {rule.src} (the parent's own)"
-                         if not rule.some else "some traffic for it")
-                sends = f"sends {whose} to {to}"
-            # Any subnet would do as badly where the rule takes all traffic there.
-            everywhere = rule.src is None and rule.dst is None and (
-                not hits or any(n.prefixlen == 0 for n in hits))
+        need = [a.ip for a in profile.enclave.addresses if a.ip in tunnel] or [
+            next(h for h in (tunnel.network_address + 1, tunnel.network_address)
+                 if h != iface.ip)]
+        policy = _rules_against(tunnel, extra, need, profile.interface)
+        for against in policy:
             # Not ahead of the local table's rule (Cilium's and VRF hosts' come later): the
             # parent's own address in the subnet would be routed out of the tunnel.
+            rule = against.rule
             fix = (f"have the main table looked up first for it: `ip rule add pref "
                    f"{rule.priority - 1} to {tunnel} lookup main`"
                    if rule.priority > extra.local_first.get(tunnel.version, 0) else "")
-            clashes.append((not rule.some and rule.src is None,
+            clashes.append((against.refused,
                             f"tunnel subnet {tunnel}: ip rule `{rule.text}` comes before the "
-                            f"main table, where the tunnel's route goes, and {sends}",
-                            not everywhere, f", or {fix}" if fix and not everywhere else fix))
+                            f"main table, where the tunnel's route goes, and {against.sends}",
+                            not against.everywhere,
+                            f", or {fix}" if fix and not against.everywhere else fix))
         if not clashes:
             continue
         # The suggestion keeps clear of what would clash with it again.
-        avoid = [*taken, *dropping, *(n for rule, _, hits in policy
-                                     for n in (rule.src, rule.dst, *hits)
+        avoid = [*taken, *dropping, *(n for t in policy
+                                     for n in (*(() if t.rule.invert
+                                                 else (t.rule.src, t.rule.dst)), *t.hits)
                                      if n is not None and n.prefixlen)]
         free = _free_subnet(tunnel.prefixlen, tunnel.version, avoid)
         for refused, reason, pick, fix in clashes:
@@ -2248,59 +2247,197 @@ def _host_clashes(profile: Profile, host_networks: Iterable[IPNetwork],
     return problems, warnings
 
 
-def _rules_against(tunnel: IPNetwork, host: HostRoutes
-                   ) -> list[tuple[IPRule, str, list[IPNetwork]]]:
-    """The rules ahead of the first that has the main table looked up for all of TUNNEL (where
-    its route goes) that would route traffic to or from it elsewhere: each with where to (a
-    table's route, as `table 7's route default (via 192.0.2.1 dev eth1)`) and the routes.
+@dataclass(frozen=True)
+class _Taken:
+    """What an ip rule does to the tunnel's traffic, for _host_clashes."""
 
-    A rule to a table that has no route for the subnet passes the traffic on to the next rule,
-    as does a `throw` route; so does the main table when its suppress_prefixlength is below
-    the subnet's prefix (wg-quick's `lookup main suppress_prefixlength 0`). A rule that
-    selects only what an earlier one with main looked up did (same mark, interface...; no
-    narrower source) gets nothing of the subnet: Tailscale's `fwmark 0x80000/0xff0000
-    unreachable` after its `fwmark 0x80000/0xff0000 lookup main`."""
+    rule: IPRule  # the rule to name (a goto that jumped past main, not where it landed)
+    sends: str  # what it does, as "sends traffic for it to table 7's route default (...)"
+    hits: list[IPNetwork]  # the routes that take it
+    refused: bool  # takes all the traffic for the enclave's address, not only some
+    everywhere: bool  # would take it whatever the subnet (no other subnet would do)
+
+
+def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress],
+                   interface: str) -> list[_Taken]:
+    """The rules that route traffic for TUNNEL elsewhere than the main table (where its
+    route goes, through INTERFACE), as the kernel walks them: in priority order, a goto
+    jumping ahead, until a rule has main looked up for all of it.
+
+    What the tunnel needs is the traffic to NEED, the enclave's addresses (the peer's allowed
+    ips): a rule that takes all of that is refused; one that takes only some (by a mark, an
+    interface, the parent's own source), or only the subnet's other addresses, is warned of.
+    A rule's table routes an address by its most specific route there; none, a throw route,
+    or one the rule's suppress_prefixlength or suppress_ifgroup has the lookup ignore passes
+    it on to the next rule (so does main's: wg-quick's `lookup main suppress_prefixlength 0`).
+    A rule that selects only what an earlier one with main looked up did (same mark,
+    interface...; no narrower source) gets nothing of it: Tailscale's `fwmark 0x80000/0xff0000
+    unreachable` after its `fwmark 0x80000/0xff0000 lookup main`. With `not`, a rule takes
+    what fails any of its selectors: `not from 10.0.0.0/8` all but that source (the parent's
+    own connections, looked up from 0.0.0.0, among it), `not fwmark 0x10/0x10` all unmarked
+    traffic, `not to 10.77.0.0/16` none of it."""
     rules = [r for r in host.rules if r.version == tunnel.version]
-    main = min((r.priority for r in rules if r.takes_main_first
-                and (r.dst is None or tunnel.subnet_of(r.dst))  # type: ignore[arg-type]
-                and (r.suppress is None or r.suppress < tunnel.prefixlen)), default=1 << 32)
-    found = []
-    mains: list[IPRule] = []  # the earlier rules with main looked up for some of it
-    for rule in rules:
-        if rule.priority >= main:
+    found: dict[int, _Taken] = {}  # by the named rule's place in RULES, refusals kept
+    # The rules reached that took nothing of NEED: whether partly, and MAINS there.
+    passed: dict[int, tuple[bool, list[IPRule]]] = {}
+
+    def take(named: IPRule, taken: _Taken) -> None:
+        key = rules.index(named)
+        if key not in found or (taken.refused and not found[key].refused):
+            found[key] = taken
+
+    def main_takes(rule: IPRule, addr: IPAddress, mains: list[IPRule]) -> bool:
+        return (rule.table == _TABLE_MAIN and _selects(rule, addr, tunnel, mains)[0] == "all"
+                and not _suppressed(rule, tunnel.prefixlen, host.groups.get(interface, 0)))
+
+    def walk(addr: IPAddress, i: int, partial: bool, via: IPRule | None,
+             mains: list[IPRule]) -> None:
+        while i < len(rules):
+            rule = rules[i]
+            i += 1
+            kind, whose = _selects(rule, addr, tunnel, mains)
+            if kind is None:
+                passed.setdefault(i - 1, (partial, list(mains)))
+                continue
+            partly = partial or kind == "some"
+            if rule.goto is not None:
+                target = next((k for k, r in enumerate(rules) if r.priority == rule.goto), None)
+                if target is None:  # unresolved: the kernel passes over it
+                    continue
+                # Named itself where it jumps over a rule that would have main looked up.
+                jumped = via or (rule if any(main_takes(r, addr, mains)
+                                             for r in rules[i:target]) else None)
+                if kind == "all":
+                    i, via = target, jumped
+                else:
+                    walk(addr, target, True, jumped, list(mains))
+                continue
+            if rule.table == _TABLE_MAIN:
+                if not _suppressed(rule, tunnel.prefixlen, host.groups.get(interface, 0)):
+                    if kind == "all":
+                        return
+                    if (not rule.invert and (rule.match or not rule.some)
+                            and not any(m.startswith("?") for m in rule.match)):
+                        mains.append(rule)
+                continue
+            if rule.drop:
+                sends, hits = f"drops {whose} ({rule.drop})", []
+            else:
+                route = _lookup(host, rule, addr)
+                if route is None:
+                    passed.setdefault(i - 1, (partial, list(mains)))
+                    continue
+                sends, hits = f"sends {whose} to {_route_text(rule, *route)}", [route[0]]
+            everywhere = (rule.dst is None and (rule.invert or rule.src is None)
+                          and (not hits or any(n.prefixlen == 0 for n in hits)))
+            if via is not None:
+                sends = f"jumps past it to `{rule.text}`, which {sends}"
+            take(via or rule, _Taken(via or rule, sends, hits, not partly,
+                                     everywhere and via is None))
+            if kind == "all":
+                return
+        if via is not None:
+            take(via, _Taken(via, "jumps past it to where no table routes traffic for it", [],
+                             not partial, False))
+
+    for addr in need:
+        walk(addr, 0, False, None, [])
+    # The rest of the subnet: traffic for it that nothing needs, but the operator may.
+    enclave = " or ".join(str(a) for a in need)
+    for i, (partial, mains) in passed.items():
+        rule = rules[i]
+        if i in found or rule.invert or rule.goto is not None or rule.table == _TABLE_MAIN:
             continue
-        if rule.table == _TABLE_MAIN:
-            if ((rule.match or not rule.some) and not rule.invert  # nor by values unknown
-                    and not any(m.startswith("?") for m in rule.match)
-                    and (rule.dst is None or tunnel.subnet_of(rule.dst))  # type: ignore[arg-type]
-                    and (rule.suppress is None or rule.suppress < tunnel.prefixlen)):
-                mains.append(rule)
+        if rule.dst is not None and not rule.dst.overlaps(tunnel):  # type: ignore[arg-type]
             continue
-        if not rule.invert and any(
-                m.match <= rule.match and (m.src is None or (
-                    rule.src is not None and rule.src.subnet_of(m.src)))  # type: ignore[arg-type]
-                for m in mains):
-            continue
-        ends_match = all(end is None or end.overlaps(tunnel)  # type: ignore[arg-type]
-                         for end in (rule.src, rule.dst))
-        if not ends_match and not rule.invert:  # with `not`, the ends may select the others
-            continue
-        if rule.drop:
-            found.append((rule, rule.drop, []))
-            continue
-        table = [(n, w) for n, w in host.tables.get(rule.table, ())
-                 if n.version == tunnel.version and n.overlaps(tunnel)]  # type: ignore[arg-type]
-        throws = [n for n, w in table if w == "throw" and tunnel.subnet_of(n)]  # type: ignore[arg-type]
-        hits = [(n, w) for n, w in table if w != "throw"
-                and not any(t.prefixlen > n.prefixlen for t in throws)]
-        if not hits:
-            continue
-        net, to = hits[0]
-        shown = "default" if net.prefixlen == 0 else str(net)
-        text = (f"table {rule.table}'s {to} route {shown}, which drops it" if to in _DROPS.values()
-                else f"table {rule.table}'s route {shown} ({to})")
-        found.append((rule, text, [n for n, _ in hits]))
-    return found
+        part = (rule.dst if rule.dst is not None and rule.dst.subnet_of(tunnel)  # type: ignore[arg-type]
+                else tunnel)
+        for addr in _samples(part, host.tables.get(rule.table, ()), need):
+            kind = _selects(rule, addr, tunnel, mains)[0]
+            if kind is None:
+                continue
+            some = "some " if partial or kind == "some" else ""
+            if rule.drop:
+                found[i] = _Taken(rule, f"drops {some}traffic for {part} of it (not the "
+                                        f"enclave's {enclave}) ({rule.drop})", [], False, False)
+                break
+            route = _lookup(host, rule, addr)
+            if route is None:
+                continue
+            shown = (max((part, route[0]), key=lambda n: n.prefixlen)
+                     if route[0].subnet_of(tunnel) else part)  # type: ignore[arg-type]
+            found[i] = _Taken(rule, f"sends {some}traffic for {shown} of it (not the enclave's "
+                                    f"{enclave}) to {_route_text(rule, *route)}", [route[0]],
+                              False, False)
+            break
+    return [found[k] for k in sorted(found)]
+
+
+def _selects(rule: IPRule, addr: IPAddress, tunnel: IPNetwork, mains: list[IPRule]
+             ) -> tuple[str | None, str]:
+    """Whether RULE matches "all" the traffic for ADDR, "some" or None, and what it takes as
+    a phrase; MAINS, the rules with main looked up for some of it before."""
+    src = rule.src if rule.src is not None and rule.src.prefixlen else None
+    if rule.invert:  # matches what fails any of its selectors
+        if rule.dst is not None and addr not in rule.dst:
+            return "all", "traffic for it"
+        if src is not None and ipaddress.ip_address(0 if addr.version == 4 else "::") not in src:
+            return "all", f"traffic for it from all but {src} (the parent's own connections too)"
+        if rule.misses:
+            return "all", f"traffic for it but what has {rule.misses}"
+        if src is None and not rule.match:
+            return None, ""  # `not to 10.77.0.0/16`, `not from all`: it all passes them
+        return "some", "some traffic for it"
+    if rule.dst is not None and addr not in rule.dst:
+        return None, ""
+    if src is not None and not src.overlaps(tunnel):  # type: ignore[arg-type]
+        return None, ""
+    if any(m.match <= rule.match and (m.src is None or (
+            src is not None and src.subnet_of(m.src))) for m in mains):  # type: ignore[arg-type]
+        return None, ""
+    if rule.some:
+        return "some", "some traffic for it"
+    if src is not None:
+        return "some", f"traffic for it from {src} (the parent's own)"
+    return "all", "traffic for it"
+
+
+def _suppressed(rule: IPRule, prefixlen: int, group: int) -> bool:
+    """Whether RULE's lookup ignores a route of PREFIXLEN through a device in GROUP."""
+    return ((rule.suppress is not None and prefixlen <= rule.suppress)
+            or (rule.ifgroup is not None and group == rule.ifgroup))
+
+
+def _lookup(host: HostRoutes, rule: IPRule, addr: IPAddress) -> tuple[IPNetwork, str] | None:
+    """The route RULE's table gives ADDR, None where the lookup goes on to the next rule."""
+    routes = [(n, w) for n, w in host.tables.get(rule.table, ())
+              if n.version == addr.version and addr in n]
+    if not routes:
+        return None
+    net, where = max(routes, key=lambda r: r[0].prefixlen)
+    if where == "throw":
+        return None
+    if where not in _DROPS.values():
+        dev = re.search(r"\bdev (\S+)", where)
+        if _suppressed(rule, net.prefixlen, host.groups.get(dev[1], 0) if dev else 0):
+            return None
+    return net, where
+
+
+def _samples(part: IPNetwork, table: Iterable[tuple[IPNetwork, str]],
+             skip: Sequence[IPAddress]) -> list[IPAddress]:
+    """Addresses of PART, but SKIP, that stand for where TABLE's routes send all of it: its
+    first and each route's first inside it."""
+    found = [part.network_address, *(max(n.network_address, part.network_address)
+                                     for n, _ in table if n.version == part.version
+                                     and n.overlaps(part))]  # type: ignore[arg-type]
+    return [a for a in dict.fromkeys(found) if a not in skip]
+
+
+def _route_text(rule: IPRule, net: IPNetwork, to: str) -> str:
+    shown = "default" if net.prefixlen == 0 else str(net)
+    return (f"table {rule.table}'s {to} route {shown}, which drops it" if to in _DROPS.values()
+            else f"table {rule.table}'s route {shown} ({to})")
 
 
 def check_routes(profile: Profile, host_routes: Iterable[IPNetwork]) -> list[Problem]:
@@ -2338,10 +2475,10 @@ def check_routes(profile: Profile, host_routes: Iterable[IPNetwork]) -> list[Pro
 # Route types and rule actions as `ip route` and `ip rule` name them; tables and flags.
 _RTN_UNICAST, _RTN_THROW = 1, 9
 _DROPS = {6: "blackhole", 7: "unreachable", 8: "prohibit"}
-_FR_ACT_TO_TBL = 1
+_FR_ACT_TO_TBL, _FR_ACT_GOTO = 1, 2
 _TABLE_MAIN, _TABLE_LOCAL = 254, 255
 _TABLE_NAMES = {253: "default", 254: "main"}
-_FIB_RULE_INVERT = 2
+_FIB_RULE_INVERT, _FIB_RULE_UNRESOLVED = 2, 4
 _NO_SUPPRESS = 0xFFFFFFFF
 # What a rule may select packets by besides their source and destination: a mark, an
 # interface, a user, a protocol or port, a TOS (in the header), a VRF, a tunnel id. A rule
@@ -2367,11 +2504,11 @@ class IPRule:
     # Its selectors other than the ends, as "FRA_FWMARK=524288", to tell whether an earlier
     # rule matches all this one does; empty for one with none (or whose are not known).
     match: frozenset[str] = frozenset()
-
-    @property
-    def takes_main_first(self) -> bool:
-        return (self.table == _TABLE_MAIN and not self.drop and not self.some
-                and self.src is None)
+    goto: int | None = None  # the priority a `goto` rule jumps to (its table 0)
+    ifgroup: int | None = None  # suppress_ifgroup
+    # A selector other than the ends that all ordinary traffic (unmarked, not sent by a
+    # socket bound to a device) fails, as `ip rule` shows it: with `not`, it takes all that.
+    misses: str | None = None
 
 
 class HostRoutes(dict[IPNetwork, str]):
@@ -2382,13 +2519,16 @@ class HostRoutes(dict[IPNetwork, str]):
     rule`s of both families by priority, the local table's left out (every host has it first,
     and its routes are the host's own addresses, found by local_networks()); TABLES, the
     routes of each other table a rule looks up, as (destination, where it goes or its type);
-    LOCAL_FIRST, the priority of the local table's rule by IP version where it is not 0."""
+    LOCAL_FIRST, the priority of the local table's rule by IP version where it is not 0;
+    GROUPS, each interface's group (suppress_ifgroup) where it is not 0."""
 
     def __init__(self, routes: Mapping[IPNetwork, str] = (), *,  # type: ignore[assignment]
                  dropping: Mapping[IPNetwork, str] | None = None, rules: Sequence[IPRule] = (),
                  tables: Mapping[int, Sequence[tuple[IPNetwork, str]]] | None = None,
-                 local_first: Mapping[int, int] | None = None) -> None:
+                 local_first: Mapping[int, int] | None = None,
+                 groups: Mapping[str, int] | None = None) -> None:
         super().__init__(routes)
+        self.groups = dict(groups or {})
         self.dropping = dict(dropping or {})
         self.rules = sorted(rules, key=lambda r: r.priority)
         self.tables = {t: list(rs) for t, rs in (tables or {}).items()}
@@ -2404,8 +2544,11 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
+        links = list(ipr.get_links())
         names = {link["index"]: link.get("IFLA_IFNAME") or f"if{link['index']}"
-                 for link in ipr.get_links()}
+                 for link in links}
+        groups = {names[link["index"]]: link.get("IFLA_GROUP") for link in links
+                  if link.get("IFLA_GROUP")}
         skip = {index for index, name in names.items() if name in ("lo", exclude_interface)}
         rules = []
         local_first: dict[int, int] = {}
@@ -2416,8 +2559,11 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
             if table == _TABLE_LOCAL:
                 local_first.setdefault(4 if msg["family"] == 2 else 6,
                                        msg.get("FRA_PRIORITY") or 0)
-            if table == _TABLE_LOCAL or msg["action"] not in (_FR_ACT_TO_TBL, *_DROPS):
-                continue  # the local table, and goto and nop, which route nothing
+            if (table == _TABLE_LOCAL or msg["action"] not in (_FR_ACT_TO_TBL, _FR_ACT_GOTO,
+                                                               *_DROPS)
+                    or msg["flags"] & _FIB_RULE_UNRESOLVED):
+                continue  # the local table, nop and a goto to no rule, which the walk skips
+            goto = msg.get("FRA_GOTO") if msg["action"] == _FR_ACT_GOTO else None
             priority = msg.get("FRA_PRIORITY") or 0
             invert = bool(msg["flags"] & _FIB_RULE_INVERT)
             if (exclude_interface and msg.get("FRA_IIFNAME") == exclude_interface
@@ -2439,27 +2585,38 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                     or any(msg.get(a) for a in _SELECTORS))
             drop = _DROPS.get(msg["action"])
             suppress = msg.get("FRA_SUPPRESS_PREFIXLEN")
+            suppress = None if suppress in (None, _NO_SUPPRESS) else suppress
+            ifgroup = msg.get("FRA_SUPPRESS_IFGROUP")
+            ifgroup = None if ifgroup in (None, _NO_SUPPRESS) else ifgroup
             mark, mask = msg.get("FRA_FWMARK"), msg.get("FRA_FWMASK")
+            marked = (f"fwmark {mark or 0:#x}" + (f"/{mask:#x}" if mask not in (None, 0xFFFFFFFF)
+                                                  else "") if mark or mask else "")
+            oif = f"oif {msg.get('FRA_OIFNAME')}" if msg.get("FRA_OIFNAME") else ""
+            # Unmarked traffic fails a mark with bits set; only what a socket bound to that
+            # device sends has an oif (forwarded traffic has none).
+            misses = (marked if (mark or 0) & (0xFFFFFFFF if mask is None else mask)
+                      else oif or None)
             shown = {"FRA_FWMARK", "FRA_FWMASK", "FRA_IIFNAME", "FRA_OIFNAME"}
             text = " ".join(filter(None, (
                 f"{priority}:", "not" if invert else "", f"from {ends['src'] or 'all'}",
-                f"to {ends['dst']}" if ends["dst"] else "",
-                f"fwmark {mark or 0:#x}" + (f"/{mask:#x}" if mask not in (None, 0xFFFFFFFF)
-                                            else "") if mark or mask else "",
-                f"iif {msg.get('FRA_IIFNAME')}" if msg.get("FRA_IIFNAME") else "",
-                f"oif {msg.get('FRA_OIFNAME')}" if msg.get("FRA_OIFNAME") else "",
+                f"to {ends['dst']}" if ends["dst"] else "", marked,
+                f"iif {msg.get('FRA_IIFNAME')}" if msg.get("FRA_IIFNAME") else "", oif,
                 "..." if msg["tos"] or unknown
                 or any(msg.get(a) for a in _SELECTORS if a not in shown)
                 else "",
-                drop or f"lookup {_TABLE_NAMES.get(table, table)}")))
+                drop or (f"goto {goto}" if goto is not None
+                         else f"lookup {_TABLE_NAMES.get(table, table)}"),
+                f"suppress_prefixlength {suppress}" if suppress is not None else "",
+                f"suppress_ifgroup {'default' if ifgroup == 0 else ifgroup}"
+                if ifgroup is not None else "")))
             rules.append(IPRule(4 if msg["family"] == 2 else 6, priority, ends["src"],
-                              ends["dst"], 0 if drop else table, drop, some,
-                              None if suppress in (None, _NO_SUPPRESS) else suppress, text,
-                              invert, frozenset(
+                              ends["dst"], 0 if drop or goto is not None else table, drop,
+                              some, suppress, text, invert, frozenset(
                                   [f"{a}={msg.get(a)}" for a in _SELECTORS if msg.get(a)]
-                                  + ([f"tos={msg['tos']}"] if msg["tos"] else []) + unknown)))
+                                  + ([f"tos={msg['tos']}"] if msg["tos"] else []) + unknown),
+                              goto, ifgroup, misses))
         looked_up = {r.table for r in rules if r.table and r.table != _TABLE_MAIN}
-        nets = HostRoutes(rules=rules, local_first=local_first)
+        nets = HostRoutes(rules=rules, local_first=local_first, groups=groups)
         for msg in ipr.get_routes():
             if msg["family"] not in (2, 10):
                 continue
