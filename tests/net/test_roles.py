@@ -645,7 +645,8 @@ DEAD_TUNNELS = {
         "before the main table, where the tunnel's route goes, and sends traffic for it to "
         "table 7's route default (via 198.51.100.2 dev va0) — pick a subnet this host does not "
         "use, e.g. 10.99.0.0/30 (and move enclave.address with it), or have the main table "
-        "looked up first for it: `ip rule add pref 99 to 10.77.0.0/30 lookup main`"),
+        "looked up first for it: `ip rule add pref 99 to 10.77.0.0/30 lookup main` (lost at "
+        "reboot: add it to the host's network config too)"),
     "a rule that drops it": (
         [("rule", "add", "pref", "200", "to", "10.0.0.0/8", "unreachable")],
         "tunnel subnet 10.77.0.0/30: ip rule `200: from all to 10.0.0.0/8 unreachable` comes "
@@ -658,7 +659,8 @@ DEAD_TUNNELS = {
         "the main table, where the tunnel's route goes, and sends traffic for it from all but "
         "10.0.0.0/8 (the parent's own connections too) to table 7's route default (via "
         "198.51.100.2 dev va0) — have the main table looked up first for it: `ip rule add pref "
-        "99 to 10.77.0.0/30 lookup main`"),
+        "99 to 10.77.0.0/30 lookup main` (lost at reboot: add it to the host's network config "
+        "too)"),
     "a `not fwmark` rule": (
         [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
          ("rule", "add", "pref", "100", "not", "fwmark", "0x10/0x10", "lookup", "7")],
@@ -672,7 +674,8 @@ DEAD_TUNNELS = {
         "before the main table, where the tunnel's route goes, and jumps past it to where no "
         "table routes traffic for it — pick a subnet this host does not use, e.g. "
         "10.99.0.0/30 (and move enclave.address with it), or have the main table looked up "
-        "first for it: `ip rule add pref 99 to 10.77.0.0/30 lookup main`"),
+        "first for it: `ip rule add pref 99 to 10.77.0.0/30 lookup main` (lost at reboot: add "
+        "it to the host's network config too)"),
     "a goto past the main table to a table that routes it": (
         [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
          ("rule", "add", "pref", "100", "to", "10.77.0.0/16", "goto", "200"),
@@ -736,7 +739,8 @@ PARTLY = {
         "ip rule `100: from all fwmark 0x7 lookup 7` comes before the main table, where the "
         "tunnel's route goes, and sends some traffic for it to table 7's route default (via "
         "198.51.100.2 dev va0) — have the main table looked up first for it: `ip rule add "
-        "pref 99 to 10.77.0.0/30 lookup main`"),
+        "pref 99 to 10.77.0.0/30 lookup main` (lost at reboot: add it to the host's network "
+        "config too)"),
     "a rule for part of the subnet, not the enclave's address": (
         [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
          ("rule", "add", "pref", "100", "to", "10.77.0.0/31", "lookup", "7")],

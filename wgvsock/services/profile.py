@@ -2221,7 +2221,8 @@ def _host_clashes(profile: Profile, host_networks: Iterable[IPNetwork],
             # parent's own address in the subnet would be routed out of the tunnel.
             rule = against.rule
             fix = (f"have the main table looked up first for it: `ip rule add pref "
-                   f"{rule.priority - 1} to {tunnel} lookup main`"
+                   f"{rule.priority - 1} to {tunnel} lookup main` (lost at reboot: add it to "
+                   f"the host's network config too)"
                    if rule.priority > extra.local_first.get(tunnel.version, 0) else "")
             clashes.append((against.refused,
                             f"tunnel subnet {tunnel}: ip rule `{rule.text}` comes before the "
