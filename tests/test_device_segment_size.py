@@ -11,6 +11,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +20,7 @@ from wgvsock.conn.caps import CAP_PARTIAL_CSUM, CAP_SEGMENT_SIZE, CAP_SUPER
 from wgvsock.conn.endpoint import Endpoint
 from wgvsock.conn.framing import MAX_PAYLOAD
 from wgvsock.core.crypto import generate_private_key, public_key
+from wgvsock.core.keypair import Keypair
 from wgvsock.core.messages import (
     MIN_SEGMENT_SIZE,
     SEGMENT_TRAILER_MAGIC,
@@ -60,7 +62,12 @@ class _Rig:
         self.dev = Device("wgsegsize", self.bind, run_dir=os.path.join(self.dir, "run"))
         peer = public_key(generate_private_key())
         self.dev.uapi_set(parse_set(f"public_key={peer.hex()}\nallowed_ip=10.0.0.0/24\n"))
-        self.dev.engine.peers[peer].endpoint = Endpoint("unix", "peer", 1)
+        self.peer = self.dev.engine.peers[peer]
+        self.peer.endpoint = Endpoint("unix", "peer", 1)
+        # A session: without one, what is read is staged, in the form every peer takes.
+        self.peer.keypairs.current = Keypair(bytes(32), bytes(32), is_initiator=True,
+                                             local_index=1, remote_index=2,
+                                             created=time.monotonic())
         self.r, self.w = os.pipe()
         # Room for a whole 64 KiB read (65535 bytes and the virtio-net header) in one write:
         # a pipe holds 64 KiB by default.
@@ -104,6 +111,21 @@ def test_a_super_packet_finer_than_the_mtu_crosses_whole_with_its_segment_size(r
     [out] = rig.read(_ALL, 1208, 5000)
     assert len(out) == 40 + 5000 + 4
     assert out[-4:] == SEGMENT_TRAILER_MAGIC + (1208).to_bytes(2, "little")
+
+
+def test_a_packet_read_for_a_peer_without_a_session_is_staged_as_every_peer_takes_it(
+    rig
+) -> None:
+    """Staged until a handshake, it may go to whoever answers that, on another connection:
+    so it is cut into segments with complete checksums, whatever the connection at hand
+    offered (tests/net/test_seed.py has the seed taking a peer's place). Before, it was
+    the one super-packet with its trailer and its checksum partial."""
+    rig.peer.keypairs.current = None
+    out = rig.read(_ALL, 1208, 5000)
+    assert [len(p) - 40 for p in out] == [1208] * 4 + [5000 - 4 * 1208]
+    for p in out:
+        _, pseudo = _tcp_sum(p)
+        assert tun_mod.complete_checksum(_with_field(p, pseudo), 20, 16) == p
 
 
 def test_a_peer_without_the_capability_gets_the_segments(rig) -> None:

@@ -11,6 +11,10 @@ run, not stall (an unsegmented super-packet cannot leave by an MTU-1500 veth).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,3 +191,91 @@ def test_super_packets_cut_to_fit_a_message_leave_the_forwarder_with_good_checks
     _bulk_both_ways(t, a.ns, T_VETH)
     assert csum_errors(t) == 0
     assert csum_errors(a.ns) == 0
+
+
+# Receives one TCP connection on (argv[1], argv[2]) and prints how many bytes came.
+_RECEIVE = """\
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+c, _ = s.accept()
+n = 0
+while data := c.recv(1 << 16):
+    n += len(data)
+print(n, flush=True)
+"""
+
+# Connects to (argv[1], argv[2]) and sends argv[3] bytes, says "sent" and waits for a line on
+# stdin, then sends argv[4] bytes more and closes.
+_SEND = """\
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"w" * int(sys.argv[3]))
+print("sent", flush=True)
+sys.stdin.readline()
+s.sendall(b"s" * int(sys.argv[4]))
+s.close()
+"""
+
+
+def _pid_of(ns: Namespace, ifname: str) -> int:
+    """The daemon in `ns` that serves `ifname`."""
+    [pid] = [p for p in ns.pids()
+             if ifname.encode() in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+    return pid
+
+
+def _tun_reads(ns: Namespace, ifname: str) -> int:
+    """Packets the kernel gave the TUN `ifname` to read (its tx count)."""
+    [link] = json.loads(ns.ip("-s", "-j", "link", "show", ifname).stdout)
+    return link["stats64"]["tx"]["packets"]
+
+
+def test_packets_staged_for_an_offload_peer_reach_the_seed_that_replaced_it_intact(
+    lab: Lab, seed: Path
+) -> None:
+    """a (ours) dials b (ours, offload on); b freezes and a's link goes down and up, so a has
+    no session but still b's connection, whose hello offered super-packets and partial
+    checksums: what a reads meanwhile is staged until a handshake. b dies, the seed takes
+    its place (same key and port), and the handshake a's retry makes with it flushes the
+    staged packets to the seed, which writes them to its TUN as they are. Before, they kept
+    the form chosen for b: the seed's kernel counted 3 or 4 bad TCP checksums a run (the
+    transfer still completed, by retransmissions)."""
+    a, b = _pair(lab, seed, "ours", "ours", "b")
+    _ping_from_dialer_first(a, b, "b")
+    receiver = b.ns.popen(sys.executable, "-c", _RECEIVE, B_TUN, "5303",
+                          stdout=subprocess.PIPE, text=True)
+    wait_for(lambda: f"{B_TUN}:5303" in b.ns.run("ss", "-ltnH").stdout, 10, "the receiver")
+    sender = a.ns.popen(sys.executable, "-c", _SEND, B_TUN, "5303", str(4 << 20),
+                        str(1 << 20), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert sender.stdout is not None and sender.stdin is not None
+    assert sender.stdout.readline() == "sent\n"
+    assert lab.uapi(a.ifname)["extra"]["wgvsock_tun_offload"] == "on"
+
+    b_pid = _pid_of(b.ns, b.ifname)
+    os.kill(b_pid, signal.SIGSTOP)
+    a.ns.ip("link", "set", a.ifname, "down")
+    a.ns.ip("link", "set", a.ifname, "up")
+    before = _tun_reads(a.ns, a.ifname)
+    sender.stdin.write("go\n")
+    sender.stdin.flush()
+    # The first window and a retransmission or two, read by a and staged.
+    wait_for(lambda: _tun_reads(a.ns, a.ifname) >= before + 3, 10, "a to read the upload")
+    os.kill(b_pid, signal.SIGKILL)
+    wait_for(lambda: b.ifname not in b.ns.ip("-br", "link").stdout, 10, "b's TUN to go")
+
+    go = lab.ifname("g")
+    lab.start_seed(b.ns, go, seed)
+    a_pub = a.ns.wg("show", a.ifname, "public-key").stdout.strip()
+    b.ns.wg("set", go, "private-key", str(lab.tmp / f"{b.ifname}.key"), "listen-port",
+            str(B_PORT), "peer", a_pub, "allowed-ips", f"{A_TUN}/32")
+    b.ns.ip("addr", "add", f"{B_TUN}/24", "dev", go)
+    b.ns.ip("link", "set", go, "up")
+
+    # (TCP retransmits what the seed's kernel refused, so the upload completes either way.)
+    out, _ = receiver.communicate(timeout=90)
+    assert int(out) == (4 << 20) + (1 << 20)
+    assert sender.wait(10) == 0
+    assert csum_errors(b.ns) == 0

@@ -290,6 +290,11 @@ class Engine:
             return _drop("no peer has an allowed IP for the destination")
         return self.send_data(peer, packet, now, tail)
 
+    def seals_now(self, peer: Peer, now: float) -> bool:
+        """Whether a packet for `peer` would be sealed at `now` (send_data), not staged until
+        a handshake completes."""
+        return _sending_keypair(peer, now) is not None
+
     def send_data(
         self, peer: Peer, packet: bytes | bytearray | memoryview, now: float, tail: bytes = b""
     ) -> list[Action]:

@@ -108,6 +108,9 @@ MAX_PEERS: Final = 1 << 16
 # The TUN reader's longest wait for a packet: it notes the time on each pass, and an idle
 # tunnel must not look like a hung reader.
 _TUN_POLL_MS: Final = 1000
+# A session that expires within this many seconds of a packet being read counts as gone
+# (_read_for_peer): the packet may be staged by the time it is sealed.
+_STAGE_MARGIN: Final = 1.0
 # Bound once: the clock is read for every pass and every receive.
 _monotonic: Final = time.monotonic
 
@@ -754,10 +757,18 @@ class Device:
         if not start:
             return (packet,)
         with self._lock:
-            peer = self.engine.allowed_ips.lookup_packet_dst(packet)
-            ep = None if peer is None else peer.endpoint
+            engine = self.engine
+            peer = engine.allowed_ips.lookup_packet_dst(packet)
+            # One the peer has no session for is staged (Engine.send_data) and sealed once a
+            # handshake completes, with whoever answered it, on the connection there is then:
+            # the Go seed, say, that took the place of a peer that offered offload. Before,
+            # staged packets kept the form chosen for the connection at hand when they were
+            # read, and the seed wrote their partial checksums to its TUN. (The margin: a
+            # batch's packets are sealed a little after they are read.)
+            ep = None if peer is None or not engine.seals_now(
+                peer, _monotonic() + _STAGE_MARGIN) else peer.endpoint
         if ep is None:
-            flags = max_packet = 0  # staged or dropped: the conservative form
+            flags = max_packet = 0  # staged or dropped: the form every peer takes
         else:
             flags, max_packet = self.bind.peer_caps(ep)
             # The hello's word, unchecked: what a frame holds caps it. Above GSO_MAX_SIZE a
