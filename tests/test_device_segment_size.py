@@ -88,7 +88,7 @@ class _Rig:
                          bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
         header = struct.pack("<BBHHHH", 1, _GSO_TCPV4, 40, mss, 20, 16)
         os.write(self.w, header + ip + tcp + b"a" * payload)
-        return [p.joined() if isinstance(p, Trailed) else bytes(p)
+        return [bytes(p.packet) + p.tail if isinstance(p, Trailed) else bytes(p)
                 for p in self.dev._read_for_peer()]
 
     def close(self) -> None:

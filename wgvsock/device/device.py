@@ -127,10 +127,6 @@ class Trailed:
     def __len__(self) -> int:
         return len(self.packet) + len(self.tail)
 
-    def joined(self) -> bytes:
-        """The packet as it is sealed (for tests)."""
-        return b"".join((self.packet, self.tail))
-
 
 # What one TUN read gives (Device._tun_reader).
 TunRead = Sequence[bytes | bytearray | memoryview | Trailed]
