@@ -29,6 +29,7 @@ from wgvsock.conn import Bind, TransportUnavailable, make_bind
 from wgvsock.conn import stream as stream_module
 from wgvsock.conn.bind import SharedFile
 from wgvsock.conn.caps import (
+    CAP_PARTIAL_CSUM,
     CAP_SUPER,
     CAP_UNCHECKED_TRANSPORT,
     HELLO_MAGIC,
@@ -206,7 +207,7 @@ def test_datagrams_queued_meanwhile_come_as_one_batch_in_order(binds: list[Bind]
         batches.put([data])
         busy.wait(TIMEOUT)  # hold the reader while more arrive
 
-    b.receive_batch = lambda messages, ep: batches.put(list(messages))
+    b.receive_batch = lambda messages, ep, flags: batches.put(list(messages))
     binds.append(b)
     port = b.open(0, one)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -226,7 +227,7 @@ def test_a_coalesced_datagram_is_cut_at_its_segment_size_whatever_the_sizes(
     sizes: odd ones, one byte, 64 segments. Each piece is handed over alone, as sent."""
     b = DatagramBind("udp")
     batches: queue.Queue[list[bytes]] = queue.Queue()
-    b.receive_batch = lambda messages, ep: batches.put(list(messages))
+    b.receive_batch = lambda messages, ep, flags: batches.put(list(messages))
     binds.append(b)
     port = b.open(0, lambda data, ep: batches.put([data]))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -1199,7 +1200,7 @@ def test_the_serving_thread_never_waits_in_a_send(
     b = StreamBind("unix", unix_dir=unix_dir)
     binds.append(b)
     b_port = b.open(0, slow)
-    b.receive_batch = lambda messages, ep: [slow(m, ep) for m in messages]
+    b.receive_batch = lambda messages, ep, flags: [slow(m, ep) for m in messages]
     a = StreamBind("unix", unix_dir=unix_dir)
     a.shared = pipe_file
     a, _a_in, _ = opened(binds, a)
@@ -1342,6 +1343,34 @@ def test_capability_hello_is_seen_per_connection_and_never_delivered(
     assert a_in.empty_for(0.1) and b_in.empty_for(0.0)
     # Hello or not, nothing counts as a framing error and the connection stays up.
     assert b.status()["framing_errors"] == 0 and b.status()["accepted"] == 1
+
+
+def test_a_batch_comes_with_what_the_hello_on_its_own_connection_offered(
+    binds: list[Bind],
+) -> None:
+    """A dialled connection's reader delivers before the connection is published (its queue
+    drains meanwhile), and the endpoint's next connection may be another peer's: our daemon
+    that offered partial checksums, then the Go seed in its place, which offers nothing.
+    Each batch comes with its own connection's flags, which the device trusts to write
+    partial checksums for the kernel to finish. Before, the device looked the endpoint's
+    connection up (peer_caps) when it wrote them, finding none or the next one."""
+    got: queue.Queue[tuple[list[bytes], int]] = queue.Queue()
+    a = StreamBind("tcp4", **FAST)
+    a.hello = encode_hello(CAP_SUPER | CAP_PARTIAL_CSUM, 65000)
+    a.receive_batch = lambda messages, ep, flags: got.put((list(messages), flags))
+    a, _a_in, _ = opened(binds, a)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        ep = a.parse_endpoint(f"127.0.0.1:{listener.getsockname()[1]}")
+        for flags in (CAP_SUPER | CAP_PARTIAL_CSUM, 0):
+            a.send(msg(0), ep)
+            peer, _ = listener.accept()
+            with peer:
+                hello = encode_frame(encode_hello(flags, 65000)) if flags else b""
+                peer.sendall(hello + encode_frame(msg(1)) + encode_frame(msg(2)))
+                assert got.get(timeout=TIMEOUT) == ([msg(1), msg(2)], flags)
+            wait_until(lambda: a.peer_caps(ep) == (0, 0))  # gone
 
 
 def test_a_later_releases_hello_is_read_for_what_this_one_knows() -> None:

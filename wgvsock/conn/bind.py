@@ -113,8 +113,12 @@ class Bind(ABC):
     stream: bool
     # Set by the owner before open(): a transport that receives several messages from one
     # endpoint at once (UDP GRO, one read of a stream) may hand them over together, so they are
-    # processed as a batch.
-    receive_batch: Callable[[list[Message], Endpoint], None] | None = None
+    # processed as a batch. The third argument: the CAP_* flags the hello on the connection
+    # they came on offered (0 for none, and on a datagram transport), as that connection's
+    # sender may have made them, whatever connection the endpoint has by the time they are
+    # handled (peer_caps): a dialled one delivers before it is published, and an endpoint's
+    # next connection may be another peer's.
+    receive_batch: Callable[[list[Message], Endpoint, int], None] | None = None
     # Set by the owner before open(): whether a message from this endpoint has authenticated
     # (it is some peer's current endpoint). A stream bind asks about an inbound connection
     # until the answer is yes, so a valid frame of junk does not make a connection a peer's.

@@ -471,7 +471,7 @@ class DatagramBind(SocketBind):
         assert receive is not None
         try:
             if len(messages) > 1 and self.receive_batch is not None:
-                self.receive_batch(messages, ep)
+                self.receive_batch(messages, ep, 0)
             else:
                 for message in messages:
                     receive(message, ep)

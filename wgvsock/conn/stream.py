@@ -1015,7 +1015,7 @@ class StreamBind(SocketBind):
                     # Many frames from one recv(): the owner decrypts them under one lock and
                     # can merge their packets into few TUN writes.
                     if len(frames) > 1 and (batch := self.receive_batch) is not None:
-                        self._deliver(batch, frames, ep)
+                        self._deliver_batch(batch, frames, ep, conn.caps[0])
                     else:
                         for frame in frames:
                             self._deliver(receive, frame, ep)
@@ -1036,6 +1036,13 @@ class StreamBind(SocketBind):
     def _deliver(self, fn: Any, data: Any, ep: Endpoint) -> None:
         try:
             fn(data, ep)
+        except Exception:
+            self._misc_log(logging.ERROR, "%s: receive callback failed", self.network)
+            log.debug("receive callback failure", exc_info=True)
+
+    def _deliver_batch(self, fn: Any, frames: list[Message], ep: Endpoint, flags: int) -> None:
+        try:
+            fn(frames, ep, flags)
         except Exception:
             self._misc_log(logging.ERROR, "%s: receive callback failed", self.network)
             log.debug("receive callback failure", exc_info=True)

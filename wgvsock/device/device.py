@@ -857,10 +857,11 @@ class Device:
                 actions = self.engine.decapsulate(data, src, now)
         self._perform(actions)
 
-    def _on_receive_batch(self, messages: list[Message], src: Endpoint) -> None:
+    def _on_receive_batch(self, messages: list[Message], src: Endpoint, flags: int) -> None:
         """Several messages from one endpoint (UDP GRO, one read of a stream): decrypted under
         one lock, and their packets written to the TUN together, so runs of one TCP flow merge
-        into few writes."""
+        into few writes. `flags`: what the hello on their connection offered
+        (Bind.receive_batch)."""
         if any(isinstance(m, bytes) and m[:1] in (b"\x01", b"\x02") for m in messages):
             for m in messages:
                 self._on_receive(m, src)
@@ -875,20 +876,20 @@ class Device:
                 actions += decapsulate(m, src, now)
         finally:
             lock.release()
+        # Only a sender whose hello offered CAP_PARTIAL_CSUM (our daemon, offload on) leaves
+        # TCP checksums partial; the Go seed's packets, or a UDP peer's, need no looking at.
+        partial_csum = bool(flags & CAP_PARTIAL_CSUM)
         packets = [data for kind, _, data in actions if kind == TUNNEL]
         if len(packets) != len(actions):
             if any(a[0] == SEGMENTED for a in actions):
-                self._write_in_order(actions, src)
+                self._write_in_order(actions, partial_csum)
                 return
             self._perform(a for a in actions if a[0] != TUNNEL)
-        # Only a sender whose hello offered CAP_PARTIAL_CSUM (our daemon, offload on) leaves
-        # TCP checksums partial; the Go seed's packets, or a UDP peer's, need no looking at.
-        self._write_batch(packets, bool(self.bind.peer_caps(src)[0] & CAP_PARTIAL_CSUM))
+        self._write_batch(packets, partial_csum)
 
-    def _write_in_order(self, actions: list[Action], src: Endpoint) -> None:
+    def _write_in_order(self, actions: list[Action], partial_csum: bool) -> None:
         """_on_receive_batch's writes when some packets came with their segment size: each of
         those goes alone, between the runs of the others, so that no TCP flow is reordered."""
-        partial_csum = bool(self.bind.peer_caps(src)[0] & CAP_PARTIAL_CSUM)
         run: list[bytes] = []
         for action in actions:
             kind, target, data = action
