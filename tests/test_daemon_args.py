@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -411,19 +412,19 @@ def test_a_log_file_others_may_write_is_refused(mode, group, who, chmod, tmp_pat
 
 
 def test_a_log_file_only_its_owner_may_write_is_used(tmp_path, started, monkeypatch, capsys):
-    """Group-writable by a group only its owner is in (a user private group, as umask 002
-    leaves a user's files on Debian; root's own), it is no one else's to write, as Debian's
-    sshd takes it; a device open to all, /dev/null, records nothing to forge."""
+    """Group-writable by a group only its owner is in (root's own here; a user private
+    group below), it is no one else's to write, as Debian's sshd takes it; a device open to
+    all, /dev/null, records nothing to forge."""
     monkeypatch.setattr(daemon.subprocess, "Popen", _Child)
     logs = tmp_path / "logs"
     logs.mkdir(mode=0o755)
     path = logs / "wg.log"
     path.write_text("")
     monkeypatch.setenv(daemon.ENV_LOG_FILE, str(path))
-    for uid, gid in ((0, 0), (NOBODY, pwd.getpwuid(NOBODY).pw_gid)):
-        os.chown(path, uid, gid)
-        os.chmod(path, 0o664)
-        assert daemon.main(["-n", "unix", "wg0"]) == 0, capsys.readouterr().err
+    # (A user's private group: _PRIVATE below, with a passwd and group of the test's own.)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o664)
+    assert daemon.main(["-n", "unix", "wg0"]) == 0, capsys.readouterr().err
     # Another user's private group is not the owner's.
     os.chown(path, 0, pwd.getpwuid(NOBODY).pw_gid)
     os.chmod(path, 0o664)
@@ -431,6 +432,98 @@ def test_a_log_file_only_its_owner_may_write_is_used(tmp_path, started, monkeypa
     assert "is writable by group " in capsys.readouterr().err
     monkeypatch.setenv(daemon.ENV_LOG_FILE, os.devnull)
     assert daemon.main(["-n", "unix", "wg0"]) == 0, capsys.readouterr().err
+
+
+# The test's own users, in a passwd and group a mount namespace binds over /etc/passwd and
+# /etc/group for open_log only: sync is in root's group as on Amazon Linux; wgvone and wgvtwo
+# have wgvshared as their primary group, which lists no member, as Debian's nogroup is
+# nobody's, _apt's and dnsmasq's.
+_USERS = """root:x:0:0:root:/root:/bin/sh
+sync:x:5:0:sync:/sbin:/bin/sync
+wgvown:x:4301:4301::/:/bin/sh
+wgvone:x:4302:4310::/:/bin/sh
+wgvtwo:x:4303:4310::/:/bin/sh
+wgvacl:x:4304:4304::/:/bin/sh
+"""
+_GROUP = """root:x:0:
+wgvown:x:4301:
+wgvshared:x:4310:
+wgvacl:x:4304:
+"""
+# A user given root's group as their primary one: root's group is no longer root's alone.
+_ROOT_GROUP_USER = "wgvroot:x:4305:0::/:/bin/sh\n"
+_OPEN_LOG = """import sys
+from wgvsock import daemon
+try:
+    daemon.open_log(sys.argv[1])
+except daemon.LogPathError as e:
+    print(e)
+else:
+    print("used")
+"""
+
+
+def _acl(user: tuple[int, int] | None = None, group: tuple[int, int] | None = None) -> bytes:
+    """An access ACL (system.posix_acl_access) of rw- owner, rw- owning group, rw- mask and
+    --- others, with USER and GROUP as (id, permissions) entries."""
+    entries = [(0x01, 6, 0xFFFFFFFF)]
+    if user:
+        entries.append((0x02, user[1], user[0]))
+    entries.append((0x04, 6, 0xFFFFFFFF))
+    if group:
+        entries.append((0x08, group[1], group[0]))
+    entries += [(0x10, 6, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+@pytest.mark.parametrize(("owner", "mode", "acl", "more", "said"), [
+    # wgvown's own group, as umask 002 leaves a user's files on Debian.
+    ((4301, 4301), 0o664, None, "", "used"),
+    # wgvone's primary group is wgvtwo's too: /etc/group lists neither.
+    ((4302, 4310), 0o664, None, "", "is writable by group wgvshared (mode 664)"),
+    # Root's group with Amazon Linux's sync, shutdown, halt and operator in it: root's.
+    ((0, 0), 0o660, None, "", "used"),
+    ((0, 0), 0o660, None, _ROOT_GROUP_USER, "is writable by group root (mode 660)"),
+    # A 0640 root:root log given `setfacl -m u:wgvacl:rw`: its mode shows the mask, 0660.
+    ((0, 0), 0o640, _acl(user=(4304, 6)), "",
+     "is writable by user wgvacl (its ACL) (mode 660)"),
+    ((0, 0), 0o640, _acl(group=(4310, 6)), "",
+     "is writable by group wgvshared (its ACL) (mode 660)"),
+    # Named to read only: the mask lets the owning group, root's, write.
+    ((0, 0), 0o640, _acl(user=(4304, 4), group=(4301, 4)), "", "used"),
+], ids=["private", "shared-primary", "root-with-system-accounts", "root-with-a-user",
+        "acl-user", "acl-group", "acl-read-only"])
+def test_a_group_the_owner_is_not_alone_in_may_not_write_the_log(
+        owner, mode, acl, more, said, tmp_path):
+    """A group was taken for its owner's alone when /etc/group listed no one else in it, but
+    users whose primary group it is are in it unlisted: a log of nobody:nogroup 0664 was
+    used on Debian, where _apt and dnsmasq may write it. And with an ACL the mode's group
+    bits are its mask, so a log of root:root whose ACL lets another user write passed as
+    root's group's alone. Run in a mount namespace with the test's own passwd and group."""
+    passwd, group = tmp_path / "passwd", tmp_path / "group"
+    passwd.write_text(_USERS + more)
+    group.write_text(_GROUP)
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    path = logs / "wg.log"
+    path.write_text("ours\n")
+    os.chown(path, *owner)
+    os.chmod(path, mode)
+    if acl is not None:
+        os.setxattr(path, "system.posix_acl_access", acl)
+    env = {**os.environ, "PYTHONPATH": str(Path(daemon.__file__).parents[1])}
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/group && shift 2 '
+         '&& exec "$@"', "sh", str(passwd), str(group), sys.executable, "-c", _OPEN_LOG,
+         str(path)], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 0 and not done.stderr, done
+    if said == "used":
+        assert done.stdout == "used\n"
+    else:
+        assert done.stdout.startswith(f"{daemon.ENV_LOG_FILE}={path} {said}: "), done.stdout
+        assert done.stdout.endswith(f"`chmod g-w {path}`\n"), done.stdout
+    assert path.read_text() == "ours\n"
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "99999", "1", " 7", "9" * 20])

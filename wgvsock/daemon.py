@@ -20,6 +20,7 @@ import os
 import pwd
 import signal
 import stat
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -482,7 +483,7 @@ def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
                 "shared directory such as /tmp, and root would append its log to it. Remove it "
                 "and let the daemon create the file (0600), or keep the log in a directory of "
                 "root's own such as /var/log")
-        if (why := _others_may_write(st)) is not None:
+        if (why := _others_may_write(st, fd)) is not None:
             raise LogPathError(
                 f"{ENV_LOG_FILE}={prose(path, 200)} is writable by {why} (mode "
                 f"{stat.S_IMODE(st.st_mode):o}): they could write lines of their own into "
@@ -495,39 +496,93 @@ def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
     return fd
 
 
-def _others_may_write(st: os.stat_result) -> str | None:
-    """Who besides the owner may write the log file ST, as "others", "group adm", "group adm
-    and others"; None when no one may. Only regular files: a device such as /dev/null, open to
-    all, records nothing. As sshd's StrictModes (Debian's), a group only the owner is in (a
-    user private group: its primary group, no other member listed; root's own gid 0 on
-    Debian and Ubuntu) is no other user: a log made by a user under umask 002 passes. Any
-    other group is refused, adm and syslog too: Debian's and Ubuntu's text logs are theirs to
-    read (0640), and those their group may write (wtmp, btmp: root:utmp) are records setgid
-    programs keep, not logs."""
+def _others_may_write(st: os.stat_result, fd: int) -> str | None:
+    """Who besides the owner may write the log file ST, open at FD, as "others", "group
+    adm", "group adm and others", "user bob (its ACL)"; None when no one may. Only regular
+    files: a device such as /dev/null, open to all, records nothing. As sshd's StrictModes
+    (Debian's), a group only the owner is in (_private_group: a user private group; root's
+    own gid 0 on Debian and Ubuntu) is no other user: a log made by a user under umask 002
+    passes. Any other group is refused, adm and syslog too: Debian's and Ubuntu's text logs
+    are theirs to read (0640), and those their group may write (wtmp, btmp: root:utmp) are
+    records setgid programs keep, not logs."""
     if not stat.S_ISREG(st.st_mode):
         return None
     who = []
-    if st.st_mode & stat.S_IWGRP and not _private_group(st.st_uid, st.st_gid):
-        who.append(f"group {_group_name(st.st_gid)}")
+    if st.st_mode & stat.S_IWGRP:
+        # With an access ACL the group bits are its mask: what the owning group, and each
+        # user and group the ACL names, may do is in the ACL (a 0640 root:root log given
+        # `setfacl -m u:bob:rw` shows 0660, its group root's alone, and bob writes it).
+        acl = _acl_writers(st, fd)
+        if acl is not None:
+            who += acl
+        elif not _private_group(st.st_uid, st.st_gid):
+            who.append(f"group {_group_name(st.st_gid)}")
     if st.st_mode & stat.S_IWOTH:
         who.append("others")
     return " and ".join(who) or None
 
 
 def _chmod_bits(st: os.stat_result, why: str) -> str:
-    """chmod's who for what _others_may_write found: g, o or go."""
-    return ("g" if why.startswith("group") else "") + ("o" if st.st_mode & stat.S_IWOTH else "")
+    """chmod's who for what _others_may_write found: g, o or go (g clears an ACL's mask, and
+    so the write of every user and group it names)."""
+    return ("g" if st.st_mode & stat.S_IWGRP and why != "others" else "") + (
+        "o" if st.st_mode & stat.S_IWOTH else "")
+
+
+# system.posix_acl_access: a version (2), then entries of tag (u16), permissions (u16) and
+# qualifier (u32), little-endian (linux/posix_acl_xattr.h).
+ACL_XATTR = "system.posix_acl_access"
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP = 0x02, 0x04, 0x08
+_ACL_WRITE = 0x02
+
+
+def _acl_writers(st: os.stat_result, fd: int) -> list[str] | None:
+    """Who besides the owner the access ACL of the file at FD lets write, said as
+    _others_may_write says them; None without an ACL (the mode says it all). Called only
+    where the mask lets write (the mode's group bits): each entry's write is then its own."""
+    try:
+        raw = os.getxattr(fd, ACL_XATTR)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+        raise
+    who = []
+    for at in range(4, len(raw) - 7, 8):
+        tag, perm, qualifier = struct.unpack_from("<HHI", raw, at)
+        if not perm & _ACL_WRITE:
+            continue
+        if tag == _ACL_USER and qualifier != st.st_uid:
+            who.append(f"user {user_name(qualifier)} (its ACL)")
+        elif tag == _ACL_GROUP_OBJ and not _private_group(st.st_uid, st.st_gid):
+            who.append(f"group {_group_name(st.st_gid)}")
+        elif tag == _ACL_GROUP and not _private_group(st.st_uid, qualifier):
+            who.append(f"group {_group_name(qualifier)} (its ACL)")
+    return who
+
+
+# Accounts below this uid are the system's (login.defs' UID_MIN on Debian, Ubuntu and Amazon
+# Linux): on Amazon Linux and Fedora sync, shutdown, halt and operator have root's group as
+# their primary one, accounts no one logs in to and nothing runs as.
+_FIRST_USER_UID = 1000
 
 
 def _private_group(uid: int, gid: int) -> bool:
-    """Whether GID is UID's primary group with no member listed but UID's user: a group no
-    other user is in (one that names UID's user as its member is still only UID's)."""
+    """Whether GID is UID's primary group and no other user is in it: listed as a member in
+    /etc/group (one that names UID's user is still only UID's), or having it as primary
+    group too, which /etc/group does not list (Debian's nogroup is nobody's, _apt's and
+    dnsmasq's; Debian's sshd counts them by getpwent as here). Root's gid 0 is root's alone
+    with system accounts in it, as on Amazon Linux, but not with a user given it."""
     try:
         user = pwd.getpwuid(uid)
         members = grp.getgrgid(gid).gr_mem
     except KeyError:
         return False
-    return user.pw_gid == gid and all(m == user.pw_name for m in members)
+    if user.pw_gid != gid or any(m != user.pw_name for m in members):
+        return False
+    # Only for a group-writable log, which as a rule it is not: getpwall goes through every
+    # NSS source (sssd lists none of its users unless told to enumerate).
+    return not any(p.pw_gid == gid and p.pw_uid != uid
+                   and not (gid == 0 and p.pw_uid < _FIRST_USER_UID) for p in pwd.getpwall())
 
 
 def _group_name(gid: int) -> str:
