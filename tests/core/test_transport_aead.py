@@ -162,6 +162,40 @@ def test_extension_is_safe_to_share_between_threads():
     assert errors == []
 
 
+@pytest.mark.skipif(_native() is None, reason="pure build: no C extension to test "
+                    "(make compile builds it)")
+def test_a_long_tail_is_sealed_with_the_gil_released():
+    """Whether seal() lets other threads run goes by all it seals, the tail included: a short
+    packet with a long tail takes as long as a long packet. A bytearray cannot be resized
+    while a buffer of it is held, so a thread that finds it cannot ran while seal() held the
+    tail, which with the GIL kept it never can."""
+    tk = _native()(os.urandom(32))
+    tail = bytearray(16 << 20)
+    ran_inside = threading.Event()
+    stop = threading.Event()
+
+    def resize() -> None:
+        while not stop.is_set():
+            try:
+                tail.append(0)
+                tail.pop()
+            except BufferError:
+                ran_inside.set()
+                return
+
+    resizer = threading.Thread(target=resize)
+    resizer.start()
+    try:
+        for counter in range(200):
+            tk.seal(HEADER, counter, b"x" * 16, 0, tail)
+            if ran_inside.is_set():
+                break
+    finally:
+        stop.set()
+        resizer.join()
+    assert ran_inside.is_set(), "seal() held the GIL through 16 MiB of tail, 200 times"
+
+
 def test_without_the_extension_the_pure_key_is_used():
     # As in a pure build (WGVSOCK_PURE=1), where make compile removes the extension.
     code = ("import sys; sys.modules['wgvsock.core._transport_aead'] = None\n"

@@ -102,12 +102,13 @@ static int run(EVP_CIPHER_CTX *ctx, int enc, const unsigned char *nonce, unsigne
     return !enc || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, tag) > 0;
 }
 
-/* run() on `base` with the GIL held, or on a copy of it with the GIL released. */
+/* run() on `base` with the GIL held, or on a copy of it with the GIL released. By all it
+ * encrypts, the tail included: a short packet with a long tail takes as long as a long one. */
 static int run_with(EVP_CIPHER_CTX *base, int enc, const unsigned char *nonce,
                     unsigned char *out, const unsigned char *in, int len,
                     const unsigned char *tail, int tail_len, int pad, unsigned char *tag,
                     int *copy_failed) {
-    if (len < UNLOCKED_MIN)
+    if (len + tail_len < UNLOCKED_MIN)
         return run(base, enc, nonce, out, in, len, tail, tail_len, pad, tag);
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     if (ctx == NULL || !EVP_CIPHER_CTX_copy(ctx, base)) {
