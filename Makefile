@@ -19,13 +19,15 @@ PY     := $(VENV)/bin/python
 # "internet" resolver of tests/net/test_egress_names.py (egress by host name). gcc and python3-dev
 # compile the per-packet modules with mypyc (setup.py); libssl-dev has the OpenSSL headers of
 # wgvsock/core/_transport_aead.c. python3-venv lets Debian's python3 (PYTHON below) make the venv.
+# acl gives setfacl, with which tests/test_enclave_cmd.py sets the POSIX ACLs on which the early
+# check of CMD is compared with the user's exec.
 # `make demo` needs only the first list (the demo's tools, the venv and the compile): a first
 # demo does not wait for qemu, podman, a kernel image and the rest that only the tests use.
 DEMO_APT_PACKAGES := iperf3 nftables iputils-ping curl iproute2 procps kmod dnsmasq-base \
                      gcc python3-dev python3-venv libssl-dev
 APT_PACKAGES := $(DEMO_APT_PACKAGES) wireguard-go wireguard-tools socat tmux \
                 podman debootstrap systemd systemd-container qemu-system-x86 linux-image-amd64 busybox-static cpio \
-                valgrind
+                valgrind acl
 APT_MARK := $(VENV)/.apt-done
 DEMO_APT_MARK := $(VENV)/.apt-demo-done
 
