@@ -30,9 +30,11 @@ controlling one, and the user cannot type into that shell with TIOCSTI.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import signal
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -148,6 +150,76 @@ def allows(st: os.stat_result, user: Credentials, want: int) -> bool:
     else:
         shift = 0
     return (st.st_mode >> shift) & want == want
+
+
+# The access ACL's extended attribute and its tags (include/uapi/linux/posix_acl.h).
+ACL_XATTR = "system.posix_acl_access"
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
+
+AclEntry = tuple[int, int, int]  # tag, perm (r 4, w 2, x 1), id
+
+
+def acl(path: str) -> list[AclEntry] | None:
+    """PATH's access ACL, its entries in the order the kernel keeps them; [] when it has none
+    (its mode bits are all there is). None when it cannot be read, or is in a form other
+    than the one include/uapi/linux/posix_acl_xattr.h gives (version 2, then 8-byte
+    entries, little-endian): only the exec can then say."""
+    try:
+        blob = os.getxattr(path, ACL_XATTR)
+    except OSError as e:
+        return [] if e.errno in (errno.ENODATA, errno.EOPNOTSUPP) else None
+    if len(blob) < 4 or (len(blob) - 4) % 8 or struct.unpack_from("<I", blob) != (2,):
+        return None
+    return list(struct.iter_unpack("<HHI", blob[4:]))
+
+
+def permits(st: os.stat_result, entries: list[AclEntry], user: Credentials,
+            want: int) -> bool | None:
+    """allows() for a file whose access ACL is ENTRIES (acl()), as the kernel judges it for a
+    process without capabilities (acl_permission_check, posix_acl_permission): the owner
+    by the owner's bits; else, when the group class has a bit in the mode, by the ACL: the
+    user's own entry, then the owning group's and named groups' (any of them that matches
+    and grants, else refused: the others' entry is not asked then), then the others'; the
+    mask bounds all but the owner's and the others'. None where the kernel fails with EIO (an
+    unknown tag, no entry for the others): the exec will say."""
+    if not entries or st.st_uid == user.uid or not st.st_mode & 0o070:
+        # With no bit for the group class (a mask of ---) the ACL is not asked at all, and
+        # a named user may be let in as one of the others.
+        return allows(st, user, want)
+    groups = (user.gid, *user.groups)
+    found = False
+    for i, (tag, perm, id_) in enumerate(entries):
+        if tag == ACL_USER_OBJ:
+            continue  # the owner's, judged above from the mode, which holds the same bits
+        if tag == ACL_USER:
+            if id_ == user.uid:
+                return _masked(entries[i + 1:], perm, want)
+        elif tag in (ACL_GROUP_OBJ, ACL_GROUP):
+            if (st.st_gid if tag == ACL_GROUP_OBJ else id_) in groups:
+                found = True
+                if perm & want == want:
+                    return _masked(entries[i + 1:], perm, want)
+        elif tag == ACL_OTHER:
+            return not found and perm & want == want
+        elif tag != ACL_MASK:
+            return None
+    return None
+
+
+def _masked(rest: list[AclEntry], perm: int, want: int) -> bool:
+    # The kernel looks for the mask after the matching entry only, where a valid ACL has it.
+    mask = next((p for tag, p, _ in rest if tag == ACL_MASK), 7)
+    return perm & mask & want == want
+
+
+def acl_text(entries: list[AclEntry]) -> str:
+    """ENTRIES as setfacl takes them (u::rwx,u:1000:r-x,g::---,m::r-x,o::---)."""
+    names = {ACL_USER_OBJ: "u", ACL_USER: "u", ACL_GROUP_OBJ: "g", ACL_GROUP: "g",
+             ACL_MASK: "m", ACL_OTHER: "o"}
+    return ",".join(
+        f"{names.get(tag, hex(tag))}:{id_ if tag in (ACL_USER, ACL_GROUP) else ''}:"
+        + "".join(c if perm & b else "-" for c, b in (("r", 4), ("w", 2), ("x", 1)))
+        for tag, perm, id_ in entries)
 
 
 def _passwd_env(pw: pwd.struct_passwd) -> dict[str, str]:

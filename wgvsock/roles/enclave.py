@@ -186,10 +186,9 @@ def _unrunnable_by(name: str, user: cmd.Credentials) -> tuple[int, str] | None:
 
 def _barred(path: str, user: cmd.Credentials) -> str | None:
     """Why USER may not execute PATH, "" when there is nothing there to execute (no such
-    file, or a directory), None when the modes let them (or cannot be read: the exec will
-    say). The mode bits only, as the kernel reads them for a process without capabilities
-    (cmd.allows); a file or directory with an ACL is left to the exec, whose word is the
-    last anyway."""
+    file, or a directory), None when they may (or it cannot be told: the exec will say). As
+    the kernel judges it for a process without capabilities: the mode bits (cmd.allows),
+    or the access ACL of a file or directory that has one (cmd.permits)."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -207,13 +206,30 @@ def _barred(path: str, user: cmd.Credentials) -> str | None:
             dst = os.stat(d)
         except OSError:
             return None
-        if not cmd.allows(dst, user, os.X_OK) and not _has_acl(d):
-            return (f"directory {d} ({_mode(dst)}) is not searchable by {who}; in the image, "
-                    f"chmod {_class(dst, user)}+x {d}, or put CMD where that user can reach it")
-    if not cmd.allows(st, user, os.X_OK) and not _has_acl(path):
-        return (f"{path} ({_mode(st)}) is not executable by {who}; in the image, chmod "
-                f"{_class(st, user)}+x {path}, or give it to that user")
+        # One whose ACL cannot be judged is passed over: one further on that refuses the
+        # user refuses them whatever that one says.
+        if refused := _refusal(d, dst, user):
+            return (f"directory {d} ({refused[0]}) is not searchable by {who}; in the image, "
+                    f"{refused[1]}, or put CMD where that user can reach it")
+    if refused := _refusal(path, st, user):
+        return (f"{path} ({refused[0]}) is not executable by {who}; in the image, "
+                f"{refused[1]}, or give it to that user")
     return None
+
+
+def _refusal(path: str, st: os.stat_result,
+             user: cmd.Credentials) -> tuple[str, str] | None:
+    """If USER may not execute or search PATH: its mode, owner and ACL, and what lets the
+    user in. None when they may, or its ACL cannot be read or judged. With an ACL, a chmod
+    of the group's bits changes the mask, and the others' bits may not be asked: an entry
+    of the user's own is, and setfacl -m works the mask out again to let it through."""
+    entries = cmd.acl(path)
+    if entries is None or cmd.permits(st, entries, user, os.X_OK) is not False:
+        return None
+    if entries and st.st_uid != user.uid:
+        return (f"{_mode(st)}, ACL {cmd.acl_text(entries)}",
+                f"setfacl -m u:{user.uid}:rx {path}")
+    return _mode(st), f"chmod {_class(st, user)}+x {path}"
 
 
 def _searched(path: str) -> list[str]:
@@ -242,14 +258,6 @@ def _searched(path: str) -> list[str]:
 
     walk(os.getcwd(), path, 0)
     return list(dict.fromkeys(out))
-
-
-def _has_acl(path: str) -> bool:
-    try:
-        os.getxattr(path, "system.posix_acl_access")
-    except OSError:
-        return False
-    return True
 
 
 def _mode(st: os.stat_result) -> str:
