@@ -731,6 +731,27 @@ def test_an_admission_check_whose_exception_cannot_be_said_still_refuses(caplog)
     assert len(errors) == 1, errors
 
 
+def test_a_verifier_whose_exception_cannot_be_said_still_refuses_the_enclave(server, caplog):
+    """Before: the verdict's reason took str() of the verifier's exception, which raised again
+    inside the handler, so the exchange ended as a bug: no refusal sent (the enclave read only
+    a hang-up), none in `wgvsock status`'s refusals. Now it is refused as any verifier error
+    is, its reason said through safetext.error."""
+    path, srv, rec = server
+
+    def verify(key, doc, nonce):
+        raise _Unsayable
+
+    srv._verify = verify
+    with caplog.at_level(logging.DEBUG, logger="wgvsock"), dial(path) as s, \
+            pytest.raises(ControlError) as e:
+        register(s, b"E" * 32)
+    reason = "verifier error: _Unsayable (its message cannot be shown: ValueError)"
+    assert str(e.value) == f"parent refused this enclave: {reason}"
+    assert [r.reason for r in srv.refusals.recent()] == [reason]
+    assert rec.installed == []
+    assert not any("exchange failed" in r.getMessage() for r in caplog.records)
+
+
 def test_an_admission_check_that_raises_is_kept_for_status():
     def check(addr: object) -> str | None:
         raise RuntimeError("no CID yet")

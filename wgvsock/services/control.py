@@ -640,7 +640,9 @@ class ControlServer:
                 verdict = self._verify(public_key, attestation, nonce)
             except Exception as e:  # a verifier bug must not take the listener down
                 log.exception("control: verifier failed")
-                verdict = Verdict(False, reason=f"verifier error: {e}")
+                # (safetext.error: an exception whose message cannot be made must still
+                # refuse, not end the exchange as a bug with no word to the enclave.)
+                verdict = Verdict(False, reason=f"verifier error: {error(e)}")
         self.last_verdict = verdict
         if not verdict.accepted:
             # Built from the enclave's own document (certificate subjects, field values).
