@@ -410,6 +410,25 @@ def test_unforeseen_errors_are_logged_a_few_at_a_time(ca, good, monkeypatch, cap
     assert 1 <= len(logged) <= 6, len(logged)
 
 
+def test_an_unforeseen_error_whose_message_cannot_be_made_still_refuses(ca, good, monkeypatch):
+    """Before: the safety net took str() of the unforeseen exception, which raised again, so
+    verify_document raised that ValueError and not AttestationError; verify_enclave then took
+    it for its policy's (reason 'attestation policy is invalid: no message', code bad-policy).
+    Now the document is refused as malformed, said through safetext.error."""
+
+    class Unsayable(Exception):
+        def __str__(self) -> str:
+            raise ValueError("no message")
+
+    def broken(data):
+        raise Unsayable
+
+    monkeypatch.setattr(verify, "_cose", broken)
+    e = refused(good, "malformed", ca.root_cert)
+    assert e.reason == ("the document could not be verified: Unsayable (its message cannot "
+                        "be shown: ValueError)")
+
+
 def test_random_corruption_never_raises_anything_else(ca, good):
     rng = random.Random(7)
     for _ in range(1500):

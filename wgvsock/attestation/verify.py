@@ -48,7 +48,7 @@ from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from ..conn.bind import RateLimitedLog
 from ..regular import read_regular
-from ..safetext import prose, quote
+from ..safetext import error, prose, quote
 from ..services.control import Verdict
 
 log = logging.getLogger("wgvsock.attestation")
@@ -751,7 +751,9 @@ def verify_document(
     except Exception as e:
         # Every check above names its own failure; this only keeps the promise that hostile
         # input yields AttestationError, should a library raise something unforeseen.
-        why = f"{type(e).__name__}: {prose(str(e))}"
+        # (safetext.error: a message that cannot be made must not escape as a ValueError,
+        # which verify_enclave would take for its policy's.)
+        why = error(e)
         _unexpected_log(logging.WARNING, "attestation: unexpected %s while verifying", why)
         raise AttestationError("malformed", f"the document could not be verified: {why}") from None
 
