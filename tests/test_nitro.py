@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -793,6 +794,35 @@ def test_a_process_id_that_names_an_unrelated_process_is_not_watched(processes: 
         stranger.kill()
         stranger.wait()
     assert fake.enclaves() == []
+
+
+@pytest.mark.root
+def test_a_process_whose_command_line_is_hidden_is_said_so(tmp_path: Path) -> None:
+    """A running process whose /proc entry is hidden from the watcher (/proc mounted with
+    hidepid=invisible, the watcher not root) cannot be checked: it is left to the poll, and
+    the line says its command line could not be read. Before: the same, but said as 'process
+    N (?) is not the enclave process of our run-enclave (nitro-cli runs in another PID
+    namespace?)', blaming a namespace where /proc was the cause."""
+    enclave = subprocess.Popen(["sleep", "600"])
+    probe = ("import sys; from wgvsock.services.nitro import EnclaveProcess; "
+             "p, why = EnclaveProcess.watch(int(sys.argv[1]), ['sleep', '600']); "
+             "print(p is None, why)")
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             'mount -t proc -o hidepid=invisible proc /proc && exec setpriv --reuid=65534 '
+             '--regid=65534 --clear-groups "$@"', "sh", sys.executable, "-c", probe,
+             str(enclave.pid)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(root)})
+    finally:
+        enclave.kill()
+        enclave.wait()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (f"True process {enclave.pid}'s command line cannot be read, so it "
+                          "cannot be told to be the enclave process "
+                          f"(/proc/{enclave.pid}/cmdline: No such file or directory)\n")
 
 
 def test_a_run_enclave_without_a_process_id_is_watched_by_the_poll(fake: Fake, caplog,

@@ -654,8 +654,9 @@ class EnclaveProcess:
         arguments) is the enclave process of that run-enclave; else None and why, in words
         that follow "its exit is known by describe-enclaves only: ". None where there is no
         ProcessID (nitro-cli before 1.0 prints none), no such process (ended already, or
-        another PID namespace's), another process (another PID namespace's number), or no
-        pidfd_open (Linux before 5.3). The describe-enclaves poll is then all there is (its
+        another PID namespace's), another process (another PID namespace's number), one whose
+        command line cannot be read (/proc mounted with hidepid=), or no pidfd_open (Linux
+        before 5.3). The describe-enclaves poll is then all there is (its
         first made at once)."""
         if pid is None:
             return None, "nitro-cli printed no ProcessID (nitro-cli before 1.0 prints none)"
@@ -676,15 +677,22 @@ class EnclaveProcess:
             return None, f"cannot watch process {pid}: {e.strerror or e}"
         if command is None:
             return process, ""
+        unreadable: OSError | None = None
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read(_CMDLINE_MAX).split(b"\0")
-        except OSError:
-            argv = []
+        except OSError as e:
+            argv, unreadable = [], e
         if process.ended():
             # What was read may be a later holder's of its number.
             process.close()
             return None, f"process {pid} ended as it was looked at"
+        if unreadable is not None:
+            # Running, but hidden from us (/proc mounted with hidepid=, say): not another's.
+            process.close()
+            return None, (f"process {pid}'s command line cannot be read, so it cannot be "
+                          f"told to be the enclave process (/proc/{pid}/cmdline: "
+                          f"{unreadable.strerror or unreadable})")
         want = [os.fsencode(a) for a in command]
         if any(argv[i:i + len(want)] == want for i in range(len(argv) - len(want) + 1)):
             return process, ""
