@@ -546,3 +546,28 @@ def test_a_reload_to_an_egress_interface_the_host_lacks_changes_nothing(monkeypa
                        r"this host has no interface h3none0"):
         p.reload(new)
     assert p.profile.parent.egress.interface is None
+
+
+class _Unsayable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+def test_a_reload_failing_on_an_error_that_cannot_be_said_is_still_reported(
+        monkeypatch, tmp_path) -> None:
+    """A bug in one reload is reported as not reloaded, the parent going on, even when the
+    exception's own message cannot be made (before, making the report raised again, out of
+    the SIGHUP handler's thread)."""
+    path = tmp_path / "pay.yaml"
+    path.write_text(BASE)
+    p = Parent(parse_profile(BASE, str(path)))
+    p._state = State("pay", 1, "wg0", str(path))
+    monkeypatch.setattr(State, "save", lambda self: None)
+
+    def broken(self, new):
+        raise _Unsayable
+
+    monkeypatch.setattr(Parent, "reload", broken)
+    assert parent_module.reload_from_file(p) is False
+    assert p._state.reload["message"] == ("not reloaded: internal error: _Unsayable (its "
+                                          "message cannot be shown: RuntimeError)")

@@ -34,7 +34,7 @@ from ..device.device import Device
 from ..nodump import forbid_core_dumps
 from ..pathwalk import Replaceable, keepers, walk
 from ..regular import read_regular
-from ..safetext import prose
+from ..safetext import error, prose
 from ..sdnotify import Notifier, Watchdog
 from ..services import firewall
 from ..services.control import (
@@ -1281,7 +1281,7 @@ class Parent:
                 log.exception("%s: attestation re-check failed", named(new.name))
                 raise RoleError("partly reloaded: " + "; ".join(done or ["nothing else"])
                                 + f"; but the new attestation policy was not applied: asking "
-                                f"it about the running enclave failed ({e})") from None
+                                f"it about the running enclave failed ({error(e)})") from None
         if only := [k for k in changed if k.startswith(_ENCLAVE_ONLY_KEYS)]:
             done.append(f"{', '.join(only)}: read by the enclave from the profile in its image, "
                         "not by the parent; they take effect with a new image")
@@ -1644,7 +1644,7 @@ def reload_from_file(parent: Parent, notifier: Notifier | None = None) -> bool:
         ok, message = False, str(e)
     except Exception as e:  # a bug in one reload must not stop the parent
         log.exception("%s: reload failed", named(name))
-        ok, message = False, f"not reloaded: internal error: {e}"
+        ok, message = False, f"not reloaded: internal error: {error(e)}"
     if not ok:
         log.error("%s: %s", named(name), message)
     if notifier is not None:
