@@ -36,6 +36,7 @@ from tests.attest_fixtures import (
     resign,
     sign1,
 )
+from tests.unsayable import Unsayable
 from wgvsock import cli
 from wgvsock.attestation import (
     NSM,
@@ -415,10 +416,6 @@ def test_an_unforeseen_error_whose_message_cannot_be_made_still_refuses(ca, good
     verify_document raised that ValueError and not AttestationError; verify_enclave then took
     it for its policy's (reason 'attestation policy is invalid: no message', code bad-policy).
     Now the document is refused as malformed, said through safetext.error."""
-
-    class Unsayable(Exception):
-        def __str__(self) -> str:
-            raise ValueError("no message")
 
     def broken(data):
         raise Unsayable

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.test_acceptwait import pipe_released, wake_pipe
+from tests.unsayable import Unsayable
 from wgvsock.services import control
 from wgvsock.services.control import (
     ControlError,
@@ -697,13 +698,6 @@ def test_an_admission_check_that_raises_refuses_without_stopping_the_listener(ca
     assert errors[0].endswith(" in check; refused a connection from 127.0.0.1")
 
 
-class _Unsayable(Exception):
-    """An exception whose message cannot be made: its __str__ raises."""
-
-    def __str__(self) -> str:
-        raise ValueError("no message")
-
-
 def test_an_admission_check_whose_exception_cannot_be_said_still_refuses(caplog):
     """Before: the refusal's reason took str() of the check's exception, which raised again
     inside the handler, so the connection went uncounted to the accept loop's Survivor (a
@@ -711,7 +705,7 @@ def test_an_admission_check_whose_exception_cannot_be_said_still_refuses(caplog)
     refused, counted and logged in one line like any failing check's."""
 
     def check(addr: object) -> str | None:
-        raise _Unsayable
+        raise Unsayable
 
     srv, _rec, port = _tcp_server(refuse_from=check, clock=FakeClock())
     try:
@@ -723,7 +717,7 @@ def test_an_admission_check_whose_exception_cannot_be_said_still_refuses(caplog)
     finally:
         srv.close()
     assert srv.refused_connections == 25
-    assert refusal.reason.startswith("the admission check failed (_Unsayable (its message "
+    assert refusal.reason.startswith("the admission check failed (Unsayable (its message "
                                      "cannot be shown: ValueError)) at test_control.py:")
     records = [r for r in caplog.records if r.name.startswith("wgvsock")]
     assert not any(r.exc_info for r in records), [r.getMessage() for r in records if r.exc_info]
@@ -739,13 +733,13 @@ def test_a_verifier_whose_exception_cannot_be_said_still_refuses_the_enclave(ser
     path, srv, rec = server
 
     def verify(key, doc, nonce):
-        raise _Unsayable
+        raise Unsayable
 
     srv._verify = verify
     with caplog.at_level(logging.DEBUG, logger="wgvsock"), dial(path) as s, \
             pytest.raises(ControlError) as e:
         register(s, b"E" * 32)
-    reason = "verifier error: _Unsayable (its message cannot be shown: ValueError)"
+    reason = "verifier error: Unsayable (its message cannot be shown: ValueError)"
     assert str(e.value) == f"parent refused this enclave: {reason}"
     assert [r.reason for r in srv.refusals.recent()] == [reason]
     assert rec.installed == []

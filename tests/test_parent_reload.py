@@ -16,6 +16,7 @@ import types
 
 import pytest
 
+from tests.unsayable import Unsayable
 from wgvsock.roles import parent as parent_module
 from wgvsock.roles import state as state_module
 from wgvsock.roles.parent import Parent, RoleError
@@ -548,11 +549,6 @@ def test_a_reload_to_an_egress_interface_the_host_lacks_changes_nothing(monkeypa
     assert p.profile.parent.egress.interface is None
 
 
-class _Unsayable(Exception):
-    def __str__(self) -> str:
-        raise RuntimeError("no message")
-
-
 def test_a_reload_failing_on_an_error_that_cannot_be_said_is_still_reported(
         monkeypatch, tmp_path) -> None:
     """A bug in one reload is reported as not reloaded, the parent going on, even when the
@@ -565,9 +561,9 @@ def test_a_reload_failing_on_an_error_that_cannot_be_said_is_still_reported(
     monkeypatch.setattr(State, "save", lambda self: None)
 
     def broken(self, new):
-        raise _Unsayable
+        raise Unsayable
 
     monkeypatch.setattr(Parent, "reload", broken)
     assert parent_module.reload_from_file(p) is False
-    assert p._state.reload["message"] == ("not reloaded: internal error: _Unsayable (its "
-                                          "message cannot be shown: RuntimeError)")
+    assert p._state.reload["message"] == ("not reloaded: internal error: Unsayable (its "
+                                          "message cannot be shown: ValueError)")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.unsayable import Unsayable
 from wgvsock.safetext import error, prose, quote
 
 
@@ -37,10 +38,6 @@ def test_quote_is_a_cut_repr() -> None:
 
 
 def test_error_is_type_and_message_in_one_line_whatever_its_str_does() -> None:
-    class Unsayable(Exception):
-        def __str__(self) -> str:
-            raise ValueError("no message")
-
     assert error(RuntimeError("no CID yet")) == "RuntimeError: no CID yet"
     assert error(RuntimeError()) == "RuntimeError"
     assert error(OSError("a\nforged line\x1b[2J")) == "OSError: a\\nforged line\\x1b[2J"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unsayable import Unsayable
 from wgvsock.threads import NamedThread, Survivor, on_thread_death
 
 
@@ -48,10 +49,6 @@ def test_a_thread_dying_of_an_exception_that_cannot_be_said_still_stops_the_daem
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored afterwards
     reasons: list[str] = []
     on_thread_death(reasons.append)
-
-    class Unsayable(Exception):
-        def __str__(self) -> str:
-            raise ValueError("no message")
 
     def boom() -> None:
         raise Unsayable

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.unsayable import Unsayable
 from wgvsock.conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT, encode_hello
 from wgvsock.conn.endpoint import Endpoint
 from wgvsock.conn.framing import encode_frame
@@ -424,19 +425,12 @@ def test_the_daemon_s_admit_cids_closes_other_cids_at_accept(monkeypatch, tmp_pa
     assert "vsock: refused a connection from CID 7: not in WGVSOCK_ADMIT_CIDS=16,17" in lines
 
 
-class _Unsayable(Exception):
-    """An exception whose message cannot be made: its __str__ raises."""
-
-    def __str__(self) -> str:
-        raise ValueError("no message")
-
-
 @pytest.mark.parametrize("exc, said", [
     (RuntimeError("no CID yet"), "RuntimeError: no CID yet"),
     # Before: the refusal's line took str() of the exception, which raised again, so the
     # connection went uncounted to the accept loop's Survivor (a traceback, and its 21st
     # within 10 s stopped the WireGuard port).
-    (_Unsayable(), "_Unsayable (its message cannot be shown: ValueError)"),
+    (Unsayable(), "Unsayable (its message cannot be shown: ValueError)"),
 ], ids=["fails", "its message cannot be said"])
 def test_an_admission_check_that_fails_refuses(monkeypatch, tmp_path, caplog, exc,
                                                said) -> None:
