@@ -900,6 +900,27 @@ def test_rules_that_leave_the_enclave_s_address_to_the_main_table_pass(world: Wo
     assert "dev wg0" in route.stdout, route.stdout
 
 
+def test_a_goto_to_a_nop_or_the_local_table_s_rule_jumps_there(world: World) -> None:
+    """A goto lands on the first rule at its priority whatever that rule does: a `nop`
+    (a label to jump to) or the local table's rule (Cilium's and VRF hosts' at 100), which
+    the walk leaves out, pass it on to the rules after them. Such a goto was read as
+    unresolved and passed over, so the rule it jumps over was read as taking the tunnel's
+    traffic: refused, with the kernel routing it through the tunnel."""
+    for args in [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+                 ("rule", "add", "pref", "10", "to", "10.77.0.0/16", "goto", "60"),
+                 ("rule", "add", "pref", "50", "lookup", "7"),
+                 ("rule", "add", "pref", "60", "nop"),
+                 ("rule", "add", "pref", "100", "lookup", "local"),
+                 ("rule", "del", "pref", "0"),
+                 ("rule", "add", "pref", "70", "goto", "100"),
+                 ("rule", "add", "pref", "80", "lookup", "7")]:
+        world.parent.ip(*args)
+    _passes_quietly(world)
+    world.parent_cmd("up")
+    route = world.parent.ip("route", "get", "10.77.0.2")
+    assert "dev wg0" in route.stdout, route.stdout
+
+
 def test_a_rule_for_what_comes_in_by_the_tunnel_passes(world: World) -> None:
     """`iif wg0 lookup 2` sends the enclave's egress out of a chosen interface (a second
     ENI): what comes in by the tunnel for the tunnel's subnet is for the parent's own

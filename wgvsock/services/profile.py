@@ -2302,9 +2302,12 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
                 continue
             partly = partial or kind == "some"
             if rule.goto is not None:
-                target = next((k for k, r in enumerate(rules) if r.priority == rule.goto), None)
-                if target is None:  # unresolved: the kernel passes over it
-                    continue
+                # Its target is the first rule at that priority (local_routes() leaves out a
+                # goto to none): where that is a nop or the local table's, left out here, the
+                # walk goes on from the next rule kept, as the kernel's does from it. The
+                # kernel takes no goto backwards, so none loops.
+                target = next((k for k in range(i, len(rules)) if rules[k].priority >= rule.goto),
+                              len(rules))
                 # Named itself where it jumps over a rule that would have main looked up.
                 jumped = via or (rule if any(main_takes(r, addr, mains)
                                              for r in rules[i:target]) else None)
