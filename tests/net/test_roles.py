@@ -937,6 +937,24 @@ def test_a_rule_for_what_comes_in_by_the_tunnel_passes(world: World) -> None:
     assert "via 198.51.100.2 dev va0 table 2" in route.stdout, route.stdout
 
 
+def test_a_rule_for_the_enclave_s_source_passes(world: World) -> None:
+    """`from 10.77.0.2 lookup 2` sends the enclave's egress out of a chosen interface too, as
+    amazon-ec2-net-utils does for a secondary ENI's addresses: the parent's own connections
+    to the enclave leave from 10.77.0.1, and nothing else sends from 10.77.0.2 to it. It was
+    warned of as taking "traffic for it from 10.77.0.2/32 (the parent's own)", with another
+    subnet to pick; `from 10.77.0.0/30`, which has the parent's own, still is (PARTLY)."""
+    for args in [("route", "add", "default", "via", "198.51.100.2", "table", "2"),
+                 ("rule", "add", "pref", "1000", "from", "10.77.0.2", "lookup", "2")]:
+        world.parent.ip(*args)
+    _passes_quietly(world)
+    res = world.parent_cmd("up")
+    assert "warning" not in res.stderr, res.stderr
+    route = world.parent.ip("route", "get", "10.77.0.2")
+    assert "dev wg0" in route.stdout, route.stdout
+    route = world.parent.ip("route", "get", "192.0.2.9", "from", "10.77.0.2", "iif", "wg0")
+    assert "via 198.51.100.2 dev va0 table 2" in route.stdout, route.stdout
+
+
 # An `ip rule ... dscp 46 lookup 2` as the kernel takes it (FRA_DSCP, Linux 6.13), sent raw:
 # the iproute2 and pyroute2 here know no such selector.
 _DSCP_RULE = """

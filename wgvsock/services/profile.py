@@ -2215,7 +2215,7 @@ def _host_clashes(profile: Profile, host_networks: Iterable[IPNetwork],
         need = [a.ip for a in profile.enclave.addresses if a.ip in tunnel] or [
             next(h for h in (tunnel.network_address + 1, tunnel.network_address)
                  if h != iface.ip)]
-        policy = _rules_against(tunnel, extra, need, profile.interface)
+        policy = _rules_against(tunnel, extra, need, profile.interface, iface.ip)
         for against in policy:
             # Not ahead of the local table's rule (Cilium's and VRF hosts' come later): the
             # parent's own address in the subnet would be routed out of the tunnel.
@@ -2260,14 +2260,14 @@ class _Taken:
 
 
 def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress],
-                   interface: str) -> list[_Taken]:
+                   interface: str, own: IPAddress) -> list[_Taken]:
     """The rules that route traffic for TUNNEL elsewhere than the main table (where its
     route goes, through INTERFACE), as the kernel walks them: in priority order, a goto
     jumping ahead, until a rule has main looked up for all of it.
 
     What the tunnel needs is the traffic to NEED, the enclave's addresses (the peer's allowed
     ips): a rule that takes all of that is refused; one that takes only some (by a mark, an
-    interface, the parent's own source), or only the subnet's other addresses, is warned of.
+    interface, the parent's own source, OWN), or only the subnet's other addresses, is warned of.
     A rule's table routes an address by its most specific route there; none, a throw route,
     or one the rule's suppress_prefixlength or suppress_ifgroup has the lookup ignore passes
     it on to the next rule (so does main's: wg-quick's `lookup main suppress_prefixlength 0`).
@@ -2288,7 +2288,7 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
             found[key] = taken
 
     def main_takes(rule: IPRule, addr: IPAddress, mains: list[IPRule]) -> bool:
-        return (rule.table == _TABLE_MAIN and _selects(rule, addr, tunnel, mains)[0] == "all"
+        return (rule.table == _TABLE_MAIN and _selects(rule, addr, own, mains)[0] == "all"
                 and not _suppressed(rule, tunnel.prefixlen, host.groups.get(interface, 0)))
 
     def walk(addr: IPAddress, i: int, partial: bool, via: IPRule | None,
@@ -2296,7 +2296,7 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
         while i < len(rules):
             rule = rules[i]
             i += 1
-            kind, whose = _selects(rule, addr, tunnel, mains)
+            kind, whose = _selects(rule, addr, own, mains)
             if kind is None:
                 passed.setdefault(i - 1, (partial, list(mains)))
                 continue
@@ -2357,7 +2357,7 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
         part = (rule.dst if rule.dst is not None and rule.dst.subnet_of(tunnel)  # type: ignore[arg-type]
                 else tunnel)
         for addr in _samples(part, host.tables.get(rule.table, ()), need):
-            kind = _selects(rule, addr, tunnel, mains)[0]
+            kind = _selects(rule, addr, own, mains)[0]
             if kind is None:
                 continue
             some = "some " if partial or kind == "some" else ""
@@ -2377,10 +2377,11 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
     return [found[k] for k in sorted(found)]
 
 
-def _selects(rule: IPRule, addr: IPAddress, tunnel: IPNetwork, mains: list[IPRule]
+def _selects(rule: IPRule, addr: IPAddress, own: IPAddress, mains: list[IPRule]
              ) -> tuple[str | None, str]:
     """Whether RULE matches "all" the traffic for ADDR, "some" or None, and what it takes as
-    a phrase; MAINS, the rules with main looked up for some of it before."""
+    a phrase; OWN, the parent's address in the subnet; MAINS, the rules with main looked up
+    for some of it before."""
     src = rule.src if rule.src is not None and rule.src.prefixlen else None
     if rule.invert:  # matches what fails any of its selectors
         if rule.dst is not None and addr not in rule.dst:
@@ -2394,7 +2395,10 @@ def _selects(rule: IPRule, addr: IPAddress, tunnel: IPNetwork, mains: list[IPRul
         return "some", "some traffic for it"
     if rule.dst is not None and addr not in rule.dst:
         return None, ""
-    if src is not None and not src.overlaps(tunnel):  # type: ignore[arg-type]
+    # The parent's own connections to the enclave leave from OWN (the tunnel route's source):
+    # a source without it takes none of them, as `from 10.77.0.2` (the enclave's egress out
+    # of a chosen interface) or a secondary ENI's `from 172.31.5.9` (amazon-ec2-net-utils').
+    if src is not None and own not in src:
         return None, ""
     if any(m.match <= rule.match and (m.src is None or (
             src is not None and src.subnet_of(m.src))) for m in mains):  # type: ignore[arg-type]
