@@ -297,8 +297,9 @@ def test_a_socket_directory_on_a_read_only_file_system_says_how_to_fix_it(
     """Under the unit (ProtectSystem=strict) a transport.path outside its writable directories
     failed with a bare "[Errno 30] Read-only file system", naming neither the path nor what to
     do, once the interface was made. Now `up` refuses first, in one line, with the fix, as for
-    the private key. A real read-only mount, in a mount namespace of the test's own, the
-    directory missing (its mkdir fails) or there (the bind would)."""
+    the private key, and `parent doctor` fails its "socket directories" row with the same
+    words (it called that path ready). A real read-only mount, in a mount namespace of the
+    test's own, the directory missing (its mkdir fails) or there (the bind would)."""
     ro = world.lab.tmp / "ro"
     ro.mkdir()
     sock = ro / "sock"
@@ -306,16 +307,27 @@ def test_a_socket_directory_on_a_read_only_file_system_says_how_to_fix_it(
     profile.write_text(world.profile.read_text().replace(
         f"path: {world.lab.tmp / 'sock'}", f"path: {sock}"))
     before_links = world.parent.ip("-o", "link", "show").stdout
-    env = {**world.env_for("parent"), "SOCK_DIR": str(sock) if made else ""}
-    res = world.parent.run("unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           _READ_ONLY, "sh", str(ro), WGVSOCK, "parent", "up", "-f",
-                           "--profile", str(profile), env=env, check=False, timeout=60)
-    assert res.returncode == 1, res.stderr
+    # COLUMNS: doctor's table on one line a row.
+    env = {**world.env_for("parent"), "SOCK_DIR": str(sock) if made else "", "COLUMNS": "1000"}
+
+    def read_only(*args: str) -> subprocess.CompletedProcess:
+        return world.parent.run("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                _READ_ONLY, "sh", str(ro), WGVSOCK, "parent", *args,
+                                "--profile", str(profile), env=env, check=False, timeout=60)
+
     there = sock if made else ro
     fix = (f"transport.path {sock} is on a read-only file system, where the parent cannot make "
            "its sockets (under wgvsock-parent@.service sockets may go under /run/wgvsock: "
            f"leave transport.path out (its default is /run/wgvsock/{world.name}), or add "
            f"`ReadWritePaths={there}` with `systemctl edit wgvsock-parent@NAME`)")
+    doctor = read_only("doctor")
+    rows = [line for line in doctor.stdout.splitlines()
+            if line.split()[1:3] == ["socket", "directories"]]
+    assert len(rows) == 1, doctor.stdout + doctor.stderr
+    assert "NOT READY" in rows[0] and fix in rows[0], doctor.stdout
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    res = read_only("up", "-f")
+    assert res.returncode == 1, res.stderr
     errors = [line for line in res.stderr.splitlines() if "Read-only" in line or fix in line]
     assert len(errors) == 1 and errors[0].endswith(fix), res.stderr
     assert "Traceback" not in res.stderr

@@ -201,6 +201,10 @@ def _socket_dirs_check(profile) -> Check:
             socket_dir(path, listable=listable, make=False)
     except PermissionError as e:
         return Check("socket directories", False, str(e))
+    # Said as `up` refuses it, before anything is made: the doctor passed a transport.path
+    # on a read-only file system (the unit's sandbox) that `up` then refused.
+    if read_only := unix_sockets_read_only(profile):
+        return Check("socket directories", False, read_only)
     return Check("socket directories", True, "only root or this user can change "
                  + ", ".join(path for path, _ in dirs))
 
@@ -375,6 +379,36 @@ def _read_only_fix(instead: str, where: Path) -> str:
             "`systemctl edit wgvsock-parent@NAME`)")
 
 
+def unix_sockets_read_only(profile) -> str | None:
+    """The one line `up` refuses a Unix stand-in's transport.path with, and the doctor fails
+    it with, when it is on a read-only file system (the unit's ProtectSystem=strict makes
+    everything so but its own directories); None when it is not, or the transport is not
+    Unix. Nothing is made: a missing directory would be made on the file system of the
+    nearest one that exists, so that is the one looked at."""
+    if profile.transport.kind != "unix":
+        return None
+    path = Path(profile.transport.path)
+    try:
+        read_only = os.statvfs(_nearest_existing(path)).f_flag & os.ST_RDONLY
+    except OSError:  # not this check's to say: socket_dir and the bind name what is wrong
+        return None
+    return _read_only_sockets(profile) if read_only else None
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next(d for d in (path, *path.parents) if os.path.exists(d))
+
+
+def _read_only_sockets(profile) -> str:
+    path = Path(profile.transport.path)
+    # ReadWritePaths= of a missing directory fails the unit: name the first that exists.
+    return (f"transport.path {path} is on a read-only file system, where the parent cannot "
+            "make its sockets"
+            + _read_only_fix(f"sockets may go under /run/wgvsock: leave transport.path out "
+                             f"(its default is /run/wgvsock/{profile.name})",
+                             _nearest_existing(path)))
+
+
 def _unix_sockets_writable(profile) -> None:
     """Makes the Unix stand-in's socket directory (transport.path) as the sockets' servers
     would, and RoleError, in one line, when it is on a read-only file system: the unit's
@@ -384,21 +418,14 @@ def _unix_sockets_writable(profile) -> None:
     path = Path(profile.transport.path)
     try:
         socket_dir(str(path))
-        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError as e:
         if e.errno is None:  # socket_dir's own refusal, said in full
             raise RoleError(str(e)) from None
         if e.errno != errno.EROFS:
             raise RoleError(f"transport.path {path}: {e.strerror or e}") from None
-        read_only = True
-    if read_only:
-        # ReadWritePaths= of a missing directory fails the unit: name the first that exists.
-        there = next(d for d in (path, *path.parents) if d.exists())
-        raise RoleError(
-            f"transport.path {path} is on a read-only file system, where the parent cannot "
-            "make its sockets"
-            + _read_only_fix(f"sockets may go under /run/wgvsock: leave transport.path out "
-                             f"(its default is /run/wgvsock/{profile.name})", there))
+        raise RoleError(_read_only_sockets(profile)) from None
+    if words := unix_sockets_read_only(profile):
+        raise RoleError(words)
 
 
 def load_parent_key(spec: str, *, create: bool = True) -> bytes:
