@@ -6,6 +6,8 @@ import ipaddress
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -447,3 +449,53 @@ def test_profile_check_host_warns_of_a_key_others_could_swap(base: Path, monkeyp
     # Without --host, the file alone is checked, as before.
     assert main_cli.main(["profile", "check", str(path)]) == 0
     assert "private key" not in capsys.readouterr().err
+
+
+# -- a read-only file system with nothing above the path but / ----------------------------------
+
+_UNDER_READ_ONLY_ROOT = """
+import sys
+from wgvsock.roles.parent import RoleError, load_parent_key, local_checks
+from wgvsock.services.profile import parse_profile
+
+sock, key_dir, key_at_root = sys.argv[1:]
+profile = parse_profile(f"name: x\\ntransport:\\n  kind: unix\\n  path: {sock}\\n"
+                        "enclave:\\n  address: 10.77.0.2/30\\n")
+print({c.name: c for c in local_checks(profile)}["socket directories"].detail)
+for key in (f"{key_dir}/parent.key", key_at_root):
+    try:
+        load_parent_key(key, create=True)
+    except RoleError as e:
+        print(e)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only mount needs root")
+def test_a_read_only_fix_never_says_read_write_paths_of_the_root() -> None:
+    """The fix named ReadWritePaths= of the nearest directory that exists, which for a path
+    whose first directory is missing is / itself: `ReadWritePaths=/` undoes the unit's
+    ProtectSystem=strict altogether. Now it says to make the directory first and add only it
+    (or, for a key right in /, where keys go instead). / read-only in a mount namespace of the
+    test's own (a bind remount: the flag is that mount's, not the file system's)."""
+    absent = Path(f"/wgvsock-absent-{os.getpid()}")
+    sock, keys, key_at_root = absent / "sockets", absent / "keys", f"{absent}.key"
+    res = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -o remount,bind,ro / && exec "$@"', "sh",
+         sys.executable, "-c", _UNDER_READ_ONLY_ROOT, str(sock), str(keys), key_at_root],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 0, res.stderr
+    edit = "with `systemctl edit wgvsock-parent@NAME`)"
+    assert res.stdout.splitlines() == [
+        f"transport.path {sock} is on a read-only file system, where the parent cannot make "
+        "its sockets (under wgvsock-parent@.service sockets may go under /run/wgvsock: leave "
+        "transport.path out (its default is /run/wgvsock/x), or make "
+        f"{sock} first (`mkdir -p -m 0700 {sock}`) and add `ReadWritePaths={sock}` {edit}",
+        f"cannot create private key {keys}/parent.key: Read-only file system (under "
+        "wgvsock-parent@.service only /etc/wgvsock is writable: keep the key there, or make "
+        f"{keys} first (`mkdir -p -m 0700 {keys}`) and add `ReadWritePaths={keys}` {edit}",
+        f"cannot create private key {key_at_root}: Read-only file system (under "
+        "wgvsock-parent@.service only /etc/wgvsock is writable: keep the key there)",
+    ], res.stdout
+    assert not absent.exists() and not Path(key_at_root).exists()

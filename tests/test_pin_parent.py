@@ -352,8 +352,9 @@ except RoleError as e:
 def test_a_key_that_cannot_be_created_on_a_read_only_file_system_says_how_to_fix_it(tmp_path):
     """The unit's ProtectSystem=strict leaves only /etc/wgvsock writable: a key elsewhere that
     `up` has to make failed with a bare "[Errno 30] Read-only file system". Now one line says
-    where keys may go under the unit and how to add a directory. A real read-only mount, in a
-    mount namespace of the test's own."""
+    where keys may go under the unit and how to add a directory: the nearest that exists, as
+    ReadWritePaths= of a missing one (the key's, it said) fails the unit. A real read-only
+    mount, in a mount namespace of the test's own."""
     ro = tmp_path / "ro"
     ro.mkdir()
     key = ro / "keys" / "parent.key"
@@ -367,5 +368,5 @@ def test_a_key_that_cannot_be_created_on_a_read_only_file_system_says_how_to_fix
     assert res.stdout == (
         f"cannot create private key {key}: Read-only file system (under "
         "wgvsock-parent@.service only /etc/wgvsock is writable: keep the key there, or add "
-        f"`ReadWritePaths={key.parent}` with `systemctl edit wgvsock-parent@NAME`)\n"), res
+        f"`ReadWritePaths={ro}` with `systemctl edit wgvsock-parent@NAME`)\n"), res
     assert not key.exists()

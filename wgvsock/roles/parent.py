@@ -372,11 +372,22 @@ def connection_limit_check(profile) -> Check:
 # -- keys ------------------------------------------------------------------------------------
 
 
-def _read_only_fix(instead: str, where: Path) -> str:
-    """What to do about a read-only file system at WHERE, which as a rule is the unit's
-    sandbox (ProtectSystem=strict), not a read-only disk: INSTEAD, or ReadWritePaths=."""
-    return (f" (under wgvsock-parent@.service {instead}, or add `ReadWritePaths={where}` with "
-            "`systemctl edit wgvsock-parent@NAME`)")
+def _read_only_fix(instead: str, target: Path) -> str:
+    """What to do about a read-only file system where the parent writes in TARGET (a
+    directory, made if missing), which as a rule is the unit's sandbox (ProtectSystem=strict),
+    not a read-only disk: INSTEAD, or ReadWritePaths= of the nearest directory that exists (of
+    a missing one it fails the unit). When that is /, ReadWritePaths=/ would undo
+    ProtectSystem= altogether: TARGET is to be made first and only it added, or, TARGET being
+    / itself, INSTEAD alone."""
+    there = _nearest_existing(target)
+    add = "add `ReadWritePaths={}` with `systemctl edit wgvsock-parent@NAME`"
+    if there != Path("/"):
+        alt = ", or " + add.format(there)
+    elif target != there:
+        alt = f", or make {target} first (`mkdir -p -m 0700 {target}`) and " + add.format(target)
+    else:
+        alt = ""
+    return f" (under wgvsock-parent@.service {instead}{alt})"
 
 
 def unix_sockets_read_only(profile) -> str | None:
@@ -401,12 +412,10 @@ def _nearest_existing(path: Path) -> Path:
 
 def _read_only_sockets(profile) -> str:
     path = Path(profile.transport.path)
-    # ReadWritePaths= of a missing directory fails the unit: name the first that exists.
     return (f"transport.path {path} is on a read-only file system, where the parent cannot "
             "make its sockets"
             + _read_only_fix(f"sockets may go under /run/wgvsock: leave transport.path out "
-                             f"(its default is /run/wgvsock/{profile.name})",
-                             _nearest_existing(path)))
+                             f"(its default is /run/wgvsock/{profile.name})", path))
 
 
 def _unix_sockets_writable(profile) -> None:
