@@ -23,6 +23,8 @@ from wgvsock.core.crypto import generate_private_key, public_key
 from wgvsock.core.keypair import Keypair
 from wgvsock.core.messages import (
     MIN_SEGMENT_SIZE,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
     SEGMENT_TRAILER_MAGIC,
     SEGMENT_TRAILER_SIZE,
     padding_size,
@@ -126,6 +128,28 @@ def test_a_packet_read_for_a_peer_without_a_session_is_staged_as_every_peer_take
     for p in out:
         _, pseudo = _tcp_sum(p)
         assert tun_mod.complete_checksum(_with_field(p, pseudo), 20, 16) == p
+
+
+@pytest.mark.parametrize("left", [0.5, 5.0])
+def test_a_session_about_to_expire_counts_as_none(rig, left: float) -> None:
+    """A session with less than a second to live (_STAGE_MARGIN) may be gone by the time the
+    packet is sealed, later in the pass, and the packet staged: it is read as for no session.
+    One with seconds left keeps the connection's form. (The keypair's age is what counts, as
+    Engine.send_data reads it, not how long the test takes: 5 s of slack either way.)"""
+    rig.peer.keypairs.current.created = time.monotonic() - REJECT_AFTER_TIME + left
+    out = rig.read(_ALL, 1208, 5000)
+    if left < 1:
+        assert [len(p) - 40 for p in out] == [1208] * 4 + [5000 - 4 * 1208]
+    else:
+        assert [len(p) for p in out] == [40 + 5000 + SEGMENT_TRAILER_SIZE]
+
+
+def test_a_session_that_sends_no_more_counts_as_none(rig) -> None:
+    """Its counter at RejectAfterMessages (a new private key expires it so: _expire_sessions),
+    a session stages what is sent until a handshake, whatever its age."""
+    rig.peer.keypairs.current.send_nonce = REJECT_AFTER_MESSAGES
+    out = rig.read(_ALL, 1208, 5000)
+    assert [len(p) - 40 for p in out] == [1208] * 4 + [5000 - 4 * 1208]
 
 
 def test_a_peer_without_the_capability_gets_the_segments(rig) -> None:
