@@ -171,10 +171,12 @@ def test_bulk_tcp_forwarded_to_a_third_namespace(
 
 
 # 65000: the pieces' segments are finer than the MTU, so they cross with their segment size;
-# 1500: they are the MTU's, so the second piece (one segment) is written as a plain packet.
-@pytest.mark.parametrize("mtu", ["65000", "1500"])
+# 1500: they are the MTU's, so the second piece (one segment) is written as a plain packet;
+# for IPv6, 1520: the tunnel's MTU is the veth's, so the segments are the MTU's, as 1500 is.
+@pytest.mark.parametrize("family, mtu", [("4", "65000"), ("4", "1500"), ("6", "65000"),
+                                         ("6", "1520")])
 def test_super_packets_cut_to_fit_a_message_leave_the_forwarder_with_good_checksums(
-    lab: Lab, mtu: str
+    lab: Lab, family: str, mtu: str
 ) -> None:
     """a (ours) -- tunnel MTU 65000 or 1500 -- b (ours, forwarding) -- veth MTU 1500 -- t.
     a's uploads to t are TCP super-packets of 45 segments of t's MSS (65232 bytes), longer
@@ -183,14 +185,19 @@ def test_super_packets_cut_to_fit_a_message_leave_the_forwarder_with_good_checks
     segment's checksum from that partial one as it forwards them to t. With the partial sum
     made wrong on purpose, t's kernel counted 290 bad checksums in one run (the uploads still
     completed, by retransmissions). At 1500 the one-segment piece goes to b's TUN as no
-    segmentation job: only its NEEDS_CSUM has b's kernel finish it."""
+    segmentation job: only its NEEDS_CSUM has b's kernel finish it.
+
+    The same with IPv6 inside the tunnel and beyond the forwarder (GSO TCPV6 super-packets):
+    with the pieces' partial sums made wrong on purpose (IPv6 only), t's kernel counted 262
+    and 276 bad checksums. Before, only split_tso's unit tests cut IPv6 pieces."""
     a, b = _pair(lab, Path(), "ours", "ours", "b")  # (no seed in this one)
     for side in (a, b):
         side.ns.ip("link", "set", side.ifname, "mtu", mtu)
-    t = _forwarding_to_t(lab, a, b)
+    t, far = (_forwarding_to_t(lab, a, b), T_VETH) if family == "4" else \
+        (_forwarding_to_t6(lab, a, b), T6_VETH)
     _ping_from_dialer_first(a, b, "b")
-    ping(a.ns, T_VETH)
-    _bulk_both_ways(t, a.ns, T_VETH)
+    ping(a.ns, far)
+    _bulk_both_ways(t, a.ns, far)
     assert csum_errors(t) == 0
     assert csum_errors(a.ns) == 0
 
@@ -262,28 +269,6 @@ def _forwarding_to_t6(lab: Lab, a: Side, b: Side) -> Namespace:
     b.ns.wg("set", b.ifname, "peer", a_pub, "allowed-ips", f"{A_TUN}/32,{A6_TUN}/128")
     a.ns.ip("-6", "route", "add", f"{T6_VETH}/128", "dev", a.ifname)
     return t
-
-
-# 1520: the tunnel's MTU is the veth's, so the segments are the MTU's, as 1500 is above.
-@pytest.mark.parametrize("mtu", ["65000", "1520"])
-def test_ipv6_super_packets_cut_to_fit_a_message_leave_the_forwarder_with_good_checksums(
-    lab: Lab, mtu: str
-) -> None:
-    """The test above with IPv6 inside the tunnel and beyond the forwarder: a's uploads to t
-    are IPv6 TCP super-packets (GSO TCPV6) longer than a message, which a cuts into pieces
-    that fit, their checksums partial, for b's kernel to finish as it forwards them. With
-    the pieces' partial sums made wrong on purpose (IPv6 only), t's kernel counted 262 and
-    276 bad checksums (the uploads still completed, by retransmissions). Before, only
-    split_tso's unit tests cut IPv6 pieces."""
-    a, b = _pair(lab, Path(), "ours", "ours", "b")  # (no seed in this one)
-    for side in (a, b):
-        side.ns.ip("link", "set", side.ifname, "mtu", mtu)
-    t = _forwarding_to_t6(lab, a, b)
-    _ping_from_dialer_first(a, b, "b")
-    ping(a.ns, T6_VETH)
-    _bulk_both_ways(t, a.ns, T6_VETH)
-    assert csum_errors(t) == 0
-    assert csum_errors(a.ns) == 0
 
 
 def test_packets_staged_for_an_offload_peer_reach_the_seed_that_replaced_it_intact(
