@@ -2788,9 +2788,9 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
         prog=prog, description="Validate a profile and print it with every default filled in.")
     ap.add_argument("file", help="the profile (YAML)")
     ap.add_argument("--host", action="store_true",
-                    help="also check the tunnel subnet against this host's own networks, and "
-                    "that this host has routes for enclave.routes; warn of a "
-                    "parent.private_key another user could replace")
+                    help="also check the tunnel subnet against this host's own networks, routes "
+                    "and ip rules, as `parent up` does, and that this host has routes for "
+                    "enclave.routes; warn of a parent.private_key another user could replace")
     try:
         args = ap.parse_args(list(argv))
     except SystemExit as e:  # argparse has already printed usage; keep our int contract
