@@ -680,6 +680,28 @@ DEAD_TUNNELS = {
         "ip rule `100: not from all fwmark 0x10/0x10 lookup 7` comes before the main table, "
         "where the tunnel's route goes, and sends traffic for it but what has fwmark 0x10/0x10 "
         "to table 7's route default (via 198.51.100.2 dev va0)"),
+    "a mark rule that unmarked traffic matches": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "fwmark", "0/0xff", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: ip rule `100: from all fwmark 0/0xff lookup 7` comes "
+        "before the main table, where the tunnel's route goes, and sends traffic for it "
+        "(unmarked traffic matches fwmark 0/0xff) to table 7's route default (via "
+        "198.51.100.2 dev va0) — have the main table looked up first for it: `ip rule add pref "
+        "99 to 10.77.0.0/30 lookup main` (lost at reboot: add it to the host's network config "
+        "too)"),
+    "a `not iif` rule for the tunnel's interface": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "not", "iif", "wg0", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: ip rule `100: not from all iif wg0 [detached] lookup 7` "
+        "comes before the main table, where the tunnel's route goes, and sends traffic for it "
+        "but what has iif wg0 to table 7's route default (via 198.51.100.2 dev va0)"),
+    "a `not from` rule for a range with 0.0.0.0, not the parent's address": (
+        [("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+         ("rule", "add", "pref", "100", "not", "from", "0.0.0.0/8", "lookup", "7")],
+        "tunnel subnet 10.77.0.0/30: ip rule `100: not from 0.0.0.0/8 lookup 7` comes before "
+        "the main table, where the tunnel's route goes, and sends traffic for it from all but "
+        "0.0.0.0/8 (the parent's own connections too) to table 7's route default (via "
+        "198.51.100.2 dev va0)"),
     "a goto past the main table": (
         [("rule", "add", "pref", "100", "to", "10.77.0.0/16", "goto", "32767")],
         "tunnel subnet 10.77.0.0/30: ip rule `100: from all to 10.77.0.0/16 goto 32767` comes "

@@ -2275,8 +2275,10 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
     interface...; no narrower source) gets nothing of it: Tailscale's `fwmark 0x80000/0xff0000
     unreachable` after its `fwmark 0x80000/0xff0000 lookup main`. With `not`, a rule takes
     what fails any of its selectors: `not from 10.0.0.0/8` all but that source (the parent's
-    own connections, looked up from 0.0.0.0, among it), `not fwmark 0x10/0x10` all unmarked
-    traffic, `not to 10.77.0.0/16` none of it."""
+    own connections, looked up from 0.0.0.0, among it; `not from 0.0.0.0/8` takes them when
+    looked up again from OWN), `not fwmark 0x10/0x10` all unmarked traffic, `not iif wg0` (the
+    tunnel's own) all of it, `not to 10.77.0.0/16` none of it. Without `not`, a mark that
+    unmarked traffic passes (`fwmark 0/0xff`) selects all ordinary traffic."""
     rules = [r for r in host.rules if r.version == tunnel.version]
     found: dict[int, _Taken] = {}  # by the named rule's place in RULES, refusals kept
     # The rules reached that took nothing of NEED: whether partly, and MAINS there.
@@ -2386,7 +2388,9 @@ def _selects(rule: IPRule, addr: IPAddress, own: IPAddress, mains: list[IPRule]
     if rule.invert:  # matches what fails any of its selectors
         if rule.dst is not None and addr not in rule.dst:
             return "all", "traffic for it"
-        if src is not None and ipaddress.ip_address(0 if addr.version == 4 else "::") not in src:
+        # A connect() is routed twice: from 0.0.0.0, then from the source that gave, OWN.
+        if src is not None and (ipaddress.ip_address(0 if addr.version == 4 else "::") not in src
+                                or own not in src):
             return "all", f"traffic for it from all but {src} (the parent's own connections too)"
         if rule.misses:
             return "all", f"traffic for it but what has {rule.misses}"
@@ -2405,6 +2409,8 @@ def _selects(rule: IPRule, addr: IPAddress, own: IPAddress, mains: list[IPRule]
         return None, ""
     if rule.some:
         return "some", "some traffic for it"
+    if src is None and rule.passes:
+        return "all", f"traffic for it (unmarked traffic matches {rule.passes})"
     if src is not None:
         return "some", f"traffic for it from {src} (the parent's own)"
     return "all", "traffic for it"
@@ -2487,6 +2493,7 @@ _FR_ACT_TO_TBL, _FR_ACT_GOTO = 1, 2
 _TABLE_MAIN, _TABLE_LOCAL = 254, 255
 _TABLE_NAMES = {253: "default", 254: "main"}
 _FIB_RULE_INVERT, _FIB_RULE_UNRESOLVED = 2, 4
+_FIB_RULE_IIF_DETACHED, _FIB_RULE_OIF_DETACHED = 8, 16
 _NO_SUPPRESS = 0xFFFFFFFF
 # What a rule may select packets by besides their source and destination: a mark, an
 # interface, a user, a protocol or port, a TOS (in the header), a VRF, a tunnel id. A rule
@@ -2517,6 +2524,9 @@ class IPRule:
     # A selector other than the ends that all ordinary traffic (unmarked, not sent by a
     # socket bound to a device) fails, as `ip rule` shows it: with `not`, it takes all that.
     misses: str | None = None
+    # A mark selector that unmarked traffic passes (`fwmark 0/0xff`), as `ip rule` shows it:
+    # without `not`, the rule takes all ordinary traffic as if it had no mark selector.
+    passes: str | None = None
 
 
 class HostRoutes(dict[IPNetwork, str]):
@@ -2589,26 +2599,38 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
             # kernel sends them only set, so they select too, by what is not known.
             unknown = [f"?{a[1].get('header', {}).get('type')}" if isinstance(a[1], dict)
                        else "?" for a in msg["attrs"] if a[0] == "UNKNOWN"]
+            mark, mask = msg.get("FRA_FWMARK"), msg.get("FRA_FWMASK")
+            # The kernel matches (packet's mark ^ MARK) & MASK == 0: unmarked traffic passes a
+            # mark with no bit in its mask (`fwmark 0/0xff`, all but what has one of those).
+            unmarked = not (mark or 0) & (0xFFFFFFFF if mask is None else mask)
             some = (invert or bool(msg["tos"]) or bool(unknown)
-                    or any(msg.get(a) for a in _SELECTORS))
+                    or any(msg.get(a) for a in _SELECTORS
+                           if not (unmarked and a in ("FRA_FWMARK", "FRA_FWMASK"))))
             drop = _DROPS.get(msg["action"])
             suppress = msg.get("FRA_SUPPRESS_PREFIXLEN")
             suppress = None if suppress in (None, _NO_SUPPRESS) else suppress
             ifgroup = msg.get("FRA_SUPPRESS_IFGROUP")
             ifgroup = None if ifgroup in (None, _NO_SUPPRESS) else ifgroup
-            mark, mask = msg.get("FRA_FWMARK"), msg.get("FRA_FWMASK")
-            marked = (f"fwmark {mark or 0:#x}" + (f"/{mask:#x}" if mask not in (None, 0xFFFFFFFF)
-                                                  else "") if mark or mask else "")
+            # As C's %#x, which `ip rule` uses: 0, not 0x0.
+            marked = ((f"fwmark {mark:#x}" if mark else "fwmark 0")
+                      + (f"/{mask:#x}" if mask not in (None, 0xFFFFFFFF) else "")
+                      if mark or mask else "")
+            iif = f"iif {msg.get('FRA_IIFNAME')}" if msg.get("FRA_IIFNAME") else ""
             oif = f"oif {msg.get('FRA_OIFNAME')}" if msg.get("FRA_OIFNAME") else ""
-            # Unmarked traffic fails a mark with bits set; only what a socket bound to that
-            # device sends has an oif (forwarded traffic has none).
-            misses = (marked if (mark or 0) & (0xFFFFFFFF if mask is None else mask)
+            # Unmarked traffic fails a mark with bits set; nothing for the enclave's address
+            # comes in by the tunnel (iif lo is the parent's own); only what a socket bound to
+            # that device sends has an oif (forwarded traffic has none).
+            misses = (marked if not unmarked
+                      else iif if exclude_interface
+                      and msg.get("FRA_IIFNAME") == exclude_interface
                       else oif or None)
             shown = {"FRA_FWMARK", "FRA_FWMASK", "FRA_IIFNAME", "FRA_OIFNAME"}
             text = " ".join(filter(None, (
                 f"{priority}:", "not" if invert else "", f"from {ends['src'] or 'all'}",
                 f"to {ends['dst']}" if ends["dst"] else "", marked,
-                f"iif {msg.get('FRA_IIFNAME')}" if msg.get("FRA_IIFNAME") else "", oif,
+                # As `ip rule` marks one for an interface this namespace lacks.
+                iif + (" [detached]" if iif and msg["flags"] & _FIB_RULE_IIF_DETACHED else ""),
+                oif + (" [detached]" if oif and msg["flags"] & _FIB_RULE_OIF_DETACHED else ""),
                 "..." if msg["tos"] or unknown
                 or any(msg.get(a) for a in _SELECTORS if a not in shown)
                 else "",
@@ -2622,7 +2644,8 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                               some, suppress, text, invert, frozenset(
                                   [f"{a}={msg.get(a)}" for a in _SELECTORS if msg.get(a)]
                                   + ([f"tos={msg['tos']}"] if msg["tos"] else []) + unknown),
-                              goto, ifgroup, misses))
+                              goto, ifgroup, misses,
+                              marked if unmarked and marked and not invert else None))
         looked_up = {r.table for r in rules if r.table and r.table != _TABLE_MAIN}
         nets = HostRoutes(rules=rules, local_first=local_first, groups=groups)
         for msg in ipr.get_routes():
