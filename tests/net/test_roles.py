@@ -889,6 +889,25 @@ def test_tailscale_s_rules_pass(world: World) -> None:
     _passes_quietly(world)
 
 
+def test_another_table_s_route_through_the_tunnel_reaches_it(world: World) -> None:
+    """On a running parent, a table 7 with `10.77.0.0/30 dev wg0` beside its default route,
+    looked up ahead of main, routes the enclave's address through the tunnel as the kernel
+    says: the doctor said NOT READY, its route through wg0 left out as the tunnel's own as
+    main's is, and table 7's default taken for where the traffic goes. A rule for part of
+    the subnet that reaches wg0 there too is no warning."""
+    world.parent_cmd("up")
+    for args in [("route", "add", "10.77.0.0/30", "dev", "wg0", "table", "7"),
+                 ("route", "add", "default", "via", "198.51.100.2", "table", "7"),
+                 ("rule", "add", "pref", "90", "to", "10.77.0.0/31", "lookup", "7"),
+                 ("rule", "add", "pref", "100", "lookup", "7")]:
+        world.parent.ip(*args)
+    for addr in ("10.77.0.2", "10.77.0.0"):
+        route = world.parent.ip("route", "get", addr).stdout
+        assert "dev wg0 table 7" in route, route
+    _passes_quietly(world)
+    assert world.parent_cmd("down").returncode == 0
+
+
 def test_no_rule_is_suggested_ahead_of_the_local_table_s(world: World) -> None:
     """Cilium (and VRF setups) move the local table's rule back (to 100), so a rule it adds
     at 1 (its WireGuard mark) comes first; the warning suggested `ip rule add pref 0 to

@@ -2268,9 +2268,10 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
     What the tunnel needs is the traffic to NEED, the enclave's addresses (the peer's allowed
     ips): a rule that takes all of that is refused; one that takes only some (by a mark, an
     interface, the parent's own source, OWN), or only the subnet's other addresses, is warned of.
-    A rule's table routes an address by its most specific route there; none, a throw route,
-    or one the rule's suppress_prefixlength or suppress_ifgroup has the lookup ignore passes
-    it on to the next rule (so does main's: wg-quick's `lookup main suppress_prefixlength 0`).
+    A rule's table routes an address by its most specific route there (one through INTERFACE
+    reaches the tunnel, as main's does); none, a throw route, or one the rule's
+    suppress_prefixlength or suppress_ifgroup has the lookup ignore passes it on to the next
+    rule (so does main's: wg-quick's `lookup main suppress_prefixlength 0`).
     A rule that selects only what an earlier one with main looked up did (same mark,
     interface...; no narrower source) gets nothing of it: Tailscale's `fwmark 0x80000/0xff0000
     unreachable` after its `fwmark 0x80000/0xff0000 lookup main`. With `not`, a rule takes
@@ -2333,6 +2334,10 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
                 if route is None:
                     passed.setdefault(i - 1, (partial, list(mains)))
                     continue
+                if _through(route[1], interface):  # this table reaches the tunnel too
+                    if kind == "all":
+                        return
+                    continue
                 sends, hits = f"sends {whose} to {_route_text(rule, *route)}", [route[0]]
             everywhere = (rule.dst is None and (rule.invert or rule.src is None)
                           and (not hits or any(n.prefixlen == 0 for n in hits)))
@@ -2368,7 +2373,7 @@ def _rules_against(tunnel: IPNetwork, host: HostRoutes, need: Sequence[IPAddress
                                         f"enclave's {enclave}) ({rule.drop})", [], False, False)
                 break
             route = _lookup(host, rule, addr)
-            if route is None:
+            if route is None or _through(route[1], interface):
                 continue
             shown = (max((part, route[0]), key=lambda n: n.prefixlen)
                      if route[0].subnet_of(tunnel) else part)  # type: ignore[arg-type]
@@ -2436,6 +2441,11 @@ def _lookup(host: HostRoutes, rule: IPRule, addr: IPAddress) -> tuple[IPNetwork,
         if _suppressed(rule, net.prefixlen, host.groups.get(dev[1], 0) if dev else 0):
             return None
     return net, where
+
+
+def _through(where: str, interface: str) -> bool:
+    """Whether a route going WHERE ("via 10.77.0.2 dev wg0") goes through INTERFACE."""
+    return re.search(rf"\bdev {re.escape(interface)}$", where) is not None
 
 
 def _samples(part: IPNetwork, table: Iterable[tuple[IPNetwork, str]],
@@ -2536,7 +2546,8 @@ class HostRoutes(dict[IPNetwork, str]):
     table's blackhole, unreachable and prohibit routes, each with its type; RULES, the `ip
     rule`s of both families by priority, the local table's left out (every host has it first,
     and its routes are the host's own addresses, found by local_networks()); TABLES, the
-    routes of each other table a rule looks up, as (destination, where it goes or its type);
+    routes of each other table a rule looks up, as (destination, where it goes or its type),
+    those through the tunnel's interface among them;
     LOCAL_FIRST, the priority of the local table's rule by IP version where it is not 0;
     GROUPS, each interface's group (suppress_ifgroup) where it is not 0."""
 
@@ -2657,7 +2668,10 @@ def local_routes(exclude_interface: str | None = None) -> HostRoutes:
                     else table in looked_up and kind in (_RTN_UNICAST, _RTN_THROW, *_DROPS)):
                 continue
             oif = msg.get("RTA_OIF")
-            if kind == _RTN_UNICAST and oif in skip:
+            # Another table's route through the tunnel is kept: a rule looking it up reaches
+            # the tunnel as main's route does (_rules_against).
+            if kind == _RTN_UNICAST and oif in skip and (table == _TABLE_MAIN
+                                                         or names.get(oif) == "lo"):
                 continue
             dst = msg.get("RTA_DST")
             net: IPNetwork
