@@ -13,6 +13,7 @@ already run threads is unsafe in Python.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import grp
 import logging
@@ -23,6 +24,8 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -158,6 +161,8 @@ def _main(argv: list[str] | None, prog: str) -> int:
                                 keep_stdio=True,
                                 keep_fds=tuple(fd for fd in (tun_fd, uapi_fd) if fd >= 0))
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
+    if ready_fd is not None:
+        follow_log()
     return run_foreground(args.interface, network, dgram, ready_fd, offload=offload, prog=prog,
                           tun_fd=tun_fd, uapi_fd=uapi_fd, admit_cids=admit)
 
@@ -401,6 +406,14 @@ def open_log(path: str) -> int:
     where fs.protected_hardlinks is off) is refused. So is a log file anyone but its owner
     may write (_others_may_write: a 0666 one, from a `touch` under umask 0 or a chmod), where
     they would forge or erase its lines; one already there otherwise keeps its mode."""
+    fd, dir_fd, _ = _open_log(path)
+    os.close(dir_fd)
+    return fd
+
+
+def _open_log(path: str) -> tuple[int, int, str]:
+    """open_log's descriptor, with one of the directory it was opened in (O_PATH) and its
+    name there, by which LogFollower looks for a rotation."""
     me = os.geteuid()
     parts = names(path)
     last = parts.pop() if parts else "."
@@ -436,9 +449,10 @@ def open_log(path: str) -> int:
         # plant; in a directory of root's own another owner is root's choice (logrotate's
         # `create 0640 syslog adm`).
         shared = bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
-        return _open_in(path, dir_fd, last, me, shared)
-    finally:
+        return _open_in(path, dir_fd, last, me, shared), dir_fd, last
+    except BaseException:
         os.close(dir_fd)
+        raise
 
 
 def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
@@ -631,6 +645,121 @@ def _log_path_words(path: str, fault: Fault, me: int) -> str:
             f"`{fix}`, or {elsewhere}")
 
 
+# How often, at most, a record looks for a rotated log file: a stat of its name then, and
+# between two looks only a clock read per record.
+LOG_CHECK_EVERY = 1.0
+# How often the same refusal to reopen a rotated log is said again, at most.
+LOG_REFUSAL_EVERY = 3600.0
+
+
+class LogFollower(logging.Filter):
+    """Keeps a background process's log (its stdout and stderr, FDS) on the file named
+    $WGVSOCK_LOG_FILE when logrotate moves it away: logrotate renames the file, then makes
+    a new one (`create`) or not, and later compresses or removes the old one, where the
+    process would go on appending to a file no one reads, and then to none. A filter on the
+    log's handlers, so that it looks only when a record is written, at most every
+    LOG_CHECK_EVERY seconds: when the name in the directory held from the start no longer
+    names the file written to, the file is opened again as open_log opens it at start (the
+    path walked and checked afresh, not opened by its name; made 0600 when missing) and put
+    in place of FDS. A file that open refuses (another's, or writable by others, or a link
+    at the path) is not used: the old file keeps the log, and the reason is logged there,
+    once and again every LOG_REFUSAL_EVERY seconds while it lasts. `copytruncate` needs
+    nothing: the file is appended to (O_APPEND), so the next line goes where the truncation
+    left the end, with no hole before it. No postrotate signal either way."""
+
+    def __init__(self, path: str, fds: tuple[int, ...] = (1, 2), *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.path = path
+        self.fds = fds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._due = clock() + LOG_CHECK_EVERY
+        self._dir_fd: int | None = None
+        self._name = ""
+        self._said: tuple[str, float] | None = None
+        # The file is opened again here for the directory's descriptor: between the
+        # launcher's open and this one it may have been rotated already, and this is then
+        # the file to follow.
+        # On failure the first look tries again, and says why it cannot.
+        with contextlib.suppress(LogPathError, OSError):
+            self._reopen()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._clock() >= self._due:
+            why = self.check()
+            if why is not None:
+                # Through the logger, in the log's own format, to the file still written;
+                # this filter passes it, the next look not being due.
+                logging.getLogger("wgvsock").error("%s", why)
+        return True
+
+    def check(self) -> str | None:
+        """Reopens the log when its name names another file, or none; what to say when that
+        was refused and not said lately, else None."""
+        with self._lock:
+            now = self._clock()
+            if now < self._due:
+                return None
+            self._due = now + LOG_CHECK_EVERY
+            try:
+                if self._dir_fd is not None:
+                    held = os.fstat(self.fds[-1])
+                    try:
+                        named = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        named = None
+                    if named is not None and (named.st_dev, named.st_ino) == (
+                            held.st_dev, held.st_ino):
+                        return None
+                self._reopen()
+            except (LogPathError, OSError) as e:
+                why = (f"{ENV_LOG_FILE}={prose(self.path, 200)} was rotated, but the "
+                       f"file now there is not used; this log goes on in the old one: {e}"
+                       if isinstance(e, LogPathError) else
+                       f"cannot reopen {ENV_LOG_FILE}={prose(self.path, 200)} after "
+                       f"rotation: {e.strerror or prose(e)}; this log goes on in the old file")
+                if (self._said is not None and self._said[0] == why
+                        and now - self._said[1] < LOG_REFUSAL_EVERY):
+                    return None
+                self._said = (why, now)
+                return why
+            self._said = None
+            return None
+
+    def _reopen(self) -> None:
+        fd, dir_fd, name = _open_log(self.path)
+        try:
+            for target in self.fds:
+                os.dup2(fd, target)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        finally:
+            os.close(fd)
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+        self._dir_fd, self._name = dir_fd, name
+
+    def close(self) -> None:
+        with self._lock:
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
+
+
+def follow_log() -> LogFollower | None:
+    """In a background process that logs to $WGVSOCK_LOG_FILE (its stdout and stderr, as
+    spawn_background made them), a LogFollower on the root logger's handlers."""
+    path = os.environ.get(ENV_LOG_FILE)
+    if not path:
+        return None
+    follower = LogFollower(path)
+    for h in logging.getLogger().handlers:
+        h.addFilter(follower)
+    return follower
+
+
 def logs_to_launcher() -> bool:
     """Whether a background daemon logs to the stdout and stderr of the command that started
     it: with LOG_LEVEL set to anything but silent and no $WGVSOCK_LOG_FILE, as wireguard-go's
@@ -654,8 +783,6 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None, *,
                    offload: bool = True, prog: str = "wireguard-go-vsock", tun_fd: int = -1,
                    uapi_fd: int = -1, admit_cids: frozenset[int] | None = None) -> int:
-    import time
-
     from .device.device import Device
     from .device.uapi import DEFAULT_RUN_DIR
     from .nodump import forbid_core_dumps

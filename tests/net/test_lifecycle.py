@@ -120,6 +120,51 @@ def test_stop(lab: Lab, how: str) -> None:
     assert elapsed < 1.9, elapsed
 
 
+@pytest.mark.parametrize("how", ["create", "nocreate", "copytruncate", "unsafe"])
+def test_the_log_follows_logrotate(lab: Lab, how: str) -> None:
+    """Rotated as logrotate does (no postrotate signal), the daemon's next lines go to the
+    file now at $WGVSOCK_LOG_FILE: the one `create` made, else one it makes, 0600; with
+    `copytruncate`, from the start of the emptied file, no run of NUL bytes before them. One
+    whose mode lets others write is not used: the lines, and one saying why, stay in the old.
+    Before, they all went to the renamed file (and, once logrotate removed it, nowhere)."""
+    _, ifname, pid = _start(lab)
+    log = lab.tmp / f"{ifname}.log"
+    old = lab.tmp / f"{ifname}.log.1"
+    assert f"interface {ifname} up" in log.read_text()
+    # A rotation is looked for when a record is written, at most once a second: the next
+    # one (the shutdown's) is then sure to look. A lower bound, not a measure.
+    time.sleep(1.2)
+    if how == "copytruncate":
+        old.write_bytes(log.read_bytes())
+        os.truncate(log, 0)
+    else:
+        log.rename(old)
+        if how != "nocreate":
+            mode = 0o666 if how == "unsafe" else 0o640
+            os.close(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            os.chmod(log, mode)
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: process_gone(pid), STOP_WITHIN, "the daemon to exit after SIGTERM")
+    stopped = f"{ifname}: stopped (received SIGTERM)"
+    if how == "unsafe":
+        assert log.read_text() == ""
+        lines = old.read_text().splitlines()
+        refusals = [line for line in lines if "was rotated, but the file now there" in line]
+        assert len(refusals) == 1, lines
+        assert f"WGVSOCK_LOG_FILE={log} is writable by others (mode 666)" in refusals[0]
+        assert stopped in lines[-1]
+        return
+    text = log.read_bytes()
+    assert b"\0" not in text
+    assert stopped in text.decode() and "shutting down" in text.decode()
+    assert f"interface {ifname} up" in old.read_text()
+    assert "shutting down" not in old.read_text()
+    if how == "nocreate":
+        assert log.stat().st_mode & 0o777 == 0o600
+    if how == "copytruncate":
+        assert f"interface {ifname} up" not in text.decode()
+
+
 def test_socket_replaced_by_other_file_stops(lab: Lab) -> None:
     ns, ifname, pid = _start(lab)
     path = sock_path(ifname)

@@ -95,7 +95,7 @@ def parent_main(argv: list[str]) -> int:
         if note := state.running_code_note(profile):
             print(note, file=sys.stderr)
         return 0 if ok else 1
-    from ..daemon import EnvError, spawn_background, take_ready_fd
+    from ..daemon import EnvError, follow_log, spawn_background, take_ready_fd
     from ..services.profile import (
         check_host,
         check_host_warnings,
@@ -146,6 +146,8 @@ def parent_main(argv: list[str]) -> int:
                 "wgvsock parent up",
             )
     _logging(args.verbose)
+    if ready_fd is not None:
+        follow_log()
     return parent.run_up(profile, ready_fd)
 
 
