@@ -21,7 +21,6 @@ import os
 import pwd
 import signal
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .acl import ACL_GROUP, ACL_GROUP_OBJ, ACL_USER, ACL_WRITE, read_acl
 from .pathwalk import Fault, Replaceable, names, resolve, user_name
 from .safetext import prose, quote
 from .stdout import guarded
@@ -543,33 +543,22 @@ def _chmod_bits(st: os.stat_result, why: str) -> str:
         "o" if st.st_mode & stat.S_IWOTH else "")
 
 
-# system.posix_acl_access: a version (2), then entries of tag (u16), permissions (u16) and
-# qualifier (u32), little-endian (linux/posix_acl_xattr.h).
-ACL_XATTR = "system.posix_acl_access"
-_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP = 0x02, 0x04, 0x08
-_ACL_WRITE = 0x02
-
-
 def _acl_writers(st: os.stat_result, fd: int) -> list[str] | None:
     """Who besides the owner the access ACL of the file at FD lets write, said as
     _others_may_write says them; None without an ACL (the mode says it all). Called only
     where the mask lets write (the mode's group bits): each entry's write is then its own."""
-    try:
-        raw = os.getxattr(fd, ACL_XATTR)
-    except OSError as e:
-        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
-            return None
-        raise
+    entries = read_acl(fd)
+    if not entries:
+        return None
     who = []
-    for at in range(4, len(raw) - 7, 8):
-        tag, perm, qualifier = struct.unpack_from("<HHI", raw, at)
-        if not perm & _ACL_WRITE:
+    for tag, perm, qualifier in entries:
+        if not perm & ACL_WRITE:
             continue
-        if tag == _ACL_USER and qualifier != st.st_uid:
+        if tag == ACL_USER and qualifier != st.st_uid:
             who.append(f"user {user_name(qualifier)} (its ACL)")
-        elif tag == _ACL_GROUP_OBJ and not _private_group(st.st_uid, st.st_gid):
+        elif tag == ACL_GROUP_OBJ and not _private_group(st.st_uid, st.st_gid):
             who.append(f"group {_group_name(st.st_gid)}")
-        elif tag == _ACL_GROUP and not _private_group(st.st_uid, qualifier):
+        elif tag == ACL_GROUP and not _private_group(st.st_uid, qualifier):
             who.append(f"group {_group_name(qualifier)} (its ACL)")
     return who
 

@@ -30,15 +30,23 @@ controlling one, and the user cannot type into that shell with TIOCSTI.
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import signal
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from ..acl import (
+    ACL_GROUP,
+    ACL_GROUP_OBJ,
+    ACL_MASK,
+    ACL_OTHER,
+    ACL_USER,
+    ACL_USER_OBJ,
+    AclEntry,
+    read_acl,
+)
 from ..services.profile import EnclaveUser
 
 # argv: `up`'s pid, the descriptor to report a failure on, the ids to take ("" for none, else
@@ -152,25 +160,13 @@ def allows(st: os.stat_result, user: Credentials, want: int) -> bool:
     return (st.st_mode >> shift) & want == want
 
 
-# The access ACL's extended attribute and its tags (include/uapi/linux/posix_acl.h).
-ACL_XATTR = "system.posix_acl_access"
-ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
-
-AclEntry = tuple[int, int, int]  # tag, perm (r 4, w 2, x 1), id
-
-
 def acl(path: str) -> list[AclEntry] | None:
-    """PATH's access ACL, its entries in the order the kernel keeps them; [] when it has none
-    (its mode bits are all there is). None when it cannot be read, or is in a form other
-    than the one include/uapi/linux/posix_acl_xattr.h gives (version 2, then 8-byte
-    entries, little-endian): only the exec can then say."""
+    """PATH's access ACL (read_acl); None when it cannot be read or judged: only the exec
+    can then say."""
     try:
-        blob = os.getxattr(path, ACL_XATTR)
-    except OSError as e:
-        return [] if e.errno in (errno.ENODATA, errno.EOPNOTSUPP) else None
-    if len(blob) < 4 or (len(blob) - 4) % 8 or struct.unpack_from("<I", blob) != (2,):
+        return read_acl(path)
+    except OSError:
         return None
-    return list(struct.iter_unpack("<HHI", blob[4:]))
 
 
 def permits(st: os.stat_result, entries: list[AclEntry], user: Credentials,
