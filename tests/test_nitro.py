@@ -736,8 +736,9 @@ printf '%s\n' "$out"
 
 def test_without_a_process_to_watch_the_poll_tells(fake: Fake, caplog) -> None:
     """nitro-cli before 1.0 prints no ProcessID; a kernel before 5.3 has no pidfd."""
-    assert nitro.EnclaveProcess.open(None) is None
-    assert nitro.EnclaveProcess.open(1 << 22) is None  # no such process
+    assert nitro.EnclaveProcess.watch(None) == (
+        None, "nitro-cli printed no ProcessID (nitro-cli before 1.0 prints none)")
+    assert nitro.EnclaveProcess.watch(1 << 22)[0] is None  # no such process
     sup = supervisor(fake, caplog)
     sup.start()
     try:
@@ -866,7 +867,8 @@ def test_a_process_id_no_pid_can_have_leaves_the_watch_to_the_poll(fake: Fake, c
     cli = script(tmp_path, f'if [ "$1" = run-enclave ]; then "{FAKE}" "$@" | sed '
                  "'s/\"ProcessID\": [0-9]*/\"ProcessID\": 4294967295/'; "
                  f'else exec "{FAKE}" "$@"; fi')
-    assert nitro.EnclaveProcess.open(4294967295) is None
+    assert nitro.EnclaveProcess.watch(4294967295) == (
+        None, "nitro-cli's ProcessID 4294967295 is no process's")
     sup = supervisor(fake, caplog)
     sup.nitro = NitroCli(cli, env=fake.env)
     sup.start()

@@ -642,12 +642,6 @@ class EnclaveProcess:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, pid: int | None, command: Sequence[str] | None = None
-             ) -> EnclaveProcess | None:
-        """`watch`'s process alone."""
-        return cls.watch(pid, command)[0]
-
-    @classmethod
     def watch(cls, pid: int | None, command: Sequence[str] | None = None
               ) -> tuple[EnclaveProcess | None, str]:
         """The process PID, when it can be watched and (given COMMAND, run-enclave's
