@@ -197,7 +197,6 @@ class ParentCollector(Collector):
             yield q
             yield r
 
-
     def _control(self) -> Iterator[Metric]:
         # (getattr: the parent has no control port before `up` starts one, nor do the
         # collector's stand-ins in tests that read the other series.)
