@@ -184,41 +184,28 @@ class AllowedIPs(Generic[P]):
 
     def lookup_packet_dst(self, packet: bytes | bytearray | memoryview) -> P | None:
         """The peer routing an IP packet's destination; None if the packet is not IPv4/IPv6."""
-        if not packet:
-            return None
-        version = packet[0] >> 4
-        if version == 4:
-            if len(packet) < _V4_HEADER:
-                return None
-            ip = _ipv4_at(packet, 16)
-            order = self._order4
-        elif version == 6:
-            if len(packet) < _V6_HEADER:
-                return None
-            ip = _from_bytes(packet[24:40])
-            order = self._order6
-        else:
-            return None
-        for mask, get in order:
-            peer = get(ip & mask)
-            if peer is not None:
-                return peer
-        return None
+        return self._lookup_packet(packet, 16, 24)
 
     def lookup_packet_src(self, packet: bytes | bytearray | memoryview) -> P | None:
         """The peer owning an IP packet's source; None if the packet is not IPv4/IPv6."""
+        return self._lookup_packet(packet, 12, 8)
+
+    def _lookup_packet(self, packet: bytes | bytearray | memoryview, at4: int,
+                       at6: int) -> P | None:
+        """The peer of the longest prefix containing the address at byte AT4 of an IPv4
+        header, or AT6 of an IPv6 one."""
         if not packet:
             return None
         version = packet[0] >> 4
         if version == 4:
             if len(packet) < _V4_HEADER:
                 return None
-            ip = _ipv4_at(packet, 12)
+            ip = _ipv4_at(packet, at4)
             order = self._order4
         elif version == 6:
             if len(packet) < _V6_HEADER:
                 return None
-            ip = _from_bytes(packet[8:24])
+            ip = _from_bytes(packet[at6:at6 + 16])
             order = self._order6
         else:
             return None
