@@ -48,7 +48,6 @@ def log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Log]:
     try:
         yield Log(path, follower, now)
     finally:
-        follower.close()
         stream.close()
 
 
@@ -134,3 +133,44 @@ def test_copytruncate_leaves_no_hole(log: Log) -> None:
     log.write("two")
     log.write("three", later=False)
     assert log.path.read_bytes() == b"WARNING two\nWARNING three\n"
+
+
+def test_records_after_the_directory_is_renamed_go_to_the_path_again(
+        log: Log, tmp_path: Path) -> None:
+    """The log's directory moved aside whole (/var/log/wgvsock to /var/log/wgvsock.old) and
+    made again: the path names a file in the new directory, where the next record goes
+    (made 0600). Before, the name was looked for in the directory held from the start,
+    where it still named the file written to: the log went on in the renamed directory."""
+    log.write("one")
+    old = tmp_path / "logs.old"
+    log.path.parent.rename(old)
+    log.path.parent.mkdir(mode=0o755)
+    log.write("two")
+    log.write("three")
+    assert (old / "wg.log").read_text() == "WARNING one\n"
+    assert log.path.read_text() == "WARNING two\nWARNING three\n"
+    assert log.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_renamed_directory_not_made_again_is_said_once_and_the_old_file_kept(
+        log: Log, tmp_path: Path) -> None:
+    """The path naming nothing (its directory renamed, none made in its place), the log
+    stays in the file it was in, with one line saying why; once the directory is there
+    again, the next look takes the path. Before, nothing was said and the log stayed in
+    the renamed directory for good."""
+    log.write("one")
+    old = tmp_path / "logs.old"
+    log.path.parent.rename(old)
+    for n in range(3):
+        log.write(f"more {n}")
+    lines = (old / "wg.log").read_text().splitlines()
+    refusals = [line for line in lines if line.startswith("ERROR ")]
+    assert refusals == [
+        f"ERROR cannot reopen {daemon.ENV_LOG_FILE}={log.path} after rotation: a directory "
+        "on its way no longer exists (renamed or removed); this log goes on in the old file "
+        "until it is there again"], lines
+    assert [line for line in lines if not line.startswith("ERROR ")] == [
+        "WARNING one", *(f"WARNING more {n}" for n in range(3))]
+    log.path.parent.mkdir(mode=0o755)
+    log.write("back")
+    assert log.path.read_text() == "WARNING back\n"

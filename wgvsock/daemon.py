@@ -13,7 +13,6 @@ already run threads is unsafe in Python.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import grp
 import logging
@@ -406,14 +405,6 @@ def open_log(path: str) -> int:
     where fs.protected_hardlinks is off) is refused. So is a log file anyone but its owner
     may write (_others_may_write: a 0666 one, from a `touch` under umask 0 or a chmod), where
     they would forge or erase its lines; one already there otherwise keeps its mode."""
-    fd, dir_fd, _ = _open_log(path)
-    os.close(dir_fd)
-    return fd
-
-
-def _open_log(path: str) -> tuple[int, int, str]:
-    """open_log's descriptor, with one of the directory it was opened in (O_PATH) and its
-    name there, by which LogFollower looks for a rotation."""
     me = os.geteuid()
     parts = names(path)
     last = parts.pop() if parts else "."
@@ -449,10 +440,9 @@ def _open_log(path: str) -> tuple[int, int, str]:
         # plant; in a directory of root's own another owner is root's choice (logrotate's
         # `create 0640 syslog adm`).
         shared = bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
-        return _open_in(path, dir_fd, last, me, shared), dir_fd, last
-    except BaseException:
+        return _open_in(path, dir_fd, last, me, shared)
+    finally:
         os.close(dir_fd)
-        raise
 
 
 def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
@@ -647,14 +637,15 @@ class LogFollower(logging.Filter):
     a new one (`create`) or not, and later compresses or removes the old one, where the
     process would go on appending to a file no one reads, and then to none. A filter on the
     log's handlers, so that it looks only when a record is written, at most every
-    LOG_CHECK_EVERY seconds: when the name in the directory held from the start no longer
-    names the file written to, the file is opened again as open_log opens it at start (the
-    path walked and checked afresh, not opened by its name; made 0600 when missing) and put
-    in place of FDS. A file that open refuses (another's, or writable by others, or a link
-    at the path) is not used: the old file keeps the log, and the reason is logged there,
-    once and again every LOG_REFUSAL_EVERY seconds while it lasts. `copytruncate` needs
-    nothing: the file is appended to (O_APPEND), so the next line goes where the truncation
-    left the end, with no hole before it. No postrotate signal either way."""
+    LOG_CHECK_EVERY seconds: when the path no longer names the file written to (the file
+    renamed, or a directory on its way: /var/log/wgvsock moved to /var/log/wgvsock.old), the
+    file is opened again as open_log opens it at start (the path walked and checked afresh,
+    not opened by its name; made 0600 when missing) and put in place of FDS. A file that
+    open refuses (another's, or writable by others, or a link at the path), or cannot make
+    (its directory gone), is not used: the old file keeps the log, and the reason is logged
+    there, once and again every LOG_REFUSAL_EVERY seconds while it lasts. `copytruncate`
+    needs nothing: the file is appended to (O_APPEND), so the next line goes where the
+    truncation left the end, with no hole before it. No postrotate signal either way."""
 
     def __init__(self, path: str, fds: tuple[int, ...] = (1, 2), *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -663,16 +654,10 @@ class LogFollower(logging.Filter):
         self.fds = fds
         self._clock = clock
         self._lock = threading.Lock()
-        self._due = clock() + LOG_CHECK_EVERY
-        self._dir_fd: int | None = None
-        self._name = ""
+        # The first look may come at once: the file may have been rotated between the
+        # launcher's open and this process's start.
+        self._due = clock()
         self._said: tuple[str, float] | None = None
-        # The file is opened again here for the directory's descriptor: between the
-        # launcher's open and this one it may have been rotated already, and this is then
-        # the file to follow.
-        # On failure the first look tries again, and says why it cannot.
-        with contextlib.suppress(LogPathError, OSError):
-            self._reopen()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self._clock() >= self._due:
@@ -684,7 +669,7 @@ class LogFollower(logging.Filter):
         return True
 
     def check(self) -> str | None:
-        """Reopens the log when its name names another file, or none; what to say when that
+        """Reopens the log when its path names another file, or none; what to say when that
         was refused and not said lately, else None."""
         with self._lock:
             now = self._clock()
@@ -692,22 +677,33 @@ class LogFollower(logging.Filter):
                 return None
             self._due = now + LOG_CHECK_EVERY
             try:
-                if self._dir_fd is not None:
-                    held = os.fstat(self.fds[-1])
-                    try:
-                        named = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        named = None
-                    if named is not None and (named.st_dev, named.st_ino) == (
-                            held.st_dev, held.st_ino):
-                        return None
+                held = os.fstat(self.fds[-1])
+                # By the path, not in a directory held from the start: a directory on the
+                # way renamed keeps the name in it naming the file written to, which no one
+                # then looks for at the path. Only a comparison: what is opened instead is
+                # walked and checked afresh by _reopen.
+                try:
+                    named = os.stat(self.path, follow_symlinks=False)
+                except OSError:
+                    named = None
+                if named is not None and (named.st_dev, named.st_ino) == (
+                        held.st_dev, held.st_ino):
+                    return None
                 self._reopen()
             except (LogPathError, OSError) as e:
-                why = (f"{ENV_LOG_FILE}={prose(self.path, 200)} was rotated, but the "
-                       f"file now there is not used; this log goes on in the old one: {e}"
-                       if isinstance(e, LogPathError) else
-                       f"cannot reopen {ENV_LOG_FILE}={prose(self.path, 200)} after "
-                       f"rotation: {e.strerror or prose(e)}; this log goes on in the old file")
+                if isinstance(e, LogPathError):
+                    why = (f"{ENV_LOG_FILE}={prose(self.path, 200)} was rotated, but the "
+                           f"file now there is not used; this log goes on in the old one: {e}")
+                elif isinstance(e, FileNotFoundError):
+                    # open_log makes the file: what is missing is a directory on the way.
+                    why = (f"cannot reopen {ENV_LOG_FILE}={prose(self.path, 200)} after "
+                           "rotation: a directory on its way no longer exists (renamed or "
+                           "removed); this log goes on in the old file until it is there "
+                           "again")
+                else:
+                    why = (f"cannot reopen {ENV_LOG_FILE}={prose(self.path, 200)} after "
+                           f"rotation: {e.strerror or prose(e)}; this log goes on in the old "
+                           "file")
                 if (self._said is not None and self._said[0] == why
                         and now - self._said[1] < LOG_REFUSAL_EVERY):
                     return None
@@ -717,24 +713,12 @@ class LogFollower(logging.Filter):
             return None
 
     def _reopen(self) -> None:
-        fd, dir_fd, name = _open_log(self.path)
+        fd = open_log(self.path)
         try:
             for target in self.fds:
                 os.dup2(fd, target)
-        except BaseException:
-            os.close(dir_fd)
-            raise
         finally:
             os.close(fd)
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-        self._dir_fd, self._name = dir_fd, name
-
-    def close(self) -> None:
-        with self._lock:
-            if self._dir_fd is not None:
-                os.close(self._dir_fd)
-                self._dir_fd = None
 
 
 def follow_log() -> LogFollower | None:
