@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -251,6 +252,38 @@ def test_parent_down_leaves_nothing(world: World) -> None:
     )
     # and down again has nothing to do
     assert f"profile '{world.name}': nothing to remove" in world.parent_cmd("down").stdout
+
+
+@pytest.mark.parametrize("how", ["create", "directory"])
+def test_the_parent_s_log_follows_logrotate(world: World, how: str) -> None:
+    """`parent up` in the background logs to $WGVSOCK_LOG_FILE as a daemon does
+    (daemon.follow_log): rotated as logrotate does, no postrotate signal, its next lines go
+    to the file now at the path, the one `create` made; with the log's directory renamed
+    (/var/log/wgvsock moved to .old whole) and made again, to a new one there (0600).
+    Before, with the directory renamed, they went on into the renamed directory's file."""
+    logs = world.lab.tmp / "logs"
+    logs.mkdir(mode=0o755)
+    log = logs / "parent.log"
+    world.parent_env["WGVSOCK_LOG_FILE"] = str(log)
+    world.parent_cmd("up")
+    assert " is up on wg0 " in log.read_text()
+    # A rotation is looked for when a record is written, at most once a second: the
+    # reload's is then sure to look. A lower bound, not a measure.
+    time.sleep(1.2)
+    if how == "create":
+        old = logs / "parent.log.1"
+        log.rename(old)
+        os.close(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+        os.chmod(log, 0o640)
+    else:
+        old = world.lab.tmp / "logs.old" / "parent.log"
+        logs.rename(old.parent)
+        logs.mkdir(mode=0o755)
+    world.parent_cmd("reload")
+    reloaded = f"reloaded from {world.profile}: nothing changed"
+    assert reloaded in log.read_text()
+    assert reloaded not in old.read_text() and " is up on wg0 " in old.read_text()
+    assert log.stat().st_mode & 0o777 == (0o640 if how == "create" else 0o600)
 
 
 BAD_PROFILES = {
