@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.unsayable import Unsayable
-from wgvsock.safetext import error, prose, quote
+from wgvsock.safetext import error, prose, quote, without_userinfo
 
 
 def test_prose_keeps_a_plain_sentence_as_it_reads() -> None:
@@ -44,6 +44,18 @@ def test_error_is_type_and_message_in_one_line_whatever_its_str_does() -> None:
     assert error(ValueError("x" * 1000), 10) == "ValueError: xxxxxxxxxx... (1000 chars)"
     assert error(Unsayable()) == "Unsayable (its message cannot be shown: ValueError)"
     assert error(type("bad\nname", (Exception,), {})()) == "bad\\nname"
+
+
+def test_error_cleans_the_message_before_it_is_cut() -> None:
+    """A password past the cut would otherwise leave its first half: `without_userinfo` knows
+    it only by the @ after it."""
+    exc = ValueError("x" * 20 + " https://user:s3cr3t-pw@monitoring.example/")
+    said = error(exc, 38, clean=without_userinfo)
+    assert said == "ValueError: " + "x" * 20 + " https://***@monit... (52 chars)", said
+    # Cleaned once cut, it would keep "user:s3cr", the cut having taken its @.
+    assert without_userinfo(error(exc, 38)).endswith("https://user:s3cr... (63 chars)")
+    assert error(Unsayable(), clean=without_userinfo) == (
+        "Unsayable (its message cannot be shown: ValueError)")
 
 
 def _bounded(code: str, timeout: float = 30.0) -> str:

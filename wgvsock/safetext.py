@@ -35,7 +35,7 @@ import fractions
 import ipaddress
 import re
 import uuid
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 
 __all__ = ["error", "prose", "quote", "without_userinfo"]
 
@@ -158,14 +158,19 @@ def prose(value: object, limit: int = 300) -> str:
     return _cut(text, limit, whole)
 
 
-def error(exc: BaseException, limit: int = 300) -> str:
+def error(exc: BaseException, limit: int = 300, *,
+          clean: Callable[[str], str] | None = None) -> str:
     """`EXC` as "Type: message" (its `str()` through `prose`), or "Type" when the message is
-    empty; "Type (its message cannot be shown: Other)" when `str(exc)` itself raises Other."""
+    empty; "Type (its message cannot be shown: Other)" when `str(exc)` itself raises Other.
+    CLEAN, given, is applied to the message before it is escaped and cut: `without_userinfo`
+    would not know a password cut in half for one."""
     name = prose(type(exc).__name__, 80)  # (a class made with type() may be named anything)
     try:
         text = str(exc)
     except Exception as e:
         return f"{name} (its message cannot be shown: {prose(type(e).__name__, 80)})"
+    if clean is not None:
+        text = clean(text)
     return f"{name}: {prose(text, limit)}" if text else name
 
 
