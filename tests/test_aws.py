@@ -22,6 +22,7 @@ What moto 5 offers, and where the tests fill in:
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -40,8 +41,10 @@ from typing import Any
 import boto3
 import moto.server as moto_server  # the test extra's moto[server]: a missing one must fail
 import pytest
+from botocore.exceptions import BotoCoreError
 from botocore.stub import Stubber
 
+from tests.unsayable import Unsayable
 from wgvsock.core.crypto import generate_private_key, key_to_base64
 from wgvsock.services import aws
 
@@ -920,3 +923,83 @@ def test_the_doctor_on_an_endpoint_botocore_refuses_says_so(
     assert check.ok is False and "cannot set up the ec2 client" in check.detail, check
     check = aws.check_instance_type("m5.xlarge", REGION, session=boto3.Session(region_name=REGION))
     assert check.ok is None and "cannot set up the ec2 client" in check.detail, check
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures whose message cannot be made
+
+
+class _UnsayableBotocore(BotoCoreError, Unsayable):
+    """A botocore error of a kind not foreseen here, whose str() raises."""
+
+
+class _UnsayableValue(ValueError, Unsayable):
+    """A ValueError botocore could raise while making a client, whose str() raises."""
+
+
+class _UnsayableHTTP(http.client.HTTPException, Unsayable):
+    """What http.client raises for an answer that is not HTTP, whose str() raises."""
+
+
+class _Raising:
+    """A client, session or opener each of whose calls raises EXC."""
+
+    region_name = REGION
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: object, **kwargs: object) -> Any:
+            raise self.exc
+        return call
+
+
+def _said_by(path: str) -> str:
+    """What the AWS code at PATH reports for a failure whose str() raises."""
+    if path == "put_metric_data":
+        with pytest.raises(aws.CloudWatchError) as info:
+            aws.put_metric_data(_Raising(_UnsayableBotocore()), "wgvsock-t", [])
+        assert info.value.kind == "other"
+        return str(info.value)
+    if path == "load_private_key":
+        with pytest.raises(aws.AWSError) as info:
+            aws.load_private_key("ssm:/wgvsock/key",  # type: ignore[arg-type]
+                                 session=_StubSession(_Raising(_UnsayableBotocore())))
+        return str(info.value)
+    if path == "check_instance_type":
+        check = aws.check_instance_type(  # type: ignore[arg-type]
+            "m5.xlarge", REGION, session=_StubSession(_Raising(_UnsayableBotocore())))
+        assert check.ok is None
+        return check.detail
+    if path == "client":
+        with pytest.raises(aws.AWSError) as info:
+            aws.cloudwatch_client(_Raising(_UnsayableValue()), REGION)  # type: ignore[arg-type]
+        return str(info.value)
+    assert path == "imds"
+    imds = aws.Imds("http://127.0.0.1:9")
+    imds._opener = _Raising(_UnsayableHTTP())  # type: ignore[assignment]
+    with pytest.raises(aws.AWSError) as info:
+        imds.token()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("path", "said"), [
+    ("put_metric_data", "CloudWatch namespace 'wgvsock-t': _UnsayableBotocore (its message "
+                        "cannot be shown: ValueError)"),
+    ("load_private_key", "ssm:/wgvsock/key: _UnsayableBotocore (its message cannot be shown: "
+                         "ValueError)"),
+    ("check_instance_type", "m5.xlarge: could not check (_UnsayableBotocore (its message cannot "
+                            "be shown: ValueError))"),
+    ("client", "CloudWatch: cannot set up the cloudwatch client: _UnsayableValue (its message "
+               "cannot be shown: ValueError); check "),
+    ("imds", "instance metadata service at http://127.0.0.1:9 answered PUT "
+             f"{aws.TOKEN_PATH} with something that is not HTTP (_UnsayableHTTP (its message "
+             "cannot be shown: ValueError)); check that "),
+], ids=["put_metric_data", "load_private_key", "check_instance_type", "client", "imds"])
+def test_a_failure_whose_message_cannot_be_made_is_still_reported(path: str, said: str) -> None:
+    """safetext.error names it in the AWSError (or the doctor's line). Before, its str() raised
+    again while the message was made: a ValueError escaped in place of the AWSError, a traceback
+    from `parent doctor` or `parent up`, and the CloudWatch sender logged 'ValueError: no
+    message' for it."""
+    assert _said_by(path).startswith(said), _said_by(path)

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tests.unsayable import Unsayable
 from wgvsock.services import aws
 from wgvsock.services.metrics import cloudwatch as cw
 
@@ -226,6 +227,24 @@ def test_an_unexpected_failure_is_logged_without_an_endpoints_password(
         sender._run()
     assert "CloudWatch: ValueError: cannot send to https://***@monitoring.example/" in caplog.text
     assert "s3cr3t-pw" not in caplog.text
+
+
+def test_an_unexpected_failure_whose_message_cannot_be_made_is_still_logged(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, its str() raised again while the line was made, out of _run: the sender's
+    thread ended, and nothing more went to CloudWatch until the parent was restarted."""
+    reg, _ = _registry(["k0"])
+    sender = cw.CloudWatchSender(reg, "wgvsock-t9", 60, "demo")
+
+    def fail() -> int:
+        raise Unsayable()
+
+    monkeypatch.setattr(sender, "send", fail)
+    sender._stop.set()  # one round
+    with caplog.at_level(logging.ERROR, logger="wgvsock.metrics"):
+        sender._run()
+    assert "CloudWatch: Unsayable (its message cannot be shown: ValueError)" in caplog.text
+    assert sender.state == "other"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from botocore.exceptions import (
 )
 
 from wgvsock.core.crypto import KeyFormatError, key_from_base64
-from wgvsock.safetext import prose, without_userinfo
+from wgvsock.safetext import error, prose, without_userinfo
 
 __all__ = [
     "AWSError",
@@ -358,7 +358,7 @@ def _client(session: boto3.Session, service: str, region: str | None, where: str
         fix = (f"check {' and '.join(given)}: each must be an http:// or https:// URL"
                if given else "check the endpoint settings of the AWS configuration")
         raise AWSError(f"{where}: cannot set up the {service} client: "
-                       f"{prose(str(exc), 300)}; {fix}") from None
+                       f"{_said(exc, 300)}; {fix}") from None
     except BotoCoreError as exc:  # credentials, as a rule: making the client resolves them
         raise _botocore_error(exc, where, service) from None
 
@@ -481,7 +481,14 @@ def _botocore_error(exc: BotoCoreError, where: str, service: str) -> AWSError:
         return AWSError(f"{where}: no AWS region configured; set AWS_REGION")
     if isinstance(exc, ParamValidationError):
         return AWSError(f"{where}: invalid request: {exc}")
-    return AWSError(f"{where}: {type(exc).__name__}: {exc}")
+    return AWSError(f"{where}: {_said(exc)}")
+
+
+def _said(exc: BaseException, limit: int = 2000) -> str:
+    """EXC as "Type: message" for an AWSError, whatever its str() does (safetext.error: an
+    exception of a type not foreseen here may raise there, and the report must still be
+    made), an endpoint URL's user name and password cut out before the message is cut."""
+    return error(exc, limit, clean=without_userinfo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +557,7 @@ class Imds:
         except (TimeoutError, ConnectionError) as exc:
             raise self._unavailable(exc) from None
         except http.client.HTTPException as exc:
-            raise AWSError(f"{odd} something that is not HTTP ({type(exc).__name__}: {exc}); "
+            raise AWSError(f"{odd} something that is not HTTP ({_said(exc)}); "
                            f"{fix}") from None
         if len(body) > MAX_IMDS_BODY:
             raise AWSError(f"{odd} more than {MAX_IMDS_BODY} bytes; {fix}")
@@ -690,7 +697,7 @@ def check_instance_type(
             return Check(name, None, f"{instance_type}: could not check ({detail})")
         return Check(name, None, f"{instance_type}: could not check ({_code(exc)})")
     except BotoCoreError as exc:
-        return Check(name, None, f"{instance_type}: could not check ({exc})")
+        return Check(name, None, f"{instance_type}: could not check ({_said(exc)})")
     types = resp.get("InstanceTypes", [])
     support = types[0].get("NitroEnclavesSupport") if types else None
     if support == "supported":

@@ -28,7 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from ...safetext import prose, without_userinfo
+from ...safetext import error, without_userinfo
 from ...threads import NamedThread
 from .. import aws
 
@@ -169,8 +169,8 @@ class CloudWatchSender:
             except Exception as e:  # the sender must never take the parent down
                 # Not an AWSError, whose words are cleaned: an endpoint URL in them would be
                 # logged with its user name and password.
-                self._report("other", f"CloudWatch: {type(e).__name__}: "
-                             f"{prose(without_userinfo(str(e)), 2000)}")
+                self._report("other", "CloudWatch: "
+                             + error(e, 2000, clean=without_userinfo))
             if self._stop.wait(self.interval):
                 return
 
