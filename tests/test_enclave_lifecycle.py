@@ -273,6 +273,29 @@ def test_a_parent_that_is_away_is_still_redialled_every_second(monkeypatch, capl
                     "retrying, at most 1 s apart"], said
 
 
+def test_an_unexpected_error_that_cannot_be_said_does_not_end_re_registration(
+        monkeypatch) -> None:
+    """A bug in one registration is retried and kept as the last failure (safetext.error),
+    whatever its exception's str() does. Before, making the last failure raised again, out
+    of the control loop: the enclave never registered again."""
+    from tests.unsayable import Unsayable
+
+    e = enclave_mod.Enclave(load_profile(str(PROFILE)))
+    _fake_parent(monkeypatch, e, lambda conn, stop, check=None: "unused")
+    tries = []
+
+    def register(conn, pub, attest):
+        tries.append(1)
+        raise Unsayable
+
+    monkeypatch.setattr(enclave_mod, "register", register)
+    _simulated(monkeypatch, e, 3)
+    e._control_loop()
+    assert len(tries) > 1
+    assert e.last_failure == ("internal error: Unsayable (its message cannot be shown: "
+                              "ValueError)")
+
+
 def test_attestation_that_cannot_load_where_the_device_is_says_so(monkeypatch,
                                                                   tmp_path: Path) -> None:
     """Before: the enclave registered unattested, and the parent's refusal pointed away

@@ -567,3 +567,35 @@ def test_a_reload_failing_on_an_error_that_cannot_be_said_is_still_reported(
     assert parent_module.reload_from_file(p) is False
     assert p._state.reload["message"] == ("not reloaded: internal error: Unsayable (its "
                                           "message cannot be shown: ValueError)")
+
+
+def test_a_start_failing_on_an_error_that_cannot_be_said_is_still_reported(
+        monkeypatch, tmp_path) -> None:
+    """`parent up` whose start fails on an exception whose message cannot be made still
+    tells its launcher why, in one line (safetext.message). Before, making that line raised
+    again, out of run_up: nothing was reported, and the launcher said only that the
+    background process exited during start-up."""
+    path = tmp_path / "pay.yaml"
+    path.write_text(BASE)
+
+    def broken(self):
+        raise Unsayable
+
+    # Nothing of the host is touched: start fails at once, and close has nothing to undo.
+    monkeypatch.setattr(Parent, "start", broken)
+    monkeypatch.setattr(Parent, "close", lambda self: None)
+    monkeypatch.setattr(parent_module, "forbid_core_dumps", lambda: None)
+    monkeypatch.setattr(parent_module, "enable_stack_dumps", lambda: None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    r, w = os.pipe()
+    try:
+        assert parent_module.run_up(parse_profile(BASE, str(path)), w) == 1
+        with os.fdopen(r, "rb") as report:
+            r = -1
+            assert report.read() == (b"parent up (profile 'pay'): Unsayable (its message "
+                                     b"cannot be shown: ValueError)\n")
+    finally:
+        if r >= 0:
+            os.close(r)
+        for s, h in handlers.items():
+            signal.signal(s, h)

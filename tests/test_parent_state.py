@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unsayable import Unsayable
 from wgvsock.roles import state as state_mod
 from wgvsock.roles.common import RoleError
 from wgvsock.roles.state import State, StateFileError
@@ -468,6 +469,29 @@ def test_down_acts_on_nothing_in_a_state_directory_others_may_write(
     assert restored == []
     assert sorted(p.name for p in state_dir.iterdir()) == \
         ["forwarding.json", "pay.json", "pay.reload.lock"]
+
+
+
+def test_down_reports_a_failure_whose_message_cannot_be_made_and_goes_on(
+        state_dir: Path, monkeypatch, tmp_path: Path) -> None:
+    """Each step's failure is one line of down's (safetext.message), the rest still tried.
+    Before, making that line raised again, out of down: `parent down` ended in a traceback
+    with what was left still undone."""
+    from wgvsock.roles import parent
+    from wgvsock.services.profile import parse_profile
+
+    monkeypatch.setenv("WGVSOCK_RUN_DIR", str(tmp_path / "run"))  # not this host's sockets
+    monkeypatch.setattr(parent.netconf, "interface_exists", lambda name: False)
+    monkeypatch.setattr(parent.firewall, "exists", lambda name: True)
+
+    def broken(name: str) -> None:
+        raise Unsayable
+
+    monkeypatch.setattr(parent.firewall, "remove", broken)
+    profile = parse_profile("name: pay\nenclave:\n  address: 10.77.0.2/30\n")
+    _, failed = parent.down(profile)
+    assert failed == ["could not remove the nftables table of profile 'pay': Unsayable (its "
+                      "message cannot be shown: ValueError)"]
 
 
 class _Named:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.unsayable import Unsayable
 from wgvsock import cli
 from wgvsock.services.profile import (
     DEFAULT_MAX_CONNECTIONS,
@@ -1197,15 +1198,20 @@ def test_main_check_host(monkeypatch, capsys):
     assert "no IPv4 default route" in capsys.readouterr().err
 
 
-def test_main_check_host_netlink_failure(monkeypatch, capsys):
+@pytest.mark.parametrize(("exc", "said"), [
+    (OSError("netlink unavailable"), "netlink unavailable"),
+    # Before, its str() raised again in the handler: a traceback, not the line.
+    (Unsayable(), "Unsayable (its message cannot be shown: ValueError)"),
+], ids=["message", "unsayable"])
+def test_main_check_host_netlink_failure(monkeypatch, capsys, exc, said):
     import wgvsock.services.profile as profile_module
 
     def broken(exclude_interface=None):
-        raise OSError("netlink unavailable")
+        raise exc
 
     monkeypatch.setattr(profile_module, "local_networks", broken)
     assert main_check([str(EXAMPLES[0]), "--host"]) == 1
-    assert "cannot list this host's networks" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(f": cannot list this host's networks: {said}\n")
 
 
 def test_main_check_usage(capsys):

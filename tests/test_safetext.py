@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.unsayable import Unsayable
-from wgvsock.safetext import error, prose, quote, without_userinfo
+from wgvsock.safetext import error, message, prose, quote, without_userinfo
 
 
 def test_prose_keeps_a_plain_sentence_as_it_reads() -> None:
@@ -44,6 +44,12 @@ def test_error_is_type_and_message_in_one_line_whatever_its_str_does() -> None:
     assert error(ValueError("x" * 1000), 10) == "ValueError: xxxxxxxxxx... (1000 chars)"
     assert error(Unsayable()) == "Unsayable (its message cannot be shown: ValueError)"
     assert error(type("bad\nname", (Exception,), {})()) == "bad\\nname"
+
+
+def test_message_is_the_message_alone_as_it_is_whatever_its_str_does() -> None:
+    assert message(RuntimeError("could not\ndelete wg0")) == "could not\ndelete wg0"
+    assert message(RuntimeError()) == "RuntimeError"
+    assert message(Unsayable()) == "Unsayable (its message cannot be shown: ValueError)"
 
 
 def test_error_cleans_the_message_before_it_is_cut() -> None:

@@ -13,7 +13,9 @@ one for each kind of value:
 A third, `error(exc)`, is an exception as "Type: message" in the same way, whatever its
 `__str__` does: a check or a library of ours may raise one whose message cannot be made (its
 `__str__` raises), and a refusal or a log line built from it must still be one line, not a
-second exception where the first was being handled.
+second exception where the first was being handled. `message(exc)` is its message alone,
+as it is, for a line that has always shown that (an error of our own, worded for the user),
+with error's words only when it cannot be made.
 
 A fourth, `without_userinfo(text)`, cuts the user name and password out of every URL in a
 text (https://user:pass@host/ is shown https://***@host/): an endpoint the operator set may
@@ -37,7 +39,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence, Set
 
-__all__ = ["error", "prose", "quote", "without_userinfo"]
+__all__ = ["error", "message", "prose", "quote", "without_userinfo"]
 
 # How much of a container is written before it is cut, in characters and levels.
 _WALK = 4096
@@ -172,6 +174,16 @@ def error(exc: BaseException, limit: int = 300, *,
     if clean is not None:
         text = clean(text)
     return f"{name}: {prose(text, limit)}" if text else name
+
+
+def message(exc: BaseException) -> str:
+    """`str(EXC)` as it is, or its type's name when that is empty; `error(EXC)` when
+    `str(EXC)` raises."""
+    try:
+        text = str(exc)
+    except Exception:
+        return error(exc)
+    return text or prose(type(exc).__name__, 80)
 
 
 # A URL's scheme and authority up to the last "@" before its path, query or fragment: the

@@ -35,6 +35,7 @@ from ..core.crypto import dh, generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
 from ..nodump import forbid_core_dumps
+from ..safetext import error
 from ..services import firewall
 from ..services.control import (
     ControlError,
@@ -788,7 +789,7 @@ class Enclave:
                 say(logging.WARNING, "control: %s", e)
                 pause()
             except Exception as e:  # a bug here must not end re-registration for good
-                self.last_failure = f"internal error: {e}"
+                self.last_failure = f"internal error: {error(e)}"
                 say(logging.ERROR, "control: unexpected error", exc_info=True)
                 pause()
             finally:

@@ -34,7 +34,7 @@ from ..device.device import Device
 from ..nodump import forbid_core_dumps
 from ..pathwalk import Replaceable, keepers, walk
 from ..regular import read_regular
-from ..safetext import error, prose
+from ..safetext import error, message, prose
 from ..sdnotify import Notifier, Watchdog
 from ..services import firewall
 from ..services.control import (
@@ -1588,7 +1588,7 @@ def run_up(profile, ready_fd: int | None) -> int:
         try:
             parent.start()
         except Exception as e:  # start() has undone what it made; say why, wherever asked
-            msg = f"parent up ({named(profile.name)}): {e}"
+            msg = f"parent up ({named(profile.name)}): {message(e)}"
             if isinstance(e, RoleError | OSError | ValueError | firewall.FirewallError):
                 log.error("%s", msg)
             else:  # e.g. botocore's own errors: a traceback helps
@@ -1709,8 +1709,7 @@ def down(profile) -> tuple[list[str], list[str]]:
             step()
             return True
         except Exception as e:  # cleanup goes on: each failure is reported
-            detail = str(e) or type(e).__name__
-            failed.append(f"could not {what}: {detail}")
+            failed.append(f"could not {what}: {message(e)}")
             return False
 
     unsafe_dir = False  # nothing in the state directory is read, written or removed

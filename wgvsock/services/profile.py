@@ -43,7 +43,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ..conn.framing import MAX_STREAM_MTU
 from ..regular import NotRegularFile, read_regular
-from ..safetext import prose
+from ..safetext import message, prose
 from .egress.names import NamePattern, NameRule, NameRuleError, looks_like_name
 from .firewall import MAX_CONNECTIONS_LIMIT
 
@@ -2842,7 +2842,7 @@ def main_check(argv: Sequence[str], prog: str = "wgvsock profile check") -> int:
             networks = local_networks(profile.interface)
             routes = local_routes(profile.interface)
         except Exception as e:  # netlink failures come in many types; none deserves a traceback
-            print(f"{prog}: cannot list this host's networks: {e}", file=sys.stderr)
+            print(f"{prog}: cannot list this host's networks: {message(e)}", file=sys.stderr)
             return 1
         problems = check_host(profile, networks, routes) + check_routes(profile, routes)
         if problems:
