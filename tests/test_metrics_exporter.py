@@ -560,6 +560,57 @@ def test_the_connections_the_control_port_refused_are_counted() -> None:
     try:
         with _dial_tcp(port) as s:
             expect_closed(s)
-        assert collected(srv) == {"wgvsock_control_refused_connections_total": 1}
+        assert collected(srv)["wgvsock_control_refused_connections_total"] == 1
+    finally:
+        srv.close()
+
+
+def test_the_control_port_s_registrations_are_counted_accepted_and_refused_by_reason() -> None:
+    """The registrations the control port installed, and those it refused by reason, as
+    counters of the profile, read from a real server; every reason is there from the start,
+    at 0. Before, registrations was a bare attribute no metric read, and the refused ones
+    were counted nowhere (status keeps the last few, and clears them once one is in)."""
+    import base64
+    import time
+    from types import SimpleNamespace
+
+    from tests.test_control import _dial_tcp, _exchange, _tcp_server, expect_closed
+    from wgvsock.services.control import encode, read_message
+    from wgvsock.services.metrics.prometheus import ParentCollector
+
+    def collected(control: object) -> dict[tuple[str, str], float]:
+        parent = SimpleNamespace(profile=SimpleNamespace(name="p1"), device=None,
+                                 enclave_key=None, verdict=None, counters=None, control=control)
+        return {(s.name, s.labels.get("reason", "")): s.value
+                for m in ParentCollector(parent).collect() for s in m.samples
+                if s.name.startswith("wgvsock_control_") and "registrations" in s.name
+                and s.labels["profile"] == "p1"}
+
+    def refused(**counts: int) -> dict[tuple[str, str], float]:
+        return {("wgvsock_control_refused_registrations_total", reason): counts.get(reason, 0)
+                for reason in ("verdict", "throttled", "version")}
+
+    # One registration from each peer, then none for an hour: the second is throttled.
+    srv, rec, port = _tcp_server(register_burst=1, register_interval=3600.0)
+    try:
+        assert collected(srv) == {("wgvsock_control_registrations_total", ""): 0, **refused()}
+        with _dial_tcp(port) as s:
+            assert _exchange(s, b"E" * 32)["type"] == "welcome"
+        with _dial_tcp(port) as s:
+            assert _exchange(s, b"E" * 32)["type"] == "refused"
+        rec.accept = False
+        with _dial_tcp(port, "127.0.0.2") as s:
+            assert _exchange(s, b"F" * 32)["type"] == "refused"
+        with _dial_tcp(port, "127.0.0.3") as s:  # an enclave of a newer protocol only
+            challenge = read_message(s, time.monotonic() + 5)
+            s.sendall(encode({"v": 2, "type": "register", "nonce": challenge["nonce"],
+                              "public_key": base64.b64encode(b"G" * 32).decode()}))
+            assert read_message(s, time.monotonic() + 5)["type"] == "refused"
+        with _dial_tcp(port, "127.0.0.4") as s:  # one that refuses this parent itself
+            read_message(s, time.monotonic() + 5)
+            s.sendall(encode({"type": "refused", "reason": "no version in common"}))
+            expect_closed(s)
+        assert collected(srv) == {("wgvsock_control_registrations_total", ""): 1,
+                                  **refused(verdict=1, throttled=1, version=2)}
     finally:
         srv.close()

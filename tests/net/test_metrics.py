@@ -210,6 +210,41 @@ def test_the_control_port_s_refused_connections_are_counted(world: World) -> Non
             s.close()
 
 
+def test_the_control_port_s_registrations_are_counted(world: World) -> None:
+    """The enclave's registration is wgvsock_control_registrations_total, and a refused one
+    wgvsock_control_refused_registrations_total by reason (every reason there at 0 from the
+    start): here one of a control protocol version this parent does not speak. Before,
+    neither was a metric: the parent counted registrations in a bare attribute."""
+    import base64
+
+    from wgvsock.roles.common import unix_socket_path
+    from wgvsock.services.control import encode, read_message
+    from wgvsock.services.profile import parse_profile
+
+    def counts() -> tuple[float, dict[str, float]]:
+        families = scrape(world)
+        refused = families["wgvsock_control_refused_registrations"]
+        return (one(families["wgvsock_control_registrations"], profile=world.name),
+                {s.labels["reason"]: s.value for s in refused
+                 if s.labels["profile"] == world.name})
+
+    world.parent_cmd("up")
+    assert counts() == (0, {"verdict": 0, "throttled": 0, "version": 0})
+    world.start_enclave()
+    wait_for(world.egress_works, 30, "the enclave to fetch a page through the parent's NAT")
+    # (A page is served for up to MAX_AGE after it was collected.)
+    wait_for(lambda: counts()[0] == 1, 10, "the registration on /metrics")
+    t = parse_profile(world.profile.read_text()).transport
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(unix_socket_path(t.path, t.control_port))
+        challenge = read_message(s, time.monotonic() + 10)
+        s.sendall(encode({"v": 2, "type": "register", "nonce": challenge["nonce"],
+                          "public_key": base64.b64encode(b"G" * 32).decode()}))
+        assert read_message(s, time.monotonic() + 10)["type"] == "refused"
+    wait_for(lambda: counts() == (1, {"verdict": 0, "throttled": 0, "version": 1}), 10,
+             "the refused registration on /metrics")
+
+
 def doctor_says(world: World, check: str) -> tuple[str, str]:
     """(state, detail) of CHECK in `wgvsock parent doctor`'s table, run in the parent."""
     world.parent_env["COLUMNS"] = "400"  # a row per check

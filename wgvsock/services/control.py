@@ -247,6 +247,11 @@ MAX_PENDING_PER_PEER = 2
 # 0.05 to 1 s) may meet the limit too: they are told when to come back, which is within 1 s.
 REGISTER_BURST = 5
 REGISTER_INTERVAL = 1.0
+# Why a registration was refused, as wgvsock_control_refused_registrations_total counts it:
+# the parent's verdict (the attestation policy, a nonce not this connection's, a verifier
+# error, an installer's refusal under a reloaded policy), too many from one peer (the
+# limit above), or no control protocol version both sides speak (either side saying so).
+REFUSED_REGISTRATION_REASONS = ("verdict", "throttled", "version")
 # Clock differences carry float noise (1000.4 - 1000.0 is 0.39999...): a peer that comes back
 # when told must not be refused for a token short by 1e-13.
 _SLACK = 1e-6
@@ -440,10 +445,15 @@ class ControlServer:
         self._install_lock = threading.Lock()
         self._stop = threading.Event()
         self._current: socket.socket | None = None
+        # Read by the metrics exporter's thread (wgvsock_control_registrations_total): the
+        # registrations installed, written under _install_lock.
         self.registrations = 0
         # Read by the metrics exporter's thread (wgvsock_control_refused_connections_total);
         # written under _lock, as the connection table it is a count of turning away from.
         self.refused_connections = 0
+        # By REFUSED_REGISTRATION_REASONS (wgvsock_control_refused_registrations_total); each
+        # counted under _lock, from the connections' threads.
+        self.refused_registrations = dict.fromkeys(REFUSED_REGISTRATION_REASONS, 0)
         self.last_verdict: Verdict | None = None
         # What the last installed registration was (key, attestation state): a registration
         # is logged at INFO when it changes that, or follows a start or a removal.
@@ -567,6 +577,10 @@ class ControlServer:
         self.refusals.add("connection", who, why)
         conn.close()
 
+    def _refused_registration(self, reason: str) -> None:
+        with self._lock:
+            self.refused_registrations[reason] += 1
+
     def _serve(self, conn: socket.socket, peer: object = None, who: str = "?") -> None:
         try:
             if self._exchange(conn, peer, who):
@@ -599,6 +613,7 @@ class ControlServer:
             reason = f"the enclave refused this parent: {prose(msg.get('reason', '?'), 500)}"
             self._verdict_log(logging.WARNING, "control: %s: %s", who, reason)
             self.refusals.add("registration", who, reason)
+            self._refused_registration("version")
             return False
         if msg["v"] not in VERSIONS:
             # An enclave image built with a newer wgvsock than the parent's: the parent is the
@@ -609,6 +624,7 @@ class ControlServer:
                       f"with, or a newer one")
             self._verdict_log(logging.WARNING, "control: refused %s: %s", who, reason)
             self.refusals.add("registration", who, reason)
+            self._refused_registration("version")
             self._settled(conn)
             _send(conn, {"type": "refused", "reason": reason, "versions": list(VERSIONS)})
             return False
@@ -627,6 +643,7 @@ class ControlServer:
             # Without "try again in": the same refusal must count up, not fill the record.
             self.refusals.add("throttled", who, f"too many registrations "
                                                 f"({self._register_rule})")
+            self._refused_registration("throttled")
             self._settled(conn)
             _send(conn, {"type": "refused", "retry_after": retry_after,
                          "reason": f"too many registrations ({self._register_rule}); "
@@ -649,6 +666,7 @@ class ControlServer:
             reason = prose(verdict.reason, 500)
             self._verdict_log(logging.WARNING, "control: refused an enclave: %s", reason)
             self.refusals.add("registration", who, reason)
+            self._refused_registration("verdict")
             self._settled(conn)
             _send(conn, {"type": "refused", "reason": reason})
             return False
@@ -659,6 +677,7 @@ class ControlServer:
                 self._install(public_key, verdict)
             except ControlError as e:  # the installer's own refusal (a reloaded policy's)
                 self.refusals.add("registration", who, str(e))
+                self._refused_registration("verdict")
                 raise
             # An enclave is in: what kept it (or another) out before is history.
             self.refusals.clear()

@@ -211,6 +211,24 @@ class ParentCollector(Collector):
             "check refused", labels=["profile"])
         c.add_metric([self.parent.profile.name], control.refused_connections)
         yield c
+        r = CounterMetricFamily(
+            "wgvsock_control_registrations_total",
+            "Registrations the control port accepted, the enclave's key installed: each start "
+            "of the enclave, and each time it registered again (its control connection "
+            "dropped)", labels=["profile"])
+        r.add_metric([self.parent.profile.name], control.registrations)
+        yield r
+        f = CounterMetricFamily(
+            "wgvsock_control_refused_registrations_total",
+            "Registrations the control port refused, by reason: verdict (the attestation "
+            "policy, a nonce not this connection's, a verifier error, a reloaded policy), "
+            "throttled (too many from one peer), version (no control protocol version both "
+            "sides speak)", labels=["profile", "reason"])
+        # Every reason, 0 until it happens: a rate over the series is then there from the
+        # start, not from the first refusal of its kind.
+        for reason, count in dict(control.refused_registrations).items():
+            f.add_metric([self.parent.profile.name, reason], count)
+        yield f
 
 
 class _Registry(CollectorRegistry):
