@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pwd
 import random
+import re
 import shutil
 import signal
 import struct
@@ -602,17 +604,22 @@ def test_cmd_is_not_run_when_enclave_up_died_before_it_could_be_tied_to_it(
     assert not ran.exists()
 
 
-def test_a_script_whose_interpreter_is_missing_exits_127(deaths, tmp_path: Path,
+def test_a_script_whose_interpreter_is_missing_exits_127(deaths, monkeypatch, tmp_path: Path,
                                                          capsys) -> None:
-    """What the check before the tunnel cannot see fails at the exec, in the helper that
-    starts CMD: reported through it as Popen reported it, the shell's 127."""
+    """What the check before the tunnel could not tell (here: told not to look) fails at the
+    exec, in the helper that starts CMD: reported through it as Popen reported it, the
+    shell's 127, and what the errno means for CMD."""
     script = tmp_path / "app"
     script.write_text("#!/nonexistent/interpreter\n")
     script.chmod(0o755)
+    monkeypatch.setattr(enclave_mod, "_unrunnable", lambda command, user=None: None)
     rc = enclave_mod.run_up(load_profile(str(PROFILE)), [str(script)], timeout=5)
     err = capsys.readouterr().err
     assert rc == 127, err
-    assert err == f"wgvsock enclave up: cannot run {script}: No such file or directory\n"
+    assert err == (f"wgvsock enclave up: cannot run {script}: No such file or directory; the "
+                   "file, or what it names to run it (a script's #! interpreter, a dynamically "
+                   "linked program's loader, a binfmt_misc entry's interpreter), is not in this "
+                   "image\n")
 
 
 def test_cmd_starts_with_no_signal_blocked_whatever_it_is(deaths, capfd) -> None:
@@ -1327,3 +1334,417 @@ def test_cmd_is_not_run_when_the_user_s_ids_cannot_be_taken(tmp_path: Path) -> N
     assert res.returncode == 126
     assert report == b"user setgroups: Operation not permitted"
     assert not ran.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the kernel makes of CMD's content and mount, judged before the tunnel comes up: each
+# case compared with a real exec through the exec helper (cmd.start), as root and as a user.
+
+_USERS = [None, pytest.param(cmd.Credentials(4242, 4243), marks=pytest.mark.root, id="user")]
+
+
+def _exec_says(command: list[str], user: cmd.Credentials | None = None) -> int | None:
+    """The errno the exec helper's exec of COMMAND fails with (as USER), None when CMD ran
+    (whatever its status)."""
+    try:
+        proc = cmd.start(command, user)
+    except OSError as e:
+        return e.errno
+    try:
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return None
+
+
+def _agrees(command: list[str], user: cmd.Credentials | None) -> tuple[int, str] | None:
+    """The early check's word on COMMAND, asserted to be the exec's: None where it runs,
+    else the shell's status for the exec's errno (127 for ENOENT, 126 for the others)."""
+    said = enclave_mod._unrunnable(command, user)
+    got = _exec_says(command, user)
+    want = None if got is None else (127 if got == errno.ENOENT else 126)
+    assert (said and said[0]) == want, (
+        f"{command}: check {said}, exec {errno.errorcode.get(got or 0, got)}")
+    return said
+
+
+def _file(path: Path, content: bytes | str, mode: int = 0o755) -> Path:
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    path.chmod(mode)
+    return path
+
+
+def _native_machine() -> int:
+    return struct.unpack_from("<H", Path("/proc/self/exe").read_bytes()[:20], 18)[0]
+
+
+def _elf_header(machine: int, e_type: int = 2, order: str = "<") -> bytes:
+    """A 64-bit ELF header with no program headers: the kernel judges its machine and type
+    before it reads any."""
+    h = bytearray(64)
+    h[:7] = b"\x7fELF\x02" + (b"\x01" if order == "<" else b"\x02") + b"\x01"
+    struct.pack_into(order + "HHIQQQIHHHHHH", h, 16, e_type, machine, 1, 0, 0, 0, 0, 64,
+                     56, 0, 64, 0, 0)
+    return bytes(h)
+
+
+def _other_machine() -> tuple[int, str]:
+    """A machine other than this one, and its name as the check says it."""
+    return (183, "aarch64") if _native_machine() != 183 else (62, "x86_64")
+
+
+def _with_loader(src: str, dst: Path, loader: str) -> Path:
+    """A copy of the dynamically linked SRC (this machine's /bin/true) whose program
+    interpreter (PT_INTERP) is LOADER, written over the old one's bytes."""
+    data = bytearray(Path(src).read_bytes())
+    m = re.search(rb"/lib[^\0]*/ld-[^\0]*\.so\.[0-9]\0", data)
+    if m is None:
+        pytest.skip(f"{src} names no loader here (statically linked?)")
+    new = loader.encode() + b"\0"
+    assert len(new) <= len(m.group()), (loader, m.group())
+    data[m.start():m.start() + len(new)] = new
+    return _file(dst, bytes(data))
+
+
+@pytest.fixture
+def place() -> Iterator[Path]:
+    """A directory, with a short name (a loader's path must fit where the old one was), that
+    any user may search."""
+    d = Path(tempfile.mkdtemp(prefix="x", dir="/tmp"))
+    try:
+        d.chmod(0o755)
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("user", _USERS)
+@pytest.mark.parametrize(("line", "code", "says"), [
+    ("#!/nonexistent/bash\n", 127, "{app} is a script whose interpreter /nonexistent/bash (its "
+     "#! line) is not in this image: No such file or directory; install it, or change the #! "
+     "line"),
+    ("#!/bin/sh\r\necho hi\r\n", 127, "{app} has Windows (CRLF) line endings: its #! line names "
+     "the interpreter /bin/sh\\r, with a carriage return at the end, which does not exist; "
+     "convert the file to Unix line endings: sed -i 's/\\r$//' {app} (or dos2unix {app})"),
+    ("#!/bin/true\r\n", 127, "has Windows (CRLF) line endings"),
+    ("#! \t /bin/true  an argument\t \n", None, ""),  # blanks skipped, one argument
+    ("#!/bin/true -x\r\n", None, ""),  # a \r in the argument: the interpreter's business
+    ("#!/bin/true\0/nonexistent\n", None, ""),  # a NUL ends the name
+    ("#!/nonexistent\0/bin/true\n", 127, "interpreter /nonexistent (its #! line)"),
+    ("#!{d}\n", 126, "{app} is a script, and its interpreter {d} is a directory"),
+    ("#!{d}/text\n", 126, "{app} is a script run by {d}/text (its #! line), and {d}/text is "
+     "neither a program (ELF) nor a script starting with #!: Exec format error"),
+    ("#!{d}/elf\n", 126, "and {d}/elf is a program for"),
+    ("#!\n", 126, "{app} starts with #! but its #! line names no interpreter: Exec format error"),
+    ("#!   \t\n", 126, "its #! line names no interpreter"),
+    ("#!" + " " * 300, 126, "its #! line is blanks only"),
+    ("#!/" + "x" * 300, 126, "its #! line is longer than 256 bytes with no end to the "
+     "interpreter's name in them"),
+    ("#!/bin/true " + "x" * 300, None, ""),  # only the argument is cut: no matter
+    ("#!" + " " * 240 + "/bin/true", None, ""),  # no newline, and a NUL (padding) ends it
+    ("#!" + " " * 244 + "/bin/true\n", None, ""),  # the newline is the 256th byte
+    ("#!" + " " * 245 + "/bin/true\n", 126, "longer than 256 bytes"),  # no room for it
+    ("#!" + " " * 246 + "/bin/true", 126, "longer than 256 bytes"),  # cut to /bin/tru
+    ("echo hi\n", 126, "{app} is neither a program (ELF) nor a script starting with #!: Exec "
+     "format error (CMD is not run through a shell); make its first line #! and its "
+     "interpreter's path (#!/bin/sh), or give the shell as CMD (sh FILE)"),
+    ("", 126, "is neither a program (ELF) nor a script"),
+    (" #!/bin/true\n", 126, "is neither a program (ELF) nor a script"),
+])
+def test_a_script_is_judged_as_the_kernel_reads_its_first_line(place, user, line, code,
+                                                                says) -> None:
+    """Before: a script whose interpreter is missing (the kernel's ENOENT: "No such file or
+    directory" of a file that is there), a CRLF script, a file with no #! line (Python's
+    execvp runs no shell for it) passed the check; the tunnel came up and the exec failed
+    after it. Now the status of the exec, and what to change."""
+    (place / "d").mkdir(mode=0o755)
+    _file(place / "d" / "text", "echo hi\n")
+    _file(place / "d" / "elf", _elf_header(_other_machine()[0]))
+    app = _file(place / "app", line.format(d=place / "d"))
+    said = _agrees([str(app)], user)
+    if code is None:
+        assert said is None
+    else:
+        assert said is not None and said[0] == code
+        assert says.format(app=app, d=place / "d") in said[1], said[1]
+
+
+def test_random_first_lines_are_judged_as_the_exec_judges_them(place) -> None:
+    """Differential: #! lines of random blanks, tabs, carriage returns, NULs, newlines and
+    names (of interpreters there, missing, a directory, a file with no #!), long and short
+    about the kernel's 256 bytes; the check must say what the exec does, every time. Seeded:
+    a failure names its case."""
+    (place / "d").mkdir(mode=0o755)
+    _file(place / "d" / "text", "echo hi\n")
+    pieces = [b" ", b"\t", b"\r", b"\0", b"\n", b"/bin/true", b"/bin/false", b"/nonexistent",
+              str(place / "d").encode(), str(place / "d" / "text").encode(), b"x", b"-e"]
+    rng = random.Random(2)
+    seen = set()
+    for trial in range(150):
+        line = b"#!" + b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
+        if rng.random() < 0.3:  # about the end of the kernel's buffer
+            line = b"#!" + b" " * rng.randrange(220, 256) + line[2:]
+        app = _file(place / f"s{trial}", line)
+        said = _agrees([str(app)], None)
+        seen.add(said and said[0])
+    assert seen == {None, 126, 127}, seen  # each answer came up
+
+
+@pytest.mark.parametrize("user", _USERS)
+def test_scripts_run_by_scripts_are_followed_as_deep_as_the_kernel_follows_them(
+        place, user) -> None:
+    """Five scripts, each the interpreter of the one before, end in a program: run. A sixth
+    is one too many (ELOOP); the missing interpreter of the last, however deep, is ENOENT."""
+    prev = "/bin/true"
+    chain = []
+    for i in range(7):
+        prev = str(_file(place / f"s{i}", f"#!{prev}\n"))
+        chain.append(prev)
+    for depth, script in enumerate(chain, 1):
+        said = _agrees([script], user)
+        assert (said is None) is (depth <= 5), (depth, said)
+    assert "6 deep: more than the kernel follows" in _agrees([chain[5]], user)[1]
+    _file(place / "s0", "#!/nonexistent/sh\n")
+    said = _agrees([chain[4]], user)
+    assert said is not None and said[0] == 127
+    assert said[1].endswith(f"{chain[0]} is a script whose interpreter /nonexistent/sh (its #! "
+                            "line) is not in this image: No such file or directory; install "
+                            "it, or change the #! line"), said[1]
+
+
+@pytest.mark.parametrize("user", _USERS)
+def test_an_interpreter_the_exec_may_not_run_is_named(place, user) -> None:
+    """An interpreter that is there but not executable: the exec's EACCES (126), and which."""
+    interp = _file(place / "interp", "#!/bin/true\n", 0o644)
+    app = _file(place / "app", f"#!{interp}\n")
+    said = _agrees([str(app)], user)
+    assert said is not None and said[0] == 126
+    assert said[1].startswith(f"cannot run {app}: {app} is a script, and its interpreter "
+                              f"{interp} (mode 0644, owner 0:0) is not executable"), said[1]
+
+
+@pytest.mark.parametrize("user", _USERS)
+def test_a_program_for_another_machine_is_refused_naming_both(place, user) -> None:
+    """Before: an image built for arm64 run on x86_64 (or the other way round: a Graviton
+    instance and an Intel one) passed the check, and the exec failed after the tunnel came
+    up with "Exec format error". Now at once, naming both machines and what to change."""
+    machine, name = _other_machine()
+    here = os.uname().machine
+    app = _file(place / "app", _elf_header(machine))
+    said = _agrees([str(app)], user)
+    platform = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}[here]
+    assert said == (126, f"cannot run {app}: {app} is a program for {name} (64-bit "
+                         f"little-endian), and this machine is {here}: Exec format error; "
+                         f"build the image for {here} (docker build --platform {platform}), "
+                         f"or run it on an {name} instance")
+    # This machine's, in the other byte order: a machine no loader here knows either.
+    _file(app, _elf_header(_native_machine(), order=">"))
+    assert "(64-bit big-endian), and this machine is" in _agrees([str(app)], user)[1]
+    # This machine's, but an object file, not a program.
+    _file(app, _elf_header(_native_machine(), e_type=1))
+    assert "is an ELF file a relocatable object (.o), not a program: Exec format error" in \
+        _agrees([str(app)], user)[1]
+
+
+@pytest.mark.parametrize("user", _USERS)
+def test_a_program_whose_loader_is_missing_is_refused_naming_the_loader(place, user) -> None:
+    """Before: a program linked against glibc in an image with musl's loader only (Alpine),
+    or the other way round, passed the check: the exec then failed with "No such file or
+    directory" for a file that is there, after the tunnel came up. Here a real copy of
+    /bin/true whose PT_INTERP names a missing loader."""
+    app = _with_loader("/bin/true", place / "app", "/lib/ld-musl-x86_64.so.1")
+    said = _agrees([str(app)], user)
+    assert said == (127, f"cannot run {app}: {app} is a dynamically linked program whose "
+                         "loader (ELF program interpreter) /lib/ld-musl-x86_64.so.1 is not in "
+                         "this image: No such file or directory; it was built for another C "
+                         "library (glibc, musl): build it on the image's own base, or "
+                         "statically, or add that C library to the image")
+    # A loader that is there but that the exec may not run, or a directory: EACCES.
+    (place / "d").mkdir(mode=0o755)
+    _with_loader("/bin/true", app, str(place / "d"))
+    assert _agrees([str(app)], user)[1].endswith(
+        f"{app} is a dynamically linked program, and its loader {place / 'd'} is a directory")
+    real = re.search(rb"/lib[^\0]*/ld-[^\0]*\.so\.[0-9]", Path("/bin/true").read_bytes())
+    assert real is not None
+    shutil.copy(real.group().decode(), place / "ld")
+    (place / "ld").chmod(0o644)
+    _with_loader("/bin/true", app, str(place / "ld"))
+    assert "its loader " + str(place / "ld") + " (mode 0644, owner 0:0) is not executable" in \
+        _agrees([str(app)], user)[1]
+    (place / "ld").chmod(0o755)  # the same loader, executable: it runs
+    assert _agrees([str(app)], user) is None
+
+
+# Argv: the noexec mount's directory, then per line UID:GID ("" for root) and CMD: prints the
+# check's word and the exec's errno for each, as JSON.
+_ON_NOEXEC = r"""
+import json, os, sys
+from wgvsock.roles import cmd, enclave
+out = []
+for line in sys.argv[2:]:
+    ids, _, command = line.partition(" ")
+    user = cmd.Credentials(*map(int, ids.split(":"))) if ids else None
+    os.environ["PATH"] = os.path.dirname(command) or sys.argv[1]
+    said = enclave._unrunnable([command], user)
+    try:
+        cmd.start([command], user).wait(30)
+        got = None
+    except OSError as e:
+        got = e.errno
+    out.append([said, got])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.root
+def test_a_cmd_on_a_noexec_mount_is_refused(place) -> None:
+    """Before: a script whose interpreter is on a file system mounted noexec (a tmpfs, a
+    volume) passed the check, and so did a CMD there for enclave.user (its mode bits let the
+    user in): the exec failed with EACCES after the tunnel came up. Root's own CMD there was
+    refused as "not executable", which its mode said it was. A real noexec tmpfs in a mount
+    namespace of its own."""
+    mnt = place / "mnt"
+    mnt.mkdir(mode=0o755)
+    setup = (f'mount -t tmpfs -o noexec,mode=0755 tmpfs {mnt} && cp /bin/true {mnt}/app && '
+             f'printf "#!{mnt}/app\\n" > {place}/script && chmod 755 {place}/script && '
+             'exec "$@"')
+    lines = [f"{ids} {c}" for ids in ("", "4242:4243")
+             for c in (f"{mnt}/app", f"{place}/script", "app")]
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", setup,
+                          "sh", sys.executable, "-c", _ON_NOEXEC, str(mnt), *lines],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    results = json.loads(res.stdout)
+    for line, (said, got) in zip(lines, results, strict=True):
+        assert got == errno.EACCES, line
+        assert said is not None and said[0] == 126, (line, said)
+    assert results[0][0][1] == (
+        f"cannot run {mnt}/app: is on {mnt}, a file system mounted noexec, from which the "
+        f"kernel runs nothing (Permission denied); in the image, put it on another file "
+        f"system, or mount {mnt} without noexec")
+    assert results[1][0][1] == (
+        f"cannot run {place}/script: {place}/script is a script, and its interpreter "
+        f"{mnt}/app is on {mnt}, a file system mounted noexec, from which the kernel runs "
+        f"nothing (Permission denied); in the image, put it on another file system, or mount "
+        f"{mnt} without noexec")
+    assert results[2][0][1].startswith(f"cannot run app: {mnt}/app is on {mnt}, a file "
+                                       "system mounted noexec")
+    assert not (mnt / "app").exists()  # the mount went with its namespace
+
+
+@pytest.mark.parametrize("user", _USERS)
+def test_path_is_searched_as_python_s_execvp_searches_it(monkeypatch, place, user) -> None:
+    """os.execvp tries every directory of PATH, on any error, and when none runs raises the
+    first error other than ENOENT and ENOTDIR, else the last one; it runs no shell for a
+    file the kernel refuses (ENOEXEC), as glibc's execvp would. The check says what it
+    does, file by file. Before: root's check asked shutil.which (the first file with an x
+    bit), so a program for another machine first on PATH passed where the exec failed
+    (ENOEXEC), and a directory named like CMD, or a PATH whose last entry is a file, gave
+    "not found" (127) where the exec fails with EACCES or ENOTDIR (126)."""
+    a, b = place / "a", place / "b"
+    for d in (a, b):
+        d.mkdir(mode=0o755)
+    monkeypatch.setenv("PATH", f"{a}:{b}")
+    machine, _ = _other_machine()
+    _file(a / "app", _elf_header(machine))
+    _file(b / "app", "#!/bin/true\n")
+    assert _agrees(["app"], user) is None  # the second runs
+    (b / "app").unlink()
+    said = _agrees(["app"], user)  # the first's ENOEXEC stands
+    assert said is not None and said[1].startswith(f"cannot run app: {a / 'app'} is a program "
+                                                   "for"), said
+    # A missing interpreter is ENOENT, passed over without being kept: a later EACCES stands.
+    _file(a / "app", "#!/nonexistent/sh\n")
+    _file(b / "app", "#!/bin/true\n", 0o644)
+    said = _agrees(["app"], user)
+    assert said is not None and said[0] == 126 and str(b / "app") in said[1], said
+    # ... and with nothing else, the last ENOENT: not found, the script said too.
+    (b / "app").unlink()
+    assert _agrees(["app"], user) == (127, (
+        f"cannot run app: not found in PATH ({a}:{b}); {a / 'app'} is a script whose "
+        "interpreter /nonexistent/sh (its #! line) is not in this image: No such file or "
+        "directory; install it, or change the #! line"))
+    # A directory named like CMD: EACCES, kept.
+    (a / "app").unlink()
+    (a / "app").mkdir()
+    assert _agrees(["app"], user) == (126, f"cannot run app: {a / 'app'} is a directory")
+    # A file as the last directory of PATH: ENOTDIR is the last error, and the exec's.
+    (a / "app").rmdir()
+    monkeypatch.setenv("PATH", f"{a}:{_file(place / 'f', '')}")
+    assert _agrees(["app"], user) == (126, f"cannot run app: not found in PATH ({a}:"
+                                           f"{place / 'f'})")
+
+
+def test_a_format_a_binfmt_misc_entry_takes_is_left_to_the_exec(monkeypatch, place) -> None:
+    """binfmt_misc (qemu-user-static, Docker's emulation) runs what the kernel's own loaders
+    refuse: a file one of its enabled entries takes, by magic under its mask or by extension,
+    is left to the exec. (Entries as binfmt_misc lists them, in a directory standing for its
+    mount: registering one would change this whole machine.)"""
+    machine, _ = _other_machine()
+    app = _file(place / "app", _elf_header(machine))
+    text = _file(place / "app.txt", "hello\n")
+    misc = place / "misc"
+    misc.mkdir()
+    (misc / "status").write_text("enabled\n")
+    (misc / "register").write_text("")
+    monkeypatch.setattr(enclave_mod.binfmt, "_misc_dir", lambda: str(misc))
+    assert enclave_mod._unrunnable([str(app)]) is not None  # no entries
+    magic = _elf_header(machine)[:20]
+    mask = b"\xff" * 7 + b"\x00" + b"\xff" * 8 + b"\xfe\xff\xff\xff"
+    (misc / "qemu-other").write_text(
+        f"enabled\ninterpreter /usr/bin/qemu-static\nflags: F\noffset 0\n"
+        f"magic {magic.hex()}\nmask {mask.hex()}\n")
+    (misc / "txt").write_text("disabled\ninterpreter /usr/bin/cat\nflags: \nextension .txt\n")
+    assert enclave_mod._unrunnable([str(app)]) is None
+    assert enclave_mod._unrunnable([str(text)]) is not None  # its entry is disabled
+    (misc / "txt").write_text("enabled\ninterpreter /usr/bin/cat\nflags: \nextension .txt\n")
+    assert enclave_mod._unrunnable([str(text)]) is None
+    (misc / "status").write_text("disabled\n")  # binfmt_misc as a whole
+    assert enclave_mod._unrunnable([str(app)]) is not None
+    assert enclave_mod._unrunnable([str(text)]) is not None
+
+
+@pytest.mark.parametrize("how", ["crlf", "elf"])
+@pytest.mark.root
+def test_enclave_up_refuses_such_a_cmd_in_one_line_before_any_tunnel(place, how) -> None:
+    """The real `wgvsock enclave up`, in a network namespace of its own and without
+    CAP_NET_ADMIN: had it gone on to bring the tunnel up, it would have failed at `lo`
+    (test_enclave_lifecycle's "bringing lo up: Operation not permitted"), status 1."""
+    if how == "crlf":
+        app = _file(place / "app", "#!/bin/sh\r\necho hi\r\n")
+        want = (127, f"wgvsock enclave up: cannot run {app}: {app} has Windows (CRLF) line "
+                     "endings: its #! line names the interpreter /bin/sh\\r, with a carriage "
+                     "return at the end, which does not exist; convert the file to Unix line "
+                     f"endings: sed -i 's/\\r$//' {app} (or dos2unix {app})\n")
+    else:
+        app = _file(place / "app", _elf_header(_other_machine()[0]))
+        want = (126, None)
+    res = subprocess.run(
+        ["unshare", "--net", "setpriv", "--bounding-set", "-net_admin", "--inh-caps",
+         "-net_admin", sys.executable, "-m", "wgvsock.cli", "enclave", "up", "--profile",
+         str(PROFILE), "--timeout", "5", "--", str(app)],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == want[0], res.stderr
+    assert len(res.stderr.splitlines()) == 1, res.stderr
+    assert "Exec format error" in res.stderr if want[1] is None else res.stderr == want[1]
+    assert res.stdout == ""
+
+
+def test_the_exec_s_own_failure_says_what_its_errno_means(deaths, monkeypatch, place,
+                                                           capsys) -> None:
+    """What the check leaves to the exec (a file `up` may not read, a format a binfmt_misc
+    entry of a host hidden from a container was thought to take) fails there: said with
+    what the errno means for CMD, not the bare strerror. (The check told not to look.)"""
+    monkeypatch.setattr(enclave_mod, "_unrunnable", lambda command, user=None: None)
+    app = _file(place / "app", _elf_header(_other_machine()[0]))
+    rc = enclave_mod.run_up(load_profile(str(PROFILE)), [str(app)], timeout=5)
+    here = os.uname().machine
+    assert rc == 126
+    assert capsys.readouterr().err == (
+        f"wgvsock enclave up: cannot run {app}: Exec format error; it is neither a program for "
+        f"this machine ({here}) nor a script starting with #!, and no binfmt_misc entry of "
+        "this kernel takes it (CMD is not run through a shell); rebuild it for "
+        f"{here}, or make its first line #! and its interpreter's path\n")

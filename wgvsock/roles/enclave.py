@@ -47,7 +47,7 @@ from ..services.control import (
 )
 from ..signals import STOPPING, Wakeup
 from ..threads import NamedThread, on_thread_death
-from . import cmd
+from . import binfmt, cmd
 from .common import (
     configure,
     control_address,
@@ -129,93 +129,269 @@ def _stopped(failures: list[str], signalled: list[int]) -> int:
 
 def _unrunnable(command: list[str],
                 user: cmd.Credentials | None = None) -> tuple[int, str] | None:
-    """Why CMD cannot be run, as the status a shell gives for it (127 not found, 126 found but
-    not runnable) and what to say, or None. Checked before the tunnel comes up: a wrong CMD
-    line would otherwise show only after the wait for the parent, a registration and an
-    attestation, and as the status a parent that never answered gives. With `user`
-    (enclave.user) other than root, judged as that user finds and runs it."""
+    """Why CMD cannot be run, as the status a shell gives for it (127 for ENOENT, not found
+    or a missing interpreter; 126 for any other failure of the exec) and what to say, or
+    None. Checked before the tunnel comes up: a wrong CMD line would otherwise show only
+    after the wait for the parent, a registration and an attestation, and as the status a
+    parent that never answered gives. Judged as the exec helper's os.execvp and the kernel's
+    execve would judge it (_execvp, _exec_refuses); with `user` (enclave.user) other than
+    root, as that user finds and runs it."""
     name = command[0]
-    if user is not None and user.uid != 0:
-        return _unrunnable_by(name, user)
-    if "/" not in name:
-        found = shutil.which(name)  # the search the exec makes
-        if found is None:
-            path = os.environ.get("PATH", os.defpath)
-            return 127, f"cannot run {name}: not found in PATH ({path})"
+    who = user if user is not None and user.uid != 0 else None
+    # (CMD itself, when named by its path, is not named again in what is said of it.)
+    refused = _execvp(name, lambda path: _exec_refuses(path, who,
+                                                        None if path == name else path))
+    if refused is None:
         return None
-    if not os.path.lexists(name):
-        return 127, f"cannot run {name}: No such file or directory"
-    if os.path.isdir(name):
-        return 126, f"cannot run {name}: is a directory"
-    if not os.access(name, os.X_OK):
-        return 126, f"cannot run {name}: not executable"
-    return None
+    code, why = refused
+    return (127 if code == errno.ENOENT else 126), f"cannot run {name}: {why}"
 
 
 def _unrunnable_by(name: str, user: cmd.Credentials) -> tuple[int, str] | None:
     """_unrunnable for a USER who is not root. What root finds may not be theirs: a
-    directory they may not search, a file only root may execute. A name without a slash is
-    looked up along PATH as the exec helper's execvp does: a file there the user may not run
-    is passed over for the next one, and only when none is left does the first refusal
-    stand."""
+    directory they may not search, a file only root may execute."""
+    return _unrunnable([name], user)
+
+
+class _CannotTell(Exception):
+    """What the exec makes of a file cannot be told from here: it is left to the exec."""
+
+
+def _execvp(name: str, judge) -> tuple[int, str] | None:
+    """What the exec helper's os.execvp does with NAME, JUDGE saying what an exec of each
+    file it tries fails with ((errno, what to say, "" for no such file), None when it runs
+    or cannot be told). Python's execvp, not glibc's: a name with a slash is that file; else
+    each directory of PATH in turn, on whatever error, and when none runs, the first error
+    other than ENOENT and ENOTDIR stands, else the last one. (No shell is run for a file
+    the kernel refuses as ENOEXEC, as glibc's would.)"""
     if "/" in name:
+        refused = _judged(judge, name)
+        if refused is None:
+            return None
+        code, why = refused
+        return code, why or os.strerror(code)
+    first: tuple[int, str] | None = None
+    last = (errno.ENOENT, "")
+    missing = ""  # a file there whose interpreter is not: ENOENT all the same
+    for d in os.get_exec_path():
+        refused = _judged(judge, os.path.join(d, name))
+        if refused is None:
+            return None
+        last = refused
+        if refused[0] in (errno.ENOENT, errno.ENOTDIR):
+            missing = missing or refused[1]
+        elif first is None:
+            first = refused
+    if first is not None:
+        return first
+    path = os.environ.get("PATH", os.defpath)
+    return last[0], f"not found in PATH ({path})" + (f"; {missing}" if missing else "")
+
+
+def _judged(judge, path: str) -> tuple[int, str] | None:
+    try:
+        return judge(path)
+    except _CannotTell:
+        return None
+
+
+def _exec_refuses(path: str, user: cmd.Credentials | None,
+                  subject: str | None) -> tuple[int, str] | None:
+    """What an exec of PATH fails with, as (errno, what to say: "" for no such file), None
+    when it runs; as execve judges it: the file (_open_refuses, SUBJECT naming it), then what
+    its content makes of it (_content_refuses). _CannotTell when it cannot be told. USER None
+    is root."""
+    refused = _open_refuses(path, user, subject)
+    if refused is not None:
+        return refused
+    return _content_refuses(path, user, 0)
+
+
+def _open_refuses(path: str, user: cmd.Credentials | None,
+                  subject: str | None) -> tuple[int, str] | None:
+    """What opening PATH for an exec fails with (the kernel's open_exec: CMD, a script's
+    interpreter, a program's loader, each opened with the ids of the exec), None when it
+    opens: the way there, a directory or other file that is not a regular one, a noexec
+    mount, the mode and ACL. SUBJECT names the file in what is said, None for CMD itself."""
+
+    def say(text: str) -> str:
+        return text if subject is None else f"{subject} {text}"
+
+    if not path:  # (a #! line with a NUL first) the kernel looks up the working directory
+        return errno.EACCES, say("is an empty name, which the kernel takes for the working "
+                                 "directory, a directory")
+    if user is not None:
         try:
-            os.lstat(name)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                return 127, f"cannot run {name}: No such file or directory"
-            # Root may be the one kept out (no CAP_DAC_READ_SEARCH, a root-squashed mount)
-            # where the user is let in: the user's exec will say.
-            return None
-        if os.path.isdir(name):
-            return 126, f"cannot run {name}: is a directory"
-        candidates = [name]
-    else:
-        candidates = [os.path.join(d, name) for d in os.get_exec_path()]
-    refused = ""
-    for path in candidates:
-        why = _barred(path, user)
-        if why is None:
-            return None
-        refused = refused or why
-    if refused:
-        return 126, f"cannot run {name}: {refused}"
-    if "/" in name:  # a link to nothing
-        return 127, f"cannot run {name}: No such file or directory"
-    return 127, f"cannot run {name}: not found in PATH ({os.environ.get('PATH', os.defpath)})"
-
-
-def _barred(path: str, user: cmd.Credentials) -> str | None:
-    """Why USER may not execute PATH, "" when there is nothing there to execute (no such
-    file, or a directory), None when they may (or it cannot be told: the exec will say). As
-    the kernel judges it for a process without capabilities: the mode bits (cmd.allows),
-    or the access ACL of a file or directory that has one (cmd.permits)."""
+            searched = _searched(path)
+        except OSError:
+            raise _CannotTell from None
+        for d in searched:  # in the order the kernel walks them
+            try:
+                dst = os.stat(d)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    return e.errno, ""
+                raise _CannotTell from None
+            if not stat.S_ISDIR(dst.st_mode):
+                return errno.ENOTDIR, ""
+            # One whose ACL cannot be judged is passed over: one further on that refuses the
+            # user refuses them whatever that one says.
+            if refused := _refusal(d, dst, user):
+                return errno.EACCES, (
+                    f"directory {d} ({refused[0]}) is not searchable by {_who(user)}; in the "
+                    f"image, {refused[1]}, or put CMD where that user can reach it")
     try:
         st = os.stat(path)
     except OSError as e:
-        return "" if e.errno in (errno.ENOENT, errno.ENOTDIR) else None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return e.errno, ""
+        # Root may be the one kept out (no CAP_DAC_READ_SEARCH, a root-squashed mount)
+        # where the user is let in: the user's exec will say.
+        raise _CannotTell from None
     if stat.S_ISDIR(st.st_mode):
-        return ""
-    who = f"enclave.user ({user.uid}:{user.gid}"
-    who += f", groups {','.join(map(str, user.groups))})" if user.groups else ")"
+        return errno.EACCES, say("is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        return errno.EACCES, say("is not a regular file")
     try:
-        searched = _searched(path)
+        noexec = os.statvfs(path).f_flag & os.ST_NOEXEC
     except OSError:
-        return None
-    for d in searched:
-        try:
-            dst = os.stat(d)
-        except OSError:
-            return None
-        # One whose ACL cannot be judged is passed over: one further on that refuses the
-        # user refuses them whatever that one says.
-        if refused := _refusal(d, dst, user):
-            return (f"directory {d} ({refused[0]}) is not searchable by {who}; in the image, "
-                    f"{refused[1]}, or put CMD where that user can reach it")
-    if refused := _refusal(path, st, user):
-        return (f"{path} ({refused[0]}) is not executable by {who}; in the image, "
-                f"{refused[1]}, or give it to that user")
+        raise _CannotTell from None
+    if noexec:
+        mount = _mount_point(path)
+        return errno.EACCES, say(
+            f"is on {mount}, a file system mounted noexec, from which the kernel runs "
+            f"nothing (Permission denied); in the image, put it on another file system, or "
+            f"mount {mount} without noexec")
+    if user is None:
+        if not os.access(path, os.X_OK):
+            return errno.EACCES, say("not executable") if subject is None else (
+                f"{subject} ({_mode(st)}) is not executable; in the image, chmod +x "
+                f"{_shown(path)}")
+    elif refused := _refusal(path, st, user):
+        return errno.EACCES, (f"{subject or path} ({refused[0]}) is not executable by "
+                              f"{_who(user)}; in the image, {refused[1]}, or give it to that "
+                              "user")
     return None
+
+
+def _content_refuses(path: str, user: cmd.Credentials | None,
+                     depth: int) -> tuple[int, str] | None:
+    """What the kernel's loaders (binfmt) make of PATH, which opens for the exec: a #!
+    script's interpreter, a program for another machine or whose loader is missing, a file
+    none of them takes. DEPTH: how many scripts led here."""
+    buf = binfmt.head(path)
+    if buf is None or binfmt.misc_takes(path, buf):
+        raise _CannotTell
+    script = binfmt.script(buf)
+    if isinstance(script, binfmt.Refused):
+        return errno.ENOEXEC, (f"{path} starts with #! but {script.why}: Exec format error; "
+                               "make its first line #! and the interpreter's path "
+                               "(#!/bin/sh)")
+    if isinstance(script, binfmt.Script):
+        return _interpreter_refuses(path, script, user, depth)
+    header = binfmt.elf(buf)
+    if header is None:
+        return errno.ENOEXEC, (
+            f"{path} is neither a program (ELF) nor a script starting with #!: Exec format "
+            "error (CMD is not run through a shell); make its first line #! and its "
+            "interpreter's path (#!/bin/sh), or give the shell as CMD (sh FILE)")
+    if (refused := binfmt.foreign(header)) is not None:
+        return refused.errno, f"{path} {refused.why}"
+    loader = binfmt.interpreter(path, header)
+    if loader is None:
+        return None
+    shown = _shown(os.fsdecode(loader))
+    refused = _open_refuses(os.fsdecode(loader), user, f"its loader {shown}")
+    if refused is None:
+        return None  # (a loader that is no ELF for this machine: ELIBBAD, the exec says)
+    code, why = refused
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return code, (
+            f"{path} is a dynamically linked program whose loader (ELF program interpreter) "
+            f"{shown} is not in this image: {os.strerror(code)}; it was built for another C "
+            "library (glibc, musl): build it on the image's own base, or statically, or add "
+            "that C library to the image")
+    return code, f"{path} is a dynamically linked program, and {why}"
+
+
+def _interpreter_refuses(path: str, script: binfmt.Script, user: cmd.Credentials | None,
+                         depth: int) -> tuple[int, str] | None:
+    """_content_refuses for PATH, a script whose #! line is SCRIPT."""
+    name = os.fsdecode(script.interpreter)
+    shown = _shown(name)
+    refused = _open_refuses(name, user, f"its interpreter {shown}")
+    if refused is None:
+        if depth + 1 > binfmt.MAX_DEPTH:
+            return errno.ELOOP, (
+                f"{path} is a script whose interpreter {shown} is a script too, "
+                f"{binfmt.MAX_DEPTH + 1} deep: more than the kernel follows (Too many levels "
+                "of symbolic links); name a program as the interpreter of one of them")
+        refused = _content_refuses(name, user, depth + 1)
+        if refused is None:
+            return None
+        code, why = refused
+        return code, f"{path} is a script run by {shown} (its #! line), and {why}"
+    code, why = refused
+    if code not in (errno.ENOENT, errno.ENOTDIR):
+        return code, f"{path} is a script, and {why}"
+    if name.endswith("\r"):
+        return code, (
+            f"{path} has Windows (CRLF) line endings: its #! line names the interpreter "
+            f"{shown}, with a carriage return at the end, which does not exist; convert the "
+            f"file to Unix line endings: sed -i 's/\\r$//' {path} (or dos2unix {path})")
+    return code, (f"{path} is a script whose interpreter {shown} (its #! line) is not in "
+                  f"this image: {os.strerror(code)}; install it, or change the #! line")
+
+
+# What an exec's errno means for CMD, said when the exec fails where the early check could
+# not tell (a file `up` may not read, a format a binfmt_misc entry takes, a 32-bit program).
+_EXEC_ERRORS = {
+    errno.ENOENT: "the file, or what it names to run it (a script's #! interpreter, a "
+                  "dynamically linked program's loader, a binfmt_misc entry's interpreter), is "
+                  "not in this image",
+    errno.ENOTDIR: "a directory on its way is a file",
+    errno.EACCES: "it, or its interpreter or loader, is not executable, is on a file system "
+                  "mounted noexec, or is in a directory that cannot be searched",
+    errno.ENOEXEC: "it is neither a program for this machine ({machine}) nor a script "
+                   "starting with #!, and no binfmt_misc entry of this kernel takes it (CMD is "
+                   "not run through a shell); rebuild it for {machine}, or make its first line "
+                   "#! and its interpreter's path",
+    errno.ELIBBAD: "its loader (ELF program interpreter) is not a loader for this machine",
+    errno.ELOOP: "links, or scripts whose interpreter is a script, nested too deep",
+    errno.ETXTBSY: "a process has it open for writing; let that end first",
+    errno.E2BIG: "CMD's arguments and environment are too long together",
+}
+
+
+def _exec_failed(name: str, e: OSError) -> str:
+    """What to say of CMD NAME, whose exec failed with E after the early check passed."""
+    code = e.errno or 0
+    hint = _EXEC_ERRORS.get(code, "").format(machine=os.uname().machine)
+    return f"cannot run {name}: {e.strerror}" + (f"; {hint}" if hint else "")
+
+
+def _shown(name: str) -> str:
+    """NAME as said, what is not printable escaped (a carriage return as \\r)."""
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in name)
+
+
+def _who(user: cmd.Credentials) -> str:
+    who = f"enclave.user ({user.uid}:{user.gid}"
+    return who + (f", groups {','.join(map(str, user.groups))})" if user.groups else ")")
+
+
+def _mount_point(path: str) -> str:
+    """The mount PATH is on: its nearest directory on another device is above it."""
+    here = os.path.realpath(path)
+    dev = os.stat(here).st_dev
+    while (up := os.path.dirname(here)) != here:
+        try:
+            if os.stat(up).st_dev != dev:
+                break
+        except OSError:
+            break
+        here = up
+    return here
 
 
 def _refusal(path: str, st: os.stat_result,
@@ -984,9 +1160,9 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
         except cmd.UserError as e:  # not run as root in its place
             print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
             return 1
-        except OSError as e:  # what _unrunnable cannot see: a script's missing interpreter
-            print(f"wgvsock enclave up: cannot run {command[0]}: {e.strerror}",
-                  file=sys.stderr, flush=True)
+        except OSError as e:  # what _unrunnable could not tell, or what changed since
+            print(f"wgvsock enclave up: {_exec_failed(command[0], e)}", file=sys.stderr,
+                  flush=True)
             if isinstance(e, FileNotFoundError):
                 return 127
             # No process to run it in (fork failed) is ours, not CMD's: no shell's code.
