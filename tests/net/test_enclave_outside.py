@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .netlab import Lab, Namespace, wait_for
+from .netlab import Lab, Namespace, run, wait_for
 from .test_ipv6 import DUAL_STACK_HEAD
 from .test_roles import UNIX_TRANSPORT, WGVSOCK, World
 
@@ -136,6 +136,38 @@ def test_a_namespace_with_a_default_route_is_refused_and_left_as_it_was(
     assert f"{change} and overwrite /etc/resolv.conf" in message, message
     assert "--outside-enclave" in message, message
     assert not (lab.tmp / "run").exists() or not any((lab.tmp / "run").iterdir())
+
+
+def test_a_namespace_that_shares_the_machine_s_resolv_conf_is_refused(lab: Lab) -> None:
+    """`ip netns exec NS` binds /etc/netns/NS/resolv.conf over /etc/resolv.conf only when that
+    file exists. Without one, a namespace made on a host has no default route, so the check
+    above let `up` through, and it wrote the profile's nameservers into the host's own
+    /etc/resolv.conf (the development machine's still said "written by wgvsock enclave up").
+    Here /etc is an overlay in a mount namespace of the test's, so that nothing `up` might write
+    reaches the machine's /etc; /etc/resolv.conf is no mount of its own there, as on a host."""
+    ns = lab.netns("s")
+    assert not (Path("/etc/netns") / ns.name).exists()
+    profile = lab.tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
+    env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
+    upper, work = lab.tmp / "upper", lab.tmp / "work"
+    upper.mkdir()
+    work.mkdir()
+    res = run("unshare", "--mount", "--propagation", "private", "sh", "-c",
+              'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$0,workdir=$1" /etc '
+              '&& shift && exec "$@"', str(upper), str(work),
+              "ip", "netns", "exec", ns.name, WGVSOCK, "enclave", "up", "--profile",
+              str(profile), "--timeout", "3", "--", "true", env=env, check=False, timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    message = " ".join(res.stderr.split())
+    assert message.startswith(
+        f"wgvsock enclave up: refusing to start: this process runs in network namespace "
+        f"'{ns.name}' (`ip netns exec {ns.name}`), but /etc/resolv.conf here is the "
+        "machine's own"), message
+    assert f"write /etc/netns/{ns.name}/resolv.conf" in message, message
+    assert list(upper.iterdir()) == []  # nothing written to /etc
+    assert "wg0" not in ns.ip("-o", "link", "show").stdout
 
 
 def test_outside_enclave_comes_up_over_a_default_route_and_puts_resolv_conf_back(

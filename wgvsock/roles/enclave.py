@@ -34,6 +34,7 @@ from ..conn.stream import redial_backoff
 from ..core.crypto import dh, generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
+from ..mountinfo import is_mount_point
 from ..nodump import forbid_core_dumps
 from ..safetext import error
 from ..services import firewall
@@ -58,6 +59,9 @@ from .common import (
 )
 
 log = logging.getLogger("wgvsock.enclave")
+
+# Where `ip netns` names network namespaces (iproute2's NETNS_RUN_DIR).
+NETNS_RUN_DIR = "/run/netns"
 
 HANDSHAKE_TIMEOUT = 60.0
 PERSISTENT_KEEPALIVE = 25
@@ -616,11 +620,43 @@ class Enclave:
 
         Run on a host by mistake (an EC2 parent, where wgvsock is installed too), `start`
         would take its default route and resolv.conf, and with them its SSH session and its
-        own traffic. An enclave has only lo until then."""
+        own traffic. An enclave has only lo until then. Refused too, with enclave.dns, where
+        resolv.conf is the machine's own file in a namespace of `ip netns`'s
+        (_shared_resolv_conf)."""
         defaults = netconf.default_routes()
         if defaults and not self.outside_enclave:
             raise EnclaveError(self._not_an_enclave(defaults))
+        if self.profile.enclave.dns and (name := self._shared_resolv_conf()) is not None:
+            raise EnclaveError(
+                f"refusing to start: this process runs in network namespace {name!r} (`ip "
+                f"netns exec {name}`), but {self.resolv_conf} here is the machine's own: "
+                "writing the profile's enclave.dns there would change the DNS of the whole "
+                "machine, and for good should `enclave up` be killed. Give the namespace one "
+                f"of its own (mkdir -p /etc/netns/{name} and write "
+                f"/etc/netns/{name}/resolv.conf, which `ip netns exec` puts over "
+                f"{self.resolv_conf}), or leave enclave.dns out of the profile.")
         return defaults
+
+    def _shared_resolv_conf(self) -> str | None:
+        """The name of the network namespace `ip netns` put this process in, when
+        resolv.conf is not a mount of its own there, else None. `ip netns exec NS` binds
+        /etc/netns/NS/resolv.conf over it only when that file exists; without one, a namespace
+        made on a host (no default route, so refuse_a_host's first check passes) shares the
+        host's /etc/resolv.conf. An enclave's namespace, or a container's, has no name under
+        /run/netns (and docker mounts the container's own resolv.conf)."""
+        try:
+            ours = os.stat("/proc/self/ns/net")
+            names = os.listdir(NETNS_RUN_DIR)
+        except OSError:
+            return None
+        for name in names:
+            try:
+                st = os.stat(os.path.join(NETNS_RUN_DIR, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+                return None if is_mount_point(self.resolv_conf) else name
+        return None
 
     def start(self) -> None:
         p = self.profile
