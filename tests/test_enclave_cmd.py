@@ -1408,6 +1408,15 @@ def _with_loader(src: str, dst: Path, loader: str) -> Path:
     return _file(dst, bytes(data))
 
 
+@pytest.fixture(autouse=True)
+def _no_binfmt_misc_unseen(monkeypatch) -> None:
+    """As in an enclave: no binfmt_misc entry this process cannot see may take what it
+    execs (binfmt._misc_unseen), so that what the kernel's own loaders refuse is judged.
+    True of this machine too, where none is mounted and so none registered (a test that
+    registers one does it in a user namespace of its own); a subprocess judges for itself."""
+    monkeypatch.setattr(enclave_mod.binfmt, "_misc_unseen", lambda: False)
+
+
 @pytest.fixture
 def place() -> Iterator[Path]:
     """A directory, with a short name (a loader's path must fit where the old one was), that
@@ -1707,6 +1716,49 @@ def test_a_format_a_binfmt_misc_entry_takes_is_left_to_the_exec(monkeypatch, pla
     assert enclave_mod._unrunnable([str(text)]) is not None
 
 
+def _in_a_user_namespace_with_a_binfmt_misc_entry(place: Path, magic: bytes, mask: bytes,
+                                                  lines: list[str]) -> list:
+    """_ON_NOEXEC's [check, exec] for each of LINES, run in a user namespace of its own whose
+    binfmt_misc (one per user namespace since Linux 6.7) has an entry for MAGIC under MASK,
+    run by /bin/true, and in a mount namespace where that binfmt_misc is not mounted: as a
+    container sees none of its host's mounts while the host's entries run its programs. The
+    entry is the namespace's alone and goes with it: nothing of this machine's changes."""
+    misc = place / "misc"
+    misc.mkdir()
+    magic_, mask_ = ("".join(f"\\x{b:02x}" for b in bs) for bs in (magic, mask))
+    register = f":wgvsock-test:M::{magic_}:{mask_}:/bin/true:"
+    setup = ('mount -t binfmt_misc binfmt_misc "$0" || exit 77; printf %s "$1" > "$0/register"'
+             ' || exit 78; shift; unshare --mount --propagation private sh -c '
+             '\'umount "$0" && exec "$@"\' "$@"')
+    res = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private", "sh",
+         "-c", setup, str(misc), register, str(misc), sys.executable, "-c", _ON_NOEXEC,
+         str(place), *lines],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    if res.returncode == 77:
+        pytest.skip(f"binfmt_misc cannot be mounted in a user namespace here: {res.stderr}")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_a_format_an_unseen_binfmt_misc_entry_takes_is_left_to_the_exec(place) -> None:
+    """Before: in a container, where the host's binfmt_misc is not mounted, a program for
+    another machine was refused (126) as no entry there could take it; but the host's
+    entries (qemu-user-static's, Docker Desktop's qemu or Rosetta) take it all the same, and
+    the exec runs it: an app that would have run was stopped. Now, with binfmt_misc in the
+    kernel and not mounted where `up` can see it, what only a binfmt_misc entry could run
+    (the kernel's ENOEXEC) is left to the exec; a missing interpreter is still said."""
+    machine, _ = _other_machine()
+    app = _file(place / "app", _elf_header(machine))
+    script = _file(place / "script", "#!/nonexistent/sh\n")
+    mask = b"\xff" * 7 + b"\x00" + b"\xff" * 8 + b"\xfe\xff\xff\xff"
+    ran, missing = _in_a_user_namespace_with_a_binfmt_misc_entry(
+        place, _elf_header(machine)[:20], mask, [f" {app}", f" {script}"])
+    assert ran == [None, None], ran  # the exec ran it, through the entry it cannot see
+    said, got = missing
+    assert got == errno.ENOENT and said is not None and said[0] == 127, missing
+
+
 @pytest.mark.parametrize("how", ["crlf", "elf"])
 @pytest.mark.root
 def test_enclave_up_refuses_such_a_cmd_in_one_line_before_any_tunnel(place, how) -> None:
@@ -1722,11 +1774,18 @@ def test_enclave_up_refuses_such_a_cmd_in_one_line_before_any_tunnel(place, how)
     else:
         app = _file(place / "app", _elf_header(_other_machine()[0]))
         want = (126, None)
+    # In a user namespace with a binfmt_misc of its own mounted, and no entry in it: else the
+    # check could not tell that no unseen entry takes the program for another machine.
+    (place / "misc").mkdir()
     res = subprocess.run(
-        ["unshare", "--net", "setpriv", "--bounding-set", "-net_admin", "--inh-caps",
+        ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private", "sh",
+         "-c", 'mount -t binfmt_misc binfmt_misc "$0" || exit 77; exec "$@"', str(place / "misc"),
+         "unshare", "--net", "setpriv", "--bounding-set", "-net_admin", "--inh-caps",
          "-net_admin", sys.executable, "-m", "wgvsock.cli", "enclave", "up", "--profile",
          str(PROFILE), "--timeout", "5", "--", str(app)],
         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    if res.returncode == 77:
+        pytest.skip(f"binfmt_misc cannot be mounted in a user namespace here: {res.stderr}")
     assert res.returncode == want[0], res.stderr
     assert len(res.stderr.splitlines()) == 1, res.stderr
     assert "Exec format error" in res.stderr if want[1] is None else res.stderr == want[1]

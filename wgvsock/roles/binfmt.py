@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import sys
 from dataclasses import dataclass
@@ -238,16 +239,39 @@ def _misc_dir() -> str | None:
     return None
 
 
-def misc_takes(path: str, buf: bytes) -> bool:
+# The Nitro Secure Module's device: there only in an enclave.
+NSM_DEVICE = "/dev/nsm"
+
+
+def _misc_unseen() -> bool:
+    """Whether binfmt_misc entries this process cannot see may take what it execs: the kernel
+    has binfmt_misc, none is mounted where this process sees it, and this is no enclave. A
+    container sees none of its host's mounts, yet the host's entries (qemu-user-static's,
+    Docker Desktop's qemu or Rosetta) run its programs. Entries are registered only through
+    a mount of binfmt_misc, and in an enclave no one makes one: its kernel is its own and
+    its init mounts none. A kernel without binfmt_misc has none either."""
+    try:
+        with open("/proc/filesystems") as f:
+            if not any(line.split()[-1:] == ["binfmt_misc"] for line in f):
+                return False
+    except OSError:
+        return True
+    try:
+        return not stat.S_ISCHR(os.stat(NSM_DEVICE).st_mode)
+    except OSError:
+        return True
+
+
+def misc_takes(path: str, buf: bytes) -> bool | None:
     """Whether a binfmt_misc entry may take PATH, whose first bytes are BUF: an enabled
     entry whose magic (under its mask, at its offset) or extension matches, as
-    binfmt_misc's check_file matches; or entries that cannot be read. Not mounted here,
-    none are known: in an enclave nothing registers any (its own kernel, no one to mount
-    binfmt_misc), and a container whose host's entries apply but are hidden from it is
-    judged without them."""
+    binfmt_misc's check_file matches; or entries that cannot be read. None when entries
+    may apply that cannot be seen from here (_misc_unseen): only the exec can tell whether
+    one takes PATH. Not mounted here and none unseen (an enclave, a kernel without
+    binfmt_misc), no entry takes it."""
     where = _misc_dir()
     if where is None:
-        return False
+        return None if _misc_unseen() else False
     try:
         with open(os.path.join(where, "status")) as f:
             if f.read().strip() == "disabled":

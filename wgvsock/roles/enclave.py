@@ -284,8 +284,19 @@ def _content_refuses(path: str, user: cmd.Credentials | None,
     script's interpreter, a program for another machine or whose loader is missing, a file
     none of them takes. DEPTH: how many scripts led here."""
     buf = binfmt.head(path)
-    if buf is None or binfmt.misc_takes(path, buf):
+    if buf is None or (misc := binfmt.misc_takes(path, buf)):
         raise _CannotTell
+    refused = _loaders_refuse(path, buf, user, depth)
+    # What no loader of the kernel's own takes (ENOEXEC) is what binfmt_misc entries are
+    # for: one that cannot be seen from here (a container's host's) may run it.
+    if misc is None and refused is not None and refused[0] == errno.ENOEXEC:
+        raise _CannotTell
+    return refused
+
+
+def _loaders_refuse(path: str, buf: bytes, user: cmd.Credentials | None,
+                    depth: int) -> tuple[int, str] | None:
+    """_content_refuses for PATH, whose first bytes are BUF, by the kernel's own loaders."""
     script = binfmt.script(buf)
     if isinstance(script, binfmt.Refused):
         return errno.ENOEXEC, (f"{path} starts with #! but {script.why}: Exec format error; "
