@@ -1644,6 +1644,35 @@ def test_a_cmd_on_a_noexec_mount_is_refused(place) -> None:
     assert not (mnt / "app").exists()  # the mount went with its namespace
 
 
+@pytest.mark.root
+def test_a_noexec_bind_mount_is_named_not_the_file_system_under_it(place) -> None:
+    """Before: a directory bind-mounted noexec on its own file system (systemd's
+    NoExecPaths=; `mount --bind D D` then `mount -o remount,bind,noexec D`) was said to be on
+    the mount of that file system (/ here), and "mount / without noexec" given as the fix,
+    which / already is: the nearest directory above the file on another device was taken for
+    its mount. Now the mount it is on, from mountinfo (a name with a blank, which mountinfo
+    escapes, too)."""
+    dirs = [place / "mnt", place / "a mount"]
+    setup = ""
+    for d in dirs:
+        d.mkdir(mode=0o755)
+        shutil.copy("/bin/true", d / "app")
+        setup += f"mount --bind '{d}' '{d}' && mount -o remount,bind,noexec '{d}' && "
+    lines = [f" {d}/app" for d in dirs]
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          setup + 'exec "$@"', "sh", sys.executable, "-c", _ON_NOEXEC,
+                          str(place), *lines],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    for d, (said, got) in zip(dirs, json.loads(res.stdout), strict=True):
+        assert got == errno.EACCES, d
+        assert said == [126, (
+            f"cannot run {d}/app: is on {d}, a file system mounted noexec, from which the "
+            f"kernel runs nothing (Permission denied); in the image, put it on another file "
+            f"system, or mount {d} without noexec")], said
+
+
 @pytest.mark.parametrize("user", _USERS)
 def test_path_is_searched_as_python_s_execvp_searches_it(monkeypatch, place, user) -> None:
     """os.execvp tries every directory of PATH, on any error, and when none runs raises the

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -385,6 +386,11 @@ def _exec_failed(name: str, e: OSError) -> str:
     return f"cannot run {name}: {e.strerror}" + (f"; {hint}" if hint else "")
 
 
+def _unescape_mountinfo(field: str) -> str:
+    """A path as mountinfo has it: space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _shown(name: str) -> str:
     """NAME as said, what is not printable escaped (a carriage return as \\r)."""
     return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in name)
@@ -396,8 +402,23 @@ def _who(user: cmd.Credentials) -> str:
 
 
 def _mount_point(path: str) -> str:
-    """The mount PATH is on: its nearest directory on another device is above it."""
+    """The mount PATH is on: the longest mount point in /proc/self/mountinfo that its real
+    path is under, the last mounted there (the one on top). Not the nearest directory above
+    it on another device: a bind mount (systemd's NoExecPaths=, `mount --bind -o noexec`)
+    is on the device of what holds it, whose mount may well not be noexec. Without
+    mountinfo, that nearest directory all the same."""
     here = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [_unescape_mountinfo(line.split(" ")[4]) for line in f]
+    except (OSError, IndexError):
+        points = []
+    best = ""
+    for point in points:
+        if (here == point or here.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best = point
+    if best:
+        return best
     dev = os.stat(here).st_dev
     while (up := os.path.dirname(here)) != here:
         try:
