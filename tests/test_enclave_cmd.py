@@ -1644,6 +1644,105 @@ def test_a_cmd_on_a_noexec_mount_is_refused(place) -> None:
     assert not (mnt / "app").exists()  # the mount went with its namespace
 
 
+# A FUSE file system of one directory holding one file, app, a copy of a program, served
+# from /dev/fuse by the few requests a lookup, a stat and an exec make; mounted with
+# allow_other, and default_permissions when asked. Argv: the mount point, the program, the
+# directory's mode and the file's (octal), "default_permissions" or "", then the check's
+# user as UID:GID. Prints the check's word and the exec's errno, as JSON.
+_ON_FUSE = r"""
+import ctypes, errno, json, os, struct, sys, threading
+from wgvsock.roles import cmd, enclave
+target, source, dmode, fmode, extra, ids = sys.argv[1:7]
+data = open(source, "rb").read()
+fd = os.open("/dev/fuse", os.O_RDWR)
+libc = ctypes.CDLL(None, use_errno=True)
+opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other{',' + extra if extra else ''}"
+if libc.mount(b"wgvsock-test", target.encode(), b"fuse.wgvsock-test", 0, opts.encode()) != 0:
+    sys.exit(f"mount: {os.strerror(ctypes.get_errno())}")
+ATTR = "<QQQQQQIIIIIIIIII"  # fuse_attr
+def attr(node):
+    if node == 1:
+        return struct.pack(ATTR, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0o40000 | int(dmode, 8), 2, 0, 0, 0,
+                           4096, 0)
+    return struct.pack(ATTR, 2, len(data), (len(data) + 511) // 512, 0, 0, 0, 0, 0, 0,
+                       0o100000 | int(fmode, 8), 1, 0, 0, 0, 4096, 0)
+def serve():
+    while True:
+        try:
+            req = os.read(fd, 1 << 20)
+        except OSError as e:
+            if e.errno in (errno.EINTR, errno.ENOENT):
+                continue
+            return  # unmounted
+        length, op, unique, node = struct.unpack_from("<IIQQ", req)
+        body, err, out = req[40:length], 0, b""
+        if op == 26:  # INIT: protocol 7.31, no options
+            out = struct.pack("<IIIIHHIIHHII", 7, 31, 0, 0, 0, 0, 4096, 1, 0, 0, 0, 0) + bytes(24)
+        elif op == 1:  # LOOKUP
+            if node == 1 and body.split(b"\0", 1)[0] == b"app":
+                out = struct.pack("<QQQQII", 2, 0, 1, 1, 0, 0) + attr(2)
+            else:
+                err = errno.ENOENT
+        elif op == 3:  # GETATTR
+            out = struct.pack("<QII", 1, 0, 0) + attr(node)
+        elif op == 14:  # OPEN
+            out = struct.pack("<QII", 0, 0, 0)
+        elif op == 15:  # READ
+            _, offset, size = struct.unpack_from("<QQI", body)
+            out = data[offset:offset + size]
+        elif op == 17:  # STATFS
+            out = struct.pack("<QQQQQIIII", 0, 0, 0, 0, 0, 4096, 255, 4096, 0) + bytes(24)
+        elif op in (2, 36, 42):  # FORGET, INTERRUPT, BATCH_FORGET: no answer
+            continue
+        elif op not in (18, 25, 34):  # RELEASE, FLUSH, ACCESS: done
+            err = errno.ENOSYS  # (xattrs among them: no ACL, no file capabilities)
+        with __import__("contextlib").suppress(OSError):
+            os.write(fd, struct.pack("<IiQ", 16 + len(out), -err, unique) + out)
+threading.Thread(target=serve, daemon=True).start()
+user = cmd.Credentials(*map(int, ids.split(":")))
+app = os.path.join(target, "app")
+said = enclave._unrunnable([app], user)
+try:
+    cmd.start([app], user).wait(30)
+    got = None
+except OSError as e:
+    got = e.errno
+libc.umount2(target.encode(), 2)
+print(json.dumps([said, got]))
+"""
+
+
+@pytest.mark.parametrize("options", ["", "default_permissions"])
+@pytest.mark.root
+def test_a_fuse_file_system_s_own_permission_is_left_to_the_exec(place, options) -> None:
+    """Before: on a file system that judges access itself, the mode bits `up` reads were
+    taken for the kernel's word: a FUSE file system mounted without default_permissions
+    (sshfs, s3fs, a FUSE volume), where the kernel lets anyone search a directory and run
+    a file with any x bit, NFS, whose server judges (an EFS access point's own identity,
+    NFSv4 owners shown as nobody), SMB or 9p. A directory and a file of root's, 0700 both,
+    were refused for enclave.user, whose exec ran the file. Now such a file system's
+    refusals are left to the exec; with default_permissions the kernel reads the mode bits,
+    and so does the check (both refuse). A FUSE file system served here, in a mount
+    namespace of its own."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mnt = place / "fuse"
+    mnt.mkdir(mode=0o755)
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", _ON_FUSE, str(mnt), "/bin/true", "700", "700", options,
+                          "4242:4243"],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    said, got = json.loads(res.stdout)
+    if options:
+        assert got == errno.EACCES
+        assert said == [126, (f"cannot run {mnt}/app: directory {mnt} (mode 0700, owner 0:0) "
+                              "is not searchable by enclave.user (4242:4243); in the image, "
+                              f"chmod o+x {mnt}, or put CMD where that user can reach it")]
+    else:
+        assert (said, got) == (None, None)
+
 @pytest.mark.root
 def test_a_noexec_bind_mount_is_named_not_the_file_system_under_it(place) -> None:
     """Before: a directory bind-mounted noexec on its own file system (systemd's

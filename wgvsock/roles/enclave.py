@@ -386,6 +386,49 @@ def _exec_failed(name: str, e: OSError) -> str:
     return f"cannot run {name}: {e.strerror}" + (f"; {hint}" if hint else "")
 
 
+def _mount_of(path: str) -> tuple[str, str, list[str]] | None:
+    """The mount PATH is on, as (mount point, file system type, its super options): the
+    longest mount point in /proc/self/mountinfo that its real path is under, the last
+    mounted there (the one on top). None without mountinfo."""
+    here = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    best: tuple[str, str, list[str]] | None = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, fs = left.split(" "), right.split(" ")
+        if len(fields) < 5 or len(fs) < 3:
+            continue
+        point = _unescape_mountinfo(fields[4])
+        if ((here == point or here.startswith(point.rstrip("/") + "/"))
+                and (best is None or len(point) >= len(best[0]))):
+            best = point, fs[0], fs[2].split(",")
+    return best
+
+
+# File systems that judge a user's access themselves, not by the mode bits and ACL `up`
+# reads: the server (NFS, SMB, 9p, AFS: its owners and ACLs, which the client's view may not
+# show, as an EFS access point's own identity or NFSv4's unmapped owners), or a FUSE file
+# system's own code unless it is mounted default_permissions (the kernel then asks only
+# that a file to run have some x bit).
+_OWN_PERMISSIONS = frozenset({"nfs", "nfs4", "cifs", "smb3", "9p", "afs"})
+_FUSE = frozenset({"fuse", "fuseblk", "virtiofs"})
+
+
+def _mode_decides(path: str) -> bool:
+    """Whether the kernel judges a user's access to PATH by its mode bits and ACL alone."""
+    mount = _mount_of(path)
+    if mount is None:
+        return True
+    _, kind, options = mount
+    if kind in _FUSE or kind.startswith("fuse."):
+        return "default_permissions" in options
+    return kind not in _OWN_PERMISSIONS
+
+
 def _unescape_mountinfo(field: str) -> str:
     """A path as mountinfo has it: space, tab, newline and backslash as octal escapes."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
@@ -402,23 +445,13 @@ def _who(user: cmd.Credentials) -> str:
 
 
 def _mount_point(path: str) -> str:
-    """The mount PATH is on: the longest mount point in /proc/self/mountinfo that its real
-    path is under, the last mounted there (the one on top). Not the nearest directory above
-    it on another device: a bind mount (systemd's NoExecPaths=, `mount --bind -o noexec`)
-    is on the device of what holds it, whose mount may well not be noexec. Without
-    mountinfo, that nearest directory all the same."""
+    """The mount PATH is on (_mount_of). Not the nearest directory above it on another
+    device: a bind mount (systemd's NoExecPaths=, `mount --bind -o noexec`) is on the device
+    of what holds it, whose mount may well not be noexec. Without mountinfo, that nearest
+    directory all the same."""
+    if (mount := _mount_of(path)) is not None:
+        return mount[0]
     here = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            points = [_unescape_mountinfo(line.split(" ")[4]) for line in f]
-    except (OSError, IndexError):
-        points = []
-    best = ""
-    for point in points:
-        if (here == point or here.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best = point
-    if best:
-        return best
     dev = os.stat(here).st_dev
     while (up := os.path.dirname(here)) != here:
         try:
@@ -435,7 +468,10 @@ def _refusal(path: str, st: os.stat_result,
     """If USER may not execute or search PATH: its mode, owner and ACL, and what lets the
     user in. None when they may, or its ACL cannot be read or judged. With an ACL, a chmod
     of the group's bits changes the mask, and the others' bits may not be asked: an entry
-    of the user's own is, and setfacl -m works the mask out again to let it through."""
+    of the user's own is, and setfacl -m works the mask out again to let it through. None
+    too on a file system that judges access itself (_mode_decides): only the exec can say."""
+    if not _mode_decides(path):
+        return None
     entries = cmd.acl(path)
     if entries is None or cmd.permits(st, entries, user, os.X_OK) is not False:
         return None
