@@ -1557,6 +1557,48 @@ def test_a_program_for_another_machine_is_refused_naming_both(place, user) -> No
         _agrees([str(app)], user)[1]
 
 
+def _exit_0(bits: int, machine: int, e_type: int) -> bytes:
+    """The smallest program that exits 0 at once: an ELF header, one PT_LOAD of the whole
+    file, and the exit system call (x86: int 0x80, eax 1; x86_64: syscall, eax 60); static,
+    no PT_INTERP. BITS 32 for ELFCLASS32 (i386 with EM_386, x32 with EM_X86_64)."""
+    if bits == 32:
+        code = b"\xb8\x01\x00\x00\x00\x31\xdb\xcd\x80"
+        base, start = 0x08048000 if e_type == 2 else 0, 52 + 32
+        head = b"\x7fELF\x01\x01\x01" + bytes(9) + struct.pack(
+            "<HHIIIIIHHHHHH", e_type, machine, 1, base + start, 52, 0, 0, 52, 32, 1, 0, 0, 0)
+        phdr = struct.pack("<IIIIIIII", 1, 0, base, base, start + len(code),
+                           start + len(code), 5, 0x1000)
+    else:
+        code = b"\xb8\x3c\x00\x00\x00\x31\xff\x0f\x05"
+        base, start = 0x400000 if e_type == 2 else 0, 64 + 56
+        head = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
+            "<HHIQQQIHHHHHH", e_type, machine, 1, base + start, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+        phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, start + len(code),
+                           start + len(code), 0x1000)
+    return head + phdr + code
+
+
+@pytest.mark.parametrize("user", _USERS)
+@pytest.mark.parametrize(("bits", "machine", "e_type"), [
+    (64, 62, 3),  # static-pie: ET_DYN with no loader
+    (64, 62, 2),  # static
+    (32, 3, 2),  # i386, which an x86_64 kernel runs with IA32 emulation
+    (32, 62, 2),  # x32, which it runs with CONFIG_X86_X32_ABI
+], ids=["static-pie", "static", "i386", "x32"])
+def test_static_and_32_bit_programs_are_never_refused(place, user, bits, machine,
+                                                      e_type) -> None:
+    """Claims nothing tested: a program with no PT_INTERP (static, or static-pie: ET_DYN
+    like a shared object) is not taken for one whose loader is missing; and a 32-bit program
+    for this machine's family (i386, x32), which only the exec can tell this kernel runs, is
+    left to it, never refused. Compared with a real exec where it runs."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("x86 programs")
+    app = _file(place / "app", _exit_0(bits, machine, e_type))
+    assert enclave_mod._unrunnable([str(app)], user) is None
+    if _exec_says([str(app)], user) is None or bits == 64:  # runs: the exec agrees
+        assert _agrees([str(app)], user) is None
+
+
 @pytest.mark.parametrize("user", _USERS)
 def test_a_program_whose_loader_is_missing_is_refused_naming_the_loader(place, user) -> None:
     """Before: a program linked against glibc in an image with musl's loader only (Alpine),
