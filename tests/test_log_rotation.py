@@ -174,3 +174,25 @@ def test_a_renamed_directory_not_made_again_is_said_once_and_the_old_file_kept(
     log.path.parent.mkdir(mode=0o755)
     log.write("back")
     assert log.path.read_text() == "WARNING back\n"
+
+
+def test_a_refusal_after_the_path_led_back_to_the_file_held_is_said_again(
+        log: Log, tmp_path: Path) -> None:
+    """The log's directory renamed away (said), then back, so that the path names the file
+    written to again; renamed away again later within the hour: a new time it cannot be
+    followed, said again. Before, the first refusal was still taken as the one said last,
+    the path leading back to the file held not counting as an end to it: the second went
+    unsaid, the log staying in a file no one looks for."""
+    log.write("one")
+    old = tmp_path / "logs.old"
+    log.path.parent.rename(old)
+    log.write("two")
+    old.rename(log.path.parent)  # back: the path names the file held
+    log.write("three")
+    log.path.parent.rename(old)
+    log.write("four")
+    lines = (old / "wg.log").read_text().splitlines()
+    refusals = [line for line in lines if line.startswith("ERROR ")]
+    assert len(refusals) == 2, lines
+    assert lines == ["WARNING one", refusals[0], "WARNING two", "WARNING three", refusals[1],
+                     "WARNING four"]

@@ -688,6 +688,9 @@ class LogFollower(logging.Filter):
                     named = None
                 if named is not None and (named.st_dev, named.st_ino) == (
                         held.st_dev, held.st_ino):
+                    # (Led back to it: a refusal said before is over, and one that comes
+                    # again is new, to be said.)
+                    self._said = None
                     return None
                 self._reopen()
             except (LogPathError, OSError) as e:
