@@ -206,7 +206,8 @@ def test_a_freeze_during_the_grace_after_sigterm_is_not_counted(tmp_path: Path) 
 @pytest.mark.parametrize(("command", "code", "says"), [
     (["/nonexistent/app"], 127, "cannot run /nonexistent/app: No such file or directory"),
     (["no-such-app-here"], 127, "cannot run no-such-app-here: not found in PATH"),
-    (["{tmp}/data.txt"], 126, "cannot run {tmp}/data.txt: not executable"),
+    (["{tmp}/data.txt"], 126, "cannot run {tmp}/data.txt: not executable (mode 0644, owner "
+     "{owner}); in the image, chmod +x {tmp}/data.txt"),
     (["{tmp}"], 126, "cannot run {tmp}: is a directory"),
 ])
 def test_a_cmd_that_cannot_be_run_is_refused_before_the_tunnel_comes_up(
@@ -215,9 +216,11 @@ def test_a_cmd_that_cannot_be_run_is_refused_before_the_tunnel_comes_up(
     registration and an attestation), and then `enclave up` exited 1, as it does when the
     parent never answers. Now the shell's codes, 127 (not found) and 126 (not runnable), at
     once."""
-    (tmp_path / "data.txt").write_text("not a program\n")
+    data = tmp_path / "data.txt"
+    data.write_text("not a program\n")
+    data.chmod(0o644)
     command = [a.format(tmp=tmp_path) for a in command]
-    says = says.format(tmp=tmp_path)
+    says = says.format(tmp=tmp_path, owner=f"{data.stat().st_uid}:{data.stat().st_gid}")
     started: list[bool] = []
     monkeypatch.setattr(enclave_mod.Enclave, "start", lambda self: started.append(True))
     monkeypatch.setattr(enclave_mod.Enclave, "wait_connected", lambda self, t: None)
@@ -1550,7 +1553,11 @@ def test_a_program_for_another_machine_is_refused_naming_both(place, user) -> No
                          f"or run it on an {name} instance")
     # This machine's, in the other byte order: a machine no loader here knows either.
     _file(app, _elf_header(_native_machine(), order=">"))
-    assert "(64-bit big-endian), and this machine is" in _agrees([str(app)], user)[1]
+    # (Not "run it on an instance" of the machine it is.)
+    assert _agrees([str(app)], user)[1].endswith(
+        f"{app} is a program for {here} (64-bit big-endian), and this machine runs "
+        f"little-endian {here} programs only: Exec format error; build it little-endian "
+        f"(docker build --platform {platform})")
     # This machine's, but an object file, not a program.
     _file(app, _elf_header(_native_machine(), e_type=1))
     assert "is an ELF file a relocatable object (.o), not a program: Exec format error" in \

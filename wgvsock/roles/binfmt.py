@@ -171,6 +171,12 @@ def foreign(header: Elf) -> Refused | None:
     if header.e_machine in _COMPAT.get(own.e_machine, ()):
         return None
     platform = _MACHINES.get(own.e_machine, ("", machine))[1]
+    if header.machine == own.e_machine:  # this machine's, in the other byte order
+        order = {ELFDATA2LSB: "little-endian", ELFDATA2MSB: "big-endian"}.get(own.data, "")
+        return Refused(errno.ENOEXEC, f"is a program for {header.describe}, and this machine "
+                                      f"runs {order} {machine} programs only: Exec format "
+                                      f"error; build it {order} (docker build --platform "
+                                      f"{platform})")
     theirs = _MACHINES.get(header.machine, (None, None))[0]
     instance = f"an {theirs} instance" if theirs else "a machine of its kind"
     return Refused(errno.ENOEXEC, f"is a program for {header.describe}, and this machine is "

@@ -269,9 +269,10 @@ def _open_refuses(path: str, user: cmd.Credentials | None,
             f"mount {mount} without noexec")
     if user is None:
         if not os.access(path, os.X_OK):
-            return errno.EACCES, say("not executable") if subject is None else (
-                f"{subject} ({_mode(st)}) is not executable; in the image, chmod +x "
-                f"{_shown(path)}")
+            return errno.EACCES, (
+                f"not executable ({_mode(st)}); in the image, chmod +x {_shown(path)}"
+                if subject is None else f"{subject} ({_mode(st)}) is not executable; in the "
+                f"image, chmod +x {_shown(path)}")
     elif refused := _refusal(path, st, user):
         return errno.EACCES, (f"{subject or path} ({refused[0]}) is not executable by "
                               f"{_who(user)}; in the image, {refused[1]}, or give it to that "
