@@ -1635,6 +1635,39 @@ def test_a_program_whose_loader_is_missing_is_refused_naming_the_loader(place, u
     assert _agrees([str(app)], user) is None
 
 
+@pytest.mark.parametrize("user", _USERS)
+def test_relative_interpreters_and_loaders_are_found_from_the_working_directory(
+        monkeypatch, place, user) -> None:
+    """Claims nothing tested: the kernel opens a #! line's relative interpreter, and a
+    program's relative PT_INTERP, from the working directory of the exec (CMD's, `up`'s), not
+    from the file's own: found there, it runs; from elsewhere, ENOENT (127)."""
+    (place / "bin").mkdir(mode=0o755)
+    shutil.copy("/bin/true", place / "bin" / "true")
+    real = re.search(rb"/lib[^\0]*/ld-[^\0]*\.so\.[0-9]", Path("/bin/true").read_bytes())
+    assert real is not None
+    shutil.copy(real.group().decode(), place / "bin" / "ld")
+    script = _file(place / "bin" / "script", "#!bin/true\n")
+    program = _with_loader("/bin/true", place / "bin" / "program", "bin/ld")
+    monkeypatch.chdir(place)
+    for app in (script, program):
+        assert _agrees([str(app)], user) is None, app
+    monkeypatch.chdir(place / "bin")
+    for app in (script, program):
+        said = _agrees([str(app)], user)
+        assert said is not None and said[0] == 127 and " bin/" in said[1], said
+
+
+@pytest.mark.parametrize("user", _USERS)
+def test_a_program_cmd_s_user_may_run_but_not_read_is_not_refused(place, user) -> None:
+    """A claim nothing tested: the exec of a program (ELF) needs only the x bit, not read
+    permission, which `up` (root) has to look at it: mode 0711 and 0111 run, as the exec
+    says."""
+    for mode in (0o711, 0o111):
+        shutil.copy("/bin/true", place / "app")
+        (place / "app").chmod(mode)
+        assert _agrees([str(place / "app")], user) is None, oct(mode)
+
+
 # Argv: the noexec mount's directory, then per line UID:GID ("" for root) and CMD: prints the
 # check's word and the exec's errno for each, as JSON.
 _ON_NOEXEC = r"""
