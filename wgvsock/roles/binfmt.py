@@ -17,6 +17,8 @@ import struct
 import sys
 from dataclasses import dataclass
 
+from ..mountinfo import mounts
+
 # The kernel reads this much of the file first (include/uapi/linux/binfmts.h), zero-padded
 # when the file is shorter: the #! line, the ELF header and binfmt_misc's magic are in it.
 BINPRM_BUF_SIZE = 256
@@ -235,14 +237,9 @@ def _misc_dir() -> str | None:
     if os.path.exists("/proc/sys/fs/binfmt_misc/status"):
         return "/proc/sys/fs/binfmt_misc"
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "binfmt_misc":
-                    return left.split(" ")[4].replace("\\040", " ")
+        return next((m.point for m in mounts() if m.fstype == "binfmt_misc"), None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 # The Nitro Secure Module's device: there only in an enclave.

@@ -18,7 +18,6 @@ import errno
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import stat
@@ -35,7 +34,7 @@ from ..conn.stream import redial_backoff
 from ..core.crypto import dh, generate_private_key, key_to_base64, public_key
 from ..device import netconf
 from ..device.device import Device
-from ..mountinfo import is_mount_point
+from ..mountinfo import is_mount_point, mount_of
 from ..nodump import forbid_core_dumps
 from ..safetext import error
 from ..services import firewall
@@ -387,29 +386,6 @@ def _exec_failed(name: str, e: OSError) -> str:
     return f"cannot run {name}: {e.strerror}" + (f"; {hint}" if hint else "")
 
 
-def _mount_of(path: str) -> tuple[str, str, list[str]] | None:
-    """The mount PATH is on, as (mount point, file system type, its super options): the
-    longest mount point in /proc/self/mountinfo that its real path is under, the last
-    mounted there (the one on top). None without mountinfo."""
-    here = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    best: tuple[str, str, list[str]] | None = None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields, fs = left.split(" "), right.split(" ")
-        if len(fields) < 5 or len(fs) < 3:
-            continue
-        point = _unescape_mountinfo(fields[4])
-        if ((here == point or here.startswith(point.rstrip("/") + "/"))
-                and (best is None or len(point) >= len(best[0]))):
-            best = point, fs[0], fs[2].split(",")
-    return best
-
-
 # File systems that judge a user's access themselves, not by the mode bits and ACL `up`
 # reads: the server (NFS, SMB, 9p, AFS: its owners and ACLs, which the client's view may not
 # show, as an EFS access point's own identity or NFSv4's unmapped owners), or a FUSE file
@@ -421,18 +397,13 @@ _FUSE = frozenset({"fuse", "fuseblk", "virtiofs"})
 
 def _mode_decides(path: str) -> bool:
     """Whether the kernel judges a user's access to PATH by its mode bits and ACL alone."""
-    mount = _mount_of(path)
+    mount = mount_of(path)
     if mount is None:
         return True
-    _, kind, options = mount
+    kind, options = mount.fstype, mount.options
     if kind in _FUSE or kind.startswith("fuse."):
         return "default_permissions" in options
     return kind not in _OWN_PERMISSIONS
-
-
-def _unescape_mountinfo(field: str) -> str:
-    """A path as mountinfo has it: space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _shown(name: str) -> str:
@@ -446,12 +417,12 @@ def _who(user: cmd.Credentials) -> str:
 
 
 def _mount_point(path: str) -> str:
-    """The mount PATH is on (_mount_of). Not the nearest directory above it on another
+    """The mount PATH is on (mountinfo.mount_of). Not the nearest directory above it on another
     device: a bind mount (systemd's NoExecPaths=, `mount --bind -o noexec`) is on the device
     of what holds it, whose mount may well not be noexec. Without mountinfo, that nearest
     directory all the same."""
-    if (mount := _mount_of(path)) is not None:
-        return mount[0]
+    if (mount := mount_of(path)) is not None:
+        return mount.point
     here = os.path.realpath(path)
     dev = os.stat(here).st_dev
     while (up := os.path.dirname(here)) != here:
