@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.net.netlab import PREFIX
 from wgvsock.roles.parent import local_checks
 from wgvsock.services.profile import parse_profile
 
@@ -499,3 +500,64 @@ def test_a_read_only_fix_never_says_read_write_paths_of_the_root() -> None:
         "wgvsock-parent@.service only /etc/wgvsock is writable: keep the key there)",
     ], res.stdout
     assert not absent.exists() and not Path(key_at_root).exists()
+
+
+# -- an ingress port a service of the host listens on ------------------------------------------
+
+
+_LISTEN = """\
+import socket, sys, time
+kind = socket.SOCK_STREAM if sys.argv[3] == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(socket.AF_INET, kind)
+s.bind((sys.argv[1], int(sys.argv[2])))
+if kind == socket.SOCK_STREAM:
+    s.listen()
+print("listening", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.root
+def test_an_ingress_port_a_service_of_the_host_listens_on_is_warned_of(lab) -> None:
+    """`parent.ingress: [{listen: 8443}]` on a host whose own service listens on 8443 (or 22,
+    its sshd): the DNAT takes that port on every address but loopback, so once the parent was
+    up other hosts reached the enclave there and the service no more; neither `parent up` nor
+    `parent doctor` said a word. A listener on loopback only is not taken, and is not named."""
+    ns = lab.netns("ing")
+    ns.ip("link", "add", "ing0", "type", "veth", "peer", "name", "ing1")
+    ns.ip("addr", "add", "192.0.2.5/24", "dev", "ing0")
+    for dev in ("ing0", "ing1"):
+        ns.ip("link", "set", dev, "up")
+    ns.ip("route", "add", "default", "via", "192.0.2.1")
+    held = {("0.0.0.0", "8443", "tcp"), ("192.0.2.5", "5353", "udp"), ("127.0.0.1", "8080", "tcp")}
+    for addr, port, proto in held:
+        p = ns.popen(sys.executable, "-c", _LISTEN, addr, port, proto, stdout=subprocess.PIPE)
+        assert p.stdout is not None and p.stdout.readline() == b"listening\n"
+    (lab.tmp / "state").mkdir(mode=0o700)
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(
+        f"name: {PREFIX}ing{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
+        f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
+        "    - {listen: 8443, to: 443}\n    - {listen: 5353, protocol: udp}\n"
+        "    - {listen: 8080}\n    - {listen: 9443}\n")
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
+    said = ("parent.ingress[0] 8443/tcp: python", "(0.0.0.0:8443), which ingress "
+            "forwards to the enclave on every address of the host but loopback: with the "
+            "parent up, other hosts (and this one, at its own addresses) reach the enclave "
+            "there instead of it. Choose another listen port, unless that is meant",
+            "parent.ingress[1] 5353/udp: python", "(192.0.2.5:5353)")
+    res = ns.run(*wgvsock, "doctor", "--profile", str(profile), env=env, check=False)
+    row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
+    assert "WARNING" in row and all(s in row for s in said), res.stdout
+    assert "8080" not in row and "9443" not in row
+    try:
+        res = ns.run(*wgvsock, "up", "--profile", str(profile), env=env, check=False)
+        assert res.returncode == 0, res.stderr
+        warned = [line for line in res.stderr.splitlines() if "parent.ingress" in line]
+        assert len(warned) == 2 and all(line.startswith("warning: ") for line in warned)
+        assert all(s in res.stderr for s in said), res.stderr
+    finally:
+        ns.run(*wgvsock, "down", "--profile", str(profile), env=env, check=False)

@@ -130,7 +130,8 @@ def parent_main(argv: list[str]) -> int:
         # Only a warning: the rest of the tunnel works, and the host may get its route later
         # (an IPv6 default route comes by router advertisement).
         warnings: list[object] = [*check_host_warnings(profile, routes),
-                                  *check_routes(profile, routes)]
+                                  *check_routes(profile, routes),
+                                  *(parent.ingress_port_holders(profile) or [])]
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not args.foreground:
@@ -169,6 +170,7 @@ def doctor(profile) -> int:
         Check,
         connection_limit_check,
         forward_chain_check,
+        ingress_port_check,
         local_checks,
         metrics_port_check,
         parent_key_check,
@@ -190,6 +192,7 @@ def doctor(profile) -> int:
     checks.append(_refusal_log_check(profile))
     checks.append(forward_chain_check(profile))
     checks.append(metrics_port_check(profile))
+    checks.append(ingress_port_check(profile))
     checks.append(connection_limit_check(profile))
     try:
         from ..services.aws import doctor_checks

@@ -336,6 +336,72 @@ def _listener_of(port: int) -> tuple[str, int] | None:
     return (prose(m.group(1), 40), int(m.group(2))) if m else None
 
 
+def ingress_port_holders(profile) -> list[str] | None:
+    """One line for each parent.ingress port a process of this host listens on where the DNAT
+    takes it: at an address of a family the enclave has, not loopback's (ingress passes over
+    127.0.0.0/8 and ::1). That process is cut off at once: every other host, and this one at
+    its own addresses, reaches the enclave there instead (the host's sshd, for port 22).
+    [] when none; None when ss(8) cannot tell."""
+    import ipaddress
+    import subprocess
+
+    versions = {a.version for a in profile.enclave.addresses}
+    lines = []
+    for i, ing in enumerate(profile.parent.ingress):
+        try:
+            res = subprocess.run(["ss", "-Hlnp", "-t" if ing.protocol == "tcp" else "-u",
+                                  f"sport = :{ing.listen}"], capture_output=True, text=True,
+                                 timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if res.returncode != 0:
+            return None
+        for row in res.stdout.splitlines():
+            fields = row.split()
+            if len(fields) < 4:
+                continue
+            host, _, _port = fields[3].rpartition(":")
+            host, _, device = host.strip("[]").partition("%")
+            if device == "lo":
+                continue
+            if host != "*":
+                try:
+                    addr = ipaddress.ip_address(host)
+                except ValueError:
+                    continue
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                    addr = addr.ipv4_mapped
+                if addr.is_loopback or addr.version not in versions:
+                    continue
+            m = re.search(r'users:\(\("((?:[^"\\]|\\.)*)",pid=(\d+)', row)
+            if m and _is_parent_up(int(m.group(2)), profile):
+                continue  # its own (the DNS forwarder at the tunnel's address)
+            who = f"{prose(m.group(1), 40)} (pid {m.group(2)})" if m else "a process"
+            lines.append(
+                f"parent.ingress[{i}] {ing.listen}/{ing.protocol}: {who} listens on that port "
+                f"of this host ({prose(fields[3], 80)}), which ingress forwards to the enclave "
+                "on every address of the host but loopback: with the parent up, other hosts "
+                "(and this one, at its own addresses) reach the enclave there instead of it. "
+                "Choose another listen port, unless that is meant")
+            break
+    return lines
+
+
+def ingress_port_check(profile) -> Check:
+    """parent.ingress against the ports the host's own services listen on. Not in
+    local_checks(): `up` warns rather than refuses, since the profile asks for the port."""
+    if not profile.parent.ingress:
+        return Check("ingress ports", None, "parent.ingress is empty")
+    holders = ingress_port_holders(profile)
+    if holders is None:
+        return Check("ingress ports", None, "cannot tell which ports this host listens on "
+                     "(ss failed)")
+    if holders:
+        return Check("ingress ports", True, "; ".join(holders), warning=True)
+    ports = ", ".join(f"{i.listen}/{i.protocol}" for i in profile.parent.ingress)
+    return Check("ingress ports", True, f"no service of this host listens on {ports}")
+
+
 def _is_parent_up(pid: int, profile) -> bool:
     """Whether PID is this profile's running parent, as its state file records it."""
     try:
