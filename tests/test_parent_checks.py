@@ -561,3 +561,32 @@ def test_an_ingress_port_a_service_of_the_host_listens_on_is_warned_of(lab) -> N
         assert all(s in res.stderr for s in said), res.stderr
     finally:
         ns.run(*wgvsock, "down", "--profile", str(profile), env=env, check=False)
+
+
+@pytest.mark.root
+def test_up_in_the_background_warns_of_a_forward_chain_that_drops_the_tunnel(lab) -> None:
+    """Docker's `ip filter FORWARD` with policy drop drops everything the enclave sends
+    through the parent. `parent up -f` logs that, but `parent up` in the background logged it
+    where nobody looks (nowhere without $WGVSOCK_LOG_FILE): the tunnel came up, said nothing
+    and carried nothing. The launching command prints it now, as it prints the profile's."""
+    ns = lab.netns("fwd")
+    ns.run("nft", "add table ip filter { chain FORWARD { type filter hook forward priority 0; "
+           "policy drop; }; }")
+    (lab.tmp / "state").mkdir(mode=0o700)
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(f"name: {PREFIX}fwd{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
+                       f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n")
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
+    try:
+        res = ns.run(*wgvsock, "up", "--profile", str(profile), env=env, check=False)
+        assert res.returncode == 0, res.stderr
+        assert "warning: profile '" in res.stderr, res.stderr
+        assert ("': ip filter FORWARD has policy drop, with no accept for wg0: the enclave's "
+                "forwarded traffic is dropped there whatever wgvsock's table allows. Accept "
+                "the tunnel before the drop: with Docker, `iptables -I DOCKER-USER -i wg0 -j "
+                "ACCEPT`") in res.stderr, res.stderr
+    finally:
+        ns.run(*wgvsock, "down", "--profile", str(profile), env=env, check=False)

@@ -141,6 +141,9 @@ def parent_main(argv: list[str]) -> int:
                 print(f"warning: {w}", file=sys.stderr)
             if key_warning := parent.key_path_warning(profile.parent.private_key):
                 print(f"warning: {key_warning}", file=sys.stderr)
+            # Docker's FORWARD policy drop, say: the tunnel comes up and carries nothing.
+            if (forward := parent.forward_chain_check(profile)).ok is False:
+                print(f"warning: {named(profile.name)}: {forward.detail}", file=sys.stderr)
             extra = ["-v"] if args.verbose else []
             return spawn_background(
                 ["-m", "wgvsock.cli", "parent", "up", "--profile", args.profile, "-f", *extra],
