@@ -306,3 +306,21 @@ def test_the_readme_names_every_package_make_test_installs() -> None:
         names |= {n for n in found.group(1).split() if not n.startswith("$(")}
     intro = README.split("`make test` installs what it needs", 1)[1].split("creates `.venv`")[0]
     assert {n for n in names if f"`{n}`" not in intro} == set()
+
+
+def test_the_journal_line_parent_readme_waits_for_is_one_the_parent_logs() -> None:
+    """parent/README.md's install ends in `journalctl -f`, waiting for a line "parent payments
+    up on wg0 ...", which no release logged: the parent says "the parent of profile
+    'payments' is up on wg0 (...)". Its start line, as `up` logs it for the example profile."""
+    from wgvsock.roles import parent
+
+    text = (ROOT / "parent" / "README.md").read_text()
+    said = re.search(r'journalctl -u wgvsock-parent@payments -f\s+# "([^"]*)"', text)
+    assert said is not None
+    found = re.search(r'log\.info\("(the parent of %s is up on [^"]*)"',
+                      Path(parent.__file__).read_text())
+    assert found is not None
+    profile = parse_profile((ROOT / "parent" / "profile.example.yaml").read_text())
+    t = profile.transport
+    assert said.group(1) == found.group(1) % (parent.named(profile.name), profile.interface,
+                                              t.kind, t.port, t.control_port)
