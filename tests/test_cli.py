@@ -179,3 +179,13 @@ def test_genkey_into_a_file_others_may_read_warns(tmp_path, mode, warned):
         assert res.stderr == ""
     # Not a regular file (a pipe, a terminal): nothing to say.
     assert run_with_stdout(["wgvsock.cli", "genkey"], subprocess.PIPE).stderr == ""
+
+
+def test_parent_up_help_says_where_a_background_parent_logs(capsys):
+    """Without -f the parent's log goes to $WGVSOCK_LOG_FILE or nowhere, which only the
+    daemon's environment table in the README said: `parent up --help` offered "-f: stay in
+    the foreground", and an operator who left it out found no log of the enclave refused."""
+    with pytest.raises(SystemExit):
+        cli.main(["parent", "up", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "$WGVSOCK_LOG_FILE, or nowhere when it is unset" in out

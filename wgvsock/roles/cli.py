@@ -53,7 +53,10 @@ def parent_main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="bring the tunnel, NAT, ingress and control listener up")
     up.add_argument("--profile", required=True, metavar="FILE", help=_PROFILE_HELP)
-    up.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    up.add_argument("-f", "--foreground", action="store_true",
+                    help="stay in the foreground, logging to stderr (as the systemd unit runs "
+                    "it). Without it `up` returns once the parent is ready, and the parent "
+                    "in the background logs to $WGVSOCK_LOG_FILE, or nowhere when it is unset")
     up.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     down = sub.add_parser("down", help="remove everything `up` made")
     reload = sub.add_parser("reload", help="apply a changed egress, ingress or attestation "
