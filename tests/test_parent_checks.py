@@ -590,3 +590,27 @@ def test_up_in_the_background_warns_of_a_forward_chain_that_drops_the_tunnel(lab
                 "ACCEPT`") in res.stderr, res.stderr
     finally:
         ns.run(*wgvsock, "down", "--profile", str(profile), env=env, check=False)
+
+
+@pytest.mark.root
+def test_a_parent_that_fails_to_start_in_the_background_says_so_once(lab) -> None:
+    """`wgvsock parent up: parent up (profile 'x'): private key ...: key is not valid base64`:
+    the launcher's name, then the background process's own "parent up" again."""
+    ns = lab.netns("bad")
+    (lab.tmp / "state").mkdir(mode=0o700)
+    key = lab.tmp / "p.key"
+    key.write_text("not a key\n")
+    key.chmod(0o600)
+    name = f"{PREFIX}bad{os.getpid() % 10000}"
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(f"name: {name}\ntransport:\n  kind: unix\n  path: {lab.tmp}/sock\n"
+                       f"parent:\n  private_key: {key}\nenclave:\n  routes: [10.77.0.0/30]\n"
+                       "  dns: [10.77.0.1]\n")
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "up", "--profile", str(profile),
+                 env=env, check=False)
+    assert res.returncode == 1
+    assert res.stderr == (f"wgvsock parent up: profile '{name}': private key {key}: key is not "
+                          "valid base64 (expected the output of `wg genkey`)\n")

@@ -472,7 +472,7 @@ def test_a_start_failure_of_any_kind_reaches_the_launcher(monkeypatch) -> None:
             signal.signal(signum, handler)
     with os.fdopen(r, "rb") as pipe:
         # The profile named as one: "parent up pay: ..." read as if `pay` were a command.
-        assert b"parent up (profile 'pay'): nft refused the ruleset: no such table" in \
+        assert b"profile 'pay': nft refused the ruleset: no such table" in \
             pipe.read()
 
 
@@ -592,7 +592,7 @@ def test_a_start_failing_on_an_error_that_cannot_be_said_is_still_reported(
         assert parent_module.run_up(parse_profile(BASE, str(path)), w) == 1
         with os.fdopen(r, "rb") as report:
             r = -1
-            assert report.read() == (b"parent up (profile 'pay'): Unsayable (its message "
+            assert report.read() == (b"profile 'pay': Unsayable (its message "
                                      b"cannot be shown: ValueError)\n")
     finally:
         if r >= 0:

@@ -1654,7 +1654,8 @@ def run_up(profile, ready_fd: int | None) -> int:
         try:
             parent.start()
         except Exception as e:  # start() has undone what it made; say why, wherever asked
-            msg = f"parent up ({named(profile.name)}): {message(e)}"
+            # The launcher puts "wgvsock parent up: " before it, the log its logger's name.
+            msg = f"{named(profile.name)}: {message(e)}"
             if isinstance(e, RoleError | OSError | ValueError | firewall.FirewallError):
                 log.error("%s", msg)
             else:  # e.g. botocore's own errors: a traceback helps
@@ -1667,8 +1668,8 @@ def run_up(profile, ready_fd: int | None) -> int:
             parent.device.on_stop(wakeup.wake)
         try:
             if asked["stop"]:  # SIGTERM while starting (`parent down`): never claim to be up
-                report_ready(ready_fd, f"parent up ({named(profile.name)}): stopped by a "
-                             "signal while starting")
+                report_ready(ready_fd, f"{named(profile.name)}: stopped by a signal while "
+                             "starting")
             else:
                 report_ready(ready_fd)
                 notifier.ready(parent.status_line(time.monotonic()))
