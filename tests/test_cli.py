@@ -189,3 +189,15 @@ def test_parent_up_help_says_where_a_background_parent_logs(capsys):
         cli.main(["parent", "up", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "$WGVSOCK_LOG_FILE, or nowhere when it is unset" in out
+
+
+def test_python_m_wgvsock_is_the_wgvsock_command():
+    """`python -m wgvsock` said "No module named wgvsock.__main__; 'wgvsock' is a package and
+    cannot be directly executed": where the `wgvsock` script is not on PATH (a venv not
+    activated, sudo's secure_path) the module was no way in."""
+    from wgvsock import __version__
+
+    res = run_with_stdout(["wgvsock", "version"], subprocess.PIPE)
+    assert (res.returncode, res.stdout, res.stderr) == (0, f"wgvsock {__version__}\n", "")
+    res = run_with_stdout(["wgvsock", "--help"], subprocess.PIPE)
+    assert res.returncode == 0 and res.stdout.startswith("usage: wgvsock COMMAND")
