@@ -784,6 +784,22 @@ def test_malformed_yaml(text, line, reason):
     assert reason in p.reason and p.hint
 
 
+@pytest.mark.parametrize(("text", "line"), [
+    ("[Interface]\nPrivateKey = aGVsbG8=\nAddress = 10.0.0.1/24\n\n[Peer]\n", 1),
+    ("# wg0 on the parent\n\n[Interface]\nListenPort = 51820\n", 3),
+    ("[Peer]\n", 1),
+])
+def test_a_wireguard_configuration_is_named_as_one(text, line):
+    """`--profile /etc/wireguard/wg0.conf` was "not valid YAML: expected '<document start>',
+    but found '<scalar>' — quote values that start with '[' ...": advice for a YAML file, on
+    a file that is none."""
+    [p] = problems(text)
+    assert (p.file, p.line) == (FILE, line)
+    assert p.reason == ("this is a WireGuard configuration (wg-quick's [Interface] and [Peer]), "
+                        "not a wgvsock profile")
+    assert p.hint.startswith("write a profile in YAML, starting from parent/profile.example")
+
+
 def test_unquoted_ipv6_hint():
     [p] = problems("name: a\nenclave:\n  routes: [::/0]\n")
     assert p.line == 3 and '"::/0"' in p.hint

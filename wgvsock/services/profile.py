@@ -2037,8 +2037,21 @@ class _Loader(yaml.SafeLoader):
         super().fetch_flow_collection_start(TokenClass)
 
 
+# A wg-quick or wireguard-go configuration: INI sections, which YAML reads as a flow list and
+# then fails on, hinting at quoting.
+_WG_CONF = re.compile(r"(?:[ \t]*(?:#.*)?\n)*[ \t]*\[(?:Interface|Peer)\][ \t]*(?:#.*)?$",
+                      re.IGNORECASE | re.MULTILINE)
+
+
 def parse_profile(text: str, path: str = "<string>") -> Profile:
     """Parse and validate a profile, filling in every default. Raises ProfileError."""
+    if m := _WG_CONF.match(text):
+        raise ProfileError([Problem(
+            path, text.count("\n", 0, m.end()) + 1, "",
+            "this is a WireGuard configuration (wg-quick's [Interface] and [Peer]), not a "
+            "wgvsock profile",
+            "write a profile in YAML, starting from parent/profile.example.yaml: `parent up` "
+            "and `enclave up` make the interface, the keys and the peer from it")])
     try:
         root = yaml.compose(text, Loader=_Loader)
     except _TooDeep as e:
