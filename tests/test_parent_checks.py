@@ -559,6 +559,10 @@ def test_an_ingress_port_a_service_of_the_host_listens_on_is_warned_of(lab) -> N
         warned = [line for line in res.stderr.splitlines() if "parent.ingress" in line]
         assert len(warned) == 2 and all(line.startswith("warning: ") for line in warned)
         assert all(s in res.stderr for s in said), res.stderr
+        # A reload says it again: it is where a port newly forwarded takes effect.
+        res = ns.run(*wgvsock, "reload", "--profile", str(profile), env=env, check=False)
+        assert res.returncode == 0, res.stderr
+        assert all(s in res.stderr for s in said), res.stderr
     finally:
         ns.run(*wgvsock, "down", "--profile", str(profile), env=env, check=False)
 

@@ -93,6 +93,8 @@ def parent_main(argv: list[str]) -> int:
             print(f"wgvsock parent reload: {e}", file=sys.stderr)
             return 1
         print(message, file=sys.stdout if ok else sys.stderr)
+        for w in (parent.ingress_port_holders(profile) or []) if ok else []:
+            print(f"warning: {w}", file=sys.stderr)
         # The running parent read the profile with the code it started with: after an upgrade
         # a key only the new release knows is refused there, while `profile check` takes it.
         if note := state.running_code_note(profile):
