@@ -287,3 +287,27 @@ def test_a_second_parent_on_the_same_interface_says_which_runs_it(world: World) 
     assert "already" in res.stderr, res.stderr
     # The running one is untouched.
     assert w.parent_cmd("up").stdout.startswith(f"profile '{w.name}' is already up")
+
+
+def test_a_profile_renamed_under_its_running_parent_is_named_by_down_and_up(
+        world: World) -> None:
+    """`name:` edited in the file a parent runs from, then `down` and `up` with it: `down`
+    found no parent of the new name, said "left interface wg0 alone: no parent of profile
+    'new' holds it" and exited 0 with the old one still running; `up` then said wg0 was taken
+    by the old one's parent and to stop it "with its profile" — this very file, which `down`
+    had just failed to stop it with. Both now say what happened and what to do."""
+    w = world
+    w.parent_cmd("up")
+    pid = json.loads(state_file(w).read_text())["pid"]
+    text = w.profile.read_text()
+    w.profile.write_text(text.replace(f"name: {w.name}\n", f"name: {w.name}x\n"))
+    said = (f"the parent running from {w.profile} is profile '{w.name}' (pid {pid}); the "
+            f"file now names '{w.name}x' (line 2): a new name needs that parent stopped "
+            f"first. Put the old name back, run `wgvsock parent down --profile {w.profile}`, "
+            "then the new name and `up`\n")
+    for cmd in ("down", "up"):
+        res = w.parent_cmd(cmd, check=False)
+        assert (res.returncode, res.stderr) == (1, f"wgvsock parent {cmd}: {said}")
+        assert os.path.exists(f"/proc/{pid}")  # still running, and still its own
+    w.profile.write_text(text)  # as said: the old name back, then `down`
+    assert w.parent_cmd("down").stdout == f"stopped the parent (pid {pid})\n"

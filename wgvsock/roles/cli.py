@@ -125,6 +125,11 @@ def parent_main(argv: list[str]) -> int:
             if note := state.running_code_note(profile):
                 print(note)
             return 0
+        try:
+            parent.renamed(profile)
+        except parent.RoleError as e:
+            print(f"wgvsock parent up: {e}", file=sys.stderr)
+            return 1
         # Checked before anything is made, so a clash with the host changes nothing.
         routes = local_routes(exclude_interface=profile.interface)
         problems = check_host(profile, local_networks(exclude_interface=profile.interface),

@@ -1558,6 +1558,22 @@ class Parent:
             State.path_for(self.profile.name).unlink(missing_ok=True)
 
 
+def renamed(profile) -> None:
+    """Raises RoleError when a parent runs from PROFILE's file under another name: the file's
+    `name` was changed under it, and `up` or `down` would act on a profile nothing runs (`down`
+    stopped nothing, then `up` found the interface taken by the old name's parent)."""
+    from .state import running_from
+
+    other = running_from(profile.path)
+    if other is not None and other.name != profile.name:
+        raise RoleError(
+            f"the parent running from {profile.path} is profile {other.name!r} (pid "
+            f"{other.pid}); the file now names {profile.name!r} (line "
+            f"{profile.line_of('name')}): a new name needs that parent stopped first. Put the "
+            f"old name back, run `wgvsock parent down --profile {profile.path}`, then the new "
+            "name and `up`")
+
+
 def _interface_taken(profile) -> str:
     """Why PROFILE's interface could not be made: another process holds a TUN of that name
     (the kernel's EBUSY). Names the parent that runs it when a state file says so."""
@@ -1796,6 +1812,8 @@ def down(profile) -> tuple[list[str], list[str]]:
         state, unusable = None, True
     else:
         unusable = False
+    if state is None and not unusable:
+        renamed(profile)
     ours_alive = False  # a parent of this profile that ignored SIGKILL so far
     if state is not None and state.running():
         with contextlib.suppress(ProcessLookupError):
