@@ -311,3 +311,26 @@ def test_a_profile_renamed_under_its_running_parent_is_named_by_down_and_up(
         assert os.path.exists(f"/proc/{pid}")  # still running, and still its own
     w.profile.write_text(text)  # as said: the old name back, then `down`
     assert w.parent_cmd("down").stdout == f"stopped the parent (pid {pid})\n"
+
+
+def test_a_second_profile_on_the_same_wireguard_port_is_told_which_key_to_change(
+        world: World) -> None:
+    """A second profile copied from the first, given its own name, interface and subnet but
+    the same transport: "cannot listen on port 51820: ... is in use by another process (errno
+    -98, EADDRINUSE)", the UAPI's words, naming neither the profile key nor a fix (the
+    control port, bound next, said both)."""
+    w = world
+    w.parent_cmd("up")
+    other = w.lab.tmp / "other.yaml"
+    other.write_text(PROFILE.format(
+        name=f"{w.name}b", transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock"),
+        key=w.lab.tmp / "parent2.key", parent_extra="").replace("10.77.0.", "10.78.0.")
+        .replace("interface: wg0", "interface: wg1").replace("listen: 8443", "listen: 8444"))
+    res = w.parent.run(sys.executable, "-m", "wgvsock.cli", "parent", "up", "--profile",
+                       str(other), env=w.env_for("parent"), check=False, timeout=60)
+    assert (res.returncode, res.stderr) == (1, (
+        f"wgvsock parent up: profile '{w.name}b': cannot listen on the WireGuard port 51820 "
+        f"(unix): {w.lab.tmp / 'sock' / '51820.sock'} is in use by another process (by "
+        "another profile's `parent up`?): give this profile another transport.port or "
+        "transport.path, or stop that process\n"))
+    assert w.parent_cmd("up").stdout.startswith(f"profile '{w.name}' is already up")

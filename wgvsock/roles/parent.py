@@ -31,6 +31,7 @@ from ..conn.unixsock import remove_stale, socket_dir
 from ..core.crypto import KeyFormatError, generate_private_key, key_from_base64, key_to_base64
 from ..device import netconf
 from ..device.device import Device
+from ..device.uapi import UAPIError
 from ..nodump import forbid_core_dumps
 from ..pathwalk import Replaceable, keepers, walk
 from ..regular import read_regular
@@ -954,7 +955,23 @@ class Parent:
                 if e.errno != errno.EBUSY:
                     raise
                 raise RoleError(_interface_taken(p)) from None
-            configure(self.device, private_key=key, listen_port=t.port)
+            try:
+                configure(self.device, private_key=key, listen_port=t.port)
+            except UAPIError as e:
+                if e.errno != -errno.EADDRINUSE:
+                    raise
+                # As the control port says it: the bare "cannot listen on port 820: ... in
+                # use" named neither the key nor what to do (two profiles from one example).
+                cause = e.__cause__
+                reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror
+                          else e.message)
+                raise RoleError(
+                    f"cannot listen on the WireGuard port {t.port} ({t.kind}): {reason} (by "
+                    "another profile's `parent up`"
+                    + (", or a vsock-proxy" if t.kind == "vsock" else "")
+                    + "?): give this profile another transport.port"
+                    + (" or transport.path" if t.kind == "unix" else "")
+                    + ", or stop that process") from None
             if t.kind == "unix":
                 self._sockets.append(unix_socket_path(t.path, t.port))
             # Before the link is up and before enable_forwarding: the tunnel starts from
