@@ -299,3 +299,59 @@ def test_cmd_does_not_outlive_a_killed_enclave_up(world: World) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(cmd, signal.SIGKILL)
+
+
+# Holds a TUN named argv[1] (as a running `enclave up` or daemon does) until killed.
+_HOLD_TUN = """\
+import fcntl, os, struct, sys, time
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), 0x0001 | 0x1000))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["no-route", "default-through-it"])
+def test_a_second_enclave_up_is_told_the_interface_is_taken(lab: Lab, routed: bool) -> None:
+    """`enclave up` where one already runs (wg0 held, and its default route through it):
+    "refusing to start: this network namespace already has a default route (default dev
+    wg0): it looks like a host or a container, not an enclave", which it is not; and without
+    that route (or with --outside-enclave), Python's "[Errno 16] creating TUN 'wg0':
+    interface is busy (already attached elsewhere)"."""
+    import subprocess
+    import sys
+
+    ns = lab.netns("t")
+    holder = ns.popen(sys.executable, "-c", _HOLD_TUN, "wg0", stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+    if routed:
+        ns.ip("link", "set", "wg0", "up")
+        ns.ip("route", "add", "default", "dev", "wg0")
+    profile = lab.tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
+    env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
+    res = ns.run(WGVSOCK, "enclave", "up", "--profile", str(profile), "--timeout", "3",
+                 "--", "true", env=env, check=False, timeout=60)
+    assert (res.returncode, res.stderr) == (1, (
+        "wgvsock enclave up: interface wg0 is taken: another `wgvsock enclave up` (or another "
+        "WireGuard program) already runs it in this network namespace. One `enclave up` "
+        "serves an enclave, as the image's CMD: stop that one first, or give the profile "
+        "another `interface`\n"))
+    assert holder.poll() is None  # the one there is left as it was
+
+
+def test_no_tun_device_is_said_without_pythons_errno(lab: Lab) -> None:
+    """A container run without `--device /dev/net/tun`: "wgvsock enclave up: [Errno 2]
+    /dev/net/tun does not exist: ...", Python's prefix before the TUN's own words."""
+    ns = lab.netns("n")
+    profile = lab.tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
+    env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
+    # `ip netns exec` runs it in a mount namespace of its own: the tmpfs hides the TUN there.
+    res = ns.run("sh", "-c", 'mount -t tmpfs none /dev/net && exec "$@"', "sh", WGVSOCK,
+                 "enclave", "up", "--profile", str(profile), "--timeout", "3", "--", "true",
+                 env=env, check=False, timeout=60)
+    assert (res.returncode, res.stderr) == (1, (
+        "wgvsock enclave up: /dev/net/tun does not exist: the kernel has no TUN support "
+        "(CONFIG_TUN) or the device node was not created\n"))
+    assert os.path.exists("/dev/net/tun")

@@ -36,7 +36,7 @@ from ..device import netconf
 from ..device.device import Device
 from ..mountinfo import is_mount_point, mount_of
 from ..nodump import forbid_core_dumps
-from ..safetext import error
+from ..safetext import error, message
 from ..services import firewall
 from ..services.control import (
     ControlError,
@@ -664,6 +664,10 @@ class Enclave:
         resolv.conf is the machine's own file in a namespace of `ip netns`'s
         (_shared_resolv_conf)."""
         defaults = netconf.default_routes()
+        ours = f" dev {self.profile.interface}"
+        if defaults and all(d.text.endswith(ours) or f"{ours} " in d.text for d in defaults):
+            # Ours: another `enclave up` runs here already. Not a host's, as said below.
+            raise EnclaveError(self._taken())
         if defaults and not self.outside_enclave:
             raise EnclaveError(self._not_an_enclave(defaults))
         if self.profile.enclave.dns and (name := self._shared_resolv_conf()) is not None:
@@ -698,6 +702,13 @@ class Enclave:
                 return None if is_mount_point(self.resolv_conf) else name
         return None
 
+    def _taken(self) -> str:
+        name = self.profile.interface
+        return (f"interface {name} is taken: another `wgvsock enclave up` (or another "
+                f"WireGuard program) already runs it in this network namespace. One `enclave "
+                f"up` serves an enclave, as the image's CMD: stop that one first, or give the "
+                f"profile another `interface`")
+
     def start(self) -> None:
         p = self.profile
         defaults = self.refuse_a_host()  # before anything changes
@@ -711,7 +722,12 @@ class Enclave:
         try:
             bind = make_bind(t.kind, False, unix_dir=self._unix_dir)
             self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir())
-            self.device.start()
+            try:
+                self.device.start()
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                raise EnclaveError(self._taken()) from None
             self.device.extra_status = {"wgvsock_profile": p.name, "wgvsock_role": "enclave"}
             self._refuse_router_messages()
             configure(self.device, private_key=self.key)
@@ -1118,6 +1134,16 @@ class Enclave:
         self._put_back_resolv_conf()
 
 
+def _reason(e: BaseException) -> str:
+    """E in one line for the console: an OSError that carries its own words (the TUN's "does
+    not exist: the kernel has no TUN support ...") without Python's "[Errno 2] " before them;
+    one naming a file keeps the name."""
+    if isinstance(e, OSError) and isinstance(e.strerror, str) and e.strerror \
+            and e.filename is None:
+        return e.strerror
+    return message(e)
+
+
 def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
            signalled: list[int] | None = None, outside_enclave: bool = False) -> int:
     """SIGNALLED: the stopping signals that came before this was called (signals.note).
@@ -1260,7 +1286,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
             return 1
         return code if code >= 0 else 128 - code
     except (EnclaveError, OSError, ValueError) as e:
-        print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
+        print(f"wgvsock enclave up: {_reason(e)}", file=sys.stderr, flush=True)
         return 1
     finally:
         cmd_ended.set()
