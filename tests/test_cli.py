@@ -201,3 +201,27 @@ def test_python_m_wgvsock_is_the_wgvsock_command():
     assert (res.returncode, res.stdout, res.stderr) == (0, f"wgvsock {__version__}\n", "")
     res = run_with_stdout(["wgvsock", "--help"], subprocess.PIPE)
     assert res.returncode == 0 and res.stdout.startswith("usage: wgvsock COMMAND")
+
+
+@pytest.mark.parametrize(("argv", "commands"), [
+    (["parent"], "{up,down,reload,doctor}"), (["enclave"], "{up}"), (["attest"], "{verify,pcrs}"),
+])
+def test_a_missing_subcommand_is_named_by_its_choices(argv, commands, capsys):
+    """`wgvsock parent` alone said "the following arguments are required: cmd": the name of
+    a variable in the code, not one an operator can type."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # the roles' parsers exit, attest's returns
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: the following arguments are required: {commands}\n"), err
+
+
+def test_enclave_usage_names_every_option_of_up(capsys):
+    """`wgvsock enclave` printed a usage without -v, which `enclave up --help` lists."""
+    with pytest.raises(SystemExit):
+        cli.main(["enclave"])
+    usage = capsys.readouterr().err.splitlines()[0]
+    assert usage == ("usage: wgvsock enclave up --profile FILE [--timeout S] [--outside-enclave] "
+                     "[-v] [-- CMD [ARGS...]]")

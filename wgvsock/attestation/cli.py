@@ -240,7 +240,7 @@ def _pcrs(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="wgvsock attest", description="attestation tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{verify,pcrs}")
     v = sub.add_parser(
         "verify", help="verify an attestation document and print it",
         description="Verify a Nitro attestation document (raw COSE_Sign1, or its base64) "

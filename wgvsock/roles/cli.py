@@ -50,7 +50,8 @@ _VERBOSE_HELP = "log INFO lines too, not only warnings (LOG_LEVEL=debug: debug l
 
 def parent_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="wgvsock parent", description="the EC2 host's side")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True,
+                             metavar="{up,down,reload,doctor}")
     up = sub.add_parser("up", help="bring the tunnel, NAT, ingress and control listener up")
     up.add_argument("--profile", required=True, metavar="FILE", help=_PROFILE_HELP)
     up.add_argument("-f", "--foreground", action="store_true",
@@ -248,10 +249,10 @@ def enclave_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="wgvsock enclave",
         description="the enclave's entrypoint: bring the tunnel up, then run CMD",
-        usage="wgvsock enclave up --profile FILE [--timeout S] [--outside-enclave] "
+        usage="wgvsock enclave up --profile FILE [--timeout S] [--outside-enclave] [-v] "
               "[-- CMD [ARGS...]]",
     )
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{up}")
     # prog: argparse would otherwise put the enclave parser's whole usage before "up".
     up = sub.add_parser("up", prog="wgvsock enclave up",
                         usage="wgvsock enclave up [-h] --profile FILE [--timeout S] "
