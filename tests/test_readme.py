@@ -324,3 +324,16 @@ def test_the_journal_line_parent_readme_waits_for_is_one_the_parent_logs() -> No
     t = profile.transport
     assert said.group(1) == found.group(1) % (parent.named(profile.name), profile.interface,
                                               t.kind, t.port, t.control_port)
+
+
+def test_the_attest_verify_line_names_every_option_it_has() -> None:
+    """The README's `wgvsock attest verify` line left out --root, which its --help lists."""
+    from wgvsock.attestation.cli import _parser
+
+    line = next(s for s in _sh_lines(README) if s.startswith("wgvsock attest verify "))
+    said = set(re.findall(r"\[(--[a-z-]+)", line))
+    sub = next(a for a in _parser()._actions if a.dest == "cmd")
+    verify = sub.choices["verify"]  # type: ignore[union-attr]
+    options = {s for a in verify._actions for s in a.option_strings
+               if s.startswith("--") and s != "--help"}
+    assert said == options
