@@ -10,14 +10,26 @@ import sys
 from ..argtypes import seconds
 
 
-def _load(path: str):
+def _load(path: str, after: str = ""):
+    """The profile at PATH, or None once its problems are printed, and AFTER: what that
+    meant for the command (a `down` that stopped nothing, a `reload` that changed nothing)."""
     from ..services.profile import ProfileError, load_profile
 
     try:
         return load_profile(path)
     except ProfileError as e:
-        print(f"invalid profile:\n{e}", file=sys.stderr)
+        print(f"invalid profile:\n{e}" + (f"\n{after}" if after else ""), file=sys.stderr)
         return None
+
+
+# What an invalid profile left as it was, said after its problems.
+_NOT_LOADED = {
+    "down": "nothing was stopped or removed: `down` reads the profile to know what is its "
+            "own. Fix it (or put back the file the parent was started with) and run `down` "
+            "again",
+    "reload": "nothing was reloaded: a running parent goes on with the profile it read "
+              "before",
+}
 
 
 # Libraries whose DEBUG lines carry secrets: botocore's the session token and access key id
@@ -68,7 +80,7 @@ def parent_main(argv: list[str]) -> int:
                        help=_PROFILE_HELP + (" (the file the parent runs from)"
                                              if p is reload else ""))
     args = ap.parse_args(argv)
-    profile = _load(args.profile)
+    profile = _load(args.profile, _NOT_LOADED.get(args.cmd, ""))
     if profile is None:
         return 1
     from . import parent, state
