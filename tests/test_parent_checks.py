@@ -618,3 +618,23 @@ def test_a_parent_that_fails_to_start_in_the_background_says_so_once(lab) -> Non
     assert res.returncode == 1
     assert res.stderr == (f"wgvsock parent up: profile '{name}': private key {key}: key is not "
                           "valid base64 (expected the output of `wg genkey`)\n")
+
+
+@pytest.mark.root
+def test_the_doctor_shows_the_profiles_own_warnings(lab) -> None:
+    """An allow entry a deny entry covers whole is a warning `profile check` and `up` print;
+    the doctor's profile row called that profile plainly "valid, no overlap ...", ready."""
+    ns = lab.netns("doc")
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(f"name: {PREFIX}doc{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
+                       f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n"
+                       "  egress:\n    allow: [0.0.0.0/0, 10.1.0.0/16]\n    deny: [10.0.0.0/8]\n")
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "doctor", "--profile",
+                 str(profile), env=env, check=False)
+    row = next(line for line in res.stdout.splitlines() if line.startswith("│ profile "))
+    assert "WARNING" in row, row
+    assert (f"{profile}:8: parent.egress.allow[1]: '10.1.0.0/16' is never allowed: "
+            "parent.egress.deny[0] ('10.0.0.0/8') denies all of it") in row, row

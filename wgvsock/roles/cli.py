@@ -206,7 +206,9 @@ def doctor(profile) -> int:
     checks.append(parent_key_check(profile))
     routes = local_routes(exclude_interface=profile.interface)
     problems = check_host(profile, local_networks(exclude_interface=profile.interface), routes)
-    warnings = check_host_warnings(profile, routes) if not problems else []
+    # The profile's own too (an allow entry a deny entry covers whole): `profile check` and
+    # `up` print them, and the doctor called such a profile plainly "valid".
+    warnings = [*profile.warnings, *check_host_warnings(profile, routes)] if not problems else []
     checks.append(Check("profile", not problems,
                         "; ".join(str(p) for p in problems or warnings)
                         or "valid, no overlap with this host's networks, routes and ip rules",
