@@ -244,3 +244,17 @@ def test_an_invalid_profile_says_what_down_and_reload_left_as_it_was(tmp_path, c
     assert capsys.readouterr().err == (
         f"invalid profile:\n{path}:4: parent.egress.alow: unknown key 'alow' — did you mean "
         f"'allow'?\n{said}\n")
+
+
+def test_attest_verify_help_says_what_an_option_left_out_checks(capsys):
+    """--pcr, --nonce, --public-key and --max-age said what they expect, not what happens
+    without them (nothing compared, no age limit): an operator could take the document as
+    checked against pins it never was."""
+    assert cli.main(["attest", "verify", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for said in ("--pcr N=HEX expected PCR value (repeatable); default: PCRs are printed, not "
+                 "compared",
+                 "--nonce HEX expected nonce; default: not compared",
+                 "--public-key B64 expected public key; default: not compared",
+                 "now); default: no age limit"):
+        assert said in out, out

@@ -251,11 +251,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="check certificate validity (and age) at this time, ISO 8601 or Unix "
                         "seconds; default the document's own timestamp")
     v.add_argument("--pcr", metavar="N=HEX", action="append", default=[],
-                   help="expected PCR value (repeatable)")
-    v.add_argument("--nonce", metavar="HEX", help="expected nonce")
-    v.add_argument("--public-key", metavar="B64", help="expected public key")
+                   help="expected PCR value (repeatable); default: PCRs are printed, not "
+                        "compared")
+    v.add_argument("--nonce", metavar="HEX", help="expected nonce; default: not compared")
+    v.add_argument("--public-key", metavar="B64", help="expected public key; default: not compared")
     v.add_argument("--max-age", metavar="S", type=seconds(MAX_AGE_LIMIT, "ten years"),
-                   help="refuse documents older than S seconds (relative to --at or now)")
+                   help="refuse documents older than S seconds (relative to --at or now); "
+                        "default: no age limit")
     v.add_argument("--json", action="store_true", help="print JSON for scripts")
     v.add_argument("--root", metavar="PEM", help="trust this root instead of AWS's")
     p = sub.add_parser(
