@@ -330,8 +330,9 @@ def test_a_second_enclave_up_is_told_the_interface_is_taken(lab: Lab, routed: bo
     profile = lab.tmp / "profile.yaml"
     profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
     env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
-    res = ns.run(WGVSOCK, "enclave", "up", "--profile", str(profile), "--timeout", "3",
-                 "--", "true", env=env, check=False, timeout=60)
+    with private_resolv_conf(ns, RESOLV):  # (the machine's own is refused: see above)
+        res = ns.run(WGVSOCK, "enclave", "up", "--profile", str(profile), "--timeout", "3",
+                     "--", "true", env=env, check=False, timeout=60)
     assert (res.returncode, res.stderr) == (1, (
         "wgvsock enclave up: interface wg0 is taken: another `wgvsock enclave up` (or another "
         "WireGuard program) already runs it in this network namespace. One `enclave up` "
@@ -348,9 +349,10 @@ def test_no_tun_device_is_said_without_pythons_errno(lab: Lab) -> None:
     profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
     env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
     # `ip netns exec` runs it in a mount namespace of its own: the tmpfs hides the TUN there.
-    res = ns.run("sh", "-c", 'mount -t tmpfs none /dev/net && exec "$@"', "sh", WGVSOCK,
-                 "enclave", "up", "--profile", str(profile), "--timeout", "3", "--", "true",
-                 env=env, check=False, timeout=60)
+    with private_resolv_conf(ns, RESOLV):
+        res = ns.run("sh", "-c", 'mount -t tmpfs none /dev/net && exec "$@"', "sh", WGVSOCK,
+                     "enclave", "up", "--profile", str(profile), "--timeout", "3", "--",
+                     "true", env=env, check=False, timeout=60)
     assert (res.returncode, res.stderr) == (1, (
         "wgvsock enclave up: /dev/net/tun does not exist: the kernel has no TUN support "
         "(CONFIG_TUN) or the device node was not created\n"))
