@@ -1341,7 +1341,8 @@ class Device:
                          else bind.open(port, self._on_receive))
         except OSError as e:
             code = errno.EADDRINUSE if e.errno == errno.EADDRINUSE else errno.EIO
-            raise UAPIError(code, f"cannot listen on port {port}: {e.strerror or e}") from e
+            why = e.strerror or str(e)
+            raise UAPIError(code, f"cannot listen on port {port}: {why}", why) from e
         except ValueError as e:
             raise UAPIError(errno.EINVAL, f"cannot listen on port {port}: {e}") from e
         log.info("%s: listening on port %d", self.ifname, self.port)

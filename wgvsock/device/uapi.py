@@ -134,10 +134,13 @@ class UAPIError(Exception):
     given to the constructor is negated, so ``UAPIError(errno.EINVAL, ...)`` also works.
     """
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.errno = -abs(code)
         self.message = message
+        # The failure's own words, where the message puts what was being done in front (a
+        # caller that says that its own way): compiled, `raise ... from e` keeps no __cause__.
+        self.reason = reason or message
 
     def __str__(self) -> str:
         name = _errno.errorcode.get(-self.errno, "?")

@@ -962,11 +962,8 @@ class Parent:
                     raise
                 # As the control port says it: the bare "cannot listen on port 820: ... in
                 # use" named neither the key nor what to do (two profiles from one example).
-                cause = e.__cause__
-                reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror
-                          else e.message)
                 raise RoleError(
-                    f"cannot listen on the WireGuard port {t.port} ({t.kind}): {reason} (by "
+                    f"cannot listen on the WireGuard port {t.port} ({t.kind}): {e.reason} (by "
                     "another profile's `parent up`"
                     + (", or a vsock-proxy" if t.kind == "vsock" else "")
                     + "?): give this profile another transport.port"
