@@ -297,6 +297,22 @@ def unavailable(exc: OSError, what: str) -> OSError:
     return exc
 
 
+def vsock_connect_error(exc: OSError) -> OSError:
+    """A refused vsock connect() in vsock's own words, which the Unix and TCP stand-ins never
+    say: nobody listening on the port is the peer's reset (ECONNRESET, not ECONNREFUSED:
+    "Connection reset by peer" reads as a connection made and then dropped), and a CID that
+    no transport of this kernel reaches is ENODEV (a bare "No such device"). The errno stays,
+    for callers that tell the two apart."""
+    if exc.errno == errno.ECONNRESET:
+        # (A listener whose backlog is full resets too: rare, and a retry then gets in.)
+        return ConnectionResetError(errno.ECONNRESET, "nothing listens on that port (vsock's "
+                                    "reset, ECONNRESET)")
+    if exc.errno == errno.ENODEV:
+        return OSError(errno.ENODEV, "no vsock transport on this machine reaches that CID "
+                       "(ENODEV)")
+    return exc
+
+
 class _Timeval(ctypes.Structure):
     _fields_ = (("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long))
 

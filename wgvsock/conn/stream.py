@@ -53,6 +53,7 @@ from .bind import (
     set_receive_timeout,
     set_send_timeout,
     unavailable,
+    vsock_connect_error,
 )
 from .caps import CAP_UNCHECKED_TRANSPORT, HELLO_MAGIC, parse_hello
 from .endpoint import (
@@ -1134,6 +1135,11 @@ class StreamBind(SocketBind):
             sock.settimeout(self.connect_timeout)
             sock.connect(addr)
             self._configure(sock)
+        except OSError as exc:
+            sock.close()
+            if ep.kind == "vsock":
+                raise vsock_connect_error(exc) from None
+            raise
         except BaseException:
             sock.close()
             raise

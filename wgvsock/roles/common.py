@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from ..conn.bind import vsock_connect_error
 from ..conn.endpoint import VMADDR_CID_ANY, Endpoint
 from ..conn.unixsock import remove_stale, socket_dir
 from ..device.device import Device
@@ -127,6 +128,11 @@ def dial_control(transport, timeout: float = 5.0) -> socket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect(address)
+    except OSError as e:
+        sock.close()
+        if transport.kind == "vsock":
+            raise vsock_connect_error(e) from None
+        raise
     except BaseException:
         sock.close()
         raise

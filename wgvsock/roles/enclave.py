@@ -1113,8 +1113,8 @@ class Enclave:
         said = f": {err.strerror or err}" if err is not None else ""
         hint = "is `wgvsock parent up` running with the same profile?"
         if t.kind == "vsock" and err is not None and err.errno == errno.ENODEV:
-            hint = (f"no vsock transport reaches CID {t.parent_cid}: is transport.parent_cid "
-                    "the parent's CID (3 on Nitro)?")
+            # The dial's own words say that no transport reaches the CID (bind.py).
+            hint = "is transport.parent_cid the parent's CID (3 on Nitro)?"
         return (f"no answer from the parent's control port ({where}) within {timeout:.0f} s"
                 f"{said} ({hint})")
 
