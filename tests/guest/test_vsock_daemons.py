@@ -15,8 +15,9 @@ import socket
 
 import pytest
 
-from tests.net.daemonctl import only_pid, process_gone
+from tests.net.daemonctl import only_pid, process_gone, sock_path
 from tests.net.netlab import DAEMON, Lab, connect_pair, iperf3, ping, wait_for
+from wgvsock.device.uapi import uapi_set
 
 from .traffic import copy_through, wait_counters_agree
 
@@ -27,16 +28,22 @@ LOOPBACK_CID = 1
 
 def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
     """b lets in only CID 1 (WGVSOCK_ADMIT_CIDS), where every connection here comes from; a
-    third daemon that lets in only CID 16 closes one from CID 1 at accept."""
+    third daemon that lets in only CID 16 closes one from CID 1 at accept. a is started and
+    given an endpoint in the forms the seed's README documents: `wireguard-go-vsock IFNAME`
+    (vsock by default) and, over the UAPI, `vsock://CID:PORT`."""
     a, b = lab.netns("a"), lab.netns("b")
     ia, ib = lab.ifname("a"), lab.ifname("b")
     admit = {"WGVSOCK_ADMIT_CIDS": str(LOOPBACK_CID)}
-    lab.start_daemon(a, ia, "vsock")
+    env = lab.env(WGVSOCK_LOG_FILE=str(lab.tmp / f"{ia}.log"))
+    env.pop("WGVSOCK_NETWORK", None)  # no -n and no default from the environment
+    res = a.run(DAEMON, ia, env=env, check=False)
+    assert res.returncode == 0, res.stderr
+    assert lab.uapi(ia)["extra"]["wgvsock_network"] == "vsock"
     lab.start_daemon(b, ib, "vsock", **admit)
     # a dials b in the IPv4-CID form, the one wg(8) can send (32-bit ports: test_vsock_roles).
     b_port = 50102
-    connect_pair(lab, a, ia, f"0.0.0.{LOOPBACK_CID}:{b_port}", b, ib, None, a_port=50101,
-                 b_port=b_port)
+    _, kb = connect_pair(lab, a, ia, f"0.0.0.{LOOPBACK_CID}:{b_port}", b, ib, None,
+                         a_port=50101, b_port=b_port)
     ping(a, "10.99.0.2")
     ping(b, "10.99.0.1")
 
@@ -62,6 +69,13 @@ def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
     listening = b.run("ss", "-H", "--vsock", "-l", check=False).stdout  # the whole guest's
     assert re.search(rf":{b_port + 10}\b", listening), listening
     assert not re.search(rf":{b_port}\b", listening), listening
+    # a is told the new port in the seed's own endpoint form: it dials there.
+    b_port += 10
+    assert uapi_set(sock_path(ia), f"public_key={kb.public_hex}\n"
+                    f"endpoint=vsock://{LOOPBACK_CID}:{b_port}\n") == 0
+    ping(a, "10.99.0.2")
+    ping(b, "10.99.0.1")
+    assert lab.uapi(ia)["peers"][0]["extra"]["wgvsock_endpoint"] == f"vsock://1:{b_port}"
 
     # The listener goes away and comes back: the dialling side reconnects on its own.
     lab.uapi(ib)  # still answering before the restart
@@ -104,7 +118,7 @@ def test_vsock_datagram_is_refused_clearly_or_carries_traffic(lab: Lab) -> None:
     if res.returncode != 0:
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, res.stderr
-        assert "vsock datagram" in lines[0], lines
+        assert "vsock datagram" in lines[0] and "use the stream transport" in lines[0], lines
         assert any(name in lines[0] for name in ("ENODEV", "EOPNOTSUPP", "ESOCKTNOSUPPORT",
                                                  "EAFNOSUPPORT", "EPROTONOSUPPORT")), lines
         assert "Traceback" not in res.stderr
