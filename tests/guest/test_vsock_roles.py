@@ -48,6 +48,7 @@ VSOCK_TRANSPORT = f"""\
 STATUS_WAIT = ("--timeout", f"{15 * SLOWDOWN:g}")
 # Frames of up to 64 KiB: the largest MTU a stream frame holds is 65503 (test_stream_mtu.py).
 MTU = 65000
+VMADDR_CID_ANY = 0xFFFFFFFF
 FAKE_NSM = Path(__file__).resolve().parents[1] / "net" / "fake_nsm_enclave.py"
 # How long the tunnel may take to come back after either side (re)started: a redial backs off
 # to 1 s at most on vsock; the rest is the guest's slow CPU.
@@ -200,9 +201,28 @@ def test_both_ports_refuse_a_cid_other_than_the_named_enclave(lab: Lab) -> None:
     The WireGuard port closes a connection from another CID at accept: before, it kept it,
     with a reader thread and a buffer, until the first-frame deadline (30 s) passed with no
     authenticated message. The control port never admits a registration from it, and
-    nothing is installed. (One parent for both: each `up` costs a minute of TCG in CI.)"""
-    world = World(lab, transport=VSOCK_TRANSPORT, parent_extra="  enclave_cid: 5\n")
+    nothing is installed. (One parent for both: each `up` costs a minute of TCG in CI.)
+
+    First the WireGuard port held from another network namespace (vsock ports are the whole
+    guest's, where a TCP port is a namespace's): `up` fails saying which port of the profile
+    and what to do, with no traceback (before: "cannot listen on port N: Address already in
+    use", and the parent's log had a traceback), and leaves nothing behind."""
+    world = World(lab, transport=VSOCK_TRANSPORT, parent_extra="  enclave_cid: 5\n",
+                  parent_env={"WGVSOCK_LOG_FILE": str(lab.tmp / "parent.log")})
     try:
+        with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as holder:
+            holder.bind((VMADDR_CID_ANY, WG_PORT))
+            held = world.parent_cmd("up", check=False)
+        assert held.returncode != 0
+        said = [line for line in held.stderr.splitlines() if "WireGuard port" in line]
+        assert len(said) == 1, held.stderr
+        assert (f"cannot listen on the WireGuard port {WG_PORT} (vsock): Address already in "
+                "use: another process holds it") in said[0], said
+        assert "choose another transport.port" in said[0], said
+        assert "Traceback" not in held.stderr + _parent_log(world), _parent_log(world)
+        assert "wg0" not in world.parent.ip("-o", "link", "show").stdout
+        assert f":{CONTROL_PORT}" not in _vsock_listeners(world)
+
         assert world.parent_cmd("up").returncode == 0
         assert f":{WG_PORT}" in _vsock_listeners(world)
         with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as stranger:

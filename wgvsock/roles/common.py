@@ -92,16 +92,27 @@ def control_listener(transport) -> socket.socket:
         sock.listen(8)
     except OSError as e:
         sock.close()
+        raise RoleError(port_refused(transport, "control_port", e.errno,
+                                     e.strerror or str(e))) from None
+    return sock
+
+
+def port_refused(transport, key: str, code: int | None, said: str) -> str:
+    """Why the parent cannot listen on its transport.KEY ("port", "control_port"), which the
+    kernel refused with errno CODE (its words: SAID), and what to do."""
+    port = getattr(transport, key)
+    what = "the control port" if key == "control_port" else "the WireGuard port"
+    if code == errno.EADDRINUSE:
         # vsock ports are the whole host's, whatever network namespace binds them: another
         # profile's parent or a vsock-proxy may hold this one.
-        held = (": another process holds it (another profile's `parent up`, a vsock-proxy); "
-                "free it, or choose another transport.control_port"
-                if e.errno == errno.EADDRINUSE else
-                ": check transport.control_port" + ("" if transport.kind == "vsock"
-                                                    else " and transport.host"))
-        raise RoleError(f"cannot listen on the control port {port} ({transport.kind}): "
-                        f"{e.strerror or e}{held}") from None
-    return sock
+        fix = (": another process holds it (another profile's `parent up`"
+               + (", a vsock-proxy" if transport.kind == "vsock" else "")
+               + f"); free it, or choose another transport.{key}"
+               + (" or transport.path" if transport.kind == "unix" else ""))
+    else:
+        fix = f": check transport.{key}" + ("" if transport.kind == "vsock"
+                                            else " and transport.host")
+    return f"cannot listen on {what} {port} ({transport.kind}): {said}{fix}"
 
 
 def control_address(transport) -> str:

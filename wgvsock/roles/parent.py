@@ -55,6 +55,7 @@ from .common import (
     configure,
     control_listener,
     named,
+    port_refused,
     run_dir,
     state_dir,
     unix_socket_path,
@@ -958,17 +959,9 @@ class Parent:
             try:
                 configure(self.device, private_key=key, listen_port=t.port)
             except UAPIError as e:
-                if e.errno != -errno.EADDRINUSE:
-                    raise
-                # As the control port says it: the bare "cannot listen on port 820: ... in
-                # use" named neither the key nor what to do (two profiles from one example).
-                raise RoleError(
-                    f"cannot listen on the WireGuard port {t.port} ({t.kind}): {e.reason} (by "
-                    "another profile's `parent up`"
-                    + (", or a vsock-proxy" if t.kind == "vsock" else "")
-                    + "?): give this profile another transport.port"
-                    + (" or transport.path" if t.kind == "unix" else "")
-                    + ", or stop that process") from None
+                # Held by another process: over vsock one in any network namespace (a port is
+                # the whole host's), where the TCP and Unix stand-ins clash only within one.
+                raise RoleError(port_refused(t, "port", abs(e.errno), e.reason)) from None
             if t.kind == "unix":
                 self._sockets.append(unix_socket_path(t.path, t.port))
             # Before the link is up and before enable_forwarding: the tunnel starts from
