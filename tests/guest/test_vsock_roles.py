@@ -217,8 +217,8 @@ def test_both_ports_refuse_a_cid_other_than_the_named_enclave(lab: Lab) -> None:
         said = [line for line in held.stderr.splitlines() if "WireGuard port" in line]
         assert len(said) == 1, held.stderr
         assert (f"cannot listen on the WireGuard port {WG_PORT} (vsock): Address already in "
-                "use: another process holds it") in said[0], said
-        assert "choose another transport.port" in said[0], said
+                "use (another profile's `parent up`, a vsock-proxy?)") in said[0], said
+        assert "give this profile another transport.port" in said[0], said
         assert "Traceback" not in held.stderr + _parent_log(world), _parent_log(world)
         assert "wg0" not in world.parent.ip("-o", "link", "show").stdout
         assert f":{CONTROL_PORT}" not in _vsock_listeners(world)

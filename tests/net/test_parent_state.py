@@ -330,7 +330,7 @@ def test_a_second_profile_on_the_same_wireguard_port_is_told_which_key_to_change
                        str(other), env=w.env_for("parent"), check=False, timeout=60)
     assert (res.returncode, res.stderr) == (1, (
         f"wgvsock parent up: profile '{w.name}b': cannot listen on the WireGuard port 51820 "
-        f"(unix): {w.lab.tmp / 'sock' / '51820.sock'} is in use by another process (by "
-        "another profile's `parent up`?): give this profile another transport.port or "
-        "transport.path, or stop that process\n"))
+        f"(unix): {w.lab.tmp / 'sock' / '51820.sock'} is in use by another process "
+        "(another profile's `parent up`?): free it, or give this profile another "
+        "transport.port or transport.path\n"))
     assert w.parent_cmd("up").stdout.startswith(f"profile '{w.name}' is already up")

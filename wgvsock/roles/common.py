@@ -105,9 +105,9 @@ def port_refused(transport, key: str, code: int | None, said: str) -> str:
     if code == errno.EADDRINUSE:
         # vsock ports are the whole host's, whatever network namespace binds them: another
         # profile's parent or a vsock-proxy may hold this one.
-        fix = (": another process holds it (another profile's `parent up`"
+        fix = (" (another profile's `parent up`"
                + (", a vsock-proxy" if transport.kind == "vsock" else "")
-               + f"); free it, or choose another transport.{key}"
+               + f"?): free it, or give this profile another transport.{key}"
                + (" or transport.path" if transport.kind == "unix" else ""))
     else:
         fix = f": check transport.{key}" + ("" if transport.kind == "vsock"
