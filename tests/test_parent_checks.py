@@ -567,6 +567,74 @@ def test_an_ingress_port_a_service_of_the_host_listens_on_is_warned_of(lab) -> N
         ns.run(*wgvsock, "down", "--profile", str(profile), env=env, check=False)
 
 
+
+_BOUND = """\
+import socket, sys, time
+for spec in sys.argv[1:]:
+    addr, port, proto = spec.split(",")
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND: an address the host does not have
+    s.bind((addr, int(port)))
+    if proto == "tcp":
+        s.listen()
+    globals().setdefault("held", []).append(s)
+print("listening", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.root
+def test_an_ingress_port_bound_where_the_dnat_never_takes_it_is_not_warned_of(lab) -> None:
+    """The DNAT takes only traffic to the host's own addresses (`fib daddr type local`). A
+    socket bound to a multicast group (mDNS's 224.0.0.251), to a broadcast address, or to an
+    address the host does not have (IP_FREEBIND, a VIP not yet moved here) gets nothing the
+    DNAT takes, but `doctor` and `up` warned it was cut off. And ss named processes for every
+    ingress entry, reading every descriptor of every process of the host each time (2 s for
+    190,000 of them here): now ss runs once for each protocol, naming processes only once
+    something is found to name."""
+    ns = lab.netns("bnd")
+    ns.ip("link", "add", "bnd0", "type", "veth", "peer", "name", "bnd1")
+    ns.ip("addr", "add", "192.0.2.5/24", "dev", "bnd0")
+    for dev in ("bnd0", "bnd1"):
+        ns.ip("link", "set", dev, "up")
+    ns.ip("route", "add", "default", "via", "192.0.2.1")
+    p = ns.popen(sys.executable, "-c", _BOUND, "224.0.0.251,5353,udp", "192.0.2.255,6000,udp",
+                 "198.51.100.7,8443,tcp", "192.0.2.5,9443,tcp", stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"listening\n"
+    shim = lab.tmp / "bin"
+    shim.mkdir()
+    (shim / "ss").write_text(f"#!/bin/sh\necho \"$*\" >> {lab.tmp}/ss.log\n"
+                             f"exec {shutil.which('ss')} \"$@\"\n")
+    (shim / "ss").chmod(0o755)
+    profile = lab.tmp / "p.yaml"
+    ingress = "".join(f"    - {{listen: {port}, protocol: {proto}}}\n" for port, proto in (
+        (5353, "udp"), (6000, "udp"), (8443, "tcp"), (9000, "tcp"), (9001, "tcp")))
+    profile.write_text(
+        f"name: {PREFIX}bnd{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
+        f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
+        + ingress)
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
+           "PATH": f"{shim}:{os.environ['PATH']}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    doctor = [sys.executable, "-m", "wgvsock.cli", "parent", "doctor", "--profile", str(profile)]
+    res = ns.run(*doctor, env=env, check=False)
+    row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
+    assert "WARNING" not in row and "no service of this host listens on 5353/udp" in row, row
+    runs = (lab.tmp / "ss.log").read_text().splitlines()
+    ingress_runs = [r for r in runs if "9001" in r or "6000" in r]
+    assert [r.split()[0] for r in ingress_runs] == ["-Hln", "-Hln"], runs  # no -p
+    # One that is taken (the host's own address) is still named, in one more run of ss.
+    profile.write_text(profile.read_text() + "    - {listen: 9443}\n")
+    (lab.tmp / "ss.log").unlink()
+    res = ns.run(*doctor, env=env, check=False)
+    row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
+    assert "WARNING" in row and "parent.ingress[5] 9443/tcp: python" in row, row
+    assert "(192.0.2.5:9443)" in row and "5353" not in row and "8443" not in row, row
+    runs = [r for r in (lab.tmp / "ss.log").read_text().splitlines() if "9443" in r]
+    assert [r.split()[0] for r in runs] == ["-Hln", "-Hlnp"], runs
+
+
 @pytest.mark.root
 def test_up_in_the_background_warns_of_a_forward_chain_that_drops_the_tunnel(lab) -> None:
     """Docker's `ip filter FORWARD` with policy drop drops everything the enclave sends

@@ -126,6 +126,21 @@ def delete_interface(ifname: str) -> bool:
         return True
 
 
+_RTN_LOCAL = 2
+
+
+def is_local_address(addr: str) -> bool:
+    """Whether the kernel delivers ADDR to this host: a route lookup of type local, as
+    nftables' `fib daddr type local` asks. Not a multicast group or a broadcast address a
+    socket may be bound to, nor an address bound without being the host's (IP_FREEBIND)."""
+    with IPRoute() as ipr:
+        try:
+            answer = ipr.route("get", dst=addr)
+        except NetlinkError:
+            return False  # ENETUNREACH: no route at all, so not one of ours
+    return any(msg["type"] == _RTN_LOCAL for msg in answer)
+
+
 # Public addresses that stand for "the internet" in a route lookup (Cloudflare's resolvers).
 # They are only looked up, never sent to.
 _INTERNET = {4: "1.1.1.1", 6: "2606:4700::1111"}

@@ -340,53 +340,96 @@ def _listener_of(port: int) -> tuple[str, int] | None:
 
 def ingress_port_holders(profile) -> list[str] | None:
     """One line for each parent.ingress port a process of this host listens on where the DNAT
-    takes it: at an address of a family the enclave has, not loopback's (ingress passes over
-    127.0.0.0/8 and ::1). That process is cut off at once: every other host, and this one at
-    its own addresses, reaches the enclave there instead (the host's sshd, for port 22).
+    takes it: at an address of a family the enclave has that the kernel delivers here (`fib
+    daddr type local`, as the DNAT asks), not loopback's (ingress passes over 127.0.0.0/8 and
+    ::1). That process is cut off at once: every other host, and this one at its own
+    addresses, reaches the enclave there instead (the host's sshd, for port 22).
     [] when none; None when ss(8) cannot tell."""
-    import ipaddress
+    versions = {a.version for a in profile.enclave.addresses}
+    local: dict[str, bool] = {}
+    found: dict[int, str] = {}
+    for protocol in ("tcp", "udp"):
+        entries = [(i, ing) for i, ing in enumerate(profile.parent.ingress)
+                   if ing.protocol == protocol]
+        if not entries:
+            continue
+        ports = sorted({ing.listen for _, ing in entries})
+        rows = _listening(protocol, ports, processes=False)
+        if rows is None:
+            return None
+        # Naming the processes has ss read every descriptor of every process of the host
+        # (seconds on a busy one): only once something is found to name.
+        if not any(_taken_at(row, versions, local) for row in rows):
+            continue
+        rows = _listening(protocol, ports, processes=True)
+        if rows is None:
+            return None
+        for i, ing in entries:
+            for row in rows:
+                where = _taken_at(row, versions, local)
+                if where is None or where[1] != ing.listen:
+                    continue
+                m = re.search(r'users:\(\("((?:[^"\\]|\\.)*)",pid=(\d+)', row)
+                if m and _is_parent_up(int(m.group(2)), profile):
+                    continue  # its own (the DNS forwarder at the tunnel's address)
+                who = f"{prose(m.group(1), 40)} (pid {m.group(2)})" if m else "a process"
+                found[i] = (
+                    f"parent.ingress[{i}] {ing.listen}/{ing.protocol}: {who} listens on that "
+                    f"port of this host ({prose(where[0], 80)}), which ingress forwards to the "
+                    "enclave on every address of the host but loopback: with the parent up, "
+                    "other hosts (and this one, at its own addresses) reach the enclave there "
+                    "instead of it. Choose another listen port, unless that is meant")
+                break
+    return [found[i] for i in sorted(found)]
+
+
+def _listening(protocol: str, ports: list[int], *, processes: bool) -> list[str] | None:
+    """ss(8)'s rows of the PROTOCOL sockets listening on PORTS (with their processes when
+    PROCESSES), or None when it cannot tell. One run for all of them."""
     import subprocess
 
-    versions = {a.version for a in profile.enclave.addresses}
-    lines = []
-    for i, ing in enumerate(profile.parent.ingress):
+    match = " or ".join(f"sport = :{port}" for port in ports)
+    try:
+        res = subprocess.run(["ss", "-Hlnp" if processes else "-Hln",
+                              "-t" if protocol == "tcp" else "-u", f"( {match} )"],
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.splitlines() if res.returncode == 0 else None
+
+
+def _taken_at(row: str, versions: set[int], local: dict[str, bool]) -> tuple[str, int] | None:
+    """The local address and port of ss's ROW when the ingress DNAT takes traffic to it:
+    a wildcard, or an address the kernel delivers here (not a multicast group or broadcast
+    address a socket may be bound to, which `fib daddr type local` never matches), of a family
+    in VERSIONS, not loopback. LOCAL caches the kernel's answers."""
+    import ipaddress
+
+    fields = row.split()
+    if len(fields) < 4:
+        return None
+    host, _, port = fields[3].rpartition(":")
+    host, _, device = host.strip("[]").partition("%")
+    if device == "lo" or not port.isdigit():
+        return None
+    if host != "*":
         try:
-            res = subprocess.run(["ss", "-Hlnp", "-t" if ing.protocol == "tcp" else "-u",
-                                  f"sport = :{ing.listen}"], capture_output=True, text=True,
-                                 timeout=5, check=False)
-        except (OSError, subprocess.TimeoutExpired):
+            addr = ipaddress.ip_address(host)
+        except ValueError:
             return None
-        if res.returncode != 0:
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        if addr.is_loopback or addr.version not in versions:
             return None
-        for row in res.stdout.splitlines():
-            fields = row.split()
-            if len(fields) < 4:
-                continue
-            host, _, _port = fields[3].rpartition(":")
-            host, _, device = host.strip("[]").partition("%")
-            if device == "lo":
-                continue
-            if host != "*":
+        if not addr.is_unspecified:
+            if str(addr) not in local:
                 try:
-                    addr = ipaddress.ip_address(host)
-                except ValueError:
-                    continue
-                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-                    addr = addr.ipv4_mapped
-                if addr.is_loopback or addr.version not in versions:
-                    continue
-            m = re.search(r'users:\(\("((?:[^"\\]|\\.)*)",pid=(\d+)', row)
-            if m and _is_parent_up(int(m.group(2)), profile):
-                continue  # its own (the DNS forwarder at the tunnel's address)
-            who = f"{prose(m.group(1), 40)} (pid {m.group(2)})" if m else "a process"
-            lines.append(
-                f"parent.ingress[{i}] {ing.listen}/{ing.protocol}: {who} listens on that port "
-                f"of this host ({prose(fields[3], 80)}), which ingress forwards to the enclave "
-                "on every address of the host but loopback: with the parent up, other hosts "
-                "(and this one, at its own addresses) reach the enclave there instead of it. "
-                "Choose another listen port, unless that is meant")
-            break
-    return lines
+                    local[str(addr)] = netconf.is_local_address(str(addr))
+                except OSError:
+                    local[str(addr)] = True  # cannot ask: say what ss says
+            if not local[str(addr)]:
+                return None
+    return fields[3], int(port)
 
 
 def ingress_port_check(profile) -> Check:
