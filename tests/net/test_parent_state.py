@@ -334,3 +334,37 @@ def test_a_second_profile_on_the_same_wireguard_port_is_told_which_key_to_change
         "(another profile's `parent up`?): free it, or give this profile another "
         "transport.port or transport.path\n"))
     assert w.parent_cmd("up").stdout.startswith(f"profile '{w.name}' is already up")
+
+
+def test_a_link_moved_to_another_profile_starts_that_one_beside_the_first(
+        world: World) -> None:
+    """current.yaml a link to the first profile, its parent started from the link; the link
+    then moved to a second profile (its own name, interface, subnet and socket directory) and
+    `up` given that one: refused as a rename ("the parent running from second.yaml is profile
+    'first' ... Put the old name back"), since the first parent's file, the link, now
+    resolves to it. No file was renamed and the two run side by side: `up` refuses a renamed
+    profile only where the running parent holds its interface, the clash a rename makes."""
+    w = world
+    link = w.lab.tmp / "current.yaml"
+    link.symlink_to(w.profile)
+    env = w.env_for("parent")
+    wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
+    res = w.parent.run(*wgvsock, "up", "--profile", str(link), env=env, check=False,
+                       timeout=60)
+    assert res.returncode == 0, res.stderr
+    other = w.lab.tmp / "second.yaml"
+    other.write_text(PROFILE.format(
+        name=f"{w.name}b", transport=UNIX_TRANSPORT.format(sock=w.lab.tmp / "sock2"),
+        key=w.lab.tmp / "parent2.key", parent_extra="").replace("10.77.0.", "10.78.0.")
+        .replace("interface: wg0", "interface: wg1").replace("listen: 8443", "listen: 8444"))
+    link.unlink()
+    link.symlink_to(other)
+    try:
+        res = w.parent.run(*wgvsock, "up", "--profile", str(other), env=env, check=False,
+                           timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(state_file(w, f"{w.name}b").read_text())["interface"] == "wg1"
+        assert w.parent_cmd("up").stdout.startswith(f"profile '{w.name}' is already up")
+    finally:
+        w.parent.run(*wgvsock, "down", "--profile", str(other), env=env, check=False,
+                     timeout=60)

@@ -139,7 +139,7 @@ def parent_main(argv: list[str]) -> int:
                 print(note)
             return 0
         try:
-            parent.renamed(profile)
+            parent.renamed(profile, its_interface=True)
         except parent.RoleError as e:
             print(f"wgvsock parent up: {e}", file=sys.stderr)
             return 1

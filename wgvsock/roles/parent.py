@@ -1608,14 +1608,18 @@ class Parent:
             State.path_for(self.profile.name).unlink(missing_ok=True)
 
 
-def renamed(profile) -> None:
+def renamed(profile, *, its_interface: bool = False) -> None:
     """Raises RoleError when a parent runs from PROFILE's file under another name: the file's
     `name` was changed under it, and `up` or `down` would act on a profile nothing runs (`down`
-    stopped nothing, then `up` found the interface taken by the old name's parent)."""
+    stopped nothing, then `up` found the interface taken by the old name's parent).
+    ITS_INTERFACE (`up`): only when that parent holds PROFILE's interface. The file may be a
+    link since moved to another profile, which runs beside it, and `up` of that one is no
+    rename; where the interfaces differ nothing clashes."""
     from .state import running_from
 
     other = running_from(profile.path)
-    if other is not None and other.name != profile.name:
+    if other is not None and other.name != profile.name \
+            and (not its_interface or other.interface == profile.interface):
         raise RoleError(
             f"the parent running from {profile.path} is profile {other.name!r} (pid "
             f"{other.pid}); the file now names {profile.name!r} (line "
