@@ -341,6 +341,34 @@ def test_a_second_enclave_up_is_told_the_interface_is_taken(lab: Lab, routed: bo
     assert holder.poll() is None  # the one there is left as it was
 
 
+
+def test_an_enclave_up_killed_leaves_no_taken_interface_behind(lab: Lab) -> None:
+    """The interface-taken refusal reads a default route through the interface as another
+    `enclave up`'s. One killed with SIGKILL (its supervisor's restart, say) must not leave one:
+    its TUN is not persistent and its descriptor not inherited (O_CLOEXEC), so the interface
+    and its routes go with it, and the next `enclave up` is not told it is taken."""
+    import subprocess
+    import sys
+
+    ns = lab.netns("k")
+    holder = ns.popen(sys.executable, "-c", _HOLD_TUN, "wg0", stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+    ns.ip("link", "set", "wg0", "up")
+    ns.ip("route", "add", "default", "dev", "wg0")
+    holder.kill()
+    holder.wait(timeout=10)
+    assert ns.run("ip", "route", "show", "default").stdout == ""
+    profile = lab.tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
+    env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
+    with private_resolv_conf(ns, RESOLV):
+        res = ns.run(WGVSOCK, "enclave", "up", "--profile", str(profile), "--timeout", "2",
+                     "--", "true", env=env, check=False, timeout=60)
+    # It made wg0 again, then failed on its own account: no parent answers here.
+    assert res.returncode == 1 and "is taken" not in res.stderr, res.stderr
+    assert "interface wg0 up" in res.stderr and "default route" not in res.stderr, res.stderr
+    assert "wgvsock enclave up: no answer from the parent's control port" in res.stderr
+
 def test_no_tun_device_is_said_without_pythons_errno(lab: Lab) -> None:
     """A container run without `--device /dev/net/tun`: "wgvsock enclave up: [Errno 2]
     /dev/net/tun does not exist: ...", Python's prefix before the TUN's own words."""
