@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -633,6 +634,35 @@ def test_an_ingress_port_bound_where_the_dnat_never_takes_it_is_not_warned_of(la
     assert "(192.0.2.5:9443)" in row and "5353" not in row and "8443" not in row, row
     runs = [r for r in (lab.tmp / "ss.log").read_text().splitlines() if "9443" in r]
     assert [r.split()[0] for r in runs] == ["-Hln", "-Hlnp"], runs
+
+
+
+@pytest.mark.root
+def test_an_ingress_port_held_under_a_crashed_parents_pid_is_warned_of(lab) -> None:
+    """The check passes over the profile's own parent (its DNS forwarder) by the pid its state
+    file records. After a crash (kill -9) that file stays, and its pid may be another
+    process's by now: one listening on an ingress port went unnamed, taken for the parent."""
+    ns = lab.netns("pid")
+    p = ns.popen(sys.executable, "-c", _LISTEN, "0.0.0.0", "8443", "tcp",
+                 stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"listening\n"
+    name = f"{PREFIX}pid{os.getpid() % 10000}"
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(f"name: {name}\ntransport:\n  kind: unix\n  path: {lab.tmp}/sock\n"
+                       f"parent:\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
+                       "    - {listen: 8443}\n")
+    (lab.tmp / "state").mkdir(mode=0o700)
+    # The crashed parent's: its pid is the listener's now, the start time another process's.
+    (lab.tmp / "state" / f"{name}.json").write_text(json.dumps(
+        {"name": name, "pid": p.pid, "interface": "wg0", "profile": str(profile),
+         "started": 1}))
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "doctor", "--profile",
+                 str(profile), env=env, check=False)
+    row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
+    assert "WARNING" in row and f"8443/tcp: python (pid {p.pid})" in row, res.stdout
 
 
 @pytest.mark.root

@@ -448,12 +448,14 @@ def ingress_port_check(profile) -> Check:
 
 
 def _is_parent_up(pid: int, profile) -> bool:
-    """Whether PID is this profile's running parent, as its state file records it."""
+    """Whether PID is this profile's running parent, as its state file records it. The same
+    process, not its pid reused: a crashed parent's file stays, and its pid may be another
+    listener's by now."""
     try:
         state = State.load(profile.name)
     except RoleError:
         return False
-    return state is not None and state.pid == pid
+    return state is not None and state.pid == pid and state.running()
 
 
 def connection_limit_check(profile) -> Check:
