@@ -665,6 +665,45 @@ def test_an_ingress_port_held_under_a_crashed_parents_pid_is_warned_of(lab) -> N
     assert "WARNING" in row and f"8443/tcp: python (pid {p.pid})" in row, res.stdout
 
 
+
+_FAMILIES = """\
+import socket, time
+held = []
+for port, v6only in ((7001, 1), (7002, 0)):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+    s.bind(("::", port))
+    s.listen()
+    held.append(s)
+print("listening", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.root
+def test_an_ingress_port_is_warned_of_only_in_a_family_the_dnat_takes(lab) -> None:
+    """An enclave with IPv4 only: the DNAT takes IPv4 alone, so an IPv6-only listener on
+    the port ([::]:7001, IPV6_V6ONLY) keeps its clients and is not named, while a dual-stack
+    one (*:7002, which takes IPv4 too) is."""
+    ns = lab.netns("fam")
+    p = ns.popen(sys.executable, "-c", _FAMILIES, stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"listening\n"
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(
+        f"name: {PREFIX}fam{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
+        f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
+        "    - {listen: 7001}\n    - {listen: 7002}\n"
+        "enclave:\n  address: 10.77.0.2/30\n")
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "doctor", "--profile",
+                 str(profile), env=env, check=False)
+    row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
+    assert "WARNING" in row and "parent.ingress[1] 7002/tcp: python" in row, res.stdout
+    assert "(*:7002)" in row and "7001" not in row, row
+
+
 @pytest.mark.root
 def test_up_in_the_background_warns_of_a_forward_chain_that_drops_the_tunnel(lab) -> None:
     """Docker's `ip filter FORWARD` with policy drop drops everything the enclave sends
