@@ -704,6 +704,46 @@ def test_an_ingress_port_is_warned_of_only_in_a_family_the_dnat_takes(lab) -> No
     assert "(*:7002)" in row and "7001" not in row, row
 
 
+
+@pytest.mark.root
+def test_the_parents_own_dns_forwarder_on_an_ingress_port_is_not_warned_of(lab) -> None:
+    """With names in parent.egress the parent's DNS forwarder listens on port 53 of its
+    tunnel address, which the DNAT passes over for the enclave (it comes in by the tunnel).
+    An ingress port 53 is not the forwarder's clash: `doctor` and `reload` with the parent up
+    name no listener there (it is told apart by the pid and start time its state records)."""
+    ns = lab.netns("own")
+    ns.ip("link", "add", "own0", "type", "veth", "peer", "name", "own1")
+    ns.ip("addr", "add", "192.0.2.5/24", "dev", "own0")
+    for dev in ("own0", "own1"):
+        ns.ip("link", "set", dev, "up")
+    ns.ip("route", "add", "default", "via", "192.0.2.1")
+    (lab.tmp / "state").mkdir(mode=0o700)
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(
+        f"name: {PREFIX}own{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
+        f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n  egress:\n"
+        "    allow: [example.com]\n    resolver: [192.0.2.53]\n  ingress:\n"
+        "    - {listen: 53, protocol: udp}\n    - {listen: 53, protocol: tcp}\n")
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
+    try:
+        res = ns.run(*wgvsock, "up", "--profile", str(profile), env=env, check=False)
+        assert res.returncode == 0 and "parent.ingress" not in res.stderr, res.stderr
+        pid = json.loads((lab.tmp / "state" / f"{PREFIX}own{os.getpid() % 10000}.json")
+                         .read_text())["pid"]
+        held = ns.run("ss", "-Hlnup", "sport = :53").stdout
+        assert f"pid={pid}," in held, held  # the forwarder is there, and the parent's
+        res = ns.run(*wgvsock, "doctor", "--profile", str(profile), env=env, check=False)
+        row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
+        assert "no service of this host listens on 53/udp, 53/tcp" in row, res.stdout
+        res = ns.run(*wgvsock, "reload", "--profile", str(profile), env=env, check=False)
+        assert res.returncode == 0 and "parent.ingress" not in res.stderr, res.stderr
+    finally:
+        ns.run(*wgvsock, "down", "--profile", str(profile), env=env, check=False)
+
+
 @pytest.mark.root
 def test_up_in_the_background_warns_of_a_forward_chain_that_drops_the_tunnel(lab) -> None:
     """Docker's `ip filter FORWARD` with policy drop drops everything the enclave sends
