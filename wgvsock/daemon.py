@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .acl import ACL_GROUP, ACL_GROUP_OBJ, ACL_USER, ACL_WRITE, read_acl
 from .pathwalk import Fault, Replaceable, names, resolve, user_name
-from .safetext import prose, quote
+from .safetext import message, prose, quote
 from .stdout import guarded
 
 if TYPE_CHECKING:
@@ -786,8 +786,11 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         )
         device.start()
     except (OSError, ValueError) as e:
+        # An OSError's own words without Python's "[Errno 19]" in front: the transport's
+        # (TransportUnavailable) and the TUN's already name the errno where it helps.
+        said = e.strerror if isinstance(e, OSError) and e.strerror else message(e)
         reason = (f"failed to start interface {quote(ifname, 40)} "
-                  f"({network}{', dgram' if dgram else ''}): {e}")
+                  f"({network}{', dgram' if dgram else ''}): {said}")
         if ready_fd is None:
             # In the foreground logging goes to stderr too: say it once, at any LOG_LEVEL,
             # named as the launcher names it.

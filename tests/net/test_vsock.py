@@ -157,6 +157,8 @@ def test_vsock_datagram(lab: Lab) -> None:
         line = lines[0]
         assert "vsock datagram" in line and "SOCK_DGRAM" in line
         assert "not available" in line
+        # What to do, and no Python "[Errno 19]" before the transport's own words.
+        assert "use the stream transport: without -d" in line and "[Errno" not in line, line
         assert errno.errorcode[refused.errno] in line  # e.g. ENODEV
         assert ifname in line
         # Nothing left behind.

@@ -155,7 +155,8 @@ class DatagramBind(SocketBind):
     def _make_socket(self, port: int) -> tuple[socket.socket, int]:
         if self.network == "vsock":
             # Nitro refuses vsock SOCK_DGRAM (EOPNOTSUPP); other hypervisors say ENODEV.
-            what = "vsock datagram (AF_VSOCK SOCK_DGRAM; use the stream transport)"
+            what = ("vsock datagram (AF_VSOCK SOCK_DGRAM; use the stream transport: without "
+                    "-d)")
             try:
                 sock = socket.socket(socket.AF_VSOCK, socket.SOCK_DGRAM)
             except OSError as exc:
