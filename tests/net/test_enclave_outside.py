@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,14 +139,12 @@ def test_a_namespace_with_a_default_route_is_refused_and_left_as_it_was(
     assert not (lab.tmp / "run").exists() or not any((lab.tmp / "run").iterdir())
 
 
-def test_a_namespace_that_shares_the_machine_s_resolv_conf_is_refused(lab: Lab) -> None:
-    """`ip netns exec NS` binds /etc/netns/NS/resolv.conf over /etc/resolv.conf only when that
-    file exists. Without one, a namespace made on a host has no default route, so the check
-    above let `up` through, and it wrote the profile's nameservers into the host's own
-    /etc/resolv.conf (the development machine's still said "written by wgvsock enclave up").
-    Here /etc is an overlay in a mount namespace of the test's, so that nothing `up` might write
-    reaches the machine's /etc; /etc/resolv.conf is no mount of its own there, as on a host."""
-    ns = lab.netns("s")
+def up_over_a_private_etc(lab: Lab, ns: Namespace, setup: str, *enter: str,
+                          timeout: int = 3) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`enclave up`, started by ENTER (`ip netns exec NS` and the like), with /etc an overlay in
+    a mount namespace of the test's, so that nothing `up` might write, nor SETUP (a shell
+    snippet run in it first), reaches the machine's /etc. Returns the run and the overlay's
+    upper directory: what was written to /etc."""
     assert not (Path("/etc/netns") / ns.name).exists()
     profile = lab.tmp / "profile.yaml"
     profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
@@ -155,11 +154,22 @@ def test_a_namespace_that_shares_the_machine_s_resolv_conf_is_refused(lab: Lab) 
     work.mkdir()
     res = run("unshare", "--mount", "--propagation", "private", "sh", "-c",
               'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$0,workdir=$1" /etc '
-              '&& shift && exec "$@"', str(upper), str(work),
-              "ip", "netns", "exec", ns.name, WGVSOCK, "enclave", "up", "--profile",
-              str(profile), "--timeout", "3", "--", "true", env=env, check=False, timeout=60)
-    assert res.returncode == 1, res.stdout + res.stderr
+              f'&& {setup} && shift && exec "$@"', str(upper), str(work),
+              *enter, WGVSOCK, "enclave", "up", "--profile", str(profile), "--timeout",
+              str(timeout), "--", "true", env=env, check=False, timeout=60)
     assert "Traceback" not in res.stderr, res.stderr
+    return res, upper
+
+
+def test_a_namespace_that_shares_the_machine_s_resolv_conf_is_refused(lab: Lab) -> None:
+    """`ip netns exec NS` binds /etc/netns/NS/resolv.conf over /etc/resolv.conf only when that
+    file exists. Without one, a namespace made on a host has no default route, so the check
+    above let `up` through, and it wrote the profile's nameservers into the host's own
+    /etc/resolv.conf (the development machine's still said "written by wgvsock enclave up").
+    /etc/resolv.conf is no mount of its own in the overlay, as on a host."""
+    ns = lab.netns("s")
+    res, upper = up_over_a_private_etc(lab, ns, "true", "ip", "netns", "exec", ns.name)
+    assert res.returncode == 1, res.stdout + res.stderr
     message = " ".join(res.stderr.split())
     assert message.startswith(
         f"wgvsock enclave up: refusing to start: this process runs in network namespace "
@@ -168,6 +178,65 @@ def test_a_namespace_that_shares_the_machine_s_resolv_conf_is_refused(lab: Lab) 
     assert f"write /etc/netns/{ns.name}/resolv.conf" in message, message
     assert list(upper.iterdir()) == []  # nothing written to /etc
     assert "wg0" not in ns.ip("-o", "link", "show").stdout
+
+
+def test_a_namespace_entered_without_ip_netns_exec_is_told_to_use_it(lab: Lab) -> None:
+    """nsenter --net (or systemd's NetworkNamespacePath=) puts no /etc/netns file in place:
+    with /etc/netns/NS/resolv.conf already written, the refusal told the user to write it,
+    which changed nothing; it says how to start `up` so that the file is used."""
+    ns = lab.netns("n")
+    res, upper = up_over_a_private_etc(
+        lab, ns, f"mkdir -p /etc/netns/{ns.name} && echo 'nameserver 192.0.2.53' "
+        f"> /etc/netns/{ns.name}/resolv.conf", "nsenter", f"--net=/run/netns/{ns.name}")
+    assert res.returncode == 1, res.stdout + res.stderr
+    message = " ".join(res.stderr.split())
+    assert "/etc/resolv.conf here is the machine's own" in message, message
+    assert "mkdir -p" not in message, message
+    assert (f"/etc/netns/{ns.name}/resolv.conf is there, but only `ip netns exec {ns.name}` "
+            "puts it over /etc/resolv.conf, and this process was not started by it (nsenter "
+            "or NetworkNamespacePath= do not): start `enclave up` with `ip netns exec "
+            f"{ns.name}`, or leave enclave.dns out of the profile.") in message, message
+    assert (upper / "resolv.conf").exists() is False  # the machine's own was left alone
+    assert "wg0" not in ns.ip("-o", "link", "show").stdout
+
+
+def test_a_link_to_nowhere_is_named_where_ip_netns_exec_could_not_bind(lab: Lab) -> None:
+    """/etc/resolv.conf a link whose target is gone (systemd-resolved stopped): `ip netns exec`
+    cannot bind the namespace's file over it and goes on, so the refusal must not say to
+    write a file that is already there, nor to use the `ip netns exec` that was used."""
+    ns = lab.netns("d")
+    gone = lab.tmp / "gone" / "stub-resolv.conf"
+    res, _ = up_over_a_private_etc(
+        lab, ns, f"mkdir -p /etc/netns/{ns.name} && echo 'nameserver 192.0.2.53' "
+        f"> /etc/netns/{ns.name}/resolv.conf && rm /etc/resolv.conf && ln -s {gone} "
+        "/etc/resolv.conf", "ip", "netns", "exec", ns.name)
+    assert res.returncode == 1, res.stdout + res.stderr
+    message = " ".join(res.stderr.split())
+    assert (f"/etc/netns/{ns.name}/resolv.conf is there, but /etc/resolv.conf is a link to "
+            f"{gone}, which does not exist, so `ip netns exec` could not put it over that: "
+            "make the link's target exist, or leave enclave.dns out of the profile.") in message
+    assert not gone.parent.exists()
+    assert "wg0" not in ns.ip("-o", "link", "show").stdout
+
+
+def test_the_refusal_s_fix_lets_up_through_where_resolv_conf_is_a_link(lab: Lab) -> None:
+    """What the refusal says to do works, where /etc/resolv.conf is systemd-resolved's kind of
+    link: `ip netns exec` binds the namespace's file over the link's target (mount(2) follows
+    it), where mountinfo shows the target, and `up` writes through the link into the
+    namespace's file, never into the target. The parent never answers (there is none)."""
+    ns = lab.netns("l")
+    stub = lab.tmp / "stub-resolv.conf"
+    stub.write_text("nameserver 127.0.0.53\n")
+    res, upper = up_over_a_private_etc(
+        lab, ns, f"mkdir -p /etc/netns/{ns.name} && echo 'nameserver 192.0.2.53' "
+        f"> /etc/netns/{ns.name}/resolv.conf && rm /etc/resolv.conf && ln -s {stub} "
+        "/etc/resolv.conf", "ip", "netns", "exec", ns.name, timeout=1)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "refusing to start" not in res.stderr, res.stderr
+    assert "no answer from the parent's control port" in res.stderr, res.stderr
+    assert stub.read_text() == "nameserver 127.0.0.53\n"
+    # (Not put back: only --outside-enclave keeps what was there.)
+    assert "nameserver 198.51.100.53" in (upper / "netns" / ns.name / "resolv.conf").read_text()
 
 
 def test_outside_enclave_comes_up_over_a_default_route_and_puts_resolv_conf_back(

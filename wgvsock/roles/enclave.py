@@ -62,6 +62,8 @@ log = logging.getLogger("wgvsock.enclave")
 
 # Where `ip netns` names network namespaces (iproute2's NETNS_RUN_DIR).
 NETNS_RUN_DIR = "/run/netns"
+# Where `ip netns exec NS` finds files to bind over /etc's (iproute2's NETNS_ETC_DIR).
+NETNS_ETC_DIR = "/etc/netns"
 
 HANDSHAKE_TIMEOUT = 60.0
 PERSISTENT_KEEPALIVE = 25
@@ -671,14 +673,27 @@ class Enclave:
         if defaults and not self.outside_enclave:
             raise EnclaveError(self._not_an_enclave(defaults))
         if self.profile.enclave.dns and (name := self._shared_resolv_conf()) is not None:
+            own = os.path.join(NETNS_ETC_DIR, name, "resolv.conf")
+            if not os.path.exists(own):
+                fix = (f"Give the namespace one of its own (mkdir -p {NETNS_ETC_DIR}/{name} and "
+                       f"write {own}, which `ip netns exec` puts over {self.resolv_conf})")
+            elif os.path.islink(self.resolv_conf) and not os.path.exists(self.resolv_conf):
+                # `ip netns exec` binds over what the link points to, and said it failed.
+                fix = (f"{own} is there, but {self.resolv_conf} is a link to "
+                       f"{os.readlink(self.resolv_conf)}, which does not exist, so `ip netns "
+                       "exec` could not put it over that: make the link's target exist")
+            else:
+                # nsenter --net, or systemd's NetworkNamespacePath=: no /etc/netns bind.
+                fix = (f"{own} is there, but only `ip netns exec {name}` puts it over "
+                       f"{self.resolv_conf}, and this process was not started by it (nsenter "
+                       f"or NetworkNamespacePath= do not): start `enclave up` with `ip netns "
+                       f"exec {name}`")
             raise EnclaveError(
                 f"refusing to start: this process runs in network namespace {name!r} (`ip "
                 f"netns exec {name}`), but {self.resolv_conf} here is the machine's own: "
                 "writing the profile's enclave.dns there would change the DNS of the whole "
-                "machine, and for good should `enclave up` be killed. Give the namespace one "
-                f"of its own (mkdir -p /etc/netns/{name} and write "
-                f"/etc/netns/{name}/resolv.conf, which `ip netns exec` puts over "
-                f"{self.resolv_conf}), or leave enclave.dns out of the profile.")
+                f"machine, and for good should `enclave up` be killed. {fix}, or leave "
+                "enclave.dns out of the profile.")
         return defaults
 
     def _shared_resolv_conf(self) -> str | None:
