@@ -109,6 +109,16 @@ def port_refused(transport, key: str, code: int | None, said: str) -> str:
                + (", a vsock-proxy" if transport.kind == "vsock" else "")
                + f"?): free it, or give this profile another transport.{key}"
                + (" or transport.path" if transport.kind == "unix" else ""))
+    elif code == errno.EACCES and transport.kind != "unix" and port < 1024:
+        # vsock reserves the ports below 1024 as TCP does: a parent with CAP_NET_ADMIN only
+        # may not bind them.
+        fix = (": a port below 1024 needs root (CAP_NET_BIND_SERVICE): run `parent up` as "
+               f"root, or give this profile a transport.{key} of 1024 or above")
+    elif code == errno.EADDRNOTAVAIL and transport.kind == "tcp":
+        fix = (f": {transport.host} is no address of this machine's (in this network "
+               "namespace): check transport.host")
+    elif transport.kind == "unix":
+        fix = f": check transport.path and transport.{key}"
     else:
         fix = f": check transport.{key}" + ("" if transport.kind == "vsock"
                                             else " and transport.host")
