@@ -223,7 +223,8 @@ def test_the_refusal_s_fix_lets_up_through_where_resolv_conf_is_a_link(lab: Lab)
     """What the refusal says to do works, where /etc/resolv.conf is systemd-resolved's kind of
     link: `ip netns exec` binds the namespace's file over the link's target (mount(2) follows
     it), where mountinfo shows the target, and `up` writes through the link into the
-    namespace's file, never into the target. The parent never answers (there is none)."""
+    namespace's file, never into the target, and puts it back as it ends. The parent never
+    answers (there is none)."""
     ns = lab.netns("l")
     stub = lab.tmp / "stub-resolv.conf"
     stub.write_text("nameserver 127.0.0.53\n")
@@ -235,8 +236,10 @@ def test_the_refusal_s_fix_lets_up_through_where_resolv_conf_is_a_link(lab: Lab)
     assert "refusing to start" not in res.stderr, res.stderr
     assert "no answer from the parent's control port" in res.stderr, res.stderr
     assert stub.read_text() == "nameserver 127.0.0.53\n"
-    # (Not put back: only --outside-enclave keeps what was there.)
-    assert "nameserver 198.51.100.53" in (upper / "netns" / ns.name / "resolv.conf").read_text()
+    # Put back, as --outside-enclave does: the namespace's other commands read it too, and
+    # the profile's nameservers answer only through the tunnel (it said "written by wgvsock").
+    assert (upper / "netns" / ns.name / "resolv.conf").read_text() == "nameserver 192.0.2.53\n"
+    assert "put /etc/resolv.conf back as it was" in res.stderr, res.stderr
 
 
 def test_outside_enclave_comes_up_over_a_default_route_and_puts_resolv_conf_back(

@@ -106,6 +106,25 @@ LIVENESS_EVERY = 1.0
 FROZEN_AFTER = 5.0
 
 
+def netns_name() -> str | None:
+    """The name `ip netns` gives the network namespace this process runs in, or None: its
+    /proc/self/ns/net is the same nsfs file as one under /run/netns. An enclave's, or a
+    container's, has none there."""
+    try:
+        ours = os.stat("/proc/self/ns/net")
+        names = os.listdir(NETNS_RUN_DIR)
+    except OSError:
+        return None
+    for name in names:
+        try:
+            st = os.stat(os.path.join(NETNS_RUN_DIR, name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+            return name
+    return None
+
+
 class EnclaveError(Exception):
     pass
 
@@ -703,19 +722,10 @@ class Enclave:
         made on a host (no default route, so refuse_a_host's first check passes) shares the
         host's /etc/resolv.conf. An enclave's namespace, or a container's, has no name under
         /run/netns (and docker mounts the container's own resolv.conf)."""
-        try:
-            ours = os.stat("/proc/self/ns/net")
-            names = os.listdir(NETNS_RUN_DIR)
-        except OSError:
+        name = netns_name()
+        if name is None or is_mount_point(self.resolv_conf):
             return None
-        for name in names:
-            try:
-                st = os.stat(os.path.join(NETNS_RUN_DIR, name))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
-                return None if is_mount_point(self.resolv_conf) else name
-        return None
+        return name
 
     def _taken(self) -> str:
         name = self.profile.interface
@@ -753,7 +763,9 @@ class Enclave:
             if defaults:
                 self._say_what_became_of(defaults)
             if p.enclave.dns:
-                if self.outside_enclave:
+                # A namespace of `ip netns`'s is no enclave either: its resolv.conf is the
+                # /etc/netns file the refusal above asked for, which its other commands read.
+                if self.outside_enclave or netns_name() is not None:
                     self._keep_resolv_conf()
                 netconf.write_resolv_conf(p.enclave.dns, self.resolv_conf)
         except BaseException:
