@@ -228,16 +228,19 @@ def test_enclave_usage_names_every_option_of_up(capsys):
 
 
 @pytest.mark.parametrize(("command", "said"), [
-    ("down", "nothing was stopped or removed: `down` reads the profile to know what is its own. "
-             "Fix it (or put back the file the parent was started with) and run `down` again"),
+    ("down", "nothing was stopped or removed: no parent runs from this file or under the name "
+             "it gives, and `down` reads the profile to know what else is its own. Fix it (or "
+             "put back the file the parent was started with) and run `down` again"),
     ("reload", "nothing was reloaded: a running parent goes on with the profile it read "
                "before"),
 ])
 def test_an_invalid_profile_says_what_down_and_reload_left_as_it_was(tmp_path, capsys,
-                                                                      command, said):
+                                                                      monkeypatch, command,
+                                                                      said):
     """A profile edited with a typo, then `parent down`: "invalid profile: ...: unknown key"
     and exit 1, with the parent still running and nothing saying so (nor, for `reload`, that
     the running parent was untouched)."""
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(tmp_path / "state"))  # no parent runs
     path = tmp_path / "p.yaml"
     path.write_text("name: x\nparent:\n  egress:\n    alow: [0.0.0.0/0]\n")
     assert cli.main(["parent", command, "--profile", str(path)]) == 1

@@ -724,3 +724,103 @@ def test_a_state_file_with_other_families_is_refused(state_dir: Path, families) 
     _write(state_dir, {**GOOD, "families": families})
     with pytest.raises(StateFileError, match="field 'families'"):
         State.load("pay")
+
+
+# -- `parent down` with a profile broken under its running parent ----------------------------
+# It said "nothing was stopped" and left the parent running: the state file the parent left
+# finds it (by the file it runs from, or the name the broken file still gives).
+
+BROKEN = "name: pay\nparent:\n  egress:\n    alow: [0.0.0.0/0]\n"
+
+# A stand-in parent: its command line names wgvsock (is_alive), and on SIGTERM it removes its
+# state file (argv[1]) as a parent stopping does.
+_STOPPING_PARENT = r"""
+import os, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: (os.unlink(sys.argv[1]), os._exit(0)))
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+@pytest.fixture
+def stoppable_parent(state_dir: Path) -> Iterator:
+    import subprocess
+    import sys
+
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str = "pay") -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", _STOPPING_PARENT,
+                                 str(state_dir / f"{name}.json"), "wgvsock"],
+                                stdout=subprocess.PIPE)
+        procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+def _running(state_dir: Path, name: str, pid: int, profile: Path, **more) -> None:
+    _write(state_dir, {**GOOD, "name": name, "pid": pid, "profile": str(profile),
+                       "started": state_mod.start_time(pid), **more}, name=name)
+
+
+@pytest.mark.parametrize("found_by", ["path", "name"])
+def test_down_with_a_broken_profile_stops_its_running_parent(
+        state_dir: Path, tmp_path: Path, capsys, stoppable_parent, found_by: str) -> None:
+    from wgvsock import cli
+
+    path = tmp_path / "pay.yaml"
+    path.write_text(BROKEN)
+    parent = stoppable_parent()
+    started_from = path if found_by == "path" else tmp_path / "elsewhere.yaml"
+    _running(state_dir, "pay", parent.pid, started_from)
+    assert cli.main(["parent", "down", "--profile", str(path)]) == 0
+    assert parent.wait(timeout=10) == 0
+    out, err = capsys.readouterr()
+    how = (f"running from {path}" if found_by == "path" else
+           f"of the name {path} gives, running from {started_from}")
+    assert out == (f"stopped the parent of profile 'pay' (pid {parent.pid}), found by its "
+                   f"state file {state_dir / 'pay.json'} ({how}): it removed what it had made "
+                   "as it stopped. Fix the profile before the next `up`\n")
+    assert err.startswith(f"invalid profile:\n{path}:4: parent.egress.alow: unknown key")
+
+
+def test_down_with_a_broken_profile_signals_no_pid_reused_by_another_process(
+        state_dir: Path, tmp_path: Path, capsys, live_parent: int) -> None:
+    from wgvsock import cli
+
+    path = tmp_path / "pay.yaml"
+    path.write_text(BROKEN)
+    # Its parent crashed, and the pid went to another process (another start time).
+    _running(state_dir, "pay", live_parent, path,
+             started=(state_mod.start_time(live_parent) or 0) + 1)
+    assert cli.main(["parent", "down", "--profile", str(path)]) == 1
+    assert os.path.exists(f"/proc/{live_parent}/cmdline")
+    assert os.waitpid(live_parent, os.WNOHANG) == (0, 0)  # not signalled
+    assert capsys.readouterr().err.endswith("nothing was stopped or removed: no parent runs "
+                                            "from this file or under the name it gives, and "
+                                            "`down` reads the profile to know what else is its "
+                                            "own. Fix it (or put back the file the parent was "
+                                            "started with) and run `down` again\n")
+
+
+def test_down_with_a_broken_profile_leading_to_two_parents_stops_neither(
+        state_dir: Path, tmp_path: Path, capsys, stoppable_parent) -> None:
+    from wgvsock import cli
+
+    path = tmp_path / "pay.yaml"
+    path.write_text(BROKEN)  # its parent runs as "old"; the file was renamed "pay" too
+    old, pay = stoppable_parent("old"), stoppable_parent("pay")
+    _running(state_dir, "old", old.pid, path)
+    _running(state_dir, "pay", pay.pid, tmp_path / "other.yaml")
+    assert cli.main(["parent", "down", "--profile", str(path)]) == 1
+    assert old.poll() is None and pay.poll() is None
+    assert capsys.readouterr().err.endswith(
+        f"wgvsock parent down: the parent running from {path} is profile 'old' (pid "
+        f"{old.pid}), but the file names 'pay', whose parent runs from {tmp_path / 'other.yaml'} "
+        f"(pid {pay.pid}): nothing was stopped. Fix the profile so that it says which, and run "
+        "`down` again\n")

@@ -16,6 +16,7 @@ import pytest
 
 from wgvsock.services import firewall
 
+from .daemonctl import process_gone
 from .netlab import wait_for
 from .test_ipv6 import DUAL_STACK_PROFILE, IPV6_ONLY_PROFILE
 from .test_roles import PROFILE, UNIX_TRANSPORT, World
@@ -311,6 +312,28 @@ def test_a_profile_renamed_under_its_running_parent_is_named_by_down_and_up(
         assert os.path.exists(f"/proc/{pid}")  # still running, and still its own
     w.profile.write_text(text)  # as said: the old name back, then `down`
     assert w.parent_cmd("down").stdout == f"stopped the parent (pid {pid})\n"
+
+
+def test_a_profile_broken_under_its_running_parent_still_stops_it(world: World) -> None:
+    """A typo in the file a parent runs from, then `down`: "invalid profile: ...; nothing was
+    stopped or removed", exit 1, the parent still running, and the fix ("put back the file")
+    needing the old text the operator may not have. The state file it left finds it now."""
+    w = world
+    w.parent_cmd("up")
+    pid = json.loads(state_file(w).read_text())["pid"]
+    w.profile.write_text(w.profile.read_text().replace("  egress:", "  egres:"))
+    res = w.parent_cmd("down", check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == (f"stopped the parent of profile '{w.name}' (pid {pid}), found by its "
+                          f"state file {state_file(w)} (running from {w.profile}): it removed "
+                          "what it had made as it stopped. Fix the profile before the next "
+                          "`up`\n")
+    assert res.stderr.startswith(f"invalid profile:\n{w.profile}:") and \
+        "unknown key 'egres'" in res.stderr, res.stderr
+    assert process_gone(pid)
+    assert not state_file(w).exists()
+    assert not firewall.exists(w.name, netns=w.parent.name)
+    assert w.parent.run("ip", "link", "show", "wg0", check=False).returncode != 0
 
 
 def test_a_second_profile_on_the_same_wireguard_port_is_told_which_key_to_change(

@@ -24,9 +24,9 @@ def _load(path: str, after: str = ""):
 
 # What an invalid profile left as it was, said after its problems.
 _NOT_LOADED = {
-    "down": "nothing was stopped or removed: `down` reads the profile to know what is its "
-            "own. Fix it (or put back the file the parent was started with) and run `down` "
-            "again",
+    "down": "nothing was stopped or removed: no parent runs from this file or under the "
+            "name it gives, and `down` reads the profile to know what else is its own. Fix it "
+            "(or put back the file the parent was started with) and run `down` again",
     "reload": "nothing was reloaded: a running parent goes on with the profile it read "
               "before",
 }
@@ -80,23 +80,14 @@ def parent_main(argv: list[str]) -> int:
                        help=_PROFILE_HELP + (" (the file the parent runs from)"
                                              if p is reload else ""))
     args = ap.parse_args(argv)
+    if args.cmd == "down":
+        return _down(args.profile)
     profile = _load(args.profile, _NOT_LOADED.get(args.cmd, ""))
     if profile is None:
         return 1
     from . import parent, state
     from .common import named
 
-    if args.cmd == "down":
-        try:
-            done, failed = parent.down(profile)
-        except parent.RoleError as e:
-            print(f"wgvsock parent down: {e}", file=sys.stderr)
-            return 1
-        if done or not failed:
-            print("\n".join(done) if done else f"{named(profile.name)}: nothing to remove")
-        for line in failed:
-            print(f"wgvsock parent down: {line}", file=sys.stderr)
-        return 1 if failed else 0
     if args.cmd == "doctor":
         return doctor(profile)
     if args.cmd == "reload":
@@ -176,6 +167,40 @@ def parent_main(argv: list[str]) -> int:
     if ready_fd is not None:
         follow_log()
     return parent.run_up(profile, ready_fd)
+
+
+def _down(path: str) -> int:
+    from ..services.profile import ProfileError, load_profile
+    from . import parent
+    from .common import named
+
+    try:
+        profile = load_profile(path)
+    except ProfileError as e:
+        # The file broken while its parent runs: that parent can still be stopped, by the
+        # state file it left (parent.down_unloaded).
+        print(f"invalid profile:\n{e}", file=sys.stderr)
+        try:
+            done, failed = parent.down_unloaded(path)
+        except parent.RoleError as e:
+            print(f"wgvsock parent down: {e}", file=sys.stderr)
+            return 1
+        if not done and not failed:
+            print(_NOT_LOADED["down"], file=sys.stderr)
+            return 1
+    else:
+        try:
+            done, failed = parent.down(profile)
+        except parent.RoleError as e:
+            print(f"wgvsock parent down: {e}", file=sys.stderr)
+            return 1
+        if not done and not failed:
+            done = [f"{named(profile.name)}: nothing to remove"]
+    if done:
+        print("\n".join(done))
+    for line in failed:
+        print(f"wgvsock parent down: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def doctor(profile) -> int:

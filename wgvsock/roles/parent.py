@@ -1872,15 +1872,8 @@ def down(profile) -> tuple[list[str], list[str]]:
         renamed(profile)
     ours_alive = False  # a parent of this profile that ignored SIGKILL so far
     if state is not None and state.running():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(state.pid, signal.SIGTERM)
-        if _wait_gone(state, 15):
-            done.append(f"stopped the parent (pid {state.pid})")
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.pid, signal.SIGKILL)
-            done.append(f"killed the parent (pid {state.pid}): it did not stop within 15 s")
-            ours_alive = not _wait_gone(state, 5)
+        stopped, ours_alive = _stop(state)
+        done.append(stopped)
     # Whatever a crashed `up` may have left behind:
     if profile.parent.enclave is not None:
         from ..services.nitro import NitroCli, enclave_name, terminate_leftovers
@@ -1969,6 +1962,58 @@ def down(profile) -> tuple[list[str], list[str]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return done, failed
+
+
+def _stop(state: State) -> tuple[str, bool]:
+    """SIGTERM to the running parent STATE names, SIGKILL if it has not stopped within 15 s:
+    what was done, and whether it still runs even so."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state.pid, signal.SIGTERM)
+    if _wait_gone(state, 15):
+        return f"stopped the parent (pid {state.pid})", False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state.pid, signal.SIGKILL)
+    return (f"killed the parent (pid {state.pid}): it did not stop within 15 s",
+            not _wait_gone(state, 5))
+
+
+def down_unloaded(path: str) -> tuple[list[str], list[str]]:
+    """`parent down` with a profile file that cannot be loaded (broken while its parent runs):
+    stops the parent running from PATH, or that of the name the file still gives, as its
+    state file says (state.parents_of_file: only a process that is still that parent is
+    signalled). A parent stopped by SIGTERM removes what it made itself; what else `down`
+    looks for (a crashed parent's leftovers) only the profile can say is its own, so nothing
+    else is touched. Returns what was done and what was not, both empty when no parent was
+    found. RoleError when the file leads to two parents."""
+    from ..services.profile import name_in
+    from .state import parents_of_file
+
+    found = parents_of_file(path, name_in(path))
+    if len(found) > 1:
+        by_path, by_name = found
+        raise RoleError(
+            f"the parent running from {path} is {named(by_path.name)} (pid {by_path.pid}), "
+            f"but the file names '{by_name.name}', whose parent runs from {by_name.profile} "
+            f"(pid {by_name.pid}): nothing was stopped. Fix the profile so that it says "
+            "which, and run `down` again")
+    if not found:
+        return [], []
+    state = found[0]
+    how = (f"running from {path}" if os.path.realpath(state.profile) == os.path.realpath(path)
+           else f"of the name {path} gives, running from {state.profile}")
+    what, alive = _stop(state)
+    what = what.replace("the parent", f"the parent of {named(state.name)}", 1)
+    where = f"found by its state file {State.path_for(state.name)} ({how})"
+    if alive or what.startswith("killed"):
+        return [], [f"{what}; {where}. What it made (interface {state.interface}, its "
+                    f"nftables table, the IP forwarding settings it changed) is left"
+                    + (" and it still runs" if alive else "") + ": fix the profile and run "
+                    "`down` again to remove it"]
+    if State.path_for(state.name).exists():
+        return [], [f"{what}, {where}, but it left its state file: it could not remove all "
+                    "it made (its log says what). Fix the profile and run `down` again"]
+    return [f"{what}, {where}: it removed what it had made as it stopped. Fix the profile "
+            "before the next `up`"], []
 
 
 def _wait_gone(state: State, seconds: float) -> bool:

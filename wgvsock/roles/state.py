@@ -548,6 +548,23 @@ def running_from(path: str) -> State | None:
     return None
 
 
+def parents_of_file(path: str, name: str | None) -> list[State]:
+    """The running parents of the profile file PATH that cannot be loaded (`parent down` with a
+    file broken under its parent): the one running from PATH (running_from), and the one of
+    profile NAME (what the file still says, if anything), as `down` finds it with a good file.
+    Each by a state file State.load trusts, naming a process that is still that parent
+    (State.running: its pid a wgvsock started when recorded). Two when they differ."""
+    found = []
+    if (by_path := running_from(path)) is not None:
+        found.append(by_path)
+    if name is not None and (by_path is None or by_path.name != name):
+        with contextlib.suppress(RoleError):
+            state = State.load(name)
+            if state is not None and state.running():
+                found.append(state)
+    return found
+
+
 def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
     """`wgvsock parent reload`: signals the running parent of PROFILE and waits for the
     outcome it records. PROFILE must be the file it runs from (that is what it re-reads).

@@ -2092,6 +2092,23 @@ def load_profile_digest(path: str | os.PathLike[str]) -> tuple[Profile, str]:
     return parse_profile(text, str(path)), hashlib.sha256(data).hexdigest()
 
 
+def name_in(path: str | os.PathLike[str]) -> str | None:
+    """The `name:` of the profile at PATH when the file is one load_profile refuses but that
+    still says a valid name (a typo elsewhere): what `parent down` finds a running parent by.
+    None when it says none."""
+    try:
+        root = yaml.compose(_read_profile(path)[1], Loader=_Loader)
+    except (ProfileError, yaml.YAMLError, RecursionError):
+        return None
+    if not isinstance(root, MappingNode):
+        return None
+    for key, value in root.value:
+        if key.value == "name" and isinstance(value, ScalarNode):
+            text = value.value
+            return text if NAME_RE.fullmatch(text) and text != "forwarding" else None
+    return None
+
+
 def _read_profile(path: str | os.PathLike[str]) -> tuple[bytes, str]:
     """The bytes of the profile at PATH and their text. Every failure is a ProfileError."""
     name = str(path)
