@@ -90,6 +90,20 @@ def test_pin_parent_cli_from_the_profiles_key_file(tmp_path, capsys):
         public_key(other_key))
 
 
+def test_pin_parent_says_which_pin_it_replaced(tmp_path, capsys):
+    """A profile pinned already, pinned again with another key: it said only the new key, and
+    the old one (which the images built so far hold) was gone without a word."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"name: a\nparent:\n  public_key: {OTHER}\n")
+    assert cli.main(["profile", "pin-parent", str(profile), "--public-key", PUB]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{profile}: parent.public_key: {PUB} (replaced the earlier pin {OTHER}, which images "
+        "built before still hold)")
+    assert cli.main(["profile", "pin-parent", str(profile), "--public-key", PUB]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == \
+        f"{profile}: parent.public_key: {PUB} (already pinned)"
+
+
 def test_pin_parent_writes_through_a_symlink_to_the_profile(tmp_path, capsys):
     # The new text replaced the link with a file of its own: the profile it pointed to (the
     # one the image is built from) stayed unpinned while the command said it was pinned.

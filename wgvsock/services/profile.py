@@ -3042,7 +3042,13 @@ def main_pin_parent(argv: Sequence[str], prog: str = "wgvsock profile pin-parent
                 else args.file
             print(f"{prog}: cannot write {where}: {e.strerror or e}", file=sys.stderr)
             return 1
+    # A pin that was there is said: it may be the key of the parent the images built so far
+    # run with (--key-file of a test key given to a production profile, say), and those images
+    # keep refusing any other.
+    old = profile.parent.public_key
     print(f"{args.file}: parent.public_key: {key}"
-          + (" (already pinned)" if new == text else ""))
+          + (" (already pinned)" if new == text else
+             f" (replaced the earlier pin {old}, which images built before still hold)"
+             if old else ""))
     print("rebuild the enclave image so the pin is part of it (and of its PCRs)")
     return 0
