@@ -824,3 +824,42 @@ def test_down_with_a_broken_profile_leading_to_two_parents_stops_neither(
         f"{old.pid}), but the file names 'pay', whose parent runs from {tmp_path / 'other.yaml'} "
         f"(pid {pay.pid}): nothing was stopped. Fix the profile so that it says which, and run "
         "`down` again\n")
+
+
+# -- the doctor's row of the running parent ---------------------------------------------------
+# `parent doctor` had none: whether the profile's parent ran, as what pid, was for `ps` to say.
+
+
+def test_the_doctor_says_whether_the_profiles_parent_runs(
+        state_dir: Path, tmp_path: Path, live_parent: int) -> None:
+    import time
+
+    from wgvsock.roles.parent import running_check
+    from wgvsock.services.profile import load_profile
+
+    path = tmp_path / "pay.yaml"
+    path.write_text("name: pay\n")
+    profile = load_profile(path)
+    check = running_check(profile)
+    assert (check.name, check.ok, check.detail) == (
+        "parent", None, f"not running: no state file {state_dir / 'pay.json'} (start it with "
+        f"`wgvsock parent up --profile {path}`)")
+    began = state_mod.started_at(live_parent, 0)
+    assert began is not None
+    _running(state_dir, "pay", live_parent, path)
+    check = running_check(profile)
+    since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(began))
+    assert (check.ok, check.warning, check.detail) == (
+        True, False, f"up: pid {live_parent} since {since}, running from {path}")
+    # Its pid gone to another process: crashed.
+    _running(state_dir, "pay", live_parent, path,
+             started=(state_mod.start_time(live_parent) or 0) + 1)
+    check = running_check(profile)
+    assert (check.ok, check.warning) == (True, True)
+    assert check.detail == (f"not running, but its state file {state_dir / 'pay.json'} is "
+                            f"left, naming pid {live_parent} (it crashed or was killed): `up` "
+                            f"takes over what it left, `wgvsock parent down --profile {path}` "
+                            "removes it")
+    _write(state_dir, "{")
+    check = running_check(profile)
+    assert check.ok is False and "is not valid JSON" in check.detail, check.detail

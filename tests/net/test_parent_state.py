@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,6 +335,22 @@ def test_a_profile_broken_under_its_running_parent_still_stops_it(world: World) 
     assert not state_file(w).exists()
     assert not firewall.exists(w.name, netns=w.parent.name)
     assert w.parent.run("ip", "link", "show", "wg0", check=False).returncode != 0
+
+
+def test_the_doctor_names_the_running_parent(world: World) -> None:
+    """`parent doctor` had no row saying whether the profile's parent runs now."""
+    w = world
+    w.parent_cmd("up")
+    pid = json.loads(state_file(w).read_text())["pid"]
+    w.env["COLUMNS"] = "1000"
+    row = next(line for line in w.parent_cmd("doctor", check=False).stdout.splitlines()
+               if re.match(r"│ parent +│", line))
+    assert "ready" in row and f"up: pid {pid} since " in row, row
+    assert f"running from {w.profile}" in row, row
+    w.parent_cmd("down")
+    row = next(line for line in w.parent_cmd("doctor", check=False).stdout.splitlines()
+               if re.match(r"│ parent +│", line))
+    assert "n/a" in row and f"not running: no state file {state_file(w)}" in row, row
 
 
 def test_a_second_profile_on_the_same_wireguard_port_is_told_which_key_to_change(

@@ -225,9 +225,10 @@ def doctor(profile) -> int:
         local_checks,
         metrics_port_check,
         parent_key_check,
+        running_check,
     )
 
-    checks = local_checks(profile)
+    checks = [running_check(profile), *local_checks(profile)]
     checks.append(parent_key_check(profile))
     routes = local_routes(exclude_interface=profile.interface)
     problems = check_host(profile, local_networks(exclude_interface=profile.interface), routes)

@@ -70,6 +70,7 @@ from .state import (
     request_path,
     restore_forwarding,
     start_time,
+    started_at,
     state_directory,
 )
 
@@ -190,6 +191,39 @@ def state_dir_check() -> Check:
     except RoleError as e:
         return Check("state directory", False, str(e))
     return Check("state directory", True, f"only root or this user can change {directory}")
+
+
+def running_check(profile) -> Check:
+    """Whether PROFILE's parent runs now, as `up`, `down` and `reload` find it: by its state
+    file, the process it names checked to be that parent still (State.running)."""
+    try:
+        state = State.load(profile.name)
+    except RoleError as e:  # `up` refuses it too, and `down` says what it does about it
+        return Check("parent", False, str(e))
+    if state is None:
+        try:
+            renamed(profile)
+        except RoleError as e:
+            return Check("parent", False, str(e))
+        return Check("parent", None, f"not running: no state file {State.path_for(profile.name)}"
+                     f" (start it with `wgvsock parent up --profile {profile.path}`)")
+    if not state.running():
+        return Check("parent", True, f"not running, but its state file "
+                     f"{State.path_for(profile.name)} is left, naming pid {state.pid} (it "
+                     f"crashed or was killed): `up` takes over what it left, `wgvsock parent "
+                     f"down --profile {profile.path}` removes it", warning=True)
+    began = started_at(state.pid, state.started)
+    since = (time.strftime(" since %Y-%m-%d %H:%M:%S %Z", time.localtime(began))
+             if began is not None else "")
+    detail = f"up: pid {state.pid}{since}, running from {state.profile}"
+    elsewhere = os.path.realpath(state.profile) != os.path.realpath(profile.path)
+    if elsewhere:  # `reload` with this file is refused
+        detail += f", not {profile.path}: edit that one to reload it"
+    replaced = state.code_replaced()
+    if replaced:
+        detail += ("; wgvsock's files changed after it started: it still runs the wgvsock it "
+                   "started with until restarted")
+    return Check("parent", True, detail, warning=elsewhere or replaced)
 
 
 def _socket_dirs_check(profile) -> Check:
