@@ -12,6 +12,7 @@ import os
 import pwd
 import random
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -1967,6 +1968,50 @@ def test_a_format_an_unseen_binfmt_misc_entry_takes_is_left_to_the_exec(place) -
     assert ran == [None, None], ran  # the exec ran it, through the entry it cannot see
     said, got = missing
     assert got == errno.ENOENT and said is not None and said[0] == 127, missing
+
+
+# Names a command the check suggests would take apart unquoted: a blank (two files), a quote
+# (an unclosed string), a `;` and a $(...) (another command run).
+_AWKWARD = ["my app", "it's", "a;touch b", "$(touch b)"]
+
+
+def _run_fix(said: str, before: str, after: str | None, where: Path) -> None:
+    """Runs, with sh in WHERE, the command SAID gives between BEFORE and AFTER (its end)."""
+    fix = said.split(before, 1)[1]
+    fix = fix.split(after, 1)[0] if after else fix
+    subprocess.run(["sh", "-c", fix], cwd=where, check=True, timeout=30)
+
+
+@pytest.mark.parametrize("name", _AWKWARD)
+def test_the_fixes_the_check_gives_fix_that_file_whatever_its_name(place, name) -> None:
+    """The sed -i and chmod +x it said named the path unquoted: for "my app", `chmod +x
+    /tmp/x/my app` was a chmod of /tmp/x/my and ./app; for "it's" the shell waited for the
+    quote to close; "a;touch b" ran touch. Each, run as given, now fixes that file alone."""
+    app = _file(place / name, "#!/bin/sh\r\necho hi\r\n")
+    said = _agrees([str(app)], None)
+    assert said is not None and "Windows (CRLF) line endings" in said[1], said
+    _run_fix(said[1], "convert the file to Unix line endings: ", " (or dos2unix ", place)
+    assert app.read_bytes() == b"#!/bin/sh\necho hi\n"
+    app.chmod(0o644)
+    said = _agrees([str(app)], None)
+    assert said is not None and said[1].endswith(f"in the image, chmod +x {shlex.quote(str(app))}")
+    _run_fix(said[1], "in the image, ", None, place)
+    assert _agrees([str(app)], None) is None
+    assert os.listdir(place) == [name]  # nothing else made or changed
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", _AWKWARD)
+def test_the_fix_for_a_cmd_the_user_may_not_run_fixes_that_file_whatever_its_name(
+        place, name) -> None:
+    user = cmd.Credentials(4242, 4243)
+    app = _true(place / name)
+    app.chmod(0o744)
+    said = _agrees([str(app)], user)
+    assert said is not None and "is not executable by enclave.user" in said[1], said
+    _run_fix(said[1], "in the image, ", ", or give it to that user", place)
+    assert _agrees([str(app)], user) is None
+    assert os.listdir(place) == [name]
 
 
 @pytest.mark.parametrize("how", ["crlf", "elf"])

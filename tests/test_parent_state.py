@@ -299,6 +299,27 @@ def test_a_state_directory_others_may_write_is_refused(state_dir: Path, mode: in
     assert sorted(p.name for p in state_dir.iterdir()) == ["pay.json"]  # nothing written
 
 
+@pytest.mark.parametrize("name", ["st ate", "it's", "a;touch b"])
+def test_the_chmod_said_of_a_shared_state_directory_fixes_it_whatever_its_name(
+        monkeypatch, tmp_path: Path, name: str) -> None:
+    """`chmod go-w DIR` named the directory unquoted: with a blank in its name it chmodded two
+    others, with a quote it was no command at all."""
+    import shlex
+    import subprocess
+
+    d = tmp_path / name
+    d.mkdir(mode=0o700)
+    d.chmod(0o777)
+    monkeypatch.setenv("WGVSOCK_STATE_DIR", str(d))
+    with pytest.raises(StateFileError) as e:
+        State.load("pay")
+    fix = f"chmod go-w {shlex.quote(str(d))}"
+    assert f"`{fix}`" in str(e.value), str(e.value)
+    subprocess.run(["sh", "-c", fix], cwd=tmp_path, check=True, timeout=30)
+    assert State.load("pay") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_a_directory_above_the_state_directory_others_may_write_is_refused(
         state_dir: Path) -> None:
     _write(state_dir, GOOD)

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.unsayable import Unsayable
-from wgvsock.safetext import error, message, prose, quote, without_userinfo
+from wgvsock.safetext import error, message, prose, quote, shell, without_userinfo
 
 
 def test_prose_keeps_a_plain_sentence_as_it_reads() -> None:
@@ -118,3 +120,20 @@ def test_quote_of_small_values_is_their_repr() -> None:
         assert quote(v, 200) == repr(v)
     assert quote([1] * 100, 10) == "[1, 1, 1, ... (300 chars)"
     assert quote(ValueError("x")) == "<ValueError object>"
+
+
+@pytest.mark.parametrize("word", [
+    "/app/run", "/app/my app", "/app/it's", "/a;touch b", "$(touch b)", "-x", "",
+    "/app/run\r", "a\\b\tc\n", "/app/\x01\x7f\u0085", os.fsdecode(b"/app/\xff\xfe"), "/app/é",
+])
+def test_shell_gives_a_word_bash_takes_as_that_one_word(word: str, tmp_path) -> None:
+    """The commands a message gives to copy named paths unquoted (`chmod go-w /run/my dir`
+    chmods two others). What cannot be printed is escaped: a raw carriage return in the
+    message would hide what comes before it on the terminal."""
+    quoted = shell(word)
+    assert quoted.isprintable(), quoted
+    res = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True,
+                         cwd=tmp_path, check=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    assert res.stdout == os.fsencode(word)
+    assert list(tmp_path.iterdir()) == []
+    assert shell("/app/run") == "/app/run"  # as it was, where nothing needs quoting

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .acl import ACL_GROUP, ACL_GROUP_OBJ, ACL_USER, ACL_WRITE, read_acl
 from .pathwalk import Fault, Replaceable, names, resolve, user_name
-from .safetext import message, prose, quote
+from .safetext import message, prose, quote, shell
 from .stdout import guarded
 
 if TYPE_CHECKING:
@@ -492,7 +492,7 @@ def _open_in(path: str, dir_fd: int, name: str, me: int, shared: bool) -> int:
                 f"{ENV_LOG_FILE}={prose(path, 200)} is writable by {why} (mode "
                 f"{stat.S_IMODE(st.st_mode):o}): they could write lines of their own into "
                 "this daemon's log, or empty it, and so forge or erase what it records. "
-                f"`chmod {_chmod_bits(st, why)}-w {prose(path, 200)}`")
+                f"`chmod {_chmod_bits(st, why)}-w {shell(path)}`")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

@@ -14,6 +14,8 @@ import pwd
 import stat
 from dataclasses import dataclass
 
+from .safetext import shell
+
 # As the kernel's limit on links followed in one lookup (MAXSYMLINKS).
 MAX_LINKS = 40
 
@@ -39,11 +41,12 @@ class Fault:
             if stat.S_ISLNK(self.st.st_mode):
                 # chown without -h changes where the link leads, not the link.
                 return (f"is a symbolic link owned by uid {self.st.st_uid}",
-                        f"chown -h {user} {self.step}")
-            return f"is owned by uid {self.st.st_uid}", f"chown {user} {self.step}"
+                        f"chown -h {user} {shell(str(self.step))}")
+            return f"is owned by uid {self.st.st_uid}", f"chown {user} {shell(str(self.step))}"
         mode = self.st.st_mode
         who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if mode & bit)
-        return f"is writable by {who} (mode {stat.S_IMODE(mode):o})", f"chmod go-w {self.step}"
+        return (f"is writable by {who} (mode {stat.S_IMODE(mode):o})",
+                f"chmod go-w {shell(str(self.step))}")
 
 
 class Replaceable(PermissionError):

@@ -17,7 +17,11 @@ second exception where the first was being handled. `message(exc)` is its messag
 as it is, for a line that has always shown that (an error of our own, worded for the user),
 with error's words only when it cannot be made.
 
-A fourth, `without_userinfo(text)`, cuts the user name and password out of every URL in a
+`shell(word)` is a word (a path) of a command a message gives to copy and run, quoted so the
+shell takes it as that one word: a path with a blank, a quote or a `;` in it would otherwise
+make another command, one that chmods the wrong file, say.
+
+A fifth, `without_userinfo(text)`, cuts the user name and password out of every URL in a
 text (https://user:pass@host/ is shown https://***@host/): an endpoint the operator set may
 carry them, and a message naming it goes to the terminal and the journal.
 
@@ -36,10 +40,11 @@ import enum
 import fractions
 import ipaddress
 import re
+import shlex
 import uuid
 from collections.abc import Callable, Mapping, Sequence, Set
 
-__all__ = ["error", "message", "prose", "quote", "without_userinfo"]
+__all__ = ["error", "message", "prose", "quote", "shell", "without_userinfo"]
 
 # How much of a container is written before it is cut, in characters and levels.
 _WALK = 4096
@@ -184,6 +189,32 @@ def message(exc: BaseException) -> str:
     except Exception:
         return error(exc)
     return text or prose(type(exc).__name__, 80)
+
+
+_SHELL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\", "'": "\\'"}
+
+
+def shell(word: str) -> str:
+    """WORD as one word of a shell command to copy: bare when it needs no quoting, else in
+    single quotes (shlex.quote). One holding what cannot be printed (a carriage return, a
+    byte that is not UTF-8, as os.fsdecode gives it) is written $'...' with that escaped, as
+    bash, zsh, ksh and busybox's sh read it: printed raw, it would break the message's line
+    and never be copied right."""
+    if word.isprintable():
+        return shlex.quote(word)
+    out = []
+    for c in word:
+        n = ord(c)
+        if c in _SHELL_ESCAPES:
+            out.append(_SHELL_ESCAPES[c])
+        elif c.isprintable():
+            out.append(c)
+        elif 0xDC80 <= n <= 0xDCFF:  # surrogateescape: the byte itself
+            out.append(f"\\x{n - 0xDC00:02x}")
+        else:
+            out.append(f"\\x{n:02x}" if n < 0x80 else f"\\u{n:04x}" if n < 0x10000
+                       else f"\\U{n:08x}")
+    return "$'" + "".join(out) + "'"
 
 
 # A URL's scheme and authority up to the last "@" before its path, query or fragment: the

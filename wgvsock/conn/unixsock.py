@@ -13,6 +13,7 @@ import socket
 import stat
 
 from ..pathwalk import MAX_LINKS, Fault, Replaceable, names, resolve
+from ..safetext import shell
 
 
 def answered(path: str) -> bool:
@@ -107,11 +108,11 @@ def _unfit(path: str, st: os.stat_result, me: int, listable: bool) -> tuple[str,
     owners = dict.fromkeys((0, me) if listable else (me,))
     if st.st_uid not in owners:
         return (f"is owned by uid {st.st_uid}, not {' or '.join(map(str, owners))}",
-                _OWN if shared else f"`chown {me} {path}`, or {_OWN}")
+                _OWN if shared else f"`chown {me} {shell(path)}`, or {_OWN}")
     what, chmod = (("writable by", "go-w") if listable else ("open to", "700"))
     if mode & (0o022 if listable else 0o077):
         return (f"has mode {mode:04o}, {what} other users",
-                _OWN if shared else f"`chmod {chmod} {path}`, or {_OWN}")
+                _OWN if shared else f"`chmod {chmod} {shell(path)}`, or {_OWN}")
     return "", ""
 
 

@@ -36,7 +36,7 @@ from ..device import netconf
 from ..device.device import Device
 from ..mountinfo import is_mount_point, mount_of
 from ..nodump import forbid_core_dumps
-from ..safetext import error, message
+from ..safetext import error, message, shell
 from ..services import firewall
 from ..services.control import (
     ControlError,
@@ -290,9 +290,9 @@ def _open_refuses(path: str, user: cmd.Credentials | None,
     if user is None:
         if not os.access(path, os.X_OK):
             return errno.EACCES, (
-                f"not executable ({_mode(st)}); in the image, chmod +x {_shown(path)}"
+                f"not executable ({_mode(st)}); in the image, chmod +x {shell(path)}"
                 if subject is None else f"{subject} ({_mode(st)}) is not executable; in the "
-                f"image, chmod +x {_shown(path)}")
+                f"image, chmod +x {shell(path)}")
     elif refused := _refusal(path, st, user):
         return errno.EACCES, (f"{subject or path} ({refused[0]}) is not executable by "
                               f"{_who(user)}; in the image, {refused[1]}, or give it to that "
@@ -375,7 +375,8 @@ def _interpreter_refuses(path: str, script: binfmt.Script, user: cmd.Credentials
         return code, (
             f"{path} has Windows (CRLF) line endings: its #! line names the interpreter "
             f"{shown}, with a carriage return at the end, which does not exist; convert the "
-            f"file to Unix line endings: sed -i 's/\\r$//' {path} (or dos2unix {path})")
+            f"file to Unix line endings: sed -i 's/\\r$//' {shell(path)} (or dos2unix "
+            f"{shell(path)})")
     return code, (f"{path} is a script whose interpreter {shown} (its #! line) is not in "
                   f"this image: {os.strerror(code)}; install it, or change the #! line")
 
@@ -470,8 +471,8 @@ def _refusal(path: str, st: os.stat_result,
         return None
     if entries and st.st_uid != user.uid:
         return (f"{_mode(st)}, ACL {cmd.acl_text(entries)}",
-                f"setfacl -m u:{user.uid}:rx {path}")
-    return _mode(st), f"chmod {_class(st, user)}+x {path}"
+                f"setfacl -m u:{user.uid}:rx {shell(path)}")
+    return _mode(st), f"chmod {_class(st, user)}+x {shell(path)}"
 
 
 def _searched(path: str) -> list[str]:
@@ -694,7 +695,8 @@ class Enclave:
         if self.profile.enclave.dns and (name := self._shared_resolv_conf()) is not None:
             own = os.path.join(NETNS_ETC_DIR, name, "resolv.conf")
             if not os.path.exists(own):
-                fix = (f"Give the namespace one of its own (mkdir -p {NETNS_ETC_DIR}/{name} and "
+                fix = (f"Give the namespace one of its own (mkdir -p "
+                       f"{shell(os.path.join(NETNS_ETC_DIR, name))} and "
                        f"write {own}, which `ip netns exec` puts over {self.resolv_conf})")
             elif os.path.islink(self.resolv_conf) and not os.path.exists(self.resolv_conf):
                 # `ip netns exec` binds over what the link points to, and said it failed.
@@ -706,7 +708,7 @@ class Enclave:
                 fix = (f"{own} is there, but only `ip netns exec {name}` puts it over "
                        f"{self.resolv_conf}, and this process was not started by it (nsenter "
                        f"or NetworkNamespacePath= do not): start `enclave up` with `ip netns "
-                       f"exec {name}`")
+                       f"exec {shell(name)}`")
             raise EnclaveError(
                 f"refusing to start: this process runs in network namespace {name!r} (`ip "
                 f"netns exec {name}`), but {self.resolv_conf} here is the machine's own: "

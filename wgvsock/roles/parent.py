@@ -35,7 +35,7 @@ from ..device.uapi import UAPIError
 from ..nodump import forbid_core_dumps
 from ..pathwalk import Replaceable, keepers, walk
 from ..regular import read_regular
-from ..safetext import error, message, prose
+from ..safetext import error, message, prose, shell
 from ..sdnotify import Notifier, Watchdog
 from ..services import firewall
 from ..services.control import (
@@ -206,12 +206,12 @@ def running_check(profile) -> Check:
         except RoleError as e:
             return Check("parent", False, str(e))
         return Check("parent", None, f"not running: no state file {State.path_for(profile.name)}"
-                     f" (start it with `wgvsock parent up --profile {profile.path}`)")
+                     f" (start it with `wgvsock parent up --profile {shell(profile.path)}`)")
     if not state.running():
         return Check("parent", True, f"not running, but its state file "
                      f"{State.path_for(profile.name)} is left, naming pid {state.pid} (it "
                      f"crashed or was killed): `up` takes over what it left, `wgvsock parent "
-                     f"down --profile {profile.path}` removes it", warning=True)
+                     f"down --profile {shell(profile.path)}` removes it", warning=True)
     began = started_at(state.pid, state.started)
     since = (time.strftime(" since %Y-%m-%d %H:%M:%S %Z", time.localtime(began))
              if began is not None else "")
@@ -531,7 +531,8 @@ def _read_only_fix(instead: str, target: Path) -> str:
     if there != Path("/"):
         alt = ", or " + add.format(there)
     elif target != there:
-        alt = f", or make {target} first (`mkdir -p -m 0700 {target}`) and " + add.format(target)
+        alt = (f", or make {target} first (`mkdir -p -m 0700 {shell(str(target))}`) and "
+               + add.format(target))
     else:
         alt = ""
     return f" (under wgvsock-parent@.service {instead}{alt})"
@@ -607,8 +608,8 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
         if not create:
             # `wgvsock genkey`, not `wg genkey`: wireguard-tools need not be installed.
             raise RoleError(f"private key {path} does not exist (make one with `wgvsock genkey "
-                            f"| install -m 0600 /dev/stdin {path}`, or let `wgvsock parent up` "
-                            "create it)")
+                            f"| install -m 0600 /dev/stdin {shell(str(path))}`, or let "
+                            "`wgvsock parent up` create it)")
         # Each missing directory 0700, not only the last (Path.mkdir's parents= makes the
         # others 0777 less the umask): one others may write lets them put a directory of
         # their own in the key's way.
@@ -630,8 +631,8 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
     st = path.stat()
     if st.st_uid not in (0, os.geteuid()):
         raise RoleError(f"private key {path} is owned by uid {st.st_uid}, not by root or this "
-                        f"user (uid {os.geteuid()}): chown root:root {path}, after checking "
-                        "that the key in it is yours")
+                        f"user (uid {os.geteuid()}): chown root:root {shell(str(path))}, after "
+                        "checking that the key in it is yours")
     mode = st.st_mode & 0o777
     if mode & 0o077:
         # Named as it is: a key others may write (0620) is not one they may read, but whoever
@@ -639,7 +640,7 @@ def load_parent_key(spec: str, *, create: bool = True) -> bytes:
         how = " and ".join(w for bits, w in ((0o044, "readable"), (0o022, "writable"))
                            if mode & bits) or "open"
         raise RoleError(f"private key {path} is {how} by others (mode {mode:o}): "
-                        f"chmod 600 {path}")
+                        f"chmod 600 {shell(str(path))}")
     try:
         # A key is 45 bytes: a bound keeps /dev/zero and the like out, as the read of a
         # regular file only keeps a FIFO from blocking the start.
@@ -665,12 +666,12 @@ def check_pinned_key(profile, key: bytes) -> None:
                         f"{profile.parent.private_key} itself, not its public key: anyone who "
                         "reads the profile (or the enclave image built from it) has the key. "
                         "Make a new key, then pin its public key with "
-                        f"`wgvsock profile pin-parent {profile.path}` and rebuild the image")
+                        f"`wgvsock profile pin-parent {shell(profile.path)}` and rebuild the image")
     if own != pinned:
         raise RoleError(f"the private key {profile.parent.private_key} has public key {own}, "
                         f"but the profile pins parent.public_key {pinned}: the enclave would "
                         "refuse this parent. Restore the matching key, or pin this one with "
-                        f"`wgvsock profile pin-parent {profile.path}` and rebuild the image")
+                        f"`wgvsock profile pin-parent {shell(profile.path)}` and rebuild the image")
 
 
 def _missing_pinned_key(profile) -> str:
@@ -1126,7 +1127,7 @@ class Parent:
         if state.newer_fields:
             # Taking it over would lose the record of what only that release can undo.
             raise RoleError(f"{state.newer_note()} yet, and its parent (pid {state.pid}) is "
-                            f"gone: run `wgvsock parent down --profile {self.profile.path}` "
+                            f"gone: run `wgvsock parent down --profile {shell(self.profile.path)}` "
                             f"first, which undoes what it knows of and names the rest")
         return dict(state.forwarding)
 
@@ -1660,8 +1661,8 @@ def renamed(profile, *, its_interface: bool = False) -> None:
             f"the parent running from {profile.path} is profile {other.name!r} (pid "
             f"{other.pid}); the file now names {profile.name!r} (line "
             f"{profile.line_of('name')}): a new name needs that parent stopped first. Put the "
-            f"old name back, run `wgvsock parent down --profile {profile.path}`, then the new "
-            "name and `up`")
+            f"old name back, run `wgvsock parent down --profile {shell(profile.path)}`, then "
+            "the new name and `up`")
 
 
 def _interface_taken(profile) -> str:

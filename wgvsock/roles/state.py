@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..pathwalk import Replaceable, keepers, walk
+from ..safetext import shell
 from ..services import firewall
 from .common import RoleError, is_alive, named, state_dir
 
@@ -264,7 +265,7 @@ def state_directory(make: bool = False) -> Path:
     if st.st_mode & 0o022:  # sticky, or walk would have said so
         mode = stat.S_IMODE(st.st_mode)
         raise refuse(real, f"is shared (mode {mode:o}): anyone may add files to it",
-                     f"`chmod go-w {real}` if it is wgvsock's own; a shared directory "
+                     f"`chmod go-w {shell(str(real))}` if it is wgvsock's own; a shared directory "
                      "such as /tmp is no place for them")
     return directory
 
@@ -580,7 +581,7 @@ def request_reload(profile, timeout: float = 60.0) -> tuple[bool, str]:
                             f"{profile.line_of('name')}): a new name needs `wgvsock parent "
                             f"down` and `up`, or put the old name back")
         raise RoleError(f"{named(profile.name)} is not up: start it with "
-                        f"`wgvsock parent up --profile {profile.path}`")
+                        f"`wgvsock parent up --profile {shell(profile.path)}`")
     if os.path.realpath(state.profile) != os.path.realpath(profile.path):
         raise RoleError(f"the running parent of {named(profile.name)} reads {state.profile}, "
                         f"not {profile.path}: edit that file and reload, or run `parent down` "
@@ -650,7 +651,7 @@ def running_code_note(profile) -> str:
         if state is not None and state.running() and state.code_replaced():
             return (f"note: wgvsock's files changed after pid {state.pid} started (an upgrade or "
                     f"downgrade): it still runs the wgvsock it started with. To run this one, "
-                    f"restart it: `wgvsock parent down --profile {profile.path}` and `up` "
+                    f"restart it: `wgvsock parent down --profile {shell(profile.path)}` and `up` "
                     f"again, or `systemctl restart wgvsock-parent@{profile.name}` under "
                     f"systemd; the enclave registers again within seconds")
     return ""
