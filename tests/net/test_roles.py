@@ -254,6 +254,29 @@ def test_parent_down_leaves_nothing(world: World) -> None:
     assert f"profile '{world.name}': nothing to remove" in world.parent_cmd("down").stdout
 
 
+@pytest.mark.parametrize("logged", [True, False], ids=["log-file", "no-log-file"])
+def test_a_background_up_says_what_came_up_and_where_it_logs(world: World,
+                                                             logged: bool) -> None:
+    """`parent up` without -f returned 0 and printed nothing, and without $WGVSOCK_LOG_FILE
+    its log went nowhere unsaid. And the log said the WireGuard port three ways: "listening
+    on port 57193", "interface wg0 up: ..., port 57193", then "listening on port 51820 ...
+    instead" (a port the system picked, then the profile's)."""
+    log = world.lab.tmp / "parent.log"
+    if logged:
+        world.parent_env["WGVSOCK_LOG_FILE"] = str(log)
+    res = world.parent_cmd("up")
+    pid = json.loads((world.lab.tmp / "state" / f"{world.name}.json").read_text())["pid"]
+    where = (f"logging to {log}" if logged else "logging nowhere: WGVSOCK_LOG_FILE is unset "
+             "(set it to keep the log, or run `up -f`, which logs to stderr)")
+    if logged:
+        ports = [line for line in log.read_text().splitlines() if " port " in line]
+        assert ports and all("port 51820" in line for line in ports), ports
+        assert not any("instead" in line for line in ports), ports
+    assert res.stdout == f"profile '{world.name}' is up on wg0 (pid {pid}), {where}\n"
+    # The already-up answer is as it was.
+    assert world.parent_cmd("up").stdout.startswith(f"profile '{world.name}' is already up")
+
+
 @pytest.mark.parametrize("how", ["create", "directory"])
 def test_the_parent_s_log_follows_logrotate(world: World, how: str) -> None:
     """`parent up` in the background logs to $WGVSOCK_LOG_FILE as a daemon does

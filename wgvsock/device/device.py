@@ -266,6 +266,16 @@ class _TunShare(SharedFile):
         os.close(self.nudge_w)
 
 
+def _port_error(port: int, e: OSError | ValueError) -> UAPIError:
+    """The transport's refusal to listen on PORT, as a UAPI set reports it: the port given at
+    start (Device's port) and one set later are refused alike."""
+    if isinstance(e, ValueError):
+        return UAPIError(errno.EINVAL, f"cannot listen on port {port}: {e}")
+    code = errno.EADDRINUSE if e.errno == errno.EADDRINUSE else errno.EIO
+    why = e.strerror or str(e)
+    return UAPIError(code, f"cannot listen on port {port}: {why}", why)
+
+
 # Compiled, a class cannot be patched; a test that stands in for the TUN or the sends
 # subclasses it instead (tests/test_device_set.py).
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -280,6 +290,7 @@ class Device:
         offload: bool = True,
         tun_fd: int = -1,
         uapi_fd: int = -1,
+        port: int = 0,
     ) -> None:
         self.ifname = ifname
         self.bind = bind
@@ -290,6 +301,10 @@ class Device:
         self._tun_fd = tun_fd
         self._uapi_fd = uapi_fd
         self._initial_mtu = mtu
+        # The port start() listens on (0: one the system picks, until a set names one): a
+        # role that knows its port binds it at once, rather than a random one first, which
+        # the log named as the device's port and, on the Unix stand-in, left a socket of.
+        self._initial_port = port
         self._wall_offset = time.time() - time.monotonic()
         # Fixed for the engine's handshake timestamps, which must only ever grow, whatever is
         # done to the wall clock meanwhile.
@@ -383,7 +398,12 @@ class Device:
                 if super_packets:
                     flags |= CAP_SUPER | CAP_PARTIAL_CSUM | CAP_SEGMENT_SIZE
                 self.bind.hello = encode_hello(flags, GSO_MAX_SIZE if super_packets else 0)
-            self.port = self.bind.open(0, self._on_receive)
+            try:
+                self.port = self.bind.open(self._initial_port, self._on_receive)
+            except (OSError, ValueError) as e:
+                if not self._initial_port:
+                    raise
+                raise _port_error(self._initial_port, e) from e
             self._caps_changed()
             self.uapi = UAPIServer(self.ifname, self, self.run_dir, fd=self._uapi_fd)
             self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
@@ -1339,10 +1359,6 @@ class Device:
         try:
             self.port = (bind.change_port(port) if bind.is_open
                          else bind.open(port, self._on_receive))
-        except OSError as e:
-            code = errno.EADDRINUSE if e.errno == errno.EADDRINUSE else errno.EIO
-            why = e.strerror or str(e)
-            raise UAPIError(code, f"cannot listen on port {port}: {why}", why) from e
-        except ValueError as e:
-            raise UAPIError(errno.EINVAL, f"cannot listen on port {port}: {e}") from e
+        except (OSError, ValueError) as e:
+            raise _port_error(port, e) from e
         log.info("%s: listening on port %d", self.ifname, self.port)

@@ -159,14 +159,38 @@ def parent_main(argv: list[str]) -> int:
             if (forward := parent.forward_chain_check(profile)).ok is False:
                 print(f"warning: {named(profile.name)}: {forward.detail}", file=sys.stderr)
             extra = ["-v"] if args.verbose else []
-            return spawn_background(
+            code = spawn_background(
                 ["-m", "wgvsock.cli", "parent", "up", "--profile", args.profile, "-f", *extra],
                 "wgvsock parent up",
             )
+            if code == 0:
+                print(_up_line(profile))
+            return code
     _logging(args.verbose)
     if ready_fd is not None:
         follow_log()
     return parent.run_up(profile, ready_fd)
+
+
+def _up_line(profile) -> str:
+    """What a background `up` brought up and where its log goes, once it is ready: it said
+    nothing, as `enclave up` and the running parent's log do, and its log went nowhere
+    without a word when $WGVSOCK_LOG_FILE was unset."""
+    from ..daemon import ENV_LOG_FILE
+    from ..safetext import prose
+    from . import state
+    from .common import named
+
+    try:
+        pid = state.already_up(profile)
+    except state.RoleError:
+        pid = None
+    log_file = os.environ.get(ENV_LOG_FILE)
+    where = (f"logging to {prose(log_file, 200)}" if log_file else
+             f"logging nowhere: {ENV_LOG_FILE} is unset (set it to keep the log, or run "
+             "`up -f`, which logs to stderr)")
+    return (f"{named(profile.name)} is up on {profile.interface}"
+            + (f" (pid {pid})" if pid is not None else "") + f", {where}")
 
 
 def _down(path: str) -> int:

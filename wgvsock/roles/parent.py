@@ -1029,16 +1029,16 @@ class Parent:
         try:
             bind = make_bind(t.kind, False, unix_dir=t.path if t.kind == "unix" else None)
             bind.refuse_from = enclave_only
-            self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir())
+            # On its port from the start: the log then names that one port once.
+            self.device = Device(p.interface, bind, mtu=p.mtu, run_dir=run_dir(), port=t.port)
             try:
                 self.device.start()
+                configure(self.device, private_key=key, listen_port=t.port)
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise
                 raise RoleError(_interface_taken(p)) from None
-            try:
-                configure(self.device, private_key=key, listen_port=t.port)
-            except UAPIError as e:
+            except UAPIError as e:  # the port: start() binds it, as a set would
                 # Held by another process: over vsock one in any network namespace (a port is
                 # the whole host's), where the TCP and Unix stand-ins clash only within one.
                 raise RoleError(port_refused(t, "port", abs(e.errno), e.reason)) from None
