@@ -815,3 +815,29 @@ def test_the_doctor_shows_the_profiles_own_warnings(lab) -> None:
     assert "WARNING" in row, row
     assert (f"{profile}:8: parent.egress.allow[1]: '10.1.0.0/16' is never allowed: "
             "parent.egress.deny[0] ('10.0.0.0/8') denies all of it") in row, row
+
+
+@pytest.mark.root
+def test_up_names_an_egress_interface_the_host_lacks_once(lab) -> None:
+    """It read "profile 'x': egress interface: FILE:12: parent.egress.interface: this host
+    has no interface ...": the profile, then the check's name, then the file and the key, each
+    saying where again. Now the file, line and key alone, as `profile check` says a problem."""
+    ns = lab.netns("egi")
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(f"name: {PREFIX}egi{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
+                       f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n"
+                       "  egress:\n    interface: nosuch0\n")
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    said = (f"{profile}:8: parent.egress.interface: this host has no interface nosuch0, so "
+            "nothing would be masqueraded — name the one the enclave's traffic leaves by "
+            "(`ip -br link`), or remove the key to use the default route's")
+    for foreground in ([], ["-f"]):
+        res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "up", "--profile",
+                     str(profile), *foreground, env=env, check=False, timeout=60)
+        lines = [line for line in res.stderr.splitlines() if not line.startswith("warning: ")]
+        assert res.returncode == 1 and lines[-1].endswith(said), res.stderr
+        assert lines[-1] in (f"wgvsock parent up: {said}", f"ERROR wgvsock.parent: {said}"), \
+            res.stderr
+        assert "Traceback" not in res.stderr

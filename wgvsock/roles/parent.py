@@ -1008,7 +1008,10 @@ class Parent:
             log.warning("%s", w)
         failed = [c for c in local_checks(p) if c.ok is False]
         if failed:
-            raise RoleError("; ".join(f"{c.name}: {c.detail}" for c in failed))
+            # A check that names the profile's line and key says where itself: the check's
+            # name before it said it again ("egress interface: FILE:8: parent.egress...").
+            raise RoleError("; ".join(c.detail if _of_the_file(p, c.detail)
+                                      else f"{c.name}: {c.detail}" for c in failed))
         self.load_test_root()
         # With a pinned key, never make a new one: it could not match the pin. Said as doctor
         # says it: load_parent_key's own words ("let `wgvsock parent up` create it") are
@@ -1665,6 +1668,12 @@ def renamed(profile, *, its_interface: bool = False) -> None:
             "the new name and `up`")
 
 
+def _of_the_file(profile, text: str) -> bool:
+    """Whether TEXT starts as a profile problem does, "FILE:LINE: key: ...", naming PROFILE's
+    file: what it is about is said there, and nothing need be put before it."""
+    return text.startswith(f"{profile.path}:")
+
+
 def _interface_taken(profile) -> str:
     """Why PROFILE's interface could not be made: another process holds a TUN of that name
     (the kernel's EBUSY). Names the parent that runs it when a state file says so."""
@@ -1762,7 +1771,9 @@ def run_up(profile, ready_fd: int | None) -> int:
             parent.start()
         except Exception as e:  # start() has undone what it made; say why, wherever asked
             # The launcher puts "wgvsock parent up: " before it, the log its logger's name.
-            msg = f"{named(profile.name)}: {message(e)}"
+            # The profile is named unless the message names its file already.
+            text = message(e)
+            msg = text if _of_the_file(profile, text) else f"{named(profile.name)}: {text}"
             if isinstance(e, RoleError | OSError | ValueError | firewall.FirewallError):
                 log.error("%s", msg)
             else:  # e.g. botocore's own errors: a traceback helps
