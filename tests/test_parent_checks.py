@@ -314,6 +314,34 @@ def test_up_as_another_user_does_not_take_a_pinned_key_it_cannot_see_for_a_missi
     assert "does not exist" not in up[0] and "Permission denied" in up[0], up[0]
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to leave a root-owned socket directory and setpriv to "
+                    "run up as another user")
+def test_up_without_sudo_says_to_run_as_root_not_to_chown_roots_socket_directory(
+        base: Path) -> None:
+    """`parent up` run by a user who forgot sudo, after a run as root had made the Unix
+    stand-in's socket directory, was refused with "`chown 65534 .../s`" beside "run as root":
+    the chown hands root's directory to the user, the wrong fix. It now leads with sudo, and
+    says nothing of the directories it judged for the wrong user. The real CLI, in a network
+    namespace of its own, as uid 65534."""
+    base.chmod(0o755)  # 65534 reads the profile through it
+    sockets = base / "s"
+    sockets.mkdir(mode=0o700)  # root's, as `up` as root makes it
+    profile = base / "p.yaml"
+    profile.write_text(f"name: {PREFIX}nr\ntransport: {{kind: unix, path: {sockets}}}\n"
+                       f"parent:\n  private_key: {base / 'k'}\n")
+    profile.chmod(0o644)
+    res = subprocess.run(
+        ["unshare", "--net", "setpriv", "--reuid", "65534", "--regid", "65534",
+         "--clear-groups", sys.executable, "-m", "wgvsock", "parent", "up", "--profile",
+         str(profile)], capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("warning:")]
+    assert lines == [f"wgvsock parent up: profile '{PREFIX}nr': parent up must run as root "
+                     "(sudo)"], res.stderr
+    assert not (base / "k").exists()
+
+
 def test_up_in_the_background_shows_the_profiles_warnings(base: Path, monkeypatch,
                                                            capsys) -> None:
     """An allow entry a deny entry covers whole is a warning that `parent up` logs (5e1e9b7),

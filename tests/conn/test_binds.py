@@ -1625,6 +1625,25 @@ def test_a_socket_dir_of_another_user_is_refused(unix_dir: str) -> None:
         socket_dir(d)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")
+def test_roots_socket_dir_tells_another_user_to_run_as_root_not_to_chown_it(
+        unix_dir: str) -> None:
+    """Root's directory (a run as root made it) refused to a user said "`chown 65534 DIR`":
+    a user who forgot sudo needs sudo, not root's directory handed to them."""
+    import subprocess
+    import sys
+
+    os.chmod(unix_dir, 0o755)  # noqa: S103 -- 65534 must reach the directory to judge it
+    d = _made(unix_dir, "roots", 0o700)
+    probe = ("import sys\nfrom wgvsock.conn.unixsock import socket_dir\n"
+             "try:\n    socket_dir(sys.argv[1])\nexcept PermissionError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", probe, d], capture_output=True, text=True,
+                         timeout=60, user=65534, group=65534, env={**os.environ}).stdout
+    assert out.strip() == (f"refusing to keep sockets in {d}: it is owned by uid 0, not 65534; "
+                           "run as root (sudo), or give it a directory of its own (one that "
+                           "does not exist yet is made, mode 0700)"), out
+
+
 def test_a_shared_dir_is_never_the_socket_dir(unix_dir: str) -> None:
     """A sticky directory, as /tmp: the advice is never to chmod it."""
     d = _made(unix_dir, "shared", 0o1777)

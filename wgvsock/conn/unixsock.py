@@ -107,8 +107,15 @@ def _unfit(path: str, st: os.stat_result, me: int, listable: bool) -> tuple[str,
         return "is not a directory", _OWN
     owners = dict.fromkeys((0, me) if listable else (me,))
     if st.st_uid not in owners:
-        return (f"is owned by uid {st.st_uid}, not {' or '.join(map(str, owners))}",
-                _OWN if shared else f"`chown {me} {shell(path)}`, or {_OWN}")
+        if shared:
+            fix = _OWN
+        elif st.st_uid == 0:
+            # Root's as a rule because a run as root made it: this one forgot sudo, and a
+            # chown would hand root's directory to a user to fix that.
+            fix = f"run as root (sudo), or {_OWN}"
+        else:
+            fix = f"`chown {me} {shell(path)}`, or {_OWN}"
+        return f"is owned by uid {st.st_uid}, not {' or '.join(map(str, owners))}", fix
     what, chmod = (("writable by", "go-w") if listable else ("open to", "700"))
     if mode & (0o022 if listable else 0o077):
         return (f"has mode {mode:04o}, {what} other users",

@@ -89,6 +89,11 @@ class Check:
     warning: bool = False
 
 
+# The local checks judged for the user running them: a refusal of them for a user who is not
+# root says what that user cannot do, not what root would find.
+_AS_THIS_USER = frozenset({"root", "socket directories", "state directory"})
+
+
 def local_checks(profile) -> list[Check]:
     checks = [
         Check("root", os.geteuid() == 0,
@@ -1007,6 +1012,13 @@ class Parent:
         for w in p.warnings:
             log.warning("%s", w)
         failed = [c for c in local_checks(p) if c.ok is False]
+        if any(c.name == "root" for c in failed):
+            # Said first, as the fix of all of it: the socket and state directories were
+            # judged for this user, whose chown or chmod advice is wrong for a run that only
+            # forgot sudo.
+            rest = [c for c in failed if c.name not in _AS_THIS_USER]
+            raise RoleError("parent up must run as root (sudo)" + "".join(
+                f"; {c.name}: {c.detail}" for c in rest))
         if failed:
             # A check that names the profile's line and key says where itself: the check's
             # name before it said it again ("egress interface: FILE:8: parent.egress...").
