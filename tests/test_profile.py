@@ -311,6 +311,35 @@ def test_example_profiles_load(path):
     assert p.parent.ingress == [Ingress(8443, 443, "tcp")]
 
 
+def test_the_examples_pcr_placeholder_uncommented_says_what_goes_there():
+    """The example's commented `0: 000...0` placeholder, uncommented, was refused as a
+    debug-mode PCR; now it is a word, refused with where the real value comes from."""
+    text = EXAMPLES[0].read_text()
+    lines = text.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("  # pcrs:"))
+    assert lines[at - 1] == "  pcrs: {}\n"
+    lines[at - 1:at + 2] = ["  pcrs:\n", lines[at + 1].replace("#   0:", "    0:", 1)]
+    with pytest.raises(ProfileError) as e:
+        parse_profile("".join(lines), FILE)
+    [problem] = e.value.problems
+    assert problem.key == "attestation.pcrs.0" and problem.line == at + 1
+    assert "nitro-cli describe-eif" in problem.hint and "96 hex digits" in problem.hint
+
+
+def test_a_second_profile_copied_from_the_example_has_its_own_key_and_sockets():
+    """The example set private_key /etc/wgvsock/payments.key and transport.path
+    /run/wgvsock/payments outright: a second profile copied from it, renamed, shared the
+    first's key (one identity for two parents) and, with unix, its socket directory."""
+    text = EXAMPLES[0].read_text()
+    assert "\nname: payments\n" in text
+    first = parse_profile(text, FILE)
+    other = parse_profile(text.replace("\nname: payments\n", "\nname: billing\n")
+                          .replace("kind: vsock ", "kind: unix  "), FILE)
+    assert first.parent.private_key == "/etc/wgvsock/payments.key"
+    assert other.parent.private_key == "/etc/wgvsock/billing.key"
+    assert other.transport.path == "/run/wgvsock/billing"
+
+
 def test_examples_are_the_same_file():
     assert EXAMPLES[0].read_bytes() == EXAMPLES[1].read_bytes()
 

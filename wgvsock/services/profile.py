@@ -978,8 +978,11 @@ def _pcr_value(text: str) -> str:
     value = text.strip().lower()
     value = value.removeprefix("0x")
     if not re.fullmatch(r"[0-9a-f]*", value):
+        # Said with where the value comes from: the example's placeholder lands here.
         raise _Invalid("PCR value is not hexadecimal",
-                       f"write the {PCR_HEX_LEN} hex digits nitro-cli prints for it")
+                       f"write the {PCR_HEX_LEN} hex digits `nitro-cli build-enclave` or "
+                       "`nitro-cli describe-eif` prints for this PCR of the image (`wgvsock "
+                       "attest pcrs` turns that output into the pcrs block)")
     if len(value) != PCR_HEX_LEN:
         raise _Invalid(f"PCR value has {len(value)} hex digits, not {PCR_HEX_LEN} (SHA-384)",
                        "copy the full value from `nitro-cli describe-eif`")
