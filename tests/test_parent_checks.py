@@ -734,6 +734,63 @@ def test_an_ingress_port_is_warned_of_only_in_a_family_the_dnat_takes(lab) -> No
 
 
 @pytest.mark.root
+def test_a_listener_at_the_tunnel_address_is_warned_of_in_words_true_of_it(lab) -> None:
+    """A service bound to the parent's tunnel address only (10.77.0.1) was said to be lost to
+    "other hosts (and this one, at its own addresses)": other hosts reach that address only if
+    routed to it through the parent, and the DNAT passes over what comes in by the tunnel. Who
+    loses it is this host's own processes, whose connections there the output hook forwards
+    to the enclave (shown: one never reaches the listener). A wildcard listener keeps the
+    old words."""
+    ns = lab.netns("tun")
+    (lab.tmp / "state").mkdir(mode=0o700)
+    name = f"{PREFIX}tun{os.getpid() % 10000}"
+    profile = lab.tmp / "p.yaml"
+    profile.write_text(
+        f"name: {name}\ntransport:\n  kind: unix\n  path: {lab.tmp}/sock\n"
+        f"parent:\n  address: 10.77.0.1/30\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
+        "    - {listen: 8443}\n    - {listen: 9443}\nenclave:\n  address: 10.77.0.2/30\n")
+    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
+    try:
+        res = ns.run(*wgvsock, "up", "--profile", str(profile), env=env, check=False)
+        assert res.returncode == 0, res.stderr
+        # The tunnel address is the host's only while the parent is up.
+        for addr, port in (("10.77.0.1", "8443"), ("0.0.0.0", "9443")):
+            p = ns.popen(sys.executable, "-c", _LISTEN, addr, port, "tcp",
+                         stdout=subprocess.PIPE)
+            assert p.stdout is not None and p.stdout.readline() == b"listening\n"
+        res = ns.run(*wgvsock, "reload", "--profile", str(profile), env=env, check=False)
+        assert res.returncode == 0, res.stderr
+        warned = [line for line in res.stderr.splitlines() if "parent.ingress" in line]
+        assert len(warned) == 2, res.stderr
+        assert "(10.77.0.1:8443), the parent's tunnel address, which ingress forwards to the " \
+               "enclave for all but the enclave: with the parent up, this host's own " \
+               "processes (and any host routed to that address through this one) reach the " \
+               "enclave there instead of it; the enclave's own connections to it are not " \
+               "forwarded, and pass where parent.egress.allow names that address." in \
+               warned[0], warned[0]
+        assert "other hosts (and this one" not in warned[0], warned[0]
+        assert "(0.0.0.0:9443), which ingress forwards to the enclave on every address of " \
+               "the host but loopback: with the parent up, other hosts (and this one, at " \
+               "its own addresses) reach the enclave there instead of it" in warned[1], warned[1]
+        res = ns.run(*wgvsock, "doctor", "--profile", str(profile), env=env, check=False)
+        row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
+        assert "the parent's tunnel address" in row, row
+        # What the words say of this host: its own connection to the tunnel address goes to
+        # the (absent) enclave, never to the listener there.
+        probe = ("import socket, sys\n"
+                 "s = socket.socket()\ns.settimeout(2)\n"
+                 "try:\n    s.connect(('10.77.0.1', 8443))\n    print('reached')\n"
+                 "except OSError as e:\n    print('not reached', type(e).__name__)\n")
+        out = ns.run(sys.executable, "-c", probe, check=False).stdout
+        assert out.startswith("not reached"), out
+    finally:
+        ns.run(*wgvsock, "down", "--profile", str(profile), env=env, check=False)
+
+
+@pytest.mark.root
 def test_the_parents_own_dns_forwarder_on_an_ingress_port_is_not_warned_of(lab) -> None:
     """With names in parent.egress the parent's DNS forwarder listens on port 53 of its
     tunnel address, which the DNAT passes over for the enclave (it comes in by the tunnel).

@@ -412,14 +412,44 @@ def ingress_port_holders(profile) -> list[str] | None:
                 if m and _is_parent_up(int(m.group(2)), profile):
                     continue  # its own (the DNS forwarder at the tunnel's address)
                 who = f"{prose(m.group(1), 40)} (pid {m.group(2)})" if m else "a process"
-                found[i] = (
-                    f"parent.ingress[{i}] {ing.listen}/{ing.protocol}: {who} listens on that "
-                    f"port of this host ({prose(where[0], 80)}), which ingress forwards to the "
-                    "enclave on every address of the host but loopback: with the parent up, "
-                    "other hosts (and this one, at its own addresses) reach the enclave there "
-                    "instead of it. Choose another listen port, unless that is meant")
+                head = (f"parent.ingress[{i}] {ing.listen}/{ing.protocol}: {who} listens on "
+                        f"that port of this host ({prose(where[0], 80)})")
+                if _at_tunnel_address(where[0], profile):
+                    # The DNAT passes over what comes in by the tunnel: the enclave is not
+                    # turned back to itself, and whether it gets through is the parent policy's
+                    # (a catch-all allow opens no port of the parent). The host's own
+                    # connections to that address (the output hook) and anything routed there
+                    # from outside are taken.
+                    found[i] = (
+                        f"{head}, the parent's tunnel address, which ingress forwards to the "
+                        "enclave for all but the enclave: with the parent up, this host's own "
+                        "processes (and any host routed to that address through this one) "
+                        "reach the enclave there instead of it; the enclave's own connections "
+                        "to it are not forwarded, and pass where parent.egress.allow names "
+                        "that address. Choose another listen port, unless that is meant")
+                else:
+                    found[i] = (
+                        f"{head}, which ingress forwards to the enclave on every address of "
+                        "the host but loopback: with the parent up, other hosts (and this "
+                        "one, at its own addresses) reach the enclave there instead of it. "
+                        "Choose another listen port, unless that is meant")
                 break
     return [found[i] for i in sorted(found)]
+
+
+def _at_tunnel_address(where: str, profile) -> bool:
+    """Whether ss's local address WHERE (`10.77.0.1:8443`, `[fd77::1]:53`) is one of the
+    parent's own tunnel addresses, not a wildcard or another of the host's."""
+    import ipaddress
+
+    host = where.rpartition(":")[0].strip("[]").partition("%")[0]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(a.ip == addr for a in profile.parent.addresses)
 
 
 def _listening(protocol: str, ports: list[int], *, processes: bool) -> list[str] | None:
