@@ -1193,6 +1193,29 @@ def test_enclave_up_says_the_profile_s_warnings_as_profile_check_does(
     assert checked == [line.split(": warning: ", 1)[1] for line in said], res.stderr
 
 
+def test_a_uid_alone_without_a_passwd_entry_is_told_the_gid_it_gets(
+        monkeypatch, capsys, tmp_path, reachable) -> None:
+    """`user: 4242` with no passwd entry in the image runs CMD as 4242:4242, where docker
+    --user 4242 gives 4242:0; nothing said which. `enclave up` now says the GID in one line
+    (in place of the profile's, which can only say it depends on the image), and nothing of
+    it for a UID the image's passwd knows."""
+    path = _profile_with(tmp_path, "4242")
+    profile = load_profile(str(path))
+    assert sorted(w.key for w in profile.warnings) == ["enclave.user", "parent.enclave_cid"]
+    app = _script(reachable / "app", 0o755)
+    monkeypatch.setattr(cmd.pwd, "getpwuid", lambda u: (_ for _ in ()).throw(KeyError(u)))
+    assert _up_with(monkeypatch, profile, [str(app)])[1] == [True]
+    said = [line for line in capsys.readouterr().err.splitlines() if "enclave.user" in line]
+    assert said == ["wgvsock enclave up: warning: enclave.user 4242 has no passwd entry in this "
+                    "image: CMD runs with GID 4242 (its own number; docker --user gives GID 0, "
+                    "group root, instead) and no supplementary groups; write \"4242:GID\" to "
+                    "choose the group"], said
+    monkeypatch.setattr(cmd.pwd, "getpwuid", lambda u: _passwd("app", 4242, 50, "/home/app"))
+    monkeypatch.setattr(cmd.os, "getgrouplist", lambda n, g: [g])
+    assert _up_with(monkeypatch, profile, [str(app)])[1] == [True]
+    assert "enclave.user" not in capsys.readouterr().err
+
+
 _RUN_AS = r"""
 import sys
 from wgvsock.roles import cmd

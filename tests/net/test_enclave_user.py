@@ -269,6 +269,9 @@ def test_numbers_get_home_from_their_passwd_entry_or_slash_not_root_s(
         warned = "enclave.user: '4250:0' puts CMD in root's group (GID 0)"
         assert (warned in log) == user.endswith(':0"'), log
         assert log.count("root's group") == user.endswith(':0"'), log
+        # A UID alone without a passwd entry is told its group, once, by `enclave up`.
+        told = "enclave.user 4250 has no passwd entry in this image: CMD runs with GID 4250"
+        assert log.count(told) == (user == "4250") and log.count("is a UID alone") == 0, log
 
 
 def test_cmd_is_looked_up_on_path_as_the_user_looks_it_up(world: World) -> None:

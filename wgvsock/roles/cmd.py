@@ -133,6 +133,9 @@ class Credentials:
     groups: tuple[int, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     unset: tuple[str, ...] = ()
+    # False for a UID alone that the image's passwd does not know: its group is then our
+    # choice (its own number), not the image's, and `enclave up` says so.
+    passwd: bool = True
 
     def __str__(self) -> str:
         return f"{self.uid}:{self.gid}:{','.join(map(str, self.groups))}"
@@ -257,7 +260,7 @@ def credentials(user: EnclaveUser) -> Credentials:
         pw = pwd.getpwuid(user.uid)
     except KeyError:
         return Credentials(user.uid, user.uid if user.gid is None else user.gid,
-                           env={"HOME": "/"}, unset=("USER", "LOGNAME"))
+                           env={"HOME": "/"}, unset=("USER", "LOGNAME"), passwd=False)
     if user.gid is None:
         return Credentials(user.uid, pw.pw_gid, _groups(pw, user), _passwd_env(pw))
     return Credentials(user.uid, user.gid, env=_passwd_env(pw))

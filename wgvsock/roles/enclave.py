@@ -1187,8 +1187,12 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
         return 1
     # The profile's own, as `profile check` and `parent up` print them: `enclave up` is
     # where an image's profile is read, and its console may be all anyone looks at.
+    bare = profile.enclave.user is not None and profile.enclave.user.name is None \
+        and profile.enclave.user.gid is None and profile.enclave.user.uid != 0
     for w in profile.warnings:
-        _warn(str(w))
+        # A UID alone's group: said below, as the image's passwd decides it.
+        if not (bare and w.key == "enclave.user"):
+            _warn(str(w))
     user: cmd.Credentials | None = None
     if profile.enclave.user is not None:
         # Here, in the image, not in `profile check`: the parent has other users. Without a
@@ -1198,7 +1202,12 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
         except cmd.UserError as e:
             print(f"wgvsock enclave up: {e}", file=sys.stderr, flush=True)
             return 1
-        if any(w.key == "enclave.user" for w in profile.warnings):
+        if bare and not user.passwd:
+            _warn(f"enclave.user {profile.enclave.user} has no passwd entry in this image: "
+                  f"CMD runs with GID {user.gid} (its own number; docker --user gives GID 0, "
+                  f"group root, instead) and no supplementary groups; write "
+                  f"\"{user.uid}:GID\" to choose the group")
+        elif not bare and any(w.key == "enclave.user" for w in profile.warnings):
             pass  # the profile said it (root, or GID 0 given), just above: not said twice
         elif user.uid == 0:
             _warn(f"enclave.user {profile.enclave.user} is root: CMD runs with every "
