@@ -1705,21 +1705,10 @@ def test_enclave_cid_on_a_stand_in_transport_is_warned_of(transport):
 def test_enclave_user_is_a_name_or_numbers(value, user):
     p = parse_profile(f"name: a\nenclave:\n  user: {value}\n", FILE)
     assert p.enclave.user == user
-    # (A UID alone is told its group: test_a_uid_alone_is_told_which_group_it_gets.)
-    assert [w.key for w in p.warnings] == (["enclave.user"] if value == "1000" else [])
+    # (A UID alone is told its group by `enclave up`, which reads the image's passwd, and
+    # only without an entry there: test_a_uid_alone_without_a_passwd_entry_is_told_the_gid.)
+    assert p.warnings == []
     assert parse_profile(dump_profile(p), FILE) == p
-
-
-def test_a_uid_alone_is_told_which_group_it_gets():
-    """A bare UID with no passwd entry in the image gets its own number as GID, where docker
-    --user gives 0: `profile check` said nothing of it. Said as a warning naming the GID;
-    UID:GID chooses, and is not warned of."""
-    [w] = parse_profile("name: a\nenclave:\n  user: 4242\n", FILE).warnings
-    assert w.key == "enclave.user" and w.line == 3
-    assert "with none there, GID 4242 (its own number; docker --user gives GID 0" in w.reason, w
-    assert w.hint == 'write "4242:GID" to choose the group'
-    assert parse_profile('name: a\nenclave:\n  user: "4242:4242"\n', FILE).warnings == []
-    assert parse_profile("name: a\nenclave:\n  user: app\n", FILE).warnings == []
 
 
 def test_enclave_user_is_unset_by_default():

@@ -1190,9 +1190,7 @@ def run_up(profile, command: list[str], *, timeout: float = HANDSHAKE_TIMEOUT,
     bare = profile.enclave.user is not None and profile.enclave.user.name is None \
         and profile.enclave.user.gid is None and profile.enclave.user.uid != 0
     for w in profile.warnings:
-        # A UID alone's group: said below, as the image's passwd decides it.
-        if not (bare and w.key == "enclave.user"):
-            _warn(str(w))
+        _warn(str(w))
     user: cmd.Credentials | None = None
     if profile.enclave.user is not None:
         # Here, in the image, not in `profile check`: the parent has other users. Without a

@@ -1898,14 +1898,6 @@ class _Builder(_Parser):
                           "whatever the image leaves to group root (root:root files of mode "
                           "0640 or 0660, directories of mode 0770)",
                           f"give it a group of its own, e.g. {user.uid}:{user.uid}")
-            elif user is not None and user.name is None and user.gid is None:
-                # The image's passwd decides, which only `enclave up` reads: said here as a
-                # choice, since docker --user UID, with no entry, gives GID 0 instead.
-                self.warn(_line(node), "enclave.user",
-                          f"'{user}' is a UID alone: CMD gets the primary group of its passwd "
-                          f"entry in the image or, with none there, GID {user.uid} (its own "
-                          "number; docker --user gives GID 0, group root, instead)",
-                          f"write \"{user.uid}:GID\" to choose the group")
         return EnclaveSide(addrs, dns, routes, user)
 
     # -- attestation -----------------------------------------------------------------------------
