@@ -20,6 +20,25 @@ from wgvsock.roles.parent import local_checks
 from wgvsock.services.profile import parse_profile
 
 
+def _host(lab, label: str):
+    """A namespace like a host's: 192.0.2.5/24 on a veth and a default route through it."""
+    ns = lab.netns(label)
+    ns.ip("link", "add", f"{label}0", "type", "veth", "peer", "name", f"{label}1")
+    ns.ip("addr", "add", "192.0.2.5/24", "dev", f"{label}0")
+    for dev in (f"{label}0", f"{label}1"):
+        ns.ip("link", "set", dev, "up")
+    ns.ip("route", "add", "default", "via", "192.0.2.1")
+    return ns
+
+
+def _parent_env(lab, **extra: str) -> dict[str, str]:
+    """What `wgvsock parent` runs with here: the lab's state and run directories, this
+    checkout's package, wide tables (the doctor's rows on one line each)."""
+    return {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
+            "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
+
+
 def _check(monkeypatch: pytest.MonkeyPatch, run_dir: Path, transport: str = ""):
     monkeypatch.setenv("WGVSOCK_RUN_DIR", str(run_dir))
     profile = parse_profile(f"name: x\n{transport}enclave:\n  address: 10.77.0.2/30\n")
@@ -552,12 +571,7 @@ def test_an_ingress_port_a_service_of_the_host_listens_on_is_warned_of(lab) -> N
     its sshd): the DNAT takes that port on every address but loopback, so once the parent was
     up other hosts reached the enclave there and the service no more; neither `parent up` nor
     `parent doctor` said a word. A listener on loopback only is not taken, and is not named."""
-    ns = lab.netns("ing")
-    ns.ip("link", "add", "ing0", "type", "veth", "peer", "name", "ing1")
-    ns.ip("addr", "add", "192.0.2.5/24", "dev", "ing0")
-    for dev in ("ing0", "ing1"):
-        ns.ip("link", "set", dev, "up")
-    ns.ip("route", "add", "default", "via", "192.0.2.1")
+    ns = _host(lab, "ing")
     held = {("0.0.0.0", "8443", "tcp"), ("192.0.2.5", "5353", "udp"), ("127.0.0.1", "8080", "tcp")}
     for addr, port, proto in held:
         p = ns.popen(sys.executable, "-c", _LISTEN, addr, port, proto, stdout=subprocess.PIPE)
@@ -569,9 +583,7 @@ def test_an_ingress_port_a_service_of_the_host_listens_on_is_warned_of(lab) -> N
         f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
         "    - {listen: 8443, to: 443}\n    - {listen: 5353, protocol: udp}\n"
         "    - {listen: 8080}\n    - {listen: 9443}\n")
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
     said = ("parent.ingress[0] 8443/tcp: python", "(0.0.0.0:8443), which ingress "
             "forwards to the enclave on every address of the host but loopback: with the "
@@ -621,12 +633,7 @@ def test_an_ingress_port_bound_where_the_dnat_never_takes_it_is_not_warned_of(la
     ingress entry, reading every descriptor of every process of the host each time (2 s for
     190,000 of them here): now ss runs once for each protocol, naming processes only once
     something is found to name."""
-    ns = lab.netns("bnd")
-    ns.ip("link", "add", "bnd0", "type", "veth", "peer", "name", "bnd1")
-    ns.ip("addr", "add", "192.0.2.5/24", "dev", "bnd0")
-    for dev in ("bnd0", "bnd1"):
-        ns.ip("link", "set", dev, "up")
-    ns.ip("route", "add", "default", "via", "192.0.2.1")
+    ns = _host(lab, "bnd")
     p = ns.popen(sys.executable, "-c", _BOUND, "224.0.0.251,5353,udp", "192.0.2.255,6000,udp",
                  "198.51.100.7,8443,tcp", "192.0.2.5,9443,tcp", stdout=subprocess.PIPE)
     assert p.stdout is not None and p.stdout.readline() == b"listening\n"
@@ -642,10 +649,7 @@ def test_an_ingress_port_bound_where_the_dnat_never_takes_it_is_not_warned_of(la
         f"name: {PREFIX}bnd{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
         f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
         + ingress)
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
-           "PATH": f"{shim}:{os.environ['PATH']}",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab, PATH=f"{shim}:{os.environ['PATH']}")
     doctor = [sys.executable, "-m", "wgvsock.cli", "parent", "doctor", "--profile", str(profile)]
     res = ns.run(*doctor, env=env, check=False)
     row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
@@ -684,9 +688,7 @@ def test_an_ingress_port_held_under_a_crashed_parents_pid_is_warned_of(lab) -> N
     (lab.tmp / "state" / f"{name}.json").write_text(json.dumps(
         {"name": name, "pid": p.pid, "interface": "wg0", "profile": str(profile),
          "started": 1}))
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "doctor", "--profile",
                  str(profile), env=env, check=False)
     row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
@@ -722,9 +724,7 @@ def test_an_ingress_port_is_warned_of_only_in_a_family_the_dnat_takes(lab) -> No
         f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
         "    - {listen: 7001}\n    - {listen: 7002}\n"
         "enclave:\n  address: 10.77.0.2/30\n")
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "doctor", "--profile",
                  str(profile), env=env, check=False)
     row = next(line for line in res.stdout.splitlines() if "ingress ports" in line)
@@ -749,9 +749,7 @@ def test_a_listener_at_the_tunnel_address_is_warned_of_in_words_true_of_it(lab) 
         f"name: {name}\ntransport:\n  kind: unix\n  path: {lab.tmp}/sock\n"
         f"parent:\n  address: 10.77.0.1/30\n  private_key: {lab.tmp}/p.key\n  ingress:\n"
         "    - {listen: 8443}\n    - {listen: 9443}\nenclave:\n  address: 10.77.0.2/30\n")
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
     try:
         res = ns.run(*wgvsock, "up", "--profile", str(profile), env=env, check=False)
@@ -796,12 +794,7 @@ def test_the_parents_own_dns_forwarder_on_an_ingress_port_is_not_warned_of(lab) 
     tunnel address, which the DNAT passes over for the enclave (it comes in by the tunnel).
     An ingress port 53 is not the forwarder's clash: `doctor` and `reload` with the parent up
     name no listener there (it is told apart by the pid and start time its state records)."""
-    ns = lab.netns("own")
-    ns.ip("link", "add", "own0", "type", "veth", "peer", "name", "own1")
-    ns.ip("addr", "add", "192.0.2.5/24", "dev", "own0")
-    for dev in ("own0", "own1"):
-        ns.ip("link", "set", dev, "up")
-    ns.ip("route", "add", "default", "via", "192.0.2.1")
+    ns = _host(lab, "own")
     (lab.tmp / "state").mkdir(mode=0o700)
     profile = lab.tmp / "p.yaml"
     profile.write_text(
@@ -809,9 +802,7 @@ def test_the_parents_own_dns_forwarder_on_an_ingress_port_is_not_warned_of(lab) 
         f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n  egress:\n"
         "    allow: [example.com]\n    resolver: [192.0.2.53]\n  ingress:\n"
         "    - {listen: 53, protocol: udp}\n    - {listen: 53, protocol: tcp}\n")
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
     try:
         res = ns.run(*wgvsock, "up", "--profile", str(profile), env=env, check=False)
@@ -842,9 +833,7 @@ def test_up_in_the_background_warns_of_a_forward_chain_that_drops_the_tunnel(lab
     profile = lab.tmp / "p.yaml"
     profile.write_text(f"name: {PREFIX}fwd{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
                        f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n")
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     wgvsock = [sys.executable, "-m", "wgvsock.cli", "parent"]
     try:
         res = ns.run(*wgvsock, "up", "--profile", str(profile), env=env, check=False)
@@ -872,9 +861,7 @@ def test_a_parent_that_fails_to_start_in_the_background_says_so_once(lab) -> Non
     profile.write_text(f"name: {name}\ntransport:\n  kind: unix\n  path: {lab.tmp}/sock\n"
                        f"parent:\n  private_key: {key}\nenclave:\n  routes: [10.77.0.0/30]\n"
                        "  dns: [10.77.0.1]\n")
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "up", "--profile", str(profile),
                  env=env, check=False)
     assert res.returncode == 1
@@ -891,9 +878,7 @@ def test_the_doctor_shows_the_profiles_own_warnings(lab) -> None:
     profile.write_text(f"name: {PREFIX}doc{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
                        f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n"
                        "  egress:\n    allow: [0.0.0.0/0, 10.1.0.0/16]\n    deny: [10.0.0.0/8]\n")
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"), "COLUMNS": "1000",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     res = ns.run(sys.executable, "-m", "wgvsock.cli", "parent", "doctor", "--profile",
                  str(profile), env=env, check=False)
     row = next(line for line in res.stdout.splitlines() if line.startswith("│ profile "))
@@ -912,9 +897,7 @@ def test_up_names_an_egress_interface_the_host_lacks_once(lab) -> None:
     profile.write_text(f"name: {PREFIX}egi{os.getpid() % 10000}\ntransport:\n  kind: unix\n"
                        f"  path: {lab.tmp}/sock\nparent:\n  private_key: {lab.tmp}/p.key\n"
                        "  egress:\n    interface: nosuch0\n")
-    env = {**os.environ, "WGVSOCK_STATE_DIR": str(lab.tmp / "state"),
-           "WGVSOCK_RUN_DIR": str(lab.tmp / "run"),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = _parent_env(lab)
     said = (f"{profile}:8: parent.egress.interface: this host has no interface nosuch0, so "
             "nothing would be masqueraded — name the one the enclave's traffic leaves by "
             "(`ip -br link`), or remove the key to use the default route's")
