@@ -242,6 +242,37 @@ def test_the_refusal_s_fix_lets_up_through_where_resolv_conf_is_a_link(lab: Lab)
     assert "put /etc/resolv.conf back as it was" in res.stderr, res.stderr
 
 
+def test_a_nitro_parent_is_refused_in_a_namespace_with_no_name(lab: Lab) -> None:
+    """On an EC2 parent, `unshare -n wgvsock enclave up` (or a unit's PrivateNetwork=): no
+    default route and no name under /run/netns, so neither check above stopped it, and it
+    wrote its name servers into the parent's own /etc/resolv.conf. The parent has
+    /dev/nitro_enclaves, which an enclave never has. Here the device is a file in an overlay of
+    /dev, and /etc an overlay too, in a mount namespace of the test's: nothing `up` might write
+    reaches the machine."""
+    profile = lab.tmp / "profile.yaml"
+    profile.write_text(PROFILE.format(sock=lab.tmp / "sock", key=lab.tmp / "parent.key"))
+    env = lab.env(WGVSOCK_RUN_DIR=str(lab.tmp / "run"), TMPDIR=str(lab.tmp))
+    dirs = []
+    for name in ("dev-upper", "dev-work", "etc-upper", "etc-work"):
+        (lab.tmp / name).mkdir()
+        dirs.append(str(lab.tmp / name))
+    script = ('mount -t overlay overlay -o "lowerdir=/dev,upperdir=$0,workdir=$1" /dev && '
+              'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$2,workdir=$3" /etc && '
+              ': > /dev/nitro_enclaves && shift 3 && exec "$@"')
+    for extra in ([], ["--outside-enclave"]):
+        res = run("unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", script,
+                  *dirs, WGVSOCK, "enclave", "up", "--profile", str(profile), "--timeout", "1",
+                  *extra, "--", "true", env=env, check=False, timeout=60)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "Traceback" not in res.stderr, res.stderr
+        refused = ("wgvsock enclave up: refusing to start: this machine has /dev/nitro_enclaves, "
+                   "the device an EC2 parent runs its enclaves with")
+        # Told, it goes on (and gives up on the parent no one runs here).
+        assert res.stderr.startswith(refused) != bool(extra), res.stderr
+        if not extra:
+            assert os.listdir(lab.tmp / "etc-upper") == []  # nothing written to /etc
+
+
 def test_outside_enclave_comes_up_over_a_default_route_and_puts_resolv_conf_back(
         world: World) -> None:
     """--outside-enclave (a container tried with `docker run`): the tunnel comes up as in an

@@ -60,6 +60,8 @@ from .common import (
 
 log = logging.getLogger("wgvsock.enclave")
 
+# The Nitro Enclaves driver's device, on the parent (the EC2 instance) only.
+NE_DEVICE = "/dev/nitro_enclaves"
 # Where `ip netns` names network namespaces (iproute2's NETNS_RUN_DIR).
 NETNS_RUN_DIR = "/run/netns"
 # Where `ip netns exec NS` finds files to bind over /etc's (iproute2's NETNS_ETC_DIR).
@@ -682,9 +684,9 @@ class Enclave:
 
         Run on a host by mistake (an EC2 parent, where wgvsock is installed too), `start`
         would take its default route and resolv.conf, and with them its SSH session and its
-        own traffic. An enclave has only lo until then. Refused too, with enclave.dns, where
-        resolv.conf is the machine's own file in a namespace of `ip netns`'s
-        (_shared_resolv_conf)."""
+        own traffic. An enclave has only lo until then. Refused too on a Nitro parent
+        (NE_DEVICE) unless outside_enclave, and, with enclave.dns, where resolv.conf is the
+        machine's own file in a namespace of `ip netns`'s (_shared_resolv_conf)."""
         defaults = netconf.default_routes()
         ours = f" dev {self.profile.interface}"
         if defaults and all(d.text.endswith(ours) or f"{ours} " in d.text for d in defaults):
@@ -692,6 +694,16 @@ class Enclave:
             raise EnclaveError(self._taken())
         if defaults and not self.outside_enclave:
             raise EnclaveError(self._not_an_enclave(defaults))
+        if os.path.exists(NE_DEVICE) and not self.outside_enclave:
+            # The parent's side of Nitro Enclaves: an enclave has /dev/nsm, never this. Caught
+            # where the default route is not: a namespace with no name (`unshare -n`, a unit's
+            # PrivateNetwork=) on the parent, whose /etc/resolv.conf would be the parent's.
+            raise EnclaveError(
+                f"refusing to start: this machine has {NE_DEVICE}, the device an EC2 parent "
+                "runs its enclaves with: it is the parent, not an enclave (which has only "
+                "/dev/nsm). Here `enclave up` would put its routes and name servers in place "
+                "of the parent's own; on the parent run `wgvsock parent up`. To try the image "
+                "here all the same, pass --outside-enclave.")
         if self.profile.enclave.dns and (name := self._shared_resolv_conf()) is not None:
             own = os.path.join(NETNS_ETC_DIR, name, "resolv.conf")
             if not os.path.exists(own):
