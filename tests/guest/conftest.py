@@ -24,11 +24,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.report import RemoteFailure, ResultItem
+from wgvsock.conn.bind import Bind
 
 from . import rig
 
@@ -147,6 +149,15 @@ class GuestItem(ResultItem):
         assert self.runner.run is not None
         return ("\n--- guest console (tail) ---\n"
                 + "\n".join(self.runner.run.console.splitlines()[-40:]))
+
+
+@pytest.fixture
+def binds() -> Iterator[list[Bind]]:
+    """The transports a guest test opened, closed after it whatever its end."""
+    made: list[Bind] = []
+    yield made
+    for b in made:
+        b.close()
 
 
 # After -m, -k and --deselect have chosen (they run as ordinary hooks): a guest that no

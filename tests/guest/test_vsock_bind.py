@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -35,14 +35,6 @@ VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_PORT_ANY = 0xFFFFFFFF
 WAIT = 10.0 * SLOWDOWN
 FAST = {"backoff_min": 0.01, "backoff_max": 0.05}
-
-
-@pytest.fixture
-def binds() -> Iterator[list[Bind]]:
-    made: list[Bind] = []
-    yield made
-    for b in made:
-        b.close()
 
 
 def _message(i: int, size: int) -> bytes:

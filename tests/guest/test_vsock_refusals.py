@@ -47,14 +47,6 @@ PROFILE = Path(__file__).resolve().parents[1] / "data" / "profile-unix.yaml"
 
 
 @pytest.fixture
-def binds() -> Iterator[list[Bind]]:
-    made: list[Bind] = []
-    yield made
-    for b in made:
-        b.close()
-
-
-@pytest.fixture
 def unheard_port() -> Iterator[int]:
     """A vsock port bound and never listened on, held for the test: no listener can take it
     meanwhile (vsock ports are the whole guest's), and a connect there is reset."""
