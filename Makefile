@@ -79,7 +79,7 @@ $(VENV)/.venv-done: pyproject.toml $(VENV)/.interpreter | $(DEMO_APT_MARK)
 # extensions and runs everything as pure Python.
 BUILD_KIND := $(if $(filter-out 0,$(WGVSOCK_PURE)),pure,mypyc)
 $(VENV)/.built-$(BUILD_KIND): $(VENV)/.venv-done setup.py build_backend.py \
-                              $(wildcard wgvsock/core/*.py wgvsock/core/*.c wgvsock/conn/*.py wgvsock/device/*.py wgvsock/device/*.c)
+                              $(wildcard wgvsock/core/*.py wgvsock/core/*.[ch] wgvsock/conn/*.py wgvsock/device/*.py wgvsock/device/*.c)
 	rm -f $(VENV)/.built-* wgvsock_native__mypyc.*.so wgvsock/*/*.so
 	$(if $(filter pure,$(BUILD_KIND)),WGVSOCK_PURE=1) $(PY) -m pip install -q --no-deps -e .
 	@touch $@

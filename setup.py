@@ -58,12 +58,18 @@ def ext_modules() -> list:
     # The transport messages' AEAD (transport_aead.py says why it is C), on the system's
     # OpenSSL 3.
     aead = Extension("wgvsock.core._transport_aead", ["wgvsock/core/_transport_aead.c"],
-                     libraries=["crypto"], extra_compile_args=["-O2", "-g0"])
+                     depends=["wgvsock/core/_transport_aead_api.h"], libraries=["crypto"],
+                     extra_compile_args=["-O2", "-g0"])
     # TCP segmentation and checksums for TUN reads with offload (_segment.c says why it is C).
     # -O3: GCC vectorises the checksum's loop only there (3x faster than at -O2).
     segment = Extension("wgvsock.device._segment", ["wgvsock/device/_segment.c"],
                         extra_compile_args=["-O3", "-g0"])
-    return [aead, segment, *mypycify(compiled_modules(), opt_level="3", debug_level="0",
+    # The tunnel's steady state in one C call each way (_lane.c says why). It takes the keys'
+    # OpenSSL contexts from _transport_aead through a capsule (_transport_aead_api.h).
+    lane = Extension("wgvsock.device._lane", ["wgvsock/device/_lane.c"],
+                     depends=["wgvsock/core/_transport_aead_api.h"], libraries=["crypto"],
+                     extra_compile_args=["-O2", "-g0"])
+    return [aead, segment, lane, *mypycify(compiled_modules(), opt_level="3", debug_level="0",
                             group_name="wgvsock_native", multi_file=True)]
 
 

@@ -192,6 +192,23 @@ class Bind(ABC):
         `flags`."""
         return False
 
+    def lane_begin(self, ep: Endpoint, flags: int) -> tuple[Any, int, int] | None:
+        """For the device's send lane (device/_lane.c), which writes framed messages to a
+        socket itself: (hold, fd, max_packet) of the connection to `ep`, whose peer's hello
+        offered all of `flags`, held so that nobody else sends on it until lane_end(hold,
+        ...). None when the lane may not write there now (nothing is held then): this
+        transport has none, or its connection is busy, stalled, or has a queue. The owner
+        asks holding its own lock: nothing here may call back into it."""
+        return None
+
+    def lane_end(self, hold: Any, unsent: bytes | None, partial: int, error: int) -> int:
+        """Ends lane_begin's hold, after the lane wrote to its socket: `unsent` is the frames
+        the socket did not take whole (their first `partial` bytes went), sent now as a send
+        from this thread would send them; `error` the errno the socket failed with (0: none).
+        Returns the bytes of the messages among them that did not go (that the lane counted
+        as sent)."""
+        return 0
+
     def handshake_seen(self, ep: Endpoint) -> None:
         """A handshake message from `ep` passed mac1: its sender knows our public key, and may
         be a peer waiting out a cookie reply. A stream transport keeps such a connection a

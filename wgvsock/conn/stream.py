@@ -701,6 +701,48 @@ class StreamBind(SocketBind):
                 conn.send_iov([])
         self.congested = False
 
+    def lane_begin(self, ep: Endpoint, flags: int) -> tuple[Any, int, int] | None:
+        conn = self._conns.get(ep)
+        # (A recount due asks the owner, which holds its lock here: the ordinary path's next
+        # send makes it.)
+        if (conn is None or conn.closed or conn.stalled_at or conn.tail or self._recount
+                or conn.caps[0] & flags != flags):
+            return None
+        if not conn.send_lock.acquire(False):  # another send is under way: the ordinary path
+            return None
+        if conn.closed or conn.tail:  # (a send that could not wait queued this meanwhile)
+            conn.send_lock.release()
+            return None
+        return conn, conn.sock.fileno(), conn.caps[1]
+
+    def lane_end(self, hold: Any, unsent: bytes | None, partial: int, error: int) -> int:
+        conn: _Conn = hold
+        lost = 0
+        try:
+            went = SENT
+            if error:
+                conn.shutdown(f"send: {OSError(error, os.strerror(error))}")
+                went = FAILED
+            elif unsent is not None:
+                serving = threading.get_ident() == self._serving
+                went = conn._send([memoryview(unsent)[partial:]], not serving)
+                if serving and went == SENT and conn.tail and not conn.stalled_at:
+                    self.congested = True
+        finally:
+            conn.send_lock.release()
+        if went != FAILED or unsent is None:
+            return 0
+        # As send_batch: what the failed connection did not take goes the slow way, with
+        # CRCs, to whatever connection comes next (the peer's replay check drops a message
+        # that arrives twice).
+        at = 0
+        while at < len(unsent):
+            size = unsent[at] | unsent[at + 1] << 8
+            payload = unsent[at + HEADER_SIZE:at + HEADER_SIZE + size]
+            lost += size - self._send_slow(encode_frame(payload), conn.ep)
+            at += HEADER_SIZE + size
+        return lost
+
     def _send_slow(self, frame: bytes, ep: Endpoint) -> int:
         """Sends a frame to an endpoint with no connection: queued for its dialler, which
         reports it to sent_later when it goes. Returns the message's size if it went at once

@@ -21,6 +21,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "_transport_aead_api.h"
+
 #define KEY_LEN 32
 #define HEADER_LEN 8   /* type 4 and the receiver's index */
 #define PREFIX_LEN 16  /* the header and the little-endian counter */
@@ -249,6 +251,17 @@ static PyTypeObject TransportKeyType = {
     .tp_methods = transport_key_methods,
 };
 
+/* The C API (_transport_aead_api.h). */
+static EVP_CIPHER_CTX *key_context(PyObject *key, int seal) {
+    if (!PyObject_TypeCheck(key, &TransportKeyType)) {
+        PyErr_Format(PyExc_TypeError, "a TransportKey, not %.100s", Py_TYPE(key)->tp_name);
+        return NULL;
+    }
+    return seal ? ((TransportKey *)key)->seal_ctx : ((TransportKey *)key)->open_ctx;
+}
+
+static TransportAeadAPI c_api = {key_context};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_transport_aead",
@@ -267,9 +280,14 @@ PyMODINIT_FUNC PyInit__transport_aead(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "TransportKey", (PyObject *)&TransportKeyType) < 0) {
+    PyObject *capsule = PyCapsule_New(&c_api, TRANSPORT_AEAD_CAPSULE, NULL);
+    if (capsule == NULL
+        || PyModule_AddObjectRef(m, "TransportKey", (PyObject *)&TransportKeyType) < 0
+        || PyModule_AddObjectRef(m, TRANSPORT_AEAD_CAPSULE_ATTR, capsule) < 0) {
+        Py_XDECREF(capsule);
         Py_DECREF(m);
         return NULL;
     }
+    Py_DECREF(capsule);
     return m;
 }

@@ -100,7 +100,7 @@ class AllowedIPs(Generic[P]):
     hashable object except None, which lookups use to mean "no match".
     """
 
-    __slots__ = ("_by_peer", "_entries", "_order4", "_order6", "_v4", "_v6")
+    __slots__ = ("_by_peer", "_entries", "_order4", "_order6", "_v4", "_v6", "generation")
 
     def __init__(self) -> None:
         self._v4: _Family[P] = _Family(32)
@@ -111,6 +111,9 @@ class AllowedIPs(Generic[P]):
         # Per peer, its prefixes in insertion order (dict used as an ordered set), so that UAPI
         # `get` lists them stably and removing a peer does not scan the whole table.
         self._by_peer: dict[P, dict[IPNetwork, None]] = {}
+        # Changes with every insert and removal: whoever keeps a copy of a peer's prefixes
+        # (packed_prefixes) knows by it when the copy is stale.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -123,6 +126,7 @@ class AllowedIPs(Generic[P]):
         if peer is None:
             raise ValueError("peer must not be None")
         net = parse_prefix(prefix)
+        self.generation += 1
         old = self._entries.get(net)
         if old is not None:
             if old == peer:
@@ -138,6 +142,7 @@ class AllowedIPs(Generic[P]):
         self._family(net).put(net.prefixlen, int(net.network_address), peer)
 
     def _unlink(self, net: IPNetwork, peer: P) -> None:
+        self.generation += 1
         del self._entries[net]
         owned = self._by_peer[peer]
         del owned[net]
@@ -162,6 +167,17 @@ class AllowedIPs(Generic[P]):
     def entries_for(self, peer: P) -> list[IPNetwork]:
         """The prefixes of ``peer`` in the order they were (last) inserted."""
         return list(self._by_peer.get(peer, ()))
+
+    def packed_prefixes(self, peer: P) -> bytes:
+        """The prefixes of ``peer`` for the lanes' lookup in C (device/_lane.c): for each, its
+        IP version, its length and its network address in 16 bytes (an IPv4 one first, then
+        zeros). Any of them matching an address is the peer's match only while the table
+        holds no other peer's prefixes: the lanes run only then."""
+        out = bytearray()
+        for net in self._by_peer.get(peer, ()):
+            out += bytes((net.version, net.prefixlen))
+            out += net.network_address.packed.ljust(16, b"\0")
+        return bytes(out)
 
     # The lookups below run once per packet, so the loop is written out in each rather than
     # shared through a helper call.

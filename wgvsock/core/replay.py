@@ -34,26 +34,30 @@ class ReplayFilter:
     140-250 ns per check against 260-350 ns for a list of 64-bit ints and 300-500 ns for one
     big int), and 8 KiB per keypair is cheap. Slots more than WINDOW behind ``last`` are never
     consulted, and RING_SLOTS > WINDOW, so live slots never alias.
+
+    ``ring`` and ``last`` are public for the one other user of the filter: the receive lane
+    (device/_lane.c) checks and marks them by the same rule, under the same lock, so that a
+    counter either path accepted the other refuses.
     """
 
-    __slots__ = ("_last", "_ring")
+    __slots__ = ("last", "ring")
 
     def __init__(self) -> None:
-        self._ring = bytearray(RING_SLOTS)
+        self.ring = bytearray(RING_SLOTS)
         # -1 rather than 0 so that counter 0 takes the ordinary "ahead of the window" path.
-        self._last = -1
+        self.last = -1
 
     def reset(self) -> None:
         """Forget every counter, as for a fresh keypair."""
-        self._ring[:] = _ZEROS
-        self._last = -1
+        self.ring[:] = _ZEROS
+        self.last = -1
 
     def check(self, counter: int, limit: int) -> bool:
         """Accept and record ``counter`` if it is new and acceptable; otherwise return False."""
         if counter >= limit or counter < 0:
             return False
-        last = self._last
-        ring = self._ring
+        last = self.last
+        ring = self.ring
         if counter > last:
             gap = counter - last
             if gap != 1:
@@ -70,7 +74,7 @@ class ReplayFilter:
                         ring[start:] = _ZEROS[: RING_SLOTS - start]
                         ring[: end - RING_SLOTS] = _ZEROS[: end - RING_SLOTS]
             ring[counter & _SLOT_MASK] = 1
-            self._last = counter
+            self.last = counter
             return True
         if last - counter > WINDOW:
             return False

@@ -40,7 +40,12 @@ from ..conn.caps import (
 from ..conn.endpoint import Endpoint, display_endpoint, without_source
 from ..conn.framing import MAX_STREAM_MTU
 from ..core.engine import DROP, REPLY, SEGMENTED, SEND, TUNNEL, Action, Engine
-from ..core.messages import MIN_SEGMENT_SIZE, segment_trailer
+from ..core.messages import (
+    MIN_SEGMENT_SIZE,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    segment_trailer,
+)
 from ..core.peer import Peer
 from ..core.ratelimit import LoadTracker
 from ..threads import NamedThread, Survivor
@@ -48,9 +53,11 @@ from .tun import (
     GSO_MAX_SIZE,
     NATIVE_SEGMENTATION,
     READ_GSO_MAX_SIZE,
+    VNET_HDR_LEN,
     LinkEvents,
     Tun,
     complete_checksum,
+    parse_offload,
     space_ipv4_ids,
     split_tso,
 )
@@ -87,6 +94,27 @@ _ANSWER_LIMIT: Final = _LOAD_CAPACITY // 8
 # read them, and TCP took every drop as congestion: 1000-4000 retransmits per 4 s iperf3 run
 # at MTU 1420, none at 1000.
 TUN_QUEUE_LEN: Final = 1000
+# The lanes (_lane.c): the steady state of a tunnel with one peer that takes super-packets, in
+# one C call each way. A compiled build has them; WGVSOCK_LANES=0 turns them off (to compare,
+# or to rule them out).
+_send_lane: Any = None
+_recv_lane: Any = None
+if os.environ.get("WGVSOCK_LANES", "1") != "0":
+    try:
+        from ._lane import recv_lane as _recv_lane
+        from ._lane import send_lane as _send_lane
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}._lane":
+            raise
+# What the send lane needs of the peer's hello: it sends a packet whole, its checksum partial,
+# with CRC 0.
+_LANE_CAPS: Final = CAP_SUPER | CAP_PARTIAL_CSUM | CAP_UNCHECKED_TRANSPORT
+# Counters reserved for one send lane call, and the frames' bytes it makes at most: its share
+# of the TUN before the device's other work (a timer tick, a UAPI request) gets a turn.
+_LANE_PACKETS: Final = 64
+_LANE_BYTES: Final = 256 * 1024
+# What one TUN read with offload holds at most, and the room the lane needs around it.
+_LANE_READ: Final = READ_GSO_MAX_SIZE + VNET_HDR_LEN + 64
 # Most TUN packets, and bytes, taken per wake-up of the TUN reader (what is already queued, no
 # waiting). The byte cap keeps the engine lock short for the receiving thread: a batch of 64
 # super-packets held it for milliseconds and cost a third of the throughput at MTU 65000.
@@ -344,6 +372,15 @@ class Device:
         # Whether the TUN holds a packet now (poll with no wait), asked before a pass reads on.
         self._tun_queued = select.poll()
         self._share: _TunShare | None = None
+        # The lanes' buffers (one send lane runs at a time: the TUN is read by one thread at a
+        # time, _TunShare; the receive lane runs under the lock), and the one peer's prefixes
+        # as they take them, with the table's generation they were packed at.
+        self._lanes = _send_lane is not None and offload
+        self._lane_sbuf = bytearray(_LANE_BYTES + _LANE_READ) if self._lanes else bytearray()
+        self._lane_rbuf = bytearray(_LANE_READ) if self._lanes else bytearray()
+        self._lane_peer: Peer | None = None
+        self._lane_generation = -1
+        self._lane_prefixes = b""
         self._load = LoadTracker()
         self._hs_window_start = 0.0
         self._hs_window_count = 0
@@ -707,6 +744,10 @@ class Device:
         of every packet of a ping or a request), then, if poll() says more queued meanwhile,
         that, never waited for, as one batch (one lock and one send for many packets). Raises
         BlockingIOError when the queue was empty; returns whether it is empty now."""
+        if self._lanes:
+            drained = self._send_by_lane()
+            if drained is not None:
+                return drained
         read = self._tun_read
         actions = self._seal_all(read())
         if len(actions) == 1:
@@ -735,6 +776,119 @@ class Device:
             # and the first packet's, and only one of them may count against STALL_LIMIT.)
             self._perform_batch(self._seal_all(batch))
         return drained
+
+    def _send_by_lane(self) -> bool | None:
+        """A pass of _tun_pass in one C call (_lane.c's send_lane), in the steady state it
+        knows: one peer, its current keypair short of every rekey limit, nothing staged, and
+        a connection whose peer takes super-packets, partial checksums and CRC 0 (our own
+        daemon with offload on). None: not now, take the ordinary path. Else whether the TUN
+        is drained. The first packet the lane may not send as it is comes back, and goes
+        the ordinary way."""
+        engine, tun, bind, lock = self.engine, self.tun, self.bind, self._lock
+        if tun is None or not tun.vnet or not bind.stream or len(engine.peers) != 1:
+            return None
+        lock.acquire()
+        try:
+            if not engine.running:
+                return None
+            peer = next(iter(engine.peers.values()))
+            ep, kp = peer.endpoint, peer.keypairs.current
+            now = self._tun_passed = _monotonic()
+            if (ep is None or kp is None or peer.staged or now - kp.created >= REKEY_AFTER_TIME
+                    or kp.send_nonce >= REKEY_AFTER_MESSAGES):
+                return None
+            held = bind.lane_begin(ep, _LANE_CAPS)
+            if held is None:
+                return None
+            # Its counters, reserved: a keepalive the timer seals meanwhile takes the next.
+            start = kp.send_nonce
+            end = kp.send_nonce = min(start + _LANE_PACKETS, REKEY_AFTER_MESSAGES)
+            prefixes = self._lane_prefixes_of(peer)
+        finally:
+            lock.release()
+        hold, fd, max_packet = held
+        try:
+            packets, size, counter, drained, handback, unsent, partial, error = _send_lane(
+                self._lane_sbuf, tun.fileno(), fd, kp.send, kp.header, start, end, engine.mtu,
+                tun.mtu_hint, min(max_packet, GSO_MAX_SIZE), _LANE_BYTES, prefixes)
+        except BaseException:
+            bind.lane_end(hold, None, 0, 0)
+            lock.acquire()
+            if kp.send_nonce == end:  # none taken since: no gap
+                kp.send_nonce = start
+            lock.release()
+            raise
+        # Outside the lock: a send of the rest may wait, while the connection's reader must
+        # open what arrives meanwhile (held across it, two daemons sending bulk to each
+        # other over Unix sockets stalled). Nobody else sends on the connection until then.
+        lost = bind.lane_end(hold, unsent, partial, error)
+        lock.acquire()
+        try:
+            if kp.send_nonce == end:
+                kp.send_nonce = counter
+            if packets:
+                peer.timers.transport_sent(now, True)
+                peer.tx_bytes += size - lost
+        finally:
+            lock.release()
+        if handback is not None:
+            if len(handback) > VNET_HDR_LEN:
+                packet, mss, csum_start, csum_offset = parse_offload(handback)
+                self._perform_batch(self._seal_all(
+                    self._shape_for_peer(packet, mss, csum_start, csum_offset)))
+            return False
+        return bool(drained)
+
+    def _lane_prefixes_of(self, peer: Peer) -> bytes:
+        """The peer's allowed IPs as the lanes take them (AllowedIPs.packed_prefixes), packed
+        again only when the table changed. Under the lock."""
+        table = self.engine.allowed_ips
+        if peer is not self._lane_peer or table.generation != self._lane_generation:
+            self._lane_prefixes = table.packed_prefixes(peer)
+            self._lane_peer = peer
+            self._lane_generation = table.generation
+        return self._lane_prefixes
+
+    def _receive_by_lane(self, messages: list[Message], src: Endpoint,
+                         partial_csum: bool) -> int:
+        """The transport messages at the front of `messages` opened and written to the TUN
+        in one C call (_lane.c's recv_lane), in the steady state it knows: one peer, from
+        where it is, with its current keypair (no next one to confirm, short of every time
+        limit). Returns how many it took (0: none; the rest go the ordinary way, from the
+        first the lane was not sure of)."""
+        engine, tun, lock = self.engine, self.tun, self._lock
+        if tun is None or not tun.vnet or len(engine.peers) != 1:
+            return 0
+        lock.acquire()
+        try:
+            if not engine.running:
+                return 0
+            peer = next(iter(engine.peers.values()))
+            kp = peer.keypairs.current
+            now = _monotonic()
+            if (kp is None or src is not peer.endpoint or peer.keypairs.next is not None
+                    or now - kp.created >= REKEY_AFTER_TIME):
+                return 0
+            replay = kp.replay
+            done, size, data, keepalives, last, error = _recv_lane(
+                messages, self._lane_rbuf, tun.fileno(), kp.receive, kp.local_index,
+                replay.ring, replay.last + 1, tun.mtu_hint, partial_csum,
+                self._lane_prefixes_of(peer))
+            if done:
+                replay.last = last - 1
+                timers = peer.timers
+                # As the engine's per-message calls leave the timers: the first message with
+                # data arms the keepalive, a second asks for another.
+                if keepalives:
+                    timers.transport_received(now, False)
+                for _ in range(min(data, 2)):
+                    timers.transport_received(now, True)
+                peer.rx_bytes += size
+        finally:
+            lock.release()
+        if error and self._debug:
+            log.debug("%s: TUN write failed: %s", self.ifname, os.strerror(error))
+        return int(done)
 
     def _seal_all(self, packets: TunRead) -> list[Action]:
         """The engine's actions for packets read from the TUN, under one hold of the lock;
@@ -770,6 +924,13 @@ class Device:
         tun = self.tun
         assert tun is not None
         packet, mss, start, offset = tun.read_offload()
+        return self._shape_for_peer(packet, mss, start, offset)
+
+    def _shape_for_peer(self, packet: bytes | memoryview, mss: int, start: int,
+                        offset: int) -> TunRead:
+        """_read_for_peer for a packet read already (what the send lane gave back)."""
+        tun = self.tun
+        assert tun is not None
         if not start:
             return (packet,)
         with self._lock:
@@ -873,6 +1034,9 @@ class Device:
             if vouched and src.conn_id:
                 self.bind.handshake_seen(src)
         else:
+            # (A message alone is written as _perform writes it: its checksum looked at.)
+            if self._lanes and self._receive_by_lane([data], src, True):
+                return
             with self._lock:
                 actions = self.engine.decapsulate(data, src, now)
         self._perform(actions)
@@ -886,6 +1050,12 @@ class Device:
             for m in messages:
                 self._on_receive(m, src)
             return
+        if self._lanes:
+            done = self._receive_by_lane(messages, src, bool(flags & CAP_PARTIAL_CSUM))
+            if done == len(messages):
+                return
+            if done:
+                messages = messages[done:]
         now = _monotonic()
         actions: list[Action] = []
         lock = self._lock

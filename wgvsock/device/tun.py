@@ -418,6 +418,18 @@ def tcp_offset(packet: bytes | bytearray) -> int:
     return ihl
 
 
+def parse_offload(buf: bytes) -> tuple[bytes | memoryview, int, int, int]:
+    """Tun.read_offload's result for `buf`, a read with its virtio-net header (the send lane
+    hands back one it read, device/_lane.c)."""
+    packet = memoryview(buf)[VNET_HDR_LEN:] if len(buf) > _VIEW_FROM else buf[VNET_HDR_LEN:]
+    if not buf[0] & _VNET_F_NEEDS_CSUM:
+        return packet, 0, 0, 0
+    mss, start, offset = _U16_TRIPLE.unpack_from(buf, 4)
+    if buf[1] & ~_GSO_ECN not in (_GSO_TCPV4, _GSO_TCPV6):
+        mss = 0
+    return packet, mss, start, offset
+
+
 def _offload_header(
     packet: bytes | bytearray, mtu: int, mss: int = 0, length: int = 0
 ) -> list[bytes | bytearray | memoryview] | None:
@@ -716,14 +728,7 @@ class Tun:
         bytes took 8.5k instructions, but below about 2 KiB the view costs more further on
         (bytes are indexed and sized in C by compiled code, a view through calls) than the
         copy saves."""
-        buf = _read(self._fd, bufsize + VNET_HDR_LEN)
-        packet = memoryview(buf)[VNET_HDR_LEN:] if len(buf) > _VIEW_FROM else buf[VNET_HDR_LEN:]
-        if not buf[0] & _VNET_F_NEEDS_CSUM:
-            return packet, 0, 0, 0
-        mss, start, offset = _U16_TRIPLE.unpack_from(buf, 4)
-        if buf[1] & ~_GSO_ECN not in (_GSO_TCPV4, _GSO_TCPV6):
-            mss = 0
-        return packet, mss, start, offset
+        return parse_offload(_read(self._fd, bufsize + VNET_HDR_LEN))
 
     def read_segments(self, bufsize: int = 65535) -> list[bytearray] | list[bytes]:
         """Like read(), but a TCP super-packet comes back cut into MTU-sized packets (its
