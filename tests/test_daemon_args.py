@@ -32,7 +32,8 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     monkeypatch.setattr(daemon, "run_foreground", record)
     monkeypatch.setattr(daemon, "setup_logging", lambda *args: None)
-    for name in (daemon.ENV_DGRAM, daemon.ENV_OFFLOAD, daemon.ENV_LOG_FILE, daemon.ENV_NETWORK,
+    for name in (daemon.ENV_DGRAM, daemon.ENV_OFFLOAD, daemon.ENV_LANES, daemon.ENV_LOG_FILE,
+                 daemon.ENV_NETWORK,
                  "WGVSOCK_READY_FD", "NOTIFY_SOCKET", daemon.ENV_FOREGROUND,
                  daemon.ENV_TUN_FD, daemon.ENV_UAPI_FD, ADMIT):
         monkeypatch.delenv(name, raising=False)
@@ -58,7 +59,15 @@ def test_offload_reads_the_usual_words_for_off(value, offload, started, monkeypa
     assert [c.get("offload") for c in started] == [offload]
 
 
-@pytest.mark.parametrize("name", [daemon.ENV_OFFLOAD, daemon.ENV_DGRAM])
+@pytest.mark.parametrize(("value", "lanes"), [("0", False), ("off", False), ("1", True),
+                                             ("", True)])
+def test_lanes_are_on_unless_turned_off(value, lanes, started, monkeypatch):
+    monkeypatch.setenv(daemon.ENV_LANES, value)
+    assert daemon.main(["-f", "-n", "unix", "wg0"]) == 0
+    assert [c.get("lanes") for c in started] == [lanes]
+
+
+@pytest.mark.parametrize("name", [daemon.ENV_OFFLOAD, daemon.ENV_LANES, daemon.ENV_DGRAM])
 @pytest.mark.parametrize("value", ["maybe", "2", "enable"])
 def test_a_switch_that_is_neither_on_nor_off_is_refused(name, value, started, no_spawn,
                                                        monkeypatch, capsys):

@@ -519,11 +519,11 @@ class _DeviceRig:
     """Our device (peer 10.0.0.1/32 behind it) after a real handshake with a second engine
     (the peer, 10.0.0.2/32 behind it), its TUN a datagram socket pair."""
 
-    def __init__(self) -> None:
+    def __init__(self, lanes: bool = True) -> None:
         self.dir = tempfile.mkdtemp(prefix="wglanes")
         self.bind = _LaneBind()
-        self.dev = Device("wglanes", self.bind, run_dir=os.path.join(self.dir, "run"))
-        assert self.dev._lanes
+        self.dev = Device("wglanes", self.bind, run_dir=os.path.join(self.dir, "run"),
+                          lanes=lanes)
         dev_key, peer_key = generate_private_key(), generate_private_key()
         self.dev.uapi_set(parse_set(
             f"private_key={dev_key.hex()}\npublic_key={public_key(peer_key).hex()}\n"
@@ -535,6 +535,7 @@ class _DeviceRig:
                                    vnet=True)
         self.dev.tun.set_blocking(False)
         self.dev.tun.mtu_hint = _MTU
+        self.dev._tun_read = self.dev._tun_reader(self.dev.tun)  # (start() would)
         self.src = Endpoint("unix", "peer", 1)
         self.peer = Engine(peer_key)
         self.dev_peer = self.peer.add_peer(public_key(dev_key))
@@ -595,9 +596,9 @@ class _DeviceRig:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture
-def drig() -> Iterator[_DeviceRig]:
-    r = _DeviceRig()
+@pytest.fixture(params=[True], ids=["lanes"])
+def drig(request) -> Iterator[_DeviceRig]:
+    r = _DeviceRig(request.param)
     try:
         yield r
     finally:
@@ -667,4 +668,17 @@ def test_the_lanes_stand_aside_for_a_second_peer(drig, lane_calls) -> None:
     drig.pass_all()
     drig.dev._on_receive_batch([drig.sealed(tcp4("10.0.0.1", "10.0.0.2"))], drig.src, _CAPS)
     assert lane_calls == {"send": [], "recv": []}
+    assert len(drig.written()) == 1
+
+
+@pytest.mark.parametrize("drig", [False], ids=["lanes-off"], indirect=True)
+def test_a_device_with_lanes_off_never_takes_them(drig, lane_calls) -> None:
+    """Device(lanes=False), the daemon's WGVSOCK_LANES=0: the same packets, the ordinary
+    way."""
+    p = tcp4("10.0.0.2", "10.0.0.1")
+    drig.test_side.send(csum_header(p) + p)
+    drig.pass_all()
+    drig.dev._on_receive_batch([drig.sealed(tcp4("10.0.0.1", "10.0.0.2"))], drig.src, _CAPS)
+    assert lane_calls == {"send": [], "recv": []}
+    assert drig.opened(drig.bind.sent) == [p]
     assert len(drig.written()) == 1

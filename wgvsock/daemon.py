@@ -42,6 +42,7 @@ ENV_DGRAM = "WGVSOCK_DGRAM"
 ENV_LOG_FILE = "WGVSOCK_LOG_FILE"
 ENV_RUN_DIR = "WGVSOCK_RUN_DIR"
 ENV_OFFLOAD = "WGVSOCK_OFFLOAD"
+ENV_LANES = "WGVSOCK_LANES"
 # The CIDs a vsock listener lets in: the Go program's command line has no room for it.
 ENV_ADMIT_CIDS = "WGVSOCK_ADMIT_CIDS"
 _ENV_READY_FD = "WGVSOCK_READY_FD"
@@ -94,7 +95,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             "the stderr it was started with), "
             "WGVSOCK_UNIX_DIR (unix network sockets, default /var/run/wgvsock), "
             f"{ENV_OFFLOAD}=0 (no TCP super-packets: MTU-sized packets both ways, as from "
-            f"wireguard-go-vsock), {ENV_ADMIT_CIDS}=CID,... (a vsock listener lets in "
+            f"wireguard-go-vsock), {ENV_LANES}=0 (no C lanes: every packet the ordinary way), "
+            f"{ENV_ADMIT_CIDS}=CID,... (a vsock listener lets in "
             f"only these CIDs), {ENV_TUN_FD} (a /dev/net/tun descriptor attached to the "
             f"interface, to serve instead of making the TUN), {ENV_UAPI_FD} (a listening "
             "unix socket's descriptor, to serve instead of making the UAPI socket)."
@@ -146,6 +148,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     try:
         dgram = args.dgram or switch(ENV_DGRAM, False)
         offload = switch(ENV_OFFLOAD, True)
+        lanes = switch(ENV_LANES, True)
         admit = admitted_cids(network, dgram)
         tun_fd, uapi_fd = passed_descriptors(args.interface)
         ready_fd = take_ready_fd()
@@ -162,8 +165,9 @@ def _main(argv: list[str] | None, prog: str) -> int:
     setup_logging(os.environ.get("LOG_LEVEL"), args.interface)
     if ready_fd is not None:
         follow_log()
-    return run_foreground(args.interface, network, dgram, ready_fd, offload=offload, prog=prog,
-                          tun_fd=tun_fd, uapi_fd=uapi_fd, admit_cids=admit)
+    return run_foreground(args.interface, network, dgram, ready_fd, offload=offload,
+                          lanes=lanes, prog=prog, tun_fd=tun_fd, uapi_fd=uapi_fd,
+                          admit_cids=admit)
 
 
 _CID_MAX = 0xFFFFFFFE  # 2^32-1 is VMADDR_CID_ANY, which no connection comes from
@@ -757,7 +761,8 @@ def report_ready(ready_fd: int | None, failure: str | None = None) -> None:
 
 
 def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None = None, *,
-                   offload: bool = True, prog: str = "wireguard-go-vsock", tun_fd: int = -1,
+                   offload: bool = True, lanes: bool = True, prog: str = "wireguard-go-vsock",
+                   tun_fd: int = -1,
                    uapi_fd: int = -1, admit_cids: frozenset[int] | None = None) -> int:
     from .device.device import Device
     from .device.uapi import DEFAULT_RUN_DIR
@@ -782,7 +787,7 @@ def run_foreground(ifname: str, network: str, dgram: bool, ready_fd: int | None 
         bind = daemon_bind(network, dgram, admit_cids)
         device = Device(
             ifname, bind, run_dir=os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR,
-            offload=offload, tun_fd=tun_fd, uapi_fd=uapi_fd,
+            offload=offload, lanes=lanes, tun_fd=tun_fd, uapi_fd=uapi_fd,
         )
         device.start()
     except (OSError, ValueError) as e:

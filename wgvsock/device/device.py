@@ -95,17 +95,16 @@ _ANSWER_LIMIT: Final = _LOAD_CAPACITY // 8
 # at MTU 1420, none at 1000.
 TUN_QUEUE_LEN: Final = 1000
 # The lanes (_lane.c): the steady state of a tunnel with one peer that takes super-packets, in
-# one C call each way. A compiled build has them; WGVSOCK_LANES=0 turns them off (to compare,
-# or to rule them out).
+# one C call each way. A compiled build has them (Device's `lanes` turns them off: the
+# daemon's WGVSOCK_LANES=0, to compare or to rule them out).
 _send_lane: Any = None
 _recv_lane: Any = None
-if os.environ.get("WGVSOCK_LANES", "1") != "0":
-    try:
-        from ._lane import recv_lane as _recv_lane
-        from ._lane import send_lane as _send_lane
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}._lane":
-            raise
+try:
+    from ._lane import recv_lane as _recv_lane
+    from ._lane import send_lane as _send_lane
+except ModuleNotFoundError as e:
+    if e.name != f"{__package__}._lane":
+        raise
 # What the send lane needs of the peer's hello: it sends a packet whole, its checksum partial,
 # with CRC 0.
 _LANE_CAPS: Final = CAP_SUPER | CAP_PARTIAL_CSUM | CAP_UNCHECKED_TRANSPORT
@@ -316,6 +315,7 @@ class Device:
         mtu: int = DEFAULT_MTU,
         run_dir: str = DEFAULT_RUN_DIR,
         offload: bool = True,
+        lanes: bool = True,
         tun_fd: int = -1,
         uapi_fd: int = -1,
         port: int = 0,
@@ -375,7 +375,7 @@ class Device:
         # The lanes' buffers (one send lane runs at a time: the TUN is read by one thread at a
         # time, _TunShare; the receive lane runs under the lock), and the one peer's prefixes
         # as they take them, with the table's generation they were packed at.
-        self._lanes = _send_lane is not None and offload
+        self._lanes = lanes and offload and _send_lane is not None
         self._lane_sbuf = bytearray(_LANE_BYTES + _LANE_READ) if self._lanes else bytearray()
         self._lane_rbuf = bytearray(_LANE_READ) if self._lanes else bytearray()
         self._lane_peer: Peer | None = None
