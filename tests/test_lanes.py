@@ -682,3 +682,29 @@ def test_a_device_with_lanes_off_never_takes_them(drig, lane_calls) -> None:
     assert lane_calls == {"send": [], "recv": []}
     assert drig.opened(drig.bind.sent) == [p]
     assert len(drig.written()) == 1
+
+
+def test_a_send_lane_that_raised_after_sealing_never_hands_its_counters_out_again(
+        drig, monkeypatch) -> None:
+    """The lane may raise after frames went (sealing failed on a later packet, or no memory
+    for its result): the counters it was given may have been used, so the keypair's counter
+    must not go back to the start of their range, or the next messages reuse those nonces."""
+    real = device_mod._send_lane
+
+    def raising(*args):
+        real(*args)
+        raise MemoryError
+
+    monkeypatch.setattr(device_mod, "_send_lane", raising)
+    first, second = tcp4("10.0.0.2", "10.0.0.1", 10), tcp4("10.0.0.2", "10.0.0.1", 20)
+    drig.test_side.send(csum_header(first) + first)
+    with pytest.raises(MemoryError):
+        drig.dev._tun_pass()
+    monkeypatch.setattr(device_mod, "_send_lane", real)
+    drig.test_side.send(csum_header(second) + second)
+    drig.pass_all()
+    frames = drig.bind.frames()
+    counters = [int.from_bytes(f[8:16], "little") for f in frames]
+    assert len(frames) == 2 and len(set(counters)) == 2, counters
+    assert drig.opened(frames) == [first, second]
+    assert drig.bind.holds == 0

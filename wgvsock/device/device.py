@@ -812,11 +812,10 @@ class Device:
                 self._lane_sbuf, tun.fileno(), fd, kp.send, kp.header, start, end, engine.mtu,
                 tun.mtu_hint, min(max_packet, GSO_MAX_SIZE), _LANE_BYTES, prefixes)
         except BaseException:
+            # Its counters stay spent: it may have sealed and sent with some before it raised
+            # (sealing failed on a later packet; no memory for its result), and a counter
+            # used twice is a nonce used twice. A gap costs the peer nothing.
             bind.lane_end(hold, None, 0, 0)
-            lock.acquire()
-            if kp.send_nonce == end:  # none taken since: no gap
-                kp.send_nonce = start
-            lock.release()
             raise
         # Outside the lock: a send of the rest may wait, while the connection's reader must
         # open what arrives meanwhile (held across it, two daemons sending bulk to each
