@@ -708,3 +708,57 @@ def test_a_send_lane_that_raised_after_sealing_never_hands_its_counters_out_agai
     assert len(frames) == 2 and len(set(counters)) == 2, counters
     assert drig.opened(frames) == [first, second]
     assert drig.bind.holds == 0
+
+
+class _LockThatLetsAPeerIn:
+    """The device's lock, with a second peer added just before its first acquire: as a UAPI
+    set would add one between the lanes' unlocked look at the peer count and the lock."""
+
+    def __init__(self, lock, add) -> None:
+        self.lock, self.add = lock, add
+
+    def acquire(self, *args):
+        if self.add is not None:
+            add, self.add = self.add, None
+            add()
+        return self.lock.acquire(*args)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _second_peer_in(drig: _DeviceRig) -> None:
+    """Our peer routes 10.0.0.0/24; a second peer, added under the lanes' feet, 10.0.0.7/32."""
+    engine = drig.dev.engine
+    engine.allowed_ips.insert("10.0.0.0/24", drig.our_peer)
+
+    def add() -> None:
+        other = engine.add_peer(public_key(generate_private_key()))
+        engine.allowed_ips.insert("10.0.0.7/32", other)
+
+    drig.dev._lock = _LockThatLetsAPeerIn(drig.dev._lock, add)
+
+
+def test_the_send_lane_sends_nothing_once_a_second_peer_came(drig) -> None:
+    """A packet for 10.0.0.7 is the second peer's (the longest prefix): it must not go to our
+    peer, although 10.0.0.7 is in our peer's prefixes too."""
+    _second_peer_in(drig)
+    p = tcp4("10.0.0.2", "10.0.0.7")
+    drig.test_side.send(csum_header(p) + p)
+    drig.pass_all()
+    assert drig.opened(drig.bind.frames()) == []
+    assert drig.bind.holds == 0
+
+
+def test_the_receive_lane_writes_nothing_once_a_second_peer_came(drig) -> None:
+    """A packet from 10.0.0.7 is the second peer's to send: our peer's is dropped."""
+    _second_peer_in(drig)
+    spoofed = tcp4("10.0.0.7", "10.0.0.2")
+    drig.dev._on_receive_batch([drig.sealed(spoofed)], drig.src, _CAPS)
+    assert drig.written() == []

@@ -789,7 +789,9 @@ class Device:
             return None
         lock.acquire()
         try:
-            if not engine.running:
+            # (The count again, under the lock: a peer added since the look above makes the
+            # one peer's prefixes no longer the routing table.)
+            if not engine.running or len(engine.peers) != 1:
                 return None
             peer = next(iter(engine.peers.values()))
             ep, kp = peer.endpoint, peer.keypairs.current
@@ -860,7 +862,9 @@ class Device:
             return 0
         lock.acquire()
         try:
-            if not engine.running:
+            # (The count again, under the lock: a peer added since the look above makes the
+            # one peer's prefixes no longer the routing table.)
+            if not engine.running or len(engine.peers) != 1:
                 return 0
             peer = next(iter(engine.peers.values()))
             kp = peer.keypairs.current
