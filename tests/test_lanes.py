@@ -762,3 +762,14 @@ def test_the_receive_lane_writes_nothing_once_a_second_peer_came(drig) -> None:
     spoofed = tcp4("10.0.0.7", "10.0.0.2")
     drig.dev._on_receive_batch([drig.sealed(spoofed)], drig.src, _CAPS)
     assert drig.written() == []
+
+
+def test_the_send_lane_refuses_a_max_bytes_its_buffer_cannot_hold_however_large(pipes) -> None:
+    """max_bytes near the top of Py_ssize_t: the room check must not overflow and pass (the
+    lane would then read and seal past the buffer's end)."""
+    import sys
+    for max_bytes in (sys.maxsize, sys.maxsize - 65000, sys.maxsize - 65568):
+        with pytest.raises(ValueError, match="buffer"):
+            lane.send_lane(bytearray(1 << 17), pipes.tun.fileno(), pipes.conn.fileno(),
+                           TransportKey(_KEY), _HEADER, 0, 1, _MTU, _MTU, 65000, max_bytes,
+                           b"")

@@ -206,7 +206,8 @@ static PyObject *send_lane(PyObject *module, PyObject *const *args, Py_ssize_t n
     const char *invalid = NULL;
     if (header.len != 8)
         invalid = "a transport header is 8 bytes";
-    else if (max_bytes < 0 || buffer.len < max_bytes + READ_MAX + FRAME_HDR + PREFIX_LEN)
+    else if (max_bytes < 0 || buffer.len < READ_MAX + FRAME_HDR + PREFIX_LEN
+             || max_bytes > buffer.len - (READ_MAX + FRAME_HDR + PREFIX_LEN))
         invalid = "the buffer is too small for max_bytes";
     else if (counter_end > REJECT_AFTER_MESSAGES || counter > counter_end)
         invalid = "the counters are out of range";
