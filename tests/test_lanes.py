@@ -485,6 +485,7 @@ class _LaneBind(StubBind):
         self.conn, self.far = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.far.setblocking(False)
         self.holds = 0
+        self.errors: list[int] = []  # what lane_end was told the connection failed with
 
     def send(self, data, ep):
         self.sent.append(bytes(data))
@@ -501,8 +502,10 @@ class _LaneBind(StubBind):
         return self, self.conn.fileno(), 65000
 
     def lane_end(self, hold, unsent, partial, error):
-        assert hold is self and unsent is None and not error
+        assert hold is self and unsent is None
         self.holds -= 1
+        if error:
+            self.errors.append(error)
         return 0
 
     def frames(self) -> list[bytes]:
@@ -688,7 +691,9 @@ def test_a_send_lane_that_raised_after_sealing_never_hands_its_counters_out_agai
         drig, monkeypatch) -> None:
     """The lane may raise after frames went (sealing failed on a later packet, or no memory
     for its result): the counters it was given may have been used, so the keypair's counter
-    must not go back to the start of their range, or the next messages reuse those nonces."""
+    must not go back to the start of their range, or the next messages reuse those nonces.
+    And the connection is closed (lane_end hears of an error): what went of a frame is
+    unknown."""
     real = device_mod._send_lane
 
     def raising(*args):
@@ -708,6 +713,7 @@ def test_a_send_lane_that_raised_after_sealing_never_hands_its_counters_out_agai
     assert len(frames) == 2 and len(set(counters)) == 2, counters
     assert drig.opened(frames) == [first, second]
     assert drig.bind.holds == 0
+    assert drig.bind.errors == [errno.EIO]
 
 
 class _LockThatLetsAPeerIn:
@@ -773,3 +779,14 @@ def test_the_send_lane_refuses_a_max_bytes_its_buffer_cannot_hold_however_large(
             lane.send_lane(bytearray(1 << 17), pipes.tun.fileno(), pipes.conn.fileno(),
                            TransportKey(_KEY), _HEADER, 0, 1, _MTU, _MTU, 65000, max_bytes,
                            b"")
+
+
+@pytest.mark.parametrize("bad", [b"\x04", bytes([4, 33]) + bytes(16), bytes([6, 129]) + bytes(16),
+                                 bytes([5, 8]) + bytes(16)])
+def test_the_lanes_refuse_prefixes_not_in_allowedips_layout(pipes, bad) -> None:
+    """A prefix length past its address would have the match read past the entry."""
+    with pytest.raises(ValueError, match="prefix"):
+        send_lane(pipes, allowed=bad)
+    rx = Receiver(pipes, allowed=bad)
+    with pytest.raises(ValueError, match="prefix"):
+        rx.take([sealed(tcp4("10.0.0.2", "10.0.0.1"), 0)])

@@ -96,6 +96,19 @@ static int allowed(const unsigned char *prefixes, Py_ssize_t size, int version,
     return 0;
 }
 
+/* Why the prefixes are not AllowedIPs.packed_prefixes's layout, or NULL: allowed() trusts
+ * each entry's length to stay inside its address. */
+static const char *invalid_prefixes(const unsigned char *prefixes, Py_ssize_t size) {
+    if (size % PREFIX_ENTRY)
+        return "the prefixes are not whole entries";
+    for (Py_ssize_t at = 0; at < size; at += PREFIX_ENTRY) {
+        const unsigned char *e = prefixes + at;
+        if ((e[0] != 4 && e[0] != 6) || e[1] > (e[0] == 4 ? 32 : 128))
+            return "a prefix's version or length is out of range";
+    }
+    return NULL;
+}
+
 /* ---- send lane ------------------------------------------------------------------------- */
 
 /* 1: the packet p (n bytes, read after the virtio header vh) goes to this peer as it was
@@ -213,7 +226,7 @@ static PyObject *send_lane(PyObject *module, PyObject *const *args, Py_ssize_t n
         invalid = "the counters are out of range";
     else if (tun_fd < 0 || sock_fd < 0)
         invalid = "a file descriptor is negative";
-    else
+    else if ((invalid = invalid_prefixes(prefixes.buf, prefixes.len)) == NULL)
         memcpy(hdr8, header.buf, 8);
     PyBuffer_Release(&header);
     if (invalid) {
@@ -508,6 +521,8 @@ static PyObject *recv_lane(PyObject *module, PyObject *const *args, Py_ssize_t n
         invalid = "a file descriptor is negative";
     else if (next > REJECT_AFTER_MESSAGES || index > 0xFFFFFFFFUL)
         invalid = "the index or the replay filter's counter is out of range";
+    else
+        invalid = invalid_prefixes(prefixes.buf, prefixes.len);
     if (invalid) {
         PyErr_SetString(PyExc_ValueError, invalid);
         goto fail;
@@ -515,10 +530,9 @@ static PyObject *recv_lane(PyObject *module, PyObject *const *args, Py_ssize_t n
     /* The messages' buffers, taken while the GIL is held; at most `max` per call. */
     enum { MAX_MESSAGES = 256 };
     Py_buffer views[MAX_MESSAGES];
-    Py_ssize_t count = PyList_GET_SIZE(list), got = 0;
-    if (count > MAX_MESSAGES)
-        count = MAX_MESSAGES;
-    for (; got < count; got++) {
+    Py_ssize_t got = 0;
+    /* (The list's size asked again for each: an item's __buffer__ may change the list.) */
+    for (; got < MAX_MESSAGES && got < PyList_GET_SIZE(list); got++) {
         if (PyObject_GetBuffer(PyList_GET_ITEM(list, got), &views[got], PyBUF_SIMPLE) < 0) {
             PyErr_Clear();  /* not a buffer: the ordinary path's to judge */
             break;

@@ -799,13 +799,15 @@ class Device:
             if (ep is None or kp is None or peer.staged or now - kp.created >= REKEY_AFTER_TIME
                     or kp.send_nonce >= REKEY_AFTER_MESSAGES):
                 return None
+            # (Before the connection is held: nothing may raise between its hold and the try
+            # that ends it.)
+            prefixes = self._lane_prefixes_of(peer)
             held = bind.lane_begin(ep, _LANE_CAPS)
             if held is None:
                 return None
             # Its counters, reserved: a keepalive the timer seals meanwhile takes the next.
             start = kp.send_nonce
             end = kp.send_nonce = min(start + _LANE_PACKETS, REKEY_AFTER_MESSAGES)
-            prefixes = self._lane_prefixes_of(peer)
         finally:
             lock.release()
         hold, fd, max_packet = held
@@ -816,8 +818,10 @@ class Device:
         except BaseException:
             # Its counters stay spent: it may have sealed and sent with some before it raised
             # (sealing failed on a later packet; no memory for its result), and a counter
-            # used twice is a nonce used twice. A gap costs the peer nothing.
-            bind.lane_end(hold, None, 0, 0)
+            # used twice is a nonce used twice. A gap costs the peer nothing. The connection
+            # is closed: what went of the last frame is unknown, and half a frame would leave
+            # the stream out of step.
+            bind.lane_end(hold, None, 0, errno.EIO)
             raise
         # Outside the lock: a send of the rest may wait, while the connection's reader must
         # open what arrives meanwhile (held across it, two daemons sending bulk to each
