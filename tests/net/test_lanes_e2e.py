@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from .daemonctl import only_pid
-from .netlab import Lab, Namespace, connect_pair, nft_counters, ping, wait_for
+from .netlab import Lab, Namespace, connect_pair, csum_errors, nft_counters, ping, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -252,6 +252,7 @@ def test_counters_agree_after_a_new_handshake_mid_transfer(lab: Lab, network: st
     assert "error" not in result, result["error"]
     moved = [s["receiver"]["bytes"] for s in result["end"]["streams"]]
     assert len(moved) == 2 and min(moved) > 20 << 20, moved
+    assert csum_errors(a) == csum_errors(b) == 0  # every segment arrived whole
 
     def agree() -> tuple[int, int] | None:
         pa, pb = _peer(ia), _peer(ib)
