@@ -161,9 +161,10 @@ def _lanes_carried(counts: dict[str, int], *, only: bool = True) -> bool:
     return seen and (not only or counts["sendmsg"] == counts["writev_tun"] == 0)
 
 
-@pytest.mark.parametrize("inner", ["ipv4", "ipv6"])
-@pytest.mark.parametrize("lanes", ["1", "0"])
-@pytest.mark.parametrize("network", ["tcp", "unix"])
+# (Not the whole product of networks, families and lanes on/off: each is in one case, to keep
+# the suite's time. The lanes do not look at the transport's kind beyond "a stream".)
+@pytest.mark.parametrize(("network", "lanes", "inner"), [
+    ("tcp", "1", "ipv4"), ("unix", "1", "ipv6"), ("tcp", "0", "ipv4")])
 def test_a_spoofed_inner_source_is_not_delivered(lab: Lab, network: str, lanes: str,
                                                   inner: str) -> None:
     """a's interface gets a second address, outside what b allows for a; pings from it reach
@@ -196,8 +197,7 @@ def test_a_spoofed_inner_source_is_not_delivered(lab: Lab, network: str, lanes: 
     ping(b, x.a)
 
 
-@pytest.mark.parametrize("inner", ["ipv4", "ipv6"])
-@pytest.mark.parametrize("network", ["tcp", "unix"])
+@pytest.mark.parametrize(("network", "inner"), [("tcp", "ipv6"), ("unix", "ipv4")])
 def test_a_destination_the_peer_is_not_allowed_is_not_sent(lab: Lab, network: str,
                                                            inner: str) -> None:
     """Packets a's kernel routes into the tunnel for addresses outside b's allowed IPs (one
@@ -225,7 +225,7 @@ def test_a_destination_the_peer_is_not_allowed_is_not_sent(lab: Lab, network: st
     assert counts["stray"] == 0 and counts["real"] >= 6, counts
 
 
-@pytest.mark.parametrize("network", ["tcp", "unix"])
+@pytest.mark.parametrize("network", ["tcp"])
 def test_counters_agree_after_a_new_handshake_mid_transfer(lab: Lab, network: str) -> None:
     """Bulk TCP both ways through the lanes; mid-transfer the peers are removed and set anew
     on both sides (b first, without an endpoint, then a with one: nothing is sent before a's
