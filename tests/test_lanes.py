@@ -790,3 +790,16 @@ def test_the_lanes_refuse_prefixes_not_in_allowedips_layout(pipes, bad) -> None:
     rx = Receiver(pipes, allowed=bad)
     with pytest.raises(ValueError, match="prefix"):
         rx.take([sealed(tcp4("10.0.0.2", "10.0.0.1"), 0)])
+
+
+def test_a_batch_from_a_peer_that_sends_no_super_packets_goes_the_ordinary_way(
+        drig, lane_calls) -> None:
+    """The Go seed, or ours with offload off (a hello without CAP_SUPER): their MTU-sized
+    segments are merged into few TUN writes by the ordinary path, where the lane would write
+    each alone (ours -> seed lost 20 % b->a at 1420 that way)."""
+    packets = [tcp4("10.0.0.1", "10.0.0.2", 100, sport=42000 + i) for i in range(3)]
+    drig.dev._on_receive_batch([drig.sealed(p) for p in packets], drig.src, 0)
+    assert lane_calls["recv"] == []
+    assert [w[10:] for w in drig.written()] == packets
+    drig.dev._on_receive_batch([drig.sealed(packets[0])], drig.src, _CAPS)
+    assert len(lane_calls["recv"]) == 1
