@@ -12,29 +12,24 @@ import errno
 import ipaddress
 import os
 import random
-import shutil
 import socket
 import struct
-import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from wgvsock.conn.caps import CAP_PARTIAL_CSUM, CAP_SUPER, CAP_UNCHECKED_TRANSPORT
-from wgvsock.conn.endpoint import Endpoint
 from wgvsock.conn.framing import FrameDecoder, frame_header
 from wgvsock.core.allowedips import AllowedIPs
 from wgvsock.core.crypto import generate_private_key, public_key
-from wgvsock.core.engine import SEND, TUNNEL, Engine
 from wgvsock.core.messages import REJECT_AFTER_MESSAGES, padding_size
 from wgvsock.core.replay import RING_SLOTS, WINDOW, ReplayFilter
 from wgvsock.core.transport_aead import TransportKey
 from wgvsock.device import device as device_mod
 from wgvsock.device import tun as tun_mod
-from wgvsock.device.device import Device
 from wgvsock.device.uapi import parse_set
 
+from .devrig import DeviceRig
 from .stubbind import StubBind
 
 lane = pytest.importorskip(
@@ -518,68 +513,11 @@ class _LaneBind(StubBind):
                 return out
 
 
-class _DeviceRig:
-    """Our device (peer 10.0.0.1/32 behind it) after a real handshake with a second engine
-    (the peer, 10.0.0.2/32 behind it), its TUN a datagram socket pair."""
+class _DeviceRig(DeviceRig):
+    """devrig.DeviceRig with the lane-ready transport above."""
 
     def __init__(self, lanes: bool = True) -> None:
-        self.dir = tempfile.mkdtemp(prefix="wglanes")
-        self.bind = _LaneBind()
-        self.dev = Device("wglanes", self.bind, run_dir=os.path.join(self.dir, "run"),
-                          lanes=lanes)
-        dev_key, peer_key = generate_private_key(), generate_private_key()
-        self.dev.uapi_set(parse_set(
-            f"private_key={dev_key.hex()}\npublic_key={public_key(peer_key).hex()}\n"
-            "allowed_ip=10.0.0.1/32\n"))
-        self.tun_side, self.test_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.test_side.setblocking(False)
-        self.ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.dev.tun = tun_mod.Tun(os.dup(self.tun_side.fileno()), "pipe1", self.ctl,
-                                   vnet=True)
-        self.dev.tun.set_blocking(False)
-        self.dev.tun.mtu_hint = _MTU
-        self.dev._tun_read = self.dev._tun_reader(self.dev.tun)  # (start() would)
-        self.src = Endpoint("unix", "peer", 1)
-        self.peer = Engine(peer_key)
-        self.dev_peer = self.peer.add_peer(public_key(dev_key))
-        self.dev_peer.endpoint = "D"
-        self.peer.allowed_ips.insert("10.0.0.2/32", self.dev_peer)
-        now = time.monotonic()
-        self.dev.engine.start(now)
-        self.peer.start(now)
-        [(kind, _, initiation)] = self.peer.encapsulate(tcp4("10.0.0.1", "10.0.0.2"), now)
-        assert kind == SEND
-        self.dev._on_receive(initiation, self.src)
-        [response] = self.bind.sent
-        self.bind.sent.clear()
-        for kind, _, message in self.peer.decapsulate(response, "D", now):
-            if kind == SEND:  # the staged packet, which confirms the session
-                self.dev._on_receive(message, self.src)
-        self.written()
-        self.our_peer = next(iter(self.dev.engine.peers.values()))
-        assert self.our_peer.keypairs.current is not None
-
-    def sealed(self, packet: bytes) -> bytes:
-        [(kind, _, message)] = self.peer.encapsulate(packet, time.monotonic())
-        assert kind == SEND
-        return message
-
-    def written(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.test_side.recv(1 << 17))
-            except BlockingIOError:
-                return out
-
-    def opened(self, messages: list[bytes]) -> list[bytes]:
-        """The packets the peer's engine finds in our messages."""
-        out = []
-        for m in messages:
-            for kind, _, data in self.peer.decapsulate(m, "D", time.monotonic()):
-                if kind == TUNNEL:
-                    out.append(bytes(data))
-        return out
+        super().__init__(_LaneBind(), mtu_hint=_MTU, lanes=lanes)
 
     def pass_all(self) -> None:
         """TUN passes until the TUN is drained."""
@@ -592,11 +530,9 @@ class _DeviceRig:
         raise AssertionError("the TUN never drained")
 
     def close(self) -> None:
-        assert self.dev.tun is not None
-        self.dev.tun.close()
-        for s in (self.tun_side, self.test_side, self.ctl, self.bind.conn, self.bind.far):
-            s.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().close()
+        self.bind.conn.close()
+        self.bind.far.close()
 
 
 @pytest.fixture(params=[True], ids=["lanes"])
