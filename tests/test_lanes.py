@@ -739,3 +739,12 @@ def test_a_batch_from_a_peer_that_sends_no_super_packets_goes_the_ordinary_way(
     assert [w[10:] for w in drig.written()] == packets
     drig.dev._on_receive_batch([drig.sealed(packets[0])], drig.src, _CAPS)
     assert len(lane_calls["recv"]) == 1
+
+
+def test_a_failed_tun_read_in_the_send_lane_leaves_the_connection_open(drig) -> None:
+    """The lane raises OSError only when its first read failed, before anything was sent:
+    the TUN's trouble (_tun_pass's caller judges it), not the connection's."""
+    drig.dev.tun.close()  # the next read: EBADF (close() again is nothing)
+    with pytest.raises(OSError):
+        drig.dev._tun_pass()
+    assert drig.bind.errors == [] and drig.bind.holds == 0

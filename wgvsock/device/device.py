@@ -815,6 +815,10 @@ class Device:
             packets, size, counter, drained, handback, unsent, partial, error = _send_lane(
                 self._lane_sbuf, tun.fileno(), fd, kp.send, kp.header, start, end, engine.mtu,
                 tun.mtu_hint, min(max_packet, GSO_MAX_SIZE), _LANE_BYTES, prefixes)
+        except OSError:
+            # Its first TUN read failed (_tun_pass's caller judges that): nothing went.
+            bind.lane_end(hold, None, 0, 0)
+            raise
         except BaseException:
             # Its counters stay spent: it may have sealed and sent with some before it raised
             # (sealing failed on a later packet; no memory for its result), and a counter
