@@ -16,6 +16,7 @@ import socket
 import pytest
 
 from tests.net.daemonctl import only_pid, process_gone, sock_path
+from tests.net.lanetrace import lanes_carried, traced
 from tests.net.netlab import DAEMON, Lab, connect_pair, iperf3, ping, wait_for
 from wgvsock.device.uapi import uapi_set
 
@@ -48,6 +49,11 @@ def test_two_daemons_over_vsock_stream(lab: Lab) -> None:
     ping(b, "10.99.0.1")
 
     wait_counters_agree(a, ia, b, ib)
+    # Over real vsock the lanes (device/_lane.c) carry the steady state both ways: strace sees
+    # their send and write, not only the ordinary path's sendmsg and writev.
+    with traced(a) as on_a, traced(b) as on_b:
+        ping(a, "10.99.0.2")
+    assert lanes_carried(on_a, only=False) and lanes_carried(on_b, only=False), (on_a, on_b)
     # The accepted connection's port is a 32-bit ephemeral one, which wg(8) cannot print; the
     # readable form names the dialler's CID.
     seen = lab.uapi(ib)["peers"][0]["extra"]["wgvsock_endpoint"]

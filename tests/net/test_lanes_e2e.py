@@ -13,18 +13,11 @@ look with WGVSOCK_LANES=0 sees only the ordinary calls, so the look is not vacuo
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-from .daemonctl import only_pid
+from .lanetrace import lanes_carried, traced
 from .netlab import Lab, Namespace, connect_pair, csum_errors, nft_counters, ping, wait_for
 
 pytestmark = [pytest.mark.root]
@@ -95,72 +88,6 @@ def _nft(ns: Namespace, ifname: str, rules: dict[str, str]) -> None:
         f"{body}  }}\n}}\n"))
 
 
-def _syscalls(lines: list[str], pid: int) -> dict[str, int]:
-    """Counts, from strace's lines, of the calls that tell the lanes from the ordinary path:
-    sendto/sendmsg on a socket, write/writev on the TUN."""
-    fds: dict[int, str] = {}
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            fds[int(fd.name)] = os.readlink(fd)
-        except OSError:
-            continue
-    counts = {"sendto": 0, "sendmsg": 0, "write_tun": 0, "writev_tun": 0}
-    call = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(\w+)\((\d+),")
-    for line in lines:
-        m = call.match(line)
-        if not m or "resumed" in line:
-            continue
-        name, fd = m.group(1), fds.get(int(m.group(2)), "")
-        if name in ("sendto", "sendmsg") and fd.startswith("socket:"):
-            counts[name] += 1
-        elif name in ("write", "writev") and fd == "/dev/net/tun":
-            counts[f"{name}_tun"] += 1
-    return counts
-
-
-@contextmanager
-def _traced(ns: Namespace) -> Iterator[dict[str, int]]:
-    """strace on the daemon in `ns` (every thread) while the block runs; the dict it yields
-    holds the counts of _syscalls once the block is over."""
-    pid = only_pid(ns)
-    proc = subprocess.Popen(
-        ["strace", "-f", "-p", str(pid), "-s", "0", "-e",
-         "trace=sendto,sendmsg,write,writev"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    attached = threading.Event()
-
-    def reader() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "attached" in line:
-                attached.set()
-            lines.append(line)
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    counts: dict[str, int] = {}
-    try:
-        assert attached.wait(10), "strace did not attach"
-        yield counts
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        t.join(5)
-    counts.update(_syscalls(lines, pid))
-
-
-def _lanes_carried(counts: dict[str, int], *, only: bool = True) -> bool:
-    """Whether the counts show the send lane (sendto) and the receive lane (write to the
-    TUN) at work; `only`: and the ordinary path not (no sendmsg, no writev to the TUN)."""
-    seen = counts["sendto"] > 0 and counts["write_tun"] > 0
-    return seen and (not only or counts["sendmsg"] == counts["writev_tun"] == 0)
-
-
 # (Not the whole product of networks, families and lanes on/off: each is in one case, to keep
 # the suite's time. The lanes do not look at the transport's kind beyond "a stream".)
 @pytest.mark.parametrize(("network", "lanes", "inner"), [
@@ -176,7 +103,7 @@ def test_a_spoofed_inner_source_is_not_delivered(lab: Lab, network: str, lanes: 
     a, b, ia, ib = _pair(lab, network, lanes, x)
     a.ip("addr", "add", f"{x.spoof}/{x.plen}", "dev", ia, *(["nodad"] if x.plen == 128 else []))
     _nft(b, ib, {"spoofed": f"{x.nft} saddr {x.spoof}", "real": f"{x.nft} saddr {x.a}"})
-    with _traced(a) as on_a, _traced(b) as on_b:
+    with traced(a) as on_a, traced(b) as on_b:
         spoofed = a.popen("ping", "-c", "20", "-i", "0.05", "-W", "1", "-I", x.spoof, x.b)
         # (From a's address by name: IPv6 would pick the /128 as the source of fd99::2.)
         a.run("ping", "-c", "10", "-i", "0.2", "-W", "3", "-I", x.a, x.b)
@@ -188,7 +115,7 @@ def test_a_spoofed_inner_source_is_not_delivered(lab: Lab, network: str, lanes: 
     # (Not the lanes alone: a message after a spoofed one in the same read goes the
     # ordinary way with it, as the lane stops at the first it is not sure of.)
     if lanes == "1":
-        assert _lanes_carried(on_a, only=False) and _lanes_carried(on_b, only=False), (
+        assert lanes_carried(on_a, only=False) and lanes_carried(on_b, only=False), (
             on_a, on_b)
     else:
         assert on_a["sendto"] == on_b["sendto"] == on_a["write_tun"] == on_b["write_tun"] == 0
@@ -209,7 +136,7 @@ def test_a_destination_the_peer_is_not_allowed_is_not_sent(lab: Lab, network: st
     a.ip("route", "add", x.route, "dev", ia)
     _nft(b, ib, {"stray": f"{x.nft} daddr {{ {', '.join(x.strays)} }}",
                  "real": f"{x.nft} daddr {x.b}"})
-    with _traced(a) as on_a:
+    with traced(a) as on_a:
         ping(a, x.b, 3)  # b's answer arms no keepalive for 10 s: the counters stay still
         before = _peer(ia)["tx_bytes"], _peer(ib)["rx_bytes"]
         for stray in x.strays:
@@ -220,7 +147,7 @@ def test_a_destination_the_peer_is_not_allowed_is_not_sent(lab: Lab, network: st
             "dropped: no peer has an allowed IP for the destination") >= 10, 5,
             "a to drop the ten stray pings")
         ping(a, x.b, 3)
-    assert _lanes_carried(on_a), on_a
+    assert lanes_carried(on_a), on_a
     counts = nft_counters(b)
     assert counts["stray"] == 0 and counts["real"] >= 6, counts
 
@@ -265,9 +192,9 @@ def test_counters_agree_after_a_new_handshake_mid_transfer(lab: Lab, network: st
     assert min(tx, rx) > 10 << 20, (tx, rx)
     second = _peer(ia)["last_handshake_time_sec"], _peer(ia)["last_handshake_time_nsec"]
     assert second > first
-    with _traced(a) as on_a, _traced(b) as on_b:
+    with traced(a) as on_a, traced(b) as on_b:
         ping(a, B_TUN, 3)
         ping(b, A_TUN, 3)
-    assert _lanes_carried(on_a), on_a
-    assert _lanes_carried(on_b), on_b
+    assert lanes_carried(on_a), on_a
+    assert lanes_carried(on_b), on_b
     wait_for(agree, 5, "the transfer counters to agree after the pings")
