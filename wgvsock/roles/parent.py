@@ -437,19 +437,25 @@ def ingress_port_holders(profile) -> list[str] | None:
     return [found[i] for i in sorted(found)]
 
 
+def _ss_address(host: str):
+    """The IP address in ss's HOST text (the part before the port, `[fd77::1]` or
+    `10.0.0.1%eth0` too), an IPv4-mapped one as IPv4; None for `*` or anything else."""
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
 def _at_tunnel_address(where: str, profile) -> bool:
     """Whether ss's local address WHERE (`10.77.0.1:8443`, `[fd77::1]:53`) is one of the
     parent's own tunnel addresses, not a wildcard or another of the host's."""
-    import ipaddress
-
-    host = where.rpartition(":")[0].strip("[]").partition("%")[0]
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(a.ip == addr for a in profile.parent.addresses)
+    addr = _ss_address(where.rpartition(":")[0])
+    return addr is not None and any(a.ip == addr for a in profile.parent.addresses)
 
 
 def _listening(protocol: str, ports: list[int], *, processes: bool) -> list[str] | None:
@@ -472,8 +478,6 @@ def _taken_at(row: str, versions: set[int], local: dict[str, bool]) -> tuple[str
     a wildcard, or an address the kernel delivers here (not a multicast group or broadcast
     address a socket may be bound to, which `fib daddr type local` never matches), of a family
     in VERSIONS, not loopback. LOCAL caches the kernel's answers."""
-    import ipaddress
-
     fields = row.split()
     if len(fields) < 4:
         return None
@@ -482,12 +486,9 @@ def _taken_at(row: str, versions: set[int], local: dict[str, bool]) -> tuple[str
     if device == "lo" or not port.isdigit():
         return None
     if host != "*":
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
+        addr = _ss_address(host)
+        if addr is None:
             return None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
         if addr.is_loopback or addr.version not in versions:
             return None
         if not addr.is_unspecified:
